@@ -1,0 +1,114 @@
+// Torch-free math of the streaming entropy reducers, shared by the CPU and CUDA kernels.
+//
+// A softmax row p_j = exp(z_j) / sum_k exp(z_k) has entropy
+//   H = logsumexp(z) - E_p[z] = log(l) - t / l,
+// with l = sum_j e^{z_j - m} and t = sum_j e^{z_j - m} (z_j - m) for any shift m (we keep
+// m = running max). Keeping t relative to m, instead of sum e^{z-m} z, avoids the
+// cancellation of two large numbers when logits are large and the row is peaked.
+//
+// The first visible key of each row (the usual "attention sink") is tracked apart from the
+// rest, so the statistics over the remaining keys come from the same pass without
+// subtracting a dominant term.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define HP_HD __host__ __device__ __forceinline__
+#else
+#define HP_HD inline
+#endif
+
+namespace headprune::kernels {
+
+// Logits at or below this mark a masked key: -inf, and float32's finfo.min that
+// transformers adds for masked positions.
+constexpr float kMaskedLogit = -1e37f;
+
+// Floor for z - m before exp: exp(-1e4) is exactly 0 in float, and e * x stays 0 instead of
+// 0 * -inf = NaN for masked keys.
+constexpr float kExpFloor = -1e4f;
+
+// Number of values written per attention row by the row kernels (see RowOut).
+constexpr int kRowFields = 4;
+
+HP_HD bool is_visible(float z) { return !(z <= kMaskedLogit); }  // NaN is "visible": it must surface
+HP_HD bool is_visible(double z) { return !(z <= static_cast<double>(kMaskedLogit)); }
+
+// Running state of one row. (m, l, t) cover the visible keys after the first one.
+struct RowState {
+  double m = -INFINITY;
+  double l = 0.0;
+  double t = 0.0;
+  double z0 = 0.0;  // logit of the first visible key
+  int64_t n = 0;    // visible keys so far (first included)
+};
+
+// Moves (l, t) from shift m to shift m_new >= m.
+HP_HD void rescale(RowState& s, double m_new) {
+  if (s.l > 0.0) {
+    double d = s.m - m_new;
+    double a = exp(d);
+    s.t = a * (s.t + s.l * d);
+    s.l *= a;
+  }
+  s.m = m_new;
+}
+
+// Adds the contribution of one scalar logit z (already known visible, not the first key).
+HP_HD void push(RowState& s, double z) {
+  if (!(z <= s.m)) rescale(s, z);  // also taken by NaN, which then poisons the row
+  double x = z - s.m;
+  double e = exp(x);
+  s.l += e;
+  s.t += e * x;
+}
+
+// Merges another partial state (same row, disjoint keys, neither holding the first key).
+// NaN in either side survives into the result.
+HP_HD void merge_rest(RowState& a, const RowState& b) {
+  a.n += b.n;
+  if (b.l == 0.0) return;
+  double m = (a.m >= b.m) ? a.m : b.m;
+  RowState bb = b;
+  rescale(a, m);
+  rescale(bb, m);
+  a.l += bb.l;
+  a.t += bb.t;
+}
+
+// Final per-row values. out = {H, n, p_first, H_rest}; n == 0 marks a row with no
+// visible key, which the reducers skip.
+HP_HD void finalize(const RowState& s, double* out) {
+  if (s.n == 0) {
+    out[0] = 0.0; out[1] = 0.0; out[2] = 0.0; out[3] = 0.0;
+    return;
+  }
+  const bool has_rest = !(s.l == 0.0);  // NaN counts as present
+  double m = (has_rest && !(s.m <= s.z0)) ? s.m : s.z0;
+  double e0 = exp(s.z0 - m);
+  double a = has_rest ? exp(s.m - m) : 0.0;
+  double L = a * s.l + e0;
+  double T = (has_rest ? a * (s.t + s.l * (s.m - m)) : 0.0) + e0 * (s.z0 - m);
+  out[0] = log(L) - T / L;
+  out[1] = static_cast<double>(s.n);
+  out[2] = e0 / L;
+  out[3] = has_rest ? log(s.l) - s.t / s.l : 0.0;
+}
+
+// Row statistics from probabilities, with the formula as written: H = -sum p log(p + eps).
+// a = sum p log(p + eps) and s = sum p over the keys after the first non-zero one;
+// p0 = first non-zero probability; n = non-zero entries (0 for an all-zero row).
+HP_HD void finalize_probs(double p0, double a_rest, double s_rest, int64_t n, double eps, double* out) {
+  if (n == 0) {
+    out[0] = 0.0; out[1] = 0.0; out[2] = 0.0; out[3] = 0.0;
+    return;
+  }
+  out[0] = -(a_rest + p0 * log(p0 + eps));
+  out[1] = static_cast<double>(n);
+  out[2] = p0;
+  out[3] = (n >= 2 && s_rest > 0.0) ? log(s_rest) - a_rest / s_rest : 0.0;
+}
+
+}  // namespace headprune::kernels

@@ -1,0 +1,116 @@
+#include "common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace headprune::ops {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+void check_probs(const at::Tensor& probs, double eps) {
+  TORCH_CHECK_VALUE(probs.dim() == 4, "probs: expected a 4-D tensor [B, H, Q, K], got ", probs.dim(), "-D with shape ",
+                    probs.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(probs.scalar_type()),
+                   "probs: expected float16, bfloat16, float32 or float64, got ", probs.scalar_type());
+  TORCH_CHECK_VALUE(probs.size(3) >= 1, "probs: expected at least one key (K >= 1), got shape ", probs.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", eps);
+}
+
+void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
+  TORCH_CHECK_VALUE(query.dim() == 4, "query: expected a 4-D tensor [B, Hq, Q, D], got ", query.dim(),
+                    "-D with shape ", query.sizes());
+  TORCH_CHECK_VALUE(key.dim() == 4, "key: expected a 4-D tensor [B, Hkv, K, D], got ", key.dim(), "-D with shape ",
+                    key.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(query.scalar_type()),
+                   "query: expected float16, bfloat16, float32 or float64, got ", query.scalar_type());
+  TORCH_CHECK_TYPE(key.scalar_type() == query.scalar_type(), "key: expected the dtype of query (",
+                   query.scalar_type(), "), got ", key.scalar_type());
+  TORCH_CHECK_VALUE(key.device() == query.device(), "key: expected the device of query (", query.device(), "), got ",
+                    key.device());
+  TORCH_CHECK_VALUE(key.size(0) == query.size(0), "key: batch size ", key.size(0), " does not match query's ",
+                    query.size(0));
+  TORCH_CHECK_VALUE(key.size(3) == query.size(3), "key: head_dim ", key.size(3), " does not match query's ",
+                    query.size(3));
+  TORCH_CHECK_VALUE(key.size(1) >= 1 && query.size(1) % key.size(1) == 0, "key: query heads (", query.size(1),
+                    ") must be a multiple of key heads (", key.size(1), ") for grouped-query attention");
+  TORCH_CHECK_VALUE(key.size(2) >= 1, "key: expected at least one key (K >= 1), got shape ", key.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+}
+
+void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Tensor& like, int64_t q_len) {
+  if (!query_mask.has_value()) return;
+  const at::Tensor& m = *query_mask;
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "query_mask: expected a bool tensor [B, Q], got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == like.size(0) && m.size(1) == q_len, "query_mask: expected shape [",
+                    like.size(0), ", ", q_len, "], got ", m.sizes());
+  TORCH_CHECK_VALUE(m.device() == like.device(), "query_mask: expected device ", like.device(), ", got ", m.device());
+}
+
+void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& like, int64_t heads) {
+  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, "sums: expected a float64 accumulator, got ",
+                   sums.scalar_type());
+  TORCH_CHECK_VALUE(sums.dim() == 1 && sums.size(0) == heads, "sums: expected shape [", heads, "], got ",
+                    sums.sizes());
+  TORCH_CHECK_VALUE(sums.device() == like.device(), "sums: expected device ", like.device(), ", got ", sums.device());
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "counts: expected an int64 accumulator, got ",
+                   counts.scalar_type());
+  TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == heads, "counts: expected shape [", heads, "], got ",
+                    counts.sizes());
+  TORCH_CHECK_VALUE(counts.device() == like.device(), "counts: expected device ", like.device(), ", got ",
+                    counts.device());
+}
+
+void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads) {
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kDouble, "stats: expected a float64 accumulator, got ",
+                   stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == heads && stats.size(1) == kNumStats,
+                    "stats: expected shape [", heads, ", ", kNumStats, "], got ", stats.sizes());
+  TORCH_CHECK_VALUE(stats.device() == like.device(), "stats: expected device ", like.device(), ", got ",
+                    stats.device());
+}
+
+std::optional<at::Tensor> expand_attn_mask(
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, const at::Tensor& key,
+    at::ScalarType compute) {
+  if (!attn_mask.has_value()) return std::nullopt;
+  at::Tensor m = *attn_mask;
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || is_supported_float(m.scalar_type()),
+                   "attn_mask: expected a bool or floating mask, got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.device() == query.device(), "attn_mask: expected device ", query.device(), ", got ",
+                    m.device());
+  const std::vector<int64_t> target{query.size(0), query.size(1), query.size(2), key.size(2)};
+  TORCH_CHECK_VALUE(m.dim() <= 4 && at::is_expandable_to(m.sizes(), target), "attn_mask: shape ", m.sizes(),
+                    " is not broadcastable to [B, Hq, Q, K] = ", at::IntArrayRef(target));
+  if (m.scalar_type() != at::kBool && m.scalar_type() != compute) m = m.to(compute);
+  return m.expand(target);
+}
+
+at::Tensor reduce_rows(const at::Tensor& rows, const std::optional<at::Tensor>& query_mask, const char* op,
+                       const char* inputs) {
+  const at::Tensor H = rows.select(-1, 0);
+  const at::Tensor n = rows.select(-1, 1);
+  at::Tensor valid = n.gt(0);
+  if (query_mask.has_value()) valid = valid.logical_and(query_mask->unsqueeze(1));
+  const bool finite = at::isfinite(H).logical_or(valid.logical_not()).all().item<bool>();
+  TORCH_CHECK_VALUE(finite, op, ": the inputs produce NaN or infinite entropies (NaN/inf in ",
+                    inputs, "); nothing was accumulated");
+  const at::Tensor zero = at::zeros({}, rows.options());
+  const at::Tensor norm = at::where(n.ge(2), H / at::log(n.clamp_min(2)), zero);
+  const at::Tensor cols = at::stack({valid.to(at::kDouble), H, H * H, norm, rows.select(-1, 2), rows.select(-1, 3)}, -1);
+  return at::where(valid.unsqueeze(-1), cols, zero).sum(at::IntArrayRef{0, 2});
+}
+
+void add_to_sums_counts(at::Tensor& sums, at::Tensor& counts, const at::Tensor& stats) {
+  sums.add_(stats.select(1, 1));
+  counts.add_(stats.select(1, 0).round().to(at::kLong));
+}
+
+}  // namespace headprune::ops

@@ -1,0 +1,35 @@
+// Argument checks and the device-independent reduction shared by every backend.
+//
+// Each entropy op runs in two stages: a backend "row kernel" writes, for every attention row,
+// {H, n, p_first, H_rest} (float64, [B, H, Q, 4]; see kernels/online_entropy.h), then
+// reduce_rows() masks and sums them per head with ATen ops. The row buffer is O(B*H*Q), never
+// O(Q*K), and the fixed reduction order makes chunked and one-shot accumulation agree.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace headprune::ops {
+
+constexpr int64_t kNumStats = 6;  // count, sum, sum_sq, sum_norm, sum_first, sum_rest
+
+void check_probs(const at::Tensor& probs, double eps);
+void check_qk(const at::Tensor& query, const at::Tensor& key, double scale);
+void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Tensor& like, int64_t q_len);
+void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& like, int64_t heads);
+void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads);
+
+// attn_mask broadcast (as a view) to [B, Hq, Q, K]; float masks are converted to `compute`.
+std::optional<at::Tensor> expand_attn_mask(
+    const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, const at::Tensor& key,
+    at::ScalarType compute);
+
+// Per-head statistics [H, kNumStats] (float64) of the valid rows of `rows` [B, H, Q, 4].
+// Raises if a valid row is not finite (NaN/inf inputs), before anything is accumulated.
+at::Tensor reduce_rows(const at::Tensor& rows, const std::optional<at::Tensor>& query_mask, const char* op,
+                       const char* inputs);
+
+void add_to_sums_counts(at::Tensor& sums, at::Tensor& counts, const at::Tensor& stats);
+
+}  // namespace headprune::ops

@@ -1,0 +1,248 @@
+// Vectorised CPU row kernels. Included once per instruction set by isa/rows_*.cpp with
+// CPU_CAPABILITY (DEFAULT, AVX2, AVX512) and CPU_CAPABILITY_<ISA> defined, which selects
+// ATen's Vectorized<T> width and puts everything in its own namespace (no ODR clashes).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../../kernels/online_entropy.h"
+#include "entropy_rows.h"
+
+namespace headprune::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+namespace k = headprune::kernels;
+
+// Vector partial sums are flushed into float64 this often, so long rows (K = 32k and more)
+// keep float64-level accuracy while the inner loop stays in the input's float type.
+constexpr int64_t kFlush = 2048;
+
+// ----------------------------------------------------------------------------- probs rows
+
+// One contiguous row of `acc_t` probabilities: writes {H, n, p_first, H_rest}.
+template <typename acc_t>
+void probs_row(const acc_t* p, int64_t K, double eps, double* out) {
+  using Vec = Vectorized<acc_t>;
+  int64_t j0 = 0;
+  while (j0 < K && p[j0] == acc_t(0)) ++j0;
+  if (j0 == K) {
+    k::finalize_probs(0.0, 0.0, 0.0, 0, eps, out);
+    return;
+  }
+  const Vec veps(static_cast<acc_t>(eps));
+  const Vec vzero(acc_t(0));
+  double a = 0.0, s = 0.0, nz = 0.0;
+  for (int64_t c0 = j0 + 1; c0 < K; c0 += kFlush) {
+    const int64_t c1 = std::min(K, c0 + kFlush);
+    Vec va(acc_t(0)), vs(acc_t(0)), vn(acc_t(0));
+    int64_t j = c0;
+    for (; j + Vec::size() <= c1; j += Vec::size()) {
+      Vec x = Vec::loadu(p + j);
+      va = at::vec::fmadd(x, (x + veps).log(), va);
+      vs = vs + x;
+      vn = vn + x.ne(vzero);
+    }
+    if (j < c1) {
+      Vec x = Vec::loadu(p + j, c1 - j);  // zero-filled tail adds nothing
+      va = at::vec::fmadd(x, (x + veps).log(), va);
+      vs = vs + x;
+      vn = vn + x.ne(vzero);
+    }
+    auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v); };
+    a += hsum(va);
+    s += hsum(vs);
+    nz += hsum(vn);
+  }
+  k::finalize_probs(static_cast<double>(p[j0]), a, s, 1 + static_cast<int64_t>(nz), eps, out);
+}
+
+template <typename scalar_t, typename acc_t>
+void probs_rows_typed(const at::Tensor& probs, double eps, at::Tensor& rows) {
+  const int64_t B = probs.size(0), H = probs.size(1), Q = probs.size(2), K = probs.size(3);
+  const int64_t sb = probs.stride(0), sh = probs.stride(1), sq = probs.stride(2), sk = probs.stride(3);
+  const scalar_t* base = probs.const_data_ptr<scalar_t>();
+  double* out = rows.data_ptr<double>();
+  const bool direct = std::is_same_v<scalar_t, acc_t> && sk == 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  at::parallel_for(0, B * H * Q, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(direct ? 0 : K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t q = r % Q, h = (r / Q) % H, b = r / (Q * H);
+      const scalar_t* row = base + b * sb + h * sh + q * sq;
+      const acc_t* p;
+      if (direct) {
+        p = reinterpret_cast<const acc_t*>(row);
+      } else {  // one row converted / gathered into a K-sized buffer, never a probs-sized copy
+        for (int64_t j = 0; j < K; ++j) buf[j] = static_cast<acc_t>(row[j * sk]);
+        p = buf.data();
+      }
+      probs_row<acc_t>(p, K, eps, out + r * k::kRowFields);
+    }
+  });
+}
+
+inline void probs_rows(const at::Tensor& probs, double eps, at::Tensor& rows) {
+  switch (probs.scalar_type()) {
+    case at::kDouble: return probs_rows_typed<double, double>(probs, eps, rows);
+    case at::kFloat: return probs_rows_typed<float, float>(probs, eps, rows);
+    case at::kHalf: return probs_rows_typed<at::Half, float>(probs, eps, rows);
+    case at::kBFloat16: return probs_rows_typed<at::BFloat16, float>(probs, eps, rows);
+    default: TORCH_CHECK(false, "probs: unsupported dtype ", probs.scalar_type());
+  }
+}
+
+// -------------------------------------------------------------------------------- qk rows
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 512;
+
+// Streams one block of logits z[0, kn) of a row into its state. Masked keys hold values
+// <= kMaskedLogit; z is scratch and may be modified.
+template <typename acc_t>
+void push_block(k::RowState& s, acc_t* z, int64_t kn) {
+  using Vec = Vectorized<acc_t>;
+  int64_t start = 0;
+  if (s.n == 0) {  // the first visible key is kept apart (attention-sink statistics)
+    while (start < kn && !k::is_visible(z[start])) ++start;
+    if (start == kn) return;
+    s.z0 = static_cast<double>(z[start]);
+    s.n = 1;
+    ++start;
+  }
+  const Vec vmask(static_cast<acc_t>(k::kMaskedLogit));
+  const Vec vone(acc_t(1));
+  Vec vmax(-std::numeric_limits<acc_t>::infinity()), vcnt(acc_t(0));
+  int64_t j = start;
+  for (; j + Vec::size() <= kn; j += Vec::size()) {
+    Vec x = Vec::loadu(z + j);
+    vmax = at::vec::maximum(vmax, x);  // propagates NaN
+    vcnt = vcnt + (vone - x.le(vmask));
+  }
+  acc_t bmax = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  int64_t cnt = static_cast<int64_t>(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vcnt));
+  for (int64_t t = j; t < kn; ++t) {
+    if (k::is_visible(z[t])) ++cnt;
+    if (z[t] != z[t] || z[t] > bmax) bmax = z[t];  // keeps a NaN once seen
+  }
+  s.n += cnt;
+  if (cnt == 0) return;
+  if (!(static_cast<double>(bmax) <= s.m)) k::rescale(s, static_cast<double>(bmax));
+  const acc_t m = static_cast<acc_t>(s.m);
+  const Vec vm(m), vfloor(static_cast<acc_t>(k::kExpFloor));
+  Vec vl(acc_t(0)), vt(acc_t(0));
+  j = start;
+  for (; j + Vec::size() <= kn; j += Vec::size()) {
+    Vec x = at::vec::maximum(Vec::loadu(z + j) - vm, vfloor);
+    Vec e = x.exp();
+    vl = vl + e;
+    vt = at::vec::fmadd(e, x, vt);
+  }
+  if (j < kn) {
+    // Tail padded with the floor: exp(floor) == 0 adds nothing.
+    Vec x = Vec::set(vfloor, Vec::loadu(z + j, kn - j) - vm, kn - j);
+    x = at::vec::maximum(x, vfloor);
+    Vec e = x.exp();
+    vl = vl + e;
+    vt = at::vec::fmadd(e, x, vt);
+  }
+  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v); };
+  s.l += hsum(vl);
+  s.t += hsum(vt);
+}
+
+// Applies attn_mask and the causal limit to a [bq, kn] block of logits (row stride ldz).
+template <typename acc_t>
+void mask_block(acc_t* z, int64_t ldz, int64_t bq, int64_t kn, int64_t i0, int64_t j0, const std::optional<at::Tensor>& mask,
+                int64_t b, int64_t h, bool causal, int64_t offset) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    const int64_t smq = m.stride(2), smk = m.stride(3);
+    const int64_t base = b * m.stride(0) + h * m.stride(1) + i0 * smq + j0 * smk;
+    if (m.scalar_type() == at::kBool) {
+      const bool* mp = m.const_data_ptr<bool>() + base;
+      for (int64_t i = 0; i < bq; ++i)
+        for (int64_t j = 0; j < kn; ++j)
+          if (!mp[i * smq + j * smk]) z[i * ldz + j] = ninf;
+    } else {
+      using Vec = Vectorized<acc_t>;
+      const acc_t* mp = m.const_data_ptr<acc_t>() + base;
+      for (int64_t i = 0; i < bq; ++i) {
+        acc_t* zr = z + i * ldz;
+        const acc_t* mr = mp + i * smq;
+        int64_t j = 0;
+        if (smk == 1)
+          for (; j + Vec::size() <= kn; j += Vec::size()) (Vec::loadu(zr + j) + Vec::loadu(mr + j)).store(zr + j);
+        for (; j < kn; ++j) zr[j] += mr[j * smk];
+      }
+    }
+  }
+  if (causal) {
+    for (int64_t i = 0; i < bq; ++i) {
+      const int64_t first_hidden = std::max<int64_t>(0, i0 + i + offset + 1 - j0);
+      for (int64_t j = first_hidden; j < kn; ++j) z[i * ldz + j] = ninf;
+    }
+  }
+}
+
+template <typename acc_t>
+void qk_rows_typed(const at::Tensor& query, const at::Tensor& key, double scale, const std::optional<at::Tensor>& mask,
+                   bool is_causal, at::Tensor& rows) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  // Half/bfloat16 inputs are widened once (O(inputs)); logits are formed in acc_t.
+  const at::Tensor q = query.to(acc).contiguous();
+  const at::Tensor kk = key.to(acc).contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t Hkv = kk.size(1), K = kk.size(2), group = Hq / Hkv;
+  const int64_t offset = K - Q;  // causal: row i sees keys j <= i + offset
+  const int64_t nqb = (Q + kBlockQ - 1) / kBlockQ;
+  double* out = rows.data_ptr<double>();
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buf = at::empty({kBlockQ * kBlockK}, q.options());
+    std::vector<k::RowState> state(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nqb, h = (task / nqb) % Hq, b = task / (nqb * Hq);
+      const int64_t i0 = qb * kBlockQ, bq = std::min(kBlockQ, Q - i0);
+      const at::Tensor qv = q[b][h].narrow(0, i0, bq);
+      const at::Tensor kv = kk[b][h / group];
+      std::fill(state.begin(), state.end(), k::RowState{});
+      const int64_t j_end = is_causal ? std::min(K, i0 + bq + offset) : K;
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+        const int64_t kn = std::min(kBlockK, j_end - j0);
+        at::Tensor z = buf.narrow(0, 0, bq * kn).view({bq, kn});
+        at::addmm_out(z, z, qv, kv.narrow(0, j0, kn).t(), /*beta=*/0, /*alpha=*/scale);
+        acc_t* zp = z.data_ptr<acc_t>();
+        mask_block<acc_t>(zp, kn, bq, kn, i0, j0, mask, b, h, is_causal, offset);
+        for (int64_t i = 0; i < bq; ++i) push_block<acc_t>(state[i], zp + i * kn, kn);
+      }
+      for (int64_t i = 0; i < bq; ++i)
+        k::finalize(state[i], out + (((b * Hq + h) * Q) + i0 + i) * k::kRowFields);
+    }
+  });
+}
+
+inline void qk_rows(const at::Tensor& query, const at::Tensor& key, double scale, const std::optional<at::Tensor>& mask,
+                    bool is_causal, at::Tensor& rows) {
+  if (query.scalar_type() == at::kDouble) return qk_rows_typed<double>(query, key, scale, mask, is_causal, rows);
+  return qk_rows_typed<float>(query, key, scale, mask, is_causal, rows);
+}
+
+inline RowKernels make_row_kernels() {
+#define HP_STR2(x) #x
+#define HP_STR(x) HP_STR2(x)
+  return RowKernels{&probs_rows, &qk_rows, HP_STR(CPU_CAPABILITY)};
+#undef HP_STR
+#undef HP_STR2
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace headprune::cpu

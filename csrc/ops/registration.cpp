@@ -1,0 +1,77 @@
+// Every schema of the headprune library, in one reviewed place. Backends register their
+// kernels in ops/cpu and ops/cuda; a CPU-only build simply does not compile ops/cuda.
+//
+// Conventions: entropies in nats; accumulators are float64 (counts int64) and are only added
+// to; ops ending in `_` mutate the arguments annotated (a!) and return nothing.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+TORCH_LIBRARY(headprune, m) {
+  // probs [B, H, Q, K] (f16/bf16/f32/f64, any strides): adds, per head, the sum over valid
+  // query rows of -sum_k p log(p + eps) into sums [H] (f64) and the number of valid rows into
+  // counts [H] (i64). query_mask [B, Q] bool excludes padded rows; all-zero rows are skipped.
+  // One pass over probs, per-row math in the input's float type (f64 for f64), row sums in f64.
+  m.def("entropy_from_probs_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor probs, "
+        "Tensor? query_mask=None, float eps=1e-8) -> ()");
+
+  // Same rows; adds all six statistics into stats [H, 6] (f64): count, sum H, sum H^2,
+  // sum H/log(n) (n visible keys, rows with n >= 2), sum of the first non-zero entry's mass,
+  // sum of the entropy renormalised over the entries after it.
+  m.def("entropy_stats_from_probs_accumulate_(Tensor(a!) stats, Tensor probs, "
+        "Tensor? query_mask=None, float eps=1e-8) -> ()");
+
+  // query [B, Hq, Q, D], key [B, Hkv, K, D] (Hq % Hkv == 0), same float dtype: the entropy of
+  // softmax(q k^T * scale + attn_mask) per row, streamed over key blocks with a running max,
+  // sum of exp and sum of exp * logit (f32 math for f16/bf16/f32, f64 for f64; f64 per-row
+  // state). attn_mask: bool (True = attend) or additive float, broadcastable to
+  // [B, Hq, Q, K]; additive values <= -1e37 mask a key. is_causal: row i sees keys
+  // j <= i + K - Q. Rows with no visible key are skipped. Extra memory: one logits block per
+  // thread plus O(B * Hq * Q), never O(Q * K).
+  m.def("entropy_from_qk_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor query, Tensor key, "
+        "float scale, Tensor? attn_mask=None, bool is_causal=False, Tensor? query_mask=None) -> ()");
+
+  // The six statistics of the rows above (count, sum, sum_sq, sum_norm, sum_first, sum_rest),
+  // with "first" = the row's first visible key, all from the same streaming pass.
+  m.def("entropy_stats_from_qk_accumulate_(Tensor(a!) stats, Tensor query, Tensor key, float scale, "
+        "Tensor? attn_mask=None, bool is_causal=False, Tensor? query_mask=None) -> ()");
+
+  // In place: x's slice of head h along dim (x.size(dim) == num_heads * head_dim, heads
+  // outermost) is multiplied by mask[h] (0/1 or real gates, cast to x's dtype). x is never
+  // reallocated; differentiable in x and mask; refuses a leaf that requires grad while grad
+  // mode is on. Written with ATen ops (one broadcast mul_ on a view), so every backend and
+  // autograd get it from CompositeImplicitAutograd.
+  m.def("apply_head_mask_(Tensor(a!) x, Tensor mask, int head_dim, int dim) -> ()");
+}
+
+namespace headprune::ops {
+namespace {
+
+void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_dim, int64_t dim) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension, got a 0-D tensor");
+  TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) >= 1, "mask: expected a 1-D tensor [num_heads], got shape ",
+                    mask.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(mask.scalar_type()) || mask.scalar_type() == at::kBool,
+                   "mask: expected a floating or bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device() == x.device(), "mask: expected device ", x.device(), ", got ", mask.device());
+  TORCH_CHECK_VALUE(head_dim >= 1, "head_dim: expected >= 1, got ", head_dim);
+  TORCH_CHECK_INDEX(dim >= -x.dim() && dim < x.dim(), "dim: expected in [", -x.dim(), ", ", x.dim() - 1, "], got ",
+                    dim);
+  const int64_t d = dim < 0 ? dim + x.dim() : dim;
+  const int64_t heads = mask.size(0);
+  TORCH_CHECK_VALUE(x.size(d) == heads * head_dim, "x: size ", x.size(d), " along dim ", d,
+                    " does not equal num_heads * head_dim = ", heads, " * ", head_dim);
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
+                    "x: is a leaf tensor that requires grad (a parameter?); apply the mask under torch.no_grad()");
+  std::vector<int64_t> gate_shape(x.dim() + 1, 1);
+  gate_shape[d] = heads;
+  x.unflatten(d, {heads, head_dim}).mul_(mask.to(x.scalar_type()).view(gate_shape));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(headprune, CompositeImplicitAutograd, m) { m.impl("apply_head_mask_", &apply_head_mask_impl); }
+
+}  // namespace headprune::ops

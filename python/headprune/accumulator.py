@@ -1,0 +1,94 @@
+"""Streaming per-head attention-entropy state."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from .reference import NUM_STATS, STAT_FIELDS
+
+
+class EntropyAccumulator:
+    """Per-head running statistics of attention-row entropies (nats), fed batch by batch.
+
+    The state is one float64 tensor ``stats [num_heads, NUM_STATS]`` (columns
+    ``STAT_FIELDS``), so accumulators merge by addition and all-reduce as one tensor.
+    """
+
+    def __init__(self, num_heads: int, device: torch.device | str = "cpu"):
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+            raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+        self.stats = torch.zeros(num_heads, NUM_STATS, dtype=torch.float64, device=device)
+
+    @property
+    def num_heads(self) -> int:
+        return self.stats.shape[0]
+
+    def update_probs(self, probs: torch.Tensor, query_mask: Optional[torch.Tensor] = None, eps: float = 1e-8):
+        """Adds the rows of ``probs [B, H, Q, K]`` (the formula as written)."""
+        ops.entropy_stats_from_probs_accumulate_(self.stats, probs, query_mask, eps)
+        return self
+
+    def update_qk(self, query, key, scale: float, attn_mask=None, is_causal: bool = False, query_mask=None):
+        """Adds the rows of ``softmax(query @ key^T * scale + attn_mask)`` without forming them."""
+        ops.entropy_stats_from_qk_accumulate_(self.stats, query, key, scale, attn_mask, is_causal, query_mask)
+        return self
+
+    def merge(self, other: "EntropyAccumulator") -> "EntropyAccumulator":
+        """Adds another accumulator's state (e.g. from another data shard)."""
+        if not isinstance(other, EntropyAccumulator):
+            raise TypeError(f"other: expected an EntropyAccumulator, got {type(other).__name__}")
+        if other.stats.shape != self.stats.shape:
+            raise ValueError(f"other: expected {self.num_heads} heads, got {other.num_heads}")
+        self.stats += other.stats.to(self.stats.device)
+        return self
+
+    def _col(self, name: str) -> torch.Tensor:
+        return self.stats[:, STAT_FIELDS.index(name)]
+
+    @property
+    def count(self) -> torch.Tensor:
+        """Rows seen per head, ``[H]`` int64."""
+        return self._col("count").round().long()
+
+    def _mean(self, name: str) -> torch.Tensor:
+        c = self._col("count")
+        return torch.where(c > 0, self._col(name) / c.clamp_min(1), torch.full_like(c, float("nan")))
+
+    def mean(self) -> torch.Tensor:
+        """Mean row entropy per head, ``[H]`` float64 (NaN for a head that saw no row)."""
+        return self._mean("sum")
+
+    def std(self) -> torch.Tensor:
+        """Population standard deviation of the row entropies per head."""
+        m = self.mean()
+        var = (self._mean("sum_sq") - m * m).clamp_min(0)
+        return var.sqrt()
+
+    def normalized_mean(self) -> torch.Tensor:
+        """Mean of ``H / log(n)`` (n = visible keys), rows with n >= 2 (others count as 0)."""
+        return self._mean("sum_norm")
+
+    def first_mass_mean(self) -> torch.Tensor:
+        """Mean attention mass on each row's first visible key (the sink)."""
+        return self._mean("sum_first")
+
+    def rest_mean(self) -> torch.Tensor:
+        """Mean entropy over the keys after each row's first visible key."""
+        return self._mean("sum_rest")
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.detach().cpu().clone(), "fields": list(STAT_FIELDS)}
+
+    def load_state_dict(self, state: dict) -> None:
+        stats = state.get("stats") if isinstance(state, dict) else None
+        if not isinstance(stats, torch.Tensor) or stats.shape != self.stats.shape:
+            raise ValueError(f"state: expected 'stats' of shape {tuple(self.stats.shape)}")
+        if list(state.get("fields", STAT_FIELDS)) != list(STAT_FIELDS):
+            raise ValueError(f"state: expected fields {list(STAT_FIELDS)}, got {state.get('fields')}")
+        self.stats.copy_(stats.to(torch.float64))
+
+    def __repr__(self) -> str:
+        return f"EntropyAccumulator(num_heads={self.num_heads}, rows={int(self._col('count').sum())})"

@@ -1,0 +1,146 @@
+"""Thin typed wrappers over the native ops ``torch.ops.headprune.*``.
+
+All entropies are in nats and accumulated in float64 whatever the input dtype. The
+accumulating ops (trailing ``_``) add into caller-owned tensors and return ``None``; on any
+error the accumulators are left unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._loader import load_extension
+from .reference import NUM_STATS, STAT_FIELDS
+
+load_extension()
+
+__all__ = [
+    "NUM_STATS",
+    "STAT_FIELDS",
+    "apply_head_mask_",
+    "entropy_from_probs_accumulate_",
+    "entropy_from_qk_accumulate_",
+    "entropy_stats_from_probs_accumulate_",
+    "entropy_stats_from_qk_accumulate_",
+]
+
+_ops = torch.ops.headprune
+
+
+def entropy_from_probs_accumulate_(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    probs: torch.Tensor,
+    query_mask: Optional[torch.Tensor] = None,
+    eps: float = 1e-8,
+) -> None:
+    """Add per-head row entropies of attention probabilities.
+
+    Args:
+        sums: ``[H]`` float64, receives ``sum over valid rows of -sum_k p log(p + eps)``.
+        counts: ``[H]`` int64, receives the number of valid rows.
+        probs: ``[B, H, Q, K]`` float16/bfloat16/float32/float64, any strides.
+        query_mask: optional ``[B, Q]`` bool, False excludes a (padded) query row.
+        eps: added inside the log (the formula as written).
+
+    All-zero rows (fully masked) are not counted. NaN or inf in ``probs`` raise.
+    """
+    _ops.entropy_from_probs_accumulate_(sums, counts, probs, query_mask, eps)
+
+
+def entropy_from_qk_accumulate_(
+    sums: torch.Tensor,
+    counts: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    query_mask: Optional[torch.Tensor] = None,
+) -> None:
+    """Add per-head entropies of ``softmax(query @ key^T * scale + attn_mask)`` rows without
+    materialising the ``Q x K`` map (online max / sum-exp / sum z*exp per row).
+
+    Args:
+        sums: ``[Hq]`` float64; counts: ``[Hq]`` int64.
+        query: ``[B, Hq, Q, D]``; key: ``[B, Hkv, K, D]`` with ``Hq % Hkv == 0`` (GQA:
+            query head ``h`` reads KV head ``h // (Hq // Hkv)``). Same floating dtype.
+        scale: logit scale, usually ``D ** -0.5``.
+        attn_mask: bool (True = attend) or additive float, broadcastable to
+            ``[B, Hq, Q, K]``; additive values ``<= -1e37`` (``-inf``, float32 min) mask a key.
+        is_causal: query ``i`` sees keys ``j <= i + K - Q`` (last query aligned with last key).
+        query_mask: optional ``[B, Q]`` bool excluding padded query rows.
+
+    Rows whose keys are all masked are not counted (never NaN).
+    """
+    _ops.entropy_from_qk_accumulate_(sums, counts, query, key, scale, attn_mask, is_causal, query_mask)
+
+
+def entropy_stats_from_probs_accumulate_(
+    stats: torch.Tensor,
+    probs: torch.Tensor,
+    query_mask: Optional[torch.Tensor] = None,
+    eps: float = 1e-8,
+) -> None:
+    """Like :func:`entropy_from_probs_accumulate_` but adds every column of ``STAT_FIELDS``
+    into ``stats [H, NUM_STATS]`` float64 (count, sum, sum of squares, length-normalised sum,
+    first-key mass, entropy over the keys after the first)."""
+    _ops.entropy_stats_from_probs_accumulate_(stats, probs, query_mask, eps)
+
+
+def entropy_stats_from_qk_accumulate_(
+    stats: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    query_mask: Optional[torch.Tensor] = None,
+) -> None:
+    """Like :func:`entropy_from_qk_accumulate_` but adds every column of ``STAT_FIELDS``
+    into ``stats [Hq, NUM_STATS]`` float64, all from the same streaming pass."""
+    _ops.entropy_stats_from_qk_accumulate_(stats, query, key, scale, attn_mask, is_causal, query_mask)
+
+
+def apply_head_mask_(x: torch.Tensor, mask: torch.Tensor, head_dim: int, dim: int) -> None:
+    """In place: multiply head ``h``'s slice of ``x`` along ``dim`` by ``mask[h]``.
+
+    ``x.shape[dim] == num_heads * head_dim`` (heads outermost), ``mask [num_heads]`` with 0/1
+    or real-valued gates. ``x`` is never reallocated. Differentiable in ``x`` (and in
+    ``mask`` when it requires grad); a leaf that requires grad is refused unless under
+    ``torch.no_grad()``.
+    """
+    _ops.apply_head_mask_(x, mask, head_dim, dim)
+
+
+def _register_fakes() -> None:
+    """Shape-checking fake kernels so ``torch.compile`` can trace the ops."""
+
+    def _check_acc(t, shape, dtype, name):
+        torch._check(tuple(t.shape) == tuple(shape), lambda: f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+        torch._check(t.dtype == dtype, lambda: f"{name}: expected {dtype}, got {t.dtype}")
+
+    @torch.library.register_fake("headprune::entropy_from_probs_accumulate_")
+    def _(sums, counts, probs, query_mask=None, eps=1e-8):
+        _check_acc(sums, (probs.shape[1],), torch.float64, "sums")
+        _check_acc(counts, (probs.shape[1],), torch.int64, "counts")
+
+    @torch.library.register_fake("headprune::entropy_from_qk_accumulate_")
+    def _(sums, counts, query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
+        _check_acc(sums, (query.shape[1],), torch.float64, "sums")
+        _check_acc(counts, (query.shape[1],), torch.int64, "counts")
+
+    @torch.library.register_fake("headprune::entropy_stats_from_probs_accumulate_")
+    def _(stats, probs, query_mask=None, eps=1e-8):
+        _check_acc(stats, (probs.shape[1], NUM_STATS), torch.float64, "stats")
+
+    @torch.library.register_fake("headprune::entropy_stats_from_qk_accumulate_")
+    def _(stats, query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
+        _check_acc(stats, (query.shape[1], NUM_STATS), torch.float64, "stats")
+
+    # apply_head_mask_ is CompositeImplicitAutograd: it decomposes into ATen ops when traced.
+
+
+_register_fakes()

@@ -1,0 +1,140 @@
+"""Pure-PyTorch reference path: the oracle of the tests and the baseline of the benchmarks.
+
+Everything here computes in float64 and materialises full attention maps, which is exactly
+what the native ops avoid. Entropies are in nats.
+
+The per-row statistics shared by all functions (see ``STAT_FIELDS``):
+
+* ``H``      entropy of the row, ``-sum_j p_j log p_j`` (the probs path uses ``log(p + eps)``,
+             the formula as written);
+* ``n``      number of visible keys (finite logit / non-zero probability);
+* ``p_first`` probability mass on the first visible key (the "attention sink");
+* ``H_rest`` entropy of the row renormalised over the visible keys other than the first.
+
+A row with no visible key (fully masked, or an all-zero probability row) is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Columns of a statistics accumulator ``[num_heads, len(STAT_FIELDS)]`` (float64).
+#: ``sum_norm`` adds ``H / log(n)`` for rows with ``n >= 2`` (0 for ``n == 1``).
+STAT_FIELDS = ("count", "sum", "sum_sq", "sum_norm", "sum_first", "sum_rest")
+NUM_STATS = len(STAT_FIELDS)
+
+#: Additive logits at or below this value mark a masked key (covers ``-inf`` and float32's
+#: ``finfo.min``, which transformers uses for additive masks).
+MASKED_LOGIT = -1e37
+
+
+def attention_logits(query, key, scale, attn_mask=None, is_causal=False):
+    """Float64 logits ``[B, Hq, Q, K]`` with ``-inf`` at masked keys.
+
+    ``query [B, Hq, Q, D]``, ``key [B, Hkv, K, D]`` with ``Hq % Hkv == 0`` (grouped-query
+    attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``). ``attn_mask`` is boolean
+    (True = attend) or additive float, broadcastable to ``[B, Hq, Q, K]``. ``is_causal``
+    aligns the last query with the last key: query ``i`` sees keys ``j <= i + K - Q``.
+    """
+    q = query.double()
+    k = key.double()
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+    z = torch.matmul(q, k.transpose(-1, -2)) * scale
+    Q, K = z.shape[-2], z.shape[-1]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            z = z.masked_fill(~attn_mask, -math.inf)
+        else:
+            z = z + attn_mask.double()
+    if is_causal:
+        i = torch.arange(Q).unsqueeze(1)
+        j = torch.arange(K).unsqueeze(0)
+        z = z.masked_fill((j > i + (K - Q)).to(z.device), -math.inf)
+    return z.masked_fill(z <= MASKED_LOGIT, -math.inf)
+
+
+def row_stats_from_logits(z):
+    """Per-row ``(H, n, p_first, H_rest)`` from float64 logits (``-inf`` = masked)."""
+    visible = torch.isfinite(z)
+    n = visible.sum(-1)
+    p = torch.softmax(z, dim=-1).nan_to_num(0.0)
+    logp = torch.log_softmax(z, dim=-1)
+    plogp = torch.where(visible, p * logp, torch.zeros((), dtype=z.dtype, device=z.device))
+    H = -plogp.sum(-1)
+    first = visible.to(torch.int8).argmax(-1, keepdim=True)
+    p_first = p.gather(-1, first).squeeze(-1)
+    rest = z.scatter(-1, first, -math.inf)
+    rest_visible = torch.isfinite(rest)
+    pr = torch.softmax(rest, dim=-1).nan_to_num(0.0)
+    lpr = torch.log_softmax(rest, dim=-1)
+    H_rest = -torch.where(rest_visible, pr * lpr, torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1)
+    H_rest = torch.where(n >= 2, H_rest, torch.zeros_like(H_rest))
+    return H, n, p_first, H_rest
+
+
+def row_stats_from_probs(probs, eps=1e-8):
+    """Per-row ``(H, n, p_first, H_rest)`` from probabilities, with the formula as written:
+    ``H = -sum_k p log(p + eps)``; ``n`` counts non-zero entries."""
+    p = probs.double()
+    plogp = p * torch.log(p + eps)
+    H = -plogp.sum(-1)
+    visible = p != 0
+    n = visible.sum(-1)
+    first = visible.to(torch.int8).argmax(-1, keepdim=True)
+    p_first = p.gather(-1, first).squeeze(-1)
+    is_first = torch.zeros_like(visible).scatter(-1, first, True)
+    s_rest = torch.where(is_first, 0.0, p).sum(-1)
+    a_rest = torch.where(is_first, 0.0, plogp).sum(-1)
+    H_rest = torch.where(n >= 2, torch.log(s_rest.clamp_min(1e-300)) - a_rest / s_rest.clamp_min(1e-300), 0.0)
+    return H, n, p_first, H_rest
+
+
+def _reduce(H, n, p_first, H_rest, query_mask):
+    """Per-head statistics ``[H, NUM_STATS]`` over valid rows (``n > 0`` and query_mask)."""
+    valid = n > 0
+    if query_mask is not None:
+        valid = valid & query_mask.bool()[:, None, :].to(valid.device)
+    v = valid.double()
+    logn = torch.log(n.double().clamp_min(1))
+    norm = torch.where(n >= 2, H / logn.clamp_min(1e-300), 0.0)
+    cols = [v, H * v, H * H * v, norm * v, p_first * v, H_rest * v]
+    cols = [torch.where(valid, c, 0.0) for c in cols]  # 0 * nan stays out
+    return torch.stack([c.sum(dim=(0, 2)) for c in cols], dim=-1)
+
+
+def entropy_stats_from_probs(probs, query_mask=None, eps=1e-8):
+    """Statistics ``[H, NUM_STATS]`` (float64) of ``probs [B, H, Q, K]``."""
+    return _reduce(*row_stats_from_probs(probs, eps), query_mask)
+
+
+def entropy_stats_from_qk(query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
+    """Statistics ``[Hq, NUM_STATS]`` (float64) of ``softmax(q k^T * scale + mask)``."""
+    z = attention_logits(query, key, scale, attn_mask, is_causal)
+    return _reduce(*row_stats_from_logits(z), query_mask)
+
+
+def entropy_from_probs(probs, query_mask=None, eps=1e-8):
+    """``(sums [H] float64, counts [H] int64)``: the formula as written,
+    ``-(p * log(p + eps)).sum(-1)`` summed over valid query rows."""
+    s = entropy_stats_from_probs(probs, query_mask, eps)
+    return s[:, 1], s[:, 0].long()
+
+
+def entropy_from_qk(query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
+    """``(sums [Hq] float64, counts [Hq] int64)`` of the attention rows' entropies."""
+    s = entropy_stats_from_qk(query, key, scale, attn_mask, is_causal, query_mask)
+    return s[:, 1], s[:, 0].long()
+
+
+def apply_head_mask(x, mask, head_dim, dim):
+    """Out-of-place reference of ``apply_head_mask_``: ``x`` with head ``h``'s slice along
+    ``dim`` (laid out as ``num_heads x head_dim``) multiplied by ``mask[h]``."""
+    dim = dim % x.dim()
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    gate = mask.double().repeat_interleave(head_dim).reshape(shape)
+    return (x.double() * gate).to(x.dtype)
