@@ -80,7 +80,7 @@ def row_stats_from_probs(probs, eps=1e-8):
     """Per-row ``(H, n, p_first, H_rest)`` from probabilities, with the formula as written:
     ``H = -sum_k p log(p + eps)``; ``n`` counts non-zero entries."""
     p = probs.double()
-    plogp = p * torch.log(p + eps)
+    plogp = p * torch.log((p + eps).clamp_min(torch.finfo(torch.float64).tiny))  # 0 log 0 = 0
     H = -plogp.sum(-1)
     visible = p != 0
     n = visible.sum(-1)

@@ -40,6 +40,8 @@ void probs_row(const acc_t* p, int64_t K, double eps, double* out) {
   }
   const Vec veps(static_cast<acc_t>(eps));
   const Vec vzero(acc_t(0));
+  // 0 * log(0 + eps) must be 0 also for eps == 0 (the limit), not 0 * -inf = NaN.
+  const Vec vtiny(std::numeric_limits<acc_t>::min());
   double a = 0.0, s = 0.0, nz = 0.0;
   for (int64_t c0 = j0 + 1; c0 < K; c0 += kFlush) {
     const int64_t c1 = std::min(K, c0 + kFlush);
@@ -47,13 +49,13 @@ void probs_row(const acc_t* p, int64_t K, double eps, double* out) {
     int64_t j = c0;
     for (; j + Vec::size() <= c1; j += Vec::size()) {
       Vec x = Vec::loadu(p + j);
-      va = at::vec::fmadd(x, (x + veps).log(), va);
+      va = at::vec::fmadd(x, at::vec::maximum(x + veps, vtiny).log(), va);
       vs = vs + x;
       vn = vn + x.ne(vzero);
     }
     if (j < c1) {
       Vec x = Vec::loadu(p + j, c1 - j);  // zero-filled tail adds nothing
-      va = at::vec::fmadd(x, (x + veps).log(), va);
+      va = at::vec::fmadd(x, at::vec::maximum(x + veps, vtiny).log(), va);
       vs = vs + x;
       vn = vn + x.ne(vzero);
     }
