@@ -138,3 +138,27 @@ def apply_head_mask(x, mask, head_dim, dim):
     shape[dim] = x.shape[dim]
     gate = mask.double().repeat_interleave(head_dim).reshape(shape)
     return (x.double() * gate).to(x.dtype)
+
+
+def formula_entropy(probs, query_mask=None, eps=1e-8):
+    """The formula as a user writes it, in the input's dtype: ``(sums [H], counts [H])`` of
+    ``-(p * log(p + eps)).sum(-1)`` over valid query rows. The benchmarks' baseline."""
+    H = -(probs * torch.log(probs + eps)).sum(-1)  # [B, H, Q], several probs-sized temporaries
+    if query_mask is None:
+        return H.sum((0, 2)).double(), torch.full((probs.shape[1],), probs.shape[0] * probs.shape[2])
+    m = query_mask[:, None, :].to(H.dtype)
+    return (H * m).sum((0, 2)).double(), m.sum((0, 2)).long().expand(probs.shape[1])
+
+
+def formula_entropy_from_qk(query, key, scale, attn_mask=None, is_causal=False, query_mask=None, eps=1e-8):
+    """Baseline for the QK op: materialise ``softmax(q k^T * scale + mask)`` in the input dtype,
+    then apply :func:`formula_entropy`."""
+    group = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(group, dim=1) if group > 1 else key
+    z = torch.matmul(query, k.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        z = z.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else z + attn_mask
+    if is_causal:
+        Q, K = z.shape[-2:]
+        z = z.masked_fill(torch.ones(Q, K, dtype=torch.bool, device=z.device).triu(K - Q + 1), -math.inf)
+    return formula_entropy(torch.softmax(z, -1), query_mask, eps)
