@@ -101,11 +101,11 @@ def extension():
     ]
     torch_version = torch.__version__.split("+")[0]
     defines = [f'-DHEADPRUNE_TORCH_VERSION="{torch_version}"'] + [f"-DHEADPRUNE_CPU_{i.upper()}" for i in isas]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"] + defines
+    cxx = ["-O3", "-fopenmp"] + defines  # the C++ standard: torch's default
     if cuda:
         sources += sorted(str(p) for p in (CSRC / "ops" / "cuda").glob("*.cu"))
         cxx.append("-DHEADPRUNE_WITH_CUDA")
-        nvcc = ["-O3", "-std=c++17", "-DHEADPRUNE_WITH_CUDA", "--expt-relaxed-constexpr"] + defines
+        nvcc = ["-O3", "-DHEADPRUNE_WITH_CUDA", "--expt-relaxed-constexpr"] + defines
         return CUDAExtension("headprune._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                              extra_link_args=["-fopenmp"])
     return CppExtension("headprune._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -220,7 +220,10 @@ void qk_rows_typed(const at::Tensor& query, const at::Tensor& key, double scale,
   const int64_t offset = K - Q;  // causal: row i sees keys j <= i + offset
   const int64_t nqb = (Q + kBlockQ - 1) / kBlockQ;
   double* out = rows.data_ptr<double>();
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  // Small problems run inline: opening a parallel region costs more than they do.
+  const int64_t task_flops = 2 * std::min(kBlockQ, Q) * K * std::max<int64_t>(D, 1);
+  const int64_t grain = std::max<int64_t>(1, (1 << 21) / task_flops);
+  at::parallel_for(0, B * Hq * nqb, grain, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({kBlockQ * kBlockK}, q.options());
     std::vector<k::RowState> state(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {

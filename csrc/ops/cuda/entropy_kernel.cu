@@ -1,0 +1,93 @@
+// CUDA backend of the entropy ops: launches the row kernels of entropy_rows.cuh, which write
+// {H, n, p_first, H_rest} per attention row with the semantics of the CPU kernels
+// (cpu/entropy_rows_impl.h), and registers the ops for the CUDA dispatch key.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "../entropy_ops.h"
+#include "entropy_rows.cuh"
+
+namespace headprune::cuda {
+namespace {
+
+template <typename scalar_t>
+void launch_probs_rows(const at::Tensor& probs, double eps, at::Tensor& rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = probs.size(0), H = probs.size(1), Q = probs.size(2), K = probs.size(3);
+  const int64_t n_rows = B * H * Q;
+  if (n_rows == 0) return;
+  const int64_t blocks = ceil_div(n_rows, kProbsWarps);
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "probs: too many rows (", n_rows, ")");
+  probs_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kProbsWarps * kWarp, 0,
+                                       c10::cuda::getCurrentCUDAStream()>>>(
+      probs.const_data_ptr<scalar_t>(), n_rows, H, Q, K, probs.stride(0), probs.stride(1), probs.stride(2),
+      probs.stride(3), eps, rows.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_qk_rows(const at::Tensor& query, const at::Tensor& key, double scale,
+                    const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using T = QkTile<acc_t>;
+  const at::Tensor q = query.contiguous();
+  const at::Tensor kk = key.contiguous();
+  QkArgs<scalar_t, acc_t> a{};
+  a.query = q.const_data_ptr<scalar_t>();
+  a.key = kk.const_data_ptr<scalar_t>();
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;  // already expanded to [B, Hq, Q, K] by expand_attn_mask
+    if (m.scalar_type() == at::kBool) {
+      a.mask_bool = m.const_data_ptr<bool>();
+    } else {
+      TORCH_CHECK(m.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "attn_mask: expected ",
+                  c10::CppTypeToScalarType<acc_t>::value, ", got ", m.scalar_type());
+      a.mask_add = m.const_data_ptr<acc_t>();
+    }
+    for (int d = 0; d < 4; ++d) a.mask_stride[d] = m.stride(d);
+  }
+  const int64_t B = q.size(0);
+  a.Hq = q.size(1);
+  a.Q = q.size(2);
+  a.D = q.size(3);
+  a.Hkv = kk.size(1);
+  a.K = kk.size(2);
+  a.scale = static_cast<acc_t>(scale);
+  a.causal = is_causal;
+  a.rows = rows.data_ptr<double>();
+  if (B * a.Hq * a.Q == 0) return;
+  const int64_t blocks = B * a.Hq * ceil_div(a.Q, T::kBlockQ);
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "query: too many rows (", B * a.Hq * a.Q, ")");
+  qk_rows_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(blocks), T::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+struct CudaBackend {
+  static void probs_rows(const at::Tensor& probs, double eps, at::Tensor& rows) {
+    const c10::cuda::CUDAGuard guard(probs.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "probs_rows_cuda",
+                                    [&] { launch_probs_rows<scalar_t>(probs, eps, rows); });
+  }
+  static void qk_rows(const at::Tensor& query, const at::Tensor& key, double scale,
+                      const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows) {
+    const c10::cuda::CUDAGuard guard(query.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qk_rows_cuda",
+                                    [&] { launch_qk_rows<scalar_t>(query, key, scale, mask, is_causal, rows); });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(headprune, CUDA, m) { ops::EntropyOps<CudaBackend>::register_impls(m); }
+
+}  // namespace headprune::cuda

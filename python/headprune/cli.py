@@ -1,0 +1,118 @@
+"""``headprune`` command line: scan, prune, eval, sweep.
+
+Every argument error exits with status 2 and one line naming the problem; nothing is written
+unless the run succeeds (outputs go to a temporary directory that is renamed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _ratio(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < r < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return r
+
+
+def _ratios(text: str) -> list:
+    return [_ratio(t) for t in text.split(",") if t.strip()]
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _layers(text: str) -> list:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser, *, out: bool) -> None:
+    p.add_argument("model", metavar="MODEL", help="bundled name (minilm, smollm2), a .gguf file or a local directory")
+    p.add_argument("--data", default=None, metavar="TEXT",
+                   help=f"text file, JSONL with a 'text' field, local datasets dir, or a bundled text "
+                        f"({', '.join(BUNDLED_TEXTS)}; default {DEFAULT_TEXT})")
+    p.add_argument("--samples", type=_positive, default=None, help="calibration sequences (default 64 causal, 256 encoder)")
+    p.add_argument("--seq-len", type=_positive, default=None, help="calibration length in tokens (default 256 causal, 128 encoder)")
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--eval-windows", type=_positive, default=48, help="held-out perplexity windows (causal LMs)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if out:
+        p.add_argument("--out", default=None, help="output directory (must be empty or new unless --force)")
+        p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def _selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scope", choices=["global", "per_layer"], default=None)
+    p.add_argument("--min-heads-per-layer", type=int, default=None)
+    p.add_argument("--protect-layers", type=_layers, default=None, metavar="I,J,...")
+    p.add_argument("--gqa", choices=["query", "group"], default="query")
+    p.add_argument("--score", default=None, help="statistic that ranks heads (default: the measured default recipe)")
+    p.add_argument("--order", choices=["high", "low", "random"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headprune", description="Entropy-based attention-head pruning.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    scan = sub.add_parser("scan", help="collect per-head attention entropies")
+    _common(scan, out=True)
+    scan.add_argument("--resume", action="store_true", help="continue an interrupted scan from --out's checkpoint")
+    prune = sub.add_parser("prune", help="collect, rank, prune, evaluate, save, report")
+    _common(prune, out=True)
+    how = prune.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=_ratio)
+    how.add_argument("--count", type=_positive)
+    _selection(prune)
+    mode = prune.add_mutually_exclusive_group()
+    mode.add_argument("--mask", dest="mode", action="store_const", const="mask", help="zero the heads (reversible)")
+    mode.add_argument("--physical", dest="mode", action="store_const", const="physical", help="remove the heads (default)")
+    ev = sub.add_parser("eval", help="quality and speed of a model or a pruned directory")
+    _common(ev, out=False)
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    sweep = sub.add_parser("sweep", help="quality vs fraction pruned: recipes against random")
+    _common(sweep, out=True)
+    sweep.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import pipeline
+
+    try:
+        return {"scan": pipeline.scan, "prune": pipeline.prune, "eval": pipeline.evaluate,
+                "sweep": pipeline.sweep}[args.command](args)
+    except (CliError, FileNotFoundError, ValueError, TypeError, FileExistsError, PermissionError) as e:
+        print(f"headprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"headprune {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Quality and speed of a model on held-out text, label-free.
+
+* Causal LMs: perplexity over the held-out token stream in sliding windows (``window``
+  tokens, advancing ``stride``; each token is scored once, with up to ``window - stride``
+  tokens of left context after the first window).
+* Encoders: fidelity to the unpruned model (mean cosine similarity of mean-pooled
+  embeddings of held-out paragraphs) and a retrieval score: each held-out paragraph's first
+  sentence must find the rest of its own paragraph among all of them (top-1 accuracy, MRR).
+* Both: tokens/s of a forward pass (median of repeats) and, through the adapters, parameters
+  and attention FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .texts import token_windows
+
+WINDOW = 256
+STRIDE = 256
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stride: int = STRIDE,
+               max_windows: int = 64, batch_size: int = 8) -> dict:
+    """Perplexity of a causal LM on the joined paragraphs (see module doc for windows)."""
+    if not 0 < stride <= window:
+        raise ValueError(f"stride: expected 0 < stride <= window ({window}), got {stride}")
+    ids = token_windows(tokenizer, paragraphs, 1).view(-1)
+    starts = list(range(0, max(1, len(ids) - window + 1), stride))[:max_windows]
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(starts), batch_size):
+        chunk = torch.stack([ids[s : s + window] for s in starts[i : i + batch_size]]).to(device)
+        logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float()
+        lp = F.log_softmax(logits[:, :-1], -1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
+        for j, s in enumerate(starts[i : i + batch_size]):
+            first = 0 if s == 0 else window - stride - 1  # only tokens not scored before
+            nll -= lp[j, first:].sum().item()
+            count += lp.shape[1] - first
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "window": window,
+            "stride": stride, "windows": len(starts)}
+
+
+@torch.no_grad()
+def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled, L2-normalised embeddings ``[N, hidden]`` (the sentence-transformers recipe)."""
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1).cpu())
+    return torch.cat(out)
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def retrieval_pairs(paragraphs: list) -> tuple:
+    """``(queries, documents)``: first sentence of each paragraph with >= 2 sentences, and the rest."""
+    queries, docs = [], []
+    for p in paragraphs:
+        parts = _SENTENCE.split(p, maxsplit=1)
+        if len(parts) == 2 and len(parts[0].split()) >= 4 and len(parts[1].split()) >= 4:
+            queries.append(parts[0])
+            docs.append(parts[1])
+    return queries, docs
+
+
+def retrieval_score(q_emb: torch.Tensor, d_emb: torch.Tensor) -> dict:
+    sims = q_emb @ d_emb.T
+    rank = (sims > sims.diag().unsqueeze(1)).sum(1) + 1  # rank of the true document
+    return {"top1": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item(), "pairs": len(rank)}
+
+
+def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None = None) -> dict:
+    """Embedding fidelity (vs ``reference['embeddings']``, 1.0 for the model itself) and retrieval."""
+    emb = embed(model, tokenizer, paragraphs)
+    queries, docs = retrieval_pairs(paragraphs)
+    res = retrieval_score(embed(model, tokenizer, queries), embed(model, tokenizer, docs)) if queries else {}
+    fid = 1.0 if reference is None else F.cosine_similarity(emb, reference["embeddings"], dim=-1).mean().item()
+    return {"fidelity": fid, "retrieval_top1": res.get("top1"), "retrieval_mrr": res.get("mrr"),
+            "retrieval_pairs": res.get("pairs", 0), "embeddings": emb}
+
+
+@torch.no_grad()
+def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vocab: int | None = None) -> dict:
+    """Median forward tokens/s on random token ids (batch x seq_len)."""
+    device = next(model.parameters()).device
+    vocab = vocab or getattr(model.config, "vocab_size", 1000)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    model(input_ids=ids, attention_mask=mask)  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"tokens_per_s": batch * seq_len / med, "median_ms": med * 1e3, "batch": batch, "seq_len": seq_len}

@@ -1,0 +1,28 @@
+"""The Hugging Face layer: collection, masking, physical pruning, save/load.
+
+Importing it needs ``transformers``; ``import headprune`` alone does not.
+"""
+
+from __future__ import annotations
+
+from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
+from .collect import collect
+from .io import load_pruned, save_pruned
+from .prune import kept_heads, mask_heads, prune_heads
+from .report import PruneReport, attention_flops_per_token, measure
+
+__all__ = [
+    "ADAPTERS",
+    "PruneReport",
+    "attention_flops_per_token",
+    "collect",
+    "get_adapter",
+    "kept_heads",
+    "load_pruned",
+    "mask_heads",
+    "measure",
+    "prune_heads",
+    "resolve_sites",
+    "save_pruned",
+    "supported_model_types",
+]

@@ -1,0 +1,246 @@
+"""Per-family attention layouts as data, keyed by ``config.model_type``.
+
+An adapter says where each attention block lives (relative to ``model.base_model``), how its
+projections are laid out (split q/k/v or one fused matrix), which module attributes hold the
+head counts that the family's ``forward`` reads, and which config fields describe them. The
+code in :mod:`collect`, :mod:`prune` and :mod:`io` is family-agnostic and only reads these
+records. Paths were checked against the transformers 5 modeling files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import nn
+
+__all__ = ["Adapter", "Site", "Block", "ADAPTERS", "get_adapter", "resolve_sites", "supported_model_types"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kind of attention block of a family (e.g. T5's decoder cross-attention).
+
+    Paths are dotted, ``layers`` relative to the base model and the rest relative to one
+    layer. ``module`` is the module handed to the attention interface (its attributes hold
+    the head counts); ``o`` is the output projection whose input columns are the heads.
+    """
+
+    layers: str
+    module: str
+    o: str
+    q: Optional[str] = None
+    k: Optional[str] = None
+    v: Optional[str] = None
+    qkv: Optional[str] = None  # fused projection, rows laid out q | k | v
+    stack: str = ""  # "encoder" / "decoder" for encoder-decoders, "" otherwise
+    kind: str = "self"  # "self" or "cross"
+    padding_key: Optional[str] = "attention_mask"  # batch key masking this block's queries
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    blocks: tuple
+    head_dim_attr: str
+    # module attribute -> one of "heads", "kv_heads", "groups", "inner" (heads * head_dim)
+    module_attrs: dict = field(default_factory=dict)
+    kv_heads_attr: Optional[str] = None  # module attr with the KV head count (fused GQA)
+    config_kv_heads: Optional[str] = None  # config field, GQA families only
+    config_head_dim: Optional[str] = None  # set => a uniformly pruned config stays loadable
+    conv1d: bool = False  # GPT-2 stores weights as [in, out]
+    reads_config_heads: bool = False  # forward reads config.num_attention_heads (Phi-3)
+    empty: str = "output"  # what a block with no head left returns, see prune._EMPTY
+    # per-head weights other than q/k/v/o: (submodule of the attention module, weight dim)
+    extras: tuple = ()
+    shared_position_bias: bool = False  # T5: layer 0's bias is reused by the whole stack
+
+
+_LLAMA_LIKE = dict(
+    blocks=(Block("layers", "self_attn", "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
+    head_dim_attr="head_dim",
+    module_attrs={"num_key_value_groups": "groups"},
+    config_kv_heads="num_key_value_heads",
+    config_head_dim="head_dim",
+)
+
+_BERT_LIKE = dict(
+    blocks=(
+        Block(
+            "encoder.layer", "attention.self", "attention.output.dense",
+            "attention.self.query", "attention.self.key", "attention.self.value",
+        ),
+    ),
+    head_dim_attr="attention_head_size",
+    module_attrs={"num_attention_heads": "heads", "all_head_size": "inner"},
+    empty="context",
+)
+
+
+def _t5_blocks():
+    def attn(stack, idx, name, kind, padding_key):
+        p = f"layer.{idx}.{name}"
+        return Block(f"{stack}.block", p, f"{p}.o", f"{p}.q", f"{p}.k", f"{p}.v", stack=stack, kind=kind, padding_key=padding_key)
+
+    return (
+        attn("encoder", 0, "SelfAttention", "self", "attention_mask"),
+        attn("decoder", 0, "SelfAttention", "self", "decoder_attention_mask"),
+        attn("decoder", 1, "EncDecAttention", "cross", "decoder_attention_mask"),
+    )
+
+
+ADAPTERS = {
+    a.model_type: a
+    for a in [
+        Adapter("bert", **_BERT_LIKE),
+        Adapter("roberta", **_BERT_LIKE),
+        Adapter(
+            "distilbert",
+            blocks=(Block("transformer.layer", "attention", "attention.out_lin", "attention.q_lin", "attention.k_lin", "attention.v_lin"),),
+            head_dim_attr="attention_head_size",
+            module_attrs={"n_heads": "heads"},
+        ),
+        Adapter(
+            "gpt2",
+            blocks=(Block("h", "attn", "attn.c_proj", qkv="attn.c_attn"),),
+            head_dim_attr="head_dim",
+            module_attrs={"num_heads": "heads", "split_size": "inner"},
+            conv1d=True,
+        ),
+        Adapter(
+            "opt",
+            blocks=(
+                Block("decoder.layers", "self_attn", "self_attn.out_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ),
+            head_dim_attr="head_dim",
+            module_attrs={"num_heads": "heads"},
+        ),
+        *[Adapter(t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2")],
+        Adapter(
+            "phi3",
+            blocks=(Block("layers", "self_attn", "self_attn.o_proj", qkv="self_attn.qkv_proj"),),
+            head_dim_attr="head_dim",
+            module_attrs={"num_key_value_groups": "groups", "num_key_value_heads": "kv_heads"},
+            kv_heads_attr="num_key_value_heads",
+            config_kv_heads="num_key_value_heads",
+            config_head_dim="head_dim",
+            reads_config_heads=True,
+        ),
+        Adapter(
+            "vit",
+            blocks=(
+                Block(
+                    "layers", "attention", "attention.o_proj", "attention.q_proj", "attention.k_proj",
+                    "attention.v_proj", padding_key=None,
+                ),
+            ),
+            head_dim_attr="head_dim",
+            module_attrs={"num_attention_heads": "heads"},
+            config_head_dim="head_dim",
+        ),
+        Adapter(
+            "t5",
+            blocks=_t5_blocks(),
+            head_dim_attr="key_value_proj_dim",
+            module_attrs={"n_heads": "heads", "inner_dim": "inner"},
+            config_head_dim="d_kv",
+            empty="t5",
+            extras=(("relative_attention_bias", 1),),
+            shared_position_bias=True,
+        ),
+    ]
+}
+
+
+def supported_model_types() -> list:
+    return sorted(ADAPTERS)
+
+
+def get_adapter(model) -> Adapter:
+    """The adapter for ``model`` (a ``PreTrainedModel``), or a ``ValueError`` naming the
+    supported families."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"model: unsupported model_type {model_type!r} ({type(model).__name__}); "
+            f"headprune supports {', '.join(supported_model_types())}"
+        )
+    return ADAPTERS[model_type]
+
+
+@dataclass
+class Site:
+    """One resolved attention block of one layer: the index used by scores, rankings and
+    pruning (``layer`` in ``HeadScores``), plus live references to its modules."""
+
+    index: int
+    name: str  # e.g. "decoder.1.cross"
+    block: Block
+    layer_idx: int
+    layer: nn.Module
+    module: nn.Module
+
+    def sub(self, path: Optional[str]) -> Optional[nn.Module]:
+        return None if path is None else self.layer.get_submodule(path)
+
+    @property
+    def o(self) -> nn.Module:
+        return self.sub(self.block.o)
+
+
+def _base(model) -> nn.Module:
+    return getattr(model, "base_model", model)
+
+
+def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
+    """Every attention site of ``model``, ordered block by block (for T5: encoder self,
+    decoder self, decoder cross), layers in order within a block."""
+    adapter = adapter or get_adapter(model)
+    base = _base(model)
+    sites = []
+    for block in adapter.blocks:
+        try:
+            layers = base.get_submodule(block.layers)
+        except AttributeError as e:
+            raise ValueError(
+                f"model: {type(model).__name__} has no {block.layers!r} although its model_type is "
+                f"{adapter.model_type!r}; is it a supported architecture?"
+            ) from e
+        prefix = ".".join(p for p in (block.stack, "{i}", block.kind if adapter.model_type == "t5" else "") if p)
+        for i, layer in enumerate(layers):
+            name = prefix.format(i=i)
+            sites.append(Site(len(sites), name, block, i, layer, layer.get_submodule(block.module)))
+    return sites
+
+
+def head_dim(site: Site, adapter: Adapter) -> int:
+    return int(getattr(site.module, adapter.head_dim_attr))
+
+
+def out_features(module: nn.Module, conv1d: bool) -> int:
+    return module.weight.shape[1] if conv1d else module.weight.shape[0]
+
+
+def head_counts(site: Site, adapter: Adapter) -> tuple:
+    """``(query heads, KV heads)`` of a site as its forward will see them."""
+    d = head_dim(site, adapter)
+    b = site.block
+    if b.qkv is None:
+        return out_features(site.sub(b.q), adapter.conv1d) // d, out_features(site.sub(b.k), adapter.conv1d) // d
+    total = out_features(site.sub(b.qkv), adapter.conv1d) // d
+    if adapter.kv_heads_attr is None:  # equal thirds (GPT-2)
+        return total // 3, total // 3
+    kv = int(getattr(site.module, adapter.kv_heads_attr))
+    return total - 2 * kv, kv
+
+
+def check_layout(model) -> None:
+    """Raise ``ValueError`` if a site's weights do not match its head layout."""
+    adapter = get_adapter(model)
+    for site in resolve_sites(model, adapter):
+        hq, hkv = head_counts(site, adapter)
+        o_in = site.o.weight.shape[0 if adapter.conv1d else 1]
+        d = head_dim(site, adapter)
+        if hkv == 0 and hq != 0 or (hkv and hq % hkv) or o_in != hq * d:
+            raise ValueError(f"model: site {site.name} has an inconsistent head layout ({hq} q, {hkv} kv, o in {o_in})")

@@ -1,0 +1,290 @@
+"""Masking (exact, reversible) and physical removal of attention heads.
+
+``heads`` arguments are ``{layer: [query heads]}`` to remove, with ``layer`` a site index
+of ``resolve_sites`` / ``HeadScores`` (the output of ``select_heads``). Physical removal
+keeps, per model, the original indices of the surviving heads (``kept_heads``) so that
+``save_pruned`` / ``load_pruned`` can rebuild the exact layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..torch_modules import MaskHandle, head_index, normalize_heads
+from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
+
+__all__ = ["mask_heads", "prune_heads", "MaskHandle", "kept_heads", "normalize_heads"]
+
+STATE_ATTR = "_headprune_state"
+
+
+def _o_dim(adapter) -> int:
+    return 0 if adapter.conv1d else 1  # the o projection's input dimension
+
+
+# ---- masking -----------------------------------------------------------------------------
+
+
+def mask_heads(model, heads: dict) -> MaskHandle:
+    """Zero the pruned heads' input columns of each output projection, in place.
+
+    Exact with every attention backend (a head's output only reaches the residual stream
+    through those columns). Returns a :class:`MaskHandle`; on error, nothing is changed.
+    Plain torch models (``nn.MultiheadAttention``) are masked the same way.
+    """
+    if not hasattr(model, "config"):
+        from ..torch_modules import mask_modules
+
+        return mask_modules(model, heads)
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
+    handle = MaskHandle(heads)
+    try:
+        with torch.no_grad():
+            for layer, hs in heads.items():
+                site = sites[layer]
+                handle.zero_(site.o.weight, hs, head_counts(site, adapter)[0], head_dim(site, adapter), _o_dim(adapter))
+    except BaseException:
+        handle.restore()
+        raise
+    return handle
+
+
+# ---- physical removal ----------------------------------------------------------------------
+
+
+def _kv_layout(keep_q, groups: int):
+    """KV rows for the kept query heads and the new group size. Uneven groups (some of a KV
+    head's queries pruned) are evened out by repeating KV heads: group size becomes the gcd
+    of the kept counts, which is exact since repeated KV heads hold identical weights."""
+    per_kv: dict = {}
+    for h in keep_q:
+        per_kv.setdefault(h // groups, []).append(h)
+    if not per_kv:
+        return [], 1
+    g = 0
+    for members in per_kv.values():
+        g = math.gcd(g, len(members))
+    rows = [kv for kv, members in sorted(per_kv.items()) for _ in range(len(members) // g)]
+    return rows, g
+
+
+class _Undo:
+    """Every attribute change of a pruning pass, so a failure midway (including
+    ``KeyboardInterrupt``) puts the model back exactly as it was."""
+
+    _ABSENT = object()
+
+    def __init__(self):
+        self.log = []
+
+    def set(self, obj, name, value) -> None:
+        self.log.append((obj, name, getattr(obj, name, self._ABSENT) if name != "forward" else obj.__dict__.get(name, self._ABSENT)))
+        setattr(obj, name, value)
+
+    def call(self, undo_fn) -> None:
+        self.log.append((None, undo_fn, None))
+
+    def rollback(self) -> None:
+        while self.log:
+            obj, name, old = self.log.pop()
+            if obj is None:
+                name()
+            elif old is self._ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+def _slice_(undo: _Undo, module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
+    p = getattr(module, name)
+    new = nn.Parameter(p.data.index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
+    undo.set(module, name, new)
+    shape = tuple(module.weight.shape)
+    if isinstance(module, nn.Linear):
+        undo.set(module, "out_features", shape[0])
+        undo.set(module, "in_features", shape[1])
+    elif isinstance(module, nn.Embedding):
+        undo.set(module, "embedding_dim", shape[1])
+    elif type(module).__name__ == "Conv1D":
+        undo.set(module, "nf", shape[1])
+
+
+def _slice_rows(undo, proj: nn.Module, index: torch.Tensor, conv1d: bool) -> None:
+    _slice_(undo, proj, "weight", index, 1 if conv1d else 0)
+    if getattr(proj, "bias", None) is not None:
+        _slice_(undo, proj, "bias", index, 0)
+
+
+def _empty_forward(kind, o, conv1d, *args, **kwargs):
+    """Forward of a site with no head left: attention adds only the o bias (if any)."""
+    x = args[0] if args else kwargs["hidden_states"]
+    if kind == "context":  # BERT-like: the o projection lives in the parent
+        return x.new_zeros(*x.shape[:-1], 0), None
+    out = x.new_zeros(*x.shape[:-1], o.weight.shape[1 if conv1d else 0])
+    out = out if getattr(o, "bias", None) is None else out + o.bias
+    if kind == "t5":
+        return out, kwargs.get("position_bias"), None
+    return out, None
+
+
+def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
+    d = head_dim(site, adapter)
+    values = {"heads": hq, "kv_heads": hkv, "groups": groups, "inner": hq * d}
+    for attr, what in adapter.module_attrs.items():
+        undo.set(site.module, attr, values[what])
+    if adapter.reads_config_heads:  # Phi-3 reads config.num_attention_heads in forward
+        cfg = copy.copy(site.module.config)
+        cfg.num_attention_heads, cfg.num_key_value_heads = hq, hkv
+        undo.set(site.module, "config", cfg)
+    if hq == 0:
+        undo.set(site.module, "forward", partial(_empty_forward, adapter.empty, site.o, adapter.conv1d))
+
+
+def _prune_site(undo, site, adapter, remove) -> tuple:
+    """Slice one site; returns the kept query positions and the KV rows (local indices)."""
+    hq, hkv = head_counts(site, adapter)
+    d, groups = head_dim(site, adapter), hq // hkv
+    keep = [h for h in range(hq) if h not in set(remove)]
+    kv_rows, new_groups = _kv_layout(keep, groups)
+    b, conv = site.block, adapter.conv1d
+    if b.qkv is None:
+        _slice_rows(undo, site.sub(b.q), head_index(keep, d), conv)
+        _slice_rows(undo, site.sub(b.k), head_index(kv_rows, d), conv)
+        _slice_rows(undo, site.sub(b.v), head_index(kv_rows, d), conv)
+    else:
+        idx = torch.cat([head_index(keep, d), head_index(kv_rows, d, hq * d), head_index(kv_rows, d, (hq + hkv) * d)])
+        _slice_rows(undo, site.sub(b.qkv), idx, conv)
+    _slice_(undo, site.o, "weight", head_index(keep, d), _o_dim(adapter))
+    for owner, dim in adapter.extras:
+        module = getattr(site.module, owner, None)
+        if module is not None:
+            _slice_(undo, module, "weight", torch.tensor(keep, dtype=torch.long), dim)
+    _set_attrs(undo, site, adapter, len(keep), len(kv_rows), new_groups)
+    return keep, kv_rows
+
+
+def _new_state(model, counts) -> dict:
+    old = getattr(model, STATE_ATTR, None)
+    if old is not None:
+        return copy.deepcopy(old)
+    return {
+        "kept": [list(range(c[0])) for c in counts],
+        "kv": [list(range(c[1])) for c in counts],
+        "per_layer_bias": [],
+        "original_config": model.config.to_dict(),
+    }
+
+
+def kept_heads(model) -> dict:
+    """``{layer: original query heads kept}`` for every site (all heads if never pruned)."""
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return {s.index: list(range(head_counts(s, adapter)[0])) for s in sites}
+    return {i: list(k) for i, k in enumerate(state["kept"])}
+
+
+def _fresh_position_bias(module, args, kwargs):
+    """T5 passes layer 0's position bias down the stack; once layers keep different heads,
+    each layer computes its own from its own table instead."""
+    return args, {**kwargs, "position_bias": None}
+
+
+def _split_shared_bias(undo, model, sites, adapter, state, new_kept, force=()) -> None:
+    """Give each layer of a T5 stack its own relative-bias table (a copy of layer 0's) when
+    the layers of a block will keep different heads."""
+    if not adapter.shared_position_bias:
+        return
+    blocks: dict = {}
+    for s in sites:
+        blocks.setdefault(f"{s.block.stack}.{s.block.kind}", []).append(s)
+    for name, group in blocks.items():
+        differ = any(new_kept[s.index] != new_kept[group[0].index] for s in group)
+        if name in state["per_layer_bias"] or not (differ or name in force):
+            continue
+        table = getattr(group[0].module, "relative_attention_bias", None)
+        for s in group:
+            if table is not None and s is not group[0]:
+                undo.set(s.module, "relative_attention_bias", copy.deepcopy(table))
+                undo.set(s.module, "has_relative_attention_bias", True)
+            undo.call(s.module.register_forward_pre_hook(_fresh_position_bias, with_kwargs=True).remove)
+        state["per_layer_bias"].append(name)
+
+
+def _config_accepts(config, adapter, hq, hkv, d) -> bool:
+    """Whether transformers' own validation accepts the pruned counts (e.g. Llama insists on
+    ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``)."""
+    trial = copy.deepcopy(config)
+    trial.num_attention_heads = hq
+    setattr(trial, adapter.config_head_dim, d)
+    if adapter.config_kv_heads:
+        setattr(trial, adapter.config_kv_heads, hkv)
+    try:
+        getattr(trial, "validate", lambda: None)()
+    except Exception:  # any validator failure just means "not expressible"
+        return False
+    return True
+
+
+def _update_configs(undo, model, sites, adapter, state) -> bool:
+    """Write the new head counts into the configs when one layout fits every layer (so
+    ``AutoModel.from_pretrained`` rebuilds it); returns whether it did."""
+    layouts = {(len(k), len(kv)) for k, kv in zip(state["kept"], state["kv"])}
+    d = {head_dim(s, adapter) for s in sites}
+    if adapter.config_head_dim is None or len(layouts) != 1 or len(d) != 1 or state["per_layer_bias"]:
+        return False
+    (hq, hkv), (d,) = layouts.pop(), d
+    if hq == 0 or not _config_accepts(model.config, adapter, hq, hkv, d):
+        return False
+    configs = {id(model.config): model.config}
+    configs.update({id(s.module.config): s.module.config for s in sites if hasattr(s.module, "config")})
+    for cfg in configs.values():
+        undo.set(cfg, "num_attention_heads", hq)
+        undo.set(cfg, adapter.config_head_dim, d)
+        if adapter.config_kv_heads:
+            undo.set(cfg, adapter.config_kv_heads, hkv)
+    return True
+
+
+def prune_heads(model, heads: dict, *, _per_layer_bias=()):
+    """Physically remove heads: slice q/k/v rows (fused layouts included), o columns, biases
+    and per-head extras, and update the modules' head counts, per layer.
+
+    Counts may differ between layers; a layer may lose every head (its attention then adds
+    only the o bias). Under GQA, KV heads whose query heads are all gone are removed; when
+    a KV group is only partly pruned, KV heads are repeated so groups stay even (exact).
+    The configs are updated when a single layout fits every layer. On any error the model
+    is left unchanged. Returns a :class:`~headprune.hf.report.PruneReport`.
+    """
+    from .report import PruneReport, measure
+
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    counts = [head_counts(s, adapter) for s in sites]
+    heads = normalize_heads(heads, [c[0] for c in counts])
+    before = measure(model)
+    state = _new_state(model, counts)
+    new_kept = [[k for j, k in enumerate(state["kept"][i]) if j not in heads.get(i, ())] for i in range(len(sites))]
+    undo = _Undo()
+    try:
+        with torch.no_grad():
+            _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)
+            for layer, remove in heads.items():
+                keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove)
+                state["kept"][layer] = [state["kept"][layer][j] for j in keep]
+                state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
+            state["uniform"] = _update_configs(undo, model, sites, adapter, state)
+            undo.set(model, STATE_ATTR, state)
+            check_layout(model)
+    except BaseException:
+        undo.rollback()
+        raise
+    return PruneReport(before, measure(model), {k: list(v) for k, v in heads.items()})

@@ -1,0 +1,71 @@
+"""Parameter counts and attention FLOPs of a model, before and after pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+
+__all__ = ["PruneReport", "measure", "attention_flops_per_token"]
+
+#: context length at which the per-token attention FLOPs are quoted by default
+DEFAULT_CONTEXT = 1024
+
+
+def parameter_count(model) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def attention_flops_per_token(model, context: int = DEFAULT_CONTEXT) -> int:
+    """Multiply-adds x 2 per token in all attention blocks: the q/k/v/o projections plus the
+    score and value products against ``context`` keys."""
+    adapter = get_adapter(model)
+    total = 0
+    for site in resolve_sites(model, adapter):
+        hq, hkv = head_counts(site, adapter)
+        d = head_dim(site, adapter)
+        hidden = site.o.weight.shape[1 if adapter.conv1d else 0]
+        total += 2 * hidden * d * (2 * hq + 2 * hkv) + 4 * hq * d * context
+    return total
+
+
+def measure(model, context: int = DEFAULT_CONTEXT) -> dict:
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    counts = [head_counts(s, adapter) for s in sites]
+    return {
+        "parameters": parameter_count(model),
+        "attention_flops_per_token": attention_flops_per_token(model, context),
+        "context": context,
+        "query_heads": sum(c[0] for c in counts),
+        "kv_heads": sum(c[1] for c in counts),
+    }
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_heads` changed (``before`` / ``after`` from :func:`measure`)."""
+
+    before: dict
+    after: dict
+    removed: dict = field(default_factory=dict)
+
+    @property
+    def parameters_removed(self) -> int:
+        return self.before["parameters"] - self.after["parameters"]
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.after["attention_flops_per_token"] / max(1, self.before["attention_flops_per_token"])
+
+    def to_dict(self) -> dict:
+        return {"before": self.before, "after": self.after, "removed": {str(k): v for k, v in self.removed.items()}}
+
+    def __str__(self) -> str:
+        b, a = self.before, self.after
+        return (
+            f"query heads {b['query_heads']} -> {a['query_heads']}, KV heads {b['kv_heads']} -> {a['kv_heads']}, "
+            f"parameters {b['parameters']:,} -> {a['parameters']:,}, attention FLOPs/token "
+            f"(context {a['context']}) {b['attention_flops_per_token']:,} -> {a['attention_flops_per_token']:,}"
+        )

@@ -1,0 +1,249 @@
+"""The CLI's commands: scan, prune, eval, sweep (argument parsing lives in :mod:`cli`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import evaluate as E
+from . import plots, texts
+from .models import load_model
+from .ranking import select_heads
+from .scores import HeadScores
+
+DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _say(args, *msg):
+    if not args.quiet:
+        print(*msg, flush=True)
+
+
+@contextmanager
+def output_dir(out: Path, force: bool):
+    """A temporary sibling directory renamed to ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out: cannot write in {parent}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _setup(args):
+    """Model, calibration batches and held-out paragraphs for a command."""
+    paragraphs = texts.load_paragraphs(args.data)
+    calib, held = texts.split(paragraphs)
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
+    if loaded.kind not in DEFAULTS:
+        raise ValueError(f"MODEL: {loaded.kind} models are supported by the Python API, not yet by the CLI")
+    if loaded.tokenizer is None:
+        raise ValueError(f"MODEL: {args.model} has no tokenizer files")
+    d = DEFAULTS[loaded.kind]
+    samples, seq_len = args.samples or d["samples"], args.seq_len or d["seq_len"]
+    batches = texts.calibration_batches(loaded.tokenizer, calib, causal=loaded.kind == "causal", samples=samples,
+                                        seq_len=seq_len, batch_size=args.batch_size)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len,
+                "calibration_paragraphs": len(calib), "held_out_paragraphs": len(held)}
+    return loaded, batches, held, settings
+
+
+def _collect(args, loaded, batches) -> HeadScores:
+    from .hf import collect
+
+    t0 = time.perf_counter()
+    scores = collect(loaded.model, batches, progress=not args.quiet)
+    _say(args, f"collected entropies over {sum(b['input_ids'].shape[0] for b in batches)} sequences "
+               f"in {time.perf_counter() - t0:.1f} s")
+    return scores
+
+
+def quality(args, loaded, held, reference=None) -> dict:
+    """Label-free quality on held-out text (see :mod:`headprune.evaluate`)."""
+    if loaded.kind == "causal":
+        return E.perplexity(loaded.model, loaded.tokenizer, held, max_windows=args.eval_windows)
+    return E.encoder_quality(loaded.model, loaded.tokenizer, held, reference)
+
+
+def speed(loaded) -> dict:
+    from .hf import measure
+
+    out = measure(loaded.model)
+    out.update(E.throughput(loaded.model, batch=1, seq_len=256, repeat=3))
+    return out
+
+
+def _metric(kind: str) -> tuple:
+    return ("perplexity", True) if kind == "causal" else ("fidelity", False)
+
+
+def _public(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _selection_kwargs(args) -> dict:
+    kw = {"gqa": args.gqa, "seed": args.seed}
+    for name in ("scope", "min_heads_per_layer", "protect_layers", "score", "order"):
+        value = getattr(args, name, None)
+        if value is not None:
+            kw[name] = value
+    return kw
+
+
+def _out(args, command: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("headprune-out") / f"{command}-{Path(str(args.model)).stem}"
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def scan(args) -> int:
+    out = _out(args, "scan")
+    loaded, batches, _, settings = _setup(args)
+    with output_dir(out, args.force) as tmp:
+        scores = _collect(args, loaded, batches)
+        _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings})
+        plots.heatmap(scores, tmp / "heatmap.png", title=f"{args.model}: mean attention entropy")
+        (tmp / "summary.md").write_text(scores_markdown(args.model, scores, settings))
+    _say(args, f"wrote {out}/scores.json, summary.md, heatmap.png")
+    return 0
+
+
+def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
+    H = scores.entropy
+    lines = [f"# Attention entropy of {model}", "",
+             f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
+             f"`{settings['data']}`. Entropy in nats, mean over valid query rows.", "",
+             "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
+    sink = scores.score("sink")
+    for i in range(scores.num_layers):
+        row = H[i, : scores.num_heads[i]]
+        lines.append(f"| {scores.names[i]} | {row.nanmean():.3f} | {row.min():.3f} | {row.max():.3f} | "
+                     f"{int(row.nan_to_num(-1).argmax())} | {sink[i, : scores.num_heads[i]].nanmean():.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def prune(args) -> int:
+    from .hf import mask_heads, prune_heads, save_pruned
+
+    out = Path(args.out) if args.out else _out(args, "prune")
+    if out.exists() and any(out.iterdir()) and not args.force:  # fail before the slow part
+        raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
+    loaded, batches, held, settings = _setup(args)
+    scores = _collect(args, loaded, batches)
+    kw = _selection_kwargs(args)
+    heads = select_heads(scores, ratio=args.ratio, count=args.count, **kw)
+    n = sum(len(h) for h in heads.values())
+    _say(args, f"selected {n} of {sum(scores.num_heads)} heads ({kw})")
+    metric, _ = _metric(loaded.kind)
+    before_q = quality(args, loaded, held)
+    before = {**_public(before_q), **speed(loaded)}
+    mode = args.mode or "physical"
+    if mode == "mask":
+        mask_heads(loaded.model, heads)
+    else:
+        prune_heads(loaded.model, heads)
+    after = {**_public(quality(args, loaded, held, reference=before_q)), **speed(loaded)}
+    settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, **kw})
+    with output_dir(out, args.force) as tmp:
+        save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
+        report = {"model": args.model, "settings": settings, "pruned_heads": {str(k): v for k, v in heads.items()},
+                  "heads_pruned": n, "heads_total": sum(scores.num_heads), "before": before, "after": after}
+        _write_json(tmp / "report.json", report)
+        _write_json(tmp / "scores.json", scores.to_dict())
+        table = summary_table(report, metric)
+        (tmp / "report.md").write_text(report_markdown(report, table))
+        plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: entropy, pruned heads marked")
+    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
+    print(table)
+    return 0
+
+
+def summary_table(report: dict, metric: str) -> str:
+    b, a = report["before"], report["after"]
+    rows = [(metric, b.get(metric), a.get(metric)), ("query heads", b["query_heads"], a["query_heads"]),
+            ("KV heads", b["kv_heads"], a["kv_heads"]), ("parameters", b["parameters"], a["parameters"]),
+            ("attention FLOPs/token", b["attention_flops_per_token"], a["attention_flops_per_token"]),
+            ("tokens/s (batch 1, 256)", b["tokens_per_s"], a["tokens_per_s"])]
+    if "retrieval_top1" in b:
+        rows.insert(1, ("retrieval top-1", b["retrieval_top1"], a["retrieval_top1"]))
+    lines = ["| | before | after | change |", "|---|---|---|---|"]
+    for name, x, y in rows:
+        fmt = (lambda v: f"{v:,.4g}") if isinstance(x, float) else (lambda v: f"{v:,}")
+        change = f"{(y - x) / x:+.1%}" if x else ""
+        lines.append(f"| {name} | {fmt(x)} | {fmt(y)} | {change} |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict, table: str) -> str:
+    s = report["settings"]
+    return (f"# headprune report: {report['model']}\n\n"
+            f"Pruned {report['heads_pruned']} of {report['heads_total']} heads ({s['mode']}), ranked by "
+            f"`{s.get('score', 'default')}` (order {s.get('order', 'default')}, scope {s.get('scope', 'default')}). "
+            f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`; quality on its held-out part "
+            f"({s['held_out_paragraphs']} paragraphs).\n\n{table}\n\n![heatmap](heatmap.png)\n")
+
+
+def evaluate(args) -> int:
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    _, held = texts.split(texts.load_paragraphs(args.data))
+    result = {"model": args.model, **_public(quality(args, loaded, held)), **speed(loaded)}
+    if loaded.kind != "causal":
+        result.pop("fidelity", None)  # 1.0 by definition without a reference model
+    if args.json:
+        print(json.dumps(result, indent=2, default=float))
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v:,.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    return 0
+
+
+def sweep(args) -> int:
+    from .sweep import run_sweep
+
+    out = _out(args, "sweep")
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
+    loaded, batches, held, settings = _setup(args)
+    scores = _collect(args, loaded, batches)
+    with output_dir(out, args.force) as tmp:
+        result = run_sweep(args, loaded, scores, held, settings)
+        _write_json(tmp / "sweep.json", result)
+        plots.sweep_plot(result, tmp / "sweep.png")
+        from .sweep import sweep_markdown
+
+        (tmp / "sweep.md").write_text(sweep_markdown(result))
+    print(sweep_markdown(result))
+    print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
+    return 0

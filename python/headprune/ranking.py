@@ -1,0 +1,148 @@
+"""Which heads to prune, from ``HeadScores``: most diffuse (highest entropy) first.
+
+A *unit* is what gets pruned together: a query head (``gqa="query"``) or a whole KV group,
+its query heads and their shared KV head (``gqa="group"``, scored by the mean of its query
+heads). Orders are total and deterministic: ties break by (layer, head).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+
+from .scores import HeadScores
+
+__all__ = ["select_heads", "rank_heads", "ORDERS", "SCOPES", "GQA_MODES"]
+
+ORDERS = ("high", "low", "random")
+SCOPES = ("global", "per_layer")
+GQA_MODES = ("query", "group")
+
+
+def _units(scores: HeadScores, score: str, gqa: str) -> list:
+    """``(value, layer, first_head, heads)`` for every prunable unit."""
+    values = scores.score(score)
+    units = []
+    for layer in range(scores.num_layers):
+        hq, hkv = scores.num_heads[layer], scores.num_kv_heads[layer]
+        size = hq // hkv if gqa == "group" and hkv else 1
+        for start in range(0, hq, size):
+            heads = list(range(start, start + size))
+            v = values[layer, heads]
+            if torch.isnan(v).any():
+                raise ValueError(
+                    f"scores: layer {layer} ({scores.names[layer]}) head(s) {heads} have no statistics "
+                    f"(score {score!r} is NaN); collect on more data or protect the layer"
+                )
+            units.append((float(v.mean()), layer, start, heads))
+    return units
+
+
+def rank_heads(scores: HeadScores, *, score: str = "entropy", order: str = "high", seed: int = 0, gqa: str = "query") -> list:
+    """All units in pruning order, as ``[(layer, [heads])]``.
+
+    ``order``: ``"high"`` (highest score first, the method), ``"low"`` (the opposite, a
+    baseline) or ``"random"`` (a permutation seeded by ``seed``, same for equal inputs).
+    """
+    if not isinstance(scores, HeadScores):
+        raise TypeError(f"scores: expected HeadScores, got {type(scores).__name__}")
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+    units = _units(scores, score, gqa)
+    if order == "random":
+        g = torch.Generator().manual_seed(int(seed))
+        units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
+    else:
+        sign = -1.0 if order == "high" else 1.0
+        units.sort(key=lambda u: (sign * u[0], u[1], u[2]))
+    return [(u[1], u[3]) for u in units]
+
+
+def _budget(ratio, count, total: int, name_total: str) -> int:
+    if (ratio is None) == (count is None):
+        raise ValueError("ratio, count: give exactly one of them")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1 or math.isnan(ratio):
+            raise ValueError(f"ratio: expected a number in [0, 1], got {ratio!r}")
+        return int(math.floor(ratio * total + 1e-9))
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count: expected a non-negative int, got {count!r}")
+    if count > total:
+        raise ValueError(f"count: {count} exceeds the {total} {name_total}")
+    return count
+
+
+def _check_layers(protect_layers: Iterable, n: int) -> set:
+    try:
+        protect = {int(i) for i in protect_layers}
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
+    bad = sorted(i for i in protect if not 0 <= i < n)
+    if bad:
+        raise ValueError(f"protect_layers: indices {bad} out of range for {n} layers")
+    return protect
+
+
+def select_heads(
+    scores: HeadScores,
+    *,
+    ratio: Optional[float] = None,
+    count: Optional[int] = None,
+    scope: str = "global",
+    min_heads_per_layer: int = 1,
+    protect_layers: Iterable = (),
+    gqa: str = "query",
+    score: str = "entropy",
+    order: str = "high",
+    seed: int = 0,
+) -> dict:
+    """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
+
+    Args:
+        ratio / count: how many units to prune (exactly one); ``ratio`` is a fraction of all
+            units (``scope="global"``) or of each layer's units (``"per_layer"``), floored.
+        min_heads_per_layer: units every layer keeps (0 allows removing a whole layer).
+        protect_layers: layer indices never pruned.
+        gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
+            ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
+        score: which statistic ranks heads, see ``HeadScores.score``.
+        order / seed: see :func:`rank_heads`.
+
+    Raises ``ValueError`` when the constraints cannot accommodate the request.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
+        raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
+    ranked = rank_heads(scores, score=score, order=order, seed=seed, gqa=gqa)
+    protect = _check_layers(protect_layers, scores.num_layers)
+    units_per_layer = [0] * scores.num_layers
+    for layer, _ in ranked:
+        units_per_layer[layer] += 1
+    allowed = [0 if i in protect else max(0, n - min_heads_per_layer) for i, n in enumerate(units_per_layer)]
+    if scope == "global":
+        budgets = None
+        want = _budget(ratio, count, sum(units_per_layer), "units of the model")
+        if want > sum(allowed):
+            raise ValueError(
+                f"ratio/count: {want} units requested but protect_layers and min_heads_per_layer={min_heads_per_layer} "
+                f"allow at most {sum(allowed)}"
+            )
+    else:
+        budgets = [_budget(ratio, count, n, f"units of layer {i}") for i, n in enumerate(units_per_layer)]
+        budgets = [min(b, a) for b, a in zip(budgets, allowed)]
+        want = sum(budgets)
+    taken = [0] * scores.num_layers
+    chosen: dict = {}
+    for layer, heads in ranked:
+        if sum(taken) >= want:
+            break
+        cap = allowed[layer] if budgets is None else budgets[layer]
+        if taken[layer] < cap:
+            taken[layer] += 1
+            chosen.setdefault(layer, []).extend(heads)
+    return {layer: sorted(h) for layer, h in sorted(chosen.items())}

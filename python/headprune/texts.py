@@ -1,0 +1,105 @@
+"""Calibration and evaluation text: loading, a disjoint split, tokenised batches.
+
+The package ships two freely licensed English texts (see ``data/SOURCES.md``):
+``persuasion`` (Jane Austen, public domain; the default) and ``python_tutorial`` (the Python
+3.11 tutorial, PSF licence). Their first 70% of paragraphs is the calibration part, the
+rest is held out for evaluation, so quality is never measured on calibration text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+BUNDLED_TEXTS = ("persuasion", "python_tutorial")
+DEFAULT_TEXT = "persuasion"
+HELD_OUT_FRACTION = 0.3
+
+
+def load_paragraphs(spec: Optional[str] = None) -> list:
+    """Paragraphs of a bundled text name, a ``.txt`` file (blank-line separated), a ``.jsonl``
+    file with a ``text`` field, or a local ``datasets`` dataset directory (``text`` column)."""
+    spec = spec or DEFAULT_TEXT
+    if spec in BUNDLED_TEXTS:
+        return _paragraphs((DATA / f"{spec}.txt").read_text(encoding="utf-8"))
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: {spec!r} is neither a bundled text ({', '.join(BUNDLED_TEXTS)}) nor an existing path")
+    if path.is_dir():
+        return _dataset_paragraphs(path)
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--data: {path}:{n} is not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise ValueError(f"--data: {path}:{n} has no string field 'text'")
+            out.append(rec["text"].strip())
+        paragraphs = [p for p in out if p]
+    else:
+        paragraphs = _paragraphs(path.read_text(encoding="utf-8"))
+    if len(paragraphs) < 2:
+        raise ValueError(f"--data: {spec!r} holds {len(paragraphs)} paragraph(s); need at least 2 (calibration and held-out)")
+    return paragraphs
+
+
+def _paragraphs(text: str) -> list:
+    blocks = [" ".join(b.split()) for b in text.replace("\r\n", "\n").split("\n\n")]
+    return [b for b in blocks if b]
+
+
+def _dataset_paragraphs(path: Path) -> list:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data: {path} is a directory; reading a datasets dataset needs `pip install datasets`") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[next(iter(ds))]
+    if "text" not in ds.column_names:
+        raise ValueError(f"--data: dataset {path} has no 'text' column (columns: {ds.column_names})")
+    return [t.strip() for t in ds["text"] if isinstance(t, str) and t.strip()]
+
+
+def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
+    """``(calibration, held_out)``: a contiguous, disjoint split (first part calibrates)."""
+    cut = max(1, min(len(paragraphs) - 1, round(len(paragraphs) * (1 - held_out))))
+    return paragraphs[:cut], paragraphs[cut:]
+
+
+def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor:
+    """The paragraphs joined into one token stream, cut into ``[N, seq_len]`` windows."""
+    ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"--seq-len: the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: int, seq_len: int,
+                        batch_size: int = 8) -> list:
+    """Tokenised batches (dicts with ``input_ids`` and ``attention_mask``).
+
+    Causal LMs get ``samples`` full windows of ``seq_len`` tokens from the joined stream;
+    encoders get ``samples`` paragraphs, truncated to ``seq_len`` and padded per batch (the
+    padding is masked, and excluded from the entropies).
+    """
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"--samples/--seq-len: expected samples >= 1 and seq_len >= 2, got {samples}, {seq_len}")
+    if causal:
+        windows = token_windows(tokenizer, paragraphs, seq_len)[:samples]
+        return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+    texts = paragraphs[:samples]
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out

