@@ -37,12 +37,15 @@ def bundled_path(name: str) -> tuple:
     return root, gguf
 
 
+CAUSAL_TYPES = {"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"}
+
+
 def _kind(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return "causal"
+    if config.model_type in CAUSAL_TYPES or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal"  # GGUF configs carry no `architectures`
     return "encoder"
 
 
@@ -80,10 +83,10 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -
         elif not (path / "config.json").exists():
             raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
     kw = {"gguf_file": gguf} if gguf else {}
-    config = AutoConfig.from_pretrained(path, **kw)
+    config = AutoConfig.from_pretrained(path, **kw)  # read once: each GGUF read costs seconds
     kind = _kind(config)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
-    model = cls.from_pretrained(path, dtype=torch_dtype or torch.float32, attn_implementation="sdpa", **kw)
+    model = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32, attn_implementation="sdpa", **kw)
     tok = AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

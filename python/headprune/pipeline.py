@@ -56,6 +56,11 @@ def _setup(args):
     """Model, calibration batches and held-out paragraphs for a command."""
     paragraphs = texts.load_paragraphs(args.data)
     calib, held = texts.split(paragraphs)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")

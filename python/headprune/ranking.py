@@ -8,6 +8,7 @@ heads). Orders are total and deterministic: ties break by (layer, head).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable, Optional
 
 import torch
@@ -76,9 +77,16 @@ def _budget(ratio, count, total: int, name_total: str) -> int:
     return count
 
 
+def _layer_index(i) -> int:
+    """``operator.index``: a float such as 1.5 is not a layer index (``int`` would floor it)."""
+    if isinstance(i, bool):
+        raise TypeError(f"{i!r} is not a layer index")
+    return operator.index(i)
+
+
 def _check_layers(protect_layers: Iterable, n: int) -> set:
     try:
-        protect = {int(i) for i in protect_layers}
+        protect = {_layer_index(i) for i in protect_layers}
     except (TypeError, ValueError) as e:
         raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
     bad = sorted(i for i in protect if not 0 <= i < n)

@@ -10,6 +10,8 @@ Pruning is by masking (``out_proj`` input columns), since ``nn.MultiheadAttentio
 
 from __future__ import annotations
 
+import operator
+import weakref
 from contextlib import contextmanager
 from typing import Iterable
 
@@ -32,7 +34,8 @@ def normalize_heads(heads, counts: list, arg: str = "heads") -> dict:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(counts):
             raise ValueError(f"{arg}: layer {layer!r} is not an index in [0, {len(counts)})")
         try:
-            hs = sorted({int(h) for h in hs})
+            # operator.index refuses floats (1.7 is no head index) but takes numpy / 0-d tensor ints
+            hs = sorted({_index(h) for h in hs})
         except (TypeError, ValueError) as e:
             raise TypeError(f"{arg}: layer {layer}: expected a list of head indices, got {hs!r}") from e
         bad = [h for h in hs if not 0 <= h < counts[layer]]
@@ -41,6 +44,12 @@ def normalize_heads(heads, counts: list, arg: str = "heads") -> dict:
         if hs:
             out[layer] = hs
     return out
+
+
+def _index(h) -> int:
+    if isinstance(h, bool):
+        raise TypeError("bool is not a head index")
+    return operator.index(h)
 
 
 def head_index(heads, d: int, offset: int = 0) -> torch.Tensor:
@@ -54,15 +63,28 @@ def apply_head_mask_(w: torch.Tensor, mask: torch.Tensor, d: int, dim: int) -> N
 
 class MaskHandle:
     """Undo record of a head masking: ``restore()`` (or leaving the ``with`` block) puts the
-    original output-projection columns back bit-exactly."""
+    original output-projection columns back bit-exactly.
+
+    Handles not yet restored are tracked (weakly: a handle that is dropped unrestored leaves
+    a permanent mask), so masking a masked head again, or physically pruning a model under
+    an active mask, is refused instead of making ``restore`` order-dependent or a no-op.
+    """
+
+    _active: "weakref.WeakSet" = weakref.WeakSet()
 
     def __init__(self, heads: dict):
         self.heads = heads
-        self._saved = []  # (weight, dim, index, original columns)
+        self._saved = []  # (weight, dim, index, original columns, heads)
+
+    @classmethod
+    def masked(cls, w: torch.Tensor) -> set:
+        """Heads of weight ``w`` zeroed by handles not yet restored."""
+        return {h for handle in list(cls._active) for x, *_, hs in handle._saved if x is w for h in hs}
 
     def zero_(self, w: torch.Tensor, heads, num_heads: int, d: int, dim: int) -> None:
         idx = head_index(heads, d)
-        self._saved.append((w, dim, idx, w.index_select(dim, idx.to(w.device)).clone()))
+        self._saved.append((w, dim, idx, w.index_select(dim, idx.to(w.device)).clone(), tuple(heads)))
+        MaskHandle._active.add(self)
         gate = torch.ones(num_heads)
         gate[heads] = 0
         apply_head_mask_(w, gate, d, dim)
@@ -70,8 +92,10 @@ class MaskHandle:
     def restore(self) -> None:
         with torch.no_grad():
             while self._saved:
-                w, dim, idx, cols = self._saved.pop()
+                w, dim, idx, cols, _ = self._saved[-1]
                 w.index_copy_(dim, idx.to(w.device), cols)
+                self._saved.pop()
+        MaskHandle._active.discard(self)
 
     def __enter__(self):
         return self
@@ -79,6 +103,16 @@ class MaskHandle:
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+def refuse_masked_again(heads: dict, weights: list) -> None:
+    """``ValueError`` if a head of ``heads`` is already zeroed by an active handle."""
+    for layer, hs in heads.items():
+        again = sorted(set(hs) & MaskHandle.masked(weights[layer]))
+        if again:
+            raise ValueError(
+                f"heads: layer {layer} head(s) {again} are already masked by an active mask_heads handle; restore it first"
+            )
 
 
 def attention_modules(model: nn.Module) -> list:
@@ -221,6 +255,7 @@ def mask_modules(model: nn.Module, heads: dict):
     """Zero the pruned heads' ``out_proj`` input columns (see ``headprune.hf.mask_heads``)."""
     sites = attention_modules(model)
     heads = normalize_heads(heads, [s[1].num_heads for s in sites])
+    refuse_masked_again(heads, [s[1].out_proj.weight for s in sites])
     handle = MaskHandle(heads)
     try:
         with torch.no_grad():

@@ -11,10 +11,14 @@ builds is exactly the one it would have built.
 from __future__ import annotations
 
 import inspect
+import itertools
+import json
+import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from transformers import AttentionInterface, PreTrainedConfig
@@ -22,6 +26,7 @@ from transformers.integrations.sdpa_attention import create_position_bias_mask
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..distributed import layout_fingerprint
 from ..scores import HeadScores, NUM_STATS, accumulate_probs_, accumulate_qk_
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
@@ -163,6 +168,7 @@ class _Collection:
         self.sites = resolve_sites(model, self.adapter)
         self.counts = [head_counts(s, self.adapter) for s in self.sites]
         self.stats = [None] * len(self.sites)
+        self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
         self.padding: dict = {}
         self.impl = {id(c): c._attn_implementation_internal for c in _configs(model)}
 
@@ -179,10 +185,22 @@ class _Collection:
             )
         return mask[:, mask.shape[1] - q_len :].to(device=query.device, dtype=torch.bool)
 
+    def _start(self, i, query):
+        """A site's accumulator, on the device its attention runs on (layers may be spread)."""
+        if self.initial is not None:
+            return self.initial.stats[i, : query.shape[1]].to(query.device, copy=True)
+        return torch.zeros(query.shape[1], NUM_STATS, dtype=torch.float64, device=query.device)
+
+    @property
+    def recorded(self) -> bool:
+        if any(s is not None for s in self.stats):
+            return True
+        return self.initial is not None and bool((self.initial.count > 0).any())
+
     def recorder(self, site):
         def record(module, query, key, mask, args, kwargs, out):
             if self.stats[site.index] is None:
-                self.stats[site.index] = torch.zeros(query.shape[1], NUM_STATS, dtype=torch.float64, device=query.device)
+                self.stats[site.index] = self._start(site.index, query)
             stats = self.stats[site.index]
             qm = self._query_mask(site, query)
             if self.method == "eager":
@@ -223,6 +241,8 @@ class _Collection:
             [s.name for s in self.sites], [s.block.kind for s in self.sites],
             model_type=self.adapter.model_type, method=self.method,
         )
+        if self.initial is not None:
+            out.stats.copy_(self.initial.stats)
         for i, st in enumerate(self.stats):
             if st is not None:
                 out.stats[i, : st.shape[0]] = st.cpu()
@@ -242,17 +262,116 @@ def _forward_kwargs(model, batch) -> dict:
     return kw
 
 
-def _progress(batches, enabled):
+def _progress(batches, enabled, done=0, total=None):
     if not enabled:
         return batches
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return batches
-    return tqdm(batches, desc="headprune: collecting", unit="batch")
+    return tqdm(batches, desc="headprune: collecting", unit="batch", initial=done, total=total)
 
 
-def collect(model, batches: Iterable, *, method: str = "qk", progress: bool = True) -> HeadScores:
+CHECKPOINT_FORMAT = "headprune.checkpoint/1"
+
+
+class _Checkpoint:
+    """A JSON file holding a collection's state after ``batches_done`` batches: the
+    ``HeadScores.to_dict()`` (float64 values round-trip exactly), the layout fingerprint of
+    the model and the caller's fingerprint of the calibration settings. Written atomically."""
+
+    def __init__(self, path, fingerprint: str, layout: str):
+        self.path, self.fingerprint, self.layout = os.fspath(path), fingerprint, layout
+
+    def _refuse(self, why: str):
+        return ValueError(f"checkpoint {self.path} {why}; delete it or drop --resume")
+
+    def load(self) -> Optional[tuple]:
+        """``(HeadScores, batches_done)``, or ``None`` when there is no file yet."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._refuse(f"is not a readable headprune checkpoint ({type(e).__name__}: {e})") from e
+        if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
+            raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+        if d.get("layout") != self.layout or d.get("fingerprint") != self.fingerprint:
+            what = "model layout" if d.get("layout") != self.layout else "calibration settings"
+            raise self._refuse(f"was written for another model/data (the {what} differ)")
+        done = d.get("batches_done")
+        try:
+            scores = HeadScores.from_dict(d.get("scores"))
+            ok = layout_fingerprint(scores) == self.layout and isinstance(done, int) and done >= 0
+        except (TypeError, ValueError, RuntimeError, KeyError) as e:
+            raise self._refuse(f"is corrupt ({type(e).__name__}: {e})") from e
+        if not ok:
+            raise self._refuse("is corrupt (its scores or batches_done do not match its header)")
+        return scores, done
+
+    def save(self, scores: HeadScores, done: int) -> None:
+        data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,
+                "fingerprint": self.fingerprint, "scores": scores.to_dict()}
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)  # readers see the old file or the new one, never half
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def _skip(it, n: int, path) -> None:
+    """Advance ``it`` past the ``n`` batches a checkpoint already holds."""
+    skipped = sum(1 for _ in itertools.islice(it, n))
+    if skipped < n:
+        raise ValueError(f"checkpoint {path} records {n} batches done but batches has only {skipped}; "
+                         "delete it or drop --resume")
+
+
+def _canonical(fingerprint) -> str:
+    if isinstance(fingerprint, Mapping):
+        return json.dumps(fingerprint, sort_keys=True, default=str)
+    if not isinstance(fingerprint, str):
+        raise TypeError(f"fingerprint: expected a str or a dict, got {type(fingerprint).__name__}")
+    return fingerprint
+
+
+_END = object()
+
+
+def _collect_modules(model, batches, method, progress, allow_empty):
+    from ..torch_modules import _Session, collect_modules
+
+    it = iter(batches)
+    first = next(it, _END)
+    if first is _END and allow_empty and method == "qk":
+        return _Session(model).scores(method)
+    return collect_modules(model, itertools.chain([] if first is _END else [first], it), method=method,
+                           progress=progress)
+
+
+def collect(
+    model,
+    batches: Iterable,
+    *,
+    method: str = "qk",
+    progress: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    fingerprint: Union[str, Mapping] = "",
+    allow_empty: bool = False,
+) -> HeadScores:
     """Mean attention entropy per attention site and query head over ``batches``.
 
     Args:
@@ -265,6 +384,16 @@ def collect(model, batches: Iterable, *, method: str = "qk", progress: bool = Tr
             implementation; ``"eager"`` is the reference: the family's eager attention and
             its probabilities (materialised, slower).
         progress: show a progress bar.
+        checkpoint: a JSON file (transformers models only) rewritten atomically after every
+            ``checkpoint_every`` batches and at the end, with the state so far.
+        resume: continue from ``checkpoint`` if it exists (else start afresh): its first
+            ``batches_done`` batches are skipped unread by the model. The result equals an
+            uninterrupted run's exactly. Refused (``ValueError``) when the file is corrupt or
+            was written for another model layout, method or ``fingerprint``.
+        fingerprint: the caller's description of the calibration settings (data, samples,
+            sequence length, model name and revision, ...); a dict is canonicalised as JSON.
+        allow_empty: return all-zero scores instead of raising when nothing was recorded
+            (a data-parallel rank with an empty shard).
 
     Returns ``HeadScores`` (entropies in nats). The model's outputs are unchanged and, on
     any exit (including ``KeyboardInterrupt``), its attention implementation is restored.
@@ -273,16 +402,48 @@ def collect(model, batches: Iterable, *, method: str = "qk", progress: bool = Tr
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if isinstance(batches, Mapping) or isinstance(batches, torch.Tensor):
         raise TypeError("batches: expected an iterable of batches (e.g. a list of dicts), got a single batch")
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume: needs a checkpoint path")
     if not hasattr(model, "config"):
-        from ..torch_modules import collect_modules
-
-        return collect_modules(model, batches, method=method, progress=progress)
+        if checkpoint is not None:
+            raise ValueError("checkpoint: resumable collection needs a transformers model")
+        return _collect_modules(model, batches, method, progress, allow_empty)
     session = _Collection(model, method)
+    ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume)
+    _run(model, session, batches, progress, ckpt, checkpoint_every, done)
+    if not session.recorded and not allow_empty:
+        raise ValueError("batches: no attention call was recorded (empty iterable?)")
+    return session.scores()
+
+
+def _open_checkpoint(session, path, fingerprint, resume) -> tuple:
+    """``(checkpoint or None, batches already done)``; a resumed state goes into ``session``."""
+    if path is None:
+        return None, 0
+    ckpt = _Checkpoint(path, _canonical(fingerprint), layout_fingerprint(session.scores()))
+    state = ckpt.load() if resume else None
+    if state is None:
+        return ckpt, 0
+    session.initial, done = state
+    return ckpt, done
+
+
+def _run(model, session, batches, progress, ckpt, every, done) -> None:
+    """Forward the batches after the first ``done``, saving ``ckpt`` every ``every`` batches
+    and at the end; the model is restored on any exit."""
+    saved, total = done, (len(batches) if hasattr(batches, "__len__") else None)
     with session.active(), torch.no_grad():
-        for batch in _progress(batches, progress):
+        it = iter(batches)
+        _skip(it, done, None if ckpt is None else ckpt.path)
+        for batch in _progress(it, progress, done, total):
             kw = _forward_kwargs(model, batch)
             session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
             model(**kw)
-    if all(s is None for s in session.stats):
-        raise ValueError("batches: no attention call was recorded (empty iterable?)")
-    return session.scores()
+            done += 1
+            if ckpt is not None and done % every == 0:
+                ckpt.save(session.scores(), done)
+                saved = done
+    if ckpt is not None and saved != done:
+        ckpt.save(session.scores(), done)

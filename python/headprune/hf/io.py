@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import uuid
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
+from transformers import PreTrainedConfig
 
 from ..scores import HeadScores
 from .adapters import get_adapter, head_counts, resolve_sites
@@ -26,18 +30,47 @@ FORMAT = "headprune.pruned/1"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_pruned(model, path, *, tokenizer=None, scores: Optional[HeadScores] = None, settings: Optional[dict] = None) -> None:
+def save_pruned(
+    model, path, *, tokenizer=None, scores: Optional[HeadScores] = None, settings: Optional[dict] = None,
+    overwrite: bool = False,
+) -> None:
     """Write ``model`` (pruned or not) to the directory ``path``: safetensors weights, the
-    config, the tokenizer if given, and ``headprune.json`` (kept heads, scores, settings)."""
+    config, the tokenizer if given, and ``headprune.json`` (kept heads, scores, settings).
+
+    ``path`` must be new or empty unless ``overwrite`` (which replaces it). Everything is
+    written to a temporary sibling directory renamed to ``path`` at the end, so a failure or
+    an interrupt leaves no half-written directory; the model itself is never modified.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
     if scores is not None and not isinstance(scores, HeadScores):
         raise TypeError(f"scores: expected HeadScores or None, got {type(scores).__name__}")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"path: {path} exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"path: {path} is not empty; pass overwrite=True to replace it")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.mkdir(tmp)  # not mkdtemp: its 0o700 would survive the rename
+    except PermissionError as e:
+        raise PermissionError(f"path: cannot write in {parent} ({e.strerror})") from e
+    try:
+        with _configs_restored(model):
+            _write(model, tmp, adapter, sites, tokenizer, scores, settings)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     state = getattr(model, STATE_ATTR, None)
     plain = state is None or bool(state.get("uniform"))
-    os.makedirs(path, exist_ok=True)
     if plain:
         model.save_pretrained(path, safe_serialization=True)
     else:
@@ -70,15 +103,85 @@ def save_pruned(model, path, *, tokenizer=None, scores: Optional[HeadScores] = N
         json.dump(meta, f, indent=2)
 
 
+@contextmanager
+def _configs_restored(model):
+    """``save_pretrained`` writes ``architectures`` and ``dtype`` into the live config; the
+    saved files need them, the caller's model should not change."""
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if isinstance(c, PreTrainedConfig)}
+    saved = [(c, dict(c.__dict__)) for c in configs.values()]
+    try:
+        yield
+    finally:
+        for c, d in saved:
+            c.__dict__.clear()
+            c.__dict__.update(d)
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and deleted
+    only once the new directory is in place."""
+    old = None
+    if os.path.isdir(path) and os.listdir(path):
+        old = f"{tmp}.old"
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)  # POSIX: atomically replaces an empty directory
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+_REQUIRED = ("architecture", "dtype", "attn_implementation", "kept_heads", "kv_heads", "per_layer_bias",
+             "plain_loadable", "original_config")
+
+
 def read_metadata(path) -> dict:
     file = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"path: {path!r} has no {METADATA_FILE}; was it written by headprune.save_pruned?")
-    with open(file) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"path: {file} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"path: {file} is not valid JSON ({e}); was it written by headprune.save_pruned?") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"path: {file} has format {found!r}, expected {FORMAT!r}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"path: {file} lacks {missing}; was it written by headprune.save_pruned?")
     return meta
+
+
+def _check_kept(meta, sites, adapter) -> None:
+    """Each site's ``kept_heads`` must be increasing indices of the model's original heads."""
+    kept = meta["kept_heads"]
+    if not isinstance(kept, list) or len(kept) != len(sites):
+        n = len(kept) if isinstance(kept, list) else kept
+        raise ValueError(f"path: {METADATA_FILE} lists {n} sites' kept_heads, the model has {len(sites)}")
+    for s, k in zip(sites, kept):
+        n = head_counts(s, adapter)[0]
+        ok = isinstance(k, list) and all(type(h) is int and 0 <= h < n for h in k) and k == sorted(set(k))
+        if not ok:
+            raise ValueError(
+                f"path: {METADATA_FILE} kept_heads of site {s.name} is {k!r}; expected increasing indices below {n}"
+            )
+
+
+def _check_counts(meta, model) -> None:
+    """The loaded weights hold as many heads per site as ``headprune.json`` lists."""
+    adapter = get_adapter(model)
+    for s, kept in zip(resolve_sites(model, adapter), meta["kept_heads"]):
+        hq, hkv = head_counts(s, adapter)
+        kv = None if meta["kv_heads"] is None else len(meta["kv_heads"][s.index])
+        if hq != len(kept) or (kv is not None and hkv != kv):
+            raise ValueError(
+                f"path: {METADATA_FILE} lists {len(kept)} query / {kv} KV heads for site {s.name}, "
+                f"the weights hold {hq} / {hkv}"
+            )
 
 
 def _weights(path) -> dict:
@@ -105,6 +208,9 @@ def load_pruned(path, *, device: Optional[str] = None):
     kw = dict(attn_implementation=meta["attn_implementation"], dtype=dtype)
     if meta["plain_loadable"]:
         model = cls.from_pretrained(path, **kw)
+        if len(resolve_sites(model)) != len(meta["kept_heads"]):
+            raise ValueError(f"path: {METADATA_FILE} lists {len(meta['kept_heads'])} sites, the model has {len(resolve_sites(model))}")
+        _check_counts(meta, model)
         if meta["original_config"] is not None:  # keep the record for further pruning/saving
             setattr(model, STATE_ATTR, _state_from(meta))
         return model.to(device).eval() if device else model.eval()
@@ -113,8 +219,7 @@ def load_pruned(path, *, device: Optional[str] = None):
     model = cls._from_config(config, **kw)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
-    if len(sites) != len(meta["kept_heads"]):
-        raise ValueError(f"path: {METADATA_FILE} lists {len(meta['kept_heads'])} sites, the model has {len(sites)}")
+    _check_kept(meta, sites, adapter)
     removed = {}
     for s, kept in zip(sites, meta["kept_heads"]):
         keep = set(kept)
@@ -139,7 +244,11 @@ def _load_state(model, state: dict) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     tied = {n for group in names.values() if len(group) > 1 and any(g in state for g in group) for n in group}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatch: headprune.json's heads are not the weights' heads
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise ValueError(f"path: saved weights do not match the heads in {METADATA_FILE} ({detail})") from None
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise ValueError(

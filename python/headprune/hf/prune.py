@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..torch_modules import MaskHandle, head_index, normalize_heads
+from ..torch_modules import MaskHandle, head_index, normalize_heads, refuse_masked_again
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 
 __all__ = ["mask_heads", "prune_heads", "MaskHandle", "kept_heads", "normalize_heads"]
@@ -44,6 +44,7 @@ def mask_heads(model, heads: dict) -> MaskHandle:
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
+    refuse_masked_again(heads, [s.o.weight for s in sites])
     handle = MaskHandle(heads)
     try:
         with torch.no_grad():
@@ -270,6 +271,13 @@ def prune_heads(model, heads: dict, *, _per_layer_bias=()):
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     heads = normalize_heads(heads, [c[0] for c in counts])
+    masked = {s.index: sorted(MaskHandle.masked(s.o.weight)) for s in sites}
+    masked = {k: v for k, v in masked.items() if v}
+    if masked:  # slicing would copy the zeros and orphan the handle's restore()
+        raise ValueError(
+            f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
+            "(or leave its with block) before prune_heads"
+        )
     before = measure(model)
     state = _new_state(model, counts)
     new_kept = [[k for j, k in enumerate(state["kept"][i]) if j not in heads.get(i, ())] for i in range(len(sites))]
@@ -284,7 +292,8 @@ def prune_heads(model, heads: dict, *, _per_layer_bias=()):
             state["uniform"] = _update_configs(undo, model, sites, adapter, state)
             undo.set(model, STATE_ATTR, state)
             check_layout(model)
+            after = measure(model)
     except BaseException:
         undo.rollback()
         raise
-    return PruneReport(before, measure(model), {k: list(v) for k, v in heads.items()})
+    return PruneReport(before, after, {k: list(v) for k, v in heads.items()})

@@ -1,0 +1,183 @@
+"""Data-parallel calibration: each rank collects on its own shard, then the statistics add.
+
+``HeadScores`` statistics are sums (see :mod:`headprune.scores`), so combining ranks is one
+``all_reduce(SUM)`` of the float64 ``stats`` tensor. Launch with ``torchrun``::
+
+    from headprune import distributed as D
+    D.init_from_env()                      # gloo on CPU, nccl when CUDA is available
+    scores = D.collect(model, batches)     # every rank gets the scores of all batches
+
+Only :func:`collect` needs ``transformers``; the rest imports with torch alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .scores import HeadScores
+
+__all__ = ["init_from_env", "rank_world", "shard", "layout_fingerprint", "all_reduce_scores", "collect",
+           "rank_checkpoint"]
+
+# Variables torchrun (and torch.distributed.launch) sets for every worker.
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
+    """Join the process group described by torchrun's environment variables.
+
+    Returns ``False`` (and does nothing) when the process was not launched distributed
+    (``RANK``/``WORLD_SIZE`` unset), ``True`` when a default group is (now) initialised.
+    ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``; with ``nccl``
+    the current CUDA device is set to ``LOCAL_RANK``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return False
+    if not dist.is_available():
+        raise RuntimeError("--distributed: this torch build has no torch.distributed")
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"--distributed: environment variables {missing} are not set; launch with torchrun")
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kw = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend=backend, init_method="env://", **kw)
+    return True
+
+
+def rank_world(group=None) -> tuple:
+    """``(rank, world_size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(batches: Iterable, rank: Optional[int] = None, world_size: Optional[int] = None):
+    """Batches ``rank, rank + world_size, rank + 2 * world_size, ...`` of ``batches``.
+
+    Deterministic round-robin: the shards of all ranks partition the batches. A list or
+    tuple gives a list; any other iterable gives a lazy generator (every rank walks the
+    whole stream and keeps its share). ``rank``/``world_size`` default to the process group's
+    (``0``/``1`` without one).
+    """
+    if isinstance(batches, (Mapping, torch.Tensor)):
+        raise TypeError("batches: expected an iterable of batches (e.g. a list of dicts), got a single batch")
+    r, w = rank_world()
+    rank = r if rank is None else rank
+    world_size = w if world_size is None else world_size
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size: expected a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int in [0, {world_size}), got {rank!r}")
+    if isinstance(batches, (list, tuple)):
+        return list(batches[rank::world_size])
+    return (b for i, b in enumerate(batches) if i % world_size == rank)
+
+
+def layout_fingerprint(scores: HeadScores) -> str:
+    """Hex SHA-256 of what must agree for two ``HeadScores`` to add: the head layout, the
+    site names and kinds, the model type, the method and the stats shape."""
+    key = [*scores._layout(), scores.method, list(scores.stats.shape)]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _device(group):
+    """Tensors handed to a collective live where its backend wants them."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_layout(scores: HeadScores, group) -> None:
+    digest = bytes.fromhex(layout_fingerprint(scores))
+    # 4 int64 words: every backend all-gathers int64 (not every one gathers uint8)
+    mine = torch.tensor([int.from_bytes(digest[i : i + 8], "little", signed=True) for i in range(0, 32, 8)],
+                        dtype=torch.int64, device=_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
+    if differ:
+        raise ValueError(
+            f"scores: ranks {differ} collected a different head layout or method than rank 0 "
+            f"(this rank: {scores!r}); every rank must load the same model and use the same method"
+        )
+
+
+def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
+    """Scores of the union of every rank's batches: the ``stats`` summed over ``group``.
+
+    Collective: every rank of ``group`` must call it. Raises ``ValueError`` on every rank
+    when the ranks' layouts (model, pruning, method) differ. Returns a new ``HeadScores``
+    (float64 on CPU) equal on all ranks; without a process group it returns ``scores``.
+    """
+    if not isinstance(scores, HeadScores):
+        raise TypeError(f"scores: expected HeadScores, got {type(scores).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return scores
+    _check_same_layout(scores, group)
+    stats = scores.stats.to(_device(group), copy=True).contiguous()
+    dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    return HeadScores(stats.cpu(), *scores._layout()[:5], scores.model_type, scores.method, dict(scores.meta))
+
+
+def rank_checkpoint(path: str, rank: int, world_size: int) -> str:
+    """``scan.ckpt.json`` -> ``scan.ckpt.rank1-of-4.json``: one checkpoint file per rank."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.rank{rank}-of-{world_size}{ext}"
+
+
+def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
+    """Every rank learns whether any rank failed, so none is left waiting in a collective."""
+    flags = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=_device(group))
+    flags[dist.get_rank(group)] = error is not None
+    dist.all_reduce(flags, group=group)
+    if error is not None:
+        raise error
+    failed = flags.nonzero().flatten().tolist()
+    if failed:
+        raise RuntimeError(f"collect: ranks {failed} failed (see their errors); this rank stops too")
+
+
+def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprint="", **kwargs) -> HeadScores:
+    """``headprune.hf.collect`` over this rank's :func:`shard` of ``batches``, all-reduced.
+
+    Every rank passes the same ``batches`` and gets the scores of all of them (equal to a
+    single-process collection up to float64 summation order). ``checkpoint`` becomes one
+    file per rank (:func:`rank_checkpoint`) and the rank and world size join
+    ``fingerprint``, so a resume with another world size is refused. Other keyword
+    arguments (``method``, ``progress``, ``checkpoint_every``, ``resume``) go to
+    ``headprune.hf.collect``. A rank with an empty shard contributes zeros; if one rank
+    raises an ``Exception``, the others raise ``RuntimeError`` instead of hanging.
+    Without a process group this is plain ``headprune.hf.collect``.
+    """
+    from .hf.collect import collect as local_collect
+
+    rank, world = rank_world(group)
+    if world == 1 and not (dist.is_available() and dist.is_initialized()):
+        return local_collect(model, batches, checkpoint=checkpoint, fingerprint=fingerprint, **kwargs)
+    if checkpoint is not None:
+        checkpoint = rank_checkpoint(checkpoint, rank, world)
+        fingerprint = json.dumps({"settings": fingerprint, "rank": rank, "world_size": world}, sort_keys=True,
+                                 default=str)
+    scores, error = None, None
+    try:
+        scores = local_collect(model, shard(batches, rank, world), checkpoint=checkpoint, fingerprint=fingerprint,
+                               allow_empty=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = e
+    _raise_if_any_failed(error, group)
+    scores = all_reduce_scores(scores, group)
+    if not bool((scores.count > 0).any()):
+        raise ValueError("batches: no attention call was recorded on any rank (empty iterable?)")
+    return scores
