@@ -62,6 +62,8 @@ def _common(p: argparse.ArgumentParser, *, out: bool) -> None:
     if out:
         p.add_argument("--out", default=None, help="output directory (must be empty or new unless --force)")
         p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+        p.add_argument("--distributed", action="store_true",
+                       help="data-parallel calibration under torchrun (gloo on CPU, NCCL on GPU); rank 0 writes")
 
 
 def _selection(p: argparse.ArgumentParser) -> None:
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="collect per-head attention entropies")
     _common(scan, out=True)
-    scan.add_argument("--resume", action="store_true", help="continue an interrupted scan from --out's checkpoint")
+    scan.add_argument("--resume", action="store_true",
+                      help="continue an interrupted scan from its checkpoint (.<out>.checkpoint.json beside --out)")
     prune = sub.add_parser("prune", help="collect, rank, prune, evaluate, save, report")
     _common(prune, out=True)
     how = prune.add_mutually_exclusive_group(required=True)

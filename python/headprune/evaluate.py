@@ -41,7 +41,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
         logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float()
         lp = F.log_softmax(logits[:, :-1], -1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
         for j, s in enumerate(starts[i : i + batch_size]):
-            first = 0 if s == 0 else window - stride - 1  # only tokens not scored before
+            first = 0 if s == 0 else max(0, window - stride - 1)  # only tokens not scored before
             nll -= lp[j, first:].sum().item()
             count += lp.shape[1] - first
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "window": window,

@@ -24,9 +24,9 @@ DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 25
 # ------------------------------------------------------------------------------- helpers
 
 
-def _say(args, *msg):
+def _say(args, *msg, end="\n"):
     if not args.quiet:
-        print(*msg, flush=True)
+        print(*msg, end=end, flush=True)
 
 
 @contextmanager
@@ -78,14 +78,33 @@ def _setup(args):
     return loaded, batches, held, settings
 
 
-def _collect(args, loaded, batches) -> HeadScores:
-    from .hf import collect
+def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
+    """Collection, data-parallel under ``--distributed`` and resumable with a checkpoint."""
+    from . import distributed
 
     t0 = time.perf_counter()
-    scores = collect(loaded.model, batches, progress=not args.quiet)
+    fingerprint = {"model": str(args.model), "settings": settings, "batch_size": args.batch_size}
+    if getattr(args, "distributed", False):
+        if not distributed.init_from_env():
+            raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
+        rank, world = distributed.rank_world()
+        scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
+                                     fingerprint=fingerprint, progress=not args.quiet and rank == 0)
+        _say(args, f"rank {rank}/{world}: ", end="")
+    else:
+        from .hf import collect
+
+        scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
+                         resume=getattr(args, "resume", False), fingerprint=fingerprint)
     _say(args, f"collected entropies over {sum(b['input_ids'].shape[0] for b in batches)} sequences "
                f"in {time.perf_counter() - t0:.1f} s")
     return scores
+
+
+def _is_writer() -> bool:
+    from .distributed import rank_world
+
+    return rank_world()[0] == 0
 
 
 def quality(args, loaded, held, reference=None) -> dict:
@@ -135,12 +154,19 @@ def _out(args, command: str) -> Path:
 
 def scan(args) -> int:
     out = _out(args, "scan")
+    if out.exists() and any(out.iterdir()) and not args.force:  # fail before the slow part
+        raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
     loaded, batches, _, settings = _setup(args)
+    checkpoint = out.absolute().parent / f".{out.name}.checkpoint.json"
+    scores = _collect(args, loaded, batches, settings, checkpoint=checkpoint)
+    if not _is_writer():
+        return 0
     with output_dir(out, args.force) as tmp:
-        scores = _collect(args, loaded, batches)
         _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings})
         plots.heatmap(scores, tmp / "heatmap.png", title=f"{args.model}: mean attention entropy")
         (tmp / "summary.md").write_text(scores_markdown(args.model, scores, settings))
+    for leftover in checkpoint.parent.glob(f".{out.name}.checkpoint*.json"):
+        leftover.unlink()
     _say(args, f"wrote {out}/scores.json, summary.md, heatmap.png")
     return 0
 
@@ -166,7 +192,9 @@ def prune(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:  # fail before the slow part
         raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
     loaded, batches, held, settings = _setup(args)
-    scores = _collect(args, loaded, batches)
+    scores = _collect(args, loaded, batches, settings)
+    if not _is_writer():
+        return 0
     kw = _selection_kwargs(args)
     heads = select_heads(scores, ratio=args.ratio, count=args.count, **kw)
     n = sum(len(h) for h in heads.values())
@@ -241,7 +269,9 @@ def sweep(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
     loaded, batches, held, settings = _setup(args)
-    scores = _collect(args, loaded, batches)
+    scores = _collect(args, loaded, batches, settings)
+    if not _is_writer():
+        return 0
     with output_dir(out, args.force) as tmp:
         result = run_sweep(args, loaded, scores, held, settings)
         _write_json(tmp / "sweep.json", result)

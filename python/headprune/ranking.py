@@ -24,7 +24,12 @@ GQA_MODES = ("query", "group")
 
 def _units(scores: HeadScores, score: str, gqa: str) -> list:
     """``(value, layer, first_head, heads)`` for every prunable unit."""
-    values = scores.score(score)
+    if isinstance(score, torch.Tensor):  # an external per-head score, e.g. gradient importance
+        if tuple(score.shape) != tuple(scores.entropy.shape):
+            raise ValueError(f"score: expected a tensor of shape {tuple(scores.entropy.shape)}, got {tuple(score.shape)}")
+        values = score.double()
+    else:
+        values = scores.score(score)
     units = []
     for layer in range(scores.num_layers):
         hq, hkv = scores.num_heads[layer], scores.num_kv_heads[layer]
@@ -117,7 +122,8 @@ def select_heads(
         protect_layers: layer indices never pruned.
         gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
             ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
-        score: which statistic ranks heads, see ``HeadScores.score``.
+        score: which statistic ranks heads (a name, see ``HeadScores.score``), or a ``[L, H]``
+            tensor of per-head values such as :func:`headprune.importance.gradient_importance`.
         order / seed: see :func:`rank_heads`.
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.

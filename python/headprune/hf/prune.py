@@ -60,19 +60,27 @@ def mask_heads(model, heads: dict) -> MaskHandle:
 # ---- physical removal ----------------------------------------------------------------------
 
 
-def _kv_layout(keep_q, groups: int):
+def _kv_layout(keep_q, groups: int, kv_ids=None):
     """KV rows for the kept query heads and the new group size. Uneven groups (some of a KV
     head's queries pruned) are evened out by repeating KV heads: group size becomes the gcd
-    of the kept counts, which is exact since repeated KV heads hold identical weights."""
+    of the kept counts, which is exact since repeated KV heads hold identical weights.
+
+    ``kv_ids`` names the original KV head of each current row: rows repeated by an earlier
+    pruning are merged back, so pruning in stages gives the layout (and the weights) of
+    pruning the same heads at once, which is what ``load_pruned`` rebuilds."""
+    kv_ids = list(range(max(keep_q, default=-1) // groups + 1)) if kv_ids is None else kv_ids
     per_kv: dict = {}
+    first_row: dict = {}
     for h in keep_q:
-        per_kv.setdefault(h // groups, []).append(h)
+        row = h // groups
+        per_kv.setdefault(kv_ids[row], []).append(h)
+        first_row.setdefault(kv_ids[row], row)
     if not per_kv:
         return [], 1
     g = 0
     for members in per_kv.values():
         g = math.gcd(g, len(members))
-    rows = [kv for kv, members in sorted(per_kv.items()) for _ in range(len(members) // g)]
+    rows = [first_row[kv] for kv, members in sorted(per_kv.items()) for _ in range(len(members) // g)]
     return rows, g
 
 
@@ -148,12 +156,12 @@ def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
         undo.set(site.module, "forward", partial(_empty_forward, adapter.empty, site.o, adapter.conv1d))
 
 
-def _prune_site(undo, site, adapter, remove) -> tuple:
+def _prune_site(undo, site, adapter, remove, kv_ids=None) -> tuple:
     """Slice one site; returns the kept query positions and the KV rows (local indices)."""
     hq, hkv = head_counts(site, adapter)
     d, groups = head_dim(site, adapter), hq // hkv
     keep = [h for h in range(hq) if h not in set(remove)]
-    kv_rows, new_groups = _kv_layout(keep, groups)
+    kv_rows, new_groups = _kv_layout(keep, groups, kv_ids)
     b, conv = site.block, adapter.conv1d
     if b.qkv is None:
         _slice_rows(undo, site.sub(b.q), head_index(keep, d), conv)
@@ -286,7 +294,7 @@ def prune_heads(model, heads: dict, *, _per_layer_bias=()):
         with torch.no_grad():
             _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)
             for layer, remove in heads.items():
-                keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove)
+                keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove, state["kv"][layer])
                 state["kept"][layer] = [state["kept"][layer][j] for j in keep]
                 state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
             state["uniform"] = _update_configs(undo, model, sites, adapter, state)
