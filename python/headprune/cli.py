@@ -16,6 +16,25 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return text
+
+
 def _ratio(text: str) -> float:
     try:
         r = float(text)
@@ -56,7 +75,7 @@ def _common(p: argparse.ArgumentParser, *, out: bool) -> None:
     p.add_argument("--seq-len", type=_positive, default=None, help="calibration length in tokens (default 256 causal, 128 encoder)")
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--eval-windows", type=_positive, default=48, help="held-out perplexity windows (causal LMs)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if out:
@@ -77,7 +96,7 @@ def _selection(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="headprune", description="Entropy-based attention-head pruning.")
+    ap = _Parser(prog="headprune", description="Entropy-based attention-head pruning.")
     sub = ap.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="collect per-head attention entropies")
     _common(scan, out=True)

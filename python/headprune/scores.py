@@ -22,6 +22,12 @@ from .reference import NUM_STATS, STAT_FIELDS
 
 #: score name -> accumulator column averaged per valid query row
 SCORE_NAMES = {"entropy": 1, "normalized": 3, "sink": 4, "rest": 5}
+#: scores combining columns: name -> (help, function of HeadScores)
+DERIVED_SCORES = {
+    # entropy of the non-sink attention weighted by the mass that is not on the sink: low for
+    # heads that look at few tokens other than the first one (see README, pruning quality)
+    "rest_nonsink": lambda s: s._mean(5) * (1.0 - s._mean(4)),
+}
 
 def accumulate_qk_(stats, query, key, scale, attn_mask=None, is_causal=False, query_mask=None) -> None:
     """Add the statistics of ``softmax(query key^T * scale + attn_mask)`` into ``stats``
@@ -103,9 +109,11 @@ class HeadScores:
     def score(self, name: str = "entropy") -> torch.Tensor:
         """A per-head score ``[L, H]``: ``entropy`` (nats), ``normalized`` (entropy / log of
         the visible keys), ``sink`` (mass on the first visible key), ``rest`` (entropy of
-        the keys after the first)."""
+        the keys after the first), ``rest_nonsink`` (``rest * (1 - sink)``)."""
+        if name in DERIVED_SCORES:
+            return DERIVED_SCORES[name](self)
         if name not in SCORE_NAMES:
-            raise ValueError(f"score: expected one of {sorted(SCORE_NAMES)}, got {name!r}")
+            raise ValueError(f"score: expected one of {sorted([*SCORE_NAMES, *DERIVED_SCORES])}, got {name!r}")
         return self._mean(SCORE_NAMES[name])
 
     def valid(self) -> torch.Tensor:

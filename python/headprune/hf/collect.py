@@ -226,13 +226,21 @@ class _Collection:
         ids = [id(s.module) for s in self.sites]
         if any(i in _RECORDERS for i in ids):
             raise RuntimeError("model: a headprune collection is already active on this model")
+        if any(p.is_meta for p in self.model.parameters()):
+            raise ValueError("model: parameters are on the meta device; load real weights before collecting")
+        # Dropout would change the statistics: collect in eval mode, then put every module's
+        # own training flag back.
+        training = {m: m.training for m in self.model.modules()}
         try:
+            self.model.eval()
             _RECORDERS.update({id(s.module): self.recorder(s) for s in self.sites})
             with attention_implementation(self.model, "eager" if self.method == "eager" else None):
                 yield self
         finally:
             for i in ids:
                 _RECORDERS.pop(i, None)
+            for m, flag in training.items():
+                m.training = flag
 
     def scores(self) -> HeadScores:
         hq = [c[0] for c in self.counts]
@@ -254,6 +262,10 @@ def _forward_kwargs(model, batch) -> dict:
         raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
     if not any(k in batch for k in ("input_ids", "pixel_values", "inputs_embeds")):
         raise ValueError(f"batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys {sorted(batch)}")
+    for k in ("input_ids", "pixel_values", "inputs_embeds"):
+        v = batch.get(k)
+        if isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape[:2]):
+            raise ValueError(f"batches: a batch's {k!r} is empty or not batched (shape {tuple(v.shape)})")
     device = next(model.parameters()).device
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     params = inspect.signature(model.forward).parameters

@@ -1,0 +1,179 @@
+"""The command line's error contract: every argument error exits non-zero with one line
+``headprune <cmd>: error: ...`` naming the problem, and writes nothing.
+
+In-process through ``headprune.cli.main`` (argparse errors raise ``SystemExit(2)``), plus
+``python -m headprune`` in a subprocess. No real model is loaded: the one model case uses a
+tiny random BERT saved with a word-level tokenizer built in code.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from headprune.cli import main
+
+pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import transformers
+
+    from hf_tiny import tiny_model
+
+    words = "the a of and to in was her she it he had not be".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    tiny_model("bert").save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch, capsys):
+    """``main(argv)`` in an empty working directory -> (exit code, stderr lines)."""
+    monkeypatch.chdir(tmp_path)
+
+    def call(argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        return code, [line for line in err.splitlines() if line.strip()]
+
+    return call
+
+
+def _files(tmp_path):
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+
+# ---- argparse errors: exit 2 -------------------------------------------------------------------
+
+FAST = ["--quiet"]
+PARSE_ERRORS = [
+    ([], "headprune: error: the following arguments are required: command"),
+    (["shrink", "m"], "headprune: error: argument command: invalid choice: 'shrink'"),
+    (["prune", "m"], "headprune prune: error: one of the arguments --ratio --count is required"),
+    (["prune", "m", "--ratio", "0.1", "--count", "2"], "argument --count: not allowed with argument --ratio"),
+    (["prune", "m", "--ratio", "0"], r"argument --ratio: expected a number in \(0, 1\), got 0\b"),
+    (["prune", "m", "--ratio", "1"], r"argument --ratio: expected a number in \(0, 1\), got 1\b"),
+    (["prune", "m", "--ratio", "1.5"], r"argument --ratio: expected a number in \(0, 1\), got 1.5"),
+    (["prune", "m", "--ratio", "-0.2"], r"argument --ratio: expected a number in \(0, 1\), got -0.2"),
+    (["prune", "m", "--ratio", "nan"], r"argument --ratio: expected a number in \(0, 1\), got nan"),
+    (["prune", "m", "--ratio", "half"], r"argument --ratio: expected a number in \(0, 1\), got 'half'"),
+    (["prune", "m", "--count", "0"], "argument --count: expected a positive integer, got 0"),
+    (["prune", "m", "--count", "2.5"], "argument --count: expected a positive integer, got '2.5'"),
+    (["prune", "m", "--count", "2", "--mask", "--physical"], "argument --physical: not allowed with argument --mask"),
+    (["prune", "m", "--count", "2", "--scope", "layer"], "argument --scope: invalid choice: 'layer'"),
+    (["prune", "m", "--count", "2", "--protect-layers", "0,x"], "argument --protect-layers: expected comma-separated"),
+    (["prune", "m", "--count", "2", "--min-heads-per-layer", "one"], "argument --min-heads-per-layer: invalid int"),
+    (["scan", "m", "--samples", "-1"], "argument --samples: expected a positive integer, got -1"),
+    (["scan", "m", "--batch-size", "x"], "argument --batch-size: expected a positive integer, got 'x'"),
+    (["scan", "m", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["scan"], "headprune scan: error: the following arguments are required: MODEL"),
+    (["eval", "m", "--out", "x"], "headprune: error: unrecognized arguments: --out x"),
+    (["sweep", "m", "--ratios", "0.1,2"], r"argument --ratios: expected a number in \(0, 1\), got 2\b"),
+]
+
+
+@pytest.mark.parametrize("argv, message", PARSE_ERRORS, ids=[" ".join(a) or "empty" for a, _ in PARSE_ERRORS])
+def test_argument_errors_exit_2_and_name_the_problem(run, tmp_path, argv, message):
+    code, lines = run(argv + FAST if argv else argv)
+    assert code == 2
+    assert lines and re.search(message, lines[-1]), lines[-1:]
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [["prune", "m", "--ratio", "1.5"], ["scan"], []])
+def test_argument_errors_are_one_line(run, argv):
+    assert len(run(argv)[1]) == 1
+
+
+# ---- errors found after parsing: exit 2, one line ------------------------------------------------
+
+
+def _jsonl(tmp_path, text):
+    p = tmp_path / "d.jsonl"
+    p.write_text(text)
+    return p
+
+
+def _txt(tmp_path, text, name="d.txt"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _non_empty_out(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    return tmp_path / "out"
+
+
+RUNTIME_ERRORS = [
+    ("scan", lambda t, m: ["no-such-model"], "scan: error: MODEL: 'no-such-model' is not a bundled name"),
+    ("eval", lambda t, m: [t / "missing.gguf"], "eval: error: MODEL: '.*missing.gguf' is not a bundled name"),
+    ("scan", lambda t, m: [_txt(t, "x", "w.bin")], "scan: error: MODEL: '.*w.bin' is a file but not a .gguf file"),
+    ("scan", lambda t, m: [_txt(t, "garbage", "w.gguf")], "scan: error: .*w.gguf .*not a GGUF file"),
+    ("scan", lambda t, m: [(t / "empty").mkdir() or t / "empty"], "scan: error: MODEL: directory '.*empty' has no config.json"),
+    ("scan", lambda t, m: [m, "--data", t / "nope.txt"], "scan: error: --data: '.*nope.txt' is neither a bundled text"),
+    ("scan", lambda t, m: [m, "--data", _txt(t, "one paragraph only")], r"--data: '.*d.txt' holds 1 paragraph\(s\)"),
+    ("scan", lambda t, m: [m, "--data", _jsonl(t, '{"text": "a"}\n{"text": \n')], r"--data: .*d.jsonl:2 is not valid JSON"),
+    ("scan", lambda t, m: [m, "--data", _jsonl(t, '{"text": "a"}\n{"body": "b"}\n')], r"--data: .*d.jsonl:2 has no string field 'text'"),
+    ("scan", lambda t, m: [m, "--seq-len", "1"], r"--samples/--seq-len: expected samples >= 1 and seq_len >= 2"),
+    ("prune", lambda t, m: [m, "--count", "99"], "prune: error: count: 99 exceeds the 8 units of the model"),
+    ("prune", lambda t, m: [m, "--ratio", "0.5", "--protect-layers", "0,7"], r"protect_layers: indices \[7\] out of range"),
+    ("prune", lambda t, m: [m, "--count", "1", "--min-heads-per-layer", "-1"], "min_heads_per_layer: expected a non-negative"),
+    ("prune", lambda t, m: [m, "--count", "1", "--score", "loud"], "score: expected one of"),
+    ("prune", lambda t, m: [m, "--count", "1", "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
+    ("scan", lambda t, m: [m, "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
+    ("sweep", lambda t, m: [m, "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
+    *[pytest.param(cmd, lambda t, m, cmd=cmd: [m, "--out", _txt(t, "x", "out")] + (["--count", "1"] if cmd == "prune" else []),
+                   "--out: .*out exists and is not a directory", id=f"{cmd}-out-is-a-file")
+      for cmd in ("scan", "prune", "sweep")],
+    pytest.param("scan", lambda t, m: [m, "--device", "gpu0"], "scan: error: (argument )?--device", id="bad-device"),
+    pytest.param("scan", lambda t, m: [m, "--device", "cuda:7"], "scan: error: (argument )?--device", id="absent-device"),
+]
+
+
+@pytest.mark.parametrize("cmd, args, message", RUNTIME_ERRORS,
+                         ids=[c.id if hasattr(c, "id") else f"{c[0]}-{i}" for i, c in enumerate(RUNTIME_ERRORS)])
+def test_runtime_errors_exit_2_with_one_line(run, tmp_path, tiny_dir, cmd, args, message):
+    argv = [cmd, *args(tmp_path, tiny_dir), "--quiet", "--samples", "4", "--seq-len", "16"]
+    if argv.count("--seq-len") > 1:  # the case sets its own
+        argv = argv[: -2]
+    if cmd != "eval" and "--out" not in argv:
+        argv += ["--out", tmp_path / "result"]
+    before = _files(tmp_path)
+    code, lines = run(argv)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"headprune {cmd}: error: ") and re.search(message, lines[0]), lines[0]
+    assert _files(tmp_path) == before  # nothing written, no temporary directory left
+
+
+# ---- python -m headprune -------------------------------------------------------------------------
+
+
+def _python_m(args, cwd):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.run([sys.executable, "-m", "headprune", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_module_entry_point_reports_errors(tmp_path):
+    bad_ratio = _python_m(["prune", "m", "--ratio", "2"], tmp_path)
+    assert bad_ratio.returncode == 2 and bad_ratio.stdout == ""
+    assert bad_ratio.stderr.splitlines()[-1] == "headprune prune: error: argument --ratio: expected a number in (0, 1), got 2"
+    unknown = _python_m(["scan", "no-such-model", "--quiet", "--out", tmp_path / "o"], tmp_path)
+    assert unknown.returncode == 2 and unknown.stdout == ""
+    assert unknown.stderr.strip().splitlines()[-1].startswith("headprune scan: error: MODEL: 'no-such-model' is not a bundled name")
+    assert os.listdir(tmp_path) == []

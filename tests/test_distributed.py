@@ -1,0 +1,176 @@
+"""Data-parallel calibration: two gloo processes on loopback against one process."""
+
+import json
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune import distributed as D
+from headprune.hf import collect
+from headprune.scores import HeadScores
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
+
+WORLD = 2
+N = 5  # uneven shards: rank 0 gets batches 0, 2, 4 and rank 1 gets 1, 3
+
+
+def _batches():
+    return [tiny_batch("llama", seed=s, batch=2 + s % 2, seq=7 + s) for s in range(N)]
+
+
+def _interrupted(batches, after):
+    yield from batches[:after]
+    raise KeyboardInterrupt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert D.init_from_env(timeout=timedelta(seconds=120)) and dist.get_backend() == "gloo"  # a bug fails, not hangs
+    try:
+        model, batches = tiny_model("llama"), _batches()
+        out = {"manual": D.all_reduce_scores(collect(model, D.shard(batches), progress=False)),
+               "collect": D.collect(model, batches, progress=False),
+               "empty_shard": D.collect(model, batches[:1], progress=False)}
+        ckpt = os.path.join(out_dir, "scan.json")
+        errors = {"interrupt": None}
+        try:  # both ranks walk the same stream, so both stop after 4 batches (2 of each shard)
+            D.collect(model, _interrupted(batches, 4), progress=False, checkpoint=ckpt, fingerprint="s")
+        except KeyboardInterrupt:
+            errors["interrupt"] = "KeyboardInterrupt"
+        out["resumed"] = D.collect(model, batches, progress=False, checkpoint=ckpt, resume=True, fingerprint="s")
+        other = tiny_model("llama", num_hidden_layers=3) if rank == 1 else model
+        errors["layout"] = _error(lambda: D.all_reduce_scores(collect(other, batches[:1], progress=False)))
+        bad = batches if rank == 0 else [batches[0], {"labels": torch.ones(1, 3)}]  # rank 1's shard: the 2nd
+        errors["one_rank_fails"] = _error(lambda: D.collect(model, bad, progress=False))
+        errors["nothing"] = _error(lambda: D.collect(model, [], progress=False))
+        result = {k: v.to_dict() for k, v in out.items()}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"scores": result, "errors": errors}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for r in results:
+        r["scores"] = {k: HeadScores.from_dict(v) for k, v in r["scores"].items()}
+    return out_dir, results
+
+
+def _assert_matches(got: HeadScores, want: HeadScores):
+    assert torch.equal(got.count, want.count)
+    torch.testing.assert_close(got.stats, want.stats, rtol=1e-12, atol=0)
+    assert got.names == want.names and got.num_heads == want.num_heads
+
+
+def test_two_gloo_ranks_equal_one_process(ranks):
+    _, results = ranks
+    model, batches = tiny_model("llama"), _batches()
+    single = collect(model, batches, progress=False)
+    for r in results:
+        _assert_matches(r["scores"]["manual"], single)
+        assert torch.equal(r["scores"]["collect"].stats, r["scores"]["manual"].stats)
+        assert torch.equal(r["scores"]["collect"].stats, results[0]["scores"]["collect"].stats)  # same on all ranks
+        _assert_matches(r["scores"]["empty_shard"], collect(model, batches[:1], progress=False))
+
+
+def test_distributed_resume_equals_the_uninterrupted_run(ranks):
+    out_dir, results = ranks
+    for r in results:
+        assert r["errors"]["interrupt"] == "KeyboardInterrupt"
+        assert torch.equal(r["scores"]["resumed"].stats, r["scores"]["collect"].stats)
+    assert sorted(p.name for p in out_dir.glob("scan.*")) == ["scan.rank0-of-2.json", "scan.rank1-of-2.json"]
+    state = json.loads((out_dir / "scan.rank1-of-2.json").read_text())
+    assert state["batches_done"] == 2 and json.loads(state["fingerprint"]) == {"settings": "s", "rank": 1,
+                                                                               "world_size": 2}
+
+
+def test_errors_reach_every_rank(ranks):
+    _, results = ranks
+    for rank, r in enumerate(results):
+        e = r["errors"]
+        assert e["layout"].startswith("ValueError: scores: ranks [1] collected a different head layout")
+        assert e["nothing"] == "ValueError: batches: no attention call was recorded on any rank (empty iterable?)"
+        if rank == 1:
+            assert e["one_rank_fails"].startswith("ValueError: batches: a batch needs input_ids")
+        else:
+            assert e["one_rank_fails"] == ("RuntimeError: collect: ranks [1] failed (see their errors); "
+                                           "this rank stops too")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_shard_is_a_round_robin_partition(world):
+    items = list(range(10))
+    shards = [D.shard(items, r, world) for r in range(world)]
+    assert sorted(sum(shards, [])) == items
+    assert all(s == items[r::world] for r, s in enumerate(shards))
+    assert [list(D.shard(iter(items), r, world)) for r in range(world)] == shards  # lazy iterables too
+
+
+def test_shard_checks_its_arguments():
+    with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 2\)"):
+        D.shard([1], 2, 2)
+    with pytest.raises(ValueError, match="world_size: expected a positive int"):
+        D.shard([1], 0, 0)
+    with pytest.raises(TypeError, match="batches: expected an iterable of batches"):
+        D.shard({"input_ids": torch.ones(1, 2)}, 0, 1)
+    assert D.shard([1, 2, 3]) == [1, 2, 3]  # no process group: everything
+
+
+def test_without_torchrun_nothing_is_initialised(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert D.init_from_env() is False and not dist.is_initialized()
+    assert D.rank_world() == (0, 1)
+    scores = collect(tiny_model("llama"), _batches()[:1], progress=False)
+    assert D.all_reduce_scores(scores) is scores
+
+
+def test_partial_torchrun_environment_is_named(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(RuntimeError, match=r"environment variables .*MASTER_PORT.* are not set; launch with torchrun"):
+        D.init_from_env()
+
+
+def test_allow_empty_gives_zero_scores_of_the_model_layout():
+    model = tiny_model("llama")
+    empty = collect(model, [], progress=False, allow_empty=True)
+    full = collect(model, _batches()[:1], progress=False)
+    assert empty.names == full.names and empty.stats.shape == full.stats.shape and not empty.stats.any()
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    plain = collect(layer, iter([]), progress=False, allow_empty=True)
+    assert plain.num_heads == [4] and not plain.stats.any()
+    assert collect(layer, [torch.randn(2, 5, 16)], progress=False, allow_empty=True).count.sum() == 10 * 4
+
+
+def test_rank_checkpoint_names():
+    assert D.rank_checkpoint("out/scan.ckpt.json", 1, 4) == "out/scan.ckpt.rank1-of-4.json"
+    assert D.rank_checkpoint("scan", 0, 2) == "scan.rank0-of-2"

@@ -1,0 +1,239 @@
+"""Faults midway: an exception or KeyboardInterrupt raised inside collection, masking,
+physical pruning or saving leaves the model exactly as before the call (``ModelSnapshot``)
+and leaves no output directory, half-written or temporary, behind."""
+
+import importlib
+import os
+
+import pytest
+import torch
+import transformers
+
+import headprune.ops
+from hf_tiny import tiny_batch, tiny_model
+from model_snapshot import ModelSnapshot
+
+from headprune.hf import collect, mask_heads, prune_heads, save_pruned
+from headprune.hf.prune import STATE_ATTR
+
+prune_mod = importlib.import_module("headprune.hf.prune")
+report_mod = importlib.import_module("headprune.hf.report")
+torch_modules = importlib.import_module("headprune.torch_modules")
+
+FAULTS = [pytest.param(lambda: RuntimeError("injected"), id="error"),
+          pytest.param(lambda: KeyboardInterrupt(), id="interrupt")]
+ERROR, INTERRUPT = (p.values[0] for p in FAULTS)
+
+
+def both_faults_first(points):
+    """``(point, fault)`` params: both faults at the first point, an interrupt at the others
+    (every undo path catches ``BaseException``; the interrupt is the harder one)."""
+    out = [pytest.param(points[0], ERROR, id=f"{points[0]}-error")]
+    return out + [pytest.param(p, INTERRUPT, id=f"{p}-interrupt") for p in points]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    """Register headprune's attention functions before any snapshot (see test_reliability_inputs)."""
+    for method in ("qk", "eager"):
+        collect(tiny_model("bert"), [tiny_batch("bert")], method=method, progress=False)
+
+
+def fail_on_call(monkeypatch, owner, name, n, fault):
+    """Replace ``owner.name`` by a wrapper that raises ``fault()`` on its ``n``-th call."""
+    real, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise fault()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _output(model, family):
+    with torch.no_grad():
+        return _first(model(**tiny_batch(family)))
+
+
+# ---- collection ---------------------------------------------------------------------------------
+
+_OPS = {"qk": "entropy_stats_from_qk_accumulate_", "eager": "entropy_stats_from_probs_accumulate_"}
+
+
+def _failing_batches(family, fault):
+    yield tiny_batch(family)
+    yield tiny_batch(family, seed=1)
+    raise fault()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("family, method, where", [("llama", "qk", "op"), ("t5", "qk", "op"), ("gpt2", "eager", "op"),
+                                                   ("gemma2", "qk", "op"), ("t5", "qk", "batches")])
+def test_fault_during_collection(monkeypatch, family, method, where, fault):
+    model = tiny_model(family)
+    ref = _output(model, family)
+    snap = ModelSnapshot(model)
+    if where == "op":  # from inside the attention call, in the second layer of the first batch
+        fail_on_call(monkeypatch, headprune.ops, _OPS[method], 2, fault)
+        batches = [tiny_batch(family)]
+    else:
+        batches = _failing_batches(family, fault)
+    with pytest.raises(type(fault())):
+        collect(model, batches, method=method, progress=False)
+    monkeypatch.undo()
+    snap.assert_same()
+    assert torch.equal(_output(model, family), ref)
+    collect(model, [tiny_batch(family)], method=method, progress=False)  # no stale "already active"
+
+
+# ---- masking --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("family, heads", [("gpt2", {0: [1, 2], 1: [0]}), ("t5", {0: [1], 3: [0, 3], 5: [2]}),
+                                           ("llama", {0: [0], 1: [1, 3]})])
+def test_fault_during_masking(monkeypatch, family, heads, fault):
+    model = tiny_model(family)
+    snap = ModelSnapshot(model)
+    calls = fail_on_call(monkeypatch, torch_modules, "apply_head_mask_", len(heads), fault)  # the last layer
+    with pytest.raises(type(fault())):
+        mask_heads(model, heads)
+    assert len(calls) == len(heads)
+    monkeypatch.undo()
+    snap.assert_same()
+    with mask_heads(model, heads):  # the failed handle left no "already masked" record
+        pass
+    snap.assert_same()
+
+
+# ---- physical pruning -----------------------------------------------------------------------------
+
+PRUNE_CASES = {
+    "t5-uneven": ("t5", {0: [1], 1: [0, 1, 2, 3], 2: [2, 3], 4: [0]}),  # per-layer bias tables, extras
+    "phi3-fused": ("phi3", {0: [0, 1], 1: [3]}),  # fused qkv, per-module config copies
+    "gpt2-conv1d": ("gpt2", {0: [0, 1, 2, 3], 1: [1]}),  # an emptied layer: forward replaced
+    "llama-uniform": ("llama", {0: [2, 3], 1: [2, 3]}),  # config rewritten
+}
+
+
+def _slice_calls(family, heads) -> int:
+    calls = []
+    real = prune_mod._slice_
+    prune_mod._slice_ = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        prune_heads(tiny_model(family), heads)
+    finally:
+        prune_mod._slice_ = real
+    return len(calls)
+
+
+def _inject(monkeypatch, point, case, fault):
+    family, heads = PRUNE_CASES[case]
+    if point.startswith("slice"):
+        n = {"slice-first": 1, "slice-middle": None, "slice-last": None}[point]
+        total = _slice_calls(family, heads)
+        n = n or (total // 2 if point == "slice-middle" else total)
+        fail_on_call(monkeypatch, prune_mod, "_slice_", n, fault)
+    elif point == "configs":
+        fail_on_call(monkeypatch, prune_mod, "_update_configs", 1, fault)
+    elif point == "check":
+        fail_on_call(monkeypatch, prune_mod, "check_layout", 1, fault)
+    elif point == "report":  # the after-measure, once the model is fully pruned
+        fail_on_call(monkeypatch, report_mod, "measure", 2, fault)
+
+
+@pytest.mark.parametrize("point, fault", both_faults_first(["slice-middle", "slice-first", "slice-last", "configs",
+                                                             "check", "report"]))
+@pytest.mark.parametrize("case", list(PRUNE_CASES))
+def test_fault_during_pruning(monkeypatch, case, point, fault):
+    family, heads = PRUNE_CASES[case]
+    model = tiny_model(family)
+    ref = _output(model, family)
+    snap = ModelSnapshot(model)
+    _inject(monkeypatch, point, case, fault)
+    with pytest.raises(type(fault())):
+        prune_heads(model, heads)
+    monkeypatch.undo()
+    snap.assert_same()
+    assert not hasattr(model, STATE_ATTR)
+    assert torch.equal(_output(model, family), ref)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_while_pruning_a_pruned_model(monkeypatch, fault):
+    model = tiny_model("t5")
+    prune_heads(model, {0: [1], 2: [0, 3]})
+    ref = _output(model, "t5")
+    snap = ModelSnapshot(model)
+    fail_on_call(monkeypatch, prune_mod, "_slice_", 5, fault)
+    with pytest.raises(type(fault())):
+        prune_heads(model, {0: [0], 1: [2], 5: [1]})
+    monkeypatch.undo()
+    snap.assert_same()  # _headprune_state included
+    assert torch.equal(_output(model, "t5"), ref)
+
+
+# ---- saving -----------------------------------------------------------------------------------------
+
+
+def _fail_in(monkeypatch, where, fault):
+    if where == "weights-plain":
+        fail_on_call(monkeypatch, transformers.PreTrainedModel, "save_pretrained", 1, fault)
+    elif where == "weights-rebuilt":
+        import safetensors.torch
+
+        real = safetensors.torch.save_model
+
+        def half_written(model, filename, *a, **k):
+            real(model, filename, *a, **k)  # the file exists, then the fault
+            raise fault()
+
+        monkeypatch.setattr(safetensors.torch, "save_model", half_written)
+    elif where == "tokenizer":
+        fail_on_call(monkeypatch, transformers.PreTrainedTokenizerBase, "save_pretrained", 1, fault)
+    elif where == "metadata":
+        from headprune.scores import HeadScores
+
+        fail_on_call(monkeypatch, HeadScores, "to_dict", 1, fault)
+    elif where == "rename":  # moving the finished directory into place
+        fail_on_call(monkeypatch, os, "rename", 1, fault)
+
+
+def _tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(100)}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0")))
+
+
+@pytest.mark.parametrize("where, fault", both_faults_first(["weights-plain", "weights-rebuilt", "tokenizer", "metadata",
+                                                             "rename"]))
+@pytest.mark.parametrize("existing", ["new", "empty", "overwrite"])
+def test_fault_during_saving(monkeypatch, tmp_path, where, existing, fault):
+    family, heads = ("gpt2", {0: [1]}) if where == "weights-rebuilt" else ("llama", {0: [2, 3], 1: [2, 3]})
+    model = tiny_model(family)
+    prune_heads(model, heads)
+    scores = collect(tiny_model(family), [tiny_batch(family)], progress=False)
+    out = tmp_path / "out"
+    if existing != "new":
+        out.mkdir()
+    if existing == "overwrite":
+        (out / "old.txt").write_text("previous run")
+    listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    tok = _tokenizer()
+    snap = ModelSnapshot(model)
+    _fail_in(monkeypatch, where, fault)
+    with pytest.raises(type(fault())):
+        save_pruned(model, out, tokenizer=tok, scores=scores, overwrite=existing == "overwrite")
+    monkeypatch.undo()
+    snap.assert_same()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == listing
+    if existing == "overwrite":
+        assert (out / "old.txt").read_text() == "previous run"

@@ -1,0 +1,130 @@
+"""Numerical edge cases of collection at model level (the op-level ones are in test_ops.py).
+
+Tolerances, in nats of mean entropy per head:
+- half precision: the flash-attention rule. headprune's error against the float32 model is
+  at most twice that of a naive same-dtype computation (the eager method: the family's own
+  softmax in that dtype, probabilities rounded to it) plus 1e-6, and at most 1e-4 (fp16) /
+  1e-3 (bf16). Statistics are float64 whatever the model dtype.
+- everything else is float32 against a float64 reference: 1e-6 or tighter.
+"""
+
+import importlib
+
+import pytest
+import torch
+import transformers
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune.hf import collect
+
+collect_mod = importlib.import_module("headprune.hf.collect")
+
+HALF_BOUND = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("family", ["llama", "bert"])  # Gemma 2 in fp16: test_gemma2_soft_capping_is_applied
+def test_half_precision_models_match_float32(family, dtype):
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    ref = collect(tiny_model(family), batches, progress=False).entropy
+    model = tiny_model(family).to(dtype)
+    scores = collect(model, batches, progress=False)
+    naive = collect(model, batches, method="eager", progress=False).entropy
+    assert scores.stats.dtype == torch.float64 and torch.isfinite(scores.entropy).all()
+    err, naive_err = (scores.entropy - ref).abs().max().item(), (naive - ref).abs().max().item()
+    assert err <= 2 * naive_err + 1e-6, (err, naive_err)
+    assert err <= HALF_BOUND[dtype], err
+
+
+def _additive_inf(mask_fn):
+    """The model's own mask function, returning ``0 / -inf`` floats instead of booleans."""
+
+    def fn(*args, **kwargs):
+        mask = mask_fn(*args, **kwargs)
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+    return fn
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_neg_inf_additive_masks_and_fully_masked_rows(monkeypatch, family, padding):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    batch = tiny_batch(family)
+    if padding == "left":  # padded queries first: in a causal model their rows see no key at all
+        batch = {k: v.flip(-1) for k, v in batch.items()}
+    model = tiny_model(family)
+    ref = collect(model, [batch], progress=False)
+    name = "headprune_sdpa"
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name,
+                        _additive_inf(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name]))
+    seen = []
+    real = collect_mod.accumulate_qk_
+    monkeypatch.setattr(collect_mod, "accumulate_qk_", lambda st, q, k, s, m, *a: (seen.append(m), real(st, q, k, s, m, *a)))
+    scores = collect(model, [batch], progress=False)
+    assert any(m is not None and m.dtype == torch.float32 and torch.isneginf(m).any() for m in seen)
+    assert torch.equal(scores.count, ref.count) and scores.count[0, 0] == batch["attention_mask"].sum()
+    torch.testing.assert_close(scores.stats, ref.stats, atol=1e-9, rtol=1e-12)
+
+
+def test_32k_keys_match_float64():
+    """2 new queries over a 32k-entry KV cache: the model's own q/k, scored in float32 with
+    no loss against a float64 softmax of the same logits."""
+    model, K = tiny_model("llama"), 32 * 1024
+    g = torch.Generator().manual_seed(0)
+    cache = transformers.DynamicCache(config=model.config)
+    for layer in range(2):
+        cache.update(torch.randn(1, 2, K, 8, generator=g) * 3, torch.randn(1, 2, K, 8, generator=g), layer)
+    seen = []
+    real = collect_mod.accumulate_qk_
+
+    def spy(stats, q, k, scale, mask, causal, qm):
+        seen.append((q.double(), k.double(), scale, mask, causal))
+        return real(stats, q, k, scale, mask, causal, qm)
+
+    collect_mod.accumulate_qk_, saved = spy, real
+    try:
+        ids = torch.randint(3, 99, (1, 2), generator=g)
+        scores = collect(model, [{"input_ids": ids, "past_key_values": cache, "use_cache": True}], progress=False)
+    finally:
+        collect_mod.accumulate_qk_ = saved
+    for layer, (q, k, scale, mask, causal) in enumerate(seen):
+        assert k.shape[2] == K + 2 and not causal
+        z = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * scale
+        if mask is not None:
+            z = z.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else z + mask.double()
+        p = z.softmax(-1)
+        ref = -(p * p.clamp_min(1e-300).log()).sum(-1).mean(-1)[0]
+        assert (ref > 9).all()  # near log(32k): a diffuse row, where float32 sums lose the most
+        torch.testing.assert_close(scores.entropy[layer], ref, atol=1e-6, rtol=0)
+
+
+def test_length_one_sequences_have_zero_entropy_in_half_precision():
+    model = tiny_model("llama").to(torch.bfloat16)
+    scores = collect(model, [{"input_ids": torch.tensor([[5], [7]])}], progress=False)
+    assert (scores.count == 2).all() and (scores.entropy == 0).all()
+
+
+def test_gemma2_soft_capping_is_applied():
+    """Queries scaled up so that a cap of 1 changes the attention."""
+
+    def model(cap):
+        m = tiny_model("gemma2", attn_logit_softcapping=cap)
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.self_attn.q_proj.weight.mul_(10)
+        return m
+
+    batches = [tiny_batch("gemma2", seed=s) for s in range(2)]
+    capped = model(1.0)
+    scores = collect(capped, batches, progress=False)
+    eager = collect(capped, batches, method="eager", progress=False)
+    uncapped = collect(model(None), batches, progress=False)
+    torch.testing.assert_close(scores.entropy, eager.entropy, atol=1e-5, rtol=0)
+    assert (scores.entropy - uncapped.entropy).abs().max() > 0.01  # 1000x the tolerance above
+    half = collect(capped.to(torch.float16), batches, progress=False)
+    torch.testing.assert_close(half.entropy, scores.entropy, atol=HALF_BOUND[torch.float16], rtol=0)

@@ -1,0 +1,164 @@
+"""Checkpointed, resumable collection: ``headprune.hf.collect(checkpoint=..., resume=True)``."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune.hf import collect
+from headprune.hf.collect import _RECORDERS, _configs
+
+N = 6
+SETTINGS = {"data": "tiny", "samples": N, "seq_len": 9}
+
+
+def _batches(family="llama"):
+    return [tiny_batch(family, seed=s) for s in range(N)]
+
+
+def _interrupted(batches, after):
+    """Yields ``after`` batches, then raises as a Ctrl-C in the data loader would."""
+    yield from batches[:after]
+    raise KeyboardInterrupt
+
+
+def _impls(model):
+    return [c._attn_implementation_internal for c in _configs(model)]
+
+
+@pytest.mark.parametrize("family, method", [("llama", "qk"), ("t5", "qk"), ("llama", "eager")])
+def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, family, method):
+    model, batches = tiny_model(family), _batches(family)
+    path = tmp_path / "scan.ckpt.json"
+    full = collect(model, batches, method=method, progress=False)
+    impls = _impls(model)
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, _interrupted(batches, 3), method=method, progress=False, checkpoint=path,
+                fingerprint=SETTINGS)
+    assert _impls(model) == impls and not _RECORDERS
+    assert json.loads(path.read_text())["batches_done"] == 3
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    resumed = collect(model, batches, method=method, progress=False, checkpoint=path, resume=True,
+                      fingerprint=SETTINGS)
+    assert len(forwards) == N - 3  # the checkpointed batches are not run again
+    assert torch.equal(resumed.stats, full.stats)
+    assert resumed.names == full.names and resumed.method == method
+    assert json.loads(path.read_text())["batches_done"] == N
+    # a finished checkpoint resumes to the same scores without a forward pass
+    again = collect(model, [*batches], progress=False, method=method, checkpoint=path, resume=True,
+                    fingerprint=SETTINGS)
+    hook.remove()
+    assert torch.equal(again.stats, full.stats) and len(forwards) == N - 3
+
+
+def test_checkpoint_every_k_batches_and_at_the_end(tmp_path):
+    model, batches = tiny_model("llama"), _batches()
+    path = tmp_path / "c.json"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, _interrupted(batches, 5), progress=False, checkpoint=path, checkpoint_every=2)
+    assert json.loads(path.read_text())["batches_done"] == 4
+    resumed = collect(model, batches[:5], progress=False, checkpoint=path, checkpoint_every=2, resume=True)
+    assert json.loads(path.read_text())["batches_done"] == 5
+    assert torch.equal(resumed.stats, collect(model, batches[:5], progress=False).stats)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temporary file left behind
+
+
+def test_resume_without_a_checkpoint_file_starts_afresh(tmp_path):
+    model, batches = tiny_model("llama"), _batches()[:2]
+    out = collect(model, batches, progress=False, checkpoint=tmp_path / "new.json", resume=True)
+    assert torch.equal(out.stats, collect(model, batches, progress=False).stats)
+
+
+def test_without_resume_an_old_checkpoint_is_overwritten(tmp_path):
+    model, batches = tiny_model("llama"), _batches()[:2]
+    path = tmp_path / "c.json"
+    path.write_text("garbage")
+    collect(model, batches, progress=False, checkpoint=path)
+    assert json.loads(path.read_text())["batches_done"] == 2
+
+
+def _checkpoint_after(tmp_path, n=2, **kw):
+    model, batches = tiny_model("llama"), _batches()
+    path = tmp_path / "c.json"
+    collect(model, batches[:n], progress=False, checkpoint=path, fingerprint=SETTINGS, **kw)
+    return model, batches, path
+
+
+def test_mismatched_fingerprint_is_refused(tmp_path):
+    model, batches, path = _checkpoint_after(tmp_path)
+    other = dict(SETTINGS, seq_len=10)
+    with pytest.raises(ValueError, match=r"checkpoint .*c\.json was written for another model/data \(the calibration"
+                                         r" settings differ\); delete it or drop --resume"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=other)
+    with pytest.raises(ValueError, match=r"another model/data \(the model layout differ\)"):
+        collect(tiny_model("llama", num_hidden_layers=3), batches, progress=False, checkpoint=path, resume=True,
+                fingerprint=SETTINGS)
+    with pytest.raises(ValueError, match=r"another model/data \(the model layout differ\)"):  # method is layout
+        collect(model, batches, method="eager", progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    assert not _RECORDERS and _impls(model) == ["sdpa"]
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda t: t[: len(t) // 2], r"is not a readable headprune checkpoint \(JSONDecodeError"),
+        (lambda t: "", r"is not a readable headprune checkpoint"),
+        (lambda t: b"\xff\xfe\x00".decode("latin-1"), r"is not a readable headprune checkpoint"),
+        (lambda t: json.dumps([1, 2]), r"is not a headprune checkpoint"),
+        (lambda t: t.replace('"batches_done": 2', '"batches_done": -1'), r"is corrupt"),
+        (lambda t: t.replace('"stats": [[[', '"stats": [[["x", '), r"is corrupt"),
+        (lambda t: t.replace('"num_heads": [4, 4]', '"num_heads": [4, 4, 4]'), r"is corrupt"),
+    ],
+)
+def test_corrupt_checkpoint_is_refused(tmp_path, damage, match):
+    model, batches, path = _checkpoint_after(tmp_path)
+    text = path.read_text()
+    path.write_text(damage(text), encoding="latin-1")
+    with pytest.raises(ValueError, match=rf"checkpoint .*c\.json {match}.*delete it or drop --resume"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    assert not _RECORDERS and _impls(model) == ["sdpa"]
+
+
+def test_checkpoint_with_more_batches_than_the_data_is_refused(tmp_path):
+    model, batches, path = _checkpoint_after(tmp_path, n=4)
+    with pytest.raises(ValueError, match=r"records 4 batches done but batches has only 3"):
+        collect(model, batches[:3], progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    assert not _RECORDERS and _impls(model) == ["sdpa"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_restores_the_model(tmp_path, monkeypatch):
+    model, batches, path = _checkpoint_after(tmp_path)
+    before = path.read_text()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]
+    assert not _RECORDERS and _impls(model) == ["sdpa"]
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(resume=True), ValueError, "resume: needs a checkpoint path"),
+        (dict(checkpoint="c.json", checkpoint_every=0), ValueError, "checkpoint_every: expected a positive int"),
+        (dict(checkpoint="c.json", fingerprint=3), TypeError, "fingerprint: expected a str or a dict"),
+    ],
+)
+def test_bad_checkpoint_arguments_are_named(tmp_path, monkeypatch, kw, exc, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(exc, match=match):
+        collect(tiny_model("llama"), _batches()[:1], progress=False, **kw)
+
+
+def test_plain_torch_models_refuse_a_checkpoint(tmp_path):
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    with pytest.raises(ValueError, match="checkpoint: resumable collection needs a transformers model"):
+        collect(layer, [torch.randn(2, 5, 16)], progress=False, checkpoint=tmp_path / "c.json")
