@@ -176,9 +176,9 @@ RANKING_ERRORS = [
     (dict(count=1, protect_layers=[1.5]), TypeError, "protect_layers: expected an iterable of layer indices"),
     (dict(count=1, protect_layers=[True]), TypeError, "protect_layers: expected an iterable of layer indices"),
     (dict(count=1, protect_layers=5), TypeError, "protect_layers: expected an iterable"),
-    (dict(count=1, nan=(1, 2)), ValueError, r"layer 1 \(1\) head\(s\) \[2\] have no statistics"),
+    (dict(count=1, nan=(1, 2), score="entropy"), ValueError, r"layer 1 \(1\) head\(s\) \[2\] have no statistics"),
     (dict(count=1, count0=(0, 3)), ValueError, r"layer 0 \(0\) head\(s\) \[3\] have no statistics"),
-    (dict(count=1, nan=(0, 1), gqa="group", kv=2), ValueError, r"layer 0 \(0\) head\(s\) \[0, 1\] have no statistics"),
+    (dict(count=1, nan=(0, 1), gqa="group", kv=2, score="entropy"), ValueError, r"layer 0 \(0\) head\(s\) \[0, 1\] have no statistics"),
 ]
 
 
