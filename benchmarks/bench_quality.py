@@ -29,7 +29,8 @@ from headprune.hf.importance import gradient_importance  # noqa: E402
 from headprune.models import load_model  # noqa: E402
 
 
-def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None) -> dict:
+def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None,
+        eval_paragraphs: int | None = None) -> dict:
     loaded = load_model(model_name)
     causal = loaded.kind == "causal"
     calib, held = texts.split(texts.load_paragraphs(text))
@@ -41,7 +42,7 @@ def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, sampl
     t_collect = time.perf_counter() - t0
     grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal)
     args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False,
-                           eval_windows=eval_windows)
+                           eval_windows=eval_windows, eval_paragraphs=eval_paragraphs)
     recipes = dict(S.RECIPES)
     recipes["gradient importance (Michel et al.)"] = {"score": grad, "order": "low"}
     saved, S.RECIPES = S.RECIPES, recipes
@@ -59,7 +60,8 @@ def main(argv=None):
     ap.add_argument("--texts", default="persuasion,python_tutorial")
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")
+    ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
     ap.add_argument("--quick", action="store_true", help="2 ratios, 2 seeds, small calibration (smoke run)")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -69,7 +71,7 @@ def main(argv=None):
     results = []
     for m in args.models.split(","):
         for t in args.texts.split(","):
-            res = run(m, t, ratios, seeds, windows, samples)
+            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs)
             results.append(res)
             print(S.sweep_markdown(res), flush=True)
     path = write_results("quality.json", {"quick": args.quick, "results": results})

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .texts import token_windows
 
@@ -28,7 +29,7 @@ STRIDE = 256
 
 @torch.no_grad()
 def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stride: int = STRIDE,
-               max_windows: int = 64, batch_size: int = 8) -> dict:
+               max_windows: int = 64, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity of a causal LM on the joined paragraphs (see module doc for windows)."""
     if not 0 < stride <= window:
         raise ValueError(f"stride: expected 0 < stride <= window ({window}), got {stride}")
@@ -36,7 +37,8 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
     starts = list(range(0, max(1, len(ids) - window + 1), stride))[:max_windows]
     nll, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(starts), batch_size):
+    for i in tqdm(range(0, len(starts), batch_size), desc="headprune: perplexity", unit="batch", disable=not progress,
+                  leave=False):
         chunk = torch.stack([ids[s : s + window] for s in starts[i : i + batch_size]]).to(device)
         logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float()
         lp = F.log_softmax(logits[:, :-1], -1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
@@ -49,11 +51,13 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
 
 
 @torch.no_grad()
-def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = 128,
+          progress: bool = False) -> torch.Tensor:
     """Mean-pooled, L2-normalised embeddings ``[N, hidden]`` (the sentence-transformers recipe)."""
     out = []
     device = next(model.parameters()).device
-    for i in range(0, len(texts), batch_size):
+    for i in tqdm(range(0, len(texts), batch_size), desc="headprune: embedding", unit="batch", disable=not progress,
+                  leave=False):
         enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
@@ -82,11 +86,14 @@ def retrieval_score(q_emb: torch.Tensor, d_emb: torch.Tensor) -> dict:
     return {"top1": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item(), "pairs": len(rank)}
 
 
-def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None = None) -> dict:
-    """Embedding fidelity (vs ``reference['embeddings']``, 1.0 for the model itself) and retrieval."""
-    emb = embed(model, tokenizer, paragraphs)
-    queries, docs = retrieval_pairs(paragraphs)
-    res = retrieval_score(embed(model, tokenizer, queries), embed(model, tokenizer, docs)) if queries else {}
+def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None = None, progress: bool = False,
+                    retrieval: bool = True) -> dict:
+    """Embedding fidelity (vs ``reference['embeddings']``, 1.0 for the model itself) and, with
+    ``retrieval``, the retrieval score."""
+    emb = embed(model, tokenizer, paragraphs, progress=progress)
+    queries, docs = retrieval_pairs(paragraphs) if retrieval else ([], [])
+    res = (retrieval_score(embed(model, tokenizer, queries, progress=progress),
+                           embed(model, tokenizer, docs, progress=progress)) if queries else {})
     fid = 1.0 if reference is None else F.cosine_similarity(emb, reference["embeddings"], dim=-1).mean().item()
     return {"fidelity": fid, "retrieval_top1": res.get("top1"), "retrieval_mrr": res.get("mrr"),
             "retrieval_pairs": res.get("pairs", 0), "embeddings": emb}

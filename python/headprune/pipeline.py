@@ -114,11 +114,13 @@ def _is_writer() -> bool:
     return rank_world()[0] == 0
 
 
-def quality(args, loaded, held, reference=None) -> dict:
-    """Label-free quality on held-out text (see :mod:`headprune.evaluate`)."""
+def quality(args, loaded, held, reference=None, *, sweep: bool = False) -> dict:
+    """Label-free quality on held-out text (see :mod:`headprune.evaluate`). A sweep point needs
+    only the metric it plots (no retrieval, no bars)."""
+    bars = not args.quiet and not sweep
     if loaded.kind == "causal":
-        return E.perplexity(loaded.model, loaded.tokenizer, held, max_windows=args.eval_windows)
-    return E.encoder_quality(loaded.model, loaded.tokenizer, held, reference)
+        return E.perplexity(loaded.model, loaded.tokenizer, held, max_windows=args.eval_windows, progress=bars)
+    return E.encoder_quality(loaded.model, loaded.tokenizer, held, reference, progress=bars, retrieval=not sweep)
 
 
 def speed(loaded) -> dict:

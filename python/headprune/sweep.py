@@ -23,7 +23,8 @@ def run_sweep(args, loaded, scores, held, settings) -> dict:
     from .pipeline import _metric, quality
 
     metric, lower = _metric(loaded.kind)
-    reference = quality(args, loaded, held)
+    held = held[: getattr(args, "eval_paragraphs", None) or len(held)]
+    reference = quality(args, loaded, held, sweep=True)
     base = reference[metric]
     result = {"model": args.model, "data": settings["data"], "metric": metric, "lower_is_better": lower,
               "baseline": base, "ratios": list(args.ratios), "recipes": {k: [] for k in RECIPES}, "random": [],
@@ -31,7 +32,7 @@ def run_sweep(args, loaded, scores, held, settings) -> dict:
 
     def score_of(heads):
         with mask_heads(loaded.model, heads):
-            return quality(args, loaded, held, reference=reference)[metric]
+            return quality(args, loaded, held, reference=reference, sweep=True)[metric]
 
     t0 = time.perf_counter()
     for r in args.ratios:
