@@ -112,9 +112,9 @@ def extension():
 
 
 setup(
-    packages=find_packages("python"),
+    packages=find_packages("python") + ["headprune.data"],  # data/: the bundled texts (no __init__)
     package_dir={"": "python"},
-    package_data={"headprune": ["data/*"]},
+    package_data={"headprune.data": ["*.txt", "*.md"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": Build},
 )
