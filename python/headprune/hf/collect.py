@@ -271,6 +271,8 @@ def _forward_kwargs(model, batch) -> dict:
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params and "use_cache" not in kw:
         kw["use_cache"] = False  # a KV cache would only cost memory here
+    if "logits_to_keep" in params and "logits_to_keep" not in kw and "labels" not in kw:
+        kw["logits_to_keep"] = 1  # [B, S, vocab] logits would be computed and dropped
     return kw
 
 
