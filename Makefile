@@ -41,7 +41,7 @@ pytest: build
 test: pytest
 
 demo: build
-	$(PY) -m headprune prune minilm --ratio 0.3 --out out/minilm-30 --force
+	$(PY) -m headprune prune minilm --ratio 0.3 --out out/minilm-30 --force --quiet
 
 bench: build
 	$(PY) benchmarks/bench_entropy.py
