@@ -43,13 +43,8 @@ def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, sampl
     grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal)
     args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False,
                            eval_windows=eval_windows, eval_paragraphs=eval_paragraphs)
-    recipes = dict(S.RECIPES)
-    recipes["gradient importance (Michel et al.)"] = {"score": grad, "order": "low"}
-    saved, S.RECIPES = S.RECIPES, recipes
-    try:
-        result = S.run_sweep(args, loaded, scores, held, {"data": text, "samples": n, "seq_len": seq})
-    finally:
-        S.RECIPES = saved
+    recipes = {**S.RECIPES, "gradient importance (Michel et al.)": {"score": grad, "order": "low"}}
+    result = S.run_sweep(args, loaded, scores, held, {"data": text, "samples": n, "seq_len": seq}, recipes)
     result["collect_seconds"] = t_collect
     return result
 

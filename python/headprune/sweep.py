@@ -18,16 +18,18 @@ RECIPES = {
 }
 
 
-def run_sweep(args, loaded, scores, held, settings) -> dict:
+def run_sweep(args, loaded, scores, held, settings, recipes: dict | None = None) -> dict:
+    """``recipes``: name -> select_heads keyword arguments (default :data:`RECIPES`)."""
     from .hf import mask_heads
     from .pipeline import _metric, quality
 
+    recipes = RECIPES if recipes is None else recipes
     metric, lower = _metric(loaded.kind)
     held = held[: getattr(args, "eval_paragraphs", None) or len(held)]
     reference = quality(args, loaded, held, sweep=True)
     base = reference[metric]
     result = {"model": args.model, "data": settings["data"], "metric": metric, "lower_is_better": lower,
-              "baseline": base, "ratios": list(args.ratios), "recipes": {k: [] for k in RECIPES}, "random": [],
+              "baseline": base, "ratios": list(args.ratios), "recipes": {k: [] for k in recipes}, "random": [],
               "settings": settings, "gqa": args.gqa}
 
     def score_of(heads):
@@ -36,7 +38,7 @@ def run_sweep(args, loaded, scores, held, settings) -> dict:
 
     t0 = time.perf_counter()
     for r in args.ratios:
-        for name, kw in RECIPES.items():
+        for name, kw in recipes.items():
             result["recipes"][name].append(score_of(select_heads(scores, ratio=r, gqa=args.gqa, **kw)))
         result["random"].append([score_of(select_heads(scores, ratio=r, gqa=args.gqa, order="random", seed=s))
                                  for s in range(args.seeds)])
