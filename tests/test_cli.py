@@ -177,3 +177,12 @@ def test_module_entry_point_reports_errors(tmp_path):
     assert unknown.returncode == 2 and unknown.stdout == ""
     assert unknown.stderr.strip().splitlines()[-1].startswith("headprune scan: error: MODEL: 'no-such-model' is not a bundled name")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["scan", "sweep"])
+def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
+    extra = ["--ratios", "0.3", "--seeds", "1"] if command == "sweep" else []
+    code, err = run([command, tiny_dir, "--samples", "4", "--seq-len", "16", "--quiet", "--out", tmp_path / "o", *extra])
+    assert code == 0, err
+    want = {"scan": {"scores.json", "summary.md", "heatmap.png"}, "sweep": {"sweep.json", "sweep.md", "sweep.png"}}
+    assert {p.name for p in (tmp_path / "o").iterdir()} == want[command]

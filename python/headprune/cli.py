@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sweep, out=True)
     sweep.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
+    sweep.add_argument("--gqa", choices=["query", "group"], default="query")
     sweep.add_argument("--eval-paragraphs", type=_positive, default=None,
                        help="held-out paragraphs for the fidelity of encoders (default: all)")
     return ap

@@ -27,10 +27,17 @@ WINDOW = 256
 STRIDE = 256
 
 
+def max_positions(model, default: int) -> int:
+    """The longest input the model's position table takes (``default`` if it has none)."""
+    return getattr(model.config, "max_position_embeddings", None) or default
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stride: int = STRIDE,
                max_windows: int = 64, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity of a causal LM on the joined paragraphs (see module doc for windows)."""
+    window = min(window, max_positions(model, window))
+    stride = min(stride, window)
     if not 0 < stride <= window:
         raise ValueError(f"stride: expected 0 < stride <= window ({window}), got {stride}")
     ids = token_windows(tokenizer, paragraphs, 1).view(-1)
@@ -56,6 +63,7 @@ def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: in
     """Mean-pooled, L2-normalised embeddings ``[N, hidden]`` (the sentence-transformers recipe)."""
     out = []
     device = next(model.parameters()).device
+    max_length = min(max_length, max_positions(model, max_length))
     for i in tqdm(range(0, len(texts), batch_size), desc="headprune: embedding", unit="batch", disable=not progress,
                   leave=False):
         enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,

@@ -127,8 +127,7 @@ def speed(loaded) -> dict:
     from .hf import measure
 
     out = measure(loaded.model)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or 256
-    out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, limit), repeat=3))
+    out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)), repeat=3))
     return out
 
 
@@ -286,7 +285,7 @@ def evaluate(args) -> int:
 
 
 def sweep(args) -> int:
-    from .sweep import run_sweep
+    from .sweep import run_sweep, sweep_markdown
 
     out = _out(args, "sweep")
     check_out(out, args.force)
@@ -298,8 +297,6 @@ def sweep(args) -> int:
         result = run_sweep(args, loaded, scores, held, settings)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")
-        from .sweep import sweep_markdown
-
         (tmp / "sweep.md").write_text(sweep_markdown(result))
     print(sweep_markdown(result))
     print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
