@@ -147,3 +147,34 @@ def test_default_recipe_is_the_measured_one():
     want = (s.score("rest") * (1 - s.score("sink"))).flatten().argsort()[:3]
     got = sorted(layer * 4 + h for layer, hs in _select_heads(s, ratio=0.25).items() for h in hs)
     assert got == sorted(want.tolist())
+
+
+def test_per_layer_ratio_spreads_the_global_budget_instead_of_flooring_to_zero():
+    # 9-head layers (SmolLM2): 10% of a layer floors to 0, but 10% of 4 x 9 heads is 3 heads
+    g = torch.Generator().manual_seed(3)
+    s = make_scores(torch.rand(4, 9, generator=g))
+    sel = select_heads(s, ratio=0.1, scope="per_layer")
+    assert sum(map(len, sel.values())) == 3 and all(len(h) == 1 for h in sel.values())
+    # the extra units go to the layers whose best remaining head ranks first
+    best = sorted(range(4), key=lambda layer: -float(s.entropy[layer].max()))[:3]
+    assert sorted(sel) == sorted(best)
+    assert all(sel[layer] == [int(s.entropy[layer].argmax())] for layer in sel)
+    for r in (0.2, 0.3, 0.5):
+        sel = select_heads(s, ratio=r, scope="per_layer")
+        sizes = [len(sel.get(layer, [])) for layer in range(4)]
+        assert sum(sizes) == int(r * 36 + 1e-9) and max(sizes) - min(sizes) <= 1
+
+
+def test_pruned_heads_are_kept_and_count_towards_the_budget():
+    s = make_scores(E)
+    assert select_heads(s, count=3, pruned={0: [0]}) == {0: [0, 1], 1: [0]}
+    assert select_heads(s, count=1, pruned={1: [1]}) == {1: [1]}
+    with pytest.raises(ValueError, match="pruned: 2 units are already pruned, more than the 1"):
+        select_heads(s, count=1, pruned={0: [0, 1]})
+    with pytest.raises(ValueError, match="pruned: heads \\[7\\] out of range"):
+        select_heads(s, count=2, pruned={0: [7]})
+    with pytest.raises(ValueError, match="pruned: layers \\[1\\] are in protect_layers"):
+        select_heads(s, count=2, pruned={1: [0]}, protect_layers=[1])
+    with pytest.raises(ValueError, match="whole units"):
+        select_heads(make_scores(E, kv=[2, 2]), count=2, gqa="group", pruned={0: [0]})
+    assert select_heads(make_scores(E, kv=[2, 2]), count=2, gqa="group", pruned={0: [0, 1]}) == {0: [0, 1], 1: [2, 3]}

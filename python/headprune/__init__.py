@@ -16,7 +16,7 @@ from .scores import HeadScores
 __version__ = "0.1.0"
 
 _HF = ("collect", "mask_heads", "prune_heads", "save_pruned", "load_pruned", "kept_heads", "measure",
-       "attention_flops_per_token", "PruneReport", "supported_model_types")
+       "attention_flops_per_token", "PruneReport", "supported_model_types", "select_iteratively")
 
 __all__ = ["EntropyAccumulator", "HeadScores", "NUM_STATS", "STAT_FIELDS", "build_info", "ops", "rank_heads",
            "reference", "select_heads", *_HF]

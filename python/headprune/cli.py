@@ -85,6 +85,12 @@ def _common(p: argparse.ArgumentParser, *, out: bool) -> None:
                        help="data-parallel calibration under torchrun (gloo on CPU, NCCL on GPU); rank 0 writes")
 
 
+def _compensate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace each removed head by its mean output on the calibration data, folded into the "
+                        "output projection's bias (default; --no-compensate removes heads outright)")
+
+
 def _selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=["global", "per_layer"], default=None)
     p.add_argument("--min-heads-per-layer", type=int, default=None)
@@ -93,6 +99,10 @@ def _selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", default=None, help="statistic that ranks heads (default: the measured default recipe)")
     p.add_argument("--order", choices=["high", "low", "random"], default=None)
     p.add_argument("--seed", type=int, default=0)
+    _compensate(p)
+    p.add_argument("--steps", type=_positive, default=1,
+                   help="iterative pruning: reach the budget in this many rounds, re-collecting the statistics "
+                        "on the masked model before each round (default 1: one shot)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
     sweep.add_argument("--gqa", choices=["query", "group"], default="query")
+    _compensate(sweep)
     sweep.add_argument("--eval-paragraphs", type=_positive, default=None,
                        help="held-out paragraphs for the fidelity of encoders (default: all)")
     return ap

@@ -89,6 +89,8 @@ def layout_fingerprint(scores: HeadScores) -> str:
     """Hex SHA-256 of what must agree for two ``HeadScores`` to add: the head layout, the
     site names and kinds, the model type, the method and the stats shape."""
     key = [*scores._layout(), scores.method, list(scores.stats.shape)]
+    if scores.outputs is not None:  # older fingerprints (no output statistics) stay valid
+        key.append(list(scores.outputs.shape))
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -128,7 +130,12 @@ def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
     _check_same_layout(scores, group)
     stats = scores.stats.to(_device(group), copy=True).contiguous()
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    return HeadScores(stats.cpu(), *scores._layout()[:5], scores.model_type, scores.method, dict(scores.meta))
+    outputs = None
+    if scores.outputs is not None:
+        outputs = scores.outputs.to(_device(group), copy=True).contiguous()
+        dist.all_reduce(outputs, op=dist.ReduceOp.SUM, group=group)
+        outputs = outputs.cpu()
+    return HeadScores(stats.cpu(), *scores._layout()[:5], scores.model_type, scores.method, dict(scores.meta), outputs)
 
 
 def rank_checkpoint(path: str, rank: int, world_size: int) -> str:

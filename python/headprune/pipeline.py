@@ -218,19 +218,29 @@ def prune(args) -> int:
         return 0
     kw = _selection_kwargs(args)
     _warn_as_written(kw, loaded.kind)
-    heads = select_heads(scores, ratio=args.ratio, count=args.count, **kw)
+    if args.steps > 1:
+        if getattr(args, "distributed", False):
+            raise ValueError("--steps: iterative pruning re-collects on one process; drop --distributed or use --steps 1")
+        from .hf import select_iteratively
+
+        heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
+                                         scores=scores, progress=not args.quiet, compensate=args.compensate, **kw)
+    else:
+        heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
     n = sum(len(h) for h in heads.values())
     _say(args, f"selected {n} of {sum(scores.num_heads)} heads ({kw})")
     metric, _ = _metric(loaded.kind)
     before_q = quality(args, loaded, held)
     before = {**_public(before_q), **speed(loaded)}
     mode = args.mode or "physical"
+    compensate = last if args.compensate else None
     if mode == "mask":
-        mask_heads(loaded.model, heads)
+        mask_heads(loaded.model, heads, compensate=compensate)
     else:
-        prune_heads(loaded.model, heads)
+        prune_heads(loaded.model, heads, compensate=compensate)
     after = {**_public(quality(args, loaded, held, reference=before_q)), **speed(loaded)}
-    settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, **kw})
+    settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
+                     "compensate": args.compensate, **kw})
     with output_dir(out, args.force) as tmp:
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report = {"model": args.model, "settings": settings, "pruned_heads": {str(k): v for k, v in heads.items()},

@@ -118,12 +118,16 @@ def select_heads(
     score=DEFAULT_RECIPE["score"],
     order: str = DEFAULT_RECIPE["order"],
     seed: int = 0,
+    pruned: Optional[dict] = None,
 ) -> dict:
     """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
 
     Args:
-        ratio / count: how many units to prune (exactly one); ``ratio`` is a fraction of all
-            units (``scope="global"``) or of each layer's units (``"per_layer"``), floored.
+        ratio / count: how many units to prune (exactly one). ``ratio`` is a fraction of all
+            units, floored; with ``scope="per_layer"`` that total is spread evenly: every layer
+            gives ``floor(ratio * units)`` or one more (the extra units go to the layers whose
+            next unit ranks first), so a 10% ratio of 9-head layers still prunes 10%.
+            ``count`` is a total (global) or a number per layer (``"per_layer"``).
         min_heads_per_layer: units every layer keeps (0 allows removing a whole layer).
         protect_layers: layer indices never pruned.
         gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
@@ -131,6 +135,9 @@ def select_heads(
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a ``[L, H]``
             tensor of per-head values such as :func:`headprune.importance.gradient_importance`.
         order / seed: see :func:`rank_heads`.
+        pruned: ``{layer: [query heads]}`` already pruned (masked) in an earlier step of
+            iterative pruning; they are part of the result and count towards the budget,
+            and ``scores`` ranks only the rest (see :func:`headprune.hf.prune_iteratively`).
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """
@@ -144,25 +151,72 @@ def select_heads(
     for layer, _ in ranked:
         units_per_layer[layer] += 1
     allowed = [0 if i in protect else max(0, n - min_heads_per_layer) for i, n in enumerate(units_per_layer)]
-    if scope == "global":
-        budgets = None
+    first = _forced(ranked, pruned, scores)
+    if first and any(layer in protect for layer, _ in first):
+        bad = sorted({layer for layer, _ in first if layer in protect})
+        raise ValueError(f"pruned: layers {bad} are in protect_layers")
+    if scope == "global" or ratio is not None:
         want = _budget(ratio, count, sum(units_per_layer), "units of the model")
+    if scope == "global":
+        floors = ceils = allowed
         if want > sum(allowed):
             raise ValueError(
                 f"ratio/count: {want} units requested but protect_layers and min_heads_per_layer={min_heads_per_layer} "
                 f"allow at most {sum(allowed)}"
             )
+    elif ratio is not None:  # an even spread of the global budget: floor or ceil per layer
+        floors = [min(math.floor(ratio * n + 1e-9), a) for n, a in zip(units_per_layer, allowed)]
+        ceils = [min(math.ceil(ratio * n - 1e-9), a) for n, a in zip(units_per_layer, allowed)]
+        want = min(want, sum(ceils))
     else:
-        budgets = [_budget(ratio, count, n, f"units of layer {i}") for i, n in enumerate(units_per_layer)]
-        budgets = [min(b, a) for b, a in zip(budgets, allowed)]
-        want = sum(budgets)
+        floors = ceils = [min(_budget(None, count, n, f"units of layer {i}"), a)
+                          for i, (n, a) in enumerate(zip(units_per_layer, allowed))]
+        want = sum(floors)
+    if len(first) > want:
+        raise ValueError(f"pruned: {len(first)} units are already pruned, more than the {want} requested")
     taken = [0] * scores.num_layers
     chosen: dict = {}
-    for layer, heads in ranked:
-        if sum(taken) >= want:
-            break
-        cap = allowed[layer] if budgets is None else budgets[layer]
-        if taken[layer] < cap:
-            taken[layer] += 1
-            chosen.setdefault(layer, []).extend(heads)
+
+    def take(layer, heads):
+        taken[layer] += 1
+        chosen.setdefault(layer, []).extend(heads)
+
+    for layer, heads in first:
+        if taken[layer] >= ceils[layer]:
+            raise ValueError(f"pruned: layer {layer} already has more pruned heads than the constraints allow")
+        take(layer, heads)
+    done = {(layer, heads[0]) for layer, heads in first}
+    rest = [(layer, heads) for layer, heads in ranked if (layer, heads[0]) not in done]
+    for caps in (floors, ceils):  # per_layer: every layer's floor first, then the extras by rank
+        for layer, heads in rest:
+            if sum(taken) >= want:
+                break
+            if taken[layer] < caps[layer] and (layer, heads[0]) not in done:
+                done.add((layer, heads[0]))
+                take(layer, heads)
     return {layer: sorted(h) for layer, h in sorted(chosen.items())}
+
+
+def _forced(ranked: list, pruned: Optional[dict], scores: HeadScores) -> list:
+    """The units of ``pruned`` (whole units only), in ranking order."""
+    if pruned is None:
+        return []
+    if not isinstance(pruned, dict):
+        raise TypeError(f"pruned: expected a dict {{layer: [heads]}}, got {type(pruned).__name__}")
+    want = {}
+    for layer, heads in pruned.items():
+        layer = _layer_index(layer)
+        if not 0 <= layer < scores.num_layers:
+            raise ValueError(f"pruned: layer {layer} out of range for {scores.num_layers} layers")
+        hs = {_layer_index(h) for h in heads}
+        bad = sorted(h for h in hs if not 0 <= h < scores.num_heads[layer])
+        if bad:
+            raise ValueError(f"pruned: heads {bad} out of range for layer {layer} ({scores.num_heads[layer]} heads)")
+        if hs:
+            want[layer] = hs
+    out = [(layer, heads) for layer, heads in ranked if set(heads) <= want.get(layer, set())]
+    covered = {(layer, h) for layer, heads in out for h in heads}
+    partial_ = sorted((layer, h) for layer, hs in want.items() for h in hs if (layer, h) not in covered)
+    if partial_:
+        raise ValueError(f"pruned: heads {partial_} do not form whole units for gqa mode (a KV group is pruned whole)")
+    return out

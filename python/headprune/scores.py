@@ -60,6 +60,11 @@ class HeadScores:
     model_type: Optional[str] = None
     method: str = "sdpa"
     meta: dict = field(default_factory=dict)
+    #: ``[num_layers, max_heads, max_head_dim, 3]`` float64 or ``None``: per head and dimension
+    #: of its attention output (the output projection's input), the count of tokens, the sum
+    #: and the sum of squares. Gathered in the same pass as ``stats``; used to replace a
+    #: removed head by its mean output (``compensate=`` of ``mask_heads``/``prune_heads``).
+    outputs: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if not isinstance(self.stats, torch.Tensor) or self.stats.dim() != 3 or self.stats.shape[-1] != NUM_STATS:
@@ -71,10 +76,28 @@ class HeadScores:
             if len(value) != n:
                 raise ValueError(f"{name}: expected {n} entries (one per layer), got {len(value)}")
             setattr(self, name, value)
+        if self.outputs is not None:
+            want = (n, self.stats.shape[1], max(self.head_dim, default=0), 3)
+            if not isinstance(self.outputs, torch.Tensor) or tuple(self.outputs.shape) != want:
+                raise ValueError(f"outputs: expected a {list(want)} tensor or None, got {getattr(self.outputs, 'shape', type(self.outputs))}")
+            self.outputs = self.outputs.to(torch.float64)
+
+    @staticmethod
+    def empty_outputs(num_heads: Sequence[int], head_dim: Sequence[int]) -> torch.Tensor:
+        return torch.zeros(len(num_heads), max(num_heads, default=0), max(head_dim, default=0), 3, dtype=torch.float64)
+
+    def output_mean(self) -> torch.Tensor:
+        """Mean attention output ``[L, H, D]`` of every head (NaN where nothing was seen)."""
+        if self.outputs is None:
+            raise ValueError("scores: no output statistics (collected by an older headprune or a plain torch model)")
+        c = self.outputs[..., 0]
+        return torch.where(c > 0, self.outputs[..., 1] / c.clamp_min(1), torch.full_like(c, math.nan))
 
     @classmethod
     def empty(cls, num_heads: Sequence[int], num_kv_heads, head_dim, names, kinds, **kw) -> "HeadScores":
         stats = torch.zeros(len(num_heads), max(num_heads, default=0), NUM_STATS, dtype=torch.float64)
+        if kw.pop("with_outputs", False):
+            kw["outputs"] = cls.empty_outputs(num_heads, head_dim)
         return cls(stats, list(num_heads), list(num_kv_heads), list(head_dim), list(names), list(kinds), **kw)
 
     # ---- views -------------------------------------------------------------------------
@@ -131,6 +154,7 @@ class HeadScores:
         return HeadScores(
             self.stats[idx].clone(), pick(self.num_heads), pick(self.num_kv_heads), pick(self.head_dim),
             pick(self.names), pick(self.kinds), self.model_type, self.method, dict(self.meta),
+            None if self.outputs is None else self.outputs[idx][..., : max(pick(self.head_dim), default=0), :].clone(),
         )
 
     # ---- combination and serialisation -------------------------------------------------
@@ -143,7 +167,11 @@ class HeadScores:
             raise TypeError(f"other: expected HeadScores, got {type(other).__name__}")
         if self._layout() != other._layout():
             raise ValueError("other: head layouts differ (different model or pruning); cannot merge")
-        return HeadScores(self.stats + other.stats, *self._layout()[:5], self.model_type, self.method, dict(self.meta))
+        outputs = None
+        if self.outputs is not None and other.outputs is not None:
+            outputs = self.outputs + other.outputs
+        return HeadScores(self.stats + other.stats, *self._layout()[:5], self.model_type, self.method, dict(self.meta),
+                          outputs)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain lists and numbers; float64 values survive exactly)."""
@@ -159,6 +187,7 @@ class HeadScores:
             "model_type": self.model_type,
             "method": self.method,
             "meta": self.meta,
+            "outputs": None if self.outputs is None else self.outputs.tolist(),
         }
 
     @classmethod
@@ -168,9 +197,12 @@ class HeadScores:
         if list(d.get("stat_fields", STAT_FIELDS)) != list(STAT_FIELDS):
             raise ValueError(f"d: stat_fields {d.get('stat_fields')} differ from {list(STAT_FIELDS)}")
         stats = torch.tensor(d["stats"], dtype=torch.float64).reshape(len(d["num_heads"]), -1, NUM_STATS)
+        outputs = d.get("outputs")
+        if outputs is not None:
+            outputs = torch.tensor(outputs, dtype=torch.float64)
         return cls(
             stats, d["num_heads"], d["num_kv_heads"], d["head_dim"], d["names"], d["kinds"],
-            d.get("model_type"), d.get("method", "sdpa"), dict(d.get("meta", {})),
+            d.get("model_type"), d.get("method", "sdpa"), dict(d.get("meta", {})), outputs,
         )
 
     def __repr__(self) -> str:

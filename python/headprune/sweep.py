@@ -32,8 +32,11 @@ def run_sweep(args, loaded, scores, held, settings, recipes: dict | None = None)
               "baseline": base, "ratios": list(args.ratios), "recipes": {k: [] for k in recipes}, "random": [],
               "settings": settings, "gqa": args.gqa}
 
+    compensate = scores if getattr(args, "compensate", False) else None
+    result["compensate"] = compensate is not None
+
     def score_of(heads):
-        with mask_heads(loaded.model, heads):
+        with mask_heads(loaded.model, heads, compensate=compensate):
             return quality(args, loaded, held, reference=reference, sweep=True)[metric]
 
     t0 = time.perf_counter()

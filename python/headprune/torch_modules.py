@@ -75,6 +75,7 @@ class MaskHandle:
     def __init__(self, heads: dict):
         self.heads = heads
         self._saved = []  # (weight, dim, index, original columns, heads)
+        self._biases = []  # (module, original bias values, or None where the bias was added)
 
     @classmethod
     def masked(cls, w: torch.Tensor) -> set:
@@ -89,8 +90,31 @@ class MaskHandle:
         gate[heads] = 0
         apply_head_mask_(w, gate, d, dim)
 
+    @classmethod
+    def added_bias(cls, module: nn.Module) -> bool:
+        """Whether an active handle created ``module.bias`` (the module had none)."""
+        return any(m is module and old is None for handle in list(cls._active) for m, old in handle._biases)
+
+    def add_bias_(self, module: nn.Module, b: torch.Tensor) -> None:
+        """Add ``b`` to ``module.bias`` in place (creating the bias if the module has none)."""
+        MaskHandle._active.add(self)
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            self._biases.append((module, None))
+            module.bias = nn.Parameter(b.to(module.weight.dtype), requires_grad=False)
+        else:
+            self._biases.append((module, bias.detach().clone()))
+            bias.add_(b.to(bias.device, bias.dtype))
+
     def restore(self) -> None:
         with torch.no_grad():
+            while self._biases:
+                module, old = self._biases[-1]
+                if old is None:
+                    module.bias = None
+                else:
+                    module.bias.copy_(old)
+                self._biases.pop()
             while self._saved:
                 w, dim, idx, cols, _ = self._saved[-1]
                 w.index_copy_(dim, idx.to(w.device), cols)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
 from .collect import collect
 from .io import load_pruned, save_pruned
+from .iterative import select_iteratively
 from .prune import kept_heads, mask_heads, prune_heads
 from .report import PruneReport, attention_flops_per_token, measure
 
@@ -24,5 +25,6 @@ __all__ = [
     "prune_heads",
     "resolve_sites",
     "save_pruned",
+    "select_iteratively",
     "supported_model_types",
 ]

@@ -168,28 +168,58 @@ class _Collection:
         self.sites = resolve_sites(model, self.adapter)
         self.counts = [head_counts(s, self.adapter) for s in self.sites]
         self.stats = [None] * len(self.sites)
+        self.outputs = [None] * len(self.sites)  # [Hq, D, 3]: count, sum, sum of squares
         self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
         self.padding: dict = {}
         self.impl = {id(c): c._attn_implementation_internal for c in _configs(model)}
 
-    def _query_mask(self, site, query):
+    def _query_mask(self, site, batch: int, q_len: int, device):
+        """``[batch, q_len]`` bool of the site's valid (unpadded) queries, or ``None``."""
         key = site.block.padding_key
         mask = self.padding.get(key) if key else None
         if mask is None:
             return None
-        q_len = query.shape[2]
-        if mask.shape[0] != query.shape[0] or mask.shape[1] < q_len:
+        if mask.shape[0] != batch or mask.shape[1] < q_len:
             raise ValueError(
                 f"batches: {key!r} has shape {tuple(mask.shape)} but site {site.name} attends with "
-                f"{query.shape[0]} sequences of {q_len} queries"
+                f"{batch} sequences of {q_len} queries"
             )
-        return mask[:, mask.shape[1] - q_len :].to(device=query.device, dtype=torch.bool)
+        return mask[:, mask.shape[1] - q_len :].to(device=device, dtype=torch.bool)
 
     def _start(self, i, query):
         """A site's accumulator, on the device its attention runs on (layers may be spread)."""
         if self.initial is not None:
             return self.initial.stats[i, : query.shape[1]].to(query.device, copy=True)
         return torch.zeros(query.shape[1], NUM_STATS, dtype=torch.float64, device=query.device)
+
+    def output_hook(self, site):
+        """Pre-hook of the site's output projection: its input is the heads' outputs side by
+        side (``[..., Hq * D]``); their per-dimension sums go into ``self.outputs``."""
+        hq, d = self.counts[site.index][0], head_dim(site, self.adapter)
+
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != hq * d or hq == 0:
+                return None
+            acc = self.outputs[site.index]
+            if acc is None:
+                if self.initial is not None and self.initial.outputs is not None:
+                    acc = self.initial.outputs[site.index, :hq, :d].to(x.device, copy=True)
+                else:
+                    acc = torch.zeros(hq, d, 3, dtype=torch.float64, device=x.device)
+                self.outputs[site.index] = acc
+            x = x.detach()
+            if x.dim() == 3:
+                qm = self._query_mask(site, x.shape[0], x.shape[1], x.device)
+                if qm is not None:
+                    x = x[qm]
+            x = x.reshape(-1, hq, d)
+            acc[..., 0] += x.shape[0]
+            acc[..., 1] += x.sum(0, dtype=torch.float64)
+            acc[..., 2] += (x * x).sum(0, dtype=torch.float64)
+            return None
+
+        return hook
 
     @property
     def recorded(self) -> bool:
@@ -202,7 +232,7 @@ class _Collection:
             if self.stats[site.index] is None:
                 self.stats[site.index] = self._start(site.index, query)
             stats = self.stats[site.index]
-            qm = self._query_mask(site, query)
+            qm = self._query_mask(site, query.shape[0], query.shape[2], query.device)
             if self.method == "eager":
                 if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
                     raise RuntimeError(f"site {site.name}: the eager attention returned no probabilities")
@@ -231,12 +261,16 @@ class _Collection:
         # Dropout would change the statistics: collect in eval mode, then put every module's
         # own training flag back.
         training = {m: m.training for m in self.model.modules()}
+        hooks = []
         try:
             self.model.eval()
+            hooks = [s.o.register_forward_pre_hook(self.output_hook(s)) for s in self.sites]
             _RECORDERS.update({id(s.module): self.recorder(s) for s in self.sites})
             with attention_implementation(self.model, "eager" if self.method == "eager" else None):
                 yield self
         finally:
+            for h in hooks:
+                h.remove()
             for i in ids:
                 _RECORDERS.pop(i, None)
             for m, flag in training.items():
@@ -247,13 +281,18 @@ class _Collection:
         out = HeadScores.empty(
             hq, [c[1] for c in self.counts], [head_dim(s, self.adapter) for s in self.sites],
             [s.name for s in self.sites], [s.block.kind for s in self.sites],
-            model_type=self.adapter.model_type, method=self.method,
+            model_type=self.adapter.model_type, method=self.method, with_outputs=True,
         )
         if self.initial is not None:
             out.stats.copy_(self.initial.stats)
+            if self.initial.outputs is not None:
+                out.outputs.copy_(self.initial.outputs)
         for i, st in enumerate(self.stats):
             if st is not None:
                 out.stats[i, : st.shape[0]] = st.cpu()
+        for i, acc in enumerate(self.outputs):
+            if acc is not None:
+                out.outputs[i, : acc.shape[0], : acc.shape[1]] = acc.cpu()
         return out
 
 

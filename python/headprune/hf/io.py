@@ -21,13 +21,16 @@ from transformers import PreTrainedConfig
 
 from ..scores import HeadScores
 from .adapters import get_adapter, head_counts, resolve_sites
+from ..torch_modules import MaskHandle
 from .prune import STATE_ATTR, kept_heads, prune_heads
 
 __all__ = ["save_pruned", "load_pruned", "METADATA_FILE"]
 
 METADATA_FILE = "headprune.json"
 FORMAT = "headprune.pruned/1"
-WEIGHTS_FILE = "model.safetensors"
+#: weights of a directory only load_pruned can rebuild; not the name from_pretrained looks for,
+#: so plain loading fails loudly instead of loading a wrong layout or dropping weights
+WEIGHTS_FILE = "headprune-model.safetensors"
 
 
 def save_pruned(
@@ -70,7 +73,16 @@ def save_pruned(
 
 def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     state = getattr(model, STATE_ATTR, None)
-    plain = state is None or bool(state.get("uniform"))
+    masked_bias = [s.index for s in sites if MaskHandle.added_bias(s.o)]
+    if masked_bias:  # a compensated mask created o biases: record them like pruning does
+        from .prune import _new_state
+
+        state = _new_state(model, [head_counts(s, adapter) for s in sites])
+        state["uniform"] = state.get("uniform", True)
+        state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})
+    # an output-projection bias the family's config cannot declare would be dropped by
+    # from_pretrained (with only a warning): such a model is not plain-loadable
+    plain = state is None or (bool(state.get("uniform")) and not state.get("o_bias"))
     if plain:
         model.save_pretrained(path, safe_serialization=True)
     else:
@@ -94,6 +106,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         "kept_heads": [kept_heads(model)[s.index] for s in sites],
         "kv_heads": None if state is None else state["kv"],
         "per_layer_bias": [] if state is None else state["per_layer_bias"],
+        "o_bias": [] if state is None else state.get("o_bias", []),
         "plain_loadable": plain,
         "original_config": None if state is None else state["original_config"],
         "scores": None if scores is None else scores.to_dict(),
@@ -153,6 +166,10 @@ def read_metadata(path) -> dict:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"path: {file} lacks {missing}; was it written by headprune.save_pruned?")
+    o_bias = meta.setdefault("o_bias", [])
+    n = len(meta["kept_heads"]) if isinstance(meta["kept_heads"], list) else 0
+    if not isinstance(o_bias, list) or not all(type(i) is int and 0 <= i < n for i in o_bias):
+        raise ValueError(f"path: {file} has o_bias {o_bias!r}; expected site indices below {n}")
     return meta
 
 
@@ -225,6 +242,11 @@ def load_pruned(path, *, device: Optional[str] = None):
         keep = set(kept)
         removed[s.index] = [h for h in range(head_counts(s, adapter)[0]) if h not in keep]
     prune_heads(model, removed, _per_layer_bias=tuple(meta["per_layer_bias"]))
+    state = getattr(model, STATE_ATTR)
+    for layer in meta.get("o_bias", []):  # compensation biases (see prune_heads)
+        o = sites[layer].o
+        o.bias = torch.nn.Parameter(o.weight.new_zeros(o.weight.shape[1 if adapter.conv1d else 0]))
+        state["o_bias"] = sorted({*state.get("o_bias", []), layer})
     _load_state(model, _weights(path))
     if device is not None:
         model.to(device)
@@ -234,6 +256,7 @@ def load_pruned(path, *, device: Optional[str] = None):
 def _state_from(meta) -> dict:
     return {
         "kept": meta["kept_heads"], "kv": meta["kv_heads"], "per_layer_bias": meta["per_layer_bias"],
+        "o_bias": meta.get("o_bias", []),
         "original_config": meta["original_config"], "uniform": meta["plain_loadable"],
     }
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..scores import HeadScores
 from ..torch_modules import MaskHandle, head_index, normalize_heads, refuse_masked_again
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 
@@ -30,14 +32,46 @@ def _o_dim(adapter) -> int:
 # ---- masking -----------------------------------------------------------------------------
 
 
-def mask_heads(model, heads: dict) -> MaskHandle:
+def _check_compensate(scores, sites, adapter) -> torch.Tensor:
+    """The mean head outputs ``[L, H, D]`` of ``scores``, checked against the model's layout."""
+    if not isinstance(scores, HeadScores):
+        raise TypeError(f"compensate: expected HeadScores from collect() or None, got {type(scores).__name__}")
+    if scores.outputs is None:
+        raise ValueError("compensate: these scores have no output statistics; collect them again with this version")
+    now = [(head_counts(s, adapter)[0], head_dim(s, adapter)) for s in sites]
+    then = list(zip(scores.num_heads, scores.head_dim))
+    if now != then:
+        raise ValueError(f"compensate: the scores were collected on another head layout ({then}) than the model's ({now})")
+    return scores.output_mean()
+
+
+def _compensation(site, adapter, heads, mean: torch.Tensor) -> torch.Tensor:
+    """What the removed ``heads`` add on average to the output projection's result:
+    ``W_o[:, heads] @ mean output of heads`` (float64)."""
+    d = head_dim(site, adapter)
+    mu = mean[heads, :d].reshape(-1)
+    if torch.isnan(mu).any():
+        raise ValueError(f"compensate: site {site.name} heads {list(heads)} have no output statistics")
+    w = site.o.weight.detach()
+    cols = w.index_select(_o_dim(adapter), head_index(heads, d).to(w.device)).double()
+    mu = mu.to(w.device)
+    return mu @ cols if adapter.conv1d else cols @ mu
+
+
+def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -> MaskHandle:
     """Zero the pruned heads' input columns of each output projection, in place.
 
     Exact with every attention backend (a head's output only reaches the residual stream
-    through those columns). Returns a :class:`MaskHandle`; on error, nothing is changed.
-    Plain torch models (``nn.MultiheadAttention``) are masked the same way.
+    through those columns). With ``compensate`` (the ``HeadScores`` of :func:`collect` on
+    this model), each removed head is replaced by its mean output over the calibration
+    data instead of zero: ``W_o[:, head] @ mean`` is added to the projection's bias (created
+    if it has none, removed again by ``restore``). Returns a :class:`MaskHandle`; on error,
+    nothing is changed. Plain torch models (``nn.MultiheadAttention``) are masked the same
+    way (without ``compensate``).
     """
     if not hasattr(model, "config"):
+        if compensate is not None:
+            raise ValueError("compensate: supported for transformers models only")
         from ..torch_modules import mask_modules
 
         return mask_modules(model, heads)
@@ -45,9 +79,14 @@ def mask_heads(model, heads: dict) -> MaskHandle:
     sites = resolve_sites(model, adapter)
     heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
     refuse_masked_again(heads, [s.o.weight for s in sites])
+    mean = None if compensate is None else _check_compensate(compensate, sites, adapter)
     handle = MaskHandle(heads)
     try:
         with torch.no_grad():
+            if mean is not None:
+                biases = {layer: _compensation(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
+                for layer, b in biases.items():
+                    handle.add_bias_(sites[layer].o, b)
             for layer, hs in heads.items():
                 site = sites[layer]
                 handle.zero_(site.o.weight, hs, head_counts(site, adapter)[0], head_dim(site, adapter), _o_dim(adapter))
@@ -263,9 +302,14 @@ def _update_configs(undo, model, sites, adapter, state) -> bool:
     return True
 
 
-def prune_heads(model, heads: dict, *, _per_layer_bias=()):
+def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, _per_layer_bias=()):
     """Physically remove heads: slice q/k/v rows (fused layouts included), o columns, biases
     and per-head extras, and update the modules' head counts, per layer.
+
+    ``compensate``: as for :func:`mask_heads`, the removed heads' mean outputs are folded
+    into the output projection's bias (added where the family has none; ``save_pruned``
+    records it and ``load_pruned`` rebuilds it, while plain ``from_pretrained`` refuses
+    such a directory instead of dropping the bias).
 
     Counts may differ between layers; a layer may lose every head (its attention then adds
     only the o bias). Under GQA, KV heads whose query heads are all gone are removed; when
@@ -286,13 +330,25 @@ def prune_heads(model, heads: dict, *, _per_layer_bias=()):
             f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
             "(or leave its with block) before prune_heads"
         )
+    mean = None if compensate is None else _check_compensate(compensate, sites, adapter)
     before = measure(model)
     state = _new_state(model, counts)
+    state.setdefault("o_bias", [])
     new_kept = [[k for j, k in enumerate(state["kept"][i]) if j not in heads.get(i, ())] for i in range(len(sites))]
     undo = _Undo()
     try:
         with torch.no_grad():
             _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)
+            if mean is not None:
+                biases = {layer: _compensation(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
+                for layer, b in biases.items():
+                    o = sites[layer].o
+                    if o.bias is None:
+                        state["o_bias"] = sorted({*state["o_bias"], layer})
+                        new = b.to(o.weight.device, o.weight.dtype)
+                    else:
+                        new = o.bias.detach() + b.to(o.bias.device, o.bias.dtype)
+                    undo.set(o, "bias", nn.Parameter(new, requires_grad=o.weight.requires_grad))
             for layer, remove in heads.items():
                 keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove, state["kv"][layer])
                 state["kept"][layer] = [state["kept"][layer][j] for j in keep]

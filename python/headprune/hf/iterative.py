@@ -1,0 +1,88 @@
+"""Iterative pruning: prune a share of the budget, re-collect on the pruned model, repeat.
+
+Removing heads changes what the remaining heads attend to, so statistics measured on the
+full model go stale as the pruned fraction grows. ``select_iteratively`` reaches the budget
+in ``steps`` equal parts; before each part the heads chosen so far are masked (exact, see
+:func:`mask_heads`) and the statistics are collected again on the masked model. The model
+is returned unmasked: the caller masks or prunes the selection it gets back.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+from ..ranking import _budget, select_heads
+from ..scores import HeadScores
+from .collect import collect
+from .prune import mask_heads
+
+__all__ = ["select_iteratively"]
+
+
+def _units_total(scores: HeadScores, gqa: str) -> int:
+    return sum(h // (h // kv if gqa == "group" and kv else 1) for h, kv in zip(scores.num_heads, scores.num_kv_heads))
+
+
+def select_iteratively(
+    model,
+    batches: Iterable,
+    *,
+    steps: int,
+    ratio: Optional[float] = None,
+    count: Optional[int] = None,
+    scores: Optional[HeadScores] = None,
+    progress: bool = False,
+    compensate: bool = False,
+    on_step: Optional[Callable[[int, HeadScores, dict], None]] = None,
+    **select_kwargs,
+) -> tuple:
+    """Heads to prune, chosen in ``steps`` rounds of collection and selection.
+
+    Args:
+        model, batches: as for :func:`collect` (``batches`` is read once per step, so it must
+            be re-iterable: a list, not a generator).
+        steps: number of rounds (1 = ordinary one-shot selection).
+        ratio / count: the final budget, as for :func:`headprune.select_heads`; round ``i``
+            prunes up to ``i / steps`` of it.
+        scores: statistics of the unpruned model, if already collected (saves the first
+            collection).
+        compensate: mask the heads of earlier rounds with mean compensation (see
+            :func:`mask_heads`), as they will be pruned.
+        on_step: called after each round with ``(step, scores, heads so far)``.
+        select_kwargs: the recipe and constraints (``score``, ``order``, ``scope``,
+            ``min_heads_per_layer``, ``protect_layers``, ``gqa``, ``seed``).
+
+    Returns ``(heads, scores)``: the selection ``{layer: [heads]}`` and the statistics of the
+    last round (whose output means are the ones to compensate with: they were measured with
+    every earlier round's heads already removed). The model is left exactly as it was (masks restored on any exit).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if steps > 1 and not hasattr(batches, "__len__"):
+        raise TypeError("batches: iterative selection reads the batches once per step; pass a list, not an iterator")
+    heads: dict = {}
+    handles = []
+    try:
+        for step in range(1, steps + 1):
+            if step > 1 or scores is None:
+                scores = collect(model, batches, progress=progress)
+            if step == 1:
+                total = _units_total(scores, select_kwargs.get("gqa", "query"))
+                _budget(ratio, count, total, "units of the model")  # validates ratio/count once
+            kw = dict(select_kwargs)
+            if ratio is not None:
+                kw["ratio"] = ratio * step / steps
+            else:
+                kw["count"] = count * step // steps
+            new = select_heads(scores, pruned=heads, **kw)
+            added = {layer: [h for h in hs if h not in heads.get(layer, [])] for layer, hs in new.items()}
+            added = {layer: hs for layer, hs in added.items() if hs}
+            heads = new
+            if on_step is not None:
+                on_step(step, scores, heads)
+            if step < steps and added:
+                handles.append(mask_heads(model, added, compensate=scores if compensate else None))
+    finally:
+        for h in reversed(handles):
+            h.restore()
+    return heads, scores

@@ -1,0 +1,190 @@
+"""Output statistics gathered by collect, and mean compensation of removed heads
+(``compensate=`` of mask_heads / prune_heads), against direct float64 computations."""
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+
+from hf_tiny import FAMILIES, tiny_batch, tiny_model
+from model_snapshot import ModelSnapshot
+
+from headprune import HeadScores
+from headprune.hf import collect, load_pruned, mask_heads, prune_heads, resolve_sites, save_pruned
+from headprune.hf.adapters import get_adapter, head_counts, head_dim
+
+FAMS = [f for f in FAMILIES if f != "vit"] + ["vit"]
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _o_inputs(model, batches):
+    """Per site, the o projection inputs of every valid token, by direct hooks (float64)."""
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    seen = [[] for _ in sites]
+    current = {}
+
+    def hook(i):
+        def f(module, args):
+            x = args[0].detach().double()
+            key = sites[i].block.padding_key
+            m = current.get(key)
+            if m is not None and x.dim() == 3:
+                x = x[m[:, m.shape[1] - x.shape[1]:].bool()]
+            seen[i].append(x.reshape(-1, x.shape[-1]))
+        return f
+
+    hs = [s.o.register_forward_pre_hook(hook(i)) for i, s in enumerate(sites)]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current.clear()
+                current.update({k: b.get(k) for k in ("attention_mask", "decoder_attention_mask")})
+                model(**b)
+    finally:
+        for h in hs:
+            h.remove()
+    return [torch.cat(x) for x in seen]
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_output_statistics_match_direct_hooks(family):
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    scores = collect(model, batches, progress=False)
+    ref = _o_inputs(model, batches)
+    adapter = get_adapter(model)
+    mean = scores.output_mean()
+    for i, s in enumerate(resolve_sites(model, adapter)):
+        hq, d = head_counts(s, adapter)[0], head_dim(s, adapter)
+        x = ref[i].view(-1, hq, d)
+        assert torch.equal(scores.outputs[i, :hq, :d, 0], torch.full((hq, d), float(x.shape[0]), dtype=torch.float64))
+        torch.testing.assert_close(mean[i, :hq, :d], x.mean(0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(scores.outputs[i, :hq, :d, 2], (x * x).sum(0), rtol=1e-5, atol=1e-8)
+
+
+def _mean_replaced(model, heads, scores, batch):
+    """Reference: the removed heads' o-input columns overwritten by their mean."""
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    mean = scores.output_mean()
+    hs = []
+    for layer, remove in heads.items():
+        d = head_dim(sites[layer], adapter)
+
+        def f(module, args, layer=layer, remove=remove, d=d):
+            x = args[0].clone()
+            for h in remove:
+                x[..., h * d:(h + 1) * d] = mean[layer, h, :d].to(x.dtype)
+            return (x, *args[1:])
+        hs.append(sites[layer].o.register_forward_pre_hook(f))
+    try:
+        with torch.no_grad():
+            return _first(model(**batch))
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def _heads(family):
+    return {0: [1, 3], 1: [0]} if family != "t5" else {0: [1, 3], 3: [0], 5: [2]}
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_compensated_mask_and_prune_equal_mean_replacement(family):
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    scores = collect(model, batches, progress=False)
+    heads = _heads(family)
+    batch = tiny_batch(family, seed=5)
+    want = _mean_replaced(model, heads, scores, batch)
+    snap = ModelSnapshot(model)
+    with torch.no_grad():
+        with mask_heads(model, heads, compensate=scores):
+            masked = _first(model(**batch))
+        zeroed = None
+        with mask_heads(model, heads):
+            zeroed = _first(model(**batch))
+    assert snap.differences() == []
+    assert (masked - want).abs().max() <= 1e-5
+    assert (zeroed - want).abs().max() > 1e-4  # compensation changes something
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, heads, compensate=scores)
+    with torch.no_grad():
+        assert (_first(pruned(**batch)) - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_compensated_prune_saves_and_reloads_exactly(family, tmp_path):
+    model = tiny_model(family)
+    scores = collect(model, [tiny_batch(family)], progress=False)
+    heads = {0: [1], 1: [1]}  # uniform: plain-loadable unless a bias had to be added
+    prune_heads(model, heads, compensate=scores)
+    save_pruned(model, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    batch = tiny_batch(family, seed=3)
+    with torch.no_grad():
+        assert torch.equal(_first(back(**batch)), _first(model(**batch)))
+    added = get_adapter(model).model_type == "llama"
+    meta = json.loads((tmp_path / "m" / "headprune.json").read_text())
+    assert meta["o_bias"] == ([0, 1] if added else [])
+    if added:  # the llama layout is uniform, yet plain loading must fail loudly, not drop the biases
+        assert meta["plain_loadable"] is False
+        with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
+            transformers.AutoModel.from_pretrained(tmp_path / "m")
+
+
+def test_compensate_errors_are_named():
+    model = tiny_model("llama")
+    scores = collect(model, [tiny_batch("llama")], progress=False)
+    no_out = HeadScores(scores.stats, scores.num_heads, scores.num_kv_heads, scores.head_dim, scores.names, scores.kinds)
+    snap = ModelSnapshot(model)
+    with pytest.raises(ValueError, match="compensate: these scores have no output statistics"):
+        mask_heads(model, {0: [1]}, compensate=no_out)
+    with pytest.raises(TypeError, match="compensate: expected HeadScores"):
+        prune_heads(model, {0: [1]}, compensate={"a": 1})
+    other = collect(tiny_model("llama", num_attention_heads=8, num_key_value_heads=2), [tiny_batch("llama")], progress=False)
+    with pytest.raises(ValueError, match="compensate: the scores were collected on another head layout"):
+        prune_heads(model, {0: [1]}, compensate=other)
+    empty = copy.deepcopy(scores)
+    empty.outputs[0, 1] = 0
+    with pytest.raises(ValueError, match="compensate: site .* heads \\[1\\] have no output statistics"):
+        prune_heads(model, {0: [1]}, compensate=empty)
+    assert snap.differences() == []
+
+
+def test_output_statistics_serialise_merge_and_subset():
+    model = tiny_model("t5")
+    a = collect(model, [tiny_batch("t5", seed=0)], progress=False)
+    b = collect(model, [tiny_batch("t5", seed=1)], progress=False)
+    both = collect(model, [tiny_batch("t5", seed=0), tiny_batch("t5", seed=1)], progress=False)
+    torch.testing.assert_close(a.merge(b).outputs, both.outputs, rtol=1e-12, atol=1e-12)
+    back = HeadScores.from_dict(a.to_dict())
+    assert torch.equal(back.outputs, a.outputs)
+    sub = a.block("cross")
+    idx = [i for i, k in enumerate(a.kinds) if k == "cross"]
+    assert torch.equal(sub.outputs, a.outputs[idx])
+    with pytest.raises(ValueError, match="outputs: expected a"):
+        HeadScores(a.stats, a.num_heads, a.num_kv_heads, a.head_dim, a.names, a.kinds, outputs=torch.zeros(2))
+
+
+def test_compensated_mask_saves_and_reloads_and_plain_loading_refuses(tmp_path):
+    model = tiny_model("llama")
+    scores = collect(model, [tiny_batch("llama")], progress=False)
+    batch = tiny_batch("llama", seed=3)
+    with mask_heads(model, {0: [1]}, compensate=scores):
+        with torch.no_grad():
+            want = _first(model(**batch))
+        save_pruned(model, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "headprune.json").read_text())
+    assert meta["o_bias"] == [0] and meta["plain_loadable"] is False
+    back = load_pruned(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(_first(back(**batch)), want)
+    with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
+        transformers.AutoModel.from_pretrained(tmp_path / "m")

@@ -1,0 +1,76 @@
+"""headprune.hf.select_iteratively: re-collection between pruning rounds."""
+
+import pytest
+import torch
+
+from hf_tiny import tiny_batch, tiny_model
+from model_snapshot import ModelSnapshot
+
+from headprune import select_heads
+from headprune.hf import collect, mask_heads, select_iteratively
+
+
+def _setup(family="llama", layers=3):
+    model = tiny_model(family, num_hidden_layers=layers)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    return model, batches
+
+
+def test_one_step_is_one_shot_selection():
+    model, batches = _setup()
+    heads, scores = select_iteratively(model, batches, steps=1, ratio=0.5)
+    assert heads == select_heads(collect(model, batches, progress=False), ratio=0.5)
+
+
+@pytest.mark.parametrize("kw", [dict(ratio=0.5), dict(count=5, scope="global", score="entropy", order="high"),
+                                dict(ratio=0.5, scope="per_layer", gqa="group")])
+def test_rounds_equal_the_manual_procedure_and_leave_the_model_unchanged(kw):
+    model, batches = _setup()
+    snap = ModelSnapshot(model)
+    seen = []
+    heads, last = select_iteratively(model, batches, steps=3, on_step=lambda i, s, h: seen.append((i, s, dict(h))), **kw)
+    assert snap.differences() == []
+    # by hand: collect, select a third, mask it, collect again, ...
+    handles, chosen = [], {}
+    try:
+        for step in (1, 2, 3):
+            scores = collect(model, batches, progress=False)
+            torch.testing.assert_close(scores.stats, seen[step - 1][1].stats, rtol=0, atol=0)
+            part = dict(kw)
+            if "ratio" in part:
+                part["ratio"] = kw["ratio"] * step / 3
+            else:
+                part["count"] = kw["count"] * step // 3
+            new = select_heads(scores, pruned=chosen, **part)
+            assert new == seen[step - 1][2]
+            added = {l: [h for h in hs if h not in chosen.get(l, [])] for l, hs in new.items()}
+            added = {l: hs for l, hs in added.items() if hs}
+            chosen = new
+            if step < 3 and added:
+                handles.append(mask_heads(model, added))
+    finally:
+        for h in reversed(handles):
+            h.restore()
+    assert heads == chosen and snap.differences() == []
+    assert all(set(seen[0][2].get(l, [])) <= set(heads.get(l, [])) for l in seen[0][2])
+    # re-collection under masks sees a different model: later statistics differ
+    assert not torch.equal(seen[0][1].stats, last.stats)
+
+
+def test_bad_steps_and_failures_restore_the_model():
+    model, batches = _setup()
+    with pytest.raises(ValueError, match="steps: expected a positive int"):
+        select_iteratively(model, batches, steps=0, ratio=0.5)
+    with pytest.raises(TypeError, match="pass a list"):
+        select_iteratively(model, iter(batches), steps=2, ratio=0.5)
+    with pytest.raises(ValueError, match="ratio: expected a number in"):
+        select_iteratively(model, batches, steps=2, ratio=2.0)
+    snap = ModelSnapshot(model)
+
+    def boom(step, scores, heads):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        select_iteratively(model, batches, steps=3, ratio=0.5, on_step=boom)
+    assert snap.differences() == []
