@@ -7,8 +7,10 @@ both real models and two unrelated held-out texts, through headprune's own pipel
 For each (model, text): calibrate on the text's first 70% of paragraphs, then for every ratio
 mask the selected heads (exact, so one loaded model serves all points) and measure quality on
 the held-out 30%: perplexity for SmolLM2 (lower is better), embedding fidelity to the
-unpruned model for MiniLM (higher is better). Random pruning uses the same constraints with
---seeds seeds. Writes benchmarks/results/quality.json and prints one table per (model, text).
+unpruned model for MiniLM (higher is better). Removed heads are replaced by their mean output
+(``compensate``) unless a recipe says otherwise; random pruning uses the same constraints
+with --seeds seeds, compensated and (``random_zeroed``) zeroed. Writes
+benchmarks/results/quality.json and prints one table per (model, text).
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, sampl
     scores = collect(loaded.model, batches, progress=False)
     t_collect = time.perf_counter() - t0
     grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal)
+    settings = {"data": text, "samples": n, "seq_len": seq}
     args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False,
-                           eval_windows=eval_windows, eval_paragraphs=eval_paragraphs)
+                           eval_windows=eval_windows, eval_paragraphs=eval_paragraphs, compensate=True)
     recipes = {**S.RECIPES, "gradient importance (Michel et al.)": {"score": grad, "order": "low"}}
-    result = S.run_sweep(args, loaded, scores, held, {"data": text, "samples": n, "seq_len": seq}, recipes)
+    result = S.run_sweep(args, loaded, scores, held, settings, recipes, batches=batches)
+    # the same random seeds with the heads zeroed: what compensation buys
+    zero = S.run_sweep(SimpleNamespace(**{**vars(args), "compensate": False}), loaded, scores, held, settings, {})
+    result["random_zeroed"] = zero["random"]
     result["collect_seconds"] = t_collect
     return result
 

@@ -186,3 +186,32 @@ def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
     assert code == 0, err
     want = {"scan": {"scores.json", "summary.md", "heatmap.png"}, "sweep": {"sweep.json", "sweep.md", "sweep.png"}}
     assert {p.name for p in (tmp_path / "o").iterdir()} == want[command]
+
+
+@pytest.mark.parametrize("extra", [["--steps", "2"], ["--mask", "--no-compensate"], ["--scope", "per_layer"]])
+def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, extra):
+    import json
+
+    import torch
+
+    from headprune.hf import load_pruned
+
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet",
+                     "--out", tmp_path / "o", *extra])
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {"model", "report.json", "report.md", "scores.json",
+                                                           "heatmap.png"}
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    s = report["settings"]
+    assert s["steps"] == (2 if "--steps" in extra else 1) and s["compensate"] is ("--no-compensate" not in extra)
+    assert report["heads_pruned"] == int(0.3 * report["heads_total"])
+    model = load_pruned(tmp_path / "o" / "model")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[2, 3, 4, 5]])).last_hidden_state).all()
+
+
+def test_iterative_pruning_refuses_distributed(run, tmp_path, tiny_dir):
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--steps", "2", "--distributed", "--quiet",
+                     "--samples", "4", "--seq-len", "16", "--out", tmp_path / "o"])
+    assert code == 2 and err[-1].startswith("headprune prune: error: --steps: iterative pruning re-collects on one")
+    assert not (tmp_path / "o").exists()

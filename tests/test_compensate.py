@@ -188,3 +188,20 @@ def test_compensated_mask_saves_and_reloads_and_plain_loading_refuses(tmp_path):
         assert torch.equal(_first(back(**batch)), want)
     with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
         transformers.AutoModel.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_variance_score_is_the_variance_each_head_adds(family):
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    scores = collect(model, batches, progress=False)
+    got = scores.score("variance")
+    adapter = get_adapter(model)
+    for i, (s, x) in enumerate(zip(resolve_sites(model, adapter), _o_inputs(model, batches))):
+        hq, d = head_counts(s, adapter)[0], head_dim(s, adapter)
+        w = s.o.weight.detach().double()
+        w = w if adapter.conv1d else w.T  # [in, out]
+        for h in range(hq):
+            xs = x[:, h * d:(h + 1) * d]
+            want = (xs.var(0, unbiased=False) * (w[h * d:(h + 1) * d] ** 2).sum(1)).sum()
+            torch.testing.assert_close(got[i, h], want, rtol=1e-5, atol=1e-9)

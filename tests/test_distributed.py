@@ -87,6 +87,7 @@ def ranks(tmp_path_factory):
 def _assert_matches(got: HeadScores, want: HeadScores):
     assert torch.equal(got.count, want.count)
     torch.testing.assert_close(got.stats, want.stats, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-12, atol=0)
     assert got.names == want.names and got.num_heads == want.num_heads
 
 

@@ -59,7 +59,7 @@ def test_rounds_equal_the_manual_procedure_and_leave_the_model_unchanged(kw):
 
 def test_bad_steps_and_failures_restore_the_model():
     model, batches = _setup()
-    with pytest.raises(ValueError, match="steps: expected a positive int"):
+    with pytest.raises(ValueError, match="steps: expected a positive int or .auto."):
         select_iteratively(model, batches, steps=0, ratio=0.5)
     with pytest.raises(TypeError, match="pass a list"):
         select_iteratively(model, iter(batches), steps=2, ratio=0.5)
@@ -74,3 +74,39 @@ def test_bad_steps_and_failures_restore_the_model():
     with pytest.raises(KeyboardInterrupt):
         select_iteratively(model, batches, steps=3, ratio=0.5, on_step=boom)
     assert snap.differences() == []
+
+
+def test_auto_steps_prune_at_most_a_tenth_per_round():
+    from headprune.hf import auto_steps
+
+    assert [auto_steps(u, 100) for u in (0, 1, 10, 11, 30, 50)] == [1, 1, 1, 2, 3, 5]
+    model, batches = _setup(layers=5)  # 20 heads: 50% = 10 units, 5 rounds of 2
+    seen = []
+    select_iteratively(model, batches, ratio=0.5, on_step=lambda i, s, h: seen.append(sum(map(len, h.values()))))
+    assert seen == [2, 4, 6, 8, 10]
+
+
+def test_sweep_iterative_recipes_nest_and_start_like_one_shot(monkeypatch):
+    from types import SimpleNamespace
+
+    import headprune.pipeline as P
+    from headprune.models import Loaded
+    from headprune.sweep import run_sweep
+
+    model, batches = _setup(layers=4)
+    scores = collect(model, batches, progress=False)
+    recipes = {"one": {"score": "entropy", "order": "high"}, "it": {"score": "entropy", "order": "high", "iterative": True}}
+    args = SimpleNamespace(model="tiny", ratios=[0.25, 0.5, 0.75], seeds=1, gqa="query", quiet=True,
+                           eval_windows=1, compensate=True)
+    monkeypatch.setattr(P, "quality", lambda *a, **k: {"perplexity": 1.0})  # the selections are under test
+    loaded = Loaded(model, None, "causal", "tiny")
+    snap = ModelSnapshot(model)
+    res = run_sweep(args, loaded, scores, [], {"data": "x"}, recipes, batches=batches)
+    assert snap.differences() == []
+    it, one = res["heads"]["it"], res["heads"]["one"]
+    assert it[0] == one[0]
+    for a, b in zip(it, it[1:]):
+        assert all(set(a[l]) <= set(b.get(l, [])) for l in a)
+    assert [sum(map(len, h.values())) for h in it] == [4, 8, 12]
+    with pytest.raises(ValueError, match="needs the calibration batches"):
+        run_sweep(args, loaded, scores, [], {"data": "x"}, recipes)

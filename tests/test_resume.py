@@ -46,6 +46,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, family, me
                       fingerprint=SETTINGS)
     assert len(forwards) == N - 3  # the checkpointed batches are not run again
     assert torch.equal(resumed.stats, full.stats)
+    assert torch.equal(resumed.outputs, full.outputs)  # output statistics resume bit-exactly too
     assert resumed.names == full.names and resumed.method == method
     assert json.loads(path.read_text())["batches_done"] == N
     # a finished checkpoint resumes to the same scores without a forward pass

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--count", type=_positive)
     _selection(prune)
     mode = prune.add_mutually_exclusive_group()
-    mode.add_argument("--mask", dest="mode", action="store_const", const="mask", help="zero the heads (reversible)")
+    mode.add_argument("--mask", dest="mode", action="store_const", const="mask", help="mask the heads in the weights, same shapes (reversible with the Python API)")
     mode.add_argument("--physical", dest="mode", action="store_const", const="physical", help="remove the heads (default)")
     ev = sub.add_parser("eval", help="quality and speed of a model or a pruned directory")
     _common(ev, out=False)

@@ -211,6 +211,8 @@ def prune(args) -> int:
     from .hf import mask_heads, prune_heads, save_pruned
 
     out = Path(args.out) if args.out else _out(args, "prune")
+    if args.steps > 1 and getattr(args, "distributed", False):
+        raise ValueError("--steps: iterative pruning re-collects on one process; drop --distributed or use --steps 1")
     check_out(out, args.force)  # fail before the slow part
     loaded, batches, held, settings = _setup(args)
     scores = _collect(args, loaded, batches, settings)
@@ -219,8 +221,6 @@ def prune(args) -> int:
     kw = _selection_kwargs(args)
     _warn_as_written(kw, loaded.kind)
     if args.steps > 1:
-        if getattr(args, "distributed", False):
-            raise ValueError("--steps: iterative pruning re-collects on one process; drop --distributed or use --steps 1")
         from .hf import select_iteratively
 
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
@@ -304,7 +304,7 @@ def sweep(args) -> int:
     if not _is_writer():
         return 0
     with output_dir(out, args.force) as tmp:
-        result = run_sweep(args, loaded, scores, held, settings)
+        result = run_sweep(args, loaded, scores, held, settings, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")
         (tmp / "sweep.md").write_text(sweep_markdown(result))

@@ -27,7 +27,15 @@ DERIVED_SCORES = {
     # entropy of the non-sink attention weighted by the mass that is not on the sink: low for
     # heads that look at few tokens other than the first one (see README, pruning quality)
     "rest_nonsink": lambda s: s._mean(5) * (1.0 - s._mean(4)),
+    # how close a head is to a constant output: its mass on the sink plus, for the rest, the
+    # length-normalised entropy (1 = spread evenly). Inert heads are the ones mean
+    # compensation replaces best (see README, pruning quality)
+    "inert": lambda s: s._mean(4) + (1.0 - s._mean(4)) * s._mean(3),
+    # not an entropy: the output variance each head adds (needs the output statistics)
+    "variance": lambda s: s.output_variance(),
 }
+#: columns of ``HeadScores.outputs``
+OUTPUT_FIELDS = 4
 
 def accumulate_qk_(stats, query, key, scale, attn_mask=None, is_causal=False, query_mask=None) -> None:
     """Add the statistics of ``softmax(query key^T * scale + attn_mask)`` into ``stats``
@@ -60,10 +68,13 @@ class HeadScores:
     model_type: Optional[str] = None
     method: str = "sdpa"
     meta: dict = field(default_factory=dict)
-    #: ``[num_layers, max_heads, max_head_dim, 3]`` float64 or ``None``: per head and dimension
-    #: of its attention output (the output projection's input), the count of tokens, the sum
-    #: and the sum of squares. Gathered in the same pass as ``stats``; used to replace a
-    #: removed head by its mean output (``compensate=`` of ``mask_heads``/``prune_heads``).
+    #: ``[num_layers, max_heads, max_head_dim, 4]`` float64 or ``None``: per head and dimension
+    #: of its attention output (the output projection's input), the count of tokens, the sum,
+    #: the sum of squares, and the count times the squared norm of the output projection's
+    #: column that dimension feeds (so every column adds across batches, shards and resumed
+    #: runs). Gathered in the same pass as ``stats``; used to replace a removed head by its
+    #: mean output (``compensate=`` of ``mask_heads``/``prune_heads``) and by the
+    #: ``variance`` score.
     outputs: Optional[torch.Tensor] = None
 
     def __post_init__(self):
@@ -77,14 +88,28 @@ class HeadScores:
                 raise ValueError(f"{name}: expected {n} entries (one per layer), got {len(value)}")
             setattr(self, name, value)
         if self.outputs is not None:
-            want = (n, self.stats.shape[1], max(self.head_dim, default=0), 3)
+            want = (n, self.stats.shape[1], max(self.head_dim, default=0), OUTPUT_FIELDS)
             if not isinstance(self.outputs, torch.Tensor) or tuple(self.outputs.shape) != want:
                 raise ValueError(f"outputs: expected a {list(want)} tensor or None, got {getattr(self.outputs, 'shape', type(self.outputs))}")
             self.outputs = self.outputs.to(torch.float64)
 
     @staticmethod
     def empty_outputs(num_heads: Sequence[int], head_dim: Sequence[int]) -> torch.Tensor:
-        return torch.zeros(len(num_heads), max(num_heads, default=0), max(head_dim, default=0), 3, dtype=torch.float64)
+        return torch.zeros(len(num_heads), max(num_heads, default=0), max(head_dim, default=0), OUTPUT_FIELDS,
+                           dtype=torch.float64)
+
+    def output_variance(self) -> torch.Tensor:
+        """``[L, H]``: the variance each head adds to its output projection's result,
+        ``sum_d Var(o_hd) * ||W_o[:, h*D + d]||^2`` (diagonal approximation): what replacing
+        the head by its mean output costs, to first order (the "fluctuation" of FLAP, An et
+        al. 2024). NaN where nothing was seen."""
+        if self.outputs is None:
+            raise ValueError("score: 'variance' needs output statistics (collected by an older headprune or a plain torch model)")
+        o = self.outputs
+        n = o[..., 0].clamp_min(1)
+        var = (o[..., 2] / n - (o[..., 1] / n) ** 2).clamp_min(0)
+        v = (var * o[..., 3] / n).sum(-1)
+        return torch.where(o[..., 0, 0] > 0, v, torch.full_like(v, math.nan))
 
     def output_mean(self) -> torch.Tensor:
         """Mean attention output ``[L, H, D]`` of every head (NaN where nothing was seen)."""
@@ -132,7 +157,8 @@ class HeadScores:
     def score(self, name: str = "entropy") -> torch.Tensor:
         """A per-head score ``[L, H]``: ``entropy`` (nats), ``normalized`` (entropy / log of
         the visible keys), ``sink`` (mass on the first visible key), ``rest`` (entropy of
-        the keys after the first), ``rest_nonsink`` (``rest * (1 - sink)``)."""
+        the keys after the first), ``rest_nonsink`` (``rest * (1 - sink)``), ``inert``
+        (``sink + (1 - sink) * normalized``), ``variance`` (see :meth:`output_variance`)."""
         if name in DERIVED_SCORES:
             return DERIVED_SCORES[name](self)
         if name not in SCORE_NAMES:

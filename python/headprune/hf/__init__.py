@@ -8,7 +8,7 @@ from __future__ import annotations
 from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
 from .collect import collect
 from .io import load_pruned, save_pruned
-from .iterative import select_iteratively
+from .iterative import auto_steps, select_iteratively
 from .prune import kept_heads, mask_heads, prune_heads
 from .report import PruneReport, attention_flops_per_token, measure
 
@@ -16,6 +16,7 @@ __all__ = [
     "ADAPTERS",
     "PruneReport",
     "attention_flops_per_token",
+    "auto_steps",
     "collect",
     "get_adapter",
     "kept_heads",

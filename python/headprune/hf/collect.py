@@ -42,6 +42,8 @@ _RECORDERS: dict = {}
 # Softcapped logits cannot be expressed as q.k plus a mask; they are formed per chunk of
 # queries of at most this many elements.
 _SOFTCAP_CHUNK = 1 << 24
+# Rows of an output projection's input converted to float64 at a time (output statistics).
+_OUTPUT_CHUNK = 1024
 
 
 def _inner_function(impl: str, module):
@@ -168,7 +170,7 @@ class _Collection:
         self.sites = resolve_sites(model, self.adapter)
         self.counts = [head_counts(s, self.adapter) for s in self.sites]
         self.stats = [None] * len(self.sites)
-        self.outputs = [None] * len(self.sites)  # [Hq, D, 3]: count, sum, sum of squares
+        self.outputs = [None] * len(self.sites)  # [Hq, D, 4]: see HeadScores.outputs
         self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
         self.padding: dict = {}
         self.impl = {id(c): c._attn_implementation_internal for c in _configs(model)}
@@ -196,6 +198,9 @@ class _Collection:
         """Pre-hook of the site's output projection: its input is the heads' outputs side by
         side (``[..., Hq * D]``); their per-dimension sums go into ``self.outputs``."""
         hq, d = self.counts[site.index][0], head_dim(site, self.adapter)
+        w = site.o.weight.detach()
+        norms = (w.double() ** 2).sum(1 if self.adapter.conv1d else 0) if hq else None
+        norms = None if norms is None else norms.view(hq, d)  # squared norm of each input column
 
         def hook(module, args):
             x = args[0] if args else None
@@ -206,17 +211,22 @@ class _Collection:
                 if self.initial is not None and self.initial.outputs is not None:
                     acc = self.initial.outputs[site.index, :hq, :d].to(x.device, copy=True)
                 else:
-                    acc = torch.zeros(hq, d, 3, dtype=torch.float64, device=x.device)
+                    acc = torch.zeros(hq, d, 4, dtype=torch.float64, device=x.device)
                 self.outputs[site.index] = acc
             x = x.detach()
-            if x.dim() == 3:
-                qm = self._query_mask(site, x.shape[0], x.shape[1], x.device)
-                if qm is not None:
-                    x = x[qm]
-            x = x.reshape(-1, hq, d)
-            acc[..., 0] += x.shape[0]
-            acc[..., 1] += x.sum(0, dtype=torch.float64)
-            acc[..., 2] += (x * x).sum(0, dtype=torch.float64)
+            qm = self._query_mask(site, x.shape[0], x.shape[1], x.device) if x.dim() == 3 else None
+            rows = x.reshape(-1, hq * d)
+            valid = None if qm is None else qm.reshape(-1)
+            # float64 in chunks of rows: the temporaries stay small whatever the batch
+            for start in range(0, rows.shape[0], _OUTPUT_CHUNK):
+                c = rows[start : start + _OUTPUT_CHUNK]
+                if valid is not None:
+                    c = c[valid[start : start + _OUTPUT_CHUNK]]
+                c = c.double()
+                acc[..., 0] += c.shape[0]
+                acc[..., 1] += c.sum(0).view(hq, d)
+                acc[..., 2] += c.square_().sum(0).view(hq, d)
+                acc[..., 3] += c.shape[0] * norms.to(acc.device)
             return None
 
         return hook

@@ -100,3 +100,4 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
     for i, c in enumerate(counts):
         out[i, c:] = float("nan")
     return out
+

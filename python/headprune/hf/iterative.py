@@ -2,21 +2,30 @@
 
 Removing heads changes what the remaining heads attend to, so statistics measured on the
 full model go stale as the pruned fraction grows. ``select_iteratively`` reaches the budget
-in ``steps`` equal parts; before each part the heads chosen so far are masked (exact, see
+in rounds; before each round the heads chosen so far are masked (exact, see
 :func:`mask_heads`) and the statistics are collected again on the masked model. The model
 is returned unmasked: the caller masks or prunes the selection it gets back.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import math
+from typing import Callable, Iterable, Optional, Union
 
 from ..ranking import _budget, select_heads
 from ..scores import HeadScores
 from .collect import collect
 from .prune import mask_heads
 
-__all__ = ["select_iteratively"]
+__all__ = ["select_iteratively", "auto_steps", "AUTO_STEP"]
+
+#: the largest share of the units one round of ``steps="auto"`` prunes
+AUTO_STEP = 0.1
+
+
+def auto_steps(units: int, total: int) -> int:
+    """Rounds of ``steps="auto"`` for pruning ``units`` of ``total``."""
+    return max(1, math.ceil(units / max(1, total) / AUTO_STEP - 1e-9))
 
 
 def _units_total(scores: HeadScores, gqa: str) -> int:
@@ -27,7 +36,7 @@ def select_iteratively(
     model,
     batches: Iterable,
     *,
-    steps: int,
+    steps: Union[int, str] = "auto",
     ratio: Optional[float] = None,
     count: Optional[int] = None,
     scores: Optional[HeadScores] = None,
@@ -36,39 +45,44 @@ def select_iteratively(
     on_step: Optional[Callable[[int, HeadScores, dict], None]] = None,
     **select_kwargs,
 ) -> tuple:
-    """Heads to prune, chosen in ``steps`` rounds of collection and selection.
+    """Heads to prune, chosen in rounds of collection and selection.
 
     Args:
-        model, batches: as for :func:`collect` (``batches`` is read once per step, so it must
-            be re-iterable: a list, not a generator).
-        steps: number of rounds (1 = ordinary one-shot selection).
+        model, batches: as for :func:`collect` (``batches`` is read once per round, so it
+            must be re-iterable: a list, not a generator).
+        steps: number of rounds (1 = ordinary one-shot selection), or ``"auto"``: as many
+            as it takes to prune at most ``AUTO_STEP`` (10%) of the units per round.
         ratio / count: the final budget, as for :func:`headprune.select_heads`; round ``i``
-            prunes up to ``i / steps`` of it.
+            of ``n`` prunes up to ``i / n`` of it.
         scores: statistics of the unpruned model, if already collected (saves the first
             collection).
         compensate: mask the heads of earlier rounds with mean compensation (see
             :func:`mask_heads`), as they will be pruned.
-        on_step: called after each round with ``(step, scores, heads so far)``.
+        on_step: called after each round with ``(round, scores, heads so far)``.
         select_kwargs: the recipe and constraints (``score``, ``order``, ``scope``,
             ``min_heads_per_layer``, ``protect_layers``, ``gqa``, ``seed``).
 
     Returns ``(heads, scores)``: the selection ``{layer: [heads]}`` and the statistics of the
     last round (whose output means are the ones to compensate with: they were measured with
-    every earlier round's heads already removed). The model is left exactly as it was (masks restored on any exit).
+    every earlier round's heads removed). The model is left exactly as it was (masks
+    restored on any exit).
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if steps > 1 and not hasattr(batches, "__len__"):
-        raise TypeError("batches: iterative selection reads the batches once per step; pass a list, not an iterator")
+    if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps: expected a positive int or 'auto', got {steps!r}")
+    if steps != 1 and not hasattr(batches, "__len__"):
+        raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
     heads: dict = {}
     handles = []
     try:
+        if scores is None:
+            scores = collect(model, batches, progress=progress)
+        total = _units_total(scores, select_kwargs.get("gqa", "query"))
+        want = _budget(ratio, count, total, "units of the model")  # validates ratio/count once
+        if steps == "auto":
+            steps = auto_steps(want, total)
         for step in range(1, steps + 1):
-            if step > 1 or scores is None:
+            if step > 1:
                 scores = collect(model, batches, progress=progress)
-            if step == 1:
-                total = _units_total(scores, select_kwargs.get("gqa", "query"))
-                _budget(ratio, count, total, "units of the model")  # validates ratio/count once
             kw = dict(select_kwargs)
             if ratio is not None:
                 kw["ratio"] = ratio * step / steps
