@@ -188,7 +188,7 @@ def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
     assert {p.name for p in (tmp_path / "o").iterdir()} == want[command]
 
 
-@pytest.mark.parametrize("extra", [["--steps", "2"], ["--mask", "--no-compensate"], ["--scope", "per_layer"]])
+@pytest.mark.parametrize("extra", [["--steps", "2"], ["--mask", "--no-compensate"], ["--scope", "per_layer", "--steps", "1"]])
 def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, extra):
     import json
 
@@ -203,15 +203,16 @@ def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, ext
                                                            "heatmap.png"}
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     s = report["settings"]
-    assert s["steps"] == (2 if "--steps" in extra else 1) and s["compensate"] is ("--no-compensate" not in extra)
+    from headprune.ranking import DEFAULT_STEPS
+
+    steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else DEFAULT_STEPS
+    assert s["steps"] == steps and s["compensate"] is ("--no-compensate" not in extra)
     assert report["heads_pruned"] == int(0.3 * report["heads_total"])
     model = load_pruned(tmp_path / "o" / "model")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[2, 3, 4, 5]])).last_hidden_state).all()
 
 
-def test_iterative_pruning_refuses_distributed(run, tmp_path, tiny_dir):
-    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--steps", "2", "--distributed", "--quiet",
-                     "--samples", "4", "--seq-len", "16", "--out", tmp_path / "o"])
-    assert code == 2 and err[-1].startswith("headprune prune: error: --steps: iterative pruning re-collects on one")
-    assert not (tmp_path / "o").exists()
+def test_steps_argument_is_checked(run, tmp_path):
+    code, err = run(["prune", "m", "--ratio", "0.3", "--steps", "0"])
+    assert code == 2 and err[-1].endswith("argument --steps: expected a positive integer or 'auto', got '0'")

@@ -67,9 +67,12 @@ def _worker(rank, port, out_dir):
         bad = batches if rank == 0 else [batches[0], {"labels": torch.ones(1, 3)}]  # rank 1's shard: the 2nd
         errors["one_rank_fails"] = _error(lambda: D.collect(model, bad, progress=False))
         errors["nothing"] = _error(lambda: D.collect(model, [], progress=False))
+        from headprune.hf import select_iteratively
+
+        heads, _ = select_iteratively(model, batches, ratio=0.5, steps=3, collect_fn=D.collect, compensate=True)
         result = {k: v.to_dict() for k, v in out.items()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"scores": result, "errors": errors}, f)
+            json.dump({"scores": result, "errors": errors, "iterative": {str(k): v for k, v in heads.items()}}, f)
     finally:
         dist.destroy_process_group()
 
@@ -175,3 +178,12 @@ def test_allow_empty_gives_zero_scores_of_the_model_layout():
 def test_rank_checkpoint_names():
     assert D.rank_checkpoint("out/scan.ckpt.json", 1, 4) == "out/scan.ckpt.rank1-of-4.json"
     assert D.rank_checkpoint("scan", 0, 2) == "scan.rank0-of-2"
+
+
+def test_iterative_selection_is_collective_and_equals_one_process(ranks):
+    from headprune.hf import select_iteratively
+
+    _, results = ranks
+    heads, _ = select_iteratively(tiny_model("llama"), _batches(), ratio=0.5, steps=3, compensate=True)
+    want = {str(k): v for k, v in heads.items()}
+    assert all(r["iterative"] == want for r in results)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .ranking import DEFAULT_STEPS
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
 
 
@@ -59,6 +60,15 @@ def _positive(text: str) -> int:
     return n
 
 
+def _steps(text: str):
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
 def _layers(text: str) -> list:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
@@ -100,9 +110,10 @@ def _selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=["high", "low", "random"], default=None)
     p.add_argument("--seed", type=int, default=0)
     _compensate(p)
-    p.add_argument("--steps", type=_positive, default=1,
+    p.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
                    help="iterative pruning: reach the budget in this many rounds, re-collecting the statistics "
-                        "on the masked model before each round (default 1: one shot)")
+                        "with the heads chosen so far removed before each round; 'auto': at most 10%% of the "
+                        f"heads per round (default {DEFAULT_STEPS})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -211,22 +211,24 @@ def prune(args) -> int:
     from .hf import mask_heads, prune_heads, save_pruned
 
     out = Path(args.out) if args.out else _out(args, "prune")
-    if args.steps > 1 and getattr(args, "distributed", False):
-        raise ValueError("--steps: iterative pruning re-collects on one process; drop --distributed or use --steps 1")
     check_out(out, args.force)  # fail before the slow part
     loaded, batches, held, settings = _setup(args)
     scores = _collect(args, loaded, batches, settings)
-    if not _is_writer():
-        return 0
     kw = _selection_kwargs(args)
-    _warn_as_written(kw, loaded.kind)
-    if args.steps > 1:
+    if _is_writer():
+        _warn_as_written(kw, loaded.kind)
+    if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
+        from . import distributed
         from .hf import select_iteratively
 
+        gather = distributed.collect if getattr(args, "distributed", False) else None
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
-                                         scores=scores, progress=not args.quiet, compensate=args.compensate, **kw)
+                                         scores=scores, progress=not args.quiet and _is_writer(),
+                                         compensate=args.compensate, collect_fn=gather, **kw)
     else:
         heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
+    if not _is_writer():
+        return 0
     n = sum(len(h) for h in heads.values())
     _say(args, f"selected {n} of {sum(scores.num_heads)} heads ({kw})")
     metric, _ = _metric(loaded.kind)

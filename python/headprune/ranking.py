@@ -24,6 +24,8 @@ ORDERS = ("high", "low", "random")
 #: is concentrated on few tokens (low ``rest * (1 - sink)``), over the whole model. The formula
 #: as written (``score="entropy", order="high"``) lost to random pruning on both real models.
 DEFAULT_RECIPE = {"score": "rest_nonsink", "order": "low", "scope": "global"}
+#: rounds of ``headprune prune`` (``--steps``) without options: see ``select_iteratively``
+DEFAULT_STEPS = "auto"
 SCOPES = ("global", "per_layer")
 GQA_MODES = ("query", "group")
 

@@ -43,6 +43,7 @@ def select_iteratively(
     progress: bool = False,
     compensate: bool = False,
     on_step: Optional[Callable[[int, HeadScores, dict], None]] = None,
+    collect_fn: Optional[Callable] = None,
     **select_kwargs,
 ) -> tuple:
     """Heads to prune, chosen in rounds of collection and selection.
@@ -59,6 +60,9 @@ def select_iteratively(
         compensate: mask the heads of earlier rounds with mean compensation (see
             :func:`mask_heads`), as they will be pruned.
         on_step: called after each round with ``(round, scores, heads so far)``.
+        collect_fn: ``collect_fn(model, batches, progress=...)`` replaces :func:`collect`,
+            e.g. :func:`headprune.distributed.collect` (every rank then runs the same rounds
+            on the same all-reduced statistics and arrives at the same selection).
         select_kwargs: the recipe and constraints (``score``, ``order``, ``scope``,
             ``min_heads_per_layer``, ``protect_layers``, ``gqa``, ``seed``).
 
@@ -71,18 +75,19 @@ def select_iteratively(
         raise ValueError(f"steps: expected a positive int or 'auto', got {steps!r}")
     if steps != 1 and not hasattr(batches, "__len__"):
         raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
+    gather = collect if collect_fn is None else collect_fn
     heads: dict = {}
     handles = []
     try:
         if scores is None:
-            scores = collect(model, batches, progress=progress)
+            scores = gather(model, batches, progress=progress)
         total = _units_total(scores, select_kwargs.get("gqa", "query"))
         want = _budget(ratio, count, total, "units of the model")  # validates ratio/count once
         if steps == "auto":
             steps = auto_steps(want, total)
         for step in range(1, steps + 1):
             if step > 1:
-                scores = collect(model, batches, progress=progress)
+                scores = gather(model, batches, progress=progress)
             kw = dict(select_kwargs)
             if ratio is not None:
                 kw["ratio"] = ratio * step / steps
