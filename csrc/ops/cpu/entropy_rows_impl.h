@@ -30,12 +30,24 @@ constexpr int64_t kFlush = 2048;
 
 // Inline float log for the probs kernel, whose cost is its logarithm: x = m * 2^e with m in
 // [0.75, 1.5) (AVX-512 getexp/getmant) or [sqrt(1/2), sqrt(2)) (AVX2 bit fields), then
-// log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.2, by its odd series to s^9 (relative
-// error < 1e-8, below float rounding). NaN and +inf pass through; inputs here are >= FLT_MIN.
+// log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.2, by its odd series to s^9 (series
+// error < 1e-8; with the Newton-refined reciprocal < 2e-7 relative, about float rounding).
+// NaN and +inf pass through; inputs here are >= FLT_MIN.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// 1 / d for d in [1.7, 2.5]: the hardware estimate (14 bits on AVX-512, 12 on AVX2) and one
+// Newton step (error squared: < 1e-7 relative), a third of the cost of a division.
+inline Vectorized<float> reciprocal(const Vectorized<float>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vectorized<float> r(_mm512_rcp14_ps(d));
+#else
+  const Vectorized<float> r(_mm256_rcp_ps(d));
+#endif
+  return r * at::vec::fnmadd(d, r, Vectorized<float>(2.0f));
+}
+
 template <typename V>
 inline V log_series(V m, V e, V one, V two) {
-  const V s = (m - one) / (m + one);
+  const V s = (m - one) * reciprocal(m + one);
   const V s2 = s * s;
   V p = V(1.0f / 9.0f);
   p = at::vec::fmadd(p, s2, V(1.0f / 7.0f));
