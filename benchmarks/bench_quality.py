@@ -16,6 +16,7 @@ benchmarks/results/quality.json and prints one table per (model, text).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from headprune.models import load_model  # noqa: E402
 
 
 def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None,
-        eval_paragraphs: int | None = None) -> dict:
+        eval_paragraphs: int | None = None, only: list | None = None) -> dict:
     loaded = load_model(model_name)
     causal = loaded.kind == "causal"
     calib, held = texts.split(texts.load_paragraphs(text))
@@ -42,15 +43,18 @@ def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, sampl
     t0 = time.perf_counter()
     scores = collect(loaded.model, batches, progress=False)
     t_collect = time.perf_counter() - t0
-    grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal)
+    wants = lambda name: only is None or name in only  # noqa: E731
+    grad_name = "gradient importance (Michel et al.)"
+    grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal) if wants(grad_name) else None
     settings = {"data": text, "samples": n, "seq_len": seq}
     args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False,
                            eval_windows=eval_windows, eval_paragraphs=eval_paragraphs, compensate=True)
-    recipes = {**S.RECIPES, "gradient importance (Michel et al.)": {"score": grad, "order": "low"}}
+    recipes = {**S.RECIPES, grad_name: {"score": grad, "order": "low"}}
+    recipes = {k: v for k, v in recipes.items() if wants(k)}
     result = S.run_sweep(args, loaded, scores, held, settings, recipes, batches=batches)
-    # the same random seeds with the heads zeroed: what compensation buys
-    zero = S.run_sweep(SimpleNamespace(**{**vars(args), "compensate": False}), loaded, scores, held, settings, {})
-    result["random_zeroed"] = zero["random"]
+    if seeds:  # the same random seeds with the heads zeroed: what compensation buys
+        zero = S.run_sweep(SimpleNamespace(**{**vars(args), "compensate": False}), loaded, scores, held, settings, {})
+        result["random_zeroed"] = zero["random"]
     result["collect_seconds"] = t_collect
     return result
 
@@ -64,17 +68,36 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")
     ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
     ap.add_argument("--quick", action="store_true", help="2 ratios, 2 seeds, small calibration (smoke run)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
+                         "whose random baseline is reused: same seeds, same statistics)")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds, samples, windows = args.seeds, None, args.eval_windows
     if args.quick:
         ratios, seeds, samples, windows = ratios[:2], 2, 16, 8
+    only = None if args.only is None else args.only.split(",")
     results = []
     for m in args.models.split(","):
         for t in args.texts.split(","):
-            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs)
+            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs, only)
             results.append(res)
-            print(S.sweep_markdown(res), flush=True)
+            if seeds:
+                print(S.sweep_markdown(res), flush=True)
+    if only is not None and not seeds:  # add the recipes to the committed results
+        path = Path(__file__).parent / "results" / "quality.json"
+        old = json.loads(path.read_text())
+        for res in results:
+            for prev in old["results"]:
+                if (prev["model"], prev["data"]) == (res["model"], res["data"]):
+                    if prev["ratios"] != res["ratios"]:
+                        raise SystemExit(f"--only: ratios differ from {path} for {res['model']}/{res['data']}")
+                    prev["recipes"].update(res["recipes"])
+                    prev.setdefault("heads", {}).update(res.get("heads", {}))
+                    prev.setdefault("recipe_settings", {}).update(res.get("recipe_settings", {}))
+        path.write_text(json.dumps(old, indent=1) + "\n")
+        print(f"added {only} to {path}")
+        return
     path = write_results("quality.json", {"quick": args.quick, "results": results})
     print(f"wrote {path}")
 

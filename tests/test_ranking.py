@@ -178,3 +178,13 @@ def test_pruned_heads_are_kept_and_count_towards_the_budget():
     with pytest.raises(ValueError, match="whole units"):
         select_heads(make_scores(E, kv=[2, 2]), count=2, gqa="group", pruned={0: [0]})
     assert select_heads(make_scores(E, kv=[2, 2]), count=2, gqa="group", pruned={0: [0, 1]}) == {0: [0, 1], 1: [2, 3]}
+
+
+def test_inert_score_is_sink_plus_spread_of_the_rest():
+    s = make_scores(E)
+    s.stats[..., 3] = torch.tensor([[0.2, 0.9, 0.5, 0.1], [1.0, 0.0, 0.3, 0.6]]) * 10  # normalised entropy sums
+    s.stats[..., 4] = torch.tensor([[0.9, 0.0, 0.5, 0.2], [0.0, 1.0, 0.1, 0.4]]) * 10  # first-key mass sums
+    sink, norm = s.stats[..., 4] / 10, s.stats[..., 3] / 10
+    torch.testing.assert_close(s.score("inert"), sink + (1 - sink) * norm)
+    # 1.0 (uniform rest), 1.0 (all on the sink), then 0.92, 0.9: ties by (layer, head)
+    assert rank_heads(s, score="inert", order="high")[:4] == [(1, [0]), (1, [1]), (0, [0]), (0, [1])]

@@ -74,7 +74,8 @@ def run_sweep(args, loaded, scores, held, settings, recipes: dict | None = None,
                                           scores, default_comp) for s in range(args.seeds)])
         if not args.quiet:
             print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
-                  + f", random={sum(result['random'][-1]) / args.seeds:.4g} ({time.perf_counter() - t0:.0f} s)",
+                  + (f", random={sum(result['random'][-1]) / args.seeds:.4g}" if args.seeds else "")
+                  + f" ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     return result
 
