@@ -1,5 +1,7 @@
 """headprune.ranking.select_heads on synthetic scores."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -11,7 +13,7 @@ from headprune.ranking import select_heads as _select_heads
 from headprune.scores import NUM_STATS, HeadScores
 
 # The mechanics below are written against the formula as written (highest entropy first).
-select_heads = partial(_select_heads, score="entropy", order="high")
+select_heads = partial(_select_heads, score="entropy", order="high", scope="global")
 
 
 def make_scores(entropy, kv=None):
@@ -120,7 +122,8 @@ def test_invariants(layers, heads, count, min_heads, scope, order, seed):
         with pytest.raises(ValueError):
             select_heads(s, count=count, **kw)
         return
-    if scope == "per_layer" and count > heads:
+    share = math.ceil(count / layers - 1e-9) if count <= layers * heads else heads + 1  # per layer, rounded up
+    if scope == "per_layer" and count > layers * min(share, max(0, heads - min_heads)):
         with pytest.raises(ValueError):
             select_heads(s, count=count, **kw)
         return
@@ -129,7 +132,10 @@ def test_invariants(layers, heads, count, min_heads, scope, order, seed):
     for layer, hs in sel.items():
         assert hs == sorted(set(hs)) and heads - len(hs) >= min_heads
     total = sum(map(len, sel.values()))
-    assert total == (count if scope == "global" else layers * min(count, max(0, heads - min_heads)))
+    assert total == count
+    if scope == "per_layer":  # an even spread: every layer gives floor or ceil of its share
+        sizes = [len(sel.get(layer, [])) for layer in range(layers)]
+        assert all(count // layers <= n <= share for n in sizes) and max(sizes) - min(sizes) <= 1
     if order == "high" and scope == "global" and sel:
         chosen = min(float(s.entropy[l, h]) for l, hs in sel.items() for h in hs)
         free = [float(s.entropy[l, h]) for l in range(layers) for h in range(heads) if h not in sel.get(l, [])]
@@ -141,12 +147,12 @@ def test_invariants(layers, heads, count, min_heads, scope, order, seed):
 def test_default_recipe_is_the_measured_one():
     g = torch.Generator().manual_seed(0)
     s = make_scores(torch.rand(3, 4, generator=g).tolist())
+    s.stats[..., 3] = torch.rand(3, 4, generator=g, dtype=torch.float64) * 10  # normalised entropy sums
     s.stats[..., 4] = torch.rand(3, 4, generator=g, dtype=torch.float64) * 10  # sink mass sums
-    s.stats[..., 5] = torch.rand(3, 4, generator=g, dtype=torch.float64) * 30  # rest entropy sums
     assert _select_heads(s, ratio=0.25) == _select_heads(s, ratio=0.25, **DEFAULT_RECIPE)
-    want = (s.score("rest") * (1 - s.score("sink"))).flatten().argsort()[:3]
-    got = sorted(layer * 4 + h for layer, hs in _select_heads(s, ratio=0.25).items() for h in hs)
-    assert got == sorted(want.tolist())
+    inert = s.score("sink") + (1 - s.score("sink")) * s.score("normalized")
+    # one head per layer (25% of 4), the most inert of each
+    assert _select_heads(s, ratio=0.25) == {layer: [int(inert[layer].argmax())] for layer in range(3)}
 
 
 def test_per_layer_ratio_spreads_the_global_budget_instead_of_flooring_to_zero():

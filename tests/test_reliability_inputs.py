@@ -166,7 +166,8 @@ RANKING_ERRORS = [
     (dict(ratio=float("inf")), ValueError, r"ratio: expected a number in \[0, 1\], got inf"),
     (dict(ratio=True), ValueError, r"ratio: expected a number in \[0, 1\], got True"),
     (dict(count=9), ValueError, "count: 9 exceeds the 8 units of the model"),
-    (dict(count=5, scope="per_layer"), ValueError, "count: 5 exceeds the 4 units of layer 0"),
+    (dict(count=9, scope="per_layer"), ValueError, "count: 9 exceeds the 8 units of the model"),
+    (dict(count=7, scope="per_layer"), ValueError, "7 units requested but .* allow at most 6 spread evenly over the layers"),
     (dict(count=5, gqa="group", kv=2), ValueError, "count: 5 exceeds the 4 units of the model"),
     (dict(count=7), ValueError, "7 units requested but protect_layers and min_heads_per_layer=1 allow at most 6"),
     (dict(ratio=1.0), ValueError, "8 units requested but .* allow at most 6"),
@@ -192,10 +193,12 @@ def test_select_heads_refuses(kwargs, exc, match):
     assert torch.equal(scores.stats.nan_to_num(7.0), before.nan_to_num(7.0))
 
 
-def test_per_layer_scope_keeps_min_heads_instead_of_emptying_a_layer():
-    assert select_heads(_scores(), count=4, scope="per_layer") == select_heads(_scores(), count=3, scope="per_layer")
-    assert all(len(h) == 3 for h in select_heads(_scores(), count=4, scope="per_layer").values())
-    assert sum(map(len, select_heads(_scores(), count=8, min_heads_per_layer=0).values())) == 8
+def test_per_layer_scope_spreads_a_total_and_keeps_min_heads():
+    assert all(len(h) == 3 for h in select_heads(_scores(), count=6, scope="per_layer").values())
+    assert [len(h) for h in select_heads(_scores(), count=5, scope="per_layer").values()] in ([3, 2], [2, 3])
+    with pytest.raises(ValueError, match="allow at most 6 spread evenly"):
+        select_heads(_scores(), count=8, scope="per_layer")
+    assert sum(map(len, select_heads(_scores(), count=8, scope="per_layer", min_heads_per_layer=0).values())) == 8
 
 
 # ---- masking and physical pruning --------------------------------------------------------------

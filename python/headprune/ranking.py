@@ -20,10 +20,11 @@ __all__ = ["select_heads", "rank_heads", "DEFAULT_RECIPE", "ORDERS", "SCOPES", "
 ORDERS = ("high", "low", "random")
 
 #: What ``select_heads(scores, ratio=r)`` does with no options, chosen from the measurements in
-#: the README (pruning quality): prune first the heads whose attention, apart from the sink,
-#: is concentrated on few tokens (low ``rest * (1 - sink)``), over the whole model. The formula
-#: as written (``score="entropy", order="high"``) lost to random pruning on both real models.
-DEFAULT_RECIPE = {"score": "rest_nonsink", "order": "low", "scope": "global"}
+#: the README (pruning quality): within each layer, prune first the most ``inert`` heads (mass
+#: on the first key plus the length-normalised entropy of the rest: an output close to
+#: constant, which mean compensation replaces well). The formula as written
+#: (``score="entropy", order="high", scope="global"``) lost to random pruning on both real models.
+DEFAULT_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
 #: rounds of ``headprune prune`` (``--steps``) without options: see ``select_iteratively``
 DEFAULT_STEPS = "auto"
 SCOPES = ("global", "per_layer")
@@ -125,11 +126,10 @@ def select_heads(
     """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
 
     Args:
-        ratio / count: how many units to prune (exactly one). ``ratio`` is a fraction of all
-            units, floored; with ``scope="per_layer"`` that total is spread evenly: every layer
-            gives ``floor(ratio * units)`` or one more (the extra units go to the layers whose
-            next unit ranks first), so a 10% ratio of 9-head layers still prunes 10%.
-            ``count`` is a total (global) or a number per layer (``"per_layer"``).
+        ratio / count: how many units to prune in total (exactly one; ``ratio`` is a fraction
+            of all units, floored). With ``scope="per_layer"`` the total is spread evenly:
+            every layer gives its share rounded down or up (the extra units go to the layers
+            whose next unit ranks first), so a 10% ratio of 9-head layers still prunes 10%.
         min_heads_per_layer: units every layer keeps (0 allows removing a whole layer).
         protect_layers: layer indices never pruned.
         gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
@@ -157,23 +157,21 @@ def select_heads(
     if first and any(layer in protect for layer, _ in first):
         bad = sorted({layer for layer, _ in first if layer in protect})
         raise ValueError(f"pruned: layers {bad} are in protect_layers")
-    if scope == "global" or ratio is not None:
-        want = _budget(ratio, count, sum(units_per_layer), "units of the model")
+    want = _budget(ratio, count, sum(units_per_layer), "units of the model")
     if scope == "global":
         floors = ceils = allowed
-        if want > sum(allowed):
-            raise ValueError(
-                f"ratio/count: {want} units requested but protect_layers and min_heads_per_layer={min_heads_per_layer} "
-                f"allow at most {sum(allowed)}"
-            )
-    elif ratio is not None:  # an even spread of the global budget: floor or ceil per layer
-        floors = [min(math.floor(ratio * n + 1e-9), a) for n, a in zip(units_per_layer, allowed)]
-        ceils = [min(math.ceil(ratio * n - 1e-9), a) for n, a in zip(units_per_layer, allowed)]
-        want = min(want, sum(ceils))
-    else:
-        floors = ceils = [min(_budget(None, count, n, f"units of layer {i}"), a)
-                          for i, (n, a) in enumerate(zip(units_per_layer, allowed))]
-        want = sum(floors)
+        spread = ""
+    else:  # an even spread of the budget: floor or ceil of each layer's share
+        open_units = sum(n for i, n in enumerate(units_per_layer) if i not in protect)
+        frac = want / max(1, open_units)
+        floors = [min(math.floor(frac * n + 1e-9), a) for n, a in zip(units_per_layer, allowed)]
+        ceils = [min(math.ceil(frac * n - 1e-9), a) for n, a in zip(units_per_layer, allowed)]
+        spread = " spread evenly over the layers"
+    if want > sum(ceils):
+        raise ValueError(
+            f"ratio/count: {want} units requested but protect_layers and min_heads_per_layer={min_heads_per_layer} "
+            f"allow at most {sum(ceils)}{spread}"
+        )
     if len(first) > want:
         raise ValueError(f"pruned: {len(first)} units are already pruned, more than the {want} requested")
     taken = [0] * scores.num_layers
