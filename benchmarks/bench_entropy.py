@@ -112,6 +112,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and lengths (smoke run)")
+    ap.add_argument("--probs-only", action="store_true",
+                    help="rerun the probs part only; the QK rows of the existing results file are kept")
     args = ap.parse_args(argv)
     repeat = 3 if args.quick else 7
     lengths = QK_LENGTHS[:2] if args.quick else QK_LENGTHS
@@ -121,8 +123,13 @@ def main(argv=None):
     print("probs op (entropy_from_probs_accumulate_) vs the formula as written and vs probs.sum(-1)")
     print(table(probs_rows, ["dtype", "B", "H", "S", "native_ms", "pure_ms", "speedup", "native_GBps", "sum_GBps",
                              "bw_vs_sum", "native_extra_MB", "pure_extra_MB", "probs_MB"]))
-    for dtype in (torch.float32, torch.bfloat16):
-        qk_rows += bench_qk(args.device, dtype, lengths, repeat)
+    if args.probs_only:
+        import json
+
+        qk_rows = json.loads((Path(__file__).parent / "results" / f"entropy_{args.device}.json").read_text())["qk"]
+    else:
+        for dtype in (torch.float32, torch.bfloat16):
+            qk_rows += bench_qk(args.device, dtype, lengths, repeat)
     print("\nQK op (entropy_from_qk_accumulate_, causal, GQA 9/3, D=64) vs SDPA on the same q, k, v")
     print(table(qk_rows, ["dtype", "S", "native_ms", "sdpa_ms", "native_vs_sdpa", "native_extra_MB", "sdpa_extra_MB",
                           "pure_ms", "pure_extra_MB"]))

@@ -149,10 +149,25 @@ def test_default_recipe_is_the_measured_one():
     s = make_scores(torch.rand(3, 4, generator=g).tolist())
     s.stats[..., 3] = torch.rand(3, 4, generator=g, dtype=torch.float64) * 10  # normalised entropy sums
     s.stats[..., 4] = torch.rand(3, 4, generator=g, dtype=torch.float64) * 10  # sink mass sums
-    assert _select_heads(s, ratio=0.25) == _select_heads(s, ratio=0.25, **DEFAULT_RECIPE)
+    # without output statistics: the entropy fallback (inert, per layer), with a warning
+    with pytest.warns(UserWarning, match="falls back to score='inert'"):
+        fallback = _select_heads(s, ratio=0.25)
     inert = s.score("sink") + (1 - s.score("sink")) * s.score("normalized")
-    # one head per layer (25% of 4), the most inert of each
-    assert _select_heads(s, ratio=0.25) == {layer: [int(inert[layer].argmax())] for layer in range(3)}
+    assert fallback == {layer: [int(inert[layer].argmax())] for layer in range(3)}  # one per layer, most inert
+    s.outputs = HeadScores.empty_outputs(s.num_heads, s.head_dim)
+    s.outputs[..., 0] = 10
+    s.outputs[..., 1] = torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
+    s.outputs[..., 2] = s.outputs[..., 1] ** 2 / 10 + torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
+    s.outputs[..., 3] = 10 * torch.rand(3, 4, 8, generator=g, dtype=torch.float64)
+    got = _select_heads(s, ratio=0.25)
+    assert got == _select_heads(s, ratio=0.25, **DEFAULT_RECIPE)
+    assert got == {layer: [int(s.score("variance")[layer].argmin())] for layer in range(3)}  # least variance
+
+
+def test_named_scores_prune_in_their_natural_order():
+    s = make_scores(E)
+    assert _select_heads(s, count=1, score="entropy", scope="global") == {0: [1]}  # highest entropy
+    assert _select_heads(s, count=1, score="entropy", order="low", scope="global") == {0: [0]}
 
 
 def test_per_layer_ratio_spreads_the_global_budget_instead_of_flooring_to_zero():

@@ -16,7 +16,7 @@ import torch
 from . import evaluate as E
 from . import plots, texts
 from .models import load_model
-from .ranking import DEFAULT_RECIPE, select_heads
+from .ranking import DEFAULT_RECIPE, natural_order, select_heads
 from .scores import HeadScores
 
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
@@ -133,16 +133,16 @@ def speed(loaded) -> dict:
 
 AS_WRITTEN_WARNING = {
     "causal": "on SmolLM2-135M, pruning the highest-entropy heads first over the whole model measured far worse "
-              "than random (README: pruning quality); the default recipe ranks by score 'inert' within each layer",
+              "than random (README: pruning quality); the default recipe ranks by score 'variance' within each layer",
     "encoder": "on all-MiniLM-L6-v2, pruning the highest-entropy heads first over the whole model measured worse "
                "than random from 30% of heads on (README: pruning quality); the default recipe ranks by score "
-               "'inert' within each layer",
+               "'variance' within each layer",
 }
 
 
 def _warn_as_written(kw: dict, kind: str) -> None:
     """The formula as written (highest entropy first) loses to chance on the measured models."""
-    as_written = (kw.get("score") == "entropy" and kw.get("order", DEFAULT_RECIPE["order"]) == "high"
+    as_written = (kw.get("score") == "entropy" and kw.get("order", natural_order("entropy")) == "high"
                   and kw.get("scope", DEFAULT_RECIPE["scope"]) == "global")
     if as_written and kind in AS_WRITTEN_WARNING:
         print(f"headprune: warning: {AS_WRITTEN_WARNING[kind]}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -20,13 +21,27 @@ __all__ = ["select_heads", "rank_heads", "DEFAULT_RECIPE", "ORDERS", "SCOPES", "
 ORDERS = ("high", "low", "random")
 
 #: What ``select_heads(scores, ratio=r)`` does with no options, chosen from the measurements in
-#: the README (pruning quality): within each layer, prune first the most ``inert`` heads (mass
-#: on the first key plus the length-normalised entropy of the rest: an output close to
-#: constant, which mean compensation replaces well). The formula as written
-#: (``score="entropy", order="high", scope="global"``) lost to random pruning on both real models.
-DEFAULT_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
+#: the README (pruning quality): within each layer, prune first the heads that add the least
+#: output variance (``score="variance"``: what replacing a head by its mean output costs; it
+#: needs the output statistics ``collect`` gathers). The best entropy recipe measured,
+#: ``score="inert", order="high"`` (per layer), is the fallback for statistics without
+#: output sums (plain ``nn.MultiheadAttention`` models, older files). The formula as written
+#: (``score="entropy", order="high", scope="global"``) lost to random pruning on both models.
+DEFAULT_RECIPE = {"score": "variance", "order": "low", "scope": "per_layer"}
+FALLBACK_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
+#: the order a named score prunes in when none is given: entropy-like scores prune their
+#: highest first (the method's premise), costs (``variance``, ``rest_nonsink``, an external
+#: importance tensor) their lowest first
+NATURAL_ORDER = {"entropy": "high", "normalized": "high", "sink": "high", "rest": "high", "inert": "high",
+                 "rest_nonsink": "low", "variance": "low"}
+
+
+def natural_order(score) -> str:
+    return NATURAL_ORDER.get(score, "low") if isinstance(score, str) else "low"
+
+
 #: rounds of ``headprune prune`` (``--steps``) without options: see ``select_iteratively``
-DEFAULT_STEPS = "auto"
+DEFAULT_STEPS = 1
 SCOPES = ("global", "per_layer")
 GQA_MODES = ("query", "group")
 
@@ -118,8 +133,8 @@ def select_heads(
     min_heads_per_layer: int = 1,
     protect_layers: Iterable = (),
     gqa: str = "query",
-    score=DEFAULT_RECIPE["score"],
-    order: str = DEFAULT_RECIPE["order"],
+    score=None,
+    order: Optional[str] = None,
     seed: int = 0,
     pruned: Optional[dict] = None,
 ) -> dict:
@@ -135,8 +150,10 @@ def select_heads(
         gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
             ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a ``[L, H]``
-            tensor of per-head values such as :func:`headprune.importance.gradient_importance`.
-        order / seed: see :func:`rank_heads`.
+            tensor of per-head values such as :func:`headprune.importance.gradient_importance`;
+            ``None``: :data:`DEFAULT_RECIPE`.
+        order / seed: see :func:`rank_heads`; ``order=None`` is the score's natural order
+            (:data:`NATURAL_ORDER`: highest first for entropies, lowest first for costs).
         pruned: ``{layer: [query heads]}`` already pruned (masked) in an earlier step of
             iterative pruning; they are part of the result and count towards the budget,
             and ``scores`` ranks only the rest (see :func:`headprune.hf.prune_iteratively`).
@@ -147,6 +164,13 @@ def select_heads(
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
     if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
         raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
+    if score is None:  # the default recipe, or its fallback without output statistics
+        recipe = DEFAULT_RECIPE if getattr(scores, "outputs", None) is not None else FALLBACK_RECIPE
+        if recipe is FALLBACK_RECIPE and isinstance(scores, HeadScores):
+            warnings.warn("select_heads: these scores have no output statistics (plain torch model or an older file); "
+                          f"the default recipe falls back to score={FALLBACK_RECIPE['score']!r}", stacklevel=2)
+        score, order = recipe["score"], recipe["order"] if order is None else order
+    order = natural_order(score) if order is None else order
     ranked = rank_heads(scores, score=score, order=order, seed=seed, gqa=gqa)
     protect = _check_layers(protect_layers, scores.num_layers)
     units_per_layer = [0] * scores.num_layers
