@@ -156,7 +156,7 @@ def select_heads(
             (:data:`NATURAL_ORDER`: highest first for entropies, lowest first for costs).
         pruned: ``{layer: [query heads]}`` already pruned (masked) in an earlier step of
             iterative pruning; they are part of the result and count towards the budget,
-            and ``scores`` ranks only the rest (see :func:`headprune.hf.prune_iteratively`).
+            and ``scores`` ranks only the rest (see :func:`headprune.hf.select_iteratively`).
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """

@@ -17,6 +17,8 @@ RECIPES = {
     "entropy, global (as written), zeroed": {"score": "entropy", "scope": "global", "order": "high",
                                              "compensate": False},
     "output variance, per layer": {"score": "variance", "order": "low", "scope": "per_layer"},
+    "output variance, per layer, first layer kept": {"score": "variance", "order": "low", "scope": "per_layer",
+                                                      "protect_layers": [0]},
     "output variance, per layer, iterative": {"score": "variance", "order": "low", "scope": "per_layer",
                                               "iterative": True},
 }
