@@ -69,14 +69,14 @@ def main(argv=None):
     ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
     ap.add_argument("--quick", action="store_true", help="2 ratios, 2 seeds, small calibration (smoke run)")
     ap.add_argument("--only", default=None,
-                    help="comma-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
+                    help="semicolon-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
                          "whose random baseline is reused: same seeds, same statistics)")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds, samples, windows = args.seeds, None, args.eval_windows
     if args.quick:
         ratios, seeds, samples, windows = ratios[:2], 2, 16, 8
-    only = None if args.only is None else args.only.split(",")
+    only = None if args.only is None else [n.strip() for n in args.only.split(";")]
     results = []
     for m in args.models.split(","):
         for t in args.texts.split(","):

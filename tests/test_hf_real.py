@@ -80,7 +80,7 @@ def test_smollm_gqa_streaming_matches_eager_and_prunes_exactly(smollm):
     assert scores.num_heads == [9] * 30 and scores.num_kv_heads == [3] * 30
     eager = collect(model, [batch], method="eager", progress=False)
     torch.testing.assert_close(scores.entropy, eager.entropy, atol=1e-4, rtol=0)
-    heads = select_heads(scores, ratio=0.34, gqa="group", scope="per_layer")
+    heads = select_heads(scores, ratio=0.34, gqa="group", scope="per_layer", protect_layers=[])
     assert all(len(h) == 3 for h in heads.values())
     with torch.no_grad():
         with mask_heads(model, heads):

@@ -23,7 +23,7 @@ def test_one_step_is_one_shot_selection():
 
 
 @pytest.mark.parametrize("kw", [dict(ratio=0.5), dict(count=5, scope="global", score="entropy", order="high"),
-                                dict(ratio=0.5, scope="per_layer", gqa="group")])
+                                dict(ratio=0.5, scope="per_layer", gqa="group", protect_layers=[])])
 def test_rounds_equal_the_manual_procedure_and_leave_the_model_unchanged(kw):
     model, batches = _setup()
     snap = ModelSnapshot(model)

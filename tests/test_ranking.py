@@ -159,9 +159,14 @@ def test_default_recipe_is_the_measured_one():
     s.outputs[..., 1] = torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
     s.outputs[..., 2] = s.outputs[..., 1] ** 2 / 10 + torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
     s.outputs[..., 3] = 10 * torch.rand(3, 4, 8, generator=g, dtype=torch.float64)
-    got = _select_heads(s, ratio=0.25)
-    assert got == _select_heads(s, ratio=0.25, **DEFAULT_RECIPE)
-    assert got == {layer: [int(s.score("variance")[layer].argmin())] for layer in range(3)}  # least variance
+    got = _select_heads(s, ratio=0.5)
+    assert got == _select_heads(s, ratio=0.5, **DEFAULT_RECIPE)
+    # 6 of 12 heads from layers 1 and 2 (the first layer is kept whole), least variance first
+    var = s.score("variance")
+    assert got == {layer: sorted(var[layer].argsort()[:3].tolist()) for layer in (1, 2)}
+    assert _select_heads(s, ratio=0.5, protect_layers=[]) != got  # an explicit choice wins
+    with pytest.raises(ValueError, match="the default recipe keeps the first layer whole"):
+        _select_heads(s, ratio=0.8)
 
 
 def test_named_scores_prune_in_their_natural_order():

@@ -21,13 +21,14 @@ __all__ = ["select_heads", "rank_heads", "DEFAULT_RECIPE", "ORDERS", "SCOPES", "
 ORDERS = ("high", "low", "random")
 
 #: What ``select_heads(scores, ratio=r)`` does with no options, chosen from the measurements in
-#: the README (pruning quality): within each layer, prune first the heads that add the least
-#: output variance (``score="variance"``: what replacing a head by its mean output costs; it
-#: needs the output statistics ``collect`` gathers). The best entropy recipe measured,
+#: the README (pruning quality): within each layer but the first attention layer (kept whole:
+#: its heads mix the raw token embeddings every later layer builds on), prune first the heads
+#: that add the least output variance (``score="variance"``: what replacing a head by its mean
+#: output costs; it needs the output statistics ``collect`` gathers). The best entropy recipe measured,
 #: ``score="inert", order="high"`` (per layer), is the fallback for statistics without
 #: output sums (plain ``nn.MultiheadAttention`` models, older files). The formula as written
 #: (``score="entropy", order="high", scope="global"``) lost to random pruning on both models.
-DEFAULT_RECIPE = {"score": "variance", "order": "low", "scope": "per_layer"}
+DEFAULT_RECIPE = {"score": "variance", "order": "low", "scope": "per_layer", "protect_layers": (0,)}
 FALLBACK_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
 #: the order a named score prunes in when none is given: entropy-like scores prune their
 #: highest first (the method's premise), costs (``variance``, ``rest_nonsink``, an external
@@ -131,7 +132,7 @@ def select_heads(
     count: Optional[int] = None,
     scope: str = DEFAULT_RECIPE["scope"],
     min_heads_per_layer: int = 1,
-    protect_layers: Iterable = (),
+    protect_layers: Optional[Iterable] = None,
     gqa: str = "query",
     score=None,
     order: Optional[str] = None,
@@ -146,7 +147,8 @@ def select_heads(
             every layer gives its share rounded down or up (the extra units go to the layers
             whose next unit ranks first), so a 10% ratio of 9-head layers still prunes 10%.
         min_heads_per_layer: units every layer keeps (0 allows removing a whole layer).
-        protect_layers: layer indices never pruned.
+        protect_layers: layer indices never pruned (``None``: the default recipe's, when
+            ``score`` is ``None`` too, else none).
         gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
             ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a ``[L, H]``
@@ -164,12 +166,19 @@ def select_heads(
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
     if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
         raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
+    kept = ""  # why layers the caller did not name are protected
     if score is None:  # the default recipe, or its fallback without output statistics
         recipe = DEFAULT_RECIPE if getattr(scores, "outputs", None) is not None else FALLBACK_RECIPE
         if recipe is FALLBACK_RECIPE and isinstance(scores, HeadScores):
             warnings.warn("select_heads: these scores have no output statistics (plain torch model or an older file); "
                           f"the default recipe falls back to score={FALLBACK_RECIPE['score']!r}", stacklevel=2)
+        default = order is None  # the whole recipe, not just its score (a random order takes none of it)
         score, order = recipe["score"], recipe["order"] if order is None else order
+        if default and protect_layers is None and isinstance(scores, HeadScores) and scores.num_layers > 1:
+            protect_layers = recipe.get("protect_layers", ())
+            if protect_layers:
+                kept = "; the default recipe keeps the first layer whole (protect_layers=[] allows it)"
+    protect_layers = () if protect_layers is None else protect_layers
     order = natural_order(score) if order is None else order
     ranked = rank_heads(scores, score=score, order=order, seed=seed, gqa=gqa)
     protect = _check_layers(protect_layers, scores.num_layers)
@@ -194,7 +203,7 @@ def select_heads(
     if want > sum(ceils):
         raise ValueError(
             f"ratio/count: {want} units requested but protect_layers and min_heads_per_layer={min_heads_per_layer} "
-            f"allow at most {sum(ceils)}{spread}"
+            f"allow at most {sum(ceils)}{spread}{kept}"
         )
     if len(first) > want:
         raise ValueError(f"pruned: {len(first)} units are already pruned, more than the {want} requested")
