@@ -69,7 +69,7 @@ def _worker(rank, port, out_dir):
         errors["nothing"] = _error(lambda: D.collect(model, [], progress=False))
         from headprune.hf import select_iteratively
 
-        heads, _ = select_iteratively(model, batches, ratio=0.5, steps=3, collect_fn=D.collect, compensate=True)
+        heads, _ = select_iteratively(model, batches, ratio=0.5, steps=3, collect_fn=D.collect, compensate=True, protect_layers=[])
         result = {k: v.to_dict() for k, v in out.items()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"scores": result, "errors": errors, "iterative": {str(k): v for k, v in heads.items()}}, f)
@@ -184,6 +184,6 @@ def test_iterative_selection_is_collective_and_equals_one_process(ranks):
     from headprune.hf import select_iteratively
 
     _, results = ranks
-    heads, _ = select_iteratively(tiny_model("llama"), _batches(), ratio=0.5, steps=3, compensate=True)
+    heads, _ = select_iteratively(tiny_model("llama"), _batches(), ratio=0.5, steps=3, compensate=True, protect_layers=[])
     want = {str(k): v for k, v in heads.items()}
     assert all(r["iterative"] == want for r in results)
