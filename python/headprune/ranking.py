@@ -47,6 +47,16 @@ SCOPES = ("global", "per_layer")
 GQA_MODES = ("query", "group")
 
 
+def _unit_size(hq: int, hkv: int, gqa: str) -> int:
+    """Query heads pruned together: a whole KV group under ``gqa="group"``, else one."""
+    return hq // hkv if gqa == "group" and hkv else 1
+
+
+def count_units(scores: HeadScores, gqa: str = "query") -> int:
+    """Prunable units of the whole model (see :func:`select_heads`' ``gqa``)."""
+    return sum(hq // _unit_size(hq, hkv, gqa) for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+
+
 def _units(scores: HeadScores, score: str, gqa: str) -> list:
     """``(value, layer, first_head, heads)`` for every prunable unit."""
     if isinstance(score, torch.Tensor):  # an external per-head score, e.g. gradient importance
@@ -58,7 +68,7 @@ def _units(scores: HeadScores, score: str, gqa: str) -> list:
     units = []
     for layer in range(scores.num_layers):
         hq, hkv = scores.num_heads[layer], scores.num_kv_heads[layer]
-        size = hq // hkv if gqa == "group" and hkv else 1
+        size = _unit_size(hq, hkv, gqa)
         for start in range(0, hq, size):
             heads = list(range(start, start + size))
             v = values[layer, heads]

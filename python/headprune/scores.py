@@ -103,13 +103,10 @@ class HeadScores:
         ``sum_d Var(o_hd) * ||W_o[:, h*D + d]||^2`` (diagonal approximation): what replacing
         the head by its mean output costs, to first order (the "fluctuation" of FLAP, An et
         al. 2024). NaN where nothing was seen."""
-        if self.outputs is None:
-            raise ValueError("score: 'variance' needs output statistics (collected by an older headprune or a plain torch model)")
-        o = self.outputs
-        n = o[..., 0].clamp_min(1)
-        var = (o[..., 2] / n - (o[..., 1] / n) ** 2).clamp_min(0)
-        v = (var * o[..., 3] / n).sum(-1)
-        return torch.where(o[..., 0, 0] > 0, v, torch.full_like(v, math.nan))
+        mean = self.output_mean()  # NaN where nothing was seen, and so is the sum below
+        n = self.outputs[..., 0].clamp_min(1)
+        var = (self.outputs[..., 2] / n - mean**2).clamp_min(0)
+        return (var * self.outputs[..., 3] / n).sum(-1)
 
     def output_mean(self) -> torch.Tensor:
         """Mean attention output ``[L, H, D]`` of every head (NaN where nothing was seen)."""

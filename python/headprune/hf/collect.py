@@ -217,16 +217,17 @@ class _Collection:
             qm = self._query_mask(site, x.shape[0], x.shape[1], x.device) if x.dim() == 3 else None
             rows = x.reshape(-1, hq * d)
             valid = None if qm is None else qm.reshape(-1)
+            n = rows.shape[0] if valid is None else int(valid.sum())
             # float64 in chunks of rows: the temporaries stay small whatever the batch
             for start in range(0, rows.shape[0], _OUTPUT_CHUNK):
                 c = rows[start : start + _OUTPUT_CHUNK]
                 if valid is not None:
                     c = c[valid[start : start + _OUTPUT_CHUNK]]
                 c = c.double()
-                acc[..., 0] += c.shape[0]
                 acc[..., 1] += c.sum(0).view(hq, d)
                 acc[..., 2] += c.square_().sum(0).view(hq, d)
-                acc[..., 3] += c.shape[0] * norms.to(acc.device)
+            acc[..., 0] += n
+            acc[..., 3] += n * norms.to(acc.device)
             return None
 
         return hook

@@ -78,7 +78,6 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         from .prune import _new_state
 
         state = _new_state(model, [head_counts(s, adapter) for s in sites])
-        state["uniform"] = state.get("uniform", True)
         state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})
     # an output-projection bias the family's config cannot declare would be dropped by
     # from_pretrained (with only a warning): such a model is not plain-loadable

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Optional, Union
 
-from ..ranking import _budget, select_heads
+from ..ranking import _budget, count_units, select_heads
 from ..scores import HeadScores
 from .collect import collect
 from .prune import mask_heads
@@ -26,10 +26,6 @@ AUTO_STEP = 0.1
 def auto_steps(units: int, total: int) -> int:
     """Rounds of ``steps="auto"`` for pruning ``units`` of ``total``."""
     return max(1, math.ceil(units / max(1, total) / AUTO_STEP - 1e-9))
-
-
-def _units_total(scores: HeadScores, gqa: str) -> int:
-    return sum(h // (h // kv if gqa == "group" and kv else 1) for h, kv in zip(scores.num_heads, scores.num_kv_heads))
 
 
 def select_iteratively(
@@ -81,7 +77,7 @@ def select_iteratively(
     try:
         if scores is None:
             scores = gather(model, batches, progress=progress)
-        total = _units_total(scores, select_kwargs.get("gqa", "query"))
+        total = count_units(scores, select_kwargs.get("gqa", "query"))
         want = _budget(ratio, count, total, "units of the model")  # validates ratio/count once
         if steps == "auto":
             steps = auto_steps(want, total)

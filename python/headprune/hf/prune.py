@@ -32,6 +32,15 @@ def _o_dim(adapter) -> int:
 # ---- masking -----------------------------------------------------------------------------
 
 
+def _compensation_biases(compensate, sites, adapter, heads: dict) -> dict:
+    """``{layer: float64 bias}`` replacing each layer's removed heads by their mean output
+    (empty without ``compensate``); checked before anything is changed."""
+    if compensate is None:
+        return {}
+    mean = _check_compensate(compensate, sites, adapter)
+    return {layer: _compensation(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
+
+
 def _check_compensate(scores, sites, adapter) -> torch.Tensor:
     """The mean head outputs ``[L, H, D]`` of ``scores``, checked against the model's layout."""
     if not isinstance(scores, HeadScores):
@@ -79,14 +88,11 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -
     sites = resolve_sites(model, adapter)
     heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
     refuse_masked_again(heads, [s.o.weight for s in sites])
-    mean = None if compensate is None else _check_compensate(compensate, sites, adapter)
     handle = MaskHandle(heads)
     try:
         with torch.no_grad():
-            if mean is not None:
-                biases = {layer: _compensation(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
-                for layer, b in biases.items():
-                    handle.add_bias_(sites[layer].o, b)
+            for layer, b in _compensation_biases(compensate, sites, adapter, heads).items():
+                handle.add_bias_(sites[layer].o, b)
             for layer, hs in heads.items():
                 site = sites[layer]
                 handle.zero_(site.o.weight, hs, head_counts(site, adapter)[0], head_dim(site, adapter), _o_dim(adapter))
@@ -330,7 +336,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, 
             f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
             "(or leave its with block) before prune_heads"
         )
-    mean = None if compensate is None else _check_compensate(compensate, sites, adapter)
+    biases = _compensation_biases(compensate, sites, adapter, heads)  # from the weights before slicing
     before = measure(model)
     state = _new_state(model, counts)
     state.setdefault("o_bias", [])
@@ -339,16 +345,14 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, 
     try:
         with torch.no_grad():
             _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)
-            if mean is not None:
-                biases = {layer: _compensation(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
-                for layer, b in biases.items():
-                    o = sites[layer].o
-                    if o.bias is None:
-                        state["o_bias"] = sorted({*state["o_bias"], layer})
-                        new = b.to(o.weight.device, o.weight.dtype)
-                    else:
-                        new = o.bias.detach() + b.to(o.bias.device, o.bias.dtype)
-                    undo.set(o, "bias", nn.Parameter(new, requires_grad=o.weight.requires_grad))
+            for layer, b in biases.items():
+                o = sites[layer].o
+                if o.bias is None:
+                    state["o_bias"] = sorted({*state["o_bias"], layer})
+                    new = b.to(o.weight.device, o.weight.dtype)
+                else:
+                    new = o.bias.detach() + b.to(o.bias.device, o.bias.dtype)
+                undo.set(o, "bias", nn.Parameter(new, requires_grad=o.weight.requires_grad))
             for layer, remove in heads.items():
                 keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove, state["kv"][layer])
                 state["kept"][layer] = [state["kept"][layer][j] for j in keep]
