@@ -45,6 +45,54 @@ def test_streaming_matches_eager_reference_and_outputs_are_untouched(family):
     assert (scores.entropy > 0).all() and torch.isfinite(scores.std).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_attention_matches_the_models_own(family, monkeypatch):
+    """On CPU an sdpa model's attention calls are served by the fused op: the statistics and
+    the model's outputs during collection equal the unfused path's to float rounding."""
+    import sys
+
+    module = sys.modules["headprune.hf.collect"]
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    calls = []
+    real = module.accumulate_attention_
+    monkeypatch.setattr(module, "accumulate_attention_", lambda *a: calls.append(1) or real(*a))
+    outs = {True: [], False: []}
+    flag = [True]
+    hook = model.register_forward_hook(lambda m, a, out: outs[flag[0]].append(_first(out).clone()))
+    scores = {}
+    for flag[0] in (True, False):
+        scores[flag[0]] = collect(model, batches, progress=False, fused=flag[0])
+    hook.remove()
+    n_sites = scores[True].num_layers
+    if all(i == "sdpa" for i in _impls(model)):
+        assert len(calls) == n_sites * len(batches)  # every call fused, once
+    else:  # gemma2 runs eager (soft-capping): nothing is fused
+        assert not calls
+    assert torch.equal(scores[True].count, scores[False].count)
+    n = scores[False].count.clamp_min(1).unsqueeze(-1)
+    torch.testing.assert_close(scores[True].stats / n, scores[False].stats / n, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores[True].outputs, scores[False].outputs, rtol=1e-4, atol=1e-6)
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_attention_is_skipped_where_it_does_not_apply(monkeypatch):
+    import sys
+
+    module = sys.modules["headprune.hf.collect"]
+    calls = []
+    real = module.accumulate_attention_
+    monkeypatch.setattr(module, "accumulate_attention_", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model("llama")
+    collect(model, [tiny_batch("llama")], progress=False, method="eager")
+    collect(model, [tiny_batch("llama")], progress=False, fused=False)
+    assert not calls
+    eager = tiny_model("llama", attn_implementation="eager")
+    collect(eager, [tiny_batch("llama")], progress=False)
+    assert not calls
+
+
 @pytest.mark.parametrize("family", ["bert", "llama", "t5"])
 def test_padded_queries_are_excluded(family):
     """A padded batch gives the statistics of its sequences run one by one, unpadded."""

@@ -271,6 +271,12 @@ for dt in (torch.float32, torch.float64, torch.bfloat16):
     ops.entropy_stats_from_qk_accumulate_(s, q, k, 0.3, m, True, None)
     w = R.entropy_stats_from_qk(q, k, 0.3, m, True)
     assert torch.equal(s[:, 0], w[:, 0]) and ((s - w)[:, 1:] / w[:, :1]).abs().max() < 2e-5
+    v = torch.randn(2, 2, 555, 20, generator=g).to(dt)
+    s = torch.zeros(4, 6, dtype=torch.float64)
+    out = ops.attention_stats_accumulate_(s, q, k, v, 0.3, m, True, None)
+    wo, w = R.attention_stats(q, k, v, 0.3, m, True)
+    assert torch.equal(s[:, 0], w[:, 0]) and ((s - w)[:, 1:] / w[:, :1]).abs().max() < 1e-4
+    assert (out.double() - wo).abs().max() < (2e-5 if dt != torch.bfloat16 else 2e-2)
     p = torch.softmax(torch.randn(2, 3, 7, 1001, generator=g) * 4, -1).to(dt)
     s = torch.zeros(3, 6, dtype=torch.float64)
     ops.entropy_stats_from_probs_accumulate_(s, p)

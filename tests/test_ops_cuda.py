@@ -288,3 +288,23 @@ def test_opcheck():
     p = _probs(1, 2, 3, 9, torch.float32, seed=26)
     torch.library.opcheck(torch.ops.headprune.entropy_stats_from_probs_accumulate_.default,
                           (stats, _dev(p), None, 1e-8))
+
+
+# ----------------------------------------------------------------- attention with statistics
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(2, 4, 2, 33, 70, 16, True), (1, 3, 3, 64, 64, 32, False), (1, 2, 1, 300, 300, 64, True)])
+def test_attention_stats_matches_reference(case, dtype):
+    B, Hq, Hkv, Q, K, D, causal = case
+    q, k = _qk(B, Hq, Hkv, Q, K, D, dtype, seed=Q)
+    v = torch.randn(B, Hkv, K, D + 3, generator=_gen(K), dtype=torch.float64).to(dtype)
+    mask = torch.rand(B, 1, Q, K, generator=_gen(1)) > 0.2
+    mask[0, 0, 1] = False  # a row with no visible key: zero output, not counted
+    stats = torch.zeros(Hq, ref.NUM_STATS, dtype=torch.float64, device=DEVICE)
+    out = ops.attention_stats_accumulate_(stats, _dev(q), _dev(k), _dev(v), D**-0.5, _dev(mask), causal, None)
+    want_out, want = ref.attention_stats(q, k, v, D**-0.5, mask, causal)
+    assert out.dtype == dtype and out.device.type == torch.device(DEVICE).type
+    tol = 2e-2 if dtype in HALF else 1e-4
+    torch.testing.assert_close(out.cpu().double(), want_out, rtol=0, atol=tol)
+    assert_stats_close(stats.cpu(), want, atol=ATOL if dtype not in HALF else 1e-3)

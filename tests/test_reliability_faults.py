@@ -64,7 +64,8 @@ def _output(model, family):
 
 # ---- collection ---------------------------------------------------------------------------------
 
-_OPS = {"qk": "entropy_stats_from_qk_accumulate_", "eager": "entropy_stats_from_probs_accumulate_"}
+_OPS = {"qk": "entropy_stats_from_qk_accumulate_", "fused": "attention_stats_accumulate_",
+        "eager": "entropy_stats_from_probs_accumulate_"}
 
 
 def _failing_batches(family, fault):
@@ -74,8 +75,9 @@ def _failing_batches(family, fault):
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("family, method, where", [("llama", "qk", "op"), ("t5", "qk", "op"), ("gpt2", "eager", "op"),
-                                                   ("gemma2", "qk", "op"), ("t5", "qk", "batches")])
+@pytest.mark.parametrize("family, method, where", [("llama", "fused", "op"), ("llama", "qk", "op"), ("t5", "fused", "op"),
+                                                   ("gpt2", "eager", "op"), ("gemma2", "qk", "op"),
+                                                   ("t5", "fused", "batches")])
 def test_fault_during_collection(monkeypatch, family, method, where, fault):
     model = tiny_model(family)
     ref = _output(model, family)
@@ -85,12 +87,14 @@ def test_fault_during_collection(monkeypatch, family, method, where, fault):
         batches = [tiny_batch(family)]
     else:
         batches = _failing_batches(family, fault)
+    # "qk" runs the model's own attention, then the statistics op; "fused" the fused op
+    kw = {"method": "eager"} if method == "eager" else {"method": "qk", "fused": method == "fused"}
     with pytest.raises(type(fault())):
-        collect(model, batches, method=method, progress=False)
+        collect(model, batches, progress=False, **kw)
     monkeypatch.undo()
     snap.assert_same()
     assert torch.equal(_output(model, family), ref)
-    collect(model, [tiny_batch(family)], method=method, progress=False)  # no stale "already active"
+    collect(model, [tiny_batch(family)], progress=False, **kw)  # no stale "already active"
 
 
 # ---- masking --------------------------------------------------------------------------------------

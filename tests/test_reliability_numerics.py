@@ -63,8 +63,10 @@ def test_neg_inf_additive_masks_and_fully_masked_rows(monkeypatch, family, paddi
     monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name,
                         _additive_inf(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name]))
     seen = []
-    real = collect_mod.accumulate_qk_
+    real, real_fused = collect_mod.accumulate_qk_, collect_mod.accumulate_attention_
     monkeypatch.setattr(collect_mod, "accumulate_qk_", lambda st, q, k, s, m, *a: (seen.append(m), real(st, q, k, s, m, *a)))
+    monkeypatch.setattr(collect_mod, "accumulate_attention_",
+                        lambda st, q, k, v, s, m, *a: (seen.append(m), real_fused(st, q, k, v, s, m, *a))[1])
     scores = collect(model, [batch], progress=False)
     assert any(m is not None and m.dtype == torch.float32 and torch.isneginf(m).any() for m in seen)
     assert torch.equal(scores.count, ref.count) and scores.count[0, 0] == batch["attention_mask"].sum()
@@ -80,18 +82,19 @@ def test_32k_keys_match_float64():
     for layer in range(2):
         cache.update(torch.randn(1, 2, K, 8, generator=g) * 3, torch.randn(1, 2, K, 8, generator=g), layer)
     seen = []
-    real = collect_mod.accumulate_qk_
+    real = collect_mod.accumulate_attention_
 
-    def spy(stats, q, k, scale, mask, causal, qm):
+    def spy(stats, q, k, v, scale, mask, causal, qm):  # the fused op serves this sdpa model
         seen.append((q.double(), k.double(), scale, mask, causal))
-        return real(stats, q, k, scale, mask, causal, qm)
+        return real(stats, q, k, v, scale, mask, causal, qm)
 
-    collect_mod.accumulate_qk_, saved = spy, real
+    collect_mod.accumulate_attention_, saved = spy, real
     try:
         ids = torch.randint(3, 99, (1, 2), generator=g)
         scores = collect(model, [{"input_ids": ids, "past_key_values": cache, "use_cache": True}], progress=False)
     finally:
-        collect_mod.accumulate_qk_ = saved
+        collect_mod.accumulate_attention_ = saved
+    assert len(seen) == 2
     for layer, (q, k, scale, mask, causal) in enumerate(seen):
         assert k.shape[2] == K + 2 and not causal
         z = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * scale

@@ -57,6 +57,15 @@ void entropy_stats_from_qk_accumulate_(at::Tensor& stats, const at::Tensor& quer
   op.call(stats, query, key, scale, attn_mask, is_causal, query_mask);
 }
 
+at::Tensor attention_stats_accumulate_(at::Tensor& stats, const at::Tensor& query, const at::Tensor& key,
+                                       const at::Tensor& value, double scale,
+                                       const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                       const std::optional<at::Tensor>& query_mask) {
+  static const auto op =
+      find_op<decltype(attention_stats_accumulate_)>("headprune::attention_stats_accumulate_");
+  return op.call(stats, query, key, value, scale, attn_mask, is_causal, query_mask);
+}
+
 void apply_head_mask_(at::Tensor& x, const at::Tensor& mask, int64_t head_dim, int64_t dim) {
   static const auto op = find_op<decltype(apply_head_mask_)>("headprune::apply_head_mask_");
   op.call(x, mask, head_dim, dim);

@@ -45,6 +45,19 @@ void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
 }
 
+void check_value(const at::Tensor& value, const at::Tensor& key) {
+  TORCH_CHECK_VALUE(value.dim() == 4, "value: expected a 4-D tensor [B, Hkv, K, Dv], got ", value.dim(),
+                    "-D with shape ", value.sizes());
+  TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "value: expected the dtype of query and key (",
+                   key.scalar_type(), "), got ", value.scalar_type());
+  TORCH_CHECK_VALUE(value.device() == key.device(), "value: expected the device of query (", key.device(), "), got ",
+                    value.device());
+  TORCH_CHECK_VALUE(value.size(0) == key.size(0) && value.size(1) == key.size(1) && value.size(2) == key.size(2),
+                    "value: expected [B, Hkv, K] = [", key.size(0), ", ", key.size(1), ", ", key.size(2),
+                    "] like key, got shape ", value.sizes());
+  TORCH_CHECK_VALUE(value.size(3) >= 1, "value: expected a head_dim >= 1, got shape ", value.sizes());
+}
+
 void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Tensor& like, int64_t q_len) {
   if (!query_mask.has_value()) return;
   const at::Tensor& m = *query_mask;

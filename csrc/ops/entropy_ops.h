@@ -5,6 +5,12 @@
 //     static void probs_rows(const at::Tensor& probs, double eps, at::Tensor& rows);
 //     static void qk_rows(const at::Tensor& q, const at::Tensor& k, double scale,
 //                         const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows);
+//     // softmax(...) @ value in query's dtype, with the rows of qk_rows; attn_mask is the
+//     // caller's mask as given, mask the expanded view qk_rows takes.
+//     static at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+//                                      double scale, const std::optional<at::Tensor>& attn_mask,
+//                                      const std::optional<at::Tensor>& mask, bool is_causal,
+//                                      at::Tensor& rows);
 //   };
 //
 // rows is a contiguous float64 [B, H, Q, 4] of per-row {H, n, p_first, H_rest}. Every check
@@ -73,7 +79,23 @@ struct EntropyOps {
     stats.add_(qk_stats(query, key, scale, attn_mask, is_causal, query_mask, "entropy_stats_from_qk_accumulate_"));
   }
 
+  static at::Tensor attention_stats(at::Tensor& stats, const at::Tensor& query, const at::Tensor& key,
+                                    const at::Tensor& value, double scale, const std::optional<at::Tensor>& attn_mask,
+                                    bool is_causal, const std::optional<at::Tensor>& query_mask) {
+    check_qk(query, key, scale);
+    check_value(value, key);
+    check_stats(stats, query, query.size(1));
+    check_query_mask(query_mask, query, query.size(2));
+    const auto compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto mask = expand_attn_mask(attn_mask, query, key, compute);
+    at::Tensor rows = at::empty({query.size(0), query.size(1), query.size(2), 4}, query.options().dtype(at::kDouble));
+    at::Tensor out = Backend::attention_rows(query, key, value, scale, attn_mask, mask, is_causal, rows);
+    stats.add_(reduce_rows(rows, query_mask, "attention_stats_accumulate_", "query/key/value/attn_mask"));
+    return out;
+  }
+
   static void register_impls(torch::Library& m) {
+    m.impl("attention_stats_accumulate_", &attention_stats);
     m.impl("entropy_from_probs_accumulate_", &from_probs);
     m.impl("entropy_stats_from_probs_accumulate_", &stats_from_probs);
     m.impl("entropy_from_qk_accumulate_", &from_qk);

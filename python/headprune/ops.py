@@ -2,7 +2,8 @@
 
 All entropies are in nats and accumulated in float64 whatever the input dtype. The
 accumulating ops (trailing ``_``) add into caller-owned tensors and return ``None``; on any
-error the accumulators are left unchanged.
+error the accumulators are left unchanged. The one exception, ``attention_stats_accumulate_``,
+returns the attention output it computed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ __all__ = [
     "NUM_STATS",
     "STAT_FIELDS",
     "apply_head_mask_",
+    "attention_stats_accumulate_",
     "entropy_from_probs_accumulate_",
     "entropy_from_qk_accumulate_",
     "entropy_stats_from_probs_accumulate_",
@@ -104,6 +106,30 @@ def entropy_stats_from_qk_accumulate_(
     _ops.entropy_stats_from_qk_accumulate_(stats, query, key, scale, attn_mask, is_causal, query_mask)
 
 
+def attention_stats_accumulate_(
+    stats: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    query_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention that measures itself: returns ``softmax(query key^T * scale + attn_mask) @
+    value`` (``[B, Hq, Q, Dv]``, query's dtype) and adds the statistics of its rows into
+    ``stats`` exactly as :func:`entropy_stats_from_qk_accumulate_` would.
+
+    ``value`` is ``[B, Hkv, K, Dv]`` (same dtype as ``key``); the other arguments are those of
+    :func:`entropy_from_qk_accumulate_`. On CPU one fused streaming kernel forms each block of
+    logits once, for the output and the statistics (float32 exponentials with about 2e-6
+    relative error, as ATen's CPU flash attention; float64 inputs are computed in float64);
+    on CUDA it is the device's ``scaled_dot_product_attention`` followed by the statistics
+    kernel. Rows with no visible key get a zero output and are not counted. No autograd.
+    """
+    return _ops.attention_stats_accumulate_(stats, query, key, value, scale, attn_mask, is_causal, query_mask)
+
+
 def apply_head_mask_(x: torch.Tensor, mask: torch.Tensor, head_dim: int, dim: int) -> None:
     """In place: multiply head ``h``'s slice of ``x`` along ``dim`` by ``mask[h]``.
 
@@ -139,6 +165,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("headprune::entropy_stats_from_qk_accumulate_")
     def _(stats, query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
         _check_acc(stats, (query.shape[1], NUM_STATS), torch.float64, "stats")
+
+    @torch.library.register_fake("headprune::attention_stats_accumulate_")
+    def _(stats, query, key, value, scale, attn_mask=None, is_causal=False, query_mask=None):
+        _check_acc(stats, (query.shape[1], NUM_STATS), torch.float64, "stats")
+        return query.new_empty(query.shape[0], query.shape[1], query.shape[2], value.shape[3])
 
     # apply_head_mask_ is CompositeImplicitAutograd: it decomposes into ATen ops when traced.
 

@@ -117,6 +117,19 @@ def entropy_stats_from_qk(query, key, scale, attn_mask=None, is_causal=False, qu
     return _reduce(*row_stats_from_logits(z), query_mask)
 
 
+def attention_stats(query, key, value, scale, attn_mask=None, is_causal=False, query_mask=None):
+    """``(output [B, Hq, Q, Dv], stats [Hq, NUM_STATS])`` in float64: the attention output
+    ``softmax(q k^T * scale + mask) @ value`` (zero for rows with no visible key) and the
+    statistics of :func:`entropy_stats_from_qk`."""
+    z = attention_logits(query, key, scale, attn_mask, is_causal)
+    v = value.double()
+    group = query.shape[1] // value.shape[1]
+    if group > 1:
+        v = v.repeat_interleave(group, dim=1)
+    out = torch.matmul(torch.softmax(z, dim=-1).nan_to_num(0.0), v)
+    return out, _reduce(*row_stats_from_logits(z), query_mask)
+
+
 def entropy_from_probs(probs, query_mask=None, eps=1e-8):
     """``(sums [H] float64, counts [H] int64)``: the formula as written,
     ``-(p * log(p + eps)).sum(-1)`` summed over valid query rows."""

@@ -43,6 +43,14 @@ def accumulate_qk_(stats, query, key, scale, attn_mask=None, is_causal=False, qu
     ops.entropy_stats_from_qk_accumulate_(stats, query, key, float(scale), attn_mask, bool(is_causal), query_mask)
 
 
+def accumulate_attention_(stats, query, key, value, scale, attn_mask=None, is_causal=False, query_mask=None):
+    """The attention output ``[B, Hq, Q, Dv]``, with the statistics of its rows added into
+    ``stats`` (see ``headprune.ops.attention_stats_accumulate_``)."""
+    return ops.attention_stats_accumulate_(
+        stats, query, key, value, float(scale), attn_mask, bool(is_causal), query_mask
+    )
+
+
 def accumulate_probs_(stats, probs, query_mask=None, eps: float = 1e-8) -> None:
     """Add the statistics of attention probabilities ``probs [B, H, Q, K]`` into ``stats``."""
     ops.entropy_stats_from_probs_accumulate_(stats, probs, query_mask, eps)

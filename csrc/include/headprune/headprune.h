@@ -62,6 +62,15 @@ HEADPRUNE_API void entropy_stats_from_qk_accumulate_(at::Tensor& stats, const at
                                                      bool is_causal = false,
                                                      const std::optional<at::Tensor>& query_mask = std::nullopt);
 
+// The attention output softmax(q k^T * scale + attn_mask) @ value ([B, Hq, Q, Dv], query's
+// dtype; value [B, Hkv, K, Dv]) and, added into stats, the six statistics of its rows: an
+// attention call that also measures its heads (one fused pass over the logits on CPU).
+HEADPRUNE_API at::Tensor attention_stats_accumulate_(at::Tensor& stats, const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value, double scale,
+                                                     const std::optional<at::Tensor>& attn_mask = std::nullopt,
+                                                     bool is_causal = false,
+                                                     const std::optional<at::Tensor>& query_mask = std::nullopt);
+
 // In place: the slice of head h along dim of x (x.size(dim) == num_heads * head_dim, heads
 // outermost) is multiplied by mask[h] (0/1 or real gates). x is never reallocated. Refuses a
 // leaf that requires grad while grad mode is on: use at::NoGradGuard on parameters.

@@ -15,9 +15,16 @@ using ProbsRowsFn = void (*)(const at::Tensor& probs, double eps, at::Tensor& ro
 using QkRowsFn = void (*)(const at::Tensor& query, const at::Tensor& key, double scale,
                           const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows);
 
+// The attention output as well: out is a contiguous [B, Hq, Q, Dv] tensor of the compute type
+// (float64 for float64 inputs, float32 otherwise) that receives softmax(...) @ value.
+using AttentionRowsFn = void (*)(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale,
+                                 const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows,
+                                 at::Tensor& out);
+
 struct RowKernels {
   ProbsRowsFn probs_rows;
   QkRowsFn qk_rows;
+  AttentionRowsFn attention_rows;
   const char* isa;
 };
 

@@ -164,8 +164,11 @@ inline void probs_rows(const at::Tensor& probs, double eps, at::Tensor& rows) {
 
 // -------------------------------------------------------------------------------- qk rows
 
-constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 512;
+
+// Queries per block: as ATen's CPU flash attention, 256 for long sequences (larger GEMMs),
+// 64 otherwise (more blocks to share among threads).
+inline int64_t query_block(int64_t Q) { return Q >= 768 ? 256 : 64; }
 
 // Streams one block of logits z[0, kn) of a row into its state. Masked keys hold values
 // <= kMaskedLogit; z is scratch and may be modified.
@@ -266,17 +269,18 @@ void qk_rows_typed(const at::Tensor& query, const at::Tensor& key, double scale,
   const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
   const int64_t Hkv = kk.size(1), K = kk.size(2), group = Hq / Hkv;
   const int64_t offset = K - Q;  // causal: row i sees keys j <= i + offset
-  const int64_t nqb = (Q + kBlockQ - 1) / kBlockQ;
+  const int64_t bq_max = query_block(Q);
+  const int64_t nqb = (Q + bq_max - 1) / bq_max;
   double* out = rows.data_ptr<double>();
   // Small problems run inline: opening a parallel region costs more than they do.
-  const int64_t task_flops = 2 * std::min(kBlockQ, Q) * K * std::max<int64_t>(D, 1);
+  const int64_t task_flops = 2 * std::min(bq_max, Q) * K * std::max<int64_t>(D, 1);
   const int64_t grain = std::max<int64_t>(1, (1 << 21) / task_flops);
   at::parallel_for(0, B * Hq * nqb, grain, [&](int64_t begin, int64_t end) {
-    at::Tensor buf = at::empty({kBlockQ * kBlockK}, q.options());
-    std::vector<k::RowState> state(kBlockQ);
+    at::Tensor buf = at::empty({bq_max * kBlockK}, q.options());
+    std::vector<k::RowState> state(bq_max);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, h = (task / nqb) % Hq, b = task / (nqb * Hq);
-      const int64_t i0 = qb * kBlockQ, bq = std::min(kBlockQ, Q - i0);
+      const int64_t i0 = qb * bq_max, bq = std::min(bq_max, Q - i0);
       const at::Tensor qv = q[b][h].narrow(0, i0, bq);
       const at::Tensor kv = kk[b][h / group];
       std::fill(state.begin(), state.end(), k::RowState{});
@@ -301,10 +305,169 @@ inline void qk_rows(const at::Tensor& query, const at::Tensor& key, double scale
   return qk_rows_typed<float>(query, key, scale, mask, is_causal, rows);
 }
 
+// ------------------------------------------------------------------------ attention rows
+
+template <typename acc_t>
+inline Vectorized<acc_t> fast_exp(const Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) return x.exp_u20();  // as ATen's CPU flash attention
+  return x.exp();
+}
+
+// Per-row state of the fused attention: the entropy state exactly as the qk kernel keeps it
+// (the keys after the first, shifted by their running max), and the output's shift om, the
+// running max over every visible key. A key's output weight is its entropy-state weight
+// e^(z - s.m) times e^(s.m - om) <= 1, so the statistics never lose keys to underflow next
+// to a dominant first key, whatever the gap.
+struct AttnRow {
+  k::RowState s;
+  double om = -INFINITY;
+};
+
+// Streams one block of logits z[0, kn) of a row: updates the statistics, rescales the row's
+// output accumulator o[0, dv) when om grows, and overwrites z with the output weights
+// e^(z - om) of the block's keys (0 for masked keys).
+template <typename acc_t>
+void attend_block(AttnRow& r, acc_t* z, int64_t kn, acc_t* o, int64_t dv) {
+  using Vec = Vectorized<acc_t>;
+  k::RowState& s = r.s;
+  int64_t first = -1;
+  if (s.n == 0) {  // the first visible key is kept apart (attention-sink statistics)
+    int64_t j = 0;
+    while (j < kn && !k::is_visible(z[j])) ++j;
+    if (j == kn) {
+      std::fill(z, z + kn, acc_t(0));
+      return;
+    }
+    first = j;
+    s.z0 = static_cast<double>(z[j]);
+    s.n = 1;
+    z[j] = -std::numeric_limits<acc_t>::infinity();  // out of the vector passes below
+  }
+  const Vec vmask(static_cast<acc_t>(k::kMaskedLogit));
+  const Vec vone(acc_t(1));
+  Vec vmax(-std::numeric_limits<acc_t>::infinity()), vcnt(acc_t(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= kn; j += Vec::size()) {
+    Vec x = Vec::loadu(z + j);
+    vmax = at::vec::maximum(vmax, x);  // propagates NaN
+    vcnt = vcnt + (vone - x.le(vmask));
+  }
+  acc_t bmax = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  int64_t cnt = static_cast<int64_t>(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vcnt));
+  for (int64_t t = j; t < kn; ++t) {
+    if (k::is_visible(z[t])) ++cnt;
+    if (z[t] != z[t] || z[t] > bmax) bmax = z[t];  // keeps a NaN once seen
+  }
+  s.n += cnt;
+  if (cnt > 0 && !(static_cast<double>(bmax) <= s.m)) k::rescale(s, static_cast<double>(bmax));
+  double om = r.om;
+  if (first >= 0 && !(s.z0 <= om)) om = s.z0;
+  if (!(s.m <= om)) om = s.m;  // s.m is -inf until a key after the first is seen
+  if (!(om <= r.om)) {  // the output so far was weighted with the old shift
+    if (r.om > -INFINITY) {
+      const acc_t a = static_cast<acc_t>(std::exp(r.om - om));
+      const Vec va(a);
+      int64_t d = 0;
+      for (; d + Vec::size() <= dv; d += Vec::size()) (Vec::loadu(o + d) * va).store(o + d);
+      for (; d < dv; ++d) o[d] *= a;
+    }
+    r.om = om;
+  }
+  if (cnt == 0) {
+    std::fill(z, z + kn, acc_t(0));
+  } else {
+    const acc_t m = static_cast<acc_t>(s.m);
+    const Vec vm(m), vfloor(static_cast<acc_t>(k::kExpFloor));
+    const Vec vc(static_cast<acc_t>(std::exp(s.m - r.om)));
+    Vec vl(acc_t(0)), vt(acc_t(0));
+    j = 0;
+    for (; j + Vec::size() <= kn; j += Vec::size()) {
+      Vec x = at::vec::maximum(Vec::loadu(z + j) - vm, vfloor);
+      Vec e = fast_exp(x);
+      (e * vc).store(z + j);
+      vl = vl + e;
+      vt = at::vec::fmadd(e, x, vt);
+    }
+    if (j < kn) {
+      // Tail padded with the floor: exp(floor) == 0 adds nothing.
+      Vec x = Vec::set(vfloor, Vec::loadu(z + j, kn - j) - vm, kn - j);
+      x = at::vec::maximum(x, vfloor);
+      Vec e = fast_exp(x);
+      (e * vc).store(z + j, kn - j);
+      vl = vl + e;
+      vt = at::vec::fmadd(e, x, vt);
+    }
+    auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& c) { return a + c; }, v); };
+    s.l += hsum(vl);
+    s.t += hsum(vt);
+  }
+  if (first >= 0) z[first] = static_cast<acc_t>(std::exp(s.z0 - r.om));
+}
+
+template <typename acc_t>
+void attention_rows_typed(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale,
+                          const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows, at::Tensor& out) {
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor q = query.to(acc).contiguous();
+  const at::Tensor kk = key.to(acc).contiguous();
+  const at::Tensor vv = value.to(acc).contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), Q = q.size(2), D = q.size(3);
+  const int64_t Hkv = kk.size(1), K = kk.size(2), Dv = vv.size(3), group = Hq / Hkv;
+  const int64_t offset = K - Q;
+  const int64_t bq_max = query_block(Q);
+  const int64_t nqb = (Q + bq_max - 1) / bq_max;
+  double* rows_p = rows.data_ptr<double>();
+  acc_t* out_p = out.data_ptr<acc_t>();
+  const int64_t task_flops = 2 * std::min(bq_max, Q) * K * std::max<int64_t>(D + Dv, 1);
+  const int64_t grain = std::max<int64_t>(1, (1 << 21) / task_flops);
+  at::parallel_for(0, B * Hq * nqb, grain, [&](int64_t begin, int64_t end) {
+    at::Tensor buf = at::empty({bq_max * kBlockK}, q.options());
+    at::Tensor obuf = at::empty({bq_max, Dv}, q.options());
+    std::vector<AttnRow> state(bq_max);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nqb, h = (task / nqb) % Hq, b = task / (nqb * Hq);
+      const int64_t i0 = qb * bq_max, bq = std::min(bq_max, Q - i0);
+      const at::Tensor qv = q[b][h].narrow(0, i0, bq);
+      const at::Tensor kv = kk[b][h / group];
+      const at::Tensor vb = vv[b][h / group];
+      at::Tensor o = obuf.narrow(0, 0, bq);
+      o.zero_();
+      acc_t* op = o.data_ptr<acc_t>();
+      std::fill(state.begin(), state.end(), AttnRow{});
+      const int64_t j_end = is_causal ? std::min(K, i0 + bq + offset) : K;
+      for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+        const int64_t kn = std::min(kBlockK, j_end - j0);
+        at::Tensor z = buf.narrow(0, 0, bq * kn).view({bq, kn});
+        at::addmm_out(z, z, qv, kv.narrow(0, j0, kn).t(), /*beta=*/0, /*alpha=*/scale);
+        acc_t* zp = z.data_ptr<acc_t>();
+        mask_block<acc_t>(zp, kn, bq, kn, i0, j0, mask, b, h, is_causal, offset);
+        for (int64_t i = 0; i < bq; ++i) attend_block<acc_t>(state[i], zp + i * kn, kn, op + i * Dv, Dv);
+        at::addmm_out(o, o, z, vb.narrow(0, j0, kn), /*beta=*/1, /*alpha=*/1);
+      }
+      for (int64_t i = 0; i < bq; ++i) {
+        const AttnRow& r = state[i];
+        acc_t* dst = out_p + (((b * Hq + h) * Q) + i0 + i) * Dv;
+        double total = 0.0;  // sum of the output weights, at shift om
+        if (r.s.n > 0) total = std::exp(r.s.z0 - r.om) + (r.s.l > 0.0 ? r.s.l * std::exp(r.s.m - r.om) : 0.0);
+        const acc_t inv = r.s.n == 0 ? acc_t(0) : static_cast<acc_t>(1.0 / total);
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = op[i * Dv + d] * inv;
+        k::finalize(r.s, rows_p + (((b * Hq + h) * Q) + i0 + i) * k::kRowFields);
+      }
+    }
+  });
+}
+
+inline void attention_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale,
+                           const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows, at::Tensor& out) {
+  if (query.scalar_type() == at::kDouble)
+    return attention_rows_typed<double>(query, key, value, scale, mask, is_causal, rows, out);
+  return attention_rows_typed<float>(query, key, value, scale, mask, is_causal, rows, out);
+}
+
 inline RowKernels make_row_kernels() {
 #define HP_STR2(x) #x
 #define HP_STR(x) HP_STR2(x)
-  return RowKernels{&probs_rows, &qk_rows, HP_STR(CPU_CAPABILITY)};
+  return RowKernels{&probs_rows, &qk_rows, &attention_rows, HP_STR(CPU_CAPABILITY)};
 #undef HP_STR
 #undef HP_STR2
 }

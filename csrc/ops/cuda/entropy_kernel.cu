@@ -84,6 +84,30 @@ struct CudaBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "qk_rows_cuda",
                                     [&] { launch_qk_rows<scalar_t>(query, key, scale, mask, is_causal, rows); });
   }
+  // The device's own attention, then the statistics kernel: SDPA on CUDA is already a fused
+  // kernel, so the statistics cost one more pass over the logits (see the qk op).
+  static at::Tensor attention_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                   double scale, const std::optional<at::Tensor>& attn_mask,
+                                   const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows) {
+    qk_rows(query, key, scale, mask, is_causal, rows);
+    const c10::cuda::CUDAGuard guard(query.device());
+    std::optional<at::Tensor> m = attn_mask;
+    if (m.has_value() && m->scalar_type() != at::kBool && m->scalar_type() != query.scalar_type())
+      m = m->to(query.scalar_type());
+    const int64_t Q = query.size(2), K = key.size(2);
+    bool sdpa_causal = is_causal;
+    if (is_causal && (m.has_value() || Q != K)) {
+      // SDPA aligns is_causal top-left; these ops align the last query with the last key.
+      const at::Tensor visible = at::ones({Q, K}, query.options().dtype(at::kBool)).tril(K - Q);
+      if (!m.has_value()) m = visible;
+      else if (m->scalar_type() == at::kBool) m = m->logical_and(visible);
+      else m = m->masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
+      sdpa_causal = false;
+    }
+    at::Tensor out = at::scaled_dot_product_attention(query, key, value, m, 0.0, sdpa_causal, scale,
+                                                      /*enable_gqa=*/key.size(1) != query.size(1));
+    return out.masked_fill(rows.select(-1, 1).eq(0).unsqueeze(-1), 0);  // rows with no visible key
+  }
 };
 
 }  // namespace

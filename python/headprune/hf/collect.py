@@ -6,6 +6,13 @@ family's own ``eager_attention_forward``, ...) with the untouched arguments, so 
 bit-identical, and feeds ``query``/``key``/mask/``scaling`` to the streaming entropy op. The
 mask factory registered under the same name is the original one, so the mask the model
 builds is exactly the one it would have built.
+
+On CPU, a model in ``sdpa`` is by default (``fused=True``) served by the fused op instead:
+one streaming pass over the logits yields the attention output and the statistics, so the
+statistics cost little more than the attention itself. It mirrors
+``transformers.integrations.sdpa_attention.sdpa_attention_forward`` (masks, causality, key
+cropping, position bias, grouped-query attention); its outputs equal SDPA's to float
+rounding rather than bit for bit.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import types
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Iterable, Optional, Union
@@ -27,7 +35,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..distributed import layout_fingerprint
-from ..scores import HeadScores, NUM_STATS, accumulate_probs_, accumulate_qk_
+from ..scores import HeadScores, NUM_STATS, accumulate_attention_, accumulate_probs_, accumulate_qk_
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
 __all__ = ["collect", "METHODS"]
@@ -44,6 +52,8 @@ _RECORDERS: dict = {}
 _SOFTCAP_CHUNK = 1 << 24
 # Rows of an output projection's input converted to float64 at a time (output statistics).
 _OUTPUT_CHUNK = 1024
+# Dtypes the fused CPU attention serves (as SDPA does).
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _inner_function(impl: str, module):
@@ -57,10 +67,14 @@ def _inner_function(impl: str, module):
 
 def _make_wrapper(impl: str):
     def headprune_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        out = _inner_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
         recorder = _RECORDERS.get(id(module))
         if recorder is not None:
-            recorder(module, query, key, attention_mask, args, kwargs, out)
+            fused = recorder.attend(module, query, key, value, attention_mask, args, kwargs)
+            if fused is not None:
+                return fused
+        out = _inner_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        if recorder is not None:
+            recorder.record(module, query, key, attention_mask, args, kwargs, out)
         return out
 
     return headprune_attention
@@ -163,9 +177,10 @@ def _softcapped_stats(stats, query, key, scale, mask, softcap, query_mask):
 class _Collection:
     """Accumulators of one collection; ``record`` is called from inside the attention call."""
 
-    def __init__(self, model, method: str):
+    def __init__(self, model, method: str, fused: bool = False):
         self.model = model
         self.method = method
+        self.fused = fused
         self.adapter = get_adapter(model)
         self.sites = resolve_sites(model, self.adapter)
         self.counts = [head_counts(s, self.adapter) for s in self.sites]
@@ -260,7 +275,38 @@ class _Collection:
             else:
                 accumulate_qk_(stats, query.detach(), key.detach(), scale, eff_mask, causal, qm)
 
-        return record
+        def attend(module, query, key, value, mask, args, kwargs):
+            """The fused op in place of ``sdpa_attention_forward`` (same return value), or
+            ``None`` where it does not apply and the model's own attention must run."""
+            if not self._fusable(module, query, key, value, mask, args, kwargs):
+                return None
+            if self.stats[site.index] is None:
+                self.stats[site.index] = self._start(site.index, query)
+            qm = self._query_mask(site, query.shape[0], query.shape[2], query.device)
+            scale = kwargs.get("scaling")
+            scale = query.shape[-1] ** -0.5 if scale is None else scale
+            key, eff_mask, causal = _effective_mask("sdpa", module, query, key, mask, kwargs)
+            value = value[:, :, : key.shape[2]]  # cropped with the keys (causal prefill)
+            out = accumulate_attention_(self.stats[site.index], query, key, value, scale, eff_mask, causal, qm)
+            return out.transpose(1, 2).contiguous(), None
+
+        return types.SimpleNamespace(record=record, attend=attend)
+
+    def _fusable(self, module, query, key, value, mask, args, kwargs) -> bool:
+        """Whether the fused op computes exactly what ``sdpa_attention_forward`` would."""
+        if not self.fused or self.method != "qk" or args or self.impl[id(module.config)] != "sdpa":
+            return False
+        if query.device.type != "cpu" or kwargs.get("softcap") is not None or kwargs.get("dropout"):
+            return False
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            return False
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+            return False
+        if query.dtype not in _FUSED_DTYPES or not (key.dtype == value.dtype == query.dtype):
+            return False
+        if value.shape[:3] != key.shape[:3] or query.shape[1] % key.shape[1] or query.shape[-1] != key.shape[-1]:
+            return False
+        return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
     @contextmanager
     def active(self):
@@ -435,6 +481,7 @@ def collect(
     resume: bool = False,
     fingerprint: Union[str, Mapping] = "",
     allow_empty: bool = False,
+    fused: bool = True,
 ) -> HeadScores:
     """Mean attention entropy per attention site and query head over ``batches``.
 
@@ -458,9 +505,15 @@ def collect(
             sequence length, model name and revision, ...); a dict is canonicalised as JSON.
         allow_empty: return all-zero scores instead of raising when nothing was recorded
             (a data-parallel rank with an empty shard).
+        fused: with ``method="qk"``, serve a CPU model's ``sdpa`` attention calls with the
+            fused op (``headprune.ops.attention_stats_accumulate_``): the attention output
+            and the statistics from one pass over the logits, instead of the attention
+            followed by a second pass. Its outputs equal SDPA's to float rounding (the
+            statistics likewise); ``False`` keeps the model's own attention, bit for bit.
 
-    Returns ``HeadScores`` (entropies in nats). The model's outputs are unchanged and, on
-    any exit (including ``KeyboardInterrupt``), its attention implementation is restored.
+    Returns ``HeadScores`` (entropies in nats). The model's outputs are unchanged (up to
+    float rounding where ``fused`` applies) and, on any exit (including
+    ``KeyboardInterrupt``), its attention implementation is restored.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -474,7 +527,7 @@ def collect(
         if checkpoint is not None:
             raise ValueError("checkpoint: resumable collection needs a transformers model")
         return _collect_modules(model, batches, method, progress, allow_empty)
-    session = _Collection(model, method)
+    session = _Collection(model, method, fused=bool(fused))
     ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume)
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)
     if not session.recorded and not allow_empty:
