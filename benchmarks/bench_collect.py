@@ -13,7 +13,12 @@ each worker instead. Encoder: a BERT-base config (random weights), batch 16, len
 
 Variants, all under ``torch.no_grad()`` with the model in eval mode:
   plain     ``model(**batch)`` with ``attn_implementation="sdpa"``, no entropies;
-  headprune ``headprune.collect(model, [batch])`` on the same SDPA model;
+  body      the same with ``logits_to_keep=1`` where the model takes it, as ``collect`` runs
+            it (a causal LM's [S, vocab] logits, which collection never needs, are a large
+            share of a plain forward: ``headprune_vs_body_*`` compares like with like);
+  headprune ``headprune.collect(model, [batch])`` on the same SDPA model (on CPU: the
+            fused attention-with-statistics op serves the attention calls);
+  unfused   ``headprune.collect(model, [batch], fused=False)``: SDPA, then the statistics op;
   eager     ``attn_implementation="eager"``, ``output_attentions=True``, then per layer
             ``-(p * log(p + 1e-8)).sum(-1)`` summed per head (what a user writes today).
             Skipped, with the memory it would need, when the returned maps alone
@@ -54,7 +59,7 @@ from _common import _proc_status_kb, table, write_results  # noqa: E402
 
 LENGTHS = [256, 1024, 2048, 4096, 8192]
 QUICK_LENGTHS = [256, 1024]
-VARIANTS = ("plain", "headprune", "eager")
+VARIANTS = ("plain", "body", "headprune", "unfused", "eager")
 LONG = 4096  # from here on: short warm-up, at most 3 repeats
 ENCODER = {"name": "bert-base", "batch": 16, "seq": 512}
 TARGET = 1.3  # headprune / plain, time and peak extra memory
@@ -127,8 +132,12 @@ def variant_fn(variant: str, model, batch: dict):
     kw = forward_kw(model)
     if variant == "plain":
         return lambda: model(**batch, **kw)
-    if variant == "headprune":
-        return lambda: headprune.collect(model, [batch], progress=False).entropy
+    if variant == "body":
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            kw = {**kw, "logits_to_keep": 1}
+        return lambda: model(**batch, **kw)
+    if variant in ("headprune", "unfused"):
+        return lambda: headprune.collect(model, [batch], progress=False, fused=variant == "headprune").entropy
     return lambda: eager_entropies(model, batch)
 
 
@@ -222,14 +231,22 @@ def measure_length(model_name: str, batch: int, seq: int, config, args, config_d
         row[f"{v}_ms"] = r.get("ms", r.get("skipped") or r.get("error"))
         row[f"{v}_MB"] = r.get("peak_extra_MB", "skipped" if "skipped" in r else None)
     plain = runs["plain"]
-    for v in ("headprune", "eager"):
+    for v in ("headprune", "unfused", "eager"):
         row[f"{v}_time_x"] = ratio(runs[v].get("ms"), plain.get("ms"))
         row[f"{v}_cpu_x"] = ratio(runs[v].get("cpu_ms"), plain.get("cpu_ms"))
         row[f"{v}_mem_x"] = ratio(runs[v].get("peak_extra_MB"), plain.get("peak_extra_MB"))
+    body = runs["body"]
+    for v in ("headprune", "unfused"):
+        row[f"{v}_vs_body_cpu_x"] = ratio(runs[v].get("cpu_ms"), body.get("cpu_ms"))
+        row[f"{v}_vs_body_mem_x"] = ratio(runs[v].get("peak_extra_MB"), body.get("peak_extra_MB"))
     row["eager_maps_GB"] = round(eager_maps_gb(config, batch, seq), 2)
     e_hp, e_eager = runs["headprune"].get("entropy"), runs["eager"].get("entropy")
+    e_unfused = runs["unfused"].get("entropy")
     if e_hp is not None and e_eager is not None:
         row["entropy_max_abs_diff"] = float(f"{(torch.tensor(e_hp) - torch.tensor(e_eager)).abs().max().item():.2e}")
+    if e_hp is not None and e_unfused is not None:
+        row["fused_vs_unfused_max_abs_diff"] = float(
+            f"{(torch.tensor(e_hp) - torch.tensor(e_unfused)).abs().max().item():.2e}")
     for clock in ("time", "cpu"):  # wall clock, and CPU time (robust to other jobs)
         ok = [row[f"headprune_{clock}_x"], row["headprune_mem_x"]]
         row[f"target_met_{clock}"] = None if None in ok else all(x <= TARGET for x in ok)
@@ -238,9 +255,11 @@ def measure_length(model_name: str, batch: int, seq: int, config, args, config_d
     return {"row": row, "runs": runs}
 
 
-COLS = ["model", "batch", "seq", "plain_ms", "headprune_ms", "eager_ms", "headprune_time_x", "eager_time_x",
-        "headprune_cpu_x", "eager_cpu_x", "plain_MB", "headprune_MB", "eager_MB", "headprune_mem_x", "eager_mem_x",
-        "eager_maps_GB", "entropy_max_abs_diff", "target_met_time", "target_met_cpu"]
+COLS = ["model", "batch", "seq", "plain_ms", "body_ms", "headprune_ms", "unfused_ms", "eager_ms", "headprune_time_x",
+        "eager_time_x", "headprune_cpu_x", "unfused_cpu_x", "eager_cpu_x", "headprune_vs_body_cpu_x",
+        "unfused_vs_body_cpu_x", "plain_MB", "body_MB", "headprune_MB", "eager_MB", "headprune_mem_x",
+        "headprune_vs_body_mem_x", "eager_mem_x", "eager_maps_GB", "entropy_max_abs_diff",
+        "fused_vs_unfused_max_abs_diff", "target_met_time", "target_met_cpu"]
 
 
 def main(argv=None):

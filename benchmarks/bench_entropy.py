@@ -5,7 +5,8 @@
 Part 1, probs op: entropy_from_probs_accumulate_ vs the formula as written
 (-(p * log(p + eps)).sum(-1), masked mean) and vs a plain probs.sum(-1) over the same tensor
 (the bandwidth yardstick). Part 2, QK op: entropy_from_qk_accumulate_ vs
-scaled_dot_product_attention on the same q, k, v and vs the materialising formula.
+scaled_dot_product_attention on the same q, k, v and vs the materialising formula, and the
+fused attention_stats_accumulate_ (attention output and statistics together) vs SDPA alone.
 Prints tables of medians and ratios measured in this run; writes
 benchmarks/results/entropy_<device>.json.
 """
@@ -100,6 +101,11 @@ def bench_qk(device, dtype, lengths, repeat):
         row["native_vs_sdpa"] = round(row["sdpa_ms"] / row["native_ms"], 2)
         row["native_extra_MB"] = mb(peak(native, device))
         row["sdpa_extra_MB"] = mb(peak(sdpa, device))
+        stats = torch.zeros(H, ops.NUM_STATS, dtype=torch.float64, device=device)
+        fused = lambda: ops.attention_stats_accumulate_(stats, q, k, v, D**-0.5, None, True)  # noqa: E731
+        row["fused_ms"] = round(timed(fused, device, repeat), 2)
+        row["fused_vs_sdpa"] = round(row["fused_ms"] / row["sdpa_ms"], 2)  # time ratio: 1.0 = free statistics
+        row["fused_extra_MB"] = mb(peak(fused, device))
         if S <= 2048:  # the materialising path needs several [H, S, S] tensors
             pure = lambda: R.formula_entropy_from_qk(q, k, D**-0.5, None, True)  # noqa: E731
             row["pure_ms"] = round(timed(pure, device, max(3, repeat // 2)), 2)
@@ -114,25 +120,35 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repeats and lengths (smoke run)")
     ap.add_argument("--probs-only", action="store_true",
                     help="rerun the probs part only; the QK rows of the existing results file are kept")
+    ap.add_argument("--qk-only", action="store_true",
+                    help="rerun the QK part only; the probs rows of the existing results file are kept")
     args = ap.parse_args(argv)
     repeat = 3 if args.quick else 7
     lengths = QK_LENGTHS[:2] if args.quick else QK_LENGTHS
     probs_rows, qk_rows = [], []
-    for dtype in (torch.float32, torch.bfloat16):
-        probs_rows += bench_probs(args.device, dtype, repeat)
+    previous = Path(__file__).parent / "results" / f"entropy_{args.device}.json"
+    if args.qk_only:
+        import json
+
+        probs_rows = json.loads(previous.read_text())["probs"]
+    else:
+        for dtype in (torch.float32, torch.bfloat16):
+            probs_rows += bench_probs(args.device, dtype, repeat)
     print("probs op (entropy_from_probs_accumulate_) vs the formula as written and vs probs.sum(-1)")
     print(table(probs_rows, ["dtype", "B", "H", "S", "native_ms", "pure_ms", "speedup", "native_GBps", "sum_GBps",
                              "bw_vs_sum", "native_extra_MB", "pure_extra_MB", "probs_MB"]))
     if args.probs_only:
         import json
 
-        qk_rows = json.loads((Path(__file__).parent / "results" / f"entropy_{args.device}.json").read_text())["qk"]
+        qk_rows = json.loads(previous.read_text())["qk"]
     else:
         for dtype in (torch.float32, torch.bfloat16):
             qk_rows += bench_qk(args.device, dtype, lengths, repeat)
     print("\nQK op (entropy_from_qk_accumulate_, causal, GQA 9/3, D=64) vs SDPA on the same q, k, v")
     print(table(qk_rows, ["dtype", "S", "native_ms", "sdpa_ms", "native_vs_sdpa", "native_extra_MB", "sdpa_extra_MB",
                           "pure_ms", "pure_extra_MB"]))
+    print("\nfused attention with statistics (attention_stats_accumulate_) vs SDPA alone: time ratio")
+    print(table(qk_rows, ["dtype", "S", "fused_ms", "sdpa_ms", "fused_vs_sdpa", "fused_extra_MB"]))
     path = write_results(f"entropy_{args.device}.json", {"probs": probs_rows, "qk": qk_rows, "quick": args.quick})
     print(f"\nwrote {path}")
 

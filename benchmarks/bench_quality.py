@@ -33,7 +33,7 @@ from headprune.models import load_model  # noqa: E402
 
 
 def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None,
-        eval_paragraphs: int | None = None, only: list | None = None) -> dict:
+        eval_paragraphs: int | None = None, only: list | None = None, zeroed: bool = True) -> dict:
     loaded = load_model(model_name)
     causal = loaded.kind == "causal"
     calib, held = texts.split(texts.load_paragraphs(text))
@@ -52,7 +52,7 @@ def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, sampl
     recipes = {**S.RECIPES, grad_name: {"score": grad, "order": "low"}}
     recipes = {k: v for k, v in recipes.items() if wants(k)}
     result = S.run_sweep(args, loaded, scores, held, settings, recipes, batches=batches)
-    if seeds:  # the same random seeds with the heads zeroed: what compensation buys
+    if seeds and zeroed:  # the same random seeds with the heads zeroed: what compensation buys
         zero = S.run_sweep(SimpleNamespace(**{**vars(args), "compensate": False}), loaded, scores, held, settings, {})
         result["random_zeroed"] = zero["random"]
     result["collect_seconds"] = t_collect
@@ -71,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--only", default=None,
                     help="semicolon-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
                          "whose random baseline is reused: same seeds, same statistics)")
+    ap.add_argument("--no-zeroed", action="store_true", help="skip the zeroed random baseline")
+    ap.add_argument("--out", default="quality.json",
+                    help="results file under benchmarks/results (a run on other texts, e.g. a validation text)")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
     seeds, samples, windows = args.seeds, None, args.eval_windows
@@ -80,12 +83,12 @@ def main(argv=None):
     results = []
     for m in args.models.split(","):
         for t in args.texts.split(","):
-            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs, only)
+            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs, only, not args.no_zeroed)
             results.append(res)
             if seeds:
                 print(S.sweep_markdown(res), flush=True)
     if only is not None and not seeds:  # add the recipes to the committed results
-        path = Path(__file__).parent / "results" / "quality.json"
+        path = Path(__file__).parent / "results" / args.out
         old = json.loads(path.read_text())
         for res in results:
             for prev in old["results"]:
@@ -98,7 +101,7 @@ def main(argv=None):
         path.write_text(json.dumps(old, indent=1) + "\n")
         print(f"added {only} to {path}")
         return
-    path = write_results("quality.json", {"quick": args.quick, "results": results})
+    path = write_results(args.out, {"quick": args.quick, "results": results})
     print(f"wrote {path}")
 
 

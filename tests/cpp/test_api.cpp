@@ -13,7 +13,7 @@ namespace {
 
 const char* const kOps[] = {"headprune::entropy_from_probs_accumulate_", "headprune::entropy_stats_from_probs_accumulate_",
                             "headprune::entropy_from_qk_accumulate_", "headprune::entropy_stats_from_qk_accumulate_",
-                            "headprune::apply_head_mask_"};
+                            "headprune::attention_stats_accumulate_", "headprune::apply_head_mask_"};
 
 }  // namespace
 

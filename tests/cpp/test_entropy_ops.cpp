@@ -135,4 +135,22 @@ HP_TEST(qk_sums_counts_match_stats_columns) {
   HP_CHECK_EQUAL(counts, ref.select(1, 0).to(at::kLong));
 }
 
+HP_TEST(attention_output_and_stats_match_reference) {
+  at::manual_seed(9);
+  for (auto dtype : {at::kDouble, at::kFloat}) {
+    const at::Tensor q = at::randn({2, 6, 7, 8}, dtype) * 2;
+    const at::Tensor k = at::randn({2, 2, 600, 8}, dtype);  // GQA, two key blocks
+    const at::Tensor v = at::randn({2, 2, 600, 5}, dtype);
+    const at::Tensor qm = hp_ref::right_padding(2, 7);
+    at::Tensor stats = at::zeros({6, headprune::kNumStats}, at::kDouble);
+    const at::Tensor out = headprune::attention_stats_accumulate_(stats, q, k, v, scale_of(q), std::nullopt, true, qm);
+    const double tol = dtype == at::kDouble ? 1e-10 : 1e-4;
+    HP_CHECK_CLOSE(stats, hp_ref::stats_from_qk(q, k, scale_of(q), std::nullopt, true, qm), tol, tol);
+    const at::Tensor z = hp_ref::attention_logits(q, k, scale_of(q), std::nullopt, true);
+    const at::Tensor want = at::matmul(at::softmax(z, -1), v.to(at::kDouble).repeat_interleave(3, 1));
+    HP_CHECK(out.scalar_type() == dtype);
+    HP_CHECK_CLOSE(out.to(at::kDouble), want, tol, tol);
+  }
+}
+
 int main(int argc, char** argv) { return hp_test::run_all(argc, argv); }
