@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../../kernels/online_entropy.h"
@@ -170,19 +171,10 @@ constexpr int64_t kBlockK = 512;
 // 64 otherwise (more blocks to share among threads).
 inline int64_t query_block(int64_t Q) { return Q >= 768 ? 256 : 64; }
 
-// Streams one block of logits z[0, kn) of a row into its state. Masked keys hold values
-// <= kMaskedLogit; z is scratch and may be modified.
+// Largest logit (NaN once seen) and number of visible keys of z[start, kn).
 template <typename acc_t>
-void push_block(k::RowState& s, acc_t* z, int64_t kn) {
+std::pair<acc_t, int64_t> block_max_count(const acc_t* z, int64_t start, int64_t kn) {
   using Vec = Vectorized<acc_t>;
-  int64_t start = 0;
-  if (s.n == 0) {  // the first visible key is kept apart (attention-sink statistics)
-    while (start < kn && !k::is_visible(z[start])) ++start;
-    if (start == kn) return;
-    s.z0 = static_cast<double>(z[start]);
-    s.n = 1;
-    ++start;
-  }
   const Vec vmask(static_cast<acc_t>(k::kMaskedLogit));
   const Vec vone(acc_t(1));
   Vec vmax(-std::numeric_limits<acc_t>::infinity()), vcnt(acc_t(0));
@@ -198,13 +190,30 @@ void push_block(k::RowState& s, acc_t* z, int64_t kn) {
     if (k::is_visible(z[t])) ++cnt;
     if (z[t] != z[t] || z[t] > bmax) bmax = z[t];  // keeps a NaN once seen
   }
+  return {bmax, cnt};
+}
+
+// Streams one block of logits z[0, kn) of a row into its state. Masked keys hold values
+// <= kMaskedLogit; z is scratch and may be modified.
+template <typename acc_t>
+void push_block(k::RowState& s, acc_t* z, int64_t kn) {
+  using Vec = Vectorized<acc_t>;
+  int64_t start = 0;
+  if (s.n == 0) {  // the first visible key is kept apart (attention-sink statistics)
+    while (start < kn && !k::is_visible(z[start])) ++start;
+    if (start == kn) return;
+    s.z0 = static_cast<double>(z[start]);
+    s.n = 1;
+    ++start;
+  }
+  const auto [bmax, cnt] = block_max_count(z, start, kn);
   s.n += cnt;
   if (cnt == 0) return;
   if (!(static_cast<double>(bmax) <= s.m)) k::rescale(s, static_cast<double>(bmax));
   const acc_t m = static_cast<acc_t>(s.m);
   const Vec vm(m), vfloor(static_cast<acc_t>(k::kExpFloor));
   Vec vl(acc_t(0)), vt(acc_t(0));
-  j = start;
+  int64_t j = start;
   for (; j + Vec::size() <= kn; j += Vec::size()) {
     Vec x = at::vec::maximum(Vec::loadu(z + j) - vm, vfloor);
     Vec e = x.exp();
@@ -343,21 +352,7 @@ void attend_block(AttnRow& r, acc_t* z, int64_t kn, acc_t* o, int64_t dv) {
     s.n = 1;
     z[j] = -std::numeric_limits<acc_t>::infinity();  // out of the vector passes below
   }
-  const Vec vmask(static_cast<acc_t>(k::kMaskedLogit));
-  const Vec vone(acc_t(1));
-  Vec vmax(-std::numeric_limits<acc_t>::infinity()), vcnt(acc_t(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= kn; j += Vec::size()) {
-    Vec x = Vec::loadu(z + j);
-    vmax = at::vec::maximum(vmax, x);  // propagates NaN
-    vcnt = vcnt + (vone - x.le(vmask));
-  }
-  acc_t bmax = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  int64_t cnt = static_cast<int64_t>(at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vcnt));
-  for (int64_t t = j; t < kn; ++t) {
-    if (k::is_visible(z[t])) ++cnt;
-    if (z[t] != z[t] || z[t] > bmax) bmax = z[t];  // keeps a NaN once seen
-  }
+  const auto [bmax, cnt] = block_max_count(z, 0, kn);  // the first key now reads as masked
   s.n += cnt;
   if (cnt > 0 && !(static_cast<double>(bmax) <= s.m)) k::rescale(s, static_cast<double>(bmax));
   double om = r.om;
@@ -380,7 +375,7 @@ void attend_block(AttnRow& r, acc_t* z, int64_t kn, acc_t* o, int64_t dv) {
     const Vec vm(m), vfloor(static_cast<acc_t>(k::kExpFloor));
     const Vec vc(static_cast<acc_t>(std::exp(s.m - r.om)));
     Vec vl(acc_t(0)), vt(acc_t(0));
-    j = 0;
+    int64_t j = 0;
     for (; j + Vec::size() <= kn; j += Vec::size()) {
       Vec x = at::vec::maximum(Vec::loadu(z + j) - vm, vfloor);
       Vec e = fast_exp(x);
