@@ -167,6 +167,11 @@ def test_default_recipe_is_the_measured_one():
     assert _select_heads(s, ratio=0.5, protect_layers=[]) != got  # an explicit choice wins
     with pytest.raises(ValueError, match="the default recipe keeps the first layer whole"):
         _select_heads(s, ratio=0.8)
+    # encoder-only families keep no layer whole: the recipe is the same, unprotected
+    for model_type, protected in (("bert", False), ("vit", False), ("llama", True), ("t5", True)):
+        s.model_type = model_type
+        want = got if protected else _select_heads(s, ratio=0.5, protect_layers=[])
+        assert _select_heads(s, ratio=0.5) == want, model_type
 
 
 def test_named_scores_prune_in_their_natural_order():
