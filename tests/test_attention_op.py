@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from headprune import NUM_STATS, ops
+from headprune import NUM_STATS, EntropyAccumulator, ops
 from headprune import reference as R
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -192,3 +192,14 @@ def test_opcheck_and_compile():
     want_out, want = R.attention_stats(q, k, v, 0.5, None, True)
     torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_accumulator_attend():
+    g = torch.Generator().manual_seed(37)
+    q, k, v = rand_qkv(2, 4, 2, 9, 12, 8, 5, gen=g)
+    acc = EntropyAccumulator(4)
+    out = acc.attend(q, k, v, 0.4, is_causal=True)
+    want_out, want = R.attention_stats(q, k, v, 0.4, None, True)
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=2e-5)
+    torch.testing.assert_close(acc.stats, want, rtol=0, atol=1e-4)
+    assert torch.equal(acc.count, torch.full((4,), 2 * 9))

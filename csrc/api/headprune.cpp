@@ -91,6 +91,12 @@ EntropyAccumulator& EntropyAccumulator::update_qk(const at::Tensor& query, const
   return *this;
 }
 
+at::Tensor EntropyAccumulator::attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                      double scale, const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                      const std::optional<at::Tensor>& query_mask) {
+  return attention_stats_accumulate_(stats_, query, key, value, scale, attn_mask, is_causal, query_mask);
+}
+
 EntropyAccumulator& EntropyAccumulator::merge(const EntropyAccumulator& other) {
   TORCH_CHECK_VALUE(other.num_heads() == num_heads(), "other: expected ", num_heads(), " heads, got ",
                     other.num_heads());

@@ -36,6 +36,12 @@ class EntropyAccumulator:
         ops.entropy_stats_from_qk_accumulate_(self.stats, query, key, scale, attn_mask, is_causal, query_mask)
         return self
 
+    def attend(self, query, key, value, scale: float, attn_mask=None, is_causal: bool = False, query_mask=None):
+        """Attention that measures itself: returns ``softmax(query @ key^T * scale + attn_mask)
+        @ value`` and adds its rows, as :meth:`update_qk` would (one fused pass on CPU; see
+        ``headprune.ops.attention_stats_accumulate_``)."""
+        return ops.attention_stats_accumulate_(self.stats, query, key, value, scale, attn_mask, is_causal, query_mask)
+
     def merge(self, other: "EntropyAccumulator") -> "EntropyAccumulator":
         """Adds another accumulator's state (e.g. from another data shard)."""
         if not isinstance(other, EntropyAccumulator):

@@ -83,6 +83,18 @@ HP_TEST(update_probs_matches_reference) {
   HP_CHECK_CLOSE(acc.stats(), expected, 1e-10, 1e-10);
 }
 
+HP_TEST(attend_returns_attention_and_adds_the_rows) {
+  at::manual_seed(13);
+  const at::Tensor q = at::randn({2, kHeads, 6, 8}, at::kDouble);
+  const at::Tensor k = at::randn({2, kHeads, 9, 8}, at::kDouble);
+  const at::Tensor v = at::randn({2, kHeads, 9, 4}, at::kDouble);
+  headprune::EntropyAccumulator acc(kHeads);
+  const at::Tensor out = acc.attend(q, k, v, 0.4, std::nullopt, true);
+  HP_CHECK_CLOSE(acc.stats(), hp_ref::stats_from_qk(q, k, 0.4, std::nullopt, true), 1e-10, 1e-10);
+  const at::Tensor z = hp_ref::attention_logits(q, k, 0.4, std::nullopt, true);
+  HP_CHECK_CLOSE(out, at::matmul(at::softmax(z, -1), v), 1e-10, 1e-10);
+}
+
 HP_TEST(load_stats_round_trip_and_reset) {
   const std::vector<Batch> bs = batches(1, 13);
   headprune::EntropyAccumulator acc(kHeads), restored(kHeads);

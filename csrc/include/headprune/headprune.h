@@ -109,6 +109,11 @@ class HEADPRUNE_API EntropyAccumulator {
   EntropyAccumulator& update_qk(const at::Tensor& query, const at::Tensor& key, double scale,
                                 const std::optional<at::Tensor>& attn_mask = std::nullopt, bool is_causal = false,
                                 const std::optional<at::Tensor>& query_mask = std::nullopt);
+  // Attention that measures itself: returns softmax(query key^T * scale + attn_mask) @ value
+  // and adds its rows as update_qk would (see attention_stats_accumulate_).
+  at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale,
+                    const std::optional<at::Tensor>& attn_mask = std::nullopt, bool is_causal = false,
+                    const std::optional<at::Tensor>& query_mask = std::nullopt);
   // Adds another accumulator's state (another shard or worker); any device.
   EntropyAccumulator& merge(const EntropyAccumulator& other);
   void reset();
