@@ -268,6 +268,19 @@ void mask_block(acc_t* z, int64_t ldz, int64_t bq, int64_t kn, int64_t i0, int64
   }
 }
 
+// The [bq, kn] block of scaled, masked logits of the queries qv against keys [j0, j0 + kn)
+// of kv, formed in buf (row stride kn).
+template <typename acc_t>
+at::Tensor logits_block(const at::Tensor& buf, const at::Tensor& qv, const at::Tensor& kv, int64_t j0, int64_t kn,
+                        double scale, const std::optional<at::Tensor>& mask, int64_t i0, int64_t b, int64_t h,
+                        bool is_causal, int64_t offset) {
+  const int64_t bq = qv.size(0);
+  at::Tensor z = buf.narrow(0, 0, bq * kn).view({bq, kn});
+  at::addmm_out(z, z, qv, kv.narrow(0, j0, kn).t(), /*beta=*/0, /*alpha=*/scale);
+  mask_block<acc_t>(z.data_ptr<acc_t>(), kn, bq, kn, i0, j0, mask, b, h, is_causal, offset);
+  return z;
+}
+
 template <typename acc_t>
 void qk_rows_typed(const at::Tensor& query, const at::Tensor& key, double scale, const std::optional<at::Tensor>& mask,
                    bool is_causal, at::Tensor& rows) {
@@ -296,10 +309,7 @@ void qk_rows_typed(const at::Tensor& query, const at::Tensor& key, double scale,
       const int64_t j_end = is_causal ? std::min(K, i0 + bq + offset) : K;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
         const int64_t kn = std::min(kBlockK, j_end - j0);
-        at::Tensor z = buf.narrow(0, 0, bq * kn).view({bq, kn});
-        at::addmm_out(z, z, qv, kv.narrow(0, j0, kn).t(), /*beta=*/0, /*alpha=*/scale);
-        acc_t* zp = z.data_ptr<acc_t>();
-        mask_block<acc_t>(zp, kn, bq, kn, i0, j0, mask, b, h, is_causal, offset);
+        acc_t* zp = logits_block<acc_t>(buf, qv, kv, j0, kn, scale, mask, i0, b, h, is_causal, offset).template data_ptr<acc_t>();
         for (int64_t i = 0; i < bq; ++i) push_block<acc_t>(state[i], zp + i * kn, kn);
       }
       for (int64_t i = 0; i < bq; ++i)
@@ -432,10 +442,8 @@ void attention_rows_typed(const at::Tensor& query, const at::Tensor& key, const 
       const int64_t j_end = is_causal ? std::min(K, i0 + bq + offset) : K;
       for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
         const int64_t kn = std::min(kBlockK, j_end - j0);
-        at::Tensor z = buf.narrow(0, 0, bq * kn).view({bq, kn});
-        at::addmm_out(z, z, qv, kv.narrow(0, j0, kn).t(), /*beta=*/0, /*alpha=*/scale);
+        at::Tensor z = logits_block<acc_t>(buf, qv, kv, j0, kn, scale, mask, i0, b, h, is_causal, offset);
         acc_t* zp = z.data_ptr<acc_t>();
-        mask_block<acc_t>(zp, kn, bq, kn, i0, j0, mask, b, h, is_causal, offset);
         for (int64_t i = 0; i < bq; ++i) attend_block<acc_t>(state[i], zp + i * kn, kn, op + i * Dv, Dv);
         at::addmm_out(o, o, z, vb.narrow(0, j0, kn), /*beta=*/1, /*alpha=*/1);
       }
