@@ -15,6 +15,10 @@ bool is_supported_float(at::ScalarType t) {
 
 }  // namespace
 
+at::Tensor new_rows(const at::Tensor& like) {
+  return at::empty({like.size(0), like.size(1), like.size(2), 4}, like.options().dtype(at::kDouble));
+}
+
 void check_probs(const at::Tensor& probs, double eps) {
   TORCH_CHECK_VALUE(probs.dim() == 4, "probs: expected a 4-D tensor [B, H, Q, K], got ", probs.dim(), "-D with shape ",
                     probs.sizes());

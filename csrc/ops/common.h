@@ -14,6 +14,14 @@ namespace headprune::ops {
 
 constexpr int64_t kNumStats = 6;  // count, sum, sum_sq, sum_norm, sum_first, sum_rest
 
+// The type the kernels compute in: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType compute_type(const at::Tensor& like) {
+  return like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// An uninitialised row buffer [B, H, Q, 4] (float64) for the rows of `like` [B, H, Q, ...].
+at::Tensor new_rows(const at::Tensor& like);
+
 void check_probs(const at::Tensor& probs, double eps);
 void check_qk(const at::Tensor& query, const at::Tensor& key, double scale);
 // value [B, Hkv, K, Dv] matching key (dtype, device, B, Hkv, K).

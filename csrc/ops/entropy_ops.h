@@ -29,7 +29,7 @@ template <typename Backend>
 struct EntropyOps {
   static at::Tensor probs_stats(const at::Tensor& probs, const std::optional<at::Tensor>& query_mask, double eps,
                                 const char* op) {
-    at::Tensor rows = at::empty({probs.size(0), probs.size(1), probs.size(2), 4}, probs.options().dtype(at::kDouble));
+    at::Tensor rows = new_rows(probs);
     Backend::probs_rows(probs, eps, rows);
     return reduce_rows(rows, query_mask, op, "probs");
   }
@@ -37,9 +37,8 @@ struct EntropyOps {
   static at::Tensor qk_stats(const at::Tensor& query, const at::Tensor& key, double scale,
                              const std::optional<at::Tensor>& attn_mask, bool is_causal,
                              const std::optional<at::Tensor>& query_mask, const char* op) {
-    const auto compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const auto mask = expand_attn_mask(attn_mask, query, key, compute);
-    at::Tensor rows = at::empty({query.size(0), query.size(1), query.size(2), 4}, query.options().dtype(at::kDouble));
+    const auto mask = expand_attn_mask(attn_mask, query, key, compute_type(query));
+    at::Tensor rows = new_rows(query);
     Backend::qk_rows(query, key, scale, mask, is_causal, rows);
     return reduce_rows(rows, query_mask, op, "query/key/attn_mask");
   }
@@ -86,9 +85,8 @@ struct EntropyOps {
     check_value(value, key);
     check_stats(stats, query, query.size(1));
     check_query_mask(query_mask, query, query.size(2));
-    const auto compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    const auto mask = expand_attn_mask(attn_mask, query, key, compute);
-    at::Tensor rows = at::empty({query.size(0), query.size(1), query.size(2), 4}, query.options().dtype(at::kDouble));
+    const auto mask = expand_attn_mask(attn_mask, query, key, compute_type(query));
+    at::Tensor rows = new_rows(query);
     at::Tensor out = Backend::attention_rows(query, key, value, scale, attn_mask, mask, is_causal, rows);
     stats.add_(reduce_rows(rows, query_mask, "attention_stats_accumulate_", "query/key/value/attn_mask"));
     return out;

@@ -57,9 +57,8 @@ struct CpuBackend {
   static at::Tensor attention_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                    double scale, const std::optional<at::Tensor>& /*attn_mask*/,
                                    const std::optional<at::Tensor>& mask, bool is_causal, at::Tensor& rows) {
-    const auto compute = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor out = at::empty({query.size(0), query.size(1), query.size(2), value.size(3)},
-                               query.options().dtype(compute));
+                               query.options().dtype(ops::compute_type(query)));
     row_kernels().attention_rows(query, key, value, scale, mask, is_causal, rows, out);
     return out.to(query.scalar_type());
   }

@@ -52,8 +52,6 @@ _RECORDERS: dict = {}
 _SOFTCAP_CHUNK = 1 << 24
 # Rows of an output projection's input converted to float64 at a time (output statistics).
 _OUTPUT_CHUNK = 1024
-# Dtypes the fused CPU attention serves (as SDPA does).
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _inner_function(impl: str, module):
@@ -152,6 +150,12 @@ def _effective_mask(impl, module, query, key, mask, kwargs):
         mask = create_position_bias_mask(bias, mask, is_causal, query, key)
         is_causal = False
     return key, _fix_half_mask(mask), is_causal
+
+
+def _scale(query, kwargs) -> float:
+    """The logit scale an attention call uses: its ``scaling``, else ``head_dim ** -0.5``."""
+    scale = kwargs.get("scaling")
+    return query.shape[-1] ** -0.5 if scale is None else scale
 
 
 def _softcapped_stats(stats, query, key, scale, mask, softcap, query_mask):
@@ -255,10 +259,7 @@ class _Collection:
 
     def recorder(self, site):
         def record(module, query, key, mask, args, kwargs, out):
-            if self.stats[site.index] is None:
-                self.stats[site.index] = self._start(site.index, query)
-            stats = self.stats[site.index]
-            qm = self._query_mask(site, query.shape[0], query.shape[2], query.device)
+            stats, qm = self._site_state(site, query)
             if self.method == "eager":
                 if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
                     raise RuntimeError(f"site {site.name}: the eager attention returned no probabilities")
@@ -266,10 +267,8 @@ class _Collection:
                 return
             if "scaling" not in kwargs and args:
                 raise NotImplementedError(f"site {site.name}: attention called with positional options {args!r}")
-            impl = self.impl[id(module.config)]
-            scale = kwargs.get("scaling")
-            scale = query.shape[-1] ** -0.5 if scale is None else scale
-            key, eff_mask, causal = _effective_mask(impl, module, query, key, mask, kwargs)
+            scale = _scale(query, kwargs)
+            key, eff_mask, causal = _effective_mask(self.impl[id(module.config)], module, query, key, mask, kwargs)
             if kwargs.get("softcap") is not None:
                 _softcapped_stats(stats, query, key, scale, eff_mask, kwargs["softcap"], qm)
             else:
@@ -280,31 +279,28 @@ class _Collection:
             ``None`` where it does not apply and the model's own attention must run."""
             if not self._fusable(module, query, key, value, mask, args, kwargs):
                 return None
-            if self.stats[site.index] is None:
-                self.stats[site.index] = self._start(site.index, query)
-            qm = self._query_mask(site, query.shape[0], query.shape[2], query.device)
-            scale = kwargs.get("scaling")
-            scale = query.shape[-1] ** -0.5 if scale is None else scale
+            stats, qm = self._site_state(site, query)
             key, eff_mask, causal = _effective_mask("sdpa", module, query, key, mask, kwargs)
             value = value[:, :, : key.shape[2]]  # cropped with the keys (causal prefill)
-            out = accumulate_attention_(self.stats[site.index], query, key, value, scale, eff_mask, causal, qm)
+            out = accumulate_attention_(stats, query, key, value, _scale(query, kwargs), eff_mask, causal, qm)
             return out.transpose(1, 2).contiguous(), None
 
         return types.SimpleNamespace(record=record, attend=attend)
 
+    def _site_state(self, site, query) -> tuple:
+        """The site's accumulator (created on its first call) and this call's query mask."""
+        if self.stats[site.index] is None:
+            self.stats[site.index] = self._start(site.index, query)
+        return self.stats[site.index], self._query_mask(site, query.shape[0], query.shape[2], query.device)
+
     def _fusable(self, module, query, key, value, mask, args, kwargs) -> bool:
-        """Whether the fused op computes exactly what ``sdpa_attention_forward`` would."""
+        """Whether the fused op computes what ``sdpa_attention_forward`` would. Shapes and
+        dtypes are the op's own checks (SDPA refuses the same inputs)."""
         if not self.fused or self.method != "qk" or args or self.impl[id(module.config)] != "sdpa":
             return False
         if query.device.type != "cpu" or kwargs.get("softcap") is not None or kwargs.get("dropout"):
             return False
         if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-            return False
-        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
-            return False
-        if query.dtype not in _FUSED_DTYPES or not (key.dtype == value.dtype == query.dtype):
-            return False
-        if value.shape[:3] != key.shape[:3] or query.shape[1] % key.shape[1] or query.shape[-1] != key.shape[-1]:
             return False
         return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
 
