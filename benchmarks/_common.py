@@ -27,6 +27,27 @@ def median_ms(fn, *, repeat: int = 7, warmup: int = 1) -> float:
     return statistics.median(times) * 1e3
 
 
+def paired_ms(fa, fb, *, repeat: int = 25, warmup: int = 1):
+    """fa and fb timed alternately, ``repeat`` pairs: (median ms of fa, median ms of fb,
+    median of the per-pair ratios time(fb) / time(fa)). On a shared machine a burst of
+    load lands on both halves of a pair, so the paired ratio is steadier than a ratio of
+    medians taken one after the other."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    ratio = statistics.median(b / a for a, b in zip(ta, tb))
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3, ratio
+
+
 def _proc_status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
