@@ -130,8 +130,6 @@ def test_collect_in_training_mode_measures_the_eval_model(method):
     torch.testing.assert_close(scores.entropy, ref.entropy, atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="collect.py registers headprune_<impl> in AttentionInterface and the mask "
-                   "interface for good; it should unregister on exit (refcounted for nested/concurrent collections)")
 def test_collect_leaves_the_attention_registries_as_before(monkeypatch):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
@@ -141,6 +139,33 @@ def test_collect_leaves_the_attention_registries_as_before(monkeypatch):
             monkeypatch.delitem(mapping, key)
     before = registry_keys()
     collect(tiny_model("llama"), [tiny_batch("llama")], progress=False)
+    assert registry_keys() == before
+
+
+def test_attention_registration_is_refcounted(monkeypatch):
+    """Nested or concurrent collections share one registration; the last one out removes it."""
+    from transformers import AttentionInterface
+    from headprune.hf.collect import registered_name, release_name
+
+    monkeypatch.delitem(AttentionInterface._global_mapping, "headprune_sdpa", raising=False)
+    before = registry_keys()
+    a = registered_name("sdpa")
+    b = registered_name("sdpa")
+    assert a == b == "headprune_sdpa" and a in AttentionInterface._global_mapping
+    release_name(a)
+    assert a in AttentionInterface._global_mapping  # still in use by the second user
+    release_name(b)
+    assert registry_keys() == before
+    # A model mid-collection inside another collection's forward keeps the outer one working.
+    outer, inner = tiny_model("llama"), tiny_model("llama")
+    seen = []
+    hook = outer.layers[0].register_forward_pre_hook(
+        lambda m, a: seen.append(collect(inner, [tiny_batch("llama")], progress=False)) and None)
+    try:
+        scores = collect(outer, [tiny_batch("llama")], progress=False)
+    finally:
+        hook.remove()
+    assert len(seen) == 1 and torch.isfinite(scores.entropy).all() and torch.isfinite(seen[0].entropy).all()
     assert registry_keys() == before
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import types
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -78,15 +79,40 @@ def _make_wrapper(impl: str):
     return headprune_attention
 
 
+_REGISTRY_LOCK = threading.Lock()
+_REGISTRY_USERS: dict = {}  # wrapper name -> active collections using it
+_REGISTRY_ADDED: dict = {}  # wrapper name -> the global mappings this module added it to
+
+
 def registered_name(impl: str) -> str:
-    """Register (once) the recording wrapper of ``impl`` and its mask factory."""
+    """Register the recording wrapper of ``impl`` and its mask factory, for one user; every
+    call is paired with :func:`release_name`, and the last release removes what was added."""
     name = PREFIX + impl
-    if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _make_wrapper(impl))
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
-    if mask_fn is not None and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(name, mask_fn)
+    with _REGISTRY_LOCK:
+        if _REGISTRY_USERS.get(name, 0) == 0:
+            added = []
+            if name not in AttentionInterface._global_mapping:
+                AttentionInterface.register(name, _make_wrapper(impl))
+                added.append(AttentionInterface._global_mapping)
+            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+            if mask_fn is not None and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+                AttentionMaskInterface.register(name, mask_fn)
+                added.append(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)
+            _REGISTRY_ADDED[name] = added
+        _REGISTRY_USERS[name] = _REGISTRY_USERS.get(name, 0) + 1
     return name
+
+
+def release_name(name: str) -> None:
+    """One user of ``name`` is done; the last one removes the entries it registered."""
+    with _REGISTRY_LOCK:
+        left = _REGISTRY_USERS.get(name, 0) - 1
+        if left > 0:
+            _REGISTRY_USERS[name] = left
+            return
+        _REGISTRY_USERS.pop(name, None)
+        for mapping in _REGISTRY_ADDED.pop(name, []):
+            mapping.pop(name, None)
 
 
 def _configs(model) -> list:
@@ -106,16 +132,20 @@ def attention_implementation(model, impl: Optional[str] = None):
     of ``impl``); restores the originals on any exit."""
     configs = _configs(model)
     saved = [(c, c._attn_implementation_internal) for c in configs]
+    names = []
     try:
         for c, orig in saved:
             target = impl or orig or "eager"
             if target.startswith(PREFIX):
                 raise RuntimeError("model: a headprune collection is already active on this model")
-            c._attn_implementation_internal = registered_name(target)
+            names.append(registered_name(target))
+            c._attn_implementation_internal = names[-1]
         yield
     finally:
         for c, orig in saved:
             c._attn_implementation_internal = orig
+        for name in names:
+            release_name(name)
 
 
 def _fix_half_mask(mask):
