@@ -188,7 +188,26 @@ def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
     assert {p.name for p in (tmp_path / "o").iterdir()} == want[command]
 
 
-@pytest.mark.parametrize("extra", [["--steps", "2"], ["--mask", "--no-compensate"], ["--scope", "per_layer", "--steps", "1"]])
+def test_scan_fused_switch_reaches_collect(run, tmp_path, tiny_dir, monkeypatch):
+    import torch
+
+    import headprune.hf as hf
+
+    real, seen = hf.collect, []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("fused"), real(*args, **kwargs)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(hf, "collect", spy)
+    for i, flag in enumerate([[], ["--no-fused"]]):
+        code, err = run(["scan", tiny_dir, "--samples", "4", "--seq-len", "16", "--quiet", "--out", tmp_path / f"o{i}", *flag])
+        assert code == 0, err
+    assert [fused for fused, _ in seen] == [True, False]
+    torch.testing.assert_close(seen[0][1].entropy, seen[1][1].entropy, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("extra", [["--steps", "2", "--no-fused"], ["--mask", "--no-compensate"], ["--scope", "per_layer", "--steps", "1"]])
 def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, extra):
     import json
 

@@ -95,6 +95,13 @@ def _common(p: argparse.ArgumentParser, *, out: bool) -> None:
                        help="data-parallel calibration under torchrun (gloo on CPU, NCCL on GPU); rank 0 writes")
 
 
+def _fused(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, serve sdpa attention calls during collection by the fused attention-with-statistics "
+                        "op (default; outputs equal SDPA's to float rounding); --no-fused runs the model's own "
+                        "attention and computes the statistics in a second pass over query and key")
+
+
 def _compensate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
                    help="replace each removed head by its mean output on the calibration data, folded into the "
@@ -121,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="collect per-head attention entropies")
     _common(scan, out=True)
+    _fused(scan)
     scan.add_argument("--resume", action="store_true",
                       help="continue an interrupted scan from its checkpoint (.<out>.checkpoint.json beside --out)")
     prune = sub.add_parser("prune", help="collect, rank, prune, evaluate, save, report")
     _common(prune, out=True)
+    _fused(prune)
     how = prune.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=_ratio)
     how.add_argument("--count", type=_positive)
@@ -137,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     sweep = sub.add_parser("sweep", help="quality vs fraction pruned: recipes against random")
     _common(sweep, out=True)
+    _fused(sweep)
     sweep.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
     sweep.add_argument("--gqa", choices=["query", "group"], default="query")

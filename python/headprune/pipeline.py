@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import sys
-import uuid
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,13 +97,15 @@ def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
             raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
         rank, world = distributed.rank_world()
         scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
-                                     fingerprint=fingerprint, progress=not args.quiet and rank == 0)
+                                     fingerprint=fingerprint, progress=not args.quiet and rank == 0,
+                                     fused=getattr(args, "fused", True))
         _say(args, f"rank {rank}/{world}: ", end="")
     else:
         from .hf import collect
 
         scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
-                         resume=getattr(args, "resume", False), fingerprint=fingerprint)
+                         resume=getattr(args, "resume", False), fingerprint=fingerprint,
+                         fused=getattr(args, "fused", True))
     _say(args, f"collected entropies over {sum(b['input_ids'].shape[0] for b in batches)} sequences "
                f"in {time.perf_counter() - t0:.1f} s")
     return scores
@@ -224,7 +227,10 @@ def prune(args) -> int:
         from . import distributed
         from .hf import select_iteratively
 
-        gather = distributed.collect if getattr(args, "distributed", False) else None
+        from .hf import collect
+
+        gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
+                                   fused=getattr(args, "fused", True))
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
                                          scores=scores, progress=not args.quiet and _is_writer(),
                                          compensate=args.compensate, collect_fn=gather, **kw)

@@ -66,7 +66,7 @@ def run_sweep(args, loaded, scores, held, settings, recipes: dict | None = None,
                     if batches is None:
                         raise ValueError(f"recipes: {name!r} is iterative; run_sweep needs the calibration batches")
                     with mask_heads(loaded.model, pruned, compensate=stats if comp else None):
-                        stats = collect(loaded.model, batches, progress=False)
+                        stats = collect(loaded.model, batches, progress=False, fused=getattr(args, "fused", True))
             heads = select_heads(stats, ratio=r, gqa=args.gqa, pruned=pruned, **kw)
             if iterative:
                 state[name] = (heads, stats)
