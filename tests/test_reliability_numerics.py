@@ -59,9 +59,10 @@ def test_neg_inf_additive_masks_and_fully_masked_rows(monkeypatch, family, paddi
         batch = {k: v.flip(-1) for k, v in batch.items()}
     model = tiny_model(family)
     ref = collect(model, [batch], progress=False)
-    name = "headprune_sdpa"
-    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, name,
-                        _additive_inf(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[name]))
+    # The collection registers its wrapper's mask factory only where none is set: this one
+    # (sdpa's, made additive with -inf) is used and left for the monkeypatch to remove.
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "headprune_sdpa",
+                        _additive_inf(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]))
     seen = []
     real, real_fused = collect_mod.accumulate_qk_, collect_mod.accumulate_attention_
     monkeypatch.setattr(collect_mod, "accumulate_qk_", lambda st, q, k, s, m, *a: (seen.append(m), real(st, q, k, s, m, *a)))
