@@ -151,12 +151,33 @@ inline void probs_step(const Vectorized<acc_t>& x, const Vectorized<acc_t>& veps
   vn = vn + x.ne(Vectorized<acc_t>(acc_t(0)));
 }
 
-// One contiguous row of `acc_t` probabilities: writes {H, n, p_first, H_rest}.
-template <typename acc_t>
-void probs_row(const acc_t* p, int64_t K, double eps, double* out) {
+// Vec::size() values of a contiguous row from p (n of them, the rest zero, when n is given),
+// widened to acc_t: bf16 / fp16 rows are converted in registers, not through a buffer.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_row(const scalar_t* p, int64_t n = Vectorized<acc_t>::size()) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    Vec v;
+    if (n == Vec::size()) {
+      at::vec::load_to_float<scalar_t>(p, v);
+    } else {
+      scalar_t tail[Vec::size()] = {};
+      std::copy(p, p + n, tail);
+      at::vec::load_to_float<scalar_t>(tail, v);
+    }
+    return v;
+  }
+}
+
+// One contiguous row of probabilities (acc_t, or bf16 / fp16 widened to float): writes
+// {H, n, p_first, H_rest}.
+template <typename scalar_t, typename acc_t>
+void probs_row(const scalar_t* p, int64_t K, double eps, double* out) {
   using Vec = Vectorized<acc_t>;
   int64_t j0 = 0;
-  while (j0 < K && p[j0] == acc_t(0)) ++j0;
+  while (j0 < K && static_cast<acc_t>(p[j0]) == acc_t(0)) ++j0;
   if (j0 == K) {
     k::finalize_probs(0.0, 0.0, 0.0, 0, eps, out);
     return;
@@ -171,15 +192,15 @@ void probs_row(const acc_t* p, int64_t K, double eps, double* out) {
     int64_t j = c0;
     for (; j + Vec::size() <= c1; j += Vec::size()) {
       prefetch(reinterpret_cast<const char*>(p + j) + kPrefetchBytes);
-      probs_step(Vec::loadu(p + j), veps, vtiny, va, vs, vn);
+      probs_step(load_row<scalar_t, acc_t>(p + j), veps, vtiny, va, vs, vn);
     }
-    if (j < c1) probs_step(Vec::loadu(p + j, c1 - j), veps, vtiny, va, vs, vn);  // zero tail adds nothing
+    if (j < c1) probs_step(load_row<scalar_t, acc_t>(p + j, c1 - j), veps, vtiny, va, vs, vn);  // zero tail adds nothing
     auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v); };
     a += hsum(va);
     s += hsum(vs);
     nz += hsum(vn);
   }
-  k::finalize_probs(static_cast<double>(p[j0]), a, s, 1 + static_cast<int64_t>(nz), eps, out);
+  k::finalize_probs(static_cast<double>(static_cast<acc_t>(p[j0])), a, s, 1 + static_cast<int64_t>(nz), eps, out);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -188,31 +209,19 @@ void probs_rows_typed(const at::Tensor& probs, double eps, at::Tensor& rows) {
   const int64_t sb = probs.stride(0), sh = probs.stride(1), sq = probs.stride(2), sk = probs.stride(3);
   const scalar_t* base = probs.const_data_ptr<scalar_t>();
   double* out = rows.data_ptr<double>();
-  const bool direct = std::is_same_v<scalar_t, acc_t> && sk == 1;
+  const bool direct = sk == 1;  // contiguous rows are read in place (bf16 / fp16 widened in registers)
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
   at::parallel_for(0, B * H * Q, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(direct ? 0 : K);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t q = r % Q, h = (r / Q) % H, b = r / (Q * H);
       const scalar_t* row = base + b * sb + h * sh + q * sq;
-      const acc_t* p;
       if (direct) {
-        p = reinterpret_cast<const acc_t*>(row);
-      } else {  // one row converted / gathered into a K-sized buffer, never a probs-sized copy
-        int64_t j = 0;
-        if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>) {
-          if (sk == 1) {  // bf16 / fp16 rows: vector conversion
-            for (; j + Vectorized<float>::size() <= K; j += Vectorized<float>::size()) {
-              Vectorized<float> v;
-              at::vec::load_to_float<scalar_t>(row + j, v);
-              v.store(buf.data() + j);
-            }
-          }
-        }
-        for (; j < K; ++j) buf[j] = static_cast<acc_t>(row[j * sk]);
-        p = buf.data();
+        probs_row<scalar_t, acc_t>(row, K, eps, out + r * k::kRowFields);
+      } else {  // a strided row gathered into a K-sized buffer, never a probs-sized copy
+        for (int64_t j = 0; j < K; ++j) buf[j] = static_cast<acc_t>(row[j * sk]);
+        probs_row<acc_t, acc_t>(buf.data(), K, eps, out + r * k::kRowFields);
       }
-      probs_row<acc_t>(p, K, eps, out + r * k::kRowFields);
     }
   });
 }
