@@ -116,8 +116,9 @@ inline Vectorized<acc_t> fast_log(const Vectorized<acc_t>& x) {
 }
 
 // Rows are streamed once from memory (often L3, past L2): a software prefetch this far
-// ahead keeps the loads in flight while the logarithms are computed (1.7x with one thread
-// at (1, 12, 1024) on AVX-512: the hardware prefetcher alone left the loop waiting).
+// ahead keeps the loads in flight while the logarithms are computed (a standalone copy of
+// this loop over a (1, 12, 1024) tensor went from 8.5 to 5.0 ms on one AVX-512 thread: the
+// hardware prefetcher alone left it waiting).
 constexpr int64_t kPrefetchBytes = 2048;
 
 inline void prefetch(const void* address) {
