@@ -33,7 +33,8 @@ from headprune.models import load_model  # noqa: E402
 
 
 def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None,
-        eval_paragraphs: int | None = None, only: list | None = None, zeroed: bool = True) -> dict:
+        eval_paragraphs: int | None = None, only: list | None = None, zeroed: bool = True,
+        random_scope: str = "per_layer") -> dict:
     loaded = load_model(model_name)
     causal = loaded.kind == "causal"
     calib, held = texts.split(texts.load_paragraphs(text))
@@ -47,7 +48,7 @@ def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, sampl
     grad_name = "gradient importance (Michel et al.)"
     grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal) if wants(grad_name) else None
     settings = {"data": text, "samples": n, "seq_len": seq}
-    args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False,
+    args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False, random_scope=random_scope,
                            eval_windows=eval_windows, eval_paragraphs=eval_paragraphs, compensate=True)
     recipes = {**S.RECIPES, grad_name: {"score": grad, "order": "low"}}
     recipes = {k: v for k, v in recipes.items() if wants(k)}
@@ -72,6 +73,9 @@ def main(argv=None):
                     help="semicolon-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
                          "whose random baseline is reused: same seeds, same statistics)")
     ap.add_argument("--no-zeroed", action="store_true", help="skip the zeroed random baseline")
+    ap.add_argument("--random-scope", choices=["per_layer", "global"], default="per_layer",
+                    help="random baseline: the budget spread evenly over the layers (default) or heads drawn "
+                         "from the whole model (at least one kept per layer)")
     ap.add_argument("--out", default="quality.json",
                     help="results file under benchmarks/results (a run on other texts, e.g. a validation text)")
     args = ap.parse_args(argv)
@@ -83,7 +87,8 @@ def main(argv=None):
     results = []
     for m in args.models.split(","):
         for t in args.texts.split(","):
-            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs, only, not args.no_zeroed)
+            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs, only, not args.no_zeroed,
+                      args.random_scope)
             results.append(res)
             if seeds:
                 print(S.sweep_markdown(res), flush=True)

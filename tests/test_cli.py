@@ -188,6 +188,27 @@ def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
     assert {p.name for p in (tmp_path / "o").iterdir()} == want[command]
 
 
+def test_sweep_random_scope(run, tmp_path, tiny_dir, monkeypatch):
+    import json
+
+    import headprune.sweep as sweep_mod
+
+    real, scopes = sweep_mod.select_heads, []
+
+    def spy(*args, **kwargs):
+        if kwargs.get("order") == "random":
+            scopes.append(kwargs.get("scope"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_mod, "select_heads", spy)
+    code, err = run(["sweep", tiny_dir, "--samples", "4", "--seq-len", "16", "--quiet", "--out", tmp_path / "o",
+                     "--ratios", "0.3", "--seeds", "2", "--random-scope", "global"])
+    assert code == 0, err
+    assert scopes == ["global", "global"]
+    assert json.loads((tmp_path / "o" / "sweep.json").read_text())["random_scope"] == "global"
+    assert "random heads drawn from the whole model" in (tmp_path / "o" / "sweep.md").read_text()
+
+
 def test_scan_fused_switch_reaches_collect(run, tmp_path, tiny_dir, monkeypatch):
     import torch
 

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _fused(sweep)
     sweep.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
+    sweep.add_argument("--random-scope", choices=["per_layer", "global"], default="per_layer",
+                       help="random baseline: the budget spread evenly over the layers (default) or heads drawn from "
+                            "the whole model (at least one kept per layer)")
     sweep.add_argument("--gqa", choices=["query", "group"], default="query")
     _compensate(sweep)
     sweep.add_argument("--eval-paragraphs", type=_positive, default=None,

@@ -41,6 +41,8 @@ def run_sweep(args, loaded, scores, held, settings, recipes: dict | None = None,
               "baseline": base, "ratios": list(args.ratios), "recipes": {k: [] for k in recipes}, "random": [],
               "settings": settings, "gqa": args.gqa}
 
+    random_scope = getattr(args, "random_scope", "per_layer")
+    result["random_scope"] = random_scope
     result["heads"] = {}  # recipe -> the selection at each ratio
     default_comp = bool(getattr(args, "compensate", False))
     result["compensate"] = default_comp
@@ -72,8 +74,9 @@ def run_sweep(args, loaded, scores, held, settings, recipes: dict | None = None,
                 state[name] = (heads, stats)
             result["heads"].setdefault(name, []).append({str(k): v for k, v in heads.items()})
             result["recipes"][name].append(score_of(heads, stats, comp))
-        result["random"].append([score_of(select_heads(scores, ratio=r, gqa=args.gqa, order="random", seed=s),
-                                          scores, default_comp) for s in range(args.seeds)])
+        result["random"].append([score_of(select_heads(scores, ratio=r, gqa=args.gqa, order="random", seed=s,
+                                                       scope=random_scope), scores, default_comp)
+                                 for s in range(args.seeds)])
         if not args.quiet:
             print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
                   + (f", random={sum(result['random'][-1]) / args.seeds:.4g}" if args.seeds else "")
@@ -94,6 +97,8 @@ def sweep_markdown(result: dict) -> str:
     names = list(result["recipes"])
     head = f"| fraction pruned | {' | '.join(names)} | random mean ({len(result['random'][0])} seeds) | random range |"
     how = "removed heads replaced by their mean output" if result.get("compensate") else "removed heads zeroed"
+    spread = {"global": "drawn from the whole model", "per_layer": "spread evenly over the layers"}
+    how += f"; random heads {spread[result.get('random_scope', 'per_layer')]}"
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "", head,
              "|" + "---|" * (len(names) + 3)]
