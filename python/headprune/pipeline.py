@@ -225,9 +225,7 @@ def prune(args) -> int:
         _warn_as_written(kw, loaded.kind)
     if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
         from . import distributed
-        from .hf import select_iteratively
-
-        from .hf import collect
+        from .hf import collect, select_iteratively
 
         gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
                                    fused=getattr(args, "fused", True))
