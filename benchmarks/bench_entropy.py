@@ -15,6 +15,7 @@ benchmarks/results/entropy_<device>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -132,8 +133,6 @@ def main(argv=None):
     probs_rows, qk_rows = [], []
     previous = Path(__file__).parent / "results" / f"entropy_{args.device}.json"
     if args.qk_only:
-        import json
-
         probs_rows = json.loads(previous.read_text())["probs"]
     else:
         for dtype in (torch.float32, torch.bfloat16):
@@ -142,8 +141,6 @@ def main(argv=None):
     print(table(probs_rows, ["dtype", "B", "H", "S", "native_ms", "pure_ms", "speedup", "native_GBps", "sum_GBps",
                              "bw_vs_sum", "native_extra_MB", "pure_extra_MB", "probs_MB"]))
     if args.probs_only:
-        import json
-
         qk_rows = json.loads(previous.read_text())["qk"]
     else:
         for dtype in (torch.float32, torch.bfloat16):

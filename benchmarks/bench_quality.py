@@ -73,9 +73,8 @@ def main(argv=None):
                     help="semicolon-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
                          "whose random baseline is reused: same seeds, same statistics)")
     ap.add_argument("--no-zeroed", action="store_true", help="skip the zeroed random baseline")
-    ap.add_argument("--random-scope", choices=["per_layer", "global"], default="per_layer",
-                    help="random baseline: the budget spread evenly over the layers (default) or heads drawn "
-                         "from the whole model (at least one kept per layer)")
+    ap.add_argument("--random-scope", choices=list(S.RANDOM_SCOPES), default="per_layer",
+                    help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in S.RANDOM_SCOPES.items()))
     ap.add_argument("--out", default="quality.json",
                     help="results file under benchmarks/results (a run on other texts, e.g. a validation text)")
     args = ap.parse_args(argv)

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .ranking import DEFAULT_STEPS
+from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
 
 
@@ -149,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     _fused(sweep)
     sweep.add_argument("--ratios", type=_ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
-    sweep.add_argument("--random-scope", choices=["per_layer", "global"], default="per_layer",
-                       help="random baseline: the budget spread evenly over the layers (default) or heads drawn from "
-                            "the whole model (at least one kept per layer)")
+    sweep.add_argument("--random-scope", choices=list(RANDOM_SCOPES), default="per_layer",
+                       help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in RANDOM_SCOPES.items()))
     sweep.add_argument("--gqa", choices=["query", "group"], default="query")
     _compensate(sweep)
     sweep.add_argument("--eval-paragraphs", type=_positive, default=None,

@@ -86,6 +86,11 @@ def _setup(args):
     return loaded, batches, held, settings
 
 
+def _fused(args) -> bool:
+    """``--fused/--no-fused`` (commands without the switch collect fused)."""
+    return getattr(args, "fused", True)
+
+
 def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
     """Collection, data-parallel under ``--distributed`` and resumable with a checkpoint."""
     from . import distributed
@@ -98,14 +103,14 @@ def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
         rank, world = distributed.rank_world()
         scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
                                      fingerprint=fingerprint, progress=not args.quiet and rank == 0,
-                                     fused=getattr(args, "fused", True))
+                                     fused=_fused(args))
         _say(args, f"rank {rank}/{world}: ", end="")
     else:
         from .hf import collect
 
         scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
                          resume=getattr(args, "resume", False), fingerprint=fingerprint,
-                         fused=getattr(args, "fused", True))
+                         fused=_fused(args))
     _say(args, f"collected entropies over {sum(b['input_ids'].shape[0] for b in batches)} sequences "
                f"in {time.perf_counter() - t0:.1f} s")
     return scores
@@ -228,7 +233,7 @@ def prune(args) -> int:
         from .hf import collect, select_iteratively
 
         gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
-                                   fused=getattr(args, "fused", True))
+                                   fused=_fused(args))
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
                                          scores=scores, progress=not args.quiet and _is_writer(),
                                          compensate=args.compensate, collect_fn=gather, **kw)

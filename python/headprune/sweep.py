@@ -9,6 +9,10 @@ import time
 
 from .ranking import select_heads
 
+#: random-baseline scopes (``--random-scope``) and what each draws
+RANDOM_SCOPES = {"per_layer": "spread evenly over the layers",
+                 "global": "drawn from the whole model (at least one kept per layer)"}
+
 #: name -> select_heads keyword arguments; "default" uses select_heads' own defaults.
 RECIPES = {
     "inert, per layer": {"score": "inert", "order": "high", "scope": "per_layer"},
@@ -97,8 +101,7 @@ def sweep_markdown(result: dict) -> str:
     names = list(result["recipes"])
     head = f"| fraction pruned | {' | '.join(names)} | random mean ({len(result['random'][0])} seeds) | random range |"
     how = "removed heads replaced by their mean output" if result.get("compensate") else "removed heads zeroed"
-    spread = {"global": "drawn from the whole model", "per_layer": "spread evenly over the layers"}
-    how += f"; random heads {spread[result.get('random_scope', 'per_layer')]}"
+    how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "", head,
              "|" + "---|" * (len(names) + 3)]
