@@ -92,7 +92,7 @@ int main(int argc, char** argv) try {
   headprune::EntropyAccumulator worker_a(heads), worker_b(heads);
   for (size_t i = 0; i < batches.size(); ++i) {
     const Batch& b = batches[i];
-    (i % 2 == 0 ? worker_a : worker_b).update_qk(b.query, b.key, scale, std::nullopt, /*is_causal=*/true, b.query_mask);
+    (i % 2 == 0 ? worker_a : worker_b).entropy_stats_from_qk(b.query, b.key, scale, std::nullopt, /*is_causal=*/true, b.query_mask);
   }
   headprune::EntropyAccumulator& acc = worker_a.merge(worker_b);
 

@@ -50,6 +50,7 @@ def nvcc_command(nvcc: str, src: Path, obj: Path) -> list[str]:
         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DHEADPRUNE_WITH_CUDA",
         "-Xcompiler", "-fPIC",
         f"-I{CSRC}",
+        f"-I{CSRC / 'include'}",
     ]
     return cmd + [f"-I{p}" for p in include_paths()]
 
@@ -58,6 +59,7 @@ def test_cuda_sources_exist():
     assert CU_FILES, f"no .cu file under {CSRC}"
 
 
+@pytest.mark.slow  # about a minute per file on two cores
 @pytest.mark.parametrize("src", CU_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_cuda_source_compiles(src, tmp_path):
     nvcc = find_nvcc()

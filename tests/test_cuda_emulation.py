@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headprune import reference as ref
+from headprune.core import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU_SRC = ROOT / "tests" / "cuda_emu" / "emu.cpp"
@@ -33,7 +33,7 @@ def emu(tmp_path_factory) -> Path:
     if gxx is None:
         pytest.skip("g++ not found: cannot build the CUDA emulator (tests/cuda_emu/emu.cpp)")
     out = tmp_path_factory.mktemp("cuda_emu") / "emu"
-    cmd = [gxx, "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc'}", str(EMU_SRC), "-o", str(out)]
+    cmd = [gxx, "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}", str(EMU_SRC), "-o", str(out)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0

@@ -78,22 +78,25 @@ EntropyAccumulator::EntropyAccumulator(int64_t num_heads, c10::Device device) {
   stats_ = at::zeros({num_heads, kNumStats}, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 
-EntropyAccumulator& EntropyAccumulator::update_probs(const at::Tensor& probs,
-                                                     const std::optional<at::Tensor>& query_mask, double eps) {
+EntropyAccumulator& EntropyAccumulator::entropy_stats_from_probs(const at::Tensor& probs,
+                                                                 const std::optional<at::Tensor>& query_mask,
+                                                                 double eps) {
   entropy_stats_from_probs_accumulate_(stats_, probs, query_mask, eps);
   return *this;
 }
 
-EntropyAccumulator& EntropyAccumulator::update_qk(const at::Tensor& query, const at::Tensor& key, double scale,
-                                                  const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                  const std::optional<at::Tensor>& query_mask) {
+EntropyAccumulator& EntropyAccumulator::entropy_stats_from_qk(const at::Tensor& query, const at::Tensor& key,
+                                                              double scale, const std::optional<at::Tensor>& attn_mask,
+                                                              bool is_causal,
+                                                              const std::optional<at::Tensor>& query_mask) {
   entropy_stats_from_qk_accumulate_(stats_, query, key, scale, attn_mask, is_causal, query_mask);
   return *this;
 }
 
-at::Tensor EntropyAccumulator::attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                                      double scale, const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                      const std::optional<at::Tensor>& query_mask) {
+at::Tensor EntropyAccumulator::attention_stats(const at::Tensor& query, const at::Tensor& key,
+                                               const at::Tensor& value, double scale,
+                                               const std::optional<at::Tensor>& attn_mask, bool is_causal,
+                                               const std::optional<at::Tensor>& query_mask) {
   return attention_stats_accumulate_(stats_, query, key, value, scale, attn_mask, is_causal, query_mask);
 }
 

@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "headprune/schema.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HP_HD __host__ __device__ __forceinline__
 #else
@@ -22,16 +24,12 @@
 
 namespace headprune::kernels {
 
-// Logits at or below this mark a masked key: -inf, and float32's finfo.min that
-// transformers adds for masked positions.
-constexpr float kMaskedLogit = -1e37f;
+using headprune::kMaskedLogit;
+using headprune::kRowFields;
 
 // Floor for z - m before exp: exp(-1e4) is exactly 0 in float, and e * x stays 0 instead of
 // 0 * -inf = NaN for masked keys.
 constexpr float kExpFloor = -1e4f;
-
-// Number of values written per attention row by the row kernels (see RowOut).
-constexpr int kRowFields = 4;
 
 HP_HD bool is_visible(float z) { return !(z <= kMaskedLogit); }  // NaN is "visible": it must surface
 HP_HD bool is_visible(double z) { return !(z <= static_cast<double>(kMaskedLogit)); }
@@ -78,7 +76,7 @@ HP_HD void merge_rest(RowState& a, const RowState& b) {
   a.t += bb.t;
 }
 
-// Final per-row values. out = {H, n, p_first, H_rest}; n == 0 marks a row with no
+// Final per-row values, out[RowField]: {H, n, p_first, H_rest}; n == 0 marks a row with no
 // visible key, which the reducers skip.
 HP_HD void finalize(const RowState& s, double* out) {
   if (s.n == 0) {

@@ -10,9 +10,11 @@
 
 #include <optional>
 
+#include "headprune/schema.h"
+
 namespace headprune::ops {
 
-constexpr int64_t kNumStats = 6;  // count, sum, sum_sq, sum_norm, sum_first, sum_rest
+using headprune::kNumStats;
 
 // The type the kernels compute in: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType compute_type(const at::Tensor& like) {

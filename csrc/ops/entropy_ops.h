@@ -1,4 +1,4 @@
-// The four entropy ops, written once over a backend's row kernels and registered per
+// The five entropy ops, written once over a backend's row kernels and registered per
 // dispatch key by cpu/entropy_kernel.cpp and cuda/entropy_kernel.cu:
 //
 //   struct Backend {

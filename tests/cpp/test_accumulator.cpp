@@ -40,9 +40,9 @@ HP_TEST(merge_of_shards_equals_one_shot) {
   const std::vector<Batch> bs = batches(4, 10);
   headprune::EntropyAccumulator shard_a(kHeads), shard_b(kHeads), one_shot(kHeads);
   for (size_t i = 0; i < bs.size(); ++i)
-    (i % 2 ? shard_b : shard_a).update_qk(bs[i].q, bs[i].k, kScale, std::nullopt, true, bs[i].query_mask);
+    (i % 2 ? shard_b : shard_a).entropy_stats_from_qk(bs[i].q, bs[i].k, kScale, std::nullopt, true, bs[i].query_mask);
   shard_a.merge(shard_b);
-  one_shot.update_qk(cat(bs, &Batch::q), cat(bs, &Batch::k), kScale, std::nullopt, true, cat(bs, &Batch::query_mask));
+  one_shot.entropy_stats_from_qk(cat(bs, &Batch::q), cat(bs, &Batch::k), kScale, std::nullopt, true, cat(bs, &Batch::query_mask));
   HP_CHECK_CLOSE(shard_a.stats(), one_shot.stats(), 1e-12, 1e-12);
   HP_CHECK_CLOSE(one_shot.stats(), hp_ref::stats_from_qk(cat(bs, &Batch::q), cat(bs, &Batch::k), kScale, std::nullopt,
                                                          true, cat(bs, &Batch::query_mask)),
@@ -52,7 +52,7 @@ HP_TEST(merge_of_shards_equals_one_shot) {
 HP_TEST(summaries_follow_the_stats_columns) {
   const std::vector<Batch> bs = batches(2, 11);
   headprune::EntropyAccumulator acc(kHeads);
-  for (const Batch& b : bs) acc.update_qk(b.q, b.k, kScale, std::nullopt, false, b.query_mask);
+  for (const Batch& b : bs) acc.entropy_stats_from_qk(b.q, b.k, kScale, std::nullopt, false, b.query_mask);
   const at::Tensor s = acc.stats();
   HP_CHECK(s.scalar_type() == at::kDouble && s.size(0) == kHeads && s.size(1) == headprune::kNumStats);
   const at::Tensor c = s.select(1, 0);
@@ -78,7 +78,7 @@ HP_TEST(update_probs_matches_reference) {
   at::manual_seed(12);
   const at::Tensor probs = at::softmax(at::randn({2, kHeads, 5, 9}, at::kDouble) * 3, -1);
   headprune::EntropyAccumulator acc(kHeads);
-  acc.update_probs(probs).update_probs(probs.narrow(0, 0, 1));
+  acc.entropy_stats_from_probs(probs).entropy_stats_from_probs(probs.narrow(0, 0, 1));
   const at::Tensor expected = hp_ref::stats_from_probs(probs) + hp_ref::stats_from_probs(probs.narrow(0, 0, 1));
   HP_CHECK_CLOSE(acc.stats(), expected, 1e-10, 1e-10);
 }
@@ -89,7 +89,7 @@ HP_TEST(attend_returns_attention_and_adds_the_rows) {
   const at::Tensor k = at::randn({2, kHeads, 9, 8}, at::kDouble);
   const at::Tensor v = at::randn({2, kHeads, 9, 4}, at::kDouble);
   headprune::EntropyAccumulator acc(kHeads);
-  const at::Tensor out = acc.attend(q, k, v, 0.4, std::nullopt, true);
+  const at::Tensor out = acc.attention_stats(q, k, v, 0.4, std::nullopt, true);
   HP_CHECK_CLOSE(acc.stats(), hp_ref::stats_from_qk(q, k, 0.4, std::nullopt, true), 1e-10, 1e-10);
   const at::Tensor z = hp_ref::attention_logits(q, k, 0.4, std::nullopt, true);
   HP_CHECK_CLOSE(out, at::matmul(at::softmax(z, -1), v), 1e-10, 1e-10);
@@ -98,7 +98,7 @@ HP_TEST(attend_returns_attention_and_adds_the_rows) {
 HP_TEST(load_stats_round_trip_and_reset) {
   const std::vector<Batch> bs = batches(1, 13);
   headprune::EntropyAccumulator acc(kHeads), restored(kHeads);
-  acc.update_qk(bs[0].q, bs[0].k, kScale);
+  acc.entropy_stats_from_qk(bs[0].q, bs[0].k, kScale);
   at::Tensor saved = acc.stats().clone().to(at::kFloat).to(at::kDouble);  // any floating dtype loads
   restored.load_stats(saved);
   saved.zero_();  // load_stats copied
@@ -128,12 +128,12 @@ HP_TEST(bad_state_and_merge_are_refused) {
 HP_TEST(failed_update_leaves_state_untouched) {
   const std::vector<Batch> bs = batches(1, 14);
   headprune::EntropyAccumulator acc(kHeads);
-  acc.update_qk(bs[0].q, bs[0].k, kScale);
+  acc.entropy_stats_from_qk(bs[0].q, bs[0].k, kScale);
   const at::Tensor before = acc.stats().clone();
   at::Tensor q = bs[0].q.clone();
   q[1][2][3][4] = std::numeric_limits<double>::quiet_NaN();
-  HP_CHECK_THROWS(acc.update_qk(q, bs[0].k, kScale), "NaN");
-  HP_CHECK_THROWS(acc.update_qk(bs[0].q.narrow(1, 0, 2), bs[0].k, kScale), "stats");
+  HP_CHECK_THROWS(acc.entropy_stats_from_qk(q, bs[0].k, kScale), "NaN");
+  HP_CHECK_THROWS(acc.entropy_stats_from_qk(bs[0].q.narrow(1, 0, 2), bs[0].k, kScale), "stats");
   HP_CHECK_EQUAL(acc.stats(), before);
 }
 

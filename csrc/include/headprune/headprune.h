@@ -19,6 +19,8 @@
 #include <string>
 #include <string_view>
 
+#include "headprune/schema.h"
+
 #if defined(_WIN32)
 #if defined(headprune_EXPORTS)  // defined by CMake while building the shared library
 #define HEADPRUNE_API __declspec(dllexport)
@@ -78,18 +80,8 @@ HEADPRUNE_API void apply_head_mask_(at::Tensor& x, const at::Tensor& mask, int64
 
 // ---------------------------------------------------------------------------- statistics
 
-// Columns of a statistics accumulator [num_heads, kNumStats] (float64).
-enum class Stat : int64_t {
-  count = 0,      // valid rows
-  sum = 1,        // sum of row entropies H
-  sum_sq = 2,     // sum of H^2
-  sum_norm = 3,   // sum of H / log(n), n = visible keys (rows with n >= 2)
-  sum_first = 4,  // sum of the mass on the row's first visible key (the attention sink)
-  sum_rest = 5,   // sum of the entropy renormalised over the keys after the first
-};
-inline constexpr int64_t kNumStats = 6;
-inline constexpr std::array<std::string_view, kNumStats> kStatFields{"count",    "sum",       "sum_sq",
-                                                                     "sum_norm", "sum_first", "sum_rest"};
+// The columns of a statistics accumulator (Stat, kNumStats, kStatFields) are defined in
+// headprune/schema.h.
 
 // Per-head running statistics of attention-row entropies, fed batch by batch; the C++ twin of
 // Python's headprune.EntropyAccumulator. The whole state is one float64 tensor [H, kNumStats],
@@ -103,17 +95,21 @@ class HEADPRUNE_API EntropyAccumulator {
   c10::Device device() const { return stats_.device(); }
 
   // Adds the rows of probs [B, H, Q, K].
-  EntropyAccumulator& update_probs(const at::Tensor& probs, const std::optional<at::Tensor>& query_mask = std::nullopt,
-                                   double eps = 1e-8);
+  // Each update is the op of the same name (minus "_accumulate_") with this accumulator as
+  // its target.
+  EntropyAccumulator& entropy_stats_from_probs(const at::Tensor& probs,
+                                               const std::optional<at::Tensor>& query_mask = std::nullopt,
+                                               double eps = 1e-8);
   // Adds the rows of softmax(query key^T * scale + attn_mask) without forming them.
-  EntropyAccumulator& update_qk(const at::Tensor& query, const at::Tensor& key, double scale,
-                                const std::optional<at::Tensor>& attn_mask = std::nullopt, bool is_causal = false,
-                                const std::optional<at::Tensor>& query_mask = std::nullopt);
+  EntropyAccumulator& entropy_stats_from_qk(const at::Tensor& query, const at::Tensor& key, double scale,
+                                            const std::optional<at::Tensor>& attn_mask = std::nullopt,
+                                            bool is_causal = false,
+                                            const std::optional<at::Tensor>& query_mask = std::nullopt);
   // Attention that measures itself: returns softmax(query key^T * scale + attn_mask) @ value
-  // and adds its rows as update_qk would (see attention_stats_accumulate_).
-  at::Tensor attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale,
-                    const std::optional<at::Tensor>& attn_mask = std::nullopt, bool is_causal = false,
-                    const std::optional<at::Tensor>& query_mask = std::nullopt);
+  // and adds its rows as entropy_stats_from_qk would (see attention_stats_accumulate_).
+  at::Tensor attention_stats(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale,
+                             const std::optional<at::Tensor>& attn_mask = std::nullopt, bool is_causal = false,
+                             const std::optional<at::Tensor>& query_mask = std::nullopt);
   // Adds another accumulator's state (another shard or worker); any device.
   EntropyAccumulator& merge(const EntropyAccumulator& other);
   void reset();

@@ -56,7 +56,7 @@ __device__ __forceinline__ T warp_max(T v) {
 // ----------------------------------------------------------------------------- probs rows
 
 constexpr int kProbsWarps = 8;     // rows per block
-constexpr int64_t kFlush = 2048;   // keys per float partial sum, as on the CPU
+constexpr int64_t kFlush = headprune::kFlushKeys;  // keys per float partial sum, as on the CPU
 
 // One warp per row r of probs [B, H, Q, K] (strided): rows[r] = {H, n, p_first, H_rest}.
 template <typename scalar_t, typename acc_t>
