@@ -3,6 +3,7 @@
     pip install --no-build-isolation -e .
 
 Environment:
+    HEADPRUNE_SKIP_EXTENSION=1    install the Python package without compiling the extension.
     HEADPRUNE_WITH_CUDA=auto|0|1  auto (default): build the CUDA kernels when torch is a CUDA
                                   build and nvcc is found (never decided by whether a GPU is
                                   visible, so GPU-less build hosts produce CUDA wheels too).
@@ -59,7 +60,6 @@ def write_build_info(cuda: bool, isas: list) -> None:
     text = (
         "# Written by setup.py: what headprune._C was built for.\n"
         f"TORCH_VERSION = {torch_version!r}\n"
-        f"TORCH_FULL_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {cuda!r}\n"
         f"CUDA_VERSION = {torch.version.cuda if cuda else None!r}\n"
         f"CPU_ISAS = {','.join(['DEFAULT'] + isas)!r}\n"
@@ -102,19 +102,25 @@ def extension():
     torch_version = torch.__version__.split("+")[0]
     defines = [f'-DHEADPRUNE_TORCH_VERSION="{torch_version}"'] + [f"-DHEADPRUNE_CPU_{i.upper()}" for i in isas]
     cxx = ["-O3", "-fopenmp"] + defines  # the C++ standard: torch's default
+    include = [str(ROOT / CSRC / "include")]  # headprune/schema.h, shared with the public header
     if cuda:
         sources += sorted(str(p) for p in (CSRC / "ops" / "cuda").glob("*.cu"))
         cxx.append("-DHEADPRUNE_WITH_CUDA")
         nvcc = ["-O3", "-DHEADPRUNE_WITH_CUDA", "--expt-relaxed-constexpr"] + defines
-        return CUDAExtension("headprune._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        return CUDAExtension("headprune._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                              extra_link_args=["-fopenmp"])
-    return CppExtension("headprune._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return CppExtension("headprune._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
+                        extra_link_args=["-fopenmp"])
 
+
+# HEADPRUNE_SKIP_EXTENSION=1: install the Python package only (the Makefile then compiles the
+# extension in place with `setup.py build_ext --inplace`, incrementally).
+SKIP_EXTENSION = os.environ.get("HEADPRUNE_SKIP_EXTENSION", "0") == "1"
 
 setup(
-    packages=find_packages("python") + ["headprune.data"],  # data/: the bundled texts (no __init__)
+    packages=find_packages("python") + ["headprune.app.data"],  # data/: the bundled texts (no __init__)
     package_dir={"": "python"},
-    package_data={"headprune.data": ["*.txt", "*.md"]},
-    ext_modules=[extension()],
+    package_data={"headprune.app.data": ["*.txt", "*.md"]},
+    ext_modules=[] if SKIP_EXTENSION else [extension()],
     cmdclass={"build_ext": Build},
 )

@@ -44,7 +44,6 @@ import argparse
 import gc
 import inspect
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -77,7 +76,7 @@ def smollm2_config_dir(out_dir: Path) -> str:
     from transformers import AutoConfig, LlamaConfig
 
     try:
-        from headprune.models import bundled_path
+        from headprune.app.load import bundled_path
 
         path, gguf = bundled_path("smollm2")
         config, source = AutoConfig.from_pretrained(path, gguf_file=gguf), f"config of {path / gguf}"
@@ -96,7 +95,7 @@ def build(model: str, variant: str, config_dir: str, weights: str):
     if model == ENCODER["name"]:
         return BertModel(BertConfig(attn_implementation=impl)).eval()  # BertConfig() is BERT-base
     if weights == "real":
-        from headprune.models import load_model
+        from headprune.app.load import load_model
 
         m = load_model("smollm2").model
         m.set_attn_implementation(impl)

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import median_ms, paired_ms, peak_extra_bytes, table, write_results  # noqa: E402
 
-from headprune import ops  # noqa: E402
-from headprune import reference as R  # noqa: E402
+from headprune.core import ops  # noqa: E402
+from headprune.core import reference as R  # noqa: E402
 
 PROBS_SHAPES = [(1, 12, 512), (1, 12, 1024), (1, 9, 2048), (4, 12, 512)]
 QK_LENGTHS = [512, 1024, 2048, 4096, 8192]

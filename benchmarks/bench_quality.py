@@ -25,11 +25,11 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
 
-from headprune import sweep as S  # noqa: E402
-from headprune import texts  # noqa: E402
+from headprune.app import sweep as S  # noqa: E402
+from headprune.app import texts  # noqa: E402
 from headprune.hf import collect  # noqa: E402
 from headprune.hf.importance import gradient_importance  # noqa: E402
-from headprune.models import load_model  # noqa: E402
+from headprune.app.load import load_model  # noqa: E402
 
 
 def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None,

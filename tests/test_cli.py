@@ -1,7 +1,7 @@
 """The command line's error contract: every argument error exits non-zero with one line
 ``headprune <cmd>: error: ...`` naming the problem, and writes nothing.
 
-In-process through ``headprune.cli.main`` (argparse errors raise ``SystemExit(2)``), plus
+In-process through ``headprune.app.cli.main`` (argparse errors raise ``SystemExit(2)``), plus
 ``python -m headprune`` in a subprocess. No real model is loaded: the one model case uses a
 tiny random BERT saved with a word-level tokenizer built in code.
 """
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from headprune.cli import main
+from headprune.app.cli import main
 
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -133,7 +133,7 @@ RUNTIME_ERRORS = [
     ("prune", lambda t, m: [m, "--count", "99"], "prune: error: count: 99 exceeds the 8 units of the model"),
     ("prune", lambda t, m: [m, "--ratio", "0.5", "--protect-layers", "0,7"], r"protect_layers: indices \[7\] out of range"),
     ("prune", lambda t, m: [m, "--count", "1", "--min-heads-per-layer", "-1"], "min_heads_per_layer: expected a non-negative"),
-    ("prune", lambda t, m: [m, "--count", "1", "--score", "loud"], "score: expected one of"),
+    ("prune", lambda t, m: [m, "--count", "1", "--score", "loud"], "--score: invalid choice"),
     ("prune", lambda t, m: [m, "--count", "1", "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
     ("scan", lambda t, m: [m, "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
     ("sweep", lambda t, m: [m, "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
@@ -191,7 +191,7 @@ def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
 def test_sweep_random_scope(run, tmp_path, tiny_dir, monkeypatch):
     import json
 
-    import headprune.sweep as sweep_mod
+    import headprune.app.sweep as sweep_mod
 
     real, scopes = sweep_mod.select_heads, []
 

@@ -124,7 +124,8 @@ def test_example_random_input(example, timings):
 
 def test_example_file_round_trip(example, tmp_path):
     """Tensors saved by Python in, statistics out, loaded back by Python's accumulator."""
-    from headprune import EntropyAccumulator, reference
+    from headprune import EntropyAccumulator
+    from headprune.core import reference
 
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(3, 4, 9, 8, dtype=torch.float64, generator=gen)

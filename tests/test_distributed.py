@@ -14,7 +14,7 @@ from hf_tiny import tiny_batch, tiny_model
 
 from headprune import distributed as D
 from headprune.hf import collect
-from headprune.scores import HeadScores
+from headprune.stats import HeadScores
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 

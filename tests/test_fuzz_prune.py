@@ -11,6 +11,7 @@ keeps hypothesis from writing a ``.hypothesis`` directory.
 import copy
 import tempfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
@@ -25,6 +26,9 @@ from headprune.hf import kept_heads, load_pruned, mask_heads, prune_heads, resol
 FAMILIES = ("gpt2", "llama", "phi3", "t5", "bert")
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# 25 + 25 examples of five families: tens of seconds
+pytestmark = pytest.mark.slow
 
 _MODELS: dict = {}
 

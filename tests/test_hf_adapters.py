@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from hf_tiny import FAMILIES, GQA_FAMILIES, tiny_config, tiny_model
+from hf_tiny import FAMILIES, GQA_FAMILIES, tiny_batch, tiny_config, tiny_model
 
+from headprune.hf import collect
 from headprune.hf.adapters import ADAPTERS, check_layout, get_adapter, head_counts, head_dim, resolve_sites
 
 
@@ -51,3 +52,20 @@ def test_unsupported_model_lists_supported_types():
 def test_non_model_is_rejected():
     with pytest.raises(ValueError, match="model: unsupported"):
         get_adapter(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_layer_of_each_causal_stack_is_what_the_default_keeps(family):
+    """The adapter record says which blocks attend causally; the default recipe keeps the first
+    layer of each causal stack whole: layer 0 of a decoder-only LM, the decoder's first
+    self-attention of T5, nothing in an encoder."""
+    from headprune.ranking import default_protected
+
+    model = tiny_model(family)
+    scores = collect(model, [tiny_batch(family)], progress=False)
+    sites = resolve_sites(model)
+    assert scores.depth == [s.depth for s in sites]
+    kind = get_adapter(model).kind
+    want = {"causal": (0,), "encoder": (), "seq2seq": tuple(s.index for s in sites if s.name == "decoder.0.self")}
+    assert default_protected(scores) == want[kind]
+    assert kind != "seq2seq" or want[kind] == (2,)  # sites: encoder 0-1, decoder self 2-3, cross 4-5

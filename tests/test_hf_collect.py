@@ -8,8 +8,8 @@ import torch
 from hf_tiny import FAMILIES, tiny_batch, tiny_model
 
 from headprune.hf import collect
-from headprune.hf.collect import _RECORDERS, _configs
-from headprune.scores import HeadScores
+from headprune.hf.attention import RECORDERS as _RECORDERS, model_configs as _configs
+from headprune.stats import HeadScores
 
 
 def _impls(model):
@@ -49,14 +49,13 @@ def test_streaming_matches_eager_reference_and_outputs_are_untouched(family):
 def test_fused_attention_matches_the_models_own(family, monkeypatch):
     """On CPU an sdpa model's attention calls are served by the fused op: the statistics and
     the model's outputs during collection equal the unfused path's to float rounding."""
-    import sys
+    from headprune.core import ops as module
 
-    module = sys.modules["headprune.hf.collect"]
     model = tiny_model(family)
     batches = [tiny_batch(family, seed=s) for s in range(2)]
     calls = []
-    real = module.accumulate_attention_
-    monkeypatch.setattr(module, "accumulate_attention_", lambda *a: calls.append(1) or real(*a))
+    real = module.attention_stats_accumulate_
+    monkeypatch.setattr(module, "attention_stats_accumulate_", lambda *a: calls.append(1) or real(*a))
     outs = {True: [], False: []}
     flag = [True]
     hook = model.register_forward_hook(lambda m, a, out: outs[flag[0]].append(_first(out).clone()))
@@ -78,12 +77,11 @@ def test_fused_attention_matches_the_models_own(family, monkeypatch):
 
 
 def test_fused_attention_is_skipped_where_it_does_not_apply(monkeypatch):
-    import sys
+    from headprune.core import ops as module
 
-    module = sys.modules["headprune.hf.collect"]
     calls = []
-    real = module.accumulate_attention_
-    monkeypatch.setattr(module, "accumulate_attention_", lambda *a: calls.append(1) or real(*a))
+    real = module.attention_stats_accumulate_
+    monkeypatch.setattr(module, "attention_stats_accumulate_", lambda *a: calls.append(1) or real(*a))
     model = tiny_model("llama")
     collect(model, [tiny_batch("llama")], progress=False, method="eager")
     collect(model, [tiny_batch("llama")], progress=False, fused=False)

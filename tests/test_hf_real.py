@@ -55,6 +55,7 @@ def _batch(tok):
     return dict(tok(TEXTS, padding=True, return_tensors="pt"))
 
 
+@pytest.mark.slow  # real weights: loads all-MiniLM-L6-v2
 def test_minilm_streaming_matches_eager_and_prunes_exactly(minilm):
     model, tok = minilm
     batch = _batch(tok)

@@ -87,18 +87,16 @@ def test_auto_steps_prune_at_most_a_tenth_per_round():
 
 
 def test_sweep_iterative_recipes_nest_and_start_like_one_shot(monkeypatch):
-    from types import SimpleNamespace
-
-    import headprune.pipeline as P
-    from headprune.models import Loaded
-    from headprune.sweep import run_sweep
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+    from headprune.app.sweep import SweepConfig, run_sweep
 
     model, batches = _setup(layers=4)
     scores = collect(model, batches, progress=False)
     recipes = {"one": {"score": "entropy", "order": "high"}, "it": {"score": "entropy", "order": "high", "iterative": True}}
-    args = SimpleNamespace(model="tiny", ratios=[0.25, 0.5, 0.75], seeds=1, gqa="query", quiet=True,
-                           eval_windows=1, compensate=True)
-    monkeypatch.setattr(P, "quality", lambda *a, **k: {"perplexity": 1.0})  # the selections are under test
+    args = SweepConfig(model="tiny", ratios=[0.25, 0.5, 0.75], seeds=1, gqa="query", quiet=True, eval_windows=1,
+                       compensate=True)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})  # the selections are under test
     loaded = Loaded(model, None, "causal", "tiny")
     snap = ModelSnapshot(model)
     res = run_sweep(args, loaded, scores, [], {"data": "x"}, recipes, batches=batches)

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from headprune import NUM_STATS, ops
-from headprune import reference as R
+from headprune import NUM_STATS
+from headprune.core import ops
+from headprune.core import reference as R
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Absolute tolerance on a per-head mean row entropy (nats). Reduced-precision inputs are

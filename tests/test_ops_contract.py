@@ -10,8 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import headprune
-from headprune import NUM_STATS, EntropyAccumulator, ops
-from headprune import reference as R
+from headprune import NUM_STATS, EntropyAccumulator
+from headprune.core import ops
+from headprune.core import reference as R
+from headprune.core.build import load_extension
+
+load_extension()  # the tests call torch.ops.headprune.* directly
 
 OPS = torch.ops.headprune
 
@@ -148,7 +152,7 @@ def test_entropy_from_qk_bad_input(name, make, kw, exc, msg):
     acc.stats += 1
     kw = {"scale": 0.5, **kw}
     with pytest.raises(exc, match=msg):
-        acc.update_qk(q, k, kw.pop("scale"), **kw)
+        acc.entropy_stats_from_qk(q, k, kw.pop("scale"), **kw)
     assert torch.equal(acc.stats, torch.ones_like(acc.stats))
 
 
@@ -224,9 +228,9 @@ def test_accumulator_merge_state_and_means():
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(4, 3, 9, 8, generator=g), torch.randn(4, 3, 9, 8, generator=g)
     a, b, both = EntropyAccumulator(3), EntropyAccumulator(3), EntropyAccumulator(3)
-    a.update_qk(q[:2], k[:2], 0.4, is_causal=True)
-    b.update_qk(q[2:], k[2:], 0.4, is_causal=True)
-    both.update_qk(q, k, 0.4, is_causal=True)
+    a.entropy_stats_from_qk(q[:2], k[:2], 0.4, is_causal=True)
+    b.entropy_stats_from_qk(q[2:], k[2:], 0.4, is_causal=True)
+    both.entropy_stats_from_qk(q, k, 0.4, is_causal=True)
     a.merge(b)
     torch.testing.assert_close(a.stats, both.stats, rtol=1e-14, atol=1e-12)
     rows = R.row_stats_from_logits(R.attention_logits(q, k, 0.4, None, True))
@@ -261,8 +265,8 @@ def test_every_cpu_isa_matches_reference(isa):
     """Each compiled instruction set, forced through ATEN_CPU_CAPABILITY, in a fresh process."""
     code = """
 import torch, headprune
-from headprune import ops, reference as R
-assert headprune._loader.load_extension().cpu_isa() == {isa!r}, headprune._loader.load_extension().cpu_isa()
+from headprune.core import ops, reference as R
+assert headprune.core.build.load_extension().cpu_isa() == {isa!r}, headprune.core.build.load_extension().cpu_isa()
 g = torch.Generator().manual_seed(0)
 for dt in (torch.float32, torch.float64, torch.bfloat16):
     q = torch.randn(2, 4, 37, 24, generator=g).to(dt); k = torch.randn(2, 2, 555, 24, generator=g).to(dt)

@@ -13,10 +13,12 @@ import os
 import pytest
 import torch
 
-import headprune
-from headprune import reference as ref
+from headprune.core import ops
+from headprune.core import reference as ref
+from headprune.core.build import load_extension
 
-ops = headprune.ops
+load_extension()  # the tests call torch.ops.headprune.* directly
+
 
 ON_CPU = os.environ.get("HEADPRUNE_TEST_CUDA_ON_CPU") == "1"
 DEVICE = "cpu" if ON_CPU else "cuda"

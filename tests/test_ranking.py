@@ -8,9 +8,10 @@ from hypothesis import given, settings, strategies as st
 
 from functools import partial
 
-from headprune.ranking import DEFAULT_RECIPE, rank_heads
+from headprune.ranking import DEFAULT_RECIPE, default_protected, rank_heads
 from headprune.ranking import select_heads as _select_heads
-from headprune.scores import NUM_STATS, HeadScores
+from headprune.core.schema import NUM_STATS
+from headprune.stats import HeadScores
 
 # The mechanics below are written against the formula as written (highest entropy first).
 select_heads = partial(_select_heads, score="entropy", order="high", scope="global")
@@ -159,19 +160,24 @@ def test_default_recipe_is_the_measured_one():
     s.outputs[..., 1] = torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
     s.outputs[..., 2] = s.outputs[..., 1] ** 2 / 10 + torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
     s.outputs[..., 3] = 10 * torch.rand(3, 4, 8, generator=g, dtype=torch.float64)
+    s.causal = [True] * 3  # a decoder-only LM
     got = _select_heads(s, ratio=0.5)
-    assert got == _select_heads(s, ratio=0.5, **DEFAULT_RECIPE)
+    assert got == _select_heads(s, ratio=0.5, **DEFAULT_RECIPE, protect_layers=[0])
     # 6 of 12 heads from layers 1 and 2 (the first layer is kept whole), least variance first
     var = s.score("variance")
     assert got == {layer: sorted(var[layer].argsort()[:3].tolist()) for layer in (1, 2)}
     assert _select_heads(s, ratio=0.5, protect_layers=[]) != got  # an explicit choice wins
-    with pytest.raises(ValueError, match="the default recipe keeps the first layer whole"):
+    with pytest.raises(ValueError, match="the default recipe keeps the first layer of each causal stack whole"):
         _select_heads(s, ratio=0.8)
-    # encoder-only families keep no layer whole: the recipe is the same, unprotected
-    for model_type, protected in (("bert", False), ("vit", False), ("llama", True), ("t5", True)):
-        s.model_type = model_type
-        want = got if protected else _select_heads(s, ratio=0.5, protect_layers=[])
-        assert _select_heads(s, ratio=0.5) == want, model_type
+    # encoders keep no layer whole: the recipe is the same, unprotected; nor do statistics
+    # that do not say whether their sites are causal (format 1)
+    for causal in ([False] * 3, None):
+        s.causal = causal
+        assert _select_heads(s, ratio=0.5) == _select_heads(s, ratio=0.5, protect_layers=[]), causal
+    # an encoder-decoder (encoder self, decoder self, cross; one layer each here): the decoder's
+    # first self-attention layer
+    s.causal, s.depth = [False, True, False], [0, 0, 0]
+    assert default_protected(s) == (1,)
 
 
 def test_named_scores_prune_in_their_natural_order():

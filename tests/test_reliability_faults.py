@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-import headprune.ops
+import headprune.core.ops
 from hf_tiny import tiny_batch, tiny_model
 from model_snapshot import ModelSnapshot
 
@@ -18,7 +18,7 @@ from headprune.hf.prune import STATE_ATTR
 
 prune_mod = importlib.import_module("headprune.hf.prune")
 report_mod = importlib.import_module("headprune.hf.report")
-torch_modules = importlib.import_module("headprune.torch_modules")
+mask_mod = importlib.import_module("headprune.prune.mask")
 
 FAULTS = [pytest.param(lambda: RuntimeError("injected"), id="error"),
           pytest.param(lambda: KeyboardInterrupt(), id="interrupt")]
@@ -83,7 +83,7 @@ def test_fault_during_collection(monkeypatch, family, method, where, fault):
     ref = _output(model, family)
     snap = ModelSnapshot(model)
     if where == "op":  # from inside the attention call, in the second layer of the first batch
-        fail_on_call(monkeypatch, headprune.ops, _OPS[method], 2, fault)
+        fail_on_call(monkeypatch, headprune.core.ops, _OPS[method], 2, fault)
         batches = [tiny_batch(family)]
     else:
         batches = _failing_batches(family, fault)
@@ -106,7 +106,7 @@ def test_fault_during_collection(monkeypatch, family, method, where, fault):
 def test_fault_during_masking(monkeypatch, family, heads, fault):
     model = tiny_model(family)
     snap = ModelSnapshot(model)
-    calls = fail_on_call(monkeypatch, torch_modules, "apply_head_mask_", len(heads), fault)  # the last layer
+    calls = fail_on_call(monkeypatch, mask_mod, "apply_head_mask_", len(heads), fault)  # the last layer
     with pytest.raises(type(fault())):
         mask_heads(model, heads)
     assert len(calls) == len(heads)
@@ -129,12 +129,12 @@ PRUNE_CASES = {
 
 def _slice_calls(family, heads) -> int:
     calls = []
-    real = prune_mod._slice_
-    prune_mod._slice_ = lambda *a: (calls.append(1), real(*a))[1]
+    real = prune_mod.slice_
+    prune_mod.slice_ = lambda *a: (calls.append(1), real(*a))[1]
     try:
         prune_heads(tiny_model(family), heads)
     finally:
-        prune_mod._slice_ = real
+        prune_mod.slice_ = real
     return len(calls)
 
 
@@ -144,7 +144,7 @@ def _inject(monkeypatch, point, case, fault):
         n = {"slice-first": 1, "slice-middle": None, "slice-last": None}[point]
         total = _slice_calls(family, heads)
         n = n or (total // 2 if point == "slice-middle" else total)
-        fail_on_call(monkeypatch, prune_mod, "_slice_", n, fault)
+        fail_on_call(monkeypatch, prune_mod, "slice_", n, fault)
     elif point == "configs":
         fail_on_call(monkeypatch, prune_mod, "_update_configs", 1, fault)
     elif point == "check":
@@ -176,7 +176,7 @@ def test_fault_while_pruning_a_pruned_model(monkeypatch, fault):
     prune_heads(model, {0: [1], 2: [0, 3]})
     ref = _output(model, "t5")
     snap = ModelSnapshot(model)
-    fail_on_call(monkeypatch, prune_mod, "_slice_", 5, fault)
+    fail_on_call(monkeypatch, prune_mod, "slice_", 5, fault)
     with pytest.raises(type(fault())):
         prune_heads(model, {0: [0], 1: [2], 5: [1]})
     monkeypatch.undo()
@@ -203,7 +203,7 @@ def _fail_in(monkeypatch, where, fault):
     elif where == "tokenizer":
         fail_on_call(monkeypatch, transformers.PreTrainedTokenizerBase, "save_pretrained", 1, fault)
     elif where == "metadata":
-        from headprune.scores import HeadScores
+        from headprune.stats import HeadScores
 
         fail_on_call(monkeypatch, HeadScores, "to_dict", 1, fault)
     elif where == "rename":  # moving the finished directory into place

@@ -18,7 +18,7 @@ from hf_tiny import tiny_batch, tiny_model
 
 from headprune.hf import collect
 
-collect_mod = importlib.import_module("headprune.hf.collect")
+ops_mod = importlib.import_module("headprune.core.ops")
 
 HALF_BOUND = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -64,9 +64,10 @@ def test_neg_inf_additive_masks_and_fully_masked_rows(monkeypatch, family, paddi
     monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "headprune_sdpa",
                         _additive_inf(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]))
     seen = []
-    real, real_fused = collect_mod.accumulate_qk_, collect_mod.accumulate_attention_
-    monkeypatch.setattr(collect_mod, "accumulate_qk_", lambda st, q, k, s, m, *a: (seen.append(m), real(st, q, k, s, m, *a)))
-    monkeypatch.setattr(collect_mod, "accumulate_attention_",
+    real, real_fused = ops_mod.entropy_stats_from_qk_accumulate_, ops_mod.attention_stats_accumulate_
+    monkeypatch.setattr(ops_mod, "entropy_stats_from_qk_accumulate_",
+                        lambda st, q, k, s, m, *a: (seen.append(m), real(st, q, k, s, m, *a)))
+    monkeypatch.setattr(ops_mod, "attention_stats_accumulate_",
                         lambda st, q, k, v, s, m, *a: (seen.append(m), real_fused(st, q, k, v, s, m, *a))[1])
     scores = collect(model, [batch], progress=False)
     assert any(m is not None and m.dtype == torch.float32 and torch.isneginf(m).any() for m in seen)
@@ -83,18 +84,18 @@ def test_32k_keys_match_float64():
     for layer in range(2):
         cache.update(torch.randn(1, 2, K, 8, generator=g) * 3, torch.randn(1, 2, K, 8, generator=g), layer)
     seen = []
-    real = collect_mod.accumulate_attention_
+    real = ops_mod.attention_stats_accumulate_
 
     def spy(stats, q, k, v, scale, mask, causal, qm):  # the fused op serves this sdpa model
         seen.append((q.double(), k.double(), scale, mask, causal))
         return real(stats, q, k, v, scale, mask, causal, qm)
 
-    collect_mod.accumulate_attention_, saved = spy, real
+    ops_mod.attention_stats_accumulate_, saved = spy, real
     try:
         ids = torch.randint(3, 99, (1, 2), generator=g)
         scores = collect(model, [{"input_ids": ids, "past_key_values": cache, "use_cache": True}], progress=False)
     finally:
-        collect_mod.accumulate_attention_ = saved
+        ops_mod.attention_stats_accumulate_ = saved
     assert len(seen) == 2
     for layer, (q, k, scale, mask, causal) in enumerate(seen):
         assert k.shape[2] == K + 2 and not causal

@@ -9,7 +9,7 @@ import torch
 from hf_tiny import tiny_batch, tiny_model
 
 from headprune.hf import collect
-from headprune.hf.collect import _RECORDERS, _configs
+from headprune.hf.attention import RECORDERS as _RECORDERS, model_configs as _configs
 
 N = 6
 SETTINGS = {"data": "tiny", "samples": N, "seq_len": 9}

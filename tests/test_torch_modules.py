@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from headprune import reference
-from headprune.scores import HeadScores
-from headprune.torch_modules import attention_modules, collect_modules, mask_modules
+from headprune.core import reference
+from headprune.stats import HeadScores
+from headprune.plain import attention_modules, collect_modules, mask_modules
 
 
 def encoder(norm_first=False, layers=2, seed=0):

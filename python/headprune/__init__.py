@@ -1,25 +1,35 @@
 """headprune: entropy-based attention-head pruning with a native C++/CUDA core.
 
-``import headprune`` needs only torch; the Hugging Face layer (``collect``, ``mask_heads``,
-``prune_heads``, ``save_pruned``, ``load_pruned``, ...) loads transformers on first use.
+``import headprune`` needs only torch, and not the native extension: it is loaded on the first
+op call. The Hugging Face layer (``collect``, ``mask_heads``, ``prune_heads``, ``save_pruned``,
+``load_pruned``, ...) loads transformers on first use.
+
+Layers, each importing only those below it:
+
+* :mod:`headprune.core`: native op wrappers, their float64 reference, the statistics schema;
+* :mod:`headprune.stats`: ``HeadScores`` and ``EntropyAccumulator``;
+* :mod:`headprune.ranking`: which heads to prune;
+* :mod:`headprune.prune`: masking and physical-pruning primitives (no transformers);
+* :mod:`headprune.plain` (``nn.MultiheadAttention``) and :mod:`headprune.hf` (transformers
+  families: adapters, collection, pruning, save/load);
+* :mod:`headprune.distributed`: data-parallel collection;
+* :mod:`headprune.app`: the command line, evaluation, sweeps, texts and plots.
 """
 
 from __future__ import annotations
 
-from . import ops, reference
-from ._loader import build_info
-from .accumulator import EntropyAccumulator
+from .core import NUM_STATS, STAT_FIELDS, OutputStat, Stat, build_info
 from .ranking import rank_heads, select_heads
-from .reference import NUM_STATS, STAT_FIELDS
-from .scores import HeadScores
+from .stats import EntropyAccumulator, HeadScores
 
 __version__ = "0.1.0"
 
 _HF = ("collect", "mask_heads", "prune_heads", "save_pruned", "load_pruned", "kept_heads", "measure",
        "attention_flops_per_token", "PruneReport", "supported_model_types", "select_iteratively")
+_LAZY_MODULES = ("ops", "reference")
 
-__all__ = ["EntropyAccumulator", "HeadScores", "NUM_STATS", "STAT_FIELDS", "build_info", "ops", "rank_heads",
-           "reference", "select_heads", *_HF]
+__all__ = ["EntropyAccumulator", "HeadScores", "NUM_STATS", "OutputStat", "STAT_FIELDS", "Stat", "build_info", "ops",
+           "rank_heads", "reference", "select_heads", *_HF]
 
 
 def __getattr__(name):
@@ -27,4 +37,8 @@ def __getattr__(name):
         from . import hf
 
         return getattr(hf, name)
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f".core.{name}", __name__)
     raise AttributeError(f"module 'headprune' has no attribute {name!r}")

@@ -12,7 +12,6 @@ Only :func:`collect` needs ``transformers``; the rest imports with torch alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -22,10 +21,9 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .scores import HeadScores
+from .stats.scores import HeadScores
 
-__all__ = ["init_from_env", "rank_world", "shard", "layout_fingerprint", "all_reduce_scores", "collect",
-           "rank_checkpoint"]
+__all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint"]
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker.
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -85,15 +83,6 @@ def shard(batches: Iterable, rank: Optional[int] = None, world_size: Optional[in
     return (b for i, b in enumerate(batches) if i % world_size == rank)
 
 
-def layout_fingerprint(scores: HeadScores) -> str:
-    """Hex SHA-256 of what must agree for two ``HeadScores`` to add: the head layout, the
-    site names and kinds, the model type, the method and the stats shape."""
-    key = [*scores._layout(), scores.method, list(scores.stats.shape)]
-    if scores.outputs is not None:  # older fingerprints (no output statistics) stay valid
-        key.append(list(scores.outputs.shape))
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _device(group):
     """Tensors handed to a collective live where its backend wants them."""
     if "nccl" in str(dist.get_backend(group)):
@@ -102,7 +91,7 @@ def _device(group):
 
 
 def _check_same_layout(scores: HeadScores, group) -> None:
-    digest = bytes.fromhex(layout_fingerprint(scores))
+    digest = bytes.fromhex(scores.layout_fingerprint())
     # 4 int64 words: every backend all-gathers int64 (not every one gathers uint8)
     mine = torch.tensor([int.from_bytes(digest[i : i + 8], "little", signed=True) for i in range(0, 32, 8)],
                         dtype=torch.int64, device=_device(group))
@@ -135,7 +124,7 @@ def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
         outputs = scores.outputs.to(_device(group), copy=True).contiguous()
         dist.all_reduce(outputs, op=dist.ReduceOp.SUM, group=group)
         outputs = outputs.cpu()
-    return HeadScores(stats.cpu(), *scores._layout()[:5], scores.model_type, scores.method, dict(scores.meta), outputs)
+    return scores.with_sums(stats.cpu(), outputs)
 
 
 def rank_checkpoint(path: str, rank: int, world_size: int) -> str:

@@ -36,12 +36,17 @@ class Block:
     stack: str = ""  # "encoder" / "decoder" for encoder-decoders, "" otherwise
     kind: str = "self"  # "self" or "cross"
     padding_key: Optional[str] = "attention_mask"  # batch key masking this block's queries
+    causal: bool = True  # queries attend only to earlier keys (decoder self-attention)
+    name: str = "{i}"  # site name, {i} = the layer's index in its stack
 
 
 @dataclass(frozen=True)
 class Adapter:
     model_type: str
     blocks: tuple
+    # what the family's models are: "causal" (a decoder-only LM, loaded with
+    # AutoModelForCausalLM), "encoder" (AutoModel) or "seq2seq" (encoder-decoder)
+    kind: str
     head_dim_attr: str
     # module attribute -> one of "heads", "kv_heads", "groups", "inner" (heads * head_dim)
     module_attrs: dict = field(default_factory=dict)
@@ -50,13 +55,17 @@ class Adapter:
     config_head_dim: Optional[str] = None  # set => a uniformly pruned config stays loadable
     conv1d: bool = False  # GPT-2 stores weights as [in, out]
     reads_config_heads: bool = False  # forward reads config.num_attention_heads (Phi-3)
-    empty: str = "output"  # what a block with no head left returns, see prune._EMPTY
+    # what a block with no head left returns (see prune.empty_forward): "output" (its o
+    # projection's bias), "context" (a zero-width context for an o projection outside the
+    # block) or "output_position_bias" (the output and the position bias it was handed)
+    empty: str = "output"
     # per-head weights other than q/k/v/o: (submodule of the attention module, weight dim)
     extras: tuple = ()
     shared_position_bias: bool = False  # T5: layer 0's bias is reused by the whole stack
 
 
 _LLAMA_LIKE = dict(
+    kind="causal",
     blocks=(Block("layers", "self_attn", "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     head_dim_attr="head_dim",
     module_attrs={"num_key_value_groups": "groups"},
@@ -65,10 +74,11 @@ _LLAMA_LIKE = dict(
 )
 
 _BERT_LIKE = dict(
+    kind="encoder",
     blocks=(
         Block(
             "encoder.layer", "attention.self", "attention.output.dense",
-            "attention.self.query", "attention.self.key", "attention.self.value",
+            "attention.self.query", "attention.self.key", "attention.self.value", causal=False,
         ),
     ),
     head_dim_attr="attention_head_size",
@@ -78,14 +88,15 @@ _BERT_LIKE = dict(
 
 
 def _t5_blocks():
-    def attn(stack, idx, name, kind, padding_key):
+    def attn(stack, idx, name, kind, padding_key, causal):
         p = f"layer.{idx}.{name}"
-        return Block(f"{stack}.block", p, f"{p}.o", f"{p}.q", f"{p}.k", f"{p}.v", stack=stack, kind=kind, padding_key=padding_key)
+        return Block(f"{stack}.block", p, f"{p}.o", f"{p}.q", f"{p}.k", f"{p}.v", stack=stack, kind=kind,
+                     padding_key=padding_key, causal=causal, name=f"{stack}.{{i}}.{kind}")
 
     return (
-        attn("encoder", 0, "SelfAttention", "self", "attention_mask"),
-        attn("decoder", 0, "SelfAttention", "self", "decoder_attention_mask"),
-        attn("decoder", 1, "EncDecAttention", "cross", "decoder_attention_mask"),
+        attn("encoder", 0, "SelfAttention", "self", "attention_mask", causal=False),
+        attn("decoder", 0, "SelfAttention", "self", "decoder_attention_mask", causal=True),
+        attn("decoder", 1, "EncDecAttention", "cross", "decoder_attention_mask", causal=False),
     )
 
 
@@ -96,12 +107,15 @@ ADAPTERS = {
         Adapter("roberta", **_BERT_LIKE),
         Adapter(
             "distilbert",
-            blocks=(Block("transformer.layer", "attention", "attention.out_lin", "attention.q_lin", "attention.k_lin", "attention.v_lin"),),
+            kind="encoder",
+            blocks=(Block("transformer.layer", "attention", "attention.out_lin", "attention.q_lin", "attention.k_lin",
+                          "attention.v_lin", causal=False),),
             head_dim_attr="attention_head_size",
             module_attrs={"n_heads": "heads"},
         ),
         Adapter(
             "gpt2",
+            kind="causal",
             blocks=(Block("h", "attn", "attn.c_proj", qkv="attn.c_attn"),),
             head_dim_attr="head_dim",
             module_attrs={"num_heads": "heads", "split_size": "inner"},
@@ -109,6 +123,7 @@ ADAPTERS = {
         ),
         Adapter(
             "opt",
+            kind="causal",
             blocks=(
                 Block("decoder.layers", "self_attn", "self_attn.out_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
             ),
@@ -118,6 +133,7 @@ ADAPTERS = {
         *[Adapter(t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2")],
         Adapter(
             "phi3",
+            kind="causal",
             blocks=(Block("layers", "self_attn", "self_attn.o_proj", qkv="self_attn.qkv_proj"),),
             head_dim_attr="head_dim",
             module_attrs={"num_key_value_groups": "groups", "num_key_value_heads": "kv_heads"},
@@ -128,10 +144,11 @@ ADAPTERS = {
         ),
         Adapter(
             "vit",
+            kind="encoder",
             blocks=(
                 Block(
                     "layers", "attention", "attention.o_proj", "attention.q_proj", "attention.k_proj",
-                    "attention.v_proj", padding_key=None,
+                    "attention.v_proj", padding_key=None, causal=False,
                 ),
             ),
             head_dim_attr="head_dim",
@@ -140,11 +157,12 @@ ADAPTERS = {
         ),
         Adapter(
             "t5",
+            kind="seq2seq",
             blocks=_t5_blocks(),
             head_dim_attr="key_value_proj_dim",
             module_attrs={"n_heads": "heads", "inner_dim": "inner"},
             config_head_dim="d_kv",
-            empty="t5",
+            empty="output_position_bias",
             extras=(("relative_attention_bias", 1),),
             shared_position_bias=True,
         ),
@@ -171,18 +189,20 @@ def get_adapter(model) -> Adapter:
 
 @dataclass
 class Site:
-    """One resolved attention block of one layer: the index used by scores, rankings and
-    pruning (``layer`` in ``HeadScores``), plus live references to its modules."""
+    """One resolved attention block of one layer: its site index (the index of scores,
+    rankings and pruning), its layer's index within the stack (``depth``), and live
+    references to the layer module its block paths start from (``parent``) and to the
+    attention module."""
 
     index: int
     name: str  # e.g. "decoder.1.cross"
     block: Block
-    layer_idx: int
-    layer: nn.Module
+    depth: int
+    parent: nn.Module
     module: nn.Module
 
     def sub(self, path: Optional[str]) -> Optional[nn.Module]:
-        return None if path is None else self.layer.get_submodule(path)
+        return None if path is None else self.parent.get_submodule(path)
 
     @property
     def o(self) -> nn.Module:
@@ -207,10 +227,8 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
                 f"model: {type(model).__name__} has no {block.layers!r} although its model_type is "
                 f"{adapter.model_type!r}; is it a supported architecture?"
             ) from e
-        prefix = ".".join(p for p in (block.stack, "{i}", block.kind if adapter.model_type == "t5" else "") if p)
         for i, layer in enumerate(layers):
-            name = prefix.format(i=i)
-            sites.append(Site(len(sites), name, block, i, layer, layer.get_submodule(block.module)))
+            sites.append(Site(len(sites), block.name.format(i=i), block, i, layer, layer.get_submodule(block.module)))
     return sites
 
 

@@ -19,10 +19,10 @@ from typing import Optional
 import torch
 from transformers import PreTrainedConfig
 
-from ..scores import HeadScores
+from ..prune.mask import MaskHandle
+from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, resolve_sites
-from ..torch_modules import MaskHandle
-from .prune import STATE_ATTR, kept_heads, prune_heads
+from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
 
 __all__ = ["save_pruned", "load_pruned", "METADATA_FILE"]
 
@@ -75,9 +75,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     state = getattr(model, STATE_ATTR, None)
     masked_bias = [s.index for s in sites if MaskHandle.added_bias(s.o)]
     if masked_bias:  # a compensated mask created o biases: record them like pruning does
-        from .prune import _new_state
-
-        state = _new_state(model, [head_counts(s, adapter) for s in sites])
+        state = new_state(model, [head_counts(s, adapter) for s in sites])
         state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})
     # an output-projection bias the family's config cannot declare would be dropped by
     # from_pretrained (with only a warning): such a model is not plain-loadable

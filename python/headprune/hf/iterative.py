@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Optional, Union
 
-from ..ranking import _budget, count_units, select_heads
-from ..scores import HeadScores
+from ..ranking import budget, count_units, select_heads
+from ..stats.scores import HeadScores
 from .collect import collect
 from .prune import mask_heads
 
@@ -78,7 +78,7 @@ def select_iteratively(
         if scores is None:
             scores = gather(model, batches, progress=progress)
         total = count_units(scores, select_kwargs.get("gqa", "query"))
-        want = _budget(ratio, count, total, "units of the model")  # validates ratio/count once
+        want = budget(ratio, count, total)  # validates ratio/count once
         if steps == "auto":
             steps = auto_steps(want, total)
         for step in range(1, steps + 1):

@@ -9,18 +9,21 @@ keeps, per model, the original indices of the surviving heads (``kept_heads``) s
 from __future__ import annotations
 
 import copy
-import math
 from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..scores import HeadScores
-from ..torch_modules import MaskHandle, head_index, normalize_heads, refuse_masked_again
+from ..prune.compensation import removed_mean_output
+from ..prune.heads import head_index, normalize_heads
+from ..prune.mask import MaskHandle, refuse_masked_again
+from ..prune.slicing import kv_layout, slice_, slice_rows
+from ..prune.undo import Undo
+from ..stats.scores import HeadScores
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["mask_heads", "prune_heads", "MaskHandle", "kept_heads", "normalize_heads"]
+__all__ = ["mask_heads", "prune_heads", "kept_heads"]
 
 STATE_ATTR = "_headprune_state"
 
@@ -55,16 +58,11 @@ def _check_compensate(scores, sites, adapter) -> torch.Tensor:
 
 
 def _compensation(site, adapter, heads, mean: torch.Tensor) -> torch.Tensor:
-    """What the removed ``heads`` add on average to the output projection's result:
-    ``W_o[:, heads] @ mean output of heads`` (float64)."""
     d = head_dim(site, adapter)
-    mu = mean[heads, :d].reshape(-1)
+    mu = mean[heads, :d]
     if torch.isnan(mu).any():
         raise ValueError(f"compensate: site {site.name} heads {list(heads)} have no output statistics")
-    w = site.o.weight.detach()
-    cols = w.index_select(_o_dim(adapter), head_index(heads, d).to(w.device)).double()
-    mu = mu.to(w.device)
-    return mu @ cols if adapter.conv1d else cols @ mu
+    return removed_mean_output(site.o.weight.detach(), heads, d, mu, conv1d=adapter.conv1d)
 
 
 def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -> MaskHandle:
@@ -81,7 +79,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -
     if not hasattr(model, "config"):
         if compensate is not None:
             raise ValueError("compensate: supported for transformers models only")
-        from ..torch_modules import mask_modules
+        from ..plain import mask_modules
 
         return mask_modules(model, heads)
     adapter = get_adapter(model)
@@ -105,77 +103,6 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -
 # ---- physical removal ----------------------------------------------------------------------
 
 
-def _kv_layout(keep_q, groups: int, kv_ids=None):
-    """KV rows for the kept query heads and the new group size. Uneven groups (some of a KV
-    head's queries pruned) are evened out by repeating KV heads: group size becomes the gcd
-    of the kept counts, which is exact since repeated KV heads hold identical weights.
-
-    ``kv_ids`` names the original KV head of each current row: rows repeated by an earlier
-    pruning are merged back, so pruning in stages gives the layout (and the weights) of
-    pruning the same heads at once, which is what ``load_pruned`` rebuilds."""
-    kv_ids = list(range(max(keep_q, default=-1) // groups + 1)) if kv_ids is None else kv_ids
-    per_kv: dict = {}
-    first_row: dict = {}
-    for h in keep_q:
-        row = h // groups
-        per_kv.setdefault(kv_ids[row], []).append(h)
-        first_row.setdefault(kv_ids[row], row)
-    if not per_kv:
-        return [], 1
-    g = 0
-    for members in per_kv.values():
-        g = math.gcd(g, len(members))
-    rows = [first_row[kv] for kv, members in sorted(per_kv.items()) for _ in range(len(members) // g)]
-    return rows, g
-
-
-class _Undo:
-    """Every attribute change of a pruning pass, so a failure midway (including
-    ``KeyboardInterrupt``) puts the model back exactly as it was."""
-
-    _ABSENT = object()
-
-    def __init__(self):
-        self.log = []
-
-    def set(self, obj, name, value) -> None:
-        self.log.append((obj, name, getattr(obj, name, self._ABSENT) if name != "forward" else obj.__dict__.get(name, self._ABSENT)))
-        setattr(obj, name, value)
-
-    def call(self, undo_fn) -> None:
-        self.log.append((None, undo_fn, None))
-
-    def rollback(self) -> None:
-        while self.log:
-            obj, name, old = self.log.pop()
-            if obj is None:
-                name()
-            elif old is self._ABSENT:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
-
-
-def _slice_(undo: _Undo, module: nn.Module, name: str, index: torch.Tensor, dim: int) -> None:
-    p = getattr(module, name)
-    new = nn.Parameter(p.data.index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
-    undo.set(module, name, new)
-    shape = tuple(module.weight.shape)
-    if isinstance(module, nn.Linear):
-        undo.set(module, "out_features", shape[0])
-        undo.set(module, "in_features", shape[1])
-    elif isinstance(module, nn.Embedding):
-        undo.set(module, "embedding_dim", shape[1])
-    elif type(module).__name__ == "Conv1D":
-        undo.set(module, "nf", shape[1])
-
-
-def _slice_rows(undo, proj: nn.Module, index: torch.Tensor, conv1d: bool) -> None:
-    _slice_(undo, proj, "weight", index, 1 if conv1d else 0)
-    if getattr(proj, "bias", None) is not None:
-        _slice_(undo, proj, "bias", index, 0)
-
-
 def _empty_forward(kind, o, conv1d, *args, **kwargs):
     """Forward of a site with no head left: attention adds only the o bias (if any)."""
     x = args[0] if args else kwargs["hidden_states"]
@@ -183,7 +110,7 @@ def _empty_forward(kind, o, conv1d, *args, **kwargs):
         return x.new_zeros(*x.shape[:-1], 0), None
     out = x.new_zeros(*x.shape[:-1], o.weight.shape[1 if conv1d else 0])
     out = out if getattr(o, "bias", None) is None else out + o.bias
-    if kind == "t5":
+    if kind == "output_position_bias":
         return out, kwargs.get("position_bias"), None
     return out, None
 
@@ -206,25 +133,25 @@ def _prune_site(undo, site, adapter, remove, kv_ids=None) -> tuple:
     hq, hkv = head_counts(site, adapter)
     d, groups = head_dim(site, adapter), hq // hkv
     keep = [h for h in range(hq) if h not in set(remove)]
-    kv_rows, new_groups = _kv_layout(keep, groups, kv_ids)
+    kv_rows, new_groups = kv_layout(keep, groups, kv_ids)
     b, conv = site.block, adapter.conv1d
     if b.qkv is None:
-        _slice_rows(undo, site.sub(b.q), head_index(keep, d), conv)
-        _slice_rows(undo, site.sub(b.k), head_index(kv_rows, d), conv)
-        _slice_rows(undo, site.sub(b.v), head_index(kv_rows, d), conv)
+        slice_rows(undo, site.sub(b.q), head_index(keep, d), conv)
+        slice_rows(undo, site.sub(b.k), head_index(kv_rows, d), conv)
+        slice_rows(undo, site.sub(b.v), head_index(kv_rows, d), conv)
     else:
         idx = torch.cat([head_index(keep, d), head_index(kv_rows, d, hq * d), head_index(kv_rows, d, (hq + hkv) * d)])
-        _slice_rows(undo, site.sub(b.qkv), idx, conv)
-    _slice_(undo, site.o, "weight", head_index(keep, d), _o_dim(adapter))
+        slice_rows(undo, site.sub(b.qkv), idx, conv)
+    slice_(undo, site.o, "weight", head_index(keep, d), _o_dim(adapter))
     for owner, dim in adapter.extras:
         module = getattr(site.module, owner, None)
         if module is not None:
-            _slice_(undo, module, "weight", torch.tensor(keep, dtype=torch.long), dim)
+            slice_(undo, module, "weight", torch.tensor(keep, dtype=torch.long), dim)
     _set_attrs(undo, site, adapter, len(keep), len(kv_rows), new_groups)
     return keep, kv_rows
 
 
-def _new_state(model, counts) -> dict:
+def new_state(model, counts) -> dict:
     old = getattr(model, STATE_ATTR, None)
     if old is not None:
         return copy.deepcopy(old)
@@ -338,10 +265,10 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, 
         )
     biases = _compensation_biases(compensate, sites, adapter, heads)  # from the weights before slicing
     before = measure(model)
-    state = _new_state(model, counts)
+    state = new_state(model, counts)
     state.setdefault("o_bias", [])
     new_kept = [[k for j, k in enumerate(state["kept"][i]) if j not in heads.get(i, ())] for i in range(len(sites))]
-    undo = _Undo()
+    undo = Undo()
     try:
         with torch.no_grad():
             _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)

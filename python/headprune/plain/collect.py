@@ -4,14 +4,12 @@ Every ``nn.MultiheadAttention`` is an attention site, in ``named_modules`` order
 keys are recomputed from the module's input projection inside a forward pre-hook and fed
 to the streaming entropy op; the forward itself is untouched. ``nn.TransformerEncoderLayer``
 is hooked at the layer, because its inference fast path never calls its attention module.
-Pruning is by masking (``out_proj`` input columns), since ``nn.MultiheadAttention`` requires
+Pruning is by masking (:mod:`.mask`), since ``nn.MultiheadAttention`` requires
 ``num_heads * head_dim == embed_dim``.
 """
 
 from __future__ import annotations
 
-import operator
-import weakref
 from contextlib import contextmanager
 from typing import Iterable
 
@@ -19,124 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .scores import NUM_STATS, HeadScores, accumulate_qk_
+from ..core import ops
+from ..core.schema import NUM_STATS
+from ..stats.scores import HeadScores
 
-__all__ = ["attention_modules", "collect_modules", "mask_modules", "MaskHandle", "normalize_heads"]
-
-
-def normalize_heads(heads, counts: list, arg: str = "heads") -> dict:
-    """``{layer: sorted unique heads}`` after checking types and ranges."""
-    if not isinstance(heads, dict):
-        raise TypeError(f"{arg}: expected a dict {{layer: [heads]}}, got {type(heads).__name__}")
-    out = {}
-    for layer, hs in heads.items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(counts):
-            raise ValueError(f"{arg}: layer {layer!r} is not an index in [0, {len(counts)})")
-        try:
-            # operator.index refuses floats (1.7 is no head index) but takes numpy / 0-d tensor ints
-            hs = sorted({_index(h) for h in hs})
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{arg}: layer {layer}: expected a list of head indices, got {hs!r}") from e
-        bad = [h for h in hs if not 0 <= h < counts[layer]]
-        if bad:
-            raise ValueError(f"{arg}: layer {layer} has {counts[layer]} heads, got indices {bad}")
-        if hs:
-            out[layer] = hs
-    return out
-
-
-def _index(h) -> int:
-    if isinstance(h, bool):
-        raise TypeError("bool is not a head index")
-    return operator.index(h)
-
-
-def head_index(heads, d: int, offset: int = 0) -> torch.Tensor:
-    """Row/column indices of ``heads`` in a dimension laid out as ``heads x d``."""
-    return torch.tensor([offset + h * d + j for h in heads for j in range(d)], dtype=torch.long)
-
-
-def apply_head_mask_(w: torch.Tensor, mask: torch.Tensor, d: int, dim: int) -> None:
-    ops.apply_head_mask_(w, mask.to(device=w.device, dtype=w.dtype), d, dim)
-
-
-class MaskHandle:
-    """Undo record of a head masking: ``restore()`` (or leaving the ``with`` block) puts the
-    original output-projection columns back bit-exactly.
-
-    Handles not yet restored are tracked (weakly: a handle that is dropped unrestored leaves
-    a permanent mask), so masking a masked head again, or physically pruning a model under
-    an active mask, is refused instead of making ``restore`` order-dependent or a no-op.
-    """
-
-    _active: "weakref.WeakSet" = weakref.WeakSet()
-
-    def __init__(self, heads: dict):
-        self.heads = heads
-        self._saved = []  # (weight, dim, index, original columns, heads)
-        self._biases = []  # (module, original bias values, or None where the bias was added)
-
-    @classmethod
-    def masked(cls, w: torch.Tensor) -> set:
-        """Heads of weight ``w`` zeroed by handles not yet restored."""
-        return {h for handle in list(cls._active) for x, *_, hs in handle._saved if x is w for h in hs}
-
-    def zero_(self, w: torch.Tensor, heads, num_heads: int, d: int, dim: int) -> None:
-        idx = head_index(heads, d)
-        self._saved.append((w, dim, idx, w.index_select(dim, idx.to(w.device)).clone(), tuple(heads)))
-        MaskHandle._active.add(self)
-        gate = torch.ones(num_heads)
-        gate[heads] = 0
-        apply_head_mask_(w, gate, d, dim)
-
-    @classmethod
-    def added_bias(cls, module: nn.Module) -> bool:
-        """Whether an active handle created ``module.bias`` (the module had none)."""
-        return any(m is module and old is None for handle in list(cls._active) for m, old in handle._biases)
-
-    def add_bias_(self, module: nn.Module, b: torch.Tensor) -> None:
-        """Add ``b`` to ``module.bias`` in place (creating the bias if the module has none)."""
-        MaskHandle._active.add(self)
-        bias = getattr(module, "bias", None)
-        if bias is None:
-            self._biases.append((module, None))
-            module.bias = nn.Parameter(b.to(module.weight.dtype), requires_grad=False)
-        else:
-            self._biases.append((module, bias.detach().clone()))
-            bias.add_(b.to(bias.device, bias.dtype))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            while self._biases:
-                module, old = self._biases[-1]
-                if old is None:
-                    module.bias = None
-                else:
-                    module.bias.copy_(old)
-                self._biases.pop()
-            while self._saved:
-                w, dim, idx, cols, _ = self._saved[-1]
-                w.index_copy_(dim, idx.to(w.device), cols)
-                self._saved.pop()
-        MaskHandle._active.discard(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.restore()
-        return False
-
-
-def refuse_masked_again(heads: dict, weights: list) -> None:
-    """``ValueError`` if a head of ``heads`` is already zeroed by an active handle."""
-    for layer, hs in heads.items():
-        again = sorted(set(hs) & MaskHandle.masked(weights[layer]))
-        if again:
-            raise ValueError(
-                f"heads: layer {layer} head(s) {again} are already masked by an active mask_heads handle; restore it first"
-            )
+__all__ = ["attention_modules", "collect_modules", "empty_scores"]
 
 
 def attention_modules(model: nn.Module) -> list:
@@ -200,7 +85,7 @@ class _Session:
             kpm = key_padding_mask
             qm = ~kpm if kpm.dtype == torch.bool else ~torch.isneginf(kpm)
         mask = _attend_mask(attn_mask, key_padding_mask, q.shape[0], q.shape[1])
-        accumulate_qk_(self.stats[i], q, k, mha.head_dim**-0.5, mask, False, qm)
+        ops.entropy_stats_from_qk_accumulate_(self.stats[i], q, k, mha.head_dim**-0.5, mask, False, qm)
 
     def mha_hook(self, i):
         def hook(mha, args, kwargs):
@@ -254,6 +139,11 @@ class _Session:
         return out
 
 
+def empty_scores(model: nn.Module, method: str = "qk") -> HeadScores:
+    """All-zero scores of ``model``'s layout (a data-parallel rank with an empty shard)."""
+    return _Session(model).scores(method)
+
+
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False) -> HeadScores:
     """Entropies of every ``nn.MultiheadAttention`` of ``model``. Each batch is a tensor,
     a tuple of positional arguments, or a dict of keyword arguments for ``model``."""
@@ -273,20 +163,3 @@ def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", 
     if all(s is None for s in session.stats):
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
     return session.scores(method)
-
-
-def mask_modules(model: nn.Module, heads: dict):
-    """Zero the pruned heads' ``out_proj`` input columns (see ``headprune.hf.mask_heads``)."""
-    sites = attention_modules(model)
-    heads = normalize_heads(heads, [s[1].num_heads for s in sites])
-    refuse_masked_again(heads, [s[1].out_proj.weight for s in sites])
-    handle = MaskHandle(heads)
-    try:
-        with torch.no_grad():
-            for layer, hs in heads.items():
-                mha = sites[layer][1]
-                handle.zero_(mha.out_proj.weight, hs, mha.num_heads, mha.head_dim, 1)
-    except BaseException:
-        handle.restore()
-        raise
-    return handle

@@ -1,4 +1,4 @@
-"""The CLI's commands: scan, prune, eval, sweep (argument parsing lives in :mod:`cli`)."""
+"""The CLI's commands: scan, prune, eval, sweep (argument parsing lives in :mod:`.cli`)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from ..ranking import DEFAULT_RECIPE, natural_order, select_heads
+from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
-from .models import load_model
-from .ranking import DEFAULT_RECIPE, natural_order, select_heads
-from .scores import HeadScores
+from .load import load_model
+from .sweep import SweepConfig
 
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
 
@@ -93,7 +94,7 @@ def _fused(args) -> bool:
 
 def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
     """Collection, data-parallel under ``--distributed`` and resumable with a checkpoint."""
-    from . import distributed
+    from .. import distributed
 
     t0 = time.perf_counter()
     fingerprint = {"model": str(args.model), "settings": settings, "batch_size": args.batch_size}
@@ -106,7 +107,7 @@ def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
                                      fused=_fused(args))
         _say(args, f"rank {rank}/{world}: ", end="")
     else:
-        from .hf import collect
+        from ..hf import collect
 
         scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
                          resume=getattr(args, "resume", False), fingerprint=fingerprint,
@@ -117,22 +118,18 @@ def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
 
 
 def _is_writer() -> bool:
-    from .distributed import rank_world
+    from ..distributed import rank_world
 
     return rank_world()[0] == 0
 
 
-def quality(args, loaded, held, reference=None, *, sweep: bool = False) -> dict:
-    """Label-free quality on held-out text (see :mod:`headprune.evaluate`). A sweep point needs
-    only the metric it plots (no retrieval, no bars)."""
-    bars = not args.quiet and not sweep
-    if loaded.kind == "causal":
-        return E.perplexity(loaded.model, loaded.tokenizer, held, max_windows=args.eval_windows, progress=bars)
-    return E.encoder_quality(loaded.model, loaded.tokenizer, held, reference, progress=bars, retrieval=not sweep)
+def quality(args, loaded, held, reference=None) -> dict:
+    """Label-free quality on held-out text, with progress bars unless ``--quiet``."""
+    return E.quality(loaded, held, reference, eval_windows=args.eval_windows, progress=not args.quiet)
 
 
 def speed(loaded) -> dict:
-    from .hf import measure
+    from ..hf import measure
 
     out = measure(loaded.model)
     out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)), repeat=3))
@@ -154,10 +151,6 @@ def _warn_as_written(kw: dict, kind: str) -> None:
                   and kw.get("scope", DEFAULT_RECIPE["scope"]) == "global")
     if as_written and kind in AS_WRITTEN_WARNING:
         print(f"headprune: warning: {AS_WRITTEN_WARNING[kind]}", file=sys.stderr)
-
-
-def _metric(kind: str) -> tuple:
-    return ("perplexity", True) if kind == "causal" else ("fidelity", False)
 
 
 def _public(d: dict) -> dict:
@@ -219,7 +212,7 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
 
 
 def prune(args) -> int:
-    from .hf import mask_heads, prune_heads, save_pruned
+    from ..hf import mask_heads, prune_heads, save_pruned
 
     out = Path(args.out) if args.out else _out(args, "prune")
     check_out(out, args.force)  # fail before the slow part
@@ -229,8 +222,8 @@ def prune(args) -> int:
     if _is_writer():
         _warn_as_written(kw, loaded.kind)
     if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
-        from . import distributed
-        from .hf import collect, select_iteratively
+        from .. import distributed
+        from ..hf import collect, select_iteratively
 
         gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
                                    fused=_fused(args))
@@ -243,7 +236,7 @@ def prune(args) -> int:
         return 0
     n = sum(len(h) for h in heads.values())
     _say(args, f"selected {n} of {sum(scores.num_heads)} heads ({kw})")
-    metric, _ = _metric(loaded.kind)
+    metric, _ = E.metric_of(loaded.kind)
     before_q = quality(args, loaded, held)
     before = {**_public(before_q), **speed(loaded)}
     mode = args.mode or "physical"
@@ -318,7 +311,7 @@ def sweep(args) -> int:
     if not _is_writer():
         return 0
     with output_dir(out, args.force) as tmp:
-        result = run_sweep(args, loaded, scores, held, settings, batches=batches)
+        result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")
         (tmp / "sweep.md").write_text(sweep_markdown(result))

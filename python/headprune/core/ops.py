@@ -3,7 +3,8 @@
 All entropies are in nats and accumulated in float64 whatever the input dtype. The
 accumulating ops (trailing ``_``) add into caller-owned tensors and return ``None``; on any
 error the accumulators are left unchanged. The one exception, ``attention_stats_accumulate_``,
-returns the attention output it computed.
+returns the attention output it computed. The native extension is loaded on the first call
+(see :mod:`headprune.core.build`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,9 @@ from typing import Optional
 
 import torch
 
-from ._loader import load_extension
-from .reference import NUM_STATS, STAT_FIELDS
-
-load_extension()
+from .build import load_extension
 
 __all__ = [
-    "NUM_STATS",
-    "STAT_FIELDS",
     "apply_head_mask_",
     "attention_stats_accumulate_",
     "entropy_from_probs_accumulate_",
@@ -28,7 +24,13 @@ __all__ = [
     "entropy_stats_from_qk_accumulate_",
 ]
 
-_ops = torch.ops.headprune
+
+
+def _ops():
+    """``torch.ops.headprune``, with the extension loaded on first use (so the pure-Python
+    layers import without a build)."""
+    load_extension()
+    return torch.ops.headprune
 
 
 def entropy_from_probs_accumulate_(
@@ -49,7 +51,7 @@ def entropy_from_probs_accumulate_(
 
     All-zero rows (fully masked) are not counted. NaN or inf in ``probs`` raise.
     """
-    _ops.entropy_from_probs_accumulate_(sums, counts, probs, query_mask, eps)
+    _ops().entropy_from_probs_accumulate_(sums, counts, probs, query_mask, eps)
 
 
 def entropy_from_qk_accumulate_(
@@ -77,7 +79,7 @@ def entropy_from_qk_accumulate_(
 
     Rows whose keys are all masked are not counted (never NaN).
     """
-    _ops.entropy_from_qk_accumulate_(sums, counts, query, key, scale, attn_mask, is_causal, query_mask)
+    _ops().entropy_from_qk_accumulate_(sums, counts, query, key, scale, attn_mask, is_causal, query_mask)
 
 
 def entropy_stats_from_probs_accumulate_(
@@ -86,10 +88,10 @@ def entropy_stats_from_probs_accumulate_(
     query_mask: Optional[torch.Tensor] = None,
     eps: float = 1e-8,
 ) -> None:
-    """Like :func:`entropy_from_probs_accumulate_` but adds every column of ``STAT_FIELDS``
-    into ``stats [H, NUM_STATS]`` float64 (count, sum, sum of squares, length-normalised sum,
+    """Like :func:`entropy_from_probs_accumulate_` but adds every :class:`~headprune.core.schema.Stat`
+    column into ``stats [H, NUM_STATS]`` float64 (count, sum, sum of squares, length-normalised sum,
     first-key mass, entropy over the keys after the first)."""
-    _ops.entropy_stats_from_probs_accumulate_(stats, probs, query_mask, eps)
+    _ops().entropy_stats_from_probs_accumulate_(stats, probs, query_mask, eps)
 
 
 def entropy_stats_from_qk_accumulate_(
@@ -101,9 +103,9 @@ def entropy_stats_from_qk_accumulate_(
     is_causal: bool = False,
     query_mask: Optional[torch.Tensor] = None,
 ) -> None:
-    """Like :func:`entropy_from_qk_accumulate_` but adds every column of ``STAT_FIELDS``
-    into ``stats [Hq, NUM_STATS]`` float64, all from the same streaming pass."""
-    _ops.entropy_stats_from_qk_accumulate_(stats, query, key, scale, attn_mask, is_causal, query_mask)
+    """Like :func:`entropy_from_qk_accumulate_` but adds every :class:`~headprune.core.schema.Stat`
+    column into ``stats [Hq, NUM_STATS]`` float64, all from the same streaming pass."""
+    _ops().entropy_stats_from_qk_accumulate_(stats, query, key, scale, attn_mask, is_causal, query_mask)
 
 
 def attention_stats_accumulate_(
@@ -127,7 +129,7 @@ def attention_stats_accumulate_(
     on CUDA it is the device's ``scaled_dot_product_attention`` followed by the statistics
     kernel. Rows with no visible key get a zero output and are not counted. No autograd.
     """
-    return _ops.attention_stats_accumulate_(stats, query, key, value, scale, attn_mask, is_causal, query_mask)
+    return _ops().attention_stats_accumulate_(stats, query, key, value, scale, attn_mask, is_causal, query_mask)
 
 
 def apply_head_mask_(x: torch.Tensor, mask: torch.Tensor, head_dim: int, dim: int) -> None:
@@ -138,40 +140,4 @@ def apply_head_mask_(x: torch.Tensor, mask: torch.Tensor, head_dim: int, dim: in
     ``mask`` when it requires grad); a leaf that requires grad is refused unless under
     ``torch.no_grad()``.
     """
-    _ops.apply_head_mask_(x, mask, head_dim, dim)
-
-
-def _register_fakes() -> None:
-    """Shape-checking fake kernels so ``torch.compile`` can trace the ops."""
-
-    def _check_acc(t, shape, dtype, name):
-        torch._check(tuple(t.shape) == tuple(shape), lambda: f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-        torch._check(t.dtype == dtype, lambda: f"{name}: expected {dtype}, got {t.dtype}")
-
-    @torch.library.register_fake("headprune::entropy_from_probs_accumulate_")
-    def _(sums, counts, probs, query_mask=None, eps=1e-8):
-        _check_acc(sums, (probs.shape[1],), torch.float64, "sums")
-        _check_acc(counts, (probs.shape[1],), torch.int64, "counts")
-
-    @torch.library.register_fake("headprune::entropy_from_qk_accumulate_")
-    def _(sums, counts, query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
-        _check_acc(sums, (query.shape[1],), torch.float64, "sums")
-        _check_acc(counts, (query.shape[1],), torch.int64, "counts")
-
-    @torch.library.register_fake("headprune::entropy_stats_from_probs_accumulate_")
-    def _(stats, probs, query_mask=None, eps=1e-8):
-        _check_acc(stats, (probs.shape[1], NUM_STATS), torch.float64, "stats")
-
-    @torch.library.register_fake("headprune::entropy_stats_from_qk_accumulate_")
-    def _(stats, query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
-        _check_acc(stats, (query.shape[1], NUM_STATS), torch.float64, "stats")
-
-    @torch.library.register_fake("headprune::attention_stats_accumulate_")
-    def _(stats, query, key, value, scale, attn_mask=None, is_causal=False, query_mask=None):
-        _check_acc(stats, (query.shape[1], NUM_STATS), torch.float64, "stats")
-        return query.new_empty(query.shape[0], query.shape[1], query.shape[2], value.shape[3])
-
-    # apply_head_mask_ is CompositeImplicitAutograd: it decomposes into ATen ops when traced.
-
-
-_register_fakes()
+    _ops().apply_head_mask_(x, mask, head_dim, dim)

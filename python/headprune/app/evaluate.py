@@ -27,6 +27,22 @@ WINDOW = 256
 STRIDE = 256
 
 
+def metric_of(kind: str) -> tuple:
+    """``(metric name, lower is better)`` of a model kind ("causal" or "encoder")."""
+    return ("perplexity", True) if kind == "causal" else ("fidelity", False)
+
+
+def quality(loaded, held: list, reference: dict | None = None, *, eval_windows: int = 48, progress: bool = False,
+            metric_only: bool = False) -> dict:
+    """Label-free quality of ``loaded`` (a :class:`~headprune.app.load.Loaded`) on held-out
+    paragraphs: perplexity for causal LMs, fidelity to ``reference`` (and, unless
+    ``metric_only``, retrieval) for encoders."""
+    if loaded.kind == "causal":
+        return perplexity(loaded.model, loaded.tokenizer, held, max_windows=eval_windows, progress=progress)
+    return encoder_quality(loaded.model, loaded.tokenizer, held, reference, progress=progress,
+                           retrieval=not metric_only)
+
+
 def max_positions(model, default: int) -> int:
     """The longest input the model's position table takes (``default`` if it has none)."""
     return getattr(model.config, "max_position_embeddings", None) or default

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .sweep import random_mean
+
 
 def _plt():
     import matplotlib
@@ -51,7 +53,8 @@ def sweep_plot(result: dict, path: Path) -> Path:
     rnd = torch.tensor(result["random"])  # [ratios, seeds]
     lo, hi = rnd.min(1).values, rnd.max(1).values
     ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seeds, min-max)")
-    ax.plot(ratios, rnd.mean(1), color="grey", ls="--", lw=1)
+    ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
+            color="grey", ls="--", lw=1)
     for name, values in result["recipes"].items():
         ax.plot(ratios, values, marker="o", label=name)
     ax.axhline(result["baseline"], color="black", lw=0.8, ls=":", label="unpruned")

@@ -37,16 +37,18 @@ def bundled_path(name: str) -> tuple:
     return root, gguf
 
 
-CAUSAL_TYPES = {"gpt2", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"}
-
-
 def _kind(config) -> str:
+    """"causal", "encoder" or "seq2seq", from the family's adapter record (GGUF configs carry
+    no ``architectures`` to go by), else from the config."""
+    from ..hf.adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(getattr(config, "model_type", None))
+    if adapter is not None:
+        return adapter.kind
     archs = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
-    if config.model_type in CAUSAL_TYPES or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal"  # GGUF configs carry no `architectures`
-    return "encoder"
+    return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -> Loaded:
@@ -72,8 +74,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -
                 raise ValueError(f"MODEL: {spec!r} is a file but not a .gguf file")
             path, gguf = path.parent, path.name
         elif (path / "headprune.json").exists():
-            from .hf import load_pruned
-            from .hf.io import read_metadata
+            from ..hf import load_pruned
+            from ..hf.io import read_metadata
 
             model = load_pruned(path, device=device)
             if torch_dtype is not None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .ranking import DEFAULT_STEPS
+from ..ranking import DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES
+from ..stats.scores import DERIVED_SCORES, SCORE_NAMES
+from .load import DTYPES
 from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +85,7 @@ def _common(p: argparse.ArgumentParser, *, out: bool) -> None:
     p.add_argument("--batch-size", type=_positive, default=8)
     p.add_argument("--eval-windows", type=_positive, default=48, help="held-out perplexity windows (causal LMs)")
     p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if out:
         p.add_argument("--out", default=None, help="output directory (must be empty or new unless --force)")
@@ -110,12 +108,13 @@ def _compensate(p: argparse.ArgumentParser) -> None:
 
 
 def _selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scope", choices=["global", "per_layer"], default=None)
+    p.add_argument("--scope", choices=SCOPES, default=None)
     p.add_argument("--min-heads-per-layer", type=int, default=None)
     p.add_argument("--protect-layers", type=_layers, default=None, metavar="I,J,...")
-    p.add_argument("--gqa", choices=["query", "group"], default="query")
-    p.add_argument("--score", default=None, help="statistic that ranks heads (default: the measured default recipe)")
-    p.add_argument("--order", choices=["high", "low", "random"], default=None)
+    p.add_argument("--gqa", choices=GQA_MODES, default="query")
+    p.add_argument("--score", default=None, choices=sorted([*SCORE_NAMES, *DERIVED_SCORES]),
+                   help="statistic that ranks heads (default: the measured default recipe)")
+    p.add_argument("--order", choices=ORDERS, default=None)
     p.add_argument("--seed", type=int, default=0)
     _compensate(p)
     p.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
@@ -152,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", type=_positive, default=3, help="random-baseline seeds")
     sweep.add_argument("--random-scope", choices=list(RANDOM_SCOPES), default="per_layer",
                        help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in RANDOM_SCOPES.items()))
-    sweep.add_argument("--gqa", choices=["query", "group"], default="query")
+    sweep.add_argument("--gqa", choices=GQA_MODES, default="query")
     _compensate(sweep)
     sweep.add_argument("--eval-paragraphs", type=_positive, default=None,
                        help="held-out paragraphs for the fidelity of encoders (default: all)")
@@ -161,12 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import pipeline
+    from . import commands
 
     try:
-        return {"scan": pipeline.scan, "prune": pipeline.prune, "eval": pipeline.evaluate,
-                "sweep": pipeline.sweep}[args.command](args)
-    except (CliError, FileNotFoundError, ValueError, TypeError, FileExistsError, PermissionError) as e:
+        return {"scan": commands.scan, "prune": commands.prune, "eval": commands.evaluate,
+                "sweep": commands.sweep}[args.command](args)
+    except (FileNotFoundError, ValueError, TypeError, FileExistsError, PermissionError) as e:
         print(f"headprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@
 Everything here computes in float64 and materialises full attention maps, which is exactly
 what the native ops avoid. Entropies are in nats.
 
-The per-row statistics shared by all functions (see ``STAT_FIELDS``):
+The per-row statistics shared by all functions (reduced per head into the columns of
+:class:`headprune.core.schema.Stat`):
 
 * ``H``      entropy of the row, ``-sum_j p_j log p_j`` (the probs path uses ``log(p + eps)``,
              the formula as written);
@@ -20,14 +21,7 @@ import math
 
 import torch
 
-#: Columns of a statistics accumulator ``[num_heads, len(STAT_FIELDS)]`` (float64).
-#: ``sum_norm`` adds ``H / log(n)`` for rows with ``n >= 2`` (0 for ``n == 1``).
-STAT_FIELDS = ("count", "sum", "sum_sq", "sum_norm", "sum_first", "sum_rest")
-NUM_STATS = len(STAT_FIELDS)
-
-#: Additive logits at or below this value mark a masked key (covers ``-inf`` and float32's
-#: ``finfo.min``, which transformers uses for additive masks).
-MASKED_LOGIT = -1e37
+from .schema import MASKED_LOGIT, Stat
 
 
 def attention_logits(query, key, scale, attn_mask=None, is_causal=False):
@@ -101,7 +95,9 @@ def _reduce(H, n, p_first, H_rest, query_mask):
     v = valid.double()
     logn = torch.log(n.double().clamp_min(1))
     norm = torch.where(n >= 2, H / logn.clamp_min(1e-300), 0.0)
-    cols = [v, H * v, H * H * v, norm * v, p_first * v, H_rest * v]
+    cols = {Stat.COUNT: v, Stat.SUM: H * v, Stat.SUM_SQ: H * H * v, Stat.SUM_NORM: norm * v,
+            Stat.SUM_FIRST: p_first * v, Stat.SUM_REST: H_rest * v}
+    cols = [cols[s] for s in Stat]
     cols = [torch.where(valid, c, 0.0) for c in cols]  # 0 * nan stays out
     return torch.stack([c.sum(dim=(0, 2)) for c in cols], dim=-1)
 
@@ -134,13 +130,13 @@ def entropy_from_probs(probs, query_mask=None, eps=1e-8):
     """``(sums [H] float64, counts [H] int64)``: the formula as written,
     ``-(p * log(p + eps)).sum(-1)`` summed over valid query rows."""
     s = entropy_stats_from_probs(probs, query_mask, eps)
-    return s[:, 1], s[:, 0].long()
+    return s[:, Stat.SUM], s[:, Stat.COUNT].long()
 
 
 def entropy_from_qk(query, key, scale, attn_mask=None, is_causal=False, query_mask=None):
     """``(sums [Hq] float64, counts [Hq] int64)`` of the attention rows' entropies."""
     s = entropy_stats_from_qk(query, key, scale, attn_mask, is_causal, query_mask)
-    return s[:, 1], s[:, 0].long()
+    return s[:, Stat.SUM], s[:, Stat.COUNT].long()
 
 
 def apply_head_mask(x, mask, head_dim, dim):

@@ -1,4 +1,8 @@
-"""Streaming per-head attention-entropy state."""
+"""Streaming per-head attention-entropy state of one attention call site.
+
+Each update method is the accumulating op of the same name (``headprune.core.ops``, minus its
+``_accumulate_`` suffix) with this accumulator as the target.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,16 @@ from typing import Optional
 
 import torch
 
-from . import ops
-from .reference import NUM_STATS, STAT_FIELDS
+from ..core import ops
+from ..core.schema import NUM_STATS, STAT_FIELDS, Stat
 
 
 class EntropyAccumulator:
     """Per-head running statistics of attention-row entropies (nats), fed batch by batch.
 
     The state is one float64 tensor ``stats [num_heads, NUM_STATS]`` (columns
-    ``STAT_FIELDS``), so accumulators merge by addition and all-reduce as one tensor.
+    :class:`~headprune.core.schema.Stat`), so accumulators merge by addition and all-reduce
+    as one tensor.
     """
 
     def __init__(self, num_heads: int, device: torch.device | str = "cpu"):
@@ -26,20 +31,23 @@ class EntropyAccumulator:
     def num_heads(self) -> int:
         return self.stats.shape[0]
 
-    def update_probs(self, probs: torch.Tensor, query_mask: Optional[torch.Tensor] = None, eps: float = 1e-8):
+    def entropy_stats_from_probs(self, probs: torch.Tensor, query_mask: Optional[torch.Tensor] = None,
+                                 eps: float = 1e-8):
         """Adds the rows of ``probs [B, H, Q, K]`` (the formula as written)."""
         ops.entropy_stats_from_probs_accumulate_(self.stats, probs, query_mask, eps)
         return self
 
-    def update_qk(self, query, key, scale: float, attn_mask=None, is_causal: bool = False, query_mask=None):
+    def entropy_stats_from_qk(self, query, key, scale: float, attn_mask=None, is_causal: bool = False,
+                              query_mask=None):
         """Adds the rows of ``softmax(query @ key^T * scale + attn_mask)`` without forming them."""
         ops.entropy_stats_from_qk_accumulate_(self.stats, query, key, scale, attn_mask, is_causal, query_mask)
         return self
 
-    def attend(self, query, key, value, scale: float, attn_mask=None, is_causal: bool = False, query_mask=None):
+    def attention_stats(self, query, key, value, scale: float, attn_mask=None, is_causal: bool = False,
+                        query_mask=None):
         """Attention that measures itself: returns ``softmax(query @ key^T * scale + attn_mask)
-        @ value`` and adds its rows, as :meth:`update_qk` would (one fused pass on CPU; see
-        ``headprune.ops.attention_stats_accumulate_``)."""
+        @ value`` and adds its rows, as :meth:`entropy_stats_from_qk` would (one fused pass on
+        CPU; see ``headprune.core.ops.attention_stats_accumulate_``)."""
         return ops.attention_stats_accumulate_(self.stats, query, key, value, scale, attn_mask, is_causal, query_mask)
 
     def merge(self, other: "EntropyAccumulator") -> "EntropyAccumulator":
@@ -51,39 +59,36 @@ class EntropyAccumulator:
         self.stats += other.stats.to(self.stats.device)
         return self
 
-    def _col(self, name: str) -> torch.Tensor:
-        return self.stats[:, STAT_FIELDS.index(name)]
-
     @property
     def count(self) -> torch.Tensor:
         """Rows seen per head, ``[H]`` int64."""
-        return self._col("count").round().long()
+        return self.stats[:, Stat.COUNT].round().long()
 
-    def _mean(self, name: str) -> torch.Tensor:
-        c = self._col("count")
-        return torch.where(c > 0, self._col(name) / c.clamp_min(1), torch.full_like(c, float("nan")))
+    def _mean(self, column: Stat) -> torch.Tensor:
+        c = self.stats[:, Stat.COUNT]
+        return torch.where(c > 0, self.stats[:, column] / c.clamp_min(1), torch.full_like(c, float("nan")))
 
     def mean(self) -> torch.Tensor:
         """Mean row entropy per head, ``[H]`` float64 (NaN for a head that saw no row)."""
-        return self._mean("sum")
+        return self._mean(Stat.SUM)
 
     def std(self) -> torch.Tensor:
         """Population standard deviation of the row entropies per head."""
         m = self.mean()
-        var = (self._mean("sum_sq") - m * m).clamp_min(0)
+        var = (self._mean(Stat.SUM_SQ) - m * m).clamp_min(0)
         return var.sqrt()
 
     def normalized_mean(self) -> torch.Tensor:
         """Mean of ``H / log(n)`` (n = visible keys), rows with n >= 2 (others count as 0)."""
-        return self._mean("sum_norm")
+        return self._mean(Stat.SUM_NORM)
 
     def first_mass_mean(self) -> torch.Tensor:
         """Mean attention mass on each row's first visible key (the sink)."""
-        return self._mean("sum_first")
+        return self._mean(Stat.SUM_FIRST)
 
     def rest_mean(self) -> torch.Tensor:
         """Mean entropy over the keys after each row's first visible key."""
-        return self._mean("sum_rest")
+        return self._mean(Stat.SUM_REST)
 
     def state_dict(self) -> dict:
         return {"stats": self.stats.detach().cpu().clone(), "fields": list(STAT_FIELDS)}
@@ -97,4 +102,4 @@ class EntropyAccumulator:
         self.stats.copy_(stats.to(torch.float64))
 
     def __repr__(self) -> str:
-        return f"EntropyAccumulator(num_heads={self.num_heads}, rows={int(self._col('count').sum())})"
+        return f"EntropyAccumulator(num_heads={self.num_heads}, rows={int(self.stats[:, Stat.COUNT].sum())})"

@@ -1,0 +1,121 @@
+"""The recording attention function, registered in transformers' ``AttentionInterface``.
+
+The function registered under ``headprune_<impl>`` calls the implementation the model would
+have used (``sdpa``, the family's own ``eager_attention_forward``, ...) with the untouched
+arguments, so outputs are bit-identical, and hands the call to the recorder of the
+attention module, if a collection is active on it. The mask factory registered under the
+same name is the original one, so the mask the model builds is exactly the one it would
+have built. Registration lasts while a collection runs (refcounted across collections).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Optional
+
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+__all__ = ["PREFIX", "RECORDERS", "attention_implementation", "model_configs", "registered_name", "release_name"]
+
+PREFIX = "headprune_"
+
+# id(attention module) -> recorder; the registered function is shared by every model, so
+# it only records for modules inside an active collection.
+RECORDERS: dict = {}
+
+
+def _inner_function(impl: str, module):
+    if impl == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise NotImplementedError(f"{type(module).__name__}: no eager_attention_forward in its modeling file")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _make_wrapper(impl: str):
+    def headprune_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        recorder = RECORDERS.get(id(module))
+        if recorder is not None:
+            fused = recorder.attend(module, query, key, value, attention_mask, args, kwargs)
+            if fused is not None:
+                return fused
+        out = _inner_function(impl, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        if recorder is not None:
+            recorder.record(module, query, key, attention_mask, args, kwargs, out)
+        return out
+
+    return headprune_attention
+
+
+_REGISTRY_LOCK = threading.Lock()
+_REGISTRY_USERS: dict = {}  # wrapper name -> active collections using it
+_REGISTRY_ADDED: dict = {}  # wrapper name -> the global mappings this module added it to
+
+
+def registered_name(impl: str) -> str:
+    """Register the recording wrapper of ``impl`` and its mask factory, for one user; every
+    call is paired with :func:`release_name`, and the last release removes what was added."""
+    name = PREFIX + impl
+    with _REGISTRY_LOCK:
+        if _REGISTRY_USERS.get(name, 0) == 0:
+            added = []
+            if name not in AttentionInterface._global_mapping:
+                AttentionInterface.register(name, _make_wrapper(impl))
+                added.append(AttentionInterface._global_mapping)
+            mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+            if mask_fn is not None and name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+                AttentionMaskInterface.register(name, mask_fn)
+                added.append(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)
+            _REGISTRY_ADDED[name] = added
+        _REGISTRY_USERS[name] = _REGISTRY_USERS.get(name, 0) + 1
+    return name
+
+
+def release_name(name: str) -> None:
+    """One user of ``name`` is done; the last one removes the entries it registered."""
+    with _REGISTRY_LOCK:
+        left = _REGISTRY_USERS.get(name, 0) - 1
+        if left > 0:
+            _REGISTRY_USERS[name] = left
+            return
+        _REGISTRY_USERS.pop(name, None)
+        for mapping in _REGISTRY_ADDED.pop(name, []):
+            mapping.pop(name, None)
+
+
+def model_configs(model) -> list:
+    """Every distinct config object the model's modules read (T5's stacks hold copies)."""
+    found, todo = {}, [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        c = todo.pop()
+        if isinstance(c, PreTrainedConfig) and id(c) not in found:
+            found[id(c)] = c
+            todo.extend(getattr(c, k, None) for k in getattr(c, "sub_configs", {}))
+    return list(found.values())
+
+
+@contextmanager
+def attention_implementation(model, impl: Optional[str] = None):
+    """Switch every config of ``model`` to the recording wrapper of its implementation (or
+    of ``impl``); restores the originals on any exit."""
+    configs = model_configs(model)
+    saved = [(c, c._attn_implementation_internal) for c in configs]
+    names = []
+    try:
+        for c, orig in saved:
+            target = impl or orig or "eager"
+            if target.startswith(PREFIX):
+                raise RuntimeError("model: a headprune collection is already active on this model")
+            names.append(registered_name(target))
+            c._attn_implementation_internal = names[-1]
+        yield
+    finally:
+        for c, orig in saved:
+            c._attn_implementation_internal = orig
+        for name in names:
+            release_name(name)

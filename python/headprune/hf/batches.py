@@ -1,0 +1,48 @@
+"""Calibration batches as a model's forward sees them: keyword arguments, progress, skipping."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["forward_kwargs", "progress", "skip"]
+
+
+def forward_kwargs(model, batch) -> dict:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
+    if not any(k in batch for k in ("input_ids", "pixel_values", "inputs_embeds")):
+        raise ValueError(f"batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys {sorted(batch)}")
+    for k in ("input_ids", "pixel_values", "inputs_embeds"):
+        v = batch.get(k)
+        if isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape[:2]):
+            raise ValueError(f"batches: a batch's {k!r} is empty or not batched (shape {tuple(v.shape)})")
+    device = next(model.parameters()).device
+    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params and "use_cache" not in kw:
+        kw["use_cache"] = False  # a KV cache would only cost memory here
+    if "logits_to_keep" in params and "logits_to_keep" not in kw and "labels" not in kw:
+        kw["logits_to_keep"] = 1  # [B, S, vocab] logits would be computed and dropped
+    return kw
+
+
+def progress(batches, enabled, done=0, total=None):
+    if not enabled:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return batches
+    return tqdm(batches, desc="headprune: collecting", unit="batch", initial=done, total=total)
+
+
+def skip(it, n: int, path) -> None:
+    """Advance ``it`` past the ``n`` batches a checkpoint already holds."""
+    skipped = sum(1 for _ in itertools.islice(it, n))
+    if skipped < n:
+        raise ValueError(f"checkpoint {path} records {n} batches done but batches has only {skipped}; "
+                         "delete it or drop --resume")

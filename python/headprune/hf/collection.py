@@ -1,0 +1,204 @@
+"""The state of one collection: per-site accumulators, filled from inside the model's forward
+by the recording attention function (:mod:`.attention`) and by pre-hooks on the output
+projections (the output statistics).
+
+On CPU, a model in ``sdpa`` is by default (``fused=True``) served by the fused op instead of
+its own attention: one streaming pass over the logits yields the attention output and the
+statistics. It mirrors ``sdpa_attention_forward`` (see :mod:`.sdpa_mirror`); its outputs
+equal SDPA's to float rounding rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from ..core import ops
+from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, OutputStat
+from ..stats.scores import HeadScores
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .attention import RECORDERS, attention_implementation, model_configs
+from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
+
+__all__ = ["Collection", "METHODS"]
+
+METHODS = ("qk", "eager")
+
+# Rows of an output projection's input converted to float64 at a time (output statistics).
+_OUTPUT_CHUNK = 1024
+
+
+class Collection:
+    """Accumulators of one collection; ``record`` is called from inside the attention call."""
+
+    def __init__(self, model, method: str, fused: bool = False):
+        self.model = model
+        self.method = method
+        self.fused = fused
+        self.adapter = get_adapter(model)
+        self.sites = resolve_sites(model, self.adapter)
+        self.counts = [head_counts(s, self.adapter) for s in self.sites]
+        self.stats = [None] * len(self.sites)
+        self.outputs = [None] * len(self.sites)  # [Hq, D, NUM_OUTPUT_STATS]: see HeadScores.outputs
+        self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
+        self.padding: dict = {}
+        self.impl = {id(c): c._attn_implementation_internal for c in model_configs(model)}
+
+    def _query_mask(self, site, batch: int, q_len: int, device):
+        """``[batch, q_len]`` bool of the site's valid (unpadded) queries, or ``None``."""
+        key = site.block.padding_key
+        mask = self.padding.get(key) if key else None
+        if mask is None:
+            return None
+        if mask.shape[0] != batch or mask.shape[1] < q_len:
+            raise ValueError(
+                f"batches: {key!r} has shape {tuple(mask.shape)} but site {site.name} attends with "
+                f"{batch} sequences of {q_len} queries"
+            )
+        return mask[:, mask.shape[1] - q_len :].to(device=device, dtype=torch.bool)
+
+    def _start(self, i, query):
+        """A site's accumulator, on the device its attention runs on (layers may be spread)."""
+        if self.initial is not None:
+            return self.initial.stats[i, : query.shape[1]].to(query.device, copy=True)
+        return torch.zeros(query.shape[1], NUM_STATS, dtype=torch.float64, device=query.device)
+
+    def output_hook(self, site):
+        """Pre-hook of the site's output projection: its input is the heads' outputs side by
+        side (``[..., Hq * D]``); their per-dimension sums go into ``self.outputs``."""
+        hq, d = self.counts[site.index][0], head_dim(site, self.adapter)
+        w = site.o.weight.detach()
+        norms = (w.double() ** 2).sum(1 if self.adapter.conv1d else 0) if hq else None
+        norms = None if norms is None else norms.view(hq, d)  # squared norm of each input column
+
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != hq * d or hq == 0:
+                return None
+            acc = self.outputs[site.index]
+            if acc is None:
+                if self.initial is not None and self.initial.outputs is not None:
+                    acc = self.initial.outputs[site.index, :hq, :d].to(x.device, copy=True)
+                else:
+                    acc = torch.zeros(hq, d, NUM_OUTPUT_STATS, dtype=torch.float64, device=x.device)
+                self.outputs[site.index] = acc
+            x = x.detach()
+            qm = self._query_mask(site, x.shape[0], x.shape[1], x.device) if x.dim() == 3 else None
+            rows = x.reshape(-1, hq * d)
+            valid = None if qm is None else qm.reshape(-1)
+            n = rows.shape[0] if valid is None else int(valid.sum())
+            # float64 in chunks of rows: the temporaries stay small whatever the batch
+            for start in range(0, rows.shape[0], _OUTPUT_CHUNK):
+                c = rows[start : start + _OUTPUT_CHUNK]
+                if valid is not None:
+                    c = c[valid[start : start + _OUTPUT_CHUNK]]
+                c = c.double()
+                acc[..., OutputStat.SUM] += c.sum(0).view(hq, d)
+                acc[..., OutputStat.SUM_SQ] += c.square_().sum(0).view(hq, d)
+            acc[..., OutputStat.COUNT] += n
+            acc[..., OutputStat.COUNT_NORM] += n * norms.to(acc.device)
+            return None
+
+        return hook
+
+    @property
+    def recorded(self) -> bool:
+        if any(s is not None for s in self.stats):
+            return True
+        return self.initial is not None and bool((self.initial.count > 0).any())
+
+    def recorder(self, site):
+        def record(module, query, key, mask, args, kwargs, out):
+            stats, qm = self._site_state(site, query)
+            if self.method == "eager":
+                if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
+                    raise RuntimeError(f"site {site.name}: the eager attention returned no probabilities")
+                ops.entropy_stats_from_probs_accumulate_(stats, out[1].detach(), qm)
+                return
+            if "scaling" not in kwargs and args:
+                raise NotImplementedError(f"site {site.name}: attention called with positional options {args!r}")
+            scale = logit_scale(query, kwargs)
+            key, eff_mask, causal = effective_mask(self.impl[id(module.config)], module, query, key, mask, kwargs)
+            if kwargs.get("softcap") is not None:
+                softcapped_stats(stats, query, key, scale, eff_mask, kwargs["softcap"], qm)
+            else:
+                ops.entropy_stats_from_qk_accumulate_(stats, query.detach(), key.detach(), float(scale), eff_mask, bool(causal), qm)
+
+        def attend(module, query, key, value, mask, args, kwargs):
+            """The fused op in place of ``sdpa_attention_forward`` (same return value), or
+            ``None`` where it does not apply and the model's own attention must run."""
+            if not self._fusable(module, query, key, value, mask, args, kwargs):
+                return None
+            stats, qm = self._site_state(site, query)
+            key, eff_mask, causal = effective_mask("sdpa", module, query, key, mask, kwargs)
+            value = value[:, :, : key.shape[2]]  # cropped with the keys (causal prefill)
+            out = ops.attention_stats_accumulate_(stats, query, key, value, float(logit_scale(query, kwargs)), eff_mask,
+                                                 bool(causal), qm)
+            return out.transpose(1, 2).contiguous(), None
+
+        return types.SimpleNamespace(record=record, attend=attend)
+
+    def _site_state(self, site, query) -> tuple:
+        """The site's accumulator (created on its first call) and this call's query mask."""
+        if self.stats[site.index] is None:
+            self.stats[site.index] = self._start(site.index, query)
+        return self.stats[site.index], self._query_mask(site, query.shape[0], query.shape[2], query.device)
+
+    def _fusable(self, module, query, key, value, mask, args, kwargs) -> bool:
+        """Whether the fused op computes what ``sdpa_attention_forward`` would. Shapes and
+        dtypes are the op's own checks (SDPA refuses the same inputs)."""
+        if not self.fused or self.method != "qk" or args or self.impl[id(module.config)] != "sdpa":
+            return False
+        if query.device.type != "cpu" or kwargs.get("softcap") is not None or kwargs.get("dropout"):
+            return False
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            return False
+        return mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+    @contextmanager
+    def active(self):
+        ids = [id(s.module) for s in self.sites]
+        if any(i in RECORDERS for i in ids):
+            raise RuntimeError("model: a headprune collection is already active on this model")
+        if any(p.is_meta for p in self.model.parameters()):
+            raise ValueError("model: parameters are on the meta device; load real weights before collecting")
+        # Dropout would change the statistics: collect in eval mode, then put every module's
+        # own training flag back.
+        training = {m: m.training for m in self.model.modules()}
+        hooks = []
+        try:
+            self.model.eval()
+            hooks = [s.o.register_forward_pre_hook(self.output_hook(s)) for s in self.sites]
+            RECORDERS.update({id(s.module): self.recorder(s) for s in self.sites})
+            with attention_implementation(self.model, "eager" if self.method == "eager" else None):
+                yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            for i in ids:
+                RECORDERS.pop(i, None)
+            for m, flag in training.items():
+                m.training = flag
+
+    def scores(self) -> HeadScores:
+        hq = [c[0] for c in self.counts]
+        out = HeadScores.empty(
+            hq, [c[1] for c in self.counts], [head_dim(s, self.adapter) for s in self.sites],
+            [s.name for s in self.sites], [s.block.kind for s in self.sites],
+            model_type=self.adapter.model_type, method=self.method, with_outputs=True,
+            causal=[s.block.causal for s in self.sites], depth=[s.depth for s in self.sites],
+        )
+        if self.initial is not None:
+            out.stats.copy_(self.initial.stats)
+            if self.initial.outputs is not None:
+                out.outputs.copy_(self.initial.outputs)
+        for i, st in enumerate(self.stats):
+            if st is not None:
+                out.stats[i, : st.shape[0]] = st.cpu()
+        for i, acc in enumerate(self.outputs):
+            if acc is not None:
+                out.outputs[i, : acc.shape[0], : acc.shape[1]] = acc.cpu()
+        return out

@@ -1,0 +1,13 @@
+"""Ranking: which heads to prune, from ``HeadScores``. Knows nothing of models.
+
+:mod:`.recipes` names the recipes (the default and its fallback), :mod:`.units` orders the
+prunable units, :mod:`.select` turns an order and a budget into ``{layer: [heads]}``.
+"""
+
+from .recipes import (DEFAULT_RECIPE, DEFAULT_STEPS, FALLBACK_RECIPE, GQA_MODES, NATURAL_ORDER, ORDERS, SCOPES,
+                      default_protected, natural_order)
+from .select import budget, select_heads
+from .units import count_units, rank_heads
+
+__all__ = ["DEFAULT_RECIPE", "DEFAULT_STEPS", "FALLBACK_RECIPE", "GQA_MODES", "NATURAL_ORDER", "ORDERS", "SCOPES",
+           "budget", "count_units", "default_protected", "natural_order", "rank_heads", "select_heads"]

@@ -1,0 +1,80 @@
+"""Named recipes: which statistic ranks heads, in which order, within which scope.
+
+The defaults come from the measurements in ``docs/quality.md``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from ..stats.scores import HeadScores
+
+__all__ = ["DEFAULT_RECIPE", "FALLBACK_RECIPE", "NATURAL_ORDER", "ORDERS", "SCOPES", "GQA_MODES", "DEFAULT_STEPS",
+           "Recipe", "natural_order", "resolve_recipe", "default_protected"]
+
+ORDERS = ("high", "low", "random")
+SCOPES = ("global", "per_layer")
+GQA_MODES = ("query", "group")
+
+#: What ``select_heads(scores, ratio=r)`` does with no options (besides keeping the sites of
+#: :func:`default_protected` whole): within each site, prune first the heads that add the least output variance
+#: (``score="variance"``: what replacing a head by its mean output costs; it needs the output
+#: statistics ``collect`` gathers). It is not an entropy.
+DEFAULT_RECIPE = {"score": "variance", "order": "low", "scope": "per_layer"}
+#: The best entropy recipe measured, for statistics without output sums (plain
+#: ``nn.MultiheadAttention`` models, older files).
+FALLBACK_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
+#: the order a named score prunes in when none is given: entropy-like scores prune their
+#: highest first (the method's premise), costs (``variance``, ``rest_nonsink``, an external
+#: importance tensor) their lowest first
+NATURAL_ORDER = {"entropy": "high", "normalized": "high", "sink": "high", "rest": "high", "inert": "high",
+                 "rest_nonsink": "low", "variance": "low"}
+#: rounds of ``headprune prune`` (``--steps``) without options: see ``select_iteratively``
+DEFAULT_STEPS = 1
+
+
+def natural_order(score) -> str:
+    return NATURAL_ORDER.get(score, "low") if isinstance(score, str) else "low"
+
+
+def default_protected(scores: HeadScores) -> tuple:
+    """Sites the default recipe keeps whole: the first layer (``depth == 0``) of every causal
+    stack (decoder-only LMs: layer 0; T5: the decoder's first self-attention; encoders:
+    none). In a causal LM the first layer's heads mix the raw token embeddings every later
+    layer builds on; on an encoder (MiniLM) keeping it measured worse. Nothing for a one-site
+    model or statistics that do not say what is causal."""
+    if scores.num_sites < 2 or scores.causal is None:
+        return ()
+    return tuple(i for i in range(scores.num_sites) if scores.causal[i] and scores.depth[i] == 0)
+
+
+@dataclass
+class Recipe:
+    """A resolved recipe: ``score`` (a name or a ``[sites, heads]`` tensor), ``order``, and the
+    sites kept whole with the reason shown when the budget does not fit."""
+
+    score: object
+    order: str
+    protect_layers: object  # an iterable of site indices, validated by select_heads
+    why_protected: str = ""
+
+
+def resolve_recipe(scores: HeadScores, score=None, order: Optional[str] = None, protect_layers=None) -> Recipe:
+    """The recipe ``select_heads`` runs: the default (or its fallback without output
+    statistics) when ``score`` is None, else the caller's, with the score's natural order."""
+    why = ""
+    if score is None:
+        recipe = DEFAULT_RECIPE if getattr(scores, "outputs", None) is not None else FALLBACK_RECIPE
+        if recipe is FALLBACK_RECIPE and isinstance(scores, HeadScores):
+            warnings.warn("select_heads: these scores have no output statistics (plain torch model or an older file); "
+                          f"the default recipe falls back to score={FALLBACK_RECIPE['score']!r}", stacklevel=3)
+        whole = order is None  # the whole recipe, not just its score (a random order takes none of it)
+        score, order = recipe["score"], recipe["order"] if order is None else order
+        if whole and protect_layers is None and recipe is DEFAULT_RECIPE:
+            protect_layers = default_protected(scores)
+            if protect_layers:
+                why = "; the default recipe keeps the first layer of each causal stack whole (protect_layers=[] allows it)"
+    order = natural_order(score) if order is None else order
+    return Recipe(score, order, () if protect_layers is None else protect_layers, why)

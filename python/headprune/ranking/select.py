@@ -1,0 +1,183 @@
+"""``select_heads``: which heads to prune, from ``HeadScores``.
+
+Three steps, each its own function: the recipe (:func:`~.recipes.resolve_recipe`), the
+per-site caps (:func:`site_caps`: what protection, ``min_heads_per_layer`` and the scope
+allow each site), and the allocation (:func:`allocate`: units taken in ranking order within
+the caps). Site indices are called layers here, as in the rest of the selection API.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Iterable, Optional
+
+from ..stats.scores import HeadScores
+from .recipes import DEFAULT_RECIPE, SCOPES, resolve_recipe
+from .units import rank_heads
+
+__all__ = ["select_heads", "site_caps", "allocate", "budget"]
+
+
+def select_heads(
+    scores: HeadScores,
+    *,
+    ratio: Optional[float] = None,
+    count: Optional[int] = None,
+    scope: str = DEFAULT_RECIPE["scope"],
+    min_heads_per_layer: int = 1,
+    protect_layers: Optional[Iterable] = None,
+    gqa: str = "query",
+    score=None,
+    order: Optional[str] = None,
+    seed: int = 0,
+    pruned: Optional[dict] = None,
+) -> dict:
+    """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
+
+    Args:
+        ratio / count: how many units to prune in total (exactly one; ``ratio`` is a fraction
+            of all units, floored). With ``scope="per_layer"`` the total is spread evenly:
+            every layer gives its share rounded down or up (the extra units go to the layers
+            whose next unit ranks first), so a 10% ratio of 9-head layers still prunes 10%.
+        min_heads_per_layer: units every layer keeps (0 allows removing a whole layer).
+        protect_layers: layer (site) indices never pruned (``None``: the default recipe's,
+            when ``score`` and ``order`` are ``None`` too, see
+            :func:`~headprune.ranking.recipes.default_protected`; else none).
+        gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
+            ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
+        score: which statistic ranks heads (a name, see ``HeadScores.score``), or a
+            ``[sites, heads]`` tensor of per-head values such as
+            :func:`headprune.hf.importance.gradient_importance`; ``None``: :data:`DEFAULT_RECIPE`.
+        order / seed: see :func:`rank_heads`; ``order=None`` is the score's natural order
+            (:data:`~headprune.ranking.recipes.NATURAL_ORDER`: highest first for entropies,
+            lowest first for costs).
+        pruned: ``{layer: [query heads]}`` already pruned (masked) in an earlier step of
+            iterative pruning; they are part of the result and count towards the budget,
+            and ``scores`` ranks only the rest (see :func:`headprune.hf.select_iteratively`).
+
+    Raises ``ValueError`` when the constraints cannot accommodate the request.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
+        raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
+    recipe = resolve_recipe(scores, score, order, protect_layers)
+    ranked = rank_heads(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
+    protect = _check_layers(recipe.protect_layers, scores.num_sites)
+    units = [0] * scores.num_sites
+    for layer, _ in ranked:
+        units[layer] += 1
+    forced = _forced(ranked, pruned, scores)
+    if forced and any(layer in protect for layer, _ in forced):
+        bad = sorted({layer for layer, _ in forced if layer in protect})
+        raise ValueError(f"pruned: layers {bad} are in protect_layers")
+    want = budget(ratio, count, sum(units))
+    floors, ceils = site_caps(units, protect, min_heads_per_layer, want, scope)
+    if want > sum(ceils):
+        spread = " spread evenly over the layers" if scope == "per_layer" else ""
+        raise ValueError(
+            f"ratio/count: {want} units requested but protect_layers and min_heads_per_layer={min_heads_per_layer} "
+            f"allow at most {sum(ceils)}{spread}{recipe.why_protected}"
+        )
+    if len(forced) > want:
+        raise ValueError(f"pruned: {len(forced)} units are already pruned, more than the {want} requested")
+    return allocate(ranked, forced, floors, ceils, want)
+
+
+def site_caps(units: list, protect: set, min_units: int, want: int, scope: str) -> tuple:
+    """``(floors, ceils)``: per site, the units taken in the first pass and the most it may
+    give. ``global`` scope: both are what protection and ``min_units`` allow; ``per_layer``:
+    the floor and ceiling of the site's even share of ``want`` (within what is allowed)."""
+    allowed = [0 if i in protect else max(0, n - min_units) for i, n in enumerate(units)]
+    if scope == "global":
+        return allowed, allowed
+    open_units = sum(n for i, n in enumerate(units) if i not in protect)
+    frac = want / max(1, open_units)
+    floors = [min(math.floor(frac * n + 1e-9), a) for n, a in zip(units, allowed)]
+    ceils = [min(math.ceil(frac * n - 1e-9), a) for n, a in zip(units, allowed)]
+    return floors, ceils
+
+
+def allocate(ranked: list, forced: list, floors: list, ceils: list, want: int) -> dict:
+    """Take ``forced`` units first, then units in ranking order: every site up to its floor,
+    then the rest up to the ceilings, until ``want`` units are taken."""
+    taken = [0] * len(ceils)
+    chosen: dict = {}
+
+    def take(layer, heads):
+        taken[layer] += 1
+        chosen.setdefault(layer, []).extend(heads)
+
+    for layer, heads in forced:
+        if taken[layer] >= ceils[layer]:
+            raise ValueError(f"pruned: layer {layer} already has more pruned heads than the constraints allow")
+        take(layer, heads)
+    done = {(layer, heads[0]) for layer, heads in forced}
+    for caps in (floors, ceils):
+        for layer, heads in ranked:
+            if sum(taken) >= want:
+                break
+            if taken[layer] < caps[layer] and (layer, heads[0]) not in done:
+                done.add((layer, heads[0]))
+                take(layer, heads)
+    return {layer: sorted(h) for layer, h in sorted(chosen.items())}
+
+
+def budget(ratio, count, total: int, name_total: str = "units of the model") -> int:
+    """The number of units a ``ratio`` (floored) or ``count`` of ``total`` asks for, validated."""
+    if (ratio is None) == (count is None):
+        raise ValueError("ratio, count: give exactly one of them")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1 or math.isnan(ratio):
+            raise ValueError(f"ratio: expected a number in [0, 1], got {ratio!r}")
+        return int(math.floor(ratio * total + 1e-9))
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count: expected a non-negative int, got {count!r}")
+    if count > total:
+        raise ValueError(f"count: {count} exceeds the {total} {name_total}")
+    return count
+
+
+def _layer_index(i) -> int:
+    """``operator.index``: a float such as 1.5 is not a layer index (``int`` would floor it)."""
+    if isinstance(i, bool):
+        raise TypeError(f"{i!r} is not a layer index")
+    return operator.index(i)
+
+
+def _check_layers(protect_layers: Iterable, n: int) -> set:
+    try:
+        protect = {_layer_index(i) for i in protect_layers}
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
+    bad = sorted(i for i in protect if not 0 <= i < n)
+    if bad:
+        raise ValueError(f"protect_layers: indices {bad} out of range for {n} layers")
+    return protect
+
+
+
+def _forced(ranked: list, pruned: Optional[dict], scores: HeadScores) -> list:
+    """The units of ``pruned`` (whole units only), in ranking order."""
+    if pruned is None:
+        return []
+    if not isinstance(pruned, dict):
+        raise TypeError(f"pruned: expected a dict {{layer: [heads]}}, got {type(pruned).__name__}")
+    want = {}
+    for layer, heads in pruned.items():
+        layer = _layer_index(layer)
+        if not 0 <= layer < scores.num_layers:
+            raise ValueError(f"pruned: layer {layer} out of range for {scores.num_layers} layers")
+        hs = {_layer_index(h) for h in heads}
+        bad = sorted(h for h in hs if not 0 <= h < scores.num_heads[layer])
+        if bad:
+            raise ValueError(f"pruned: heads {bad} out of range for layer {layer} ({scores.num_heads[layer]} heads)")
+        if hs:
+            want[layer] = hs
+    out = [(layer, heads) for layer, heads in ranked if set(heads) <= want.get(layer, set())]
+    covered = {(layer, h) for layer, heads in out for h in heads}
+    partial_ = sorted((layer, h) for layer, hs in want.items() for h in hs if (layer, h) not in covered)
+    if partial_:
+        raise ValueError(f"pruned: heads {partial_} do not form whole units for gqa mode (a KV group is pruned whole)")
+    return out

@@ -1,0 +1,78 @@
+"""Prunable units and the order in which they go.
+
+A *unit* is what gets pruned together: a query head (``gqa="query"``) or a whole KV group,
+its query heads and their shared KV head (``gqa="group"``, scored by the mean of its query
+heads). Orders are total and deterministic: ties break by (site, head).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..stats.scores import HeadScores
+from .recipes import GQA_MODES, ORDERS, resolve_recipe
+
+__all__ = ["count_units", "rank_heads"]
+
+
+def _unit_size(hq: int, hkv: int, gqa: str) -> int:
+    """Query heads pruned together: a whole KV group under ``gqa="group"``, else one."""
+    return hq // hkv if gqa == "group" and hkv else 1
+
+
+def count_units(scores: HeadScores, gqa: str = "query") -> int:
+    """Prunable units of the whole model (see :func:`select_heads`' ``gqa``)."""
+    return sum(hq // _unit_size(hq, hkv, gqa) for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+
+
+def _units(scores: HeadScores, score, gqa: str) -> list:
+    """``(value, layer, first_head, heads)`` for every prunable unit."""
+    if isinstance(score, torch.Tensor):  # an external per-head score, e.g. gradient importance
+        if tuple(score.shape) != tuple(scores.entropy.shape):
+            raise ValueError(f"score: expected a tensor of shape {tuple(scores.entropy.shape)}, got {tuple(score.shape)}")
+        values = score.double()
+    else:
+        values = scores.score(score)
+    units = []
+    for layer in range(scores.num_layers):
+        hq, hkv = scores.num_heads[layer], scores.num_kv_heads[layer]
+        size = _unit_size(hq, hkv, gqa)
+        for start in range(0, hq, size):
+            heads = list(range(start, start + size))
+            v = values[layer, heads]
+            if torch.isnan(v).any():
+                raise ValueError(
+                    f"scores: layer {layer} ({scores.names[layer]}) head(s) {heads} have no statistics "
+                    f"(score {score!r} is NaN); collect on more data or protect the layer"
+                )
+            units.append((float(v.mean()), layer, start, heads))
+    return units
+
+
+def rank_heads(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query") -> list:
+    """All units in pruning order, as ``[(layer, [heads])]``.
+
+    ``score``: a name (see ``HeadScores.score``) or a ``[sites, heads]`` tensor; ``None``:
+    the default recipe's. ``order``: ``"high"`` (highest score first), ``"low"`` (lowest
+    first), ``"random"`` (a permutation seeded by ``seed``, same for equal inputs) or
+    ``None``: the score's natural order (highest first for entropies, lowest for costs).
+    """
+    if not isinstance(scores, HeadScores):
+        raise TypeError(f"scores: expected HeadScores, got {type(scores).__name__}")
+    if score is None or order is None:
+        recipe = resolve_recipe(scores, score, order, protect_layers=())
+        score, order = recipe.score, recipe.order
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+    units = _units(scores, score, gqa)
+    if order == "random":
+        g = torch.Generator().manual_seed(int(seed))
+        units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
+    else:
+        sign = -1.0 if order == "high" else 1.0
+        units.sort(key=lambda u: (sign * u[0], u[1], u[2]))
+    return [(u[1], u[3]) for u in units]
+
+

@@ -1,0 +1,7 @@
+"""Statistics: :class:`HeadScores` (a whole model's per-head statistics) and
+:class:`EntropyAccumulator` (one attention call site's, fed batch by batch)."""
+
+from .accumulator import EntropyAccumulator
+from .scores import HeadScores
+
+__all__ = ["EntropyAccumulator", "HeadScores"]
