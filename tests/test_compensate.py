@@ -192,6 +192,27 @@ def test_compensated_mask_saves_and_reloads_and_plain_loading_refuses(tmp_path):
         transformers.AutoModel.from_pretrained(tmp_path / "m")
 
 
+def test_a_dropped_compensated_mask_is_still_saved_with_its_biases(tmp_path):
+    """The record of what a mask changed lives on the model, not in the handle the caller may
+    drop: what was evaluated is what is saved and reloaded."""
+    import gc
+
+    model = tiny_model("llama")
+    scores = collect(model, [tiny_batch("llama")], progress=False)
+    batch = tiny_batch("llama", seed=3)
+    mask_heads(model, {0: [1], 1: [0]}, compensate=scores)  # the handle is dropped at once
+    gc.collect()
+    with torch.no_grad():
+        want = _first(model(**batch))
+    with pytest.raises(ValueError, match="already masked"):
+        mask_heads(model, {0: [1]})
+    save_pruned(model, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "headprune.json").read_text())
+    assert meta["o_bias"] == [0, 1] and meta["plain_loadable"] is False
+    with torch.no_grad():
+        assert torch.equal(_first(load_pruned(tmp_path / "m")(**batch)), want)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_variance_score_is_the_variance_each_head_adds(family):
     model = tiny_model(family)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from transformers import PreTrainedConfig
 
-from ..prune.mask import MaskHandle
+from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, resolve_sites
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
@@ -73,7 +73,7 @@ def save_pruned(
 
 def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     state = getattr(model, STATE_ATTR, None)
-    masked_bias = [s.index for s in sites if MaskHandle.added_bias(s.o)]
+    masked_bias = [s.index for s in sites if added_bias(model, s.o)]
     if masked_bias:  # a compensated mask created o biases: record them like pruning does
         state = new_state(model, [head_counts(s, adapter) for s in sites])
         state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..prune.compensation import removed_mean_output
 from ..prune.heads import head_index, normalize_heads
-from ..prune.mask import MaskHandle, refuse_masked_again
+from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
 from ..prune.undo import Undo
 from ..stats.scores import HeadScores
@@ -85,8 +85,8 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
-    refuse_masked_again(heads, [s.o.weight for s in sites])
-    handle = MaskHandle(heads)
+    refuse_masked_again(model, heads, [s.o.weight for s in sites])
+    handle = MaskHandle(model, heads)
     try:
         with torch.no_grad():
             for layer, b in _compensation_biases(compensate, sites, adapter, heads).items():
@@ -256,7 +256,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, 
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     heads = normalize_heads(heads, [c[0] for c in counts])
-    masked = {s.index: sorted(MaskHandle.masked(s.o.weight)) for s in sites}
+    masked = {s.index: sorted(masked_heads(model, s.o.weight)) for s in sites}
     masked = {k: v for k, v in masked.items() if v}
     if masked:  # slicing would copy the zeros and orphan the handle's restore()
         raise ValueError(

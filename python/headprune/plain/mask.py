@@ -16,8 +16,8 @@ def mask_modules(model: nn.Module, heads: dict):
     """Zero the pruned heads' ``out_proj`` input columns (see ``headprune.hf.mask_heads``)."""
     sites = attention_modules(model)
     heads = normalize_heads(heads, [s[1].num_heads for s in sites])
-    refuse_masked_again(heads, [s[1].out_proj.weight for s in sites])
-    handle = MaskHandle(heads)
+    refuse_masked_again(model, heads, [s[1].out_proj.weight for s in sites])
+    handle = MaskHandle(model, heads)
     try:
         with torch.no_grad():
             for layer, hs in heads.items():

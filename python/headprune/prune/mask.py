@@ -2,58 +2,71 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from ..core import ops
 from .heads import head_index
 
-__all__ = ["MaskHandle", "refuse_masked_again"]
+__all__ = ["MASKS_ATTR", "MaskHandle", "active_masks", "added_bias", "masked_heads", "refuse_masked_again"]
 
 
 def apply_head_mask_(w: torch.Tensor, mask: torch.Tensor, d: int, dim: int) -> None:
     ops.apply_head_mask_(w, mask.to(device=w.device, dtype=w.dtype), d, dim)
 
 
+#: the model attribute listing its masks not yet restored (strong references: what decides how
+#: a model is saved must not vanish when the caller drops a handle)
+MASKS_ATTR = "_headprune_masks"
+
+
+def active_masks(model: nn.Module) -> list:
+    """The :class:`MaskHandle` objects applied to ``model`` and not yet restored, oldest first."""
+    return list(model.__dict__.get(MASKS_ATTR, ()))
+
+
+def masked_heads(model: nn.Module, w: torch.Tensor) -> set:
+    """Heads of weight ``w`` (an output projection of ``model``) zeroed by masks not yet restored."""
+    return {h for handle in active_masks(model) for x, *_, hs in handle._saved if x is w for h in hs}
+
+
+def added_bias(model: nn.Module, module: nn.Module) -> bool:
+    """Whether a mask not yet restored created ``module.bias`` (the module had none)."""
+    return any(m is module and old is None for handle in active_masks(model) for m, old in handle._biases)
+
+
 class MaskHandle:
     """Undo record of a head masking: ``restore()`` (or leaving the ``with`` block) puts the
-    original output-projection columns back bit-exactly.
+    original output-projection columns and biases back bit-exactly.
 
-    Handles not yet restored are tracked (weakly: a handle that is dropped unrestored leaves
-    a permanent mask), so masking a masked head again, or physically pruning a model under
-    an active mask, is refused instead of making ``restore`` order-dependent or a no-op.
+    Until restored, the handle is listed on the model itself (:func:`active_masks`), so a
+    dropped handle leaves a mask that is still known: masking a masked head again, or
+    physically pruning under a mask, is refused, and ``save_pruned`` saves the biases a
+    compensated mask added.
     """
 
-    _active: "weakref.WeakSet" = weakref.WeakSet()
-
-    def __init__(self, heads: dict):
+    def __init__(self, model: nn.Module, heads: dict):
+        self.model = model
         self.heads = heads
-        self._saved = []  # (weight, dim, index, original columns, heads)
+        self._saved = []  # (weight, dim, index, original columns, heads zeroed)
         self._biases = []  # (module, original bias values, or None where the bias was added)
 
-    @classmethod
-    def masked(cls, w: torch.Tensor) -> set:
-        """Heads of weight ``w`` zeroed by handles not yet restored."""
-        return {h for handle in list(cls._active) for x, *_, hs in handle._saved if x is w for h in hs}
+    def _register(self) -> None:
+        masks = self.model.__dict__.setdefault(MASKS_ATTR, [])
+        if not any(m is self for m in masks):
+            masks.append(self)
 
     def zero_(self, w: torch.Tensor, heads, num_heads: int, d: int, dim: int) -> None:
         idx = head_index(heads, d)
         self._saved.append((w, dim, idx, w.index_select(dim, idx.to(w.device)).clone(), tuple(heads)))
-        MaskHandle._active.add(self)
+        self._register()
         gate = torch.ones(num_heads)
         gate[heads] = 0
         apply_head_mask_(w, gate, d, dim)
 
-    @classmethod
-    def added_bias(cls, module: nn.Module) -> bool:
-        """Whether an active handle created ``module.bias`` (the module had none)."""
-        return any(m is module and old is None for handle in list(cls._active) for m, old in handle._biases)
-
     def add_bias_(self, module: nn.Module, b: torch.Tensor) -> None:
         """Add ``b`` to ``module.bias`` in place (creating the bias if the module has none)."""
-        MaskHandle._active.add(self)
+        self._register()
         bias = getattr(module, "bias", None)
         if bias is None:
             self._biases.append((module, None))
@@ -75,7 +88,11 @@ class MaskHandle:
                 w, dim, idx, cols, _ = self._saved[-1]
                 w.index_copy_(dim, idx.to(w.device), cols)
                 self._saved.pop()
-        MaskHandle._active.discard(self)
+        masks = self.model.__dict__.get(MASKS_ATTR)
+        if masks is not None:
+            masks[:] = [m for m in masks if m is not self]
+            if not masks:
+                del self.model.__dict__[MASKS_ATTR]
 
     def __enter__(self):
         return self
@@ -85,10 +102,10 @@ class MaskHandle:
         return False
 
 
-def refuse_masked_again(heads: dict, weights: list) -> None:
-    """``ValueError`` if a head of ``heads`` is already zeroed by an active handle."""
+def refuse_masked_again(model: nn.Module, heads: dict, weights: list) -> None:
+    """``ValueError`` if a head of ``heads`` is already zeroed by a mask not yet restored."""
     for layer, hs in heads.items():
-        again = sorted(set(hs) & MaskHandle.masked(weights[layer]))
+        again = sorted(set(hs) & masked_heads(model, weights[layer]))
         if again:
             raise ValueError(
                 f"heads: layer {layer} head(s) {again} are already masked by an active mask_heads handle; restore it first"
