@@ -191,3 +191,48 @@ def test_bad_input_is_named(batches, exc, match):
 def test_bad_method_is_named():
     with pytest.raises(ValueError, match="method: expected one of"):
         collect(tiny_model("bert"), [tiny_batch("bert")], method="flash", progress=False)
+
+
+def test_only_the_collecting_threads_forwards_are_recorded():
+    """Forwards of the same model in another thread during a collection are neither counted
+    nor altered (with the fused op too)."""
+    import threading
+    import time
+
+    model = tiny_model("llama")
+    batches = [tiny_batch("llama", seed=s) for s in range(3)]
+    other = tiny_batch("llama", seed=9)
+    want = collect(model, batches, progress=False)
+    with torch.no_grad():
+        ref = _first(model(**other))
+    started, stop, outs, errors = threading.Event(), threading.Event(), [], []
+
+    def forwards():
+        started.wait()
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    outs.append(_first(model(**other)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def interleaved():  # each batch waits until the other thread has run forwards meanwhile
+        for b in batches:
+            started.set()
+            n, deadline = len(outs), time.monotonic() + 30
+            while len(outs) < n + 2 and time.monotonic() < deadline and not errors:
+                time.sleep(0.001)
+            yield b
+
+    thread = threading.Thread(target=forwards)
+    thread.start()
+    try:
+        got = collect(model, interleaved(), progress=False)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and len(outs) >= 2 * len(batches)
+    assert torch.equal(got.count, want.count)
+    torch.testing.assert_close(got.stats, want.stats, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(o, ref) for o in outs)

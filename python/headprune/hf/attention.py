@@ -24,8 +24,15 @@ __all__ = ["PREFIX", "RECORDERS", "attention_implementation", "model_configs", "
 PREFIX = "headprune_"
 
 # id(attention module) -> recorder; the registered function is shared by every model, so
-# it only records for modules inside an active collection.
+# it only records for modules inside an active collection, and only in the thread that runs
+# that collection (a forward of the same model in another thread is left alone).
 RECORDERS: dict = {}
+
+
+def recorder_of(module):
+    """The active recorder of ``module`` for the calling thread, or ``None``."""
+    recorder = RECORDERS.get(id(module))
+    return recorder if recorder is not None and recorder.thread == threading.get_ident() else None
 
 
 def _inner_function(impl: str, module):
@@ -39,7 +46,7 @@ def _inner_function(impl: str, module):
 
 def _make_wrapper(impl: str):
     def headprune_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        recorder = RECORDERS.get(id(module))
+        recorder = recorder_of(module)
         if recorder is not None:
             fused = recorder.attend(module, query, key, value, attention_mask, args, kwargs)
             if fused is not None:

@@ -90,6 +90,12 @@ def collect(
     Returns ``HeadScores`` (entropies in nats). The model's outputs are unchanged (up to
     float rounding where ``fused`` applies) and, on any exit (including
     ``KeyboardInterrupt``), its attention implementation is restored.
+
+    Concurrency: only the forwards of the calling thread are recorded. Forwards of the same
+    model in other threads while a collection runs are not counted and run the model's own
+    attention (their outputs are bit-identical), but they see the model in eval mode, which
+    the collection sets for its duration. A second collection on the same model at the same
+    time is refused.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")

@@ -10,6 +10,7 @@ equal SDPA's to float rounding rather than bit for bit.
 
 from __future__ import annotations
 
+import threading
 import types
 from contextlib import contextmanager
 from typing import Optional
@@ -46,6 +47,7 @@ class Collection:
         self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
         self.padding: dict = {}
         self.impl = {id(c): c._attn_implementation_internal for c in model_configs(model)}
+        self.thread: Optional[int] = None  # the thread running the collection (see active)
 
     def _query_mask(self, site, batch: int, q_len: int, device):
         """``[batch, q_len]`` bool of the site's valid (unpadded) queries, or ``None``."""
@@ -76,6 +78,8 @@ class Collection:
 
         def hook(module, args):
             x = args[0] if args else None
+            if threading.get_ident() != self.thread:  # a forward of this model in another thread
+                return None
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != hq * d or hq == 0:
                 return None
             acc = self.outputs[site.index]
@@ -139,7 +143,7 @@ class Collection:
                                                  bool(causal), qm)
             return out.transpose(1, 2).contiguous(), None
 
-        return types.SimpleNamespace(record=record, attend=attend)
+        return types.SimpleNamespace(record=record, attend=attend, thread=self.thread)
 
     def _site_state(self, site, query) -> tuple:
         """The site's accumulator (created on its first call) and this call's query mask."""
@@ -169,6 +173,7 @@ class Collection:
         # own training flag back.
         training = {m: m.training for m in self.model.modules()}
         hooks = []
+        self.thread = threading.get_ident()  # only this thread's forwards are recorded
         try:
             self.model.eval()
             hooks = [s.o.register_forward_pre_hook(self.output_hook(s)) for s in self.sites]
