@@ -162,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from . import commands
-
+    try:
+        args = build_parser().parse_args(argv)
+        from . import commands
+    except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
+        print("headprune: interrupted", file=sys.stderr)
+        return 130
     try:
         return {"scan": commands.scan, "prune": commands.prune, "eval": commands.evaluate,
                 "sweep": commands.sweep}[args.command](args)
