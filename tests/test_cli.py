@@ -256,3 +256,13 @@ def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, ext
 def test_steps_argument_is_checked(run, tmp_path):
     code, err = run(["prune", "m", "--ratio", "0.3", "--steps", "0"])
     assert code == 2 and err[-1].endswith("argument --steps: expected a positive integer or 'auto', got '0'")
+
+
+def test_an_interrupt_while_starting_is_one_line(run, monkeypatch):
+    import headprune.app.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt  # as a Ctrl-C while the commands (torch, transformers) are imported
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert run(["scan", "m"]) == (130, ["headprune: interrupted"])

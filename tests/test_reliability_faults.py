@@ -13,6 +13,7 @@ import headprune.core.ops
 from hf_tiny import tiny_batch, tiny_model
 from model_snapshot import ModelSnapshot
 
+from headprune import atomic
 from headprune.hf import collect, mask_heads, prune_heads, save_pruned
 from headprune.hf.prune import STATE_ATTR
 
@@ -206,8 +207,9 @@ def _fail_in(monkeypatch, where, fault):
         from headprune.stats import HeadScores
 
         fail_on_call(monkeypatch, HeadScores, "to_dict", 1, fault)
-    elif where == "rename":  # moving the finished directory into place
+    elif where == "rename":  # moving the finished directory into place (or swapping it with the old one)
         fail_on_call(monkeypatch, os, "rename", 1, fault)
+        fail_on_call(monkeypatch, atomic, "_exchange", 1, fault)
 
 
 def _tokenizer():
@@ -241,3 +243,73 @@ def test_fault_during_saving(monkeypatch, tmp_path, where, existing, fault):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == listing
     if existing == "overwrite":
         assert (out / "old.txt").read_text() == "previous run"
+
+
+# ---- what a killed process leaves: removed once it is provably gone --------------------------------
+
+
+def _ended_owner() -> str:
+    """The owner token of a process that has exited."""
+    import subprocess
+    import sys
+
+    script = "from headprune.atomic import owner_token; print(owner_token())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _staging(folder, owner, target="out", marker=None, rand="0a0b0c0d"):
+    root = folder / f".{target}.tmp-{owner}-{rand}"
+    (root / "new").mkdir(parents=True)
+    (root / "new" / "weights.bin").write_bytes(b"partial")
+    if marker is not False:
+        (root / atomic.MARKER).write_text(f'{{"owner": "{marker or owner}", "target": "{folder / target}"}}')
+    return root
+
+
+def test_only_leftovers_of_ended_processes_are_removed(tmp_path):
+    ended, me = _ended_owner(), atomic.owner_token()
+    other_host = "f" * 8 + me[8:]
+    gone = [_staging(tmp_path, ended), _staging(tmp_path, ended, marker=False, rand="1a1b1c1d"),
+            tmp_path / f".c.json.tmp-{ended}-2a2b2c2d"]
+    gone[-1].write_text("{")
+    kept = [_staging(tmp_path, me, rand="3a3b3c3d"), _staging(tmp_path, other_host, rand="4a4b4c4d"),
+            _staging(tmp_path, ended, marker=me, rand="5a5b5c5d"), tmp_path / ".out.tmp-mine", tmp_path / "out"]
+    kept[-2].mkdir()
+    kept[-1].mkdir()
+    assert sorted(atomic.remove_leftovers(tmp_path)) == sorted(map(str, gone))
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert atomic.leftovers(tmp_path, mine=True) == [str(kept[0])]
+
+
+def test_a_target_moved_aside_by_a_killed_process_is_put_back(tmp_path):
+    """Without RENAME_EXCHANGE the old directory is moved aside before the new one moves in:
+    a kill between the two leaves no target, and the next run moves the old one back."""
+    root = _staging(tmp_path, _ended_owner())
+    (root / "old").mkdir()
+    (root / "old" / "result.json").write_text("old")
+    atomic.check_target(tmp_path / "out", replace=True, arg="--out", hint="")
+    assert (tmp_path / "out" / "result.json").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("fault", [None, *FAULTS])
+def test_replacing_without_rename_exchange(tmp_path, monkeypatch, fault):
+    import errno
+
+    def unsupported(a, b):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(atomic, "_exchange", unsupported)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    if fault is not None:  # the second rename (moving the new directory in) fails
+        fail_on_call(monkeypatch, os, "rename", 2, fault)
+    try:
+        with atomic.Staged(out, replace=True) as stage:
+            open(os.path.join(stage.path, "new.txt"), "w").write("new")
+    except (RuntimeError, KeyboardInterrupt):
+        assert fault is not None
+    assert os.listdir(out) == (["old.txt"] if fault else ["new.txt"])
+    assert os.listdir(tmp_path) == ["out"]

@@ -74,6 +74,24 @@ def test_resume_without_a_checkpoint_file_starts_afresh(tmp_path):
     assert torch.equal(out.stats, collect(model, batches, progress=False).stats)
 
 
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_save(tmp_path):
+    import subprocess
+    import sys
+
+    from headprune.atomic import owner_token
+
+    script = "from headprune.atomic import owner_token; print(owner_token())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    ended = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    killed = tmp_path / f".c.json.tmp-{ended.stdout.strip()}-0123abcd"  # as atomic.write_file names them
+    live = tmp_path / f".c.json.tmp-{owner_token()}-4567abcd"  # this process's: not a leftover
+    killed.write_text('{"format"')
+    live.write_text("{")
+    model, batches = tiny_model("llama"), _batches()[:2]
+    collect(model, batches, progress=False, checkpoint=tmp_path / "c.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "c.json"]
+
+
 def test_without_resume_an_old_checkpoint_is_overwritten(tmp_path):
     model, batches = tiny_model("llama"), _batches()[:2]
     path = tmp_path / "c.json"
@@ -92,9 +110,11 @@ def _checkpoint_after(tmp_path, n=2, **kw):
 def test_mismatched_fingerprint_is_refused(tmp_path):
     model, batches, path = _checkpoint_after(tmp_path)
     other = dict(SETTINGS, seq_len=10)
-    with pytest.raises(ValueError, match=r"checkpoint .*c\.json was written for another model/data \(the calibration"
-                                         r" settings differ\); delete it or drop --resume"):
+    with pytest.raises(ValueError, match=r"checkpoint .*c\.json was written with other settings \(seq_len: 9 in the "
+                                         r"checkpoint, 10 now\); delete it or drop --resume"):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=other)
+    with pytest.raises(ValueError, match=r"with other settings \(the calibration settings differ\)"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint="opaque")
     with pytest.raises(ValueError, match=r"another model/data \(the model layout differ\)"):
         collect(tiny_model("llama", num_hidden_layers=3), batches, progress=False, checkpoint=path, resume=True,
                 fingerprint=SETTINGS)

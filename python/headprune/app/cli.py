@@ -1,7 +1,10 @@
 """``headprune`` command line: scan, prune, eval, sweep.
 
-Every argument error exits with status 2 and one line naming the problem; nothing is written
-unless the run succeeds (outputs go to a temporary directory that is renamed at the end).
+Every argument error, and every write error (a full disk, a file-size limit, a read-only
+folder), exits with status 2 and one line naming the problem. An output directory holds its
+old contents or the complete new ones at every instant, even if the process is killed:
+outputs are written to a temporary sibling directory that takes its place in one step, and
+what a killed run leaves behind is removed by the next run into the same folder.
 """
 
 from __future__ import annotations
@@ -159,18 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from . import commands
-
+    try:
+        args = build_parser().parse_args(argv)
+        from . import commands
+    except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
+        print("headprune: interrupted", file=sys.stderr)
+        return 130
     try:
         return {"scan": commands.scan, "prune": commands.prune, "eval": commands.evaluate,
                 "sweep": commands.sweep}[args.command](args)
-    except (FileNotFoundError, ValueError, TypeError, FileExistsError, PermissionError) as e:
-        print(f"headprune {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"headprune {args.command}: interrupted; nothing was written", file=sys.stderr)
+        print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
         return 130
+
+
+def _message(e: Exception) -> str:
+    """One line: headprune's own ``OSError`` messages name the path and the cause in
+    ``strerror``; Python's name the file in ``filename``."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

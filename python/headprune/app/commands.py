@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
-import os
-import shutil
+import re
 import sys
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from .. import atomic
 from ..ranking import DEFAULT_RECIPE, natural_order, select_heads
 from ..stats.scores import HeadScores
 from . import evaluate as E
@@ -33,32 +34,70 @@ def _say(args, *msg, end="\n"):
 
 
 def check_out(out: Path, force: bool) -> None:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out: {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"--out: {out} is not empty; pass --force to replace it")
+    """Refuse ``--out`` before any slow work: a symbolic link (refused, not followed), a file, a
+    non-empty directory without ``--force``, a folder this process cannot write in. Also
+    removes what killed runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
+    atomic.check_target(out, replace=force, arg="--out", hint="pass --force to replace it")
 
 
 @contextmanager
-def output_dir(out: Path, force: bool):
-    """A temporary sibling directory renamed to ``out`` only if the block succeeds."""
+def output_dir(out: Path, force: bool, stages: Optional[list] = None):
+    """A temporary sibling directory that takes ``out``'s place in one step if the block
+    succeeds (:class:`headprune.atomic.Staged`): ``out`` holds the old output or the new one at
+    every instant. The stage is appended to ``stages`` (for the interrupt message); a write
+    error becomes one ``OSError`` naming ``out`` and the cause."""
     out = Path(out)
-    check_out(out, force)
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--out: cannot write in {parent}")
-    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # default permissions (mkdtemp would make the final directory 0700)
+    check_out(out, force)  # again: the slow part may have given things time to change
+    stage = atomic.Staged(out, replace=force)
+    if stages is not None:
+        stages.append(stage)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        with stage:
+            yield Path(stage.path)
+    except OSError as e:
+        raise OSError(e.errno, f"--out: cannot write {out.absolute()} ({_cause(e)})") from e
+
+
+def _cause(e: OSError) -> str:
+    """The cause of a write error (the one in parentheses when the library already named a path)."""
+    text = e.strerror or str(e)
+    m = re.fullmatch(r"[\w-]+: cannot write .* \((.*)\)", text)
+    return m[1] if m else text
+
+
+def _stages(args) -> list:
+    return vars(args).setdefault("stages", [])
+
+
+def interrupted(args) -> str:
+    """What an interrupted command leaves: whether ``--out`` changed, and where anything left over is."""
+    if getattr(args, "out", False) is False:
+        return "interrupted"
+    out = _out(args, args.command).absolute()
+    stages = _stages(args)
+    parts = [f"{out} was written" if any(s.committed for s in stages) else f"{out} was not changed"]
+    left = [s.leftover for s in stages if s.leftover]
+    if left:
+        parts.append(f"temporary files left in {', '.join(left)} are removed by the next run into {out.parent}")
+    checkpoint = _checkpoint(out)
+    if args.command == "scan" and checkpoint.exists():
+        parts.append(f"the checkpoint {checkpoint} keeps the batches done: run again with --resume to continue")
+    return "interrupted; " + "; ".join(parts)
+
+
+def _checkpoint(out: Path) -> Path:
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.checkpoint.json"
+
+
+def _tokens_digest(batches) -> str:
+    """A digest of the calibration batches: the data, its tokenization and the batching."""
+    h = hashlib.sha256()
+    for b in batches:
+        for k in sorted(b):
+            h.update(k.encode())
+            h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _setup(args):
@@ -83,7 +122,9 @@ def _setup(args):
                                         seq_len=seq_len, batch_size=args.batch_size)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len,
-                "calibration_paragraphs": len(calib), "held_out_paragraphs": len(held)}
+                "calibration_paragraphs": len(calib), "held_out_paragraphs": len(held),
+                "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
+                "fused": _fused(args)}
     return loaded, batches, held, settings
 
 
@@ -97,7 +138,9 @@ def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
     from .. import distributed
 
     t0 = time.perf_counter()
-    fingerprint = {"model": str(args.model), "settings": settings, "batch_size": args.batch_size}
+    # every setting the sums depend on (dtype, device, fused are in settings; the data by its tokens)
+    fingerprint = {"model": str(args.model), "settings": settings, "batch_size": args.batch_size,
+                   "tokens": _tokens_digest(batches)}
     if getattr(args, "distributed", False):
         if not distributed.init_from_env():
             raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
@@ -183,18 +226,30 @@ def scan(args) -> int:
     out = _out(args, "scan")
     check_out(out, args.force)  # fail before the slow part
     loaded, batches, _, settings = _setup(args)
-    checkpoint = out.absolute().parent / f".{out.name}.checkpoint.json"
+    checkpoint = _checkpoint(out)
     scores = _collect(args, loaded, batches, settings, checkpoint=checkpoint)
     if not _is_writer():
         return 0
-    with output_dir(out, args.force) as tmp:
-        _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings})
-        plots.heatmap(scores, tmp / "heatmap.png", title=f"{args.model}: mean attention entropy")
-        (tmp / "summary.md").write_text(scores_markdown(args.model, scores, settings))
-    for leftover in checkpoint.parent.glob(f".{out.name}.checkpoint*.json"):
-        leftover.unlink()
+    try:
+        with output_dir(out, args.force, _stages(args)) as tmp:
+            _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings})
+            plots.heatmap(scores, tmp / "heatmap.png", title=f"{args.model}: mean attention entropy")
+            (tmp / "summary.md").write_text(scores_markdown(args.model, scores, settings))
+    finally:
+        if any(s.committed for s in _stages(args)):  # even if interrupted after: the scores are in out
+            _remove_checkpoints(checkpoint)
     _say(args, f"wrote {out}/scores.json, summary.md, heatmap.png")
     return 0
+
+
+def _remove_checkpoints(checkpoint: Path) -> None:
+    """This run's checkpoint files, by exact name (``--out`` may hold glob characters)."""
+    from ..distributed import rank_checkpoint, rank_world
+
+    world = rank_world()[1]
+    names = [checkpoint] + ([Path(rank_checkpoint(checkpoint, r, world)) for r in range(world)] if world > 1 else [])
+    for path in names:
+        path.unlink(missing_ok=True)
 
 
 def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
@@ -248,7 +303,7 @@ def prune(args) -> int:
     after = {**_public(quality(args, loaded, held, reference=before_q)), **speed(loaded)}
     settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
                      "compensate": args.compensate, **kw})
-    with output_dir(out, args.force) as tmp:
+    with output_dir(out, args.force, _stages(args)) as tmp:
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report = {"model": args.model, "settings": settings, "pruned_heads": {str(k): v for k, v in heads.items()},
                   "heads_pruned": n, "heads_total": sum(scores.num_heads), "before": before, "after": after}
@@ -310,7 +365,7 @@ def sweep(args) -> int:
     scores = _collect(args, loaded, batches, settings)
     if not _is_writer():
         return 0
-    with output_dir(out, args.force) as tmp:
+    with output_dir(out, args.force, _stages(args)) as tmp:
         result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")

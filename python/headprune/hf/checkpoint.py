@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Optional
 
+from .. import atomic
 from ..stats.scores import HeadScores
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical"]
@@ -19,10 +19,13 @@ CHECKPOINT_FORMAT = "headprune.checkpoint/1"
 class Checkpoint:
     """A JSON file holding a collection's state after ``batches_done`` batches: the
     ``HeadScores.to_dict()`` (float64 values round-trip exactly), the layout fingerprint of
-    the model and the caller's fingerprint of the calibration settings. Written atomically."""
+    the model and the caller's fingerprint of the settings its numbers depend on. Written
+    atomically (:func:`headprune.atomic.write_file`); the first write also removes the
+    temporary files that killed writers left beside it."""
 
     def __init__(self, path, fingerprint: str, layout: str):
         self.path, self.fingerprint, self.layout = os.fspath(path), fingerprint, layout
+        self._swept = False
 
     def _refuse(self, why: str):
         return ValueError(f"checkpoint {self.path} {why}; delete it or drop --resume")
@@ -38,9 +41,10 @@ class Checkpoint:
             raise self._refuse(f"is not a readable headprune checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
             raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-        if d.get("layout") != self.layout or d.get("fingerprint") != self.fingerprint:
-            what = "model layout" if d.get("layout") != self.layout else "calibration settings"
-            raise self._refuse(f"was written for another model/data (the {what} differ)")
+        if d.get("layout") != self.layout:
+            raise self._refuse("was written for another model/data (the model layout differ)")
+        if d.get("fingerprint") != self.fingerprint:
+            raise self._refuse(f"was written with other settings ({_differences(d.get('fingerprint'), self.fingerprint)})")
         done = d.get("batches_done")
         try:
             scores = HeadScores.from_dict(d.get("scores"))
@@ -55,20 +59,36 @@ class Checkpoint:
         data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,
                 "fingerprint": self.fingerprint, "scores": scores.to_dict()}
         folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=folder)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)  # readers see the old file or the new one, never half
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            os.makedirs(folder, exist_ok=True)
+            if not self._swept:
+                atomic.remove_leftovers(folder)
+                self._swept = True
+            atomic.write_file(self.path, json.dumps(data))  # readers see the old file or the new one
+        except OSError as e:
+            message = f"checkpoint: cannot write {os.path.abspath(self.path)} ({e.strerror or e})"
+            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
+
+
+def _differences(saved, now) -> str:
+    """``"seq_len: 9 in the checkpoint, 10 now"``: where two JSON fingerprints differ."""
+    try:
+        a, b = _flat(json.loads(saved)), _flat(json.loads(now))
+    except (TypeError, ValueError):
+        a, b = {}, {}
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    if not keys:
+        return "the calibration settings differ"
+    return "; ".join(f"{k}: {a.get(k)} in the checkpoint, {b.get(k)} now" for k in keys[:4])
+
+
+def _flat(d, prefix="") -> dict:
+    if not isinstance(d, dict):
+        return {prefix or "value": d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def canonical(fingerprint) -> str:

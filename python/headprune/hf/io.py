@@ -9,16 +9,18 @@ and :func:`load_pruned` rebuilds the layout by pruning a fresh model the same wa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
-import uuid
+import re
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedConfig
 
+from .. import atomic
 from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, resolve_sites
@@ -40,9 +42,12 @@ def save_pruned(
     """Write ``model`` (pruned or not) to the directory ``path``: safetensors weights, the
     config, the tokenizer if given, and ``headprune.json`` (kept heads, scores, settings).
 
-    ``path`` must be new or empty unless ``overwrite`` (which replaces it). Everything is
-    written to a temporary sibling directory renamed to ``path`` at the end, so a failure or
-    an interrupt leaves no half-written directory; the model itself is never modified.
+    ``path`` must be new or empty unless ``overwrite`` (which replaces it); a symbolic link is
+    refused, not followed. Everything is written to a temporary sibling directory that then
+    takes ``path``'s place in one step (:class:`headprune.atomic.Staged`), so ``path`` holds
+    the old directory or the new one at every instant, even if the process is killed; the
+    model itself is never modified. A write error (a full disk, a file-size limit) raises
+    ``OSError`` naming ``path`` and the cause.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
@@ -50,25 +55,24 @@ def save_pruned(
         raise TypeError(f"scores: expected HeadScores or None, got {type(scores).__name__}")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"path: {path} exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"path: {path} is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(path)
+    path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
     try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        os.mkdir(tmp)  # not mkdtemp: its 0o700 would survive the rename
-    except PermissionError as e:
-        raise PermissionError(f"path: cannot write in {parent} ({e.strerror})") from e
-    try:
-        with _configs_restored(model):
-            _write(model, tmp, adapter, sites, tokenizer, scores, settings)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic.Staged(path, replace=overwrite) as stage, _configs_restored(model):
+            _write(model, stage.path, adapter, sites, tokenizer, scores, settings)
+    except (OSError, SafetensorError) as e:
+        raise _write_error(e, path) from e
+
+
+def _write_error(e: Exception, path: str) -> OSError:
+    """The ``OSError`` of a failed write, naming ``path``; safetensors reports its I/O errors
+    as ``SafetensorError("... I/O error: No space left on device (os error 28)")``."""
+    if isinstance(e, OSError):
+        code, cause = e.errno, e.strerror or str(e)
+    else:
+        m = re.search(r"(?:I/O error: )?([^:]*?) \(os error (\d+)\)", str(e))
+        code, cause = (int(m[2]), m[1]) if m else (errno.EIO, str(e))
+    message = f"path: cannot write {path} ({cause})"
+    return OSError(code, message) if code else OSError(message)
 
 
 def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
@@ -125,23 +129,6 @@ def _configs_restored(model):
         for c, d in saved:
             c.__dict__.clear()
             c.__dict__.update(d)
-
-
-def _replace_dir(tmp: str, path: str) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and deleted
-    only once the new directory is in place."""
-    old = None
-    if os.path.isdir(path) and os.listdir(path):
-        old = f"{tmp}.old"
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)  # POSIX: atomically replaces an empty directory
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 _REQUIRED = ("architecture", "dtype", "attn_implementation", "kept_heads", "kv_heads", "per_layer_bias",
