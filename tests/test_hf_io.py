@@ -76,3 +76,18 @@ def test_missing_metadata_is_named(tmp_path):
         load_pruned(tmp_path)
     with pytest.raises(TypeError, match="path: expected a directory"):
         save_pruned(tiny_model("bert"), 3)
+
+
+def test_weights_under_module_names_load(tmp_path):
+    """ViT's save_pretrained writes its historical tensor names; a directory whose weights use
+    the module names (as other transformers versions write them) loads too."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("vit")
+    prune_heads(model, {0: [1], 1: [1]})
+    save_pruned(model, tmp_path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    batch = tiny_batch("vit")
+    with torch.no_grad():
+        assert torch.equal(_first(load_pruned(tmp_path)(**batch)), _first(model(**batch)))
