@@ -26,7 +26,7 @@ from .files import first_line, read_json, read_header, safetensors_files
 from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, model_class, read_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
-                     meta_model, refuse_differences)
+                     meta_model, optional_modules, refuse_differences)
 
 __all__ = ["save_pruned", "load_pruned", "read_metadata", "METADATA_FILE"]
 
@@ -219,6 +219,7 @@ def load_pruned(path, *, device: Optional[str] = None):
     header = read_header(files, "path")
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
     kw = dict(attn_implementation=meta["attn_implementation"], dtype=DTYPES[meta["dtype"]])
+    kw.update(optional_modules(cls, adapter, header))
     original = kv = None
     if meta["original_config"] is not None:
         source = f"{file}'s original_config"

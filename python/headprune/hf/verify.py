@@ -10,6 +10,7 @@ so a directory can make headprune allocate no more than its own weights.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +19,7 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from .files import first_line
 
 __all__ = ["config_from", "meta_model", "check_size", "expected_tensors", "compare", "refuse_differences",
-           "from_pretrained_checked"]
+           "optional_modules", "from_pretrained_checked"]
 
 #: modules a model may build per tensor of its weights (the supported families build under 2)
 MODULES_PER_TENSOR = 4
@@ -164,6 +165,16 @@ def refuse_differences(differences: tuple, what: str, file: str, source: str, *,
     if unexpected and strict:
         raise ValueError(f"{what}: {file} holds {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} that "
                          f"{source} does not declare ({len(unexpected)} tensors)")
+
+
+def optional_modules(cls, adapter, header: dict) -> dict:
+    """Constructor arguments building exactly the optional parts (``adapter.optional``) the
+    weights in ``header`` hold, for a class whose constructor takes them."""
+    params = inspect.signature(cls.__init__).parameters
+    prefix = getattr(cls, "base_model_prefix", "") + "."
+    names = {k[len(prefix):] if k.startswith(prefix) else k for k in header}
+    return {arg: any(n == path or n.startswith(path + ".") for n in names)
+            for path, arg in adapter.optional if arg in params}
 
 
 def from_pretrained_checked(cls, path, config, header: dict, what: str, source: str, weights: str, *, strict: bool,
