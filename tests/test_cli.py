@@ -6,8 +6,10 @@ In-process through ``headprune.app.cli.main`` (argparse errors raise ``SystemExi
 tiny random BERT saved with a word-level tokenizer built in code.
 """
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -119,6 +121,47 @@ def _non_empty_out(tmp_path):
     return tmp_path / "out"
 
 
+def _hf_dir(t, m, drop=(), config=None, files=None, tensor=None):
+    """A copy of the tiny model directory without the files ``drop`` and the weight ``tensor``,
+    with ``config`` changes and files written from ``files`` (name -> text or bytes)."""
+    d = t / "model"
+    shutil.copytree(m, d)
+    for name in drop:
+        (d / name).unlink()
+    if tensor:
+        _drop_tensor(d / "model.safetensors", tensor)
+    if config:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **config}))
+    for name, data in (files or {}).items():
+        (d / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return d
+
+
+def _drop_tensor(file, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    del tensors[name]
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _pruned_dir(t, m, tokenizer=True, drop=None):
+    """A directory written by save_pruned from the tiny BERT (plain-loadable: unpruned)."""
+    import transformers
+
+    from hf_tiny import tiny_model
+
+    from headprune.hf import save_pruned
+
+    tok = transformers.AutoTokenizer.from_pretrained(m) if tokenizer else None
+    save_pruned(tiny_model("bert"), t / "pruned", tokenizer=tok)
+    if drop:
+        _drop_tensor(t / "pruned" / "model.safetensors", drop)
+    return t / "pruned"
+
+
+Q0 = "encoder.layer.0.attention.self.query.weight"
 RUNTIME_ERRORS = [
     ("scan", lambda t, m: ["no-such-model"], "scan: error: MODEL: 'no-such-model' is not a bundled name"),
     ("eval", lambda t, m: [t / "missing.gguf"], "eval: error: MODEL: '.*missing.gguf' is not a bundled name"),
@@ -140,6 +183,31 @@ RUNTIME_ERRORS = [
     *[pytest.param(cmd, lambda t, m, cmd=cmd: [m, "--out", _txt(t, "x", "out")] + (["--count", "1"] if cmd == "prune" else []),
                    "--out: .*out exists and is not a directory", id=f"{cmd}-out-is-a-file")
       for cmd in ("scan", "prune", "sweep")],
+    # damaged or incomplete model directories: refused before their weights are loaded
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, drop=["model.safetensors"])],
+                 "eval: error: MODEL: .*model has no model.safetensors$", id="config-without-weights"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, drop=["model.safetensors"], files={"pytorch_model.bin": b"x"})],
+                 r"has no model.safetensors \(pickled weights such as pytorch_model.bin are never loaded",
+                 id="pickled-weights"),
+    pytest.param("scan", lambda t, m: [_hf_dir(t, m, config={"model_type": "whisperx"})],
+                 r"scan: error: MODEL: unsupported model_type 'whisperx' in .*config.json; headprune supports bert, ",
+                 id="unknown-model-type"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, drop=["tokenizer.json", "tokenizer_config.json"])],
+                 "eval: error: MODEL: directory .*model has no tokenizer files", id="no-tokenizer"),
+    pytest.param("eval", lambda t, m: [_pruned_dir(t, m, tokenizer=False)],
+                 "eval: error: MODEL: directory .*pruned has no tokenizer files", id="pruned-no-tokenizer"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, files={"tokenizer.json": "{"})],
+                 "eval: error: MODEL: cannot read the tokenizer in .*model", id="damaged-tokenizer"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, files={"config.json": "{"})],
+                 "eval: error: MODEL: .*config.json is not valid JSON", id="damaged-config"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, files={"model.safetensors": b"\x00" * 16})],
+                 "eval: error: MODEL: .*model.safetensors is not a readable safetensors file", id="damaged-weights"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, config={"vocab_size": 4_000_000})],
+                 r"MODEL: .*config.json declares a model of [0-9,]+ elements; the weights hold", id="huge-vocab"),
+    pytest.param("eval", lambda t, m: [_hf_dir(t, m, tensor=Q0)],
+                 rf"MODEL: .*model.safetensors lacks \['{Q0}'\] that .*config.json declares", id="missing-tensor"),
+    pytest.param("prune", lambda t, m: [_pruned_dir(t, m, drop=Q0), "--count", "1"],
+                 rf"prune: error: path: .*model.safetensors lacks \['{Q0}'\]", id="pruned-missing-tensor"),
     pytest.param("scan", lambda t, m: [m, "--device", "gpu0"], "scan: error: (argument )?--device", id="bad-device"),
     pytest.param("scan", lambda t, m: [m, "--device", "cuda:7"], "scan: error: (argument )?--device", id="absent-device"),
 ]

@@ -76,3 +76,45 @@ def test_missing_metadata_is_named(tmp_path):
         load_pruned(tmp_path)
     with pytest.raises(TypeError, match="path: expected a directory"):
         save_pruned(tiny_model("bert"), 3)
+
+
+@pytest.mark.parametrize("family, build, heads", [
+    ("bert", dict(add_pooling_layer=False), None),
+    ("bert", dict(add_pooling_layer=False), {0: [1]}),
+    ("roberta", dict(add_pooling_layer=False), {0: [0, 2], 1: [3]}),
+    ("vit", dict(add_pooling_layer=False), {0: [1], 1: [1]}),
+    ("vit", dict(use_mask_token=True), {0: [1]}),
+], ids=["bert-unpruned", "bert-uneven", "roberta-uneven", "vit-uniform", "vit-mask-token"])
+def test_optional_parts_are_rebuilt_as_saved(family, build, heads, tmp_path):
+    """A model built without its pooler (or with ViT's mask token) reloads the same way, not
+    with a random pooler it never had, and not refused."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    cls = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel, "vit": transformers.ViTModel}[family]
+    model = cls(tiny_config(family), **build).eval()
+    if heads:
+        prune_heads(model, heads)
+    save_pruned(model, tmp_path)
+    again = load_pruned(tmp_path)
+    assert again.state_dict().keys() == model.state_dict().keys()
+    batch = tiny_batch(family)
+    with torch.no_grad():
+        assert torch.equal(_first(again(**batch)), _first(model(**batch)))
+
+
+def test_weights_under_module_names_load(tmp_path):
+    """ViT's save_pretrained writes its historical tensor names; a directory whose weights use
+    the module names (as other transformers versions write them) loads too."""
+    from safetensors.torch import save_file
+
+    model = tiny_model("vit")
+    prune_heads(model, {0: [1], 1: [1]})
+    save_pruned(model, tmp_path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    batch = tiny_batch("vit")
+    with torch.no_grad():
+        assert torch.equal(_first(load_pruned(tmp_path)(**batch)), _first(model(**batch)))

@@ -1,12 +1,13 @@
 """Bad inputs of saving and loading pruned models: corrupt or mismatching ``headprune.json``,
-unwritable, non-empty or file targets. Every row asserts the error type and message, and
-that nothing is left half-written."""
+damaged or hostile weights and configs, unwritable, non-empty or file targets. Every row
+asserts the error type and message, and that nothing is left half-written or changed."""
 
 import json
 import os
 import shutil
 
 import pytest
+import torch
 
 from hf_tiny import tiny_model
 from model_snapshot import ModelSnapshot
@@ -19,7 +20,7 @@ from headprune.hf import kept_heads, load_pruned, prune_heads, save_pruned
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A non-uniform (rebuilt by re-pruning) and a uniform (plain-loadable) pruned model."""
+    """Non-uniform (rebuilt by re-pruning) GPT-2 and T5 and a uniform (plain-loadable) Llama."""
     root = tmp_path_factory.mktemp("saved")
     gpt2 = tiny_model("gpt2")
     prune_heads(gpt2, {0: [0, 1]})
@@ -27,6 +28,9 @@ def saved(tmp_path_factory):
     llama = tiny_model("llama")
     prune_heads(llama, {0: [2, 3], 1: [2, 3]})
     save_pruned(llama, root / "uniform")
+    t5 = tiny_model("t5")
+    prune_heads(t5, {0: [1], 3: [0, 2]})
+    save_pruned(t5, root / "t5")
     return root
 
 
@@ -47,6 +51,64 @@ def _write_meta(text):
     return lambda path: (path / "headprune.json").write_text(text)
 
 
+def _write(name, text):
+    return lambda path: (path / name).write_text(text)
+
+
+def _edit_json(name, key=None, **changes):
+    """Change fields of the JSON file ``name`` (of its object ``key`` if given)."""
+
+    def edit(path):
+        data = json.loads((path / name).read_text())
+        (data[key] if key else data).update(changes)
+        (path / name).write_text(json.dumps(data))
+
+    return edit
+
+
+def _edit_original(**changes):
+    return _edit_json("headprune.json", "original_config", **changes)
+
+
+def _edit_tensors(name, drop=(), add=()):
+    def edit(path):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / name)
+        for k in drop:
+            del tensors[k]
+        for k in add:
+            tensors[k] = torch.ones(3)
+        save_file(tensors, path / name, metadata={"format": "pt"})
+
+    return edit
+
+
+def _truncate(name, cut):
+    def edit(path):
+        size = (path / name).stat().st_size
+        os.truncate(path / name, size - cut if cut > 0 else -cut)
+
+    return edit
+
+
+def _replace_by(name, make):
+    def edit(path):
+        (path / name).unlink()
+        make(path / name)
+
+    return edit
+
+
+def _index(*shards):
+    weight_map = {f"t{i}": s for i, s in enumerate(shards)}
+    return _write("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+WEIGHTS = "headprune-model.safetensors"
+NO_FLASH = __import__("importlib").util.find_spec("flash_attn") is None
+
+
 LOAD_ERRORS = [
     ("uneven", lambda p: (p / "headprune.json").unlink(), FileNotFoundError, "has no headprune.json"),
     ("uneven", _write_meta("{not json"), ValueError, "headprune.json is not valid JSON"),
@@ -54,15 +116,105 @@ LOAD_ERRORS = [
     ("uniform", _write_meta("[1, 2]"), ValueError, "has format 'list', expected 'headprune.pruned/1'"),
     ("uniform", _edit_meta(format="other/2"), ValueError, "has format 'other/2'"),
     ("uniform", _edit_meta(architecture=KeyError), ValueError, r"lacks \['architecture'\]"),
-    ("uneven", _edit_meta(architecture="NoSuchModel"), ValueError, "unknown architecture 'NoSuchModel'"),
-    ("uneven", _edit_meta(kept_heads=[[2, 3]]), ValueError, "lists 1 sites' kept_heads, the model has 2"),
-    ("uneven", _edit_meta(kept_heads=[[0, 1, 2], [0, 1, 2, 3]]), ValueError, "saved weights do not match the heads"),
-    ("uneven", _edit_meta(kept_heads=[[3, 2], [0, 1, 2, 3]]), ValueError, r"kept_heads of site 0 is \[3, 2\]"),
-    ("uneven", _edit_meta(kept_heads=[[2, 2], [0, 1, 2, 3]]), ValueError, r"kept_heads of site 0 is \[2, 2\]"),
+    ("uneven", _edit_meta(architecture="NoSuchModel"), ValueError, "has unknown architecture 'NoSuchModel'"),
+    ("uneven", _edit_meta(kept_heads=[[2, 3]]), ValueError, "kv_heads for 2 sites and kept_heads for 1"),
+    ("uneven", _edit_meta(kept_heads=[[0, 1, 2], [0, 1, 2, 3]]), ValueError,
+     r"holds h.0.attn.c_attn.weight of shape \[32, 48\], the model headprune.json describes .* declares \[32, 72\]"),
+    ("uneven", _edit_meta(kept_heads=[[3, 2], [0, 1, 2, 3]]), ValueError, r"kept_heads\[0\] \[3, 2\]; expected increasing"),
+    ("uneven", _edit_meta(kept_heads=[[2, 2], [0, 1, 2, 3]]), ValueError, r"kept_heads\[0\] \[2, 2\]; expected increasing"),
     ("uneven", _edit_meta(kept_heads=[[2, 9], [0, 1, 2, 3]]), ValueError, r"expected increasing indices below 4"),
     ("uniform", _edit_meta(kept_heads=[[0, 1, 2], [0, 1]]), ValueError, "lists 3 query / 1 KV heads for site 0, the weights hold 2 / 1"),
     ("uniform", _edit_meta(kv_heads=[[0, 1], [0]]), ValueError, "lists 2 query / 2 KV heads for site 0"),
+    # every field of headprune.json, one message each
+    ("uneven", _edit_meta(dtype="float99"), ValueError, "has dtype 'float99'; expected one of float32, float16"),
+    ("uneven", _edit_meta(dtype=["float32"]), ValueError, r"has dtype \['float32'\]; expected one of"),
+    ("uneven", _edit_meta(architecture="AutoModel"), ValueError, "unknown architecture 'AutoModel': not a transformers model"),
+    ("uneven", _edit_meta(architecture="os.system"), ValueError, "has architecture 'os.system'; expected the name of"),
+    ("uneven", _edit_meta(architecture=5), ValueError, "has architecture 5; expected the name of a transformers"),
+    ("uneven", _edit_meta(architecture="WhisperModel"), ValueError, "architecture 'WhisperModel', of model_type 'whisper'; headprune supports bert"),
+    ("uneven", _edit_meta(architecture="LlamaModel"), ValueError, "model_type 'gpt2' but architecture 'LlamaModel'"),
+    ("uneven", _edit_meta(model_type=["gpt2"]), ValueError, r"has model_type \['gpt2'\]; expected one of bert"),
+    ("uneven", _edit_meta(attn_implementation=5), ValueError, "has attn_implementation 5; expected one of eager, sdpa"),
+    ("uniform", _edit_meta(attn_implementation="kernels-community/flash-attn"), ValueError,
+     "attn_implementation 'kernels-community/flash-attn'; expected one of eager, sdpa.*'org/name' are refused"),
+    ("uniform", _edit_meta(attn_implementation="paged|sdpa"), ValueError, "attn_implementation 'paged|sdpa'; expected"),
+    *([("uniform", _edit_meta(attn_implementation="flash_attention_2"), ValueError,
+        "attn_implementation 'flash_attention_2', whose flash-attn package is not installed")] if NO_FLASH else []),
+    ("uneven", _edit_meta(per_layer_bias=5), ValueError, "has per_layer_bias 5; expected a list"),
+    ("uneven", _edit_meta(per_layer_bias=[5]), ValueError, r"has per_layer_bias\[0\] 5; expected a block name"),
+    ("uneven", _edit_meta(per_layer_bias=["decoder.self"]), ValueError,
+     r"per_layer_bias \['decoder.self'\]; the model's blocks with a shared position bias are \[\]"),
+    ("t5", _edit_meta(per_layer_bias=["encoder.cross"]), ValueError,
+     r"per_layer_bias \['encoder.cross'\]; .* are \['decoder.cross', 'decoder.self', 'encoder.self'\]"),
+    ("uniform", _edit_meta(kept_heads=[[0, 0], [0, 1]]), ValueError, r"has kept_heads\[0\] \[0, 0\]; expected increasing"),
+    ("uniform", _edit_meta(kept_heads=[[-1, 0], [0, 1]]), ValueError, r"has kept_heads\[0\] \[-1, 0\]; expected"),
+    ("uniform", _edit_meta(kept_heads=[["0", "1"], [0, 1]]), ValueError, r"has kept_heads\[0\] \['0', '1'\]"),
+    ("uniform", _edit_meta(kept_heads=[[True, 2], [0, 1]]), ValueError, r"has kept_heads\[0\] \[True, 2\]"),
+    ("uniform", _edit_meta(kept_heads=5), ValueError, "has kept_heads 5; expected a list"),
+    ("uniform", _edit_meta(kept_heads=[[0, 9], [0, 1]]), ValueError,
+     r"kept_heads of site 0 is \[0, 9\]; expected increasing indices below 4"),
+    ("uniform", _edit_meta(kv_heads=[[-1], [0]]), ValueError, r"has kv_heads\[0\] \[-1\]; expected KV head indices"),
+    ("uniform", _edit_meta(kv_heads=[[1], [0]]), ValueError,
+     r"has kv_heads \[\[1\], \[0\]\]; pruning the original model to its kept_heads gives \[\[0\], \[0\]\]"),
+    ("uniform", _edit_meta(kv_heads=[[0]]), ValueError, "has kv_heads for 1 sites and kept_heads for 2"),
+    ("uniform", _edit_meta(sites=["a", "b"]), ValueError, r"lists sites \['a', 'b'\], the model has \['0', '1'\]"),
+    ("uniform", _edit_meta(sites=["0"]), ValueError, "has 1 sites and kept_heads for 2"),
+    ("uniform", _edit_meta(plain_loadable="yes"), ValueError, "has plain_loadable 'yes'; expected true or false"),
+    ("uniform", _edit_meta(o_bias=[0]), ValueError, "plain_loadable true with o_bias or per_layer_bias"),
+    ("uneven", _edit_meta(o_bias=[5]), ValueError, r"has o_bias \[5\]; expected site indices below 2"),
+    ("uneven", _edit_meta(o_bias=[1, 0]), ValueError, r"has o_bias \[1, 0\]; expected a list of increasing"),
+    ("uneven", _edit_meta(original_config=5), ValueError, "has original_config 5; expected null or the original"),
+    ("uneven", _edit_meta(original_config=None, kv_heads=None), ValueError,
+     "plain_loadable false without an original_config"),
+    ("uneven", _edit_meta(original_config=None), ValueError, "kv_heads and original_config not both null"),
+    ("uneven", _edit_meta(scores={"stats": 5}), ValueError, "has scores .*; expected null or scores written by HeadScores"),
+    ("uneven", _edit_meta(settings=[1]), ValueError, r"has settings \[1\]; expected an object"),
+    ("uneven", _edit_original(model_type="llama"), ValueError, "original_config has model_type 'llama', expected 'gpt2'"),
+    ("uneven", _edit_original(n_embd="wide"), ValueError, "original_config is not a valid GPT2Config .*n_embd"),
+    ("uneven", _edit_original(n_head=3), ValueError, "original_config does not build a model .*divisible by num_heads"),
+    ("uneven", _write_meta("[" * 100_000 + "]" * 100_000), ValueError, r"is not valid JSON \(nested too deeply\)"),
+    # missing or extra tensors, on both paths (transformers would initialise a missing one at random)
+    ("uniform", _edit_tensors("model.safetensors", drop=["layers.0.self_attn.q_proj.weight"]), ValueError,
+     r"model.safetensors lacks \['layers.0.self_attn.q_proj.weight'\] that .*config.json declares"),
+    ("uniform", _edit_tensors("model.safetensors", add=["extra.weight"]), ValueError,
+     r"model.safetensors holds \['extra.weight'\] that .*config.json does not declare"),
+    ("uneven", _edit_tensors(WEIGHTS, drop=["h.1.attn.c_proj.weight"]), ValueError,
+     r"headprune-model.safetensors lacks \['h.1.attn.c_proj.weight'\] that the model headprune.json describes"),
+    ("uneven", _edit_tensors(WEIGHTS, add=["extra"]), ValueError, r"headprune-model.safetensors holds \['extra'\]"),
+    # declared sizes the weights do not hold are refused before anything is allocated
+    ("uneven", _edit_original(vocab_size=4_000_000), ValueError, "original_config declares a model of [0-9,]+ elements"),
+    ("uneven", _edit_original(n_layer=2_000), ValueError, "original_config declares n_layer = 2000; the weights hold 28"),
+    ("uniform", _edit_json("config.json", vocab_size=4_000_000), ValueError, "config.json declares a model of [0-9,]+"),
+    ("uniform", _edit_json("config.json", num_hidden_layers=2_000), ValueError, "declares num_hidden_layers = 2000"),
+    ("uniform", _edit_json("config.json", num_hidden_layers="2"), ValueError, "declares num_hidden_layers = '2'"),
+    ("uniform", _edit_json("config.json", intermediate_size=96), ValueError,
+     r"holds layers.0.mlp.gate_proj.weight of shape \[64, 32\], .*config.json declares \[96, 32\]"),
+    ("t5", _edit_original(num_decoder_layers=5_000), ValueError, "original_config declares a model of more than [0-9,]+ mod"),
+    ("t5", _edit_original(num_heads=20_000), ValueError, "original_config declares a model of [0-9,]+ elements"),
+    # damaged files: one ValueError naming the file
+    ("uneven", _truncate(WEIGHTS, 100), ValueError, "headprune-model.safetensors is not a readable safetensors file"),
+    ("uniform", _truncate("model.safetensors", 8), ValueError, "model.safetensors is not a readable safetensors file"),
+    ("uniform", _write("model.safetensors", ""), ValueError, "model.safetensors is not a readable safetensors file"),
+    ("uniform", _write("config.json", "{"), ValueError, "config.json is not valid JSON"),
+    ("uniform", _write("config.json", "[1]"), ValueError, "config.json is list, expected a config object"),
+    ("uniform", _write("config.json", "[" * 100_000), ValueError, r"config.json is not valid JSON \(nested too deeply"),
+    ("uniform", _edit_json("config.json", model_type="bert"), ValueError, "config.json has model_type 'bert', expected"),
+    ("uniform", _replace_by("model.safetensors", os.mkdir), ValueError, "model.safetensors is not a regular file"),
+    ("uniform", _replace_by("config.json", lambda p: p.symlink_to(p.parent)), ValueError, "config.json is not a regular"),
+    ("uneven", _replace_by(WEIGHTS, lambda p: p.symlink_to(p.name)), ValueError, "cannot read .*safetensors \\(Too many"),
+    ("uniform", lambda p: (p / "model.safetensors").unlink(), FileNotFoundError, "has no model.safetensors"),
+    ("uniform", _index("../model.safetensors"), ValueError, r"names shards outside the directory .*\['../model.safetensors"),
+    ("uniform", _index("/etc/passwd"), ValueError, "names shards outside the directory or not .safetensors"),
+    ("uniform", _write("model.safetensors.index.json", "{}"), ValueError, "has no weight_map of tensor names"),
 ]
+
+
+def _listing(path) -> dict:
+    """Every entry of ``path``: a link's target, "dir", or a file's bytes."""
+    def entry(p):
+        return ("link", os.readlink(p)) if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+
+    return {p.name: entry(p) for p in path.iterdir()}
 
 
 @pytest.mark.parametrize("which, corrupt, exc, match", LOAD_ERRORS, ids=[str(i) for i in range(len(LOAD_ERRORS))])
@@ -70,10 +222,38 @@ def test_load_refuses(saved, tmp_path, which, corrupt, exc, match):
     path = tmp_path / which
     shutil.copytree(saved / which, path)
     corrupt(path)
-    files = {f: (path / f).read_bytes() for f in os.listdir(path)}
+    files = _listing(path)
     with pytest.raises(exc, match=match):
         load_pruned(path)
-    assert {f: (path / f).read_bytes() for f in os.listdir(path)} == files
+    assert _listing(path) == files
+    assert not torch.nn.modules.module._global_module_registration_hooks  # the meta build's budget is gone
+
+
+def test_pickled_weights_are_never_unpickled(saved, tmp_path):
+    """A directory whose safetensors weights are replaced by a pickle that runs code."""
+    path = tmp_path / "d"
+    shutil.copytree(saved / "uniform", path)
+    (path / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"layers.0.self_attn.q_proj.weight": Payload()}, path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"has no model.safetensors \(pickled weights such as "
+                                                r"pytorch_model.bin are never loaded"):
+        load_pruned(path)
+    assert not marker.exists()
+
+
+def test_load_checks_its_arguments(saved, tmp_path):
+    with pytest.raises(TypeError, match="path: expected a directory path, got int"):
+        load_pruned(3)
+    with pytest.raises(FileNotFoundError, match="path: .* is not a directory"):
+        load_pruned(saved / "uneven" / "headprune.json")
+    with pytest.raises(ValueError, match="device: expected a torch device such as cpu or cuda:0, got 'gpu0'"):
+        load_pruned(saved / "uneven", device="gpu0")
 
 
 def _read_only(path, monkeypatch):

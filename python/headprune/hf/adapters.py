@@ -62,6 +62,10 @@ class Adapter:
     # per-head weights other than q/k/v/o: (submodule of the attention module, weight dim)
     extras: tuple = ()
     shared_position_bias: bool = False  # T5: layer 0's bias is reused by the whole stack
+    # parts the base model builds only if a constructor argument says so: (path relative to the
+    # model, argument). A checkpoint without them (BERT saved with add_pooling_layer=False) is
+    # rebuilt without them instead of with random ones, and one with them is rebuilt with them
+    optional: tuple = ()
 
 
 _LLAMA_LIKE = dict(
@@ -84,6 +88,7 @@ _BERT_LIKE = dict(
     head_dim_attr="attention_head_size",
     module_attrs={"num_attention_heads": "heads", "all_head_size": "inner"},
     empty="context",
+    optional=(("pooler", "add_pooling_layer"),),
 )
 
 
@@ -154,6 +159,7 @@ ADAPTERS = {
             head_dim_attr="head_dim",
             module_attrs={"num_attention_heads": "heads"},
             config_head_dim="head_dim",
+            optional=(("pooler", "add_pooling_layer"), ("embeddings.mask_token", "use_mask_token")),
         ),
         Adapter(
             "t5",

@@ -23,16 +23,14 @@ from transformers import PreTrainedConfig
 from .. import atomic
 from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
-from .adapters import get_adapter, head_counts, resolve_sites
+from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
+from .files import first_line, read_json, read_header, safetensors_files
+from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, model_class, read_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
+from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
+                     meta_model, optional_modules, refuse_differences)
 
-__all__ = ["save_pruned", "load_pruned", "METADATA_FILE"]
-
-METADATA_FILE = "headprune.json"
-FORMAT = "headprune.pruned/1"
-#: weights of a directory only load_pruned can rebuild; not the name from_pretrained looks for,
-#: so plain loading fails loudly instead of loading a wrong layout or dropping weights
-WEIGHTS_FILE = "headprune-model.safetensors"
+__all__ = ["save_pruned", "load_pruned", "read_metadata", "METADATA_FILE"]
 
 
 def save_pruned(
@@ -131,122 +129,160 @@ def _configs_restored(model):
             c.__dict__.update(d)
 
 
-_REQUIRED = ("architecture", "dtype", "attn_implementation", "kept_heads", "kv_heads", "per_layer_bias",
-             "plain_loadable", "original_config")
-
-
-def read_metadata(path) -> dict:
-    file = os.path.join(path, METADATA_FILE)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"path: {path!r} has no {METADATA_FILE}; was it written by headprune.save_pruned?")
-    try:
-        with open(file) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"path: {file} is not valid JSON ({e}); was it written by headprune.save_pruned?") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise ValueError(f"path: {file} has format {found!r}, expected {FORMAT!r}")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise ValueError(f"path: {file} lacks {missing}; was it written by headprune.save_pruned?")
-    o_bias = meta.setdefault("o_bias", [])
-    n = len(meta["kept_heads"]) if isinstance(meta["kept_heads"], list) else 0
-    if not isinstance(o_bias, list) or not all(type(i) is int and 0 <= i < n for i in o_bias):
-        raise ValueError(f"path: {file} has o_bias {o_bias!r}; expected site indices below {n}")
-    return meta
-
-
-def _check_kept(meta, sites, adapter) -> None:
-    """Each site's ``kept_heads`` must be increasing indices of the model's original heads."""
+def _check_kept(meta, sites, adapter, file) -> None:
+    """Each site's ``kept_heads`` must be indices of the model's original heads."""
     kept = meta["kept_heads"]
-    if not isinstance(kept, list) or len(kept) != len(sites):
-        n = len(kept) if isinstance(kept, list) else kept
-        raise ValueError(f"path: {METADATA_FILE} lists {n} sites' kept_heads, the model has {len(sites)}")
+    if len(kept) != len(sites):
+        raise ValueError(f"path: {file} lists {len(kept)} sites' kept_heads, the model has {len(sites)}")
     for s, k in zip(sites, kept):
         n = head_counts(s, adapter)[0]
-        ok = isinstance(k, list) and all(type(h) is int and 0 <= h < n for h in k) and k == sorted(set(k))
-        if not ok:
-            raise ValueError(
-                f"path: {METADATA_FILE} kept_heads of site {s.name} is {k!r}; expected increasing indices below {n}"
-            )
+        if k and k[-1] >= n:
+            raise ValueError(f"path: {file} kept_heads of site {s.name} is {k!r}; "
+                             f"expected increasing indices below {n}")
 
 
-def _check_counts(meta, model) -> None:
-    """The loaded weights hold as many heads per site as ``headprune.json`` lists."""
+def _check_sites(meta, sites, adapter, file) -> None:
+    """``sites`` and ``per_layer_bias`` name the model's sites and blocks."""
+    names = [s.name for s in sites]
+    if meta.get("sites", names) != names:
+        raise ValueError(f"path: {file} lists sites {meta['sites'][:6]}, the model has {names[:6]}")
+    blocks = sorted({f"{b.stack}.{b.kind}" for b in adapter.blocks}) if adapter.shared_position_bias else []
+    bad = [b for b in meta["per_layer_bias"] if b not in blocks]
+    if bad:
+        raise ValueError(f"path: {file} has per_layer_bias {bad}; the model's blocks with a shared position bias "
+                         f"are {blocks}")
+
+
+def _check_counts(meta, model, file) -> None:
+    """The loaded weights hold as many heads per site as ``headprune.json`` lists (all of them,
+    in order, for a model saved unpruned)."""
     adapter = get_adapter(model)
-    for s, kept in zip(resolve_sites(model, adapter), meta["kept_heads"]):
+    sites = resolve_sites(model, adapter)
+    if len(sites) != len(meta["kept_heads"]):
+        raise ValueError(f"path: {file} lists {len(meta['kept_heads'])} sites, the model has {len(sites)}")
+    _check_sites(meta, sites, adapter, file)
+    for s, kept in zip(sites, meta["kept_heads"]):
         hq, hkv = head_counts(s, adapter)
         kv = None if meta["kv_heads"] is None else len(meta["kv_heads"][s.index])
         if hq != len(kept) or (kv is not None and hkv != kv):
             raise ValueError(
-                f"path: {METADATA_FILE} lists {len(kept)} query / {kv} KV heads for site {s.name}, "
-                f"the weights hold {hq} / {hkv}"
+                f"path: {file} lists {len(kept)} query / {kv} KV heads for site {s.name}, the weights hold {hq} / {hkv}"
             )
+        if meta["original_config"] is None and kept != list(range(hq)):
+            raise ValueError(f"path: {file} kept_heads of site {s.name} is {kept!r} without an original_config; "
+                             f"an unpruned model keeps {list(range(hq))}")
 
 
-def _weights(path) -> dict:
-    from safetensors.torch import load_file
-
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"path: no .safetensors weights in {path!r}")
-    out = {}
-    for f in files:
-        out.update(load_file(os.path.join(path, f)))
-    return out
+def _directory(path) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: {path!r} is not a directory")
+    return path
 
 
 def load_pruned(path, *, device: Optional[str] = None):
-    """Rebuild the model saved by :func:`save_pruned`, bit-exactly, in eval mode."""
-    import transformers
+    """Rebuild the model saved by :func:`save_pruned`, bit-exactly, in eval mode.
 
+    Nothing in the directory is trusted. ``headprune.json`` is checked field by field; the
+    model it declares is built on the meta device and compared tensor by tensor with the
+    safetensors headers before anything is allocated; weights are read from safetensors only
+    and transformers gets local files and local attention code only. A damaged directory
+    raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming what is wrong.
+    """
+    path = _directory(path)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected a torch device such as cpu or cuda:0, got {device!r}") from None
     meta = read_metadata(path)
-    cls = getattr(transformers, meta["architecture"], None)
-    if cls is None:
-        raise ValueError(f"path: unknown architecture {meta['architecture']!r} in {METADATA_FILE}")
-    dtype = getattr(torch, meta["dtype"])
-    kw = dict(attn_implementation=meta["attn_implementation"], dtype=dtype)
-    if meta["plain_loadable"]:
-        model = cls.from_pretrained(path, **kw)
-        if len(resolve_sites(model)) != len(meta["kept_heads"]):
-            raise ValueError(f"path: {METADATA_FILE} lists {len(meta['kept_heads'])} sites, the model has {len(resolve_sites(model))}")
-        _check_counts(meta, model)
-        if meta["original_config"] is not None:  # keep the record for further pruning/saving
+    file = os.path.join(path, METADATA_FILE)
+    cls = model_class(meta, "path", file)
+    adapter = ADAPTERS[cls.config_class.model_type]
+    plain = meta["plain_loadable"]
+    files = safetensors_files(path, "path", None if plain else WEIGHTS_FILE)
+    header = read_header(files, "path")
+    weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
+    kw = dict(attn_implementation=meta["attn_implementation"], dtype=DTYPES[meta["dtype"]])
+    kw.update(optional_modules(cls, adapter, header))
+    original = kv = None
+    if meta["original_config"] is not None:
+        source = f"{file}'s original_config"
+        original = config_from(cls.config_class, meta["original_config"], len(header), "path", source)
+        kv = _check_rebuild(cls, original, meta, adapter, kw, header, (file, weights))
+    if plain:
+        config_file = os.path.join(path, "config.json")
+        config = config_from(cls.config_class, read_json(config_file, "path"), len(header), "path", config_file)
+        model = from_pretrained_checked(cls, path, config, header, "path", config_file, weights, strict=True, **kw)
+        _check_counts(meta, model, file)
+    if kv is not None and kv != meta["kv_heads"]:
+        raise ValueError(f"path: {file} has kv_heads {str(meta['kv_heads'])[:80]}; pruning the original "
+                         f"model to its kept_heads gives {str(kv)[:80]}")
+    if plain:
+        if original is not None:  # keep the record for further pruning/saving
             setattr(model, STATE_ATTR, _state_from(meta))
-        return model.to(device).eval() if device else model.eval()
-    config = transformers.AutoConfig.from_pretrained(path)
-    config = type(config).from_dict(meta["original_config"])
-    model = cls._from_config(config, **kw)
-    adapter = get_adapter(model)
+    else:
+        model = _prune_as_saved(cls._from_config(original, **kw), meta, adapter, file)
+        _load_state(model, _read_weights(files[0]))
+    return model.to(device).eval() if device else model.eval()
+
+
+def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
+    """On the meta device: the original model is no larger than the weights allow and, pruned
+    to the kept heads, names its sites as ``headprune.json`` does and (for a directory only
+    load_pruned reads) holds exactly the weights' tensors. Returns its KV rows per site.
+    ``files``: the names of headprune.json and of the weights, for messages."""
+    file, weights = files
+    source = f"{file}'s original_config"
+    model = meta_model(lambda: cls._from_config(config, **kw), len(header), "path", source)
+    check_size(model, header, "path", source, factor=ORIGINAL_FACTOR)
+    model = _prune_as_saved(model, meta, adapter, file)
+    if not meta["plain_loadable"]:
+        expected, tied = expected_tensors(model, saved_names=False)
+        refuse_differences(compare(expected, tied, header), "path", weights,
+                           f"the model {METADATA_FILE} describes (original_config pruned to kept_heads)")
+    return getattr(model, STATE_ATTR)["kv"]
+
+
+def _prune_as_saved(model, meta, adapter, file):
+    """``model`` (built from the original config) pruned to the layout ``headprune.json`` (``file``) records."""
     sites = resolve_sites(model, adapter)
-    _check_kept(meta, sites, adapter)
+    _check_kept(meta, sites, adapter, file)
+    _check_sites(meta, sites, adapter, file)
     removed = {}
     for s, kept in zip(sites, meta["kept_heads"]):
         keep = set(kept)
         removed[s.index] = [h for h in range(head_counts(s, adapter)[0]) if h not in keep]
     prune_heads(model, removed, _per_layer_bias=tuple(meta["per_layer_bias"]))
     state = getattr(model, STATE_ATTR)
-    for layer in meta.get("o_bias", []):  # compensation biases (see prune_heads)
+    for layer in meta["o_bias"]:  # compensation biases (see prune_heads)
         o = sites[layer].o
         o.bias = torch.nn.Parameter(o.weight.new_zeros(o.weight.shape[1 if adapter.conv1d else 0]))
         state["o_bias"] = sorted({*state.get("o_bias", []), layer})
-    _load_state(model, _weights(path))
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    return model
+
+
+def _read_weights(file) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"path: {file} is not a readable safetensors file ({first_line(e)})") from None
 
 
 def _state_from(meta) -> dict:
     return {
         "kept": meta["kept_heads"], "kv": meta["kv_heads"], "per_layer_bias": meta["per_layer_bias"],
-        "o_bias": meta.get("o_bias", []),
-        "original_config": meta["original_config"], "uniform": meta["plain_loadable"],
+        "o_bias": meta["o_bias"], "original_config": meta["original_config"], "uniform": meta["plain_loadable"],
     }
 
 
 def _load_state(model, state: dict) -> None:
-    """Strict load, except for weights tied to a loaded one (``save_pretrained`` drops them)."""
+    """Strict load, except for weights tied to a loaded one (``save_model`` keeps one name)."""
     names: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
