@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..ranking import DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES
-from ..stats.scores import DERIVED_SCORES, SCORE_NAMES
+from ..ranking import DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES, SCORES
 from .load import DTYPES
 from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
@@ -115,7 +114,7 @@ def _selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-heads-per-layer", type=int, default=None)
     p.add_argument("--protect-layers", type=_layers, default=None, metavar="I,J,...")
     p.add_argument("--gqa", choices=GQA_MODES, default="query")
-    p.add_argument("--score", default=None, choices=sorted([*SCORE_NAMES, *DERIVED_SCORES]),
+    p.add_argument("--score", default=None, choices=SCORES,
                    help="statistic that ranks heads (default: the measured default recipe)")
     p.add_argument("--order", choices=ORDERS, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -58,6 +58,7 @@ def collect(
     fingerprint: Union[str, Mapping] = "",
     allow_empty: bool = False,
     fused: bool = True,
+    moments: Union[bool, str, torch.dtype] = False,
 ) -> HeadScores:
     """Mean attention entropy per attention site and query head over ``batches``.
 
@@ -86,6 +87,11 @@ def collect(
             and the statistics from one pass over the logits, instead of the attention
             followed by a second pass. Its outputs equal SDPA's to float rounding (the
             statistics likewise); ``False`` keeps the model's own attention, bit for bit.
+        moments: also gather the second moments of every output projection's input
+            (``scores.moments``, :class:`~headprune.stats.moments.OutputMoments`), which the
+            least-squares refit (``reconstruct=`` of ``mask_heads``/``prune_heads``) and the
+            ``reconstruction`` score need: ``True`` or ``"float64"``, or ``"float32"`` for
+            half the memory, ``(heads x head_dim + 1)^2`` values per site.
 
     Returns ``HeadScores`` (entropies in nats). The model's outputs are unchanged (up to
     float rounding where ``fused`` applies) and, on any exit (including
@@ -109,12 +115,25 @@ def collect(
         if checkpoint is not None:
             raise ValueError("checkpoint: resumable collection needs a transformers model")
         return _collect_modules(model, batches, method, progress, allow_empty)
-    session = Collection(model, method, fused=bool(fused))
+    moments = moments_dtype(moments)
+    if moments is not None and checkpoint is not None:
+        raise ValueError("moments: resumable collection of second moments is not supported yet; drop checkpoint")
+    session = Collection(model, method, fused=bool(fused), moments=moments)
     ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume)
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)
     if not session.recorded and not allow_empty:
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
     return session.scores()
+
+
+def moments_dtype(moments) -> Optional[torch.dtype]:
+    """The accumulation dtype ``collect(moments=...)`` asks for (``None``: no moments)."""
+    table = {False: None, None: None, True: torch.float64, "float64": torch.float64, torch.float64: torch.float64,
+             "float32": torch.float32, torch.float32: torch.float32}
+    try:
+        return table[moments]
+    except (KeyError, TypeError):
+        raise ValueError(f"moments: expected True, False, 'float64' or 'float32', got {moments!r}") from None
 
 
 def _open_checkpoint(session, path, fingerprint, resume) -> tuple:

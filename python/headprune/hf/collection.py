@@ -19,6 +19,7 @@ import torch
 
 from ..core import ops
 from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, OutputStat
+from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .attention import RECORDERS, attention_implementation, model_configs
@@ -35,15 +36,18 @@ _OUTPUT_CHUNK = 1024
 class Collection:
     """Accumulators of one collection; ``record`` is called from inside the attention call."""
 
-    def __init__(self, model, method: str, fused: bool = False):
+    def __init__(self, model, method: str, fused: bool = False, moments: Optional[torch.dtype] = None):
         self.model = model
         self.method = method
         self.fused = fused
+        self.moments_dtype = moments  # None: no second moments
         self.adapter = get_adapter(model)
         self.sites = resolve_sites(model, self.adapter)
         self.counts = [head_counts(s, self.adapter) for s in self.sites]
         self.stats = [None] * len(self.sites)
         self.outputs = [None] * len(self.sites)  # [Hq, D, NUM_OUTPUT_STATS]: see HeadScores.outputs
+        self.gram = [None] * len(self.sites)  # [Hq * D + 1] ** 2: see OutputMoments
+        self._projections: Optional[list] = None
         self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
         self.padding: dict = {}
         self.impl = {id(c): c._attn_implementation_internal for c in model_configs(model)}
@@ -94,12 +98,15 @@ class Collection:
             rows = x.reshape(-1, hq * d)
             valid = None if qm is None else qm.reshape(-1)
             n = rows.shape[0] if valid is None else int(valid.sum())
+            gram = self._gram(site.index, hq * d, x.device)
             # float64 in chunks of rows: the temporaries stay small whatever the batch
             for start in range(0, rows.shape[0], _OUTPUT_CHUNK):
                 c = rows[start : start + _OUTPUT_CHUNK]
                 if valid is not None:
                     c = c[valid[start : start + _OUTPUT_CHUNK]]
                 c = c.double()
+                if gram is not None:
+                    _add_gram_(gram, c)
                 acc[..., OutputStat.SUM] += c.sum(0).view(hq, d)
                 acc[..., OutputStat.SUM_SQ] += c.square_().sum(0).view(hq, d)
             acc[..., OutputStat.COUNT] += n
@@ -107,6 +114,31 @@ class Collection:
             return None
 
         return hook
+
+    def _gram(self, i: int, width: int, device) -> Optional[torch.Tensor]:
+        """Site ``i``'s second-moment accumulator (created on first use), or ``None``."""
+        if self.moments_dtype is None:
+            return None
+        if self.gram[i] is None:
+            start = None if self.initial is None or self.initial.moments is None else self.initial.moments.gram[i]
+            self.gram[i] = (start.to(device, self.moments_dtype, copy=True) if start is not None else
+                            torch.zeros(width + 1, width + 1, dtype=self.moments_dtype, device=device))
+        return self.gram[i]
+
+    def projections(self) -> list:
+        """Every site's output projection as ``W~ = [W, b]`` (``[out, D + 1]``, float32; taken
+        once: the weights do not change during a collection)."""
+        if self._projections is not None:
+            return self._projections
+        out = []
+        for s in self.sites:
+            w = s.o.weight.detach().double()
+            w = w.t() if self.adapter.conv1d else w  # [out, in]
+            b = getattr(s.o, "bias", None)
+            b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.detach().double()
+            out.append(torch.cat([w, b[:, None]], 1).float().cpu())
+        self._projections = out
+        return out
 
     @property
     def recorded(self) -> bool:
@@ -206,4 +238,20 @@ class Collection:
         for i, acc in enumerate(self.outputs):
             if acc is not None:
                 out.outputs[i, : acc.shape[0], : acc.shape[1]] = acc.cpu()
+        if self.moments_dtype is not None:
+            start = None if self.initial is None else self.initial.moments
+            gram = [g.cpu() if g is not None else (None if start is None else start.gram[i])
+                    for i, g in enumerate(self.gram)]
+            out.moments = OutputMoments(gram, self.projections())
         return out
+
+
+def _add_gram_(gram: torch.Tensor, rows: torch.Tensor) -> None:
+    """``gram += [rows, 1]^T [rows, 1]`` for float64 ``rows [n, D]`` (in gram's dtype)."""
+    d = rows.shape[1]
+    r = rows.to(gram.dtype)
+    gram[:d, :d].addmm_(r.t(), r)
+    s = r.sum(0)
+    gram[:d, d] += s
+    gram[d, :d] += s
+    gram[d, d] += r.shape[0]

@@ -15,13 +15,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..prune.compensation import removed_mean_output
 from ..prune.heads import head_index, normalize_heads
 from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
+from ..prune.reconstruct import DEFAULT_DAMPING
 from ..prune.undo import Undo
 from ..stats.scores import HeadScores
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
+from .removal import removal_plan
 
 __all__ = ["mask_heads", "prune_heads", "kept_heads"]
 
@@ -35,50 +36,27 @@ def _o_dim(adapter) -> int:
 # ---- masking -----------------------------------------------------------------------------
 
 
-def _compensation_biases(compensate, sites, adapter, heads: dict) -> dict:
-    """``{layer: float64 bias}`` replacing each layer's removed heads by their mean output
-    (empty without ``compensate``); checked before anything is changed."""
-    if compensate is None:
-        return {}
-    mean = _check_compensate(compensate, sites, adapter)
-    return {layer: _compensation(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
-
-
-def _check_compensate(scores, sites, adapter) -> torch.Tensor:
-    """The mean head outputs ``[L, H, D]`` of ``scores``, checked against the model's layout."""
-    if not isinstance(scores, HeadScores):
-        raise TypeError(f"compensate: expected HeadScores from collect() or None, got {type(scores).__name__}")
-    if scores.outputs is None:
-        raise ValueError("compensate: these scores have no output statistics; collect them again with this version")
-    now = [(head_counts(s, adapter)[0], head_dim(s, adapter)) for s in sites]
-    then = list(zip(scores.num_heads, scores.head_dim))
-    if now != then:
-        raise ValueError(f"compensate: the scores were collected on another head layout ({then}) than the model's ({now})")
-    return scores.output_mean()
-
-
-def _compensation(site, adapter, heads, mean: torch.Tensor) -> torch.Tensor:
-    d = head_dim(site, adapter)
-    mu = mean[heads, :d]
-    if torch.isnan(mu).any():
-        raise ValueError(f"compensate: site {site.name} heads {list(heads)} have no output statistics")
-    return removed_mean_output(site.o.weight.detach(), heads, d, mu, conv1d=adapter.conv1d)
-
-
-def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -> MaskHandle:
+def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
+               reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING) -> MaskHandle:
     """Zero the pruned heads' input columns of each output projection, in place.
 
     Exact with every attention backend (a head's output only reaches the residual stream
-    through those columns). With ``compensate`` (the ``HeadScores`` of :func:`collect` on
-    this model), each removed head is replaced by its mean output over the calibration
-    data instead of zero: ``W_o[:, head] @ mean`` is added to the projection's bias (created
-    if it has none, removed again by ``restore``). Returns a :class:`MaskHandle`; on error,
-    nothing is changed. Plain torch models (``nn.MultiheadAttention``) are masked the same
-    way (without ``compensate``).
+    through those columns). What replaces the removed heads (see :mod:`.removal`):
+
+    - nothing (the default): they are zeroed;
+    - ``compensate`` (the ``HeadScores`` of :func:`collect` on this model): their mean output
+      over the calibration data, ``W_o[:, head] @ mean`` added to the projection's bias;
+    - ``reconstruct`` (``HeadScores`` collected with ``moments=True``): a least-squares refit
+      of the kept heads' columns and the bias to what the full projection computed on the
+      calibration data (ridge ``damping``, see :mod:`headprune.prune.reconstruct`).
+
+    A bias is created where the projection has none. Returns a :class:`MaskHandle` whose
+    ``restore()`` puts every column and bias back bit-exactly; on error, nothing is changed.
+    Plain torch models (``nn.MultiheadAttention``) are masked the same way (zeroed only).
     """
     if not hasattr(model, "config"):
-        if compensate is not None:
-            raise ValueError("compensate: supported for transformers models only")
+        if compensate is not None or reconstruct is not None:
+            raise ValueError("compensate, reconstruct: supported for transformers models only")
         from ..plain import mask_modules
 
         return mask_modules(model, heads)
@@ -86,14 +64,19 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None) -
     sites = resolve_sites(model, adapter)
     heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
     refuse_masked_again(model, heads, [s.o.weight for s in sites])
+    plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping)
     handle = MaskHandle(model, heads)
     try:
         with torch.no_grad():
-            for layer, b in _compensation_biases(compensate, sites, adapter, heads).items():
-                handle.add_bias_(sites[layer].o, b)
             for layer, hs in heads.items():
-                site = sites[layer]
-                handle.zero_(site.o.weight, hs, head_counts(site, adapter)[0], head_dim(site, adapter), _o_dim(adapter))
+                site, step = sites[layer], plan.get(layer)
+                hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
+                if step is not None and step.columns is not None:
+                    keep = [h for h in range(hq) if h not in hs]
+                    handle.write_columns_(site.o.weight, head_index(keep, d), step.columns, _o_dim(adapter))
+                if step is not None:
+                    handle.set_bias_(site.o, step.bias)
+                handle.zero_(site.o.weight, hs, hq, d, _o_dim(adapter))
     except BaseException:
         handle.restore()
         raise
@@ -235,14 +218,16 @@ def _update_configs(undo, model, sites, adapter, state) -> bool:
     return True
 
 
-def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, _per_layer_bias=()):
+def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
+                reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING, _per_layer_bias=()):
     """Physically remove heads: slice q/k/v rows (fused layouts included), o columns, biases
     and per-head extras, and update the modules' head counts, per layer.
 
-    ``compensate``: as for :func:`mask_heads`, the removed heads' mean outputs are folded
-    into the output projection's bias (added where the family has none; ``save_pruned``
-    records it and ``load_pruned`` rebuilds it, while plain ``from_pretrained`` refuses
-    such a directory instead of dropping the bias).
+    ``compensate`` / ``reconstruct`` / ``damping``: as for :func:`mask_heads` (mean
+    compensation, or a least-squares refit of the kept columns and the bias); the masked and
+    the pruned model compute the same function. A bias added where the family has none is
+    recorded by ``save_pruned`` and rebuilt by ``load_pruned``, while plain
+    ``from_pretrained`` refuses such a directory instead of dropping the bias.
 
     Counts may differ between layers; a layer may lose every head (its attention then adds
     only the o bias). Under GQA, KV heads whose query heads are all gone are removed; when
@@ -263,7 +248,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, 
             f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
             "(or leave its with block) before prune_heads"
         )
-    biases = _compensation_biases(compensate, sites, adapter, heads)  # from the weights before slicing
+    plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct,
+                        damping=damping)  # from the weights before slicing
     before = measure(model)
     state = new_state(model, counts)
     state.setdefault("o_bias", [])
@@ -272,16 +258,19 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None, 
     try:
         with torch.no_grad():
             _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)
-            for layer, b in biases.items():
+            for layer, step in plan.items():
                 o = sites[layer].o
                 if o.bias is None:
                     state["o_bias"] = sorted({*state["o_bias"], layer})
-                    new = b.to(o.weight.device, o.weight.dtype)
-                else:
-                    new = o.bias.detach() + b.to(o.bias.device, o.bias.dtype)
-                undo.set(o, "bias", nn.Parameter(new, requires_grad=o.weight.requires_grad))
+                undo.set(o, "bias", nn.Parameter(step.bias.to(o.weight.device, o.weight.dtype),
+                                                 requires_grad=o.weight.requires_grad))
             for layer, remove in heads.items():
                 keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove, state["kv"][layer])
+                step = plan.get(layer)
+                if step is not None and step.columns is not None:  # the refit kept columns
+                    o = sites[layer].o
+                    undo.set(o, "weight", nn.Parameter(step.columns.to(o.weight.device, o.weight.dtype).contiguous(),
+                                                       requires_grad=o.weight.requires_grad))
                 state["kept"][layer] = [state["kept"][layer][j] for j in keep]
                 state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
             state["uniform"] = _update_configs(undo, model, sites, adapter, state)

@@ -64,16 +64,24 @@ class MaskHandle:
         gate[heads] = 0
         apply_head_mask_(w, gate, d, dim)
 
-    def add_bias_(self, module: nn.Module, b: torch.Tensor) -> None:
-        """Add ``b`` to ``module.bias`` in place (creating the bias if the module has none)."""
+    def write_columns_(self, w: torch.Tensor, index: torch.Tensor, values: torch.Tensor, dim: int) -> None:
+        """Overwrite ``w``'s slices ``index`` along ``dim`` with ``values`` (a least-squares
+        refit of kept heads' columns), keeping the originals for :meth:`restore`."""
+        index = index.to(w.device)
+        self._saved.append((w, dim, index, w.index_select(dim, index).clone(), ()))
+        self._register()
+        w.index_copy_(dim, index, values.to(w.device, w.dtype))
+
+    def set_bias_(self, module: nn.Module, value: torch.Tensor) -> None:
+        """Set ``module.bias`` to ``value`` (creating the bias if the module has none)."""
         self._register()
         bias = getattr(module, "bias", None)
         if bias is None:
             self._biases.append((module, None))
-            module.bias = nn.Parameter(b.to(module.weight.dtype), requires_grad=False)
+            module.bias = nn.Parameter(value.to(module.weight.device, module.weight.dtype), requires_grad=False)
         else:
             self._biases.append((module, bias.detach().clone()))
-            bias.add_(b.to(bias.device, bias.dtype))
+            bias.copy_(value.to(bias.device, bias.dtype))
 
     def restore(self) -> None:
         with torch.no_grad():

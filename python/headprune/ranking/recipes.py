@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..stats.scores import HeadScores
 
-__all__ = ["DEFAULT_RECIPE", "FALLBACK_RECIPE", "NATURAL_ORDER", "ORDERS", "SCOPES", "GQA_MODES", "DEFAULT_STEPS",
+__all__ = ["DEFAULT_RECIPE", "FALLBACK_RECIPE", "NATURAL_ORDER", "ORDERS", "SCOPES", "SCORES", "GQA_MODES", "DEFAULT_STEPS",
            "Recipe", "natural_order", "resolve_recipe", "default_protected"]
 
 ORDERS = ("high", "low", "random")
@@ -30,7 +30,10 @@ FALLBACK_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
 #: highest first (the method's premise), costs (``variance``, ``rest_nonsink``, an external
 #: importance tensor) their lowest first
 NATURAL_ORDER = {"entropy": "high", "normalized": "high", "sink": "high", "rest": "high", "inert": "high",
-                 "rest_nonsink": "low", "variance": "low"}
+                 "rest_nonsink": "low", "variance": "low", "reconstruction": "low"}
+#: every named score select_heads takes (``HeadScores.score`` names, plus ``reconstruction``,
+#: which needs the second moments, see :mod:`.reconstruction`)
+SCORES = tuple(sorted(NATURAL_ORDER))
 #: rounds of ``headprune prune`` (``--steps``) without options: see ``select_iteratively``
 DEFAULT_STEPS = 1
 

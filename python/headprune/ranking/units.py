@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..stats.scores import HeadScores
+from .reconstruction import reconstruction_score
 from .recipes import GQA_MODES, ORDERS, resolve_recipe
 
 __all__ = ["count_units", "rank_heads"]
@@ -31,6 +32,8 @@ def _units(scores: HeadScores, score, gqa: str) -> list:
         if tuple(score.shape) != tuple(scores.entropy.shape):
             raise ValueError(f"score: expected a tensor of shape {tuple(scores.entropy.shape)}, got {tuple(score.shape)}")
         values = score.double()
+    elif score == "reconstruction":  # depends on the unit (a head or a KV group)
+        values = reconstruction_score(scores, gqa)
     else:
         values = scores.score(score)
     units = []

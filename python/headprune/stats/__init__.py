@@ -2,6 +2,7 @@
 :class:`EntropyAccumulator` (one attention call site's, fed batch by batch)."""
 
 from .accumulator import EntropyAccumulator
+from .moments import OutputMoments
 from .scores import HeadScores
 
-__all__ = ["EntropyAccumulator", "HeadScores"]
+__all__ = ["EntropyAccumulator", "HeadScores", "OutputMoments"]

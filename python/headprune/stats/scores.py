@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, STAT_FIELDS, OutputStat, Stat
+from .moments import OutputMoments
 
 __all__ = ["HeadScores", "SCORE_NAMES", "DERIVED_SCORES", "FORMAT"]
 
@@ -67,6 +68,10 @@ class HeadScores:
     outputs: Optional[torch.Tensor] = None
     causal: Optional[list] = None
     depth: Optional[list] = None
+    #: second moments of every site's output-projection input (``collect(..., moments=True)``),
+    #: for least-squares refits; kept out of :meth:`to_dict` (they are large: saved as
+    #: safetensors by ``OutputMoments.save``)
+    moments: Optional[OutputMoments] = None
 
     def __post_init__(self):
         if not isinstance(self.stats, torch.Tensor) or self.stats.dim() != 3 or self.stats.shape[-1] != NUM_STATS:
@@ -88,6 +93,9 @@ class HeadScores:
             if not isinstance(self.outputs, torch.Tensor) or tuple(self.outputs.shape) != want:
                 raise ValueError(f"outputs: expected a {list(want)} tensor or None, got {getattr(self.outputs, 'shape', type(self.outputs))}")
             self.outputs = self.outputs.to(torch.float64)
+        if self.moments is not None:
+            if not isinstance(self.moments, OutputMoments) or self.moments.num_sites != n:
+                raise ValueError(f"moments: expected OutputMoments of {n} sites or None, got {self.moments!r}")
 
     @classmethod
     def empty(cls, num_heads: Sequence[int], num_kv_heads, head_dim, names, kinds, *, with_outputs: bool = False,
@@ -176,9 +184,10 @@ class HeadScores:
         outputs = None
         if self.outputs is not None:
             outputs = self.outputs[idx][..., : max(pick(self.head_dim), default=0), :].clone()
+        moments = None if self.moments is None else self.moments.subset(idx)
         return HeadScores(self.stats[idx].clone(), pick(self.num_heads), pick(self.num_kv_heads), pick(self.head_dim),
                           pick(self.names), pick(self.kinds), self.model_type, self.method, outputs,
-                          pick(self.causal), pick(self.depth))
+                          pick(self.causal), pick(self.depth), moments)
 
     # ---- combination and serialisation -------------------------------------------------
     def layout(self) -> tuple:
@@ -192,11 +201,14 @@ class HeadScores:
         key = [*self.layout(), self.method, list(self.stats.shape)]
         if self.outputs is not None:  # fingerprints without output statistics stay as they were
             key.append(list(self.outputs.shape))
+        if self.moments is not None:
+            key.append(["moments", [None if g is None else list(g.shape) for g in self.moments.gram]])
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
-    def with_sums(self, stats: torch.Tensor, outputs: Optional[torch.Tensor]) -> "HeadScores":
+    def with_sums(self, stats: torch.Tensor, outputs: Optional[torch.Tensor],
+                  moments: Optional[OutputMoments] = None) -> "HeadScores":
         """The same layout holding other sums (a merge, an all-reduce)."""
-        return dataclasses.replace(self, stats=stats, outputs=outputs)
+        return dataclasses.replace(self, stats=stats, outputs=outputs, moments=moments)
 
     def merge(self, other: "HeadScores") -> "HeadScores":
         """Scores of the union of both collections' batches (statistics add)."""
@@ -207,10 +219,14 @@ class HeadScores:
         outputs = None
         if self.outputs is not None and other.outputs is not None:
             outputs = self.outputs + other.outputs
-        return self.with_sums(self.stats + other.stats, outputs)
+        moments = None
+        if self.moments is not None and other.moments is not None:
+            moments = self.moments.merge(other.moments)
+        return self.with_sums(self.stats + other.stats, outputs, moments)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (plain lists and numbers; float64 values survive exactly)."""
+        """JSON-ready dict (plain lists and numbers; float64 values survive exactly), without
+        the moments (see ``OutputMoments.save``)."""
         return {
             "format": FORMAT,
             "stat_fields": list(STAT_FIELDS),

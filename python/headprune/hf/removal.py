@@ -1,0 +1,83 @@
+"""What replaces the heads a mask or a pruning removes: per site, the output projection's new
+bias and, for a least-squares refit, its kept columns. Computed from the weights before
+anything changes, checked against the model's layout, shared by ``mask_heads`` and
+``prune_heads`` so the masked and the pruned model compute the same function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..prune.compensation import removed_mean_output
+from ..prune.reconstruct import kept_columns, refit_output
+from ..stats.scores import HeadScores
+from .adapters import head_counts, head_dim
+
+__all__ = ["SiteRemoval", "removal_plan"]
+
+
+@dataclass
+class SiteRemoval:
+    """A site's output projection after removal: ``bias`` (the whole new bias, in the weight's
+    dtype) and ``columns`` (the kept columns in the weight's layout, or ``None``: unchanged)."""
+
+    bias: torch.Tensor
+    columns: Optional[torch.Tensor] = None
+
+
+def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores] = None,
+                 reconstruct: Optional[HeadScores] = None, damping: float = 0.0) -> dict:
+    """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed)."""
+    if compensate is not None and reconstruct is not None:
+        raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
+    if compensate is not None:
+        mean = _checked(compensate, sites, adapter, "compensate").output_mean()
+        return {layer: _mean_replaced(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
+    if reconstruct is not None:
+        scores = _checked(reconstruct, sites, adapter, "reconstruct")
+        if scores.moments is None:
+            raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
+        return {layer: _refit(sites[layer], adapter, hs, scores, damping) for layer, hs in heads.items()}
+    return {}
+
+
+def _checked(scores, sites, adapter, arg: str) -> HeadScores:
+    """``scores``, after checking it is ``HeadScores`` of the model's current head layout."""
+    if not isinstance(scores, HeadScores):
+        raise TypeError(f"{arg}: expected HeadScores from collect() or None, got {type(scores).__name__}")
+    if scores.outputs is None:
+        raise ValueError(f"{arg}: these scores have no output statistics; collect them again with this version")
+    now = [(head_counts(s, adapter)[0], head_dim(s, adapter)) for s in sites]
+    then = list(zip(scores.num_heads, scores.head_dim))
+    if now != then:
+        raise ValueError(f"{arg}: the scores were collected on another head layout ({then}) than the model's ({now})")
+    return scores
+
+
+def _old_bias(site) -> Optional[torch.Tensor]:
+    b = getattr(site.o, "bias", None)
+    return None if b is None else b.detach()
+
+
+def _mean_replaced(site, adapter, heads, mean: torch.Tensor) -> SiteRemoval:
+    d = head_dim(site, adapter)
+    mu = mean[heads, :d]
+    if torch.isnan(mu).any():
+        raise ValueError(f"compensate: site {site.name} heads {list(heads)} have no output statistics")
+    add = removed_mean_output(site.o.weight.detach(), heads, d, mu, conv1d=adapter.conv1d)
+    old, w = _old_bias(site), site.o.weight
+    bias = add.to(w.device, w.dtype) if old is None else old + add.to(old.device, old.dtype)
+    return SiteRemoval(bias)
+
+
+def _refit(site, adapter, heads, scores: HeadScores, damping: float) -> SiteRemoval:
+    gram = scores.moments.gram[site.index]
+    if gram is None or not float(gram[-1, -1]) > 0:
+        raise ValueError(f"reconstruct: site {site.name} saw no calibration token")
+    hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
+    keep = kept_columns(hq, d, heads)
+    columns, bias = refit_output(site.o.weight.detach(), _old_bias(site), gram, keep, damping=damping,
+                                 conv1d=adapter.conv1d)
+    return SiteRemoval(bias.to(site.o.weight.dtype), columns)

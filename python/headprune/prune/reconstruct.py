@@ -1,0 +1,90 @@
+"""Least-squares reconstruction of an output projection after some of its heads are removed.
+
+The output projection of an attention site computes ``W x + b`` from ``x``, the heads' outputs
+side by side. Keeping the columns ``K`` (the kept heads) and the constant, the kept columns and
+the bias are refit so that ``W'_K x_K + b'`` reproduces ``W x + b`` over the calibration tokens
+as well as least squares allows: with ``G = E[x~ x~^T]`` (``x~ = [x, 1]``, see
+:class:`~headprune.stats.moments.OutputMoments`) and ``S = K + [constant]``,
+
+    [W'_K, b'] = [W, b] G[:, S] (G[S, S] + lambda I_K)^-1,
+
+the structured Optimal Brain Surgeon update (as in SlimGPT and ZipLM). ``lambda`` is a ridge
+damping relative to the mean of ``diag(G[K, K])`` (the constant is not damped, so the bias
+stays exact). Mean compensation is the same problem with the kept columns frozen: only the
+bias moves, by what the removed heads add on average.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..stats.moments import DEFAULT_DAMPING
+
+__all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns"]
+
+
+def kept_columns(num_heads: int, head_dim: int, removed) -> list:
+    """Input columns of the output projection that the heads not in ``removed`` feed."""
+    gone = set(removed)
+    return [h * head_dim + j for h in range(num_heads) if h not in gone for j in range(head_dim)]
+
+
+def _as_out_in(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    return (weight.t() if conv1d else weight).double()
+
+
+def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Tensor, keep: list, *,
+                 damping: float = DEFAULT_DAMPING, conv1d: bool = False, freeze_kept: bool = False) -> tuple:
+    """``(new kept columns, new bias)`` of an output projection that keeps input columns ``keep``.
+
+    Args:
+        weight: ``[out, D]`` (``[D, out]`` for a ``Conv1D``); bias: ``[out]`` or ``None``.
+        gram: ``[D + 1, D + 1]`` second moments of ``[x, 1]`` (sums or means: the scale cancels).
+        keep: the kept input columns, in the order they will have.
+        damping: ridge ``lambda`` relative to the mean of ``diag(G[K, K])``; 0 solves by least
+            squares (a singular ``G[K, K]`` then gets the minimum-norm solution).
+        freeze_kept: keep the kept columns as they are and move only the bias (mean compensation).
+
+    Returns the kept columns in ``weight``'s layout and dtype (``[out, len(keep)]`` or
+    ``[len(keep), out]``) and the bias ``[out]`` in float64.
+    """
+    d = gram.shape[0] - 1
+    w = _as_out_in(weight, conv1d)
+    if w.shape[1] != d:
+        raise ValueError(f"gram: expected [{w.shape[1] + 1}, {w.shape[1] + 1}] for a weight with {w.shape[1]} inputs, "
+                         f"got {list(gram.shape)}")
+    if damping < 0 or damping != damping:
+        raise ValueError(f"damping: expected a non-negative number, got {damping!r}")
+    g = gram.to(w.device, torch.float64)
+    if not g[d, d] > 0:
+        raise ValueError("gram: no calibration token was seen (the constant's moment is 0)")
+    g = g / g[d, d]
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if bias is None else bias.detach().double()
+    wt = torch.cat([w, b[:, None]], 1)  # [out, D + 1]
+    keep_t = torch.as_tensor(list(keep), dtype=torch.long, device=w.device)
+    if freeze_kept:
+        gone = torch.ones(d, dtype=torch.bool, device=w.device)
+        gone[keep_t] = False
+        new_b = b + w[:, gone] @ g[:d, d][gone]
+        return weight.index_select(0 if conv1d else 1, keep_t).clone(), new_b
+    s = torch.cat([keep_t, torch.tensor([d], device=w.device)])
+    a = g[s][:, s]
+    rhs = g[s] @ wt.t()  # [|S|, out]
+    sol = _solve(a, rhs, damping, len(keep))
+    new_w = sol[:-1].t()  # [out, |K|]
+    new_w = new_w.t() if conv1d else new_w
+    return new_w.to(weight.dtype).contiguous(), sol[-1]
+
+
+def _solve(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int) -> torch.Tensor:
+    """``(a + damping * mean(diag(a[:k, :k])) I_k) x = rhs`` (Cholesky; least squares if singular)."""
+    a = a.clone()
+    if damping > 0 and k > 0:
+        scale = a.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
+        a.diagonal()[:k] += damping * scale
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(a, rhs, driver="gelsd").solution

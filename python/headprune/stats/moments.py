@@ -1,0 +1,113 @@
+"""Second moments of what each site's output projection reads, for least-squares refits.
+
+For site i with ``D = heads x head_dim`` inputs to its output projection, ``gram[i]`` is the
+``[D + 1, D + 1]`` sum over the valid calibration tokens of ``x~ x~^T`` with ``x~ = [x, 1]``
+(``x``: the heads' outputs side by side), so its last column holds the sums of ``x`` and the
+token count; it is a sum over tokens, so collections merge by addition. ``projection[i]`` is
+the output projection when the moments were collected, ``W~ = [W, b]`` (``[out, D + 1]``,
+float32): with ``gram`` it says how much output a refit loses when columns go
+(:mod:`headprune.ranking.reconstruction`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING"]
+
+MOMENT_DTYPES = (torch.float64, torch.float32)
+#: ridge damping of least-squares refits from these moments, relative to the mean squared
+#: input (see ``headprune.prune.reconstruct``); the selection damps the same way
+DEFAULT_DAMPING = 1e-2
+
+
+class OutputMoments:
+    """Per-site second moments (see the module docstring); ``gram[i]`` is ``None`` for a
+    site that saw no token."""
+
+    def __init__(self, gram: list, projection: Optional[list] = None):
+        self.gram = list(gram)
+        self.projection = None if projection is None else list(projection)
+        if self.projection is not None and len(self.projection) != len(self.gram):
+            raise ValueError(f"projection: expected {len(self.gram)} entries (one per site), got {len(self.projection)}")
+        for name, mats in (("gram", self.gram), ("projection", self.projection or [])):
+            for i, g in enumerate(mats):
+                square = name == "gram"
+                if g is not None and (not isinstance(g, torch.Tensor) or g.dim() != 2
+                                      or (square and g.shape[0] != g.shape[1])):
+                    raise ValueError(f"{name}: site {i}: expected a {'square ' if square else ''}matrix, "
+                                     f"got {getattr(g, 'shape', type(g))}")
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.gram)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the moments (both lists)."""
+        mats = [g for g in self.gram + (self.projection or []) if g is not None]
+        return sum(g.numel() * g.element_size() for g in mats)
+
+    def tokens(self, site: int) -> float:
+        """Calibration tokens site ``site`` saw."""
+        g = self.gram[site]
+        return 0.0 if g is None else float(g[-1, -1])
+
+    def mean_gram(self, site: int) -> torch.Tensor:
+        """``E[x~ x~^T]`` of a site in float64 (``[D + 1, D + 1]``)."""
+        g = self.gram[site]
+        if g is None or g[-1, -1] <= 0:
+            raise ValueError(f"moments: site {site} saw no calibration token")
+        g = g.double()
+        return g / g[-1, -1]
+
+    def merge(self, other: "OutputMoments") -> "OutputMoments":
+        """Moments of the union of both collections' tokens."""
+        if not isinstance(other, OutputMoments) or other.num_sites != self.num_sites:
+            raise ValueError("other: moments of another layout; cannot merge")
+        gram = []
+        for i, (a, b) in enumerate(zip(self.gram, other.gram)):
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(f"other: site {i} moments have shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+            gram.append(b.clone() if a is None else (a.clone() if b is None else a + b.to(a)))
+        return OutputMoments(gram, self.projection if self.projection is not None else other.projection)
+
+    def subset(self, idx: list) -> "OutputMoments":
+        wg = None if self.projection is None else [self.projection[i] for i in idx]
+        return OutputMoments([self.gram[i] for i in idx], wg)
+
+    # ---- files: safetensors, one tensor per site and kind ---------------------------------
+    def state_dict(self) -> dict:
+        out = {f"gram.{i}": g.contiguous() for i, g in enumerate(self.gram) if g is not None}
+        for i, g in enumerate(self.projection or []):
+            if g is not None:
+                out[f"projection.{i}"] = g.contiguous()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict, num_sites: int) -> "OutputMoments":
+        unknown = [k for k in state if k.split(".")[0] not in ("gram", "projection")]
+        if unknown:
+            raise ValueError(f"moments: unexpected tensors {unknown[:5]}")
+        gram = [state.get(f"gram.{i}") for i in range(num_sites)]
+        wg = [state.get(f"projection.{i}") for i in range(num_sites)]
+        return cls(gram, wg if any(w is not None for w in wg) else None)
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(path), metadata={"sites": str(self.num_sites)})
+
+    @classmethod
+    def load(cls, path) -> "OutputMoments":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            sites = int((f.metadata() or {}).get("sites", "0"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        return cls.from_state_dict(state, sites)
+
+    def __repr__(self) -> str:
+        return f"OutputMoments(sites={self.num_sites}, bytes={self.nbytes:,})"

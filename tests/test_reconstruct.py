@@ -1,0 +1,205 @@
+"""Least-squares reconstruction: second moments gathered by collect, the refit against
+torch.linalg.lstsq on the calibration activations, its reduction to mean compensation, and
+masked == pruned == reloaded with the refit."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_tiny import FAMILIES, tiny_batch, tiny_model
+from model_snapshot import ModelSnapshot
+from numerics import assert_same_function, float64_output
+from test_compensate import _first, _o_inputs
+
+from headprune.hf import collect, load_pruned, mask_heads, prune_heads, resolve_sites, save_pruned
+from headprune.hf.adapters import get_adapter, head_counts, head_dim
+from headprune.prune.compensation import removed_mean_output
+from headprune.prune.reconstruct import kept_columns, refit_output
+from headprune.stats import OutputMoments
+
+HEADS = {"t5": {0: [1, 3], 3: [0], 5: [2]}}
+
+
+def _heads(family):
+    return HEADS.get(family, {0: [1, 3], 1: [0]})
+
+
+def _setup(family, n=3):
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(n)]
+    return model, batches, collect(model, batches, progress=False, fused=False, moments=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2", "t5"])
+def test_moments_are_the_second_moments_of_the_projection_inputs(family):
+    model, batches, scores = _setup(family)
+    xs = _o_inputs(model, batches)
+    for i, x in enumerate(xs):
+        xt = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        torch.testing.assert_close(scores.moments.gram[i], xt.T @ xt, rtol=1e-10, atol=1e-9)
+    assert scores.moments.nbytes == sum(8 * (x.shape[1] + 1) ** 2 + 4 * (x.shape[1] + 1) * p.shape[0]
+                                        for x, p in zip(xs, scores.moments.projection))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_refit_is_the_least_squares_solution_on_the_calibration_tokens(family):
+    model, batches, scores = _setup(family, n=6)
+    adapter = get_adapter(model)
+    xs = _o_inputs(model, batches)
+    for site, x in zip(resolve_sites(model, adapter), xs):
+        hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
+        keep = kept_columns(hq, d, [1])
+        w = site.o.weight.detach().double()
+        w = w.t() if adapter.conv1d else w
+        b = site.o.bias.detach().double() if site.o.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        target = x @ w.T + b
+        design = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        want = torch.linalg.lstsq(design, target, driver="gelsd").solution.T  # [out, |K| + 1]
+        cols, bias = refit_output(site.o.weight.detach(), site.o.bias, scores.moments.gram[site.index], keep,
+                                  damping=0.0, conv1d=adapter.conv1d)
+        got = torch.cat([(cols.t() if adapter.conv1d else cols).double(), bias[:, None]], 1)
+        # the fit's residual on the calibration tokens, not the coefficients (the design can be
+        # ill-conditioned): both solve the same problem to float64 rounding
+        res = lambda m: (design @ m.T - target).pow(2).sum()  # noqa: E731
+        assert res(got) <= res(want) * (1 + 1e-6) + 1e-9
+
+
+def test_refit_with_the_kept_columns_frozen_is_mean_compensation():
+    model, batches, scores = _setup("llama")
+    adapter = get_adapter(model)
+    mean = scores.output_mean()
+    for site in resolve_sites(model, adapter):
+        d = head_dim(site, adapter)
+        keep = kept_columns(4, d, [0, 2])
+        cols, bias = refit_output(site.o.weight.detach(), None, scores.moments.gram[site.index], keep, freeze_kept=True)
+        assert torch.equal(cols, site.o.weight.detach()[:, keep])
+        want = removed_mean_output(site.o.weight.detach(), [0, 2], d, mean[site.index, [0, 2], :d])
+        torch.testing.assert_close(bias, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refit_mask_equals_refit_prune_and_restores_exactly(family):
+    model, batches, scores = _setup(family)
+    heads = _heads(family)
+    batch = tiny_batch(family, seed=5)
+    snap = ModelSnapshot(model)
+    with torch.no_grad():
+        original = _first(model(**batch))
+        with mask_heads(model, heads, reconstruct=scores):
+            masked = _first(model(**batch))
+        assert torch.equal(_first(model(**batch)), original)
+    assert snap.differences() == []
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, heads, reconstruct=scores)
+    with torch.no_grad():
+        out = _first(pruned(**batch))
+    assert_same_function({"masked": masked, "pruned": out}, float64_output(pruned, batch, lambda m, b: _first(m(**b))))
+
+
+def test_refit_fits_the_calibration_tokens_better_than_mean_compensation():
+    """On the calibration data itself the refit cannot do worse than the mean (which it
+    contains as the special case of frozen columns), layer by layer."""
+    model, batches, scores = _setup("llama", n=8)
+    heads = {0: [1, 2], 1: [0, 3]}
+    adapter = get_adapter(model)
+    xs = _o_inputs(model, batches)
+    for layer, hs in heads.items():
+        site = resolve_sites(model, adapter)[layer]
+        d = head_dim(site, adapter)
+        keep = kept_columns(4, d, hs)
+        gram = scores.moments.gram[layer]
+        w = site.o.weight.detach().double()
+        target = xs[layer] @ w.T
+        err = {}
+        for name, frozen in (("refit", False), ("mean", True)):
+            cols, bias = refit_output(site.o.weight.detach(), None, gram, keep, damping=1e-6, freeze_kept=frozen)
+            err[name] = (xs[layer][:, keep] @ cols.double().T + bias - target).pow(2).mean().item()
+        assert err["refit"] <= err["mean"] * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
+def test_refit_prune_saves_and_reloads_exactly(family, tmp_path):
+    model, batches, scores = _setup(family)
+    prune_heads(model, {0: [1], 1: [1]}, reconstruct=scores)
+    save_pruned(model, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    batch = tiny_batch(family, seed=3)
+    with torch.no_grad():
+        assert torch.equal(_first(back(**batch)), _first(model(**batch)))
+
+
+def test_reconstruct_errors_are_named():
+    model, batches, scores = _setup("llama")
+    plain = collect(model, batches, progress=False)
+    snap = ModelSnapshot(model)
+    with pytest.raises(ValueError, match="reconstruct: these scores have no second moments"):
+        mask_heads(model, {0: [1]}, reconstruct=plain)
+    with pytest.raises(ValueError, match="compensate, reconstruct: give at most one"):
+        prune_heads(model, {0: [1]}, compensate=scores, reconstruct=scores)
+    with pytest.raises(ValueError, match="damping: expected a non-negative number"):
+        mask_heads(model, {0: [1]}, reconstruct=scores, damping=-1.0)
+    with pytest.raises(ValueError, match="moments: expected True, False"):
+        collect(model, batches, progress=False, moments="float16")
+    assert snap.differences() == []
+
+
+def test_moments_merge_save_and_load(tmp_path):
+    model = tiny_model("llama")
+    a = collect(model, [tiny_batch("llama", seed=0)], progress=False, moments=True)
+    b = collect(model, [tiny_batch("llama", seed=1)], progress=False, moments=True)
+    both = collect(model, [tiny_batch("llama", seed=0), tiny_batch("llama", seed=1)], progress=False, moments=True)
+    merged = a.merge(b).moments
+    for g, h in zip(merged.gram, both.moments.gram):
+        torch.testing.assert_close(g, h, rtol=1e-12, atol=1e-10)
+    merged.save(tmp_path / "m.safetensors")
+    back = OutputMoments.load(tmp_path / "m.safetensors")
+    assert all(torch.equal(g, h) for g, h in zip(back.gram, merged.gram))
+    assert all(torch.equal(g, h) for g, h in zip(back.projection, merged.projection))
+    f32 = collect(model, [tiny_batch("llama", seed=0)], progress=False, moments="float32").moments
+    assert f32.gram[0].dtype == torch.float32 and f32.nbytes < a.moments.nbytes
+    torch.testing.assert_close(f32.gram[0].double(), a.moments.gram[0], rtol=1e-5, atol=1e-4)
+
+
+def _damped_loss(gram, proj, keep, damping):
+    """The damped least-squares objective at its optimum for the kept columns (brute force)."""
+    d = gram.shape[0] - 1
+    g = gram.double() / gram[d, d]
+    w = proj.double()
+    s = torch.tensor(list(keep) + [d])
+    a = g[s][:, s].clone()
+    a.diagonal()[: len(keep)] += damping * g.diagonal()[:d].mean()
+    opt = w @ g[:, s] @ torch.linalg.inv(a)
+    return float(torch.einsum("od,de,oe->", w, g, w) - torch.einsum("os,st,ot->", opt, a, opt))
+
+
+@pytest.mark.parametrize("gqa", ["query", "group"])
+def test_greedy_removal_takes_the_cheapest_unit_at_every_step(gqa):
+    from headprune.ranking.reconstruction import _site_units, greedy_removal
+
+    model, batches, scores = _setup("llama", n=4)
+    for i in range(2):
+        gram, proj = scores.moments.gram[i], scores.moments.projection[i]
+        units = _site_units(4, 2, 8, gqa)
+        order, costs, _ = greedy_removal(gram, proj, units, damping=1e-2)
+        removed = []
+        for u, cost in zip(order, costs):
+            keep_of = lambda extra: [c for c in range(32) if all(c not in units[r] for r in removed + extra)]  # noqa: E731
+            before = _damped_loss(gram, proj, keep_of([]), 1e-2)
+            after = {v: _damped_loss(gram, proj, keep_of([v]), 1e-2) for v in range(len(units)) if v not in removed}
+            assert min(after, key=after.get) == u
+            assert cost == pytest.approx(after[u] - before, rel=1e-6, abs=1e-12)
+            removed.append(u)
+
+
+def test_reconstruction_score_ranks_within_and_across_sites():
+    from headprune import select_heads
+
+    model, batches, scores = _setup("llama", n=4)
+    v = __import__("headprune.ranking.reconstruction", fromlist=["x"]).reconstruction_score(scores)
+    per_layer = select_heads(scores, ratio=0.5, score="reconstruction")
+    assert per_layer == {i: sorted(v[i].argsort()[:2].tolist()) for i in range(2)}
+    group = select_heads(scores, ratio=0.5, score="reconstruction", gqa="group")
+    assert all(hs in ([0, 1], [2, 3]) for hs in group.values())
+    with pytest.raises(ValueError, match="needs second moments"):
+        select_heads(collect(model, batches, progress=False), ratio=0.5, score="reconstruction")
