@@ -55,6 +55,7 @@ def _worker(rank, port, out_dir):
         out = {"manual": D.all_reduce_scores(collect(model, D.shard(batches), progress=False)),
                "collect": D.collect(model, batches, progress=False),
                "empty_shard": D.collect(model, batches[:1], progress=False)}
+        D.collect(model, batches, progress=False, moments=True).moments.save(os.path.join(out_dir, f"moments{rank}.st"))
         ckpt = os.path.join(out_dir, "scan.json")
         errors = {"interrupt": None}
         try:  # both ranks walk the same stream, so both stop after 4 batches (2 of each shard)
@@ -103,6 +104,17 @@ def test_two_gloo_ranks_equal_one_process(ranks):
         assert torch.equal(r["scores"]["collect"].stats, r["scores"]["manual"].stats)
         assert torch.equal(r["scores"]["collect"].stats, results[0]["scores"]["collect"].stats)  # same on all ranks
         _assert_matches(r["scores"]["empty_shard"], collect(model, batches[:1], progress=False))
+
+
+def test_second_moments_are_all_reduced(ranks):
+    from headprune.stats import OutputMoments
+
+    out_dir, _ = ranks
+    single = collect(tiny_model("llama"), _batches(), progress=False, moments=True).moments
+    for r in range(WORLD):
+        got = OutputMoments.load(out_dir / f"moments{r}.st")
+        for g, want in zip(got.gram, single.gram):
+            torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-9)
 
 
 def test_distributed_resume_equals_the_uninterrupted_run(ranks):

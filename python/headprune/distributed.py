@@ -21,6 +21,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .stats.moments import OutputMoments
 from .stats.scores import HeadScores
 
 __all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint"]
@@ -124,7 +125,22 @@ def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
         outputs = scores.outputs.to(_device(group), copy=True).contiguous()
         dist.all_reduce(outputs, op=dist.ReduceOp.SUM, group=group)
         outputs = outputs.cpu()
-    return scores.with_sums(stats.cpu(), outputs)
+    return scores.with_sums(stats.cpu(), outputs, _all_reduce_moments(scores.moments, group))
+
+
+def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[OutputMoments]:
+    """The second moments summed over ``group`` (one collective per site; a rank whose shard
+    missed a site contributes zeros)."""
+    if moments is None:
+        return None
+    gram = []
+    for g, p in zip(moments.gram, moments.projection or [None] * moments.num_sites):
+        if g is None:  # the shape is known from the projection: [out, D + 1]
+            g = torch.zeros(p.shape[1], p.shape[1], dtype=torch.float64)
+        t = g.to(_device(group), copy=True).contiguous()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        gram.append(t.cpu())
+    return OutputMoments(gram, moments.projection)
 
 
 def rank_checkpoint(path: str, rank: int, world_size: int) -> str:
