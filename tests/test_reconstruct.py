@@ -175,12 +175,12 @@ def _damped_loss(gram, proj, keep, damping):
 
 @pytest.mark.parametrize("gqa", ["query", "group"])
 def test_greedy_removal_takes_the_cheapest_unit_at_every_step(gqa):
-    from headprune.ranking.reconstruction import _site_units, greedy_removal
+    from headprune.ranking.reconstruction import greedy_removal, site_units
 
     model, batches, scores = _setup("llama", n=4)
     for i in range(2):
         gram, proj = scores.moments.gram[i], scores.moments.projection[i]
-        units = _site_units(4, 2, 8, gqa)
+        units = site_units(4, 2, 8, gqa)
         order, costs, _ = greedy_removal(gram, proj, units, damping=1e-2)
         removed = []
         for u, cost in zip(order, costs):

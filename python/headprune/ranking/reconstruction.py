@@ -23,7 +23,7 @@ import torch
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 
-__all__ = ["greedy_removal", "reconstruction_score"]
+__all__ = ["greedy_removal", "reconstruction_score", "site_units"]
 
 
 def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
@@ -74,7 +74,7 @@ def _downdate(m, w_star, pos, columns) -> tuple:
     return new_m, new_w, new_pos
 
 
-def _site_units(hq: int, hkv: int, d: int, gqa: str) -> list:
+def site_units(hq: int, hkv: int, d: int, gqa: str) -> list:
     """Column blocks of a site's prunable units (see ``headprune.ranking.units``)."""
     size = hq // hkv if gqa == "group" and hkv else 1
     return [[h * d + j for h in range(start, start + size) for j in range(d)] for start in range(0, hq, size)]
@@ -101,7 +101,7 @@ def _score(scores: HeadScores, gqa: str, damping: float) -> torch.Tensor:
         hq, hkv, d = scores.num_heads[i], scores.num_kv_heads[i], scores.head_dim[i]
         if gram is None or hq == 0 or not float(gram[-1, -1]) > 0:
             continue
-        units = _site_units(hq, hkv, d, gqa)
+        units = site_units(hq, hkv, d, gqa)
         order, costs, energy = greedy_removal(gram, proj, units, damping=damping)
         level = 0.0
         for rank, (u, c) in enumerate(zip(order, costs)):

@@ -1,0 +1,199 @@
+"""Layer-by-layer (sequential) calibration of the least-squares refit, as SparseGPT and SlimGPT do.
+
+One-shot calibration measures every site's second moments on the unpruned model, so the refit
+of layer l fits inputs that the pruned layers before it no longer produce. Sequentially, the
+moments of layer l are taken with layers 0..l-1 already pruned and refit, so each refit
+corrects the error that reaches it. It runs over cached hidden states, one layer at a time:
+
+1. one pass with every layer replaced by a stub that records its arguments (the hidden states
+   entering the first layer, and each layer's other arguments: masks, position embeddings),
+   so nothing but the embeddings is computed;
+2. per layer: the layer runs on the current hidden states until its output projection, whose
+   inputs are cached and summed into the layer's moments; its heads are chosen and refit
+   (masked, so everything is restored at the end); then the layer is finished from the
+   cached projection inputs (the attention is not recomputed) to give the next layer's input.
+
+About one forward in all, and the memory of one layer's activations besides the hidden states.
+Decoder-only and encoder-only families (one stack of layers) are supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import ExitStack
+from typing import Callable, Optional
+
+import torch
+
+from ..prune.heads import head_index
+from ..prune.mask import MaskHandle
+from ..prune.reconstruct import kept_columns, refit_output
+from ..ranking.reconstruction import greedy_removal, site_units
+from ..stats.moments import DEFAULT_DAMPING, OutputMoments
+from ..stats.scores import HeadScores
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .batches import forward_kwargs
+from .collection import _add_gram_
+
+__all__ = ["calibrate_sequentially"]
+
+
+class _Stop(Exception):
+    """Ends a forward early (the stub pass, the projection-input pass)."""
+
+
+def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "query",
+                           damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
+                           progress: bool = False) -> tuple:
+    """``(heads, scores)``: the heads removed per site and ``scores`` (of the unpruned model)
+    with the moments measured sequentially, ready for ``prune_heads(..., reconstruct=)``.
+
+    ``counts``: units (heads, or KV groups with ``gqa="group"``) to remove per site, e.g. the
+    sizes of a one-shot selection. Within a site the units are chosen by greedy structured OBS
+    on its sequential moments (``choose(site, gram) -> [heads]`` replaces that). The model is
+    left exactly as it was.
+    """
+    adapter = get_adapter(model)
+    if len(adapter.blocks) != 1:
+        raise ValueError(f"model: sequential calibration supports one stack of layers; {adapter.model_type} has "
+                         f"{len(adapter.blocks)} attention blocks")
+    sites = resolve_sites(model, adapter)
+    layers = [s.parent for s in sites]
+    kwargs = [forward_kwargs(model, b) for b in batches]
+    hidden, calls = _capture(model, layers, kwargs)
+    gram, heads = [None] * len(sites), {}
+    with ExitStack() as undo, torch.no_grad():
+        bar = _bar(len(sites), progress)
+        for site in sites:
+            xs = _projection_inputs(site, calls, hidden)
+            gram[site.index] = _gram(xs, kwargs, site)
+            hq, hkv = head_counts(site, adapter)
+            d = head_dim(site, adapter)
+            removed = (choose(site, gram[site.index]) if choose is not None else
+                       _obs_heads(gram[site.index], site, adapter, hq, hkv, d, counts.get(site.index, 0), gqa, damping))
+            if removed:
+                heads[site.index] = sorted(removed)
+                undo.enter_context(_RefitMask(model, site, adapter, removed, gram[site.index], damping))
+            hidden = _finish(site, adapter, calls, hidden, xs)
+            bar.update(1)
+        bar.close()
+    moments = OutputMoments(gram, None if scores.moments is None else scores.moments.projection)
+    return heads, dataclasses.replace(scores, moments=moments)
+
+
+def _bar(total, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="headprune: sequential calibration", unit="layer", disable=not enabled)
+
+
+def _capture(model, layers, kwargs) -> tuple:
+    """Per batch, the hidden states entering the first layer, and per layer and batch its
+    other arguments; every layer is a stub returning its input, so nothing else runs."""
+    hidden, calls = [], [[] for _ in layers]
+
+    def stub(i):
+        def forward(*args, **kw):
+            if i == 0:
+                hidden.append(args[0].detach())
+            calls[i].append((args[1:], kw))
+            return args[0]
+        return forward
+
+    with ExitStack() as stack, torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.forward = stub(i)
+            stack.callback(lambda layer=layer: layer.__dict__.pop("forward", None))
+        for kw in kwargs:
+            model(**kw)
+    return hidden, calls
+
+
+def _projection_inputs(site, calls, hidden) -> list:
+    """The output projection's input of every batch (the layer runs until it)."""
+    xs = []
+
+    def grab(module, args):
+        xs.append(args[0].detach())
+        raise _Stop
+
+    handle = site.o.register_forward_pre_hook(grab)
+    try:
+        for h, (args, kw) in zip(hidden, calls[site.index]):
+            try:
+                site.parent(h, *args, **kw)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return xs
+
+
+def _gram(xs, kwargs, site) -> torch.Tensor:
+    d = xs[0].shape[-1]
+    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    for x, kw in zip(xs, kwargs):
+        rows = x.reshape(-1, d)
+        mask = kw.get(site.block.padding_key) if site.block.padding_key else None
+        if mask is not None and x.dim() == 3:
+            rows = rows[mask[:, mask.shape[1] - x.shape[1]:].reshape(-1).bool().to(rows.device)]
+        for start in range(0, rows.shape[0], 1024):
+            _add_gram_(gram, rows[start : start + 1024].double().cpu())
+    return gram
+
+
+def _obs_heads(gram, site, adapter, hq, hkv, d, count, gqa, damping) -> list:
+    if count <= 0:
+        return []
+    proj = _projection(site, adapter)
+    units = site_units(hq, hkv, d, gqa)
+    order, _, _ = greedy_removal(gram, proj, units, damping=damping)
+    return sorted({col // d for u in order[:count] for col in units[u]})
+
+
+def _projection(site, adapter) -> torch.Tensor:
+    w = site.o.weight.detach().double()
+    w = w.t() if adapter.conv1d else w
+    b = getattr(site.o, "bias", None)
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.detach().double()
+    return torch.cat([w, b[:, None]], 1)
+
+
+class _RefitMask:
+    """Masks ``removed`` with the refit from ``gram`` for the rest of the pass (restored on exit)."""
+
+    def __init__(self, model, site, adapter, removed, gram, damping):
+        hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
+        dim = 0 if adapter.conv1d else 1
+        cols, bias = refit_output(site.o.weight.detach(), getattr(site.o, "bias", None), gram,
+                                  kept_columns(hq, d, removed), damping=damping, conv1d=adapter.conv1d)
+        self.handle = MaskHandle(model, {site.index: list(removed)})
+        try:
+            keep = [h for h in range(hq) if h not in set(removed)]
+            self.handle.write_columns_(site.o.weight, head_index(keep, d), cols, dim)
+            self.handle.set_bias_(site.o, bias.to(site.o.weight.dtype))
+            self.handle.zero_(site.o.weight, list(removed), hq, d, dim)
+        except BaseException:
+            self.handle.restore()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.restore()
+        return False
+
+
+def _finish(site, adapter, calls, hidden, xs) -> list:
+    """Each batch's layer output, with the attention module answering from the cached
+    projection inputs (through the possibly refit projection)."""
+    out, module = [], site.module
+    for h, (args, kw), x in zip(hidden, calls[site.index], xs):
+        value = (x, None) if adapter.empty == "context" else (site.o(x), None)
+        module.forward = lambda *a, _v=value, **k: _v
+        try:
+            out.append(site.parent(h, *args, **kw).detach())
+        finally:
+            module.__dict__.pop("forward", None)
+    return out
