@@ -18,30 +18,54 @@ def _plt():
     return plt
 
 
-def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", score: str = "entropy") -> Path:
-    """Layers x heads, colour = mean attention entropy (nats); pruned heads crossed out."""
+def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", score: str = "entropy",
+            selection=None, selection_label: str = "", protected=()) -> Path:
+    """Sites x heads, colour = mean attention entropy (nats), or another ``score``; pruned heads
+    crossed out and ``protected`` sites (kept whole by the recipe) marked. With ``selection``
+    (a ``[sites, heads]`` tensor: the values that chose the heads, lower = pruned first) a
+    second panel shows it, so the picture says both what the heads do and why they went."""
     plt = _plt()
     values = scores.score(score).float().numpy() if score != "entropy" else scores.entropy.float().numpy()
     L, H = values.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * H + 2.5), max(3.0, 0.28 * L + 1.5)))
-    im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-    unit = "nats" if score in ("entropy", "rest") else ("fraction" if score == "sink" else "")
-    fig.colorbar(im, ax=ax, label=f"mean attention {score}" + (f" ({unit})" if unit else ""))
-    for layer, heads in (pruned or {}).items():
-        for h in heads:
-            ax.scatter([h], [int(layer)], marker="x", c="red", s=40, linewidths=1.5)
-    ax.set_xlabel("query head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(H))
-    step = max(1, L // 16)
-    ax.set_yticks(range(0, L, step))
-    ax.set_yticklabels([scores.names[i] for i in range(0, L, step)], fontsize=7)
+    panels = [(values, f"mean attention {score}" + _unit(score))]
+    if selection is not None:
+        panels.append((selection.float().numpy(), selection_label or "selection score (lower: pruned first)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4.0, 0.45 * H + 2.5), max(3.0, 0.28 * L + 1.8)),
+                             squeeze=False)
+    for ax, (v, label) in zip(axes[0], panels):
+        im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
+        fig.colorbar(im, ax=ax, label=label)
+        _mark(ax, pruned, protected, H)
+        _axes(ax, scores, L, H)
     n = sum(len(v) for v in (pruned or {}).values())
-    ax.set_title((title + "\n" if title else "") + (f"red x: {n} pruned heads" if pruned else ""), fontsize=9)
+    notes = [f"red x: {n} pruned heads" if pruned else "", "white box: kept whole" if protected else ""]
+    fig.suptitle((title + "\n" if title else "") + "; ".join(t for t in notes if t), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _unit(score: str) -> str:
+    return " (nats)" if score in ("entropy", "rest") else (" (fraction)" if score == "sink" else "")
+
+
+def _mark(ax, pruned, protected, heads: int) -> None:
+    from matplotlib.patches import Rectangle
+
+    for layer, hs in (pruned or {}).items():
+        ax.scatter(list(hs), [int(layer)] * len(hs), marker="x", c="red", s=40, linewidths=1.5)
+    for layer in protected:
+        ax.add_patch(Rectangle((-0.5, layer - 0.5), heads, 1, fill=False, edgecolor="white", linewidth=1.5))
+
+
+def _axes(ax, scores, sites: int, heads: int) -> None:
+    ax.set_xlabel("query head")
+    ax.set_ylabel("site")
+    ax.set_xticks(range(heads))
+    step = max(1, sites // 16)
+    ax.set_yticks(range(0, sites, step))
+    ax.set_yticklabels([scores.names[i] for i in range(0, sites, step)], fontsize=7)
 
 
 def sweep_plot(result: dict, path: Path) -> Path:
@@ -49,22 +73,26 @@ def sweep_plot(result: dict, path: Path) -> Path:
     plt = _plt()
     ratios = result["ratios"]
     metric = result["metric"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(10.0, 4.2))
     rnd = torch.tensor(result["random"])  # [ratios, seeds]
     lo, hi = rnd.min(1).values, rnd.max(1).values
     ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seeds, min-max)")
     ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
             color="grey", ls="--", lw=1)
+    default = result.get("default_recipe")
     for name, values in result["recipes"].items():
-        ax.plot(ratios, values, marker="o", label=name)
+        main = name == default
+        ax.plot(ratios, values, marker="o", lw=2.5 if main else 1.2, zorder=3 if main else 2,
+                label=(name if name.endswith("default") else f"{name} (the default)") if main else name)
     ax.axhline(result["baseline"], color="black", lw=0.8, ls=":", label="unpruned")
     if result.get("lower_is_better"):
         ax.set_yscale("log")
     ax.set_xlabel("fraction of heads pruned")
     ax.set_ylabel(metric + (" (lower is better)" if result.get("lower_is_better") else " (higher is better)"))
     ax.set_title(f"{result['model']}: {metric} on held-out text ({result['data']})", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.66, 0.5), fontsize=7,
+               frameon=False)  # outside the data
+    fig.tight_layout(rect=(0, 0, 0.65, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

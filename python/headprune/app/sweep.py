@@ -16,36 +16,49 @@ from .evaluate import metric_of, quality
 RANDOM_SCOPES = {"per_layer": "spread evenly over the layers",
                  "global": "drawn from the whole model (at least one kept per layer)"}
 
-#: name -> select_heads keyword arguments; "default" uses select_heads' own defaults.
+#: how removed heads are replaced (``removal`` of a recipe or a config): a least-squares refit
+#: of the kept heads' columns, their mean output, or nothing
+REMOVALS = ("refit", "mean", "zero")
+
+#: name -> select_heads keyword arguments, plus optional ``removal`` (default: the config's),
+#: ``iterative`` (re-collect between ratios) and ``sequential`` (layer-by-layer calibration of
+#: the refit, see headprune.hf.sequential); ``score=None`` is select_heads' default recipe.
 RECIPES = {
-    "inert, per layer": {"score": "inert", "order": "high", "scope": "per_layer"},
-    "inert, per layer, iterative": {"score": "inert", "order": "high", "scope": "per_layer", "iterative": True},
-    "entropy, per layer": {"score": "entropy", "scope": "per_layer", "order": "high"},
-    "entropy, global (as written), zeroed": {"score": "entropy", "scope": "global", "order": "high",
-                                             "compensate": False},
+    "default": {},
+    "reconstruction (OBS), per layer": {"score": "reconstruction", "scope": "per_layer"},
+    "reconstruction (OBS), per layer, sequential": {"score": "reconstruction", "scope": "per_layer",
+                                                    "sequential": True},
     "output variance, per layer": {"score": "variance", "order": "low", "scope": "per_layer"},
-    "output variance, per layer, first layer kept": {"score": "variance", "order": "low", "scope": "per_layer",
-                                                      "protect_layers": [0]},
-    "output variance, per layer, iterative": {"score": "variance", "order": "low", "scope": "per_layer",
-                                              "iterative": True},
+    "inert, per layer": {"score": "inert", "order": "high", "scope": "per_layer"},
+    "entropy, per layer": {"score": "entropy", "scope": "per_layer", "order": "high"},
+    "entropy, global (as written)": {"score": "entropy", "scope": "global", "order": "high"},
+    "entropy, global (as written), zeroed": {"score": "entropy", "scope": "global", "order": "high",
+                                             "removal": "zero"},
+    "output variance, per layer, mean compensation": {"score": "variance", "order": "low", "scope": "per_layer",
+                                                      "removal": "mean"},
 }
 
 
 @dataclass
 class SweepConfig:
     """What a sweep measures: the model's name (for the report), the fractions, the random
-    baseline (seeds and scope), the removal (``gqa``, ``compensate``) and the evaluation."""
+    baseline (seeds and scope), the removal (``gqa``, ``removal``: see :data:`REMOVALS`) and
+    the evaluation."""
 
     model: str
     ratios: list
     seeds: int = 3
     random_scope: str = "per_layer"
     gqa: str = "query"
-    compensate: bool = True
+    removal: str = "refit"
     eval_windows: int = 48
     eval_paragraphs: Optional[int] = None
     fused: bool = True
     quiet: bool = False
+
+    def __post_init__(self):
+        if self.removal not in REMOVALS:
+            raise ValueError(f"removal: expected one of {REMOVALS}, got {self.removal!r}")
 
     @classmethod
     def from_args(cls, args) -> "SweepConfig":
@@ -56,10 +69,12 @@ class SweepConfig:
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None) -> dict:
     """Quality at every ratio of ``config`` for every recipe and the random baseline.
 
-    ``recipes``: name -> select_heads keyword arguments (default :data:`RECIPES`), plus two
-    optional keys: ``compensate`` (override ``config.compensate`` for this recipe) and
-    ``iterative`` (re-collect on ``batches`` with the previous ratio's heads masked before
-    selecting the next ratio's: iterative pruning with one round per ratio)."""
+    ``recipes``: name -> select_heads keyword arguments (default :data:`RECIPES`), plus
+    optional keys: ``removal`` (override ``config.removal`` for this recipe), ``iterative``
+    (re-collect on ``batches`` with the previous ratio's heads masked before selecting the
+    next ratio's: iterative pruning with one round per ratio) and ``sequential`` (calibrate
+    the refit layer by layer on ``batches``, the per-layer counts of the recipe's one-shot
+    selection). ``scores`` need second moments for refits and the reconstruction score."""
     recipes = RECIPES if recipes is None else recipes
     if sorted(config.ratios) != list(config.ratios) and any(kw.get("iterative") for kw in recipes.values()):
         raise ValueError("ratios: iterative recipes need increasing ratios")
@@ -73,7 +88,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
             result["heads"].setdefault(name, []).append({str(k): v for k, v in heads.items()})
             result["recipes"][name].append(value)
         result["random"].append([point(select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s,
-                                                    scope=config.random_scope), scores, config.compensate)
+                                                    scope=config.random_scope), scores, config.removal)
                                  for s in range(config.seeds)])
         if not config.quiet:
             print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
@@ -94,10 +109,10 @@ class _Evaluator:
     def _quality(self, reference) -> dict:
         return quality(self.loaded, self.held, reference, eval_windows=self.config.eval_windows, metric_only=True)
 
-    def __call__(self, heads: dict, stats, compensate: bool) -> float:
+    def __call__(self, heads: dict, stats, removal: str) -> float:
         from ..hf import mask_heads
 
-        with mask_heads(self.loaded.model, heads, compensate=stats if compensate else None):
+        with mask_heads(self.loaded.model, heads, **_removal_kwargs(removal, stats)):
             return self._quality(self.reference)[self.metric]
 
 
@@ -106,7 +121,7 @@ def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, set
     return {"model": config.model, "data": settings["data"], "metric": metric, "lower_is_better": lower,
             "baseline": baseline, "ratios": list(config.ratios), "recipes": {k: [] for k in recipes}, "random": [],
             "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope, "heads": {},
-            "compensate": bool(config.compensate),
+            "removal": config.removal, "default_recipe": "default" if "default" in recipes else None,
             "recipe_settings": {k: {n: (v if not hasattr(v, "shape") else "tensor") for n, v in kw.items()}
                                 for k, kw in recipes.items()}}
 
@@ -116,19 +131,35 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     from ..hf import collect, mask_heads
 
     kw = dict(kw)
-    comp, iterative = kw.pop("compensate", config.compensate), kw.pop("iterative", False)
+    removal = kw.pop("removal", config.removal)
+    iterative, sequential = kw.pop("iterative", False), kw.pop("sequential", False)
+    if (iterative or sequential) and batches is None:
+        raise ValueError(f"recipes: {name!r} re-calibrates; run_sweep needs the calibration batches")
     stats, pruned = scores, None
     if iterative:
         pruned, stats = state[name]
         if pruned:
-            if batches is None:
-                raise ValueError(f"recipes: {name!r} is iterative; run_sweep needs the calibration batches")
-            with mask_heads(point.loaded.model, pruned, compensate=stats if comp else None):
-                stats = collect(point.loaded.model, batches, progress=False, fused=config.fused)
+            with mask_heads(point.loaded.model, pruned, **_removal_kwargs(removal, stats)):
+                stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,
+                                moments=stats.moments is not None)
     heads = select_heads(stats, ratio=ratio, gqa=config.gqa, pruned=pruned, **kw)
     if iterative:
         state[name] = (heads, stats)
-    return heads, point(heads, stats, comp)
+    if sequential:
+        from ..hf.sequential import calibrate_sequentially
+
+        unit = _unit_size(stats, config.gqa)
+        counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
+        heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=config.gqa)
+    return heads, point(heads, stats, removal)
+
+
+def _removal_kwargs(removal: str, stats) -> dict:
+    return {"compensate": stats} if removal == "mean" else ({"reconstruct": stats} if removal == "refit" else {})
+
+
+def _unit_size(scores, gqa: str) -> list:
+    return [hq // hkv if gqa == "group" and hkv else 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
 
 
 def random_mean(values: list, lower: bool) -> float:
@@ -142,7 +173,8 @@ def sweep_markdown(result: dict) -> str:
     lower = result["lower_is_better"]
     names = list(result["recipes"])
     head = f"| fraction pruned | {' | '.join(names)} | random mean ({len(result['random'][0])} seeds) | random range |"
-    how = "removed heads replaced by their mean output" if result.get("compensate") else "removed heads zeroed"
+    how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
+           "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
     how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "", head,
