@@ -56,6 +56,25 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(tmp_path, family, me
     assert torch.equal(again.stats, full.stats) and len(forwards) == N - 3
 
 
+def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp_path):
+    model, batches = tiny_model("llama"), _batches()
+    path = tmp_path / "c.json"
+    full = collect(model, batches, progress=False, moments=True)
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, _interrupted(batches, 3), progress=False, checkpoint=path, fingerprint=SETTINGS, moments=True)
+    assert json.loads(path.read_text())["moments"] == "c.json.moments-3.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.moments-3.safetensors"]
+    resumed = collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS, moments=True)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.moments.gram, full.moments.gram))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", f"c.json.moments-{N}.safetensors"]
+    # a checkpoint without moments does not resume a collection that gathers them
+    plain = tmp_path / "p.json"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, _interrupted(batches, 2), progress=False, checkpoint=plain, fingerprint=SETTINGS)
+    with pytest.raises(ValueError, match="another model/data|layout"):
+        collect(model, batches, progress=False, checkpoint=plain, resume=True, fingerprint=SETTINGS, moments=True)
+
+
 def test_checkpoint_every_k_batches_and_at_the_end(tmp_path):
     model, batches = tiny_model("llama"), _batches()
     path = tmp_path / "c.json"

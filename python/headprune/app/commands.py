@@ -250,6 +250,9 @@ def _remove_checkpoints(checkpoint: Path) -> None:
     names = [checkpoint] + ([Path(rank_checkpoint(checkpoint, r, world)) for r in range(world)] if world > 1 else [])
     for path in names:
         path.unlink(missing_ok=True)
+        for side in path.parent.iterdir() if path.parent.is_dir() else ():  # moments beside it, exact prefix
+            if side.name.startswith(path.name + ".moments-") and side.name.endswith(".safetensors"):
+                side.unlink(missing_ok=True)
 
 
 def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:

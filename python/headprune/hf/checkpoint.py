@@ -48,8 +48,9 @@ class Checkpoint:
         done = d.get("batches_done")
         try:
             scores = HeadScores.from_dict(d.get("scores"))
+            scores.moments = self._load_moments(d.get("moments"), scores.num_sites)
             ok = scores.layout_fingerprint() == self.layout and isinstance(done, int) and done >= 0
-        except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        except (TypeError, ValueError, RuntimeError, KeyError, OSError) as e:
             raise self._refuse(f"is corrupt ({type(e).__name__}: {e})") from e
         if not ok:
             raise self._refuse("is corrupt (its scores or batches_done do not match its header)")
@@ -57,17 +58,45 @@ class Checkpoint:
 
     def save(self, scores: HeadScores, done: int) -> None:
         data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,
-                "fingerprint": self.fingerprint, "scores": scores.to_dict()}
+                "fingerprint": self.fingerprint, "scores": scores.to_dict(), "moments": None}
         folder = os.path.dirname(os.path.abspath(self.path))
         try:
             os.makedirs(folder, exist_ok=True)
             if not self._swept:
                 atomic.remove_leftovers(folder)
                 self._swept = True
+            if scores.moments is not None:  # beside the JSON, named after the batch count it holds
+                data["moments"] = f"{os.path.basename(self.path)}.moments-{done}.safetensors"
+                atomic.write_file(os.path.join(folder, data["moments"]), scores.moments.to_bytes())
             atomic.write_file(self.path, json.dumps(data))  # readers see the old file or the new one
+            self._remove_old_moments(folder, data["moments"])
         except OSError as e:
             message = f"checkpoint: cannot write {os.path.abspath(self.path)} ({e.strerror or e})"
             raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
+
+
+    def _load_moments(self, name, sites: int):
+        """The second moments the checkpoint names (a file beside it), or ``None``."""
+        from ..stats.moments import OutputMoments
+
+        if name is None:
+            return None
+        if not isinstance(name, str) or os.path.basename(name) != name:
+            raise ValueError(f"moments file {name!r} is not a file name beside the checkpoint")
+        moments = OutputMoments.load(os.path.join(os.path.dirname(os.path.abspath(self.path)), name))
+        if moments.num_sites != sites:
+            raise ValueError(f"moments file {name} holds {moments.num_sites} sites, the scores {sites}")
+        return moments
+
+    def _remove_old_moments(self, folder: str, keep) -> None:
+        """Moments files of earlier saves of this checkpoint (exact names, no glob)."""
+        prefix = f"{os.path.basename(self.path)}.moments-"
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(".safetensors") and name != keep:
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except OSError:
+                    pass
 
 
 def _differences(saved, now) -> str:

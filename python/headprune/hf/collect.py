@@ -116,8 +116,6 @@ def collect(
             raise ValueError("checkpoint: resumable collection needs a transformers model")
         return _collect_modules(model, batches, method, progress, allow_empty)
     moments = moments_dtype(moments)
-    if moments is not None and checkpoint is not None:
-        raise ValueError("moments: resumable collection of second moments is not supported yet; drop checkpoint")
     session = Collection(model, method, fused=bool(fused), moments=moments)
     ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume)
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)

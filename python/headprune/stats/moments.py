@@ -95,10 +95,15 @@ class OutputMoments:
         wg = [state.get(f"projection.{i}") for i in range(num_sites)]
         return cls(gram, wg if any(w is not None for w in wg) else None)
 
-    def save(self, path) -> None:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The moments as a safetensors file's bytes."""
+        from safetensors.torch import save
 
-        save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(path), metadata={"sites": str(self.num_sites)})
+        return save({k: v.cpu() for k, v in self.state_dict().items()}, metadata={"sites": str(self.num_sites)})
+
+    def save(self, path) -> None:
+        with open(path, "wb") as f:
+            f.write(self.to_bytes())
 
     @classmethod
     def load(cls, path) -> "OutputMoments":

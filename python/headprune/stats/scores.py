@@ -201,8 +201,8 @@ class HeadScores:
         key = [*self.layout(), self.method, list(self.stats.shape)]
         if self.outputs is not None:  # fingerprints without output statistics stay as they were
             key.append(list(self.outputs.shape))
-        if self.moments is not None:
-            key.append(["moments", [None if g is None else list(g.shape) for g in self.moments.gram]])
+        if self.moments is not None:  # the projections' shapes fix the moments' (sites without data included)
+            key.append(["moments", [None if p is None else list(p.shape) for p in self.moments.projection or []]])
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def with_sums(self, stats: torch.Tensor, outputs: Optional[torch.Tensor],
