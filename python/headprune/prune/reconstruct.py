@@ -36,7 +36,8 @@ def _as_out_in(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
 
 
 def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Tensor, keep: list, *,
-                 damping: float = DEFAULT_DAMPING, conv1d: bool = False, freeze_kept: bool = False) -> tuple:
+                 damping: float = DEFAULT_DAMPING, conv1d: bool = False, freeze_kept: bool = False,
+                 anchor: str = "original") -> tuple:
     """``(new kept columns, new bias)`` of an output projection that keeps input columns ``keep``.
 
     Args:
@@ -45,6 +46,10 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
         keep: the kept input columns, in the order they will have.
         damping: ridge ``lambda`` relative to the mean of ``diag(G[K, K])``; 0 solves by least
             squares (a singular ``G[K, K]`` then gets the minimum-norm solution).
+        anchor: what the ridge pulls the kept columns towards: ``"original"`` (their values
+            before the refit: a large damping tends to mean compensation, and what the
+            calibration text cannot pin down stays as the model had it) or ``"zero"`` (the
+            classic ridge).
         freeze_kept: keep the kept columns as they are and move only the bias (mean compensation).
 
     Returns the kept columns in ``weight``'s layout and dtype (``[out, len(keep)]`` or
@@ -57,6 +62,8 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
                          f"got {list(gram.shape)}")
     if damping < 0 or damping != damping:
         raise ValueError(f"damping: expected a non-negative number, got {damping!r}")
+    if anchor not in ("original", "zero"):
+        raise ValueError(f"anchor: expected 'original' or 'zero', got {anchor!r}")
     g = gram.to(w.device, torch.float64)
     if not g[d, d] > 0:
         raise ValueError("gram: no calibration token was seen (the constant's moment is 0)")
@@ -72,18 +79,23 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     s = torch.cat([keep_t, torch.tensor([d], device=w.device)])
     a = g[s][:, s]
     rhs = g[s] @ wt.t()  # [|S|, out]
-    sol = _solve(a, rhs, damping, len(keep))
+    prior = w[:, keep_t].t() if anchor == "original" else None
+    sol = _solve(a, rhs, damping, len(keep), prior)
     new_w = sol[:-1].t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
     return new_w.to(weight.dtype).contiguous(), sol[-1]
 
 
-def _solve(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int) -> torch.Tensor:
-    """``(a + damping * mean(diag(a[:k, :k])) I_k) x = rhs`` (Cholesky; least squares if singular)."""
+def _solve(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, prior=None) -> torch.Tensor:
+    """``(a + c I_k) x = rhs + c prior`` with ``c = damping * mean(diag(a[:k, :k]))`` (the ridge
+    towards ``prior`` ``[k, out]``, or towards 0); Cholesky, least squares if singular."""
     a = a.clone()
     if damping > 0 and k > 0:
         scale = a.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
         a.diagonal()[:k] += damping * scale
+        if prior is not None:
+            rhs = rhs.clone()
+            rhs[:k] += damping * scale * prior
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, chol)
