@@ -296,7 +296,8 @@ def test_scan_fused_switch_reaches_collect(run, tmp_path, tiny_dir, monkeypatch)
     torch.testing.assert_close(seen[0][1].entropy, seen[1][1].entropy, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("extra", [["--steps", "2", "--no-fused"], ["--mask", "--no-compensate"], ["--scope", "per_layer", "--steps", "1"]])
+@pytest.mark.parametrize("extra", [["--steps", "2", "--no-fused"], ["--mask", "--no-reconstruct", "--no-compensate"],
+                                   ["--scope", "per_layer", "--steps", "1"], ["--no-reconstruct"], ["--sequential"]])
 def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, extra):
     import json
 
@@ -314,7 +315,8 @@ def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, ext
     from headprune.ranking import DEFAULT_STEPS
 
     steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else DEFAULT_STEPS
-    assert s["steps"] == steps and s["compensate"] is ("--no-compensate" not in extra)
+    want = "zero" if "--no-compensate" in extra else ("mean" if "--no-reconstruct" in extra else "refit")
+    assert s["steps"] == steps and s["removal"] == want and s["sequential"] is ("--sequential" in extra)
     assert report["heads_pruned"] == int(0.3 * report["heads_total"])
     model = load_pruned(tmp_path / "o" / "model")
     with torch.no_grad():

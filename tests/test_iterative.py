@@ -95,7 +95,7 @@ def test_sweep_iterative_recipes_nest_and_start_like_one_shot(monkeypatch):
     scores = collect(model, batches, progress=False)
     recipes = {"one": {"score": "entropy", "order": "high"}, "it": {"score": "entropy", "order": "high", "iterative": True}}
     args = SweepConfig(model="tiny", ratios=[0.25, 0.5, 0.75], seeds=1, gqa="query", quiet=True, eval_windows=1,
-                       compensate=True)
+                       removal="mean")
     monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})  # the selections are under test
     loaded = Loaded(model, None, "causal", "tiny")
     snap = ModelSnapshot(model)

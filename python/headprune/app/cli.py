@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ..ranking import DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES, SCORES
+from ..stats.moments import DEFAULT_DAMPING
 from .load import DTYPES
 from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
@@ -61,6 +62,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _nonnegative(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
+    return x
+
+
 def _steps(text: str):
     if text == "auto":
         return text
@@ -103,10 +114,16 @@ def _fused(p: argparse.ArgumentParser) -> None:
                         "attention and computes the statistics in a second pass over query and key")
 
 
-def _compensate(p: argparse.ArgumentParser) -> None:
+def _removal(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit the kept heads' output-projection columns and bias by least squares to what the full "
+                        "projection computed on the calibration data (default; needs second moments, gathered in "
+                        "the same pass); --no-reconstruct keeps the kept columns as they are")
     p.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace each removed head by its mean output on the calibration data, folded into the "
-                        "output projection's bias (default; --no-compensate removes heads outright)")
+                   help="with --no-reconstruct: replace each removed head by its mean output on the calibration data, "
+                        "folded into the output projection's bias (default); --no-compensate removes heads outright")
+    p.add_argument("--damping", type=_nonnegative, default=DEFAULT_DAMPING,
+                   help=f"ridge damping of the refit, relative to the mean squared input (default {DEFAULT_DAMPING:g})")
 
 
 def _selection(p: argparse.ArgumentParser) -> None:
@@ -118,7 +135,10 @@ def _selection(p: argparse.ArgumentParser) -> None:
                    help="statistic that ranks heads (default: the measured default recipe)")
     p.add_argument("--order", choices=ORDERS, default=None)
     p.add_argument("--seed", type=int, default=0)
-    _compensate(p)
+    _removal(p)
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
+                   help="calibrate the refit layer by layer, each layer's statistics taken with the earlier layers "
+                        "already pruned and refit (about one more forward pass over the calibration data)")
     p.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
                    help="iterative pruning: reach the budget in this many rounds, re-collecting the statistics "
                         "with the heads chosen so far removed before each round; 'auto': at most 10%% of the "
@@ -154,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--random-scope", choices=list(RANDOM_SCOPES), default="per_layer",
                        help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in RANDOM_SCOPES.items()))
     sweep.add_argument("--gqa", choices=GQA_MODES, default="query")
-    _compensate(sweep)
+    _removal(sweep)
     sweep.add_argument("--eval-paragraphs", type=_positive, default=None,
                        help="held-out paragraphs for the fidelity of encoders (default: all)")
     return ap

@@ -20,7 +20,7 @@ from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .load import load_model
-from .sweep import SweepConfig
+from .sweep import SweepConfig, removal_kwargs, removal_of
 
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
 
@@ -133,8 +133,9 @@ def _fused(args) -> bool:
     return getattr(args, "fused", True)
 
 
-def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
-    """Collection, data-parallel under ``--distributed`` and resumable with a checkpoint."""
+def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = False) -> HeadScores:
+    """Collection, data-parallel under ``--distributed`` and resumable with a checkpoint;
+    ``moments``: with the second moments a least-squares refit needs."""
     from .. import distributed
 
     t0 = time.perf_counter()
@@ -147,14 +148,14 @@ def _collect(args, loaded, batches, settings, checkpoint=None) -> HeadScores:
         rank, world = distributed.rank_world()
         scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
                                      fingerprint=fingerprint, progress=not args.quiet and rank == 0,
-                                     fused=_fused(args))
+                                     fused=_fused(args), moments=moments)
         _say(args, f"rank {rank}/{world}: ", end="")
     else:
         from ..hf import collect
 
         scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
                          resume=getattr(args, "resume", False), fingerprint=fingerprint,
-                         fused=_fused(args))
+                         fused=_fused(args), moments=moments)
     _say(args, f"collected entropies over {sum(b['input_ids'].shape[0] for b in batches)} sequences "
                f"in {time.perf_counter() - t0:.1f} s")
     return scores
@@ -275,7 +276,8 @@ def prune(args) -> int:
     out = Path(args.out) if args.out else _out(args, "prune")
     check_out(out, args.force)  # fail before the slow part
     loaded, batches, held, settings = _setup(args)
-    scores = _collect(args, loaded, batches, settings)
+    removal = removal_of(args)
+    scores = _collect(args, loaded, batches, settings, moments=removal == "refit" or args.score == "reconstruction")
     kw = _selection_kwargs(args)
     if _is_writer():
         _warn_as_written(kw, loaded.kind)
@@ -287,9 +289,11 @@ def prune(args) -> int:
                                    fused=_fused(args))
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
                                          scores=scores, progress=not args.quiet and _is_writer(),
-                                         compensate=args.compensate, collect_fn=gather, **kw)
+                                         removal=removal, damping=args.damping, collect_fn=gather, **kw)
     else:
         heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
+    if args.sequential:
+        heads, last = _sequential(args, loaded, batches, last, heads, removal)
     if not _is_writer():
         return 0
     n = sum(len(h) for h in heads.values())
@@ -298,14 +302,14 @@ def prune(args) -> int:
     before_q = quality(args, loaded, held)
     before = {**_public(before_q), **speed(loaded)}
     mode = args.mode or "physical"
-    compensate = last if args.compensate else None
+    how = removal_kwargs(removal, last, args.damping)
     if mode == "mask":
-        mask_heads(loaded.model, heads, compensate=compensate)
+        mask_heads(loaded.model, heads, **how)
     else:
-        prune_heads(loaded.model, heads, compensate=compensate)
+        prune_heads(loaded.model, heads, **how)
     after = {**_public(quality(args, loaded, held, reference=before_q)), **speed(loaded)}
     settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
-                     "compensate": args.compensate, **kw})
+                     "removal": removal, "damping": args.damping, "sequential": args.sequential, **kw})
     with output_dir(out, args.force, _stages(args)) as tmp:
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report = {"model": args.model, "settings": settings, "pruned_heads": {str(k): v for k, v in heads.items()},
@@ -318,6 +322,21 @@ def prune(args) -> int:
     print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
     print(table)
     return 0
+
+
+def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tuple:
+    """The selection's per-site counts, re-chosen and refit layer by layer (``--sequential``)."""
+    from ..hf.sequential import calibrate_sequentially
+
+    if removal != "refit":
+        raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
+    unit = [hq // hkv if args.gqa == "group" and hkv else 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
+    counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
+    t0 = time.perf_counter()
+    heads, scores = calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
+                                           progress=not args.quiet)
+    _say(args, f"calibrated the refit layer by layer in {time.perf_counter() - t0:.1f} s")
+    return heads, scores
 
 
 def summary_table(report: dict, metric: str) -> str:
@@ -365,7 +384,7 @@ def sweep(args) -> int:
     out = _out(args, "sweep")
     check_out(out, args.force)
     loaded, batches, held, settings = _setup(args)
-    scores = _collect(args, loaded, batches, settings)
+    scores = _collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
     if not _is_writer():
         return 0
     with output_dir(out, args.force, _stages(args)) as tmp:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..ranking import select_heads
+from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
 
 #: random-baseline scopes (``--random-scope``) and what each draws
@@ -51,6 +52,7 @@ class SweepConfig:
     random_scope: str = "per_layer"
     gqa: str = "query"
     removal: str = "refit"
+    damping: float = DEFAULT_DAMPING
     eval_windows: int = 48
     eval_paragraphs: Optional[int] = None
     fused: bool = True
@@ -63,7 +65,9 @@ class SweepConfig:
     @classmethod
     def from_args(cls, args) -> "SweepConfig":
         """From the CLI's parsed arguments (``headprune sweep``)."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        kw["removal"] = removal_of(args)
+        return cls(**kw)
 
 
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None) -> dict:
@@ -112,7 +116,7 @@ class _Evaluator:
     def __call__(self, heads: dict, stats, removal: str) -> float:
         from ..hf import mask_heads
 
-        with mask_heads(self.loaded.model, heads, **_removal_kwargs(removal, stats)):
+        with mask_heads(self.loaded.model, heads, **removal_kwargs(removal, stats, self.config.damping)):
             return self._quality(self.reference)[self.metric]
 
 
@@ -139,7 +143,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     if iterative:
         pruned, stats = state[name]
         if pruned:
-            with mask_heads(point.loaded.model, pruned, **_removal_kwargs(removal, stats)):
+            with mask_heads(point.loaded.model, pruned, **removal_kwargs(removal, stats, config.damping)):
                 stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,
                                 moments=stats.moments is not None)
     heads = select_heads(stats, ratio=ratio, gqa=config.gqa, pruned=pruned, **kw)
@@ -150,12 +154,22 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
 
         unit = _unit_size(stats, config.gqa)
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
-        heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=config.gqa)
+        heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=config.gqa,
+                                              damping=config.damping)
     return heads, point(heads, stats, removal)
 
 
-def _removal_kwargs(removal: str, stats) -> dict:
-    return {"compensate": stats} if removal == "mean" else ({"reconstruct": stats} if removal == "refit" else {})
+def removal_of(args) -> str:
+    """``refit``, ``mean`` or ``zero`` from the CLI's ``--reconstruct`` and ``--compensate``."""
+    if getattr(args, "reconstruct", False):
+        return "refit"
+    return "mean" if getattr(args, "compensate", False) else "zero"
+
+
+def removal_kwargs(removal: str, stats, damping: float = DEFAULT_DAMPING) -> dict:
+    if removal == "refit":
+        return {"reconstruct": stats, "damping": damping}
+    return {"compensate": stats} if removal == "mean" else {}
 
 
 def _unit_size(scores, gqa: str) -> list:

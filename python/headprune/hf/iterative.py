@@ -10,9 +10,11 @@ is returned unmasked: the caller masks or prunes the selection it gets back.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Iterable, Optional, Union
 
 from ..ranking import budget, count_units, select_heads
+from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .collect import collect
 from .prune import mask_heads
@@ -38,6 +40,8 @@ def select_iteratively(
     scores: Optional[HeadScores] = None,
     progress: bool = False,
     compensate: bool = False,
+    removal: Optional[str] = None,
+    damping: float = DEFAULT_DAMPING,
     on_step: Optional[Callable[[int, HeadScores, dict], None]] = None,
     collect_fn: Optional[Callable] = None,
     **select_kwargs,
@@ -54,7 +58,10 @@ def select_iteratively(
         scores: statistics of the unpruned model, if already collected (saves the first
             collection).
         compensate: mask the heads of earlier rounds with mean compensation (see
-            :func:`mask_heads`), as they will be pruned.
+            :func:`mask_heads`), as they will be pruned (``removal="mean"``).
+        removal: how earlier rounds' heads are masked: ``"refit"`` (least squares, with
+            ``damping``; every round then gathers second moments), ``"mean"`` or ``"zero"``;
+            ``None``: ``"mean"`` if ``compensate`` else ``"zero"``.
         on_step: called after each round with ``(round, scores, heads so far)``.
         collect_fn: ``collect_fn(model, batches, progress=...)`` replaces :func:`collect`,
             e.g. :func:`headprune.distributed.collect` (every rank then runs the same rounds
@@ -71,7 +78,12 @@ def select_iteratively(
         raise ValueError(f"steps: expected a positive int or 'auto', got {steps!r}")
     if steps != 1 and not hasattr(batches, "__len__"):
         raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
+    removal = ("mean" if compensate else "zero") if removal is None else removal
+    if removal not in ("refit", "mean", "zero"):
+        raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
     gather = collect if collect_fn is None else collect_fn
+    if removal == "refit":
+        gather = partial(gather, moments=True)
     heads: dict = {}
     handles = []
     try:
@@ -96,7 +108,8 @@ def select_iteratively(
             if on_step is not None:
                 on_step(step, scores, heads)
             if step < steps and added:
-                handles.append(mask_heads(model, added, compensate=scores if compensate else None))
+                how = {"refit": {"reconstruct": scores, "damping": damping}, "mean": {"compensate": scores}, "zero": {}}
+                handles.append(mask_heads(model, added, **how[removal]))
     finally:
         for h in reversed(handles):
             h.restore()
