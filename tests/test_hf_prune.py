@@ -69,8 +69,11 @@ def test_repeated_pruning_composes():
     with torch.no_grad(), mask_heads(model, {0: [1, 3], 1: [0]}):
         ref = _first(model(**batch))
     prune_heads(model, {0: [1]})
-    prune_heads(model, {0: [2], 1: [0]})  # local index 2 is original head 3
-    assert kept_heads(model)[0] == [0, 2]
+    report = prune_heads(model, {0: [1, 3], 1: [0]})  # original indices: head 1 is gone already
+    assert kept_heads(model)[0] == [0, 2] and report.removed == {0: [3], 1: [0]}
+    assert report.already_removed == {0: [1]}
+    again = prune_heads(model, {0: [1]})  # transformers 4: a second call with the same heads is a no-op
+    assert again.removed == {} and again.after == again.before
     with torch.no_grad():
         out = _first(model(**batch))
     assert_same_function({"masked": ref, "pruned": out}, float64_output(model, batch, lambda m, b: _first(m(**b))))
@@ -116,3 +119,22 @@ def test_failed_pruning_leaves_the_model_unchanged(monkeypatch):
 def test_bad_heads_are_named(fn, heads, exc, match):
     with pytest.raises(exc, match=match):
         fn(tiny_model("bert"), heads)
+
+
+def test_indices_stay_original_across_pruning_collection_and_reload(tmp_path):
+    """As in transformers 4: scores collected on a pruned model, select_heads, kept_heads and
+    prune_heads all speak the original head indices, also after save and reload."""
+    from headprune import select_heads
+    from headprune.hf import collect, load_pruned, save_pruned
+
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2)
+    prune_heads(model, {0: [0, 5], 1: [7]})
+    save_pruned(model, tmp_path / "m")
+    back = load_pruned(tmp_path / "m")
+    scores = collect(back, [tiny_batch("llama")], progress=False)
+    assert scores.head_ids == [[1, 2, 3, 4, 6, 7], [0, 1, 2, 3, 4, 5, 6]]
+    chosen = select_heads(scores, count=2, score="entropy", scope="global")
+    assert all(set(hs) <= set(kept_heads(back)[site]) for site, hs in chosen.items())
+    report = prune_heads(back, chosen)
+    assert report.removed == chosen
+    assert all(not set(hs) & set(kept_heads(back)[site]) for site, hs in chosen.items())

@@ -256,8 +256,8 @@ PRUNE_ERRORS = [
     (lambda: tiny_model("t5"), mask_heads, {0: [True]}, TypeError, r"heads: layer 0: expected a list of head indices"),
     (lambda: tiny_model("bert"), prune_heads, {0: 1}, TypeError, r"heads: layer 0: expected a list"),
     (lambda: tiny_model("bert"), prune_heads, [(0, [1])], TypeError, r"heads: expected a dict"),
-    # the same head twice: a second call counts in the pruned model's (local) indices
-    (_pruned("gpt2", {0: [3]}), prune_heads, {0: [3]}, ValueError, r"heads: layer 0 has 3 heads, got indices \[3\]"),
+    # indices are the original ones after a pruning too: 4 is out of range, 3 (removed) is ignored
+    (_pruned("gpt2", {0: [3]}), prune_heads, {0: [4]}, ValueError, r"heads: layer 0 has 4 heads, got indices \[4\]"),
     (_masked("gpt2", {0: [1]}), mask_heads, {0: [1, 2]}, ValueError, r"layer 0 head\(s\) \[1\] are already masked"),
     (_masked("llama", {1: [0]}), prune_heads, {0: [2]}, ValueError, r"heads \{1: \[0\]\} are masked by an active"),
     (_masked("t5", {4: [3]}), prune_heads, {4: [3]}, ValueError, r"heads \{4: \[3\]\} are masked by an active"),

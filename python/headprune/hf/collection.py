@@ -23,6 +23,7 @@ from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .attention import RECORDERS, attention_implementation, model_configs
+from .prune import STATE_ATTR
 from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
 
 __all__ = ["Collection", "METHODS"]
@@ -227,6 +228,7 @@ class Collection:
             [s.name for s in self.sites], [s.block.kind for s in self.sites],
             model_type=self.adapter.model_type, method=self.method, with_outputs=True,
             causal=[s.block.causal for s in self.sites], depth=[s.depth for s in self.sites],
+            head_ids=_head_ids(self.model),
         )
         if self.initial is not None:
             out.stats.copy_(self.initial.stats)
@@ -244,6 +246,12 @@ class Collection:
                     for i, g in enumerate(self.gram)]
             out.moments = OutputMoments(gram, self.projections())
         return out
+
+
+def _head_ids(model):
+    """Original indices of the heads of a model an earlier pruning changed (``None``: unpruned)."""
+    state = getattr(model, STATE_ATTR, None)
+    return None if state is None else [list(k) for k in state["kept"]]
 
 
 def _add_gram_(gram: torch.Tensor, rows: torch.Tensor) -> None:

@@ -1,8 +1,11 @@
 """Masking (exact, reversible) and physical removal of attention heads.
 
 ``heads`` arguments are ``{layer: [query heads]}`` to remove, with ``layer`` a site index
-of ``resolve_sites`` / ``HeadScores`` (the output of ``select_heads``). Physical removal
-keeps, per model, the original indices of the surviving heads (``kept_heads``) so that
+of ``resolve_sites`` / ``HeadScores`` (the output of ``select_heads``) and the heads given
+by their **original** indices, as transformers 4's ``prune_heads`` took them: pruning
+``{0: [1]}`` twice removes head 1 once (the second call ignores it and says so in its
+report), and the indices stay the same across save and reload. Physical removal keeps, per
+model, the original indices of the surviving heads (``kept_heads``) so that
 ``save_pruned`` / ``load_pruned`` can rebuild the exact layout.
 """
 
@@ -62,7 +65,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
         return mask_modules(model, heads)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
-    heads = normalize_heads(heads, [head_counts(s, adapter)[0] for s in sites])
+    heads, _ = positions(model, sites, adapter, heads)
     refuse_masked_again(model, heads, [s.o.weight for s in sites])
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping)
     handle = MaskHandle(model, heads)
@@ -141,9 +144,33 @@ def new_state(model, counts) -> dict:
     return {
         "kept": [list(range(c[0])) for c in counts],
         "kv": [list(range(c[1])) for c in counts],
+        "num_heads": [c[0] for c in counts],
         "per_layer_bias": [],
         "original_config": model.config.to_dict(),
     }
+
+
+def positions(model, sites, adapter, heads: dict) -> tuple:
+    """``(positions, already removed)``: ``heads`` (``{site: [original head indices]}``, as
+    transformers 4 took them, the same across repeated pruning and save/reload) as the sites'
+    current positions, and the heads an earlier pruning already removed (ignored, as
+    transformers 4 ignored them)."""
+    state = getattr(model, STATE_ATTR, None)
+    current = [head_counts(s, adapter)[0] for s in sites]
+    if state is None:
+        return normalize_heads(heads, current), {}
+    kept = state["kept"]
+    original = state.get("num_heads") or [max((max(k) + 1 for k in kept if k), default=0)] * len(kept)
+    ids = normalize_heads(heads, original)
+    out, gone = {}, {}
+    for site, hs in ids.items():
+        where = {h: j for j, h in enumerate(kept[site])}
+        out_site = [where[h] for h in hs if h in where]
+        if out_site:
+            out[site] = out_site
+        if len(out_site) < len(hs):
+            gone[site] = [h for h in hs if h not in where]
+    return out, gone
 
 
 def kept_heads(model) -> dict:
@@ -240,7 +267,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
-    heads = normalize_heads(heads, [c[0] for c in counts])
+    heads, gone = positions(model, sites, adapter, heads)
     masked = {s.index: sorted(masked_heads(model, s.o.weight)) for s in sites}
     masked = {k: v for k, v in masked.items() if v}
     if masked:  # slicing would copy the zeros and orphan the handle's restore()
@@ -252,6 +279,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                         damping=damping)  # from the weights before slicing
     before = measure(model)
     state = new_state(model, counts)
+    removed_ids = {site: [state["kept"][site][p] for p in hs] for site, hs in heads.items()}
     state.setdefault("o_bias", [])
     new_kept = [[k for j, k in enumerate(state["kept"][i]) if j not in heads.get(i, ())] for i in range(len(sites))]
     undo = Undo()
@@ -280,4 +308,4 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     except BaseException:
         undo.rollback()
         raise
-    return PruneReport(before, after, {k: list(v) for k, v in heads.items()})
+    return PruneReport(before, after, removed_ids, gone)

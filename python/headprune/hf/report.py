@@ -49,7 +49,10 @@ class PruneReport:
 
     before: dict
     after: dict
+    #: ``{site: [original head indices]}`` this call removed
     removed: dict = field(default_factory=dict)
+    #: heads asked for that an earlier pruning had already removed (ignored)
+    already_removed: dict = field(default_factory=dict)
 
     @property
     def parameters_removed(self) -> int:
@@ -60,7 +63,8 @@ class PruneReport:
         return self.after["attention_flops_per_token"] / max(1, self.before["attention_flops_per_token"])
 
     def to_dict(self) -> dict:
-        return {"before": self.before, "after": self.after, "removed": {str(k): v for k, v in self.removed.items()}}
+        return {"before": self.before, "after": self.after, "removed": {str(k): v for k, v in self.removed.items()},
+                "already_removed": {str(k): v for k, v in self.already_removed.items()}}
 
     def __str__(self) -> str:
         b, a = self.before, self.after

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_RECIPE, SCOPES, resolve_recipe
-from .units import rank_heads
+from .units import rank_positions
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget"]
 
@@ -63,12 +63,12 @@ def select_heads(
     if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
         raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
     recipe = resolve_recipe(scores, score, order, protect_layers)
-    ranked = rank_heads(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
+    ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
     protect = _check_layers(recipe.protect_layers, scores.num_sites)
     units = [0] * scores.num_sites
     for layer, _ in ranked:
         units[layer] += 1
-    forced = _forced(ranked, pruned, scores)
+    forced = _forced(ranked, _as_positions(pruned, scores), scores)
     if forced and any(layer in protect for layer, _ in forced):
         bad = sorted({layer for layer, _ in forced if layer in protect})
         raise ValueError(f"pruned: layers {bad} are in protect_layers")
@@ -82,7 +82,23 @@ def select_heads(
         )
     if len(forced) > want:
         raise ValueError(f"pruned: {len(forced)} units are already pruned, more than the {want} requested")
-    return allocate(ranked, forced, floors, ceils, want)
+    chosen = allocate(ranked, forced, floors, ceils, want)
+    return {site: sorted(scores.ids(site, hs)) for site, hs in chosen.items()}
+
+
+def _as_positions(pruned, scores: HeadScores):
+    """``pruned`` (original head indices) as positions of ``scores``' sites."""
+    if pruned is None or scores.head_ids is None or not isinstance(pruned, dict):
+        return pruned
+    out = {}
+    for site, hs in pruned.items():
+        ids = scores.head_ids[_layer_index(site)] if 0 <= _layer_index(site) < scores.num_sites else []
+        where = {h: p for p, h in enumerate(ids)}
+        bad = [h for h in hs if h not in where]
+        if bad:
+            raise ValueError(f"pruned: layer {site} heads {bad} are not among its heads {ids}")
+        out[site] = [where[h] for h in hs]
+    return out
 
 
 def site_caps(units: list, protect: set, min_units: int, want: int, scope: str) -> tuple:

@@ -13,7 +13,7 @@ from ..stats.scores import HeadScores
 from .reconstruction import reconstruction_score
 from .recipes import GQA_MODES, ORDERS, resolve_recipe
 
-__all__ = ["count_units", "rank_heads"]
+__all__ = ["count_units", "rank_heads", "rank_positions"]
 
 
 def _unit_size(hq: int, hkv: int, gqa: str) -> int:
@@ -53,7 +53,14 @@ def _units(scores: HeadScores, score, gqa: str) -> list:
 
 
 def rank_heads(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query") -> list:
-    """All units in pruning order, as ``[(layer, [heads])]``.
+    """All units in pruning order, as ``[(layer, [original head indices])]`` (see
+    :func:`rank_positions` for the arguments)."""
+    return [(site, scores.ids(site, hs)) for site, hs in rank_positions(scores, score=score, order=order, seed=seed,
+                                                                          gqa=gqa)]
+
+
+def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query") -> list:
+    """All units in pruning order, as ``[(layer, [head positions])]``.
 
     ``score``: a name (see ``HeadScores.score``) or a ``[sites, heads]`` tensor; ``None``:
     the default recipe's. ``order``: ``"high"`` (highest score first), ``"low"`` (lowest

@@ -72,15 +72,19 @@ class HeadScores:
     #: for least-squares refits; kept out of :meth:`to_dict` (they are large: saved as
     #: safetensors by ``OutputMoments.save``)
     moments: Optional[OutputMoments] = None
+    #: per site, the original index of the head at each position, for a model an earlier
+    #: pruning left with fewer heads (``None``: positions are the original indices); the
+    #: selection API speaks original indices, as ``prune_heads`` takes them
+    head_ids: Optional[list] = None
 
     def __post_init__(self):
         if not isinstance(self.stats, torch.Tensor) or self.stats.dim() != 3 or self.stats.shape[-1] != NUM_STATS:
             raise ValueError(f"stats: expected a [sites, heads, {NUM_STATS}] tensor, got {getattr(self.stats, 'shape', type(self.stats))}")
         self.stats = self.stats.to(torch.float64)
         n = self.stats.shape[0]
-        for name in ("num_heads", "num_kv_heads", "head_dim", "names", "kinds", "causal", "depth"):
+        for name in ("num_heads", "num_kv_heads", "head_dim", "names", "kinds", "causal", "depth", "head_ids"):
             value = getattr(self, name)
-            if value is None and name in ("causal", "depth"):
+            if value is None and name in ("causal", "depth", "head_ids"):
                 continue
             value = list(value)
             if len(value) != n:
@@ -88,6 +92,11 @@ class HeadScores:
             setattr(self, name, value)
         if self.depth is None:
             self.depth = list(range(n))
+        if self.head_ids is not None:
+            self.head_ids = [list(map(int, ids)) for ids in self.head_ids]
+            bad = [i for i, (ids, h) in enumerate(zip(self.head_ids, self.num_heads)) if len(ids) != h]
+            if bad:
+                raise ValueError(f"head_ids: sites {bad[:5]} list another number of heads than num_heads")
         if self.outputs is not None:
             want = (n, self.stats.shape[1], max(self.head_dim, default=0), NUM_OUTPUT_STATS)
             if not isinstance(self.outputs, torch.Tensor) or tuple(self.outputs.shape) != want:
@@ -170,6 +179,10 @@ class HeadScores:
             raise ValueError(f"score: expected one of {sorted([*SCORE_NAMES, *DERIVED_SCORES])}, got {name!r}")
         return self.mean(SCORE_NAMES[name])
 
+    def ids(self, site: int, positions) -> list:
+        """The original indices of the heads at ``positions`` of ``site``."""
+        return list(positions) if self.head_ids is None else [self.head_ids[site][p] for p in positions]
+
     def valid(self) -> torch.Tensor:
         """``[sites, heads]`` bool: the slot is a real head of its site."""
         h = torch.arange(self.num_query_heads)
@@ -187,13 +200,14 @@ class HeadScores:
         moments = None if self.moments is None else self.moments.subset(idx)
         return HeadScores(self.stats[idx].clone(), pick(self.num_heads), pick(self.num_kv_heads), pick(self.head_dim),
                           pick(self.names), pick(self.kinds), self.model_type, self.method, outputs,
-                          pick(self.causal), pick(self.depth), moments)
+                          pick(self.causal), pick(self.depth), moments, pick(self.head_ids))
 
     # ---- combination and serialisation -------------------------------------------------
     def layout(self) -> tuple:
         """What must agree for two collections to add: heads, KV heads, head sizes, site
         names and kinds, model type."""
-        return (self.num_heads, self.num_kv_heads, self.head_dim, self.names, self.kinds, self.model_type)
+        base = (self.num_heads, self.num_kv_heads, self.head_dim, self.names, self.kinds, self.model_type)
+        return base if self.head_ids is None else (*base, self.head_ids)
 
     def layout_fingerprint(self) -> str:
         """Hex SHA-256 of :meth:`layout`, the method and the tensors' shapes (a checkpoint or
@@ -238,6 +252,7 @@ class HeadScores:
             "kinds": self.kinds,
             "causal": self.causal,
             "depth": self.depth,
+            "head_ids": self.head_ids,
             "model_type": self.model_type,
             "method": self.method,
             "outputs": None if self.outputs is None else self.outputs.tolist(),
@@ -258,6 +273,7 @@ class HeadScores:
         return cls(
             stats, d["num_heads"], d["num_kv_heads"], d["head_dim"], d["names"], d["kinds"],
             d.get("model_type"), d.get("method", "sdpa"), outputs, d.get("causal"), d.get("depth"),
+            head_ids=d.get("head_ids"),
         )
 
     def __repr__(self) -> str:
