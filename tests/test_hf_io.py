@@ -118,3 +118,31 @@ def test_weights_under_module_names_load(tmp_path):
     batch = tiny_batch("vit")
     with torch.no_grad():
         assert torch.equal(_first(load_pruned(tmp_path)(**batch)), _first(model(**batch)))
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_transformers4_pruned_directories_load_bit_exactly(family):
+    """transformers 4 saved pruned models with config.pruned_heads; load_pruned rebuilds them
+    and reproduces transformers 4's own outputs (tests/data/transformers4)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from headprune.hf import kept_heads, load_pruned
+
+    path = Path(__file__).parent / "data" / "transformers4" / family
+    model = load_pruned(path)
+    assert kept_heads(model)[0] == [0, 2] and kept_heads(model)[1] == [1, 2, 3]
+    want = load_file(path / "expected.safetensors")
+    with torch.no_grad():
+        got = model(input_ids=want["input_ids"]).last_hidden_state
+    torch.testing.assert_close(got, want["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_transformers4_directories_with_renamed_weights_are_refused_by_name():
+    from pathlib import Path
+
+    from headprune.hf import load_pruned
+
+    with pytest.raises(ValueError, match=r"path: .*vit.model\.safetensors lacks \[.layers\.0\.attention\.q_proj"):
+        load_pruned(Path(__file__).parent / "data" / "transformers4" / "vit")

@@ -26,6 +26,7 @@ from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .files import first_line, read_json, read_header, safetensors_files
 from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, model_class, read_metadata
+from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
@@ -185,6 +186,9 @@ def _directory(path) -> str:
 def load_pruned(path, *, device: Optional[str] = None):
     """Rebuild the model saved by :func:`save_pruned`, bit-exactly, in eval mode.
 
+    A directory that transformers 4 pruned (``config.json`` with ``pruned_heads``) is read
+    too, into the same model headprune's pruning of those heads gives (see :mod:`.migrate`).
+
     Nothing in the directory is trusted. ``headprune.json`` is checked field by field; the
     model it declares is built on the meta device and compared tensor by tensor with the
     safetensors headers before anything is allocated; weights are read from safetensors only
@@ -197,12 +201,14 @@ def load_pruned(path, *, device: Optional[str] = None):
             torch.device(device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device: expected a torch device such as cpu or cuda:0, got {device!r}") from None
-    meta = read_metadata(path)
-    file = os.path.join(path, METADATA_FILE)
+    if is_transformers4_pruned(path):  # config.json's pruned_heads: read as headprune.json would say
+        meta, file = transformers4_metadata(path), os.path.join(path, "config.json")
+    else:
+        meta, file = read_metadata(path), os.path.join(path, METADATA_FILE)
     cls = model_class(meta, "path", file)
     adapter = ADAPTERS[cls.config_class.model_type]
     plain = meta["plain_loadable"]
-    files = safetensors_files(path, "path", None if plain else WEIGHTS_FILE)
+    files = safetensors_files(path, "path", None if plain or file.endswith("config.json") else WEIGHTS_FILE)
     header = read_header(files, "path")
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
     kw = dict(attn_implementation=meta["attn_implementation"], dtype=DTYPES[meta["dtype"]])
