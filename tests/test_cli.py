@@ -336,3 +336,12 @@ def test_an_interrupt_while_starting_is_one_line(run, monkeypatch):
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert run(["scan", "m"]) == (130, ["headprune: interrupted"])
+
+
+def test_eval_reads_a_directory_transformers4_pruned(run):
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "transformers4" / "bert"
+    code, err = run(["eval", str(path), "--json", "--quiet"])
+    # the fixture has no tokenizer: refused with one line before any weight is read
+    assert code == 2 and len(err) == 1 and "has no tokenizer files" in err[0]

@@ -62,6 +62,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -
     raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from ..hf.migrate import is_transformers4_pruned
+
     torch_dtype = None
     if dtype is not None:
         if dtype not in DTYPES:
@@ -79,7 +81,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -
             if path.suffix != ".gguf":
                 raise ValueError(f"MODEL: {spec!r} is a file but not a .gguf file")
             path, gguf = path.parent, path.name
-        elif os.path.lexists(path / "headprune.json"):
+        elif os.path.lexists(path / "headprune.json") or is_transformers4_pruned(path):
             return _load_pruned_dir(path, device, torch_dtype)
         elif not os.path.lexists(path / "config.json"):
             raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
@@ -98,8 +100,10 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype) -> Loaded:
     """A directory written by ``headprune prune`` (see :func:`headprune.hf.load_pruned`)."""
     from ..hf import load_pruned
     from ..hf.metadata import read_metadata
+    from ..hf.migrate import is_transformers4_pruned, transformers4_metadata
 
-    meta = read_metadata(path, "MODEL")  # cheap checks first, the weights last
+    meta = (transformers4_metadata(path, "MODEL") if is_transformers4_pruned(path)
+            else read_metadata(path, "MODEL"))  # cheap checks first, the weights last
     tok = _tokenizer(path)
     model = load_pruned(path, device=device)
     if torch_dtype is not None:
