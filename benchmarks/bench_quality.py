@@ -1,110 +1,96 @@
-"""Pruning quality: the entropy recipes and the gradient baseline against random pruning, on
-both real models and two unrelated held-out texts, through headprune's own pipeline.
+"""Pruning quality: every recipe against random pruning under the same removal, on both real
+models, calibrated on one text and evaluated on the held-out part of the same text and of
+texts of other kinds, through headprune's own pipeline.
 
-    python benchmarks/bench_quality.py [--models minilm,smollm2] [--texts persuasion,python_tutorial]
-                                       [--ratios 0.1,0.2,0.3,0.4,0.5] [--seeds 3] [--quick]
+    python benchmarks/bench_quality.py [--models minilm,smollm2] [--calib persuasion]
+        [--eval persuasion,python_tutorial] [--ratios 0.1,0.2,0.3,0.4,0.5] [--seeds 3]
+        [--recipes "default;reconstruction (OBS), per layer"] [--out quality.json] [--quick]
 
-For each (model, text): calibrate on the text's first 70% of paragraphs, then for every ratio
-mask the selected heads (exact, so one loaded model serves all points) and measure quality on
-the held-out 30%: perplexity for SmolLM2 (lower is better), embedding fidelity to the
-unpruned model for MiniLM (higher is better). Removed heads are replaced by their mean output
-(``compensate``) unless a recipe says otherwise; random pruning uses the same constraints
-with --seeds seeds, compensated and (``random_zeroed``) zeroed. Writes
-benchmarks/results/quality.json and prints one table per (model, text).
+For each model and calibration text (its first 70% of paragraphs; several comma-separated
+texts with ``+`` between them are mixed: ``persuasion+python_tutorial``), the statistics and
+second moments are collected once; then for every evaluation text (its held-out last 30%) and
+ratio, each recipe's heads are masked (exact, so one loaded model serves every point) with its
+removal (a least-squares refit unless the recipe says otherwise) and the quality measured:
+perplexity for SmolLM2 (lower is better), embedding fidelity to the unpruned model for MiniLM
+(higher is better). The random baseline draws --seeds selections per ratio, spread over the
+layers like the default, with the same removal. Writes benchmarks/results/<out>.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
 from headprune.app import texts  # noqa: E402
-from headprune.hf import collect  # noqa: E402
-from headprune.hf.importance import gradient_importance  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
+from headprune.hf import collect  # noqa: E402
 
 
-def run(model_name: str, text: str, ratios, seeds: int, eval_windows: int, samples: int | None,
-        eval_paragraphs: int | None = None, only: list | None = None, zeroed: bool = True,
-        random_scope: str = "per_layer") -> dict:
-    loaded = load_model(model_name)
+def calibration(loaded, spec: str, samples: int | None):
+    """Batches from the calibration part of one text, or of several joined by ``+`` (an equal
+    share of the samples each)."""
     causal = loaded.kind == "causal"
-    calib, held = texts.split(texts.load_paragraphs(text))
+    names = spec.split("+")
     n = samples or (64 if causal else 256)
     seq = 256 if causal else 128
-    batches = texts.calibration_batches(loaded.tokenizer, calib, causal=causal, samples=n, seq_len=seq, batch_size=8)
+    batches = []
+    for name in names:
+        calib, _ = texts.split(texts.load_paragraphs(name))
+        batches += texts.calibration_batches(loaded.tokenizer, calib, causal=causal, samples=max(1, n // len(names)),
+                                             seq_len=seq, batch_size=8)
+    return batches, {"data": spec, "samples": n, "seq_len": seq}
+
+
+def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -> list:
+    batches, settings = calibration(loaded, calib, args.samples)
     t0 = time.perf_counter()
-    scores = collect(loaded.model, batches, progress=False)
-    t_collect = time.perf_counter() - t0
-    wants = lambda name: only is None or name in only  # noqa: E731
-    grad_name = "gradient importance (Michel et al.)"
-    grad = gradient_importance(loaded.model, batches[: max(1, len(batches) // 2)], causal=causal) if wants(grad_name) else None
-    settings = {"data": text, "samples": n, "seq_len": seq}
-    args = SimpleNamespace(model=model_name, ratios=ratios, seeds=seeds, gqa="query", quiet=False, random_scope=random_scope,
-                           eval_windows=eval_windows, eval_paragraphs=eval_paragraphs, compensate=True)
-    recipes = {**S.RECIPES, grad_name: {"score": grad, "order": "low"}}
-    recipes = {k: v for k, v in recipes.items() if wants(k)}
-    result = S.run_sweep(args, loaded, scores, held, settings, recipes, batches=batches)
-    if seeds and zeroed:  # the same random seeds with the heads zeroed: what compensation buys
-        zero = S.run_sweep(SimpleNamespace(**{**vars(args), "compensate": False}), loaded, scores, held, settings, {})
-        result["random_zeroed"] = zero["random"]
-    result["collect_seconds"] = t_collect
-    return result
+    scores = collect(loaded.model, batches, progress=False, moments=True)
+    seconds = time.perf_counter() - t0
+    out = []
+    for text in evals:
+        _, held = texts.split(texts.load_paragraphs(text))
+        config = S.SweepConfig(model=model_name, ratios=args.ratios, seeds=args.seeds, gqa=args.gqa,
+                               eval_windows=args.eval_windows, eval_paragraphs=args.eval_paragraphs,
+                               damping=args.damping)
+        result = S.run_sweep(config, loaded, scores, held, {**settings, "evaluated_on": text}, recipes,
+                             batches=batches)
+        result.update(calibrated_on=calib, evaluated_on=text, collect_seconds=seconds)
+        print(f"calibrated on {calib}:\n" + S.sweep_markdown(result), flush=True)
+        out.append(result)
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="minilm,smollm2")
-    ap.add_argument("--texts", default="persuasion,python_tutorial")
+    ap.add_argument("--calib", default="persuasion", help="calibration texts, comma-separated (a+b mixes a and b)")
+    ap.add_argument("--eval", default="persuasion,python_tutorial", help="evaluation texts (their held-out part)")
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--gqa", default="query")
+    ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
+    ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 64 causal, 256 encoder)")
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")
     ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
-    ap.add_argument("--quick", action="store_true", help="2 ratios, 2 seeds, small calibration (smoke run)")
-    ap.add_argument("--only", default=None,
-                    help="semicolon-separated recipe names to run (with --seeds 0: added to the existing quality.json, "
-                         "whose random baseline is reused: same seeds, same statistics)")
-    ap.add_argument("--no-zeroed", action="store_true", help="skip the zeroed random baseline")
-    ap.add_argument("--random-scope", choices=list(S.RANDOM_SCOPES), default="per_layer",
-                    help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in S.RANDOM_SCOPES.items()))
-    ap.add_argument("--out", default="quality.json",
-                    help="results file under benchmarks/results (a run on other texts, e.g. a validation text)")
+    ap.add_argument("--recipes", default=None, help="semicolon-separated names of headprune.app.sweep.RECIPES")
+    ap.add_argument("--quick", action="store_true", help="2 ratios, 1 seed, small calibration (smoke run)")
+    ap.add_argument("--out", default="quality.json", help="results file under benchmarks/results")
     args = ap.parse_args(argv)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    seeds, samples, windows = args.seeds, None, args.eval_windows
+    args.ratios = [float(r) for r in args.ratios.split(",")]
     if args.quick:
-        ratios, seeds, samples, windows = ratios[:2], 2, 16, 8
-    only = None if args.only is None else [n.strip() for n in args.only.split(";")]
+        args.ratios, args.seeds, args.samples, args.eval_windows = args.ratios[:2], 1, 16, 8
+    recipes = S.RECIPES if args.recipes is None else {n.strip(): S.RECIPES[n.strip()] for n in args.recipes.split(";")}
     results = []
     for m in args.models.split(","):
-        for t in args.texts.split(","):
-            res = run(m, t, ratios, seeds, windows, samples, args.eval_paragraphs, only, not args.no_zeroed,
-                      args.random_scope)
-            results.append(res)
-            if seeds:
-                print(S.sweep_markdown(res), flush=True)
-    if only is not None and not seeds:  # add the recipes to the committed results
-        path = Path(__file__).parent / "results" / args.out
-        old = json.loads(path.read_text())
-        for res in results:
-            for prev in old["results"]:
-                if (prev["model"], prev["data"]) == (res["model"], res["data"]):
-                    if prev["ratios"] != res["ratios"]:
-                        raise SystemExit(f"--only: ratios differ from {path} for {res['model']}/{res['data']}")
-                    prev["recipes"].update(res["recipes"])
-                    prev.setdefault("heads", {}).update(res.get("heads", {}))
-                    prev.setdefault("recipe_settings", {}).update(res.get("recipe_settings", {}))
-        path.write_text(json.dumps(old, indent=1) + "\n")
-        print(f"added {only} to {path}")
-        return
+        loaded = load_model(m)
+        for calib in args.calib.split(","):
+            results += run(loaded, m, calib, args.eval.split(","), args, recipes)
     path = write_results(args.out, {"quick": args.quick, "results": results})
     print(f"wrote {path}")
 
