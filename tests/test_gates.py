@@ -10,7 +10,7 @@ from numerics import assert_same_function, float64_output
 
 import headprune
 from headprune.hf import gates, mask_heads, prune_heads, resolve_sites
-from headprune.hf.adapters import get_adapter, head_counts, head_dim
+from headprune.hf.adapters import get_adapter, head_dim
 
 BACKENDS = [(f, b) for f in FAMILIES for b in ("sdpa", "eager") if not (b == "sdpa" and f in EAGER_ONLY)]
 

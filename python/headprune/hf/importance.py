@@ -1,7 +1,8 @@
 """Gradient-based head importance (Michel et al., 2019), the comparison baseline.
 
 Each head's output is multiplied by a gate g_h = 1 just before the output projection
-(:func:`~headprune.hf.gates.gates`); the importance of a head is the mean over calibration batches of |dL/dg_h|. It needs no labels:
+(:func:`~headprune.hf.gates.gates`); the importance of a head is the mean over calibration
+batches of |dL/dg_h|. It needs no labels:
 
 * causal LMs: L is the model's own next-token loss on the calibration text;
 * encoders: L is an in-batch contrastive loss (InfoNCE, temperature 0.05) that matches each
