@@ -1,6 +1,8 @@
 """Differentiable head gates on tiny random models of every family and attention backend."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +262,33 @@ def test_gates_are_exported_at_the_top_level():
     assert headprune.gates is gates and headprune.HeadGates is headprune.hf.HeadGates
     assert headprune.gradient_importance is headprune.hf.importance.gradient_importance
     assert {"gates", "HeadGates", "gradient_importance"} <= set(headprune.__all__)
+
+
+def _head_mask_check():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "check_head_mask.py"
+    spec = importlib.util.spec_from_file_location("check_head_mask", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gates_compute_transformers_4_head_mask():
+    """transformers 4 (installed apart, see benchmarks/check_head_mask.py; absent in CI) on the same
+    BERT and GPT-2 weights: the output and d/d(head_mask) equal the gates' to float64 rounding
+    (a gate in the wrong place misses by the mask's effect, ~1e-1), and in float32 neither is
+    further from the float64 result than the other's rounding allows."""
+    check = _head_mask_check()
+    if not Path(check.DEFAULT_TF4, "transformers").is_dir():
+        pytest.skip(f"transformers 4 is not installed in {check.DEFAULT_TF4} (HEADPRUNE_TF4)")
+    tensors, version = check.compute(check.DEFAULT_TF4)
+    assert version.startswith("4.")
+    rows = check.summary(tensors)
+    assert len(rows) == 2 * 3 * 2
+    for name, row in rows.items():
+        bound = 1e-12 * max(1.0, row["reference_max_abs"])  # float64 rounding is ~1e-15 here
+        assert row["float64_tf4_vs_sdpa"] <= bound and row["float64_tf4_vs_eager"] <= bound, (name, row)
+        assert row.get("mask_effect", 1.0) > 1e3 * bound, (name, row)
+    for key in [k[: -len(".tf4")] for k in tensors if k.endswith(".tf4") and ".float32." in k]:
+        ref = tensors[f"{key}.sdpa".replace(".float32.", ".float64.")]
+        assert_same_function({s: tensors[f"{key}.{s}"] for s in ("tf4", "sdpa", "eager")}, ref)
