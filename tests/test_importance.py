@@ -3,10 +3,67 @@
 import pytest
 import torch
 
-from hf_tiny import tiny_batch, tiny_model
+from hf_tiny import tiny_batch, tiny_config, tiny_model
 
 from headprune import collect, select_heads
 from headprune.hf.importance import gradient_importance
+
+
+def _reference_importance(model, batches, causal):
+    """The former implementation, one gate tensor and hook per site, kept as the reference the
+    gate-based one must reproduce bit for bit."""
+    from contextlib import ExitStack
+
+    from headprune.hf.adapters import get_adapter, head_counts, head_dim, resolve_sites
+    from headprune.hf.importance import _loss
+
+    def hook(gate, d):
+        def pre(module, args):
+            x = args[0]
+            return ((x.unflatten(-1, (gate.shape[0], d)) * gate.to(x.dtype)[:, None]).flatten(-2), *args[1:])
+
+        return pre
+
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    counts = [head_counts(s, adapter)[0] for s in sites]
+    gates = [torch.ones(h, requires_grad=True) for h in counts]
+    total = torch.zeros(len(sites), max(counts), dtype=torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with ExitStack() as stack:
+        for site, gate in zip(sites, gates):
+            stack.callback(site.o.register_forward_pre_hook(hook(gate, head_dim(site, adapter))).remove)
+        for batch in batches:
+            for g in gates:
+                g.grad = None
+            _loss(model, batch, causal).backward()
+            for i, g in enumerate(gates):
+                total[i, : counts[i]] += g.grad.abs().double()
+    out = total / len(batches)
+    for i, c in enumerate(counts):
+        out[i, c:] = float("nan")
+    return out
+
+
+@pytest.mark.parametrize("family, causal", [("llama", False), ("bert", False), ("gpt2", True), ("llama", True)])
+def test_gradient_importance_is_unchanged(family, causal):
+    """Uneven head counts (a pruned model) included, so the NaN padding is checked too."""
+    import transformers
+
+    from headprune.hf import prune_heads
+
+    if causal:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    else:
+        model = tiny_model(family)
+    prune_heads(model, {1: [0, 2]})
+    batches = [tiny_batch(family, batch=4, seq=12, seed=s) for s in (0, 1)]
+    imp = gradient_importance(model, batches, causal=causal)
+    ref = _reference_importance(model, batches, causal)
+    assert torch.equal(imp.isnan(), ref.isnan()) and imp.isnan().sum() == 2
+    assert torch.equal(imp.nan_to_num(), ref.nan_to_num())
 
 
 @pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
@@ -32,21 +89,15 @@ def test_gradient_importance_matches_finite_difference():
     model = tiny_model("llama").double()
     batch = tiny_batch("llama", batch=2, seq=10)
     imp = gradient_importance(model, [batch])
-    from headprune.hf.importance import _gate_hook, _loss
-    from headprune.hf.adapters import get_adapter, head_counts, head_dim, resolve_sites
+    from headprune.hf import gates
+    from headprune.hf.importance import _loss
 
-    adapter = get_adapter(model)
-    site = resolve_sites(model, adapter)[1]
-    hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
-    eps = 1e-4  # float32 buffers (rotary tables) put ~1e-8 noise on the loss
+    eps = 1e-4  # the RMS norms and rotary tables round to float32 inside: noise on the loss
     losses = []
     for delta in (eps, -eps):
-        gate = torch.ones(hq, dtype=torch.float64)
-        gate[1] += delta
-        h = site.o.register_forward_pre_hook(_gate_hook(gate, d))
-        with torch.no_grad():
+        with gates(model) as g, torch.no_grad():
+            g.gate[1, 1] += delta
             losses.append(_loss(model, batch, False).item())  # a base model: the contrastive loss
-        h.remove()
     fd = abs(losses[0] - losses[1]) / (2 * eps)
     assert imp[1, 1].item() == pytest.approx(fd, rel=1e-3)
 

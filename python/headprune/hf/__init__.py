@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
 from .collect import collect
+from .gates import HeadGates, gates
+from .importance import gradient_importance
 from .io import load_pruned, save_pruned
 from .iterative import auto_steps, select_iteratively
 from .prune import kept_heads, mask_heads, prune_heads
@@ -14,11 +16,14 @@ from .report import PruneReport, attention_flops_per_token, measure
 
 __all__ = [
     "ADAPTERS",
+    "HeadGates",
     "PruneReport",
     "attention_flops_per_token",
     "auto_steps",
     "collect",
+    "gates",
     "get_adapter",
+    "gradient_importance",
     "kept_heads",
     "load_pruned",
     "mask_heads",

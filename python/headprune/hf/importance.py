@@ -1,7 +1,8 @@
 """Gradient-based head importance (Michel et al., 2019), the comparison baseline.
 
-Each head's output is multiplied by a gate g_h = 1 just before the output projection; the
-importance of a head is the mean over calibration batches of |dL/dg_h|. It needs no labels:
+Each head's output is multiplied by a gate g_h = 1 just before the output projection
+(:func:`~headprune.hf.gates.gates`); the importance of a head is the mean over calibration
+batches of |dL/dg_h|. It needs no labels:
 
 * causal LMs: L is the model's own next-token loss on the calibration text;
 * encoders: L is an in-batch contrastive loss (InfoNCE, temperature 0.05) that matches each
@@ -20,18 +21,9 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .gates import gates
 
 __all__ = ["gradient_importance"]
-
-
-def _gate_hook(gate: torch.Tensor, d: int):
-    def pre(module, args):
-        x = args[0]
-        gated = (x.unflatten(-1, (gate.shape[0], d)) * gate.to(x.dtype)[:, None]).flatten(-2)
-        return (gated, *args[1:])
-
-    return pre
 
 
 def _contrastive_loss(model, batch) -> torch.Tensor:
@@ -65,39 +57,31 @@ def _loss(model, batch, causal: bool) -> torch.Tensor:
 def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.Tensor:
     """Mean |dL/dg| per attention site and query head, ``[L, max heads]`` float64 (NaN pads).
 
-    The model's parameters get no gradients (they are frozen for the call and restored), and
-    the gates are removed on every exit path.
+    The gates are float32 (float64 for a float64 model). The model's parameters get no
+    gradients (they are frozen for the call and restored), and the gates are removed on
+    every exit path.
     """
-    adapter = get_adapter(model)
-    sites = resolve_sites(model, adapter)
     if causal is None:
         causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
-    counts = [head_counts(s, adapter)[0] for s in sites]
-    gates = [torch.ones(h, dtype=torch.float32, device=next(model.parameters()).device, requires_grad=True)
-             for h in counts]
-    total = torch.zeros(len(sites), max(counts), dtype=torch.float64)
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     n = 0
     with ExitStack() as stack:
-        for site, gate in zip(sites, gates):
-            stack.callback(site.o.register_forward_pre_hook(_gate_hook(gate, head_dim(site, adapter))).remove)
+        g = stack.enter_context(gates(model))
         stack.callback(lambda: [p.requires_grad_(f) for p, f in flags.items()])
         stack.callback(lambda: model.train(was_training))
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
+        total = torch.zeros(g.shape, dtype=torch.float64)
         for batch in batches:
-            for g in gates:
-                g.grad = None
+            g.gate.grad = None
             _loss(model, batch, causal).backward()
-            for i, g in enumerate(gates):
-                total[i, : counts[i]] += g.grad.abs().double().cpu()
+            total += g.gate.grad.abs().double().cpu()
             n += 1
     if n == 0:
         raise ValueError("batches: expected at least one batch, got none")
     out = total / n
-    for i, c in enumerate(counts):
+    for i, c in enumerate(g.num_heads):
         out[i, c:] = float("nan")
     return out
-
