@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -41,6 +43,26 @@ inline void probs_step(const Vectorized<acc_t>& x, const Vectorized<acc_t>& veps
   vn = vn + x.ne(Vectorized<acc_t>(acc_t(0)));
 }
 
+// The exact sums of a row's rest p[begin, K) (see kernels::probs_rest_is_tiny), in float64
+// and in units of 2^e, e the exponent of the largest entry (so subnormal entries become normal
+// numbers): a = sum p log(p + eps), s = sum p.
+template <typename scalar_t, typename acc_t>
+void probs_rest_exact(const scalar_t* p, int64_t begin, int64_t K, double eps, double& a, double& s, int& e) {
+  auto value = [&](int64_t j) { return static_cast<double>(static_cast<acc_t>(p[j])); };
+  double top = 0.0;
+  for (int64_t j = begin; j < K; ++j) top = std::max(top, value(j));
+  e = std::ilogb(top);
+  a = 0.0;
+  s = 0.0;
+  for (int64_t j = begin; j < K; ++j) {
+    const double x = value(j);
+    if (x == 0.0) continue;
+    const double scaled = std::ldexp(x, -e);
+    a += scaled * std::log(x + eps);
+    s += scaled;
+  }
+}
+
 // One contiguous row of probabilities (acc_t, or bf16 / fp16 widened to float): writes
 // {H, n, p_first, H_rest}.
 template <typename scalar_t, typename acc_t>
@@ -52,6 +74,7 @@ void probs_row(const scalar_t* p, int64_t K, double eps, double* out) {
     k::finalize_probs(0.0, 0.0, 0.0, 0, eps, out);
     return;
   }
+  const double p0 = static_cast<double>(static_cast<acc_t>(p[j0]));
   const Vec veps(static_cast<acc_t>(eps));
   // 0 * log(0 + eps) must be 0 also for eps == 0 (the limit), not 0 * -inf = NaN.
   const Vec vtiny(std::numeric_limits<acc_t>::min());
@@ -64,13 +87,18 @@ void probs_row(const scalar_t* p, int64_t K, double eps, double* out) {
       prefetch(reinterpret_cast<const char*>(p + j) + kPrefetchBytes);
       probs_step(load_row<scalar_t, acc_t>(p + j), veps, vtiny, va, vs, vn);
     }
-    if (j < c1) probs_step(load_row<scalar_t, acc_t>(p + j, c1 - j), veps, vtiny, va, vs, vn);  // zero tail adds nothing
+    if (j < c1) {  // a zero-padded tail adds nothing
+      probs_step(load_row<scalar_t, acc_t>(p + j, c1 - j), veps, vtiny, va, vs, vn);
+    }
     auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v); };
     a += hsum(va);
     s += hsum(vs);
     nz += hsum(vn);
   }
-  k::finalize_probs(static_cast<double>(static_cast<acc_t>(p[j0])), a, s, 1 + static_cast<int64_t>(nz), eps, out);
+  const int64_t n_rest = static_cast<int64_t>(nz);
+  int e = 0;
+  if (k::probs_rest_is_tiny<acc_t>(s, n_rest)) probs_rest_exact<scalar_t, acc_t>(p, j0 + 1, K, eps, a, s, e);
+  k::finalize_probs(p0, a, s, 1 + n_rest, eps, out, e);
 }
 
 template <typename scalar_t, typename acc_t>
