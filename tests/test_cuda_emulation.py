@@ -274,3 +274,13 @@ def test_probs_rows_zero_and_subnormal_entries(emu, tmp_path, dtype, eps):
     rows = run_emu(emu, ["probs", dtype_name(dtype), tmp_path, repr(eps), *p.shape, *p.stride()], tmp_path)
     assert_rows_match(rows, *ref.row_stats_from_probs(p, eps), 1e-6)
 
+
+def test_probs_rows_negative_entry_marks_the_row(emu, tmp_path):
+    p = edge_probs(F32)
+    p[0, 1, 0, 0] = -0.5  # the first entry
+    p[0, 4, 0, 33] = -1e-3  # after it
+    p[0, 5, 0, 69] = -1e-44  # the last entry, subnormal
+    p.numpy().tofile(tmp_path / "probs.bin")
+    rows = run_emu(emu, ["probs", "f32", tmp_path, "0.0", *p.shape, *p.stride()], tmp_path).view(6, 4)
+    assert rows[:, 1].tolist()[1::3] == [-1.0, -1.0] and rows[5, 1] == -1.0
+    assert (rows[[0, 2, 3], 1] > 0).all()

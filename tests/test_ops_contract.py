@@ -311,7 +311,9 @@ print("ok")
 @pytest.mark.parametrize("isa", _isas())
 def test_every_cpu_isa_probs_edge_values(isa):
     """Probabilities that are subnormal in the dtype the kernels compute in, eps = 0 and 1e-8:
-    every statistic (the rest entropy included) as the float64 reference, one head per row."""
+    every statistic (the rest entropy included) as the float64 reference, one head per row.
+    A negative probability anywhere in a row (first entry, vector body, tail, subnormal) is
+    refused."""
     _run_on_isa(isa, """
 import torch
 from headprune.core import ops, reference as R
@@ -342,6 +344,16 @@ for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             # float16's subnormals are normal floats: the float32 sums' usual rounding
             tol = 1e-5 if dt == torch.float16 else 1e-6
             assert torch.equal(s[:, 0], w[:, 0]) and err.max() < tol, (dt, eps, p.shape, err, s[:, 5], w[:, 5])
+    for j, value in ((0, -0.25), (1, -least), (37, -1.0), (69, -tiny)):
+        p = rows.clone().view(1, 7, 1, K)
+        p[0, 4, 0, j] = value
+        s = torch.ones(7, 6, dtype=torch.float64)
+        try:
+            ops.entropy_stats_from_probs_accumulate_(s, p, None, 0.0)
+            raise AssertionError(("negative accepted", dt, j))
+        except ValueError as e:
+            assert str(e).startswith("probs: expected probabilities >= 0"), e
+        assert torch.equal(s, torch.ones_like(s))
 print("ok")
 """)
 

@@ -111,6 +111,11 @@ HP_HD void finalize_probs(double p0, double a_rest, double s_rest, int64_t n, do
   out[3] = (n >= 2 && s_rest > 0.0) ? log(s_rest) + rest_exp * 0.6931471805599453 - a_rest / s_rest : 0.0;
 }
 
+// A row holding a negative probability: n = -1, which the ops refuse before accumulating.
+HP_HD void mark_negative_probs(double* out) {
+  out[0] = 0.0; out[1] = -1.0; out[2] = 0.0; out[3] = 0.0;
+}
+
 // The fast sums of a row's rest (float math in acc_t, p + eps floored at the smallest normal
 // acc_t before the log) are exact to acc_t's rounding except for subnormal entries, whose
 // products p log(p + eps) keep only a few bits: an error of at most tiny/e per entry (tiny =

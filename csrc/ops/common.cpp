@@ -110,6 +110,16 @@ std::optional<at::Tensor> expand_attn_mask(
   return m.expand(target);
 }
 
+void check_no_negative_rows(const at::Tensor& rows, const at::Tensor& probs) {
+  if (!rows.select(-1, 1).lt(0).any().item<bool>()) return;
+  // Only on the way to an error: the first negative entry in index order, for the message.
+  const at::Tensor index = at::nonzero(probs.lt(0)).select(0, 0).cpu();
+  const auto i = index.accessor<int64_t, 1>();
+  const double value = probs[i[0]][i[1]][i[2]][i[3]].item<double>();
+  TORCH_CHECK_VALUE(false, "probs: expected probabilities >= 0, got ", value, " at [", i[0], ", ", i[1], ", ", i[2],
+                    ", ", i[3], "]; nothing was accumulated");
+}
+
 at::Tensor reduce_rows(const at::Tensor& rows, const std::optional<at::Tensor>& query_mask, const char* op,
                        const char* inputs) {
   const at::Tensor H = rows.select(-1, 0);

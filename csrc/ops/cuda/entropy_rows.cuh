@@ -87,10 +87,11 @@ __global__ void __launch_bounds__(kProbsWarps * kWarp)
   }
 
   // The entries after it, formula as written: a = sum p log(p + eps), s = sum p (zeros add
-  // nothing, also for eps = 0).
+  // nothing, also for eps = 0); any negative entry marks the row.
   const acc_t eps_t = static_cast<acc_t>(eps);
   double a = 0.0, s = 0.0;
   long long n = 0;
+  int negative = 0;
   for (int64_t c0 = j0 + 1; c0 < K; c0 += kFlush) {
     const int64_t c1 = min64(K, c0 + kFlush);
     acc_t fa = 0, fs = 0;
@@ -101,6 +102,7 @@ __global__ void __launch_bounds__(kProbsWarps * kWarp)
         fa += x * dev_log(x + eps_t);
         fs += x;
         ++fn;
+        negative |= x < acc_t(0);
       }
     }
     a += static_cast<double>(fa);
@@ -110,7 +112,12 @@ __global__ void __launch_bounds__(kProbsWarps * kWarp)
   a = warp_sum(a);
   s = warp_sum(s);
   n = warp_sum(n);
+  negative = warp_sum(negative);
   const double p0 = static_cast<double>(static_cast<acc_t>(p[j0 * sk]));
+  if (negative != 0 || p0 < 0.0) {
+    if (lane == 0) k::mark_negative_probs(out);
+    return;
+  }
   int e = 0;
   if (k::probs_rest_is_tiny<acc_t>(s, n)) {  // warp-uniform: every lane holds lane 0's sums
     // Subnormal entries: the rest again in float64, in units of 2^e (the largest entry's
