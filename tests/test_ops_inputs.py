@@ -1,11 +1,14 @@
 """What the ops refuse, and that a refusal leaves the accumulators as they were: negative
-probabilities."""
+probabilities, tensors on different devices."""
 
 import pytest
 import torch
 
 from headprune import NUM_STATS
 from headprune.core import ops
+from headprune.core.build import load_extension
+
+load_extension()  # the tests call torch.ops.headprune.* directly
 
 
 NEGATIVE = {  # name: (index of the negative entry in a [2, 3, 4, 40] tensor, value)
@@ -52,4 +55,90 @@ def stats_of(p, eps=1e-8):
     s = torch.zeros(p.shape[1], NUM_STATS, dtype=torch.float64)
     ops.entropy_stats_from_probs_accumulate_(s, p, None, eps)
     return s
+
+
+# ------------------------------------------------------------------------------- samples
+
+OPS = torch.ops.headprune
+ACCUMULATORS = ("sums", "counts", "stats")
+
+
+def _probs_tensors(acc):
+    g = torch.Generator().manual_seed(0)
+    t = {"probs": torch.softmax(torch.randn(2, 3, 4, 5, generator=g), -1), "query_mask": torch.rand(2, 4, generator=g) > 0.3}
+    if acc == "stats":
+        return {"stats": torch.zeros(3, NUM_STATS, dtype=torch.float64), **t}
+    return {"sums": torch.zeros(3, dtype=torch.float64), "counts": torch.zeros(3, dtype=torch.int64), **t}
+
+
+def _qk_tensors(acc, value=False):
+    g = torch.Generator().manual_seed(1)
+    t = {"query": torch.randn(2, 4, 5, 8, generator=g), "key": torch.randn(2, 2, 6, 8, generator=g)}
+    if value:
+        t["value"] = torch.randn(2, 2, 6, 3, generator=g)
+    t["attn_mask"] = torch.randn(1, 4, 5, 6, generator=g)  # additive, so it can require grad
+    t["query_mask"] = torch.rand(2, 5, generator=g) > 0.3
+    if acc == "stats":
+        return {"stats": torch.zeros(4, NUM_STATS, dtype=torch.float64), **t}
+    return {"sums": torch.zeros(4, dtype=torch.float64), "counts": torch.zeros(4, dtype=torch.int64), **t}
+
+
+# op name: (its tensor arguments by name, a call of the op on such a dict)
+SAMPLES = {
+    "entropy_from_probs_accumulate_": (
+        lambda: _probs_tensors("sums"),
+        lambda t: OPS.entropy_from_probs_accumulate_(t["sums"], t["counts"], t["probs"], t["query_mask"], 1e-8)),
+    "entropy_stats_from_probs_accumulate_": (
+        lambda: _probs_tensors("stats"),
+        lambda t: OPS.entropy_stats_from_probs_accumulate_(t["stats"], t["probs"], t["query_mask"], 1e-8)),
+    "entropy_from_qk_accumulate_": (
+        lambda: _qk_tensors("sums"),
+        lambda t: OPS.entropy_from_qk_accumulate_(t["sums"], t["counts"], t["query"], t["key"], 0.3, t["attn_mask"],
+                                                  True, t["query_mask"])),
+    "entropy_stats_from_qk_accumulate_": (
+        lambda: _qk_tensors("stats"),
+        lambda t: OPS.entropy_stats_from_qk_accumulate_(t["stats"], t["query"], t["key"], 0.3, t["attn_mask"], True,
+                                                        t["query_mask"])),
+    "attention_stats_accumulate_": (
+        lambda: _qk_tensors("stats", value=True),
+        lambda t: OPS.attention_stats_accumulate_(t["stats"], t["query"], t["key"], t["value"], 0.3, t["attn_mask"],
+                                                  True, t["query_mask"])),
+}
+
+
+def _accumulators(t):
+    return {n: x.detach().clone() for n, x in t.items() if n in ACCUMULATORS}
+
+
+def _assert_unchanged(t, before):
+    for n, x in before.items():
+        assert torch.equal(t[n].detach(), x), f"{n} was changed"
+
+
+# ------------------------------------------------------------------------------- devices
+
+
+DEVICE_CASES = [(op, name) for op, (make, _) in SAMPLES.items() for name in make()]
+
+
+@pytest.mark.parametrize("op,name", DEVICE_CASES, ids=[f"{o}-{n}" for o, n in DEVICE_CASES])
+def test_device_mismatch_is_refused(op, name):
+    """One tensor on the meta device, the others on the CPU: the call dispatches to the meta
+    (fake) kernel, which refuses it as the CPU and CUDA kernels do, naming a tensor."""
+    make, call = SAMPLES[op]
+    t = make()
+    t[name] = t[name].to("meta")
+    before = {n: x for n, x in _accumulators(t).items() if x.device.type == "cpu"}
+    with pytest.raises(ValueError, match=r"^\w+: expected (the )?device"):
+        call(t)
+    _assert_unchanged(t, before)
+
+
+@pytest.mark.parametrize("op", SAMPLES)
+def test_all_on_meta_infers_shapes(op):
+    make, call = SAMPLES[op]
+    t = {n: x.to("meta") for n, x in make().items()}
+    out = call(t)
+    if op == "attention_stats_accumulate_":
+        assert out.device.type == "meta" and out.shape == (2, 4, 5, 3)
 
