@@ -282,6 +282,19 @@ def test_probs_cpu_and_cuda_agree(dtype):
     assert_stats_close(_stats_probs(p), _stats_probs(p, device="cpu"))
 
 
+def test_requires_grad_and_other_devices_are_refused():
+    q, k = _qk(1, 2, 1, 5, 9, 16, torch.float32, seed=30)
+    stats = torch.ones(2, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="query: requires grad"):
+        ops.entropy_stats_from_qk_accumulate_(stats, _dev(q).requires_grad_(True), _dev(k), 0.25)
+    if not ON_CPU:
+        with pytest.raises(ValueError, match="stats: expected device"):
+            ops.entropy_stats_from_qk_accumulate_(stats.cpu(), _dev(q), _dev(k), 0.25)
+        with pytest.raises(ValueError, match="key: expected the device of query"):
+            ops.entropy_stats_from_qk_accumulate_(stats, _dev(q), k, 0.25)
+    assert bool((stats == 1).all())
+
+
 def test_opcheck():
     q, k = _qk(1, 2, 1, 5, 9, 16, torch.float32, seed=25)
     stats = torch.zeros(2, NUM_STATS, dtype=torch.float64, device=DEVICE)

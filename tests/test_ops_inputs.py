@@ -1,5 +1,6 @@
 """What the ops refuse, and that a refusal leaves the accumulators as they were: negative
-probabilities, tensors on different devices."""
+probabilities, tensors on different devices, inputs that require grad (with opcheck on
+such inputs)."""
 
 import pytest
 import torch
@@ -141,4 +142,63 @@ def test_all_on_meta_infers_shapes(op):
     out = call(t)
     if op == "attention_stats_accumulate_":
         assert out.device.type == "meta" and out.shape == (2, 4, 5, 3)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+GRAD_CASES = [(op, name) for op, (make, _) in SAMPLES.items() for name, x in make().items() if x.is_floating_point()]
+
+
+@pytest.mark.parametrize("op,name", GRAD_CASES, ids=[f"{o}-{n}" for o, n in GRAD_CASES])
+def test_requires_grad_is_refused_under_grad_mode(op, name):
+    """The ops are not differentiable: an input (or accumulator) that requires grad while grad
+    mode is on is refused by name, before anything is accumulated; under torch.no_grad() the
+    same call computes what it computes on detached tensors."""
+    make, call = SAMPLES[op]
+    t = make()
+    t[name].requires_grad_(True)
+    before = _accumulators(t)
+    with pytest.raises(ValueError, match=rf"^{name}: requires grad; .* not differentiable: call .* under "
+                                         r"torch.no_grad\(\) or on detached tensors"):
+        call(t)
+    _assert_unchanged(t, before)
+    with torch.no_grad():
+        out = call(t)
+    detached = {n: x.detach().clone() if n in ACCUMULATORS else x.detach() for n, x in make().items()}
+    want = call(detached)
+    for n in before:
+        assert torch.equal(t[n].detach(), detached[n])
+    if out is not None:
+        assert not out.requires_grad and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("op", SAMPLES)
+def test_opcheck_with_inputs_that_require_grad(op):
+    """opcheck's every test, with every floating input requiring grad. The eager calls run
+    under torch.no_grad() (under grad mode the op refuses these inputs, see above); the
+    autograd-registration test then finds the Autograd kernel, also under grad mode."""
+    make, call = SAMPLES[op]
+    t = make()
+    for n, x in t.items():
+        if x.is_floating_point() and n not in ACCUMULATORS:
+            x.requires_grad_(True)
+    overload = getattr(OPS, op).default
+    args = tuple(t[a.name] if a.name in t else None for a in overload._schema.arguments)
+    args = tuple(_SCALARS.get(a.name, x) if x is None else x for a, x in zip(overload._schema.arguments, args))
+    with torch.no_grad():
+        torch.library.opcheck(overload, args)
+    torch.library.opcheck(overload, args, test_utils="test_autograd_registration")
+
+
+_SCALARS = {"eps": 1e-8, "scale": 0.3, "is_causal": True}
+
+
+def test_accumulator_version_is_bumped():
+    """An accumulator saved for backward somewhere and then added to must be detected."""
+    make, call = SAMPLES["entropy_stats_from_qk_accumulate_"]
+    t = make()
+    version = t["stats"]._version
+    call(t)
+    assert t["stats"]._version > version
 

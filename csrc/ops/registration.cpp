@@ -3,9 +3,13 @@
 //
 // Conventions: entropies in nats; accumulators are float64 (counts int64) and are only added
 // to; ops ending in `_` mutate the arguments annotated (a!) and return nothing, except
-// attention_stats_accumulate_, which returns the attention output it computed.
+// attention_stats_accumulate_, which returns the attention output it computed. The entropy
+// ops are not differentiable: under grad mode they refuse a tensor that requires grad.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <array>
 
 #include "common.h"
 
@@ -81,8 +85,37 @@ void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_di
   x.unflatten(d, {heads, head_dim}).mul_(mask.to(x.scalar_type()).view(gate_shape));
 }
 
+// Autograd kernel of the entropy ops, which are not differentiable (their results are sums
+// added into float64 accumulators; the attention output has no backward either). Under grad
+// mode a tensor argument that requires grad is refused by name before anything runs, rather
+// than ATen failing inside the kernel ("addmm(): functions with out=... arguments don't
+// support automatic differentiation") or the attention output silently losing its gradient.
+// Otherwise the op runs below autograd, so the ATen calls inside the kernels record nothing.
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  if (at::GradMode::is_enabled()) {
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = (*stack)[first + i];
+      TORCH_CHECK_VALUE(!(v.isTensor() && v.toTensor().requires_grad()), args[i].name(), ": requires grad; ",
+                        op.schema().name(), " is not differentiable: call it under torch.no_grad() or on detached ",
+                        "tensors");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+constexpr std::array<const char*, 5> kEntropyOps{
+    "attention_stats_accumulate_", "entropy_from_probs_accumulate_", "entropy_stats_from_probs_accumulate_",
+    "entropy_from_qk_accumulate_", "entropy_stats_from_qk_accumulate_"};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(headprune, CompositeImplicitAutograd, m) { m.impl("apply_head_mask_", &apply_head_mask_impl); }
+
+TORCH_LIBRARY_IMPL(headprune, Autograd, m) {
+  for (const char* name : kEntropyOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
+}
 
 }  // namespace headprune::ops

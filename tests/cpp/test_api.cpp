@@ -94,4 +94,19 @@ HP_TEST(qk_errors_name_the_argument) {
   HP_CHECK(stats.eq(0).all().item<bool>());
 }
 
+HP_TEST(requires_grad_is_refused_under_grad_mode) {
+  // The ops' Autograd kernel: not differentiable, so an input that requires grad is named
+  // while grad mode is on; under a NoGradGuard the same call runs.
+  at::Tensor stats = at::zeros({4, headprune::kNumStats}, at::kDouble);
+  const at::Tensor q = at::randn({2, 4, 3, 8}).requires_grad_(true);
+  const at::Tensor k = at::randn({2, 2, 5, 8});
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0), "query: requires grad");
+  HP_CHECK(stats.eq(0).all().item<bool>());
+  {
+    const at::NoGradGuard no_grad;
+    headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0);
+  }
+  HP_CHECK(stats.select(1, 0).eq(2 * 3).all().item<bool>());
+}
+
 int main(int argc, char** argv) { return hp_test::run_all(argc, argv); }

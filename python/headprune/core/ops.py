@@ -3,8 +3,10 @@
 All entropies are in nats and accumulated in float64 whatever the input dtype. The
 accumulating ops (trailing ``_``) add into caller-owned tensors and return ``None``; on any
 error the accumulators are left unchanged. The one exception, ``attention_stats_accumulate_``,
-returns the attention output it computed. The native extension is loaded on the first call
-(see :mod:`headprune.core.build`).
+returns the attention output it computed. The entropy ops are not differentiable: while grad
+mode is on they refuse a tensor that requires grad (call them under ``torch.no_grad()`` or on
+detached tensors). The native extension is loaded on the first call (see
+:mod:`headprune.core.build`).
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def attention_stats_accumulate_(
     logits once, for the output and the statistics (float32 exponentials with about 2e-6
     relative error, as ATen's CPU flash attention; float64 inputs are computed in float64);
     on CUDA it is the device's ``scaled_dot_product_attention`` followed by the statistics
-    kernel. Rows with no visible key get a zero output and are not counted. No autograd.
+    kernel. Rows with no visible key get a zero output and are not counted. Not differentiable:
+    under grad mode, a ``query``, ``key`` or ``value`` that requires grad is refused.
     """
     return _ops().attention_stats_accumulate_(stats, query, key, value, scale, attn_mask, is_causal, query_mask)
 
