@@ -1,12 +1,13 @@
 """What the ops refuse, and that a refusal leaves the accumulators as they were: negative
 probabilities, tensors on different devices, inputs that require grad (with opcheck on
-such inputs)."""
+such inputs), and scale / eps outside the range of the type the kernels compute in."""
 
 import pytest
 import torch
 
 from headprune import NUM_STATS
 from headprune.core import ops
+from headprune.core import reference as R
 from headprune.core.build import load_extension
 
 load_extension()  # the tests call torch.ops.headprune.* directly
@@ -202,3 +203,64 @@ def test_accumulator_version_is_bumped():
     call(t)
     assert t["stats"]._version > version
 
+
+# --------------------------------------------------------------------------- scale / eps
+
+QK_OPS = ["entropy_from_qk_accumulate_", "entropy_stats_from_qk_accumulate_", "attention_stats_accumulate_"]
+
+
+def _call_with(op, t, scale):
+    args = dict(t)
+    if op == "entropy_from_qk_accumulate_":
+        return OPS.entropy_from_qk_accumulate_(args["sums"], args["counts"], args["query"], args["key"], scale)
+    if op == "entropy_stats_from_qk_accumulate_":
+        return OPS.entropy_stats_from_qk_accumulate_(args["stats"], args["query"], args["key"], scale)
+    return OPS.attention_stats_accumulate_(args["stats"], args["query"], args["key"], args["value"], scale)
+
+
+@pytest.mark.parametrize("op", QK_OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e300, -1e300, 3.5e38])
+def test_scale_beyond_the_compute_type_is_refused(op, dtype, scale):
+    """float32 math for float32 / float16 / bfloat16 inputs: a scale beyond float32's range is
+    named (it used to be ATen's "value cannot be converted to type float without overflow")."""
+    t = {n: (x.to(dtype) if n in ("query", "key", "value") else x) for n, x in SAMPLES[op][0]().items()}
+    before = _accumulators(t)
+    with pytest.raises(ValueError, match=r"^scale: expected a finite number of magnitude at most 3.40282e\+38 "
+                                         r"\(float32, the type .* computed in\), got -?[0-9.e+]+"):
+        _call_with(op, t, scale)
+    _assert_unchanged(t, before)
+
+
+@pytest.mark.parametrize("op", QK_OPS)
+def test_large_scale_in_float64(op):
+    """float64 inputs compute in float64, where 1e300 is a scale like any other."""
+    t = {n: (x.double() if n in ("query", "key", "value") else x) for n, x in SAMPLES[op][0]().items()}
+    t["query"] = t["query"] * 1e-300
+    _call_with(op, t, 1e300)
+    got = t["stats"] if "stats" in t else torch.stack([t["counts"].double(), t["sums"]], 1)
+    want = R.entropy_stats_from_qk(t["query"], t["key"], 1e300)
+    torch.testing.assert_close(got, want[:, : got.shape[1]], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["sums", "stats"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_eps_beyond_the_compute_type_is_refused(stats, dtype):
+    """It used to be blamed on the probabilities ("NaN/inf in probs")."""
+    t = _probs_tensors("stats" if stats else "sums")
+    t["probs"] = t["probs"].to(dtype)
+    before = _accumulators(t)
+    with pytest.raises(ValueError, match=r"^eps: expected a finite value >= 0 and at most 3.40282e\+38 "
+                                         r"\(float32, the type .* computed in\), got 1e\+300"):
+        if stats:
+            OPS.entropy_stats_from_probs_accumulate_(t["stats"], t["probs"], None, 1e300)
+        else:
+            OPS.entropy_from_probs_accumulate_(t["sums"], t["counts"], t["probs"], None, 1e300)
+    _assert_unchanged(t, before)
+
+
+def test_large_eps_in_float64():
+    p = _probs_tensors("stats")["probs"].double()
+    s = torch.zeros(3, NUM_STATS, dtype=torch.float64)
+    OPS.entropy_stats_from_probs_accumulate_(s, p, None, 1e300)
+    torch.testing.assert_close(s, R.entropy_stats_from_probs(p, eps=1e300), rtol=1e-12, atol=1e-9)

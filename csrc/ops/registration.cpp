@@ -18,6 +18,7 @@ TORCH_LIBRARY(headprune, m) {
   // query rows of -sum_k p log(p + eps) into sums [H] (f64) and the number of valid rows into
   // counts [H] (i64). query_mask [B, Q] bool excludes padded rows; all-zero rows are skipped.
   // One pass over probs, per-row math in the input's float type (f64 for f64), row sums in f64.
+  // eps: finite, >= 0, within the range of the math's type (f32 for f16/bf16/f32).
   m.def("entropy_from_probs_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor probs, "
         "Tensor? query_mask=None, float eps=1e-8) -> ()");
 
@@ -30,10 +31,10 @@ TORCH_LIBRARY(headprune, m) {
   // query [B, Hq, Q, D], key [B, Hkv, K, D] (Hq % Hkv == 0), same float dtype: the entropy of
   // softmax(q k^T * scale + attn_mask) per row, streamed over key blocks with a running max,
   // sum of exp and sum of exp * logit (f32 math for f16/bf16/f32, f64 for f64; f64 per-row
-  // state). attn_mask: bool (True = attend) or additive float, broadcastable to
-  // [B, Hq, Q, K]; additive values <= -1e37 mask a key. is_causal: row i sees keys
-  // j <= i + K - Q. Rows with no visible key are skipped. Extra memory: one logits block per
-  // thread plus O(B * Hq * Q), never O(Q * K).
+  // state; scale must lie within the range of the math's type). attn_mask: bool (True =
+  // attend) or additive float, broadcastable to [B, Hq, Q, K]; additive values <= -1e37 mask
+  // a key. is_causal: row i sees keys j <= i + K - Q. Rows with no visible key are skipped.
+  // Extra memory: one logits block per thread plus O(B * Hq * Q), never O(Q * K).
   m.def("entropy_from_qk_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor query, Tensor key, "
         "float scale, Tensor? attn_mask=None, bool is_causal=False, Tensor? query_mask=None) -> ()");
 

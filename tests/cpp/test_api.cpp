@@ -65,6 +65,7 @@ HP_TEST(probs_errors_name_the_argument) {
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts3, p), "counts");
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, at::ones({1, 3})), "query_mask");
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, at::ones({1, 4}, at::kBool)), "query_mask");
+  HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, std::nullopt, 1e300), "eps");
   at::Tensor stats = at::zeros({2, 5}, at::kDouble);
   HP_CHECK_THROWS(headprune::entropy_stats_from_probs_accumulate_(stats, p), "stats");
   HP_CHECK(sums.eq(0).all().item<bool>() && counts.eq(0).all().item<bool>());
@@ -81,6 +82,7 @@ HP_TEST(qk_errors_name_the_argument) {
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k.to(at::kDouble), 1.0), "key");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k.narrow(3, 0, 4), 1.0), "key");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, nan), "scale");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1e300), "scale");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0, at::ones({3, 3}, at::kBool)),
                   "attn_mask");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0, at::ones({2, 1, 1, 5}, at::kInt)),

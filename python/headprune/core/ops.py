@@ -49,7 +49,8 @@ def entropy_from_probs_accumulate_(
         counts: ``[H]`` int64, receives the number of valid rows.
         probs: ``[B, H, Q, K]`` float16/bfloat16/float32/float64, any strides.
         query_mask: optional ``[B, Q]`` bool, False excludes a (padded) query row.
-        eps: added inside the log (the formula as written).
+        eps: added inside the log (the formula as written): finite, ``>= 0`` and within the
+            range of the type the rows are computed in (float32, float64 for float64 probs).
 
     All-zero rows (fully masked) are not counted. NaN or inf in ``probs`` raise.
     """
@@ -73,7 +74,8 @@ def entropy_from_qk_accumulate_(
         sums: ``[Hq]`` float64; counts: ``[Hq]`` int64.
         query: ``[B, Hq, Q, D]``; key: ``[B, Hkv, K, D]`` with ``Hq % Hkv == 0`` (GQA:
             query head ``h`` reads KV head ``h // (Hq // Hkv)``). Same floating dtype.
-        scale: logit scale, usually ``D ** -0.5``.
+        scale: logit scale, usually ``D ** -0.5``; finite and within the range of the type
+            the logits are computed in (float32, float64 for float64 inputs).
         attn_mask: bool (True = attend) or additive float, broadcastable to
             ``[B, Hq, Q, K]``; additive values ``<= -1e37`` (``-inf``, float32 min) mask a key.
         is_causal: query ``i`` sees keys ``j <= i + K - Q`` (last query aligned with last key).
