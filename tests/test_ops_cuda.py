@@ -282,6 +282,30 @@ def test_probs_cpu_and_cuda_agree(dtype):
     assert_stats_close(_stats_probs(p), _stats_probs(p, device="cpu"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_probs_zero_and_subnormal_entries(dtype, eps):
+    """Zero entries with eps = 0 (0 log 0 = 0, not NaN) and rows whose entries after the first
+    are subnormal in dtype (the rest entropy as in float64)."""
+    fi = torch.finfo(dtype)
+    sub = (torch.rand(4, 69, generator=_gen(27), dtype=torch.float64) * fi.tiny).to(dtype)
+    p = torch.zeros(1, 4, 1, 70, dtype=dtype)
+    p[0, :, 0, 0], p[0, :, 0, 1:] = 0.5, sub
+    p[0, 1, 0, 1:] = fi.tiny * fi.eps  # the smallest subnormal
+    p[0, 2, 0, 3::4] = 0.0
+    p[0, 3] = _probs(1, 1, 2, 70, dtype, seed=28)[0, 0, 1]  # zeros in a normal row
+    assert_stats_close(_stats_probs(p, eps=eps), ref.entropy_stats_from_probs(p, eps=eps), atol=1e-6)
+
+
+def test_probs_negative_raises():
+    p = _probs(2, 3, 4, 40, torch.float32, seed=29)
+    p[1, 2, 3, 17] = -1e-3
+    stats = torch.ones(3, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"probs: expected probabilities >= 0, got -0.001 at \[1, 2, 3, 17\]"):
+        ops.entropy_stats_from_probs_accumulate_(stats, _dev(p), None, 1e-8)
+    assert bool((stats == 1).all())
+
+
 def test_requires_grad_and_other_devices_are_refused():
     q, k = _qk(1, 2, 1, 5, 9, 16, torch.float32, seed=30)
     stats = torch.ones(2, NUM_STATS, dtype=torch.float64, device=DEVICE)

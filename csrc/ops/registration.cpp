@@ -14,11 +14,12 @@
 #include "common.h"
 
 TORCH_LIBRARY(headprune, m) {
-  // probs [B, H, Q, K] (f16/bf16/f32/f64, any strides): adds, per head, the sum over valid
-  // query rows of -sum_k p log(p + eps) into sums [H] (f64) and the number of valid rows into
-  // counts [H] (i64). query_mask [B, Q] bool excludes padded rows; all-zero rows are skipped.
-  // One pass over probs, per-row math in the input's float type (f64 for f64), row sums in f64.
-  // eps: finite, >= 0, within the range of the math's type (f32 for f16/bf16/f32).
+  // probs [B, H, Q, K] (f16/bf16/f32/f64, any strides, >= 0): adds, per head, the sum over
+  // valid query rows of -sum_k p log(p + eps) into sums [H] (f64) and the number of valid rows
+  // into counts [H] (i64). query_mask [B, Q] bool excludes padded rows; all-zero rows are
+  // skipped. One pass over probs, per-row math in f32 (f64 for f64), row sums in f64; rows
+  // whose entries after the first are subnormal are summed again in f64. eps: finite, >= 0,
+  // within the range of the math's type.
   m.def("entropy_from_probs_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor probs, "
         "Tensor? query_mask=None, float eps=1e-8) -> ()");
 

@@ -66,6 +66,8 @@ HP_TEST(probs_errors_name_the_argument) {
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, at::ones({1, 3})), "query_mask");
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, at::ones({1, 4}, at::kBool)), "query_mask");
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, std::nullopt, 1e300), "eps");
+  HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p.mul(-1)),
+                  "probs: expected probabilities >= 0");
   at::Tensor stats = at::zeros({2, 5}, at::kDouble);
   HP_CHECK_THROWS(headprune::entropy_stats_from_probs_accumulate_(stats, p), "stats");
   HP_CHECK(sums.eq(0).all().item<bool>() && counts.eq(0).all().item<bool>());

@@ -5,8 +5,8 @@ accumulating ops (trailing ``_``) add into caller-owned tensors and return ``Non
 error the accumulators are left unchanged. The one exception, ``attention_stats_accumulate_``,
 returns the attention output it computed. The entropy ops are not differentiable: while grad
 mode is on they refuse a tensor that requires grad (call them under ``torch.no_grad()`` or on
-detached tensors). The native extension is loaded on the first call (see
-:mod:`headprune.core.build`).
+detached tensors). Every tensor must be on the device of ``probs`` / ``query``. The native
+extension is loaded on the first call (see :mod:`headprune.core.build`).
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ def entropy_from_probs_accumulate_(
     Args:
         sums: ``[H]`` float64, receives ``sum over valid rows of -sum_k p log(p + eps)``.
         counts: ``[H]`` int64, receives the number of valid rows.
-        probs: ``[B, H, Q, K]`` float16/bfloat16/float32/float64, any strides.
+        probs: ``[B, H, Q, K]`` float16/bfloat16/float32/float64, any strides, ``>= 0``.
         query_mask: optional ``[B, Q]`` bool, False excludes a (padded) query row.
         eps: added inside the log (the formula as written): finite, ``>= 0`` and within the
             range of the type the rows are computed in (float32, float64 for float64 probs).
 
-    All-zero rows (fully masked) are not counted. NaN or inf in ``probs`` raise.
+    All-zero rows (fully masked) are not counted. NaN, inf or a negative value in ``probs``
+    raise.
     """
     _ops().entropy_from_probs_accumulate_(sums, counts, probs, query_mask, eps)
 
