@@ -243,3 +243,44 @@ def test_probs_rows(emu, tmp_path, case):
     Hh, n, p_first, H_rest = ref.row_stats_from_probs(p, eps)
     zero_empty_rows(n, Hh, p_first, H_rest)
     assert_rows_match(rows, Hh, n, p_first, H_rest, tolerance(dtype))
+
+
+def edge_probs(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """[1, 6, 1, 70] rows of probabilities that are zero or subnormal in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    tiny, least = fi.tiny, fi.tiny * fi.eps  # smallest normal, smallest subnormal
+    K = 70
+    sub = lambda n: (torch.rand(n, generator=g, dtype=torch.float64) * tiny).to(dtype)  # noqa: E731
+    rows = torch.zeros(6, K, dtype=dtype)
+    rows[0, 0], rows[0, 1:] = 0.5, sub(K - 1)
+    rows[1, 0], rows[1, 1:] = 1.0, least
+    rows[2] = sub(K)
+    rows[3, 0], rows[3, 1:40], rows[3, 40:] = 0.75, sub(39), 1e-30
+    rows[4] = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 3, -1).to(dtype)
+    rows[4, 10:15] = sub(5)
+    rows[4, 20:30] = 0.0
+    rows[5, 3], rows[5, 4:] = 0.5, sub(K - 4)
+    rows[5, 4::3] = 0.0
+    return rows.view(1, 6, 1, K)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_probs_rows_zero_and_subnormal_entries(emu, tmp_path, dtype, eps):
+    """Zeros with eps = 0 (0 log 0 = 0, not NaN) and subnormal entries (the rest entropy)."""
+    p = edge_probs(dtype)
+    p.numpy().tofile(tmp_path / "probs.bin")
+    rows = run_emu(emu, ["probs", dtype_name(dtype), tmp_path, repr(eps), *p.shape, *p.stride()], tmp_path)
+    assert_rows_match(rows, *ref.row_stats_from_probs(p, eps), 1e-6)
+
+
+def test_probs_rows_negative_entry_marks_the_row(emu, tmp_path):
+    p = edge_probs(F32)
+    p[0, 1, 0, 0] = -0.5  # the first entry
+    p[0, 4, 0, 33] = -1e-3  # after it
+    p[0, 5, 0, 69] = -1e-44  # the last entry, subnormal
+    p.numpy().tofile(tmp_path / "probs.bin")
+    rows = run_emu(emu, ["probs", "f32", tmp_path, "0.0", *p.shape, *p.stride()], tmp_path).view(6, 4)
+    assert rows[:, 1].tolist()[1::3] == [-1.0, -1.0] and rows[5, 1] == -1.0
+    assert (rows[[0, 2, 3], 1] > 0).all()

@@ -223,3 +223,29 @@ def test_half_precision_error_rule(dtype):
     p = torch.softmax(z, -1)
     naive = (-torch.xlogy(p, p).sum(-1)).double().sum((0, 2))  # p log(p + 1e-8) is NaN in float16
     assert (got - want).abs().max() <= 2 * (naive - want).abs().max() + 1e-6
+
+
+def _rest_entropy_exact(row, eps):
+    """H_rest of one row of floats, by math.fsum over Python floats (float64 log of each
+    entry, subnormals included): log(s) - sum (p / s) log(p + eps) over the entries after
+    the first non-zero one."""
+    rest = [p for p in row[next(i for i, p in enumerate(row) if p != 0) + 1 :] if p != 0]
+    s = math.fsum(rest)
+    return math.log(s) - math.fsum(p / s * math.log(p + eps) for p in rest)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-310])
+def test_reference_rest_entropy_of_float64_subnormals(eps):
+    """The float64 reference itself, where the rest of a row is subnormal in float64: no
+    clamp of p + eps or of the rest's mass to a floor (which made it -2072 nats)."""
+    tiny = torch.finfo(torch.float64).tiny
+    rows = [
+        [0.5, 0.25 * tiny, 0.5 * tiny, 3 * 2.0**-1074, 0.0, 2.0**-1074],
+        [1.0, 0.0, 2.0**-1074, 2.0**-1074],  # the smallest subnormal twice: log 2
+        [0.0, 0.3 * tiny, 0.9 * tiny, 1e-5, 0.7],  # normal and subnormal mixed
+    ]
+    for row in rows:
+        p = torch.tensor(row, dtype=torch.float64).view(1, 1, 1, -1)
+        H, n, p_first, H_rest = R.row_stats_from_probs(p, eps)
+        assert n.item() == sum(x != 0 for x in row)
+        assert H_rest.item() == pytest.approx(_rest_entropy_exact(row, eps), rel=1e-12, abs=1e-12)

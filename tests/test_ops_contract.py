@@ -260,13 +260,21 @@ def _isas():
     return [i for i in info if i in order and order.index(i) <= order.index(best if best in order else "DEFAULT")]
 
 
+def _run_on_isa(isa, code):
+    """Runs ``code`` in a fresh process on the instruction set ``isa`` (ATEN_CPU_CAPABILITY);
+    it must print ok."""
+    code = "import headprune\nisa = headprune.core.build.load_extension().cpu_isa()\nassert isa == {!r}, isa\n".format(isa) + code
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa.lower()}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("isa", _isas())
 def test_every_cpu_isa_matches_reference(isa):
     """Each compiled instruction set, forced through ATEN_CPU_CAPABILITY, in a fresh process."""
-    code = """
-import torch, headprune
+    _run_on_isa(isa, """
+import torch
 from headprune.core import ops, reference as R
-assert headprune.core.build.load_extension().cpu_isa() == {isa!r}, headprune.core.build.load_extension().cpu_isa()
 g = torch.Generator().manual_seed(0)
 for dt in (torch.float32, torch.float64, torch.bfloat16):
     q = torch.randn(2, 4, 37, 24, generator=g).to(dt); k = torch.randn(2, 2, 555, 24, generator=g).to(dt)
@@ -297,7 +305,55 @@ for dt in (torch.float32, torch.float64, torch.bfloat16):
         w = R.entropy_stats_from_probs(p.double(), eps=0.0)
         assert ((s - w)[:, 1] / w[:, 1]).abs().max() < 1e-6, ((s - w)[:, 1] / w[:, 1]).abs().max()
 print("ok")
-""".format(isa=isa)
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa.lower()}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+""")
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_every_cpu_isa_probs_edge_values(isa):
+    """Probabilities that are subnormal in the dtype the kernels compute in, eps = 0 and 1e-8:
+    every statistic (the rest entropy included) as the float64 reference, one head per row.
+    A negative probability anywhere in a row (first entry, vector body, tail, subnormal) is
+    refused."""
+    _run_on_isa(isa, """
+import torch
+from headprune.core import ops, reference as R
+g = torch.Generator().manual_seed(0)
+for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    fi = torch.finfo(dt)
+    tiny, least = fi.tiny, fi.tiny * fi.eps  # smallest normal, smallest subnormal
+    K = 70
+    sub = lambda n: (torch.rand(n, generator=g, dtype=torch.float64) * tiny).to(dt)
+    rows = torch.zeros(7, K, dtype=dt)
+    rows[0, 0], rows[0, 1:] = 0.5, sub(K - 1)  # subnormal rest (the reported 0.40 vs 3.87 nats)
+    rows[1, 0], rows[1, 1:] = 1.0, least  # the smallest subnormal: rest entropy log(K - 1)
+    rows[2] = sub(K)  # subnormal from the first entry on
+    rows[3, 0], rows[3, 1:40], rows[3, 40:] = 0.75, sub(39), torch.full((K - 40,), 1e-37).to(dt)
+    rows[4] = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64) * 3, -1).to(dt)
+    rows[4, 10:15] = sub(5)  # a few subnormals in a normal row
+    rows[5, 3], rows[5, 4:] = 0.5, sub(K - 4)
+    rows[5, 4::3] = 0.0  # zeros among them
+    rows[6, 0], rows[6, 1:8] = 1.0, least * torch.arange(1, 8, dtype=torch.float64).to(dt)
+    long = torch.zeros(1, 5000, dtype=dt)
+    long[0, 0], long[0, 1:] = 0.5, sub(4999)  # past the float partial sums' flush
+    for p in (rows.view(1, 7, 1, K), long.view(1, 1, 1, -1), rows.t().contiguous().t().view(1, 7, 1, K)):
+        for eps in (0.0, 1e-8):
+            s = torch.zeros(p.shape[1], 6, dtype=torch.float64)
+            ops.entropy_stats_from_probs_accumulate_(s, p, None, eps)
+            w = R.entropy_stats_from_probs(p, eps=eps)
+            err = (s - w).abs().max(0).values
+            # float16's subnormals are normal floats: the float32 sums' usual rounding
+            tol = 1e-5 if dt == torch.float16 else 1e-6
+            assert torch.equal(s[:, 0], w[:, 0]) and err.max() < tol, (dt, eps, p.shape, err, s[:, 5], w[:, 5])
+    for j, value in ((0, -0.25), (1, -least), (37, -1.0), (69, -tiny)):
+        p = rows.clone().view(1, 7, 1, K)
+        p[0, 4, 0, j] = value
+        s = torch.ones(7, 6, dtype=torch.float64)
+        try:
+            ops.entropy_stats_from_probs_accumulate_(s, p, None, 0.0)
+            raise AssertionError(("negative accepted", dt, j))
+        except ValueError as e:
+            assert str(e).startswith("probs: expected probabilities >= 0"), e
+        assert torch.equal(s, torch.ones_like(s))
+print("ok")
+""")
+

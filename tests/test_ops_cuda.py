@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from headprune.core import ops
+from headprune.core import NUM_STATS, ops
 from headprune.core import reference as ref
 from headprune.core.build import load_extension
 
@@ -55,14 +55,14 @@ def _dev(x):
 
 
 def _stats_qk(q, k, scale, attn_mask=None, is_causal=False, query_mask=None, device=DEVICE):
-    stats = torch.zeros(q.shape[1], ref.NUM_STATS, dtype=torch.float64, device=device)
+    stats = torch.zeros(q.shape[1], NUM_STATS, dtype=torch.float64, device=device)
     on = (lambda x: None if x is None else x.to(device))
     ops.entropy_stats_from_qk_accumulate_(stats, on(q), on(k), scale, on(attn_mask), is_causal, on(query_mask))
     return stats.cpu()
 
 
 def _stats_probs(p, query_mask=None, eps=1e-8, device=DEVICE):
-    stats = torch.zeros(p.shape[1], ref.NUM_STATS, dtype=torch.float64, device=device)
+    stats = torch.zeros(p.shape[1], NUM_STATS, dtype=torch.float64, device=device)
     qm = None if query_mask is None else query_mask.to(device)
     ops.entropy_stats_from_probs_accumulate_(stats, p.to(device), qm, eps)
     return stats.cpu()
@@ -77,7 +77,7 @@ def _means(stats):
 def assert_stats_close(got, want, atol=ATOL):
     assert torch.equal(got[:, 0], want[:, 0]), f"counts differ: {got[:, 0]} vs {want[:, 0]}"
     g, w = _means(got), _means(want)
-    tol = torch.full((ref.NUM_STATS,), atol, dtype=torch.float64)
+    tol = torch.full((NUM_STATS,), atol, dtype=torch.float64)
     tol[2] = atol * (2 * w[:, 1].abs().max().item() + 1)  # mean H^2
     err = (g - w).abs().amax(0)
     assert bool((err <= tol).all()), f"max abs error per column {err.tolist()} > {tol.tolist()}"
@@ -224,7 +224,7 @@ def test_qk_sums_counts_op():
 def test_qk_nonfinite_raises_and_leaves_stats(bad):
     q, k = _qk(1, 2, 2, 4, 70, 8, torch.float32, seed=13)
     k[0, 1, 66, 3] = bad  # in the second key tile
-    stats = torch.ones(2, ref.NUM_STATS, dtype=torch.float64, device=DEVICE)
+    stats = torch.ones(2, NUM_STATS, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="NaN or infinite"):
         ops.entropy_stats_from_qk_accumulate_(stats, _dev(q), _dev(k), 1.0)
     assert bool((stats == 1).all())
@@ -270,7 +270,7 @@ def test_probs_non_contiguous_and_query_mask():
 def test_probs_nonfinite_raises():
     p = _probs(1, 2, 3, 40, torch.float32, seed=23)
     p[0, 1, 2, 30] = math.nan
-    stats = torch.ones(2, ref.NUM_STATS, dtype=torch.float64, device=DEVICE)
+    stats = torch.ones(2, NUM_STATS, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="NaN or infinite"):
         ops.entropy_stats_from_probs_accumulate_(stats, _dev(p), None, 1e-8)
     assert bool((stats == 1).all())
@@ -282,9 +282,46 @@ def test_probs_cpu_and_cuda_agree(dtype):
     assert_stats_close(_stats_probs(p), _stats_probs(p, device="cpu"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_probs_zero_and_subnormal_entries(dtype, eps):
+    """Zero entries with eps = 0 (0 log 0 = 0, not NaN) and rows whose entries after the first
+    are subnormal in dtype (the rest entropy as in float64)."""
+    fi = torch.finfo(dtype)
+    sub = (torch.rand(4, 69, generator=_gen(27), dtype=torch.float64) * fi.tiny).to(dtype)
+    p = torch.zeros(1, 4, 1, 70, dtype=dtype)
+    p[0, :, 0, 0], p[0, :, 0, 1:] = 0.5, sub
+    p[0, 1, 0, 1:] = fi.tiny * fi.eps  # the smallest subnormal
+    p[0, 2, 0, 3::4] = 0.0
+    p[0, 3] = _probs(1, 1, 2, 70, dtype, seed=28)[0, 0, 1]  # zeros in a normal row
+    assert_stats_close(_stats_probs(p, eps=eps), ref.entropy_stats_from_probs(p, eps=eps), atol=1e-6)
+
+
+def test_probs_negative_raises():
+    p = _probs(2, 3, 4, 40, torch.float32, seed=29)
+    p[1, 2, 3, 17] = -1e-3
+    stats = torch.ones(3, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"probs: expected probabilities >= 0, got -0.001 at \[1, 2, 3, 17\]"):
+        ops.entropy_stats_from_probs_accumulate_(stats, _dev(p), None, 1e-8)
+    assert bool((stats == 1).all())
+
+
+def test_requires_grad_and_other_devices_are_refused():
+    q, k = _qk(1, 2, 1, 5, 9, 16, torch.float32, seed=30)
+    stats = torch.ones(2, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="query: requires grad"):
+        ops.entropy_stats_from_qk_accumulate_(stats, _dev(q).requires_grad_(True), _dev(k), 0.25)
+    if not ON_CPU:
+        with pytest.raises(ValueError, match="stats: expected device"):
+            ops.entropy_stats_from_qk_accumulate_(stats.cpu(), _dev(q), _dev(k), 0.25)
+        with pytest.raises(ValueError, match="key: expected the device of query"):
+            ops.entropy_stats_from_qk_accumulate_(stats, _dev(q), k, 0.25)
+    assert bool((stats == 1).all())
+
+
 def test_opcheck():
     q, k = _qk(1, 2, 1, 5, 9, 16, torch.float32, seed=25)
-    stats = torch.zeros(2, ref.NUM_STATS, dtype=torch.float64, device=DEVICE)
+    stats = torch.zeros(2, NUM_STATS, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(torch.ops.headprune.entropy_stats_from_qk_accumulate_.default,
                           (stats, _dev(q), _dev(k), 0.25, None, True, None))
     p = _probs(1, 2, 3, 9, torch.float32, seed=26)
@@ -303,7 +340,7 @@ def test_attention_stats_matches_reference(case, dtype):
     v = torch.randn(B, Hkv, K, D + 3, generator=_gen(K), dtype=torch.float64).to(dtype)
     mask = torch.rand(B, 1, Q, K, generator=_gen(1)) > 0.2
     mask[0, 0, 1] = False  # a row with no visible key: zero output, not counted
-    stats = torch.zeros(Hq, ref.NUM_STATS, dtype=torch.float64, device=DEVICE)
+    stats = torch.zeros(Hq, NUM_STATS, dtype=torch.float64, device=DEVICE)
     out = ops.attention_stats_accumulate_(stats, _dev(q), _dev(k), _dev(v), D**-0.5, _dev(mask), causal, None)
     want_out, want = ref.attention_stats(q, k, v, D**-0.5, mask, causal)
     assert out.dtype == dtype and out.device.type == torch.device(DEVICE).type

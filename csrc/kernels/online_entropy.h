@@ -96,17 +96,37 @@ HP_HD void finalize(const RowState& s, double* out) {
 }
 
 // Row statistics from probabilities, with the formula as written: H = -sum p log(p + eps).
-// a = sum p log(p + eps) and s = sum p over the keys after the first non-zero one;
+// a = sum p log(p + eps) and s = sum p over the keys after the first non-zero one, both given
+// in units of 2^rest_exp (0 for the kernels' plain sums; see probs_rest_is_tiny);
 // p0 = first non-zero probability; n = non-zero entries (0 for an all-zero row).
-HP_HD void finalize_probs(double p0, double a_rest, double s_rest, int64_t n, double eps, double* out) {
+HP_HD void finalize_probs(double p0, double a_rest, double s_rest, int64_t n, double eps, double* out,
+                          int rest_exp = 0) {
   if (n == 0) {
     out[0] = 0.0; out[1] = 0.0; out[2] = 0.0; out[3] = 0.0;
     return;
   }
-  out[0] = -(a_rest + p0 * log(p0 + eps));
+  out[0] = -(ldexp(a_rest, rest_exp) + p0 * log(p0 + eps));
   out[1] = static_cast<double>(n);
   out[2] = p0;
-  out[3] = (n >= 2 && s_rest > 0.0) ? log(s_rest) - a_rest / s_rest : 0.0;
+  out[3] = (n >= 2 && s_rest > 0.0) ? log(s_rest) + rest_exp * 0.6931471805599453 - a_rest / s_rest : 0.0;
+}
+
+// A row holding a negative probability: n = -1, which the ops refuse before accumulating.
+HP_HD void mark_negative_probs(double* out) {
+  out[0] = 0.0; out[1] = -1.0; out[2] = 0.0; out[3] = 0.0;
+}
+
+// The fast sums of a row's rest (float math in acc_t, p + eps floored at the smallest normal
+// acc_t before the log) are exact to acc_t's rounding except for subnormal entries, whose
+// products p log(p + eps) keep only a few bits: an error of at most tiny/e per entry (tiny =
+// the smallest normal acc_t). It only matters when the rest's mass is that small, so rows
+// whose rest mass s is below n_rest * tiny * 2^26 (float) or * 2^55 (double) are summed again
+// exactly, in float64 scaled by a power of two; for every other row the subnormal entries
+// move the rest entropy by less than 1e-8 nats.
+template <typename acc_t>
+HP_HD bool probs_rest_is_tiny(double s_rest, int64_t n_rest) {
+  const double below = sizeof(acc_t) == sizeof(double) ? 0x1p-967 : 0x1p-100;
+  return n_rest > 0 && s_rest < static_cast<double>(n_rest) * below;
 }
 
 }  // namespace headprune::kernels

@@ -5,12 +5,30 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 
 namespace headprune::ops {
 namespace {
 
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// torch's name of a floating dtype ("float32", not ATen's "Float").
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return "float64";
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(t);
+  }
+}
+
+// The largest finite value of the type `like` is computed in (compute_type).
+double compute_max(const at::Tensor& like) {
+  return compute_type(like) == at::kDouble ? std::numeric_limits<double>::max()
+                                           : static_cast<double>(std::numeric_limits<float>::max());
 }
 
 }  // namespace
@@ -25,7 +43,12 @@ void check_probs(const at::Tensor& probs, double eps) {
   TORCH_CHECK_TYPE(is_supported_float(probs.scalar_type()),
                    "probs: expected float16, bfloat16, float32 or float64, got ", probs.scalar_type());
   TORCH_CHECK_VALUE(probs.size(3) >= 1, "probs: expected at least one key (K >= 1), got shape ", probs.sizes());
+  // eps is added in the compute type: beyond its range it would be inf, and p log(p + inf)
+  // an infinite entropy blamed on probs. Within it, p log(p + eps) stays finite for p <= 1.
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps: expected a finite value >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps <= compute_max(probs), "eps: expected a finite value >= 0 and at most ", compute_max(probs),
+                    " (", dtype_name(compute_type(probs)), ", the type ", dtype_name(probs.scalar_type()),
+                    " probs are computed in), got ", eps);
 }
 
 void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
@@ -47,6 +70,10 @@ void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
                     ") must be a multiple of key heads (", key.size(1), ") for grouped-query attention");
   TORCH_CHECK_VALUE(key.size(2) >= 1, "key: expected at least one key (K >= 1), got shape ", key.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  // Logits are scaled in the compute type, which must hold scale itself.
+  TORCH_CHECK_VALUE(std::abs(scale) <= compute_max(query), "scale: expected a finite number of magnitude at most ",
+                    compute_max(query), " (", dtype_name(compute_type(query)), ", the type ",
+                    dtype_name(query.scalar_type()), " query and key are computed in), got ", scale);
 }
 
 void check_value(const at::Tensor& value, const at::Tensor& key) {
@@ -108,6 +135,16 @@ std::optional<at::Tensor> expand_attn_mask(
                     " is not broadcastable to [B, Hq, Q, K] = ", at::IntArrayRef(target));
   if (m.scalar_type() != at::kBool && m.scalar_type() != compute) m = m.to(compute);
   return m.expand(target);
+}
+
+void check_no_negative_rows(const at::Tensor& rows, const at::Tensor& probs) {
+  if (!rows.select(-1, 1).lt(0).any().item<bool>()) return;
+  // Only on the way to an error: the first negative entry in index order, for the message.
+  const at::Tensor index = at::nonzero(probs.lt(0)).select(0, 0).cpu();
+  const auto i = index.accessor<int64_t, 1>();
+  const double value = probs[i[0]][i[1]][i[2]][i[3]].item<double>();
+  TORCH_CHECK_VALUE(false, "probs: expected probabilities >= 0, got ", value, " at [", i[0], ", ", i[1], ", ", i[2],
+                    ", ", i[3], "]; nothing was accumulated");
 }
 
 at::Tensor reduce_rows(const at::Tensor& rows, const std::optional<at::Tensor>& query_mask, const char* op,

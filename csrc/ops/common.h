@@ -37,6 +37,10 @@ std::optional<at::Tensor> expand_attn_mask(
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, const at::Tensor& key,
     at::ScalarType compute);
 
+// Raises, naming the first negative entry of probs, if a row kernel marked a row of `rows`
+// as holding a negative probability (n = -1; see kernels::mark_negative_probs).
+void check_no_negative_rows(const at::Tensor& rows, const at::Tensor& probs);
+
 // Per-head statistics [H, kNumStats] (float64) of the valid rows of `rows` [B, H, Q, 4].
 // Raises if a valid row is not finite (NaN/inf inputs), before anything is accumulated.
 at::Tensor reduce_rows(const at::Tensor& rows, const std::optional<at::Tensor>& query_mask, const char* op,

@@ -31,6 +31,7 @@ struct EntropyOps {
                                 const char* op) {
     at::Tensor rows = new_rows(probs);
     Backend::probs_rows(probs, eps, rows);
+    check_no_negative_rows(rows, probs);
     return reduce_rows(rows, query_mask, op, "probs");
   }
 

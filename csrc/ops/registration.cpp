@@ -3,17 +3,23 @@
 //
 // Conventions: entropies in nats; accumulators are float64 (counts int64) and are only added
 // to; ops ending in `_` mutate the arguments annotated (a!) and return nothing, except
-// attention_stats_accumulate_, which returns the attention output it computed.
+// attention_stats_accumulate_, which returns the attention output it computed. The entropy
+// ops are not differentiable: under grad mode they refuse a tensor that requires grad.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <array>
 
 #include "common.h"
 
 TORCH_LIBRARY(headprune, m) {
-  // probs [B, H, Q, K] (f16/bf16/f32/f64, any strides): adds, per head, the sum over valid
-  // query rows of -sum_k p log(p + eps) into sums [H] (f64) and the number of valid rows into
-  // counts [H] (i64). query_mask [B, Q] bool excludes padded rows; all-zero rows are skipped.
-  // One pass over probs, per-row math in the input's float type (f64 for f64), row sums in f64.
+  // probs [B, H, Q, K] (f16/bf16/f32/f64, any strides, >= 0): adds, per head, the sum over
+  // valid query rows of -sum_k p log(p + eps) into sums [H] (f64) and the number of valid rows
+  // into counts [H] (i64). query_mask [B, Q] bool excludes padded rows; all-zero rows are
+  // skipped. One pass over probs, per-row math in f32 (f64 for f64), row sums in f64; rows
+  // whose entries after the first are subnormal are summed again in f64. eps: finite, >= 0,
+  // within the range of the math's type.
   m.def("entropy_from_probs_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor probs, "
         "Tensor? query_mask=None, float eps=1e-8) -> ()");
 
@@ -26,10 +32,10 @@ TORCH_LIBRARY(headprune, m) {
   // query [B, Hq, Q, D], key [B, Hkv, K, D] (Hq % Hkv == 0), same float dtype: the entropy of
   // softmax(q k^T * scale + attn_mask) per row, streamed over key blocks with a running max,
   // sum of exp and sum of exp * logit (f32 math for f16/bf16/f32, f64 for f64; f64 per-row
-  // state). attn_mask: bool (True = attend) or additive float, broadcastable to
-  // [B, Hq, Q, K]; additive values <= -1e37 mask a key. is_causal: row i sees keys
-  // j <= i + K - Q. Rows with no visible key are skipped. Extra memory: one logits block per
-  // thread plus O(B * Hq * Q), never O(Q * K).
+  // state; scale must lie within the range of the math's type). attn_mask: bool (True =
+  // attend) or additive float, broadcastable to [B, Hq, Q, K]; additive values <= -1e37 mask
+  // a key. is_causal: row i sees keys j <= i + K - Q. Rows with no visible key are skipped.
+  // Extra memory: one logits block per thread plus O(B * Hq * Q), never O(Q * K).
   m.def("entropy_from_qk_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor query, Tensor key, "
         "float scale, Tensor? attn_mask=None, bool is_causal=False, Tensor? query_mask=None) -> ()");
 
@@ -81,8 +87,37 @@ void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_di
   x.unflatten(d, {heads, head_dim}).mul_(mask.to(x.scalar_type()).view(gate_shape));
 }
 
+// Autograd kernel of the entropy ops, which are not differentiable (their results are sums
+// added into float64 accumulators; the attention output has no backward either). Under grad
+// mode a tensor argument that requires grad is refused by name before anything runs, rather
+// than ATen failing inside the kernel ("addmm(): functions with out=... arguments don't
+// support automatic differentiation") or the attention output silently losing its gradient.
+// Otherwise the op runs below autograd, so the ATen calls inside the kernels record nothing.
+void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  if (at::GradMode::is_enabled()) {
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = (*stack)[first + i];
+      TORCH_CHECK_VALUE(!(v.isTensor() && v.toTensor().requires_grad()), args[i].name(), ": requires grad; ",
+                        op.schema().name(), " is not differentiable: call it under torch.no_grad() or on detached ",
+                        "tensors");
+    }
+  }
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+constexpr std::array<const char*, 5> kEntropyOps{
+    "attention_stats_accumulate_", "entropy_from_probs_accumulate_", "entropy_stats_from_probs_accumulate_",
+    "entropy_from_qk_accumulate_", "entropy_stats_from_qk_accumulate_"};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(headprune, CompositeImplicitAutograd, m) { m.impl("apply_head_mask_", &apply_head_mask_impl); }
+
+TORCH_LIBRARY_IMPL(headprune, Autograd, m) {
+  for (const char* name : kEntropyOps) m.impl(name, torch::CppFunction::makeFromBoxedFunction<&not_differentiable>());
+}
 
 }  // namespace headprune::ops

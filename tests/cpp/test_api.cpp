@@ -65,6 +65,9 @@ HP_TEST(probs_errors_name_the_argument) {
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts3, p), "counts");
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, at::ones({1, 3})), "query_mask");
   HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, at::ones({1, 4}, at::kBool)), "query_mask");
+  HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p, std::nullopt, 1e300), "eps");
+  HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, counts, p.mul(-1)),
+                  "probs: expected probabilities >= 0");
   at::Tensor stats = at::zeros({2, 5}, at::kDouble);
   HP_CHECK_THROWS(headprune::entropy_stats_from_probs_accumulate_(stats, p), "stats");
   HP_CHECK(sums.eq(0).all().item<bool>() && counts.eq(0).all().item<bool>());
@@ -81,6 +84,7 @@ HP_TEST(qk_errors_name_the_argument) {
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k.to(at::kDouble), 1.0), "key");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k.narrow(3, 0, 4), 1.0), "key");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, nan), "scale");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1e300), "scale");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0, at::ones({3, 3}, at::kBool)),
                   "attn_mask");
   HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0, at::ones({2, 1, 1, 5}, at::kInt)),
@@ -92,6 +96,21 @@ HP_TEST(qk_errors_name_the_argument) {
   at::Tensor counts = at::zeros({4}, at::kInt);
   HP_CHECK_THROWS(headprune::entropy_from_qk_accumulate_(sums, counts, q, k, 1.0), "counts");
   HP_CHECK(stats.eq(0).all().item<bool>());
+}
+
+HP_TEST(requires_grad_is_refused_under_grad_mode) {
+  // The ops' Autograd kernel: not differentiable, so an input that requires grad is named
+  // while grad mode is on; under a NoGradGuard the same call runs.
+  at::Tensor stats = at::zeros({4, headprune::kNumStats}, at::kDouble);
+  const at::Tensor q = at::randn({2, 4, 3, 8}).requires_grad_(true);
+  const at::Tensor k = at::randn({2, 2, 5, 8});
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0), "query: requires grad");
+  HP_CHECK(stats.eq(0).all().item<bool>());
+  {
+    const at::NoGradGuard no_grad;
+    headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 1.0);
+  }
+  HP_CHECK(stats.select(1, 0).eq(2 * 3).all().item<bool>());
 }
 
 int main(int argc, char** argv) { return hp_test::run_all(argc, argv); }

@@ -3,15 +3,17 @@
 #include <headprune/headprune.h>
 
 #include <cmath>
+#include <limits>
 
 #include "check.h"
 #include "reference.h"
 
 namespace {
 
-at::Tensor stats_of_probs(const at::Tensor& probs, const std::optional<at::Tensor>& query_mask = std::nullopt) {
+at::Tensor stats_of_probs(const at::Tensor& probs, const std::optional<at::Tensor>& query_mask = std::nullopt,
+                          double eps = 1e-8) {
   at::Tensor stats = at::zeros({probs.size(1), headprune::kNumStats}, at::kDouble);
-  headprune::entropy_stats_from_probs_accumulate_(stats, probs, query_mask);
+  headprune::entropy_stats_from_probs_accumulate_(stats, probs, query_mask, eps);
   return stats;
 }
 
@@ -76,6 +78,18 @@ HP_TEST(probs_half_and_bfloat16) {
     // The reference sees the same rounded inputs, so only the float32 math differs.
     const at::Tensor p = random_probs(2, 3, 4, 300).to(dtype);
     HP_CHECK_CLOSE(stats_of_probs(p), hp_ref::stats_from_probs(p), 1e-4, 1e-3);
+  }
+}
+
+HP_TEST(probs_float32_subnormal_rest) {
+  // Every entry after the first is a subnormal float (no zeros, so the reference's
+  // p log(p + eps) is defined for eps = 0 too): the rest entropy as computed in float64.
+  at::manual_seed(10);
+  const double tiny = std::numeric_limits<float>::min();
+  at::Tensor p = (at::rand({1, 3, 2, 70}, at::kDouble) * tiny + tiny * 1e-3).to(at::kFloat);
+  p.select(-1, 0).fill_(0.5);
+  for (double eps : {0.0, 1e-8}) {
+    HP_CHECK_CLOSE(stats_of_probs(p, std::nullopt, eps), hp_ref::stats_from_probs(p, std::nullopt, eps), 1e-9, 1e-6);
   }
 }
 

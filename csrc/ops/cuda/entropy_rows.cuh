@@ -3,7 +3,8 @@
 // read on their own and build against the CUDA runtime alone.
 //
 // probs rows: one warp per row. Math in acc_t (float for f16/bf16/f32), partial sums
-//   flushed into float64 every kFlush keys as on the CPU.
+//   flushed into float64 every kFlush keys as on the CPU; a row whose rest is subnormal is
+//   summed again in float64 (kernels::probs_rest_is_tiny).
 // qk rows: one fused flash-style kernel. A block owns kBlockQ query rows of one (b, h) and
 //   walks the key tiles of kBlockK keys (stopping at the causal diagonal); head dims are
 //   staged kChunkD at a time, so any head_dim works and shared memory stays under 48 KiB.
@@ -85,19 +86,24 @@ __global__ void __launch_bounds__(kProbsWarps * kWarp)
     return;
   }
 
-  // The entries after it, formula as written: a = sum p log(p + eps), s = sum p.
+  // The entries after it, formula as written: a = sum p log(p + eps), s = sum p (zeros add
+  // nothing, also for eps = 0); any negative entry marks the row.
   const acc_t eps_t = static_cast<acc_t>(eps);
   double a = 0.0, s = 0.0;
   long long n = 0;
+  int negative = 0;
   for (int64_t c0 = j0 + 1; c0 < K; c0 += kFlush) {
     const int64_t c1 = min64(K, c0 + kFlush);
     acc_t fa = 0, fs = 0;
     int fn = 0;
     for (int64_t j = c0 + lane; j < c1; j += kWarp) {
       const acc_t x = static_cast<acc_t>(p[j * sk]);
-      fa += x * dev_log(x + eps_t);
-      fs += x;
-      fn += (x != acc_t(0));
+      if (x != acc_t(0)) {  // NaN included: it must reach H
+        fa += x * dev_log(x + eps_t);
+        fs += x;
+        ++fn;
+        negative |= x < acc_t(0);
+      }
     }
     a += static_cast<double>(fa);
     s += static_cast<double>(fs);
@@ -106,8 +112,34 @@ __global__ void __launch_bounds__(kProbsWarps * kWarp)
   a = warp_sum(a);
   s = warp_sum(s);
   n = warp_sum(n);
+  negative = warp_sum(negative);
   const double p0 = static_cast<double>(static_cast<acc_t>(p[j0 * sk]));
-  if (lane == 0) k::finalize_probs(p0, a, s, 1 + n, eps, out);
+  if (negative != 0 || p0 < 0.0) {
+    if (lane == 0) k::mark_negative_probs(out);
+    return;
+  }
+  int e = 0;
+  if (k::probs_rest_is_tiny<acc_t>(s, n)) {  // warp-uniform: every lane holds lane 0's sums
+    // Subnormal entries: the rest again in float64, in units of 2^e (the largest entry's
+    // exponent), as the CPU's probs_rest_exact.
+    double top = 0.0;
+    for (int64_t j = j0 + 1 + lane; j < K; j += kWarp) {
+      top = fmax(top, static_cast<double>(static_cast<acc_t>(p[j * sk])));
+    }
+    e = ilogb(warp_max(top));
+    a = 0.0;
+    s = 0.0;
+    for (int64_t j = j0 + 1 + lane; j < K; j += kWarp) {
+      const double x = static_cast<double>(static_cast<acc_t>(p[j * sk]));
+      if (x == 0.0) continue;
+      const double scaled = ldexp(x, -e);
+      a += scaled * log(x + eps);
+      s += scaled;
+    }
+    a = warp_sum(a);
+    s = warp_sum(s);
+  }
+  if (lane == 0) k::finalize_probs(p0, a, s, 1 + n, eps, out, e);
 }
 
 // -------------------------------------------------------------------------------- qk rows

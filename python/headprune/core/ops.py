@@ -3,8 +3,10 @@
 All entropies are in nats and accumulated in float64 whatever the input dtype. The
 accumulating ops (trailing ``_``) add into caller-owned tensors and return ``None``; on any
 error the accumulators are left unchanged. The one exception, ``attention_stats_accumulate_``,
-returns the attention output it computed. The native extension is loaded on the first call
-(see :mod:`headprune.core.build`).
+returns the attention output it computed. The entropy ops are not differentiable: while grad
+mode is on they refuse a tensor that requires grad (call them under ``torch.no_grad()`` or on
+detached tensors). Every tensor must be on the device of ``probs`` / ``query``. The native
+extension is loaded on the first call (see :mod:`headprune.core.build`).
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ def entropy_from_probs_accumulate_(
     Args:
         sums: ``[H]`` float64, receives ``sum over valid rows of -sum_k p log(p + eps)``.
         counts: ``[H]`` int64, receives the number of valid rows.
-        probs: ``[B, H, Q, K]`` float16/bfloat16/float32/float64, any strides.
+        probs: ``[B, H, Q, K]`` float16/bfloat16/float32/float64, any strides, ``>= 0``.
         query_mask: optional ``[B, Q]`` bool, False excludes a (padded) query row.
-        eps: added inside the log (the formula as written).
+        eps: added inside the log (the formula as written): finite, ``>= 0`` and within the
+            range of the type the rows are computed in (float32, float64 for float64 probs).
 
-    All-zero rows (fully masked) are not counted. NaN or inf in ``probs`` raise.
+    All-zero rows (fully masked) are not counted. NaN, inf or a negative value in ``probs``
+    raise.
     """
     _ops().entropy_from_probs_accumulate_(sums, counts, probs, query_mask, eps)
 
@@ -71,7 +75,8 @@ def entropy_from_qk_accumulate_(
         sums: ``[Hq]`` float64; counts: ``[Hq]`` int64.
         query: ``[B, Hq, Q, D]``; key: ``[B, Hkv, K, D]`` with ``Hq % Hkv == 0`` (GQA:
             query head ``h`` reads KV head ``h // (Hq // Hkv)``). Same floating dtype.
-        scale: logit scale, usually ``D ** -0.5``.
+        scale: logit scale, usually ``D ** -0.5``; finite and within the range of the type
+            the logits are computed in (float32, float64 for float64 inputs).
         attn_mask: bool (True = attend) or additive float, broadcastable to
             ``[B, Hq, Q, K]``; additive values ``<= -1e37`` (``-inf``, float32 min) mask a key.
         is_causal: query ``i`` sees keys ``j <= i + K - Q`` (last query aligned with last key).
@@ -127,7 +132,8 @@ def attention_stats_accumulate_(
     logits once, for the output and the statistics (float32 exponentials with about 2e-6
     relative error, as ATen's CPU flash attention; float64 inputs are computed in float64);
     on CUDA it is the device's ``scaled_dot_product_attention`` followed by the statistics
-    kernel. Rows with no visible key get a zero output and are not counted. No autograd.
+    kernel. Rows with no visible key get a zero output and are not counted. Not differentiable:
+    under grad mode, a ``query``, ``key`` or ``value`` that requires grad is refused.
     """
     return _ops().attention_stats_accumulate_(stats, query, key, value, scale, attn_mask, is_causal, query_mask)
 

@@ -74,16 +74,20 @@ def row_stats_from_probs(probs, eps=1e-8):
     """Per-row ``(H, n, p_first, H_rest)`` from probabilities, with the formula as written:
     ``H = -sum_k p log(p + eps)``; ``n`` counts non-zero entries."""
     p = probs.double()
-    plogp = p * torch.log((p + eps).clamp_min(torch.finfo(torch.float64).tiny))  # 0 log 0 = 0
-    H = -plogp.sum(-1)
     visible = p != 0
+    log_p = torch.log(p + eps)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    H = -torch.where(visible, p * log_p, zero).sum(-1)  # 0 log 0 = 0, also for eps = 0
     n = visible.sum(-1)
     first = visible.to(torch.int8).argmax(-1, keepdim=True)
     p_first = p.gather(-1, first).squeeze(-1)
-    is_first = torch.zeros_like(visible).scatter(-1, first, True)
-    s_rest = torch.where(is_first, 0.0, p).sum(-1)
-    a_rest = torch.where(is_first, 0.0, plogp).sum(-1)
-    H_rest = torch.where(n >= 2, torch.log(s_rest.clamp_min(1e-300)) - a_rest / s_rest.clamp_min(1e-300), 0.0)
+    rest = visible & ~torch.zeros_like(visible).scatter(-1, first, True)
+    s_rest = torch.where(rest, p, zero).sum(-1)
+    # sum (p / s) log(p + eps) rather than (sum p log(p + eps)) / s: the weights p / s stay
+    # normal floats when the rest's mass is subnormal in float64.
+    s_safe = torch.where(n >= 2, s_rest, 1.0).unsqueeze(-1)
+    weighted = torch.where(rest, p / s_safe * log_p, zero).sum(-1)
+    H_rest = torch.where(n >= 2, torch.log(s_safe.squeeze(-1)) - weighted, zero)
     return H, n, p_first, H_rest
 
 
