@@ -62,8 +62,8 @@ def _files(tmp_path):
 
 FAST = ["--quiet"]
 PARSE_ERRORS = [
-    ([], "headprune: error: the following arguments are required: command"),
-    (["shrink", "m"], "headprune: error: argument command: invalid choice: 'shrink'"),
+    ([], "headprune: error: the following arguments are required: COMMAND"),
+    (["shrink", "m"], "headprune: error: argument COMMAND: invalid choice: 'shrink'"),
     (["prune", "m"], "headprune prune: error: one of the arguments --ratio --count is required"),
     (["prune", "m", "--ratio", "0.1", "--count", "2"], "argument --count: not allowed with argument --ratio"),
     (["prune", "m", "--ratio", "0"], r"argument --ratio: expected a number in \(0, 1\), got 0\b"),
@@ -77,7 +77,10 @@ PARSE_ERRORS = [
     (["prune", "m", "--count", "2", "--mask", "--physical"], "argument --physical: not allowed with argument --mask"),
     (["prune", "m", "--count", "2", "--scope", "layer"], "argument --scope: invalid choice: 'layer'"),
     (["prune", "m", "--count", "2", "--protect-layers", "0,x"], "argument --protect-layers: expected comma-separated"),
-    (["prune", "m", "--count", "2", "--min-heads-per-layer", "one"], "argument --min-heads-per-layer: invalid int"),
+    (["prune", "m", "--count", "2", "--min-heads-per-layer", "one"],
+     "argument --min-heads-per-layer: expected a non-negative integer, got 'one'"),
+    (["eval", "m", "--samples", "4"], "headprune: error: unrecognized arguments: --samples 4"),
+    (["scan", "m", "--eval-windows", "4"], "headprune: error: unrecognized arguments: --eval-windows 4"),
     (["scan", "m", "--samples", "-1"], "argument --samples: expected a positive integer, got -1"),
     (["scan", "m", "--batch-size", "x"], "argument --batch-size: expected a positive integer, got 'x'"),
     (["scan", "m", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
@@ -175,7 +178,7 @@ RUNTIME_ERRORS = [
     ("scan", lambda t, m: [m, "--seq-len", "1"], r"--samples/--seq-len: expected samples >= 1 and seq_len >= 2"),
     ("prune", lambda t, m: [m, "--count", "99"], "prune: error: count: 99 exceeds the 8 units of the model"),
     ("prune", lambda t, m: [m, "--ratio", "0.5", "--protect-layers", "0,7"], r"protect_layers: indices \[7\] out of range"),
-    ("prune", lambda t, m: [m, "--count", "1", "--min-heads-per-layer", "-1"], "min_heads_per_layer: expected a non-negative"),
+    ("prune", lambda t, m: [m, "--count", "1", "--min-heads-per-layer", "-1"], "--min-heads-per-layer: expected a non-negative integer, got -1"),
     ("prune", lambda t, m: [m, "--count", "1", "--score", "loud"], "--score: invalid choice"),
     ("prune", lambda t, m: [m, "--count", "1", "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
     ("scan", lambda t, m: [m, "--out", _non_empty_out(t)], "--out: .*out is not empty; pass --force"),
@@ -216,7 +219,7 @@ RUNTIME_ERRORS = [
 @pytest.mark.parametrize("cmd, args, message", RUNTIME_ERRORS,
                          ids=[c.id if hasattr(c, "id") else f"{c[0]}-{i}" for i, c in enumerate(RUNTIME_ERRORS)])
 def test_runtime_errors_exit_2_with_one_line(run, tmp_path, tiny_dir, cmd, args, message):
-    argv = [cmd, *args(tmp_path, tiny_dir), "--quiet", "--samples", "4", "--seq-len", "16"]
+    argv = [cmd, *args(tmp_path, tiny_dir), "--quiet"] + ([] if cmd == "eval" else ["--samples", "4", "--seq-len", "16"])
     if argv.count("--seq-len") > 1:  # the case sets its own
         argv = argv[: -2]
     if cmd != "eval" and "--out" not in argv:
@@ -345,3 +348,33 @@ def test_eval_reads_a_directory_transformers4_pruned(run):
     code, err = run(["eval", str(path), "--json", "--quiet"])
     # the fixture has no tokenizer: refused with one line before any weight is read
     assert code == 2 and len(err) == 1 and "has no tokenizer files" in err[0]
+
+
+def test_every_option_is_documented():
+    """Every option of every command has help text, and the defaults it has are stated in it."""
+    import argparse
+
+    from headprune.app.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            if not text.strip():
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}: no help")
+            elif action.default not in (None, False, argparse.SUPPRESS) and "default" not in text.lower():
+                missing.append(f"{name} {'/'.join(action.option_strings)}: default {action.default!r} not stated")
+    assert not missing, "\n".join(missing)
+    assert "headprune" in subprocess_help(["--version"])
+
+
+def subprocess_help(argv) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "headprune", *argv], capture_output=True, text=True, timeout=120)
+    return out.stdout + out.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -15,12 +14,12 @@ from typing import Optional
 import torch
 
 from .. import atomic
-from ..ranking import DEFAULT_RECIPE, natural_order, select_heads
+from ..ranking import DEFAULT_RECIPE, natural_order
 from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .load import load_model
-from .sweep import SweepConfig, removal_kwargs, removal_of
+from .sweep import SweepConfig
 
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
 
@@ -31,6 +30,10 @@ DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 25
 def _say(args, *msg, end="\n"):
     if not args.quiet:
         print(*msg, end=end, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -102,27 +105,24 @@ def _tokens_digest(batches) -> str:
 
 def _setup(args):
     """Model, calibration batches and held-out paragraphs for a command."""
-    paragraphs = texts.load_paragraphs(args.data)
-    calib, held = texts.split(paragraphs)
+    parts, held = texts.load_split(args.data)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
-    if loaded.kind not in DEFAULTS:
-        raise ValueError(f"MODEL: {loaded.kind} models are supported by the Python API, not yet by the CLI")
     if loaded.tokenizer is None:
         raise ValueError(f"MODEL: {args.model} has no tokenizer files")
     d = DEFAULTS[loaded.kind]
     samples, seq_len = args.samples or d["samples"], args.seq_len or d["seq_len"]
-    batches = texts.calibration_batches(loaded.tokenizer, calib, causal=loaded.kind == "causal", samples=samples,
-                                        seq_len=seq_len, batch_size=args.batch_size)
+    batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=loaded.kind == "causal", samples=samples,
+                                              seq_len=seq_len, batch_size=args.batch_size)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len,
-                "calibration_paragraphs": len(calib), "held_out_paragraphs": len(held),
+                "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held),
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
                 "fused": _fused(args)}
     return loaded, batches, held, settings
@@ -270,103 +270,9 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prune(args) -> int:
-    from ..hf import mask_heads, prune_heads, save_pruned
-
-    out = Path(args.out) if args.out else _out(args, "prune")
-    check_out(out, args.force)  # fail before the slow part
-    loaded, batches, held, settings = _setup(args)
-    removal = removal_of(args)
-    scores = _collect(args, loaded, batches, settings, moments=removal == "refit" or args.score == "reconstruction")
-    kw = _selection_kwargs(args)
-    if _is_writer():
-        _warn_as_written(kw, loaded.kind)
-    if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
-        from .. import distributed
-        from ..hf import collect, select_iteratively
-
-        gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
-                                   fused=_fused(args))
-        heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
-                                         scores=scores, progress=not args.quiet and _is_writer(),
-                                         removal=removal, damping=args.damping, collect_fn=gather, **kw)
-    else:
-        heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
-    if args.sequential:
-        heads, last = _sequential(args, loaded, batches, last, heads, removal)
-    if not _is_writer():
-        return 0
-    n = sum(len(h) for h in heads.values())
-    _say(args, f"selected {n} of {sum(scores.num_heads)} heads ({kw})")
-    metric, _ = E.metric_of(loaded.kind)
-    before_q = quality(args, loaded, held)
-    before = {**_public(before_q), **speed(loaded)}
-    mode = args.mode or "physical"
-    how = removal_kwargs(removal, last, args.damping)
-    if mode == "mask":
-        mask_heads(loaded.model, heads, **how)
-    else:
-        prune_heads(loaded.model, heads, **how)
-    after = {**_public(quality(args, loaded, held, reference=before_q)), **speed(loaded)}
-    settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
-                     "removal": removal, "damping": args.damping, "sequential": args.sequential, **kw})
-    with output_dir(out, args.force, _stages(args)) as tmp:
-        save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
-        report = {"model": args.model, "settings": settings, "pruned_heads": {str(k): v for k, v in heads.items()},
-                  "heads_pruned": n, "heads_total": sum(scores.num_heads), "before": before, "after": after}
-        _write_json(tmp / "report.json", report)
-        _write_json(tmp / "scores.json", scores.to_dict())
-        table = summary_table(report, metric)
-        (tmp / "report.md").write_text(report_markdown(report, table))
-        plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: entropy, pruned heads marked")
-    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
-    print(table)
-    return 0
-
-
-def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tuple:
-    """The selection's per-site counts, re-chosen and refit layer by layer (``--sequential``)."""
-    from ..hf.sequential import calibrate_sequentially
-
-    if removal != "refit":
-        raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
-    unit = [hq // hkv if args.gqa == "group" and hkv else 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
-    counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
-    t0 = time.perf_counter()
-    heads, scores = calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
-                                           progress=not args.quiet)
-    _say(args, f"calibrated the refit layer by layer in {time.perf_counter() - t0:.1f} s")
-    return heads, scores
-
-
-def summary_table(report: dict, metric: str) -> str:
-    b, a = report["before"], report["after"]
-    rows = [(metric, b.get(metric), a.get(metric)), ("query heads", b["query_heads"], a["query_heads"]),
-            ("KV heads", b["kv_heads"], a["kv_heads"]), ("parameters", b["parameters"], a["parameters"]),
-            ("attention FLOPs/token", b["attention_flops_per_token"], a["attention_flops_per_token"]),
-            (f"tokens/s (batch 1, {b['seq_len']} tokens)", b["tokens_per_s"], a["tokens_per_s"])]
-    if "retrieval_top1" in b:
-        rows.insert(1, ("retrieval top-1", b["retrieval_top1"], a["retrieval_top1"]))
-    lines = ["| | before | after | change |", "|---|---|---|---|"]
-    for name, x, y in rows:
-        fmt = (lambda v: f"{v:,.4g}") if isinstance(x, float) else (lambda v: f"{v:,}")
-        change = f"{(y - x) / x:+.1%}" if x else ""
-        lines.append(f"| {name} | {fmt(x)} | {fmt(y)} | {change} |")
-    return "\n".join(lines)
-
-
-def report_markdown(report: dict, table: str) -> str:
-    s = report["settings"]
-    return (f"# headprune report: {report['model']}\n\n"
-            f"Pruned {report['heads_pruned']} of {report['heads_total']} heads ({s['mode']}), ranked by "
-            f"`{s.get('score', 'default')}` (order {s.get('order', 'default')}, scope {s.get('scope', 'default')}). "
-            f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`; quality on its held-out part "
-            f"({s['held_out_paragraphs']} paragraphs).\n\n{table}\n\n![heatmap](heatmap.png)\n")
-
-
 def evaluate(args) -> int:
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    _, held = texts.split(texts.load_paragraphs(args.data))
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
+    _, held = texts.load_split(args.data)
     result = {"model": args.model, **_public(quality(args, loaded, held)), **speed(loaded)}
     if loaded.kind != "causal":
         result.pop("fidelity", None)  # 1.0 by definition without a reference model

@@ -63,7 +63,11 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
     for i in tqdm(range(0, len(starts), batch_size), desc="headprune: perplexity", unit="batch", disable=not progress,
                   leave=False):
         chunk = torch.stack([ids[s : s + window] for s in starts[i : i + batch_size]]).to(device)
-        logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits.float()
+        out = model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
+        if getattr(out, "logits", None) is None:
+            raise ValueError(f"MODEL: {type(model).__name__} has no language-model head, and perplexity needs one "
+                             "(save the ...ForCausalLM model)")
+        logits = out.logits.float()
         lp = F.log_softmax(logits[:, :-1], -1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
         for j, s in enumerate(starts[i : i + batch_size]):
             first = 0 if s == 0 else max(0, window - stride - 1)  # only tokens not scored before
@@ -141,3 +145,31 @@ def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vo
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {"tokens_per_s": batch * seq_len / med, "median_ms": med * 1e3, "batch": batch, "seq_len": seq_len}
+
+
+@torch.no_grad()
+def compare_speed(before, after, *, batch: int = 1, seq_len: int = 256, repeat: int = 9) -> dict:
+    """Forward tokens/s of two models (unpruned and pruned) timed in alternating pairs on the
+    same random tokens, so a burst of load lands on both: medians, the median per-pair
+    speed-up and its quartiles (``speedup_low``/``speedup_high``: the spread)."""
+    seq_len = min(seq_len, max_positions(before, seq_len), max_positions(after, seq_len))
+    device = next(before.parameters()).device
+    vocab = getattr(before.config, "vocab_size", 1000)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+
+    def run(model) -> float:
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(before), run(after)  # warm-up
+    pairs = [(run(before), run(after)) for _ in range(repeat)]
+    ups = sorted(a / b for a, b in pairs)
+    q = statistics.quantiles(ups, n=4)
+    return {"batch": batch, "seq_len": seq_len, "repeat": repeat,
+            "tokens_per_s_before": batch * seq_len / statistics.median(a for a, _ in pairs),
+            "tokens_per_s_after": batch * seq_len / statistics.median(b for _, b in pairs),
+            "speedup": statistics.median(ups), "speedup_low": q[0], "speedup_high": q[2]}

@@ -29,6 +29,19 @@ class Loaded:
     kind: str  # "causal" or "encoder"
     source: str
     pruned: Optional[dict] = None  # headprune.json of a pruned directory
+    checkpoint_dtype: Optional[str] = None  # the float type the weights were stored in ("gguf": quantised)
+    input_bytes: Optional[int] = None  # the size of the weight files read
+
+
+def _bytes(files) -> int:
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+
+
+def _refuse_kind(kind: str, accept, spec) -> None:
+    """The CLI handles causal LMs and encoders; refused before any weight is read."""
+    if accept is not None and kind not in accept:
+        raise ValueError(f"MODEL: {spec} is a {kind} model; the command line handles "
+                         f"{' and '.join(accept)} models (the Python API handles {kind} models too)")
 
 
 def bundled_path(name: str) -> tuple:
@@ -55,11 +68,13 @@ def _kind(config) -> str:
     return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
 
 
-def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -> Loaded:
+def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, accept=None) -> Loaded:
     """Loads MODEL (bundled name, ``.gguf`` file, Hugging Face directory, or a directory
     written by ``headprune prune``) with its tokenizer, from local files only. A directory is
     checked before its weights are read (see :func:`headprune.hf.load_pruned`): a damaged one
-    raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong."""
+    raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong. ``accept``: the model
+    kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
+    the weights are read."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from ..hf.migrate import is_transformers4_pruned
@@ -82,21 +97,23 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None) -
                 raise ValueError(f"MODEL: {spec!r} is a file but not a .gguf file")
             path, gguf = path.parent, path.name
         elif os.path.lexists(path / "headprune.json") or is_transformers4_pruned(path):
-            return _load_pruned_dir(path, device, torch_dtype)
+            return _load_pruned_dir(path, device, torch_dtype, accept)
         elif not os.path.lexists(path / "config.json"):
             raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
     if gguf is None:
-        return _load_hf_dir(path, device, torch_dtype)
+        return _load_hf_dir(path, device, torch_dtype, accept)
     config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
     kind = _kind(config)
+    _refuse_kind(kind, accept, path / gguf)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
     model = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32, attn_implementation="sdpa",
                                 gguf_file=gguf)
     tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
-    return Loaded(model.to(device).eval(), tok, kind, str(path / gguf))
+    return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf",
+                  input_bytes=_bytes([path / gguf]))
 
 
-def _load_pruned_dir(path: Path, device: str, torch_dtype) -> Loaded:
+def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
     """A directory written by ``headprune prune`` (see :func:`headprune.hf.load_pruned`)."""
     from ..hf import load_pruned
     from ..hf.metadata import read_metadata
@@ -104,14 +121,20 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype) -> Loaded:
 
     meta = (transformers4_metadata(path, "MODEL") if is_transformers4_pruned(path)
             else read_metadata(path, "MODEL"))  # cheap checks first, the weights last
+    from ..hf import ADAPTERS
+
+    adapter = ADAPTERS.get(meta.get("model_type"))
+    if adapter is not None:
+        _refuse_kind(adapter.kind, accept, path)
     tok = _tokenizer(path)
     model = load_pruned(path, device=device)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
-    return Loaded(model.eval(), tok, _kind(model.config), str(path), meta)
+    return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
+                  input_bytes=_bytes(path.glob("*.safetensors")))
 
 
-def _load_hf_dir(path: Path, device: str, torch_dtype) -> Loaded:
+def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
     """A Hugging Face directory of a supported family, safetensors weights only, every tensor
     its config declares present with the declared shape."""
     import transformers
@@ -126,6 +149,7 @@ def _load_hf_dir(path: Path, device: str, torch_dtype) -> Loaded:
     if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise ValueError(f"MODEL: unsupported model_type {model_type!r} in {config_file}; "
                          f"headprune supports {', '.join(supported_model_types())}")
+    _refuse_kind(ADAPTERS[model_type].kind, accept, path)
     tok = _tokenizer(path)
     files = safetensors_files(path, "MODEL")
     header = read_header(files, "MODEL")
@@ -138,7 +162,9 @@ def _load_hf_dir(path: Path, device: str, torch_dtype) -> Loaded:
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
     model = from_pretrained_checked(cls, str(path), config, header, "MODEL", str(config_file), weights, strict=False,
                                     **kw)
-    return Loaded(model.to(device).eval(), tok, kind, str(path))
+    stored = raw.get("torch_dtype") or raw.get("dtype")
+    return Loaded(model.to(device).eval(), tok, kind, str(path), checkpoint_dtype=stored if isinstance(stored, str) else None,
+                  input_bytes=_bytes(files))
 
 
 def _tokenizer(path: Path):

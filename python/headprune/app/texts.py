@@ -69,6 +69,38 @@ def _dataset_paragraphs(path: Path) -> list:
     return [t.strip() for t in ds["text"] if isinstance(t, str) and t.strip()]
 
 
+def load_split(spec: Optional[str] = None) -> tuple:
+    """``(calibration parts, held-out paragraphs)`` of ``spec``: one text, or several joined by
+    ``+`` (each split on its own; the calibration keeps one part per text, so each gets an
+    equal share of the samples, and the held-out paragraphs alternate between the texts)."""
+    spec = spec or DEFAULT_TEXT
+    parts, held = [], []
+    for name in spec.split("+") if "+" in spec else [spec]:
+        if not name.strip():
+            raise ValueError(f"--data: {spec!r} has an empty name between its + signs")
+        calib, h = split(load_paragraphs(name.strip()))
+        parts.append(calib)
+        held.append(h)
+    mixed = [p for group in _zip_longest(held) for p in group]
+    return parts, mixed
+
+
+def _zip_longest(lists: list):
+    for i in range(max(len(x) for x in lists)):
+        yield [x[i] for x in lists if i < len(x)]
+
+
+def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: int, seq_len: int,
+                              batch_size: int = 8) -> list:
+    """:func:`calibration_batches` of each part with an equal share of ``samples``, joined."""
+    share = [samples // len(parts) + (1 if i < samples % len(parts) else 0) for i in range(len(parts))]
+    out = []
+    for part, n in zip(parts, share):
+        if n:
+            out += calibration_batches(tokenizer, part, causal=causal, samples=n, seq_len=seq_len, batch_size=batch_size)
+    return out
+
+
 def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
     """``(calibration, held_out)``: a contiguous, disjoint split (first part calibrates)."""
     cut = max(1, min(len(paragraphs) - 1, round(len(paragraphs) * (1 - held_out))))

@@ -34,12 +34,17 @@ def measure(model, context: int = DEFAULT_CONTEXT) -> dict:
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
+    width = next(model.parameters()).element_size()
+    causal = [s.block.causal for s in sites]
     return {
         "parameters": parameter_count(model),
         "attention_flops_per_token": attention_flops_per_token(model, context),
         "context": context,
         "query_heads": sum(c[0] for c in counts),
         "kv_heads": sum(c[1] for c in counts),
+        # keys and values a generating model caches per token (causal self-attention sites)
+        "kv_cache_bytes_per_token": sum(2 * c[1] * head_dim(s, adapter) * width
+                                        for s, c, k in zip(sites, counts, causal) if k) or None,
     }
 
 

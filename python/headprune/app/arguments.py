@@ -1,0 +1,219 @@
+"""The command line's options, in groups each command takes only where they apply: what to
+load, what to calibrate on, how to choose heads, how to remove them, how to evaluate, where
+to write. Every option has help text with its default; choices come from the library."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..ranking import DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES, SCORES
+from ..stats.moments import DEFAULT_DAMPING
+from .load import BUNDLED_MODELS, DTYPES
+from .sweep import RANDOM_SCOPES
+from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
+
+#: --save-dtype choices: "auto" keeps the input checkpoint's own float type
+SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+# ---- value types: each error names what was expected --------------------------------------
+
+
+def device(text: str) -> str:
+    import torch
+
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return text
+
+
+def ratio(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < r < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return r
+
+
+def ratios(text: str) -> list:
+    return [ratio(t) for t in text.split(",") if t.strip()]
+
+
+def positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
+    return n
+
+
+def nonnegative(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
+    return x
+
+
+def steps(text: str):
+    if text == "auto":
+        return text
+    try:
+        return positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+
+
+def layers(text: str) -> list:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
+# ---- groups -----------------------------------------------------------------------------------
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("model", metavar="MODEL",
+                   help=f"a bundled name ({', '.join(BUNDLED_MODELS)}; pip packages that ship the weights), a .gguf "
+                        "file, a Hugging Face model directory, or a directory written by headprune prune")
+    g.add_argument("--device", type=device, default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="compute in this float type (default: float32; the checkpoint's own type is kept for saving, "
+                        "see --save-dtype)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
+
+
+def data_args(p: argparse.ArgumentParser, *, calibrates: bool) -> None:
+    g = p.add_argument_group("text")
+    what = "calibrate on its first 70%% of paragraphs and evaluate on the last 30%%" if calibrates else \
+        "evaluate on its last 30%% of paragraphs"
+    g.add_argument("--data", default=None, metavar="TEXT",
+                   help=f"{what}: a text file (paragraphs separated by blank lines), a JSONL file with a 'text' "
+                        f"field, a local datasets directory, or bundled texts ({', '.join(BUNDLED_TEXTS)}), several "
+                        f"joined by + to mix them in equal shares (default {DEFAULT_TEXT})")
+    if calibrates:
+        g.add_argument("--samples", type=positive, default=None,
+                       help="calibration sequences (default 64 for causal LMs, 256 for encoders)")
+        g.add_argument("--seq-len", type=positive, default=None,
+                       help="calibration sequence length in tokens (default 256 for causal LMs, 128 for encoders)")
+        g.add_argument("--batch-size", type=positive, default=8, help="calibration sequences per forward (default 8)")
+        g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                       help="on CPU, serve sdpa attention calls during collection by the fused "
+                            "attention-with-statistics op (default; outputs equal SDPA's to float rounding); "
+                            "--no-fused runs the model's own attention, then the statistics in a second pass")
+
+
+def eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-windows", type=positive, default=48,
+                   help="held-out perplexity windows of 256 tokens (causal LMs; default 48)")
+
+
+def output_args(p: argparse.ArgumentParser, command: str, *, distributed: bool = True) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None,
+                   help=f"output directory, new or empty unless --force (default headprune-out/{command}-<model name>)")
+    g.add_argument("--force", action="store_true",
+                   help="replace a non-empty output directory (in one step: it holds the old or the new result)")
+    if distributed:
+        g.add_argument("--distributed", action="store_true",
+                       help="data-parallel calibration under torchrun (gloo on CPU, NCCL on GPU); rank 0 writes")
+
+
+def selection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which heads (default: the measured default recipe, see the description)")
+    how = g.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=ratio, help="fraction of the prunable units to remove, in (0, 1)")
+    how.add_argument("--count", type=positive, help="number of prunable units to remove")
+    g.add_argument("--score", default=None, choices=SCORES,
+                   help="the statistic that ranks heads (default: the default recipe's); reconstruction: what the "
+                        "least-squares refit cannot recover; entropy: the mean attention entropy (nats)")
+    g.add_argument("--order", choices=ORDERS, default=None,
+                   help="prune the highest or the lowest scores first, or a seeded random order (default: the "
+                        "score's natural order: highest first for entropies, lowest for costs)")
+    g.add_argument("--scope", choices=SCOPES, default=None,
+                   help="spread the budget evenly over the layers (per_layer) or rank the whole model (global); "
+                        "default per_layer")
+    g.add_argument("--gqa", choices=GQA_MODES, default="query",
+                   help="grouped-query models: prune query heads (query) or whole KV groups, which shrinks the KV "
+                        "cache (group); default query")
+    g.add_argument("--min-heads-per-layer", type=nonnegative_int, default=None,
+                   help="units every layer keeps (default 1; 0 allows emptying a layer)")
+    g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
+                   help="layers (attention sites) never pruned (default: the recipe's)")
+    g.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
+    g.add_argument("--steps", type=steps, default=DEFAULT_STEPS,
+                   help="iterative pruning: reach the budget in this many rounds, re-collecting the statistics with "
+                        "the heads chosen so far removed before each round; 'auto': at most 10%% of the heads per "
+                        f"round (default {DEFAULT_STEPS})")
+
+
+def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None:
+    g = p.add_argument_group("how removed heads are replaced")
+    g.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit the kept heads' output-projection columns and bias by least squares to what the full "
+                        "projection computed on the calibration data (default; its second moments are gathered in "
+                        "the same pass); --no-reconstruct keeps the kept columns as they are")
+    g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --no-reconstruct: replace each removed head by its mean output, folded into the output "
+                        "projection's bias (default); --no-compensate removes heads outright")
+    g.add_argument("--damping", type=nonnegative, default=DEFAULT_DAMPING,
+                   help=f"ridge damping of the refit towards the original weights, relative to the mean squared "
+                        f"input (default {DEFAULT_DAMPING:g})")
+    if sequential:
+        g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
+                       help="calibrate the refit layer by layer, each layer's statistics taken with the earlier layers "
+                            "already pruned and refit (about one more forward pass; default off)")
+
+
+def prune_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the pruned model")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--mask", dest="mode", action="store_const", const="mask",
+                      help="keep the shapes and zero the heads in the weights (reversible with the Python API)")
+    mode.add_argument("--physical", dest="mode", action="store_const", const="physical",
+                      help="remove the heads: a smaller, faster model (default)")
+    g.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",
+                   help="float type of the saved weights; the evaluation after pruning runs in it, so the report "
+                        "describes what is saved (default auto: the checkpoint's own type, bfloat16 for a "
+                        "quantised GGUF)")
+    g.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the pruned model's speed against the unpruned one, interleaved (default on; "
+                        "needs a second copy of the model in memory)")
+
+
+def sweep_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sweep")
+    g.add_argument("--ratios", type=ratios, default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                   help="fractions of heads to prune, comma-separated (default 0.1,0.2,0.3,0.4,0.5)")
+    g.add_argument("--seeds", type=positive, default=3, help="random-baseline draws per fraction (default 3)")
+    g.add_argument("--random-scope", choices=list(RANDOM_SCOPES), default="per_layer",
+                   help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in RANDOM_SCOPES.items())
+                        + " (default per_layer)")
+    g.add_argument("--gqa", choices=GQA_MODES, default="query",
+                   help="grouped-query models: units are query heads or whole KV groups (default query)")
+    g.add_argument("--eval-paragraphs", type=positive, default=None,
+                   help="held-out paragraphs for the fidelity of encoders (default: all)")

@@ -1,0 +1,175 @@
+"""``headprune prune``: collect, choose, remove, evaluate, save and report, stage by stage, each
+stage labelled while it runs and timed in the report."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..ranking import select_heads
+from . import commands as C
+from . import evaluate as E
+from . import plots
+from .recipe_text import describe_recipe
+from .report import report_markdown, summary_table
+from .sweep import removal_kwargs, removal_of
+
+SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Stages:
+    """Wall-clock seconds per stage; ``with stages("evaluating ..."):`` prints the label first."""
+
+    def __init__(self, args):
+        self.args, self.seconds = args, {}
+
+    @contextmanager
+    def __call__(self, label: str, key: str):
+        C._say(self.args, f"headprune: {label} ...")
+        t0 = time.perf_counter()
+        yield
+        self.seconds[key] = round(time.perf_counter() - t0, 1)
+        C._say(self.args, f"headprune: {label}: {self.seconds[key]:.1f} s")
+
+
+def prune(args) -> int:
+    from ..hf import mask_heads, measure, prune_heads, save_pruned
+
+    out = C._out(args, "prune")
+    C.check_out(out, args.force)  # fail before the slow part
+    stage = Stages(args)
+    with stage("loading the model and the calibration text", "load"):
+        loaded, batches, held, settings = C._setup(args)
+    removal = removal_of(args)
+    with stage("collecting entropies and output statistics in one forward pass", "collect"):
+        scores = C._collect(args, loaded, batches, settings,
+                            moments=removal == "refit" or args.score == "reconstruction")
+    kw = C._selection_kwargs(args)
+    if C._is_writer():
+        C._warn_as_written(kw, loaded.kind)
+    with stage("choosing heads", "select"):
+        heads, last = _select(args, loaded, batches, scores, kw, removal)
+    if not C._is_writer():
+        return 0
+    recipe = describe_recipe(kw, removal, args.sequential, args.damping)
+    n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
+    C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
+    metric, _ = E.metric_of(loaded.kind)
+    with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
+        before_q = C.quality(args, loaded, held)
+    reference = copy.deepcopy(loaded.model) if args.speed else None
+    sizes_before = measure(loaded.model)
+    mode = args.mode or "physical"
+    with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
+        how = removal_kwargs(removal, last, args.damping)
+        (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
+        saved_as = _save_dtype(args, loaded)
+    with stage("evaluating the pruned model on held-out text", "evaluate_after"):
+        after_q = C.quality(args, loaded, held, reference=before_q)
+    speed = None
+    if reference is not None:
+        with stage("measuring speed, unpruned and pruned interleaved", "speed"):
+            speed = E.compare_speed(reference, loaded.model)
+        del reference
+    settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
+                     "removal": removal, "damping": args.damping, "sequential": args.sequential,
+                     "saved_dtype": saved_as, **kw})
+    report = {"model": args.model, "recipe": recipe, "settings": settings,
+              "pruned_heads": {str(k): v for k, v in heads.items()}, "heads_pruned": n, "heads_total": total,
+              "before": {**C._public(before_q), **sizes_before},
+              "after": {**C._public(after_q), **measure(loaded.model)},
+              "speed": speed, "seconds": stage.seconds}
+    with stage("saving the model and the report", "save"):
+        _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned)
+    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
+    print(summary_table(report, metric))
+    return 0
+
+
+def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
+    if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
+        from .. import distributed
+        from ..hf import collect, select_iteratively
+
+        gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
+                                   fused=C._fused(args))
+        heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
+                                         scores=scores, progress=not args.quiet and C._is_writer(),
+                                         removal=removal, damping=args.damping, collect_fn=gather, **kw)
+    else:
+        heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
+    if args.sequential:
+        heads, last = _sequential(args, loaded, batches, last, heads, removal)
+    return heads, last
+
+
+def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tuple:
+    """The selection's per-site counts, re-chosen and refit layer by layer (``--sequential``)."""
+    from ..hf.sequential import calibrate_sequentially
+
+    if removal != "refit":
+        raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
+    unit = [hq // hkv if args.gqa == "group" and hkv else 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
+    counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
+    return calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
+                                  progress=not args.quiet)
+
+
+def _save_dtype(args, loaded) -> str:
+    """Cast the pruned model to the type it is saved in (before the evaluation, so the report
+    describes what is saved): ``--save-dtype``, or the checkpoint's own float type."""
+    name = args.save_dtype
+    if name == "auto":
+        name = loaded.checkpoint_dtype if loaded.checkpoint_dtype in SAVE_TYPES else "bfloat16"
+    dtype = SAVE_TYPES[name]
+    if next(loaded.model.parameters()).dtype != dtype:
+        loaded.model.to(dtype)
+    return name
+
+
+def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned) -> None:
+    with C.output_dir(out, args.force, C._stages(args)) as tmp:
+        save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
+        report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
+        report["input_bytes"] = loaded.input_bytes
+        C._write_json(tmp / "report.json", report)
+        C._write_json(tmp / "scores.json", scores.to_dict())
+        (tmp / "report.md").write_text(report_markdown(report, summary_table(report, metric)))
+        plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
+                      selection=_selection_values(scores, settings), selection_label=_selection_label(settings),
+                      protected=_protected(scores, settings))
+    if loaded.input_bytes and report["saved_bytes"] > loaded.input_bytes:
+        C._warn(f"the saved model ({report['saved_bytes'] / 2**20:,.0f} MiB, {settings['saved_dtype']}) is larger than "
+                f"its input ({loaded.input_bytes / 2**20:,.0f} MiB); --save-dtype chooses the float type")
+
+
+def _selection_values(scores, settings: dict):
+    """The values that chose the heads, for the heatmap's second panel (``None`` for random)."""
+    from ..ranking.recipes import resolve_recipe
+    from ..ranking.reconstruction import reconstruction_score
+
+    if settings.get("order") == "random":
+        return None
+    recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), ())
+    if recipe.score == "reconstruction":
+        return reconstruction_score(scores, settings.get("gqa", "query"))
+    return scores.score(recipe.score) if isinstance(recipe.score, str) else None
+
+
+def _selection_label(settings: dict) -> str:
+    from ..ranking.recipes import DEFAULT_RECIPE
+
+    score = settings.get("score") or DEFAULT_RECIPE["score"]
+    return f"{score} (the score that chose the heads)"
+
+
+def _protected(scores, settings: dict) -> tuple:
+    from ..ranking.recipes import resolve_recipe
+
+    recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), settings.get("protect_layers"))
+    return tuple(recipe.protect_layers)

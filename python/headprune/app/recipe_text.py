@@ -1,0 +1,51 @@
+"""The recipe that ran, in words, for the console, report.md and report.json."""
+
+from __future__ import annotations
+
+from ..ranking import DEFAULT_RECIPE, natural_order
+
+#: what each score is, in words
+SCORE_WORDS = {
+    "reconstruction": "what the least-squares refit cannot recover (greedy structured OBS)",
+    "variance": "the output variance each head adds",
+    "entropy": "mean attention entropy",
+    "inert": "inertness (sink mass plus normalised entropy)",
+    "normalized": "length-normalised attention entropy",
+    "sink": "attention mass on the first token",
+    "rest": "entropy of the attention after the first token",
+    "rest_nonsink": "entropy after the first token times the mass not on it",
+}
+REMOVAL_WORDS = {
+    "refit": "the kept heads' output projection refit by least squares",
+    "mean": "removed heads replaced by their mean output",
+    "zero": "removed heads zeroed",
+}
+
+
+def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None) -> str:
+    """``select``: the selection options given (``score``, ``order``, ``scope``,
+    ``protect_layers``, ``gqa``, ...; absent ones take the default recipe's)."""
+    score = select.get("score")
+    whole = score is None and select.get("order") is None
+    score = DEFAULT_RECIPE["score"] if score is None else score
+    order = select.get("order") or (DEFAULT_RECIPE["order"] if whole else natural_order(score))
+    scope = select.get("scope") or DEFAULT_RECIPE["scope"]
+    if order == "random":
+        what = f"random heads (seed {select.get('seed', 0)})"
+    else:
+        what = f"{SCORE_WORDS.get(score, str(score))}, {'lowest' if order == 'low' else 'highest'} first"
+    where = "within each layer" if scope == "per_layer" else "over the whole model"
+    units = "whole KV groups" if select.get("gqa") == "group" else "query heads"
+    parts = [f"{units} ranked by {what}, {where}"]
+    protect = select.get("protect_layers")
+    if protect:
+        parts.append(f"layers {', '.join(map(str, protect))} kept whole")
+    elif protect is None and whole:
+        parts.append("the first layer of each causal stack kept whole")
+    how = REMOVAL_WORDS.get(removal, removal)
+    if removal == "refit" and damping is not None:
+        how += f" (damping {damping:g})"
+    if removal == "refit" and sequential:
+        how += ", calibrated layer by layer"
+    parts.append(how)
+    return "; ".join(parts)

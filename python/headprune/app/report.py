@@ -1,0 +1,68 @@
+"""The prune report: the before/after table and report.md."""
+
+from __future__ import annotations
+
+#: what a metric measures, in the table's words
+METRIC_WORDS = {"perplexity": "perplexity on held-out text", "fidelity": "embedding fidelity on held-out text"}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
+
+
+def _change(x, y) -> str:
+    if x is None or y is None or not x:
+        return ""
+    return f"{(y - x) / x:+.1%}"
+
+
+def summary_table(report: dict, metric: str) -> str:
+    """Markdown rows of what pruning cost and bought; the speed row says "no measurable
+    difference" when the interleaved measurement's spread covers no change."""
+    b, a = report["before"], report["after"]
+    rows = [(METRIC_WORDS.get(metric, metric), b.get(metric), a.get(metric)),
+            ("query heads", b["query_heads"], a["query_heads"]), ("KV heads", b["kv_heads"], a["kv_heads"])]
+    if b.get("kv_cache_bytes_per_token"):
+        rows.append(("KV cache bytes per token", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
+    rows += [("parameters", b["parameters"], a["parameters"]),
+             ("attention FLOPs/token", b["attention_flops_per_token"], a["attention_flops_per_token"])]
+    if b.get("retrieval_top1") is not None:
+        rows.insert(1, ("retrieval top-1", b["retrieval_top1"], a["retrieval_top1"]))
+    lines = ["| | before | after | change |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} | {_change(x, y)} |" for name, x, y in rows]
+    speed = report.get("speed")
+    if speed:
+        lines.append(speed_row(speed))
+    return "\n".join(lines)
+
+
+def speed_row(speed: dict) -> str:
+    """tokens/s before and after; the change only when it lies outside the spread of the
+    interleaved pairs (quartiles of the per-pair speed-ups)."""
+    name = f"tokens/s (batch {speed['batch']}, {speed['seq_len']} tokens, interleaved)"
+    lo, hi = speed["speedup_low"], speed["speedup_high"]
+    if lo <= 1.0 <= hi:
+        change = f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
+    else:
+        change = f"{speed['speedup']:.2f}x ({lo:.2f}-{hi:.2f}x)"
+    return f"| {name} | {_fmt(speed['tokens_per_s_before'])} | {_fmt(speed['tokens_per_s_after'])} | {change} |"
+
+
+def report_markdown(report: dict, table: str) -> str:
+    s = report["settings"]
+    seconds = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in report.get("seconds", {}).items())
+    size = ""
+    if report.get("saved_bytes"):
+        size = f"The saved model is {report['saved_bytes'] / 2**20:,.1f} MiB ({s.get('saved_dtype')})"
+        if report.get("input_bytes"):
+            size += f"; its input was {report['input_bytes'] / 2**20:,.1f} MiB"
+        size += ". "
+    return (f"# headprune report: {report['model']}\n\n"
+            f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
+            f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
+            f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`; quality on its held-out part "
+            f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
+            f"on that kind: calibrate on text like the text it will serve.\n\n{table}\n\n{size}"
+            f"Stages: {seconds}.\n\n![heatmap](heatmap.png)\n")
