@@ -39,7 +39,11 @@ def _default_recipe() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    try:
+        from importlib.metadata import version
+        __version__ = version("headprune")
+    except Exception:  # not installed (source tree on sys.path)
+        __version__ = "unknown"
 
     ap = _Parser(prog="headprune", description=DESCRIPTION, epilog=_default_recipe(),
                  formatter_class=argparse.RawDescriptionHelpFormatter)
