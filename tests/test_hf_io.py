@@ -43,6 +43,10 @@ def test_round_trip_is_bit_exact(family, uniform, tmp_path):
     with torch.no_grad():
         assert torch.equal(_first(again(**batch)), ref)
     assert kept_heads(again) == kept_heads(model)
+    # a directory from_pretrained cannot read says how to load it
+    assert (tmp_path / "README.md").exists() != meta["plain_loadable"]
+    if not meta["plain_loadable"]:
+        assert "headprune.load_pruned" in (tmp_path / "README.md").read_text()
     if meta["plain_loadable"]:
         plain = transformers.AutoModel.from_pretrained(tmp_path).eval()
         with torch.no_grad():

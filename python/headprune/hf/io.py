@@ -74,6 +74,24 @@ def _write_error(e: Exception, path: str) -> OSError:
     return OSError(code, message) if code else OSError(message)
 
 
+#: written into a directory that ``from_pretrained`` cannot read (heads differ between layers,
+#: or output-projection biases the family's config cannot declare)
+_NOT_PLAIN_README = """# A {arch} with attention heads removed by headprune
+
+Its layers keep different numbers of heads (or output-projection biases its config cannot
+declare), which a transformers config cannot express, so `from_pretrained` on this directory
+fails on tensor shapes. Load it with headprune:
+
+```python
+import headprune
+model = headprune.load_pruned("this/directory")
+```
+
+or from the command line: `headprune eval this/directory`. `headprune.json` lists the kept
+heads of every layer (original indices); `config.json` is the unpruned model's.
+"""
+
+
 def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     state = getattr(model, STATE_ATTR, None)
     masked_bias = [s.index for s in sites if added_bias(model, s.o)]
@@ -94,6 +112,8 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         save_model(model, os.path.join(path, WEIGHTS_FILE))
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(state["original_config"], f, indent=2, sort_keys=True)
+        with open(os.path.join(path, "README.md"), "w") as f:
+            f.write(_NOT_PLAIN_README.format(arch=type(model).__name__))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     meta = {
