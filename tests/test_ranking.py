@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from functools import partial
 
-from headprune.ranking import DEFAULT_RECIPE, default_protected, rank_heads
+from headprune.ranking import DEFAULT_RECIPE, OUTPUT_RECIPE, default_protected, rank_heads
 from headprune.ranking import select_heads as _select_heads
 from headprune.core.schema import NUM_STATS
 from headprune.stats import HeadScores
@@ -161,23 +161,54 @@ def test_default_recipe_is_the_measured_one():
     s.outputs[..., 2] = s.outputs[..., 1] ** 2 / 10 + torch.rand(3, 4, 8, generator=g, dtype=torch.float64) * 10
     s.outputs[..., 3] = 10 * torch.rand(3, 4, 8, generator=g, dtype=torch.float64)
     s.causal = [True] * 3  # a decoder-only LM
-    got = _select_heads(s, ratio=0.5)
-    assert got == _select_heads(s, ratio=0.5, **DEFAULT_RECIPE, protect_layers=[0])
+    # output statistics without second moments: output variance, with a warning
+    with pytest.warns(UserWarning, match="no second moments.*falls back to score='variance'"):
+        got = _select_heads(s, ratio=0.5)
+    assert got == _select_heads(s, ratio=0.5, **OUTPUT_RECIPE, protect_layers=[0])
     # 6 of 12 heads from layers 1 and 2 (the first layer is kept whole), least variance first
     var = s.score("variance")
     assert got == {layer: sorted(var[layer].argsort()[:3].tolist()) for layer in (1, 2)}
-    assert _select_heads(s, ratio=0.5, protect_layers=[]) != got  # an explicit choice wins
-    with pytest.raises(ValueError, match="the default recipe keeps the first layer of each causal stack whole"):
+    with pytest.warns(UserWarning):
+        assert _select_heads(s, ratio=0.5, protect_layers=[]) != got  # an explicit choice wins
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="the default recipe keeps the first layer of each causal stack whole"):
         _select_heads(s, ratio=0.8)
     # encoders keep no layer whole: the recipe is the same, unprotected; nor do statistics
     # that do not say whether their sites are causal (format 1)
     for causal in ([False] * 3, None):
         s.causal = causal
-        assert _select_heads(s, ratio=0.5) == _select_heads(s, ratio=0.5, protect_layers=[]), causal
+        with pytest.warns(UserWarning, match="no second moments"):
+            assert _select_heads(s, ratio=0.5) == _select_heads(s, ratio=0.5, protect_layers=[]), causal
     # an encoder-decoder (encoder self, decoder self, cross; one layer each here): the decoder's
     # first self-attention layer
     s.causal, s.depth = [False, True, False], [0, 0, 0]
     assert default_protected(s) == (1,)
+
+
+def test_default_recipe_with_second_moments_ranks_by_reconstruction():
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.hf import collect
+    from headprune.ranking.reconstruction import reconstruction_score
+
+    model = tiny_model("llama")
+    s = collect(model, [tiny_batch("llama")], progress=False, moments=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is missing: no fallback warning
+        got = _select_heads(s, ratio=0.25)
+    assert DEFAULT_RECIPE["score"] == "reconstruction"
+    assert got == _select_heads(s, ratio=0.25, **DEFAULT_RECIPE, protect_layers=default_protected(s))
+    assert default_protected(s) == (0,) and 0 not in got  # a causal LM keeps its first layer whole
+    cost = reconstruction_score(s)
+    for layer, heads in got.items():  # the cheapest heads of each layer to refit away go first
+        assert cost[layer][heads].max() <= cost[layer].sort().values[len(heads) - 1] + 1e-12
+    # an encoder ranks by output variance under the refit (measured better on MiniLM), unprotected
+    bert = collect(tiny_model("bert"), [tiny_batch("bert")], progress=False, moments=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _select_heads(bert, ratio=0.25)
+    assert got == _select_heads(bert, ratio=0.25, **OUTPUT_RECIPE, protect_layers=[])
 
 
 def test_named_scores_prune_in_their_natural_order():

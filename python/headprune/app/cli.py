@@ -34,6 +34,7 @@ held-out text and saves the smaller model with a report."""
 def _default_recipe() -> str:
     return textwrap.fill(
         "The default recipe: " + describe_recipe(select={}, removal="refit", sequential=False)
+        + " (encoders: ranked by the output variance each head adds instead)"
         + ". --score entropy --scope global --no-reconstruct --no-compensate is the entropy formula as written, "
         "which measured far worse than random on a modern LLM (docs/quality.md).", width=94)
 

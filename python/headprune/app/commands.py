@@ -182,10 +182,11 @@ def speed(loaded) -> dict:
 
 AS_WRITTEN_WARNING = {
     "causal": "on SmolLM2-135M, pruning the highest-entropy heads first over the whole model measured far worse "
-              "than random (README: pruning quality); the default recipe ranks by score 'variance' within each layer",
+              "than random (docs/quality.md); the default recipe ranks by what the least-squares refit cannot "
+              "recover (score 'reconstruction') within each layer",
     "encoder": "on all-MiniLM-L6-v2, pruning the highest-entropy heads first over the whole model measured worse "
-               "than random from 30% of heads on (README: pruning quality); the default recipe ranks by score "
-               "'variance' within each layer",
+               "than random from 30% of heads on (docs/quality.md); the default recipe ranks by what the "
+               "least-squares refit cannot recover (score 'reconstruction') within each layer",
 }
 
 

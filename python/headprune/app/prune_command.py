@@ -48,7 +48,7 @@ def prune(args) -> int:
     removal = removal_of(args)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
         scores = C._collect(args, loaded, batches, settings,
-                            moments=removal == "refit" or args.score == "reconstruction")
+                            moments=removal == "refit" or args.score in (None, "reconstruction"))
     kw = C._selection_kwargs(args)
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
@@ -56,7 +56,10 @@ def prune(args) -> int:
         heads, last = _select(args, loaded, batches, scores, kw, removal)
     if not C._is_writer():
         return 0
-    recipe = describe_recipe(kw, removal, args.sequential, args.damping)
+    from ..ranking.recipes import default_for
+
+    recipe = describe_recipe(kw, removal, args.sequential, args.damping,
+                             default=default_for(scores) if kw.get("score") is None else None)
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
@@ -141,7 +144,7 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         C._write_json(tmp / "scores.json", scores.to_dict())
         (tmp / "report.md").write_text(report_markdown(report, summary_table(report, metric)))
         plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
-                      selection=_selection_values(scores, settings), selection_label=_selection_label(settings),
+                      selection=_selection_values(scores, settings), selection_label=_selection_label(scores, settings),
                       protected=_protected(scores, settings))
     if loaded.input_bytes and report["saved_bytes"] > loaded.input_bytes:
         C._warn(f"the saved model ({report['saved_bytes'] / 2**20:,.0f} MiB, {settings['saved_dtype']}) is larger than "
@@ -161,10 +164,10 @@ def _selection_values(scores, settings: dict):
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 
-def _selection_label(settings: dict) -> str:
-    from ..ranking.recipes import DEFAULT_RECIPE
+def _selection_label(scores, settings: dict) -> str:
+    from ..ranking.recipes import default_for
 
-    score = settings.get("score") or DEFAULT_RECIPE["score"]
+    score = settings.get("score") or default_for(scores)["score"]
     return f"{score} (the score that chose the heads)"
 
 

@@ -22,14 +22,17 @@ REMOVAL_WORDS = {
 }
 
 
-def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None) -> str:
+def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
-    ``protect_layers``, ``gqa``, ...; absent ones take the default recipe's)."""
+    ``protect_layers``, ``gqa``, ...; absent ones take ``default``'s, the recipe the
+    statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
+    :data:`DEFAULT_RECIPE`)."""
+    default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
-    score = DEFAULT_RECIPE["score"] if score is None else score
-    order = select.get("order") or (DEFAULT_RECIPE["order"] if whole else natural_order(score))
-    scope = select.get("scope") or DEFAULT_RECIPE["scope"]
+    score = default["score"] if score is None else score
+    order = select.get("order") or (default["order"] if whole else natural_order(score))
+    scope = select.get("scope") or default["scope"]
     if order == "random":
         what = f"random heads (seed {select.get('seed', 0)})"
     else:

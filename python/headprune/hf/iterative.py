@@ -60,7 +60,8 @@ def select_iteratively(
         compensate: mask the heads of earlier rounds with mean compensation (see
             :func:`mask_heads`), as they will be pruned (``removal="mean"``).
         removal: how earlier rounds' heads are masked: ``"refit"`` (least squares, with
-            ``damping``; every round then gathers second moments), ``"mean"`` or ``"zero"``;
+            ``damping``), ``"mean"`` or ``"zero"``; every round gathers second moments for a
+            refit and for the default recipe's (or ``score="reconstruction"``) ranking;
             ``None``: ``"mean"`` if ``compensate`` else ``"zero"``.
         on_step: called after each round with ``(round, scores, heads so far)``.
         collect_fn: ``collect_fn(model, batches, progress=...)`` replaces :func:`collect`,
@@ -82,7 +83,7 @@ def select_iteratively(
     if removal not in ("refit", "mean", "zero"):
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
     gather = collect if collect_fn is None else collect_fn
-    if removal == "refit":
+    if removal == "refit" or select_kwargs.get("score") in (None, "reconstruction"):  # the refit or the default's score
         gather = partial(gather, moments=True)
     heads: dict = {}
     handles = []

@@ -11,7 +11,7 @@ from typing import Optional
 
 from ..stats.scores import HeadScores
 
-__all__ = ["DEFAULT_RECIPE", "FALLBACK_RECIPE", "NATURAL_ORDER", "ORDERS", "SCOPES", "SCORES", "GQA_MODES", "DEFAULT_STEPS",
+__all__ = ["DEFAULT_RECIPE", "OUTPUT_RECIPE", "FALLBACK_RECIPE", "default_for", "is_causal", "NATURAL_ORDER", "ORDERS", "SCOPES", "SCORES", "GQA_MODES", "DEFAULT_STEPS",
            "Recipe", "natural_order", "resolve_recipe", "default_protected"]
 
 ORDERS = ("high", "low", "random")
@@ -19,10 +19,17 @@ SCOPES = ("global", "per_layer")
 GQA_MODES = ("query", "group")
 
 #: What ``select_heads(scores, ratio=r)`` does with no options (besides keeping the sites of
-#: :func:`default_protected` whole): within each site, prune first the heads that add the least output variance
-#: (``score="variance"``: what replacing a head by its mean output costs; it needs the output
-#: statistics ``collect`` gathers). It is not an entropy.
-DEFAULT_RECIPE = {"score": "variance", "order": "low", "scope": "per_layer"}
+#: :func:`default_protected` whole): within each site, prune first the heads whose removal the
+#: least-squares refit of the output projection recovers best (``score="reconstruction"``:
+#: greedy structured OBS on the second moments ``collect(..., moments=True)`` gathers, see
+#: :mod:`.reconstruction`). It is not an entropy; docs/quality.md has where every entropy recipe
+#: stands against it.
+DEFAULT_RECIPE = {"score": "reconstruction", "order": "low", "scope": "per_layer"}
+#: (encoders without a causal site use :data:`OUTPUT_RECIPE` with the refit: on
+#: all-MiniLM-L6-v2 output variance kept the embeddings closer than the reconstruction score)
+#: The default for statistics with output sums but no second moments (``collect`` without
+#: ``moments``, ``scores.json`` of ``headprune scan``): what replacing a head by its mean output costs.
+OUTPUT_RECIPE = {"score": "variance", "order": "low", "scope": "per_layer"}
 #: The best entropy recipe measured, for statistics without output sums (plain
 #: ``nn.MultiheadAttention`` models, older files).
 FALLBACK_RECIPE = {"score": "inert", "order": "high", "scope": "per_layer"}
@@ -53,6 +60,29 @@ def default_protected(scores: HeadScores) -> tuple:
     return tuple(i for i in range(scores.num_sites) if scores.causal[i] and scores.depth[i] == 0)
 
 
+def is_causal(scores) -> bool:
+    """Whether any site attends causally (statistics that do not say count as causal)."""
+    causal = getattr(scores, "causal", None)
+    return causal is None or any(causal)
+
+
+def default_for(scores) -> dict:
+    """The default recipe these statistics allow: :data:`DEFAULT_RECIPE` with second moments
+    (:data:`OUTPUT_RECIPE` for encoders, where output variance measured better under the refit),
+    :data:`OUTPUT_RECIPE` with output sums only, else :data:`FALLBACK_RECIPE` (with a warning
+    naming what is missing when ``scores`` is a ``HeadScores``)."""
+    if getattr(scores, "moments", None) is not None:
+        return DEFAULT_RECIPE if is_causal(scores) else OUTPUT_RECIPE
+    outputs = getattr(scores, "outputs", None) is not None
+    if isinstance(scores, HeadScores):
+        missing = "second moments (collect(..., moments=True))" if outputs else \
+            "output statistics (plain torch model or an older file)"
+        fallback = OUTPUT_RECIPE if outputs else FALLBACK_RECIPE
+        warnings.warn(f"select_heads: these scores have no {missing}; the default recipe falls back to "
+                      f"score={fallback['score']!r}", stacklevel=4)
+    return OUTPUT_RECIPE if outputs else FALLBACK_RECIPE
+
+
 @dataclass
 class Recipe:
     """A resolved recipe: ``score`` (a name or a ``[sites, heads]`` tensor), ``order``, and the
@@ -69,13 +99,10 @@ def resolve_recipe(scores: HeadScores, score=None, order: Optional[str] = None, 
     statistics) when ``score`` is None, else the caller's, with the score's natural order."""
     why = ""
     if score is None:
-        recipe = DEFAULT_RECIPE if getattr(scores, "outputs", None) is not None else FALLBACK_RECIPE
-        if recipe is FALLBACK_RECIPE and isinstance(scores, HeadScores):
-            warnings.warn("select_heads: these scores have no output statistics (plain torch model or an older file); "
-                          f"the default recipe falls back to score={FALLBACK_RECIPE['score']!r}", stacklevel=3)
+        recipe = default_for(scores)
         whole = order is None  # the whole recipe, not just its score (a random order takes none of it)
         score, order = recipe["score"], recipe["order"] if order is None else order
-        if whole and protect_layers is None and recipe is DEFAULT_RECIPE:
+        if whole and protect_layers is None and recipe is not FALLBACK_RECIPE:
             protect_layers = default_protected(scores)
             if protect_layers:
                 why = "; the default recipe keeps the first layer of each causal stack whole (protect_layers=[] allows it)"

@@ -1,0 +1,123 @@
+"""Cost of the second moments: calibration and the whole pruning step, with and without them.
+
+    python benchmarks/bench_calibration.py [--tokens 2048] [--seq-len 256] [--repeat 5] [--quick]
+
+On SmolLM2-135M (real weights) and calibration batches of ``--tokens`` tokens from the bundled
+prose, timed alternately in one process (pairs, so a burst of load on the shared machine lands
+on both halves):
+
+* ``collect``: ``collect(model, batches)`` (entropy and output statistics only) against
+  ``collect(..., moments=True)`` (plus the float64 second moments of every output
+  projection's input), and against one-shot collection followed by the sequential
+  calibration (``calibrate_sequentially``: one forward per layer over cached hidden states);
+* ``prune``: the whole pruning step at 30% of heads as the library ran it before second
+  moments existed (collect, rank by output variance, remove with mean compensation) against
+  the default now (collect with moments, rank by reconstruction error, remove with the
+  least-squares refit), each on a fresh copy of the model.
+
+Prints medians, spreads and the per-pair ratios against the targets (1.3x and 1.5x) and
+writes benchmarks/results/calibration_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine, write_results  # noqa: E402
+
+import headprune  # noqa: E402
+from headprune.app import texts  # noqa: E402
+from headprune.app.load import load_model  # noqa: E402
+from headprune.hf.sequential import calibrate_sequentially  # noqa: E402
+
+TARGETS = {"collect_moments": 1.3, "collect_sequential": 1.3, "prune": 1.5}
+
+
+def pairs(fns: dict, repeat: int) -> dict:
+    """Each function timed once per round, in rotating order; per-round ratios to the first."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for n in names:  # warm-up
+        fns[n]()
+    for r in range(repeat):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    base = names[0]
+    out = {}
+    for n in names:
+        ratios = [a / b for a, b in zip(times[n], times[base])]
+        out[n] = {"median_s": round(statistics.median(times[n]), 3), "min_s": round(min(times[n]), 3),
+                  "max_s": round(max(times[n]), 3), "ratio_median": round(statistics.median(ratios), 3),
+                  "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3)}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds (smoke run)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.tokens, args.repeat = 512, 2
+    loaded = load_model("smollm2")
+    model, tok = loaded.model, loaded.tokenizer
+    calib, _ = texts.split(texts.load_paragraphs("persuasion"))
+    batches = texts.calibration_batches(tok, calib, causal=True, samples=args.tokens // args.seq_len,
+                                        seq_len=args.seq_len, batch_size=8)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def plain():
+        return headprune.collect(model, batches, progress=False)
+
+    def moments():
+        return headprune.collect(model, batches, progress=False, moments=True)
+
+    def sequential():
+        s = headprune.collect(model, batches, progress=False, moments=True)
+        heads = headprune.select_heads(s, ratio=0.3, score="reconstruction", scope="per_layer")
+        return calibrate_sequentially(model, batches, s, {k: len(v) for k, v in heads.items()})
+
+    collect_rows = pairs({"collect": plain, "collect_moments": moments, "collect_sequential": sequential},
+                         args.repeat)
+
+    def prune_before():
+        m = copy.deepcopy(model)
+        s = headprune.collect(m, batches, progress=False)
+        heads = headprune.select_heads(s, ratio=0.3, score="variance", order="low", scope="per_layer")
+        headprune.prune_heads(m, heads, compensate=s)
+
+    def prune_now():
+        m = copy.deepcopy(model)
+        s = headprune.collect(m, batches, progress=False, moments=True)
+        heads = headprune.select_heads(s, ratio=0.3)
+        headprune.prune_heads(m, heads, reconstruct=s)
+
+    prune_rows = pairs({"prune_before": prune_before, "prune": prune_now}, args.repeat)
+    rows = {**collect_rows, **prune_rows}
+    for name, target in TARGETS.items():
+        rows[name]["target_x"] = target
+        rows[name]["target_met"] = rows[name]["ratio_median"] <= target
+    for name, r in rows.items():
+        print(f"{name:20s} median {r['median_s']:7.2f} s  (min {r['min_s']:.2f}, max {r['max_s']:.2f})"
+              f"  x{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
+              + (f"  target <= {r['target_x']}: {'met' if r['target_met'] else 'NOT met'}" if "target_x" in r else ""))
+    path = write_results("calibration_cpu.json", {
+        "machine": machine(), "quick": args.quick, "tokens": tokens, "seq_len": args.seq_len, "repeat": args.repeat,
+        "model": "smollm2", "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
