@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine, write_results  # noqa: E402
