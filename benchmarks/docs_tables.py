@@ -113,8 +113,63 @@ def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
 
 def sweep_caption(ctx, result: dict) -> str:
     better = "lower" if result["lower_is_better"] else "higher"
-    return (f"**{result['model']}**, {result['metric']} on held-out `{result['data']}` ({better} is better; "
-            f"unpruned {num(result['baseline'], 4)})")
+    if "evaluated_on" in result:
+        where = f"calibrated on `{result['calibrated_on']}`, evaluated on held-out `{result['evaluated_on']}`"
+    else:
+        where = f"on held-out `{result['data']}`"
+    return f"**{result['model']}**, {result['metric']} {where} ({better} is better; unpruned {num(result['baseline'], 4)})"
 
 
-TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption)})
+#: the quality targets of the default recipe: (model, same text as the calibration?) -> {ratio: bound}
+#: perplexity bounds are multiples of the unpruned model's, fidelity bounds are absolute
+TARGETS = {("smollm2", True): {0.3: 1.10, 0.5: 1.35}, ("smollm2", False): {0.3: 1.20, 0.5: 1.50},
+           ("minilm", True): {0.3: 0.98, 0.5: 0.95}, ("minilm", False): {0.3: 0.98, 0.5: 0.95}}
+
+
+def targets_table(ctx, names: list, default: str = "default", previous: str = None) -> str:
+    """One row per (result, ratio): the default's value, against the unpruned model, its target,
+    the random mean under the same removal, and ``previous`` (the former default)."""
+    rows = []
+    for name in names:
+        for res in ctx["R"][name]["results"]:
+            lower = res["lower_is_better"]
+            same = res.get("calibrated_on") == res.get("evaluated_on")
+            bounds = TARGETS.get((res["model"], same), {})
+            for i, r in enumerate(res["ratios"]):
+                v = res["recipes"][default][i]
+                rel = v / res["baseline"] if lower else v
+                bound = bounds.get(r)
+                met = "" if bound is None else ("met" if (rel <= bound if lower else rel >= bound) else "**not met**")
+                rnd = _mean(res["random"][i], lower) if res["random"] else None
+                prev = res["recipes"][previous][i] if previous and previous in res["recipes"] else None
+                beats = lambda o: o is not None and (v < o if lower else v > o)  # noqa: E731
+                rows.append([res["model"], f"`{res['calibrated_on']}` -> `{res['evaluated_on']}`", pct(r), num(v, 4),
+                             x(rel) if lower else num(v, 3),
+                             ("" if bound is None else (f"<= {x(bound)}" if lower else f">= {num(bound, 3)}")) + (f" {met}" if met else ""),
+                             "" if rnd is None else f"{num(rnd, 4)} ({'beaten' if beats(rnd) else '**not beaten**'})",
+                             "" if prev is None else f"{num(prev, 4)} ({'beaten' if beats(prev) else '**not beaten**'})"])
+    return table(["model", "calibrated -> evaluated", "pruned", "default", "x unpruned / fidelity", "target",
+                  "random, same removal", "previous default"], rows)
+
+
+def standing(ctx, names: list, recipes: list, default: str = "default") -> str:
+    """Where each recipe stands: its metric relative to the default's and to the random mean,
+    averaged (geometrically for perplexities) over every ratio and evaluation text."""
+    rows = []
+    for name in names:
+        for rec in recipes:
+            for res in ctx["R"][name]["results"]:
+                if rec not in res["recipes"]:
+                    continue
+                lower = res["lower_is_better"]
+                vs_def = [a / b if lower else a - b for a, b in zip(res["recipes"][rec], res["recipes"][default])]
+                vs_rnd = [a / _mean(rr, lower) if lower else a - _mean(rr, lower)
+                          for a, rr in zip(res["recipes"][rec], res["random"])]
+                fmt = (lambda v: x(v)) if lower else (lambda v: f"{v:+.3f}")
+                rows.append([res["model"], f"`{res['calibrated_on']}` -> `{res['evaluated_on']}`", rec,
+                             ", ".join(fmt(v) for v in vs_def), ", ".join(fmt(v) for v in vs_rnd)])
+    return table(["model", "calibrated -> evaluated", "recipe", "vs the default, per ratio",
+                  "vs random (same removal), per ratio"], rows)
+
+
+TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing)})
