@@ -89,7 +89,7 @@ def recover(args) -> int:
     teacher_spec = args.teacher or prune_report["model"]
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
-        teacher = load_model(teacher_spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+        teacher = _teacher(args, teacher_spec)
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
@@ -116,6 +116,16 @@ def recover(args) -> int:
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
     print(quality_table(report))
     return 0
+
+
+def _teacher(args, spec: str):
+    """The unpruned model; one named by report.json that is not found here points to --teacher."""
+    try:
+        return load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+    except FileNotFoundError as e:
+        if args.teacher:
+            raise
+        raise FileNotFoundError(f"{e} (DIR/report.json names it as the unpruned model; pass --teacher)") from e
 
 
 def gap_closed(row: dict) -> float | None:

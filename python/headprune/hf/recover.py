@@ -230,16 +230,20 @@ class _Checkpoint:
         if diff:
             what = {"parameters": "the trainable parameters (names or shapes)", "start": "the student's starting "
                     "weights", "tokens": "the calibration batches"}
-            raise self._refuse("was written for other " + ", ".join(what.get(k, k) for k in diff))
+            raise self._refuse("was written for other " + ", ".join(
+                what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
         return state
 
     def save(self, params: dict, optimizer, step: int) -> None:
         buf = io.BytesIO()
         torch.save({"fingerprint": self.fingerprint, "step": step, "optimizer": optimizer.state_dict(),
                     "parameters": {n: p.detach().cpu().clone() for n, p in params.items()}}, buf)
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        atomic.write_file(self.path, buf.getvalue())
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            atomic.write_file(self.path, buf.getvalue())
+        except OSError as e:
+            message = f"checkpoint: cannot write {self.path} ({e.strerror or e})"
+            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
 
 @contextmanager
