@@ -9,7 +9,7 @@ pytest.importorskip("tokenizers")
 from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
 
 
-def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_path, tiny_dir):
+def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_path, tiny_dir):  # noqa: F811
     import json
 
     import torch
@@ -34,7 +34,7 @@ def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_pa
     assert changed and all(".attention." in n for n in changed)
 
 
-def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):
+def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noqa: F811
     import json
 
     calib = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
