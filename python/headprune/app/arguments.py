@@ -12,6 +12,10 @@ from .load import BUNDLED_MODELS, DTYPES
 from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
 
+#: headprune.hf.recover's default learning rate (not imported: that would load transformers
+#: before the arguments are parsed; tests/test_recover.py checks they agree)
+RECOVER_LR = 1e-4
+
 #: --save-dtype choices: "auto" keeps the input checkpoint's own float type
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -217,3 +221,46 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
                    help="grouped-query models: units are query heads or whole KV groups (default query)")
     g.add_argument("--eval-paragraphs", type=positive, default=None,
                    help="held-out paragraphs for the fidelity of encoders (default: all)")
+
+
+def learning_rate(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return x
+
+
+def recover_args(p: argparse.ArgumentParser) -> None:
+    """``headprune recover DIR``: what to recover, toward what, on which text, how long."""
+    g = p.add_argument_group("what to recover")
+    g.add_argument("model", metavar="DIR", help="a directory written by headprune prune (model/ and report.json)")
+    g.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="the unpruned model to distil toward (default: the model named in DIR/report.json)")
+    g.add_argument("--device", type=device, default="cpu", help="where the models run: cpu, cuda, ... (default cpu)")
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="evaluate in this float type (default: the teacher in float32, the pruned model in its saved "
+                        "type; training always runs in float32 or wider)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
+    g = p.add_argument_group("distillation")
+    g.add_argument("--steps", type=positive, required=True, help="optimizer steps, one calibration batch each (required)")
+    g.add_argument("--lr", type=learning_rate, default=RECOVER_LR,
+                   help=f"AdamW learning rate of the attention projections, q/k/v/o (default {RECOVER_LR:g})")
+    g = p.add_argument_group("text")
+    g.add_argument("--data", default=None, metavar="TEXT",
+                   help="train on its first 70%% of paragraphs, evaluate on the last 30%%; same forms as for prune "
+                        "(default: the text DIR was pruned with)")
+    g.add_argument("--samples", type=positive, default=None, help="calibration sequences (default: DIR's)")
+    g.add_argument("--seq-len", type=positive, default=None, help="calibration sequence length (default: DIR's)")
+    g.add_argument("--batch-size", type=positive, default=8, help="calibration sequences per step (default 8)")
+
+
+def prune_recover_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recovery after pruning")
+    g.add_argument("--recover-steps", type=nonnegative_int, default=0,
+                   help="distil the pruned model toward the unpruned one for this many steps on the calibration "
+                        "batches before the evaluation (default 0: none; see headprune recover)")
+    g.add_argument("--recover-lr", type=learning_rate, default=RECOVER_LR,
+                   help=f"its AdamW learning rate (default {RECOVER_LR:g})")

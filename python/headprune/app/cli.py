@@ -1,4 +1,4 @@
-"""``headprune`` command line: scan, prune, eval, sweep.
+"""``headprune`` command line: scan, prune, recover, eval, sweep.
 
 Every argument error, and every write error (a full disk, a file-size limit, a read-only
 folder), exits with status 2 and one line naming the problem. An output directory holds its
@@ -67,7 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     A.removal_args(prune)
     A.prune_output_args(prune)
     A.eval_args(prune)
+    A.prune_recover_args(prune)
     A.output_args(prune, "prune")
+    rec = sub.add_parser("recover", help="distil a pruned directory toward its unpruned model (recovery)",
+                         description="Train the attention projections (q, k, v, o) of a model pruned by headprune prune "
+                                     "to match the unpruned model's outputs on calibration text (KL divergence of "
+                                     "next-token distributions; encoders: cosine of mean-pooled embeddings), and "
+                                     "save it with its quality before and after, on held-out and calibration text.",
+                         **sub_kw)
+    A.recover_args(rec)
+    A.eval_args(rec)
+    A.output_args(rec, "recover", distributed=False)
     ev = sub.add_parser("eval", help="quality and speed of a model or a pruned directory",
                         description="Quality (perplexity or embedding statistics) on held-out text, and speed.", **sub_kw)
     A.model_args(ev)
@@ -89,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from . import commands, prune_command
+        from . import commands, prune_command, recover_command
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
     try:
         return {"scan": commands.scan, "prune": prune_command.prune, "eval": commands.evaluate,
-                "sweep": commands.sweep}[args.command](args)
+                "sweep": commands.sweep, "recover": recover_command.recover}[args.command](args)
     except (OSError, ValueError, TypeError) as e:
         print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2

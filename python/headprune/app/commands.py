@@ -221,6 +221,21 @@ def _out(args, command: str) -> Path:
     return Path("headprune-out") / f"{command}-{Path(str(args.model)).stem}"
 
 
+class Stages:
+    """Wall-clock seconds per stage; ``with stages("evaluating ..."):`` prints the label first."""
+
+    def __init__(self, args):
+        self.args, self.seconds = args, {}
+
+    @contextmanager
+    def __call__(self, label: str, key: str):
+        _say(self.args, f"headprune: {label} ...")
+        t0 = time.perf_counter()
+        yield
+        self.seconds[key] = round(time.perf_counter() - t0, 1)
+        _say(self.args, f"headprune: {label}: {self.seconds[key]:.1f} s")
+
+
 # ------------------------------------------------------------------------------ commands
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,25 +15,11 @@ from . import commands as C
 from . import evaluate as E
 from . import plots
 from .recipe_text import describe_recipe
+from .recover_command import recover_stage
 from .report import report_markdown, summary_table
 from .sweep import removal_kwargs, removal_of
 
 SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class Stages:
-    """Wall-clock seconds per stage; ``with stages("evaluating ..."):`` prints the label first."""
-
-    def __init__(self, args):
-        self.args, self.seconds = args, {}
-
-    @contextmanager
-    def __call__(self, label: str, key: str):
-        C._say(self.args, f"headprune: {label} ...")
-        t0 = time.perf_counter()
-        yield
-        self.seconds[key] = round(time.perf_counter() - t0, 1)
-        C._say(self.args, f"headprune: {label}: {self.seconds[key]:.1f} s")
 
 
 def prune(args) -> int:
@@ -43,7 +27,9 @@ def prune(args) -> int:
 
     out = C._out(args, "prune")
     C.check_out(out, args.force)  # fail before the slow part
-    stage = Stages(args)
+    if args.recover_steps and args.mode == "mask":
+        raise ValueError("--recover-steps: needs --physical (training would revive the masked heads)")
+    stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):
         loaded, batches, held, settings = C._setup(args)
     removal = removal_of(args)
@@ -66,28 +52,30 @@ def prune(args) -> int:
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
         before_q = C.quality(args, loaded, held)
-    reference = copy.deepcopy(loaded.model) if args.speed else None
+    reference = copy.deepcopy(loaded.model) if args.speed or args.recover_steps else None
     sizes_before = measure(loaded.model)
     mode = args.mode or "physical"
     with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
         how = removal_kwargs(removal, last, args.damping)
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
-        saved_as = _save_dtype(args, loaded)
+    recovered = _recover(args, stage, loaded.model, reference, batches)
+    saved_as = _save_dtype(args, loaded)
     with stage("evaluating the pruned model on held-out text", "evaluate_after"):
         after_q = C.quality(args, loaded, held, reference=before_q)
     speed = None
-    if reference is not None:
+    if args.speed:
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
             speed = E.compare_speed(reference, loaded.model)
-        del reference
+    del reference
     settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
                      "removal": removal, "damping": args.damping, "sequential": args.sequential,
-                     "saved_dtype": saved_as, **kw})
+                     "saved_dtype": saved_as, "recover_steps": args.recover_steps,
+                     **({"recover_lr": args.recover_lr} if args.recover_steps else {}), **kw})
     report = {"model": args.model, "recipe": recipe, "settings": settings,
               "pruned_heads": {str(k): v for k, v in heads.items()}, "heads_pruned": n, "heads_total": total,
               "before": {**C._public(before_q), **sizes_before},
               "after": {**C._public(after_q), **measure(loaded.model)},
-              "speed": speed, "seconds": stage.seconds}
+              "speed": speed, "recover": recovered, "seconds": stage.seconds}
     kv = (report["before"].get("kv_heads"), report["after"].get("kv_heads"))
     if None not in kv and kv[1] > kv[0]:
         print(f"headprune: warning: KV heads grew from {kv[0]} to {kv[1]}: --gqa query repeats the KV head of a "
@@ -98,6 +86,15 @@ def prune(args) -> int:
     print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
     print(summary_table(report, metric))
     return 0
+
+
+def _recover(args, stage, model, teacher, batches):
+    """``--recover-steps``: distil the pruned model toward the unpruned one (before it is cast to
+    the saved type and evaluated); the library's report, or ``None``."""
+    if not args.recover_steps:
+        return None
+    with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
+        return recover_stage(args, model, teacher, batches, steps=args.recover_steps, lr=args.recover_lr)
 
 
 def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:

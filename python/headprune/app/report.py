@@ -64,5 +64,14 @@ def report_markdown(report: dict, table: str) -> str:
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
             f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`; quality on its held-out part "
             f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
-            f"on that kind: calibrate on text like the text it will serve.\n\n{table}\n\n{size}"
+            f"on that kind: calibrate on text like the text it will serve.\n\n{_recovered(report)}{table}\n\n{size}"
             f"Stages: {seconds}.\n\n![heatmap](heatmap.png)\n")
+
+
+def _recovered(report: dict) -> str:
+    r = report.get("recover")
+    if not r:
+        return ""
+    return (f"After the removal, distilled toward the unpruned model for {r['steps']} steps on the calibration "
+            f"batches (training {r['train']}, {r['parameters']:,} parameters; distillation loss {r['loss_first']:.4g} "
+            f"at the first step, {r['loss_last']:.4g} at the last).\n\n")

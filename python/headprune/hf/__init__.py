@@ -12,12 +12,14 @@ from .importance import gradient_importance
 from .io import load_pruned, save_pruned
 from .iterative import auto_steps, select_iteratively
 from .prune import kept_heads, mask_heads, prune_heads
+from .recover import RecoverReport, recover
 from .report import PruneReport, attention_flops_per_token, measure
 
 __all__ = [
     "ADAPTERS",
     "HeadGates",
     "PruneReport",
+    "RecoverReport",
     "attention_flops_per_token",
     "auto_steps",
     "collect",
@@ -29,6 +31,7 @@ __all__ = [
     "mask_heads",
     "measure",
     "prune_heads",
+    "recover",
     "resolve_sites",
     "save_pruned",
     "select_iteratively",

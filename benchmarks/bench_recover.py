@@ -1,0 +1,109 @@
+"""Recovery after pruning: how much of the quality one-shot pruning lost a short distillation
+(:func:`headprune.hf.recover`) wins back, within a CPU time budget.
+
+    python benchmarks/bench_recover.py [--models smollm2,minilm] [--minutes 10]
+        [--configs attention:1e-4,o_proj:1e-4] [--ratio 0.5] [--out recover.json]
+
+For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
+shares: 64 windows of 256 tokens for SmolLM2-135M, 256 paragraphs of up to 128 tokens for
+MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
+moments, the default recipe, least-squares refit), then for each ``train:lr`` configuration a
+fresh copy of the pruned model distilled toward the unpruned one for ``--minutes`` of wall
+time on this machine's threads. Quality, measured in the same run for the unpruned, pruned
+and each recovered model: perplexity (lower is better) on the held-out text and on the
+calibration text (overfitting shows as a gap between the two), or, for MiniLM, embedding
+fidelity to the unpruned model (higher is better) on the held-out and calibration paragraphs.
+``gap_closed``: the fraction of the pruning's loss won back (1 = the unpruned quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, write_results  # noqa: E402
+
+from headprune import select_heads  # noqa: E402
+from headprune.app import evaluate as E  # noqa: E402
+from headprune.app import texts  # noqa: E402
+from headprune.app.load import load_model  # noqa: E402
+from headprune.hf import collect, prune_heads, recover  # noqa: E402
+
+SETTINGS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
+
+
+def quality(model, loaded, paragraphs, reference, windows) -> float:
+    if loaded.kind == "causal":
+        return E.perplexity(model, loaded.tokenizer, paragraphs, max_windows=windows)["perplexity"]
+    emb = E.embed(model, loaded.tokenizer, paragraphs)
+    return torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean().item()
+
+
+def run(name: str, args) -> dict:
+    loaded = load_model(name)
+    teacher, kind = loaded.model, loaded.kind
+    parts, held = texts.load_split(texts.DEFAULT_TEXT)
+    calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]  # like held
+    batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
+    paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
+    refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
+
+    def measure(model) -> dict:
+        return {k: quality(model, loaded, p, refs[k], args.windows) for k, p in paragraphs.items()}
+
+    t0 = time.perf_counter()
+    scores = collect(teacher, batches, moments=True, progress=False)
+    pruned = copy.deepcopy(teacher)
+    heads = select_heads(scores, ratio=args.ratio)
+    prune_heads(pruned, heads, reconstruct=scores)
+    prune_s = time.perf_counter() - t0
+    rows = [{"model": "unpruned", **measure(teacher)}, {"model": "pruned", **measure(pruned)}]
+    for config in args.configs.split(","):
+        train, lr = config.split(":")
+        student = copy.deepcopy(pruned)
+        report = recover(student, teacher, batches, steps=10**6, lr=float(lr), train=train,
+                         time_budget_s=args.minutes * 60)
+        rows.append({"model": f"recovered {train} lr={lr}", **measure(student), **report.to_dict()})
+        print(f"{name} {config}: {report}", flush=True)
+        del student
+    for row in rows:
+        for k in paragraphs:
+            gap = rows[0][k] - rows[1][k]
+            row[f"{k}_gap_closed"] = (row[k] - rows[1][k]) / gap if gap else float("nan")
+    metric = "perplexity" if kind == "causal" else "fidelity"
+    print(f"\n{name}: {metric}, {args.ratio:.0%} of heads pruned, {args.minutes:g} min of recovery, "
+          f"{torch.get_num_threads()} threads")
+    cols = ["model", "held_out", "held_out_gap_closed", "calibration", "calibration_gap_closed", "steps", "seconds"]
+    print(table([{c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols} for r in rows],
+                cols) + "\n", flush=True)
+    return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
+            "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
+            "calibration": SETTINGS[kind], "eval_windows": args.windows if kind == "causal" else None,
+            "eval_paragraphs": args.paragraphs, "rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,minilm")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--minutes", type=float, default=10.0, help="recovery wall time per configuration")
+    ap.add_argument("--configs", default="attention:1e-4", help="train:lr pairs, comma-separated")
+    ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per text")
+    ap.add_argument("--paragraphs", type=int, default=None, help="paragraphs per text (default all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="recover.json", help="results file under benchmarks/results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = [run(m, args) for m in args.models.split(",")]
+    print(f"wrote {write_results(args.out, {'results': results})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""``headprune recover DIR``: distil a model pruned by ``headprune prune`` toward the model it was
+pruned from, on calibration text, and save it with a report of its quality before and after on
+held-out text and on the calibration text (a gain there only is overfitting).
+
+Also the ``--recover-steps`` stage of ``headprune prune`` (:func:`recover_stage`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from . import commands as C
+from . import evaluate as E
+from . import texts
+from .load import load_model
+
+#: the report's quality columns, in order
+MODELS = ("unpruned", "pruned", "recovered")
+
+
+def recover_stage(args, student, teacher, batches, *, steps: int, lr: float) -> dict:
+    """Distil ``student`` toward ``teacher`` in float32 (half-precision students are trained in
+    float32 and cast back), with a progress bar unless ``--quiet``; the library's report."""
+    from ..hf import recover
+
+    dtype = next(student.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        student.float()
+    try:
+        report = recover(student, teacher, batches, steps=steps, lr=lr, progress=not args.quiet)
+    finally:
+        student.to(dtype)
+    return report.to_dict()
+
+
+def _pruned_dir(path: Path) -> dict:
+    """``report.json`` of a directory written by ``headprune prune``, checked."""
+    if not (path / "model").is_dir() or not (path / "report.json").is_file():
+        raise FileNotFoundError(f"DIR: {path} is not a directory written by headprune prune "
+                                "(it needs model/ and report.json)")
+    try:
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"DIR: {path / 'report.json'} is not valid JSON ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("model"), str):
+        raise ValueError(f"DIR: {path / 'report.json'} has no 'model' field naming the unpruned model")
+    settings = report.get("settings")
+    report["settings"] = settings if isinstance(settings, dict) else {}
+    if report["settings"].get("mode") == "mask":
+        raise ValueError(f"DIR: {path} holds a masked model; training would revive its masked heads "
+                         "(prune it with --physical)")
+    return report
+
+
+def _batches(args, loaded, settings: dict) -> tuple:
+    """Calibration batches, calibration paragraphs (interleaved like the held-out ones) and
+    held-out paragraphs, from the text and sizes the directory was pruned with unless given."""
+    data = args.data or settings.get("data")
+    parts, held = texts.load_split(data)
+    d = C.DEFAULTS[loaded.kind]
+    samples = args.samples or settings.get("samples") or d["samples"]
+    seq_len = args.seq_len or settings.get("seq_len") or d["seq_len"]
+    batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=loaded.kind == "causal",
+                                              samples=samples, seq_len=seq_len, batch_size=args.batch_size)
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+    calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]
+    used = {"data": data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len, "batch_size": args.batch_size}
+    return batches, {"held_out": held, "calibration": calib}, used
+
+
+def _quality(args, loaded, paragraphs: dict, references: dict) -> dict:
+    """The metric on each text (``references``: the unpruned model's results, for fidelity)."""
+    return {name: E.quality(loaded, p, references.get(name), eval_windows=args.eval_windows, metric_only=True)
+            for name, p in paragraphs.items()}
+
+
+def recover(args) -> int:
+    from ..hf import save_pruned
+    from ..stats.scores import HeadScores
+
+    src = Path(args.model)
+    out = C._out(args, "recover")
+    C.check_out(out, args.force)
+    prune_report = _pruned_dir(src)
+    teacher_spec = args.teacher or prune_report["model"]
+    stage = C.Stages(args)
+    with stage("loading the unpruned and the pruned model", "load"):
+        teacher = _teacher(args, teacher_spec)
+        student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+        if student.tokenizer is None:
+            raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
+        batches, paragraphs, used = _batches(args, student, prune_report["settings"])
+    with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
+        q = {"unpruned": _quality(args, teacher, paragraphs, {})}
+        q["pruned"] = _quality(args, student, paragraphs, q["unpruned"])
+    with stage(f"recovering: {args.steps} distillation steps", "recover"):
+        result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr)
+    with stage("evaluating the recovered model", "evaluate_after"):
+        q["recovered"] = _quality(args, student, paragraphs, q["unpruned"])
+    metric, lower = E.metric_of(student.kind)
+    table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
+    settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_lr": args.lr}
+    report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
+              "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
+    meta = student.pruned or {}
+    scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
+    with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
+        save_pruned(student.model, tmp / "model", tokenizer=student.tokenizer, scores=scores,
+                    settings={**meta.get("settings", {}), "recover": result | {"lr": args.lr}})
+        C._write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(report_markdown(report))
+    print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
+    print(quality_table(report))
+    return 0
+
+
+def _teacher(args, spec: str):
+    """The unpruned model; one named by report.json that is not found here points to --teacher."""
+    try:
+        return load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+    except FileNotFoundError as e:
+        if args.teacher:
+            raise
+        raise FileNotFoundError(f"{e} (DIR/report.json names it as the unpruned model; pass --teacher)") from e
+
+
+def gap_closed(row: dict) -> float | None:
+    """The fraction of what pruning lost that recovery won back (1: the unpruned quality)."""
+    lost = row["pruned"] - row["unpruned"]
+    return None if not lost else (row["pruned"] - row["recovered"]) / lost
+
+
+def quality_table(report: dict) -> str:
+    metric = report["metric"]
+    lines = [f"| {metric} | unpruned | pruned | recovered | gap closed |", "|---|---|---|---|---|"]
+    for text, row in report["quality"].items():
+        closed = gap_closed(row)
+        lines.append(f"| {text.replace('_', '-')} text | " + " | ".join(f"{row[m]:.4g}" for m in MODELS)
+                     + f" | {'n/a' if closed is None else f'{closed:.0%}'} |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    s, r = report["settings"], report["recover"]
+    return (f"# headprune recovery: {report['pruned']}\n\n"
+            f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s; "
+            f"training {r['train']}, {r['parameters']:,} parameters, learning rate {s['recover_lr']:g}) on "
+            f"{s['samples']} x {s['seq_len']} tokens of `{s['data']}`. Distillation loss {r['loss_first']:.4g} at "
+            f"the first step, {r['loss_last']:.4g} at the last.\n\n{quality_table(report)}\n\n"
+            f"Held-out text is the last 30% of each text's paragraphs, never trained on; a gain on the "
+            f"calibration text alone would be overfitting.\n")

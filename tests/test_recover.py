@@ -1,0 +1,236 @@
+"""Recovery after pruning (:func:`headprune.hf.recover`): the distillation loss falls, only the
+chosen parameters change, an interrupt leaves the student exactly as it was, a resumed run
+equals an uninterrupted one bit for bit, and the recovered model saves and reloads exactly.
+
+Tiny random models; the pruned student loses heads outright (no refit), so it has a gap to
+close. Few steps each: a step costs tens of milliseconds here."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_tiny import tiny_batch, tiny_config, tiny_model  # noqa: E402
+
+import headprune  # noqa: E402
+from headprune.hf.recover import distillation_loss, recover, trainable_parameters  # noqa: E402
+
+LR = 1e-2
+
+
+def _grown(model):
+    """Larger weights make the tiny model's heads matter, so removing them costs something."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    teacher = _grown(transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval())
+    student = copy.deepcopy(teacher)
+    headprune.prune_heads(student, {0: [0, 1], 1: [2, 3]})
+    return teacher, student, [tiny_batch("llama", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    teacher = tiny_model("bert")
+    student = copy.deepcopy(teacher)
+    headprune.prune_heads(student, {0: [0, 1], 1: [1, 3]})
+    return teacher, student, [tiny_batch("bert", seed=i) for i in range(3)]
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _mean_loss(student, teacher, batches) -> float:
+    with torch.no_grad():
+        return sum(distillation_loss(student, teacher, b).item() for b in batches) / len(batches)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_loss_falls_and_only_the_chosen_parameters_change(family, request):
+    teacher, pruned, batches = request.getfixturevalue(family)
+    student = copy.deepcopy(pruned)
+    frozen_flag = next(p for n, p in student.named_parameters() if "embed" in n)
+    frozen_flag.requires_grad_(False)  # a caller's flag: restored as it was
+    before, teacher_before = _state(student), _state(teacher)
+    loss_before = _mean_loss(student, teacher, batches)
+    report = recover(student, teacher, batches, steps=6, lr=LR)
+    assert _mean_loss(student, teacher, batches) < 0.7 * loss_before
+    assert report.steps == 6 and report.stopped == "steps" and report.loss_last < report.loss_first
+    trained = set(trainable_parameters(student))
+    after = dict(student.named_parameters())
+    assert trained and all(".self_attn." in n or ".attention." in n for n in trained)
+    for name, value in before.items():
+        if name in trained:
+            assert not torch.equal(value, after[name]), name
+        else:
+            assert torch.equal(value, student.state_dict()[name]), name
+    assert _same(teacher_before, _state(teacher))
+    assert headprune.kept_heads(student) == headprune.kept_heads(pruned)
+    assert not frozen_flag.requires_grad and all(p.requires_grad for n, p in after.items() if "embed" not in n)
+    assert not student.training and all(p.grad is None for p in student.parameters())
+    for model in (student, teacher):
+        assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+
+
+class _Reiterable:
+    """The same batches, iterable again and again but not a sequence (so nothing is cached)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_cached_teacher_targets_equal_fresh_ones(llama, bert):
+    for teacher, pruned, batches in (llama, bert):
+        cached, fresh = copy.deepcopy(pruned), copy.deepcopy(pruned)
+        recover(cached, teacher, batches, steps=5, lr=LR)  # steps 4 and 5 reuse the teacher's first outputs
+        recover(fresh, teacher, _Reiterable(batches), steps=5, lr=LR)
+        assert _same(_state(cached), _state(fresh))
+
+
+def test_o_proj_trains_the_output_projections_only(llama):
+    teacher, pruned, batches = llama
+    assert {n.rsplit(".", 2)[-2] for n in trainable_parameters(pruned)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    names = set(trainable_parameters(pruned, "o_proj"))
+    assert {n.rsplit(".", 2)[-2] for n in names} == {"o_proj"}
+    student = copy.deepcopy(pruned)
+    before, loss_before = _state(student), _mean_loss(student, teacher, batches)
+    recover(student, teacher, batches, steps=4, lr=LR, train="o_proj")
+    assert _mean_loss(student, teacher, batches) < loss_before
+    assert {n for n, v in _state(student).items() if not torch.equal(v, before[n])} == names
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def _interrupting(batches, at):
+    for i, b in enumerate(batches):
+        if i == at:
+            raise _Stop
+        yield b
+
+
+@pytest.mark.parametrize("where", ["progress", "batches"])
+def test_an_interrupt_leaves_the_student_exactly_as_it_was(llama, where):
+    teacher, pruned, batches = llama
+    student = copy.deepcopy(pruned)
+    before = _state(student)
+    flags = [p.requires_grad for p in student.parameters()]
+
+    def stop_at_three(step, steps, loss):
+        if step == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        if where == "progress":
+            recover(student, teacher, batches, steps=5, lr=LR, progress=stop_at_three)
+        else:
+            recover(student, teacher, _interrupting(batches, 2), steps=5, lr=LR)
+    assert _same(before, _state(student))
+    assert flags == [p.requires_grad for p in student.parameters()] and not student.training
+
+
+def test_resume_equals_an_uninterrupted_run(llama, tmp_path):
+    teacher, pruned, batches = llama
+    torch.set_num_threads(1)
+    try:
+        whole = copy.deepcopy(pruned)
+        recover(whole, teacher, batches, steps=5, lr=LR)
+        path = tmp_path / "recover.ckpt"
+        first = copy.deepcopy(pruned)
+
+        def stop(step, steps, loss):
+            if step == 3:
+                raise _Stop
+
+        with pytest.raises(_Stop):
+            recover(first, teacher, batches, steps=5, lr=LR, progress=stop, checkpoint=path, checkpoint_every=2)
+        assert _same(_state(first), _state(pruned))  # restored; the checkpoint holds 2 steps
+        report = recover(first, teacher, batches, steps=5, lr=LR, checkpoint=path, resume=True)
+    finally:
+        torch.set_num_threads(2)
+    assert report.resumed_from == 2 and report.steps == 5
+    assert _same(_state(whole), _state(first))
+
+
+def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
+    teacher, pruned, batches = llama
+    path = tmp_path / "recover.ckpt"
+    recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)
+    for kw, what in [({"lr": 2 * LR}, "lr"), ({"train": "o_proj"}, "trainable parameters"),
+                     ({"batches": batches[:2]}, "calibration batches")]:
+        student = copy.deepcopy(pruned)
+        args = {"lr": LR, "batches": batches, **kw}
+        with pytest.raises(ValueError, match=f"checkpoint: .*written for other .*{what}"):
+            recover(student, teacher, args.pop("batches"), steps=2, checkpoint=path, resume=True, **args)
+        assert _same(_state(student), _state(pruned))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint: .*not a readable recovery checkpoint"):
+        recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"steps": 0}, "steps: expected a positive int, got 0"),
+    ({"steps": 2.5}, "steps: expected a positive int"),
+    ({"lr": 0}, "lr: expected a positive finite number, got 0"),
+    ({"lr": -1e-3}, "lr: expected a positive finite number"),
+    ({"lr": float("nan")}, "lr: expected a positive finite number"),
+    ({"train": "mlp"}, "train: expected one of o_proj, attention, got 'mlp'"),
+    ({"time_budget_s": 0}, "time_budget_s: expected a positive number"),
+    ({"checkpoint_every": 0}, "checkpoint_every: expected a positive int"),
+    ({"resume": True}, "resume: needs a checkpoint path"),
+])
+def test_bad_arguments_are_refused(llama, kw, message):
+    teacher, pruned, batches = llama
+    student = copy.deepcopy(pruned)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        recover(student, teacher, batches, **{"steps": 2, **kw})
+    assert _same(_state(student), _state(pruned))
+
+
+def test_wrong_models_and_batches_are_refused(llama, bert):
+    teacher, pruned, batches = llama
+    with pytest.raises(ValueError, match="teacher: is the student itself"):
+        recover(pruned, pruned, batches, steps=1)
+    with pytest.raises(ValueError, match="teacher: a bert model cannot teach a llama student"):
+        recover(copy.deepcopy(pruned), bert[0], batches, steps=1)
+    masked = copy.deepcopy(teacher)
+    headprune.mask_heads(masked, {1: [0]})
+    with pytest.raises(ValueError, match="student: has heads masked by mask_heads"):
+        recover(masked, teacher, batches, steps=1)
+    with pytest.raises(ValueError, match="batches: expected at least one batch, got none"):
+        recover(copy.deepcopy(pruned), teacher, [], steps=1)
+    with pytest.raises(ValueError, match="batches: ran out after 3 steps; pass a list"):
+        recover(copy.deepcopy(pruned), teacher, iter(batches), steps=4)
+
+
+def test_time_budget_stops_after_a_step(llama):
+    teacher, pruned, batches = llama
+    report = recover(copy.deepcopy(pruned), teacher, batches, steps=50, lr=LR, time_budget_s=1e-9)
+    assert report.steps == 1 and report.stopped == "time_budget"
+
+
+def test_the_recovered_model_saves_and_reloads_exactly(llama, tmp_path):
+    teacher, pruned, batches = llama
+    student = copy.deepcopy(pruned)
+    recover(student, teacher, batches, steps=2, lr=LR)
+    headprune.save_pruned(student, tmp_path / "m")
+    assert _same(_state(student), _state(headprune.load_pruned(tmp_path / "m")))
+

@@ -1,0 +1,62 @@
+"""``headprune recover`` and ``headprune prune --recover-steps`` end to end on a tiny random BERT
+(the fixtures of test_cli.py: an in-process ``main`` and a model directory with a tokenizer)."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+
+
+def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    import torch
+
+    from headprune.hf import kept_heads, load_pruned
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])
+    assert code == 0, err
+    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--lr", "1e-3", "--quiet", "--out", tmp_path / "r"])
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"model", "report.json", "report.md"}
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["model"] == str(tiny_dir) and report["recover"]["steps"] == 2
+    assert report["settings"]["samples"] == 4 and report["settings"]["recover_lr"] == 1e-3
+    for text in ("held_out", "calibration"):
+        row = report["quality"][text]
+        assert row["unpruned"] == 1.0 and row["pruned"] < 1.0 and row["recovered"] != row["pruned"]
+    pruned, recovered = load_pruned(tmp_path / "p" / "model"), load_pruned(tmp_path / "r" / "model")
+    assert kept_heads(recovered) == kept_heads(pruned)
+    changed = [n for n, p in recovered.state_dict().items() if not torch.equal(p, pruned.state_dict()[n])]
+    assert changed and all(".attention." in n for n in changed)
+
+
+def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--recover-steps", "2", "--out", tmp_path / "p"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["recover"]["steps"] == 2 and report["settings"]["recover_steps"] == 2
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--mask", "--recover-steps", "2",
+                     "--out", tmp_path / "m"])
+    assert code == 2 and err == ["headprune prune: error: --recover-steps: needs --physical (training would revive "
+                                 "the masked heads)"]
+    code, err = run(["recover", tiny_dir, "--steps", "1", "--quiet", "--out", tmp_path / "r"])
+    assert code == 2 and len(err) == 1 and "is not a directory written by headprune prune" in err[0]
+    code, err = run(["recover", tmp_path / "p", "--steps", "0"])
+    assert code == 2 and err[-1].endswith("argument --steps: expected a positive integer, got 0")
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--lr", "0"])
+    assert code == 2 and err[-1].endswith("argument --lr: expected a positive finite number, got 0")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
+
+
+def test_the_command_line_default_learning_rate_is_the_library_s():
+    from headprune.app.arguments import RECOVER_LR
+    from headprune.hf.recover import DEFAULT_LR
+
+    assert RECOVER_LR == DEFAULT_LR
