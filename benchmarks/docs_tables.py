@@ -172,4 +172,18 @@ def standing(ctx, names: list, recipes: list, default: str = "default") -> str:
                   "vs random (same removal), per ratio"], rows)
 
 
-TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing)})
+def recover_table(ctx, name: str) -> str:
+    """Unpruned, pruned and recovered quality on held-out and calibration text."""
+    out = []
+    for res in ctx["R"][name]["results"]:
+        for row in res["rows"]:
+            extra = f"{row['steps']} steps, {num(row['seconds'] / 60, 2)} min" if "steps" in row else ""
+            out.append([f"{res['model']}, {pct(res['ratio'])} pruned", row["model"], num(row["held_out"], 4),
+                        pct(row["held_out_gap_closed"]), num(row["calibration"], 4),
+                        pct(row["calibration_gap_closed"]), extra])
+    metric = ctx["R"][name]["results"][0]["metric"]
+    return table(["model", "", f"held-out {metric}", "gap closed", f"calibration {metric}", "gap closed", "budget"],
+                 out)
+
+
+TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table)})
