@@ -186,4 +186,14 @@ def recover_table(ctx, name: str) -> str:
                  out)
 
 
-TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table)})
+def calibration_table(ctx) -> str:
+    rows = []
+    for name, r in ctx["R"]["calibration_cpu"]["rows"].items():
+        target = "" if "target_x" not in r else f"<= {x(r['target_x'])}: {'met' if r['target_met'] else '**not met**'}"
+        rows.append([f"`{name}`", f"{num(r['median_s'])} s ({num(r['min_s'])}-{num(r['max_s'])})",
+                     f"{x(r['ratio_median'])} ({x(r['ratio_min'])}-{x(r['ratio_max'])})", target])
+    return table(["variant", "median (range)", "ratio, median (range)", "target"], rows)
+
+
+TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
+                                       calibration_table)})
