@@ -38,12 +38,14 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
     g = gram.double()
     g = g / g[d, d]
     wt = projection.double().to(g.device)
-    energy = float(torch.einsum("od,de,oe->", wt, g, wt))
+    wg = wt @ g
+    energy = float((wg * wt).sum())
     a = g.clone()
     if damping > 0 and d > 0:
         a.diagonal()[:d] += damping * a.diagonal()[:d].mean().clamp_min(torch.finfo(torch.float64).tiny)
-    m = torch.linalg.inv(a)
-    w_star = wt @ g @ m  # [out, D + 1]: the refit with every column kept
+    chol, info = torch.linalg.cholesky_ex(a)
+    m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
+    w_star = wg @ m  # [out, D + 1]: the refit with every column kept
     pos = {c: c for c in range(d + 1)}  # column -> its position in the current m / w_star
     left = list(range(len(units)))
     order, costs = [], []
@@ -65,11 +67,12 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
 def _downdate(m, w_star, pos, columns) -> tuple:
     """Remove ``columns`` from the kept set: the OBS update of the refit and of ``M``."""
     b = [pos[c] for c in columns]
-    keep = [i for i in range(m.shape[0]) if i not in set(b)]
+    gone = set(b)
+    keep = [i for i in range(m.shape[0]) if i not in gone]
     mbb_inv_mbr = torch.linalg.solve(m[b][:, b], m[b][:, keep])  # M_BB^-1 M_BR
     new_m = m[keep][:, keep] - m[keep][:, b] @ mbb_inv_mbr
     new_w = w_star[:, keep] - w_star[:, b] @ mbb_inv_mbr
-    old = {p: c for c, p in pos.items() if p in set(keep)}
+    old = {p: c for c, p in pos.items() if p not in gone}
     new_pos = {old[p]: i for i, p in enumerate(keep)}
     return new_m, new_w, new_pos
 
