@@ -76,11 +76,7 @@ def prune(args) -> int:
               "before": {**C._public(before_q), **sizes_before},
               "after": {**C._public(after_q), **measure(loaded.model)},
               "speed": speed, "recover": recovered, "seconds": stage.seconds}
-    kv = (report["before"].get("kv_heads"), report["after"].get("kv_heads"))
-    if None not in kv and kv[1] > kv[0]:
-        print(f"headprune: warning: KV heads grew from {kv[0]} to {kv[1]}: --gqa query repeats the KV head of a "
-              "partly pruned group, so the KV cache grows; --gqa group prunes whole groups and shrinks it, at a "
-              "higher quality cost (docs/quality.md)", file=sys.stderr)
+    _warn_if_kv_grew(report)
     with stage("saving the model and the report", "save"):
         _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned)
     print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
@@ -165,6 +161,14 @@ def _selection_values(scores, settings: dict):
     if recipe.score == "reconstruction":
         return reconstruction_score(scores, settings.get("gqa", "query"))
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
+
+
+def _warn_if_kv_grew(report: dict) -> None:
+    kv = (report["before"].get("kv_heads"), report["after"].get("kv_heads"))
+    if None not in kv and kv[1] > kv[0]:
+        print(f"headprune: warning: KV heads grew from {kv[0]} to {kv[1]}: --gqa query repeats the KV head of a "
+              "partly pruned group, so the KV cache grows; --gqa group prunes whole groups and shrinks it, at a "
+              "higher quality cost (docs/quality.md)", file=sys.stderr)
 
 
 def _selection_label(scores, settings: dict) -> str:
