@@ -7,7 +7,7 @@ head by head (transformers 5 dropped the argument); :func:`headprune.gates` mult
 head's output instead, which is the same function. This script builds tiny random BERT and
 GPT-2 models with transformers 5, saves their weights with safetensors, and runs a
 subprocess with transformers 4 first on its path (``DIR``, default ``$HEADPRUNE_TF4`` or
-/work/scratch/tf4) that loads the same weights and computes the output and d(readout)/d(head_mask)
+build/transformers4, made by ``pip install --target build/transformers4 "transformers<5"``) that loads the same weights and computes the output and d(readout)/d(head_mask)
 for three masks: ``binary`` (per layer, 0/1), ``soft`` (per layer, in [0, 1.5)) and
 ``per_example`` (one row per example, transformers 4's 5-D ``[layers, batch, heads, 1, 1]``).
 headprune computes the same with ``gates`` (``sdpa`` and ``eager`` backends). Both run in
@@ -41,7 +41,7 @@ FAMILIES = {
 MASKS = ("binary", "soft", "per_example")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 BATCH, SEQ, LAYERS, HEADS = 3, 9, 2, 4
-DEFAULT_TF4 = os.environ.get("HEADPRUNE_TF4", "/work/scratch/tf4")
+DEFAULT_TF4 = os.environ.get("HEADPRUNE_TF4", str(Path(__file__).resolve().parent.parent / "build" / "transformers4"))
 
 
 def readout(out: torch.Tensor) -> torch.Tensor:
