@@ -49,24 +49,21 @@ def ratios(text: str) -> list:
     return [ratio(t) for t in text.split(",") if t.strip()]
 
 
-def positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {n}")
+        return n
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {n}")
-    return n
+positive = _int_at_least(1, "positive")
+nonnegative_int = _int_at_least(0, "non-negative")
 
 
 def nonnegative(text: str) -> float:

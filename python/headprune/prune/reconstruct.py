@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..stats.moments import DEFAULT_DAMPING
+from ..stats.moments import DEFAULT_DAMPING, ridge
 
 __all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns"]
 
@@ -91,11 +91,11 @@ def _solve(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, prior=Non
     towards ``prior`` ``[k, out]``, or towards 0); Cholesky, least squares if singular."""
     a = a.clone()
     if damping > 0 and k > 0:
-        scale = a.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
-        a.diagonal()[:k] += damping * scale
+        c = ridge(a, damping, k)
+        a.diagonal()[:k] += c
         if prior is not None:
             rhs = rhs.clone()
-            rhs[:k] += damping * scale * prior
+            rhs[:k] += c * prior
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, chol)

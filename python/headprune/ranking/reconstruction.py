@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..stats.moments import DEFAULT_DAMPING
+from ..stats.moments import DEFAULT_DAMPING, ridge
 from ..stats.scores import HeadScores
 
 __all__ = ["greedy_removal", "reconstruction_score", "site_units"]
@@ -42,7 +42,7 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
     energy = float((wg * wt).sum())
     a = g.clone()
     if damping > 0 and d > 0:
-        a.diagonal()[:d] += damping * a.diagonal()[:d].mean().clamp_min(torch.finfo(torch.float64).tiny)
+        a.diagonal()[:d] += ridge(a, damping, d)
     chol, info = torch.linalg.cholesky_ex(a)
     m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
     w_star = wg @ m  # [out, D + 1]: the refit with every column kept

@@ -15,12 +15,18 @@ from typing import Optional
 
 import torch
 
-__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING"]
+__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "ridge"]
 
 MOMENT_DTYPES = (torch.float64, torch.float32)
 #: ridge damping of least-squares refits from these moments, relative to the mean squared
 #: input (see ``headprune.prune.reconstruct``); the selection damps the same way
 DEFAULT_DAMPING = 1e-2
+
+
+def ridge(a: torch.Tensor, damping: float, k: int) -> torch.Tensor:
+    """The ridge ``c = damping * mean(diag(a[:k, :k]))`` that the refit and the reconstruction
+    score add to the first ``k`` diagonal entries of a second-moment matrix (0-d float64)."""
+    return damping * a.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 class OutputMoments:
