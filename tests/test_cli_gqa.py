@@ -37,3 +37,66 @@ def test_prune_warns_when_the_kv_cache_grows(run, tmp_path, tiny_dir, gqa):  # n
                                              "quality cost (docs/quality.md)"]
     else:
         assert after < before and not warned
+
+
+def _tiny_llama(tmp_path, tiny_dir):  # noqa: F811
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    return path
+
+
+def test_prune_gqa_even_never_grows_the_kv_cache(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    for count in (1, 2, 3):
+        out = tmp_path / f"o{count}"
+        code, err = run(["prune", path, "--count", str(count), "--samples", "4", "--seq-len", "16", "--quiet",
+                         "--no-speed", "--gqa", "even", "--scope", "global", "--out", out])
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["after"]["kv_heads"] <= report["before"]["kv_heads"]
+        assert not [line for line in err if "KV heads grew" in line]
+        assert "keeping the same number of query heads" in report["recipe"]
+
+
+def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    import torch
+    import transformers
+
+    from headprune.hf import load_pruned
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    code, err = run(["prune", path, "--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--uniform", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["settings"]["uniform"] is True and report["settings"]["removal"] == "refit"
+    meta = json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())
+    assert meta["plain_loadable"] and len({len(k) for k in meta["kept_heads"]}) == 1
+    assert not (tmp_path / "o" / "model" / "README.md").exists()
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").eval()(input_ids=ids)
+        ours = load_pruned(tmp_path / "o" / "model")(input_ids=ids)
+    assert torch.equal(plain.logits, ours.logits)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--uniform", "--steps", "2"], "--steps: iterative pruning is not supported with --uniform"),
+    (["--gqa", "even", "--steps", "2"], "--steps: iterative pruning is not supported with --gqa even"),
+    (["--uniform", "--sequential"], "--sequential: re-chooses each layer's heads"),
+    (["--uniform", "--protect-layers", "0"], "--protect-layers: a --uniform selection"),
+])
+def test_layout_options_that_conflict_are_refused_before_loading(run, tmp_path, extra, message):  # noqa: F811
+    code, err = run(["prune", tmp_path / "missing", "--ratio", "0.3", "--out", tmp_path / "o", *extra])
+    assert code != 0 and any(message in line for line in err), err

@@ -150,3 +150,41 @@ def test_transformers4_directories_with_renamed_weights_are_refused_by_name():
 
     with pytest.raises(ValueError, match=r"path: .*vit.model\.safetensors lacks \[.layers\.0\.attention\.q_proj"):
         load_pruned(Path(__file__).parent / "data" / "transformers4" / "vit")
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_uniform_refit_saves_plain_where_the_config_declares_biases(family, tmp_path):
+    """A uniform layout with least-squares compensation (an o bias the family lacks): families
+    whose config can switch on attention biases save it plainly (zero q/k/v biases), the
+    others for load_pruned only; both reload to the same function."""
+    import transformers
+
+    from headprune.hf import ADAPTERS
+
+    model = tiny_model(family)
+    n = len(resolve_sites(model))
+    scores = collect(model, [tiny_batch(family)], progress=False, moments=True)
+    prune_heads(model, {i: [2, 3] for i in range(n)}, reconstruct=scores)
+    batch = tiny_batch(family)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = _first(model(**batch))
+    save_pruned(model, tmp_path)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == params.keys()  # the model is as it was
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    meta = json.loads((tmp_path / "headprune.json").read_text())
+    declares = ADAPTERS[family].config_bias is not None
+    assert meta["plain_loadable"] == declares and bool(meta["o_bias"]) != declares
+    again = load_pruned(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(_first(again(**batch)), ref)
+        if declares:
+            plain = transformers.AutoModel.from_pretrained(tmp_path).eval()
+            assert torch.equal(_first(plain(**batch)), ref)
+    # pruned further (no longer uniform) and saved again: still the same function on reload
+    prune_heads(again, {0: [0]})
+    with torch.no_grad():
+        ref = _first(again(**batch))
+    save_pruned(again, tmp_path / "b")
+    with torch.no_grad():
+        assert torch.equal(_first(load_pruned(tmp_path / "b")(**batch)), ref)

@@ -51,6 +51,22 @@ def test_group_units_and_a_custom_choice():
     assert heads == {0: [1], 1: [2]}
 
 
+def test_even_units_keep_the_groups_equal(monkeypatch):
+    # 2 KV groups of 3 query heads, a greedy order that takes group 0 first: "query" takes
+    # heads 0 and 1 (groups of 1 and 3 left), "even" the cheapest even layout, 0 and 3
+    import headprune.hf.sequential as S
+
+    model = tiny_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    batches = [tiny_batch("llama", seed=s) for s in range(3)]
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
+    monkeypatch.setattr(S, "greedy_removal", lambda gram, proj, units, damping: (list(range(len(units))), [], 1.0))
+    # (4 heads: group 0 whole and head 3, costing 0+1+2+3, is cheaper than 2 + 2, 0+1+3+4)
+    want = {("query", 2): [0, 1], ("even", 2): [0, 3], ("even", 4): [0, 1, 2, 3]}
+    for (gqa, count), heads in want.items():
+        got, _ = calibrate_sequentially(model, batches, scores, {0: count, 1: count}, gqa=gqa)
+        assert got == {0: heads, 1: heads}
+
+
 def test_encoder_decoders_are_refused():
     model, batches, scores = _setup("t5")
     with pytest.raises(ValueError, match="model: sequential calibration supports one stack of layers"):

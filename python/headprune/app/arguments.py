@@ -159,8 +159,14 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                    help="spread the budget evenly over the layers (per_layer) or rank the whole model (global); "
                         "default per_layer")
     g.add_argument("--gqa", choices=GQA_MODES, default="query",
-                   help="grouped-query models: prune query heads (query) or whole KV groups, which shrinks the KV "
-                        "cache (group); default query")
+                   help="grouped-query models: prune query heads (query; a partly pruned KV group repeats its KV "
+                        "head, so the KV cache can grow), query heads in layouts where every KV group kept keeps "
+                        "the same number of them, so the KV cache never grows (even), or whole KV groups, which "
+                        "shrinks it (group); default query")
+    g.add_argument("--uniform", action="store_true",
+                   help="the same head layout in every layer (the count nearest the request), so the saved "
+                        "directory has a standard config that plain from_pretrained loads where the family's "
+                        "config can describe it; no layer is protected")
     g.add_argument("--min-heads-per-layer", type=nonnegative_int, default=None,
                    help="units every layer keeps (default 1; 0 allows emptying a layer)")
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
@@ -199,8 +205,8 @@ def prune_output_args(p: argparse.ArgumentParser) -> None:
                       help="remove the heads: a smaller, faster model (default)")
     g.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",
                    help="float type of the saved weights; the evaluation after pruning runs in it, so the report "
-                        "describes what is saved (default auto: the checkpoint's own type, bfloat16 for a "
-                        "quantised GGUF)")
+                        "describes what is saved (default auto: the checkpoint's own type as its config or, failing "
+                        "that, its weights say; bfloat16 for a quantised GGUF; float32 when unknown)")
     g.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the pruned model's speed against the unpruned one, interleaved (default on; "
                         "needs a second copy of the model in memory)")

@@ -208,6 +208,8 @@ def _write_json(path: Path, obj) -> None:
 
 def _selection_kwargs(args) -> dict:
     kw = {"gqa": args.gqa, "seed": args.seed}
+    if getattr(args, "uniform", False):
+        kw["uniform"] = True
     for name in ("scope", "min_heads_per_layer", "protect_layers", "score", "order"):
         value = getattr(args, name, None)
         if value is not None:

@@ -140,7 +140,7 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
     import transformers
 
     from ..hf import ADAPTERS, supported_model_types
-    from ..hf.files import read_header, read_json, safetensors_files
+    from ..hf.files import read_header, read_json, safetensors_files, stored_float_type
     from ..hf.verify import config_from, from_pretrained_checked, optional_modules
 
     config_file = path / "config.json"
@@ -163,6 +163,8 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
     model = from_pretrained_checked(cls, str(path), config, header, "MODEL", str(config_file), weights, strict=False,
                                     **kw)
     stored = raw.get("torch_dtype") or raw.get("dtype")
+    if not isinstance(stored, str):  # the config names none (sentence-transformers' do not): the weights say
+        stored = stored_float_type(files)
     return Loaded(model.to(device).eval(), tok, kind, str(path), checkpoint_dtype=stored if isinstance(stored, str) else None,
                   input_bytes=_bytes(files))
 

@@ -29,6 +29,7 @@ def prune(args) -> int:
     C.check_out(out, args.force)  # fail before the slow part
     if args.recover_steps and args.mode == "mask":
         raise ValueError("--recover-steps: needs --physical (training would revive the masked heads)")
+    _check_layout_options(args)
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):
         loaded, batches, held, settings = C._setup(args)
@@ -43,10 +44,11 @@ def prune(args) -> int:
         heads, last = _select(args, loaded, batches, scores, kw, removal)
     if not C._is_writer():
         return 0
-    from ..ranking.recipes import default_for
+    from ..ranking.recipes import default_for, is_causal
 
     recipe = describe_recipe(kw, removal, args.sequential, args.damping,
-                             default=default_for(scores) if kw.get("score") is None else None)
+                             default=default_for(scores) if kw.get("score") is None else None,
+                             causal=is_causal(scores))
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
@@ -93,6 +95,20 @@ def _recover(args, stage, model, teacher, batches):
         return recover_stage(args, model, teacher, batches, steps=args.recover_steps, lr=args.recover_lr)
 
 
+def _check_layout_options(args) -> None:
+    """--uniform and --gqa even choose whole layouts in one round: refused with the options
+    that would change them afterwards (before anything slow runs)."""
+    what = "--uniform" if getattr(args, "uniform", False) else "--gqa even" if args.gqa == "even" else None
+    if what is None:
+        return
+    if args.steps != 1:
+        raise ValueError(f"--steps: iterative pruning is not supported with {what}; use --steps 1")
+    if args.uniform and args.sequential:
+        raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
+    if args.uniform and args.protect_layers:
+        raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
+
+
 def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
     if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
         from .. import distributed
@@ -124,10 +140,12 @@ def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tup
 
 def _save_dtype(args, loaded) -> str:
     """Cast the pruned model to the type it is saved in (before the evaluation, so the report
-    describes what is saved): ``--save-dtype``, or the checkpoint's own float type."""
+    describes what is saved): ``--save-dtype``, or the checkpoint's own float type (bfloat16
+    for a quantised GGUF, float32 where the type is unknown or wider)."""
     name = args.save_dtype
     if name == "auto":
-        name = loaded.checkpoint_dtype if loaded.checkpoint_dtype in SAVE_TYPES else "bfloat16"
+        stored = loaded.checkpoint_dtype
+        name = stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
     dtype = SAVE_TYPES[name]
     if next(loaded.model.parameters()).dtype != dtype:
         loaded.model.to(dtype)

@@ -22,11 +22,13 @@ REMOVAL_WORDS = {
 }
 
 
-def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None) -> str:
+def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None,
+                    causal=None) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
-    ``protect_layers``, ``gqa``, ...; absent ones take ``default``'s, the recipe the
-    statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
-    :data:`DEFAULT_RECIPE`)."""
+    ``protect_layers``, ``gqa``, ``uniform``, ...; absent ones take ``default``'s, the recipe
+    the statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
+    :data:`DEFAULT_RECIPE`). ``causal``: whether the model has a causal stack (``False``:
+    the default protection, which keeps causal stacks' first layers, is not mentioned)."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
@@ -40,10 +42,15 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     where = "within each layer" if scope == "per_layer" else "over the whole model"
     units = "whole KV groups" if select.get("gqa") == "group" else "query heads"
     parts = [f"{units} ranked by {what}, {where}"]
+    if select.get("uniform"):
+        parts.append("the same layout in every layer")
+    elif select.get("gqa") == "even":
+        parts.append("every KV group a layer keeps keeping the same number of query heads (the KV cache never "
+                     "grows)")
     protect = select.get("protect_layers")
     if protect:
         parts.append(f"layers {', '.join(map(str, protect))} kept whole")
-    elif protect is None and whole:
+    elif protect is None and whole and causal is not False and not select.get("uniform"):
         parts.append("the first layer of each causal stack kept whole")
     how = REMOVAL_WORDS.get(removal, removal)
     if removal == "refit" and damping is not None:

@@ -53,6 +53,9 @@ class Adapter:
     kv_heads_attr: Optional[str] = None  # module attr with the KV head count (fused GQA)
     config_kv_heads: Optional[str] = None  # config field, GQA families only
     config_head_dim: Optional[str] = None  # set => a uniformly pruned config stays loadable
+    # config flag that gives every q/k/v/o projection a bias (Llama's attention_bias): a
+    # uniform layout with compensation biases saves with it set and zero q/k/v biases
+    config_bias: Optional[str] = None
     conv1d: bool = False  # GPT-2 stores weights as [in, out]
     reads_config_heads: bool = False  # forward reads config.num_attention_heads (Phi-3)
     # what a block with no head left returns (see prune.empty_forward): "output" (its o
@@ -135,7 +138,8 @@ ADAPTERS = {
             head_dim_attr="head_dim",
             module_attrs={"num_heads": "heads"},
         ),
-        *[Adapter(t, **_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2")],
+        *[Adapter(t, **_LLAMA_LIKE) for t in ("mistral", "qwen2")],
+        *[Adapter(t, **_LLAMA_LIKE, config_bias="attention_bias") for t in ("llama", "qwen3", "gemma2")],
         Adapter(
             "phi3",
             kind="causal",

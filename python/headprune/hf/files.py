@@ -101,6 +101,32 @@ def read_header(files: list, what: str) -> dict:
     return out
 
 
+_FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def stored_float_type(files: list) -> str | None:
+    """The float type that holds most of the weights' elements in the safetensors ``files``
+    ("float32", "float16", "bfloat16", "float64"), or ``None`` when they hold no floats or
+    cannot be read: what a checkpoint whose config names no type was stored in."""
+    from safetensors import SafetensorError, safe_open
+
+    counts: dict = {}
+    try:
+        for file in files:
+            with safe_open(file, "pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    name = _FLOAT_NAMES.get(sl.get_dtype())
+                    if name is not None:
+                        n = 1
+                        for d in sl.get_shape():
+                            n *= d
+                        counts[name] = counts.get(name, 0) + n
+    except (SafetensorError, OSError, ValueError, TypeError):
+        return None
+    return max(counts, key=counts.get) if counts else None
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (transformers' run to many lines), or its type."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]

@@ -100,9 +100,12 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})
     # an output-projection bias the family's config cannot declare would be dropped by
     # from_pretrained (with only a warning): such a model is not plain-loadable
-    plain = state is None or (bool(state.get("uniform")) and not state.get("o_bias"))
+    uniform, o_bias = state is not None and bool(state.get("uniform")), state is not None and bool(state.get("o_bias"))
+    declare = adapter.config_bias if uniform and o_bias else None
+    plain = state is None or (uniform and (not o_bias or declare is not None))
     if plain:
-        model.save_pretrained(path, safe_serialization=True)
+        with _declared_biases(model, sites, adapter, declare):
+            model.save_pretrained(path, safe_serialization=True)
     else:
         # The config cannot express this layout: write the original one (plain loading then
         # fails loudly on shapes) and the state dict under the module names, which
@@ -126,14 +129,41 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         "kept_heads": [kept_heads(model)[s.index] for s in sites],
         "kv_heads": None if state is None else state["kv"],
         "per_layer_bias": [] if state is None else state["per_layer_bias"],
-        "o_bias": [] if state is None else state.get("o_bias", []),
+        # declared biases are the config's own: the original model is recorded with them
+        "o_bias": [] if state is None or declare else state.get("o_bias", []),
         "plain_loadable": plain,
-        "original_config": None if state is None else state["original_config"],
+        "original_config": (None if state is None else
+                            {**state["original_config"], declare: True} if declare else state["original_config"]),
         "scores": None if scores is None else scores.to_dict(),
         "settings": settings or {},
     }
     with open(os.path.join(path, METADATA_FILE), "w") as f:
         json.dump(meta, f, indent=2)
+
+
+@contextmanager
+def _declared_biases(model, sites, adapter, flag):
+    """With ``flag`` (the family's config switch for attention biases, see
+    ``Adapter.config_bias``): while saving, the configs set it and every q/k/v/o projection
+    without a bias has a zero one, so ``from_pretrained`` builds the biases the compensation
+    needs and the function is unchanged. Removed again on exit (the configs are restored by
+    :func:`_configs_restored`)."""
+    added = []
+    try:
+        if flag is not None:
+            for cfg in {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+                        if isinstance(c, PreTrainedConfig)}.values():
+                setattr(cfg, flag, True)
+            for s in sites:
+                for name in (s.block.q, s.block.k, s.block.v, s.block.o):
+                    lin = s.sub(name)
+                    if getattr(lin, "bias", None) is None:
+                        lin.bias = torch.nn.Parameter(lin.weight.new_zeros(lin.weight.shape[0]), requires_grad=False)
+                        added.append(lin)
+        yield
+    finally:
+        for lin in added:
+            lin.bias = None
 
 
 @contextmanager

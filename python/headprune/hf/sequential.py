@@ -28,6 +28,7 @@ import torch
 from ..prune.heads import head_index
 from ..prune.mask import MaskHandle
 from ..prune.reconstruct import kept_columns, refit_output
+from ..ranking.layouts import best_layout, even_layouts, head_costs
 from ..ranking.reconstruction import greedy_removal, site_units
 from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
@@ -148,6 +149,9 @@ def _obs_heads(gram, site, adapter, hq, hkv, d, count, gqa, damping) -> list:
     proj = _projection(site, adapter)
     units = site_units(hq, hkv, d, gqa)
     order, _, _ = greedy_removal(gram, proj, units, damping=damping)
+    if gqa == "even":  # the cheapest even layout of this size, heads costing their greedy rank
+        costs = head_costs([(0, [col // d for col in units[u][::d]]) for u in order], [hq])[0]
+        return min(best_layout(costs, hkv, g, t) for g, t in even_layouts(hq, hkv)[count])[1]
     return sorted({col // d for u in order[:count] for col in units[u]})
 
 

@@ -16,7 +16,7 @@ __all__ = ["DEFAULT_RECIPE", "OUTPUT_RECIPE", "FALLBACK_RECIPE", "default_for", 
 
 ORDERS = ("high", "low", "random")
 SCOPES = ("global", "per_layer")
-GQA_MODES = ("query", "group")
+GQA_MODES = ("query", "even", "group")
 
 #: What ``select_heads(scores, ratio=r)`` does with no options (besides keeping the sites of
 #: :func:`default_protected` whole): within each site, prune first the heads whose removal the

@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_RECIPE, SCOPES, resolve_recipe
+from .layouts import allocate_even, allocate_uniform, even_layouts, head_costs
 from .units import rank_positions
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget"]
@@ -32,6 +33,7 @@ def select_heads(
     order: Optional[str] = None,
     seed: int = 0,
     pruned: Optional[dict] = None,
+    uniform: bool = False,
 ) -> dict:
     """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
 
@@ -44,8 +46,13 @@ def select_heads(
         protect_layers: layer (site) indices never pruned (``None``: the default recipe's,
             when ``score`` and ``order`` are ``None`` too, see
             :func:`~headprune.ranking.recipes.default_protected`; else none).
-        gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes);
-            ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
+        gqa: ``"query"`` prunes query heads (a KV head goes only when its whole group goes,
+            and a partly pruned group makes the pruned model repeat KV heads, so the KV cache
+            can grow); ``"even"`` prunes query heads too, but only in layouts where every KV
+            group a site keeps keeps the same number of query heads, so the KV cache never
+            grows (each site's share is rounded to such a layout, see
+            :mod:`~headprune.ranking.layouts`; the total may fall a few heads short of the
+            request); ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a
             ``[sites, heads]`` tensor of per-head values such as
             :func:`headprune.hf.importance.gradient_importance`; ``None``: :data:`DEFAULT_RECIPE`.
@@ -55,6 +62,11 @@ def select_heads(
         pruned: ``{layer: [query heads]}`` already pruned (masked) in an earlier step of
             iterative pruning; they are part of the result and count towards the budget,
             and ``scores`` ranks only the rest (see :func:`headprune.hf.select_iteratively`).
+            Not with ``gqa="even"`` or ``uniform``.
+        uniform: the same layout in every site (the same number of query heads, and under GQA
+            the same groups kept and heads per group), the count nearest the request, so a
+            standard config describes the result; no site is protected by default, and
+            ``protect_layers`` is refused.
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """
@@ -62,8 +74,17 @@ def select_heads(
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
     if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
         raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
-    recipe = resolve_recipe(scores, score, order, protect_layers)
+    if not isinstance(uniform, bool):
+        raise TypeError(f"uniform: expected a bool, got {type(uniform).__name__}")
+    if uniform and protect_layers:
+        raise ValueError("protect_layers: a uniform selection prunes every layer alike; pass uniform=False to "
+                         "protect layers")
+    if (uniform or gqa == "even") and pruned:
+        raise ValueError("pruned: iterative pruning is not supported with gqa='even' or uniform=True")
+    recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
+    if uniform or gqa == "even":
+        return _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads_per_layer, uniform)
     protect = _check_layers(recipe.protect_layers, scores.num_sites)
     units = [0] * scores.num_sites
     for layer, _ in ranked:
@@ -84,6 +105,32 @@ def select_heads(
         raise ValueError(f"pruned: {len(forced)} units are already pruned, more than the {want} requested")
     chosen = allocate(ranked, forced, floors, ceils, want)
     return {site: sorted(scores.ids(site, hs)) for site, hs in chosen.items()}
+
+
+def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, uniform) -> dict:
+    """:func:`select_heads` for even or uniform layouts (see :mod:`.layouts`), in heads."""
+    costs = head_costs(ranked, scores.num_heads)
+    kv = list(scores.num_kv_heads)
+    whole = gqa == "group"
+    if whole:  # a unit is a group (uniform only: one group size): the budget counts groups
+        sizes = {hq // (k or hq) for hq, k in zip(scores.num_heads, kv)}
+        want_heads = budget(ratio, count, sum(scores.num_heads) // max(sizes)) * max(sizes)
+    else:
+        want_heads = budget(ratio, count, sum(scores.num_heads))
+    if uniform:
+        chosen = allocate_uniform(costs, kv, want_heads, min_heads, whole)
+    else:
+        protect = _check_layers(recipe.protect_layers, scores.num_sites)
+        allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(scores.num_heads)]
+        if scope == "per_layer":  # each site's share, rounded up to the next layout it has
+            _, ceils = site_caps(list(scores.num_heads), protect, min_heads, want_heads, scope)
+            caps = [min([r for r in even_layouts(n, k, whole) if r >= c] or [a]) for n, k, c, a in
+                    zip(scores.num_heads, kv, ceils, allowed)]
+            caps = [min(c, a) for c, a in zip(caps, allowed)]
+        else:
+            caps = allowed
+        chosen = allocate_even(costs, kv, caps, want_heads, whole)
+    return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
 
 
 def _as_positions(pruned, scores: HeadScores):

@@ -33,7 +33,7 @@ def _units(scores: HeadScores, score, gqa: str) -> list:
             raise ValueError(f"score: expected a tensor of shape {tuple(scores.entropy.shape)}, got {tuple(score.shape)}")
         values = score.double()
     elif score == "reconstruction":  # depends on the unit (a head or a KV group)
-        values = reconstruction_score(scores, gqa)
+        values = reconstruction_score(scores, "group" if gqa == "group" else "query")
     else:
         values = scores.score(score)
     units = []

@@ -1,0 +1,117 @@
+"""Even and uniform head layouts: selections whose KV cache never grows, or that a standard
+config can describe.
+
+A site with ``hkv`` KV groups of ``size`` query heads each can lose heads in *even* layouts
+only: ``g`` whole groups go (their KV heads with them) and every other group loses the same
+``t`` query heads, so the groups left stay equal and no KV head is repeated
+(:func:`headprune.prune.slicing.kv_layout` repeats one only when they are not). A site without
+grouped queries is ``hq`` groups of one head, where every count is even. A *uniform*
+selection gives every site the same ``(g, t)``.
+
+Which heads go follows the ranking: each head costs its unit's position in the pruning order
+(:func:`~.units.rank_positions`), and the heads of a layout are those of least total cost
+(the ``g`` groups whose full removal costs least over losing their ``t`` cheapest heads, and
+the ``t`` cheapest of each other group). Across sites, :func:`allocate_even` grows the sites'
+layouts one step at a time, cheapest cost per head first, within the budget and the caps.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["even_layouts", "best_layout", "head_costs", "allocate_even", "allocate_uniform"]
+
+
+def even_layouts(hq: int, hkv: int, whole_groups_only: bool = False) -> dict:
+    """``{heads removed: [(g, t), ...]}``: every even layout of a site, by the heads it removes."""
+    hkv = hkv or hq
+    size = hq // hkv
+    out: dict = {}
+    for g in range(hkv + 1):
+        for t in range(1 if whole_groups_only or g == hkv else size):
+            out.setdefault(g * size + (hkv - g) * t, []).append((g, t))
+    return out
+
+
+def head_costs(ranked: list, num_heads: list) -> list:
+    """Per site, each head's cost: the position of its unit in ``ranked`` (``[(site, heads)]``)."""
+    costs = [[math.inf] * n for n in num_heads]
+    for rank, (site, heads) in enumerate(ranked):
+        for h in heads:
+            costs[site][h] = float(rank)
+    return costs
+
+
+def best_layout(costs: list, hkv: int, g: int, t: int) -> tuple:
+    """``(total cost, sorted heads)``: the cheapest heads of layout ``(g, t)`` at one site."""
+    hq = len(costs)
+    hkv = hkv or hq
+    size = hq // hkv
+    groups = []
+    for k in range(hkv):
+        heads = sorted(range(k * size, (k + 1) * size), key=lambda h: (costs[h], h))
+        part = sum(costs[h] for h in heads[:t])
+        full = sum(costs[h] for h in heads)
+        groups.append((full - part, k, heads, part, full))
+    groups.sort(key=lambda x: (x[0], x[1]))
+    total, chosen = 0.0, []
+    for i, (_, _, heads, part, full) in enumerate(groups):
+        if i < g:
+            total, chosen = total + full, chosen + heads
+        else:
+            total, chosen = total + part, chosen + heads[:t]
+    return total, sorted(chosen)
+
+
+def _options(costs, hkv, whole, cap) -> dict:
+    """``{removed: (cost, heads)}``: the best even layout of each size up to ``cap``."""
+    out = {}
+    for r, layouts in even_layouts(len(costs), hkv, whole).items():
+        if r <= cap:
+            out[r] = min((best_layout(costs, hkv, g, t) for g, t in layouts), key=lambda x: (x[0], x[1]))
+    return out
+
+
+def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False) -> dict:
+    """``{site: heads}``: at most ``want`` heads in even layouts, at most ``caps[site]`` per
+    site, grown one layout step at a time at the least cost per head added."""
+    options = [_options(c, kv, whole_groups_only, cap) for c, kv, cap in zip(costs, kv_heads, caps)]
+    removed = [0] * len(costs)
+    left = want
+    while left > 0:
+        best = None
+        for site, opts in enumerate(options):
+            now = opts[removed[site]][0] if removed[site] else 0.0
+            for r, (cost, _) in opts.items():
+                step = r - removed[site]
+                if 0 < step <= left:
+                    key = ((cost - now) / step, site, r)
+                    if best is None or key < best:
+                        best = key
+        if best is None:
+            break
+        _, site, r = best
+        left -= r - removed[site]
+        removed[site] = r
+    return {site: options[site][r][1] for site, r in enumerate(removed) if r}
+
+
+def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False) -> dict:
+    """``{site: heads}``: the one layout ``(g, t)`` for every site whose total is nearest
+    ``want`` (the fewer heads on a tie), the cheapest heads of it at each site."""
+    shapes = {(len(c), kv or len(c)) for c, kv in zip(costs, kv_heads)}
+    if len(shapes) != 1:
+        raise ValueError(f"uniform: the sites have different head layouts {sorted(shapes)}; a uniform selection "
+                         "needs one (query heads, KV heads) shape in every site")
+    (hq, hkv), = shapes
+    sites = len(costs)
+    candidates = [(r, g, t) for r, layouts in even_layouts(hq, hkv, whole_groups_only).items()
+                  for g, t in layouts if hq - r >= min_heads]
+    if not candidates:
+        raise ValueError(f"uniform: no layout keeps min_heads_per_layer={min_heads} heads per layer")
+
+    def total(g, t):
+        return sum(best_layout(c, kv_heads[i], g, t)[0] for i, c in enumerate(costs))
+
+    r, g, t = min(candidates, key=lambda x: (abs(x[0] * sites - want), x[0], total(x[1], x[2]), x[1]))
+    return {site: best_layout(c, kv_heads[site], g, t)[1] for site, c in enumerate(costs) if r}

@@ -1,0 +1,66 @@
+"""The float type ``headprune prune`` saves (and evaluates) in by default: the checkpoint's own,
+read from its config or, where the config names none (sentence-transformers checkpoints), from
+the weights themselves; never narrower than what was read (the fixtures of test_cli.py)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+
+
+def _checkpoint(tmp_path, tiny_dir, dtype, *, config_names_it: bool):  # noqa: F811
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / f"llama-{dtype}-{config_names_it}"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).to(getattr(torch, dtype)).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    if config_names_it:
+        config["torch_dtype"] = dtype
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_stored_float_type_counts_elements(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from headprune.hf.files import stored_float_type
+
+    save_file({"big": torch.zeros(64, dtype=torch.float16), "small": torch.zeros(8),
+               "ids": torch.zeros(100, dtype=torch.int64)}, tmp_path / "a.safetensors")
+    save_file({"more": torch.zeros(80, dtype=torch.bfloat16)}, tmp_path / "b.safetensors")
+    assert stored_float_type([tmp_path / "a.safetensors"]) == "float16"
+    assert stored_float_type([tmp_path / "a.safetensors", tmp_path / "b.safetensors"]) == "bfloat16"
+    save_file({"ids": torch.zeros(3, dtype=torch.int64)}, tmp_path / "c.safetensors")
+    assert stored_float_type([tmp_path / "c.safetensors"]) is None
+    (tmp_path / "d.safetensors").write_bytes(b"not safetensors")
+    assert stored_float_type([tmp_path / "d.safetensors"]) is None
+
+
+@pytest.mark.parametrize("dtype,config_names_it", [("float32", False), ("float16", False), ("float16", True)])
+def test_prune_saves_in_the_checkpoints_own_type(run, tmp_path, tiny_dir, dtype, config_names_it):  # noqa: F811
+    import torch
+    from safetensors import safe_open
+
+    path = _checkpoint(tmp_path, tiny_dir, dtype, config_names_it=config_names_it)
+    code, err = run(["prune", path, "--count", "1", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["settings"]["saved_dtype"] == dtype
+    kinds = set()
+    for file in (tmp_path / "o" / "model").glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            kinds |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert kinds == {"F32" if dtype == "float32" else "F16"}

@@ -1,0 +1,120 @@
+"""Even and uniform layouts (headprune.ranking.layouts, select_heads(gqa="even"), uniform=True)
+on synthetic scores: the KV cache never grows, uniform selections share one layout, and the
+heads chosen are the ranking's cheapest."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from headprune.prune.slicing import kv_layout
+from headprune.ranking import select_heads
+from headprune.ranking.layouts import best_layout, even_layouts
+
+from test_ranking import make_scores
+
+
+def _kv_after(hq, hkv, removed):
+    keep = [h for h in range(hq) if h not in set(removed)]
+    rows, _ = kv_layout(keep, hq // hkv)
+    return len(rows)
+
+
+def test_even_layouts_of_a_grouped_site():
+    layouts = even_layouts(9, 3)
+    assert sorted(layouts) == [0, 3, 5, 6, 7, 8, 9]
+    assert sorted(layouts[3]) == [(0, 1), (1, 0)]
+    assert sorted(even_layouts(9, 3, whole_groups_only=True)) == [0, 3, 6, 9]
+    assert sorted(even_layouts(4, 4)) == [0, 1, 2, 3, 4]  # no grouping: every count
+
+
+def test_best_layout_is_the_cheapest_by_brute_force():
+    rng = random.Random(0)
+    for _ in range(50):
+        costs = [rng.random() for _ in range(9)]
+        for r, layouts in even_layouts(9, 3).items():
+            got = min(best_layout(costs, 3, g, t) for g, t in layouts)
+            brute = min(sum(costs[h] for h in c) for c in itertools.combinations(range(9), r)
+                        if _kv_after(9, 3, c) <= 3 and _even(c, 9, 3))
+            assert got[0] == pytest.approx(brute)
+            assert len(got[1]) == r and _even(got[1], 9, 3)
+
+
+def _even(removed, hq, hkv):
+    size = hq // hkv
+    kept = [size - sum(1 for h in removed if h // size == k) for k in range(hkv)]
+    return len({k for k in kept if k}) <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), ratio=st.sampled_from([0.1, 0.2, 0.3, 0.5, 0.7]),
+       scope=st.sampled_from(["global", "per_layer"]))
+def test_even_selection_never_grows_the_kv_cache(seed, ratio, scope):
+    g = torch.Generator().manual_seed(seed)
+    s = make_scores(torch.rand(5, 9, generator=g, dtype=torch.float64), kv=[3] * 5)
+    heads = select_heads(s, ratio=ratio, gqa="even", scope=scope, score="entropy", order="high")
+    want = int(ratio * 45 + 1e-9)
+    got = sum(map(len, heads.values()))
+    assert want - 2 <= got <= want  # layouts change a site's count by 1 to 3 heads
+    for site, hs in heads.items():
+        assert _even(hs, 9, 3) and _kv_after(9, 3, hs) <= 3 and len(hs) <= 8
+
+
+def test_even_selection_follows_the_ranking():
+    # site 0's heads 0-2 (one whole group) rank first: they go together, the KV head with them
+    e = [[0.9, 0.95, 0.99, 0.1, 0.2, 0.3, 0.1, 0.2, 0.3], [0.5] * 9]
+    assert select_heads(make_scores(e, kv=[3, 3]), count=3, gqa="even", score="entropy", order="high",
+                        scope="global") == {0: [0, 1, 2]}
+    # one head per group ranks first: the KV heads stay
+    e = [[0.9, 0.1, 0.1, 0.95, 0.1, 0.1, 0.99, 0.1, 0.1], [0.5] * 9]
+    assert select_heads(make_scores(e, kv=[3, 3]), count=3, gqa="even", score="entropy", order="high",
+                        scope="global") == {0: [0, 3, 6]}
+    # without grouping, "even" is "query"
+    e = torch.rand(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for count in range(0, 12):
+        assert (select_heads(make_scores(e), count=count, gqa="even", score="entropy", order="high", scope="global")
+                == select_heads(make_scores(e), count=count, gqa="query", score="entropy", order="high",
+                                scope="global"))
+
+
+@pytest.mark.parametrize("gqa", ["query", "even", "group"])
+def test_uniform_selection_has_one_layout(gqa):
+    g = torch.Generator().manual_seed(3)
+    s = make_scores(torch.rand(6, 9, generator=g, dtype=torch.float64), kv=[3] * 6)
+    for ratio in (0.1, 0.3, 0.5):
+        heads = select_heads(s, ratio=ratio, gqa=gqa, uniform=True, score="entropy", order="high")
+        shapes = set()
+        for site in range(6):
+            hs = heads.get(site, [])
+            kept = tuple(sorted(3 - sum(1 for h in hs if h // 3 == k) for k in range(3)))
+            shapes.add(kept)
+            assert _even(hs, 9, 3)
+            if gqa == "group":
+                assert all(k in (0, 3) for k in kept)
+        assert len(shapes) == 1
+        n = sum(map(len, heads.values()))
+        want = int(ratio * 54 + 1e-9)
+        layouts = [r for r in even_layouts(9, 3, gqa == "group") if r < 9]
+        assert abs(n - want) == min(abs(6 * r - want) for r in layouts)
+
+
+def test_uniform_without_grouping_takes_each_sites_cheapest():
+    e = [[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]]
+    assert select_heads(make_scores(e), count=2, uniform=True, score="entropy", order="high") == {0: [1], 1: [0]}
+    assert select_heads(make_scores(e), count=4, uniform=True, score="entropy", order="high") == {0: [1, 2],
+                                                                                                  1: [0, 2]}
+
+
+def test_uniform_and_even_refusals():
+    s = make_scores([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]])
+    with pytest.raises(ValueError, match="protect_layers: a uniform selection"):
+        select_heads(s, count=2, uniform=True, protect_layers=[0])
+    with pytest.raises(ValueError, match="pruned: iterative pruning is not supported"):
+        select_heads(s, count=2, gqa="even", pruned={0: [1]})
+    with pytest.raises(TypeError, match="uniform: expected a bool"):
+        select_heads(s, count=2, uniform="yes")
+    mixed = make_scores([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]], kv=[2, 4])
+    with pytest.raises(ValueError, match="uniform: the sites have different head layouts"):
+        select_heads(mixed, count=2, uniform=True, score="entropy")
