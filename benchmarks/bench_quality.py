@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
+from headprune.ranking import DEFAULT_GQA  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
@@ -73,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--eval", default="persuasion,python_tutorial", help="evaluation texts (their held-out part)")
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--gqa", default="query")
+    ap.add_argument("--gqa", default=DEFAULT_GQA)
     ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
     ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 64 causal, 256 encoder)")
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")

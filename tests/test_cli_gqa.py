@@ -33,8 +33,9 @@ def test_prune_warns_when_the_kv_cache_grows(run, tmp_path, tiny_dir, gqa):  # n
     if gqa == "query":
         assert after > before and warned == [f"headprune: warning: KV heads grew from {before} to {after}: --gqa "
                                              "query repeats the KV head of a partly pruned group, so the KV cache "
-                                             "grows; --gqa group prunes whole groups and shrinks it, at a higher "
-                                             "quality cost (docs/quality.md)"]
+                                             "grows; --gqa even (the default) keeps every group even and never "
+                                             "grows it, --gqa group prunes whole groups and shrinks it most "
+                                             "(docs/quality.md)"]
     else:
         assert after < before and not warned
 
@@ -64,7 +65,7 @@ def test_prune_gqa_even_never_grows_the_kv_cache(run, tmp_path, tiny_dir):  # no
         report = json.loads((out / "report.json").read_text())
         assert report["after"]["kv_heads"] <= report["before"]["kv_heads"]
         assert not [line for line in err if "KV heads grew" in line]
-        assert "keeping the same number of query heads" in report["recipe"]
+        assert "every KV group kept keeps the same number of query heads" in report["recipe"]
 
 
 def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_path, tiny_dir):  # noqa: F811
@@ -76,11 +77,15 @@ def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_pa
     from headprune.hf import load_pruned
 
     path = _tiny_llama(tmp_path, tiny_dir)
-    code, err = run(["prune", path, "--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+    # 2 layers of 4 query / 2 KV heads: 3 heads asked for, 2 per layer is the nearest layout
+    code, err = run(["prune", path, "--count", "3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
                      "--uniform", "--out", tmp_path / "o"])
     assert code == 0, err
+    assert [line for line in err if "warning: --uniform" in line] == [
+        "headprune: warning: --uniform: the nearest layout removes 4 heads (50.0%), not the 3 requested (37.5%)"]
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["settings"]["uniform"] is True and report["settings"]["removal"] == "refit"
+    assert report["heads_pruned"] == 4 and report["after"]["kv_heads"] <= report["before"]["kv_heads"]
     meta = json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())
     assert meta["plain_loadable"] and len({len(k) for k in meta["kept_heads"]}) == 1
     assert not (tmp_path / "o" / "model" / "README.md").exists()
@@ -93,7 +98,6 @@ def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_pa
 
 @pytest.mark.parametrize("extra,message", [
     (["--uniform", "--steps", "2"], "--steps: iterative pruning is not supported with --uniform"),
-    (["--gqa", "even", "--steps", "2"], "--steps: iterative pruning is not supported with --gqa even"),
     (["--uniform", "--sequential"], "--sequential: re-chooses each layer's heads"),
     (["--uniform", "--protect-layers", "0"], "--protect-layers: a --uniform selection"),
 ])

@@ -22,7 +22,7 @@ def test_one_step_is_one_shot_selection():
     assert heads == select_heads(collect(model, batches, progress=False, moments=True), ratio=0.5)
 
 
-@pytest.mark.parametrize("kw", [dict(ratio=0.5), dict(count=5, scope="global", score="entropy", order="high"),
+@pytest.mark.parametrize("kw", [dict(ratio=0.5), dict(count=5, scope="global", score="entropy", order="high", gqa="query"),
                                 dict(ratio=0.5, scope="per_layer", gqa="group", protect_layers=[])])
 def test_rounds_equal_the_manual_procedure_and_leave_the_model_unchanged(kw):
     model, batches = _setup()

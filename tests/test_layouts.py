@@ -111,8 +111,28 @@ def test_uniform_and_even_refusals():
     s = make_scores([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]])
     with pytest.raises(ValueError, match="protect_layers: a uniform selection"):
         select_heads(s, count=2, uniform=True, protect_layers=[0])
-    with pytest.raises(ValueError, match="pruned: iterative pruning is not supported"):
-        select_heads(s, count=2, gqa="even", pruned={0: [1]})
+    with pytest.raises(ValueError, match="pruned: iterative pruning is not supported with uniform"):
+        select_heads(s, count=2, uniform=True, pruned={0: [1]})
+    grouped = make_scores(torch.rand(2, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                          kv=[3, 3])
+    with pytest.raises(ValueError, match=r"pruned: layer 0 heads \[0, 1\] are not an even layout"):
+        select_heads(grouped, count=6, gqa="even", pruned={0: [0, 1]}, score="entropy")
+    with pytest.raises(ValueError, match="pruned: 6 heads are already pruned, more than the 3 requested"):
+        select_heads(grouped, count=3, gqa="even", pruned={0: [0, 1, 2, 3, 4, 5]}, score="entropy")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_even_selection_grows_from_earlier_rounds(seed):
+    g = torch.Generator().manual_seed(seed)
+    s = make_scores(torch.rand(4, 9, generator=g, dtype=torch.float64), kv=[3] * 4)
+    kw = dict(gqa="even", score="entropy", order="high", scope="per_layer")
+    first = select_heads(s, count=6, **kw)
+    # the second round ranks differently (re-collected statistics): the first round's heads stay
+    s2 = make_scores(torch.rand(4, 9, generator=g, dtype=torch.float64), kv=[3] * 4)
+    second = select_heads(s2, count=18, pruned=first, **kw)
+    assert all(set(hs) <= set(second.get(site, [])) for site, hs in first.items())
+    assert 16 <= sum(map(len, second.values())) <= 18
+    assert all(_even(hs, 9, 3) for hs in second.values())
     with pytest.raises(TypeError, match="uniform: expected a bool"):
         select_heads(s, count=2, uniform="yes")
     mixed = make_scores([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]], kv=[2, 4])

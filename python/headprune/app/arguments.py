@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..ranking import DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES, SCORES
+from ..ranking import DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES, SCORES
 from ..stats.moments import DEFAULT_DAMPING
 from .load import BUNDLED_MODELS, DTYPES
 from .sweep import RANDOM_SCOPES
@@ -158,11 +158,11 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", choices=SCOPES, default=None,
                    help="spread the budget evenly over the layers (per_layer) or rank the whole model (global); "
                         "default per_layer")
-    g.add_argument("--gqa", choices=GQA_MODES, default="query",
-                   help="grouped-query models: prune query heads (query; a partly pruned KV group repeats its KV "
-                        "head, so the KV cache can grow), query heads in layouts where every KV group kept keeps "
-                        "the same number of them, so the KV cache never grows (even), or whole KV groups, which "
-                        "shrinks it (group); default query")
+    g.add_argument("--gqa", choices=GQA_MODES, default=DEFAULT_GQA,
+                   help="grouped-query models: prune query heads in layouts where every KV group kept keeps the "
+                        "same number of them, so the KV cache never grows (even), query heads freely (query; a "
+                        "partly pruned KV group repeats its KV head, so the KV cache can grow), or whole KV "
+                        f"groups, which shrinks it most (group); default {DEFAULT_GQA}")
     g.add_argument("--uniform", action="store_true",
                    help="the same head layout in every layer (the count nearest the request), so the saved "
                         "directory has a standard config that plain from_pretrained loads where the family's "
@@ -220,8 +220,9 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-scope", choices=list(RANDOM_SCOPES), default="per_layer",
                    help="random baseline: " + "; ".join(f"{k}: heads {v}" for k, v in RANDOM_SCOPES.items())
                         + " (default per_layer)")
-    g.add_argument("--gqa", choices=GQA_MODES, default="query",
-                   help="grouped-query models: units are query heads or whole KV groups (default query)")
+    g.add_argument("--gqa", choices=GQA_MODES, default=DEFAULT_GQA,
+                   help="grouped-query models: query heads in even layouts (the KV cache never grows), query heads "
+                        f"freely, or whole KV groups (default {DEFAULT_GQA})")
     g.add_argument("--eval-paragraphs", type=positive, default=None,
                    help="held-out paragraphs for the fidelity of encoders (default: all)")
 

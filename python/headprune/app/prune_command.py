@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..ranking import select_heads
+from ..ranking import DEFAULT_GQA, select_heads
 from . import commands as C
 from . import evaluate as E
 from . import plots
@@ -48,8 +48,10 @@ def prune(args) -> int:
 
     recipe = describe_recipe(kw, removal, args.sequential, args.damping,
                              default=default_for(scores) if kw.get("score") is None else None,
-                             causal=is_causal(scores))
+                             causal=is_causal(scores),
+                             grouped=any(k and q // k > 1 for q, k in zip(scores.num_heads, scores.num_kv_heads)))
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
+    _warn_if_layout_rounded(args, n, total)
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
@@ -96,16 +98,15 @@ def _recover(args, stage, model, teacher, batches):
 
 
 def _check_layout_options(args) -> None:
-    """--uniform and --gqa even choose whole layouts in one round: refused with the options
-    that would change them afterwards (before anything slow runs)."""
-    what = "--uniform" if getattr(args, "uniform", False) else "--gqa even" if args.gqa == "even" else None
-    if what is None:
+    """--uniform chooses one layout for every layer in one round: refused with the options
+    that would change it afterwards (before anything slow runs)."""
+    if not getattr(args, "uniform", False):
         return
     if args.steps != 1:
-        raise ValueError(f"--steps: iterative pruning is not supported with {what}; use --steps 1")
-    if args.uniform and args.sequential:
+        raise ValueError("--steps: iterative pruning is not supported with --uniform; use --steps 1")
+    if args.sequential:
         raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
-    if args.uniform and args.protect_layers:
+    if args.protect_layers:
         raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
 
 
@@ -177,16 +178,28 @@ def _selection_values(scores, settings: dict):
         return None
     recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), ())
     if recipe.score == "reconstruction":
-        return reconstruction_score(scores, settings.get("gqa", "query"))
+        return reconstruction_score(scores, settings.get("gqa", DEFAULT_GQA))
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
+
+
+def _warn_if_layout_rounded(args, n: int, total: int) -> None:
+    """--uniform and --gqa even round the request to whole layouts: say so when they did."""
+    what = "--uniform" if getattr(args, "uniform", False) else "--gqa even" if args.gqa == "even" else None
+    if what is None or args.gqa == "group":
+        return
+    want = int(args.ratio * total + 1e-9) if args.ratio is not None else args.count
+    if n != want:
+        C._warn(f"{what}: the nearest layout removes {n} heads ({n / total:.1%}), not the {want} requested "
+                f"({want / total:.1%})")
 
 
 def _warn_if_kv_grew(report: dict) -> None:
     kv = (report["before"].get("kv_heads"), report["after"].get("kv_heads"))
     if None not in kv and kv[1] > kv[0]:
         print(f"headprune: warning: KV heads grew from {kv[0]} to {kv[1]}: --gqa query repeats the KV head of a "
-              "partly pruned group, so the KV cache grows; --gqa group prunes whole groups and shrinks it, at a "
-              "higher quality cost (docs/quality.md)", file=sys.stderr)
+              "partly pruned group, so the KV cache grows; --gqa even (the default) keeps every group even and "
+              "never grows it, --gqa group prunes whole groups and shrinks it most (docs/quality.md)",
+              file=sys.stderr)
 
 
 def _selection_label(scores, settings: dict) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..ranking import DEFAULT_RECIPE, natural_order
+from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, natural_order
 
 #: what each score is, in words
 SCORE_WORDS = {
@@ -23,12 +23,13 @@ REMOVAL_WORDS = {
 
 
 def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None,
-                    causal=None) -> str:
+                    causal=None, grouped=None) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
     ``protect_layers``, ``gqa``, ``uniform``, ...; absent ones take ``default``'s, the recipe
     the statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
     :data:`DEFAULT_RECIPE`). ``causal``: whether the model has a causal stack (``False``:
-    the default protection, which keeps causal stacks' first layers, is not mentioned)."""
+    the default protection, which keeps causal stacks' first layers, is not mentioned);
+    ``grouped``: whether it has grouped queries (``False``: KV-group layouts are not mentioned)."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
@@ -40,13 +41,13 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     else:
         what = f"{SCORE_WORDS.get(score, str(score))}, {'lowest' if order == 'low' else 'highest'} first"
     where = "within each layer" if scope == "per_layer" else "over the whole model"
-    units = "whole KV groups" if select.get("gqa") == "group" else "query heads"
+    units = "whole KV groups" if select.get("gqa") == "group" and grouped is not False else "query heads"
     parts = [f"{units} ranked by {what}, {where}"]
     if select.get("uniform"):
         parts.append("the same layout in every layer")
-    elif select.get("gqa") == "even":
-        parts.append("every KV group a layer keeps keeping the same number of query heads (the KV cache never "
-                     "grows)")
+    elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:
+        parts.append("removed in layouts where every KV group kept keeps the same number of query heads (the KV "
+                     "cache never grows)")
     protect = select.get("protect_layers")
     if protect:
         parts.append(f"layers {', '.join(map(str, protect))} kept whole")

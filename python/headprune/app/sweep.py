@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from ..ranking import select_heads
+from ..ranking import DEFAULT_GQA, select_heads
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
 
@@ -37,6 +37,9 @@ RECIPES = {
                                              "removal": "zero"},
     "output variance, per layer, mean compensation": {"score": "variance", "order": "low", "scope": "per_layer",
                                                       "removal": "mean"},
+    "default, even KV groups": {"gqa": "even"},
+    "default, whole KV groups": {"gqa": "group"},
+    "default, uniform layout": {"uniform": True},
 }
 
 
@@ -50,7 +53,7 @@ class SweepConfig:
     ratios: list
     seeds: int = 3
     random_scope: str = "per_layer"
-    gqa: str = "query"
+    gqa: str = DEFAULT_GQA
     removal: str = "refit"
     damping: float = DEFAULT_DAMPING
     eval_windows: int = 48
@@ -146,15 +149,16 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
             with mask_heads(point.loaded.model, pruned, **removal_kwargs(removal, stats, config.damping)):
                 stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,
                                 moments=stats.moments is not None)
-    heads = select_heads(stats, ratio=ratio, gqa=config.gqa, pruned=pruned, **kw)
+    gqa = kw.pop("gqa", config.gqa)
+    heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
     if iterative:
         state[name] = (heads, stats)
     if sequential:
         from ..hf.sequential import calibrate_sequentially
 
-        unit = _unit_size(stats, config.gqa)
+        unit = _unit_size(stats, gqa)
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
-        heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=config.gqa,
+        heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
     return heads, point(heads, stats, removal)
 

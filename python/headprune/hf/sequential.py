@@ -43,7 +43,7 @@ class _Stop(Exception):
     """Ends a forward early (the stub pass, the projection-input pass)."""
 
 
-def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "query",
+def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "even",
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
                            progress: bool = False) -> tuple:
     """``(heads, scores)``: the heads removed per site and ``scores`` (of the unpruned model)

@@ -63,21 +63,40 @@ def best_layout(costs: list, hkv: int, g: int, t: int) -> tuple:
     return total, sorted(chosen)
 
 
-def _options(costs, hkv, whole, cap) -> dict:
-    """``{removed: (cost, heads)}``: the best even layout of each size up to ``cap``."""
+#: the cost given to heads already removed (iterative pruning): every layout keeps them removed
+_FORCED = -1e12
+
+
+def _options(costs, hkv, whole, cap, forced=()) -> dict:
+    """``{removed: (cost, heads)}``: the best even layout of each size up to ``cap`` that
+    removes every head of ``forced``."""
+    forced = set(forced)
+    costs = [_FORCED if h in forced else c for h, c in enumerate(costs)]
     out = {}
     for r, layouts in even_layouts(len(costs), hkv, whole).items():
-        if r <= cap:
-            out[r] = min((best_layout(costs, hkv, g, t) for g, t in layouts), key=lambda x: (x[0], x[1]))
+        if len(forced) <= r <= max(cap, len(forced)):
+            best = min((best_layout(costs, hkv, g, t) for g, t in layouts), key=lambda x: (x[0], x[1]))
+            if forced <= set(best[1]):
+                out[r] = best
     return out
 
 
-def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False) -> dict:
+def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False,
+                  forced: dict | None = None) -> dict:
     """``{site: heads}``: at most ``want`` heads in even layouts, at most ``caps[site]`` per
-    site, grown one layout step at a time at the least cost per head added."""
-    options = [_options(c, kv, whole_groups_only, cap) for c, kv, cap in zip(costs, kv_heads, caps)]
-    removed = [0] * len(costs)
-    left = want
+    site, grown one layout step at a time at the least cost per head added, from ``forced``
+    (``{site: heads already removed}``, an even layout each)."""
+    forced = forced or {}
+    options = [_options(c, kv, whole_groups_only, cap, forced.get(i, ()))
+               for i, (c, kv, cap) in enumerate(zip(costs, kv_heads, caps))]
+    removed = [len(forced.get(i, ())) for i in range(len(costs))]
+    for i, r in enumerate(removed):
+        if r and r not in options[i]:
+            raise ValueError(f"pruned: layer {i} heads {sorted(forced[i])} are not an even layout (every KV group "
+                             "kept keeping the same number of query heads)")
+    left = want - sum(removed)
+    if left < 0:
+        raise ValueError(f"pruned: {sum(removed)} heads are already pruned, more than the {want} requested")
     while left > 0:
         best = None
         for site, opts in enumerate(options):

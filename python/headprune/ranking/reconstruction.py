@@ -90,6 +90,7 @@ def reconstruction_score(scores: HeadScores, gqa: str = "query", damping: float 
     across sites. Needs the second moments (``collect(..., moments=True)``)."""
     if scores.moments is None or scores.moments.projection is None:
         raise ValueError("score: 'reconstruction' needs second moments; collect the scores with moments=True")
+    gqa = "group" if gqa == "group" else "query"  # "even" layouts remove query heads one by one
     cache = scores.moments.__dict__.setdefault("_scores", {})
     key = (gqa, float(damping), tuple(scores.num_heads))
     if key not in cache:

@@ -13,7 +13,7 @@ import operator
 from typing import Iterable, Optional
 
 from ..stats.scores import HeadScores
-from .recipes import DEFAULT_RECIPE, SCOPES, resolve_recipe
+from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
 from .layouts import allocate_even, allocate_uniform, even_layouts, head_costs
 from .units import rank_positions
 
@@ -28,7 +28,7 @@ def select_heads(
     scope: str = DEFAULT_RECIPE["scope"],
     min_heads_per_layer: int = 1,
     protect_layers: Optional[Iterable] = None,
-    gqa: str = "query",
+    gqa: str = DEFAULT_GQA,
     score=None,
     order: Optional[str] = None,
     seed: int = 0,
@@ -79,12 +79,14 @@ def select_heads(
     if uniform and protect_layers:
         raise ValueError("protect_layers: a uniform selection prunes every layer alike; pass uniform=False to "
                          "protect layers")
-    if (uniform or gqa == "even") and pruned:
-        raise ValueError("pruned: iterative pruning is not supported with gqa='even' or uniform=True")
+    if uniform and pruned:
+        raise ValueError("pruned: iterative pruning is not supported with uniform=True")
     recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
-    if uniform or gqa == "even":
-        return _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads_per_layer, uniform)
+    grouped = any(hkv and hq // hkv > 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+    if uniform or (gqa == "even" and grouped):  # without grouped queries every layout is even
+        return _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads_per_layer, uniform,
+                            _even_forced(pruned, scores))
     protect = _check_layers(recipe.protect_layers, scores.num_sites)
     units = [0] * scores.num_sites
     for layer, _ in ranked:
@@ -107,7 +109,12 @@ def select_heads(
     return {site: sorted(scores.ids(site, hs)) for site, hs in chosen.items()}
 
 
-def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, uniform) -> dict:
+def _even_forced(pruned, scores: HeadScores) -> dict:
+    """``pruned`` (original head indices) as ``{site: {positions}}``, checked."""
+    return _pruned_sets(_as_positions(pruned, scores), scores)
+
+
+def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, uniform, forced) -> dict:
     """:func:`select_heads` for even or uniform layouts (see :mod:`.layouts`), in heads."""
     costs = head_costs(ranked, scores.num_heads)
     kv = list(scores.num_kv_heads)
@@ -122,15 +129,27 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
     else:
         protect = _check_layers(recipe.protect_layers, scores.num_sites)
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(scores.num_heads)]
-        if scope == "per_layer":  # each site's share, rounded up to the next layout it has
+        if scope == "per_layer":  # each site's share, rounded to the layouts it has (see _even_cap)
             _, ceils = site_caps(list(scores.num_heads), protect, min_heads, want_heads, scope)
-            caps = [min([r for r in even_layouts(n, k, whole) if r >= c] or [a]) for n, k, c, a in
-                    zip(scores.num_heads, kv, ceils, allowed)]
-            caps = [min(c, a) for c, a in zip(caps, allowed)]
+            caps = [min(_even_cap(sorted(even_layouts(n, k, whole)), c) if k and n // k > 1 else c, a) if c else 0
+                    for n, k, c, a in zip(scores.num_heads, kv, ceils, allowed)]
         else:
             caps = allowed
-        chosen = allocate_even(costs, kv, caps, want_heads, whole)
+        if any(i in protect for i in forced):
+            raise ValueError(f"pruned: layers {sorted(i for i in forced if i in protect)} are in protect_layers")
+        chosen = allocate_even(costs, kv, caps, want_heads, whole, forced)
     return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
+
+
+def _even_cap(sizes: list, ceil: int) -> int:
+    """The most heads a site may give under ``per_layer`` scope with even layouts of
+    ``sizes``: the largest size within one head of its share's ceiling, and at least the
+    first size that reaches it (9 query heads in 3 groups give 3, 5, 6, ... heads: a share of
+    4.7 may give 6, so that sites mixing 3 and 6 average it; capped at the next size up, 5,
+    every site had to lose a whole group, which measured far worse on SmolLM2-135M)."""
+    within = [r for r in sizes if r <= ceil + 1]
+    reach = [r for r in sizes if r >= ceil]
+    return max(max(within, default=0), min(reach, default=0))
 
 
 def _as_positions(pruned, scores: HeadScores):
@@ -225,6 +244,19 @@ def _forced(ranked: list, pruned: Optional[dict], scores: HeadScores) -> list:
     """The units of ``pruned`` (whole units only), in ranking order."""
     if pruned is None:
         return []
+    want = _pruned_sets(pruned, scores)
+    out = [(layer, heads) for layer, heads in ranked if set(heads) <= want.get(layer, set())]
+    covered = {(layer, h) for layer, heads in out for h in heads}
+    partial_ = sorted((layer, h) for layer, hs in want.items() for h in hs if (layer, h) not in covered)
+    if partial_:
+        raise ValueError(f"pruned: heads {partial_} do not form whole units for gqa mode (a KV group is pruned whole)")
+    return out
+
+
+def _pruned_sets(pruned: Optional[dict], scores: HeadScores) -> dict:
+    """``{layer: {heads}}`` of ``pruned`` (positions), every index checked; empty layers left out."""
+    if pruned is None:
+        return {}
     if not isinstance(pruned, dict):
         raise TypeError(f"pruned: expected a dict {{layer: [heads]}}, got {type(pruned).__name__}")
     want = {}
@@ -238,9 +270,4 @@ def _forced(ranked: list, pruned: Optional[dict], scores: HeadScores) -> list:
             raise ValueError(f"pruned: heads {bad} out of range for layer {layer} ({scores.num_heads[layer]} heads)")
         if hs:
             want[layer] = hs
-    out = [(layer, heads) for layer, heads in ranked if set(heads) <= want.get(layer, set())]
-    covered = {(layer, h) for layer, heads in out for h in heads}
-    partial_ = sorted((layer, h) for layer, hs in want.items() for h in hs if (layer, h) not in covered)
-    if partial_:
-        raise ValueError(f"pruned: heads {partial_} do not form whole units for gqa mode (a KV group is pruned whole)")
-    return out
+    return want

@@ -1,0 +1,129 @@
+"""Head layouts against the KV cache and the quality they cost: query heads freely (KV heads
+repeated for partly pruned groups), even layouts (``--gqa even``: the KV cache never grows),
+whole KV groups, and one uniform layout for every layer (``--uniform``), all with the default
+ranking and the least-squares refit, through headprune's own pipeline.
+
+    python benchmarks/bench_layouts.py [--models smollm2,minilm] [--ratios 0.1,0.3,0.5]
+        [--calib persuasion] [--eval persuasion,python_tutorial] [--out layouts.json]
+
+For each layout and ratio: the heads removed, the KV heads left and the KV-cache bytes per
+token (float32 keys and values, every layer; layouts "even" and "group" only for models with
+grouped queries, where they differ from "query"), and the quality on the held-out text of each
+evaluation text (perplexity for SmolLM2, embedding fidelity for MiniLM), masked with the
+refit as bench_quality measures it. Every uniform selection is then pruned physically, saved,
+and loaded with plain ``AutoModel*.from_pretrained`` where the family's config allows, and the
+plain model's quality is measured on the same text: ``plain_equal`` says whether it is the
+same number, bit for bit, as the physically pruned model's (``pruned_quality``; the masked
+``quality`` differs from it by float rounding). Writes benchmarks/results/<out>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_results  # noqa: E402
+from bench_quality import calibration  # noqa: E402
+
+from headprune.app import sweep as S  # noqa: E402
+from headprune.app import texts  # noqa: E402
+from headprune.app.evaluate import quality  # noqa: E402
+from headprune.app.load import load_model  # noqa: E402
+from headprune.hf import collect, prune_heads, save_pruned  # noqa: E402
+from headprune.prune.slicing import kv_layout  # noqa: E402
+from headprune.ranking import select_heads  # noqa: E402
+
+LAYOUTS = {"query": {"gqa": "query"}, "even": {"gqa": "even"}, "group": {"gqa": "group"},
+           "uniform": {"uniform": True}}
+
+
+def kv_heads(scores, heads: dict) -> int:
+    """KV heads left after pruning ``heads`` (repeated KV heads counted: they are cached)."""
+    total = 0
+    for i in range(scores.num_sites):
+        hq, hkv = scores.num_heads[i], scores.num_kv_heads[i]
+        keep = [h for h in range(hq) if h not in set(heads.get(i, []))]
+        total += len(kv_layout(keep, hq // hkv)[0]) if keep else 0
+    return total
+
+
+def plain_quality(loaded, heads, scores, point, damping: float) -> tuple:
+    """The uniform selection pruned physically (as ``headprune prune`` saves it), saved and
+    reloaded with plain from_pretrained: ``(pruned quality, plain quality)``, the second
+    ``None`` where the saved directory is not plain-loadable."""
+    import transformers
+
+    def measure(model):
+        return quality(dataclasses.replace(loaded, model=model), point.held, point.reference,
+                       eval_windows=point.config.eval_windows, metric_only=True)[point.metric]
+
+    model = copy.deepcopy(loaded.model)
+    prune_heads(model, heads, reconstruct=scores, damping=damping)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pruned(model, tmp)
+        meta = json.loads((Path(tmp) / "headprune.json").read_text())
+        if not meta["plain_loadable"]:
+            return measure(model), None
+        cls = transformers.AutoModelForCausalLM if loaded.kind == "causal" else transformers.AutoModel
+        plain = cls.from_pretrained(tmp, attn_implementation="sdpa").eval()
+    return measure(model), measure(plain)
+
+
+def run(name: str, args) -> dict:
+    loaded = load_model(name)
+    batches, settings = calibration(loaded, args.calib, None)
+    scores = collect(loaded.model, batches, progress=False, moments=True)
+    rows = []
+    grouped = any(hkv and hq // hkv > 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+    bytes_per_kv_head = 2 * scores.head_dim[0] * 4  # a key and a value row, float32
+    for text in args.eval.split(","):
+        _, held = texts.split(texts.load_paragraphs(text))
+        point = S._Evaluator(S.SweepConfig(model=name, ratios=args.ratios, eval_windows=args.eval_windows,
+                                           damping=args.damping), loaded, held)
+        rows.append({"evaluated_on": text, "layout": "unpruned", "ratio": 0.0, "heads_pruned": 0,
+                     "kv_heads": sum(scores.num_kv_heads), "quality": point.baseline_value})
+        for ratio in args.ratios:
+            for layout, kw in LAYOUTS.items():
+                if not grouped and layout in ("even", "group"):  # the same as "query" without grouped queries
+                    continue
+                t0 = time.perf_counter()
+                heads = select_heads(scores, ratio=ratio, **kw)
+                row = {"evaluated_on": text, "layout": layout, "ratio": ratio,
+                       "heads_pruned": sum(map(len, heads.values())), "kv_heads": kv_heads(scores, heads),
+                       "quality": point(heads, scores, "refit")}
+                if layout == "uniform":
+                    pruned, plain = plain_quality(loaded, heads, scores, point, args.damping)
+                    row.update(pruned_quality=pruned, plain_loadable=plain is not None, plain_quality=plain,
+                               plain_equal=plain == pruned if plain is not None else None)
+                row["kv_bytes_per_token"] = row["kv_heads"] * bytes_per_kv_head
+                row["seconds"] = round(time.perf_counter() - t0, 1)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return {"model": name, "kind": loaded.kind, "metric": "perplexity" if loaded.kind == "causal" else "fidelity",
+            "calibration": settings, "heads_total": sum(scores.num_heads), "eval_windows": args.eval_windows,
+            "rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,minilm")
+    ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5])
+    ap.add_argument("--calib", default="persuasion")
+    ap.add_argument("--eval", default="persuasion,python_tutorial")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--out", default="layouts.json")
+    args = ap.parse_args(argv)
+    results = [run(m, args) for m in args.models.split(",")]
+    write_results(args.out, {"results": results})
+
+
+if __name__ == "__main__":
+    main()
