@@ -65,6 +65,8 @@ def test_even_units_keep_the_groups_equal(monkeypatch):
     for (gqa, count), heads in want.items():
         got, _ = calibrate_sequentially(model, batches, scores, {0: count, 1: count}, gqa=gqa)
         assert got == {0: heads, 1: heads}
+    with pytest.raises(ValueError, match=r"counts: site 0: no even layout of 6 query heads in 2 KV groups removes 1"):
+        calibrate_sequentially(model, batches, scores, {0: 1}, gqa="even")
 
 
 def test_encoder_decoders_are_refused():

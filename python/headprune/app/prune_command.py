@@ -44,12 +44,7 @@ def prune(args) -> int:
         heads, last = _select(args, loaded, batches, scores, kw, removal)
     if not C._is_writer():
         return 0
-    from ..ranking.recipes import default_for, is_causal
-
-    recipe = describe_recipe(kw, removal, args.sequential, args.damping,
-                             default=default_for(scores) if kw.get("score") is None else None,
-                             causal=is_causal(scores),
-                             grouped=any(k and q // k > 1 for q, k in zip(scores.num_heads, scores.num_kv_heads)))
+    recipe = _recipe(args, kw, removal, scores)
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
     _warn_if_layout_rounded(args, n, total)
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
@@ -95,6 +90,15 @@ def _recover(args, stage, model, teacher, batches):
         return None
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
         return recover_stage(args, model, teacher, batches, steps=args.recover_steps, lr=args.recover_lr)
+
+
+def _recipe(args, kw: dict, removal: str, scores) -> str:
+    """The recipe that ran, in words (for the console and the reports)."""
+    from ..ranking.recipes import default_for, is_causal
+
+    return describe_recipe(kw, removal, args.sequential, args.damping,
+                           default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
+                           grouped=any(k and q // k > 1 for q, k in zip(scores.num_heads, scores.num_kv_heads)))
 
 
 def _check_layout_options(args) -> None:

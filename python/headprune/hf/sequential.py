@@ -43,7 +43,7 @@ class _Stop(Exception):
     """Ends a forward early (the stub pass, the projection-input pass)."""
 
 
-def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "even",
+def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "query",
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
                            progress: bool = False) -> tuple:
     """``(heads, scores)``: the heads removed per site and ``scores`` (of the unpruned model)
@@ -150,8 +150,12 @@ def _obs_heads(gram, site, adapter, hq, hkv, d, count, gqa, damping) -> list:
     units = site_units(hq, hkv, d, gqa)
     order, _, _ = greedy_removal(gram, proj, units, damping=damping)
     if gqa == "even":  # the cheapest even layout of this size, heads costing their greedy rank
+        layouts = even_layouts(hq, hkv)
+        if count not in layouts:
+            raise ValueError(f"counts: site {site.name}: no even layout of {hq} query heads in {hkv} KV groups "
+                             f"removes {count}; it removes one of {sorted(layouts)} (or pass gqa='query')")
         costs = head_costs([(0, [col // d for col in units[u][::d]]) for u in order], [hq])[0]
-        return min(best_layout(costs, hkv, g, t) for g, t in even_layouts(hq, hkv)[count])[1]
+        return min(best_layout(costs, hkv, g, t) for g, t in layouts[count])[1]
     return sorted({col // d for u in order[:count] for col in units[u]})
 
 
