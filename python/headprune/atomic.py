@@ -42,7 +42,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Optional
 
-__all__ = ["Staged", "check_target", "write_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
+__all__ = ["Staged", "check_target", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
 
 #: the marker file inside each staging directory: JSON ``{"owner": token, "target": path}``
 MARKER = ".headprune-owner"
@@ -243,6 +243,24 @@ def write_file(path, data, *, fsync: bool = True) -> None:
         except OSError:
             pass
         raise
+
+
+def temp_sibling(path) -> str:
+    """A temporary name beside ``path`` for a writer that cannot take a file object (write
+    there, then :func:`commit_file`); :func:`remove_leftovers` knows it."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.dirname(path), _temp_name(os.path.basename(path)))
+
+
+def commit_file(tmp, path) -> None:
+    """Flush the complete file ``tmp`` (from :func:`temp_sibling`) to disk and let it replace
+    ``path`` in one step."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 class Staged:

@@ -103,6 +103,10 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     if gguf is None:
         return _load_hf_dir(path, device, torch_dtype, accept)
     config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
+    from ..hf.gguf_export import gguf_attention_bias
+
+    if gguf_attention_bias(path / gguf):  # written by headprune with a refit's output biases
+        config.attention_bias = True
     kind = _kind(config)
     _refuse_kind(kind, accept, path / gguf)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel

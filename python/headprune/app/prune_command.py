@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -58,29 +59,68 @@ def prune(args) -> int:
         how = removal_kwargs(removal, last, args.damping)
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
     recovered = _recover(args, stage, loaded.model, reference, batches)
-    saved_as = _save_dtype(args, loaded)
+    gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
+    try:
+        saved_as = _save_dtype(args, loaded)
+        report = _evaluate(args, stage, loaded, held, before_q, reference, {
+            "model": args.model, "recipe": recipe, "pruned_heads": {str(k): v for k, v in heads.items()},
+            "heads_pruned": n, "heads_total": total, "before": {**C._public(before_q), **sizes_before},
+            "recover": recovered})
+        del reference
+        settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
+                         "removal": removal, "damping": args.damping, "sequential": args.sequential,
+                         "saved_dtype": saved_as, "recover_steps": args.recover_steps,
+                         **({"recover_lr": args.recover_lr} if args.recover_steps else {}), **kw})
+        report["settings"] = settings
+        _warn_if_kv_grew(report)
+        with stage("saving the model and the report", "save"):
+            _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned, gguf)
+    finally:
+        if gguf is not None and os.path.lexists(gguf):
+            os.unlink(gguf)
+    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png"
+          f"{', model.gguf' if gguf else ''})\n")
+    print(summary_table(report, metric))
+    return 0
+
+
+def _evaluate(args, stage, loaded, held, before_q, reference, report: dict) -> dict:
+    """The pruned model's quality (and speed against ``reference``) into ``report``."""
+    from ..hf import measure
+
     with stage("evaluating the pruned model on held-out text", "evaluate_after"):
         after_q = C.quality(args, loaded, held, reference=before_q)
     speed = None
     if args.speed:
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
             speed = E.compare_speed(reference, loaded.model)
-    del reference
-    settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
-                     "removal": removal, "damping": args.damping, "sequential": args.sequential,
-                     "saved_dtype": saved_as, "recover_steps": args.recover_steps,
-                     **({"recover_lr": args.recover_lr} if args.recover_steps else {}), **kw})
-    report = {"model": args.model, "recipe": recipe, "settings": settings,
-              "pruned_heads": {str(k): v for k, v in heads.items()}, "heads_pruned": n, "heads_total": total,
-              "before": {**C._public(before_q), **sizes_before},
-              "after": {**C._public(after_q), **measure(loaded.model)},
-              "speed": speed, "recover": recovered, "seconds": stage.seconds}
-    _warn_if_kv_grew(report)
-    with stage("saving the model and the report", "save"):
-        _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned)
-    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png)\n")
-    print(summary_table(report, metric))
-    return 0
+    report.update({"after": {**C._public(after_q), **measure(loaded.model)}, "speed": speed,
+                   "seconds": stage.seconds})
+    return report
+
+
+def _export_gguf(args, stage, loaded):
+    """A GGUF input pruned to a uniform layout is also written as GGUF (see
+    :mod:`headprune.hf.gguf_export`): to a temporary file beside ``--out``, moved into the
+    output with the rest; ``None`` (and a note why) when none is written."""
+    if loaded.checkpoint_dtype != "gguf":
+        return None
+    from .. import atomic
+    from ..hf.gguf_export import export_gguf
+
+    source = Path(loaded.source)
+    tmp = atomic.temp_sibling(C._out(args, "prune").absolute().parent / "model.gguf")
+    try:
+        with stage("writing the GGUF (attention in the input's quantisation)", "gguf"):
+            export_gguf(loaded.model, tmp, source=source)
+    except ValueError as e:
+        C._warn(f"no model.gguf written: {e}")
+        return None
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
 
 
 def _recover(args, stage, model, teacher, batches):
@@ -157,8 +197,11 @@ def _save_dtype(args, loaded) -> str:
     return name
 
 
-def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned) -> None:
+def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned, gguf=None) -> None:
     with C.output_dir(out, args.force, C._stages(args)) as tmp:
+        if gguf is not None:
+            os.replace(gguf, tmp / "model.gguf")
+            report["gguf"] = "model.gguf"
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
         report["input_bytes"] = loaded.input_bytes

@@ -1,0 +1,212 @@
+"""Pruned Llama-family models as GGUF files for llama.cpp.
+
+llama.cpp's ``llama`` architecture reads one query and one KV head count for every layer
+(its loader sizes each layer's tensors from layer 0's counts), so only a uniform layout
+(``select_heads(..., uniform=True)``, ``--uniform``) can be written; an uneven one is refused
+with that reason. The output-projection bias of the least-squares refit is kept: the
+architecture has optional attention biases, written as ``attn_output.bias`` with zero
+``attn_q/k/v.bias`` (transformers' GGUF loader then builds the model with
+``attention_bias``, see :func:`gguf_attention_bias`).
+
+With the GGUF the model was read from (``source``), every field and every tensor other than
+the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and
+embeddings); the attention projections are written from the pruned model, in the source
+tensor's quantisation where the ``gguf`` package can write it (kept q/k/v rows of a Q4_1 or
+Q8_0 tensor re-quantise to exactly their original blocks; the refit output projection
+carries the quantisation's error), else in float16. Without a source, every tensor is
+written from the model in float32 or float16, with the architecture's fields and no
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import atomic
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+
+__all__ = ["export_gguf", "gguf_attention_bias"]
+
+#: families written as llama.cpp's ``llama`` architecture
+ARCHITECTURES = {"llama": "llama"}
+FLOAT_TYPES = ("float32", "float16")
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's rotary embedding expects for q and k (convert_hf_to_gguf's
+    ``LlamaModel.permute``): each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _layout(model, adapter, sites) -> tuple:
+    layouts = {head_counts(s, adapter) for s in sites}
+    if len(layouts) != 1:
+        raise ValueError(f"model: llama.cpp's llama architecture reads one head count for every layer, and this "
+                         f"model's layers keep {sorted(layouts)} (query, KV) heads; prune it with uniform=True "
+                         "(--uniform) to write a GGUF")
+    (hq, hkv), = layouts
+    if hq == 0:
+        raise ValueError("model: a layer without heads cannot be written as GGUF")
+    return hq, hkv
+
+
+def _metadata(config, hq: int, hkv: int, d: int) -> dict:
+    """The architecture's fields for a model without a source GGUF (``llama.*``)."""
+    return {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
+            "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
+            "attention.head_count": hq, "attention.head_count_kv": hkv, "attention.key_length": d,
+            "attention.value_length": d, "rope.dimension_count": d, "vocab_size": config.vocab_size,
+            "rope.freq_base": float(getattr(config, "rope_theta", None)
+                                    or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+            "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps)}
+
+
+def export_gguf(model, path, *, source=None, dtype: str = "auto", overwrite: bool = False) -> dict:
+    """Write ``model`` (a Llama-family causal LM, pruned uniformly or not at all) to the GGUF
+    file ``path``; returns ``{tensor name: GGML type name}`` of what was written.
+
+    ``source``: the GGUF the model was loaded from (fields, tokenizer and the tensors pruning
+    did not touch are copied from it). ``dtype``: ``"auto"`` (the source tensor's type where
+    the gguf package writes it, else float16; float32 without a source), ``"float32"`` or
+    ``"float16"`` for the tensors written from the model. The file is written beside ``path``
+    and moved into place only when complete; an existing ``path`` is refused unless
+    ``overwrite``.
+    """
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("export_gguf needs the gguf package: pip install gguf") from e
+    if dtype not in ("auto", *FLOAT_TYPES):
+        raise ValueError(f"dtype: expected one of auto, {', '.join(FLOAT_TYPES)}, got {dtype!r}")
+    adapter = get_adapter(model)
+    arch = ARCHITECTURES.get(adapter.model_type)
+    if arch is None:
+        raise ValueError(f"model: GGUF export writes {', '.join(ARCHITECTURES)} models, got {adapter.model_type}")
+    sites = resolve_sites(model, adapter)
+    hq, hkv = _layout(model, adapter, sites)
+    d = head_dim(sites[0], adapter)
+    reader = None if source is None else gguf.GGUFReader(os.fspath(source))
+    if reader is not None:
+        found = reader.fields["general.architecture"].contents()
+        if found != arch:
+            raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {arch!r}")
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"path: {path} exists; pass overwrite=True to replace it")
+    tmp = atomic.temp_sibling(path)
+    try:
+        written = _write(gguf, model, adapter, sites, arch, hq, hkv, d, reader, dtype, tmp)
+        atomic.commit_file(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return written
+
+
+def _write(gguf, model, adapter, sites, arch, hq, hkv, d, reader, dtype, tmp) -> dict:
+    T = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(tmp, arch)
+    changed = {f"{arch}.attention.head_count": hq, f"{arch}.attention.head_count_kv": hkv,
+               f"{arch}.attention.key_length": d, f"{arch}.attention.value_length": d}
+    if reader is None:
+        writer.add_name(type(model).__name__)
+        for key, value in _metadata(model.config, hq, hkv, d).items():
+            if f"{arch}.{key}" not in changed:
+                (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+    else:
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name == "general.architecture" or name in changed:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    for key, value in changed.items():
+        writer.add_uint32(key, value)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(sites))
+    ours = _attention_tensors(model, adapter, sites, hq, hkv)
+    source = {t.name: t for t in reader.tensors} if reader is not None else {}
+    written = {}
+
+    def put(name, value: torch.Tensor, like):
+        kind = _type(T, gguf, like, value, dtype)
+        data = value.detach().to(torch.float32).cpu().numpy()
+        if kind in (T.F32, T.F16):
+            writer.add_tensor(name, data.astype("float32" if kind == T.F32 else "float16"))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        written[name] = kind.name
+
+    if reader is None:
+        for hf_name, value in model.state_dict().items():
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None or name in ours or (name == "output.weight" and _tied(model)):
+                continue
+            put(name, value, None)
+    for t in (reader.tensors if reader is not None else []):
+        if t.name in ours:
+            continue
+        writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+        written[t.name] = t.tensor_type.name
+    for name, value in ours.items():
+        put(name, value, source.get(name) or source.get(name.replace(".bias", ".weight")))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return written
+
+
+def _tied(model) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _type(T, gguf, like, value: torch.Tensor, dtype: str):
+    """The GGML type a tensor written from the model gets (biases and norms: float32)."""
+    if value.dim() == 1:
+        return T.F32
+    if dtype != "auto":
+        return T.F32 if dtype == "float32" else T.F16
+    if like is None:
+        return T.F32
+    kind = like.tensor_type
+    if kind in (T.F32, T.F16):
+        return kind
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    try:
+        if value.shape[-1] % block == 0:
+            gguf.quants.quantize(value[:1].detach().float().cpu().numpy(), kind)
+            return kind
+    except (NotImplementedError, gguf.quants.QuantError):
+        pass
+    return T.F16
+
+
+def _attention_tensors(model, adapter, sites, hq: int, hkv: int) -> dict:
+    """``{GGUF name: tensor}``: each layer's q/k/v/o weights in llama.cpp's layout, and its
+    biases (the o bias of a refit, zero q/k/v biases beside it) where the o projection has one."""
+    out = {}
+    for s in sites:
+        b, i = s.block, s.index
+        q, k, v, o = (s.sub(p) for p in (b.q, b.k, b.v, b.o))
+        out[f"blk.{i}.attn_q.weight"] = _permute(q.weight.detach(), hq)
+        out[f"blk.{i}.attn_k.weight"] = _permute(k.weight.detach(), hkv)
+        out[f"blk.{i}.attn_v.weight"] = v.weight.detach()
+        out[f"blk.{i}.attn_output.weight"] = o.weight.detach()
+        if getattr(o, "bias", None) is not None:
+            for name, lin, heads in (("attn_q", q, hq), ("attn_k", k, hkv), ("attn_v", v, None)):
+                bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else lin.weight.new_zeros(
+                    lin.weight.shape[0])
+                out[f"blk.{i}.{name}.bias"] = _permute(bias, heads) if heads else bias
+            out[f"blk.{i}.attn_output.bias"] = o.bias.detach()
+    return out
+
+
+def gguf_attention_bias(path) -> bool:
+    """Whether the GGUF file ``path`` holds attention biases (``attn_output.bias``): such a
+    model loads through transformers with ``config.attention_bias = True``."""
+    import gguf
+
+    return any(t.name.endswith("attn_output.bias") for t in gguf.GGUFReader(os.fspath(path)).tensors)
