@@ -89,3 +89,22 @@ def test_refusals(tmp_path):
         export_gguf(_llama(), tmp_path / "m.gguf")
     assert (tmp_path / "m.gguf").read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary left
+
+
+def test_a_model_read_from_gguf_saves_like_any_other(tmp_path):
+    """transformers leaves a GGUF quantizer on what it reads (its weights are plain floats), and
+    save_pretrained refuses such a model: the loader drops it, so a uniformly pruned model read
+    from a GGUF saves plainly and reloads."""
+    import transformers
+
+    from headprune.app.load import _dequantized
+    from headprune.hf import save_pruned
+
+    export_gguf(_llama(), tmp_path / "src.gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="src.gguf", dtype=torch.float32)
+    _dequantized(model)
+    prune_heads(model, {0: [0, 2], 1: [1, 3]})
+    save_pruned(model, tmp_path / "out")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = tiny_batch("llama")["input_ids"][:, :5]
+    assert torch.equal(_logits(plain, ids), _logits(model.eval(), ids))

@@ -112,6 +112,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
     model = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32, attn_implementation="sdpa",
                                 gguf_file=gguf)
+    _dequantized(model)
     tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
     return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf",
                   input_bytes=_bytes([path / gguf]))
@@ -171,6 +172,17 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
         stored = stored_float_type(files)
     return Loaded(model.to(device).eval(), tok, kind, str(path), checkpoint_dtype=stored if isinstance(stored, str) else None,
                   input_bytes=_bytes(files))
+
+
+def _dequantized(model) -> None:
+    """transformers reads a GGUF into plain float weights but keeps a GGUF quantizer on the
+    model and in its config, which makes ``save_pretrained`` refuse the model and would make a
+    saved config ask for a GGUF file: both dropped (the weights are what they were)."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        model.__dict__.pop(attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _tokenizer(path: Path):
