@@ -60,3 +60,25 @@ def test_the_command_line_default_learning_rate_is_the_library_s():
     from headprune.hf.recover import DEFAULT_LR
 
     assert RECOVER_LR == DEFAULT_LR
+
+
+def test_recover_finds_the_model_and_text_from_another_directory(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
+    """report.json keeps the unpruned model and a calibration file as absolute paths beside the
+    names as given, so recover runs from elsewhere without --teacher or --data."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "work" / "tiny")
+    text = "\n\n".join(f"Paragraph {i} says something about the weather and the sea, twice over." for i in range(40))
+    (tmp_path / "work" / "notes.txt").write_text(text)
+    monkeypatch.chdir(tmp_path / "work")
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code, err = run(["prune", "tiny", "--ratio", "0.3", "--data", "notes.txt", *calib, "--out", "p"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "work" / "p" / "report.json").read_text())
+    assert report["model"] == "tiny" and report["model_path"] == str(tmp_path / "work" / "tiny")
+    assert report["settings"]["data"] == "notes.txt"
+    assert report["settings"]["data_path"] == str(tmp_path / "work" / "notes.txt")
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["recover", "work/p", "--steps", "1", "--quiet", "--out", "r"])
+    assert code == 0, err

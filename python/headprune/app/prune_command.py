@@ -71,7 +71,7 @@ def prune(args) -> int:
                          "removal": removal, "damping": args.damping, "sequential": args.sequential,
                          "saved_dtype": saved_as, "recover_steps": args.recover_steps,
                          **({"recover_lr": args.recover_lr} if args.recover_steps else {}), **kw})
-        report["settings"] = settings
+        report.update(settings=settings, **_absolute(args.model, settings))
         _warn_if_kv_grew(report)
         with stage("saving the model and the report", "save"):
             _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned, gguf)
@@ -82,6 +82,16 @@ def prune(args) -> int:
           f"{', model.gguf' if gguf else ''})\n")
     print(summary_table(report, metric))
     return 0
+
+
+def _absolute(model: str, settings: dict) -> dict:
+    """The model and the calibration files as absolute paths (``model_path``,
+    ``settings["data_path"]``) beside the names as given, so ``headprune recover DIR`` finds
+    them from another working directory; bundled names stay names."""
+    parts = [str(Path(p).absolute()) if Path(p).is_file() else p for p in str(settings.get("data") or "").split("+")]
+    if any(p != q for p, q in zip(parts, str(settings.get("data") or "").split("+"))):
+        settings["data_path"] = "+".join(parts)
+    return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
 
 
 def _evaluate(args, stage, loaded, held, before_q, reference, report: dict) -> dict:

@@ -59,7 +59,7 @@ def _pruned_dir(path: Path) -> dict:
 def _batches(args, loaded, settings: dict) -> tuple:
     """Calibration batches, calibration paragraphs (interleaved like the held-out ones) and
     held-out paragraphs, from the text and sizes the directory was pruned with unless given."""
-    data = args.data or settings.get("data")
+    data = args.data or settings.get("data_path") or settings.get("data")
     parts, held = texts.load_split(data)
     d = C.DEFAULTS[loaded.kind]
     samples = args.samples or settings.get("samples") or d["samples"]
@@ -86,7 +86,7 @@ def recover(args) -> int:
     out = C._out(args, "recover")
     C.check_out(out, args.force)
     prune_report = _pruned_dir(src)
-    teacher_spec = args.teacher or prune_report["model"]
+    teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
         teacher = _teacher(args, teacher_spec)
