@@ -82,3 +82,19 @@ def test_recover_finds_the_model_and_text_from_another_directory(run, tmp_path, 
     monkeypatch.chdir(tmp_path)
     code, err = run(["recover", "work/p", "--steps", "1", "--quiet", "--out", "r"])
     assert code == 0, err
+
+
+def test_a_missing_unpruned_model_points_to_teacher(run, tmp_path, tiny_dir):  # noqa: F811
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "tiny")
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code, err = run(["prune", tmp_path / "tiny", "--ratio", "0.3", *calib, "--out", tmp_path / "p"])
+    assert code == 0, err
+    shutil.move(tmp_path / "tiny", tmp_path / "moved")
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--quiet", "--out", tmp_path / "r"])
+    assert code != 0 and any("DIR/report.json names it as the unpruned model; pass --teacher" in e for e in err), err
+    assert not (tmp_path / "r").exists()
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--quiet", "--teacher", tmp_path / "moved",
+                     "--out", tmp_path / "r"])
+    assert code == 0, err
