@@ -195,5 +195,49 @@ def calibration_table(ctx) -> str:
     return table(["variant", "median (range)", "ratio, median (range)", "target"], rows)
 
 
+def layouts_table(ctx, name: str = "layouts") -> str:
+    """Per model and evaluation text, one row per (ratio, layout): heads removed, KV heads and
+    KV bytes per token left, the quality and how it compares with the free query layout's (a
+    ratio of perplexities, a difference of fidelities)."""
+    out = []
+    for res in ctx["R"][name]["results"]:
+        free = {(r["evaluated_on"], r["ratio"]): r["quality"] for r in res["rows"] if r["layout"] == "query"}
+        base = {r["evaluated_on"]: r for r in res["rows"] if r["layout"] == "unpruned"}
+        for r in res["rows"]:
+            if r["layout"] == "unpruned":
+                continue
+            b = base[r["evaluated_on"]]
+            plain = "" if "plain_loadable" not in r else (
+                "no (config cannot describe it)" if not r["plain_loadable"] else
+                "yes, identical" if r["plain_equal"] else "yes, **differs**")
+            q0 = free[(r["evaluated_on"], r["ratio"])]
+            rel = x(r["quality"] / q0) if res["metric"] == "perplexity" else f"{r['quality'] - q0:+.3f}"
+            out.append([res["model"], r["evaluated_on"], pct(r["ratio"]), f"`{r['layout']}`",
+                        f"{r['heads_pruned']} ({pct(r['heads_pruned'] / res['heads_total'])})",
+                        f"{r['kv_heads']} ({'+' if r['kv_heads'] > b['kv_heads'] else ''}"
+                        f"{pct(r['kv_heads'] / b['kv_heads'] - 1)})",
+                        num(r["quality"], 4), rel, plain])
+    return table(["model", "evaluated on", "ratio", "layout", "heads removed", "KV heads (vs unpruned)",
+                  "perplexity / fidelity", "vs query", "plain from_pretrained"], out)
+
+
+def gguf_table(ctx, name: str = "gguf") -> str:
+    """Perplexity of the unpruned and the pruned model, in float32 and as GGUF, per engine."""
+    res = ctx["R"][name]["results"][0]
+    texts = list(next(iter(res["rows"].values())))
+    return table(["model", *[f"perplexity, {t}" for t in texts]],
+                 [[m, *[num(v[t], 4) for t in texts]] for m, v in res["rows"].items()])
+
+
+def gguf_generation(ctx, name: str = "gguf") -> str:
+    """What llama.cpp generated from the pruned GGUF, or that it was not run."""
+    gen = ctx["R"][name]["results"][0].get("generated")
+    if not gen:
+        return "llama.cpp was not run for these results (no `llama_cpp` given to the benchmark)."
+    return "Greedy continuations of \"The most persuasive argument is\" by llama.cpp:\n\n" + "\n".join(
+        f"- {model}: {text!r}" for model, text in gen.items())
+
+
 TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
-                                       calibration_table)})
+                                       calibration_table, layouts_table,
+                                       gguf_table, gguf_generation)})
