@@ -39,6 +39,7 @@ from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect, prune_heads, save_pruned  # noqa: E402
 from headprune.prune.slicing import kv_layout  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
+from headprune.ranking.layouts import has_grouped_queries  # noqa: E402
 
 LAYOUTS = {"query": {"gqa": "query"}, "even": {"gqa": "even"}, "group": {"gqa": "group"},
            "uniform": {"uniform": True}}
@@ -81,7 +82,7 @@ def run(name: str, args) -> dict:
     batches, settings = calibration(loaded, args.calib, None)
     scores = collect(loaded.model, batches, progress=False, moments=True)
     rows = []
-    grouped = any(hkv and hq // hkv > 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+    grouped = has_grouped_queries(scores)
     bytes_per_kv_head = 2 * scores.head_dim[0] * 4  # a key and a value row, float32
     for text in args.eval.split(","):
         _, held = texts.split(texts.load_paragraphs(text))

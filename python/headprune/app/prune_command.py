@@ -144,11 +144,12 @@ def _recover(args, stage, model, teacher, batches):
 
 def _recipe(args, kw: dict, removal: str, scores) -> str:
     """The recipe that ran, in words (for the console and the reports)."""
+    from ..ranking.layouts import has_grouped_queries
     from ..ranking.recipes import default_for, is_causal
 
     return describe_recipe(kw, removal, args.sequential, args.damping,
                            default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
-                           grouped=any(k and q // k > 1 for q, k in zip(scores.num_heads, scores.num_kv_heads)))
+                           grouped=has_grouped_queries(scores))
 
 
 def _check_layout_options(args) -> None:

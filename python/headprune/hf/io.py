@@ -24,6 +24,7 @@ from .. import atomic
 from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
+from .attention import model_configs
 from .files import first_line, read_json, read_header, safetensors_files
 from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, model_class, read_metadata
 from .migrate import is_transformers4_pruned, transformers4_metadata
@@ -151,8 +152,7 @@ def _declared_biases(model, sites, adapter, flag):
     added = []
     try:
         if flag is not None:
-            for cfg in {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
-                        if isinstance(c, PreTrainedConfig)}.values():
+            for cfg in model_configs(model):
                 setattr(cfg, flag, True)
             for s in sites:
                 for name in (s.block.q, s.block.k, s.block.v, s.block.o):

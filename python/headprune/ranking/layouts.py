@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["even_layouts", "best_layout", "head_costs", "allocate_even", "allocate_uniform"]
+__all__ = ["even_layouts", "best_layout", "head_costs", "allocate_even", "allocate_uniform", "has_grouped_queries"]
+
+
+def has_grouped_queries(scores) -> bool:
+    """Whether some site of ``scores`` shares a KV head among several query heads."""
+    return any(hkv and hq // hkv > 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
 
 
 def even_layouts(hq: int, hkv: int, whole_groups_only: bool = False) -> dict:

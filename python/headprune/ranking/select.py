@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
-from .layouts import allocate_even, allocate_uniform, even_layouts, head_costs
+from .layouts import allocate_even, allocate_uniform, even_layouts, has_grouped_queries, head_costs
 from .units import rank_positions
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget"]
@@ -83,8 +83,7 @@ def select_heads(
         raise ValueError("pruned: iterative pruning is not supported with uniform=True")
     recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
-    grouped = any(hkv and hq // hkv > 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
-    if uniform or (gqa == "even" and grouped):  # without grouped queries every layout is even
+    if uniform or (gqa == "even" and has_grouped_queries(scores)):  # without grouped queries every layout is even
         return _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads_per_layer, uniform,
                             _even_forced(pruned, scores))
     protect = _check_layers(recipe.protect_layers, scores.num_sites)
