@@ -64,3 +64,17 @@ def test_prune_saves_in_the_checkpoints_own_type(run, tmp_path, tiny_dir, dtype,
         with safe_open(file, "pt") as f:
             kinds |= {f.get_slice(k).get_dtype() for k in f.keys()}
     assert kinds == {"F32" if dtype == "float32" else "F16"}
+
+
+def test_kv_cache_row_compares_at_the_saved_type(run, tmp_path, tiny_dir):  # noqa: F811
+    """The unpruned model is read in float32 and the pruned one saved in float16: the KV cache
+    row compares both in float16, so it changes only by the KV heads removed."""
+    path = _checkpoint(tmp_path, tiny_dir, "float16", config_names_it=True)
+    code, err = run(["prune", path, "--count", "1", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    b, a = report["before"], report["after"]
+    assert b["kv_cache_dtype"] == a["kv_cache_dtype"] == "float16"
+    assert b["kv_cache_bytes_per_token"] * a["kv_heads"] == a["kv_cache_bytes_per_token"] * b["kv_heads"]
+    assert "KV cache bytes per token (float16)" in (tmp_path / "o" / "report.md").read_text()

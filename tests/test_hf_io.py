@@ -63,6 +63,22 @@ def test_reloaded_model_can_be_pruned_again(tmp_path):
     assert kept_heads(load_pruned(tmp_path / "b")) == {0: [1, 2, 3], 1: [0, 1, 2]}
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_saved_files_have_the_users_usual_mode(tmp_path, uniform):
+    """safetensors and save_pretrained write through private temporary files (0600); the
+    saved directory's files get the mode the user's umask gives any other new file."""
+    model = tiny_model("llama")
+    prune_heads(model, {i: [0] for i in range(len(resolve_sites(model)))} if uniform else {0: [0]})
+    old = os.umask(0o022)
+    try:
+        save_pruned(model, tmp_path / "m")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644)}
+
+
 def test_tokenizer_is_saved(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     import transformers

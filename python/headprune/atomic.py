@@ -37,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import threading
 import uuid
 from contextlib import contextmanager
@@ -297,6 +298,7 @@ class Staged:
         aside = os.path.join(self.root, "old")
         try:
             if exc_type is None:
+                _usual_modes(self.path)
                 with _signals_deferred():
                     _commit(self.path, self.target, self.replace, aside)
                     self.committed = True
@@ -304,6 +306,32 @@ class Staged:
             if not (os.path.isdir(aside) and not os.path.lexists(self.target)):  # never delete the only copy
                 shutil.rmtree(self.root, ignore_errors=True)  # the failed attempt, or the old contents
         return False
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no way to read it without setting it
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(root: str) -> None:
+    """Give files that a writer created private (0600: ``tempfile``, which transformers'
+    ``save_pretrained`` and safetensors write through) the mode ``open`` would have given
+    them, so a saved model is as readable as any other file its user writes."""
+    mode = 0o666 & ~_umask()
+    for folder, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(folder, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and mode != 0o600:
+                os.chmod(p, mode)
 
 
 def _commit(new: str, target: str, replace: bool, aside: str) -> None:

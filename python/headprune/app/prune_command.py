@@ -53,7 +53,8 @@ def prune(args) -> int:
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
         before_q = C.quality(args, loaded, held)
     reference = copy.deepcopy(loaded.model) if args.speed or args.recover_steps else None
-    sizes_before = measure(loaded.model)
+    saved_as = _save_dtype_name(args, loaded)
+    sizes_before = measure(loaded.model, dtype=SAVE_TYPES[saved_as])  # KV bytes in the type saved
     mode = args.mode or "physical"
     with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
         how = removal_kwargs(removal, last, args.damping)
@@ -61,7 +62,7 @@ def prune(args) -> int:
     recovered = _recover(args, stage, loaded.model, reference, batches)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
-        saved_as = _save_dtype(args, loaded)
+        _cast(loaded, saved_as)
         report = _evaluate(args, stage, loaded, held, before_q, reference, {
             "model": args.model, "recipe": recipe, "pruned_heads": {str(k): v for k, v in heads.items()},
             "heads_pruned": n, "heads_total": total, "before": {**C._public(before_q), **sizes_before},
@@ -194,18 +195,22 @@ def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tup
                                   progress=not args.quiet)
 
 
-def _save_dtype(args, loaded) -> str:
-    """Cast the pruned model to the type it is saved in (before the evaluation, so the report
-    describes what is saved): ``--save-dtype``, or the checkpoint's own float type (bfloat16
-    for a quantised GGUF, float32 where the type is unknown or wider)."""
+def _save_dtype_name(args, loaded) -> str:
+    """The float type the pruned model is saved in: ``--save-dtype``, or the checkpoint's own
+    float type (bfloat16 for a quantised GGUF, float32 where the type is unknown or wider)."""
     name = args.save_dtype
     if name == "auto":
         stored = loaded.checkpoint_dtype
         name = stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
+    return name
+
+
+def _cast(loaded, name: str) -> None:
+    """Cast the pruned model to the type it is saved in, before the evaluation, so the report
+    describes what is saved."""
     dtype = SAVE_TYPES[name]
     if next(loaded.model.parameters()).dtype != dtype:
         loaded.model.to(dtype)
-    return name
 
 
 def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned, gguf=None) -> None:

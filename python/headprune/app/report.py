@@ -25,7 +25,8 @@ def summary_table(report: dict, metric: str) -> str:
     rows = [(METRIC_WORDS.get(metric, metric), b.get(metric), a.get(metric)),
             ("query heads", b["query_heads"], a["query_heads"]), ("KV heads", b["kv_heads"], a["kv_heads"])]
     if b.get("kv_cache_bytes_per_token"):
-        rows.append(("KV cache bytes per token", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
+        kind = f" ({a['kv_cache_dtype']})" if a.get("kv_cache_dtype") else ""
+        rows.append((f"KV cache bytes per token{kind}", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
     rows += [("parameters", b["parameters"], a["parameters"]),
              ("attention FLOPs/token", b["attention_flops_per_token"], a["attention_flops_per_token"])]
     if b.get("retrieval_top1") is not None:

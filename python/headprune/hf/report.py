@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
 __all__ = ["PruneReport", "measure", "attention_flops_per_token"]
@@ -30,11 +32,15 @@ def attention_flops_per_token(model, context: int = DEFAULT_CONTEXT) -> int:
     return total
 
 
-def measure(model, context: int = DEFAULT_CONTEXT) -> dict:
+def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
+    """Head counts, parameters, attention FLOPs per token at ``context`` and the KV cache's
+    bytes per token, in ``dtype`` (default: the model's own float type), so that two models
+    held in different types compare at one type."""
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
-    width = next(model.parameters()).element_size()
+    dtype = dtype or next(model.parameters()).dtype
+    width = torch.empty((), dtype=dtype).element_size()
     causal = [s.block.causal for s in sites]
     return {
         "parameters": parameter_count(model),
@@ -45,6 +51,7 @@ def measure(model, context: int = DEFAULT_CONTEXT) -> dict:
         # keys and values a generating model caches per token (causal self-attention sites)
         "kv_cache_bytes_per_token": sum(2 * c[1] * head_dim(s, adapter) * width
                                         for s, c, k in zip(sites, counts, causal) if k) or None,
+        "kv_cache_dtype": str(dtype).removeprefix("torch."),
     }
 
 
