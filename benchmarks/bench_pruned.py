@@ -1,44 +1,41 @@
-"""Model-level benchmark: what pruning buys at inference. Prefill latency and throughput of the
-unpruned, the masked and the physically pruned model; the FLOP model's predicted speed-up
-beside the measured one; decode tokens/s and KV-cache size under GQA group pruning.
+"""Model-level benchmark: what head pruning buys at inference, measured where it pays. Prefill
+at 512 and 4,096 tokens, decode at a 2,048- and 8,192-token context, batch 1 and 16, the
+unpruned and the pruned models timed interleaved in one process (wall and CPU time, with the
+spread), and the KV cache each one holds.
 
-    python benchmarks/bench_pruned.py [--quick] [--repeat N] [--configs 1x128 16x512 ...]
-                                      [--variants base masked50 q30 q50 g30 g50] [--threads 1]
+    python benchmarks/bench_pruned.py [--quick] [--rounds N] [--steps N]
+        [--prefill 1x512 16x512 1x4096] [--decode 1x2048 16x2048 1x8192 16x8192]
+        [--variants base even30 even50 group33 query30] [--threads N]
 
 Model: a Llama model with SmolLM2-135M's config (30 layers, 9 query / 3 KV heads of 64,
 hidden 576; see bench_collect.py for where the config comes from), random weights. Which
-heads go is chosen by ``headprune.select_heads`` (global, most diffuse first, at least one
-unit per layer) on entropies that ``headprune.collect`` measured on a random 128-token input;
-speed does not depend on which heads, only on how many per layer (under ``gqa="query"`` an
-unevenly pruned KV group is evened out by repeating KV heads, which the parameter counts show).
+heads go is chosen by ``headprune.select_heads`` with the default recipe on statistics that
+``headprune.collect`` measured on a random 128-token input; speed depends on how many heads
+per layer and on the KV layout, not on which heads.
 
-Variants: ``base`` (unpruned), ``masked50`` (``mask_heads`` of the ``q50`` heads: zeroed o
-columns, same shapes), ``q30`` / ``q50`` (``prune_heads`` of 30 % / 50 % of the query heads,
-``gqa="query"``), ``g30`` / ``g50`` (30 % / 50 % of the KV groups, ``gqa="group"``: whole
-groups with their KV head go, so the KV cache shrinks too).
+Variants: ``base`` (unpruned); ``even30`` / ``even50`` (the default, ``gqa="even"``, 30 % /
+50 % of the query heads: every KV group a layer keeps keeps the same number of query heads,
+so the KV cache never grows, and shrinks only where whole groups go); ``group33`` (one whole
+KV group of three in every layer, ``gqa="group", uniform=True``: a third of the query heads
+and of the KV cache; the layout llama.cpp can hold, see bench_gguf.py); ``query30`` (30 % of
+query heads freely, ``gqa="query"``: a partly pruned group repeats its KV head, so the KV
+cache grows). ``masked30`` (``mask_heads`` of the even30 heads, every shape kept) is
+available; its logits are checked against even30's in every run.
 
-Prefill = one forward with ``use_cache=False`` and ``logits_to_keep=1`` (what ``generate``
-runs on a prompt: logits of the last position only), under ``torch.no_grad()``. Variants are
-timed interleaved (one call of each per round, median over rounds), so load changes on the
-shared machine hit all of them alike; wall and process CPU time are both reported. On an
-oversubscribed machine use ``--threads 1`` (two OpenMP threads on two busy cores stall at
-every barrier; see bench_collect.py).
-
-FLOP model, per prompt token (2 FLOPs per multiply-add), from ``headprune.measure``:
+Timing: ``headprune.hf.speed.compare`` (prefill = one forward without a cache keeping the
+last position's logits; decode = ``--steps`` greedy steps after a ``DynamicCache`` filled
+with zeros to the context in each layer's own KV shape; rounds in rotation; the speed-up is
+the median over rounds of t_base / t with its quartiles, and a row whose quartiles include
+1.0 reads "no measurable difference"). FLOP model for prefill rows, per prompt token (2
+FLOPs per multiply-add), from ``headprune.measure``:
     F = 2 * (P - P_emb) + 2 * V * d / S + A * (S + 1) / 2
-P: distinct parameters; P_emb: the embedding table(s) (the input lookup costs no FLOPs; the
-tied lm_head matmul runs for the one kept position only, hence 2 V d / S); A: attention-score
-FLOPs per token per key, ``attention_flops_per_token(model, 1) - attention_flops_per_token(model, 0)``
-(= sum over layers of 4 Hq d_head: QK^T and PV); (S + 1) / 2: the mean causal context of a
-prompt of S tokens. The q/k/v/o projections and the MLP are in 2 (P - P_emb). Predicted
-speed-up = F_base / F_pruned; it ignores element-wise work (norms, RoPE, softmax) and memory
-traffic, so it is an upper bound where those dominate (batch 1, short prompts).
-Target: at batch 16, length 512, physical pruning of 50 % of the heads realises at least 80 %
-of the predicted speed-up, i.e. (measured - 1) / (predicted - 1) >= 0.8.
-
-Decode: greedy steps with a ``DynamicCache`` after a prompt; tokens/s counts the new tokens
-of the whole batch over the decode steps only. KV-cache MB = sum over layers of
-2 * kv_heads * head_dim * (prompt + new) * batch * 4 bytes, checked against the cache tensors.
+P: distinct parameters; P_emb: the embedding table(s) (the lookup costs no FLOPs; the tied
+lm_head runs for the kept position only, hence 2 V d / S); A: attention-score FLOPs per token
+per key (sum over layers of 4 Hq d_head: QK^T and PV); (S + 1) / 2: the mean causal
+context. ``gain_realised`` = (measured - 1) / (predicted - 1); target: at batch 16 x 512
+the default at 50 % realises at least 80 % of the predicted speed-up (CPU time).
+KV cache: bytes per token from ``headprune.measure`` (float32 here), checked against the
+cache tensors of each decode shape.
 Writes benchmarks/results/pruned_cpu.json (pruned_cpu_quick.json with --quick).
 """
 
@@ -46,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
-import statistics
 import sys
 import tempfile
 import time
@@ -60,49 +55,40 @@ from _common import table, write_results  # noqa: E402
 from bench_collect import smollm2_config_dir  # noqa: E402
 
 import headprune  # noqa: E402
+from headprune.hf.speed import compare, filled_cache, parse_shape  # noqa: E402
 
-VARIANTS = ["base", "masked50", "q30", "q50", "g30", "g50"]
-CONFIGS = ["1x128", "1x2048", "16x128", "16x512"]
-QUICK_CONFIGS = ["1x128", "4x128"]
-DECODE = ["1x128", "16x128"]  # batch x prompt
-TARGET_CONFIG, TARGET_VARIANT, TARGET_FRACTION = "16x512", "q50", 0.8
-
-
-def parse_config(spec: str) -> tuple:
-    b, s = spec.lower().split("x")
-    return int(b), int(s)
-
-
-def inputs(vocab: int, batch: int, seq: int) -> dict:
-    g = torch.Generator().manual_seed(batch * 100003 + seq)
-    ids = torch.randint(3, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+#: variant -> (how the heads are removed, select_heads arguments)
+VARIANTS = {
+    "even30": ("prune", {"ratio": 0.3}),
+    "even50": ("prune", {"ratio": 0.5}),
+    "group33": ("prune", {"ratio": 1 / 3, "gqa": "group", "uniform": True}),
+    "query30": ("prune", {"ratio": 0.3, "gqa": "query"}),
+    "masked30": ("mask", {"ratio": 0.3}),
+}
+DEFAULT_VARIANTS = ["base", "even30", "even50", "group33", "query30"]
+PREFILL = ["1x512", "16x512", "1x4096"]
+DECODE = ["1x2048", "16x2048", "1x8192", "16x8192"]
+QUICK_PREFILL, QUICK_DECODE = ["1x128"], ["1x512"]
+TARGET_SHAPE, TARGET_VARIANT, TARGET_FRACTION = (16, 512), "even50", 0.8
 
 
 def build_variants(names: list, config_dir: str) -> tuple:
-    """``{name: model}`` and ``{name: heads removed}``; all copies of one random model."""
+    """``{name: model}`` and ``{name: heads removed}``: copies of one random model."""
     from transformers import AutoConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(AutoConfig.from_pretrained(config_dir, attn_implementation="sdpa")).eval()
-    scores = headprune.collect(base, [inputs(base.config.vocab_size, 1, 128)], progress=False)
-    heads = {
-        "masked50": headprune.select_heads(scores, ratio=0.5, gqa="query"),
-        "q30": headprune.select_heads(scores, ratio=0.3, gqa="query"),
-        "q50": headprune.select_heads(scores, ratio=0.5, gqa="query"),
-        "g30": headprune.select_heads(scores, ratio=0.3, gqa="group"),
-        "g50": headprune.select_heads(scores, ratio=0.5, gqa="group"),
-    }
-    models = {}
+    ids = torch.randint(3, base.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    scores = headprune.collect(base, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], progress=False,
+                               moments=True)
+    models, heads = {"base": base}, {}
     for name in names:
         if name == "base":
-            models[name] = base
             continue
+        how, kw = VARIANTS[name]
+        heads[name] = headprune.select_heads(scores, **kw)
         m = copy.deepcopy(base)
-        if name.startswith("masked"):
-            headprune.mask_heads(m, heads[name])
-        else:
-            headprune.prune_heads(m, heads[name])
+        (headprune.mask_heads if how == "mask" else headprune.prune_heads)(m, heads[name], reconstruct=scores)
         models[name] = m.eval()
     return models, heads
 
@@ -125,163 +111,109 @@ def gain(measured: float, predicted: float):
     return round((measured - 1) / (predicted - 1), 2) if predicted > 1.001 else None
 
 
-def bench_prefill(models: dict, configs: list, repeat: int) -> list:
-    rows = []
-    vocab = next(iter(models.values())).config.vocab_size
-    for spec in configs:
-        b, s = parse_config(spec)
-        batch = inputs(vocab, b, s)
-        calls = {n: (lambda m=m, x=batch: m(**x, use_cache=False, logits_to_keep=1)) for n, m in models.items()}
-        warm = inputs(vocab, 1, 32) if b * s >= 4096 else batch  # big shapes: a short warm-up saves minutes
-        times = {n: [] for n in models}
-        cpu = {n: [] for n in models}
-        with torch.no_grad():
-            for fn in calls.values():  # warm-up
-                fn(x=warm)
-            for _ in range(repeat):
-                for n, fn in calls.items():
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    fn()
-                    times[n].append(time.perf_counter() - t0)
-                    cpu[n].append(time.process_time() - c0)
-        f_base = flops_per_token(models["base"], s)
-        t_base, c_base = statistics.median(times["base"]), statistics.median(cpu["base"])
-        for n, m in models.items():
-            t, c = statistics.median(times[n]), statistics.median(cpu[n])
-            meas, pred = t_base / t, f_base / flops_per_token(m, s)
-            info = headprune.measure(m)
-            rows.append({
-                "config": spec, "batch": b, "seq": s, "variant": n, "q_heads": info["query_heads"],
-                "kv_heads": info["kv_heads"], "params_M": round(info["parameters"] / 1e6, 1),
-                "ms": round(t * 1e3, 1), "cpu_ms": round(c * 1e3, 1), "tokens_per_s": round(b * s / t, 1),
-                "speedup": round(meas, 3), "speedup_cpu": round(c_base / c, 3), "flop_speedup": round(pred, 3),
-                "gain_realised": gain(meas, pred), "gain_realised_cpu": gain(c_base / c, pred),
-                "spread_pct": round(100 * (max(times[n]) - min(times[n])) / t, 1),
-            })
-        print(f"  prefill {spec}: " + ", ".join(f"{r['variant']} {r['ms']:.0f} ms" for r in rows[-len(models):]), flush=True)
-    return rows
+def describe(models: dict, rows: list) -> list:
+    """Each timed row with the model's head counts, parameters, KV cache and (prefill) the
+    FLOP model's prediction."""
+    info = {n: headprune.measure(m) for n, m in models.items()}
+    out = []
+    for r in rows:
+        m, i = models[r["model"]], info[r["model"]]
+        row = {"shape": f"{r['batch']}x{r['tokens']}", **r, "q_heads": i["query_heads"], "kv_heads": i["kv_heads"],
+               "params_M": round(i["parameters"] / 1e6, 1), "kv_bytes_per_token": i["kv_cache_bytes_per_token"]}
+        if r["kind"] == "prefill":
+            pred = flops_per_token(models["base"], r["tokens"]) / flops_per_token(m, r["tokens"])
+            row.update(flop_speedup=round(pred, 3), gain_realised=gain(r["speedup"], pred),
+                       gain_realised_cpu=gain(r["speedup_cpu"], pred))
+        else:
+            row["kv_cache_MB"] = round(i["kv_cache_bytes_per_token"] * r["batch"] * r["tokens"] / 2**20, 1)
+        for k in ("wall_s", "cpu_s"):
+            row[k] = round(row[k], 4)
+        for k in [k for k in row if k.startswith("speedup")] + ["tokens_per_s"]:
+            row[k] = round(row[k], 3)
+        out.append(row)
+    return out
 
 
-def cache_bytes(cache) -> int:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return sum(t.numel() * t.element_size() for lay in layers for t in (lay.keys, lay.values) if t is not None)
-    return sum(t.numel() * t.element_size() for t in (*cache.key_cache, *cache.value_cache))
+def check_cache_bytes(models: dict) -> dict:
+    """The KV bytes per token ``measure`` reports against a filled cache's tensors."""
+    out = {}
+    for n, m in models.items():
+        cache = filled_cache(m, 1, 64)
+        held = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+        out[n] = held == 64 * headprune.measure(m)["kv_cache_bytes_per_token"]
+    return out
 
 
-def kv_formula_bytes(model, tokens: int, batch: int) -> int:
-    """sum over layers of 2 * kv_heads * head_dim * tokens * batch * 4 bytes (fp32)."""
-    from headprune.hf.adapters import get_adapter, head_counts, head_dim, resolve_sites
-
-    adapter = get_adapter(model)
-    return sum(2 * head_counts(s, adapter)[1] * head_dim(s, adapter) * tokens * batch * 4 for s in resolve_sites(model, adapter))
-
-
-def cache_arg(model) -> str:
-    """transformers >= 5.2x names the forward's KV cache ``cache`` (``past_key_values`` is deprecated)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def bench_decode(models: dict, configs: list, new_tokens: int) -> list:
-    from transformers import DynamicCache
-
-    rows = []
-    vocab = next(iter(models.values())).config.vocab_size
-    for spec in configs:
-        b, s = parse_config(spec)
-        batch = inputs(vocab, b, s)
-        base_tps = None
-        for n, m in models.items():
-            with torch.no_grad():
-                cache = DynamicCache(config=m.config)
-                ckw = {cache_arg(m): cache, "use_cache": True}
-                out = m(**batch, **ckw, logits_to_keep=1)
-                mask = batch["attention_mask"]
-                t0 = time.perf_counter()
-                for _ in range(new_tokens):
-                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                    mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-                    out = m(input_ids=nxt, attention_mask=mask, **ckw)
-                dt = time.perf_counter() - t0
-            tokens = s + new_tokens
-            tps = b * new_tokens / dt
-            base_tps = base_tps or tps
-            rows.append({
-                "config": spec, "batch": b, "prompt": s, "new": new_tokens, "variant": n,
-                "kv_heads": headprune.measure(m)["kv_heads"], "tokens_per_s": round(tps, 1),
-                "speedup": round(tps / base_tps, 3),
-                "kv_cache_MB": round(kv_formula_bytes(m, tokens, b) / 2**20, 2),
-                "kv_cache_MB_measured": round(cache_bytes(cache) / 2**20, 2),
-                "kv_MB_at_8192_b1": round(kv_formula_bytes(m, 8192, 1) / 2**20, 1),
-            })
-        print(f"  decode {spec}: " + ", ".join(f"{r['variant']} {r['tokens_per_s']} tok/s" for r in rows[-len(models):]),
-              flush=True)
-    return rows
-
-
-def check_masked_equals_pruned(models: dict) -> float | None:
+def check_masked_equals_pruned(models: dict):
     """Masking and physically removing the same heads must give the same logits."""
-    if not {"masked50", "q50"} <= set(models):
+    if not {"masked30", "even30"} <= set(models):
         return None
-    batch = inputs(models["q50"].config.vocab_size, 1, 64)
+    ids = torch.randint(3, models["even30"].config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        a = models["masked50"](**batch, use_cache=False).logits
-        b = models["q50"](**batch, use_cache=False).logits
+        a = models["masked30"](input_ids=ids, use_cache=False).logits
+        b = models["even30"](input_ids=ids, use_cache=False).logits
     return float(f"{(a - b).abs().max().item():.2e}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"configs {QUICK_CONFIGS}, 2 rounds, 8 decode steps")
-    ap.add_argument("--repeat", type=int, default=None, help="timed rounds per config (default 3, quick 2)")
-    ap.add_argument("--configs", nargs="+", default=None, help="BATCHxSEQ prefill shapes")
-    ap.add_argument("--decode", nargs="+", default=None, help="BATCHxPROMPT decode shapes")
-    ap.add_argument("--new-tokens", type=int, default=None, help="decode steps (default 32, quick 8)")
-    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--quick", action="store_true", help=f"prefill {QUICK_PREFILL}, decode {QUICK_DECODE}, 2 rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 3, quick 2)")
+    ap.add_argument("--steps", type=int, default=4, help="decode steps per timed call")
+    ap.add_argument("--prefill", nargs="*", default=None, help="BATCHxTOKENS prefill shapes")
+    ap.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT decode shapes")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=["base", *VARIANTS])
     ap.add_argument("--tag", default="", help="suffix of the results file (partial runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeat = args.repeat or (2 if args.quick else 3)
-    configs = args.configs or (QUICK_CONFIGS if args.quick else CONFIGS)
-    decode = args.decode or (["1x128"] if args.quick else DECODE)
-    new_tokens = args.new_tokens or (8 if args.quick else 32)
+    rounds = args.rounds or (2 if args.quick else 3)
+    prefill = [parse_shape(s, "--prefill") for s in (args.prefill if args.prefill is not None
+                                                      else QUICK_PREFILL if args.quick else PREFILL)]
+    decode = [parse_shape(s, "--decode") for s in (args.decode if args.decode is not None
+                                                    else QUICK_DECODE if args.quick else DECODE)]
     names = ["base"] + [v for v in args.variants if v != "base"]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         source = smollm2_config_dir(Path(tmp))
         models, heads = build_variants(names, tmp)
     weights = f"random, {source}"
-    print(f"model: Llama, SmolLM2-135M config, weights: {weights}; {repeat} rounds", flush=True)
+    print(f"model: Llama, SmolLM2-135M config, weights: {weights}; {rounds} rounds, {torch.get_num_threads()} threads",
+          flush=True)
     same = check_masked_equals_pruned(models)
-    prefill = bench_prefill(models, configs, repeat)
-    print("\nprefill (logits_to_keep=1): speedup = t_base / t, flop_speedup = the FLOP model's prediction, "
-          "gain_realised = (speedup - 1) / (flop_speedup - 1)")
-    print(table(prefill, ["config", "variant", "q_heads", "kv_heads", "params_M", "ms", "cpu_ms", "tokens_per_s",
-                          "speedup", "speedup_cpu", "flop_speedup", "gain_realised", "gain_realised_cpu", "spread_pct"]))
-    dec_models = {n: m for n, m in models.items() if n in ("base", "q50", "g30", "g50")}
-    dec = bench_decode(dec_models, decode, new_tokens)
-    print(f"\ndecode ({new_tokens} greedy steps after the prompt; KV cache fp32 at prompt + new tokens)")
-    print(table(dec, ["config", "variant", "kv_heads", "tokens_per_s", "speedup", "kv_cache_MB", "kv_cache_MB_measured",
-                      "kv_MB_at_8192_b1"]))
-    target = next((r for r in prefill if r["config"] == TARGET_CONFIG and r["variant"] == TARGET_VARIANT), None)
-    masked = next((r for r in prefill if r["config"] == TARGET_CONFIG and r["variant"] == "masked50"), None)
+    cache_ok = check_cache_bytes(models)
+
+    def progress(rows):
+        r0 = rows[0]
+        print(f"  {r0['kind']} {r0['batch']}x{r0['tokens']}: "
+              + ", ".join(f"{r['model']} {r['wall_s']:.2f} s {r['verdict']}" for r in rows), flush=True)
+
+    rows = describe(models, compare(models, prefill=prefill, decode=decode, steps=args.steps, rounds=rounds,
+                                    progress=progress))
+    cols = ["shape", "model", "q_heads", "kv_heads", "wall_s", "cpu_s", "tokens_per_s", "speedup", "speedup_low",
+            "speedup_high", "speedup_cpu", "verdict"]
+    print("\nprefill (logits of the last position): speedup = t_base / t per round, median and quartiles")
+    print(table([r for r in rows if r["kind"] == "prefill"], cols + ["flop_speedup", "gain_realised_cpu"]))
+    print(f"\ndecode ({args.steps} greedy steps after a cache of the context; KV cache float32 at the context)")
+    print(table([r for r in rows if r["kind"] == "decode"], cols + ["kv_cache_MB"]))
+    target = next((r for r in rows if r["kind"] == "prefill" and (r["batch"], r["tokens"]) == TARGET_SHAPE
+                   and r["model"] == TARGET_VARIANT), None)
     verdict = {
-        "config": TARGET_CONFIG, "variant": TARGET_VARIANT, "required_gain_realised": TARGET_FRACTION,
+        "shape": "x".join(map(str, TARGET_SHAPE)), "variant": TARGET_VARIANT, "required_gain_realised": TARGET_FRACTION,
         "gain_realised": target and target["gain_realised"], "gain_realised_cpu": target and target["gain_realised_cpu"],
-        "met": None if not target or target["gain_realised"] is None else target["gain_realised"] >= TARGET_FRACTION,
-        "met_cpu": None if not target or target["gain_realised_cpu"] is None else target["gain_realised_cpu"] >= TARGET_FRACTION,
-        "masked50_speedup": masked and masked["speedup"],
+        "met_cpu": None if not target or target["gain_realised_cpu"] is None
+        else target["gain_realised_cpu"] >= TARGET_FRACTION,
     }
-    print(f"\nmasked50 vs q50 logits, max abs diff: {same}")
-    print(f"target ({TARGET_VARIANT} at {TARGET_CONFIG} realises >= {TARGET_FRACTION:.0%} of the FLOP model's speed-up): "
-          f"{verdict}; masking keeps every shape, so it cannot speed anything up")
+    print(f"\nmasked30 vs even30 logits, max abs diff: {same}; KV bytes per token match the cache tensors: {cache_ok}")
+    print(f"target ({TARGET_VARIANT} at {verdict['shape']} realises >= {TARGET_FRACTION:.0%} of the FLOP model's "
+          f"speed-up, CPU time): {verdict}")
     payload = {
-        "quick": args.quick, "repeat": repeat, "configs": configs, "decode_configs": decode, "threads": torch.get_num_threads(), "weights": weights, "new_tokens": new_tokens,
-        "masked_vs_pruned_logits_max_abs_diff": same, "target": verdict, "total_s": round(time.perf_counter() - t_start, 1),
+        "quick": args.quick, "rounds": rounds, "steps": args.steps, "threads": torch.get_num_threads(),
+        "weights": weights, "masked_vs_pruned_logits_max_abs_diff": same, "kv_bytes_match_cache": cache_ok,
+        "target": verdict, "total_s": round(time.perf_counter() - t_start, 1),
         "heads_removed": {k: {str(layer): hs for layer, hs in v.items()} for k, v in heads.items()},
-        "prefill": prefill, "decode": dec,
+        "rows": rows,
     }
     name = "pruned_cpu" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     path = write_results(name + ".json", payload)
@@ -290,3 +222,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

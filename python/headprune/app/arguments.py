@@ -16,6 +16,9 @@ from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
 #: before the arguments are parsed; tests/test_recover.py checks they agree)
 RECOVER_LR = 1e-4
 
+#: --learn-steps default (headprune.hf.learned.learn_gates's own default)
+LEARN_STEPS = 200
+
 #: --save-dtype choices: "auto" keeps the input checkpoint's own float type
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -49,6 +52,20 @@ def ratios(text: str) -> list:
     return [ratio(t) for t in text.split(",") if t.strip()]
 
 
+def shapes(text: str) -> list:
+    """``"1x512,16x512"`` -> ``[(1, 512), (16, 512)]``; ``""`` or ``none`` -> ``[]``."""
+    out = []
+    for part in [t.strip() for t in text.split(",") if t.strip() and t.strip().lower() != "none"]:
+        try:
+            b, n = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected BATCHxTOKENS shapes such as 1x512,16x512, got {part!r}") from None
+        if b < 1 or n < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive batch and token count, got {part!r}")
+        out.append((b, n))
+    return out
+
+
 def _int_at_least(low: int, what: str):
     def parse(text: str) -> int:
         try:
@@ -73,6 +90,13 @@ def nonnegative(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
     if not x >= 0 or x == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
+    return x
+
+
+def positive_float(text: str) -> float:
+    x = nonnegative(text)
+    if x == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return x
 
 
@@ -149,9 +173,11 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     how = g.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=ratio, help="fraction of the prunable units to remove, in (0, 1)")
     how.add_argument("--count", type=positive, help="number of prunable units to remove")
-    g.add_argument("--score", default=None, choices=SCORES,
+    g.add_argument("--score", default=None, choices=(*SCORES, "learned"),
                    help="the statistic that ranks heads (default: the default recipe's); reconstruction: what the "
-                        "least-squares refit cannot recover; entropy: the mean attention entropy (nats)")
+                        "least-squares refit cannot recover; entropy: the mean attention entropy (nats); learned: "
+                        "hard-concrete gates trained on the calibration text to keep the outputs under the budget "
+                        "(see --learn-steps)")
     g.add_argument("--order", choices=ORDERS, default=None,
                    help="prune the highest or the lowest scores first, or a seeded random order (default: the "
                         "score's natural order: highest first for entropies, lowest for costs)")
@@ -172,6 +198,13 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
                    help="layers (attention sites) never pruned (default: the recipe's)")
     g.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
+    g.add_argument("--learn-steps", type=positive, default=LEARN_STEPS,
+                   help=f"--score learned: training steps, one calibration batch each (default {LEARN_STEPS})")
+    g.add_argument("--learn-seconds", type=positive_float, default=None,
+                   help="--score learned: stop training after the step that passes this many seconds (default: none)")
+    g.add_argument("--learn-checkpoint", default=None, metavar="FILE",
+                   help="--score learned: keep the gates' training state in FILE and resume from it when it exists "
+                        "(refused when it was written for another model, text or settings)")
     g.add_argument("--steps", type=steps, default=DEFAULT_STEPS,
                    help="iterative pruning: reach the budget in this many rounds, re-collecting the statistics with "
                         "the heads chosen so far removed before each round; 'auto': at most 10%% of the heads per "
@@ -210,6 +243,12 @@ def prune_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the pruned model's speed against the unpruned one, interleaved (default on; "
                         "needs a second copy of the model in memory)")
+    g.add_argument("--speed-prefill", type=shapes, default=[(1, 512)], metavar="BxN[,BxN...]",
+                   help="prefill shapes --speed times: batch x prompt tokens, capped at the model's positions "
+                        "(default 1x512; none to skip)")
+    g.add_argument("--speed-decode", type=shapes, default=[(1, 2048)], metavar="BxN[,BxN...]",
+                   help="decode shapes --speed times for causal LMs: batch x tokens of context already in the KV "
+                        "cache, where head pruning pays most (default 1x2048; none to skip)")
 
 
 def sweep_args(p: argparse.ArgumentParser) -> None:

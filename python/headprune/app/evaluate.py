@@ -147,29 +147,28 @@ def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vo
     return {"tokens_per_s": batch * seq_len / med, "median_ms": med * 1e3, "batch": batch, "seq_len": seq_len}
 
 
-@torch.no_grad()
-def compare_speed(before, after, *, batch: int = 1, seq_len: int = 256, repeat: int = 9) -> dict:
-    """Forward tokens/s of two models (unpruned and pruned) timed in alternating pairs on the
-    same random tokens, so a burst of load lands on both: medians, the median per-pair
-    speed-up and its quartiles (``speedup_low``/``speedup_high``: the spread)."""
-    seq_len = min(seq_len, max_positions(before, seq_len), max_positions(after, seq_len))
-    device = next(before.parameters()).device
-    vocab = getattr(before.config, "vocab_size", 1000)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    mask = torch.ones_like(ids)
+def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), steps: int = 8,
+                  rounds: int = 5) -> list:
+    """Prefill and (causal LMs) decode tokens/s of the unpruned and the pruned model, timed
+    interleaved by :func:`headprune.hf.speed.compare`: rows with both speeds, the median
+    per-round speed-up and its quartiles (the spread). Prefill lengths are capped at the
+    model's position table; encoders have no decode."""
+    from ..hf.speed import compare
 
-    def run(model) -> float:
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30))
+    prefill = [(b, min(t, cap)) for b, t in prefill]
+    decode = [(b, t) for b, t in decode if t + steps <= cap] if _causal(before) else []
+    rows = compare({"before": before, "after": after}, prefill=prefill, decode=decode, steps=steps, rounds=rounds)
+    out = []
+    for a, b in zip(rows[0::2], rows[1::2]):
+        out.append({"kind": a["kind"], "batch": a["batch"], "tokens": a["tokens"], "rounds": rounds,
+                    **({"steps": steps} if a["kind"] == "decode" else {}),
+                    "tokens_per_s_before": a["tokens_per_s"], "tokens_per_s_after": b["tokens_per_s"],
+                    **{k: b[k] for k in b if k.startswith("speedup")}})
+    return out
 
-    run(before), run(after)  # warm-up
-    pairs = [(run(before), run(after)) for _ in range(repeat)]
-    ups = sorted(a / b for a, b in pairs)
-    q = statistics.quantiles(ups, n=4)
-    return {"batch": batch, "seq_len": seq_len, "repeat": repeat,
-            "tokens_per_s_before": batch * seq_len / statistics.median(a for a, _ in pairs),
-            "tokens_per_s_after": batch * seq_len / statistics.median(b for _, b in pairs),
-            "speedup": statistics.median(ups), "speedup_low": q[0], "speedup_high": q[2]}
+
+def _causal(model) -> bool:
+    from ..hf.adapters import get_adapter
+
+    return get_adapter(model).kind == "causal"

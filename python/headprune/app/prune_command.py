@@ -4,6 +4,7 @@ stage labelled while it runs and timed in the report."""
 from __future__ import annotations
 
 import copy
+import math
 import functools
 import os
 import sys
@@ -41,8 +42,14 @@ def prune(args) -> int:
     kw = C._selection_kwargs(args)
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
+    learned = None
+    if kw.get("score") == "learned":
+        with stage("learning head gates on the calibration text", "learn"):
+            learned = _learn(args, loaded, batches, scores)
+        settings["learned"] = {k: v for k, v in learned.to_dict().items()}
     with stage("choosing heads", "select"):
-        heads, last = _select(args, loaded, batches, scores, kw, removal)
+        heads, last = _select(args, loaded, batches, scores, kw if learned is None else
+                              {**kw, "score": learned.scores, "order": "low"}, removal)
     if not C._is_writer():
         return 0
     recipe = _recipe(args, kw, removal, scores)
@@ -104,7 +111,8 @@ def _evaluate(args, stage, loaded, held, before_q, reference, report: dict) -> d
     speed = None
     if args.speed:
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
-            speed = E.compare_speed(reference, loaded.model)
+            reference.to(next(loaded.model.parameters()).dtype)  # both in the type saved
+            speed = E.compare_speed(reference, loaded.model, prefill=args.speed_prefill, decode=args.speed_decode)
     report.update({"after": {**C._public(after_q), **measure(loaded.model)}, "speed": speed,
                    "seconds": stage.seconds})
     return report
@@ -153,9 +161,27 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
                            grouped=has_grouped_queries(scores))
 
 
+def _learn(args, loaded, batches, scores):
+    """``--score learned``: hard-concrete gates trained toward the requested budget."""
+    from ..hf.learned import learn_gates
+
+    total = sum(scores.num_heads)
+    ratio = args.ratio if args.ratio is not None else args.count / total
+    if not 0 < ratio < 1:
+        raise ValueError(f"--count: {args.count} of {total} heads leaves no budget for learned gates")
+    return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps,
+                       time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
+                       progress=not args.quiet, checkpoint=args.learn_checkpoint,
+                       resume=args.learn_checkpoint is not None)
+
+
 def _check_layout_options(args) -> None:
     """--uniform chooses one layout for every layer in one round: refused with the options
     that would change it afterwards (before anything slow runs)."""
+    if args.score == "learned" and args.steps != 1:
+        raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
+    if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
+        raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
     if not getattr(args, "uniform", False):
         return
     if args.steps != 1:
@@ -239,6 +265,9 @@ def _selection_values(scores, settings: dict):
 
     if settings.get("order") == "random":
         return None
+    if settings.get("score") == "learned":
+        return torch.tensor([[math.nan if v is None else v for v in row] for row in settings["learned"]["scores"]],
+                            dtype=torch.float64)
     recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), ())
     if recipe.score == "reconstruction":
         return reconstruction_score(scores, settings.get("gqa", DEFAULT_GQA))

@@ -14,6 +14,7 @@ SCORE_WORDS = {
     "sink": "attention mass on the first token",
     "rest": "entropy of the attention after the first token",
     "rest_nonsink": "entropy after the first token times the mass not on it",
+    "learned": "hard-concrete gates trained to keep the outputs under the head budget (log alpha)",
 }
 REMOVAL_WORDS = {
     "refit": "the kept heads' output projection refit by least squares",

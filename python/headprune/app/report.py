@@ -34,15 +34,20 @@ def summary_table(report: dict, metric: str) -> str:
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} | {_change(x, y)} |" for name, x, y in rows]
     speed = report.get("speed")
-    if speed:
-        lines.append(speed_row(speed))
+    for row in ([speed] if isinstance(speed, dict) else speed or []):
+        lines.append(speed_row(row))
     return "\n".join(lines)
 
 
 def speed_row(speed: dict) -> str:
     """tokens/s before and after; the change only when it lies outside the spread of the
-    interleaved pairs (quartiles of the per-pair speed-ups)."""
-    name = f"tokens/s (batch {speed['batch']}, {speed['seq_len']} tokens, interleaved)"
+    interleaved rounds (quartiles of the per-round speed-ups)."""
+    if speed.get("kind") == "decode":
+        name = f"decode tokens/s (batch {speed['batch']}, {speed['tokens']:,}-token context, interleaved)"
+    elif "kind" in speed:
+        name = f"prefill tokens/s (batch {speed['batch']}, {speed['tokens']:,} tokens, interleaved)"
+    else:  # reports written before decode was measured
+        name = f"tokens/s (batch {speed['batch']}, {speed['seq_len']} tokens, interleaved)"
     lo, hi = speed["speedup_low"], speed["speedup_high"]
     if lo <= 1.0 <= hi:
         change = f"no measurable difference ({lo:.2f}-{hi:.2f}x)"

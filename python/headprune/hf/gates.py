@@ -89,13 +89,30 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
-def _pre_hook(handle: HeadGates, index: int, d: int):
+def _pre_hook(handle: HeadGates, index: int, d: int, fill: Optional[torch.Tensor]):
     def pre(module, args):
         x = args[0]
-        gated = (x.unflatten(-1, (handle.num_heads[index], d)) * handle.factor(index, x)).flatten(-2)
-        return (gated, *args[1:])
+        heads = x.unflatten(-1, (handle.num_heads[index], d))
+        if fill is None:
+            gated = heads * handle.factor(index, x)
+        else:  # g * x + (1 - g) * fill, as (x - fill) * g + fill
+            f = fill[index, : handle.num_heads[index], :d].to(device=x.device, dtype=x.dtype)
+            gated = (heads - f) * handle.factor(index, x) + f
+        return (gated.flatten(-2), *args[1:])
 
     return pre
+
+
+def _check_fill(fill, num_heads: list, dims: list) -> None:
+    want = [len(num_heads), max(num_heads, default=0), max(dims, default=0)]
+    if not isinstance(fill, torch.Tensor) or not fill.is_floating_point():
+        raise TypeError(f"fill: expected a floating-point tensor {want} [sites, heads, head_dim], got {_describe(fill)}")
+    if fill.dim() != 3 or any(a < b for a, b in zip(fill.shape, want)):
+        raise ValueError(f"fill: expected shape {want} [sites, heads, head_dim], got {list(fill.shape)}")
+    for i, (h, d) in enumerate(zip(num_heads, dims)):
+        if not torch.isfinite(fill[i, :h, :d]).all():
+            raise ValueError(f"fill: site {i} has values that are not finite (NaN marks heads never seen: "
+                             "fill them first, e.g. with torch.nan_to_num)")
 
 
 def _default_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -105,7 +122,7 @@ def _default_dtype(weight: torch.Tensor) -> torch.dtype:
 
 @contextmanager
 def gates(model, init: float = 1.0, *, per_example: bool = False,
-          values: Optional[torch.Tensor] = None) -> Iterator[HeadGates]:
+          values: Optional[torch.Tensor] = None, fill: Optional[torch.Tensor] = None) -> Iterator[HeadGates]:
     """Gate every attention head of ``model`` for the duration of the ``with`` block.
 
     Yields a :class:`HeadGates` whose ``gate`` multiplies each head's output (the heads' slice
@@ -118,6 +135,11 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     if it requires grad). ``per_example=True``: the gates are ``[batch, sites, max_heads]``,
     one row per example; pass them as ``values`` or assign ``g.gate`` before the forward pass.
 
+    ``fill``: what a closed gate leaves in the head's place, ``[sites, max_heads, head_dim]``
+    (for example ``HeadScores.output_mean()``, so a closed head is replaced by its mean output
+    as mean compensation does): a head gated by ``g`` outputs ``g * x + (1 - g) * fill``.
+    Default: nothing (zero), transformers 4's ``head_mask``.
+
     The head layout is the model's at entry (do not mask or prune inside the block). The
     hooks are removed on every exit path; the model's weights are never touched.
     """
@@ -129,6 +151,9 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     check_layout(model)
     sites = resolve_sites(model, adapter)
     handle = HeadGates([s.name for s in sites], [head_counts(s, adapter)[0] for s in sites], per_example)
+    dims = [head_dim(s, adapter) for s in sites]
+    if fill is not None:
+        _check_fill(fill, handle.num_heads, dims)
     if values is not None:
         handle._gate = handle._checked("values", values)
     elif not per_example:
@@ -137,6 +162,6 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
                                   requires_grad=True)
     with ExitStack() as stack:
         for site in sites:
-            hook = _pre_hook(handle, site.index, head_dim(site, adapter))
+            hook = _pre_hook(handle, site.index, dims[site.index], fill)
             stack.callback(site.o.register_forward_pre_hook(hook).remove)
         yield handle

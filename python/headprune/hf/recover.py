@@ -195,13 +195,13 @@ def _digest(tensors) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(params: dict, settings: dict, batches) -> dict:
+def _fingerprint(params: dict, settings: dict, batches, fmt: str = CHECKPOINT_FORMAT) -> dict:
     """What a checkpoint must match: the parameters (names, shapes, dtypes and starting
     values), the settings, and the tokens when ``batches`` is a sequence."""
     tokens = None
     if isinstance(batches, Sequence):
         tokens = _digest(v for b in batches for k in sorted(b) for v in [b[k]] if isinstance(v, torch.Tensor))
-    return {"format": CHECKPOINT_FORMAT, **settings, "tokens": tokens, "start": _digest(params.values()),
+    return {"format": fmt, **settings, "tokens": tokens, "start": _digest(params.values()),
             "parameters": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()]}
 
 
@@ -210,8 +210,8 @@ class _Checkpoint:
     ``weights_only``), rewritten atomically: the trained parameters, the optimizer state,
     the steps done and the fingerprint it was written for."""
 
-    def __init__(self, path, fingerprint: dict):
-        self.path, self.fingerprint = os.path.abspath(os.fspath(path)), fingerprint
+    def __init__(self, path, fingerprint: dict, what: str = "recovery"):
+        self.path, self.fingerprint, self.what = os.path.abspath(os.fspath(path)), fingerprint, what
 
     def _refuse(self, why: str) -> ValueError:
         return ValueError(f"checkpoint: {self.path} {why}; delete it or start without resume")
@@ -222,9 +222,10 @@ class _Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged file: pickle, zip and torch raise many types
-            raise self._refuse(f"is not a readable recovery checkpoint ({type(e).__name__})") from e
-        if not isinstance(state, dict) or state.get("fingerprint", {}).get("format") != CHECKPOINT_FORMAT:
-            raise self._refuse(f"is not a recovery checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+            raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})") from e
+        fmt = self.fingerprint["format"]
+        if not isinstance(state, dict) or state.get("fingerprint", {}).get("format") != fmt:
+            raise self._refuse(f"is not a {self.what} checkpoint (expected format {fmt!r})")
         saved = state["fingerprint"]
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
         if diff:

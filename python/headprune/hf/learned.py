@@ -1,0 +1,257 @@
+"""Learned head gates: hard-concrete (L0) gates trained to keep the model's outputs under a
+head budget (Voita et al., 2019, on Louizos et al., 2018's relaxation), as a selection score.
+
+Every head ``h`` gets a parameter ``log_alpha[h]``. Each step draws, per head,
+``u ~ U(0, 1)``, ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)`` and the gate
+``z = clamp(s * (zeta - gamma) + gamma, 0, 1)`` (beta 2/3, gamma -0.1, zeta 1.1: exactly 0
+or 1 with positive probability, differentiable in between), and the model runs with every
+head's output multiplied by its gate (:func:`~headprune.hf.gates.gates`; with ``fill``, a
+closed head is replaced by its mean output instead of zero, as the refit and mean
+compensation replace it). The model's weights never change; only the gates learn.
+
+The loss is the distillation loss of :mod:`headprune.hf.recover` against the ungated model on
+the calibration batches (KL of the next-token distributions for causal LMs, 1 - cosine of the
+pooled embeddings for encoders). The budget is held exactly instead of penalised: after every
+step all ``log_alpha`` shift by the one constant that puts the expected fraction of open gates,
+``p = mean_h P(z_h > 0) = mean_h sigmoid(log_alpha_h - beta log(-gamma / zeta))``, at the
+target ``q`` (a projection onto the budget, found by bisection), ``q`` falling linearly from
+the start's open fraction to ``1 - ratio`` over the first ``warmup`` of the steps. (Lagrange
+multipliers on ``p - q``, as in CoFi and Sheared-LLaMA, over- and undershot the target
+within the hundred-odd steps a CPU affords.) So only the distillation loss moves heads
+relative to each other, and the gates settle on the heads the outputs need most.
+
+The result, ``log_alpha`` as a ``[sites, heads]`` tensor (higher: more needed), ranks heads
+for :func:`~headprune.ranking.select_heads` (``score=learned.scores``, lowest pruned first) under
+any layout and removal, so learned gates and the one-shot scores compare on equal footing.
+A run stops after ``steps`` or ``time_budget_s`` and resumes from its checkpoint exactly (the
+gate noise of step ``t`` is drawn from a generator seeded by ``seed`` and ``t``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .gates import gates
+from .recover import _Checkpoint, _cycle, _fingerprint, _kwargs, _loss, _Teacher
+
+__all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
+FORMAT = "headprune.learned_gates/1"
+
+
+@dataclass
+class LearnedGates:
+    """What :func:`learn_gates` learned: ``scores`` (``log_alpha``, ``[sites, max_heads]``
+    float64, NaN past a site's heads; higher = more needed), steps in all (a resumed run's
+    earlier ones included), seconds of this call, the distillation loss of the first and the
+    last step of this call, the expected fraction of open gates at the end, and why it
+    stopped (``"steps"`` or ``"time_budget"``)."""
+
+    scores: torch.Tensor
+    steps: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+    open_fraction: float
+    target_open: float
+    stopped: str
+    resumed_from: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scores"] = [[None if math.isnan(v) else v for v in row] for row in self.scores.tolist()]
+        return d
+
+
+def open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """``P(z > 0)`` of hard-concrete gates: the expected L0 norm per gate."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One hard-concrete draw per gate (see the module doc)."""
+    u = torch.rand(log_alpha.shape, generator=generator, dtype=log_alpha.dtype).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"ratio: expected a fraction of heads to prune in (0, 1), got {ratio!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
+        raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
+    if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup <= 1:
+        raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
+        raise ValueError(f"init: expected a finite log_alpha, got {init!r}")
+
+
+def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
+    if scores is None:
+        return None
+    if getattr(scores, "outputs", None) is None:
+        raise ValueError("scores: no output statistics to fill closed gates with (collect them with "
+                         "headprune.collect, or pass scores=None to close gates to zero)")
+    if list(scores.num_heads) != num_heads:
+        raise ValueError(f"scores: were collected for head counts {list(scores.num_heads)}, the model has {num_heads}")
+    return torch.nan_to_num(scores.output_mean(), nan=0.0)
+
+
+def _model_digest(model) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1)[:4096].view(torch.uint8).numpy().tobytes())
+        h.update(str(tuple(p.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0.05, warmup: float = 0.3,
+                scores=None, init: float = 3.0, seed: int = 0, time_budget_s: Optional[float] = None,
+                progress: Union[bool, Callable] = False, checkpoint: Optional[Union[str, os.PathLike]] = None,
+                checkpoint_every: int = 10, resume: bool = False) -> LearnedGates:
+    """Train hard-concrete gates on ``model``'s heads for ``steps`` steps (one calibration
+    batch per step, cycling through ``batches``, a list of dicts as the model's forward
+    takes them) so that about ``1 - ratio`` of them stay open; see the module doc.
+
+    Args:
+        scores: ``HeadScores`` with output statistics (``headprune.collect``): a closed gate
+            leaves the head's mean output (as the refit and mean compensation do); ``None``:
+            zero, as ``head_mask`` and ``removal="zero"``.
+        lr: Adam's learning rate for ``log_alpha`` (the multipliers use the same).
+        init: ``log_alpha`` at the start (3: every gate open with probability about 0.98).
+        warmup: fraction of ``steps`` over which the target falls from all open to ``1 - ratio``.
+        time_budget_s / progress / checkpoint / checkpoint_every / resume: as in
+            :func:`headprune.hf.recover.recover` (the checkpoint holds the gates, the
+            multipliers, the optimizer and the step).
+
+    The model's weights, ``requires_grad`` flags and train/eval mode are as they were on
+    every exit; it runs in eval mode (no dropout).
+    """
+    _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init)
+    if resume and checkpoint is None:
+        raise ValueError("resume: needs a checkpoint path")
+    adapter = get_adapter(model)
+    if adapter.kind == "seq2seq":
+        raise ValueError(f"model: learned gates handle causal LMs and encoders, not {adapter.model_type} (seq2seq)")
+    sites = resolve_sites(model, adapter)
+    num_heads = [head_counts(s, adapter)[0] for s in sites]
+    fill = _fill(scores, num_heads, [head_dim(s, adapter) for s in sites])
+    valid = torch.zeros(len(sites), max(num_heads), dtype=torch.bool)
+    for i, h in enumerate(num_heads):
+        valid[i, :h] = True
+    params = {"log_alpha": torch.full(valid.shape, float(init), dtype=torch.float32, requires_grad=True)}
+    settings = {"ratio": float(ratio), "steps": steps, "lr": float(lr), "warmup": float(warmup), "seed": seed,
+                "fill": "mean" if fill is not None else "zero", "model": _model_digest(model),
+                "heads": num_heads}
+    ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches, FORMAT),
+                                                       what="learned-gates")
+    optimizer = torch.optim.Adam([params["log_alpha"]], lr=lr)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    mode = model.training
+    with ExitStack() as stack:
+        stack.callback(lambda: [p.requires_grad_(f) for p, f in flags.items()])
+        stack.callback(lambda: model.train(mode))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        opens = (float(open_probability(torch.tensor(float(init)))), 1.0 - float(ratio))
+        return _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, time_budget_s,
+                    progress, ckpt, checkpoint_every, resume)
+
+
+def _target(step: int, steps: int, warmup: float, keep: float, start: float) -> float:
+    """The open fraction after step ``step`` (1-based): ``start`` falling linearly to ``keep``."""
+    ramp = max(1, round(warmup * steps))
+    return keep if step >= ramp else start - (start - keep) * step / ramp
+
+
+@torch.no_grad()
+def project(log_alpha: torch.Tensor, valid: torch.Tensor, target: float) -> None:
+    """Shift ``log_alpha[valid]`` by the constant that makes the mean open probability
+    ``target`` (bisection: the mean is increasing in the shift)."""
+    la = log_alpha[valid].double()
+    lo, hi = -60.0 - la.max().item(), 60.0 - la.min().item()
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if open_probability(la + mid).mean().item() < target:
+            lo = mid
+        else:
+            hi = mid
+    log_alpha[valid] += (lo + hi) / 2
+
+
+def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, budget, progress, ckpt,
+         every, resume) -> LearnedGates:
+    start_open, keep = opens
+    t0 = time.perf_counter()
+    done = start = saved = 0
+    if resume and ckpt is not None:
+        state = ckpt.load()
+        if state is not None:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(state["parameters"][n])
+            optimizer.load_state_dict(state["optimizer"])
+            done = start = saved = int(state["step"])
+    it = _cycle(batches)
+    for _ in itertools.islice(it, done):
+        pass
+    teacher = _Teacher(model, cache=isinstance(batches, Sequence))
+    log_alpha = params["log_alpha"]
+    losses, stopped, bar = [], "steps", None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=done, desc="headprune: learning gates", unit="step")
+    try:
+        while done < steps:
+            kw = _kwargs(model, next(it))
+            index = done % len(batches) if isinstance(batches, Sequence) else done
+            target = teacher(index, kw)  # the ungated model: no gates are hooked here
+            z = sample_gates(log_alpha, torch.Generator().manual_seed(seed * 1_000_003 + done))
+            with gates(model, values=z.masked_fill(~valid, 1.0), fill=fill):
+                distill = _loss(model, target, kw)
+            optimizer.zero_grad(set_to_none=True)
+            distill.backward()
+            optimizer.step()
+            done += 1
+            project(log_alpha, valid, _target(done, steps, warmup, keep, start_open))
+            losses.append(distill.item())
+            if ckpt is not None and done % every == 0:
+                ckpt.save(params, optimizer, done)
+                saved = done
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", open=f"{open_probability(log_alpha)[valid].mean().item():.2f}")
+            elif callable(progress):
+                progress(done, steps, losses[-1])
+            if budget is not None and done < steps and time.perf_counter() - t0 >= budget:
+                stopped = "time_budget"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if ckpt is not None and saved != done:
+        ckpt.save(params, optimizer, done)
+    out = log_alpha.detach().double().masked_fill(~valid, math.nan)
+    return LearnedGates(out, done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,
+                        losses[-1] if losses else math.nan,
+                        float(open_probability(log_alpha.detach())[valid].mean()), keep, stopped, start)

@@ -1,0 +1,178 @@
+"""Speed of models compared where head pruning pays: prefill and decode, timed interleaved.
+
+Head pruning removes attention FLOPs (which grow with the context) and, when whole KV
+groups go, KV cache. Prefill at a short context barely moves; decode at a long context,
+where every new token reads the whole KV cache, moves most. So the comparison has two kinds
+of shape:
+
+* ``prefill`` ``(batch, tokens)``: one forward over ``tokens`` random token ids without a
+  cache, keeping the last position's logits only (what ``generate`` runs on a prompt).
+* ``decode`` ``(batch, context)``: ``steps`` greedy steps of one token each after a KV cache
+  of ``context`` tokens. The cache is filled with zeros in each layer's own KV shape instead
+  of by a prefill (the time of a decode step does not depend on what the cache holds, and a
+  prefill of 16 x 8,192 tokens would take minutes on a CPU), so long contexts cost only their
+  memory. It is transformers' ``DynamicCache``: what ``generate`` uses by default.
+
+The models are timed in rotation (one call of each per round, each round starting with the
+next model, so none always runs first), so a burst of load on a shared machine lands on all
+of them; each round gives each model's speed-up over the first
+(the reference), and the summary is the median of those with their quartiles. A model whose
+quartiles include 1.0 shows "no measurable difference": a signed percentage inside the
+spread would be noise read as a result. Wall time and the process's CPU time are both kept.
+"""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+import time
+
+import torch
+
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+
+__all__ = ["compare", "filled_cache", "verdict", "parse_shape"]
+
+
+def parse_shape(spec: str, arg: str = "shape") -> tuple:
+    """``"16x512"`` -> ``(16, 512)``; a clear error for anything else."""
+    try:
+        b, s = (int(v) for v in str(spec).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{arg}: expected BATCHxTOKENS such as 1x512, got {spec!r}") from None
+    if b < 1 or s < 1:
+        raise ValueError(f"{arg}: expected positive batch and tokens, got {spec!r}")
+    return b, s
+
+
+def _ids(model, batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    vocab = getattr(model.config, "vocab_size", None) or 1000
+    g = torch.Generator().manual_seed(seed * 1000003 + batch * 7919 + tokens)
+    return torch.randint(3 if vocab > 3 else 0, vocab, (batch, tokens), generator=g).to(next(model.parameters()).device)
+
+
+def filled_cache(model, batch: int, context: int):
+    """A ``DynamicCache`` holding ``context`` tokens of zeros per causal self-attention layer,
+    each in that layer's own (possibly pruned) KV shape."""
+    from transformers import DynamicCache
+
+    adapter = get_adapter(model)
+    p = next(model.parameters())
+    cache = DynamicCache(config=model.config)
+    for site in resolve_sites(model, adapter):
+        if not site.block.causal or site.block.kind != "self":
+            continue
+        shape = (batch, head_counts(site, adapter)[1], context, head_dim(site, adapter))
+        k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        cache.update(k, torch.zeros_like(k), site.depth)
+    return cache
+
+
+def _cache_arg(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _clock(fn) -> tuple:
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _prefill(model, batch: int, tokens: int):
+    ids = _ids(model, batch, tokens)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params or get_adapter(model).kind == "causal":
+        kw["use_cache"] = False
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+
+    def setup():
+        return None
+
+    def run(_):
+        model(**kw)
+
+    return setup, run
+
+
+def _decode(model, batch: int, context: int, steps: int):
+    ids = _ids(model, batch, steps, seed=1)
+    arg = _cache_arg(model)
+
+    def setup():
+        return filled_cache(model, batch, context)
+
+    def run(cache):
+        for i in range(steps):
+            model(input_ids=ids[:, i : i + 1], **{arg: cache}, use_cache=True)
+
+    return setup, run
+
+
+@torch.no_grad()
+def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int = 5, warmup: bool = True,
+            progress=None) -> list:
+    """Rows ``{kind, batch, tokens, model, wall_s, cpu_s, tokens_per_s, speedup, speedup_low,
+    speedup_high, speedup_cpu, ..., verdict}`` for every shape, the first model of ``models``
+    (``{name: model}``) being the reference; see the module doc. ``prefill`` and ``decode``
+    take ``(batch, tokens)`` pairs (decode: tokens of context already cached)."""
+    if not models:
+        raise ValueError("models: expected at least one model")
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds, steps: expected at least 1, got {rounds}, {steps}")
+    for m in models.values():
+        m.eval()
+    shapes = [("prefill", *s) for s in prefill] + [("decode", *s) for s in decode]
+    rows = []
+    for kind, batch, tokens in shapes:
+        calls = {n: (_prefill(m, batch, tokens) if kind == "prefill" else _decode(m, batch, tokens, steps))
+                 for n, m in models.items()}
+        if warmup:  # one call of each at a small shape of the same kind: first-call costs out of the rounds
+            for n, m in models.items():
+                setup, run = _prefill(m, 1, min(tokens, 32)) if kind == "prefill" else _decode(m, 1, min(tokens, 32), 1)
+                run(setup())
+        wall = {n: [] for n in models}
+        cpu = {n: [] for n in models}
+        order = list(calls)
+        for r in range(rounds):  # each round starts with the next model: no model always runs first
+            for n in order[r % len(order):] + order[: r % len(order)]:
+                setup, run = calls[n]
+                state = setup()
+                w, c = _clock(lambda: run(state))
+                del state
+                wall[n].append(w)
+                cpu[n].append(c)
+        new_tokens = batch * (tokens if kind == "prefill" else steps)
+        ref = next(iter(models))
+        for n in models:
+            row = {"kind": kind, "batch": batch, "tokens": tokens, "model": n, "rounds": rounds,
+                   **({"steps": steps} if kind == "decode" else {}),
+                   "wall_s": statistics.median(wall[n]), "cpu_s": statistics.median(cpu[n]),
+                   "tokens_per_s": new_tokens / statistics.median(wall[n])}
+            for clock, times in (("", wall), ("_cpu", cpu)):
+                ups = sorted(a / b for a, b in zip(times[ref], times[n]))
+                low, high = _quartiles(ups)
+                row.update({f"speedup{clock}": statistics.median(ups), f"speedup{clock}_low": low,
+                            f"speedup{clock}_high": high})
+            row["verdict"] = "reference" if n == ref else verdict(row)
+            rows.append(row)
+        if progress:
+            progress(rows[-len(models):])
+    return rows
+
+
+def _quartiles(values: list) -> tuple:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def verdict(row: dict, clock: str = "") -> str:
+    """``"no measurable difference (0.97-1.04x)"`` when the quartiles of the per-round
+    speed-ups include 1.0, else ``"1.31x (1.25-1.36x)"``."""
+    s, lo, hi = row[f"speedup{clock}"], row[f"speedup{clock}_low"], row[f"speedup{clock}_high"]
+    if lo <= 1.0 <= hi:
+        return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
+    return f"{s:.2f}x ({lo:.2f}-{hi:.2f}x)"

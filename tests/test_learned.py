@@ -1,0 +1,158 @@
+"""Learned hard-concrete gates (headprune.hf.learned): the relaxation's formulas, the budget
+held by projection, training that moves only the gates, the selection it feeds, resume, the
+gates' fill, and ``prune --score learned``."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune.hf import collect, resolve_sites
+from headprune.hf.gates import gates
+from headprune.hf.learned import BETA, GAMMA, ZETA, learn_gates, open_probability, project, sample_gates
+from headprune.ranking import select_heads
+
+pytest.importorskip("transformers")
+
+
+def _batches(family="llama", n=3):
+    return [tiny_batch(family, seed=i, pad=False) for i in range(n)]
+
+
+def test_open_probability_matches_sampling():
+    """P(z > 0) in closed form against the fraction of positive draws (float64 reference)."""
+    la = torch.tensor([-3.0, -1.0, 0.0, 1.5, 4.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_gates(la, g) for _ in range(20000)])
+    assert ((draws >= 0) & (draws <= 1)).all()
+    assert torch.allclose((draws > 0).double().mean(0), open_probability(la), atol=0.015)
+    # the closed form: sigmoid(log_alpha - beta * log(-gamma / zeta))
+    assert torch.allclose(open_probability(la), torch.sigmoid(la - BETA * math.log(-GAMMA / ZETA)))
+    # hard zeros and ones both occur with positive probability
+    assert (draws == 0).any() and (draws == 1).any()
+
+
+def test_projection_holds_the_budget_and_the_order():
+    la = torch.randn(3, 5, dtype=torch.float32) * 3
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[2, 3:] = False
+    before = la.clone()
+    project(la, valid, 0.4)
+    assert open_probability(la[valid].double()).mean().item() == pytest.approx(0.4, abs=1e-5)
+    shift = (la - before)[valid]
+    assert torch.allclose(shift, shift[0].expand_as(shift))  # one constant: the ranking is unchanged
+    assert torch.equal(la[~valid], before[~valid])
+
+
+@pytest.mark.parametrize("family,fill", [("llama", True), ("bert", False), ("gpt2", True)])
+def test_training_moves_only_the_gates(family, fill):
+    model = tiny_model(family)
+    batches = _batches(family)
+    scores = collect(model, batches, progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    model.train()
+    r = learn_gates(model, batches, ratio=0.5, steps=12, lr=0.1, scores=scores if fill else None)
+    assert r.steps == 12 and r.stopped == "steps" and r.open_fraction == pytest.approx(0.5, abs=1e-4)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert r.scores.shape == (len(resolve_sites(model)), max(scores.num_heads))
+    assert torch.isfinite(r.scores[scores.valid()]).all()
+    heads = select_heads(scores, ratio=0.5, score=r.scores, order="low")
+    for site, hs in heads.items():  # each layer loses its lowest log_alpha
+        row = r.scores[site, : scores.num_heads[site]]
+        assert set(hs) == set(row.argsort()[: len(hs)].tolist())
+    json.dumps(r.to_dict())
+
+
+def test_gradient_reaches_the_gates_that_matter():
+    """A head whose output projection columns are zero changes nothing: the distillation
+    loss gives its gate no gradient, and the gates learn to close it first."""
+    model = tiny_model("llama")
+    site = resolve_sites(model)[1]
+    d = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        site.o.weight[:, 2 * d : 3 * d] = 0
+    batches = _batches()
+    r = learn_gates(model, batches, ratio=0.25, steps=30, lr=0.2)
+    assert r.scores[1, 2] == r.scores[~r.scores.isnan()].min()
+    assert select_heads(collect(model, batches, progress=False), count=1, score=r.scores, scope="global",
+                        gqa="query") == {1: [2]}
+
+
+def test_resume_continues_exactly(tmp_path):
+    model = tiny_model("llama")
+    batches = _batches()
+    full = learn_gates(model, batches, ratio=0.5, steps=10, lr=0.1)
+    ck = tmp_path / "gates.pt"
+    first = learn_gates(model, batches, ratio=0.5, steps=10, lr=0.1, checkpoint=ck, checkpoint_every=3,
+                        time_budget_s=1e-9)
+    assert first.stopped == "time_budget" and first.steps == 1
+    rest = learn_gates(model, batches, ratio=0.5, steps=10, lr=0.1, checkpoint=ck, resume=True)
+    assert rest.resumed_from == 1 and rest.steps == 10
+    assert torch.equal(rest.scores.nan_to_num(), full.scores.nan_to_num())
+    with pytest.raises(ValueError, match="checkpoint: .* was written for other ratio"):
+        learn_gates(model, batches, ratio=0.4, steps=10, lr=0.1, checkpoint=ck, resume=True)
+
+
+@pytest.mark.parametrize("kw,match", [({"ratio": 1.0}, "ratio"), ({"ratio": 0.5, "steps": 0}, "steps"),
+                                      ({"ratio": 0.5, "lr": -1}, "lr"), ({"ratio": 0.5, "warmup": 2}, "warmup"),
+                                      ({"ratio": 0.5, "resume": True}, "resume")])
+def test_bad_arguments_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        learn_gates(tiny_model("llama"), _batches(n=1), **kw)
+
+
+def test_fill_replaces_a_closed_head_by_the_fill():
+    """gates(fill=F) at gate 0 puts F in the head's place: the same output as a model whose
+    head outputs F, i.e. an o-projection bias of W_h F_h (float64)."""
+    model = tiny_model("llama").double().eval()
+    batch = tiny_batch("llama", pad=False)
+    sites = resolve_sites(model)
+    d = model.config.hidden_size // model.config.num_attention_heads
+    fill = torch.randn(len(sites), model.config.num_attention_heads, d, dtype=torch.float64)
+    g = torch.ones(len(sites), model.config.num_attention_heads, dtype=torch.float64)
+    g[0, 1] = 0.0
+    with torch.no_grad(), gates(model, values=g, fill=fill):
+        got = model(**batch).last_hidden_state
+    ref = tiny_model("llama").double().eval()
+    o = resolve_sites(ref)[0].o
+    with torch.no_grad():
+        bias = o.weight[:, d : 2 * d] @ fill[0, 1]
+        o.weight[:, d : 2 * d] = 0
+        o.bias = torch.nn.Parameter(bias if o.bias is None else o.bias + bias)
+        want = ref(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="fill: expected shape"):
+        with gates(model, fill=fill[:, :1]):
+            pass
+    bad = fill.clone()
+    bad[0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="fill: site 0"):
+        with gates(model, fill=bad):
+            pass
+
+
+def test_prune_score_learned(tmp_path, monkeypatch, capsys):
+    from test_cli_save_dtype import _checkpoint
+    from test_speed import _tokenizer_dir
+
+    from headprune.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    out, ck = tmp_path / "o", tmp_path / "gates.pt"
+    code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--score", "learned", "--learn-steps", "4",
+                                  "--learn-checkpoint", ck, "--samples", "4", "--seq-len", "16", "--quiet",
+                                  "--no-speed", "--out", out]])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["score"] == "learned" and report["settings"]["learned"]["steps"] == 4
+    assert "hard-concrete gates" in report["recipe"] and ck.exists()
+    assert report["heads_pruned"] == report["heads_total"] // 2
+    code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--learn-seconds", "5", "--samples", "4",
+                                  "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o2"]])
+    assert code != 0 and "only --score learned trains gates" in capsys.readouterr().err

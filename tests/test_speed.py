@@ -1,0 +1,122 @@
+"""headprune.hf.speed: prefill and decode compared interleaved, the filled KV cache, the
+verdict that refuses to sign a difference inside the spread, and the prune report's rows."""
+
+import json
+
+import pytest
+import torch
+
+from hf_tiny import tiny_model
+
+from headprune.hf import prune_heads, resolve_sites
+from headprune.hf.speed import _cache_arg, compare, filled_cache, parse_shape, verdict
+
+pytest.importorskip("transformers")
+
+
+def _uneven(family="llama"):
+    model = tiny_model(family)
+    n = len(resolve_sites(model))
+    prune_heads(model, {0: [0, 1], n - 1: [3]})  # a whole KV group in layer 0, a partly pruned one last
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_filled_cache_has_the_shapes_a_prefill_leaves(family):
+    """Per layer, the zeros hold what a real prefill of the same length would cache."""
+    from transformers import DynamicCache
+
+    model = _uneven(family).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    real = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, **{_cache_arg(model): real}, use_cache=True)
+    filled = filled_cache(model, 2, 7)
+    assert len(filled.layers) == len(real.layers)
+    for a, b in zip(filled.layers, real.layers):
+        assert a.keys.shape == b.keys.shape and a.values.shape == b.values.shape
+        assert a.keys.dtype == b.keys.dtype
+    assert filled.get_seq_length() == 7
+
+
+def test_decode_steps_extend_the_filled_cache():
+    model = _uneven().eval()
+    cache = filled_cache(model, 1, 5)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[4]]), **{_cache_arg(model): cache}, use_cache=True)
+    assert torch.isfinite(out.last_hidden_state).all()
+    assert cache.get_seq_length() == 6
+
+
+def test_compare_rows_and_reference():
+    a, b = tiny_model("llama").eval(), _uneven().eval()
+    rows = compare({"base": a, "pruned": b}, prefill=[(1, 8), (2, 8)], decode=[(1, 16)], steps=2, rounds=3)
+    assert [(r["kind"], r["batch"], r["tokens"], r["model"]) for r in rows] == [
+        ("prefill", 1, 8, "base"), ("prefill", 1, 8, "pruned"), ("prefill", 2, 8, "base"), ("prefill", 2, 8, "pruned"),
+        ("decode", 1, 16, "base"), ("decode", 1, 16, "pruned")]
+    for r in rows:
+        assert r["wall_s"] > 0 and r["cpu_s"] >= 0 and r["tokens_per_s"] > 0
+        assert r["speedup_low"] <= r["speedup"] <= r["speedup_high"]
+    assert all(r["speedup"] == 1.0 and r["verdict"] == "reference" for r in rows if r["model"] == "base")
+    assert rows[-1]["steps"] == 2 and rows[-1]["tokens_per_s"] == pytest.approx(2 / rows[-1]["wall_s"])
+
+
+def test_verdict_signs_only_outside_the_spread():
+    assert verdict({"speedup": 1.02, "speedup_low": 0.97, "speedup_high": 1.06}) == \
+        "no measurable difference (0.97-1.06x)"
+    assert verdict({"speedup": 1.31, "speedup_low": 1.25, "speedup_high": 1.36}) == "1.31x (1.25-1.36x)"
+    assert verdict({"speedup": 0.8, "speedup_low": 0.75, "speedup_high": 0.9}) == "0.80x (0.75-0.90x)"
+
+
+@pytest.mark.parametrize("bad", ["512", "1x", "ax2", "0x5", "2x-1"])
+def test_shapes_are_checked_by_name(bad):
+    with pytest.raises(ValueError, match="--decode: expected"):
+        parse_shape(bad, "--decode")
+
+
+def test_compare_refuses_nothing_to_time():
+    with pytest.raises(ValueError, match="models"):
+        compare({}, prefill=[(1, 4)])
+    with pytest.raises(ValueError, match="rounds"):
+        compare({"a": tiny_model("llama")}, prefill=[(1, 4)], rounds=0)
+
+
+def _tokenizer_dir(tmp_path):
+    """A word-level tokenizer saved in ``tmp_path/tok`` (no download)."""
+    import transformers
+
+    tokenizers = pytest.importorskip("tokenizers")
+    words = "the a of and to in was her she it he had not be".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path = tmp_path / "tok"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_prune_report_has_prefill_and_decode_rows(tmp_path, monkeypatch, capsys):
+    """``prune --speed``: a prefill and a decode row, interleaved, in report.json and report.md;
+    an encoder gets the prefill row only."""
+    import transformers
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tok_dir = _tokenizer_dir(tmp_path)
+    llama = _checkpoint(tmp_path, tok_dir, "float32", config_names_it=True)
+    bert = tmp_path / "bert"
+    tiny_model("bert").save_pretrained(bert)
+    transformers.AutoTokenizer.from_pretrained(tok_dir).save_pretrained(bert)
+    for path, kinds in ((llama, ["prefill", "decode"]), (bert, ["prefill"])):
+        out = tmp_path / f"out-{path.name}"
+        code = main([str(a) for a in ["prune", path, "--count", "1", "--samples", "4", "--seq-len", "16", "--quiet",
+                                      "--speed-prefill", "1x16", "--speed-decode", "1x24", "--out", out]])
+        assert code == 0, capsys.readouterr().err
+        speed = json.loads((out / "report.json").read_text())["speed"]
+        assert [r["kind"] for r in speed] == kinds
+        assert speed[0]["tokens"] == 16 and speed[0]["batch"] == 1
+        md = (out / "report.md").read_text()
+        assert "prefill tokens/s (batch 1, 16 tokens, interleaved)" in md
+        assert ("decode tokens/s (batch 1, 24-token context, interleaved)" in md) == ("decode" in kinds)
