@@ -2,8 +2,8 @@
 ranking and the least-squares refit, written back as GGUF by ``export_gguf``, and read by
 transformers' GGUF loader and by llama.cpp (llama-cpp-python).
 
-    python benchmarks/bench_gguf.py [--ratio 0.3] [--eval persuasion,python_tutorial]
-        [--llama-python /path/to/python-with-llama_cpp] [--out gguf.json]
+    python benchmarks/bench_gguf.py [--ratio 0.3] [--gqa even|group] [--eval persuasion,python_tutorial]
+        [--llama-python /path/to/python-with-llama_cpp] [--speed-context 4096] [--out gguf.json]
 
 Perplexity on the held-out windows headprune's evaluation uses (256 tokens, 16 windows) of:
 the unpruned model and the pruned model in float32 (transformers); the written GGUF read back
@@ -11,6 +11,15 @@ through headprune's loader (transformers' GGUF loader: the attention re-quantise
 and, when a Python with ``llama_cpp`` is given (it builds from PyPI in many minutes, so it is
 kept out of the test suite), the original and the pruned GGUF in llama.cpp, fed the same
 token ids. Also the file sizes and a short greedy generation by llama.cpp from the pruned GGUF.
+
+Speed in llama.cpp (with ``--llama-python``): both GGUFs loaded side by side, each fed the
+same ``--speed-context`` prompt tokens (held-out prose, repeated), then ``--speed-steps``
+single-token decode steps per round, the two models in rotation, the first round dropped;
+the position is reset to the prompt's end before each round (llama.cpp drops the decoded
+cells). Decode tokens/s medians, the median per-round speed-up with its quartiles ("no
+measurable difference" when they include 1.0), the prompt's prefill speed, and the KV state
+each context holds after the prompt (``llama_state_seq_get_size``). ``--gqa group --ratio
+0.3333``: one whole KV group of three per layer goes, the layout that shrinks the KV cache.
 Writes benchmarks/results/<out>.
 """
 
@@ -67,6 +76,31 @@ LLAMA_SCRIPT = textwrap.dedent("""
                 break
         res["generated"] = gen
         out[name] = res
+        del llm
+    speed = job.get("speed")
+    if speed:
+        import time
+        import llama_cpp
+        ctx, steps = speed["context"], speed["steps"]
+        llms = {name: Llama(model_path=path, n_ctx=ctx + steps + 16, n_batch=512, n_threads=speed["threads"],
+                            verbose=False) for name, path in job["models"].items()}
+        prompt = (speed["tokens"] * (ctx // len(speed["tokens"]) + 1))[:ctx]
+        for name, llm in llms.items():
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            out[name]["prefill_tokens_per_s"] = ctx / (time.perf_counter() - t0)
+            out[name]["kv_state_bytes"] = int(llama_cpp.llama_state_seq_get_size(llm._ctx.ctx, 0))
+            out[name]["decode_s"] = []
+        names = list(llms)
+        for r in range(speed["rounds"] + 1):  # round 0 warms up and is dropped
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                llm = llms[name]
+                llm.n_tokens = ctx  # back to the prompt's end: the next eval drops the decoded cells
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    llm.eval([speed["tokens"][i % len(speed["tokens"])]])
+                if r:
+                    out[name]["decode_s"].append(time.perf_counter() - t0)
     json.dump(out, open(sys.argv[2], "w"))
 """)
 
@@ -78,13 +112,39 @@ def windows(tokenizer, paragraphs, window: int, count: int) -> list:
     return [ids[s : s + window].tolist() for s in starts]
 
 
+def speed_summary(speed: dict, args) -> dict:
+    """Decode tokens/s of the pruned and the unpruned GGUF in llama.cpp: medians, the median
+    per-round speed-up with its quartiles, and the KV state each holds after the prompt."""
+    import statistics
+
+    base, pruned = speed["unpruned GGUF (llama.cpp)"], speed["pruned GGUF (llama.cpp)"]
+    ups = sorted(a / b for a, b in zip(base["decode_s"], pruned["decode_s"]))
+    q = statistics.quantiles(ups, n=4, method="inclusive") if len(ups) > 1 else [ups[0]] * 3
+    out = {"context": args.speed_context, "steps": args.speed_steps, "rounds": len(ups), "threads": args.speed_threads,
+           "decode_tokens_per_s_unpruned": args.speed_steps / statistics.median(base["decode_s"]),
+           "decode_tokens_per_s_pruned": args.speed_steps / statistics.median(pruned["decode_s"]),
+           "decode_speedup": statistics.median(ups), "decode_speedup_low": q[0], "decode_speedup_high": q[2],
+           "prefill_speedup": pruned["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+           "kv_state_ratio": pruned["kv_state_bytes"] / base["kv_state_bytes"]}
+    out["verdict"] = ("no measurable difference" if q[0] <= 1.0 <= q[2] else f"{out['decode_speedup']:.2f}x") + \
+        f" ({q[0]:.2f}-{q[2]:.2f}x)"
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--calib", default="persuasion")
     ap.add_argument("--eval", default="persuasion,python_tutorial")
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--gqa", default="even", choices=["even", "group"],
+                    help="uniform layout of query heads in even KV groups, or of whole KV groups (--ratio 0.3333: "
+                         "one group of three per layer)")
     ap.add_argument("--llama-python", default=None)
+    ap.add_argument("--speed-context", type=int, default=4096, help="llama.cpp decode speed after this many tokens")
+    ap.add_argument("--speed-steps", type=int, default=32, help="decoded tokens per timed round")
+    ap.add_argument("--speed-rounds", type=int, default=7, help="timed rounds (pruned and unpruned in rotation)")
+    ap.add_argument("--speed-threads", type=int, default=2)
     ap.add_argument("--out", default="gguf.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -100,10 +160,10 @@ def main(argv=None):
                 for t, p in held.items()}
 
     rows = {"unpruned (transformers, float32)": ppl(loaded.model)}
-    heads = select_heads(scores, ratio=args.ratio, uniform=True)
+    heads = select_heads(scores, ratio=args.ratio, uniform=True, gqa=args.gqa)
     prune_heads(loaded.model, heads, reconstruct=scores)
     rows["pruned (transformers, float32)"] = ppl(loaded.model)
-    result = {"ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())), "heads_total": sum(scores.num_heads),
+    result = {"ratio": args.ratio, "gqa": args.gqa, "heads_pruned": sum(map(len, heads.values())), "heads_total": sum(scores.num_heads),
               "calibration": settings, "eval_windows": args.eval_windows, "source_bytes": source.stat().st_size}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.gguf"
@@ -118,18 +178,35 @@ def main(argv=None):
             job = {"models": {"unpruned GGUF (llama.cpp)": str(source), "pruned GGUF (llama.cpp)": str(out)},
                    "window": E.WINDOW, "prompt": loaded.tokenizer("The most persuasive argument is")["input_ids"],
                    "windows": {t: windows(loaded.tokenizer, p, E.WINDOW, args.eval_windows) for t, p in held.items()}}
+            if args.speed_rounds:
+                prose = next(iter(held.values()))
+                job["speed"] = {"context": args.speed_context, "steps": args.speed_steps, "rounds": args.speed_rounds,
+                                "threads": args.speed_threads,
+                                "tokens": [t for w in windows(loaded.tokenizer, prose, E.WINDOW, 64) for t in w]}
             (Path(tmp) / "job.json").write_text(json.dumps(job))
             (Path(tmp) / "run.py").write_text(LLAMA_SCRIPT)
             subprocess.run([args.llama_python, str(Path(tmp) / "run.py"), str(Path(tmp) / "job.json"),
                             str(Path(tmp) / "res.json")], check=True)
             for model, res in json.loads((Path(tmp) / "res.json").read_text()).items():
                 gen = res.pop("generated")
+                for key in ("prefill_tokens_per_s", "kv_state_bytes", "decode_s"):
+                    if key in res:
+                        result.setdefault("llama_cpp_speed", {}).setdefault(model, {})[key] = res.pop(key)
                 rows[model] = res
                 result.setdefault("generated", {})[model] = loaded.tokenizer.decode(gen)
+            if "llama_cpp_speed" in result:
+                result["llama_cpp_speed_summary"] = speed_summary(result["llama_cpp_speed"], args)
     result["rows"] = rows
     for model, res in rows.items():
         print(f"{model:45s} " + "  ".join(f"{t}: {v:.3f}" for t, v in res.items()), flush=True)
     assert all(math.isfinite(v) for res in rows.values() for v in res.values())
+    ours, theirs = rows["pruned GGUF (transformers' GGUF loader)"], rows.get("pruned GGUF (llama.cpp)")
+    if theirs:  # the same file, the same windows: llama.cpp's perplexity against headprune's evaluation
+        result["llama_cpp_vs_headprune"] = {t: theirs[t] / ours[t] - 1 for t in ours}
+        print("llama.cpp vs headprune's evaluation of the pruned GGUF: "
+              + ", ".join(f"{t} {v:+.2%}" for t, v in result["llama_cpp_vs_headprune"].items()))
+    if "llama_cpp_speed_summary" in result:
+        print(f"llama.cpp: {result['llama_cpp_speed_summary']}")
     write_results(args.out, {"results": [result]})
 
 

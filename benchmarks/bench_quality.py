@@ -80,6 +80,13 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")
     ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
     ap.add_argument("--recipes", default=None, help="semicolon-separated names of headprune.app.sweep.RECIPES")
+    ap.add_argument("--learn-steps", type=int, default=0,
+                    help="add learned hard-concrete gates (headprune.app.sweep.LEARNED_RECIPE), this many steps per "
+                         "ratio, trained once per model, calibration and ratio and shared by the evaluation texts")
+    ap.add_argument("--learn-batch", type=int, default=None,
+                    help="sequences per learned-gate step (default: the calibration batches as they are, 8)")
+    ap.add_argument("--learn-lr", type=float, default=0.05, help="Adam learning rate of the gates' log alpha")
+    ap.add_argument("--learn-seconds", type=float, default=None, help="time budget of each gate training")
     ap.add_argument("--quick", action="store_true", help="2 ratios, 1 seed, small calibration (smoke run)")
     ap.add_argument("--out", default="quality.json", help="results file under benchmarks/results")
     args = ap.parse_args(argv)
@@ -91,6 +98,11 @@ def main(argv=None):
     for m in args.models.split(","):
         loaded = load_model(m)
         for calib in args.calib.split(","):
+            if args.learn_steps:
+                learned = {"steps": args.learn_steps, "lr": args.learn_lr, "cache": {},
+                           **({"batch_size": args.learn_batch} if args.learn_batch else {}),
+                           **({"time_budget_s": args.learn_seconds} if args.learn_seconds else {})}
+                recipes = {**recipes, **{k: {**kw, "learned": learned} for k, kw in S.LEARNED_RECIPE.items()}}
             results += run(loaded, m, calib, args.eval.split(","), args, recipes)
     path = write_results(args.out, {"quick": args.quick, "results": results})
     print(f"wrote {path}")

@@ -52,6 +52,9 @@ def run(name: str, args) -> dict:
     parts, held = texts.load_split(texts.DEFAULT_TEXT)
     calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]  # like held
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
+    steps_on = batches if args.batch_size is None else [  # smaller steps, more of them per CPU-minute
+        {k: v[i : i + args.batch_size] for k, v in b.items()} for b in batches
+        for i in range(0, len(b["input_ids"]), args.batch_size)]
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
 
@@ -68,7 +71,7 @@ def run(name: str, args) -> dict:
     for config in args.configs.split(","):
         train, lr = config.split(":")
         student = copy.deepcopy(pruned)
-        report = recover(student, teacher, batches, steps=10**6, lr=float(lr), train=train,
+        report = recover(student, teacher, steps_on, steps=10**6, lr=float(lr), train=train,
                          time_budget_s=args.minutes * 60)
         rows.append({"model": f"recovered {train} lr={lr}", **measure(student), **report.to_dict()})
         print(f"{name} {config}: {report}", flush=True)
@@ -85,7 +88,8 @@ def run(name: str, args) -> dict:
                 cols) + "\n", flush=True)
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
             "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
-            "calibration": SETTINGS[kind], "eval_windows": args.windows if kind == "causal" else None,
+            "calibration": SETTINGS[kind], "batch_size": args.batch_size or len(batches[0]["input_ids"]),
+            "eval_windows": args.windows if kind == "causal" else None,
             "eval_paragraphs": args.paragraphs, "rows": rows}
 
 
@@ -98,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per text")
     ap.add_argument("--paragraphs", type=int, default=None, help="paragraphs per text (default all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per recovery step (default: the calibration batches as they are, 8)")
     ap.add_argument("--out", default="recover.json", help="results file under benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -59,23 +59,34 @@ def memory_probe_table(ctx) -> str:
                   f"the same, `MALLOC_MMAP_THRESHOLD_={fixed}`"], out)
 
 
+PRUNED_NAMES = {"base": "unpruned", "masked30": "masked 30% (control: every shape kept)",
+                "even30": "30%, default (even layouts)", "even50": "50%, default (even layouts)",
+                "group33": "33%, whole KV groups, uniform", "query30": "30%, `--gqa query`"}
+
+
+def _spread(r: dict, clock: str = "") -> str:
+    if r["model"] == "base":
+        return "reference"
+    lo, hi = r[f"speedup{clock}_low"], r[f"speedup{clock}_high"]
+    if lo <= 1.0 <= hi:
+        return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
+    return f"**{x(r[f'speedup{clock}'])}** ({lo:.2f}-{hi:.2f}x)"
+
+
 def prefill_table(ctx) -> str:
-    names = {"base": "unpruned", "masked50": "masked 50%", "q50": "physically pruned 50%, `--gqa query`",
-             "g50": "physically pruned 50%, `--gqa group`"}
-    out = [[names.get(r["variant"], r["variant"]), f"{r['q_heads']} / {r['kv_heads']}", f"{num(r['params_M'])} M",
-            x(r["speedup_cpu"]), x(r["flop_speedup"]), f"{num(r['spread_pct'], 2)}%"]
-           for r in ctx["R"]["pruned_cpu"]["prefill"]]
-    cfg = ctx["R"]["pruned_cpu"]["prefill"][0]
-    return table([f"prefill, batch {cfg['batch']} x {cfg['seq']}", "query / KV heads", "parameters",
-                  "measured speed-up (CPU time)", "FLOP-model speed-up", "spread"], out)
+    out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), f"{r['q_heads']} / {r['kv_heads']}",
+            f"{num(r['wall_s'])} s", _spread(r), _spread(r, "_cpu"), x(r["flop_speedup"])]
+           for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == "prefill"]
+    return table(["prefill, batch x tokens", "model", "query / KV heads", "median wall time",
+                  "speed-up, wall (quartiles)", "speed-up, CPU time (quartiles)", "FLOP-model speed-up"], out)
 
 
 def decode_table(ctx) -> str:
-    names = {"base": "unpruned", "q50": "50%, `--gqa query`", "g50": "50%, `--gqa group`"}
-    out = [[f"{r['batch']} x {r['prompt']} + {r['new']}", names.get(r["variant"], r["variant"]), r["kv_heads"],
-            x(r["speedup"]), f"{num(r['kv_MB_at_8192_b1'])} MB"] for r in ctx["R"]["pruned_cpu"]["decode"]]
-    return table(["decode, batch x prompt + new tokens", "model", "KV heads", "tokens/s vs unpruned",
-                  "KV cache at 8,192 tokens, batch 1"], out)
+    out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), r["kv_heads"], f"{num(r['kv_cache_MB'])} MB",
+            num(r["tokens_per_s"]), _spread(r), _spread(r, "_cpu")]
+           for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == "decode"]
+    return table(["decode, batch x context", "model", "KV heads", "KV cache (float32)", "tokens/s",
+                  "speed-up, wall (quartiles)", "speed-up, CPU time (quartiles)"], out)
 
 
 TABLES = {f.__name__: f for f in (probs_table, qk_table, collection_table, memory_probe_table, prefill_table,

@@ -156,3 +156,32 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--learn-seconds", "5", "--samples", "4",
                                   "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o2"]])
     assert code != 0 and "only --score learned trains gates" in capsys.readouterr().err
+
+
+def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):
+    """The learned recipe trains once per ratio (shared across evaluation texts through the
+    cache), keeps the default's protected layers and is evaluated like every recipe."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    batches = _batches()
+    scores = collect(model, batches, progress=False, moments=True)
+    seen = []
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+    cache = {}
+    recipes = {k: {**kw, "learned": {"steps": 3, "cache": cache}} for k, kw in S.LEARNED_RECIPE.items()}
+    config = S.SweepConfig(model="tiny", ratios=[0.25, 0.5], seeds=1, gqa="query", quiet=True, eval_windows=1)
+    loaded = Loaded(model, None, "causal", "tiny")
+    real = S._learned
+    monkeypatch.setattr(S, "_learned", lambda *a: seen.append(a[4]) or real(*a))
+    first = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches)
+    again = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches)
+    assert seen == [0.25, 0.5, 0.25, 0.5] and len(cache) == 2  # trained twice, not four times
+    (name,) = S.LEARNED_RECIPE
+    assert first["heads"][name] == again["heads"][name]
+    assert all("0" not in h for h in first["heads"][name])  # layer 0 protected, as the default
+    assert [r["steps"] for r in first["learned"][name]] == [3, 3]
+    json.dumps(first["recipe_settings"])
+    with pytest.raises(ValueError, match="needs the batches"):
+        S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes)

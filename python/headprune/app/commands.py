@@ -303,7 +303,7 @@ def evaluate(args) -> int:
 
 
 def sweep(args) -> int:
-    from .sweep import run_sweep, sweep_markdown
+    from .sweep import LEARNED_RECIPE, RECIPES, run_sweep, sweep_markdown
 
     out = _out(args, "sweep")
     check_out(out, args.force)
@@ -312,7 +312,10 @@ def sweep(args) -> int:
     if not _is_writer():
         return 0
     with output_dir(out, args.force, _stages(args)) as tmp:
-        result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, batches=batches)
+        recipes = dict(RECIPES)
+        if args.learn_steps:
+            recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})
+        result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")
         (tmp / "sweep.md").write_text(sweep_markdown(result))

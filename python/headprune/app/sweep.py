@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..ranking import DEFAULT_GQA, select_heads
+from ..ranking.recipes import default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
 
@@ -41,6 +42,11 @@ RECIPES = {
     "default, whole KV groups": {"gqa": "group"},
     "default, uniform layout": {"uniform": True},
 }
+#: learned hard-concrete gates (:func:`headprune.hf.learned.learn_gates`, trained at each
+#: ratio on the calibration batches) ranking heads within each layer like the default, with
+#: the default's protected layers and the same removal; ``headprune sweep --learn-steps N``
+#: adds it (training costs a forward and a backward pass per step and ratio)
+LEARNED_RECIPE = {"learned gates (hard concrete), per layer": {"learned": {}, "scope": "per_layer"}}
 
 
 @dataclass
@@ -83,6 +89,8 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     the refit layer by layer on ``batches``, the per-layer counts of the recipe's one-shot
     selection). ``scores`` need second moments for refits and the reconstruction score."""
     recipes = RECIPES if recipes is None else recipes
+    if any("learned" in kw for kw in recipes.values()) and batches is None:
+        raise ValueError("recipes: learned gates train on the calibration text; run_sweep needs the batches")
     if sorted(config.ratios) != list(config.ratios) and any(kw.get("iterative") for kw in recipes.values()):
         raise ValueError("ratios: iterative recipes need increasing ratios")
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)])
@@ -101,6 +109,8 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
             print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
                   + (f", random={sum(result['random'][-1]) / config.seeds:.4g}" if config.seeds else "")
                   + f" ({time.perf_counter() - t0:.0f} s since the first point)", flush=True)
+    if state.get("_learned_runs"):
+        result["learned"] = state["_learned_runs"]
     return result
 
 
@@ -129,8 +139,16 @@ def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, set
             "baseline": baseline, "ratios": list(config.ratios), "recipes": {k: [] for k in recipes}, "random": [],
             "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope, "heads": {},
             "removal": config.removal, "default_recipe": "default" if "default" in recipes else None,
-            "recipe_settings": {k: {n: (v if not hasattr(v, "shape") else "tensor") for n, v in kw.items()}
-                                for k, kw in recipes.items()}}
+            "recipe_settings": {k: {n: _setting(v) for n, v in kw.items()} for k, kw in recipes.items()}}
+
+
+def _setting(value):
+    """A recipe option for the JSON result (tensors and learned-gate caches by name)."""
+    if hasattr(value, "shape"):
+        return "tensor"
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "cache"}
+    return value
 
 
 def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tuple:
@@ -150,6 +168,10 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                 stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,
                                 moments=stats.moments is not None)
     gqa = kw.pop("gqa", config.gqa)
+    learned = kw.pop("learned", None)
+    if learned is not None:
+        kw.update(score=_learned(point, stats, batches, name, ratio, learned, state), order="low")
+        kw.setdefault("protect_layers", default_protected(stats))
     heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
     if iterative:
         state[name] = (heads, stats)
@@ -161,6 +183,29 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
     return heads, point(heads, stats, removal)
+
+
+def _learned(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):
+    """Learned gate scores for one ratio, trained once and kept in ``state`` (``settings``:
+    :func:`headprune.hf.learned.learn_gates` options, ``"batch_size"``: sequences per step,
+    the calibration batches split to it, ``"cache"``: a dict shared across calls of
+    :func:`run_sweep` on the same model and batches, e.g. one per evaluation text)."""
+    from ..hf.learned import learn_gates
+
+    settings = dict(settings)
+    cache = settings.pop("cache", state.setdefault("_learned", {}))
+    key = (name, round(ratio, 9), tuple(sorted(settings.items())))
+    size = settings.pop("batch_size", None)  # sequences per step: smaller batches, more steps per CPU-minute
+    if key not in cache:
+        chunks = list(batches) if size is None else [{k: v[i : i + size] for k, v in b.items()}
+                                                     for b in batches for i in range(0, len(b["input_ids"]), size)]
+        cache[key] = learn_gates(point.loaded.model, chunks, ratio=ratio, scores=stats,
+                                 progress=not point.config.quiet, **settings)
+    r = cache[key]
+    state.setdefault("_learned_runs", {}).setdefault(name, []).append(
+        {"ratio": ratio, "steps": r.steps, "seconds": r.seconds, "stopped": r.stopped,
+         "open_fraction": r.open_fraction, "loss_first": r.loss_first, "loss_last": r.loss_last})
+    return r.scores
 
 
 def removal_of(args) -> str:

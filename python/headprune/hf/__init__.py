@@ -11,6 +11,7 @@ from .gates import HeadGates, gates
 from .importance import gradient_importance
 from .io import load_pruned, save_pruned
 from .iterative import auto_steps, select_iteratively
+from .learned import LearnedGates, learn_gates
 from .prune import kept_heads, mask_heads, prune_heads
 from .recover import RecoverReport, recover
 from .report import PruneReport, attention_flops_per_token, measure
@@ -18,6 +19,7 @@ from .report import PruneReport, attention_flops_per_token, measure
 __all__ = [
     "ADAPTERS",
     "HeadGates",
+    "LearnedGates",
     "PruneReport",
     "RecoverReport",
     "attention_flops_per_token",
@@ -27,6 +29,7 @@ __all__ = [
     "get_adapter",
     "gradient_importance",
     "kept_heads",
+    "learn_gates",
     "load_pruned",
     "mask_heads",
     "measure",
