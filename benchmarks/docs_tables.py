@@ -249,6 +249,69 @@ def gguf_generation(ctx, name: str = "gguf") -> str:
         f"- {model}: {text!r}" for model, text in gen.items())
 
 
+def learned_table(ctx, names=("quality_learned_smollm2", "quality_learned_minilm")) -> str:
+    """Learned hard-concrete gates against the default under the same removal and layouts:
+    per model, evaluation text and ratio, both values, the difference, and what training cost."""
+    out = []
+    for name in names:
+        for res in ctx["R"][name]["results"]:
+            (learned,) = [k for k in res["recipes"] if k.startswith("learned")]
+            runs = res["learned"][learned]
+            lower = res["lower_is_better"]
+            for i, r in enumerate(res["ratios"]):
+                d, g = res["recipes"]["default"][i], res["recipes"][learned][i]
+                better = (g < d) if lower else (g > d)
+                run = runs[i]
+                out.append([f"{res['model']}, {res['evaluated_on']}", pct(r), num(res["baseline"], 4), num(d, 4),
+                            num(g, 4), f"{(g - d) / d:+.1%}" + (" (better)" if better else ""),
+                            f"{run['steps']} steps, {num(run['seconds'] / 60, 2)} min"])
+    metric = ctx["R"][names[0]]["results"][0]["metric"]
+    return table(["model, evaluated on", "ratio", "unpruned", "default", "learned gates", "learned vs default",
+                  "training"], out)
+
+
+def learned_standing(ctx, names=("quality_learned_smollm2", "quality_learned_minilm")) -> str:
+    """One sentence per model: where learned gates stand against the default, and what they cost."""
+    out = []
+    for name in names:
+        results = ctx["R"][name]["results"]
+        (learned,) = [k for k in results[0]["recipes"] if k.startswith("learned")]
+        lower = results[0]["lower_is_better"]
+        rel = [((g - d) / d) * (1 if lower else -1) for res in results
+               for d, g in zip(res["recipes"]["default"], res["recipes"][learned])]
+        minutes = sum(r["seconds"] for r in results[0]["learned"][learned]) / 60
+        worse = [v for v in rel if v > 0]
+        verdict = ("better than or equal to the default at every point" if not worse else
+                   f"worse than the default at {len(worse)} of {len(rel)} points, by up to "
+                   f"{pct(max(worse), 1)} of the default's {'perplexity' if lower else 'fidelity'}")
+        out.append(f"{results[0]['model']}: learned gates are {verdict}; training took "
+                   f"{num(minutes, 2)} min for the {len(results[0]['ratios'])} ratios, against seconds for the "
+                   "default's one-shot scores.")
+    return "\n\n".join(out)
+
+
+def gguf_speed_table(ctx, name: str = "gguf_group") -> str:
+    """llama.cpp decode speed, prefill speed and KV state of the pruned GGUF against the
+    unpruned one, with the targets of whole-group pruning."""
+    res = ctx["R"][name]["results"][0]
+    s = res["llama_cpp_speed_summary"]
+    agree = res["llama_cpp_vs_headprune"]
+    worst = max(abs(v) for v in agree.values())
+    rows_ = [
+        [f"decode tokens/s after {s['context']:,} tokens (median of {s['rounds']} rounds of {s['steps']})",
+         num(s["decode_tokens_per_s_unpruned"]), num(s["decode_tokens_per_s_pruned"]), s["verdict"],
+         f">= 1.20x: {'met' if s['decode_speedup_low'] >= 1.2 else ('met at the median' if s['decode_speedup'] >= 1.2 else '**not met**')}"],
+        [f"prefill of the {s['context']:,}-token prompt", "", "", x(s["prefill_speedup"]), ""],
+        ["KV state after the prompt (llama_state_seq_get_size)", "", "", x(s["kv_state_ratio"]),
+         f"<= 0.67x: {'met' if s['kv_state_ratio'] <= 0.67 + 1e-9 else '**not met**'}"],
+        ["perplexity in llama.cpp against headprune's evaluation of the same GGUF",
+         "", "", ", ".join(f"{t} {v:+.2%}" for t, v in agree.items()),
+         f"within 2%: {'met' if worst <= 0.02 else '**not met**'}"],
+    ]
+    return table(["llama.cpp (llama-cpp-python), pruned vs unpruned GGUF", "unpruned", "pruned", "pruned / unpruned",
+                  "target"], rows_)
+
+
 TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
                                        calibration_table, layouts_table,
-                                       gguf_table, gguf_generation)})
+                                       gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing)})
