@@ -112,6 +112,31 @@ def windows(tokenizer, paragraphs, window: int, count: int) -> list:
     return [ids[s : s + window].tolist() for s in starts]
 
 
+def run_llama_cpp(args, loaded, held: dict, models: dict, tmp: Path, result: dict, rows: dict) -> None:
+    """Perplexity, generation and (``--speed-rounds``) speed of ``models`` in llama.cpp, run by
+    ``--llama-python`` on the held-out windows headprune evaluated; into ``result`` and ``rows``."""
+    job = {"models": models, "window": E.WINDOW,
+           "prompt": loaded.tokenizer("The most persuasive argument is")["input_ids"],
+           "windows": {t: windows(loaded.tokenizer, p, E.WINDOW, args.eval_windows) for t, p in held.items()}}
+    if args.speed_rounds:
+        prose = next(iter(held.values()))
+        job["speed"] = {"context": args.speed_context, "steps": args.speed_steps, "rounds": args.speed_rounds,
+                        "threads": args.speed_threads,
+                        "tokens": [t for w in windows(loaded.tokenizer, prose, E.WINDOW, 64) for t in w]}
+    (tmp / "job.json").write_text(json.dumps(job))
+    (tmp / "run.py").write_text(LLAMA_SCRIPT)
+    subprocess.run([args.llama_python, str(tmp / "run.py"), str(tmp / "job.json"), str(tmp / "res.json")], check=True)
+    for model, res in json.loads((tmp / "res.json").read_text()).items():
+        gen = res.pop("generated")
+        for key in ("prefill_tokens_per_s", "kv_state_bytes", "decode_s"):
+            if key in res:
+                result.setdefault("llama_cpp_speed", {}).setdefault(model, {})[key] = res.pop(key)
+        rows[model] = res
+        result.setdefault("generated", {})[model] = loaded.tokenizer.decode(gen)
+    if "llama_cpp_speed" in result:
+        result["llama_cpp_speed_summary"] = speed_summary(result["llama_cpp_speed"], args)
+
+
 def speed_summary(speed: dict, args) -> dict:
     """Decode tokens/s of the pruned and the unpruned GGUF in llama.cpp: medians, the median
     per-round speed-up with its quartiles, and the KV state each holds after the prompt."""
@@ -163,8 +188,8 @@ def main(argv=None):
     heads = select_heads(scores, ratio=args.ratio, uniform=True, gqa=args.gqa)
     prune_heads(loaded.model, heads, reconstruct=scores)
     rows["pruned (transformers, float32)"] = ppl(loaded.model)
-    result = {"ratio": args.ratio, "gqa": args.gqa, "heads_pruned": sum(map(len, heads.values())), "heads_total": sum(scores.num_heads),
-              "calibration": settings, "eval_windows": args.eval_windows, "source_bytes": source.stat().st_size}
+    result = {"ratio": args.ratio, "gqa": args.gqa, "heads_pruned": sum(map(len, heads.values())),
+              "heads_total": sum(scores.num_heads), "calibration": settings, "eval_windows": args.eval_windows, "source_bytes": source.stat().st_size}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.gguf"
         t0 = time.perf_counter()
@@ -175,27 +200,8 @@ def main(argv=None):
         rows["pruned GGUF (transformers' GGUF loader)"] = ppl(back.model)
         del back
         if args.llama_python:
-            job = {"models": {"unpruned GGUF (llama.cpp)": str(source), "pruned GGUF (llama.cpp)": str(out)},
-                   "window": E.WINDOW, "prompt": loaded.tokenizer("The most persuasive argument is")["input_ids"],
-                   "windows": {t: windows(loaded.tokenizer, p, E.WINDOW, args.eval_windows) for t, p in held.items()}}
-            if args.speed_rounds:
-                prose = next(iter(held.values()))
-                job["speed"] = {"context": args.speed_context, "steps": args.speed_steps, "rounds": args.speed_rounds,
-                                "threads": args.speed_threads,
-                                "tokens": [t for w in windows(loaded.tokenizer, prose, E.WINDOW, 64) for t in w]}
-            (Path(tmp) / "job.json").write_text(json.dumps(job))
-            (Path(tmp) / "run.py").write_text(LLAMA_SCRIPT)
-            subprocess.run([args.llama_python, str(Path(tmp) / "run.py"), str(Path(tmp) / "job.json"),
-                            str(Path(tmp) / "res.json")], check=True)
-            for model, res in json.loads((Path(tmp) / "res.json").read_text()).items():
-                gen = res.pop("generated")
-                for key in ("prefill_tokens_per_s", "kv_state_bytes", "decode_s"):
-                    if key in res:
-                        result.setdefault("llama_cpp_speed", {}).setdefault(model, {})[key] = res.pop(key)
-                rows[model] = res
-                result.setdefault("generated", {})[model] = loaded.tokenizer.decode(gen)
-            if "llama_cpp_speed" in result:
-                result["llama_cpp_speed_summary"] = speed_summary(result["llama_cpp_speed"], args)
+            run_llama_cpp(args, loaded, held, {"unpruned GGUF (llama.cpp)": str(source), "pruned GGUF (llama.cpp)":
+                                               str(out)}, Path(tmp), result, rows)
     result["rows"] = rows
     for model, res in rows.items():
         print(f"{model:45s} " + "  ".join(f"{t}: {v:.3f}" for t, v in res.items()), flush=True)

@@ -155,6 +155,15 @@ def check_masked_equals_pruned(models: dict):
     return float(f"{(a - b).abs().max().item():.2e}")
 
 
+def print_tables(rows: list, steps: int) -> None:
+    cols = ["shape", "model", "q_heads", "kv_heads", "wall_s", "cpu_s", "tokens_per_s", "speedup", "speedup_low",
+            "speedup_high", "speedup_cpu", "verdict"]
+    print("\nprefill (logits of the last position): speedup = t_base / t per round, median and quartiles")
+    print(table([r for r in rows if r["kind"] == "prefill"], cols + ["flop_speedup", "gain_realised_cpu"]))
+    print(f"\ndecode ({steps} greedy steps after a cache of the context; KV cache float32 at the context)")
+    print(table([r for r in rows if r["kind"] == "decode"], cols + ["kv_cache_MB"]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"prefill {QUICK_PREFILL}, decode {QUICK_DECODE}, 2 rounds")
@@ -191,12 +200,7 @@ def main(argv=None):
 
     rows = describe(models, compare(models, prefill=prefill, decode=decode, steps=args.steps, rounds=rounds,
                                     progress=progress))
-    cols = ["shape", "model", "q_heads", "kv_heads", "wall_s", "cpu_s", "tokens_per_s", "speedup", "speedup_low",
-            "speedup_high", "speedup_cpu", "verdict"]
-    print("\nprefill (logits of the last position): speedup = t_base / t per round, median and quartiles")
-    print(table([r for r in rows if r["kind"] == "prefill"], cols + ["flop_speedup", "gain_realised_cpu"]))
-    print(f"\ndecode ({args.steps} greedy steps after a cache of the context; KV cache float32 at the context)")
-    print(table([r for r in rows if r["kind"] == "decode"], cols + ["kv_cache_MB"]))
+    print_tables(rows, args.steps)
     target = next((r for r in rows if r["kind"] == "prefill" and (r["batch"], r["tokens"]) == TARGET_SHAPE
                    and r["model"] == TARGET_VARIANT), None)
     verdict = {

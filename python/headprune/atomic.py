@@ -308,29 +308,18 @@ class Staged:
         return False
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # no way to read it without setting it
-    os.umask(mask)
-    return mask
-
-
 def _usual_modes(root: str) -> None:
     """Give files that a writer created private (0600: ``tempfile``, which transformers'
     ``save_pretrained`` and safetensors write through) the mode ``open`` would have given
-    them, so a saved model is as readable as any other file its user writes."""
-    mode = 0o666 & ~_umask()
+    them under the umask, so a saved model is as readable as any other file its user writes."""
+    umask = os.umask(0o022)  # no way to read it without setting it
+    os.umask(umask)
+    mode = 0o666 & ~umask
     for folder, _, files in os.walk(root):
         for name in files:
             p = os.path.join(folder, name)
             st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and mode != 0o600:
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 != mode:
                 os.chmod(p, mode)
 
 

@@ -151,13 +151,13 @@ def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), st
                   rounds: int = 5) -> list:
     """Prefill and (causal LMs) decode tokens/s of the unpruned and the pruned model, timed
     interleaved by :func:`headprune.hf.speed.compare`: rows with both speeds, the median
-    per-round speed-up and its quartiles (the spread). Prefill lengths are capped at the
-    model's position table; encoders have no decode."""
+    per-round speed-up and its quartiles (the spread). Prefill lengths, and decode contexts
+    with their steps, are capped at the model's position table; encoders have no decode."""
     from ..hf.speed import compare
 
     cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30))
     prefill = [(b, min(t, cap)) for b, t in prefill]
-    decode = [(b, t) for b, t in decode if t + steps <= cap] if _causal(before) else []
+    decode = [(b, min(t, cap - steps)) for b, t in decode if cap > steps] if _causal(before) else []
     rows = compare({"before": before, "after": after}, prefill=prefill, decode=decode, steps=steps, rounds=rounds)
     out = []
     for a, b in zip(rows[0::2], rows[1::2]):

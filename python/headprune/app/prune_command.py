@@ -42,14 +42,7 @@ def prune(args) -> int:
     kw = C._selection_kwargs(args)
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
-    learned = None
-    if kw.get("score") == "learned":
-        with stage("learning head gates on the calibration text", "learn"):
-            learned = _learn(args, loaded, batches, scores)
-        settings["learned"] = {k: v for k, v in learned.to_dict().items()}
-    with stage("choosing heads", "select"):
-        heads, last = _select(args, loaded, batches, scores, kw if learned is None else
-                              {**kw, "score": learned.scores, "order": "low"}, removal)
+    heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
     if not C._is_writer():
         return 0
     recipe = _recipe(args, kw, removal, scores)
@@ -159,6 +152,17 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
     return describe_recipe(kw, removal, args.sequential, args.damping,
                            default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
                            grouped=has_grouped_queries(scores))
+
+
+def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
+    """The heads to prune (``--score learned``: after training the gates, kept in ``settings``)."""
+    if kw.get("score") == "learned":
+        with stage("learning head gates on the calibration text", "learn"):
+            learned = _learn(args, loaded, batches, scores)
+        settings["learned"] = learned.to_dict()
+        kw = {**kw, "score": learned.scores, "order": "low"}
+    with stage("choosing heads", "select"):
+        return _select(args, loaded, batches, scores, kw, removal)
 
 
 def _learn(args, loaded, batches, scores):
