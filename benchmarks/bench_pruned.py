@@ -166,8 +166,8 @@ def print_tables(rows: list, steps: int) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"prefill {QUICK_PREFILL}, decode {QUICK_DECODE}, 2 rounds")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default 3, quick 2)")
+    ap.add_argument("--quick", action="store_true", help=f"prefill {QUICK_PREFILL}, decode {QUICK_DECODE}")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per shape (at least 3, default 3)")
     ap.add_argument("--steps", type=int, default=4, help="decode steps per timed call")
     ap.add_argument("--prefill", nargs="*", default=None, help="BATCHxTOKENS prefill shapes")
     ap.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT decode shapes")
@@ -177,7 +177,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds
     prefill = [parse_shape(s, "--prefill") for s in (args.prefill if args.prefill is not None
                                                       else QUICK_PREFILL if args.quick else PREFILL)]
     decode = [parse_shape(s, "--decode") for s in (args.decode if args.decode is not None

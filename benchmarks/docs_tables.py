@@ -262,12 +262,14 @@ def learned_table(ctx, names=("quality_learned_smollm2", "quality_learned_minilm
                 d, g = res["recipes"]["default"][i], res["recipes"][learned][i]
                 better = (g < d) if lower else (g > d)
                 run = runs[i]
+                rnd = _mean(res["random"][i], lower) if res["random"][i] else None
                 out.append([f"{res['model']}, {res['evaluated_on']}", pct(r), num(res["baseline"], 4), num(d, 4),
                             num(g, 4), f"{(g - d) / d:+.1%}" + (" (better)" if better else ""),
+                            num(rnd, 4) + (f" ({len(res['random'][i])} draw{'s' * (len(res['random'][i]) > 1)})"
+                                           if rnd is not None else ""),
                             f"{run['steps']} steps, {num(run['seconds'] / 60, 2)} min"])
-    metric = ctx["R"][names[0]]["results"][0]["metric"]
-    return table(["model, evaluated on", "ratio", "unpruned", "default", "learned gates", "learned vs default",
-                  "training"], out)
+    return table(["model, evaluated on", "ratio", "unpruned", "default", "learned gates",
+                  "learned vs default (relative)", "random heads", "training"], out)
 
 
 def learned_standing(ctx, names=("quality_learned_smollm2", "quality_learned_minilm")) -> str:

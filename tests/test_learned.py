@@ -83,6 +83,29 @@ def test_gradient_reaches_the_gates_that_matter():
                         gqa="query") == {1: [2]}
 
 
+def test_resume_after_an_interrupt_and_after_the_end(tmp_path):
+    """Interrupted after step 4: the periodic checkpoint of step 3 resumes to the same gates;
+    resuming a finished run trains nothing and its report stays valid JSON."""
+    model = tiny_model("llama")
+    batches = _batches()
+    full = learn_gates(model, batches, ratio=0.5, steps=8, lr=0.1)
+    ck = tmp_path / "gates.pt"
+
+    def stop(step, steps, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learn_gates(model, batches, ratio=0.5, steps=8, lr=0.1, checkpoint=ck, checkpoint_every=3, progress=stop)
+    rest = learn_gates(model, batches, ratio=0.5, steps=8, lr=0.1, checkpoint=ck, resume=True)
+    assert rest.resumed_from == 3 and rest.steps == 8
+    assert torch.equal(rest.scores.nan_to_num(), full.scores.nan_to_num())
+    done = learn_gates(model, batches, ratio=0.5, steps=8, lr=0.1, checkpoint=ck, resume=True)
+    assert done.resumed_from == 8 and math.isnan(done.loss_first)  # no step ran
+    text = json.dumps(done.to_dict(), allow_nan=False)
+    assert json.loads(text)["loss_first"] is None
+
+
 def test_resume_continues_exactly(tmp_path):
     model = tiny_model("llama")
     batches = _batches()
@@ -104,6 +127,20 @@ def test_resume_continues_exactly(tmp_path):
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         learn_gates(tiny_model("llama"), _batches(n=1), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_open_gates_with_a_fill_change_nothing(dtype):
+    """At gate 1 the head's own output passes unchanged, bit for bit, whatever the fill."""
+    model = tiny_model("llama").to(dtype).eval()
+    batch = tiny_batch("llama", pad=False)
+    sites = resolve_sites(model)
+    fill = torch.randn(len(sites), model.config.num_attention_heads, 16) * 100
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        with gates(model, values=torch.ones(len(sites), model.config.num_attention_heads), fill=fill):
+            got = model(**batch).last_hidden_state
+    assert torch.equal(got, want)
 
 
 def test_fill_replaces_a_closed_head_by_the_fill():
@@ -152,7 +189,11 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["score"] == "learned" and report["settings"]["learned"]["steps"] == 4
     assert "hard-concrete gates" in report["recipe"] and ck.exists()
-    assert report["heads_pruned"] == report["heads_total"] // 2
+    assert 0 < report["heads_pruned"] <= report["heads_total"] // 2
+    assert "0" not in report["pruned_heads"]  # the default's first layer kept whole, as the sweep measures
+    code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--score", "learned", "--order", "high",
+                                  "--quiet", "--no-speed", "--out", tmp_path / "o3"]])
+    assert code != 0 and "--order: learned gates" in capsys.readouterr().err
     code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--learn-seconds", "5", "--samples", "4",
                                   "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o2"]])
     assert code != 0 and "only --score learned trains gates" in capsys.readouterr().err

@@ -308,13 +308,21 @@ class Staged:
         return False
 
 
+def _umask() -> int:
+    try:  # Linux: read it without setting it (os.umask sets it process-wide, racing other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def _usual_modes(root: str) -> None:
     """Give files that a writer created private (0600: ``tempfile``, which transformers'
     ``save_pretrained`` and safetensors write through) the mode ``open`` would have given
     them under the umask, so a saved model is as readable as any other file its user writes."""
-    umask = os.umask(0o022)  # no way to read it without setting it
-    os.umask(umask)
-    mode = 0o666 & ~umask
+    mode = 0o666 & ~_umask()
     for folder, _, files in os.walk(root):
         for name in files:
             p = os.path.join(folder, name)

@@ -155,12 +155,17 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
 
 
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
-    """The heads to prune (``--score learned``: after training the gates, kept in ``settings``)."""
+    """The heads to prune (``--score learned``: after training the gates, kept in ``settings``;
+    the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise)."""
+    from ..ranking.recipes import default_protected
+
     if kw.get("score") == "learned":
         with stage("learning head gates on the calibration text", "learn"):
             learned = _learn(args, loaded, batches, scores)
         settings["learned"] = learned.to_dict()
         kw = {**kw, "score": learned.scores, "order": "low"}
+        if not kw.get("uniform") and "protect_layers" not in kw:  # the default's protection, as the sweep measures
+            kw["protect_layers"] = default_protected(scores)
     with stage("choosing heads", "select"):
         return _select(args, loaded, batches, scores, kw, removal)
 
@@ -169,10 +174,12 @@ def _learn(args, loaded, batches, scores):
     """``--score learned``: hard-concrete gates trained toward the requested budget."""
     from ..hf.learned import learn_gates
 
-    total = sum(scores.num_heads)
-    ratio = args.ratio if args.ratio is not None else args.count / total
+    group = args.gqa == "group" and any(scores.num_kv_heads)
+    total = sum(kv or hq for hq, kv in zip(scores.num_heads, scores.num_kv_heads)) if group else sum(scores.num_heads)
+    ratio = args.ratio if args.ratio is not None else args.count / total  # --count counts units (KV groups)
     if not 0 < ratio < 1:
-        raise ValueError(f"--count: {args.count} of {total} heads leaves no budget for learned gates")
+        raise ValueError(f"--count: {args.count} of {total} {'KV groups' if group else 'heads'} leaves no budget "
+                         "for learned gates")
     return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps,
                        time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
                        progress=not args.quiet, checkpoint=args.learn_checkpoint,
@@ -184,6 +191,8 @@ def _check_layout_options(args) -> None:
     that would change it afterwards (before anything slow runs)."""
     if args.score == "learned" and args.steps != 1:
         raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
+    if args.score == "learned" and args.order is not None:
+        raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
         raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
     if not getattr(args, "uniform", False):

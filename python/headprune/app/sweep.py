@@ -199,7 +199,8 @@ def _learned(point, stats, batches, name: str, ratio: float, settings: dict, sta
     if key not in cache:
         chunks = list(batches) if size is None else [{k: v[i : i + size] for k, v in b.items()}
                                                      for b in batches for i in range(0, len(b["input_ids"]), size)]
-        cache[key] = learn_gates(point.loaded.model, chunks, ratio=ratio, scores=stats,
+        cache[key] = learn_gates(point.loaded.model, chunks, ratio=ratio,
+                                 scores=stats if stats.outputs is not None else None,
                                  progress=not point.config.quiet, **settings)
     r = cache[key]
     state.setdefault("_learned_runs", {}).setdefault(name, []).append(

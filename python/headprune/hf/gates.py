@@ -12,7 +12,7 @@ at 0 the head is removed exactly: the output and every weight's gradient are tho
 masked model, except the removed head's output-projection columns, whose gradient is 0, as
 if the head had been pruned (under a mask they still see the head's output).
 
-The gate path is ``unflatten``, ``mul`` and ``flatten``, so it traces and differentiates
+The gate path is ``unflatten``, ``mul`` (and, with ``fill``, an ``add``) and ``flatten``, so it traces and differentiates
 under ``torch.compile`` like the rest of the model.
 """
 
@@ -95,9 +95,10 @@ def _pre_hook(handle: HeadGates, index: int, d: int, fill: Optional[torch.Tensor
         heads = x.unflatten(-1, (handle.num_heads[index], d))
         if fill is None:
             gated = heads * handle.factor(index, x)
-        else:  # g * x + (1 - g) * fill, as (x - fill) * g + fill
+        else:  # g * x + (1 - g) * fill: exactly x at g = 1 and exactly fill at g = 0
             f = fill[index, : handle.num_heads[index], :d].to(device=x.device, dtype=x.dtype)
-            gated = (heads - f) * handle.factor(index, x) + f
+            g = handle.factor(index, x)
+            gated = heads * g + f * (1 - g)
         return (gated.flatten(-2), *args[1:])
 
     return pre

@@ -72,7 +72,7 @@ class LearnedGates:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scores"] = [[None if math.isnan(v) else v for v in row] for row in self.scores.tolist()]
-        return d
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}  # valid JSON
 
 
 def open_probability(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
 def _model_digest(model) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().reshape(-1)[:4096].view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().reshape(-1)[:4096].cpu().contiguous().view(torch.uint8).numpy().tobytes())
         h.update(str(tuple(p.shape)).encode())
     return h.hexdigest()[:16]
 
@@ -135,12 +135,13 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
         scores: ``HeadScores`` with output statistics (``headprune.collect``): a closed gate
             leaves the head's mean output (as the refit and mean compensation do); ``None``:
             zero, as ``head_mask`` and ``removal="zero"``.
-        lr: Adam's learning rate for ``log_alpha`` (the multipliers use the same).
-        init: ``log_alpha`` at the start (3: every gate open with probability about 0.98).
-        warmup: fraction of ``steps`` over which the target falls from all open to ``1 - ratio``.
+        lr: Adam's learning rate for ``log_alpha``.
+        init: ``log_alpha`` at the start (3: every gate open with probability about 0.99).
+        warmup: fraction of ``steps`` over which the target falls from the start's open
+            fraction (``init``'s) to ``1 - ratio``.
         time_budget_s / progress / checkpoint / checkpoint_every / resume: as in
             :func:`headprune.hf.recover.recover` (the checkpoint holds the gates, the
-            multipliers, the optimizer and the step).
+            optimizer and the step).
 
     The model's weights, ``requires_grad`` flags and train/eval mode are as they were on
     every exit; it runs in eval mode (no dropout).

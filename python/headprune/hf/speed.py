@@ -7,7 +7,7 @@ of shape:
 
 * ``prefill`` ``(batch, tokens)``: one forward over ``tokens`` random token ids without a
   cache, keeping the last position's logits only (what ``generate`` runs on a prompt).
-* ``decode`` ``(batch, context)``: ``steps`` greedy steps of one token each after a KV cache
+* ``decode`` ``(batch, context)``: ``steps`` steps of one (random, drawn in advance) token each after a KV cache
   of ``context`` tokens. The cache is filled with zeros in each layer's own KV shape instead
   of by a prefill (the time of a decode step does not depend on what the cache holds, and a
   prefill of 16 x 8,192 tokens would take minutes on a CPU), so long contexts cost only their
@@ -57,13 +57,13 @@ def filled_cache(model, batch: int, context: int):
     from transformers import DynamicCache
 
     adapter = get_adapter(model)
-    p = next(model.parameters())
     cache = DynamicCache(config=model.config)
     for site in resolve_sites(model, adapter):
         if not site.block.causal or site.block.kind != "self":
             continue
+        w = site.o.weight  # the site's own float type and device (a sharded model spans several)
         shape = (batch, head_counts(site, adapter)[1], context, head_dim(site, adapter))
-        k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        k = torch.zeros(shape, dtype=w.dtype, device=w.device)
         cache.update(k, torch.zeros_like(k), site.depth)
     return cache
 
@@ -72,9 +72,16 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _clock(fn, *args) -> tuple:
+    _sync()
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
+    _sync()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -119,8 +126,9 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
     take ``(batch, tokens)`` pairs (decode: tokens of context already cached)."""
     if not models:
         raise ValueError("models: expected at least one model")
-    if rounds < 1 or steps < 1:
-        raise ValueError(f"rounds, steps: expected at least 1, got {rounds}, {steps}")
+    if rounds < 3 or steps < 1:
+        raise ValueError(f"rounds, steps: expected at least 3 rounds (quartiles of fewer are no spread) and 1 "
+                         f"step, got {rounds}, {steps}")
     for m in models.values():
         m.eval()
     shapes = [("prefill", *s) for s in prefill] + [("decode", *s) for s in decode]
@@ -161,8 +169,6 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
 
 
 def _quartiles(values: list) -> tuple:
-    if len(values) < 2:
-        return values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
 
