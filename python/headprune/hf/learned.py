@@ -30,7 +30,6 @@ gate noise of step ``t`` is drawn from a generator seeded by ``seed`` and ``t``)
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import time
@@ -43,7 +42,7 @@ import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import gates
-from .recover import _Checkpoint, _cycle, _fingerprint, _kwargs, _loss, _Teacher
+from .recover import _bar, _Checkpoint, _fingerprint, _kwargs, _loop, _loss, _Teacher
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
@@ -203,7 +202,7 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
          every, resume) -> LearnedGates:
     start_open, keep = opens
     t0 = time.perf_counter()
-    done = start = saved = 0
+    done = start = 0
     if resume and ckpt is not None:
         state = ckpt.load()
         if state is not None:
@@ -211,47 +210,32 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
                 for n, p in params.items():
                     p.copy_(state["parameters"][n])
             optimizer.load_state_dict(state["optimizer"])
-            done = start = saved = int(state["step"])
-    it = _cycle(batches)
-    for _ in itertools.islice(it, done):
-        pass
+            done = start = int(state["step"])
     teacher = _Teacher(model, cache=isinstance(batches, Sequence))
     log_alpha = params["log_alpha"]
-    losses, stopped, bar = [], "steps", None
-    if progress is True:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=done, desc="headprune: learning gates", unit="step")
-    try:
-        while done < steps:
-            kw = _kwargs(model, next(it))
-            index = done % len(batches) if isinstance(batches, Sequence) else done
-            target = teacher(index, kw)  # the ungated model: no gates are hooked here
-            z = sample_gates(log_alpha, torch.Generator().manual_seed(seed * 1_000_003 + done))
-            with gates(model, values=z.masked_fill(~valid, 1.0), fill=fill):
-                distill = _loss(model, target, kw)
-            optimizer.zero_grad(set_to_none=True)
-            distill.backward()
-            optimizer.step()
-            done += 1
-            project(log_alpha, valid, _target(done, steps, warmup, keep, start_open))
-            losses.append(distill.item())
-            if ckpt is not None and done % every == 0:
-                ckpt.save(params, optimizer, done)
-                saved = done
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", open=f"{open_probability(log_alpha)[valid].mean().item():.2f}")
-            elif callable(progress):
-                progress(done, steps, losses[-1])
-            if budget is not None and done < steps and time.perf_counter() - t0 >= budget:
-                stopped = "time_budget"
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    if ckpt is not None and saved != done:
-        ckpt.save(params, optimizer, done)
+    taken = done  # steps in all, a resumed run's earlier ones included: the noise and the target follow it
+
+    def step(batch, index: int) -> float:
+        nonlocal taken
+        kw = _kwargs(model, batch)
+        target = teacher(index, kw)  # the ungated model: no gates are hooked here
+        z = sample_gates(log_alpha, torch.Generator().manual_seed(seed * 1_000_003 + taken))
+        with gates(model, values=z.masked_fill(~valid, 1.0), fill=fill):
+            distill = _loss(model, target, kw)
+        optimizer.zero_grad(set_to_none=True)
+        distill.backward()
+        optimizer.step()
+        taken += 1
+        project(log_alpha, valid, _target(taken, steps, warmup, keep, start_open))
+        return distill.item()
+
+    def postfix() -> dict:
+        return {"open": f"{open_probability(log_alpha.detach())[valid].mean().item():.2f}"}
+
+    done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every,
+                                  lambda n: ckpt.save(params, optimizer, n),
+                                  _bar(progress, done, steps, "headprune: learning gates"), postfix)
     out = log_alpha.detach().double().masked_fill(~valid, math.nan)
     return LearnedGates(out, done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,
                         losses[-1] if losses else math.nan,

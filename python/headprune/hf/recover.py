@@ -327,41 +327,39 @@ def _resume(ckpt, params, optimizer) -> int:
     return int(state["step"])
 
 
-def _bar(progress, done: int, steps: int):
+def _bar(progress, done: int, steps: int, desc: str = "headprune: recovering"):
     if progress is not True:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         return None
-    return tqdm(total=steps, initial=done, desc="headprune: recovering", unit="step")
+    return tqdm(total=steps, initial=done, desc=desc, unit="step")
 
 
-def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, every, resume, train) -> RecoverReport:
+def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt, every: int, save: Callable,
+          bar, postfix: Optional[Callable] = None) -> tuple:
+    """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps``, one batch each (the
+    batches cycled, the ones the first ``done`` steps used skipped), saving through ``save(n)``
+    every ``every`` steps and at the end when ``ckpt`` is set, reporting to the progress bar or
+    the ``progress(step, steps, loss)`` callable, stopping after the step that passes
+    ``budget`` seconds. Returns ``(steps done, losses of this call, why it stopped)``."""
     t0 = time.perf_counter()
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
-    done = start = saved = _resume(ckpt, params, optimizer) if resume else 0
     it = _cycle(batches)
     for _ in itertools.islice(it, done):  # the batches the checkpoint's steps used
         pass
-    losses, stopped, bar = [], "steps", _bar(progress, done, steps)
-    targets = _Teacher(teacher, cache=isinstance(batches, Sequence))
+    saved, losses, stopped = done, [], "steps"
     try:
         while done < steps:
-            kw = _kwargs(student, next(it))
-            index = done % len(batches) if isinstance(batches, Sequence) else done
-            loss = _loss(student, targets(index, kw), kw)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            batch = next(it)  # first: an empty list raises its own error here
+            losses.append(step(batch, done % len(batches) if isinstance(batches, Sequence) else done))
             done += 1
-            losses.append(loss.item())
             if ckpt is not None and done % every == 0:
-                ckpt.save(params, optimizer, done)
+                save(done)
                 saved = done
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", **(postfix() if postfix else {}))
             elif callable(progress):
                 progress(done, steps, losses[-1])
             if budget is not None and done < steps and time.perf_counter() - t0 >= budget:
@@ -371,7 +369,26 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
         if bar is not None:
             bar.close()
     if ckpt is not None and saved != done:
-        ckpt.save(params, optimizer, done)
+        save(done)
+    return done, losses, stopped
+
+
+def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, every, resume, train) -> RecoverReport:
+    t0 = time.perf_counter()
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    done = start = _resume(ckpt, params, optimizer) if resume else 0
+    targets = _Teacher(teacher, cache=isinstance(batches, Sequence))
+
+    def step(batch, index: int) -> float:
+        kw = _kwargs(student, batch)
+        loss = _loss(student, targets(index, kw), kw)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every,
+                                  lambda n: ckpt.save(params, optimizer, n), _bar(progress, done, steps))
     return RecoverReport(done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,
                          losses[-1] if losses else math.nan, train, sum(p.numel() for p in params.values()),
                          stopped, start)
