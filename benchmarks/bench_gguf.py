@@ -142,17 +142,18 @@ def speed_summary(speed: dict, args) -> dict:
     per-round speed-up with its quartiles, and the KV state each holds after the prompt."""
     import statistics
 
+    from headprune.hf.speed import quartiles, verdict
+
     base, pruned = speed["unpruned GGUF (llama.cpp)"], speed["pruned GGUF (llama.cpp)"]
     ups = sorted(a / b for a, b in zip(base["decode_s"], pruned["decode_s"]))
-    q = statistics.quantiles(ups, n=4, method="inclusive") if len(ups) > 1 else [ups[0]] * 3
+    low, high = quartiles(ups)
     out = {"context": args.speed_context, "steps": args.speed_steps, "rounds": len(ups), "threads": args.speed_threads,
            "decode_tokens_per_s_unpruned": args.speed_steps / statistics.median(base["decode_s"]),
            "decode_tokens_per_s_pruned": args.speed_steps / statistics.median(pruned["decode_s"]),
-           "decode_speedup": statistics.median(ups), "decode_speedup_low": q[0], "decode_speedup_high": q[2],
+           "decode_speedup": statistics.median(ups), "decode_speedup_low": low, "decode_speedup_high": high,
            "prefill_speedup": pruned["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
            "kv_state_ratio": pruned["kv_state_bytes"] / base["kv_state_bytes"]}
-    out["verdict"] = ("no measurable difference" if q[0] <= 1.0 <= q[2] else f"{out['decode_speedup']:.2f}x") + \
-        f" ({q[0]:.2f}-{q[2]:.2f}x)"
+    out["verdict"] = verdict({"speedup": out["decode_speedup"], "speedup_low": low, "speedup_high": high})
     return out
 
 

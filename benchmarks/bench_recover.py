@@ -52,9 +52,8 @@ def run(name: str, args) -> dict:
     parts, held = texts.load_split(texts.DEFAULT_TEXT)
     calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]  # like held
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
-    steps_on = batches if args.batch_size is None else [  # smaller steps, more of them per CPU-minute
-        {k: v[i : i + args.batch_size] for k, v in b.items()} for b in batches
-        for i in range(0, len(b["input_ids"]), args.batch_size)]
+    # smaller steps, more of them per CPU-minute
+    steps_on = batches if args.batch_size is None else texts.rebatch(batches, args.batch_size)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
 

@@ -164,7 +164,7 @@ def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), st
         out.append({"kind": a["kind"], "batch": a["batch"], "tokens": a["tokens"], "rounds": rounds,
                     **({"steps": steps} if a["kind"] == "decode" else {}),
                     "tokens_per_s_before": a["tokens_per_s"], "tokens_per_s_after": b["tokens_per_s"],
-                    **{k: b[k] for k in b if k.startswith("speedup")}})
+                    **{k: b[k] for k in b if k.startswith("speedup")}, "verdict": b["verdict"]})
     return out
 
 

@@ -4,22 +4,22 @@ stage labelled while it runs and timed in the report."""
 from __future__ import annotations
 
 import copy
-import math
 import functools
+import math
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from ..ranking import DEFAULT_GQA, select_heads
+from ..ranking import DEFAULT_GQA, count_units, select_heads, unit_sizes
 from . import commands as C
 from . import evaluate as E
 from . import plots
 from .recipe_text import describe_recipe
 from .recover_command import recover_stage
 from .report import report_markdown, summary_table
-from .sweep import removal_kwargs, removal_of
+from .sweep import learned_selection, removal_kwargs, removal_of
 
 SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -157,15 +157,11 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
     """The heads to prune (``--score learned``: after training the gates, kept in ``settings``;
     the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise)."""
-    from ..ranking.recipes import default_protected
-
     if kw.get("score") == "learned":
         with stage("learning head gates on the calibration text", "learn"):
             learned = _learn(args, loaded, batches, scores)
         settings["learned"] = learned.to_dict()
-        kw = {**kw, "score": learned.scores, "order": "low"}
-        if not kw.get("uniform") and "protect_layers" not in kw:  # the default's protection, as the sweep measures
-            kw["protect_layers"] = default_protected(scores)
+        kw = learned_selection(kw, learned.scores, scores)
     with stage("choosing heads", "select"):
         return _select(args, loaded, batches, scores, kw, removal)
 
@@ -174,12 +170,11 @@ def _learn(args, loaded, batches, scores):
     """``--score learned``: hard-concrete gates trained toward the requested budget."""
     from ..hf.learned import learn_gates
 
-    group = args.gqa == "group" and any(scores.num_kv_heads)
-    total = sum(kv or hq for hq, kv in zip(scores.num_heads, scores.num_kv_heads)) if group else sum(scores.num_heads)
-    ratio = args.ratio if args.ratio is not None else args.count / total  # --count counts units (KV groups)
+    total = count_units(scores, args.gqa)  # --count counts units
+    ratio = args.ratio if args.ratio is not None else args.count / total
     if not 0 < ratio < 1:
-        raise ValueError(f"--count: {args.count} of {total} {'KV groups' if group else 'heads'} leaves no budget "
-                         "for learned gates")
+        raise ValueError(f"--count: {args.count} of {total} units (heads, or KV groups under --gqa group) leaves no "
+                         "budget for learned gates")
     return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps,
                        time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
                        progress=not args.quiet, checkpoint=args.learn_checkpoint,
@@ -228,7 +223,7 @@ def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tup
 
     if removal != "refit":
         raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
-    unit = [hq // hkv if args.gqa == "group" and hkv else 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
+    unit = unit_sizes(scores, args.gqa)
     counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
     return calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
                                   progress=not args.quiet)

@@ -33,27 +33,17 @@ def summary_table(report: dict, metric: str) -> str:
         rows.insert(1, ("retrieval top-1", b["retrieval_top1"], a["retrieval_top1"]))
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} | {_change(x, y)} |" for name, x, y in rows]
-    speed = report.get("speed")
-    for row in ([speed] if isinstance(speed, dict) else speed or []):
-        lines.append(speed_row(row))
+    lines += [speed_row(row) for row in report.get("speed") or []]
     return "\n".join(lines)
 
 
 def speed_row(speed: dict) -> str:
-    """tokens/s before and after; the change only when it lies outside the spread of the
-    interleaved rounds (quartiles of the per-round speed-ups)."""
-    if speed.get("kind") == "decode":
-        name = f"decode tokens/s (batch {speed['batch']}, {speed['tokens']:,}-token context, interleaved)"
-    elif "kind" in speed:
-        name = f"prefill tokens/s (batch {speed['batch']}, {speed['tokens']:,} tokens, interleaved)"
-    else:  # reports written before decode was measured
-        name = f"tokens/s (batch {speed['batch']}, {speed['seq_len']} tokens, interleaved)"
-    lo, hi = speed["speedup_low"], speed["speedup_high"]
-    if lo <= 1.0 <= hi:
-        change = f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
-    else:
-        change = f"{speed['speedup']:.2f}x ({lo:.2f}-{hi:.2f}x)"
-    return f"| {name} | {_fmt(speed['tokens_per_s_before'])} | {_fmt(speed['tokens_per_s_after'])} | {change} |"
+    """tokens/s before and after, and the change only when it lies outside the spread of the
+    interleaved rounds (``headprune.hf.speed.verdict``)."""
+    where = f"{speed['tokens']:,}-token context" if speed["kind"] == "decode" else f"{speed['tokens']:,} tokens"
+    name = f"{speed['kind']} tokens/s (batch {speed['batch']}, {where}, interleaved)"
+    return (f"| {name} | {_fmt(speed['tokens_per_s_before'])} | {_fmt(speed['tokens_per_s_after'])} | "
+            f"{speed['verdict']} |")
 
 
 def report_markdown(report: dict, table: str) -> str:

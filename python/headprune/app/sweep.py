@@ -9,10 +9,11 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from ..ranking import DEFAULT_GQA, select_heads
+from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
 from ..ranking.recipes import default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
+from .texts import rebatch
 
 #: random-baseline scopes (``--random-scope``) and what each draws
 RANDOM_SCOPES = {"per_layer": "spread evenly over the layers",
@@ -170,19 +171,28 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     gqa = kw.pop("gqa", config.gqa)
     learned = kw.pop("learned", None)
     if learned is not None:
-        kw.update(score=_learned(point, stats, batches, name, ratio, learned, state), order="low")
-        kw.setdefault("protect_layers", default_protected(stats))
+        kw = learned_selection(kw, _learned(point, stats, batches, name, ratio, learned, state), stats)
     heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
     if iterative:
         state[name] = (heads, stats)
     if sequential:
         from ..hf.sequential import calibrate_sequentially
 
-        unit = _unit_size(stats, gqa)
+        unit = unit_sizes(stats, gqa)
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
     return heads, point(heads, stats, removal)
+
+
+def learned_selection(kw: dict, learned, stats) -> dict:
+    """``select_heads`` options that rank by learned gate scores (lowest ``log alpha`` first),
+    keeping the default's protected layers unless ``kw`` names its own or asks for a uniform
+    layout: the recipe the sweep measures, and what ``prune --score learned`` runs."""
+    kw = {**kw, "score": learned, "order": "low"}
+    if not kw.get("uniform") and "protect_layers" not in kw:
+        kw["protect_layers"] = default_protected(stats)
+    return kw
 
 
 def _learned(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):
@@ -197,8 +207,7 @@ def _learned(point, stats, batches, name: str, ratio: float, settings: dict, sta
     key = (name, round(ratio, 9), tuple(sorted(settings.items())))
     size = settings.pop("batch_size", None)  # sequences per step: smaller batches, more steps per CPU-minute
     if key not in cache:
-        chunks = list(batches) if size is None else [{k: v[i : i + size] for k, v in b.items()}
-                                                     for b in batches for i in range(0, len(b["input_ids"]), size)]
+        chunks = list(batches) if size is None else rebatch(batches, size)
         cache[key] = learn_gates(point.loaded.model, chunks, ratio=ratio,
                                  scores=stats if stats.outputs is not None else None,
                                  progress=not point.config.quiet, **settings)
@@ -220,10 +229,6 @@ def removal_kwargs(removal: str, stats, damping: float = DEFAULT_DAMPING) -> dic
     if removal == "refit":
         return {"reconstruct": stats, "damping": damping}
     return {"compensate": stats} if removal == "mean" else {}
-
-
-def _unit_size(scores, gqa: str) -> list:
-    return [hq // hkv if gqa == "group" and hkv else 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
 
 
 def random_mean(values: list, lower: bool) -> float:

@@ -104,6 +104,12 @@ def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: 
     return out
 
 
+def rebatch(batches: list, size: int) -> list:
+    """The same sequences in batches of at most ``size`` (a batch's tensors sliced along
+    their first dimension): more, smaller optimizer steps from one calibration set."""
+    return [{k: v[i : i + size] for k, v in b.items()} for b in batches for i in range(0, len(b["input_ids"]), size)]
+
+
 def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
     """``(calibration, held_out)``: a contiguous, disjoint split (first part calibrates)."""
     cut = max(1, min(len(paragraphs) - 1, round(len(paragraphs) * (1 - held_out))))

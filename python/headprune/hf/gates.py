@@ -26,7 +26,7 @@ import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["HeadGates", "gates"]
+__all__ = ["HeadGates", "frozen", "gates"]
 
 
 class HeadGates:
@@ -114,6 +114,24 @@ def _check_fill(fill, num_heads: list, dims: list) -> None:
         if not torch.isfinite(fill[i, :h, :d]).all():
             raise ValueError(f"fill: site {i} has values that are not finite (NaN marks heads never seen: "
                              "fill them first, e.g. with torch.nan_to_num)")
+
+
+@contextmanager
+def frozen(model) -> Iterator:
+    """``model`` with no parameter requiring grad and in eval mode (gradients reach gates and
+    inputs only); every parameter's ``requires_grad`` and the train/eval mode are restored on
+    every exit."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    mode = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield model
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(mode)
 
 
 def _default_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -16,12 +16,10 @@ pass alone. Returns a ``[L, H]`` tensor usable as ``select_heads(scores, score=.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
 import torch
 import torch.nn.functional as F
 
-from .gates import gates
+from .gates import frozen, gates
 
 __all__ = ["gradient_importance"]
 
@@ -63,16 +61,8 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
     """
     if causal is None:
         causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     n = 0
-    with ExitStack() as stack:
-        g = stack.enter_context(gates(model))
-        stack.callback(lambda: [p.requires_grad_(f) for p, f in flags.items()])
-        stack.callback(lambda: model.train(was_training))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
+    with gates(model) as g, frozen(model):
         total = torch.zeros(g.shape, dtype=torch.float64)
         for batch in batches:
             g.gate.grad = None

@@ -29,20 +29,19 @@ gate noise of step ``t`` is drawn from a generator seeded by ``seed`` and ``t``)
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Union
 
 import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
-from .gates import gates
-from .recover import _bar, _Checkpoint, _fingerprint, _kwargs, _loop, _loss, _Teacher
+from .gates import frozen, gates
+from .recover import (_bar, _Checkpoint, _check_run, _digest, _fingerprint, _kwargs, _loop, _loss, _resume,
+                      _Teacher)
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
@@ -89,16 +88,9 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.T
 def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio: expected a fraction of heads to prune in (0, 1), got {ratio!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
-        raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
+    _check_run(steps, lr, time_budget_s, checkpoint_every)
     if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup <= 1:
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
-    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
-        raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
-    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"init: expected a finite log_alpha, got {init!r}")
 
@@ -115,11 +107,9 @@ def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
 
 
 def _model_digest(model) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().reshape(-1)[:4096].cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(str(tuple(p.shape)).encode())
-    return h.hexdigest()[:16]
+    """The model a checkpoint was trained on: its shapes and the first values of each weight."""
+    return _digest([torch.tensor([d for p in model.parameters() for d in p.shape])]
+                   + [p.detach().reshape(-1)[:4096] for p in model.parameters()])
 
 
 def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0.05, warmup: float = 0.3,
@@ -164,14 +154,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches, FORMAT),
                                                        what="learned-gates")
     optimizer = torch.optim.Adam([params["log_alpha"]], lr=lr)
-    flags = {p: p.requires_grad for p in model.parameters()}
-    mode = model.training
-    with ExitStack() as stack:
-        stack.callback(lambda: [p.requires_grad_(f) for p, f in flags.items()])
-        stack.callback(lambda: model.train(mode))
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
+    with frozen(model):
         opens = (float(open_probability(torch.tensor(float(init)))), 1.0 - float(ratio))
         return _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, time_budget_s,
                     progress, ckpt, checkpoint_every, resume)
@@ -202,15 +185,7 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
          every, resume) -> LearnedGates:
     start_open, keep = opens
     t0 = time.perf_counter()
-    done = start = 0
-    if resume and ckpt is not None:
-        state = ckpt.load()
-        if state is not None:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state["parameters"][n])
-            optimizer.load_state_dict(state["optimizer"])
-            done = start = int(state["step"])
+    done = start = _resume(ckpt, params, optimizer) if resume else 0
     teacher = _Teacher(model, cache=isinstance(batches, Sequence))
     log_alpha = params["log_alpha"]
 

@@ -77,17 +77,22 @@ def trainable_parameters(model, train: str = "attention") -> dict:
     return {n: p for n, p in model.named_parameters() if id(p) in chosen}
 
 
-def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) -> None:
+def _check_run(steps, lr, time_budget_s, checkpoint_every) -> None:
+    """The options every training run here takes (:func:`recover`, ``learn_gates``)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
-    if train not in TRAIN:
-        raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
     if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+
+
+def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) -> None:
+    _check_run(steps, lr, time_budget_s, checkpoint_every)
+    if train not in TRAIN:
+        raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
     a, b = get_adapter(student), get_adapter(teacher)
     if a.model_type != b.model_type:
         raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
 __all__ = ["PruneReport", "measure", "attention_flops_per_token"]
@@ -40,7 +38,7 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     dtype = dtype or next(model.parameters()).dtype
-    width = torch.empty((), dtype=dtype).element_size()
+    width = dtype.itemsize
     causal = [s.block.causal for s in sites]
     return {
         "parameters": parameter_count(model),

@@ -31,7 +31,7 @@ import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["compare", "filled_cache", "verdict", "parse_shape"]
+__all__ = ["compare", "filled_cache", "quartiles", "verdict", "parse_shape"]
 
 
 def parse_shape(spec: str, arg: str = "shape") -> tuple:
@@ -158,7 +158,7 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
                    "tokens_per_s": new_tokens / statistics.median(wall[n])}
             for clock, times in (("", wall), ("_cpu", cpu)):
                 ups = sorted(a / b for a, b in zip(times[ref], times[n]))
-                low, high = _quartiles(ups)
+                low, high = quartiles(ups)
                 row.update({f"speedup{clock}": statistics.median(ups), f"speedup{clock}_low": low,
                             f"speedup{clock}_high": high})
             row["verdict"] = "reference" if n == ref else verdict(row)
@@ -168,7 +168,8 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
     return rows
 
 
-def _quartiles(values: list) -> tuple:
+def quartiles(values: list) -> tuple:
+    """The lower and upper quartiles of per-round speed-ups (inclusive method)."""
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
 

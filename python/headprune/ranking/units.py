@@ -13,7 +13,7 @@ from ..stats.scores import HeadScores
 from .reconstruction import reconstruction_score
 from .recipes import GQA_MODES, ORDERS, resolve_recipe
 
-__all__ = ["count_units", "rank_heads", "rank_positions"]
+__all__ = ["count_units", "rank_heads", "rank_positions", "unit_sizes"]
 
 
 def _unit_size(hq: int, hkv: int, gqa: str) -> int:
@@ -21,9 +21,14 @@ def _unit_size(hq: int, hkv: int, gqa: str) -> int:
     return hq // hkv if gqa == "group" and hkv else 1
 
 
+def unit_sizes(scores: HeadScores, gqa: str = "query") -> list:
+    """Query heads per prunable unit at each site."""
+    return [_unit_size(hq, hkv, gqa) for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
+
+
 def count_units(scores: HeadScores, gqa: str = "query") -> int:
     """Prunable units of the whole model (see :func:`select_heads`' ``gqa``)."""
-    return sum(hq // _unit_size(hq, hkv, gqa) for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+    return sum(hq // u for hq, u in zip(scores.num_heads, unit_sizes(scores, gqa)))
 
 
 def _units(scores: HeadScores, score, gqa: str) -> list:
