@@ -67,6 +67,9 @@ PRUNED_NAMES = {"base": "unpruned", "masked30": "masked 30% (control: every shap
 def _spread(r: dict, clock: str = "") -> str:
     if r["model"] == "base":
         return "reference"
+    if not clock:  # the benchmark's own verdict, from the unrounded times
+        head, _, tail = r["verdict"].partition(" (")
+        return r["verdict"] if head.startswith("no ") else f"**{head}** ({tail}"
     lo, hi = r[f"speedup{clock}_low"], r[f"speedup{clock}_high"]
     if lo <= 1.0 <= hi:
         return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
