@@ -46,35 +46,44 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
     chol, info = torch.linalg.cholesky_ex(a)
     m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
     w_star = wg @ m  # [out, D + 1]: the refit with every column kept
-    pos = {c: c for c in range(d + 1)}  # column -> its position in the current m / w_star
+    sizes = {len(u) for u in units}
+    if len(sizes) > 1:
+        raise ValueError(f"units: expected blocks of one size, got sizes {sorted(sizes)}")
+    cols = torch.tensor(units, dtype=torch.long, device=m.device).reshape(len(units), -1)  # [n, k]
+    where = torch.arange(d + 1, device=m.device)  # original column -> its position in m / w_star
     left = list(range(len(units)))
     order, costs = [], []
     while left:
-        best, best_cost = None, math.inf
-        for u in left:
-            b = [pos[c] for c in units[u]]
-            wb = w_star[:, b]
-            cost = float((torch.linalg.solve(m[b][:, b], wb.t()) * wb.t()).sum())
-            if cost < best_cost:
-                best, best_cost = u, cost
-        m, w_star, pos = _downdate(m, w_star, pos, units[best])
-        order.append(best)
-        costs.append(max(best_cost, 0.0))
-        left.remove(best)
+        # every remaining unit's cost in one batched solve
+        pos = where[cols[left]]  # [r, k]
+        mbb = m[pos[:, :, None], pos[:, None, :]]  # [r, k, k]
+        wb = w_star[:, pos].permute(1, 2, 0)  # [r, k, out]
+        chol, info = torch.linalg.cholesky_ex(mbb)
+        if int(info.max()) == 0:  # tr(M_BB^-1 W*_B^T W*_B), the [k, k] products first
+            cost = (torch.cholesky_inverse(chol) * (wb @ wb.transpose(1, 2))).sum((1, 2))
+        else:
+            cost = (torch.linalg.solve(mbb, wb) * wb).sum((1, 2))
+        j = int(torch.argmin(torch.nan_to_num(cost, nan=math.inf)))  # the first of equal minima
+        order.append(left.pop(j))
+        costs.append(max(float(cost[j]), 0.0))
+        if left:
+            m, w_star, where = _downdate(m, w_star, where, pos[j], mbb[j], wb[j])
     return order, costs, energy
 
 
-def _downdate(m, w_star, pos, columns) -> tuple:
-    """Remove ``columns`` from the kept set: the OBS update of the refit and of ``M``."""
-    b = [pos[c] for c in columns]
-    gone = set(b)
-    keep = [i for i in range(m.shape[0]) if i not in gone]
-    mbb_inv_mbr = torch.linalg.solve(m[b][:, b], m[b][:, keep])  # M_BB^-1 M_BR
-    new_m = m[keep][:, keep] - m[keep][:, b] @ mbb_inv_mbr
-    new_w = w_star[:, keep] - w_star[:, b] @ mbb_inv_mbr
-    old = {p: c for c, p in pos.items() if p not in gone}
-    new_pos = {old[p]: i for i, p in enumerate(keep)}
-    return new_m, new_w, new_pos
+def _downdate(m, w_star, where, b, mbb, wb) -> tuple:
+    """Remove the columns at positions ``b`` (``mbb = M_BB``, ``wb = W*_B^T``) from the kept
+    set: the OBS update of the refit and of ``M``; ``where`` maps original columns to positions."""
+    alive = torch.ones(m.shape[0], dtype=torch.bool, device=m.device)
+    alive[b] = False
+    keep = alive.nonzero().flatten()
+    m_k = m.index_select(0, keep)
+    x = torch.linalg.solve(mbb, m.index_select(0, b).index_select(1, keep))  # M_BB^-1 M_BR
+    new_m = m_k.index_select(1, keep) - m_k.index_select(1, b) @ x
+    new_w = w_star.index_select(1, keep) - wb.t() @ x
+    new_pos = torch.full_like(alive, -1, dtype=torch.long)
+    new_pos[keep] = torch.arange(len(keep), device=m.device)
+    return new_m, new_w, torch.where(where >= 0, new_pos[where.clamp_min(0)], -1)
 
 
 def site_units(hq: int, hkv: int, d: int, gqa: str) -> list:
