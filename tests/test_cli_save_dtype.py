@@ -78,3 +78,31 @@ def test_kv_cache_row_compares_at_the_saved_type(run, tmp_path, tiny_dir):  # no
     assert b["kv_cache_dtype"] == a["kv_cache_dtype"] == "float16"
     assert b["kv_cache_bytes_per_token"] * a["kv_heads"] == a["kv_cache_bytes_per_token"] * b["kv_heads"]
     assert "KV cache bytes per token (float16)" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_the_report_evaluates_the_saved_weights_as_they_are_loaded(run, tmp_path, tiny_dir):  # noqa: F811
+    """A float16 checkpoint is read and evaluated in float32; the pruned model is saved in
+    float16 and evaluated before saving with exactly the weights saved, in float32: its
+    report's perplexity is the saved directory's, loaded as headprune loads it."""
+    import torch
+    from safetensors import safe_open
+
+    from headprune.app import evaluate as E
+    from headprune.app import texts
+    from headprune.app.load import load_model
+
+    path = _checkpoint(tmp_path, tiny_dir, "float16", config_names_it=True)
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--data", "persuasion", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["compute_dtype"] == "float32" and report["settings"]["saved_dtype"] == "float16"
+    for file in (tmp_path / "o" / "model").glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    back = load_model(str(tmp_path / "o" / "model"))
+    assert next(back.model.parameters()).dtype == torch.float32
+    _, held = texts.load_split("persuasion")
+    got = E.quality(back, held, None, eval_windows=48, progress=False)  # the CLI's default
+    assert got["perplexity"] == report["after"]["perplexity"]
+    assert "evaluated and timed in float32" in (tmp_path / "o" / "report.md").read_text()

@@ -132,9 +132,7 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loade
     if adapter is not None:
         _refuse_kind(adapter.kind, accept, path)
     tok = _tokenizer(path)
-    model = load_pruned(path, device=device)
-    if torch_dtype is not None:
-        model = model.to(torch_dtype)
+    model = load_pruned(path, device=device).to(torch_dtype or torch.float32)  # computes as an HF directory does
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
                   input_bytes=_bytes(path.glob("*.safetensors")))
 

@@ -62,8 +62,8 @@ def prune(args) -> int:
     recovered = _recover(args, stage, loaded.model, reference, batches)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
-        _cast(loaded, saved_as)
-        report = _evaluate(args, stage, loaded, held, before_q, reference, {
+        _round_to_saved(loaded, saved_as)
+        report = _evaluate(args, stage, loaded, held, before_q, reference, saved_as, {
             "model": args.model, "recipe": recipe, "pruned_heads": {str(k): v for k, v in heads.items()},
             "heads_pruned": n, "heads_total": total, "before": {**C._public(before_q), **sizes_before},
             "recover": recovered})
@@ -95,8 +95,9 @@ def _absolute(model: str, settings: dict) -> dict:
     return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
 
 
-def _evaluate(args, stage, loaded, held, before_q, reference, report: dict) -> dict:
-    """The pruned model's quality (and speed against ``reference``) into ``report``."""
+def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, report: dict) -> dict:
+    """The pruned model's quality (and speed against ``reference``) into ``report``: its
+    weights as saved, computed in the type the unpruned model was (see _round_to_saved)."""
     from ..hf import measure
 
     with stage("evaluating the pruned model on held-out text", "evaluate_after"):
@@ -104,10 +105,10 @@ def _evaluate(args, stage, loaded, held, before_q, reference, report: dict) -> d
     speed = None
     if args.speed:
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
-            reference.to(next(loaded.model.parameters()).dtype)  # both in the type saved
             speed = E.compare_speed(reference, loaded.model, prefill=args.speed_prefill, decode=args.speed_decode)
-    report.update({"after": {**C._public(after_q), **measure(loaded.model)}, "speed": speed,
-                   "seconds": stage.seconds})
+    report.update({"after": {**C._public(after_q), **measure(loaded.model, dtype=SAVE_TYPES[saved_as])},
+                   "speed": speed, "seconds": stage.seconds,
+                   "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")})
     return report
 
 
@@ -239,12 +240,18 @@ def _save_dtype_name(args, loaded) -> str:
     return name
 
 
-def _cast(loaded, name: str) -> None:
-    """Cast the pruned model to the type it is saved in, before the evaluation, so the report
-    describes what is saved."""
+def _round_to_saved(loaded, name: str) -> None:
+    """Round the pruned model's floating weights through the type they are saved in, keeping
+    the type it computes in, before the evaluation: the report describes the weights that are
+    saved, computed as the unpruned model was (so the comparison is of the pruning, not of
+    the arithmetic: bfloat16 matrix products on a CPU without bfloat16 instructions take
+    several times as long, and a checkpoint saved in a narrow type is loaded in float32 by
+    default). Writing then casts exactly (see _write)."""
     dtype = SAVE_TYPES[name]
-    if next(loaded.model.parameters()).dtype != dtype:
-        loaded.model.to(dtype)
+    with torch.no_grad():
+        for t in loaded.model.state_dict().values():  # what is saved (not, e.g., rotary frequencies)
+            if t.is_floating_point() and t.dtype != dtype and torch.finfo(dtype).bits <= torch.finfo(t.dtype).bits:
+                t.copy_(t.to(dtype))
 
 
 def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned, gguf=None) -> None:
@@ -252,6 +259,7 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         if gguf is not None:
             os.replace(gguf, tmp / "model.gguf")
             report["gguf"] = "model.gguf"
+        loaded.model.to(SAVE_TYPES[settings["saved_dtype"]])  # exact: rounded before the evaluation
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
         report["input_bytes"] = loaded.input_bytes

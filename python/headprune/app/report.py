@@ -55,6 +55,9 @@ def report_markdown(report: dict, table: str) -> str:
         if report.get("input_bytes"):
             size += f"; its input was {report['input_bytes'] / 2**20:,.1f} MiB"
         size += ". "
+        if report.get("compute_dtype") and report["compute_dtype"] != s.get("saved_dtype"):
+            size += (f"Both models were evaluated and timed in {report['compute_dtype']}, the pruned one with its "
+                     f"weights as saved. ")
     return (f"# headprune report: {report['model']}\n\n"
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
