@@ -1,6 +1,7 @@
 """Cost of the second moments: calibration and the whole pruning step, with and without them.
 
     python benchmarks/bench_calibration.py [--tokens 2048] [--seq-len 256] [--repeat 5] [--quick]
+                                           [--cli-rounds 2]
 
 On SmolLM2-135M (real weights) and calibration batches of ``--tokens`` tokens from the bundled
 prose, timed alternately in one process (pairs, so a burst of load on the shared machine lands
@@ -13,7 +14,12 @@ on both halves):
 * ``prune``: the whole pruning step at 30% of heads as the library ran it before second
   moments existed (collect, rank by output variance, remove with mean compensation) against
   the default now (collect with moments, rank by reconstruction error, remove with the
-  least-squares refit), each on a fresh copy of the model.
+  least-squares refit), each on a fresh copy of the model;
+* ``prune_cli``: the whole command ``headprune prune smollm2 --ratio 0.3`` with its defaults
+  (load, calibrate, choose, remove, evaluate both models, time both, save, report), each run a
+  fresh process, against the same command with the recipe before second moments
+  (``--score variance --order low --no-reconstruct --compensate --gqa query``); ``--cli-rounds
+  0`` skips it.
 
 Prints medians, spreads and the per-pair ratios against the targets (1.3x and 1.5x) and
 writes benchmarks/results/calibration_cpu.json.
@@ -37,14 +43,27 @@ from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf.sequential import calibrate_sequentially  # noqa: E402
 
-TARGETS = {"collect_moments": 1.3, "collect_sequential": 1.3, "prune": 1.5}
+TARGETS = {"collect_moments": 1.3, "collect_sequential": 1.3, "prune": 1.5, "prune_cli": 1.5}
+#: the recipe of ``headprune prune`` before second moments existed
+BEFORE_FLAGS = ["--score", "variance", "--order", "low", "--no-reconstruct", "--compensate", "--gqa", "query"]
 
 
-def pairs(fns: dict, repeat: int) -> dict:
+def cli_run(extra: list, out: Path) -> None:
+    """``headprune prune smollm2 --ratio 0.3`` in a fresh process (its defaults otherwise)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "headprune", "prune", "smollm2", "--ratio", "0.3", "--quiet", "--force",
+           "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+
+
+def pairs(fns: dict, repeat: int, warm: bool = True) -> dict:
     """Each function timed once per round, in rotating order; per-round ratios to the first."""
     names = list(fns)
     times = {n: [] for n in names}
-    for n in names:  # warm-up
+    for n in names if warm else ():  # warm-up
         fns[n]()
     for r in range(repeat):
         for n in names[r % len(names):] + names[: r % len(names)]:
@@ -66,10 +85,12 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds (smoke run)")
+    ap.add_argument("--cli-rounds", type=int, default=2,
+                    help="rounds of the whole prune command, before and now (minutes each; 0 skips)")
+    ap.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds, no command rounds (smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.tokens, args.repeat = 512, 2
+        args.tokens, args.repeat, args.cli_rounds = 512, 2, 0
     loaded = load_model("smollm2")
     model, tok = loaded.model, loaded.tokenizer
     calib, _ = texts.split(texts.load_paragraphs("persuasion"))
@@ -105,7 +126,15 @@ def main(argv=None):
 
     prune_rows = pairs({"prune_before": prune_before, "prune": prune_now}, args.repeat)
     rows = {**collect_rows, **prune_rows}
+    if args.cli_rounds:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.update(pairs({"prune_cli_before": lambda: cli_run(BEFORE_FLAGS, Path(tmp) / "before"),
+                               "prune_cli": lambda: cli_run([], Path(tmp) / "now")}, args.cli_rounds, warm=False))
     for name, target in TARGETS.items():
+        if name not in rows:
+            continue
         rows[name]["target_x"] = target
         rows[name]["target_met"] = rows[name]["ratio_median"] <= target
     for name, r in rows.items():
@@ -114,7 +143,7 @@ def main(argv=None):
               + (f"  target <= {r['target_x']}: {'met' if r['target_met'] else 'NOT met'}" if "target_x" in r else ""))
     path = write_results("calibration_cpu.json", {
         "machine": machine(), "quick": args.quick, "tokens": tokens, "seq_len": args.seq_len, "repeat": args.repeat,
-        "model": "smollm2", "rows": rows})
+        "model": "smollm2", "cli_rounds": args.cli_rounds, "cli_before_flags": BEFORE_FLAGS, "rows": rows})
     print(f"wrote {path}")
 
 
