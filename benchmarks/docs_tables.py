@@ -209,6 +209,17 @@ def calibration_table(ctx) -> str:
     return table(["variant", "median (range)", "ratio, median (range)", "target"], rows)
 
 
+def cli_rows_text(ctx) -> str:
+    """What the whole-command rows of bench_calibration measure, where the run has them."""
+    res = ctx["R"]["calibration_cpu"]
+    if "prune_cli" not in res["rows"]:
+        return ""
+    return (f" `prune_cli` is the whole command `headprune prune smollm2 --ratio 0.3` with its defaults"
+            f" (load, calibrate on 64 x 256 tokens, choose, remove, evaluate both models, time both, save,"
+            f" report; a fresh process each run, {res['cli_rounds']} rounds) against `prune_cli_before`, the same"
+            f" command with the recipe before second moments (`{' '.join(res['cli_before_flags'])}`).")
+
+
 def layouts_table(ctx, name: str = "layouts") -> str:
     """Per model and evaluation text, one row per (ratio, layout): heads removed, KV heads and
     KV bytes per token left, the quality and how it compares with the free query layout's (a
@@ -318,5 +329,5 @@ def gguf_speed_table(ctx, name: str = "gguf_group") -> str:
 
 
 TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
-                                       calibration_table, layouts_table,
+                                       calibration_table, cli_rows_text, layouts_table,
                                        gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing)})

@@ -192,6 +192,14 @@ def test_greedy_removal_takes_the_cheapest_unit_at_every_step(gqa):
             removed.append(u)
 
 
+def test_greedy_removal_refuses_units_of_different_sizes():
+    from headprune.ranking.reconstruction import greedy_removal
+
+    gram = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="units: expected blocks of one size, got sizes \\[1, 3\\]"):
+        greedy_removal(gram, torch.ones(2, 5), [[0], [1, 2, 3]])
+
+
 def test_reconstruction_score_ranks_within_and_across_sites():
     from headprune import select_heads
 
