@@ -1,13 +1,14 @@
 """Head layouts against the KV cache and the quality they cost: query heads freely (KV heads
 repeated for partly pruned groups), even layouts (``--gqa even``: the KV cache never grows),
-whole KV groups, and one uniform layout for every layer (``--uniform``), all with the default
-ranking and the least-squares refit, through headprune's own pipeline.
+even layouts removing at least a quarter of the KV heads (``--kv-ratio 0.25``), whole KV groups,
+and one uniform layout for every layer (``--uniform``), all with the default ranking and the
+least-squares refit, through headprune's own pipeline.
 
     python benchmarks/bench_layouts.py [--models smollm2,minilm] [--ratios 0.1,0.3,0.5]
         [--calib persuasion] [--eval persuasion,python_tutorial] [--out layouts.json]
 
 For each layout and ratio: the heads removed, the KV heads left and the KV-cache bytes per
-token (float32 keys and values, every layer; layouts "even" and "group" only for models with
+token (float32 keys and values, every layer; the even and group layouts only for models with
 grouped queries, where they differ from "query"), and the quality on the held-out text of each
 evaluation text (perplexity for SmolLM2, embedding fidelity for MiniLM), masked with the
 refit as bench_quality measures it. Every uniform selection is then pruned physically, saved,
@@ -41,8 +42,9 @@ from headprune.prune.slicing import kv_layout  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
 from headprune.ranking.layouts import has_grouped_queries  # noqa: E402
 
-LAYOUTS = {"query": {"gqa": "query"}, "even": {"gqa": "even"}, "group": {"gqa": "group"},
-           "uniform": {"uniform": True}}
+LAYOUTS = {"query": {"gqa": "query"}, "even": {"gqa": "even"}, "even, KV >= 25%": {"gqa": "even", "kv_ratio": 0.25},
+           "group": {"gqa": "group"}, "uniform": {"uniform": True}}
+GROUPED_ONLY = ("even", "even, KV >= 25%", "group")
 
 
 def kv_heads(scores, heads: dict) -> int:
@@ -92,7 +94,7 @@ def run(name: str, args) -> dict:
                      "kv_heads": sum(scores.num_kv_heads), "quality": point.baseline_value})
         for ratio in args.ratios:
             for layout, kw in LAYOUTS.items():
-                if not grouped and layout in ("even", "group"):  # the same as "query" without grouped queries
+                if not grouped and layout in GROUPED_ONLY:  # the same as "query" without grouped queries
                     continue
                 t0 = time.perf_counter()
                 heads = select_heads(scores, ratio=ratio, **kw)

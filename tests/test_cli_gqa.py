@@ -68,6 +68,23 @@ def test_prune_gqa_even_never_grows_the_kv_cache(run, tmp_path, tiny_dir):  # no
         assert "every KV group kept keeps the same number of query heads" in report["recipe"]
 
 
+def test_prune_kv_ratio_removes_whole_groups(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    # 2 layers of 4 query / 2 KV heads, the first kept whole: 2 heads go from the second layer,
+    # one of each group by the ranking or one whole group with --kv-ratio
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--kv-ratio", "0.25", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["heads_pruned"] == 2 and report["settings"]["kv_ratio"] == 0.25
+    assert (report["before"]["kv_heads"], report["after"]["kv_heads"]) == (4, 3)
+    assert "at least 25% of the KV heads in whole groups" in report["recipe"]
+    code, err = run(["prune", path, "--ratio", "0.3", "--kv-ratio", "1.5", "--out", tmp_path / "o2"])
+    assert code != 0 and any("--kv-ratio: expected a fraction in [0, 1), got '1.5'" in line for line in err), err
+
+
 def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_path, tiny_dir):  # noqa: F811
     import json
 
@@ -100,6 +117,10 @@ def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_pa
     (["--uniform", "--steps", "2"], "--steps: iterative pruning is not supported with --uniform"),
     (["--uniform", "--sequential"], "--sequential: re-chooses each layer's heads"),
     (["--uniform", "--protect-layers", "0"], "--protect-layers: a --uniform selection"),
+    (["--kv-ratio", "0.25", "--gqa", "query"], "--kv-ratio: needs --gqa even without --uniform"),
+    (["--kv-ratio", "0.25", "--uniform"], "--kv-ratio: needs --gqa even without --uniform"),
+    (["--kv-ratio", "0.25", "--sequential"], "--sequential: re-chooses heads after the selection"),
+    (["--kv-ratio", "0.25", "--steps", "2"], "--steps: re-chooses heads after the selection"),
 ])
 def test_layout_options_that_conflict_are_refused_before_loading(run, tmp_path, extra, message):  # noqa: F811
     code, err = run(["prune", tmp_path / "missing", "--ratio", "0.3", "--out", tmp_path / "o", *extra])

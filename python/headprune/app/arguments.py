@@ -48,6 +48,17 @@ def ratio(text: str) -> float:
     return r
 
 
+def kv_fraction(text: str) -> float:
+    """--kv-ratio: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def ratios(text: str) -> list:
     return [ratio(t) for t in text.split(",") if t.strip()]
 
@@ -193,6 +204,10 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                    help="the same head layout in every layer (the count nearest the request), so the saved "
                         "directory has a standard config that plain from_pretrained loads where the family's "
                         "config can describe it; no layer is protected")
+    g.add_argument("--kv-ratio", type=kv_fraction, default=None, metavar="R",
+                   help="with --gqa even: remove at least this fraction of the KV heads (the KV cache shrinks "
+                        "at least as much), preferring layouts that remove whole groups just enough to reach it "
+                        "(quality falls towards --gqa group's; docs/quality.md)")
     g.add_argument("--min-heads-per-layer", type=nonnegative_int, default=None,
                    help="units every layer keeps (default 1; 0 allows emptying a layer)")
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",

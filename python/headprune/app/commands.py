@@ -210,7 +210,7 @@ def _selection_kwargs(args) -> dict:
     kw = {"gqa": args.gqa, "seed": args.seed}
     if getattr(args, "uniform", False):
         kw["uniform"] = True
-    for name in ("scope", "min_heads_per_layer", "protect_layers", "score", "order"):
+    for name in ("scope", "min_heads_per_layer", "protect_layers", "score", "order", "kv_ratio"):
         value = getattr(args, name, None)
         if value is not None:
             kw[name] = value

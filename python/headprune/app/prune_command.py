@@ -191,6 +191,13 @@ def _check_layout_options(args) -> None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
         raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
+    if args.kv_ratio:
+        if args.gqa != "even" or getattr(args, "uniform", False):
+            raise ValueError("--kv-ratio: needs --gqa even without --uniform (--gqa group removes KV heads in the "
+                             "ratio of the query heads)")
+        if args.sequential or args.steps != 1:
+            raise ValueError(f"{'--sequential' if args.sequential else '--steps'}: re-chooses heads after the "
+                             "selection, which may keep KV groups --kv-ratio removed; drop one")
     if not getattr(args, "uniform", False):
         return
     if args.steps != 1:

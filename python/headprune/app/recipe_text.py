@@ -48,7 +48,8 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         parts.append("the same layout in every layer")
     elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:
         parts.append("removed in layouts where every KV group kept keeps the same number of query heads (the KV "
-                     "cache never grows)")
+                     "cache never grows)" + (f", at least {100 * select['kv_ratio']:g}% of the KV heads in whole "
+                                             "groups" if select.get("kv_ratio") else ""))
     protect = select.get("protect_layers")
     if protect:
         parts.append(f"layers {', '.join(map(str, protect))} kept whole")

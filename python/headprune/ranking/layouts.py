@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["even_layouts", "best_layout", "head_costs", "allocate_even", "allocate_uniform", "has_grouped_queries"]
+__all__ = ["even_layouts", "best_layout", "head_costs", "allocate_even", "allocate_kv", "allocate_uniform",
+           "has_grouped_queries", "kv_groups_removed"]
 
 
 def has_grouped_queries(scores) -> bool:
@@ -72,27 +73,73 @@ def best_layout(costs: list, hkv: int, g: int, t: int) -> tuple:
 _FORCED = -1e12
 
 
-def _options(costs, hkv, whole, cap, forced=()) -> dict:
+def _options(costs, hkv, whole, cap, forced=(), group_bonus: float = 0.0) -> dict:
     """``{removed: (cost, heads)}``: the best even layout of each size up to ``cap`` that
-    removes every head of ``forced``."""
+    removes every head of ``forced``; each whole group a layout removes lowers its cost by
+    ``group_bonus``."""
     forced = set(forced)
     costs = [_FORCED if h in forced else c for h, c in enumerate(costs)]
     out = {}
     for r, layouts in even_layouts(len(costs), hkv, whole).items():
         if len(forced) <= r <= max(cap, len(forced)):
-            best = min((best_layout(costs, hkv, g, t) for g, t in layouts), key=lambda x: (x[0], x[1]))
+            scored = []
+            for g, t in layouts:
+                cost, heads = best_layout(costs, hkv, g, t)
+                scored.append((cost - group_bonus * g, heads))
+            best = min(scored, key=lambda x: (x[0], x[1]))
             if forced <= set(best[1]):
                 out[r] = best
     return out
 
 
+def kv_groups_removed(chosen: dict, num_heads: list, kv_heads: list) -> int:
+    """KV heads that ``chosen`` (``{site: heads}``) removes whole, every query head of their group."""
+    n = 0
+    for site, heads in chosen.items():
+        hq, hkv = num_heads[site], kv_heads[site] or num_heads[site]
+        size, gone = hq // hkv, set(heads)
+        n += sum(all(h in gone for h in range(k * size, (k + 1) * size)) for k in range(hkv))
+    return n
+
+
+def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int, forced: dict | None = None) -> dict:
+    """:func:`allocate_even` removing at least ``kv_want`` KV heads: whole groups get a bonus
+    per group, the smallest (found by bisection) with which the allocation removes that many,
+    so the layouts stay the cheapest by the ranking that meet the KV budget."""
+    num_heads = [len(c) for c in costs]
+
+    def run(bonus):
+        chosen = allocate_even(costs, kv_heads, caps, want, forced=forced, group_bonus=bonus)
+        return chosen, kv_groups_removed(chosen, num_heads, kv_heads)
+
+    chosen, got = run(0.0)
+    if got >= kv_want:
+        return chosen
+    finite = [c for cs in costs for c in cs if math.isfinite(c)]
+    hi = 2.0 * (max(finite, default=0.0) + 1.0) * max(num_heads)
+    best, got = run(hi)
+    if got < kv_want:
+        raise ValueError(f"kv_ratio: {kv_want} KV heads requested but at most {got} go with {want} query heads in even "
+                         "layouts under these caps; raise the ratio or lower kv_ratio")
+    lo = 0.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        chosen, got = run(mid)
+        if got >= kv_want:
+            hi, best = mid, chosen
+        else:
+            lo = mid
+    return best
+
+
 def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False,
-                  forced: dict | None = None) -> dict:
+                  forced: dict | None = None, group_bonus: float = 0.0) -> dict:
     """``{site: heads}``: at most ``want`` heads in even layouts, at most ``caps[site]`` per
     site, grown one layout step at a time at the least cost per head added, from ``forced``
-    (``{site: heads already removed}``, an even layout each)."""
+    (``{site: heads already removed}``, an even layout each); ``group_bonus`` lowers the cost
+    of a layout by that much per whole group it removes (see :func:`allocate_kv`)."""
     forced = forced or {}
-    options = [_options(c, kv, whole_groups_only, cap, forced.get(i, ()))
+    options = [_options(c, kv, whole_groups_only, cap, forced.get(i, ()), group_bonus)
                for i, (c, kv, cap) in enumerate(zip(costs, kv_heads, caps))]
     removed = [len(forced.get(i, ())) for i in range(len(costs))]
     for i, r in enumerate(removed):

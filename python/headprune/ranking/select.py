@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
-from .layouts import allocate_even, allocate_uniform, even_layouts, has_grouped_queries, head_costs
+from .layouts import allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs
 from .units import rank_positions
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget"]
@@ -34,6 +34,7 @@ def select_heads(
     seed: int = 0,
     pruned: Optional[dict] = None,
     uniform: bool = False,
+    kv_ratio: Optional[float] = None,
 ) -> dict:
     """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
 
@@ -67,6 +68,10 @@ def select_heads(
             the same groups kept and heads per group), the count nearest the request, so a
             standard config describes the result; no site is protected by default, and
             ``protect_layers`` is refused.
+        kv_ratio: with ``gqa="even"``, remove at least this fraction of the KV heads (rounded
+            up): layouts that remove whole groups are preferred, by the least bonus per group
+            that reaches it (see :func:`~headprune.ranking.layouts.allocate_kv`), so the KV
+            cache shrinks by at least that much for the same number of query heads.
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """
@@ -81,11 +86,19 @@ def select_heads(
                          "protect layers")
     if uniform and pruned:
         raise ValueError("pruned: iterative pruning is not supported with uniform=True")
+    if kv_ratio is not None:
+        if isinstance(kv_ratio, bool) or not isinstance(kv_ratio, (int, float)) or not 0 <= kv_ratio < 1:
+            raise ValueError(f"kv_ratio: expected a fraction in [0, 1), got {kv_ratio!r}")
+        if gqa != "even" or uniform:
+            raise ValueError(f"kv_ratio: needs gqa='even' without uniform (got gqa={gqa!r}, uniform={uniform}); "
+                             "gqa='group' removes KV heads in the ratio of the query heads")
     recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
     if uniform or (gqa == "even" and has_grouped_queries(scores)):  # without grouped queries every layout is even
         return _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads_per_layer, uniform,
-                            _even_forced(pruned, scores))
+                            _even_forced(pruned, scores), kv_ratio)
+    if kv_ratio:
+        raise ValueError("kv_ratio: the model has no grouped queries; every KV head goes with its query head")
     protect = _check_layers(recipe.protect_layers, scores.num_sites)
     units = [0] * scores.num_sites
     for layer, _ in ranked:
@@ -113,7 +126,7 @@ def _even_forced(pruned, scores: HeadScores) -> dict:
     return _pruned_sets(_as_positions(pruned, scores), scores)
 
 
-def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, uniform, forced) -> dict:
+def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, uniform, forced, kv_ratio=None) -> dict:
     """:func:`select_heads` for even or uniform layouts (see :mod:`.layouts`), in heads."""
     costs = head_costs(ranked, scores.num_heads)
     kv = list(scores.num_kv_heads)
@@ -136,7 +149,11 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
             caps = allowed
         if any(i in protect for i in forced):
             raise ValueError(f"pruned: layers {sorted(i for i in forced if i in protect)} are in protect_layers")
-        chosen = allocate_even(costs, kv, caps, want_heads, whole, forced)
+        if kv_ratio:
+            kv_want = math.ceil(kv_ratio * sum(k or n for n, k in zip(scores.num_heads, kv)) - 1e-9)
+            chosen = allocate_kv(costs, kv, caps, want_heads, kv_want, forced)
+        else:
+            chosen = allocate_even(costs, kv, caps, want_heads, whole, forced)
     return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
 
 
