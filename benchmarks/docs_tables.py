@@ -220,6 +220,15 @@ def cli_rows_text(ctx) -> str:
             f" command with the recipe before second moments (`{' '.join(res['cli_before_flags'])}`).")
 
 
+def layout_value(ctx, layout: str, ratio: float, text: str, field: str = "quality", model: int = 0):
+    """One value of a bench_layouts row (``model``: the index of the model's results)."""
+    rows_ = [r for r in ctx["R"]["layouts"]["results"][model]["rows"]
+             if r["layout"] == layout and r["ratio"] == ratio and r["evaluated_on"] == text]
+    if len(rows_) != 1:
+        raise KeyError(f"layouts: {len(rows_)} rows for {layout!r} at {ratio} on {text!r}")
+    return rows_[0][field]
+
+
 def layouts_table(ctx, name: str = "layouts") -> str:
     """Per model and evaluation text, one row per (ratio, layout): heads removed, KV heads and
     KV bytes per token left, the quality and how it compares with the free query layout's (a
@@ -329,5 +338,5 @@ def gguf_speed_table(ctx, name: str = "gguf_group") -> str:
 
 
 TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
-                                       calibration_table, cli_rows_text, layouts_table,
+                                       calibration_table, cli_rows_text, layout_value, layouts_table,
                                        gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing)})
