@@ -98,3 +98,20 @@ def test_a_missing_unpruned_model_points_to_teacher(run, tmp_path, tiny_dir):  #
     code, err = run(["recover", tmp_path / "p", "--steps", "1", "--quiet", "--teacher", tmp_path / "moved",
                      "--out", tmp_path / "r"])
     assert code == 0, err
+
+
+def test_recover_takes_one_sequence_per_step_for_causal_lms(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    from test_cli_gqa import _tiny_llama
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    code, err = run(["prune", path, "--count", "1", *calib, "--no-speed", "--out", tmp_path / "p"])
+    assert code == 0, err
+    for extra, size in (([], 1), (["--batch-size", "2"], 2)):
+        out = tmp_path / f"r{size}"
+        code, err = run(["recover", tmp_path / "p", "--steps", "2", "--quiet", "--out", out, *extra])
+        assert code == 0, err
+        report = json.loads((out / "report.json").read_text())
+        assert report["settings"]["batch_size"] == size and report["recover"]["steps"] == 2

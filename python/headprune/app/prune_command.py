@@ -59,7 +59,7 @@ def prune(args) -> int:
     with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
         how = removal_kwargs(removal, last, args.damping)
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
-    recovered = _recover(args, stage, loaded.model, reference, batches)
+    recovered = _recover(args, stage, loaded, reference, batches)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
         _round_to_saved(loaded, saved_as)
@@ -136,13 +136,18 @@ def _export_gguf(args, stage, loaded):
     return tmp
 
 
-def _recover(args, stage, model, teacher, batches):
-    """``--recover-steps``: distil the pruned model toward the unpruned one (before it is cast to
-    the saved type and evaluated); the library's report, or ``None``."""
+def _recover(args, stage, loaded, teacher, batches):
+    """``--recover-steps``: distil the pruned model toward the unpruned one (before it is rounded
+    to the saved type and evaluated), as many sequences per step as ``headprune recover``
+    takes by default; the library's report, or ``None``."""
+    from .recover_command import STEP_SEQUENCES
+    from .texts import rebatch
+
     if not args.recover_steps:
         return None
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
-        return recover_stage(args, model, teacher, batches, steps=args.recover_steps, lr=args.recover_lr)
+        return recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),
+                             steps=args.recover_steps, lr=args.recover_lr)
 
 
 def _recipe(args, kw: dict, removal: str, scores) -> str:
