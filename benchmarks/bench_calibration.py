@@ -80,6 +80,15 @@ def pairs(fns: dict, repeat: int, warm: bool = True) -> dict:
     return out
 
 
+def cli_rows(rounds: int) -> dict:
+    """The whole command before and now, in rotation, each run a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return pairs({"prune_cli_before": lambda: cli_run(BEFORE_FLAGS, Path(tmp) / "before"),
+                      "prune_cli": lambda: cli_run([], Path(tmp) / "now")}, rounds, warm=False)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -127,16 +136,10 @@ def main(argv=None):
     prune_rows = pairs({"prune_before": prune_before, "prune": prune_now}, args.repeat)
     rows = {**collect_rows, **prune_rows}
     if args.cli_rounds:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            rows.update(pairs({"prune_cli_before": lambda: cli_run(BEFORE_FLAGS, Path(tmp) / "before"),
-                               "prune_cli": lambda: cli_run([], Path(tmp) / "now")}, args.cli_rounds, warm=False))
+        rows.update(cli_rows(args.cli_rounds))
     for name, target in TARGETS.items():
-        if name not in rows:
-            continue
-        rows[name]["target_x"] = target
-        rows[name]["target_met"] = rows[name]["ratio_median"] <= target
+        if name in rows:
+            rows[name].update(target_x=target, target_met=rows[name]["ratio_median"] <= target)
     for name, r in rows.items():
         print(f"{name:20s} median {r['median_s']:7.2f} s  (min {r['min_s']:.2f}, max {r['max_s']:.2f})"
               f"  x{r['ratio_median']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
