@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from make_docs import num, pct, table, x
+from make_docs import row as one_row
 
 
 def probs_table(ctx, dtype: str = "float32") -> str:
@@ -225,11 +226,7 @@ def cli_rows_text(ctx) -> str:
 
 def layout_value(ctx, layout: str, ratio: float, text: str, field: str = "quality", model: int = 0):
     """One value of a bench_layouts row (``model``: the index of the model's results)."""
-    rows_ = [r for r in ctx["R"]["layouts"]["results"][model]["rows"]
-             if r["layout"] == layout and r["ratio"] == ratio and r["evaluated_on"] == text]
-    if len(rows_) != 1:
-        raise KeyError(f"layouts: {len(rows_)} rows for {layout!r} at {ratio} on {text!r}")
-    return rows_[0][field]
+    return one_row(ctx["R"]["layouts"]["results"][model], "rows", layout=layout, ratio=ratio, evaluated_on=text)[field]
 
 
 def layouts_table(ctx, name: str = "layouts") -> str:

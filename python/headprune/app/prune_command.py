@@ -17,9 +17,10 @@ from . import commands as C
 from . import evaluate as E
 from . import plots
 from .recipe_text import describe_recipe
-from .recover_command import recover_stage
+from .recover_command import STEP_SEQUENCES, recover_stage
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
+from .texts import rebatch
 
 SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -66,7 +67,7 @@ def prune(args) -> int:
         report = _evaluate(args, stage, loaded, held, before_q, reference, saved_as, {
             "model": args.model, "recipe": recipe, "pruned_heads": {str(k): v for k, v in heads.items()},
             "heads_pruned": n, "heads_total": total, "before": {**C._public(before_q), **sizes_before},
-            "recover": recovered})
+            "recover": recovered, "compute_dtype": settings["dtype"]})  # rounding keeps the loaded type
         del reference
         settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
                          "removal": removal, "damping": args.damping, "sequential": args.sequential,
@@ -107,8 +108,7 @@ def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, rep
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
             speed = E.compare_speed(reference, loaded.model, prefill=args.speed_prefill, decode=args.speed_decode)
     report.update({"after": {**C._public(after_q), **measure(loaded.model, dtype=SAVE_TYPES[saved_as])},
-                   "speed": speed, "seconds": stage.seconds,
-                   "compute_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch.")})
+                   "speed": speed, "seconds": stage.seconds})
     return report
 
 
@@ -140,9 +140,6 @@ def _recover(args, stage, loaded, teacher, batches):
     """``--recover-steps``: distil the pruned model toward the unpruned one (before it is rounded
     to the saved type and evaluated), as many sequences per step as ``headprune recover``
     takes by default; the library's report, or ``None``."""
-    from .recover_command import STEP_SEQUENCES
-    from .texts import rebatch
-
     if not args.recover_steps:
         return None
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
