@@ -20,10 +20,11 @@ from .load import load_model
 
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
-#: calibration sequences per distillation step by default: on SmolLM2-135M, 154 steps of one
-#: sequence closed 55% of the held-out gap in 10 minutes where 6 steps of 8 closed 20%
-#: (benchmarks/results/recover_smollm2_batch1.json, recover.json); MiniLM measured no better
-#: with 2 (recover_minilm_batch2.json)
+#: calibration sequences per distillation step by default: on SmolLM2-135M at 50% of heads,
+#: 154 steps of one sequence closed 55% of the held-out gap in 10 minutes
+#: (benchmarks/results/recover_smollm2_batch1.json); steps of 8, in an earlier run, managed 6
+#: steps in 12 minutes and closed 20% (recover.json); MiniLM measured no better with 2
+#: sequences than with 8 (recover_minilm_batch2.json, recover_minilm.json)
 STEP_SEQUENCES = {"causal": 1, "encoder": 8}
 
 
