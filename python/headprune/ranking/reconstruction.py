@@ -38,26 +38,28 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
     g = gram.double()
     g = g / g[d, d]
     wt = projection.double().to(g.device)
-    wg = wt @ g
-    energy = float((wg * wt).sum())
+    energy = float((wt @ g).mul_(wt).sum())
     a = g.clone()
-    if damping > 0 and d > 0:
-        a.diagonal()[:d] += ridge(a, damping, d)
+    c = ridge(a, damping, d) if damping > 0 and d > 0 else None
+    if c is not None:
+        a.diagonal()[:d] += c
     chol, info = torch.linalg.cholesky_ex(a)
     m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
-    w_star = wg @ m  # [out, D + 1]: the refit with every column kept
+    # the refit with every column kept, transposed ([D + 1, out]: a unit's rows are contiguous):
+    # W* = W~ G M = W~ (A - C) M = W~ - c W~[:, :d] M[:d]  (A = G + C, C the ridge on the first d)
+    ws = wt.t().contiguous() if c is None else torch.addmm(wt.t(), m[:, :d], wt[:, :d].t(), alpha=-float(c))
     sizes = {len(u) for u in units}
     if len(sizes) > 1:
         raise ValueError(f"units: expected blocks of one size, got sizes {sorted(sizes)}")
     cols = torch.tensor(units, dtype=torch.long, device=m.device).reshape(len(units), -1)  # [n, k]
-    where = torch.arange(d + 1, device=m.device)  # original column -> its position in m / w_star
+    where = torch.arange(d + 1, device=m.device)  # original column -> its position in m / ws
     left = list(range(len(units)))
     order, costs = [], []
     while left:
         # every remaining unit's cost in one batched solve
         pos = where[cols[left]]  # [r, k]
         mbb = m[pos[:, :, None], pos[:, None, :]]  # [r, k, k]
-        wb = w_star[:, pos].permute(1, 2, 0)  # [r, k, out]
+        wb = ws[pos]  # [r, k, out]
         chol, info = torch.linalg.cholesky_ex(mbb)
         if int(info.max()) == 0:  # tr(M_BB^-1 W*_B^T W*_B), the [k, k] products first
             cost = (torch.cholesky_inverse(chol) * (wb @ wb.transpose(1, 2))).sum((1, 2))
@@ -67,20 +69,22 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
         order.append(left.pop(j))
         costs.append(max(float(cost[j]), 0.0))
         if left:
-            m, w_star, where = _downdate(m, w_star, where, pos[j], mbb[j], wb[j])
+            m, ws, where = _downdate(m, ws, where, pos[j], mbb[j], wb[j])
     return order, costs, energy
 
 
-def _downdate(m, w_star, where, b, mbb, wb) -> tuple:
-    """Remove the columns at positions ``b`` (``mbb = M_BB``, ``wb = W*_B^T``) from the kept
-    set: the OBS update of the refit and of ``M``; ``where`` maps original columns to positions."""
+def _downdate(m, ws, where, b, mbb, wb) -> tuple:
+    """Remove the columns at positions ``b`` (``mbb = M_BB``, ``wb = W*_B^T`` as rows of
+    ``ws = W*^T``) from the kept set: the OBS update of the refit and of ``M`` (symmetric),
+    ``M_RR - M_RB X`` and ``W*_R^T - X^T W*_B^T`` with ``X = M_BB^-1 M_BR``; ``where`` maps
+    original columns to positions."""
     alive = torch.ones(m.shape[0], dtype=torch.bool, device=m.device)
     alive[b] = False
     keep = alive.nonzero().flatten()
-    m_k = m.index_select(0, keep)
-    x = torch.linalg.solve(mbb, m.index_select(0, b).index_select(1, keep))  # M_BB^-1 M_BR
-    new_m = m_k.index_select(1, keep) - m_k.index_select(1, b) @ x
-    new_w = w_star.index_select(1, keep) - wb.t() @ x
+    m_br = m.index_select(0, b).index_select(1, keep)  # [k, R]
+    x = torch.linalg.solve(mbb, m_br)  # [k, R]
+    new_m = m.index_select(0, keep).index_select(1, keep).addmm_(m_br.t(), x, alpha=-1.0)
+    new_w = ws.index_select(0, keep).addmm_(x.t(), wb, alpha=-1.0)
     new_pos = torch.full_like(alive, -1, dtype=torch.long)
     new_pos[keep] = torch.arange(len(keep), device=m.device)
     return new_m, new_w, torch.where(where >= 0, new_pos[where.clamp_min(0)], -1)
