@@ -9,7 +9,7 @@ import torch
 from hf_tiny import tiny_model
 
 from headprune.hf import prune_heads, resolve_sites
-from headprune.hf.speed import _cache_arg, compare, filled_cache, parse_shape, verdict
+from headprune.hf.speed import _cache_arg, compare, filled_cache, parse_shape, position_limit, verdict
 
 pytest.importorskip("transformers")
 
@@ -80,6 +80,37 @@ def test_compare_refuses_nothing_to_time():
     with pytest.raises(ValueError, match="rounds"):
         compare({"a": tiny_model("llama")}, prefill=[(1, 4)], rounds=0)
 
+
+
+@pytest.mark.parametrize("family,limit", [("gpt2", 64), ("bert", 64), ("roberta", 62), ("opt", 64),
+                                          ("llama", None), ("t5", None)])
+def test_position_limit_is_the_learned_table_usable_length(family, limit):
+    """RoBERTa's positions start after its padding row, OPT's after an offset of 2; rotary and
+    relative positions have no table."""
+    model = tiny_model(family)
+    assert position_limit(model) == limit
+    if limit is not None:  # the limit itself runs, one more does not (the model's own error)
+        ids = torch.randint(3, 90, (1, limit))
+        with torch.no_grad():
+            model(input_ids=ids, **({"decoder_input_ids": ids} if family == "t5" else {}))
+            with pytest.raises(Exception):
+                model(input_ids=torch.randint(3, 90, (1, limit + 1)))
+
+
+def test_compare_refuses_shapes_past_learned_positions_before_timing(monkeypatch):
+    import headprune.hf.speed as speed
+
+    gpt2, llama = tiny_model("gpt2"), tiny_model("llama")
+    monkeypatch.setattr(speed, "_clock", lambda *a: pytest.fail("timed before the shapes were checked"))
+    with pytest.raises(ValueError, match=r"prefill: 1x65 needs 65 positions, more than the 64 learned positions "
+                                         r"of model 'b' \(gpt2\)"):
+        compare({"a": llama, "b": gpt2}, prefill=[(1, 8), (1, 65)], rounds=3)
+    with pytest.raises(ValueError, match=r"decode: 1x60 with 8 decode steps needs 68 positions"):
+        compare({"a": gpt2}, decode=[(1, 60)], steps=8, rounds=3)
+    monkeypatch.undo()
+    rows = compare({"a": gpt2}, prefill=[(1, 64)], decode=[(1, 56)], steps=8, rounds=3)  # exactly the table
+    assert [r["tokens"] for r in rows] == [64, 56]
+    assert compare({"a": llama}, decode=[(1, 64)], steps=2, rounds=3)[0]["tokens"] == 64  # rotary runs past
 
 def _tokenizer_dir(tmp_path):
     """A word-level tokenizer saved in ``tmp_path/tok`` (no download)."""

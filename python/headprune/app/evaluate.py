@@ -153,9 +153,10 @@ def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), st
     interleaved by :func:`headprune.hf.speed.compare`: rows with both speeds, the median
     per-round speed-up and its quartiles (the spread). Prefill lengths, and decode contexts
     with their steps, are capped at the model's position table; encoders have no decode."""
-    from ..hf.speed import compare
+    from ..hf.speed import compare, position_limit
 
-    cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30))
+    cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30),
+              position_limit(before) or 1 << 30, position_limit(after) or 1 << 30)
     prefill = [(b, min(t, cap)) for b, t in prefill]
     decode = [(b, min(t, cap - steps)) for b, t in decode if cap > steps] if _causal(before) else []
     rows = compare({"before": before, "after": after}, prefill=prefill, decode=decode, steps=steps, rounds=rounds)

@@ -26,12 +26,16 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+from typing import Optional
 
 import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["compare", "filled_cache", "quartiles", "verdict", "parse_shape"]
+__all__ = ["compare", "filled_cache", "position_limit", "quartiles", "verdict", "parse_shape"]
+
+#: names of learned absolute position tables (BERT/RoBERTa/DistilBERT, GPT-2, OPT)
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
 
 
 def parse_shape(spec: str, arg: str = "shape") -> tuple:
@@ -43,6 +47,33 @@ def parse_shape(spec: str, arg: str = "shape") -> tuple:
     if b < 1 or s < 1:
         raise ValueError(f"{arg}: expected positive batch and tokens, got {spec!r}")
     return b, s
+
+
+def position_limit(model) -> Optional[int]:
+    """The most positions a model with a learned absolute position table can take (the
+    table's rows less the ones its offset or padding row skips: OPT's 2, RoBERTa's
+    ``padding_idx + 1``), or ``None`` for rotary, relative and ALiBi positions, which have
+    no table to run past (beyond the trained length they still compute, as fast)."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in _POSITION_TABLES:
+            skip = int(getattr(module, "offset", 0) or 0)
+            if module.padding_idx is not None:
+                skip = max(skip, module.padding_idx + 1)
+            limits.append(module.num_embeddings - skip)
+    return min(limits) if limits else None
+
+
+def _check_positions(models: dict, shapes: list, steps: int) -> None:
+    """Refuse, before any timing, a shape that runs past a model's learned positions."""
+    for name, m in models.items():
+        limit = position_limit(m)
+        for kind, batch, tokens in shapes:
+            need = tokens if kind == "prefill" else tokens + steps
+            if limit is not None and need > limit:
+                what = f"{batch}x{tokens}" + (f" with {steps} decode steps" if kind == "decode" else "")
+                raise ValueError(f"{kind}: {what} needs {need} positions, more than the {limit} learned positions "
+                                 f"of model {name!r} ({getattr(m.config, 'model_type', type(m).__name__)})")
 
 
 def _ids(model, batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -132,6 +163,7 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
     for m in models.values():
         m.eval()
     shapes = [("prefill", *s) for s in prefill] + [("decode", *s) for s in decode]
+    _check_positions(models, shapes, steps)
     rows = []
     for kind, batch, tokens in shapes:
         calls = {n: (_prefill(m, batch, tokens) if kind == "prefill" else _decode(m, batch, tokens, steps))
