@@ -156,6 +156,11 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool) -> None:
         g.add_argument("--seq-len", type=positive, default=None,
                        help="calibration sequence length in tokens (default 256 for causal LMs, 128 for encoders)")
         g.add_argument("--batch-size", type=positive, default=8, help="calibration sequences per forward (default 8)")
+        g.add_argument("--generated", type=nonnegative_int, default=0, metavar="N",
+                       help="causal LMs: add N sequences of --seq-len tokens sampled from the model itself "
+                            "(temperature 1, from its start token, seeded) to the calibration text: less loss on "
+                            "text of other kinds than the calibration text, a little more on its own kind "
+                            "(docs/quality.md; default 0)")
         g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                        help="on CPU, serve sdpa attention calls during collection by the fused "
                             "attention-with-statistics op (default; outputs equal SDPA's to float rounding); "

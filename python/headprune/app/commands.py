@@ -120,12 +120,30 @@ def _setup(args):
     samples, seq_len = args.samples or d["samples"], args.seq_len or d["seq_len"]
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=loaded.kind == "causal", samples=samples,
                                               seq_len=seq_len, batch_size=args.batch_size)
+    generated = getattr(args, "generated", 0)
+    if generated:
+        batches += _generated(args, loaded, generated, seq_len)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len,
+                **({"generated": generated} if generated else {}),
                 "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held),
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
                 "fused": _fused(args)}
     return loaded, batches, held, settings
+
+
+def _generated(args, loaded, n: int, seq_len: int) -> list:
+    """``--generated N``: N sequences sampled from the model (seed 0), in calibration batches."""
+    from ..hf.generated import generated_batches
+
+    if loaded.kind != "causal":
+        raise ValueError(f"--generated: sampling calibration text needs a causal LM, not {args.model} ({loaded.kind})")
+    t0 = time.perf_counter()
+    out = generated_batches(loaded.model, samples=n, seq_len=seq_len, batch_size=args.batch_size, seed=0,
+                            progress=not args.quiet)
+    _say(args, f"sampled {n} calibration sequences of {seq_len} tokens from the model in "
+               f"{time.perf_counter() - t0:.1f} s")
+    return [{k: v.cpu() for k, v in b.items()} for b in out]
 
 
 def _fused(args) -> bool:
@@ -278,7 +296,9 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     H = scores.entropy
     lines = [f"# Attention entropy of {model}", "",
              f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
-             f"`{settings['data']}`. Entropy in nats, mean over valid query rows.", "",
+             f"`{settings['data']}`" + (f" and {settings['generated']} sampled from the model itself"
+                                        if settings.get("generated") else "") +
+             ". Entropy in nats, mean over valid query rows.", "",
              "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
     sink = scores.score("sink")
     for i in range(scores.num_layers):

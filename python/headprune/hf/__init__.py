@@ -8,6 +8,7 @@ from __future__ import annotations
 from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
 from .collect import collect
 from .gates import HeadGates, gates
+from .generated import generated_batches
 from .importance import gradient_importance
 from .io import load_pruned, save_pruned
 from .iterative import auto_steps, select_iteratively
@@ -26,6 +27,7 @@ __all__ = [
     "auto_steps",
     "collect",
     "gates",
+    "generated_batches",
     "get_adapter",
     "gradient_importance",
     "kept_heads",
