@@ -107,7 +107,8 @@ def test_cli_generated_joins_the_calibration_and_says_so(run, tmp_path, tiny_dir
     assert code == 0, err
     report = json.loads((tmp_path / "g" / "report.json").read_text())
     assert report["settings"]["generated"] == 3
-    assert "and 3 x 16 tokens sampled from the model itself (`--generated`)" in (tmp_path / "g" / "report.md").read_text()
+    text = (tmp_path / "g" / "report.md").read_text()
+    assert "and 3 x 16 tokens sampled from the model itself (`--generated`)" in text
     code, err = run(["prune", path, *common, "--out", tmp_path / "p"])
     assert code == 0, err
     assert "generated" not in json.loads((tmp_path / "p" / "report.json").read_text())["settings"]
