@@ -337,6 +337,36 @@ def gguf_speed_table(ctx, name: str = "gguf_group") -> str:
                   "target"], rows_)
 
 
+
+def generated_table(ctx, name: str = "generated_calibration") -> str:
+    """Per ratio, the default calibrated on the text alone and joined by sampled sequences (one
+    row per seed): perplexity on each held-out text and its ratio to the unpruned model's."""
+    res = ctx["R"][name]
+    texts = list(res["unpruned"])
+    out = [["unpruned", "", *(num(res["unpruned"][t], 4) for t in texts)]]
+    for ratio in sorted({r["ratio"] for r in res["rows"]}):
+        for r in (r for r in res["rows"] if r["ratio"] == ratio):
+            label = (f"`{res['data']}` alone" if r["seed"] is None else
+                     f"`{res['data']}` + {res['generated']} sampled (seed {r['seed']})")
+            out.append([label, pct(ratio), *(f"{num(r[t], 4)} ({x(r[t + '_x_unpruned'])})" for t in texts)])
+    return table(["calibration", "pruned", *(f"`{t}`" for t in texts)], out)
+
+
+def generated_value(ctx, ratio: float, text: str, sampled: bool, name: str = "generated_calibration") -> float:
+    """Perplexity on ``text`` at ``ratio``: calibrated on the text alone, or with sampled
+    sequences (the geometric mean over the seeds)."""
+    import math
+
+    vals = [r[text] for r in ctx["R"][name]["rows"] if r["ratio"] == ratio and (r["seed"] is not None) == sampled]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+
+def generated_seconds(ctx, name: str = "generated_calibration") -> str:
+    """The sampling time of each seed's sequences, as a range."""
+    s = sorted({r["sample_seconds"] for r in ctx["R"][name]["rows"] if r["seed"] is not None})
+    return f"{num(s[0], 3)} s" if len(s) == 1 else f"{num(s[0], 3)}-{num(s[-1], 3)} s"
+
 TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
                                        calibration_table, cli_rows_text, layout_value, layouts_table,
-                                       gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing)})
+                                       gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing,
+                                       generated_table, generated_seconds, generated_value)})
