@@ -88,9 +88,9 @@ def test_refuses_models_it_cannot_sample_from():
         generated_batches(tiny_model("bert"), samples=1, seq_len=2)
     with pytest.raises(ValueError, match="has no language-model head"):
         generated_batches(tiny_model("llama"), samples=1, seq_len=2)
-    with pytest.raises(ValueError, match="seq_len: 64 tokens after the start token need 65 positions, more than "
-                                         "the 64 learned positions of this gpt2 model"):
-        generated_batches(_lm("gpt2"), samples=1, seq_len=64, start=2)
+    with pytest.raises(ValueError, match="seq_len: 65 tokens are more than the 64 learned positions of this gpt2 model"):
+        generated_batches(_lm("gpt2"), samples=1, seq_len=65, start=2)
+    assert generated_batches(_lm("gpt2"), samples=1, seq_len=64, start=2)[0]["input_ids"].shape == (1, 64)
     with pytest.raises(ValueError, match=r"no bos_token_id or eos_token_id inside its vocabulary of 100 to start "
                                          r"sampling from \(bos_token_id=50256, eos_token_id=50256"):
         generated_batches(_lm("gpt2"), samples=1, seq_len=2)

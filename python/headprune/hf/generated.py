@@ -76,9 +76,9 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
         raise ValueError(f"model: sampling calibration text needs a causal LM, not {adapter.model_type} "
                          f"({adapter.kind})")
     limit = position_limit(model)
-    if limit is not None and seq_len + 1 > limit:
-        raise ValueError(f"seq_len: {seq_len} tokens after the start token need {seq_len + 1} positions, more than "
-                         f"the {limit} learned positions of this {adapter.model_type} model")
+    if limit is not None and seq_len > limit:  # positions 0 .. seq_len - 1 are fed (the start token first)
+        raise ValueError(f"seq_len: {seq_len} tokens are more than the {limit} learned positions of this "
+                         f"{adapter.model_type} model")
     token = _start_token(model, start)
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
