@@ -19,6 +19,7 @@ from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .load import load_model
+from .report import generated_text
 from .sweep import SweepConfig
 
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
@@ -143,7 +144,7 @@ def _generated(args, loaded, n: int, seq_len: int) -> list:
                             progress=not args.quiet)
     _say(args, f"sampled {n} calibration sequences of {seq_len} tokens from the model in "
                f"{time.perf_counter() - t0:.1f} s")
-    return [{k: v.cpu() for k, v in b.items()} for b in out]
+    return out
 
 
 def _fused(args) -> bool:
@@ -296,9 +297,7 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     H = scores.entropy
     lines = [f"# Attention entropy of {model}", "",
              f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
-             f"`{settings['data']}`" + (f" and {settings['generated']} sampled from the model itself"
-                                        if settings.get("generated") else "") +
-             ". Entropy in nats, mean over valid query rows.", "",
+             f"`{settings['data']}`{generated_text(settings)}. Entropy in nats, mean over valid query rows.", "",
              "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
     sink = scores.score("sink")
     for i in range(scores.num_layers):

@@ -44,8 +44,14 @@ def quality(loaded, held: list, reference: dict | None = None, *, eval_windows: 
 
 
 def max_positions(model, default: int) -> int:
-    """The longest input the model's position table takes (``default`` if it has none)."""
-    return getattr(model.config, "max_position_embeddings", None) or default
+    """The longest input the model takes: its config's ``max_position_embeddings`` (``default``
+    if it has none), and no more than its learned position table's usable rows
+    (:func:`headprune.hf.speed.position_limit`: RoBERTa's 514 rows take 512 tokens)."""
+    from ..hf.speed import position_limit
+
+    n = getattr(model.config, "max_position_embeddings", None) or default
+    limit = position_limit(model)
+    return n if limit is None else min(n, limit)
 
 
 @torch.no_grad()
@@ -153,10 +159,9 @@ def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), st
     interleaved by :func:`headprune.hf.speed.compare`: rows with both speeds, the median
     per-round speed-up and its quartiles (the spread). Prefill lengths, and decode contexts
     with their steps, are capped at the model's position table; encoders have no decode."""
-    from ..hf.speed import compare, position_limit
+    from ..hf.speed import compare
 
-    cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30),
-              position_limit(before) or 1 << 30, position_limit(after) or 1 << 30)
+    cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30))
     prefill = [(b, min(t, cap)) for b, t in prefill]
     decode = [(b, min(t, cap - steps)) for b, t in decode if cap > steps] if _causal(before) else []
     rows = compare({"before": before, "after": after}, prefill=prefill, decode=decode, steps=steps, rounds=rounds)

@@ -61,13 +61,15 @@ def report_markdown(report: dict, table: str) -> str:
     return (f"# headprune report: {report['model']}\n\n"
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
-            f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`{_generated(s)}; quality on its held-out part "
+            f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`{generated_text(s)}; "
+            f"quality on its held-out part "
             f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
             f"on that kind: calibrate on text like the text it will serve.\n\n{_recovered(report)}{table}\n\n{size}"
             f"Stages: {seconds}.\n\n![heatmap](heatmap.png)\n")
 
 
-def _generated(settings: dict) -> str:
+def generated_text(settings: dict) -> str:
+    """What ``--generated`` added to the calibration text, for the report and the scan summary."""
     n = settings.get("generated")
     return f" and {n} x {settings['seq_len']} tokens sampled from the model itself (`--generated`)" if n else ""
 
