@@ -53,14 +53,14 @@ def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -
     t0 = time.perf_counter()
     scores = collect(loaded.model, batches, progress=False, moments=True)
     seconds = time.perf_counter() - t0
-    out = []
+    out, measured = [], {}  # measured allocations' layer costs, shared by the evaluation texts
     for text in evals:
         _, held = texts.split(texts.load_paragraphs(text))
         config = S.SweepConfig(model=model_name, ratios=args.ratios, seeds=args.seeds, gqa=args.gqa,
                                eval_windows=args.eval_windows, eval_paragraphs=args.eval_paragraphs,
                                damping=args.damping)
         result = S.run_sweep(config, loaded, scores, held, {**settings, "evaluated_on": text}, recipes,
-                             batches=batches)
+                             batches=batches, measured=measured)
         result.update(calibrated_on=calib, evaluated_on=text, collect_seconds=seconds)
         print(f"calibrated on {calib}:\n" + S.sweep_markdown(result), flush=True)
         out.append(result)

@@ -211,6 +211,11 @@ RUNTIME_ERRORS = [
                  rf"MODEL: .*model.safetensors lacks \['{Q0}'\] that .*config.json declares", id="missing-tensor"),
     pytest.param("prune", lambda t, m: [_pruned_dir(t, m, drop=Q0), "--count", "1"],
                  rf"prune: error: path: .*model.safetensors lacks \['{Q0}'\]", id="pruned-missing-tensor"),
+    pytest.param("prune", lambda t, m: [m, "--count", "1", "--scope", "measured", "--no-reconstruct"],
+                 "prune: error: --scope measured: measures what removing heads with the refit costs",
+                 id="measured-without-refit"),
+    pytest.param("prune", lambda t, m: [m, "--count", "1", "--scope", "measured", "--steps", "2"],
+                 "prune: error: --scope measured: chooses each layer's share in one round", id="measured-steps"),
     pytest.param("scan", lambda t, m: [m, "--device", "gpu0"], "scan: error: (argument )?--device", id="bad-device"),
     pytest.param("scan", lambda t, m: [m, "--device", "cuda:7"], "scan: error: (argument )?--device", id="absent-device"),
 ]
@@ -257,6 +262,12 @@ def test_scan_and_sweep_write_their_outputs(run, tmp_path, tiny_dir, command):
     assert code == 0, err
     want = {"scan": {"scores.json", "summary.md", "heatmap.png"}, "sweep": {"sweep.json", "sweep.md", "sweep.png"}}
     assert {p.name for p in (tmp_path / "o").iterdir()} == want[command]
+    if command == "sweep":  # an encoder's default spreads the budget by measured allocation
+        import json
+
+        result = json.loads((tmp_path / "o" / "sweep.json").read_text())
+        assert {"default", "default, measured allocation"} <= set(result["measured_allocation"])
+        assert result["recipes"]["default"] == result["recipes"]["default, measured allocation"]
 
 
 def test_sweep_random_scope(run, tmp_path, tiny_dir, monkeypatch):
@@ -320,6 +331,11 @@ def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, ext
     steps = int(extra[extra.index("--steps") + 1]) if "--steps" in extra else DEFAULT_STEPS
     want = "zero" if "--no-compensate" in extra else ("mean" if "--no-reconstruct" in extra else "refit")
     assert s["steps"] == steps and s["removal"] == want and s["sequential"] is ("--sequential" in extra)
+    # an encoder's default spread is measured, with the refit in one round; else what was asked
+    scope = extra[extra.index("--scope") + 1] if "--scope" in extra else (
+        "measured" if want == "refit" and steps == 1 else None)
+    assert s.get("scope") == scope
+    assert ("measured" in report["recipe"]) is (scope == "measured")
     assert report["heads_pruned"] == int(0.3 * report["heads_total"])
     model = load_pruned(tmp_path / "o" / "model")
     with torch.no_grad():

@@ -2,8 +2,8 @@
 
 ``import headprune`` needs only torch, and not the native extension: it is loaded on the first
 op call. The Hugging Face layer (``collect``, ``mask_heads``, ``prune_heads``, ``save_pruned``,
-``load_pruned``, ``gates``, ``gradient_importance``, ``learn_gates``, ``recover``, ...) loads transformers on
-first use.
+``load_pruned``, ``gates``, ``gradient_importance``, ``learn_gates``, ``recover``,
+``select_measured``, ...) loads transformers on first use.
 
 Layers, each importing only those below it:
 
@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 
 _HF = ("collect", "mask_heads", "prune_heads", "save_pruned", "load_pruned", "kept_heads", "measure",
        "attention_flops_per_token", "PruneReport", "supported_model_types", "select_iteratively", "gates", "HeadGates",
-       "gradient_importance", "learn_gates", "LearnedGates", "recover", "RecoverReport", "generated_batches")
+       "gradient_importance", "learn_gates", "LearnedGates", "recover", "RecoverReport", "generated_batches",
+       "select_measured", "layer_costs", "LayerCosts")
 _LAZY_MODULES = ("ops", "reference")
 
 __all__ = ["EntropyAccumulator", "HeadScores", "NUM_STATS", "OutputStat", "STAT_FIELDS", "Stat", "build_info", "ops",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..ranking import DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS, SCOPES, SCORES
+from ..ranking import ALLOCATIONS, DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS, SCORES
 from ..stats.moments import DEFAULT_DAMPING
 from .load import BUNDLED_MODELS, DTYPES
 from .sweep import RANDOM_SCOPES
@@ -197,9 +197,11 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--order", choices=ORDERS, default=None,
                    help="prune the highest or the lowest scores first, or a seeded random order (default: the "
                         "score's natural order: highest first for entropies, lowest for costs)")
-    g.add_argument("--scope", choices=SCOPES, default=None,
-                   help="spread the budget evenly over the layers (per_layer) or rank the whole model (global); "
-                        "default per_layer")
+    g.add_argument("--scope", choices=ALLOCATIONS, default=None,
+                   help="spread the budget evenly over the layers (per_layer), rank the whole model (global), or "
+                        "give each layer the share whose removal, measured on the calibration text, costs the "
+                        "model least (measured: one forward of a few sequences per layer and layout; needs the "
+                        "refit); default measured for encoders, per_layer for the rest")
     g.add_argument("--gqa", choices=GQA_MODES, default=DEFAULT_GQA,
                    help="grouped-query models: prune query heads in layouts where every KV group kept keeps the "
                         "same number of them, so the KV cache never grows (even), query heads freely (query; a "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..ranking import DEFAULT_GQA, count_units, select_heads, unit_sizes
+from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads, unit_sizes
 from . import commands as C
 from . import evaluate as E
 from . import plots
@@ -40,7 +40,7 @@ def prune(args) -> int:
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
         scores = C._collect(args, loaded, batches, settings,
                             moments=removal == "refit" or args.score in (None, "reconstruction"))
-    kw = C._selection_kwargs(args)
+    kw = _with_scope(args, C._selection_kwargs(args), scores, removal)
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
     heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
@@ -184,6 +184,20 @@ def _learn(args, loaded, batches, scores):
                        resume=args.learn_checkpoint is not None)
 
 
+def _with_scope(args, kw: dict, scores, removal: str) -> dict:
+    """``kw`` with the scope that runs: ``--scope``, else measured where that is the default
+    (encoders with the refit, see ``default_allocation``) and nothing rules it out."""
+    if kw.get("scope") == "measured":
+        if removal != "refit":
+            raise ValueError("--scope measured: measures what removing heads with the refit costs; drop "
+                             "--no-reconstruct")
+        return kw
+    if kw.get("scope") is None and default_allocation(scores, removal) == "measured" and args.steps == 1 \
+            and not kw.get("uniform") and kw.get("kv_ratio") is None:
+        return {**kw, "scope": "measured"}
+    return kw
+
+
 def _check_layout_options(args) -> None:
     """--uniform chooses one layout for every layer in one round: refused with the options
     that would change it afterwards (before anything slow runs)."""
@@ -193,6 +207,9 @@ def _check_layout_options(args) -> None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
         raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
+    if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
+        raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
+                         "--kv-ratio")
     if args.kv_ratio:
         if args.gqa != "even" or getattr(args, "uniform", False):
             raise ValueError("--kv-ratio: needs --gqa even without --uniform (--gqa group removes KV heads in the "
@@ -220,6 +237,13 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
                                          scores=scores, progress=not args.quiet and C._is_writer(),
                                          removal=removal, damping=args.damping, collect_fn=gather, **kw)
+    elif kw.get("scope") == "measured":
+        from ..hf.allocation import select_measured
+
+        opts = {k: v for k, v in kw.items() if k not in ("scope", "seed")}
+        heads, _ = select_measured(loaded.model, batches, scores, ratio=args.ratio, count=args.count,
+                                   damping=args.damping, progress=not args.quiet, **opts)
+        last = scores
     else:
         heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
     if args.sequential:

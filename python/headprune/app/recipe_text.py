@@ -41,7 +41,9 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         what = f"random heads (seed {select.get('seed', 0)})"
     else:
         what = f"{SCORE_WORDS.get(score, str(score))}, {'lowest' if order == 'low' else 'highest'} first"
-    where = "within each layer" if scope == "per_layer" else "over the whole model"
+    where = {"per_layer": "within each layer", "global": "over the whole model",
+             "measured": "within each layer, each layer's share measured (the shares whose removal cost the "
+                         "whole model least on calibration sequences)"}.get(scope, scope)
     units = "whole KV groups" if select.get("gqa") == "group" and grouped is not False else "query heads"
     parts = [f"{units} ranked by {what}, {where}"]
     if select.get("uniform"):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
-from ..ranking.recipes import default_protected
+from ..ranking.recipes import default_allocation, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
 from .texts import rebatch
@@ -25,14 +25,19 @@ REMOVALS = ("refit", "mean", "zero")
 
 #: name -> select_heads keyword arguments, plus optional ``removal`` (default: the config's),
 #: ``iterative`` (re-collect between ratios) and ``sequential`` (layer-by-layer calibration of
-#: the refit, see headprune.hf.sequential); ``score=None`` is select_heads' default recipe.
+#: the refit, see headprune.hf.sequential); ``score=None`` is select_heads' default recipe,
+#: and a recipe without a scope spreads the budget as ``headprune prune`` does by default
+#: (``scope="measured"``, see headprune.hf.allocation, for encoders with the refit).
 RECIPES = {
     "default": {},
+    "default, spread evenly over the layers": {"scope": "per_layer"},
+    "default, measured allocation": {"scope": "measured"},
     "reconstruction (OBS), per layer": {"score": "reconstruction", "scope": "per_layer"},
     "reconstruction (OBS), per layer, sequential": {"score": "reconstruction", "scope": "per_layer",
                                                     "sequential": True},
     "output variance, per layer": {"score": "variance", "order": "low", "scope": "per_layer"},
     "inert, per layer": {"score": "inert", "order": "high", "scope": "per_layer"},
+    "inert, measured allocation": {"score": "inert", "order": "high", "scope": "measured"},
     "entropy, per layer": {"score": "entropy", "scope": "per_layer", "order": "high"},
     "entropy, global (as written)": {"score": "entropy", "scope": "global", "order": "high"},
     "entropy, global (as written), zeroed": {"score": "entropy", "scope": "global", "order": "high",
@@ -80,7 +85,8 @@ class SweepConfig:
         return cls(**kw)
 
 
-def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None) -> dict:
+def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None,
+              measured: dict | None = None) -> dict:
     """Quality at every ratio of ``config`` for every recipe and the random baseline.
 
     ``recipes``: name -> select_heads keyword arguments (default :data:`RECIPES`), plus
@@ -88,7 +94,10 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     (re-collect on ``batches`` with the previous ratio's heads masked before selecting the
     next ratio's: iterative pruning with one round per ratio) and ``sequential`` (calibrate
     the refit layer by layer on ``batches``, the per-layer counts of the recipe's one-shot
-    selection). ``scores`` need second moments for refits and the reconstruction score."""
+    selection). ``scores`` need second moments for refits and the reconstruction score.
+    ``measured``: a dict that keeps each measured-allocation recipe's layer costs by name,
+    to share them with later sweeps of the same model, scores and batches (they do not depend
+    on the evaluation text)."""
     recipes = RECIPES if recipes is None else recipes
     if any("learned" in kw for kw in recipes.values()) and batches is None:
         raise ValueError("recipes: learned gates train on the calibration text; run_sweep needs the batches")
@@ -97,6 +106,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)])
     result = _new_result(config, loaded, point.baseline_value, recipes, settings)
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
+    state.update({f"_costs:{k}": v for k, v in (measured or {}).items()})
     t0 = time.perf_counter()
     for r in config.ratios:
         for name, kw in recipes.items():
@@ -112,6 +122,12 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
                   + f" ({time.perf_counter() - t0:.0f} s since the first point)", flush=True)
     if state.get("_learned_runs"):
         result["learned"] = state["_learned_runs"]
+    costs = {k.split(":", 1)[1]: v for k, v in state.items() if isinstance(k, str) and k.startswith("_costs:")}
+    if measured is not None:
+        measured.update(costs)
+    if costs:
+        result["measured_allocation"] = {k: {"seconds": v.seconds, "sequences": v.sequences, "tokens": v.tokens}
+                                         for k, v in costs.items()}
     return result
 
 
@@ -172,7 +188,21 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     learned = kw.pop("learned", None)
     if learned is not None:
         kw = learned_selection(kw, _learned(point, stats, batches, name, ratio, learned, state), stats)
-    heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
+    if kw.get("scope") is None and not (iterative or kw.get("uniform") or kw.get("kv_ratio") is not None):
+        kw["scope"] = default_allocation(stats, removal)
+    if kw.get("scope") == "measured":
+        if iterative or batches is None:
+            raise ValueError(f"recipes: {name!r} measures each layer's cost on the calibration batches in one round; "
+                             "run_sweep needs the batches, and it is not iterative")
+        from ..hf.allocation import select_measured
+
+        kw.pop("scope")
+        kw.pop("seed", None)
+        heads, state[f"_costs:{name}"] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
+                                                         damping=config.damping, costs=state.get(f"_costs:{name}"),
+                                                         **kw)
+    else:
+        heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
     if iterative:
         state[name] = (heads, stats)
     if sequential:

@@ -5,6 +5,7 @@ Importing it needs ``transformers``; ``import headprune`` alone does not.
 
 from __future__ import annotations
 
+from .allocation import LayerCosts, layer_costs, select_measured
 from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
 from .collect import collect
 from .gates import HeadGates, gates
@@ -20,6 +21,7 @@ from .report import PruneReport, attention_flops_per_token, measure
 __all__ = [
     "ADAPTERS",
     "HeadGates",
+    "LayerCosts",
     "LearnedGates",
     "PruneReport",
     "RecoverReport",
@@ -31,6 +33,7 @@ __all__ = [
     "get_adapter",
     "gradient_importance",
     "kept_heads",
+    "layer_costs",
     "learn_gates",
     "load_pruned",
     "mask_heads",
@@ -40,5 +43,6 @@ __all__ = [
     "resolve_sites",
     "save_pruned",
     "select_iteratively",
+    "select_measured",
     "supported_model_types",
 ]

@@ -28,7 +28,7 @@ import torch
 from ..prune.heads import head_index
 from ..prune.mask import MaskHandle
 from ..prune.reconstruct import kept_columns, refit_output
-from ..ranking.layouts import best_layout, even_layouts, head_costs
+from ..ranking.layouts import head_costs, layout_heads
 from ..ranking.reconstruction import greedy_removal, site_units
 from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
@@ -150,12 +150,8 @@ def _obs_heads(gram, site, adapter, hq, hkv, d, count, gqa, damping) -> list:
     units = site_units(hq, hkv, d, gqa)
     order, _, _ = greedy_removal(gram, proj, units, damping=damping)
     if gqa == "even":  # the cheapest even layout of this size, heads costing their greedy rank
-        layouts = even_layouts(hq, hkv)
-        if count not in layouts:
-            raise ValueError(f"counts: site {site.name}: no even layout of {hq} query heads in {hkv} KV groups "
-                             f"removes {count}; it removes one of {sorted(layouts)} (or pass gqa='query')")
         costs = head_costs([(0, [col // d for col in units[u][::d]]) for u in order], [hq])[0]
-        return min(best_layout(costs, hkv, g, t) for g, t in layouts[count])[1]
+        return layout_heads(costs, hkv, count, f"site {site.name}: ")
     return sorted({col // d for u in order[:count] for col in units[u]})
 
 

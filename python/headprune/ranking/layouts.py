@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["even_layouts", "best_layout", "head_costs", "allocate_even", "allocate_kv", "allocate_uniform",
+__all__ = ["even_layouts", "best_layout", "layout_heads", "head_costs", "allocate_even", "allocate_kv", "allocate_uniform",
            "has_grouped_queries", "kv_groups_removed"]
 
 
@@ -69,6 +69,16 @@ def best_layout(costs: list, hkv: int, g: int, t: int) -> tuple:
         else:
             total, chosen = total + part, chosen + heads[:t]
     return total, sorted(chosen)
+
+
+def layout_heads(costs: list, hkv: int, removed: int, where: str = "") -> list:
+    """The heads of the cheapest even layout of one site (``where``: its name in errors) that
+    removes ``removed`` heads."""
+    layouts = even_layouts(len(costs), hkv)
+    if removed not in layouts:
+        raise ValueError(f"counts: {where}no even layout of {len(costs)} query heads in {hkv or len(costs)} KV groups "
+                         f"removes {removed}; it removes one of {sorted(layouts)} (or pass gqa='query')")
+    return min(best_layout(costs, hkv, g, t) for g, t in layouts[removed])[1]
 
 
 #: the cost given to heads already removed (iterative pruning): every layout keeps them removed

@@ -11,11 +11,16 @@ from typing import Optional
 
 from ..stats.scores import HeadScores
 
-__all__ = ["DEFAULT_RECIPE", "OUTPUT_RECIPE", "FALLBACK_RECIPE", "default_for", "is_causal", "NATURAL_ORDER", "ORDERS", "SCOPES", "SCORES", "GQA_MODES", "DEFAULT_GQA", "DEFAULT_STEPS",
+__all__ = ["ALLOCATIONS", "default_allocation", "DEFAULT_RECIPE", "OUTPUT_RECIPE", "FALLBACK_RECIPE", "default_for", "is_causal", "NATURAL_ORDER", "ORDERS", "SCOPES", "SCORES", "GQA_MODES", "DEFAULT_GQA", "DEFAULT_STEPS",
            "Recipe", "natural_order", "resolve_recipe", "default_protected"]
 
 ORDERS = ("high", "low", "random")
 SCOPES = ("global", "per_layer")
+#: how ``headprune prune`` may spread the budget over the layers (``--scope``): the
+#: ``select_heads`` scopes, or ``measured``: each layer's share from what removing its heads
+#: costs the whole model on the calibration text (``headprune.hf.select_measured``, which needs
+#: the model and the batches, so ``select_heads`` itself has no such scope)
+ALLOCATIONS = (*SCOPES, "measured")
 GQA_MODES = ("query", "even", "group")
 #: how grouped-query models lose heads unless told: query heads in even layouts, so the KV
 #: cache never grows (on SmolLM2-135M within about 3% of free query-head pruning's perplexity
@@ -48,6 +53,16 @@ NATURAL_ORDER = {"entropy": "high", "normalized": "high", "sink": "high", "rest"
 SCORES = tuple(sorted(NATURAL_ORDER))
 #: rounds of ``headprune prune`` (``--steps``) without options: see ``select_iteratively``
 DEFAULT_STEPS = 1
+
+
+def default_allocation(scores, removal: str = "refit") -> str:
+    """The scope ``headprune prune`` uses when none is given: ``"measured"`` for encoders whose
+    heads are refit (on all-MiniLM-L6-v2 it kept the embeddings much closer than an even spread,
+    docs/quality.md), else the default recipe's ``per_layer`` (on SmolLM2-135M measuring costs
+    a few minutes of forwards; docs/quality.md says what it buys there)."""
+    if removal == "refit" and getattr(scores, "moments", None) is not None and not is_causal(scores):
+        return "measured"
+    return DEFAULT_RECIPE["scope"]
 
 
 def natural_order(score) -> str:

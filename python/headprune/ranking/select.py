@@ -14,8 +14,9 @@ from typing import Iterable, Optional
 
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
-from .layouts import allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs
-from .units import rank_positions
+from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs,
+                      layout_heads)
+from .units import rank_positions, unit_sizes
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget"]
 
@@ -35,6 +36,7 @@ def select_heads(
     pruned: Optional[dict] = None,
     uniform: bool = False,
     kv_ratio: Optional[float] = None,
+    counts: Optional[dict] = None,
 ) -> dict:
     """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
 
@@ -72,6 +74,11 @@ def select_heads(
             up): layouts that remove whole groups are preferred, by the least bonus per group
             that reaches it (see :func:`~headprune.ranking.layouts.allocate_kv`), so the KV
             cache shrinks by at least that much for the same number of query heads.
+        counts: ``{layer: query heads to remove}`` instead of ``ratio`` / ``count`` and the
+            scope: exactly that many at each layer named (none elsewhere), the ranking's
+            choice within the layer (under ``gqa="even"`` a count must be an even layout's
+            size, under ``"group"`` a multiple of the group size), e.g. the allocation
+            :func:`headprune.hf.select_measured` measures.
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """
@@ -92,8 +99,14 @@ def select_heads(
         if gqa != "even" or uniform:
             raise ValueError(f"kv_ratio: needs gqa='even' without uniform (got gqa={gqa!r}, uniform={uniform}); "
                              "gqa='group' removes KV heads in the ratio of the query heads")
+    if counts is not None:
+        if ratio is not None or count is not None or uniform or pruned or kv_ratio is not None:
+            raise ValueError("counts: gives every layer's count itself; drop ratio, count, uniform, pruned and kv_ratio")
+        counts = _check_counts(counts, scores, min_heads_per_layer)
     recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
+    if counts is not None:
+        return _select_counts(scores, ranked, recipe, gqa, counts)
     if uniform or (gqa == "even" and has_grouped_queries(scores)):  # without grouped queries every layout is even
         return _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads_per_layer, uniform,
                             _even_forced(pruned, scores), kv_ratio)
@@ -119,6 +132,43 @@ def select_heads(
         raise ValueError(f"pruned: {len(forced)} units are already pruned, more than the {want} requested")
     chosen = allocate(ranked, forced, floors, ceils, want)
     return {site: sorted(scores.ids(site, hs)) for site, hs in chosen.items()}
+
+
+def _check_counts(counts, scores: HeadScores, min_heads: int) -> dict:
+    """``counts`` as ``{site: heads}`` (zeros left out), every entry checked."""
+    if not isinstance(counts, dict):
+        raise TypeError(f"counts: expected a dict {{layer: heads to remove}}, got {type(counts).__name__}")
+    out = {}
+    for layer, n in counts.items():
+        layer = _layer_index(layer)
+        if not 0 <= layer < scores.num_sites:
+            raise ValueError(f"counts: layer {layer} out of range for {scores.num_sites} layers")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= scores.num_heads[layer] - min_heads:
+            raise ValueError(f"counts: layer {layer}: expected an int in [0, {scores.num_heads[layer] - min_heads}] "
+                             f"(its {scores.num_heads[layer]} heads less min_heads_per_layer={min_heads}), got {n!r}")
+        if n:
+            out[layer] = n
+    return out
+
+
+def _select_counts(scores: HeadScores, ranked: list, recipe, gqa: str, counts: dict) -> dict:
+    """:func:`select_heads` with ``counts``: per site, the ranking's best layout of that size."""
+    protect = _check_layers(recipe.protect_layers, scores.num_sites)
+    hit = sorted(i for i in counts if i in protect)
+    if hit:
+        raise ValueError(f"counts: layers {hit} are protected{recipe.why_protected}")
+    kv = list(scores.num_kv_heads)
+    if gqa == "even" and has_grouped_queries(scores):
+        costs = head_costs(ranked, scores.num_heads)
+        chosen = {i: layout_heads(costs[i], kv[i], n, f"layer {i}: ") for i, n in counts.items()}
+    else:
+        size = unit_sizes(scores, gqa)
+        for i, n in counts.items():
+            if n % size[i]:
+                raise ValueError(f"counts: layer {i}: {n} heads are not whole KV groups of {size[i]} (gqa={gqa!r})")
+        want = [counts.get(i, 0) // size[i] for i in range(scores.num_sites)]
+        chosen = allocate(ranked, [], want, want, sum(want))
+    return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
 
 
 def _even_forced(pruned, scores: HeadScores) -> dict:

@@ -1,0 +1,269 @@
+"""Measured allocation: how many heads each layer gives, from what removing them costs the model.
+
+:func:`~headprune.ranking.select_heads` spreads a budget by a rule: evenly over the layers
+(the default) or by one ranking over the whole model. Neither sees how much of a layer's work
+the rest of the network needs, nor how a layer's removal error grows through the layers after
+it. :func:`layer_costs` measures that: for every site and every count of heads its layouts
+allow, the heads the ranking removes there (the same as ``select_heads(..., counts=)``) are
+masked with the least-squares refit, that site alone, and the model's distillation loss
+against itself unpruned is taken on a few calibration sequences (the first ones; the refit of
+the measurement leaves their tokens out of its moments, so a layer whose refit fits the
+calibration text better than other text does not look cheaper than it is): the KL divergence of the
+next-token distributions for causal LMs, 1 - cosine of the mean-pooled last hidden states for
+encoders (the loss :func:`headprune.hf.recover` trains on). :func:`select_measured` then picks
+the per-site counts of least summed cost that meet the budget
+(:func:`~headprune.ranking.allocation.allocate_by_cost`) and returns their heads.
+
+The costs do not depend on the budget, so one :class:`LayerCosts` serves every ratio. They
+take one forward of the sequences per (site, count), sites x layouts forwards in all; in a
+model with one stack of layers the layers before the masked site answer from their outputs
+recorded in the unpruned forward, so each measurement runs only the layers from the site on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..ranking.allocation import allocate_by_cost
+from ..ranking.layouts import even_layouts, has_grouped_queries
+from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, resolve_recipe
+from ..ranking.select import budget, select_heads
+from ..ranking.units import unit_sizes
+from ..stats.moments import DEFAULT_DAMPING, OutputMoments
+from ..stats.scores import HeadScores
+from .adapters import get_adapter, resolve_sites
+from .collect import collect
+from .prune import mask_heads
+from .recover import _Teacher, _kwargs, _loss
+
+__all__ = ["LayerCosts", "layer_costs", "select_measured", "DEFAULT_SEQUENCES"]
+
+#: calibration sequences each cost is measured on by default (the first of the batches; at
+#: most a quarter of them, the refit of the measurement fitting the rest)
+DEFAULT_SEQUENCES = 16
+
+
+@dataclass
+class LayerCosts:
+    """What removing heads from one site at a time costs: ``costs[site]`` maps each count of
+    heads removed to the distillation loss with only those heads removed (refit), ``heads[site]``
+    the same counts to the heads; sites that may not lose heads have empty tables. ``options``
+    is the selection the costs were measured for (``gqa``, ``score``, ...)."""
+
+    costs: list
+    heads: list
+    sequences: int
+    tokens: int
+    seconds: float
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"costs": [{str(k): v for k, v in c.items()} for c in self.costs],
+                "heads": [{str(k): v for k, v in h.items()} for h in self.heads],
+                "sequences": self.sequences, "tokens": self.tokens, "seconds": self.seconds, "options": self.options}
+
+
+def _counts(scores: HeadScores, site: int, gqa: str, min_heads: int) -> list:
+    """The numbers of heads ``site`` may lose under ``gqa`` (positive, at most what min_heads allows)."""
+    hq, hkv = scores.num_heads[site], scores.num_kv_heads[site]
+    top = hq - min_heads
+    if gqa == "even" and has_grouped_queries(scores):
+        return [k for k in sorted(even_layouts(hq, hkv)) if 0 < k <= top]
+    size = unit_sizes(scores, gqa)[site]
+    return list(range(size, top + 1, size))
+
+
+def _sequences(batches, n: int) -> list:
+    """The first ``n`` sequences of ``batches``, as batches (the last one cut)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"sequences: expected a positive int, got {n!r}")
+    out, left = [], n
+    for batch in batches:
+        rows = _rows(batch)
+        if rows > left:
+            batch = {k: (v[:left] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v)
+                     for k, v in batch.items()}
+            rows = left
+        out.append(batch)
+        left -= rows
+        if left == 0:
+            break
+    if not out:
+        raise ValueError("batches: expected at least one batch, got none")
+    return out
+
+
+def _without(scores: HeadScores, part: HeadScores) -> HeadScores:
+    """``scores`` with the second moments of ``part`` (a subset of its calibration tokens)
+    taken out: sums over tokens, so the rest's moments are the difference."""
+    gram = []
+    for i, (g, p) in enumerate(zip(scores.moments.gram, part.moments.gram)):
+        if g is None or p is None:
+            gram.append(g)
+            continue
+        rest = g.double() - p.double()
+        if rest[-1, -1] < 0.5:
+            raise ValueError(f"sequences: site {i} ({scores.names[i]}) saw no calibration token besides the "
+                             f"{int(p[-1, -1])} measured on, so no refit is left to measure; pass fewer sequences "
+                             "or more calibration batches")
+        gram.append(rest.to(g.dtype))
+    return dataclasses.replace(scores, moments=OutputMoments(gram, scores.moments.projection))
+
+
+def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, score=None, order=None,
+                protect_layers=None, min_heads_per_layer: int = 1, damping: float = DEFAULT_DAMPING,
+                sequences: Optional[int] = None, progress: bool = False) -> LayerCosts:
+    """Measure, per site and per count of heads, the model's distillation loss with only those
+    heads removed (masked with the refit from ``scores``, which must hold second moments:
+    ``collect(..., moments=True)``, less the measured sequences' own). ``batches``: the
+    calibration batches ``scores`` were collected on, of which the first ``sequences``
+    sequences are measured on (default: :data:`DEFAULT_SEQUENCES`, at most a quarter of them). The selection options mean what they mean for
+    :func:`~headprune.ranking.select_heads`; protected sites are not measured. The model is
+    left exactly as it was."""
+    if getattr(scores, "moments", None) is None:
+        raise ValueError("scores: measured allocation refits the heads it removes and needs second moments; "
+                         "collect with moments=True")
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+    batches = list(batches)
+    total_rows = sum(_rows(b) for b in batches)
+    if sequences is None:  # at most a quarter of the calibration: the rest is the refit's
+        sequences = min(DEFAULT_SEQUENCES, max(1, total_rows // 4))
+    elif not isinstance(sequences, bool) and isinstance(sequences, int) and sequences >= total_rows:
+        raise ValueError(f"sequences: {sequences} of the {total_rows} calibration sequences would leave none for the "
+                         "refit the measurement leaves them out of; pass fewer")
+    part = _sequences(batches, sequences)
+    kws = [_kwargs(model, b) for b in part]
+    options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
+               "min_heads_per_layer": min_heads_per_layer, "damping": damping}
+    select_heads(scores, counts={}, gqa=gqa, score=score, order=order, protect_layers=protect_layers,
+                 min_heads_per_layer=min_heads_per_layer)  # the options, checked
+    protect = set(resolve_recipe(scores, score, order, protect_layers).protect_layers)
+    heads = [dict() for _ in range(scores.num_sites)]
+    for site in range(scores.num_sites):
+        for k in ([] if site in protect else _counts(scores, site, gqa, min_heads_per_layer)):
+            chosen = select_heads(scores, counts={site: k}, gqa=gqa, score=score, order=order,
+                                  protect_layers=protect_layers, min_heads_per_layer=min_heads_per_layer)
+            heads[site][k] = chosen[site]
+    total = sum(len(h) for h in heads)
+    costs = [dict() for _ in range(scores.num_sites)]
+    start = time.perf_counter()
+    # the refit of each measurement leaves out the sequences it is measured on, so a layer whose
+    # refit fits its calibration tokens better than it generalises does not look cheap
+    refit = _without(scores, collect(model, part, progress=False, moments=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            teacher = _Teacher(model, cache=True)
+            layers = _layers(model)
+            with _Record(layers) as recorded:
+                targets = [teacher(i, kw) for i, kw in enumerate(kws)]
+            bar = _bar(total, progress)
+            for site, table in enumerate(heads):
+                for k, hs in table.items():
+                    with _Replay(layers, recorded.outputs, site) as replay, \
+                            mask_heads(model, {site: hs}, reconstruct=refit, damping=damping):
+                        loss = 0.0
+                        for i, (t, kw) in enumerate(zip(targets, kws)):
+                            replay.batch = i
+                            loss += _loss(model, t, kw).item() * _rows(kw)
+                    costs[site][k] = loss / sum(_rows(kw) for kw in kws)
+                    bar.update(1)
+            bar.close()
+    finally:
+        model.train(was_training)
+    tokens = sum(int(kw["attention_mask"].sum()) if isinstance(kw.get("attention_mask"), torch.Tensor)
+                 else kw["input_ids"].numel() for kw in kws)
+    return LayerCosts(costs, heads, sum(_rows(kw) for kw in kws), tokens, time.perf_counter() - start, options)
+
+
+def _layers(model) -> Optional[list]:
+    """The decoder or encoder layers in order, one attention site each, when the model is one
+    stack of them (else ``None``: every measurement runs the whole model)."""
+    adapter = get_adapter(model)
+    if len(adapter.blocks) != 1:
+        return None
+    layers = [site.parent for site in resolve_sites(model, adapter)]
+    return layers if len({id(m) for m in layers}) == len(layers) else None
+
+
+class _Record:
+    """Records every layer's output, per forward, while the unpruned model runs."""
+
+    def __init__(self, layers):
+        self.layers, self.outputs, self.hooks = layers or [], [[] for _ in layers or []], []
+
+    def __enter__(self):
+        for j, layer in enumerate(self.layers):
+            self.hooks.append(layer.register_forward_hook(lambda m, a, out, j=j: self.outputs[j].append(out)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        return False
+
+
+class _Replay:
+    """Layers before ``site`` answer with their recorded output of forward ``batch`` (they
+    are not masked, so it is what they compute), so only the layers from ``site`` on run."""
+
+    def __init__(self, layers, outputs, site: int):
+        self.layers = (layers or [])[:site] if layers else []
+        self.outputs, self.batch = outputs, 0
+
+    def __enter__(self):
+        for j, layer in enumerate(self.layers):
+            layer.forward = lambda *a, j=j, **k: self.outputs[j][self.batch]
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.__dict__.pop("forward", None)
+        return False
+
+
+def _rows(batch) -> int:
+    return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values"))
+
+
+def _bar(total, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="headprune: measuring layer costs", unit="mask", disable=not enabled)
+
+
+def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float] = None,
+                    count: Optional[int] = None, costs: Optional[LayerCosts] = None, gqa: str = DEFAULT_GQA,
+                    score=None, order=None, protect_layers=None, min_heads_per_layer: int = 1,
+                    damping: float = DEFAULT_DAMPING, sequences: Optional[int] = None,
+                    progress: bool = False) -> tuple:
+    """``(heads, costs)``: the heads to prune, ``ratio`` or ``count`` of the model's units
+    (as in :func:`~headprune.ranking.select_heads`), spread over the sites where
+    :func:`layer_costs` measured them to cost least in all; ``costs`` reuses an earlier
+    measurement (it must have been taken with the same selection options). The total may
+    fall a few heads short of the request where even layouts skip a size."""
+    if costs is None:
+        costs = layer_costs(model, batches, scores, gqa=gqa, score=score, order=order, protect_layers=protect_layers,
+                            min_heads_per_layer=min_heads_per_layer, damping=damping, sequences=sequences,
+                            progress=progress)
+    elif not isinstance(costs, LayerCosts) or len(costs.costs) != scores.num_sites:
+        raise ValueError(f"costs: expected the LayerCosts of these {scores.num_sites} sites, got {costs!r:.80}")
+    elif costs.options.get("gqa", gqa) != gqa or costs.options.get("min_heads_per_layer", min_heads_per_layer) != \
+            min_heads_per_layer:
+        raise ValueError(f"costs: measured with {costs.options}, not with gqa={gqa!r}, "
+                         f"min_heads_per_layer={min_heads_per_layer}")
+    sizes = set(unit_sizes(scores, gqa))
+    if len(sizes) != 1:
+        raise ValueError(f"gqa: the sites' units have different sizes {sorted(sizes)}; measured allocation needs one")
+    size = sizes.pop()
+    want = budget(ratio, count, sum(scores.num_heads) // size) * size
+    counts = allocate_by_cost(costs.costs, want)
+    heads = {site: costs.heads[site][k] for site, k in enumerate(counts) if k}
+    return heads, costs

@@ -1,0 +1,161 @@
+"""Measured allocation: select_heads(counts=), allocate_by_cost against brute force, and
+layer_costs / select_measured against masking by hand on tiny models."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from headprune import select_heads
+from headprune.hf import collect, mask_heads
+from headprune.hf.allocation import layer_costs, select_measured
+from headprune.hf.recover import distillation_loss
+from headprune.ranking.allocation import allocate_by_cost
+
+from hf_tiny import tiny_batch, tiny_model
+from test_ranking import make_scores
+
+
+# ---- allocate_by_cost ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocate_by_cost_is_the_brute_force_optimum(seed):
+    g = torch.Generator().manual_seed(seed)
+    sites = 2 + seed % 3
+    tables = []
+    for _ in range(sites):
+        allowed = [k for k in range(1, 6) if torch.rand((), generator=g) < 0.6]
+        tables.append({k: float(torch.rand((), generator=g)) * k for k in allowed})
+    want = int(torch.randint(0, 4 * sites, (), generator=g))
+    got = allocate_by_cost(tables, want)
+    options = [[0] + sorted(t) for t in tables]
+    totals = {sum(c) for c in itertools.product(*options) if sum(c) <= want}
+    reach = max(totals)
+    best = min(sum(t.get(k, 0.0) for t, k in zip(tables, c))
+               for c in itertools.product(*options) if sum(c) == reach)
+    assert sum(got) == reach
+    assert all(k == 0 or k in t for t, k in zip(tables, got))
+    assert sum(t.get(k, 0.0) for t, k in zip(tables, got)) == pytest.approx(best, abs=1e-12)
+
+
+def test_allocate_by_cost_refusals():
+    with pytest.raises(ValueError, match="want: expected a non-negative int"):
+        allocate_by_cost([{1: 0.0}], -1)
+    with pytest.raises(ValueError, match="costs: site 0: counts \\[1\\] are negative or cost NaN"):
+        allocate_by_cost([{1: float("nan")}], 1)
+
+
+# ---- select_heads(counts=) -----------------------------------------------------------------
+
+
+def _scores(sites=4, hq=6, kv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return make_scores(torch.rand(sites, hq, generator=g, dtype=torch.float64), kv=kv)
+
+
+def test_counts_take_each_layers_best_ranked_heads():
+    s = _scores()
+    per_layer = select_heads(s, ratio=0.5, score="entropy", scope="per_layer")  # 3 of 6 in every layer
+    assert select_heads(s, counts={i: 3 for i in range(4)}, score="entropy") == per_layer
+    got = select_heads(s, counts={0: 1, 2: 5}, score="entropy")
+    order = [sorted(range(6), key=lambda h: (-float(s.entropy[i, h]), h)) for i in range(4)]
+    assert got == {0: sorted(order[0][:1]), 2: sorted(order[2][:5])}
+
+
+def test_counts_under_even_layouts():
+    s = _scores(sites=3, hq=9, kv=[3] * 3)
+    got = select_heads(s, counts={0: 3, 1: 5, 2: 6}, score="entropy", gqa="even")
+    assert [len(got[i]) for i in range(3)] == [3, 5, 6]
+    for hs in got.values():  # every kept group keeps the same number of heads
+        kept = [3 - sum(h // 3 == k for h in hs) for k in range(3)]
+        assert len({k for k in kept if k}) == 1
+    with pytest.raises(ValueError, match="counts: layer 0: no even layout of 9 query heads in 3 KV groups removes 4"):
+        select_heads(s, counts={0: 4}, score="entropy", gqa="even")
+    with pytest.raises(ValueError, match="counts: layer 0: 4 heads are not whole KV groups of 3"):
+        select_heads(s, counts={0: 4}, score="entropy", gqa="group")
+    whole = select_heads(s, counts={1: 6}, score="entropy", gqa="group")[1]
+    assert len(whole) == 6 and len({h // 3 for h in whole}) == 2  # two whole groups
+
+
+def test_counts_refusals():
+    s = _scores()
+    with pytest.raises(ValueError, match="counts: gives every layer's count itself; drop ratio"):
+        select_heads(s, counts={0: 1}, ratio=0.3)
+    with pytest.raises(ValueError, match=r"counts: layer 4 out of range for 4 layers"):
+        select_heads(s, counts={4: 1})
+    with pytest.raises(ValueError, match=r"counts: layer 0: expected an int in \[0, 5\]"):
+        select_heads(s, counts={0: 6})
+    with pytest.raises(ValueError, match=r"counts: layer 0: expected an int in \[0, 6\]"):
+        select_heads(s, counts={0: 1.0}, min_heads_per_layer=0)
+    with pytest.raises(ValueError, match=r"counts: layers \[1\] are protected"):
+        select_heads(s, counts={1: 2}, score="entropy", protect_layers=[1])
+    with pytest.raises(TypeError, match="counts: expected a dict"):
+        select_heads(s, counts=[1, 2])
+
+
+# ---- layer_costs / select_measured on tiny models ------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def tiny(request):
+    model = tiny_model(request.param)
+    batches = [tiny_batch(request.param, seed=i) for i in range(3)]
+    scores = collect(model, batches, moments=True, progress=False)
+    return request.param, model, batches, scores
+
+
+def test_layer_costs_are_the_distillation_loss_of_each_mask_alone(tiny):
+    kind, model, batches, scores = tiny
+    before = copy.deepcopy(model.state_dict())
+    costs = layer_costs(model, batches, scores, sequences=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
+    assert costs.sequences == 5
+    teacher = copy.deepcopy(model)
+    first = {k: v[:3] for k, v in batches[0].items()}
+    second = {k: v[:2] for k, v in batches[1].items()}
+    # each refit leaves out the 5 sequences measured on: the moments of the other 4 alone
+    rest = collect(model, [{k: v[2:] for k, v in batches[1].items()}, batches[2]], moments=True, progress=False)
+    measured = 0
+    for site, table in enumerate(costs.costs):
+        assert set(table) == set(costs.heads[site])
+        for k, cost in table.items():
+            heads = costs.heads[site][k]
+            assert len(heads) == k
+            assert heads == select_heads(scores, counts={site: k})[site]
+            with mask_heads(model, {site: heads}, reconstruct=rest), torch.no_grad():
+                want = (3 * distillation_loss(model, teacher, first) + 2 * distillation_loss(model, teacher, second)) / 5
+            assert cost == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+            assert cost >= -1e-7
+            measured += 1
+    assert measured > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_select_measured_takes_the_cheapest_counts(tiny):
+    kind, model, batches, scores = tiny
+    costs = layer_costs(model, batches, scores, sequences=4)
+    total = sum(scores.num_heads)
+    for ratio in (0.25, 0.5):
+        heads, again = select_measured(model, batches, scores, ratio=ratio, costs=costs)
+        assert again is costs
+        counts = [len(heads.get(i, [])) for i in range(scores.num_sites)]
+        assert counts == allocate_by_cost(costs.costs, int(ratio * total))
+        assert heads == select_heads(scores, counts={i: k for i, k in enumerate(counts) if k})
+    with pytest.raises(ValueError, match="costs: measured with"):
+        select_measured(model, batches, scores, ratio=0.25, costs=costs, min_heads_per_layer=0)
+
+
+def test_layer_costs_refusals(tiny):
+    kind, model, batches, scores = tiny
+    plain = collect(model, batches, progress=False)
+    with pytest.raises(ValueError, match="scores: measured allocation refits .* needs second moments"):
+        layer_costs(model, batches, plain)
+    with pytest.raises(ValueError, match="sequences: expected a positive int"):
+        layer_costs(model, batches, scores, sequences=0)
+    with pytest.raises(ValueError, match="gqa: expected one of"):
+        layer_costs(model, batches, scores, gqa="kv")
+    with pytest.raises(ValueError, match="sequences: 9 of the 9 calibration sequences would leave none"):
+        layer_costs(model, batches, scores, sequences=9)  # every sequence: no refit left to measure
+    assert layer_costs(model, batches, scores).sequences == 2  # a quarter of 9 by default
