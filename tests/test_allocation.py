@@ -159,3 +159,23 @@ def test_layer_costs_refusals(tiny):
     with pytest.raises(ValueError, match="sequences: 9 of the 9 calibration sequences would leave none"):
         layer_costs(model, batches, scores, sequences=9)  # every sequence: no refit left to measure
     assert layer_costs(model, batches, scores).sequences == 2  # a quarter of 9 by default
+
+
+def test_prune_commands_default_scope(tiny):
+    from argparse import Namespace
+
+    from headprune.app.prune_command import _with_scope
+
+    kind, model, batches, scores = tiny
+    args = Namespace(steps=1, distributed=False)
+    default = "measured" if kind == "bert" else None  # encoders with the refit; causal LMs keep per_layer
+    assert _with_scope(args, {"gqa": "even"}, scores, "refit").get("scope") == default
+    assert _with_scope(args, {"gqa": "even"}, scores, "mean").get("scope") is None
+    assert _with_scope(Namespace(steps=2, distributed=False), {}, scores, "refit").get("scope") is None
+    assert _with_scope(args, {"uniform": True}, scores, "refit").get("scope") is None
+    assert _with_scope(args, {"scope": "per_layer"}, scores, "refit")["scope"] == "per_layer"
+    assert _with_scope(args, {"scope": "measured"}, scores, "refit")["scope"] == "measured"
+    ranks = Namespace(steps=1, distributed=True)  # every rank must choose the same heads
+    assert _with_scope(ranks, {}, scores, "refit").get("scope") is None
+    with pytest.raises(ValueError, match="--scope measured: measures on one process's calibration batches"):
+        _with_scope(ranks, {"scope": "measured"}, scores, "refit")

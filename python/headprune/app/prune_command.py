@@ -186,14 +186,20 @@ def _learn(args, loaded, batches, scores):
 
 def _with_scope(args, kw: dict, scores, removal: str) -> dict:
     """``kw`` with the scope that runs: ``--scope``, else measured where that is the default
-    (encoders with the refit, see ``default_allocation``) and nothing rules it out."""
+    (encoders with the refit, see ``default_allocation``) and nothing rules it out (iterative
+    rounds, one layout, a KV budget, or data-parallel calibration, where every rank must choose
+    the same heads from the same statistics)."""
+    distributed = getattr(args, "distributed", False)
     if kw.get("scope") == "measured":
+        if distributed:  # each rank would measure on its own shard and choose other heads
+            raise ValueError("--scope measured: measures on one process's calibration batches; not with "
+                             "--distributed")
         if removal != "refit":
             raise ValueError("--scope measured: measures what removing heads with the refit costs; drop "
                              "--no-reconstruct")
         return kw
     if kw.get("scope") is None and default_allocation(scores, removal) == "measured" and args.steps == 1 \
-            and not kw.get("uniform") and kw.get("kv_ratio") is None:
+            and not kw.get("uniform") and kw.get("kv_ratio") is None and not distributed:
         return {**kw, "scope": "measured"}
     return kw
 
