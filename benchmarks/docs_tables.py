@@ -366,45 +366,11 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
     s = sorted({r["sample_seconds"] for r in ctx["R"][name]["rows"] if r["seed"] is not None})
     return f"{num(s[0], 3)} s" if len(s) == 1 else f"{num(s[0], 3)}-{num(s[-1], 3)} s"
 
-EVEN, MEASURED = "default, spread evenly over the layers", "default, measured allocation"
-
-
-def _allocations(res: dict) -> tuple:
-    """The even spread's and the measured allocation's values of one sweep result (one of
-    them may be the default itself), or ``None`` where the result lacks either."""
-    measured_default = "default" in res.get("measured_allocation", {})
-    even = res["recipes"].get(EVEN, None if measured_default else res["recipes"].get("default"))
-    measured = res["recipes"].get(MEASURED, res["recipes"]["default"] if measured_default else None)
-    return (even, measured) if even and measured else None
-
-
-def allocation_table(ctx, names: list) -> str:
-    """Per model, text and ratio: the default ranking with the budget spread evenly and by
-    measured allocation, against the random mean."""
-    rows = []
-    for name in names:
-        for res in ctx["R"][name]["results"]:
-            pair = _allocations(res)
-            if pair is None:
-                continue
-            lower = res["lower_is_better"]
-            for i, r in enumerate(res["ratios"]):
-                even, measured = pair[0][i], pair[1][i]
-                change = f"{x(measured / even)}" if lower else f"{measured - even:+.4f}"
-                rows.append([res["model"], f"`{res['calibrated_on']}` -> `{res['evaluated_on']}`", pct(r),
-                             num(even, 4), num(measured, 4), change,
-                             num(_mean(res["random"][i], lower), 4) if res["random"] else ""])
-    return table(["model", "calibrated -> evaluated", "pruned", "spread evenly", "measured allocation",
-                  "measured vs even", "random, same removal"], rows)
-
-
-def allocation_seconds(ctx, name: str) -> str:
-    """The seconds the measurement took, over the evaluation texts of one results file."""
-    secs = [m["seconds"] for res in ctx["R"][name]["results"] for m in res.get("measured_allocation", {}).values()]
-    return f"{num(min(secs))}-{num(max(secs))} s" if len(secs) > 1 else f"{num(secs[0])} s"
-
-
-TABLES.update({f.__name__: f for f in (allocation_table, allocation_seconds, sweep_table, sweep_caption, targets_table, standing, recover_table,
+TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
                                        calibration_table, cli_rows_text, layout_value, layouts_table,
                                        gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing,
                                        generated_table, generated_seconds, generated_value)})
+
+from docs_allocation import TABLES as _ALLOCATION  # noqa: E402 - needs _mean above
+
+TABLES.update(_ALLOCATION)

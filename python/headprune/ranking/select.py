@@ -82,27 +82,8 @@ def select_heads(
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
-    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
-        raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
-    if not isinstance(uniform, bool):
-        raise TypeError(f"uniform: expected a bool, got {type(uniform).__name__}")
-    if uniform and protect_layers:
-        raise ValueError("protect_layers: a uniform selection prunes every layer alike; pass uniform=False to "
-                         "protect layers")
-    if uniform and pruned:
-        raise ValueError("pruned: iterative pruning is not supported with uniform=True")
-    if kv_ratio is not None:
-        if isinstance(kv_ratio, bool) or not isinstance(kv_ratio, (int, float)) or not 0 <= kv_ratio < 1:
-            raise ValueError(f"kv_ratio: expected a fraction in [0, 1), got {kv_ratio!r}")
-        if gqa != "even" or uniform:
-            raise ValueError(f"kv_ratio: needs gqa='even' without uniform (got gqa={gqa!r}, uniform={uniform}); "
-                             "gqa='group' removes KV heads in the ratio of the query heads")
-    if counts is not None:
-        if ratio is not None or count is not None or uniform or pruned or kv_ratio is not None:
-            raise ValueError("counts: gives every layer's count itself; drop ratio, count, uniform, pruned and kv_ratio")
-        counts = _check_counts(counts, scores, min_heads_per_layer)
+    counts = _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, pruned, kv_ratio, gqa,
+                            counts, ratio, count)
     recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
     if counts is not None:
@@ -132,6 +113,34 @@ def select_heads(
         raise ValueError(f"pruned: {len(forced)} units are already pruned, more than the {want} requested")
     chosen = allocate(ranked, forced, floors, ceils, want)
     return {site: sorted(scores.ids(site, hs)) for site, hs in chosen.items()}
+
+
+def _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, pruned, kv_ratio, gqa, counts, ratio,
+                   count):
+    """:func:`select_heads`' options that do not depend on the ranking, checked; ``counts`` as
+    ``{site: heads}`` (or ``None``)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
+        raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
+    if not isinstance(uniform, bool):
+        raise TypeError(f"uniform: expected a bool, got {type(uniform).__name__}")
+    if uniform and protect_layers:
+        raise ValueError("protect_layers: a uniform selection prunes every layer alike; pass uniform=False to "
+                         "protect layers")
+    if uniform and pruned:
+        raise ValueError("pruned: iterative pruning is not supported with uniform=True")
+    if kv_ratio is not None:
+        if isinstance(kv_ratio, bool) or not isinstance(kv_ratio, (int, float)) or not 0 <= kv_ratio < 1:
+            raise ValueError(f"kv_ratio: expected a fraction in [0, 1), got {kv_ratio!r}")
+        if gqa != "even" or uniform:
+            raise ValueError(f"kv_ratio: needs gqa='even' without uniform (got gqa={gqa!r}, uniform={uniform}); "
+                             "gqa='group' removes KV heads in the ratio of the query heads")
+    if counts is not None:
+        if ratio is not None or count is not None or uniform or pruned or kv_ratio is not None:
+            raise ValueError("counts: gives every layer's count itself; drop ratio, count, uniform, pruned and kv_ratio")
+        counts = _check_counts(counts, scores, min_heads_per_layer)
+    return counts
 
 
 def _check_counts(counts, scores: HeadScores, min_heads: int) -> dict:
