@@ -143,15 +143,24 @@ def _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, 
     return counts
 
 
+def _by_layer(mapping, name: str, what: str, scores: HeadScores) -> list:
+    """The ``(layer, value)`` items of ``mapping`` (argument ``name``, a dict ``{layer: what}``),
+    the dict and every layer index checked."""
+    if not isinstance(mapping, dict):
+        raise TypeError(f"{name}: expected a dict {{layer: {what}}}, got {type(mapping).__name__}")
+    items = []
+    for layer, value in mapping.items():
+        layer = _layer_index(layer)
+        if not 0 <= layer < scores.num_layers:
+            raise ValueError(f"{name}: layer {layer} out of range for {scores.num_layers} layers")
+        items.append((layer, value))
+    return items
+
+
 def _check_counts(counts, scores: HeadScores, min_heads: int) -> dict:
     """``counts`` as ``{site: heads}`` (zeros left out), every entry checked."""
-    if not isinstance(counts, dict):
-        raise TypeError(f"counts: expected a dict {{layer: heads to remove}}, got {type(counts).__name__}")
     out = {}
-    for layer, n in counts.items():
-        layer = _layer_index(layer)
-        if not 0 <= layer < scores.num_sites:
-            raise ValueError(f"counts: layer {layer} out of range for {scores.num_sites} layers")
+    for layer, n in _by_layer(counts, "counts", "heads to remove", scores):
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= scores.num_heads[layer] - min_heads:
             raise ValueError(f"counts: layer {layer}: expected an int in [0, {scores.num_heads[layer] - min_heads}] "
                              f"(its {scores.num_heads[layer]} heads less min_heads_per_layer={min_heads}), got {n!r}")
@@ -332,13 +341,8 @@ def _pruned_sets(pruned: Optional[dict], scores: HeadScores) -> dict:
     """``{layer: {heads}}`` of ``pruned`` (positions), every index checked; empty layers left out."""
     if pruned is None:
         return {}
-    if not isinstance(pruned, dict):
-        raise TypeError(f"pruned: expected a dict {{layer: [heads]}}, got {type(pruned).__name__}")
     want = {}
-    for layer, heads in pruned.items():
-        layer = _layer_index(layer)
-        if not 0 <= layer < scores.num_layers:
-            raise ValueError(f"pruned: layer {layer} out of range for {scores.num_layers} layers")
+    for layer, heads in _by_layer(pruned, "pruned", "[heads]", scores):
         hs = {_layer_index(h) for h in heads}
         bad = sorted(h for h in hs if not 0 <= h < scores.num_heads[layer])
         if bad:
