@@ -198,8 +198,9 @@ def _with_scope(args, kw: dict, scores, removal: str) -> dict:
             raise ValueError("--scope measured: measures what removing heads with the refit costs; drop "
                              "--no-reconstruct")
         return kw
-    if kw.get("scope") is None and default_allocation(scores, removal) == "measured" and args.steps == 1 \
-            and not kw.get("uniform") and kw.get("kv_ratio") is None and not distributed:
+    if kw.get("scope") is None and not distributed and default_allocation(
+            scores, removal, iterative=args.steps != 1, uniform=bool(kw.get("uniform")),
+            kv_ratio=kw.get("kv_ratio")) == "measured":
         return {**kw, "scope": "measured"}
     return kw
 
@@ -246,7 +247,7 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
     elif kw.get("scope") == "measured":
         from ..hf.allocation import select_measured
 
-        opts = {k: v for k, v in kw.items() if k not in ("scope", "seed")}
+        opts = {k: v for k, v in kw.items() if k != "scope"}
         heads, _ = select_measured(loaded.model, batches, scores, ratio=args.ratio, count=args.count,
                                    damping=args.damping, progress=not args.quiet, **opts)
         last = scores

@@ -106,7 +106,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)])
     result = _new_result(config, loaded, point.baseline_value, recipes, settings)
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
-    state.update({f"_costs:{k}": v for k, v in (measured or {}).items()})
+    state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
     t0 = time.perf_counter()
     for r in config.ratios:
         for name, kw in recipes.items():
@@ -122,9 +122,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
                   + f" ({time.perf_counter() - t0:.0f} s since the first point)", flush=True)
     if state.get("_learned_runs"):
         result["learned"] = state["_learned_runs"]
-    costs = {k.split(":", 1)[1]: v for k, v in state.items() if isinstance(k, str) and k.startswith("_costs:")}
-    if measured is not None:
-        measured.update(costs)
+    costs = {k: v for k, v in state["_costs"].items() if k in recipes}
     if costs:
         result["measured_allocation"] = {k: {"seconds": v.seconds, "sequences": v.sequences, "tokens": v.tokens}
                                          for k, v in costs.items()}
@@ -188,8 +186,9 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     learned = kw.pop("learned", None)
     if learned is not None:
         kw = learned_selection(kw, _learned(point, stats, batches, name, ratio, learned, state), stats)
-    if kw.get("scope") is None and not (iterative or kw.get("uniform") or kw.get("kv_ratio") is not None):
-        kw["scope"] = default_allocation(stats, removal)
+    if kw.get("scope") is None:
+        kw["scope"] = default_allocation(stats, removal, iterative=iterative, uniform=bool(kw.get("uniform")),
+                                         kv_ratio=kw.get("kv_ratio"))
     if kw.get("scope") == "measured":
         if iterative or batches is None:
             raise ValueError(f"recipes: {name!r} measures each layer's cost on the calibration batches in one round; "
@@ -197,10 +196,9 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         from ..hf.allocation import select_measured
 
         kw.pop("scope")
-        kw.pop("seed", None)
-        heads, state[f"_costs:{name}"] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
-                                                         damping=config.damping, costs=state.get(f"_costs:{name}"),
-                                                         **kw)
+        cache = state["_costs"]
+        heads, cache[name] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
+                                             damping=config.damping, costs=cache.get(name), **kw)
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
     if iterative:

@@ -78,10 +78,21 @@ def _counts(scores: HeadScores, site: int, gqa: str, min_heads: int) -> list:
     return list(range(size, top + 1, size))
 
 
+def _measured_count(sequences: Optional[int], total: int) -> int:
+    """The sequences to measure on, of ``total``: ``sequences``, checked, or by default at most
+    a quarter of them (the rest is the refit's)."""
+    if sequences is None:
+        return min(DEFAULT_SEQUENCES, max(1, total // 4))
+    if isinstance(sequences, bool) or not isinstance(sequences, int) or sequences < 1:
+        raise ValueError(f"sequences: expected a positive int, got {sequences!r}")
+    if sequences >= total:
+        raise ValueError(f"sequences: {sequences} of the {total} calibration sequences would leave none for the "
+                         "refit the measurement leaves them out of; pass fewer")
+    return sequences
+
+
 def _sequences(batches, n: int) -> list:
     """The first ``n`` sequences of ``batches``, as batches (the last one cut)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"sequences: expected a positive int, got {n!r}")
     out, left = [], n
     for batch in batches:
         rows = _rows(batch)
@@ -116,7 +127,7 @@ def _without(scores: HeadScores, part: HeadScores) -> HeadScores:
 
 
 def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, score=None, order=None,
-                protect_layers=None, min_heads_per_layer: int = 1, damping: float = DEFAULT_DAMPING,
+                seed: int = 0, protect_layers=None, min_heads_per_layer: int = 1, damping: float = DEFAULT_DAMPING,
                 sequences: Optional[int] = None, progress: bool = False) -> LayerCosts:
     """Measure, per site and per count of heads, the model's distillation loss with only those
     heads removed (masked with the refit from ``scores``, which must hold second moments:
@@ -131,25 +142,19 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
     batches = list(batches)
-    total_rows = sum(_rows(b) for b in batches)
-    if sequences is None:  # at most a quarter of the calibration: the rest is the refit's
-        sequences = min(DEFAULT_SEQUENCES, max(1, total_rows // 4))
-    elif not isinstance(sequences, bool) and isinstance(sequences, int) and sequences >= total_rows:
-        raise ValueError(f"sequences: {sequences} of the {total_rows} calibration sequences would leave none for the "
-                         "refit the measurement leaves them out of; pass fewer")
-    part = _sequences(batches, sequences)
+    part = _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
     kws = [_kwargs(model, b) for b in part]
+    rows = [_rows(b) for b in part]
     options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
-               "min_heads_per_layer": min_heads_per_layer, "damping": damping}
-    select_heads(scores, counts={}, gqa=gqa, score=score, order=order, protect_layers=protect_layers,
-                 min_heads_per_layer=min_heads_per_layer)  # the options, checked
+               "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping}
+    select = dict(gqa=gqa, score=score, order=order, seed=seed, protect_layers=protect_layers,
+                  min_heads_per_layer=min_heads_per_layer)
+    select_heads(scores, counts={}, **select)  # the options, checked
     protect = set(resolve_recipe(scores, score, order, protect_layers).protect_layers)
     heads = [dict() for _ in range(scores.num_sites)]
     for site in range(scores.num_sites):
         for k in ([] if site in protect else _counts(scores, site, gqa, min_heads_per_layer)):
-            chosen = select_heads(scores, counts={site: k}, gqa=gqa, score=score, order=order,
-                                  protect_layers=protect_layers, min_heads_per_layer=min_heads_per_layer)
-            heads[site][k] = chosen[site]
+            heads[site][k] = select_heads(scores, counts={site: k}, **select)[site]
     total = sum(len(h) for h in heads)
     costs = [dict() for _ in range(scores.num_sites)]
     start = time.perf_counter()
@@ -170,17 +175,17 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
                     with _Replay(layers, recorded.outputs, site) as replay, \
                             mask_heads(model, {site: hs}, reconstruct=refit, damping=damping):
                         loss = 0.0
-                        for i, (t, kw) in enumerate(zip(targets, kws)):
+                        for i, (t, kw, n) in enumerate(zip(targets, kws, rows)):
                             replay.batch = i
-                            loss += _loss(model, t, kw).item() * _rows(kw)
-                    costs[site][k] = loss / sum(_rows(kw) for kw in kws)
+                            loss += _loss(model, t, kw).item() * n
+                    costs[site][k] = loss / sum(rows)
                     bar.update(1)
             bar.close()
     finally:
         model.train(was_training)
     tokens = sum(int(kw["attention_mask"].sum()) if isinstance(kw.get("attention_mask"), torch.Tensor)
                  else kw["input_ids"].numel() for kw in kws)
-    return LayerCosts(costs, heads, sum(_rows(kw) for kw in kws), tokens, time.perf_counter() - start, options)
+    return LayerCosts(costs, heads, sum(rows), tokens, time.perf_counter() - start, options)
 
 
 def _layers(model) -> Optional[list]:
@@ -215,7 +220,7 @@ class _Replay:
     are not masked, so it is what they compute), so only the layers from ``site`` on run."""
 
     def __init__(self, layers, outputs, site: int):
-        self.layers = (layers or [])[:site] if layers else []
+        self.layers = (layers or [])[:site]
         self.outputs, self.batch = outputs, 0
 
     def __enter__(self):
@@ -241,7 +246,7 @@ def _bar(total, enabled):
 
 def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float] = None,
                     count: Optional[int] = None, costs: Optional[LayerCosts] = None, gqa: str = DEFAULT_GQA,
-                    score=None, order=None, protect_layers=None, min_heads_per_layer: int = 1,
+                    score=None, order=None, seed: int = 0, protect_layers=None, min_heads_per_layer: int = 1,
                     damping: float = DEFAULT_DAMPING, sequences: Optional[int] = None,
                     progress: bool = False) -> tuple:
     """``(heads, costs)``: the heads to prune, ``ratio`` or ``count`` of the model's units
@@ -250,7 +255,8 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
     measurement (it must have been taken with the same selection options). The total may
     fall a few heads short of the request where even layouts skip a size."""
     if costs is None:
-        costs = layer_costs(model, batches, scores, gqa=gqa, score=score, order=order, protect_layers=protect_layers,
+        costs = layer_costs(model, batches, scores, gqa=gqa, score=score, order=order, seed=seed,
+                            protect_layers=protect_layers,
                             min_heads_per_layer=min_heads_per_layer, damping=damping, sequences=sequences,
                             progress=progress)
     elif not isinstance(costs, LayerCosts) or len(costs.costs) != scores.num_sites:
