@@ -61,7 +61,8 @@ def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -
                                damping=args.damping)
         result = S.run_sweep(config, loaded, scores, held, {**settings, "evaluated_on": text}, recipes,
                              batches=batches, measured=measured)
-        result.update(calibrated_on=calib, evaluated_on=text, collect_seconds=seconds)
+        result.update(calibrated_on=calib, evaluated_on=text, collect_seconds=seconds,
+                      **({"eval_windows": args.eval_windows} if loaded.kind == "causal" else {}))
         print(f"calibrated on {calib}:\n" + S.sweep_markdown(result), flush=True)
         out.append(result)
     return out

@@ -7,12 +7,13 @@
 For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
 shares: 64 windows of 256 tokens for SmolLM2-135M, 256 paragraphs of up to 128 tokens for
 MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
-moments, the default recipe, least-squares refit), then for each ``train:lr`` configuration a
-fresh copy of the pruned model distilled toward the unpruned one for ``--minutes`` of wall
-time on this machine's threads. Quality, measured in the same run for the unpruned, pruned
-and each recovered model: perplexity (lower is better) on the held-out text and on the
-calibration text (overfitting shows as a gap between the two), or, for MiniLM, embedding
-fidelity to the unpruned model (higher is better) on the held-out and calibration paragraphs.
+moments, the default recipe and allocation, measured for encoders, least-squares refit), then
+for each ``train:lr`` configuration a fresh copy of the pruned model distilled toward the
+unpruned one for ``--minutes`` of wall time on this machine's threads. Quality, measured in the
+same run for the unpruned, pruned and each recovered model: perplexity (lower is better) on the
+held-out text and on the calibration text (overfitting shows as a gap between the two), or, for
+MiniLM, embedding fidelity to the unpruned model (higher is better) on the held-out and
+calibration paragraphs.
 ``gap_closed``: the fraction of the pruning's loss won back (1 = the unpruned quality).
 """
 
@@ -30,11 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write_results  # noqa: E402
 
-from headprune import select_heads  # noqa: E402
+from headprune import select_heads, select_measured  # noqa: E402
 from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect, prune_heads, recover  # noqa: E402
+from headprune.ranking.recipes import default_allocation  # noqa: E402
 
 SETTINGS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
 
@@ -63,7 +65,10 @@ def run(name: str, args) -> dict:
     t0 = time.perf_counter()
     scores = collect(teacher, batches, moments=True, progress=False)
     pruned = copy.deepcopy(teacher)
-    heads = select_heads(scores, ratio=args.ratio)
+    if default_allocation(scores) == "measured":  # what headprune prune does by default
+        heads, _ = select_measured(teacher, batches, scores, ratio=args.ratio)
+    else:
+        heads = select_heads(scores, ratio=args.ratio)
     prune_heads(pruned, heads, reconstruct=scores)
     prune_s = time.perf_counter() - t0
     rows = [{"model": "unpruned", **measure(teacher)}, {"model": "pruned", **measure(pruned)}]
