@@ -201,6 +201,18 @@ def recover_table(ctx, name: str) -> str:
                  out)
 
 
+def recover_gain(ctx, name: str, model: str, goal: float) -> str:
+    """One sentence: what recovery (the row ``model``) added to the pruned encoder's fidelity on
+    held-out and calibration text, against ``goal`` on held-out text."""
+    res = ctx["R"][name]["results"][0]
+    pruned = one_row(res, "rows", model="pruned")
+    rec = one_row(res, "rows", model=model)
+    gain = rec["held_out"] - pruned["held_out"]
+    return (f"Recovery adds {gain:+.4f} fidelity on held-out text ({pct(rec['held_out_gap_closed'])} of the gap) "
+            f"and {rec['calibration'] - pruned['calibration']:+.4f} on the calibration text in {rec['steps']} steps, "
+            f"{'meeting' if gain >= goal else 'short of'} the goal of {goal:+.2f} on held-out text.")
+
+
 def calibration_table(ctx) -> str:
     rows = []
     for name, r in ctx["R"]["calibration_cpu"]["rows"].items():
@@ -366,10 +378,11 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
     s = sorted({r["sample_seconds"] for r in ctx["R"][name]["rows"] if r["seed"] is not None})
     return f"{num(s[0], 3)} s" if len(s) == 1 else f"{num(s[0], 3)}-{num(s[-1], 3)} s"
 
-TABLES.update({f.__name__: f for f in (sweep_table, sweep_caption, targets_table, standing, recover_table,
-                                       calibration_table, cli_rows_text, layout_value, layouts_table,
-                                       gguf_table, gguf_generation, gguf_speed_table, learned_table, learned_standing,
-                                       generated_table, generated_seconds, generated_value)})
+
+TABLES.update({f.__name__: f for f in (
+    sweep_table, sweep_caption, targets_table, standing, recover_table, recover_gain, calibration_table,
+    cli_rows_text, layout_value, layouts_table, gguf_table, gguf_generation, gguf_speed_table, learned_table,
+    learned_standing, generated_table, generated_seconds, generated_value)})
 
 from docs_allocation import TABLES as _ALLOCATION  # noqa: E402 - needs _mean above
 

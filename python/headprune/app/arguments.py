@@ -323,15 +323,15 @@ def recover_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=positive, default=None, help="calibration sequences (default: DIR's)")
     g.add_argument("--seq-len", type=positive, default=None, help="calibration sequence length (default: DIR's)")
     g.add_argument("--batch-size", type=positive, default=None,
-                   help="calibration sequences per step (default 1 for causal LMs, 8 for encoders: on SmolLM2 "
-                        "more, smaller steps won back more in the same minutes; docs/quality.md)")
+                   help="calibration sequences per step (default 1 for causal LMs, 2 for encoders: on SmolLM2 and "
+                        "MiniLM more, smaller steps won back more in the same minutes; docs/quality.md)")
 
 
 def prune_recover_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recovery after pruning")
     g.add_argument("--recover-steps", type=nonnegative_int, default=0,
                    help="distil the pruned model toward the unpruned one for this many steps on the calibration "
-                        "text before the evaluation, one sequence per step for causal LMs and one calibration "
-                        "batch for encoders, as headprune recover (default 0: none)")
+                        "text before the evaluation, one sequence per step for causal LMs and two for encoders, "
+                        "as headprune recover (default 0: none)")
     g.add_argument("--recover-lr", type=learning_rate, default=RECOVER_LR,
                    help=f"its AdamW learning rate (default {RECOVER_LR:g})")
