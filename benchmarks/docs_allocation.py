@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from make_docs import mean as _mean
 from make_docs import num, pct, table, x
 
 EVEN, MEASURED = "default, spread evenly over the layers", "default, measured allocation"
@@ -40,12 +41,6 @@ def allocation_seconds(ctx, name: str) -> str:
     """The seconds the measurement took, over the evaluation texts of one results file."""
     secs = [m["seconds"] for res in ctx["R"][name]["results"] for m in res.get("measured_allocation", {}).values()]
     return f"{num(min(secs))}-{num(max(secs))} s" if len(secs) > 1 else f"{num(secs[0])} s"
-
-
-def _mean(values: list, lower: bool) -> float:
-    from docs_tables import _mean as mean
-
-    return mean(values, lower)
 
 
 TABLES = {f.__name__: f for f in (allocation_table, allocation_seconds)}

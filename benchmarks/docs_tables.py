@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from docs_allocation import TABLES as _ALLOCATION
+from make_docs import mean as _mean
 from make_docs import num, pct, table, x
 from make_docs import row as one_row
 
@@ -95,14 +97,6 @@ def decode_table(ctx) -> str:
 
 TABLES = {f.__name__: f for f in (probs_table, qk_table, collection_table, memory_probe_table, prefill_table,
                                   decode_table)}
-
-
-def _mean(values: list, lower: bool) -> float:
-    import math
-
-    if lower:
-        return math.exp(sum(math.log(v) for v in values) / len(values))
-    return sum(values) / len(values)
 
 
 def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
@@ -199,6 +193,12 @@ def recover_table(ctx, name: str) -> str:
     metric = ctx["R"][name]["results"][0]["metric"]
     return table(["model", "", f"held-out {metric}", "gap closed", f"calibration {metric}", "gap closed", "budget"],
                  out)
+
+
+def recipe_value(ctx, name: str, evaluated_on: str, ratio: float, recipe: str = "default") -> float:
+    """``recipe``'s quality at ``ratio`` in the sweep result of ``name`` evaluated on ``evaluated_on``."""
+    res = one_row(ctx["R"][name], "results", evaluated_on=evaluated_on)
+    return res["recipes"][recipe][res["ratios"].index(ratio)]
 
 
 def recover_gain(ctx, name: str, model: str, goal: float) -> str:
@@ -380,10 +380,7 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
 
 
 TABLES.update({f.__name__: f for f in (
-    sweep_table, sweep_caption, targets_table, standing, recover_table, recover_gain, calibration_table,
+    sweep_table, sweep_caption, targets_table, standing, recipe_value, recover_table, recover_gain, calibration_table,
     cli_rows_text, layout_value, layouts_table, gguf_table, gguf_generation, gguf_speed_table, learned_table,
     learned_standing, generated_table, generated_seconds, generated_value)})
-
-from docs_allocation import TABLES as _ALLOCATION  # noqa: E402 - needs _mean above
-
 TABLES.update(_ALLOCATION)

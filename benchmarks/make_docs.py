@@ -53,6 +53,14 @@ def pct(v, digits: int = 0) -> str:
     return f"{100 * v:.{digits}f}%"
 
 
+def mean(values: list, lower: bool) -> float:
+    """The mean of repeated measurements: geometric for perplexities (``lower`` is better),
+    arithmetic for fidelities."""
+    if lower:
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+    return sum(values) / len(values)
+
+
 def table(header: list, rows: list) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

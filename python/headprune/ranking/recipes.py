@@ -58,10 +58,10 @@ DEFAULT_STEPS = 1
 def default_allocation(scores, removal: str = "refit", *, iterative: bool = False, uniform: bool = False,
                        kv_ratio=None) -> str:
     """The scope ``headprune prune`` and the sweep use when none is given: ``"measured"`` for
-    encoders whose heads are refit in one round, without a uniform layout or a KV budget (on all-MiniLM-L6-v2 it kept the embeddings much closer than an even spread,
-    docs/quality.md), else the default recipe's ``per_layer`` (on SmolLM2-135M the measurement
-    takes 145 forwards, several times the whole pruning command; its quality there is not
-    measured)."""
+    encoders whose heads are refit in one round, without a uniform layout or a KV budget (on
+    all-MiniLM-L6-v2 it kept the embeddings much closer than an even spread, docs/quality.md),
+    else the default recipe's ``per_layer`` (on SmolLM2-135M the measurement takes 145
+    forwards, several times the whole pruning command; its quality there is not measured)."""
     if removal == "refit" and getattr(scores, "moments", None) is not None and not is_causal(scores) \
             and not (iterative or uniform or kv_ratio is not None):
         return "measured"
