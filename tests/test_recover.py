@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from hf_tiny import tiny_batch, tiny_config, tiny_model  # noqa: E402
 
 import headprune  # noqa: E402
-from headprune.hf.recover import distillation_loss, recover, trainable_parameters  # noqa: E402
+from headprune.hf.recover import DEFAULT_LR, distillation_loss, recover, trainable_parameters  # noqa: E402
 
 LR = 1e-2
 
@@ -175,7 +175,7 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     path = tmp_path / "recover.ckpt"
     recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)
     for kw, what in [({"lr": 2 * LR}, "lr"), ({"train": "o_proj"}, "trainable parameters"),
-                     ({"batches": batches[:2]}, "calibration batches")]:
+                     ({"batches": batches[:2]}, "calibration batches"), ({"validation": batches[:1]}, "validation")]:
         student = copy.deepcopy(pruned)
         args = {"lr": LR, "batches": batches, **kw}
         with pytest.raises(ValueError, match=f"checkpoint: .*written for other .*{what}"):
@@ -196,6 +196,9 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     ({"time_budget_s": 0}, "time_budget_s: expected a positive number"),
     ({"checkpoint_every": 0}, "checkpoint_every: expected a positive int"),
     ({"resume": True}, "resume: needs a checkpoint path"),
+    ({"validate_every": 2}, "validate_every: needs validation batches"),
+    ({"validation": []}, "validation: expected a non-empty list of batches"),
+    ({"validation": [{}], "validate_every": 0}, "validate_every: expected a positive int, got 0"),
 ])
 def test_bad_arguments_are_refused(llama, kw, message):
     teacher, pruned, batches = llama
@@ -234,3 +237,65 @@ def test_the_recovered_model_saves_and_reloads_exactly(llama, tmp_path):
     headprune.save_pruned(student, tmp_path / "m")
     assert _same(_state(student), _state(headprune.load_pruned(tmp_path / "m")))
 
+
+
+def test_validation_keeps_the_parameters_of_the_best_measured_step(llama):
+    """Measured every step: the student ends with the parameters whose validation loss (the
+    library's own distillation loss, recomputed here) was lowest, the start included."""
+    teacher, pruned, batches = llama
+    train, held = batches[:2], batches[2:]
+    student = copy.deepcopy(pruned)
+    states, losses = [_state(student)], [_mean_loss(student, teacher, held)]
+
+    def watch(step, steps, loss):
+        states.append(_state(student))
+        losses.append(_mean_loss(student, teacher, held))
+
+    report = recover(student, teacher, train, steps=8, lr=0.1, validation=held, validate_every=1, progress=watch)
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert report.best_step == best and report.steps == 8
+    assert report.validation_loss_first == pytest.approx(losses[0], rel=1e-5)
+    assert report.validation_loss_best == pytest.approx(losses[best], rel=1e-5)
+    assert _same(_state(student), states[best])
+
+
+def test_a_run_that_only_overfits_gives_back_the_starting_model(llama):
+    """A learning rate so large that every step raises the validation loss: the student ends
+    exactly as it started, and the report says no step won."""
+    teacher, pruned, batches = llama
+    student = copy.deepcopy(pruned)
+    report = recover(student, teacher, batches[:2], steps=4, lr=1e3, validation=batches[2:], validate_every=2)
+    assert report.best_step == 0 and report.validation_loss_best == report.validation_loss_first
+    assert _same(_state(student), _state(pruned))
+
+
+def test_resume_with_validation_equals_an_uninterrupted_run(llama, tmp_path):
+    """The best parameters so far travel in the checkpoint."""
+    teacher, pruned, batches = llama
+    kw = {"steps": 6, "lr": 0.3, "validation": batches[2:], "validate_every": 2}
+    torch.set_num_threads(1)
+    try:
+        whole = copy.deepcopy(pruned)
+        expected = recover(whole, teacher, batches[:2], **kw)
+        path = tmp_path / "recover.ckpt"
+        first = copy.deepcopy(pruned)
+
+        def stop(step, steps, loss):
+            if step == 5:
+                raise _Stop
+
+        with pytest.raises(_Stop):
+            recover(first, teacher, batches[:2], progress=stop, checkpoint=path, checkpoint_every=4, **kw)
+        report = recover(first, teacher, batches[:2], checkpoint=path, resume=True, **kw)
+    finally:
+        torch.set_num_threads(2)
+    assert report.resumed_from == 4 and report.best_step == expected.best_step
+    assert report.validation_loss_best == expected.validation_loss_best
+    assert _same(_state(whole), _state(first))
+
+
+def test_the_default_learning_rate_depends_on_the_kind_of_model(llama, bert):
+    for (teacher, pruned, batches), kind in ((llama, "causal"), (bert, "encoder")):
+        report = recover(copy.deepcopy(pruned), teacher, batches, steps=1)
+        assert report.lr == DEFAULT_LR[kind]
+    assert DEFAULT_LR["encoder"] < DEFAULT_LR["causal"]

@@ -19,7 +19,8 @@ def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_pa
     calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
     code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])
     assert code == 0, err
-    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--lr", "1e-3", "--quiet", "--out", tmp_path / "r"])
+    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--lr", "1e-3", "--validation", "0", "--quiet",
+                     "--out", tmp_path / "r"])
     assert code == 0, err
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"model", "report.json", "report.md"}
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -32,6 +33,36 @@ def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_pa
     assert kept_heads(recovered) == kept_heads(pruned)
     changed = [n for n, p in recovered.state_dict().items() if not torch.equal(p, pruned.state_dict()[n])]
     assert changed and all(".attention." in n for n in changed)
+    assert report["recover"]["validation_batches"] == 0 and report["recover"]["best_step"] is None
+
+
+def test_recover_keeps_the_best_step_on_batches_kept_out_of_training(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    import torch
+
+    from headprune.hf import load_pruned
+
+    calib = ["--samples", "8", "--seq-len", "16", "--quiet"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])
+    assert code == 0, err
+    code, err = run(["recover", tmp_path / "p", "--steps", "6", "--quiet", "--out", tmp_path / "r"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    r = report["recover"]
+    assert r["validation_batches"] == 1 and r["steps"] == 6 and 0 <= r["best_step"] <= 6  # 4 batches of 2
+    assert r["validation_loss_best"] <= r["validation_loss_first"]
+    assert report["settings"]["recover_validation"] == 0.1 and report["settings"]["recover_lr"] == 3e-5
+    assert "kept out of training" in (tmp_path / "r" / "report.md").read_text()
+    pruned, recovered = load_pruned(tmp_path / "p" / "model"), load_pruned(tmp_path / "r" / "model")
+    same = all(torch.equal(p, pruned.state_dict()[n]) for n, p in recovered.state_dict().items())
+    assert same == (r["best_step"] == 0)
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--validation", "0.9", "--quiet",
+                     "--out", tmp_path / "r2"])
+    assert code == 2 and "--validation: 0.9 of 4 calibration batches leaves none to train on" in err[-1]
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--validation", "1"])
+    assert code == 2 and err[-1].endswith("argument --validation: expected a fraction in [0, 1), got '1'")
+    assert not (tmp_path / "r2").exists()
 
 
 def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noqa: F811
@@ -42,6 +73,8 @@ def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noq
     assert code == 0, err
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["recover"]["steps"] == 2 and report["settings"]["recover_steps"] == 2
+    assert report["settings"]["recover_lr"] == 3e-5 and report["settings"]["recover_validation"] == 0.1
+    assert report["recover"]["validation_batches"] == 1 and report["recover"]["best_step"] in (0, 1, 2)
     code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--mask", "--recover-steps", "2",
                      "--out", tmp_path / "m"])
     assert code == 2 and err == ["headprune prune: error: --recover-steps: needs --physical (training would revive "

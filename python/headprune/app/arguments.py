@@ -12,9 +12,16 @@ from .load import BUNDLED_MODELS, DTYPES
 from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
 
-#: headprune.hf.recover's default learning rate (not imported: that would load transformers
-#: before the arguments are parsed; tests/test_recover.py checks they agree)
-RECOVER_LR = 1e-4
+#: headprune.hf.recover's default learning rates by kind of model (not imported: that would
+#: load transformers before the arguments are parsed; tests/test_recover_cli.py checks they agree)
+RECOVER_LR = {"causal": 1e-4, "encoder": 3e-5}
+#: calibration batches kept out of recovery training by default, to keep the best step
+RECOVER_VALIDATION = 0.1
+_LR_HELP = f"default {RECOVER_LR['causal']:g} for causal LMs, {RECOVER_LR['encoder']:g} for encoders"
+_VALIDATION_HELP = ("a fraction of the calibration batches, spread over them, kept out of training: the "
+                    "distillation loss on them is measured every few steps and the model keeps the parameters "
+                    "of the best measurement (the pruned ones if no step beat them); 0 trains on every batch "
+                    f"and keeps the last step (default {RECOVER_VALIDATION:g})")
 
 #: --learn-steps default (headprune.hf.learned.learn_gates's own default)
 LEARN_STEPS = 200
@@ -48,8 +55,8 @@ def ratio(text: str) -> float:
     return r
 
 
-def kv_fraction(text: str) -> float:
-    """--kv-ratio: a fraction in [0, 1)."""
+def fraction(text: str) -> float:
+    """A fraction in [0, 1) (--kv-ratio, --validation)."""
     try:
         value = float(text)
     except ValueError:
@@ -211,7 +218,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                    help="the same head layout in every layer (the count nearest the request), so the saved "
                         "directory has a standard config that plain from_pretrained loads where the family's "
                         "config can describe it; no layer is protected")
-    g.add_argument("--kv-ratio", type=kv_fraction, default=None, metavar="R",
+    g.add_argument("--kv-ratio", type=fraction, default=None, metavar="R",
                    help="with --gqa even: remove at least this fraction of the KV heads (the KV cache shrinks "
                         "at least as much), preferring layouts that remove whole groups just enough to reach it "
                         "(quality falls towards --gqa group's; docs/quality.md)")
@@ -314,8 +321,10 @@ def recover_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
     g = p.add_argument_group("distillation")
     g.add_argument("--steps", type=positive, required=True, help="optimizer steps, one calibration batch each (required)")
-    g.add_argument("--lr", type=learning_rate, default=RECOVER_LR,
-                   help=f"AdamW learning rate of the attention projections, q/k/v/o (default {RECOVER_LR:g})")
+    g.add_argument("--lr", type=learning_rate, default=None,
+                   help=f"AdamW learning rate of the attention projections, q/k/v/o ({_LR_HELP})")
+    g.add_argument("--validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",
+                   help=_VALIDATION_HELP)
     g = p.add_argument_group("text")
     g.add_argument("--data", default=None, metavar="TEXT",
                    help="train on its first 70%% of paragraphs, evaluate on the last 30%%; same forms as for prune "
@@ -333,5 +342,6 @@ def prune_recover_args(p: argparse.ArgumentParser) -> None:
                    help="distil the pruned model toward the unpruned one for this many steps on the calibration "
                         "text before the evaluation, one sequence per step for causal LMs and two for encoders, "
                         "as headprune recover (default 0: none)")
-    g.add_argument("--recover-lr", type=learning_rate, default=RECOVER_LR,
-                   help=f"its AdamW learning rate (default {RECOVER_LR:g})")
+    g.add_argument("--recover-lr", type=learning_rate, default=None, help=f"its AdamW learning rate ({_LR_HELP})")
+    g.add_argument("--recover-validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",
+                   help="as headprune recover --validation: " + _VALIDATION_HELP)

@@ -72,7 +72,8 @@ def prune(args) -> int:
         settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
                          "removal": removal, "damping": args.damping, "sequential": args.sequential,
                          "saved_dtype": saved_as, "recover_steps": args.recover_steps,
-                         **({"recover_lr": args.recover_lr} if args.recover_steps else {}), **kw})
+                         **({"recover_lr": recovered["lr"], "recover_validation": args.recover_validation}
+                            if recovered else {}), **kw})
         report.update(settings=settings, **_absolute(args.model, settings))
         _warn_if_kv_grew(report)
         with stage("saving the model and the report", "save"):
@@ -144,7 +145,7 @@ def _recover(args, stage, loaded, teacher, batches):
         return None
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
         return recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),
-                             steps=args.recover_steps, lr=args.recover_lr)
+                             steps=args.recover_steps, lr=args.recover_lr, validation=args.recover_validation)
 
 
 def _recipe(args, kw: dict, removal: str, scores) -> str:

@@ -17,31 +17,49 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .load import load_model
+from .report import validation_sentence
 
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
 #: calibration sequences per distillation step by default: on SmolLM2-135M at 50% of heads,
-#: 154 steps of one sequence closed 55% of the held-out gap in 10 minutes
+#: 10 minutes of steps of one sequence closed about half of the held-out gap
 #: (benchmarks/results/recover_smollm2_batch1.json); steps of 8, in an earlier run, managed 6
 #: steps in 12 minutes and closed 20% (recover.json). On all-MiniLM-L6-v2 at 50%, 3 minutes of
 #: steps of 2 paragraphs added 0.0067 held-out fidelity, steps of 8 added 0.0030
-#: (recover_minilm_batch2.json, recover_minilm.json)
+#: (recover_minilm_batch2.json, recover_minilm_batch8.json)
 STEP_SEQUENCES = {"causal": 1, "encoder": 2}
 
 
-def recover_stage(args, student, teacher, batches, *, steps: int, lr: float) -> dict:
+def split_validation(batches: list, fraction: float) -> tuple:
+    """``(training batches, validation batches or None)``: ``fraction`` of the batches (at least
+    one), spread evenly over them, kept out of training."""
+    if not fraction:
+        return batches, None
+    n = len(batches)
+    k = max(1, round(n * fraction))
+    if k >= n:
+        raise ValueError(f"--validation: {fraction:g} of {n} calibration batches leaves none to train on; "
+                         "pass 0 or calibrate on more samples")
+    held = {int((j + 0.5) * n / k) for j in range(k)}
+    return [b for i, b in enumerate(batches) if i not in held], [batches[i] for i in sorted(held)]
+
+
+def recover_stage(args, student, teacher, batches, *, steps: int, lr, validation: float) -> dict:
     """Distil ``student`` toward ``teacher`` in float32 (half-precision students are trained in
-    float32 and cast back), with a progress bar unless ``--quiet``; the library's report."""
+    float32 and cast back), ``validation`` of the batches kept out to choose the best step,
+    with a progress bar unless ``--quiet``; the library's report, with the validation batches'
+    count."""
     from ..hf import recover
 
+    train, held = split_validation(batches, validation)
     dtype = next(student.parameters()).dtype
     if dtype in (torch.float16, torch.bfloat16):
         student.float()
     try:
-        report = recover(student, teacher, batches, steps=steps, lr=lr, progress=not args.quiet)
+        report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet)
     finally:
         student.to(dtype)
-    return report.to_dict()
+    return report.to_dict() | {"validation_batches": 0 if held is None else len(held)}
 
 
 def _pruned_dir(path: Path) -> dict:
@@ -106,19 +124,21 @@ def recover(args) -> int:
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
         q["pruned"] = _quality(args, student, paragraphs, q["unpruned"])
     with stage(f"recovering: {args.steps} distillation steps", "recover"):
-        result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr)
+        result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr,
+                               validation=args.validation)
     with stage("evaluating the recovered model", "evaluate_after"):
         q["recovered"] = _quality(args, student, paragraphs, q["unpruned"])
     metric, lower = E.metric_of(student.kind)
     table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
-    settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_lr": args.lr}
+    settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_lr": result["lr"],
+                "recover_validation": args.validation}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
     meta = student.pruned or {}
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
     with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
         save_pruned(student.model, tmp / "model", tokenizer=student.tokenizer, scores=scores,
-                    settings={**meta.get("settings", {}), "recover": result | {"lr": args.lr}})
+                    settings={**meta.get("settings", {}), "recover": result})
         C._write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(report_markdown(report))
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
@@ -158,6 +178,7 @@ def report_markdown(report: dict) -> str:
             f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s; "
             f"training {r['train']}, {r['parameters']:,} parameters, learning rate {s['recover_lr']:g}) on "
             f"{s['samples']} x {s['seq_len']} tokens of `{s['data']}`. Distillation loss {r['loss_first']:.4g} at "
-            f"the first step, {r['loss_last']:.4g} at the last.\n\n{quality_table(report)}\n\n"
+            f"the first step, {r['loss_last']:.4g} at the last.{validation_sentence(r)}\n\n"
+            f"{quality_table(report)}\n\n"
             f"Held-out text is the last 30% of each text's paragraphs, never trained on; a gain on the "
             f"calibration text alone would be overfitting.\n")

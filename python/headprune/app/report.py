@@ -74,10 +74,20 @@ def generated_text(settings: dict) -> str:
     return f" and {n} x {settings['seq_len']} tokens sampled from the model itself (`--generated`)" if n else ""
 
 
+def validation_sentence(r: dict) -> str:
+    """What the validation batches chose (empty without them)."""
+    if not r.get("validation_batches"):
+        return ""
+    kept = ("the pruned model's own parameters: no step beat them" if not r["best_step"]
+            else f"the parameters after step {r['best_step']}")
+    return (f" On {r['validation_batches']} calibration batches kept out of training, the loss went from "
+            f"{r['validation_loss_first']:.4g} to {r['validation_loss_best']:.4g} at best; the model keeps {kept}.")
+
+
 def _recovered(report: dict) -> str:
     r = report.get("recover")
     if not r:
         return ""
     return (f"After the removal, distilled toward the unpruned model for {r['steps']} steps on the calibration "
             f"batches (training {r['train']}, {r['parameters']:,} parameters; distillation loss {r['loss_first']:.4g} "
-            f"at the first step, {r['loss_last']:.4g} at the last).\n\n")
+            f"at the first step, {r['loss_last']:.4g} at the last).{validation_sentence(r)}\n\n")

@@ -40,8 +40,8 @@ import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import frozen, gates
-from .recover import (_bar, _Checkpoint, _check_run, _digest, _fingerprint, _kwargs, _loop, _loss, _resume,
-                      _Teacher)
+from .recover import _kwargs, _loss, _Teacher
+from .training import _bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _resume
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 

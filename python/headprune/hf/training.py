@@ -1,0 +1,181 @@
+"""The training loop shared by :func:`~headprune.hf.recover.recover` and
+:func:`~headprune.hf.learned.learn_gates`: argument checks, cycling through the batches, a time
+budget, a progress bar or callback, and checkpoints that resume a run exactly (rewritten
+atomically, refused with the reason when written for other parameters, settings, starting
+weights or batches)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import torch
+
+from .. import atomic
+
+CHECKPOINT_FORMAT = "headprune.recover/1"
+
+
+def _check_run(steps, lr, time_budget_s, checkpoint_every) -> None:
+    """The options every training run here takes (:func:`recover`, ``learn_gates``)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
+        raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+
+
+
+def _cycle(batches):
+    """The batches again and again (a one-shot iterator cannot be repeated: an error says so)."""
+    done = 0
+    while True:
+        n = 0
+        for batch in batches:
+            n += 1
+            done += 1
+            yield batch
+        if n == 0:
+            raise ValueError("batches: expected at least one batch, got none" if done == 0 else
+                             f"batches: ran out after {done} steps; pass a list to train for more steps than batches")
+
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+
+def _tokens(batches) -> Optional[str]:
+    """A digest of the batches' tensors (``None`` for a one-shot iterable)."""
+    if not isinstance(batches, Sequence):
+        return None
+    return _digest(v for b in batches for k in sorted(b) for v in [b[k]] if isinstance(v, torch.Tensor))
+
+
+
+def _fingerprint(params: dict, settings: dict, batches, fmt: str = CHECKPOINT_FORMAT) -> dict:
+    """What a checkpoint must match: the parameters (names, shapes, dtypes and starting
+    values), the settings, and the tokens when ``batches`` is a sequence."""
+    return {"format": fmt, **settings, "tokens": _tokens(batches), "start": _digest(params.values()),
+            "parameters": [[n, list(p.shape), str(p.dtype)] for n, p in params.items()]}
+
+
+
+class _Checkpoint:
+    """One file (``torch.save`` of plain tensors and containers, read back with
+    ``weights_only``), rewritten atomically: the trained parameters, the optimizer state,
+    the steps done and the fingerprint it was written for."""
+
+    def __init__(self, path, fingerprint: dict, what: str = "recovery"):
+        self.path, self.fingerprint, self.what = os.path.abspath(os.fspath(path)), fingerprint, what
+
+    def _refuse(self, why: str) -> ValueError:
+        return ValueError(f"checkpoint: {self.path} {why}; delete it or start without resume")
+
+    def load(self) -> Optional[dict]:
+        if not os.path.exists(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file: pickle, zip and torch raise many types
+            raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})") from e
+        fmt = self.fingerprint["format"]
+        if not isinstance(state, dict) or state.get("fingerprint", {}).get("format") != fmt:
+            raise self._refuse(f"is not a {self.what} checkpoint (expected format {fmt!r})")
+        saved = state["fingerprint"]
+        diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
+        if diff:
+            what = {"parameters": "the trainable parameters (names or shapes)", "start": "the student's starting "
+                    "weights", "tokens": "the calibration batches"}
+            raise self._refuse("was written for other " + ", ".join(
+                what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
+        return state
+
+    def save(self, params: dict, optimizer, step: int, extra: Optional[dict] = None) -> None:
+        buf = io.BytesIO()
+        torch.save({"fingerprint": self.fingerprint, "step": step, "optimizer": optimizer.state_dict(),
+                    "parameters": {n: p.detach().cpu().clone() for n, p in params.items()},
+                    **({"extra": extra} if extra is not None else {})}, buf)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            atomic.write_file(self.path, buf.getvalue())
+        except OSError as e:
+            message = f"checkpoint: cannot write {self.path} ({e.strerror or e})"
+            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
+
+
+
+def _resume(ckpt, params, optimizer, extra: Optional[Callable] = None) -> int:
+    """Load the checkpoint's parameters and optimizer state (and its extra state into
+    ``extra(state)``); the steps it holds (0 without one)."""
+    state = None if ckpt is None else ckpt.load()
+    if state is None:
+        return 0
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["parameters"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    if extra is not None:
+        extra(state.get("extra"))
+    return int(state["step"])
+
+
+
+def _bar(progress, done: int, steps: int, desc: str = "headprune: recovering"):
+    if progress is not True:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=steps, initial=done, desc=desc, unit="step")
+
+
+
+def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt, every: int, save: Callable,
+          bar, postfix: Optional[Callable] = None) -> tuple:
+    """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps``, one batch each (the
+    batches cycled, the ones the first ``done`` steps used skipped), saving through ``save(n)``
+    every ``every`` steps and at the end when ``ckpt`` is set, reporting to the progress bar or
+    the ``progress(step, steps, loss)`` callable, stopping after the step that passes
+    ``budget`` seconds. Returns ``(steps done, losses of this call, why it stopped)``."""
+    t0 = time.perf_counter()
+    it = _cycle(batches)
+    for _ in itertools.islice(it, done):  # the batches the checkpoint's steps used
+        pass
+    saved, losses, stopped = done, [], "steps"
+    try:
+        while done < steps:
+            batch = next(it)  # first: an empty list raises its own error here
+            losses.append(step(batch, done % len(batches) if isinstance(batches, Sequence) else done))
+            done += 1
+            if ckpt is not None and done % every == 0:
+                save(done)
+                saved = done
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", **(postfix() if postfix else {}))
+            elif callable(progress):
+                progress(done, steps, losses[-1])
+            if budget is not None and done < steps and time.perf_counter() - t0 >= budget:
+                stopped = "time_budget"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if ckpt is not None and saved != done:
+        save(done)
+    return done, losses, stopped
