@@ -2,14 +2,17 @@
 (:func:`headprune.hf.recover`) wins back, within a CPU time budget.
 
     python benchmarks/bench_recover.py [--models smollm2,minilm] [--minutes 10]
-        [--configs attention:1e-4,o_proj:1e-4] [--ratio 0.5] [--out recover.json]
+        [--configs attention:default,o_proj:1e-4] [--validation 0.1] [--ratio 0.5] [--out recover.json]
 
 For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
 shares: 64 windows of 256 tokens for SmolLM2-135M, 256 paragraphs of up to 128 tokens for
 MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
 moments, the default recipe and allocation, measured for encoders, least-squares refit), then
-for each ``train:lr`` configuration a fresh copy of the pruned model distilled toward the
-unpruned one for ``--minutes`` of wall time on this machine's threads. Quality, measured in the
+for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
+model) a fresh copy of the pruned model distilled toward the unpruned one for ``--minutes`` of
+wall time on this machine's threads (or ``--steps``; ``--trace-every`` then records the held-out
+quality of the weights being trained along the way), in steps of the CLI's default size, with ``--validation``
+of the batches kept out of training to choose the best step, as ``headprune recover`` does. Quality, measured in the
 same run for the unpruned, pruned and each recovered model: perplexity (lower is better) on the
 held-out text and on the calibration text (overfitting shows as a gap between the two), or, for
 MiniLM, embedding fidelity to the unpruned model (higher is better) on the held-out and
@@ -35,6 +38,7 @@ from headprune import select_heads, select_measured  # noqa: E402
 from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
+from headprune.app.recover_command import STEP_SEQUENCES, split_validation  # noqa: E402
 from headprune.hf import collect, prune_heads, recover  # noqa: E402
 from headprune.ranking.recipes import default_allocation  # noqa: E402
 
@@ -55,7 +59,8 @@ def run(name: str, args) -> dict:
     calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]  # like held
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
     # smaller steps, more of them per CPU-minute
-    steps_on = batches if args.batch_size is None else texts.rebatch(batches, args.batch_size)
+    step_size = args.batch_size or STEP_SEQUENCES[kind]
+    steps_on, validation = split_validation(texts.rebatch(batches, step_size), args.validation)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
 
@@ -75,9 +80,17 @@ def run(name: str, args) -> dict:
     for config in args.configs.split(","):
         train, lr = config.split(":")
         student = copy.deepcopy(pruned)
-        report = recover(student, teacher, steps_on, steps=10**6, lr=float(lr), train=train,
-                         time_budget_s=args.minutes * 60)
-        rows.append({"model": f"recovered {train} lr={lr}", **measure(student), **report.to_dict()})
+        trace = []
+
+        def watch(step, steps, loss, student=student):
+            if args.trace_every and step % args.trace_every == 0:  # the trained weights, not the best kept
+                trace.append({"step": step, "held_out": measure(student)["held_out"]})
+
+        report = recover(student, teacher, steps_on, steps=args.steps or 10**6, train=train,
+                         lr=None if lr == "default" else float(lr), validation=validation, progress=watch,
+                         time_budget_s=None if args.steps else args.minutes * 60)
+        rows.append({"model": f"recovered {train} lr={lr}", **measure(student), **report.to_dict(),
+                     **({"trace": trace} if trace else {})})
         print(f"{name} {config}: {report}", flush=True)
         del student
     for row in rows:
@@ -85,14 +98,18 @@ def run(name: str, args) -> dict:
             gap = rows[0][k] - rows[1][k]
             row[f"{k}_gap_closed"] = (row[k] - rows[1][k]) / gap if gap else float("nan")
     metric = "perplexity" if kind == "causal" else "fidelity"
-    print(f"\n{name}: {metric}, {args.ratio:.0%} of heads pruned, {args.minutes:g} min of recovery, "
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"\n{name}: {metric}, {args.ratio:.0%} of heads pruned, {budget} of recovery, "
           f"{torch.get_num_threads()} threads")
-    cols = ["model", "held_out", "held_out_gap_closed", "calibration", "calibration_gap_closed", "steps", "seconds"]
+    cols = ["model", "held_out", "held_out_gap_closed", "calibration", "calibration_gap_closed", "steps", "best_step",
+            "seconds"]
     print(table([{c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols} for r in rows],
                 cols) + "\n", flush=True)
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
             "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
-            "calibration": SETTINGS[kind], "batch_size": args.batch_size or len(batches[0]["input_ids"]),
+            "steps": args.steps, "trace_every": args.trace_every,
+            "calibration": SETTINGS[kind], "batch_size": step_size, "validation": args.validation,
+            "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,
             "eval_paragraphs": args.paragraphs, "rows": rows}
 
@@ -102,12 +119,19 @@ def main(argv=None):
     ap.add_argument("--models", default="smollm2,minilm")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--minutes", type=float, default=10.0, help="recovery wall time per configuration")
-    ap.add_argument("--configs", default="attention:1e-4", help="train:lr pairs, comma-separated")
+    ap.add_argument("--configs", default="attention:default",
+                    help="train:lr pairs, comma-separated (lr 'default': the library's for the kind of model)")
+    ap.add_argument("--validation", type=float, default=0.1,
+                    help="fraction of the calibration batches kept out of training to choose the best step (0: none)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train for this many steps instead of --minutes (for --trace-every)")
+    ap.add_argument("--trace-every", type=int, default=0,
+                    help="also measure the held-out quality of the weights being trained every this many steps")
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per text")
     ap.add_argument("--paragraphs", type=int, default=None, help="paragraphs per text (default all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="sequences per recovery step (default: the calibration batches as they are, 8)")
+                    help="sequences per recovery step (default: headprune recover's, 1 for causal LMs, 2 for encoders)")
     ap.add_argument("--out", default="recover.json", help="results file under benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from docs_allocation import TABLES as _ALLOCATION
+from docs_recover import TABLES as _RECOVER
 from make_docs import mean as _mean
 from make_docs import num, pct, table, x
 from make_docs import row as one_row
@@ -181,36 +182,10 @@ def standing(ctx, names: list, recipes: list, default: str = "default") -> str:
                   "vs random (same removal), per ratio"], rows)
 
 
-def recover_table(ctx, name: str) -> str:
-    """Unpruned, pruned and recovered quality on held-out and calibration text."""
-    out = []
-    for res in ctx["R"][name]["results"]:
-        for row in res["rows"]:
-            extra = f"{row['steps']} steps, {num(row['seconds'] / 60, 2)} min" if "steps" in row else ""
-            out.append([f"{res['model']}, {pct(res['ratio'])} pruned", row["model"], num(row["held_out"], 4),
-                        pct(row["held_out_gap_closed"]), num(row["calibration"], 4),
-                        pct(row["calibration_gap_closed"]), extra])
-    metric = ctx["R"][name]["results"][0]["metric"]
-    return table(["model", "", f"held-out {metric}", "gap closed", f"calibration {metric}", "gap closed", "budget"],
-                 out)
-
-
 def recipe_value(ctx, name: str, evaluated_on: str, ratio: float, recipe: str = "default") -> float:
     """``recipe``'s quality at ``ratio`` in the sweep result of ``name`` evaluated on ``evaluated_on``."""
     res = one_row(ctx["R"][name], "results", evaluated_on=evaluated_on)
     return res["recipes"][recipe][res["ratios"].index(ratio)]
-
-
-def recover_gain(ctx, name: str, model: str, goal: float) -> str:
-    """One sentence: what recovery (the row ``model``) added to the pruned encoder's fidelity on
-    held-out and calibration text, against ``goal`` on held-out text."""
-    res = ctx["R"][name]["results"][0]
-    pruned = one_row(res, "rows", model="pruned")
-    rec = one_row(res, "rows", model=model)
-    gain = rec["held_out"] - pruned["held_out"]
-    return (f"Recovery adds {gain:+.4f} fidelity on held-out text ({pct(rec['held_out_gap_closed'])} of the gap) "
-            f"and {rec['calibration'] - pruned['calibration']:+.4f} on the calibration text in {rec['steps']} steps, "
-            f"{'meeting' if gain >= goal else 'short of'} the goal of {goal:+.2f} on held-out text.")
 
 
 def calibration_table(ctx) -> str:
@@ -380,7 +355,8 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
 
 
 TABLES.update({f.__name__: f for f in (
-    sweep_table, sweep_caption, targets_table, standing, recipe_value, recover_table, recover_gain, calibration_table,
+    sweep_table, sweep_caption, targets_table, standing, recipe_value, calibration_table,
     cli_rows_text, layout_value, layouts_table, gguf_table, gguf_generation, gguf_speed_table, learned_table,
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
+TABLES.update(_RECOVER)
