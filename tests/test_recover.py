@@ -147,26 +147,34 @@ def test_an_interrupt_leaves_the_student_exactly_as_it_was(llama, where):
     assert flags == [p.requires_grad for p in student.parameters()] and not student.training
 
 
-def test_resume_equals_an_uninterrupted_run(llama, tmp_path):
+@pytest.mark.parametrize("validated", [False, True])
+def test_resume_equals_an_uninterrupted_run(llama, tmp_path, validated):
+    """Bit for bit; with validation batches the best parameters so far travel in the checkpoint."""
     teacher, pruned, batches = llama
+    if validated:
+        train, kw, stop_at, every = batches[:2], {"steps": 6, "lr": 0.3, "validation": batches[2:],
+                                                  "validate_every": 2}, 5, 4
+    else:
+        train, kw, stop_at, every = batches, {"steps": 5, "lr": LR}, 3, 2
     torch.set_num_threads(1)
     try:
         whole = copy.deepcopy(pruned)
-        recover(whole, teacher, batches, steps=5, lr=LR)
+        expected = recover(whole, teacher, train, **kw)
         path = tmp_path / "recover.ckpt"
         first = copy.deepcopy(pruned)
 
         def stop(step, steps, loss):
-            if step == 3:
+            if step == stop_at:
                 raise _Stop
 
         with pytest.raises(_Stop):
-            recover(first, teacher, batches, steps=5, lr=LR, progress=stop, checkpoint=path, checkpoint_every=2)
-        assert _same(_state(first), _state(pruned))  # restored; the checkpoint holds 2 steps
-        report = recover(first, teacher, batches, steps=5, lr=LR, checkpoint=path, resume=True)
+            recover(first, teacher, train, progress=stop, checkpoint=path, checkpoint_every=every, **kw)
+        assert _same(_state(first), _state(pruned))  # restored; the checkpoint holds `every` steps
+        report = recover(first, teacher, train, checkpoint=path, resume=True, **kw)
     finally:
         torch.set_num_threads(2)
-    assert report.resumed_from == 2 and report.steps == 5
+    assert report.resumed_from == every and report.steps == kw["steps"]
+    assert (report.best_step, report.validation_loss_best) == (expected.best_step, expected.validation_loss_best)
     assert _same(_state(whole), _state(first))
 
 
@@ -267,31 +275,6 @@ def test_a_run_that_only_overfits_gives_back_the_starting_model(llama):
     report = recover(student, teacher, batches[:2], steps=4, lr=1e3, validation=batches[2:], validate_every=2)
     assert report.best_step == 0 and report.validation_loss_best == report.validation_loss_first
     assert _same(_state(student), _state(pruned))
-
-
-def test_resume_with_validation_equals_an_uninterrupted_run(llama, tmp_path):
-    """The best parameters so far travel in the checkpoint."""
-    teacher, pruned, batches = llama
-    kw = {"steps": 6, "lr": 0.3, "validation": batches[2:], "validate_every": 2}
-    torch.set_num_threads(1)
-    try:
-        whole = copy.deepcopy(pruned)
-        expected = recover(whole, teacher, batches[:2], **kw)
-        path = tmp_path / "recover.ckpt"
-        first = copy.deepcopy(pruned)
-
-        def stop(step, steps, loss):
-            if step == 5:
-                raise _Stop
-
-        with pytest.raises(_Stop):
-            recover(first, teacher, batches[:2], progress=stop, checkpoint=path, checkpoint_every=4, **kw)
-        report = recover(first, teacher, batches[:2], checkpoint=path, resume=True, **kw)
-    finally:
-        torch.set_num_threads(2)
-    assert report.resumed_from == 4 and report.best_step == expected.best_step
-    assert report.validation_loss_best == expected.validation_loss_best
-    assert _same(_state(whole), _state(first))
 
 
 def test_the_default_learning_rate_depends_on_the_kind_of_model(llama, bert):
