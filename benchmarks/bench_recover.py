@@ -9,7 +9,8 @@ shares: 64 windows of 256 tokens for SmolLM2-135M, 256 paragraphs of up to 128 t
 MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
 moments, the default recipe and allocation, measured for encoders, least-squares refit), then
 for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
-model) a fresh copy of the pruned model distilled toward the unpruned one for ``--minutes`` of
+model) a fresh copy of the pruned model distilled toward the unpruned one (on the pruning's
+batches for causal LMs, on every calibration paragraph for encoders) for ``--minutes`` of
 wall time on this machine's threads (or ``--steps``; ``--trace-every`` then records the held-out
 quality of the weights being trained along the way), in steps of the CLI's default size, with ``--validation``
 of the batches kept out of training to choose the best step, as ``headprune recover`` does. Quality, measured in the
@@ -38,7 +39,7 @@ from headprune import select_heads, select_measured  # noqa: E402
 from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
-from headprune.app.recover_command import STEP_SEQUENCES, split_validation  # noqa: E402
+from headprune.app.recover_command import STEP_SEQUENCES, recovery_batches, split_validation  # noqa: E402
 from headprune.hf import collect, prune_heads, recover  # noqa: E402
 from headprune.ranking.recipes import default_allocation  # noqa: E402
 
@@ -52,6 +53,19 @@ def quality(model, loaded, paragraphs, reference, windows) -> float:
     return torch.nn.functional.cosine_similarity(emb, reference, dim=-1).mean().item()
 
 
+def prune_default(teacher, batches, ratio: float) -> tuple:
+    """``(pruned copy, heads, scores)``: what ``headprune prune`` does by default (the measured
+    allocation on encoders, the least-squares refit)."""
+    scores = collect(teacher, batches, moments=True, progress=False)
+    pruned = copy.deepcopy(teacher)
+    if default_allocation(scores) == "measured":
+        heads, _ = select_measured(teacher, batches, scores, ratio=ratio)
+    else:
+        heads = select_heads(scores, ratio=ratio)
+    prune_heads(pruned, heads, reconstruct=scores)
+    return pruned, heads, scores
+
+
 def run(name: str, args) -> dict:
     loaded = load_model(name)
     teacher, kind = loaded.model, loaded.kind
@@ -60,7 +74,10 @@ def run(name: str, args) -> dict:
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
     # smaller steps, more of them per CPU-minute
     step_size = args.batch_size or STEP_SEQUENCES[kind]
-    steps_on, validation = split_validation(texts.rebatch(batches, step_size), args.validation)
+    # what headprune recover trains on: the pruning's batches for causal LMs, every calibration
+    # paragraph for encoders
+    train_on = batches if kind == "causal" else recovery_batches(loaded, parts, None, SETTINGS[kind]["seq_len"], 8)
+    steps_on, validation = split_validation(texts.rebatch(train_on, step_size), args.validation)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
 
@@ -68,13 +85,7 @@ def run(name: str, args) -> dict:
         return {k: quality(model, loaded, p, refs[k], args.windows) for k, p in paragraphs.items()}
 
     t0 = time.perf_counter()
-    scores = collect(teacher, batches, moments=True, progress=False)
-    pruned = copy.deepcopy(teacher)
-    if default_allocation(scores) == "measured":  # what headprune prune does by default
-        heads, _ = select_measured(teacher, batches, scores, ratio=args.ratio)
-    else:
-        heads = select_heads(scores, ratio=args.ratio)
-    prune_heads(pruned, heads, reconstruct=scores)
+    pruned, heads, scores = prune_default(teacher, batches, args.ratio)
     prune_s = time.perf_counter() - t0
     rows = [{"model": "unpruned", **measure(teacher)}, {"model": "pruned", **measure(pruned)}]
     for config in args.configs.split(","):
@@ -108,6 +119,7 @@ def run(name: str, args) -> dict:
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
             "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
             "steps": args.steps, "trace_every": args.trace_every,
+            "trained_on": sum(len(b["input_ids"]) for b in train_on),
             "calibration": SETTINGS[kind], "batch_size": step_size, "validation": args.validation,
             "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,

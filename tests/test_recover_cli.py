@@ -19,8 +19,8 @@ def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_pa
     calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
     code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])
     assert code == 0, err
-    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--lr", "1e-3", "--validation", "0", "--quiet",
-                     "--out", tmp_path / "r"])
+    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--lr", "1e-3", "--validation", "0", "--samples", "4",
+                     "--quiet", "--out", tmp_path / "r"])
     assert code == 0, err
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"model", "report.json", "report.md"}
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -46,7 +46,7 @@ def test_recover_keeps_the_best_step_on_batches_kept_out_of_training(run, tmp_pa
     calib = ["--samples", "8", "--seq-len", "16", "--quiet"]
     code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])
     assert code == 0, err
-    code, err = run(["recover", tmp_path / "p", "--steps", "6", "--quiet", "--out", tmp_path / "r"])
+    code, err = run(["recover", tmp_path / "p", "--steps", "6", "--samples", "8", "--quiet", "--out", tmp_path / "r"])
     assert code == 0, err
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     r = report["recover"]
@@ -57,12 +57,17 @@ def test_recover_keeps_the_best_step_on_batches_kept_out_of_training(run, tmp_pa
     pruned, recovered = load_pruned(tmp_path / "p" / "model"), load_pruned(tmp_path / "r" / "model")
     same = all(torch.equal(p, pruned.state_dict()[n]) for n, p in recovered.state_dict().items())
     assert same == (r["best_step"] == 0)
-    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--validation", "0.9", "--quiet",
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--validation", "0.9", "--samples", "8", "--quiet",
                      "--out", tmp_path / "r2"])
     assert code == 2 and "--validation: 0.9 of 4 calibration batches leaves none to train on" in err[-1]
     code, err = run(["recover", tmp_path / "p", "--steps", "1", "--validation", "1"])
     assert code == 2 and err[-1].endswith("argument --validation: expected a fraction in [0, 1), got '1'")
     assert not (tmp_path / "r2").exists()
+    # without --samples an encoder trains on every calibration paragraph, not the 8 it was pruned with
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--quiet", "--out", tmp_path / "r3"])
+    assert code == 0, err
+    settings = json.loads((tmp_path / "r3" / "report.json").read_text())["settings"]
+    assert settings["samples"] == settings["calibration_paragraphs"] > 8
 
 
 def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noqa: F811
@@ -74,7 +79,9 @@ def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noq
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["recover"]["steps"] == 2 and report["settings"]["recover_steps"] == 2
     assert report["settings"]["recover_lr"] == 3e-5 and report["settings"]["recover_validation"] == 0.1
-    assert report["recover"]["validation_batches"] == 1 and report["recover"]["best_step"] in (0, 1, 2)
+    r = report["recover"]
+    assert r["samples"] == report["settings"]["calibration_paragraphs"] > 4  # every paragraph, in steps of 2
+    assert r["validation_batches"] == round(0.1 * r["samples"] / 2) and r["best_step"] in (0, 1, 2)
     code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--mask", "--recover-steps", "2",
                      "--out", tmp_path / "m"])
     assert code == 2 and err == ["headprune prune: error: --recover-steps: needs --physical (training would revive "

@@ -15,9 +15,9 @@ import torch
 from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads, unit_sizes
 from . import commands as C
 from . import evaluate as E
-from . import plots
+from . import plots, texts
 from .recipe_text import describe_recipe
-from .recover_command import STEP_SEQUENCES, recover_stage
+from .recover_command import STEP_SEQUENCES, recover_stage, recovery_batches
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
 from .texts import rebatch
@@ -60,7 +60,7 @@ def prune(args) -> int:
     with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
         how = removal_kwargs(removal, last, args.damping)
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
-    recovered = _recover(args, stage, loaded, reference, batches)
+    recovered = _recover(args, stage, loaded, reference, batches, settings)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
         _round_to_saved(loaded, saved_as)
@@ -137,15 +137,21 @@ def _export_gguf(args, stage, loaded):
     return tmp
 
 
-def _recover(args, stage, loaded, teacher, batches):
+def _recover(args, stage, loaded, teacher, batches, settings: dict):
     """``--recover-steps``: distil the pruned model toward the unpruned one (before it is rounded
-    to the saved type and evaluated), as many sequences per step as ``headprune recover``
-    takes by default; the library's report, or ``None``."""
+    to the saved type and evaluated), on the sequences and with as many per step as
+    ``headprune recover`` takes by default (for encoders every calibration paragraph); the
+    library's report, or ``None``."""
     if not args.recover_steps:
         return None
+    if loaded.kind == "encoder":
+        batches = [{k: v.to(args.device) for k, v in b.items()} for b in recovery_batches(
+            loaded, texts.load_split(args.data)[0], None, settings["seq_len"], STEP_SEQUENCES[loaded.kind])]
+    samples = sum(len(b["input_ids"]) for b in batches)
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
-        return recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),
-                             steps=args.recover_steps, lr=args.recover_lr, validation=args.recover_validation)
+        result = recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),
+                               steps=args.recover_steps, lr=args.recover_lr, validation=args.recover_validation)
+    return result | {"samples": samples}
 
 
 def _recipe(args, kw: dict, removal: str, scores) -> str:
