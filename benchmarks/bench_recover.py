@@ -76,7 +76,7 @@ def run(name: str, args) -> dict:
     step_size = args.batch_size or STEP_SEQUENCES[kind]
     # what headprune recover trains on: the pruning's batches for causal LMs, every calibration
     # paragraph for encoders
-    train_on = batches if kind == "causal" else recovery_batches(loaded, parts, None, SETTINGS[kind]["seq_len"], 8)
+    train_on = batches if kind == "causal" else recovery_batches(loaded, parts, None, SETTINGS[kind]["seq_len"], 8, "cpu")
     steps_on, validation = split_validation(texts.rebatch(train_on, step_size), args.validation)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}

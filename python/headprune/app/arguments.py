@@ -329,8 +329,9 @@ def recover_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=None, metavar="TEXT",
                    help="train on its first 70%% of paragraphs, evaluate on the last 30%%; same forms as for prune "
                         "(default: the text DIR was pruned with)")
-    g.add_argument("--samples", type=positive, default=None, help="calibration sequences to train on (default: every calibration paragraph for encoders, DIR's "
-                        "for causal LMs)")
+    g.add_argument("--samples", type=positive, default=None,
+                   help="calibration sequences to train on (default: every calibration paragraph for encoders, "
+                        "DIR's for causal LMs)")
     g.add_argument("--seq-len", type=positive, default=None, help="calibration sequence length (default: DIR's)")
     g.add_argument("--batch-size", type=positive, default=None,
                    help="calibration sequences per step (default 1 for causal LMs, 2 for encoders: on SmolLM2 and "

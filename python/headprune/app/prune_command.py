@@ -145,8 +145,8 @@ def _recover(args, stage, loaded, teacher, batches, settings: dict):
     if not args.recover_steps:
         return None
     if loaded.kind == "encoder":
-        batches = [{k: v.to(args.device) for k, v in b.items()} for b in recovery_batches(
-            loaded, texts.load_split(args.data)[0], None, settings["seq_len"], STEP_SEQUENCES[loaded.kind])]
+        batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
+                                   STEP_SEQUENCES[loaded.kind], args.device)
     samples = sum(len(b["input_ids"]) for b in batches)
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
         result = recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),

@@ -336,7 +336,6 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
     targets = _Teacher(teacher, cache=isinstance(batches, Sequence))
     if val is not None and val.first is None:
         val.measure(student, params, done)
-    count = [done]
 
     def step(batch, index: int) -> float:
         kw = _kwargs(student, batch)
@@ -344,22 +343,26 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        count[0] += 1
-        if val is not None and count[0] % val.every == 0:
-            val.measure(student, params, count[0])
         return loss.item()
 
     def save(n: int) -> None:
         ckpt.save(params, optimizer, n, None if val is None else val.state())
 
+    def after(n: int) -> None:  # every val.every steps
+        if n % val.every == 0:
+            val.measure(student, params, n)
+
+    def finish(n: int) -> bool:  # the last step too, unless just measured; the checkpoint then holds it
+        if n % val.every == 0:
+            return False
+        val.measure(student, params, n)
+        return True
+
+    hooks = {} if val is None else {"after": after, "finish": finish}
     done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every, save,
-                                  _bar(progress, done, steps))
+                                  _bar(progress, done, steps), **hooks)
     extra = {}
     if val is not None:
-        if done % val.every:  # the last step, unless just measured
-            val.measure(student, params, done)
-            if ckpt is not None:
-                save(done)
         val.keep_best(params)
         extra = {"validation_loss_first": val.first, "validation_loss_best": val.best_loss, "best_step": val.best_step}
     return RecoverReport(done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,

@@ -146,12 +146,15 @@ def _bar(progress, done: int, steps: int, desc: str = "headprune: recovering"):
 
 
 def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt, every: int, save: Callable,
-          bar, postfix: Optional[Callable] = None) -> tuple:
+          bar, postfix: Optional[Callable] = None, after: Optional[Callable] = None,
+          finish: Optional[Callable] = None) -> tuple:
     """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps``, one batch each (the
-    batches cycled, the ones the first ``done`` steps used skipped), saving through ``save(n)``
-    every ``every`` steps and at the end when ``ckpt`` is set, reporting to the progress bar or
-    the ``progress(step, steps, loss)`` callable, stopping after the step that passes
-    ``budget`` seconds. Returns ``(steps done, losses of this call, why it stopped)``."""
+    batches cycled, the ones the first ``done`` steps used skipped), calling ``after(n)`` once
+    step ``n`` is done, saving through ``save(n)`` every ``every`` steps and at the end when
+    ``ckpt`` is set, reporting to the progress bar or the ``progress(step, steps, loss)``
+    callable, stopping after the step that passes ``budget`` seconds. On a normal end,
+    ``finish(n)`` runs before the last save and returns whether it changed what a checkpoint
+    holds. Returns ``(steps done, losses of this call, why it stopped)``."""
     t0 = time.perf_counter()
     it = _cycle(batches)
     for _ in itertools.islice(it, done):  # the batches the checkpoint's steps used
@@ -162,6 +165,8 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
             batch = next(it)  # first: an empty list raises its own error here
             losses.append(step(batch, done % len(batches) if isinstance(batches, Sequence) else done))
             done += 1
+            if after is not None:
+                after(done)
             if ckpt is not None and done % every == 0:
                 save(done)
                 saved = done
@@ -176,6 +181,8 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
     finally:
         if bar is not None:
             bar.close()
+    if finish is not None and finish(done):
+        saved = None
     if ckpt is not None and saved != done:
         save(done)
     return done, losses, stopped
