@@ -48,4 +48,17 @@ def recover_gain(ctx, name: str, model: str, goal: float) -> str:
             f"{'meeting' if gain >= goal else 'short of'} the goal of {goal:+.2f} on held-out text.")
 
 
-TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain)}
+def trace_band(ctx, name: str) -> str:
+    """One sentence: the band the traced held-out quality stays in after its first point,
+    as values and as fractions of the pruning's gap, and the step the validation kept."""
+    res = ctx["R"][name]["results"][0]
+    unpruned, pruned = (one_row(res, "rows", model=m)["held_out"] for m in ("unpruned", "pruned"))
+    run = next(r for r in res["rows"] if "trace" in r)
+    later = [t["held_out"] for t in run["trace"][1:]]
+    closed = sorted((pruned - v) / (pruned - unpruned) for v in (min(later), max(later)))
+    return (f"From step {run['trace'][1]['step']} on it stays between {num(min(later), 4)} and "
+            f"{num(max(later), 4)} without a trend ({pct(closed[0])} to {pct(closed[1])} of the gap), so the step "
+            f"the validation batches keep (step {run['best_step']} here) is one draw from that band.")
+
+
+TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band)}
