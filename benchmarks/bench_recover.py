@@ -9,8 +9,8 @@ shares: 64 windows of 256 tokens for SmolLM2-135M, 256 paragraphs of up to 128 t
 MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
 moments, the default recipe and allocation, measured for encoders, least-squares refit), then
 for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
-model) a fresh copy of the pruned model distilled toward the unpruned one (on the pruning's
-batches for causal LMs, on every calibration paragraph for encoders) for ``--minutes`` of
+model) a fresh copy of the pruned model distilled toward the unpruned one (on every calibration
+sequence of the text, or ``--recover-samples`` of them) for ``--minutes`` of
 wall time on this machine's threads (or ``--steps``; ``--trace-every`` then records the held-out
 quality of the weights being trained along the way), in steps of the CLI's default size, with ``--validation``
 of the batches kept out of training to choose the best step, as ``headprune recover`` does. Quality, measured in the
@@ -74,10 +74,9 @@ def run(name: str, args) -> dict:
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
     # smaller steps, more of them per CPU-minute
     step_size = args.batch_size or STEP_SEQUENCES[kind]
-    # what headprune recover trains on: the pruning's batches for causal LMs, every calibration
-    # paragraph for encoders
-    train_on = batches if kind == "causal" else recovery_batches(loaded, parts, None, SETTINGS[kind]["seq_len"], 8, "cpu")
-    steps_on, validation = split_validation(texts.rebatch(train_on, step_size), args.validation)
+    # what headprune recover trains on: every calibration sequence, unless --recover-samples
+    train_on = recovery_batches(loaded, parts, args.recover_samples, SETTINGS[kind]["seq_len"], step_size, "cpu")
+    steps_on, validation = split_validation(train_on, args.validation)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
 
@@ -119,7 +118,7 @@ def run(name: str, args) -> dict:
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
             "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
             "steps": args.steps, "trace_every": args.trace_every,
-            "trained_on": sum(len(b["input_ids"]) for b in train_on),
+            "trained_on": sum(len(b["input_ids"]) for b in train_on), "recover_samples": args.recover_samples,
             "calibration": SETTINGS[kind], "batch_size": step_size, "validation": args.validation,
             "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,
@@ -141,6 +140,8 @@ def main(argv=None):
                     help="also measure the held-out quality of the weights being trained every this many steps")
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per text")
     ap.add_argument("--paragraphs", type=int, default=None, help="paragraphs per text (default all)")
+    ap.add_argument("--recover-samples", type=int, default=None,
+                    help="calibration sequences recovery trains on (default: every one, as headprune recover)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=None,
                     help="sequences per recovery step (default: headprune recover's, 1 for causal LMs, 2 for encoders)")

@@ -49,16 +49,22 @@ def recover_gain(ctx, name: str, model: str, goal: float) -> str:
 
 
 def trace_band(ctx, name: str) -> str:
-    """One sentence: the band the traced held-out quality stays in after its first point,
-    as values and as fractions of the pruning's gap, and the step the validation kept."""
+    """One sentence: the range the traced held-out quality spans after its first point and over
+    the run's second half, as values and as fractions of the pruning's gap, and the step the
+    validation batches kept."""
     res = ctx["R"][name]["results"][0]
     unpruned, pruned = (one_row(res, "rows", model=m)["held_out"] for m in ("unpruned", "pruned"))
     run = next(r for r in res["rows"] if "trace" in r)
-    later = [t["held_out"] for t in run["trace"][1:]]
-    closed = sorted((pruned - v) / (pruned - unpruned) for v in (min(later), max(later)))
-    return (f"From step {run['trace'][1]['step']} on it stays between {num(min(later), 4)} and "
-            f"{num(max(later), 4)} without a trend ({pct(closed[0])} to {pct(closed[1])} of the gap), so the step "
-            f"the validation batches keep (step {run['best_step']} here) is one draw from that band.")
+    trace = run["trace"]
+    half = [t for t in trace if t["step"] > trace[-1]["step"] / 2]
+
+    def span(points: list) -> str:
+        values = [t["held_out"] for t in points]
+        closed = sorted((pruned - v) / (pruned - unpruned) for v in (min(values), max(values)))
+        return f"between {num(min(values), 4)} and {num(max(values), 4)} ({pct(closed[0])} to {pct(closed[1])} of the gap)"
+
+    return (f"From step {trace[1]['step']} on the traced held-out quality lies {span(trace[1:])}, over the second "
+            f"half of the run {span(half)}; the validation batches kept step {run['best_step']}.")
 
 
 TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band)}

@@ -144,14 +144,43 @@ def test_recover_takes_one_sequence_per_step_for_causal_lms(run, tmp_path, tiny_
     import json
 
     from test_cli_gqa import _tiny_llama
+    from transformers import AutoTokenizer
+
+    from headprune.app import texts
 
     path = _tiny_llama(tmp_path, tiny_dir)
     calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
     code, err = run(["prune", path, "--count", "1", *calib, "--no-speed", "--out", tmp_path / "p"])
     assert code == 0, err
+    # without --samples: every window of --seq-len tokens of the text's calibration part, not the 4
+    tok = AutoTokenizer.from_pretrained(path)
+    windows = sum(len(texts.token_windows(tok, part, 16)) for part in texts.load_split(None)[0])
     for extra, size in (([], 1), (["--batch-size", "2"], 2)):
         out = tmp_path / f"r{size}"
         code, err = run(["recover", tmp_path / "p", "--steps", "2", "--quiet", "--out", out, *extra])
         assert code == 0, err
         report = json.loads((out / "report.json").read_text())
         assert report["settings"]["batch_size"] == size and report["recover"]["steps"] == 2
+        assert report["settings"]["samples"] == windows > 4
+
+
+def test_recovery_batches_interleave_the_texts_so_an_early_stop_trains_on_each(tiny_dir):  # noqa: F811
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from headprune.app import texts
+    from headprune.app.recover_command import recovery_batches
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    parts = [["the a of and to in the a"] * 6, ["she had not be he it was her"] * 2]  # the tokenizer's words
+    for kind, seq_len in (("encoder", 32), ("causal", 4)):
+        loaded = SimpleNamespace(kind=kind, tokenizer=tok)
+        batches = recovery_batches(loaded, parts, None, seq_len, 1, "cpu")
+        alone = [{tuple(b["input_ids"][0].tolist()) for b in texts.calibration_batches(
+            tok, part, causal=kind == "causal", samples=10**6, seq_len=seq_len, batch_size=1)} for part in parts]
+        source = [0 if tuple(b["input_ids"][0].tolist()) in alone[0] else 1 for b in batches]
+        n1 = len(parts[1]) if kind == "encoder" else len(texts.token_windows(tok, parts[1], seq_len))
+        assert n1 >= 2 and source[: 2 * n1] == [0, 1] * n1, (kind, source)  # alternating while both last
+        assert len(batches) == sum(len(texts.calibration_batches(  # every sequence of both texts
+            tok, part, causal=kind == "causal", samples=10**6, seq_len=seq_len, batch_size=1)) for part in parts)

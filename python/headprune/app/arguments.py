@@ -330,8 +330,8 @@ def recover_args(p: argparse.ArgumentParser) -> None:
                    help="train on its first 70%% of paragraphs, evaluate on the last 30%%; same forms as for prune "
                         "(default: the text DIR was pruned with)")
     g.add_argument("--samples", type=positive, default=None,
-                   help="calibration sequences to train on (default: every calibration paragraph for encoders, "
-                        "DIR's for causal LMs)")
+                   help="calibration sequences to train on (default: every one of the text's calibration part, "
+                        "paragraphs for encoders, windows of --seq-len tokens for causal LMs)")
     g.add_argument("--seq-len", type=positive, default=None, help="calibration sequence length (default: DIR's)")
     g.add_argument("--batch-size", type=positive, default=None,
                    help="calibration sequences per step (default 1 for causal LMs, 2 for encoders: on SmolLM2 and "
@@ -343,7 +343,7 @@ def prune_recover_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-steps", type=nonnegative_int, default=0,
                    help="distil the pruned model toward the unpruned one for this many steps on the calibration "
                         "text before the evaluation, one sequence per step for causal LMs and two for encoders "
-                        "(every calibration paragraph), as headprune recover (default 0: none)")
+                        "(every calibration sequence of the text), as headprune recover (default 0: none)")
     g.add_argument("--recover-lr", type=learning_rate, default=None, help=f"its AdamW learning rate ({_LR_HELP})")
     g.add_argument("--recover-validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",
                    help="as headprune recover --validation: " + _VALIDATION_HELP)

@@ -60,7 +60,7 @@ def prune(args) -> int:
     with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
         how = removal_kwargs(removal, last, args.damping)
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
-    recovered = _recover(args, stage, loaded, reference, batches, settings)
+    recovered = _recover(args, stage, loaded, reference, settings)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
         _round_to_saved(loaded, saved_as)
@@ -137,16 +137,15 @@ def _export_gguf(args, stage, loaded):
     return tmp
 
 
-def _recover(args, stage, loaded, teacher, batches, settings: dict):
+def _recover(args, stage, loaded, teacher, settings: dict):
     """``--recover-steps``: distil the pruned model toward the unpruned one (before it is rounded
     to the saved type and evaluated), on the sequences and with as many per step as
-    ``headprune recover`` takes by default (for encoders every calibration paragraph); the
+    ``headprune recover`` takes by default (every calibration sequence of the text); the
     library's report, or ``None``."""
     if not args.recover_steps:
         return None
-    if loaded.kind == "encoder":
-        batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
-                                   STEP_SEQUENCES[loaded.kind], args.device)
+    batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
+                               STEP_SEQUENCES[loaded.kind], args.device)
     samples = sum(len(b["input_ids"]) for b in batches)
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
         result = recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),

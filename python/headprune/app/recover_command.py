@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -22,8 +23,8 @@ from .report import validation_sentence
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
 #: calibration sequences per distillation step by default: on SmolLM2-135M at 50% of heads,
-#: 10 minutes of steps of one sequence closed about half of the held-out gap
-#: (benchmarks/results/recover_smollm2_batch1.json); steps of 8, in an earlier run, managed 6
+#: 10 minutes of steps of one sequence over the pruning's 64 windows closed 37% of the held-out
+#: gap (benchmarks/results/recover_smollm2_64.json); steps of 8, in an earlier run, managed 6
 #: steps in 12 minutes and closed 20% (recover.json). On all-MiniLM-L6-v2 at 50%, 3 minutes of
 #: steps of 2 paragraphs added 0.0067 held-out fidelity, steps of 8 added 0.0030
 #: (recover_minilm_batch2.json, recover_minilm_batch8.json)
@@ -32,14 +33,21 @@ STEP_SEQUENCES = {"causal": 1, "encoder": 2}
 
 def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int, device) -> list:
     """What recovery trains on, on ``device``: ``samples`` sequences shared equally by the texts
-    in ``parts``, or, with ``samples=None`` (encoders' default), every calibration paragraph of
-    every text: on all-MiniLM-L6-v2 at 50%, 3 minutes of steps over the default text's 806
-    reached 0.9599 held-out fidelity, against 0.9530 over the 256 the selection calibrates on
-    (benchmarks/results/recover_minilm.json, and its version before encoders trained on all)."""
+    in ``parts``, or, with ``samples=None`` (the default), every calibration sequence of every
+    text (every paragraph for encoders, every window of ``seq_len`` tokens for causal LMs), the
+    texts' batches interleaved so that a run stopped early has trained on each. More text
+    generalises better: on all-MiniLM-L6-v2 at 50%, 3 minutes of steps over the default text's
+    806 paragraphs reached 0.9607 held-out fidelity (benchmarks/results/recover_minilm.json),
+    against 0.9530 over the 256 the selection calibrates on (that file at 9bc6772); on
+    SmolLM2-135M, 10 minutes over its 217 windows closed 64% of the held-out perplexity gap
+    (recover_smollm2_batch1.json), over the pruning's 64 windows 37% (recover_smollm2_64.json).
+    Teacher targets are cached per batch when first used, so their memory grows with the steps
+    run, not with the text."""
     causal = loaded.kind == "causal"
     if samples is None:
-        batches = [b for part in parts for b in texts.calibration_batches(
-            loaded.tokenizer, part, causal=causal, samples=len(part), seq_len=seq_len, batch_size=batch_size)]
+        per_text = [texts.calibration_batches(loaded.tokenizer, part, causal=causal, samples=sys.maxsize,
+                                              seq_len=seq_len, batch_size=batch_size) for part in parts]
+        batches = [b for group in itertools.zip_longest(*per_text) for b in group if b is not None]
     else:
         batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=causal, samples=samples,
                                                   seq_len=seq_len, batch_size=batch_size)
@@ -103,7 +111,7 @@ def _batches(args, loaded, settings: dict) -> tuple:
     data = args.data or settings.get("data_path") or settings.get("data")
     parts, held = texts.load_split(data)
     d = C.DEFAULTS[loaded.kind]
-    samples = args.samples or (None if loaded.kind == "encoder" else settings.get("samples") or d["samples"])
+    samples = args.samples
     seq_len = args.seq_len or settings.get("seq_len") or d["seq_len"]
     batch_size = args.batch_size or STEP_SEQUENCES[loaded.kind]
     batches = recovery_batches(loaded, parts, samples, seq_len, batch_size, args.device)
