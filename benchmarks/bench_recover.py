@@ -17,7 +17,7 @@ of the batches kept out of training to choose the best step, as ``headprune reco
 same run for the unpruned, pruned and each recovered model: perplexity (lower is better) on the
 held-out text and on the calibration text (overfitting shows as a gap between the two), or, for
 MiniLM, embedding fidelity to the unpruned model (higher is better) on the held-out and
-calibration paragraphs.
+calibration paragraphs, and on ``--other-text`` when given.
 ``gap_closed``: the fraction of the pruning's loss won back (1 = the unpruned quality).
 """
 
@@ -78,6 +78,8 @@ def run(name: str, args) -> dict:
     train_on = recovery_batches(loaded, parts, args.recover_samples, SETTINGS[kind]["seq_len"], step_size, "cpu")
     steps_on, validation = split_validation(train_on, args.validation)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
+    if args.other_text:  # a text of another kind, none of it trained on
+        paragraphs["other"] = texts.load_paragraphs(args.other_text)[: args.paragraphs]
     refs = {k: None if kind == "causal" else E.embed(teacher, loaded.tokenizer, p) for k, p in paragraphs.items()}
 
     def measure(model) -> dict:
@@ -111,8 +113,7 @@ def run(name: str, args) -> dict:
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     print(f"\n{name}: {metric}, {args.ratio:.0%} of heads pruned, {budget} of recovery, "
           f"{torch.get_num_threads()} threads")
-    cols = ["model", "held_out", "held_out_gap_closed", "calibration", "calibration_gap_closed", "steps", "best_step",
-            "seconds"]
+    cols = ["model", *(c for k in paragraphs for c in (k, f"{k}_gap_closed")), "steps", "best_step", "seconds"]
     print(table([{c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols} for r in rows],
                 cols) + "\n", flush=True)
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
@@ -122,7 +123,7 @@ def run(name: str, args) -> dict:
             "calibration": SETTINGS[kind], "batch_size": step_size, "validation": args.validation,
             "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,
-            "eval_paragraphs": args.paragraphs, "rows": rows}
+            "eval_paragraphs": args.paragraphs, "other_text": args.other_text_name or args.other_text, "rows": rows}
 
 
 def main(argv=None):
@@ -140,6 +141,9 @@ def main(argv=None):
                     help="also measure the held-out quality of the weights being trained every this many steps")
     ap.add_argument("--windows", type=int, default=16, help="perplexity windows of 256 tokens per text")
     ap.add_argument("--paragraphs", type=int, default=None, help="paragraphs per text (default all)")
+    ap.add_argument("--other-text", default=None, metavar="TEXT",
+                    help="also measure quality on this text (any --data form), a kind of text not trained on")
+    ap.add_argument("--other-text-name", default=None, help="what the results file calls --other-text")
     ap.add_argument("--recover-samples", type=int, default=None,
                     help="calibration sequences recovery trains on (default: every one, as headprune recover)")
     ap.add_argument("--threads", type=int, default=2)

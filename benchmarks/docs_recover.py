@@ -67,4 +67,21 @@ def trace_band(ctx, name: str) -> str:
             f"half of the run {span(half)}; the validation batches kept step {run['best_step']}.")
 
 
-TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band)}
+def other_text(ctx, name: str) -> str:
+    """One sentence: a run's quality on the text of another kind it never trained on, next to
+    its held-out text's, unpruned, pruned and recovered (the default row)."""
+    res = ctx["R"][name]["results"][0]
+    unpruned, pruned, rec = (one_row(res, "rows", model=m) for m in
+                             ("unpruned", "pruned", "recovered attention lr=default"))
+    digits = 4 if res["metric"] == "fidelity" else 3
+
+    def on(key: str) -> str:
+        return (f"{num(unpruned[key], digits)} unpruned, {num(pruned[key], digits)} pruned, "
+                f"{num(rec[key], digits)} recovered ({pct(rec[f'{key}_gap_closed'])} of the gap)")
+
+    return (f"On `{res['other_text']}`, a kind of text recovery never trained on, a separate run of the "
+            f"{res['model']} default ({rec['steps']} steps, {num(rec['seconds'] / 60, 2)} min) measured {res['metric']} "
+            f"{on('other')}; on its held-out text {on('held_out')}.")
+
+
+TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band, other_text)}
