@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -70,7 +69,7 @@ def run(name: str, args) -> dict:
     loaded = load_model(name)
     teacher, kind = loaded.model, loaded.kind
     parts, held = texts.load_split(texts.DEFAULT_TEXT)
-    calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]  # like held
+    calib = texts.interleave(parts)  # like held
     batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
     # smaller steps, more of them per CPU-minute
     step_size = args.batch_size or STEP_SEQUENCES[kind]

@@ -20,7 +20,6 @@ from .recipe_text import describe_recipe
 from .recover_command import STEP_SEQUENCES, recover_stage, recovery_batches
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
-from .texts import rebatch
 
 SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -148,7 +147,7 @@ def _recover(args, stage, loaded, teacher, settings: dict):
                                STEP_SEQUENCES[loaded.kind], args.device)
     samples = sum(len(b["input_ids"]) for b in batches)
     with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
-        result = recover_stage(args, loaded.model, teacher, rebatch(batches, STEP_SEQUENCES[loaded.kind]),
+        result = recover_stage(args, loaded.model, teacher, batches,
                                steps=args.recover_steps, lr=args.recover_lr, validation=args.recover_validation)
     return result | {"samples": samples}
 

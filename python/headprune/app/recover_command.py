@@ -7,7 +7,6 @@ Also the ``--recover-steps`` stage of ``headprune prune`` (:func:`recover_stage`
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -47,7 +46,7 @@ def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int
     if samples is None:
         per_text = [texts.calibration_batches(loaded.tokenizer, part, causal=causal, samples=sys.maxsize,
                                               seq_len=seq_len, batch_size=batch_size) for part in parts]
-        batches = [b for group in itertools.zip_longest(*per_text) for b in group if b is not None]
+        batches = texts.interleave(per_text)
     else:
         batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=causal, samples=samples,
                                                   seq_len=seq_len, batch_size=batch_size)
@@ -111,12 +110,11 @@ def _batches(args, loaded, settings: dict) -> tuple:
     data = args.data or settings.get("data_path") or settings.get("data")
     parts, held = texts.load_split(data)
     d = C.DEFAULTS[loaded.kind]
-    samples = args.samples
     seq_len = args.seq_len or settings.get("seq_len") or d["seq_len"]
     batch_size = args.batch_size or STEP_SEQUENCES[loaded.kind]
-    batches = recovery_batches(loaded, parts, samples, seq_len, batch_size, args.device)
+    batches = recovery_batches(loaded, parts, args.samples, seq_len, batch_size, args.device)
     samples = sum(len(b["input_ids"]) for b in batches)
-    calib = [p for group in itertools.zip_longest(*parts) for p in group if p is not None]
+    calib = texts.interleave(parts)
     used = {"data": data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len, "batch_size": batch_size}
     return batches, {"held_out": held, "calibration": calib}, used
 

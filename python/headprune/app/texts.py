@@ -84,13 +84,14 @@ def load_split(spec: Optional[str] = None) -> tuple:
         calib, h = split(load_paragraphs(name.strip()))
         parts.append(calib)
         held.append(h)
-    mixed = [p for group in _zip_longest(held) for p in group]
+    mixed = interleave(held)
     return parts, mixed
 
 
-def _zip_longest(lists: list):
-    for i in range(max(len(x) for x in lists)):
-        yield [x[i] for x in lists if i < len(x)]
+def interleave(lists: list) -> list:
+    """The lists' items taken in turn (the first of each, the second of each, ...), each list
+    dropping out when it runs out."""
+    return [x[i] for i in range(max(map(len, lists), default=0)) for x in lists if i < len(x)]
 
 
 def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: int, seq_len: int,
