@@ -267,23 +267,29 @@ def random_mean(values: list, lower: bool) -> float:
 
 
 def sweep_markdown(result: dict) -> str:
+    """The sweep as a markdown table; without random draws (a benchmark's ``--seeds 0``) the
+    random columns and the marks against them are left out."""
     lower = result["lower_is_better"]
     names = list(result["recipes"])
-    head = f"| fraction pruned | {' | '.join(names)} | random mean ({len(result['random'][0])} seeds) | random range |"
+    draws = len(result["random"][0]) if result["random"] else 0
+    head = f"| fraction pruned | {' | '.join(names)} |" + (f" random mean ({draws} seeds) | random range |" if draws else "")
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
-    how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
+    if draws:
+        how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "", head,
-             "|" + "---|" * (len(names) + 3)]
+             "|" + "---|" * (len(names) + 1 + 2 * bool(draws))]
     for i, r in enumerate(result["ratios"]):
-        rnd = result["random"][i]
-        mean = random_mean(rnd, lower)
+        rnd = result["random"][i] if draws else []
+        mean = random_mean(rnd, lower) if rnd else None
         cells = []
         for n in names:
             v = result["recipes"][n][i]
-            better = v < mean if lower else v > mean
+            better = mean is not None and (v < mean if lower else v > mean)
             cells.append(f"{v:.4g}" + (" *" if better else ""))
-        lines.append(f"| {r:.2f} | {' | '.join(cells)} | {mean:.4g} | {min(rnd):.4g}-{max(rnd):.4g} |")
-    lines += ["", "`*` = better than the random mean at that fraction."]
+        tail = f" {mean:.4g} | {min(rnd):.4g}-{max(rnd):.4g} |" if rnd else ""
+        lines.append(f"| {r:.2f} | {' | '.join(cells)} |{tail}")
+    if draws:
+        lines += ["", "`*` = better than the random mean at that fraction."]
     return "\n".join(lines) + "\n"
