@@ -272,24 +272,25 @@ def sweep_markdown(result: dict) -> str:
     lower = result["lower_is_better"]
     names = list(result["recipes"])
     draws = len(result["random"][0]) if result["random"] else 0
-    head = f"| fraction pruned | {' | '.join(names)} |" + (f" random mean ({draws} seeds) | random range |" if draws else "")
+    columns = ["fraction pruned", *names, *([f"random mean ({draws} seeds)", "random range"] if draws else [])]
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
-             f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "", head,
-             "|" + "---|" * (len(names) + 1 + 2 * bool(draws))]
+             f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
-        cells = []
+        cells = [f"{r:.2f}"]
         for n in names:
             v = result["recipes"][n][i]
             better = mean is not None and (v < mean if lower else v > mean)
             cells.append(f"{v:.4g}" + (" *" if better else ""))
-        tail = f" {mean:.4g} | {min(rnd):.4g}-{max(rnd):.4g} |" if rnd else ""
-        lines.append(f"| {r:.2f} | {' | '.join(cells)} |{tail}")
+        if rnd:
+            cells += [f"{mean:.4g}", f"{min(rnd):.4g}-{max(rnd):.4g}"]
+        lines.append("| " + " | ".join(cells) + " |")
     if draws:
         lines += ["", "`*` = better than the random mean at that fraction."]
     return "\n".join(lines) + "\n"
