@@ -109,9 +109,9 @@ def tiny(request):
 def test_layer_costs_are_the_distillation_loss_of_each_mask_alone(tiny):
     kind, model, batches, scores = tiny
     before = copy.deepcopy(model.state_dict())
-    costs = layer_costs(model, batches, scores, sequences=5)
+    costs = layer_costs(model, batches, scores, sequences=5, choose="ranking")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
-    assert costs.sequences == 5
+    assert costs.sequences == 5 and costs.options["choose"] == "ranking"
     teacher = copy.deepcopy(model)
     first = {k: v[:3] for k, v in batches[0].items()}
     second = {k: v[:2] for k, v in batches[1].items()}
@@ -135,7 +135,7 @@ def test_layer_costs_are_the_distillation_loss_of_each_mask_alone(tiny):
 
 def test_select_measured_takes_the_cheapest_counts(tiny):
     kind, model, batches, scores = tiny
-    costs = layer_costs(model, batches, scores, sequences=4)
+    costs = layer_costs(model, batches, scores, sequences=4, choose="ranking")
     total = sum(scores.num_heads)
     for ratio in (0.25, 0.5):
         heads, again = select_measured(model, batches, scores, ratio=ratio, costs=costs)
@@ -145,6 +145,50 @@ def test_select_measured_takes_the_cheapest_counts(tiny):
         assert heads == select_heads(scores, counts={i: k for i, k in enumerate(counts) if k})
     with pytest.raises(ValueError, match="costs: measured with"):
         select_measured(model, batches, scores, ratio=0.25, costs=costs, min_heads_per_layer=0)
+    if kind == "bert":
+        with pytest.raises(ValueError, match="choose='greedy'"):
+            select_measured(model, batches, scores, ratio=0.25, costs=costs, choose="greedy")
+
+
+def test_greedy_choice_adds_the_cheapest_measured_head(tiny):
+    """choose="greedy": each count's heads are the previous count's plus the head whose removal
+    with them measured cheapest, and its cost is that measurement (checked by brute force)."""
+    kind, model, batches, scores = tiny
+    default = layer_costs(model, batches, scores, sequences=5)
+    if kind == "llama":  # grouped queries: units of several heads, ranked
+        assert default.options["choose"] == "ranking"
+        with pytest.raises(ValueError, match="choose: 'greedy' removes one head at a time"):
+            layer_costs(model, batches, scores, sequences=5, choose="greedy")
+        return
+    assert default.options["choose"] == "greedy"
+    assert layer_costs(model, batches, scores, sequences=5, score="variance").options["choose"] == "ranking"
+    with pytest.raises(ValueError, match="choose: expected one of ranking, greedy, got 'best'"):
+        layer_costs(model, batches, scores, choose="best")
+    teacher = copy.deepcopy(model)
+    first = {k: v[:3] for k, v in batches[0].items()}
+    second = {k: v[:2] for k, v in batches[1].items()}
+    rest = collect(model, [{k: v[2:] for k, v in batches[1].items()}, batches[2]], moments=True, progress=False)
+
+    def loss(site, heads):
+        with mask_heads(model, {site: heads}, reconstruct=rest), torch.no_grad():
+            both = 3 * distillation_loss(model, teacher, first) + 2 * distillation_loss(model, teacher, second)
+            return float(both / 5)
+
+    for site, table in enumerate(default.costs):
+        assert sorted(table) == list(range(1, scores.num_heads[site]))  # every count but the last head
+        chosen = []
+        for k in sorted(table):
+            tried = {h: loss(site, sorted(chosen + [h])) for h in range(scores.num_heads[site]) if h not in chosen}
+            best = min(tried.values())
+            picked = set(default.heads[site][k]) - set(chosen)
+            assert len(picked) == 1 and set(chosen) < set(default.heads[site][k])
+            assert tried[picked.pop()] == pytest.approx(best, rel=1e-5, abs=1e-7)
+            assert table[k] == pytest.approx(best, rel=1e-5, abs=1e-7)
+            chosen = default.heads[site][k]
+    heads, again = select_measured(model, batches, scores, ratio=0.5, costs=default, choose="greedy")
+    counts = [len(heads.get(i, [])) for i in range(scores.num_sites)]
+    assert counts == allocate_by_cost(default.costs, sum(scores.num_heads) // 2)
+    assert heads == {i: default.heads[i][k] for i, k in enumerate(counts) if k}
 
 
 def test_layer_costs_refusals(tiny):
@@ -179,3 +223,17 @@ def test_prune_commands_default_scope(tiny):
     assert _with_scope(ranks, {}, scores, "refit").get("scope") is None
     with pytest.raises(ValueError, match="--scope measured: measures on one process's calibration batches"):
         _with_scope(ranks, {"scope": "measured"}, scores, "refit")
+
+
+def test_recipe_text_says_how_the_heads_were_chosen():
+    from headprune.app.recipe_text import describe_recipe
+
+    greedy = "query heads removed one at a time within each layer"
+    assert describe_recipe({"scope": "measured"}, "refit", grouped=False).startswith(greedy)
+    for select, kw in [({"scope": "measured", "choose": "ranking"}, {"grouped": False}),
+                       ({"scope": "measured", "score": "variance"}, {"grouped": False}),
+                       ({"scope": "measured"}, {"grouped": True}),
+                       ({"scope": "measured"}, {"grouped": False, "sequential": True}),
+                       ({"scope": "per_layer"}, {"grouped": False})]:
+        text = describe_recipe(select, "refit", **kw)
+        assert greedy not in text and text.startswith("query heads ranked by"), (select, kw, text)

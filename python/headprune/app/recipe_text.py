@@ -46,6 +46,10 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
                          "whole model least on calibration sequences)"}.get(scope, scope)
     units = "whole KV groups" if select.get("gqa") == "group" and grouped is not False else "query heads"
     parts = [f"{units} ranked by {what}, {where}"]
+    choose = select.get("choose") or ("greedy" if whole and grouped is False else "ranking")
+    if scope == "measured" and choose == "greedy" and not sequential:  # layer_costs' choice (--sequential re-ranks)
+        parts = ["query heads removed one at a time within each layer, each the one whose removal cost the whole "
+                 "model least on calibration sequences, each layer's share measured the same way"]
     if select.get("uniform"):
         parts.append("the same layout in every layer")
     elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:

@@ -32,6 +32,7 @@ RECIPES = {
     "default": {},
     "default, spread evenly over the layers": {"scope": "per_layer"},
     "default, measured allocation": {"scope": "measured"},
+    "default, measured allocation, heads ranked": {"scope": "measured", "choose": "ranking"},
     "reconstruction (OBS), per layer": {"score": "reconstruction", "scope": "per_layer"},
     "reconstruction (OBS), per layer, sequential": {"score": "reconstruction", "scope": "per_layer",
                                                     "sequential": True},
