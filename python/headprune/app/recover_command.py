@@ -36,7 +36,7 @@ def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int
     text (every paragraph for encoders, every window of ``seq_len`` tokens for causal LMs), the
     texts' batches interleaved so that a run stopped early has trained on each. More text
     generalises better: on all-MiniLM-L6-v2 at 50%, 3 minutes of steps over the default text's
-    806 paragraphs reached 0.9607 held-out fidelity (benchmarks/results/recover_minilm.json),
+    806 paragraphs reached 0.9607 held-out fidelity (benchmarks/results/recover_minilm.json at edfe701),
     against 0.9530 over the 256 the selection calibrates on (that file at 9bc6772); on
     SmolLM2-135M, 10 minutes over its 217 windows closed 64% of the held-out perplexity gap
     (recover_smollm2_batch1.json), over the pruning's 64 windows 37% (recover_smollm2_64.json).
