@@ -237,3 +237,26 @@ def test_recipe_text_says_how_the_heads_were_chosen():
                        ({"scope": "per_layer"}, {"grouped": False})]:
         text = describe_recipe(select, "refit", **kw)
         assert greedy not in text and text.startswith("query heads ranked by"), (select, kw, text)
+
+
+def test_sweep_measures_once_for_recipes_that_measure_alike(tiny, monkeypatch):
+    """The sweep shares one layer-cost measurement between recipes whose measurement is the
+    same (the default and its measured allocation; ranked heads where greedy is not possible)."""
+    import headprune.app.sweep as S
+    import headprune.hf.allocation as A
+    from headprune.app.load import Loaded
+
+    kind, model, batches, scores = tiny
+    calls = []
+    real = A.layer_costs
+    monkeypatch.setattr(A, "layer_costs", lambda *a, **k: calls.append(k.get("choose")) or real(*a, **k))
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0, "fidelity": 1.0})
+    recipes = {"default": {"scope": "measured"}, "again": {"scope": "measured"},
+               "ranked": {"scope": "measured", "choose": "ranking"}}
+    config = S.SweepConfig(model="tiny", ratios=[0.25, 0.5], seeds=0, quiet=True, eval_windows=1)
+    loaded = Loaded(model, None, "causal" if kind == "llama" else "encoder", "tiny")
+    res = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches)
+    # grouped queries (llama): every recipe ranks, one measurement; bert: greedy and ranked
+    assert len(calls) == (1 if kind == "llama" else 2)
+    assert res["heads"]["default"] == res["heads"]["again"]
+    assert set(res["measured_allocation"]) == set(recipes)

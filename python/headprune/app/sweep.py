@@ -86,6 +86,15 @@ class SweepConfig:
         return cls(**kw)
 
 
+def _measurement_key(stats, gqa: str, damping: float, kw: dict) -> str:
+    """What a measured allocation's layer costs depend on, besides the model and its batches."""
+    from ..hf.allocation import resolve_choice
+
+    choose = resolve_choice(stats, gqa, kw.get("score"), kw.get("order"), kw.get("choose"))
+    rest = sorted((k, repr(v)) for k, v in kw.items() if k != "choose")
+    return repr((gqa, damping, choose, rest))
+
+
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None,
               measured: dict | None = None) -> dict:
     """Quality at every ratio of ``config`` for every recipe and the random baseline.
@@ -197,9 +206,13 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         from ..hf.allocation import select_measured
 
         kw.pop("scope")
-        cache = state["_costs"]
+        cache, keys = state["_costs"], state.setdefault("_cost_keys", {})
+        # recipes that measure alike share one measurement (the default and its measured
+        # allocation, or ranked heads where the ranking is what greedy resolves to)
+        keys[name] = _measurement_key(stats, gqa, config.damping, kw)
+        same = next((cache[n] for n, k in keys.items() if k == keys[name] and n in cache), None)
         heads, cache[name] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
-                                             damping=config.damping, costs=cache.get(name), **kw)
+                                             damping=config.damping, costs=cache.get(name, same), **kw)
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
     if iterative:

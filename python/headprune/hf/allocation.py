@@ -158,7 +158,7 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
                          "collect with moments=True")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
-    choose = _choice(scores, gqa, score, order, choose)
+    choose = resolve_choice(scores, gqa, score, order, choose)
     batches = list(batches)
     part = _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
     options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
@@ -194,7 +194,8 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     return LayerCosts(list(costs), list(heads), measure.rows, measure.tokens, time.perf_counter() - start, options)
 
 
-def _choice(scores: HeadScores, gqa: str, score, order, choose: Optional[str]) -> str:
+def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[str]) -> str:
+    """The ``choose`` :func:`layer_costs` runs with these options (``None`` resolved, checked)."""
     if choose is None:
         single = set(unit_sizes(scores, gqa)) == {1} and not has_grouped_queries(scores)
         return "greedy" if single and score is None and order is None else "ranking"
