@@ -260,3 +260,26 @@ def test_sweep_measures_once_for_recipes_that_measure_alike(tiny, monkeypatch):
     assert len(calls) == (1 if kind == "llama" else 2)
     assert res["heads"]["default"] == res["heads"]["again"]
     assert set(res["measured_allocation"]) == set(recipes)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_prune_measures_the_ranked_heads_when_sequential_re_ranks_them(tiny, monkeypatch, sequential):
+    """`headprune prune --sequential` re-chooses each layer's heads by the ranking, so its
+    measured allocation measures the ranking's heads (greedy ones would be thrown away)."""
+    from argparse import Namespace
+
+    import headprune.app.prune_command as P
+    import headprune.hf.allocation as A
+
+    kind, model, batches, scores = tiny
+    if kind != "bert":
+        pytest.skip("grouped queries rank in any case")
+    calls = []
+    real = A.layer_costs
+    monkeypatch.setattr(A, "layer_costs", lambda *a, **k: calls.append(k.get("choose")) or real(*a, **k))
+    monkeypatch.setattr(P, "_sequential", lambda args, loaded, batches, scores, heads, removal: (heads, scores))
+    args = Namespace(steps=1, ratio=0.25, count=None, damping=0.01, quiet=True, sequential=sequential, gqa="even")
+    loaded = Namespace(model=model)
+    heads, _ = P._select(args, loaded, batches, scores, {"scope": "measured", "gqa": "even"}, "refit")
+    assert calls == (["ranking"] if sequential else [None])
+    assert sum(map(len, heads.values())) == sum(scores.num_heads) // 4

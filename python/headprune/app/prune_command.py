@@ -253,6 +253,8 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
         from ..hf.allocation import select_measured
 
         opts = {k: v for k, v in kw.items() if k != "scope"}
+        if args.sequential:  # it re-chooses each layer's heads by the ranking: measure the ranking's
+            opts.setdefault("choose", "ranking")
         heads, _ = select_measured(loaded.model, batches, scores, ratio=args.ratio, count=args.count,
                                    damping=args.damping, progress=not args.quiet, **opts)
         last = scores
