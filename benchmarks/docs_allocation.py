@@ -30,11 +30,10 @@ def allocation_table(ctx, names: list = FILES) -> str:
             pair = _allocations(res)
             if pair is None:
                 continue
-            lower = res["lower_is_better"]
+            lower, ranked = res["lower_is_better"], res["recipes"].get(RANKED)
             for i, r in enumerate(res["ratios"]):
                 even, measured = pair[0][i], pair[1][i]
                 change = f"{x(measured / even)}" if lower else f"{measured - even:+.4f}"
-                ranked = res["recipes"].get(RANKED)
                 rows.append([res["model"], f"`{res['calibrated_on']}` -> `{res['evaluated_on']}`", pct(r),
                              num(even, 4), num(ranked[i], 4) if ranked else "", num(measured, 4), change,
                              num(_mean(res["random"][i], lower), 4) if res["random"] else ""])

@@ -106,17 +106,39 @@ def tiny(request):
     return request.param, model, batches, scores
 
 
+def _five_sequence_loss(model, batches):
+    """``loss(site, heads)``: by hand, what layer_costs(..., sequences=5) measures: the
+    distillation loss over the first 5 sequences (3 + 2) with only ``heads`` of ``site`` masked,
+    refit from the moments of the other 4 alone (each refit leaves out the sequences measured on)."""
+    teacher = copy.deepcopy(model)
+    first = {k: v[:3] for k, v in batches[0].items()}
+    second = {k: v[:2] for k, v in batches[1].items()}
+    rest = collect(model, [{k: v[2:] for k, v in batches[1].items()}, batches[2]], moments=True, progress=False)
+
+    def loss(site, heads):
+        with mask_heads(model, {site: heads}, reconstruct=rest), torch.no_grad():
+            both = 3 * distillation_loss(model, teacher, first) + 2 * distillation_loss(model, teacher, second)
+            return float(both / 5)
+
+    return loss
+
+
+def _count_measurements(monkeypatch) -> list:
+    """The ``choose`` of every layer_costs call from now on."""
+    import headprune.hf.allocation as A
+
+    calls, real = [], A.layer_costs
+    monkeypatch.setattr(A, "layer_costs", lambda *a, **k: calls.append(k.get("choose")) or real(*a, **k))
+    return calls
+
+
 def test_layer_costs_are_the_distillation_loss_of_each_mask_alone(tiny):
     kind, model, batches, scores = tiny
     before = copy.deepcopy(model.state_dict())
     costs = layer_costs(model, batches, scores, sequences=5, choose="ranking")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
     assert costs.sequences == 5 and costs.options["choose"] == "ranking"
-    teacher = copy.deepcopy(model)
-    first = {k: v[:3] for k, v in batches[0].items()}
-    second = {k: v[:2] for k, v in batches[1].items()}
-    # each refit leaves out the 5 sequences measured on: the moments of the other 4 alone
-    rest = collect(model, [{k: v[2:] for k, v in batches[1].items()}, batches[2]], moments=True, progress=False)
+    loss = _five_sequence_loss(model, batches)
     measured = 0
     for site, table in enumerate(costs.costs):
         assert set(table) == set(costs.heads[site])
@@ -124,9 +146,7 @@ def test_layer_costs_are_the_distillation_loss_of_each_mask_alone(tiny):
             heads = costs.heads[site][k]
             assert len(heads) == k
             assert heads == select_heads(scores, counts={site: k})[site]
-            with mask_heads(model, {site: heads}, reconstruct=rest), torch.no_grad():
-                want = (3 * distillation_loss(model, teacher, first) + 2 * distillation_loss(model, teacher, second)) / 5
-            assert cost == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+            assert cost == pytest.approx(loss(site, heads), rel=1e-5, abs=1e-7)
             assert cost >= -1e-7
             measured += 1
     assert measured > 0
@@ -164,16 +184,7 @@ def test_greedy_choice_adds_the_cheapest_measured_head(tiny):
     assert layer_costs(model, batches, scores, sequences=5, score="variance").options["choose"] == "ranking"
     with pytest.raises(ValueError, match="choose: expected one of ranking, greedy, got 'best'"):
         layer_costs(model, batches, scores, choose="best")
-    teacher = copy.deepcopy(model)
-    first = {k: v[:3] for k, v in batches[0].items()}
-    second = {k: v[:2] for k, v in batches[1].items()}
-    rest = collect(model, [{k: v[2:] for k, v in batches[1].items()}, batches[2]], moments=True, progress=False)
-
-    def loss(site, heads):
-        with mask_heads(model, {site: heads}, reconstruct=rest), torch.no_grad():
-            both = 3 * distillation_loss(model, teacher, first) + 2 * distillation_loss(model, teacher, second)
-            return float(both / 5)
-
+    loss = _five_sequence_loss(model, batches)
     for site, table in enumerate(default.costs):
         assert sorted(table) == list(range(1, scores.num_heads[site]))  # every count but the last head
         chosen = []
@@ -243,13 +254,10 @@ def test_sweep_measures_once_for_recipes_that_measure_alike(tiny, monkeypatch):
     """The sweep shares one layer-cost measurement between recipes whose measurement is the
     same (the default and its measured allocation; ranked heads where greedy is not possible)."""
     import headprune.app.sweep as S
-    import headprune.hf.allocation as A
     from headprune.app.load import Loaded
 
     kind, model, batches, scores = tiny
-    calls = []
-    real = A.layer_costs
-    monkeypatch.setattr(A, "layer_costs", lambda *a, **k: calls.append(k.get("choose")) or real(*a, **k))
+    calls = _count_measurements(monkeypatch)
     monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0, "fidelity": 1.0})
     recipes = {"default": {"scope": "measured"}, "again": {"scope": "measured"},
                "ranked": {"scope": "measured", "choose": "ranking"}}
@@ -269,14 +277,11 @@ def test_prune_measures_the_ranked_heads_when_sequential_re_ranks_them(tiny, mon
     from argparse import Namespace
 
     import headprune.app.prune_command as P
-    import headprune.hf.allocation as A
 
     kind, model, batches, scores = tiny
     if kind != "bert":
         pytest.skip("grouped queries rank in any case")
-    calls = []
-    real = A.layer_costs
-    monkeypatch.setattr(A, "layer_costs", lambda *a, **k: calls.append(k.get("choose")) or real(*a, **k))
+    calls = _count_measurements(monkeypatch)
     monkeypatch.setattr(P, "_sequential", lambda args, loaded, batches, scores, heads, removal: (heads, scores))
     args = Namespace(steps=1, ratio=0.25, count=None, damping=0.01, quiet=True, sequential=sequential, gqa="even")
     loaded = Namespace(model=model)

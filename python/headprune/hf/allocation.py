@@ -175,20 +175,19 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     refit = _without(scores, collect(model, part, progress=False, moments=True))
     was_training = model.training
     model.eval()
+    # forwards: greedy measures every head left at each count up to the largest, ranking one per count
+    bar = _bar(sum(sum(h - j for j in range(max(c, default=0))) if choose == "greedy" else len(c)
+                   for h, c in zip(scores.num_heads, counts)), progress)
     try:
-        with torch.no_grad(), _Measure(model, part, refit, damping) as measure:
+        with torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
             if choose == "greedy":
-                total = sum(sum(scores.num_heads[s] - j for j in range(len(c))) for s, c in enumerate(counts))
-                bar = _bar(total, progress)
-                heads, costs = zip(*(_greedy(measure, site, scores.num_heads[site], c, bar)
+                heads, costs = zip(*(_greedy(measure, site, scores.num_heads[site], c)
                                      for site, c in enumerate(counts)))
             else:
                 heads = [{k: select_heads(scores, counts={site: k}, **select)[site] for k in c}
                          for site, c in enumerate(counts)]
-                bar = _bar(sum(map(len, counts)), progress)
-                costs = [{k: _counted(measure(site, hs), bar) for k, hs in table.items()}
-                         for site, table in enumerate(heads)]
-            bar.close()
+                costs = [{k: measure(site, hs) for k, hs in table.items()} for site, table in enumerate(heads)]
+        bar.close()
     finally:
         model.train(was_training)
     return LayerCosts(list(costs), list(heads), measure.rows, measure.tokens, time.perf_counter() - start, options)
@@ -196,29 +195,23 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
 
 def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[str]) -> str:
     """The ``choose`` :func:`layer_costs` runs with these options (``None`` resolved, checked)."""
+    single = set(unit_sizes(scores, gqa)) == {1} and not has_grouped_queries(scores)  # units of one head
     if choose is None:
-        single = set(unit_sizes(scores, gqa)) == {1} and not has_grouped_queries(scores)
         return "greedy" if single and score is None and order is None else "ranking"
     if choose not in CHOICES:
         raise ValueError(f"choose: expected one of {', '.join(CHOICES)}, got {choose!r}")
-    if choose == "greedy" and (set(unit_sizes(scores, gqa)) != {1} or has_grouped_queries(scores)):
+    if choose == "greedy" and not single:
         raise ValueError("choose: 'greedy' removes one head at a time, and these sites' units under "
                          f"gqa={gqa!r} are groups of heads; use 'ranking'")
     return choose
 
 
-def _counted(cost: float, bar) -> float:
-    bar.update(1)
-    return cost
-
-
-def _greedy(measure, site: int, heads: int, counts: list, bar) -> tuple:
+def _greedy(measure, site: int, heads: int, counts: list) -> tuple:
     """``(heads, costs)`` of one site by counts: each count the previous one's heads plus the
     head whose removal with them measured cheapest (the lowest index on a tie)."""
     chosen, table, costs = [], {}, {}
     for k in range(1, max(counts, default=0) + 1):
-        cost, head = min((_counted(measure(site, sorted(chosen + [h])), bar), h)
-                         for h in range(heads) if h not in chosen)
+        cost, head = min((measure(site, sorted(chosen + [h])), h) for h in range(heads) if h not in chosen)
         chosen.append(head)
         if k in counts:
             table[k], costs[k] = sorted(chosen), cost
@@ -227,11 +220,11 @@ def _greedy(measure, site: int, heads: int, counts: list, bar) -> tuple:
 
 class _Measure:
     """``measure(site, heads)``: the distillation loss over the measured sequences with only
-    ``heads`` of ``site`` masked (refit); in a one-stack model the layers before the site answer
-    from the unpruned forward's recorded outputs."""
+    ``heads`` of ``site`` masked (refit), one step of ``bar``; in a one-stack model the layers
+    before the site answer from the unpruned forward's recorded outputs."""
 
-    def __init__(self, model, part: list, refit: HeadScores, damping: float):
-        self.model, self.refit, self.damping = model, refit, damping
+    def __init__(self, model, part: list, refit: HeadScores, damping: float, bar):
+        self.model, self.refit, self.damping, self.bar = model, refit, damping, bar
         self.kws = [_kwargs(model, b) for b in part]
         self.sizes = [_rows(b) for b in part]
         self.rows = sum(self.sizes)
@@ -257,6 +250,7 @@ class _Measure:
             for i, (t, kw, n) in enumerate(zip(self.targets, self.kws, self.sizes)):
                 replay.batch = i
                 loss += _loss(self.model, t, kw).item() * n
+        self.bar.update(1)
         return loss / self.rows
 
 
