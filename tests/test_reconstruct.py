@@ -211,3 +211,22 @@ def test_reconstruction_score_ranks_within_and_across_sites():
     assert all(hs in ([0, 1], [2, 3]) for hs in group.values())
     with pytest.raises(ValueError, match="needs second moments"):
         select_heads(collect(model, batches, progress=False), ratio=0.5, score="reconstruction")
+
+
+def test_reconstruction_ranking_follows_the_refits_damping():
+    """The score ranks by the errors of the refit the heads will be removed with: the
+    damping given to select_heads is the one the score's greedy removal uses."""
+    from headprune import select_heads
+    from headprune.ranking.reconstruction import reconstruction_score
+
+    _, _, scores = _setup("llama", n=4)
+    picks = {}
+    for damping in (1e-2, 1e3):
+        picks[damping] = select_heads(scores, ratio=0.5, score="reconstruction", scope="per_layer", damping=damping)
+        by_hand = reconstruction_score(scores, "query", damping)
+        assert picks[damping] == select_heads(scores, ratio=0.5, score=by_hand, order="low", scope="per_layer")
+    assert picks[1e-2] != picks[1e3]  # on this model the damping changes the choice
+    assert select_heads(scores, ratio=0.5, score="reconstruction", scope="per_layer") == picks[1e-2]  # the default
+    for bad in (-1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="damping: expected a non-negative number"):
+            select_heads(scores, ratio=0.5, score="reconstruction", damping=bad)

@@ -253,7 +253,7 @@ def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None
                         "projection's bias (default); --no-compensate removes heads outright")
     g.add_argument("--damping", type=nonnegative, default=DEFAULT_DAMPING,
                    help=f"ridge damping of the refit towards the original weights, relative to the mean squared "
-                        f"input (default {DEFAULT_DAMPING:g})")
+                        f"input; the reconstruction score ranks heads by the same refit (default {DEFAULT_DAMPING:g})")
     if sequential:
         g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                        help="calibrate the refit layer by layer, each layer's statistics taken with the earlier layers "

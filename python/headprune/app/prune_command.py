@@ -259,7 +259,7 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
                                    damping=args.damping, progress=not args.quiet, **opts)
         last = scores
     else:
-        heads, last = select_heads(scores, ratio=args.ratio, count=args.count, **kw), scores
+        heads, last = select_heads(scores, ratio=args.ratio, count=args.count, damping=args.damping, **kw), scores
     if args.sequential:
         heads, last = _sequential(args, loaded, batches, last, heads, removal)
     return heads, last
@@ -325,6 +325,7 @@ def _selection_values(scores, settings: dict):
     """The values that chose the heads, for the heatmap's second panel (``None`` for random)."""
     from ..ranking.recipes import resolve_recipe
     from ..ranking.reconstruction import reconstruction_score
+    from ..stats.moments import DEFAULT_DAMPING
 
     if settings.get("order") == "random":
         return None
@@ -333,7 +334,7 @@ def _selection_values(scores, settings: dict):
                             dtype=torch.float64)
     recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), ())
     if recipe.score == "reconstruction":
-        return reconstruction_score(scores, settings.get("gqa", DEFAULT_GQA))
+        return reconstruction_score(scores, settings.get("gqa", DEFAULT_GQA), settings.get("damping", DEFAULT_DAMPING))
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 

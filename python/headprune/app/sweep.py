@@ -214,7 +214,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         heads, cache[name] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
                                              damping=config.damping, costs=cache.get(name, same), **kw)
     else:
-        heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, **kw)
+        heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
     if iterative:
         state[name] = (heads, stats)
     if sequential:

@@ -164,7 +164,7 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
                "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose}
     select = dict(gqa=gqa, score=score, order=order, seed=seed, protect_layers=protect_layers,
-                  min_heads_per_layer=min_heads_per_layer)
+                  min_heads_per_layer=min_heads_per_layer, damping=damping)
     select_heads(scores, counts={}, **select)  # the options, checked
     protect = set(resolve_recipe(scores, score, order, protect_layers).protect_layers)
     counts = [[] if site in protect else _counts(scores, site, gqa, min_heads_per_layer)

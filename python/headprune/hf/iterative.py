@@ -102,7 +102,7 @@ def select_iteratively(
                 kw["ratio"] = ratio * step / steps
             else:
                 kw["count"] = count * step // steps
-            new = select_heads(scores, pruned=heads, **kw)
+            new = select_heads(scores, pruned=heads, damping=damping, **kw)
             added = {layer: [h for h in hs if h not in heads.get(layer, [])] for layer, hs in new.items()}
             added = {layer: hs for layer, hs in added.items() if hs}
             heads = new

@@ -12,6 +12,7 @@ import math
 import operator
 from typing import Iterable, Optional
 
+from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
 from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs,
@@ -37,6 +38,7 @@ def select_heads(
     uniform: bool = False,
     kv_ratio: Optional[float] = None,
     counts: Optional[dict] = None,
+    damping: float = DEFAULT_DAMPING,
 ) -> dict:
     """Heads to prune: ``{layer: sorted [query heads]}`` (layers with none are omitted).
 
@@ -79,13 +81,16 @@ def select_heads(
             choice within the layer (under ``gqa="even"`` a count must be an even layout's
             size, under ``"group"`` a multiple of the group size), e.g. the allocation
             :func:`headprune.hf.select_measured` measures.
+        damping: the ridge of the refit the heads will be removed with (``mask_heads(...,
+            damping=)``): the ``"reconstruction"`` score (the default on causal LMs) ranks by
+            that refit's errors; other scores ignore it.
 
     Raises ``ValueError`` when the constraints cannot accommodate the request.
     """
     counts = _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, pruned, kv_ratio, gqa,
                             counts, ratio, count)
     recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
-    ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa)
+    ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa, damping=damping)
     if counts is not None:
         return _select_counts(scores, ranked, recipe, gqa, counts)
     if uniform or (gqa == "even" and has_grouped_queries(scores)):  # without grouped queries every layout is even

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..stats.scores import HeadScores
+from ..stats.moments import DEFAULT_DAMPING
 from .reconstruction import reconstruction_score
 from .recipes import GQA_MODES, ORDERS, resolve_recipe
 
@@ -31,14 +32,14 @@ def count_units(scores: HeadScores, gqa: str = "query") -> int:
     return sum(hq // u for hq, u in zip(scores.num_heads, unit_sizes(scores, gqa)))
 
 
-def _units(scores: HeadScores, score, gqa: str) -> list:
+def _units(scores: HeadScores, score, gqa: str, damping: float) -> list:
     """``(value, layer, first_head, heads)`` for every prunable unit."""
     if isinstance(score, torch.Tensor):  # an external per-head score, e.g. gradient importance
         if tuple(score.shape) != tuple(scores.entropy.shape):
             raise ValueError(f"score: expected a tensor of shape {tuple(scores.entropy.shape)}, got {tuple(score.shape)}")
         values = score.double()
     elif score == "reconstruction":  # depends on the unit (a head or a KV group)
-        values = reconstruction_score(scores, "group" if gqa == "group" else "query")
+        values = reconstruction_score(scores, "group" if gqa == "group" else "query", damping)
     else:
         values = scores.score(score)
     units = []
@@ -57,20 +58,24 @@ def _units(scores: HeadScores, score, gqa: str) -> list:
     return units
 
 
-def rank_heads(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query") -> list:
+def rank_heads(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query",
+               damping: float = DEFAULT_DAMPING) -> list:
     """All units in pruning order, as ``[(layer, [original head indices])]`` (see
     :func:`rank_positions` for the arguments)."""
     return [(site, scores.ids(site, hs)) for site, hs in rank_positions(scores, score=score, order=order, seed=seed,
-                                                                          gqa=gqa)]
+                                                                          gqa=gqa, damping=damping)]
 
 
-def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query") -> list:
+def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query",
+                   damping: float = DEFAULT_DAMPING) -> list:
     """All units in pruning order, as ``[(layer, [head positions])]``.
 
     ``score``: a name (see ``HeadScores.score``) or a ``[sites, heads]`` tensor; ``None``:
     the default recipe's. ``order``: ``"high"`` (highest score first), ``"low"`` (lowest
     first), ``"random"`` (a permutation seeded by ``seed``, same for equal inputs) or
     ``None``: the score's natural order (highest first for entropies, lowest for costs).
+    ``damping``: the refit's (see :func:`headprune.mask_heads`) whose errors the
+    ``"reconstruction"`` score measures; other scores ignore it.
     """
     if not isinstance(scores, HeadScores):
         raise TypeError(f"scores: expected HeadScores, got {type(scores).__name__}")
@@ -81,7 +86,7 @@ def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0,
         raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
-    units = _units(scores, score, gqa)
+    units = _units(scores, score, gqa, damping)
     if order == "random":
         g = torch.Generator().manual_seed(int(seed))
         units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
