@@ -270,6 +270,23 @@ def test_sweep_measures_once_for_recipes_that_measure_alike(tiny, monkeypatch):
     assert set(res["measured_allocation"]) == set(recipes)
 
 
+def test_sweep_measures_the_ranked_heads_for_sequential_recipes(tiny, monkeypatch):
+    """A sweep recipe with a measured allocation and sequential calibration measures the
+    ranking's heads, as `prune --sequential` does (the sequential pass re-ranks them)."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    kind, model, batches, scores = tiny
+    if kind != "bert":
+        pytest.skip("grouped queries rank in any case")
+    calls = _count_measurements(monkeypatch)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0, "fidelity": 1.0})
+    config = S.SweepConfig(model="tiny", ratios=[0.25], seeds=0, quiet=True, eval_windows=1)
+    recipes = {"measured, sequential": {"scope": "measured", "sequential": True}, "measured": {"scope": "measured"}}
+    S.run_sweep(config, Loaded(model, None, "encoder", "tiny"), scores, [], {"data": "x"}, recipes, batches=batches)
+    assert calls == ["ranking", None]
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_prune_measures_the_ranked_heads_when_sequential_re_ranks_them(tiny, monkeypatch, sequential):
     """`headprune prune --sequential` re-chooses each layer's heads by the ranking, so its

@@ -206,6 +206,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         from ..hf.allocation import select_measured
 
         kw.pop("scope")
+        if sequential:  # the sequential pass re-chooses each layer's heads by the ranking: measure those
+            kw.setdefault("choose", "ranking")
         cache, keys = state["_costs"], state.setdefault("_cost_keys", {})
         # recipes that measure alike share one measurement (the default and its measured
         # allocation, or ranked heads where the ranking is what greedy resolves to)
