@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, natural_order
+from ..ranking.recipes import default_choice
 
 #: what each score is, in words
 SCORE_WORDS = {
@@ -46,7 +47,7 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
                          "whole model least on calibration sequences)"}.get(scope, scope)
     units = "whole KV groups" if select.get("gqa") == "group" and grouped is not False else "query heads"
     parts = [f"{units} ranked by {what}, {where}"]
-    choose = select.get("choose") or ("greedy" if whole and grouped is False else "ranking")
+    choose = select.get("choose") or default_choice(grouped is False, select.get("score"), select.get("order"))
     if scope == "measured" and choose == "greedy" and not sequential:  # layer_costs' choice (--sequential re-ranks)
         parts = ["query heads removed one at a time within each layer, each the one whose removal cost the whole "
                  "model least on calibration sequences, each layer's share measured the same way"]

@@ -33,7 +33,7 @@ import torch
 
 from ..ranking.allocation import allocate_by_cost
 from ..ranking.layouts import even_layouts, has_grouped_queries
-from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, resolve_recipe
+from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, default_choice, resolve_recipe
 from ..ranking.select import budget, select_heads
 from ..ranking.units import unit_sizes
 from ..stats.moments import DEFAULT_DAMPING, OutputMoments
@@ -197,7 +197,7 @@ def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[
     """The ``choose`` :func:`layer_costs` runs with these options (``None`` resolved, checked)."""
     single = set(unit_sizes(scores, gqa)) == {1} and not has_grouped_queries(scores)  # units of one head
     if choose is None:
-        return "greedy" if single and score is None and order is None else "ranking"
+        return default_choice(single, score, order)
     if choose not in CHOICES:
         raise ValueError(f"choose: expected one of {', '.join(CHOICES)}, got {choose!r}")
     if choose == "greedy" and not single:

@@ -12,7 +12,7 @@ from typing import Optional
 from ..stats.scores import HeadScores
 
 __all__ = ["ALLOCATIONS", "default_allocation", "DEFAULT_RECIPE", "OUTPUT_RECIPE", "FALLBACK_RECIPE", "default_for", "is_causal", "NATURAL_ORDER", "ORDERS", "SCOPES", "SCORES", "GQA_MODES", "DEFAULT_GQA", "DEFAULT_STEPS",
-           "Recipe", "natural_order", "resolve_recipe", "default_protected"]
+           "Recipe", "natural_order", "resolve_recipe", "default_protected", "default_choice"]
 
 ORDERS = ("high", "low", "random")
 SCOPES = ("global", "per_layer")
@@ -66,6 +66,13 @@ def default_allocation(scores, removal: str = "refit", *, iterative: bool = Fals
             and not (iterative or uniform or kv_ratio is not None):
         return "measured"
     return DEFAULT_RECIPE["scope"]
+
+
+def default_choice(single_heads: bool, score, order) -> str:
+    """How a measured allocation chooses each layer's heads when not told (``choose=None`` in
+    :func:`headprune.hf.allocation.layer_costs`): ``"greedy"`` where every unit is one head (no
+    grouped queries) and neither ``score`` nor ``order`` is given, else ``"ranking"``."""
+    return "greedy" if single_heads and score is None and order is None else "ranking"
 
 
 def natural_order(score) -> str:
