@@ -342,27 +342,6 @@ def test_prune_writes_a_reloadable_model_and_report(run, tmp_path, tiny_dir, ext
         assert torch.isfinite(model(input_ids=torch.tensor([[2, 3, 4, 5]])).last_hidden_state).all()
 
 
-@pytest.mark.parametrize("command, extra", [("prune", []), ("prune", ["--steps", "2"]), ("sweep", [])])
-def test_prune_ranks_by_the_refit_of_its_damping(run, tmp_path, tiny_dir, monkeypatch, command, extra):
-    """--damping sets the refit the heads are removed with and the one the reconstruction
-    score ranks by: one round or several, and every recipe of the sweep."""
-    import headprune.ranking.units as units
-
-    real, seen = units.reconstruction_score, []
-
-    def spy(scores, gqa="query", damping=None):
-        seen.append(damping)
-        return real(scores, gqa, damping)
-
-    monkeypatch.setattr(units, "reconstruction_score", spy)
-    options = (["--ratio", "0.3", "--score", "reconstruction", "--scope", "per_layer"] if command == "prune" else
-               ["--ratios", "0.3"])
-    code, err = run([command, tiny_dir, *options, "--samples", "4", "--seq-len", "16", "--quiet", "--damping", "0.25",
-                     "--out", tmp_path / "o", *extra])
-    assert code == 0, err
-    assert seen and set(seen) == {0.25}
-
-
 def test_steps_argument_is_checked(run, tmp_path):
     code, err = run(["prune", "m", "--ratio", "0.3", "--steps", "0"])
     assert code == 2 and err[-1].endswith("argument --steps: expected a positive integer or 'auto', got '0'")
