@@ -1,8 +1,9 @@
 """Head layouts against the KV cache and the quality they cost: query heads freely (KV heads
 repeated for partly pruned groups), even layouts (``--gqa even``: the KV cache never grows),
 even layouts removing at least a quarter of the KV heads (``--kv-ratio 0.25``), whole KV groups,
-and one uniform layout for every layer (``--uniform``), all with the default ranking and the
-least-squares refit, through headprune's own pipeline.
+and one uniform layout for every layer (``--uniform``, its first causal layer's heads chosen by
+measurement as ``headprune prune --uniform`` chooses them), all with the default ranking and
+the least-squares refit, through headprune's own pipeline.
 
     python benchmarks/bench_layouts.py [--models smollm2,minilm] [--ratios 0.1,0.3,0.5]
         [--calib persuasion] [--eval persuasion,python_tutorial] [--out layouts.json]
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
 from bench_quality import calibration  # noqa: E402
 
+from headprune.hf.uniform import measure_uniform  # noqa: E402
 from headprune.app import sweep as S  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.evaluate import quality  # noqa: E402
@@ -83,7 +85,7 @@ def run(name: str, args) -> dict:
     loaded = load_model(name)
     batches, settings = calibration(loaded, args.calib, None)
     scores = collect(loaded.model, batches, progress=False, moments=True)
-    rows = []
+    rows, measured = [], {}
     grouped = has_grouped_queries(scores)
     bytes_per_kv_head = 2 * scores.head_dim[0] * 4  # a key and a value row, float32
     for text in args.eval.split(","):
@@ -98,6 +100,10 @@ def run(name: str, args) -> dict:
                     continue
                 t0 = time.perf_counter()
                 heads = select_heads(scores, ratio=ratio, **kw)
+                if layout == "uniform":  # as prune --uniform: the first causal layer's heads measured (once)
+                    if ratio not in measured:
+                        measured[ratio] = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping)
+                    heads = measured[ratio][0]
                 row = {"evaluated_on": text, "layout": layout, "ratio": ratio,
                        "heads_pruned": sum(map(len, heads.values())), "kv_heads": kv_heads(scores, heads),
                        "quality": point(heads, scores, "refit")}

@@ -25,13 +25,15 @@ REMOVAL_WORDS = {
 
 
 def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None,
-                    causal=None, grouped=None) -> str:
+                    causal=None, grouped=None, measured_first=False) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
     ``protect_layers``, ``gqa``, ``uniform``, ...; absent ones take ``default``'s, the recipe
     the statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
     :data:`DEFAULT_RECIPE`). ``causal``: whether the model has a causal stack (``False``:
     the default protection, which keeps causal stacks' first layers, is not mentioned);
-    ``grouped``: whether it has grouped queries (``False``: KV-group layouts are not mentioned)."""
+    ``grouped``: whether it has grouped queries (``False``: KV-group layouts are not mentioned).
+    ``measured_first``: a uniform layout's first causal layer re-chosen by measurement
+    (:func:`headprune.hf.uniform.measure_uniform`)."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
@@ -52,7 +54,9 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         parts = ["query heads removed one at a time within each layer, each the one whose removal cost the whole "
                  "model least on calibration sequences, each layer's share measured the same way"]
     if select.get("uniform"):
-        parts.append("the same layout in every layer")
+        parts.append("the same layout in every layer" + (
+            ", the first layer's heads the set of that layout whose removal cost the whole model least on "
+            "calibration sequences" if measured_first and causal is not False else ""))
     elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:
         parts.append("removed in layouts where every KV group kept keeps the same number of query heads (the KV "
                      "cache never grows)" + (f", at least {100 * select['kv_ratio']:g}% of the KV heads in whole "

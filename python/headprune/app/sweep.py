@@ -217,6 +217,11 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                              damping=config.damping, costs=cache.get(name, same), **kw)
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
+        if kw.get("uniform") and removal == "refit" and not (iterative or sequential) and batches is not None \
+                and kw.get("score") is None and kw.get("order") is None:  # as prune --uniform chooses
+            from ..hf.uniform import measure_uniform
+
+            heads, _ = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping)
     if iterative:
         state[name] = (heads, stats)
     if sequential:

@@ -1,0 +1,98 @@
+"""Uniform layouts with the fragile layers' heads chosen by measurement.
+
+A uniform selection (``select_heads(..., uniform=True)``) removes the same layout from every
+layer, so a standard config describes the result, and that includes the layers the default
+recipe keeps whole (:func:`~headprune.ranking.recipes.default_protected`: the first layer of a
+causal stack, whose heads mix the raw token embeddings every later layer builds on). There the
+ranking's choice within the layout is least reliable: its reconstruction error is measured at
+the layer's own output, and what matters is what the error becomes after every later layer.
+:func:`measure_uniform` re-chooses those layers' heads among every set of the same layout, by
+the model's distillation loss with that set removed (refit), measured as the measured
+allocation measures it (:mod:`headprune.hf.allocation`: the first calibration sequences, the
+refit computed from the others).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Optional
+
+import torch
+
+from ..ranking.recipes import default_protected
+from ..stats.moments import DEFAULT_DAMPING
+from ..stats.scores import HeadScores
+from .allocation import _bar, _Measure, _measured_count, _rows, _sequences, _without
+from .collect import collect
+
+__all__ = ["layout_options", "measure_uniform", "MAX_OPTIONS"]
+
+#: the most head sets one site's measurement tries (one forward each)
+MAX_OPTIONS = 64
+
+
+def layout_options(num_heads: int, num_kv_heads: int, removed) -> list:
+    """Every set of heads of one site with the layout of ``removed``: the same number of whole
+    KV groups removed and the same number of heads removed from each other group (sorted lists,
+    in a fixed order). Raises ``ValueError`` if ``removed`` is not such a layout."""
+    hkv = num_kv_heads or num_heads
+    size = num_heads // hkv
+    groups = [list(range(k * size, (k + 1) * size)) for k in range(hkv)]
+    gone = set(removed)
+    if not gone <= set(range(num_heads)):
+        raise ValueError(f"removed: expected heads in [0, {num_heads}), got {sorted(removed)}")
+    per = [len(gone.intersection(g)) for g in groups]
+    whole = per.count(size) if size > 0 else 0
+    rest = {p for p in per if p != size}
+    if len(rest) > 1:
+        raise ValueError(f"removed: {sorted(removed)} removes {per} heads from the KV groups; expected a layout "
+                         "with the same number from every group not removed whole")
+    t = rest.pop() if rest else 0
+    options = []
+    for full in itertools.combinations(range(hkv), whole):
+        others = [k for k in range(hkv) if k not in full]
+        for picks in itertools.product(*(itertools.combinations(groups[k], t) for k in others)):
+            options.append(sorted([h for k in full for h in groups[k]] + [h for p in picks for h in p]))
+    return options
+
+
+def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=None,
+                    damping: float = DEFAULT_DAMPING, sequences: Optional[int] = None,
+                    progress: bool = False) -> tuple:
+    """``(heads, report)``: ``heads`` with each of ``sites``' (default: the sites the default
+    recipe keeps whole) replaced by the set of the same layout whose removal measured cheapest
+    (the lowest in :func:`layout_options`' order on a tie), and per site ``{"options",
+    "chosen_loss", "ranked_loss"}`` with the ``seconds`` taken. A site with more than
+    :data:`MAX_OPTIONS` sets keeps the ranking's heads (``"options"`` says how many it had).
+    The model is left exactly as it was."""
+    if getattr(scores, "moments", None) is None:
+        raise ValueError("scores: measuring a layout refits the heads it removes and needs second moments; "
+                         "collect with moments=True")
+    if scores.head_ids is not None:
+        raise ValueError("scores: measure_uniform chooses among a site's heads by position; collect on the "
+                         "unpruned model")
+    sites = default_protected(scores) if sites is None else tuple(sites)
+    todo = {s: layout_options(scores.num_heads[s], scores.num_kv_heads[s], heads[s]) for s in sites if heads.get(s)}
+    todo = {s: o for s, o in todo.items() if 1 < len(o) <= MAX_OPTIONS}
+    report = {s: {"options": len(layout_options(scores.num_heads[s], scores.num_kv_heads[s], heads[s]))}
+              for s in sites if heads.get(s)}
+    if not todo:
+        return dict(heads), {"sites": report, "seconds": 0.0}
+    start, batches = time.perf_counter(), list(batches)
+    part = _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
+    refit = _without(scores, collect(model, part, progress=False, moments=True))
+    was_training, out = model.training, dict(heads)
+    model.eval()
+    bar = _bar(sum(map(len, todo.values())), progress)
+    try:
+        with torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
+            for site, options in todo.items():
+                losses = [measure(site, o) for o in options]
+                best = min(range(len(options)), key=lambda i: (losses[i], i))
+                out[site] = options[best]
+                report[site].update(chosen_loss=losses[best], ranked_loss=losses[options.index(sorted(heads[site]))])
+        bar.close()
+    finally:
+        model.train(was_training)
+    return out, {"sites": report, "seconds": time.perf_counter() - start}

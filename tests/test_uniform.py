@@ -1,0 +1,82 @@
+"""Uniform layouts whose fragile layers' heads are chosen by measurement (headprune.hf.uniform)."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_tiny import tiny_batch, tiny_model
+from test_allocation import _five_sequence_loss
+
+from headprune import select_heads
+from headprune.hf import collect
+from headprune.hf.uniform import layout_options, measure_uniform
+
+
+def test_layout_options_are_every_set_of_the_same_layout():
+    # 9 heads in 3 groups, one head from each group: 3 x 3 x 3 sets
+    opts = layout_options(9, 3, [0, 5, 7])
+    assert len(opts) == 27 and [0, 5, 7] in opts and len({tuple(o) for o in opts}) == 27
+    assert all(sorted(len(set(o) & set(range(k, k + 3))) for k in (0, 3, 6)) == [1, 1, 1] for o in opts)
+    # one whole group and one head of each other group: 3 groups x 3 x 3
+    opts = layout_options(9, 3, [0, 1, 2, 4, 8])
+    assert len(opts) == 27 and [0, 1, 2, 4, 8] in opts
+    assert layout_options(4, 4, [1]) == [[0], [1], [2], [3]]  # no grouped queries: any one head
+    with pytest.raises(ValueError, match=r"removes \[2, 1, 0\] heads from the KV groups"):
+        layout_options(9, 3, [0, 1, 5])
+    with pytest.raises(ValueError, match=r"expected heads in \[0, 9\)"):
+        layout_options(9, 3, [9])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    model = tiny_model("llama")  # 2 layers of 4 query heads in 2 KV groups
+    batches = [tiny_batch("llama", seed=i) for i in range(3)]
+    return model, batches, collect(model, batches, moments=True, progress=False)
+
+
+def test_first_layer_takes_the_cheapest_set_of_its_layout(tiny_llama):
+    model, batches, scores = tiny_llama
+    heads = select_heads(scores, ratio=0.5, uniform=True)
+    before = copy.deepcopy(model.state_dict())
+    out, report = measure_uniform(model, batches, scores, heads, sequences=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
+    loss = _five_sequence_loss(model, batches)  # what the measurement computes, by hand
+    options = layout_options(4, 2, heads[0])
+    by_hand = [loss(0, o) for o in options]
+    best = min(range(len(options)), key=lambda i: (by_hand[i], i))
+    assert out[0] == options[best] and out[1] == heads[1]  # only the protected first layer moves
+    assert report["sites"][0]["options"] == len(options)
+    assert report["sites"][0]["chosen_loss"] == pytest.approx(by_hand[best], rel=1e-5)
+    assert report["sites"][0]["ranked_loss"] == pytest.approx(by_hand[options.index(heads[0])], rel=1e-5)
+    assert sorted(map(len, out.values())) == sorted(map(len, heads.values()))
+
+
+def test_measure_uniform_refusals(tiny_llama):
+    model, batches, scores = tiny_llama
+    heads = select_heads(scores, ratio=0.5, uniform=True)
+    with pytest.raises(ValueError, match="needs second moments"):
+        measure_uniform(model, batches, collect(model, batches, progress=False), heads)
+    assert measure_uniform(model, batches, scores, heads, sites=())[0] == heads  # nothing to measure
+
+
+@pytest.mark.parametrize("extra, measured", [({}, True), ({"score": "variance"}, False), ({"order": "low"}, False)])
+def test_prune_uniform_measures_the_first_layer_for_the_default_ranking(tiny_llama, monkeypatch, extra, measured):
+    """`headprune prune --uniform` re-chooses the first layer's heads by measurement with the
+    default ranking (a recipe given by --score or --order keeps its own), and says so."""
+    from argparse import Namespace
+
+    import headprune.app.prune_command as P
+    import headprune.hf.uniform as U
+
+    model, batches, scores = tiny_llama
+    calls, real = [], U.measure_uniform
+    monkeypatch.setattr(U, "measure_uniform", lambda *a, **k: calls.append(k["damping"]) or real(*a, **k))
+    args = Namespace(steps=1, ratio=0.5, count=None, damping=0.03, quiet=True, sequential=False, gqa="even",
+                     distributed=False)
+    kw = {"uniform": True, "gqa": "even", **extra}
+    heads, _ = P._select(args, Namespace(model=model), batches, scores, kw, "refit")
+    assert calls == ([0.03] if measured else [])
+    assert ("first layer's heads the set of that layout" in P._recipe(args, kw, "refit", scores)) is measured
+    assert not P._measures_uniform(Namespace(**{**vars(args), "sequential": True}), kw, "refit")
+    assert not P._measures_uniform(args, kw, "mean")
