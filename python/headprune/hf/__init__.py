@@ -6,6 +6,7 @@ Importing it needs ``transformers``; ``import headprune`` alone does not.
 from __future__ import annotations
 
 from .allocation import LayerCosts, layer_costs, select_measured
+from .uniform import measure_uniform
 from .adapters import ADAPTERS, get_adapter, resolve_sites, supported_model_types
 from .collect import collect
 from .gates import HeadGates, gates
@@ -38,6 +39,7 @@ __all__ = [
     "load_pruned",
     "mask_heads",
     "measure",
+    "measure_uniform",
     "prune_heads",
     "recover",
     "resolve_sites",
