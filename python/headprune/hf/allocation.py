@@ -304,10 +304,10 @@ def _rows(batch) -> int:
     return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values"))
 
 
-def _bar(total, enabled):
+def _bar(total, enabled, desc: str = "headprune: measuring layer costs"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="headprune: measuring layer costs", unit="mask", disable=not enabled)
+    return tqdm(total=total, desc=desc, unit="mask", disable=not enabled)
 
 
 def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float] = None,

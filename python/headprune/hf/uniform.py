@@ -84,7 +84,7 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     refit = _without(scores, collect(model, part, progress=False, moments=True))
     was_training, out = model.training, dict(heads)
     model.eval()
-    bar = _bar(sum(map(len, todo.values())), progress)
+    bar = _bar(sum(map(len, todo.values())), progress, "headprune: measuring the first layer's head sets")
     try:
         with torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
             for site, options in todo.items():
