@@ -80,3 +80,22 @@ def test_prune_uniform_measures_the_first_layer_for_the_default_ranking(tiny_lla
     assert ("first layer's heads the set of that layout" in P._recipe(args, kw, "refit", scores)) is measured
     assert not P._measures_uniform(Namespace(**{**vars(args), "sequential": True}), kw, "refit")
     assert not P._measures_uniform(args, kw, "mean")
+
+
+def test_sweep_measures_each_uniform_selection_once(tiny_llama, monkeypatch):
+    """The sweep's uniform recipe measures the first layer as prune --uniform does, once for
+    ratios that round to the same uniform selection."""
+    import headprune.app.sweep as S
+    import headprune.hf.uniform as U
+    from headprune.app.load import Loaded
+
+    model, batches, scores = tiny_llama
+    calls, real = [], U.measure_uniform
+    monkeypatch.setattr(U, "measure_uniform", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+    config = S.SweepConfig(model="tiny", ratios=[0.4, 0.5], seeds=0, quiet=True, eval_windows=1)
+    res = S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
+                      {"uniform": {"uniform": True}}, batches=batches)
+    picks = [select_heads(scores, ratio=r, uniform=True) for r in (0.4, 0.5)]
+    assert picks[0] == picks[1] and calls == [picks[0]]  # the same selection: one measurement
+    assert res["heads"]["uniform"][0] == res["heads"]["uniform"][1]

@@ -221,7 +221,11 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                 and kw.get("score") is None and kw.get("order") is None:  # as prune --uniform chooses
             from ..hf.uniform import measure_uniform
 
-            heads, _ = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping)
+            done = state.setdefault("_uniform", {})  # ratios that round to the same layout measure once
+            key = (repr(sorted(heads.items())), config.damping)
+            if key not in done:
+                done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping)[0]
+            heads = done[key]
     if iterative:
         state[name] = (heads, stats)
     if sequential:
