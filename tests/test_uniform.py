@@ -1,6 +1,7 @@
 """Uniform layouts whose fragile layers' heads are chosen by measurement (headprune.hf.uniform)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -78,8 +79,10 @@ def test_prune_uniform_measures_the_first_layer_for_the_default_ranking(tiny_lla
     heads, _ = P._select(args, Namespace(model=model), batches, scores, kw, "refit")
     assert calls == ([0.03] if measured else [])
     assert ("first layer's heads the set of that layout" in P._recipe(args, kw, "refit", scores)) is measured
-    assert not P._measures_uniform(Namespace(**{**vars(args), "sequential": True}), kw, "refit")
-    assert not P._measures_uniform(args, kw, "mean")
+    assert not P._measures_uniform(Namespace(**{**vars(args), "sequential": True}), kw, "refit", scores)
+    assert not P._measures_uniform(args, kw, "mean", scores)
+    pruned_before = dataclasses.replace(scores, head_ids=[list(range(h)) for h in scores.num_heads])
+    assert not P._measures_uniform(args, kw, "refit", pruned_before)  # positions are not the original heads
 
 
 def test_sweep_measures_each_uniform_selection_once(tiny_llama, monkeypatch):

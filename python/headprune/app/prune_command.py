@@ -159,15 +159,18 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
 
     return describe_recipe(kw, removal, args.sequential, args.damping,
                            default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
-                           grouped=has_grouped_queries(scores), measured_first=_measures_uniform(args, kw, removal))
+                           grouped=has_grouped_queries(scores),
+                           measured_first=_measures_uniform(args, kw, removal, scores))
 
 
-def _measures_uniform(args, kw: dict, removal: str) -> bool:
+def _measures_uniform(args, kw: dict, removal: str, scores) -> bool:
     """Whether a uniform selection's fragile layers are re-chosen by measurement: with the
     refit, in one process (every rank must choose alike) and without --sequential (which
-    re-chooses every layer's heads itself), for the default ranking (no --score or --order)."""
+    re-chooses every layer's heads itself), for the default ranking (no --score or --order), on a
+    model not pruned before (measure_uniform chooses among a site's heads by position)."""
     return bool(kw.get("uniform")) and removal == "refit" and args.steps == 1 and not args.sequential \
-        and not getattr(args, "distributed", False) and kw.get("score") is None and kw.get("order") is None
+        and not getattr(args, "distributed", False) and kw.get("score") is None and kw.get("order") is None \
+        and scores.head_ids is None
 
 
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
@@ -268,7 +271,7 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
         last = scores
     else:
         heads, last = select_heads(scores, ratio=args.ratio, count=args.count, damping=args.damping, **kw), scores
-        if _measures_uniform(args, kw, removal):
+        if _measures_uniform(args, kw, removal, scores):
             from ..hf.uniform import measure_uniform
 
             heads, _ = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping,

@@ -218,7 +218,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
         if kw.get("uniform") and removal == "refit" and not (iterative or sequential) and batches is not None \
-                and kw.get("score") is None and kw.get("order") is None:  # as prune --uniform chooses
+                and kw.get("score") is None and kw.get("order") is None and stats.head_ids is None:  # as prune
             from ..hf.uniform import measure_uniform
 
             done = state.setdefault("_uniform", {})  # ratios that round to the same layout measure once
