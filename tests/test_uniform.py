@@ -102,3 +102,21 @@ def test_sweep_measures_each_uniform_selection_once(tiny_llama, monkeypatch):
     picks = [select_heads(scores, ratio=r, uniform=True) for r in (0.4, 0.5)]
     assert picks[0] == picks[1] and calls == [picks[0]]  # the same selection: one measurement
     assert res["heads"]["uniform"][0] == res["heads"]["uniform"][1]
+
+
+def test_prune_uniform_warns_where_a_layer_has_too_many_sets(tiny_llama, monkeypatch, capsys):
+    """A first layer with more sets of its layout than are measured keeps the ranking's heads,
+    and prune says so."""
+    from argparse import Namespace
+
+    import headprune.app.prune_command as P
+    import headprune.hf.uniform as U
+
+    model, batches, scores = tiny_llama
+    monkeypatch.setattr(U, "MAX_OPTIONS", 1)
+    args = Namespace(steps=1, ratio=0.5, count=None, damping=0.01, quiet=True, sequential=False, gqa="even",
+                     distributed=False)
+    kw = {"uniform": True, "gqa": "even"}
+    heads, _ = P._select(args, Namespace(model=model), batches, scores, kw, "refit")
+    assert heads == select_heads(scores, ratio=0.5, uniform=True, gqa="even")
+    assert "layer 0 has 4 sets of heads of its layout, more than the 1 measured" in capsys.readouterr().err

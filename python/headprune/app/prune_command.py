@@ -272,10 +272,14 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
     else:
         heads, last = select_heads(scores, ratio=args.ratio, count=args.count, damping=args.damping, **kw), scores
         if _measures_uniform(args, kw, removal, scores):
-            from ..hf.uniform import measure_uniform
+            from ..hf.uniform import MAX_OPTIONS, measure_uniform
 
-            heads, _ = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping,
-                                       progress=not args.quiet)
+            heads, measured = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping,
+                                              progress=not args.quiet)
+            for site, r in measured["sites"].items():
+                if r["options"] > MAX_OPTIONS:
+                    C._warn(f"--uniform: layer {site} has {r['options']} sets of heads of its layout, more than the "
+                            f"{MAX_OPTIONS} measured; it keeps the ranking's heads")
     if args.sequential:
         heads, last = _sequential(args, loaded, batches, last, heads, removal)
     return heads, last

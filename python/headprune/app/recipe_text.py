@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, natural_order
-from ..ranking.recipes import default_choice
+from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_choice
 
 #: what each score is, in words
 SCORE_WORDS = {
@@ -56,7 +56,9 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     if select.get("uniform"):
         parts.append("the same layout in every layer" + (
             ", the first layer's heads the set of that layout whose removal cost the whole model least on "
-            "calibration sequences" if measured_first and causal is not False else ""))
+            f"calibration sequences (where it has at most {UNIFORM_MEASURED_SETS} such sets)"
+            if measured_first and causal is not False
+            else ""))
     elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:
         parts.append("removed in layouts where every KV group kept keeps the same number of query heads (the KV "
                      "cache never grows)" + (f", at least {100 * select['kv_ratio']:g}% of the KV heads in whole "

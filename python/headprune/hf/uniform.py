@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..ranking.recipes import default_protected
+from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .allocation import _bar, _Measure, _measured_count, _rows, _sequences, _without
@@ -29,7 +29,7 @@ from .collect import collect
 __all__ = ["layout_options", "measure_uniform", "MAX_OPTIONS"]
 
 #: the most head sets one site's measurement tries (one forward each)
-MAX_OPTIONS = 64
+MAX_OPTIONS = UNIFORM_MEASURED_SETS
 
 
 def layout_options(num_heads: int, num_kv_heads: int, removed) -> list:

@@ -68,6 +68,11 @@ def default_allocation(scores, removal: str = "refit", *, iterative: bool = Fals
     return DEFAULT_RECIPE["scope"]
 
 
+#: the most sets of heads of one layout that ``--uniform`` measures in a layer it cannot keep
+#: whole (:func:`headprune.hf.uniform.measure_uniform`; one forward each)
+UNIFORM_MEASURED_SETS = 64
+
+
 def default_choice(single_heads: bool, score, order) -> str:
     """How a measured allocation chooses each layer's heads when not told (``choose=None`` in
     :func:`headprune.hf.allocation.layer_costs`): ``"greedy"`` where every unit is one head (no
