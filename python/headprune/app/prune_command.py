@@ -164,13 +164,13 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
 
 
 def _measures_uniform(args, kw: dict, removal: str, scores) -> bool:
-    """Whether a uniform selection's fragile layers are re-chosen by measurement: with the
-    refit, in one process (every rank must choose alike) and without --sequential (which
-    re-chooses every layer's heads itself), for the default ranking (no --score or --order), on a
-    model not pruned before (measure_uniform chooses among a site's heads by position)."""
-    return bool(kw.get("uniform")) and removal == "refit" and args.steps == 1 and not args.sequential \
-        and not getattr(args, "distributed", False) and kw.get("score") is None and kw.get("order") is None \
-        and scores.head_ids is None
+    """Whether ``--uniform`` re-chooses the first layer's heads by measurement
+    (:func:`headprune.hf.uniform.measures`), here in one round, in one process (every rank must
+    choose alike) and without --sequential (which re-chooses every layer's heads itself)."""
+    from ..hf.uniform import measures
+
+    return measures(kw, removal, scores) and args.steps == 1 and not args.sequential \
+        and not getattr(args, "distributed", False)
 
 
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:

@@ -217,12 +217,11 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                              damping=config.damping, costs=cache.get(name, same), **kw)
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
-        if kw.get("uniform") and removal == "refit" and not (iterative or sequential) and batches is not None \
-                and kw.get("score") is None and kw.get("order") is None and stats.head_ids is None:  # as prune
-            from ..hf.uniform import measure_uniform
+        from ..hf.uniform import measure_uniform, measures
 
-            done = state.setdefault("_uniform", {})  # ratios that round to the same layout measure once
-            key = (repr(sorted(heads.items())), config.damping)
+        if measures(kw, removal, stats) and not (iterative or sequential) and batches is not None:  # as prune
+            done = state.setdefault("_uniform", {})  # ratios that round to the same selection measure once
+            key = repr(sorted(heads.items()))
             if key not in done:
                 done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping)[0]
             heads = done[key]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -159,8 +160,7 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
     choose = resolve_choice(scores, gqa, score, order, choose)
-    batches = list(batches)
-    part = _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
+    part = measured_part(batches, sequences)
     options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
                "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose}
     select = dict(gqa=gqa, score=score, order=order, seed=seed, protect_layers=protect_layers,
@@ -170,27 +170,41 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     counts = [[] if site in protect else _counts(scores, site, gqa, min_heads_per_layer)
               for site in range(scores.num_sites)]
     start = time.perf_counter()
-    # the refit of each measurement leaves out the sequences it is measured on, so a layer whose
-    # refit fits its calibration tokens better than it generalises does not look cheap
-    refit = _without(scores, collect(model, part, progress=False, moments=True))
-    was_training = model.training
-    model.eval()
     # forwards: greedy measures every head left at each count up to the largest, ranking one per count
     bar = _bar(sum(sum(h - j for j in range(max(c, default=0))) if choose == "greedy" else len(c)
                    for h, c in zip(scores.num_heads, counts)), progress)
+    with measuring(model, part, scores, damping, bar) as measure:
+        if choose == "greedy":
+            heads, costs = zip(*(_greedy(measure, site, scores.num_heads[site], c) for site, c in enumerate(counts)))
+        else:
+            heads = [{k: select_heads(scores, counts={site: k}, **select)[site] for k in c}
+                     for site, c in enumerate(counts)]
+            costs = [{k: measure(site, hs) for k, hs in table.items()} for site, table in enumerate(heads)]
+    return LayerCosts(list(costs), list(heads), measure.rows, measure.tokens, time.perf_counter() - start, options)
+
+
+def measured_part(batches, sequences: Optional[int]) -> list:
+    """The batches of the first ``sequences`` calibration sequences, which a measurement is
+    taken on (default: :data:`DEFAULT_SEQUENCES`, at most a quarter of them)."""
+    batches = list(batches)
+    return _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
+
+
+@contextmanager
+def measuring(model, part: list, scores: HeadScores, damping: float, bar):
+    """A :class:`_Measure` over the sequences ``part``, each measurement refit from ``scores``'
+    moments less ``part``'s own (so a layer whose refit fits its calibration tokens better
+    than it generalises does not look cheap), the model in eval mode without gradients;
+    ``bar`` closed at the end, and the model's training flag restored on any exit."""
+    refit = _without(scores, collect(model, part, progress=False, moments=True))
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
-            if choose == "greedy":
-                heads, costs = zip(*(_greedy(measure, site, scores.num_heads[site], c)
-                                     for site, c in enumerate(counts)))
-            else:
-                heads = [{k: select_heads(scores, counts={site: k}, **select)[site] for k in c}
-                         for site, c in enumerate(counts)]
-                costs = [{k: measure(site, hs) for k, hs in table.items()} for site, table in enumerate(heads)]
+            yield measure
         bar.close()
     finally:
         model.train(was_training)
-    return LayerCosts(list(costs), list(heads), measure.rows, measure.tokens, time.perf_counter() - start, options)
 
 
 def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[str]) -> str:

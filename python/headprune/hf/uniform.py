@@ -18,15 +18,12 @@ import itertools
 import time
 from typing import Optional
 
-import torch
-
 from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
-from .allocation import _bar, _Measure, _measured_count, _rows, _sequences, _without
-from .collect import collect
+from .allocation import _bar, measured_part, measuring
 
-__all__ = ["layout_options", "measure_uniform", "MAX_OPTIONS"]
+__all__ = ["layout_options", "measure_uniform", "measures", "MAX_OPTIONS"]
 
 #: the most head sets one site's measurement tries (one forward each)
 MAX_OPTIONS = UNIFORM_MEASURED_SETS
@@ -57,6 +54,16 @@ def layout_options(num_heads: int, num_kv_heads: int, removed) -> list:
     return options
 
 
+def measures(select: dict, removal: str, scores: HeadScores) -> bool:
+    """Whether ``headprune prune --uniform`` (and the sweep's uniform recipe) re-choose the
+    first layer's heads for these selection options: a uniform selection by the default
+    ranking (no ``score`` or ``order``), removed with the refit, on a model not pruned before
+    (the measurement chooses among a site's heads by position). Callers that re-calibrate
+    (iterative rounds, the sequential pass) or run on several processes do not measure."""
+    return bool(select.get("uniform")) and removal == "refit" and select.get("score") is None \
+        and select.get("order") is None and scores.head_ids is None
+
+
 def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=None,
                     damping: float = DEFAULT_DAMPING, sequences: Optional[int] = None,
                     progress: bool = False) -> tuple:
@@ -73,26 +80,17 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
         raise ValueError("scores: measure_uniform chooses among a site's heads by position; collect on the "
                          "unpruned model")
     sites = default_protected(scores) if sites is None else tuple(sites)
-    todo = {s: layout_options(scores.num_heads[s], scores.num_kv_heads[s], heads[s]) for s in sites if heads.get(s)}
-    todo = {s: o for s, o in todo.items() if 1 < len(o) <= MAX_OPTIONS}
-    report = {s: {"options": len(layout_options(scores.num_heads[s], scores.num_kv_heads[s], heads[s]))}
-              for s in sites if heads.get(s)}
-    if not todo:
-        return dict(heads), {"sites": report, "seconds": 0.0}
-    start, batches = time.perf_counter(), list(batches)
-    part = _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
-    refit = _without(scores, collect(model, part, progress=False, moments=True))
-    was_training, out = model.training, dict(heads)
-    model.eval()
-    bar = _bar(sum(map(len, todo.values())), progress, "headprune: measuring the first layer's head sets")
-    try:
-        with torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
+    every = {s: layout_options(scores.num_heads[s], scores.num_kv_heads[s], heads[s]) for s in sites if heads.get(s)}
+    report = {s: {"options": len(o)} for s, o in every.items()}
+    todo = {s: o for s, o in every.items() if 1 < len(o) <= MAX_OPTIONS}
+    out, start = dict(heads), time.perf_counter()
+    if todo:
+        part = measured_part(batches, sequences)
+        bar = _bar(sum(map(len, todo.values())), progress, "headprune: measuring the first layer's head sets")
+        with measuring(model, part, scores, damping, bar) as measure:
             for site, options in todo.items():
                 losses = [measure(site, o) for o in options]
                 best = min(range(len(options)), key=lambda i: (losses[i], i))
                 out[site] = options[best]
                 report[site].update(chosen_loss=losses[best], ranked_loss=losses[options.index(sorted(heads[site]))])
-        bar.close()
-    finally:
-        model.train(was_training)
     return out, {"sites": report, "seconds": time.perf_counter() - start}

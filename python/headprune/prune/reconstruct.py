@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..stats.moments import DEFAULT_DAMPING, ridge
+from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
 
 __all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns"]
 
@@ -60,8 +60,7 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     if w.shape[1] != d:
         raise ValueError(f"gram: expected [{w.shape[1] + 1}, {w.shape[1] + 1}] for a weight with {w.shape[1]} inputs, "
                          f"got {list(gram.shape)}")
-    if damping < 0 or damping != damping:
-        raise ValueError(f"damping: expected a non-negative number, got {damping!r}")
+    damping = check_damping(damping)
     if anchor not in ("original", "zero"):
         raise ValueError(f"anchor: expected 'original' or 'zero', got {anchor!r}")
     g = gram.to(w.device, torch.float64)

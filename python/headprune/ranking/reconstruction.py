@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..stats.moments import DEFAULT_DAMPING, ridge
+from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
 from ..stats.scores import HeadScores
 
 __all__ = ["greedy_removal", "reconstruction_score", "site_units"]
@@ -103,8 +103,7 @@ def reconstruction_score(scores: HeadScores, gqa: str = "query", damping: float 
     across sites. Needs the second moments (``collect(..., moments=True)``)."""
     if scores.moments is None or scores.moments.projection is None:
         raise ValueError("score: 'reconstruction' needs second moments; collect the scores with moments=True")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"damping: expected a non-negative number, got {damping!r}")
+    damping = check_damping(damping)
     gqa = "group" if gqa == "group" else "query"  # "even" layouts remove query heads one by one
     cache = scores.moments.__dict__.setdefault("_scores", {})
     key = (gqa, float(damping), tuple(scores.num_heads))

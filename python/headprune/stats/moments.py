@@ -11,16 +11,24 @@ float32): with ``gram`` it says how much output a refit loses when columns go
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 
-__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "ridge"]
+__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "check_damping", "ridge"]
 
 MOMENT_DTYPES = (torch.float64, torch.float32)
 #: ridge damping of least-squares refits from these moments, relative to the mean squared
 #: input (see ``headprune.prune.reconstruct``); the selection damps the same way
 DEFAULT_DAMPING = 1e-2
+
+
+def check_damping(damping) -> float:
+    """``damping`` as a float, or ``ValueError`` naming it unless it is a non-negative number."""
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not damping >= 0:
+        raise ValueError(f"damping: expected a non-negative number, got {damping!r}")
+    return float(damping)
 
 
 def ridge(a: torch.Tensor, damping: float, k: int) -> torch.Tensor:
