@@ -33,23 +33,21 @@ from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
 
 
-def calibration(loaded, spec: str, samples: int | None):
+def calibration(loaded, spec: str, samples: int | None, reference: float = texts.DEFAULT_REFERENCE):
     """Batches from the calibration part of one text, or of several joined by ``+`` (an equal
-    share of the samples each)."""
+    share of the samples each), with ``prune``'s reference share from the bundled texts the
+    spec does not name (``--reference``)."""
     causal = loaded.kind == "causal"
-    names = spec.split("+")
     n = samples or (64 if causal else 256)
     seq = 256 if causal else 128
-    batches = []
-    for name in names:
-        calib, _ = texts.split(texts.load_paragraphs(name))
-        batches += texts.calibration_batches(loaded.tokenizer, calib, causal=causal, samples=max(1, n // len(names)),
-                                             seq_len=seq, batch_size=8)
-    return batches, {"data": spec, "samples": n, "seq_len": seq}
+    parts = [texts.split(texts.load_paragraphs(name))[0] for name in spec.split("+")]
+    batches, ref = texts.calibration_set(loaded.tokenizer, parts, spec, causal=causal, samples=n, seq_len=seq,
+                                         reference=reference)
+    return batches, {"data": spec, "samples": n, "seq_len": seq, **ref}
 
 
 def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -> list:
-    batches, settings = calibration(loaded, calib, args.samples)
+    batches, settings = calibration(loaded, calib, args.samples, args.reference)
     t0 = time.perf_counter()
     scores = collect(loaded.model, batches, progress=False, moments=True)
     seconds = time.perf_counter() - t0
@@ -78,6 +76,9 @@ def main(argv=None):
     ap.add_argument("--gqa", default=DEFAULT_GQA)
     ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
     ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 64 causal, 256 encoder)")
+    ap.add_argument("--reference", type=float, default=texts.DEFAULT_REFERENCE,
+                    help="share of the calibration sequences from the bundled texts --calib does not name (prune's "
+                         "--reference)")
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")
     ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
     ap.add_argument("--recipes", default=None, help="semicolon-separated names of headprune.app.sweep.RECIPES")

@@ -1,12 +1,13 @@
-"""Build the calibration / check texts in python/headprune/data/ from Debian packages.
+"""Build the calibration / check texts in python/headprune/app/data/ from Debian packages.
 
 Inputs (extracted with `apt-get download` + `dpkg-deb -x` into /tmp/debs):
   r-cran-janeaustenr 1.0.0-1  -> Persuasion (Jane Austen, 1818; public domain), Volume I (ch. 1-12)
   python3.11-doc 3.11.2-6+deb12u*  -> The Python Tutorial (reST sources), code/markup stripped
+  libpython3.11-stdlib 3.11.2-6+deb12u*  -> Python source code of a few standard-library modules, unchanged
 The Austen data is an R lazy-load DB; it is read with the `rdata` PyPI package (pip --target /tmp/pylib).
 """
 import gzip, glob, os, re, sys, zlib
-OUT = os.path.join(os.path.dirname(__file__), "..", "python", "headprune", "data")  # from benchmarks/
+OUT = os.path.join(os.path.dirname(__file__), "..", "python", "headprune", "app", "data")
 
 def austen():
     sys.path.insert(0, "/tmp/pylib")
@@ -85,8 +86,24 @@ def tutorial():
         paras += rst_clean(open(os.path.join(base, n + ".rst.txt"), encoding="utf-8").read())
     return paras
 
+#: standard-library modules of python_code.txt, in this order (pure Python, code and docstrings)
+CODE_MODULES = ["argparse.py", "textwrap.py", "shlex.py", "json/__init__.py", "json/decoder.py",
+                "json/encoder.py", "json/scanner.py"]
+
+
+def python_code():
+    """The modules' source, unchanged, one file after another; blank lines separate paragraphs
+    (the loader collapses the whitespace inside each, as for every text)."""
+    base = next((b for b in glob.glob("/tmp/debs/stdlib/usr/lib/python3.11")), "/usr/lib/python3.11")
+    paras = []
+    for n in CODE_MODULES:
+        text = open(os.path.join(base, n), encoding="utf-8").read()
+        paras += [b.strip("\n") for b in re.split(r"\n\s*\n", text) if b.strip()]
+    return paras
+
+
 if __name__ == "__main__":
-    for name, paras in [("persuasion", austen()), ("python_tutorial", tutorial())]:
+    for name, paras in [("persuasion", austen()), ("python_tutorial", tutorial()), ("python_code", python_code())]:
         txt = "\n\n".join(paras) + "\n"
         open(os.path.join(OUT, name + ".txt"), "w", encoding="utf-8").write(txt)
         print(name, len(paras), "paragraphs", len(txt.encode()), "bytes", sum(len(p.split()) for p in paras), "words")

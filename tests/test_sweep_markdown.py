@@ -25,3 +25,13 @@ def test_no_random_draws_leave_the_random_columns_out(random):
     assert rows[0] == "| fraction pruned | default |" and rows[1] == "|---|---|"
     assert rows[2:] == ["| 0.30 | 11 |", "| 0.50 | 30 |"]
     assert "random" not in text
+
+
+def test_the_calibration_and_its_reference_share_are_said():
+    settings = {"data": "mine.txt", "samples": 64, "seq_len": 256,
+                "reference": {"samples": 16, "texts": ["persuasion", "python_code"]}}
+    text = sweep_markdown({**_result([]), "settings": settings})
+    assert ("Calibrated on 64 x 256 tokens of `mine.txt` (16 of the 64 sequences from the bundled `persuasion` and "
+            "`python_code`, `--reference`).") in text.splitlines()[0]
+    plain = sweep_markdown({**_result([]), "settings": {**settings, "reference": None}})
+    assert plain.splitlines()[0].endswith("Calibrated on 64 x 256 tokens of `mine.txt`.")

@@ -30,9 +30,10 @@ _HF = ("collect", "mask_heads", "prune_heads", "save_pruned", "load_pruned", "ke
        "gradient_importance", "learn_gates", "LearnedGates", "recover", "RecoverReport", "generated_batches",
        "select_measured", "layer_costs", "LayerCosts", "measure_uniform")
 _LAZY_MODULES = ("ops", "reference")
+_TEXTS = ("reference_batches",)  # headprune.app.texts
 
 __all__ = ["EntropyAccumulator", "HeadScores", "NUM_STATS", "OutputStat", "STAT_FIELDS", "Stat", "build_info", "ops",
-           "rank_heads", "reference", "select_heads", *_HF]
+           "rank_heads", "reference", "select_heads", *_HF, *_TEXTS]
 
 
 def __getattr__(name):
@@ -40,6 +41,10 @@ def __getattr__(name):
         from . import hf
 
         return getattr(hf, name)
+    if name in _TEXTS:
+        from .app import texts
+
+        return getattr(texts, name)
     if name in _LAZY_MODULES:
         import importlib
 

@@ -10,7 +10,7 @@ from ..ranking import ALLOCATIONS, DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS
 from ..stats.moments import DEFAULT_DAMPING
 from .load import BUNDLED_MODELS, DTYPES
 from .sweep import RANDOM_SCOPES
-from .texts import BUNDLED_TEXTS, DEFAULT_TEXT
+from .texts import BUNDLED_TEXTS, DEFAULT_REFERENCE, DEFAULT_TEXT
 
 #: headprune.hf.recover's default learning rates by kind of model (not imported: that would
 #: load transformers before the arguments are parsed; tests/test_recover_cli.py checks they agree)
@@ -149,7 +149,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
 
 
-def data_args(p: argparse.ArgumentParser, *, calibrates: bool) -> None:
+def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = False) -> None:
     g = p.add_argument_group("text")
     what = "calibrate on its first 70%% of paragraphs and evaluate on the last 30%%" if calibrates else \
         "evaluate on its last 30%% of paragraphs"
@@ -172,6 +172,13 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool) -> None:
                        help="on CPU, serve sdpa attention calls during collection by the fused "
                             "attention-with-statistics op (default; outputs equal SDPA's to float rounding); "
                             "--no-fused runs the model's own attention, then the statistics in a second pass")
+    if refits:
+        g.add_argument("--reference", type=fraction, default=DEFAULT_REFERENCE, metavar="SHARE",
+                       help="share of the calibration sequences (--samples) taken from the bundled texts --data does "
+                            f"not name ({', '.join(BUNDLED_TEXTS)}: prose, technical documentation, code), so that the "
+                            "refit does not fit one kind of text alone: calibrated on one kind only, the pruned model "
+                            "lost much more on text of other kinds (docs/quality.md); 0 calibrates on --data alone "
+                            f"(default {DEFAULT_REFERENCE:g})")
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:

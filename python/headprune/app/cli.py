@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Prune heads and save the smaller model with a report.\n\n" + _default_recipe(),
                            **sub_kw)
     A.model_args(prune)
-    A.data_args(prune, calibrates=True)
+    A.data_args(prune, calibrates=True, refits=True)
     A.selection_args(prune)
     A.removal_args(prune)
     A.prune_output_args(prune)
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Quality against the fraction of heads pruned, for the named recipes and a "
                                        "seeded random baseline under the same removal.", **sub_kw)
     A.model_args(sweep)
-    A.data_args(sweep, calibrates=True)
+    A.data_args(sweep, calibrates=True, refits=True)
     A.sweep_args(sweep)
     A.removal_args(sweep, sequential=False)
     A.eval_args(sweep)

@@ -119,14 +119,16 @@ def _setup(args):
         raise ValueError(f"MODEL: {args.model} has no tokenizer files")
     d = DEFAULTS[loaded.kind]
     samples, seq_len = args.samples or d["samples"], args.seq_len or d["seq_len"]
-    batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=loaded.kind == "causal", samples=samples,
-                                              seq_len=seq_len, batch_size=args.batch_size)
+    batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
+                                               samples=samples, seq_len=seq_len,
+                                               reference=getattr(args, "reference", 0.0), batch_size=args.batch_size)
     generated = getattr(args, "generated", 0)
     if generated:
         batches += _generated(args, loaded, generated, seq_len)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len,
                 **({"generated": generated} if generated else {}),
+                **reference,
                 "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held),
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
                 "fused": _fused(args)}

@@ -69,9 +69,16 @@ def report_markdown(report: dict, table: str) -> str:
 
 
 def generated_text(settings: dict) -> str:
-    """What ``--generated`` added to the calibration text, for the report and the scan summary."""
-    n = settings.get("generated")
-    return f" and {n} x {settings['seq_len']} tokens sampled from the model itself (`--generated`)" if n else ""
+    """What ``--reference`` and ``--generated`` added to the calibration text, for the report
+    and the scan summary."""
+    ref, n = settings.get("reference"), settings.get("generated")
+    out = ""
+    if ref:
+        out += (f" ({ref['samples']} of the {settings['samples']} sequences from the bundled "
+                f"{' and '.join(f'`{t}`' for t in ref['texts'])}, `--reference`)")
+    if n:
+        out += f" and {n} x {settings['seq_len']} tokens sampled from the model itself (`--generated`)"
+    return out
 
 
 def validation_sentence(r: dict) -> str:

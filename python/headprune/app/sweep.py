@@ -13,6 +13,7 @@ from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
 from ..ranking.recipes import default_allocation, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
+from .report import generated_text
 from .texts import rebatch
 
 #: random-baseline scopes (``--random-scope``) and what each draws
@@ -301,8 +302,11 @@ def sweep_markdown(result: dict) -> str:
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
+    s = result.get("settings")
+    calibrated = (f" Calibrated on {s['samples']} x {s['seq_len']} tokens of `{s['data']}`{generated_text(s)}."
+                  if s and "samples" in s else "")
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
-             f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).", "",
+             f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []

@@ -1,11 +1,17 @@
 """Calibration and evaluation text: loading, a disjoint split, tokenised batches.
 
-The package ships two freely licensed English texts (see ``data/SOURCES.md``):
-``persuasion`` (Jane Austen, public domain) and ``python_tutorial`` (the Python 3.11
-tutorial, PSF licence). Their first 70% of paragraphs is the calibration part, the rest is
-held out for evaluation, so quality is never measured on calibration text. The default is
-both in equal shares: a least-squares refit fits what it sees, and a model calibrated on one
-kind of text measured best on that kind (docs/quality.md).
+The package ships three freely licensed texts of three kinds (see ``data/SOURCES.md``):
+``persuasion`` (prose: Jane Austen, public domain), ``python_tutorial`` (technical
+documentation: the Python 3.11 tutorial, PSF licence) and ``python_code`` (code: modules of the
+Python 3.11 standard library, PSF licence). Their first 70% of paragraphs is the calibration
+part, the rest is held out for evaluation, so quality is never measured on calibration text.
+The default is the prose and the tutorial in equal shares: a least-squares refit fits what it
+sees, and a model calibrated on one kind of text measured best on that kind (docs/quality.md).
+
+For the same reason a refit's calibration takes a share of its sequences (``--reference``,
+:data:`DEFAULT_REFERENCE`) from the bundled texts the user's text does not name
+(:func:`reference_batches`): calibrated on one kind of text alone, the refit lost much more on
+text of other kinds.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from typing import Iterable, Optional
 import torch
 
 DATA = Path(__file__).parent / "data"
-BUNDLED_TEXTS = ("persuasion", "python_tutorial")
+BUNDLED_TEXTS = ("persuasion", "python_tutorial", "python_code")
 DEFAULT_TEXT = "persuasion+python_tutorial"
 HELD_OUT_FRACTION = 0.3
+#: share of a refit's calibration sequences taken from the bundled texts the data does not name
+DEFAULT_REFERENCE = 0.25
 
 
 def load_paragraphs(spec: Optional[str] = None) -> list:
@@ -145,3 +153,48 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
         enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
+
+
+def reference_texts(spec: Optional[str] = None) -> list:
+    """The bundled texts that ``spec`` (a ``--data`` value, default :data:`DEFAULT_TEXT`) does
+    not name: the kinds of text a reference share adds."""
+    named = {n.strip() for n in (spec or DEFAULT_TEXT).split("+")}
+    return [n for n in BUNDLED_TEXTS if n not in named]
+
+
+def reference_samples(samples: int, share: float, spec: Optional[str] = None) -> int:
+    """How many of ``samples`` calibration sequences a reference ``share`` takes (none where
+    ``spec`` names every bundled text)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ValueError(f"reference: expected a share in [0, 1), got {share!r}")
+    return round(samples * share) if reference_texts(spec) else 0
+
+
+def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, exclude: Optional[str] = None,
+                      batch_size: int = 8) -> list:
+    """Calibration batches of ``samples`` sequences from the calibration parts of the bundled
+    texts that ``exclude`` (a ``--data`` value) does not name, in equal shares.
+
+    Joined to the batches of the user's text they keep a least-squares refit from fitting one
+    kind of text alone; ``headprune prune`` and ``sweep`` take :data:`DEFAULT_REFERENCE` of their
+    sequences from here (``--reference``)."""
+    names = reference_texts(exclude)
+    if not names or samples < 1:
+        return []
+    parts = [split(load_paragraphs(n))[0] for n in names]
+    return mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples, seq_len=seq_len,
+                                     batch_size=batch_size)
+
+
+def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool, samples: int, seq_len: int,
+                    reference: float, batch_size: int = 8) -> tuple:
+    """``(batches, settings)``: ``samples`` calibration sequences, a ``reference`` share of them
+    from :func:`reference_batches` and the rest from ``parts`` (the calibration parts of
+    ``spec``, as :func:`load_split` gives them) in equal shares; ``settings`` records the
+    reference (empty without one)."""
+    n = reference_samples(samples, reference, spec)
+    batches = mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples - n, seq_len=seq_len,
+                                        batch_size=batch_size)
+    batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,
+                                 batch_size=batch_size)
+    return batches, ({"reference": {"samples": n, "texts": reference_texts(spec)}} if n else {})
