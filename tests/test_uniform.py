@@ -11,7 +11,7 @@ from test_allocation import _five_sequence_loss
 
 from headprune import select_heads
 from headprune.hf import collect
-from headprune.hf.uniform import layout_options, measure_uniform
+from headprune.hf.uniform import group_sets, layout_options, measure_uniform, pass_cost
 
 
 def test_layout_options_are_every_set_of_the_same_layout():
@@ -47,10 +47,46 @@ def test_first_layer_takes_the_cheapest_set_of_its_layout(tiny_llama):
     by_hand = [loss(0, o) for o in options]
     best = min(range(len(options)), key=lambda i: (by_hand[i], i))
     assert out[0] == options[best] and out[1] == heads[1]  # only the protected first layer moves
-    assert report["sites"][0]["options"] == len(options)
+    assert report["sites"][0]["options"] == len(options) and report["sites"][0]["method"] == "every set"
     assert report["sites"][0]["chosen_loss"] == pytest.approx(by_hand[best], rel=1e-5)
     assert report["sites"][0]["ranked_loss"] == pytest.approx(by_hand[options.index(heads[0])], rel=1e-5)
     assert sorted(map(len, out.values())) == sorted(map(len, heads.values()))
+
+
+def test_group_sets_change_one_group_and_a_pass_counts_its_forwards():
+    # 9 heads in 3 groups, one head from each: group 1's three choices, the rest fixed
+    assert group_sets(9, 3, [0, 5, 7], 1) == [[0, 3, 7], [0, 4, 7], [0, 5, 7]]
+    assert group_sets(9, 3, [0, 1, 2, 4, 8], 0) == [[0, 1, 2, 4, 8]]  # a whole group: one choice
+    assert pass_cost(9, 3, [0, 5, 7]) == 1 + 3 * 2 and pass_cost(9, 3, [0, 1, 2, 4, 8]) == 1 + 2 * 2
+    assert pass_cost(32, 8, [0, 4, 8, 12, 16, 20, 24, 28]) == 1 + 8 * 3  # 4^8 = 65,536 sets
+    assert len(layout_options(32, 8, [0, 4, 8, 12, 16, 20, 24, 28])) == 4 ** 8
+
+
+def test_too_many_sets_are_measured_one_group_at_a_time(tiny_llama, monkeypatch):
+    """Above MAX_OPTIONS sets, each KV group's heads are re-chosen in turn with the others
+    fixed, from the ranking's set, when that pass fits in MAX_OPTIONS forwards."""
+    import headprune.hf.uniform as U
+
+    model, batches, scores = tiny_llama
+    heads = select_heads(scores, ratio=0.5, uniform=True)
+    assert len(layout_options(4, 2, heads[0])) == 4 and pass_cost(4, 2, heads[0]) == 3
+    monkeypatch.setattr(U, "MAX_OPTIONS", 3)
+    out, report = U.measure_uniform(model, batches, scores, heads, sequences=5)
+    loss = _five_sequence_loss(model, batches)
+    current = sorted(heads[0])
+    for g in (0, 1):  # the pass, by hand
+        options = group_sets(4, 2, current, g)
+        by_hand = [loss(0, o) for o in options]
+        current = options[min(range(len(options)), key=lambda i: (by_hand[i], i))]
+    assert out[0] == current and out[1] == heads[1]
+    site = report["sites"][0]
+    assert site["method"] == "groups" and site["options"] == 4
+    assert site["chosen_loss"] == pytest.approx(loss(0, current), rel=1e-5)
+    assert site["ranked_loss"] == pytest.approx(loss(0, sorted(heads[0])), rel=1e-5)
+    assert site["chosen_loss"] <= site["ranked_loss"] * (1 + 1e-6)
+    monkeypatch.setattr(U, "MAX_OPTIONS", 2)  # the pass no longer fits: the ranking's heads
+    out, report = U.measure_uniform(model, batches, scores, heads, sequences=5)
+    assert out == heads and report["sites"][0]["method"] == "ranking" and "chosen_loss" not in report["sites"][0]
 
 
 def test_measure_uniform_refusals(tiny_llama):
@@ -119,4 +155,5 @@ def test_prune_uniform_warns_where_a_layer_has_too_many_sets(tiny_llama, monkeyp
     kw = {"uniform": True, "gqa": "even"}
     heads, _ = P._select(args, Namespace(model=model), batches, scores, kw, "refit")
     assert heads == select_heads(scores, ratio=0.5, uniform=True, gqa="even")
-    assert "layer 0 has 4 sets of heads of its layout, more than the 1 measured" in capsys.readouterr().err
+    assert ("layer 0 has 4 sets of heads of its layout, too many to measure in 1 forwards (every set, or one KV "
+            "group at a time)") in capsys.readouterr().err

@@ -277,9 +277,10 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
             heads, measured = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping,
                                               progress=not args.quiet)
             for site, r in measured["sites"].items():
-                if r["options"] > MAX_OPTIONS:
-                    C._warn(f"--uniform: layer {site} has {r['options']} sets of heads of its layout, more than the "
-                            f"{MAX_OPTIONS} measured; it keeps the ranking's heads")
+                if r["method"] == "ranking":
+                    C._warn(f"--uniform: layer {site} has {r['options']} sets of heads of its layout, too many to "
+                            f"measure in {MAX_OPTIONS} forwards (every set, or one KV group at a time); it keeps "
+                            "the ranking's heads")
     if args.sequential:
         heads, last = _sequential(args, loaded, batches, last, heads, removal)
     return heads, last

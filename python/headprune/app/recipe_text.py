@@ -56,7 +56,8 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     if select.get("uniform"):
         parts.append("the same layout in every layer" + (
             ", the first layer's heads the set of that layout whose removal cost the whole model least on "
-            f"calibration sequences (where it has at most {UNIFORM_MEASURED_SETS} such sets)"
+            f"calibration sequences (every set where it has at most {UNIFORM_MEASURED_SETS}, else one KV group's "
+            f"heads at a time where that takes at most {UNIFORM_MEASURED_SETS} forwards)"
             if measured_first and causal is not False
             else ""))
     elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:
