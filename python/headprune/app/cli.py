@@ -15,6 +15,7 @@ import textwrap
 
 from . import arguments as A
 from .recipe_text import describe_recipe
+from .texts import DEFAULT_REFERENCE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +36,8 @@ def _default_recipe() -> str:
     return textwrap.fill(
         "The default recipe: " + describe_recipe(select={}, removal="refit", sequential=False)
         + " (encoders: ranked by the output variance each head adds instead)"
+        + f"; {DEFAULT_REFERENCE:.0%} of the calibration sequences from the bundled texts of the kinds --data is "
+        "not (--reference)"
         + ". --score entropy --scope global --no-reconstruct --no-compensate is the entropy formula as written, "
         "which measured far worse than random on a modern LLM (docs/quality.md).", width=94)
 
