@@ -20,13 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
-from bench_quality import calibration  # noqa: E402
+from bench_quality import calibration, default_row  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
-from headprune.ranking import DEFAULT_GQA  # noqa: E402
 
 
 def run(name: str, args) -> list:
@@ -38,16 +37,9 @@ def run(name: str, args) -> list:
     for damping in args.dampings:
         t0, measured = time.perf_counter(), {}  # an encoder's allocation is measured once per damping
         for text, paragraphs in held.items():
-            config = S.SweepConfig(model=name, ratios=args.ratios, seeds=0, gqa=DEFAULT_GQA, damping=damping,
-                                   eval_windows=args.eval_windows, quiet=True)
-            result = S.run_sweep(config, loaded, scores, paragraphs, {**settings, "evaluated_on": text},
-                                 {"default": {}}, batches=batches, measured=measured)
-            rows.append({"model": name, "damping": damping, "calibrated_on": args.calib, "evaluated_on": text,
-                         "metric": result["metric"], "lower_is_better": result["lower_is_better"],
-                         "baseline": result["baseline"], "ratios": args.ratios,
-                         "values": result["recipes"]["default"], "heads": result["heads"]["default"]})
-            print(f"{name} damping={damping:g} {args.calib} -> {text}: "
-                  + ", ".join(f"{r:.0%} {v:.4g}" for r, v in zip(args.ratios, rows[-1]["values"])), flush=True)
+            rows.append(default_row(loaded, scores, batches, paragraphs, settings, ratios=args.ratios,
+                                    eval_windows=args.eval_windows, measured=measured, model=name, damping=damping,
+                                    calibrated_on=args.calib, evaluated_on=text))
         rows[-1]["seconds"] = time.perf_counter() - t0
     return rows
 

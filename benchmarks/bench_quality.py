@@ -46,6 +46,25 @@ def calibration(loaded, spec: str, samples: int | None, reference: float = texts
     return batches, {"data": spec, "samples": n, "seq_len": seq, **ref}
 
 
+def default_row(loaded, scores, batches, paragraphs, settings: dict, *, ratios: list, eval_windows: int,
+                measured: dict, **fields) -> dict:
+    """The default recipe on one held-out text, no random draws, as a results row: ``fields``
+    (``model`` and ``evaluated_on`` among them; ``damping``, if there, the refit's), the metric,
+    the unpruned baseline, the values and heads by ratio; printed as measured. ``measured``: an
+    encoder's allocation, shared by the calls of one calibration."""
+    config = S.SweepConfig(model=fields["model"], ratios=ratios, seeds=0, gqa=DEFAULT_GQA,
+                           damping=fields.get("damping", S.DEFAULT_DAMPING),
+                           eval_windows=eval_windows, quiet=True)
+    result = S.run_sweep(config, loaded, scores, paragraphs, {**settings, "evaluated_on": fields["evaluated_on"]},
+                         {"default": {}}, batches=batches, measured=measured)
+    row = {**fields, "metric": result["metric"], "lower_is_better": result["lower_is_better"],
+           "baseline": result["baseline"], "ratios": ratios, "values": result["recipes"]["default"],
+           "heads": result["heads"]["default"], "eval_windows": eval_windows}
+    print(" ".join(f"{k}={v}" for k, v in fields.items()) + f": baseline {row['baseline']:.4g}; "
+          + ", ".join(f"{r:.0%} {v:.4g}" for r, v in zip(ratios, row["values"])), flush=True)
+    return row
+
+
 def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -> list:
     batches, settings = calibration(loaded, calib, args.samples, args.reference)
     t0 = time.perf_counter()

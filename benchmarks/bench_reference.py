@@ -28,15 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
-from bench_quality import calibration  # noqa: E402
+from bench_quality import calibration, default_row  # noqa: E402
 
 import torch  # noqa: E402
 
-from headprune.app import sweep as S  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
-from headprune.ranking import DEFAULT_GQA  # noqa: E402
 
 LICENCES = [f"/usr/share/common-licenses/{n}" for n in ("GPL-3", "LGPL-2.1", "MPL-2.0", "Apache-2.0", "GFDL-1.3", "GPL-2")]
 
@@ -80,18 +78,10 @@ def run(name: str, args, specs: dict) -> list:
         scores = collect(loaded.model, batches, progress=False, moments=True)
         measured = {}  # an encoder's allocation, measured once per share
         for text, paragraphs in held.items():
-            config = S.SweepConfig(model=name, ratios=args.ratios, seeds=0, gqa=DEFAULT_GQA,
-                                   eval_windows=args.eval_windows, quiet=True)
-            result = S.run_sweep(config, loaded, scores, paragraphs, {**settings, "evaluated_on": text},
-                                 {"default": {}}, batches=batches, measured=measured)
-            rows.append({"model": name, "share": share, "calibrated_on": args.calib, "evaluated_on": text,
-                         "reference": settings.get("reference"), "samples": settings["samples"],
-                         "eval_windows": args.eval_windows,
-                         "metric": result["metric"], "lower_is_better": result["lower_is_better"],
-                         "baseline": result["baseline"], "ratios": args.ratios,
-                         "values": result["recipes"]["default"]})
-            print(f"{name} share={share:g} {args.calib} -> {text}: baseline {result['baseline']:.4g}; "
-                  + ", ".join(f"{r:.0%} {v:.4g}" for r, v in zip(args.ratios, rows[-1]["values"])), flush=True)
+            rows.append(default_row(loaded, scores, batches, paragraphs, settings, ratios=args.ratios,
+                                    eval_windows=args.eval_windows, measured=measured, model=name, share=share,
+                                    calibrated_on=args.calib, evaluated_on=text, reference=settings.get("reference"),
+                                    samples=settings["samples"]))
         rows[-1]["seconds"] = time.perf_counter() - t0
     return rows
 
