@@ -13,14 +13,13 @@ benchmarks/results/quality_damping.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
-from bench_quality import calibration, default_row  # noqa: E402
+from bench_quality import calibration, default_row, point_args  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
 from headprune.app import texts  # noqa: E402
@@ -45,17 +44,10 @@ def run(name: str, args) -> list:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="smollm2,minilm")
+    ap = point_args(__doc__, evals="persuasion,python_tutorial", out="quality_damping.json")
     ap.add_argument("--dampings", default="1e-4,1e-3,1e-2,1e-1,1")
-    ap.add_argument("--ratios", default="0.3,0.5")
-    ap.add_argument("--calib", default="persuasion")
-    ap.add_argument("--eval", default="persuasion,python_tutorial")
-    ap.add_argument("--eval-windows", type=int, default=16, help="held-out perplexity windows (causal LMs)")
-    ap.add_argument("--out", default="quality_damping.json")
     args = ap.parse_args(argv)
     args.dampings = [float(d) for d in args.dampings.split(",")]
-    args.ratios = [float(r) for r in args.ratios.split(",")]
     rows = [row for name in args.models.split(",") for row in run(name, args)]
     path = write_results(args.out, {"default_damping": S.DEFAULT_DAMPING, "rows": rows})
     print(f"wrote {path}")

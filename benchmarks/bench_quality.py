@@ -65,6 +65,19 @@ def default_row(loaded, scores, batches, paragraphs, settings: dict, *, ratios: 
     return row
 
 
+def point_args(doc: str, *, evals: str, out: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks built on :func:`default_row`: models, ratios, one
+    calibration text, evaluation texts, windows and the results file."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,minilm")
+    ap.add_argument("--ratios", default="0.3,0.5", type=lambda t: [float(r) for r in t.split(",")])
+    ap.add_argument("--calib", default="persuasion")
+    ap.add_argument("--eval", default=evals)
+    ap.add_argument("--eval-windows", type=int, default=16, help="held-out perplexity windows (causal LMs)")
+    ap.add_argument("--out", default=out)
+    return ap
+
+
 def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -> list:
     batches, settings = calibration(loaded, calib, args.samples, args.reference)
     t0 = time.perf_counter()

@@ -20,7 +20,6 @@ text as ``bench_quality.py`` evaluates it. Writes benchmarks/results/quality_ref
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
-from bench_quality import calibration, default_row  # noqa: E402
+from bench_quality import calibration, default_row, point_args  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -87,17 +86,10 @@ def run(name: str, args, specs: dict) -> list:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="smollm2,minilm")
+    ap = point_args(__doc__, evals="persuasion,python_tutorial,licences,cpp,perl", out="quality_reference.json")
     ap.add_argument("--shares", default=f"0,{texts.DEFAULT_REFERENCE:g},0.5")
-    ap.add_argument("--ratios", default="0.3,0.5")
-    ap.add_argument("--calib", default="persuasion")
-    ap.add_argument("--eval", default="persuasion,python_tutorial,licences,cpp,perl")
-    ap.add_argument("--eval-windows", type=int, default=16, help="held-out perplexity windows (causal LMs)")
-    ap.add_argument("--out", default="quality_reference.json")
     args = ap.parse_args(argv)
     args.shares = [float(s) for s in args.shares.split(",")]
-    args.ratios = [float(r) for r in args.ratios.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         specs, described, missing = build_texts(args.eval.split(","), Path(tmp))
         rows = [row for name in args.models.split(",") for row in run(name, args, specs)]

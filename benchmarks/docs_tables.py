@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from docs_allocation import TABLES as _ALLOCATION
 from docs_recover import TABLES as _RECOVER
+from docs_reference import TABLES as _REFERENCE
 from make_docs import mean as _mean
 from make_docs import num, pct, table, x
 from make_docs import row as one_row
@@ -360,3 +361,4 @@ TABLES.update({f.__name__: f for f in (
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
 TABLES.update(_RECOVER)
+TABLES.update(_REFERENCE)

@@ -1,0 +1,111 @@
+"""The tables of docs/quality.md on the reference share of the calibration (bench_reference.py;
+see make_docs.py and docs_tables.py)."""
+
+from __future__ import annotations
+
+from make_docs import num, pct, table, x
+
+#: the targets for text of another kind than the calibration (docs_tables.TARGETS, same=False)
+CROSS = {"smollm2": {0.3: 1.20, 0.5: 1.50}}
+
+
+def _points(res: dict) -> dict:
+    """``{(model, evaluated): {"baseline": b, "lower": bool, share: [values by ratio]}}``."""
+    out = {}
+    for r in res["rows"]:
+        p = out.setdefault((r["model"], r["evaluated_on"]), {"baseline": r["baseline"], "lower": r["lower_is_better"]})
+        p[r["share"]] = r["values"]
+    return out
+
+
+def _bundled(res: dict, text: str) -> bool:
+    return text not in res["texts"]
+
+
+def _cell(v: float, base: float, lower: bool) -> str:
+    return f"{num(v, 4)} ({x(v / base)})" if lower else num(v, 4)
+
+
+def reference_table(ctx, name: str = "quality_reference") -> str:
+    """Per model and evaluation text, the default recipe's quality at each share and ratio."""
+    res = ctx["R"][name]
+    ratios = res["rows"][0]["ratios"]
+    shares = sorted({r["share"] for r in res["rows"]})
+    rows = []
+    for (model, text), p in _points(res).items():
+        kind = "bundled" if _bundled(res, text) else "not bundled"
+        rows.append([model, f"`{text}` ({kind})", num(p["baseline"], 4),
+                     *[_cell(p[s][i], p["baseline"], p["lower"]) for i in range(len(ratios)) for s in shares]])
+    head = [f"{pct(r)}: " + ("alone" if s == 0 else f"{s:g}" + (" (default)" if s == res["default_share"] else ""))
+            for r in ratios for s in shares]
+    return table(["model", "evaluated on", "unpruned", *head], rows)
+
+
+def reference_summary(ctx, name: str = "quality_reference") -> str:
+    """Per model: what the default share costs on the calibration's own kind of text and what
+    it buys on the kinds no bundled text is."""
+    res = ctx["R"][name]
+    calib, share = res["rows"][0]["calibrated_on"], res["default_share"]
+    ratios = res["rows"][0]["ratios"]
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in res["rows"]):
+        pts = {t: p for (m, t), p in _points(res).items() if m == model}
+        own, lower = pts[calib], pts[calib]["lower"]
+        change = (lambda a, b: f"{num(a, 4)} -> {num(b, 4)}")
+        cost = ", ".join(f"{pct(r)} {change(own[0][i], own[share][i])}" for i, r in enumerate(ratios))
+        gains = []
+        for text, p in pts.items():
+            if _bundled(res, text):
+                continue
+            gains += [(p[0][i] / p[share][i] if lower else p[share][i] - p[0][i]) for i in range(len(ratios))]
+        span = (f"{min(gains):.2f}x to {max(gains):.2f}x lower perplexity" if lower
+                else f"{min(gains):+.4f} to {max(gains):+.4f} fidelity")
+        parts.append(f"on {model}, the calibration's own kind of text (`{calib}`) goes {cost}, and the texts no "
+                     f"bundled text is ({', '.join(f'`{t}`' for t in pts if not _bundled(res, t))}) gain {span} "
+                     f"over the {len(gains)} points")
+    return "; ".join(parts)
+
+
+def reference_targets(ctx, name: str = "quality_reference") -> str:
+    """Against the targets for text of another kind, on the texts no bundled text is: the
+    default share and calibration on the text alone."""
+    res = ctx["R"][name]
+    share = res["default_share"]
+    rows = []
+    for (model, text), p in _points(res).items():
+        if _bundled(res, text) or model not in CROSS:
+            continue
+        for i, r in enumerate(res["rows"][0]["ratios"]):
+            bound = CROSS[model].get(r)
+            rel, alone = p[share][i] / p["baseline"], p[0][i] / p["baseline"]
+            met = "" if bound is None else ("met" if rel <= bound else "**not met**")
+            rows.append([model, f"`{res['rows'][0]['calibrated_on']}` -> `{text}`", pct(r), x(alone), x(rel),
+                         "" if bound is None else f"<= {x(bound)} {met}"])
+    return table(["model", "calibrated -> evaluated", "pruned", "alone (x unpruned)", "default share (x unpruned)",
+                  "target"], rows)
+
+
+def reference_sources(ctx, name: str = "quality_reference") -> str:
+    """The texts the benchmark built from files of the machine, described."""
+    res = ctx["R"][name]
+    return "; ".join(f"`{t}`: {d['files']} files, {d['bytes']:,} bytes" for t, d in res["texts"].items())
+
+
+def ref_share(ctx, name: str) -> str:
+    """``"16 of the 64"``: the reference's part of a bench_quality result's calibration."""
+    settings = ctx["R"][name]["results"][0]["settings"]
+    ref = settings.get("reference")
+    return f"{ref['samples'] if ref else 0} of the {settings['samples']}"
+
+
+def calibrated(ctx, settings: dict) -> str:
+    """A benchmark's calibration as the docs name it: the text, and the reference share if any."""
+    ref = settings.get("reference")
+    if not ref:
+        return f"`{settings['data']}` alone"
+    return (f"`{settings['data']}` ({ref['samples']} of the {settings['samples']} sequences from the bundled "
+            + " and ".join(f"`{t}`" for t in ref["texts"]) + ", the default reference share)")
+
+
+TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, ref_share,
+                                  calibrated)}
