@@ -98,6 +98,14 @@ def ref_share(ctx, name: str) -> str:
     return f"{ref['samples'] if ref else 0} of the {settings['samples']}"
 
 
+def ref_value(ctx, model: str, text: str, ratio: float, share=None, name: str = "quality_reference") -> float:
+    """One point of bench_reference (the default share unless ``share`` is given)."""
+    res = ctx["R"][name]
+    share = res["default_share"] if share is None else share
+    row = next(r for r in res["rows"] if (r["model"], r["evaluated_on"], r["share"]) == (model, text, share))
+    return row["values"][row["ratios"].index(ratio)]
+
+
 def calibrated(ctx, settings: dict) -> str:
     """A benchmark's calibration as the docs name it: the text, and the reference share if any."""
     ref = settings.get("reference")
@@ -108,4 +116,4 @@ def calibrated(ctx, settings: dict) -> str:
 
 
 TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, ref_share,
-                                  calibrated)}
+                                  calibrated, ref_value)}
