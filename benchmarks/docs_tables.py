@@ -212,9 +212,10 @@ def cli_rows_text(ctx) -> str:
             f" weighs on {res['tokens']:,} tokens and disappears in the spread of the whole command.")
 
 
-def layout_value(ctx, layout: str, ratio: float, text: str, field: str = "quality", model: int = 0):
+def layout_value(ctx, layout: str, ratio: float, text: str, field: str = "quality", model: int = 0,
+                 name: str = "layouts"):
     """One value of a bench_layouts row (``model``: the index of the model's results)."""
-    return one_row(ctx["R"]["layouts"]["results"][model], "rows", layout=layout, ratio=ratio, evaluated_on=text)[field]
+    return one_row(ctx["R"][name]["results"][model], "rows", layout=layout, ratio=ratio, evaluated_on=text)[field]
 
 
 def layouts_table(ctx, name: str = "layouts") -> str:
