@@ -11,7 +11,7 @@ from test_allocation import _five_sequence_loss
 
 from headprune import select_heads
 from headprune.hf import collect
-from headprune.hf.uniform import group_sets, layout_options, measure_uniform, pass_cost
+from headprune.hf.uniform import group_sets, layout_count, layout_options, measure_uniform, pass_cost
 
 
 def test_layout_options_are_every_set_of_the_same_layout():
@@ -60,6 +60,10 @@ def test_group_sets_change_one_group_and_a_pass_counts_its_forwards():
     assert pass_cost(9, 3, [0, 5, 7]) == 1 + 3 * 2 and pass_cost(9, 3, [0, 1, 2, 4, 8]) == 1 + 2 * 2
     assert pass_cost(32, 8, [0, 4, 8, 12, 16, 20, 24, 28]) == 1 + 8 * 3  # 4^8 = 65,536 sets
     assert len(layout_options(32, 8, [0, 4, 8, 12, 16, 20, 24, 28])) == 4 ** 8
+    assert layout_count(32, 8, [0, 4, 8, 12, 16, 20, 24, 28]) == 4 ** 8
+    assert layout_count(9, 3, [0, 1, 2, 4, 8]) == len(layout_options(9, 3, [0, 1, 2, 4, 8])) == 27
+    two_each = [h for g in range(8) for h in (8 * g, 8 * g + 1)]  # 8 groups of 8, two heads from each
+    assert layout_count(64, 8, two_each) == 28 ** 8 and pass_cost(64, 8, two_each) == 1 + 8 * 27
 
 
 def test_too_many_sets_are_measured_one_group_at_a_time(tiny_llama, monkeypatch):

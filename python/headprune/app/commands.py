@@ -19,7 +19,7 @@ from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .load import load_model
-from .report import generated_text
+from .report import added_text
 from .sweep import SweepConfig
 
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
@@ -299,7 +299,7 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     H = scores.entropy
     lines = [f"# Attention entropy of {model}", "",
              f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
-             f"`{settings['data']}`{generated_text(settings)}. Entropy in nats, mean over valid query rows.", "",
+             f"`{settings['data']}`{added_text(settings)}. Entropy in nats, mean over valid query rows.", "",
              "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
     sink = scores.score("sink")
     for i in range(scores.num_layers):

@@ -165,12 +165,11 @@ def _recipe(args, kw: dict, removal: str, scores) -> str:
 
 def _measures_uniform(args, kw: dict, removal: str, scores) -> bool:
     """Whether ``--uniform`` re-chooses the first layer's heads by measurement
-    (:func:`headprune.hf.uniform.measures`), here in one round, in one process (every rank must
-    choose alike) and without --sequential (which re-chooses every layer's heads itself)."""
+    (:func:`headprune.hf.uniform.measures`)."""
     from ..hf.uniform import measures
 
-    return measures(kw, removal, scores) and args.steps == 1 and not args.sequential \
-        and not getattr(args, "distributed", False)
+    return measures(kw, removal, scores, iterative=args.steps != 1, sequential=args.sequential,
+                    distributed=getattr(args, "distributed", False))
 
 
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:

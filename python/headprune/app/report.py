@@ -61,16 +61,22 @@ def report_markdown(report: dict, table: str) -> str:
     return (f"# headprune report: {report['model']}\n\n"
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
-            f"Calibration: {s['samples']} x {s['seq_len']} tokens of `{s['data']}`{generated_text(s)}; "
+            f"Calibration: {calibration_text(s)}; "
             f"quality on its held-out part "
             f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
             f"on that kind: calibrate on text like the text it will serve.\n\n{_recovered(report)}{table}\n\n{size}"
             f"Stages: {seconds}.\n\n![heatmap](heatmap.png)\n")
 
 
-def generated_text(settings: dict) -> str:
-    """What ``--reference`` and ``--generated`` added to the calibration text, for the report
-    and the scan summary."""
+def calibration_text(settings: dict) -> str:
+    """``64 x 256 tokens of `data` (...)``: what a command calibrated on, for the report and
+    the sweep's table."""
+    return f"{settings['samples']} x {settings['seq_len']} tokens of `{settings['data']}`{added_text(settings)}"
+
+
+def added_text(settings: dict) -> str:
+    """What ``--reference`` and ``--generated`` added to the calibration text, for
+    :func:`calibration_text` and the scan summary."""
     ref, n = settings.get("reference"), settings.get("generated")
     out = ""
     if ref:

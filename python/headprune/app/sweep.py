@@ -13,7 +13,7 @@ from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
 from ..ranking.recipes import default_allocation, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .report import generated_text
+from .report import calibration_text
 from .texts import rebatch
 
 #: random-baseline scopes (``--random-scope``) and what each draws
@@ -220,7 +220,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
         from ..hf.uniform import measure_uniform, measures
 
-        if measures(kw, removal, stats) and not (iterative or sequential) and batches is not None:  # as prune
+        if measures(kw, removal, stats, iterative=iterative, sequential=sequential) and batches is not None:
             done = state.setdefault("_uniform", {})  # ratios that round to the same selection measure once
             key = repr(sorted(heads.items()))
             if key not in done:
@@ -303,8 +303,7 @@ def sweep_markdown(result: dict) -> str:
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     s = result.get("settings")
-    calibrated = (f" Calibrated on {s['samples']} x {s['seq_len']} tokens of `{s['data']}`{generated_text(s)}."
-                  if s and "samples" in s else "")
+    calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
     lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -17,6 +17,7 @@ heads re-chosen with the others fixed) where that pass costs at most as many for
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import Optional
 
@@ -25,56 +26,61 @@ from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .allocation import _bar, measured_part, measuring
 
-__all__ = ["layout_options", "group_sets", "pass_cost", "measure_uniform", "measures", "MAX_OPTIONS"]
+__all__ = ["layout_options", "layout_count", "group_sets", "pass_cost", "measure_uniform", "measures", "MAX_OPTIONS"]
 
 #: the most head sets one site's measurement tries (one forward each)
 MAX_OPTIONS = UNIFORM_MEASURED_SETS
+
+
+def _layout(num_heads: int, num_kv_heads: int, removed) -> tuple:
+    """``(KV groups, size, whole, t)`` of ``removed``: ``whole`` groups removed whole and ``t``
+    heads from each other group; ``ValueError`` if it is not such a layout."""
+    hkv = num_kv_heads or num_heads
+    size = num_heads // hkv
+    groups = [range(k * size, (k + 1) * size) for k in range(hkv)]
+    gone = set(removed)
+    if not gone <= set(range(num_heads)):
+        raise ValueError(f"removed: expected heads in [0, {num_heads}), got {sorted(removed)}")
+    per = [len(gone.intersection(g)) for g in groups]
+    rest = {p for p in per if p != size}
+    if len(rest) > 1:
+        raise ValueError(f"removed: {sorted(removed)} removes {per} heads from the KV groups; expected a layout "
+                         "with the same number from every group not removed whole")
+    return groups, size, per.count(size) if size > 0 else 0, rest.pop() if rest else 0
+
+
+def layout_count(num_heads: int, num_kv_heads: int, removed) -> int:
+    """How many sets :func:`layout_options` has, without listing them."""
+    groups, size, whole, t = _layout(num_heads, num_kv_heads, removed)
+    return math.comb(len(groups), whole) * math.comb(size, t) ** (len(groups) - whole)
 
 
 def layout_options(num_heads: int, num_kv_heads: int, removed) -> list:
     """Every set of heads of one site with the layout of ``removed``: the same number of whole
     KV groups removed and the same number of heads removed from each other group (sorted lists,
     in a fixed order). Raises ``ValueError`` if ``removed`` is not such a layout."""
-    hkv = num_kv_heads or num_heads
-    size = num_heads // hkv
-    groups = [list(range(k * size, (k + 1) * size)) for k in range(hkv)]
-    gone = set(removed)
-    if not gone <= set(range(num_heads)):
-        raise ValueError(f"removed: expected heads in [0, {num_heads}), got {sorted(removed)}")
-    per = [len(gone.intersection(g)) for g in groups]
-    whole = per.count(size) if size > 0 else 0
-    rest = {p for p in per if p != size}
-    if len(rest) > 1:
-        raise ValueError(f"removed: {sorted(removed)} removes {per} heads from the KV groups; expected a layout "
-                         "with the same number from every group not removed whole")
-    t = rest.pop() if rest else 0
+    groups, _, whole, t = _layout(num_heads, num_kv_heads, removed)
     options = []
-    for full in itertools.combinations(range(hkv), whole):
-        others = [k for k in range(hkv) if k not in full]
+    for full in itertools.combinations(range(len(groups)), whole):
+        others = [k for k in range(len(groups)) if k not in full]
         for picks in itertools.product(*(itertools.combinations(groups[k], t) for k in others)):
             options.append(sorted([h for k in full for h in groups[k]] + [h for p in picks for h in p]))
     return options
 
 
-def _group(num_heads: int, num_kv_heads: int, group: int) -> range:
-    size = num_heads // (num_kv_heads or num_heads)
-    return range(group * size, (group + 1) * size)
-
-
 def group_sets(num_heads: int, num_kv_heads: int, removed, group: int) -> list:
     """The sets of heads equal to ``removed`` outside KV group ``group`` that remove as many of
     that group's heads (sorted lists, in a fixed order; ``removed`` among them)."""
-    members = _group(num_heads, num_kv_heads, group)
+    members = _layout(num_heads, num_kv_heads, removed)[0][group]
     fixed = [h for h in removed if h not in members]
-    inside = len(removed) - len(fixed)
-    return [sorted(fixed + list(c)) for c in itertools.combinations(members, inside)]
+    return [sorted(fixed + list(c)) for c in itertools.combinations(members, len(removed) - len(fixed))]
 
 
 def pass_cost(num_heads: int, num_kv_heads: int, removed) -> int:
     """Forwards of one pass of :func:`group_sets` over every KV group: the starting set, and
-    each group's other choices."""
-    hkv = num_kv_heads or num_heads
-    return 1 + sum(len(group_sets(num_heads, num_kv_heads, removed, g)) - 1 for g in range(hkv))
+    each partly removed group's other choices."""
+    groups, size, whole, t = _layout(num_heads, num_kv_heads, removed)
+    return 1 + (len(groups) - whole) * (math.comb(size, t) - 1)
 
 
 def _one_group_at_a_time(measure, site: int, num_heads: int, num_kv_heads: int, start) -> tuple:
@@ -94,14 +100,16 @@ def _one_group_at_a_time(measure, site: int, num_heads: int, num_kv_heads: int, 
     return current, loss(current), ranked
 
 
-def measures(select: dict, removal: str, scores: HeadScores) -> bool:
+def measures(select: dict, removal: str, scores: HeadScores, *, iterative: bool = False, sequential: bool = False,
+             distributed: bool = False) -> bool:
     """Whether ``headprune prune --uniform`` (and the sweep's uniform recipe) re-choose the
     first layer's heads for these selection options: a uniform selection by the default
     ranking (no ``score`` or ``order``), removed with the refit, on a model not pruned before
-    (the measurement chooses among a site's heads by position). Callers that re-calibrate
-    (iterative rounds, the sequential pass) or run on several processes do not measure."""
+    (the measurement chooses among a site's heads by position), in one round without the
+    sequential pass (both re-calibrate) and in one process (every rank must choose alike)."""
     return bool(select.get("uniform")) and removal == "refit" and select.get("score") is None \
-        and select.get("order") is None and scores.head_ids is None
+        and select.get("order") is None and scores.head_ids is None \
+        and not (iterative or sequential or distributed)
 
 
 def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=None,
@@ -122,13 +130,13 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
         raise ValueError("scores: measure_uniform chooses among a site's heads by position; collect on the "
                          "unpruned model")
     sites = default_protected(scores) if sites is None else tuple(sites)
-    every = {s: layout_options(scores.num_heads[s], scores.num_kv_heads[s], heads[s]) for s in sites if heads.get(s)}
-    shape = {s: (scores.num_heads[s], scores.num_kv_heads[s]) for s in every}
-    todo = {s: o for s, o in every.items() if 1 < len(o) <= MAX_OPTIONS}
-    stepwise = {s: pass_cost(*shape[s], heads[s]) for s, o in every.items() if len(o) > MAX_OPTIONS}
+    shape = {s: (scores.num_heads[s], scores.num_kv_heads[s]) for s in sites if heads.get(s)}
+    count = {s: layout_count(*shape[s], heads[s]) for s in shape}  # counted: a large site has millions
+    todo = {s: layout_options(*shape[s], heads[s]) for s, n in count.items() if 1 < n <= MAX_OPTIONS}
+    stepwise = {s: pass_cost(*shape[s], heads[s]) for s, n in count.items() if n > MAX_OPTIONS}
     stepwise = {s: n for s, n in stepwise.items() if n <= MAX_OPTIONS}
-    report = {s: {"options": len(o), "method": "every set" if s in todo else "groups" if s in stepwise else
-                  "ranking"} for s, o in every.items() if len(o) > 1}
+    report = {s: {"options": n, "method": "every set" if s in todo else "groups" if s in stepwise else
+                  "ranking"} for s, n in count.items() if n > 1}
     out, start = dict(heads), time.perf_counter()
     if todo or stepwise:
         part = measured_part(batches, sequences)
