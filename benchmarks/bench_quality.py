@@ -40,7 +40,7 @@ def calibration(loaded, spec: str, samples: int | None, reference: float = texts
     causal = loaded.kind == "causal"
     n = samples or (64 if causal else 256)
     seq = 256 if causal else 128
-    parts = [texts.split(texts.load_paragraphs(name))[0] for name in spec.split("+")]
+    parts, _ = texts.load_split(spec)
     batches, ref = texts.calibration_set(loaded.tokenizer, parts, spec, causal=causal, samples=n, seq_len=seq,
                                          reference=reference)
     return batches, {"data": spec, "samples": n, "seq_len": seq, **ref}

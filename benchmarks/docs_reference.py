@@ -5,10 +5,6 @@ from __future__ import annotations
 
 from make_docs import num, pct, table, x
 
-#: the targets for text of another kind than the calibration (docs_tables.TARGETS, same=False)
-CROSS = {"smollm2": {0.3: 1.20, 0.5: 1.50}}
-
-
 def _points(res: dict) -> dict:
     """``{(model, evaluated): {"baseline": b, "lower": bool, share: [values by ratio]}}``."""
     out = {}
@@ -69,33 +65,30 @@ def reference_summary(ctx, name: str = "quality_reference") -> str:
 def reference_targets(ctx, name: str = "quality_reference") -> str:
     """Against the targets for text of another kind, on the texts no bundled text is: the
     default share and calibration on the text alone."""
+    from docs_tables import TARGETS  # docs_tables imports this module
+
     res = ctx["R"][name]
     share = res["default_share"]
     rows = []
     for (model, text), p in _points(res).items():
-        if _bundled(res, text) or model not in CROSS:
+        if _bundled(res, text):
             continue
+        lower = p["lower"]
+        show = (lambda v: x(v / p["baseline"])) if lower else (lambda v: num(v, 4))
         for i, r in enumerate(res["rows"][0]["ratios"]):
-            bound = CROSS[model].get(r)
-            rel, alone = p[share][i] / p["baseline"], p[0][i] / p["baseline"]
-            met = "" if bound is None else ("met" if rel <= bound else "**not met**")
-            rows.append([model, f"`{res['rows'][0]['calibrated_on']}` -> `{text}`", pct(r), x(alone), x(rel),
-                         "" if bound is None else f"<= {x(bound)} {met}"])
-    return table(["model", "calibrated -> evaluated", "pruned", "alone (x unpruned)", "default share (x unpruned)",
-                  "target"], rows)
+            bound, v = TARGETS.get((model, False), {}).get(r), p[share][i]
+            met = "" if bound is None else ("met" if (v / p["baseline"] <= bound if lower else v >= bound)
+                                            else "**not met**")
+            rows.append([model, f"`{res['rows'][0]['calibrated_on']}` -> `{text}`", pct(r), show(p[0][i]), show(v),
+                         "" if bound is None else (f"<= {x(bound)}" if lower else f">= {num(bound, 3)}") + f" {met}"])
+    return table(["model", "calibrated -> evaluated", "pruned", "alone (x unpruned / fidelity)",
+                  "default share (x unpruned / fidelity)", "target"], rows)
 
 
 def reference_sources(ctx, name: str = "quality_reference") -> str:
     """The texts the benchmark built from files of the machine, described."""
     res = ctx["R"][name]
     return "; ".join(f"`{t}`: {d['files']} files, {d['bytes']:,} bytes" for t, d in res["texts"].items())
-
-
-def ref_share(ctx, name: str) -> str:
-    """``"16 of the 64"``: the reference's part of a bench_quality result's calibration."""
-    settings = ctx["R"][name]["results"][0]["settings"]
-    ref = settings.get("reference")
-    return f"{ref['samples'] if ref else 0} of the {settings['samples']}"
 
 
 def ref_value(ctx, model: str, text: str, ratio: float, share=None, name: str = "quality_reference") -> float:
@@ -115,5 +108,5 @@ def calibrated(ctx, settings: dict) -> str:
             + " and ".join(f"`{t}`" for t in ref["texts"]) + ", the default reference share)")
 
 
-TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, ref_share,
-                                  calibrated, ref_value)}
+TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, calibrated,
+                                  ref_value)}
