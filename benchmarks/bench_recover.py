@@ -5,8 +5,8 @@
         [--configs attention:default,o_proj:1e-4] [--validation 0.1] [--ratio 0.5] [--out recover.json]
 
 For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
-shares: 64 windows of 256 tokens for SmolLM2-135M, 256 paragraphs of up to 128 tokens for
-MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
+shares, and the reference share of ``--reference`` from the bundled code: 64 windows of 256 tokens
+for SmolLM2-135M, 256 paragraphs of up to 128 tokens for MiniLM), the default one-shot pruning of ``--ratio`` of the heads (statistics with second
 moments, the default recipe and allocation, measured for encoders, least-squares refit), then
 for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
 model) a fresh copy of the pruned model distilled toward the unpruned one (on every calibration
@@ -70,7 +70,9 @@ def run(name: str, args) -> dict:
     teacher, kind = loaded.model, loaded.kind
     parts, held = texts.load_split(texts.DEFAULT_TEXT)
     calib = texts.interleave(parts)  # like held
-    batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=kind == "causal", **SETTINGS[kind])
+    # the selection's calibration as headprune prune takes it, the reference share included
+    batches, reference = texts.calibration_set(loaded.tokenizer, parts, texts.DEFAULT_TEXT, causal=kind == "causal",
+                                               reference=args.reference, **SETTINGS[kind])
     # smaller steps, more of them per CPU-minute
     step_size = args.batch_size or STEP_SEQUENCES[kind]
     # what headprune recover trains on: every calibration sequence, unless --recover-samples
@@ -119,7 +121,7 @@ def run(name: str, args) -> dict:
             "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
             "steps": args.steps, "trace_every": args.trace_every,
             "trained_on": sum(len(b["input_ids"]) for b in train_on), "recover_samples": args.recover_samples,
-            "calibration": SETTINGS[kind], "batch_size": step_size, "validation": args.validation,
+            "calibration": {**SETTINGS[kind], **reference}, "batch_size": step_size, "validation": args.validation,
             "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,
             "eval_paragraphs": args.paragraphs, "other_text": args.other_text_name or args.other_text, "rows": rows}
@@ -146,6 +148,9 @@ def main(argv=None):
     ap.add_argument("--recover-samples", type=int, default=None,
                     help="calibration sequences recovery trains on (default: every one, as headprune recover)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", type=float, default=texts.DEFAULT_REFERENCE,
+                    help="share of the selection's calibration sequences from the bundled texts the default text does "
+                         "not name (prune's --reference)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="sequences per recovery step (default: headprune recover's, 1 for causal LMs, 2 for encoders)")
     ap.add_argument("--out", default="recover.json", help="results file under benchmarks/results")

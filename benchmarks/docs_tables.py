@@ -244,6 +244,30 @@ def layouts_table(ctx, name: str = "layouts") -> str:
                   "perplexity / fidelity", "vs query", "plain from_pretrained"], out)
 
 
+def kv_table(ctx, name: str = "kv_shares") -> str:
+    """One row per (ratio, KV share): the KV heads left and, per evaluation text, the
+    perplexity and its ratio to the same ratio's even layout without a KV share."""
+    res = ctx["R"][name]
+    texts = list(dict.fromkeys(r["evaluated_on"] for r in res["rows"]))
+    q = {(r["evaluated_on"], r["ratio"], r["kv_share"]): r for r in res["rows"]}
+    out = []
+    for (text, ratio, share), r in q.items():
+        if text != texts[0] or ratio == 0:
+            continue
+        cells = [f"{num(q[t, ratio, share]['quality'], 4)} ({x(q[t, ratio, share]['quality'] / q[t, ratio, 0.0]['quality'])})"
+                 for t in texts]
+        out.append([pct(ratio), "none (default)" if share == 0 else f"`--kv-ratio {share:g}`",
+                    f"{r['kv_heads']} ({pct(r['kv_heads'] / res['kv_heads_total'] - 1)})", *cells])
+    base = [num(q[t, 0.0, 0.0]["quality"], 4) for t in texts]
+    out.insert(0, ["0%", "", str(res["kv_heads_total"]), *base])
+    return table(["heads", "KV share", "KV heads", *[f"`{t}`" for t in texts]], out)
+
+
+def kv_value(ctx, ratio: float, share: float, text: str, key: str = "quality", name: str = "kv_shares"):
+    """A field of one row of bench_kv's results."""
+    return one_row(ctx["R"][name], "rows", ratio=ratio, kv_share=share, evaluated_on=text)[key]
+
+
 def gguf_table(ctx, name: str = "gguf") -> str:
     """Perplexity of the unpruned and the pruned model, in float32 and as GGUF, per engine."""
     res = ctx["R"][name]["results"][0]
@@ -358,7 +382,7 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
 
 TABLES.update({f.__name__: f for f in (
     sweep_table, sweep_caption, targets_table, standing, recipe_value, calibration_table,
-    cli_rows_text, layout_value, layouts_table, gguf_table, gguf_generation, gguf_speed_table, learned_table,
+    cli_rows_text, layout_value, layouts_table, kv_table, kv_value, gguf_table, gguf_generation, gguf_speed_table, learned_table,
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
 TABLES.update(_RECOVER)
