@@ -3,7 +3,7 @@ removing at least a share of the KV heads (``--kv-ratio``), from none (the defau
 pruned head in whole groups, at several ratios of query heads, on text of the calibration's kind
 and on texts no bundled text is.
 
-    python benchmarks/bench_kv.py [--model smollm2] [--ratios 0.1,0.3,0.5]
+    python benchmarks/bench_kv.py [--models smollm2] [--ratios 0.1,0.3,0.5]
         [--kv-shares 0,0.1,0.2,0.25,0.3,0.4,0.5] [--calib persuasion]
         [--eval persuasion,python_tutorial,licences,cpp] [--out kv_shares.json]
 
@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
 from bench_layouts import kv_heads  # noqa: E402
-from bench_quality import calibration  # noqa: E402
+from bench_quality import calibration, point_args  # noqa: E402
 from bench_reference import build_texts  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
@@ -69,16 +69,14 @@ def run(args, specs: dict) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--ratios", type=floats, default=[0.1, 0.3, 0.5])
+    ap = point_args(__doc__, evals="persuasion,python_tutorial,licences,cpp", out="kv_shares.json")
+    ap.set_defaults(models="smollm2", ratios=[0.1, 0.3, 0.5])
     ap.add_argument("--kv-shares", type=floats, default=[0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5])
-    ap.add_argument("--calib", default="persuasion")
-    ap.add_argument("--eval", default="persuasion,python_tutorial,licences,cpp")
-    ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--damping", type=float, default=1e-2)
-    ap.add_argument("--out", default="kv_shares.json")
     args = ap.parse_args(argv)
+    if "," in args.models:
+        raise SystemExit(f"--models: one grouped-query model, got {args.models!r}")
+    args.model = args.models
     with tempfile.TemporaryDirectory() as tmp:
         specs, described, missing = build_texts(args.eval.split(","), Path(tmp))
         result = run(args, specs)
