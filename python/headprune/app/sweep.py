@@ -32,6 +32,7 @@ REMOVALS = ("refit", "mean", "zero")
 RECIPES = {
     "default": {},
     "default, spread evenly over the layers": {"scope": "per_layer"},
+    "default, sequential": {"sequential": True},
     "default, measured allocation": {"scope": "measured"},
     "default, measured allocation, heads ranked": {"scope": "measured", "choose": "ranking"},
     "reconstruction (OBS), per layer": {"score": "reconstruction", "scope": "per_layer"},
