@@ -5,6 +5,7 @@ from __future__ import annotations
 from docs_allocation import TABLES as _ALLOCATION
 from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
+from docs_sequential import TABLES as _SEQUENTIAL
 from make_docs import mean as _mean
 from make_docs import num, pct, table, x
 from make_docs import row as one_row
@@ -387,3 +388,4 @@ TABLES.update({f.__name__: f for f in (
 TABLES.update(_ALLOCATION)
 TABLES.update(_RECOVER)
 TABLES.update(_REFERENCE)
+TABLES.update(_SEQUENTIAL)

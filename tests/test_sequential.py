@@ -73,3 +73,29 @@ def test_encoder_decoders_are_refused():
     model, batches, scores = _setup("t5")
     with pytest.raises(ValueError, match="model: sequential calibration supports one stack of layers"):
         calibrate_sequentially(model, batches, scores, {0: 1})
+
+
+def test_the_sweeps_sequential_default_is_the_default_recalibrated(monkeypatch):
+    """The sweep's "default, sequential" recipe keeps the default's counts per layer and
+    re-chooses and refits them layer by layer, as `prune --sequential` does."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+    from headprune.ranking import select_heads, unit_sizes
+
+    model = tiny_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=3, head_dim=8,
+                       num_hidden_layers=3)
+    batches = [tiny_batch("llama", seed=s) for s in range(3)]
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+    config = S.SweepConfig(model="tiny", ratios=[0.5], seeds=0, quiet=True, eval_windows=1)
+    recipes = {k: S.RECIPES[k] for k in ("default", "default, sequential")}
+    res = S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, recipes,
+                      batches=batches)
+    one_shot = select_heads(scores, ratio=0.5, gqa=config.gqa, damping=config.damping)
+    unit = unit_sizes(scores, config.gqa)
+    want, _ = calibrate_sequentially(model, batches, scores, {s: len(h) // unit[s] for s, h in one_shot.items()},
+                                     gqa=config.gqa, damping=config.damping)
+    got = {int(k): v for k, v in res["heads"]["default, sequential"][0].items()}
+    assert want != one_shot  # (on this model the layer-by-layer choice differs)
+    assert got == want and {int(k): v for k, v in res["heads"]["default"][0].items()} == one_shot
+    assert {s: len(h) for s, h in got.items()} == {s: len(h) for s, h in one_shot.items()}

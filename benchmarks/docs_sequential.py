@@ -1,0 +1,43 @@
+"""The table of docs/quality.md on layer-by-layer calibration (``--sequential``; bench_quality.py
+with the sequential recipes, see make_docs.py and docs_tables.py)."""
+
+from __future__ import annotations
+
+from make_docs import num, pct, table, x
+
+#: (one-shot recipe, the same recipe calibrated layer by layer)
+PAIRS = (("default", "default, sequential"),
+         ("reconstruction (OBS), per layer", "reconstruction (OBS), per layer, sequential"))
+
+
+def _change(a: float, b: float, lower: bool) -> str:
+    return x(b / a) if lower else f"{b - a:+.4f}"
+
+
+def sequential_table(ctx, name: str = "quality_sequential") -> str:
+    """Per model, evaluation text and ratio: each pair's one-shot and sequential quality, and
+    the sequential's against the one-shot (a ratio of perplexities, a difference of fidelities)."""
+    rows = []
+    for res in ctx["R"][name]["results"]:
+        for i, ratio in enumerate(res["ratios"]):
+            cells = []
+            for one, seq in PAIRS:
+                a, b = res["recipes"][one][i], res["recipes"][seq][i]
+                cells += [num(a, 4), f"{num(b, 4)} ({_change(a, b, res['lower_is_better'])})"]
+            rows.append([res["model"], f"`{res['evaluated_on']}`", num(res["baseline"], 4), pct(ratio), *cells])
+    head = [h for one, _ in PAIRS for h in (f"`{one}`", "sequential")]
+    return table(["model", "evaluated on", "unpruned", "heads", *head], rows)
+
+
+def sequential_wins(ctx, pair: int = 0, name: str = "quality_sequential") -> tuple:
+    """``(points where the sequential recipe of PAIRS[pair] is better, points)``."""
+    one, seq = PAIRS[pair]
+    wins = total = 0
+    for res in ctx["R"][name]["results"]:
+        for a, b in zip(res["recipes"][one], res["recipes"][seq]):
+            total += 1
+            wins += (b < a) if res["lower_is_better"] else (b > a)
+    return wins, total
+
+
+TABLES = {f.__name__: f for f in (sequential_table, sequential_wins)}
