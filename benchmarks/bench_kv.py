@@ -18,7 +18,6 @@ Writes benchmarks/results/<out>.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -47,9 +46,10 @@ def run(args, specs: dict) -> dict:
     batches, settings = calibration(loaded, args.calib, None)
     scores = collect(loaded.model, batches, progress=False, moments=True)
     if not has_grouped_queries(scores):
-        raise SystemExit(f"--model: {args.model} has no grouped queries; every KV head goes with its query head")
+        raise SystemExit(f"--models: {args.model} has no grouped queries; every KV head goes with its query head")
     points = [(r, kv) for r in args.ratios for kv in args.kv_shares if kv <= r + 1e-9]
-    chosen = {p: select_heads(scores, ratio=p[0], gqa="even", kv_ratio=p[1] or None) for p in points}
+    chosen = {p: select_heads(scores, ratio=p[0], gqa="even", kv_ratio=p[1] or None, damping=args.damping)
+              for p in points}
     rows = []
     for text, spec in specs.items():
         _, held = texts.split(texts.load_paragraphs(spec))

@@ -80,8 +80,15 @@ def other_text(ctx, name: str) -> str:
                 f"{num(rec[key], digits)} recovered ({pct(rec[f'{key}_gap_closed'])} of the gap)")
 
     return (f"On `{res['other_text']}`, a kind of text recovery never trained on, a separate run of the "
-            f"{res['model']} default ({rec['steps']} steps, {num(rec['seconds'] / 60, 2)} min) measured {res['metric']} "
+            f"{res['model']} default{before_reference(ctx, name)} ({rec['steps']} steps, {num(rec['seconds'] / 60, 2)} min) measured {res['metric']} "
             f"{on('other')}; on its held-out text {on('held_out')}.")
 
 
-TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band, other_text)}
+def before_reference(ctx, name: str) -> str:
+    """``" (...)"`` where the run of ``name`` selected heads on a calibration without the
+    reference share (a run from before it), else nothing."""
+    return "" if "reference" in ctx["R"][name]["results"][0]["calibration"] else (
+        " (an earlier run, whose selection calibrated on the text alone, without the reference share)")
+
+
+TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band, other_text, before_reference)}
