@@ -25,20 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
-from bench_layouts import kv_heads  # noqa: E402
-from bench_quality import calibration, point_args  # noqa: E402
+from bench_layouts import evaluator, kv_heads  # noqa: E402
+from bench_quality import calibration, floats, point_args  # noqa: E402
 from bench_reference import build_texts  # noqa: E402
 
-from headprune.app import sweep as S  # noqa: E402
-from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
 from headprune.ranking.layouts import has_grouped_queries  # noqa: E402
-
-
-def floats(s: str) -> list:
-    return [float(x) for x in s.split(",")]
 
 
 def run(args, specs: dict) -> dict:
@@ -52,9 +46,7 @@ def run(args, specs: dict) -> dict:
               for p in points}
     rows = []
     for text, spec in specs.items():
-        _, held = texts.split(texts.load_paragraphs(spec))
-        point = S._Evaluator(S.SweepConfig(model=args.model, ratios=args.ratios, eval_windows=args.eval_windows,
-                                           damping=args.damping), loaded, held)
+        point = evaluator(loaded, args.model, spec, args)
         rows.append({"evaluated_on": text, "ratio": 0.0, "kv_share": 0.0, "heads_pruned": 0,
                      "kv_heads": sum(scores.num_kv_heads), "quality": point.baseline_value})
         for (ratio, kv), heads in chosen.items():

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
-from bench_quality import calibration  # noqa: E402
+from bench_quality import calibration, floats  # noqa: E402
 
 from headprune.hf.uniform import measure_uniform  # noqa: E402
 from headprune.app import sweep as S  # noqa: E402
@@ -81,6 +81,14 @@ def plain_quality(loaded, heads, scores, point, damping: float) -> tuple:
     return measure(model), measure(plain)
 
 
+def evaluator(loaded, name: str, spec: str, args) -> S._Evaluator:
+    """The sweep's evaluator of masked selections on the held-out part of ``spec`` (a text for
+    ``load_paragraphs``), with ``args``' ratios, windows and damping."""
+    _, held = texts.split(texts.load_paragraphs(spec))
+    return S._Evaluator(S.SweepConfig(model=name, ratios=args.ratios, eval_windows=args.eval_windows,
+                                      damping=args.damping), loaded, held)
+
+
 def run(name: str, args) -> dict:
     loaded = load_model(name)
     batches, settings = calibration(loaded, args.calib, None)
@@ -89,9 +97,7 @@ def run(name: str, args) -> dict:
     grouped = has_grouped_queries(scores)
     bytes_per_kv_head = 2 * scores.head_dim[0] * 4  # a key and a value row, float32
     for text in args.eval.split(","):
-        _, held = texts.split(texts.load_paragraphs(text))
-        point = S._Evaluator(S.SweepConfig(model=name, ratios=args.ratios, eval_windows=args.eval_windows,
-                                           damping=args.damping), loaded, held)
+        point = evaluator(loaded, name, text, args)
         rows.append({"evaluated_on": text, "layout": "unpruned", "ratio": 0.0, "heads_pruned": 0,
                      "kv_heads": sum(scores.num_kv_heads), "quality": point.baseline_value})
         for ratio in args.ratios:
@@ -123,7 +129,7 @@ def run(name: str, args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2,minilm")
-    ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5])
+    ap.add_argument("--ratios", type=floats, default=[0.1, 0.3, 0.5])
     ap.add_argument("--calib", default="persuasion")
     ap.add_argument("--eval", default="persuasion,python_tutorial")
     ap.add_argument("--eval-windows", type=int, default=16)

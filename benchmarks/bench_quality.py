@@ -29,6 +29,7 @@ from _common import write_results  # noqa: E402
 from headprune.app import sweep as S  # noqa: E402
 from headprune.ranking import DEFAULT_GQA  # noqa: E402
 from headprune.app import texts  # noqa: E402
+from headprune.app.commands import DEFAULTS  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
 
@@ -38,8 +39,7 @@ def calibration(loaded, spec: str, samples: int | None, reference: float = texts
     share of the samples each), with ``prune``'s reference share from the bundled texts the
     spec does not name (``--reference``)."""
     causal = loaded.kind == "causal"
-    n = samples or (64 if causal else 256)
-    seq = 256 if causal else 128
+    n, seq = samples or DEFAULTS[loaded.kind]["samples"], DEFAULTS[loaded.kind]["seq_len"]
     parts, _ = texts.load_split(spec)
     batches, ref = texts.calibration_set(loaded.tokenizer, parts, spec, causal=causal, samples=n, seq_len=seq,
                                          reference=reference)
@@ -65,12 +65,17 @@ def default_row(loaded, scores, batches, paragraphs, settings: dict, *, ratios: 
     return row
 
 
+def floats(text: str) -> list:
+    """``"0.3,0.5"`` -> ``[0.3, 0.5]`` (a comma-separated option)."""
+    return [float(v) for v in text.split(",")]
+
+
 def point_args(doc: str, *, evals: str, out: str) -> argparse.ArgumentParser:
     """The options of the benchmarks built on :func:`default_row`: models, ratios, one
     calibration text, evaluation texts, windows and the results file."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--models", default="smollm2,minilm")
-    ap.add_argument("--ratios", default="0.3,0.5", type=lambda t: [float(r) for r in t.split(",")])
+    ap.add_argument("--ratios", default="0.3,0.5", type=floats)
     ap.add_argument("--calib", default="persuasion")
     ap.add_argument("--eval", default=evals)
     ap.add_argument("--eval-windows", type=int, default=16, help="held-out perplexity windows (causal LMs)")

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write_results  # noqa: E402
+from bench_quality import calibration  # noqa: E402
 
 from headprune import select_heads, select_measured  # noqa: E402
 from headprune.app import evaluate as E  # noqa: E402
@@ -41,9 +42,6 @@ from headprune.app.load import load_model  # noqa: E402
 from headprune.app.recover_command import STEP_SEQUENCES, recovery_batches, split_validation  # noqa: E402
 from headprune.hf import collect, prune_heads, recover  # noqa: E402
 from headprune.ranking.recipes import default_allocation  # noqa: E402
-
-SETTINGS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 256, "seq_len": 128}}
-
 
 def quality(model, loaded, paragraphs, reference, windows) -> float:
     if loaded.kind == "causal":
@@ -71,12 +69,11 @@ def run(name: str, args) -> dict:
     parts, held = texts.load_split(texts.DEFAULT_TEXT)
     calib = texts.interleave(parts)  # like held
     # the selection's calibration as headprune prune takes it, the reference share included
-    batches, reference = texts.calibration_set(loaded.tokenizer, parts, texts.DEFAULT_TEXT, causal=kind == "causal",
-                                               reference=args.reference, **SETTINGS[kind])
+    batches, settings = calibration(loaded, texts.DEFAULT_TEXT, None, args.reference)
     # smaller steps, more of them per CPU-minute
     step_size = args.batch_size or STEP_SEQUENCES[kind]
     # what headprune recover trains on: every calibration sequence, unless --recover-samples
-    train_on = recovery_batches(loaded, parts, args.recover_samples, SETTINGS[kind]["seq_len"], step_size, "cpu")
+    train_on = recovery_batches(loaded, parts, args.recover_samples, settings["seq_len"], step_size, "cpu")
     steps_on, validation = split_validation(train_on, args.validation)
     paragraphs = {"held_out": held[: args.paragraphs], "calibration": calib[: args.paragraphs]}
     if args.other_text:  # a text of another kind, none of it trained on
@@ -121,7 +118,7 @@ def run(name: str, args) -> dict:
             "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
             "steps": args.steps, "trace_every": args.trace_every,
             "trained_on": sum(len(b["input_ids"]) for b in train_on), "recover_samples": args.recover_samples,
-            "calibration": {**SETTINGS[kind], **reference}, "batch_size": step_size, "validation": args.validation,
+            "calibration": settings, "batch_size": step_size, "validation": args.validation,
             "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,
             "eval_paragraphs": args.paragraphs, "other_text": args.other_text_name or args.other_text, "rows": rows}

@@ -4,7 +4,7 @@ and docs_tables.py)."""
 from __future__ import annotations
 
 from make_docs import mean as _mean
-from make_docs import num, pct, table, x
+from make_docs import change, num, pct, table
 
 EVEN, MEASURED = "default, spread evenly over the layers", "default, measured allocation"
 RANKED = "default, measured allocation, heads ranked"
@@ -34,9 +34,9 @@ def allocation_table(ctx, names: list = FILES) -> str:
             lower, ranked = res["lower_is_better"], res["recipes"].get(RANKED)
             for i, r in enumerate(res["ratios"]):
                 even, measured = pair[0][i], pair[1][i]
-                change = f"{x(measured / even)}" if lower else f"{measured - even:+.4f}"
+                diff = change(measured, even, lower, 4)
                 rows.append([res["model"], f"`{res['calibrated_on']}` -> `{res['evaluated_on']}`", pct(r),
-                             num(even, 4), num(ranked[i], 4) if ranked else "", num(measured, 4), change,
+                             num(even, 4), num(ranked[i], 4) if ranked else "", num(measured, 4), diff,
                              num(_mean(res["random"][i], lower), 4) if res["random"] else ""])
     return table(["model", "calibrated -> evaluated", "pruned", "spread evenly", "measured, heads ranked",
                   "measured (default)", "default vs even", "random, same removal"], rows)

@@ -3,15 +3,11 @@ with the sequential recipes, see make_docs.py and docs_tables.py)."""
 
 from __future__ import annotations
 
-from make_docs import num, pct, table, x
+from make_docs import change, num, pct, table
 
 #: (one-shot recipe, the same recipe calibrated layer by layer)
 PAIRS = (("default", "default, sequential"),
          ("reconstruction (OBS), per layer", "reconstruction (OBS), per layer, sequential"))
-
-
-def _change(a: float, b: float, lower: bool) -> str:
-    return x(b / a) if lower else f"{b - a:+.4f}"
 
 
 def sequential_table(ctx, name: str = "quality_sequential") -> str:
@@ -23,7 +19,7 @@ def sequential_table(ctx, name: str = "quality_sequential") -> str:
             cells = []
             for one, seq in PAIRS:
                 a, b = res["recipes"][one][i], res["recipes"][seq][i]
-                cells += [num(a, 4), f"{num(b, 4)} ({_change(a, b, res['lower_is_better'])})"]
+                cells += [num(a, 4), f"{num(b, 4)} ({change(b, a, res['lower_is_better'], 4)})"]
             rows.append([res["model"], f"`{res['evaluated_on']}`", num(res["baseline"], 4), pct(ratio), *cells])
     head = [h for one, _ in PAIRS for h in (f"`{one}`", "sequential")]
     return table(["model", "evaluated on", "unpruned", "heads", *head], rows)

@@ -7,7 +7,7 @@ from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
 from docs_sequential import TABLES as _SEQUENTIAL
 from make_docs import mean as _mean
-from make_docs import num, pct, table, x
+from make_docs import change, num, pct, table, x
 from make_docs import row as one_row
 
 
@@ -235,7 +235,7 @@ def layouts_table(ctx, name: str = "layouts") -> str:
                 "no (config cannot describe it)" if not r["plain_loadable"] else
                 "yes, identical" if r["plain_equal"] else "yes, **differs**")
             q0 = free[(r["evaluated_on"], r["ratio"])]
-            rel = x(r["quality"] / q0) if res["metric"] == "perplexity" else f"{r['quality'] - q0:+.3f}"
+            rel = change(r["quality"], q0, res["metric"] == "perplexity")
             out.append([res["model"], r["evaluated_on"], pct(r["ratio"]), f"`{r['layout']}`",
                         f"{r['heads_pruned']} ({pct(r['heads_pruned'] / res['heads_total'])})",
                         f"{r['kv_heads']} ({'+' if r['kv_heads'] > b['kv_heads'] else ''}"

@@ -53,6 +53,12 @@ def pct(v, digits: int = 0) -> str:
     return f"{100 * v:.{digits}f}%"
 
 
+def change(new: float, old: float, lower: bool, digits: int = 3) -> str:
+    """``new`` against ``old``: a ratio of perplexities (``lower`` is better, ``1.27x``) or a
+    signed difference of fidelities (``+0.012``)."""
+    return x(new / old) if lower else f"{new - old:+.{digits}f}"
+
+
 def mean(values: list, lower: bool) -> float:
     """The mean of repeated measurements: geometric for perplexities (``lower`` is better),
     arithmetic for fidelities."""

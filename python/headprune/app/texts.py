@@ -181,8 +181,7 @@ def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, ex
     names = reference_texts(exclude)
     if not names or samples < 1:
         return []
-    parts = [split(load_paragraphs(n))[0] for n in names]
-    return mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples, seq_len=seq_len,
+    return mixed_calibration_batches(tokenizer, load_split("+".join(names))[0], causal=causal, samples=samples, seq_len=seq_len,
                                      batch_size=batch_size)
 
 
