@@ -11,7 +11,7 @@ def recover_table(ctx, name: str) -> str:
     out = []
     for res in ctx["R"][name]["results"]:
         for row in res["rows"]:
-            extra = f"{row['steps']} steps, {num(row['seconds'] / 60, 2)} min" if "steps" in row else ""
+            extra = f"{row['steps']} steps, {num(row['seconds'] / 60, 3)} min" if "steps" in row else ""
             if row.get("best_step") is not None:
                 extra += f", kept step {row['best_step']}"
             out.append([f"{res['model']}, {pct(res['ratio'])} pruned", row["model"], num(row["held_out"], 4),
@@ -80,7 +80,7 @@ def other_text(ctx, name: str) -> str:
                 f"{num(rec[key], digits)} recovered ({pct(rec[f'{key}_gap_closed'])} of the gap)")
 
     return (f"On `{res['other_text']}`, a kind of text recovery never trained on, a separate run of the "
-            f"{res['model']} default{before_reference(ctx, name)} ({rec['steps']} steps, {num(rec['seconds'] / 60, 2)} min) measured {res['metric']} "
+            f"{res['model']} default{before_reference(ctx, name)} ({rec['steps']} steps, {num(rec['seconds'] / 60, 3)} min) measured {res['metric']} "
             f"{on('other')}; on its held-out text {on('held_out')}.")
 
 

@@ -26,14 +26,16 @@ def sequential_table(ctx, name: str = "quality_sequential") -> str:
 
 
 def sequential_wins(ctx, pair: int = 0, name: str = "quality_sequential") -> tuple:
-    """``(points where the sequential recipe of PAIRS[pair] is better, points)``."""
+    """``(better, level, worse)``: the points where the sequential recipe of PAIRS[pair] is
+    better than its one-shot recipe, level with it at the table's precision, and worse."""
     one, seq = PAIRS[pair]
-    wins = total = 0
+    out = [0, 0, 0]
     for res in ctx["R"][name]["results"]:
+        lower = res["lower_is_better"]
         for a, b in zip(res["recipes"][one], res["recipes"][seq]):
-            total += 1
-            wins += (b < a) if res["lower_is_better"] else (b > a)
-    return wins, total
+            level = change(b, a, lower, 4) in ("1.00x", "+0.0000", "-0.0000")
+            out[1 if level else 0 if (b < a) == lower else 2] += 1
+    return tuple(out)
 
 
 TABLES = {f.__name__: f for f in (sequential_table, sequential_wins)}
