@@ -238,6 +238,34 @@ def test_time_budget_stops_after_a_step(llama):
     assert report.steps == 1 and report.stopped == "time_budget"
 
 
+class _Clock:
+    """A fake ``time.perf_counter`` for the training loop: time passes only when a step runs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("budget,closing,expected", [(5.2, 0.5, 4), (5.5, 0.5, 5), (5.2, 0.0, 5), (0.5, 0.0, 1)])
+def test_time_budget_holds_the_closing_work(monkeypatch, budget, closing, expected):
+    """A step starts only if it and the closing work fit: one-second steps, ``closing`` seconds after."""
+    from headprune.hf import training
+
+    clock = _Clock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+
+    def step(batch, index):
+        clock.now += 1.0
+        return 0.0
+
+    done, losses, stopped = training._loop(step, [{}], 50, 0, budget, False, None, 10, None, None,
+                                           closing=lambda: closing)
+    assert (done, stopped) == (expected, "time_budget")
+    assert clock.now + closing <= budget or expected == 1  # the first step always runs
+
+
 def test_the_recovered_model_saves_and_reloads_exactly(llama, tmp_path):
     teacher, pruned, batches = llama
     student = copy.deepcopy(pruned)

@@ -239,7 +239,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learn-steps", type=positive, default=LEARN_STEPS,
                    help=f"--score learned: training steps, one calibration batch each (default {LEARN_STEPS})")
     g.add_argument("--learn-seconds", type=positive_float, default=None,
-                   help="--score learned: stop training after the step that passes this many seconds (default: none)")
+                   help="--score learned: stop training before a step that would end past this many seconds (default: none)")
     g.add_argument("--learn-checkpoint", default=None, metavar="FILE",
                    help="--score learned: keep the gates' training state in FILE and resume from it when it exists "
                         "(refused when it was written for another model, text or settings)")

@@ -39,7 +39,7 @@ def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int
     806 paragraphs reached 0.9607 held-out fidelity (benchmarks/results/recover_minilm.json at edfe701),
     against 0.9530 over the 256 the selection calibrates on (that file at 9bc6772); on
     SmolLM2-135M, 10 minutes over its 217 windows closed 64% of the held-out perplexity gap
-    (recover_smollm2_batch1.json), over the pruning's 64 windows 37% (recover_smollm2_64.json).
+    (recover_smollm2_batch1.json at 74cb3bc), over the pruning's 64 windows 37% (recover_smollm2_64.json).
     Teacher targets are cached per batch when first used, so their memory grows with the steps
     run, not with the text."""
     causal = loaded.kind == "causal"

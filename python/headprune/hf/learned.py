@@ -210,7 +210,7 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
 
     done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every,
                                   lambda n: ckpt.save(params, optimizer, n),
-                                  _bar(progress, done, steps, "headprune: learning gates"), postfix)
+                                  _bar(progress, done, steps, "headprune: learning gates"), postfix, started=t0)
     out = log_alpha.detach().double().masked_fill(~valid, math.nan)
     return LearnedGates(out, done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,
                         losses[-1] if losses else math.nan,

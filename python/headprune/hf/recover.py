@@ -225,7 +225,9 @@ def recover(student, teacher, batches, *, steps: int, lr: Optional[float] = None
             of the student's kind.
         train: ``"attention"`` (the default: the q/k/v/o weights and biases of every
             attention site) or ``"o_proj"`` (the output projections' only). Nothing else trains.
-        time_budget_s: stop after the step that passes this many seconds (of this call).
+        time_budget_s: the seconds this call may take: a step starts only if it and the closing
+            validation pass are expected to end within them (estimated from the longest of the
+            last eight steps and the last validation pass); the first step always runs.
         progress: ``True`` for a progress bar, or a callable ``progress(step, steps, loss)``
             called after every step (an exception it raises stops the run like any other).
         checkpoint: a file rewritten atomically every ``checkpoint_every`` steps and at the
@@ -243,6 +245,7 @@ def recover(student, teacher, batches, *, steps: int, lr: Optional[float] = None
     exactly as they were; on every exit its ``requires_grad`` flags are as they were and it
     is in eval mode. Training runs in eval mode (no dropout: the targets are exact).
     """
+    started = time.perf_counter()
     if lr is None:
         lr = default_lr(student)
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
@@ -263,7 +266,7 @@ def recover(student, teacher, batches, *, steps: int, lr: Optional[float] = None
         with _training(student, params):
             val = None if validation is None else _Validation(teacher, validation, validate_every)
             return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt,
-                        checkpoint_every, resume, train, val)
+                        checkpoint_every, resume, train, val, started)
     finally:
         teacher.train(teacher_mode)
 
@@ -291,6 +294,7 @@ class _Validation:
     def __init__(self, teacher, batches: Sequence, every: int):
         self.targets, self.batches, self.every = _Teacher(teacher, cache=True), list(batches), every
         self.first = self.best_loss = self.best_step = self.best = None
+        self.seconds = 0.0  # the last measurement's
 
     @torch.no_grad()
     def loss(self, student) -> float:
@@ -301,7 +305,9 @@ class _Validation:
         return total / len(self.batches)
 
     def measure(self, student, params: dict, step: int) -> None:
+        began = time.perf_counter()
         loss = self.loss(student)
+        self.seconds = time.perf_counter() - began
         if self.first is None:
             self.first = loss
         if self.best_loss is None or loss < self.best_loss:  # NaN never becomes the best
@@ -328,8 +334,7 @@ class _Validation:
 
 
 def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, every, resume, train,
-         val: Optional[_Validation]) -> RecoverReport:
-    t0 = time.perf_counter()
+         val: Optional[_Validation], t0: float) -> RecoverReport:
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     load = None if val is None else (lambda state: val.load(state, params))
     done = start = _resume(ckpt, params, optimizer, load) if resume else 0
@@ -358,9 +363,9 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
         val.measure(student, params, n)
         return True
 
-    hooks = {} if val is None else {"after": after, "finish": finish}
+    hooks = {} if val is None else {"after": after, "finish": finish, "closing": lambda: val.seconds}
     done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every, save,
-                                  _bar(progress, done, steps), **hooks)
+                                  _bar(progress, done, steps), started=t0, **hooks)
     extra = {}
     if val is not None:
         val.keep_best(params)

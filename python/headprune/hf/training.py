@@ -6,6 +6,7 @@ weights or batches)."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import itertools
@@ -147,37 +148,48 @@ def _bar(progress, done: int, steps: int, desc: str = "headprune: recovering"):
 
 def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt, every: int, save: Callable,
           bar, postfix: Optional[Callable] = None, after: Optional[Callable] = None,
-          finish: Optional[Callable] = None) -> tuple:
+          finish: Optional[Callable] = None, started: Optional[float] = None,
+          closing: Optional[Callable] = None) -> tuple:
     """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps``, one batch each (the
     batches cycled, the ones the first ``done`` steps used skipped), calling ``after(n)`` once
     step ``n`` is done, saving through ``save(n)`` every ``every`` steps and at the end when
     ``ckpt`` is set, reporting to the progress bar or the ``progress(step, steps, loss)``
-    callable, stopping after the step that passes ``budget`` seconds. On a normal end,
-    ``finish(n)`` runs before the last save and returns whether it changed what a checkpoint
-    holds. Returns ``(steps done, losses of this call, why it stopped)``."""
-    t0 = time.perf_counter()
+    callable. On a normal end, ``finish(n)`` runs before the last save and returns whether it
+    changed what a checkpoint holds. Returns ``(steps done, losses of this call, why it stopped)``.
+
+    ``budget``: seconds since ``started`` (default: now) that the whole call may take. A step
+    starts only if it is expected to end in time with what follows the last step: the longest
+    of the last eight steps, ``closing()`` seconds (the caller's estimate of what it runs after
+    a step that ends the run: a validation pass) and two checkpoint saves as long as the longest
+    seen. The first step of a call always runs."""
+    t0 = time.perf_counter() if started is None else started
+    took, saving = collections.deque(maxlen=8), 0.0
     it = _cycle(batches)
     for _ in itertools.islice(it, done):  # the batches the checkpoint's steps used
         pass
     saved, losses, stopped = done, [], "steps"
     try:
         while done < steps:
+            if budget is not None and took and (time.perf_counter() - t0 + max(took) + 2 * saving
+                                                + (closing() if closing is not None else 0.0)) > budget:
+                stopped = "time_budget"
+                break
             batch = next(it)  # first: an empty list raises its own error here
+            began = time.perf_counter()
             losses.append(step(batch, done % len(batches) if isinstance(batches, Sequence) else done))
+            took.append(time.perf_counter() - began)
             done += 1
             if after is not None:
                 after(done)
             if ckpt is not None and done % every == 0:
+                began = time.perf_counter()
                 save(done)
-                saved = done
+                saving, saved = max(saving, time.perf_counter() - began), done
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4g}", **(postfix() if postfix else {}))
             elif callable(progress):
                 progress(done, steps, losses[-1])
-            if budget is not None and done < steps and time.perf_counter() - t0 >= budget:
-                stopped = "time_budget"
-                break
     finally:
         if bar is not None:
             bar.close()
