@@ -248,9 +248,11 @@ class _Clock:
         return self.now
 
 
-@pytest.mark.parametrize("budget,closing,expected", [(5.2, 0.5, 4), (5.5, 0.5, 5), (5.2, 0.0, 5), (0.5, 0.0, 1)])
+@pytest.mark.parametrize("budget,closing,expected", [(5.2, 0.5, 4), (6.0, 0.5, 5), (5.3, 0.0, 5), (5.2, 0.0, 4),
+                                                     (0.5, 0.0, 1)])
 def test_time_budget_holds_the_closing_work(monkeypatch, budget, closing, expected):
-    """A step starts only if it and the closing work fit: one-second steps, ``closing`` seconds after."""
+    """A step starts only if it and the closing work fit with the margin: one-second steps,
+    ``closing`` seconds after."""
     from headprune.hf import training
 
     clock = _Clock()

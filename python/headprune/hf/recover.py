@@ -227,7 +227,8 @@ def recover(student, teacher, batches, *, steps: int, lr: Optional[float] = None
             attention site) or ``"o_proj"`` (the output projections' only). Nothing else trains.
         time_budget_s: the seconds this call may take: a step starts only if it and the closing
             validation pass are expected to end within them (estimated from the longest of the
-            last eight steps and the last validation pass); the first step always runs.
+            last eight steps and the last validation pass, with a margin: see
+            ``headprune.hf.training.MARGIN``); the first step always runs.
         progress: ``True`` for a progress bar, or a callable ``progress(step, steps, loss)``
             called after every step (an exception it raises stops the run like any other).
         checkpoint: a file rewritten atomically every ``checkpoint_every`` steps and at the

@@ -21,6 +21,9 @@ import torch
 from .. import atomic
 
 CHECKPOINT_FORMAT = "headprune.recover/1"
+#: how much longer than the longest recent step (and the closing work) a time budget allows for
+#: the next: on a shared machine a step can take longer than the eight before it
+MARGIN = 1.25
 
 
 def _check_run(steps, lr, time_budget_s, checkpoint_every) -> None:
@@ -159,9 +162,10 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
 
     ``budget``: seconds since ``started`` (default: now) that the whole call may take. A step
     starts only if it is expected to end in time with what follows the last step: the longest
-    of the last eight steps, ``closing()`` seconds (the caller's estimate of what it runs after
-    a step that ends the run: a validation pass) and two checkpoint saves as long as the longest
-    seen. The first step of a call always runs."""
+    of the last eight steps and ``closing()`` seconds (the caller's estimate of what it runs
+    after a step that ends the run: a validation pass), with :data:`MARGIN` for a step slower
+    than the ones before, and two checkpoint saves as long as the longest seen. The first step
+    of a call always runs."""
     t0 = time.perf_counter() if started is None else started
     took, saving = collections.deque(maxlen=8), 0.0
     it = _cycle(batches)
@@ -170,8 +174,8 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
     saved, losses, stopped = done, [], "steps"
     try:
         while done < steps:
-            if budget is not None and took and (time.perf_counter() - t0 + max(took) + 2 * saving
-                                                + (closing() if closing is not None else 0.0)) > budget:
+            if budget is not None and took and (time.perf_counter() - t0 + 2 * saving + MARGIN * (
+                    max(took) + (closing() if closing is not None else 0.0))) > budget:
                 stopped = "time_budget"
                 break
             batch = next(it)  # first: an empty list raises its own error here
