@@ -29,6 +29,7 @@ from bench_layouts import evaluator, kv_heads  # noqa: E402
 from bench_quality import calibration, floats, point_args  # noqa: E402
 from bench_reference import build_texts  # noqa: E402
 
+from headprune.app import sweep as S  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf import collect  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
@@ -64,7 +65,7 @@ def main(argv=None):
     ap = point_args(__doc__, evals="persuasion,python_tutorial,licences,cpp", out="kv_shares.json")
     ap.set_defaults(models="smollm2", ratios=[0.1, 0.3, 0.5])
     ap.add_argument("--kv-shares", type=floats, default=[0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5])
-    ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
     args = ap.parse_args(argv)
     if "," in args.models:
         raise SystemExit(f"--models: one grouped-query model, got {args.models!r}")

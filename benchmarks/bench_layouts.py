@@ -133,7 +133,7 @@ def main(argv=None):
     ap.add_argument("--calib", default="persuasion")
     ap.add_argument("--eval", default="persuasion,python_tutorial")
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--damping", type=float, default=1e-2)
+    ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
     ap.add_argument("--out", default="layouts.json")
     args = ap.parse_args(argv)
     results = [run(m, args) for m in args.models.split(",")]

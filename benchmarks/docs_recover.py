@@ -48,6 +48,19 @@ def recover_gain(ctx, name: str, model: str, goal: float) -> str:
             f"{'meeting' if gain >= goal else 'short of'} the goal of {goal:+.2f} on held-out text.")
 
 
+def recover_budget(ctx, name: str, model: str = "recovered attention lr=default", goal: float = 0.5) -> str:
+    """One sentence: a causal LM's recovery (the row ``model``) within its time budget, the
+    fraction of the held-out and the calibration text's gap it closed, against ``goal``."""
+    res = ctx["R"][name]["results"][0]
+    rec = one_row(res, "rows", model=model)
+    closed = rec["held_out_gap_closed"]
+    return (f"With a budget of {res['minutes']:g} minutes (the run took {num(rec['seconds'] / 60, 3)} minutes of wall "
+            "time, the closing validation included: a step starts only if it is expected to end within the budget) "
+            f"recovery closes {pct(closed)} of the held-out gap, {'meeting' if closed >= goal else 'short of'} the goal "
+            f"of half, and {pct(rec['calibration_gap_closed'])} of the calibration text's: the held-out figure is the "
+            "one to trust.")
+
+
 def trace_band(ctx, name: str) -> str:
     """One sentence: the range the traced held-out quality spans after its first point and over
     the run's second half, as values and as fractions of the pruning's gap, and the step the
@@ -91,4 +104,5 @@ def before_reference(ctx, name: str) -> str:
         " (an earlier run, whose selection calibrated on the text alone, without the reference share)")
 
 
-TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, trace_band, other_text, before_reference)}
+TABLES = {f.__name__: f for f in (recover_table, trace_table, recover_gain, recover_budget, trace_band, other_text,
+                                  before_reference)}

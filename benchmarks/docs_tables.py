@@ -255,8 +255,7 @@ def kv_table(ctx, name: str = "kv_shares") -> str:
     for (text, ratio, share), r in q.items():
         if text != texts[0] or ratio == 0:
             continue
-        cells = [f"{num(q[t, ratio, share]['quality'], 4)} ({x(q[t, ratio, share]['quality'] / q[t, ratio, 0.0]['quality'])})"
-                 for t in texts]
+        cells = [f"{num(q[t, ratio, share]['quality'], 4)} ({kv_change(ctx, ratio, share, t, name)})" for t in texts]
         out.append([pct(ratio), "none (default)" if share == 0 else f"`--kv-ratio {share:g}`",
                     f"{r['kv_heads']} ({pct(r['kv_heads'] / res['kv_heads_total'] - 1)})", *cells])
     base = [num(q[t, 0.0, 0.0]["quality"], 4) for t in texts]
@@ -267,6 +266,11 @@ def kv_table(ctx, name: str = "kv_shares") -> str:
 def kv_value(ctx, ratio: float, share: float, text: str, key: str = "quality", name: str = "kv_shares"):
     """A field of one row of bench_kv's results."""
     return one_row(ctx["R"][name], "rows", ratio=ratio, kv_share=share, evaluated_on=text)[key]
+
+
+def kv_change(ctx, ratio: float, share: float, text: str, name: str = "kv_shares") -> str:
+    """The perplexity at a KV share against the same ratio's without one (``1.15x``)."""
+    return change(kv_value(ctx, ratio, share, text, name=name), kv_value(ctx, ratio, 0.0, text, name=name), True)
 
 
 def gguf_table(ctx, name: str = "gguf") -> str:
@@ -383,7 +387,7 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
 
 TABLES.update({f.__name__: f for f in (
     sweep_table, sweep_caption, targets_table, standing, recipe_value, calibration_table,
-    cli_rows_text, layout_value, layouts_table, kv_table, kv_value, gguf_table, gguf_generation, gguf_speed_table, learned_table,
+    cli_rows_text, layout_value, layouts_table, kv_table, kv_value, kv_change, gguf_table, gguf_generation, gguf_speed_table, learned_table,
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
 TABLES.update(_RECOVER)

@@ -181,8 +181,8 @@ def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, ex
     names = reference_texts(exclude)
     if not names or samples < 1:
         return []
-    return mixed_calibration_batches(tokenizer, load_split("+".join(names))[0], causal=causal, samples=samples, seq_len=seq_len,
-                                     batch_size=batch_size)
+    return mixed_calibration_batches(tokenizer, load_split("+".join(names))[0], causal=causal, samples=samples,
+                                     seq_len=seq_len, batch_size=batch_size)
 
 
 def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool, samples: int, seq_len: int,

@@ -135,6 +135,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     The model's weights, ``requires_grad`` flags and train/eval mode are as they were on
     every exit; it runs in eval mode (no dropout).
     """
+    started = time.perf_counter()
     _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
@@ -157,7 +158,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     with frozen(model):
         opens = (float(open_probability(torch.tensor(float(init)))), 1.0 - float(ratio))
         return _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, time_budget_s,
-                    progress, ckpt, checkpoint_every, resume)
+                    progress, ckpt, checkpoint_every, resume, started)
 
 
 def _target(step: int, steps: int, warmup: float, keep: float, start: float) -> float:
@@ -182,9 +183,8 @@ def project(log_alpha: torch.Tensor, valid: torch.Tensor, target: float) -> None
 
 
 def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, budget, progress, ckpt,
-         every, resume) -> LearnedGates:
+         every, resume, t0: float) -> LearnedGates:
     start_open, keep = opens
-    t0 = time.perf_counter()
     done = start = _resume(ckpt, params, optimizer) if resume else 0
     teacher = _Teacher(model, cache=isinstance(batches, Sequence))
     log_alpha = params["log_alpha"]
