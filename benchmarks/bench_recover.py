@@ -6,7 +6,7 @@
 
 For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
 shares, and ``--reference`` of them from the bundled code: 64 windows of 256 tokens for
-SmolLM2-135M, 256 paragraphs of up to 128 tokens for MiniLM), the default one-shot pruning of
+SmolLM2-135M, 512 paragraphs of up to 128 tokens for MiniLM), the default one-shot pruning of
 ``--ratio`` of the heads (statistics with second moments, the default recipe and allocation, measured for encoders, least-squares refit), then
 for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
 model) a fresh copy of the pruned model distilled toward the unpruned one (on every calibration

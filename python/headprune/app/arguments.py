@@ -159,7 +159,7 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = Fa
                         f"joined by + to mix them in equal shares (default {DEFAULT_TEXT})")
     if calibrates:
         g.add_argument("--samples", type=positive, default=None,
-                       help="calibration sequences (default 64 for causal LMs, 256 for encoders)")
+                       help="calibration sequences (default 64 for causal LMs, 512 for encoders)")
         g.add_argument("--seq-len", type=positive, default=None,
                        help="calibration sequence length in tokens (default 256 for causal LMs, 128 for encoders)")
         g.add_argument("--batch-size", type=positive, default=8, help="calibration sequences per forward (default 8)")
