@@ -112,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--gqa", default=DEFAULT_GQA)
     ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
-    ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default 64 causal, 512 encoder)")
+    ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default: headprune.app.commands.DEFAULTS, prune's)")
     ap.add_argument("--reference", type=float, default=texts.DEFAULT_REFERENCE,
                     help="share of the calibration sequences from the bundled texts --calib does not name (prune's "
                          "--reference)")

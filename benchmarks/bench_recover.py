@@ -5,8 +5,8 @@
         [--configs attention:default,o_proj:1e-4] [--validation 0.1] [--ratio 0.5] [--out recover.json]
 
 For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
-shares, and ``--reference`` of them from the bundled code: 64 windows of 256 tokens for
-SmolLM2-135M, 512 paragraphs of up to 128 tokens for MiniLM), the default one-shot pruning of
+shares, and ``--reference`` of them from the bundled code, as many sequences as ``headprune prune``
+takes by default: ``headprune.app.commands.DEFAULTS``), the default one-shot pruning of
 ``--ratio`` of the heads (statistics with second moments, the default recipe and allocation, measured for encoders, least-squares refit), then
 for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
 model) a fresh copy of the pruned model distilled toward the unpruned one (on every calibration

@@ -13,8 +13,8 @@ C++ headers of the installed torch (``torch/include/c10/util/*.h``, sorted, the 
 characters); ``perl``, Perl modules of Debian's dpkg (``/usr/share/perl5/Dpkg/*.pm``, sorted).
 Each text is split like every text (its first 70% of paragraphs would calibrate, the last 30%
 is evaluated). For each model and share the statistics and second moments are collected once
-(``--samples`` of ``bench_quality.py``: 64 x 256 tokens for causal LMs, 256 paragraphs for
-encoders, the share taken from the reference), then the default recipe is evaluated on every
+(``--samples`` of ``bench_quality.py``, by default ``headprune prune``'s, the share taken from
+the reference), then the default recipe is evaluated on every
 text as ``bench_quality.py`` evaluates it. Writes benchmarks/results/quality_reference.json.
 """
 

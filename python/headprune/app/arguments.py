@@ -9,6 +9,7 @@ import argparse
 from ..ranking import ALLOCATIONS, DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS, SCORES
 from ..stats.moments import DEFAULT_DAMPING
 from .load import BUNDLED_MODELS, DTYPES
+from .commands import DEFAULTS
 from .sweep import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_REFERENCE, DEFAULT_TEXT
 
@@ -159,9 +160,11 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = Fa
                         f"joined by + to mix them in equal shares (default {DEFAULT_TEXT})")
     if calibrates:
         g.add_argument("--samples", type=positive, default=None,
-                       help="calibration sequences (default 64 for causal LMs, 512 for encoders)")
+                       help=f"calibration sequences (default {DEFAULTS['causal']['samples']} for causal LMs, "
+                            f"{DEFAULTS['encoder']['samples']} for encoders)")
         g.add_argument("--seq-len", type=positive, default=None,
-                       help="calibration sequence length in tokens (default 256 for causal LMs, 128 for encoders)")
+                       help=f"calibration sequence length in tokens (default {DEFAULTS['causal']['seq_len']} for causal LMs, "
+                            f"{DEFAULTS['encoder']['seq_len']} for encoders)")
         g.add_argument("--batch-size", type=positive, default=8, help="calibration sequences per forward (default 8)")
         g.add_argument("--generated", type=nonnegative_int, default=0, metavar="N",
                        help="causal LMs: add N sequences of --seq-len tokens sampled from the model itself "

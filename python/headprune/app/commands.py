@@ -26,8 +26,9 @@ from .sweep import SweepConfig
 #: all-MiniLM-L6-v2 the refit of the default recipe, fitted on 512 instead of 256, kept held-out
 #: fidelity 0.9780 / 0.9484 at 30% / 50% of heads on the Python tutorial (0.9764 / 0.9428 on
 #: 256), 0.9833 / 0.9550 on the prose (0.9822 / 0.9541) and 0.9721 / 0.9331 calibrated on the
-#: prose and evaluated on the tutorial (0.9708 / 0.9278), for a few seconds more of collection;
-#: the Debian licences 0.9808 / 0.9529 (0.9814 / 0.9539); 768 measured no better than 512.
+#: prose and evaluated on the tutorial (0.9708 / 0.9278), for about 5 s more of collection with
+#: moments (5 s -> 10 s on 2 cores); the Debian licences 0.9808 / 0.9529 (0.9814 / 0.9539);
+#: 768 measured within 0.0004 of 512 on the tutorial.
 #: benchmarks/results/quality_default_minilm*.json hold the 512 runs, the same files at 4783ba0 the 256.
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 512, "seq_len": 128}}
 
