@@ -1,14 +1,19 @@
-"""GGUF in, GGUF out: SmolLM2-135M (Q4_1 GGUF) pruned to a uniform layout with the default
-ranking and the least-squares refit, written back as GGUF by ``export_gguf``, and read by
-transformers' GGUF loader and by llama.cpp (llama-cpp-python).
+"""GGUF in, GGUF out: SmolLM2-135M (Q4_1 GGUF) pruned with the default ranking and the
+least-squares refit, to a uniform layout (``--layout uniform``: llama.cpp's ``llama``
+architecture) or to the default's per-layer layouts (``--layout default``: its ``deci``
+architecture, per-layer head counts), written back as GGUF by ``export_gguf``, and read by
+transformers and by llama.cpp (llama-cpp-python).
 
-    python benchmarks/bench_gguf.py [--ratio 0.3] [--gqa even|group] [--eval persuasion,python_tutorial]
-        [--llama-python /path/to/python-with-llama_cpp] [--speed-context 4096] [--out gguf.json]
+    python benchmarks/bench_gguf.py [--ratio 0.3] [--layout uniform|default] [--gqa even|group]
+        [--eval persuasion,python_tutorial] [--llama-python /path/to/python-with-llama_cpp]
+        [--speed-context 4096] [--out gguf.json]
 
 Perplexity on the held-out windows headprune's evaluation uses (256 tokens, 16 windows) of:
-the unpruned model and the pruned model in float32 (transformers); the written GGUF read back
-through headprune's loader (transformers' GGUF loader: the attention re-quantised to Q4_1);
-and, when a Python with ``llama_cpp`` is given (it builds from PyPI in many minutes, so it is
+the unpruned model and the pruned model in float32 (transformers); the written GGUF through
+transformers: a ``llama`` file read back by headprune's loader (transformers' GGUF loader: the
+attention re-quantised to Q4_1), a ``deci`` file, which that loader does not read, by loading
+its dequantised attention tensors into the pruned model (every other tensor is the source's,
+byte for byte); and, when a Python with ``llama_cpp`` is given (it builds from PyPI in many minutes, so it is
 kept out of the test suite), the original and the pruned GGUF in llama.cpp, fed the same
 token ids. Also the file sizes and a short greedy generation by llama.cpp from the pruned GGUF.
 
@@ -45,7 +50,8 @@ from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import bundled_path, load_model  # noqa: E402
 from headprune.hf import collect, prune_heads  # noqa: E402
-from headprune.hf.gguf_export import export_gguf  # noqa: E402
+from headprune.hf.adapters import get_adapter, head_dim, resolve_sites  # noqa: E402
+from headprune.hf.gguf_export import export_gguf, gguf_architecture  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
 
 LLAMA_SCRIPT = textwrap.dedent("""
@@ -105,6 +111,44 @@ LLAMA_SCRIPT = textwrap.dedent("""
 """)
 
 
+def load_gguf_attention(model, path) -> None:
+    """The attention tensors of the GGUF ``path`` (dequantised, llama.cpp's rotary row order
+    undone) copied into ``model``, whose layout they were written from."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    adapter = get_adapter(model)
+    for s in resolve_sites(model, adapter):
+        b = s.block
+        for part, key in ((b.q, "attn_q"), (b.k, "attn_k"), (b.v, "attn_v"), (b.o, "attn_output")):
+            lin = s.sub(part)
+            for kind in ("weight", "bias"):
+                t = tensors.get(f"blk.{s.index}.{key}.{kind}")
+                if t is None:
+                    continue
+                value = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+                if getattr(lin, kind, None) is None:  # the zero q/k/v biases written beside a refit's
+                    assert not value.any(), f"{t.name}: a bias the model does not have"
+                    continue
+                value = value.reshape(getattr(lin, kind).shape)
+                if key in ("attn_q", "attn_k"):  # the inverse of export_gguf's _permute
+                    heads = value.shape[0] // head_dim(s, adapter)
+                    value = value.reshape(heads, -1, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
+                with torch.no_grad():
+                    getattr(lin, kind).copy_(value)
+
+
+def read_back(loaded, path, arch: str, ppl) -> dict:
+    """The written GGUF's perplexity through transformers: a ``llama`` file read by headprune's
+    loader, a ``deci`` file (which that loader does not read) as its attention tensors loaded
+    into the pruned model (every other tensor is the source's)."""
+    if arch == "llama":
+        back = load_model(str(path))
+        return {"pruned GGUF (transformers' GGUF loader)": ppl(back.model)}
+    load_gguf_attention(loaded.model, path)
+    return {"pruned GGUF (its tensors in transformers)": ppl(loaded.model)}
+
+
 def windows(tokenizer, paragraphs, window: int, count: int) -> list:
     """The token windows headprune.app.evaluate.perplexity scores (stride = window)."""
     ids = texts.token_windows(tokenizer, paragraphs, 1).view(-1)
@@ -157,12 +201,15 @@ def speed_summary(speed: dict, args) -> dict:
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--calib", default="persuasion")
     ap.add_argument("--eval", default="persuasion,python_tutorial")
     ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--layout", default="uniform", choices=["uniform", "default"],
+                    help="one layout in every layer (llama.cpp's llama architecture), or the default selection's "
+                         "per-layer layouts (its deci architecture)")
     ap.add_argument("--gqa", default="even", choices=["even", "group"],
                     help="uniform layout of query heads in even KV groups, or of whole KV groups (--ratio 0.3333: "
                          "one group of three per layer)")
@@ -172,7 +219,11 @@ def main(argv=None):
     ap.add_argument("--speed-rounds", type=int, default=7, help="timed rounds (pruned and unpruned in rotation)")
     ap.add_argument("--speed-threads", type=int, default=2)
     ap.add_argument("--out", default="gguf.json")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(0)
     loaded = load_model("smollm2")
     folder, name = bundled_path("smollm2")
@@ -186,20 +237,19 @@ def main(argv=None):
                 for t, p in held.items()}
 
     rows = {"unpruned (transformers, float32)": ppl(loaded.model)}
-    heads = select_heads(scores, ratio=args.ratio, uniform=True, gqa=args.gqa)
+    heads = select_heads(scores, ratio=args.ratio, uniform=args.layout == "uniform", gqa=args.gqa)
     prune_heads(loaded.model, heads, reconstruct=scores)
     rows["pruned (transformers, float32)"] = ppl(loaded.model)
-    result = {"ratio": args.ratio, "gqa": args.gqa, "heads_pruned": sum(map(len, heads.values())),
+    result = {"ratio": args.ratio, "layout": args.layout, "gqa": args.gqa, "heads_pruned": sum(map(len, heads.values())),
               "heads_total": sum(scores.num_heads), "calibration": settings, "eval_windows": args.eval_windows, "source_bytes": source.stat().st_size}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.gguf"
         t0 = time.perf_counter()
         written = export_gguf(loaded.model, out, source=source)
         result.update(export_seconds=round(time.perf_counter() - t0, 2), gguf_bytes=out.stat().st_size,
-                      attention_types=sorted({v for k, v in written.items() if ".attn_" in k}))
-        back = load_model(str(out))
-        rows["pruned GGUF (transformers' GGUF loader)"] = ppl(back.model)
-        del back
+                      attention_types=sorted({v for k, v in written.items() if ".attn_" in k}),
+                      architecture=gguf_architecture(out))
+        rows.update(read_back(loaded, out, result["architecture"], ppl))
         if args.llama_python:
             run_llama_cpp(args, loaded, held, {"unpruned GGUF (llama.cpp)": str(source), "pruned GGUF (llama.cpp)":
                                                str(out)}, Path(tmp), result, rows)
@@ -207,7 +257,8 @@ def main(argv=None):
     for model, res in rows.items():
         print(f"{model:45s} " + "  ".join(f"{t}: {v:.3f}" for t, v in res.items()), flush=True)
     assert all(math.isfinite(v) for res in rows.values() for v in res.values())
-    ours, theirs = rows["pruned GGUF (transformers' GGUF loader)"], rows.get("pruned GGUF (llama.cpp)")
+    ours = next(v for k, v in rows.items() if k.startswith("pruned GGUF (") and "llama.cpp" not in k)
+    theirs = rows.get("pruned GGUF (llama.cpp)")
     if theirs:  # the same file, the same windows: llama.cpp's perplexity against headprune's evaluation
         result["llama_cpp_vs_headprune"] = {t: theirs[t] / ours[t] - 1 for t in ours}
         print("llama.cpp vs headprune's evaluation of the pruned GGUF: "

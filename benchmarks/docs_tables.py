@@ -333,9 +333,9 @@ def learned_standing(ctx, names=("quality_learned_smollm2", "quality_learned_min
     return "\n\n".join(out)
 
 
-def gguf_speed_table(ctx, name: str = "gguf_group") -> str:
+def gguf_speed_table(ctx, name: str = "gguf_group", targets: bool = True) -> str:
     """llama.cpp decode speed, prefill speed and KV state of the pruned GGUF against the
-    unpruned one, with the targets of whole-group pruning."""
+    unpruned one, with the targets of whole-group pruning (or without: ``targets=False``)."""
     res = ctx["R"][name]["results"][0]
     s = res["llama_cpp_speed_summary"]
     agree = res["llama_cpp_vs_headprune"]
@@ -351,8 +351,8 @@ def gguf_speed_table(ctx, name: str = "gguf_group") -> str:
          "", "", ", ".join(f"{t} {v:+.2%}" for t, v in agree.items()),
          f"within 2%: {'met' if worst <= 0.02 else '**not met**'}"],
     ]
-    return table(["llama.cpp (llama-cpp-python), pruned vs unpruned GGUF", "unpruned", "pruned", "pruned / unpruned",
-                  "target"], rows_)
+    head = ["llama.cpp (llama-cpp-python), pruned vs unpruned GGUF", "unpruned", "pruned", "pruned / unpruned"]
+    return table(head + ["target"] * targets, [r if targets else r[:-1] for r in rows_])
 
 
 

@@ -73,11 +73,74 @@ def test_with_a_source_the_untouched_tensors_and_fields_are_copied(tmp_path):
                                atol=2e-2)  # the refit o projection rounded to float16
 
 
+def _unpermute(w, heads):
+    """The inverse of the exporter's rotary row order (llama.cpp's) for q and k."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_uneven_layers_are_written_as_deci_with_per_layer_head_counts(tmp_path, refit):
+    """Layers that keep different head counts are written as llama.cpp's ``deci`` architecture:
+    per-layer head-count arrays, each layer's tensors its own weights in llama.cpp's layout
+    (llama.cpp itself runs it in benchmarks/bench_gguf.py)."""
+    model = _llama()
+    batch = tiny_batch("llama")
+    kw = {"reconstruct": collect(model, [batch], progress=False, moments=True)} if refit else {}
+    prune_heads(model, {0: [0, 1]}, **kw)  # layer 0 loses a whole KV group, layer 1 keeps all
+    written = export_gguf(model, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.attention.head_count"].contents() == [2, 4]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [1, 2]
+    assert reader.fields["deci.block_count"].contents() == 2 and not any(k.startswith("llama.") for k in reader.fields)
+    tensors = {t.name: torch.from_numpy(t.data.copy()).float() for t in reader.tensors}
+    for i, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        hq, hkv = (2, 1) if i == 0 else (4, 2)
+        assert torch.equal(_unpermute(tensors[f"blk.{i}.attn_q.weight"], hq), a.q_proj.weight)
+        assert torch.equal(_unpermute(tensors[f"blk.{i}.attn_k.weight"], hkv), a.k_proj.weight)
+        assert torch.equal(tensors[f"blk.{i}.attn_v.weight"], a.v_proj.weight)
+        assert torch.equal(tensors[f"blk.{i}.attn_output.weight"], a.o_proj.weight)
+        assert (f"blk.{i}.attn_output.bias" in written) == (refit and i == 0)  # the refit layer only
+        if refit and i == 0:
+            assert torch.equal(tensors[f"blk.{i}.attn_output.bias"], a.o_proj.bias)
+    assert not any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in written)  # o bias only
+    assert torch.equal(tensors["blk.0.ffn_up.weight"], model.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="reads one head count for every layer.*architecture='deci'"):
+        export_gguf(model, tmp_path / "l.gguf", architecture="llama")
+    from headprune.app.load import load_model
+
+    with pytest.raises(ValueError, match="deci architecture .* which transformers does not read"):
+        load_model(str(tmp_path / "m.gguf"))
+    even = _llama()
+    export_gguf(even, tmp_path / "e.gguf", architecture="deci")  # per-layer arrays on request
+    assert gguf.GGUFReader(str(tmp_path / "e.gguf")).fields["deci.attention.head_count"].contents() == [4, 4]
+
+
+def test_a_deci_file_from_a_source_renames_its_fields(tmp_path):
+    model = _llama()
+    export_gguf(model, tmp_path / "src.gguf", dtype="float16")
+    src = _read_back(tmp_path / "src.gguf")
+    prune_heads(src, {1: [2, 3]})
+    export_gguf(src, tmp_path / "out.gguf", source=tmp_path / "src.gguf")
+    before = gguf.GGUFReader(str(tmp_path / "src.gguf")).fields
+    after = gguf.GGUFReader(str(tmp_path / "out.gguf")).fields
+    assert after["general.architecture"].contents() == "deci"
+    for name, field in before.items():
+        if name.startswith("llama.") and "head_count" not in name:
+            assert after["deci." + name[len("llama."):]].contents() == field.contents()
+    assert after["deci.attention.head_count"].contents() == [4, 2]
+    assert after["tokenizer.ggml.model"].contents() == before["tokenizer.ggml.model"].contents() if \
+        "tokenizer.ggml.model" in before else True
+
+
 def test_refusals(tmp_path):
     model = _llama()
     prune_heads(model, {0: [1]})
     with pytest.raises(ValueError, match="reads one head count for every layer"):
-        export_gguf(model, tmp_path / "m.gguf")
+        export_gguf(model, tmp_path / "m.gguf", architecture="llama")
+    with pytest.raises(ValueError, match="architecture: expected one of auto, llama, deci"):
+        export_gguf(model, tmp_path / "m.gguf", architecture="mistral")
     with pytest.raises(ValueError, match="dtype: expected one of auto, float32, float16"):
         export_gguf(_llama(), tmp_path / "m.gguf", dtype="int8")
     from hf_tiny import tiny_model

@@ -78,10 +78,10 @@ def prune(args) -> int:
         with stage("saving the model and the report", "save"):
             _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned, gguf)
     finally:
-        if gguf is not None and os.path.lexists(gguf):
-            os.unlink(gguf)
+        if gguf is not None and os.path.lexists(gguf[0]):
+            os.unlink(gguf[0])
     print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png"
-          f"{', model.gguf' if gguf else ''})\n")
+          f"{f', model.gguf for llama.cpp ({gguf[1]} architecture)' if gguf else ''})\n")
     print(summary_table(report, metric))
     return 0
 
@@ -113,19 +113,21 @@ def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, rep
 
 
 def _export_gguf(args, stage, loaded):
-    """A GGUF input pruned to a uniform layout is also written as GGUF (see
-    :mod:`headprune.hf.gguf_export`): to a temporary file beside ``--out``, moved into the
-    output with the rest; ``None`` (and a note why) when none is written."""
+    """A GGUF input is also written as GGUF (see :mod:`headprune.hf.gguf_export`: llama.cpp's
+    ``llama`` architecture for a uniform layout, ``deci`` for per-layer head counts): to a
+    temporary file beside ``--out``, moved into the output with the rest. ``(path, the
+    architecture written)``, or ``None`` (and a note why) when none is written."""
     if loaded.checkpoint_dtype != "gguf":
         return None
     from .. import atomic
-    from ..hf.gguf_export import export_gguf
+    from ..hf.gguf_export import export_gguf, gguf_architecture
 
     source = Path(loaded.source)
     tmp = atomic.temp_sibling(C._out(args, "prune").absolute().parent / "model.gguf")
     try:
         with stage("writing the GGUF (attention in the input's quantisation)", "gguf"):
             export_gguf(loaded.model, tmp, source=source)
+            arch = gguf_architecture(tmp)
     except ValueError as e:
         C._warn(f"no model.gguf written: {e}")
         return None
@@ -133,7 +135,7 @@ def _export_gguf(args, stage, loaded):
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
-    return tmp
+    return tmp, arch
 
 
 def _recover(args, stage, loaded, teacher, settings: dict):
@@ -324,8 +326,8 @@ def _round_to_saved(loaded, name: str) -> None:
 def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned, gguf=None) -> None:
     with C.output_dir(out, args.force, C._stages(args)) as tmp:
         if gguf is not None:
-            os.replace(gguf, tmp / "model.gguf")
-            report["gguf"] = "model.gguf"
+            os.replace(gguf[0], tmp / "model.gguf")
+            report.update(gguf="model.gguf", gguf_architecture=gguf[1])
         loaded.model.to(SAVE_TYPES[settings["saved_dtype"]])  # exact: rounded before the evaluation
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())

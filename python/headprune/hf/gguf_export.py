@@ -1,21 +1,24 @@
 """Pruned Llama-family models as GGUF files for llama.cpp.
 
-llama.cpp's ``llama`` architecture reads one query and one KV head count for every layer
-(its loader sizes each layer's tensors from layer 0's counts), so only a uniform layout
-(``select_heads(..., uniform=True)``, ``--uniform``) can be written; an uneven one is refused
-with that reason. The output-projection bias of the least-squares refit is kept: the
-architecture has optional attention biases, written as ``attn_output.bias`` with zero
-``attn_q/k/v.bias`` (transformers' GGUF loader then builds the model with
-``attention_bias``, see :func:`gguf_attention_bias`).
+llama.cpp's ``llama`` architecture reads one query and one KV head count for every layer, so a
+uniform layout (``select_heads(..., uniform=True)``, ``--uniform``) is written as ``llama``. A
+model whose layers keep different head counts (the default layouts) is written as llama.cpp's
+``deci`` architecture (the one Llama-3.1-Nemotron models use): the same tensors, norms, rotary
+embedding and feed-forward as ``llama``, with ``deci.attention.head_count`` and
+``head_count_kv`` as per-layer arrays, each layer's attention sized from its own counts.
+transformers' GGUF loader does not read ``deci``; llama.cpp does. The output-projection bias
+of the least-squares refit is kept: both architectures have optional attention biases,
+written as ``attn_output.bias`` with zero ``attn_q/k/v.bias`` (transformers' GGUF loader then
+builds a ``llama`` model with ``attention_bias``, see :func:`gguf_attention_bias`).
 
 With the GGUF the model was read from (``source``), every field and every tensor other than
 the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and
-embeddings); the attention projections are written from the pruned model, in the source
-tensor's quantisation where the ``gguf`` package can write it (kept q/k/v rows of a Q4_1 or
-Q8_0 tensor re-quantise to exactly their original blocks; the refit output projection
-carries the quantisation's error), else in float16. Without a source, every tensor is
-written from the model in float32 or float16, with the architecture's fields and no
-tokenizer.
+embeddings; a ``deci`` file's fields renamed from ``llama.*``); the attention projections are
+written from the pruned model, in the source tensor's quantisation where the ``gguf`` package
+can write it (kept q/k/v rows of a Q4_1 or Q8_0 tensor re-quantise to exactly their original
+blocks; the refit output projection carries the quantisation's error), else in float16.
+Without a source, every tensor is written from the model in float32 or float16, with the
+architecture's fields and no tokenizer.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ import torch
 from .. import atomic
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["export_gguf", "gguf_attention_bias"]
+__all__ = ["export_gguf", "gguf_architecture", "gguf_attention_bias"]
 
-#: families written as llama.cpp's ``llama`` architecture
+#: families written as llama.cpp's ``llama`` architecture (``deci`` for uneven layouts)
 ARCHITECTURES = {"llama": "llama"}
+#: ``export_gguf``'s ``architecture``: ``auto`` writes ``llama`` where every layer keeps the
+#: same head counts and ``deci`` where they differ
+GGUF_ARCHITECTURES = ("auto", "llama", "deci")
 FLOAT_TYPES = ("float32", "float16")
 
 
@@ -40,32 +46,39 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _layout(model, adapter, sites) -> tuple:
-    layouts = {head_counts(s, adapter) for s in sites}
-    if len(layouts) != 1:
-        raise ValueError(f"model: llama.cpp's llama architecture reads one head count for every layer, and this "
-                         f"model's layers keep {sorted(layouts)} (query, KV) heads; prune it with uniform=True "
-                         "(--uniform) to write a GGUF")
-    (hq, hkv), = layouts
-    if hq == 0:
+def _layout(adapter, sites, architecture: str) -> tuple:
+    """``(arch, [(query, KV) heads per layer])`` for ``architecture`` (one of GGUF_ARCHITECTURES)."""
+    counts = [head_counts(s, adapter) for s in sites]
+    if any(hq == 0 for hq, _ in counts):
         raise ValueError("model: a layer without heads cannot be written as GGUF")
-    return hq, hkv
+    uneven = len(set(counts)) > 1
+    if architecture == "llama" and uneven:
+        raise ValueError(f"model: llama.cpp's llama architecture reads one head count for every layer, and this "
+                         f"model's layers keep {sorted(set(counts))} (query, KV) heads; prune it with uniform=True "
+                         "(--uniform), or write architecture='deci' (per-layer head counts)")
+    return ("deci" if uneven or architecture == "deci" else "llama"), counts
 
 
-def _metadata(config, hq: int, hkv: int, d: int) -> dict:
-    """The architecture's fields for a model without a source GGUF (``llama.*``)."""
+def _metadata(config, d: int) -> dict:
+    """The architecture's fields for a model without a source GGUF (``<arch>.*``; the head
+    counts are written apart)."""
     return {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
             "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
-            "attention.head_count": hq, "attention.head_count_kv": hkv, "attention.key_length": d,
-            "attention.value_length": d, "rope.dimension_count": d, "vocab_size": config.vocab_size,
+            "attention.key_length": d, "attention.value_length": d, "rope.dimension_count": d,
+            "vocab_size": config.vocab_size,
             "rope.freq_base": float(getattr(config, "rope_theta", None)
                                     or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
             "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps)}
 
 
-def export_gguf(model, path, *, source=None, dtype: str = "auto", overwrite: bool = False) -> dict:
-    """Write ``model`` (a Llama-family causal LM, pruned uniformly or not at all) to the GGUF
-    file ``path``; returns ``{tensor name: GGML type name}`` of what was written.
+def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: str = "auto",
+                overwrite: bool = False) -> dict:
+    """Write ``model`` (a Llama-family causal LM, pruned or not) to the GGUF file ``path``;
+    returns ``{tensor name: GGML type name}`` of what was written.
+
+    ``architecture``: ``"auto"`` writes llama.cpp's ``llama`` where every layer keeps the same
+    head counts and ``deci`` (per-layer head counts) where they differ; ``"llama"`` refuses an
+    uneven model, ``"deci"`` writes per-layer counts even for an even one.
 
     ``source``: the GGUF the model was loaded from (fields, tokenizer and the tensors pruning
     did not touch are copied from it). ``dtype``: ``"auto"`` (the source tensor's type where
@@ -80,24 +93,26 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", overwrite: boo
         raise ImportError("export_gguf needs the gguf package: pip install gguf") from e
     if dtype not in ("auto", *FLOAT_TYPES):
         raise ValueError(f"dtype: expected one of auto, {', '.join(FLOAT_TYPES)}, got {dtype!r}")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ValueError(f"architecture: expected one of {', '.join(GGUF_ARCHITECTURES)}, got {architecture!r}")
     adapter = get_adapter(model)
-    arch = ARCHITECTURES.get(adapter.model_type)
-    if arch is None:
+    family = ARCHITECTURES.get(adapter.model_type)
+    if family is None:
         raise ValueError(f"model: GGUF export writes {', '.join(ARCHITECTURES)} models, got {adapter.model_type}")
     sites = resolve_sites(model, adapter)
-    hq, hkv = _layout(model, adapter, sites)
+    arch, counts = _layout(adapter, sites, architecture)
     d = head_dim(sites[0], adapter)
     reader = None if source is None else gguf.GGUFReader(os.fspath(source))
     if reader is not None:
         found = reader.fields["general.architecture"].contents()
-        if found != arch:
-            raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {arch!r}")
+        if found != family:
+            raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {family!r}")
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"path: {path} exists; pass overwrite=True to replace it")
     tmp = atomic.temp_sibling(path)
     try:
-        written = _write(gguf, model, adapter, sites, arch, hq, hkv, d, reader, dtype, tmp)
+        written = _write(gguf, model, adapter, sites, (family, arch), counts, d, reader, dtype, tmp)
         atomic.commit_file(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -105,27 +120,33 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", overwrite: boo
     return written
 
 
-def _write(gguf, model, adapter, sites, arch, hq, hkv, d, reader, dtype, tmp) -> dict:
+def _write(gguf, model, adapter, sites, archs, counts, d, reader, dtype, tmp) -> dict:
     T = gguf.GGMLQuantizationType
+    family, arch = archs
     writer = gguf.GGUFWriter(tmp, arch)
-    changed = {f"{arch}.attention.head_count": hq, f"{arch}.attention.head_count_kv": hkv,
+    heads = [hq for hq, _ in counts], [hkv for _, hkv in counts]
+    if arch == "llama":
+        heads = heads[0][0], heads[1][0]
+    changed = {f"{arch}.attention.head_count": heads[0], f"{arch}.attention.head_count_kv": heads[1],
                f"{arch}.attention.key_length": d, f"{arch}.attention.value_length": d}
     if reader is None:
         writer.add_name(type(model).__name__)
-        for key, value in _metadata(model.config, hq, hkv, d).items():
+        for key, value in _metadata(model.config, d).items():
             if f"{arch}.{key}" not in changed:
                 (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
     else:
         for name, field in reader.fields.items():
+            if name.startswith(f"{family}."):  # the architecture's fields, under its name
+                name = f"{arch}.{name[len(family) + 1:]}"
             if name.startswith("GGUF.") or name == "general.architecture" or name in changed:
                 continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
     for key, value in changed.items():
-        writer.add_uint32(key, value)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, len(sites))
-    ours = _attention_tensors(model, adapter, sites, hq, hkv)
+        (writer.add_uint32 if isinstance(value, int) else writer.add_array)(key, value)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA, len(sites))
+    ours = _attention_tensors(model, adapter, sites, counts, zero_qkv_bias=arch == "llama")
     source = {t.name: t for t in reader.tensors} if reader is not None else {}
     written = {}
 
@@ -184,11 +205,15 @@ def _type(T, gguf, like, value: torch.Tensor, dtype: str):
     return T.F16
 
 
-def _attention_tensors(model, adapter, sites, hq: int, hkv: int) -> dict:
-    """``{GGUF name: tensor}``: each layer's q/k/v/o weights in llama.cpp's layout, and its
-    biases (the o bias of a refit, zero q/k/v biases beside it) where the o projection has one."""
+def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool = True) -> dict:
+    """``{GGUF name: tensor}``: each layer's q/k/v/o weights in llama.cpp's layout (``counts``:
+    its query and KV heads), and its biases where the o projection has one: the o bias of a
+    refit, with the q/k/v biases beside it, zero where the model has none if ``zero_qkv_bias``
+    (transformers' GGUF loader has one ``attention_bias`` for all four; llama.cpp reads each
+    bias alone, and some of its versions size a ``deci`` q bias as the full width, so ``deci``
+    files carry no zero biases)."""
     out = {}
-    for s in sites:
+    for s, (hq, hkv) in zip(sites, counts):
         b, i = s.block, s.index
         q, k, v, o = (s.sub(p) for p in (b.q, b.k, b.v, b.o))
         out[f"blk.{i}.attn_q.weight"] = _permute(q.weight.detach(), hq)
@@ -197,8 +222,10 @@ def _attention_tensors(model, adapter, sites, hq: int, hkv: int) -> dict:
         out[f"blk.{i}.attn_output.weight"] = o.weight.detach()
         if getattr(o, "bias", None) is not None:
             for name, lin, heads in (("attn_q", q, hq), ("attn_k", k, hkv), ("attn_v", v, None)):
-                bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else lin.weight.new_zeros(
-                    lin.weight.shape[0])
+                has = getattr(lin, "bias", None) is not None
+                if not (has or zero_qkv_bias):
+                    continue
+                bias = lin.bias.detach() if has else lin.weight.new_zeros(lin.weight.shape[0])
                 out[f"blk.{i}.{name}.bias"] = _permute(bias, heads) if heads else bias
             out[f"blk.{i}.attn_output.bias"] = o.bias.detach()
     return out
@@ -210,3 +237,10 @@ def gguf_attention_bias(path) -> bool:
     import gguf
 
     return any(t.name.endswith("attn_output.bias") for t in gguf.GGUFReader(os.fspath(path)).tensors)
+
+
+def gguf_architecture(path) -> str:
+    """The architecture a GGUF file declares (``general.architecture``: ``llama``, ``deci``, ...)."""
+    import gguf
+
+    return gguf.GGUFReader(os.fspath(path)).fields["general.architecture"].contents()
