@@ -171,3 +171,16 @@ def test_a_model_read_from_gguf_saves_like_any_other(tmp_path):
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = tiny_batch("llama")["input_ids"][:, :5]
     assert torch.equal(_logits(plain, ids), _logits(model.eval(), ids))
+
+
+def test_the_report_says_what_the_gguf_is():
+    from headprune.app.report import report_markdown
+
+    report = {"model": "m", "heads_pruned": 1, "heads_total": 8, "recipe": "r", "saved_bytes": 2**20,
+              "settings": {"mode": "physical", "samples": 4, "seq_len": 8, "data": "d", "held_out_paragraphs": 3,
+                           "saved_dtype": "float32"}}
+    assert "llama.cpp" not in report_markdown(report, "T")
+    deci = report_markdown({**report, "gguf": "model.gguf", "gguf_architecture": "deci"}, "T")
+    assert "`model.gguf` is the pruned model for llama.cpp" in deci and "per-layer head counts" in deci
+    llama = report_markdown({**report, "gguf": "model.gguf", "gguf_architecture": "llama"}, "T")
+    assert "(`llama` architecture)" in llama

@@ -58,6 +58,11 @@ def report_markdown(report: dict, table: str) -> str:
         if report.get("compute_dtype") and report["compute_dtype"] != s.get("saved_dtype"):
             size += (f"Both models were evaluated and timed in {report['compute_dtype']}, the pruned one with its "
                      f"weights as saved. ")
+    if report.get("gguf"):
+        arch = report.get("gguf_architecture") or "llama"
+        size += (f"`{report['gguf']}` is the pruned model for llama.cpp, its attention in the input's quantisation "
+                 f"(`{arch}` architecture{', per-layer head counts, which transformers does not read' * (arch == 'deci')}"
+                 "); it is not the model evaluated here. ")
     return (f"# headprune report: {report['model']}\n\n"
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
