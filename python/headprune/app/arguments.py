@@ -229,7 +229,9 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--uniform", action="store_true",
                    help="the same head layout in every layer (the count nearest the request), so the saved "
                         "directory has a standard config that plain from_pretrained loads where the family's "
-                        "config can describe it; no layer is protected")
+                        "config can describe it, and a .gguf input's model.gguf keeps llama.cpp's llama "
+                        "architecture (without it, per-layer counts are written as its deci architecture); no layer "
+                        "is protected")
     g.add_argument("--kv-ratio", type=fraction, default=None, metavar="R",
                    help="with --gqa even: remove at least this fraction of the KV heads (the KV cache shrinks "
                         "at least as much), preferring layouts that remove whole groups just enough to reach it "
