@@ -7,9 +7,10 @@ model whose layers keep different head counts (the default layouts) is written a
 embedding and feed-forward as ``llama``, with ``deci.attention.head_count`` and
 ``head_count_kv`` as per-layer arrays, each layer's attention sized from its own counts.
 transformers' GGUF loader does not read ``deci``; llama.cpp does. The output-projection bias
-of the least-squares refit is kept: both architectures have optional attention biases,
-written as ``attn_output.bias`` with zero ``attn_q/k/v.bias`` (transformers' GGUF loader then
-builds a ``llama`` model with ``attention_bias``, see :func:`gguf_attention_bias`).
+of the least-squares refit is kept: both architectures have optional attention biases. It is
+written as ``attn_output.bias``, in a ``llama`` file with zero ``attn_q/k/v.bias`` beside it
+(transformers' GGUF loader then builds the model with ``attention_bias``, see
+:func:`gguf_attention_bias`), in a ``deci`` file alone (see :func:`_attention_tensors`).
 
 With the GGUF the model was read from (``source``), every field and every tensor other than
 the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and
