@@ -51,7 +51,7 @@ from headprune.app import texts  # noqa: E402
 from headprune.app.load import bundled_path, load_model  # noqa: E402
 from headprune.hf import collect, prune_heads  # noqa: E402
 from headprune.hf.adapters import get_adapter, head_dim, resolve_sites  # noqa: E402
-from headprune.hf.gguf_export import export_gguf, gguf_architecture  # noqa: E402
+from headprune.hf.gguf_export import export_gguf, gguf_architecture, unpermute  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
 
 LLAMA_SCRIPT = textwrap.dedent("""
@@ -131,22 +131,20 @@ def load_gguf_attention(model, path) -> None:
                     assert not value.any(), f"{t.name}: a bias the model does not have"
                     continue
                 value = value.reshape(getattr(lin, kind).shape)
-                if key in ("attn_q", "attn_k"):  # the inverse of export_gguf's _permute
-                    heads = value.shape[0] // head_dim(s, adapter)
-                    value = value.reshape(heads, -1, 2, *value.shape[1:]).swapaxes(1, 2).reshape(value.shape)
+                if key in ("attn_q", "attn_k"):
+                    value = unpermute(value, value.shape[0] // head_dim(s, adapter))
                 with torch.no_grad():
                     getattr(lin, kind).copy_(value)
 
 
-def read_back(loaded, path, arch: str, ppl) -> dict:
-    """The written GGUF's perplexity through transformers: a ``llama`` file read by headprune's
-    loader, a ``deci`` file (which that loader does not read) as its attention tensors loaded
-    into the pruned model (every other tensor is the source's)."""
+def read_back(loaded, path, arch: str, ppl) -> tuple:
+    """``(row name, perplexities)`` of the written GGUF through transformers: a ``llama`` file
+    read by headprune's loader, a ``deci`` file (which that loader does not read) as its
+    attention tensors loaded into the pruned model (every other tensor is the source's)."""
     if arch == "llama":
-        back = load_model(str(path))
-        return {"pruned GGUF (transformers' GGUF loader)": ppl(back.model)}
+        return "pruned GGUF (transformers' GGUF loader)", ppl(load_model(str(path)).model)
     load_gguf_attention(loaded.model, path)
-    return {"pruned GGUF (its tensors in transformers)": ppl(loaded.model)}
+    return "pruned GGUF (its tensors in transformers)", ppl(loaded.model)
 
 
 def windows(tokenizer, paragraphs, window: int, count: int) -> list:
@@ -249,7 +247,8 @@ def main(argv=None):
         result.update(export_seconds=round(time.perf_counter() - t0, 2), gguf_bytes=out.stat().st_size,
                       attention_types=sorted({v for k, v in written.items() if ".attn_" in k}),
                       architecture=gguf_architecture(out))
-        rows.update(read_back(loaded, out, result["architecture"], ppl))
+        name, ours = read_back(loaded, out, result["architecture"], ppl)
+        rows[name] = ours
         if args.llama_python:
             run_llama_cpp(args, loaded, held, {"unpruned GGUF (llama.cpp)": str(source), "pruned GGUF (llama.cpp)":
                                                str(out)}, Path(tmp), result, rows)
@@ -257,7 +256,6 @@ def main(argv=None):
     for model, res in rows.items():
         print(f"{model:45s} " + "  ".join(f"{t}: {v:.3f}" for t, v in res.items()), flush=True)
     assert all(math.isfinite(v) for res in rows.values() for v in res.values())
-    ours = next(v for k, v in rows.items() if k.startswith("pruned GGUF (") and "llama.cpp" not in k)
     theirs = rows.get("pruned GGUF (llama.cpp)")
     if theirs:  # the same file, the same windows: llama.cpp's perplexity against headprune's evaluation
         result["llama_cpp_vs_headprune"] = {t: theirs[t] / ours[t] - 1 for t in ours}

@@ -102,19 +102,19 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
             raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
     if gguf is None:
         return _load_hf_dir(path, device, torch_dtype, accept)
-    from ..hf.gguf_export import gguf_architecture, gguf_attention_bias
+    from ..hf.gguf_export import gguf_header
 
     try:
-        arch = gguf_architecture(path / gguf)
+        arch, bias = gguf_header(path / gguf)
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
-        arch = None
+        arch, bias = None, False
     if arch == "deci":
         raise ValueError(f"MODEL: {spec!r} is a GGUF of llama.cpp's deci architecture (per-layer head counts, as "
                          "headprune writes a pruned model for llama.cpp), which transformers does not read; load "
                          "the pruned model's directory (the model/ beside it) instead")
     config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
 
-    if gguf_attention_bias(path / gguf):  # written by headprune with a refit's output biases
+    if bias:  # written by headprune with a refit's output biases
         config.attention_bias = True
     kind = _kind(config)
     _refuse_kind(kind, accept, path / gguf)

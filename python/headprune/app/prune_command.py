@@ -120,14 +120,14 @@ def _export_gguf(args, stage, loaded):
     if loaded.checkpoint_dtype != "gguf":
         return None
     from .. import atomic
-    from ..hf.gguf_export import export_gguf, gguf_architecture
+    from ..hf.gguf_export import export_architecture, export_gguf
 
     source = Path(loaded.source)
     tmp = atomic.temp_sibling(C._out(args, "prune").absolute().parent / "model.gguf")
     try:
         with stage("writing the GGUF (attention in the input's quantisation)", "gguf"):
             export_gguf(loaded.model, tmp, source=source)
-            arch = gguf_architecture(tmp)
+            arch = export_architecture(loaded.model)
     except ValueError as e:
         C._warn(f"no model.gguf written: {e}")
         return None

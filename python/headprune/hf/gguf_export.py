@@ -31,7 +31,7 @@ import torch
 from .. import atomic
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["export_gguf", "gguf_architecture", "gguf_attention_bias"]
+__all__ = ["export_gguf", "export_architecture", "gguf_architecture", "gguf_attention_bias", "gguf_header", "unpermute"]
 
 #: families written as llama.cpp's ``llama`` architecture (``deci`` for uneven layouts)
 ARCHITECTURES = {"llama": "llama"}
@@ -47,6 +47,11 @@ def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`_permute`: a GGUF q or k tensor back in transformers' row order."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _layout(adapter, sites, architecture: str) -> tuple:
     """``(arch, [(query, KV) heads per layer])`` for ``architecture`` (one of GGUF_ARCHITECTURES)."""
     counts = [head_counts(s, adapter) for s in sites]
@@ -58,6 +63,12 @@ def _layout(adapter, sites, architecture: str) -> tuple:
                          f"model's layers keep {sorted(set(counts))} (query, KV) heads; prune it with uniform=True "
                          "(--uniform), or write architecture='deci' (per-layer head counts)")
     return ("deci" if uneven or architecture == "deci" else "llama"), counts
+
+
+def export_architecture(model, architecture: str = "auto") -> str:
+    """The llama.cpp architecture :func:`export_gguf` writes ``model`` as (``llama`` or ``deci``)."""
+    adapter = get_adapter(model)
+    return _layout(adapter, resolve_sites(model, adapter), architecture)[0]
 
 
 def _metadata(config, d: int) -> dict:
@@ -113,7 +124,7 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
         raise FileExistsError(f"path: {path} exists; pass overwrite=True to replace it")
     tmp = atomic.temp_sibling(path)
     try:
-        written = _write(gguf, model, adapter, sites, (family, arch), counts, d, reader, dtype, tmp)
+        written = _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp)
         atomic.commit_file(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -121,13 +132,11 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
     return written
 
 
-def _write(gguf, model, adapter, sites, archs, counts, d, reader, dtype, tmp) -> dict:
+def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> dict:
     T = gguf.GGMLQuantizationType
-    family, arch = archs
+    family = ARCHITECTURES[adapter.model_type]  # the source's architecture, whose fields are renamed
     writer = gguf.GGUFWriter(tmp, arch)
-    heads = [hq for hq, _ in counts], [hkv for _, hkv in counts]
-    if arch == "llama":
-        heads = heads[0][0], heads[1][0]
+    heads = counts[0] if arch == "llama" else tuple(map(list, zip(*counts)))  # one count, or one per layer
     changed = {f"{arch}.attention.head_count": heads[0], f"{arch}.attention.head_count_kv": heads[1],
                f"{arch}.attention.key_length": d, f"{arch}.attention.value_length": d}
     if reader is None:
@@ -232,16 +241,23 @@ def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool 
     return out
 
 
-def gguf_attention_bias(path) -> bool:
-    """Whether the GGUF file ``path`` holds attention biases (``attn_output.bias``): such a
-    model loads through transformers with ``config.attention_bias = True``."""
+def gguf_header(path) -> tuple:
+    """``(architecture, attention bias)`` of the GGUF file ``path``, from one read of it (a read
+    costs seconds on a 100 MB file): what it declares as ``general.architecture`` (``llama``,
+    ``deci``, ...), and whether it holds attention biases (``attn_output.bias``), with which a
+    ``llama`` file loads through transformers with ``config.attention_bias = True``."""
     import gguf
 
-    return any(t.name.endswith("attn_output.bias") for t in gguf.GGUFReader(os.fspath(path)).tensors)
+    reader = gguf.GGUFReader(os.fspath(path))
+    return (reader.fields["general.architecture"].contents(),
+            any(t.name.endswith("attn_output.bias") for t in reader.tensors))
+
+
+def gguf_attention_bias(path) -> bool:
+    """Whether the GGUF file ``path`` holds attention biases (see :func:`gguf_header`)."""
+    return gguf_header(path)[1]
 
 
 def gguf_architecture(path) -> str:
-    """The architecture a GGUF file declares (``general.architecture``: ``llama``, ``deci``, ...)."""
-    import gguf
-
-    return gguf.GGUFReader(os.fspath(path)).fields["general.architecture"].contents()
+    """The architecture a GGUF file declares (see :func:`gguf_header`)."""
+    return gguf_header(path)[0]
