@@ -99,6 +99,13 @@ def ref_value(ctx, model: str, text: str, ratio: float, share=None, name: str = 
     return row["values"][row["ratios"].index(ratio)]
 
 
+def ref_ratio(ctx, model: str, text: str, ratio: float, share=None, name: str = "quality_reference") -> str:
+    """One point of bench_reference against its unpruned baseline (``1.23x``; fidelity as is)."""
+    row = next(r for r in ctx["R"][name]["rows"] if (r["model"], r["evaluated_on"]) == (model, text))
+    v = ref_value(ctx, model, text, ratio, share, name)
+    return x(v / row["baseline"]) if row["lower_is_better"] else num(v, 4)
+
+
 def calibrated(ctx, settings: dict) -> str:
     """A benchmark's calibration as the docs name it: the text, and the reference share if any."""
     ref = settings.get("reference")
@@ -109,4 +116,4 @@ def calibrated(ctx, settings: dict) -> str:
 
 
 TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, calibrated,
-                                  ref_value)}
+                                  ref_value, ref_ratio)}
