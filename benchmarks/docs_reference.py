@@ -91,18 +91,23 @@ def reference_sources(ctx, name: str = "quality_reference") -> str:
     return "; ".join(f"`{t}`: {d['files']} files, {d['bytes']:,} bytes" for t, d in res["texts"].items())
 
 
-def ref_value(ctx, model: str, text: str, ratio: float, share=None, name: str = "quality_reference") -> float:
-    """One point of bench_reference (the default share unless ``share`` is given)."""
+def _row(ctx, model: str, text: str, share, name: str) -> dict:
+    """The bench_reference row of one model, text and share (the default share if ``None``)."""
     res = ctx["R"][name]
     share = res["default_share"] if share is None else share
-    row = next(r for r in res["rows"] if (r["model"], r["evaluated_on"], r["share"]) == (model, text, share))
+    return next(r for r in res["rows"] if (r["model"], r["evaluated_on"], r["share"]) == (model, text, share))
+
+
+def ref_value(ctx, model: str, text: str, ratio: float, share=None, name: str = "quality_reference") -> float:
+    """One point of bench_reference (the default share unless ``share`` is given)."""
+    row = _row(ctx, model, text, share, name)
     return row["values"][row["ratios"].index(ratio)]
 
 
 def ref_ratio(ctx, model: str, text: str, ratio: float, share=None, name: str = "quality_reference") -> str:
     """One point of bench_reference against its unpruned baseline (``1.23x``; fidelity as is)."""
-    row = next(r for r in ctx["R"][name]["rows"] if (r["model"], r["evaluated_on"]) == (model, text))
-    v = ref_value(ctx, model, text, ratio, share, name)
+    row = _row(ctx, model, text, share, name)
+    v = row["values"][row["ratios"].index(ratio)]
     return x(v / row["baseline"]) if row["lower_is_better"] else num(v, 4)
 
 
