@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 _HF = ("collect", "mask_heads", "prune_heads", "save_pruned", "load_pruned", "kept_heads", "measure",
        "attention_flops_per_token", "PruneReport", "supported_model_types", "select_iteratively", "gates", "HeadGates",
        "gradient_importance", "learn_gates", "LearnedGates", "recover", "RecoverReport", "generated_batches",
-       "select_measured", "layer_costs", "LayerCosts", "measure_uniform")
+       "select_measured", "layer_costs", "LayerCosts", "measure_uniform", "collect_values", "ValueMoments")
 _LAZY_MODULES = ("ops", "reference")
 _TEXTS = ("reference_batches",)  # headprune.app.texts
 

@@ -18,6 +18,7 @@ from .learned import LearnedGates, learn_gates
 from .prune import kept_heads, mask_heads, prune_heads
 from .recover import RecoverReport, recover
 from .report import PruneReport, attention_flops_per_token, measure
+from .values import ValueMoments, collect_values
 
 __all__ = [
     "ADAPTERS",
@@ -26,9 +27,11 @@ __all__ = [
     "LearnedGates",
     "PruneReport",
     "RecoverReport",
+    "ValueMoments",
     "attention_flops_per_token",
     "auto_steps",
     "collect",
+    "collect_values",
     "gates",
     "generated_batches",
     "get_adapter",

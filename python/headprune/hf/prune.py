@@ -40,7 +40,8 @@ def _o_dim(adapter) -> int:
 
 
 def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
-               reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING) -> MaskHandle:
+               reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING,
+               values=None) -> MaskHandle:
     """Zero the pruned heads' input columns of each output projection, in place.
 
     Exact with every attention backend (a head's output only reaches the residual stream
@@ -51,7 +52,9 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
       over the calibration data, ``W_o[:, head] @ mean`` added to the projection's bias;
     - ``reconstruct`` (``HeadScores`` collected with ``moments=True``): a least-squares refit
       of the kept heads' columns and the bias to what the full projection computed on the
-      calibration data (ridge ``damping``, see :mod:`headprune.prune.reconstruct`).
+      calibration data (ridge ``damping``, see :mod:`headprune.prune.reconstruct`);
+    - ``values`` as well (:func:`~headprune.hf.values.collect_values` of these heads): the kept
+      heads' value rows are refit with their output columns (:mod:`headprune.prune.values`).
 
     A bias is created where the projection has none. Returns a :class:`MaskHandle` whose
     ``restore()`` puts every column and bias back bit-exactly; on error, nothing is changed.
@@ -67,7 +70,8 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     sites = resolve_sites(model, adapter)
     heads, _ = positions(model, sites, adapter, heads)
     refuse_masked_again(model, heads, [s.o.weight for s in sites])
-    plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping)
+    plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
+                        values=values)
     handle = MaskHandle(model, heads)
     try:
         with torch.no_grad():
@@ -77,6 +81,8 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 if step is not None and step.columns is not None:
                     keep = [h for h in range(hq) if h not in hs]
                     handle.write_columns_(site.o.weight, head_index(keep, d), step.columns, _o_dim(adapter))
+                if step is not None and step.value_rows is not None:
+                    handle.write_columns_(site.sub(site.block.v).weight, head_index(keep, d), step.value_rows, 0)
                 if step is not None:
                     handle.set_bias_(site.o, step.bias)
                 handle.zero_(site.o.weight, hs, hq, d, _o_dim(adapter))
@@ -246,12 +252,14 @@ def _update_configs(undo, model, sites, adapter, state) -> bool:
 
 
 def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
-                reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING, _per_layer_bias=()):
+                reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING, values=None,
+                _per_layer_bias=()):
     """Physically remove heads: slice q/k/v rows (fused layouts included), o columns, biases
     and per-head extras, and update the modules' head counts, per layer.
 
-    ``compensate`` / ``reconstruct`` / ``damping``: as for :func:`mask_heads` (mean
-    compensation, or a least-squares refit of the kept columns and the bias); the masked and
+    ``compensate`` / ``reconstruct`` / ``damping`` / ``values``: as for :func:`mask_heads` (mean
+    compensation, or a least-squares refit of the kept columns, the bias and, with ``values``,
+    the kept value rows); the masked and
     the pruned model compute the same function. A bias added where the family has none is
     recorded by ``save_pruned`` and rebuilt by ``load_pruned``, while plain
     ``from_pretrained`` refuses such a directory instead of dropping the bias.
@@ -276,7 +284,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
             "(or leave its with block) before prune_heads"
         )
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct,
-                        damping=damping)  # from the weights before slicing
+                        damping=damping, values=values)  # from the weights before slicing
     before = measure(model)
     state = new_state(model, counts)
     removed_ids = {site: [state["kept"][site][p] for p in hs] for site, hs in heads.items()}
@@ -299,6 +307,10 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                     o = sites[layer].o
                     undo.set(o, "weight", nn.Parameter(step.columns.to(o.weight.device, o.weight.dtype).contiguous(),
                                                        requires_grad=o.weight.requires_grad))
+                if step is not None and step.value_rows is not None:  # the value refit's kept rows
+                    v = sites[layer].sub(sites[layer].block.v)
+                    undo.set(v, "weight", nn.Parameter(step.value_rows.to(v.weight.device, v.weight.dtype).contiguous(),
+                                                       requires_grad=v.weight.requires_grad))
                 state["kept"][layer] = [state["kept"][layer][j] for j in keep]
                 state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
             state["uniform"] = _update_configs(undo, model, sites, adapter, state)

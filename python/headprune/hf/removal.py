@@ -25,11 +25,18 @@ class SiteRemoval:
 
     bias: torch.Tensor
     columns: Optional[torch.Tensor] = None
+    value_rows: Optional[torch.Tensor] = None  # the kept heads' value rows (the value refit), or unchanged
 
 
 def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores] = None,
-                 reconstruct: Optional[HeadScores] = None, damping: float = 0.0) -> dict:
-    """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed)."""
+                 reconstruct: Optional[HeadScores] = None, damping: float = 0.0, values=None) -> dict:
+    """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed).
+    ``values`` (:class:`~headprune.hf.values.ValueMoments` of these heads, with ``reconstruct``):
+    the kept heads' value rows are refit with their output columns wherever a head is kept."""
+    if values is not None:
+        if reconstruct is None:
+            raise ValueError("values: the value refit extends the least-squares refit; pass reconstruct= as well")
+        values.check(heads)
     if compensate is not None and reconstruct is not None:
         raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
     if compensate is not None:
@@ -39,7 +46,10 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
         scores = _checked(reconstruct, sites, adapter, "reconstruct")
         if scores.moments is None:
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
-        return {layer: _refit(sites[layer], adapter, hs, scores, damping) for layer, hs in heads.items()}
+        plan = {layer: _refit(sites[layer], adapter, hs, scores, damping) for layer, hs in heads.items()}
+        for layer in ({} if values is None else values.kept):
+            plan[layer] = _value_refit(sites[layer], adapter, values, layer, damping)
+        return plan
     return {}
 
 
@@ -70,6 +80,17 @@ def _mean_replaced(site, adapter, heads, mean: torch.Tensor) -> SiteRemoval:
     old, w = _old_bias(site), site.o.weight
     bias = add.to(w.device, w.dtype) if old is None else old + add.to(old.device, old.dtype)
     return SiteRemoval(bias)
+
+
+def _value_refit(site, adapter, values, layer: int, damping: float) -> SiteRemoval:
+    from ..prune.values import refit_values
+
+    v = site.sub(site.block.v)
+    w = site.o.weight
+    cols, bias, rows, _ = refit_values(w.detach(), v.weight.detach(), None if v.bias is None else v.bias.detach(),
+                                       values.gram[layer], values.cross[layer], values.kept[layer],
+                                       head_dim(site, adapter), damping=damping)
+    return SiteRemoval(bias.to(w.dtype), cols.to(w.dtype), rows.to(v.weight.dtype))
 
 
 def _refit(site, adapter, heads, scores: HeadScores, damping: float) -> SiteRemoval:

@@ -1,0 +1,137 @@
+"""Joint refit of the kept heads' value rows and output columns after heads are removed.
+
+The output-projection refit (:mod:`.reconstruct`) keeps each kept head's output as it was and
+refits the columns that read it. A head's output is ``o_h = A_h X W_vh^T + b_vh``: its
+attention ``A_h`` applied to the layer's input ``X``, read through the ``d`` rows of the value
+projection. Its whole contribution to the projection's output is ``M_h z_h`` with
+``z_h = A_h x`` (``[hidden]`` per token) and ``M_h = W_oh W_vh`` (``[out, hidden]``, rank
+``d``), so refitting the value rows too lets each kept head choose which ``d`` directions of
+``A_h X`` it carries: with the removed heads gone, the kept ones can carry some of what those
+added where their attention is alike.
+
+With the second moments ``G = sum [z_K, 1][z_K, 1]^T`` of the kept heads' ``z`` and
+``T = sum y [z_K, 1]^T`` (``y``: the unpruned projection's output), the ridge-damped error
+
+    sum ||y - sum_h M_h z_h - c||^2 + sum_h mu_h ||M_h - M0_h||^2_F
+
+(``M0_h``: the head's original map; ``mu_h = damping * mean(diag G[h, h])``, as in the
+output refit) is minimised over rank-``d`` maps ``M_h`` and the bias ``c`` by block
+coordinate descent from the output refit: each kept head in turn gets the best rank-``d`` map
+given the others (reduced-rank regression: the top ``d`` directions of the unconstrained
+solution in the metric of its damped moments), the bias is exact after each step, and the
+damped error never rises. ``M_h`` is written back as ``W'_oh = U sqrt(S)``,
+``W'_vh = sqrt(S) V^T``; value biases are kept and the output bias absorbs them (attention rows
+sum to one, so a value bias reaches the output as a constant).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
+
+__all__ = ["DEFAULT_SWEEPS", "refit_values"]
+
+#: sweeps of block coordinate descent over the kept heads; measured on all-MiniLM-L6-v2, most
+#: of the gain comes in the first sweep and four take nearly all of it
+DEFAULT_SWEEPS = 4
+
+
+def _block_diag_values(wv: torch.Tensor, bv: Optional[torch.Tensor], kept: list, d: int) -> torch.Tensor:
+    """``V~`` with ``[x_K, 1] = V~ [z_K, 1]``: the kept heads' value rows on the block diagonal,
+    their biases in the last column (``[len(kept) d + 1, len(kept) hidden + 1]``)."""
+    hid = wv.shape[1]
+    k = len(kept)
+    v = torch.zeros(k * d + 1, k * hid + 1, dtype=torch.float64)
+    for j, h in enumerate(kept):
+        v[j * d:(j + 1) * d, j * hid:(j + 1) * hid] = wv[h * d:(h + 1) * d]
+        if bv is not None:
+            v[j * d:(j + 1) * d, -1] = bv[h * d:(h + 1) * d]
+    v[-1, -1] = 1.0
+    return v
+
+
+def _output_refit(wo, gram, cross, vt, kept, d, damping):
+    """The output-projection refit of :mod:`.reconstruct` from these moments: ``[W'_K, b']``
+    against ``[x_K, 1]`` (the same fit, on the same tokens)."""
+    gx = vt @ gram @ vt.t()
+    tx = cross @ vt.t()
+    kd = len(kept) * d
+    c = ridge(gx, damping, kd)
+    anchor = torch.zeros_like(tx)
+    anchor[:, :kd] = torch.cat([wo[:, h * d:(h + 1) * d] for h in kept], 1)
+    a = gx.clone()
+    a.diagonal()[:kd] += c
+    return torch.linalg.solve(a, (tx + c * anchor).t()).t()
+
+
+def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
+                 gram: torch.Tensor, cross: torch.Tensor, kept: list, d: int, *, damping: float = DEFAULT_DAMPING,
+                 sweeps: int = DEFAULT_SWEEPS) -> tuple:
+    """``(kept output columns [out, len(kept) d], output bias [out], kept value rows
+    [len(kept) d, hidden], errors)`` (float64) of one site.
+
+    Args:
+        wo: the output projection's weight ``[out, heads d]`` (out x in layout; its bias is in ``cross``).
+        wv, bv: the value projection ``[heads d, hidden]`` and its bias or ``None``.
+        gram: ``[len(kept) hidden + 1]^2`` sums of ``[z_K, 1][z_K, 1]^T`` (blocks in ``kept``'s order).
+        cross: ``[out, len(kept) hidden + 1]`` sums of ``y [z_K, 1]^T``, ``y`` the unpruned output.
+        kept: the kept heads; d: the head size.
+        sweeps: passes of block coordinate descent; 0 gives the output-projection refit.
+
+    ``errors``: the damped error per token before the first sweep and after each.
+    """
+    damping = check_damping(damping)
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"sweeps: expected a non-negative int, got {sweeps!r}")
+    wo, wv = wo.double(), wv.double()
+    bv = None if bv is None else bv.double()
+    gram, cross = gram.double(), cross.double()
+    hid, k = wv.shape[1], len(kept)
+    if gram.shape != (k * hid + 1, k * hid + 1) or cross.shape != (wo.shape[0], k * hid + 1):
+        raise ValueError(f"gram, cross: expected [{k * hid + 1}]^2 and [{wo.shape[0]}, {k * hid + 1}] for "
+                         f"{k} kept heads of width {hid}, got {tuple(gram.shape)} and {tuple(cross.shape)}")
+    n = gram[-1, -1]
+    if not float(n) > 0:
+        raise ValueError("gram: no calibration token")
+    vt = _block_diag_values(wv, bv, kept, d)
+    p = _output_refit(wo, gram, cross, vt, kept, d, damping)
+    blk = [slice(j * hid, (j + 1) * hid) for j in range(k)]
+    m0 = [wo[:, h * d:(h + 1) * d] @ wv[h * d:(h + 1) * d] for h in kept]
+    m = [p[:, j * d:(j + 1) * d] @ wv[h * d:(h + 1) * d] for j, h in enumerate(kept)]
+    c = p[:, -1] + (p[:, :-1] @ vt[:-1, -1])  # the bias with the value biases folded in
+    mu = [ridge(gram[b, b], damping, hid) for b in blk]
+    eye = torch.eye(hid, dtype=torch.float64)
+
+    def error():
+        full = torch.cat(m + [c[:, None]], 1)
+        fit = (full @ gram * full).sum() - 2 * (full * cross).sum()
+        prior = sum(u * (a - b).square().sum() for u, a, b in zip(mu, m, m0))
+        return float((fit + prior) / n)
+
+    errors = [error()]
+    for _ in range(sweeps):
+        for j in range(k):
+            b = blk[j]
+            target = cross[:, b] - c[:, None] @ gram[-1:, b]
+            for i in range(k):
+                if i != j:
+                    target = target - m[i] @ gram[blk[i], b]
+            metric = gram[b, b] + mu[j] * eye
+            free = torch.linalg.solve(metric, (target + mu[j] * m0[j]).t()).t()
+            u = torch.linalg.svd(free @ torch.linalg.cholesky(metric), full_matrices=False)[0][:, :d]
+            m[j] = u @ (u.t() @ free)
+            c = (cross[:, -1] - sum(m[i] @ gram[blk[i], -1] for i in range(k))) / n
+        errors.append(error())
+    cols, rows = [], []
+    for mj in m:
+        u, s, vh = torch.linalg.svd(mj, full_matrices=False)
+        root = s[:d].sqrt()
+        cols.append(u[:, :d] * root)
+        rows.append(root[:, None] * vh[:d])
+    cols, rows = torch.cat(cols, 1), torch.cat(rows, 0)
+    if bv is not None:
+        c = c - cols @ torch.cat([bv[h * d:(h + 1) * d] for h in kept])
+    return cols, c, rows, errors
