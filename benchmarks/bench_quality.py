@@ -49,14 +49,16 @@ def calibration(loaded, spec: str, samples: int | None, reference: float = texts
 def default_row(loaded, scores, batches, paragraphs, settings: dict, *, ratios: list, eval_windows: int,
                 measured: dict, **fields) -> dict:
     """The default recipe on one held-out text, no random draws, as a results row: ``fields``
-    (``model`` and ``evaluated_on`` among them; ``damping``, if there, the refit's), the metric,
-    the unpruned baseline, the values and heads by ratio; printed as measured. ``measured``: an
-    encoder's allocation, shared by the calls of one calibration."""
+    (``model`` and ``evaluated_on`` among them; ``damping``, if there, the refit's; ``refit_values``,
+    if there, whether the refit includes value rows, else the default's), the metric, the
+    unpruned baseline, the values and heads by ratio; printed as measured. ``measured``: an
+    encoder's allocation (and value moments), shared by the calls of one calibration."""
     config = S.SweepConfig(model=fields["model"], ratios=ratios, seeds=0, gqa=DEFAULT_GQA,
-                           damping=fields.get("damping", S.DEFAULT_DAMPING),
+                           damping=fields.get("damping", S.DEFAULT_DAMPING), values=fields.get("refit_values"),
                            eval_windows=eval_windows, quiet=True)
     result = S.run_sweep(config, loaded, scores, paragraphs, {**settings, "evaluated_on": fields["evaluated_on"]},
-                         {"default": {}}, batches=batches, measured=measured)
+                         {"default": {}}, batches=batches, measured=measured,
+                         values_cache=measured.setdefault(("values", id(batches)), {}))
     row = {**fields, "metric": result["metric"], "lower_is_better": result["lower_is_better"],
            "baseline": result["baseline"], "ratios": ratios, "values": result["recipes"]["default"],
            "heads": result["heads"]["default"], "eval_windows": eval_windows}
@@ -88,14 +90,14 @@ def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -
     t0 = time.perf_counter()
     scores = collect(loaded.model, batches, progress=False, moments=True)
     seconds = time.perf_counter() - t0
-    out, measured = [], {}  # measured allocations' layer costs, shared by the evaluation texts
+    out, measured, values = [], {}, {}  # measured allocations' layer costs and value moments, shared by the texts
     for text in evals:
         _, held = texts.split(texts.load_paragraphs(text))
         config = S.SweepConfig(model=model_name, ratios=args.ratios, seeds=args.seeds, gqa=args.gqa,
                                eval_windows=args.eval_windows, eval_paragraphs=args.eval_paragraphs,
                                damping=args.damping)
         result = S.run_sweep(config, loaded, scores, held, {**settings, "evaluated_on": text}, recipes,
-                             batches=batches, measured=measured)
+                             batches=batches, measured=measured, values_cache=values)
         result.update(calibrated_on=calib, evaluated_on=text, collect_seconds=seconds,
                       **({"eval_windows": args.eval_windows} if loaded.kind == "causal" else {}))
         print(f"calibrated on {calib}:\n" + S.sweep_markdown(result), flush=True)

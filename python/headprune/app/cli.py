@@ -35,7 +35,8 @@ held-out text and saves the smaller model with a report."""
 def _default_recipe() -> str:
     return textwrap.fill(
         "The default recipe: " + describe_recipe(select={}, removal="refit", sequential=False)
-        + " (encoders: ranked by the output variance each head adds instead)"
+        + " (encoders: ranked by the output variance each head adds instead, each layer's share measured, and "
+        "the kept heads' value rows refit with the output projection: --refit-values)"
         + f"; {DEFAULT_REFERENCE:.0%} of the calibration sequences from the bundled texts of the kinds --data is "
         "not (--reference)"
         + ". --score entropy --scope global --no-reconstruct --no-compensate is the entropy formula as written, "

@@ -18,6 +18,7 @@ from . import evaluate as E
 from . import plots, texts
 from .recipe_text import describe_recipe
 from .recover_command import STEP_SEQUENCES, recover_stage, recovery_batches
+from .removal_stage import refits_values, remove
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
 
@@ -25,7 +26,7 @@ SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 
 
 def prune(args) -> int:
-    from ..hf import mask_heads, measure, prune_heads, save_pruned
+    from ..hf import measure, save_pruned
 
     out = C._out(args, "prune")
     C.check_out(out, args.force)  # fail before the slow part
@@ -36,6 +37,7 @@ def prune(args) -> int:
     with stage("loading the model and the calibration text", "load"):
         loaded, batches, held, settings = C._setup(args)
     removal = removal_of(args)
+    values = refits_values(args, loaded, removal)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
         scores = C._collect(args, loaded, batches, settings,
                             moments=removal == "refit" or args.score in (None, "reconstruction"))
@@ -45,7 +47,7 @@ def prune(args) -> int:
     heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
     if not C._is_writer():
         return 0
-    recipe = _recipe(args, kw, removal, scores)
+    recipe = _recipe(args, kw, removal, scores, values)
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
     _warn_if_layout_rounded(args, n, total)
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
@@ -56,9 +58,7 @@ def prune(args) -> int:
     saved_as = _save_dtype_name(args, loaded)
     sizes_before = measure(loaded.model, dtype=SAVE_TYPES[saved_as])  # KV bytes in the type saved
     mode = args.mode or "physical"
-    with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
-        how = removal_kwargs(removal, last, args.damping)
-        (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
+    remove(args, stage, loaded, batches, heads, removal_kwargs(removal, last, args.damping), values, mode)
     recovered = _recover(args, stage, loaded, reference, settings)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
@@ -69,7 +69,8 @@ def prune(args) -> int:
             "recover": recovered, "compute_dtype": settings["dtype"]})  # rounding keeps the loaded type
         del reference
         settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
-                         "removal": removal, "damping": args.damping, "sequential": args.sequential,
+                         "removal": removal, "refit_values": values, "damping": args.damping,
+                         "sequential": args.sequential,
                          "saved_dtype": saved_as, "recover_steps": args.recover_steps,
                          **({"recover_lr": recovered["lr"], "recover_validation": args.recover_validation}
                             if recovered else {}), **kw})
@@ -154,12 +155,12 @@ def _recover(args, stage, loaded, teacher, settings: dict):
     return result | {"samples": samples}
 
 
-def _recipe(args, kw: dict, removal: str, scores) -> str:
+def _recipe(args, kw: dict, removal: str, scores, values: bool = False) -> str:
     """The recipe that ran, in words (for the console and the reports)."""
     from ..ranking.layouts import has_grouped_queries
     from ..ranking.recipes import default_for, is_causal
 
-    return describe_recipe(kw, removal, args.sequential, args.damping,
+    return describe_recipe(kw, removal, args.sequential, args.damping, values=values,
                            default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
                            grouped=has_grouped_queries(scores),
                            measured_first=_measures_uniform(args, kw, removal, scores))

@@ -25,7 +25,7 @@ REMOVAL_WORDS = {
 
 
 def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None,
-                    causal=None, grouped=None, measured_first=False) -> str:
+                    causal=None, grouped=None, measured_first=False, values=False) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
     ``protect_layers``, ``gqa``, ``uniform``, ...; absent ones take ``default``'s, the recipe
     the statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
@@ -33,7 +33,8 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     the default protection, which keeps causal stacks' first layers, is not mentioned);
     ``grouped``: whether it has grouped queries (``False``: KV-group layouts are not mentioned).
     ``measured_first``: a uniform layout's first causal layer re-chosen by measurement
-    (:func:`headprune.hf.uniform.measure_uniform`)."""
+    (:func:`headprune.hf.uniform.measure_uniform`); ``values``: the refit includes the kept heads'
+    value rows (:mod:`headprune.prune.values`)."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
@@ -70,6 +71,8 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     elif protect is None and whole and causal is not False and not select.get("uniform"):
         parts.append("the first layer of each causal stack kept whole")
     how = REMOVAL_WORDS.get(removal, removal)
+    if removal == "refit" and values:
+        how = "the kept heads' value rows and output projection refit together by least squares"
     if removal == "refit" and damping is not None:
         how += f" (damping {damping:g})"
     if removal == "refit" and sequential:

@@ -70,6 +70,7 @@ class SweepConfig:
     random_scope: str = "per_layer"
     gqa: str = DEFAULT_GQA
     removal: str = "refit"
+    values: Optional[bool] = None  # the refit includes value rows (None: where prune does it by default)
     damping: float = DEFAULT_DAMPING
     eval_windows: int = 48
     eval_paragraphs: Optional[int] = None
@@ -85,6 +86,7 @@ class SweepConfig:
         """From the CLI's parsed arguments (``headprune sweep``)."""
         kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         kw["removal"] = removal_of(args)
+        kw["values"] = getattr(args, "refit_values", None)
         return cls(**kw)
 
 
@@ -98,25 +100,28 @@ def _measurement_key(stats, gqa: str, damping: float, kw: dict) -> str:
 
 
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None,
-              measured: dict | None = None) -> dict:
+              measured: dict | None = None, values_cache: dict | None = None) -> dict:
     """Quality at every ratio of ``config`` for every recipe and the random baseline.
 
     ``recipes``: name -> select_heads keyword arguments (default :data:`RECIPES`), plus
-    optional keys: ``removal`` (override ``config.removal`` for this recipe), ``iterative``
+    optional keys: ``removal`` (override ``config.removal`` for this recipe), ``values`` (override
+    ``config.values``: the refit includes the kept heads' value rows), ``iterative``
     (re-collect on ``batches`` with the previous ratio's heads masked before selecting the
     next ratio's: iterative pruning with one round per ratio) and ``sequential`` (calibrate
     the refit layer by layer on ``batches``, the per-layer counts of the recipe's one-shot
     selection). ``scores`` need second moments for refits and the reconstruction score.
     ``measured``: a dict that keeps each measured-allocation recipe's layer costs by name,
     to share them with later sweeps of the same model, scores and batches (they do not depend
-    on the evaluation text)."""
+    on the evaluation text). ``values_cache``: a dict that keeps value moments by selection, to
+    share them with later sweeps of the same model and batches."""
     recipes = RECIPES if recipes is None else recipes
     if any("learned" in kw for kw in recipes.values()) and batches is None:
         raise ValueError("recipes: learned gates train on the calibration text; run_sweep needs the batches")
     if sorted(config.ratios) != list(config.ratios) and any(kw.get("iterative") for kw in recipes.values()):
         raise ValueError("ratios: iterative recipes need increasing ratios")
-    point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)])
+    point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)], batches, values_cache)
     result = _new_result(config, loaded, point.baseline_value, recipes, settings)
+    result["values"] = point.values
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
     state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
     t0 = time.perf_counter()
@@ -126,7 +131,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
             result["heads"].setdefault(name, []).append({str(k): v for k, v in heads.items()})
             result["recipes"][name].append(value)
         result["random"].append([point(select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s,
-                                                    scope=config.random_scope), scores, config.removal)
+                                                    scope=config.random_scope), scores, config.removal, point.values)
                                  for s in range(config.seeds)])
         if not config.quiet:
             print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
@@ -144,8 +149,13 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
 class _Evaluator:
     """The metric of the model with some heads masked (one loaded model serves every point)."""
 
-    def __init__(self, config: SweepConfig, loaded, held: list):
-        self.config, self.loaded, self.held = config, loaded, held
+    def __init__(self, config: SweepConfig, loaded, held: list, batches=None, values_cache: dict | None = None):
+        from ..hf.values import refits_values_by_default
+
+        self.config, self.loaded, self.held, self.batches = config, loaded, held, batches
+        self.cache = {} if values_cache is None else values_cache  # value moments by selection
+        self.values = (refits_values_by_default(loaded.model) if config.values is None else config.values) \
+            and config.removal == "refit"
         self.metric, self.lower = metric_of(loaded.kind)
         self.reference = self._quality(None)
         self.baseline_value = self.reference[self.metric]
@@ -153,10 +163,20 @@ class _Evaluator:
     def _quality(self, reference) -> dict:
         return quality(self.loaded, self.held, reference, eval_windows=self.config.eval_windows, metric_only=True)
 
-    def __call__(self, heads: dict, stats, removal: str) -> float:
+    def __call__(self, heads: dict, stats, removal: str, values: bool = False) -> float:
         from ..hf import mask_heads
+        from ..hf.values import collect_values
 
-        with mask_heads(self.loaded.model, heads, **removal_kwargs(removal, stats, self.config.damping)):
+        how = removal_kwargs(removal, stats, self.config.damping)
+        if values and removal == "refit" and any(heads.values()):
+            if self.batches is None:
+                raise ValueError("recipes: the value refit collects on the calibration text; run_sweep needs the "
+                                 "batches")
+            key = repr(sorted((int(k), sorted(v)) for k, v in heads.items() if v))
+            if key not in self.cache:
+                self.cache[key] = collect_values(self.loaded.model, self.batches, heads)
+            how["values"] = self.cache[key]
+        with mask_heads(self.loaded.model, heads, **how):
             return self._quality(self.reference)[self.metric]
 
 
@@ -185,6 +205,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     kw = dict(kw)
     removal = kw.pop("removal", config.removal)
     iterative, sequential = kw.pop("iterative", False), kw.pop("sequential", False)
+    # one-shot value moments do not fit a sequential or iterative calibration's refit
+    values = kw.pop("values", point.values) and not (sequential or iterative)
     if (iterative or sequential) and batches is None:
         raise ValueError(f"recipes: {name!r} re-calibrates; run_sweep needs the calibration batches")
     stats, pruned = scores, None
@@ -236,7 +258,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
-    return heads, point(heads, stats, removal)
+    return heads, point(heads, stats, removal, values)
 
 
 def learned_selection(kw: dict, learned, stats) -> dict:
@@ -301,6 +323,8 @@ def sweep_markdown(result: dict) -> str:
     columns = ["fraction pruned", *names, *([f"random mean ({draws} seeds)", "random range"] if draws else [])]
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
+    if result.get("values") and result.get("removal") == "refit":
+        how = "kept heads' value rows and output columns refit by least squares"
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     s = result.get("settings")

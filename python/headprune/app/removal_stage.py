@@ -1,0 +1,41 @@
+"""How ``headprune prune`` replaces the heads it removes: whether the least-squares refit
+includes the kept heads' value rows, and the removal stage itself."""
+
+from __future__ import annotations
+
+
+def refits_values(args, loaded, removal: str) -> bool:
+    """Whether the refit includes the kept heads' value rows: ``--refit-values``, else where
+    that is the default (:func:`headprune.hf.values.refits_values_by_default`) and the refit is
+    the one-shot one on one process's batches."""
+    from ..hf.values import refits_values_by_default, supports_values
+
+    want = getattr(args, "refit_values", None)
+    if want is False:
+        return False
+    other = [flag for flag, on in (("--no-reconstruct", removal != "refit"), ("--sequential", args.sequential),
+                                   ("--steps", args.steps != 1),
+                                   ("--distributed", getattr(args, "distributed", False))) if on]
+    if want:
+        if other:
+            raise ValueError(f"--refit-values: extends the one-shot least-squares refit on one process; drop "
+                             f"{', '.join(other)}")
+        if not supports_values(loaded.model):
+            raise ValueError("--refit-values: needs a value projection of its own for every query head (not fused "
+                             "q/k/v, not grouped-query attention)")
+        return True
+    return not other and refits_values_by_default(loaded.model)
+
+
+def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, mode: str) -> None:
+    """Mask or prune ``heads`` with the removal ``how`` (``values``: the value moments of the
+    kept heads collected first, in one more forward pass)."""
+    from ..hf import mask_heads, prune_heads
+
+    if values:
+        from ..hf.values import collect_values
+
+        with stage("collecting the kept heads' value moments in one more forward pass", "values"):
+            how = {**how, "values": collect_values(loaded.model, batches, heads, progress=not args.quiet)}
+    with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
+        (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
