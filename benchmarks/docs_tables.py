@@ -6,6 +6,7 @@ from docs_allocation import TABLES as _ALLOCATION
 from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
 from docs_sequential import TABLES as _SEQUENTIAL
+from docs_values import TABLES as _VALUES
 from make_docs import mean as _mean
 from make_docs import change, num, pct, table, x
 from make_docs import row as one_row
@@ -393,3 +394,4 @@ TABLES.update(_ALLOCATION)
 TABLES.update(_RECOVER)
 TABLES.update(_REFERENCE)
 TABLES.update(_SEQUENTIAL)
+TABLES.update(_VALUES)

@@ -10,7 +10,7 @@ float64 per site (all-MiniLM-L6-v2 keeping 8 of 12 heads: 75 MB a layer), which 
 the refit to small models; ``max_bytes`` refuses more before anything runs.
 
 Supported where a site has its own value projection (``nn.Linear``) and as many KV heads as
-query heads (BERT, RoBERTa, DistilBERT, ViT, OPT; not GPT-2's fused ``Conv1D`` nor grouped-query
+query heads (BERT, RoBERTa, DistilBERT, ViT, OPT, T5; not GPT-2's fused ``Conv1D`` nor grouped-query
 models, whose shared value heads would tie the kept heads' refits together).
 """
 
@@ -34,7 +34,7 @@ __all__ = ["ValueMoments", "collect_values", "DEFAULT_MAX_BYTES", "refits_values
 #: refuse value moments larger than this in all (float64 sums)
 DEFAULT_MAX_BYTES = 4 << 30
 
-_CHUNK = 1024  # rows converted to float64 at a time
+_CHUNK = 1024  # token rows multiplied at a time (see _accumulate)
 
 
 @dataclass
