@@ -265,8 +265,9 @@ def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None
                         "projection's bias (default); --no-compensate removes heads outright")
     g.add_argument("--refit-values", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the kept heads' value rows together with their output-projection columns (one more "
-                        "forward pass over the calibration text after the heads are chosen; default: on for "
-                        "encoders whose every head has its own value projection, off otherwise)")
+                        "forward pass over the calibration text after the heads are chosen, one per selection in a "
+                        "sweep; default: on for encoders whose every head has its own value projection, off "
+                        "otherwise)")
     g.add_argument("--damping", type=nonnegative, default=DEFAULT_DAMPING,
                    help=f"ridge damping of the refit towards the original weights, relative to the mean squared "
                         f"input; the reconstruction score ranks heads by the same refit (default {DEFAULT_DAMPING:g})")
