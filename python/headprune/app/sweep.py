@@ -112,8 +112,9 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     selection). ``scores`` need second moments for refits and the reconstruction score.
     ``measured``: a dict that keeps each measured-allocation recipe's layer costs by name,
     to share them with later sweeps of the same model, scores and batches (they do not depend
-    on the evaluation text). ``values_cache``: a dict that keeps value moments by selection, to
-    share them with later sweeps of the same model and batches."""
+    on the evaluation text). ``values_cache``: a dict that keeps value moments by selection (each
+    hundreds of MB on a small encoder), to share them with later sweeps of the same model and
+    batches; without it each is dropped once evaluated."""
     recipes = RECIPES if recipes is None else recipes
     if any("learned" in kw for kw in recipes.values()) and batches is None:
         raise ValueError("recipes: learned gates train on the calibration text; run_sweep needs the batches")
@@ -153,7 +154,7 @@ class _Evaluator:
         from ..hf.values import refits_values_by_default
 
         self.config, self.loaded, self.held, self.batches = config, loaded, held, batches
-        self.cache = {} if values_cache is None else values_cache  # value moments by selection
+        self.cache = values_cache  # value moments by selection, kept only where the caller asks
         self.values = (refits_values_by_default(loaded.model) if config.values is None else config.values) \
             and config.removal == "refit"
         self.metric, self.lower = metric_of(loaded.kind)
@@ -173,9 +174,10 @@ class _Evaluator:
                 raise ValueError("recipes: the value refit collects on the calibration text; run_sweep needs the "
                                  "batches")
             key = repr(sorted((int(k), sorted(v)) for k, v in heads.items() if v))
-            if key not in self.cache:
-                self.cache[key] = collect_values(self.loaded.model, self.batches, heads)
-            how["values"] = self.cache[key]
+            found = None if self.cache is None else self.cache.get(key)
+            how["values"] = found if found is not None else collect_values(self.loaded.model, self.batches, heads)
+            if self.cache is not None:
+                self.cache[key] = how["values"]
         with mask_heads(self.loaded.model, heads, **how):
             return self._quality(self.reference)[self.metric]
 
