@@ -331,7 +331,8 @@ def sweep_markdown(result: dict) -> str:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
     s = result.get("settings")
     calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
-    lines = [f"{result['metric']} of {result['model']} on held-out `{result['data']}` "
+    evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
+    lines = [f"{result['metric']} of {result['model']} on held-out `{evaluated}` "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for i, r in enumerate(result["ratios"]):
