@@ -75,6 +75,51 @@ def test_minilm_streaming_matches_eager_and_prunes_exactly(minilm):
     assert_same_function({"masked": masked, "pruned": out}, want)
 
 
+@pytest.mark.slow  # real weights: loads all-MiniLM-L6-v2
+def test_minilm_value_refit_fits_better_and_prunes_exactly(minilm):
+    """The value refit on real weights: each pruned layer's output projection closer to the
+    unpruned one's on the calibration tokens than with the output refit alone, and the masked
+    model equal to the pruned one."""
+    from headprune.hf import collect_values
+
+    from headprune.app import texts
+
+    model, tok = minilm
+    # more tokens than the kept heads' z has dimensions (6 x 384 per layer at 50%), as in real use
+    paragraphs = texts.split(texts.load_paragraphs("persuasion"))[0][:64]
+    batches = [dict(tok(paragraphs[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+               for i in range(0, len(paragraphs), 16)]
+    scores = collect(model, batches, progress=False, moments=True)
+    heads = {k: v for k, v in select_heads(scores, ratio=0.5, scope="per_layer").items() if k in (0, 3)}
+    values = collect_values(model, batches, heads)
+    sites = resolve_sites(model)
+    first = min(heads)
+
+    def error(**removal):  # the first pruned site: its input is the unpruned model's either way
+        got = []
+        hook = sites[first].o.register_forward_hook(lambda m, a, o: got.append(o.double()))
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+            with mask_heads(model, heads, **removal):
+                for b in batches:
+                    model(**b)
+        hook.remove()
+        n = len(batches)
+        return sum(((a - b) ** 2).sum().item() for a, b in zip(got[:n], got[n:]))
+
+    assert error(reconstruct=scores, values=values) < error(reconstruct=scores)
+    batch = _batch(tok)
+    with torch.no_grad():
+        with mask_heads(model, heads, reconstruct=scores, values=values):
+            masked = model(**batch).last_hidden_state
+        pruned = copy.deepcopy(model)
+        prune_heads(pruned, heads, reconstruct=scores, values=values)
+        out = pruned(**batch).last_hidden_state
+    want = float64_output(pruned, batch, lambda m, b: m(**b).last_hidden_state)
+    assert_same_function({"masked": masked, "pruned": out}, want)
+
+
 @pytest.mark.slow  # ~50 s to de-quantise the GGUF on 2 cores, ~20 s to run
 def test_smollm_gqa_streaming_matches_eager_and_prunes_exactly(smollm):
     model, tok = smollm

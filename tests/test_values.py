@@ -179,3 +179,9 @@ def test_value_refit_errors_are_named():
         site = resolve_sites(model)[0]
         v = site.sub(site.block.v)
         refit_values(site.o.weight, v.weight, v.bias, vm.gram[0], vm.cross[0], vm.kept[0], 8, sweeps=-1)
+
+
+def test_exported_where_users_look():
+    import headprune
+
+    assert headprune.collect_values is collect_values and "collect_values" in headprune.__all__
