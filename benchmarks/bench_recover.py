@@ -7,7 +7,8 @@
 For each model: the CLI's default calibration batches (the bundled prose and tutorial in equal
 shares, and ``--reference`` of them from the bundled code, as many sequences as ``headprune prune``
 takes by default: ``headprune.app.commands.DEFAULTS``), the default one-shot pruning of
-``--ratio`` of the heads (statistics with second moments, the default recipe and allocation, measured for encoders, least-squares refit), then
+``--ratio`` of the heads (statistics with second moments, the default recipe and allocation,
+measured for encoders, least-squares refit, of the value rows too where that is the default), then
 for each ``train:lr`` configuration (``default``: the library's learning rate for the kind of
 model) a fresh copy of the pruned model distilled toward the unpruned one (on every calibration
 sequence of the text, or ``--recover-samples`` of them) for ``--minutes`` of
@@ -40,7 +41,8 @@ from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.app.recover_command import STEP_SEQUENCES, recovery_batches, split_validation  # noqa: E402
-from headprune.hf import collect, prune_heads, recover  # noqa: E402
+from headprune.hf import collect, collect_values, prune_heads, recover  # noqa: E402
+from headprune.hf.values import refits_values_by_default  # noqa: E402
 from headprune.ranking.recipes import default_allocation  # noqa: E402
 
 def quality(model, loaded, paragraphs, reference, windows) -> float:
@@ -51,16 +53,18 @@ def quality(model, loaded, paragraphs, reference, windows) -> float:
 
 
 def prune_default(teacher, batches, ratio: float) -> tuple:
-    """``(pruned copy, heads, scores)``: what ``headprune prune`` does by default (the measured
-    allocation on encoders, the least-squares refit)."""
+    """``(pruned copy, heads, scores, values refit)``: what ``headprune prune`` does by default
+    (the measured allocation on encoders, the least-squares refit, with the kept heads' value
+    rows where that is the model's default)."""
     scores = collect(teacher, batches, moments=True, progress=False)
     pruned = copy.deepcopy(teacher)
     if default_allocation(scores) == "measured":
         heads, _ = select_measured(teacher, batches, scores, ratio=ratio)
     else:
         heads = select_heads(scores, ratio=ratio)
-    prune_heads(pruned, heads, reconstruct=scores)
-    return pruned, heads, scores
+    values = collect_values(teacher, batches, heads, progress=False) if refits_values_by_default(teacher) else None
+    prune_heads(pruned, heads, reconstruct=scores, values=values)
+    return pruned, heads, scores, values is not None
 
 
 def run(name: str, args) -> dict:
@@ -84,7 +88,7 @@ def run(name: str, args) -> dict:
         return {k: quality(model, loaded, p, refs[k], args.windows) for k, p in paragraphs.items()}
 
     t0 = time.perf_counter()
-    pruned, heads, scores = prune_default(teacher, batches, args.ratio)
+    pruned, heads, scores, refit_values = prune_default(teacher, batches, args.ratio)
     prune_s = time.perf_counter() - t0
     rows = [{"model": "unpruned", **measure(teacher)}, {"model": "pruned", **measure(pruned)}]
     for config in args.configs.split(","):
@@ -115,7 +119,7 @@ def run(name: str, args) -> dict:
     print(table([{c: (f"{r[c]:.4f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols} for r in rows],
                 cols) + "\n", flush=True)
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
-            "heads_total": sum(scores.num_heads), "prune_seconds": prune_s, "minutes": args.minutes,
+            "heads_total": sum(scores.num_heads), "refit_values": refit_values, "prune_seconds": prune_s, "minutes": args.minutes,
             "steps": args.steps, "trace_every": args.trace_every,
             "trained_on": sum(len(b["input_ids"]) for b in train_on), "recover_samples": args.recover_samples,
             "calibration": settings, "batch_size": step_size, "validation": args.validation,
