@@ -3,7 +3,8 @@ repeated for partly pruned groups), even layouts (``--gqa even``: the KV cache n
 even layouts removing at least a quarter of the KV heads (``--kv-ratio 0.25``), whole KV groups,
 and one uniform layout for every layer (``--uniform``, its first causal layer's heads chosen by
 measurement as ``headprune prune --uniform`` chooses them), all with the default ranking and
-the least-squares refit, through headprune's own pipeline.
+the least-squares refit (of the kept heads' value rows too where that is the model's default,
+as on encoders), through headprune's own pipeline.
 
     python benchmarks/bench_layouts.py [--models smollm2,minilm] [--ratios 0.1,0.3,0.5]
         [--calib persuasion] [--eval persuasion,python_tutorial] [--out layouts.json]
@@ -59,10 +60,11 @@ def kv_heads(scores, heads: dict) -> int:
     return total
 
 
-def plain_quality(loaded, heads, scores, point, damping: float) -> tuple:
-    """The uniform selection pruned physically (as ``headprune prune`` saves it), saved and
-    reloaded with plain from_pretrained: ``(pruned quality, plain quality)``, the second
-    ``None`` where the saved directory is not plain-loadable."""
+def plain_quality(loaded, heads, scores, point, damping: float, values=None) -> tuple:
+    """The uniform selection pruned physically (as ``headprune prune`` saves it, ``values``: the
+    value moments where the refit includes value rows), saved and reloaded with plain
+    from_pretrained: ``(pruned quality, plain quality)``, the second ``None`` where the saved
+    directory is not plain-loadable."""
     import transformers
 
     def measure(model):
@@ -70,7 +72,7 @@ def plain_quality(loaded, heads, scores, point, damping: float) -> tuple:
                        eval_windows=point.config.eval_windows, metric_only=True)[point.metric]
 
     model = copy.deepcopy(loaded.model)
-    prune_heads(model, heads, reconstruct=scores, damping=damping)
+    prune_heads(model, heads, reconstruct=scores, damping=damping, values=values)
     with tempfile.TemporaryDirectory() as tmp:
         save_pruned(model, tmp)
         meta = json.loads((Path(tmp) / "headprune.json").read_text())
@@ -81,23 +83,24 @@ def plain_quality(loaded, heads, scores, point, damping: float) -> tuple:
     return measure(model), measure(plain)
 
 
-def evaluator(loaded, name: str, spec: str, args) -> S._Evaluator:
+def evaluator(loaded, name: str, spec: str, args, batches, cache: dict) -> S._Evaluator:
     """The sweep's evaluator of masked selections on the held-out part of ``spec`` (a text for
-    ``load_paragraphs``), with ``args``' ratios, windows and damping."""
+    ``load_paragraphs``), with ``args``' ratios, windows and damping, and the value refit where
+    it is the model's default (its moments collected on ``batches``, kept in ``cache``)."""
     _, held = texts.split(texts.load_paragraphs(spec))
     return S._Evaluator(S.SweepConfig(model=name, ratios=args.ratios, eval_windows=args.eval_windows,
-                                      damping=args.damping), loaded, held)
+                                      damping=args.damping), loaded, held, batches, cache)
 
 
 def run(name: str, args) -> dict:
     loaded = load_model(name)
     batches, settings = calibration(loaded, args.calib, None)
     scores = collect(loaded.model, batches, progress=False, moments=True)
-    rows, measured = [], {}
+    rows, measured, cache = [], {}, {}  # value moments by selection, shared by the evaluation texts
     grouped = has_grouped_queries(scores)
     bytes_per_kv_head = 2 * scores.head_dim[0] * 4  # a key and a value row, float32
     for text in args.eval.split(","):
-        point = evaluator(loaded, name, text, args)
+        point = evaluator(loaded, name, text, args, batches, cache)
         rows.append({"evaluated_on": text, "layout": "unpruned", "ratio": 0.0, "heads_pruned": 0,
                      "kv_heads": sum(scores.num_kv_heads), "quality": point.baseline_value})
         for ratio in args.ratios:
@@ -112,9 +115,10 @@ def run(name: str, args) -> dict:
                     heads = measured[ratio][0]
                 row = {"evaluated_on": text, "layout": layout, "ratio": ratio,
                        "heads_pruned": sum(map(len, heads.values())), "kv_heads": kv_heads(scores, heads),
-                       "quality": point(heads, scores, "refit")}
+                       "quality": point(heads, scores, "refit", point.values)}
                 if layout == "uniform":
-                    pruned, plain = plain_quality(loaded, heads, scores, point, args.damping)
+                    values = cache.get(repr(sorted((int(k), sorted(v)) for k, v in heads.items() if v)))
+                    pruned, plain = plain_quality(loaded, heads, scores, point, args.damping, values)
                     row.update(pruned_quality=pruned, plain_loadable=plain is not None, plain_quality=plain,
                                plain_equal=plain == pruned if plain is not None else None)
                 row["kv_bytes_per_token"] = row["kv_heads"] * bytes_per_kv_head
@@ -122,7 +126,7 @@ def run(name: str, args) -> dict:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return {"model": name, "kind": loaded.kind, "metric": "perplexity" if loaded.kind == "causal" else "fidelity",
-            "calibration": settings, "heads_total": sum(scores.num_heads), "eval_windows": args.eval_windows,
+            "calibration": settings, "refit_values": point.values, "heads_total": sum(scores.num_heads), "eval_windows": args.eval_windows,
             "rows": rows}
 
 

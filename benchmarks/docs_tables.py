@@ -220,12 +220,12 @@ def layout_value(ctx, layout: str, ratio: float, text: str, field: str = "qualit
     return one_row(ctx["R"][name]["results"][model], "rows", layout=layout, ratio=ratio, evaluated_on=text)[field]
 
 
-def layouts_table(ctx, name: str = "layouts") -> str:
+def layouts_table(ctx, names: tuple = ("layouts", "layouts_minilm")) -> str:
     """Per model and evaluation text, one row per (ratio, layout): heads removed, KV heads and
     KV bytes per token left, the quality and how it compares with the free query layout's (a
-    ratio of perplexities, a difference of fidelities)."""
+    ratio of perplexities, a difference of fidelities); a model's run in a later file replaces it."""
     out = []
-    for res in ctx["R"][name]["results"]:
+    for res in {res["model"]: res for n in names if n in ctx["R"] for res in ctx["R"][n]["results"]}.values():
         free = {(r["evaluated_on"], r["ratio"]): r["quality"] for r in res["rows"] if r["layout"] == "query"}
         base = {r["evaluated_on"]: r for r in res["rows"] if r["layout"] == "unpruned"}
         for r in res["rows"]:
