@@ -161,3 +161,50 @@ def test_prune_uniform_warns_where_a_layer_has_too_many_sets(tiny_llama, monkeyp
     assert heads == select_heads(scores, ratio=0.5, uniform=True, gqa="even")
     assert ("layer 0 has 4 sets of heads of its layout, too many to measure in 1 forwards (every set, or one KV "
             "group at a time)") in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    model = tiny_model("bert")  # 2 layers of 4 heads, no grouped queries
+    batches = [tiny_batch("bert", seed=i) for i in range(3)]
+    return model, batches, collect(model, batches, moments=True, progress=False)
+
+
+def test_encoder_uniform_layout_is_chosen_greedily_in_every_layer(tiny_bert):
+    """On an encoder every layer's heads are re-chosen as its measured allocation chooses them:
+    greedily, the cheapest head at each count up to the layout's, or the ranking's set where
+    that measured cheaper (checked by brute force); the count stays the same in every layer."""
+    model, batches, scores = tiny_bert
+    heads = select_heads(scores, ratio=0.5, uniform=True)
+    before = copy.deepcopy(model.state_dict())
+    out, report = measure_uniform(model, batches, scores, heads, sequences=5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left as it was
+    loss = _five_sequence_loss(model, batches)
+    for site, ranked in heads.items():
+        chosen = []
+        for _ in ranked:
+            chosen = min((sorted(chosen + [h]) for h in range(scores.num_heads[site]) if h not in chosen),
+                         key=lambda s: loss(site, s))
+        greedy, ranked_loss = loss(site, chosen), loss(site, sorted(ranked))
+        assert out[site] == (chosen if greedy <= ranked_loss else sorted(ranked))
+        r = report["sites"][site]
+        assert r["method"] == "greedy" and r["options"] == layout_count(4, 4, ranked)
+        assert r["ranked_loss"] == pytest.approx(ranked_loss, rel=1e-5, abs=1e-7)
+        assert r["chosen_loss"] == pytest.approx(min(greedy, ranked_loss), rel=1e-5, abs=1e-7)
+    assert {len(v) for v in out.values()} == {len(v) for v in heads.values()} == {2}
+    assert measure_uniform(model, batches, scores, heads, sites=())[0] == heads  # sites given: only those
+
+
+def test_prune_uniform_on_an_encoder_says_each_layer_was_measured(tiny_bert):
+    from argparse import Namespace
+
+    import headprune.app.prune_command as P
+
+    model, batches, scores = tiny_bert
+    args = Namespace(steps=1, ratio=0.5, count=None, damping=0.01, quiet=True, sequential=False, gqa="even",
+                     distributed=False)
+    kw = {"uniform": True, "gqa": "even"}
+    heads, _ = P._select(args, Namespace(model=model), batches, scores, kw, "refit")
+    assert heads == measure_uniform(model, batches, scores, select_heads(scores, ratio=0.5, uniform=True))[0]
+    text = P._recipe(args, kw, "refit", scores)
+    assert "each layer's heads removed one at a time" in text and "first layer" not in text

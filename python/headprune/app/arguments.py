@@ -231,7 +231,8 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                         "directory has a standard config that plain from_pretrained loads where the family's "
                         "config can describe it, and a .gguf input's model.gguf keeps llama.cpp's llama "
                         "architecture (without it, per-layer counts are written as its deci architecture); no layer "
-                        "is protected")
+                        "is protected, and the heads of a causal LM's first layer, or of every layer of an encoder, "
+                        "are chosen by measurement, as the default chooses them there")
     g.add_argument("--kv-ratio", type=fraction, default=None, metavar="R",
                    help="with --gqa even: remove at least this fraction of the KV heads (the KV cache shrinks "
                         "at least as much), preferring layouts that remove whole groups just enough to reach it "

@@ -32,8 +32,9 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     :data:`DEFAULT_RECIPE`). ``causal``: whether the model has a causal stack (``False``:
     the default protection, which keeps causal stacks' first layers, is not mentioned);
     ``grouped``: whether it has grouped queries (``False``: KV-group layouts are not mentioned).
-    ``measured_first``: a uniform layout's first causal layer re-chosen by measurement
-    (:func:`headprune.hf.uniform.measure_uniform`); ``values``: the refit includes the kept heads'
+    ``measured_first``: a uniform layout's heads re-chosen by measurement
+    (:func:`headprune.hf.uniform.measure_uniform`: a causal stack's first layer; an encoder's
+    every layer, without grouped queries); ``values``: the refit includes the kept heads'
     value rows (:mod:`headprune.prune.values`)."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
@@ -60,7 +61,9 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
             f"calibration sequences (every set where it has at most {UNIFORM_MEASURED_SETS}, else one KV group's "
             f"heads at a time where that takes at most {UNIFORM_MEASURED_SETS} forwards)"
             if measured_first and causal is not False
-            else ""))
+            else ", each layer's heads removed one at a time, each the one whose removal cost the whole model least "
+                 "on calibration sequences (the ranking's where those measured cheaper)"
+            if measured_first and grouped is False else ""))
     elif select.get("gqa", DEFAULT_GQA) == "even" and grouped is not False:
         parts.append("removed in layouts where every KV group kept keeps the same number of query heads (the KV "
                      "cache never grows)" + (f", at least {100 * select['kv_ratio']:g}% of the KV heads in whole "

@@ -11,7 +11,10 @@ the model's distillation loss with that set removed (refit), measured as the mea
 allocation measures it (:mod:`headprune.hf.allocation`: the first calibration sequences, the
 refit computed from the others). A site with more sets than :data:`MAX_OPTIONS` is measured one
 KV group at a time instead (:func:`group_sets`: starting from the ranking's set, each group's
-heads re-chosen with the others fixed) where that pass costs at most as many forwards.
+heads re-chosen with the others fixed) where that pass costs at most as many forwards. An
+encoder's default measures every layer (the measured allocation), so its uniform layout is
+re-chosen in every layer the same way: greedily, the head whose removal costs least at each
+count up to the layout's.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import math
 import time
 from typing import Optional
 
-from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_protected
+from ..ranking.layouts import has_grouped_queries
+from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_protected, is_causal
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .allocation import _bar, measured_part, measuring
@@ -112,6 +116,31 @@ def measures(select: dict, removal: str, scores: HeadScores, *, iterative: bool 
         and not (iterative or sequential or distributed)
 
 
+def _greedy_every_site(model, batches, scores: HeadScores, heads: dict, damping: float, sequences, progress) -> tuple:
+    """An encoder's uniform selection re-chosen in every layer as its measured allocation
+    chooses (:func:`~headprune.hf.allocation.layer_costs`, greedy: the layer's cheapest head at
+    each count, up to the layout's), keeping the ranking's set where that measured cheaper."""
+    from .allocation import layer_costs
+
+    start = time.perf_counter()
+    todo = {s: sorted(hs) for s, hs in heads.items() if hs}
+    if not todo:
+        return dict(heads), {"sites": {}, "seconds": 0.0}
+    keep = min(scores.num_heads[s] - len(hs) for s, hs in todo.items())
+    costs = layer_costs(model, batches, scores, damping=damping, sequences=sequences, min_heads_per_layer=keep,
+                        choose="greedy", progress=progress)
+    out, report = dict(heads), {}
+    bar = _bar(len(todo), progress, "headprune: measuring the ranking's sets")
+    with measuring(model, measured_part(batches, sequences), scores, damping, bar) as measure:
+        for site, ranked in todo.items():
+            greedy = sorted(costs.heads[site][len(ranked)])
+            chosen, ranked_loss = costs.costs[site][len(ranked)], measure(site, ranked)
+            out[site] = greedy if chosen <= ranked_loss else ranked
+            report[site] = {"options": layout_count(scores.num_heads[site], scores.num_kv_heads[site], ranked),
+                            "method": "greedy", "chosen_loss": min(chosen, ranked_loss), "ranked_loss": ranked_loss}
+    return out, {"sites": report, "seconds": time.perf_counter() - start}
+
+
 def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=None,
                     damping: float = DEFAULT_DAMPING, sequences: Optional[int] = None,
                     progress: bool = False) -> tuple:
@@ -122,13 +151,18 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     :data:`MAX_OPTIONS` sets is measured one KV group at a time (``"method": "groups"``) where
     :func:`pass_cost` is at most :data:`MAX_OPTIONS`, else keeps the ranking's heads
     (``"method": "ranking"``; ``"options"`` says how many sets it had). The model is left
-    exactly as it was."""
+    exactly as it was. On an encoder without grouped queries and ``sites`` not given, every
+    site is re-chosen instead, as its default's measured allocation chooses heads (greedily, one
+    head at a time up to the layout's count, ``"method": "greedy"``), keeping the ranking's set
+    where that measured cheaper."""
     if getattr(scores, "moments", None) is None:
         raise ValueError("scores: measuring a layout refits the heads it removes and needs second moments; "
                          "collect with moments=True")
     if scores.head_ids is not None:
         raise ValueError("scores: measure_uniform chooses among a site's heads by position; collect on the "
                          "unpruned model")
+    if sites is None and not is_causal(scores) and not has_grouped_queries(scores):
+        return _greedy_every_site(model, batches, scores, heads, damping, sequences, progress)
     sites = default_protected(scores) if sites is None else tuple(sites)
     shape = {s: (scores.num_heads[s], scores.num_kv_heads[s]) for s in sites if heads.get(s)}
     count = {s: layout_count(*shape[s], heads[s]) for s in shape}  # counted: a large site has millions
