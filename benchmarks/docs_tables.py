@@ -328,9 +328,11 @@ def learned_standing(ctx, names=("quality_learned_smollm2", "quality_learned_min
         verdict = ("better than or equal to the default at every point" if not worse else
                    f"worse than the default at {len(worse)} of {len(rel)} points, by up to "
                    f"{pct(max(worse), 1)} of the default's {'perplexity' if lower else 'fidelity'}")
+        alloc = results[0].get("measured_allocation", {}).get("default", {}).get("seconds")
         out.append(f"{results[0]['model']}: learned gates are {verdict}; training took "
                    f"{num(minutes, 2)} min for the {len(results[0]['ratios'])} ratios, against seconds for the "
-                   "default's one-shot scores.")
+                   "default's one-shot scores" + ("." if alloc is None else
+                                                  f" and {num(alloc / 60, 2)} min for its measured allocation."))
     return "\n\n".join(out)
 
 
