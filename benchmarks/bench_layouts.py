@@ -117,7 +117,7 @@ def run(name: str, args) -> dict:
                        "heads_pruned": sum(map(len, heads.values())), "kv_heads": kv_heads(scores, heads),
                        "quality": point(heads, scores, "refit", point.values)}
                 if layout == "uniform":
-                    values = cache.get(repr(sorted((int(k), sorted(v)) for k, v in heads.items() if v)))
+                    values = point.value_moments(heads) if point.values else None  # cached by point(...)
                     pruned, plain = plain_quality(loaded, heads, scores, point, args.damping, values)
                     row.update(pruned_quality=pruned, plain_loadable=plain is not None, plain_quality=plain,
                                plain_equal=plain == pruned if plain is not None else None)

@@ -164,20 +164,27 @@ class _Evaluator:
     def _quality(self, reference) -> dict:
         return quality(self.loaded, self.held, reference, eval_windows=self.config.eval_windows, metric_only=True)
 
+    def value_moments(self, heads: dict):
+        """The value moments of removing ``heads``, from the cache where it holds them, else
+        collected on the calibration batches (and cached where there is a cache)."""
+        from ..hf.values import collect_values
+
+        if self.batches is None:
+            raise ValueError("recipes: the value refit collects on the calibration text; run_sweep needs the batches")
+        key = repr(sorted((int(k), sorted(v)) for k, v in heads.items() if v))
+        found = None if self.cache is None else self.cache.get(key)
+        if found is None:
+            found = collect_values(self.loaded.model, self.batches, heads)
+            if self.cache is not None:
+                self.cache[key] = found
+        return found
+
     def __call__(self, heads: dict, stats, removal: str, values: bool = False) -> float:
         from ..hf import mask_heads
-        from ..hf.values import collect_values
 
         how = removal_kwargs(removal, stats, self.config.damping)
         if values and removal == "refit" and any(heads.values()):
-            if self.batches is None:
-                raise ValueError("recipes: the value refit collects on the calibration text; run_sweep needs the "
-                                 "batches")
-            key = repr(sorted((int(k), sorted(v)) for k, v in heads.items() if v))
-            found = None if self.cache is None else self.cache.get(key)
-            how["values"] = found if found is not None else collect_values(self.loaded.model, self.batches, heads)
-            if self.cache is not None:
-                self.cache[key] = how["values"]
+            how["values"] = self.value_moments(heads)
         with mask_heads(self.loaded.model, heads, **how):
             return self._quality(self.reference)[self.metric]
 

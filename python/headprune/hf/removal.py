@@ -46,10 +46,9 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
         scores = _checked(reconstruct, sites, adapter, "reconstruct")
         if scores.moments is None:
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
-        plan = {layer: _refit(sites[layer], adapter, hs, scores, damping) for layer, hs in heads.items()}
-        for layer in ({} if values is None else values.kept):
-            plan[layer] = _value_refit(sites[layer], adapter, values, layer, damping)
-        return plan
+        joint = {} if values is None else values.kept  # sites where a head is kept: the joint refit instead
+        return {layer: _value_refit(sites[layer], adapter, values, layer, damping) if layer in joint
+                else _refit(sites[layer], adapter, hs, scores, damping) for layer, hs in heads.items()}
     return {}
 
 

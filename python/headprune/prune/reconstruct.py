@@ -22,7 +22,7 @@ import torch
 
 from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
 
-__all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns"]
+__all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns", "solve_damped"]
 
 
 def kept_columns(num_heads: int, head_dim: int, removed) -> list:
@@ -79,13 +79,13 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     a = g[s][:, s]
     rhs = g[s] @ wt.t()  # [|S|, out]
     prior = w[:, keep_t].t() if anchor == "original" else None
-    sol = _solve(a, rhs, damping, len(keep), prior)
+    sol = solve_damped(a, rhs, damping, len(keep), prior)
     new_w = sol[:-1].t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
     return new_w.to(weight.dtype).contiguous(), sol[-1]
 
 
-def _solve(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, prior=None) -> torch.Tensor:
+def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, prior=None) -> torch.Tensor:
     """``(a + c I_k) x = rhs + c prior`` with ``c = damping * mean(diag(a[:k, :k]))`` (the ridge
     towards ``prior`` ``[k, out]``, or towards 0); Cholesky, least squares if singular."""
     a = a.clone()

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
+from .reconstruct import solve_damped
 
 __all__ = ["DEFAULT_SWEEPS", "refit_values"]
 
@@ -55,16 +56,9 @@ def _block_diag_values(wv: torch.Tensor, bv: Optional[torch.Tensor], kept: list,
 
 def _output_refit(wo, gram, cross, vt, kept, d, damping):
     """The output-projection refit of :mod:`.reconstruct` from these moments: ``[W'_K, b']``
-    against ``[x_K, 1]`` (the same fit, on the same tokens)."""
-    gx = vt @ gram @ vt.t()
-    tx = cross @ vt.t()
-    kd = len(kept) * d
-    c = ridge(gx, damping, kd)
-    anchor = torch.zeros_like(tx)
-    anchor[:, :kd] = torch.cat([wo[:, h * d:(h + 1) * d] for h in kept], 1)
-    a = gx.clone()
-    a.diagonal()[:kd] += c
-    return torch.linalg.solve(a, (tx + c * anchor).t()).t()
+    against ``[x_K, 1]`` (the same fit, on the same tokens, by the same damped solve)."""
+    anchor = torch.cat([wo[:, h * d:(h + 1) * d] for h in kept], 1)
+    return solve_damped(vt @ gram @ vt.t(), vt @ cross.t(), damping, len(kept) * d, anchor.t()).t()
 
 
 def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
