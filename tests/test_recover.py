@@ -6,6 +6,7 @@ Tiny random models; the pruned student loses heads outright (no refit), so it ha
 close. Few steps each: a step costs tens of milliseconds here."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -195,8 +196,9 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"steps": 0}, "steps: expected a positive int, got 0"),
-    ({"steps": 2.5}, "steps: expected a positive int"),
+    ({"steps": 0}, "steps: expected a positive int or None, got 0"),
+    ({"steps": 2.5}, "steps: expected a positive int or None"),
+    ({"steps": None}, "steps: None (until the time budget) needs time_budget_s"),
     ({"lr": 0}, "lr: expected a positive finite number, got 0"),
     ({"lr": -1e-3}, "lr: expected a positive finite number"),
     ({"lr": float("nan")}, "lr: expected a positive finite number"),
@@ -211,7 +213,7 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
 def test_bad_arguments_are_refused(llama, kw, message):
     teacher, pruned, batches = llama
     student = copy.deepcopy(pruned)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         recover(student, teacher, batches, **{"steps": 2, **kw})
     assert _same(_state(student), _state(pruned))
 
@@ -235,6 +237,21 @@ def test_wrong_models_and_batches_are_refused(llama, bert):
 def test_time_budget_stops_after_a_step(llama):
     teacher, pruned, batches = llama
     report = recover(copy.deepcopy(pruned), teacher, batches, steps=50, lr=LR, time_budget_s=1e-9)
+    assert report.steps == 1 and report.stopped == "time_budget"
+
+
+def test_steps_none_trains_until_the_time_budget(monkeypatch, llama):
+    """``steps=None``: no step count, the budget alone ends the run (one-second steps)."""
+    from headprune.hf import training
+
+    clock = _Clock()
+    monkeypatch.setattr(training.time, "perf_counter", clock)
+    done, _, stopped = training._loop(lambda b, i: setattr(clock, "now", clock.now + 1.0) or 0.0, [{}], None, 0,
+                                      7.5, False, None, 10, None, None)
+    assert (done, stopped) == (7, "time_budget")  # 6 s + 1.25 x a 1 s step fit in 7.5 s, 7 s + 1.25 do not
+    monkeypatch.undo()
+    teacher, pruned, batches = llama
+    report = recover(copy.deepcopy(pruned), teacher, batches, steps=None, lr=LR, time_budget_s=1e-9)
     assert report.steps == 1 and report.stopped == "time_budget"
 
 

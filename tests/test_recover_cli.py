@@ -184,3 +184,42 @@ def test_recovery_batches_interleave_the_texts_so_an_early_stop_trains_on_each(t
         assert n1 >= 2 and source[: 2 * n1] == [0, 1] * n1, (kind, source)  # alternating while both last
         assert len(batches) == sum(len(texts.calibration_batches(  # every sequence of both texts
             tok, part, causal=kind == "causal", samples=10**6, seq_len=seq_len, batch_size=1)) for part in parts)
+
+
+def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # noqa: F811
+    """``--seconds`` alone ends the run by its budget; ``--checkpoint`` resumes where a run
+    stopped, to the same weights as a run that never stopped; other settings are refused."""
+    import json
+
+    import torch
+
+    from headprune.hf import load_pruned
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])
+    assert code == 0, err
+    rec = ["recover", tmp_path / "p", "--validation", "0", "--samples", "4", "--lr", "1e-3", "--quiet"]
+    code, err = run([*rec, "--seconds", "0.001", "--out", tmp_path / "s"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["recover"]["steps"] == 1 and report["recover"]["stopped"] == "time_budget"
+    assert report["settings"]["recover_seconds"] == 0.001 and report["settings"]["recover_steps"] is None
+    assert "stopped by the budget of 0.001 s" in (tmp_path / "s" / "report.md").read_text()
+    ckpt = tmp_path / "state.pt"
+    code, err = run([*rec, "--steps", "2", "--checkpoint", ckpt, "--out", tmp_path / "a"])
+    assert code == 0 and ckpt.is_file(), err
+    code, err = run([*rec, "--steps", "4", "--checkpoint", ckpt, "--out", tmp_path / "b"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["recover"]["resumed_from"] == 2 and report["recover"]["steps"] == 4
+    assert "resumed from step 2 of a checkpoint" in (tmp_path / "b" / "report.md").read_text()
+    code, err = run([*rec, "--steps", "4", "--out", tmp_path / "c"])
+    assert code == 0, err
+    resumed, straight = load_pruned(tmp_path / "b" / "model"), load_pruned(tmp_path / "c" / "model")
+    assert all(torch.equal(p, straight.state_dict()[n]) for n, p in resumed.state_dict().items())
+    code, err = run([*rec[:-3], "--lr", "1e-4", "--quiet", "--steps", "4", "--checkpoint", ckpt, "--out", tmp_path / "d"])
+    assert code == 2 and "checkpoint" in err[-1] and not (tmp_path / "d").exists()
+    code, err = run(["recover", tmp_path / "p", "--quiet", "--out", tmp_path / "e"])
+    assert code == 2 and err[-1].endswith("--steps/--seconds: say how long to recover (either or both)")
+    code, err = run([*rec, "--steps", "1", "--checkpoint", tmp_path / "f" / "state.pt", "--out", tmp_path / "f"])
+    assert code == 2 and "--checkpoint: inside the output directory" in err[-1] and not (tmp_path / "f").exists()

@@ -340,7 +340,15 @@ def recover_args(p: argparse.ArgumentParser) -> None:
                         "type; training always runs in float32 or wider)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
     g = p.add_argument_group("distillation")
-    g.add_argument("--steps", type=positive, required=True, help="optimizer steps, one calibration batch each (required)")
+    g.add_argument("--steps", type=positive, default=None,
+                   help="optimizer steps, one calibration batch each (--steps, --seconds or both: whichever ends first)")
+    g.add_argument("--seconds", type=positive_float, default=None,
+                   help="stop before a step that would end the recovery past this many seconds, the closing validation "
+                        "included (default: none)")
+    g.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="keep the training state in FILE (every 10 steps and at the end) and resume from it when it "
+                        "exists: a run stopped by --seconds or interrupted goes on where it stopped (refused when FILE "
+                        "was written for another pruned model, text or settings)")
     g.add_argument("--lr", type=learning_rate, default=None,
                    help=f"AdamW learning rate of the attention projections, q/k/v/o ({_LR_HELP})")
     g.add_argument("--validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",

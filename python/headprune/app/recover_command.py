@@ -67,11 +67,13 @@ def split_validation(batches: list, fraction: float) -> tuple:
     return [b for i, b in enumerate(batches) if i not in held], [batches[i] for i in sorted(held)]
 
 
-def recover_stage(args, student, teacher, batches, *, steps: int, lr, validation: float) -> dict:
+def recover_stage(args, student, teacher, batches, *, steps, lr, validation: float, seconds=None,
+                  checkpoint=None) -> dict:
     """Distil ``student`` toward ``teacher`` in float32 (half-precision students are trained in
     float32 and cast back), ``validation`` of the batches kept out to choose the best step,
-    with a progress bar unless ``--quiet``; the library's report, with the validation batches'
-    count."""
+    for ``steps`` and/or ``seconds``, keeping its state in ``checkpoint`` and resuming from it
+    when it exists, with a progress bar unless ``--quiet``; the library's report, with the
+    validation batches' count."""
     from ..hf import recover
 
     train, held = split_validation(batches, validation)
@@ -79,7 +81,8 @@ def recover_stage(args, student, teacher, batches, *, steps: int, lr, validation
     if dtype in (torch.float16, torch.bfloat16):
         student.float()
     try:
-        report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet)
+        report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet,
+                         time_budget_s=seconds, checkpoint=checkpoint, resume=checkpoint is not None)
     finally:
         student.to(dtype)
     return report.to_dict() | {"validation_batches": 0 if held is None else len(held)}
@@ -129,9 +132,14 @@ def recover(args) -> int:
     from ..hf import save_pruned
     from ..stats.scores import HeadScores
 
+    if args.steps is None and args.seconds is None:
+        raise ValueError("--steps/--seconds: say how long to recover (either or both)")
     src = Path(args.model)
     out = C._out(args, "recover")
     C.check_out(out, args.force)
+    if args.checkpoint and out.resolve() in Path(args.checkpoint).resolve().parents:
+        raise ValueError(f"--checkpoint: inside the output directory {out}, which is written whole at the end; "
+                         "keep it elsewhere")
     prune_report = _pruned_dir(src)
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
     stage = C.Stages(args)
@@ -144,15 +152,15 @@ def recover(args) -> int:
     with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
         q["pruned"] = _quality(args, student, paragraphs, q["unpruned"])
-    with stage(f"recovering: {args.steps} distillation steps", "recover"):
+    with stage(f"recovering: {_budget(args)}", "recover"):
         result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr,
-                               validation=args.validation)
+                               validation=args.validation, seconds=args.seconds, checkpoint=args.checkpoint)
     with stage("evaluating the recovered model", "evaluate_after"):
         q["recovered"] = _quality(args, student, paragraphs, q["unpruned"])
     metric, lower = E.metric_of(student.kind)
     table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
-    settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_lr": result["lr"],
-                "recover_validation": args.validation}
+    settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
+                "recover_lr": result["lr"], "recover_validation": args.validation}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
     meta = student.pruned or {}
@@ -165,6 +173,12 @@ def recover(args) -> int:
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
     print(quality_table(report))
     return 0
+
+
+def _budget(args) -> str:
+    parts = ([f"{args.steps} distillation steps"] if args.steps else []) + (
+        [f"{args.seconds:g} s"] if args.seconds else [])
+    return " or ".join(parts) + (" (whichever ends first)" if len(parts) == 2 else "")
 
 
 def _teacher(args, spec: str):
@@ -193,10 +207,20 @@ def quality_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _how(r: dict, s: dict) -> str:
+    """How the run ended and began, where that is not plain: the time budget, a resumed run."""
+    bits = []
+    if r.get("stopped") == "time_budget":
+        bits.append(f"stopped by the budget of {s.get('recover_seconds'):g} s")
+    if r.get("resumed_from"):
+        bits.append(f"resumed from step {r['resumed_from']} of a checkpoint")
+    return "".join(f", {b}" for b in bits)
+
+
 def report_markdown(report: dict) -> str:
     s, r = report["settings"], report["recover"]
     return (f"# headprune recovery: {report['pruned']}\n\n"
-            f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s; "
+            f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s{_how(r, s)}; "
             f"training {r['train']}, {r['parameters']:,} parameters, learning rate {s['recover_lr']:g}) on "
             f"{s['samples']} x {s['seq_len']} tokens of `{s['data']}`. Distillation loss {r['loss_first']:.4g} at "
             f"the first step, {r['loss_last']:.4g} at the last.{validation_sentence(r)}\n\n"

@@ -96,7 +96,7 @@ def trainable_parameters(model, train: str = "attention") -> dict:
 
 
 def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) -> None:
-    _check_run(steps, lr, time_budget_s, checkpoint_every)
+    _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
     if train not in TRAIN:
         raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
     a, b = get_adapter(student), get_adapter(teacher)
@@ -211,14 +211,15 @@ def _training(student, params: dict):
         student.eval()
 
 
-def recover(student, teacher, batches, *, steps: int, lr: Optional[float] = None, train: str = "attention",
+def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[float] = None, train: str = "attention",
             time_budget_s: Optional[float] = None, progress: Union[bool, Callable] = False,
             checkpoint: Optional[Union[str, os.PathLike]] = None, checkpoint_every: int = 10,
             resume: bool = False, validation: Optional[Sequence] = None,
             validate_every: Optional[int] = None) -> RecoverReport:
     """Distil ``student`` (a pruned model, changed in place) toward ``teacher`` (the unpruned
-    one, never changed) for ``steps`` optimizer steps, one calibration batch per step,
-    cycling through ``batches`` (a list; dicts as the model's forward takes them).
+    one, never changed) for ``steps`` optimizer steps (``None``: until ``time_budget_s``), one
+    calibration batch per step, cycling through ``batches`` (a list; dicts as the model's
+    forward takes them).
 
     Args:
         lr: AdamW's learning rate (constant; no weight decay); ``None``: :data:`DEFAULT_LR`

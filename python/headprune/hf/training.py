@@ -26,10 +26,14 @@ CHECKPOINT_FORMAT = "headprune.recover/1"
 MARGIN = 1.25
 
 
-def _check_run(steps, lr, time_budget_s, checkpoint_every) -> None:
-    """The options every training run here takes (:func:`recover`, ``learn_gates``)."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool = False) -> None:
+    """The options every training run here takes (:func:`recover`, ``learn_gates``);
+    ``open_ended``: ``steps=None`` (until the time budget) is allowed with a time budget."""
+    if steps is None and open_ended:
+        if time_budget_s is None:
+            raise ValueError("steps: None (until the time budget) needs time_budget_s")
+    elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected a positive int{' or None' if open_ended else ''}, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
     if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
@@ -153,8 +157,8 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
           bar, postfix: Optional[Callable] = None, after: Optional[Callable] = None,
           finish: Optional[Callable] = None, started: Optional[float] = None,
           closing: Optional[Callable] = None) -> tuple:
-    """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps``, one batch each (the
-    batches cycled, the ones the first ``done`` steps used skipped), calling ``after(n)`` once
+    """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps`` (``None``: until the
+    budget), one batch each (the batches cycled, the ones the first ``done`` steps used skipped), calling ``after(n)`` once
     step ``n`` is done, saving through ``save(n)`` every ``every`` steps and at the end when
     ``ckpt`` is set, reporting to the progress bar or the ``progress(step, steps, loss)``
     callable. On a normal end, ``finish(n)`` runs before the last save and returns whether it
@@ -173,7 +177,7 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
         pass
     saved, losses, stopped = done, [], "steps"
     try:
-        while done < steps:
+        while steps is None or done < steps:
             if budget is not None and took and (time.perf_counter() - t0 + 2 * saving + MARGIN * (
                     max(took) + (closing() if closing is not None else 0.0))) > budget:
                 stopped = "time_budget"
