@@ -223,3 +223,19 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     assert code == 2 and err[-1].endswith("--steps/--seconds: say how long to recover (either or both)")
     code, err = run([*rec, "--steps", "1", "--checkpoint", tmp_path / "f" / "state.pt", "--out", tmp_path / "f"])
     assert code == 2 and "--checkpoint: inside the output directory" in err[-1] and not (tmp_path / "f").exists()
+
+
+def test_prune_recover_seconds(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--recover-seconds", "0.001", "--out", tmp_path / "p"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["recover"]["steps"] == 1 and report["recover"]["stopped"] == "time_budget"
+    assert report["settings"]["recover_seconds"] == 0.001 and report["settings"]["recover_steps"] == 0
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--mask", "--recover-seconds", "1",
+                     "--out", tmp_path / "m"])
+    assert code == 2 and err == ["headprune prune: error: --recover-seconds: needs --physical (training would revive "
+                                 "the masked heads)"]
+    assert not (tmp_path / "m").exists()

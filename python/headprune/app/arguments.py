@@ -372,6 +372,9 @@ def prune_recover_args(p: argparse.ArgumentParser) -> None:
                    help="distil the pruned model toward the unpruned one for this many steps on the calibration "
                         "text before the evaluation, one sequence per step for causal LMs and two for encoders "
                         "(every calibration sequence of the text), as headprune recover (default 0: none)")
+    g.add_argument("--recover-seconds", type=positive_float, default=None,
+                   help="as headprune recover --seconds: recover for at most this many seconds (alone, or with "
+                        "--recover-steps: whichever ends first)")
     g.add_argument("--recover-lr", type=learning_rate, default=None, help=f"its AdamW learning rate ({_LR_HELP})")
     g.add_argument("--recover-validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",
                    help="as headprune recover --validation: " + _VALIDATION_HELP)

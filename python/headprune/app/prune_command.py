@@ -15,9 +15,9 @@ import torch
 from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads, unit_sizes
 from . import commands as C
 from . import evaluate as E
-from . import plots, texts
+from . import plots
 from .recipe_text import describe_recipe
-from .recover_command import STEP_SEQUENCES, recover_stage, recovery_batches
+from .recover_command import check_recovery, recover_after_prune, recovers
 from .removal_stage import refits_values, remove
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
@@ -30,8 +30,7 @@ def prune(args) -> int:
 
     out = C._out(args, "prune")
     C.check_out(out, args.force)  # fail before the slow part
-    if args.recover_steps and args.mode == "mask":
-        raise ValueError("--recover-steps: needs --physical (training would revive the masked heads)")
+    check_recovery(args)
     _check_layout_options(args)
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):
@@ -54,12 +53,12 @@ def prune(args) -> int:
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
         before_q = C.quality(args, loaded, held)
-    reference = copy.deepcopy(loaded.model) if args.speed or args.recover_steps else None
+    reference = copy.deepcopy(loaded.model) if args.speed or recovers(args) else None
     saved_as = _save_dtype_name(args, loaded)
     sizes_before = measure(loaded.model, dtype=SAVE_TYPES[saved_as])  # KV bytes in the type saved
     mode = args.mode or "physical"
     remove(args, stage, loaded, batches, heads, removal_kwargs(removal, last, args.damping), values, mode)
-    recovered = _recover(args, stage, loaded, reference, settings)
+    recovered = recover_after_prune(args, stage, loaded, reference, settings)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
         _round_to_saved(loaded, saved_as)
@@ -72,6 +71,7 @@ def prune(args) -> int:
                          "removal": removal, "refit_values": values, "damping": args.damping,
                          "sequential": args.sequential,
                          "saved_dtype": saved_as, "recover_steps": args.recover_steps,
+                         "recover_seconds": args.recover_seconds,
                          **({"recover_lr": recovered["lr"], "recover_validation": args.recover_validation}
                             if recovered else {}), **kw})
         report.update(settings=settings, **_absolute(args.model, settings))
@@ -137,22 +137,6 @@ def _export_gguf(args, stage, loaded):
             os.unlink(tmp)
         raise
     return tmp, arch
-
-
-def _recover(args, stage, loaded, teacher, settings: dict):
-    """``--recover-steps``: distil the pruned model toward the unpruned one (before it is rounded
-    to the saved type and evaluated), on the sequences and with as many per step as
-    ``headprune recover`` takes by default (every calibration sequence of the text); the
-    library's report, or ``None``."""
-    if not args.recover_steps:
-        return None
-    batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
-                               STEP_SEQUENCES[loaded.kind], args.device)
-    samples = sum(len(b["input_ids"]) for b in batches)
-    with stage(f"recovering: {args.recover_steps} distillation steps toward the unpruned model", "recover"):
-        result = recover_stage(args, loaded.model, teacher, batches,
-                               steps=args.recover_steps, lr=args.recover_lr, validation=args.recover_validation)
-    return result | {"samples": samples}
 
 
 def _recipe(args, kw: dict, removal: str, scores, values: bool = False) -> str:

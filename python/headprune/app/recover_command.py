@@ -88,6 +88,36 @@ def recover_stage(args, student, teacher, batches, *, steps, lr, validation: flo
     return report.to_dict() | {"validation_batches": 0 if held is None else len(held)}
 
 
+def recovers(args) -> bool:
+    """Whether ``--recover-steps`` or ``--recover-seconds`` asks for recovery."""
+    return bool(args.recover_steps or args.recover_seconds)
+
+
+def check_recovery(args) -> None:
+    """``prune``'s recovery options, before anything slow runs: training needs a physical pruning."""
+    if recovers(args) and args.mode == "mask":
+        raise ValueError(f"{'--recover-steps' if args.recover_steps else '--recover-seconds'}: needs --physical "
+                         "(training would revive the masked heads)")
+
+
+def recover_after_prune(args, stage, loaded, teacher, settings: dict):
+    """``--recover-steps``/``--recover-seconds``: distil the pruned model toward the unpruned one (before it is rounded
+    to the saved type and evaluated), on the sequences and with as many per step as
+    ``headprune recover`` takes by default (every calibration sequence of the text); the
+    library's report, or ``None``."""
+    if not recovers(args):
+        return None
+    batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
+                               STEP_SEQUENCES[loaded.kind], args.device)
+    samples = sum(len(b["input_ids"]) for b in batches)
+    budget = " or ".join(([f"{args.recover_steps} distillation steps"] if args.recover_steps else [])
+                         + ([f"{args.recover_seconds:g} s"] if args.recover_seconds else []))
+    with stage(f"recovering: {budget} toward the unpruned model", "recover"):
+        result = recover_stage(args, loaded.model, teacher, batches, steps=args.recover_steps or None,
+                               lr=args.recover_lr, validation=args.recover_validation, seconds=args.recover_seconds)
+    return result | {"samples": samples}
+
+
 def _pruned_dir(path: Path) -> dict:
     """``report.json`` of a directory written by ``headprune prune``, checked."""
     if not (path / "model").is_dir() or not (path / "report.json").is_file():
