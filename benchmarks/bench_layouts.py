@@ -126,8 +126,8 @@ def run(name: str, args) -> dict:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return {"model": name, "kind": loaded.kind, "metric": "perplexity" if loaded.kind == "causal" else "fidelity",
-            "calibration": settings, "refit_values": point.values, "heads_total": sum(scores.num_heads), "eval_windows": args.eval_windows,
-            "rows": rows}
+            "calibration": settings, "refit_values": point.values, "heads_total": sum(scores.num_heads),
+            "eval_windows": args.eval_windows, "rows": rows}
 
 
 def main(argv=None):

@@ -93,6 +93,12 @@ def recovers(args) -> bool:
     return bool(args.recover_steps or args.recover_seconds)
 
 
+def budget(steps, seconds) -> str:
+    """How long a recovery runs, in words (``steps`` and/or ``seconds``; 0 or None: not given)."""
+    parts = ([f"{steps} distillation steps"] if steps else []) + ([f"{seconds:g} s"] if seconds else [])
+    return " or ".join(parts) + (" (whichever ends first)" if len(parts) == 2 else "")
+
+
 def check_recovery(args) -> None:
     """``prune``'s recovery options, before anything slow runs: training needs a physical pruning."""
     if recovers(args) and args.mode == "mask":
@@ -110,9 +116,7 @@ def recover_after_prune(args, stage, loaded, teacher, settings: dict):
     batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
                                STEP_SEQUENCES[loaded.kind], args.device)
     samples = sum(len(b["input_ids"]) for b in batches)
-    budget = " or ".join(([f"{args.recover_steps} distillation steps"] if args.recover_steps else [])
-                         + ([f"{args.recover_seconds:g} s"] if args.recover_seconds else []))
-    with stage(f"recovering: {budget} toward the unpruned model", "recover"):
+    with stage(f"recovering: {budget(args.recover_steps, args.recover_seconds)} toward the unpruned model", "recover"):
         result = recover_stage(args, loaded.model, teacher, batches, steps=args.recover_steps or None,
                                lr=args.recover_lr, validation=args.recover_validation, seconds=args.recover_seconds)
     return result | {"samples": samples}
@@ -182,7 +186,7 @@ def recover(args) -> int:
     with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
         q["pruned"] = _quality(args, student, paragraphs, q["unpruned"])
-    with stage(f"recovering: {_budget(args)}", "recover"):
+    with stage(f"recovering: {budget(args.steps, args.seconds)}", "recover"):
         result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr,
                                validation=args.validation, seconds=args.seconds, checkpoint=args.checkpoint)
     with stage("evaluating the recovered model", "evaluate_after"):
@@ -203,12 +207,6 @@ def recover(args) -> int:
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
     print(quality_table(report))
     return 0
-
-
-def _budget(args) -> str:
-    parts = ([f"{args.steps} distillation steps"] if args.steps else []) + (
-        [f"{args.seconds:g} s"] if args.seconds else [])
-    return " or ".join(parts) + (" (whichever ends first)" if len(parts) == 2 else "")
 
 
 def _teacher(args, spec: str):

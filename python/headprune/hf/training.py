@@ -158,11 +158,12 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
           finish: Optional[Callable] = None, started: Optional[float] = None,
           closing: Optional[Callable] = None) -> tuple:
     """Run ``step(batch, index) -> loss`` from step ``done`` to ``steps`` (``None``: until the
-    budget), one batch each (the batches cycled, the ones the first ``done`` steps used skipped), calling ``after(n)`` once
-    step ``n`` is done, saving through ``save(n)`` every ``every`` steps and at the end when
-    ``ckpt`` is set, reporting to the progress bar or the ``progress(step, steps, loss)``
-    callable. On a normal end, ``finish(n)`` runs before the last save and returns whether it
-    changed what a checkpoint holds. Returns ``(steps done, losses of this call, why it stopped)``.
+    budget), one batch each (the batches cycled, the ones the first ``done`` steps used
+    skipped), calling ``after(n)`` once step ``n`` is done, saving through ``save(n)`` every
+    ``every`` steps and at the end when ``ckpt`` is set, reporting to the progress bar or the
+    ``progress(step, steps, loss)`` callable. On a normal end, ``finish(n)`` runs before the
+    last save and returns whether it changed what a checkpoint holds. Returns ``(steps done,
+    losses of this call, why it stopped)``.
 
     ``budget``: seconds since ``started`` (default: now) that the whole call may take. A step
     starts only if it is expected to end in time with what follows the last step: the longest
