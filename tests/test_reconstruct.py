@@ -192,12 +192,57 @@ def test_greedy_removal_takes_the_cheapest_unit_at_every_step(gqa):
             removed.append(u)
 
 
+def _random_moments(d, out, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.randn(d, d, generator=gen, dtype=torch.float64)
+    x = torch.cat([x + torch.randn(d, generator=gen, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)], 1)
+    return x.t() @ x, torch.randn(out, d + 1, generator=gen)
+
+
+def test_greedy_removal_with_columns_outside_every_unit_matches_brute_force():
+    """Scattered units that leave some columns always kept; ties go to the first unit."""
+    from headprune.ranking.reconstruction import greedy_removal
+
+    gram, proj = _random_moments(23, 7, 200, 0)
+    units = [[0, 5, 9], [1, 2, 20], [22, 3, 4], [10, 11, 12], [15, 16, 17]]  # 6-8, 13, 14, 18, 19, 21 always kept
+    order, costs, energy = greedy_removal(gram, proj, units, damping=1e-2)
+    removed = []
+    for u, cost in zip(order, costs):
+        keep_of = lambda extra: [c for c in range(23) if all(c not in units[r] for r in removed + extra)]  # noqa: E731
+        before = _damped_loss(gram, proj, keep_of([]), 1e-2)
+        after = {v: _damped_loss(gram, proj, keep_of([v]), 1e-2) for v in range(len(units)) if v not in removed}
+        assert min(after, key=after.get) == u
+        assert cost == pytest.approx(after[u] - before, rel=1e-6, abs=1e-12)
+        removed.append(u)
+    g = gram / gram[-1, -1]
+    assert energy == pytest.approx(float(torch.einsum("od,de,oe->", proj.double(), g, proj.double())), rel=1e-5)
+    same = torch.eye(7, dtype=torch.float64)  # three identical units: removed in their given order
+    assert greedy_removal(same, torch.ones(3, 7), [[4, 5], [0, 1], [2, 3]], damping=0.0)[0] == [0, 1, 2]
+
+
+def test_second_moments_of_wide_inputs_match_float64():
+    """Inputs of 256 columns and more take the symmetric blocked product."""
+    from headprune.hf.collection import _add_gram_
+
+    for d in (255, 300):
+        rows = torch.randn(700, d, dtype=torch.float64)
+        gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+        _add_gram_(gram, rows[:400])
+        _add_gram_(gram, rows[400:])
+        full = torch.cat([rows, torch.ones(700, 1, dtype=torch.float64)], 1)
+        torch.testing.assert_close(gram, full.t() @ full, rtol=1e-12, atol=1e-9)
+
+
 def test_greedy_removal_refuses_units_of_different_sizes():
     from headprune.ranking.reconstruction import greedy_removal
 
     gram = torch.eye(5, dtype=torch.float64)
     with pytest.raises(ValueError, match="units: expected blocks of one size, got sizes \\[1, 3\\]"):
         greedy_removal(gram, torch.ones(2, 5), [[0], [1, 2, 3]])
+    with pytest.raises(ValueError, match="units: expected disjoint blocks of the 4 input columns"):
+        greedy_removal(gram, torch.ones(2, 5), [[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="units: expected disjoint blocks"):
+        greedy_removal(gram, torch.ones(2, 5), [[3, 4]])  # 4 is the constant
 
 
 def test_reconstruction_score_ranks_within_and_across_sites():

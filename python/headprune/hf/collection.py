@@ -258,7 +258,13 @@ def _add_gram_(gram: torch.Tensor, rows: torch.Tensor) -> None:
     """``gram += [rows, 1]^T [rows, 1]`` for float64 ``rows [n, D]`` (in gram's dtype)."""
     d = rows.shape[1]
     r = rows.to(gram.dtype)
-    gram[:d, :d].addmm_(r.t(), r)
+    if d < 256:
+        gram[:d, :d].addmm_(r.t(), r)
+    else:  # symmetric: the top block row and the bottom-right block (3/4 of the product), mirrored
+        h = d // 2
+        gram[:h, :d].addmm_(r[:, :h].t(), r)
+        gram[h:d, h:d].addmm_(r[:, h:].t(), r[:, h:])
+        gram[h:d, :h] = gram[:h, h:d].t()
     s = r.sum(0)
     gram[:d, d] += s
     gram[d, :d] += s

@@ -76,10 +76,28 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
         new_b = b + w[:, gone] @ g[:d, d][gone]
         return weight.index_select(0 if conv1d else 1, keep_t).clone(), new_b
     s = torch.cat([keep_t, torch.tensor([d], device=w.device)])
+    gone = torch.ones(d + 1, dtype=torch.bool, device=w.device)
+    gone[s] = False
     a = g[s][:, s]
-    rhs = g[s] @ wt.t()  # [|S|, out]
-    prior = w[:, keep_t].t() if anchor == "original" else None
-    sol = solve_damped(a, rhs, damping, len(keep), prior)
+    k = len(keep)
+    c = ridge(a, damping, k) if damping > 0 and k > 0 else None
+    if c is not None:
+        a.diagonal()[:k] += c
+    # With A = G[S, S] + c I_K the normal equations' right side G[S, :] W~^T + c [W_K, 0]^T is
+    # A W~_S^T + G[S, R] W~_R^T (R: the removed columns), so the solution is the kept weights
+    # plus A^-1 G[S, R] W~_R^T: a solve with |R| right sides instead of one per output.
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        sol = torch.addmm(wt[:, s].t(), torch.cholesky_solve(g[s][:, gone], chol), wt[:, gone].t())
+        if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
+            prior = torch.zeros_like(sol)
+            prior[:k] = w[:, keep_t].t()
+            sol -= c * torch.cholesky_solve(prior, chol)
+    else:  # singular: least squares on the whole right side
+        rhs = g[s] @ wt.t()
+        if anchor == "original" and c is not None:
+            rhs[:k] += c * w[:, keep_t].t()
+        sol = torch.linalg.lstsq(a, rhs, driver="gelsd").solution
     new_w = sol[:-1].t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
     return new_w.to(weight.dtype).contiguous(), sol[-1]
