@@ -173,23 +173,32 @@ def _damped_loss(gram, proj, keep, damping):
     return float(torch.einsum("od,de,oe->", w, g, w) - torch.einsum("os,st,ot->", opt, a, opt))
 
 
+def _check_greedy(gram, proj, units, width) -> float:
+    """Greedy removal takes the unit whose removal costs least by brute force at every step,
+    and says its cost; returns the energy."""
+    from headprune.ranking.reconstruction import greedy_removal
+
+    order, costs, energy = greedy_removal(gram, proj, units, damping=1e-2)
+    removed = []
+    for u, cost in zip(order, costs):
+        keep_of = lambda extra: [c for c in range(width) if all(c not in units[r] for r in removed + extra)]  # noqa: E731
+        before = _damped_loss(gram, proj, keep_of([]), 1e-2)
+        after = {v: _damped_loss(gram, proj, keep_of([v]), 1e-2) for v in range(len(units)) if v not in removed}
+        assert min(after, key=after.get) == u
+        assert cost == pytest.approx(after[u] - before, rel=1e-6, abs=1e-12)
+        removed.append(u)
+    return energy
+
+
 @pytest.mark.parametrize("gqa", ["query", "group"])
 def test_greedy_removal_takes_the_cheapest_unit_at_every_step(gqa):
-    from headprune.ranking.reconstruction import greedy_removal, site_units
+    from headprune.ranking.reconstruction import site_units
 
     model, batches, scores = _setup("llama", n=4)
     for i in range(2):
         gram, proj = scores.moments.gram[i], scores.moments.projection[i]
         units = site_units(4, 2, 8, gqa)
-        order, costs, _ = greedy_removal(gram, proj, units, damping=1e-2)
-        removed = []
-        for u, cost in zip(order, costs):
-            keep_of = lambda extra: [c for c in range(32) if all(c not in units[r] for r in removed + extra)]  # noqa: E731
-            before = _damped_loss(gram, proj, keep_of([]), 1e-2)
-            after = {v: _damped_loss(gram, proj, keep_of([v]), 1e-2) for v in range(len(units)) if v not in removed}
-            assert min(after, key=after.get) == u
-            assert cost == pytest.approx(after[u] - before, rel=1e-6, abs=1e-12)
-            removed.append(u)
+        _check_greedy(gram, proj, units, 32)
 
 
 def _random_moments(d, out, n, seed):
@@ -205,15 +214,7 @@ def test_greedy_removal_with_columns_outside_every_unit_matches_brute_force():
 
     gram, proj = _random_moments(23, 7, 200, 0)
     units = [[0, 5, 9], [1, 2, 20], [22, 3, 4], [10, 11, 12], [15, 16, 17]]  # 6-8, 13, 14, 18, 19, 21 always kept
-    order, costs, energy = greedy_removal(gram, proj, units, damping=1e-2)
-    removed = []
-    for u, cost in zip(order, costs):
-        keep_of = lambda extra: [c for c in range(23) if all(c not in units[r] for r in removed + extra)]  # noqa: E731
-        before = _damped_loss(gram, proj, keep_of([]), 1e-2)
-        after = {v: _damped_loss(gram, proj, keep_of([v]), 1e-2) for v in range(len(units)) if v not in removed}
-        assert min(after, key=after.get) == u
-        assert cost == pytest.approx(after[u] - before, rel=1e-6, abs=1e-12)
-        removed.append(u)
+    energy = _check_greedy(gram, proj, units, 23)
     g = gram / gram[-1, -1]
     assert energy == pytest.approx(float(torch.einsum("od,de,oe->", proj.double(), g, proj.double())), rel=1e-5)
     same = torch.eye(7, dtype=torch.float64)  # three identical units: removed in their given order
