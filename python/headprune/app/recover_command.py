@@ -2,7 +2,8 @@
 pruned from, on calibration text, and save it with a report of its quality before and after on
 held-out text and on the calibration text (a gain there only is overfitting).
 
-Also the ``--recover-steps`` stage of ``headprune prune`` (:func:`recover_stage`).
+Also the ``--recover-steps``/``--recover-seconds`` stage of ``headprune prune``
+(:func:`recover_after_prune`).
 """
 
 from __future__ import annotations

@@ -87,17 +87,15 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     # A W~_S^T + G[S, R] W~_R^T (R: the removed columns), so the solution is the kept weights
     # plus A^-1 G[S, R] W~_R^T: a solve with |R| right sides instead of one per output.
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
+    if int(info) != 0:  # singular: the normal equations as written, by least squares
+        prior = w[:, keep_t].t() if anchor == "original" else None
+        sol = solve_damped(g[s][:, s], g[s] @ wt.t(), damping, k, prior)
+    else:
         sol = torch.addmm(wt[:, s].t(), torch.cholesky_solve(g[s][:, gone], chol), wt[:, gone].t())
         if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
             prior = torch.zeros_like(sol)
             prior[:k] = w[:, keep_t].t()
             sol -= c * torch.cholesky_solve(prior, chol)
-    else:  # singular: least squares on the whole right side
-        rhs = g[s] @ wt.t()
-        if anchor == "original" and c is not None:
-            rhs[:k] += c * w[:, keep_t].t()
-        sol = torch.linalg.lstsq(a, rhs, driver="gelsd").solution
     new_w = sol[:-1].t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
     return new_w.to(weight.dtype).contiguous(), sol[-1]
