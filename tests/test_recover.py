@@ -183,13 +183,20 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     teacher, pruned, batches = llama
     path = tmp_path / "recover.ckpt"
     recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)
+    one_by_one = [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
     for kw, what in [({"lr": 2 * LR}, "lr"), ({"train": "o_proj"}, "trainable parameters"),
-                     ({"batches": batches[:2]}, "calibration batches"), ({"validation": batches[:1]}, "validation")]:
+                     ({"batches": batches[:2]}, "calibration batches"), ({"validation": batches[:1]}, "validation"),
+                     ({"batches": one_by_one}, "calibration batches")]:  # the same tokens, batched otherwise
         student = copy.deepcopy(pruned)
         args = {"lr": LR, "batches": batches, **kw}
         with pytest.raises(ValueError, match=f"checkpoint: .*written for other .*{what}"):
             recover(student, teacher, args.pop("batches"), steps=2, checkpoint=path, resume=True, **args)
         assert _same(_state(student), _state(pruned))
+    recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)  # now 2 steps
+    student = copy.deepcopy(pruned)
+    with pytest.raises(ValueError, match=r"steps: 1 is fewer than the 2 steps checkpoint .* already holds"):
+        recover(student, teacher, batches, steps=1, lr=LR, checkpoint=path, resume=True)
+    assert _same(_state(student), _state(pruned))
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint: .*not a readable recovery checkpoint"):
         recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
@@ -329,3 +336,22 @@ def test_the_default_learning_rate_depends_on_the_kind_of_model(llama, bert):
         report = recover(copy.deepcopy(pruned), teacher, batches, steps=1)
         assert report.lr == DEFAULT_LR[kind]
     assert DEFAULT_LR["encoder"] < DEFAULT_LR["causal"]
+
+
+def test_training_runs_in_eval_mode_and_the_checkpoint_times_validation(bert, tmp_path):
+    """A student handed over in train mode (dropout on) trains and validates without dropout,
+    as from eval mode, bit for bit; a checkpoint keeps the last validation pass's duration,
+    so a resumed run's time budget holds the closing pass."""
+    teacher, pruned, batches = bert
+    runs = []
+    for mode in ("train", "eval"):
+        student = copy.deepcopy(pruned).train(mode == "train")
+        seen = []
+        student.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(m.training))
+        path = tmp_path / f"{mode}.ckpt"
+        recover(student, teacher, batches[:2], steps=2, lr=LR, validation=batches[2:], validate_every=1,
+                checkpoint=path)
+        assert seen and not any(seen) and not student.training
+        runs.append(_state(student))
+    assert _same(*runs)
+    assert torch.load(path, weights_only=True)["extra"]["seconds"] > 0

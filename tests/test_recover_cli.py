@@ -239,3 +239,49 @@ def test_prune_recover_seconds(run, tmp_path, tiny_dir):  # noqa: F811
     assert code == 2 and err == ["headprune prune: error: --recover-seconds: needs --physical (training would revive "
                                  "the masked heads)"]
     assert not (tmp_path / "m").exists()
+
+
+def test_recover_saves_in_the_type_the_directory_was_saved_in(run, tmp_path, tiny_dir):  # noqa: F811
+    import json
+
+    from safetensors import safe_open
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--save-dtype", "bfloat16",
+                     "--out", tmp_path / "p"])
+    assert code == 0, err
+    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--lr", "1e-3", "--validation", "0", "--samples", "4",
+                     "--quiet", "--out", tmp_path / "r"])
+    assert code == 0, err
+    types = set()
+    for f in (tmp_path / "r" / "model").glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            types |= {st.get_slice(k).get_dtype() for k in st.keys()}
+    assert types == {"BF16"}
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["saved_dtype"] == "bfloat16"
+
+
+def test_recover_stage_gives_back_each_tensor_its_own_type():
+    """A half-precision student trains in float32 and comes back as it was, float32 buffers
+    (rotary frequencies, as ``from_pretrained(torch_dtype=float16)`` leaves them) included."""
+    import argparse
+    import copy
+
+    import torch
+    import transformers
+    from hf_tiny import tiny_batch, tiny_config
+
+    import headprune
+    from headprune.app.recover_command import recover_stage
+
+    torch.manual_seed(0)
+    teacher = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval().half()
+    teacher.model.rotary_emb.inv_freq = teacher.model.rotary_emb.inv_freq.float()
+    student = copy.deepcopy(teacher)
+    headprune.prune_heads(student, {0: [0]})
+    types = {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]}
+    batches = [tiny_batch("llama", seed=i) for i in range(2)]
+    report = recover_stage(argparse.Namespace(quiet=True), student, teacher, batches, steps=1, lr=1e-3, validation=0)
+    assert report["steps"] == 1
+    assert {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]} == types
+    assert student.model.rotary_emb.inv_freq.dtype == torch.float32 and student.lm_head.weight.dtype == torch.float16

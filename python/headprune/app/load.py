@@ -214,3 +214,21 @@ def _pad(tok):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+#: the float types a pruned model can be saved in (``--save-dtype``)
+SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def round_to_saved(loaded, name: str) -> None:
+    """Round the pruned model's floating weights through the type they are saved in, keeping
+    the type it computes in, before the evaluation: the report describes the weights that are
+    saved, computed as the unpruned model was (so the comparison is of the pruning, not of
+    the arithmetic: bfloat16 matrix products on a CPU without bfloat16 instructions take
+    several times as long, and a checkpoint saved in a narrow type is loaded in float32 by
+    default). Writing then casts exactly (see prune_command._write)."""
+    dtype = SAVE_TYPES[name]
+    with torch.no_grad():
+        for t in loaded.model.state_dict().values():  # what is saved (not, e.g., rotary frequencies)
+            if t.is_floating_point() and t.dtype != dtype and torch.finfo(dtype).bits <= torch.finfo(t.dtype).bits:
+                t.copy_(t.to(dtype))

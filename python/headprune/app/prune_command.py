@@ -16,13 +16,13 @@ from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads
 from . import commands as C
 from . import evaluate as E
 from . import plots
+from .load import SAVE_TYPES, round_to_saved
 from .recipe_text import describe_recipe
 from .recover_command import check_recovery, recover_after_prune, recovers
 from .removal_stage import refits_values, remove
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
 
-SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def prune(args) -> int:
@@ -61,7 +61,7 @@ def prune(args) -> int:
     recovered = recover_after_prune(args, stage, loaded, reference, settings)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
-        _round_to_saved(loaded, saved_as)
+        round_to_saved(loaded, saved_as)
         report = _evaluate(args, stage, loaded, held, before_q, reference, saved_as, {
             "model": args.model, "recipe": recipe, "pruned_heads": {str(k): v for k, v in heads.items()},
             "heads_pruned": n, "heads_total": total, "before": {**C._public(before_q), **sizes_before},
@@ -99,7 +99,7 @@ def _absolute(model: str, settings: dict) -> dict:
 
 def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, report: dict) -> dict:
     """The pruned model's quality (and speed against ``reference``) into ``report``: its
-    weights as saved, computed in the type the unpruned model was (see _round_to_saved)."""
+    weights as saved, computed in the type the unpruned model was (see load.round_to_saved)."""
     from ..hf import measure
 
     with stage("evaluating the pruned model on held-out text", "evaluate_after"):
@@ -292,20 +292,6 @@ def _save_dtype_name(args, loaded) -> str:
         stored = loaded.checkpoint_dtype
         name = stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
     return name
-
-
-def _round_to_saved(loaded, name: str) -> None:
-    """Round the pruned model's floating weights through the type they are saved in, keeping
-    the type it computes in, before the evaluation: the report describes the weights that are
-    saved, computed as the unpruned model was (so the comparison is of the pruning, not of
-    the arithmetic: bfloat16 matrix products on a CPU without bfloat16 instructions take
-    several times as long, and a checkpoint saved in a narrow type is loaded in float32 by
-    default). Writing then casts exactly (see _write)."""
-    dtype = SAVE_TYPES[name]
-    with torch.no_grad():
-        for t in loaded.model.state_dict().values():  # what is saved (not, e.g., rotary frequencies)
-            if t.is_floating_point() and t.dtype != dtype and torch.finfo(dtype).bits <= torch.finfo(t.dtype).bits:
-                t.copy_(t.to(dtype))
 
 
 def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned, gguf=None) -> None:

@@ -17,7 +17,7 @@ import torch
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .load import load_model
+from .load import SAVE_TYPES, load_model, round_to_saved
 from .report import validation_sentence
 
 #: the report's quality columns, in order
@@ -78,15 +78,34 @@ def recover_stage(args, student, teacher, batches, *, steps, lr, validation: flo
     from ..hf import recover
 
     train, held = split_validation(batches, validation)
-    dtype = next(student.parameters()).dtype
-    if dtype in (torch.float16, torch.bfloat16):
+    types = _types(student)
+    if {torch.float16, torch.bfloat16} & set(types.values()):
         student.float()
     try:
         report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet,
                          time_budget_s=seconds, checkpoint=checkpoint, resume=checkpoint is not None)
     finally:
-        student.to(dtype)
+        _cast_back(student, types)
     return report.to_dict() | {"validation_batches": 0 if held is None else len(held)}
+
+
+def _types(model) -> dict:
+    """``{(module name, tensor name): dtype}`` of every parameter and buffer."""
+    return {(m, n): t.dtype for m, module in model.named_modules()
+            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
+
+
+def _cast_back(model, types: dict) -> None:
+    """Every parameter and buffer back in the type :func:`_types` recorded (``model.to(dtype)``
+    would also narrow buffers kept wider, such as rotary frequencies in float32)."""
+    with torch.no_grad():
+        for m, module in model.named_modules():
+            for n, p in module.named_parameters(recurse=False):
+                if p.dtype != types[m, n]:
+                    p.data = p.data.to(types[m, n])
+            for n, b in module.named_buffers(recurse=False):
+                if b.dtype != types[m, n]:
+                    module._buffers[n] = b.to(types[m, n])
 
 
 def recovers(args) -> bool:
@@ -190,17 +209,20 @@ def recover(args) -> int:
     with stage(f"recovering: {budget(args.steps, args.seconds)}", "recover"):
         result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr,
                                validation=args.validation, seconds=args.seconds, checkpoint=args.checkpoint)
+    saved_as = _saved_dtype(prune_report["settings"], student)
+    round_to_saved(student, saved_as)  # what is evaluated is what is saved
     with stage("evaluating the recovered model", "evaluate_after"):
         q["recovered"] = _quality(args, student, paragraphs, q["unpruned"])
     metric, lower = E.metric_of(student.kind)
     table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
     settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
-                "recover_lr": result["lr"], "recover_validation": args.validation}
+                "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
     meta = student.pruned or {}
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
     with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
+        student.model.to(SAVE_TYPES[saved_as])  # exact: rounded before the evaluation
         save_pruned(student.model, tmp / "model", tokenizer=student.tokenizer, scores=scores,
                     settings={**meta.get("settings", {}), "recover": result})
         C._write_json(tmp / "report.json", report)
@@ -208,6 +230,15 @@ def recover(args) -> int:
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
     print(quality_table(report))
     return 0
+
+
+def _saved_dtype(settings: dict, loaded) -> str:
+    """The float type DIR's model was saved in (its report's, else its weights'): the recovered
+    model is rounded to it and saved in it, as ``prune`` saved the pruned one."""
+    for name in (settings.get("saved_dtype"), loaded.checkpoint_dtype):
+        if name in SAVE_TYPES:
+            return name
+    return "float32"
 
 
 def _teacher(args, spec: str):

@@ -187,12 +187,13 @@ def distillation_loss(student, teacher, batch) -> torch.Tensor:
 
 @contextmanager
 def _training(student, params: dict):
-    """Only ``params`` require gradients inside; on an exception (a ``KeyboardInterrupt``
+    """The student in eval mode and only ``params`` requiring gradients inside; on an exception (a ``KeyboardInterrupt``
     too) they get back the values they entered with, bit for bit; on every exit the
     ``requires_grad`` flags are restored and the student is in eval mode."""
     flags = {p: p.requires_grad for p in student.parameters()}
     saved = [p.detach().clone() for p in params.values()]
     try:
+        student.eval()  # no dropout: the teacher's targets are exact
         for p in student.parameters():
             p.requires_grad_(False)
         for p in params.values():
@@ -312,18 +313,19 @@ class _Validation:
         self.seconds = time.perf_counter() - began
         if self.first is None:
             self.first = loss
-        if self.best_loss is None or loss < self.best_loss:  # NaN never becomes the best
+        if not math.isnan(loss) and (self.best_loss is None or loss < self.best_loss):  # NaN never becomes the best
             self.best_loss, self.best_step = loss, step
             self.best = {n: p.detach().clone() for n, p in params.items()}
 
     def state(self) -> dict:
-        return {"first": self.first, "best_loss": self.best_loss, "best_step": self.best_step,
+        return {"first": self.first, "best_loss": self.best_loss, "best_step": self.best_step, "seconds": self.seconds,
                 "best": None if self.best is None else {n: t.cpu() for n, t in self.best.items()}}
 
     def load(self, state: Optional[dict], params: dict) -> None:
         if not state:
             return
         self.first, self.best_loss, self.best_step = state["first"], state["best_loss"], state["best_step"]
+        self.seconds = float(state.get("seconds", 0.0))  # a resumed run's budget counts the closing pass
         best = state.get("best")
         self.best = None if best is None else {n: best[n].to(p) for n, p in params.items()}
 
@@ -340,6 +342,9 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     load = None if val is None else (lambda state: val.load(state, params))
     done = start = _resume(ckpt, params, optimizer, load) if resume else 0
+    if steps is not None and done > steps:
+        raise ValueError(f"steps: {steps} is fewer than the {done} steps checkpoint {ckpt.path} already holds; "
+                         "ask for at least as many, or start without resume")
     targets = _Teacher(teacher, cache=isinstance(batches, Sequence))
     if val is not None and val.first is None:
         val.measure(student, params, done)

@@ -20,7 +20,7 @@ import torch
 
 from .. import atomic
 
-CHECKPOINT_FORMAT = "headprune.recover/1"
+CHECKPOINT_FORMAT = "headprune.recover/2"  # /2: digests of shapes and types too
 #: how much longer than the longest recent step (and the closing work) a time budget allows for
 #: the next: on a shared machine a step can take longer than the eight before it
 MARGIN = 1.25
@@ -59,8 +59,11 @@ def _cycle(batches):
 
 
 def _digest(tensors) -> str:
+    """The tensors' shapes, types and bytes, in order (so the same values batched or shaped
+    otherwise differ)."""
     h = hashlib.sha256()
     for t in tensors:
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -106,8 +109,8 @@ class _Checkpoint:
         saved = state["fingerprint"]
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
         if diff:
-            what = {"parameters": "the trainable parameters (names or shapes)", "start": "the student's starting "
-                    "weights", "tokens": "the calibration batches"}
+            what = {"parameters": "trainable parameters (names or shapes)", "start": "starting weights",
+                    "tokens": "calibration batches"}
             raise self._refuse("was written for other " + ", ".join(
                 what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
         return state
