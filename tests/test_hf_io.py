@@ -204,3 +204,36 @@ def test_uniform_refit_saves_plain_where_the_config_declares_biases(family, tmp_
     save_pruned(again, tmp_path / "b")
     with torch.no_grad():
         assert torch.equal(_first(load_pruned(tmp_path / "b")(**batch)), ref)
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_reloaded_uniform_layouts_keep_the_original_heads(family, tmp_path):
+    """Reloading a uniform layout rebuilds the original model from a copy of its config (the
+    pruning writes the new counts into the model's config) and keeps the original head count,
+    so original indices work across reloads, plain or not: an already removed head is ignored,
+    as transformers 4 did."""
+    from headprune.hf.prune import STATE_ATTR
+
+    model = tiny_model(family)
+    n = len(resolve_sites(model))
+    heads_before = model.config.num_attention_heads
+    scores = collect(model, [tiny_batch(family)], progress=False, moments=True)
+    batch = tiny_batch(family)
+    for name, kw in [("plain", {}), ("refit", {"reconstruct": scores})]:
+        pruned = tiny_model(family)
+        prune_heads(pruned, {i: [1] for i in range(n)}, **kw)  # kept [0, 2, 3]: an index above the new count
+        with torch.no_grad():
+            ref = _first(pruned(**batch))
+        save_pruned(pruned, tmp_path / name)
+        again = load_pruned(tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(_first(again(**batch)), ref)
+        state = getattr(again, STATE_ATTR)
+        assert state["original_config"]["num_attention_heads"] == heads_before
+        assert state["num_heads"] == [heads_before] * n
+        prune_heads(again, {0: [1, 3]})  # 1 is gone already; 3 is original head 3
+        assert kept_heads(again)[0] == [0, 2]
+        save_pruned(again, tmp_path / f"{name}_b")
+        meta = json.loads((tmp_path / f"{name}_b" / "headprune.json").read_text())
+        assert meta["original_config"]["num_attention_heads"] == heads_before
+        assert kept_heads(load_pruned(tmp_path / f"{name}_b")) == kept_heads(again)

@@ -9,6 +9,8 @@ and :func:`load_pruned` rebuilds the layout by pruning a fresh model the same wa
 
 from __future__ import annotations
 
+import copy
+
 import errno
 import json
 import os
@@ -263,11 +265,11 @@ def load_pruned(path, *, device: Optional[str] = None):
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
     kw = dict(attn_implementation=meta["attn_implementation"], dtype=DTYPES[meta["dtype"]])
     kw.update(optional_modules(cls, adapter, header))
-    original = kv = None
+    original = kv = heads = None
     if meta["original_config"] is not None:
         source = f"{file}'s original_config"
         original = config_from(cls.config_class, meta["original_config"], len(header), "path", source)
-        kv = _check_rebuild(cls, original, meta, adapter, kw, header, (file, weights))
+        kv, heads = _check_rebuild(cls, original, meta, adapter, kw, header, (file, weights))
     if plain:
         config_file = os.path.join(path, "config.json")
         config = config_from(cls.config_class, read_json(config_file, "path"), len(header), "path", config_file)
@@ -277,10 +279,10 @@ def load_pruned(path, *, device: Optional[str] = None):
         raise ValueError(f"path: {file} has kv_heads {str(meta['kv_heads'])[:80]}; pruning the original "
                          f"model to its kept_heads gives {str(kv)[:80]}")
     if plain:
-        if original is not None:  # keep the record for further pruning/saving
-            setattr(model, STATE_ATTR, _state_from(meta))
+        if original is not None:  # keep the record for further pruning/saving (original indices)
+            setattr(model, STATE_ATTR, {**_state_from(meta), "num_heads": heads})
     else:
-        model = _prune_as_saved(cls._from_config(original, **kw), meta, adapter, file)
+        model = _prune_as_saved(cls._from_config(copy.deepcopy(original), **kw), meta, adapter, file)
         _load_state(model, _read_weights(files[0]))
     return model.to(device).eval() if device else model.eval()
 
@@ -288,18 +290,21 @@ def load_pruned(path, *, device: Optional[str] = None):
 def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
     """On the meta device: the original model is no larger than the weights allow and, pruned
     to the kept heads, names its sites as ``headprune.json`` does and (for a directory only
-    load_pruned reads) holds exactly the weights' tensors. Returns its KV rows per site.
-    ``files``: the names of headprune.json and of the weights, for messages."""
+    load_pruned reads) holds exactly the weights' tensors. Returns its KV rows and its original
+    query-head counts per site. ``files``: the names of headprune.json and of the weights, for
+    messages. ``config`` is not changed (pruning a uniform layout writes the new counts into
+    the model's config, so the model is built from a copy)."""
     file, weights = files
     source = f"{file}'s original_config"
-    model = meta_model(lambda: cls._from_config(config, **kw), len(header), "path", source)
+    model = meta_model(lambda: cls._from_config(copy.deepcopy(config), **kw), len(header), "path", source)
     check_size(model, header, "path", source, factor=ORIGINAL_FACTOR)
     model = _prune_as_saved(model, meta, adapter, file)
     if not meta["plain_loadable"]:
         expected, tied = expected_tensors(model, saved_names=False)
         refuse_differences(compare(expected, tied, header), "path", weights,
                            f"the model {METADATA_FILE} describes (original_config pruned to kept_heads)")
-    return getattr(model, STATE_ATTR)["kv"]
+    state = getattr(model, STATE_ATTR)
+    return state["kv"], state["num_heads"]
 
 
 def _prune_as_saved(model, meta, adapter, file):
