@@ -228,3 +228,26 @@ def test_variance_score_is_the_variance_each_head_adds(family):
             xs = x[:, h * d:(h + 1) * d]
             want = (xs.var(0, unbiased=False) * (w[h * d:(h + 1) * d] ** 2).sum(1)).sum()
             torch.testing.assert_close(got[i, h], want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_masks_on_the_same_weights_restore_newest_first(family):
+    """Each mask keeps what the masks before it had written, so two compensated masks of one
+    layer restore newest first: the older one first is refused and changes nothing; in order,
+    the model is back bit for bit (on llama the first mask created the bias)."""
+    model = tiny_model(family)
+    scores = collect(model, [tiny_batch(family)], progress=False)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    older = mask_heads(model, {0: [1]}, compensate=scores)
+    other_layer = mask_heads(model, {1: [0]})
+    newer = mask_heads(model, {0: [2]}, compensate=scores)
+    masked = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"restore: 1 mask\(s\) applied after this one changed the same weights"):
+        older.restore()
+    assert masked.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, masked[k]) for k, v in model.state_dict().items())
+    other_layer.restore()  # another layer's weights: any order
+    newer.restore()
+    older.restore()
+    assert original.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())

@@ -83,7 +83,22 @@ class MaskHandle:
             self._biases.append((module, bias.detach().clone()))
             bias.copy_(value.to(bias.device, bias.dtype))
 
+    def _touches(self) -> set:
+        """What this mask wrote: weight slices and biases (masks of disjoint heads restore in any order)."""
+        return ({(id(w), dim, i) for w, dim, idx, *_ in self._saved for i in idx.tolist()}
+                | {id(m) for m, _ in self._biases})
+
     def restore(self) -> None:
+        """Put back what this mask changed. Masks that changed the same columns or bias restore
+        newest first (each kept what the ones before it had written): restoring an older one
+        first is refused, and nothing changes."""
+        masks = self.model.__dict__.get(MASKS_ATTR, [])
+        mine = self._touches()
+        later = [m for m in masks[next((i for i, m in enumerate(masks) if m is self), len(masks)) + 1:]
+                 if m._touches() & mine]
+        if later:
+            raise ValueError(f"restore: {len(later)} mask(s) applied after this one changed the same weights; "
+                             "restore them first (newest first)")
         with torch.no_grad():
             while self._biases:
                 module, old = self._biases[-1]
