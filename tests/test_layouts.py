@@ -138,3 +138,12 @@ def test_even_selection_grows_from_earlier_rounds(seed):
     mixed = make_scores([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.6]], kv=[2, 4])
     with pytest.raises(ValueError, match="uniform: the sites have different head layouts"):
         select_heads(mixed, count=2, uniform=True, score="entropy")
+
+
+def test_a_site_with_every_head_gone_has_one_layout_removing_none():
+    """Iterative pruning may empty a layer (min_heads_per_layer=0): the even layouts skip it."""
+    from headprune.ranking.layouts import allocate_even
+
+    assert even_layouts(0, 0) == {0: [(0, 0)]} and best_layout([], 0, 0, 0) == (0.0, [])
+    chosen = allocate_even([[], [3.0, 0.0, 2.0, 1.0]], [0, 2], [0, 4], 2)
+    assert chosen == {1: [1, 3]}  # the cheapest head of each group: 1 (group 0), 3 (group 1)

@@ -31,7 +31,10 @@ def has_grouped_queries(scores) -> bool:
 
 
 def even_layouts(hq: int, hkv: int, whole_groups_only: bool = False) -> dict:
-    """``{heads removed: [(g, t), ...]}``: every even layout of a site, by the heads it removes."""
+    """``{heads removed: [(g, t), ...]}``: every even layout of a site, by the heads it removes
+    (a site whose heads are all gone already: removing none)."""
+    if hq == 0:
+        return {0: [(0, 0)]}
     hkv = hkv or hq
     size = hq // hkv
     out: dict = {}
@@ -53,6 +56,8 @@ def head_costs(ranked: list, num_heads: list) -> list:
 def best_layout(costs: list, hkv: int, g: int, t: int) -> tuple:
     """``(total cost, sorted heads)``: the cheapest heads of layout ``(g, t)`` at one site."""
     hq = len(costs)
+    if hq == 0:  # a site whose heads are all gone already
+        return 0.0, []
     hkv = hkv or hq
     size = hq // hkv
     groups = []
