@@ -96,6 +96,11 @@ def test_missing_metadata_is_named(tmp_path):
         load_pruned(tmp_path)
     with pytest.raises(TypeError, match="path: expected a directory"):
         save_pruned(tiny_model("bert"), 3)
+    for bad, message in [("abc", "settings: expected a dict or None, got str"),
+                         ({"steps": torch.tensor(3)}, "settings: expected values JSON can hold")]:
+        with pytest.raises(TypeError, match=message):
+            save_pruned(tiny_model("bert"), tmp_path / "m", settings=bad)
+        assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("family, build, heads", [

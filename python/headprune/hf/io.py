@@ -55,6 +55,13 @@ def save_pruned(
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
     if scores is not None and not isinstance(scores, HeadScores):
         raise TypeError(f"scores: expected HeadScores or None, got {type(scores).__name__}")
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise TypeError(f"settings: expected a dict or None, got {type(settings).__name__}")
+        try:
+            json.dumps(settings)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"settings: expected values JSON can hold ({e})") from None
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
