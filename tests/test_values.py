@@ -168,6 +168,8 @@ def test_value_refit_errors_are_named():
         mask_heads(model, {0: [1]}, values=vm)
     with pytest.raises(ValueError, match=r"values: collected for heads \{0: \[1\]\}"):
         prune_heads(model, {0: [2]}, reconstruct=scores, values=vm)
+    with pytest.raises(TypeError, match="values: expected the ValueMoments of collect_values or None, got dict"):
+        prune_heads(model, {0: [1]}, reconstruct=scores, values={0: [1]})
     with pytest.raises(ValueError, match="values: the value refit's moments need"):
         collect_values(model, batches, {0: [1]}, max_bytes=1000)
     assert snap.differences() == []

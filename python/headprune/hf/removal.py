@@ -34,6 +34,8 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     ``values`` (:class:`~headprune.hf.values.ValueMoments` of these heads, with ``reconstruct``):
     the kept heads' value rows are refit with their output columns wherever a head is kept."""
     if values is not None:
+        if not callable(getattr(values, "check", None)) or not hasattr(values, "kept"):
+            raise TypeError(f"values: expected the ValueMoments of collect_values or None, got {type(values).__name__}")
         if reconstruct is None:
             raise ValueError("values: the value refit extends the least-squares refit; pass reconstruct= as well")
         values.check(heads)
