@@ -281,6 +281,16 @@ def test_duplicate_heads_are_pruned_once():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_layer_keys_take_the_integer_types_head_indices_take():
+    import numpy as np
+
+    a, b = tiny_model("gpt2"), tiny_model("gpt2")
+    prune_heads(a, {np.int64(0): [1], torch.tensor(0): [np.int64(2)], 1: [torch.tensor(3)]})
+    prune_heads(b, {0: [1, 2], 1: [3]})
+    assert kept_heads(a) == kept_heads(b) == {0: [0, 3], 1: [0, 1, 2]}
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_mask_restore_then_prune_and_nested_masks():
     model = tiny_model("gpt2")
     w = model.h[0].attn.c_proj.weight.clone()

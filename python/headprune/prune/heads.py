@@ -14,9 +14,13 @@ def normalize_heads(heads, counts: list, arg: str = "heads") -> dict:
     if not isinstance(heads, dict):
         raise TypeError(f"{arg}: expected a dict {{layer: [heads]}}, got {type(heads).__name__}")
     out = {}
-    for layer, hs in heads.items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(counts):
-            raise ValueError(f"{arg}: layer {layer!r} is not an index in [0, {len(counts)})")
+    for key, hs in heads.items():
+        try:
+            layer = _index(key)  # like the heads: numpy and 0-d tensor ints too
+        except TypeError:
+            layer = None
+        if layer is None or not 0 <= layer < len(counts):
+            raise ValueError(f"{arg}: layer {key!r} is not an index in [0, {len(counts)})")
         try:
             # operator.index refuses floats (1.7 is no head index) but takes numpy / 0-d tensor ints
             hs = sorted({_index(h) for h in hs})
@@ -26,7 +30,7 @@ def normalize_heads(heads, counts: list, arg: str = "heads") -> dict:
         if bad:
             raise ValueError(f"{arg}: layer {layer} has {counts[layer]} heads, got indices {bad}")
         if hs:
-            out[layer] = hs
+            out[layer] = sorted({*out.get(layer, ()), *hs})
     return out
 
 
