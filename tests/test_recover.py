@@ -355,3 +355,17 @@ def test_training_runs_in_eval_mode_and_the_checkpoint_times_validation(bert, tm
         runs.append(_state(student))
     assert _same(*runs)
     assert torch.load(path, weights_only=True)["extra"]["seconds"] > 0
+
+
+def test_a_nan_validation_loss_never_becomes_the_best(llama):
+    from headprune.hf.recover import _Validation
+
+    teacher, _, batches = llama
+    val = _Validation(teacher, batches[:1], 1)
+    params = {"w": torch.nn.Parameter(torch.zeros(1))}
+    losses = iter([float("nan"), 0.5, float("nan"), 0.7])
+    val.loss = lambda student: next(losses)
+    for step in range(4):
+        params["w"].data.fill_(step)
+        val.measure(None, params, step)
+    assert (val.best_step, val.best_loss, val.best["w"].item()) == (1, 0.5, 1.0)
