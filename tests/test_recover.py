@@ -186,11 +186,12 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     one_by_one = [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
     for kw, what in [({"lr": 2 * LR}, "lr"), ({"train": "o_proj"}, "trainable parameters"),
                      ({"batches": batches[:2]}, "calibration batches"), ({"validation": batches[:1]}, "validation"),
-                     ({"batches": one_by_one}, "calibration batches")]:  # the same tokens, batched otherwise
+                     ({"batches": one_by_one}, "calibration batches"),  # the same tokens, batched otherwise
+                     ({"teacher": _grown(copy.deepcopy(teacher))}, "teacher weights")]:
         student = copy.deepcopy(pruned)
-        args = {"lr": LR, "batches": batches, **kw}
+        args = {"lr": LR, "batches": batches, "teacher": teacher, **kw}
         with pytest.raises(ValueError, match=f"checkpoint: .*written for other .*{what}"):
-            recover(student, teacher, args.pop("batches"), steps=2, checkpoint=path, resume=True, **args)
+            recover(student, args.pop("teacher"), args.pop("batches"), steps=2, checkpoint=path, resume=True, **args)
         assert _same(_state(student), _state(pruned))
     recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)  # now 2 steps
     student = copy.deepcopy(pruned)

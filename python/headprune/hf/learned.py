@@ -41,7 +41,7 @@ import torch
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import frozen, gates
 from .recover import _kwargs, _loss, _Teacher
-from .training import _bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _resume
+from .training import _bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
@@ -104,12 +104,6 @@ def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
     if list(scores.num_heads) != num_heads:
         raise ValueError(f"scores: were collected for head counts {list(scores.num_heads)}, the model has {num_heads}")
     return torch.nan_to_num(scores.output_mean(), nan=0.0)
-
-
-def _model_digest(model) -> str:
-    """The model a checkpoint was trained on: its shapes and the first values of each weight."""
-    return _digest([torch.tensor([d for p in model.parameters() for d in p.shape])]
-                   + [p.detach().reshape(-1)[:4096] for p in model.parameters()])
 
 
 def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0.05, warmup: float = 0.3,

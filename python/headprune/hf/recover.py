@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..prune.mask import active_masks
 from .adapters import get_adapter, resolve_sites
 from .batches import forward_kwargs
-from .training import _bar, _Checkpoint, _check_run, _fingerprint, _loop, _resume, _tokens
+from .training import _bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens
 
 __all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
@@ -258,7 +258,8 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     params = trainable_parameters(student, train)
     if not params:
         raise ValueError(f"student: has no {train} parameters to train")
-    settings = {"train": train, "lr": float(lr), "loss": "kl" if get_adapter(student).kind == "causal" else "cosine"}
+    settings = {"train": train, "lr": float(lr), "loss": "kl" if get_adapter(student).kind == "causal" else "cosine",
+                "teacher": _model_digest(teacher)}
     if validation is not None:
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every

@@ -69,6 +69,13 @@ def _digest(tensors) -> str:
 
 
 
+def _model_digest(model) -> str:
+    """A model a checkpoint was written for: its shapes and the first values of each weight."""
+    return _digest([torch.tensor([d for p in model.parameters() for d in p.shape])]
+                   + [p.detach().reshape(-1)[:4096] for p in model.parameters()])
+
+
+
 def _tokens(batches) -> Optional[str]:
     """A digest of the batches' tensors (``None`` for a one-shot iterable)."""
     if not isinstance(batches, Sequence):
@@ -110,7 +117,7 @@ class _Checkpoint:
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
         if diff:
             what = {"parameters": "trainable parameters (names or shapes)", "start": "starting weights",
-                    "tokens": "calibration batches"}
+                    "tokens": "calibration batches", "teacher": "teacher weights"}
             raise self._refuse("was written for other " + ", ".join(
                 what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
         return state
