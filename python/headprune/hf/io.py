@@ -10,7 +10,6 @@ and :func:`load_pruned` rebuilds the layout by pruning a fresh model the same wa
 from __future__ import annotations
 
 import copy
-
 import errno
 import json
 import os
@@ -289,7 +288,8 @@ def load_pruned(path, *, device: Optional[str] = None):
         if original is not None:  # keep the record for further pruning/saving (original indices)
             setattr(model, STATE_ATTR, {**_state_from(meta), "num_heads": heads})
     else:
-        model = _prune_as_saved(cls._from_config(copy.deepcopy(original), **kw), meta, adapter, file)
+        # _check_rebuild built from a copy: original is still the config as read
+        model = _prune_as_saved(cls._from_config(original, **kw), meta, adapter, file)
         _load_state(model, _read_weights(files[0]))
     return model.to(device).eval() if device else model.eval()
 

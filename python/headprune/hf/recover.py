@@ -187,9 +187,9 @@ def distillation_loss(student, teacher, batch) -> torch.Tensor:
 
 @contextmanager
 def _training(student, params: dict):
-    """The student in eval mode and only ``params`` requiring gradients inside; on an exception (a ``KeyboardInterrupt``
-    too) they get back the values they entered with, bit for bit; on every exit the
-    ``requires_grad`` flags are restored and the student is in eval mode."""
+    """The student in eval mode and only ``params`` requiring gradients inside; on an exception
+    (a ``KeyboardInterrupt`` too) they get back the values they entered with, bit for bit; on
+    every exit the ``requires_grad`` flags are restored and the student is in eval mode."""
     flags = {p: p.requires_grad for p in student.parameters()}
     saved = [p.detach().clone() for p in params.values()]
     try:

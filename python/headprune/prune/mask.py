@@ -93,9 +93,10 @@ class MaskHandle:
         newest first (each kept what the ones before it had written): restoring an older one
         first is refused, and nothing changes."""
         masks = self.model.__dict__.get(MASKS_ATTR, [])
-        mine = self._touches()
-        later = [m for m in masks[next((i for i, m in enumerate(masks) if m is self), len(masks)) + 1:]
-                 if m._touches() & mine]
+        later = masks[masks.index(self) + 1:] if self in masks else []
+        if later:  # the usual newest-first restore has none: nothing to compare
+            mine = self._touches()
+            later = [m for m in later if m._touches() & mine]
         if later:
             raise ValueError(f"restore: {len(later)} mask(s) applied after this one changed the same weights; "
                              "restore them first (newest first)")
