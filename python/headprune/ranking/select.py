@@ -222,12 +222,26 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
             caps = allowed
         if any(i in protect for i in forced):
             raise ValueError(f"pruned: layers {sorted(i for i in forced if i in protect)} are in protect_layers")
+        _check_even_room(scores, kv, caps, forced, want_heads, whole, min_heads, scope, recipe)
         if kv_ratio:
             kv_want = math.ceil(kv_ratio * sum(k or n for n, k in zip(scores.num_heads, kv)) - 1e-9)
             chosen = allocate_kv(costs, kv, caps, want_heads, kv_want, forced)
         else:
             chosen = allocate_even(costs, kv, caps, want_heads, whole, forced)
     return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
+
+
+def _check_even_room(scores, kv, caps, forced, want: int, whole: bool, min_heads: int, scope: str, recipe) -> None:
+    """Refuse a request that even layouts under ``caps`` cannot come near: rounding to the
+    layouts may leave a few heads fewer than asked, but never more than every site's
+    largest layout within its cap (or its heads already pruned) can give (``gqa="query"``
+    refuses the same way)."""
+    room = sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
+               for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, caps)))
+    if want > room:
+        spread = " spread evenly over the layers" if scope == "per_layer" else ""
+        raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "
+                         f"allow at most {room} in even layouts{spread}{recipe.why_protected}")
 
 
 def _even_cap(sizes: list, ceil: int) -> int:
