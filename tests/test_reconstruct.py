@@ -15,7 +15,7 @@ from test_compensate import _first, _o_inputs
 from headprune.hf import collect, load_pruned, mask_heads, prune_heads, resolve_sites, save_pruned
 from headprune.hf.adapters import get_adapter, head_counts, head_dim
 from headprune.prune.compensation import removed_mean_output
-from headprune.prune.reconstruct import kept_columns, refit_output
+from headprune.prune.reconstruct import DEFAULT_DAMPING, kept_columns, refit_output
 from headprune.stats import OutputMoments
 
 HEADS = {"t5": {0: [1, 3], 3: [0], 5: [2]}}
@@ -276,3 +276,26 @@ def test_reconstruction_ranking_follows_the_refits_damping():
     for bad in (-1.0, float("nan"), "0.1"):
         with pytest.raises(ValueError, match="damping: expected a non-negative number"):
             select_heads(scores, ratio=0.5, score="reconstruction", damping=bad)
+
+
+@pytest.mark.parametrize("first", [{}, {"reconstruct": True}])
+def test_a_refit_over_an_active_mask_keeps_its_heads_removed(first):
+    """A second masking with a refit treats the heads an earlier mask zeroed as removed: it
+    neither writes their columns back nor reads them (iterative pruning masks this way)."""
+    model, batches, scores = _setup("llama")
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    snap = ModelSnapshot(model)
+    older = mask_heads(model, {0: [1]}, **({"reconstruct": scores} if first else {}))
+    d, hq = head_dim(sites[0], adapter), head_counts(sites[0], adapter)[0]
+    w, b = sites[0].o.weight.detach().clone(), sites[0].o.bias
+    newer = mask_heads(model, {0: [3]}, reconstruct=scores)
+    o = sites[0].o.weight.detach()
+    assert torch.equal(o[:, 1 * d:2 * d], torch.zeros_like(o[:, :d]))
+    assert torch.equal(o[:, 3 * d:4 * d], torch.zeros_like(o[:, :d]))
+    keep = kept_columns(hq, d, [1, 3])
+    cols, bias = refit_output(w, None if b is None else b.detach(), scores.moments.gram[0], keep, damping=DEFAULT_DAMPING)
+    torch.testing.assert_close(o[:, keep], cols, rtol=1e-6, atol=1e-7)
+    newer.restore()
+    older.restore()
+    assert snap.differences() == []

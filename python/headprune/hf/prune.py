@@ -70,8 +70,10 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     sites = resolve_sites(model, adapter)
     heads, _ = positions(model, sites, adapter, heads)
     refuse_masked_again(model, heads, [s.o.weight for s in sites])
+    # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
+    absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
-                        values=values)
+                        values=values, absent=absent)
     handle = MaskHandle(model, heads)
     try:
         with torch.no_grad():
@@ -79,7 +81,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 site, step = sites[layer], plan.get(layer)
                 hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
                 if step is not None and step.columns is not None:
-                    keep = [h for h in range(hq) if h not in hs]
+                    keep = [h for h in range(hq) if h not in hs and h not in absent.get(layer, ())]
                     handle.write_columns_(site.o.weight, head_index(keep, d), step.columns, _o_dim(adapter))
                 if step is not None and step.value_rows is not None:
                     handle.write_columns_(site.sub(site.block.v).weight, head_index(keep, d), step.value_rows, 0)

@@ -29,16 +29,24 @@ class SiteRemoval:
 
 
 def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores] = None,
-                 reconstruct: Optional[HeadScores] = None, damping: float = 0.0, values=None) -> dict:
+                 reconstruct: Optional[HeadScores] = None, damping: float = 0.0, values=None,
+                 absent: Optional[dict] = None) -> dict:
     """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed).
     ``values`` (:class:`~headprune.hf.values.ValueMoments` of these heads, with ``reconstruct``):
-    the kept heads' value rows are refit with their output columns wherever a head is kept."""
+    the kept heads' value rows are refit with their output columns wherever a head is kept.
+    ``absent``: ``{site: heads}`` already zeroed (by masks not yet restored), which the refit
+    treats as removed: it neither reads nor writes their columns."""
+    absent = {layer: hs for layer, hs in (absent or {}).items() if hs and layer in heads}
     if values is not None:
         if not callable(getattr(values, "check", None)) or not hasattr(values, "kept"):
             raise TypeError(f"values: expected the ValueMoments of collect_values or None, got {type(values).__name__}")
         if reconstruct is None:
             raise ValueError("values: the value refit extends the least-squares refit; pass reconstruct= as well")
         values.check(heads)
+        if absent:
+            raise ValueError(f"values: layers {sorted(absent)} have heads masked by an active mask_heads handle; "
+                             "restore it first (the value refit needs every other head of a layer kept or removed "
+                             "with this call)")
     if compensate is not None and reconstruct is not None:
         raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
     if compensate is not None:
@@ -50,7 +58,8 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
         joint = {} if values is None else values.kept  # sites where a head is kept: the joint refit instead
         return {layer: _value_refit(sites[layer], adapter, values, layer, damping) if layer in joint
-                else _refit(sites[layer], adapter, hs, scores, damping) for layer, hs in heads.items()}
+                else _refit(sites[layer], adapter, sorted({*hs, *absent.get(layer, ())}), scores, damping)
+                for layer, hs in heads.items()}
     return {}
 
 
