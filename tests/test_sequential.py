@@ -99,3 +99,53 @@ def test_the_sweeps_sequential_default_is_the_default_recalibrated(monkeypatch):
     assert want != one_shot  # (on this model the layer-by-layer choice differs)
     assert got == want and {int(k): v for k, v in res["heads"]["default"][0].items()} == one_shot
     assert {s: len(h) for s, h in got.items()} == {s: len(h) for s, h in one_shot.items()}
+
+
+def _counting_forward(layer):
+    """An instance ``forward`` (as accelerate's hooks install) that counts its calls."""
+    calls, inner = [], layer.forward
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    layer.forward = forward
+    return calls, forward
+
+
+def test_dropout_flags_and_instance_forwards_are_left_as_they_were():
+    from headprune.hf.allocation import layer_costs
+
+    model = tiny_model("bert", hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    batches = [tiny_batch("bert", seed=s) for s in range(3)]
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
+    model.train()
+    model.embeddings.eval()  # a submodule the user froze
+    flags = {name: m.training for name, m in model.named_modules()}
+    layer = model.encoder.layer[0]
+    calls, forward = _counting_forward(layer)
+    _, seq = calibrate_sequentially(model, batches, scores, {})
+    for a, b in zip(seq.moments.gram, scores.moments.gram):  # eval mode: no dropout in the moments
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    layer_costs(model, batches, scores, sequences=2, protect_layers=[], choose="ranking")
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert layer.__dict__.get("forward") is forward
+    calls.clear()
+    with torch.no_grad():
+        model(**batches[0])
+    assert calls == [1]
+
+
+def test_a_layer_left_without_heads_is_passed_through():
+    from headprune.hf import prune_heads
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    batches = [tiny_batch("llama", seed=s) for s in range(3)]
+    prune_heads(model, {1: [0, 1, 2, 3]})
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
+    heads, seq = calibrate_sequentially(model, batches, scores, {})
+    assert heads == {} and seq.moments.gram[1] is None
+    for i in (0, 2):
+        torch.testing.assert_close(seq.moments.gram[i], scores.moments.gram[i], rtol=1e-9, atol=1e-9)
+    heads, _ = calibrate_sequentially(model, batches, scores, {0: 1, 2: 1})
+    assert sorted(heads) == [0, 2]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -41,6 +41,7 @@ from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
 from .collect import collect
+from .modules import eval_mode, instance_forward
 from .prune import mask_heads
 from .recover import _Teacher, _kwargs, _loss
 
@@ -195,16 +196,11 @@ def measuring(model, part: list, scores: HeadScores, damping: float, bar):
     """A :class:`_Measure` over the sequences ``part``, each measurement refit from ``scores``'
     moments less ``part``'s own (so a layer whose refit fits its calibration tokens better
     than it generalises does not look cheap), the model in eval mode without gradients;
-    ``bar`` closed at the end, and the model's training flag restored on any exit."""
+    ``bar`` closed at the end, and every module's training flag restored on any exit."""
     refit = _without(scores, collect(model, part, progress=False, moments=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
-            yield measure
-        bar.close()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
+        yield measure
+    bar.close()
 
 
 def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[str]) -> str:
@@ -304,13 +300,15 @@ class _Replay:
         self.outputs, self.batch = outputs, 0
 
     def __enter__(self):
-        for j, layer in enumerate(self.layers):
-            layer.forward = lambda *a, j=j, **k: self.outputs[j][self.batch]
+        self.stack = ExitStack()
+        with self.stack:  # on an error midway, the layers replaced so far are put back
+            for j, layer in enumerate(self.layers):
+                self.stack.enter_context(instance_forward(layer, lambda *a, j=j, **k: self.outputs[j][self.batch]))
+            self.stack = self.stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.__dict__.pop("forward", None)
+        self.stack.close()
         return False
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import types
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .attention import RECORDERS, attention_implementation, model_configs
+from .modules import eval_mode
 from .prune import STATE_ATTR
 from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
 
@@ -202,13 +203,10 @@ class Collection:
             raise RuntimeError("model: a headprune collection is already active on this model")
         if any(p.is_meta for p in self.model.parameters()):
             raise ValueError("model: parameters are on the meta device; load real weights before collecting")
-        # Dropout would change the statistics: collect in eval mode, then put every module's
-        # own training flag back.
-        training = {m: m.training for m in self.model.modules()}
-        hooks = []
+        hooks, stack = [], ExitStack()
         self.thread = threading.get_ident()  # only this thread's forwards are recorded
-        try:
-            self.model.eval()
+        try:  # dropout would change the statistics: collect in eval mode
+            stack.enter_context(eval_mode(self.model))
             hooks = [s.o.register_forward_pre_hook(self.output_hook(s)) for s in self.sites]
             RECORDERS.update({id(s.module): self.recorder(s) for s in self.sites})
             with attention_implementation(self.model, "eager" if self.method == "eager" else None):
@@ -218,8 +216,7 @@ class Collection:
                 h.remove()
             for i in ids:
                 RECORDERS.pop(i, None)
-            for m, flag in training.items():
-                m.training = flag
+            stack.close()
 
     def scores(self) -> HeadScores:
         hq = [c[0] for c in self.counts]

@@ -35,6 +35,7 @@ from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import forward_kwargs
 from .collection import _add_gram_
+from .modules import eval_mode, instance_forward
 
 __all__ = ["calibrate_sequentially"]
 
@@ -61,11 +62,16 @@ def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dic
     sites = resolve_sites(model, adapter)
     layers = [s.parent for s in sites]
     kwargs = [forward_kwargs(model, b) for b in batches]
-    hidden, calls = _capture(model, layers, kwargs)
     gram, heads = [None] * len(sites), {}
     with ExitStack() as undo, torch.no_grad():
+        undo.enter_context(eval_mode(model))  # dropout would change the moments
+        hidden, calls = _capture(model, layers, kwargs)
         bar = _bar(len(sites), progress)
         for site in sites:
+            if head_counts(site, adapter)[0] == 0:  # every head gone already: no moments, the layer runs as it is
+                hidden = [site.parent(h, *args, **kw).detach() for h, (args, kw) in zip(hidden, calls[site.index])]
+                bar.update(1)
+                continue
             xs = _projection_inputs(site, calls, hidden)
             gram[site.index] = _gram(xs, kwargs, site)
             hq, hkv = head_counts(site, adapter)
@@ -103,8 +109,7 @@ def _capture(model, layers, kwargs) -> tuple:
 
     with ExitStack() as stack, torch.no_grad():
         for i, layer in enumerate(layers):
-            layer.forward = stub(i)
-            stack.callback(lambda layer=layer: layer.__dict__.pop("forward", None))
+            stack.enter_context(instance_forward(layer, stub(i)))
         for kw in kwargs:
             model(**kw)
     return hidden, calls
@@ -195,9 +200,6 @@ def _finish(site, adapter, calls, hidden, xs) -> list:
     out, module = [], site.module
     for h, (args, kw), x in zip(hidden, calls[site.index], xs):
         value = (x, None) if adapter.empty == "context" else (site.o(x), None)
-        module.forward = lambda *a, _v=value, **k: _v
-        try:
+        with instance_forward(module, lambda *a, _v=value, **k: _v):
             out.append(site.parent(h, *args, **kw).detach())
-        finally:
-            module.__dict__.pop("forward", None)
     return out

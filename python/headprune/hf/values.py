@@ -27,6 +27,7 @@ from torch import nn
 from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, model_configs
 from .batches import forward_kwargs
+from .modules import eval_mode
 from .prune import positions
 
 __all__ = ["ValueMoments", "collect_values", "DEFAULT_MAX_BYTES", "refits_values_by_default", "supports_values"]
@@ -204,10 +205,8 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
     if any(id(sites[layer].module) in RECORDERS for layer in kept):
         raise RuntimeError("model: a headprune collection is already active on this model")
     run = _Collection(model, sites, kept)
-    training = {m: m.training for m in model.modules()}
     with ExitStack() as stack:
-        stack.callback(lambda: [setattr(m, "training", f) for m, f in training.items()])
-        model.eval()
+        stack.enter_context(eval_mode(model))
         for layer in kept:
             site = sites[layer]
             stack.callback(site.sub(site.block.v).register_forward_pre_hook(run.value_input(layer)).remove)
