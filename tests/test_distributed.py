@@ -56,6 +56,9 @@ def _worker(rank, port, out_dir):
                "collect": D.collect(model, batches, progress=False),
                "empty_shard": D.collect(model, batches[:1], progress=False)}
         D.collect(model, batches, progress=False, moments=True).moments.save(os.path.join(out_dir, f"moments{rank}.st"))
+        # rank 1's shard is empty: its zeros must be reduced in the same type as rank 0's float32
+        D.collect(model, batches[:1], progress=False, moments="float32").moments.save(
+            os.path.join(out_dir, f"moments32_{rank}.st"))
         ckpt = os.path.join(out_dir, "scan.json")
         errors = {"interrupt": None}
         try:  # both ranks walk the same stream, so both stop after 4 batches (2 of each shard)
@@ -115,6 +118,18 @@ def test_second_moments_are_all_reduced(ranks):
         got = OutputMoments.load(out_dir / f"moments{r}.st")
         for g, want in zip(got.gram, single.gram):
             torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-9)
+
+
+def test_float32_moments_with_an_empty_shard(ranks):
+    from headprune.stats import OutputMoments
+
+    out_dir, _ = ranks
+    single = collect(tiny_model("llama"), _batches()[:1], progress=False, moments="float32").moments
+    for r in range(WORLD):
+        got = OutputMoments.load(out_dir / f"moments32_{r}.st")
+        for g, want in zip(got.gram, single.gram):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-5)
 
 
 def test_distributed_resume_equals_the_uninterrupted_run(ranks):

@@ -159,6 +159,10 @@ def test_moments_merge_save_and_load(tmp_path):
     f32 = collect(model, [tiny_batch("llama", seed=0)], progress=False, moments="float32").moments
     assert f32.gram[0].dtype == torch.float32 and f32.nbytes < a.moments.nbytes
     torch.testing.assert_close(f32.gram[0].double(), a.moments.gram[0], rtol=1e-5, atol=1e-4)
+    # a site without moments on both sides (a layer left without heads) merges to none
+    none = OutputMoments([None, *a.moments.gram[1:]], a.moments.projection)
+    merged = none.merge(OutputMoments([None, *b.moments.gram[1:]], b.moments.projection))
+    assert merged.gram[0] is None and torch.equal(merged.gram[1], a.moments.gram[1] + b.moments.gram[1])
 
 
 def _damped_loss(gram, proj, keep, damping):

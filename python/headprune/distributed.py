@@ -129,17 +129,22 @@ def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
 
 
 def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[OutputMoments]:
-    """The second moments summed over ``group`` (one collective per site; a rank whose shard
-    missed a site contributes zeros)."""
+    """The second moments summed over ``group`` (one collective per site, in float64 whatever
+    the moments' type, so that every rank sends the same bytes; a rank whose shard missed a
+    site contributes zeros), in the type the ranks that saw tokens keep them in."""
     if moments is None:
         return None
+    narrow = torch.tensor([int(any(g is not None and g.dtype != torch.float64 for g in moments.gram))],
+                          dtype=torch.int64, device=_device(group))
+    dist.all_reduce(narrow, op=dist.ReduceOp.MAX, group=group)  # a rank with an empty shard has no type of its own
+    dtype = torch.float32 if int(narrow) else torch.float64
     gram = []
     for g, p in zip(moments.gram, moments.projection or [None] * moments.num_sites):
         if g is None:  # the shape is known from the projection: [out, D + 1]
             g = torch.zeros(p.shape[1], p.shape[1], dtype=torch.float64)
-        t = g.to(_device(group), copy=True).contiguous()
+        t = g.to(_device(group), torch.float64, copy=True).contiguous()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        gram.append(t.cpu())
+        gram.append(t.to("cpu", dtype))
     return OutputMoments(gram, moments.projection)
 
 

@@ -85,7 +85,8 @@ class OutputMoments:
         for i, (a, b) in enumerate(zip(self.gram, other.gram)):
             if a is not None and b is not None and a.shape != b.shape:
                 raise ValueError(f"other: site {i} moments have shape {tuple(b.shape)}, expected {tuple(a.shape)}")
-            gram.append(b.clone() if a is None else (a.clone() if b is None else a + b.to(a)))
+            gram.append(None if a is None and b is None else b.clone() if a is None else a.clone() if b is None
+                        else a + b.to(a))
         return OutputMoments(gram, self.projection if self.projection is not None else other.projection)
 
     def subset(self, idx: list) -> "OutputMoments":
