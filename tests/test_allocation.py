@@ -305,3 +305,15 @@ def test_prune_measures_the_ranked_heads_when_sequential_re_ranks_them(tiny, mon
     heads, _ = P._select(args, loaded, batches, scores, {"scope": "measured", "gqa": "even"}, "refit")
     assert calls == (["ranking"] if sequential else [None])
     assert sum(map(len, heads.values())) == sum(scores.num_heads) // 4
+
+
+def test_measured_allocation_of_an_image_model():
+    model = tiny_model("vit")
+    batches = [tiny_batch("vit", seed=s) for s in range(3)]
+    scores = collect(model, batches, moments=True, progress=False)
+    costs = layer_costs(model, batches, scores, sequences=2, choose="ranking", protect_layers=[])
+    with torch.no_grad():
+        positions = model(**batches[0]).last_hidden_state.shape[1]  # the patches and the class token
+    assert costs.sequences == 2 and costs.tokens == 2 * positions
+    heads, _ = select_measured(model, batches, scores, ratio=0.25, costs=costs)
+    assert sum(map(len, heads.values())) == sum(scores.num_heads) // 4

@@ -238,8 +238,7 @@ class _Measure:
         self.kws = [_kwargs(model, b) for b in part]
         self.sizes = [_rows(b) for b in part]
         self.rows = sum(self.sizes)
-        self.tokens = sum(int(kw["attention_mask"].sum()) if isinstance(kw.get("attention_mask"), torch.Tensor)
-                          else kw["input_ids"].numel() for kw in self.kws)
+        self.tokens = sum(_positions(kw, model.config) for kw in self.kws)
 
     def __enter__(self):
         teacher = _Teacher(self.model, cache=True)
@@ -310,6 +309,20 @@ class _Replay:
     def __exit__(self, *exc):
         self.stack.close()
         return False
+
+
+def _positions(kw: dict, config) -> int:
+    """The valid positions of one forward's inputs: its attention mask's, else every token;
+    images count their patches and the class token (ViT's layout), or one each where the
+    config names no patch size."""
+    if isinstance(kw.get("attention_mask"), torch.Tensor):
+        return int(kw["attention_mask"].sum())
+    for key in ("input_ids", "inputs_embeds"):
+        if isinstance(kw.get(key), torch.Tensor):
+            return int(kw[key].shape[0] * kw[key].shape[1])
+    pixels, patch = kw["pixel_values"], getattr(config, "patch_size", None)
+    per_image = 1 if not isinstance(patch, int) else (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1
+    return int(pixels.shape[0]) * per_image
 
 
 def _rows(batch) -> int:
