@@ -73,6 +73,19 @@ def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp
         collect(model, _interrupted(batches, 2), progress=False, checkpoint=plain, fingerprint=SETTINGS)
     with pytest.raises(ValueError, match="another model/data|layout"):
         collect(model, batches, progress=False, checkpoint=plain, resume=True, fingerprint=SETTINGS, moments=True)
+    # nor do float32 moments resume a float64 collection
+    narrow = tmp_path / "f.json"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, _interrupted(batches, 2), progress=False, checkpoint=narrow, fingerprint=SETTINGS,
+                moments="float32")
+    with pytest.raises(ValueError, match=r"f\.json holds float32 second moments, and this collection asks for "
+                                         r"float64 \(moments=\); delete it or drop --resume"):
+        collect(model, batches, progress=False, checkpoint=narrow, resume=True, fingerprint=SETTINGS, moments=True)
+    # a damaged moments file is refused like a damaged checkpoint
+    (tmp_path / "f.json.moments-2.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match=r"f\.json is corrupt \(ValueError: moments: .* is not a readable safetensors"):
+        collect(model, batches, progress=False, checkpoint=narrow, resume=True, fingerprint=SETTINGS,
+                moments="float32")
 
 
 def test_checkpoint_every_k_batches_and_at_the_end(tmp_path):

@@ -142,6 +142,11 @@ def _open_checkpoint(session, path, fingerprint, resume) -> tuple:
     state = ckpt.load() if resume else None
     if state is None:
         return ckpt, 0
+    kept = None if state[0].moments is None else next((g.dtype for g in state[0].moments.gram if g is not None), None)
+    if state[1] and kept != session.moments_dtype:  # the sums would cover only the batches after the resume
+        name = lambda t: "no" if t is None else str(t).replace("torch.", "")  # noqa: E731
+        raise ckpt._refuse(f"holds {name(kept)} second moments, and this collection asks for "
+                           f"{name(session.moments_dtype)} (moments=)")
     session.initial, done = state
     return ckpt, done
 

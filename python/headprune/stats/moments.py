@@ -122,11 +122,16 @@ class OutputMoments:
 
     @classmethod
     def load(cls, path) -> "OutputMoments":
-        from safetensors import safe_open
+        """The moments :meth:`save` wrote; ``ValueError`` for a file that is not such moments
+        (truncated, or another format), ``OSError`` for one that cannot be read."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            sites = int((f.metadata() or {}).get("sites", "0"))
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                sites = int((f.metadata() or {}).get("sites", "0"))
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"moments: {path} is not a readable safetensors file ({e})") from e
         return cls.from_state_dict(state, sites)
 
     def __repr__(self) -> str:
