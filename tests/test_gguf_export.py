@@ -184,3 +184,24 @@ def test_the_report_says_what_the_gguf_is():
     assert "`model.gguf` is the pruned model for llama.cpp" in deci and "per-layer head counts" in deci
     llama = report_markdown({**report, "gguf": "model.gguf", "gguf_architecture": "llama"}, "T")
     assert "(`llama` architecture)" in llama
+
+
+def test_the_prune_commands_gguf_goes_where_the_output_will_be(tmp_path):
+    """``headprune prune X.gguf`` writes the GGUF beside ``--out`` before the output directory
+    exists: a parent that does not exist yet (a first run's ``headprune-out/``) is created."""
+    import contextlib
+    import os
+    from types import SimpleNamespace
+
+    from headprune.app.prune_command import _export_gguf
+
+    export_gguf(_llama(), tmp_path / "src.gguf")
+    model = _llama()
+    prune_heads(model, {0: [0, 2], 1: [1, 3]})
+    loaded = SimpleNamespace(checkpoint_dtype="gguf", source=str(tmp_path / "src.gguf"), model=model)
+    args = SimpleNamespace(out=str(tmp_path / "new" / "out"), model="src.gguf")
+    path, arch = _export_gguf(args, lambda *a: contextlib.nullcontext(), loaded)
+    assert os.path.dirname(path) == str(tmp_path / "new") and arch == "llama"
+    back = _read_back(tmp_path / "new" / os.path.basename(path))
+    ids = tiny_batch("llama")["input_ids"][:, :5]
+    torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=1e-6)

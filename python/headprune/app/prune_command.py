@@ -126,6 +126,7 @@ def _export_gguf(args, stage, loaded):
     source = Path(loaded.source)
     tmp = atomic.temp_sibling(C._out(args, "prune").absolute().parent / "model.gguf")
     try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)  # as the output's staging does (a first run's headprune-out/)
         with stage("writing the GGUF (attention in the input's quantisation)", "gguf"):
             export_gguf(loaded.model, tmp, source=source)
             arch = export_architecture(loaded.model)
