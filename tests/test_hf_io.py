@@ -164,6 +164,32 @@ def test_transformers4_pruned_directories_load_bit_exactly(family):
     torch.testing.assert_close(got, want["out"], rtol=1e-5, atol=1e-5)
 
 
+def test_transformers4_directories_with_sharded_weights_load(tmp_path):
+    """save_pretrained shards large models (model.safetensors.index.json): every shard loads."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from headprune.hf import load_pruned
+
+    src = Path(__file__).parent / "data" / "transformers4" / "bert"
+    shutil.copy(src / "config.json", tmp_path)
+    state = load_file(src / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for f, ns in shards.items():
+        save_file({n: state[n] for n in ns}, tmp_path / f, metadata={"format": "pt"})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, ns in shards.items() for n in ns}}))
+    want = load_file(src / "expected.safetensors")
+    with torch.no_grad():
+        got = load_pruned(tmp_path)(input_ids=want["input_ids"]).last_hidden_state
+    torch.testing.assert_close(got, want["out"], rtol=1e-5, atol=1e-5)
+
+
 def test_transformers4_directories_with_renamed_weights_are_refused_by_name():
     from pathlib import Path
 

@@ -290,7 +290,10 @@ def load_pruned(path, *, device: Optional[str] = None):
     else:
         # _check_rebuild built from a copy: original is still the config as read
         model = _prune_as_saved(cls._from_config(original, **kw), meta, adapter, file)
-        _load_state(model, _read_weights(files[0]))
+        state = {}
+        for f in files:  # a transformers 4 directory may hold its weights in shards
+            state.update(_read_weights(f))
+        _load_state(model, state)
     return model.to(device).eval() if device else model.eval()
 
 
