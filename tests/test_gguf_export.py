@@ -205,3 +205,45 @@ def test_the_prune_commands_gguf_goes_where_the_output_will_be(tmp_path):
     back = _read_back(tmp_path / "new" / os.path.basename(path))
     ids = tiny_batch("llama")["input_ids"][:, :5]
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=1e-6)
+
+
+def _realigned(src, dst, alignment):
+    """``src`` rewritten with another data alignment (fields and float tensors as they are)."""
+    import numpy as np
+
+    r, w = gguf.GGUFReader(str(src)), gguf.GGUFWriter(str(dst), "llama")
+    w.add_custom_alignment(alignment)
+    for name, field in r.fields.items():
+        if not (name.startswith("GGUF.") or name in ("general.architecture", "general.alignment")):
+            vt = field.types[0]
+            w.add_key_value(name, field.contents(), vt, sub_type=field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_sources_data_alignment_is_kept(tmp_path):
+    export_gguf(_llama(), tmp_path / "f32.gguf")
+    _realigned(tmp_path / "f32.gguf", tmp_path / "src.gguf", 64)
+    src = _read_back(tmp_path / "src.gguf")
+    prune_heads(src, {0: [0, 2], 1: [1, 3]})
+    export_gguf(src, tmp_path / "out.gguf", source=tmp_path / "src.gguf")
+    out = gguf.GGUFReader(str(tmp_path / "out.gguf"))
+    assert int(out.fields["general.alignment"].contents()) == 64 and out.data_offset % 64 == 0
+    assert all(t.data_offset % 64 == 0 for t in out.tensors)
+    ids = tiny_batch("llama")["input_ids"][:, :5]
+    torch.testing.assert_close(_logits(_read_back(tmp_path / "out.gguf"), ids), _logits(src, ids), rtol=0, atol=1e-6)
+
+
+def test_scaled_rope_without_a_source_is_refused(tmp_path):
+    import transformers
+
+    config = tiny_config("llama")
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match=r"model: its RoPE is scaled \(rope_type 'linear'\).*pass source="):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

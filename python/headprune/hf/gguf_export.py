@@ -73,7 +73,13 @@ def export_architecture(model, architecture: str = "auto") -> str:
 
 def _metadata(config, d: int) -> dict:
     """The architecture's fields for a model without a source GGUF (``<arch>.*``; the head
-    counts are written apart)."""
+    counts are written apart). RoPE scaling has no such field here, so it is refused."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in (None, "default"):
+        raise ValueError(f"model: its RoPE is scaled (rope_type {kind!r}), which a GGUF written without a source "
+                         "would drop; pass source= the GGUF the model was read from, whose fields and tensors "
+                         "say how")
     return {"block_count": config.num_hidden_layers, "context_length": config.max_position_embeddings,
             "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
             "attention.key_length": d, "attention.value_length": d, "rope.dimension_count": d,
@@ -149,6 +155,9 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
             if name.startswith(f"{family}."):  # the architecture's fields, under its name
                 name = f"{arch}.{name[len(family) + 1:]}"
             if name.startswith("GGUF.") or name == "general.architecture" or name in changed:
+                continue
+            if name == "general.alignment":  # the writer pads the tensor data to it too
+                writer.add_custom_alignment(int(field.contents()))
                 continue
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
