@@ -247,3 +247,16 @@ def test_scaled_rope_without_a_source_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model: its RoPE is scaled \(rope_type 'linear'\).*pass source="):
         export_gguf(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gguf_transformers_cannot_build_is_refused_by_name(tmp_path):
+    """llama.cpp reads a uniform layout whose heads do not divide the hidden size (the head size
+    is a field of its own), transformers' Llama config refuses it: the loader says so."""
+    from headprune.app.load import load_model
+
+    model = _llama()
+    prune_heads(model, {0: [0], 1: [0]})  # 3 of 4 query heads (hidden 32 is not a multiple of 3)
+    export_gguf(model, tmp_path / "m.gguf", architecture="llama")
+    with pytest.raises(ValueError, match=r"MODEL: transformers cannot build a model from .*m\.gguf.*load the pruned "
+                                         r"model's directory"):
+        load_model(str(tmp_path / "m.gguf"))

@@ -303,3 +303,17 @@ def test_mask_restore_then_prune_and_nested_masks():
     assert torch.equal(model.h[0].attn.c_proj.weight, w)
     prune_heads(model, {0: [1]})  # allowed once no mask is active
     assert kept_heads(model)[0] == [0, 2, 3]
+
+
+def test_a_bundled_name_that_is_also_a_path_here_is_refused(tmp_path, monkeypatch):
+    """After ``prune smollm2 --out smollm2``, ``eval smollm2`` could mean either: it is refused
+    (naming both) rather than reading the bundled model silently."""
+    from headprune.app.load import BUNDLED_MODELS, load_model
+
+    name = sorted(BUNDLED_MODELS)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).mkdir()
+    with pytest.raises(ValueError, match=rf"MODEL: '{name}' names both a bundled model and a path here; pass ./{name}"):
+        load_model(name)
+    with pytest.raises(FileNotFoundError, match=rf"MODEL: directory '\./{name}' has no config.json"):
+        load_model(f"./{name}")

@@ -85,6 +85,9 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
             raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         torch_dtype = DTYPES[dtype]
     gguf = None
+    if spec in BUNDLED_MODELS and os.path.lexists(spec):
+        raise ValueError(f"MODEL: {spec!r} names both a bundled model and a path here; pass ./{spec} for the path, or "
+                         "run from another directory for the bundled model")
     if spec in BUNDLED_MODELS:
         path, gguf = bundled_path(spec)
     else:
@@ -112,7 +115,14 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
         raise ValueError(f"MODEL: {spec!r} is a GGUF of llama.cpp's deci architecture (per-layer head counts, as "
                          "headprune writes a pruned model for llama.cpp), which transformers does not read; load "
                          "the pruned model's directory (the model/ beside it) instead")
-    config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
+    try:
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' config validation (e.g. hidden size vs head count)
+        raise ValueError(f"MODEL: transformers cannot build a model from {str(path / gguf)!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[-1][:300]}); for a GGUF headprune wrote, load the pruned "
+                         "model's directory (the model/ beside it) instead") from e
 
     if bias:  # written by headprune with a refit's output biases
         config.attention_bias = True
