@@ -378,3 +378,4 @@ def prune_recover_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-lr", type=learning_rate, default=None, help=f"its AdamW learning rate ({_LR_HELP})")
     g.add_argument("--recover-validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",
                    help="as headprune recover --validation: " + _VALIDATION_HELP)
+

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     A.recover_args(rec)
     A.eval_args(rec)
     A.output_args(rec, "recover", distributed=False)
+    _export_parser(sub, sub_kw)
     ev = sub.add_parser("eval", help="quality and speed of a model or a pruned directory",
                         description="Quality (perplexity or embedding statistics) on held-out text, and speed.", **sub_kw)
     A.model_args(ev)
@@ -100,16 +101,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _export_parser(sub, sub_kw: dict) -> None:
+    """``headprune export MODEL --gguf FILE``."""
+    p = sub.add_parser("export", help="write a (pruned) Llama-family model as a GGUF for llama.cpp",
+                       description="Write MODEL (a directory written by headprune prune or recover, a pruned or "
+                                   "Hugging Face directory, or a .gguf) as a GGUF for llama.cpp: its attention in the "
+                                   "source's quantisation, every other field, tokenizer and tensor copied from "
+                                   "--source, a GGUF of the unpruned model (found by itself where MODEL or its prune "
+                                   "was read from one). Per-layer head counts are written as llama.cpp's deci "
+                                   "architecture.", **sub_kw)
+    p.add_argument("model", metavar="MODEL",
+                   help="a directory written by headprune prune or recover, a pruned or Hugging Face model directory, "
+                        f"a .gguf file or a bundled name ({', '.join(A.BUNDLED_MODELS)})")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="the GGUF file to write")
+    p.add_argument("--source", default=None, metavar="GGUF",
+                   help="a GGUF of the unpruned model: fields, tokenizer and the tensors pruning does not touch are "
+                        "copied from it (default: the GGUF MODEL, or the unpruned model its report names, was read from)")
+    p.add_argument("--gguf-dtype", default="auto", choices=("auto", "float16", "float32"),
+                   help="the attention tensors' type: auto (the source's quantisation where the gguf package writes "
+                        "it, else float16), float16 or float32 (default auto)")
+    p.add_argument("--architecture", default="auto", choices=("auto", "llama", "deci"),
+                   help="llama.cpp's llama (one head count for every layer) or deci (per-layer head counts); auto: "
+                        "llama where every layer keeps the same heads (default auto)")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--quiet", action="store_true", help="no stage messages (errors still print)")
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from . import commands, prune_command, recover_command
+        from . import commands, export_command, prune_command, recover_command
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
     try:
         return {"scan": commands.scan, "prune": prune_command.prune, "eval": commands.evaluate,
-                "sweep": commands.sweep, "recover": recover_command.recover}[args.command](args)
+                "sweep": commands.sweep, "recover": recover_command.recover,
+                "export": export_command.export}[args.command](args)
     except (OSError, ValueError, TypeError) as e:
         print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong. ``accept``: the model
     kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
     the weights are read."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from ..hf.migrate import is_transformers4_pruned
 
@@ -115,14 +115,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
         raise ValueError(f"MODEL: {spec!r} is a GGUF of llama.cpp's deci architecture (per-layer head counts, as "
                          "headprune writes a pruned model for llama.cpp), which transformers does not read; load "
                          "the pruned model's directory (the model/ beside it) instead")
-    try:
-        config = AutoConfig.from_pretrained(path, gguf_file=gguf)  # read once: each GGUF read costs seconds
-    except OSError:
-        raise
-    except Exception as e:  # noqa: BLE001 - transformers' config validation (e.g. hidden size vs head count)
-        raise ValueError(f"MODEL: transformers cannot build a model from {str(path / gguf)!r} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[-1][:300]}); for a GGUF headprune wrote, load the pruned "
-                         "model's directory (the model/ beside it) instead") from e
+    config = _gguf_config(path, gguf)
 
     if bias:  # written by headprune with a refit's output biases
         config.attention_bias = True
@@ -135,6 +128,21 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
     return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf",
                   input_bytes=_bytes([path / gguf]))
+
+
+def _gguf_config(path: Path, gguf: str):
+    """The config transformers reads from a GGUF (once: each read costs seconds), or a
+    ``ValueError`` saying it cannot build one."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers' config validation (e.g. hidden size vs head count)
+        raise ValueError(f"MODEL: transformers cannot build a model from {str(path / gguf)!r} ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[-1][:300]}); for a GGUF headprune wrote, load the pruned "
+                         "model's directory (the model/ beside it) instead") from e
 
 
 def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:

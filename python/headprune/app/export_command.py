@@ -1,0 +1,76 @@
+"""``headprune export MODEL --gguf FILE``: a model (pruned or not, of the Llama family) written
+as a GGUF for llama.cpp, with the fields, tokenizer and untouched tensors of a GGUF of the
+unpruned model (``--source``; found by itself where the model or its prune was read from a
+GGUF). ``prune`` already writes ``model.gguf`` for a GGUF input; this writes one for what
+``recover`` saved, or for a model pruned from a GGUF directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from . import commands as C
+from .load import BUNDLED_MODELS, bundled_path, load_model
+
+
+def export(args) -> int:
+    from ..hf.gguf_export import export_architecture, export_gguf
+
+    src = Path(args.model)
+    report = _report(src)
+    out = Path(args.gguf)
+    if os.path.lexists(out) and not args.force:
+        raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
+    source = _source(args.source, src, report)
+    stage = C.Stages(args)
+    with stage("loading the model", "load"):
+        loaded = load_model(str(src / "model") if report is not None else args.model, accept=("causal",))
+    source = source or (loaded.source if loaded.checkpoint_dtype == "gguf" else None)
+    if source is None:
+        raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
+                         f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
+                         "from a Hugging Face directory)")
+    arch = export_architecture(loaded.model, args.architecture)
+    os.makedirs(out.absolute().parent, exist_ok=True)
+    with stage(f"writing the GGUF ({arch} architecture)", "gguf"):
+        written = export_gguf(loaded.model, out, source=source, dtype=args.gguf_dtype, architecture=args.architecture,
+                              overwrite=args.force)
+    kinds = sorted(set(written.values()))
+    print(f"{out}: llama.cpp's {arch} architecture, {len(written)} tensors ({', '.join(kinds)}), "
+          f"{out.stat().st_size / 2**20:,.1f} MiB; fields and tokenizer from {source}")
+    return 0
+
+
+def _report(path: Path) -> Optional[dict]:
+    """``report.json`` of a directory written by ``headprune prune`` or ``recover`` (its model is
+    in ``model/``), else ``None``."""
+    if not ((path / "model").is_dir() and (path / "report.json").is_file()):
+        return None
+    try:
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"MODEL: {path / 'report.json'} is not valid JSON ({e})") from None
+    return report if isinstance(report, dict) else {}
+
+
+def _source(given: Optional[str], path: Path, report: Optional[dict]) -> Optional[str]:
+    """The GGUF to copy fields and tokenizer from: ``--source``, else the GGUF ``report`` names
+    as the unpruned model (a ``.gguf`` path, or a bundled model shipped as GGUF)."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"--source: {given} is not a file")
+        return given
+    for name in (report or {}).get("model_path"), (report or {}).get("model"):
+        if not isinstance(name, str):
+            continue
+        if name.endswith(".gguf") and Path(name).is_file():
+            return name
+        if name in BUNDLED_MODELS and BUNDLED_MODELS[name][2] is not None:
+            try:
+                root, gguf = bundled_path(name)
+            except FileNotFoundError:
+                continue
+            return str(root / gguf)
+    return None

@@ -1,0 +1,87 @@
+"""headprune export MODEL --gguf FILE: a pruned directory (or what prune and recover write) as a
+GGUF that transformers' GGUF loader reads back to the same function, fields from a source GGUF."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+tokenizers = pytest.importorskip("tokenizers")
+
+from hf_tiny import tiny_batch, tiny_config  # noqa: E402
+
+from headprune.app.cli import main  # noqa: E402
+from headprune.hf import collect, prune_heads, save_pruned  # noqa: E402
+from headprune.hf.gguf_export import export_gguf, gguf_architecture  # noqa: E402
+
+from test_gguf_export import _logits, _read_back  # noqa: E402
+
+
+def _tokenizer():
+    import transformers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("the a of and to in".split())}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """A source GGUF of a tiny Llama, and the model pruned uniformly with a refit, saved."""
+    import transformers
+
+    t = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    export_gguf(model, t / "src.gguf", dtype="float16")
+    batch = tiny_batch("llama")
+    prune_heads(model, {0: [1, 3], 1: [0, 2]}, reconstruct=collect(model, [batch], progress=False, moments=True))
+    save_pruned(model, t / "run" / "model", tokenizer=_tokenizer())
+    return t, model
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr()
+
+
+def test_a_pruned_directory_exports_with_a_source(pruned, tmp_path, capsys):
+    t, model = pruned
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "new" / "m.gguf", "--source",
+                      t / "src.gguf", "--quiet"], capsys)
+    assert code == 0 and "llama.cpp's llama architecture" in out.out and "src.gguf" in out.out
+    assert gguf_architecture(tmp_path / "new" / "m.gguf") == "llama"
+    ids = tiny_batch("llama")["input_ids"][:, :6]
+    # attention tensors in the source's float16, so to float16 rounding
+    torch.testing.assert_close(_logits(_read_back(tmp_path / "new" / "m.gguf"), ids), _logits(model, ids),
+                               rtol=0, atol=2e-2)
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "new" / "m.gguf", "--source",
+                      t / "src.gguf", "--quiet"], capsys)
+    assert code == 2 and "--gguf: " in out.err and "exists; pass --force" in out.err
+
+
+def test_a_prune_output_finds_its_source_in_its_report(pruned, tmp_path, capsys):
+    t, model = pruned
+    (t / "run" / "report.json").write_text(json.dumps({"model": "src.gguf", "model_path": str(t / "src.gguf")}))
+    try:
+        code, out = _run(["export", t / "run", "--gguf", tmp_path / "m.gguf", "--gguf-dtype", "float32",
+                          "--architecture", "deci", "--quiet"], capsys)
+    finally:
+        (t / "run" / "report.json").unlink()
+    assert code == 0 and gguf_architecture(tmp_path / "m.gguf") == "deci", out.err
+    import gguf
+
+    types = {x.name: x.tensor_type.name for x in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "F32" and types["blk.0.ffn_up.weight"] == "F16"  # the source's
+
+
+def test_without_a_source_it_is_refused_before_anything_is_written(pruned, tmp_path, capsys):
+    t, _ = pruned
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "m.gguf", "--quiet"], capsys)
+    assert code == 2 and "export: error: --source: a GGUF needs the fields and the tokenizer" in out.err
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "m.gguf", "--source", t / "nope.gguf"],
+                     capsys)
+    assert code == 2 and "--source: " in out.err and "nope.gguf is not a file" in out.err
+    assert list(tmp_path.iterdir()) == []
