@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 from hf_tiny import tiny_batch, tiny_config  # noqa: E402
 
 from headprune.hf import collect, prune_heads  # noqa: E402
-from headprune.hf.gguf_export import export_gguf, gguf_attention_bias  # noqa: E402
+from headprune.hf.gguf_export import export_gguf, gguf_architecture, gguf_attention_bias  # noqa: E402
 
 
 def _llama(seed=0):
@@ -260,3 +260,23 @@ def test_a_gguf_transformers_cannot_build_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"MODEL: transformers cannot build a model from .*m\.gguf.*load the pruned "
                                          r"model's directory"):
         load_model(str(tmp_path / "m.gguf"))
+
+
+def test_deci_files_carry_no_zero_qkv_biases(tmp_path):
+    """A model read back from a ``llama`` GGUF with a refit's bias holds zero q/k/v biases
+    (transformers' one ``attention_bias``); pruned again unevenly, its ``deci`` file leaves them
+    out, as for any deci file, and keeps the ones that are not zero."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", attention_bias=True)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                lin.bias.zero_()
+            layer.self_attn.v_proj.bias.normal_()
+    prune_heads(model, {0: [0, 1]})
+    written = export_gguf(model, tmp_path / "m.gguf")
+    assert gguf_architecture(tmp_path / "m.gguf") == "deci"
+    assert not any(n.endswith(("attn_q.bias", "attn_k.bias")) for n in written)
+    assert "blk.0.attn_v.bias" in written and "blk.1.attn_output.bias" in written

@@ -25,6 +25,7 @@ architecture's fields and no tokenizer.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -181,11 +182,11 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
     if reader is None:
         for hf_name, value in model.state_dict().items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None or name in ours or (name == "output.weight" and _tied(model)):
-                continue
+            if name is None or name in ours or _attention_name(name) or (name == "output.weight" and _tied(model)):
+                continue  # the attention tensors are ours to write (or to leave out)
             put(name, value, None)
     for t in (reader.tensors if reader is not None else []):
-        if t.name in ours:
+        if t.name in ours or _attention_name(t.name):
             continue
         writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
         written[t.name] = t.tensor_type.name
@@ -196,6 +197,11 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
     writer.write_tensors_to_file()
     writer.close()
     return written
+
+
+def _attention_name(name: str) -> bool:
+    """A layer's q/k/v/o weight or bias, which :func:`_attention_tensors` writes from the model."""
+    return re.fullmatch(r"blk\.\d+\.attn_(q|k|v|output)\.(weight|bias)", name) is not None
 
 
 def _tied(model) -> bool:
@@ -242,8 +248,8 @@ def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool 
         if getattr(o, "bias", None) is not None:
             for name, lin, heads in (("attn_q", q, hq), ("attn_k", k, hkv), ("attn_v", v, None)):
                 has = getattr(lin, "bias", None) is not None
-                if not (has or zero_qkv_bias):
-                    continue
+                if not zero_qkv_bias and (not has or not bool(lin.bias.detach().any())):
+                    continue  # deci: no zero biases, even where the model holds them (read from a llama GGUF)
                 bias = lin.bias.detach() if has else lin.weight.new_zeros(lin.weight.shape[0])
                 out[f"blk.{i}.{name}.bias"] = _permute(bias, heads) if heads else bias
             out[f"blk.{i}.attn_output.bias"] = o.bias.detach()
