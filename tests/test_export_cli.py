@@ -85,3 +85,16 @@ def test_without_a_source_it_is_refused_before_anything_is_written(pruned, tmp_p
                      capsys)
     assert code == 2 and "--source: " in out.err and "nope.gguf is not a file" in out.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failures_leave_nothing_behind(pruned, tmp_path, capsys):
+    t, _ = pruned
+    (tmp_path / "text.gguf").write_text("not a GGUF")
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "a" / "b" / "m.gguf", "--source",
+                      tmp_path / "text.gguf", "--quiet"], capsys)
+    assert code == 2 and "export: error: source: " in out.err and "text.gguf is not a readable GGUF" in out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.gguf"]  # the folders it made are gone
+    (tmp_path / "d").mkdir()
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "d", "--source", t / "src.gguf",
+                      "--force"], capsys)
+    assert code == 2 and "--gguf: " in out.err and "is a directory" in out.err

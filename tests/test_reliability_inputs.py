@@ -317,3 +317,13 @@ def test_a_bundled_name_that_is_also_a_path_here_is_refused(tmp_path, monkeypatc
         load_model(name)
     with pytest.raises(FileNotFoundError, match=rf"MODEL: directory '\./{name}' has no config.json"):
         load_model(f"./{name}")
+
+    class Bundled(Exception):
+        pass
+
+    def bundled_path(spec):
+        raise Bundled(spec)
+
+    monkeypatch.setattr("headprune.app.load.bundled_path", bundled_path)
+    with pytest.raises(Bundled):  # a name known to mean the bundled model (recover, from a report)
+        load_model(name, bundled=True)

@@ -149,3 +149,10 @@ def test_a_layer_left_without_heads_is_passed_through():
         torch.testing.assert_close(seq.moments.gram[i], scores.moments.gram[i], rtol=1e-9, atol=1e-9)
     heads, _ = calibrate_sequentially(model, batches, scores, {0: 1, 2: 1})
     assert sorted(heads) == [0, 2]
+
+
+def test_an_active_mask_is_refused():
+    model, batches, scores = _setup("llama")
+    with mask_heads(model, {0: [1]}):
+        with pytest.raises(ValueError, match="model: has heads masked by active mask_heads handles; restore them"):
+            calibrate_sequentially(model, batches, scores, {1: 1})

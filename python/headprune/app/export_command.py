@@ -6,6 +6,7 @@ GGUF). ``prune`` already writes ``model.gguf`` for a GGUF input; this writes one
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -18,9 +19,13 @@ from .load import BUNDLED_MODELS, bundled_path, load_model
 def export(args) -> int:
     from ..hf.gguf_export import export_architecture, export_gguf
 
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("--gguf: writing a GGUF needs the gguf package: pip install gguf")
     src = Path(args.model)
     report = _report(src)
     out = Path(args.gguf)
+    if out.is_dir():
+        raise ValueError(f"--gguf: {out} is a directory; name the GGUF file to write")
     if os.path.lexists(out) and not args.force:
         raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
     source = _source(args.source, src, report)
@@ -33,14 +38,34 @@ def export(args) -> int:
                          f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
                          "from a Hugging Face directory)")
     arch = export_architecture(loaded.model, args.architecture)
-    os.makedirs(out.absolute().parent, exist_ok=True)
-    with stage(f"writing the GGUF ({arch} architecture)", "gguf"):
-        written = export_gguf(loaded.model, out, source=source, dtype=args.gguf_dtype, architecture=args.architecture,
-                              overwrite=args.force)
+    created = _parents(out.absolute().parent)
+    try:
+        with stage(f"writing the GGUF ({arch} architecture)", "gguf"):
+            written = export_gguf(loaded.model, out, source=source, dtype=args.gguf_dtype,
+                                  architecture=args.architecture, overwrite=args.force)
+    except BaseException:
+        for folder in reversed(created):  # a failure leaves no folder it made
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise
     kinds = sorted(set(written.values()))
     print(f"{out}: llama.cpp's {arch} architecture, {len(written)} tensors ({', '.join(kinds)}), "
           f"{out.stat().st_size / 2**20:,.1f} MiB; fields and tokenizer from {source}")
     return 0
+
+
+def _parents(folder: Path) -> list:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    missing.reverse()
+    for f in missing:
+        f.mkdir()
+    return missing
 
 
 def _report(path: Path) -> Optional[dict]:

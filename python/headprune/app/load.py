@@ -68,13 +68,15 @@ def _kind(config) -> str:
     return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
 
 
-def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, accept=None) -> Loaded:
+def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, accept=None,
+               bundled: bool = False) -> Loaded:
     """Loads MODEL (bundled name, ``.gguf`` file, Hugging Face directory, or a directory
     written by ``headprune prune``) with its tokenizer, from local files only. A directory is
     checked before its weights are read (see :func:`headprune.hf.load_pruned`): a damaged one
     raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong. ``accept``: the model
     kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
-    the weights are read."""
+    the weights are read. A bundled name that is also a path here is refused as ambiguous,
+    unless ``bundled`` (the name is known to mean the bundled model, e.g. from a report)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from ..hf.migrate import is_transformers4_pruned
@@ -85,7 +87,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
             raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         torch_dtype = DTYPES[dtype]
     gguf = None
-    if spec in BUNDLED_MODELS and os.path.lexists(spec):
+    if spec in BUNDLED_MODELS and os.path.lexists(spec) and not bundled:
         raise ValueError(f"MODEL: {spec!r} names both a bundled model and a path here; pass ./{spec} for the path, or "
                          "run from another directory for the bundled model")
     if spec in BUNDLED_MODELS:

@@ -198,7 +198,8 @@ def recover(args) -> int:
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
-        teacher = _teacher(args, teacher_spec)
+        # a bundled name in the report (prune records model_path where MODEL was a path) is the bundled model
+        teacher = _teacher(args, teacher_spec, bundled=not args.teacher and "model_path" not in prune_report)
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
@@ -241,10 +242,10 @@ def _saved_dtype(settings: dict, loaded) -> str:
     return "float32"
 
 
-def _teacher(args, spec: str):
+def _teacher(args, spec: str, bundled: bool = False):
     """The unpruned model; one named by report.json that is not found here points to --teacher."""
     try:
-        return load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+        return load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     except FileNotFoundError as e:
         if args.teacher:
             raise

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import torch
 
@@ -121,9 +122,8 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
     sites = resolve_sites(model, adapter)
     arch, counts = _layout(adapter, sites, architecture)
     d = head_dim(sites[0], adapter)
-    reader = None if source is None else gguf.GGUFReader(os.fspath(source))
+    reader, found = (None, family) if source is None else _read_source(gguf, source)
     if reader is not None:
-        found = reader.fields["general.architecture"].contents()
         if found != family:
             raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {family!r}")
     path = os.fspath(path)
@@ -137,6 +137,15 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
         if os.path.lexists(tmp):
             os.unlink(tmp)
     return written
+
+
+def _read_source(gguf, source) -> tuple:
+    """``(reader, architecture)`` of the source GGUF, or a ``ValueError`` naming ``source``."""
+    try:
+        reader = gguf.GGUFReader(os.fspath(source))
+        return reader, reader.fields["general.architecture"].contents()
+    except (KeyError, ValueError, IndexError, struct.error) as e:
+        raise ValueError(f"source: {source} is not a readable GGUF ({type(e).__name__}: {e})") from e
 
 
 def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> dict:

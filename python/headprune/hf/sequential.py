@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ..prune.heads import head_index
-from ..prune.mask import MaskHandle
+from ..prune.mask import MaskHandle, active_masks
 from ..prune.reconstruct import kept_columns, refit_output
 from ..ranking.layouts import head_costs, layout_heads
 from ..ranking.reconstruction import greedy_removal, site_units
@@ -59,6 +59,9 @@ def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dic
     if len(adapter.blocks) != 1:
         raise ValueError(f"model: sequential calibration supports one stack of layers; {adapter.model_type} has "
                          f"{len(adapter.blocks)} attention blocks")
+    if active_masks(model):
+        raise ValueError("model: has heads masked by active mask_heads handles; restore them first (each layer's "
+                         "refit here starts from its weights as they are, and would write the masked columns)")
     sites = resolve_sites(model, adapter)
     layers = [s.parent for s in sites]
     kwargs = [forward_kwargs(model, b) for b in batches]

@@ -232,16 +232,16 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
 
 
 def _check_even_room(scores, kv, caps, forced, want: int, whole: bool, min_heads: int, scope: str, recipe) -> None:
-    """Refuse a request that even layouts under ``caps`` cannot come near: rounding to the
-    layouts may leave a few heads fewer than asked, but never more than every site's
-    largest layout within its cap (or its heads already pruned) can give (``gqa="query"``
-    refuses the same way)."""
+    """Refuse a request of which even layouts under ``caps`` can remove nothing: rounding to
+    the layouts may leave fewer heads than asked (documented; ``prune`` warns), but not none
+    at all, silently (for example the only unprotected layer already emptied)."""
+    done = sum(len(forced.get(i, ())) for i in range(scores.num_sites))
     room = sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
                for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, caps)))
-    if want > room:
+    if want > done and room <= done:
         spread = " spread evenly over the layers" if scope == "per_layer" else ""
         raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "
-                         f"allow at most {room} in even layouts{spread}{recipe.why_protected}")
+                         f"allow no more than the {done} already removed in even layouts{spread}{recipe.why_protected}")
 
 
 def _even_cap(sizes: list, ceil: int) -> int:
