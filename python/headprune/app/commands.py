@@ -312,6 +312,9 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     sink = scores.score("sink")
     for i in range(scores.num_layers):
         row = H[i, : scores.num_heads[i]]
+        if not scores.num_heads[i]:
+            lines.append(f"| {scores.names[i]} | no head left | | | | |")
+            continue
         lines.append(f"| {scores.names[i]} | {row.nanmean():.3f} | {row.min():.3f} | {row.max():.3f} | "
                      f"{int(row.nan_to_num(-1).argmax())} | {sink[i, : scores.num_heads[i]].nanmean():.3f} |")
     return "\n".join(lines) + "\n"
@@ -344,6 +347,10 @@ def sweep(args) -> int:
         recipes = dict(RECIPES)
         if args.learn_steps:
             recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})
+        if len({(h, k or h) for h, k in zip(scores.num_heads, scores.num_kv_heads)}) > 1:  # e.g. a pruned directory
+            left = [k for k, kw in recipes.items() if kw.get("uniform")]
+            recipes = {k: kw for k, kw in recipes.items() if not kw.get("uniform")}
+            _warn(f"the layers have different head counts, so no uniform layout exists: {', '.join(left)} left out")
         result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")

@@ -63,6 +63,8 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
     if not 0 < stride <= window:
         raise ValueError(f"stride: expected 0 < stride <= window ({window}), got {stride}")
     ids = token_windows(tokenizer, paragraphs, 1).view(-1)
+    if len(ids) < 2:
+        raise ValueError(f"--data: the held-out text has {len(ids)} token(s); perplexity needs at least 2")
     starts = list(range(0, max(1, len(ids) - window + 1), stride))[:max_windows]
     nll, count = 0.0, 0
     device = next(model.parameters()).device
@@ -79,7 +81,8 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
             first = 0 if s == 0 else max(0, window - stride - 1)  # only tokens not scored before
             nll -= lp[j, first:].sum().item()
             count += lp.shape[1] - first
-    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "window": window,
+    perplexity = math.exp(nll / count) if nll / count < 709 else math.inf  # exp overflows a float above ~709.8
+    return {"perplexity": perplexity, "nll": nll / count, "tokens": count, "window": window,
             "stride": stride, "windows": len(starts)}
 
 

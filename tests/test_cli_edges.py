@@ -1,0 +1,59 @@
+"""Command-line edge cases: a scan of a layer left without heads, perplexity of a held-out
+text too short to score or of a model whose loss overflows, a sweep of a pruned directory."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune.app import evaluate as E
+from headprune.app.commands import scores_markdown
+from headprune.hf import collect, prune_heads
+
+from test_speed import _tokenizer_dir
+
+
+def test_scan_summary_of_a_layer_without_heads():
+    model = tiny_model("llama")
+    prune_heads(model, {0: [0, 1, 2, 3]})
+    scores = collect(model, [tiny_batch("llama")], progress=False)
+    text = scores_markdown("m", scores, {"samples": 1, "seq_len": 8, "data": "d"})
+    assert f"| {scores.names[0]} | no head left |" in text and text.count("\n| ") == 3
+
+
+def test_perplexity_of_too_short_a_text_and_of_an_overflowing_loss(tmp_path):
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir(tmp_path))
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", tie_word_embeddings=False)).eval()
+    with pytest.raises(ValueError, match=r"--data: the held-out text has 1 token\(s\); perplexity needs at least 2"):
+        E.perplexity(model, tok, ["the"])
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)  # a mean loss far above exp's range
+    result = E.perplexity(model, tok, ["the a of and to in was her she it he had not be " * 4], window=16, stride=16)
+    assert result["nll"] > 709 and result["perplexity"] == math.inf
+
+
+def test_a_sweep_of_a_pruned_directory_leaves_out_the_uniform_layout(tmp_path, monkeypatch, capsys):
+    import json
+
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    common = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    assert main([str(a) for a in ["prune", path, "--count", "2", "--no-speed", "--out", "p", *common]]) == 0
+    pruned = json.loads((tmp_path / "p" / "report.json").read_text())["pruned_heads"]
+    assert pruned and "0" not in pruned  # the first layer kept whole: the layers differ
+    capsys.readouterr()
+    code = main(["sweep", "p/model", "--ratios", "0.2", "--seeds", "1", "--out", "s", *common])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "no uniform layout exists: default, uniform layout left out" in err
+    assert "default, uniform layout" not in json.loads((tmp_path / "s" / "sweep.json").read_text())["recipes"]
