@@ -57,3 +57,25 @@ def test_a_sweep_of_a_pruned_directory_leaves_out_the_uniform_layout(tmp_path, m
     assert code == 0, err
     assert "no uniform layout exists: default, uniform layout left out" in err
     assert "default, uniform layout" not in json.loads((tmp_path / "s" / "sweep.json").read_text())["recipes"]
+
+
+def test_prune_refuses_a_gate_checkpoint_inside_its_output_and_compares_weights_with_weights(tmp_path, monkeypatch,
+                                                                                              capsys):
+    import json
+
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    common = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code = main([str(a) for a in ["prune", path, "--count", "2", "--score", "learned", "--learn-checkpoint",
+                                  "o/gates.pt", "--out", "o", *common]])
+    assert code == 2 and "--learn-checkpoint: inside the output directory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # the tokenizer and the scores make the directory larger than the input's weights, not its weights
+    assert main([str(a) for a in ["prune", path, "--count", "2", "--out", "p", *common]]) == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["saved_weight_bytes"] < report["input_bytes"] < report["saved_bytes"]
+    assert "larger than" not in capsys.readouterr().err

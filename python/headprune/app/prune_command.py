@@ -217,6 +217,10 @@ def _check_layout_options(args) -> None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
         raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
+    out = C._out(args, "prune").resolve()
+    if args.learn_checkpoint and out in Path(args.learn_checkpoint).resolve().parents:
+        raise ValueError(f"--learn-checkpoint: inside the output directory {out}, which is written whole at the end; "
+                         "keep it elsewhere")
     if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
         raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
                          "--kv-ratio")
@@ -303,16 +307,18 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         loaded.model.to(SAVE_TYPES[settings["saved_dtype"]])  # exact: rounded before the evaluation
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
-        report["input_bytes"] = loaded.input_bytes
+        report["saved_weight_bytes"] = sum(p.stat().st_size for p in (tmp / "model").glob("*.safetensors"))
+        report["input_bytes"] = loaded.input_bytes  # the input's weight files
         C._write_json(tmp / "report.json", report)
         C._write_json(tmp / "scores.json", scores.to_dict())
         (tmp / "report.md").write_text(report_markdown(report, summary_table(report, metric)))
         plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
                       selection=_selection_values(scores, settings), selection_label=_selection_label(scores, settings),
                       protected=_protected(scores, settings))
-    if loaded.input_bytes and report["saved_bytes"] > loaded.input_bytes:
-        C._warn(f"the saved model ({report['saved_bytes'] / 2**20:,.0f} MiB, {settings['saved_dtype']}) is larger than "
-                f"its input ({loaded.input_bytes / 2**20:,.0f} MiB); --save-dtype chooses the float type")
+    if loaded.input_bytes and report["saved_weight_bytes"] > loaded.input_bytes:  # weights against weights
+        C._warn(f"the saved model's weights ({report['saved_weight_bytes'] / 2**20:,.0f} MiB, {settings['saved_dtype']}) "
+                f"are larger than its input's ({loaded.input_bytes / 2**20:,.0f} MiB); --save-dtype chooses the float "
+                "type")
 
 
 def _selection_values(scores, settings: dict):

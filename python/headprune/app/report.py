@@ -53,7 +53,9 @@ def report_markdown(report: dict, table: str) -> str:
     if report.get("saved_bytes"):
         size = f"The saved model is {report['saved_bytes'] / 2**20:,.1f} MiB ({s.get('saved_dtype')})"
         if report.get("input_bytes"):
-            size += f"; its input was {report['input_bytes'] / 2**20:,.1f} MiB"
+            weights = report.get("saved_weight_bytes", report["saved_bytes"])
+            size += (f", its weights {weights / 2**20:,.1f} MiB against the input's "
+                     f"{report['input_bytes'] / 2**20:,.1f} MiB")
         size += ". "
         if report.get("compute_dtype") and report["compute_dtype"] != s.get("saved_dtype"):
             size += (f"Both models were evaluated and timed in {report['compute_dtype']}, the pruned one with its "
