@@ -79,3 +79,12 @@ def test_prune_refuses_a_gate_checkpoint_inside_its_output_and_compares_weights_
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     assert report["saved_weight_bytes"] < report["input_bytes"] < report["saved_bytes"]
     assert "larger than" not in capsys.readouterr().err
+
+
+def test_a_sweep_plot_without_random_draws(tmp_path):
+    from headprune.app.plots import sweep_plot
+
+    result = {"model": "m", "data": "d", "metric": "perplexity", "lower_is_better": True, "baseline": 10.0,
+              "ratios": [0.1, 0.2], "recipes": {"default": [11.0, 12.0]}, "random": [[], []], "default_recipe": "default"}
+    sweep_plot(result, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000

@@ -75,10 +75,11 @@ def sweep_plot(result: dict, path: Path) -> Path:
     metric = result["metric"]
     fig, ax = plt.subplots(figsize=(10.0, 4.2))
     rnd = torch.tensor(result["random"])  # [ratios, seeds]
-    lo, hi = rnd.min(1).values, rnd.max(1).values
-    ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seeds, min-max)")
-    ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
-            color="grey", ls="--", lw=1)
+    if rnd.numel():  # a sweep of no random draws (seeds=0) has no band
+        lo, hi = rnd.min(1).values, rnd.max(1).values
+        ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seeds, min-max)")
+        ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
+                color="grey", ls="--", lw=1)
     default = result.get("default_recipe")
     for name, values in result["recipes"].items():
         main = name == default
