@@ -312,7 +312,8 @@ def sweep_args(p: argparse.ArgumentParser) -> None:
                    help="grouped-query models: query heads in even layouts (the KV cache never grows), query heads "
                         f"freely, or whole KV groups (default {DEFAULT_GQA})")
     g.add_argument("--eval-paragraphs", type=positive, default=None,
-                   help="held-out paragraphs for the fidelity of encoders (default: all)")
+                   help="the first N held-out paragraphs are evaluated: encoders' fidelity, and the text a causal "
+                        "LM's perplexity windows come from (default: all)")
     g.add_argument("--learn-steps", type=nonnegative_int, default=0,
                    help="add learned hard-concrete gates to the recipes, trained this many steps at each ratio "
                         "(default 0: not compared; a step is a forward and a backward pass on one batch)")

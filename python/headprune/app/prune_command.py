@@ -41,6 +41,10 @@ def prune(args) -> int:
         scores = C._collect(args, loaded, batches, settings,
                             moments=removal == "refit" or args.score in (None, "reconstruction"))
     kw = _with_scope(args, C._selection_kwargs(args), scores, removal)
+    if kw.get("score") == "learned" and not kw.get("uniform") and "protect_layers" not in kw:
+        from ..ranking.recipes import default_protected
+
+        kw["protect_layers"] = list(default_protected(scores))  # learned_selection's, named in the report
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
     heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
