@@ -40,11 +40,7 @@ def prune(args) -> int:
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
         scores = C._collect(args, loaded, batches, settings,
                             moments=removal == "refit" or args.score in (None, "reconstruction"))
-    kw = _with_scope(args, C._selection_kwargs(args), scores, removal)
-    if kw.get("score") == "learned" and not kw.get("uniform") and "protect_layers" not in kw:
-        from ..ranking.recipes import default_protected
-
-        kw["protect_layers"] = list(default_protected(scores))  # learned_selection's, named in the report
+    kw = _learned_protection(_with_scope(args, C._selection_kwargs(args), scores, removal), scores)
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
     heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
@@ -174,6 +170,16 @@ def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settin
         kw = learned_selection(kw, learned.scores, scores)
     with stage("choosing heads", "select"):
         return _select(args, loaded, batches, scores, kw, removal)
+
+
+def _learned_protection(kw: dict, scores) -> dict:
+    """``--score learned`` keeps the default's protected layers (``learned_selection``): named
+    in ``kw``, so the settings, the recipe text and the heatmap say so."""
+    if kw.get("score") == "learned" and not kw.get("uniform") and "protect_layers" not in kw:
+        from ..ranking.recipes import default_protected
+
+        kw = {**kw, "protect_layers": list(default_protected(scores))}
+    return kw
 
 
 def _learn(args, loaded, batches, scores):
