@@ -7,13 +7,13 @@ GGUF). ``prune`` already writes ``model.gguf`` for a GGUF input; this writes one
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
 from . import commands as C
 from .load import BUNDLED_MODELS, bundled_path, load_model
+from .recover_command import read_report
 
 
 def export(args) -> int:
@@ -73,10 +73,7 @@ def _report(path: Path) -> Optional[dict]:
     in ``model/``), else ``None``."""
     if not ((path / "model").is_dir() and (path / "report.json").is_file()):
         return None
-    try:
-        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"MODEL: {path / 'report.json'} is not valid JSON ({e})") from None
+    report = read_report(path, "MODEL")
     return report if isinstance(report, dict) else {}
 
 

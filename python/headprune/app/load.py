@@ -37,6 +37,11 @@ def _bytes(files) -> int:
     return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
 
 
+def weight_bytes(directory: Path) -> int:
+    """The size of a model directory's weight files (``*.safetensors``)."""
+    return _bytes(directory.glob("*.safetensors"))
+
+
 def _refuse_kind(kind: str, accept, spec) -> None:
     """The CLI handles causal LMs and encoders; refused before any weight is read."""
     if accept is not None and kind not in accept:
@@ -163,7 +168,7 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loade
     tok = _tokenizer(path)
     model = load_pruned(path, device=device).to(torch_dtype or torch.float32)  # computes as an HF directory does
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
-                  input_bytes=_bytes(path.glob("*.safetensors")))
+                  input_bytes=weight_bytes(path))
 
 
 def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:

@@ -16,7 +16,7 @@ from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads
 from . import commands as C
 from . import evaluate as E
 from . import plots
-from .load import SAVE_TYPES, round_to_saved
+from .load import SAVE_TYPES, round_to_saved, weight_bytes
 from .recipe_text import describe_recipe
 from .recover_command import check_recovery, recover_after_prune, recovers
 from .removal_stage import refits_values, remove
@@ -317,7 +317,7 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         loaded.model.to(SAVE_TYPES[settings["saved_dtype"]])  # exact: rounded before the evaluation
         save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
-        report["saved_weight_bytes"] = sum(p.stat().st_size for p in (tmp / "model").glob("*.safetensors"))
+        report["saved_weight_bytes"] = weight_bytes(tmp / "model")
         report["input_bytes"] = loaded.input_bytes  # the input's weight files
         C._write_json(tmp / "report.json", report)
         C._write_json(tmp / "scores.json", scores.to_dict())

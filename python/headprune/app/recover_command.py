@@ -142,15 +142,21 @@ def recover_after_prune(args, stage, loaded, teacher, settings: dict):
     return result | {"samples": samples}
 
 
+def read_report(path: Path, arg: str):
+    """The JSON of ``path/report.json`` (written by ``prune`` or ``recover``); ``arg`` names
+    the argument that gave ``path`` in the error."""
+    try:
+        return json.loads((path / "report.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{arg}: {path / 'report.json'} is not valid JSON ({e})") from None
+
+
 def _pruned_dir(path: Path) -> dict:
     """``report.json`` of a directory written by ``headprune prune``, checked."""
     if not (path / "model").is_dir() or not (path / "report.json").is_file():
         raise FileNotFoundError(f"DIR: {path} is not a directory written by headprune prune "
                                 "(it needs model/ and report.json)")
-    try:
-        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"DIR: {path / 'report.json'} is not valid JSON ({e})") from None
+    report = read_report(path, "DIR")
     if not isinstance(report, dict) or not isinstance(report.get("model"), str):
         raise ValueError(f"DIR: {path / 'report.json'} has no 'model' field naming the unpruned model")
     settings = report.get("settings")

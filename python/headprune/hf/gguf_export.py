@@ -191,11 +191,11 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
     if reader is None:
         for hf_name, value in model.state_dict().items():
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None or name in ours or _attention_name(name) or (name == "output.weight" and _tied(model)):
+            if name is None or _attention_name(name) or (name == "output.weight" and _tied(model)):
                 continue  # the attention tensors are ours to write (or to leave out)
             put(name, value, None)
     for t in (reader.tensors if reader is not None else []):
-        if t.name in ours or _attention_name(t.name):
+        if _attention_name(t.name):
             continue
         writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
         written[t.name] = t.tensor_type.name
