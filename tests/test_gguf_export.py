@@ -280,3 +280,42 @@ def test_deci_files_carry_no_zero_qkv_biases(tmp_path):
     assert gguf_architecture(tmp_path / "m.gguf") == "deci"
     assert not any(n.endswith(("attn_q.bias", "attn_k.bias")) for n in written)
     assert "blk.0.attn_v.bias" in written and "blk.1.attn_output.bias" in written
+
+
+def test_loading_refuses_a_gguf_without_its_shape_or_with_a_weight_missing(tmp_path, monkeypatch):
+    """transformers builds its config's default sizes for a GGUF that does not declare its
+    own (a 7B Llama for ``llama``: about 20 GB before it fails) and fills a weight the file
+    lacks with random values, warning only: both are refused, the first before any weight."""
+    import transformers
+
+    from headprune.app.load import load_model
+    from headprune.hf import gguf_export
+    from test_speed import _tokenizer_dir
+
+    writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"bare.gguf' lacks llama.feed_forward_length, tensor token_embd.weight"):
+        load_model(str(tmp_path / "bare.gguf"))
+
+    tensors = gguf_export._attention_tensors
+
+    def without_a_query(*args, **kwargs):
+        out = tensors(*args, **kwargs)
+        del out["blk.1.attn_q.weight"]
+        return out
+
+    monkeypatch.setattr(gguf_export, "_attention_tensors", without_a_query)
+    export_gguf(_llama(), tmp_path / "m.gguf")
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    with pytest.raises(ValueError, match=r"m.gguf' lacks weights .*\(1: model.layers.1.self_attn.q_proj.weight\)"):
+        load_model(str(tmp_path / "m.gguf"))
+    monkeypatch.setattr(gguf_export, "_attention_tensors", tensors)
+    export_gguf(_llama(), tmp_path / "whole.gguf")
+    assert load_model(str(tmp_path / "whole.gguf")).kind == "causal"  # the complete file loads

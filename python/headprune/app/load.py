@@ -82,8 +82,6 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
     the weights are read. A bundled name that is also a path here is refused as ambiguous,
     unless ``bundled`` (the name is known to mean the bundled model, e.g. from a report)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     from ..hf.migrate import is_transformers4_pruned
 
     torch_dtype = None
@@ -112,12 +110,24 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
             raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
     if gguf is None:
         return _load_hf_dir(path, device, torch_dtype, accept)
+    return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
+
+
+def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accept) -> Loaded:
+    """A ``.gguf`` file of a family transformers reads, with the tokenizer it holds; refused
+    before its weights are read when it lacks the fields that give the model's shape, and after
+    when transformers found a weight missing (it would have filled it with random values)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     from ..hf.gguf_export import gguf_header
 
     try:
-        arch, bias = gguf_header(path / gguf)
+        arch, bias, missing = gguf_header(path / gguf)
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
-        arch, bias = None, False
+        arch, bias, missing = None, False, []
+    if missing:
+        raise ValueError(f"MODEL: {str(path / gguf)!r} lacks {', '.join(missing)}, which say the model's shape; "
+                         "a GGUF without them cannot be read (transformers would build a default-size model)")
     if arch == "deci":
         raise ValueError(f"MODEL: {spec!r} is a GGUF of llama.cpp's deci architecture (per-layer head counts, as "
                          "headprune writes a pruned model for llama.cpp), which transformers does not read; load "
@@ -129,10 +139,17 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     kind = _kind(config)
     _refuse_kind(kind, accept, path / gguf)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
-    model = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32, attn_implementation="sdpa",
-                                gguf_file=gguf)
+    try:  # before the model: a file without a tokenizer fails in a second, not after the weights
+        tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
+    except ValueError as e:
+        raise ValueError(f"MODEL: transformers cannot read a tokenizer from {str(path / gguf)!r} ({e})") from e
+    model, info = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32,
+                                      attn_implementation="sdpa", gguf_file=gguf, output_loading_info=True)
+    absent = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
+    if absent:  # transformers fills them with random values and only warns
+        raise ValueError(f"MODEL: {str(path / gguf)!r} lacks weights its model needs, or holds them in another "
+                         f"shape ({len(absent)}: {', '.join(map(str, absent[:3]))}{', ...' if len(absent) > 3 else ''})")
     _dequantized(model)
-    tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
     return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf",
                   input_bytes=_bytes([path / gguf]))
 

@@ -265,16 +265,25 @@ def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool 
     return out
 
 
+# what a GGUF must declare for its model's shape: without them transformers builds its
+# config's default sizes (a 7B Llama's for ``llama``) and only then finds no weights
+_SHAPE_FIELDS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+
+
 def gguf_header(path) -> tuple:
-    """``(architecture, attention bias)`` of the GGUF file ``path``, from one read of it (a read
-    costs seconds on a 100 MB file): what it declares as ``general.architecture`` (``llama``,
-    ``deci``, ...), and whether it holds attention biases (``attn_output.bias``), with which a
-    ``llama`` file loads through transformers with ``config.attention_bias = True``."""
+    """``(architecture, attention bias, missing)`` of the GGUF file ``path``, from one read of
+    it (a read costs seconds on a 100 MB file): what it declares as ``general.architecture``
+    (``llama``, ``deci``, ...), whether it holds attention biases (``attn_output.bias``), with
+    which a ``llama`` file loads through transformers with ``config.attention_bias = True``, and
+    the names of the shape fields and the token embedding it lacks (empty for a complete file)."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(path))
-    return (reader.fields["general.architecture"].contents(),
-            any(t.name.endswith("attn_output.bias") for t in reader.tensors))
+    arch = reader.fields["general.architecture"].contents()
+    names = {t.name for t in reader.tensors}
+    missing = [f"{arch}.{f}" for f in _SHAPE_FIELDS if f"{arch}.{f}" not in reader.fields]
+    missing += [] if "token_embd.weight" in names else ["tensor token_embd.weight"]
+    return arch, any(n.endswith("attn_output.bias") for n in names), missing
 
 
 def gguf_attention_bias(path) -> bool:
