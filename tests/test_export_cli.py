@@ -12,7 +12,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from hf_tiny import tiny_batch, tiny_config  # noqa: E402
 
 from headprune.app.cli import main  # noqa: E402
-from headprune.hf import collect, prune_heads, save_pruned  # noqa: E402
+from headprune.hf import collect, mask_heads, prune_heads, save_pruned  # noqa: E402
 from headprune.hf.gguf_export import export_gguf, gguf_architecture  # noqa: E402
 
 from test_gguf_export import _logits, _read_back  # noqa: E402
@@ -98,3 +98,26 @@ def test_failures_leave_nothing_behind(pruned, tmp_path, capsys):
     code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "d", "--source", t / "src.gguf",
                       "--force"], capsys)
     assert code == 2 and "--gguf: " in out.err and "is a directory" in out.err
+
+
+def test_a_masked_model_is_written_without_its_masked_heads(pruned, tmp_path, capsys):
+    """A masked model's heads are zero output columns: the GGUF leaves them out (original
+    indices, after an earlier physical pruning) and computes what the masked model does."""
+    import gguf
+    import transformers
+
+    t, _ = pruned
+    torch.manual_seed(0)  # the source's weights: the tensors pruning does not touch come from it
+    model = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    stats = collect(model, [tiny_batch("llama")], progress=False, moments=True)
+    prune_heads(model, {0: [1, 3]}, reconstruct=stats)
+    mask_heads(model, {1: [0, 2]}, reconstruct=collect(model, [tiny_batch("llama")], progress=False, moments=True))
+    save_pruned(model, tmp_path / "masked", tokenizer=_tokenizer())
+    code, out = _run(["export", tmp_path / "masked", "--gguf", tmp_path / "m.gguf", "--source", t / "src.gguf",
+                      "--gguf-dtype", "float32", "--quiet"], capsys)
+    assert code == 0 and "removed 2 heads whose output-projection columns are all zero" in out.out, out.err
+    rows = {x.name: int(x.shape[-1]) for x in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert rows["blk.0.attn_q.weight"] == rows["blk.1.attn_q.weight"] == q.shape[0] // 2  # 2 of 4 heads each
+    ids = tiny_batch("llama")["input_ids"][:, :6]  # the source's untouched tensors are float16: to its rounding
+    torch.testing.assert_close(_logits(_read_back(tmp_path / "m.gguf"), ids), _logits(model, ids), rtol=0, atol=2e-2)
