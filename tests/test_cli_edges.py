@@ -88,3 +88,31 @@ def test_a_sweep_plot_without_random_draws(tmp_path):
               "ratios": [0.1, 0.2], "recipes": {"default": [11.0, 12.0]}, "random": [[], []], "default_recipe": "default"}
     sweep_plot(result, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_pruning_a_masked_directory_again(tmp_path, monkeypatch, capsys):
+    """A masked model's heads are zero output columns, which masking again chose again (nothing
+    new removed): refused; pruning removes them physically first and chooses among the rest."""
+    import json
+
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app.cli import main
+    from headprune.hf import kept_heads, load_pruned
+
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    common = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--gqa", "query"]
+    assert main([str(a) for a in ["prune", path, "--count", "2", "--mask", "--out", "m", *common]]) == 0
+    masked = {int(k): v for k, v in json.loads((tmp_path / "m" / "report.json").read_text())["pruned_heads"].items()}
+    capsys.readouterr()
+    assert main(["prune", "m/model", "--count", "2", "--mask", "--out", "m2", *common]) == 2
+    assert "already holds 2 masked heads" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    assert main(["prune", "m/model", "--count", "1", "--out", "p", *common]) == 0
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    new = {int(k): v for k, v in report["pruned_heads"].items()}
+    assert report["settings"]["masked_in_input"] == 2 and sum(map(len, new.values())) == 1
+    kept = kept_heads(load_pruned(tmp_path / "p" / "model"))
+    for layer, heads in kept.items():  # both rounds' heads are gone, by their original indices
+        assert set(heads).isdisjoint({*masked.get(layer, []), *new.get(layer, [])})
+    assert sum(map(len, kept.values())) == 4 * 2 - 3

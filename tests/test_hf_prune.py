@@ -138,3 +138,16 @@ def test_indices_stay_original_across_pruning_collection_and_reload(tmp_path):
     report = prune_heads(back, chosen)
     assert report.removed == chosen
     assert all(not set(hs) & set(kept_heads(back)[site]) for site, hs in chosen.items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zeroed_heads_are_what_a_mask_left(family):
+    """``zeroed_heads`` finds the heads a mask zeroed, by original index after a physical
+    pruning, in every family's output-projection layout (GPT-2's Conv1D included)."""
+    from headprune.hf.prune import zeroed_heads
+
+    model = tiny_model(family)
+    assert zeroed_heads(model) == {}
+    prune_heads(model, {1: [0]})
+    mask_heads(model, {0: [1, 3], 1: [2]})
+    assert zeroed_heads(model) == {0: [1, 3], 1: [2]}

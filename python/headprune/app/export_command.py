@@ -17,7 +17,9 @@ from .recover_command import read_report
 
 
 def export(args) -> int:
+    from ..hf import prune_heads
     from ..hf.gguf_export import export_architecture, export_gguf
+    from ..hf.prune import zeroed_heads
 
     if importlib.util.find_spec("gguf") is None:
         raise ValueError("--gguf: writing a GGUF needs the gguf package: pip install gguf")
@@ -37,10 +39,8 @@ def export(args) -> int:
         raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
                          f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
                          "from a Hugging Face directory)")
-    zeroed = _zeroed_heads(loaded.model)
+    zeroed = zeroed_heads(loaded.model)
     if zeroed:  # a masked model: its heads' outputs are zero columns, removed for a smaller file
-        from ..hf import prune_heads
-
         prune_heads(loaded.model, zeroed)
         print(f"removed {sum(map(len, zeroed.values()))} heads whose output-projection columns are all zero (a "
               "masked model's); what they added was zero, so the model computes what it did")
@@ -61,23 +61,6 @@ def export(args) -> int:
     print(f"{out}: llama.cpp's {arch} architecture, {len(written)} tensors ({', '.join(kinds)}), "
           f"{out.stat().st_size / 2**20:,.1f} MiB; fields and tokenizer from {source}")
     return 0
-
-
-def _zeroed_heads(model) -> dict:
-    """``{layer: original query heads}`` whose output-projection columns are all exactly zero
-    (what ``mask_heads`` leaves), in the indices ``prune_heads`` takes."""
-    from ..hf.adapters import get_adapter, head_counts, head_dim, resolve_sites
-    from ..hf.prune import kept_heads
-
-    adapter = get_adapter(model)
-    kept, zeroed = kept_heads(model), {}
-    for site in resolve_sites(model, adapter):
-        w = site.sub(site.block.o).weight.detach()
-        heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
-        dead = [kept[site.index][h] for h in range(heads.shape[1]) if not bool(heads[:, h].any())]
-        if dead:
-            zeroed[site.index] = dead
-    return zeroed
 
 
 def _parents(folder: Path) -> list:

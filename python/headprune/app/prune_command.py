@@ -19,7 +19,7 @@ from . import plots
 from .load import SAVE_TYPES, round_to_saved, weight_bytes
 from .recipe_text import describe_recipe
 from .recover_command import check_recovery, recover_after_prune, recovers
-from .removal_stage import refits_values, remove
+from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import learned_selection, removal_kwargs, removal_of
 
@@ -35,6 +35,7 @@ def prune(args) -> int:
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):
         loaded, batches, held, settings = C._setup(args)
+    remove_zeroed(args, loaded, settings)
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):

@@ -39,3 +39,24 @@ def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, m
             how = {**how, "values": collect_values(loaded.model, batches, heads, progress=not args.quiet)}
     with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
+
+
+def remove_zeroed(args, loaded, settings: dict) -> None:
+    """A masked model (``prune --mask``'s output) holds heads whose output columns are zero:
+    masking again would choose them again, so that is refused; otherwise they are removed
+    physically before anything is measured (exact: they add nothing), and the request applies
+    to the heads left, as for any pruned input (``settings["masked_in_input"]`` counts them)."""
+    from ..hf.prune import prune_heads, zeroed_heads
+    from .commands import _say
+
+    zeroed = zeroed_heads(loaded.model)
+    n = sum(map(len, zeroed.values()))
+    if not n:
+        return
+    if args.mode == "mask":
+        raise ValueError(f"MODEL: {args.model} already holds {n} masked heads (their output columns are zero), which "
+                         "masking again would choose first; prune it without --mask (they are removed with the "
+                         "heads chosen now), or mask the unpruned model with the total ratio")
+    prune_heads(loaded.model, zeroed)
+    settings["masked_in_input"] = n
+    _say(args, f"headprune: removed the {n} heads MODEL holds masked (zero output columns) before choosing more")

@@ -27,7 +27,7 @@ from ..stats.scores import HeadScores
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 from .removal import removal_plan
 
-__all__ = ["mask_heads", "prune_heads", "kept_heads"]
+__all__ = ["mask_heads", "prune_heads", "kept_heads", "zeroed_heads"]
 
 STATE_ATTR = "_headprune_state"
 
@@ -189,6 +189,23 @@ def kept_heads(model) -> dict:
     if state is None:
         return {s.index: list(range(head_counts(s, adapter)[0])) for s in sites}
     return {i: list(k) for i, k in enumerate(state["kept"])}
+
+
+def zeroed_heads(model) -> dict:
+    """``{layer: original query heads}`` whose output-projection columns are all exactly zero,
+    as :func:`mask_heads` leaves them (in a model it masked, or one saved and loaded again): what
+    they add is zero, so :func:`prune_heads` removes them without changing the function."""
+    adapter = get_adapter(model)
+    kept, zeroed = kept_heads(model), {}
+    for site in resolve_sites(model, adapter):
+        w = site.sub(site.block.o).weight.detach()
+        if adapter.conv1d:  # GPT-2's Conv1D holds the transpose
+            w = w.t()
+        heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
+        dead = [kept[site.index][h] for h in range(heads.shape[1]) if not bool(heads[:, h].any())]
+        if dead:
+            zeroed[site.index] = dead
+    return zeroed
 
 
 def _fresh_position_bias(module, args, kwargs):
