@@ -116,3 +116,22 @@ def test_pruning_a_masked_directory_again(tmp_path, monkeypatch, capsys):
     for layer, heads in kept.items():  # both rounds' heads are gone, by their original indices
         assert set(heads).isdisjoint({*masked.get(layer, []), *new.get(layer, [])})
     assert sum(map(len, kept.values())) == 4 * 2 - 3
+
+
+def test_a_learned_score_budget_out_of_reach_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app.cli import main
+    from headprune.hf import learned
+
+    def train(*args, **kwargs):
+        raise AssertionError("the gates trained")
+
+    monkeypatch.setattr(learned, "learn_gates", train)
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    # the first layer is kept whole: 3 of the second layer's 4 heads at most
+    code = main([str(a) for a in ["prune", path, "--count", "4", "--score", "learned", "--gqa", "query", "--out", "o",
+                                  "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]])
+    assert code == 2 and "4 units requested but protect_layers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

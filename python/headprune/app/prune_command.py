@@ -165,6 +165,10 @@ def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settin
     """The heads to prune (``--score learned``: after training the gates, kept in ``settings``;
     the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise)."""
     if kw.get("score") == "learned":
+        # the budget against the layers the selection may prune, before minutes of training
+        dry = learned_selection(kw, torch.zeros(len(scores.num_heads), max(scores.num_heads)), scores)
+        select_heads(scores, ratio=args.ratio, count=args.count, damping=args.damping,
+                     **{k: v for k, v in dry.items() if k != "scope" or v != "measured"})
         with stage("learning head gates on the calibration text", "learn"):
             learned = _learn(args, loaded, batches, scores)
         settings["learned"] = learned.to_dict()
