@@ -135,3 +135,24 @@ def test_a_learned_score_budget_out_of_reach_is_refused_before_training(tmp_path
                                   "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]])
     assert code == 2 and "4 units requested but protect_layers" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_sweep_refuses_refit_values_it_cannot_run_before_collecting(tmp_path, monkeypatch, capsys):
+    """``sweep --refit-values`` on a grouped-query model was refused only after the collection,
+    and with ``--no-reconstruct`` it was ignored; both are refused first, as ``prune`` does."""
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app import commands
+    from headprune.app.cli import main
+
+    def collect(*args, **kwargs):
+        raise AssertionError("collected")
+
+    monkeypatch.setattr(commands, "_collect", collect)
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    common = ["--ratios", "0.2", "--samples", "4", "--seq-len", "16", "--quiet", "--refit-values"]
+    assert main([str(a) for a in ["sweep", path, "--out", "s", *common]]) == 2
+    assert "--refit-values: needs a value projection of its own" in capsys.readouterr().err
+    assert main([str(a) for a in ["sweep", path, "--out", "s", "--no-reconstruct", *common]]) == 2
+    assert "drop --no-reconstruct" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -340,6 +340,11 @@ def sweep(args) -> int:
     out = _out(args, "sweep")
     check_out(out, args.force)
     loaded, batches, held, settings = _setup(args)
+    if getattr(args, "refit_values", None):  # before the collection, as prune does
+        from .removal_stage import refuse_values
+        from .sweep import removal_of
+
+        refuse_values(loaded, ["--no-reconstruct"] if removal_of(args) != "refit" else [])
     scores = _collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
     if not _is_writer():
         return 0

@@ -8,7 +8,7 @@ def refits_values(args, loaded, removal: str) -> bool:
     """Whether the refit includes the kept heads' value rows: ``--refit-values``, else where
     that is the default (:func:`headprune.hf.values.refits_values_by_default`) and the refit is
     the one-shot one on one process's batches."""
-    from ..hf.values import refits_values_by_default, supports_values
+    from ..hf.values import refits_values_by_default
 
     want = getattr(args, "refit_values", None)
     if want is False:
@@ -17,14 +17,22 @@ def refits_values(args, loaded, removal: str) -> bool:
                                    ("--steps", args.steps != 1),
                                    ("--distributed", getattr(args, "distributed", False))) if on]
     if want:
-        if other:
-            raise ValueError(f"--refit-values: extends the one-shot least-squares refit on one process; drop "
-                             f"{', '.join(other)}")
-        if not supports_values(loaded.model):
-            raise ValueError("--refit-values: needs a value projection of its own for every query head (not fused "
-                             "q/k/v, not grouped-query attention)")
+        refuse_values(loaded, other)
         return True
     return not other and refits_values_by_default(loaded.model)
+
+
+def refuse_values(loaded, other: list) -> None:
+    """``--refit-values`` asked for: refused with the ``other`` options that rule it out, or
+    for a model without a value projection per query head (prune and sweep, before collecting)."""
+    from ..hf.values import supports_values
+
+    if other:
+        raise ValueError(f"--refit-values: extends the one-shot least-squares refit on one process; drop "
+                         f"{', '.join(other)}")
+    if not supports_values(loaded.model):
+        raise ValueError("--refit-values: needs a value projection of its own for every query head (not fused "
+                         "q/k/v, not grouped-query attention)")
 
 
 def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, mode: str) -> None:
