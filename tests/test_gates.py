@@ -236,6 +236,9 @@ def test_bad_gates_are_named():
     with pytest.raises(TypeError, match="init: expected a real number"):
         with gates(model, init="1"):
             pass
+    with pytest.raises(ValueError, match="init: expected a finite gate value, got nan"):
+        with gates(model, init=float("nan")):
+            pass
     with pytest.raises(TypeError, match="per_example: expected a bool"):
         with gates(model, per_example=3):
             pass

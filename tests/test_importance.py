@@ -105,3 +105,44 @@ def test_gradient_importance_matches_finite_difference():
 def test_gradient_importance_needs_batches():
     with pytest.raises(ValueError, match="batches: expected at least one batch"):
         gradient_importance(tiny_model("llama"), [])
+
+
+def test_the_contrastive_halves_follow_each_sequence_padded_left_or_right():
+    """Each sequence is split at half its own tokens: a left-padded batch gave empty first
+    halves (zero embeddings) and a loss on nothing."""
+    from types import SimpleNamespace
+
+    from headprune.hf.importance import _contrastive_loss
+
+    torch.manual_seed(0)
+    table = torch.randn(100, 8)
+
+    def model(input_ids, attention_mask):  # token embeddings alone: no position, so padding side is moot
+        return SimpleNamespace(last_hidden_state=table[input_ids])
+
+    tokens = torch.randint(3, 100, (3, 16))
+    batches = {side: {"input_ids": torch.zeros(3, 16, dtype=torch.long),
+                      "attention_mask": torch.zeros(3, 16, dtype=torch.long)} for side in ("right", "left")}
+    for i, n in enumerate([16, 10, 8]):
+        batches["right"]["input_ids"][i, :n], batches["right"]["attention_mask"][i, :n] = tokens[i, :n], 1
+        batches["left"]["input_ids"][i, 16 - n:], batches["left"]["attention_mask"][i, 16 - n:] = tokens[i, :n], 1
+    right, left = (_contrastive_loss(model, batches[side]) for side in ("right", "left"))
+    torch.testing.assert_close(left, right, rtol=1e-6, atol=0)
+
+
+def test_gradient_importance_under_no_grad_and_on_models_it_cannot_take():
+    import transformers
+
+    model = tiny_model("bert")
+    batch = tiny_batch("bert", batch=4, seq=12)
+    with torch.no_grad():  # gradients for the gates all the same
+        assert torch.equal(gradient_importance(model, [batch]), gradient_importance(model, [batch]))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        gradient_importance(model, [batch])
+    head = transformers.BertForMaskedLM(tiny_config("bert")).eval()
+    with pytest.raises(ValueError, match="model: the contrastive loss pools .* BertForMaskedLM returns none"):
+        gradient_importance(head, [batch], causal=False)
+    with pytest.raises(ValueError, match="not T5Model \\(encoder-decoder\\)"):
+        gradient_importance(tiny_model("t5"), [tiny_batch("t5")])
+    with pytest.raises(ValueError, match="batches: gradient importance takes text batches"):
+        gradient_importance(model, [{"pixel_values": torch.zeros(1, 3, 8, 8)}])

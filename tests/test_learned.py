@@ -121,9 +121,31 @@ def test_resume_continues_exactly(tmp_path):
         learn_gates(model, batches, ratio=0.4, steps=10, lr=0.1, checkpoint=ck, resume=True)
 
 
+def test_resume_with_other_fill_values_is_refused(tmp_path):
+    """Closed gates leave the heads' mean outputs: other means are another objective."""
+    model = tiny_model("llama")
+    batches = _batches()
+    ck = tmp_path / "gates.pt"
+    learn_gates(model, batches, ratio=0.5, steps=4, lr=0.1, scores=collect(model, batches[:1], progress=False),
+                checkpoint=ck, time_budget_s=1e-9)
+    with pytest.raises(ValueError, match="was written for other fill \\('mean [0-9a-f]+' in the checkpoint"):
+        learn_gates(model, batches, ratio=0.5, steps=4, lr=0.1, scores=collect(model, batches[1:], progress=False),
+                    checkpoint=ck, resume=True)
+
+
+def test_every_module_keeps_its_mode_and_no_grad_is_no_obstacle():
+    model = tiny_model("llama").train()
+    model.layers[1].eval()  # a caller's own choice for one layer
+    modes = {n: m.training for n, m in model.named_modules()}
+    with torch.no_grad():
+        r = learn_gates(model, _batches(), ratio=0.5, steps=3, lr=0.1)
+    assert r.steps == 3 and {n: m.training for n, m in model.named_modules()} == modes
+
+
 @pytest.mark.parametrize("kw,match", [({"ratio": 1.0}, "ratio"), ({"ratio": 0.5, "steps": 0}, "steps"),
                                       ({"ratio": 0.5, "lr": -1}, "lr"), ({"ratio": 0.5, "warmup": 2}, "warmup"),
-                                      ({"ratio": 0.5, "resume": True}, "resume")])
+                                      ({"ratio": 0.5, "resume": True}, "resume"),
+                                      ({"ratio": 0.5, "seed": None}, "seed"), ({"ratio": 0.5, "seed": 2**64}, "seed")])
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         learn_gates(tiny_model("llama"), _batches(n=1), **kw)

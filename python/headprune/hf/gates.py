@@ -13,11 +13,15 @@ masked model, except the removed head's output-projection columns, whose gradien
 if the head had been pruned (under a mask they still see the head's output).
 
 The gate path is ``unflatten``, ``mul`` (and, with ``fill``, an ``add``) and ``flatten``, so it traces and differentiates
-under ``torch.compile`` like the rest of the model.
+under ``torch.compile`` like the rest of the model. Compile inside the block (or call
+``torch._dynamo.reset()`` after entering it): a model compiled and run before the block keeps
+the graph it compiled without the gates, because torch does not guard on hooks added later
+(``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Optional
@@ -25,6 +29,7 @@ from typing import Iterator, Optional
 import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
+from .modules import eval_mode
 
 __all__ = ["HeadGates", "frozen", "gates"]
 
@@ -122,16 +127,14 @@ def frozen(model) -> Iterator:
     inputs only); every parameter's ``requires_grad`` and the train/eval mode are restored on
     every exit."""
     flags = {p: p.requires_grad for p in model.parameters()}
-    mode = model.training
     try:
-        for p in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield model
+        with eval_mode(model):  # every module's own flag back after, not the top level's for all
+            for p in flags:
+                p.requires_grad_(False)
+            yield model
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
-        model.train(mode)
 
 
 def _default_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -166,6 +169,8 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
         raise TypeError(f"per_example: expected a bool, got {type(per_example).__name__}")
     if isinstance(init, bool) or not isinstance(init, numbers.Real):
         raise TypeError(f"init: expected a real number, got {type(init).__name__}")
+    if not math.isfinite(init):
+        raise ValueError(f"init: expected a finite gate value, got {init!r}")
     adapter = get_adapter(model)
     check_layout(model)
     sites = resolve_sites(model, adapter)

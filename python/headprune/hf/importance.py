@@ -31,10 +31,14 @@ def _contrastive_loss(model, batch) -> torch.Tensor:
     if keep.sum() < 2:
         raise ValueError("batches: the contrastive loss needs >= 2 sequences of >= 8 tokens per batch")
     ids, mask, lengths = ids[keep], mask[keep], lengths[keep]
-    pos = torch.arange(ids.shape[1], device=ids.device)[None, :]
+    pos = mask.cumsum(1) - 1  # the place among the sequence's own tokens, padded left or right
     first = mask.bool() & (pos < (lengths // 2)[:, None])
     second = mask.bool() & ~first
-    h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = model(input_ids=ids, attention_mask=mask)
+    if getattr(out, "last_hidden_state", None) is None:
+        raise ValueError(f"model: the contrastive loss pools the hidden states of a base model (AutoModel); "
+                         f"{type(model).__name__} returns none (pass causal=True for a causal LM)")
+    h = out.last_hidden_state
     h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
 
     def pool(m):
@@ -46,6 +50,10 @@ def _contrastive_loss(model, batch) -> torch.Tensor:
 
 
 def _loss(model, batch, causal: bool) -> torch.Tensor:
+    if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
+        raise ValueError("batches: gradient importance takes text batches, dicts with input_ids and attention_mask")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if causal:
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
@@ -59,10 +67,15 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
     gradients (they are frozen for the call and restored), and the gates are removed on
     every exit path.
     """
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"model: gradient importance takes causal LMs and encoders, not {type(model).__name__} "
+                         "(encoder-decoder)")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("gradient_importance: needs autograd; call it outside torch.inference_mode()")
     if causal is None:
         causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
     n = 0
-    with gates(model) as g, frozen(model):
+    with gates(model) as g, frozen(model), torch.enable_grad():
         total = torch.zeros(g.shape, dtype=torch.float64)
         for batch in batches:
             g.gate.grad = None

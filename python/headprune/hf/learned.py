@@ -41,7 +41,7 @@ import torch
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import frozen, gates
 from .recover import _kwargs, _loss, _Teacher
-from .training import _bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume
+from .training import _bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
@@ -85,7 +85,7 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.T
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init) -> None:
+def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio: expected a fraction of heads to prune in (0, 1), got {ratio!r}")
     _check_run(steps, lr, time_budget_s, checkpoint_every)
@@ -93,6 +93,10 @@ def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init) -> N
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
     if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
         raise ValueError(f"init: expected a finite log_alpha, got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
+        raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("learn_gates: needs autograd; call it outside torch.inference_mode()")
 
 
 def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
@@ -130,7 +134,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     every exit; it runs in eval mode (no dropout).
     """
     started = time.perf_counter()
-    _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init)
+    _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     adapter = get_adapter(model)
@@ -144,12 +148,12 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
         valid[i, :h] = True
     params = {"log_alpha": torch.full(valid.shape, float(init), dtype=torch.float32, requires_grad=True)}
     settings = {"ratio": float(ratio), "steps": steps, "lr": float(lr), "warmup": float(warmup), "seed": seed,
-                "fill": "mean" if fill is not None else "zero", "model": _model_digest(model),
+                "fill": f"mean {_digest([fill])}" if fill is not None else "zero", "model": _model_digest(model),
                 "heads": num_heads}
     ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches, FORMAT),
                                                        what="learned-gates")
     optimizer = torch.optim.Adam([params["log_alpha"]], lr=lr)
-    with frozen(model):
+    with frozen(model), torch.enable_grad():  # gradients for the gates even when called under no_grad
         opens = (float(open_probability(torch.tensor(float(init)))), 1.0 - float(ratio))
         return _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, time_budget_s,
                     progress, ckpt, checkpoint_every, resume, started)

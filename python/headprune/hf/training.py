@@ -116,7 +116,7 @@ class _Checkpoint:
         saved = state["fingerprint"]
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
         if diff:
-            what = {"parameters": "trainable parameters (names or shapes)", "start": "starting weights",
+            what = {"parameters": "trainable parameters (names or shapes)", "start": "starting values of what it trains (learned gates: init)",
                     "tokens": "calibration batches", "teacher": "teacher weights"}
             raise self._refuse("was written for other " + ", ".join(
                 what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
