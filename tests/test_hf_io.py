@@ -53,6 +53,23 @@ def test_round_trip_is_bit_exact(family, uniform, tmp_path):
             assert torch.equal(_first(plain(**batch)), ref)
 
 
+def test_a_float16_t5_keeps_its_float32_weights_through_a_round_trip(tmp_path):
+    """transformers keeps T5's ``wo`` in float32 inside a float16 model; the reload built the
+    model in float16 and cast them down, so its output changed."""
+    import transformers
+
+    tiny_model("t5").save_pretrained(tmp_path / "full")
+    model = transformers.AutoModel.from_pretrained(tmp_path / "full", dtype=torch.float16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float16, torch.float32}
+    prune_heads(model, {0: [1], 1: [0, 2]})
+    batch = tiny_batch("t5")
+    save_pruned(model, tmp_path / "pruned")
+    again = load_pruned(tmp_path / "pruned")
+    assert {n: p.dtype for n, p in again.named_parameters()} == {n: p.dtype for n, p in model.named_parameters()}
+    with torch.no_grad():
+        assert torch.equal(_first(again(**batch)), _first(model(**batch)))
+
+
 def test_reloaded_model_can_be_pruned_again(tmp_path):
     model = tiny_model("llama")
     prune_heads(model, {0: [0]})

@@ -358,6 +358,11 @@ def _load_state(model, state: dict) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     tied = {n for group in names.values() if len(group) > 1 and any(g in state for g in group) for n in group}
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for name, value in state.items():  # a float type the file holds is kept (T5's ``wo`` stays float32 in a
+        p = own.get(name)              # float16 model, as from_pretrained keeps it); load_state_dict would cast
+        if p is not None and p.dtype != value.dtype and p.is_floating_point() and value.is_floating_point():
+            p.data = p.data.to(value.dtype)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # size mismatch: headprune.json's heads are not the weights' heads
