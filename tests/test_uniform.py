@@ -99,6 +99,24 @@ def test_measure_uniform_refusals(tiny_llama):
     with pytest.raises(ValueError, match="needs second moments"):
         measure_uniform(model, batches, collect(model, batches, progress=False), heads)
     assert measure_uniform(model, batches, scores, heads, sites=())[0] == heads  # nothing to measure
+    for sites in ([5], [-1], 0, "0"):  # were ignored, or failed with a bare TypeError
+        with pytest.raises(ValueError, match=r"sites: expected site indices in \[0, 2\)"):
+            measure_uniform(model, batches, scores, heads, sites=sites)
+    with pytest.raises(ValueError, match="heads: expected .* got keys \\['1'\\]"):
+        measure_uniform(model, batches, scores, {"1": [0]})
+
+
+def test_an_encoder_decoder_is_not_measured():
+    """T5's default-protected site is the decoder's first: measuring it pooled decoder states
+    with the encoder's mask and failed on a shape; it is refused, and prune does not ask."""
+    from headprune.hf.uniform import measures
+
+    model, batches = tiny_model("t5"), [tiny_batch("t5", seed=i) for i in range(3)]
+    scores = collect(model, batches, progress=False, moments=True)
+    heads = select_heads(scores, ratio=0.5, uniform=True)
+    with pytest.raises(ValueError, match="not T5Model \\(encoder-decoder\\)"):
+        measure_uniform(model, batches, scores, heads)
+    assert not measures({"uniform": True}, "refit", scores)
 
 
 @pytest.mark.parametrize("extra, measured", [({}, True), ({"score": "variance"}, False), ({"order": "low"}, False)])

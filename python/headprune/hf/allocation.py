@@ -197,6 +197,11 @@ def measuring(model, part: list, scores: HeadScores, damping: float, bar):
     moments less ``part``'s own (so a layer whose refit fits its calibration tokens better
     than it generalises does not look cheap), the model in eval mode without gradients;
     ``bar`` closed at the end, and every module's training flag restored on any exit."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        bar.close()
+        raise ValueError(f"model: measuring what removing heads costs runs causal LMs and encoders, not "
+                         f"{type(model).__name__} (encoder-decoder); choose by the ranking (scope='per_layer', "
+                         "and the ranking's heads for a uniform layout)")
     refit = _without(scores, collect(model, part, progress=False, moments=True))
     with eval_mode(model), torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
         yield measure

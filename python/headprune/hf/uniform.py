@@ -110,10 +110,13 @@ def measures(select: dict, removal: str, scores: HeadScores, *, iterative: bool 
     first layer's heads for these selection options: a uniform selection by the default
     ranking (no ``score`` or ``order``), removed with the refit, on a model not pruned before
     (the measurement chooses among a site's heads by position), in one round without the
-    sequential pass (both re-calibrate) and in one process (every rank must choose alike)."""
+    sequential pass (both re-calibrate), in one process (every rank must choose alike) and not
+    on an encoder-decoder (its sites attend both ways; the measurement runs one stack's output)."""
+    causal = getattr(scores, "causal", None) or []
     return bool(select.get("uniform")) and removal == "refit" and select.get("score") is None \
         and select.get("order") is None and scores.head_ids is None \
-        and not (iterative or sequential or distributed)
+        and not (iterative or sequential or distributed) \
+        and not (any(causal) and not all(causal))  # an encoder-decoder: not measured (see measuring)
 
 
 def _greedy_every_site(model, batches, scores: HeadScores, heads: dict, damping: float, sequences, progress) -> tuple:
@@ -161,6 +164,15 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     if scores.head_ids is not None:
         raise ValueError("scores: measure_uniform chooses among a site's heads by position; collect on the "
                          "unpruned model")
+    if sites is not None:
+        n = scores.num_sites
+        if isinstance(sites, (int, str)) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < n
+                                                    for s in sites):
+            raise ValueError(f"sites: expected site indices in [0, {n}), got {sites!r:.80}")
+    bad = [k for k in heads if not isinstance(k, int) or not 0 <= k < scores.num_sites]
+    if bad:
+        raise ValueError(f"heads: expected {{site index: [heads]}} with sites in [0, {scores.num_sites}), got keys "
+                         f"{bad[:5]!r}")
     if sites is None and not is_causal(scores) and not has_grouped_queries(scores):
         return _greedy_every_site(model, batches, scores, heads, damping, sequences, progress)
     sites = default_protected(scores) if sites is None else tuple(sites)
