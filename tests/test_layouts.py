@@ -159,3 +159,20 @@ def test_even_refuses_a_request_of_which_it_can_remove_nothing():
     with pytest.raises(ValueError, match="12 heads requested .* allow no more than the 9 already removed in even"):
         select_heads(grouped, count=12, gqa="even", protect_layers=[0], scope="global", score="entropy",
                      min_heads_per_layer=0, pruned={1: list(range(9))})
+
+
+def test_uniform_refuses_what_no_layout_can_remove_and_counts_minimum_groups():
+    """A uniform request min_heads_per_layer leaves no layout for returned nothing, silently;
+    under gqa="group" the minimum counts groups, as without uniform."""
+    g = torch.Generator().manual_seed(0)
+    mqa = make_scores(torch.rand(3, 4, generator=g, dtype=torch.float64), kv=[1] * 3)
+    with pytest.raises(ValueError, match="ratio/count: 12 heads requested, but every uniform layout"):
+        select_heads(mqa, ratio=1.0, gqa="group", score="entropy", uniform=True)
+    plain = make_scores(torch.rand(3, 4, generator=g, dtype=torch.float64))
+    with pytest.raises(ValueError, match="removes none"):
+        select_heads(plain, ratio=0.5, score="entropy", min_heads_per_layer=4, uniform=True)
+    grouped = make_scores(torch.rand(3, 8, generator=g, dtype=torch.float64), kv=[2] * 3)
+    with pytest.raises(ValueError, match="removes none"):  # two groups kept of two: none can go
+        select_heads(grouped, ratio=0.5, gqa="group", score="entropy", min_heads_per_layer=2, uniform=True)
+    heads = select_heads(grouped, ratio=0.5, gqa="group", score="entropy", min_heads_per_layer=1, uniform=True)
+    assert [len(h) for h in heads.values()] == [4, 4, 4]

@@ -197,6 +197,9 @@ def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, who
                   for g, t in layouts if hq - r >= min_heads]
     if not candidates:
         raise ValueError(f"uniform: no layout keeps min_heads_per_layer={min_heads} heads per layer")
+    if want > 0 and all(r == 0 for r, _, _ in candidates):
+        raise ValueError(f"ratio/count: {want} heads requested, but every uniform layout that keeps "
+                         f"{min_heads} heads per layer removes none")
 
     def total(g, t):
         return sum(best_layout(c, kv_heads[i], g, t)[0] for i, c in enumerate(costs))

@@ -209,8 +209,8 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
         want_heads = budget(ratio, count, sum(scores.num_heads) // max(sizes)) * max(sizes)
     else:
         want_heads = budget(ratio, count, sum(scores.num_heads))
-    if uniform:
-        chosen = allocate_uniform(costs, kv, want_heads, min_heads, whole)
+    if uniform:  # min_heads_per_layer counts units: groups under gqa="group"
+        chosen = allocate_uniform(costs, kv, want_heads, min_heads * (max(sizes) if whole else 1), whole)
     else:
         protect = _check_layers(recipe.protect_layers, scores.num_sites)
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(scores.num_heads)]
