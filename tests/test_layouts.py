@@ -176,3 +176,15 @@ def test_uniform_refuses_what_no_layout_can_remove_and_counts_minimum_groups():
         select_heads(grouped, ratio=0.5, gqa="group", score="entropy", min_heads_per_layer=2, uniform=True)
     heads = select_heads(grouped, ratio=0.5, gqa="group", score="entropy", min_heads_per_layer=1, uniform=True)
     assert [len(h) for h in heads.values()] == [4, 4, 4]
+
+
+def test_a_kv_budget_keeps_the_query_head_count_where_a_layout_allows():
+    """The smallest group bonus that met the KV budget grew the layouts greedily to 3 of the 4
+    heads asked, where a larger bonus removes all 4 and more KV heads."""
+    from headprune.ranking.layouts import kv_groups_removed
+
+    s = make_scores(torch.rand(2, 4, generator=torch.Generator().manual_seed(86), dtype=torch.float64), kv=[2, 2])
+    args = dict(ratio=0.5, gqa="even", score="entropy", scope="per_layer", min_heads_per_layer=1)
+    assert sum(map(len, select_heads(s, **args).values())) == 4
+    heads = select_heads(s, kv_ratio=0.05, **args)
+    assert sum(map(len, heads.values())) == 4 and kv_groups_removed(heads, [4, 4], [2, 2]) >= 1

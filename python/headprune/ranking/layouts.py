@@ -122,7 +122,9 @@ def kv_groups_removed(chosen: dict, num_heads: list, kv_heads: list) -> int:
 def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int, forced: dict | None = None) -> dict:
     """:func:`allocate_even` removing at least ``kv_want`` KV heads: whole groups get a bonus
     per group, the smallest (found by bisection) with which the allocation removes that many,
-    so the layouts stay the cheapest by the ranking that meet the KV budget."""
+    so the layouts stay the cheapest by the ranking that meet the KV budget; of the bonuses
+    tried that meet it, one whose allocation removes the most query heads (up to ``want``:
+    the greedy growth can stop short at some bonuses), the smallest of those."""
     num_heads = [len(c) for c in costs]
 
     def run(bonus):
@@ -134,19 +136,21 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
         return chosen
     finite = [c for cs in costs for c in cs if math.isfinite(c)]
     hi = 2.0 * (max(finite, default=0.0) + 1.0) * max(num_heads)
-    best, got = run(hi)
+    chosen, got = run(hi)
     if got < kv_want:
         raise ValueError(f"kv_ratio: {kv_want} KV heads requested but at most {got} go with {want} query heads in even "
                          "layouts under these caps; raise the ratio or lower kv_ratio")
+    met = [(hi, chosen)]
     lo = 0.0
     for _ in range(40):
         mid = (lo + hi) / 2
         chosen, got = run(mid)
         if got >= kv_want:
-            hi, best = mid, chosen
+            hi = mid
+            met.append((mid, chosen))
         else:
             lo = mid
-    return best
+    return max(met, key=lambda m: (sum(map(len, m[1].values())), -m[0]))[1]
 
 
 def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False,
