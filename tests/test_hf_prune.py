@@ -151,3 +151,17 @@ def test_zeroed_heads_are_what_a_mask_left(family):
     prune_heads(model, {1: [0]})
     mask_heads(model, {0: [1, 3], 1: [2]})
     assert zeroed_heads(model) == {0: [1, 3], 1: [2]}
+
+
+def test_masks_and_their_refusals_name_original_indices():
+    """After a pruning, position 1 of layer 0 is original head 3: the handle and the messages
+    say 3, the index the call was given, not the position."""
+    model = tiny_model("bert")
+    prune_heads(model, {0: [0, 1]})
+    handle = mask_heads(model, {0: [3]})
+    assert handle.heads == {0: [3]}
+    with pytest.raises(ValueError, match=r"model: heads \{0: \[3\]\} are masked"):
+        prune_heads(model, {1: [0]})
+    with pytest.raises(ValueError, match=r"heads: layer 0 head\(s\) \[3\] are already masked"):
+        mask_heads(model, {0: [3]})
+    handle.restore()

@@ -69,12 +69,13 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     heads, _ = positions(model, sites, adapter, heads)
-    refuse_masked_again(model, heads, [s.o.weight for s in sites])
+    ids = kept_heads(model)  # position -> original index, for messages and the handle
+    refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
     # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
     absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
                         values=values, absent=absent)
-    handle = MaskHandle(model, heads)
+    handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()})
     try:
         with torch.no_grad():
             for layer, hs in heads.items():
@@ -295,7 +296,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     heads, gone = positions(model, sites, adapter, heads)
-    masked = {s.index: sorted(masked_heads(model, s.o.weight)) for s in sites}
+    ids = kept_heads(model)
+    masked = {s.index: sorted(ids[s.index][h] for h in masked_heads(model, s.o.weight)) for s in sites}
     masked = {k: v for k, v in masked.items() if v}
     if masked:  # slicing would copy the zeros and orphan the handle's restore()
         raise ValueError(

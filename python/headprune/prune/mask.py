@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ class MaskHandle:
     Until restored, the handle is listed on the model itself (:func:`active_masks`), so a
     dropped handle leaves a mask that is still known: masking a masked head again, or
     physically pruning under a mask, is refused, and ``save_pruned`` saves the biases a
-    compensated mask added.
+    compensated mask added. ``heads``: what was masked, ``{layer: [original head indices]}``.
     """
 
     def __init__(self, model: nn.Module, heads: dict):
@@ -126,10 +128,13 @@ class MaskHandle:
         return False
 
 
-def refuse_masked_again(model: nn.Module, heads: dict, weights: list) -> None:
-    """``ValueError`` if a head of ``heads`` is already zeroed by a mask not yet restored."""
+def refuse_masked_again(model: nn.Module, heads: dict, weights: list, ids: Optional[dict] = None) -> None:
+    """``ValueError`` if a head of ``heads`` is already zeroed by a mask not yet restored
+    (named by ``ids[layer][position]``, the original indices, where given)."""
     for layer, hs in heads.items():
         again = sorted(set(hs) & masked_heads(model, weights[layer]))
+        if ids is not None:
+            again = sorted(ids[layer][h] for h in again)
         if again:
             raise ValueError(
                 f"heads: layer {layer} head(s) {again} are already masked by an active mask_heads handle; restore it first"
