@@ -207,6 +207,32 @@ def test_transformers4_directories_with_sharded_weights_load(tmp_path):
     torch.testing.assert_close(got, want["out"], rtol=1e-5, atol=1e-5)
 
 
+def test_transformers4_directories_without_architectures_and_with_weights_of_other_heads(tmp_path):
+    """A config that names no class reads as the family's base model (it failed on a class
+    named None); weights that disagree with pruned_heads are named against config.json."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    src = Path(__file__).parent / "data" / "transformers4" / "bert"
+    shutil.copy(src / "model.safetensors", tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("architectures", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    want = load_file(src / "expected.safetensors")
+    model = load_pruned(tmp_path)
+    assert type(model).__name__ == "BertModel"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=want["input_ids"]).last_hidden_state, want["out"], rtol=1e-5,
+                                   atol=1e-5)
+    config["pruned_heads"] = {"0": [1]}  # the weights lack two heads of layer 0, one of layer 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="the model config.json describes \\(its pruned_heads removed\\)"):
+        load_pruned(tmp_path)
+
+
 def test_transformers4_directories_with_renamed_weights_are_refused_by_name():
     from pathlib import Path
 

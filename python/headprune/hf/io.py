@@ -311,8 +311,9 @@ def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
     model = _prune_as_saved(model, meta, adapter, file)
     if not meta["plain_loadable"]:
         expected, tied = expected_tensors(model, saved_names=False)
-        refuse_differences(compare(expected, tied, header), "path", weights,
-                           f"the model {METADATA_FILE} describes (original_config pruned to kept_heads)")
+        described = ("the model config.json describes (its pruned_heads removed)" if file.endswith("config.json")
+                     else f"the model {METADATA_FILE} describes (original_config pruned to kept_heads)")
+        refuse_differences(compare(expected, tied, header), "path", weights, described)
     state = getattr(model, STATE_ATTR)
     return state["kv"], state["num_heads"]
 

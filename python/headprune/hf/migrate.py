@@ -16,7 +16,7 @@ import json
 import os
 
 from .files import read_json
-from .metadata import FORMAT, METADATA_FILE
+from .metadata import DTYPES, FORMAT, METADATA_FILE
 
 __all__ = ["is_transformers4_pruned", "transformers4_metadata"]
 
@@ -52,8 +52,8 @@ def transformers4_metadata(path, what: str = "path") -> dict:
     kept = [list(range(heads)) for _ in range(layers)]
     for layer, hs in _pruned(pruned, layers, heads, file, what).items():
         kept[layer] = [h for h in kept[layer] if h not in set(hs)]
-    archs = config.get("architectures") or []
-    return {"format": FORMAT, "model_type": model_type, "architecture": archs[0] if archs else None,
+    archs = config.get("architectures") or [_base_class(model_type)]  # none named: the family's base model
+    return {"format": FORMAT, "model_type": model_type, "architecture": archs[0],
             "attn_implementation": "sdpa", "dtype": _dtype(config), "kept_heads": kept,
             "kv_heads": [list(k) for k in kept],  # the families transformers 4 pruned have no GQA
             "per_layer_bias": [], "o_bias": [], "plain_loadable": False, "original_config": config,
@@ -92,6 +92,12 @@ def _pruned(pruned, layers: int, heads: int, file: str, what: str) -> dict:
     return out
 
 
+def _base_class(model_type: str) -> str:
+    import transformers
+
+    return transformers.MODEL_MAPPING[transformers.CONFIG_MAPPING[model_type]].__name__
+
+
 def _dtype(config: dict) -> str:
     d = config.get("torch_dtype") or config.get("dtype") or "float32"
-    return d if d in ("float32", "float16", "bfloat16") else "float32"
+    return d if d in DTYPES else "float32"
