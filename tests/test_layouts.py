@@ -113,6 +113,8 @@ def test_uniform_and_even_refusals():
         select_heads(s, count=2, uniform=True, protect_layers=[0])
     with pytest.raises(ValueError, match="pruned: iterative pruning is not supported with uniform"):
         select_heads(s, count=2, uniform=True, pruned={0: [1]})
+    with pytest.raises(TypeError, match="protect_layers: expected an iterable of layer indices, got 0"):
+        select_heads(s, count=2, uniform=True, protect_layers=0)
     grouped = make_scores(torch.rand(2, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
                           kv=[3, 3])
     with pytest.raises(ValueError, match=r"pruned: layer 0 heads \[0, 1\] are not an even layout"):

@@ -130,6 +130,9 @@ def _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, 
         raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
     if not isinstance(uniform, bool):
         raise TypeError(f"uniform: expected a bool, got {type(uniform).__name__}")
+    not_layers = isinstance(protect_layers, (str, bytes)) or not isinstance(protect_layers, Iterable)
+    if protect_layers is not None and not_layers:  # 0 passed a uniform selection's check as "none"
+        raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}")
     if uniform and protect_layers:
         raise ValueError("protect_layers: a uniform selection prunes every layer alike; pass uniform=False to "
                          "protect layers")
