@@ -52,8 +52,11 @@ def test_a_sweep_of_a_pruned_directory_leaves_out_the_uniform_layout(tmp_path, m
     pruned = json.loads((tmp_path / "p" / "report.json").read_text())["pruned_heads"]
     assert pruned and "0" not in pruned  # the first layer kept whole: the layers differ
     capsys.readouterr()
-    code = main(["sweep", "p/model", "--ratios", "0.2", "--seeds", "1", "--out", "s", *common])
+    code = main(["sweep", "p/model", "--ratios", "0.2", "--seeds", "1", "--out", "s", "--eval-paragraphs", "2",
+                 *common])
     err = capsys.readouterr().err
+    # the table says the held-out text was cut short
+    assert "`, its first 2 of " in (tmp_path / "s" / "sweep.md").read_text()
     assert code == 0, err
     assert "no uniform layout exists: default, uniform layout left out" in err
     assert "default, uniform layout" not in json.loads((tmp_path / "s" / "sweep.json").read_text())["recipes"]

@@ -122,6 +122,8 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
         raise ValueError("ratios: iterative recipes need increasing ratios")
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)], batches, values_cache)
     result = _new_result(config, loaded, point.baseline_value, recipes, settings)
+    if config.eval_paragraphs and config.eval_paragraphs < len(held):  # said in the table's heading
+        result["eval_paragraphs"] = [config.eval_paragraphs, len(held)]
     result["values"] = point.values
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
     state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
@@ -339,7 +341,9 @@ def sweep_markdown(result: dict) -> str:
     s = result.get("settings")
     calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
     evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
-    lines = [f"{result['metric']} of {result['model']} on held-out `{evaluated}` "
+    part = result.get("eval_paragraphs")
+    where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
+    lines = [f"{result['metric']} of {result['model']} on held-out {where} "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for i, r in enumerate(result["ratios"]):
