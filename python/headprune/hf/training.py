@@ -36,7 +36,8 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         raise ValueError(f"steps: expected a positive int{' or None' if open_ended else ''}, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
-    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+    if time_budget_s is not None and (isinstance(time_budget_s, bool) or not (
+            isinstance(time_budget_s, (int, float)) and time_budget_s > 0 and not math.isnan(time_budget_s))):
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
