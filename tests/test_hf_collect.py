@@ -236,3 +236,20 @@ def test_only_the_collecting_threads_forwards_are_recorded():
     torch.testing.assert_close(got.stats, want.stats, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.outputs, want.outputs, rtol=1e-12, atol=1e-12)
     assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_gpt2_keeps_its_upcast_attention_during_collection():
+    """GPT-2 with reorder_and_upcast_attn takes its float32 path only under the name "eager":
+    under collection's wrapper it ran the plain one (bfloat16: outputs 1e-4 apart)."""
+    from headprune.hf import resolve_sites
+    from headprune.hf.batches import forward_kwargs
+
+    model = tiny_model("gpt2", attn_implementation="eager", reorder_and_upcast_attn=True).to(torch.bfloat16)
+    batch = tiny_batch("gpt2")
+    seen = []
+    hook = resolve_sites(model)[0].module.register_forward_hook(lambda m, a, o: seen.append(o[0].detach().clone()))
+    with torch.no_grad():
+        model(**forward_kwargs(model, batch))  # the arguments collection passes (no KV cache)
+    collect(model, [batch], progress=False, fused=False)
+    hook.remove()
+    assert torch.equal(seen[0], seen[1])

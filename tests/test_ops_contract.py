@@ -174,7 +174,7 @@ def test_apply_head_mask_matches_reference(dtype, dim):
     x = torch.randn(12, 12, generator=g).to(dtype)
     if dim == -1:
         x = x.t()  # non-contiguous
-    mask = torch.tensor([1.0, 0.0, 0.25])
+    mask = torch.tensor([1.0, 0.0, 0.3])  # 0.3: not exact in half types, rounded to x's type first
     want = R.apply_head_mask(x, mask, 4, dim)
     ptr = x.data_ptr()
     ops.apply_head_mask_(x, mask, 4, dim)

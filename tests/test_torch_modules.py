@@ -82,3 +82,53 @@ def test_errors_are_named():
         collect_modules(encoder(), ["text"])
     with pytest.raises(ValueError, match="heads: layer 0 has 4 heads"):
         mask_modules(encoder(), {0: [4]})
+
+
+class _Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dec = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+
+    def forward(self, tgt, memory, memory_key_padding_mask):
+        return self.dec(tgt, memory, memory_key_padding_mask=memory_key_padding_mask)
+
+
+def test_cross_attention_keeps_every_query_when_the_memory_is_as_long():
+    """The memory's padding masks keys only: with a memory as long as the queries it also
+    removed the query rows at the padded positions from the statistics."""
+    model = _Decoder()
+    tgt, memory = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 2:] = True
+    with torch.no_grad():
+        scores = collect_modules(model, [(tgt, memory, pad)])
+        x = model.dec.norm1(tgt) if model.dec.norm_first else tgt
+        x = model.dec.norm1(x + model.dec.self_attn(x, x, x, need_weights=False)[0])
+        _, w = model.dec.multihead_attn(x, memory, memory, key_padding_mask=pad, average_attn_weights=False)
+    ref = reference.entropy_stats_from_probs(w)
+    assert scores.count[1].tolist() == [10.0] * 4
+    torch.testing.assert_close(scores.entropy[1], ref[:, 1] / ref[:, 0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_unbatched_input(batch_first):
+    """nn.MultiheadAttention takes an unbatched [L, E] query; collection failed on it."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        scores = collect_modules(M(), [x])
+        _, w = mha(x[None] if batch_first else x[:, None], *([x[None] if batch_first else x[:, None]] * 2),
+                   average_attn_weights=False)
+    ref = reference.entropy_stats_from_probs(w)
+    torch.testing.assert_close(scores.entropy[0], ref[:, 1] / ref[:, 0], atol=1e-4, rtol=0)

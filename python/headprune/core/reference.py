@@ -145,11 +145,12 @@ def entropy_from_qk(query, key, scale, attn_mask=None, is_causal=False, query_ma
 
 def apply_head_mask(x, mask, head_dim, dim):
     """Out-of-place reference of ``apply_head_mask_``: ``x`` with head ``h``'s slice along
-    ``dim`` (laid out as ``num_heads x head_dim``) multiplied by ``mask[h]``."""
+    ``dim`` (laid out as ``num_heads x head_dim``) multiplied by ``mask[h]`` rounded to
+    ``x``'s type (as the op takes it), the product rounded once."""
     dim = dim % x.dim()
     shape = [1] * x.dim()
     shape[dim] = x.shape[dim]
-    gate = mask.double().repeat_interleave(head_dim).reshape(shape)
+    gate = mask.to(x.dtype).double().repeat_interleave(head_dim).reshape(shape)
     return (x.double() * gate).to(x.dtype)
 
 

@@ -74,13 +74,19 @@ class _Session:
     def record(self, i, mha, query, key, attn_mask=None, key_padding_mask=None):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise NotImplementedError(f"{self.sites[i][0]}: add_bias_kv / add_zero_attn are not supported")
-        if not mha.batch_first:
+        # self-attention: the key padding also marks the padded queries (equal lengths alone do not
+        # say so: a decoder's cross-attention to a memory as long as its queries)
+        itself = query is key or (query.shape == key.shape and torch.equal(query, key))
+        if query.dim() == 2:  # unbatched input ([L, E], key padding [S]), as torch accepts it
+            query, key = query[None], key[None]
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        elif not mha.batch_first:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
         q, k = _project(mha, query, 0), _project(mha, key, 1)
         if self.stats[i] is None:
             self.stats[i] = torch.zeros(mha.num_heads, NUM_STATS, dtype=torch.float64, device=q.device)
         qm = None
-        if key_padding_mask is not None and query.shape[1] == key.shape[1]:
+        if key_padding_mask is not None and itself:
             # torch canonicalises bool padding masks to additive floats (-inf = padded)
             kpm = key_padding_mask
             qm = ~kpm if kpm.dtype == torch.bool else ~torch.isneginf(kpm)

@@ -119,7 +119,8 @@ void stream_logit_blocks(const at::Tensor& q, const at::Tensor& kk, double scale
   const int64_t bq_max = query_block(Q);
   const int64_t nqb = (Q + bq_max - 1) / bq_max;
   // Small problems run inline: opening a parallel region costs more than they do.
-  const int64_t task_flops = 2 * std::min(bq_max, Q) * K * std::max<int64_t>(flops_per_key, 1);
+  // (at least 1: no division by zero where Q or K is 0)
+  const int64_t task_flops = std::max<int64_t>(1, 2 * std::min(bq_max, Q) * K * std::max<int64_t>(flops_per_key, 1));
   const int64_t grain = std::max<int64_t>(1, (1 << 21) / task_flops);
   at::parallel_for(0, B * Hq * nqb, grain, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({bq_max * kBlockK}, q.options());
