@@ -132,3 +132,13 @@ def test_unbatched_input(batch_first):
                    average_attn_weights=False)
     ref = reference.entropy_stats_from_probs(w)
     torch.testing.assert_close(scores.entropy[0], ref[:, 1] / ref[:, 0], atol=1e-4, rtol=0)
+
+
+def test_a_mask_restores_after_the_model_was_cast():
+    model = encoder()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    handle = mask_modules(model, {0: [1]})
+    model.double()
+    handle.restore()
+    with torch.no_grad():
+        assert torch.equal(model(x), encoder().double()(x))

@@ -112,7 +112,8 @@ class MaskHandle:
                 self._biases.pop()
             while self._saved:
                 w, dim, idx, cols, _ = self._saved[-1]
-                w.index_copy_(dim, idx.to(w.device), cols)
+                # in the weight's type and device now (the model may have been moved or cast since)
+                w.index_copy_(dim, idx.to(w.device), cols.to(w.device, w.dtype))
                 self._saved.pop()
         masks = self.model.__dict__.get(MASKS_ATTR)
         if masks is not None:
