@@ -282,7 +282,8 @@ def prune_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the pruned model")
     mode = g.add_mutually_exclusive_group()
     mode.add_argument("--mask", dest="mode", action="store_const", const="mask",
-                      help="keep the shapes and zero the heads in the weights (reversible with the Python API)")
+                      help="keep the shapes and zero the heads in the weights (reversible with the Python API); "
+                           "a masked directory is pruned further without --mask, its masked heads removed first")
     mode.add_argument("--physical", dest="mode", action="store_const", const="physical",
                       help="remove the heads: a smaller, faster model (default)")
     g.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",
