@@ -165,3 +165,23 @@ def test_masks_and_their_refusals_name_original_indices():
     with pytest.raises(ValueError, match=r"heads: layer 0 head\(s\) \[3\] are already masked"):
         mask_heads(model, {0: [3]})
     handle.restore()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "phi3", "qwen3"])
+def test_cached_decoding_with_a_first_layer_without_heads(family):
+    """transformers reads where the next token's position starts from the cache's first layer:
+    a first layer left with no head recorded nothing, so every cached step started at 0."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    prune_heads(model, {0: list(range(head_counts(resolve_sites(model)[0], get_adapter(model))[0]))})
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1]
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        assert cache.get_seq_length() == 9
+        step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)

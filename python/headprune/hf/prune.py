@@ -98,9 +98,10 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
 # ---- physical removal ----------------------------------------------------------------------
 
 
-def _empty_forward(kind, o, conv1d, *args, **kwargs):
+def _empty_forward(kind, o, conv1d, module, cross, *args, **kwargs):
     """Forward of a site with no head left: attention adds only the o bias (if any)."""
     x = args[0] if args else kwargs["hidden_states"]
+    _advance_cache(module, kwargs.get("cache"), x, cross)
     if kind == "context":  # BERT-like: the o projection lives in the parent
         return x.new_zeros(*x.shape[:-1], 0), None
     out = x.new_zeros(*x.shape[:-1], o.weight.shape[1 if conv1d else 0])
@@ -108,6 +109,21 @@ def _empty_forward(kind, o, conv1d, *args, **kwargs):
     if kind == "output_position_bias":
         return out, kwargs.get("position_bias"), None
     return out, None
+
+
+def _advance_cache(module, cache, x, cross: bool) -> None:
+    """A self-attention with no head left still records its tokens in the KV cache, as one
+    zero per token for keys and values (a cache layer with no element counts no token):
+    transformers reads the cache's length (where the next tokens' positions start) from its
+    first layer, so a first layer without heads made every cached decode step start at 0."""
+    if cache is None or not hasattr(cache, "update") or getattr(module, "layer_idx", None) is None:
+        return
+    if hasattr(cache, "self_attention_cache"):  # an encoder-decoder's: only its self-attention counts
+        if cross:
+            return
+        cache = cache.self_attention_cache
+    empty = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+    cache.update(empty, empty, module.layer_idx)
 
 
 def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
@@ -120,7 +136,8 @@ def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
         cfg.num_attention_heads, cfg.num_key_value_heads = hq, hkv
         undo.set(site.module, "config", cfg)
     if hq == 0:
-        undo.set(site.module, "forward", partial(_empty_forward, adapter.empty, site.o, adapter.conv1d))
+        undo.set(site.module, "forward", partial(_empty_forward, adapter.empty, site.o, adapter.conv1d, site.module,
+                                                 site.name.endswith("cross")))
 
 
 def _prune_site(undo, site, adapter, remove, kv_ids=None) -> tuple:

@@ -84,7 +84,8 @@ def _ids(model, batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
 
 def filled_cache(model, batch: int, context: int):
     """A ``DynamicCache`` holding ``context`` tokens of zeros per causal self-attention layer,
-    each in that layer's own (possibly pruned) KV shape."""
+    each in that layer's own (possibly pruned) KV shape (a layer with no head left: one zero per
+    token, as its forward keeps, so the cache's length is the context's)."""
     from transformers import DynamicCache
 
     adapter = get_adapter(model)
@@ -93,7 +94,8 @@ def filled_cache(model, batch: int, context: int):
         if not site.block.causal or site.block.kind != "self":
             continue
         w = site.o.weight  # the site's own float type and device (a sharded model spans several)
-        shape = (batch, head_counts(site, adapter)[1], context, head_dim(site, adapter))
+        kv = head_counts(site, adapter)[1]
+        shape = (batch, kv, context, head_dim(site, adapter)) if kv else (batch, 1, context, 1)
         k = torch.zeros(shape, dtype=w.dtype, device=w.device)
         cache.update(k, torch.zeros_like(k), site.depth)
     return cache
