@@ -36,6 +36,20 @@ def test_perplexity_of_too_short_a_text_and_of_an_overflowing_loss(tmp_path):
         model.lm_head.weight.mul_(1e4)  # a mean loss far above exp's range
     result = E.perplexity(model, tok, ["the a of and to in was her she it he had not be " * 4], window=16, stride=16)
     assert result["nll"] > 709 and result["perplexity"] == math.inf
+    with torch.no_grad():
+        model.lm_head.weight.fill_(math.nan)  # NaN is not an overflow: it was reported as inf
+    assert math.isnan(E.perplexity(model, tok, ["the a of and to in was her she it he had not be " * 4], window=16,
+                                   stride=16)["perplexity"])
+
+
+def test_retrieval_counts_ties_against_the_true_document_and_nan_as_nan():
+    """Constant or NaN embeddings used to score a perfect top-1 and MRR (strict '>' ranks)."""
+    same = torch.ones(4, 8)
+    assert E.retrieval_score(same, same)["top1"] == 0.0 and E.retrieval_score(same, same)["mrr"] == 0.25
+    nan = torch.full((4, 8), math.nan)
+    assert math.isnan(E.retrieval_score(nan, nan)["top1"]) and math.isnan(E.retrieval_score(nan, nan)["mrr"])
+    eye = torch.eye(4)
+    assert E.retrieval_score(eye, eye)["top1"] == 1.0
 
 
 def test_a_sweep_of_a_pruned_directory_leaves_out_the_uniform_layout(tmp_path, monkeypatch, capsys):

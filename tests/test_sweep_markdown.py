@@ -35,3 +35,35 @@ def test_the_calibration_and_its_reference_share_are_said():
             "`python_code`, `--reference`).") in text.splitlines()[0]
     plain = sweep_markdown({**_result([]), "settings": {**settings, "reference": None}})
     assert plain.splitlines()[0].endswith("Calibrated on 64 x 256 tokens of `mine.txt`.")
+
+
+def test_fidelities_near_one_keep_their_fifth_digit():
+    """At four significant digits a fidelity of 0.99997 read as 1, beside a random mean of 1."""
+    result = {**_result([[0.99991, 0.99993]]), "lower_is_better": False, "metric": "fidelity", "baseline": 1.0,
+              "ratios": [0.1], "recipes": {"default": [0.99997]}}
+    row = [line for line in sweep_markdown(result).splitlines() if line.startswith("| 0.10")][0]
+    assert row == "| 0.10 | 0.99997 * | 0.99992 | 0.99991-0.99993 |"
+
+
+def test_the_report_says_timed_only_where_speed_was_measured():
+    from headprune.app.report import report_markdown
+
+    report = {"model": "m", "heads_pruned": 1, "heads_total": 8, "recipe": "r", "saved_bytes": 2**20,
+              "compute_dtype": "float32", "speed": None,
+              "settings": {"mode": "physical", "samples": 4, "seq_len": 8, "data": "d", "held_out_paragraphs": 3,
+                           "saved_dtype": "float16"}}
+    assert "Both models were evaluated in float32" in report_markdown(report, "T")
+    timed = report_markdown({**report, "speed": [{"kind": "prefill"}]}, "T")
+    assert "Both models were evaluated and timed in float32" in timed
+
+
+def test_kv_bytes_of_a_model_without_heads_left_is_zero_not_unknown():
+    from hf_tiny import tiny_model
+
+    from headprune.hf import prune_heads
+    from headprune.hf.report import measure
+
+    model = tiny_model("llama")
+    prune_heads(model, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
+    assert measure(model)["kv_cache_bytes_per_token"] == 0
+    assert measure(tiny_model("bert"))["kv_cache_bytes_per_token"] is None  # no causal site

@@ -81,7 +81,8 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
             first = 0 if s == 0 else max(0, window - stride - 1)  # only tokens not scored before
             nll -= lp[j, first:].sum().item()
             count += lp.shape[1] - first
-    perplexity = math.exp(nll / count) if nll / count < 709 else math.inf  # exp overflows a float above ~709.8
+    mean = nll / count  # NaN stays NaN (a model that computes NaN); exp overflows a float above ~709.8
+    perplexity = mean if math.isnan(mean) else math.exp(mean) if mean < 709 else math.inf
     return {"perplexity": perplexity, "nll": nll / count, "tokens": count, "window": window,
             "stride": stride, "windows": len(starts)}
 
@@ -118,8 +119,13 @@ def retrieval_pairs(paragraphs: list) -> tuple:
 
 
 def retrieval_score(q_emb: torch.Tensor, d_emb: torch.Tensor) -> dict:
+    """Top-1 accuracy and mean reciprocal rank of each query's own document (row ``i`` of
+    ``d_emb``); a document as similar as the true one ranks before it, and similarities that
+    are not finite give NaN (constant or NaN embeddings used to score a perfect 1)."""
     sims = q_emb @ d_emb.T
-    rank = (sims > sims.diag().unsqueeze(1)).sum(1) + 1  # rank of the true document
+    if not bool(torch.isfinite(sims).all()):
+        return {"top1": math.nan, "mrr": math.nan, "pairs": sims.shape[0]}
+    rank = (sims >= sims.diag().unsqueeze(1)).sum(1)  # the true document's rank, ties against it
     return {"top1": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item(), "pairs": len(rank)}
 
 

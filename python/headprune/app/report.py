@@ -6,10 +6,16 @@ from __future__ import annotations
 METRIC_WORDS = {"perplexity": "perplexity on held-out text", "fidelity": "embedding fidelity on held-out text"}
 
 
+def number(v: float) -> str:
+    """A metric for a table: four significant digits, five below 1 (a fidelity of 0.99997
+    read as 1 at four)."""
+    return f"{v:,.5g}" if abs(v) < 1 else f"{v:,.4g}"
+
+
 def _fmt(v) -> str:
     if v is None:
         return "n/a"
-    return f"{v:,.4g}" if isinstance(v, float) else f"{v:,}"
+    return number(v) if isinstance(v, float) else f"{v:,}"
 
 
 def _change(x, y) -> str:
@@ -58,8 +64,8 @@ def report_markdown(report: dict, table: str) -> str:
                      f"{report['input_bytes'] / 2**20:,.1f} MiB")
         size += ". "
         if report.get("compute_dtype") and report["compute_dtype"] != s.get("saved_dtype"):
-            size += (f"Both models were evaluated and timed in {report['compute_dtype']}, the pruned one with its "
-                     f"weights as saved. ")
+            how = "evaluated and timed" if report.get("speed") else "evaluated"
+            size += f"Both models were {how} in {report['compute_dtype']}, the pruned one with its weights as saved. "
     if report.get("gguf"):
         arch = report.get("gguf_architecture") or "llama"
         size += (f"`{report['gguf']}` is the pruned model for llama.cpp, its attention in the input's quantisation "

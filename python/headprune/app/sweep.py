@@ -13,7 +13,7 @@ from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
 from ..ranking.recipes import default_allocation, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .report import calibration_text
+from .report import calibration_text, number
 from .texts import rebatch
 
 #: random-baseline scopes (``--random-scope``) and what each draws
@@ -138,7 +138,8 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
                                  for s in range(config.seeds)])
         if not config.quiet:
             print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
-                  + (f", random={sum(result['random'][-1]) / config.seeds:.4g}" if config.seeds else "")
+                  + (f", random={random_mean(result['random'][-1], result['lower_is_better']):.4g}"
+                     if config.seeds else "")  # the table's mean (geometric for perplexity)
                   + f" ({time.perf_counter() - t0:.0f} s since the first point)", flush=True)
     if state.get("_learned_runs"):
         result["learned"] = state["_learned_runs"]
@@ -353,9 +354,9 @@ def sweep_markdown(result: dict) -> str:
         for n in names:
             v = result["recipes"][n][i]
             better = mean is not None and (v < mean if lower else v > mean)
-            cells.append(f"{v:.4g}" + (" *" if better else ""))
+            cells.append(number(v) + (" *" if better else ""))
         if rnd:
-            cells += [f"{mean:.4g}", f"{min(rnd):.4g}-{max(rnd):.4g}"]
+            cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
         lines.append("| " + " | ".join(cells) + " |")
     if draws:
         lines += ["", "`*` = better than the random mean at that fraction."]

@@ -47,8 +47,9 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
         "query_heads": sum(c[0] for c in counts),
         "kv_heads": sum(c[1] for c in counts),
         # keys and values a generating model caches per token (causal self-attention sites)
+        # (None without a causal site; 0 where every causal site lost its heads)
         "kv_cache_bytes_per_token": sum(2 * c[1] * head_dim(s, adapter) * width
-                                        for s, c, k in zip(sites, counts, causal) if k) or None,
+                                        for s, c, k in zip(sites, counts, causal) if k) if any(causal) else None,
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
     }
 
