@@ -173,3 +173,16 @@ def test_a_sweep_refuses_refit_values_it_cannot_run_before_collecting(tmp_path, 
     assert "--refit-values: needs a value projection of its own" in capsys.readouterr().err
     assert main([str(a) for a in ["sweep", path, "--out", "s", "--no-reconstruct", *common]]) == 2
     assert "drop --no-reconstruct" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_the_heatmap_says_when_measurement_chose_the_heads():
+    """The encoders' default removes heads by measured cost; the heatmap's panel of the ranking's
+    values called that ranking the score that chose them."""
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.app.prune_command import _selection_label
+
+    scores = collect(tiny_model("bert"), [tiny_batch("bert")], progress=False, moments=True)
+    assert _selection_label(scores, {"scope": "measured"}).endswith("(for reference: the heads went by measured "
+                                                                    "removal cost)")
+    assert _selection_label(scores, {"scope": "per_layer"}).endswith("(the score that chose the heads)")

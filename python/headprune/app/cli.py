@@ -35,8 +35,9 @@ held-out text and saves the smaller model with a report."""
 def _default_recipe() -> str:
     return textwrap.fill(
         "The default recipe: " + describe_recipe(select={}, removal="refit", sequential=False)
-        + " (encoders: ranked by the output variance each head adds instead, each layer's share measured, and "
-        "the kept heads' value rows refit with the output projection: --refit-values)"
+        + " (encoders: heads removed one at a time, each the one whose removal costs the whole model least on "
+        "calibration sequences, each layer's share measured the same way (--scope measured), and the kept heads' "
+        "value rows refit with the output projection: --refit-values)"
         + f"; {DEFAULT_REFERENCE:.0%} of the calibration sequences from the bundled texts of the kinds --data is "
         "not (--reference)"
         + ". --score entropy --scope global --no-reconstruct --no-compensate is the entropy formula as written, "

@@ -377,6 +377,13 @@ def _selection_label(scores, settings: dict) -> str:
     from ..ranking.recipes import default_for
 
     score = settings.get("score") or default_for(scores)["score"]
+    if settings.get("scope") == "measured" and settings.get("score") != "learned":
+        from ..hf.allocation import resolve_choice
+
+        choice = resolve_choice(scores, settings.get("gqa", DEFAULT_GQA), settings.get("score"),
+                                settings.get("order"), settings.get("choose"))
+        if choice == "greedy":  # the ranking's values are shown, but measurement chose
+            return f"{score} (for reference: the heads went by measured removal cost)"
     return f"{score} (the score that chose the heads)"
 
 
