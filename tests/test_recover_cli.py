@@ -221,6 +221,8 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     assert code == 2 and "checkpoint" in err[-1] and not (tmp_path / "d").exists()
     code, err = run(["recover", tmp_path / "p", "--quiet", "--out", tmp_path / "e"])
     assert code == 2 and err[-1].endswith("--steps/--seconds: say how long to recover (either or both)")
+    code, err = run(["recover", tmp_path / "nope", "--quiet", "--out", tmp_path / "e"])  # DIR named first
+    assert code == 2 and "DIR: " in err[-1] and "is not a directory written by headprune prune" in err[-1]
     code, err = run([*rec, "--steps", "1", "--checkpoint", tmp_path / "f" / "state.pt", "--out", tmp_path / "f"])
     assert code == 2 and "--checkpoint: inside the output directory" in err[-1] and not (tmp_path / "f").exists()
 

@@ -192,15 +192,15 @@ def recover(args) -> int:
     from ..hf import save_pruned
     from ..stats.scores import HeadScores
 
+    src = Path(args.model)
+    prune_report = _pruned_dir(src)  # DIR first: a mistyped directory is the likelier fault
     if args.steps is None and args.seconds is None:
         raise ValueError("--steps/--seconds: say how long to recover (either or both)")
-    src = Path(args.model)
     out = C._out(args, "recover")
     C.check_out(out, args.force)
     if args.checkpoint and out.resolve() in Path(args.checkpoint).resolve().parents:
         raise ValueError(f"--checkpoint: inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
-    prune_report = _pruned_dir(src)
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
