@@ -70,8 +70,7 @@ def prune(args) -> int:
         del reference
         settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
                          "removal": removal, "refit_values": values, "damping": args.damping,
-                         "sequential": args.sequential,
-                         "saved_dtype": saved_as, "recover_steps": args.recover_steps,
+                         "sequential": args.sequential, "saved_dtype": saved_as, "recover_steps": args.recover_steps,
                          "recover_seconds": args.recover_seconds,
                          **({"recover_lr": recovered["lr"], "recover_validation": args.recover_validation}
                             if recovered else {}), **kw})

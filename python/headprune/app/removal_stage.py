@@ -55,7 +55,6 @@ def remove_zeroed(args, loaded, settings: dict) -> None:
     physically before anything is measured (exact: they add nothing), and the request applies
     to the heads left, as for any pruned input (``settings["masked_in_input"]`` counts them)."""
     from ..hf.prune import prune_heads, zeroed_heads
-    from .commands import _say
 
     zeroed = zeroed_heads(loaded.model)
     n = sum(map(len, zeroed.values()))
@@ -67,4 +66,6 @@ def remove_zeroed(args, loaded, settings: dict) -> None:
                          "heads chosen now), or mask the unpruned model with the total ratio")
     prune_heads(loaded.model, zeroed)
     settings["masked_in_input"] = n
-    _say(args, f"headprune: removed the {n} heads MODEL holds masked (zero output columns) before choosing more")
+    if not args.quiet:
+        print(f"headprune: removed the {n} heads MODEL holds masked (zero output columns) before choosing more",
+              flush=True)
