@@ -105,4 +105,4 @@ def test_the_report_evaluates_the_saved_weights_as_they_are_loaded(run, tmp_path
     _, held = texts.load_split("persuasion")
     got = E.quality(back, held, None, eval_windows=48, progress=False)  # the CLI's default
     assert got["perplexity"] == report["after"]["perplexity"]
-    assert "evaluated and timed in float32" in (tmp_path / "o" / "report.md").read_text()
+    assert "Both models were evaluated in float32" in (tmp_path / "o" / "report.md").read_text()  # --no-speed
