@@ -52,6 +52,14 @@ def check_out(out: Path, force: bool) -> None:
     atomic.check_target(out, replace=force, arg="--out", hint="pass --force to replace it")
 
 
+def refuse_inside_out(out: Path, path, flag: str) -> None:
+    """A state file ``path`` given by ``flag`` inside ``--out`` (written whole at the end, so
+    it would make ``--out`` non-empty and the run fail there) is refused before anything runs."""
+    if path and out.resolve() in Path(path).resolve().parents:
+        raise ValueError(f"{flag}: inside the output directory {out}, which is written whole at the end; "
+                         "keep it elsewhere")
+
+
 @contextmanager
 def output_dir(out: Path, force: bool, stages: Optional[list] = None):
     """A temporary sibling directory that takes ``out``'s place in one step if the block

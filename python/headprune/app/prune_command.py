@@ -21,7 +21,7 @@ from .recipe_text import describe_recipe
 from .recover_command import check_recovery, recover_after_prune, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
-from .sweep import learned_selection, removal_kwargs, removal_of
+from .sweep import learned_protection, learned_selection, removal_kwargs, removal_of
 
 
 
@@ -177,13 +177,9 @@ def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settin
 
 
 def _learned_protection(kw: dict, scores) -> dict:
-    """``--score learned`` keeps the default's protected layers (``learned_selection``): named
+    """``--score learned`` keeps the default's protected layers (``learned_protection``): named
     in ``kw``, so the settings, the recipe text and the heatmap say so."""
-    if kw.get("score") == "learned" and not kw.get("uniform") and "protect_layers" not in kw:
-        from ..ranking.recipes import default_protected
-
-        kw = {**kw, "protect_layers": list(default_protected(scores))}
-    return kw
+    return learned_protection(kw, scores) if kw.get("score") == "learned" else kw
 
 
 def _learn(args, loaded, batches, scores):
@@ -231,10 +227,7 @@ def _check_layout_options(args) -> None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
         raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
-    out = C._out(args, "prune").resolve()
-    if args.learn_checkpoint and out in Path(args.learn_checkpoint).resolve().parents:
-        raise ValueError(f"--learn-checkpoint: inside the output directory {out}, which is written whole at the end; "
-                         "keep it elsewhere")
+    C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
     if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
         raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
                          "--kv-ratio")

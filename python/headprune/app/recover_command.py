@@ -198,9 +198,7 @@ def recover(args) -> int:
         raise ValueError("--steps/--seconds: say how long to recover (either or both)")
     out = C._out(args, "recover")
     C.check_out(out, args.force)
-    if args.checkpoint and out.resolve() in Path(args.checkpoint).resolve().parents:
-        raise ValueError(f"--checkpoint: inside the output directory {out}, which is written whole at the end; "
-                         "keep it elsewhere")
+    C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):

@@ -275,12 +275,17 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
 
 def learned_selection(kw: dict, learned, stats) -> dict:
     """``select_heads`` options that rank by learned gate scores (lowest ``log alpha`` first),
-    keeping the default's protected layers unless ``kw`` names its own or asks for a uniform
-    layout: the recipe the sweep measures, and what ``prune --score learned`` runs."""
-    kw = {**kw, "score": learned, "order": "low"}
-    if not kw.get("uniform") and "protect_layers" not in kw:
-        kw["protect_layers"] = default_protected(stats)
-    return kw
+    keeping the default's protected layers (:func:`learned_protection`): the recipe the sweep
+    measures, and what ``prune --score learned`` runs."""
+    return {**learned_protection(kw, stats), "score": learned, "order": "low"}
+
+
+def learned_protection(kw: dict, stats) -> dict:
+    """``kw`` with the default's protected layers named, unless it names its own or asks for a
+    uniform layout (learned gates keep them as the default recipe does)."""
+    if kw.get("uniform") or "protect_layers" in kw:
+        return kw
+    return {**kw, "protect_layers": list(default_protected(stats))}
 
 
 def _learned(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):

@@ -69,7 +69,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     heads, _ = positions(model, sites, adapter, heads)
-    ids = kept_heads(model)  # position -> original index, for messages and the handle
+    ids = _kept(model, sites, adapter)  # position -> original index, for messages and the handle
     refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
     # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
     absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
@@ -122,8 +122,14 @@ def _advance_cache(module, cache, x, cross: bool) -> None:
         if cross:
             return
         cache = cache.self_attention_cache
-    empty = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+    empty = headless_kv(x.shape[0], x.shape[1], x)
     cache.update(empty, empty, module.layer_idx)
+
+
+def headless_kv(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """What a self-attention with no head left keeps in a KV cache for keys and for values: one
+    zero per token (``like``'s type and device), so the cache counts its tokens."""
+    return like.new_zeros(batch, 1, tokens, 1)
 
 
 def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
@@ -202,7 +208,11 @@ def positions(model, sites, adapter, heads: dict) -> tuple:
 def kept_heads(model) -> dict:
     """``{layer: original query heads kept}`` for every site (all heads if never pruned)."""
     adapter = get_adapter(model)
-    sites = resolve_sites(model, adapter)
+    return _kept(model, resolve_sites(model, adapter), adapter)
+
+
+def _kept(model, sites, adapter) -> dict:
+    """:func:`kept_heads` of sites already resolved."""
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return {s.index: list(range(head_counts(s, adapter)[0])) for s in sites}
@@ -214,11 +224,10 @@ def zeroed_heads(model) -> dict:
     as :func:`mask_heads` leaves them (in a model it masked, or one saved and loaded again): what
     they add is zero, so :func:`prune_heads` removes them without changing the function."""
     adapter = get_adapter(model)
-    kept, zeroed = kept_heads(model), {}
-    for site in resolve_sites(model, adapter):
-        w = site.sub(site.block.o).weight.detach()
-        if adapter.conv1d:  # GPT-2's Conv1D holds the transpose
-            w = w.t()
+    sites = resolve_sites(model, adapter)
+    kept, zeroed = _kept(model, sites, adapter), {}
+    for site in sites:
+        w = site.o.weight.detach().movedim(_o_dim(adapter), -1)  # [out, heads x head_dim]
         heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
         dead = [kept[site.index][h] for h in range(heads.shape[1]) if not bool(heads[:, h].any())]
         if dead:
@@ -313,7 +322,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     heads, gone = positions(model, sites, adapter, heads)
-    ids = kept_heads(model)
+    ids = _kept(model, sites, adapter)
     masked = {s.index: sorted(ids[s.index][h] for h in masked_heads(model, s.o.weight)) for s in sites}
     masked = {k: v for k, v in masked.items() if v}
     if masked:  # slicing would copy the zeros and orphan the handle's restore()

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .prune import headless_kv
 
 __all__ = ["compare", "filled_cache", "position_limit", "quartiles", "verdict", "parse_shape"]
 
@@ -95,8 +96,7 @@ def filled_cache(model, batch: int, context: int):
             continue
         w = site.o.weight  # the site's own float type and device (a sharded model spans several)
         kv = head_counts(site, adapter)[1]
-        shape = (batch, kv, context, head_dim(site, adapter)) if kv else (batch, 1, context, 1)
-        k = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        k = w.new_zeros(batch, kv, context, head_dim(site, adapter)) if kv else headless_kv(batch, context, w)
         cache.update(k, torch.zeros_like(k), site.depth)
     return cache
 
