@@ -156,3 +156,32 @@ def test_an_active_mask_is_refused():
     with mask_heads(model, {0: [1]}):
         with pytest.raises(ValueError, match="model: has heads masked by active mask_heads handles; restore them"):
             calibrate_sequentially(model, batches, scores, {1: 1})
+
+
+def test_a_pruned_model_gets_original_head_indices():
+    """The heads came back as positions: on a model an earlier pruning left with heads 2 and 3,
+    prune_heads (original indices) removed the wrong heads or none."""
+    from headprune.hf import kept_heads, prune_heads
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    batches = [tiny_batch("llama", seed=s) for s in range(3)]
+    prune_heads(model, {0: [0, 1], 1: [0, 1]})
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
+    heads, seq = calibrate_sequentially(model, batches, scores, {0: 1, 1: 1}, gqa="query")
+    assert all(len(hs) == 1 and set(hs) <= {2, 3} for hs in heads.values()) and set(heads) == {0, 1}
+    prune_heads(model, heads, reconstruct=seq)
+    assert kept_heads(model) == {s: [h for h in (2, 3) if h not in heads[s]] for s in (0, 1)}
+
+
+def test_the_projection_is_built_on_the_weights_device():
+    """A bias-free output projection's zero bias was made on the CPU (another device than the
+    weight's under --device cuda); the meta device stands in for a GPU."""
+    from headprune.hf.adapters import get_adapter, resolve_sites
+    from headprune.hf.sequential import _projection
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    site = resolve_sites(model, adapter)[0]
+    assert site.o.bias is None
+    site.o.to("meta")
+    assert _projection(site, adapter).device.type == "meta"

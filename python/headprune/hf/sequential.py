@@ -36,6 +36,7 @@ from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import forward_kwargs
 from .collection import _add_gram_
 from .modules import eval_mode, instance_forward
+from .prune import _kept
 
 __all__ = ["calibrate_sequentially"]
 
@@ -47,8 +48,9 @@ class _Stop(Exception):
 def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "query",
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
                            progress: bool = False) -> tuple:
-    """``(heads, scores)``: the heads removed per site and ``scores`` (of the unpruned model)
-    with the moments measured sequentially, ready for ``prune_heads(..., reconstruct=)``.
+    """``(heads, scores)``: the heads removed per site, by original index as ``prune_heads``
+    takes them (a model pruned before keeps fewer), and ``scores`` (of the unpruned model) with
+    the moments measured sequentially, ready for ``prune_heads(..., reconstruct=)``.
 
     ``counts``: units (heads, or KV groups with ``gqa="group"``) to remove per site, e.g. the
     sizes of a one-shot selection. Within a site the units are chosen by greedy structured OBS
@@ -63,6 +65,7 @@ def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dic
         raise ValueError("model: has heads masked by active mask_heads handles; restore them first (each layer's "
                          "refit here starts from its weights as they are, and would write the masked columns)")
     sites = resolve_sites(model, adapter)
+    ids = _kept(model, sites, adapter)  # position -> original index
     layers = [s.parent for s in sites]
     kwargs = [forward_kwargs(model, b) for b in batches]
     gram, heads = [None] * len(sites), {}
@@ -82,8 +85,9 @@ def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dic
             removed = (choose(site, gram[site.index]) if choose is not None else
                        _obs_heads(gram[site.index], site, adapter, hq, hkv, d, counts.get(site.index, 0), gqa, damping))
             if removed:
-                heads[site.index] = sorted(removed)
-                undo.enter_context(_RefitMask(model, site, adapter, removed, gram[site.index], damping))
+                heads[site.index] = sorted(ids[site.index][h] for h in removed)
+                undo.enter_context(_RefitMask(model, site, adapter, removed, gram[site.index], damping,
+                                              heads[site.index]))
             hidden = _finish(site, adapter, calls, hidden, xs)
             bar.update(1)
         bar.close()
@@ -167,19 +171,20 @@ def _projection(site, adapter) -> torch.Tensor:
     w = site.o.weight.detach().double()
     w = w.t() if adapter.conv1d else w
     b = getattr(site.o, "bias", None)
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.detach().double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.detach().double()
     return torch.cat([w, b[:, None]], 1)
 
 
 class _RefitMask:
-    """Masks ``removed`` with the refit from ``gram`` for the rest of the pass (restored on exit)."""
+    """Masks ``removed`` (positions; ``original``: their original indices, for the handle) with the
+    refit from ``gram`` for the rest of the pass (restored on exit)."""
 
-    def __init__(self, model, site, adapter, removed, gram, damping):
+    def __init__(self, model, site, adapter, removed, gram, damping, original):
         hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
         dim = 0 if adapter.conv1d else 1
         cols, bias = refit_output(site.o.weight.detach(), getattr(site.o, "bias", None), gram,
                                   kept_columns(hq, d, removed), damping=damping, conv1d=adapter.conv1d)
-        self.handle = MaskHandle(model, {site.index: list(removed)})
+        self.handle = MaskHandle(model, {site.index: list(original)})
         try:
             keep = [h for h in range(hq) if h not in set(removed)]
             self.handle.write_columns_(site.o.weight, head_index(keep, d), cols, dim)
