@@ -186,3 +186,118 @@ def test_the_heatmap_says_when_measurement_chose_the_heads():
     assert _selection_label(scores, {"scope": "measured"}).endswith("(for reference: the heads went by measured "
                                                                     "removal cost)")
     assert _selection_label(scores, {"scope": "per_layer"}).endswith("(the score that chose the heads)")
+
+
+def test_layer_and_kv_options_the_model_cannot_take_are_refused_before_collecting(tmp_path, monkeypatch, capsys):
+    """``--protect-layers 99`` and ``--kv-ratio`` on a model without grouped queries were refused
+    only after the collection; both are refused against the model's sites first."""
+    from hf_tiny import tiny_config
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app import commands
+    from headprune.app.cli import main
+
+    def collect(*args, **kwargs):
+        raise AssertionError("collected")
+
+    monkeypatch.setattr(commands, "_collect", collect)
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    common = ["--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    assert main([str(a) for a in ["prune", path, "--out", "o", "--protect-layers", "0,99", *common]]) == 2
+    assert "--protect-layers: indices [99] out of range for 2 layers" in capsys.readouterr().err
+    plain = tmp_path / "mha"
+    config = tiny_config("llama")
+    config.num_key_value_heads = config.num_attention_heads
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(plain)
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(plain)
+    assert main([str(a) for a in ["prune", plain, "--out", "o", "--kv-ratio", "0.25", *common]]) == 2
+    assert "--kv-ratio: the model has no grouped queries" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_command_line_mistakes_are_reported_by_their_command(capsys, monkeypatch):
+    """An unknown option is named by the command it was given to, a repeated sweep ratio is
+    refused, and only prune's --dtype help points at --save-dtype."""
+    from headprune.app.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "minilm", "--ratio", "0.3", "--Ratio", "0.3"])
+    assert e.value.code == 2 and "headprune prune: error: unrecognized arguments: --Ratio 0.3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "minilm", "--ratios", "0.1,0.3,0.3"])
+    assert "--ratios: expected each ratio once, got 0.3 more than once" in capsys.readouterr().err
+    monkeypatch.setenv("COLUMNS", "1000")  # help on one line per option
+    parser = build_parser()
+    commands = next(a.choices for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    assert "see --save-dtype" in commands["prune"].format_help()
+    for name in ("scan", "eval", "sweep"):
+        assert "--save-dtype" not in commands[name].format_help(), name
+
+
+def test_reports_are_strict_json_and_scores_keep_what_was_collected(tmp_path):
+    """report.json and sweep.json held NaN / Infinity (Python's json), which strict parsers
+    reject; a value that is not finite is written as null. scores.json keeps its numbers."""
+    import json
+
+    import numpy as np
+
+    from headprune.app.commands import _write_json
+
+    report = {"after": {"perplexity": math.nan, "tokens": 3, "ok": True, "bytes": np.float32(math.inf)},
+              "rows": [1.5, -math.inf, (torch.tensor(2.0), None)], "model": "m"}
+    _write_json(tmp_path / "report.json", report)
+    text = (tmp_path / "report.json").read_text()
+    strict = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
+    assert strict == {"after": {"perplexity": None, "tokens": 3, "ok": True, "bytes": None},
+                      "rows": [1.5, None, [2.0, None]], "model": "m"}
+    assert report["after"]["perplexity"] != report["after"]["perplexity"]  # the caller's dict is not changed
+    _write_json(tmp_path / "scores.json", {"v": [math.inf]}, strict=False)
+    assert json.loads((tmp_path / "scores.json").read_text()) == {"v": [math.inf]}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-reconstruct"], "--sequential: calibrates the least-squares refit; drop --no-reconstruct"),
+    (["--steps", "2"], "--steps: --sequential calibrates the unpruned model layer by layer"),
+    (["--order", "random", "--seed", "3"], "--order: --sequential re-chooses each layer's heads"),
+    (["--score", "variance"], "--score: with --sequential each layer's heads are re-chosen"),
+    (["--score", "learned"], "--score learned: --sequential re-chooses"),
+], ids=["no-reconstruct", "steps", "order", "score", "learned"])
+def test_what_sequential_would_ignore_is_refused_before_collecting(tmp_path, monkeypatch, capsys, extra, message):
+    """--sequential keeps only each layer's count and re-chooses the heads by the refit: options
+    that changed nothing (--score per layer, --order, --steps, learned gates) were accepted and
+    named in the report, and --no-reconstruct was refused only after the collection."""
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app import commands
+    from headprune.app.cli import main
+
+    def collect(*args, **kwargs):
+        raise AssertionError("collected")
+
+    monkeypatch.setattr(commands, "_collect", collect)
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    argv = ["prune", path, "--ratio", "0.3", "--sequential", "--out", "o", "--samples", "4", "--seq-len", "16",
+            "--quiet", "--no-speed", *extra]
+    assert main([str(a) for a in argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_a_sweep_without_the_refit_leaves_out_what_calibrates_or_measures_it(capsys):
+    """sweep --no-reconstruct calibrated the refit layer by layer (or measured it) and then
+    evaluated the heads without it; such recipes are refused by run_sweep and left out by the
+    command with a warning."""
+    from headprune.app.sweep import RECIPES, refit_only, run_sweep
+
+    assert refit_only(RECIPES, "refit") == []
+    off = refit_only(RECIPES, "mean")
+    assert "default, sequential" in off and "default, measured allocation" in off and "default" not in off
+    assert refit_only({"x": {"sequential": True, "removal": "refit"}}, "zero") == []
+
+    class Config:
+        removal = "zero"
+
+    with pytest.raises(ValueError, match="recipes: 'default, sequential' calibrate or measure the least-squares refit"):
+        run_sweep(Config(), None, None, [], {}, {"default, sequential": {"sequential": True}})

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from .stats.moments import OutputMoments
 from .stats.scores import HeadScores
 
-__all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint"]
+__all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint", "checkpoint_files"]
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker.
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -152,6 +152,15 @@ def rank_checkpoint(path: str, rank: int, world_size: int) -> str:
     """``scan.ckpt.json`` -> ``scan.ckpt.rank1-of-4.json``: one checkpoint file per rank."""
     root, ext = os.path.splitext(os.fspath(path))
     return f"{root}.rank{rank}-of-{world_size}{ext}"
+
+
+def checkpoint_files(path) -> list:
+    """The checkpoint files a collection of this process writes for ``path``: ``path`` itself,
+    and under a process group (of any size, one process too) every rank's file."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [os.fspath(path)]
+    world = dist.get_world_size()
+    return [os.fspath(path)] + [rank_checkpoint(path, r, world) for r in range(world)]
 
 
 def _raise_if_any_failed(error: Optional[BaseException], group) -> None:

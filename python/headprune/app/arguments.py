@@ -68,7 +68,13 @@ def fraction(text: str) -> float:
 
 
 def ratios(text: str) -> list:
-    return [ratio(t) for t in text.split(",") if t.strip()]
+    """Comma-separated ratios in (0, 1), each once (a repeat would be measured twice)."""
+    out = [ratio(t) for t in text.split(",") if t.strip()]
+    repeated = sorted({r for r in out if out.count(r) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"expected each ratio once, got {', '.join(map(str, repeated))} more than once "
+                                         f"in {text!r}")
+    return out
 
 
 def shapes(text: str) -> list:
@@ -138,15 +144,15 @@ def layers(text: str) -> list:
 # ---- groups -----------------------------------------------------------------------------------
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser, *, saves: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("model", metavar="MODEL",
                    help=f"a bundled name ({', '.join(BUNDLED_MODELS)}; pip packages that ship the weights), a .gguf "
                         "file, a Hugging Face model directory, or a directory written by headprune prune")
     g.add_argument("--device", type=device, default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="compute in this float type (default: float32; the checkpoint's own type is kept for saving, "
-                        "see --save-dtype)")
+                   help="compute in this float type (default: float32" + (
+                       "; the checkpoint's own type is kept for saving, see --save-dtype)" if saves else ")"))
     g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
 
 

@@ -24,6 +24,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Unrecognized arguments are reported by the command they were given to
+        (``headprune prune: error: ...``), not by the top level."""
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(args, "command", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+
 
 DESCRIPTION = """Attention-head pruning for transformers models. One forward pass over calibration text
 measures, per attention head, the Shannon entropy of its attention rows (nats) and the
@@ -66,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="collect, choose, prune, evaluate, save, report",
                            description="Prune heads and save the smaller model with a report.\n\n" + _default_recipe(),
                            **sub_kw)
-    A.model_args(prune)
+    A.model_args(prune, saves=True)
     A.data_args(prune, calibrates=True, refits=True)
     A.selection_args(prune)
     A.removal_args(prune)

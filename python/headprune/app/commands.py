@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 import sys
 import time
@@ -19,7 +19,7 @@ from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .load import load_model
-from .report import added_text
+from .report import added_text, to_json
 from .sweep import SweepConfig
 
 #: calibration sequences and their length by kind of model. Encoders take 512 paragraphs: on
@@ -99,9 +99,12 @@ def interrupted(args) -> str:
     left = [s.leftover for s in stages if s.leftover]
     if left:
         parts.append(f"temporary files left in {', '.join(left)} are removed by the next run into {out.parent}")
-    checkpoint = _checkpoint(out)
-    if args.command == "scan" and checkpoint.exists():
-        parts.append(f"the checkpoint {checkpoint} keeps the batches done: run again with --resume to continue")
+    from ..distributed import checkpoint_files
+
+    kept = [p for p in checkpoint_files(_checkpoint(out)) if os.path.exists(p)]
+    if args.command == "scan" and kept:
+        parts.append(f"the checkpoint {kept[0] if len(kept) == 1 else ', '.join(kept)} keeps the batches done: run "
+                     "again with --resume to continue")
     return "interrupted; " + "; ".join(parts)
 
 
@@ -239,8 +242,10 @@ def _public(d: dict) -> dict:
     return {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+def _write_json(path: Path, obj, *, strict: bool = True) -> None:
+    """``obj`` as JSON (see :func:`report.to_json`; ``scores.json`` is written with
+    ``strict=False``, so :meth:`HeadScores.from_dict` reads back exactly what was collected)."""
+    path.write_text(to_json(obj, strict) + "\n")
 
 
 def _selection_kwargs(args) -> dict:
@@ -288,7 +293,7 @@ def scan(args) -> int:
         return 0
     try:
         with output_dir(out, args.force, _stages(args)) as tmp:
-            _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings})
+            _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings}, strict=False)
             plots.heatmap(scores, tmp / "heatmap.png", title=f"{args.model}: mean attention entropy")
             (tmp / "summary.md").write_text(scores_markdown(args.model, scores, settings))
     finally:
@@ -300,11 +305,9 @@ def scan(args) -> int:
 
 def _remove_checkpoints(checkpoint: Path) -> None:
     """This run's checkpoint files, by exact name (``--out`` may hold glob characters)."""
-    from ..distributed import rank_checkpoint, rank_world
+    from ..distributed import checkpoint_files
 
-    world = rank_world()[1]
-    names = [checkpoint] + ([Path(rank_checkpoint(checkpoint, r, world)) for r in range(world)] if world > 1 else [])
-    for path in names:
+    for path in map(Path, checkpoint_files(checkpoint)):
         path.unlink(missing_ok=True)
         for side in path.parent.iterdir() if path.parent.is_dir() else ():  # moments beside it, exact prefix
             if side.name.startswith(path.name + ".moments-") and side.name.endswith(".safetensors"):
@@ -335,7 +338,7 @@ def evaluate(args) -> int:
     if loaded.kind != "causal":
         result.pop("fidelity", None)  # 1.0 by definition without a reference model
     if args.json:
-        print(json.dumps(result, indent=2, default=float))
+        print(to_json(result))
     else:
         for k, v in result.items():
             print(f"{k:28s} {v:,.4g}" if isinstance(v, float) else f"{k:28s} {v}")
@@ -343,14 +346,13 @@ def evaluate(args) -> int:
 
 
 def sweep(args) -> int:
-    from .sweep import LEARNED_RECIPE, RECIPES, run_sweep, sweep_markdown
+    from .sweep import LEARNED_RECIPE, RECIPES, refit_only, removal_of, run_sweep, sweep_markdown
 
     out = _out(args, "sweep")
     check_out(out, args.force)
     loaded, batches, held, settings = _setup(args)
     if getattr(args, "refit_values", None):  # before the collection, as prune does
         from .removal_stage import refuse_values
-        from .sweep import removal_of
 
         refuse_values(loaded, ["--no-reconstruct"] if removal_of(args) != "refit" else [])
     scores = _collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
@@ -364,6 +366,10 @@ def sweep(args) -> int:
             left = [k for k, kw in recipes.items() if kw.get("uniform")]
             recipes = {k: kw for k, kw in recipes.items() if not kw.get("uniform")}
             _warn(f"the layers have different head counts, so no uniform layout exists: {', '.join(left)} left out")
+        left = refit_only(recipes, removal_of(args))
+        if left:
+            recipes = {k: kw for k, kw in recipes.items() if k not in left}
+            _warn(f"without the refit (--no-reconstruct) nothing calibrates or measures it: {', '.join(left)} left out")
         result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")

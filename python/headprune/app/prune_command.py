@@ -17,8 +17,9 @@ from . import commands as C
 from . import evaluate as E
 from . import plots
 from .load import SAVE_TYPES, round_to_saved, weight_bytes
+from .prune_checks import check_model, check_options
 from .recipe_text import describe_recipe
-from .recover_command import check_recovery, recover_after_prune, recovers
+from .recover_command import recover_after_prune, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import learned_protection, learned_selection, removal_kwargs, removal_of
@@ -30,12 +31,12 @@ def prune(args) -> int:
 
     out = C._out(args, "prune")
     C.check_out(out, args.force)  # fail before the slow part
-    check_recovery(args)
-    _check_layout_options(args)
+    check_options(args)
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):
         loaded, batches, held, settings = C._setup(args)
     remove_zeroed(args, loaded, settings)
+    check_model(args, loaded)
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
@@ -218,36 +219,6 @@ def _with_scope(args, kw: dict, scores, removal: str) -> dict:
     return kw
 
 
-def _check_layout_options(args) -> None:
-    """--uniform chooses one layout for every layer in one round: refused with the options
-    that would change it afterwards (before anything slow runs)."""
-    if args.score == "learned" and args.steps != 1:
-        raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
-    if args.score == "learned" and args.order is not None:
-        raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
-    if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
-        raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
-    C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
-    if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
-        raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
-                         "--kv-ratio")
-    if args.kv_ratio:
-        if args.gqa != "even" or getattr(args, "uniform", False):
-            raise ValueError("--kv-ratio: needs --gqa even without --uniform (--gqa group removes KV heads in the "
-                             "ratio of the query heads)")
-        if args.sequential or args.steps != 1:
-            raise ValueError(f"{'--sequential' if args.sequential else '--steps'}: re-chooses heads after the "
-                             "selection, which may keep KV groups --kv-ratio removed; drop one")
-    if not getattr(args, "uniform", False):
-        return
-    if args.steps != 1:
-        raise ValueError("--steps: iterative pruning is not supported with --uniform; use --steps 1")
-    if args.sequential:
-        raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
-    if args.protect_layers:
-        raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
-
-
 def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
     if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
         from .. import distributed
@@ -280,16 +251,14 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
                             f"measure in {MAX_OPTIONS} forwards (every set, or one KV group at a time); it keeps "
                             "the ranking's heads")
     if args.sequential:
-        heads, last = _sequential(args, loaded, batches, last, heads, removal)
+        heads, last = _sequential(args, loaded, batches, last, heads)
     return heads, last
 
 
-def _sequential(args, loaded, batches, scores, heads: dict, removal: str) -> tuple:
+def _sequential(args, loaded, batches, scores, heads: dict) -> tuple:
     """The selection's per-site counts, re-chosen and refit layer by layer (``--sequential``)."""
     from ..hf.sequential import calibrate_sequentially
 
-    if removal != "refit":
-        raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
     unit = unit_sizes(scores, args.gqa)
     counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
     return calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
@@ -317,7 +286,7 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         report["saved_weight_bytes"] = weight_bytes(tmp / "model")
         report["input_bytes"] = loaded.input_bytes  # the input's weight files
         C._write_json(tmp / "report.json", report)
-        C._write_json(tmp / "scores.json", scores.to_dict())
+        C._write_json(tmp / "scores.json", scores.to_dict(), strict=False)
         (tmp / "report.md").write_text(report_markdown(report, summary_table(report, metric)))
         plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
                       selection=_selection_values(scores, settings), selection_label=_selection_label(scores, settings),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 #: what a metric measures, in the table's words
 METRIC_WORDS = {"perplexity": "perplexity on held-out text", "fidelity": "embedding fidelity on held-out text"}
 
@@ -117,3 +120,27 @@ def _recovered(report: dict) -> str:
     return (f"After the removal, distilled toward the unpruned model for {r['steps']} steps on the calibration "
             f"batches (training {r['train']}, {r['parameters']:,} parameters; distillation loss {r['loss_first']:.4g} "
             f"at the first step, {r['loss_last']:.4g} at the last).{validation_sentence(r)}\n\n")
+
+
+def to_json(obj, strict: bool = True) -> str:
+    """``obj`` as JSON text. ``strict``: a number that is not finite (a diverged perplexity) is
+    written as ``null``, so strict parsers read the file (Python's json writes ``NaN`` and
+    ``Infinity``, which are not JSON); the markdown report beside it names the value."""
+    return json.dumps(_finite(obj) if strict else obj, indent=2, default=float, allow_nan=not strict)
+
+
+def _finite(obj):
+    """``obj`` with every float that is not finite replaced by ``None`` (numbers such as numpy's
+    or torch's scalars are floats first, as ``default=float`` would make them)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (str, bool, int, type(None))):
+        return obj
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return obj
+    return value if math.isfinite(value) else None
+

@@ -116,6 +116,10 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     hundreds of MB on a small encoder), to share them with later sweeps of the same model and
     batches; without it each is dropped once evaluated."""
     recipes = RECIPES if recipes is None else recipes
+    off = refit_only(recipes, config.removal)
+    if off:
+        raise ValueError(f"recipes: {', '.join(map(repr, off))} calibrate or measure the least-squares refit, but "
+                         f"would be evaluated with removal {config.removal!r}; leave them out or remove with 'refit'")
     if any("learned" in kw for kw in recipes.values()) and batches is None:
         raise ValueError("recipes: learned gates train on the calibration text; run_sweep needs the batches")
     if sorted(config.ratios) != list(config.ratios) and any(kw.get("iterative") for kw in recipes.values()):
@@ -271,6 +275,14 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
     return heads, point(heads, stats, removal, values)
+
+
+def refit_only(recipes: dict, removal: str) -> list:
+    """The recipes of ``recipes`` that calibrate the refit layer by layer (``sequential``) or
+    measure what removing heads with it costs (``scope="measured"``), whose removal (their own,
+    else ``removal``) is another: what they chose would be evaluated without the refit."""
+    return [name for name, kw in recipes.items()
+            if (kw.get("sequential") or kw.get("scope") == "measured") and kw.get("removal", removal) != "refit"]
 
 
 def learned_selection(kw: dict, learned, stats) -> dict:

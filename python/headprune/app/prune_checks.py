@@ -1,0 +1,81 @@
+"""``headprune prune``'s checks of its options, against each other and against the model's
+attention sites, before the collection (``select_heads`` checks the selection's options again
+against the statistics)."""
+
+from __future__ import annotations
+
+from . import commands as C
+from .recover_command import check_recovery
+from .sweep import removal_of
+
+
+def check_options(args) -> None:
+    """Options that contradict each other, refused before anything slow runs: --uniform chooses
+    one layout for every layer in one round, --sequential re-chooses every layer's heads; the
+    recovery's options (``check_recovery``)."""
+    check_recovery(args)
+    if args.score == "learned" and args.steps != 1:
+        raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
+    if args.score == "learned" and args.order is not None:
+        raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
+    if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
+        raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
+    C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
+    if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
+        raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
+                         "--kv-ratio")
+    if args.kv_ratio:
+        if args.gqa != "even" or getattr(args, "uniform", False):
+            raise ValueError("--kv-ratio: needs --gqa even without --uniform (--gqa group removes KV heads in the "
+                             "ratio of the query heads)")
+        if args.sequential or args.steps != 1:
+            raise ValueError(f"{'--sequential' if args.sequential else '--steps'}: re-chooses heads after the "
+                             "selection, which may keep KV groups --kv-ratio removed; drop one")
+    _check_sequential(args)
+    if not getattr(args, "uniform", False):
+        return
+    if args.steps != 1:
+        raise ValueError("--steps: iterative pruning is not supported with --uniform; use --steps 1")
+    if args.sequential:
+        raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
+    if args.protect_layers:
+        raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
+
+
+def _check_sequential(args) -> None:
+    """--sequential keeps only each layer's count from the selection and re-chooses every
+    layer's heads by the refit's error on the unpruned model's calibration, pruned layer by
+    layer: what would change the heads before it is refused."""
+    if not args.sequential:
+        return
+    if removal_of(args) != "refit":
+        raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
+    if args.steps != 1:
+        raise ValueError("--steps: --sequential calibrates the unpruned model layer by layer, so earlier rounds "
+                         "would be discarded; drop one")
+    if args.order is not None:
+        raise ValueError("--order: --sequential re-chooses each layer's heads by the refit's error; drop --order")
+    if args.score == "learned":
+        raise ValueError("--score learned: --sequential re-chooses each layer's heads by the refit's error, so "
+                         "the trained gates would decide only each layer's count; drop one")
+
+
+def check_model(args, loaded) -> None:
+    """--protect-layers, --kv-ratio and --sequential's --score against the model's attention sites
+    and kind (the command line prunes causal LMs and encoders: one stack of layers each)."""
+    from ..hf.adapters import get_adapter, head_counts, resolve_sites
+
+    adapter = get_adapter(loaded.model)
+    sites = resolve_sites(loaded.model, adapter)
+    bad = sorted(i for i in args.protect_layers or () if not 0 <= i < len(sites))
+    if bad:
+        raise ValueError(f"--protect-layers: indices {bad} out of range for {len(sites)} layers (attention sites "
+                         f"0-{len(sites) - 1})")
+    counts = [head_counts(s, adapter) for s in sites]
+    if args.kv_ratio and not any(kv and q // kv > 1 for q, kv in counts):
+        raise ValueError("--kv-ratio: the model has no grouped queries; every KV head goes with its query head")
+    if args.sequential and args.score is not None and (
+            args.scope == "per_layer" or args.scope is None and loaded.kind == "causal"):
+        raise ValueError("--score: with --sequential each layer's heads are re-chosen by the refit's error, and "
+                         "per layer the selection's counts do not depend on the score; drop --score, or give "
+                         "--scope global")
