@@ -142,6 +142,33 @@ def test_head_scores_json_round_trip_and_merge():
         a.merge(collect(tiny_model("bert"), [tiny_batch("bert")], progress=False))
 
 
+@pytest.mark.parametrize("heads", [[], [0, 0]], ids=["no sites", "no heads"])
+def test_head_scores_without_any_head_round_trip(heads):
+    """Scores of no site, or of sites all left without heads, with output statistics: the
+    JSON lists hold no number to infer a shape from, and from_dict used to fail on them."""
+    scores = HeadScores.empty(heads, heads, [4] * len(heads), [f"s{i}" for i in range(len(heads))],
+                              ["self"] * len(heads), with_outputs=True)
+    again = HeadScores.from_dict(json.loads(json.dumps(scores.to_dict())))
+    assert again.stats.shape == scores.stats.shape and again.outputs.shape == scores.outputs.shape
+    assert again.num_heads == heads
+
+
+@pytest.mark.parametrize("method", ["qk", "eager"])
+def test_a_model_that_computes_nan_is_named_as_the_cause(method):
+    """transformers' eager attention of a float64 Llama with left padding computes NaN (its
+    softmax runs in float32); the refusal used to point at the inputs only. It names the site
+    and says the model computed the NaN, and the model is left as it was."""
+    model = tiny_model("llama").double()
+    model.config._attn_implementation = "eager"
+    batch = tiny_batch("llama")
+    batch["attention_mask"][0, :2] = 0
+    assert torch.isnan(model(**batch).last_hidden_state).any()  # the model's own forward
+    with pytest.raises(ValueError, match=r"site \S+: the model's own attention (query and key|probs) here hold NaN "
+                                         r"or inf.*float64 model in eager attention"):
+        collect(model, [batch], method=method, progress=False)
+    assert _impls(model) == ["eager"] and not _RECORDERS
+
+
 def _bad_batches(family, exc):
     yield tiny_batch(family)
     raise exc

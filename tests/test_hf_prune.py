@@ -153,6 +153,29 @@ def test_zeroed_heads_are_what_a_mask_left(family):
     assert zeroed_heads(model) == {0: [1, 3], 1: [2]}
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_a_mask_zeroes_non_finite_weights_and_restores_them(family):
+    """A mask multiplied the head's columns by 0, so a NaN or inf weight there stayed NaN and
+    the masked head still reached the output; it writes zeros, and restore() puts them back."""
+    from headprune.hf.adapters import head_dim
+
+    model = tiny_model(family)
+    site = resolve_sites(model)[0]
+    d, dim = head_dim(site, get_adapter(model)), 0 if family == "gpt2" else 1  # GPT-2's Conv1D is [in, out]
+    w = site.o.weight
+    with torch.no_grad():
+        w.select(dim, d + 1)[0] = float("nan")
+        w.select(dim, d + 2)[1] = float("inf")
+    broken = w.detach().clone()
+    handle = mask_heads(model, {0: [1]})
+    assert torch.equal(w.narrow(dim, d, d), torch.zeros_like(w.narrow(dim, d, d)))
+    rest = torch.cat([torch.arange(d), torch.arange(2 * d, w.shape[dim])])
+    assert torch.equal(w.index_select(dim, rest), broken.index_select(dim, rest))
+    assert torch.isfinite(_first(model(**tiny_batch(model)))).all()
+    handle.restore()
+    assert torch.equal(w.isnan(), broken.isnan()) and torch.equal(w.nan_to_num(7.0), broken.nan_to_num(7.0))
+
+
 def test_masks_and_their_refusals_name_original_indices():
     """After a pruning, position 1 of layer 0 is original head 3: the handle and the messages
     say 3, the index the call was given, not the position."""

@@ -45,6 +45,26 @@ def test_negative_probability_is_refused(dtype, name, strided):
     assert torch.equal(sums, torch.ones_like(sums)) and torch.equal(counts, torch.ones_like(counts))
 
 
+def test_rows_the_query_mask_excludes():
+    """As the docstring says: NaN in an excluded row is not read, a negative value there raises."""
+    p = torch.softmax(torch.randn(2, 3, 4, 10, generator=torch.Generator().manual_seed(5)), -1)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[1, 2] = False
+    sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)
+    ops.entropy_from_probs_accumulate_(sums, counts, p, keep, 0.0)
+    q = p.clone()
+    q[1, :, 2] = float("nan")
+    s2, c2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)
+    ops.entropy_from_probs_accumulate_(s2, c2, q, keep, 0.0)
+    assert torch.equal(s2, sums) and torch.equal(c2, counts) and int(counts[0]) == 7
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ops.entropy_from_probs_accumulate_(s2, c2, q, None, 0.0)
+    q[1, :, 2] = -0.25
+    with pytest.raises(ValueError, match=r"probs: expected probabilities >= 0, got -0.25 at \[1, 0, 2, 0\]"):
+        ops.entropy_from_probs_accumulate_(s2, c2, q, keep, 0.0)
+    assert torch.equal(s2, sums) and torch.equal(c2, counts)
+
+
 def test_negative_zero_is_a_zero():
     p = torch.softmax(torch.randn(1, 2, 3, 20, generator=torch.Generator().manual_seed(4)), -1)
     p[..., 3::4] = 0.0

@@ -145,8 +145,16 @@ def test_mismatched_fingerprint_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint .*c\.json was written with other settings \(seq_len: 9 in the "
                                          r"checkpoint, 10 now\); delete it or drop --resume"):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=other)
-    with pytest.raises(ValueError, match=r"with other settings \(the calibration settings differ\)"):
+    with pytest.raises(ValueError, match=r"with other settings \(data: tiny in the checkpoint, None now; fingerprint: "
+                                         r"None in the checkpoint, opaque now"):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint="opaque")
+    with torch.no_grad():  # the same layout with other weights (a directory pruned again, a fine-tune)
+        model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    with pytest.raises(ValueError, match=r"with other settings \(weights: [0-9a-f]{16} in the checkpoint, "
+                                         r"[0-9a-f]{16} now\)"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    with torch.no_grad():
+        model.layers[1].mlp.down_proj.weight[0, 0] -= 1e-3
     with pytest.raises(ValueError, match=r"another model/data \(the model layout differ\)"):
         collect(tiny_model("llama", num_hidden_layers=3), batches, progress=False, checkpoint=path, resume=True,
                 fingerprint=SETTINGS)

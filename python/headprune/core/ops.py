@@ -52,8 +52,9 @@ def entropy_from_probs_accumulate_(
         eps: added inside the log (the formula as written): finite, ``>= 0`` and within the
             range of the type the rows are computed in (float32, float64 for float64 probs).
 
-    All-zero rows (fully masked) are not counted. NaN, inf or a negative value in ``probs``
-    raise.
+    All-zero rows (fully masked) are not counted. NaN or inf in a row that ``query_mask`` keeps
+    raise (rows it excludes are not read for them); a negative value raises wherever it is, in
+    excluded rows too. Nothing is accumulated when an error is raised.
     """
     _ops().entropy_from_probs_accumulate_(sums, counts, probs, query_mask, eps)
 

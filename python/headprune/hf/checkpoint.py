@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
+import struct
 from collections.abc import Mapping
 from typing import Optional
 
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical"]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "weights_digest"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/1"
@@ -126,3 +129,24 @@ def canonical(fingerprint) -> str:
     if not isinstance(fingerprint, str):
         raise TypeError(f"fingerprint: expected a str or a dict, got {type(fingerprint).__name__}")
     return fingerprint
+
+
+def weights_digest(model) -> str:
+    """A short digest of ``model``'s weights: every parameter's and buffer's name, shape and type,
+    its sum (float64) and a strided sample of 256 of its values. A resume compares it, so a
+    checkpoint written for other weights of the same layout (a directory pruned again with
+    ``--force``, a fine-tune saved over it) is refused; it reads each tensor once without hashing
+    every byte."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            flat = t.detach().reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // 256)][:256].double().cpu().numpy().tobytes())
+            h.update(struct.pack("<d", float(flat.sum(dtype=torch.float64))))
+    return h.hexdigest()[:16]
+

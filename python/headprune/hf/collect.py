@@ -18,6 +18,7 @@ rounding rather than bit for bit.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Mapping
 from typing import Iterable, Optional, Union
@@ -26,7 +27,7 @@ import torch
 
 from ..stats.scores import HeadScores
 from .batches import forward_kwargs, progress as _progress, skip
-from .checkpoint import Checkpoint, canonical
+from .checkpoint import Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection
 
 __all__ = ["collect", "METHODS"]
@@ -117,11 +118,21 @@ def collect(
         return _collect_modules(model, batches, method, progress, allow_empty)
     moments = moments_dtype(moments)
     session = Collection(model, method, fused=bool(fused), moments=moments)
-    ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume)
+    ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume, model)
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)
     if not session.recorded and not allow_empty:
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
     return session.scores()
+
+
+def _as_dict(fingerprint: str) -> dict:
+    """A caller's string fingerprint as a dict: the object it holds if it is JSON for one (so a
+    refusal names the keys that differ), else ``{"fingerprint": fingerprint}``."""
+    try:
+        parsed = json.loads(canonical(fingerprint))
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"fingerprint": fingerprint}
 
 
 def moments_dtype(moments) -> Optional[torch.dtype]:
@@ -134,10 +145,13 @@ def moments_dtype(moments) -> Optional[torch.dtype]:
         raise ValueError(f"moments: expected True, False, 'float64' or 'float32', got {moments!r}") from None
 
 
-def _open_checkpoint(session, path, fingerprint, resume) -> tuple:
-    """``(checkpoint or None, batches already done)``; a resumed state goes into ``session``."""
+def _open_checkpoint(session, path, fingerprint, resume, model) -> tuple:
+    """``(checkpoint or None, batches already done)``; a resumed state goes into ``session``.
+    The checkpoint's fingerprint is the caller's and the digest of ``model``'s weights."""
     if path is None:
         return None, 0
+    fingerprint = json.loads(canonical(fingerprint)) if isinstance(fingerprint, Mapping) else _as_dict(fingerprint)
+    fingerprint["weights"] = weights_digest(model)
     ckpt = Checkpoint(path, canonical(fingerprint), session.scores().layout_fingerprint())
     state = ckpt.load() if resume else None
     if state is None:

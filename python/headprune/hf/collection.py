@@ -154,16 +154,19 @@ class Collection:
             if self.method == "eager":
                 if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
                     raise RuntimeError(f"site {site.name}: the eager attention returned no probabilities")
-                ops.entropy_stats_from_probs_accumulate_(stats, out[1].detach(), qm)
+                with _named(site, probs=out[1]):
+                    ops.entropy_stats_from_probs_accumulate_(stats, out[1].detach(), qm)
                 return
             if "scaling" not in kwargs and args:
                 raise NotImplementedError(f"site {site.name}: attention called with positional options {args!r}")
             scale = logit_scale(query, kwargs)
             key, eff_mask, causal = effective_mask(self.impl[id(module.config)], module, query, key, mask, kwargs)
-            if kwargs.get("softcap") is not None:
-                softcapped_stats(stats, query, key, scale, eff_mask, kwargs["softcap"], qm)
-            else:
-                ops.entropy_stats_from_qk_accumulate_(stats, query.detach(), key.detach(), float(scale), eff_mask, bool(causal), qm)
+            with _named(site, query=query, key=key):
+                if kwargs.get("softcap") is not None:
+                    softcapped_stats(stats, query, key, scale, eff_mask, kwargs["softcap"], qm)
+                else:
+                    ops.entropy_stats_from_qk_accumulate_(stats, query.detach(), key.detach(), float(scale), eff_mask,
+                                                          bool(causal), qm)
 
         def attend(module, query, key, value, mask, args, kwargs):
             """The fused op in place of ``sdpa_attention_forward`` (same return value), or
@@ -173,8 +176,9 @@ class Collection:
             stats, qm = self._site_state(site, query)
             key, eff_mask, causal = effective_mask("sdpa", module, query, key, mask, kwargs)
             value = value[:, :, : key.shape[2]]  # cropped with the keys (causal prefill)
-            out = ops.attention_stats_accumulate_(stats, query, key, value, float(logit_scale(query, kwargs)), eff_mask,
-                                                 bool(causal), qm)
+            with _named(site, query=query, key=key):
+                out = ops.attention_stats_accumulate_(stats, query, key, value, float(logit_scale(query, kwargs)),
+                                                     eff_mask, bool(causal), qm)
             return out.transpose(1, 2).contiguous(), None
 
         return types.SimpleNamespace(record=record, attend=attend, thread=self.thread)
@@ -266,3 +270,24 @@ def _add_gram_(gram: torch.Tensor, rows: torch.Tensor) -> None:
     gram[:d, d] += s
     gram[d, :d] += s
     gram[d, d] += r.shape[0]
+
+
+@contextmanager
+def _named(site, **inputs):
+    """An op's refusal of NaN or infinite entropies names the site and, where the attention's
+    own inputs are not finite, says that the model computed them: transformers' eager attention
+    of a float64 Llama, OPT, Mistral or Gemma 2 with padded batches does (its softmax runs in
+    float32, where the float64 mask's minimum is -inf, so padded rows come out NaN and spread)."""
+    try:
+        yield
+    except ValueError as e:
+        if "NaN or infinite entropies" not in str(e):
+            raise
+        bad = [name for name, t in inputs.items() if not bool(torch.isfinite(t.detach()).all())]
+        if not bad:
+            raise ValueError(f"site {site.name}: {e}") from None
+        raise ValueError(
+            f"site {site.name}: the model's own attention {' and '.join(bad)} here hold NaN or inf, so its forward "
+            f"computes them before headprune reads them ({e}); a float64 model in eager attention with padded "
+            "batches does so inside transformers: use float32 or attn_implementation='sdpa'") from None
+

@@ -65,6 +65,8 @@ class MaskHandle:
         gate = torch.ones(num_heads)
         gate[heads] = 0
         apply_head_mask_(w, gate, d, dim)
+        if not torch.isfinite(self._saved[-1][3]).all():  # 0 * NaN or inf is NaN: a masked head writes zeros
+            w.index_fill_(dim, idx.to(w.device), 0.0)
 
     def write_columns_(self, w: torch.Tensor, index: torch.Tensor, values: torch.Tensor, dim: int) -> None:
         """Overwrite ``w``'s slices ``index`` along ``dim`` with ``values`` (a least-squares

@@ -266,10 +266,14 @@ class HeadScores:
             raise ValueError(f"d: format {d.get('format')!r} is not one of {list(_READABLE)}")
         if list(d.get("stat_fields", STAT_FIELDS)) != list(STAT_FIELDS):
             raise ValueError(f"d: stat_fields {d.get('stat_fields')} differ from {list(STAT_FIELDS)}")
-        stats = torch.tensor(d["stats"], dtype=torch.float64).reshape(len(d["num_heads"]), -1, NUM_STATS)
+        stats = torch.tensor(d["stats"], dtype=torch.float64)
+        n = len(d["num_heads"])  # no sites, or no heads in any: the lists hold no number to infer a shape from
+        stats = stats.reshape(n, -1 if stats.numel() else 0, NUM_STATS)
         outputs = d.get("outputs")
         if outputs is not None:
             outputs = torch.tensor(outputs, dtype=torch.float64)
+            if not outputs.numel():
+                outputs = outputs.reshape(n, stats.shape[1], max(d["head_dim"], default=0), NUM_OUTPUT_STATS)
         return cls(
             stats, d["num_heads"], d["num_kv_heads"], d["head_dim"], d["names"], d["kinds"],
             d.get("model_type"), d.get("method", "sdpa"), outputs, d.get("causal"), d.get("depth"),
