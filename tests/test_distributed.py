@@ -215,3 +215,28 @@ def test_iterative_selection_is_collective_and_equals_one_process(ranks):
     heads, _ = select_iteratively(tiny_model("llama"), _batches(), ratio=0.5, steps=3, compensate=True, protect_layers=[])
     want = {str(k): v for k, v in heads.items()}
     assert all(r["iterative"] == want for r in results)
+
+
+def test_a_group_of_one_process_names_its_rank_checkpoint(tmp_path, capsys):
+    """Under a process group of one process the collection writes the rank file
+    (``.o.checkpoint.rank0-of-1.json``): ``scan --distributed`` left it behind when done, and
+    an interrupted one gave no --resume hint. ``checkpoint_files`` names it for both."""
+    from headprune.app import commands
+
+    base = tmp_path / ".o.checkpoint.json"
+    assert D.checkpoint_files(base) == [str(base)]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rank_file = tmp_path / ".o.checkpoint.rank0-of-1.json"
+        assert D.checkpoint_files(base) == [str(base), str(rank_file)]
+        rank_file.write_text("{}")
+        (tmp_path / (rank_file.name + ".moments-2.safetensors")).write_bytes(b"")
+
+        class Args:
+            command, out = "scan", str(tmp_path / "o")
+
+        assert f"the checkpoint {rank_file} keeps the batches done" in commands.interrupted(Args())
+        commands._remove_checkpoints(base)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    finally:
+        dist.destroy_process_group()
