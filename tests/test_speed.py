@@ -59,6 +59,9 @@ def test_compare_rows_and_reference():
         assert r["speedup_low"] <= r["speedup"] <= r["speedup_high"]
     assert all(r["speedup"] == 1.0 and r["verdict"] == "reference" for r in rows if r["model"] == "base")
     assert rows[-1]["steps"] == 2 and rows[-1]["tokens_per_s"] == pytest.approx(2 / rows[-1]["wall_s"])
+    base = {(r["kind"], r["batch"], r["tokens"]): r["wall_s"] for r in rows if r["model"] == "base"}
+    for r in rows:  # the ratio the tokens/s columns show
+        assert r["speedup_of_medians"] == pytest.approx(base[r["kind"], r["batch"], r["tokens"]] / r["wall_s"])
 
 
 def test_verdict_signs_only_outside_the_spread():
@@ -66,6 +69,11 @@ def test_verdict_signs_only_outside_the_spread():
         "no measurable difference (0.97-1.06x)"
     assert verdict({"speedup": 1.31, "speedup_low": 1.25, "speedup_high": 1.36}) == "1.31x (1.25-1.36x)"
     assert verdict({"speedup": 0.8, "speedup_low": 0.75, "speedup_high": 0.9}) == "0.80x (0.75-0.90x)"
+    # uneven rounds: the per-round ratios say faster, the median times (the tokens/s columns) slower
+    assert verdict({"speedup": 1.04, "speedup_low": 1.03, "speedup_high": 1.05, "speedup_of_medians": 0.34}) == \
+        "no measurable difference (per round 1.03-1.05x, the median times 0.34x)"
+    assert verdict({"speedup": 1.31, "speedup_low": 1.25, "speedup_high": 1.36, "speedup_of_medians": 1.2}) == \
+        "1.31x (1.25-1.36x)"
 
 
 @pytest.mark.parametrize("bad", ["512", "1x", "ax2", "0x5", "2x-1"])
