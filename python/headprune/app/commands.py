@@ -141,11 +141,16 @@ def _setup(args):
     batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
                                                samples=samples, seq_len=seq_len,
                                                reference=getattr(args, "reference", 0.0), batch_size=args.batch_size)
+    got = sum(int(b["input_ids"].shape[0]) for b in batches)
     generated = getattr(args, "generated", 0)
     if generated:
         batches += _generated(args, loaded, generated, seq_len)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
-    settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len,
+    if got < samples:  # the report counts the sequences used
+        _warn(f"--samples {samples}: the calibration text gives {got} sequences"
+              f"{f' of {seq_len} tokens' if loaded.kind == 'causal' else ' (paragraphs)'}; calibrating on those")
+    settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": got, "seq_len": seq_len,
+                **({"samples_requested": samples} if got < samples else {}),
                 **({"generated": generated} if generated else {}),
                 **reference,
                 "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held),
@@ -370,6 +375,8 @@ def sweep(args) -> int:
         if left:
             recipes = {k: kw for k, kw in recipes.items() if k not in left}
             _warn(f"without the refit (--no-reconstruct) nothing calibrates or measures it: {', '.join(left)} left out")
+        _say(args, f"headprune: evaluating the unpruned model, then {len(recipes)} recipes and "
+                   f"{args.seeds} random draws at {len(args.ratios)} ratio(s)")
         result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
         _write_json(tmp / "sweep.json", result)
         plots.sweep_plot(result, tmp / "sweep.png")

@@ -1,8 +1,9 @@
 """Quality and speed of a model on held-out text, label-free.
 
 * Causal LMs: perplexity over the held-out token stream in sliding windows (``window``
-  tokens, advancing ``stride``; each token is scored once, with up to ``window - stride``
-  tokens of left context after the first window).
+  tokens, advancing ``stride``; each token is scored at most once, with up to ``window -
+  stride`` tokens of left context after the first window, and the tokens after the last full
+  window in one more window that ends the stream, unless ``max_windows`` stops first).
 * Encoders: fidelity to the unpruned model (mean cosine similarity of mean-pooled
   embeddings of held-out paragraphs) and a retrieval score: each held-out paragraph's first
   sentence must find the rest of its own paragraph among all of them (top-1 accuracy, MRR).
@@ -66,6 +67,11 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
     if len(ids) < 2:
         raise ValueError(f"--data: the held-out text has {len(ids)} token(s); perplexity needs at least 2")
     starts = list(range(0, max(1, len(ids) - window + 1), stride))[:max_windows]
+    firsts = [0 if s == 0 else max(0, window - stride - 1) for s in starts]  # only tokens not scored before
+    end = starts[-1] + window
+    if len(starts) < max_windows and end < len(ids):  # the tokens after the last full window: one more
+        starts.append(len(ids) - window)
+        firsts.append(end - starts[-1] - 1)
     nll, count = 0.0, 0
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(starts), batch_size), desc="headprune: perplexity", unit="batch", disable=not progress,
@@ -77,8 +83,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
                              "(save the ...ForCausalLM model)")
         logits = out.logits.float()
         lp = F.log_softmax(logits[:, :-1], -1).gather(-1, chunk[:, 1:, None]).squeeze(-1)
-        for j, s in enumerate(starts[i : i + batch_size]):
-            first = 0 if s == 0 else max(0, window - stride - 1)  # only tokens not scored before
+        for j, first in enumerate(firsts[i : i + batch_size]):
             nll -= lp[j, first:].sum().item()
             count += lp.shape[1] - first
     mean = nll / count  # NaN stays NaN (a model that computes NaN); exp overflows a float above ~709.8

@@ -92,9 +92,10 @@ def _absolute(model: str, settings: dict) -> dict:
     """The model and the calibration files as absolute paths (``model_path``,
     ``settings["data_path"]``) beside the names as given, so ``headprune recover DIR`` finds
     them from another working directory; bundled names stay names."""
-    parts = [str(Path(p).absolute()) if Path(p).is_file() else p for p in str(settings.get("data") or "").split("+")]
-    if any(p != q for p, q in zip(parts, str(settings.get("data") or "").split("+"))):
-        settings["data_path"] = "+".join(parts)
+    from .texts import data_paths
+
+    if settings.get("data") and data_paths(settings["data"]) != settings["data"]:
+        settings["data_path"] = data_paths(settings["data"])
     return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
 
 

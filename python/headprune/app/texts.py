@@ -17,6 +17,7 @@ text of other kinds.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -41,10 +42,11 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
     if not path.exists():
         raise FileNotFoundError(f"--data: {spec!r} is neither a bundled text ({', '.join(BUNDLED_TEXTS)}) nor an existing path")
     if path.is_dir():
-        return _dataset_paragraphs(path)
-    if path.suffix == ".jsonl":
+        paragraphs = _dataset_paragraphs(path)
+    elif path.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # lines end at \n only: JSON strings may hold U+2028, U+2029 or U+0085, where splitlines() breaks
+        for n, line in enumerate(_read(path).split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -56,15 +58,44 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
             out.append(rec["text"].strip())
         paragraphs = [p for p in out if p]
     else:
-        paragraphs = _paragraphs(path.read_text(encoding="utf-8"))
+        paragraphs = _paragraphs(_read(path))
     if len(paragraphs) < 2:
         raise ValueError(f"--data: {spec!r} holds {len(paragraphs)} paragraph(s); need at least 2 (calibration and held-out)")
     return paragraphs
 
 
+def _read(path: Path) -> str:
+    """A ``--data`` file's text (UTF-8; a byte-order mark is dropped)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data: {path} is not UTF-8 text ({e})") from None
+
+
 def _paragraphs(text: str) -> list:
-    blocks = [" ".join(b.split()) for b in text.replace("\r\n", "\n").split("\n\n")]
+    """Paragraphs separated by blank lines (a line of only spaces or tabs is blank too), each
+    with its whitespace runs made single spaces."""
+    blocks = [" ".join(b.split()) for b in re.split(r"\n[^\S\n]*\n", text.replace("\r\n", "\n"))]
     return [b for b in blocks if b]
+
+
+def spec_names(spec: Optional[str] = None) -> list:
+    """The texts a ``--data`` value names, as :func:`load_split` reads them: the whole value where
+    it is an existing path (a file name may hold ``+``), else its ``+``-separated names,
+    stripped."""
+    spec = spec or DEFAULT_TEXT
+    if spec not in BUNDLED_TEXTS and "+" in spec and Path(spec).exists():
+        return [spec]
+    return [name.strip() for name in spec.split("+")]
+
+
+def data_paths(spec: Optional[str] = None) -> str:
+    """``spec`` with each of its files or directories made absolute (bundled names stay names,
+    as :func:`load_paragraphs` reads a bundled name first): the same texts from another
+    working directory."""
+    names = spec_names(spec)
+    return "+".join(n if n in BUNDLED_TEXTS or not n or not Path(n).exists() else str(Path(n).absolute())
+                    for n in names)
 
 
 def _dataset_paragraphs(path: Path) -> list:
@@ -86,10 +117,10 @@ def load_split(spec: Optional[str] = None) -> tuple:
     equal share of the samples, and the held-out paragraphs alternate between the texts)."""
     spec = spec or DEFAULT_TEXT
     parts, held = [], []
-    for name in spec.split("+") if "+" in spec else [spec]:
-        if not name.strip():
+    for name in spec_names(spec):
+        if not name:
             raise ValueError(f"--data: {spec!r} has an empty name between its + signs")
-        calib, h = split(load_paragraphs(name.strip()))
+        calib, h = split(load_paragraphs(name))
         parts.append(calib)
         held.append(h)
     mixed = interleave(held)
@@ -158,7 +189,7 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
 def reference_texts(spec: Optional[str] = None) -> list:
     """The bundled texts that ``spec`` (a ``--data`` value, default :data:`DEFAULT_TEXT`) does
     not name: the kinds of text a reference share adds."""
-    named = {n.strip() for n in (spec or DEFAULT_TEXT).split("+")}
+    named = set(spec_names(spec))
     return [n for n in BUNDLED_TEXTS if n not in named]
 
 
@@ -167,7 +198,7 @@ def reference_samples(samples: int, share: float, spec: Optional[str] = None) ->
     ``spec`` names every bundled text)."""
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise ValueError(f"reference: expected a share in [0, 1), got {share!r}")
-    return round(samples * share) if reference_texts(spec) else 0
+    return max(0, min(round(samples * share), samples - 1)) if reference_texts(spec) else 0  # a share below 1 leaves one
 
 
 def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, exclude: Optional[str] = None,
@@ -190,10 +221,15 @@ def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool
     """``(batches, settings)``: ``samples`` calibration sequences, a ``reference`` share of them
     from :func:`reference_batches` and the rest from ``parts`` (the calibration parts of
     ``spec``, as :func:`load_split` gives them) in equal shares; ``settings`` records the
-    reference (empty without one)."""
+    reference (empty without one). Where the texts give fewer sequences than asked for, the
+    reference share is taken of the sequences they give (``samples`` is then more than the
+    batches hold; the caller says so)."""
     n = reference_samples(samples, reference, spec)
     batches = mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples - n, seq_len=seq_len,
                                         batch_size=batch_size)
+    got = sum(int(b["input_ids"].shape[0]) for b in batches)
+    if n and got < samples - n:  # the same share of the sequences there are
+        n = min(n, round(got * reference / (1 - reference)))
     batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,
                                  batch_size=batch_size)
     return batches, ({"reference": {"samples": n, "texts": reference_texts(spec)}} if n else {})

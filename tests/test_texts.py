@@ -1,0 +1,142 @@
+"""Calibration and held-out text as the command line reads it: paragraph and JSONL parsing,
+names joined by ``+``, a text shorter than the calibration asked for, the reference share's
+bounds, and perplexity over the whole held-out stream."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+
+from headprune.app import texts  # noqa: E402
+
+
+def _tokenizer(tiny_dir):  # noqa: F811
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_blank_lines_of_spaces_separate_paragraphs(tmp_path):
+    """The help promises paragraphs separated by blank lines; a line of spaces or tabs did not
+    separate them (10 paragraphs read as 5, a two-paragraph file refused)."""
+    path = tmp_path / "d.txt"
+    path.write_text("one a\nb\n  \t\ntwo c\r\n \r\nthree d\n\n\n\nfour\n")
+    assert texts.load_paragraphs(str(path)) == ["one a b", "two c", "three d", "four"]
+
+
+def test_jsonl_lines_end_at_newlines_only_and_a_byte_order_mark_is_dropped(tmp_path):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped; splitlines() broke lines at
+    them and the file was refused as invalid JSON, as was one starting with a byte-order mark."""
+    path = tmp_path / "d.jsonl"
+    rows = ["first\u2028line", "second\u2029x\u0085y", "third"]
+    path.write_bytes(("\ufeff" + "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in rows)).encode())
+    assert texts.load_paragraphs(str(path)) == rows
+
+
+def test_a_text_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("caf\xe9 one\n\ncaf\xe9 two\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"--data: .*latin\.txt is not UTF-8 text"):
+        texts.load_paragraphs(str(path))
+
+
+def test_a_file_name_with_a_plus_is_one_text(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q+a.txt").write_text("one\n\ntwo\n\nthree\n")
+    assert texts.spec_names("q+a.txt") == ["q+a.txt"]
+    parts, held = texts.load_split("q+a.txt")
+    assert parts == [["one", "two"]] and held == ["three"]
+    assert texts.spec_names("persuasion + python_code") == ["persuasion", "python_code"]
+
+
+def test_data_paths_name_what_was_read(tmp_path, monkeypatch):
+    """recover reads the text prune recorded: a part with spaces around its + and a directory
+    were left relative, and a bundled name that is also a local file pointed at the file,
+    which prune had not read (a bundled name is read first)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("a\n\nb\n")
+    (tmp_path / "persuasion").write_text("not the bundled text\n\nat all\n")
+    (tmp_path / "ds").mkdir()
+    assert texts.data_paths("mine.txt + persuasion") == f"{tmp_path / 'mine.txt'}+persuasion"
+    assert texts.data_paths("ds") == str(tmp_path / "ds")
+    assert texts.data_paths("persuasion+python_tutorial") == "persuasion+python_tutorial"
+
+
+def test_a_dataset_of_one_row_is_refused_like_a_file(tmp_path, monkeypatch):
+    """A datasets directory returned before the check that a text holds two paragraphs."""
+
+    class Dataset:
+        column_names = ["text"]
+
+        def __getitem__(self, key):
+            return ["only one row"]
+
+    fake = types.SimpleNamespace(load_from_disk=lambda path: Dataset(), DatasetDict=dict)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(ValueError, match=r"--data: .*ds' holds 1 paragraph\(s\); need at least 2"):
+        texts.load_paragraphs(str(tmp_path / "ds"))
+
+
+def test_a_reference_share_below_one_leaves_a_sequence_of_the_data():
+    assert texts.reference_samples(4, 0.9, "persuasion") == 3
+    assert texts.reference_samples(1, 0.5, "persuasion") == 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_short_text_keeps_the_reference_share_of_what_it_gives(tiny_dir, causal, tmp_path):  # noqa: F811
+    """Asked for 64 sequences, a short text gave 5 and the reference share took 16 more (76%,
+    not 25%); the share is now taken of the sequences the text gives."""
+    path = tmp_path / "short.txt"
+    path.write_text("\n\n".join(["the a of and to in was her she it he had not be"] * 7))
+    parts, _ = texts.load_split(str(path))
+    batches, settings = texts.calibration_set(_tokenizer(tiny_dir), parts, str(path), causal=causal, samples=64,
+                                              seq_len=8, reference=0.25, batch_size=4)
+    total = sum(len(b["input_ids"]) for b in batches)
+    own = total - settings["reference"]["samples"]
+    assert own < 48 and settings["reference"]["samples"] == round(own / 3) and total < 64
+
+
+def test_the_command_says_when_the_text_gives_fewer_sequences(run, tmp_path, tiny_dir):  # noqa: F811
+    """The report said 64 x 16 tokens where 21 sequences were used."""
+    path = tmp_path / "short.txt"
+    path.write_text("\n\n".join(["the a of and to in was her she it he had not be"] * 10))
+    code, lines = run(["scan", tiny_dir, "--data", path, "--samples", "64", "--seq-len", "16", "--quiet",
+                       "--out", tmp_path / "s"])
+    assert code == 0 and any("--samples 64: the calibration text gives" in line for line in lines), lines
+    settings = json.loads((tmp_path / "s" / "scores.json").read_text())["settings"]
+    assert settings["samples_requested"] == 64 and settings["samples"] < 64
+
+
+def test_perplexity_scores_the_tokens_after_the_last_full_window():
+    """123 held-out tokens in windows of 64 scored 63 and dropped the last 59."""
+    import transformers
+
+    from headprune.app.evaluate import perplexity
+    from hf_tiny import tiny_config
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [int(w) for w in text.split()]}
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", max_position_embeddings=128)).eval()
+    ids = torch.randint(0, 50, (123,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = perplexity(model, Tok(), [" ".join(map(str, ids))], window=64, stride=64)
+    assert out["windows"] == 2 and out["tokens"] == 63 + 59
+    logits = model(input_ids=torch.tensor([ids[59:]])).logits.float()
+    lp = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(ids[60:])[:, None]).squeeze(-1)
+    first = model(input_ids=torch.tensor([ids[:64]])).logits.float()
+    lp0 = torch.log_softmax(first[0, :-1], -1).gather(-1, torch.tensor(ids[1:64])[:, None]).squeeze(-1)
+    want = -(lp0.sum() + lp[64 - 59 - 1:].sum()).item() / 122
+    assert math.isclose(out["nll"], want, rel_tol=1e-5)
+    capped = perplexity(model, Tok(), [" ".join(map(str, ids))], window=64, stride=64, max_windows=1)
+    assert capped["windows"] == 1 and capped["tokens"] == 63
