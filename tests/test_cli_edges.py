@@ -301,3 +301,37 @@ def test_a_sweep_without_the_refit_leaves_out_what_calibrates_or_measures_it(cap
 
     with pytest.raises(ValueError, match="recipes: 'default, sequential' calibrate or measure the least-squares refit"):
         run_sweep(Config(), None, None, [], {}, {"default, sequential": {"sequential": True}})
+
+
+def test_the_folder_prune_writes_is_read_as_its_model(tmp_path, monkeypatch):
+    """``eval p30`` (the folder prune wrote) was refused for having no config.json, and
+    ``export p30/model`` did not find the GGUF its prune had read; both read what prune wrote."""
+    import json
+
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app.export_command import _report
+    from headprune.app.load import load_model
+
+    monkeypatch.chdir(tmp_path)
+    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    out = tmp_path / "p30"
+    out.mkdir()
+    path.rename(out / "model")
+    (out / "report.json").write_text(json.dumps({"model": "smollm2"}))
+    loaded = load_model(str(out))
+    assert str(loaded.source).endswith("p30/model") and loaded.kind == "causal"
+    assert _report(out) == _report(out / "model") == {"model": "smollm2"}
+    assert _report(tmp_path) is None
+
+
+def test_the_report_says_how_much_of_the_held_out_text_was_scored():
+    from headprune.app.report import report_markdown
+
+    report = {"model": "m", "heads_pruned": 1, "heads_total": 8, "recipe": "r", "settings": {
+        "mode": "physical", "samples": 4, "seq_len": 16, "data": "d", "held_out_paragraphs": 346},
+        "after": {"perplexity": 9.0, "windows": 48, "window": 256, "tokens": 12240}}
+    assert "quality on 48 windows of 256 tokens (12,240 tokens scored) of its held-out part (346 paragraphs)" in \
+        report_markdown(report, "")
+    del report["after"]["windows"]
+    assert "quality on its held-out part (346 paragraphs)" in report_markdown(report, "")

@@ -46,6 +46,14 @@ def test_uniform_pruned_model_reads_back_to_the_same_function(tmp_path, refit):
     assert back.config.num_attention_heads == 2 and back.config.num_key_value_heads == 2
     ids = batch["input_ids"][:, :7]
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=1e-6)
+    if refit:  # as the module doc and the README say: plain transformers drops the bias unless asked
+        import transformers
+
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+        asked = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
+                                                                  attention_bias=True)
+        assert not plain.config.attention_bias and plain.model.layers[0].self_attn.o_proj.bias is None
+        torch.testing.assert_close(_logits(asked.eval(), ids), _logits(model, ids), rtol=0, atol=1e-6)
 
 
 def test_with_a_source_the_untouched_tensors_and_fields_are_copied(tmp_path):

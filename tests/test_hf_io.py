@@ -45,8 +45,11 @@ def test_round_trip_is_bit_exact(family, uniform, tmp_path):
     assert kept_heads(again) == kept_heads(model)
     # a directory from_pretrained cannot read says how to load it
     assert (tmp_path / "README.md").exists() != meta["plain_loadable"]
-    if not meta["plain_loadable"]:
+    if not meta["plain_loadable"]:  # and what from_pretrained does with it, as the README says
         assert "headprune.load_pruned" in (tmp_path / "README.md").read_text()
+        assert "headprune-model.safetensors" in (tmp_path / "README.md").read_text()
+        with pytest.raises(OSError, match="no file named"):
+            transformers.AutoModel.from_pretrained(tmp_path)
     if meta["plain_loadable"]:
         plain = transformers.AutoModel.from_pretrained(tmp_path).eval()
         with torch.no_grad():
@@ -311,3 +314,14 @@ def test_reloaded_uniform_layouts_keep_the_original_heads(family, tmp_path):
         meta = json.loads((tmp_path / f"{name}_b" / "headprune.json").read_text())
         assert meta["original_config"]["num_attention_heads"] == heads_before
         assert kept_heads(load_pruned(tmp_path / f"{name}_b")) == kept_heads(again)
+
+
+def test_a_directory_plain_loading_cannot_read_names_its_architecture(tmp_path):
+    """A model read from a GGUF has no ``config.architectures``; its non-plain directory's
+    config.json said ``"architectures": null``."""
+    model = tiny_model("llama")
+    model.config.architectures = None
+    prune_heads(model, {0: [0, 1, 2, 3], 1: [1]})
+    save_pruned(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [type(model).__name__]
+    assert type(load_pruned(tmp_path)) is type(model)

@@ -33,7 +33,7 @@ def export(args) -> int:
     source = _source(args.source, src, report)
     stage = C.Stages(args)
     with stage("loading the model", "load"):
-        loaded = load_model(str(src / "model") if report is not None else args.model, accept=("causal",))
+        loaded = load_model(args.model, accept=("causal",))  # a prune's folder reads its model/
     source = source or (loaded.source if loaded.checkpoint_dtype == "gguf" else None)
     if source is None:
         raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
@@ -77,7 +77,9 @@ def _parents(folder: Path) -> list:
 
 def _report(path: Path) -> Optional[dict]:
     """``report.json`` of a directory written by ``headprune prune`` or ``recover`` (its model is
-    in ``model/``), else ``None``."""
+    in ``model/``), given as that directory or as its ``model/``, else ``None``."""
+    if path.name == "model" and not (path / "report.json").is_file() and (path.parent / "report.json").is_file():
+        path = path.parent
     if not ((path / "model").is_dir() and (path / "report.json").is_file()):
         return None
     report = read_report(path, "MODEL")

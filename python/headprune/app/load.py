@@ -97,6 +97,8 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
         path, gguf = bundled_path(spec)
     else:
         path = Path(spec)
+        if _prune_output(path):  # the folder headprune prune writes: its model is in model/
+            path = path / "model"
         if not path.exists():
             raise FileNotFoundError(
                 f"MODEL: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file or a directory")
@@ -111,6 +113,13 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     if gguf is None:
         return _load_hf_dir(path, device, torch_dtype, accept)
     return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
+
+
+def _prune_output(path: Path) -> bool:
+    """Whether ``path`` is a folder ``headprune prune`` (or ``recover``) wrote: ``report.json``
+    beside ``model/``, and no model of its own."""
+    return (path.is_dir() and not os.path.lexists(path / "config.json") and (path / "report.json").is_file()
+            and (path / "model").is_dir())
 
 
 def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accept) -> Loaded:

@@ -78,10 +78,18 @@ def report_markdown(report: dict, table: str) -> str:
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
             f"Calibration: {calibration_text(s)}; "
-            f"quality on its held-out part "
+            f"quality on {_evaluated(report.get('after') or {})}its held-out part "
             f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
             f"on that kind: calibrate on text like the text it will serve.\n\n{_recovered(report)}{table}\n\n{size}"
             f"Stages: {seconds}.\n\n![heatmap](heatmap.png)\n")
+
+
+def _evaluated(after: dict) -> str:
+    """How much of the held-out text perplexity read (``--eval-windows`` stops it), before "its
+    held-out part"; nothing for encoders (every held-out paragraph is embedded, its first 128 tokens)."""
+    if not after.get("windows") or not after.get("tokens"):
+        return ""
+    return f"{after['windows']} windows of {after['window']} tokens ({after['tokens']:,} tokens scored) of "
 
 
 def calibration_text(settings: dict) -> str:

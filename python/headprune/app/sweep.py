@@ -132,19 +132,25 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
     state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
     t0 = time.perf_counter()
+    bar = _bar(len(config.ratios) * (len(recipes) + config.seeds), config.quiet)
     for r in config.ratios:
         for name, kw in recipes.items():
+            bar.set_postfix_str(f"{r:g}: {name}", refresh=True)
             heads, value = _recipe_point(config, point, scores, state, name, kw, r, batches)
             result["heads"].setdefault(name, []).append({str(k): v for k, v in heads.items()})
             result["recipes"][name].append(value)
+            bar.update(1)
+        bar.set_postfix_str(f"{r:g}: random heads", refresh=True)
         result["random"].append([point(select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s,
                                                     scope=config.random_scope), scores, config.removal, point.values)
                                  for s in range(config.seeds)])
+        bar.update(config.seeds)
         if not config.quiet:
-            print(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
+            bar.write(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
                   + (f", random={random_mean(result['random'][-1], result['lower_is_better']):.4g}"
                      if config.seeds else "")  # the table's mean (geometric for perplexity)
-                  + f" ({time.perf_counter() - t0:.0f} s since the first point)", flush=True)
+                  + f" ({time.perf_counter() - t0:.0f} s since the first point)")
+    bar.close()
     if state.get("_learned_runs"):
         result["learned"] = state["_learned_runs"]
     costs = {k: v for k, v in state["_costs"].items() if k in recipes}
@@ -152,6 +158,13 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
         result["measured_allocation"] = {k: {"seconds": v.seconds, "sequences": v.sequences, "tokens": v.tokens}
                                          for k, v in costs.items()}
     return result
+
+
+def _bar(total: int, quiet: bool):
+    """The sweep's progress over its points (recipes and random draws, ratio by ratio)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="headprune: sweep", unit="point", disable=quiet)
 
 
 class _Evaluator:

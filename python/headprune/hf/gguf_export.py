@@ -8,9 +8,11 @@ embedding and feed-forward as ``llama``, with ``deci.attention.head_count`` and
 ``head_count_kv`` as per-layer arrays, each layer's attention sized from its own counts.
 transformers' GGUF loader does not read ``deci``; llama.cpp does. The output-projection bias
 of the least-squares refit is kept: both architectures have optional attention biases. It is
-written as ``attn_output.bias``, in a ``llama`` file with zero ``attn_q/k/v.bias`` beside it
-(transformers' GGUF loader then builds the model with ``attention_bias``, see
-:func:`gguf_attention_bias`), in a ``deci`` file alone (see :func:`_attention_tensors`).
+written as ``attn_output.bias``, in a ``llama`` file with zero ``attn_q/k/v.bias`` beside it,
+in a ``deci`` file alone (see :func:`_attention_tensors`). transformers' GGUF loader builds a
+``llama`` file's model without attention biases and drops them without a word unless
+``from_pretrained(..., gguf_file=..., attention_bias=True)`` asks for them; headprune's loader
+does that where the file holds them (:func:`gguf_attention_bias`).
 
 With the GGUF the model was read from (``source``), every field and every tensor other than
 the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and

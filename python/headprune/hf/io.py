@@ -88,8 +88,9 @@ def _write_error(e: Exception, path: str) -> OSError:
 _NOT_PLAIN_README = """# A {arch} with attention heads removed by headprune
 
 Its layers keep different numbers of heads (or output-projection biases its config cannot
-declare), which a transformers config cannot express, so `from_pretrained` on this directory
-fails on tensor shapes. Load it with headprune:
+declare), which a transformers config cannot express, so its weights are in
+`{weights}`, a name `from_pretrained` does not read (it stops: no model weights file). Load
+it with headprune:
 
 ```python
 import headprune
@@ -116,16 +117,18 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         with _declared_biases(model, sites, adapter, declare):
             model.save_pretrained(path, safe_serialization=True)
     else:
-        # The config cannot express this layout: write the original one (plain loading then
-        # fails loudly on shapes) and the state dict under the module names, which
+        # The config cannot express this layout: write the original one and the state dict
+        # under another file name (plain loading finds no weights and stops) and the module names, which
         # load_pruned maps onto a re-pruned fresh model (save_pretrained may rename keys).
         from safetensors.torch import save_model
 
         save_model(model, os.path.join(path, WEIGHTS_FILE))
+        config = dict(state["original_config"])  # a model read from a GGUF names no architecture
+        config["architectures"] = config.get("architectures") or [type(model).__name__]
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(state["original_config"], f, indent=2, sort_keys=True)
+            json.dump(config, f, indent=2, sort_keys=True)
         with open(os.path.join(path, "README.md"), "w") as f:
-            f.write(_NOT_PLAIN_README.format(arch=type(model).__name__))
+            f.write(_NOT_PLAIN_README.format(arch=type(model).__name__, weights=WEIGHTS_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     meta = {
