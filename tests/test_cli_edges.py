@@ -157,17 +157,9 @@ def test_a_learned_score_budget_out_of_reach_is_refused_before_training(tmp_path
 def test_a_sweep_refuses_refit_values_it_cannot_run_before_collecting(tmp_path, monkeypatch, capsys):
     """``sweep --refit-values`` on a grouped-query model was refused only after the collection,
     and with ``--no-reconstruct`` it was ignored; both are refused first, as ``prune`` does."""
-    from test_cli_save_dtype import _checkpoint
-
-    from headprune.app import commands
     from headprune.app.cli import main
 
-    def collect(*args, **kwargs):
-        raise AssertionError("collected")
-
-    monkeypatch.setattr(commands, "_collect", collect)
-    monkeypatch.chdir(tmp_path)
-    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    path = _never_collecting(tmp_path, monkeypatch)
     common = ["--ratios", "0.2", "--samples", "4", "--seq-len", "16", "--quiet", "--refit-values"]
     assert main([str(a) for a in ["sweep", path, "--out", "s", *common]]) == 2
     assert "--refit-values: needs a value projection of its own" in capsys.readouterr().err
@@ -192,17 +184,10 @@ def test_layer_and_kv_options_the_model_cannot_take_are_refused_before_collectin
     """``--protect-layers 99`` and ``--kv-ratio`` on a model without grouped queries were refused
     only after the collection; both are refused against the model's sites first."""
     from hf_tiny import tiny_config
-    from test_cli_save_dtype import _checkpoint
 
-    from headprune.app import commands
     from headprune.app.cli import main
 
-    def collect(*args, **kwargs):
-        raise AssertionError("collected")
-
-    monkeypatch.setattr(commands, "_collect", collect)
-    monkeypatch.chdir(tmp_path)
-    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    path = _never_collecting(tmp_path, monkeypatch)
     common = ["--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
     assert main([str(a) for a in ["prune", path, "--out", "o", "--protect-layers", "0,99", *common]]) == 2
     assert "--protect-layers: indices [99] out of range for 2 layers" in capsys.readouterr().err
@@ -268,17 +253,9 @@ def test_what_sequential_would_ignore_is_refused_before_collecting(tmp_path, mon
     """--sequential keeps only each layer's count and re-chooses the heads by the refit: options
     that changed nothing (--score per layer, --order, --steps, learned gates) were accepted and
     named in the report, and --no-reconstruct was refused only after the collection."""
-    from test_cli_save_dtype import _checkpoint
-
-    from headprune.app import commands
     from headprune.app.cli import main
 
-    def collect(*args, **kwargs):
-        raise AssertionError("collected")
-
-    monkeypatch.setattr(commands, "_collect", collect)
-    monkeypatch.chdir(tmp_path)
-    path = _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+    path = _never_collecting(tmp_path, monkeypatch)
     argv = ["prune", path, "--ratio", "0.3", "--sequential", "--out", "o", "--samples", "4", "--seq-len", "16",
             "--quiet", "--no-speed", *extra]
     assert main([str(a) for a in argv]) == 2
@@ -335,3 +312,18 @@ def test_the_report_says_how_much_of_the_held_out_text_was_scored():
         report_markdown(report, "")
     del report["after"]["windows"]
     assert "quality on its held-out part (346 paragraphs)" in report_markdown(report, "")
+
+
+def _never_collecting(tmp_path, monkeypatch):
+    """A tiny Llama checkpoint to run the command line on, in ``tmp_path`` as the working
+    directory, with the collection replaced by a failure: what is refused before it."""
+    from test_cli_save_dtype import _checkpoint
+
+    from headprune.app import commands
+
+    def collect(*args, **kwargs):
+        raise AssertionError("collected")
+
+    monkeypatch.setattr(commands, "_collect", collect)
+    monkeypatch.chdir(tmp_path)
+    return _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
