@@ -303,3 +303,23 @@ def test_a_refit_over_an_active_mask_keeps_its_heads_removed(first):
     newer.restore()
     older.restore()
     assert snap.differences() == []
+
+
+def test_columns_that_saw_only_zeros_get_a_finite_ridge():
+    """The ridge's floor was ``damping`` times float64's smallest normal number: subnormal, its
+    inverse infinite, so kept columns that saw only zeros came back NaN (``anchor="zero"``) and
+    removing heads that output nothing cost inf in the greedy instead of nothing."""
+    from headprune.ranking.reconstruction import greedy_removal, site_units
+    from headprune.stats.moments import ridge
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    x[:, :6] = 0  # heads 0 and 1 (head size 3) never output anything
+    xt = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], 1)
+    assert float(ridge(xt.T @ xt, 1e-2, 6)) == 1e-2
+    cols, _ = refit_output(w, b, xt.T @ xt, kept_columns(4, 3, [2, 3]), damping=1e-2, anchor="zero")
+    torch.testing.assert_close(cols, torch.zeros_like(cols), rtol=0, atol=1e-12)  # the ridge takes them to 0
+    xt[:, :12] = 0
+    _, costs, _ = greedy_removal(xt.T @ xt, torch.cat([w, b[:, None]], 1), site_units(4, 4, 3, "query"), damping=1e-2)
+    assert all(0 <= c < 1e-20 for c in costs)

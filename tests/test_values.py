@@ -187,3 +187,22 @@ def test_exported_where_users_look():
     import headprune
 
     assert headprune.collect_values is collect_values and "collect_values" in headprune.__all__
+
+
+def test_the_value_refit_without_damping_takes_the_least_squares_solution():
+    """With damping 0 a head's value-input moments can be singular (tiny BERT's LayerNorm bias
+    is 0, so its value inputs lie in a hyperplane): the sweeps' solve and Cholesky raised,
+    while the output refit takes the minimum-norm least-squares solution as documented."""
+    model = tiny_model("bert")
+    batches = [tiny_batch("bert", seed=s, seq=16) for s in range(12)]
+    scores = collect(model, batches, progress=False, moments=True)
+    vm = collect_values(model, batches, {1: [1]})
+    site = resolve_sites(model)[1]
+    g, hid = vm.gram[1].double(), model.config.hidden_size
+    blocks = [g[j * hid:(j + 1) * hid, j * hid:(j + 1) * hid] for j in range(len(vm.kept[1]))]
+    assert any(int(torch.linalg.cholesky_ex(b)[1]) != 0 for b in blocks)  # the case Cholesky refuses
+    with mask_heads(model, {1: [1]}, reconstruct=scores, values=vm, damping=0.0):
+        assert torch.isfinite(site.o.weight).all() and torch.isfinite(site.sub(site.block.v).weight).all()
+        out = _first(model(**batches[0]))
+    full = _first(model(**batches[0]))
+    assert float((out - full).square().mean()) < 1e-5  # a refit, not a blow-up of the near-singular solve

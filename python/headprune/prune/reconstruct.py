@@ -6,12 +6,15 @@ the bias are refit so that ``W'_K x_K + b'`` reproduces ``W x + b`` over the cal
 as well as least squares allows: with ``G = E[x~ x~^T]`` (``x~ = [x, 1]``, see
 :class:`~headprune.stats.moments.OutputMoments`) and ``S = K + [constant]``,
 
-    [W'_K, b'] = [W, b] G[:, S] (G[S, S] + lambda I_K)^-1,
+    [W'_K, b'] = [W_K, b] + W_R G[R, S] (G[S, S] + lambda I_K)^-1      (R: the removed columns),
 
-the structured Optimal Brain Surgeon update (as in SlimGPT and ZipLM). ``lambda`` is a ridge
-damping relative to the mean of ``diag(G[K, K])`` (the constant is not damped, so the bias
-stays exact). Mean compensation is the same problem with the kept columns frozen: only the
-bias moves, by what the removed heads add on average.
+the minimiser of the squared output error plus ``lambda ||W'_K - W_K||^2``: the ridge pulls the
+kept columns towards their original values (``anchor="original"``, the default). With
+``anchor="zero"`` it pulls them towards zero, ``[W, b] G[:, S] (G[S, S] + lambda I_K)^-1``, the
+structured Optimal Brain Surgeon update of SlimGPT and ZipLM; without damping the two are the
+same. ``lambda`` is a ridge damping relative to the mean of ``diag(G[K, K])`` (the constant is
+not damped, so the bias stays exact). Mean compensation is the same problem with the kept
+columns frozen: only the bias moves, by what the removed heads add on average.
 """
 
 from __future__ import annotations

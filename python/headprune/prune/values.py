@@ -75,7 +75,8 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
         kept: the kept heads; d: the head size.
         sweeps: passes of block coordinate descent; 0 gives the output-projection refit.
 
-    ``errors``: the damped error per token before the first sweep and after each.
+    ``errors``: the damped error per token before the first sweep and after each, less the
+    constant ``E||y||^2`` (the objective as it is minimised: only differences mean anything).
     """
     damping = check_damping(damping)
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
@@ -114,8 +115,9 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
                 if i != j:
                     target = target - m[i] @ gram[blk[i], b]
             metric = gram[b, b] + mu[j] * eye
-            free = torch.linalg.solve(metric, (target + mu[j] * m0[j]).t()).t()
-            u = torch.linalg.svd(free @ torch.linalg.cholesky(metric), full_matrices=False)[0][:, :d]
+            free, root = _solve_psd(metric, (target + mu[j] * m0[j]).t())
+            free = free.t()
+            u = torch.linalg.svd(free @ root, full_matrices=False)[0][:, :d]
             m[j] = u @ (u.t() @ free)
             c = (cross[:, -1] - sum(m[i] @ gram[blk[i], -1] for i in range(k))) / n
         errors.append(error())
@@ -129,3 +131,15 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     if bv is not None:
         c = c - cols @ torch.cat([bv[h * d:(h + 1) * d] for h in kept])
     return cols, c, rows, errors
+
+
+def _solve_psd(a: torch.Tensor, rhs: torch.Tensor) -> tuple:
+    """``(a^-1 rhs, L)`` with ``a = L L^T``, for a symmetric positive semi-definite ``a``: by
+    Cholesky, or where ``a`` is singular (``damping=0`` with value inputs that span fewer
+    dimensions than the hidden size) the minimum-norm solution and an eigenvalue root."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.linalg.solve(a, rhs), chol
+    e, v = torch.linalg.eigh(a)
+    return torch.linalg.pinv(a, hermitian=True) @ rhs, v * e.clamp_min(0).sqrt()
+

@@ -1,7 +1,6 @@
 """Selection by what the least-squares refit cannot recover (structured Optimal Brain Surgeon).
 
-For one site with ``G = E[x~ x~^T]`` (damped as the refit damps it, see
-:mod:`headprune.prune.reconstruct`), the projection ``W~ = [W, b]`` and the columns ``S``
+For one site with ``G = E[x~ x~^T]``, the projection ``W~ = [W, b]`` and the columns ``S``
 still kept, the refit's weights are ``W* = W~ G[:, S] G[S, S]^-1`` and removing the block ``B``
 of one unit (a head, or a KV group's heads) raises the output's squared error per token by
 
@@ -12,6 +11,13 @@ downdate ``M <- M_RR - M_RB M_BB^-1 M_BR``, ``W*_R <- W*_R - W*_B M_BB^-1 M_BR``
 refactorisation), and repeats, as SlimGPT and ZipLM do. The marginal costs are divided by
 the site's output energy ``E||W~ x~||^2`` so sites compare on one scale; made non-decreasing
 along each site's greedy order, they are the ``reconstruction`` score, lowest first.
+
+With ``damping`` the diagonal of ``G`` over all ``D`` head columns gets the ridge ``c`` of
+:func:`~headprune.stats.moments.ridge`, and the costs are the rises of that ridge-towards-zero
+objective (``anchor="zero"`` in :func:`~headprune.prune.reconstruct.refit_output`). Without
+damping they are exactly the refit's errors; with it they can differ from the errors of the
+refit applied by default, whose ridge pulls the kept columns towards their original values
+(``anchor="original"``), so the greedy order is that of a close, not the same, objective.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ __all__ = ["greedy_removal", "reconstruction_score", "site_units"]
 def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
                    damping: float = DEFAULT_DAMPING) -> tuple:
     """``(order, costs, energy)``: the indices of ``units`` in greedy removal order, the
-    squared output error per token each removal adds, and the site's output energy per token.
+    squared output error per token each removal adds (under the ridge towards zero, see the
+    module doc), and the site's output energy per token.
 
     ``units``: lists of input columns removed together; ``gram`` ``[D + 1, D + 1]`` (sums or
     means), ``projection`` ``[out, D + 1]``.

@@ -33,8 +33,12 @@ def check_damping(damping) -> float:
 
 def ridge(a: torch.Tensor, damping: float, k: int) -> torch.Tensor:
     """The ridge ``c = damping * mean(diag(a[:k, :k]))`` that the refit and the reconstruction
-    score add to the first ``k`` diagonal entries of a second-moment matrix (0-d float64)."""
-    return damping * a.diagonal()[:k].mean().clamp_min(torch.finfo(torch.float64).tiny)
+    score add to the first ``k`` diagonal entries of a second-moment matrix (0-d float64).
+    Where those columns saw nothing but zeros (a mean below float64's smallest normal number)
+    the ridge is ``damping`` itself: a floor scaled by ``damping`` would be subnormal, and its
+    inverse infinite."""
+    mean = a.diagonal()[:k].mean()
+    return damping * (mean if mean >= torch.finfo(torch.float64).tiny else torch.ones_like(mean))
 
 
 class OutputMoments:
