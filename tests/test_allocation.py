@@ -299,7 +299,7 @@ def test_prune_measures_the_ranked_heads_when_sequential_re_ranks_them(tiny, mon
     if kind != "bert":
         pytest.skip("grouped queries rank in any case")
     calls = _count_measurements(monkeypatch)
-    monkeypatch.setattr(P, "_sequential", lambda args, loaded, batches, scores, heads, removal: (heads, scores))
+    monkeypatch.setattr(P, "_sequential", lambda args, loaded, batches, scores, heads: (heads, scores))
     args = Namespace(steps=1, ratio=0.25, count=None, damping=0.01, quiet=True, sequential=sequential, gqa="even")
     loaded = Namespace(model=model)
     heads, _ = P._select(args, loaded, batches, scores, {"scope": "measured", "gqa": "even"}, "refit")
