@@ -103,8 +103,7 @@ def interrupted(args) -> str:
 
     kept = [p for p in checkpoint_files(_checkpoint(out)) if os.path.exists(p)]
     if args.command == "scan" and kept:
-        parts.append(f"the checkpoint {kept[0] if len(kept) == 1 else ', '.join(kept)} keeps the batches done: run "
-                     "again with --resume to continue")
+        parts.append(f"the checkpoint {', '.join(kept)} keeps the batches done: run again with --resume to continue")
     return "interrupted; " + "; ".join(parts)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import commands as C
-from .load import BUNDLED_MODELS, bundled_path, load_model
+from .load import BUNDLED_MODELS, bundled_path, load_model, prune_folder
 from .recover_command import read_report
 
 
@@ -78,11 +78,10 @@ def _parents(folder: Path) -> list:
 def _report(path: Path) -> Optional[dict]:
     """``report.json`` of a directory written by ``headprune prune`` or ``recover`` (its model is
     in ``model/``), given as that directory or as its ``model/``, else ``None``."""
-    if path.name == "model" and not (path / "report.json").is_file() and (path.parent / "report.json").is_file():
-        path = path.parent
-    if not ((path / "model").is_dir() and (path / "report.json").is_file()):
+    folder = prune_folder(path)
+    if folder is None:
         return None
-    report = read_report(path, "MODEL")
+    report = read_report(folder, "MODEL")
     return report if isinstance(report, dict) else {}
 
 

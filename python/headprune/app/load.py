@@ -97,7 +97,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
         path, gguf = bundled_path(spec)
     else:
         path = Path(spec)
-        if _prune_output(path):  # the folder headprune prune writes: its model is in model/
+        if prune_folder(path) == path and not os.path.lexists(path / "config.json"):  # prune's folder: model/
             path = path / "model"
         if not path.exists():
             raise FileNotFoundError(
@@ -115,11 +115,14 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
 
 
-def _prune_output(path: Path) -> bool:
-    """Whether ``path`` is a folder ``headprune prune`` (or ``recover``) wrote: ``report.json``
-    beside ``model/``, and no model of its own."""
-    return (path.is_dir() and not os.path.lexists(path / "config.json") and (path / "report.json").is_file()
-            and (path / "model").is_dir())
+def prune_folder(path) -> Optional[Path]:
+    """The folder ``headprune prune`` (or ``recover``) wrote that ``path`` is, or whose ``model/``
+    it is (``report.json`` beside ``model/``), else ``None``."""
+    path = Path(path)
+    for folder in (path, path.parent) if path.name == "model" else (path,):
+        if (folder / "report.json").is_file() and (folder / "model").is_dir():
+            return folder
+    return None
 
 
 def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accept) -> Loaded:

@@ -64,6 +64,7 @@ def check_model(args, loaded) -> None:
     """--protect-layers, --kv-ratio and --sequential's --score against the model's attention sites
     and kind (the command line prunes causal LMs and encoders: one stack of layers each)."""
     from ..hf.adapters import get_adapter, head_counts, resolve_sites
+    from ..ranking.layouts import grouped_queries
 
     adapter = get_adapter(loaded.model)
     sites = resolve_sites(loaded.model, adapter)
@@ -71,8 +72,7 @@ def check_model(args, loaded) -> None:
     if bad:
         raise ValueError(f"--protect-layers: indices {bad} out of range for {len(sites)} layers (attention sites "
                          f"0-{len(sites) - 1})")
-    counts = [head_counts(s, adapter) for s in sites]
-    if args.kv_ratio and not any(kv and q // kv > 1 for q, kv in counts):
+    if args.kv_ratio and not grouped_queries(head_counts(s, adapter) for s in sites):
         raise ValueError("--kv-ratio: the model has no grouped queries; every KV head goes with its query head")
     if args.sequential and args.score is not None and (
             args.scope == "per_layer" or args.scope is None and loaded.kind == "causal"):

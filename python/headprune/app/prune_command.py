@@ -94,8 +94,9 @@ def _absolute(model: str, settings: dict) -> dict:
     them from another working directory; bundled names stay names."""
     from .texts import data_paths
 
-    if settings.get("data") and data_paths(settings["data"]) != settings["data"]:
-        settings["data_path"] = data_paths(settings["data"])
+    paths = data_paths(settings["data"]) if settings.get("data") else None
+    if paths is not None and paths != settings["data"]:
+        settings["data_path"] = paths
     return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
 
 

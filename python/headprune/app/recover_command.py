@@ -17,7 +17,7 @@ import torch
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .load import SAVE_TYPES, load_model, round_to_saved
+from .load import SAVE_TYPES, load_model, prune_folder, round_to_saved
 from .report import validation_sentence
 
 #: the report's quality columns, in order
@@ -153,7 +153,7 @@ def read_report(path: Path, arg: str):
 
 def _pruned_dir(path: Path) -> dict:
     """``report.json`` of a directory written by ``headprune prune``, checked."""
-    if not (path / "model").is_dir() or not (path / "report.json").is_file():
+    if prune_folder(path) != path:
         raise FileNotFoundError(f"DIR: {path} is not a directory written by headprune prune "
                                 "(it needs model/ and report.json)")
     report = read_report(path, "DIR")

@@ -125,9 +125,9 @@ def collect(
     return session.scores()
 
 
-def _as_dict(fingerprint: str) -> dict:
-    """A caller's string fingerprint as a dict: the object it holds if it is JSON for one (so a
-    refusal names the keys that differ), else ``{"fingerprint": fingerprint}``."""
+def _as_dict(fingerprint) -> dict:
+    """A caller's fingerprint (a dict, or a string) as a dict: canonical JSON's object where it
+    is one (so a refusal names the keys that differ), else ``{"fingerprint": fingerprint}``."""
     try:
         parsed = json.loads(canonical(fingerprint))
     except ValueError:
@@ -150,7 +150,7 @@ def _open_checkpoint(session, path, fingerprint, resume, model) -> tuple:
     The checkpoint's fingerprint is the caller's and the digest of ``model``'s weights."""
     if path is None:
         return None, 0
-    fingerprint = json.loads(canonical(fingerprint)) if isinstance(fingerprint, Mapping) else _as_dict(fingerprint)
+    fingerprint = _as_dict(fingerprint)
     fingerprint["weights"] = weights_digest(model)
     ckpt = Checkpoint(path, canonical(fingerprint), session.scores().layout_fingerprint())
     state = ckpt.load() if resume else None

@@ -27,7 +27,13 @@ __all__ = ["even_layouts", "best_layout", "layout_heads", "head_costs", "allocat
 
 def has_grouped_queries(scores) -> bool:
     """Whether some site of ``scores`` shares a KV head among several query heads."""
-    return any(hkv and hq // hkv > 1 for hq, hkv in zip(scores.num_heads, scores.num_kv_heads))
+    return grouped_queries(zip(scores.num_heads, scores.num_kv_heads))
+
+
+def grouped_queries(counts) -> bool:
+    """Whether some ``(query heads, KV heads)`` pair of ``counts`` shares a KV head among several
+    query heads (:func:`has_grouped_queries` of the sites' counts)."""
+    return any(hkv and hq // hkv > 1 for hq, hkv in counts)
 
 
 def even_layouts(hq: int, hkv: int, whole_groups_only: bool = False) -> dict:
