@@ -47,6 +47,17 @@ def test_allocate_kv_takes_the_cheapest_groups_by_the_ranking():
         allocate_kv(costs, [2, 2], [2, 2], 2, 3)
 
 
+
+def test_allocate_kv_growth_never_gives_back_a_whole_group():
+    # two sites of 8 heads in 4 groups, at most 5 heads each, 7 wanted and 3 whole groups: the
+    # growth took 2 whole groups at the second site, then filled the last head by turning them
+    # into one group and one head of each other (5 heads), and the request was refused
+    costs = [[21.0, 9.0, 19.0, 7.0, 1.0, 13.0, 5.0, 16.0], [6.0, 17.0, 2.0, 0.0, 8.0, 23.0, 4.0, 14.0]]
+    got = allocate_kv(costs, [4, 4], [5, 5], 7, 3)
+    assert kv_groups_removed(got, [8, 8], [4, 4]) >= 3
+    assert sum(map(len, got.values())) <= 7
+    assert allocate_even(costs, [4, 4], [5, 5], 7) == allocate_kv(costs, [4, 4], [5, 5], 7, 0)  # no bonus: unchanged
+
 def test_kv_ratio_refusals():
     s = _scores()
     with pytest.raises(ValueError, match="kv_ratio: 9 KV heads requested but at most 5 go with 16 query heads"):

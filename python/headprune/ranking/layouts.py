@@ -97,9 +97,9 @@ _FORCED = -1e12
 
 
 def _options(costs, hkv, whole, cap, forced=(), group_bonus: float = 0.0) -> dict:
-    """``{removed: (cost, heads)}``: the best even layout of each size up to ``cap`` that
-    removes every head of ``forced``; each whole group a layout removes lowers its cost by
-    ``group_bonus``."""
+    """``{removed: (cost, heads, whole groups)}``: the best even layout of each size up to
+    ``cap`` that removes every head of ``forced``; each whole group a layout removes lowers its
+    cost by ``group_bonus``."""
     forced = set(forced)
     costs = [_FORCED if h in forced else c for h, c in enumerate(costs)]
     out = {}
@@ -108,7 +108,7 @@ def _options(costs, hkv, whole, cap, forced=(), group_bonus: float = 0.0) -> dic
             scored = []
             for g, t in layouts:
                 cost, heads = best_layout(costs, hkv, g, t)
-                scored.append((cost - group_bonus * g, heads))
+                scored.append((cost - group_bonus * g, heads, g))
             best = min(scored, key=lambda x: (x[0], x[1]))
             if forced <= set(best[1]):
                 out[r] = best
@@ -164,7 +164,10 @@ def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_grou
     """``{site: heads}``: at most ``want`` heads in even layouts, at most ``caps[site]`` per
     site, grown one layout step at a time at the least cost per head added, from ``forced``
     (``{site: heads already removed}``, an even layout each); ``group_bonus`` lowers the cost
-    of a layout by that much per whole group it removes (see :func:`allocate_kv`)."""
+    of a layout by that much per whole group it removes (see :func:`allocate_kv`), and then no
+    step gives back a whole group a site's layout removed (5 of 8 heads in 4 groups, one group
+    and one head of each other, after 4 of them, two groups, would fill the budget but keep
+    one KV head more)."""
     forced = forced or {}
     options = [_options(c, kv, whole_groups_only, cap, forced.get(i, ()), group_bonus)
                for i, (c, kv, cap) in enumerate(zip(costs, kv_heads, caps))]
@@ -180,9 +183,10 @@ def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_grou
         best = None
         for site, opts in enumerate(options):
             now = opts[removed[site]][0] if removed[site] else 0.0
-            for r, (cost, _) in opts.items():
+            groups = opts[removed[site]][2] if removed[site] else 0
+            for r, (cost, _, g) in opts.items():
                 step = r - removed[site]
-                if 0 < step <= left:
+                if 0 < step <= left and (g >= groups or not group_bonus):
                     key = ((cost - now) / step, site, r)
                     if best is None or key < best:
                         best = key
