@@ -159,8 +159,28 @@ def test_refusals(tmp_path):
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         export_gguf(_llama(), tmp_path / "m.gguf")
     assert (tmp_path / "m.gguf").read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary left
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(IsADirectoryError, match="path: .*d.gguf is a directory"):
+        export_gguf(_llama(), tmp_path / "d.gguf", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "m.gguf"]  # no temporary left
 
+
+
+@pytest.mark.parametrize("change", [{"num_hidden_layers": 3}, {"intermediate_size": 48}, {"vocab_size": 80}])
+def test_a_source_of_another_model_is_refused(tmp_path, change):
+    import transformers
+
+    config = tiny_config("llama")
+    for key, value in change.items():
+        setattr(config, key, value)
+    export_gguf(transformers.LlamaForCausalLM(config).eval(), tmp_path / "other.gguf")
+    model = _llama()
+    prune_heads(model, {0: [1], 1: [1]})
+    with pytest.raises(ValueError, match="source: .*other.gguf is a GGUF of another model: its "):
+        export_gguf(model, tmp_path / "m.gguf", source=tmp_path / "other.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.gguf"]  # nothing written
+    export_gguf(_llama(seed=1), tmp_path / "same.gguf")  # the same shapes, other weights: a source
+    export_gguf(model, tmp_path / "m.gguf", source=tmp_path / "same.gguf")
 
 def test_a_model_read_from_gguf_saves_like_any_other(tmp_path):
     """transformers leaves a GGUF quantizer on what it reads (its weights are plain floats), and

@@ -18,8 +18,12 @@ With the GGUF the model was read from (``source``), every field and every tensor
 the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and
 embeddings; a ``deci`` file's fields renamed from ``llama.*``); the attention projections are
 written from the pruned model, in the source tensor's quantisation where the ``gguf`` package
-can write it (kept q/k/v rows of a Q4_1 or Q8_0 tensor re-quantise to exactly their original
-blocks; the refit output projection carries the quantisation's error), else in float16.
+can write it, else in float16. Kept q/k/v rows of a Q4_1 or Q8_0 tensor re-quantise to exactly
+their original blocks when the model holds the values read from the file (``headprune prune``
+writes its GGUF so, from the float32 model); from a directory saved in bfloat16, as ``prune``
+saves a model read from a quantised GGUF, ``headprune export`` re-quantises values rounded to
+bfloat16, whose blocks can differ from the original ones by about that rounding. The refit
+output projection carries the quantisation's error either way.
 Without a source, every tensor is written from the model in float32 or float16, with the
 architecture's fields and no tokenizer.
 """
@@ -128,7 +132,10 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
     if reader is not None:
         if found != family:
             raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {family!r}")
+        _check_source(gguf, reader, model, family, len(sites), source)
     path = os.fspath(path)
+    if os.path.isdir(path):  # before the whole file is written beside it
+        raise IsADirectoryError(f"path: {path} is a directory; expected the GGUF file's path")
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"path: {path} exists; pass overwrite=True to replace it")
     tmp = atomic.temp_sibling(path)
@@ -148,6 +155,30 @@ def _read_source(gguf, source) -> tuple:
         return reader, reader.fields["general.architecture"].contents()
     except (KeyError, ValueError, IndexError, struct.error) as e:
         raise ValueError(f"source: {source} is not a readable GGUF ({type(e).__name__}: {e})") from e
+
+
+def _check_source(gguf, reader, model, family: str, layers: int, source) -> None:
+    """Refuse a source GGUF of another model: its fields and tensors are copied beside the
+    model's attention, so its layer count, widths and every tensor it shares with the model
+    must match the model's (what pruning changes, the attention, aside)."""
+    config = model.config
+    for key, want in (("block_count", layers), ("embedding_length", getattr(config, "hidden_size", None)),
+                      ("feed_forward_length", getattr(config, "intermediate_size", None))):
+        field = reader.fields.get(f"{family}.{key}")
+        if field is not None and want is not None and int(field.contents()) != int(want):
+            raise ValueError(f"source: {source} is a GGUF of another model: its {family}.{key} is "
+                             f"{int(field.contents())}, the model's is {int(want)}")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    sizes = {}
+    for hf_name, value in model.state_dict().items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is not None and not _attention_name(name):
+            sizes[name] = value.numel()
+    for t in reader.tensors:
+        want = sizes.get(t.name)
+        if want is not None and int(t.n_elements) != want:
+            raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} holds "
+                             f"{int(t.n_elements)} values, the model's {want}")
 
 
 def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> dict:
