@@ -293,11 +293,14 @@ def _check_validation(validation, every) -> int:
 
 class _Validation:
     """The mean distillation loss on the validation batches (teacher targets cached), and the
-    trainable parameters at the lowest seen."""
+    trainable parameters at the lowest seen. The checkpoint holds the measurements every
+    ``every`` steps; the one at the step a call ends on (:meth:`closing`) competes for that
+    call's result only, so a run stopped and resumed keeps what the same run uninterrupted keeps."""
 
     def __init__(self, teacher, batches: Sequence, every: int):
         self.targets, self.batches, self.every = _Teacher(teacher, cache=True), list(batches), every
         self.first = self.best_loss = self.best_step = self.best = None
+        self.last = None  # (loss, step, parameters) of the closing measurement
         self.seconds = 0.0  # the last measurement's
 
     @torch.no_grad()
@@ -318,6 +321,14 @@ class _Validation:
             self.best_loss, self.best_step = loss, step
             self.best = {n: p.detach().clone() for n, p in params.items()}
 
+    def closing(self, student, params: dict, step: int) -> None:
+        """The measurement at the step this call ends on, off the schedule: it is not saved."""
+        began = time.perf_counter()
+        loss = self.loss(student)
+        self.seconds = time.perf_counter() - began
+        if not math.isnan(loss) and (self.best_loss is None or loss < self.best_loss):
+            self.last = (loss, step, {n: p.detach().clone() for n, p in params.items()})
+
     def state(self) -> dict:
         return {"first": self.first, "best_loss": self.best_loss, "best_step": self.best_step, "seconds": self.seconds,
                 "best": None if self.best is None else {n: t.cpu() for n, t in self.best.items()}}
@@ -331,7 +342,10 @@ class _Validation:
         self.best = None if best is None else {n: best[n].to(p) for n, p in params.items()}
 
     def keep_best(self, params: dict) -> None:
-        """The student's parameters become the best measured."""
+        """The student's parameters become the best measured, the closing measurement included."""
+        if self.last is not None:
+            self.best_loss, self.best_step, self.best = self.last
+            self.last = None
         if self.best is not None:
             with torch.no_grad():
                 for n, p in params.items():
@@ -365,11 +379,10 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
         if n % val.every == 0:
             val.measure(student, params, n)
 
-    def finish(n: int) -> bool:  # the last step too, unless just measured; the checkpoint then holds it
-        if n % val.every == 0:
-            return False
-        val.measure(student, params, n)
-        return True
+    def finish(n: int) -> bool:  # the last step too, unless just measured; for this call's result only
+        if n % val.every:
+            val.closing(student, params, n)
+        return False
 
     hooks = {} if val is None else {"after": after, "finish": finish, "closing": lambda: val.seconds}
     done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every, save,
