@@ -142,6 +142,9 @@ def test_gradient_importance_under_no_grad_and_on_models_it_cannot_take():
     head = transformers.BertForMaskedLM(tiny_config("bert")).eval()
     with pytest.raises(ValueError, match="model: the contrastive loss pools .* BertForMaskedLM returns none"):
         gradient_importance(head, [batch], causal=False)
+    roberta = transformers.RobertaForMaskedLM(tiny_config("roberta")).eval()  # an lm_head, and no causal LM
+    with pytest.raises(ValueError, match="model: the contrastive loss pools .* RobertaForMaskedLM returns none"):
+        gradient_importance(roberta, [tiny_batch("roberta", batch=4, seq=12)])
     with pytest.raises(ValueError, match="not T5Model \\(encoder-decoder\\)"):
         gradient_importance(tiny_model("t5"), [tiny_batch("t5")])
     with pytest.raises(ValueError, match="batches: gradient importance takes text batches"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .adapters import get_adapter
 from .gates import frozen, gates
 
 __all__ = ["gradient_importance"]
@@ -74,7 +75,9 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
     if torch.is_inference_mode_enabled():
         raise RuntimeError("gradient_importance: needs autograd; call it outside torch.inference_mode()")
     if causal is None:
-        causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+        # a causal family with its LM head; a masked LM's lm_head is no next-token head
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        causal = get_adapter(model).kind == "causal" and head is not None
     n = 0
     with gates(model) as g, frozen(model), torch.enable_grad():
         total = torch.zeros(g.shape, dtype=torch.float64)
