@@ -67,7 +67,8 @@ def select_heads(
         pruned: ``{layer: [query heads]}`` already pruned (masked) in an earlier step of
             iterative pruning; they are part of the result and count towards the budget,
             and ``scores`` ranks only the rest (see :func:`headprune.hf.select_iteratively`).
-            Not with ``gqa="even"`` or ``uniform``.
+            With ``gqa="even"`` each site's pruned heads must be an even layout; not with
+            ``uniform``.
         uniform: the same layout in every site (the same number of query heads, and under GQA
             the same groups kept and heads per group), the count nearest the request, so a
             standard config describes the result; no site is protected by default, and
