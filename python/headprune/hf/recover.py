@@ -240,9 +240,11 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
         validation: batches kept out of training (a list, like ``batches``): their mean
             distillation loss is measured before the first step, every ``validate_every``
             steps (default: five times the number of validation batches, so measuring costs
-            a few percent of training) and after the last step, and the student ends with the
-            parameters of the lowest (the starting ones if no step beat them). The best so
-            far travels in the checkpoint.
+            a few percent of training) and after the last step of the call, and the student
+            ends with the parameters of the lowest (the starting ones if no step beat them).
+            The best of the scheduled measurements travels in the checkpoint; the one after
+            a call's last step, off the schedule, counts for that call only, so a resumed run
+            keeps what the run uninterrupted keeps.
 
     On any exception, ``KeyboardInterrupt`` included, the student's weights are restored
     exactly as they were; on every exit its ``requires_grad`` flags are as they were and it
