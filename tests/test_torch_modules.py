@@ -44,6 +44,37 @@ def test_encoder_matches_probabilities(norm_first):
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
+
+@pytest.mark.parametrize("kind", ["-inf", "float32 min"])
+def test_a_float_padding_mask_pads_as_the_bool_one(kind):
+    """An additive key-padding mask of float32's minimum (as transformers builds them) pads as
+    -inf and True do: the encoder's nested fast path drops those positions, and a lone
+    MultiheadAttention leaves their query rows out of the statistics."""
+    model = encoder()
+    x = torch.randn(3, 7, 32) * 3
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    pad[2, 3:] = True
+    fill = float("-inf") if kind == "-inf" else torch.finfo(torch.float32).min
+    additive = torch.zeros(3, 7).masked_fill(pad, fill)
+    with torch.no_grad():
+        want = collect_modules(model, [(x, None, pad)])
+        got = collect_modules(model, [(x, None, additive)])
+    assert torch.equal(got.count, want.count) and got.count[0, 0] == 7 + 5 + 3
+    torch.testing.assert_close(got.entropy, want.entropy, atol=1e-6, rtol=0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = model.layers[0].self_attn
+
+        def forward(self, x, kpm):
+            return self.attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+    want, got = collect_modules(M(), [(x, pad)]), collect_modules(M(), [(x, additive)])
+    assert torch.equal(got.count, want.count) and got.count[0, 0] == 7 + 5 + 3
+    torch.testing.assert_close(got.entropy, want.entropy, atol=1e-6, rtol=0)
+
 def test_standalone_mha_with_causal_mask():
     mha = nn.MultiheadAttention(16, 2, batch_first=False).eval()
     x = torch.randn(5, 2, 16)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import ops
-from ..core.schema import NUM_STATS
+from ..core.schema import MASKED_LOGIT, NUM_STATS
 from ..stats.scores import HeadScores
 
 __all__ = ["attention_modules", "collect_modules", "empty_scores"]
@@ -87,9 +87,10 @@ class _Session:
             self.stats[i] = torch.zeros(mha.num_heads, NUM_STATS, dtype=torch.float64, device=q.device)
         qm = None
         if key_padding_mask is not None and itself:
-            # torch canonicalises bool padding masks to additive floats (-inf = padded)
+            # torch canonicalises bool padding masks to additive floats (-inf = padded); an
+            # additive value the ops take as masked (<= MASKED_LOGIT: -inf, float32's min) pads
             kpm = key_padding_mask
-            qm = ~kpm if kpm.dtype == torch.bool else ~torch.isneginf(kpm)
+            qm = ~kpm if kpm.dtype == torch.bool else ~(kpm <= MASKED_LOGIT)
         mask = _attend_mask(attn_mask, key_padding_mask, q.shape[0], q.shape[1])
         ops.entropy_stats_from_qk_accumulate_(self.stats[i], q, k, mha.head_dim**-0.5, mask, False, qm)
 
@@ -117,7 +118,8 @@ class _Session:
     def encoder_hook(self, enc, args, kwargs):
         a = dict(zip(("src", "mask", "src_key_padding_mask", "is_causal"), args), **kwargs)
         kpm = a.get("src_key_padding_mask")
-        self.padding = kpm if kpm is None or kpm.dtype == torch.bool else torch.isneginf(kpm)
+        # the nested-tensor fast path drops the positions where a float mask is non-zero
+        self.padding = kpm if kpm is None or kpm.dtype == torch.bool else kpm != 0
 
     @contextmanager
     def hooks(self, model):
