@@ -113,6 +113,14 @@ def test_errors_are_named():
         collect_modules(encoder(), ["text"])
     with pytest.raises(ValueError, match="heads: layer 0 has 4 heads"):
         mask_modules(encoder(), {0: [4]})
+    from headprune import mask_heads
+
+    model = encoder()
+    before = [p.clone() for p in model.parameters()]
+    for kw in ({"compensate": object()}, {"reconstruct": object()}, {"values": object()}):  # refused, not ignored
+        with pytest.raises(ValueError, match="compensate, reconstruct, values: supported for transformers models"):
+            mask_heads(model, {0: [1]}, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 class _Decoder(nn.Module):

@@ -61,8 +61,8 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     Plain torch models (``nn.MultiheadAttention``) are masked the same way (zeroed only).
     """
     if not hasattr(model, "config"):
-        if compensate is not None or reconstruct is not None:
-            raise ValueError("compensate, reconstruct: supported for transformers models only")
+        if compensate is not None or reconstruct is not None or values is not None:
+            raise ValueError("compensate, reconstruct, values: supported for transformers models only")
         from ..plain import mask_modules
 
         return mask_modules(model, heads)
