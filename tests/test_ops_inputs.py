@@ -284,3 +284,27 @@ def test_large_eps_in_float64():
     s = torch.zeros(3, NUM_STATS, dtype=torch.float64)
     OPS.entropy_stats_from_probs_accumulate_(s, p, None, 1e300)
     torch.testing.assert_close(s, R.entropy_stats_from_probs(p, eps=1e300), rtol=1e-12, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+@pytest.mark.parametrize("op", ["entropy_from_probs_accumulate_", "entropy_from_qk_accumulate_"])
+@pytest.mark.parametrize("which", ["sums", "counts"])
+def test_an_expanded_accumulator_is_refused_before_either_is_written(op, which):
+    """Both accumulators are written in turn: an expanded one failed at its write, after the
+    other had been added to."""
+    g = torch.Generator().manual_seed(0)
+    sums, counts = torch.full((2,), 0.5, dtype=torch.float64), torch.full((2,), 3, dtype=torch.int64)
+    if which == "sums":
+        sums = torch.full((1,), 0.5, dtype=torch.float64).expand(2)
+    else:
+        counts = torch.full((1,), 3, dtype=torch.int64).expand(2)
+    before = (sums.clone(), counts.clone())
+    with pytest.raises(ValueError, match=f"{which}: expected an accumulator whose elements do not share memory"):
+        if op == "entropy_from_probs_accumulate_":
+            ops.entropy_from_probs_accumulate_(sums, counts, torch.softmax(torch.randn(1, 2, 3, 5, generator=g), -1))
+        else:
+            ops.entropy_from_qk_accumulate_(sums, counts, torch.randn(1, 2, 3, 4, generator=g),
+                                            torch.randn(1, 2, 5, 4, generator=g), 0.5)
+    assert torch.equal(sums, before[0]) and torch.equal(counts, before[1])

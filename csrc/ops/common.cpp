@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -110,6 +111,12 @@ void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const a
                     counts.sizes());
   TORCH_CHECK_VALUE(counts.device() == like.device(), "counts: expected device ", like.device(), ", got ",
                     counts.device());
+  // both are written, one after the other: a view whose elements share memory (expanded)
+  // would fail at the second write, after the first had changed its accumulator
+  TORCH_CHECK_VALUE(at::has_internal_overlap(sums) != at::MemOverlap::Yes,
+                    "sums: expected an accumulator whose elements do not share memory, got an expanded view");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(counts) != at::MemOverlap::Yes,
+                    "counts: expected an accumulator whose elements do not share memory, got an expanded view");
 }
 
 void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads) {
