@@ -86,6 +86,10 @@ def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noq
                      "--out", tmp_path / "m"])
     assert code == 2 and err == ["headprune prune: error: --recover-steps: needs --physical (training would revive "
                                  "the masked heads)"]
+    for option, value in (("--recover-lr", "1e-4"), ("--recover-validation", "0.2")):  # not used without recovery
+        code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, option, value, "--out", tmp_path / "m"])
+        assert code == 2 and err == ["headprune prune: error: --recover-lr/--recover-validation: only --recover-steps "
+                                     "or --recover-seconds recovers"]
     code, err = run(["recover", tiny_dir, "--steps", "1", "--quiet", "--out", tmp_path / "r"])
     assert code == 2 and len(err) == 1 and "is not a directory written by headprune prune" in err[0]
     code, err = run(["recover", tmp_path / "p", "--steps", "0"])
@@ -212,6 +216,12 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     assert code == 0, err
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["recover"]["resumed_from"] == 2 and report["recover"]["steps"] == 4
+    assert "Distillation loss " in (tmp_path / "b" / "report.md").read_text()
+    code, err = run([*rec, "--steps", "4", "--checkpoint", ckpt, "--out", tmp_path / "b2"])  # nothing left to do
+    assert code == 0, err
+    assert json.loads((tmp_path / "b2" / "report.json").read_text())["recover"]["loss_first"] is None
+    assert ("No distillation step ran in this call: the checkpoint held every step asked for."
+            in (tmp_path / "b2" / "report.md").read_text())
     assert "resumed from step 2 of a checkpoint" in (tmp_path / "b" / "report.md").read_text()
     code, err = run([*rec, "--steps", "4", "--out", tmp_path / "c"])
     assert code == 0, err
@@ -224,7 +234,9 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     code, err = run(["recover", tmp_path / "nope", "--quiet", "--out", tmp_path / "e"])  # DIR named first
     assert code == 2 and "DIR: " in err[-1] and "is not a directory written by headprune prune" in err[-1]
     code, err = run([*rec, "--steps", "1", "--checkpoint", tmp_path / "f" / "state.pt", "--out", tmp_path / "f"])
-    assert code == 2 and "--checkpoint: inside the output directory" in err[-1] and not (tmp_path / "f").exists()
+    assert code == 2 and "--checkpoint: at or inside the output directory" in err[-1] and not (tmp_path / "f").exists()
+    code, err = run([*rec, "--steps", "1", "--checkpoint", tmp_path / "f", "--out", tmp_path / "f"])  # the same path
+    assert code == 2 and "--checkpoint: at or inside the output directory" in err[-1] and not (tmp_path / "f").exists()
 
 
 def test_prune_recover_seconds(run, tmp_path, tiny_dir):  # noqa: F811

@@ -384,6 +384,6 @@ def prune_recover_args(p: argparse.ArgumentParser) -> None:
                    help="as headprune recover --seconds: recover for at most this many seconds (alone, or with "
                         "--recover-steps: whichever ends first)")
     g.add_argument("--recover-lr", type=learning_rate, default=None, help=f"its AdamW learning rate ({_LR_HELP})")
-    g.add_argument("--recover-validation", type=fraction, default=RECOVER_VALIDATION, metavar="FRACTION",
+    g.add_argument("--recover-validation", type=fraction, default=None, metavar="FRACTION",
                    help="as headprune recover --validation: " + _VALIDATION_HELP)
 

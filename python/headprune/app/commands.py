@@ -53,10 +53,11 @@ def check_out(out: Path, force: bool) -> None:
 
 
 def refuse_inside_out(out: Path, path, flag: str) -> None:
-    """A state file ``path`` given by ``flag`` inside ``--out`` (written whole at the end, so
-    it would make ``--out`` non-empty and the run fail there) is refused before anything runs."""
-    if path and out.resolve() in Path(path).resolve().parents:
-        raise ValueError(f"{flag}: inside the output directory {out}, which is written whole at the end; "
+    """A state file ``path`` given by ``flag`` inside ``--out`` or at ``--out`` itself (written
+    whole at the end, so it would make ``--out`` non-empty, or a file, and the run fail there)
+    is refused before anything runs."""
+    if path and (out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):
+        raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
 
 

@@ -19,7 +19,7 @@ from . import plots
 from .load import SAVE_TYPES, round_to_saved, weight_bytes
 from .prune_checks import check_model, check_options
 from .recipe_text import describe_recipe
-from .recover_command import recover_after_prune, recovers
+from .recover_command import recover_after_prune, recover_validation, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import learned_protection, learned_selection, removal_kwargs, removal_of
@@ -73,7 +73,7 @@ def prune(args) -> int:
                          "removal": removal, "refit_values": values, "damping": args.damping,
                          "sequential": args.sequential, "saved_dtype": saved_as, "recover_steps": args.recover_steps,
                          "recover_seconds": args.recover_seconds,
-                         **({"recover_lr": recovered["lr"], "recover_validation": args.recover_validation}
+                         **({"recover_lr": recovered["lr"], "recover_validation": recover_validation(args)}
                             if recovered else {}), **kw})
         report.update(settings=settings, **_absolute(args.model, settings))
         _warn_if_kv_grew(report)

@@ -9,6 +9,7 @@ Also the ``--recover-steps``/``--recover-seconds`` stage of ``headprune prune``
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from . import commands as C
 from . import evaluate as E
 from . import texts
+from .arguments import RECOVER_VALIDATION
 from .load import SAVE_TYPES, load_model, prune_folder, round_to_saved
 from .report import validation_sentence
 
@@ -124,6 +126,13 @@ def check_recovery(args) -> None:
     if recovers(args) and args.mode == "mask":
         raise ValueError(f"{'--recover-steps' if args.recover_steps else '--recover-seconds'}: needs --physical "
                          "(training would revive the masked heads)")
+    if not recovers(args) and (args.recover_lr is not None or args.recover_validation is not None):
+        raise ValueError("--recover-lr/--recover-validation: only --recover-steps or --recover-seconds recovers")
+
+
+def recover_validation(args) -> float:
+    """``--recover-validation``, or its default."""
+    return RECOVER_VALIDATION if args.recover_validation is None else args.recover_validation
 
 
 def recover_after_prune(args, stage, loaded, teacher, settings: dict):
@@ -138,7 +147,7 @@ def recover_after_prune(args, stage, loaded, teacher, settings: dict):
     samples = sum(len(b["input_ids"]) for b in batches)
     with stage(f"recovering: {budget(args.recover_steps, args.recover_seconds)} toward the unpruned model", "recover"):
         result = recover_stage(args, loaded.model, teacher, batches, steps=args.recover_steps or None,
-                               lr=args.recover_lr, validation=args.recover_validation, seconds=args.recover_seconds)
+                               lr=args.recover_lr, validation=recover_validation(args), seconds=args.recover_seconds)
     return result | {"samples": samples}
 
 
@@ -282,13 +291,20 @@ def _how(r: dict, s: dict) -> str:
     return "".join(f", {b}" for b in bits)
 
 
+def _losses(r: dict) -> str:
+    """The distillation loss of this call's first and last step, or that no step ran."""
+    first, last = r.get("loss_first"), r.get("loss_last")
+    if first is None or math.isnan(first):  # a checkpoint that held every step asked for
+        return " No distillation step ran in this call: the checkpoint held every step asked for."
+    return f" Distillation loss {first:.4g} at the first step, {last:.4g} at the last."
+
+
 def report_markdown(report: dict) -> str:
     s, r = report["settings"], report["recover"]
     return (f"# headprune recovery: {report['pruned']}\n\n"
             f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s{_how(r, s)}; "
             f"training {r['train']}, {r['parameters']:,} parameters, learning rate {s['recover_lr']:g}) on "
-            f"{s['samples']} x {s['seq_len']} tokens of `{s['data']}`. Distillation loss {r['loss_first']:.4g} at "
-            f"the first step, {r['loss_last']:.4g} at the last.{validation_sentence(r)}\n\n"
+            f"{s['samples']} x {s['seq_len']} tokens of `{s['data']}`.{_losses(r)}{validation_sentence(r)}\n\n"
             f"{quality_table(report)}\n\n"
             f"Held-out text is the last 30% of each text's paragraphs, never trained on; a gain on the "
             f"calibration text alone would be overfitting.\n")
