@@ -133,6 +133,13 @@ def test_pruning_a_masked_directory_again(tmp_path, monkeypatch, capsys):
     for layer, heads in kept.items():  # both rounds' heads are gone, by their original indices
         assert set(heads).isdisjoint({*masked.get(layer, []), *new.get(layer, [])})
     assert sum(map(len, kept.values())) == 4 * 2 - 3
+    # a sweep of the masked directory removes them first as well, and chooses among the rest
+    assert main(["sweep", "m/model", "--ratios", "0.25", "--seeds", "1", "--out", "s", *common[:4]]) == 0
+    result = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert result["settings"]["masked_in_input"] == 2
+    for chosen in result["heads"]["default"]:  # per ratio; no masked head chosen again
+        for layer, heads in chosen.items():
+            assert set(heads).isdisjoint(masked.get(int(layer), []))
 
 
 def test_a_learned_score_budget_out_of_reach_is_refused_before_training(tmp_path, monkeypatch, capsys):

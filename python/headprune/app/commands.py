@@ -356,6 +356,9 @@ def sweep(args) -> int:
     out = _out(args, "sweep")
     check_out(out, args.force)
     loaded, batches, held, settings = _setup(args)
+    from .removal_stage import remove_zeroed
+
+    remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
     if getattr(args, "refit_values", None):  # before the collection, as prune does
         from .removal_stage import refuse_values
 

@@ -60,7 +60,7 @@ def remove_zeroed(args, loaded, settings: dict) -> None:
     n = sum(map(len, zeroed.values()))
     if not n:
         return
-    if args.mode == "mask":
+    if getattr(args, "mode", None) == "mask":  # the sweep has no --mask: it masks nothing it keeps
         raise ValueError(f"MODEL: {args.model} already holds {n} masked heads (their output columns are zero), which "
                          "masking again would choose first; prune it without --mask (they are removed with the "
                          "heads chosen now), or mask the unpruned model with the total ratio")
