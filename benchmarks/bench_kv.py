@@ -45,9 +45,9 @@ def run(args, specs: dict) -> dict:
     points = [(r, kv) for r in args.ratios for kv in args.kv_shares if kv <= r + 1e-9]
     chosen = {p: select_heads(scores, ratio=p[0], gqa="even", kv_ratio=p[1] or None, damping=args.damping)
               for p in points}
-    rows = []
+    rows, cache = [], {}  # value moments by selection (where the value refit is the default), shared by the texts
     for text, spec in specs.items():
-        point = evaluator(loaded, args.model, spec, args)
+        point = evaluator(loaded, args.model, spec, args, batches, cache)
         rows.append({"evaluated_on": text, "ratio": 0.0, "kv_share": 0.0, "heads_pruned": 0,
                      "kv_heads": sum(scores.num_kv_heads), "quality": point.baseline_value})
         for (ratio, kv), heads in chosen.items():
