@@ -334,3 +334,21 @@ def _never_collecting(tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "_collect", collect)
     monkeypatch.chdir(tmp_path)
     return _checkpoint(tmp_path, _tokenizer_dir(tmp_path), "float32", config_names_it=True)
+
+
+def test_pictures_and_summaries_of_a_pruned_model_name_heads_by_original_index():
+    """A model pruned before keeps fewer heads: the heatmap's columns and the scan summary's
+    rows are positions among the heads kept, while reports name heads by original index."""
+    from headprune.app.plots import _positions
+
+    model = tiny_model("llama")
+    prune_heads(model, {1: [1]})  # layer 1 keeps heads 0, 2, 3
+    scores = collect(model, [tiny_batch("llama")], progress=False)
+    assert _positions(scores, {1: [2, 3], 0: [1]}) == {1: [1, 2], 0: [1]}
+    from headprune.core.schema import Stat
+
+    count = scores.stats[1, :3, Stat.COUNT]
+    scores.stats[1, :3, Stat.SUM] = count * torch.tensor([0.1, 5.0, 0.2], dtype=count.dtype)  # position 1 most diffuse
+    row = next(line for line in scores_markdown("m", scores, {"samples": 1, "seq_len": 8, "data": "d"}).splitlines()
+               if line.startswith(f"| {scores.names[1]} |"))
+    assert row.split("|")[5].strip() == "2"  # original head 2, at position 1

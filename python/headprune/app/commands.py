@@ -332,7 +332,8 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
             lines.append(f"| {scores.names[i]} | no head left | | | | |")
             continue
         lines.append(f"| {scores.names[i]} | {row.nanmean():.3f} | {row.min():.3f} | {row.max():.3f} | "
-                     f"{int(row.nan_to_num(-1).argmax())} | {sink[i, : scores.num_heads[i]].nanmean():.3f} |")
+                     f"{scores.ids(i, [int(row.nan_to_num(-1).argmax())])[0]} | "
+                     f"{sink[i, : scores.num_heads[i]].nanmean():.3f} |")
     return "\n".join(lines) + "\n"
 
 

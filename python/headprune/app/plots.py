@@ -35,7 +35,7 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
     for ax, (v, label) in zip(axes[0], panels):
         im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, label=label)
-        _mark(ax, pruned, protected, H)
+        _mark(ax, _positions(scores, pruned), protected, H)
         _axes(ax, scores, L, H)
     n = sum(len(v) for v in (pruned or {}).values())
     notes = [f"red x: {n} pruned heads" if pruned else "", "white box: kept whole" if protected else ""]
@@ -50,6 +50,16 @@ def _unit(score: str) -> str:
     return " (nats)" if score in ("entropy", "rest") else (" (fraction)" if score == "sink" else "")
 
 
+def _positions(scores, pruned) -> dict:
+    """``pruned`` (original head indices, as reports give them) as the columns of ``scores``'
+    rows: a model pruned before keeps fewer heads, and its columns are their positions."""
+    out = {}
+    for layer, hs in (pruned or {}).items():
+        ids = None if scores.head_ids is None else scores.head_ids[int(layer)]
+        out[layer] = [h if ids is None else ids.index(h) for h in hs]
+    return out
+
+
 def _mark(ax, pruned, protected, heads: int) -> None:
     from matplotlib.patches import Rectangle
 
@@ -60,7 +70,7 @@ def _mark(ax, pruned, protected, heads: int) -> None:
 
 
 def _axes(ax, scores, sites: int, heads: int) -> None:
-    ax.set_xlabel("query head")
+    ax.set_xlabel("query head (position among the heads kept)" if scores.head_ids is not None else "query head")
     ax.set_ylabel("site")
     ax.set_xticks(range(heads))
     step = max(1, sites // 16)
