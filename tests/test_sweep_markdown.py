@@ -67,3 +67,35 @@ def test_kv_bytes_of_a_model_without_heads_left_is_zero_not_unknown():
     prune_heads(model, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
     assert measure(model)["kv_cache_bytes_per_token"] == 0
     assert measure(tiny_model("bert"))["kv_cache_bytes_per_token"] is None  # no causal site
+
+
+def test_a_recipe_whose_layout_rounds_to_no_head_is_said_not_starred():
+    result = {**_result([[12.0, 13.0], [20.0, 25.0]]), "recipes": {"default": [11.0, 18.0], "uniform": [10.0, 19.0]},
+              "heads": {"default": [{"1": [2]}, {"1": [2, 3]}], "uniform": [{}, {"0": [1], "1": [1]}]}}
+    rows = [line for line in sweep_markdown(result).splitlines() if line.startswith("| 0.")]
+    assert rows[0].startswith("| 0.30 | 11 * | 10 (no head) |") and rows[1].startswith("| 0.50 | 18 * | 19 * |")
+    assert "`(no head)`: the layout of uniform rounds to no head there" in sweep_markdown(result)
+
+
+def test_the_sweep_plot_draws_the_ratios_in_order(tmp_path, monkeypatch):
+    from headprune.app import plots
+
+    drawn = []
+    real = plots._plt
+
+    def spy():
+        plt = real()
+        original = plt.Axes.plot
+
+        def plot(self, x, y, *a, **k):
+            drawn.append((list(x), list(y)))
+            return original(self, x, y, *a, **k)
+
+        monkeypatch.setattr(plt.Axes, "plot", plot)
+        return plt
+
+    monkeypatch.setattr(plots, "_plt", spy)
+    result = {**_result([[25.0], [12.0]]), "ratios": [0.5, 0.1], "recipes": {"default": [30.0, 11.0]}}
+    plots.sweep_plot(result, tmp_path / "s.png")
+    assert ([0.1, 0.5], [11.0, 30.0]) in drawn  # the recipe, and the random mean (a geometric mean: rounding)
+    assert any(x == [0.1, 0.5] and y == pytest.approx([12.0, 25.0]) for x, y in drawn)

@@ -81,6 +81,10 @@ def _axes(ax, scores, sites: int, heads: int) -> None:
 def sweep_plot(result: dict, path: Path) -> Path:
     """Quality against the fraction of heads pruned: one line per recipe, random as a band."""
     plt = _plt()
+    order = sorted(range(len(result["ratios"])), key=result["ratios"].__getitem__)  # lines left to right
+    pick = lambda rows: [rows[i] for i in order] if rows else rows  # noqa: E731
+    result = {**result, "ratios": pick(result["ratios"]), "random": pick(result["random"]),
+              "recipes": {k: pick(v) for k, v in result["recipes"].items()}}
     ratios = result["ratios"]
     metric = result["metric"]
     fig, ax = plt.subplots(figsize=(10.0, 4.2))

@@ -377,12 +377,17 @@ def sweep_markdown(result: dict) -> str:
     lines = [f"{result['metric']} of {result['model']} on held-out {where} "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    heads, empty = result.get("heads", {}), set()  # cells whose layout rounds to no head: the unpruned model
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
         cells = [f"{r:.2f}"]
         for n in names:
             v = result["recipes"][n][i]
+            if r > 0 and n in heads and not sum(map(len, heads[n][i].values())):
+                empty.add(n)
+                cells.append(number(v) + " (no head)")
+                continue
             better = mean is not None and (v < mean if lower else v > mean)
             cells.append(number(v) + (" *" if better else ""))
         if rnd:
@@ -390,4 +395,6 @@ def sweep_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if draws:
         lines += ["", "`*` = better than the random mean at that fraction."]
+    if empty:
+        lines += ["", f"`(no head)`: the layout of {', '.join(sorted(empty))} rounds to no head there (unpruned)."]
     return "\n".join(lines) + "\n"
