@@ -130,11 +130,15 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
     per group, the smallest (found by bisection) with which the allocation removes that many,
     so the layouts stay the cheapest by the ranking that meet the KV budget; of the bonuses
     tried that meet it, one whose allocation removes the most query heads (up to ``want``:
-    the greedy growth can stop short at some bonuses), the smallest of those."""
+    the greedy growth can stop short at some bonuses), the smallest of those. Where even the
+    largest bonus falls short because the growth filled the last of the budget by giving back
+    whole groups (5 of 8 heads in 4 groups, one group and one head of each other, after 4 of
+    them, two groups), every run keeps the groups a site's layout removed."""
     num_heads = [len(c) for c in costs]
+    keep = False  # whether the growth may give back whole groups (see the end of the docstring)
 
     def run(bonus):
-        chosen = allocate_even(costs, kv_heads, caps, want, forced=forced, group_bonus=bonus)
+        chosen = allocate_even(costs, kv_heads, caps, want, forced=forced, group_bonus=bonus, keep_groups=keep)
         return chosen, kv_groups_removed(chosen, num_heads, kv_heads)
 
     chosen, got = run(0.0)
@@ -143,6 +147,9 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
     finite = [c for cs in costs for c in cs if math.isfinite(c)]
     hi = 2.0 * (max(finite, default=0.0) + 1.0) * max(num_heads)
     chosen, got = run(hi)
+    if got < kv_want:  # the growth filled the budget by giving back whole groups: not here
+        keep = True
+        chosen, got = run(hi)
     if got < kv_want:
         raise ValueError(f"kv_ratio: {kv_want} KV heads requested but at most {got} go with {want} query heads in even "
                          "layouts under these caps; raise the ratio or lower kv_ratio")
@@ -160,14 +167,12 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
 
 
 def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False,
-                  forced: dict | None = None, group_bonus: float = 0.0) -> dict:
+                  forced: dict | None = None, group_bonus: float = 0.0, keep_groups: bool = False) -> dict:
     """``{site: heads}``: at most ``want`` heads in even layouts, at most ``caps[site]`` per
     site, grown one layout step at a time at the least cost per head added, from ``forced``
     (``{site: heads already removed}``, an even layout each); ``group_bonus`` lowers the cost
-    of a layout by that much per whole group it removes (see :func:`allocate_kv`), and then no
-    step gives back a whole group a site's layout removed (5 of 8 heads in 4 groups, one group
-    and one head of each other, after 4 of them, two groups, would fill the budget but keep
-    one KV head more)."""
+    of a layout by that much per whole group it removes (see :func:`allocate_kv`); with
+    ``keep_groups`` no step gives back a whole group a site's layout removed."""
     forced = forced or {}
     options = [_options(c, kv, whole_groups_only, cap, forced.get(i, ()), group_bonus)
                for i, (c, kv, cap) in enumerate(zip(costs, kv_heads, caps))]
@@ -186,7 +191,7 @@ def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_grou
             groups = opts[removed[site]][2] if removed[site] else 0
             for r, (cost, _, g) in opts.items():
                 step = r - removed[site]
-                if 0 < step <= left and (g >= groups or not group_bonus):
+                if 0 < step <= left and (g >= groups or not keep_groups):
                     key = ((cost - now) / step, site, r)
                     if best is None or key < best:
                         best = key
