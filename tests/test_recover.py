@@ -207,7 +207,8 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
 @pytest.mark.parametrize("kw, message", [
     ({"steps": 0}, "steps: expected a positive int or None, got 0"),
     ({"steps": 2.5}, "steps: expected a positive int or None"),
-    ({"steps": None}, "steps: None (until the time budget) needs time_budget_s"),
+    ({"steps": None}, "steps: None (until the time budget) needs a finite time_budget_s, got None"),
+    ({"steps": None, "time_budget_s": float("inf")}, "needs a finite time_budget_s, got inf"),
     ({"lr": 0}, "lr: expected a positive finite number, got 0"),
     ({"lr": -1e-3}, "lr: expected a positive finite number"),
     ({"lr": float("nan")}, "lr: expected a positive finite number"),

@@ -30,8 +30,8 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
     """The options every training run here takes (:func:`recover`, ``learn_gates``);
     ``open_ended``: ``steps=None`` (until the time budget) is allowed with a time budget."""
     if steps is None and open_ended:
-        if time_budget_s is None:
-            raise ValueError("steps: None (until the time budget) needs time_budget_s")
+        if time_budget_s is None or time_budget_s == math.inf:
+            raise ValueError(f"steps: None (until the time budget) needs a finite time_budget_s, got {time_budget_s!r}")
     elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected a positive int{' or None' if open_ended else ''}, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
@@ -41,7 +41,6 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
-
 
 
 def _cycle(batches):
