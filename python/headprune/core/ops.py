@@ -79,7 +79,8 @@ def entropy_from_qk_accumulate_(
         scale: logit scale, usually ``D ** -0.5``; finite and within the range of the type
             the logits are computed in (float32, float64 for float64 inputs).
         attn_mask: bool (True = attend) or additive float, broadcastable to
-            ``[B, Hq, Q, K]``; additive values ``<= -1e37`` (``-inf``, float32 min) mask a key.
+            ``[B, Hq, Q, K]``; additive values ``<= -1e37`` (``-inf``, float32 min) mask a key
+            (the bound is float32's nearest, -9.99999993e36, also for float64 inputs).
         is_causal: query ``i`` sees keys ``j <= i + K - Q`` (last query aligned with last key).
         query_mask: optional ``[B, Q]`` bool excluding padded query rows.
 
@@ -126,7 +127,8 @@ def attention_stats_accumulate_(
 ) -> torch.Tensor:
     """Attention that measures itself: returns ``softmax(query key^T * scale + attn_mask) @
     value`` (``[B, Hq, Q, Dv]``, query's dtype) and adds the statistics of its rows into
-    ``stats`` exactly as :func:`entropy_stats_from_qk_accumulate_` would.
+    ``stats`` as :func:`entropy_stats_from_qk_accumulate_` would: the same statistics of the
+    same rows, not bit for bit (the two kernels' exponentials differ by float32 rounding).
 
     ``value`` is ``[B, Hkv, K, Dv]`` (same dtype as ``key``); the other arguments are those of
     :func:`entropy_from_qk_accumulate_`. On CPU one fused streaming kernel forms each block of
