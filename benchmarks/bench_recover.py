@@ -121,7 +121,7 @@ def run(name: str, args) -> dict:
     return {"model": name, "kind": kind, "metric": metric, "ratio": args.ratio, "heads_pruned": sum(map(len, heads.values())),
             "heads_total": sum(scores.num_heads), "refit_values": refit_values, "prune_seconds": prune_s, "minutes": args.minutes,
             "steps": args.steps, "trace_every": args.trace_every,
-            "trained_on": sum(len(b["input_ids"]) for b in train_on), "recover_samples": args.recover_samples,
+            "trained_on": texts.sequences(train_on), "recover_samples": args.recover_samples,
             "calibration": settings, "batch_size": step_size, "validation": args.validation,
             "validation_batches": 0 if validation is None else len(validation),
             "eval_windows": args.windows if kind == "causal" else None,

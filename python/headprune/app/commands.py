@@ -56,7 +56,8 @@ def refuse_inside_out(out: Path, path, flag: str) -> None:
     """A state file ``path`` given by ``flag`` inside ``--out`` or at ``--out`` itself (written
     whole at the end, so it would make ``--out`` non-empty, or a file, and the run fail there)
     is refused before anything runs."""
-    if path and (out.resolve() == Path(path).resolve() or out.resolve() in Path(path).resolve().parents):
+    where = Path(path).resolve() if path else None
+    if where is not None and out.resolve() in (where, *where.parents):
         raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
 
@@ -141,7 +142,7 @@ def _setup(args):
     batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
                                                samples=samples, seq_len=seq_len,
                                                reference=getattr(args, "reference", 0.0), batch_size=args.batch_size)
-    got = sum(int(b["input_ids"].shape[0]) for b in batches)
+    got = texts.sequences(batches)
     generated = getattr(args, "generated", 0)
     if generated:
         batches += _generated(args, loaded, generated, seq_len)
@@ -201,7 +202,7 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
         scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
                          resume=getattr(args, "resume", False), fingerprint=fingerprint,
                          fused=_fused(args), moments=moments)
-    _say(args, f"collected entropies over {sum(b['input_ids'].shape[0] for b in batches)} sequences "
+    _say(args, f"collected entropies over {texts.sequences(batches)} sequences "
                f"in {time.perf_counter() - t0:.1f} s")
     return scores
 

@@ -35,7 +35,7 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
     for ax, (v, label) in zip(axes[0], panels):
         im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, label=label)
-        _mark(ax, _positions(scores, pruned), protected, H)
+        _mark(ax, {i: scores.positions(i, hs) for i, hs in (pruned or {}).items()}, protected, H)  # columns: positions
         _axes(ax, scores, L, H)
     n = sum(len(v) for v in (pruned or {}).values())
     notes = [f"red x: {n} pruned heads" if pruned else "", "white box: kept whole" if protected else ""]
@@ -48,16 +48,6 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
 
 def _unit(score: str) -> str:
     return " (nats)" if score in ("entropy", "rest") else (" (fraction)" if score == "sink" else "")
-
-
-def _positions(scores, pruned) -> dict:
-    """``pruned`` (original head indices, as reports give them) as the columns of ``scores``'
-    rows: a model pruned before keeps fewer heads, and its columns are their positions."""
-    out = {}
-    for layer, hs in (pruned or {}).items():
-        ids = None if scores.head_ids is None else scores.head_ids[int(layer)]
-        out[layer] = [h if ids is None else ids.index(h) for h in hs]
-    return out
 
 
 def _mark(ax, pruned, protected, heads: int) -> None:

@@ -144,7 +144,7 @@ def recover_after_prune(args, stage, loaded, teacher, settings: dict):
         return None
     batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
                                STEP_SEQUENCES[loaded.kind], args.device)
-    samples = sum(len(b["input_ids"]) for b in batches)
+    samples = texts.sequences(batches)
     with stage(f"recovering: {budget(args.recover_steps, args.recover_seconds)} toward the unpruned model", "recover"):
         result = recover_stage(args, loaded.model, teacher, batches, steps=args.recover_steps or None,
                                lr=args.recover_lr, validation=recover_validation(args), seconds=args.recover_seconds)
@@ -185,7 +185,7 @@ def _batches(args, loaded, settings: dict) -> tuple:
     seq_len = args.seq_len or settings.get("seq_len") or d["seq_len"]
     batch_size = args.batch_size or STEP_SEQUENCES[loaded.kind]
     batches = recovery_batches(loaded, parts, args.samples, seq_len, batch_size, args.device)
-    samples = sum(len(b["input_ids"]) for b in batches)
+    samples = texts.sequences(batches)
     calib = texts.interleave(parts)
     used = {"data": data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len, "batch_size": batch_size}
     return batches, {"held_out": held, "calibration": calib}, used

@@ -186,6 +186,11 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
     return out
 
 
+def sequences(batches) -> int:
+    """How many sequences (rows) ``batches`` hold."""
+    return sum(int(b["input_ids"].shape[0]) for b in batches)
+
+
 def reference_texts(spec: Optional[str] = None) -> list:
     """The bundled texts that ``spec`` (a ``--data`` value, default :data:`DEFAULT_TEXT`) does
     not name: the kinds of text a reference share adds."""
@@ -227,7 +232,7 @@ def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool
     n = reference_samples(samples, reference, spec)
     batches = mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples - n, seq_len=seq_len,
                                         batch_size=batch_size)
-    got = sum(int(b["input_ids"].shape[0]) for b in batches)
+    got = sequences(batches)
     if n and got < samples - n:  # the same share of the sequences there are
         n = min(n, round(got * reference / (1 - reference)))
     batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,

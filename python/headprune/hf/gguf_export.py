@@ -168,12 +168,7 @@ def _check_source(gguf, reader, model, family: str, layers: int, source) -> None
         if field is not None and want is not None and int(field.contents()) != int(want):
             raise ValueError(f"source: {source} is a GGUF of another model: its {family}.{key} is "
                              f"{int(field.contents())}, the model's is {int(want)}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
-    sizes = {}
-    for hf_name, value in model.state_dict().items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is not None and not _attention_name(name):
-            sizes[name] = value.numel()
+    sizes = {name: value.numel() for name, value in _untouched(gguf, model, "llama", layers).items()}
     for t in reader.tensors:
         want = sizes.get(t.name)
         if want is not None and int(t.n_elements) != want:
@@ -207,7 +202,6 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
             writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
     for key, value in changed.items():
         (writer.add_uint32 if isinstance(value, int) else writer.add_array)(key, value)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA, len(sites))
     ours = _attention_tensors(model, adapter, sites, counts, zero_qkv_bias=arch == "llama")
     source = {t.name: t for t in reader.tensors} if reader is not None else {}
     written = {}
@@ -222,11 +216,9 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
         written[name] = kind.name
 
     if reader is None:
-        for hf_name, value in model.state_dict().items():
-            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None or _attention_name(name) or (name == "output.weight" and _tied(model)):
-                continue  # the attention tensors are ours to write (or to leave out)
-            put(name, value, None)
+        for name, value in _untouched(gguf, model, arch, len(sites)).items():
+            if not (name == "output.weight" and _tied(model)):
+                put(name, value, None)
     for t in (reader.tensors if reader is not None else []):
         if _attention_name(t.name):
             continue
@@ -239,6 +231,18 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
     writer.write_tensors_to_file()
     writer.close()
     return written
+
+
+def _untouched(gguf, model, arch: str, layers: int) -> dict:
+    """``{GGUF name: tensor}`` of the model's tensors that ``arch`` names, the attention
+    projections aside (:func:`_attention_tensors` writes those)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA, layers)
+    out = {}
+    for hf_name, value in model.state_dict().items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is not None and not _attention_name(name):
+            out[name] = value
+    return out
 
 
 def _attention_name(name: str) -> bool:

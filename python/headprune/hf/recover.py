@@ -296,7 +296,7 @@ def _check_validation(validation, every) -> int:
 class _Validation:
     """The mean distillation loss on the validation batches (teacher targets cached), and the
     trainable parameters at the lowest seen. The checkpoint holds the measurements every
-    ``every`` steps; the one at the step a call ends on (:meth:`closing`) competes for that
+    ``every`` steps; the one at the step a call ends on (``closing``) competes for that
     call's result only, so a run stopped and resumed keeps what the same run uninterrupted keeps."""
 
     def __init__(self, teacher, batches: Sequence, every: int):
@@ -313,23 +313,20 @@ class _Validation:
             total += float(_loss(student, self.targets(i, kw), kw))
         return total / len(self.batches)
 
-    def measure(self, student, params: dict, step: int) -> None:
+    def measure(self, student, params: dict, step: int, closing: bool = False) -> None:
+        """A measurement on the schedule, or (``closing``) at the step this call ends on, off
+        the schedule: that one is not saved."""
         began = time.perf_counter()
         loss = self.loss(student)
         self.seconds = time.perf_counter() - began
         if self.first is None:
             self.first = loss
         if not math.isnan(loss) and (self.best_loss is None or loss < self.best_loss):  # NaN never becomes the best
-            self.best_loss, self.best_step = loss, step
-            self.best = {n: p.detach().clone() for n, p in params.items()}
-
-    def closing(self, student, params: dict, step: int) -> None:
-        """The measurement at the step this call ends on, off the schedule: it is not saved."""
-        began = time.perf_counter()
-        loss = self.loss(student)
-        self.seconds = time.perf_counter() - began
-        if not math.isnan(loss) and (self.best_loss is None or loss < self.best_loss):
-            self.last = (loss, step, {n: p.detach().clone() for n, p in params.items()})
+            best = (loss, step, {n: p.detach().clone() for n, p in params.items()})
+            if closing:
+                self.last = best
+            else:
+                self.best_loss, self.best_step, self.best = best
 
     def state(self) -> dict:
         return {"first": self.first, "best_loss": self.best_loss, "best_step": self.best_step, "seconds": self.seconds,
@@ -381,10 +378,9 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
         if n % val.every == 0:
             val.measure(student, params, n)
 
-    def finish(n: int) -> bool:  # the last step too, unless just measured; for this call's result only
+    def finish(n: int) -> None:  # the last step too, unless just measured; for this call's result only
         if n % val.every:
-            val.closing(student, params, n)
-        return False
+            val.measure(student, params, n, closing=True)
 
     hooks = {} if val is None else {"after": after, "finish": finish, "closing": lambda: val.seconds}
     done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every, save,

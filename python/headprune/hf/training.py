@@ -172,8 +172,7 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
     skipped), calling ``after(n)`` once step ``n`` is done, saving through ``save(n)`` every
     ``every`` steps and at the end when ``ckpt`` is set, reporting to the progress bar or the
     ``progress(step, steps, loss)`` callable. On a normal end, ``finish(n)`` runs before the
-    last save and returns whether it changed what a checkpoint holds. Returns ``(steps done,
-    losses of this call, why it stopped)``.
+    last save. Returns ``(steps done, losses of this call, why it stopped)``.
 
     ``budget``: seconds since ``started`` (default: now) that the whole call may take. A step
     starts only if it is expected to end in time with what follows the last step: the longest
@@ -212,8 +211,8 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
     finally:
         if bar is not None:
             bar.close()
-    if finish is not None and finish(done):
-        saved = None
+    if finish is not None:
+        finish(done)
     if ckpt is not None and saved != done:
         save(done)
     return done, losses, stopped

@@ -142,4 +142,3 @@ def _solve_psd(a: torch.Tensor, rhs: torch.Tensor) -> tuple:
         return torch.linalg.solve(a, rhs), chol
     e, v = torch.linalg.eigh(a)
     return torch.linalg.pinv(a, hermitian=True) @ rhs, v * e.clamp_min(0).sqrt()
-

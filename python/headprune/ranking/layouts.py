@@ -135,9 +135,8 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
     whole groups (5 of 8 heads in 4 groups, one group and one head of each other, after 4 of
     them, two groups), every run keeps the groups a site's layout removed."""
     num_heads = [len(c) for c in costs]
-    keep = False  # whether the growth may give back whole groups (see the end of the docstring)
 
-    def run(bonus):
+    def run(bonus, keep=False):  # keep: the growth keeps the whole groups a layout removed
         chosen = allocate_even(costs, kv_heads, caps, want, forced=forced, group_bonus=bonus, keep_groups=keep)
         return chosen, kv_groups_removed(chosen, num_heads, kv_heads)
 
@@ -147,9 +146,9 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
     finite = [c for cs in costs for c in cs if math.isfinite(c)]
     hi = 2.0 * (max(finite, default=0.0) + 1.0) * max(num_heads)
     chosen, got = run(hi)
-    if got < kv_want:  # the growth filled the budget by giving back whole groups: not here
-        keep = True
-        chosen, got = run(hi)
+    keep = got < kv_want  # the growth filled the budget by giving back whole groups: not here
+    if keep:
+        chosen, got = run(hi, keep)
     if got < kv_want:
         raise ValueError(f"kv_ratio: {kv_want} KV heads requested but at most {got} go with {want} query heads in even "
                          "layouts under these caps; raise the ratio or lower kv_ratio")
@@ -157,7 +156,7 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
     lo = 0.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        chosen, got = run(mid)
+        chosen, got = run(mid, keep)
         if got >= kv_want:
             hi = mid
             met.append((mid, chosen))

@@ -266,11 +266,10 @@ def _as_positions(pruned, scores: HeadScores):
     out = {}
     for site, hs in pruned.items():
         ids = scores.head_ids[_layer_index(site)] if 0 <= _layer_index(site) < scores.num_sites else []
-        where = {h: p for p, h in enumerate(ids)}
-        bad = [h for h in hs if h not in where]
+        bad = [h for h in hs if h not in ids]
         if bad:
             raise ValueError(f"pruned: layer {site} heads {bad} are not among its heads {ids}")
-        out[site] = [where[h] for h in hs]
+        out[site] = scores.positions(_layer_index(site), hs)
     return out
 
 

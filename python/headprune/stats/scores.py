@@ -183,6 +183,17 @@ class HeadScores:
         """The original indices of the heads at ``positions`` of ``site``."""
         return list(positions) if self.head_ids is None else [self.head_ids[site][p] for p in positions]
 
+    def positions(self, site: int, heads) -> list:
+        """The positions in ``site`` of the heads of original indices ``heads`` (the inverse of
+        :meth:`ids`; a ``ValueError`` for a head the site no longer has)."""
+        if self.head_ids is None:
+            return list(heads)
+        where = {h: p for p, h in enumerate(self.head_ids[site])}
+        bad = [h for h in heads if h not in where]
+        if bad:
+            raise ValueError(f"heads: site {site} heads {bad} are not among its heads {self.head_ids[site]}")
+        return [where[h] for h in heads]
+
     def valid(self) -> torch.Tensor:
         """``[sites, heads]`` bool: the slot is a real head of its site."""
         h = torch.arange(self.num_query_heads)
