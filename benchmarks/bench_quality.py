@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
+from headprune.app.sweep_table import sweep_markdown  # noqa: E402
 from headprune.ranking import DEFAULT_GQA  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.commands import DEFAULTS  # noqa: E402
@@ -100,7 +101,7 @@ def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -
                              batches=batches, measured=measured, values_cache=values)
         result.update(calibrated_on=calib, evaluated_on=text, collect_seconds=seconds,
                       **({"eval_windows": args.eval_windows} if loaded.kind == "causal" else {}))
-        print(f"calibrated on {calib}:\n" + S.sweep_markdown(result), flush=True)
+        print(f"calibrated on {calib}:\n" + sweep_markdown(result), flush=True)
         out.append(result)
     return out
 

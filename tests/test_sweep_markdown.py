@@ -2,7 +2,7 @@
 
 import pytest
 
-from headprune.app.sweep import sweep_markdown
+from headprune.app.sweep_table import sweep_markdown
 
 
 def _result(random):

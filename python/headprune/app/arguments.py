@@ -10,7 +10,7 @@ from ..ranking import ALLOCATIONS, DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS
 from ..stats.moments import DEFAULT_DAMPING
 from .load import BUNDLED_MODELS, DTYPES
 from .commands import DEFAULTS
-from .sweep import RANDOM_SCOPES
+from .sweep_table import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_REFERENCE, DEFAULT_TEXT
 
 #: headprune.hf.recover's default learning rates by kind of model (not imported: that would

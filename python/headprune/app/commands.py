@@ -353,7 +353,8 @@ def evaluate(args) -> int:
 
 
 def sweep(args) -> int:
-    from .sweep import LEARNED_RECIPE, RECIPES, refit_only, removal_of, run_sweep, sweep_markdown
+    from .sweep import LEARNED_RECIPE, RECIPES, refit_only, removal_of, run_sweep
+    from .sweep_table import sweep_markdown
 
     out = _out(args, "sweep")
     check_out(out, args.force)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .sweep import random_mean
+from .sweep_table import random_mean
 
 
 def _plt():

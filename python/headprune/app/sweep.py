@@ -4,7 +4,6 @@ reversible, so one loaded model serves every point)."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -13,12 +12,8 @@ from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
 from ..ranking.recipes import default_allocation, default_protected
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .report import calibration_text, number
+from .sweep_table import random_mean
 from .texts import rebatch
-
-#: random-baseline scopes (``--random-scope``) and what each draws
-RANDOM_SCOPES = {"per_layer": "spread evenly over the layers",
-                 "global": "drawn from the whole model (at least one kept per layer)"}
 
 #: how removed heads are replaced (``removal`` of a recipe or a config): a least-squares refit
 #: of the kept heads' columns, their mean output, or nothing
@@ -347,54 +342,3 @@ def removal_kwargs(removal: str, stats, damping: float = DEFAULT_DAMPING) -> dic
     if removal == "refit":
         return {"reconstruct": stats, "damping": damping}
     return {"compensate": stats} if removal == "mean" else {}
-
-
-def random_mean(values: list, lower: bool) -> float:
-    """Geometric mean for perplexities (multiplicative scale), arithmetic otherwise."""
-    if lower:
-        return math.exp(sum(math.log(v) for v in values) / len(values))
-    return sum(values) / len(values)
-
-
-def sweep_markdown(result: dict) -> str:
-    """The sweep as a markdown table; without random draws (a benchmark's ``--seeds 0``) the
-    random columns and the marks against them are left out."""
-    lower = result["lower_is_better"]
-    names = list(result["recipes"])
-    draws = len(result["random"][0]) if result["random"] else 0
-    columns = ["fraction pruned", *names, *([f"random mean ({draws} seeds)", "random range"] if draws else [])]
-    how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
-           "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
-    if result.get("values") and result.get("removal") == "refit":
-        how = "kept heads' value rows and output columns refit by least squares"
-    if draws:
-        how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
-    s = result.get("settings")
-    calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
-    evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
-    part = result.get("eval_paragraphs")
-    where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
-    lines = [f"{result['metric']} of {result['model']} on held-out {where} "
-             f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    heads, empty = result.get("heads", {}), set()  # cells whose layout rounds to no head: the unpruned model
-    for i, r in enumerate(result["ratios"]):
-        rnd = result["random"][i] if draws else []
-        mean = random_mean(rnd, lower) if rnd else None
-        cells = [f"{r:.2f}"]
-        for n in names:
-            v = result["recipes"][n][i]
-            if r > 0 and n in heads and not sum(map(len, heads[n][i].values())):
-                empty.add(n)
-                cells.append(number(v) + " (no head)")
-                continue
-            better = mean is not None and (v < mean if lower else v > mean)
-            cells.append(number(v) + (" *" if better else ""))
-        if rnd:
-            cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if draws:
-        lines += ["", "`*` = better than the random mean at that fraction."]
-    if empty:
-        lines += ["", f"`(no head)`: the layout of {', '.join(sorted(empty))} rounds to no head there (unpruned)."]
-    return "\n".join(lines) + "\n"
