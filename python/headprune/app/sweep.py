@@ -119,11 +119,15 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
         raise ValueError("recipes: learned gates train on the calibration text; run_sweep needs the batches")
     if sorted(config.ratios) != list(config.ratios) and any(kw.get("iterative") for kw in recipes.values()):
         raise ValueError("ratios: iterative recipes need increasing ratios")
+    check_ratios(config, scores, recipes)
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)], batches, values_cache)
     result = _new_result(config, loaded, point.baseline_value, recipes, settings)
     if config.eval_paragraphs and config.eval_paragraphs < len(held):  # said in the table's heading
         result["eval_paragraphs"] = [config.eval_paragraphs, len(held)]
     result["values"] = point.values
+    if point.values:  # said under the table, whose heading names the value refit
+        result["output_refit_only"] = [k for k, kw in recipes.items() if kw.get("removal", config.removal) == "refit"
+                                       and not refits_values(kw, True)]
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
     state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
     t0 = time.perf_counter()
@@ -226,11 +230,10 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     """``(heads, metric)`` of one recipe at one ratio (re-collecting first if iterative)."""
     from ..hf import collect, mask_heads
 
-    kw = dict(kw)
+    values, kw = refits_values(kw, point.values), dict(kw)
     removal = kw.pop("removal", config.removal)
     iterative, sequential = kw.pop("iterative", False), kw.pop("sequential", False)
-    # one-shot value moments do not fit a sequential or iterative calibration's refit
-    values = kw.pop("values", point.values) and not (sequential or iterative)
+    kw.pop("values", None)
     if (iterative or sequential) and batches is None:
         raise ValueError(f"recipes: {name!r} re-calibrates; run_sweep needs the calibration batches")
     stats, pruned = scores, None
@@ -283,6 +286,35 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
     return heads, point(heads, stats, removal, values)
+
+
+def refits_values(kw: dict, default: bool) -> bool:
+    """Whether a recipe's refit includes the kept heads' value rows (``default``: the sweep's):
+    one-shot value moments do not fit a sequential or iterative calibration's refit."""
+    return bool(kw.get("values", default)) and not (kw.get("sequential") or kw.get("iterative"))
+
+
+def check_ratios(config: SweepConfig, scores, recipes: dict) -> None:
+    """Refuse, before anything is evaluated, a fraction that a recipe's selection or the random
+    baseline cannot reach (its protected layers and the heads every layer keeps). Measured
+    allocations are left out: like ``headprune prune``, they take the nearest total they reach."""
+    baseline = {"order": "random", "scope": config.random_scope}
+    for name, kw in [("the random baseline", baseline)] * bool(config.seeds) + list(recipes.items()):
+        kw = {k: v for k, v in kw.items() if k not in ("removal", "iterative", "sequential", "values", "choose")}
+        if "learned" in kw:  # ranked by gates trained later: the default's protection, any order
+            kw = learned_protection({k: v for k, v in kw.items() if k != "learned"}, scores)
+        gqa, scope = kw.pop("gqa", config.gqa), kw.pop("scope", None)
+        scope = scope or default_allocation(scores, config.removal, uniform=bool(kw.get("uniform")),
+                                            kv_ratio=kw.get("kv_ratio"))
+        if scope == "measured":
+            continue
+        for r in config.ratios:
+            try:
+                select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
+            except ValueError as e:
+                who = name if name == "the random baseline" else f"the recipe {name!r}"
+                raise ValueError(f"ratios: {r:g} is out of reach of {who} ({e}); every recipe keeps its protected "
+                                 "layers and a head in every layer: ask for smaller fractions") from None
 
 
 def refit_only(recipes: dict, removal: str) -> list:

@@ -51,13 +51,18 @@ def sweep_markdown(result: dict) -> str:
                 empty.add(n)
                 cells.append(number(v) + " (no head)")
                 continue
-            better = mean is not None and (v < mean if lower else v > mean)
+            # not starred where the table shows the same number as the random mean
+            better = mean is not None and (v < mean if lower else v > mean) and number(v) != number(mean)
             cells.append(number(v) + (" *" if better else ""))
         if rnd:
             cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
         lines.append("| " + " | ".join(cells) + " |")
     if draws:
         lines += ["", "`*` = better than the random mean at that fraction."]
+    if result.get("output_refit_only") and how.startswith("kept heads' value rows"):
+        only = ", ".join(f"`{n}`" for n in result["output_refit_only"])
+        lines += ["", f"{only}: output columns refit only (a calibration layer by layer or round by round does not "
+                      "fit the one-shot value moments)."]
     if empty:
         lines += ["", f"`(no head)`: the layout of {', '.join(sorted(empty))} rounds to no head there (unpruned)."]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""What the sweep refuses before it evaluates anything, and what its table says of each
+recipe's refit."""
+
+import pytest
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune.hf import collect
+
+
+def _llama():
+    model = tiny_model("llama", num_hidden_layers=3)
+    batches = [tiny_batch("llama", seed=s) for s in range(2)]
+    return model, batches, collect(model, batches, progress=False, moments=True)
+
+
+@pytest.mark.parametrize("recipes, who", [({"default": {}}, "the random baseline"),
+                                          ({"entropy": {"score": "entropy", "scope": "per_layer"}},
+                                           "the recipe 'entropy'")])
+def test_a_fraction_out_of_reach_is_refused_before_the_first_evaluation(monkeypatch, recipes, who):
+    """A fraction that a recipe cannot reach (the protected first layer and a head kept in every
+    layer) was found after the fractions before it had been evaluated, and the finished ones
+    were lost; the error named options the sweep does not have."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    model, batches, scores = _llama()
+    evaluated = []
+    monkeypatch.setattr(S, "quality", lambda *a, **k: evaluated.append(1) or {"perplexity": 1.0})
+    seeds = 1 if who == "the random baseline" else 0
+    config = S.SweepConfig(model="tiny", ratios=[0.3, 0.9], seeds=seeds, quiet=True, eval_windows=1, gqa="query")
+    with pytest.raises(ValueError, match=rf"ratios: 0.9 is out of reach of {who} \(.*\); every recipe keeps its "
+                                         "protected layers and a head in every layer: ask for smaller fractions"):
+        S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, recipes, batches=batches)
+    assert evaluated == []
+    config.ratios = [0.3, 0.5]  # reachable by both: the sweep runs
+    S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, recipes, batches=batches)
+    assert evaluated
+
+
+def test_the_table_names_recipes_whose_refit_leaves_the_value_rows_alone():
+    """With the value refit on, the heading said every column refits value rows; the sequential
+    and iterative recipes refit the output columns only."""
+    from headprune.app.sweep import RECIPES, refits_values
+    from headprune.app.sweep_table import sweep_markdown
+
+    assert refits_values({}, True) and not refits_values({}, False) and not refits_values({"values": False}, True)
+    assert not refits_values(RECIPES["default, sequential"], True) and not refits_values({"iterative": True}, True)
+    result = {"lower_is_better": False, "metric": "fidelity", "model": "m", "data": "d", "baseline": 1.0,
+              "removal": "refit", "values": True, "ratios": [0.3], "random": [],
+              "recipes": {"default": [0.9], "default, sequential": [0.8]}, "output_refit_only": ["default, sequential"]}
+    text = sweep_markdown(result)
+    assert "kept heads' value rows and output columns refit by least squares" in text.splitlines()[0]
+    assert "`default, sequential`: output columns refit only" in text
+    assert "output columns refit only" not in sweep_markdown({**result, "values": False})
+
+
+def test_a_cell_that_reads_as_the_random_mean_is_not_starred():
+    from headprune.app.sweep_table import sweep_markdown
+
+    result = {"lower_is_better": False, "metric": "fidelity", "model": "m", "data": "d", "baseline": 1.0,
+              "removal": "refit", "ratios": [0.3], "recipes": {"a": [0.999991], "b": [0.99996]},
+              "random": [[0.999989, 0.99999]]}
+    row = [line for line in sweep_markdown(result).splitlines() if line.startswith("| 0.30")][0]
+    assert row.startswith("| 0.30 | 0.99999 | 0.99996 | 0.99999 |")
