@@ -208,3 +208,40 @@ def test_cached_decoding_with_a_first_layer_without_heads(family):
         assert cache.get_seq_length() == 9
         step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_pruned_phi3_follows_the_models_attention_implementation(tmp_path):
+    """Phi-3 reads its head counts from its config in forward, so a pruned layer holds a
+    config of its own; a copy kept the old implementation after ``set_attn_implementation``,
+    and ``output_attentions`` came back one layer short (the pruned layer's map missing)."""
+    import pickle
+
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("phi3"), attn_implementation="sdpa").eval()
+    batch = tiny_batch("phi3")
+    with torch.no_grad():
+        before = model(**batch).logits
+    prune_heads(model, {0: [1]})
+    model.set_attn_implementation("eager")
+    attn = [layer.self_attn for layer in model.model.layers]
+    assert [a.config._attn_implementation for a in attn] == ["eager", "eager"]
+    assert attn[0].config.num_attention_heads == 3 and attn[1].config.num_attention_heads == 4
+    with torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    assert [a.shape[1] for a in out.attentions] == [3, 4]
+    clone = copy.deepcopy(model)  # still one config behind each layer
+    clone.set_attn_implementation("sdpa")
+    assert [layer.self_attn.config._attn_implementation for layer in clone.model.layers] == ["sdpa", "sdpa"]
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**batch).logits, out.logits, rtol=1e-5, atol=1e-5)
+    own = pickle.loads(pickle.dumps(attn[0].config))
+    mine = attn[0].config
+    assert (own.num_attention_heads, own.num_key_value_heads, own.hidden_size) == \
+        (3, mine.num_key_value_heads, model.config.hidden_size)
+    assert not torch.equal(before, out.logits)  # the pruned model, not the original
+

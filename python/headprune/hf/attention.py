@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import types
 from contextlib import contextmanager
 from typing import Optional
 
@@ -19,7 +20,8 @@ from transformers import AttentionInterface, PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-__all__ = ["PREFIX", "RECORDERS", "attention_implementation", "model_configs", "registered_name", "release_name"]
+__all__ = ["PREFIX", "RECORDERS", "SiteConfig", "attention_implementation", "config_of", "model_configs",
+           "registered_name", "release_name"]
 
 PREFIX = "headprune_"
 
@@ -96,6 +98,35 @@ def release_name(name: str) -> None:
         _REGISTRY_USERS.pop(name, None)
         for mapping in _REGISTRY_ADDED.pop(name, []):
             mapping.pop(name, None)
+
+
+class SiteConfig:
+    """The config of a pruned attention module that reads its head counts from its config in
+    ``forward`` (Phi-3): the given attributes are its own, every other one is read from the
+    model's config as it is at that moment, so ``set_attn_implementation`` and a collection's
+    switch of the implementation reach the module (a copy of the config would keep the old
+    implementation)."""
+
+    def __init__(self, base, **own):
+        self.__dict__.update(own, base=config_of(types.SimpleNamespace(config=base)))
+
+    def __getattr__(self, name):  # only for names this config does not hold itself
+        base = self.__dict__.get("base")
+        if base is None or name.startswith("__"):  # half-built (unpickling, copying)
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    def __repr__(self) -> str:
+        own = {k: v for k, v in self.__dict__.items() if k != "base"}
+        return f"SiteConfig({own}, base={type(self.__dict__['base']).__name__})"
+
+
+def config_of(module):
+    """The model config behind ``module.config`` (through a :class:`SiteConfig`)."""
+    config = module.config
+    while isinstance(config, SiteConfig):
+        config = config.__dict__["base"]
+    return config
 
 
 def model_configs(model) -> list:

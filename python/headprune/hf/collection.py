@@ -22,7 +22,7 @@ from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, OutputStat
 from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
-from .attention import RECORDERS, attention_implementation, model_configs
+from .attention import RECORDERS, attention_implementation, config_of, model_configs
 from .modules import eval_mode
 from .prune import STATE_ATTR
 from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
@@ -160,7 +160,7 @@ class Collection:
             if "scaling" not in kwargs and args:
                 raise NotImplementedError(f"site {site.name}: attention called with positional options {args!r}")
             scale = logit_scale(query, kwargs)
-            key, eff_mask, causal = effective_mask(self.impl[id(module.config)], module, query, key, mask, kwargs)
+            key, eff_mask, causal = effective_mask(self.impl[id(config_of(module))], module, query, key, mask, kwargs)
             with _named(site, query=query, key=key):
                 if kwargs.get("softcap") is not None:
                     softcapped_stats(stats, query, key, scale, eff_mask, kwargs["softcap"], qm)
@@ -192,7 +192,7 @@ class Collection:
     def _fusable(self, module, query, key, value, mask, args, kwargs) -> bool:
         """Whether the fused op computes what ``sdpa_attention_forward`` would. Shapes and
         dtypes are the op's own checks (SDPA refuses the same inputs)."""
-        if not self.fused or self.method != "qk" or args or self.impl[id(module.config)] != "sdpa":
+        if not self.fused or self.method != "qk" or args or self.impl[id(config_of(module))] != "sdpa":
             return False
         if query.device.type != "cpu" or kwargs.get("softcap") is not None or kwargs.get("dropout"):
             return False

@@ -25,6 +25,7 @@ from ..prune.reconstruct import DEFAULT_DAMPING
 from ..prune.undo import Undo
 from ..stats.scores import HeadScores
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
+from .attention import SiteConfig
 from .removal import removal_plan
 
 __all__ = ["mask_heads", "prune_heads", "kept_heads", "zeroed_heads"]
@@ -138,9 +139,7 @@ def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
     for attr, what in adapter.module_attrs.items():
         undo.set(site.module, attr, values[what])
     if adapter.reads_config_heads:  # Phi-3 reads config.num_attention_heads in forward
-        cfg = copy.copy(site.module.config)
-        cfg.num_attention_heads, cfg.num_key_value_heads = hq, hkv
-        undo.set(site.module, "config", cfg)
+        undo.set(site.module, "config", SiteConfig(site.module.config, num_attention_heads=hq, num_key_value_heads=hkv))
     if hq == 0:
         undo.set(site.module, "forward", partial(_empty_forward, adapter.empty, site.o, adapter.conv1d, site.module,
                                                  site.name.endswith("cross")))

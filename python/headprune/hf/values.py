@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, head_counts, resolve_sites
-from .attention import RECORDERS, _inner_function, attention_implementation, model_configs
+from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
 from .batches import forward_kwargs
 from .modules import eval_mode
 from .prune import positions
@@ -139,7 +139,7 @@ class _Collection:
             xs = x[:, None].expand(x.shape[0], len(k), x.shape[1], x.shape[2])
             mask = _kept_heads(mask, k, h)  # per-head biases (T5's relative positions) go with their heads
             kwargs = {name: _kept_heads(v, k, h) for name, v in kwargs.items()}
-            z = _inner_function(self.impl[id(module.config)], module)(module, query[:, k], key[:, k], xs, mask, *args,
+            z = _inner_function(self.impl[id(config_of(module))], module)(module, query[:, k], key[:, k], xs, mask, *args,
                                                                        **kwargs)[0]
             self.pending[layer] = z.detach().reshape(z.shape[0], z.shape[1], -1)  # [B, S, |K| hidden]
             return None  # the model's own attention runs as usual
