@@ -245,3 +245,32 @@ def test_a_pruned_phi3_follows_the_models_attention_implementation(tmp_path):
         (3, mine.num_key_value_heads, model.config.hidden_size)
     assert not torch.equal(before, out.logits)  # the pruned model, not the original
 
+
+def test_an_encoder_only_t5_is_its_encoders_sites(tmp_path):
+    """``T5EncoderModel`` (model_type ``t5``, used as a text encoder on its own) was refused for
+    having no decoder blocks."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    from headprune import select_heads
+    from headprune.hf import collect, load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(tiny_config("t5")).eval()
+    batch = {k: v for k, v in tiny_batch("t5").items() if k in ("input_ids", "attention_mask")}
+    assert [s.name for s in resolve_sites(model)] == [f"encoder.{i}.self" for i in range(model.config.num_layers)]
+    scores = collect(model, [batch], progress=False, moments=True)
+    assert scores.causal == [False] * model.config.num_layers
+    heads = select_heads(scores, ratio=0.3)
+    with torch.no_grad(), mask_heads(model, heads, reconstruct=scores):
+        masked = model(**batch).last_hidden_state
+    prune_heads(model, heads, reconstruct=scores)
+    save_pruned(model, tmp_path / "p")
+    back = load_pruned(tmp_path / "p")
+    assert type(back) is transformers.T5EncoderModel and kept_heads(back) == kept_heads(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).last_hidden_state, masked, rtol=1e-5, atol=1e-5)
+        assert torch.equal(back(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    with pytest.raises(ValueError, match="has no 'encoder.block'"):  # a model with neither stack is still refused
+        resolve_sites(model.encoder, get_adapter(model))

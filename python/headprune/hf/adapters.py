@@ -230,6 +230,9 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
     base = _base(model)
     sites = []
     for block in adapter.blocks:
+        if block.stack and block.stack not in dict(base.named_children()) and \
+                any(b.stack in dict(base.named_children()) for b in adapter.blocks):
+            continue  # one stack of an encoder-decoder family (T5EncoderModel: the encoder)
         try:
             layers = base.get_submodule(block.layers)
         except AttributeError as e:
