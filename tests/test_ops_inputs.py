@@ -65,6 +65,33 @@ def test_rows_the_query_mask_excludes():
     assert torch.equal(s2, sums) and torch.equal(c2, counts)
 
 
+def test_what_the_fused_op_reads_for_its_statistics():
+    """As docs/native.md says: a NaN in ``value`` reaches the output and leaves the statistics
+    as they are with a clean value; a key whose logits are all -inf is a masked key; a NaN
+    logit raises naming the inputs the statistics read, with nothing accumulated."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g)
+    clean = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    ops.attention_stats_accumulate_(clean, q, k, v, 0.3)
+    bad = v.clone()
+    bad[0, 1, 3, 2] = float("nan")
+    s = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    out = ops.attention_stats_accumulate_(s, q, k, bad, 0.3)
+    assert torch.equal(s, clean) and out[0, 1].isnan().any() and not out[0, 0].isnan().any()
+    ones = torch.ones(1, 1, 5, 8).expand(1, 2, 5, 8)
+    far = k.clone()
+    far[:, :, 6, 0] = -float("inf")  # q . k = -inf for every query (q is all ones): key 6 is masked
+    s, masked = torch.zeros(2, NUM_STATS, dtype=torch.float64), torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    ops.attention_stats_accumulate_(s, ones, far, v, 0.3)
+    ops.attention_stats_accumulate_(masked, ones, k[:, :, :6], v[:, :, :6], 0.3)
+    torch.testing.assert_close(s, masked, rtol=1e-12, atol=1e-12)
+    far[:, :, 6, 1] = float("inf")  # -inf + inf: a NaN logit
+    s = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"NaN or infinite entropies \(NaN/inf in query/key/attn_mask\)"):
+        ops.attention_stats_accumulate_(s, ones, far, v, 0.3)
+    assert not s.any()
+
+
 def test_negative_zero_is_a_zero():
     p = torch.softmax(torch.randn(1, 2, 3, 20, generator=torch.Generator().manual_seed(4)), -1)
     p[..., 3::4] = 0.0

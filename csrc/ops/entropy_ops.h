@@ -89,7 +89,7 @@ struct EntropyOps {
     const auto mask = expand_attn_mask(attn_mask, query, key, compute_type(query));
     at::Tensor rows = new_rows(query);
     at::Tensor out = Backend::attention_rows(query, key, value, scale, attn_mask, mask, is_causal, rows);
-    stats.add_(reduce_rows(rows, query_mask, "attention_stats_accumulate_", "query/key/value/attn_mask"));
+    stats.add_(reduce_rows(rows, query_mask, "attention_stats_accumulate_", "query/key/attn_mask"));
     return out;
   }
 
