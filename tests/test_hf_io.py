@@ -325,3 +325,26 @@ def test_a_directory_plain_loading_cannot_read_names_its_architecture(tmp_path):
     save_pruned(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [type(model).__name__]
     assert type(load_pruned(tmp_path)) is type(model)
+
+
+def test_a_directory_only_load_pruned_reads_keeps_the_sampling_settings_and_says_its_dtype(tmp_path):
+    """Uneven layouts saved config.json and the weights, not generation_config.json: the
+    model came back with transformers' default sampling settings; and config.json said
+    float32 beside bfloat16 weights."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    model = transformers.LlamaForCausalLM(tiny_config("llama")).to(torch.bfloat16).eval()
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.3
+    model.generation_config.top_k, model.generation_config.max_new_tokens = 7, 17
+    prune_heads(model, {0: [0, 1], 1: [3]})
+    save_pruned(model, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "headprune.json").read_text())["plain_loadable"] is False
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["dtype"] == "bfloat16"
+    back = load_pruned(tmp_path / "p")
+    g = back.generation_config
+    assert (g.do_sample, g.temperature, g.top_k, g.max_new_tokens) == (True, 0.3, 7, 17)
+    (tmp_path / "p" / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"path: .*generation_config.json is not a generation config"):
+        load_pruned(tmp_path / "p")

@@ -125,8 +125,12 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         save_model(model, os.path.join(path, WEIGHTS_FILE))
         config = dict(state["original_config"])  # a model read from a GGUF names no architecture
         config["architectures"] = config.get("architectures") or [type(model).__name__]
+        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # as save_pretrained writes it
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():  # sampling settings, as save_pretrained keeps them
+            generation.save_pretrained(path)
         with open(os.path.join(path, "README.md"), "w") as f:
             f.write(_NOT_PLAIN_README.format(arch=type(model).__name__, weights=WEIGHTS_FILE))
     if tokenizer is not None:
@@ -297,7 +301,20 @@ def load_pruned(path, *, device: Optional[str] = None):
         for f in files:  # a transformers 4 directory may hold its weights in shards
             state.update(_read_weights(f))
         _load_state(model, state)
+        _load_generation_config(model, path)
     return model.to(device).eval() if device else model.eval()
+
+
+def _load_generation_config(model, path: str) -> None:
+    """The sampling settings beside the weights, as ``from_pretrained`` reads them."""
+    from transformers import GenerationConfig
+
+    file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(file) and getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"path: {file} is not a generation config transformers reads ({first_line(e)})") from None
 
 
 def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
