@@ -115,3 +115,18 @@ def tiny_batch(model_type: str, *, batch: int = 3, seq: int = 9, seed: int = 0, 
             dmask[-1, -2:] = 0
         out.update(decoder_input_ids=dec, decoder_attention_mask=dmask)
     return out
+
+
+def save_tiny_bert(path) -> None:
+    """A tiny random BERT with a word-level tokenizer built in code, saved to ``path`` as a
+    model directory the command line reads."""
+    import tokenizers
+    import transformers
+
+    words = "the a of and to in was her she it he had not be".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
+    tiny_model("bert").save_pretrained(path)
+    tok.save_pretrained(path)

@@ -23,18 +23,10 @@ tokenizers = pytest.importorskip("tokenizers")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import transformers
+    from hf_tiny import save_tiny_bert
 
-    from hf_tiny import tiny_model
-
-    words = "the a of and to in was her she it he had not be".split()
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
     path = tmp_path_factory.mktemp("tiny") / "bert"
-    tiny_model("bert").save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_bert(path)
     return path
 
 

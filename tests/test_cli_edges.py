@@ -10,7 +10,7 @@ import transformers
 from hf_tiny import tiny_batch, tiny_model
 
 from headprune.app import evaluate as E
-from headprune.app.commands import scores_markdown
+from headprune.app.report import scores_markdown
 from headprune.hf import collect, prune_heads
 
 from test_speed import _tokenizer_dir

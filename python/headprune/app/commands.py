@@ -19,7 +19,7 @@ from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .load import load_model
-from .report import added_text, to_json
+from .report import scores_markdown, to_json
 from .sweep import SweepConfig
 
 #: calibration sequences and their length by kind of model. Encoders take 512 paragraphs: on
@@ -45,10 +45,16 @@ def _warn(message: str) -> None:
     print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
 
 
-def check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool, inputs: tuple = ()) -> None:
     """Refuse ``--out`` before any slow work: a symbolic link (refused, not followed), a file, a
-    non-empty directory without ``--force``, a folder this process cannot write in. Also
-    removes what killed runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
+    non-empty directory without ``--force``, a folder this process cannot write in, and one
+    that is or holds an input (``inputs``: ``(flag, path)`` pairs), which ``--force`` would
+    replace. Also removes what killed runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
+    for flag, path in inputs:
+        where = Path(path).resolve() if path and os.path.exists(path) else None
+        if where is not None and out.resolve() in (where, *where.parents):
+            raise ValueError(f"--out: {out} is {flag} ({path}) or a folder holding it, which writing the output "
+                             "would replace; choose another --out")
     atomic.check_target(out, replace=force, arg="--out", hint="pass --force to replace it")
 
 
@@ -138,7 +144,7 @@ def _setup(args):
     if loaded.tokenizer is None:
         raise ValueError(f"MODEL: {args.model} has no tokenizer files")
     d = DEFAULTS[loaded.kind]
-    samples, seq_len = args.samples or d["samples"], args.seq_len or d["seq_len"]
+    samples, seq_len = args.samples or d["samples"], seq_len_for(args, loaded, d["seq_len"])
     batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
                                                samples=samples, seq_len=seq_len,
                                                reference=getattr(args, "reference", 0.0), batch_size=args.batch_size)
@@ -158,6 +164,14 @@ def _setup(args):
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
                 "fused": _fused(args)}
     return loaded, batches, held, settings
+
+
+def seq_len_for(args, loaded, default: int) -> int:
+    """``--seq-len`` (refused where the model takes fewer positions), else ``default`` capped to them."""
+    limit = E.max_positions(loaded.model, 1 << 30)
+    if args.seq_len and args.seq_len > limit:
+        raise ValueError(f"--seq-len: {args.seq_len} tokens is more than the {limit} positions {args.model} takes")
+    return args.seq_len or min(default, limit)
 
 
 def _generated(args, loaded, n: int, seq_len: int) -> list:
@@ -266,9 +280,18 @@ def _selection_kwargs(args) -> dict:
 
 
 def _out(args, command: str) -> Path:
-    if args.out:
+    if args.out is not None:
+        if not str(args.out).strip():
+            raise ValueError("--out: expected a directory, got an empty name")
         return Path(args.out)
-    return Path("headprune-out") / f"{command}-{Path(str(args.model)).stem}"
+    name = Path(str(args.model).rstrip("/\\")).name
+    return Path("headprune-out") / f"{command}-{name.removesuffix('.gguf') or 'model'}"
+
+
+def inputs(args) -> tuple:
+    """The paths a command reads, for :func:`check_out`."""
+    model = "DIR" if getattr(args, "command", None) == "recover" else "MODEL"
+    return ((model, args.model), ("--data", getattr(args, "data", None)), ("--teacher", getattr(args, "teacher", None)))
 
 
 class Stages:
@@ -291,7 +314,7 @@ class Stages:
 
 def scan(args) -> int:
     out = _out(args, "scan")
-    check_out(out, args.force)  # fail before the slow part
+    check_out(out, args.force, inputs(args))  # fail before the slow part
     loaded, batches, _, settings = _setup(args)
     checkpoint = _checkpoint(out)
     scores = _collect(args, loaded, batches, settings, checkpoint=checkpoint)
@@ -320,27 +343,9 @@ def _remove_checkpoints(checkpoint: Path) -> None:
                 side.unlink(missing_ok=True)
 
 
-def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
-    H = scores.entropy
-    lines = [f"# Attention entropy of {model}", "",
-             f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
-             f"`{settings['data']}`{added_text(settings)}. Entropy in nats, mean over valid query rows.", "",
-             "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
-    sink = scores.score("sink")
-    for i in range(scores.num_layers):
-        row = H[i, : scores.num_heads[i]]
-        if not scores.num_heads[i]:
-            lines.append(f"| {scores.names[i]} | no head left | | | | |")
-            continue
-        lines.append(f"| {scores.names[i]} | {row.nanmean():.3f} | {row.min():.3f} | {row.max():.3f} | "
-                     f"{scores.ids(i, [int(row.nan_to_num(-1).argmax())])[0]} | "
-                     f"{sink[i, : scores.num_heads[i]].nanmean():.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(args) -> int:
+    _, held = texts.load_split(args.data)  # a mistyped --data before the model loads
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
-    _, held = texts.load_split(args.data)
     result = {"model": args.model, **_public(quality(args, loaded, held)), **speed(loaded)}
     if loaded.kind != "causal":
         result.pop("fidelity", None)  # 1.0 by definition without a reference model
@@ -357,7 +362,7 @@ def sweep(args) -> int:
     from .sweep_table import sweep_markdown
 
     out = _out(args, "sweep")
-    check_out(out, args.force)
+    check_out(out, args.force, inputs(args))
     loaded, batches, held, settings = _setup(args)
     from .removal_stage import remove_zeroed
 

@@ -30,7 +30,7 @@ def prune(args) -> int:
     from ..hf import measure, save_pruned
 
     out = C._out(args, "prune")
-    C.check_out(out, args.force)  # fail before the slow part
+    C.check_out(out, args.force, C.inputs(args))  # fail before the slow part
     check_options(args)
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):

@@ -182,7 +182,7 @@ def _batches(args, loaded, settings: dict) -> tuple:
     data = args.data or settings.get("data_path") or settings.get("data")
     parts, held = texts.load_split(data)
     d = C.DEFAULTS[loaded.kind]
-    seq_len = args.seq_len or settings.get("seq_len") or d["seq_len"]
+    seq_len = C.seq_len_for(args, loaded, settings.get("seq_len") or d["seq_len"])
     batch_size = args.batch_size or STEP_SEQUENCES[loaded.kind]
     batches = recovery_batches(loaded, parts, args.samples, seq_len, batch_size, args.device)
     samples = texts.sequences(batches)
@@ -206,7 +206,7 @@ def recover(args) -> int:
     if args.steps is None and args.seconds is None:
         raise ValueError("--steps/--seconds: say how long to recover (either or both)")
     out = C._out(args, "recover")
-    C.check_out(out, args.force)
+    C.check_out(out, args.force, C.inputs(args))
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
     stage = C.Stages(args)

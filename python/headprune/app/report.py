@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+from ..stats.scores import HeadScores
+
 #: what a metric measures, in the table's words
 METRIC_WORDS = {"perplexity": "perplexity on held-out text", "fidelity": "embedding fidelity on held-out text"}
 
@@ -152,3 +154,20 @@ def _finite(obj):
         return obj
     return value if math.isfinite(value) else None
 
+
+def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
+    H = scores.entropy
+    lines = [f"# Attention entropy of {model}", "",
+             f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
+             f"`{settings['data']}`{added_text(settings)}. Entropy in nats, mean over valid query rows.", "",
+             "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
+    sink = scores.score("sink")
+    for i in range(scores.num_layers):
+        row = H[i, : scores.num_heads[i]]
+        if not scores.num_heads[i]:
+            lines.append(f"| {scores.names[i]} | no head left | | | | |")
+            continue
+        lines.append(f"| {scores.names[i]} | {row.nanmean():.3f} | {row.min():.3f} | {row.max():.3f} | "
+                     f"{scores.ids(i, [int(row.nan_to_num(-1).argmax())])[0]} | "
+                     f"{sink[i, : scores.num_heads[i]].nanmean():.3f} |")
+    return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
     """Paragraphs of a bundled text name, a ``.txt`` file (blank-line separated), a ``.jsonl``
     file with a ``text`` field, or a local ``datasets`` dataset directory (``text`` column).
     One text; :func:`load_split` takes several joined by ``+``."""
-    spec = spec or BUNDLED_TEXTS[0]
+    spec = BUNDLED_TEXTS[0] if spec is None else given(spec)
     if spec in BUNDLED_TEXTS:
         return _paragraphs((DATA / f"{spec}.txt").read_text(encoding="utf-8"))
     path = Path(spec)
@@ -79,11 +79,21 @@ def _paragraphs(text: str) -> list:
     return [b for b in blocks if b]
 
 
+def given(spec: Optional[str]) -> str:
+    """``--data`` as given, :data:`DEFAULT_TEXT` when not given; an empty name is refused (it
+    read as not given)."""
+    if spec is None:
+        return DEFAULT_TEXT
+    if not str(spec).strip():
+        raise ValueError("--data: expected a bundled text name or a file, got an empty name")
+    return spec
+
+
 def spec_names(spec: Optional[str] = None) -> list:
     """The texts a ``--data`` value names, as :func:`load_split` reads them: the whole value where
     it is an existing path (a file name may hold ``+``), else its ``+``-separated names,
     stripped."""
-    spec = spec or DEFAULT_TEXT
+    spec = given(spec)
     if spec not in BUNDLED_TEXTS and "+" in spec and Path(spec).exists():
         return [spec]
     return [name.strip() for name in spec.split("+")]
@@ -115,7 +125,7 @@ def load_split(spec: Optional[str] = None) -> tuple:
     """``(calibration parts, held-out paragraphs)`` of ``spec``: one text, or several joined by
     ``+`` (each split on its own; the calibration keeps one part per text, so each gets an
     equal share of the samples, and the held-out paragraphs alternate between the texts)."""
-    spec = spec or DEFAULT_TEXT
+    spec = given(spec)
     parts, held = [], []
     for name in spec_names(spec):
         if not name:

@@ -1,0 +1,99 @@
+"""What the commands read is never what they write: ``--out`` that is or holds an input, empty
+names, and lengths the model cannot take are refused before the slow work, and the default
+output folder keeps the model's whole name."""
+
+import argparse
+import os
+import shutil
+
+import pytest
+
+from headprune.app.cli import main
+
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from hf_tiny import save_tiny_bert
+
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    save_tiny_bert(path)
+    return path
+
+
+def _run(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()[-1:]
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["prune", "scan", "sweep"])
+@pytest.mark.parametrize("where", ["model", "parent", "data"])
+def test_an_output_folder_that_is_or_holds_an_input_is_refused(tmp_path, tiny_dir, capsys, monkeypatch, command, where):
+    """``--out MODEL --force`` replaced the user's model folder with the pruned output."""
+    import headprune.app.commands as C
+
+    model = tmp_path / "work" / "bert"
+    shutil.copytree(tiny_dir, model)
+    (tmp_path / "work" / "text.txt").write_text("the a of and to in\n\nwas her she it he\n")
+    before = _tree(tmp_path)
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    out = {"model": model, "parent": tmp_path / "work", "data": tmp_path / "work"}[where]
+    extra = {"prune": ["--ratio", "0.3"], "scan": [], "sweep": ["--ratios", "0.3"]}[command]
+    code, err = _run([command, model, "--data", tmp_path / "work" / "text.txt", "--out", out, "--force", "--quiet",
+                      *extra], capsys)
+    assert code == 2 and err[0].startswith(f"headprune {command}: error: --out: {out} is MODEL ({model}) or a folder "
+                                           "holding it")
+    assert _tree(tmp_path) == before
+    if where == "data":  # the text alone
+        code, err = _run([command, tiny_dir, "--data", tmp_path / "work" / "text.txt", "--out", out, "--force",
+                          "--quiet", *extra], capsys)
+        assert code == 2 and f"--out: {out} is --data ({tmp_path / 'work' / 'text.txt'})" in err[0]
+        assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag", ["--out", "--data"])
+def test_an_empty_name_is_refused_not_read_as_not_given(tmp_path, tiny_dir, capsys, monkeypatch, flag):
+    """``--out ""`` wrote to the default folder and ``--data ""`` calibrated on the bundled text."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["prune", tiny_dir, "--ratio", "0.3", "--quiet", "--out", "o", "--data", "t.txt"]
+    argv[argv.index(flag) + 1] = ""
+    code, err = _run(argv, capsys)
+    assert code == 2 and f"error: {flag}: expected" in err[0] and "empty name" in err[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_default_output_keeps_the_models_whole_name():
+    from headprune.app.commands import _out
+
+    def out(model):
+        return str(_out(argparse.Namespace(out=None, model=model), "prune"))
+
+    assert out("models/qwen2.5-1.5b") == out("models/qwen2.5-1.5b/") == "headprune-out/prune-qwen2.5-1.5b"
+    assert out("smollm2") == "headprune-out/prune-smollm2" and out("a/b.gguf") == "headprune-out/prune-b"
+
+
+def test_eval_reads_its_text_before_the_model(tmp_path, capsys, monkeypatch):
+    import headprune.app.commands as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("the model loaded before --data was read"))
+    code, err = _run(["eval", tmp_path, "--data", tmp_path / "no-such.txt"], capsys)
+    assert code == 2 and "error: --data:" in err[0]
+
+
+def test_a_calibration_longer_than_the_models_positions_is_refused(tmp_path, tiny_dir, capsys):
+    """It crashed with an IndexError (GPT-2) or a size mismatch (BERT) inside the collection."""
+    code, err = _run(["scan", tiny_dir, "--seq-len", "65", "--samples", "2", "--quiet", "--out", tmp_path / "o"],
+                     capsys)
+    assert code == 2 and err[0].endswith(f"--seq-len: 65 tokens is more than the 64 positions {tiny_dir} takes")
+    assert not (tmp_path / "o").exists()
+    code, err = _run(["scan", tiny_dir, "--seq-len", "64", "--samples", "2", "--quiet", "--out", tmp_path / "o"],
+                     capsys)
+    assert code == 0, err
