@@ -313,3 +313,31 @@ def test_replacing_without_rename_exchange(tmp_path, monkeypatch, fault):
         assert fault is not None
     assert os.listdir(out) == (["old.txt"] if fault else ["new.txt"])
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_failed_stage_removes_the_folders_it_made(tmp_path):
+    """``save_pruned`` (and ``--out a/b/c``) into missing folders left them behind on failure."""
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError, match="disk"):
+        with atomic.Staged(out) as stage:
+            open(os.path.join(stage.path, "x.txt"), "w").write("x")
+            raise RuntimeError("disk")
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        with atomic.Staged(out):
+            (tmp_path / "new" / "mine.txt").write_text("someone else's")  # written there meanwhile: kept
+            raise RuntimeError("disk")
+    assert sorted(os.listdir(tmp_path / "new")) == ["mine.txt"]
+    with atomic.Staged(out) as stage:
+        open(os.path.join(stage.path, "x.txt"), "w").write("x")
+    assert os.listdir(out) == ["x.txt"]
+
+
+def test_a_target_under_a_file_is_refused_up_front(tmp_path):
+    """A file where a folder of the path would be made passed the check (it probed the nearest
+    existing folder), so the command ran to the end before failing."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"--out: {tmp_path / 'afile'} is not a directory, so "
+                                                 rf"{tmp_path / 'afile' / 'o' / 'p'} cannot be made"):
+        atomic.check_target(tmp_path / "afile" / "o" / "p", replace=False, arg="--out", hint="")
+    assert atomic.check_target(tmp_path / "o" / "p", replace=False, arg="--out", hint="") == str(tmp_path / "o" / "p")
