@@ -92,7 +92,7 @@ def test_failures_leave_nothing_behind(pruned, tmp_path, capsys):
     (tmp_path / "text.gguf").write_text("not a GGUF")
     code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "a" / "b" / "m.gguf", "--source",
                       tmp_path / "text.gguf", "--quiet"], capsys)
-    assert code == 2 and "export: error: source: " in out.err and "text.gguf is not a readable GGUF" in out.err
+    assert code == 2 and "export: error: --source: " in out.err and "text.gguf is not a readable GGUF" in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.gguf"]  # the folders it made are gone
     (tmp_path / "d").mkdir()
     code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "d", "--source", t / "src.gguf",
@@ -121,3 +121,16 @@ def test_a_masked_model_is_written_without_its_masked_heads(pruned, tmp_path, ca
     assert rows["blk.0.attn_q.weight"] == rows["blk.1.attn_q.weight"] == q.shape[0] // 2  # 2 of 4 heads each
     ids = tiny_batch("llama")["input_ids"][:, :6]  # the source's untouched tensors are float16: to its rounding
     torch.testing.assert_close(_logits(_read_back(tmp_path / "m.gguf"), ids), _logits(model, ids), rtol=0, atol=2e-2)
+
+
+def test_a_gguf_path_under_a_file_is_refused_before_the_model_loads(pruned, tmp_path, capsys, monkeypatch):
+    """It failed after loading, naming a temporary file and not the argument."""
+    import headprune.app.export_command as X
+
+    t, _ = pruned
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: pytest.fail("loaded before --gguf was checked"))
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "afile" / "m.gguf", "--source",
+                      t / "src.gguf", "--quiet"], capsys)
+    assert code == 2 and f"export: error: --gguf: {tmp_path / 'afile'} is not a directory" in out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from .. import atomic
 from . import commands as C
 from .load import BUNDLED_MODELS, bundled_path, load_model, prune_folder
 from .recover_command import read_report
@@ -30,6 +31,7 @@ def export(args) -> int:
         raise ValueError(f"--gguf: {out} is a directory; name the GGUF file to write")
     if os.path.lexists(out) and not args.force:
         raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
+    atomic.check_folder(out, "--gguf")  # before the model loads
     source = _source(args.source, src, report)
     stage = C.Stages(args)
     with stage("loading the model", "load"):
@@ -50,12 +52,16 @@ def export(args) -> int:
         with stage(f"writing the GGUF ({arch} architecture)", "gguf"):
             written = export_gguf(loaded.model, out, source=source, dtype=args.gguf_dtype,
                                   architecture=args.architecture, overwrite=args.force)
-    except BaseException:
+    except BaseException as e:
         for folder in reversed(created):  # a failure leaves no folder it made
             try:
                 os.rmdir(folder)
             except OSError:
                 pass
+        if isinstance(e, ValueError) and str(e).startswith("source:"):  # export_gguf's argument is --source here
+            raise ValueError(f"--{e}") from None
+        if isinstance(e, OSError) and not str(e).startswith(("--gguf", "source", "--source")):
+            raise OSError(e.errno, f"--gguf: cannot write {out} ({e.strerror or e})") from e
         raise
     kinds = sorted(set(written.values()))
     print(f"{out}: llama.cpp's {arch} architecture, {len(written)} tensors ({', '.join(kinds)}), "

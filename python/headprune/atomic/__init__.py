@@ -43,7 +43,7 @@ from typing import Optional
 
 from .owners import TOKEN, owner_gone, owner_token
 
-__all__ = ["Staged", "check_target", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
+__all__ = ["Staged", "check_target", "check_folder", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
 
 #: the marker file inside each staging directory: JSON ``{"owner": token, "target": path}``
 MARKER = ".headprune-owner"
@@ -136,15 +136,23 @@ def check_target(path, *, replace: bool, arg: str, hint: str) -> str:
         raise FileExistsError(f"{arg}: {path} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path) and not replace:
         raise FileExistsError(f"{arg}: {path} is not empty; {hint}")
+    check_folder(path, arg)
+    if os.path.isdir(path) and os.listdir(path):
+        _probe(path, f"{arg}: cannot replace {path}")
+    return path
+
+
+def check_folder(path, arg: str) -> str:
+    """The nearest existing folder above ``path``, refused (messages start with ``arg``) where
+    it is not a directory (so ``path`` cannot be made) or this process cannot write in it."""
+    path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):  # a file where a folder of the path would be made
         raise NotADirectoryError(errno.ENOTDIR, f"{arg}: {folder} is not a directory, so {path} cannot be made")
     _probe(folder, f"{arg}: cannot write in {folder}")
-    if os.path.isdir(path) and os.listdir(path):
-        _probe(path, f"{arg}: cannot replace {path}")
-    return path
+    return folder
 
 
 def _probe(folder: str, what: str) -> None:
