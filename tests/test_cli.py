@@ -168,7 +168,7 @@ RUNTIME_ERRORS = [
     ("scan", lambda t, m: [m, "--data", _jsonl(t, '{"text": "a"}\n{"text": \n')], r"--data: .*d.jsonl:2 is not valid JSON"),
     ("scan", lambda t, m: [m, "--data", _jsonl(t, '{"text": "a"}\n{"body": "b"}\n')], r"--data: .*d.jsonl:2 has no string field 'text'"),
     ("scan", lambda t, m: [m, "--seq-len", "1"], r"--samples/--seq-len: expected samples >= 1 and seq_len >= 2"),
-    ("prune", lambda t, m: [m, "--count", "99"], "prune: error: count: 99 exceeds the 8 units of the model"),
+    ("prune", lambda t, m: [m, "--count", "99"], "prune: error: --count: 99 is more than the model's 8 query heads"),
     ("prune", lambda t, m: [m, "--ratio", "0.5", "--protect-layers", "0,7"],
      r"--protect-layers: indices \[7\] out of range for 2 layers"),
     ("prune", lambda t, m: [m, "--count", "1", "--min-heads-per-layer", "-1"], "--min-heads-per-layer: expected a non-negative integer, got -1"),

@@ -97,3 +97,21 @@ def test_a_calibration_longer_than_the_models_positions_is_refused(tmp_path, tin
     code, err = _run(["scan", tiny_dir, "--seq-len", "64", "--samples", "2", "--quiet", "--out", tmp_path / "o"],
                      capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--count", "9", "--count: 9 is more than the model's 8 query heads"),
+    ("--min-heads-per-layer", "4", "--min-heads-per-layer: 4 keeps all 4 query heads of every layer, so nothing "
+                                   "could be pruned"),
+])
+def test_a_selection_the_model_cannot_give_is_refused_before_the_collection(tmp_path, tiny_dir, capsys, monkeypatch,
+                                                                             flag, value, message):
+    """They were refused after the collection, in the library's argument names."""
+    import headprune.app.commands as C
+
+    monkeypatch.setattr(C, "_collect", lambda *a, **k: pytest.fail("collected before the options were checked"))
+    size = ["--ratio", "0.3"] if flag != "--count" else []
+    code, err = _run(["prune", tiny_dir, *size, flag, value, "--quiet", "--out", tmp_path / "o", "--samples", "2",
+                      "--seq-len", "8"], capsys)
+    assert code == 2 and err[0].endswith(message)
+    assert not (tmp_path / "o").exists()

@@ -72,6 +72,13 @@ def check_model(args, loaded) -> None:
     if bad:
         raise ValueError(f"--protect-layers: indices {bad} out of range for {len(sites)} layers (attention sites "
                          f"0-{len(sites) - 1})")
+    unit = "KV groups" if getattr(args, "gqa", None) == "group" else "query heads"  # what --count counts
+    units = [head_counts(s, adapter)[unit == "KV groups"] for s in sites]
+    if args.count is not None and args.count > sum(units):
+        raise ValueError(f"--count: {args.count} is more than the model's {sum(units)} {unit}")
+    if (args.min_heads_per_layer or 0) >= max(units, default=0) > 0:
+        raise ValueError(f"--min-heads-per-layer: {args.min_heads_per_layer} keeps all {max(units)} {unit} of every "
+                         "layer, so nothing could be pruned")
     if args.kv_ratio and not grouped_queries(head_counts(s, adapter) for s in sites):
         raise ValueError("--kv-ratio: the model has no grouped queries; every KV head goes with its query head")
     if args.sequential and args.score is not None and (
