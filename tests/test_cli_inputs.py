@@ -115,3 +115,26 @@ def test_a_selection_the_model_cannot_give_is_refused_before_the_collection(tmp_
                       "--seq-len", "8"], capsys)
     assert code == 2 and err[0].endswith(message)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_saved_tokenizer_is_the_one_read(tmp_path, capsys):
+    """A tokenizer without a padding token was saved with the end-of-text token as one (the
+    command line pads its own batches with it)."""
+    import tokenizers
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    words = "the a of and to in was her she it he had not be".split()
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>")
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text("\n\n".join(" ".join(words[i:] + words[:i]) * 3 for i in range(12)))
+    code, err = _run(["prune", tmp_path / "m", "--ratio", "0.3", "--data", tmp_path / "t.txt", "--samples", "4",
+                      "--seq-len", "16", "--eval-windows", "2", "--no-speed", "--quiet", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "model")
+    assert saved.pad_token is None and saved.eos_token == "</s>"

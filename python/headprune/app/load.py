@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -264,10 +265,29 @@ def _tokenizer(path: Path):
     return _pad(tok)
 
 
+#: set on a tokenizer that got the end-of-text token as its padding token here (for batches)
+PAD_ADDED = "_headprune_pad_added"
+
+
 def _pad(tok):
-    if tok.pad_token is None:
+    if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
+        setattr(tok, PAD_ADDED, True)
     return tok
+
+
+@contextmanager
+def tokenizer_as_loaded(tok):
+    """``tok`` as it was read while the block runs (to be saved): without the padding token the
+    command line gave it for its own batches."""
+    if tok is None or not getattr(tok, PAD_ADDED, False):
+        yield tok
+        return
+    tok.pad_token = None
+    try:
+        yield tok
+    finally:
+        tok.pad_token = tok.eos_token
 
 
 #: the float types a pruned model can be saved in (``--save-dtype``)

@@ -16,7 +16,7 @@ from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads
 from . import commands as C
 from . import evaluate as E
 from . import plots
-from .load import SAVE_TYPES, round_to_saved, weight_bytes
+from .load import SAVE_TYPES, round_to_saved, tokenizer_as_loaded, weight_bytes
 from .prune_checks import check_model, check_options
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
@@ -283,7 +283,8 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
             os.replace(gguf[0], tmp / "model.gguf")
             report.update(gguf="model.gguf", gguf_architecture=gguf[1])
         loaded.model.to(SAVE_TYPES[settings["saved_dtype"]])  # exact: rounded before the evaluation
-        save_pruned(loaded.model, tmp / "model", tokenizer=loaded.tokenizer, scores=scores, settings=settings)
+        with tokenizer_as_loaded(loaded.tokenizer) as tokenizer:
+            save_pruned(loaded.model, tmp / "model", tokenizer=tokenizer, scores=scores, settings=settings)
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
         report["saved_weight_bytes"] = weight_bytes(tmp / "model")
         report["input_bytes"] = loaded.input_bytes  # the input's weight files

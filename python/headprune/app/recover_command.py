@@ -19,7 +19,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
-from .load import SAVE_TYPES, load_model, prune_folder, round_to_saved
+from .load import SAVE_TYPES, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
 from .report import validation_sentence
 
 #: the report's quality columns, in order
@@ -237,8 +237,9 @@ def recover(args) -> int:
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
     with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
         student.model.to(SAVE_TYPES[saved_as])  # exact: rounded before the evaluation
-        save_pruned(student.model, tmp / "model", tokenizer=student.tokenizer, scores=scores,
-                    settings={**meta.get("settings", {}), "recover": result})
+        with tokenizer_as_loaded(student.tokenizer) as tokenizer:
+            save_pruned(student.model, tmp / "model", tokenizer=tokenizer, scores=scores,
+                        settings={**meta.get("settings", {}), "recover": result})
         C._write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(report_markdown(report))
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
