@@ -317,3 +317,27 @@ def test_save_overwrite_replaces_a_non_empty_directory(tmp_path):
     assert not (tmp_path / "stale.safetensors").exists()
     assert kept_heads(load_pruned(tmp_path)) == kept_heads(model)
     assert [p.name for p in tmp_path.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_save_and_load_check_their_arguments_before_the_work(tmp_path):
+    """A string tokenizer failed with an AttributeError after the weights were written, another
+    model's statistics were saved beside this model's heads, and a device this torch cannot use
+    failed after the whole load."""
+    from hf_tiny import tiny_batch
+
+    from headprune.hf import collect, resolve_sites
+
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match="tokenizer: expected a tokenizer or processor with save_pretrained, got str"):
+        save_pruned(model, tmp_path / "a", tokenizer="gpt2")
+    bert = tiny_model("bert")
+    other = collect(bert, [tiny_batch("bert")], progress=False)
+    if other.num_sites == len(resolve_sites(model)):
+        other.model_type = "bert"
+    with pytest.raises(ValueError, match="scores: statistics of a bert with .* attention sites, not of this llama"):
+        save_pruned(model, tmp_path / "a", scores=other)
+    assert not (tmp_path / "a").exists()
+    save_pruned(model, tmp_path / "b", scores=collect(model, [tiny_batch("llama")], progress=False))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device: 'cuda' is not usable here"):
+            load_pruned(tmp_path / "b", device="cuda")

@@ -27,7 +27,7 @@ from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
 from .files import first_line, read_json, read_header, safetensors_files
-from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, model_class, read_metadata
+from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, check_save_arguments, model_class, read_metadata
 from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
@@ -50,19 +50,9 @@ def save_pruned(
     model itself is never modified. A write error (a full disk, a file-size limit) raises
     ``OSError`` naming ``path`` and the cause.
     """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
-    if scores is not None and not isinstance(scores, HeadScores):
-        raise TypeError(f"scores: expected HeadScores or None, got {type(scores).__name__}")
-    if settings is not None:
-        if not isinstance(settings, dict):
-            raise TypeError(f"settings: expected a dict or None, got {type(settings).__name__}")
-        try:
-            json.dumps(settings)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"settings: expected values JSON can hold ({e})") from None
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
+    check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
     try:
         with atomic.Staged(path, replace=overwrite) as stage, _configs_restored(model):
@@ -266,6 +256,10 @@ def load_pruned(path, *, device: Optional[str] = None):
             torch.device(device)
         except (RuntimeError, TypeError):
             raise ValueError(f"device: expected a torch device such as cpu or cuda:0, got {device!r}") from None
+        try:  # before the load: a device this torch cannot use failed after it
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device: {device!r} is not usable here ({first_line(e)})") from None
     if is_transformers4_pruned(path):  # config.json's pruned_heads: read as headprune.json would say
         meta, file = transformers4_metadata(path), os.path.join(path, "config.json")
     else:

@@ -9,6 +9,7 @@ meta device.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -18,7 +19,7 @@ from .adapters import ADAPTERS, supported_model_types
 from .files import first_line, read_json
 
 __all__ = ["METADATA_FILE", "FORMAT", "WEIGHTS_FILE", "DTYPES", "read_metadata", "check_attn_implementation",
-           "model_class"]
+           "check_save_arguments", "model_class"]
 
 METADATA_FILE = "headprune.json"
 FORMAT = "headprune.pruned/1"
@@ -183,3 +184,27 @@ def model_class(meta: dict, what: str, file: str):
         raise ValueError(f"{what}: {file} has model_type {meta['model_type']!r} but architecture {name!r}, "
                          f"a {model_type} model")
     return cls
+
+
+def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> None:
+    """``save_pruned``'s arguments, before anything is written: ``scores`` must describe this
+    model's attention sites (they go into headprune.json beside its kept heads)."""
+    from ..stats.scores import HeadScores
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer: expected a tokenizer or processor with save_pretrained, got "
+                        f"{type(tokenizer).__name__}")
+    if scores is not None and not isinstance(scores, HeadScores):
+        raise TypeError(f"scores: expected HeadScores or None, got {type(scores).__name__}")
+    if scores is not None and (scores.num_sites != len(sites) or scores.model_type not in (None, adapter.model_type)):
+        raise ValueError(f"scores: statistics of a {scores.model_type or 'model'} with {scores.num_sites} attention "
+                         f"sites, not of this {adapter.model_type} with {len(sites)}")
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise TypeError(f"settings: expected a dict or None, got {type(settings).__name__}")
+        try:
+            json.dumps(settings)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"settings: expected values JSON can hold ({e})") from None
