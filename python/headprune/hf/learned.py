@@ -46,7 +46,7 @@ from .training import _bar, _Checkpoint, _check_run, _digest, _fingerprint, _loo
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
-FORMAT = "headprune.learned_gates/2"  # /2: digests of shapes and types too
+FORMAT = "headprune.learned_gates/3"  # /2: digests of shapes and types too; /3: of every weight
 
 
 @dataclass

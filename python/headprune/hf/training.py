@@ -20,7 +20,7 @@ import torch
 
 from .. import atomic
 
-CHECKPOINT_FORMAT = "headprune.recover/2"  # /2: digests of shapes and types too
+CHECKPOINT_FORMAT = "headprune.recover/3"  # /2: digests of shapes and types too; /3: of every weight
 #: how much longer than the longest recent step (and the closing work) a time budget allows for
 #: the next: on a shared machine a step can take longer than the eight before it
 MARGIN = 1.25
@@ -70,9 +70,12 @@ def _digest(tensors) -> str:
 
 
 def _model_digest(model) -> str:
-    """A model a checkpoint was written for: its shapes and the first values of each weight."""
-    return _digest([torch.tensor([d for p in model.parameters() for d in p.shape])]
-                   + [p.detach().reshape(-1)[:4096] for p in model.parameters()])
+    """A model a checkpoint was written for (:func:`headprune.hf.checkpoint.weights_digest`:
+    names, shapes, types, each tensor's sum and a strided sample; the first 4,096 values of
+    each weight alone let weights that differ further in pass)."""
+    from .checkpoint import weights_digest
+
+    return weights_digest(model)
 
 
 
