@@ -61,6 +61,11 @@ def test_prune_gqa_even_never_grows_the_kv_cache(run, tmp_path, tiny_dir):  # no
         out = tmp_path / f"o{count}"
         code, err = run(["prune", path, "--count", str(count), "--samples", "4", "--seq-len", "16", "--quiet",
                          "--no-speed", "--gqa", "even", "--scope", "global", "--out", out])
+        if count == 1:  # one head of a group of two: no even layout, and the unpruned model is not written
+            assert code == 2 and err[-1].endswith("--count: 1 rounds to no head in the layouts the selection allows "
+                                                  "(--gqa even keeps the query heads of every KV group a layer keeps "
+                                                  "equal); ask for more") and not out.exists()
+            continue
         assert code == 0, err
         report = json.loads((out / "report.json").read_text())
         assert report["after"]["kv_heads"] <= report["before"]["kv_heads"]

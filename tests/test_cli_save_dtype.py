@@ -54,7 +54,7 @@ def test_prune_saves_in_the_checkpoints_own_type(run, tmp_path, tiny_dir, dtype,
     from safetensors import safe_open
 
     path = _checkpoint(tmp_path, tiny_dir, dtype, config_names_it=config_names_it)
-    code, err = run(["prune", path, "--count", "1", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
                      "--out", tmp_path / "o"])
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
@@ -70,7 +70,7 @@ def test_kv_cache_row_compares_at_the_saved_type(run, tmp_path, tiny_dir):  # no
     """The unpruned model is read in float32 and the pruned one saved in float16: the KV cache
     row compares both in float16, so it changes only by the KV heads removed."""
     path = _checkpoint(tmp_path, tiny_dir, "float16", config_names_it=True)
-    code, err = run(["prune", path, "--count", "1", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
                      "--out", tmp_path / "o"])
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())

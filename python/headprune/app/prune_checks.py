@@ -74,6 +74,9 @@ def check_model(args, loaded) -> None:
                          f"0-{len(sites) - 1})")
     unit = "KV groups" if getattr(args, "gqa", None) == "group" else "query heads"  # what --count counts
     units = [head_counts(s, adapter)[unit == "KV groups"] for s in sites]
+    if args.ratio is not None and int(args.ratio * sum(units) + 1e-9) == 0:
+        raise ValueError(f"--ratio: {args.ratio:g} of the model's {sum(units)} {unit} is less than one; "
+                         f"give at least {1 / sum(units):.3g}")
     if args.count is not None and args.count > sum(units):
         raise ValueError(f"--count: {args.count} is more than the model's {sum(units)} {unit}")
     if (args.min_heads_per_layer or 0) >= max(units, default=0) > 0:

@@ -50,7 +50,7 @@ def prune(args) -> int:
         return 0
     recipe = _recipe(args, kw, removal, scores, values)
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
-    _warn_if_layout_rounded(args, n, total)
+    _check_layout_rounded(args, n, total)
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
@@ -317,8 +317,13 @@ def _selection_values(scores, settings: dict):
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 
-def _warn_if_layout_rounded(args, n: int, total: int) -> None:
-    """--uniform and --gqa even round the request to whole layouts: say so when they did."""
+def _check_layout_rounded(args, n: int, total: int) -> None:
+    """--uniform and --gqa even round the request to whole layouts: say so when they did, and
+    refuse a selection that rounds to no head (the output would be the unpruned model)."""
+    if n == 0:
+        ask = f"--ratio: {args.ratio:g}" if args.ratio is not None else f"--count: {args.count}"
+        even = " (--gqa even keeps the query heads of every KV group a layer keeps equal)" if args.gqa == "even" else ""
+        raise ValueError(f"{ask} rounds to no head in the layouts the selection allows{even}; ask for more")
     what = "--uniform" if getattr(args, "uniform", False) else "--gqa even" if args.gqa == "even" else None
     if what is None or args.gqa == "group":
         return
