@@ -63,3 +63,19 @@ def test_a_cell_that_reads_as_the_random_mean_is_not_starred():
               "random": [[0.999989, 0.99999]]}
     row = [line for line in sweep_markdown(result).splitlines() if line.startswith("| 0.30")][0]
     assert row.startswith("| 0.30 | 0.99999 | 0.99996 | 0.99999 |")
+
+
+def test_the_table_says_where_prune_would_round_what_the_sweep_evaluates():
+    """prune rounds the pruned model to the type it saves (bfloat16 for a GGUF); the sweep
+    evaluates the masked float32 refit, and its table did not say so."""
+    from headprune.app.sweep_table import sweep_markdown
+
+    result = {"lower_is_better": True, "metric": "perplexity", "model": "m", "data": "d", "baseline": 10.0,
+              "removal": "refit", "ratios": [0.3], "random": [], "recipes": {"default": [11.0]},
+              "settings": {"data": "d", "samples": 4, "seq_len": 8, "dtype": "float32", "checkpoint_dtype": "gguf"}}
+    head = sweep_markdown(result).splitlines()[0]
+    assert head.endswith("Evaluated in float32 with the refit unrounded; `headprune prune` of this gguf checkpoint "
+                         "rounds the pruned model to bfloat16, the type it saves.")
+    for stored in ("float32", None):
+        result["settings"]["checkpoint_dtype"] = stored
+        assert "unrounded" not in sweep_markdown(result)

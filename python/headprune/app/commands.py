@@ -367,6 +367,7 @@ def sweep(args) -> int:
     from .removal_stage import remove_zeroed
 
     remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
+    settings["checkpoint_dtype"] = loaded.checkpoint_dtype  # said under the table where prune would round
     if getattr(args, "refit_values", None):  # before the collection, as prune does
         from .removal_stage import refuse_values
 

@@ -37,6 +37,11 @@ def sweep_markdown(result: dict) -> str:
     evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
     part = result.get("eval_paragraphs")
     where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
+    stored = (s or {}).get("checkpoint_dtype")
+    rounded = {"gguf": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}.get(stored)
+    if rounded:  # the masked model is evaluated with its refit unrounded
+        calibrated += (f" Evaluated in {(s or {}).get('dtype', 'float32')} with the refit unrounded; `headprune prune` "
+                       f"of this {stored} checkpoint rounds the pruned model to {rounded}, the type it saves.")
     lines = [f"{result['metric']} of {result['model']} on held-out {where} "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
