@@ -87,18 +87,9 @@ def make_model(folder: Path) -> None:
     """The tiny BERT and its tokenizer, written by a child process (the parent stays free of
     torch's thread pools, so forking it stays safe)."""
     def build():
-        import tokenizers
-        import transformers
+        from hf_tiny import save_tiny_bert
 
-        from hf_tiny import tiny_model
-
-        words = "the a of and to in was her she it he had not be".split()
-        vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
-        tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-        tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]")
-        tiny_model("bert").save_pretrained(folder)
-        tok.save_pretrained(folder)
+        save_tiny_bert(folder)
         return 0
 
     if _wait(_fork(build)) != 0:
