@@ -202,6 +202,24 @@ def test_greedy_choice_adds_the_cheapest_measured_head(tiny):
     assert heads == {i: default.heads[i][k] for i, k in enumerate(counts) if k}
 
 
+
+def test_greedy_choice_on_a_pruned_model_names_its_heads_by_original_id():
+    """It measured positions 0.. and returned them as head ids, which a pruned model no longer
+    has (or are other heads): a second prune of a pruned encoder failed."""
+    from headprune.hf import kept_heads, prune_heads
+
+    model = tiny_model("bert")
+    prune_heads(model, {0: [0, 3], 1: [1, 3]})
+    batches = [tiny_batch("bert", seed=i) for i in range(3)]
+    scores = collect(model, batches, moments=True, progress=False)
+    costs = layer_costs(model, batches, scores, sequences=5)
+    kept = kept_heads(model)
+    assert costs.options["choose"] == "greedy" and kept == {0: [1, 2], 1: [0, 2]}
+    assert all(set(hs) <= set(kept[site]) for site, table in enumerate(costs.heads) for hs in table.values())
+    heads, _ = select_measured(model, batches, scores, count=2, costs=costs)
+    prune_heads(model, heads)  # original ids: accepted
+    assert kept_heads(model) == {s: [h for h in kept[s] if h not in heads.get(s, [])] for s in range(2)}
+
 def test_layer_costs_refusals(tiny):
     kind, model, batches, scores = tiny
     plain = collect(model, batches, progress=False)

@@ -176,7 +176,8 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
                    for h, c in zip(scores.num_heads, counts)), progress)
     with measuring(model, part, scores, damping, bar) as measure:
         if choose == "greedy":
-            heads, costs = zip(*(_greedy(measure, site, scores.num_heads[site], c) for site, c in enumerate(counts)))
+            heads, costs = zip(*(_greedy(measure, site, scores.ids(site, range(scores.num_heads[site])), c)
+                                 for site, c in enumerate(counts)))
         else:
             heads = [{k: select_heads(scores, counts={site: k}, **select)[site] for k in c}
                      for site, c in enumerate(counts)]
@@ -221,12 +222,13 @@ def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[
     return choose
 
 
-def _greedy(measure, site: int, heads: int, counts: list) -> tuple:
+def _greedy(measure, site: int, heads: list, counts: list) -> tuple:
     """``(heads, costs)`` of one site by counts: each count the previous one's heads plus the
-    head whose removal with them measured cheapest (the lowest index on a tie)."""
+    head whose removal with them measured cheapest (the lowest id on a tie). ``heads``: the
+    site's heads by original id (a pruned model's positions are not its ids)."""
     chosen, table, costs = [], {}, {}
     for k in range(1, max(counts, default=0) + 1):
-        cost, head = min((measure(site, sorted(chosen + [h])), h) for h in range(heads) if h not in chosen)
+        cost, head = min((measure(site, sorted(chosen + [h])), h) for h in heads if h not in chosen)
         chosen.append(head)
         if k in counts:
             table[k], costs[k] = sorted(chosen), cost
