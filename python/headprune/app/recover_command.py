@@ -13,7 +13,6 @@ import math
 import sys
 from pathlib import Path
 
-import torch
 
 from . import commands as C
 from . import evaluate as E
@@ -80,34 +79,9 @@ def recover_stage(args, student, teacher, batches, *, steps, lr, validation: flo
     from ..hf import recover
 
     train, held = split_validation(batches, validation)
-    types = _types(student)
-    if {torch.float16, torch.bfloat16} & set(types.values()):
-        student.float()
-    try:
-        report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet,
-                         time_budget_s=seconds, checkpoint=checkpoint, resume=checkpoint is not None)
-    finally:
-        _cast_back(student, types)
+    report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet,
+                     time_budget_s=seconds, checkpoint=checkpoint, resume=checkpoint is not None)
     return report.to_dict() | {"validation_batches": 0 if held is None else len(held)}
-
-
-def _types(model) -> dict:
-    """``{(module name, tensor name): dtype}`` of every parameter and buffer."""
-    return {(m, n): t.dtype for m, module in model.named_modules()
-            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
-
-
-def _cast_back(model, types: dict) -> None:
-    """Every parameter and buffer back in the type :func:`_types` recorded (``model.to(dtype)``
-    would also narrow buffers kept wider, such as rotary frequencies in float32)."""
-    with torch.no_grad():
-        for m, module in model.named_modules():
-            for n, p in module.named_parameters(recurse=False):
-                if p.dtype != types[m, n]:
-                    p.data = p.data.to(types[m, n])
-            for n, b in module.named_buffers(recurse=False):
-                if b.dtype != types[m, n]:
-                    module._buffers[n] = b.to(types[m, n])
 
 
 def recovers(args) -> bool:

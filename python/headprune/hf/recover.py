@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from ..prune.mask import active_masks
 from .adapters import get_adapter, resolve_sites
 from .batches import forward_kwargs
-from .training import _bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens
+from .training import (_bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
+                       cast_back, dtypes_of)
 
 __all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
@@ -266,15 +267,16 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every
     ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches))
-    teacher_mode = teacher.training
+    teacher_mode, types = teacher.training, dtypes_of(student)
     teacher.eval()
-    try:
-        with _training(student, params):
+    try:  # half-precision students train in float32 (AdamW's steps fall below their rounding) and are cast back
+        with _training(student.float() if {torch.float16, torch.bfloat16} & set(types.values()) else student, params):
             val = None if validation is None else _Validation(teacher, validation, validate_every)
             return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt,
                         checkpoint_every, resume, train, val, started)
     finally:
         teacher.train(teacher_mode)
+        cast_back(student, types)
 
 
 def _check_validation(validation, every) -> int:
