@@ -106,3 +106,28 @@ def test_the_report_evaluates_the_saved_weights_as_they_are_loaded(run, tmp_path
     got = E.quality(back, held, None, eval_windows=48, progress=False)  # the CLI's default
     assert got["perplexity"] == report["after"]["perplexity"]
     assert "Both models were evaluated in float32" in (tmp_path / "o" / "report.md").read_text()  # --no-speed
+
+
+def test_a_pruned_directory_read_in_a_half_type_computes_as_the_model_that_was_saved(tmp_path, tiny_dir):  # noqa: F811
+    """eval / recover / prune of a pruned directory with --dtype bfloat16 cast the whole model,
+    rounding the float32 rotary frequencies (from_pretrained and load_pruned keep them): the
+    saved model computed another function than the one prune evaluated."""
+    import torch
+    import transformers
+
+    import headprune
+    from headprune.app.load import load_model
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", max_position_embeddings=4096)).eval()
+    model.save_pretrained(tmp_path / "src")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16).eval()
+    headprune.prune_heads(model, {0: [1], 1: [0, 2]})
+    headprune.save_pruned(model, tmp_path / "p", tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_dir))
+    read = load_model(str(tmp_path / "p"), dtype="bfloat16").model
+    assert read.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in read.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, 90, (1, 1500), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(read(input_ids=ids).logits, model(input_ids=ids).logits)

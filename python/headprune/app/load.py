@@ -196,7 +196,7 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loade
     if adapter is not None:
         _refuse_kind(adapter.kind, accept, path)
     tok = _tokenizer(path)
-    model = load_pruned(path, device=device).to(torch_dtype or torch.float32)  # computes as an HF directory does
+    model = cast_weights(load_pruned(path, device=device), torch_dtype or torch.float32)  # as an HF directory is
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
                   input_bytes=weight_bytes(path))
 
@@ -288,6 +288,27 @@ def tokenizer_as_loaded(tok):
         yield tok
     finally:
         tok.pad_token = tok.eos_token
+
+
+def cast_weights(model, dtype):
+    """``model`` computing in ``dtype`` as ``from_pretrained(dtype=...)`` builds it: parameters and
+    saved buffers cast, but not the buffers kept out of the weights (rotary frequencies stay
+    float32; ``model.to(dtype)`` rounds them) nor the modules the class keeps in float32."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (torch.float16, torch.bfloat16) \
+        else set()
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if keep & set(name.split(".")):
+                continue
+            for n, p in module.named_parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+            for n, b in module.named_buffers(recurse=False):
+                if b.is_floating_point() and b.dtype != dtype and n not in module._non_persistent_buffers_set:
+                    module._buffers[n] = b.to(dtype)
+    return model
 
 
 #: the float types a pruned model can be saved in (``--save-dtype``)
