@@ -102,7 +102,7 @@ def test_cli_generated_joins_the_calibration_and_says_so(run, tmp_path, tiny_dir
     path = tmp_path / "llama"
     _lm().save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
-    common = ["--count", "1", "--samples", "4", "--seq-len", "16", "--quiet", "--no-reconstruct", "--physical"]
+    common = ["--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-reconstruct", "--physical"]
     code, err = run(["prune", path, *common, "--generated", "3", "--out", tmp_path / "g"])
     assert code == 0, err
     report = json.loads((tmp_path / "g" / "report.json").read_text())

@@ -150,7 +150,7 @@ def test_prune_report_has_prefill_and_decode_rows(tmp_path, monkeypatch, capsys)
     transformers.AutoTokenizer.from_pretrained(tok_dir).save_pretrained(bert)
     for path, kinds in ((llama, ["prefill", "decode"]), (bert, ["prefill"])):
         out = tmp_path / f"out-{path.name}"
-        code = main([str(a) for a in ["prune", path, "--count", "1", "--samples", "4", "--seq-len", "16", "--quiet",
+        code = main([str(a) for a in ["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet",
                                       "--speed-prefill", "1x16", "--speed-decode", "1x24", "--out", out]])
         assert code == 0, capsys.readouterr().err
         speed = json.loads((out / "report.json").read_text())["speed"]
