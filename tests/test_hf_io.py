@@ -348,3 +348,28 @@ def test_a_directory_only_load_pruned_reads_keeps_the_sampling_settings_and_says
     (tmp_path / "p" / "generation_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"path: .*generation_config.json is not a generation config"):
         load_pruned(tmp_path / "p")
+
+
+@pytest.mark.parametrize("how", ["unpruned", "masked", "pruned"])
+def test_a_model_of_mixed_float_types_comes_back_as_it_was(tmp_path, how):
+    """Float32 norms beside bfloat16 weights: a directory plain loading reads (unpruned, masked)
+    came back all in bfloat16 (the norms rounded), as from_pretrained(dtype=) casts every tensor
+    to one type."""
+    from headprune.hf import mask_heads
+
+    model = tiny_model("bert").to(torch.bfloat16)
+    for name, module in model.named_modules():
+        if name.endswith("LayerNorm"):
+            module.float()
+            with torch.no_grad():
+                module.weight.add_(1e-3)  # not a bfloat16 number
+    handle = mask_heads(model, {0: [1]}) if how == "masked" else None
+    if how == "pruned":
+        prune_heads(model, {0: [1], 1: [0, 2]})
+    save_pruned(model, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "headprune.json").read_text())["plain_loadable"] is (how != "pruned")
+    want, got = model.state_dict(), load_pruned(tmp_path / "p").state_dict()
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    if handle is not None:
+        handle.restore()

@@ -127,6 +127,37 @@ def stored_float_type(files: list) -> str | None:
     return max(counts, key=counts.get) if counts else None
 
 
+def stored_float_types(files: list) -> dict:
+    """``{tensor name: float type}`` of the floating tensors of the safetensors ``files`` (an
+    unreadable file reads as none: the loader reports it)."""
+    from safetensors import SafetensorError, safe_open
+
+    out: dict = {}
+    try:
+        for file in files:
+            with safe_open(file, "pt") as f:
+                out.update({k: _FLOAT_NAMES[t] for k in f.keys() if (t := f.get_slice(k).get_dtype()) in _FLOAT_NAMES})
+    except (SafetensorError, OSError, ValueError, TypeError):
+        return {}
+    return out
+
+
+def cast_as_stored(model, types: dict) -> None:
+    """Each parameter and saved buffer of ``model`` named in ``types`` (by its state-dict name)
+    in that float type: a model read wide because its files mix types gets each back as stored."""
+    import torch
+
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                want = types.get(f"{prefix}.{n}" if prefix else n)
+                if want is not None and t.is_floating_point() and str(t.dtype) != f"torch.{want}":
+                    if n in module._parameters:
+                        t.data = t.data.to(getattr(torch, want))
+                    else:
+                        module._buffers[n] = t.to(getattr(torch, want))
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (transformers' run to many lines), or its type."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]

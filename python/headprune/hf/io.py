@@ -26,7 +26,7 @@ from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
-from .files import first_line, read_json, read_header, safetensors_files
+from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
 from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, check_save_arguments, model_class, read_metadata
 from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
@@ -280,7 +280,12 @@ def load_pruned(path, *, device: Optional[str] = None):
     if plain:
         config_file = os.path.join(path, "config.json")
         config = config_from(cls.config_class, read_json(config_file, "path"), len(header), "path", config_file)
-        model = from_pretrained_checked(cls, path, config, header, "path", config_file, weights, strict=True, **kw)
+        types = stored_float_types(files)  # mixed (float32 norms beside bfloat16 weights): read wide, cast each back
+        wide = {**kw, "dtype": torch.float64 if "float64" in types.values() else torch.float32}
+        model = from_pretrained_checked(cls, path, config, header, "path", config_file, weights, strict=True,
+                                        **(wide if len(set(types.values())) > 1 else kw))
+        if len(set(types.values())) > 1:
+            cast_as_stored(model, types)
         _check_counts(meta, model, file)
     if kv is not None and kv != meta["kv_heads"]:
         raise ValueError(f"path: {file} has kv_heads {str(meta['kv_heads'])[:80]}; pruning the original "
