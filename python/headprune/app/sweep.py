@@ -122,6 +122,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     check_ratios(config, scores, recipes)
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)], batches, values_cache)
     result = _new_result(config, loaded, point.baseline_value, recipes, settings)
+    result["heads_total"] = sum(scores.num_heads)  # with random_heads, the table's measure of each cell's budget
     if config.eval_paragraphs and config.eval_paragraphs < len(held):  # said in the table's heading
         result["eval_paragraphs"] = [config.eval_paragraphs, len(held)]
     result["values"] = point.values
@@ -140,9 +141,10 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
             result["recipes"][name].append(value)
             bar.update(1)
         bar.set_postfix_str(f"{r:g}: random heads", refresh=True)
-        result["random"].append([point(select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s,
-                                                    scope=config.random_scope), scores, config.removal, point.values)
-                                 for s in range(config.seeds)])
+        draws = [select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s, scope=config.random_scope)
+                 for s in range(config.seeds)]
+        result["random"].append([point(h, scores, config.removal, point.values) for h in draws])
+        result["random_heads"].append(sum(map(len, draws[0].values())) if draws else None)  # the same for every draw
         bar.update(config.seeds)
         if not config.quiet:
             bar.write(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())
@@ -214,6 +216,7 @@ def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, set
             "baseline": baseline, "ratios": list(config.ratios), "recipes": {k: [] for k in recipes}, "random": [],
             "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope, "heads": {},
             "removal": config.removal, "default_recipe": "default" if "default" in recipes else None,
+            "random_heads": [],
             "recipe_settings": {k: {n: _setting(v) for n, v in kw.items()} for k, kw in recipes.items()}}
 
 

@@ -45,7 +45,7 @@ def sweep_markdown(result: dict) -> str:
     lines = [f"{result['metric']} of {result['model']} on held-out {where} "
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    heads, empty = result.get("heads", {}), set()  # cells whose layout rounds to no head: the unpruned model
+    heads, empty, other = result.get("heads", {}), set(), set()  # (no head): the unpruned model
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
@@ -58,12 +58,20 @@ def sweep_markdown(result: dict) -> str:
                 continue
             # not starred where the table shows the same number as the random mean
             better = mean is not None and (v < mean if lower else v > mean) and number(v) != number(mean)
-            cells.append(number(v) + (" *" if better else ""))
+            k, want = _budgets(result, n, i)
+            if k != want:  # its layout rounds to another number of heads than the random draws'
+                other.add(n)
+                better = better and k > want
+            cells.append(number(v) + (f" ({k / result['heads_total']:.0%} of heads)" if k != want else "")
+                         + (" *" if better else ""))
         if rnd:
             cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
         lines.append("| " + " | ".join(cells) + " |")
     if draws:
         lines += ["", "`*` = better than the random mean at that fraction."]
+    if other:
+        lines += ["", "`(x% of heads)`: the recipe's layout rounds to another number of heads than the random draws "
+                      "remove at that fraction; starred only where it removes more."]
     if result.get("output_refit_only") and how.startswith("kept heads' value rows"):
         only = ", ".join(f"`{n}`" for n in result["output_refit_only"])
         lines += ["", f"{only}: output columns refit only (a calibration layer by layer or round by round does not "
@@ -71,3 +79,13 @@ def sweep_markdown(result: dict) -> str:
     if empty:
         lines += ["", f"`(no head)`: the layout of {', '.join(sorted(empty))} rounds to no head there (unpruned)."]
     return "\n".join(lines) + "\n"
+
+
+def _budgets(result: dict, name: str, i: int) -> tuple:
+    """``(heads the recipe removed, heads each random draw removed)`` at the ``i``-th ratio, or
+    ``(None, None)`` where the result does not say (earlier results files)."""
+    random = result.get("random_heads") or []
+    chosen = result.get("heads", {}).get(name)
+    if not result.get("heads_total") or i >= len(random) or random[i] is None or not chosen:
+        return None, None
+    return sum(map(len, chosen[i].values())), random[i]
