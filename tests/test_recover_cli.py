@@ -124,6 +124,12 @@ def test_recover_finds_the_model_and_text_from_another_directory(run, tmp_path, 
     assert report["settings"]["data"] == "notes.txt"
     assert report["settings"]["data_path"] == str(tmp_path / "work" / "notes.txt")
     monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in (tmp_path / "work").rglob("*"))
+    code, err = run(["recover", "work/p", "--steps", "1", "--quiet", "--out", "work/tiny", "--force"])
+    assert code == 2 and f"--out: work/tiny is the teacher ({tmp_path / 'work' / 'tiny'}) or a folder" in err[-1]
+    code, err = run(["recover", "work/p", "--steps", "1", "--quiet", "--out", "work/notes.txt", "--force"])
+    assert code == 2 and "is the calibration text" in err[-1]
+    assert sorted(p.name for p in (tmp_path / "work").rglob("*")) == before
     code, err = run(["recover", "work/p", "--steps", "1", "--quiet", "--out", "r"])
     assert code == 0, err
 

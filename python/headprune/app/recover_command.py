@@ -180,9 +180,11 @@ def recover(args) -> int:
     if args.steps is None and args.seconds is None:
         raise ValueError("--steps/--seconds: say how long to recover (either or both)")
     out = C._out(args, "recover")
-    C.check_out(out, args.force, C.inputs(args))
-    C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
+    data = args.data or prune_report["settings"].get("data_path") or ""  # what _batches reads
+    read = [("the teacher", teacher_spec), *(("the calibration text", p) for p in [data, *data.split("+")] if p)]
+    C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
+    C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
         # a bundled name in the report (prune records model_path where MODEL was a path) is the bundled model
