@@ -87,13 +87,16 @@ def test_a_cell_whose_layout_removes_another_number_of_heads_says_so():
     from headprune.app.sweep_table import sweep_markdown
 
     result = {"lower_is_better": True, "metric": "perplexity", "model": "m", "data": "d", "baseline": 10.0,
-              "removal": "refit", "ratios": [0.4], "random": [[12.0, 13.0]], "random_heads": [3], "heads_total": 8,
+              "removal": "refit", "ratios": [0.4], "random": [[12.0, 13.0]], "random_heads": [[3, 3]], "heads_total": 8,
               "recipes": {"default": [11.0], "uniform": [11.5], "groups": [11.2]},
               "heads": {"default": [{"0": [1], "1": [0, 2]}], "uniform": [{"0": [1, 2], "1": [0, 2]}],
                         "groups": [{"1": [0, 1]}]}}
     text = sweep_markdown(result)
     row = [line for line in text.splitlines() if line.startswith("| 0.40")][0]
     assert row.startswith("| 0.40 | 11 * | 11.5 (50% of heads) * | 11.2 (25% of heads) |")
-    assert "`(x% of heads)`: the recipe's layout rounds to another number of heads" in text
+    assert "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws" in text
+    result["random_heads"] = [[3, 2]]  # even layouts drawn over the whole model can differ: no cell matches both
+    row = [line for line in sweep_markdown(result).splitlines() if line.startswith("| 0.40")][0]
+    assert row.startswith("| 0.40 | 11 (38% of heads) * | 11.5 (50% of heads) * | 11.2 (25% of heads) |")
     del result["random_heads"]  # earlier results files: as before
     assert "of heads)" not in sweep_markdown(result)

@@ -144,7 +144,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
         draws = [select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s, scope=config.random_scope)
                  for s in range(config.seeds)]
         result["random"].append([point(h, scores, config.removal, point.values) for h in draws])
-        result["random_heads"].append(sum(map(len, draws[0].values())) if draws else None)  # the same for every draw
+        result["random_heads"].append([sum(map(len, h.values())) for h in draws])  # even layouts: draws can differ
         bar.update(config.seeds)
         if not config.quiet:
             bar.write(f"ratio {r:.2f}: " + ", ".join(f"{k}={v[-1]:.4g}" for k, v in result["recipes"].items())

@@ -58,11 +58,12 @@ def sweep_markdown(result: dict) -> str:
                 continue
             # not starred where the table shows the same number as the random mean
             better = mean is not None and (v < mean if lower else v > mean) and number(v) != number(mean)
-            k, want = _budgets(result, n, i)
-            if k != want:  # its layout rounds to another number of heads than the random draws'
+            k, drawn = _budgets(result, n, i)
+            uneven = k is not None and {k} != set(drawn)  # its layout removes another number of heads than the draws
+            if uneven:
                 other.add(n)
-                better = better and k > want
-            cells.append(number(v) + (f" ({k / result['heads_total']:.0%} of heads)" if k != want else "")
+                better = better and k >= max(drawn)
+            cells.append(number(v) + (f" ({k / result['heads_total']:.0%} of heads)" if uneven else "")
                          + (" *" if better else ""))
         if rnd:
             cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
@@ -70,8 +71,9 @@ def sweep_markdown(result: dict) -> str:
     if draws:
         lines += ["", "`*` = better than the random mean at that fraction."]
     if other:
-        lines += ["", "`(x% of heads)`: the recipe's layout rounds to another number of heads than the random draws "
-                      "remove at that fraction; starred only where it removes more."]
+        lines += ["", "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws "
+                      "at that fraction (or the draws differ among themselves); starred only where it removes at "
+                      "least as many as each draw."]
     if result.get("output_refit_only") and how.startswith("kept heads' value rows"):
         only = ", ".join(f"`{n}`" for n in result["output_refit_only"])
         lines += ["", f"{only}: output columns refit only (a calibration layer by layer or round by round does not "
@@ -82,10 +84,10 @@ def sweep_markdown(result: dict) -> str:
 
 
 def _budgets(result: dict, name: str, i: int) -> tuple:
-    """``(heads the recipe removed, heads each random draw removed)`` at the ``i``-th ratio, or
-    ``(None, None)`` where the result does not say (earlier results files)."""
+    """``(heads the recipe removed, [heads each random draw removed])`` at the ``i``-th ratio, or
+    ``(None, [])`` where the result does not say (earlier results files)."""
     random = result.get("random_heads") or []
     chosen = result.get("heads", {}).get(name)
-    if not result.get("heads_total") or i >= len(random) or random[i] is None or not chosen:
-        return None, None
+    if not result.get("heads_total") or i >= len(random) or not random[i] or not chosen:
+        return None, []
     return sum(map(len, chosen[i].values())), random[i]
