@@ -341,3 +341,24 @@ def test_a_target_under_a_file_is_refused_up_front(tmp_path):
                                                  rf"{tmp_path / 'afile' / 'o' / 'p'} cannot be made"):
         atomic.check_target(tmp_path / "afile" / "o" / "p", replace=False, arg="--out", hint="")
     assert atomic.check_target(tmp_path / "o" / "p", replace=False, arg="--out", hint="") == str(tmp_path / "o" / "p")
+
+
+def test_a_folder_another_writer_makes_meanwhile_is_used_not_removed(tmp_path, monkeypatch):
+    """Two saves into sibling outputs under one new folder: the second found the folder made
+    between its check and its mkdir and failed with FileExistsError (os.makedirs took it)."""
+    real = os.mkdir
+
+    def racing(path, *a, **k):
+        if str(path) == str(tmp_path / "runs"):
+            real(path)  # the other writer, first
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", racing)
+    with pytest.raises(RuntimeError):
+        with atomic.Staged(tmp_path / "runs" / "a"):
+            raise RuntimeError("after the race")
+    monkeypatch.setattr(os, "mkdir", real)
+    assert os.listdir(tmp_path) == ["runs"]  # the other writer's folder stays
+    with atomic.Staged(tmp_path / "runs" / "a") as stage:
+        open(os.path.join(stage.path, "x"), "w").write("x")
+    assert os.listdir(tmp_path / "runs" / "a") == ["x"]

@@ -225,14 +225,18 @@ class Staged:
         return self.root if os.path.lexists(self.root) else None
 
     def __enter__(self) -> "Staged":
-        self.made = []  # the folders above the target this stage creates (removed again on failure)
+        missing, self.made = [], []  # the folders above the target this stage creates (removed again on failure)
         folder = os.path.dirname(self.target)
         while not os.path.lexists(folder):
-            self.made.insert(0, folder)
+            missing.insert(0, folder)
             folder = os.path.dirname(folder)
-        for folder in self.made:
-            os.mkdir(folder)
         try:
+            for folder in missing:
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:  # another writer made it meanwhile: used, not ours to remove
+                    continue
+                self.made.append(folder)
             os.mkdir(self.root)  # not mkdtemp: its 0o700 would survive the rename
             with open(os.path.join(self.root, MARKER), "w", encoding="utf-8") as f:
                 json.dump({"owner": owner_token(), "target": self.target}, f)
