@@ -39,7 +39,7 @@ def sweep_markdown(result: dict) -> str:
     where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
     stored = (s or {}).get("checkpoint_dtype")
     rounded = {"gguf": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}.get(stored)
-    if rounded:  # the masked model is evaluated with its refit unrounded
+    if rounded and (s or {}).get("dtype", "float32") in ("float32", "float64"):  # the refit is evaluated unrounded
         calibrated += (f" Evaluated in {(s or {}).get('dtype', 'float32')} with the refit unrounded; `headprune prune` "
                        f"of this {stored} checkpoint rounds the pruned model to {rounded}, the type it saves.")
     lines = [f"{result['metric']} of {result['model']} on held-out {where} "
