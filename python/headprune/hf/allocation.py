@@ -163,7 +163,8 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     choose = resolve_choice(scores, gqa, score, order, choose)
     part = measured_part(batches, sequences)
     options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
-               "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose}
+               "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose,
+               "heads": _layout(scores)}
     select = dict(gqa=gqa, score=score, order=order, seed=seed, protect_layers=protect_layers,
                   min_heads_per_layer=min_heads_per_layer, damping=damping)
     select_heads(scores, counts={}, **select)  # the options, checked
@@ -220,6 +221,11 @@ def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[
         raise ValueError("choose: 'greedy' removes one head at a time, and these sites' units under "
                          f"gqa={gqa!r} are groups of heads; use 'ranking'")
     return choose
+
+
+def _layout(scores) -> list:
+    """Each site's heads by original id."""
+    return [scores.ids(i, range(n)) for i, n in enumerate(scores.num_heads)]
 
 
 def _greedy(measure, site: int, heads: list, counts: list) -> tuple:
@@ -365,6 +371,10 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
         asked = f"gqa={gqa!r}, min_heads_per_layer={min_heads_per_layer}"
         raise ValueError(f"costs: measured with {costs.options}, not with {asked}"
                          + ("" if choose is None else f", choose={choose!r}"))
+    other = [i for i, ids in enumerate(_layout(scores)) if costs.options.get("heads", _layout(scores))[i] != ids]
+    if other:  # measured before (or after) a pruning: its heads are not this model's
+        raise ValueError(f"costs: measured when site {other[0]} held heads {costs.options['heads'][other[0]]}, the "
+                         f"scores' model holds {_layout(scores)[other[0]]}; measure again")
     sizes = set(unit_sizes(scores, gqa))
     if len(sizes) != 1:
         raise ValueError(f"gqa: the sites' units have different sizes {sorted(sizes)}; measured allocation needs one")

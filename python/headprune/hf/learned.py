@@ -40,6 +40,7 @@ import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import frozen, gates
+from .prune import kept_heads
 from .recover import _kwargs, _loss, _Teacher
 from .training import _bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume
 
@@ -99,7 +100,7 @@ def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed
         raise RuntimeError("learn_gates: needs autograd; call it outside torch.inference_mode()")
 
 
-def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
+def _fill(scores, num_heads: list, dims: list, kept: Optional[dict] = None) -> Optional[torch.Tensor]:
     if scores is None:
         return None
     if getattr(scores, "outputs", None) is None:
@@ -107,6 +108,10 @@ def _fill(scores, num_heads: list, dims: list) -> Optional[torch.Tensor]:
                          "headprune.collect, or pass scores=None to close gates to zero)")
     if list(scores.num_heads) != num_heads:
         raise ValueError(f"scores: were collected for head counts {list(scores.num_heads)}, the model has {num_heads}")
+    other = [i for i, n in enumerate(num_heads) if kept is not None and scores.ids(i, range(n)) != list(kept[i])]
+    if other:
+        raise ValueError(f"scores: were collected on heads {scores.ids(other[0], range(num_heads[other[0]]))} of site "
+                         f"{other[0]}, the model keeps {list(kept[other[0]])}")
     return torch.nan_to_num(scores.output_mean(), nan=0.0)
 
 
@@ -142,7 +147,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
         raise ValueError(f"model: learned gates handle causal LMs and encoders, not {adapter.model_type} (seq2seq)")
     sites = resolve_sites(model, adapter)
     num_heads = [head_counts(s, adapter)[0] for s in sites]
-    fill = _fill(scores, num_heads, [head_dim(s, adapter) for s in sites])
+    fill = _fill(scores, num_heads, [head_dim(s, adapter) for s in sites], kept_heads(model))
     valid = torch.zeros(len(sites), max(num_heads), dtype=torch.bool)
     for i, h in enumerate(num_heads):
         valid[i, :h] = True

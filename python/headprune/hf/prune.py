@@ -75,7 +75,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
     absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
-                        values=values, absent=absent)
+                        values=values, absent=absent, kept=ids)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()})
     try:
         with torch.no_grad():
@@ -330,7 +330,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
             "(or leave its with block) before prune_heads"
         )
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct,
-                        damping=damping, values=values)  # from the weights before slicing
+                        damping=damping, values=values, kept=ids)  # from the weights before slicing
     before = measure(model)
     state = new_state(model, counts)
     removed_ids = {site: [state["kept"][site][p] for p in hs] for site, hs in heads.items()}

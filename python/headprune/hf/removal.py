@@ -30,19 +30,20 @@ class SiteRemoval:
 
 def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores] = None,
                  reconstruct: Optional[HeadScores] = None, damping: float = 0.0, values=None,
-                 absent: Optional[dict] = None) -> dict:
+                 absent: Optional[dict] = None, kept: Optional[dict] = None) -> dict:
     """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed).
     ``values`` (:class:`~headprune.hf.values.ValueMoments` of these heads, with ``reconstruct``):
     the kept heads' value rows are refit with their output columns wherever a head is kept.
     ``absent``: ``{site: heads}`` already zeroed (by masks not yet restored), which the refit
-    treats as removed: it neither reads nor writes their columns."""
+    treats as removed: it neither reads nor writes their columns. ``kept``: ``{site: original
+    ids}`` of the model's heads, which the statistics and value moments must have been taken on."""
     absent = {layer: hs for layer, hs in (absent or {}).items() if hs and layer in heads}
     if values is not None:
         if not callable(getattr(values, "check", None)) or not hasattr(values, "kept"):
             raise TypeError(f"values: expected the ValueMoments of collect_values or None, got {type(values).__name__}")
         if reconstruct is None:
             raise ValueError("values: the value refit extends the least-squares refit; pass reconstruct= as well")
-        values.check(heads)
+        values.check(heads, kept)
         if absent:
             raise ValueError(f"values: layers {sorted(absent)} have heads masked by an active mask_heads handle; "
                              "restore it first (the value refit needs every other head of a layer kept or removed "
@@ -50,10 +51,10 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     if compensate is not None and reconstruct is not None:
         raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
     if compensate is not None:
-        mean = _checked(compensate, sites, adapter, "compensate").output_mean()
+        mean = _checked(compensate, sites, adapter, "compensate", kept).output_mean()
         return {layer: _mean_replaced(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
     if reconstruct is not None:
-        scores = _checked(reconstruct, sites, adapter, "reconstruct")
+        scores = _checked(reconstruct, sites, adapter, "reconstruct", kept)
         if scores.moments is None:
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
         joint = {} if values is None else values.kept  # sites where a head is kept: the joint refit instead
@@ -63,8 +64,9 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     return {}
 
 
-def _checked(scores, sites, adapter, arg: str) -> HeadScores:
-    """``scores``, after checking it is ``HeadScores`` of the model's current head layout."""
+def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None) -> HeadScores:
+    """``scores``, after checking it is ``HeadScores`` of the model's current head layout (and
+    of its heads by original id, where ``kept`` gives them)."""
     if not isinstance(scores, HeadScores):
         raise TypeError(f"{arg}: expected HeadScores from collect() or None, got {type(scores).__name__}")
     if scores.outputs is None:
@@ -73,6 +75,11 @@ def _checked(scores, sites, adapter, arg: str) -> HeadScores:
     then = list(zip(scores.num_heads, scores.head_dim))
     if now != then:
         raise ValueError(f"{arg}: the scores were collected on another head layout ({then}) than the model's ({now})")
+    other = [i for i in range(len(sites)) if kept is not None and scores.ids(i, range(now[i][0])) != list(kept[i])]
+    if other:
+        i = other[0]
+        raise ValueError(f"{arg}: the scores were collected on heads {scores.ids(i, range(now[i][0]))} of site {i}, "
+                         f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
     return scores
 
 

@@ -20,6 +20,7 @@ import threading
 import types
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
 from .batches import forward_kwargs
 from .modules import eval_mode
-from .prune import positions
+from .prune import kept_heads, positions
 
 __all__ = ["ValueMoments", "collect_values", "DEFAULT_MAX_BYTES", "refits_values_by_default", "supports_values"]
 
@@ -47,14 +48,20 @@ class ValueMoments:
     kept: dict
     gram: dict
     cross: dict
+    layout: Optional[dict] = None  # {site: original ids of its heads} when collected (positions name them)
 
-    def check(self, heads: dict) -> None:
-        """``ValueError`` unless these moments were collected for exactly ``heads``."""
+    def check(self, heads: dict, layout: Optional[dict] = None) -> None:
+        """``ValueError`` unless these moments were collected for exactly ``heads``, on a model
+        whose heads were ``layout`` (``{site: original ids}``, where given)."""
         want = {int(k): sorted(v) for k, v in heads.items() if v}
         have = {int(k): sorted(v) for k, v in self.heads.items() if v}
         if want != have:
             raise ValueError(f"values: collected for heads {have}, but the removal is of {want}; collect_values "
                              "with the heads being removed")
+        other = [k for k in self.layout or {} if layout is not None and list(layout[k]) != list(self.layout[k])]
+        if other:
+            raise ValueError(f"values: collected when site {other[0]} held heads {self.layout[other[0]]}, it now holds "
+                             f"{list(layout[other[0]])}; collect_values again")
 
 
 def _supported(site, adapter) -> str:
@@ -223,4 +230,5 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
     if missing:
         raise ValueError(f"batches: sites {missing} saw no calibration token")
     gram, cross = run.moments()
-    return ValueMoments(heads={k: list(v) for k, v in heads.items()}, kept=kept, gram=gram, cross=cross)
+    return ValueMoments(heads={k: list(v) for k, v in heads.items()}, kept=kept, gram=gram, cross=cross,
+                        layout=kept_heads(model))
