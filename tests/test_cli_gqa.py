@@ -130,3 +130,20 @@ def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_pa
 def test_layout_options_that_conflict_are_refused_before_loading(run, tmp_path, extra, message):  # noqa: F811
     code, err = run(["prune", tmp_path / "missing", "--ratio", "0.3", "--out", tmp_path / "o", *extra])
     assert code != 0 and any(message in line for line in err), err
+
+
+def test_kv_ratio_on_a_model_whose_pruning_repeated_its_kv_heads_says_so(run, tmp_path, tiny_dir):  # noqa: F811
+    """It said "the model has no grouped queries" of a grouped-query model that a --gqa query
+    pruning had given one KV head per query head."""
+    import transformers
+
+    import headprune
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    headprune.prune_heads(model, {0: [0], 1: [3]})  # one head of one group in each layer: the KV heads repeat
+    headprune.save_pruned(model, tmp_path / "p", tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_dir))
+    code, err = run(["prune", tmp_path / "p", "--ratio", "0.3", "--kv-ratio", "0.25", "--quiet", "--out",
+                     tmp_path / "o"])
+    assert code == 2 and err[-1].endswith("--kv-ratio: the model's pruning gave every query head its own KV head "
+                                          "(--gqa query repeats them), so no group is left to remove")

@@ -83,7 +83,11 @@ def check_model(args, loaded) -> None:
         raise ValueError(f"--min-heads-per-layer: {args.min_heads_per_layer} keeps all {max(units)} {unit} of every "
                          "layer, so nothing could be pruned")
     if args.kv_ratio and not grouped_queries(head_counts(s, adapter) for s in sites):
-        raise ValueError("--kv-ratio: the model has no grouped queries; every KV head goes with its query head")
+        cfg = loaded.model.config  # a pruned layout keeps the original config where no config can express it
+        was = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) < cfg.num_attention_heads
+        raise ValueError("--kv-ratio: " + ("the model's pruning gave every query head its own KV head (--gqa query "
+                                           "repeats them), so no group is left to remove" if was else
+                                           "the model has no grouped queries; every KV head goes with its query head"))
     if args.sequential and args.score is not None and (
             args.scope == "per_layer" or args.scope is None and loaded.kind == "causal"):
         raise ValueError("--score: with --sequential each layer's heads are re-chosen by the refit's error, and "
