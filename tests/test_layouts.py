@@ -48,7 +48,7 @@ def _even(removed, hq, hkv):
     return len({k for k in kept if k}) <= 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 10_000), ratio=st.sampled_from([0.1, 0.2, 0.3, 0.5, 0.7]),
        scope=st.sampled_from(["global", "per_layer"]))
 def test_even_selection_never_grows_the_kv_cache(seed, ratio, scope):

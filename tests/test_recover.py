@@ -157,6 +157,7 @@ def test_resume_equals_an_uninterrupted_run(llama, tmp_path, validated):
                                                   "validate_every": 2}, 5, 4
     else:
         train, kw, stop_at, every = batches, {"steps": 5, "lr": LR}, 3, 2
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         whole = copy.deepcopy(pruned)
@@ -173,7 +174,7 @@ def test_resume_equals_an_uninterrupted_run(llama, tmp_path, validated):
         assert _same(_state(first), _state(pruned))  # restored; the checkpoint holds `every` steps
         report = recover(first, teacher, train, checkpoint=path, resume=True, **kw)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     assert report.resumed_from == every and report.steps == kw["steps"]
     assert (report.best_step, report.validation_loss_best) == (expected.best_step, expected.validation_loss_best)
     assert _same(_state(whole), _state(first))

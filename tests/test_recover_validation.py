@@ -36,6 +36,7 @@ def test_a_call_that_ends_off_the_validation_schedule_resumes_exactly(tmp_path):
         return {"input_ids": ids, "attention_mask": mask}
 
     train, kw = [batch(0), batch(1)], {"lr": 0.02, "validation": [batch(2)], "validate_every": 4}
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         whole = copy.deepcopy(pruned)
@@ -45,7 +46,7 @@ def test_a_call_that_ends_off_the_validation_schedule_resumes_exactly(tmp_path):
         resumed = copy.deepcopy(pruned)
         report = recover(resumed, teacher, train, steps=8, checkpoint=path, resume=True, **kw)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     assert stopped.best_step == 5  # the first call's own result takes its closing measurement
     assert (report.best_step, report.validation_loss_best) == (expected.best_step, expected.validation_loss_best)
     assert _same(_state(whole), _state(resumed))
