@@ -140,3 +140,12 @@ def test_the_saved_tokenizer_is_the_one_read(tmp_path, capsys):
     assert code == 0, err
     saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "model")
     assert saved.pad_token is None and saved.eos_token == "</s>"
+
+
+def test_export_of_an_encoder_is_refused_in_plain_words(tmp_path, tiny_dir, capsys):
+    """It said "is a encoder model" and that the Python API handles encoders, which no GGUF
+    export does."""
+    (tmp_path / "src.gguf").write_bytes(b"GGUF")  # refused for the model before it is read
+    code, err = _run(["export", tiny_dir, "--gguf", tmp_path / "m.gguf", "--source", tmp_path / "src.gguf"], capsys)
+    assert code == 2 and f"MODEL: {tiny_dir} is an encoder model; this command handles causal models" in err[0]
+    assert "Python API" not in err[0]

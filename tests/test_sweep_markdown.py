@@ -99,3 +99,18 @@ def test_the_sweep_plot_draws_the_ratios_in_order(tmp_path, monkeypatch):
     plots.sweep_plot(result, tmp_path / "s.png")
     assert ([0.1, 0.5], [11.0, 30.0]) in drawn  # the recipe, and the random mean (a geometric mean: rounding)
     assert any(x == [0.1, 0.5] and y == pytest.approx([12.0, 25.0]) for x, y in drawn)
+
+
+def test_the_flops_row_says_its_context_which_the_model_can_take():
+    """The row was quoted at 1,024 tokens of context, without saying so, for MiniLM's 512
+    positions."""
+    from hf_tiny import tiny_model
+
+    from headprune.app.report import summary_table
+    from headprune.hf.report import attention_flops_per_token, measure
+
+    model = tiny_model("bert")  # 64 positions
+    m = measure(model)
+    assert m["context"] == 64 and m["attention_flops_per_token"] == attention_flops_per_token(model, 64)
+    table = summary_table({"before": m, "after": m}, "fidelity")
+    assert "| attention FLOPs/token (at 64 tokens of context) |" in table

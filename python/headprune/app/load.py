@@ -46,8 +46,9 @@ def weight_bytes(directory: Path) -> int:
 def _refuse_kind(kind: str, accept, spec) -> None:
     """The CLI handles causal LMs and encoders; refused before any weight is read."""
     if accept is not None and kind not in accept:
-        raise ValueError(f"MODEL: {spec} is a {kind} model; the command line handles "
-                         f"{' and '.join(accept)} models (the Python API handles {kind} models too)")
+        api = f" (the Python API handles {kind} models too)" if "encoder" in accept else ""  # not a GGUF export
+        raise ValueError(f"MODEL: {spec} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} model; this command "
+                         f"handles {' and '.join(accept)} models{api}")
 
 
 def bundled_path(name: str) -> tuple:

@@ -39,7 +39,8 @@ def summary_table(report: dict, metric: str) -> str:
         kind = f" ({a['kv_cache_dtype']})" if a.get("kv_cache_dtype") else ""
         rows.append((f"KV cache bytes per token{kind}", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
     rows += [("parameters", b["parameters"], a["parameters"]),
-             ("attention FLOPs/token", b["attention_flops_per_token"], a["attention_flops_per_token"])]
+             ("attention FLOPs/token" + (f" (at {b['context']:,} tokens of context)" if b.get("context") else ""),
+              b["attention_flops_per_token"], a["attention_flops_per_token"])]
     if b.get("retrieval_top1") is not None:
         rows.insert(1, ("retrieval top-1", b["retrieval_top1"], a["retrieval_top1"]))
     lines = ["| | before | after | change |", "|---|---|---|---|"]

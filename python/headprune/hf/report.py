@@ -31,13 +31,14 @@ def attention_flops_per_token(model, context: int = DEFAULT_CONTEXT) -> int:
 
 
 def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
-    """Head counts, parameters, attention FLOPs per token at ``context`` and the KV cache's
-    bytes per token, in ``dtype`` (default: the model's own float type), so that two models
-    held in different types compare at one type."""
+    """Head counts, parameters, attention FLOPs per token at ``context`` (at most the model's
+    positions) and the KV cache's bytes per token, in ``dtype`` (default: the model's own float
+    type), so that two models held in different types compare at one type."""
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     dtype = dtype or next(model.parameters()).dtype
+    context = min(context, getattr(model.config, "max_position_embeddings", None) or context)  # what it can take
     width = dtype.itemsize
     causal = [s.block.causal for s in sites]
     return {
