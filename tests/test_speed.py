@@ -74,6 +74,8 @@ def test_verdict_signs_only_outside_the_spread():
         "no measurable difference (per round 1.03-1.05x, the median times 0.34x)"
     assert verdict({"speedup": 1.31, "speedup_low": 1.25, "speedup_high": 1.36, "speedup_of_medians": 1.2}) == \
         "1.31x (1.25-1.36x)"
+    # a bound that rounds to 1.00 read as a spread covering no change beside a measured slowdown
+    assert verdict({"speedup": 0.951, "speedup_low": 0.912, "speedup_high": 0.9987}) == "0.951x (0.912-0.999x)"
 
 
 @pytest.mark.parametrize("bad", ["512", "1x", "ax2", "0x5", "2x-1"])

@@ -221,4 +221,5 @@ def verdict(row: dict, clock: str = "") -> str:
     medians = row.get(f"speedup{clock}_of_medians")
     if medians is not None and (medians - 1.0) * (s - 1.0) <= 0:
         return f"no measurable difference (per round {lo:.2f}-{hi:.2f}x, the median times {medians:.2f}x)"
-    return f"{s:.2f}x ({lo:.2f}-{hi:.2f}x)"
+    d = 3 if "1.00" in (f"{lo:.2f}", f"{hi:.2f}") else 2  # a bound that rounds to 1.00 would read as no change
+    return f"{s:.{d}f}x ({lo:.{d}f}-{hi:.{d}f}x)"
