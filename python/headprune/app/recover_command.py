@@ -276,12 +276,18 @@ def _losses(r: dict) -> str:
     return f" Distillation loss {first:.4g} at the first step, {last:.4g} at the last."
 
 
+def _drawn(s: dict) -> str:
+    """What each step took from the calibration set (it read as if every step saw all of it)."""
+    n = s.get("batch_size")
+    return f"batches of {n} sequence{'s' if n != 1 else ''} drawn from " if n else ""
+
+
 def report_markdown(report: dict) -> str:
     s, r = report["settings"], report["recover"]
     return (f"# headprune recovery: {report['pruned']}\n\n"
             f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s{_how(r, s)}; "
             f"training {r['train']}, {r['parameters']:,} parameters, learning rate {s['recover_lr']:g}) on "
-            f"{s['samples']} x {s['seq_len']} tokens of `{s['data']}`.{_losses(r)}{validation_sentence(r)}\n\n"
+            f"{_drawn(s)}{s['samples']} x {s['seq_len']} tokens of `{s['data']}`.{_losses(r)}{validation_sentence(r)}\n\n"
             f"{quality_table(report)}\n\n"
             f"Held-out text is the last 30% of each text's paragraphs, never trained on; a gain on the "
             f"calibration text alone would be overfitting.\n")
