@@ -51,19 +51,21 @@ def check_out(out: Path, force: bool, inputs: tuple = ()) -> None:
     that is or holds an input (``inputs``: ``(flag, path)`` pairs), which ``--force`` would
     replace. Also removes what killed runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
     for flag, path in inputs:
-        where = Path(path).resolve() if path and os.path.exists(path) else None
-        if where is not None and out.resolve() in (where, *where.parents):
+        if path and os.path.exists(path) and _at_or_inside(path, out):
             raise ValueError(f"--out: {out} is {flag} ({path}) or a folder holding it, which writing the output "
                              "would replace; choose another --out")
     atomic.check_target(out, replace=force, arg="--out", hint="pass --force to replace it")
 
 
+def _at_or_inside(path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    return folder.resolve() in (where := Path(path).resolve(), *where.parents)
+
+
 def refuse_inside_out(out: Path, path, flag: str) -> None:
-    """A state file ``path`` given by ``flag`` inside ``--out`` or at ``--out`` itself (written
-    whole at the end, so it would make ``--out`` non-empty, or a file, and the run fail there)
-    is refused before anything runs."""
-    where = Path(path).resolve() if path else None
-    if where is not None and out.resolve() in (where, *where.parents):
+    """A state file ``path`` given by ``flag`` at or inside ``--out`` (written whole at the end,
+    so it would make ``--out`` non-empty, or a file) is refused before anything runs."""
+    if path and _at_or_inside(path, out):
         raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
 

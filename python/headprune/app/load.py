@@ -295,20 +295,18 @@ def cast_weights(model, dtype):
     """``model`` computing in ``dtype`` as ``from_pretrained(dtype=...)`` builds it: parameters and
     saved buffers cast, but not the buffers kept out of the weights (rotary frequencies stay
     float32; ``model.to(dtype)`` rounds them) nor the modules the class keeps in float32."""
+    from ..hf.modules import retype
+
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (torch.float16, torch.bfloat16) \
         else set()
     if dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if keep & set(name.split(".")):
-                continue
-            for n, p in module.named_parameters(recurse=False):
-                if p.is_floating_point() and p.dtype != dtype:
-                    p.data = p.data.to(dtype)
-            for n, b in module.named_buffers(recurse=False):
-                if b.is_floating_point() and b.dtype != dtype and n not in module._non_persistent_buffers_set:
-                    module._buffers[n] = b.to(dtype)
+
+    def wanted(m, module, n, t):
+        saved = n not in module._non_persistent_buffers_set
+        return dtype if t.is_floating_point() and saved and not keep & set(m.split(".")) else None
+
+    retype(model, wanted)
     return model
 
 

@@ -150,10 +150,16 @@ def _pruned_dir(path: Path) -> dict:
     return report
 
 
+def _data_spec(args, settings: dict):
+    """The text recovery reads: ``--data``, else what the directory was pruned with (its files'
+    absolute paths where it names files), else the default."""
+    return args.data or settings.get("data_path") or settings.get("data")
+
+
 def _batches(args, loaded, settings: dict) -> tuple:
     """Calibration batches, calibration paragraphs (interleaved like the held-out ones) and
     held-out paragraphs, from the text and sizes the directory was pruned with unless given."""
-    data = args.data or settings.get("data_path") or settings.get("data")
+    data = _data_spec(args, settings)
     parts, held = texts.load_split(data)
     d = C.DEFAULTS[loaded.kind]
     seq_len = C.seq_len_for(args, loaded, settings.get("seq_len") or d["seq_len"])
@@ -181,8 +187,8 @@ def recover(args) -> int:
         raise ValueError("--steps/--seconds: say how long to recover (either or both)")
     out = C._out(args, "recover")
     teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
-    data = args.data or prune_report["settings"].get("data_path") or ""  # what _batches reads
-    read = [("the teacher", teacher_spec), *(("the calibration text", p) for p in [data, *data.split("+")] if p)]
+    data = _data_spec(args, prune_report["settings"])
+    read = [("the teacher", teacher_spec), *(("the calibration text", p) for p in texts.spec_names(data))]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     stage = C.Stages(args)

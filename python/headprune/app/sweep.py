@@ -121,8 +121,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
         raise ValueError("ratios: iterative recipes need increasing ratios")
     check_ratios(config, scores, recipes)
     point = _Evaluator(config, loaded, held[: config.eval_paragraphs or len(held)], batches, values_cache)
-    result = _new_result(config, loaded, point.baseline_value, recipes, settings)
-    result["heads_total"] = sum(scores.num_heads)  # with random_heads, the table's measure of each cell's budget
+    result = _new_result(config, loaded, point.baseline_value, recipes, settings, sum(scores.num_heads))
     if config.eval_paragraphs and config.eval_paragraphs < len(held):  # said in the table's heading
         result["eval_paragraphs"] = [config.eval_paragraphs, len(held)]
     result["values"] = point.values
@@ -210,13 +209,15 @@ class _Evaluator:
             return self._quality(self.reference)[self.metric]
 
 
-def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, settings: dict) -> dict:
+def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, settings: dict, heads: int) -> dict:
+    """The result before its points; ``heads`` (the model's) and ``random_heads`` (each draw's,
+    by ratio) are the table's measure of each cell's budget."""
     metric, lower = metric_of(loaded.kind)
     return {"model": config.model, "data": settings["data"], "metric": metric, "lower_is_better": lower,
             "baseline": baseline, "ratios": list(config.ratios), "recipes": {k: [] for k in recipes}, "random": [],
             "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope, "heads": {},
             "removal": config.removal, "default_recipe": "default" if "default" in recipes else None,
-            "random_heads": [],
+            "heads_total": heads, "random_heads": [],
             "recipe_settings": {k: {n: _setting(v) for n, v in kw.items()} for k, kw in recipes.items()}}
 
 

@@ -229,9 +229,9 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
     adapter = adapter or get_adapter(model)
     base = _base(model)
     sites = []
+    present = {b.stack for b in adapter.blocks if b.stack} & dict(base.named_children()).keys()
     for block in adapter.blocks:
-        if block.stack and block.stack not in dict(base.named_children()) and \
-                any(b.stack in dict(base.named_children()) for b in adapter.blocks):
+        if block.stack and present and block.stack not in present:
             continue  # one stack of an encoder-decoder family (T5EncoderModel: the encoder)
         try:
             layers = base.get_submodule(block.layers)

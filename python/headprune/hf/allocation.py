@@ -164,7 +164,7 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     part = measured_part(batches, sequences)
     options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
                "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose,
-               "heads": _layout(scores)}
+               "heads": scores.site_heads()}
     select = dict(gqa=gqa, score=score, order=order, seed=seed, protect_layers=protect_layers,
                   min_heads_per_layer=min_heads_per_layer, damping=damping)
     select_heads(scores, counts={}, **select)  # the options, checked
@@ -177,8 +177,8 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
                    for h, c in zip(scores.num_heads, counts)), progress)
     with measuring(model, part, scores, damping, bar) as measure:
         if choose == "greedy":
-            heads, costs = zip(*(_greedy(measure, site, scores.ids(site, range(scores.num_heads[site])), c)
-                                 for site, c in enumerate(counts)))
+            heads, costs = zip(*(_greedy(measure, site, ids, c) for site, (ids, c) in
+                                 enumerate(zip(scores.site_heads(), counts))))
         else:
             heads = [{k: select_heads(scores, counts={site: k}, **select)[site] for k in c}
                      for site, c in enumerate(counts)]
@@ -221,11 +221,6 @@ def resolve_choice(scores: HeadScores, gqa: str, score, order, choose: Optional[
         raise ValueError("choose: 'greedy' removes one head at a time, and these sites' units under "
                          f"gqa={gqa!r} are groups of heads; use 'ranking'")
     return choose
-
-
-def _layout(scores) -> list:
-    """Each site's heads by original id."""
-    return [scores.ids(i, range(n)) for i, n in enumerate(scores.num_heads)]
 
 
 def _greedy(measure, site: int, heads: list, counts: list) -> tuple:
@@ -371,10 +366,10 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
         asked = f"gqa={gqa!r}, min_heads_per_layer={min_heads_per_layer}"
         raise ValueError(f"costs: measured with {costs.options}, not with {asked}"
                          + ("" if choose is None else f", choose={choose!r}"))
-    other = [i for i, ids in enumerate(_layout(scores)) if costs.options.get("heads", _layout(scores))[i] != ids]
-    if other:  # measured before (or after) a pruning: its heads are not this model's
-        raise ValueError(f"costs: measured when site {other[0]} held heads {costs.options['heads'][other[0]]}, the "
-                         f"scores' model holds {_layout(scores)[other[0]]}; measure again")
+    i = scores.other_site(dict(enumerate(costs.options.get("heads", scores.site_heads()))))
+    if i is not None:  # measured before (or after) a pruning: its heads are not this model's
+        raise ValueError(f"costs: measured when site {i} held heads {costs.options['heads'][i]}, the scores' model "
+                         f"holds {scores.site_heads()[i]}; measure again")
     sizes = set(unit_sizes(scores, gqa))
     if len(sizes) != 1:
         raise ValueError(f"gqa: the sites' units have different sizes {sorted(sizes)}; measured allocation needs one")

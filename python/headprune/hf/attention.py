@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import types
 from contextlib import contextmanager
 from typing import Optional
 
@@ -108,7 +107,7 @@ class SiteConfig:
     implementation)."""
 
     def __init__(self, base, **own):
-        self.__dict__.update(own, base=config_of(types.SimpleNamespace(config=base)))
+        self.__dict__.update(own, base=_unwrapped(base))
 
     def __getattr__(self, name):  # only for names this config does not hold itself
         base = self.__dict__.get("base")
@@ -123,7 +122,10 @@ class SiteConfig:
 
 def config_of(module):
     """The model config behind ``module.config`` (through a :class:`SiteConfig`)."""
-    config = module.config
+    return _unwrapped(module.config)
+
+
+def _unwrapped(config):
     while isinstance(config, SiteConfig):
         config = config.__dict__["base"]
     return config

@@ -7,6 +7,7 @@ names the file, never as the reader's own exception type.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 
@@ -104,13 +105,12 @@ def read_header(files: list, what: str) -> dict:
 _FLOAT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def stored_float_type(files: list) -> str | None:
-    """The float type that holds most of the weights' elements in the safetensors ``files``
-    ("float32", "float16", "bfloat16", "float64"), or ``None`` when they hold no floats or
-    cannot be read: what a checkpoint whose config names no type was stored in."""
+def _float_tensors(files: list) -> dict | None:
+    """``{tensor name: (float type, elements)}`` of the floating tensors of the safetensors
+    ``files``, from their headers, or ``None`` when one cannot be read."""
     from safetensors import SafetensorError, safe_open
 
-    counts: dict = {}
+    out: dict = {}
     try:
         for file in files:
             with safe_open(file, "pt") as f:
@@ -118,28 +118,26 @@ def stored_float_type(files: list) -> str | None:
                     sl = f.get_slice(k)
                     name = _FLOAT_NAMES.get(sl.get_dtype())
                     if name is not None:
-                        n = 1
-                        for d in sl.get_shape():
-                            n *= d
-                        counts[name] = counts.get(name, 0) + n
+                        out[k] = (name, math.prod(sl.get_shape()))
     except (SafetensorError, OSError, ValueError, TypeError):
         return None
+    return out
+
+
+def stored_float_type(files: list) -> str | None:
+    """The float type that holds most of the weights' elements in the safetensors ``files``
+    ("float32", "float16", "bfloat16", "float64"), or ``None`` when they hold no floats or
+    cannot be read: what a checkpoint whose config names no type was stored in."""
+    counts: dict = {}
+    for name, n in (_float_tensors(files) or {}).values():
+        counts[name] = counts.get(name, 0) + n
     return max(counts, key=counts.get) if counts else None
 
 
 def stored_float_types(files: list) -> dict:
     """``{tensor name: float type}`` of the floating tensors of the safetensors ``files`` (an
     unreadable file reads as none: the loader reports it)."""
-    from safetensors import SafetensorError, safe_open
-
-    out: dict = {}
-    try:
-        for file in files:
-            with safe_open(file, "pt") as f:
-                out.update({k: _FLOAT_NAMES[t] for k in f.keys() if (t := f.get_slice(k).get_dtype()) in _FLOAT_NAMES})
-    except (SafetensorError, OSError, ValueError, TypeError):
-        return {}
-    return out
+    return {k: name for k, (name, _) in (_float_tensors(files) or {}).items()}
 
 
 def cast_as_stored(model, types: dict) -> None:
@@ -147,15 +145,13 @@ def cast_as_stored(model, types: dict) -> None:
     in that float type: a model read wide because its files mix types gets each back as stored."""
     import torch
 
-    with torch.no_grad():
-        for prefix, module in model.named_modules():
-            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                want = types.get(f"{prefix}.{n}" if prefix else n)
-                if want is not None and t.is_floating_point() and str(t.dtype) != f"torch.{want}":
-                    if n in module._parameters:
-                        t.data = t.data.to(getattr(torch, want))
-                    else:
-                        module._buffers[n] = t.to(getattr(torch, want))
+    from .modules import retype
+
+    def stored(m, module, n, t):
+        want = types.get(f"{m}.{n}" if m else n)
+        return getattr(torch, want) if want is not None and t.is_floating_point() else None
+
+    retype(model, stored)
 
 
 def first_line(e: BaseException) -> str:

@@ -281,10 +281,11 @@ def load_pruned(path, *, device: Optional[str] = None):
         config_file = os.path.join(path, "config.json")
         config = config_from(cls.config_class, read_json(config_file, "path"), len(header), "path", config_file)
         types = stored_float_types(files)  # mixed (float32 norms beside bfloat16 weights): read wide, cast each back
-        wide = {**kw, "dtype": torch.float64 if "float64" in types.values() else torch.float32}
+        mixed = len(set(types.values())) > 1
+        wide = {"dtype": torch.float64 if "float64" in types.values() else torch.float32} if mixed else {}
         model = from_pretrained_checked(cls, path, config, header, "path", config_file, weights, strict=True,
-                                        **(wide if len(set(types.values())) > 1 else kw))
-        if len(set(types.values())) > 1:
+                                        **{**kw, **wide})
+        if mixed:
             cast_as_stored(model, types)
         _check_counts(meta, model, file)
     if kv is not None and kv != meta["kv_heads"]:

@@ -108,10 +108,10 @@ def _fill(scores, num_heads: list, dims: list, kept: Optional[dict] = None) -> O
                          "headprune.collect, or pass scores=None to close gates to zero)")
     if list(scores.num_heads) != num_heads:
         raise ValueError(f"scores: were collected for head counts {list(scores.num_heads)}, the model has {num_heads}")
-    other = [i for i, n in enumerate(num_heads) if kept is not None and scores.ids(i, range(n)) != list(kept[i])]
-    if other:
-        raise ValueError(f"scores: were collected on heads {scores.ids(other[0], range(num_heads[other[0]]))} of site "
-                         f"{other[0]}, the model keeps {list(kept[other[0]])}")
+    i = None if kept is None else scores.other_site(kept)
+    if i is not None:
+        raise ValueError(f"scores: were collected on heads {scores.site_heads()[i]} of site {i}, the model keeps "
+                         f"{list(kept[i])}")
     return torch.nan_to_num(scores.output_mean(), nan=0.0)
 
 

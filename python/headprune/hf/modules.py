@@ -1,12 +1,13 @@
 """Temporary changes to a model's modules that put back exactly what was there: every
 module's own training flag, and a ``forward`` set on the instance (accelerate's hooks, for
-example, live there)."""
+example, live there); and :func:`retype`, the one loop that gives a model's tensors types one
+by one (``model.to(dtype)`` also narrows buffers kept wider, such as rotary frequencies)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["eval_mode", "instance_forward"]
+__all__ = ["eval_mode", "instance_forward", "retype"]
 
 _MISSING = object()
 
@@ -37,3 +38,22 @@ def instance_forward(module, forward):
             module.__dict__.pop("forward", None)
         else:
             module.forward = old
+
+
+def retype(model, dtype_of) -> None:
+    """Each parameter and buffer ``t`` of ``model`` cast to ``dtype_of(module name, module,
+    tensor name, t)`` where that gives a type other than ``t``'s (``None``: left as it is).
+    Parameters keep their identity (their ``.data`` is replaced), so an optimizer or a dict
+    holding them still does; a tied parameter is cast once."""
+    import torch
+
+    with torch.no_grad():
+        for m, module in model.named_modules():
+            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                want = dtype_of(m, module, n, t)
+                if want is None or t.dtype == want:
+                    continue
+                if n in module._parameters:
+                    t.data = t.data.to(want)
+                else:
+                    module._buffers[n] = t.to(want)

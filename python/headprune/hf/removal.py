@@ -75,10 +75,9 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None) -> H
     then = list(zip(scores.num_heads, scores.head_dim))
     if now != then:
         raise ValueError(f"{arg}: the scores were collected on another head layout ({then}) than the model's ({now})")
-    other = [i for i in range(len(sites)) if kept is not None and scores.ids(i, range(now[i][0])) != list(kept[i])]
-    if other:
-        i = other[0]
-        raise ValueError(f"{arg}: the scores were collected on heads {scores.ids(i, range(now[i][0]))} of site {i}, "
+    i = None if kept is None else scores.other_site(kept)
+    if i is not None:
+        raise ValueError(f"{arg}: the scores were collected on heads {scores.site_heads()[i]} of site {i}, "
                          f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
     return scores
 

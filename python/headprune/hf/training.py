@@ -230,11 +230,6 @@ def dtypes_of(model) -> dict:
 def cast_back(model, types: dict) -> None:
     """Every parameter and buffer back in the type :func:`dtypes_of` recorded (``model.to(dtype)``
     would also narrow buffers kept wider, such as rotary frequencies in float32)."""
-    with torch.no_grad():
-        for m, module in model.named_modules():
-            for n, p in module.named_parameters(recurse=False):
-                if p.dtype != types[m, n]:
-                    p.data = p.data.to(types[m, n])
-            for n, b in module.named_buffers(recurse=False):
-                if b.dtype != types[m, n]:
-                    module._buffers[n] = b.to(types[m, n])
+    from .modules import retype
+
+    retype(model, lambda m, module, n, t: types[m, n])

@@ -146,8 +146,8 @@ class _Collection:
             xs = x[:, None].expand(x.shape[0], len(k), x.shape[1], x.shape[2])
             mask = _kept_heads(mask, k, h)  # per-head biases (T5's relative positions) go with their heads
             kwargs = {name: _kept_heads(v, k, h) for name, v in kwargs.items()}
-            z = _inner_function(self.impl[id(config_of(module))], module)(module, query[:, k], key[:, k], xs, mask, *args,
-                                                                       **kwargs)[0]
+            inner = _inner_function(self.impl[id(config_of(module))], module)
+            z = inner(module, query[:, k], key[:, k], xs, mask, *args, **kwargs)[0]
             self.pending[layer] = z.detach().reshape(z.shape[0], z.shape[1], -1)  # [B, S, |K| hidden]
             return None  # the model's own attention runs as usual
         return types.SimpleNamespace(attend=attend, record=lambda *a, **kw: None, thread=self.thread)

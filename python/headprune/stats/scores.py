@@ -183,6 +183,16 @@ class HeadScores:
         """The original indices of the heads at ``positions`` of ``site``."""
         return list(positions) if self.head_ids is None else [self.head_ids[site][p] for p in positions]
 
+    def site_heads(self) -> list:
+        """Each site's heads by original index, in position order."""
+        return [self.ids(i, range(n)) for i, n in enumerate(self.num_heads)]
+
+    def other_site(self, kept: dict):
+        """The first site whose heads are not ``kept[site]`` (a model's heads by original index,
+        as ``headprune.kept_heads`` gives them), or ``None``: statistics name heads by position,
+        so those of another pruning of the same counts describe other heads."""
+        return next((i for i, ids in enumerate(self.site_heads()) if ids != list(kept[i])), None)
+
     def positions(self, site: int, heads) -> list:
         """The positions in ``site`` of the heads of original indices ``heads`` (the inverse of
         :meth:`ids`; a ``ValueError`` for a head the site no longer has)."""
