@@ -30,7 +30,7 @@ _HF = ("collect", "mask_heads", "prune_heads", "save_pruned", "load_pruned", "ke
        "gradient_importance", "learn_gates", "LearnedGates", "recover", "RecoverReport", "generated_batches",
        "select_measured", "layer_costs", "LayerCosts", "measure_uniform", "collect_values", "ValueMoments")
 _LAZY_MODULES = ("ops", "reference")
-_TEXTS = ("reference_batches",)  # headprune.app.texts
+_TEXTS = ("calibration_batches", "reference_batches")  # headprune.app.texts
 
 __all__ = ["EntropyAccumulator", "HeadScores", "NUM_STATS", "OutputStat", "STAT_FIELDS", "Stat", "build_info", "ops",
            "rank_heads", "reference", "select_heads", *_HF, *_TEXTS]
