@@ -187,6 +187,38 @@ def test_the_heatmap_says_when_measurement_chose_the_heads():
     assert _selection_label(scores, {"scope": "per_layer"}).endswith("(the score that chose the heads)")
 
 
+@pytest.mark.parametrize("selection", [False, True])
+def test_every_text_of_the_heatmap_is_inside_the_image(tmp_path, monkeypatch, selection):
+    """The second panel's description was its colour bar's label, which ran off the image's right
+    edge; and the panel had no title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.app import plots
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    scores = collect(tiny_model("bert"), [tiny_batch("bert")], progress=False)
+    label = "reconstruction (for reference: the heads went by measured removal cost)"
+    plots.heatmap(scores, tmp_path / "h.png", pruned={1: [0, 2]}, title="minilm: pruned heads", protected=(0,),
+                  selection=torch.randn(2, 4) if selection else None, selection_label=label)
+    (fig,) = figures
+    fig.canvas.draw()  # laid out at the figure's own dpi, as its box is
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text()]
+    assert any(label.split()[0] in t.get_text() for t in texts) == selection
+    for t in texts:
+        e = t.get_window_extent(renderer)
+        assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, t.get_text()
+    if selection:  # each panel says what it shows
+        assert [ax.get_title().replace("\n", " ") for ax in fig.axes[:2]] == ["mean attention entropy", label]
+    plt.close("all")
+
+
 def test_layer_and_kv_options_the_model_cannot_take_are_refused_before_collecting(tmp_path, monkeypatch, capsys):
     """``--protect-layers 99`` and ``--kv-ratio`` on a model without grouped queries were refused
     only after the collection; both are refused against the model's sites first."""

@@ -114,3 +114,22 @@ def test_the_flops_row_says_its_context_which_the_model_can_take():
     assert m["context"] == 64 and m["attention_flops_per_token"] == attention_flops_per_token(model, 64)
     table = summary_table({"before": m, "after": m}, "fidelity")
     assert "| attention FLOPs/token (at 64 tokens of context) |" in table
+
+
+def test_the_retrieval_row_says_what_it_counts_and_changes_by_paragraphs():
+    """It read "retrieval top-1 | 0.2207 | 0.2394 | +8.5%", a gain of four paragraphs of 213,
+    without saying what was retrieved."""
+    from hf_tiny import tiny_model
+
+    from headprune.app.report import summary_table
+    from headprune.hf.report import measure
+
+    m = measure(tiny_model("bert"))
+    b = {**m, "fidelity": 1.0, "retrieval_top1": 47 / 213, "retrieval_pairs": 213}
+    a = {**m, "fidelity": 0.97, "retrieval_top1": 51 / 213, "retrieval_pairs": 213}
+    rows = summary_table({"before": b, "after": a}, "fidelity").splitlines()
+    assert rows[3] == ("| retrieval top-1 (share of 213 held-out paragraphs whose first sentence finds the rest of its "
+                       "own paragraph among all of them) | 0.22066 | 0.23944 | +4 of 213 |")
+    assert rows[2].startswith("| embedding fidelity")
+    a["retrieval_top1"] = float("nan")
+    assert summary_table({"before": b, "after": a}, "fidelity").splitlines()[3].endswith("| 0.22066 | nan |  |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -27,14 +28,15 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
     plt = _plt()
     values = scores.score(score).float().numpy() if score != "entropy" else scores.entropy.float().numpy()
     L, H = values.shape
-    panels = [(values, f"mean attention {score}" + _unit(score))]
-    if selection is not None:
-        panels.append((selection.float().numpy(), selection_label or "selection score (lower: pruned first)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4.0, 0.45 * H + 2.5), max(3.0, 0.28 * L + 1.8)),
-                             squeeze=False)
-    for ax, (v, label) in zip(axes[0], panels):
+    panels = [(values, f"mean attention {score}", _unit(score).strip(" ()"))]  # (values, title, colour-bar label)
+    if selection is not None:  # the long description is the panel's title: as a colour-bar label it ran off the image
+        panels.append((selection.float().numpy(), selection_label or "selection score", "lower: pruned first"))
+    width = max(4.0, 0.45 * H + 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * width, max(3.0, 0.28 * L + 2.2)), squeeze=False)
+    for ax, (v, name, label) in zip(axes[0], panels):
         im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, label=label)
+        ax.set_title(textwrap.fill(name, int(width * 9)), fontsize=8)
         _mark(ax, {i: scores.positions(i, hs) for i, hs in (pruned or {}).items()}, protected, H)  # columns: positions
         _axes(ax, scores, L, H)
     n = sum(len(v) for v in (pruned or {}).values())

@@ -41,12 +41,26 @@ def summary_table(report: dict, metric: str) -> str:
     rows += [("parameters", b["parameters"], a["parameters"]),
              ("attention FLOPs/token" + (f" (at {b['context']:,} tokens of context)" if b.get("context") else ""),
               b["attention_flops_per_token"], a["attention_flops_per_token"])]
-    if b.get("retrieval_top1") is not None:
-        rows.insert(1, ("retrieval top-1", b["retrieval_top1"], a["retrieval_top1"]))
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} | {_change(x, y)} |" for name, x, y in rows]
+    if b.get("retrieval_top1") is not None:
+        lines.insert(3, retrieval_row(b, a))
     lines += [speed_row(row) for row in report.get("speed") or []]
     return "\n".join(lines)
+
+
+def retrieval_row(b: dict, a: dict) -> str:
+    """The retrieval score's row: the share of held-out paragraphs whose first sentence finds the
+    rest of its own paragraph among all of them, and the change as a count of those paragraphs
+    (a relative change of a few of them read as a large gain or loss)."""
+    pairs = a.get("retrieval_pairs") or b.get("retrieval_pairs") or 0
+    x, y = b["retrieval_top1"], a.get("retrieval_top1")
+    change = ""
+    if pairs and x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
+        change = f"{round(y * pairs) - round(x * pairs):+d} of {pairs:,}"
+    name = (f"retrieval top-1 (share of {pairs:,} held-out paragraphs whose first sentence finds the rest of "
+            "its own paragraph among all of them)")
+    return f"| {name} | {_fmt(x)} | {_fmt(y)} | {change} |"
 
 
 def speed_row(speed: dict) -> str:
