@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     A.model_args(ev)
     A.data_args(ev, calibrates=False)
     A.eval_args(ev)
+    ev.add_argument("--teacher", default=None, metavar="MODEL",
+                    help="the unpruned model: an encoder's fidelity is measured against it, a causal LM's perplexity "
+                         "beside it (default for an encoder: the model named in the report.json of a directory "
+                         "written by prune or recover)")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     sweep = sub.add_parser("sweep", help="quality against the fraction pruned: every recipe against random",
                            description="Quality against the fraction of heads pruned, for the named recipes and a "
@@ -140,12 +144,12 @@ def _export_parser(sub, sub_kw: dict) -> None:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from . import commands, export_command, prune_command, recover_command
+        from . import commands, eval_command, export_command, prune_command, recover_command
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
     try:
-        return {"scan": commands.scan, "prune": prune_command.prune, "eval": commands.evaluate,
+        return {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
                 "sweep": commands.sweep, "recover": recover_command.recover,
                 "export": export_command.export}[args.command](args)
     except (OSError, ValueError, TypeError) as e:

@@ -345,20 +345,6 @@ def _remove_checkpoints(checkpoint: Path) -> None:
                 side.unlink(missing_ok=True)
 
 
-def evaluate(args) -> int:
-    _, held = texts.load_split(args.data)  # a mistyped --data before the model loads
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
-    result = {"model": args.model, **_public(quality(args, loaded, held)), **speed(loaded)}
-    if loaded.kind != "causal":
-        result.pop("fidelity", None)  # 1.0 by definition without a reference model
-    if args.json:
-        print(to_json(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:28s} {v:,.4g}" if isinstance(v, float) else f"{k:28s} {v}")
-    return 0
-
-
 def sweep(args) -> int:
     from .sweep import LEARNED_RECIPE, RECIPES, refit_only, removal_of, run_sweep
     from .sweep_table import sweep_markdown

@@ -1,0 +1,73 @@
+"""``headprune eval MODEL``: quality and speed of a model on held-out text. An encoder's
+quality is its embeddings' fidelity to the unpruned model's, so an encoder is compared with
+``--teacher`` or, for a directory written by ``prune`` or ``recover``, with the model its
+``report.json`` names; a causal LM's perplexity needs no other model (``--teacher`` adds the
+unpruned model's, and the ratio)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import commands as C
+from . import evaluate as E
+from . import texts
+from .load import load_model, prune_folder
+from .report import to_json
+
+
+def evaluate(args) -> int:
+    _, held = texts.load_split(args.data)  # a mistyped --data before the model loads
+    named = _named_teacher(args.model) if args.teacher is None else None
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+    teacher, spec = None, args.teacher
+    if spec is not None:
+        teacher = _load(args, spec, loaded.kind)
+    elif named is not None and loaded.kind != "causal":
+        spec, bundled = named
+        try:
+            teacher = _load(args, spec, loaded.kind, bundled=bundled)
+        except FileNotFoundError:
+            C._warn(f"no fidelity: {spec}, the unpruned model that its report.json names, is not found here; "
+                    "pass --teacher")
+    reference = None
+    if teacher is not None:  # the teacher's metric only: its retrieval score is not what is asked
+        reference = E.quality(teacher, held, eval_windows=args.eval_windows, progress=not args.quiet, metric_only=True)
+    result = {"model": args.model, **C._public(C.quality(args, loaded, held, reference)), **C.speed(loaded)}
+    if teacher is not None:
+        result["teacher"] = spec
+        if loaded.kind == "causal":
+            result["teacher_perplexity"] = reference["perplexity"]
+            result["perplexity_vs_teacher"] = result["perplexity"] / reference["perplexity"]
+    elif loaded.kind != "causal":
+        result.pop("fidelity", None)  # 1.0 by definition without a reference model
+        if named is None:
+            C._warn("no fidelity: an encoder's is measured against the unpruned model; pass --teacher MODEL")
+    if args.json:
+        print(to_json(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v:,.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    return 0
+
+
+def _named_teacher(model: str) -> Optional[tuple]:
+    """``(spec, bundled)`` of the unpruned model that the ``report.json`` of the prune or recover
+    folder MODEL is (or whose ``model/`` it is) names, else ``None``."""
+    from .recover_command import read_report
+
+    folder = prune_folder(model)
+    if folder is None:
+        return None
+    report = read_report(folder, "MODEL")
+    spec = report.get("model_path") or report.get("model") if isinstance(report, dict) else None
+    if not isinstance(spec, str):
+        return None
+    return spec, "model_path" not in report  # a bundled name in a report is the bundled model
+
+
+def _load(args, spec: str, kind: str, bundled: bool = False):
+    teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
+    if teacher.kind != kind:
+        a = "an" if teacher.kind[0] in "aeiou" else "a"
+        raise ValueError(f"--teacher: {spec} is {a} {teacher.kind} model, MODEL a {kind} one")
+    return teacher

@@ -1,0 +1,86 @@
+"""``headprune eval``: an encoder's quality is its fidelity to the unpruned model, which eval
+takes from ``--teacher`` or from the report of the directory it evaluates (it printed no
+fidelity at all), and a causal LM's perplexity is set beside the teacher's when one is given."""
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+
+COMMON = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--data", "text.txt"]
+SENTENCES = ["She had not been to the sea.", "It was her own and he had it.", "The sea was not a place to be.",
+             "He had to be in the house."]
+
+
+@pytest.fixture(autouse=True)
+def _text(tmp_path):  # run() works in tmp_path: a short text there, for prune and eval alike
+    paragraphs = [" ".join(SENTENCES[(i + k) % 4] for k in range(3)) for i in range(16)]
+    (tmp_path / "text.txt").write_text("\n\n".join(paragraphs))
+
+
+def _eval(run, argv):  # noqa: F811
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run(["eval", *argv, "--json", "--eval-windows", "2", "--quiet", "--data", "text.txt"])
+    return code, err, (json.loads(out.getvalue()) if code == 0 else None)
+
+
+def test_eval_of_a_pruned_encoder_gives_the_fidelity_its_report_gave(run, tmp_path, tiny_dir):  # noqa: F811
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *COMMON, "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    for model in (tmp_path / "o", tmp_path / "o" / "model"):
+        code, err, result = _eval(run, [model])
+        assert code == 0 and not err, err
+        assert result["teacher"] == str(tiny_dir) and result["fidelity"] == pytest.approx(report["after"]["fidelity"],
+                                                                                          abs=1e-6)
+        assert result["fidelity"] < 1
+    code, err, result = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "o" / "model"])  # the model itself
+    assert code == 0 and result["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    code, err, result = _eval(run, [tiny_dir])  # no teacher anywhere: said, and no made-up 1.0
+    assert code == 0 and "fidelity" not in result
+    assert err == ["headprune: warning: no fidelity: an encoder's is measured against the unpruned model; pass "
+                   "--teacher MODEL"]
+
+
+def test_eval_says_when_the_named_teacher_is_gone(run, tmp_path, tiny_dir):  # noqa: F811
+    shutil.copytree(tiny_dir, tmp_path / "orig")
+    code, err = run(["prune", tmp_path / "orig", "--ratio", "0.3", *COMMON, "--out", tmp_path / "o"])
+    assert code == 0, err
+    shutil.rmtree(tmp_path / "orig")
+    code, err, result = _eval(run, [tmp_path / "o"])
+    assert code == 0 and "fidelity" not in result and "retrieval_top1" in result
+    assert err == [f"headprune: warning: no fidelity: {tmp_path / 'orig'}, the unpruned model that its report.json "
+                   "names, is not found here; pass --teacher"]
+    code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "orig"])  # named: a failure
+    assert code == 2 and "is not a bundled name" in err[-1]
+
+
+def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path, tiny_dir):  # noqa: F811
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--out", tmp_path / "o"])
+    assert code == 0, err
+    code, err, alone = _eval(run, [tmp_path / "o"])  # a causal LM needs no teacher, and loads none by itself
+    assert code == 0 and not err and "teacher" not in alone
+    code, err, result = _eval(run, [tmp_path / "o", "--teacher", path])
+    teacher = _eval(run, [path])[2]
+    assert result["perplexity"] == alone["perplexity"] and result["teacher_perplexity"] == teacher["perplexity"]
+    assert result["perplexity_vs_teacher"] == pytest.approx(result["perplexity"] / teacher["perplexity"], rel=1e-12)
+    code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tiny_dir])  # an encoder as a causal LM's teacher
+    assert code == 2 and err[-1].endswith(f"--teacher: {tiny_dir} is an encoder model, MODEL a causal one")
