@@ -76,6 +76,48 @@ def test_verdict_signs_only_outside_the_spread():
         "1.31x (1.25-1.36x)"
     # a bound that rounds to 1.00 read as a spread covering no change beside a measured slowdown
     assert verdict({"speedup": 0.951, "speedup_low": 0.912, "speedup_high": 0.9987}) == "0.951x (0.912-0.999x)"
+    # a control (the reference against itself): a spread reaching into the control's is no difference
+    c = {"control_low": 0.97, "control_high": 1.08}
+    assert verdict({"speedup": 1.12, "speedup_low": 1.06, "speedup_high": 1.15, **c}) == \
+        "no measurable difference (1.06-1.15x; the unpruned model against itself 0.97-1.08x)"
+    assert verdict({"speedup": 1.12, "speedup_low": 1.09, "speedup_high": 1.15, **c}) == \
+        "1.12x (1.09-1.15x; the unpruned model against itself 0.97-1.08x)"
+    c = {"control_low": 0.99, "control_high": 0.99}  # an A/A of 0.99x: a 0.99x is not a difference
+    assert verdict({"speedup": 0.99, "speedup_low": 0.985, "speedup_high": 0.995, **c}).startswith("no measurable")
+    assert verdict({"speedup": 0.9, "speedup_low": 0.88, "speedup_high": 0.92, **c}) == \
+        "0.90x (0.88-0.92x; the unpruned model against itself 0.99-0.99x)"
+
+
+def test_compare_speed_times_the_unpruned_model_against_itself_as_a_control(monkeypatch):
+    """The report's rows carry the control's quartiles, taken in the same rounds, and their
+    verdict uses them."""
+    import itertools
+
+    import headprune.hf.speed as speed
+    from headprune.app.evaluate import compare_speed
+
+    before, after = tiny_model("llama"), tiny_model("llama")
+    made, times = [], {}
+    real = speed._prefill
+
+    def prefill(model, batch, tokens):  # the timed calls are made first: before, after, control
+        setup, run = real(model, batch, tokens)
+        made.append(run)
+        return setup, run
+
+    def clock(fn, *args):  # the two timings of the unpruned model alternate 1.0 s and 1.1 s, out of step
+        i = made.index(fn)
+        n = len(times.setdefault(i, []))
+        t = 0.5 if i == 1 else (1.0, 1.1)[(n + i // 2) % 2]
+        times[i].append(t)
+        return t, t
+
+    monkeypatch.setattr(speed, "_clock", clock)
+    monkeypatch.setattr(speed, "_prefill", prefill)
+    (row,) = compare_speed(before, after, prefill=((1, 8),), decode=(), rounds=5)
+    assert row["control_low"] < 1.0 < row["control_high"]  # the noise the control saw
+    assert row["speedup_low"] > row["control_high"] and row["verdict"].endswith(
+        f"; the unpruned model against itself {row['control_low']:.2f}-{row['control_high']:.2f}x)")
 
 
 @pytest.mark.parametrize("bad", ["512", "1x", "ax2", "0x5", "2x-1"])

@@ -297,8 +297,9 @@ def prune_output_args(p: argparse.ArgumentParser) -> None:
                         "describes what is saved (default auto: the checkpoint's own type as its config or, failing "
                         "that, its weights say; bfloat16 for a quantised GGUF; float32 when unknown)")
     g.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the pruned model's speed against the unpruned one, interleaved (default on; "
-                        "needs a second copy of the model in memory)")
+                   help="measure the pruned model's speed against the unpruned one, interleaved, with the unpruned "
+                        "one timed against itself as a control (default on; needs a second copy of the model in "
+                        "memory)")
     g.add_argument("--speed-prefill", type=shapes, default=[(1, 512)], metavar="BxN[,BxN...]",
                    help="prefill shapes --speed times: batch x prompt tokens, capped at the model's positions "
                         "(default 1x512; none to skip)")

@@ -170,21 +170,26 @@ def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vo
 def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), steps: int = 8,
                   rounds: int = 5) -> list:
     """Prefill and (causal LMs) decode tokens/s of the unpruned and the pruned model, timed
-    interleaved by :func:`headprune.hf.speed.compare`: rows with both speeds, the median
-    per-round speed-up and its quartiles (the spread). Prefill lengths, and decode contexts
-    with their steps, are capped at the model's position table; encoders have no decode."""
-    from ..hf.speed import compare
+    interleaved by :func:`headprune.hf.speed.compare` with the unpruned model a second time as a
+    control: rows with both speeds, the median per-round speed-up and its quartiles (the
+    spread), and the control's quartiles, which a difference must clear to be reported
+    (:func:`headprune.hf.speed.verdict`). Prefill lengths, and decode contexts with their
+    steps, are capped at the model's position table; encoders have no decode."""
+    from ..hf.speed import compare, verdict
 
     cap = min(max_positions(before, 1 << 30), max_positions(after, 1 << 30))
     prefill = [(b, min(t, cap)) for b, t in prefill]
     decode = [(b, min(t, cap - steps)) for b, t in decode if cap > steps] if _causal(before) else []
-    rows = compare({"before": before, "after": after}, prefill=prefill, decode=decode, steps=steps, rounds=rounds)
+    rows = compare({"before": before, "after": after, "control": before}, prefill=prefill, decode=decode,
+                   steps=steps, rounds=rounds)
     out = []
-    for a, b in zip(rows[0::2], rows[1::2]):
-        out.append({"kind": a["kind"], "batch": a["batch"], "tokens": a["tokens"], "rounds": rounds,
-                    **({"steps": steps} if a["kind"] == "decode" else {}),
-                    "tokens_per_s_before": a["tokens_per_s"], "tokens_per_s_after": b["tokens_per_s"],
-                    **{k: b[k] for k in b if k.startswith("speedup")}, "verdict": b["verdict"]})
+    for a, b, c in zip(rows[0::3], rows[1::3], rows[2::3]):
+        row = {"kind": a["kind"], "batch": a["batch"], "tokens": a["tokens"], "rounds": rounds,
+               **({"steps": steps} if a["kind"] == "decode" else {}),
+               "tokens_per_s_before": a["tokens_per_s"], "tokens_per_s_after": b["tokens_per_s"],
+               **{k: b[k] for k in b if k.startswith("speedup")},
+               **{k.replace("speedup", "control"): c[k] for k in c if k.startswith("speedup")}}
+        out.append(row | {"verdict": verdict(row)})
     return out
 
 

@@ -214,12 +214,18 @@ def verdict(row: dict, clock: str = "") -> str:
     speed-ups include 1.0, else ``"1.31x (1.25-1.36x)"``. Where the row also holds the ratio of
     the median times (``speedup_of_medians``, what its tokens/s columns show) and that lies on
     the other side of 1.0 from the rounds' median, the rounds were too uneven to tell: no
-    measurable difference either, with both figures."""
+    measurable difference either, with both figures. Where it holds a control's quartiles
+    (``control_low`` / ``control_high``: the reference timed against itself in the same
+    rounds), a spread that reaches into the control's is no measurable difference too: timing
+    one model against an identical one gave 0.99x (0.99-0.99x) on a loaded machine."""
     s, lo, hi = row[f"speedup{clock}"], row[f"speedup{clock}_low"], row[f"speedup{clock}_high"]
-    if lo <= 1.0 <= hi:
-        return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
+    c_lo, c_hi = row.get(f"control{clock}_low"), row.get(f"control{clock}_high")
+    control = "" if c_lo is None else f"; the unpruned model against itself {c_lo:.2f}-{c_hi:.2f}x"
+    band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo), max(1.0, c_hi))
+    if lo <= band[1] and hi >= band[0]:
+        return f"no measurable difference ({lo:.2f}-{hi:.2f}x{control})"
     medians = row.get(f"speedup{clock}_of_medians")
     if medians is not None and (medians - 1.0) * (s - 1.0) <= 0:
-        return f"no measurable difference (per round {lo:.2f}-{hi:.2f}x, the median times {medians:.2f}x)"
+        return f"no measurable difference (per round {lo:.2f}-{hi:.2f}x, the median times {medians:.2f}x{control})"
     d = 3 if "1.00" in (f"{lo:.2f}", f"{hi:.2f}") else 2  # a bound that rounds to 1.00 would read as no change
-    return f"{s:.{d}f}x ({lo:.{d}f}-{hi:.{d}f}x)"
+    return f"{s:.{d}f}x ({lo:.{d}f}-{hi:.{d}f}x{control})"
