@@ -262,7 +262,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     if not params:
         raise ValueError(f"student: has no {train} parameters to train")
     settings = {"train": train, "lr": float(lr), "loss": "kl" if get_adapter(student).kind == "causal" else "cosine",
-                "teacher": _model_digest(teacher)}
+                "teacher": _model_digest(teacher), "student": _model_digest(student)}  # its frozen weights too
     if validation is not None:
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every

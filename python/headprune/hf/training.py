@@ -20,7 +20,8 @@ import torch
 
 from .. import atomic
 
-CHECKPOINT_FORMAT = "headprune.recover/3"  # /2: digests of shapes and types too; /3: of every weight
+CHECKPOINT_FORMAT = "headprune.recover/4"  # /2: digests of shapes and types too; /3: of every weight;
+# /4: of the student's every weight too, not only those it trains
 #: how much longer than the longest recent step (and the closing work) a time budget allows for
 #: the next: on a shared machine a step can take longer than the eight before it
 MARGIN = 1.25
@@ -119,8 +120,10 @@ class _Checkpoint:
         saved = state["fingerprint"]
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
         if diff:
-            what = {"parameters": "trainable parameters (names or shapes)", "start": "starting values of what it trains (learned gates: init)",
-                    "tokens": "calibration batches", "teacher": "teacher weights"}
+            start = "starting values of what it trains" + (" (init)" if self.what == "learned-gates" else "")
+            what = {"parameters": "trainable parameters (names, shapes or float types)", "start": start,
+                    "tokens": "calibration batches", "teacher": "teacher weights",
+                    "student": "student weights (those it does not train included)", "model": "model weights"}
             raise self._refuse("was written for other " + ", ".join(
                 what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
         return state
