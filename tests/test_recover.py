@@ -181,24 +181,6 @@ def test_resume_equals_an_uninterrupted_run(llama, tmp_path, validated):
 
 
 
-def test_a_checkpoint_of_another_student_is_refused(llama, tmp_path):
-    """A student whose frozen weights (here its MLPs) differ was resumed from another's
-    checkpoint: only the weights it trains were compared."""
-    teacher, pruned, batches = llama
-    path = tmp_path / "recover.ckpt"
-    recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)
-    other = copy.deepcopy(pruned)
-    with torch.no_grad():
-        for name, p in other.named_parameters():
-            if ".mlp." in name:
-                p.mul_(0.5)
-    with pytest.raises(ValueError, match=r"written for other student weights \(those it does not train included\)"):
-        recover(other, teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
-    half = copy.deepcopy(pruned).to(torch.bfloat16)  # another float type: named as such
-    with pytest.raises(ValueError, match=r"trainable parameters \(names, shapes or float types\)"):
-        recover(half, teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
-
-
 def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     teacher, pruned, batches = llama
     path = tmp_path / "recover.ckpt"
@@ -373,7 +355,7 @@ def test_training_runs_in_eval_mode_and_the_checkpoint_times_validation(bert, tm
         path = tmp_path / f"{mode}.ckpt"
         recover(student, teacher, batches[:2], steps=2, lr=LR, validation=batches[2:], validate_every=1,
                 checkpoint=path)
-        assert seen and not any(seen) and not student.training
+        assert seen and not any(seen) and student.training == (mode == "train")  # as it came
         runs.append(_state(student))
     assert _same(*runs)
     assert torch.load(path, weights_only=True)["extra"]["seconds"] > 0

@@ -2,7 +2,9 @@
 unpruned one (the teacher) on the calibration batches.
 
 * Causal LMs (the output has ``logits``): KL(teacher || student) of the next-token
-  distributions at temperature 1, averaged over the valid (non-padded) positions.
+  distributions at temperature 1, averaged over the valid (non-padded) positions; a
+  classifier's ``[batch, classes]`` logits: the same KL of its class distributions, averaged
+  over the batch.
 * Encoders (``last_hidden_state``): 1 - cosine similarity of the mean-pooled last hidden
   states (the sentence-embedding fidelity itself), averaged over the batch.
 
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from ..prune.mask import active_masks
 from .adapters import get_adapter, resolve_sites
 from .batches import forward_kwargs
+from .modules import eval_mode
 from .training import (_bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
                        cast_back, dtypes_of)
 
@@ -174,7 +177,7 @@ def _loss(student, target: torch.Tensor, kw: dict) -> torch.Tensor:
     log_s = F.log_softmax(out.logits.float(), -1)
     log_t = F.log_softmax(target.float(), -1)
     per_token = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-    if mask is None:
+    if mask is None or per_token.dim() == 1:  # [batch, classes] logits (a classifier): one distribution each
         return per_token.mean()
     m = mask.to(per_token.device, per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp_min(1)
@@ -190,27 +193,27 @@ def distillation_loss(student, teacher, batch) -> torch.Tensor:
 def _training(student, params: dict):
     """The student in eval mode and only ``params`` requiring gradients inside; on an exception
     (a ``KeyboardInterrupt`` too) they get back the values they entered with, bit for bit; on
-    every exit the ``requires_grad`` flags are restored and the student is in eval mode."""
-    flags = {p: p.requires_grad for p in student.parameters()}
+    every exit every module's train/eval flag, the ``requires_grad`` flags and the ``.grad`` of
+    every parameter are as they entered."""
+    flags = {p: (p.requires_grad, p.grad) for p in student.parameters()}
     saved = [p.detach().clone() for p in params.values()]
     try:
-        student.eval()  # no dropout: the teacher's targets are exact
-        for p in student.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        yield
+        with eval_mode(student):  # no dropout: the teacher's targets are exact
+            for p in student.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            for p in params.values():
+                p.requires_grad_(True)
+            yield
     except BaseException:
         with torch.no_grad():
             for p, s in zip(params.values(), saved):
                 p.copy_(s)
-                p.grad = None
         raise
     finally:
-        for p, f in flags.items():
+        for p, (f, g) in flags.items():
             p.requires_grad_(f)
-            p.grad = None
-        student.eval()
+            p.grad = g
 
 
 def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[float] = None, train: str = "attention",
@@ -248,8 +251,9 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
             keeps what the run uninterrupted keeps.
 
     On any exception, ``KeyboardInterrupt`` included, the student's weights are restored
-    exactly as they were; on every exit its ``requires_grad`` flags are as they were and it
-    is in eval mode. Training runs in eval mode (no dropout: the targets are exact).
+    exactly as they were; on every exit its modules' train/eval flags, ``requires_grad``
+    flags and gradients are as they were, and so are the teacher's flags. Training runs in
+    eval mode (no dropout: the targets are exact).
     """
     started = time.perf_counter()
     if lr is None:
@@ -267,15 +271,14 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every
     ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches))
-    teacher_mode, types = teacher.training, dtypes_of(student)
-    teacher.eval()
+    types = dtypes_of(student)
     try:  # half-precision students train in float32 (AdamW's steps fall below their rounding) and are cast back
-        with _training(student.float() if {torch.float16, torch.bfloat16} & set(types.values()) else student, params):
+        with eval_mode(teacher), _training(student.float() if {torch.float16, torch.bfloat16} & set(types.values())
+                                           else student, params):
             val = None if validation is None else _Validation(teacher, validation, validate_every)
             return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt,
                         checkpoint_every, resume, train, val, started)
     finally:
-        teacher.train(teacher_mode)
         cast_back(student, types)
 
 

@@ -1,0 +1,71 @@
+"""headprune.recover: what it leaves as it found (both models' train/eval flags, the student's
+gradients), which checkpoint it refuses, and the loss of a classifier's outputs (fixtures of
+test_recover.py)."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_tiny import tiny_batch, tiny_config  # noqa: E402
+from test_recover import LR, bert, llama  # noqa: E402,F401  (fixtures)
+
+from headprune.hf.recover import recover  # noqa: E402
+
+
+def test_a_checkpoint_of_another_student_is_refused(llama, tmp_path):
+    """A student whose frozen weights (here its MLPs) differ was resumed from another's
+    checkpoint: only the weights it trains were compared."""
+    teacher, pruned, batches = llama
+    path = tmp_path / "recover.ckpt"
+    recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)
+    other = copy.deepcopy(pruned)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if ".mlp." in name:
+                p.mul_(0.5)
+    with pytest.raises(ValueError, match=r"written for other student weights \(those it does not train included\)"):
+        recover(other, teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
+    half = copy.deepcopy(pruned).to(torch.bfloat16)  # another float type: named as such
+    with pytest.raises(ValueError, match=r"trainable parameters \(names, shapes or float types\)"):
+        recover(half, teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
+
+
+def test_recover_leaves_both_models_modes_and_the_students_gradients_as_they_were(bert):
+    """The teacher came back with one train/eval flag for all its modules, and the student with
+    every gradient cleared, those of weights it does not train included."""
+    teacher, pruned, batches = bert
+    teacher = copy.deepcopy(teacher).train()
+    teacher.embeddings.eval()
+    student = copy.deepcopy(pruned).train()
+    student.encoder.layer[0].eval()
+    grads = {}
+    for name, p in student.named_parameters():
+        p.grad = torch.full_like(p, 0.25)
+        grads[name] = p.grad
+    modes = [[m.training for m in model.modules()] for model in (teacher, student)]
+    recover(student, teacher, batches[:2], steps=2, lr=LR)
+    assert [[m.training for m in model.modules()] for model in (teacher, student)] == modes
+    assert all(p.grad is grads[name] for name, p in student.named_parameters())
+
+
+def test_a_classifiers_logits_are_distilled_per_example():
+    """A sequence classifier's [batch, classes] logits were multiplied by the [batch, tokens]
+    attention mask: an error where the two differ, a wrong loss where they match."""
+    from headprune.hf.recover import distillation_loss
+
+    torch.manual_seed(0)
+    config = tiny_config("bert", num_labels=5)
+    teacher = transformers.BertForSequenceClassification(config).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.classifier.weight.normal_(0, 1)  # far from the teacher: a loss well above float32 rounding
+    for batch, seq in ((3, 9), (4, 4)):
+        b = tiny_batch("bert", batch=batch, seq=seq)
+        with torch.no_grad():
+            t = teacher(**b).logits.double().log_softmax(-1)
+            s_ = student(**b).logits.double().log_softmax(-1)
+        expected = (t.exp() * (t - s_)).sum(-1).mean()
+        assert distillation_loss(student, teacher, b).item() == pytest.approx(expected.item(), rel=1e-5)
