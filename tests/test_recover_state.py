@@ -69,3 +69,30 @@ def test_a_classifiers_logits_are_distilled_per_example():
             s_ = student(**b).logits.double().log_softmax(-1)
         expected = (t.exp() * (t - s_)).sum(-1).mean()
         assert distillation_loss(student, teacher, b).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["recover", "learn_gates"])
+def test_a_time_budget_holds_the_last_checkpoint_save(llama, tmp_path, monkeypatch, which):
+    """The budget reserved the time of saves seen so far, none before the first periodic save,
+    while the last save always runs: with saves of 0.8 s and a budget of 1.2 s, steps ran until
+    the budget and the save came after it. Under a budget the first step is saved, which times it."""
+    import time
+
+    from headprune import atomic
+    from headprune.hf.learned import learn_gates
+
+    teacher, pruned, batches = llama
+    write, saves = atomic.write_file, []
+
+    def slow(*a, **kw):
+        time.sleep(0.8)
+        saves.append(1)
+        return write(*a, **kw)
+
+    monkeypatch.setattr(atomic, "write_file", slow)
+    kw = {"time_budget_s": 1.2, "checkpoint": tmp_path / "c.pt", "checkpoint_every": 1000}
+    if which == "recover":
+        report = recover(copy.deepcopy(pruned), teacher, batches, steps=None, lr=LR, **kw)
+    else:
+        report = learn_gates(copy.deepcopy(teacher), batches, ratio=0.5, steps=100000, **kw)
+    assert report.steps == 1 and report.stopped == "time_budget" and len(saves) == 1

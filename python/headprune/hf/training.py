@@ -184,14 +184,15 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
     starts only if it is expected to end in time with what follows the last step: the longest
     of the last eight steps and ``closing()`` seconds (the caller's estimate of what it runs
     after a step that ends the run: a validation pass), with :data:`MARGIN` for a step slower
-    than the ones before, and two checkpoint saves as long as the longest seen. The first step
-    of a call always runs."""
+    than the ones before, and two checkpoint saves as long as the longest seen (under a budget
+    the first step of a call is saved, so that a save's time is known before the last one).
+    The first step of a call always runs."""
     t0 = time.perf_counter() if started is None else started
     took, saving = collections.deque(maxlen=8), 0.0
     it = _cycle(batches)
     for _ in itertools.islice(it, done):  # the batches the checkpoint's steps used
         pass
-    saved, losses, stopped = done, [], "steps"
+    saved, losses, stopped, start = done, [], "steps", done
     try:
         while steps is None or done < steps:
             if budget is not None and took and (time.perf_counter() - t0 + 2 * saving + MARGIN * (
@@ -205,8 +206,8 @@ def _loop(step: Callable, batches, steps: int, done: int, budget, progress, ckpt
             done += 1
             if after is not None:
                 after(done)
-            if ckpt is not None and done % every == 0:
-                began = time.perf_counter()
+            if ckpt is not None and (done % every == 0 or (budget is not None and saved == done - 1 == start)):
+                began = time.perf_counter()  # under a budget, the first step saves too: its time is then known
                 save(done)
                 saving, saved = max(saving, time.perf_counter() - began), done
             if bar is not None:
