@@ -96,3 +96,23 @@ def test_a_time_budget_holds_the_last_checkpoint_save(llama, tmp_path, monkeypat
     else:
         report = learn_gates(copy.deepcopy(teacher), batches, ratio=0.5, steps=100000, **kw)
     assert report.steps == 1 and report.stopped == "time_budget" and len(saves) == 1
+
+
+def test_arguments_of_the_training_runs_are_named(llama):
+    """A teacher of None was named as "model: unsupported model_type None", one batch dict was
+    iterated over as its keys, and progress="yes" did nothing."""
+    from headprune.hf.importance import gradient_importance
+    from headprune.hf.learned import learn_gates
+
+    teacher, pruned, batches = llama
+    with pytest.raises(ValueError, match=r"^teacher: expected a transformers model, got NoneType"):
+        recover(copy.deepcopy(pruned), None, batches, steps=1)
+    for run in (lambda b, **kw: recover(copy.deepcopy(pruned), teacher, b, steps=1, **kw),
+                lambda b, **kw: learn_gates(copy.deepcopy(teacher), b, ratio=0.5, steps=1, **kw)):
+        with pytest.raises(ValueError, match=r"^batches: expected a list of batches .* got one dict; pass \[batch\]"):
+            run(batches[0])
+        with pytest.raises(ValueError, match=r"^progress: expected True, False or a callable .* got 'yes'"):
+            run(batches, progress="yes")
+    base = transformers.AutoModel.from_config(tiny_config("llama")).eval()  # no LM head
+    with pytest.raises(ValueError, match=r"^causal: True needs a model with a language-model head .* LlamaModel"):
+        gradient_importance(base, batches, causal=True)

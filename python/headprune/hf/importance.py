@@ -74,10 +74,12 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
                          "(encoder-decoder)")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("gradient_importance: needs autograd; call it outside torch.inference_mode()")
-    if causal is None:
-        # a causal family with its LM head; a masked LM's lm_head is no next-token head
-        head = getattr(model, "get_output_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if causal is None:  # a causal family with its LM head; a masked LM's lm_head is no next-token head
         causal = get_adapter(model).kind == "causal" and head is not None
+    elif causal and head is None:
+        raise ValueError(f"causal: True needs a model with a language-model head (the next-token loss), and "
+                         f"{type(model).__name__} has none; load it with AutoModelForCausalLM, or pass causal=False")
     n = 0
     with gates(model) as g, frozen(model), torch.enable_grad():
         total = torch.zeros(g.shape, dtype=torch.float64)

@@ -42,7 +42,8 @@ from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import frozen, gates
 from .prune import kept_heads
 from .recover import _kwargs, _loss, _Teacher
-from .training import _bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume
+from .training import (_bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume,
+                       check_inputs)
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
@@ -140,6 +141,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     """
     started = time.perf_counter()
     _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
+    check_inputs(batches, progress)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     adapter = get_adapter(model)

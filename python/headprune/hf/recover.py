@@ -41,7 +41,7 @@ from .adapters import get_adapter, resolve_sites
 from .batches import forward_kwargs
 from .modules import eval_mode
 from .training import (_bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
-                       cast_back, dtypes_of)
+                       cast_back, check_inputs, dtypes_of)
 
 __all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
@@ -103,6 +103,9 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
     if train not in TRAIN:
         raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
+    for name, m in (("student", student), ("teacher", teacher)):
+        if not isinstance(m, torch.nn.Module):
+            raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
     a, b = get_adapter(student), get_adapter(teacher)
     if a.model_type != b.model_type:
         raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")
@@ -259,6 +262,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     if lr is None:
         lr = default_lr(student)
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
+    check_inputs(batches, progress)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     validate_every = _check_validation(validation, validate_every)

@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +42,15 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+
+
+def check_inputs(batches, progress) -> None:
+    """The batches and the progress option of a training run (:func:`recover`, ``learn_gates``)."""
+    if isinstance(batches, Mapping):
+        raise ValueError("batches: expected a list of batches (dicts as the model's forward takes them), got one "
+                         "dict; pass [batch]")
+    if not (isinstance(progress, bool) or callable(progress)):
+        raise ValueError(f"progress: expected True, False or a callable progress(step, steps, loss), got {progress!r}")
 
 
 def _cycle(batches):
