@@ -240,3 +240,43 @@ def test_a_group_of_one_process_names_its_rank_checkpoint(tmp_path, capsys):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_resume_of_another_number_of_processes_is_refused_and_its_files_go_when_done(tmp_path):
+    """The rank files carry the world size in their names, so a resume with another number of
+    processes found no checkpoint, collected everything again without a word, and left the old
+    files behind for good."""
+    from headprune.app import commands
+
+    base = tmp_path / ".o.checkpoint.json"
+    old = [tmp_path / f".o.checkpoint.rank{r}-of-2.json" for r in range(2)]
+    for p in old:
+        p.write_text("{}")
+    (tmp_path / ".other.checkpoint.rank0-of-2.json").write_text("{}")  # another output's: not this one's
+    assert D.written_by_other_runs(base, None) == [str(p) for p in old]
+    assert D.written_by_other_runs(base, 2) == []
+    with pytest.raises(ValueError, match=r"checkpoint: .*rank0-of-2.json was written by a run of 2 processes, and "
+                                         r"this one has one process; resume with as many"):
+        D.collect(tiny_model("llama"), _batches(), checkpoint=base, resume=True, progress=False)
+    base.write_text("{}")  # a one-process run's file, seen from a run of 3
+    with pytest.raises(ValueError, match=r"written by a run of one process, and this one has 3 processes"):
+        D.refuse_other_runs(base, 3)
+    commands._remove_checkpoints(base)  # a run that started over and succeeded
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.checkpoint.rank0-of-2.json"]
+
+
+def test_scan_resume_refuses_the_rank_files_of_a_distributed_run(tmp_path, monkeypatch, capsys):
+    """The command line's one-process collection looked for its own file only."""
+    from hf_tiny import save_tiny_bert
+
+    from headprune.app.cli import main
+
+    save_tiny_bert(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".o.checkpoint.rank1-of-2.json").write_text("{}")
+    argv = ["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]
+    assert main(argv + ["--resume"]) == 2
+    assert "rank1-of-2.json was written by a run of 2 processes, and this one has one process" in \
+        capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(argv) == 0  # started over: the old run's file goes with the new run's
+    assert not list(tmp_path.glob(".o.checkpoint*"))

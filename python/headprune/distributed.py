@@ -13,6 +13,7 @@ Only :func:`collect` needs ``transformers``; the rest imports with torch alone.
 from __future__ import annotations
 
 import json
+import re
 import os
 from collections.abc import Mapping
 from datetime import timedelta
@@ -163,6 +164,31 @@ def checkpoint_files(path) -> list:
     return [os.fspath(path)] + [rank_checkpoint(path, r, world) for r in range(world)]
 
 
+def written_by_other_runs(path, world_size: Optional[int]) -> list:
+    """Checkpoint files for ``path`` that a run of another number of processes wrote: the rank
+    files of another world size, and ``path`` itself for a run under a process group
+    (``world_size`` set); under ``world_size=None`` (one process, no group) every rank file."""
+    path = os.fspath(path)
+    root, ext = os.path.splitext(os.path.basename(path))
+    folder = os.path.dirname(path) or "."
+    pattern = re.compile(re.escape(root) + r"\.rank(\d+)-of-(\d+)" + re.escape(ext))
+    found = [os.path.join(os.path.dirname(path), n) for n in sorted(os.listdir(folder)) if
+             (m := pattern.fullmatch(n)) and int(m.group(2)) != world_size] if os.path.isdir(folder) else []
+    return ([path] if world_size is not None and os.path.exists(path) else []) + found
+
+
+def refuse_other_runs(path, world_size: Optional[int]) -> None:
+    """A resume whose checkpoint another number of processes wrote is refused: this run would
+    not read it, and would collect everything again without a word."""
+    others = written_by_other_runs(path, world_size)
+    if others:
+        m = re.search(r"\.rank\d+-of-(\d+)", os.path.basename(others[0]))
+        by = f"{m.group(1)} processes" if m else "one process"
+        now = f"{world_size} processes" if world_size is not None else "one process"
+        raise ValueError(f"checkpoint: {others[0]} was written by a run of {by}, and this one has {now}; resume "
+                         "with as many, or delete it to start over")
+
+
 def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
     """Every rank learns whether any rank failed, so none is left waiting in a collective."""
     flags = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=_device(group))
@@ -190,7 +216,10 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     from .hf.collect import collect as local_collect
 
     rank, world = rank_world(group)
-    if world == 1 and not (dist.is_available() and dist.is_initialized()):
+    grouped = not (world == 1 and not (dist.is_available() and dist.is_initialized()))
+    if checkpoint is not None and kwargs.get("resume"):
+        refuse_other_runs(checkpoint, world if grouped else None)
+    if not grouped:
         return local_collect(model, batches, checkpoint=checkpoint, fingerprint=fingerprint, **kwargs)
     if checkpoint is not None:
         checkpoint = rank_checkpoint(checkpoint, rank, world)

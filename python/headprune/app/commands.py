@@ -215,6 +215,8 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     else:
         from ..hf import collect
 
+        if checkpoint is not None and getattr(args, "resume", False):  # rank files of a --distributed run
+            distributed.refuse_other_runs(checkpoint, None)
         scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
                          resume=getattr(args, "resume", False), fingerprint=fingerprint,
                          fused=_fused(args), moments=moments)
@@ -335,10 +337,12 @@ def scan(args) -> int:
 
 
 def _remove_checkpoints(checkpoint: Path) -> None:
-    """This run's checkpoint files, by exact name (``--out`` may hold glob characters)."""
-    from ..distributed import checkpoint_files
+    """This run's checkpoint files, and those a run of another number of processes left for the
+    same output, by exact name (``--out`` may hold glob characters)."""
+    from ..distributed import checkpoint_files, rank_world, written_by_other_runs
 
-    for path in map(Path, checkpoint_files(checkpoint)):
+    world = rank_world()[1]
+    for path in map(Path, checkpoint_files(checkpoint) + written_by_other_runs(checkpoint, world if world > 1 else None)):
         path.unlink(missing_ok=True)
         for side in path.parent.iterdir() if path.parent.is_dir() else ():  # moments beside it, exact prefix
             if side.name.startswith(path.name + ".moments-") and side.name.endswith(".safetensors"):
