@@ -71,7 +71,8 @@ def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp
     plain = tmp_path / "p.json"
     with pytest.raises(KeyboardInterrupt):
         collect(model, _interrupted(batches, 2), progress=False, checkpoint=plain, fingerprint=SETTINGS)
-    with pytest.raises(ValueError, match="another model/data|layout"):
+    with pytest.raises(ValueError, match=r"written for no second moments, and this collection asks for second "
+                                         r"moments \(moments=\)"):
         collect(model, batches, progress=False, checkpoint=plain, resume=True, fingerprint=SETTINGS, moments=True)
     # nor do float32 moments resume a float64 collection
     narrow = tmp_path / "f.json"
@@ -155,11 +156,15 @@ def test_mismatched_fingerprint_is_refused(tmp_path):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight[0, 0] -= 1e-3
-    with pytest.raises(ValueError, match=r"another model/data \(the model layout differ\)"):
+    with pytest.raises(ValueError, match=r"was written for another model \(its attention sites or heads differ\)"):
         collect(tiny_model("llama", num_hidden_layers=3), batches, progress=False, checkpoint=path, resume=True,
                 fingerprint=SETTINGS)
-    with pytest.raises(ValueError, match=r"another model/data \(the model layout differ\)"):  # method is layout
+    # the method and the moments are part of the layout: each named as itself (both read "another model/data")
+    with pytest.raises(ValueError, match=r"was written for another method \('qk' in the checkpoint, 'eager' now\);"):
         collect(model, batches, method="eager", progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    with pytest.raises(ValueError, match=r"was written for no second moments, and this collection asks for second "
+                                         r"moments \(moments=\); delete it"):
+        collect(model, batches, moments=True, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
     assert not _RECORDERS and _impls(model) == ["sdpa"]
 
 

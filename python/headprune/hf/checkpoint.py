@@ -26,8 +26,9 @@ class Checkpoint:
     atomically (:func:`headprune.atomic.write_file`); the first write also removes the
     temporary files that killed writers left beside it."""
 
-    def __init__(self, path, fingerprint: str, layout: str):
+    def __init__(self, path, fingerprint: str, layout: str, expected: Optional[HeadScores] = None):
         self.path, self.fingerprint, self.layout = os.fspath(path), fingerprint, layout
+        self.expected = expected  # the collection's empty scores: what a layout refusal names
         self._swept = False
 
     def _refuse(self, why: str):
@@ -45,7 +46,7 @@ class Checkpoint:
         if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
             raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
         if d.get("layout") != self.layout:
-            raise self._refuse("was written for another model/data (the model layout differ)")
+            raise self._refuse(f"was written for {self._layout_difference(d)}")
         if d.get("fingerprint") != self.fingerprint:
             raise self._refuse(f"was written with other settings ({_differences(d.get('fingerprint'), self.fingerprint)})")
         done = d.get("batches_done")
@@ -58,6 +59,29 @@ class Checkpoint:
         if not ok:
             raise self._refuse("is corrupt (its scores or batches_done do not match its header)")
         return scores, done
+
+    def _layout_difference(self, d: dict) -> str:
+        """What differs between the checkpoint's layout and this collection's, in the words
+        of the options that set it."""
+        try:
+            saved = HeadScores.from_dict(d.get("scores"))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            saved = None
+        now = self.expected
+        if saved is None or now is None:
+            return "another model or other collection settings (the layout of its statistics differs)"
+        out = []
+        if saved.layout() != now.layout():
+            out.append("another model (its attention sites or heads differ)")
+        if saved.method != now.method:
+            out.append(f"another method ({saved.method!r} in the checkpoint, {now.method!r} now)")
+        if (d.get("moments") is None) != (now.moments is None):
+            have = lambda m: "no second moments" if m else "second moments"  # noqa: E731
+            out.append(f"{have(d.get('moments') is None)}, and this collection asks for "
+                       f"{have(now.moments is None)} (moments=)")
+        if (saved.outputs is None) != (now.outputs is None):
+            out.append("other output statistics")
+        return "; ".join(out) or "another model or other collection settings (the layout of its statistics differs)"
 
     def save(self, scores: HeadScores, done: int) -> None:
         data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,
