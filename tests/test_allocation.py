@@ -335,3 +335,18 @@ def test_measured_allocation_of_an_image_model():
     assert costs.sequences == 2 and costs.tokens == 2 * positions
     heads, _ = select_measured(model, batches, scores, ratio=0.25, costs=costs)
     assert sum(map(len, heads.values())) == sum(scores.num_heads) // 4
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_sweeps_measurement_has_a_progress_bar_unless_quiet(tiny, monkeypatch, capsys, quiet):
+    """A sweep of an encoder measured for minutes behind a bar that counted recipes only."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    kind, model, batches, scores = tiny
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0, "fidelity": 1.0})
+    config = S.SweepConfig(model="tiny", ratios=[0.25], seeds=0, quiet=quiet, eval_windows=1)
+    kind = "causal" if kind == "llama" else "encoder"
+    S.run_sweep(config, Loaded(model, None, kind, "tiny"), scores, [], {"data": "x"}, {"m": {"scope": "measured"}},
+                batches=batches)
+    assert ("headprune: measuring layer costs" in capsys.readouterr().err) != quiet

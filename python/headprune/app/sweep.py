@@ -269,7 +269,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         keys[name] = _measurement_key(stats, gqa, config.damping, kw)
         same = next((cache[n] for n, k in keys.items() if k == keys[name] and n in cache), None)
         heads, cache[name] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
-                                             damping=config.damping, costs=cache.get(name, same), **kw)
+                                             damping=config.damping, costs=cache.get(name, same),
+                                             progress=not config.quiet, **kw)  # minutes: a bar of its own
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
         from ..hf.uniform import measure_uniform, measures
