@@ -2,6 +2,8 @@
 probabilities, tensors on different devices, inputs that require grad (with opcheck on
 such inputs), and scale / eps outside the range of the type the kernels compute in."""
 
+import math
+
 import pytest
 import torch
 
@@ -335,3 +337,45 @@ def test_an_expanded_accumulator_is_refused_before_either_is_written(op, which):
             ops.entropy_from_qk_accumulate_(sums, counts, torch.randn(1, 2, 3, 4, generator=g),
                                             torch.randn(1, 2, 5, 4, generator=g), 0.5)
     assert torch.equal(sums, before[0]) and torch.equal(counts, before[1])
+
+
+ACCUMULATOR_CASES = [(op, name) for op, (make, _) in SAMPLES.items() for name in make() if name in ACCUMULATORS]
+
+
+@pytest.mark.parametrize("op,name", ACCUMULATOR_CASES, ids=[f"{o}-{n}" for o, n in ACCUMULATOR_CASES])
+def test_an_inference_tensor_accumulator_is_refused_before_it_is_written(op, name):
+    """Made under torch.inference_mode() and updated outside it, the accumulators were written
+    and then refused by the dispatcher: counts grew on every failed call."""
+    make, call = SAMPLES[op]
+    t = make()
+    with torch.inference_mode():
+        t[name] = t[name].clone()
+    before = _accumulators(t)
+    with pytest.raises(ValueError, match=f"{name}: an inference tensor .* cannot be updated outside inference mode"):
+        call(t)
+    _assert_unchanged(t, before)
+    with torch.inference_mode():  # inside it, the same call works
+        call(t)
+
+
+def test_an_inference_tensor_is_refused_by_the_head_mask_before_it_is_masked():
+    with torch.inference_mode():
+        x = torch.ones(3, 4)
+    with pytest.raises(ValueError, match="x: an inference tensor"):
+        ops.apply_head_mask_(x, torch.tensor([0.0, 1.0]), 2, -1)
+    assert torch.equal(x, torch.ones(3, 4))
+
+
+def test_the_reference_masks_float64_logits_at_the_ops_bound():
+    """The ops mask logits at or below float32's nearest value to -1e37 in every input type;
+    the float64 reference compared with -1e37 itself, so a logit between the two was visible
+    to it and masked by the op."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64), torch.randn(1, 2, 5, 4, generator=g,
+                                                                                  dtype=torch.float64)
+    mask = torch.zeros(1, 1, 3, 5, dtype=torch.float64)
+    mask[..., 0] = -9.999999995e36  # below float32(-1e37) = -9.99999993e36, above -1e37
+    stats = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    ops.entropy_stats_from_qk_accumulate_(stats, q, k, 0.5, mask)
+    torch.testing.assert_close(stats, R.entropy_stats_from_qk(q, k, 0.5, attn_mask=mask), rtol=1e-12, atol=1e-12)
+    assert torch.all(stats[:, 0] / 3 < math.log(5) - 0.1)  # key 0 masked: at most log 4 per row

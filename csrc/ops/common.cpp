@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -99,7 +100,16 @@ void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Ten
   TORCH_CHECK_VALUE(m.device() == like.device(), "query_mask: expected device ", like.device(), ", got ", m.device());
 }
 
+void check_writable(const at::Tensor& t, const char* name) {
+  // checked before the kernel runs: the dispatcher refuses such a write only after it is done
+  TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), name,
+                    ": an inference tensor (made under torch.inference_mode()) cannot be updated outside inference "
+                    "mode; make it outside inference mode, or call the op inside it");
+}
+
 void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& like, int64_t heads) {
+  check_writable(sums, "sums");
+  check_writable(counts, "counts");
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, "sums: expected a float64 accumulator, got ",
                    sums.scalar_type());
   TORCH_CHECK_VALUE(sums.dim() == 1 && sums.size(0) == heads, "sums: expected shape [", heads, "], got ",
@@ -120,6 +130,7 @@ void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const a
 }
 
 void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads) {
+  check_writable(stats, "stats");
   TORCH_CHECK_TYPE(stats.scalar_type() == at::kDouble, "stats: expected a float64 accumulator, got ",
                    stats.scalar_type());
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == heads && stats.size(1) == kNumStats,

@@ -29,6 +29,8 @@ void check_qk(const at::Tensor& query, const at::Tensor& key, double scale);
 // value [B, Hkv, K, Dv] matching key (dtype, device, B, Hkv, K).
 void check_value(const at::Tensor& value, const at::Tensor& key);
 void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Tensor& like, int64_t q_len);
+// an accumulator or output the op writes in place: refused if it cannot be written here
+void check_writable(const at::Tensor& t, const char* name);
 void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& like, int64_t heads);
 void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads);
 

@@ -68,6 +68,7 @@ namespace {
 void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_dim, int64_t dim) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating tensor, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension, got a 0-D tensor");
+  check_writable(x, "x");
   TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) >= 1, "mask: expected a 1-D tensor [num_heads], got shape ",
                     mask.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(mask.scalar_type()) || mask.scalar_type() == at::kBool,

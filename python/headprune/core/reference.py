@@ -23,6 +23,10 @@ import torch
 
 from .schema import MASKED_LOGIT, Stat
 
+#: the bound the ops compare with, in every input type: float32's nearest value to MASKED_LOGIT
+#: (-9.99999993e36, above -1e37: a float64 logit between the two is masked too)
+MASKED_BOUND = float(torch.tensor(MASKED_LOGIT, dtype=torch.float32))
+
 
 def attention_logits(query, key, scale, attn_mask=None, is_causal=False):
     """Float64 logits ``[B, Hq, Q, K]`` with ``-inf`` at masked keys.
@@ -48,7 +52,7 @@ def attention_logits(query, key, scale, attn_mask=None, is_causal=False):
         i = torch.arange(Q).unsqueeze(1)
         j = torch.arange(K).unsqueeze(0)
         z = z.masked_fill((j > i + (K - Q)).to(z.device), -math.inf)
-    return z.masked_fill(z <= MASKED_LOGIT, -math.inf)
+    return z.masked_fill(z <= MASKED_BOUND, -math.inf)
 
 
 def row_stats_from_logits(z):
