@@ -275,11 +275,14 @@ def test_sweep_random_scope(run, tmp_path, tiny_dir, monkeypatch):
             scopes.append(kwargs.get("scope"))
         return real(*args, **kwargs)
 
+    import headprune.app.sweep_reach as reach_mod
+
     monkeypatch.setattr(sweep_mod, "select_heads", spy)
+    monkeypatch.setattr(reach_mod, "select_heads", spy)  # the ratio checks
     code, err = run(["sweep", tiny_dir, "--samples", "4", "--seq-len", "16", "--quiet", "--out", tmp_path / "o",
                      "--ratios", "0.3", "--seeds", "2", "--random-scope", "global"])
     assert code == 0, err
-    assert len(scopes) == 3 and set(scopes) == {"global"}  # the ratio check, then two draws
+    assert len(scopes) == 4 and set(scopes) == {"global"}  # the ratio checks (layout, statistics), two draws
     assert json.loads((tmp_path / "o" / "sweep.json").read_text())["random_scope"] == "global"
     assert "random heads drawn from the whole model" in (tmp_path / "o" / "sweep.md").read_text()
 

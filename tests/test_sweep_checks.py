@@ -102,3 +102,64 @@ def test_a_cell_whose_layout_removes_another_number_of_heads_says_so():
     assert row.startswith("| 0.40 | 11 (38% of heads) * | 11.5 (50% of heads) * | 11.2 (25% of heads) |")
     del result["random_heads"]  # earlier results files: as before
     assert "of heads)" not in sweep_markdown(result)
+
+
+@pytest.fixture
+def llama_dir(tmp_path, monkeypatch):
+    """A tiny llama directory (3 layers of 4 query / 2 KV heads) in the working directory; the
+    collection fails the test if it runs."""
+    import torch
+    import transformers
+    from hf_tiny import save_tiny_bert, tiny_config
+
+    import headprune.app.commands as C
+
+    save_tiny_bert(tmp_path / "bert")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama", num_hidden_layers=3)).save_pretrained(tmp_path / "llama")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "bert").save_pretrained(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(C, "_collect", lambda *a, **k: pytest.fail("collected before the ratios were checked"))
+    return tmp_path / "llama"
+
+
+def _sweep(capsys, path, *argv):
+    from headprune.app.cli import main
+
+    try:
+        code = main(["sweep", str(path), "--samples", "4", "--seq-len", "16", "--quiet", "--seeds", "1", "--out", "s",
+                     *argv])
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ratios, message", [
+    (",", "argument --ratios: expected at least one ratio, got ','"),
+    ("0.05", "--ratios: 0.05 of the model's 12 query heads is less than one; give at least 0.0833"),
+    ("0.3,0.9 --gqa query", "--ratios: 0.9 is out of reach of the random baseline ("),
+])
+def test_ratios_the_model_rules_out_are_refused_before_the_collection(llama_dir, capsys, ratios, message):
+    """An empty --ratios ran the whole sweep to an empty table, a fraction below one head gave
+    a table of unpruned cells, and fractions out of reach were refused after the collection."""
+    ratios, *more = ratios.split()
+    code, err = _sweep(capsys, llama_dir, "--ratios", ratios, *more)
+    assert code == 2 and message in err and not (llama_dir.parent / "s").exists(), err
+
+
+def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir, capsys, monkeypatch):
+    """One recipe the user cannot leave out (whole KV groups: 3 of the 6 groups, the first layer
+    kept whole) made every sweep of 0.5 impossible; it is left out, and the others run."""
+    import headprune.app.sweep_command as SC
+
+    ran = {}
+
+    def stop(config, loaded, scores, held, settings, recipes, batches=None):
+        ran.update(recipes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
+    monkeypatch.setattr(SC, "run_sweep", stop)
+    code, err = _sweep(capsys, llama_dir, "--ratios", "0.5")
+    assert code == 130 and "'default, whole KV groups' cannot reach 0.5 (" in err and "left out" in err
+    assert "default, whole KV groups" not in ran and "default" in ran and "entropy, global (as written)" in ran

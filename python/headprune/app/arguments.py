@@ -70,6 +70,8 @@ def fraction(text: str) -> float:
 def ratios(text: str) -> list:
     """Comma-separated ratios in (0, 1), each once (a repeat would be measured twice)."""
     out = [ratio(t) for t in text.split(",") if t.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one ratio, got {text!r}")
     repeated = sorted({r for r in out if out.count(r) > 1})
     if repeated:
         raise argparse.ArgumentTypeError(f"expected each ratio once, got {', '.join(map(str, repeated))} more than once "

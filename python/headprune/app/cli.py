@@ -144,13 +144,13 @@ def _export_parser(sub, sub_kw: dict) -> None:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from . import commands, eval_command, export_command, prune_command, recover_command
+        from . import commands, eval_command, export_command, prune_command, recover_command, sweep_command
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
     try:
         return {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
-                "sweep": commands.sweep, "recover": recover_command.recover,
+                "sweep": sweep_command.sweep, "recover": recover_command.recover,
                 "export": export_command.export}[args.command](args)
     except (OSError, ValueError, TypeError) as e:
         print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)

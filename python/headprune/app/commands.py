@@ -20,7 +20,6 @@ from . import evaluate as E
 from . import plots, texts
 from .load import load_model
 from .report import scores_markdown, to_json
-from .sweep import SweepConfig
 
 #: calibration sequences and their length by kind of model. Encoders take 512 paragraphs: on
 #: all-MiniLM-L6-v2 the refit of the default recipe, fitted on 512 instead of 256, kept held-out
@@ -347,44 +346,3 @@ def _remove_checkpoints(checkpoint: Path) -> None:
         for side in path.parent.iterdir() if path.parent.is_dir() else ():  # moments beside it, exact prefix
             if side.name.startswith(path.name + ".moments-") and side.name.endswith(".safetensors"):
                 side.unlink(missing_ok=True)
-
-
-def sweep(args) -> int:
-    from .sweep import LEARNED_RECIPE, RECIPES, refit_only, removal_of, run_sweep
-    from .sweep_table import sweep_markdown
-
-    out = _out(args, "sweep")
-    check_out(out, args.force, inputs(args))
-    loaded, batches, held, settings = _setup(args)
-    from .removal_stage import remove_zeroed
-
-    remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
-    settings["checkpoint_dtype"] = loaded.checkpoint_dtype  # said under the table where prune would round
-    if getattr(args, "refit_values", None):  # before the collection, as prune does
-        from .removal_stage import refuse_values
-
-        refuse_values(loaded, ["--no-reconstruct"] if removal_of(args) != "refit" else [])
-    scores = _collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
-    if not _is_writer():
-        return 0
-    with output_dir(out, args.force, _stages(args)) as tmp:
-        recipes = dict(RECIPES)
-        if args.learn_steps:
-            recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})
-        if len({(h, k or h) for h, k in zip(scores.num_heads, scores.num_kv_heads)}) > 1:  # e.g. a pruned directory
-            left = [k for k, kw in recipes.items() if kw.get("uniform")]
-            recipes = {k: kw for k, kw in recipes.items() if not kw.get("uniform")}
-            _warn(f"the layers have different head counts, so no uniform layout exists: {', '.join(left)} left out")
-        left = refit_only(recipes, removal_of(args))
-        if left:
-            recipes = {k: kw for k, kw in recipes.items() if k not in left}
-            _warn(f"without the refit (--no-reconstruct) nothing calibrates or measures it: {', '.join(left)} left out")
-        _say(args, f"headprune: evaluating the unpruned model, then {len(recipes)} recipes and "
-                   f"{args.seeds} random draws at {len(args.ratios)} ratio(s)")
-        result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
-        _write_json(tmp / "sweep.json", result)
-        plots.sweep_plot(result, tmp / "sweep.png")
-        (tmp / "sweep.md").write_text(sweep_markdown(result))
-    print(sweep_markdown(result))
-    print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
-    return 0

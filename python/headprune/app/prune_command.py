@@ -22,7 +22,8 @@ from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
-from .sweep import learned_protection, learned_selection, removal_kwargs, removal_of
+from .sweep import removal_kwargs, removal_of
+from .sweep_reach import learned_protection, learned_selection
 
 
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
-from ..ranking.recipes import default_allocation, default_protected
+from ..ranking.recipes import default_allocation
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
+from .sweep_reach import check_ratios, learned_selection
 from .sweep_table import random_mean
 from .texts import rebatch
 
@@ -299,50 +300,12 @@ def refits_values(kw: dict, default: bool) -> bool:
     return bool(kw.get("values", default)) and not (kw.get("sequential") or kw.get("iterative"))
 
 
-def check_ratios(config: SweepConfig, scores, recipes: dict) -> None:
-    """Refuse, before anything is evaluated, a fraction that a recipe's selection or the random
-    baseline cannot reach (its protected layers and the heads every layer keeps). Measured
-    allocations are left out: like ``headprune prune``, they take the nearest total they reach."""
-    baseline = {"order": "random", "scope": config.random_scope}
-    for name, kw in [("the random baseline", baseline)] * bool(config.seeds) + list(recipes.items()):
-        kw = {k: v for k, v in kw.items() if k not in ("removal", "iterative", "sequential", "values", "choose")}
-        if "learned" in kw:  # ranked by gates trained later: the default's protection, any order
-            kw = learned_protection({k: v for k, v in kw.items() if k != "learned"}, scores)
-        gqa, scope = kw.pop("gqa", config.gqa), kw.pop("scope", None)
-        scope = scope or default_allocation(scores, config.removal, uniform=bool(kw.get("uniform")),
-                                            kv_ratio=kw.get("kv_ratio"))
-        if scope == "measured":
-            continue
-        for r in config.ratios:
-            try:
-                select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
-            except ValueError as e:
-                who = name if name == "the random baseline" else f"the recipe {name!r}"
-                raise ValueError(f"ratios: {r:g} is out of reach of {who} ({e}); every recipe keeps its protected "
-                                 "layers and a head in every layer: ask for smaller fractions") from None
-
-
 def refit_only(recipes: dict, removal: str) -> list:
     """The recipes of ``recipes`` that calibrate the refit layer by layer (``sequential``) or
     measure what removing heads with it costs (``scope="measured"``), whose removal (their own,
     else ``removal``) is another: what they chose would be evaluated without the refit."""
     return [name for name, kw in recipes.items()
             if (kw.get("sequential") or kw.get("scope") == "measured") and kw.get("removal", removal) != "refit"]
-
-
-def learned_selection(kw: dict, learned, stats) -> dict:
-    """``select_heads`` options that rank by learned gate scores (lowest ``log alpha`` first),
-    keeping the default's protected layers (:func:`learned_protection`): the recipe the sweep
-    measures, and what ``prune --score learned`` runs."""
-    return {**learned_protection(kw, stats), "score": learned, "order": "low"}
-
-
-def learned_protection(kw: dict, stats) -> dict:
-    """``kw`` with the default's protected layers named, unless it names its own or asks for a
-    uniform layout (learned gates keep them as the default recipe does)."""
-    if kw.get("uniform") or "protect_layers" in kw:
-        return kw
-    return {**kw, "protect_layers": list(default_protected(stats))}
 
 
 def _learned(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):

@@ -2,9 +2,8 @@
 unpruned one (the teacher) on the calibration batches.
 
 * Causal LMs (the output has ``logits``): KL(teacher || student) of the next-token
-  distributions at temperature 1, averaged over the valid (non-padded) positions; a
-  classifier's ``[batch, classes]`` logits: the same KL of its class distributions, averaged
-  over the batch.
+  distributions at temperature 1, averaged over the valid (non-padded) positions (a
+  classifier's ``[batch, classes]`` logits: over the batch).
 * Encoders (``last_hidden_state``): 1 - cosine similarity of the mean-pooled last hidden
   states (the sentence-embedding fidelity itself), averaged over the batch.
 
@@ -12,8 +11,8 @@ Only the attention sites' projections train (``train``: ``"attention"``, the q/k
 and biases, or ``"o_proj"``, the output projections' only); everything else is frozen,
 embeddings always. On SmolLM2-135M with half its heads pruned, a step of ``"attention"``
 closed more of the perplexity gap per CPU-minute than ``"o_proj"`` (benchmarks/bench_recover.py).
-The head layout never changes. AdamW at a constant learning rate, so a run can be
-stopped after any step (``time_budget_s``) and resumed from a checkpoint exactly.
+The head layout never changes. AdamW at a constant learning rate: a run can stop after any
+step (``time_budget_s``) and resume from a checkpoint exactly.
 
 The learning rate depends on the kind of model (:data:`DEFAULT_LR`): on all-MiniLM-L6-v2 with
 half its heads pruned, 1e-4 raised the held-out fidelity for about 500 steps of 2 paragraphs
@@ -103,9 +102,6 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
     if train not in TRAIN:
         raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
-    for name, m in (("student", student), ("teacher", teacher)):
-        if not isinstance(m, torch.nn.Module):
-            raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
     a, b = get_adapter(student), get_adapter(teacher)
     if a.model_type != b.model_type:
         raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")
@@ -261,8 +257,8 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     started = time.perf_counter()
     if lr is None:
         lr = default_lr(student)
+    check_inputs(batches, progress, student=student, teacher=teacher)
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
-    check_inputs(batches, progress)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     validate_every = _check_validation(validation, validate_every)

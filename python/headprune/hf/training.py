@@ -44,8 +44,12 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
 
 
-def check_inputs(batches, progress) -> None:
-    """The batches and the progress option of a training run (:func:`recover`, ``learn_gates``)."""
+def check_inputs(batches, progress, **models) -> None:
+    """The batches, the progress option and the ``models`` (by argument name) of a training run
+    (:func:`recover`, ``learn_gates``)."""
+    for name, m in models.items():
+        if not isinstance(m, torch.nn.Module):
+            raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
     if isinstance(batches, Mapping):
         raise ValueError("batches: expected a list of batches (dicts as the model's forward takes them), got one "
                          "dict; pass [batch]")

@@ -1,0 +1,78 @@
+"""``headprune sweep MODEL``: every recipe against a seeded random baseline at each fraction of
+heads. What the model's layout rules out (a fraction below one head, one the random baseline
+cannot reach, a recipe that cannot reach one, uniform layouts of uneven layers) is settled
+before the collection."""
+
+from __future__ import annotations
+
+from . import commands as C
+from . import plots
+from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, refit_only, removal_of, run_sweep
+from .sweep_reach import BASELINE, out_of_reach
+from .sweep_table import sweep_markdown
+
+
+def sweep(args) -> int:
+    out = C._out(args, "sweep")
+    C.check_out(out, args.force, C.inputs(args))
+    loaded, batches, held, settings = C._setup(args)
+    from .removal_stage import remove_zeroed
+
+    remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
+    settings["checkpoint_dtype"] = loaded.checkpoint_dtype  # said under the table where prune would round
+    if getattr(args, "refit_values", None):  # before the collection, as prune does
+        from .removal_stage import refuse_values
+
+        refuse_values(loaded, ["--no-reconstruct"] if removal_of(args) != "refit" else [])
+    recipes = plan(args, loaded)
+    scores = C._collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
+    if not C._is_writer():
+        return 0
+    with C.output_dir(out, args.force, C._stages(args)) as tmp:
+        C._say(args, f"headprune: evaluating the unpruned model, then {len(recipes)} recipes and "
+                     f"{args.seeds} random draws at {len(args.ratios)} ratio(s)")
+        result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
+        C._write_json(tmp / "sweep.json", result)
+        plots.sweep_plot(result, tmp / "sweep.png")
+        (tmp / "sweep.md").write_text(sweep_markdown(result))
+    print(sweep_markdown(result))
+    print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
+    return 0
+
+
+def plan(args, loaded) -> dict:
+    """The recipes the sweep runs, from the model's head layout alone (before the collection):
+    ``--ratios`` below one unit, or out of the random baseline's reach, are refused; recipes
+    that cannot run or reach a fraction are left out, each with a warning."""
+    from ..hf.collection import Collection
+
+    import torch
+
+    # the sites and heads, with (empty) second moments: the recipes resolve as after the collection
+    layout = Collection(loaded.model, "qk", moments=torch.float64).scores()
+    config = SweepConfig.from_args(args)
+    group = config.gqa == "group" and any(k and k < h for h, k in zip(layout.num_heads, layout.num_kv_heads))
+    units = sum((k or h) if group else h for h, k in zip(layout.num_heads, layout.num_kv_heads))
+    small = [r for r in config.ratios if int(r * units + 1e-9) == 0]
+    if small:
+        what = "KV groups" if group else "query heads"
+        raise ValueError(f"--ratios: {small[0]:g} of the model's {units} {what} is less than one; give at least "
+                         f"{1 / units:.3g}")
+    recipes = dict(RECIPES)
+    if args.learn_steps:
+        recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})
+    if len({(h, k or h) for h, k in zip(layout.num_heads, layout.num_kv_heads)}) > 1:  # e.g. a pruned directory
+        left = [k for k, kw in recipes.items() if kw.get("uniform")]
+        recipes = {k: kw for k, kw in recipes.items() if not kw.get("uniform")}
+        C._warn(f"the layers have different head counts, so no uniform layout exists: {', '.join(left)} left out")
+    left = refit_only(recipes, removal_of(args))
+    if left:
+        recipes = {k: kw for k, kw in recipes.items() if k not in left}
+        C._warn(f"without the refit (--no-reconstruct) nothing calibrates or measures it: {', '.join(left)} left out")
+    far = out_of_reach(config, layout, recipes, layout_only=True)
+    if BASELINE in far:
+        r, e = far.pop(BASELINE)
+        raise ValueError(f"--ratios: {r:g} is out of reach of the random baseline ({e}): ask for smaller fractions")
+    for name, (r, e) in far.items():
+        C._warn(f"{name!r} cannot reach {r:g} ({e}): left out; ask for smaller fractions to include it")
+    return {k: kw for k, kw in recipes.items() if k not in far}

@@ -1,0 +1,68 @@
+"""Which fractions each sweep recipe can reach, checked before anything is evaluated (and,
+by the command line, before the collection, on the model's layout alone); the learned-gate
+recipes' options."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ranking import select_heads
+from ..ranking.recipes import default_allocation, default_protected, resolve_recipe
+
+
+def check_ratios(config, scores, recipes: dict) -> None:
+    """Refuse, before anything is evaluated, a fraction that a recipe's selection or the random
+    baseline cannot reach (:func:`out_of_reach`)."""
+    for name, (r, e) in out_of_reach(config, scores, recipes).items():
+        who = name if name == BASELINE else f"the recipe {name!r}"
+        raise ValueError(f"ratios: {r:g} is out of reach of {who} ({e}); every recipe keeps its protected "
+                         "layers and a head in every layer: ask for smaller fractions")
+
+
+BASELINE = "the random baseline"
+
+
+def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) -> dict:
+    """``{name: (ratio, why)}``: the first fraction that the random baseline (:data:`BASELINE`)
+    or each recipe's selection cannot reach (its protected layers, the heads every layer keeps,
+    its layouts). Measured allocations are left out: like ``headprune prune``, they take the
+    nearest total they reach. ``layout_only``: ``scores`` holds a layout and no statistics
+    (before the collection): every head is ranked alike, which reaches what the recipe's
+    ranking reaches."""
+    baseline = {"order": "random", "scope": config.random_scope}
+    out = {}
+    for name, kw in [(BASELINE, baseline)] * bool(config.seeds) + list(recipes.items()):
+        kw = {k: v for k, v in kw.items() if k not in ("removal", "iterative", "sequential", "values", "choose")}
+        if "learned" in kw:  # ranked by gates trained later: the default's protection, any order
+            kw = learned_protection({k: v for k, v in kw.items() if k != "learned"}, scores)
+        gqa, scope = kw.pop("gqa", config.gqa), kw.pop("scope", None)
+        scope = scope or default_allocation(scores, config.removal, uniform=bool(kw.get("uniform")),
+                                            kv_ratio=kw.get("kv_ratio"))
+        if scope == "measured":
+            continue
+        if layout_only:  # the recipe's protected layers, and any ranking (the random one stays random)
+            protect = resolve_recipe(scores, kw.get("score"), kw.get("order"), kw.get("protect_layers")).protect_layers
+            kw = {**kw, "score": torch.zeros(scores.num_sites, max(scores.num_heads, default=0), dtype=torch.float64),
+                  "order": "random" if kw.get("order") == "random" else "low", "protect_layers": list(protect)}
+        for r in config.ratios:
+            try:
+                select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
+            except ValueError as e:
+                out[name] = (r, e)
+                break
+    return out
+
+
+def learned_selection(kw: dict, learned, stats) -> dict:
+    """``select_heads`` options that rank by learned gate scores (lowest ``log alpha`` first),
+    keeping the default's protected layers (:func:`learned_protection`): the recipe the sweep
+    measures, and what ``prune --score learned`` runs."""
+    return {**learned_protection(kw, stats), "score": learned, "order": "low"}
+
+
+def learned_protection(kw: dict, stats) -> dict:
+    """``kw`` with the default's protected layers named, unless it names its own or asks for a
+    uniform layout (learned gates keep them as the default recipe does)."""
+    if kw.get("uniform") or "protect_layers" in kw:
+        return kw
+    return {**kw, "protect_layers": list(default_protected(stats))}
