@@ -140,6 +140,12 @@ def test_pruning_a_masked_directory_again(tmp_path, monkeypatch, capsys):
     for chosen in result["heads"]["default"]:  # per ratio; no masked head chosen again
         for layer, heads in chosen.items():
             assert set(heads).isdisjoint(masked.get(int(layer), []))
+    # and a scan: it reported masked heads among the live ones (the most diffuse head of a layer)
+    assert main(["scan", "m/model", "--out", "sc", *common[:4]]) == 0
+    scores = json.loads((tmp_path / "sc" / "scores.json").read_text())
+    assert scores["settings"]["masked_in_input"] == 2 and sum(scores["num_heads"]) == 4 * 2 - 2
+    assert "The 2 heads the model held masked (zero output columns) were removed first" in \
+        (tmp_path / "sc" / "summary.md").read_text()
 
 
 def test_a_learned_score_budget_out_of_reach_is_refused_before_training(tmp_path, monkeypatch, capsys):

@@ -319,6 +319,9 @@ def scan(args) -> int:
     out = _out(args, "scan")
     check_out(out, args.force, inputs(args))  # fail before the slow part
     loaded, batches, _, settings = _setup(args)
+    from .removal_stage import remove_zeroed
+
+    remove_zeroed(args, loaded, settings)  # a masked directory's heads add nothing: not live heads to report
     checkpoint = _checkpoint(out)
     scores = _collect(args, loaded, batches, settings, checkpoint=checkpoint)
     if not _is_writer():

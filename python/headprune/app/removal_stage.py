@@ -67,5 +67,5 @@ def remove_zeroed(args, loaded, settings: dict) -> None:
     prune_heads(loaded.model, zeroed)
     settings["masked_in_input"] = n
     if not args.quiet:
-        print(f"headprune: removed the {n} heads MODEL holds masked (zero output columns) before choosing more",
-              flush=True)
+        print(f"headprune: removed the {n} heads MODEL holds masked (zero output columns: they add nothing) before "
+              "measuring the others", flush=True)

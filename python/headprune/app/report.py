@@ -174,7 +174,9 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     H = scores.entropy
     lines = [f"# Attention entropy of {model}", "",
              f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
-             f"`{settings['data']}`{added_text(settings)}. Entropy in nats, mean over valid query rows.", "",
+             f"`{settings['data']}`{added_text(settings)}. Entropy in nats, mean over valid query rows."
+             + (f" The {settings['masked_in_input']} heads the model held masked (zero output columns) were removed "
+                "first and are not in the table." if settings.get("masked_in_input") else ""), "",
              "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
     sink = scores.score("sink")
     for i in range(scores.num_layers):
