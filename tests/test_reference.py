@@ -80,8 +80,9 @@ def test_cli_prune_takes_the_reference_share_and_says_so(run, tmp_path, tiny_dir
     code, err = run([*common, "--out", tmp_path / "r"])
     assert code == 0, err
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["settings"]["reference"] == {"samples": 2, "texts": list(texts.BUNDLED_TEXTS)}
-    assert ("(2 of the 8 sequences from the bundled `persuasion` and `python_tutorial` and `python_code`, "
+    # two sequences in equal shares of three texts: one from each of the first two (all three were named)
+    assert report["settings"]["reference"] == {"samples": 2, "texts": ["persuasion", "python_tutorial"]}
+    assert ("(2 of the 8 sequences from the bundled `persuasion` and `python_tutorial`, "
             "`--reference`)") in (tmp_path / "r" / "report.md").read_text()
     code, err = run([*common, "--reference", "0", "--out", tmp_path / "n"])
     assert code == 0, err

@@ -247,4 +247,5 @@ def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool
         n = min(n, round(got * reference / (1 - reference)))
     batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,
                                  batch_size=batch_size)
-    return batches, ({"reference": {"samples": n, "texts": reference_texts(spec)}} if n else {})
+    names = reference_texts(spec)  # equal shares: fewer sequences than texts come from the first texts alone
+    return batches, ({"reference": {"samples": n, "texts": names[:n]}} if n else {})
