@@ -13,9 +13,15 @@ def _result(random):
 def test_random_columns_mark_recipes_better_than_the_random_mean():
     text = sweep_markdown(_result([[12.0, 13.0], [20.0, 25.0]]))
     rows = [line for line in text.splitlines() if line.startswith("| 0.")]
-    assert "random mean (2 seeds)" in text and "random heads" in text
-    assert rows[0].startswith("| 0.30 | 11 * |") and "12-13" in rows[0]
+    assert "random geometric mean (2 seeds)" in text and "random heads" in text  # perplexities: geometric
+    assert "`*` = better than the random geometric mean at that fraction." in text
+    assert rows[0].startswith("| 0.30 | 11 * | 12.49 |") and "12-13" in rows[0]
     assert rows[1].startswith("| 0.50 | 30 |") and "*" not in rows[1]
+    fidelity = {**_result([[0.9, 0.8], [0.7, 0.6]]), "lower_is_better": False, "ratios": [0.125, 0.375]}
+    text = sweep_markdown(fidelity)
+    assert "random mean (2 seeds)" in text  # fidelities: arithmetic
+    rows = [line for line in text.splitlines() if line.startswith("| 0.")]  # 0.125 read as 0.12, 0.375 as 0.38
+    assert rows[0].startswith("| 0.125 |") and rows[1].startswith("| 0.375 |")
 
 
 @pytest.mark.parametrize("random", [[[], []], []])

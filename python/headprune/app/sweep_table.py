@@ -25,7 +25,8 @@ def sweep_markdown(result: dict) -> str:
     lower = result["lower_is_better"]
     names = list(result["recipes"])
     draws = len(result["random"][0]) if result["random"] else 0
-    columns = ["fraction pruned", *names, *([f"random mean ({draws} seeds)", "random range"] if draws else [])]
+    mean_name = "geometric mean" if result.get("lower_is_better") else "mean"  # perplexities multiply
+    columns = ["fraction pruned", *names, *([f"random {mean_name} ({draws} seeds)", "random range"] if draws else [])]
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
     if result.get("values") and result.get("removal") == "refit":
@@ -49,7 +50,7 @@ def sweep_markdown(result: dict) -> str:
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
-        cells = [f"{r:.2f}"]
+        cells = [f"{r:.2f}" if round(r, 2) == r else f"{r:g}"]  # 0.125 is not 0.12
         for n in names:
             v = result["recipes"][n][i]
             if r > 0 and n in heads and not sum(map(len, heads[n][i].values())):
@@ -69,7 +70,7 @@ def sweep_markdown(result: dict) -> str:
             cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
         lines.append("| " + " | ".join(cells) + " |")
     if draws:
-        lines += ["", "`*` = better than the random mean at that fraction."]
+        lines += ["", f"`*` = better than the random {mean_name} at that fraction."]
     if other:
         lines += ["", "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws "
                       "at that fraction (or the draws differ among themselves); starred only where it removes at "
