@@ -134,3 +134,22 @@ def test_a_gguf_path_under_a_file_is_refused_before_the_model_loads(pruned, tmp_
                       t / "src.gguf", "--quiet"], capsys)
     assert code == 2 and f"export: error: --gguf: {tmp_path / 'afile'} is not a directory" in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_source_that_cannot_be_read_is_named_as_the_source(pruned, tmp_path, capsys, monkeypatch):
+    """Any OSError in the write was reported as "--gguf: cannot write", a source that could not
+    be read included."""
+    import errno
+
+    import gguf
+
+    t, _ = pruned
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(gguf, "GGUFReader", denied)
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "m.gguf", "--source", t / "src.gguf",
+                      "--quiet"], capsys)
+    assert code == 2 and f"export: error: --source: cannot read {t / 'src.gguf'} (Permission denied)" in out.err
+    assert list(tmp_path.iterdir()) == []

@@ -58,9 +58,10 @@ def export(args) -> int:
                 os.rmdir(folder)
             except OSError:
                 pass
-        if isinstance(e, ValueError) and str(e).startswith("source:"):  # export_gguf's argument is --source here
-            raise ValueError(f"--{e}") from None
-        if isinstance(e, OSError) and not str(e).startswith(("--gguf", "source", "--source")):
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # str() adds "[Errno N] "
+        if isinstance(e, (ValueError, OSError)) and text.startswith("source:"):  # export_gguf's --source here
+            raise (ValueError(f"--{text}") if isinstance(e, ValueError) else OSError(e.errno, f"--{text}")) from None
+        if isinstance(e, OSError) and not text.startswith(("--gguf", "--source")):
             raise OSError(e.errno, f"--gguf: cannot write {out} ({e.strerror or e})") from e
         raise
     kinds = sorted(set(written.values()))

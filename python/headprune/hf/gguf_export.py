@@ -155,6 +155,8 @@ def _read_source(gguf, source) -> tuple:
         return reader, reader.fields["general.architecture"].contents()
     except (KeyError, ValueError, IndexError, struct.error) as e:
         raise ValueError(f"source: {source} is not a readable GGUF ({type(e).__name__}: {e})") from e
+    except OSError as e:  # named as the source's, not the output's
+        raise OSError(e.errno, f"source: cannot read {source} ({e.strerror or e})") from e
 
 
 def _check_source(gguf, reader, model, family: str, layers: int, source) -> None:
