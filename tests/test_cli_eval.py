@@ -43,6 +43,7 @@ def test_eval_of_a_pruned_encoder_gives_the_fidelity_its_report_gave(run, tmp_pa
         assert result["teacher"] == str(tiny_dir) and result["fidelity"] == pytest.approx(report["after"]["fidelity"],
                                                                                           abs=1e-6)
         assert result["fidelity"] < 1
+        assert result["tokens_per_s_low"] <= result["tokens_per_s"] <= result["tokens_per_s_high"]  # a spread
     code, err, result = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "o" / "model"])  # the model itself
     assert code == 0 and result["fidelity"] == pytest.approx(1.0, abs=1e-6)
     code, err, result = _eval(run, [tiny_dir])  # no teacher anywhere: said, and no made-up 1.0

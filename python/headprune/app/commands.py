@@ -239,7 +239,7 @@ def speed(loaded) -> dict:
     from ..hf import measure
 
     out = measure(loaded.model)
-    out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)), repeat=3))
+    out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)), repeat=5))
     return out
 
 

@@ -149,7 +149,8 @@ def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None =
 
 @torch.no_grad()
 def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vocab: int | None = None) -> dict:
-    """Median forward tokens/s on random token ids (batch x seq_len)."""
+    """Median forward tokens/s on random token ids (batch x seq_len), with the quartiles of the
+    repeats (``tokens_per_s_low`` / ``_high``): one figure on a shared machine varies many-fold."""
     device = next(model.parameters()).device
     vocab = vocab or getattr(model.config, "vocab_size", 1000)
     g = torch.Generator().manual_seed(0)
@@ -163,8 +164,10 @@ def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vo
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    return {"tokens_per_s": batch * seq_len / med, "median_ms": med * 1e3, "batch": batch, "seq_len": seq_len}
+    med, n = statistics.median(times), batch * seq_len
+    q1, q3 = (statistics.quantiles(times, n=4, method="inclusive")[i] for i in (0, 2)) if repeat > 1 else (med, med)
+    return {"tokens_per_s": n / med, "tokens_per_s_low": n / q3, "tokens_per_s_high": n / q1, "median_ms": med * 1e3,
+            "batch": batch, "seq_len": seq_len}
 
 
 def compare_speed(before, after, *, prefill=((1, 512),), decode=((1, 2048),), steps: int = 8,
