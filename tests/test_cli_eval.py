@@ -85,3 +85,14 @@ def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path
     assert result["perplexity_vs_teacher"] == pytest.approx(result["perplexity"] / teacher["perplexity"], rel=1e-12)
     code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tiny_dir])  # an encoder as a causal LM's teacher
     assert code == 2 and err[-1].endswith(f"--teacher: {tiny_dir} is an encoder model, MODEL a causal one")
+
+
+def test_a_report_that_cannot_be_read_costs_the_fidelity_only(run, tmp_path, tiny_dir):  # noqa: F811
+    """eval read the folder's report.json before the model, for any kind: a damaged one failed
+    the evaluation, a causal LM's included, which needs no teacher."""
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *COMMON, "--out", tmp_path / "o"])
+    assert code == 0, err
+    (tmp_path / "o" / "report.json").write_text("{")
+    code, err, result = _eval(run, [tmp_path / "o"])
+    assert code == 0 and "fidelity" not in result and len(err) == 1
+    assert err[0].startswith("headprune: warning: no fidelity: MODEL: ") and "is not valid JSON" in err[0]

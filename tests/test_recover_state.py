@@ -49,6 +49,12 @@ def test_recover_leaves_both_models_modes_and_the_students_gradients_as_they_wer
     recover(student, teacher, batches[:2], steps=2, lr=LR)
     assert [[m.training for m in model.modules()] for model in (teacher, student)] == modes
     assert all(p.grad is grads[name] for name, p in student.named_parameters())
+    half = copy.deepcopy(pruned).to(torch.bfloat16)  # trained in float32: its gradients come back as they were
+    for p in half.parameters():
+        p.grad = torch.ones_like(p)
+    grads = {name: p.grad for name, p in half.named_parameters()}
+    recover(half, teacher, batches[:2], steps=1, lr=LR)
+    assert all(p.grad is grads[name] and p.grad.dtype == torch.bfloat16 for name, p in half.named_parameters())
 
 
 def test_a_classifiers_logits_are_distilled_per_example():
@@ -107,6 +113,8 @@ def test_arguments_of_the_training_runs_are_named(llama):
     teacher, pruned, batches = llama
     with pytest.raises(ValueError, match=r"^teacher: expected a transformers model, got NoneType"):
         recover(copy.deepcopy(pruned), None, batches, steps=1)
+    with pytest.raises(ValueError, match=r"^student: expected a transformers model, got str"):  # lr=None too
+        recover("pruned", teacher, batches, steps=1)
     for run in (lambda b, **kw: recover(copy.deepcopy(pruned), teacher, b, steps=1, **kw),
                 lambda b, **kw: learn_gates(copy.deepcopy(teacher), b, ratio=0.5, steps=1, **kw)):
         with pytest.raises(ValueError, match=r"^batches: expected a list of batches .* got one dict; pass \[batch\]"):

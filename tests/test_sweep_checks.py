@@ -136,7 +136,7 @@ def _sweep(capsys, path, *argv):
 
 @pytest.mark.parametrize("ratios, message", [
     (",", "argument --ratios: expected at least one ratio, got ','"),
-    ("0.05", "--ratios: 0.05 of the model's 12 query heads is less than one; give at least 0.0833"),
+    ("0.05", "--ratios: 0.05 of the model's 12 query heads is less than one; give at least 0.0834"),  # accepted
     ("0.3,0.9 --gqa query", "--ratios: 0.9 is out of reach of the random baseline ("),
 ])
 def test_ratios_the_model_rules_out_are_refused_before_the_collection(llama_dir, capsys, ratios, message):
@@ -150,6 +150,7 @@ def test_ratios_the_model_rules_out_are_refused_before_the_collection(llama_dir,
 def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir, capsys, monkeypatch):
     """One recipe the user cannot leave out (whole KV groups: 3 of the 6 groups, the first layer
     kept whole) made every sweep of 0.5 impossible; it is left out, and the others run."""
+    import headprune.app.sweep as S
     import headprune.app.sweep_command as SC
 
     ran = {}
@@ -163,3 +164,12 @@ def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir
     code, err = _sweep(capsys, llama_dir, "--ratios", "0.5")
     assert code == 130 and "'default, whole KV groups' cannot reach 0.5 (" in err and "left out" in err
     assert "default, whole KV groups" not in ran and "default" in ran and "entropy, global (as written)" in ran
+    assert set(ran) == set(S.RECIPES) - {"default, whole KV groups"}  # the uniform layout too: it protects none
+
+
+def test_the_least_fraction_the_refusal_suggests_is_accepted(llama_dir, capsys, monkeypatch):
+    import headprune.app.sweep_command as SC
+
+    monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
+    monkeypatch.setattr(SC, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _sweep(capsys, llama_dir, "--ratios", "0.0834")[0] == 130  # planned, then stopped

@@ -12,17 +12,17 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .load import load_model, prune_folder
-from .report import to_json
+from .report import number, to_json
 
 
 def evaluate(args) -> int:
     _, held = texts.load_split(args.data)  # a mistyped --data before the model loads
-    named = _named_teacher(args.model) if args.teacher is None else None
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+    named = _named_teacher(args.model) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:
         teacher = _load(args, spec, loaded.kind)
-    elif named is not None and loaded.kind != "causal":
+    elif named:
         spec, bundled = named
         try:
             teacher = _load(args, spec, loaded.kind, bundled=bundled)
@@ -46,22 +46,28 @@ def evaluate(args) -> int:
         print(to_json(result))
     else:
         for k, v in result.items():
-            print(f"{k:28s} {v:,.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+            print(f"{k:28s} {number(v)}" if isinstance(v, float) else f"{k:28s} {v}")  # as the report writes them
     return 0
 
 
 def _named_teacher(model: str) -> Optional[tuple]:
     """``(spec, bundled)`` of the unpruned model that the ``report.json`` of the prune or recover
-    folder MODEL is (or whose ``model/`` it is) names, else ``None``."""
+    folder MODEL is (or whose ``model/`` it is) names; ``None`` for no such folder, ``False``
+    (with a warning) for a report that names none or cannot be read."""
     from .recover_command import read_report
 
     folder = prune_folder(model)
     if folder is None:
         return None
-    report = read_report(folder, "MODEL")
+    try:
+        report = read_report(folder, "MODEL")
+    except (OSError, ValueError) as e:  # the model itself loaded: evaluate it, without a fidelity
+        C._warn(f"no fidelity: {e}; pass --teacher")
+        return False
     spec = report.get("model_path") or report.get("model") if isinstance(report, dict) else None
     if not isinstance(spec, str):
-        return None
+        C._warn(f"no fidelity: {folder / 'report.json'} names no unpruned model; pass --teacher")
+        return False
     return spec, "model_path" not in report  # a bundled name in a report is the bundled model
 
 

@@ -5,6 +5,8 @@ before the collection."""
 
 from __future__ import annotations
 
+import math
+
 from . import commands as C
 from . import plots
 from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, refit_only, removal_of, run_sweep
@@ -57,7 +59,7 @@ def plan(args, loaded) -> dict:
     if small:
         what = "KV groups" if group else "query heads"
         raise ValueError(f"--ratios: {small[0]:g} of the model's {units} {what} is less than one; give at least "
-                         f"{1 / units:.3g}")
+                         f"{math.ceil(1e4 / units) / 1e4:g}")  # rounded up: one that is accepted
     recipes = dict(RECIPES)
     if args.learn_steps:
         recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})

@@ -22,10 +22,9 @@ def random_mean(values: list, lower: bool) -> float:
 def sweep_markdown(result: dict) -> str:
     """The sweep as a markdown table; without random draws (a benchmark's ``--seeds 0``) the
     random columns and the marks against them are left out."""
-    lower = result["lower_is_better"]
-    names = list(result["recipes"])
+    lower, names = result["lower_is_better"], list(result["recipes"])
     draws = len(result["random"][0]) if result["random"] else 0
-    mean_name = "geometric mean" if result.get("lower_is_better") else "mean"  # perplexities multiply
+    mean_name = "geometric mean" if lower else "mean"  # perplexities multiply
     columns = ["fraction pruned", *names, *([f"random {mean_name} ({draws} seeds)", "random range"] if draws else [])]
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]

@@ -189,14 +189,17 @@ def distillation_loss(student, teacher, batch) -> torch.Tensor:
 
 
 @contextmanager
-def _training(student, params: dict):
-    """The student in eval mode and only ``params`` requiring gradients inside; on an exception
-    (a ``KeyboardInterrupt`` too) they get back the values they entered with, bit for bit; on
-    every exit every module's train/eval flag, the ``requires_grad`` flags and the ``.grad`` of
-    every parameter are as they entered."""
-    flags = {p: (p.requires_grad, p.grad) for p in student.parameters()}
+def _training(student, params: dict, types: dict):
+    """The student in eval mode and only ``params`` requiring gradients inside, in float32 if it
+    holds half-precision weights (``types``: :func:`dtypes_of` it; AdamW's steps fall below their
+    rounding); on an exception (a ``KeyboardInterrupt`` too) ``params`` get back the values
+    they entered with, bit for bit; on every exit every tensor is back in its type, and every
+    module's train/eval flag, ``requires_grad`` flag and ``.grad`` are as they entered."""
+    flags = {p: (p.requires_grad, p.grad, getattr(p.grad, "dtype", None)) for p in student.parameters()}
     saved = [p.detach().clone() for p in params.values()]
     try:
+        if {torch.float16, torch.bfloat16} & set(types.values()):
+            student.float()  # also retypes each .grad, the same tensor: cast back below
         with eval_mode(student):  # no dropout: the teacher's targets are exact
             for p in student.parameters():
                 p.requires_grad_(False)
@@ -210,8 +213,11 @@ def _training(student, params: dict):
                 p.copy_(s)
         raise
     finally:
-        for p, (f, g) in flags.items():
+        cast_back(student, types)
+        for p, (f, g, dtype) in flags.items():
             p.requires_grad_(f)
+            if g is not None and g.dtype != dtype:
+                g.data = g.data.to(dtype)  # exact: widened and narrowed back
             p.grad = g
 
 
@@ -255,9 +261,8 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     eval mode (no dropout: the targets are exact).
     """
     started = time.perf_counter()
-    if lr is None:
-        lr = default_lr(student)
     check_inputs(batches, progress, student=student, teacher=teacher)
+    lr = default_lr(student) if lr is None else lr
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
@@ -271,15 +276,10 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every
     ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches))
-    types = dtypes_of(student)
-    try:  # half-precision students train in float32 (AdamW's steps fall below their rounding) and are cast back
-        with eval_mode(teacher), _training(student.float() if {torch.float16, torch.bfloat16} & set(types.values())
-                                           else student, params):
-            val = None if validation is None else _Validation(teacher, validation, validate_every)
-            return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt,
-                        checkpoint_every, resume, train, val, started)
-    finally:
-        cast_back(student, types)
+    with eval_mode(teacher), _training(student, params, dtypes_of(student)):
+        val = None if validation is None else _Validation(teacher, validation, validate_every)
+        return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt, checkpoint_every,
+                    resume, train, val, started)
 
 
 def _check_validation(validation, every) -> int:
