@@ -96,3 +96,19 @@ def test_a_report_that_cannot_be_read_costs_the_fidelity_only(run, tmp_path, tin
     code, err, result = _eval(run, [tmp_path / "o"])
     assert code == 0 and "fidelity" not in result and len(err) == 1
     assert err[0].startswith("headprune: warning: no fidelity: MODEL: ") and "is not valid JSON" in err[0]
+
+
+def test_eval_prints_its_spread_and_can_leave_out_the_timing(run, tmp_path, tiny_dir):  # noqa: F811
+    """Its tokens/s figure came without a spread (another run read 4x another), could not be
+    left out, and numbers were printed unlike the report (raw ints, None)."""
+    code, err, result = _eval(run, [tiny_dir, "--no-speed"])
+    assert code == 0 and "tokens_per_s" not in result and result["parameters"] > 0
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run(["eval", tiny_dir, "--eval-windows", "2", "--quiet", "--data", "text.txt"])
+    lines = {line.split()[0]: line for line in out.getvalue().splitlines() if line.strip()}
+    assert code == 0 and "(quartiles of 5 repeats " in lines["tokens_per_s"] and "tokens_per_s_low" not in lines
+    assert "," in lines["parameters"] and "None" not in "".join(lines.values()) and "e+" not in lines["tokens_per_s"]

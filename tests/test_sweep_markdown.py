@@ -134,8 +134,16 @@ def test_the_retrieval_row_says_what_it_counts_and_changes_by_paragraphs():
     b = {**m, "fidelity": 1.0, "retrieval_top1": 47 / 213, "retrieval_pairs": 213}
     a = {**m, "fidelity": 0.97, "retrieval_top1": 51 / 213, "retrieval_pairs": 213}
     rows = summary_table({"before": b, "after": a}, "fidelity").splitlines()
-    assert rows[3] == ("| retrieval top-1 (share of 213 held-out paragraphs whose first sentence finds the rest of its "
-                       "own paragraph among all of them) | 0.22066 | 0.23944 | +4 of 213 |")
-    assert rows[2].startswith("| embedding fidelity")
+    assert rows[3] == ("| retrieval top-1 (share of the 213 held-out paragraphs of two sentences or more whose first "
+                       "sentence finds the rest of its own paragraph among all of them) | 0.22066 | 0.23944 | +4 of 213 |")
+    assert rows[2].startswith("| embedding fidelity on held-out text (mean cosine similarity")
     a["retrieval_top1"] = float("nan")
     assert summary_table({"before": b, "after": a}, "fidelity").splitlines()[3].endswith("| 0.22066 | nan |  |")
+
+
+def test_numbers_from_ten_thousand_are_written_whole():
+    """Four significant digits wrote 41,150 tokens/s as 4.115e+04."""
+    from headprune.app.report import number
+
+    assert [number(v) for v in (41150.3, 1234.5678, 0.99997, 12.5, -20000.0)] == \
+        ["41,150", "1,235", "0.99997", "12.5", "-20,000"]

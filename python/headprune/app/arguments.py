@@ -158,10 +158,13 @@ def model_args(p: argparse.ArgumentParser, *, saves: bool = False) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
 
 
-def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = False) -> None:
+def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = False,
+              evaluates: bool = True) -> None:
     g = p.add_argument_group("text")
     what = "calibrate on its first 70%% of paragraphs and evaluate on the last 30%%" if calibrates else \
         "evaluate on its last 30%% of paragraphs"
+    if calibrates and not evaluates:
+        what = "calibrate on its first 70%% of paragraphs"
     g.add_argument("--data", default=None, metavar="TEXT",
                    help=f"{what}: a text file (paragraphs separated by blank lines), a JSONL file with a 'text' "
                         f"field, a local datasets directory, or bundled texts ({', '.join(BUNDLED_TEXTS)}), several "
@@ -389,4 +392,3 @@ def prune_recover_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-lr", type=learning_rate, default=None, help=f"its AdamW learning rate ({_LR_HELP})")
     g.add_argument("--recover-validation", type=fraction, default=None, metavar="FRACTION",
                    help="as headprune recover --validation: " + _VALIDATION_HELP)
-

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan = sub.add_parser("scan", help="collect per-head attention entropies (scores.json, summary.md, heatmap.png)",
                           description="Collect per-head attention entropies and output statistics.", **sub_kw)
     A.model_args(scan)
-    A.data_args(scan, calibrates=True)
+    A.data_args(scan, calibrates=True, evaluates=False)
     A.output_args(scan, "scan")
     scan.add_argument("--resume", action="store_true",
                       help="continue an interrupted scan from its checkpoint (.<out>.checkpoint.json beside --out)")
@@ -93,16 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     A.eval_args(rec)
     A.output_args(rec, "recover", distributed=False)
     _export_parser(sub, sub_kw)
-    ev = sub.add_parser("eval", help="quality and speed of a model or a pruned directory",
-                        description="Quality (perplexity or embedding statistics) on held-out text, and speed.", **sub_kw)
-    A.model_args(ev)
-    A.data_args(ev, calibrates=False)
-    A.eval_args(ev)
-    ev.add_argument("--teacher", default=None, metavar="MODEL",
-                    help="the unpruned model: an encoder's fidelity is measured against it, a causal LM's perplexity "
-                         "beside it (default for an encoder: the model named in the report.json of a directory "
-                         "written by prune or recover)")
-    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    _eval_parser(sub, sub_kw)
     sweep = sub.add_parser("sweep", help="quality against the fraction pruned: every recipe against random",
                            description="Quality against the fraction of heads pruned, for the named recipes and a "
                                        "seeded random baseline under the same removal.", **sub_kw)
@@ -113,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     A.eval_args(sweep)
     A.output_args(sweep, "sweep")
     return ap
+
+
+def _eval_parser(sub, sub_kw: dict) -> None:
+    """``headprune eval MODEL``."""
+    p = sub.add_parser("eval", help="quality and speed of a model or a pruned directory",
+                       description="Quality (perplexity or embedding statistics) on held-out text, and speed.", **sub_kw)
+    A.model_args(p)
+    A.data_args(p, calibrates=False)
+    A.eval_args(p)
+    p.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="the unpruned model: an encoder's fidelity is measured against it, a causal LM's perplexity "
+                        "beside it (default for an encoder: the model named in the report.json of a directory "
+                        "written by prune or recover)")
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                   help="time forward passes (default on; a figure from a shared machine varies between runs)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _export_parser(sub, sub_kw: dict) -> None:

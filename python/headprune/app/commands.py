@@ -235,11 +235,15 @@ def quality(args, loaded, held, reference=None) -> dict:
     return E.quality(loaded, held, reference, eval_windows=args.eval_windows, progress=not args.quiet)
 
 
+SPEED_REPEATS = 5  # eval's timed forwards
+
+
 def speed(loaded) -> dict:
     from ..hf import measure
 
     out = measure(loaded.model)
-    out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)), repeat=5))
+    out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)),
+                            repeat=SPEED_REPEATS))
     return out
 
 

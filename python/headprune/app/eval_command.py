@@ -32,7 +32,10 @@ def evaluate(args) -> int:
     reference = None
     if teacher is not None:  # the teacher's metric only: its retrieval score is not what is asked
         reference = E.quality(teacher, held, eval_windows=args.eval_windows, progress=not args.quiet, metric_only=True)
-    result = {"model": args.model, **C._public(C.quality(args, loaded, held, reference)), **C.speed(loaded)}
+    from ..hf import measure
+
+    sizes = C.speed(loaded) if args.speed else measure(loaded.model)  # speed: sizes and tokens/s
+    result = {"model": args.model, **C._public(C.quality(args, loaded, held, reference)), **sizes}
     if teacher is not None:
         result["teacher"] = spec
         if loaded.kind == "causal":
@@ -45,8 +48,13 @@ def evaluate(args) -> int:
     if args.json:
         print(to_json(result))
     else:
-        for k, v in result.items():
-            print(f"{k:28s} {number(v)}" if isinstance(v, float) else f"{k:28s} {v}")  # as the report writes them
+        text = {k: number(v) if isinstance(v, float) else str(v) if isinstance(v, bool) or not isinstance(v, int)
+                else f"{v:,}" for k, v in result.items() if v is not None}  # as the report writes them
+        if "tokens_per_s_low" in text:
+            text["tokens_per_s"] += (f" (quartiles of {C.SPEED_REPEATS} repeats {text.pop('tokens_per_s_low')}-"
+                                     f"{text.pop('tokens_per_s_high')}; another run on a shared machine can differ)")
+        for k, v in text.items():
+            print(f"{k:28s} {v}")
     return 0
 
 

@@ -45,7 +45,9 @@ def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, m
 
         with stage("collecting the kept heads' value moments in one more forward pass", "values"):
             how = {**how, "values": collect_values(loaded.model, batches, heads, progress=not args.quiet)}
-    with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'})", "remove"):
+    refit = ", refitting the kept heads' value rows and output columns" if values else \
+        ", refitting the kept heads' output columns" if how.get("reconstruct") is not None else ""
+    with stage(f"removing the heads ({'masked' if mode == 'mask' else 'physically'}{refit})", "remove"):
         (mask_heads if mode == "mask" else prune_heads)(loaded.model, heads, **how)
 
 

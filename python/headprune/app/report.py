@@ -8,12 +8,16 @@ import math
 from ..stats.scores import HeadScores
 
 #: what a metric measures, in the table's words
-METRIC_WORDS = {"perplexity": "perplexity on held-out text", "fidelity": "embedding fidelity on held-out text"}
+METRIC_WORDS = {"perplexity": "perplexity on held-out text",
+                "fidelity": "embedding fidelity on held-out text (mean cosine similarity to the unpruned model's "
+                            "mean-pooled embedding of each paragraph)"}
 
 
 def number(v: float) -> str:
     """A metric for a table: four significant digits, five below 1 (a fidelity of 0.99997
-    read as 1 at four)."""
+    read as 1 at four), whole numbers from 10,000 up."""
+    if abs(v) >= 1e4:  # whole: .4g would write 41,150 as 4.115e+04
+        return f"{v:,.0f}"
     return f"{v:,.5g}" if abs(v) < 1 else f"{v:,.4g}"
 
 
@@ -58,8 +62,8 @@ def retrieval_row(b: dict, a: dict) -> str:
     change = ""
     if pairs and x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
         change = f"{round(y * pairs) - round(x * pairs):+d} of {pairs:,}"
-    name = (f"retrieval top-1 (share of {pairs:,} held-out paragraphs whose first sentence finds the rest of "
-            "its own paragraph among all of them)")
+    name = (f"retrieval top-1 (share of the {pairs:,} held-out paragraphs of two sentences or more whose first "
+            "sentence finds the rest of its own paragraph among all of them)")
     return f"| {name} | {_fmt(x)} | {_fmt(y)} | {change} |"
 
 
