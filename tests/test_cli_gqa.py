@@ -147,3 +147,24 @@ def test_kv_ratio_on_a_model_whose_pruning_repeated_its_kv_heads_says_so(run, tm
                      tmp_path / "o"])
     assert code == 2 and err[-1].endswith("--kv-ratio: the model's pruning gave every query head its own KV head "
                                           "(--gqa query repeats them), so no group is left to remove")
+
+
+def test_the_report_names_the_layers_that_lost_no_head(run, tmp_path, tiny_dir):  # noqa: F811
+    """A new user saw layers 9 and 13 of SmolLM2 left whole besides the first, marked nowhere."""
+    import json
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["layers_whole"] == {"protected": [0], "none_chosen": []}
+    assert "Layers that lost no head: 0 (the recipe keeps them whole)." in (tmp_path / "o" / "report.md").read_text()
+    code, err = run(["prune", tiny_dir, "--count", "1", "--scope", "per_layer", "--samples", "4", "--seq-len", "16",
+                     "--quiet", "--no-speed", "--out", tmp_path / "b"])  # a two-layer encoder, one head
+    assert code == 0, err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    (layer,) = report["layers_whole"]["none_chosen"]
+    assert report["layers_whole"]["protected"] == [] and str(layer) not in report["pruned_heads"]
+    assert f"Layers that lost no head: {layer} (the selection placed none of the budget there)." in \
+        (tmp_path / "b" / "report.md").read_text()

@@ -289,12 +289,15 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
         report["saved_weight_bytes"] = weight_bytes(tmp / "model")
         report["input_bytes"] = loaded.input_bytes  # the input's weight files
+        protected = list(_protected(scores, settings))
+        report["layers_whole"] = {"protected": protected, "none_chosen": [  # said in report.md: none of the budget
+            i for i in range(scores.num_sites) if scores.num_heads[i] and not heads.get(i) and i not in protected]}
         C._write_json(tmp / "report.json", report)
         C._write_json(tmp / "scores.json", scores.to_dict(), strict=False)
         (tmp / "report.md").write_text(report_markdown(report, summary_table(report, metric)))
         plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
                       selection=_selection_values(scores, settings), selection_label=_selection_label(scores, settings),
-                      protected=_protected(scores, settings))
+                      protected=protected)
     if loaded.input_bytes and report["saved_weight_bytes"] > loaded.input_bytes:  # weights against weights
         C._warn(f"the saved model's weights ({report['saved_weight_bytes'] / 2**20:,.0f} MiB, {settings['saved_dtype']}) "
                 f"are larger than its input's ({loaded.input_bytes / 2**20:,.0f} MiB); --save-dtype chooses the float "

@@ -97,12 +97,21 @@ def report_markdown(report: dict, table: str) -> str:
                  "); it is not the model evaluated here. ")
     return (f"# headprune report: {report['model']}\n\n"
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
-            f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.\n\n"
+            f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.{_whole(report)}\n\n"
             f"Calibration: {calibration_text(s)}; "
             f"quality on {_evaluated(report.get('after') or {})}its held-out part "
             f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
             f"on that kind: calibrate on text like the text it will serve.\n\n{_recovered(report)}{table}\n\n{size}"
             f"Stages: {seconds}.\n\n![heatmap](heatmap.png)\n")
+
+
+def _whole(report: dict) -> str:
+    """The layers that lost no head, and why, after the recipe's sentence (empty if none)."""
+    whole = report.get("layers_whole") or {}
+    parts = [f"{', '.join(map(str, whole[k]))} ({why})" for k, why in (
+        ("protected", "the recipe keeps them whole"),
+        ("none_chosen", "the selection placed none of the budget there")) if whole.get(k)]
+    return f" Layers that lost no head: {'; '.join(parts)}." if parts else ""
 
 
 def _evaluated(after: dict) -> str:
