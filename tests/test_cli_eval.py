@@ -112,3 +112,19 @@ def test_eval_prints_its_spread_and_can_leave_out_the_timing(run, tmp_path, tiny
     lines = {line.split()[0]: line for line in out.getvalue().splitlines() if line.strip()}
     assert code == 0 and "(quartiles of 5 repeats " in lines["tokens_per_s"] and "tokens_per_s_low" not in lines
     assert "," in lines["parameters"] and "None" not in "".join(lines.values()) and "e+" not in lines["tokens_per_s"]
+
+
+def test_eval_sizes_the_kv_cache_in_the_type_prune_reported(run, tmp_path, tiny_dir):  # noqa: F811
+    """eval sized it in the compute type (float32) and the report in the saved type (bfloat16):
+    the same model's cache read twice as large."""
+    from test_cli_save_dtype import _checkpoint
+
+    path = _checkpoint(tmp_path, tiny_dir, "bfloat16", config_names_it=True)
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    code, err, result = _eval(run, [tmp_path / "o", "--no-speed"])
+    assert code == 0 and result["kv_cache_dtype"] == report["after"]["kv_cache_dtype"] == "bfloat16"
+    assert result["kv_cache_bytes_per_token"] == report["after"]["kv_cache_bytes_per_token"]
+    code, err, result = _eval(run, [path, "--no-speed"])
+    assert result["kv_cache_bytes_per_token"] == report["before"]["kv_cache_bytes_per_token"]

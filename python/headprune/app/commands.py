@@ -238,10 +238,11 @@ def quality(args, loaded, held, reference=None) -> dict:
 SPEED_REPEATS = 5  # eval's timed forwards
 
 
-def speed(loaded) -> dict:
+def speed(loaded, dtype=None) -> dict:
+    """Sizes (KV cache bytes in ``dtype``, default the model's) and forward tokens/s."""
     from ..hf import measure
 
-    out = measure(loaded.model)
+    out = measure(loaded.model, dtype=dtype)
     out.update(E.throughput(loaded.model, batch=1, seq_len=min(256, E.max_positions(loaded.model, 256)),
                             repeat=SPEED_REPEATS))
     return out

@@ -11,7 +11,7 @@ from typing import Optional
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .load import load_model, prune_folder
+from .load import SAVE_TYPES, load_model, prune_folder, stored_type_name
 from .report import number, to_json
 
 
@@ -34,7 +34,8 @@ def evaluate(args) -> int:
         reference = E.quality(teacher, held, eval_windows=args.eval_windows, progress=not args.quiet, metric_only=True)
     from ..hf import measure
 
-    sizes = C.speed(loaded) if args.speed else measure(loaded.model)  # speed: sizes and tokens/s
+    kv = SAVE_TYPES[stored_type_name(loaded)]  # the KV cache sized in the type the weights are kept in, as prune does
+    sizes = C.speed(loaded, kv) if args.speed else measure(loaded.model, dtype=kv)
     result = {"model": args.model, **C._public(C.quality(args, loaded, held, reference)), **sizes}
     if teacher is not None:
         result["teacher"] = spec

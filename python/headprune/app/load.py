@@ -314,6 +314,13 @@ def cast_weights(model, dtype):
 SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def stored_type_name(loaded) -> str:
+    """The float type a checkpoint's weights are kept in, as ``prune`` saves them by default:
+    its own (bfloat16 for a quantised GGUF, float32 where unknown or wider)."""
+    stored = loaded.checkpoint_dtype
+    return stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
+
+
 def round_to_saved(loaded, name: str) -> None:
     """Round the pruned model's floating weights through the type they are saved in, keeping
     the type it computes in, before the evaluation: the report describes the weights that are

@@ -16,7 +16,7 @@ from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads
 from . import commands as C
 from . import evaluate as E
 from . import plots
-from .load import SAVE_TYPES, round_to_saved, tokenizer_as_loaded, weight_bytes
+from .load import SAVE_TYPES, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
 from .prune_checks import check_model, check_options
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
@@ -271,11 +271,7 @@ def _sequential(args, loaded, batches, scores, heads: dict) -> tuple:
 def _save_dtype_name(args, loaded) -> str:
     """The float type the pruned model is saved in: ``--save-dtype``, or the checkpoint's own
     float type (bfloat16 for a quantised GGUF, float32 where the type is unknown or wider)."""
-    name = args.save_dtype
-    if name == "auto":
-        stored = loaded.checkpoint_dtype
-        name = stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
-    return name
+    return stored_type_name(loaded) if args.save_dtype == "auto" else args.save_dtype
 
 
 def _write(args, out: Path, loaded, scores, heads, settings, report, metric, save_pruned, gguf=None) -> None:
