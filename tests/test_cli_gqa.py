@@ -168,3 +168,17 @@ def test_the_report_names_the_layers_that_lost_no_head(run, tmp_path, tiny_dir):
     assert report["layers_whole"]["protected"] == [] and str(layer) not in report["pruned_heads"]
     assert f"Layers that lost no head: {layer} (the selection placed none of the budget there)." in \
         (tmp_path / "b" / "report.md").read_text()
+
+
+def test_a_uniform_layout_names_no_layer_kept_whole(run, tmp_path, tiny_dir):  # noqa: F811
+    """--uniform prunes every layer alike, the first included; the report (and the heatmap's
+    box) said the recipe kept the first layer whole."""
+    import json
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    code, err = run(["prune", path, "--ratio", "0.5", "--uniform", "--samples", "4", "--seq-len", "16", "--quiet",
+                     "--no-speed", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["pruned_heads"].get("0") and report["layers_whole"] == {"protected": [], "none_chosen": []}
+    assert "Layers that lost no head" not in (tmp_path / "o" / "report.md").read_text()

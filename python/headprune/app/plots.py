@@ -30,14 +30,14 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
     L, H = values.shape
     panels = [(values, f"mean attention {score}", _unit(score).strip(" ()"))]  # (values, title, colour-bar label)
     if selection is not None:  # the long description is the panel's title: as a colour-bar label it ran off the image
-        order = "lower: ranked first" if "for reference" in selection_label else "lower: pruned first"
+        order = "lower: ranked first" if "for reference" in (selection_label or "") else "lower: pruned first"
         panels.append((selection.float().numpy(), selection_label or "selection score", order))
     width = max(4.0, 0.45 * H + 2.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * width, max(3.0, 0.28 * L + 2.2)), squeeze=False)
     for ax, (v, name, label) in zip(axes[0], panels):
         im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, label=label)
-        if len(panels) > 1:  # one panel: the figure's title says it
+        if len(panels) > 1 or name not in title:  # a lone panel whose title the figure's repeats has none
             ax.set_title(textwrap.fill(name, int(width * 9)), fontsize=8)
         _mark(ax, {i: scores.positions(i, hs) for i, hs in (pruned or {}).items()}, protected, H)  # columns: positions
         _axes(ax, scores, L, H)
