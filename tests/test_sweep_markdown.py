@@ -131,12 +131,13 @@ def test_the_retrieval_row_says_what_it_counts_and_changes_by_paragraphs():
     from headprune.hf.report import measure
 
     m = measure(tiny_model("bert"))
-    b = {**m, "fidelity": 1.0, "retrieval_top1": 47 / 213, "retrieval_pairs": 213}
-    a = {**m, "fidelity": 0.97, "retrieval_top1": 51 / 213, "retrieval_pairs": 213}
+    b = {**m, "fidelity": 1.0, "retrieval_top1": 47 / 213, "retrieval_pairs": 213, "retrieval_mrr": 0.34904}
+    a = {**m, "fidelity": 0.97, "retrieval_top1": 51 / 213, "retrieval_pairs": 213, "retrieval_mrr": 0.35235}
     rows = summary_table({"before": b, "after": a}, "fidelity").splitlines()
     assert rows[3] == ("| retrieval top-1 (share of the 213 held-out paragraphs of two sentences or more whose first "
                        "sentence finds the rest of its own paragraph among all of them) | 0.22066 | 0.23944 | +4 of 213 |")
     assert rows[2].startswith("| embedding fidelity on held-out text (mean cosine similarity")
+    assert rows[4] == "| retrieval MRR (mean of 1 / the rank of the true rest of each paragraph) | 0.34904 | 0.35235 | +0.9% |"
     a["retrieval_top1"] = float("nan")
     assert summary_table({"before": b, "after": a}, "fidelity").splitlines()[3].endswith("| 0.22066 | nan |  |")
 

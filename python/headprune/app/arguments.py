@@ -231,7 +231,8 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                         "model least (measured: one forward of a few sequences per layer and layout; needs the "
                         "refit; without --score or --order, on models without grouped queries, each layer's "
                         "heads are also chosen one at a time by that measured cost, a forward per head left and "
-                        "count); default measured for encoders, per_layer for the rest")
+                        "count: about 460 forwards on all-MiniLM-L6-v2, minutes on a CPU); default measured for "
+                        "encoders, per_layer for the rest")
     g.add_argument("--gqa", choices=GQA_MODES, default=DEFAULT_GQA,
                    help="grouped-query models: prune query heads in layouts where every KV group kept keeps the "
                         "same number of them, so the KV cache never grows (even), query heads freely (query; a "

@@ -49,6 +49,10 @@ def summary_table(report: dict, metric: str) -> str:
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} | {_change(x, y)} |" for name, x, y in rows]
     if b.get("retrieval_top1") is not None:
         lines.insert(3, retrieval_row(b, a))
+        if b.get("retrieval_mrr") is not None:  # the true paragraph's mean reciprocal rank among all of them
+            lines.insert(4, f"| retrieval MRR (mean of 1 / the rank of the true rest of each paragraph) | "
+                            f"{_fmt(b['retrieval_mrr'])} | {_fmt(a.get('retrieval_mrr'))} | "
+                            f"{_change(b['retrieval_mrr'], a.get('retrieval_mrr'))} |")
     lines += [speed_row(row) for row in report.get("speed") or []]
     return "\n".join(lines)
 
