@@ -11,7 +11,7 @@ from typing import Optional
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .load import SAVE_TYPES, load_model, prune_folder, stored_type_name
+from .load import SAVE_TYPES, a_kind, load_model, prune_folder, stored_type_name
 from .report import number, to_json
 
 
@@ -63,7 +63,7 @@ def _named_teacher(model: str) -> Optional[tuple]:
     """``(spec, bundled)`` of the unpruned model that the ``report.json`` of the prune or recover
     folder MODEL is (or whose ``model/`` it is) names; ``None`` for no such folder, ``False``
     (with a warning) for a report that names none or cannot be read."""
-    from .recover_command import read_report
+    from .recover_command import named_model, read_report
 
     folder = prune_folder(model)
     if folder is None:
@@ -73,16 +73,15 @@ def _named_teacher(model: str) -> Optional[tuple]:
     except (OSError, ValueError) as e:  # the model itself loaded: evaluate it, without a fidelity
         C._warn(f"no fidelity: {e}; pass --teacher")
         return False
-    spec = report.get("model_path") or report.get("model") if isinstance(report, dict) else None
+    spec, bundled = named_model(report) if isinstance(report, dict) else (None, False)
     if not isinstance(spec, str):
         C._warn(f"no fidelity: {folder / 'report.json'} names no unpruned model; pass --teacher")
         return False
-    return spec, "model_path" not in report  # a bundled name in a report is the bundled model
+    return spec, bundled
 
 
 def _load(args, spec: str, kind: str, bundled: bool = False):
     teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     if teacher.kind != kind:
-        a = "an" if teacher.kind[0] in "aeiou" else "a"
-        raise ValueError(f"--teacher: {spec} is {a} {teacher.kind} model, MODEL a {kind} one")
+        raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(kind)} one")
     return teacher

@@ -43,11 +43,16 @@ def weight_bytes(directory: Path) -> int:
     return _bytes(directory.glob("*.safetensors"))
 
 
+def a_kind(kind: str) -> str:
+    """``"an encoder"``, ``"a causal"``: a model kind with its article, for messages."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 def _refuse_kind(kind: str, accept, spec) -> None:
     """The CLI handles causal LMs and encoders; refused before any weight is read."""
     if accept is not None and kind not in accept:
         api = f" (the Python API handles {kind} models too)" if "encoder" in accept else ""  # not a GGUF export
-        raise ValueError(f"MODEL: {spec} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} model; this command "
+        raise ValueError(f"MODEL: {spec} is {a_kind(kind)} model; this command "
                          f"handles {' and '.join(accept)} models{api}")
 
 

@@ -4,6 +4,8 @@ against the statistics)."""
 
 from __future__ import annotations
 
+import math
+
 from . import commands as C
 from .recover_command import check_recovery
 from .sweep import removal_of
@@ -60,6 +62,15 @@ def _check_sequential(args) -> None:
                          "the trained gates would decide only each layer's count; drop one")
 
 
+def refuse_below_one(flag: str, ratios: list, units: int, what: str) -> None:
+    """A fraction of the model's ``units`` that rounds down to none is refused, naming the least
+    one that does not (rounded up, so that it is accepted)."""
+    small = [r for r in ratios if int(r * units + 1e-9) == 0]
+    if small:
+        raise ValueError(f"{flag}: {small[0]:g} of the model's {units} {what} is less than one; give at least "
+                         f"{math.ceil(1e4 / units) / 1e4:g}")
+
+
 def check_model(args, loaded) -> None:
     """--protect-layers, --kv-ratio and --sequential's --score against the model's attention sites
     and kind (the command line prunes causal LMs and encoders: one stack of layers each)."""
@@ -74,9 +85,7 @@ def check_model(args, loaded) -> None:
                          f"0-{len(sites) - 1})")
     unit = "KV groups" if getattr(args, "gqa", None) == "group" else "query heads"  # what --count counts
     units = [head_counts(s, adapter)[unit == "KV groups"] for s in sites]
-    if args.ratio is not None and int(args.ratio * sum(units) + 1e-9) == 0:
-        raise ValueError(f"--ratio: {args.ratio:g} of the model's {sum(units)} {unit} is less than one; "
-                         f"give at least {1 / sum(units):.3g}")
+    refuse_below_one("--ratio", [] if args.ratio is None else [args.ratio], sum(units), unit)
     if args.count is not None and args.count > sum(units):
         raise ValueError(f"--count: {args.count} is more than the model's {sum(units)} {unit}")
     if (args.min_heads_per_layer or 0) >= max(units, default=0) > 0:

@@ -357,10 +357,9 @@ def _selection_label(scores, settings: dict) -> str:
 
 
 def _protected(scores, settings: dict) -> tuple:
-    """The layers the recipe kept whole (none in a uniform layout, as select_heads has it)."""
+    """The layers the recipe kept whole, as select_heads resolves them."""
     from ..ranking.recipes import resolve_recipe
 
-    if settings.get("uniform"):
-        return ()
-    recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), settings.get("protect_layers"))
+    recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), settings.get("protect_layers"),
+                            uniform=bool(settings.get("uniform")))
     return tuple(recipe.protect_layers)

@@ -150,6 +150,12 @@ def _pruned_dir(path: Path) -> dict:
     return report
 
 
+def named_model(report: dict) -> tuple:
+    """``(spec, bundled)``: the unpruned model a prune or recover ``report`` names, by the path
+    prune recorded where MODEL was a path; a bare bundled name there is the bundled model."""
+    return report.get("model_path") or report.get("model"), "model_path" not in report
+
+
 def _data_spec(args, settings: dict):
     """The text recovery reads: ``--data``, else what the directory was pruned with (its files'
     absolute paths where it names files), else the default."""
@@ -186,15 +192,15 @@ def recover(args) -> int:
     if args.steps is None and args.seconds is None:
         raise ValueError("--steps/--seconds: say how long to recover (either or both)")
     out = C._out(args, "recover")
-    teacher_spec = args.teacher or prune_report.get("model_path") or prune_report["model"]
+    named, bundled = named_model(prune_report)
+    teacher_spec = args.teacher or named
     data = _data_spec(args, prune_report["settings"])
     read = [("the teacher", teacher_spec), *(("the calibration text", p) for p in texts.spec_names(data))]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
-        # a bundled name in the report (prune records model_path where MODEL was a path) is the bundled model
-        teacher = _teacher(args, teacher_spec, bundled=not args.teacher and "model_path" not in prune_report)
+        teacher = _teacher(args, teacher_spec, bundled=not args.teacher and bundled)
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")

@@ -5,10 +5,9 @@ before the collection."""
 
 from __future__ import annotations
 
-import math
-
 from . import commands as C
 from . import plots
+from .prune_checks import refuse_below_one
 from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, refit_only, removal_of, run_sweep
 from .sweep_reach import BASELINE, out_of_reach
 from .sweep_table import sweep_markdown
@@ -47,19 +46,14 @@ def plan(args, loaded) -> dict:
     ``--ratios`` below one unit, or out of the random baseline's reach, are refused; recipes
     that cannot run or reach a fraction are left out, each with a warning."""
     from ..hf.collection import Collection
+    from ..stats.moments import OutputMoments
 
-    import torch
-
-    # the sites and heads, with (empty) second moments: the recipes resolve as after the collection
-    layout = Collection(loaded.model, "qk", moments=torch.float64).scores()
+    layout = Collection(loaded.model, "qk").scores()  # the sites and heads, no statistics
+    layout.moments = OutputMoments([None] * layout.num_sites)  # empty: the recipes resolve as after the collection
     config = SweepConfig.from_args(args)
     group = config.gqa == "group" and any(k and k < h for h, k in zip(layout.num_heads, layout.num_kv_heads))
     units = sum((k or h) if group else h for h, k in zip(layout.num_heads, layout.num_kv_heads))
-    small = [r for r in config.ratios if int(r * units + 1e-9) == 0]
-    if small:
-        what = "KV groups" if group else "query heads"
-        raise ValueError(f"--ratios: {small[0]:g} of the model's {units} {what} is less than one; give at least "
-                         f"{math.ceil(1e4 / units) / 1e4:g}")  # rounded up: one that is accepted
+    refuse_below_one("--ratios", config.ratios, units, "KV groups" if group else "query heads")
     recipes = dict(RECIPES)
     if args.learn_steps:
         recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})

@@ -41,8 +41,8 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
         if scope == "measured":
             continue
         if layout_only:  # the recipe's protected layers, and any ranking (the random one stays random)
-            protect = () if kw.get("uniform") else resolve_recipe(  # select_heads protects none in a uniform layout
-                scores, kw.get("score"), kw.get("order"), kw.get("protect_layers")).protect_layers
+            protect = resolve_recipe(scores, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
+                                     uniform=bool(kw.get("uniform"))).protect_layers
             kw = {**kw, "score": torch.zeros(scores.num_sites, max(scores.num_heads, default=0), dtype=torch.float64),
                   "order": "random" if kw.get("order") == "random" else "low", "protect_layers": list(protect)}
         for r in config.ratios:

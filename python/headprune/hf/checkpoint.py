@@ -26,9 +26,10 @@ class Checkpoint:
     atomically (:func:`headprune.atomic.write_file`); the first write also removes the
     temporary files that killed writers left beside it."""
 
-    def __init__(self, path, fingerprint: str, layout: str, expected: Optional[HeadScores] = None):
-        self.path, self.fingerprint, self.layout = os.fspath(path), fingerprint, layout
-        self.expected = expected  # the collection's empty scores: what a layout refusal names
+    def __init__(self, path, fingerprint: str, expected: HeadScores):
+        self.path, self.fingerprint = os.fspath(path), fingerprint
+        self.expected = expected  # the collection's empty scores: its layout, and what a layout refusal names
+        self.layout = expected.layout_fingerprint()
         self._swept = False
 
     def _refuse(self, why: str):
@@ -63,14 +64,12 @@ class Checkpoint:
     def _layout_difference(self, d: dict) -> str:
         """What differs between the checkpoint's layout and this collection's, in the words
         of the options that set it."""
+        unknown = "another model or other collection settings (the layout of its statistics differs)"
         try:
             saved = HeadScores.from_dict(d.get("scores"))
         except (TypeError, ValueError, KeyError, AttributeError):
-            saved = None
-        now = self.expected
-        if saved is None or now is None:
-            return "another model or other collection settings (the layout of its statistics differs)"
-        out = []
+            return unknown
+        now, out = self.expected, []
         if saved.layout() != now.layout():
             out.append("another model (its attention sites or heads differ)")
         if saved.method != now.method:
@@ -81,7 +80,7 @@ class Checkpoint:
                        f"{have(now.moments is None)} (moments=)")
         if (saved.outputs is None) != (now.outputs is None):
             out.append("other output statistics")
-        return "; ".join(out) or "another model or other collection settings (the layout of its statistics differs)"
+        return "; ".join(out) or unknown
 
     def save(self, scores: HeadScores, done: int) -> None:
         data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,

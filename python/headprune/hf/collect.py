@@ -152,8 +152,7 @@ def _open_checkpoint(session, path, fingerprint, resume, model) -> tuple:
         return None, 0
     fingerprint = _as_dict(fingerprint)
     fingerprint["weights"] = weights_digest(model)
-    empty = session.scores()
-    ckpt = Checkpoint(path, canonical(fingerprint), empty.layout_fingerprint(), expected=empty)
+    ckpt = Checkpoint(path, canonical(fingerprint), session.scores())
     state = ckpt.load() if resume else None
     if state is None:
         return ckpt, 0

@@ -129,10 +129,14 @@ class Recipe:
     why_protected: str = ""
 
 
-def resolve_recipe(scores: HeadScores, score=None, order: Optional[str] = None, protect_layers=None) -> Recipe:
+def resolve_recipe(scores: HeadScores, score=None, order: Optional[str] = None, protect_layers=None, *,
+                   uniform: bool = False) -> Recipe:
     """The recipe ``select_heads`` runs: the default (or its fallback without output
-    statistics) when ``score`` is None, else the caller's, with the score's natural order."""
+    statistics) when ``score`` is None, else the caller's, with the score's natural order.
+    A ``uniform`` layout prunes every layer alike: it protects none."""
     why = ""
+    if uniform:
+        protect_layers = ()
     if score is None:
         recipe = default_for(scores)
         whole = order is None  # the whole recipe, not just its score (a random order takes none of it)

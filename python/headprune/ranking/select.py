@@ -90,7 +90,7 @@ def select_heads(
     """
     counts = _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, pruned, kv_ratio, gqa,
                             counts, ratio, count)
-    recipe = resolve_recipe(scores, score, order, () if uniform else protect_layers)
+    recipe = resolve_recipe(scores, score, order, protect_layers, uniform=uniform)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa, damping=damping)
     if counts is not None:
         return _select_counts(scores, ranked, recipe, gqa, counts)
