@@ -250,6 +250,15 @@ def test_accumulator_merge_state_and_means():
     assert torch.isnan(EntropyAccumulator(2).mean()).all()
 
 
+def test_std_of_identical_rows_is_zero_and_of_no_rows_nan():
+    # E[H^2] - E[H]^2 of identical rows is rounding, not spread: reported as 0, not ~1e-8
+    rows = torch.softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(5)), -1)
+    probs = rows[None, :, None].expand(4, 3, 50, 7).contiguous()
+    a = EntropyAccumulator(3).entropy_stats_from_probs(probs)
+    assert torch.equal(a.std(), torch.zeros(3, dtype=torch.float64)) and (a.mean() > 0).all()
+    assert EntropyAccumulator(2).std().isnan().all()
+
+
 # ------------------------------------------------------------------- instruction sets
 
 

@@ -14,6 +14,16 @@ from ..core import ops
 from ..core.schema import NUM_STATS, STAT_FIELDS, Stat
 
 
+def population_std(count: torch.Tensor, mean: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
+    """``sqrt(E[x^2] - E[x]^2)`` from running sums, with a variance the float64 sums cannot
+    resolve reported as 0: summing ``count`` squares rounds ``E[x^2]`` by up to ``count * eps``
+    of itself, so a smaller difference is rounding, not spread (identical rows otherwise read
+    as a standard deviation of about 1e-8 of their value). NaN stays NaN."""
+    var = mean_sq - mean * mean
+    resolution = count.clamp_min(1) * torch.finfo(torch.float64).eps * mean_sq.abs()
+    return torch.where(var <= resolution, torch.zeros_like(var), var).sqrt()
+
+
 class EntropyAccumulator:
     """Per-head running statistics of attention-row entropies (nats), fed batch by batch.
 
@@ -73,10 +83,9 @@ class EntropyAccumulator:
         return self._mean(Stat.SUM)
 
     def std(self) -> torch.Tensor:
-        """Population standard deviation of the row entropies per head."""
-        m = self.mean()
-        var = (self._mean(Stat.SUM_SQ) - m * m).clamp_min(0)
-        return var.sqrt()
+        """Population standard deviation of the row entropies per head (NaN for a head that
+        saw no row; see :func:`population_std`)."""
+        return population_std(self.stats[:, Stat.COUNT], self.mean(), self._mean(Stat.SUM_SQ))
 
     def normalized_mean(self) -> torch.Tensor:
         """Mean of ``H / log(n)`` (n = visible keys), rows with n >= 2 (others count as 0)."""

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, STAT_FIELDS, OutputStat, Stat
+from .accumulator import population_std
 from .moments import OutputMoments
 
 __all__ = ["HeadScores", "SCORE_NAMES", "DERIVED_SCORES", "FORMAT"]
@@ -147,9 +148,9 @@ class HeadScores:
 
     @property
     def std(self) -> torch.Tensor:
-        """Standard deviation of the row entropies ``[sites, heads]`` (population)."""
-        var = self.mean(Stat.SUM_SQ) - self.entropy**2
-        return var.clamp_min(0).sqrt()
+        """Standard deviation of the row entropies ``[sites, heads]`` (population; NaN where
+        nothing was seen; see :func:`~headprune.stats.accumulator.population_std`)."""
+        return population_std(self.count, self.entropy, self.mean(Stat.SUM_SQ))
 
     def output_mean(self) -> torch.Tensor:
         """Mean attention output ``[sites, heads, head_dim]`` of every head (NaN where nothing was seen)."""
