@@ -84,6 +84,7 @@ def test_prune_kv_ratio_removes_whole_groups(run, tmp_path, tiny_dir):  # noqa: 
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["heads_pruned"] == 2 and report["settings"]["kv_ratio"] == 0.25
+    assert report["settings"]["scope"] == "per_layer"  # the allocation that ran, given or not
     assert (report["before"]["kv_heads"], report["after"]["kv_heads"]) == (4, 3)
     assert "at least 25% of the KV heads in whole groups" in report["recipe"]
     code, err = run(["prune", path, "--ratio", "0.3", "--kv-ratio", "1.5", "--out", tmp_path / "o2"])

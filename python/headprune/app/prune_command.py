@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..ranking import DEFAULT_GQA, count_units, default_allocation, select_heads, unit_sizes
+from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, default_allocation, select_heads, unit_sizes
 from . import commands as C
 from . import evaluate as E
 from . import plots
@@ -24,6 +24,8 @@ from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import removal_kwargs, removal_of
 from .sweep_reach import learned_protection, learned_selection
+
+DEFAULT_SCOPE = DEFAULT_RECIPE["scope"]  # settings["scope"] is the allocation that ran
 
 
 
@@ -75,7 +77,7 @@ def prune(args) -> int:
                          "sequential": args.sequential, "saved_dtype": saved_as, "recover_steps": args.recover_steps,
                          "recover_seconds": args.recover_seconds,
                          **({"recover_lr": recovered["lr"], "recover_validation": recover_validation(args)}
-                            if recovered else {}), **kw})
+                            if recovered else {}), **kw, "scope": kw.get("scope") or DEFAULT_SCOPE})
         report.update(settings=settings, **_absolute(args.model, settings))
         _warn_if_kv_grew(report)
         with stage("saving the model and the report", "save"):
