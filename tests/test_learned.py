@@ -250,3 +250,8 @@ def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):
     json.dumps(first["recipe_settings"])
     with pytest.raises(ValueError, match="needs the batches"):
         S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes)
+    # the same cache on a model of another layout trains its own gates
+    other = tiny_model("llama", num_hidden_layers=4)
+    other_scores = collect(other, batches, progress=False, moments=True)
+    S.run_sweep(config, Loaded(other, None, "causal", "tiny"), other_scores, [], {"data": "x"}, recipes, batches=batches)
+    assert len(cache) == 4

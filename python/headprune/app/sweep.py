@@ -317,7 +317,8 @@ def _learned(point, stats, batches, name: str, ratio: float, settings: dict, sta
 
     settings = dict(settings)
     cache = settings.pop("cache", state.setdefault("_learned", {}))
-    key = (name, round(ratio, 9), tuple(sorted(settings.items())))
+    # keyed by the model's layout too: a cache shared with another model's sweep trains anew
+    key = (name, round(ratio, 9), tuple(sorted(settings.items())), stats.layout_fingerprint())
     size = settings.pop("batch_size", None)  # sequences per step: smaller batches, more steps per CPU-minute
     if key not in cache:
         chunks = list(batches) if size is None else rebatch(batches, size)
