@@ -173,3 +173,24 @@ def test_the_least_fraction_the_refusal_suggests_is_accepted(llama_dir, capsys, 
     monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
     monkeypatch.setattr(SC, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert _sweep(capsys, llama_dir, "--ratios", "0.0834")[0] == 130  # planned, then stopped
+
+
+@pytest.mark.parametrize("recipe", [{"removal": "mean"}, {"iterative": True}])
+def test_a_recipe_s_own_removal_decides_its_default_scope_in_the_reach_check(monkeypatch, recipe):
+    """An encoder's default scope is measured only with the refit in one round, and a measured
+    allocation is left out of the reach check. The check resolved each recipe's default scope
+    from the sweep-wide removal, so a recipe removing heads its own way was not checked, and its
+    fraction failed after others had been evaluated."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    model = tiny_model("bert")
+    batches = [tiny_batch("bert", seed=s) for s in range(2)]
+    scores = collect(model, batches, progress=False, moments=True)
+    evaluated = []
+    monkeypatch.setattr(S, "quality", lambda *a, **k: evaluated.append(1) or {"fidelity": 1.0})
+    config = S.SweepConfig(model="tiny", ratios=[0.3, 0.95], seeds=0, quiet=True, eval_windows=1, removal="refit")
+    with pytest.raises(ValueError, match=r"ratios: 0.95 is out of reach of the recipe 'own'"):
+        S.run_sweep(config, Loaded(model, None, "encoder", "tiny"), scores, [], {"data": "x"}, {"own": recipe},
+                    batches=batches)
+    assert evaluated == []

@@ -32,12 +32,13 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
     baseline = {"order": "random", "scope": config.random_scope}
     out = {}
     for name, kw in [(BASELINE, baseline)] * bool(config.seeds) + list(recipes.items()):
+        removal, iterative = kw.get("removal", config.removal), bool(kw.get("iterative"))  # the recipe's own
         kw = {k: v for k, v in kw.items() if k not in ("removal", "iterative", "sequential", "values", "choose")}
         if "learned" in kw:  # ranked by gates trained later: the default's protection, any order
             kw = learned_protection({k: v for k, v in kw.items() if k != "learned"}, scores)
         gqa, scope = kw.pop("gqa", config.gqa), kw.pop("scope", None)
-        scope = scope or default_allocation(scores, config.removal, uniform=bool(kw.get("uniform")),
-                                            kv_ratio=kw.get("kv_ratio"))
+        scope = scope or default_allocation(scores, removal, iterative=iterative, uniform=bool(kw.get("uniform")),
+                                            kv_ratio=kw.get("kv_ratio"))  # as the sweep resolves it
         if scope == "measured":
             continue
         if layout_only:  # the recipe's protected layers, and any ranking (the random one stays random)
