@@ -159,6 +159,9 @@ def test_refusals(tmp_path):
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         export_gguf(_llama(), tmp_path / "m.gguf")
     assert (tmp_path / "m.gguf").read_bytes() == b"old"
+    with pytest.raises(TypeError, match="overwrite: expected True or False, got 'false'"):
+        export_gguf(_llama(), tmp_path / "m.gguf", overwrite="false")  # truthy: it replaced the file
+    assert (tmp_path / "m.gguf").read_bytes() == b"old"
     (tmp_path / "d.gguf").mkdir()
     with pytest.raises(IsADirectoryError, match="path: .*d.gguf is a directory"):
         export_gguf(_llama(), tmp_path / "d.gguf", overwrite=True)

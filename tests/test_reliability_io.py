@@ -311,6 +311,9 @@ def test_save_overwrite_replaces_a_non_empty_directory(tmp_path):
     model = tiny_model("gpt2")
     prune_heads(model, {0: [1]})
     (tmp_path / "stale.safetensors").write_bytes(b"stale")
+    with pytest.raises(TypeError, match="overwrite: expected True or False, got 'no'"):
+        save_pruned(model, tmp_path, overwrite="no")  # truthy: it replaced the directory
+    assert (tmp_path / "stale.safetensors").read_bytes() == b"stale"
     snap = ModelSnapshot(model)
     save_pruned(model, tmp_path, overwrite=True)
     snap.assert_same()  # save_pretrained's config.architectures / dtype edits do not leak

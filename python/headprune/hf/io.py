@@ -50,6 +50,8 @@ def save_pruned(
     model itself is never modified. A write error (a full disk, a file-size limit) raises
     ``OSError`` naming ``path`` and the cause.
     """
+    if not isinstance(overwrite, bool):  # a truthy string would replace the user's directory
+        raise TypeError(f"overwrite: expected True or False, got {overwrite!r}")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
