@@ -74,6 +74,8 @@ def test_repeated_pruning_composes():
     assert report.already_removed == {0: [1]}
     again = prune_heads(model, {0: [1]})  # transformers 4: a second call with the same heads is a no-op
     assert again.removed == {} and again.after == again.before
+    with mask_heads(model, {0: [1, 2]}) as masked:  # a mask says so too: it had no report to
+        assert masked.heads == {0: [2]} and masked.already_removed == {0: [1]}
     with torch.no_grad():
         out = _first(model(**batch))
     assert_same_function({"masked": ref, "pruned": out}, float64_output(model, batch, lambda m, b: _first(m(**b))))

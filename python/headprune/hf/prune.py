@@ -58,7 +58,8 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
       heads' value rows are refit with their output columns (:mod:`headprune.prune.values`).
 
     A bias is created where the projection has none. Returns a :class:`MaskHandle` whose
-    ``restore()`` puts every column and bias back bit-exactly; on error, nothing is changed.
+    ``restore()`` puts every column and bias back bit-exactly (its ``already_removed``: heads
+    asked for that an earlier ``prune_heads`` removed, ignored); on error, nothing is changed.
     Plain torch models (``nn.MultiheadAttention``) are masked the same way (zeroed only).
     """
     if not hasattr(model, "config"):
@@ -69,7 +70,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
         return mask_modules(model, heads)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
-    heads, _ = positions(model, sites, adapter, heads)
+    heads, gone = positions(model, sites, adapter, heads)
     ids = _kept(model, sites, adapter)  # position -> original index, for messages and the handle
     refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
     # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
@@ -77,6 +78,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
                         values=values, absent=absent, kept=ids)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()})
+    handle.already_removed = gone  # heads asked for that an earlier pruning removed (ignored, as prune_heads does)
     try:
         with torch.no_grad():
             for layer, hs in heads.items():

@@ -44,12 +44,14 @@ class MaskHandle:
     Until restored, the handle is listed on the model itself (:func:`active_masks`), so a
     dropped handle leaves a mask that is still known: masking a masked head again, or
     physically pruning under a mask, is refused, and ``save_pruned`` saves the biases a
-    compensated mask added. ``heads``: what was masked, ``{layer: [original head indices]}``.
+    compensated mask added. ``heads``: what was masked, ``{layer: [original head indices]}``;
+    ``already_removed``: heads asked for that an earlier physical pruning had removed.
     """
 
     def __init__(self, model: nn.Module, heads: dict):
         self.model = model
         self.heads = heads
+        self.already_removed = {}  # {layer: [original indices]} asked for but removed before
         self._saved = []  # (weight, dim, index, original columns, heads zeroed)
         self._biases = []  # (module, original bias values, or None where the bias was added)
 
