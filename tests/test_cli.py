@@ -290,8 +290,9 @@ def test_sweep_random_scope(run, tmp_path, tiny_dir, monkeypatch):
 def test_scan_fused_switch_reaches_collect(run, tmp_path, tiny_dir, monkeypatch):
     import torch
 
-    import headprune.hf as hf
+    import sys
 
+    hf = sys.modules["headprune.hf.collect"]  # what the command calls (through distributed.collect)
     real, seen = hf.collect, []
 
     def spy(*args, **kwargs):

@@ -203,22 +203,16 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     # every setting the sums depend on (dtype, device, fused are in settings; the data by its tokens)
     fingerprint = {"model": str(args.model), "settings": settings, "batch_size": args.batch_size,
                    "tokens": _tokens_digest(batches)}
-    if getattr(args, "distributed", False):
-        if not distributed.init_from_env():
-            raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
-        rank, world = distributed.rank_world()
-        scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
-                                     fingerprint=fingerprint, progress=not args.quiet and rank == 0,
-                                     fused=_fused(args), moments=moments)
+    many = getattr(args, "distributed", False)
+    if many and not distributed.init_from_env():
+        raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
+    rank, world = distributed.rank_world()
+    # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files
+    scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
+                                 fingerprint=fingerprint, progress=not args.quiet and rank == 0,
+                                 fused=_fused(args), moments=moments)
+    if many:
         _say(args, f"rank {rank}/{world}: ", end="")
-    else:
-        from ..hf import collect
-
-        if checkpoint is not None and getattr(args, "resume", False):  # rank files of a --distributed run
-            distributed.refuse_other_runs(checkpoint, None)
-        scores = collect(loaded.model, batches, progress=not args.quiet, checkpoint=checkpoint,
-                         resume=getattr(args, "resume", False), fingerprint=fingerprint,
-                         fused=_fused(args), moments=moments)
     _say(args, f"collected entropies over {texts.sequences(batches)} sequences "
                f"in {time.perf_counter() - t0:.1f} s")
     return scores
