@@ -17,7 +17,7 @@ from . import commands as C
 from . import evaluate as E
 from . import plots
 from .load import SAVE_TYPES, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
-from .prune_checks import check_model, check_options
+from .prune_checks import check_model, check_options, check_saved_type
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
@@ -40,6 +40,7 @@ def prune(args) -> int:
         loaded, batches, held, settings = C._setup(args)
     remove_zeroed(args, loaded, settings)
     check_model(args, loaded)
+    check_saved_type(args, loaded, _save_dtype_name(args, loaded))
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
