@@ -71,7 +71,12 @@ def test_moments_match_float64_attention_probabilities(family):
 
 @pytest.mark.parametrize("family", ["bert", "opt"])
 def test_no_sweep_is_the_output_refit(family):
-    model, batches, scores = _setup(family)
+    # both sides from one float64 model, so the two moment paths' float32 rounding (which the
+    # solves amplify, differently by instruction set) is not compared; what differs is where
+    # the ridge damping applies, to value-space moments on one side (about 1e-5 of the largest)
+    model, batches, _ = _setup(family)
+    model = copy.deepcopy(model).double()
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
     heads = {0: [1], 1: [0, 2]}
     vm = collect_values(model, batches, heads)
     adapter = get_adapter(model)
