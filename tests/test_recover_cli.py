@@ -281,6 +281,11 @@ def test_recover_saves_in_the_type_the_directory_was_saved_in(run, tmp_path, tin
             types |= {st.get_slice(k).get_dtype() for k in st.keys()}
     assert types == {"BF16"}
     assert json.loads((tmp_path / "r" / "report.json").read_text())["settings"]["saved_dtype"] == "bfloat16"
+    # computed in float16, it would evaluate other weights than it saves: refused before training
+    code, err = run(["recover", tmp_path / "p", "--steps", "2", "--dtype", "float16", "--validation", "0",
+                     "--samples", "4", "--quiet", "--out", tmp_path / "r16"])
+    assert code != 0 and not (tmp_path / "r16").exists()
+    assert any("--dtype: DIR's model is saved in bfloat16, and a model computed in float16" in line for line in err), err
 
 
 def test_recover_stage_gives_back_each_tensor_its_own_type():

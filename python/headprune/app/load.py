@@ -326,6 +326,22 @@ def stored_type_name(loaded) -> str:
     return stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
 
 
+def check_saved_type(args, loaded, saved_as: str, *, recovering: bool = False) -> None:
+    """Refuse to compute in one 16-bit float type and save in the other: neither holds every
+    value of the other (float16 has the precision, bfloat16 the range), so the model evaluated
+    would not be the model saved (``prune`` and ``recover``, which saves in DIR's type)."""
+    computes = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    if {computes, saved_as} != {"float16", "bfloat16"}:
+        return
+    if recovering:
+        raise ValueError(f"--dtype: DIR's model is saved in {saved_as}, and a model computed in {computes} would "
+                         f"evaluate other weights than it saves; pass --dtype {saved_as} or float32")
+    given = "--save-dtype" if args.save_dtype != "auto" else "the checkpoint's own type (--save-dtype auto)"
+    raise ValueError(f"--save-dtype: saving {saved_as} ({given}) a model computed in {computes} (--dtype) would "
+                     f"evaluate other weights than it saves; pass --save-dtype {computes}, or --dtype {saved_as} "
+                     "or float32")
+
+
 def round_to_saved(loaded, name: str) -> None:
     """Round the pruned model's floating weights through the type they are saved in, keeping
     the type it computes in, before the evaluation: the report describes the weights that are

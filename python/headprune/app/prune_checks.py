@@ -103,18 +103,3 @@ def check_model(args, loaded) -> None:
                          "per layer the selection's counts do not depend on the score; drop --score, or give "
                          "--scope global")
 
-
-def check_saved_type(args, loaded, saved_as: str) -> None:
-    """Refuse to compute in one 16-bit float type and save in the other: neither holds every
-    value of the other (float16 has the precision, bfloat16 the range), so the model evaluated
-    would not be the model saved."""
-    import torch
-
-    from .load import SAVE_TYPES
-
-    computes = next(loaded.model.parameters()).dtype
-    if {computes, SAVE_TYPES[saved_as]} == {torch.float16, torch.bfloat16}:
-        given = "--save-dtype" if args.save_dtype != "auto" else "the checkpoint's own type (--save-dtype auto)"
-        raise ValueError(f"--save-dtype: saving {saved_as} ({given}) a model computed in "
-                         f"{str(computes).removeprefix('torch.')} (--dtype) would evaluate other weights than it saves; "
-                         f"pass --save-dtype {str(computes).removeprefix('torch.')}, or --dtype {saved_as} or float32")

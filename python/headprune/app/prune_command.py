@@ -16,8 +16,8 @@ from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, default_allocati
 from . import commands as C
 from . import evaluate as E
 from . import plots
-from .load import SAVE_TYPES, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
-from .prune_checks import check_model, check_options, check_saved_type
+from .load import SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
+from .prune_checks import check_model, check_options
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
@@ -40,7 +40,7 @@ def prune(args) -> int:
         loaded, batches, held, settings = C._setup(args)
     remove_zeroed(args, loaded, settings)
     check_model(args, loaded)
-    check_saved_type(args, loaded, _save_dtype_name(args, loaded))
+    check_saved_type(args, loaded, saved_as := _save_dtype_name(args, loaded))
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
@@ -60,7 +60,6 @@ def prune(args) -> int:
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
         before_q = C.quality(args, loaded, held)
     reference = copy.deepcopy(loaded.model) if args.speed or recovers(args) else None
-    saved_as = _save_dtype_name(args, loaded)
     sizes_before = measure(loaded.model, dtype=SAVE_TYPES[saved_as])  # KV bytes in the type saved
     mode = args.mode or "physical"
     remove(args, stage, loaded, batches, heads, removal_kwargs(removal, last, args.damping), values, mode)

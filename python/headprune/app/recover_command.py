@@ -18,7 +18,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
-from .load import SAVE_TYPES, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
+from .load import SAVE_TYPES, check_saved_type, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
 from .report import validation_sentence
 
 #: the report's quality columns, in order
@@ -204,6 +204,7 @@ def recover(args) -> int:
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
+        check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
     with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
