@@ -122,8 +122,14 @@ at::Tensor EntropyAccumulator::column_mean(Stat column) const {
 at::Tensor EntropyAccumulator::mean() const { return column_mean(Stat::sum); }
 
 at::Tensor EntropyAccumulator::std() const {
+  // E[H^2] - E[H]^2, with a difference below what the float64 sums resolve (summing `count`
+  // squares rounds E[H^2] by up to count * eps of itself) reported as 0; NaN stays NaN
   const at::Tensor m = mean();
-  return (column_mean(Stat::sum_sq) - m * m).clamp_min(0).sqrt();
+  const at::Tensor sq = column_mean(Stat::sum_sq);
+  const at::Tensor var = sq - m * m;
+  const at::Tensor resolution =
+      stats_.select(1, static_cast<int64_t>(Stat::count)).clamp_min(1) * std::numeric_limits<double>::epsilon() * sq.abs();
+  return at::where(var.le(resolution), at::zeros_like(var), var).sqrt();
 }
 
 at::Tensor EntropyAccumulator::normalized_mean() const { return column_mean(Stat::sum_norm); }

@@ -66,6 +66,16 @@ HP_TEST(summaries_follow_the_stats_columns) {
   HP_CHECK(acc.std().gt(0).all().item<bool>());
 }
 
+HP_TEST(identical_rows_have_zero_std) {
+  // E[H^2] - E[H]^2 of identical rows is rounding, not spread: 0, not about 1e-8
+  at::manual_seed(13);
+  const at::Tensor rows = at::softmax(at::randn({1, kHeads, 1, 7}, at::kFloat), -1);
+  headprune::EntropyAccumulator acc(kHeads);
+  acc.entropy_stats_from_probs(rows.expand({4, kHeads, 50, 7}).contiguous());
+  HP_CHECK_EQUAL(acc.std(), at::zeros({kHeads}, at::kDouble));
+  HP_CHECK(acc.mean().gt(0).all().item<bool>());
+}
+
 HP_TEST(empty_heads_have_nan_means) {
   headprune::EntropyAccumulator acc(3);
   HP_CHECK(acc.num_heads() == 3 && acc.device() == c10::Device(c10::kCPU));

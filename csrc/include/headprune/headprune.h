@@ -116,7 +116,7 @@ class HEADPRUNE_API EntropyAccumulator {
 
   at::Tensor count() const;            // [H] int64 rows seen
   at::Tensor mean() const;             // [H] float64 mean entropy (NaN for a head with no row)
-  at::Tensor std() const;              // [H] population standard deviation of the entropies
+  at::Tensor std() const;              // [H] population standard deviation of the entropies (0 below the sums' resolution)
   at::Tensor normalized_mean() const;  // [H] mean of H / log(n) (rows with n < 2 count as 0)
   at::Tensor first_mass_mean() const;  // [H] mean mass on the first visible key
   at::Tensor rest_mean() const;        // [H] mean entropy over the keys after the first
