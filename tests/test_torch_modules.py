@@ -121,6 +121,14 @@ def test_errors_are_named():
         with pytest.raises(ValueError, match="compensate, reconstruct, values: supported for transformers models"):
             mask_heads(model, {0: [1]}, **kw)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    from headprune import collect, kept_heads, prune_heads, save_pruned
+
+    with pytest.raises(ValueError, match="moments: output statistics and second moments need a transformers model"):
+        collect(model, [torch.randn(2, 5, 32)], progress=False, moments=True)  # was dropped without a word
+    plain = "model: TransformerEncoder has no transformers config; plain torch models are collected and masked"
+    for call in (lambda: prune_heads(model, {0: [1]}), lambda: kept_heads(model), lambda: save_pruned(model, "x")):
+        with pytest.raises(ValueError, match=plain):  # was "unsupported model_type None"
+            call()
 
 
 class _Decoder(nn.Module):
@@ -181,3 +189,36 @@ def test_a_mask_restores_after_the_model_was_cast():
     handle.restore()
     with torch.no_grad():
         assert torch.equal(model(x), encoder().double()(x))
+
+
+def test_a_layer_subclass_with_its_own_forward_is_measured_at_its_attention():
+    """A TransformerEncoderLayer subclass that adds a position embedding to the queries and
+    keys only (DETR-style) was hooked at the layer, which recomputed them from the layer's
+    input: other entropies than its attention's."""
+
+    class WithPositions(nn.TransformerEncoderLayer):
+        def forward(self, src, pos):
+            q = src + pos
+            src = self.norm1(src + self.self_attn(q, q, src, need_weights=False)[0])
+            return self.norm2(src + self._ff_block(src))
+
+    torch.manual_seed(0)
+    layer = WithPositions(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x, pos = torch.randn(2, 6, 32), torch.randn(2, 6, 32) * 3
+    scores = collect_modules(layer, [(x, pos)])
+    with torch.no_grad():
+        _, w = layer.self_attn(x + pos, x + pos, x, need_weights=True, average_attn_weights=False)
+    want = reference.entropy_stats_from_probs(w.double())
+    torch.testing.assert_close(scores.entropy[0], want[:, 1] / want[:, 0], atol=1e-4, rtol=0)
+
+
+def test_collection_runs_in_eval_mode_and_gives_back_each_flag():
+    """In training mode dropout made two collections of the same batches differ."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.5, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).train()
+    model.layers[1].dropout.eval()  # one flag set apart: kept as it was
+    x = torch.randn(2, 6, 32)
+    first, second = collect_modules(model, [x]), collect_modules(model, [x])
+    assert torch.equal(first.stats, second.stats)
+    assert model.training and model.layers[0].dropout.training and not model.layers[1].dropout.training

@@ -300,7 +300,7 @@ def cast_weights(model, dtype):
     """``model`` computing in ``dtype`` as ``from_pretrained(dtype=...)`` builds it: parameters and
     saved buffers cast, but not the buffers kept out of the weights (rotary frequencies stay
     float32; ``model.to(dtype)`` rounds them) nor the modules the class keeps in float32."""
-    from ..hf.modules import retype
+    from ..core.modules import retype
 
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (torch.float16, torch.bfloat16) \
         else set()

@@ -189,6 +189,10 @@ def get_adapter(model) -> Adapter:
     supported families."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if config is None and isinstance(model, nn.Module) and any(isinstance(m, nn.MultiheadAttention)
+                                                                for m in model.modules()):
+        raise ValueError(f"model: {type(model).__name__} has no transformers config; plain torch models are "
+                         "collected and masked (collect, mask_heads), not pruned, saved or reloaded")
     if model_type not in ADAPTERS:
         raise ValueError(
             f"model: unsupported model_type {model_type!r} ({type(model).__name__}); "

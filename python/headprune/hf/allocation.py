@@ -41,7 +41,7 @@ from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
 from .collect import collect
-from .modules import eval_mode, instance_forward
+from ..core.modules import eval_mode, instance_forward
 from .prune import mask_heads
 from .recover import _Teacher, _kwargs, _loss
 

@@ -115,6 +115,8 @@ def collect(
     if not hasattr(model, "config"):
         if checkpoint is not None:
             raise ValueError("checkpoint: resumable collection needs a transformers model")
+        if moments:  # nothing downstream would say why the refit has no moments
+            raise ValueError("moments: output statistics and second moments need a transformers model")
         return _collect_modules(model, batches, method, progress, allow_empty)
     moments = moments_dtype(moments)
     session = Collection(model, method, fused=bool(fused), moments=moments)

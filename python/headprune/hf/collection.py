@@ -23,7 +23,7 @@ from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .attention import RECORDERS, attention_implementation, config_of, model_configs
-from .modules import eval_mode
+from ..core.modules import eval_mode
 from .prune import STATE_ATTR
 from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
 

@@ -145,7 +145,7 @@ def cast_as_stored(model, types: dict) -> None:
     in that float type: a model read wide because its files mix types gets each back as stored."""
     import torch
 
-    from .modules import retype
+    from ..core.modules import retype
 
     def stored(m, module, n, t):
         want = types.get(f"{m}.{n}" if m else n)

@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
-from .modules import eval_mode
+from ..core.modules import eval_mode
 
 __all__ = ["HeadGates", "frozen", "gates"]
 

@@ -35,7 +35,7 @@ from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import forward_kwargs
 from .collection import _add_gram_
-from .modules import eval_mode, instance_forward
+from ..core.modules import eval_mode, instance_forward
 from .prune import _kept
 
 __all__ = ["calibrate_sequentially"]

@@ -247,6 +247,6 @@ def dtypes_of(model) -> dict:
 def cast_back(model, types: dict) -> None:
     """Every parameter and buffer back in the type :func:`dtypes_of` recorded (``model.to(dtype)``
     would also narrow buffers kept wider, such as rotary frequencies in float32)."""
-    from .modules import retype
+    from ..core.modules import retype
 
     retype(model, lambda m, module, n, t: types[m, n])

@@ -28,7 +28,7 @@ from torch import nn
 from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
 from .batches import forward_kwargs
-from .modules import eval_mode
+from ..core.modules import eval_mode
 from .prune import kept_heads, positions
 
 __all__ = ["ValueMoments", "collect_values", "DEFAULT_MAX_BYTES", "refits_values_by_default", "supports_values"]

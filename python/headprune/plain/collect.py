@@ -18,15 +18,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import ops
+from ..core.modules import eval_mode
 from ..core.schema import MASKED_LOGIT, NUM_STATS
 from ..stats.scores import HeadScores
 
 __all__ = ["attention_modules", "collect_modules", "empty_scores"]
 
 
+def _torch_layer(m: nn.Module) -> bool:
+    """A ``TransformerEncoderLayer`` whose forward is torch's own (it may take the fast path,
+    which never calls its attention module). A subclass with its own ``forward`` or
+    ``_sa_block`` may feed the attention other queries and keys than the layer's input (a
+    DETR-style position embedding): its attention module is hooked instead."""
+    cls, base = type(m), nn.TransformerEncoderLayer
+    return isinstance(m, base) and cls.forward is base.forward and cls._sa_block is base._sa_block
+
+
 def attention_modules(model: nn.Module) -> list:
     """``[(name, nn.MultiheadAttention, owning TransformerEncoderLayer or None)]``."""
-    owners = {id(m.self_attn): m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)}
+    owners = {id(m.self_attn): m for m in model.modules() if _torch_layer(m)}
     found = [(n, m, owners.get(id(m))) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if not found:
         raise ValueError(f"model: {type(model).__name__} has no nn.MultiheadAttention and no transformers config")
@@ -153,12 +163,13 @@ def empty_scores(model: nn.Module, method: str = "qk") -> HeadScores:
 
 
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False) -> HeadScores:
-    """Entropies of every ``nn.MultiheadAttention`` of ``model``. Each batch is a tensor,
-    a tuple of positional arguments, or a dict of keyword arguments for ``model``."""
+    """Entropies of every ``nn.MultiheadAttention`` of ``model``, in eval mode (dropout off;
+    every module's training flag as it was afterwards). Each batch is a tensor, a tuple of
+    positional arguments, or a dict of keyword arguments for ``model``."""
     if method != "qk":
         raise ValueError(f"method: plain torch models support only 'qk', got {method!r}")
     session = _Session(model)
-    with session.hooks(model), torch.no_grad():
+    with session.hooks(model), torch.no_grad(), eval_mode(model):
         for batch in batches:
             if isinstance(batch, dict):
                 model(**batch)
