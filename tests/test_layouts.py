@@ -154,13 +154,29 @@ def test_a_site_with_every_head_gone_has_one_layout_removing_none():
 def test_even_refuses_a_request_of_which_it_can_remove_nothing():
     grouped = make_scores(torch.rand(2, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
                           kv=[3, 3])
-    # rounding to the layouts may fall short (layer 1 alone gives 8 of the 9 asked; prune warns)
-    got = select_heads(grouped, count=9, gqa="even", protect_layers=[0], scope="global", score="entropy")
+    # layer 1 alone gives 8 (min_heads_per_layer=1 keeps one): the 9th is refused, as gqa="query" refuses it
+    got = select_heads(grouped, count=8, gqa="even", protect_layers=[0], scope="global", score="entropy")
     assert list(got) == [1] and len(got[1]) == 8
+    with pytest.raises(ValueError, match="9 heads requested but .* allow at most 8 in even layouts"):
+        select_heads(grouped, count=9, gqa="even", protect_layers=[0], scope="global", score="entropy")
     # iterative: the only unprotected layer is already empty, so nothing more can go
-    with pytest.raises(ValueError, match="12 heads requested .* allow no more than the 9 already removed in even"):
+    with pytest.raises(ValueError, match="12 heads requested .* allow at most 9 in even"):
         select_heads(grouped, count=12, gqa="even", protect_layers=[0], scope="global", score="entropy",
                      min_heads_per_layer=0, pruned={1: list(range(9))})
+
+
+def test_even_refuses_more_than_protection_and_the_minimum_allow_as_the_query_path_does():
+    """4 layers of 8 heads in 2 groups, the first protected: even layouts remove at most 7 heads
+    of a layer (4 + 3), 21 in all. Asked for 28, the selection returned 21 without a word,
+    where gqa="query" refused."""
+    grouped = make_scores(torch.rand(4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+                          kv=[2] * 4)
+    for gqa in ("query", "even"):
+        with pytest.raises(ValueError, match="28 (units|heads) requested but protect_layers and min_heads_per_layer=1 "
+                                             "allow at most 21"):
+            select_heads(grouped, count=28, gqa=gqa, protect_layers=[0], scope="global", score="entropy")
+    assert sum(map(len, select_heads(grouped, count=21, gqa="even", protect_layers=[0], scope="global",
+                                     score="entropy").values())) == 21
 
 
 def test_uniform_refuses_what_no_layout_can_remove_and_counts_minimum_groups():
@@ -190,3 +206,23 @@ def test_a_kv_budget_keeps_the_query_head_count_where_a_layout_allows():
     assert sum(map(len, select_heads(s, **args).values())) == 4
     heads = select_heads(s, kv_ratio=0.05, **args)
     assert sum(map(len, heads.values())) == 4 and kv_groups_removed(heads, [4, 4], [2, 2]) >= 1
+
+
+def test_selection_arguments_name_themselves():
+    """seed=None failed in int(), 1.7 was floored to 1; a layer key "1" failed in
+    operator.index; with gqa="even" a forced layer could break min_heads_per_layer; a uniform
+    request of 2 whole groups of 8 tied between removing 0 and 4 and removed none."""
+    grouped = make_scores(torch.rand(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
+                          kv=[2] * 4)
+    for seed in (None, 1.7):
+        with pytest.raises(TypeError, match="seed: expected an int"):
+            select_heads(grouped, count=2, order="random", seed=seed, score="entropy")
+    with pytest.raises(TypeError, match="counts: expected int layer indices, got '1'"):
+        select_heads(grouped, counts={"1": 4}, score="entropy")
+    with pytest.raises(TypeError, match="pruned: expected int layer indices, got '1'"):
+        select_heads(grouped, count=8, pruned={"1": [0, 1]}, score="entropy", protect_layers=[])
+    with pytest.raises(ValueError, match=r"pruned: layers \[1\] already have more pruned heads than "
+                                         "min_heads_per_layer=1 allows"):
+        select_heads(grouped, count=10, gqa="even", pruned={1: list(range(8))}, score="entropy", protect_layers=[])
+    got = select_heads(grouped, count=2, uniform=True, gqa="group", score="entropy")
+    assert sum(map(len, got.values())) == 4 * 4  # one group of every layer: 4 groups, the nearer non-empty layout

@@ -159,7 +159,7 @@ def _by_layer(mapping, name: str, what: str, scores: HeadScores) -> list:
         raise TypeError(f"{name}: expected a dict {{layer: {what}}}, got {type(mapping).__name__}")
     items = []
     for layer, value in mapping.items():
-        layer = _layer_index(layer)
+        layer = _layer_key(layer, name)
         if not 0 <= layer < scores.num_layers:
             raise ValueError(f"{name}: layer {layer} out of range for {scores.num_layers} layers")
         items.append((layer, value))
@@ -226,7 +226,11 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
             caps = allowed
         if any(i in protect for i in forced):
             raise ValueError(f"pruned: layers {sorted(i for i in forced if i in protect)} are in protect_layers")
-        _check_even_room(scores, kv, caps, forced, want_heads, whole, min_heads, scope, recipe)
+        over = sorted(i for i, hs in forced.items() if len(hs) > allowed[i])  # as the query path refuses it
+        if over:
+            raise ValueError(f"pruned: layers {over} already have more pruned heads than min_heads_per_layer="
+                             f"{min_heads} allows")
+        _check_even_room(scores, kv, caps, allowed, forced, want_heads, whole, min_heads, scope, recipe)
         if kv_ratio:
             kv_want = math.ceil(kv_ratio * sum(k or n for n, k in zip(scores.num_heads, kv)) - 1e-9)
             chosen = allocate_kv(costs, kv, caps, want_heads, kv_want, forced)
@@ -235,17 +239,28 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
     return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
 
 
-def _check_even_room(scores, kv, caps, forced, want: int, whole: bool, min_heads: int, scope: str, recipe) -> None:
-    """Refuse a request of which even layouts under ``caps`` can remove nothing: rounding to
-    the layouts may leave fewer heads than asked (documented; ``prune`` warns), but not none
-    at all, silently (for example the only unprotected layer already emptied)."""
+def _check_even_room(scores, kv, caps, allowed, forced, want: int, whole: bool, min_heads: int, scope: str,
+                     recipe) -> None:
+    """Refuse a request beyond what protection and ``min_heads`` allow in even layouts
+    (``allowed``: per site), as the query path refuses it, or of which even layouts under
+    ``caps`` can remove nothing: rounding to the layouts may leave fewer heads than asked
+    (documented; ``prune`` warns), but not none at all, silently (for example the only
+    unprotected layer already emptied)."""
     done = sum(len(forced.get(i, ())) for i in range(scores.num_sites))
-    room = sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
-               for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, caps)))
-    if want > done and room <= done:
-        spread = " spread evenly over the layers" if scope == "per_layer" else ""
+
+    def room(limits):
+        return sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
+                   for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, limits)))
+
+    most = room(allowed)
+    if want > most:
         raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "
-                         f"allow no more than the {done} already removed in even layouts{spread}{recipe.why_protected}")
+                         f"allow at most {most} in even layouts{recipe.why_protected}")
+    if want > done and room(caps) <= done:
+        spread = " spread evenly over the layers" if scope == "per_layer" else ""
+        before = f"the {done} already removed" if done else "none"
+        raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "
+                         f"allow {'no more than ' * bool(done)}{before} in even layouts{spread}{recipe.why_protected}")
 
 
 def _even_cap(sizes: list, ceil: int) -> int:
@@ -265,11 +280,12 @@ def _as_positions(pruned, scores: HeadScores):
         return pruned
     out = {}
     for site, hs in pruned.items():
-        ids = scores.head_ids[_layer_index(site)] if 0 <= _layer_index(site) < scores.num_sites else []
+        site = _layer_key(site, "pruned")
+        ids = scores.head_ids[site] if 0 <= site < scores.num_sites else []
         bad = [h for h in hs if h not in ids]
         if bad:
             raise ValueError(f"pruned: layer {site} heads {bad} are not among its heads {ids}")
-        out[site] = scores.positions(_layer_index(site), hs)
+        out[site] = scores.positions(site, hs)
     return out
 
 
@@ -325,6 +341,14 @@ def budget(ratio, count, total: int, name_total: str = "units of the model") -> 
     if count > total:
         raise ValueError(f"count: {count} exceeds the {total} {name_total}")
     return count
+
+
+def _layer_key(layer, name: str) -> int:
+    """A dict argument's layer key as an index, or a ``TypeError`` naming the argument."""
+    try:
+        return _layer_index(layer)
+    except TypeError:
+        raise TypeError(f"{name}: expected int layer indices, got {layer!r}") from None
 
 
 def _layer_index(i) -> int:

@@ -86,6 +86,8 @@ def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0,
         raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):  # int() floored 1.7 to 1 and named nothing for None
+        raise TypeError(f"seed: expected an int, got {seed!r}")
     units = _units(scores, score, gqa, damping)
     if order == "random":
         g = torch.Generator().manual_seed(int(seed))
