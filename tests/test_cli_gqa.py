@@ -183,3 +183,19 @@ def test_a_uniform_layout_names_no_layer_kept_whole(run, tmp_path, tiny_dir):  #
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["pruned_heads"].get("0") and report["layers_whole"] == {"protected": [], "none_chosen": []}
     assert "Layers that lost no head" not in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_measured_allocation_short_of_the_request_says_why(run, tmp_path, tiny_dir):  # noqa: F811
+    """An encoder's measured allocation takes the nearest total the layers may give; short of
+    the request, the warning blamed --gqa even on a model without grouped queries."""
+    import json
+
+    code, err = run(["prune", tiny_dir, "--ratio", "0.9", "--samples", "4", "--seq-len", "16", "--quiet",
+                     "--no-speed", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    want = int(0.9 * report["heads_total"])
+    assert report["settings"]["scope"] == "measured" and report["heads_pruned"] < want
+    assert not any("--gqa even" in line for line in err), err
+    assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation "
+               f"removes {report['heads_pruned']} heads" in line for line in err), err

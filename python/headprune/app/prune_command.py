@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, default_allocation, select_heads, unit_sizes
+from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
 from . import plots
@@ -54,7 +55,7 @@ def prune(args) -> int:
         return 0
     recipe = _recipe(args, kw, removal, scores, values)
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
-    _check_layout_rounded(args, n, total)
+    _check_layout_rounded(args, n, total, has_grouped_queries(scores))
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
@@ -319,20 +320,25 @@ def _selection_values(scores, settings: dict):
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 
-def _check_layout_rounded(args, n: int, total: int) -> None:
+def _check_layout_rounded(args, n: int, total: int, grouped: bool) -> None:
     """--uniform and --gqa even round the request to whole layouts: say so when they did, and
     refuse a selection that rounds to no head (the output would be the unpruned model)."""
     if n == 0:
         ask = f"--ratio: {args.ratio:g}" if args.ratio is not None else f"--count: {args.count}"
         even = " (--gqa even keeps the query heads of every KV group a layer keeps equal)" if args.gqa == "even" else ""
         raise ValueError(f"{ask} rounds to no head in the layouts the selection allows{even}; ask for more")
-    what = "--uniform" if getattr(args, "uniform", False) else "--gqa even" if args.gqa == "even" else None
-    if what is None or args.gqa == "group":
+    if args.gqa == "group":
         return
     want = int(args.ratio * total + 1e-9) if args.ratio is not None else args.count
-    if n != want:
-        C._warn(f"{what}: the nearest layout removes {n} heads ({n / total:.1%}), not the {want} requested "
-                f"({want / total:.1%})")
+    if n == want:
+        return
+    if getattr(args, "uniform", False):
+        what = "--uniform: the nearest layout"
+    elif args.gqa == "even" and grouped:
+        what = "--gqa even: the nearest layout"
+    else:  # a measured allocation takes the nearest total the layers it may prune reach
+        what = "the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation"
+    C._warn(f"{what} removes {n} heads ({n / total:.1%}), not the {want} requested ({want / total:.1%})")
 
 
 def _warn_if_kv_grew(report: dict) -> None:
