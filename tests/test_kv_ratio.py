@@ -72,3 +72,21 @@ def test_kv_ratio_refusals():
     mha = _scores(hkv=9)
     with pytest.raises(ValueError, match="no grouped queries"):
         select_heads(mha, ratio=0.3, score="entropy", gqa="even", kv_ratio=0.25)
+
+
+def test_the_command_line_reads_a_kv_share_of_zero_as_none():
+    """--kv-ratio 0 passed the option's checks as "not given" but reached the selection as a
+    share: an encoder's measured allocation became per layer, and --gqa query failed after the
+    collection with the library's argument names."""
+    from headprune.app.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["prune", "m", "--ratio", "0.3", "--kv-ratio", "0"]).kv_ratio is None
+    assert parser.parse_args(["prune", "m", "--ratio", "0.3", "--kv-ratio", "0.25"]).kv_ratio == 0.25
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.hf import collect
+    from headprune.ranking import default_allocation
+
+    encoder = collect(tiny_model("bert"), [tiny_batch("bert")], progress=False, moments=True)
+    assert default_allocation(encoder, "refit", kv_ratio=0.0) == default_allocation(encoder, "refit") == "measured"

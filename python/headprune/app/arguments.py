@@ -67,6 +67,11 @@ def fraction(text: str) -> float:
     return value
 
 
+def kv_fraction(text: str):
+    """--kv-ratio: a fraction in [0, 1); 0 asks for no KV share, as leaving the option out does."""
+    return fraction(text) or None
+
+
 def ratios(text: str) -> list:
     """Comma-separated ratios in (0, 1), each once (a repeat would be measured twice)."""
     out = [ratio(t) for t in text.split(",") if t.strip()]
@@ -245,7 +250,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                         "architecture (without it, per-layer counts are written as its deci architecture); no layer "
                         "is protected, and the heads of a causal LM's first layer, or of every layer of an encoder, "
                         "are chosen by measurement, as the default chooses them there")
-    g.add_argument("--kv-ratio", type=fraction, default=None, metavar="R",
+    g.add_argument("--kv-ratio", type=kv_fraction, default=None, metavar="R",
                    help="with --gqa even: remove at least this fraction of the KV heads (the KV cache shrinks "
                         "at least as much), preferring layouts that remove whole groups just enough to reach it "
                         "(quality falls towards --gqa group's; docs/quality.md)")

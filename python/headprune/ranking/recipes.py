@@ -63,7 +63,7 @@ def default_allocation(scores, removal: str = "refit", *, iterative: bool = Fals
     else the default recipe's ``per_layer`` (on SmolLM2-135M the measurement takes 145
     forwards, several times the whole pruning command; its quality there is not measured)."""
     if removal == "refit" and getattr(scores, "moments", None) is not None and not is_causal(scores) \
-            and not (iterative or uniform or kv_ratio is not None):
+            and not (iterative or uniform or kv_ratio):  # a KV share of 0 asks for none
         return "measured"
     return DEFAULT_RECIPE["scope"]
 
