@@ -237,7 +237,7 @@ def test_layer_costs_refusals(tiny):
 def test_prune_commands_default_scope(tiny):
     from argparse import Namespace
 
-    from headprune.app.prune_command import _with_scope
+    from headprune.app.prune_checks import with_scope as _with_scope
 
     kind, model, batches, scores = tiny
     args = Namespace(steps=1, distributed=False)

@@ -199,3 +199,22 @@ def test_a_measured_allocation_short_of_the_request_says_why(run, tmp_path, tiny
     assert not any("--gqa even" in line for line in err), err
     assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation "
                f"removes {report['heads_pruned']} heads" in line for line in err), err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--count", "1"], "--count: 1 rounds to no head in the layouts the selection allows"),
+    (["--count", "2", "--protect-layers", "0,1"], "ratio/count: 2 heads requested but protect_layers"),
+    (["--ratio", "0.5", "--min-heads-per-layer", "3"], "ratio/count: 4 heads requested but protect_layers and "
+                                                       "min_heads_per_layer=3 allow at most 0"),
+])
+def test_what_the_layout_alone_rules_out_is_refused_before_the_collection(run, tmp_path, tiny_dir, monkeypatch,  # noqa: F811
+                                                                          flags, message):
+    """Limits that depend on the head counts alone (no even layout small enough, every layer
+    protected, the heads every layer keeps) were found after the collection."""
+    import headprune.app.commands as C
+
+    path = _tiny_llama(tmp_path, tiny_dir)
+    monkeypatch.setattr(C, "_collect", lambda *a, **k: pytest.fail("collected before the selection was checked"))
+    code, err = run(["prune", path, *flags, "--samples", "4", "--seq-len", "16", "--quiet", "--out", tmp_path / "o"])
+    assert code == 2 and any(message in line for line in err), err
+    assert not (tmp_path / "o").exists()

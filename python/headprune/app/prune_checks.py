@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from ..ranking import default_allocation
 from . import commands as C
 from .recover_command import check_recovery
 from .sweep import removal_of
@@ -102,4 +103,63 @@ def check_model(args, loaded) -> None:
         raise ValueError("--score: with --sequential each layer's heads are re-chosen by the refit's error, and "
                          "per layer the selection's counts do not depend on the score; drop --score, or give "
                          "--scope global")
+    check_reach(args, loaded)
 
+
+def check_reach(args, loaded) -> None:
+    """What the selection can reach on the model's layout alone (protected layers, the heads
+    every layer keeps, the layouts --gqa even and --uniform allow), checked before the
+    collection as ``select_heads`` checks it after: on the layout without statistics, every
+    head ranked alike (a measured allocation takes the nearest total it reaches, warned)."""
+    import torch
+
+    from ..hf.collection import Collection
+    from ..ranking import select_heads
+    from ..ranking.recipes import resolve_recipe
+    from ..stats.moments import OutputMoments
+    from .sweep_reach import learned_protection
+
+    layout, removal = Collection(loaded.model, "qk").scores(), removal_of(args)
+    if removal == "refit":  # empty: the default resolves as after the collection
+        layout.moments = OutputMoments([None] * layout.num_sites)
+    kw = with_scope(args, C._selection_kwargs(args), layout, removal)
+    if kw.get("scope") == "measured":
+        return
+    if kw.get("score") == "learned":
+        kw = learned_protection({k: v for k, v in kw.items() if k != "score"}, layout)
+    protect = resolve_recipe(layout, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
+                             uniform=bool(kw.get("uniform"))).protect_layers
+    ranked = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
+    chosen = select_heads(layout, ratio=args.ratio, count=args.count, damping=args.damping,
+                          **{**kw, "score": ranked, "order": "random" if kw.get("order") == "random" else "low",
+                             "protect_layers": list(protect)})
+    if not any(chosen.values()):  # no layout is small enough, whatever the ranking
+        refuse_no_head(args)
+
+
+def refuse_no_head(args) -> None:
+    """A selection that rounds to no head: the output would be the unpruned model."""
+    ask = f"--ratio: {args.ratio:g}" if args.ratio is not None else f"--count: {args.count}"
+    even = " (--gqa even keeps the query heads of every KV group a layer keeps equal)" if args.gqa == "even" else ""
+    raise ValueError(f"{ask} rounds to no head in the layouts the selection allows{even}; ask for more")
+
+
+def with_scope(args, kw: dict, scores, removal: str) -> dict:
+    """``kw`` with the scope that runs: ``--scope``, else measured where that is the default
+    (encoders with the refit, see ``default_allocation``) and nothing rules it out (iterative
+    rounds, one layout, a KV budget, or data-parallel calibration, where every rank must choose
+    the same heads from the same statistics)."""
+    distributed = getattr(args, "distributed", False)
+    if kw.get("scope") == "measured":
+        if distributed:  # each rank would measure on its own shard and choose other heads
+            raise ValueError("--scope measured: measures on one process's calibration batches; not with "
+                             "--distributed")
+        if removal != "refit":
+            raise ValueError("--scope measured: measures what removing heads with the refit costs; drop "
+                             "--no-reconstruct")
+        return kw
+    if kw.get("scope") is None and not distributed and default_allocation(
+            scores, removal, iterative=args.steps != 1, uniform=bool(kw.get("uniform")),
+            kv_ratio=kw.get("kv_ratio")) == "measured":
+        return {**kw, "scope": "measured"}
+    return kw

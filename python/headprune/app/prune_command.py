@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, default_allocation, select_heads, unit_sizes
+from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, select_heads, unit_sizes
 from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
 from . import plots
 from .load import SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
-from .prune_checks import check_model, check_options
+from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
 from .removal_stage import refits_values, remove, remove_zeroed
@@ -47,7 +47,7 @@ def prune(args) -> int:
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
         scores = C._collect(args, loaded, batches, settings,
                             moments=removal == "refit" or args.score in (None, "reconstruction"))
-    kw = _learned_protection(_with_scope(args, C._selection_kwargs(args), scores, removal), scores)
+    kw = _learned_protection(with_scope(args, C._selection_kwargs(args), scores, removal), scores)
     if C._is_writer():
         C._warn_as_written(kw, loaded.kind)
     heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
@@ -204,27 +204,6 @@ def _learn(args, loaded, batches, scores):
                        resume=args.learn_checkpoint is not None)
 
 
-def _with_scope(args, kw: dict, scores, removal: str) -> dict:
-    """``kw`` with the scope that runs: ``--scope``, else measured where that is the default
-    (encoders with the refit, see ``default_allocation``) and nothing rules it out (iterative
-    rounds, one layout, a KV budget, or data-parallel calibration, where every rank must choose
-    the same heads from the same statistics)."""
-    distributed = getattr(args, "distributed", False)
-    if kw.get("scope") == "measured":
-        if distributed:  # each rank would measure on its own shard and choose other heads
-            raise ValueError("--scope measured: measures on one process's calibration batches; not with "
-                             "--distributed")
-        if removal != "refit":
-            raise ValueError("--scope measured: measures what removing heads with the refit costs; drop "
-                             "--no-reconstruct")
-        return kw
-    if kw.get("scope") is None and not distributed and default_allocation(
-            scores, removal, iterative=args.steps != 1, uniform=bool(kw.get("uniform")),
-            kv_ratio=kw.get("kv_ratio")) == "measured":
-        return {**kw, "scope": "measured"}
-    return kw
-
-
 def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
     if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
         from .. import distributed
@@ -324,9 +303,7 @@ def _check_layout_rounded(args, n: int, total: int, grouped: bool) -> None:
     """--uniform and --gqa even round the request to whole layouts: say so when they did, and
     refuse a selection that rounds to no head (the output would be the unpruned model)."""
     if n == 0:
-        ask = f"--ratio: {args.ratio:g}" if args.ratio is not None else f"--count: {args.count}"
-        even = " (--gqa even keeps the query heads of every KV group a layer keeps equal)" if args.gqa == "even" else ""
-        raise ValueError(f"{ask} rounds to no head in the layouts the selection allows{even}; ask for more")
+        refuse_no_head(args)
     if args.gqa == "group":
         return
     want = int(args.ratio * total + 1e-9) if args.ratio is not None else args.count
