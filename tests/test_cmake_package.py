@@ -156,3 +156,4 @@ def test_config_refuses_another_torch(installed, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "was built against libtorch" in proc.stderr and "1.0.0" in proc.stderr, proc.stderr
+    assert "libtorch ;" not in proc.stderr and "CMAKE_PREFIX_PATH ;" not in proc.stderr, proc.stderr  # one string

@@ -136,7 +136,7 @@ BAD_QK = [
     ("key rank", lambda q, k: (q, k[0]), {}, ValueError, "key: expected a 4-D"),
     ("batch", lambda q, k: (q, k[:1]), {}, ValueError, "key: batch size 1 does not match"),
     ("head_dim", lambda q, k: (q, k[..., :4]), {}, ValueError, "key: head_dim 4 does not match"),
-    ("gqa", lambda q, k: (q[:, :3], k), {}, ValueError, r"must be a multiple of key heads"),
+    ("heads", lambda q, k: (q[:, :3], k), {}, ValueError, r"query: expected 4 heads \(dim 1\) for this accumulator"),
     ("int dtype", lambda q, k: (q.long(), k.long()), {}, TypeError, "query: expected float16"),
     ("dtype mismatch", lambda q, k: (q, k.double()), {}, TypeError, "key: expected the dtype of query"),
     ("mask shape", lambda q, k: (q, k), {"attn_mask": torch.ones(2, 1, 5, 7, dtype=torch.bool)}, ValueError, "attn_mask: shape"),
@@ -162,6 +162,8 @@ def test_wrong_accumulator_size_for_qk():
         ops.entropy_stats_from_qk_accumulate_(torch.zeros(3, NUM_STATS, dtype=torch.float64), q, k, 1.0)
     with pytest.raises(ValueError, match=r"sums: expected shape \[4\]"):
         ops.entropy_from_qk_accumulate_(*_acc(2), q, k, 1.0)
+    with pytest.raises(ValueError, match=r"must be a multiple of key heads"):
+        ops.entropy_stats_from_qk_accumulate_(torch.zeros(3, NUM_STATS, dtype=torch.float64), q[:, :3], k, 1.0)
 
 
 # ----------------------------------------------------------------------------- head mask
@@ -248,6 +250,19 @@ def test_accumulator_merge_state_and_means():
     with pytest.raises(ValueError, match="num_heads: expected a positive int"):
         EntropyAccumulator(0)
     assert torch.isnan(EntropyAccumulator(2).mean()).all()
+
+
+def test_an_input_of_another_head_count_names_itself():
+    """The op named its `stats` argument, which an accumulator's caller never passes."""
+    q = torch.randn(1, 4, 5, 8)
+    for call, name in [(lambda a: a.entropy_stats_from_qk(q, q, 0.3), "query"),
+                       (lambda a: a.attention_stats(q, q, q, 0.3), "query"),
+                       (lambda a: a.entropy_stats_from_probs(torch.softmax(q, -1)), "probs")]:
+        a = EntropyAccumulator(3)
+        with pytest.raises(ValueError, match=rf"{name}: expected 3 heads \(dim 1\) for this accumulator of 3 heads, "
+                                             r"got shape \[1, 4, 5, 8\]"):
+            call(a)
+        assert torch.equal(a.stats, torch.zeros_like(a.stats))
 
 
 def test_std_of_identical_rows_is_zero_and_of_no_rows_nan():

@@ -78,9 +78,19 @@ EntropyAccumulator::EntropyAccumulator(int64_t num_heads, c10::Device device) {
   stats_ = at::zeros({num_heads, kNumStats}, at::TensorOptions().dtype(at::kDouble).device(device));
 }
 
+namespace {
+// The accumulator's head count against an input's (dim 1 of a [B, H, Q, ...] tensor), named
+// after the input rather than after the op's `stats` argument the caller never passed.
+void check_heads(const at::Tensor& t, const char* name, int64_t heads) {
+  TORCH_CHECK_VALUE(!t.defined() || t.dim() != 4 || t.size(1) == heads, name, ": expected ", heads,
+                    " heads (dim 1) for this accumulator of ", heads, " heads, got shape ", t.sizes());
+}
+}  // namespace
+
 EntropyAccumulator& EntropyAccumulator::entropy_stats_from_probs(const at::Tensor& probs,
                                                                  const std::optional<at::Tensor>& query_mask,
                                                                  double eps) {
+  check_heads(probs, "probs", num_heads());
   entropy_stats_from_probs_accumulate_(stats_, probs, query_mask, eps);
   return *this;
 }
@@ -89,6 +99,7 @@ EntropyAccumulator& EntropyAccumulator::entropy_stats_from_qk(const at::Tensor& 
                                                               double scale, const std::optional<at::Tensor>& attn_mask,
                                                               bool is_causal,
                                                               const std::optional<at::Tensor>& query_mask) {
+  check_heads(query, "query", num_heads());
   entropy_stats_from_qk_accumulate_(stats_, query, key, scale, attn_mask, is_causal, query_mask);
   return *this;
 }
@@ -97,6 +108,7 @@ at::Tensor EntropyAccumulator::attention_stats(const at::Tensor& query, const at
                                                const at::Tensor& value, double scale,
                                                const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                                const std::optional<at::Tensor>& query_mask) {
+  check_heads(query, "query", num_heads());
   return attention_stats_accumulate_(stats_, query, key, value, scale, attn_mask, is_causal, query_mask);
 }
 

@@ -132,7 +132,11 @@ HP_TEST(bad_state_and_merge_are_refused) {
   bad.zero_();
   bad[0][0] = -1;
   HP_CHECK_THROWS(acc.load_stats(bad), "stats");
-  HP_CHECK(acc.stats().eq(0).all().item<bool>());  // untouched by the refused loads
+  const at::Tensor q = at::randn({1, kHeads + 1, 5, 8});  // the op would have named its `stats`
+  HP_CHECK_THROWS(acc.entropy_stats_from_qk(q, q, 0.3), "query: expected 4 heads");
+  HP_CHECK_THROWS(acc.attention_stats(q, q, q, 0.3), "query: expected 4 heads");
+  HP_CHECK_THROWS(acc.entropy_stats_from_probs(at::softmax(q, -1)), "probs: expected 4 heads");
+  HP_CHECK(acc.stats().eq(0).all().item<bool>());  // untouched by the refused loads and updates
 }
 
 HP_TEST(failed_update_leaves_state_untouched) {
@@ -143,7 +147,7 @@ HP_TEST(failed_update_leaves_state_untouched) {
   at::Tensor q = bs[0].q.clone();
   q[1][2][3][4] = std::numeric_limits<double>::quiet_NaN();
   HP_CHECK_THROWS(acc.entropy_stats_from_qk(q, bs[0].k, kScale), "NaN");
-  HP_CHECK_THROWS(acc.entropy_stats_from_qk(bs[0].q.narrow(1, 0, 2), bs[0].k, kScale), "stats");
+  HP_CHECK_THROWS(acc.entropy_stats_from_qk(bs[0].q.narrow(1, 0, 2), bs[0].k, kScale), "query: expected 4 heads");
   HP_CHECK_EQUAL(acc.stats(), before);
 }
 

@@ -24,6 +24,14 @@ def population_std(count: torch.Tensor, mean: torch.Tensor, mean_sq: torch.Tenso
     return torch.where(var <= resolution, torch.zeros_like(var), var).sqrt()
 
 
+def _check_heads(t, name: str, heads: int) -> None:
+    """The accumulator's head count against an input's (dim 1 of ``[B, H, Q, ...]``), named
+    after the input rather than after the op's ``stats`` argument the caller never passed."""
+    if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[1] != heads:
+        raise ValueError(f"{name}: expected {heads} heads (dim 1) for this accumulator of {heads} heads, "
+                         f"got shape {list(t.shape)}")
+
+
 class EntropyAccumulator:
     """Per-head running statistics of attention-row entropies (nats), fed batch by batch.
 
@@ -44,12 +52,14 @@ class EntropyAccumulator:
     def entropy_stats_from_probs(self, probs: torch.Tensor, query_mask: Optional[torch.Tensor] = None,
                                  eps: float = 1e-8):
         """Adds the rows of ``probs [B, H, Q, K]`` (the formula as written)."""
+        _check_heads(probs, "probs", self.num_heads)
         ops.entropy_stats_from_probs_accumulate_(self.stats, probs, query_mask, eps)
         return self
 
     def entropy_stats_from_qk(self, query, key, scale: float, attn_mask=None, is_causal: bool = False,
                               query_mask=None):
         """Adds the rows of ``softmax(query @ key^T * scale + attn_mask)`` without forming them."""
+        _check_heads(query, "query", self.num_heads)
         ops.entropy_stats_from_qk_accumulate_(self.stats, query, key, scale, attn_mask, is_causal, query_mask)
         return self
 
@@ -58,6 +68,7 @@ class EntropyAccumulator:
         """Attention that measures itself: returns ``softmax(query @ key^T * scale + attn_mask)
         @ value`` and adds its rows, as :meth:`entropy_stats_from_qk` would (one fused pass on
         CPU; see ``headprune.core.ops.attention_stats_accumulate_``)."""
+        _check_heads(query, "query", self.num_heads)
         return ops.attention_stats_accumulate_(self.stats, query, key, value, scale, attn_mask, is_causal, query_mask)
 
     def merge(self, other: "EntropyAccumulator") -> "EntropyAccumulator":
