@@ -10,21 +10,31 @@
 #include <limits>
 
 namespace headprune::ops {
-namespace {
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// torch's name of a floating dtype ("float32", not ATen's "Float").
+// torch's name of a dtype ("float32", not ATen's "Float"), as Python users and the messages'
+// own lists of expected types write it.
 const char* dtype_name(at::ScalarType t) {
   switch (t) {
     case at::kDouble: return "float64";
     case at::kFloat: return "float32";
     case at::kHalf: return "float16";
     case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
     default: return c10::toString(t);
   }
+}
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // The largest finite value of the type `like` is computed in (compute_type).
@@ -43,7 +53,7 @@ void check_probs(const at::Tensor& probs, double eps) {
   TORCH_CHECK_VALUE(probs.dim() == 4, "probs: expected a 4-D tensor [B, H, Q, K], got ", probs.dim(), "-D with shape ",
                     probs.sizes());
   TORCH_CHECK_TYPE(is_supported_float(probs.scalar_type()),
-                   "probs: expected float16, bfloat16, float32 or float64, got ", probs.scalar_type());
+                   "probs: expected float16, bfloat16, float32 or float64, got ", dtype_name(probs.scalar_type()));
   TORCH_CHECK_VALUE(probs.size(3) >= 1, "probs: expected at least one key (K >= 1), got shape ", probs.sizes());
   // eps is added in the compute type: beyond its range it would be inf, and p log(p + inf)
   // an infinite entropy blamed on probs. Within it, p log(p + eps) stays finite for p <= 1.
@@ -59,9 +69,9 @@ void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
   TORCH_CHECK_VALUE(key.dim() == 4, "key: expected a 4-D tensor [B, Hkv, K, D], got ", key.dim(), "-D with shape ",
                     key.sizes());
   TORCH_CHECK_TYPE(is_supported_float(query.scalar_type()),
-                   "query: expected float16, bfloat16, float32 or float64, got ", query.scalar_type());
+                   "query: expected float16, bfloat16, float32 or float64, got ", dtype_name(query.scalar_type()));
   TORCH_CHECK_TYPE(key.scalar_type() == query.scalar_type(), "key: expected the dtype of query (",
-                   query.scalar_type(), "), got ", key.scalar_type());
+                   dtype_name(query.scalar_type()), "), got ", dtype_name(key.scalar_type()));
   TORCH_CHECK_VALUE(key.device() == query.device(), "key: expected the device of query (", query.device(), "), got ",
                     key.device());
   TORCH_CHECK_VALUE(key.size(0) == query.size(0), "key: batch size ", key.size(0), " does not match query's ",
@@ -82,7 +92,7 @@ void check_value(const at::Tensor& value, const at::Tensor& key) {
   TORCH_CHECK_VALUE(value.dim() == 4, "value: expected a 4-D tensor [B, Hkv, K, Dv], got ", value.dim(),
                     "-D with shape ", value.sizes());
   TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "value: expected the dtype of query and key (",
-                   key.scalar_type(), "), got ", value.scalar_type());
+                   dtype_name(key.scalar_type()), "), got ", dtype_name(value.scalar_type()));
   TORCH_CHECK_VALUE(value.device() == key.device(), "value: expected the device of query (", key.device(), "), got ",
                     value.device());
   TORCH_CHECK_VALUE(value.size(0) == key.size(0) && value.size(1) == key.size(1) && value.size(2) == key.size(2),
@@ -94,7 +104,7 @@ void check_value(const at::Tensor& value, const at::Tensor& key) {
 void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Tensor& like, int64_t q_len) {
   if (!query_mask.has_value()) return;
   const at::Tensor& m = *query_mask;
-  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "query_mask: expected a bool tensor [B, Q], got ", m.scalar_type());
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "query_mask: expected a bool tensor [B, Q], got ", dtype_name(m.scalar_type()));
   TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == like.size(0) && m.size(1) == q_len, "query_mask: expected shape [",
                     like.size(0), ", ", q_len, "], got ", m.sizes());
   TORCH_CHECK_VALUE(m.device() == like.device(), "query_mask: expected device ", like.device(), ", got ", m.device());
@@ -111,12 +121,12 @@ void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const a
   check_writable(sums, "sums");
   check_writable(counts, "counts");
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, "sums: expected a float64 accumulator, got ",
-                   sums.scalar_type());
+                   dtype_name(sums.scalar_type()));
   TORCH_CHECK_VALUE(sums.dim() == 1 && sums.size(0) == heads, "sums: expected shape [", heads, "], got ",
                     sums.sizes());
   TORCH_CHECK_VALUE(sums.device() == like.device(), "sums: expected device ", like.device(), ", got ", sums.device());
   TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, "counts: expected an int64 accumulator, got ",
-                   counts.scalar_type());
+                   dtype_name(counts.scalar_type()));
   TORCH_CHECK_VALUE(counts.dim() == 1 && counts.size(0) == heads, "counts: expected shape [", heads, "], got ",
                     counts.sizes());
   TORCH_CHECK_VALUE(counts.device() == like.device(), "counts: expected device ", like.device(), ", got ",
@@ -132,7 +142,7 @@ void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const a
 void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads) {
   check_writable(stats, "stats");
   TORCH_CHECK_TYPE(stats.scalar_type() == at::kDouble, "stats: expected a float64 accumulator, got ",
-                   stats.scalar_type());
+                   dtype_name(stats.scalar_type()));
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == heads && stats.size(1) == kNumStats,
                     "stats: expected shape [", heads, ", ", kNumStats, "], got ", stats.sizes());
   TORCH_CHECK_VALUE(stats.device() == like.device(), "stats: expected device ", like.device(), ", got ",
@@ -145,7 +155,7 @@ std::optional<at::Tensor> expand_attn_mask(
   if (!attn_mask.has_value()) return std::nullopt;
   at::Tensor m = *attn_mask;
   TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || is_supported_float(m.scalar_type()),
-                   "attn_mask: expected a bool or floating mask, got ", m.scalar_type());
+                   "attn_mask: expected a bool or floating mask, got ", dtype_name(m.scalar_type()));
   TORCH_CHECK_VALUE(m.device() == query.device(), "attn_mask: expected device ", query.device(), ", got ",
                     m.device());
   const std::vector<int64_t> target{query.size(0), query.size(1), query.size(2), key.size(2)};

@@ -21,6 +21,9 @@ inline at::ScalarType compute_type(const at::Tensor& like) {
   return like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// torch's name of a dtype ("float32", not ATen's "Float"), for messages.
+const char* dtype_name(at::ScalarType t);
+
 // An uninitialised row buffer [B, H, Q, 4] (float64) for the rows of `like` [B, H, Q, ...].
 at::Tensor new_rows(const at::Tensor& like);
 

@@ -66,13 +66,14 @@ namespace headprune::ops {
 namespace {
 
 void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_dim, int64_t dim) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating tensor, got ",
+                   dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension, got a 0-D tensor");
   check_writable(x, "x");
   TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) >= 1, "mask: expected a 1-D tensor [num_heads], got shape ",
                     mask.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(mask.scalar_type()) || mask.scalar_type() == at::kBool,
-                   "mask: expected a floating or bool tensor, got ", mask.scalar_type());
+                   "mask: expected a floating or bool tensor, got ", dtype_name(mask.scalar_type()));
   TORCH_CHECK_VALUE(mask.device() == x.device(), "mask: expected device ", x.device(), ", got ", mask.device());
   TORCH_CHECK_VALUE(head_dim >= 1, "head_dim: expected >= 1, got ", head_dim);
   TORCH_CHECK_INDEX(dim >= -x.dim() && dim < x.dim(), "dim: expected in [", -x.dim(), ", ", x.dim() - 1, "], got ",
@@ -82,7 +83,8 @@ void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_di
   TORCH_CHECK_VALUE(x.size(d) == heads * head_dim, "x: size ", x.size(d), " along dim ", d,
                     " does not equal num_heads * head_dim = ", heads, " * ", head_dim);
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
-                    "x: is a leaf tensor that requires grad (a parameter?); apply the mask under torch.no_grad()");
+                    "x: is a leaf tensor that requires grad (a parameter?); apply the mask under torch.no_grad() "
+                    "(C++: at::NoGradGuard)");
   std::vector<int64_t> gate_shape(x.dim() + 1, 1);
   gate_shape[d] = heads;
   x.unflatten(d, {heads, head_dim}).mul_(mask.to(x.scalar_type()).view(gate_shape));
