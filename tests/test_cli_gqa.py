@@ -205,7 +205,9 @@ def test_a_measured_allocation_short_of_the_request_says_why(run, tmp_path, tiny
     (["--count", "1"], "--count: 1 rounds to no head in the layouts the selection allows"),
     (["--count", "2", "--protect-layers", "0,1"], "ratio/count: 2 heads requested but protect_layers"),
     (["--ratio", "0.5", "--min-heads-per-layer", "3"], "ratio/count: 4 heads requested but protect_layers and "
-                                                       "min_heads_per_layer=3 allow at most 0"),
+                                                       "min_heads_per_layer=3 allow at most 1"),
+    (["--ratio", "0.5", "--gqa", "query"], "allow at most 3 spread evenly over the layers; the default recipe keeps "
+                                           "the first layer of each causal stack whole (protect_layers=[] allows it)"),
 ])
 def test_what_the_layout_alone_rules_out_is_refused_before_the_collection(run, tmp_path, tiny_dir, monkeypatch,  # noqa: F811
                                                                           flags, message):
@@ -218,3 +220,14 @@ def test_what_the_layout_alone_rules_out_is_refused_before_the_collection(run, t
     code, err = run(["prune", path, *flags, "--samples", "4", "--seq-len", "16", "--quiet", "--out", tmp_path / "o"])
     assert code == 2 and any(message in line for line in err), err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_layout_check_resolves_the_default_as_the_collection_will(run, tmp_path, tiny_dir):  # noqa: F811
+    """With --no-reconstruct the default's second moments are still collected (its score is the
+    refit's error); the check before the collection warned that the default fell back to
+    output variance."""
+    path = _tiny_llama(tmp_path, tiny_dir)
+    code, err = run(["prune", path, "--count", "2", "--no-reconstruct", "--samples", "4", "--seq-len", "16",
+                     "--quiet", "--no-speed", "--out", tmp_path / "o"])
+    assert code == 0, err
+    assert not any("second moments" in line for line in err), err

@@ -109,3 +109,16 @@ def test_sweep_iterative_recipes_nest_and_start_like_one_shot(monkeypatch):
     assert [sum(map(len, h.values())) for h in it] == [4, 8, 12]
     with pytest.raises(ValueError, match="needs the calibration batches"):
         run_sweep(args, loaded, scores, [], {"data": "x"}, recipes)
+
+
+def test_a_plain_torch_model_is_selected_iteratively_without_second_moments():
+    """The default score asked every round's collection for second moments, which a plain
+    torch model cannot give (refused): its default is the fallback recipe, as in one round."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    batches = [torch.randn(2, 6, 32) for _ in range(2)]
+    heads, _ = select_iteratively(model, batches, steps=2, ratio=0.5, progress=False)
+    assert sum(map(len, heads.values())) == 4

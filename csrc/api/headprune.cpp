@@ -8,6 +8,7 @@
 
 #include <limits>
 
+#include "../ops/common.h"
 #include "../ops/cpu/entropy_rows.h"
 
 #ifndef HEADPRUNE_VERSION
@@ -153,7 +154,7 @@ void EntropyAccumulator::load_stats(const at::Tensor& stats) {
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == num_heads() && stats.size(1) == kNumStats,
                     "stats: expected shape [", num_heads(), ", ", kNumStats, "], got ", stats.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(stats.scalar_type()), "stats: expected a floating tensor, got ",
-                   stats.scalar_type());
+                   ops::dtype_name(stats.scalar_type()));
   const at::Tensor s = stats.to(stats_.device(), at::kDouble);
   TORCH_CHECK_VALUE(at::isfinite(s).all().item<bool>(), "stats: expected finite values");
   TORCH_CHECK_VALUE(s.select(1, static_cast<int64_t>(Stat::count)).ge(0).all().item<bool>(),

@@ -120,19 +120,22 @@ def check_reach(args, loaded) -> None:
     from .sweep_reach import learned_protection
 
     layout, removal = Collection(loaded.model, "qk").scores(), removal_of(args)
-    if removal == "refit":  # empty: the default resolves as after the collection
+    if removal == "refit" or args.score in (None, "reconstruction"):  # collected then: the default resolves alike
         layout.moments = OutputMoments([None] * layout.num_sites)
     kw = with_scope(args, C._selection_kwargs(args), layout, removal)
     if kw.get("scope") == "measured":
         return
     if kw.get("score") == "learned":
         kw = learned_protection({k: v for k, v in kw.items() if k != "score"}, layout)
-    protect = resolve_recipe(layout, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
-                             uniform=bool(kw.get("uniform"))).protect_layers
+    recipe = resolve_recipe(layout, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
+                            uniform=bool(kw.get("uniform")))
     ranked = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
-    chosen = select_heads(layout, ratio=args.ratio, count=args.count, damping=args.damping,
-                          **{**kw, "score": ranked, "order": "random" if kw.get("order") == "random" else "low",
-                             "protect_layers": list(protect)})
+    try:
+        chosen = select_heads(layout, ratio=args.ratio, count=args.count, damping=args.damping,
+                              **{**kw, "score": ranked, "order": "random" if kw.get("order") == "random" else "low",
+                                 "protect_layers": list(recipe.protect_layers)})
+    except ValueError as e:  # with why the recipe protects its layers, as the selection says it afterwards
+        raise ValueError(f"{e}{recipe.why_protected}") from None
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
         refuse_no_head(args)
 

@@ -83,7 +83,8 @@ def select_iteratively(
     if removal not in ("refit", "mean", "zero"):
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
     gather = collect if collect_fn is None else collect_fn
-    if removal == "refit" or select_kwargs.get("score") in (None, "reconstruction"):  # the refit or the default's score
+    # the refit or the default's score (a plain torch model has neither: its default is the fallback's)
+    if hasattr(model, "config") and (removal == "refit" or select_kwargs.get("score") in (None, "reconstruction")):
         gather = partial(gather, moments=True)
     heads: dict = {}
     handles = []

@@ -204,8 +204,7 @@ def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_grou
 
 def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False) -> dict:
     """``{site: heads}``: the one layout ``(g, t)`` for every site whose total is nearest
-    ``want`` (the fewer heads on a tie, but not none when ``want`` is not 0), the cheapest
-    heads of it at each site."""
+    ``want`` (the fewer heads on a tie), the cheapest heads of it at each site."""
     shapes = {(len(c), kv or len(c)) for c, kv in zip(costs, kv_heads)}
     if len(shapes) != 1:
         raise ValueError(f"uniform: the sites have different head layouts {sorted(shapes)}; a uniform selection "
@@ -223,7 +222,5 @@ def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, who
     def total(g, t):
         return sum(best_layout(c, kv_heads[i], g, t)[0] for i, c in enumerate(costs))
 
-    # nearest the request; on a tie the fewer heads, but some rather than none when some were asked for
-    r, g, t = min(candidates, key=lambda x: (abs(x[0] * sites - want), want > 0 and x[0] == 0, x[0],
-                                             total(x[1], x[2]), x[1]))
+    r, g, t = min(candidates, key=lambda x: (abs(x[0] * sites - want), x[0], total(x[1], x[2]), x[1]))
     return {site: best_layout(c, kv_heads[site], g, t)[1] for site, c in enumerate(costs) if r}

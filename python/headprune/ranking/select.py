@@ -70,9 +70,10 @@ def select_heads(
             With ``gqa="even"`` each site's pruned heads must be an even layout; not with
             ``uniform``.
         uniform: the same layout in every site (the same number of query heads, and under GQA
-            the same groups kept and heads per group), the count nearest the request, so a
-            standard config describes the result; no site is protected by default, and
-            ``protect_layers`` is refused.
+            the same groups kept and heads per group), the count nearest the request (the fewer
+            heads on a tie, which may be none: an empty selection, which ``headprune prune``
+            refuses), so a standard config describes the result; no site is protected by
+            default, and ``protect_layers`` is refused.
         kv_ratio: with ``gqa="even"``, remove at least this fraction of the KV heads (rounded
             up): layouts that remove whole groups are preferred, by the least bonus per group
             that reaches it (see :func:`~headprune.ranking.layouts.allocate_kv`), so the KV
@@ -241,8 +242,8 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
 
 def _check_even_room(scores, kv, caps, allowed, forced, want: int, whole: bool, min_heads: int, scope: str,
                      recipe) -> None:
-    """Refuse a request beyond what protection and ``min_heads`` allow in even layouts
-    (``allowed``: per site), as the query path refuses it, or of which even layouts under
+    """Refuse a request beyond what protection and ``min_heads`` allow (``allowed``: per site),
+    as the query path refuses it, or of which even layouts under
     ``caps`` can remove nothing: rounding to the layouts may leave fewer heads than asked
     (documented; ``prune`` warns), but not none at all, silently (for example the only
     unprotected layer already emptied)."""
@@ -252,10 +253,10 @@ def _check_even_room(scores, kv, caps, allowed, forced, want: int, whole: bool, 
         return sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
                    for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, limits)))
 
-    most = room(allowed)
+    most = sum(max(a, len(forced.get(i, ()))) for i, a in enumerate(allowed))  # what the query path allows
     if want > most:
         raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "
-                         f"allow at most {most} in even layouts{recipe.why_protected}")
+                         f"allow at most {most}{recipe.why_protected}")
     if want > done and room(caps) <= done:
         spread = " spread evenly over the layers" if scope == "per_layer" else ""
         before = f"the {done} already removed" if done else "none"
