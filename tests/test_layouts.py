@@ -236,3 +236,16 @@ def test_even_layouts_falling_short_of_what_the_minimum_allows_round_instead_of_
     kw = {"count": 10, "min_heads_per_layer": 5, "protect_layers": [], "scope": "global", "score": "entropy"}
     assert sum(map(len, select_heads(grouped, gqa="query", **kw).values())) == 10
     assert sum(map(len, select_heads(grouped, gqa="even", **kw).values())) == 9
+
+
+def test_even_allocation_fills_the_request_exactly_where_the_growth_stalls():
+    """8 heads in 2 groups give layouts of 0, 2, 4, 5, 6 or 7 heads. For 5 heads the growth
+    took the cheapest step at each of two sites (2 + 2) and stopped, one short; a layout of 5
+    at one site reaches it."""
+    from headprune.ranking.layouts import allocate_even
+
+    costs = [0.0, 5.0, 5.0, 5.0] * 2
+    chosen = allocate_even([costs, costs], [2, 2], [8, 8], 5)
+    assert sum(map(len, chosen.values())) == 5
+    assert sum(map(len, allocate_even([costs, costs], [2, 2], [8, 8], 4).values())) == 4  # no stall: as before
+    assert sum(map(len, allocate_even([costs, costs], [2, 2], [8, 8], 3).values())) == 2  # 3 has no fill: rounds

@@ -199,7 +199,29 @@ def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_grou
         _, site, r = best
         left -= r - removed[site]
         removed[site] = r
+    if left > 0 and not (group_bonus or keep_groups):  # the growth stalled short: an exact fill, if one exists
+        removed = _exact_fill(options, [len(forced.get(i, ())) for i in range(len(costs))], want) or removed
     return {site: options[site][r][1] for site, r in enumerate(removed) if r}
+
+
+def _exact_fill(options: list, start: list, want: int):
+    """Per site, the layout size (at least ``start[site]``, its forced heads) of the cheapest
+    combination removing exactly ``want`` heads, or None if no combination does: the growth of
+    :func:`allocate_even` takes one layout step at a time and can stop short (4 of 5 heads
+    when sizes 2 and 3 at two sites make 5)."""
+    best = {0: (0.0, [])}  # heads so far -> (cost, sizes)
+    for opts, first in zip(options, start):
+        sizes = [(r, c) for r, (c, _, _) in opts.items() if r >= first]
+        if not first:
+            sizes.append((0, 0.0))
+        grown: dict = {}
+        for total, (cost, chosen) in best.items():
+            for r, c in sizes:
+                t = total + r
+                if t <= want and (t not in grown or cost + c < grown[t][0]):
+                    grown[t] = (cost + c, chosen + [r])
+        best = grown
+    return best[want][1] if want in best else None
 
 
 def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False) -> dict:
