@@ -209,19 +209,26 @@ def _exact_fill(options: list, start: list, want: int):
     combination removing exactly ``want`` heads, or None if no combination does: the growth of
     :func:`allocate_even` takes one layout step at a time and can stop short (4 of 5 heads
     when sizes 2 and 3 at two sites make 5)."""
-    best = {0: (0.0, [])}  # heads so far -> (cost, sizes)
+    best = {0: 0.0}  # heads so far -> least cost
+    steps = []  # per site: heads after it -> (its size, heads before it)
     for opts, first in zip(options, start):
-        sizes = [(r, c) for r, (c, _, _) in opts.items() if r >= first]
-        if not first:
-            sizes.append((0, 0.0))
+        sizes = [(r, c) for r, (c, _, _) in opts.items() if r >= first] + [(0, 0.0)] * (not first)
         grown: dict = {}
-        for total, (cost, chosen) in best.items():
+        back: dict = {}
+        for total, cost in best.items():
             for r, c in sizes:
                 t = total + r
-                if t <= want and (t not in grown or cost + c < grown[t][0]):
-                    grown[t] = (cost + c, chosen + [r])
+                if t <= want and (t not in grown or cost + c < grown[t]):
+                    grown[t], back[t] = cost + c, (r, total)
         best = grown
-    return best[want][1] if want in best else None
+        steps.append(back)
+    if want not in best:
+        return None
+    sizes, t = [], want
+    for back in reversed(steps):
+        r, t = back[t]
+        sizes.append(r)
+    return sizes[::-1]
 
 
 def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False) -> dict:
