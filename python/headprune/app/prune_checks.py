@@ -135,6 +135,8 @@ def check_reach(args, loaded) -> None:
                               **{**kw, "score": ranked, "order": "random" if kw.get("order") == "random" else "low",
                                  "protect_layers": list(recipe.protect_layers)})
     except ValueError as e:  # with why the recipe protects its layers, as the selection says it afterwards
+        if "protect_layers" not in str(e) or recipe.why_protected in str(e):
+            raise
         raise ValueError(f"{e}{recipe.why_protected}") from None
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
         refuse_no_head(args)

@@ -212,7 +212,8 @@ def _exact_fill(options: list, start: list, want: int):
     best = {0: 0.0}  # heads so far -> least cost
     steps = []  # per site: heads after it -> (its size, heads before it)
     for opts, first in zip(options, start):
-        sizes = [(r, c) for r, (c, _, _) in opts.items() if r >= first] + [(0, 0.0)] * (not first)
+        base = opts[first][0] if first else 0.0  # relative to the forced heads' layout: their large
+        sizes = [(r, c - base) for r, (c, _, _) in opts.items() if r >= first] + [(0, 0.0)] * (not first)  # cost cancels
         grown: dict = {}
         back: dict = {}
         for total, cost in best.items():
