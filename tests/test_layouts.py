@@ -213,9 +213,14 @@ def test_selection_arguments_name_themselves():
     operator.index; with gqa="even" a forced layer could break min_heads_per_layer."""
     grouped = make_scores(torch.rand(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64),
                           kv=[2] * 4)
-    for seed in (None, 1.7):
+    for seed in (None, 1.7, True):
         with pytest.raises(TypeError, match="seed: expected an int"):
             select_heads(grouped, count=2, order="random", seed=seed, score="entropy")
+    import numpy
+
+    same = [select_heads(grouped, count=2, order="random", seed=s, score="entropy")
+            for s in (3, numpy.int64(3), torch.tensor(3))]
+    assert same[0] == same[1] == same[2]
     with pytest.raises(TypeError, match="counts: expected int layer indices, got '1'"):
         select_heads(grouped, counts={"1": 4}, score="entropy")
     with pytest.raises(TypeError, match="pruned: expected int layer indices, got '1'"):

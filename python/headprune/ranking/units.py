@@ -7,6 +7,8 @@ heads). Orders are total and deterministic: ties break by (site, head).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..stats.scores import HeadScores
@@ -86,8 +88,12 @@ def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0,
         raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):  # int() floored 1.7 to 1 and named nothing for None
-        raise TypeError(f"seed: expected an int, got {seed!r}")
+    try:  # int() floored 1.7 to 1 and named nothing for None; numpy and torch integers are ints
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed: expected an int, got {seed!r}") from None
     units = _units(scores, score, gqa, damping)
     if order == "random":
         g = torch.Generator().manual_seed(int(seed))
