@@ -111,29 +111,19 @@ def check_reach(args, loaded) -> None:
     every layer keeps, the layouts --gqa even and --uniform allow), checked before the
     collection as ``select_heads`` checks it after: on the layout without statistics, every
     head ranked alike (a measured allocation takes the nearest total it reaches, warned)."""
-    import torch
-
-    from ..hf.collection import Collection
     from ..ranking import select_heads
-    from ..ranking.recipes import resolve_recipe
-    from ..stats.moments import OutputMoments
-    from .sweep_reach import learned_protection
+    from .sweep_reach import learned_protection, model_layout, on_layout
 
-    layout, removal = Collection(loaded.model, "qk").scores(), removal_of(args)
-    if removal == "refit" or args.score in (None, "reconstruction"):  # collected then: the default resolves alike
-        layout.moments = OutputMoments([None] * layout.num_sites)
+    removal = removal_of(args)  # moments where they are collected: the default resolves alike
+    layout = model_layout(loaded.model, moments=removal == "refit" or args.score in (None, "reconstruction"))
     kw = with_scope(args, C._selection_kwargs(args), layout, removal)
     if kw.get("scope") == "measured":
         return
     if kw.get("score") == "learned":
         kw = learned_protection({k: v for k, v in kw.items() if k != "score"}, layout)
-    recipe = resolve_recipe(layout, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
-                            uniform=bool(kw.get("uniform")))
-    ranked = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
+    kw, recipe = on_layout(layout, kw)
     try:
-        chosen = select_heads(layout, ratio=args.ratio, count=args.count, damping=args.damping,
-                              **{**kw, "score": ranked, "order": "random" if kw.get("order") == "random" else "low",
-                                 "protect_layers": list(recipe.protect_layers)})
+        chosen = select_heads(layout, ratio=args.ratio, count=args.count, damping=args.damping, **kw)
     except ValueError as e:  # with why the recipe protects its layers, as the selection says it afterwards
         if "protect_layers" not in str(e) or recipe.why_protected in str(e):
             raise

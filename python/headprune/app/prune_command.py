@@ -26,9 +26,6 @@ from .report import report_markdown, summary_table
 from .sweep import removal_kwargs, removal_of
 from .sweep_reach import learned_protection, learned_selection
 
-DEFAULT_SCOPE = DEFAULT_RECIPE["scope"]  # settings["scope"] is the allocation that ran
-
-
 
 def prune(args) -> int:
     from ..hf import measure, save_pruned
@@ -78,7 +75,7 @@ def prune(args) -> int:
                          "sequential": args.sequential, "saved_dtype": saved_as, "recover_steps": args.recover_steps,
                          "recover_seconds": args.recover_seconds,
                          **({"recover_lr": recovered["lr"], "recover_validation": recover_validation(args)}
-                            if recovered else {}), **kw, "scope": kw.get("scope") or DEFAULT_SCOPE})
+                            if recovered else {}), **kw, "scope": kw.get("scope") or DEFAULT_RECIPE["scope"]})
         report.update(settings=settings, **_absolute(args.model, settings))
         _warn_if_kv_grew(report)
         with stage("saving the model and the report", "save"):

@@ -9,7 +9,7 @@ from . import commands as C
 from . import plots
 from .prune_checks import refuse_below_one
 from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, refit_only, removal_of, run_sweep
-from .sweep_reach import BASELINE, out_of_reach
+from .sweep_reach import BASELINE, model_layout, out_of_reach
 from .sweep_table import sweep_markdown
 
 
@@ -45,11 +45,7 @@ def plan(args, loaded) -> dict:
     """The recipes the sweep runs, from the model's head layout alone (before the collection):
     ``--ratios`` below one unit, or out of the random baseline's reach, are refused; recipes
     that cannot run or reach a fraction are left out, each with a warning."""
-    from ..hf.collection import Collection
-    from ..stats.moments import OutputMoments
-
-    layout = Collection(loaded.model, "qk").scores()  # the sites and heads, no statistics
-    layout.moments = OutputMoments([None] * layout.num_sites)  # empty: the recipes resolve as after the collection
+    layout = model_layout(loaded.model)  # the sweep collects second moments
     config = SweepConfig.from_args(args)
     group = config.gqa == "group" and any(k and k < h for h, k in zip(layout.num_heads, layout.num_kv_heads))
     units = sum((k or h) if group else h for h, k in zip(layout.num_heads, layout.num_kv_heads))

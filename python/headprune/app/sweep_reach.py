@@ -41,11 +41,8 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
                                             kv_ratio=kw.get("kv_ratio"))  # as the sweep resolves it
         if scope == "measured":
             continue
-        if layout_only:  # the recipe's protected layers, and any ranking (the random one stays random)
-            protect = resolve_recipe(scores, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
-                                     uniform=bool(kw.get("uniform"))).protect_layers
-            kw = {**kw, "score": torch.zeros(scores.num_sites, max(scores.num_heads, default=0), dtype=torch.float64),
-                  "order": "random" if kw.get("order") == "random" else "low", "protect_layers": list(protect)}
+        if layout_only:
+            kw, _ = on_layout(scores, kw)
         for r in config.ratios:
             try:
                 select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
@@ -53,6 +50,30 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
                 out[name] = (r, e)
                 break
     return out
+
+
+def model_layout(model, moments: bool = True):
+    """``model``'s sites and heads as scores without statistics, to check a selection before the
+    collection; ``moments``: with empty second moments, where the collection will gather them,
+    so that the default recipe resolves as it will afterwards."""
+    from ..hf.collection import Collection
+    from ..stats.moments import OutputMoments
+
+    layout = Collection(model, "qk").scores()
+    if moments:
+        layout.moments = OutputMoments([None] * layout.num_sites)
+    return layout
+
+
+def on_layout(layout, kw: dict) -> tuple:
+    """``(select_heads options, recipe)``: ``kw`` for scores that hold a layout and no statistics,
+    every head ranked alike (which reaches what the recipe's ranking reaches; a random order
+    stays random), with the recipe's protected layers named; ``recipe`` says why it protects them."""
+    recipe = resolve_recipe(layout, kw.get("score"), kw.get("order"), kw.get("protect_layers"),
+                            uniform=bool(kw.get("uniform")))
+    ranked = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
+    return {**kw, "score": ranked, "order": "random" if kw.get("order") == "random" else "low",
+            "protect_layers": list(recipe.protect_layers)}, recipe
 
 
 def learned_selection(kw: dict, learned, stats) -> dict:

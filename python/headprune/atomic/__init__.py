@@ -43,7 +43,7 @@ from typing import Optional
 
 from .owners import TOKEN, owner_gone, owner_token
 
-__all__ = ["Staged", "check_target", "check_folder", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
+__all__ = ["Staged", "check_replace", "check_target", "check_folder", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
 
 #: the marker file inside each staging directory: JSON ``{"owner": token, "target": path}``
 MARKER = ".headprune-owner"
@@ -118,6 +118,14 @@ def _restore_aside(root: str) -> None:
 
 
 # ------------------------------------------------------------------------------ checking
+
+
+def check_replace(replace, arg: str) -> bool:
+    """``replace`` (argument ``arg``) if it is ``True`` or ``False``: any other truthy value (the
+    string "no") would replace the user's files."""
+    if not isinstance(replace, bool):
+        raise TypeError(f"{arg}: expected True or False, got {replace!r}")
+    return replace
 
 
 def check_target(path, *, replace: bool, arg: str, hint: str) -> str:

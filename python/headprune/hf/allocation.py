@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from ..core.modules import eval_mode, instance_forward
 from ..ranking.allocation import allocate_by_cost
 from ..ranking.layouts import even_layouts, has_grouped_queries
 from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, default_choice, resolve_recipe
@@ -41,7 +42,6 @@ from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
 from .collect import collect
-from ..core.modules import eval_mode, instance_forward
 from .prune import mask_heads
 from .recover import _Teacher, _kwargs, _loss
 

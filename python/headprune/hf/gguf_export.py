@@ -117,8 +117,7 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
         import gguf
     except ImportError as e:
         raise ImportError("export_gguf needs the gguf package: pip install gguf") from e
-    if not isinstance(overwrite, bool):  # a truthy string would replace the user's file
-        raise TypeError(f"overwrite: expected True or False, got {overwrite!r}")
+    atomic.check_replace(overwrite, "overwrite")
     if dtype not in ("auto", *FLOAT_TYPES):
         raise ValueError(f"dtype: expected one of auto, {', '.join(FLOAT_TYPES)}, got {dtype!r}")
     if architecture not in GGUF_ARCHITECTURES:

@@ -50,8 +50,7 @@ def save_pruned(
     model itself is never modified. A write error (a full disk, a file-size limit) raises
     ``OSError`` naming ``path`` and the cause.
     """
-    if not isinstance(overwrite, bool):  # a truthy string would replace the user's directory
-        raise TypeError(f"overwrite: expected True or False, got {overwrite!r}")
+    atomic.check_replace(overwrite, "overwrite")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)

@@ -77,8 +77,8 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
                         values=values, absent=absent, kept=ids)
-    handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()})
-    handle.already_removed = gone  # heads asked for that an earlier pruning removed (ignored, as prune_heads does)
+    handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()},
+                        already_removed=gone)  # heads an earlier pruning removed: ignored, as prune_heads does
     try:
         with torch.no_grad():
             for layer, hs in heads.items():

@@ -35,10 +35,10 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..core.modules import eval_mode
 from ..prune.mask import active_masks
 from .adapters import get_adapter, resolve_sites
 from .batches import forward_kwargs
-from ..core.modules import eval_mode
 from .training import (_bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
                        cast_back, check_inputs, dtypes_of)
 

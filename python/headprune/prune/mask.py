@@ -48,10 +48,10 @@ class MaskHandle:
     ``already_removed``: heads asked for that an earlier physical pruning had removed.
     """
 
-    def __init__(self, model: nn.Module, heads: dict):
+    def __init__(self, model: nn.Module, heads: dict, already_removed: dict | None = None):
         self.model = model
         self.heads = heads
-        self.already_removed = {}  # {layer: [original indices]} asked for but removed before
+        self.already_removed = already_removed or {}  # {layer: [original indices]} asked for but removed before
         self._saved = []  # (weight, dim, index, original columns, heads zeroed)
         self._biases = []  # (module, original bias values, or None where the bias was added)
 

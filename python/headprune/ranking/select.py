@@ -9,7 +9,6 @@ the caps). Site indices are called layers here, as in the rest of the selection 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Iterable, Optional
 
 from ..stats.moments import DEFAULT_DAMPING
@@ -17,7 +16,7 @@ from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
 from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs,
                       layout_heads)
-from .units import rank_positions, unit_sizes
+from .units import as_index, rank_positions, unit_sizes
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget"]
 
@@ -347,21 +346,14 @@ def budget(ratio, count, total: int, name_total: str = "units of the model") -> 
 def _layer_key(layer, name: str) -> int:
     """A dict argument's layer key as an index, or a ``TypeError`` naming the argument."""
     try:
-        return _layer_index(layer)
+        return as_index(layer)
     except TypeError:
         raise TypeError(f"{name}: expected int layer indices, got {layer!r}") from None
 
 
-def _layer_index(i) -> int:
-    """``operator.index``: a float such as 1.5 is not a layer index (``int`` would floor it)."""
-    if isinstance(i, bool):
-        raise TypeError(f"{i!r} is not a layer index")
-    return operator.index(i)
-
-
 def _check_layers(protect_layers: Iterable, n: int) -> set:
     try:
-        protect = {_layer_index(i) for i in protect_layers}
+        protect = {as_index(i) for i in protect_layers}
     except (TypeError, ValueError) as e:
         raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
     bad = sorted(i for i in protect if not 0 <= i < n)
@@ -390,7 +382,7 @@ def _pruned_sets(pruned: Optional[dict], scores: HeadScores) -> dict:
         return {}
     want = {}
     for layer, heads in _by_layer(pruned, "pruned", "[heads]", scores):
-        hs = {_layer_index(h) for h in heads}
+        hs = {as_index(h) for h in heads}
         bad = sorted(h for h in hs if not 0 <= h < scores.num_heads[layer])
         if bad:
             raise ValueError(f"pruned: heads {bad} out of range for layer {layer} ({scores.num_heads[layer]} heads)")

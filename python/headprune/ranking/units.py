@@ -68,6 +68,14 @@ def rank_heads(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa
                                                                           gqa=gqa, damping=damping)]
 
 
+def as_index(i) -> int:
+    """``operator.index`` without bools: a float such as 1.5 is not an index (``int`` would
+    floor it), and ``True`` is not 1 here."""
+    if isinstance(i, bool):
+        raise TypeError(f"{i!r} is not an index")
+    return operator.index(i)
+
+
 def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query",
                    damping: float = DEFAULT_DAMPING) -> list:
     """All units in pruning order, as ``[(layer, [head positions])]``.
@@ -89,14 +97,12 @@ def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0,
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
     try:  # int() floored 1.7 to 1 and named nothing for None; numpy and torch integers are ints
-        if isinstance(seed, bool):
-            raise TypeError
-        seed = operator.index(seed)
+        seed = as_index(seed)
     except TypeError:
         raise TypeError(f"seed: expected an int, got {seed!r}") from None
     units = _units(scores, score, gqa, damping)
     if order == "random":
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(seed)
         units = [units[i] for i in torch.randperm(len(units), generator=g).tolist()]
     else:
         sign = -1.0 if order == "high" else 1.0
