@@ -212,6 +212,28 @@ def test_a_layer_subclass_with_its_own_forward_is_measured_at_its_attention():
     torch.testing.assert_close(scores.entropy[0], want[:, 1] / want[:, 0], atol=1e-4, rtol=0)
 
 
+def test_a_layer_subclass_calling_torchs_forward_is_measured():
+    """A subclass whose forward hands other inputs to torch's own forward is hooked at its
+    attention module. torch's fast path would bypass that module, but it is not taken while a
+    hook sits on any submodule, so every call is recorded (eval mode, no grad, even heads: the
+    fast path's other conditions hold here)."""
+
+    class ShiftedInput(nn.TransformerEncoderLayer):
+        def forward(self, src, pos):
+            return super().forward(src + pos)
+
+    torch.manual_seed(0)
+    layer = ShiftedInput(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x, pos = torch.randn(2, 6, 32), torch.randn(2, 6, 32) * 3
+    scores = collect_modules(layer, [(x, pos), (x, -pos)])
+    assert scores.stats[0, :, 0].tolist() == [24.0] * 4  # 2 batches x 2 sequences x 6 rows per head
+    with torch.no_grad():
+        y = torch.cat([x + pos, x - pos])
+        _, w = layer.self_attn(y, y, y, need_weights=True, average_attn_weights=False)
+    want = reference.entropy_stats_from_probs(w.double())
+    torch.testing.assert_close(scores.entropy[0], want[:, 1] / want[:, 0], atol=1e-4, rtol=0)
+
+
 def test_collection_runs_in_eval_mode_and_gives_back_each_flag():
     """In training mode dropout made two collections of the same batches differ."""
     torch.manual_seed(0)

@@ -29,7 +29,9 @@ def _torch_layer(m: nn.Module) -> bool:
     """A ``TransformerEncoderLayer`` whose forward is torch's own (it may take the fast path,
     which never calls its attention module). A subclass with its own ``forward`` or
     ``_sa_block`` may feed the attention other queries and keys than the layer's input (a
-    DETR-style position embedding): its attention module is hooked instead."""
+    DETR-style position embedding): its attention module is hooked instead. A hook on any
+    submodule keeps torch's fast path off, so such a subclass calling torch's own forward still
+    calls its attention module."""
     cls, base = type(m), nn.TransformerEncoderLayer
     return isinstance(m, base) and cls.forward is base.forward and cls._sa_block is base._sa_block
 
