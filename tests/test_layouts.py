@@ -3,6 +3,7 @@ on synthetic scores: the KV cache never grows, uniform selections share one layo
 heads chosen are the ranking's cheapest."""
 
 import itertools
+import math
 import random
 
 import pytest
@@ -254,3 +255,57 @@ def test_even_allocation_fills_the_request_exactly_where_the_growth_stalls():
     assert sum(map(len, chosen.values())) == 5
     assert sum(map(len, allocate_even([costs, costs], [2, 2], [8, 8], 4).values())) == 4  # no stall: as before
     assert sum(map(len, allocate_even([costs, costs], [2, 2], [8, 8], 3).values())) == 2  # 3 has no fill: rounds
+
+
+def _fill_reference(options, start, want):
+    """The exact fill as a plain dictionary programme: the first partial total to reach each
+    count keeps it on a tie, sites in order and each site's sizes in ``options`` order."""
+    best, steps = {0: 0.0}, []
+    for opts, first in zip(options, start):
+        base = opts[first][0] if first else 0.0
+        sizes = [(r, c - base) for r, (c, _, _) in opts.items() if r >= first] + [(0, 0.0)] * (not first)
+        grown, back = {}, {}
+        for total, cost in best.items():
+            for r, c in sizes:
+                t = total + r
+                if t <= want and (t not in grown or cost + c < grown[t]):
+                    grown[t], back[t] = cost + c, (r, total)
+        best = grown
+        steps.append(back)
+    if want not in best:
+        return None
+    sizes, t = [], want
+    for back in reversed(steps):
+        r, t = back[t]
+        sizes.append(r)
+    return sizes[::-1]
+
+
+def test_exact_fill_is_the_dictionary_programme_with_its_ties():
+    """The vectorised fill gives the plain programme's sizes, ties included (rank costs are
+    whole numbers, so equal totals are common), with unranked heads, forced heads and caps."""
+    import random
+
+    from headprune.ranking.layouts import _exact_fill, _options
+
+    rng = random.Random(5)
+    compared = 0
+    for _ in range(300):
+        sites, kv = rng.randint(1, 6), rng.choice([1, 2, 3, 4])
+        hq = kv * rng.randint(1, 4)
+        costs = [[float(rng.randint(0, 6)) if rng.random() > 0.1 else math.inf for _ in range(hq)] for _ in range(sites)]
+        caps = [rng.randint(0, hq) for _ in range(sites)]
+        forced = {}
+        for s in range(sites):
+            if rng.random() < 0.3:
+                opts = _options(costs[s], kv, False, caps[s])
+                if opts:
+                    forced[s] = rng.choice(list(opts.values()))[1]
+        options = [_options(c, kv, False, cap, forced.get(s, ())) for s, (c, cap) in enumerate(zip(costs, caps))]
+        if any(not o and s in forced for s, o in enumerate(options)):
+            continue
+        start = [len(forced.get(s, ())) for s in range(sites)]
+        for want in range(sum(start), sum(start) + 6):
+            assert _exact_fill(options, start, want) == _fill_reference(options, start, want)
+            compared += 1
+    assert compared > 1000

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 __all__ = ["even_layouts", "best_layout", "layout_heads", "head_costs", "allocate_even", "allocate_kv", "allocate_uniform",
            "has_grouped_queries", "kv_groups_removed"]
 
@@ -208,28 +210,50 @@ def _exact_fill(options: list, start: list, want: int):
     """Per site, the layout size (at least ``start[site]``, its forced heads) of the cheapest
     combination removing exactly ``want`` heads, or None if no combination does: the growth of
     :func:`allocate_even` takes one layout step at a time and can stop short (4 of 5 heads
-    when sizes 2 and 3 at two sites make 5)."""
-    best = {0: 0.0}  # heads so far -> least cost
-    steps = []  # per site: heads after it -> (its size, heads before it)
+    when sizes 2 and 3 at two sites make 5).
+
+    A dynamic programme over the heads removed so far (0..``want``), one vector step per
+    layout size of each site. Of equal costs it keeps the partial combination reached first,
+    sites in order and each site's sizes in ``options`` order, so the result does not depend
+    on float rounding of a reordered sum."""
+    width, never = want + 1, torch.iinfo(torch.long).max
+    seen = torch.zeros(width, dtype=torch.bool)
+    seen[0] = True
+    cost = torch.zeros(width, dtype=torch.float64)
+    order = torch.zeros(width, dtype=torch.long)  # when each total was first reached: the tie-break
+    steps = []  # per site: its size at each total after it
     for opts, first in zip(options, start):
         base = opts[first][0] if first else 0.0  # relative to the forced heads' layout: their large
         sizes = [(r, c - base) for r, (c, _, _) in opts.items() if r >= first] + [(0, 0.0)] * (not first)  # cost cancels
-        grown: dict = {}
-        back: dict = {}
-        for total, cost in best.items():
-            for r, c in sizes:
-                t = total + r
-                if t <= want and (t not in grown or cost + c < grown[t]):
-                    grown[t], back[t] = cost + c, (r, total)
-        best = grown
-        steps.append(back)
-    if want not in best:
+        sizes = [(r, c) for r, c in sizes if r < width]
+        n = len(sizes)
+        # one vector step per size, on slices (shorter than torch's parallel grain on most
+        # models, so a busy machine's threads do not slow it down)
+        b_cost = torch.full((width,), math.inf, dtype=torch.float64)
+        b_key = torch.full((width,), never, dtype=torch.long)
+        b_size = torch.zeros(width, dtype=torch.long)
+        reached = torch.full((width,), never, dtype=torch.long)
+        for j, (r, c) in enumerate(sizes):
+            ok, cc = seen[: width - r], cost[: width - r] + c
+            key = order[: width - r] * n + j  # reached from an earlier total first
+            bc, bk = b_cost[r:], b_key[r:]
+            better = ok & ((cc < bc) | ((cc == bc) & (key < bk)))
+            b_cost[r:] = torch.where(better, cc, bc)
+            b_key[r:] = torch.where(better, key, bk)
+            b_size[r:] = torch.where(better, r, b_size[r:])
+            reached[r:] = torch.where(ok, torch.minimum(reached[r:], key), reached[r:])
+        seen, cost = reached != never, b_cost
+        order = torch.empty(width, dtype=torch.long)
+        order[reached.argsort()] = torch.arange(width)
+        steps.append(b_size)
+    if not seen[want]:
         return None
-    sizes, t = [], want
-    for back in reversed(steps):
-        r, t = back[t]
-        sizes.append(r)
-    return sizes[::-1]
+    out, t = [], want
+    for size in reversed(steps):
+        r = int(size[t])
+        out.append(r)
+        t -= r
+    return out[::-1]
 
 
 def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False) -> dict:
