@@ -229,7 +229,7 @@ class Collection:
             [s.name for s in self.sites], [s.block.kind for s in self.sites],
             model_type=self.adapter.model_type, method=self.method, with_outputs=True,
             causal=[s.block.causal for s in self.sites], depth=[s.depth for s in self.sites],
-            head_ids=_head_ids(self.model),
+            head_ids=_head_ids(self.model), kv_ids=_head_ids(self.model, "kv"),
         )
         if self.initial is not None:
             out.stats.copy_(self.initial.stats)
@@ -249,10 +249,11 @@ class Collection:
         return out
 
 
-def _head_ids(model):
-    """Original indices of the heads of a model an earlier pruning changed (``None``: unpruned)."""
+def _head_ids(model, which: str = "kept"):
+    """Original indices of the heads (``"kv"``: of each KV row's KV head) of a model an earlier
+    pruning changed (``None``: unpruned)."""
     state = getattr(model, STATE_ATTR, None)
-    return None if state is None else [list(k) for k in state["kept"]]
+    return None if state is None else [list(k) for k in state[which]]
 
 
 def _add_gram_(gram: torch.Tensor, rows: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..prune.slicing import kv_layout
 from .files import read_json
 from .metadata import DTYPES, FORMAT, METADATA_FILE
 
@@ -55,7 +56,7 @@ def transformers4_metadata(path, what: str = "path") -> dict:
     archs = config.get("architectures") or [_base_class(model_type)]  # none named: the family's base model
     return {"format": FORMAT, "model_type": model_type, "architecture": archs[0],
             "attn_implementation": "sdpa", "dtype": _dtype(config), "kept_heads": kept,
-            "kv_heads": [list(k) for k in kept],  # the families transformers 4 pruned have no GQA
+            "kv_heads": [kv_layout(k, heads // (config.get("num_key_value_heads") or heads))[0] for k in kept],
             "per_layer_bias": [], "o_bias": [], "plain_loadable": False, "original_config": config,
             "settings": {"migrated_from": "transformers 4 pruned_heads", "pruned_heads": pruned}}
 

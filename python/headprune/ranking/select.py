@@ -90,6 +90,8 @@ def select_heads(
     """
     counts = _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, pruned, kv_ratio, gqa,
                             counts, ratio, count)
+    if gqa == "group" and scores.repeated_kv_sites():  # the rows a query pruning repeated are no whole groups
+        raise ValueError(refuse_split_groups(scores.repeated_kv_sites()))
     recipe = resolve_recipe(scores, score, order, protect_layers, uniform=uniform)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa, damping=damping)
     if counts is not None:
@@ -196,6 +198,13 @@ def _select_counts(scores: HeadScores, ranked: list, recipe, gqa: str, counts: d
         want = [counts.get(i, 0) // size[i] for i in range(scores.num_sites)]
         chosen = allocate(ranked, [], want, want, sum(want))
     return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
+
+
+def refuse_split_groups(sites: list, cli: bool = False) -> str:
+    g = (lambda v: f"--gqa {v}") if cli else (lambda v: f"gqa={v!r}")  # noqa: E731
+    return (f"{g('group')}: layers {sites[:8]}{' ...' if len(sites) > 8 else ''} repeat KV heads (an earlier "
+            f"{g('query')} pruning split their groups), so their KV rows are not whole KV groups; use "
+            f"{g('even')} or {g('query')}, or prune the original model")
 
 
 def _even_forced(pruned, scores: HeadScores) -> dict:

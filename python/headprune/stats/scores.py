@@ -77,6 +77,10 @@ class HeadScores:
     #: pruning left with fewer heads (``None``: positions are the original indices); the
     #: selection API speaks original indices, as ``prune_heads`` takes them
     head_ids: Optional[list] = None
+    #: per site, the original KV head of each KV row of a pruned model (``None``: unpruned);
+    #: a ``gqa="query"`` pruning that split a group repeats rows, and then the rows are not the
+    #: model's KV groups (:meth:`repeated_kv_sites`)
+    kv_ids: Optional[list] = None
 
     def __post_init__(self):
         if not isinstance(self.stats, torch.Tensor) or self.stats.dim() != 3 or self.stats.shape[-1] != NUM_STATS:
@@ -98,6 +102,13 @@ class HeadScores:
             bad = [i for i, (ids, h) in enumerate(zip(self.head_ids, self.num_heads)) if len(ids) != h]
             if bad:
                 raise ValueError(f"head_ids: sites {bad[:5]} list another number of heads than num_heads")
+        if self.kv_ids is not None:
+            self.kv_ids = [list(map(int, ids)) for ids in self.kv_ids]
+            bad = [i for i, (ids, h, kv) in enumerate(zip(self.kv_ids, self.num_heads, self.num_kv_heads))
+                   if len(ids) != (kv or h)]
+            if len(self.kv_ids) != n or bad:
+                raise ValueError(f"kv_ids: expected one list per site with one entry per KV head, got "
+                                 f"{len(self.kv_ids)} lists (sites {bad[:5]} differ)")
         if self.outputs is not None:
             want = (n, self.stats.shape[1], max(self.head_dim, default=0), NUM_OUTPUT_STATS)
             if not isinstance(self.outputs, torch.Tensor) or tuple(self.outputs.shape) != want:
@@ -222,7 +233,12 @@ class HeadScores:
         moments = None if self.moments is None else self.moments.subset(idx)
         return HeadScores(self.stats[idx].clone(), pick(self.num_heads), pick(self.num_kv_heads), pick(self.head_dim),
                           pick(self.names), pick(self.kinds), self.model_type, self.method, outputs,
-                          pick(self.causal), pick(self.depth), moments, pick(self.head_ids))
+                          pick(self.causal), pick(self.depth), moments, pick(self.head_ids), pick(self.kv_ids))
+
+    def repeated_kv_sites(self) -> list:
+        """Sites whose KV rows repeat an original KV head (an earlier ``gqa="query"`` pruning
+        split its group): their rows are not whole KV groups of the model."""
+        return [i for i, ids in enumerate(self.kv_ids or ()) if len(set(ids)) < len(ids)]
 
     # ---- combination and serialisation -------------------------------------------------
     def layout(self) -> tuple:
@@ -275,6 +291,7 @@ class HeadScores:
             "causal": self.causal,
             "depth": self.depth,
             "head_ids": self.head_ids,
+            "kv_ids": self.kv_ids,
             "model_type": self.model_type,
             "method": self.method,
             "outputs": None if self.outputs is None else self.outputs.tolist(),
@@ -299,7 +316,7 @@ class HeadScores:
         return cls(
             stats, d["num_heads"], d["num_kv_heads"], d["head_dim"], d["names"], d["kinds"],
             d.get("model_type"), d.get("method", "sdpa"), outputs, d.get("causal"), d.get("depth"),
-            head_ids=d.get("head_ids"),
+            head_ids=d.get("head_ids"), kv_ids=d.get("kv_ids"),
         )
 
     def __repr__(self) -> str:
