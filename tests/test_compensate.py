@@ -251,3 +251,23 @@ def test_masks_on_the_same_weights_restore_newest_first(family):
     older.restore()
     assert original.keys() == model.state_dict().keys()
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_refit_bias_keeps_its_trainable_flag(family):
+    """prune_heads gave an existing output-projection bias the weight's requires_grad: a bias
+    trained alone stopped training, a frozen one started. A bias the refit creates follows the
+    weight, masked and pruned alike."""
+    model = tiny_model(family)
+    scores = collect(model, [tiny_batch(family)], moments=True, progress=False)
+    o = resolve_sites(model)[0].o
+    for p in model.parameters():
+        p.requires_grad_(False)
+    had_bias = o.bias is not None
+    if had_bias:
+        o.bias.requires_grad_(True)
+    for how in ("mask", "prune"):
+        m = copy.deepcopy(model)
+        (mask_heads if how == "mask" else prune_heads)(m, {0: [1]}, compensate=scores)
+        o2 = resolve_sites(m)[0].o
+        assert (o2.bias.requires_grad, o2.weight.requires_grad) == (had_bias, False), how

@@ -165,7 +165,11 @@ def test_refusals(tmp_path):
     (tmp_path / "d.gguf").mkdir()
     with pytest.raises(IsADirectoryError, match="path: .*d.gguf is a directory"):
         export_gguf(_llama(), tmp_path / "d.gguf", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "m.gguf"]  # no temporary left
+    (tmp_path / "l.gguf").symlink_to(tmp_path / "m.gguf")  # overwrite=True replaced the link by a file
+    with pytest.raises(FileExistsError, match="path: .*l.gguf is a symbolic link"):
+        export_gguf(_llama(), tmp_path / "l.gguf", overwrite=True)
+    assert (tmp_path / "l.gguf").is_symlink() and (tmp_path / "m.gguf").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "l.gguf", "m.gguf"]  # no temporary left
 
 
 

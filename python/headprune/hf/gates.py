@@ -151,7 +151,9 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     of the output projection's input; transformers 4's ``head_mask``). It is, by default, a
     new leaf ``[sites, max_heads]`` tensor filled with ``init`` that requires grad, float32
     (float64 for a float64 model) on the first output projection's device: after
-    ``loss.backward()``, ``g.gate.grad`` holds dL/dgate.
+    ``loss.backward()``, ``g.gate.grad`` holds dL/dgate. In a float16 or bfloat16 model the
+    forward multiplies by the gate rounded to the activations' type (on bfloat16, 0.999 and 1.0
+    give the same outputs); the gate itself and its gradient stay float32.
 
     ``values``: the caller's own gate tensor instead (used as given, gradients land on it
     if it requires grad). ``per_example=True``: the gates are ``[batch, sites, max_heads]``,

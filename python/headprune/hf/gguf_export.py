@@ -135,6 +135,8 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
             raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {family!r}")
         _check_source(gguf, reader, model, family, len(sites), source)
     path = os.fspath(path)
+    if os.path.islink(path):  # as save_pruned and --out: a link is refused, not followed or replaced
+        raise FileExistsError(f"path: {path} is a symbolic link (to {os.readlink(path)}); give the file itself")
     if os.path.isdir(path):  # before the whole file is written beside it
         raise IsADirectoryError(f"path: {path} is a directory; expected the GGUF file's path")
     if os.path.lexists(path) and not overwrite:

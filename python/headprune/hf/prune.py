@@ -346,8 +346,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 o = sites[layer].o
                 if o.bias is None:
                     state["o_bias"] = sorted({*state["o_bias"], layer})
-                undo.set(o, "bias", nn.Parameter(step.bias.to(o.weight.device, o.weight.dtype),
-                                                 requires_grad=o.weight.requires_grad))
+                flag = (o.bias if o.bias is not None else o.weight).requires_grad  # a bias keeps its own
+                undo.set(o, "bias", nn.Parameter(step.bias.to(o.weight.device, o.weight.dtype), requires_grad=flag))
             for layer, remove in heads.items():
                 keep, kv_rows = _prune_site(undo, sites[layer], adapter, remove, state["kv"][layer])
                 step = plan.get(layer)

@@ -84,7 +84,8 @@ class MaskHandle:
         bias = getattr(module, "bias", None)
         if bias is None:
             self._biases.append((module, None))
-            module.bias = nn.Parameter(value.to(module.weight.device, module.weight.dtype), requires_grad=False)
+            module.bias = nn.Parameter(value.to(module.weight.device, module.weight.dtype),
+                                       requires_grad=module.weight.requires_grad)  # as prune_heads creates it
         else:
             self._biases.append((module, bias.detach().clone()))
             bias.copy_(value.to(bias.device, bias.dtype))
