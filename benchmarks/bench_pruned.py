@@ -25,8 +25,9 @@ available; its logits are checked against even30's in every run.
 Timing: ``headprune.hf.speed.compare`` (prefill = one forward without a cache keeping the
 last position's logits; decode = ``--steps`` greedy steps after a ``DynamicCache`` filled
 with zeros to the context in each layer's own KV shape; rounds in rotation; the speed-up is
-the median over rounds of t_base / t with its quartiles, and a row whose quartiles include
-1.0 reads "no measurable difference"). FLOP model for prefill rows, per prompt token (2
+the median over rounds of t_base / t with its quartiles (of fewer than 5 rounds: the range),
+and a row whose spread reaches 1.0 or the spread of ``masked30``, which keeps every shape and
+so times the unpruned computation again (the control), reads "no measurable difference"). FLOP model for prefill rows, per prompt token (2
 FLOPs per multiply-add), from ``headprune.measure``:
     F = 2 * (P - P_emb) + 2 * V * d / S + A * (S + 1) / 2
 P: distinct parameters; P_emb: the embedding table(s) (the lookup costs no FLOPs; the tied
@@ -55,7 +56,7 @@ from _common import table, write_results  # noqa: E402
 from bench_collect import smollm2_config_dir  # noqa: E402
 
 import headprune  # noqa: E402
-from headprune.hf.speed import compare, filled_cache, parse_shape  # noqa: E402
+from headprune.hf.speed import compare, filled_cache, parse_shape, verdict  # noqa: E402
 
 #: variant -> (how the heads are removed, select_heads arguments)
 VARIANTS = {
@@ -134,6 +135,20 @@ def describe(models: dict, rows: list) -> list:
     return out
 
 
+def judge(rows: list, control: str = "masked30") -> list:
+    """Each row's verdicts, wall and CPU time, against the spread of ``control`` at its shape
+    (``headprune.hf.speed.verdict``; rows without a control at their shape: against 1.0)."""
+    spread = {(r["kind"], r["shape"]): r for r in rows if r["model"] == control}
+    for r in rows:
+        c = spread.get((r["kind"], r["shape"]))
+        if r["model"] in ("base", control) or c is None:
+            continue
+        for clock in ("", "_cpu"):
+            r[f"control{clock}_low"], r[f"control{clock}_high"] = c[f"speedup{clock}_low"], c[f"speedup{clock}_high"]
+        r["verdict"], r["verdict_cpu"] = verdict(r), verdict(r, "_cpu")
+    return rows
+
+
 def check_cache_bytes(models: dict) -> dict:
     """The KV bytes per token ``measure`` reports against a filled cache's tensors."""
     out = {}
@@ -167,7 +182,7 @@ def print_tables(rows: list, steps: int) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"prefill {QUICK_PREFILL}, decode {QUICK_DECODE}")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per shape (at least 3, default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per shape (at least 3, default 5)")
     ap.add_argument("--steps", type=int, default=4, help="decode steps per timed call")
     ap.add_argument("--prefill", nargs="*", default=None, help="BATCHxTOKENS prefill shapes")
     ap.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT decode shapes")
@@ -198,8 +213,8 @@ def main(argv=None):
         print(f"  {r0['kind']} {r0['batch']}x{r0['tokens']}: "
               + ", ".join(f"{r['model']} {r['wall_s']:.2f} s {r['verdict']}" for r in rows), flush=True)
 
-    rows = describe(models, compare(models, prefill=prefill, decode=decode, steps=args.steps, rounds=rounds,
-                                    progress=progress))
+    rows = judge(describe(models, compare(models, prefill=prefill, decode=decode, steps=args.steps, rounds=rounds,
+                                          progress=progress)))
     print_tables(rows, args.steps)
     target = next((r for r in rows if r["kind"] == "prefill" and (r["batch"], r["tokens"]) == TARGET_SHAPE
                    and r["model"] == TARGET_VARIANT), None)

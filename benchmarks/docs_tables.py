@@ -71,32 +71,41 @@ PRUNED_NAMES = {"base": "unpruned", "masked30": "masked 30% (control: every shap
                 "group33": "33%, whole KV groups, uniform", "query30": "30%, `--gqa query`"}
 
 
-def _spread(r: dict, clock: str = "") -> str:
+def _spread(r: dict, control: dict, clock: str = "") -> str:
+    """A row's speed-up judged as ``headprune.hf.speed.verdict`` judges it, against 1.0 and the
+    spread of the masked control at the same shape (which times the unpruned computation)."""
     if r["model"] == "base":
         return "reference"
-    if not clock:  # the benchmark's own verdict, from the unrounded times
-        head, _, tail = r["verdict"].partition(" (")
-        return r["verdict"] if head.startswith("no ") else f"**{head}** ({tail}"
     lo, hi = r[f"speedup{clock}_low"], r[f"speedup{clock}_high"]
-    if lo <= 1.0 <= hi:
+    if r["model"] == "masked30":
+        return f"control: {x(r[f'speedup{clock}'])} ({lo:.2f}-{hi:.2f}x)"
+    c_lo, c_hi = control[f"speedup{clock}_low"], control[f"speedup{clock}_high"]
+    if lo <= max(1.0, c_hi) and hi >= min(1.0, c_lo):
         return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
     return f"**{x(r[f'speedup{clock}'])}** ({lo:.2f}-{hi:.2f}x)"
 
 
+def _pruned_rows(ctx, kind: str) -> list:
+    """``(row, the masked control's row at its shape)`` of the pruned-model benchmark."""
+    rows = [r for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == kind]
+    control = {r["shape"]: r for r in rows if r["model"] == "masked30"}
+    return [(r, control[r["shape"]]) for r in rows]
+
+
 def prefill_table(ctx) -> str:
     out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), f"{r['q_heads']} / {r['kv_heads']}",
-            f"{num(r['wall_s'])} s", _spread(r), _spread(r, "_cpu"), x(r["flop_speedup"])]
-           for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == "prefill"]
+            f"{num(r['wall_s'])} s", _spread(r, c), _spread(r, c, "_cpu"), x(r["flop_speedup"])]
+           for r, c in _pruned_rows(ctx, "prefill")]
     return table(["prefill, batch x tokens", "model", "query / KV heads", "median wall time",
-                  "speed-up, wall (quartiles)", "speed-up, CPU time (quartiles)", "FLOP-model speed-up"], out)
+                  "speed-up, wall (spread)", "speed-up, CPU time (spread)", "FLOP-model speed-up"], out)
 
 
 def decode_table(ctx) -> str:
     out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), r["kv_heads"], f"{num(r['kv_cache_MB'])} MB",
-            num(r["tokens_per_s"]), _spread(r), _spread(r, "_cpu")]
-           for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == "decode"]
+            num(r["tokens_per_s"]), _spread(r, c), _spread(r, c, "_cpu")]
+           for r, c in _pruned_rows(ctx, "decode")]
     return table(["decode, batch x context", "model", "KV heads", "KV cache (float32)", "tokens/s",
-                  "speed-up, wall (quartiles)", "speed-up, CPU time (quartiles)"], out)
+                  "speed-up, wall (spread)", "speed-up, CPU time (spread)"], out)
 
 
 TABLES = {f.__name__: f for f in (probs_table, qk_table, collection_table, memory_probe_table, prefill_table,

@@ -203,3 +203,14 @@ def test_prune_report_has_prefill_and_decode_rows(tmp_path, monkeypatch, capsys)
         md = (out / "report.md").read_text()
         assert "prefill tokens/s (batch 1, 16 tokens, interleaved)" in md
         assert ("decode tokens/s (batch 1, 24-token context, interleaved)" in md) == ("decode" in kinds)
+
+
+def test_fewer_than_five_rounds_spread_over_their_range():
+    """The quartiles of 3 rounds are midpoints of neighbours: 0.95, 1.06 and 1.07 read as a
+    measurable 1.06x (1.005-1.065x) although one round was slower."""
+    from headprune.hf.speed import quartiles, verdict
+
+    assert quartiles([0.95, 1.06, 1.07]) == (0.95, 1.07)
+    assert quartiles([1.0, 1.1, 1.2, 1.3, 1.4]) == (1.1, 1.3)
+    row = {"speedup": 1.06, "speedup_low": 0.95, "speedup_high": 1.07}
+    assert verdict(row).startswith("no measurable difference")
