@@ -68,7 +68,7 @@ def greedy_gain(ctx, same: bool, names: list = FILES) -> str:
     worst = min(points, key=lambda p: p[0])
     where = f"`{worst[4]['calibrated_on']}` -> `{worst[4]['evaluated_on']}` at {pct(worst[3])}"
     return (f"{min(diffs):+.4f} to {max(diffs):+.4f} (mean {sum(diffs) / len(diffs):+.4f}) over {len(diffs)} "
-            f"points, {sum(d > -0.001 for d in diffs)} of them within 0.001 or closer; the lowest, "
+            f"points, {sum(d > -0.001 for d in diffs)} of them better or less than 0.001 worse; the lowest, "
             f"{where}: {num(worst[1], 4)} against {num(worst[2], 4)}")
 
 

@@ -178,7 +178,9 @@ def summarise(rows: list) -> dict:
         "old_complete": sum(r["state"] == "old" for r in rows),
         "new_complete": sum(r["state"] == "new" for r in rows),
         "neither": sum(r["state"] == "neither" for r in rows),
-        "killed_while_writing": sum(r["while_writing"] for r in rows),
+        "aimed_at_writing": sum(r["while_writing"] for r in rows),
+        # a delay drawn within 1.2x the writing step can land after the run ended (exit 0)
+        "killed_while_writing": sum(r["while_writing"] and r["exit"] != 0 for r in rows),
         "exit_codes": {str(c): sum(r["exit"] == c for r in rows) for c in sorted({r["exit"] for r in rows})},
         "trials_with_leftovers_after_kill": sum(r["leftovers_after_kill"] > 0 for r in rows),
         "leftovers_after_kill": sum(r["leftovers_after_kill"] for r in rows),
