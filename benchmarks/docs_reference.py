@@ -116,8 +116,12 @@ def calibrated(ctx, settings: dict) -> str:
     ref = settings.get("reference")
     if not ref:
         return f"`{settings['data']}` alone"
+    from headprune.app.texts import DEFAULT_REFERENCE
+
+    share = ("the default reference share" if ref["samples"] == round(settings["samples"] * DEFAULT_REFERENCE)
+             else f"a reference share of {pct(ref['samples'] / settings['samples'])}")
     return (f"`{settings['data']}` ({ref['samples']} of the {settings['samples']} sequences from the bundled "
-            + " and ".join(f"`{t}`" for t in ref["texts"]) + ", the default reference share)")
+            + " and ".join(f"`{t}`" for t in ref["texts"]) + f", {share})")
 
 
 TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, calibrated,
