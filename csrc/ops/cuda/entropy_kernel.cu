@@ -13,6 +13,7 @@
 #include <limits>
 #include <optional>
 
+#include "../common.h"
 #include "../entropy_ops.h"
 #include "entropy_rows.cuh"
 
@@ -50,7 +51,8 @@ void launch_qk_rows(const at::Tensor& query, const at::Tensor& key, double scale
       a.mask_bool = m.const_data_ptr<bool>();
     } else {
       TORCH_CHECK(m.scalar_type() == c10::CppTypeToScalarType<acc_t>::value, "attn_mask: expected ",
-                  c10::CppTypeToScalarType<acc_t>::value, ", got ", m.scalar_type());
+                  ops::dtype_name(c10::CppTypeToScalarType<acc_t>::value), ", got ",
+                  ops::dtype_name(m.scalar_type()));
       a.mask_add = m.const_data_ptr<acc_t>();
     }
     for (int d = 0; d < 4; ++d) a.mask_stride[d] = m.stride(d);
