@@ -119,7 +119,7 @@ def test_the_flops_row_says_its_context_which_the_model_can_take():
     m = measure(model)
     assert m["context"] == 64 and m["attention_flops_per_token"] == attention_flops_per_token(model, 64)
     table = summary_table({"before": m, "after": m}, "fidelity")
-    assert "| attention FLOPs/token (at 64 tokens of context) |" in table
+    assert "| attention FLOPs/token (at 64 tokens of context, a fixed point of comparison: " in table
 
 
 def test_the_retrieval_row_says_what_it_counts_and_changes_by_paragraphs():

@@ -43,7 +43,8 @@ def summary_table(report: dict, metric: str) -> str:
         kind = f" ({a['kv_cache_dtype']})" if a.get("kv_cache_dtype") else ""
         rows.append((f"KV cache bytes per token{kind}", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
     rows += [("parameters", b["parameters"], a["parameters"]),
-             ("attention FLOPs/token" + (f" (at {b['context']:,} tokens of context)" if b.get("context") else ""),
+             ("attention FLOPs/token" + (f" (at {b['context']:,} tokens of context, a fixed point of comparison: the "
+                                         "score and value products grow with the context)" if b.get("context") else ""),
               b["attention_flops_per_token"], a["attention_flops_per_token"])]
     lines = ["| | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {name} | {_fmt(x)} | {_fmt(y)} | {_change(x, y)} |" for name, x, y in rows]
