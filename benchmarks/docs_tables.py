@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from docs_allocation import TABLES as _ALLOCATION
+from docs_pruned import TABLES as _PRUNED
 from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
 from docs_sequential import TABLES as _SEQUENTIAL
@@ -66,50 +67,7 @@ def memory_probe_table(ctx) -> str:
                   f"the same, `MALLOC_MMAP_THRESHOLD_={fixed}`"], out)
 
 
-PRUNED_NAMES = {"base": "unpruned", "masked30": "masked 30% (control: every shape kept)",
-                "even30": "30%, default (even layouts)", "even50": "50%, default (even layouts)",
-                "group33": "33%, whole KV groups, uniform", "query30": "30%, `--gqa query`"}
-
-
-def _spread(r: dict, control: dict, clock: str = "") -> str:
-    """A row's speed-up judged as ``headprune.hf.speed.verdict`` judges it, against 1.0 and the
-    spread of the masked control at the same shape (which times the unpruned computation)."""
-    if r["model"] == "base":
-        return "reference"
-    lo, hi = r[f"speedup{clock}_low"], r[f"speedup{clock}_high"]
-    if r["model"] == "masked30":
-        return f"control: {x(r[f'speedup{clock}'])} ({lo:.2f}-{hi:.2f}x)"
-    c_lo, c_hi = control[f"speedup{clock}_low"], control[f"speedup{clock}_high"]
-    if lo <= max(1.0, c_hi) and hi >= min(1.0, c_lo):
-        return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
-    return f"**{x(r[f'speedup{clock}'])}** ({lo:.2f}-{hi:.2f}x)"
-
-
-def _pruned_rows(ctx, kind: str) -> list:
-    """``(row, the masked control's row at its shape)`` of the pruned-model benchmark."""
-    rows = [r for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == kind]
-    control = {r["shape"]: r for r in rows if r["model"] == "masked30"}
-    return [(r, control[r["shape"]]) for r in rows]
-
-
-def prefill_table(ctx) -> str:
-    out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), f"{r['q_heads']} / {r['kv_heads']}",
-            f"{num(r['wall_s'])} s", _spread(r, c), _spread(r, c, "_cpu"), x(r["flop_speedup"])]
-           for r, c in _pruned_rows(ctx, "prefill")]
-    return table(["prefill, batch x tokens", "model", "query / KV heads", "median wall time",
-                  "speed-up, wall (spread)", "speed-up, CPU time (spread)", "FLOP-model speed-up"], out)
-
-
-def decode_table(ctx) -> str:
-    out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), r["kv_heads"], f"{num(r['kv_cache_MB'])} MB",
-            num(r["tokens_per_s"]), _spread(r, c), _spread(r, c, "_cpu")]
-           for r, c in _pruned_rows(ctx, "decode")]
-    return table(["decode, batch x context", "model", "KV heads", "KV cache (float32)", "tokens/s",
-                  "speed-up, wall (spread)", "speed-up, CPU time (spread)"], out)
-
-
-TABLES = {f.__name__: f for f in (probs_table, qk_table, collection_table, memory_probe_table, prefill_table,
-                                  decode_table)}
+TABLES = {f.__name__: f for f in (probs_table, qk_table, collection_table, memory_probe_table)}
 
 
 def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
@@ -402,6 +360,7 @@ TABLES.update({f.__name__: f for f in (
     cli_rows_text, layout_value, layouts_table, kv_table, kv_value, kv_change, gguf_table, gguf_generation, gguf_speed_table, learned_table,
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
+TABLES.update(_PRUNED)
 TABLES.update(_RECOVER)
 TABLES.update(_REFERENCE)
 TABLES.update(_SEQUENTIAL)

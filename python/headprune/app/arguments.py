@@ -173,7 +173,8 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = Fa
     g.add_argument("--data", default=None, metavar="TEXT",
                    help=f"{what}: a text file (paragraphs separated by blank lines), a JSONL file with a 'text' "
                         f"field, a local datasets directory, or bundled texts ({', '.join(BUNDLED_TEXTS)}), several "
-                        f"joined by + to mix them in equal shares (default {DEFAULT_TEXT})")
+                        f"joined by + to mix them in equal shares (default {DEFAULT_TEXT}"
+                        + ("" if calibrates else "; for a directory written by prune or recover, its calibration text") + ")")
     if calibrates:
         g.add_argument("--samples", type=positive, default=None,
                        help=f"calibration sequences (default {DEFAULTS['causal']['samples']} for causal LMs, "
@@ -284,8 +285,7 @@ def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None
     g.add_argument("--refit-values", action=argparse.BooleanOptionalAction, default=None,
                    help="refit the kept heads' value rows together with their output-projection columns (one more "
                         "forward pass over the calibration text after the heads are chosen, one per selection in a "
-                        "sweep; default: on for encoders whose every head has its own value projection, off "
-                        "otherwise)")
+                        "sweep; default: on for encoders whose every head has its own value projection, off otherwise)")
     g.add_argument("--damping", type=nonnegative, default=DEFAULT_DAMPING,
                    help=f"ridge damping of the refit towards the original weights, relative to the mean squared "
                         f"input; the reconstruction score ranks heads by the same refit (default {DEFAULT_DAMPING:g})")

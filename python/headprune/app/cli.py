@@ -155,6 +155,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
+    if getattr(args, "quiet", False):  # every command's loads: transformers' bars and notices too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         return {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
                 "sweep": sweep_command.sweep, "recover": recover_command.recover,

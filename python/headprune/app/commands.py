@@ -134,11 +134,6 @@ def _tokens_digest(batches) -> str:
 def _setup(args):
     """Model, calibration batches and held-out paragraphs for a command."""
     parts, held = texts.load_split(args.data)
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
@@ -149,7 +144,7 @@ def _setup(args):
     batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
                                                samples=samples, seq_len=seq_len,
                                                reference=getattr(args, "reference", 0.0), batch_size=args.batch_size)
-    got = texts.sequences(batches)
+    got, real = texts.sequences(batches), texts.tokens(batches)
     generated = getattr(args, "generated", 0)
     if generated:
         batches += _generated(args, loaded, generated, seq_len)
@@ -157,7 +152,7 @@ def _setup(args):
     if got < samples:  # the report counts the sequences used
         _warn(f"--samples {samples}: the calibration text gives {got} sequences"
               f"{f' of {seq_len} tokens' if loaded.kind == 'causal' else ' (paragraphs)'}; calibrating on those")
-    settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": got, "seq_len": seq_len,
+    settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": got, "seq_len": seq_len, "calibration_tokens": real,
                 **({"samples_requested": samples} if got < samples else {}),
                 **({"generated": generated} if generated else {}),
                 **reference,

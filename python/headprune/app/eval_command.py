@@ -6,6 +6,7 @@ unpruned model's, and the ratio)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from . import commands as C
@@ -16,7 +17,11 @@ from .report import number, to_json
 
 
 def evaluate(args) -> int:
-    _, held = texts.load_split(args.data)  # a mistyped --data before the model loads
+    data = args.data if args.data is not None else _pruned_with(args.model)
+    _, held = texts.load_split(data)  # a mistyped --data before the model loads
+    if data != args.data and not args.quiet:  # on stderr: stdout may be --json's
+        print(f"headprune: evaluating on the held-out part of `{data}`, the text MODEL was pruned or recovered "
+              "with (--data chooses another)", file=sys.stderr, flush=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
     named = _named_teacher(args.model) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
@@ -57,6 +62,22 @@ def evaluate(args) -> int:
         for k, v in text.items():
             print(f"{k:28s} {v}")
     return 0
+
+
+def _pruned_with(model: str) -> Optional[str]:
+    """The calibration text (its files' absolute paths where it names files) of the prune or
+    recover folder MODEL is, or whose ``model/`` it is; ``None`` (the default text) otherwise."""
+    from .recover_command import read_report
+
+    folder = prune_folder(model)
+    try:
+        settings = read_report(folder, "MODEL").get("settings") if folder is not None else None
+    except (OSError, ValueError, AttributeError):  # the fidelity's lookup says what is wrong with it
+        return None
+    if not isinstance(settings, dict):
+        return None
+    data = settings.get("data_path") or settings.get("data")
+    return data if isinstance(data, str) else None
 
 
 def _named_teacher(model: str) -> Optional[tuple]:

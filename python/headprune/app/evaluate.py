@@ -88,7 +88,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
             count += lp.shape[1] - first
     mean = nll / count  # NaN stays NaN (a model that computes NaN); exp overflows a float above ~709.8
     perplexity = mean if math.isnan(mean) else math.exp(mean) if mean < 709 else math.inf
-    return {"perplexity": perplexity, "nll": mean, "tokens": count, "window": window,
+    return {"perplexity": perplexity, "nll": mean, "tokens": count, "window": min(window, len(ids)),
             "stride": stride, "windows": len(starts)}
 
 

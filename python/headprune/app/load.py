@@ -276,9 +276,13 @@ PAD_ADDED = "_headprune_pad_added"
 
 
 def _pad(tok):
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-        setattr(tok, PAD_ADDED, True)
+    """``tok`` with a padding token for the command line's batches (their masks hide it): its
+    own, else its end-of-text, separator, unknown or classifier token (saved without it)."""
+    if tok.pad_token is None:
+        stand_in = next((t for t in (tok.eos_token, tok.sep_token, tok.unk_token, tok.cls_token) if t is not None), None)
+        if stand_in is not None:
+            tok.pad_token = stand_in
+            setattr(tok, PAD_ADDED, True)
     return tok
 
 

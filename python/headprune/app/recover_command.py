@@ -19,7 +19,7 @@ from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
 from .load import SAVE_TYPES, check_saved_type, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
-from .report import validation_sentence
+from .report import sequences_text, validation_sentence
 
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
@@ -173,8 +173,18 @@ def _batches(args, loaded, settings: dict) -> tuple:
     batches = recovery_batches(loaded, parts, args.samples, seq_len, batch_size, args.device)
     samples = texts.sequences(batches)
     calib = texts.interleave(parts)
-    used = {"data": data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len, "batch_size": batch_size}
+    used = {"data": data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+            "calibration_tokens": texts.tokens(batches),
+            "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held)}
+    paths = texts.data_paths(used["data"])
+    used.update({"data_path": paths} if paths != used["data"] else {})
     return batches, {"held_out": held, "calibration": calib}, used
+
+
+#: what the pruning's settings said of its calibration text, which recovery replaces by its own
+#: (recovery draws no reference sequences and asks for no sample count)
+_CALIBRATION_KEYS = ("data", "data_path", "samples", "samples_requested", "seq_len", "reference",
+                     "calibration_paragraphs", "held_out_paragraphs", "calibration_tokens", "generated")
 
 
 def _quality(args, loaded, paragraphs: dict, references: dict) -> dict:
@@ -218,7 +228,8 @@ def recover(args) -> int:
         q["recovered"] = _quality(args, student, paragraphs, q["unpruned"])
     metric, lower = E.metric_of(student.kind)
     table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
-    settings = {**prune_report["settings"], **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
+    pruning = {k: v for k, v in prune_report["settings"].items() if k not in _CALIBRATION_KEYS}
+    settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
                 "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
@@ -300,7 +311,7 @@ def report_markdown(report: dict) -> str:
     return (f"# headprune recovery: {report['pruned']}\n\n"
             f"Distilled toward `{report['model']}` for {r['steps']} steps ({r['seconds']:.0f} s{_how(r, s)}; "
             f"training {r['train']}, {r['parameters']:,} parameters, learning rate {s['recover_lr']:g}) on "
-            f"{_drawn(s)}{s['samples']} x {s['seq_len']} tokens of `{s['data']}`.{_losses(r)}{validation_sentence(r)}\n\n"
+            f"{_drawn(s)}{sequences_text(s)} of `{s['data']}`.{_losses(r)}{validation_sentence(r)}\n\n"
             f"{quality_table(report)}\n\n"
             f"Held-out text is the last 30% of each text's paragraphs, never trained on; a gain on the "
             f"calibration text alone would be overfitting.\n")

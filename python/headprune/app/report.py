@@ -130,7 +130,16 @@ def _evaluated(after: dict) -> str:
 def calibration_text(settings: dict) -> str:
     """``64 x 256 tokens of `data` (...)``: what a command calibrated on, for the report and
     the sweep's table."""
-    return f"{settings['samples']} x {settings['seq_len']} tokens of `{settings['data']}`{added_text(settings)}"
+    return f"{sequences_text(settings)} of `{settings['data']}`{added_text(settings)}"
+
+
+def sequences_text(settings: dict) -> str:
+    """``64 x 256 tokens``, or where the sequences are shorter (an encoder's paragraphs, cut at
+    ``seq_len``) ``512 sequences of up to 128 tokens (31,959 tokens)``."""
+    n, length, real = settings["samples"], settings["seq_len"], settings.get("calibration_tokens")
+    if real is None or real >= n * length:
+        return f"{n} x {length} tokens"
+    return f"{n} sequences of up to {length} tokens ({real:,} tokens)"
 
 
 def added_text(settings: dict) -> str:

@@ -33,7 +33,8 @@ DEFAULT_REFERENCE = 0.25
 
 def load_paragraphs(spec: Optional[str] = None) -> list:
     """Paragraphs of a bundled text name, a ``.txt`` file (blank-line separated), a ``.jsonl``
-    file with a ``text`` field, or a local ``datasets`` dataset directory (``text`` column).
+    or ``.json`` file of records with a ``text`` field (JSON Lines, or one array of records in a
+    ``.json``), or a local ``datasets`` dataset directory (``text`` column).
     One text; :func:`load_split` takes several joined by ``+``."""
     spec = BUNDLED_TEXTS[0] if spec is None else given(spec)
     if spec in BUNDLED_TEXTS:
@@ -43,25 +44,37 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
         raise FileNotFoundError(f"--data: {spec!r} is neither a bundled text ({', '.join(BUNDLED_TEXTS)}) nor an existing path")
     if path.is_dir():
         paragraphs = _dataset_paragraphs(path)
-    elif path.suffix == ".jsonl":
-        out = []
-        # lines end at \n only: JSON strings may hold U+2028, U+2029 or U+0085, where splitlines() breaks
-        for n, line in enumerate(_read(path).split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--data: {path}:{n} is not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise ValueError(f"--data: {path}:{n} has no string field 'text'")
-            out.append(rec["text"].strip())
-        paragraphs = [p for p in out if p]
+    elif path.suffix.lower() in (".jsonl", ".json"):  # .json: what datasets' to_json writes (JSON Lines)
+        paragraphs = [p for p in (r.strip() for r in _json_texts(path)) if p]
     else:
         paragraphs = _paragraphs(_read(path))
     if len(paragraphs) < 2:
         raise ValueError(f"--data: {spec!r} holds {len(paragraphs)} paragraph(s); need at least 2 (calibration and held-out)")
     return paragraphs
+
+
+def _json_texts(path: Path) -> list:
+    """The ``text`` field of each record of a JSON Lines file, or of a ``.json`` file holding
+    one array of records."""
+    text = _read(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        records, where = enumerate(_json(text, str(path)), 1), " record "
+    else:  # lines end at \n only: JSON strings may hold U+2028, U+2029 or U+0085, where splitlines() breaks
+        records = ((n, _json(line, f"{path}:{n}")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
+        where = ":"
+    out = []
+    for n, rec in records:
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise ValueError(f"--data: {path}{where}{n} has no string field 'text'")
+        out.append(rec["text"])
+    return out
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--data: {where} is not valid JSON ({e.msg})") from None
 
 
 def _read(path: Path) -> str:
@@ -199,6 +212,11 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
 def sequences(batches) -> int:
     """How many sequences (rows) ``batches`` hold."""
     return sum(int(b["input_ids"].shape[0]) for b in batches)
+
+
+def tokens(batches) -> int:
+    """How many real tokens (not padding) ``batches`` hold."""
+    return sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
 
 
 def reference_texts(spec: Optional[str] = None) -> list:

@@ -1,0 +1,51 @@
+"""The tables of docs/performance.md on pruned models' speed (bench_pruned.py; see make_docs.py
+and docs_tables.py)."""
+
+from __future__ import annotations
+
+from make_docs import num, table, x
+
+
+PRUNED_NAMES = {"base": "unpruned", "masked30": "masked 30% (control: every shape kept)",
+                "even30": "30%, default (even layouts)", "even50": "50%, default (even layouts)",
+                "group33": "33%, whole KV groups, uniform", "query30": "30%, `--gqa query`"}
+
+
+def _spread(r: dict, control: dict, clock: str = "") -> str:
+    """A row's speed-up judged as ``headprune.hf.speed.verdict`` judges it, against 1.0 and the
+    spread of the masked control at the same shape (which times the unpruned computation)."""
+    if r["model"] == "base":
+        return "reference"
+    lo, hi = r[f"speedup{clock}_low"], r[f"speedup{clock}_high"]
+    if r["model"] == "masked30":
+        return f"control: {x(r[f'speedup{clock}'])} ({lo:.2f}-{hi:.2f}x)"
+    c_lo, c_hi = control[f"speedup{clock}_low"], control[f"speedup{clock}_high"]
+    if lo <= max(1.0, c_hi) and hi >= min(1.0, c_lo):
+        return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
+    return f"**{x(r[f'speedup{clock}'])}** ({lo:.2f}-{hi:.2f}x)"
+
+
+def _pruned_rows(ctx, kind: str) -> list:
+    """``(row, the masked control's row at its shape)`` of the pruned-model benchmark."""
+    rows = [r for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == kind]
+    control = {r["shape"]: r for r in rows if r["model"] == "masked30"}
+    return [(r, control[r["shape"]]) for r in rows]
+
+
+def prefill_table(ctx) -> str:
+    out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), f"{r['q_heads']} / {r['kv_heads']}",
+            f"{num(r['wall_s'])} s", _spread(r, c), _spread(r, c, "_cpu"), x(r["flop_speedup"])]
+           for r, c in _pruned_rows(ctx, "prefill")]
+    return table(["prefill, batch x tokens", "model", "query / KV heads", "median wall time",
+                  "speed-up, wall (spread)", "speed-up, CPU time (spread)", "FLOP-model speed-up"], out)
+
+
+def decode_table(ctx) -> str:
+    out = [[r["shape"], PRUNED_NAMES.get(r["model"], r["model"]), r["kv_heads"], f"{num(r['kv_cache_MB'])} MB",
+            num(r["tokens_per_s"]), _spread(r, c), _spread(r, c, "_cpu")]
+           for r, c in _pruned_rows(ctx, "decode")]
+    return table(["decode, batch x context", "model", "KV heads", "KV cache (float32)", "tokens/s",
+                  "speed-up, wall (spread)", "speed-up, CPU time (spread)"], out)
+
+
+TABLES = {f.__name__: f for f in (prefill_table, decode_table)}
