@@ -101,7 +101,9 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
             sol -= c * torch.cholesky_solve(prior, chol)
     new_w = sol[:-1].t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
-    return new_w.to(weight.dtype).contiguous(), sol[-1]
+    # copies: for a float64 model .to() returns the views of ``sol``, and parameters sharing one
+    # storage cannot be saved as safetensors
+    return new_w.to(weight.dtype).clone(memory_format=torch.contiguous_format), sol[-1].clone()
 
 
 def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, prior=None) -> torch.Tensor:
