@@ -66,7 +66,7 @@ VARIANTS = {
     "query30": ("prune", {"ratio": 0.3, "gqa": "query"}),
     "masked30": ("mask", {"ratio": 0.3}),
 }
-DEFAULT_VARIANTS = ["base", "even30", "even50", "group33", "query30"]
+DEFAULT_VARIANTS = ["base", "masked30", "even30", "even50", "group33", "query30"]  # masked30: the control
 PREFILL = ["1x512", "16x512", "1x4096"]
 DECODE = ["1x2048", "16x2048", "1x8192", "16x8192"]
 QUICK_PREFILL, QUICK_DECODE = ["1x128"], ["1x512"]

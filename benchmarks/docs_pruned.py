@@ -3,6 +3,8 @@ and docs_tables.py)."""
 
 from __future__ import annotations
 
+import re
+
 from make_docs import num, table, x
 
 
@@ -11,25 +13,31 @@ PRUNED_NAMES = {"base": "unpruned", "masked30": "masked 30% (control: every shap
                 "group33": "33%, whole KV groups, uniform", "query30": "30%, `--gqa query`"}
 
 
-def _spread(r: dict, control: dict, clock: str = "") -> str:
-    """A row's speed-up judged as ``headprune.hf.speed.verdict`` judges it, against 1.0 and the
-    spread of the masked control at the same shape (which times the unpruned computation)."""
+def _spread(r: dict, control: dict | None, clock: str = "") -> str:
+    """A row's speed-up as ``headprune.hf.speed.verdict`` judges it: against 1.0 and the spread of
+    the masked control at the same shape, which times the unpruned computation (results written
+    before the benchmark judged rows against it get the control's spread here)."""
+    from headprune.hf.speed import verdict
+
     if r["model"] == "base":
         return "reference"
     lo, hi = r[f"speedup{clock}_low"], r[f"speedup{clock}_high"]
     if r["model"] == "masked30":
         return f"control: {x(r[f'speedup{clock}'])} ({lo:.2f}-{hi:.2f}x)"
-    c_lo, c_hi = control[f"speedup{clock}_low"], control[f"speedup{clock}_high"]
-    if lo <= max(1.0, c_hi) and hi >= min(1.0, c_lo):
-        return f"no measurable difference ({lo:.2f}-{hi:.2f}x)"
-    return f"**{x(r[f'speedup{clock}'])}** ({lo:.2f}-{hi:.2f}x)"
+    row = dict(r)
+    if control is not None and f"control{clock}_low" not in row:
+        row[f"control{clock}_low"], row[f"control{clock}_high"] = (control[f"speedup{clock}_low"],
+                                                                   control[f"speedup{clock}_high"])
+    text = re.sub(r"; the unpruned model against itself [^)]*", "", verdict(row, clock))
+    head, _, tail = text.partition(" (")
+    return text if head.startswith("no ") else f"**{head}** ({tail}"
 
 
 def _pruned_rows(ctx, kind: str) -> list:
-    """``(row, the masked control's row at its shape)`` of the pruned-model benchmark."""
+    """``(row, the masked control's row at its shape, or None)`` of the pruned-model benchmark."""
     rows = [r for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == kind]
     control = {r["shape"]: r for r in rows if r["model"] == "masked30"}
-    return [(r, control[r["shape"]]) for r in rows]
+    return [(r, control.get(r["shape"])) for r in rows]
 
 
 def prefill_table(ctx) -> str:

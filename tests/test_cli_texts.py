@@ -12,6 +12,7 @@ pytest.importorskip("tokenizers")
 
 from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
 from test_cli_eval import SENTENCES, _eval  # noqa: E402
+from test_reliability_outputs import SMALL, _scan_interrupted  # noqa: E402
 
 from headprune.app import texts  # noqa: E402
 
@@ -69,10 +70,13 @@ def test_json_records_are_read_as_records(tmp_path, name, body):
     assert texts.load_paragraphs(str(tmp_path / name)) == [f"paragraph {i}" for i in range(6)]
 
 
-def test_a_json_array_without_text_fields_is_named(tmp_path):
+def test_a_json_array_without_text_fields_or_one_object_is_named(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}, {"body": "b"}]))
     with pytest.raises(ValueError, match=r"a.json record 2 has no string field 'text'"):
         texts.load_paragraphs(str(tmp_path / "a.json"))
+    (tmp_path / "o.json").write_text(json.dumps({"data": [{"text": "a"}, {"text": "b"}]}, indent=2))
+    with pytest.raises(ValueError, match=r"o.json holds one JSON object; expected an array of records"):
+        texts.load_paragraphs(str(tmp_path / "o.json"))
 
 
 def test_an_encoder_tokenizer_without_a_padding_token_borrows_one(run, tmp_path, tiny_dir):  # noqa: F811
@@ -89,18 +93,65 @@ def test_an_encoder_tokenizer_without_a_padding_token_borrows_one(run, tmp_path,
                      tmp_path / "o"])
     assert code == 0, err
     assert "pad_token" not in json.loads((tmp_path / "o" / "model" / "tokenizer_config.json").read_text())
+    # the fast tokenizer's file as read too: the batches' calls had set its padding (to the stand-in) and truncation
+    read, saved = (json.loads((d / "tokenizer.json").read_text()) for d in (tmp_path / "nopad", tmp_path / "o" / "model"))
+    assert (saved["padding"], saved["truncation"]) == (read["padding"], read["truncation"])
 
 
-def test_quiet_quiets_transformers_loading_bars_in_eval(run, tmp_path, tiny_dir):  # noqa: F811
+def test_the_stand_in_padding_token_comes_back_after_saving():
+    """It was set back to the end-of-text token, which a BERT tokenizer has not: no padding after."""
+    import tokenizers
+    import transformers
+
+    from headprune.app.load import _pad, tokenizer_as_loaded
+
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = _pad(transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]"))
+    assert tok.pad_token == "[UNK]"
+    with tokenizer_as_loaded(tok) as plain:
+        assert plain.pad_token is None
+    assert tok.pad_token == "[UNK]" and tok(["a", "a a"], padding=True)["input_ids"][0] == [1, 0]
+
+
+def test_eval_of_a_pruned_directory_whose_text_is_gone_reads_the_default(run, tmp_path, tiny_dir):  # noqa: F811
+    """Moved to another machine, the folder's text path does not exist: eval stopped naming a
+    --data it was never given."""
+    _write(tmp_path, "mine.txt", SENTENCES)
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *COMMON, "--data", "mine.txt", "--out", tmp_path / "o"])
+    assert code == 0, err
+    (tmp_path / "mine.txt").unlink()
+    code, err = run(["eval", tmp_path / "o", "--no-speed", "--quiet", "--eval-windows", "2"])
+    assert code == 0 and any("mine.txt, which is not found here: evaluating on the default text" in e for e in err)
+
+
+def test_quiet_quiets_transformers_loading_bars_in_eval(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
     """Only the commands that calibrate turned transformers' bars off: eval and recover printed
-    'Loading weights' under --quiet."""
+    'Loading weights' under --quiet. Off while the command runs, as they were after it."""
     from transformers.utils import logging as hf_logging
 
+    from headprune.app import eval_command
+
+    seen, load = [], eval_command.load_model
+    monkeypatch.setattr(eval_command, "load_model",
+                        lambda *a, **kw: seen.append(hf_logging.is_progress_bar_enabled()) or load(*a, **kw))
     _write(tmp_path, "text.txt", SENTENCES)
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()
     try:
         code, err, _ = _eval(run, [tiny_dir, "--no-speed"])
-        assert code == 0 and not hf_logging.is_progress_bar_enabled()
+        assert code == 0 and seen == [False] and hf_logging.is_progress_bar_enabled()
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def test_resume_accepts_a_checkpoint_written_before_the_token_count_was_recorded(run, tmp_path, tiny_dir,
+                                                                                   monkeypatch):
+    """The settings gained calibration_tokens, a count of the tokens the fingerprint's digest
+    already holds; a checkpoint written without it was refused as other settings."""
+    out = tmp_path / "o"
+    _scan_interrupted(run, monkeypatch, tiny_dir, out, [])
+    fingerprint = json.loads((tmp_path / ".o.checkpoint.json").read_text())["fingerprint"]
+    assert "calibration_tokens" not in fingerprint  # so a checkpoint of an older headprune matches
+    code, err = run(["scan", tiny_dir, *SMALL, "--out", out, "--resume"])
+    assert code == 0, err

@@ -37,6 +37,8 @@ def test_statistics_name_each_rows_kv_head_and_group_pruning_is_refused():
     assert scores.kv_ids[0] == [0, 1] and scores.kv_ids[2] == [0, 1] and scores.repeated_kv_sites() == [1, 3]
     again = HeadScores.from_dict(json.loads(json.dumps(scores.to_dict())))
     assert again.kv_ids == scores.kv_ids and scores.block("self").kv_ids == scores.kv_ids
+    old = HeadScores.from_dict({k: v for k, v in scores.to_dict().items() if k != "kv_ids"})  # saved before kv_ids
+    assert old.kv_ids is None and old.merge(scores).kv_ids == scores.kv_ids == scores.merge(old).kv_ids
     with pytest.raises(ValueError, match=r"gqa='group': layers \[1, 3\] repeat KV heads .*gqa='query' pruning"):
         headprune.select_heads(scores, ratio=0.3, gqa="group", score="entropy")
     for gqa in ("even", "query"):  # rows act as the units they physically are: the cache does not grow

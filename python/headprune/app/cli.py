@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from contextlib import contextmanager
 
 from . import arguments as A
 from .recipe_text import describe_recipe
@@ -155,21 +156,36 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
-    if getattr(args, "quiet", False):  # every command's loads: transformers' bars and notices too
-        from transformers.utils import logging as hf_logging
+    handler = {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
+               "sweep": sweep_command.sweep, "recover": recover_command.recover,
+               "export": export_command.export}[args.command]
+    with _quiet_transformers(getattr(args, "quiet", False)):
+        try:
+            return handler(args)
+        except (OSError, ValueError, TypeError) as e:
+            print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
+            return 130
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+
+@contextmanager
+def _quiet_transformers(quiet: bool):
+    """Under ``--quiet``, transformers' loading bars and notices off for the command, as they were after it."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
-        return {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
-                "sweep": sweep_command.sweep, "recover": recover_command.recover,
-                "export": export_command.export}[args.command](args)
-    except (OSError, ValueError, TypeError) as e:
-        print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
 def _message(e: Exception) -> str:

@@ -196,8 +196,9 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
 
     t0 = time.perf_counter()
     # every setting the sums depend on (dtype, device, fused are in settings; the data by its tokens)
-    fingerprint = {"model": str(args.model), "settings": settings, "batch_size": args.batch_size,
-                   "tokens": _tokens_digest(batches)}
+    # (calibration_tokens: a count of what the digest holds, and absent from older checkpoints)
+    fingerprint = {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
+                   "settings": {k: v for k, v in settings.items() if k != "calibration_tokens"}}
     many = getattr(args, "distributed", False)
     if many and not distributed.init_from_env():
         raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")

@@ -18,8 +18,16 @@ from .report import number, to_json
 
 def evaluate(args) -> int:
     data = args.data if args.data is not None else _pruned_with(args.model)
-    _, held = texts.load_split(data)  # a mistyped --data before the model loads
-    if data != args.data and not args.quiet:  # on stderr: stdout may be --json's
+    try:
+        _, held = texts.load_split(data)  # a mistyped --data before the model loads
+    except FileNotFoundError:
+        if data == args.data:
+            raise
+        C._warn(f"MODEL was pruned or recovered with {data}, which is not found here: evaluating on the default "
+                f"text `{texts.DEFAULT_TEXT}` (--data chooses another)")
+        data = None
+        _, held = texts.load_split(data)
+    if data is not None and data != args.data and not args.quiet:  # on stderr: stdout may be --json's
         print(f"headprune: evaluating on the held-out part of `{data}`, the text MODEL was pruned or recovered "
               "with (--data chooses another)", file=sys.stderr, flush=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))

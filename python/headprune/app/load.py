@@ -268,11 +268,15 @@ def _tokenizer(path: Path):
         raise
     except Exception as e:  # tokenizers and transformers raise many types on a damaged file
         raise ValueError(f"MODEL: cannot read the tokenizer in {path} ({type(e).__name__}: {first_line(e)})") from e
+    backend = getattr(tok, "backend_tokenizer", None)  # its padding and truncation as read (calls change them)
+    setattr(tok, BACKEND_AS_READ, None if backend is None else (backend.padding, backend.truncation))
     return _pad(tok)
 
 
-#: set on a tokenizer that got the end-of-text token as its padding token here (for batches)
+#: set on a tokenizer that got a stand-in padding token here (for batches)
 PAD_ADDED = "_headprune_pad_added"
+#: a fast tokenizer's padding and truncation settings as read, which its file is saved with
+BACKEND_AS_READ = "_headprune_backend_as_read"
 
 
 def _pad(tok):
@@ -289,15 +293,24 @@ def _pad(tok):
 @contextmanager
 def tokenizer_as_loaded(tok):
     """``tok`` as it was read while the block runs (to be saved): without the padding token the
-    command line gave it for its own batches."""
-    if tok is None or not getattr(tok, PAD_ADDED, False):
+    command line gave it for its own batches, and with the padding and truncation its fast
+    tokenizer file held (each call of the batches rewrote them)."""
+    if tok is None:
         yield tok
         return
-    tok.pad_token = None
+    added, stand_in = getattr(tok, PAD_ADDED, False), tok.pad_token
+    backend, as_read = getattr(tok, "backend_tokenizer", None), getattr(tok, BACKEND_AS_READ, None)
+    if added:
+        tok.pad_token = None
+    if backend is not None and as_read is not None:
+        padding, truncation = as_read
+        backend.no_padding() if padding is None else backend.enable_padding(**padding)
+        backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
     try:
         yield tok
     finally:
-        tok.pad_token = tok.eos_token
+        if added:
+            tok.pad_token = stand_in
 
 
 def cast_weights(model, dtype):

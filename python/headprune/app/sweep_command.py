@@ -66,5 +66,6 @@ def plan(args, loaded) -> dict:
         r, e = far.pop(BASELINE)
         raise ValueError(f"--ratios: {r:g} is out of reach of the random baseline ({e}): ask for smaller fractions")
     for name, (r, e) in far.items():
-        C._warn(f"{name!r} cannot reach {r:g} ({e}): left out; ask for smaller fractions to include it")
+        advice = "" if "repeat KV heads" in str(e) else "; ask for smaller fractions to include it"  # no fraction helps
+        C._warn(f"{name!r} cannot reach {r:g} ({e}): left out{advice}")
     return {k: kw for k, kw in recipes.items() if k not in far}

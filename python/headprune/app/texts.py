@@ -57,8 +57,12 @@ def _json_texts(path: Path) -> list:
     """The ``text`` field of each record of a JSON Lines file, or of a ``.json`` file holding
     one array of records."""
     text = _read(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        records, where = enumerate(_json(text, str(path)), 1), " record "
+    whole = _whole_json(text) if path.suffix.lower() == ".json" else None
+    if isinstance(whole, dict):
+        raise ValueError(f"--data: {path} holds one JSON object; expected an array of records with a 'text' field, "
+                         "or one record per line (JSON Lines)")
+    if isinstance(whole, list):
+        records, where = enumerate(whole, 1), " record "
     else:  # lines end at \n only: JSON strings may hold U+2028, U+2029 or U+0085, where splitlines() breaks
         records = ((n, _json(line, f"{path}:{n}")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
         where = ":"
@@ -68,6 +72,14 @@ def _json_texts(path: Path) -> list:
             raise ValueError(f"--data: {path}{where}{n} has no string field 'text'")
         out.append(rec["text"])
     return out
+
+
+def _whole_json(text: str):
+    """A ``.json`` file's one value, or None where it is not one (JSON Lines)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _json(text: str, where: str):

@@ -274,7 +274,10 @@ class HeadScores:
         moments = None
         if self.moments is not None and other.moments is not None:
             moments = self.moments.merge(other.moments)
-        return self.with_sums(self.stats + other.stats, outputs, moments)
+        if self.kv_ids is not None and other.kv_ids is not None and self.kv_ids != other.kv_ids:
+            raise ValueError("other: KV rows differ (different model or pruning); cannot merge")
+        merged = self.with_sums(self.stats + other.stats, outputs, moments)
+        return merged if merged.kv_ids is not None else dataclasses.replace(merged, kv_ids=other.kv_ids)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain lists and numbers; float64 values survive exactly), without
