@@ -226,3 +226,33 @@ def test_prune_uniform_on_an_encoder_says_each_layer_was_measured(tiny_bert):
     assert heads == measure_uniform(model, batches, scores, select_heads(scores, ratio=0.5, uniform=True))[0]
     text = P._recipe(args, kw, "refit", scores)
     assert "each layer's heads removed one at a time" in text and "first layer" not in text
+
+
+def test_t5_cross_attention_layers_keeping_other_heads_stay_plain(tmp_path):
+    """T5's cross-attention has no relative-position table, so the bias its first layer passes
+    down is zeros and the mask, alike for every head. Layers keeping as many heads but other
+    ones were still given per-layer biases, which no config can declare: the directory was not
+    plain. Self-attention layers share their first layer's table, so theirs must keep the same
+    heads."""
+    import json
+
+    import transformers
+
+    from headprune.hf import mask_heads, prune_heads, save_pruned
+
+    model = tiny_model("t5")  # sites: encoder 0-1 self, decoder 0-1 self, decoder 0-1 cross
+    heads = {0: [1], 1: [1], 2: [2], 3: [2], 4: [0], 5: [3]}
+    pruned, masked = copy.deepcopy(model).double(), copy.deepcopy(model).double()
+    prune_heads(pruned, heads)
+    mask_heads(masked, heads)
+    assert pruned._headprune_state["per_layer_bias"] == []
+    batch = tiny_batch("t5", seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**batch).last_hidden_state, masked(**batch).last_hidden_state,
+                                   rtol=0, atol=1e-12)
+    pruned.float()
+    save_pruned(pruned, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "headprune.json").read_text())["plain_loadable"]
+    plain = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).last_hidden_state, pruned(**batch).last_hidden_state)

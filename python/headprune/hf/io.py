@@ -79,7 +79,8 @@ def _write_error(e: Exception, path: str) -> OSError:
 _NOT_PLAIN_README = """# A {arch} with attention heads removed by headprune
 
 Its layers keep different numbers of heads (or output-projection biases its config cannot
-declare), which a transformers config cannot express, so its weights are in
+declare, or, in T5, other heads in layers that share one relative-position table), which a
+transformers config cannot express, so its weights are in
 `{weights}`, a name `from_pretrained` does not read (it stops: no model weights file). Load
 it with headprune:
 

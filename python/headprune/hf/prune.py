@@ -251,10 +251,13 @@ def _split_shared_bias(undo, model, sites, adapter, state, new_kept, force=()) -
     for s in sites:
         blocks.setdefault(f"{s.block.stack}.{s.block.kind}", []).append(s)
     for name, group in blocks.items():
-        differ = any(new_kept[s.index] != new_kept[group[0].index] for s in group)
+        table = getattr(group[0].module, "relative_attention_bias", None)
+        # without a table (T5's cross-attention) the bias passed down is zeros and the mask, alike
+        # for every head: only another number of heads needs each layer's own
+        same = (lambda k: k) if table is not None else len
+        differ = any(same(new_kept[s.index]) != same(new_kept[group[0].index]) for s in group)
         if name in state["per_layer_bias"] or not (differ or name in force):
             continue
-        table = getattr(group[0].module, "relative_attention_bias", None)
         for s in group:
             if table is not None and s is not group[0]:
                 undo.set(s.module, "relative_attention_bias", copy.deepcopy(table))

@@ -71,8 +71,8 @@ def select_heads(
         uniform: the same layout in every site (the same number of query heads, and under GQA
             the same groups kept and heads per group), the count nearest the request (the fewer
             heads on a tie, which may be none: an empty selection, which ``headprune prune``
-            refuses), so a standard config describes the result; no site is protected by
-            default, and ``protect_layers`` is refused.
+            refuses), so a standard config describes the result (T5: where each stack's layers
+            keep the same heads); no site is protected by default, ``protect_layers`` refused.
         kv_ratio: with ``gqa="even"``, remove at least this fraction of the KV heads (rounded
             up): layouts that remove whole groups are preferred, by the least bonus per group
             that reaches it (see :func:`~headprune.ranking.layouts.allocate_kv`), so the KV
