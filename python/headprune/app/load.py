@@ -268,8 +268,6 @@ def _tokenizer(path: Path):
         raise
     except Exception as e:  # tokenizers and transformers raise many types on a damaged file
         raise ValueError(f"MODEL: cannot read the tokenizer in {path} ({type(e).__name__}: {first_line(e)})") from e
-    backend = getattr(tok, "backend_tokenizer", None)  # its padding and truncation as read (calls change them)
-    setattr(tok, BACKEND_AS_READ, None if backend is None else (backend.padding, backend.truncation))
     return _pad(tok)
 
 
@@ -282,6 +280,8 @@ BACKEND_AS_READ = "_headprune_backend_as_read"
 def _pad(tok):
     """``tok`` with a padding token for the command line's batches (their masks hide it): its
     own, else its end-of-text, separator, unknown or classifier token (saved without it)."""
+    backend = getattr(tok, "backend_tokenizer", None)  # its padding and truncation as read (calls change them)
+    setattr(tok, BACKEND_AS_READ, None if backend is None else (backend.padding, backend.truncation))
     if tok.pad_token is None:
         stand_in = next((t for t in (tok.eos_token, tok.sep_token, tok.unk_token, tok.cls_token) if t is not None), None)
         if stand_in is not None:
