@@ -133,16 +133,19 @@ def test_quiet_quiets_transformers_loading_bars_in_eval(run, tmp_path, tiny_dir,
     from headprune.app import eval_command
 
     seen, load = [], eval_command.load_model
-    monkeypatch.setattr(eval_command, "load_model",
-                        lambda *a, **kw: seen.append(hf_logging.is_progress_bar_enabled()) or load(*a, **kw))
+    monkeypatch.setattr(eval_command, "load_model", lambda *a, **kw: seen.append(
+        (hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity())) or load(*a, **kw))
     _write(tmp_path, "text.txt", SENTENCES)
-    was = hf_logging.is_progress_bar_enabled()
+    was, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
     try:
         code, err, _ = _eval(run, [tiny_dir, "--no-speed"])
-        assert code == 0 and seen == [False] and hf_logging.is_progress_bar_enabled()
+        assert code == 0 and seen == [(False, hf_logging.ERROR)]
+        assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == hf_logging.WARNING
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        hf_logging.set_verbosity(level)
 
 
 def test_resume_accepts_a_checkpoint_written_before_the_token_count_was_recorded(run, tmp_path, tiny_dir,
