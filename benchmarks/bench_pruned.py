@@ -145,7 +145,7 @@ def judge(rows: list, control: str = "masked30") -> list:
             continue
         for clock in ("", "_cpu"):
             r[f"control{clock}_low"], r[f"control{clock}_high"] = c[f"speedup{clock}_low"], c[f"speedup{clock}_high"]
-        r["verdict"], r["verdict_cpu"] = verdict(r), verdict(r, "_cpu")
+        r["verdict"], r["verdict_cpu"] = (verdict(r, clock, control=f"the {control} control") for clock in ("", "_cpu"))
     return rows
 
 

@@ -3,8 +3,6 @@ and docs_tables.py)."""
 
 from __future__ import annotations
 
-import re
-
 from make_docs import num, table, x
 
 
@@ -28,7 +26,7 @@ def _spread(r: dict, control: dict | None, clock: str = "") -> str:
     if control is not None and f"control{clock}_low" not in row:
         row[f"control{clock}_low"], row[f"control{clock}_high"] = (control[f"speedup{clock}_low"],
                                                                    control[f"speedup{clock}_high"])
-    text = re.sub(r"; the unpruned model against itself [^)]*", "", verdict(row, clock))
+    text = verdict(row, clock, control=None)  # the control's own row is beside it
     head, _, tail = text.partition(" (")
     return text if head.startswith("no ") else f"**{head}** ({tail}"
 

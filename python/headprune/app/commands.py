@@ -131,6 +131,11 @@ def _tokens_digest(batches) -> str:
     return h.hexdigest()[:16]
 
 
+#: what :func:`_setup` (and ``prune``'s absolute ``data_path``) record of the calibration text
+TEXT_SETTINGS = ("data", "data_path", "samples", "samples_requested", "seq_len", "reference",
+                 "calibration_paragraphs", "held_out_paragraphs", "calibration_tokens", "generated")
+
+
 def _setup(args):
     """Model, calibration batches and held-out paragraphs for a command."""
     parts, held = texts.load_split(args.data)

@@ -75,17 +75,14 @@ def evaluate(args) -> int:
 def _pruned_with(model: str) -> Optional[str]:
     """The calibration text (its files' absolute paths where it names files) of the prune or
     recover folder MODEL is, or whose ``model/`` it is; ``None`` (the default text) otherwise."""
-    from .recover_command import read_report
+    from .recover_command import calibrated_on, read_report
 
     folder = prune_folder(model)
     try:
         settings = read_report(folder, "MODEL").get("settings") if folder is not None else None
     except (OSError, ValueError, AttributeError):  # the fidelity's lookup says what is wrong with it
         return None
-    if not isinstance(settings, dict):
-        return None
-    data = settings.get("data_path") or settings.get("data")
-    return data if isinstance(data, str) else None
+    return calibrated_on(settings) if isinstance(settings, dict) else None
 
 
 def _named_teacher(model: str) -> Optional[tuple]:

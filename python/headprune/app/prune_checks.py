@@ -78,7 +78,8 @@ def check_model(args, loaded) -> None:
     from ..hf.adapters import get_adapter, head_counts, resolve_sites
     from ..hf.prune import STATE_ATTR
     from ..ranking.layouts import grouped_queries
-    from ..ranking.select import refuse_split_groups
+    from ..ranking.select import SplitGroupsError
+    from ..stats.scores import repeated_kv
 
     adapter = get_adapter(loaded.model)
     sites = resolve_sites(loaded.model, adapter)
@@ -88,9 +89,9 @@ def check_model(args, loaded) -> None:
                          f"0-{len(sites) - 1})")
     unit = "KV groups" if getattr(args, "gqa", None) == "group" else "query heads"  # what --count counts
     state = getattr(loaded.model, STATE_ATTR, None)
-    split = [i for i, ids in enumerate(state["kv"] if state else ()) if len(set(ids)) < len(ids)]
+    split = repeated_kv(state and state["kv"])
     if unit == "KV groups" and split:
-        raise ValueError(refuse_split_groups(split, cli=True))
+        raise SplitGroupsError(split, cli=True)
     units = [head_counts(s, adapter)[unit == "KV groups"] for s in sites]
     refuse_below_one("--ratio", [] if args.ratio is None else [args.ratio], sum(units), unit)
     if args.count is not None and args.count > sum(units):

@@ -156,10 +156,17 @@ def named_model(report: dict) -> tuple:
     return report.get("model_path") or report.get("model"), "model_path" not in report
 
 
+def calibrated_on(settings: dict):
+    """The text a prune or recover folder's ``settings`` were calibrated on (its files' absolute
+    paths where it names files), or None."""
+    data = settings.get("data_path") or settings.get("data")
+    return data if isinstance(data, str) else None
+
+
 def _data_spec(args, settings: dict):
-    """The text recovery reads: ``--data``, else what the directory was pruned with (its files'
-    absolute paths where it names files), else the default."""
-    return args.data or settings.get("data_path") or settings.get("data")
+    """The text recovery reads: ``--data``, else what the directory was pruned with, else the
+    default."""
+    return args.data or calibrated_on(settings)
 
 
 def _batches(args, loaded, settings: dict) -> tuple:
@@ -179,12 +186,6 @@ def _batches(args, loaded, settings: dict) -> tuple:
     paths = texts.data_paths(used["data"])
     used.update({"data_path": paths} if paths != used["data"] else {})
     return batches, {"held_out": held, "calibration": calib}, used
-
-
-#: what the pruning's settings said of its calibration text, which recovery replaces by its own
-#: (recovery draws no reference sequences and asks for no sample count)
-_CALIBRATION_KEYS = ("data", "data_path", "samples", "samples_requested", "seq_len", "reference",
-                     "calibration_paragraphs", "held_out_paragraphs", "calibration_tokens", "generated")
 
 
 def _quality(args, loaded, paragraphs: dict, references: dict) -> dict:
@@ -228,7 +229,8 @@ def recover(args) -> int:
         q["recovered"] = _quality(args, student, paragraphs, q["unpruned"])
     metric, lower = E.metric_of(student.kind)
     table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
-    pruning = {k: v for k, v in prune_report["settings"].items() if k not in _CALIBRATION_KEYS}
+    # the pruning's account of its text gives way to recovery's (no reference, no sample count asked)
+    pruning = {k: v for k, v in prune_report["settings"].items() if k not in C.TEXT_SETTINGS}
     settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
                 "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,

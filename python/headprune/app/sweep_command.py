@@ -5,6 +5,7 @@ before the collection."""
 
 from __future__ import annotations
 
+from ..ranking.select import SplitGroupsError
 from . import commands as C
 from . import plots
 from .prune_checks import refuse_below_one
@@ -66,6 +67,6 @@ def plan(args, loaded) -> dict:
         r, e = far.pop(BASELINE)
         raise ValueError(f"--ratios: {r:g} is out of reach of the random baseline ({e}): ask for smaller fractions")
     for name, (r, e) in far.items():
-        advice = "" if "repeat KV heads" in str(e) else "; ask for smaller fractions to include it"  # no fraction helps
+        advice = "" if isinstance(e, SplitGroupsError) else "; ask for smaller fractions to include it"
         C._warn(f"{name!r} cannot reach {r:g} ({e}): left out{advice}")
     return {k: kw for k, kw in recipes.items() if k not in far}

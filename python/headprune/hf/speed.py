@@ -213,7 +213,7 @@ def quartiles(values: list) -> tuple:
     return q[0], q[2]
 
 
-def verdict(row: dict, clock: str = "") -> str:
+def verdict(row: dict, clock: str = "", control: Optional[str] = "the unpruned model against itself") -> str:
     """``"no measurable difference (0.97-1.04x)"`` when the quartiles of the per-round
     speed-ups include 1.0, else ``"1.31x (1.25-1.36x)"``. Where the row also holds the ratio of
     the median times (``speedup_of_medians``, what its tokens/s columns show) and that lies on
@@ -221,10 +221,11 @@ def verdict(row: dict, clock: str = "") -> str:
     measurable difference either, with both figures. Where it holds a control's quartiles
     (``control_low`` / ``control_high``: the reference timed against itself in the same
     rounds), a spread that reaches into the control's is no measurable difference too: timing
-    one model against an identical one gave 0.99x (0.99-0.99x) on a loaded machine."""
+    one model against an identical one gave 0.99x (0.99-0.99x) on a loaded machine. ``control``
+    names the control in the text (``None``: not named)."""
     s, lo, hi = row[f"speedup{clock}"], row[f"speedup{clock}_low"], row[f"speedup{clock}_high"]
     c_lo, c_hi = row.get(f"control{clock}_low"), row.get(f"control{clock}_high")
-    control = "" if c_lo is None else f"; the unpruned model against itself {c_lo:.2f}-{c_hi:.2f}x"
+    control = "" if c_lo is None or control is None else f"; {control} {c_lo:.2f}-{c_hi:.2f}x"
     band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo), max(1.0, c_hi))
     if lo <= band[1] and hi >= band[0]:
         return f"no measurable difference ({lo:.2f}-{hi:.2f}x{control})"

@@ -18,7 +18,7 @@ from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts
                       layout_heads)
 from .units import as_index, rank_positions, unit_sizes
 
-__all__ = ["select_heads", "site_caps", "allocate", "budget"]
+__all__ = ["select_heads", "site_caps", "allocate", "budget", "SplitGroupsError"]
 
 
 def select_heads(
@@ -91,7 +91,7 @@ def select_heads(
     counts = _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, pruned, kv_ratio, gqa,
                             counts, ratio, count)
     if gqa == "group" and scores.repeated_kv_sites():  # the rows a query pruning repeated are no whole groups
-        raise ValueError(refuse_split_groups(scores.repeated_kv_sites()))
+        raise SplitGroupsError(scores.repeated_kv_sites())
     recipe = resolve_recipe(scores, score, order, protect_layers, uniform=uniform)
     ranked = rank_positions(scores, score=recipe.score, order=recipe.order, seed=seed, gqa=gqa, damping=damping)
     if counts is not None:
@@ -200,11 +200,14 @@ def _select_counts(scores: HeadScores, ranked: list, recipe, gqa: str, counts: d
     return {site: sorted(scores.ids(site, hs)) for site, hs in sorted(chosen.items())}
 
 
-def refuse_split_groups(sites: list, cli: bool = False) -> str:
-    g = (lambda v: f"--gqa {v}") if cli else (lambda v: f"gqa={v!r}")  # noqa: E731
-    return (f"{g('group')}: layers {sites[:8]}{' ...' if len(sites) > 8 else ''} repeat KV heads (an earlier "
-            f"{g('query')} pruning split their groups), so their KV rows are not whole KV groups; use "
-            f"{g('even')} or {g('query')}, or prune the original model")
+class SplitGroupsError(ValueError):
+    """Whole-group pruning of sites whose KV rows repeat an original KV head: no fraction helps."""
+
+    def __init__(self, sites: list, cli: bool = False):
+        g = (lambda v: f"--gqa {v}") if cli else (lambda v: f"gqa={v!r}")  # noqa: E731
+        super().__init__(f"{g('group')}: layers {sites[:8]}{' ...' if len(sites) > 8 else ''} repeat KV heads (an "
+                         f"earlier {g('query')} pruning split their groups), so their KV rows are not whole KV groups; "
+                         f"use {g('even')} or {g('query')}, or prune the original model")
 
 
 def _even_forced(pruned, scores: HeadScores) -> dict:
@@ -256,16 +259,13 @@ def _check_even_room(scores, kv, caps, allowed, forced, want: int, whole: bool, 
     (documented; ``prune`` warns), but not none at all, silently (for example the only
     unprotected layer already emptied)."""
     done = sum(len(forced.get(i, ())) for i in range(scores.num_sites))
-
-    def room(limits):
-        return sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
-                   for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, limits)))
-
+    room = sum(max((r for r in even_layouts(n, k, whole) if r <= max(c, len(forced.get(i, ())))), default=0)
+               for i, (n, k, c) in enumerate(zip(scores.num_heads, kv, caps)))
     most = sum(max(a, len(forced.get(i, ()))) for i, a in enumerate(allowed))  # what the query path allows
     if want > most:
         raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "
                          f"allow at most {most}{recipe.why_protected}")
-    if want > done and room(caps) <= done:
+    if want > done and room <= done:
         spread = " spread evenly over the layers" if scope == "per_layer" else ""
         before = f"the {done} already removed" if done else "none"
         raise ValueError(f"ratio/count: {want} heads requested but protect_layers and min_heads_per_layer={min_heads} "

@@ -41,6 +41,12 @@ DERIVED_SCORES = {
 }
 
 
+def repeated_kv(kv_ids) -> list:
+    """Sites whose KV rows (``kv_ids``: per site, each row's original KV head) repeat a KV head:
+    an earlier ``gqa="query"`` pruning split its group, so the rows are not whole KV groups."""
+    return [i for i, ids in enumerate(kv_ids or ()) if len(set(ids)) < len(ids)]
+
+
 @dataclass
 class HeadScores:
     """Statistics ``stats [num_sites, max_heads, NUM_STATS]`` (float64) per attention site and
@@ -87,9 +93,10 @@ class HeadScores:
             raise ValueError(f"stats: expected a [sites, heads, {NUM_STATS}] tensor, got {getattr(self.stats, 'shape', type(self.stats))}")
         self.stats = self.stats.to(torch.float64)
         n = self.stats.shape[0]
-        for name in ("num_heads", "num_kv_heads", "head_dim", "names", "kinds", "causal", "depth", "head_ids"):
+        for name in ("num_heads", "num_kv_heads", "head_dim", "names", "kinds", "causal", "depth", "head_ids",
+                     "kv_ids"):
             value = getattr(self, name)
-            if value is None and name in ("causal", "depth", "head_ids"):
+            if value is None and name in ("causal", "depth", "head_ids", "kv_ids"):
                 continue
             value = list(value)
             if len(value) != n:
@@ -106,9 +113,8 @@ class HeadScores:
             self.kv_ids = [list(map(int, ids)) for ids in self.kv_ids]
             bad = [i for i, (ids, h, kv) in enumerate(zip(self.kv_ids, self.num_heads, self.num_kv_heads))
                    if len(ids) != (kv or h)]
-            if len(self.kv_ids) != n or bad:
-                raise ValueError(f"kv_ids: expected one list per site with one entry per KV head, got "
-                                 f"{len(self.kv_ids)} lists (sites {bad[:5]} differ)")
+            if bad:
+                raise ValueError(f"kv_ids: sites {bad[:5]} list another number of KV heads than num_kv_heads")
         if self.outputs is not None:
             want = (n, self.stats.shape[1], max(self.head_dim, default=0), NUM_OUTPUT_STATS)
             if not isinstance(self.outputs, torch.Tensor) or tuple(self.outputs.shape) != want:
@@ -236,9 +242,8 @@ class HeadScores:
                           pick(self.causal), pick(self.depth), moments, pick(self.head_ids), pick(self.kv_ids))
 
     def repeated_kv_sites(self) -> list:
-        """Sites whose KV rows repeat an original KV head (an earlier ``gqa="query"`` pruning
-        split its group): their rows are not whole KV groups of the model."""
-        return [i for i, ids in enumerate(self.kv_ids or ()) if len(set(ids)) < len(ids)]
+        """Sites whose KV rows repeat an original KV head (:func:`repeated_kv`)."""
+        return repeated_kv(self.kv_ids)
 
     # ---- combination and serialisation -------------------------------------------------
     def layout(self) -> tuple:
@@ -276,8 +281,8 @@ class HeadScores:
             moments = self.moments.merge(other.moments)
         if self.kv_ids is not None and other.kv_ids is not None and self.kv_ids != other.kv_ids:
             raise ValueError("other: KV rows differ (different model or pruning); cannot merge")
-        merged = self.with_sums(self.stats + other.stats, outputs, moments)
-        return merged if merged.kv_ids is not None else dataclasses.replace(merged, kv_ids=other.kv_ids)
+        kv_ids = self.kv_ids if self.kv_ids is not None else other.kv_ids  # a file from before kv_ids has none
+        return dataclasses.replace(self.with_sums(self.stats + other.stats, outputs, moments), kv_ids=kv_ids)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain lists and numbers; float64 values survive exactly), without
