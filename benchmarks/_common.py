@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -56,11 +57,23 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def _trim() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the system (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_bytes(fn) -> int | None:
     """Peak resident memory above the start while fn() runs (Linux: the VmHWM high-water mark,
-    reset through /proc/self/clear_refs). None where that is unavailable."""
+    reset through /proc/self/clear_refs). None where that is unavailable.
+
+    The pages malloc keeps after earlier frees are resident already, and fn() would reuse them
+    unseen (a 20 MB peak read as 6 MB after a larger loop): they go back to the system first."""
     try:
         gc.collect()
+        _trim()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _proc_status_kb("VmRSS")
