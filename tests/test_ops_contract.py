@@ -328,6 +328,13 @@ for dt in (torch.float32, torch.float64, torch.bfloat16):
         ops.entropy_stats_from_probs_accumulate_(s, p, None, 0.0)
         w = R.entropy_stats_from_probs(p.double(), eps=0.0)
         assert ((s - w)[:, 1] / w[:, 1]).abs().max() < 1e-6, ((s - w)[:, 1] / w[:, 1]).abs().max()
+        # Rows of equal terms, whose float roundings all go one way: long rows too
+        for K in (2048, 4097, 100000):
+            p = torch.full((1, 1, 1, K), 1.0 / K).to(dt)
+            s = torch.zeros(1, 6, dtype=torch.float64)
+            ops.entropy_stats_from_probs_accumulate_(s, p)
+            w = R.entropy_stats_from_probs(p)
+            assert ((s - w)[:, 1] / w[:, 1]).abs().max() < 1e-6, (K, ((s - w)[:, 1] / w[:, 1]).abs().max())
 print("ok")
 """)
 
