@@ -45,11 +45,22 @@ double compute_max(const at::Tensor& like) {
 
 }  // namespace
 
+void check_defined(const at::Tensor& t, const char* name) {
+  // an undefined tensor (C++'s at::Tensor()) reads as 1-D of shape [0] to the checks below
+  TORCH_CHECK_VALUE(t.defined(), name, ": expected a tensor, got an undefined one (at::Tensor())");
+}
+
+void check_defined(const std::optional<at::Tensor>& t, const char* name) {
+  TORCH_CHECK_VALUE(!t.has_value() || t->defined(), name,
+                    ": got an undefined tensor; pass no mask (std::nullopt, None) for none");
+}
+
 at::Tensor new_rows(const at::Tensor& like) {
   return at::empty({like.size(0), like.size(1), like.size(2), 4}, like.options().dtype(at::kDouble));
 }
 
 void check_probs(const at::Tensor& probs, double eps) {
+  check_defined(probs, "probs");
   TORCH_CHECK_VALUE(probs.dim() == 4, "probs: expected a 4-D tensor [B, H, Q, K], got ", probs.dim(), "-D with shape ",
                     probs.sizes());
   TORCH_CHECK_TYPE(is_supported_float(probs.scalar_type()),
@@ -64,6 +75,8 @@ void check_probs(const at::Tensor& probs, double eps) {
 }
 
 void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
+  check_defined(query, "query");
+  check_defined(key, "key");
   TORCH_CHECK_VALUE(query.dim() == 4, "query: expected a 4-D tensor [B, Hq, Q, D], got ", query.dim(),
                     "-D with shape ", query.sizes());
   TORCH_CHECK_VALUE(key.dim() == 4, "key: expected a 4-D tensor [B, Hkv, K, D], got ", key.dim(), "-D with shape ",
@@ -89,6 +102,7 @@ void check_qk(const at::Tensor& query, const at::Tensor& key, double scale) {
 }
 
 void check_value(const at::Tensor& value, const at::Tensor& key) {
+  check_defined(value, "value");
   TORCH_CHECK_VALUE(value.dim() == 4, "value: expected a 4-D tensor [B, Hkv, K, Dv], got ", value.dim(),
                     "-D with shape ", value.sizes());
   TORCH_CHECK_TYPE(value.scalar_type() == key.scalar_type(), "value: expected the dtype of query and key (",
@@ -102,6 +116,7 @@ void check_value(const at::Tensor& value, const at::Tensor& key) {
 }
 
 void check_query_mask(const std::optional<at::Tensor>& query_mask, const at::Tensor& like, int64_t q_len) {
+  check_defined(query_mask, "query_mask");
   if (!query_mask.has_value()) return;
   const at::Tensor& m = *query_mask;
   TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "query_mask: expected a bool tensor [B, Q], got ", dtype_name(m.scalar_type()));
@@ -118,6 +133,8 @@ void check_writable(const at::Tensor& t, const char* name) {
 }
 
 void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& like, int64_t heads) {
+  check_defined(sums, "sums");
+  check_defined(counts, "counts");
   check_writable(sums, "sums");
   check_writable(counts, "counts");
   TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, "sums: expected a float64 accumulator, got ",
@@ -137,9 +154,13 @@ void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const a
                     "sums: expected an accumulator whose elements do not share memory, got an expanded view");
   TORCH_CHECK_VALUE(at::has_internal_overlap(counts) != at::MemOverlap::Yes,
                     "counts: expected an accumulator whose elements do not share memory, got an expanded view");
+  const auto shared = at::get_overlap_status(sums, counts);
+  TORCH_CHECK_VALUE(shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial,
+                    "counts: expected an accumulator apart from sums, got one that shares memory with it");
 }
 
 void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads) {
+  check_defined(stats, "stats");
   check_writable(stats, "stats");
   TORCH_CHECK_TYPE(stats.scalar_type() == at::kDouble, "stats: expected a float64 accumulator, got ",
                    dtype_name(stats.scalar_type()));
@@ -147,11 +168,15 @@ void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads)
                     "stats: expected shape [", heads, ", ", kNumStats, "], got ", stats.sizes());
   TORCH_CHECK_VALUE(stats.device() == like.device(), "stats: expected device ", like.device(), ", got ",
                     stats.device());
+  // checked before the kernel runs: ATen's add_ refuses such a view only after the kernel
+  TORCH_CHECK_VALUE(at::has_internal_overlap(stats) != at::MemOverlap::Yes,
+                    "stats: expected an accumulator whose elements do not share memory, got an expanded view");
 }
 
 std::optional<at::Tensor> expand_attn_mask(
     const std::optional<at::Tensor>& attn_mask, const at::Tensor& query, const at::Tensor& key,
     at::ScalarType compute) {
+  check_defined(attn_mask, "attn_mask");
   if (!attn_mask.has_value()) return std::nullopt;
   at::Tensor m = *attn_mask;
   TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || is_supported_float(m.scalar_type()),

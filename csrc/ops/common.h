@@ -27,6 +27,9 @@ const char* dtype_name(at::ScalarType t);
 // An uninitialised row buffer [B, H, Q, 4] (float64) for the rows of `like` [B, H, Q, ...].
 at::Tensor new_rows(const at::Tensor& like);
 
+// a named refusal of an undefined tensor (and of an optional holding one)
+void check_defined(const at::Tensor& t, const char* name);
+void check_defined(const std::optional<at::Tensor>& t, const char* name);
 void check_probs(const at::Tensor& probs, double eps);
 void check_qk(const at::Tensor& query, const at::Tensor& key, double scale);
 // value [B, Hkv, K, Dv] matching key (dtype, device, B, Hkv, K).

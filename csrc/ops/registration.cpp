@@ -66,6 +66,8 @@ namespace headprune::ops {
 namespace {
 
 void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_dim, int64_t dim) {
+  check_defined(x, "x");
+  check_defined(mask, "mask");
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x: expected a floating tensor, got ",
                    dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension, got a 0-D tensor");

@@ -167,4 +167,25 @@ HP_TEST(attention_output_and_stats_match_reference) {
   }
 }
 
+
+HP_TEST(undefined_tensors_are_refused_by_name) {
+  const at::Tensor q = at::randn({1, 2, 3, 4}), k = at::randn({1, 2, 5, 4}), v = at::randn({1, 2, 5, 4});
+  const at::Tensor p = random_probs(1, 2, 3, 5);
+  at::Tensor stats = at::zeros({2, headprune::kNumStats}, at::kDouble);
+  at::Tensor sums = at::zeros({2}, at::kDouble), counts = at::zeros({2}, at::kLong), none;
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, none, 0.5), "key: expected a tensor, got an undefined");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, none, k, 0.5), "query: expected a tensor");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_probs_accumulate_(stats, none), "probs: expected a tensor");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_probs_accumulate_(none, p), "stats: expected a tensor");
+  HP_CHECK_THROWS(headprune::entropy_from_probs_accumulate_(sums, none, p), "counts: expected a tensor");
+  HP_CHECK_THROWS(headprune::attention_stats_accumulate_(stats, q, k, none, 0.5), "value: expected a tensor");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_qk_accumulate_(stats, q, k, 0.5, at::Tensor()),
+                  "attn_mask: got an undefined tensor");
+  HP_CHECK_THROWS(headprune::entropy_stats_from_probs_accumulate_(stats, p, at::Tensor()),
+                  "query_mask: got an undefined tensor");
+  at::Tensor x = at::randn({3, 8});
+  HP_CHECK_THROWS(headprune::apply_head_mask_(x, none, 4, 1), "mask: expected a tensor");
+  HP_CHECK(stats.eq(0).all().item<bool>() && sums.eq(0).all().item<bool>() && counts.eq(0).all().item<bool>());
+}
+
 int main(int argc, char** argv) { return hp_test::run_all(argc, argv); }
