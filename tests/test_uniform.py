@@ -256,3 +256,43 @@ def test_t5_cross_attention_layers_keeping_other_heads_stay_plain(tmp_path):
     plain = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(plain(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
+
+
+def test_t5_uniform_selection_ties_each_stacks_self_attention_and_saves_plainly(tmp_path):
+    """T5's self-attention layers read their stack's first layer's position table: a uniform
+    selection keeps the same heads in all of them (the least summed cost), so the pruned model's
+    config describes it and plain from_pretrained rebuilds it exactly (without the refit, whose
+    output bias no T5 config declares); cross-attention layers need only the same count."""
+    import json
+
+    import transformers
+
+    from headprune.hf import prune_heads, save_pruned
+    from headprune.ranking.layouts import tied_sites
+
+    model = tiny_model("t5")  # sites: encoder 0-1 self, decoder 0-1 self, decoder 0-1 cross
+    scores = collect(model, [tiny_batch("t5", seed=i) for i in range(3)], progress=False, moments=True)
+    assert tied_sites(scores) == [[0, 1], [2, 3]]
+    for score in ("entropy", "variance", None):
+        heads = select_heads(scores, ratio=0.5, uniform=True, score=score)
+        assert heads[0] == heads[1] and heads[2] == heads[3] and len({len(h) for h in heads.values()}) == 1
+    refit = copy.deepcopy(model)
+    prune_heads(refit, heads, reconstruct=scores)
+    assert refit._headprune_state["per_layer_bias"] == [] and refit.config.num_heads == 2
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, heads)
+    save_pruned(pruned, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "headprune.json").read_text())["plain_loadable"]
+    plain = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+    batch = tiny_batch("t5", seed=7)
+    with torch.no_grad():
+        assert torch.equal(plain(**batch).last_hidden_state, pruned(**batch).last_hidden_state)
+
+
+def test_tied_position_tables_follow_the_adapters():
+    """The ranking's list of model types whose self-attention shares a position table is the
+    adapters' (the selection does not import them)."""
+    from headprune.hf.adapters import ADAPTERS
+    from headprune.ranking.layouts import SHARED_POSITION_TABLE
+
+    assert {name for name, a in ADAPTERS.items() if a.shared_position_bias} == set(SHARED_POSITION_TABLE)

@@ -14,7 +14,9 @@ Which heads go follows the ranking: each head costs its unit's position in the p
 the ``t`` cheapest of each other group). Across sites, :func:`allocate_even` grows the sites'
 layouts one step at a time, cheapest cost per head first, within the budget and the caps;
 :func:`allocate_kv` does the same with a bonus per whole group removed, the least with which
-at least a given number of KV heads go (``select_heads(..., kv_ratio=)``).
+at least a given number of KV heads go (``select_heads(..., kv_ratio=)``). Under a uniform
+selection, sites that read one position table (:func:`tied_sites`: T5's self-attention
+layers of a stack) keep the same heads, those of least summed cost over them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,28 @@ import math
 
 import torch
 
-__all__ = ["even_layouts", "best_layout", "layout_heads", "head_costs", "allocate_even", "allocate_kv", "allocate_uniform",
-           "has_grouped_queries", "kv_groups_removed"]
+__all__ = ["even_layouts", "best_layout", "layout_heads", "head_costs", "allocate_even", "allocate_kv",
+           "allocate_uniform", "has_grouped_queries", "kv_groups_removed", "tied_sites", "SHARED_POSITION_TABLE"]
+
+#: model types whose self-attention layers all read their stack's first layer's relative-position
+#: table (the adapters' ``shared_position_bias``): a config describes their pruned layout only
+#: when every self-attention layer of a stack keeps the same heads
+SHARED_POSITION_TABLE = frozenset({"t5"})
+
+
+def tied_sites(scores) -> list:
+    """Groups of sites (``[[site, ...], ...]``) that must keep the same heads for one config to
+    describe the result: each stack's self-attention sites where they share a position table
+    and their heads are still the same ones (site names ``stack.layer.kind``, as collected)."""
+    if getattr(scores, "model_type", None) not in SHARED_POSITION_TABLE:
+        return []
+    groups: dict = {}
+    for i, (name, kind) in enumerate(zip(scores.names, scores.kinds)):
+        if kind == "self":
+            groups.setdefault(name.split(".")[0], []).append(i)
+    ids = scores.head_ids
+    return [g for g in groups.values()
+            if len(g) > 1 and (ids is None or all(list(ids[i]) == list(ids[g[0]]) for i in g))]
 
 
 def has_grouped_queries(scores) -> bool:
@@ -256,9 +278,15 @@ def _exact_fill(options: list, start: list, want: int):
     return out[::-1]
 
 
-def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False) -> dict:
+def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, whole_groups_only: bool = False,
+                     tied: list = ()) -> dict:
     """``{site: heads}``: the one layout ``(g, t)`` for every site whose total is nearest
-    ``want`` (the fewer heads on a tie), the cheapest heads of it at each site."""
+    ``want`` (the fewer heads on a tie), the cheapest heads of it at each site; each group of
+    ``tied`` sites (see :func:`tied_sites`) takes the heads of least summed cost over it."""
+    for group in tied:
+        summed = [sum(costs[i][h] for i in group) for h in range(len(costs[group[0]]))]
+        for i in group:
+            costs = costs[:i] + [summed] + costs[i + 1:]
     shapes = {(len(c), kv or len(c)) for c, kv in zip(costs, kv_heads)}
     if len(shapes) != 1:
         raise ValueError(f"uniform: the sites have different head layouts {sorted(shapes)}; a uniform selection "

@@ -15,7 +15,7 @@ from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
 from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs,
-                      layout_heads)
+                      layout_heads, tied_sites)
 from .units import as_index, rank_positions, unit_sizes
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget", "SplitGroupsError"]
@@ -71,8 +71,8 @@ def select_heads(
         uniform: the same layout in every site (the same number of query heads, and under GQA
             the same groups kept and heads per group), the count nearest the request (the fewer
             heads on a tie, which may be none: an empty selection, which ``headprune prune``
-            refuses), so a standard config describes the result (T5: where each stack's layers
-            keep the same heads); no site is protected by default, ``protect_layers`` refused.
+            refuses), so a standard config describes the result (T5: each stack's self-attention
+            layers keep the same heads); no site is protected by default, ``protect_layers`` refused.
         kv_ratio: with ``gqa="even"``, remove at least this fraction of the KV heads (rounded
             up): layouts that remove whole groups are preferred, by the least bonus per group
             that reaches it (see :func:`~headprune.ranking.layouts.allocate_kv`), so the KV
@@ -225,8 +225,8 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
         want_heads = budget(ratio, count, sum(scores.num_heads) // max(sizes)) * max(sizes)
     else:
         want_heads = budget(ratio, count, sum(scores.num_heads))
-    if uniform:  # min_heads_per_layer counts units: groups under gqa="group"
-        chosen = allocate_uniform(costs, kv, want_heads, min_heads * (max(sizes) if whole else 1), whole)
+    if uniform:  # min_heads_per_layer counts units: groups under gqa="group"; tied: T5's stacks
+        chosen = allocate_uniform(costs, kv, want_heads, min_heads * (max(sizes) if whole else 1), whole, tied_sites(scores))
     else:
         protect = _check_layers(recipe.protect_layers, scores.num_sites)
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(scores.num_heads)]
