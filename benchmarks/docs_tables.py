@@ -7,6 +7,7 @@ from docs_pruned import TABLES as _PRUNED
 from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
 from docs_sequential import TABLES as _SEQUENTIAL
+from docs_uniform_bias import TABLES as _UNIFORM_BIAS
 from docs_values import TABLES as _VALUES
 from make_docs import mean as _mean
 from make_docs import change, num, pct, table, x
@@ -365,3 +366,4 @@ TABLES.update(_RECOVER)
 TABLES.update(_REFERENCE)
 TABLES.update(_SEQUENTIAL)
 TABLES.update(_VALUES)
+TABLES.update(_UNIFORM_BIAS)

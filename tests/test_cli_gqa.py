@@ -231,3 +231,37 @@ def test_the_layout_check_resolves_the_default_as_the_collection_will(run, tmp_p
                      "--quiet", "--no-speed", "--out", tmp_path / "o"])
     assert code == 0, err
     assert not any("second moments" in line for line in err), err
+
+
+def test_prune_uniform_of_a_family_without_attention_biases_refits_without_one(run, tmp_path, tiny_dir):  # noqa: F811
+    """Mistral's config declares no attention bias: --uniform refits the kept columns without the
+    output bias, says so, and saves a directory plain from_pretrained rebuilds exactly (the refit
+    with a bias made it one only load_pruned could read)."""
+    import json
+
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    from headprune.hf import load_pruned
+
+    path = tmp_path / "mistral"
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(tiny_config("mistral")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--count", "4", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--uniform", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["settings"]["refit_bias"] is False and "without an output bias" in report["recipe"]
+    assert json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())["plain_loadable"]
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").eval()(input_ids=ids)
+        ours = load_pruned(tmp_path / "o" / "model")(input_ids=ids)
+    assert torch.equal(plain.logits, ours.logits)
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--out", tmp_path / "p"])  # not uniform: the refit keeps its bias
+    assert code == 0, err
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["settings"]["refit_bias"] is True

@@ -327,3 +327,53 @@ def test_columns_that_saw_only_zeros_get_a_finite_ridge():
     xt[:, :12] = 0
     _, costs, _ = greedy_removal(xt.T @ xt, torch.cat([w, b[:, None]], 1), site_units(4, 4, 3, "query"), damping=1e-2)
     assert all(0 <= c < 1e-20 for c in costs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_refit_without_the_bias_is_the_least_squares_fit_of_the_kept_columns_alone(family):
+    """fit_bias=False: the kept columns reproduce W x (the bias left as it is, none staying none)."""
+    model, batches, scores = _setup(family, n=6)
+    adapter = get_adapter(model)
+    for site, x in zip(resolve_sites(model, adapter), _o_inputs(model, batches)):
+        keep = kept_columns(head_counts(site, adapter)[0], head_dim(site, adapter), [1])
+        w = site.o.weight.detach().double()
+        w = w.t() if adapter.conv1d else w
+        want = torch.linalg.lstsq(x[:, keep], x @ w.T, driver="gelsd").solution.T
+        cols, bias = refit_output(site.o.weight.detach(), site.o.bias, scores.moments.gram[site.index], keep,
+                                  damping=0.0, conv1d=adapter.conv1d, fit_bias=False)
+        got = (cols.t() if adapter.conv1d else cols).double()
+        res = lambda m: (x[:, keep] @ m.T - x @ w.T).pow(2).sum()  # noqa: E731
+        assert res(got) <= res(want) * (1 + 1e-6) + 1e-9
+        assert bias is None if site.o.bias is None else torch.equal(bias, site.o.bias.detach().double())
+
+
+@pytest.mark.parametrize("family", ["mistral", "t5"])
+def test_refit_without_the_bias_keeps_a_plain_config(family, tmp_path):
+    """A family whose config declares no attention bias: the uniform layout refit without the
+    bias masks and prunes to the same function, creates no bias and reloads with plain
+    from_pretrained bit-exactly."""
+    import json
+
+    import transformers
+
+    model, batches, scores = _setup(family)
+    heads = {i: ([2, 3] if family == "mistral" else [1]) for i in range(scores.num_sites)}
+    batch = tiny_batch(family, seed=5)
+    with torch.no_grad(), mask_heads(model, heads, reconstruct=scores, refit_bias=False):
+        masked = _first(model(**batch))
+        assert all(s.o.bias is None for s in resolve_sites(model))
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, heads, reconstruct=scores, refit_bias=False)
+    assert all(s.o.bias is None for s in resolve_sites(pruned))
+    with torch.no_grad():
+        out = _first(pruned(**batch))
+    assert_same_function({"masked": masked, "pruned": out}, float64_output(pruned, batch, lambda m, b: _first(m(**b))))
+    save_pruned(pruned, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "headprune.json").read_text())["plain_loadable"]
+    plain = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert torch.equal(_first(plain(**batch)), _first(pruned.base_model(**batch)) if family == "mistral" else out)
+    with pytest.raises(ValueError, match="refit_bias: False leaves the bias out"):
+        mask_heads(model, heads, compensate=scores, refit_bias=False)
+    with pytest.raises(TypeError, match="refit_bias: expected a bool"):
+        mask_heads(model, heads, reconstruct=scores, refit_bias=0)

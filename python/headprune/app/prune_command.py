@@ -21,7 +21,7 @@ from .load import SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name
 from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
-from .removal_stage import refits_values, remove, remove_zeroed
+from .removal_stage import refits_bias, refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import removal_kwargs, removal_of
 from .sweep_reach import learned_protection, learned_selection
@@ -50,7 +50,7 @@ def prune(args) -> int:
     heads, last = _choose(args, stage, loaded, batches, scores, kw, removal, settings)
     if not C._is_writer():
         return 0
-    recipe = _recipe(args, kw, removal, scores, values)
+    recipe = _recipe(args, kw, removal, scores, values, settings["refit_bias"])
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
     _check_layout_rounded(args, n, total, has_grouped_queries(scores))
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
@@ -144,12 +144,12 @@ def _export_gguf(args, stage, loaded):
     return tmp, arch
 
 
-def _recipe(args, kw: dict, removal: str, scores, values: bool = False) -> str:
+def _recipe(args, kw: dict, removal: str, scores, values: bool = False, refit_bias: bool = True) -> str:
     """The recipe that ran, in words (for the console and the reports)."""
     from ..ranking.layouts import has_grouped_queries
     from ..ranking.recipes import default_for, is_causal
 
-    return describe_recipe(kw, removal, args.sequential, args.damping, values=values,
+    return describe_recipe(kw, removal, args.sequential, args.damping, values=values, refit_bias=refit_bias,
                            default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
                            grouped=has_grouped_queries(scores),
                            measured_first=_measures_uniform(args, kw, removal, scores))
@@ -166,7 +166,9 @@ def _measures_uniform(args, kw: dict, removal: str, scores) -> bool:
 
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
     """The heads to prune (``--score learned``: after training the gates, kept in ``settings``;
-    the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise)."""
+    the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise;
+    ``settings["refit_bias"]``: whether the refit will move the output bias, see ``remove``)."""
+    settings["refit_bias"] = refits_bias(args, loaded, removal)  # after the collection's fingerprint
     if kw.get("score") == "learned":
         # the budget against the layers the selection may prune, before minutes of training
         dry = learned_selection(kw, torch.zeros(len(scores.num_heads), max(scores.num_heads)), scores)
@@ -226,7 +228,7 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
             from ..hf.uniform import MAX_OPTIONS, measure_uniform
 
             heads, measured = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping,
-                                              progress=not args.quiet)
+                                              progress=not args.quiet, refit_bias=refits_bias(args, loaded, removal))
             for site, r in measured["sites"].items():
                 if r["method"] == "ranking":
                     C._warn(f"--uniform: layer {site} has {r['options']} sets of heads of its layout, too many to "

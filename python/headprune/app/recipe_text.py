@@ -25,7 +25,7 @@ REMOVAL_WORDS = {
 
 
 def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None,
-                    causal=None, grouped=None, measured_first=False, values=False) -> str:
+                    causal=None, grouped=None, measured_first=False, values=False, refit_bias=True) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
     ``protect_layers``, ``gqa``, ``uniform``, ...; absent ones take ``default``'s, the recipe
     the statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
@@ -35,7 +35,8 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     ``measured_first``: a uniform layout's heads re-chosen by measurement
     (:func:`headprune.hf.uniform.measure_uniform`: a causal stack's first layer; an encoder's
     every layer, without grouped queries); ``values``: the refit includes the kept heads'
-    value rows (:mod:`headprune.prune.values`)."""
+    value rows (:mod:`headprune.prune.values`); ``refit_bias=False``: the refit leaves the
+    output bias out."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
@@ -80,5 +81,7 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         how += f" (damping {damping:g})"
     if removal == "refit" and sequential:
         how += ", calibrated layer by layer"
+    if removal == "refit" and not refit_bias:
+        how += ", without an output bias (the family's config declares none, so the saved config stays plain)"
     parts.append(how)
     return "; ".join(parts)

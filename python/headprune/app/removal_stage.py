@@ -22,6 +22,21 @@ def refits_values(args, loaded, removal: str) -> bool:
     return not other and refits_values_by_default(loaded.model)
 
 
+def refits_bias(args, loaded, removal: str) -> bool:
+    """Whether the least-squares refit moves the output projections' bias: not under
+    ``--uniform`` where the family's config describes the layout but declares no attention bias
+    and no output projection has one (mistral, qwen2, phi3, t5), so that the saved directory
+    stays plain; the kept columns are then refit alone."""
+    from ..hf.adapters import get_adapter, resolve_sites
+
+    if not getattr(args, "uniform", False) or removal != "refit" or refits_values(args, loaded, removal):
+        return True
+    adapter = get_adapter(loaded.model)
+    if adapter.config_head_dim is None or adapter.config_bias is not None:
+        return True
+    return any(getattr(s.o, "bias", None) is not None for s in resolve_sites(loaded.model, adapter))
+
+
 def refuse_values(loaded, other: list) -> None:
     """``--refit-values`` asked for: refused with the ``other`` options that rule it out, or
     for a model without a value projection per query head (prune and sweep, before collecting)."""
@@ -37,9 +52,12 @@ def refuse_values(loaded, other: list) -> None:
 
 def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, mode: str) -> None:
     """Mask or prune ``heads`` with the removal ``how`` (``values``: the value moments of the
-    kept heads collected first, in one more forward pass)."""
+    kept heads collected first, in one more forward pass; the refit without the output bias
+    where :func:`refits_bias` says so)."""
     from ..hf import mask_heads, prune_heads
 
+    if how.get("reconstruct") is not None and not refits_bias(args, loaded, "refit"):
+        how = {**how, "refit_bias": False}
     if values:
         from ..hf.values import collect_values
 

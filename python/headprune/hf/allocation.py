@@ -194,18 +194,19 @@ def measured_part(batches, sequences: Optional[int]) -> list:
 
 
 @contextmanager
-def measuring(model, part: list, scores: HeadScores, damping: float, bar):
+def measuring(model, part: list, scores: HeadScores, damping: float, bar, refit_bias: bool = True):
     """A :class:`_Measure` over the sequences ``part``, each measurement refit from ``scores``'
     moments less ``part``'s own (so a layer whose refit fits its calibration tokens better
     than it generalises does not look cheap), the model in eval mode without gradients;
-    ``bar`` closed at the end, and every module's training flag restored on any exit."""
+    ``bar`` closed at the end, and every module's training flag restored on any exit
+    (``refit_bias``: as for ``mask_heads``)."""
     if getattr(model.config, "is_encoder_decoder", False):
         bar.close()
         raise ValueError(f"model: measuring what removing heads costs runs causal LMs and encoders, not "
                          f"{type(model).__name__} (encoder-decoder); choose by the ranking (scope='per_layer', "
                          "and the ranking's heads for a uniform layout)")
     refit = _without(scores, collect(model, part, progress=False, moments=True))
-    with eval_mode(model), torch.no_grad(), _Measure(model, part, refit, damping, bar) as measure:
+    with eval_mode(model), torch.no_grad(), _Measure(model, part, refit, damping, bar, refit_bias) as measure:
         yield measure
     bar.close()
 
@@ -241,8 +242,8 @@ class _Measure:
     ``heads`` of ``site`` masked (refit), one step of ``bar``; in a one-stack model the layers
     before the site answer from the unpruned forward's recorded outputs."""
 
-    def __init__(self, model, part: list, refit: HeadScores, damping: float, bar):
-        self.model, self.refit, self.damping, self.bar = model, refit, damping, bar
+    def __init__(self, model, part: list, refit: HeadScores, damping: float, bar, refit_bias: bool = True):
+        self.model, self.refit, self.damping, self.bar, self.refit_bias = model, refit, damping, bar, refit_bias
         self.kws = [_kwargs(model, b) for b in part]
         self.sizes = [_rows(b) for b in part]
         self.rows = sum(self.sizes)
@@ -262,7 +263,8 @@ class _Measure:
 
     def __call__(self, site: int, heads: list) -> float:
         with _Replay(self.layers, self.outputs, site) as replay, \
-                mask_heads(self.model, {site: heads}, reconstruct=self.refit, damping=self.damping):
+                mask_heads(self.model, {site: heads}, reconstruct=self.refit, damping=self.damping,
+                           refit_bias=self.refit_bias):
             loss = 0.0
             for i, (t, kw, n) in enumerate(zip(self.targets, self.kws, self.sizes)):
                 replay.batch = i

@@ -42,7 +42,7 @@ def _o_dim(adapter) -> int:
 
 def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING,
-               values=None) -> MaskHandle:
+               values=None, refit_bias: bool = True) -> MaskHandle:
     """Zero the pruned heads' input columns of each output projection, in place.
 
     Exact with every attention backend (a head's output only reaches the residual stream
@@ -57,7 +57,9 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     - ``values`` as well (:func:`~headprune.hf.values.collect_values` of these heads): the kept
       heads' value rows are refit with their output columns (:mod:`headprune.prune.values`).
 
-    A bias is created where the projection has none. Returns a :class:`MaskHandle` whose
+    A bias is created where the projection has none, unless ``refit_bias=False``: the refit then
+    fits the kept columns alone and leaves every bias as it is (for a family whose config
+    declares no attention bias, so that a uniform layout stays a plain config). Returns a :class:`MaskHandle` whose
     ``restore()`` puts every column and bias back bit-exactly (its ``already_removed``: heads
     asked for that an earlier ``prune_heads`` removed, ignored); on error, nothing is changed.
     Plain torch models (``nn.MultiheadAttention``) are masked the same way (zeroed only).
@@ -76,7 +78,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
     absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
-                        values=values, absent=absent, kept=ids)
+                        values=values, absent=absent, kept=ids, refit_bias=refit_bias)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()},
                         already_removed=gone)  # heads an earlier pruning removed: ignored, as prune_heads does
     try:
@@ -89,7 +91,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                     handle.write_columns_(site.o.weight, head_index(keep, d), step.columns, _o_dim(adapter))
                 if step is not None and step.value_rows is not None:
                     handle.write_columns_(site.sub(site.block.v).weight, head_index(keep, d), step.value_rows, 0)
-                if step is not None:
+                if step is not None and step.bias is not None:
                     handle.set_bias_(site.o, step.bias)
                 handle.zero_(site.o.weight, hs, hq, d, _o_dim(adapter))
     except BaseException:
@@ -303,11 +305,11 @@ def _update_configs(undo, model, sites, adapter, state) -> bool:
 
 def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING, values=None,
-                _per_layer_bias=()):
+                refit_bias: bool = True, _per_layer_bias=()):
     """Physically remove heads: slice q/k/v rows (fused layouts included), o columns, biases
     and per-head extras, and update the modules' head counts, per layer.
 
-    ``compensate`` / ``reconstruct`` / ``damping`` / ``values``: as for :func:`mask_heads` (mean
+    ``compensate`` / ``reconstruct`` / ``damping`` / ``values`` / ``refit_bias``: as for :func:`mask_heads` (mean
     compensation, or a least-squares refit of the kept columns, the bias and, with ``values``,
     the kept value rows); the masked and
     the pruned model compute the same function. A bias added where the family has none is
@@ -335,7 +337,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
             "(or leave its with block) before prune_heads"
         )
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct,
-                        damping=damping, values=values, kept=ids)  # from the weights before slicing
+                        damping=damping, values=values, kept=ids, refit_bias=refit_bias)  # before slicing
     before = measure(model)
     state = new_state(model, counts)
     removed_ids = {site: [state["kept"][site][p] for p in hs] for site, hs in heads.items()}
@@ -347,6 +349,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
             _split_shared_bias(undo, model, sites, adapter, state, new_kept, _per_layer_bias)
             for layer, step in plan.items():
                 o = sites[layer].o
+                if step.bias is None:  # a refit without the bias: the projection keeps none
+                    continue
                 if o.bias is None:
                     state["o_bias"] = sorted({*state["o_bias"], layer})
                 flag = (o.bias if o.bias is not None else o.weight).requires_grad  # a bias keeps its own

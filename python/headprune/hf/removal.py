@@ -23,20 +23,26 @@ class SiteRemoval:
     """A site's output projection after removal: ``bias`` (the whole new bias, in the weight's
     dtype) and ``columns`` (the kept columns in the weight's layout, or ``None``: unchanged)."""
 
-    bias: torch.Tensor
+    bias: Optional[torch.Tensor]  # None: the projection keeps having none (a refit without the bias)
     columns: Optional[torch.Tensor] = None
     value_rows: Optional[torch.Tensor] = None  # the kept heads' value rows (the value refit), or unchanged
 
 
 def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores] = None,
                  reconstruct: Optional[HeadScores] = None, damping: float = 0.0, values=None,
-                 absent: Optional[dict] = None, kept: Optional[dict] = None) -> dict:
+                 absent: Optional[dict] = None, kept: Optional[dict] = None, refit_bias: bool = True) -> dict:
     """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed).
     ``values`` (:class:`~headprune.hf.values.ValueMoments` of these heads, with ``reconstruct``):
     the kept heads' value rows are refit with their output columns wherever a head is kept.
     ``absent``: ``{site: heads}`` already zeroed (by masks not yet restored), which the refit
     treats as removed: it neither reads nor writes their columns. ``kept``: ``{site: original
-    ids}`` of the model's heads, which the statistics and value moments must have been taken on."""
+    ids}`` of the model's heads, which the statistics and value moments must have been taken on.
+    ``refit_bias=False``: the refit leaves each bias as it is (``refit_output``'s ``fit_bias``)."""
+    if not isinstance(refit_bias, bool):
+        raise TypeError(f"refit_bias: expected a bool, got {type(refit_bias).__name__}")
+    if not refit_bias and (reconstruct is None or values is not None):
+        raise ValueError("refit_bias: False leaves the bias out of the least-squares refit of the output columns; "
+                         "it needs reconstruct= and no values= (mean compensation and the value refit move the bias)")
     absent = {layer: hs for layer, hs in (absent or {}).items() if hs and layer in heads}
     if values is not None:
         if not callable(getattr(values, "check", None)) or not hasattr(values, "kept"):
@@ -59,7 +65,7 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
         joint = {} if values is None else values.kept  # sites where a head is kept: the joint refit instead
         return {layer: _value_refit(sites[layer], adapter, values, layer, damping) if layer in joint
-                else _refit(sites[layer], adapter, sorted({*hs, *absent.get(layer, ())}), scores, damping)
+                else _refit(sites[layer], adapter, sorted({*hs, *absent.get(layer, ())}), scores, damping, refit_bias)
                 for layer, hs in heads.items()}
     return {}
 
@@ -109,12 +115,12 @@ def _value_refit(site, adapter, values, layer: int, damping: float) -> SiteRemov
     return SiteRemoval(bias.to(w.dtype), cols.to(w.dtype), rows.to(v.weight.dtype))
 
 
-def _refit(site, adapter, heads, scores: HeadScores, damping: float) -> SiteRemoval:
+def _refit(site, adapter, heads, scores: HeadScores, damping: float, refit_bias: bool = True) -> SiteRemoval:
     gram = scores.moments.gram[site.index]
     if gram is None or not float(gram[-1, -1]) > 0:
         raise ValueError(f"reconstruct: site {site.name} saw no calibration token")
     hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)
     keep = kept_columns(hq, d, heads)
     columns, bias = refit_output(site.o.weight.detach(), _old_bias(site), gram, keep, damping=damping,
-                                 conv1d=adapter.conv1d)
-    return SiteRemoval(bias.to(site.o.weight.dtype), columns)
+                                 conv1d=adapter.conv1d, fit_bias=refit_bias)
+    return SiteRemoval(None if bias is None else bias.to(site.o.weight.dtype), columns)

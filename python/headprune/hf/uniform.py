@@ -146,7 +146,7 @@ def _greedy_every_site(model, batches, scores: HeadScores, heads: dict, damping:
 
 def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=None,
                     damping: float = DEFAULT_DAMPING, sequences: Optional[int] = None,
-                    progress: bool = False) -> tuple:
+                    progress: bool = False, refit_bias: bool = True) -> tuple:
     """``(heads, report)``: ``heads`` with each of ``sites``' (default: the sites the default
     recipe keeps whole) replaced by the set of the same layout whose removal measured cheapest
     (the lowest in :func:`layout_options`' order on a tie), and per site ``{"options",
@@ -157,7 +157,7 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     exactly as it was. On an encoder without grouped queries and ``sites`` not given, every
     site is re-chosen instead, as its default's measured allocation chooses heads (greedily, one
     head at a time up to the layout's count, ``"method": "greedy"``), keeping the ranking's set
-    where that measured cheaper."""
+    where that measured cheaper. ``refit_bias``: as the removal will refit (``mask_heads``')."""
     if getattr(scores, "moments", None) is None:
         raise ValueError("scores: measuring a layout refits the heads it removes and needs second moments; "
                          "collect with moments=True")
@@ -188,7 +188,7 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
         part = measured_part(batches, sequences)
         bar = _bar(sum(map(len, todo.values())) + sum(stepwise.values()), progress,
                    "headprune: measuring the first layer's head sets")
-        with measuring(model, part, scores, damping, bar) as measure:
+        with measuring(model, part, scores, damping, bar, refit_bias) as measure:
             for site, options in todo.items():
                 losses = [measure(site, o) for o in options]
                 best = min(range(len(options)), key=lambda i: (losses[i], i))

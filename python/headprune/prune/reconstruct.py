@@ -14,7 +14,10 @@ kept columns towards their original values (``anchor="original"``, the default).
 structured Optimal Brain Surgeon update of SlimGPT and ZipLM; without damping the two are the
 same. ``lambda`` is a ridge damping relative to the mean of ``diag(G[K, K])`` (the constant is
 not damped, so the bias stays exact). Mean compensation is the same problem with the kept
-columns frozen: only the bias moves, by what the removed heads add on average.
+columns frozen: only the bias moves, by what the removed heads add on average. Without the
+bias (``fit_bias=False``: a family whose config declares no attention bias, so that plain
+``from_pretrained`` still describes the model) ``S = K``: the kept columns alone reproduce
+``W x`` as well as they can, the bias stays as it was.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _as_out_in(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
 
 def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Tensor, keep: list, *,
                  damping: float = DEFAULT_DAMPING, conv1d: bool = False, freeze_kept: bool = False,
-                 anchor: str = "original") -> tuple:
+                 anchor: str = "original", fit_bias: bool = True) -> tuple:
     """``(new kept columns, new bias)`` of an output projection that keeps input columns ``keep``.
 
     Args:
@@ -54,9 +57,12 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
             calibration text cannot pin down stays as the model had it) or ``"zero"`` (the
             classic ridge).
         freeze_kept: keep the kept columns as they are and move only the bias (mean compensation).
+        fit_bias: ``False`` refits the kept columns without the constant and leaves the bias as
+            it is (``None`` stays ``None``).
 
     Returns the kept columns in ``weight``'s layout and dtype (``[out, len(keep)]`` or
-    ``[len(keep), out]``) and the bias ``[out]`` in float64.
+    ``[len(keep), out]``) and the bias ``[out]`` in float64 (``None`` for ``bias=None`` and
+    ``fit_bias=False``).
     """
     d = gram.shape[0] - 1
     w = _as_out_in(weight, conv1d)
@@ -66,6 +72,9 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     damping = check_damping(damping)
     if anchor not in ("original", "zero"):
         raise ValueError(f"anchor: expected 'original' or 'zero', got {anchor!r}")
+    if not isinstance(fit_bias, bool) or (freeze_kept and not fit_bias):
+        raise ValueError(f"fit_bias: expected a bool, and True with freeze_kept (which moves only the bias), got "
+                         f"{fit_bias!r}")
     g = gram.to(w.device, torch.float64)
     if not g[d, d] > 0:
         raise ValueError("gram: no calibration token was seen (the constant's moment is 0)")
@@ -78,8 +87,10 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
         gone[keep_t] = False
         new_b = b + w[:, gone] @ g[:d, d][gone]
         return weight.index_select(0 if conv1d else 1, keep_t).clone(), new_b
-    s = torch.cat([keep_t, torch.tensor([d], device=w.device)])
-    gone = torch.ones(d + 1, dtype=torch.bool, device=w.device)
+    if not fit_bias:  # the fit of W x alone: the constant and the bias are left out of it
+        g, wt = g[:d, :d], w
+    s = torch.cat([keep_t, torch.tensor([d], device=w.device)]) if fit_bias else keep_t
+    gone = torch.ones(g.shape[0], dtype=torch.bool, device=w.device)
     gone[s] = False
     a = g[s][:, s]
     k = len(keep)
@@ -99,11 +110,12 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
             prior = torch.zeros_like(sol)
             prior[:k] = w[:, keep_t].t()
             sol -= c * torch.cholesky_solve(prior, chol)
-    new_w = sol[:-1].t()  # [out, |K|]
+    new_w = (sol[:-1] if fit_bias else sol).t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
     # copies: for a float64 model .to() returns the views of ``sol``, and parameters sharing one
     # storage cannot be saved as safetensors
-    return new_w.to(weight.dtype).clone(memory_format=torch.contiguous_format), sol[-1].clone()
+    new_b = sol[-1].clone() if fit_bias else None if bias is None else b.clone()
+    return new_w.to(weight.dtype).clone(memory_format=torch.contiguous_format), new_b
 
 
 def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, prior=None) -> torch.Tensor:
