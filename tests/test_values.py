@@ -211,3 +211,27 @@ def test_the_value_refit_without_damping_takes_the_least_squares_solution():
         out = _first(model(**batches[0]))
     full = _first(model(**batches[0]))
     assert float((out - full).square().mean()) < 1e-5  # a refit, not a blow-up of the near-singular solve
+
+
+def test_the_value_refit_without_damping_stays_a_descent():
+    """Fewer calibration tokens than the kept heads' dimensions, damping 0: the moments' float32
+    rounding made them indefinite, and the descent ran off (errors up to 7.5e5, an output
+    1e6 times the output refit's error). A least ridge and uphill steps refused keep it a
+    descent, no worse than the output refit on the tokens it was fitted to."""
+    model = tiny_model("distilbert")
+    batches = [tiny_batch("distilbert", seed=s) for s in range(4)]
+    heads = {0: [1], 1: [0, 2]}
+    scores = collect(model, batches, progress=False, moments=True)
+    vm = collect_values(model, batches, heads)
+    site = resolve_sites(model)[1]
+    v = site.sub(site.block.v)
+    errors = refit_values(site.o.weight.detach(), v.weight.detach(), v.bias.detach(), vm.gram[1], vm.cross[1],
+                          vm.kept[1], head_dim(site, get_adapter(model)), damping=0.0)[3]
+    assert all(b <= a + 1e-12 * abs(a) for a, b in zip(errors, errors[1:])), errors
+    with torch.no_grad():
+        full = [model(**b).last_hidden_state for b in batches]
+        err = {}
+        for name, values in (("output", None), ("values", vm)):
+            with mask_heads(model, heads, reconstruct=scores, values=values, damping=0.0):
+                err[name] = sum(float((model(**b).last_hidden_state - f).square().sum()) for b, f in zip(batches, full))
+    assert err["values"] <= 1.1 * err["output"], err

@@ -15,11 +15,12 @@ With the second moments ``G = sum [z_K, 1][z_K, 1]^T`` of the kept heads' ``z`` 
     sum ||y - sum_h M_h z_h - c||^2 + sum_h mu_h ||M_h - M0_h||^2_F
 
 (``M0_h``: the head's original map; ``mu_h = damping * mean(diag G[h, h])``, as in the
-output refit) is minimised over rank-``d`` maps ``M_h`` and the bias ``c`` by block
-coordinate descent from the output refit: each kept head in turn gets the best rank-``d`` map
-given the others (reduced-rank regression: the top ``d`` directions of the unconstrained
-solution in the metric of its damped moments), the bias is exact after each step, and the
-damped error never rises. ``M_h`` is written back as ``W'_oh = U sqrt(S)``,
+output refit, and at least :data:`MIN_RIDGE` times the trace of ``G``) is minimised over rank-``d``
+maps ``M_h`` and the bias ``c`` by block coordinate descent from the output refit: each kept
+head in turn gets the best rank-``d`` map given the others (reduced-rank regression: the top
+``d`` directions of the unconstrained solution in the metric of its damped moments; a step
+that would raise the error, as rounding can make it where that metric is near singular, is
+not taken), the bias is exact after each step, and the damped error never rises. ``M_h`` is written back as ``W'_oh = U sqrt(S)``,
 ``W'_vh = sqrt(S) V^T``; value biases are kept and the output bias absorbs them (attention rows
 sum to one, so a value bias reaches the output as a constant).
 """
@@ -38,6 +39,13 @@ __all__ = ["DEFAULT_SWEEPS", "refit_values"]
 #: sweeps of block coordinate descent over the kept heads; measured on all-MiniLM-L6-v2, most
 #: of the gain comes in the first sweep and four take nearly all of it
 DEFAULT_SWEEPS = 4
+
+#: the least ridge of every block, relative to the trace of the kept heads' moments: they are
+#: float32 products summed in float64, and their rounding can make them indefinite (fewer
+#: tokens than dimensions, or heads that attend alike: all-MiniLM-L6-v2 on 318 tokens, smallest
+#: eigenvalue -1e-8 of the largest); with no ridge the descent then ran off (damping=0: errors
+#: from -0.008 to 7.5e5, NaN or unrelated embeddings). Below the default damping's ridge there.
+MIN_RIDGE = 1e-7
 
 
 def _block_diag_values(wv: torch.Tensor, bv: Optional[torch.Tensor], kept: list, d: int) -> torch.Tensor:
@@ -92,12 +100,15 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     if not float(n) > 0:
         raise ValueError("gram: no calibration token")
     vt = _block_diag_values(wv, bv, kept, d)
-    p = _output_refit(wo, gram, cross, vt, kept, d, damping)
+    # the same floor for the output refit the descent starts from: MIN_RIDGE of the trace is
+    # MIN_RIDGE * k * hid of the mean diagonal
+    p = _output_refit(wo, gram, cross, vt, kept, d, max(damping, MIN_RIDGE * k * hid))
     blk = [slice(j * hid, (j + 1) * hid) for j in range(k)]
     m0 = [wo[:, h * d:(h + 1) * d] @ wv[h * d:(h + 1) * d] for h in kept]
     m = [p[:, j * d:(j + 1) * d] @ wv[h * d:(h + 1) * d] for j, h in enumerate(kept)]
     c = p[:, -1] + (p[:, :-1] @ vt[:-1, -1])  # the bias with the value biases folded in
-    mu = [ridge(gram[b, b], damping, hid) for b in blk]
+    floor = MIN_RIDGE * gram.diagonal()[:-1].sum()
+    mu = [torch.maximum(ridge(gram[b, b], damping, hid), floor) for b in blk]
     eye = torch.eye(hid, dtype=torch.float64)
 
     def error():
@@ -114,11 +125,7 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
             for i in range(k):
                 if i != j:
                     target = target - m[i] @ gram[blk[i], b]
-            metric = gram[b, b] + mu[j] * eye
-            free, root = _solve_psd(metric, (target + mu[j] * m0[j]).t())
-            free = free.t()
-            u = torch.linalg.svd(free @ root, full_matrices=False)[0][:, :d]
-            m[j] = u @ (u.t() @ free)
+            m[j] = _block_step(gram[b, b] + mu[j] * eye, target + mu[j] * m0[j], d, m[j])
             c = (cross[:, -1] - sum(m[i] @ gram[blk[i], -1] for i in range(k))) / n
         errors.append(error())
     cols, rows = [], []
@@ -131,6 +138,21 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     if bv is not None:
         c = c - cols @ torch.cat([bv[h * d:(h + 1) * d] for h in kept])
     return cols, c, rows, errors
+
+
+def _block_step(metric: torch.Tensor, target: torch.Tensor, d: int, current: torch.Tensor) -> torch.Tensor:
+    """The best rank-``d`` map ``M`` of one block given the others: minimising
+    ``tr(M metric M^T) - 2 tr(M target^T)`` (reduced-rank regression in the metric), or
+    ``current`` where rounding made that step uphill (a near-singular ``metric``)."""
+    free, root = _solve_psd(metric, target.t())
+    free = free.t()
+    u = torch.linalg.svd(free @ root, full_matrices=False)[0][:, :d]
+    new = u @ (u.t() @ free)
+
+    def error(m):
+        return float(((m @ metric) * m).sum() - 2 * (m * target).sum())
+
+    return new if error(new) <= error(current) else current
 
 
 def _solve_psd(a: torch.Tensor, rhs: torch.Tensor) -> tuple:
