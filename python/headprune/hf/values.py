@@ -109,9 +109,8 @@ def _check_memory(model, sites, adapter, kept: dict, max_bytes: int) -> None:
         width = len(k) * site.sub(site.block.v).in_features + 1
         need += 8 * width * (width + site.o.out_features)
     if need > max_bytes:
-        raise ValueError(f"values: the value refit's moments need {need / 2**30:.1f} GiB (max_bytes="
-                         f"{max_bytes / 2**30:.1f} GiB); it is meant for small models, pass a larger max_bytes "
-                         "to go on")
+        raise ValueError(f"values: the value refit's moments need {need:,} bytes ({need / 2**20:,.1f} MiB; max_bytes="
+                         f"{max_bytes:,}); it is meant for small models, pass a larger max_bytes to go on")
 
 
 def _kept_heads(t, kept: list, heads: int):
