@@ -178,6 +178,8 @@ def test_value_refit_errors_are_named():
     with pytest.raises(ValueError, match=r"values: the value refit's moments need [0-9,]+ bytes \([0-9.]+ MiB; "
                                          r"max_bytes=1,000\)"):  # a small limit read as 0.0 GiB
         collect_values(model, batches, {0: [1]}, max_bytes=1000)
+    with mask_heads(model, {1: [0]}), pytest.raises(ValueError, match="model: a mask_heads handle is active"):
+        collect_values(model, batches, {0: [1]})  # the moments were the masked model's
     assert snap.differences() == []
     for family, why in (("llama", "shares 2 value heads among 4 query heads"), ("gpt2", "fused q/k/v")):
         other = tiny_model(family)

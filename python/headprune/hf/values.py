@@ -203,6 +203,11 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
     left as it was (eval mode during the forward, every module's training flag restored)."""
     from tqdm.auto import tqdm
 
+    from ..prune.mask import active_masks
+
+    if active_masks(model):  # the moments would be the masked model's, and the refit is of the unpruned one
+        raise ValueError("model: a mask_heads handle is active on it; restore() it first (the value moments are "
+                         "taken on the model the heads are removed from)")
     adapter, sites, heads = plan_sites(model, heads)
     kept = {layer: [h for h in range(head_counts(sites[layer], adapter)[0]) if h not in set(hs)]
             for layer, hs in heads.items()}
