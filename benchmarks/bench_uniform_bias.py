@@ -1,7 +1,8 @@
 """What leaving the output bias out of the least-squares refit costs: a uniform layout
 (``--uniform``) removed with the refit as it is (kept columns and bias) and with the kept
 columns alone (``refit_bias=False``, what ``headprune prune --uniform`` does where the family's
-config declares no attention bias: mistral, qwen2, phi3, t5, so the directory stays plain).
+config declares no attention bias: mistral, qwen2, phi3, so the directory stays plain; T5's in
+Python, ``prune_heads(..., refit_bias=False)``).
 
     python benchmarks/bench_uniform_bias.py [--models smollm2] [--ratios 0.3,0.5]
         [--calib persuasion] [--eval persuasion,python_tutorial] [--out uniform_bias.json]

@@ -25,7 +25,7 @@ def refits_values(args, loaded, removal: str) -> bool:
 def refits_bias(args, loaded, removal: str) -> bool:
     """Whether the least-squares refit moves the output projections' bias: not under
     ``--uniform`` where the family's config describes the layout but declares no attention bias
-    and no output projection has one (mistral, qwen2, phi3, t5), so that the saved directory
+    and no output projection has one (mistral, qwen2, phi3), so that the saved directory
     stays plain; the kept columns are then refit alone."""
     from ..hf.adapters import get_adapter, resolve_sites
 
