@@ -265,3 +265,10 @@ def test_prune_uniform_of_a_family_without_attention_biases_refits_without_one(r
                      "--out", tmp_path / "p"])  # not uniform: the refit keeps its bias
     assert code == 0, err
     assert json.loads((tmp_path / "p" / "report.json").read_text())["settings"]["refit_bias"] is True
+    # the sweep's uniform recipe is what prune --uniform saves: the same heads, the same number
+    code, err = run(["sweep", path, "--ratios", "0.5", "--seeds", "1", "--samples", "4", "--seq-len", "16", "--quiet",
+                     "--out", tmp_path / "s"])
+    assert code == 0, err
+    sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert sweep["heads"]["default, uniform layout"] == [report["pruned_heads"]]
+    assert sweep["recipes"]["default, uniform layout"][0] == pytest.approx(report["after"]["perplexity"], rel=1e-5)

@@ -23,18 +23,14 @@ def refits_values(args, loaded, removal: str) -> bool:
 
 
 def refits_bias(args, loaded, removal: str) -> bool:
-    """Whether the least-squares refit moves the output projections' bias: not under
-    ``--uniform`` where the family's config describes the layout but declares no attention bias
-    and no output projection has one (mistral, qwen2, phi3), so that the saved directory
-    stays plain; the kept columns are then refit alone."""
-    from ..hf.adapters import get_adapter, resolve_sites
+    """Whether the least-squares refit moves the output projections' bias: not for ``--uniform``
+    where :func:`headprune.hf.uniform.refits_bias` says the config cannot declare it (mistral,
+    qwen2, phi3), so that the saved directory stays plain; the kept columns are then refit alone."""
+    from ..hf.uniform import refits_bias as uniform_refits_bias
 
     if not getattr(args, "uniform", False) or removal != "refit" or refits_values(args, loaded, removal):
         return True
-    adapter = get_adapter(loaded.model)
-    if adapter.config_head_dim is None or adapter.config_bias is not None:
-        return True
-    return any(getattr(s.o, "bias", None) is not None for s in resolve_sites(loaded.model, adapter))
+    return uniform_refits_bias(loaded.model)
 
 
 def refuse_values(loaded, other: list) -> None:

@@ -200,10 +200,10 @@ class _Evaluator:
                 self.cache[key] = found
         return found
 
-    def __call__(self, heads: dict, stats, removal: str, values: bool = False) -> float:
+    def __call__(self, heads: dict, stats, removal: str, values: bool = False, refit_bias: bool = True) -> float:
         from ..hf import mask_heads
 
-        how = removal_kwargs(removal, stats, self.config.damping)
+        how = removal_kwargs(removal, stats, self.config.damping, refit_bias)
         if values and removal == "refit" and any(heads.values()):
             how["values"] = self.value_moments(heads)
         with mask_heads(self.loaded.model, heads, **how):
@@ -274,14 +274,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                              progress=not config.quiet, **kw)  # minutes: a bar of its own
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
-        from ..hf.uniform import measure_uniform, measures
-
-        if measures(kw, removal, stats, iterative=iterative, sequential=sequential) and batches is not None:
-            done = state.setdefault("_uniform", {})  # ratios that round to the same selection measure once
-            key = repr(sorted(heads.items()))
-            if key not in done:
-                done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping)[0]
-            heads = done[key]
+        heads = _measured_uniform(config, point, stats, state, kw, removal, heads, batches, iterative or sequential)
     if iterative:
         state[name] = (heads, stats)
     if sequential:
@@ -291,7 +284,31 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
-    return heads, point(heads, stats, removal, values)
+    return heads, point(heads, stats, removal, values, _refits_bias(point, kw, removal, values))
+
+
+def _refits_bias(point, kw: dict, removal: str, values: bool) -> bool:
+    """As ``prune`` refits: a uniform layout without the output bias where the config cannot
+    declare it (:func:`headprune.hf.uniform.refits_bias`)."""
+    from ..hf.uniform import refits_bias
+
+    return not (kw.get("uniform") and removal == "refit" and not values) or refits_bias(point.loaded.model)
+
+
+def _measured_uniform(config, point, stats, state, kw, removal, heads, batches, again: bool) -> dict:
+    """``heads`` with the first layer's re-chosen by measurement where ``prune --uniform`` does
+    (once per selection: ratios that round to the same one measure once); ``again``: an
+    iterative or sequential recipe, which re-calibrates and is not measured."""
+    from ..hf.uniform import measure_uniform, measures
+
+    if not measures(kw, removal, stats, iterative=again, sequential=again) or batches is None:
+        return heads
+    done = state.setdefault("_uniform", {})
+    key = repr(sorted(heads.items()))
+    if key not in done:
+        done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping,
+                                    refit_bias=_refits_bias(point, kw, removal, False))[0]
+    return done[key]
 
 
 def refits_values(kw: dict, default: bool) -> bool:
@@ -339,7 +356,7 @@ def removal_of(args) -> str:
     return "mean" if getattr(args, "compensate", False) else "zero"
 
 
-def removal_kwargs(removal: str, stats, damping: float = DEFAULT_DAMPING) -> dict:
+def removal_kwargs(removal: str, stats, damping: float = DEFAULT_DAMPING, refit_bias: bool = True) -> dict:
     if removal == "refit":
-        return {"reconstruct": stats, "damping": damping}
+        return {"reconstruct": stats, "damping": damping, **({} if refit_bias else {"refit_bias": False})}
     return {"compensate": stats} if removal == "mean" else {}

@@ -28,6 +28,7 @@ from ..ranking.layouts import has_grouped_queries
 from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_protected, is_causal
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
+from .adapters import get_adapter, resolve_sites
 from .allocation import _bar, measured_part, measuring
 
 __all__ = ["layout_options", "layout_count", "group_sets", "pass_cost", "measure_uniform", "measures", "MAX_OPTIONS"]
@@ -102,6 +103,17 @@ def _one_group_at_a_time(measure, site: int, num_heads: int, num_kv_heads: int, 
     for g in range(num_kv_heads or num_heads):
         current = min(group_sets(num_heads, num_kv_heads, current, g), key=loss)  # the first on a tie
     return current, loss(current), ranked
+
+
+def refits_bias(model) -> bool:
+    """Whether a uniform layout of ``model`` is refit with its output bias (``mask_heads(...,
+    refit_bias=)``): not where the family's config describes the layout but declares no
+    attention bias and no output projection has one (mistral, qwen2, phi3, t5), so that the
+    config stays plain; the kept columns are then refit alone."""
+    adapter = get_adapter(model)
+    if adapter.config_head_dim is None or adapter.config_bias is not None:
+        return True
+    return any(getattr(s.o, "bias", None) is not None for s in resolve_sites(model, adapter))
 
 
 def measures(select: dict, removal: str, scores: HeadScores, *, iterative: bool = False, sequential: bool = False,
