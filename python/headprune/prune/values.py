@@ -100,8 +100,9 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     if not float(n) > 0:
         raise ValueError("gram: no calibration token")
     vt = _block_diag_values(wv, bv, kept, d)
-    # the same floor for the output refit the descent starts from: MIN_RIDGE of the trace is
-    # MIN_RIDGE * k * hid of the mean diagonal
+    # a floor for the output refit the descent starts from too, relative to its moments' mean
+    # diagonal: MIN_RIDGE * k * hid (the z-moments' trace over their mean diagonal; the value
+    # moments' rounding reaches these through V, and k * d would be the x-moments' own count)
     p = _output_refit(wo, gram, cross, vt, kept, d, max(damping, MIN_RIDGE * k * hid))
     blk = [slice(j * hid, (j + 1) * hid) for j in range(k)]
     m0 = [wo[:, h * d:(h + 1) * d] @ wv[h * d:(h + 1) * d] for h in kept]
