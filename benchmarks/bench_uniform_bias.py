@@ -29,10 +29,11 @@ from bench_quality import calibration, point_args  # noqa: E402
 
 from headprune.app import sweep as S  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
-from headprune.hf import collect, mask_heads  # noqa: E402
+from headprune.hf import collect  # noqa: E402
 from headprune.ranking import select_heads  # noqa: E402
 
-REMOVALS = {"refit": {}, "refit without the bias": {"refit_bias": False}, "zeroed": None}
+#: name -> (removal, refit_bias) as the sweep's evaluator takes them
+REMOVALS = {"refit": ("refit", True), "refit without the bias": ("refit", False), "zeroed": ("zero", True)}
 
 
 def run(args) -> dict:
@@ -46,13 +47,11 @@ def run(args) -> dict:
         rows.append({"evaluated_on": text, "ratio": 0.0, "removal": "unpruned", "heads_pruned": 0,
                      "quality": point.baseline_value})
         for ratio, heads in chosen.items():
-            for removal, extra in REMOVALS.items():
+            for name, (removal, refit_bias) in REMOVALS.items():
                 t0 = time.perf_counter()
-                how = {} if extra is None else {"reconstruct": scores, "damping": args.damping, **extra}
-                with mask_heads(loaded.model, heads, **how):
-                    value = point._quality(point.reference)[point.metric]
-                row = {"evaluated_on": text, "ratio": ratio, "removal": removal,
-                       "heads_pruned": sum(map(len, heads.values())), "quality": value,
+                row = {"evaluated_on": text, "ratio": ratio, "removal": name,
+                       "heads_pruned": sum(map(len, heads.values())),
+                       "quality": point(heads, scores, removal, False, refit_bias),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 print(row, flush=True)
                 rows.append(row)

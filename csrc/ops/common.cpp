@@ -43,6 +43,13 @@ double compute_max(const at::Tensor& like) {
                                            : static_cast<double>(std::numeric_limits<float>::max());
 }
 
+// An accumulator whose elements share memory (an expanded view), refused before the kernel
+// runs: ATen refuses its write only after the kernel, or after another accumulator was written.
+void check_own_memory(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+                    ": expected an accumulator whose elements do not share memory, got an expanded view");
+}
+
 }  // namespace
 
 void check_defined(const at::Tensor& t, const char* name) {
@@ -148,12 +155,8 @@ void check_sums_counts(const at::Tensor& sums, const at::Tensor& counts, const a
                     counts.sizes());
   TORCH_CHECK_VALUE(counts.device() == like.device(), "counts: expected device ", like.device(), ", got ",
                     counts.device());
-  // both are written, one after the other: a view whose elements share memory (expanded)
-  // would fail at the second write, after the first had changed its accumulator
-  TORCH_CHECK_VALUE(at::has_internal_overlap(sums) != at::MemOverlap::Yes,
-                    "sums: expected an accumulator whose elements do not share memory, got an expanded view");
-  TORCH_CHECK_VALUE(at::has_internal_overlap(counts) != at::MemOverlap::Yes,
-                    "counts: expected an accumulator whose elements do not share memory, got an expanded view");
+  check_own_memory(sums, "sums");
+  check_own_memory(counts, "counts");
   const auto shared = at::get_overlap_status(sums, counts);
   TORCH_CHECK_VALUE(shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial,
                     "counts: expected an accumulator apart from sums, got one that shares memory with it");
@@ -168,9 +171,7 @@ void check_stats(const at::Tensor& stats, const at::Tensor& like, int64_t heads)
                     "stats: expected shape [", heads, ", ", kNumStats, "], got ", stats.sizes());
   TORCH_CHECK_VALUE(stats.device() == like.device(), "stats: expected device ", like.device(), ", got ",
                     stats.device());
-  // checked before the kernel runs: ATen's add_ refuses such a view only after the kernel
-  TORCH_CHECK_VALUE(at::has_internal_overlap(stats) != at::MemOverlap::Yes,
-                    "stats: expected an accumulator whose elements do not share memory, got an expanded view");
+  check_own_memory(stats, "stats");
 }
 
 std::optional<at::Tensor> expand_attn_mask(

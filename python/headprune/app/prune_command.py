@@ -21,9 +21,9 @@ from .load import SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name
 from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers
-from .removal_stage import refits_bias, refits_values, remove, remove_zeroed
+from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
-from .sweep import removal_kwargs, removal_of
+from .sweep import refit_bias_of, removal_kwargs, removal_of
 from .sweep_reach import learned_protection, learned_selection
 
 
@@ -59,8 +59,8 @@ def prune(args) -> int:
         before_q = C.quality(args, loaded, held)
     reference = copy.deepcopy(loaded.model) if args.speed or recovers(args) else None
     sizes_before = measure(loaded.model, dtype=SAVE_TYPES[saved_as])  # KV bytes in the type saved
-    mode = args.mode or "physical"
-    remove(args, stage, loaded, batches, heads, removal_kwargs(removal, last, args.damping), values, mode)
+    how, mode = removal_kwargs(removal, last, args.damping, settings["refit_bias"]), args.mode or "physical"
+    remove(args, stage, loaded, batches, heads, how, values, mode)
     recovered = recover_after_prune(args, stage, loaded, reference, settings)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
@@ -167,8 +167,9 @@ def _measures_uniform(args, kw: dict, removal: str, scores) -> bool:
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
     """The heads to prune (``--score learned``: after training the gates, kept in ``settings``;
     the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise;
-    ``settings["refit_bias"]``: whether the refit will move the output bias, see ``remove``)."""
-    settings["refit_bias"] = refits_bias(args, loaded, removal)  # after the collection's fingerprint
+    ``settings["refit_bias"]``: whether the refit will move the output bias, see ``refit_bias_of``)."""
+    # set after the collection's fingerprint; the same rule as prune's value refit decides values
+    settings["refit_bias"] = refit_bias_of(loaded.model, args.uniform, removal, refits_values(args, loaded, removal))
     if kw.get("score") == "learned":
         # the budget against the layers the selection may prune, before minutes of training
         dry = learned_selection(kw, torch.zeros(len(scores.num_heads), max(scores.num_heads)), scores)
@@ -179,7 +180,7 @@ def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settin
         settings["learned"] = learned.to_dict()
         kw = learned_selection(kw, learned.scores, scores)
     with stage("choosing heads", "select"):
-        return _select(args, loaded, batches, scores, kw, removal)
+        return _select(args, loaded, batches, scores, kw, removal, settings["refit_bias"])
 
 
 def _learned_protection(kw: dict, scores) -> dict:
@@ -203,7 +204,7 @@ def _learn(args, loaded, batches, scores):
                        resume=args.learn_checkpoint is not None)
 
 
-def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
+def _select(args, loaded, batches, scores, kw: dict, removal: str, refit_bias: bool = True) -> tuple:
     if args.steps != 1:  # every rank runs the rounds: each re-collection is collective
         from .. import distributed
         from ..hf import collect, select_iteratively
@@ -228,7 +229,7 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str) -> tuple:
             from ..hf.uniform import MAX_OPTIONS, measure_uniform
 
             heads, measured = measure_uniform(loaded.model, batches, scores, heads, damping=args.damping,
-                                              progress=not args.quiet, refit_bias=refits_bias(args, loaded, removal))
+                                              progress=not args.quiet, refit_bias=refit_bias)
             for site, r in measured["sites"].items():
                 if r["method"] == "ranking":
                     C._warn(f"--uniform: layer {site} has {r['options']} sets of heads of its layout, too many to "

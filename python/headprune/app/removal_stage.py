@@ -22,17 +22,6 @@ def refits_values(args, loaded, removal: str) -> bool:
     return not other and refits_values_by_default(loaded.model)
 
 
-def refits_bias(args, loaded, removal: str) -> bool:
-    """Whether the least-squares refit moves the output projections' bias: not for ``--uniform``
-    where :func:`headprune.hf.uniform.refits_bias` says the config cannot declare it (mistral,
-    qwen2, phi3), so that the saved directory stays plain; the kept columns are then refit alone."""
-    from ..hf.uniform import refits_bias as uniform_refits_bias
-
-    if not getattr(args, "uniform", False) or removal != "refit" or refits_values(args, loaded, removal):
-        return True
-    return uniform_refits_bias(loaded.model)
-
-
 def refuse_values(loaded, other: list) -> None:
     """``--refit-values`` asked for: refused with the ``other`` options that rule it out, or
     for a model without a value projection per query head (prune and sweep, before collecting)."""
@@ -48,12 +37,9 @@ def refuse_values(loaded, other: list) -> None:
 
 def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, mode: str) -> None:
     """Mask or prune ``heads`` with the removal ``how`` (``values``: the value moments of the
-    kept heads collected first, in one more forward pass; the refit without the output bias
-    where :func:`refits_bias` says so)."""
+    kept heads collected first, in one more forward pass)."""
     from ..hf import mask_heads, prune_heads
 
-    if how.get("reconstruct") is not None and not refits_bias(args, loaded, "refit"):
-        how = {**how, "refit_bias": False}
     if values:
         from ..hf.values import collect_values
 

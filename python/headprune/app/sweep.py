@@ -284,15 +284,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
-    return heads, point(heads, stats, removal, values, _refits_bias(point, kw, removal, values))
-
-
-def _refits_bias(point, kw: dict, removal: str, values: bool) -> bool:
-    """As ``prune`` refits: a uniform layout without the output bias where the config cannot
-    declare it (:func:`headprune.hf.uniform.refits_bias`)."""
-    from ..hf.uniform import refits_bias
-
-    return not (kw.get("uniform") and removal == "refit" and not values) or refits_bias(point.loaded.model)
+    return heads, point(heads, stats, removal, values, refit_bias_of(point.loaded.model, kw.get("uniform"), removal,
+                                                                      values))
 
 
 def _measured_uniform(config, point, stats, state, kw, removal, heads, batches, again: bool) -> dict:
@@ -307,7 +300,7 @@ def _measured_uniform(config, point, stats, state, kw, removal, heads, batches, 
     key = repr(sorted(heads.items()))
     if key not in done:
         done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping,
-                                    refit_bias=_refits_bias(point, kw, removal, False))[0]
+                                    refit_bias=refit_bias_of(point.loaded.model, True, removal, False))[0]
     return done[key]
 
 
@@ -354,6 +347,15 @@ def removal_of(args) -> str:
     if getattr(args, "reconstruct", False):
         return "refit"
     return "mean" if getattr(args, "compensate", False) else "zero"
+
+
+def refit_bias_of(model, uniform: bool, removal: str, values: bool) -> bool:
+    """Whether ``prune`` (and the sweep, alike) refits the output bias: not for a uniform layout
+    refit without value rows where the config cannot declare the bias
+    (:func:`headprune.hf.uniform.refits_bias`: mistral, qwen2, phi3), so the directory stays plain."""
+    from ..hf.uniform import refits_bias
+
+    return not (uniform and removal == "refit" and not values) or refits_bias(model)
 
 
 def removal_kwargs(removal: str, stats, damping: float = DEFAULT_DAMPING, refit_bias: bool = True) -> dict:

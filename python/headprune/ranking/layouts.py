@@ -283,10 +283,11 @@ def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, who
     """``{site: heads}``: the one layout ``(g, t)`` for every site whose total is nearest
     ``want`` (the fewer heads on a tie), the cheapest heads of it at each site; each group of
     ``tied`` sites (see :func:`tied_sites`) takes the heads of least summed cost over it."""
+    costs = list(costs)
     for group in tied:
         summed = [sum(costs[i][h] for i in group) for h in range(len(costs[group[0]]))]
         for i in group:
-            costs = costs[:i] + [summed] + costs[i + 1:]
+            costs[i] = summed
     shapes = {(len(c), kv or len(c)) for c, kv in zip(costs, kv_heads)}
     if len(shapes) != 1:
         raise ValueError(f"uniform: the sites have different head layouts {sorted(shapes)}; a uniform selection "
