@@ -167,7 +167,7 @@ RUNTIME_ERRORS = [
     ("scan", lambda t, m: [m, "--data", _txt(t, "one paragraph only")], r"--data: '.*d.txt' holds 1 paragraph\(s\)"),
     ("scan", lambda t, m: [m, "--data", _jsonl(t, '{"text": "a"}\n{"text": \n')], r"--data: .*d.jsonl:2 is not valid JSON"),
     ("scan", lambda t, m: [m, "--data", _jsonl(t, '{"text": "a"}\n{"body": "b"}\n')], r"--data: .*d.jsonl:2 has no string field 'text'"),
-    ("scan", lambda t, m: [m, "--seq-len", "1"], r"--samples/--seq-len: expected samples >= 1 and seq_len >= 2"),
+    ("scan", lambda t, m: [m, "--seq-len", "1"], r"seq_len \(--seq-len\): expected at least 2, got 1"),
     ("prune", lambda t, m: [m, "--count", "99"], "prune: error: --count: 99 is more than the model's 8 query heads"),
     ("prune", lambda t, m: [m, "--ratio", "0.5", "--protect-layers", "0,7"],
      r"--protect-layers: indices \[7\] out of range for 2 layers"),

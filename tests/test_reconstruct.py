@@ -141,7 +141,7 @@ def test_reconstruct_errors_are_named():
         mask_heads(model, {0: [1]}, reconstruct=plain)
     with pytest.raises(ValueError, match="compensate, reconstruct: give at most one"):
         prune_heads(model, {0: [1]}, compensate=scores, reconstruct=scores)
-    with pytest.raises(ValueError, match="damping: expected a non-negative number"):
+    with pytest.raises(ValueError, match="damping: expected a finite non-negative number"):
         mask_heads(model, {0: [1]}, reconstruct=scores, damping=-1.0)
     with pytest.raises(ValueError, match="moments: expected True, False"):
         collect(model, batches, progress=False, moments="float16")
@@ -282,7 +282,7 @@ def test_reconstruction_ranking_follows_the_refits_damping():
     assert picks[1e-2] != picks[1e3]  # on this model the damping changes the choice
     assert select_heads(scores, ratio=0.5, score="reconstruction", scope="per_layer") == picks[1e-2]  # the default
     for bad in (-1.0, float("nan"), "0.1"):
-        with pytest.raises(ValueError, match="damping: expected a non-negative number"):
+        with pytest.raises(ValueError, match="damping: expected a finite non-negative number"):
             select_heads(scores, ratio=0.5, score="reconstruction", damping=bad)
 
 

@@ -117,8 +117,10 @@ def test_arguments_of_the_training_runs_are_named(llama):
         recover("pruned", teacher, batches, steps=1)
     for run in (lambda b, **kw: recover(copy.deepcopy(pruned), teacher, b, steps=1, **kw),
                 lambda b, **kw: learn_gates(copy.deepcopy(teacher), b, ratio=0.5, steps=1, **kw)):
-        with pytest.raises(ValueError, match=r"^batches: expected a list of batches .* got one dict; pass \[batch\]"):
+        with pytest.raises(TypeError, match=r"^batches: expected an iterable of batches .* got a single batch; pass "):
             run(batches[0])
+        with pytest.raises(TypeError, match=r"^batches: expected an iterable of batches .* got NoneType"):
+            run(None)
         with pytest.raises(ValueError, match=r"^progress: expected True, False or a callable .* got 'yes'"):
             run(batches, progress="yes")
     base = transformers.AutoModel.from_config(tiny_config("llama")).eval()  # no LM head

@@ -80,7 +80,7 @@ def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp
         collect(model, _interrupted(batches, 2), progress=False, checkpoint=narrow, fingerprint=SETTINGS,
                 moments="float32")
     with pytest.raises(ValueError, match=r"f\.json holds float32 second moments, and this collection asks for "
-                                         r"float64 \(moments=\); delete it or drop --resume"):
+                                         r"float64 \(moments=\); delete it or drop resume \(--resume\)"):
         collect(model, batches, progress=False, checkpoint=narrow, resume=True, fingerprint=SETTINGS, moments=True)
     # a damaged moments file is refused like a damaged checkpoint
     (tmp_path / "f.json.moments-2.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
@@ -128,9 +128,13 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_save(tmp_path):
 def test_without_resume_an_old_checkpoint_is_overwritten(tmp_path):
     model, batches = tiny_model("llama"), _batches()[:2]
     path = tmp_path / "c.json"
-    path.write_text("garbage")
+    collect(model, batches[:1], progress=False, checkpoint=path, fingerprint={"other": "settings"})
     collect(model, batches, progress=False, checkpoint=path)
     assert json.loads(path.read_text())["batches_done"] == 2
+    path.write_text("garbage")  # not a checkpoint (they are written whole): not written over
+    with pytest.raises(ValueError, match=r"c\.json exists and is not a headprune checkpoint"):
+        collect(model, batches, progress=False, checkpoint=path)
+    assert path.read_text() == "garbage"
 
 
 def _checkpoint_after(tmp_path, n=2, **kw):
@@ -144,7 +148,7 @@ def test_mismatched_fingerprint_is_refused(tmp_path):
     model, batches, path = _checkpoint_after(tmp_path)
     other = dict(SETTINGS, seq_len=10)
     with pytest.raises(ValueError, match=r"checkpoint .*c\.json was written with other settings \(seq_len: 9 in the "
-                                         r"checkpoint, 10 now\); delete it or drop --resume"):
+                                         r"checkpoint, 10 now\); delete it or drop resume \(--resume\)"):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=other)
     with pytest.raises(ValueError, match=r"with other settings \(data: tiny in the checkpoint, None now; fingerprint: "
                                          r"None in the checkpoint, opaque now"):
@@ -184,9 +188,19 @@ def test_corrupt_checkpoint_is_refused(tmp_path, damage, match):
     model, batches, path = _checkpoint_after(tmp_path)
     text = path.read_text()
     path.write_text(damage(text), encoding="latin-1")
-    with pytest.raises(ValueError, match=rf"checkpoint .*c\.json {match}.*delete it or drop --resume"):
+    # a file of the checkpoint's format is written over without resume; any other file is not
+    ours = "corrupt" in match
+    end = r"drop resume \(--resume\)" if ours else "pass another path"
+    with pytest.raises(ValueError, match=rf"checkpoint .*c\.json {match}.*delete it or {end}$"):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
     assert not _RECORDERS and _impls(model) == ["sdpa"]
+    if not ours:
+        with pytest.raises(ValueError, match=r"c\.json exists and is not a headprune checkpoint; a collection would "
+                                             "write over it"):
+            collect(model, batches, progress=False, checkpoint=path, fingerprint=SETTINGS)
+    else:
+        collect(model, batches, progress=False, checkpoint=path, fingerprint=SETTINGS)
+        assert json.loads(path.read_text())["batches_done"] == len(batches)
 
 
 def test_checkpoint_with_more_batches_than_the_data_is_refused(tmp_path):

@@ -17,6 +17,7 @@ text of other kinds.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from pathlib import Path
 from typing import Iterable, Optional
@@ -200,6 +201,20 @@ def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+def check_sizes(*, samples, seq_len, batch_size, causal, least: int = 1) -> None:
+    """``ValueError``/``TypeError`` naming the argument (and its flag) unless ``samples`` is an
+    int of at least ``least``, ``seq_len`` one of at least 2, ``batch_size`` a positive one and
+    ``causal`` a bool."""
+    for name, flag, value, low in (("samples", "--samples", samples, least), ("seq_len", "--seq-len", seq_len, 2),
+                                   ("batch_size", "", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}{f' ({flag})' if flag else ''}: expected an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{name}{f' ({flag})' if flag else ''}: expected at least {low}, got {value}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+
+
 def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: int, seq_len: int,
                         batch_size: int = 8) -> list:
     """Tokenised batches (dicts with ``input_ids`` and ``attention_mask``).
@@ -208,8 +223,10 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
     encoders get ``samples`` paragraphs, truncated to ``seq_len`` and padded per batch (the
     padding is masked, and excluded from the entropies).
     """
-    if samples < 1 or seq_len < 2:
-        raise ValueError(f"--samples/--seq-len: expected samples >= 1 and seq_len >= 2, got {samples}, {seq_len}")
+    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size, causal=causal)
+    if isinstance(paragraphs, (str, bytes)) or not all(isinstance(p, str) for p in paragraphs):
+        raise TypeError(f"paragraphs: expected a list of str (one per paragraph), got {type(paragraphs).__name__}"
+                        + ("" if isinstance(paragraphs, (str, bytes)) else " holding other values"))
     if causal:
         windows = token_windows(tokenizer, paragraphs, seq_len)[:samples]
         return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
@@ -254,6 +271,7 @@ def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, ex
     Joined to the batches of the user's text they keep a least-squares refit from fitting one
     kind of text alone; ``headprune prune`` and ``sweep`` take :data:`DEFAULT_REFERENCE` of their
     sequences from here (``--reference``)."""
+    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size, causal=causal, least=0)
     names = reference_texts(exclude)
     if not names or samples < 1:
         return []

@@ -38,11 +38,12 @@ from ..ranking.layouts import even_layouts, has_grouped_queries
 from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, default_choice, resolve_recipe
 from ..ranking.select import budget, select_heads
 from ..ranking.units import unit_sizes
-from ..stats.moments import DEFAULT_DAMPING, OutputMoments
+from ..stats.moments import DEFAULT_DAMPING, OutputMoments, semidefinite
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
+from .batches import check_batches
 from .collect import collect
-from .prune import mask_heads
+from .prune import check_scores, mask_heads
 from .recover import _Teacher, _kwargs, _loss
 
 __all__ = ["CHOICES", "LayerCosts", "layer_costs", "select_measured", "DEFAULT_SEQUENCES"]
@@ -135,6 +136,10 @@ def _without(scores: HeadScores, part: HeadScores) -> HeadScores:
             raise ValueError(f"sequences: site {i} ({scores.names[i]}) saw no calibration token besides the "
                              f"{int(p[-1, -1])} measured on, so no refit is left to measure; pass fewer sequences "
                              "or more calibration batches")
+        if not semidefinite(rest, g.dtype):
+            raise ValueError(f"batches: site {i} ({scores.names[i]}): the scores' second moments less those of the "
+                             "first batches' sequences are no second moments; pass the calibration batches the "
+                             "scores were collected on")
         gram.append(rest.to(g.dtype))
     return dataclasses.replace(scores, moments=OutputMoments(gram, scores.moments.projection))
 
@@ -158,6 +163,7 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     if getattr(scores, "moments", None) is None:
         raise ValueError("scores: measured allocation refits the heads it removes and needs second moments; "
                          "collect with moments=True")
+    check_scores(model, scores)
     if gqa not in GQA_MODES:
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
     choose = resolve_choice(scores, gqa, score, order, choose)
@@ -189,6 +195,7 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
 def measured_part(batches, sequences: Optional[int]) -> list:
     """The batches of the first ``sequences`` calibration sequences, which a measurement is
     taken on (default: :data:`DEFAULT_SEQUENCES`, at most a quarter of them)."""
+    check_batches(batches)
     batches = list(batches)
     return _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
 

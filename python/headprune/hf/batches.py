@@ -8,7 +8,18 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["forward_kwargs", "progress", "skip"]
+__all__ = ["check_batches", "forward_kwargs", "progress", "skip"]
+
+
+def check_batches(batches) -> None:
+    """``TypeError`` naming ``batches`` unless it is an iterable of batches (not one batch, a
+    string or ``None``); the batches themselves are checked as the model takes them."""
+    if isinstance(batches, (Mapping, torch.Tensor)):
+        raise TypeError("batches: expected an iterable of batches (e.g. a list of dicts), got a single batch; "
+                        "pass [batch]")
+    if batches is None or isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches: expected an iterable of batches (e.g. a list of dicts), got "
+                        f"{type(batches).__name__}")
 
 
 def forward_kwargs(model, batch) -> dict:

@@ -32,8 +32,25 @@ class Checkpoint:
         self.layout = expected.layout_fingerprint()
         self._swept = False
 
-    def _refuse(self, why: str):
-        return ValueError(f"checkpoint {self.path} {why}; delete it or drop --resume")
+    def _refuse(self, why: str, ours: bool = True):
+        """The refusal to resume from the file; ``ours=False``: it is no checkpoint, which a run
+        without resume would not write over either."""
+        return ValueError(f"checkpoint {self.path} {why}; delete it"
+                          + (" or drop resume (--resume)" if ours else " or pass another path"))
+
+    def check_replaceable(self) -> None:
+        """``ValueError`` when a file is at the path and it is not a headprune checkpoint (a
+        collection that does not resume writes over one, never over another file)."""
+        if not os.path.lexists(self.path):
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                ours = json.load(f).get("format") == CHECKPOINT_FORMAT
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"checkpoint: {self.path} exists and is not a headprune checkpoint; a collection "
+                             "would write over it, so pass another path or delete it")
 
     def load(self) -> Optional[tuple]:
         """``(HeadScores, batches_done)``, or ``None`` when there is no file yet."""
@@ -43,9 +60,9 @@ class Checkpoint:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._refuse(f"is not a readable headprune checkpoint ({type(e).__name__}: {e})") from e
+            raise self._refuse(f"is not a readable headprune checkpoint ({type(e).__name__}: {e})", False) from e
         if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
-            raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+            raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})", False)
         if d.get("layout") != self.layout:
             raise self._refuse(f"was written for {self._layout_difference(d)}")
         if d.get("fingerprint") != self.fingerprint:

@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..stats.scores import HeadScores
-from .batches import forward_kwargs, progress as _progress, skip
+from .batches import check_batches, forward_kwargs, progress as _progress, skip
 from .checkpoint import Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection
 
@@ -106,8 +106,9 @@ def collect(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if isinstance(batches, Mapping) or isinstance(batches, torch.Tensor):
-        raise TypeError("batches: expected an iterable of batches (e.g. a list of dicts), got a single batch")
+    check_batches(batches)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
     if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
     if resume and checkpoint is None:
@@ -119,7 +120,7 @@ def collect(
             raise ValueError("moments: output statistics and second moments need a transformers model")
         return _collect_modules(model, batches, method, progress, allow_empty)
     moments = moments_dtype(moments)
-    session = Collection(model, method, fused=bool(fused), moments=moments)
+    session = Collection(model, method, fused=fused, moments=moments)
     ckpt, done = _open_checkpoint(session, checkpoint, fingerprint, resume, model)
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)
     if not session.recorded and not allow_empty:
@@ -155,7 +156,7 @@ def _open_checkpoint(session, path, fingerprint, resume, model) -> tuple:
     fingerprint = _as_dict(fingerprint)
     fingerprint["weights"] = weights_digest(model)
     ckpt = Checkpoint(path, canonical(fingerprint), session.scores())
-    state = ckpt.load() if resume else None
+    state = ckpt.load() if resume else ckpt.check_replaceable()
     if state is None:
         return ckpt, 0
     kept = None if state[0].moments is None else next((g.dtype for g in state[0].moments.gram if g is not None), None)

@@ -106,7 +106,13 @@ def _pre_hook(handle: HeadGates, index: int, d: int, fill: Optional[torch.Tensor
             gated = heads * g + f * (1 - g)
         return (gated.flatten(-2), *args[1:])
 
+    pre.headprune_gate = True  # what gated() finds
     return pre
+
+
+def gated(model) -> bool:
+    """Whether a :func:`gates` block is active on ``model`` (its hooks are on an output projection)."""
+    return any(getattr(hook, "headprune_gate", False) for m in model.modules() for hook in m._forward_pre_hooks.values())
 
 
 def _check_fill(fill, num_heads: list, dims: list) -> None:

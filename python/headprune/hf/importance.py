@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import get_adapter
+from .batches import check_batches
 from .gates import frozen, gates
 
 __all__ = ["gradient_importance"]
@@ -74,6 +75,9 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
                          "(encoder-decoder)")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("gradient_importance: needs autograd; call it outside torch.inference_mode()")
+    check_batches(batches)
+    if causal is not None and not isinstance(causal, bool):
+        raise TypeError(f"causal: expected True, False or None, got {type(causal).__name__}")
     head = getattr(model, "get_output_embeddings", lambda: None)()
     if causal is None:  # a causal family with its LM head; a masked LM's lm_head is no next-token head
         causal = get_adapter(model).kind == "causal" and head is not None

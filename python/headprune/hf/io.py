@@ -350,7 +350,8 @@ def _prune_as_saved(model, meta, adapter, file):
         keep = set(kept)
         removed[s.index] = [h for h in range(head_counts(s, adapter)[0]) if h not in keep]
     prune_heads(model, removed, _per_layer_bias=tuple(meta["per_layer_bias"]))
-    state = getattr(model, STATE_ATTR)
+    state = getattr(model, STATE_ATTR, None) or new_state(model, [head_counts(s, adapter) for s in sites])  # no head removed
+    setattr(model, STATE_ATTR, state)
     for layer in meta["o_bias"]:  # compensation biases (see prune_heads)
         o = sites[layer].o
         o.bias = torch.nn.Parameter(o.weight.new_zeros(o.weight.shape[1 if adapter.conv1d else 0]))

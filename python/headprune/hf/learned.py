@@ -40,10 +40,10 @@ import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .gates import frozen, gates
-from .prune import kept_heads
+from .prune import check_scores, kept_heads
 from .recover import _kwargs, _loss, _Teacher
-from .training import (_bar, _Checkpoint, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume,
-                       check_inputs)
+from .training import (_bar, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume,
+                       check_inputs, open_checkpoint)
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
@@ -141,7 +141,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     """
     started = time.perf_counter()
     _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
-    check_inputs(batches, progress)
+    check_inputs(batches, progress, "learn_gates")
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     adapter = get_adapter(model)
@@ -149,6 +149,8 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
         raise ValueError(f"model: learned gates handle causal LMs and encoders, not {adapter.model_type} (seq2seq)")
     sites = resolve_sites(model, adapter)
     num_heads = [head_counts(s, adapter)[0] for s in sites]
+    if scores is not None:
+        check_scores(model, scores)  # of this model as it is
     fill = _fill(scores, num_heads, [head_dim(s, adapter) for s in sites], kept_heads(model))
     valid = torch.zeros(len(sites), max(num_heads), dtype=torch.bool)
     for i, h in enumerate(num_heads):
@@ -157,8 +159,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     settings = {"ratio": float(ratio), "steps": steps, "lr": float(lr), "warmup": float(warmup), "seed": seed,
                 "fill": f"mean {_digest([fill])}" if fill is not None else "zero", "model": _model_digest(model),
                 "heads": num_heads}
-    ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches, FORMAT),
-                                                       what="learned-gates")
+    ckpt = open_checkpoint(checkpoint, _fingerprint(params, settings, batches, FORMAT), resume, "learned-gates")
     optimizer = torch.optim.Adam([params["log_alpha"]], lr=lr)
     with frozen(model), torch.enable_grad():  # gradients for the gates even when called under no_grad
         opens = (float(open_probability(torch.tensor(float(init)))), 1.0 - float(ratio))

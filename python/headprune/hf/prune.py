@@ -26,7 +26,9 @@ from ..prune.undo import Undo
 from ..stats.scores import HeadScores
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 from .attention import SiteConfig
-from .removal import removal_plan
+from .empty import empty_forward
+from .gates import gated
+from .removal import _checked, removal_plan
 
 __all__ = ["mask_heads", "prune_heads", "kept_heads", "zeroed_heads"]
 
@@ -76,7 +78,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     ids = _kept(model, sites, adapter)  # position -> original index, for messages and the handle
     refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
     # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
-    absent = {} if reconstruct is None else {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
+    absent = {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
                         values=values, absent=absent, kept=ids, refit_bias=refit_bias)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()},
@@ -103,40 +105,6 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
 # ---- physical removal ----------------------------------------------------------------------
 
 
-def _empty_forward(kind, o, conv1d, module, cross, *args, **kwargs):
-    """Forward of a site with no head left: attention adds only the o bias (if any)."""
-    x = args[0] if args else kwargs["hidden_states"]
-    _advance_cache(module, kwargs.get("cache"), x, cross)
-    if kind == "context":  # BERT-like: the o projection lives in the parent
-        return x.new_zeros(*x.shape[:-1], 0), None
-    out = x.new_zeros(*x.shape[:-1], o.weight.shape[1 if conv1d else 0])
-    out = out if getattr(o, "bias", None) is None else out + o.bias
-    if kind == "output_position_bias":
-        return out, kwargs.get("position_bias"), None
-    return out, None
-
-
-def _advance_cache(module, cache, x, cross: bool) -> None:
-    """A self-attention with no head left still records its tokens in the KV cache, as one
-    zero per token for keys and values (a cache layer with no element counts no token):
-    transformers reads the cache's length (where the next tokens' positions start) from its
-    first layer, so a first layer without heads made every cached decode step start at 0."""
-    if cache is None or not hasattr(cache, "update") or getattr(module, "layer_idx", None) is None:
-        return
-    if hasattr(cache, "self_attention_cache"):  # an encoder-decoder's: only its self-attention counts
-        if cross:
-            return
-        cache = cache.self_attention_cache
-    empty = headless_kv(x.shape[0], x.shape[1], x)
-    cache.update(empty, empty, module.layer_idx)
-
-
-def headless_kv(batch: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
-    """What a self-attention with no head left keeps in a KV cache for keys and for values: one
-    zero per token (``like``'s type and device), so the cache counts its tokens."""
-    return like.new_zeros(batch, 1, tokens, 1)
-
-
 def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
     d = head_dim(site, adapter)
     values = {"heads": hq, "kv_heads": hkv, "groups": groups, "inner": hq * d}
@@ -145,7 +113,7 @@ def _set_attrs(undo, site, adapter, hq: int, hkv: int, groups: int) -> None:
     if adapter.reads_config_heads:  # Phi-3 reads config.num_attention_heads in forward
         undo.set(site.module, "config", SiteConfig(site.module.config, num_attention_heads=hq, num_key_value_heads=hkv))
     if hq == 0:
-        undo.set(site.module, "forward", partial(_empty_forward, adapter.empty, site.o, adapter.conv1d, site.module,
+        undo.set(site.module, "forward", partial(empty_forward, adapter.empty, site.o, adapter.conv1d, site.module,
                                                  site.name.endswith("cross")))
 
 
@@ -206,6 +174,16 @@ def positions(model, sites, adapter, heads: dict) -> tuple:
         if len(out_site) < len(hs):
             gone[site] = [h for h in hs if h not in where]
     return out, gone
+
+
+def check_scores(model, scores, arg: str = "scores") -> HeadScores:
+    """``scores``, after checking they are ``HeadScores`` collected on ``model`` as it is (its
+    family, head layout and kept heads, and the output projections of its sites no active mask
+    has changed): for the functions that take a model and its statistics."""
+    adapter = get_adapter(model)
+    sites = resolve_sites(model, adapter)
+    compare = [s.index for s in sites if not masked_heads(model, s.o.weight)]
+    return _checked(scores, sites, adapter, arg, _kept(model, sites, adapter), compare)
 
 
 def kept_heads(model) -> dict:
@@ -303,6 +281,19 @@ def _update_configs(undo, model, sites, adapter, state) -> bool:
     return True
 
 
+def _refuse_active(model, sites, ids) -> None:
+    """``ValueError`` while masks or gates are active on ``model``: slicing would copy a mask's
+    zeros and orphan its handle's restore(); gates are sized to the heads at their block's entry."""
+    masked = {s.index: sorted(ids[s.index][h] for h in masked_heads(model, s.o.weight)) for s in sites}
+    masked = {k: v for k, v in masked.items() if v}
+    if gated(model):
+        raise ValueError("model: is inside a headprune.gates block; prune_heads after the block ends")
+    if masked:
+        raise ValueError(f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
+                         "(or leave its with block) before prune_heads")
+
+
+@torch.inference_mode(False)  # the new parameters are ordinary tensors, trainable later, even when called in it
 def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING, values=None,
                 refit_bias: bool = True, _per_layer_bias=()):
@@ -329,16 +320,12 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     counts = [head_counts(s, adapter) for s in sites]
     heads, gone = positions(model, sites, adapter, heads)
     ids = _kept(model, sites, adapter)
-    masked = {s.index: sorted(ids[s.index][h] for h in masked_heads(model, s.o.weight)) for s in sites}
-    masked = {k: v for k, v in masked.items() if v}
-    if masked:  # slicing would copy the zeros and orphan the handle's restore()
-        raise ValueError(
-            f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
-            "(or leave its with block) before prune_heads"
-        )
+    _refuse_active(model, sites, ids)
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct,
                         damping=damping, values=values, kept=ids, refit_bias=refit_bias)  # before slicing
     before = measure(model)
+    if not any(heads.values()):  # nothing to remove (ratio 0, or every head removed before): the model stays as it is
+        return PruneReport(before, before, {}, gone)
     state = new_state(model, counts)
     removed_ids = {site: [state["kept"][site][p] for p in hs] for site, hs in heads.items()}
     state.setdefault("o_bias", [])

@@ -39,8 +39,8 @@ from ..core.modules import eval_mode
 from ..prune.mask import active_masks
 from .adapters import get_adapter, resolve_sites
 from .batches import forward_kwargs
-from .training import (_bar, _Checkpoint, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
-                       cast_back, check_inputs, dtypes_of)
+from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
+                       cast_back, check_inputs, dtypes_of, open_checkpoint)
 
 __all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
@@ -261,7 +261,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     eval mode (no dropout: the targets are exact).
     """
     started = time.perf_counter()
-    check_inputs(batches, progress, student=student, teacher=teacher)
+    check_inputs(batches, progress, "recover", student=student, teacher=teacher)
     lr = default_lr(student) if lr is None else lr
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
     if resume and checkpoint is None:
@@ -275,7 +275,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     if validation is not None:
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every
-    ckpt = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(params, settings, batches))
+    ckpt = open_checkpoint(checkpoint, _fingerprint(params, settings, batches), resume)
     with eval_mode(teacher), _training(student, params, dtypes_of(student)):
         val = None if validation is None else _Validation(teacher, validation, validate_every)
         return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt, checkpoint_every,

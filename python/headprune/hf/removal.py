@@ -12,6 +12,7 @@ import torch
 
 from ..prune.compensation import removed_mean_output
 from ..prune.reconstruct import kept_columns, refit_output
+from ..stats.moments import check_damping
 from ..stats.scores import HeadScores
 from .adapters import head_counts, head_dim
 
@@ -40,6 +41,7 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     ``refit_bias=False``: the refit leaves each bias as it is (``refit_output``'s ``fit_bias``)."""
     if not isinstance(refit_bias, bool):
         raise TypeError(f"refit_bias: expected a bool, got {type(refit_bias).__name__}")
+    check_damping(damping)  # also where this removal does not refit: a bad value is a mistake either way
     if not refit_bias and (reconstruct is None or values is not None):
         raise ValueError("refit_bias: False leaves the bias out of the least-squares refit of the output columns; "
                          "it needs reconstruct= and no values= (mean compensation and the value refit move the bias)")
@@ -57,10 +59,10 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     if compensate is not None and reconstruct is not None:
         raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
     if compensate is not None:
-        mean = _checked(compensate, sites, adapter, "compensate", kept).output_mean()
+        mean = _checked(compensate, sites, adapter, "compensate", kept, _as_collected(heads, absent)).output_mean()
         return {layer: _mean_replaced(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
     if reconstruct is not None:
-        scores = _checked(reconstruct, sites, adapter, "reconstruct", kept)
+        scores = _checked(reconstruct, sites, adapter, "reconstruct", kept, _as_collected(heads, absent))
         if scores.moments is None:
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
         joint = {} if values is None else values.kept  # sites where a head is kept: the joint refit instead
@@ -70,22 +72,61 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     return {}
 
 
-def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None) -> HeadScores:
-    """``scores``, after checking it is ``HeadScores`` of the model's current head layout (and
-    of its heads by original id, where ``kept`` gives them)."""
+def _as_collected(heads: dict, absent: dict) -> list:
+    """The sites of ``heads`` whose output projection no active mask has changed (as collected)."""
+    return [layer for layer in heads if not absent.get(layer)]
+
+
+#: largest relative (Frobenius) difference between a site's output projection now and when its
+#: statistics were collected that still counts as the same weights (a cast to bfloat16 and
+#: back moves them by about 2e-3); another checkpoint's differ by the order of 1
+PROJECTION_RTOL = 1e-2
+
+
+def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, compare=()) -> HeadScores:
+    """``scores``, after checking it is ``HeadScores`` of this model: its family, its current
+    head layout (and its heads by original id, where ``kept`` gives them), and, at the sites
+    ``compare``, the output projection the statistics were collected with."""
     if not isinstance(scores, HeadScores):
         raise TypeError(f"{arg}: expected HeadScores from collect() or None, got {type(scores).__name__}")
     if scores.outputs is None:
         raise ValueError(f"{arg}: these scores have no output statistics; collect them again with this version")
-    now = [(head_counts(s, adapter)[0], head_dim(s, adapter)) for s in sites]
-    then = list(zip(scores.num_heads, scores.head_dim))
+    if scores.model_type not in (None, adapter.model_type):
+        raise ValueError(f"{arg}: the scores were collected on a {scores.model_type}, not on this {adapter.model_type}")
+    now = [(*head_counts(s, adapter), head_dim(s, adapter)) for s in sites]
+    then = list(zip(scores.num_heads, scores.num_kv_heads, scores.head_dim))
     if now != then:
-        raise ValueError(f"{arg}: the scores were collected on another head layout ({then}) than the model's ({now})")
+        raise ValueError(f"{arg}: the scores were collected on another head layout ((query heads, KV heads, head "
+                         f"size) per site: {then}) than the model's ({now})")
     i = None if kept is None else scores.other_site(kept)
     if i is not None:
         raise ValueError(f"{arg}: the scores were collected on heads {scores.site_heads()[i]} of site {i}, "
                          f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
+    projection = None if scores.moments is None else scores.moments.projection
+    for layer in compare if projection is not None else ():
+        then_w = projection[layer]
+        if then_w is None:
+            continue
+        w = sites[layer].o.weight.detach()
+        w = (w.t() if adapter.conv1d else w).to("cpu", torch.float32)
+        then_w = then_w[:, :-1]  # the bias column
+        if _collected_masked(then_w, head_dim(sites[layer], adapter)):
+            continue  # e.g. a later round of iterative selection: its weights are not these by design
+        if then_w.shape != w.shape:
+            raise ValueError(f"{arg}: the scores were collected when site {layer}'s output projection was "
+                             f"{list(then_w.shape)}, it is {list(w.shape)}; collect on this model")
+        change = float((w - then_w.to(w)).norm() / then_w.norm().clamp_min(1e-30))
+        if change > PROJECTION_RTOL:
+            raise ValueError(f"{arg}: site {layer}'s output projection differs from the one the scores were collected "
+                             f"with (relative change {change:.3g}): statistics of another model or of these "
+                             "weights before they changed; collect on the model as it is")
     return scores
+
+
+def _collected_masked(w: torch.Tensor, d: int) -> bool:
+    """Whether a head's columns of ``w`` (``[out, heads x d]``) are all zero: the statistics were
+    collected with that head masked."""
+    return bool((w.unflatten(1, (-1, d)) == 0).all(dim=2).all(dim=0).any()) if w.shape[1] % d == 0 else False
 
 
 def _old_bias(site) -> Optional[torch.Tensor]:

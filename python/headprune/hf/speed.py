@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
-from .prune import headless_kv
+from .empty import headless_kv
 
 __all__ = ["compare", "filled_cache", "position_limit", "quartiles", "verdict", "parse_shape"]
 

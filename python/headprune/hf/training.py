@@ -13,12 +13,13 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 
 from .. import atomic
+from .batches import check_batches
 
 CHECKPOINT_FORMAT = "headprune.recover/4"  # /2: digests of shapes and types too; /3: of every weight;
 # /4: of the student's every weight too, not only those it trains
@@ -44,15 +45,15 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
 
 
-def check_inputs(batches, progress, **models) -> None:
+def check_inputs(batches, progress, what: str = "", **models) -> None:
     """The batches, the progress option and the ``models`` (by argument name) of a training run
-    (:func:`recover`, ``learn_gates``)."""
+    (:func:`recover`, ``learn_gates``: ``what``, for the refusal of inference mode)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what}: needs autograd; call it outside torch.inference_mode()")
     for name, m in models.items():
         if not isinstance(m, torch.nn.Module):
             raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
-    if isinstance(batches, Mapping):
-        raise ValueError("batches: expected a list of batches (dicts as the model's forward takes them), got one "
-                         "dict; pass [batch]")
+    check_batches(batches)
     if not (isinstance(progress, bool) or callable(progress)):
         raise ValueError(f"progress: expected True, False or a callable progress(step, steps, loss), got {progress!r}")
 
@@ -117,8 +118,25 @@ class _Checkpoint:
     def __init__(self, path, fingerprint: dict, what: str = "recovery"):
         self.path, self.fingerprint, self.what = os.path.abspath(os.fspath(path)), fingerprint, what
 
-    def _refuse(self, why: str) -> ValueError:
-        return ValueError(f"checkpoint: {self.path} {why}; delete it or start without resume")
+    def _refuse(self, why: str, ours: bool = True) -> ValueError:
+        """The refusal to resume from the file; ``ours=False``: it is no checkpoint of this kind,
+        which a run without resume would not write over either."""
+        return ValueError(f"checkpoint: {self.path} {why}; delete it"
+                          + (" or start without resume" if ours else " or pass another path"))
+
+    def check_replaceable(self) -> None:
+        """``ValueError`` when a file is at the path and it is not a checkpoint of this kind (a
+        run that does not resume writes over one, never over another file)."""
+        if not os.path.lexists(self.path):
+            return
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            ours = isinstance(state, dict) and state.get("fingerprint", {}).get("format") == self.fingerprint["format"]
+        except Exception:  # any unreadable file is not ours: pickle, zip and torch raise many types
+            ours = False
+        if not ours:
+            raise ValueError(f"checkpoint: {self.path} exists and is not a {self.what} checkpoint; the run would "
+                             "write over it, so pass another path or delete it")
 
     def load(self) -> Optional[dict]:
         if not os.path.exists(self.path):
@@ -126,10 +144,10 @@ class _Checkpoint:
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged file: pickle, zip and torch raise many types
-            raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})") from e
+            raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})", False) from e
         fmt = self.fingerprint["format"]
         if not isinstance(state, dict) or state.get("fingerprint", {}).get("format") != fmt:
-            raise self._refuse(f"is not a {self.what} checkpoint (expected format {fmt!r})")
+            raise self._refuse(f"is not a {self.what} checkpoint (expected format {fmt!r})", False)
         saved = state["fingerprint"]
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
         if diff:
@@ -153,6 +171,17 @@ class _Checkpoint:
             message = f"checkpoint: cannot write {self.path} ({e.strerror or e})"
             raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
+
+
+def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:
+    """The run's checkpoint at ``path`` (``None`` without one); a run that does not resume
+    refuses a file there that is not a checkpoint of this kind before anything runs."""
+    if path is None:
+        return None
+    ckpt = _Checkpoint(path, fingerprint, what)
+    if not resume:
+        ckpt.check_replaceable()
+    return ckpt
 
 
 def _resume(ckpt, params, optimizer, extra: Optional[Callable] = None) -> int:

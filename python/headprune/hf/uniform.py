@@ -30,6 +30,7 @@ from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
 from .allocation import _bar, measured_part, measuring
+from .prune import check_scores
 
 __all__ = ["layout_options", "layout_count", "group_sets", "pass_cost", "measure_uniform", "measures", "MAX_OPTIONS"]
 
@@ -176,6 +177,7 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     if scores.head_ids is not None:
         raise ValueError("scores: measure_uniform chooses among a site's heads by position; collect on the "
                          "unpruned model")
+    check_scores(model, scores)
     if sites is not None:
         n = scores.num_sites
         if isinstance(sites, (int, str)) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < n

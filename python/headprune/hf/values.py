@@ -16,6 +16,7 @@ models, whose shared value heads would tie the kept heads' refits together).
 
 from __future__ import annotations
 
+import numbers
 import threading
 import types
 from contextlib import ExitStack
@@ -27,7 +28,7 @@ from torch import nn
 
 from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
-from .batches import forward_kwargs
+from .batches import check_batches, forward_kwargs
 from ..core.modules import eval_mode
 from .prune import kept_heads, positions
 
@@ -205,6 +206,9 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
 
     from ..prune.mask import active_masks
 
+    check_batches(batches)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Real) or not max_bytes > 0:
+        raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes!r}")
     if active_masks(model):  # the moments would be the masked model's, and the refit is of the unpruned one
         raise ValueError("model: a mask_heads handle is active on it; restore() it first (the value moments are "
                          "taken on the model the heads are removed from)")

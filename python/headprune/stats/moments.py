@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "check_damping", "ridge"]
+__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "check_damping", "ridge", "semidefinite"]
 
 MOMENT_DTYPES = (torch.float64, torch.float32)
 #: ridge damping of least-squares refits from these moments, relative to the mean squared
@@ -25,10 +25,24 @@ DEFAULT_DAMPING = 1e-2
 
 
 def check_damping(damping) -> float:
-    """``damping`` as a float, or ``ValueError`` naming it unless it is a non-negative number."""
-    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not damping >= 0:
-        raise ValueError(f"damping: expected a non-negative number, got {damping!r}")
+    """``damping`` as a float, or ``ValueError`` naming it unless it is a finite non-negative number."""
+    if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < float("inf"):
+        raise ValueError(f"damping: expected a finite non-negative number, got {damping!r}")
     return float(damping)
+
+
+#: how far below zero, relative to the largest diagonal entry, the smallest eigenvalue of a
+#: difference of second moments may round, by the dtype they were summed in (another set of
+#: tokens' moments taken out instead of a subset's leaves it of the order of the entries)
+SEMIDEFINITE_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+def semidefinite(a: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``a`` (symmetric, float64; sums in ``dtype``) is positive semi-definite up to
+    :data:`SEMIDEFINITE_RTOL`."""
+    shift = SEMIDEFINITE_RTOL.get(dtype, 1e-3) * float(a.diagonal().abs().max())
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return int(torch.linalg.cholesky_ex(a + shift * eye).info) == 0
 
 
 def ridge(a: torch.Tensor, damping: float, k: int) -> torch.Tensor:

@@ -1,0 +1,208 @@
+"""The Python API's refusals of statistics, batches, paths and modes that do not fit the call:
+each names its argument, and the model and files stay as they were."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import headprune
+from headprune.app import texts
+
+SMALL = dict(vocab_size=100, num_hidden_layers=2, max_position_embeddings=64)
+
+
+def _llama(kv=2, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=kv, **SMALL)).eval()
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, **SMALL)).eval()
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def _batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.ones(4, 16, dtype=torch.long)
+        mask[1, -3:] = 0
+        out.append({"input_ids": torch.randint(0, 100, (4, 16), generator=g), "attention_mask": mask})
+    return out
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+HEADS = {0: [1, 2], 1: [0, 3]}
+
+
+def test_statistics_of_another_model_are_refused():
+    """Only the head counts were compared: a BERT refit from GPT-2's or another BERT's moments
+    was accepted, and its outputs were those of neither."""
+    batches = _batches()
+    own = headprune.collect(_bert(), batches, moments=True)
+    gpt2 = headprune.collect(_gpt2(), batches, moments=True)
+    other = headprune.collect(_bert(seed=7), batches, moments=True)
+    for call in (lambda m, s: headprune.prune_heads(m, HEADS, reconstruct=s),
+                 lambda m, s: headprune.mask_heads(m, HEADS, reconstruct=s),
+                 lambda m, s: headprune.mask_heads(m, HEADS, compensate=s)):
+        model = _bert()
+        before = _state(model)
+        with pytest.raises(ValueError, match=r"^(reconstruct|compensate): the scores were collected on a gpt2, not on"):
+            call(model, gpt2)
+        with pytest.raises(ValueError, match=r"site 0's output projection differs from the one the scores were "
+                                             r"collected with \(relative change 1\.\d+\)"):
+            call(model, other)
+        assert _same(model, before)
+    with pytest.raises(ValueError, match=r"^scores: the scores were collected on a gpt2"):
+        headprune.select_measured(_bert(), batches, gpt2, ratio=0.25, gqa="query")
+    with pytest.raises(ValueError, match=r"^scores: the scores were collected on a gpt2"):
+        headprune.learn_gates(_bert(), batches, ratio=0.25, steps=1, scores=gpt2)
+    llama2 = headprune.collect(_llama(kv=2), batches, moments=True)
+    with pytest.raises(ValueError, match=r"another head layout \(\(query heads, KV heads, head size\) per site: "
+                                         r"\[\(4, 2, 8\), \(4, 2, 8\)\]\) than the model's \(\[\(4, 4, 8\)"):
+        headprune.prune_heads(_llama(kv=4), {1: [1]}, reconstruct=llama2)
+    # its own statistics, after a cast to bfloat16 and while another site is masked, still fit
+    model = _bert().to(torch.bfloat16)
+    with headprune.mask_heads(model, {0: [1]}, reconstruct=own):
+        headprune.mask_heads(model, {1: [0]}, reconstruct=own).restore()
+    headprune.prune_heads(model, HEADS, reconstruct=own)
+
+
+def test_measured_costs_refuse_batches_other_than_the_calibration():
+    """The measured sequences' moments are taken out of the scores'; another text's made the
+    refit's moments indefinite, and the costs stopped growing with the heads removed."""
+    model, batches = _bert(), _batches()
+    scores = headprune.collect(model, batches, moments=True)
+    headprune.layer_costs(model, batches, scores)
+    with pytest.raises(ValueError, match=r"^batches: site \d+ .* are no second moments; pass the calibration batches"):
+        headprune.layer_costs(model, _batches(seed=99), scores)
+
+
+def test_calibration_batches_name_their_arguments(tiny_tokenizer):
+    """A bare string was split into characters; sizes of the wrong type failed deep inside."""
+    tok = tiny_tokenizer
+    kw = dict(causal=True, samples=2, seq_len=4)
+    with pytest.raises(TypeError, match=r"^paragraphs: expected a list of str .* got str"):
+        texts.calibration_batches(tok, "one paragraph of text", **kw)
+    for bad, match in ((dict(samples=2.0), r"^samples \(--samples\): expected an int, got float"),
+                       (dict(samples=None), r"^samples \(--samples\): expected an int, got NoneType"),
+                       (dict(seq_len=1), r"^seq_len \(--seq-len\): expected at least 2, got 1"),
+                       (dict(batch_size=0), r"^batch_size: expected at least 1, got 0"),
+                       (dict(causal="yes"), r"^causal: expected a bool, got str")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            texts.calibration_batches(tok, ["a b c d e f g h i j"] * 4, **{**kw, **bad})
+    with pytest.raises(ValueError, match=r"^samples \(--samples\): expected at least 0, got -1"):
+        texts.reference_batches(tok, samples=-1, seq_len=4, causal=True)
+    assert texts.reference_batches(tok, samples=0, seq_len=4, causal=True) == []
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "a b c d e f g h i j one paragraph of text".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
+
+
+def test_inference_mode():
+    """prune_heads in it made inference tensors of the new weights (nothing could train them
+    after); recover in it failed with autograd's words."""
+    batches = _batches()
+    model = _llama()
+    scores = headprune.collect(model, batches, moments=True)
+    with torch.inference_mode():
+        headprune.prune_heads(model, {1: [1, 2]}, reconstruct=scores)
+    assert not [n for n, p in model.named_parameters() if p.is_inference()]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^recover: needs autograd"):
+        headprune.recover(model, _llama(), batches, steps=1)
+
+
+def test_a_checkpoint_path_holding_another_file_is_refused(tmp_path):
+    """Without resume the file was written over, whatever it was."""
+    batches = _batches(2)
+    path = tmp_path / "notes.json"
+    runs = {"collect": lambda **kw: headprune.collect(_llama(), batches, checkpoint=path, **kw),
+            "learned-gates": lambda **kw: headprune.learn_gates(_llama(), batches, ratio=0.3, steps=1, checkpoint=path,
+                                                                **kw),
+            "recovery": lambda **kw: headprune.recover(_pruned(), _llama(), batches, steps=1, checkpoint=path, **kw)}
+    for what, run in runs.items():
+        path.write_text('{"my": "notes"}')
+        kind = "headprune" if what == "collect" else what
+        with pytest.raises(ValueError, match=rf"^checkpoint: .*notes.json exists and is not a {kind} checkpoint"):
+            run()
+        assert path.read_text() == '{"my": "notes"}'
+        path.unlink()
+        run()  # written
+        run()  # its own checkpoint is written over without resume, as before
+        path.unlink()
+
+
+def _pruned():
+    model = _llama()
+    headprune.prune_heads(model, {1: [1, 2]})
+    return model
+
+
+def test_arguments_of_the_wrong_kind_are_named():
+    model, batches = _llama(), _batches(2)
+    for call in (lambda b: headprune.collect(model, b), lambda b: headprune.gradient_importance(model, b),
+                 lambda b: headprune.collect_values(_bert(), b, {0: [1]}),
+                 lambda b: headprune.layer_costs(model, b, headprune.collect(model, batches, moments=True))):
+        with pytest.raises(TypeError, match=r"^batches: expected an iterable of batches .* got NoneType"):
+            call(None)
+    with pytest.raises(TypeError, match=r"^fused: expected a bool, got str"):
+        headprune.collect(model, batches, fused="no")
+    with pytest.raises(TypeError, match=r"^causal: expected True, False or None, got str"):
+        headprune.gradient_importance(model, batches, causal="no")
+    with pytest.raises(ValueError, match=r"^max_bytes: expected a positive number of bytes, got 'x'"):
+        headprune.collect_values(_bert(), batches, {0: [1]}, max_bytes="x")
+    scores = headprune.collect(model, batches, moments=True)
+    for damping in ("x", float("inf")):  # ignored with compensate=; inf failed in the solve
+        with pytest.raises(ValueError, match=r"^damping: expected a finite non-negative number"):
+            headprune.mask_heads(model, {1: [1]}, compensate=scores, damping=damping)
+        with pytest.raises(ValueError, match=r"^damping: expected a finite non-negative number"):
+            headprune.prune_heads(model, {1: [1]}, reconstruct=scores, damping=damping)
+
+
+def test_prune_heads_inside_gates_is_refused():
+    """The gates are sized to the heads at the block's entry: the next forward failed."""
+    model = _llama()
+    before = _state(model)
+    with headprune.gates(model):
+        with pytest.raises(ValueError, match=r"^model: is inside a headprune.gates block"):
+            headprune.prune_heads(model, {1: [1]})
+    assert _same(model, before)
+    headprune.prune_heads(model, {1: [1]})
+
+
+def test_pruning_nothing_leaves_the_model_unpruned(tmp_path):
+    """prune_heads(m, {}) (select_heads' answer at ratio 0) marked the model as pruned, so
+    statistics collected after it were refused as not of the unpruned model."""
+    model, batches = _llama(), _batches(2)
+    reference = copy.deepcopy(model)
+    report = headprune.prune_heads(model, {})
+    assert report.removed == {} and not hasattr(model, "_headprune_state")
+    scores = headprune.collect(model, batches, moments=True)
+    assert scores.head_ids is None
+    headprune.measure_uniform(model, batches, scores, {1: [1, 2]}, sequences=1)
+    ids = batches[0]["input_ids"]
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
