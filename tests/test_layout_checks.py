@@ -37,7 +37,7 @@ def test_learned_gates_refuse_the_statistics_of_another_pruning():
     b, _ = _bert()
     prune_heads(a, {0: [1]})
     prune_heads(b, {0: [3]})
-    with pytest.raises(ValueError, match=r"scores: were collected on heads \[0, 2, 3\] of site 0, the model keeps"):
+    with pytest.raises(ValueError, match=r"scores: the scores were collected on heads \[0, 2, 3\] of site 0, the model keeps"):
         learn_gates(b, batches, ratio=0.3, steps=1, scores=collect(a, batches, progress=False))
 
 
