@@ -13,10 +13,25 @@ from typing import Optional
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "weights_digest"]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "refuse_foreign", "weights_digest"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/1"
+
+
+def refuse_foreign(path: str, ours, kind: str, run: str) -> None:
+    """``ValueError`` when a file is at ``path`` and ``ours()`` (which may raise on a file it
+    cannot read) says it is no ``kind`` checkpoint: a run that does not resume writes over its
+    own checkpoint, never over another file."""
+    if not os.path.lexists(path):
+        return
+    try:
+        mine = bool(ours())
+    except Exception:  # any unreadable file is not a checkpoint: json, pickle, zip and torch raise many types
+        mine = False
+    if not mine:
+        raise ValueError(f"checkpoint: {path} exists and is not a {kind} checkpoint; {run} would write over it, "
+                         "so pass another path or delete it")
 
 
 class Checkpoint:
@@ -39,18 +54,12 @@ class Checkpoint:
                           + (" or drop resume (--resume)" if ours else " or pass another path"))
 
     def check_replaceable(self) -> None:
-        """``ValueError`` when a file is at the path and it is not a headprune checkpoint (a
-        collection that does not resume writes over one, never over another file)."""
-        if not os.path.lexists(self.path):
-            return
-        try:
+        """``ValueError`` when a file at the path is not a headprune checkpoint (see :func:`refuse_foreign`)."""
+        def ours():
             with open(self.path, encoding="utf-8") as f:
-                ours = json.load(f).get("format") == CHECKPOINT_FORMAT
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise ValueError(f"checkpoint: {self.path} exists and is not a headprune checkpoint; a collection "
-                             "would write over it, so pass another path or delete it")
+                return json.load(f).get("format") == CHECKPOINT_FORMAT
+
+        refuse_foreign(self.path, ours, "headprune", "a collection")
 
     def load(self) -> Optional[tuple]:
         """``(HeadScores, batches_done)``, or ``None`` when there is no file yet."""

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import atomic
+from .checkpoint import refuse_foreign
 from .batches import check_batches
 
 CHECKPOINT_FORMAT = "headprune.recover/4"  # /2: digests of shapes and types too; /3: of every weight;
@@ -125,18 +126,12 @@ class _Checkpoint:
                           + (" or start without resume" if ours else " or pass another path"))
 
     def check_replaceable(self) -> None:
-        """``ValueError`` when a file is at the path and it is not a checkpoint of this kind (a
-        run that does not resume writes over one, never over another file)."""
-        if not os.path.lexists(self.path):
-            return
-        try:
+        """``ValueError`` when a file at the path is not a checkpoint of this kind (see ``refuse_foreign``)."""
+        def ours():
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-            ours = isinstance(state, dict) and state.get("fingerprint", {}).get("format") == self.fingerprint["format"]
-        except Exception:  # any unreadable file is not ours: pickle, zip and torch raise many types
-            ours = False
-        if not ours:
-            raise ValueError(f"checkpoint: {self.path} exists and is not a {self.what} checkpoint; the run would "
-                             "write over it, so pass another path or delete it")
+            return isinstance(state, dict) and state.get("fingerprint", {}).get("format") == self.fingerprint["format"]
+
+        refuse_foreign(self.path, ours, self.what, "the run")
 
     def load(self) -> Optional[dict]:
         if not os.path.exists(self.path):
