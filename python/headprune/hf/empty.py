@@ -4,6 +4,7 @@ bias, still records its tokens in a KV cache, and returns an attention map with 
 from __future__ import annotations
 
 import torch
+from transformers import Cache
 
 __all__ = ["empty_forward", "headless_kv"]
 
@@ -45,8 +46,6 @@ def _advance_cache(module, cache, x, cross: bool) -> None:
     zero per token for keys and values (a cache layer with no element counts no token):
     transformers reads the cache's length (where the next tokens' positions start) from its
     first layer, so a first layer without heads made every cached decode step start at 0."""
-    from transformers import Cache
-
     # a paged cache (continuous batching) takes positions from its scheduler, not from a layer
     if not isinstance(cache, Cache) or getattr(module, "layer_idx", None) is None:
         return

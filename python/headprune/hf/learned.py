@@ -38,9 +38,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .adapters import get_adapter, head_counts, resolve_sites
 from .gates import frozen, gates
-from .prune import check_scores, kept_heads
+from .prune import check_scores
 from .recover import _kwargs, _loss, _Teacher
 from .training import (_bar, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume,
                        check_inputs, open_checkpoint)
@@ -97,23 +97,12 @@ def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed
         raise ValueError(f"init: expected a finite log_alpha, got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
         raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("learn_gates: needs autograd; call it outside torch.inference_mode()")
 
 
-def _fill(scores, num_heads: list, dims: list, kept: Optional[dict] = None) -> Optional[torch.Tensor]:
-    if scores is None:
-        return None
-    if getattr(scores, "outputs", None) is None:
-        raise ValueError("scores: no output statistics to fill closed gates with (collect them with "
-                         "headprune.collect, or pass scores=None to close gates to zero)")
-    if list(scores.num_heads) != num_heads:
-        raise ValueError(f"scores: were collected for head counts {list(scores.num_heads)}, the model has {num_heads}")
-    i = None if kept is None else scores.other_site(kept)
-    if i is not None:
-        raise ValueError(f"scores: were collected on heads {scores.site_heads()[i]} of site {i}, the model keeps "
-                         f"{list(kept[i])}")
-    return torch.nan_to_num(scores.output_mean(), nan=0.0)
+def _fill(scores) -> Optional[torch.Tensor]:
+    """What a closed gate leaves in a head's place: its mean output (``scores`` of this model,
+    checked by ``check_scores``), or ``None`` (zero)."""
+    return None if scores is None else torch.nan_to_num(scores.output_mean(), nan=0.0)
 
 
 def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0.05, warmup: float = 0.3,
@@ -150,8 +139,8 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     sites = resolve_sites(model, adapter)
     num_heads = [head_counts(s, adapter)[0] for s in sites]
     if scores is not None:
-        check_scores(model, scores)  # of this model as it is
-    fill = _fill(scores, num_heads, [head_dim(s, adapter) for s in sites], kept_heads(model))
+        check_scores(model, scores)  # of this model as it is: its family, layout, kept heads and weights
+    fill = _fill(scores)
     valid = torch.zeros(len(sites), max(num_heads), dtype=torch.bool)
     for i, h in enumerate(num_heads):
         valid[i, :h] = True
