@@ -3,6 +3,7 @@ takes from ``--teacher`` or from the report of the directory it evaluates (it pr
 fidelity at all), and a causal LM's perplexity is set beside the teacher's when one is given."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -19,7 +20,7 @@ SENTENCES = ["She had not been to the sea.", "It was her own and he had it.", "T
 
 @pytest.fixture(autouse=True)
 def _text(tmp_path):  # run() works in tmp_path: a short text there, for prune and eval alike
-    paragraphs = [" ".join(SENTENCES[(i + k) % 4] for k in range(3)) for i in range(16)]
+    paragraphs = [" ".join(SENTENCES[(i + k) % 4] for k in range(3)) for i in range(60)]  # 18 held out
     (tmp_path / "text.txt").write_text("\n\n".join(paragraphs))
 
 
@@ -128,3 +129,26 @@ def test_eval_sizes_the_kv_cache_in_the_type_prune_reported(run, tmp_path, tiny_
     assert result["kv_cache_bytes_per_token"] == report["after"]["kv_cache_bytes_per_token"]
     code, err, result = _eval(run, [path, "--no-speed"])
     assert result["kv_cache_bytes_per_token"] == report["before"]["kv_cache_bytes_per_token"]
+
+
+def test_a_held_out_text_too_short_for_its_figure_is_said_before_the_work(run, tmp_path, tiny_dir):  # noqa: F811
+    """eval printed a perplexity over 2 tokens (less than one window) and a fidelity over one
+    paragraph as it prints any other, with nothing to say they were noise."""
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    (tmp_path / "short.txt").write_text("She had not been to the sea.\n\nIt was her own.\n\nHe had it.")
+    for model, why in ((path, r"has \d token\(s\), fewer than one window of 256 for the perplexity"),
+                       (tiny_dir, r"has 1 paragraph\(s\), fewer than 16 for the fidelity")):
+        code, err = run(["eval", model, "--teacher", model, "--quiet", "--no-speed", "--data", "short.txt"])
+        assert code == 0 and len(err) == 1, err
+        assert re.fullmatch(f"headprune: warning: --data: short.txt: its held-out part {why}: the quality figures "
+                            "will be mostly noise; a longer text gives figures worth comparing", err[0]), err
+    code, err, _ = _eval(run, [path, "--no-speed"])  # the fixture's text: 18 paragraphs held out, no warning
+    assert code == 0 and not err, err

@@ -144,6 +144,7 @@ def _setup(args):
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
     if loaded.tokenizer is None:
         raise ValueError(f"MODEL: {args.model} has no tokenizer files")
+    warn_thin(args.data, loaded, held)
     d = DEFAULTS[loaded.kind]
     samples, seq_len = args.samples or d["samples"], seq_len_for(args, loaded, d["seq_len"])
     batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
@@ -223,6 +224,15 @@ def _is_writer() -> bool:
     from ..distributed import rank_world
 
     return rank_world()[0] == 0
+
+
+def warn_thin(data, loaded, held: list) -> None:
+    """A warning, before the work, where the held-out text is too short for its figure to mean
+    much (:func:`headprune.app.evaluate.thin_held_out`)."""
+    why = E.thin_held_out(loaded, held) if loaded.tokenizer is not None else None
+    if why:
+        _warn(f"--data: {data or texts.DEFAULT_TEXT}: {why}: the quality figures will be mostly noise; a longer "
+              "text gives figures worth comparing")
 
 
 def quality(args, loaded, held, reference=None) -> dict:

@@ -31,6 +31,7 @@ def evaluate(args) -> int:
         print(f"headprune: evaluating on the held-out part of `{data}`, the text MODEL was pruned or recovered "
               "with (--data chooses another)", file=sys.stderr, flush=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
+    C.warn_thin(data, loaded, held)
     named = _named_teacher(args.model) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:

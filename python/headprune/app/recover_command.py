@@ -217,6 +217,7 @@ def recover(args) -> int:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
+        C.warn_thin(used["data"], student, paragraphs["held_out"])
     with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
         q["pruned"] = _quality(args, student, paragraphs, q["unpruned"])
