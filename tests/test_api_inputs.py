@@ -84,6 +84,31 @@ def test_statistics_of_another_model_are_refused():
     headprune.prune_heads(model, HEADS, reconstruct=own)
 
 
+def test_value_moments_of_another_model_are_refused():
+    """Value moments were checked against the heads and the layout only: another BERT's were
+    accepted, and the refit rewrote the kept heads' value rows from them."""
+    batches = _batches()
+    own = headprune.collect(_bert(), batches, moments=True)
+    values = headprune.collect_values(_bert(), batches, HEADS)
+    foreign = headprune.collect_values(_bert(seed=7), batches, HEADS)
+    for call in (headprune.prune_heads, headprune.mask_heads):
+        model = _bert()
+        before = _state(model)
+        with pytest.raises(ValueError, match=r"^values: site 0's output projection differs from the one the value "
+                                             r"moments were collected with \(a relative change of 1\.\d+\)"):
+            call(model, HEADS, reconstruct=own, values=foreign)
+        assert _same(model, before)
+    model = _bert()
+    model.encoder.layer[1].attention.self.value.weight.data.mul_(1.5)  # the value rows changed since
+    with pytest.raises(ValueError, match=r"^values: site 1's value projection differs .* \(a relative change of 0\.5\)"):
+        headprune.mask_heads(model, HEADS, reconstruct=own, values=values)
+    model = _bert()  # its own moments, on weights cast to bfloat16 and back, still fit
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    headprune.prune_heads(model, HEADS, reconstruct=own, values=values)
+
+
 def test_measured_costs_refuse_batches_other_than_the_calibration():
     """The measured sequences' moments are taken out of the scores'; another text's made the
     refit's moments indefinite, and the costs stopped growing with the heads removed."""

@@ -51,7 +51,7 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
             raise TypeError(f"values: expected the ValueMoments of collect_values or None, got {type(values).__name__}")
         if reconstruct is None:
             raise ValueError("values: the value refit extends the least-squares refit; pass reconstruct= as well")
-        values.check(heads, kept)
+        values.check(heads, kept, sites)
         if absent:
             raise ValueError(f"values: layers {sorted(absent)} have heads masked by an active mask_heads handle; "
                              "restore it first (the value refit needs every other head of a layer kept or removed "
@@ -115,12 +115,20 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
         if then_w.shape != w.shape:
             raise ValueError(f"{arg}: the scores were collected when site {layer}'s output projection was "
                              f"{list(then_w.shape)}, it is {list(w.shape)}; collect on this model")
-        change = float((w - then_w.to(w)).norm() / then_w.norm().clamp_min(1e-30))
+        change = projection_change(w, then_w)
         if change > PROJECTION_RTOL:
             raise ValueError(f"{arg}: site {layer}'s output projection differs from the one the scores were collected "
                              f"with (relative change {change:.3g}): statistics of another model or of these "
                              "weights before they changed; collect on the model as it is")
     return scores
+
+
+def projection_change(now: torch.Tensor, then: torch.Tensor) -> Optional[float]:
+    """The relative (Frobenius) difference of a projection's weights now from ``then``, or
+    ``None`` where the shapes differ."""
+    if now.shape != then.shape:
+        return None
+    return float((now - then.to(now)).norm() / then.norm().clamp_min(1e-30))
 
 
 def _collected_masked(w: torch.Tensor, d: int) -> bool:

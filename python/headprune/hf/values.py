@@ -31,6 +31,7 @@ from .attention import RECORDERS, _inner_function, attention_implementation, con
 from .batches import check_batches, forward_kwargs
 from ..core.modules import eval_mode
 from .prune import kept_heads, positions
+from .removal import PROJECTION_RTOL, projection_change
 
 __all__ = ["ValueMoments", "collect_values", "DEFAULT_MAX_BYTES", "refits_values_by_default", "supports_values"]
 
@@ -50,10 +51,12 @@ class ValueMoments:
     gram: dict
     cross: dict
     layout: Optional[dict] = None  # {site: original ids of its heads} when collected (positions name them)
+    weights: Optional[dict] = None  # {site: (output projection, value projection) weights} when collected
 
-    def check(self, heads: dict, layout: Optional[dict] = None) -> None:
+    def check(self, heads: dict, layout: Optional[dict] = None, sites: Optional[list] = None) -> None:
         """``ValueError`` unless these moments were collected for exactly ``heads``, on a model
-        whose heads were ``layout`` (``{site: original ids}``, where given)."""
+        whose heads were ``layout`` (``{site: original ids}``, where given) and whose sites
+        (``sites``, where given) have the output and value projections they were collected with."""
         want = {int(k): sorted(v) for k, v in heads.items() if v}
         have = {int(k): sorted(v) for k, v in self.heads.items() if v}
         if want != have:
@@ -63,6 +66,15 @@ class ValueMoments:
         if other:
             raise ValueError(f"values: collected when site {other[0]} held heads {self.layout[other[0]]}, it now holds "
                              f"{list(layout[other[0]])}; collect_values again")
+        for layer, pair in (self.weights or {}).items() if sites is not None else ():
+            site = sites[layer]
+            for what, then, now in zip(("output", "value"), pair, (site.o.weight, site.sub(site.block.v).weight)):
+                change = projection_change(now.detach(), then)
+                if change is None or change > PROJECTION_RTOL:
+                    how = "another shape" if change is None else f"a relative change of {change:.3g}"
+                    raise ValueError(f"values: site {layer}'s {what} projection differs from the one the value "
+                                     f"moments were collected with ({how}): moments of another model or of these "
+                                     "weights before they changed; collect_values on the model as it is")
 
 
 def _supported(site, adapter) -> str:
@@ -238,5 +250,8 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
     if missing:
         raise ValueError(f"batches: sites {missing} saw no calibration token")
     gram, cross = run.moments()
+    weights = {layer: tuple(w.detach().to("cpu", copy=True) for w in (sites[layer].o.weight,
+                                                                       sites[layer].sub(sites[layer].block.v).weight))
+               for layer in kept}
     return ValueMoments(heads={k: list(v) for k, v in heads.items()}, kept=kept, gram=gram, cross=cross,
-                        layout=kept_heads(model))
+                        layout=kept_heads(model), weights=weights)
