@@ -109,6 +109,23 @@ def test_value_moments_of_another_model_are_refused():
     headprune.prune_heads(model, HEADS, reconstruct=own, values=values)
 
 
+def test_a_config_edited_after_the_model_was_built_is_refused_before_pruning(tmp_path):
+    """num_attention_heads = 8 on a built 4-head model: pruning recorded that config as the
+    original, save_pruned wrote it, and load_pruned then refused the directory."""
+    for build in (_llama, _bert):
+        model = build()
+        model.config.num_attention_heads = 8
+        before = _state(model)
+        with pytest.raises(ValueError, match=r"^model: its config describes \(query heads, KV heads, head size\) per "
+                                             r"site \[\(8, .*its attention modules hold \[\(4, "):
+            headprune.prune_heads(model, {0: [1]})
+        assert _same(model, before) and not hasattr(model, "_headprune_state")
+        model.config.num_attention_heads = 4  # restored: pruned, saved and loaded as before
+        headprune.prune_heads(model, {0: [1]})
+        headprune.save_pruned(model, tmp_path / build.__name__)
+        assert _same(headprune.load_pruned(tmp_path / build.__name__), model.state_dict())
+
+
 def test_measured_costs_refuse_batches_other_than_the_calibration():
     """The measured sequences' moments are taken out of the scores'; another text's made the
     refit's moments indefinite, and the costs stopped growing with the heads removed."""

@@ -29,6 +29,7 @@ from .attention import SiteConfig
 from .empty import empty_forward
 from .gates import gated
 from .removal import _checked, removal_plan
+from .verify import meta_model
 
 __all__ = ["mask_heads", "prune_heads", "kept_heads", "zeroed_heads"]
 
@@ -144,6 +145,7 @@ def new_state(model, counts) -> dict:
     old = getattr(model, STATE_ATTR, None)
     if old is not None:
         return copy.deepcopy(old)
+    _check_config(model, counts)
     return {
         "kept": [list(range(c[0])) for c in counts],
         "kv": [list(range(c[1])) for c in counts],
@@ -151,6 +153,21 @@ def new_state(model, counts) -> dict:
         "per_layer_bias": [],
         "original_config": model.config.to_dict(),
     }
+
+
+def _check_config(model, counts) -> None:
+    """The first pruning records ``model.config`` as the original that ``load_pruned`` rebuilds
+    and prunes again: refuse a config that does not describe the model's heads (one edited
+    after the model was built), which would save a directory nothing loads."""
+    adapter = get_adapter(model)
+    built = meta_model(lambda: type(model)._from_config(copy.deepcopy(model.config)),
+                       sum(1 for _ in model.parameters()), "model", "its config")
+    now = [(*c, head_dim(s, adapter)) for c, s in zip(counts, resolve_sites(model, adapter))]
+    then = [(*head_counts(s, adapter), head_dim(s, adapter)) for s in resolve_sites(built, adapter)]
+    if now != then:
+        raise ValueError(f"model: its config describes (query heads, KV heads, head size) per site {then}, its "
+                         f"attention modules hold {now}; a config edited after the model was built would be saved "
+                         "as the model's and not load: restore it, or build the model from it")
 
 
 def positions(model, sites, adapter, heads: dict) -> tuple:
