@@ -129,6 +129,8 @@ def test_a_pruned_directory_read_in_a_half_type_computes_as_the_model_that_was_s
     assert read.model.rotary_emb.inv_freq.dtype == torch.float32
     assert {p.dtype for p in read.parameters()} == {torch.bfloat16}
     ids = torch.randint(3, 90, (1, 1500), generator=torch.Generator().manual_seed(0))
+    for m in (read, model):  # torch's bfloat16 SDPA fails under ATEN_CPU_CAPABILITY=avx2 on CPUs with AMX
+        m.set_attn_implementation("eager")
     with torch.no_grad():
         assert torch.equal(read(input_ids=ids).logits, model(input_ids=ids).logits)
 
