@@ -133,7 +133,9 @@ def test_eval_sizes_the_kv_cache_in_the_type_prune_reported(run, tmp_path, tiny_
 
 def test_a_held_out_text_too_short_for_its_figure_is_said_before_the_work(run, tmp_path, tiny_dir):  # noqa: F811
     """eval printed a perplexity over 2 tokens (less than one window) and a fidelity over one
-    paragraph as it prints any other, with nothing to say they were noise."""
+    paragraph as it prints any other, with nothing to say they were noise. The window is the
+    model's (this llama takes 64 positions); scan, which gives no quality figure, says nothing,
+    and sweep counts the paragraphs it evaluates (--eval-paragraphs)."""
     import torch
     import transformers
 
@@ -144,11 +146,17 @@ def test_a_held_out_text_too_short_for_its_figure_is_said_before_the_work(run, t
     transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
     (tmp_path / "short.txt").write_text("She had not been to the sea.\n\nIt was her own.\n\nHe had it.")
-    for model, why in ((path, r"has \d token\(s\), fewer than one window of 256 for the perplexity"),
+    warning = ("headprune: warning: --data: {}: its held-out part {}: the quality figures will be mostly noise; a "
+               "longer text gives figures worth comparing")
+    for model, why in ((path, r"has \d token\(s\), fewer than one window of 64 for the perplexity"),
                        (tiny_dir, r"has 1 paragraph\(s\), fewer than 16 for the fidelity")):
         code, err = run(["eval", model, "--teacher", model, "--quiet", "--no-speed", "--data", "short.txt"])
-        assert code == 0 and len(err) == 1, err
-        assert re.fullmatch(f"headprune: warning: --data: short.txt: its held-out part {why}: the quality figures "
-                            "will be mostly noise; a longer text gives figures worth comparing", err[0]), err
-    code, err, _ = _eval(run, [path, "--no-speed"])  # the fixture's text: 18 paragraphs held out, no warning
-    assert code == 0 and not err, err
+        assert code == 0 and len(err) == 1 and re.fullmatch(warning.format("short.txt", why), err[0]), err
+    code, err, result = _eval(run, [path, "--no-speed"])  # the fixture's text: 18 paragraphs held out, no warning
+    assert code == 0 and not err and result["windows"] >= 2, err
+    code, err = run(["scan", tiny_dir, "--samples", "2", "--seq-len", "16", "--quiet", "--data", "short.txt",
+                     "--out", tmp_path / "s"])
+    assert code == 0 and err == [], err
+    code, err = run(["sweep", tiny_dir, "--ratios", "0.3", "--seeds", "1", "--samples", "4", "--seq-len", "16",
+                     "--quiet", "--data", "text.txt", "--eval-paragraphs", "3", "--out", tmp_path / "w"])
+    assert code == 0 and err[:1] == [warning.format("text.txt", "has 3 paragraph(s), fewer than 16 for the fidelity")]

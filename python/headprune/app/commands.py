@@ -136,15 +136,17 @@ TEXT_SETTINGS = ("data", "data_path", "samples", "samples_requested", "seq_len",
                  "calibration_paragraphs", "held_out_paragraphs", "calibration_tokens", "generated")
 
 
-def _setup(args):
-    """Model, calibration batches and held-out paragraphs for a command."""
+def _setup(args, evaluates: bool = False):
+    """Model, calibration batches and held-out paragraphs for a command (one that ``evaluates``
+    them warns when they are too few: :func:`warn_thin`)."""
     parts, held = texts.load_split(args.data)
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
     if loaded.tokenizer is None:
         raise ValueError(f"MODEL: {args.model} has no tokenizer files")
-    warn_thin(args.data, loaded, held)
+    if evaluates:  # the paragraphs evaluated: sweep's --eval-paragraphs takes the first ones
+        warn_thin(args.data, loaded, held[: getattr(args, "eval_paragraphs", None) or len(held)])
     d = DEFAULTS[loaded.kind]
     samples, seq_len = args.samples or d["samples"], seq_len_for(args, loaded, d["seq_len"])
     batches, reference = texts.calibration_set(loaded.tokenizer, parts, args.data, causal=loaded.kind == "causal",
@@ -227,8 +229,8 @@ def _is_writer() -> bool:
 
 
 def warn_thin(data, loaded, held: list) -> None:
-    """A warning, before the work, where the held-out text is too short for its figure to mean
-    much (:func:`headprune.app.evaluate.thin_held_out`)."""
+    """A warning, before the work, where the held-out text (the paragraphs evaluated) is too
+    short for its figure to mean much (:func:`headprune.app.evaluate.thin_held_out`)."""
     why = E.thin_held_out(loaded, held) if loaded.tokenizer is not None else None
     if why:
         _warn(f"--data: {data or texts.DEFAULT_TEXT}: {why}: the quality figures will be mostly noise; a longer "

@@ -33,19 +33,20 @@ def metric_of(kind: str) -> tuple:
     return ("perplexity", True) if kind == "causal" else ("fidelity", False)
 
 
-#: Below these a held-out figure is mostly noise (:func:`thin_held_out`): perplexity over fewer
-#: tokens than one window, fidelity over fewer paragraphs than this.
+#: Below this many paragraphs a held-out fidelity is mostly noise (:func:`thin_held_out`); a
+#: perplexity, below one window of tokens.
 THIN_PARAGRAPHS = 16
 
 
 def thin_held_out(loaded, held: list) -> str | None:
     """Why the held-out paragraphs are too few for a figure worth comparing (perplexity over
-    fewer than :data:`WINDOW` tokens, fidelity over fewer than :data:`THIN_PARAGRAPHS`
-    paragraphs), or ``None``."""
+    fewer tokens than one of :func:`perplexity`'s windows: :data:`WINDOW`, or the model's
+    positions if fewer; fidelity over fewer than :data:`THIN_PARAGRAPHS` paragraphs), or ``None``."""
     if loaded.kind == "causal":
+        window = min(WINDOW, max_positions(loaded.model, WINDOW))
         tokens = len(loaded.tokenizer("\n\n".join(held), add_special_tokens=False)["input_ids"])
-        if tokens < WINDOW:
-            return f"its held-out part has {tokens} token(s), fewer than one window of {WINDOW} for the perplexity"
+        if tokens < window:
+            return f"its held-out part has {tokens} token(s), fewer than one window of {window} for the perplexity"
         return None
     if len(held) < THIN_PARAGRAPHS:
         return f"its held-out part has {len(held)} paragraph(s), fewer than {THIN_PARAGRAPHS} for the fidelity"

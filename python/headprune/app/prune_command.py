@@ -35,7 +35,7 @@ def prune(args) -> int:
     check_options(args)
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):
-        loaded, batches, held, settings = C._setup(args)
+        loaded, batches, held, settings = C._setup(args, evaluates=True)
     remove_zeroed(args, loaded, settings)
     check_model(args, loaded)
     check_saved_type(args, loaded, saved_as := _save_dtype_name(args, loaded))

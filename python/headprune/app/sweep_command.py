@@ -17,7 +17,7 @@ from .sweep_table import sweep_markdown
 def sweep(args) -> int:
     out = C._out(args, "sweep")
     C.check_out(out, args.force, C.inputs(args))
-    loaded, batches, held, settings = C._setup(args)
+    loaded, batches, held, settings = C._setup(args, evaluates=True)
     from .removal_stage import remove_zeroed
 
     remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
