@@ -126,6 +126,26 @@ def test_a_config_edited_after_the_model_was_built_is_refused_before_pruning(tmp
         assert _same(headprune.load_pruned(tmp_path / build.__name__), model.state_dict())
 
 
+class _Scaled(LlamaForCausalLM):
+    """A subclass that its config alone does not build."""
+
+    def __init__(self, config, scale):
+        super().__init__(config)
+        self.scale = scale
+
+
+def test_a_model_its_config_alone_does_not_build_is_still_pruned_in_memory():
+    """The config check of the first pruning builds the model from its config; a subclass
+    taking other arguments cannot be built so, and was refused, where it pruned before."""
+    torch.manual_seed(0)
+    model = _Scaled(_llama().config, scale=2.0).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    with headprune.mask_heads(model, {0: [1]}):
+        masked = model(input_ids=ids).logits
+    headprune.prune_heads(model, {0: [1]})
+    torch.testing.assert_close(model(input_ids=ids).logits, masked, rtol=1e-5, atol=1e-5)
+
+
 def test_measured_costs_refuse_batches_other_than_the_calibration():
     """The measured sequences' moments are taken out of the scores'; another text's made the
     refit's moments indefinite, and the costs stopped growing with the heads removed."""

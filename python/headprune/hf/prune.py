@@ -157,17 +157,27 @@ def new_state(model, counts) -> dict:
 
 def _check_config(model, counts) -> None:
     """The first pruning records ``model.config`` as the original that ``load_pruned`` rebuilds
-    and prunes again: refuse a config that does not describe the model's heads (one edited
-    after the model was built), which would save a directory nothing loads."""
+    and prunes again: refuse a config that does not describe the model's heads (the config or
+    the modules edited after the model was built), which would save a directory nothing loads.
+    A class that cannot be built from its config alone (a subclass taking other arguments, a
+    compiled wrapper) is not checked: ``load_pruned`` cannot rebuild it either, and pruning it in
+    memory stays as it was."""
+    build = getattr(type(model), "_from_config", None)
+    if build is None:
+        return
     adapter = get_adapter(model)
-    built = meta_model(lambda: type(model)._from_config(copy.deepcopy(model.config)),
-                       sum(1 for _ in model.parameters()), "model", "its config")
+    try:
+        built = meta_model(lambda: build(copy.deepcopy(model.config)), sum(1 for _ in model.parameters()), "model",
+                           "its config")
+    except ValueError:
+        return
     now = [(*c, head_dim(s, adapter)) for c, s in zip(counts, resolve_sites(model, adapter))]
     then = [(*head_counts(s, adapter), head_dim(s, adapter)) for s in resolve_sites(built, adapter)]
     if now != then:
         raise ValueError(f"model: its config describes (query heads, KV heads, head size) per site {then}, its "
-                         f"attention modules hold {now}; a config edited after the model was built would be saved "
-                         "as the model's and not load: restore it, or build the model from it")
+                         f"attention modules hold {now}; pruning records the config as the model's, so the saved "
+                         "directory would not load: make the config and the modules agree (build the model from "
+                         "the config) first")
 
 
 def positions(model, sites, adapter, heads: dict) -> tuple:
