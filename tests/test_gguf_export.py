@@ -114,7 +114,8 @@ def test_uneven_layers_are_written_as_deci_with_per_layer_head_counts(tmp_path, 
             assert torch.equal(tensors[f"blk.{i}.attn_output.bias"], a.o_proj.bias)
     assert not any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in written)  # o bias only
     assert torch.equal(tensors["blk.0.ffn_up.weight"], model.model.layers[0].mlp.up_proj.weight)
-    with pytest.raises(ValueError, match="reads one head count for every layer.*architecture='deci'"):
+    with pytest.raises(ValueError, match=r"^architecture: llama.cpp's llama architecture reads one head count for "
+                                         r"every layer.*architecture='deci' \(--architecture deci"):
         export_gguf(model, tmp_path / "l.gguf", architecture="llama")
     from headprune.app.load import load_model
 

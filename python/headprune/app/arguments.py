@@ -304,8 +304,8 @@ def prune_output_args(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--physical", dest="mode", action="store_const", const="physical",
                       help="remove the heads: a smaller, faster model (default)")
     g.add_argument("--save-dtype", choices=SAVE_DTYPES, default="auto",
-                   help="float type of the saved weights; the evaluation after pruning runs in it, so the report "
-                        "describes what is saved (default auto: the checkpoint's own type as its config or, failing "
+                   help="float type of the saved weights; the pruned model is evaluated with its weights rounded to it "
+                        "(computing in --dtype), so the report describes what is saved (default auto: the checkpoint's own type as its config or, failing "
                         "that, its weights say; bfloat16 for a quantised GGUF; float32 when unknown)")
     g.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the pruned model's speed against the unpruned one, interleaved, with the unpruned "

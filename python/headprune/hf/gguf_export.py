@@ -67,9 +67,10 @@ def _layout(adapter, sites, architecture: str) -> tuple:
         raise ValueError("model: a layer without heads cannot be written as GGUF")
     uneven = len(set(counts)) > 1
     if architecture == "llama" and uneven:
-        raise ValueError(f"model: llama.cpp's llama architecture reads one head count for every layer, and this "
-                         f"model's layers keep {sorted(set(counts))} (query, KV) heads; prune it with uniform=True "
-                         "(--uniform), or write architecture='deci' (per-layer head counts)")
+        raise ValueError(f"architecture: llama.cpp's llama architecture reads one head count for every layer, and "
+                         f"this model's layers keep {sorted(set(counts))} (query, KV) heads; prune it with "
+                         "uniform=True (--uniform), or write architecture='deci' (--architecture deci: per-layer head "
+                         "counts)")
     return ("deci" if uneven or architecture == "deci" else "llama"), counts
 
 
