@@ -160,3 +160,27 @@ def test_a_held_out_text_too_short_for_its_figure_is_said_before_the_work(run, t
     code, err = run(["sweep", tiny_dir, "--ratios", "0.3", "--seeds", "1", "--samples", "4", "--seq-len", "16",
                      "--quiet", "--data", "text.txt", "--eval-paragraphs", "3", "--out", tmp_path / "w"])
     assert code == 0 and err[:1] == [warning.format("text.txt", "has 3 paragraph(s), fewer than 16 for the fidelity")]
+
+
+def test_eval_says_when_it_computes_in_another_type_than_the_report(run, tmp_path, tiny_dir):  # noqa: F811
+    """A prune with --dtype bfloat16 reported its figures in bfloat16; eval of the directory
+    computed in float32 and printed another perplexity, with nothing to say why."""
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--dtype", "bfloat16", "--eval-windows", "2",
+                     "--out", tmp_path / "o"])  # the windows eval takes (_eval)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    code, err, result = _eval(run, [tmp_path / "o", "--no-speed"])
+    assert code == 0 and err == ["headprune: warning: MODEL was evaluated in bfloat16 when it was pruned (its "
+                                 "report.json); this evaluation computes in float32, so its figures can differ from "
+                                 "the report's: pass --dtype bfloat16 to reproduce them"], err
+    code, err, result = _eval(run, [tmp_path / "o", "--no-speed", "--dtype", "bfloat16"])
+    assert code == 0 and not err and result["perplexity"] == report["after"]["perplexity"], err

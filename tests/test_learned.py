@@ -214,7 +214,7 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     assert "hard-concrete gates" in report["recipe"] and ck.exists()
     assert report["heads_pruned"] == int(0.3 * report["heads_total"])
     assert "0" not in report["pruned_heads"]  # the default's first layer kept whole, as the sweep measures
-    assert report["settings"]["protect_layers"] == [0] and "layers 0 kept whole" in report["recipe"]
+    assert report["settings"]["protect_layers"] == [0] and "layer 0 kept whole" in report["recipe"]
     code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--score", "learned", "--order", "high",
                                   "--quiet", "--no-speed", "--out", tmp_path / "o3"]])
     assert code != 0 and "--order: learned gates" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from .report import number, to_json
 
 
 def evaluate(args) -> int:
-    data = args.data if args.data is not None else _pruned_with(args.model)
+    report = _report_of(args.model)
+    data = args.data if args.data is not None else _pruned_with(report)
     try:
         _, held = texts.load_split(data)  # a mistyped --data before the model loads
     except FileNotFoundError:
@@ -32,6 +33,7 @@ def evaluate(args) -> int:
               "with (--data chooses another)", file=sys.stderr, flush=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
     C.warn_thin(data, loaded, held)
+    _warn_other_type(args, loaded, report)
     named = _named_teacher(args.model) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:
@@ -73,17 +75,37 @@ def evaluate(args) -> int:
     return 0
 
 
-def _pruned_with(model: str) -> Optional[str]:
-    """The calibration text (its files' absolute paths where it names files) of the prune or
-    recover folder MODEL is, or whose ``model/`` it is; ``None`` (the default text) otherwise."""
-    from .recover_command import calibrated_on, read_report
+def _report_of(model: str) -> Optional[dict]:
+    """The ``report.json`` of the prune or recover folder MODEL is, or whose ``model/`` it is;
+    ``None`` for another model or a report that cannot be read (the fidelity's lookup says
+    what is wrong with it)."""
+    from .recover_command import read_report
 
     folder = prune_folder(model)
     try:
-        settings = read_report(folder, "MODEL").get("settings") if folder is not None else None
-    except (OSError, ValueError, AttributeError):  # the fidelity's lookup says what is wrong with it
+        report = read_report(folder, "MODEL") if folder is not None else None
+    except (OSError, ValueError):
         return None
+    return report if isinstance(report, dict) else None
+
+
+def _pruned_with(report: Optional[dict]) -> Optional[str]:
+    """The calibration text (its files' absolute paths where it names files) that a prune or
+    recover folder's ``report`` names; ``None`` (the default text) otherwise."""
+    from .recover_command import calibrated_on
+
+    settings = (report or {}).get("settings")
     return calibrated_on(settings) if isinstance(settings, dict) else None
+
+
+def _warn_other_type(args, loaded, report: Optional[dict]) -> None:
+    """Said when ``prune`` evaluated the folder's model in another float type (its report's
+    ``compute_dtype``) than this evaluation computes in, and ``--dtype`` did not choose it:
+    the report's figures are not reproduced then."""
+    then, now = (report or {}).get("compute_dtype"), str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    if args.dtype is None and isinstance(then, str) and then != now:
+        C._warn(f"MODEL was evaluated in {then} when it was pruned (its report.json); this evaluation computes in "
+                f"{now}, so its figures can differ from the report's: pass --dtype {then} to reproduce them")
 
 
 def _named_teacher(model: str) -> Optional[tuple]:

@@ -71,7 +71,7 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
                                              "groups" if select.get("kv_ratio") else ""))
     protect = select.get("protect_layers")
     if protect:
-        parts.append(f"layers {', '.join(map(str, protect))} kept whole")
+        parts.append(f"layer{'s' if len(protect) > 1 else ''} {', '.join(map(str, protect))} kept whole")
     elif protect is None and whole and causal is not False and not select.get("uniform"):
         parts.append("the first layer of each causal stack kept whole")
     how = REMOVAL_WORDS.get(removal, removal)
