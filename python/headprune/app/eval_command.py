@@ -17,7 +17,7 @@ from .report import number, to_json
 
 
 def evaluate(args) -> int:
-    report = _report_of(args.model)
+    folder, report, unread = _read_folder(args.model)
     data = args.data if args.data is not None else _pruned_with(report)
     try:
         _, held = texts.load_split(data)  # a mistyped --data before the model loads
@@ -34,7 +34,7 @@ def evaluate(args) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
     C.warn_thin(data, loaded, held)
     _warn_other_type(args, loaded, report)
-    named = _named_teacher(args.model) if args.teacher is None and loaded.kind != "causal" else None
+    named = _named_teacher(folder, report, unread) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:
         teacher = _load(args, spec, loaded.kind)
@@ -75,18 +75,19 @@ def evaluate(args) -> int:
     return 0
 
 
-def _report_of(model: str) -> Optional[dict]:
-    """The ``report.json`` of the prune or recover folder MODEL is, or whose ``model/`` it is;
-    ``None`` for another model or a report that cannot be read (the fidelity's lookup says
-    what is wrong with it)."""
+def _read_folder(model: str) -> tuple:
+    """``(folder, report, error)``: the prune or recover folder MODEL is (or whose ``model/`` it
+    is; ``None`` for another model), its ``report.json`` (``None`` where there is none or it
+    cannot be read) and why it cannot be read (``None`` where it can)."""
     from .recover_command import read_report
 
     folder = prune_folder(model)
+    if folder is None:
+        return None, None, None
     try:
-        report = read_report(folder, "MODEL") if folder is not None else None
-    except (OSError, ValueError):
-        return None
-    return report if isinstance(report, dict) else None
+        return folder, read_report(folder, "MODEL"), None
+    except (OSError, ValueError) as e:  # the model itself may load: evaluate it, without a fidelity
+        return folder, None, e
 
 
 def _pruned_with(report: Optional[dict]) -> Optional[str]:
@@ -94,7 +95,7 @@ def _pruned_with(report: Optional[dict]) -> Optional[str]:
     recover folder's ``report`` names; ``None`` (the default text) otherwise."""
     from .recover_command import calibrated_on
 
-    settings = (report or {}).get("settings")
+    settings = report.get("settings") if isinstance(report, dict) else None
     return calibrated_on(settings) if isinstance(settings, dict) else None
 
 
@@ -102,25 +103,23 @@ def _warn_other_type(args, loaded, report: Optional[dict]) -> None:
     """Said when ``prune`` evaluated the folder's model in another float type (its report's
     ``compute_dtype``) than this evaluation computes in, and ``--dtype`` did not choose it:
     the report's figures are not reproduced then."""
-    then, now = (report or {}).get("compute_dtype"), str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    then = report.get("compute_dtype") if isinstance(report, dict) else None
+    now = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     if args.dtype is None and isinstance(then, str) and then != now:
         C._warn(f"MODEL was evaluated in {then} when it was pruned (its report.json); this evaluation computes in "
                 f"{now}, so its figures can differ from the report's: pass --dtype {then} to reproduce them")
 
 
-def _named_teacher(model: str) -> Optional[tuple]:
-    """``(spec, bundled)`` of the unpruned model that the ``report.json`` of the prune or recover
-    folder MODEL is (or whose ``model/`` it is) names; ``None`` for no such folder, ``False``
-    (with a warning) for a report that names none or cannot be read."""
-    from .recover_command import named_model, read_report
+def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tuple]:
+    """``(spec, bundled)`` of the unpruned model that the ``report`` of the prune or recover
+    ``folder`` (:func:`_read_folder`) names; ``None`` for no such folder, ``False`` (with a
+    warning) for a report that names none or cannot be read (``unread``)."""
+    from .recover_command import named_model
 
-    folder = prune_folder(model)
     if folder is None:
         return None
-    try:
-        report = read_report(folder, "MODEL")
-    except (OSError, ValueError) as e:  # the model itself loaded: evaluate it, without a fidelity
-        C._warn(f"no fidelity: {e}; pass --teacher")
+    if unread is not None:  # the model itself loaded: evaluate it, without a fidelity
+        C._warn(f"no fidelity: {unread}; pass --teacher")
         return False
     spec, bundled = named_model(report) if isinstance(report, dict) else (None, False)
     if not isinstance(spec, str):

@@ -345,12 +345,10 @@ def _prune_as_saved(model, meta, adapter, file):
     sites = resolve_sites(model, adapter)
     _check_kept(meta, sites, adapter, file)
     _check_sites(meta, sites, adapter, file)
-    removed = {}
-    for s, kept in zip(sites, meta["kept_heads"]):
-        keep = set(kept)
-        removed[s.index] = [h for h in range(head_counts(s, adapter)[0]) if h not in keep]
-    prune_heads(model, removed, _per_layer_bias=tuple(meta["per_layer_bias"]))
-    state = getattr(model, STATE_ATTR, None) or new_state(model, [head_counts(s, adapter) for s in sites])  # no head removed
+    counts = [head_counts(s, adapter) for s in sites]
+    removed = {s.index: sorted(set(range(c[0])) - set(kept)) for s, c, kept in zip(sites, counts, meta["kept_heads"])}
+    prune_heads(model, removed, _per_layer_bias=tuple(meta["per_layer_bias"]), _from_config=True)
+    state = getattr(model, STATE_ATTR, None) or new_state(model, counts, from_config=True)  # no head removed
     setattr(model, STATE_ATTR, state)
     for layer in meta["o_bias"]:  # compensation biases (see prune_heads)
         o = sites[layer].o

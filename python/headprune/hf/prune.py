@@ -141,11 +141,15 @@ def _prune_site(undo, site, adapter, remove, kv_ids=None) -> tuple:
     return keep, kv_rows
 
 
-def new_state(model, counts) -> dict:
+def new_state(model, counts, from_config: bool = False) -> dict:
+    """The pruning record of ``model`` (a copy of its own, or a new one recording its config as
+    the original; ``from_config``: the model was just built from that config, which therefore
+    describes it, as ``load_pruned`` builds it)."""
     old = getattr(model, STATE_ATTR, None)
     if old is not None:
         return copy.deepcopy(old)
-    _check_config(model, counts)
+    if not from_config:
+        _check_config(model, counts)
     return {
         "kept": [list(range(c[0])) for c in counts],
         "kv": [list(range(c[1])) for c in counts],
@@ -323,7 +327,7 @@ def _refuse_active(model, sites, ids) -> None:
 @torch.inference_mode(False)  # the new parameters are ordinary tensors, trainable later, even when called in it
 def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 reconstruct: Optional[HeadScores] = None, damping: float = DEFAULT_DAMPING, values=None,
-                refit_bias: bool = True, _per_layer_bias=()):
+                refit_bias: bool = True, _per_layer_bias=(), _from_config: bool = False):
     """Physically remove heads: slice q/k/v rows (fused layouts included), o columns, biases
     and per-head extras, and update the modules' head counts, per layer.
 
@@ -353,7 +357,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     before = measure(model)
     if not any(heads.values()):  # nothing to remove (ratio 0, or every head removed before): the model stays as it is
         return PruneReport(before, before, {}, gone)
-    state = new_state(model, counts)
+    state = new_state(model, counts, _from_config)
     removed_ids = {site: [state["kept"][site][p] for p in hs] for site, hs in heads.items()}
     state.setdefault("o_bias", [])
     new_kept = [[k for j, k in enumerate(state["kept"][i]) if j not in heads.get(i, ())] for i in range(len(sites))]

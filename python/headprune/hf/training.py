@@ -127,8 +127,8 @@ class _Checkpoint:
 
     def check_replaceable(self) -> None:
         """``ValueError`` when a file at the path is not a checkpoint of this kind (see ``refuse_foreign``)."""
-        def ours():
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        def ours():  # mapped, not read: only the fingerprint is looked at
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             return isinstance(state, dict) and state.get("fingerprint", {}).get("format") == self.fingerprint["format"]
 
         refuse_foreign(self.path, ours, self.what, "the run")
