@@ -187,8 +187,35 @@ def test_a_source_of_another_model_is_refused(tmp_path, change):
     with pytest.raises(ValueError, match="source: .*other.gguf is a GGUF of another model: its "):
         export_gguf(model, tmp_path / "m.gguf", source=tmp_path / "other.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.gguf"]  # nothing written
-    export_gguf(_llama(seed=1), tmp_path / "same.gguf")  # the same shapes, other weights: a source
-    export_gguf(model, tmp_path / "m.gguf", source=tmp_path / "same.gguf")
+    export_gguf(_llama(seed=1), tmp_path / "same.gguf")  # the same shapes, other weights: refused too
+    with pytest.raises(ValueError, match=r"same.gguf is a GGUF of another model: its tensor token_embd.weight "
+                                         r"differs from the model's by 1\.\d\d of its norm"):
+        export_gguf(model, tmp_path / "m.gguf", source=tmp_path / "same.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.gguf", "same.gguf"]
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_a_source_quantised_from_the_model_is_its_source(tmp_path, kind):
+    """The model's copied tensors are compared with the source's to its quantisation's error: a
+    model whose feed-forward and embeddings went through a Q4_1 or Q8_0 round trip (as a GGUF's
+    do) still takes the float GGUF of its weights as its source, and the other way round."""
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    model = _llama()
+    export_gguf(model, tmp_path / "float.gguf")
+    changed = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and p.shape[1] % 32 == 0 and "self_attn" not in name:
+                q = gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qtype), qtype)
+                p.copy_(torch.from_numpy(q.copy()))
+                changed += 1
+    assert changed >= 3  # the embeddings and each layer's feed-forward
+    export_gguf(model, tmp_path / "quantised.gguf")
+    prune_heads(model, {0: [1], 1: [1]})
+    export_gguf(model, tmp_path / "a.gguf", source=tmp_path / "float.gguf")
+    other = _llama()
+    prune_heads(other, {0: [1], 1: [1]})
+    export_gguf(other, tmp_path / "b.gguf", source=tmp_path / "quantised.gguf")
 
 def test_a_model_read_from_gguf_saves_like_any_other(tmp_path):
     """transformers leaves a GGUF quantizer on what it reads (its weights are plain floats), and

@@ -47,6 +47,14 @@ ARCHITECTURES = {"llama": "llama"}
 #: same head counts and ``deci`` where they differ
 GGUF_ARCHITECTURES = ("auto", "llama", "deci")
 FLOAT_TYPES = ("float32", "float16")
+#: the largest relative difference ``||model - source|| / ||source||`` accepted in a tensor the
+#: export copies from the source GGUF (norms, embeddings, feed-forward; sampled rows of each):
+#: the source's own quantisation keeps the model it was read from well below it (none at all
+#: for the values read from the file, about 1e-1 between float weights and their Q4 blocks),
+#: another model's weights are about 1 to 1.4 apart
+SOURCE_RTOL = 0.5
+#: rows of each copied matrix compared with the model's
+SOURCE_ROWS = 64
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -180,6 +188,38 @@ def _check_source(gguf, reader, model, family: str, layers: int, source) -> None
         if want is not None and int(t.n_elements) != want:
             raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} holds "
                              f"{int(t.n_elements)} values, the model's {want}")
+    _check_values(gguf, reader, _untouched(gguf, model, "llama", layers), source)
+
+
+def _check_values(gguf, reader, ours: dict, source) -> None:
+    """Refuse a source whose copied tensors hold other values than the model's (another model of
+    the same shapes): every 1-D tensor whole and :data:`SOURCE_ROWS` evenly spaced rows of every
+    matrix, dequantised, against the model's, to :data:`SOURCE_RTOL` of their norm. A fine-tune
+    of the same weights can pass."""
+    import numpy as np
+
+    for t in reader.tensors:
+        value = ours.get(t.name)
+        data = np.asarray(t.data)
+        if value is None or data.shape[0] != value.shape[0]:
+            continue
+        rows = np.unique(np.linspace(0, data.shape[0] - 1, min(SOURCE_ROWS, data.shape[0])).astype(np.int64))
+        part = data if data.ndim == 1 else data[rows]
+        try:
+            theirs = torch.from_numpy(np.asarray(gguf.quants.dequantize(part, t.tensor_type), dtype=np.float64))
+        except (NotImplementedError, ValueError):  # a type the gguf package does not read: not compared
+            continue
+        mine = value.detach().to(torch.float64).cpu()
+        mine = mine if data.ndim == 1 else mine[torch.from_numpy(rows)]
+        if theirs.numel() != mine.numel():
+            continue
+        theirs, mine = theirs.reshape(-1), mine.reshape(-1)
+        scale = max(float(theirs.norm()), float(mine.norm()))
+        change = float((mine - theirs).norm()) / scale if scale > 0 else 0.0
+        if not change <= SOURCE_RTOL:  # a NaN is refused too
+            raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} differs from the "
+                             f"model's by {change:.2f} of its norm (the source's quantisation stays below "
+                             f"{SOURCE_RTOL}); pass the GGUF the model was read from")
 
 
 def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> dict:
