@@ -268,6 +268,19 @@ def test_recipe_text_says_how_the_heads_were_chosen():
         assert greedy not in text and text.startswith("query heads ranked by"), (select, kw, text)
 
 
+def test_recipe_text_says_no_refit_ran_where_the_ranking_prices_one():
+    """``--no-reconstruct`` keeps the reconstruction ranking and removes by mean compensation: the
+    text says the refit that priced the heads did not run."""
+    from headprune.app.recipe_text import describe_recipe
+
+    refit = describe_recipe({"score": "reconstruction"}, "refit", causal=True, grouped=True)
+    assert "what the least-squares refit cannot recover" in refit and "no refit applied" not in refit
+    for removal in ("mean", "zero"):
+        text = describe_recipe({"score": "reconstruction"}, removal, causal=True, grouped=True)
+        assert "would not recover (greedy structured OBS; no refit applied)" in text, text
+        assert "cannot recover" not in text and "refit by least squares" not in text, text
+
+
 def test_sweep_measures_once_for_recipes_that_measure_alike(tiny, monkeypatch):
     """The sweep shares one layer-cost measurement between recipes whose measurement is the
     same (the default and its measured allocation; ranked heads where greedy is not possible)."""

@@ -46,7 +46,10 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     if order == "random":
         what = f"random heads (seed {select.get('seed', 0)})"
     else:
-        what = f"{SCORE_WORDS.get(score, str(score))}, {'lowest' if order == 'low' else 'highest'} first"
+        words = SCORE_WORDS.get(score, str(score))
+        if score == "reconstruction" and removal != "refit":  # ranked by a refit that does not run
+            words = "what a least-squares refit would not recover (greedy structured OBS; no refit applied)"
+        what = f"{words}, {'lowest' if order == 'low' else 'highest'} first"
     where = {"per_layer": "within each layer", "global": "over the whole model",
              "measured": "within each layer, each layer's share measured (the shares whose removal cost the "
                          "whole model least on calibration sequences)"}.get(scope, scope)
