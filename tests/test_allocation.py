@@ -165,6 +165,13 @@ def test_select_measured_takes_the_cheapest_counts(tiny):
         assert heads == select_heads(scores, counts={i: k for i, k in enumerate(counts) if k})
     with pytest.raises(ValueError, match="costs: measured with"):
         select_measured(model, batches, scores, ratio=0.25, costs=costs, min_heads_per_layer=0)
+    for other, named in [({"damping": 1e3}, "damping=0.01, not with damping=1000.0"),
+                         ({"score": "entropy", "order": "high"}, "score=None, order=None.*, not with score='entropy', "
+                                                                 "order='high'.*"),
+                         ({"protect_layers": [1]}, "protect_layers=\\[[0]?\\], not with protect_layers=\\[1\\]")]:
+        with pytest.raises(ValueError, match=f"costs: measured with {named}; measure again"):
+            select_measured(model, batches, scores, ratio=0.25, costs=costs, **other)
+    select_measured(model, batches, scores, ratio=0.25, costs=costs, seed=3)  # the seed orders random heads only
     if kind == "bert":
         with pytest.raises(ValueError, match="choose='greedy'"):
             select_measured(model, batches, scores, ratio=0.25, costs=costs, choose="greedy")
@@ -299,6 +306,30 @@ def test_sweep_measures_once_for_recipes_that_measure_alike(tiny, monkeypatch):
     assert len(calls) == (1 if kind == "llama" else 2)
     assert res["heads"]["default"] == res["heads"]["again"]
     assert set(res["measured_allocation"]) == set(recipes)
+
+
+def test_a_sweep_measures_again_where_a_shared_cache_holds_other_settings(tiny, monkeypatch):
+    """``run_sweep(measured=)`` keeps layer costs by recipe name for later sweeps: a later sweep
+    of another damping measures again instead of taking the earlier damping's costs."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    kind, model, batches, scores = tiny
+    calls = _count_measurements(monkeypatch)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0, "fidelity": 1.0})
+    loaded = Loaded(model, None, "causal" if kind == "llama" else "encoder", "tiny")
+
+    def sweep(damping, measured):
+        config = S.SweepConfig(model="tiny", ratios=[0.5], seeds=0, quiet=True, eval_windows=1, damping=damping)
+        return S.run_sweep(config, loaded, scores, [], {"data": "x"}, {"m": {"scope": "measured"}},
+                           batches=batches, measured=measured)["heads"]["m"]
+
+    shared = {}
+    sweep(1e-4, shared)
+    again = sweep(1e4, shared)
+    assert len(calls) == 2 and again == sweep(1e4, None)
+    sweep(1e4, shared)  # the same settings: taken from the cache
+    assert len(calls) == 3
 
 
 def test_sweep_measures_the_ranked_heads_for_sequential_recipes(tiny, monkeypatch):

@@ -95,6 +95,18 @@ def _measurement_key(stats, gqa: str, damping: float, kw: dict) -> str:
     return repr((gqa, damping, choose, rest))
 
 
+def _reusable(costs, stats, gqa: str, damping: float, kw: dict):
+    """``costs`` where they were measured as ``kw`` asks (a cache shared with an earlier sweep,
+    e.g. of another damping, holds others by the same recipe name), else ``None``."""
+    from ..hf.allocation import costs_differ
+
+    select = {"score": None, "order": None, "seed": 0, "protect_layers": None, "min_heads_per_layer": 1,
+              **{k: v for k, v in kw.items() if k in ("score", "order", "seed", "protect_layers", "min_heads_per_layer")}}
+    if costs is None or costs_differ(costs, stats, choose=kw.get("choose"), gqa=gqa, damping=damping, **select):
+        return None
+    return costs
+
+
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None,
               measured: dict | None = None, values_cache: dict | None = None) -> dict:
     """Quality at every ratio of ``config`` for every recipe and the random baseline.
@@ -270,7 +282,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         keys[name] = _measurement_key(stats, gqa, config.damping, kw)
         same = next((cache[n] for n, k in keys.items() if k == keys[name] and n in cache), None)
         heads, cache[name] = select_measured(point.loaded.model, batches, stats, ratio=ratio, gqa=gqa,
-                                             damping=config.damping, costs=cache.get(name, same),
+                                             damping=config.damping,
+                                             costs=_reusable(cache.get(name, same), stats, gqa, config.damping, kw),
                                              progress=not config.quiet, **kw)  # minutes: a bar of its own
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)

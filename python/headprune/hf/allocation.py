@@ -9,17 +9,15 @@ the heads chosen one at a time by this same measurement (``choose``), are masked
 least-squares refit, that site alone, and the model's distillation loss
 against itself unpruned is taken on a few calibration sequences (the first ones; the refit of
 the measurement leaves their tokens out of its moments, so a layer whose refit fits the
-calibration text better than other text does not look cheaper than it is): the KL divergence of the
-next-token distributions for causal LMs, 1 - cosine of the mean-pooled last hidden states for
-encoders (the loss :func:`headprune.hf.recover` trains on). :func:`select_measured` then picks
-the per-site counts of least summed cost that meet the budget
-(:func:`~headprune.ranking.allocation.allocate_by_cost`) and returns their heads.
+calibration text better than other text does not look cheaper than it is): the KL divergence of
+the next-token distributions for causal LMs, 1 - cosine of the mean-pooled last hidden states
+for encoders (the loss :func:`headprune.hf.recover` trains on). :func:`select_measured` picks the
+per-site counts of least summed cost that meet the budget (:func:`~headprune.ranking.allocation.allocate_by_cost`).
 
-The costs do not depend on the budget, so one :class:`LayerCosts` serves every ratio. They
-take one forward of the sequences per (site, count), sites x layouts forwards in all (with
-the greedy choice, one per head left at each count); in a
-model with one stack of layers the layers before the masked site answer from their outputs
-recorded in the unpruned forward, so each measurement runs only the layers from the site on.
+The costs do not depend on the budget, so one :class:`LayerCosts` serves every ratio. They take
+one forward of the sequences per (site, count) (with the greedy choice, one per head left at
+each count); in a model with one stack of layers the layers before the masked site answer from
+their outputs in the unpruned forward, so each measurement runs only the layers from the site on.
 """
 
 from __future__ import annotations
@@ -168,13 +166,11 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
     choose = resolve_choice(scores, gqa, score, order, choose)
     part = measured_part(batches, sequences)
-    options = {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
-               "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose,
-               "heads": scores.site_heads()}
     select = dict(gqa=gqa, score=score, order=order, seed=seed, protect_layers=protect_layers,
                   min_heads_per_layer=min_heads_per_layer, damping=damping)
     select_heads(scores, counts={}, **select)  # the options, checked
-    protect = set(resolve_recipe(scores, score, order, protect_layers).protect_layers)
+    options = _options(scores, choose, **select)
+    protect = set(options["protect_layers"])
     counts = [[] if site in protect else _counts(scores, site, gqa, min_heads_per_layer)
               for site in range(scores.num_sites)]
     start = time.perf_counter()
@@ -190,6 +186,23 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
                      for site, c in enumerate(counts)]
             costs = [{k: measure(site, hs) for k, hs in table.items()} for site, table in enumerate(heads)]
     return LayerCosts(list(costs), list(heads), measure.rows, measure.tokens, time.perf_counter() - start, options)
+
+
+def _options(scores, choose, *, gqa, score, order, seed, protect_layers, min_heads_per_layer, damping) -> dict:
+    """:attr:`LayerCosts.options`: what a measurement depends on besides the model and its batches."""
+    return {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
+            "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose,
+            "protect_layers": sorted(resolve_recipe(scores, score, order, protect_layers).protect_layers),
+            "heads": scores.site_heads()}
+
+
+def costs_differ(costs, scores: HeadScores, *, choose=None, **select) -> dict:
+    """``{option: (measured with, asked)}`` for :func:`layer_costs`' options ``select`` that ``costs``
+    were measured with otherwise (``choose=None`` matches any; the seed matters to random orders only)."""
+    now = _options(scores, choose, **select)
+    return {k: (costs.options[k], v) for k, v in now.items()
+            if k in costs.options and costs.options[k] != v and k != "heads"
+            and not (k == "choose" and choose is None) and not (k == "seed" and select["order"] != "random")}
 
 
 def measured_part(batches, sequences: Optional[int]) -> list:
@@ -370,19 +383,17 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
                             choose=choose, progress=progress)
     elif not isinstance(costs, LayerCosts) or len(costs.costs) != scores.num_sites:
         raise ValueError(f"costs: expected the LayerCosts of these {scores.num_sites} sites, got {costs!r:.80}")
-    elif costs.options.get("gqa", gqa) != gqa or costs.options.get("min_heads_per_layer", min_heads_per_layer) != \
-            min_heads_per_layer or (choose is not None and costs.options.get("choose", choose) != choose):
-        asked = f"gqa={gqa!r}, min_heads_per_layer={min_heads_per_layer}"
-        raise ValueError(f"costs: measured with {costs.options}, not with {asked}"
-                         + ("" if choose is None else f", choose={choose!r}"))
+    elif differ := costs_differ(costs, scores, choose=choose, gqa=gqa, score=score, order=order, seed=seed,
+                                protect_layers=protect_layers, min_heads_per_layer=min_heads_per_layer, damping=damping):
+        raise ValueError("costs: measured with " + ", ".join(f"{k}={a!r}" for k, (a, _) in differ.items())
+                         + ", not with " + ", ".join(f"{k}={b!r}" for k, (_, b) in differ.items()) + "; measure again")
     i = scores.other_site(dict(enumerate(costs.options.get("heads", scores.site_heads()))))
     if i is not None:  # measured before (or after) a pruning: its heads are not this model's
         raise ValueError(f"costs: measured when site {i} held heads {costs.options['heads'][i]}, the scores' model "
                          f"holds {scores.site_heads()[i]}; measure again")
-    sizes = set(unit_sizes(scores, gqa))
-    if len(sizes) != 1:
-        raise ValueError(f"gqa: the sites' units have different sizes {sorted(sizes)}; measured allocation needs one")
-    size = sizes.pop()
+    size, *more = sorted(set(unit_sizes(scores, gqa)))
+    if more:
+        raise ValueError(f"gqa: the sites' units have different sizes {[size, *more]}; measured allocation needs one")
     want = budget(ratio, count, sum(scores.num_heads) // size) * size
     counts = allocate_by_cost(costs.costs, want)
     heads = {site: costs.heads[site][k] for site, k in enumerate(counts) if k}
