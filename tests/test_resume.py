@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -62,11 +63,13 @@ def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp
     full = collect(model, batches, progress=False, moments=True)
     with pytest.raises(KeyboardInterrupt):
         collect(model, _interrupted(batches, 3), progress=False, checkpoint=path, fingerprint=SETTINGS, moments=True)
-    assert json.loads(path.read_text())["moments"] == "c.json.moments-3.safetensors"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.moments-3.safetensors"]
+    name = json.loads(path.read_text())["moments"]
+    assert re.fullmatch(r"c\.json\.moments-3-[0-9a-f]{8}\.safetensors", name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", name]
     resumed = collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS, moments=True)
     assert all(torch.equal(a, b) for a, b in zip(resumed.moments.gram, full.moments.gram))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", f"c.json.moments-{N}.safetensors"]
+    (left,) = [p.name for p in tmp_path.iterdir() if p.name != "c.json"]
+    assert left == json.loads(path.read_text())["moments"] and left.startswith(f"c.json.moments-{N}-")
     # a checkpoint without moments does not resume a collection that gathers them
     plain = tmp_path / "p.json"
     with pytest.raises(KeyboardInterrupt):
@@ -83,10 +86,48 @@ def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp
                                          r"float64 \(moments=\); delete it or drop resume \(--resume\)"):
         collect(model, batches, progress=False, checkpoint=narrow, resume=True, fingerprint=SETTINGS, moments=True)
     # a damaged moments file is refused like a damaged checkpoint
-    (tmp_path / "f.json.moments-2.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    (tmp_path / json.loads(narrow.read_text())["moments"]).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match=r"f\.json is corrupt \(ValueError: moments file f\.json\.moments-2-\w+"
+                                         r"\.safetensors holds other bytes than the checkpoint wrote\)"):
+        collect(model, batches, progress=False, checkpoint=narrow, resume=True, fingerprint=SETTINGS,
+                moments="float32")
+    data = json.loads(narrow.read_text())
+    del data["moments_sha256"]  # as a checkpoint written before the digest: the file itself is checked
+    narrow.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"f\.json is corrupt \(ValueError: moments: .* is not a readable safetensors"):
         collect(model, batches, progress=False, checkpoint=narrow, resume=True, fingerprint=SETTINGS,
                 moments="float32")
+
+
+def test_a_failed_save_of_another_run_leaves_a_checkpoint_its_moments(tmp_path, monkeypatch):
+    """A run that does not resume writes over the checkpoint at its path; when its write fails
+    after its moments file and before its JSON (a full disk, a kill), the JSON there is still the
+    earlier run's, and so are the moments it names: that run still resumes bit-exactly."""
+    import headprune.hf.checkpoint as C
+
+    model, batches = tiny_model("llama"), _batches()
+    other = [tiny_batch("llama", seed=100 + i) for i in range(len(batches))]
+    path = tmp_path / "c.json"
+    full = collect(model, batches, progress=False, moments=True)
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, _interrupted(batches, 2), progress=False, checkpoint=path, fingerprint=SETTINGS, moments=True,
+                checkpoint_every=2)
+    real = C.atomic.write_file
+
+    def full_disk(p, data, **kw):
+        if os.fspath(p).endswith("c.json"):
+            raise OSError(28, "No space left on device")
+        return real(p, data, **kw)
+
+    monkeypatch.setattr(C.atomic, "write_file", full_disk)
+    with pytest.raises(OSError, match="checkpoint: cannot write"):
+        collect(model, other, progress=False, checkpoint=path, fingerprint={**SETTINGS, "data": "other"},
+                moments=True, checkpoint_every=2)
+    monkeypatch.setattr(C.atomic, "write_file", real)
+    resumed = collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS, moments=True)
+    assert torch.equal(resumed.stats, full.stats)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.moments.gram, full.moments.gram))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", json.loads(path.read_text())["moments"]]
 
 
 def test_checkpoint_every_k_batches_and_at_the_end(tmp_path):

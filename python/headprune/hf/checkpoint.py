@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import struct
 from collections.abc import Mapping
 from typing import Optional
@@ -79,7 +80,7 @@ class Checkpoint:
         done = d.get("batches_done")
         try:
             scores = HeadScores.from_dict(d.get("scores"))
-            scores.moments = self._load_moments(d.get("moments"), scores.num_sites)
+            scores.moments = self._load_moments(d.get("moments"), scores.num_sites, d.get("moments_sha256"))
             ok = scores.layout_fingerprint() == self.layout and isinstance(done, int) and done >= 0
         except (TypeError, ValueError, RuntimeError, KeyError, OSError) as e:
             raise self._refuse(f"is corrupt ({type(e).__name__}: {e})") from e
@@ -117,9 +118,11 @@ class Checkpoint:
             if not self._swept:
                 atomic.remove_leftovers(folder)
                 self._swept = True
-            if scores.moments is not None:  # beside the JSON, named after the batch count it holds
-                data["moments"] = f"{os.path.basename(self.path)}.moments-{done}.safetensors"
-                atomic.write_file(os.path.join(folder, data["moments"]), scores.moments.to_bytes())
+            if scores.moments is not None:  # beside the JSON, a name of its own: an existing JSON's stays as it names
+                blob = scores.moments.to_bytes()
+                data["moments"] = f"{os.path.basename(self.path)}.moments-{done}-{secrets.token_hex(4)}.safetensors"
+                data["moments_sha256"] = hashlib.sha256(blob).hexdigest()
+                atomic.write_file(os.path.join(folder, data["moments"]), blob)
             atomic.write_file(self.path, json.dumps(data))  # readers see the old file or the new one
             self._remove_old_moments(folder, data["moments"])
         except OSError as e:
@@ -127,15 +130,21 @@ class Checkpoint:
             raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
 
-    def _load_moments(self, name, sites: int):
-        """The second moments the checkpoint names (a file beside it), or ``None``."""
+    def _load_moments(self, name, sites: int, digest=None):
+        """The second moments the checkpoint names (a file beside it), or ``None``; ``digest``:
+        the SHA-256 of the file as written (checkpoints before it recorded none)."""
         from ..stats.moments import OutputMoments
 
         if name is None:
             return None
         if not isinstance(name, str) or os.path.basename(name) != name:
             raise ValueError(f"moments file {name!r} is not a file name beside the checkpoint")
-        moments = OutputMoments.load(os.path.join(os.path.dirname(os.path.abspath(self.path)), name))
+        path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
+        if digest is not None:
+            with open(path, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != digest:
+                    raise ValueError(f"moments file {name} holds other bytes than the checkpoint wrote")
+        moments = OutputMoments.load(path)
         if moments.num_sites != sites:
             raise ValueError(f"moments file {name} holds {moments.num_sites} sites, the scores {sites}")
         return moments
