@@ -1,6 +1,9 @@
 """Native entropy ops against the float64 pure-PyTorch reference."""
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -143,6 +146,74 @@ def test_entropy_from_qk_masks(kind):
     assert_stats_close(got, want, 2e-5)
     if kind != "additive_real":
         assert got[0, 0] < B * Q  # the masked row and padded queries are not counted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_an_additive_mask_of_another_float_type_reads_as_converted(dtype):
+    """A float mask of another type than the math's (float32 for half inputs) adds what it adds
+    converted first, bit for bit, whatever its layout (the kernels convert it block by block
+    instead of copying it whole), in the statistics and in the fused attention's output."""
+    g = torch.Generator().manual_seed(5)
+    B, H, Q, K, D = 2, 4, 70, 600, 8  # more than one key block
+    q, k = rand_qk(B, H, 2, Q, K, D, gen=g)
+    q, k = q.to(dtype), k.to(dtype)
+    v = torch.randn(B, 2, K, 4, generator=g).to(dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    bias = torch.randn(B, 1, Q, K, generator=g).masked_fill(torch.rand(B, 1, Q, K, generator=g) > 0.7, -math.inf)
+    for mtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for mask in (bias.to(mtype), bias.to(mtype).transpose(-1, -2).contiguous().transpose(-1, -2)):
+            same = mask.to(compute)
+            assert torch.equal(stats_qk(q, k, 0.3, mask, True), stats_qk(q, k, 0.3, same, True)), (mtype, mask.stride())
+            a, b = (torch.zeros(H, NUM_STATS, dtype=torch.float64) for _ in range(2))
+            out = ops.attention_stats_accumulate_(a, q, k, v, 0.3, mask, True)
+            assert torch.equal(out, ops.attention_stats_accumulate_(b, q, k, v, 0.3, same, True)) and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+def test_a_half_precision_mask_is_not_copied_whole():
+    """The QK op's extra memory is per block, never O(Q * K): a bfloat16 [1, 1, 8192, 8192]
+    mask (128 MiB) was converted to a float32 copy (256 MiB) before the kernel ran. Measured
+    as the growth of the peak resident size of a fresh process across the call."""
+    code = textwrap.dedent("""
+        import resource, torch
+        from headprune import NUM_STATS
+        from headprune.core import ops
+        torch.set_num_threads(1)
+        n = 8192
+        q, k = torch.randn(1, 1, n, 8, dtype=torch.bfloat16), torch.randn(1, 1, n, 8, dtype=torch.bfloat16)
+        mask = torch.zeros(1, 1, n, n, dtype=torch.bfloat16)
+        s = torch.zeros(1, NUM_STATS, dtype=torch.float64)
+        ops.entropy_stats_from_qk_accumulate_(s, q[:, :, :8], k[:, :, :64], 0.3, mask[..., :8, :64])  # warm
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        ops.entropy_stats_from_qk_accumulate_(s, q, k, 0.3, mask)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    grown_mib = int(out.stdout.split()[-1]) / 1024
+    assert grown_mib < 32, f"peak resident size grew {grown_mib:.0f} MiB across the call"
+
+
+def test_inputs_that_require_grad_under_no_grad_on_every_thread():
+    """Under torch.no_grad(), inputs that require grad give what their detached values give, also
+    where the work is split over threads (torch's parallel regions do not carry the caller's grad
+    mode: the GEMMs of the other threads refused the inputs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(9)
+        w = torch.randn(16, 16, generator=g, requires_grad=True)
+        q, k, v = (torch.randn(1, 4, n, 16, generator=g) @ w for n in (256, 1024, 1024))
+        assert q.requires_grad and k.requires_grad and v.requires_grad
+        with torch.no_grad():
+            got = stats_qk(q, k, 0.25, None, True)
+            stats = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+            out = ops.attention_stats_accumulate_(stats, q, k, v, 0.25, None, True)
+        assert torch.equal(got, stats_qk(q.detach(), k.detach(), 0.25, None, True))
+        again = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+        assert torch.equal(out, ops.attention_stats_accumulate_(again, q.detach(), k.detach(), v.detach(), 0.25, None,
+                                                                True)) and torch.equal(stats, again)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_entropy_from_qk_non_contiguous_hf_layout():

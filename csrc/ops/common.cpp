@@ -187,7 +187,9 @@ std::optional<at::Tensor> expand_attn_mask(
   const std::vector<int64_t> target{query.size(0), query.size(1), query.size(2), key.size(2)};
   TORCH_CHECK_VALUE(m.dim() <= 4 && at::is_expandable_to(m.sizes(), target), "attn_mask: shape ", m.sizes(),
                     " is not broadcastable to [B, Hq, Q, K] = ", at::IntArrayRef(target));
-  if (m.scalar_type() != at::kBool && m.scalar_type() != compute) m = m.to(compute);
+  // The CPU kernels read a float mask of any type block by block (a converted copy would be
+  // O(Q * K), twice a half-precision mask's size); the CUDA kernel reads the math's type.
+  if (m.scalar_type() != at::kBool && m.scalar_type() != compute && !m.device().is_cpu()) m = m.to(compute);
   return m.expand(target);
 }
 

@@ -35,7 +35,8 @@ TORCH_LIBRARY(headprune, m) {
   // state; scale must lie within the range of the math's type). attn_mask: bool (True =
   // attend) or additive float, broadcastable to [B, Hq, Q, K]; additive values <= -1e37 mask
   // a key. is_causal: row i sees keys j <= i + K - Q. Rows with no visible key are skipped.
-  // Extra memory: one logits block per thread plus O(B * Hq * Q), never O(Q * K).
+  // Extra memory: one logits block per thread plus O(B * Hq * Q), never O(Q * K) on CPU (a float
+  // attn_mask of another type than the math's is read block by block; on CUDA it is converted whole).
   m.def("entropy_from_qk_accumulate_(Tensor(a!) sums, Tensor(b!) counts, Tensor query, Tensor key, "
         "float scale, Tensor? attn_mask=None, bool is_causal=False, Tensor? query_mask=None) -> ()");
 

@@ -1,15 +1,17 @@
 // The block-streaming loop shared by the QK and fused attention kernels: queries are cut into
 // blocks of query_block(Q) rows, keys into blocks of kBlockK; each block of scaled, masked
 // logits is formed once by a GEMM into a per-thread buffer and handed to the kernel's worker.
-// Memory: one logits block per thread, never O(Q * K).
+// Memory: one logits block per thread, never O(Q * K) (a float mask of another type is read per block).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "vec_math.h"
@@ -51,6 +53,23 @@ std::pair<acc_t, int64_t> block_max_count(const acc_t* z, int64_t start, int64_t
 // Streams one block of logits z[0, kn) of a row into its state. Masked keys hold values
 // <= kMaskedLogit; z is scratch and may be modified.
 
+// z[i, j] += m[i * smq + j * smk] over the [bq, kn] block, the mask's values converted to acc_t
+// as Tensor.to would (vectorised where the types agree and the keys are contiguous).
+template <typename acc_t, typename mask_t>
+void add_mask(acc_t* z, int64_t ldz, int64_t bq, int64_t kn, const mask_t* mp, int64_t smq, int64_t smk) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t i = 0; i < bq; ++i) {
+    acc_t* zr = z + i * ldz;
+    const mask_t* mr = mp + i * smq;
+    int64_t j = 0;
+    if constexpr (std::is_same_v<acc_t, mask_t>) {
+      if (smk == 1)
+        for (; j + Vec::size() <= kn; j += Vec::size()) (Vec::loadu(zr + j) + Vec::loadu(mr + j)).store(zr + j);
+    }
+    for (; j < kn; ++j) zr[j] += static_cast<acc_t>(mr[j * smk]);
+  }
+}
+
 template <typename acc_t>
 void mask_block(acc_t* z, int64_t ldz, int64_t bq, int64_t kn, int64_t i0, int64_t j0, const std::optional<at::Tensor>& mask,
                 int64_t b, int64_t h, bool causal, int64_t offset) {
@@ -65,16 +84,9 @@ void mask_block(acc_t* z, int64_t ldz, int64_t bq, int64_t kn, int64_t i0, int64
         for (int64_t j = 0; j < kn; ++j)
           if (!mp[i * smq + j * smk]) z[i * ldz + j] = ninf;
     } else {
-      using Vec = Vectorized<acc_t>;
-      const acc_t* mp = m.const_data_ptr<acc_t>() + base;
-      for (int64_t i = 0; i < bq; ++i) {
-        acc_t* zr = z + i * ldz;
-        const acc_t* mr = mp + i * smq;
-        int64_t j = 0;
-        if (smk == 1)
-          for (; j + Vec::size() <= kn; j += Vec::size()) (Vec::loadu(zr + j) + Vec::loadu(mr + j)).store(zr + j);
-        for (; j < kn; ++j) zr[j] += mr[j * smk];
-      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "mask_block", [&] {
+        add_mask(z, ldz, bq, kn, m.const_data_ptr<scalar_t>() + base, smq, smk);
+      });
     }
   }
   if (causal) {
@@ -122,7 +134,12 @@ void stream_logit_blocks(const at::Tensor& q, const at::Tensor& kk, double scale
   // (at least 1: no division by zero where Q or K is 0)
   const int64_t task_flops = std::max<int64_t>(1, 2 * std::min(bq_max, Q) * K * std::max<int64_t>(flops_per_key, 1));
   const int64_t grain = std::max<int64_t>(1, (1 << 21) / task_flops);
+  // The caller's thread-local state (grad mode, below autograd) on every thread of the region:
+  // torch's parallel_for does not carry it, and the GEMMs below would otherwise see inputs that
+  // require grad on the other threads.
+  const at::ThreadLocalState tls;
   at::parallel_for(0, B * Hq * nqb, grain, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(tls);
     at::Tensor buf = at::empty({bq_max * kBlockK}, q.options());
     auto worker = make_worker(bq_max);
     for (int64_t task = begin; task < end; ++task) {
