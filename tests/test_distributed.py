@@ -140,7 +140,7 @@ def test_distributed_resume_equals_the_uninterrupted_run(ranks):
     assert sorted(p.name for p in out_dir.glob("scan.*")) == ["scan.rank0-of-2.json", "scan.rank1-of-2.json"]
     state = json.loads((out_dir / "scan.rank1-of-2.json").read_text())
     fingerprint = json.loads(state["fingerprint"])
-    assert state["batches_done"] == 2 and len(fingerprint.pop("weights")) == 16  # see test_resume
+    assert state["batches_done"] == 2 and len(fingerprint.pop("weights and config")) == 16  # see test_resume
     assert fingerprint == {"settings": "s", "rank": 1, "world_size": 2}
 
 

@@ -10,6 +10,7 @@ import torch
 from hf_tiny import tiny_batch, tiny_model
 
 from headprune.hf import collect
+from headprune.hf.checkpoint import weights_digest
 from headprune.hf.attention import RECORDERS as _RECORDERS, model_configs as _configs
 
 N = 6
@@ -196,11 +197,18 @@ def test_mismatched_fingerprint_is_refused(tmp_path):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint="opaque")
     with torch.no_grad():  # the same layout with other weights (a directory pruned again, a fine-tune)
         model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
-    with pytest.raises(ValueError, match=r"with other settings \(weights: [0-9a-f]{16} in the checkpoint, "
-                                         r"[0-9a-f]{16} now\)"):
+    refused = r"with other settings \(weights and config: [0-9a-f]{16} in the checkpoint, [0-9a-f]{16} now\)"
+    with pytest.raises(ValueError, match=refused):
         collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight[0, 0] -= 1e-3
+    eps = model.config.rms_norm_eps  # the same weights under another config (an edited config.json)
+    model.config.rms_norm_eps = eps * 10
+    with pytest.raises(ValueError, match=refused):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    model.config.rms_norm_eps = eps
+    model.config._name_or_path = "elsewhere"  # where it was read from is the caller's fingerprint, not the model's
+    assert weights_digest(model) == json.loads(json.loads(path.read_text())["fingerprint"])["weights and config"]
     with pytest.raises(ValueError, match=r"was written for another model \(its attention sites or heads differ\)"):
         collect(tiny_model("llama", num_hidden_layers=3), batches, progress=False, checkpoint=path, resume=True,
                 fingerprint=SETTINGS)

@@ -191,13 +191,18 @@ def canonical(fingerprint) -> str:
 
 def weights_digest(model) -> str:
     """A short digest of ``model``'s weights: every parameter's and buffer's name, shape and type,
-    its sum (float64) and a strided sample of 256 of its values. A resume compares it, so a
-    checkpoint written for other weights of the same layout (a directory pruned again with
-    ``--force``, a fine-tune saved over it) is refused; it reads each tensor once without hashing
-    every byte."""
+    its sum (float64) and a strided sample of 256 of its values, and a transformers model's config
+    (all but where it was read from). A resume compares it, so a checkpoint written for other
+    weights of the same layout (a directory pruned again with ``--force``, a fine-tune saved over
+    it) or for another config of the same weights (an edited ``config.json``: another activation,
+    norm epsilon or rotary base) is refused; it reads each tensor once without hashing every byte."""
     import torch
 
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "to_json_string", None)):  # where it was read from aside
+        fields = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items() if k != "_name_or_path"}
+        h.update(json.dumps(fields, sort_keys=True).encode())
     with torch.no_grad():
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())

@@ -150,11 +150,11 @@ def moments_dtype(moments) -> Optional[torch.dtype]:
 
 def _open_checkpoint(session, path, fingerprint, resume, model) -> tuple:
     """``(checkpoint or None, batches already done)``; a resumed state goes into ``session``.
-    The checkpoint's fingerprint is the caller's and the digest of ``model``'s weights."""
+    The checkpoint's fingerprint is the caller's and the digest of ``model``'s weights and config."""
     if path is None:
         return None, 0
     fingerprint = _as_dict(fingerprint)
-    fingerprint["weights"] = weights_digest(model)
+    fingerprint["weights and config"] = weights_digest(model)
     ckpt = Checkpoint(path, canonical(fingerprint), session.scores())
     state = ckpt.load() if resume else ckpt.check_replaceable()
     if state is None:

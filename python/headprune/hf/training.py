@@ -87,8 +87,7 @@ def _digest(tensors) -> str:
 
 def _model_digest(model) -> str:
     """A model a checkpoint was written for (:func:`headprune.hf.checkpoint.weights_digest`:
-    names, shapes, types, each tensor's sum and a strided sample; the first 4,096 values of
-    each weight alone let weights that differ further in pass)."""
+    names, shapes, types, each tensor's sum and a strided sample, and the config)."""
     from .checkpoint import weights_digest
 
     return weights_digest(model)
