@@ -91,6 +91,10 @@ def test_prune_refuses_a_gate_checkpoint_inside_its_output_and_compares_weights_
                                   "o/gates.pt", "--out", "o", *common]])
     assert code == 2 and "--learn-checkpoint: at or inside the output directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    code = main([str(a) for a in ["prune", path, "--count", "2", "--score", "learned", "--learn-checkpoint", "",
+                                  "--out", "o", *common]])
+    assert code == 2 and "--learn-checkpoint: expected the path of a file, got ''" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     # the tokenizer and the scores make the directory larger than the input's weights, not its weights
     assert main([str(a) for a in ["prune", path, "--count", "2", "--out", "p", *common]]) == 0
     report = json.loads((tmp_path / "p" / "report.json").read_text())

@@ -189,7 +189,7 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     for kw, what in [({"lr": 2 * LR}, "lr"), ({"train": "o_proj"}, "trainable parameters"),
                      ({"batches": batches[:2]}, "calibration batches"), ({"validation": batches[:1]}, "validation"),
                      ({"batches": one_by_one}, "calibration batches"),  # the same tokens, batched otherwise
-                     ({"teacher": _grown(copy.deepcopy(teacher))}, "teacher weights")]:
+                     ({"teacher": _grown(copy.deepcopy(teacher))}, "teacher weights or config")]:
         student = copy.deepcopy(pruned)
         args = {"lr": LR, "batches": batches, "teacher": teacher, **kw}
         with pytest.raises(ValueError, match=f"checkpoint: .*written for other .*{what}"):

@@ -247,6 +247,14 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     assert code == 2 and "--checkpoint: at or inside the output directory" in err[-1] and not (tmp_path / "f").exists()
     code, err = run([*rec, "--steps", "1", "--checkpoint", tmp_path / "f", "--out", tmp_path / "f"])  # the same path
     assert code == 2 and "--checkpoint: at or inside the output directory" in err[-1] and not (tmp_path / "f").exists()
+    # no file path: refused before the models load (it was refused after their evaluation, with advice
+    # to delete the directory it named)
+    (tmp_path / "dir").mkdir()
+    for path, said in [("", "--checkpoint: expected the path of a file, got ''"),
+                       (tmp_path / "dir", f"--checkpoint: expected the path of a file, got a directory, '{tmp_path / 'dir'}'")]:
+        code, err = run([*rec, "--steps", "1", "--checkpoint", path, "--out", tmp_path / "g"])
+        assert code == 2 and err[-1].endswith(said) and not (tmp_path / "g").exists(), err
+        assert not any("loading" in line for line in err), err
 
 
 def test_prune_recover_seconds(run, tmp_path, tiny_dir):  # noqa: F811

@@ -26,7 +26,7 @@ def test_a_checkpoint_of_another_student_is_refused(llama, tmp_path):
         for name, p in other.named_parameters():
             if ".mlp." in name:
                 p.mul_(0.5)
-    with pytest.raises(ValueError, match=r"written for other student weights \(those it does not train included\)"):
+    with pytest.raises(ValueError, match=r"written for other student weights \(those it does not train included\) or config"):
         recover(other, teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
     half = copy.deepcopy(pruned).to(torch.bfloat16)  # another float type: named as such
     with pytest.raises(ValueError, match=r"trainable parameters \(names, shapes or float types\)"):
@@ -126,3 +126,25 @@ def test_arguments_of_the_training_runs_are_named(llama):
     base = transformers.AutoModel.from_config(tiny_config("llama")).eval()  # no LM head
     with pytest.raises(ValueError, match=r"^causal: True needs a model with a language-model head .* LlamaModel"):
         gradient_importance(base, batches, causal=True)
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_save(llama, tmp_path):
+    """A recovery checkpoint written by a process killed mid-write leaves its temporary file
+    (parameters and optimizer state, hundreds of MB on a real model); the next run's first save
+    in that folder removes it, and not the file of a writer still running (this process's)."""
+    import os
+    import subprocess
+    import sys
+
+    from headprune.atomic import owner_token
+
+    teacher, pruned, batches = llama
+    script = "from headprune.atomic import owner_token; print(owner_token())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    ended = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    killed = tmp_path / f".recover.pt.tmp-{ended.stdout.strip()}-0123abcd"  # as atomic.write_file names them
+    live = tmp_path / f".recover.pt.tmp-{owner_token()}-4567abcd"
+    killed.write_bytes(b"PK\x03\x04half")
+    live.write_bytes(b"PK")
+    recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=tmp_path / "recover.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "recover.pt"]

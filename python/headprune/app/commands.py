@@ -62,9 +62,15 @@ def _at_or_inside(path, folder: Path) -> bool:
 
 
 def refuse_inside_out(out: Path, path, flag: str) -> None:
-    """A state file ``path`` given by ``flag`` at or inside ``--out`` (written whole at the end,
-    so it would make ``--out`` non-empty, or a file) is refused before anything runs."""
-    if path and _at_or_inside(path, out):
+    """A state file ``path`` given by ``flag`` that is no file path (empty, a directory), or is at
+    or inside ``--out`` (written whole at the end, so it would make ``--out`` non-empty, or a
+    file), is refused before anything runs."""
+    if path is None:
+        return
+    if not str(path).strip() or os.path.isdir(path):
+        raise ValueError(f"{flag}: expected the path of a file, got {'a directory, ' if str(path).strip() else ''}"
+                         f"{str(path)!r}")
+    if _at_or_inside(path, out):
         raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
 

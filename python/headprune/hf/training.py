@@ -113,10 +113,12 @@ def _fingerprint(params: dict, settings: dict, batches, fmt: str = CHECKPOINT_FO
 class _Checkpoint:
     """One file (``torch.save`` of plain tensors and containers, read back with
     ``weights_only``), rewritten atomically: the trained parameters, the optimizer state,
-    the steps done and the fingerprint it was written for."""
+    the steps done and the fingerprint it was written for. The first write also removes the
+    temporary files that killed writers left beside it."""
 
     def __init__(self, path, fingerprint: dict, what: str = "recovery"):
         self.path, self.fingerprint, self.what = os.path.abspath(os.fspath(path)), fingerprint, what
+        self._swept = False
 
     def _refuse(self, why: str, ours: bool = True) -> ValueError:
         """The refusal to resume from the file; ``ours=False``: it is no checkpoint of this kind,
@@ -147,8 +149,9 @@ class _Checkpoint:
         if diff:
             start = "starting values of what it trains" + (" (init)" if self.what == "learned-gates" else "")
             what = {"parameters": "trainable parameters (names, shapes or float types)", "start": start,
-                    "tokens": "calibration batches", "teacher": "teacher weights",
-                    "student": "student weights (those it does not train included)", "model": "model weights"}
+                    "tokens": "calibration batches", "teacher": "teacher weights or config",
+                    "student": "student weights (those it does not train included) or config",
+                    "model": "model weights or config"}
             raise self._refuse("was written for other " + ", ".join(
                 what.get(k, f"{k} ({saved.get(k)!r} in the checkpoint, {self.fingerprint.get(k)!r} now)") for k in diff))
         return state
@@ -160,6 +163,9 @@ class _Checkpoint:
                     **({"extra": extra} if extra is not None else {})}, buf)
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            if not self._swept:  # what a writer killed mid-write left beside it (parameters, optimizer state)
+                atomic.remove_leftovers(os.path.dirname(self.path))
+                self._swept = True
             atomic.write_file(self.path, buf.getvalue())
         except OSError as e:
             message = f"checkpoint: cannot write {self.path} ({e.strerror or e})"
