@@ -196,6 +196,31 @@ def test_fill_replaces_a_closed_head_by_the_fill():
             pass
 
 
+def test_t5_s_encoder_alone_is_an_encoder_and_t5_is_refused():
+    """T5EncoderModel has one stack, as collect and gates take it: learned gates and recovery
+    train it as an encoder; the encoder-decoder T5 is refused by both, by name."""
+    import copy
+
+    import transformers
+    from hf_tiny import tiny_config
+
+    from headprune.hf import prune_heads, recover
+
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(tiny_config("t5")).eval()
+    batches = [{k: v for k, v in tiny_batch("t5", seed=i).items() if not k.startswith("decoder")} for i in range(3)]
+    learned = learn_gates(model, batches, ratio=0.5, steps=2)
+    assert learned.scores.shape == (2, 4)
+    student = copy.deepcopy(model)
+    prune_heads(student, {0: [1]})
+    assert recover(student, model, batches, steps=1, lr=1e-4).steps == 1
+    t5 = tiny_model("t5")
+    with pytest.raises(ValueError, match=r"model: learned gates handle causal LMs and encoders, not t5 \(seq2seq\)"):
+        learn_gates(t5, [tiny_batch("t5")], ratio=0.5, steps=1)
+    with pytest.raises(ValueError, match=r"student: recovery handles causal LMs and encoders, not t5 \(seq2seq\)"):
+        recover(copy.deepcopy(t5), t5, [tiny_batch("t5")], steps=1, lr=1e-4)
+
+
 def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     from test_cli_save_dtype import _checkpoint
     from test_speed import _tokenizer_dir
@@ -221,6 +246,10 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--learn-seconds", "5", "--samples", "4",
                                   "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o2"]])
     assert code != 0 and "only --score learned trains gates" in capsys.readouterr().err
+    code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--learn-steps", "5", "--samples", "4",
+                                  "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o2"]])
+    assert code != 0 and "--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates" in \
+        capsys.readouterr().err  # it was ignored, without a word, where the other two were refused
 
 
 def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):

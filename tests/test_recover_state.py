@@ -148,3 +148,21 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_save(llama, tmp_
     live.write_bytes(b"PK")
     recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=tmp_path / "recover.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "recover.pt"]
+
+
+def test_batches_that_are_no_dicts_and_a_checkpoint_that_cannot_be_written_are_refused_before_a_step(llama, tmp_path):
+    """Both were found late: a batch that is no dict failed inside the fingerprint with an
+    unrelated TypeError, and a checkpoint path that cannot be written only at its first save,
+    after the steps before it (lost)."""
+    teacher, pruned, batches = llama
+    ids = batches[0]["input_ids"]
+    for bad, kind in [(["text"], "str"), ([(ids,)], "tuple"), ([ids], "Tensor")]:
+        with pytest.raises(TypeError, match=rf"^batches: expected dicts of tensors \(e.g. a tokenizer's output\), "
+                                            rf"got {kind}$"):
+            recover(copy.deepcopy(pruned), teacher, bad, steps=1, lr=LR)
+    (tmp_path / "file").write_text("x")
+    steps = []
+    with pytest.raises(NotADirectoryError, match=r"checkpoint: .*file is not a directory, so .*r\.pt cannot be made"):
+        recover(copy.deepcopy(pruned), teacher, batches, steps=3, lr=LR, checkpoint=tmp_path / "file" / "r.pt",
+                checkpoint_every=2, progress=lambda *a: steps.append(a))
+    assert steps == [] and (tmp_path / "file").read_text() == "x"

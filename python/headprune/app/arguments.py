@@ -260,7 +260,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
                    help="layers (attention sites) never pruned (default: the recipe's)")
     g.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
-    g.add_argument("--learn-steps", type=positive, default=LEARN_STEPS,
+    g.add_argument("--learn-steps", type=positive, default=None,
                    help=f"--score learned: training steps, one calibration batch each (default {LEARN_STEPS})")
     g.add_argument("--learn-seconds", type=positive_float, default=None,
                    help="--score learned: stop training before a step that would end past this many seconds (default: none)")

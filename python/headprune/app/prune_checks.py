@@ -21,8 +21,8 @@ def check_options(args) -> None:
         raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
     if args.score == "learned" and args.order is not None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
-    if args.score != "learned" and (args.learn_checkpoint or args.learn_seconds):
-        raise ValueError("--learn-checkpoint/--learn-seconds: only --score learned trains gates")
+    if args.score != "learned" and (args.learn_checkpoint is not None or args.learn_seconds or args.learn_steps):
+        raise ValueError("--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates")
     C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
     if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
         raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "

@@ -192,13 +192,14 @@ def _learned_protection(kw: dict, scores) -> dict:
 def _learn(args, loaded, batches, scores):
     """``--score learned``: hard-concrete gates trained toward the requested budget."""
     from ..hf.learned import learn_gates
+    from .arguments import LEARN_STEPS
 
     total = count_units(scores, args.gqa)  # --count counts units
     ratio = args.ratio if args.ratio is not None else args.count / total
     if not 0 < ratio < 1:
         raise ValueError(f"--count: {args.count} of {total} units (heads, or KV groups under --gqa group) leaves no "
                          "budget for learned gates")
-    return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps,
+    return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps or LEARN_STEPS,
                        time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
                        progress=not args.quiet, checkpoint=args.learn_checkpoint,
                        resume=args.learn_checkpoint is not None)

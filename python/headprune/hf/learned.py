@@ -134,7 +134,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     adapter = get_adapter(model)
-    if adapter.kind == "seq2seq":
+    if adapter.kind == "seq2seq" and getattr(model.config, "is_encoder_decoder", True):  # T5EncoderModel: an encoder
         raise ValueError(f"model: learned gates handle causal LMs and encoders, not {adapter.model_type} (seq2seq)")
     sites = resolve_sites(model, adapter)
     num_heads = [head_counts(s, adapter)[0] for s in sites]

@@ -105,7 +105,7 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     a, b = get_adapter(student), get_adapter(teacher)
     if a.model_type != b.model_type:
         raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")
-    if a.kind == "seq2seq":
+    if a.kind == "seq2seq" and getattr(student.config, "is_encoder_decoder", True):  # T5EncoderModel: an encoder
         raise ValueError(f"student: recovery handles causal LMs and encoders, not {a.model_type} (seq2seq)")
     if student is teacher:
         raise ValueError("teacher: is the student itself; pass the unpruned model")

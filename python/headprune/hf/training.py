@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Callable, Optional
 
 import torch
@@ -98,6 +98,9 @@ def _tokens(batches) -> Optional[str]:
     """A digest of the batches' tensors (``None`` for a one-shot iterable)."""
     if not isinstance(batches, Sequence):
         return None
+    for b in batches:  # before reading them: named as the model's forward would name them
+        if not isinstance(b, Mapping):
+            raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(b).__name__}")
     return _digest(v for b in batches for k in sorted(b) for v in [b[k]] if isinstance(v, torch.Tensor))
 
 
@@ -181,6 +184,8 @@ def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery
     ckpt = _Checkpoint(path, fingerprint, what)
     if not resume:
         ckpt.check_replaceable()
+    if not os.path.exists(ckpt.path):  # its first save comes after steps that would be lost: probed now
+        atomic.check_folder(ckpt.path, "checkpoint")
     return ckpt
 
 
