@@ -4,6 +4,7 @@ gates' fill, and ``prune --score learned``."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -250,6 +251,15 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
                                   "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o2"]])
     assert code != 0 and "--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates" in \
         capsys.readouterr().err  # it was ignored, without a word, where the other two were refused
+    # a budget that ends the training before the gates reach it is said (the report held both numbers only)
+    code = main([str(a) for a in ["prune", path, "--ratio", "0.3", "--score", "learned", "--learn-seconds", "0.001",
+                                  "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o4"]])
+    err = capsys.readouterr().err
+    learned = json.loads((tmp_path / "o4" / "report.json").read_text())["settings"]["learned"]
+    assert code == 0 and learned["stopped"] == "time_budget", (err, learned)
+    assert learned["open_fraction"] > learned["target_open"] + 0.05, learned
+    assert re.search(r"--learn-seconds: the gates' training stopped at step \d+, before their open fraction came "
+                     rf"down to the budget \(\d\.\d\d against {learned['target_open']:.2f}\)", err), err
 
 
 def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):

@@ -178,6 +178,10 @@ def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settin
         with stage("learning head gates on the calibration text", "learn"):
             learned = _learn(args, loaded, batches, scores)
         settings["learned"] = learned.to_dict()
+        if learned.stopped == "time_budget" and learned.open_fraction > learned.target_open + 0.05:
+            C._warn(f"--learn-seconds: the gates' training stopped at step {learned.steps}, before their open fraction "
+                    f"came down to the budget ({learned.open_fraction:.2f} against {learned.target_open:.2f}): "
+                    "the heads are ranked by gates close to their start; give more seconds or fewer --learn-steps")
         kw = learned_selection(kw, learned.scores, scores)
     with stage("choosing heads", "select"):
         return _select(args, loaded, batches, scores, kw, removal, settings["refit_bias"])
