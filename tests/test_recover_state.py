@@ -166,3 +166,17 @@ def test_batches_that_are_no_dicts_and_a_checkpoint_that_cannot_be_written_are_r
         recover(copy.deepcopy(pruned), teacher, batches, steps=3, lr=LR, checkpoint=tmp_path / "file" / "r.pt",
                 checkpoint_every=2, progress=lambda *a: steps.append(a))
     assert steps == [] and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_as_such_and_replaced_without_resume(llama, tmp_path):
+    teacher, pruned, batches = llama
+    path = tmp_path / "r.pt"
+    recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)
+    state = torch.load(path, weights_only=True)
+    state["fingerprint"]["format"] = "headprune.recover/4"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"r\.pt was written by another version of headprune \(format "
+                                         r"'headprune.recover/4'; this one reads 'headprune.recover/\d+'\); delete it"):
+        recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
+    recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)  # no resume: written over
+    assert torch.load(path, weights_only=True)["fingerprint"]["format"] != "headprune.recover/4"

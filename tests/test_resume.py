@@ -291,3 +291,24 @@ def test_plain_torch_models_refuse_a_checkpoint(tmp_path):
     layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
     with pytest.raises(ValueError, match="checkpoint: resumable collection needs a transformers model"):
         collect(layer, [torch.randn(2, 5, 16)], progress=False, checkpoint=tmp_path / "c.json")
+
+
+def test_a_checkpoint_of_an_earlier_digest_is_refused_as_such_and_the_digest_outlives_upgrades(tmp_path, monkeypatch):
+    """A checkpoint whose fingerprint left the config out (key ``weights``, written by an earlier
+    headprune) is refused saying so, not as another model; the digest itself does not change
+    with the installed transformers version that the config's JSON names."""
+    import transformers.configuration_utils as CU
+
+    model, batches, path = _checkpoint_after(tmp_path)
+    data = json.loads(path.read_text())
+    fingerprint = json.loads(data["fingerprint"])
+    fingerprint["weights"] = fingerprint.pop("weights and config")
+    data["fingerprint"] = json.dumps(fingerprint, sort_keys=True)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"c\.json was written by an earlier headprune, whose fingerprint did not "
+                                         r"cover the model's config; delete it or drop resume"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS)
+    before = weights_digest(model)
+    monkeypatch.setattr(CU, "__version__", "99.0.0")
+    assert json.loads(model.config.to_json_string())["transformers_version"] == "99.0.0"
+    assert weights_digest(model) == before

@@ -75,6 +75,8 @@ class Checkpoint:
             raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})", False)
         if d.get("layout") != self.layout:
             raise self._refuse(f"was written for {self._layout_difference(d)}")
+        if _earlier(d.get("fingerprint")):
+            raise self._refuse("was written by an earlier headprune, whose fingerprint did not cover the model's config")
         if d.get("fingerprint") != self.fingerprint:
             raise self._refuse(f"was written with other settings ({_differences(d.get('fingerprint'), self.fingerprint)})")
         done = d.get("batches_done")
@@ -141,9 +143,12 @@ class Checkpoint:
             raise ValueError(f"moments file {name!r} is not a file name beside the checkpoint")
         path = os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
         if digest is not None:
-            with open(path, "rb") as f:
-                if hashlib.sha256(f.read()).hexdigest() != digest:
-                    raise ValueError(f"moments file {name} holds other bytes than the checkpoint wrote")
+            h = hashlib.sha256()
+            with open(path, "rb") as f:  # in chunks: a large model's moments are GiBs
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+            if h.hexdigest() != digest:
+                raise ValueError(f"moments file {name} holds other bytes than the checkpoint wrote")
         moments = OutputMoments.load(path)
         if moments.num_sites != sites:
             raise ValueError(f"moments file {name} holds {moments.num_sites} sites, the scores {sites}")
@@ -158,6 +163,15 @@ class Checkpoint:
                     os.unlink(os.path.join(folder, name))
                 except OSError:
                     pass
+
+
+def _earlier(saved) -> bool:
+    """A fingerprint of the releases whose model digest left the config out (key ``weights``)."""
+    try:
+        saved = json.loads(saved)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(saved, dict) and "weights" in saved and "weights and config" not in saved
 
 
 def _differences(saved, now) -> str:
@@ -192,16 +206,18 @@ def canonical(fingerprint) -> str:
 def weights_digest(model) -> str:
     """A short digest of ``model``'s weights: every parameter's and buffer's name, shape and type,
     its sum (float64) and a strided sample of 256 of its values, and a transformers model's config
-    (all but where it was read from). A resume compares it, so a checkpoint written for other
-    weights of the same layout (a directory pruned again with ``--force``, a fine-tune saved over
-    it) or for another config of the same weights (an edited ``config.json``: another activation,
-    norm epsilon or rotary base) is refused; it reads each tensor once without hashing every byte."""
+    (all but where it was read from and the transformers version writing it). A resume compares
+    it, so a checkpoint written for other weights of the same layout (a directory pruned again with
+    ``--force``, a fine-tune saved over it) or for another config of the same weights (an edited
+    ``config.json``: another activation, norm epsilon or rotary base) is refused; it reads each
+    tensor once without hashing every byte."""
     import torch
 
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    if callable(getattr(config, "to_json_string", None)):  # where it was read from aside
-        fields = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items() if k != "_name_or_path"}
+    if callable(getattr(config, "to_json_string", None)):  # where it was read from and the installed transformers aside
+        fields = {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items()
+                  if k not in ("_name_or_path", "transformers_version")}
         h.update(json.dumps(fields, sort_keys=True).encode())
     with torch.no_grad():
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):

@@ -209,8 +209,8 @@ def _check_values(gguf, reader, ours: dict, source) -> None:
             theirs = torch.from_numpy(np.asarray(gguf.quants.dequantize(part, t.tensor_type), dtype=np.float64))
         except (NotImplementedError, ValueError):  # a type the gguf package does not read: not compared
             continue
-        mine = value.detach().to(torch.float64).cpu()
-        mine = mine if data.ndim == 1 else mine[torch.from_numpy(rows)]
+        mine = value.detach() if data.ndim == 1 else value.detach()[torch.from_numpy(rows).to(value.device)]
+        mine = mine.to(device="cpu", dtype=torch.float64)  # the sampled rows only
         if theirs.numel() != mine.numel():
             continue
         theirs, mine = theirs.reshape(-1), mine.reshape(-1)

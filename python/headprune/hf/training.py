@@ -22,8 +22,8 @@ from .. import atomic
 from .checkpoint import refuse_foreign
 from .batches import check_batches
 
-CHECKPOINT_FORMAT = "headprune.recover/4"  # /2: digests of shapes and types too; /3: of every weight;
-# /4: of the student's every weight too, not only those it trains
+CHECKPOINT_FORMAT = "headprune.recover/5"  # /2: digests of shapes and types too; /3: of every weight;
+# /4: of the student's every weight too, not only those it trains; /5: of the models' configs too
 #: how much longer than the longest recent step (and the closing work) a time budget allows for
 #: the next: on a shared machine a step can take longer than the eight before it
 MARGIN = 1.25
@@ -133,7 +133,8 @@ class _Checkpoint:
         """``ValueError`` when a file at the path is not a checkpoint of this kind (see ``refuse_foreign``)."""
         def ours():  # mapped, not read: only the fingerprint is looked at
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            return isinstance(state, dict) and state.get("fingerprint", {}).get("format") == self.fingerprint["format"]
+            return isinstance(state, dict) and _kind(state.get("fingerprint", {}).get("format")) == \
+                _kind(self.fingerprint["format"])  # an earlier version's too: this run replaces it
 
         refuse_foreign(self.path, ours, self.what, "the run")
 
@@ -145,7 +146,10 @@ class _Checkpoint:
         except Exception as e:  # a damaged file: pickle, zip and torch raise many types
             raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})", False) from e
         fmt = self.fingerprint["format"]
-        if not isinstance(state, dict) or state.get("fingerprint", {}).get("format") != fmt:
+        saved = state.get("fingerprint", {}).get("format") if isinstance(state, dict) else None
+        if saved != fmt and _kind(saved) == _kind(fmt):
+            raise self._refuse(f"was written by another version of headprune (format {saved!r}; this one reads {fmt!r})")
+        if saved != fmt:
             raise self._refuse(f"is not a {self.what} checkpoint (expected format {fmt!r})", False)
         saved = state["fingerprint"]
         diff = [k for k in sorted(saved.keys() | self.fingerprint.keys()) if saved.get(k) != self.fingerprint.get(k)]
@@ -174,6 +178,11 @@ class _Checkpoint:
             message = f"checkpoint: cannot write {self.path} ({e.strerror or e})"
             raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
+
+
+def _kind(fmt) -> Optional[str]:
+    """``"headprune.recover"`` of ``"headprune.recover/5"``: the kind of checkpoint, any version."""
+    return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
 
 
 def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:
