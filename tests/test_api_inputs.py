@@ -268,3 +268,21 @@ def test_pruning_nothing_leaves_the_model_unpruned(tmp_path):
     headprune.measure_uniform(model, batches, scores, {1: [1, 2]}, sequences=1)
     ids = batches[0]["input_ids"]
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_a_subset_s_moments_taken_again_in_other_batch_shapes_still_leave_second_moments():
+    """With fewer calibration tokens left than dimensions, the difference of the scores' moments
+    and those of the measured sequences (taken again, in other batch shapes: their float32
+    activations differ in the last bits) has eigenvalues near zero that the rounding pushes
+    below it, -1.2e-6 of the largest diagonal entry on SmolLM2: still second moments; another
+    text's tokens taken out leave eigenvalues of the order of the entries, refused."""
+    from headprune.stats.moments import semidefinite
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 576, dtype=torch.float64) * torch.rand(576, dtype=torch.float64) * 5
+    part = x[:32].float()
+    part = (part + part * torch.randn_like(part) * 6e-7).double()  # as SmolLM2 left: -1.2e-6 of the largest entry
+    rest = x.T @ x - part.T @ part
+    assert torch.linalg.eigvalsh(rest).min() < 0 and semidefinite(rest, torch.float64)
+    other = torch.randn(32, 576, dtype=torch.float64) * torch.rand(576, dtype=torch.float64) * 5
+    assert not semidefinite(x.T @ x - other.T @ other, torch.float64)
