@@ -119,6 +119,38 @@ def test_prune_uniform_saves_a_directory_plain_from_pretrained_loads(run, tmp_pa
     assert torch.equal(plain.logits, ours.logits)
 
 
+@pytest.mark.parametrize("family,mask", [("gemma2", False), ("llama", True), ("gemma2", True)])
+def test_prune_uniform_plain_for_gemma2_and_for_masks(run, tmp_path, tiny_dir, family, mask):  # noqa: F811
+    """Gemma 2 has no SDPA path: the command line refused every Gemma 2 directory. A mask keeps
+    the config's shapes, so its refit's output biases are declared as a uniform pruning's are
+    (llama, gemma2: attention_bias), and the directory loads plainly; it did not."""
+    import json
+
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    from headprune.hf import load_pruned
+
+    path = tmp_path / family
+    torch.manual_seed(0)
+    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Gemma2ForCausalLM
+    cls(tiny_config(family)).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--count", "4", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--uniform", *(["--mask"] if mask else []), "--out", tmp_path / "o"])
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert meta["plain_loadable"] and report["settings"]["removal"] == "refit" and report["heads_pruned"] == 4
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").eval()(input_ids=ids)
+        ours = load_pruned(tmp_path / "o" / "model")(input_ids=ids)
+    assert torch.equal(plain.logits, ours.logits)
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--uniform", "--steps", "2"], "--steps: iterative pruning is not supported with --uniform"),
     (["--uniform", "--sequential"], "--sequential: re-chooses each layer's heads"),

@@ -163,7 +163,8 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     except ValueError as e:
         raise ValueError(f"MODEL: transformers cannot read a tokenizer from {str(path / gguf)!r} ({e})") from e
     model, info = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32,
-                                      attn_implementation="sdpa", gguf_file=gguf, output_loading_info=True)
+                                      attn_implementation=_attention(config, kind), gguf_file=gguf,
+                                      output_loading_info=True)
     absent = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
     if absent:  # transformers fills them with random values and only warns
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks weights its model needs, or holds them in another "
@@ -230,7 +231,7 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
     kind = _kind(config)
     mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING if kind == "causal" else transformers.MODEL_MAPPING
     cls = mapping[type(config)]
-    kw = dict(dtype=torch_dtype or torch.float32, attn_implementation="sdpa")
+    kw = dict(dtype=torch_dtype or torch.float32, attn_implementation=_attention(config, kind))
     kw.update(optional_modules(cls, ADAPTERS[model_type], header))
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
     model = from_pretrained_checked(cls, str(path), config, header, "MODEL", str(config_file), weights, strict=False,
@@ -240,6 +241,19 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
         stored = stored_float_type(files)
     return Loaded(model.to(device).eval(), tok, kind, str(path), checkpoint_dtype=stored if isinstance(stored, str) else None,
                   input_bytes=_bytes(files))
+
+
+def _attention(config, kind: str) -> str:
+    """``"sdpa"``, or ``"eager"`` for a family whose model class has no SDPA path (Gemma 2:
+    ``from_pretrained`` refused the directory)."""
+    import transformers
+
+    mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING if kind == "causal" else transformers.MODEL_MAPPING
+    try:
+        cls = mapping[type(config)]
+    except KeyError:
+        return "sdpa"
+    return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 def _dequantized(model) -> None:

@@ -100,6 +100,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     if masked_bias:  # a compensated mask created o biases: record them like pruning does
         state = new_state(model, [head_counts(s, adapter) for s in sites])
         state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})
+        state.setdefault("uniform", True)  # never pruned: masks keep the shapes its config describes
     # an output-projection bias the family's config cannot declare would be dropped by
     # from_pretrained (with only a warning): such a model is not plain-loadable
     uniform, o_bias = state is not None and bool(state.get("uniform")), state is not None and bool(state.get("o_bias"))
