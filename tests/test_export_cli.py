@@ -153,3 +153,20 @@ def test_a_source_that_cannot_be_read_is_named_as_the_source(pruned, tmp_path, c
                       "--quiet"], capsys)
     assert code == 2 and f"export: error: --source: cannot read {t / 'src.gguf'} (Permission denied)" in out.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_source_is_not_replaced_by_its_own_export(pruned, tmp_path, capsys):
+    """--gguf naming the source GGUF (or a link to it) is refused even with --force: the export
+    read the file it was replacing."""
+    import shutil
+
+    t, _ = pruned
+    src = tmp_path / "src.gguf"
+    shutil.copy(t / "src.gguf", src)
+    (tmp_path / "link.gguf").symlink_to(src)
+    before = src.read_bytes()
+    for target in (src, tmp_path / "link.gguf"):
+        code, out = _run(["export", t / "run" / "model", "--gguf", target, "--source", src, "--force", "--quiet"],
+                         capsys)
+        assert code == 2 and f"--gguf: {target} is {src}, which the export reads; write the GGUF elsewhere" in out.err
+    assert src.read_bytes() == before

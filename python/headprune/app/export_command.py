@@ -33,10 +33,12 @@ def export(args) -> int:
         raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
     atomic.check_folder(out, "--gguf")  # before the model loads
     source = _source(args.source, src, report)
+    _refuse_input(out, [src, source])
     stage = C.Stages(args)
     with stage("loading the model", "load"):
         loaded = load_model(args.model, accept=("causal",))  # a prune's folder reads its model/
     source = source or (loaded.source if loaded.checkpoint_dtype == "gguf" else None)
+    _refuse_input(out, [source])
     if source is None:
         raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
                          f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
@@ -90,6 +92,14 @@ def _report(path: Path) -> Optional[dict]:
         return None
     report = read_report(folder, "MODEL")
     return report if isinstance(report, dict) else {}
+
+
+def _refuse_input(out: Path, inputs: list) -> None:
+    """``--gguf`` naming a file the export reads (MODEL, the source GGUF) is refused, ``--force``
+    or not: the file would be replaced by the pruned one while it is its input."""
+    for path in inputs:
+        if path is not None and out.exists() and os.path.exists(path) and os.path.samefile(out, path):
+            raise ValueError(f"--gguf: {out} is {path}, which the export reads; write the GGUF elsewhere")
 
 
 def _source(given: Optional[str], path: Path, report: Optional[dict]) -> Optional[str]:
