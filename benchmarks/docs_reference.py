@@ -111,18 +111,30 @@ def ref_ratio(ctx, model: str, text: str, ratio: float, share=None, name: str = 
     return x(v / row["baseline"]) if row["lower_is_better"] else num(v, 4)
 
 
+def ref_samples(ctx, model: str, share=None, name: str = "quality_reference") -> int:
+    """The reference sequences of bench_reference's calibration of ``model`` at ``share``."""
+    return _row(ctx, model, ctx["R"][name]["rows"][0]["evaluated_on"], share, name)["reference"]["samples"]
+
+
 def calibrated(ctx, settings: dict) -> str:
-    """A benchmark's calibration as the docs name it: the text, and the reference share if any."""
+    """A benchmark's calibration as the docs name it: the text, and the reference share if any.
+    Fewer reference sequences than the default share of ``samples``: the text gave fewer
+    sequences than the rest, and the default share was taken of those (texts.calibration_set;
+    the benchmarks that name their calibration so run the default share)."""
     ref = settings.get("reference")
     if not ref:
         return f"`{settings['data']}` alone"
     from headprune.app.texts import DEFAULT_REFERENCE
 
-    share = ("the default reference share" if ref["samples"] == round(settings["samples"] * DEFAULT_REFERENCE)
+    texts = " and ".join(f"`{t}`" for t in ref["texts"])
+    default = round(settings["samples"] * DEFAULT_REFERENCE)
+    if ref["samples"] < default:
+        return (f"`{settings['data']}` ({ref['samples']} sequences from the bundled {texts}, the default reference "
+                f"share of the sequences the text gives, fewer than {settings['samples']})")
+    share = ("the default reference share" if ref["samples"] == default
              else f"a reference share of {pct(ref['samples'] / settings['samples'])}")
-    return (f"`{settings['data']}` ({ref['samples']} of the {settings['samples']} sequences from the bundled "
-            + " and ".join(f"`{t}`" for t in ref["texts"]) + f", {share})")
+    return f"`{settings['data']}` ({ref['samples']} of the {settings['samples']} sequences from the bundled {texts}, {share})"
 
 
 TABLES = {f.__name__: f for f in (reference_table, reference_summary, reference_targets, reference_sources, calibrated,
-                                  ref_value, ref_ratio)}
+                                  ref_value, ref_ratio, ref_samples)}
