@@ -83,10 +83,21 @@ def peak_extra_bytes(fn) -> int | None:
         return None
 
 
+def _amx():
+    """Whether the CPU has AMX tiles for bfloat16 (torch's bfloat16 matrix products and SDPA use
+    them); ``None`` where /proc/cpuinfo cannot say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return None
+
+
 def machine() -> dict:
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx": _amx(),
         "threads": torch.get_num_threads(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),

@@ -75,8 +75,8 @@ def table(header: list, rows: list) -> str:
 
 def machine(result: dict) -> str:
     m = result.get("machine", {})
-    return (f"torch {m.get('torch')}, {m.get('cpu_capability')} kernels, {m.get('threads')} thread(s) "
-            f"on {m.get('cores')} cores")
+    return (f"torch {m.get('torch')}, {m.get('cpu_capability')} kernels{' and AMX' if m.get('amx') else ''}, "
+            f"{m.get('threads')} thread(s) on {m.get('cores')} cores")
 
 
 def rows(result: dict, key: str, **match) -> list:
