@@ -175,21 +175,33 @@ def test_output_statistics_serialise_merge_and_subset():
         HeadScores(a.stats, a.num_heads, a.num_kv_heads, a.head_dim, a.names, a.kinds, outputs=torch.zeros(2))
 
 
-def test_compensated_mask_saves_and_reloads_and_plain_loading_refuses(tmp_path):
-    model = tiny_model("llama")
-    scores = collect(model, [tiny_batch("llama")], progress=False)
-    batch = tiny_batch("llama", seed=3)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_compensated_mask_saves_and_reloads_plainly_where_the_config_declares_the_bias(tmp_path, family):
+    """A mask keeps the shapes the config describes; the output biases compensation creates are
+    declared where the config can (llama's attention_bias, with zero q/k/v biases), so plain
+    from_pretrained loads the directory; where it cannot (mistral), plain loading stops and
+    load_pruned reads it."""
+    model = tiny_model(family)
+    scores = collect(model, [tiny_batch(family)], progress=False)
+    batch = tiny_batch(family, seed=3)
     with mask_heads(model, {0: [1]}, compensate=scores):
         with torch.no_grad():
             want = _first(model(**batch))
         save_pruned(model, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "headprune.json").read_text())
-    assert meta["o_bias"] == [0] and meta["plain_loadable"] is False
     back = load_pruned(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(_first(back(**batch)), want)
-    with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
-        transformers.AutoModel.from_pretrained(tmp_path / "m")
+    if family == "llama":
+        assert meta["o_bias"] == [] and meta["plain_loadable"] is True
+        plain = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+        assert plain.config.attention_bias is True
+        with torch.no_grad():
+            assert torch.equal(_first(plain(**batch)), want)
+    else:
+        assert meta["o_bias"] == [0] and meta["plain_loadable"] is False
+        with pytest.raises(OSError, match="model.safetensors|pytorch_model.bin"):
+            transformers.AutoModel.from_pretrained(tmp_path / "m")
 
 
 def test_a_dropped_compensated_mask_is_still_saved_with_its_biases(tmp_path):
@@ -208,9 +220,10 @@ def test_a_dropped_compensated_mask_is_still_saved_with_its_biases(tmp_path):
         mask_heads(model, {0: [1]})
     save_pruned(model, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "headprune.json").read_text())
-    assert meta["o_bias"] == [0, 1] and meta["plain_loadable"] is False
+    assert meta["plain_loadable"] is True and meta["original_config"]["attention_bias"] is True  # declared
     with torch.no_grad():
         assert torch.equal(_first(load_pruned(tmp_path / "m")(**batch)), want)
+        assert torch.equal(_first(transformers.AutoModel.from_pretrained(tmp_path / "m").eval()(**batch)), want)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
