@@ -40,10 +40,10 @@ THIN_PARAGRAPHS = 16
 
 def thin_held_out(loaded, held: list) -> str | None:
     """Why the held-out paragraphs are too few for a figure worth comparing (perplexity over
-    fewer tokens than one of :func:`perplexity`'s windows: :data:`WINDOW`, or the model's
-    positions if fewer; fidelity over fewer than :data:`THIN_PARAGRAPHS` paragraphs), or ``None``."""
+    fewer tokens than one of :func:`perplexity`'s windows, :func:`perplexity_window`; fidelity
+    over fewer than :data:`THIN_PARAGRAPHS` paragraphs), or ``None``."""
     if loaded.kind == "causal":
-        window = min(WINDOW, max_positions(loaded.model, WINDOW))
+        window = perplexity_window(loaded.model)
         tokens = len(loaded.tokenizer("\n\n".join(held), add_special_tokens=False)["input_ids"])
         if tokens < window:
             return f"its held-out part has {tokens} token(s), fewer than one window of {window} for the perplexity"
@@ -75,11 +75,16 @@ def max_positions(model, default: int) -> int:
     return n if limit is None else min(n, limit)
 
 
+def perplexity_window(model, window: int = WINDOW) -> int:
+    """The window :func:`perplexity` scores: ``window`` tokens, or the model's positions if fewer."""
+    return min(window, max_positions(model, window))
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stride: int = STRIDE,
                max_windows: int = 64, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity of a causal LM on the joined paragraphs (see module doc for windows)."""
-    window = min(window, max_positions(model, window))
+    window = perplexity_window(model, window)
     stride = min(stride, window)
     if not 0 < stride <= window:
         raise ValueError(f"stride: expected 0 < stride <= window ({window}), got {stride}")

@@ -163,7 +163,7 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     except ValueError as e:
         raise ValueError(f"MODEL: transformers cannot read a tokenizer from {str(path / gguf)!r} ({e})") from e
     model, info = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32,
-                                      attn_implementation=_attention(config, kind), gguf_file=gguf,
+                                      attn_implementation=_attention(_model_class(config, kind)), gguf_file=gguf,
                                       output_loading_info=True)
     absent = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
     if absent:  # transformers fills them with random values and only warns
@@ -229,9 +229,8 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
     header = read_header(files, "MODEL")
     config = config_from(transformers.CONFIG_MAPPING[model_type], raw, len(header), "MODEL", str(config_file))
     kind = _kind(config)
-    mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING if kind == "causal" else transformers.MODEL_MAPPING
-    cls = mapping[type(config)]
-    kw = dict(dtype=torch_dtype or torch.float32, attn_implementation=_attention(config, kind))
+    cls = _model_class(config, kind)
+    kw = dict(dtype=torch_dtype or torch.float32, attn_implementation=_attention(cls))
     kw.update(optional_modules(cls, ADAPTERS[model_type], header))
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
     model = from_pretrained_checked(cls, str(path), config, header, "MODEL", str(config_file), weights, strict=False,
@@ -243,16 +242,21 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
                   input_bytes=_bytes(files))
 
 
-def _attention(config, kind: str) -> str:
-    """``"sdpa"``, or ``"eager"`` for a family whose model class has no SDPA path (Gemma 2:
-    ``from_pretrained`` refused the directory)."""
+def _model_class(config, kind: str):
+    """The transformers class the command line builds for ``config`` (causal LM or base model),
+    or ``None`` where the auto mapping has none."""
     import transformers
 
     mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING if kind == "causal" else transformers.MODEL_MAPPING
     try:
-        cls = mapping[type(config)]
+        return mapping[type(config)]
     except KeyError:
-        return "sdpa"
+        return None
+
+
+def _attention(cls) -> str:
+    """``"sdpa"``, or ``"eager"`` for a model class without an SDPA path (Gemma 2:
+    ``from_pretrained`` refused the directory)."""
     return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
 
 

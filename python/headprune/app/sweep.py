@@ -100,11 +100,8 @@ def _reusable(costs, stats, gqa: str, damping: float, kw: dict):
     e.g. of another damping, holds others by the same recipe name), else ``None``."""
     from ..hf.allocation import costs_differ
 
-    select = {"score": None, "order": None, "seed": 0, "protect_layers": None, "min_heads_per_layer": 1,
-              **{k: v for k, v in kw.items() if k in ("score", "order", "seed", "protect_layers", "min_heads_per_layer")}}
-    if costs is None or costs_differ(costs, stats, choose=kw.get("choose"), gqa=gqa, damping=damping, **select):
-        return None
-    return costs
+    select = {k: v for k, v in kw.items() if k != "sequences"}  # select_measured's options besides the budget
+    return None if costs is None or costs_differ(costs, stats, gqa=gqa, damping=damping, **select) else costs
 
 
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None,

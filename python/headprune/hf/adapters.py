@@ -223,6 +223,13 @@ class Site:
         return self.sub(self.block.o)
 
 
+def encoder_decoder(model, adapter: Optional[Adapter] = None) -> bool:
+    """Whether ``model`` has an encoder and a decoder (T5; not T5EncoderModel, whose one stack is
+    an encoder)."""
+    adapter = adapter or get_adapter(model)
+    return adapter.kind == "seq2seq" and getattr(model.config, "is_encoder_decoder", True)
+
+
 def _base(model) -> nn.Module:
     return getattr(model, "base_model", model)
 

@@ -188,7 +188,8 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     return LayerCosts(list(costs), list(heads), measure.rows, measure.tokens, time.perf_counter() - start, options)
 
 
-def _options(scores, choose, *, gqa, score, order, seed, protect_layers, min_heads_per_layer, damping) -> dict:
+def _options(scores, choose, *, gqa: str = DEFAULT_GQA, score=None, order=None, seed: int = 0, protect_layers=None,
+             min_heads_per_layer: int = 1, damping: float = DEFAULT_DAMPING) -> dict:
     """:attr:`LayerCosts.options`: what a measurement depends on besides the model and its batches."""
     return {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
             "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose,
@@ -197,12 +198,11 @@ def _options(scores, choose, *, gqa, score, order, seed, protect_layers, min_hea
 
 
 def costs_differ(costs, scores: HeadScores, *, choose=None, **select) -> dict:
-    """``{option: (measured with, asked)}`` for :func:`layer_costs`' options ``select`` that ``costs``
-    were measured with otherwise (``choose=None`` matches any; the seed matters to random orders only)."""
+    """``{option: (measured with, asked)}``: :func:`layer_costs`' options ``select`` (its defaults where absent)
+    that ``costs`` were measured with otherwise; ``choose=None`` matches any, the seed matters to random orders only."""
     now = _options(scores, choose, **select)
-    return {k: (costs.options[k], v) for k, v in now.items()
-            if k in costs.options and costs.options[k] != v and k != "heads"
-            and not (k == "choose" and choose is None) and not (k == "seed" and select["order"] != "random")}
+    skip = {"heads", *(["choose"] if choose is None else []), *(["seed"] if now["order"] != "random" else [])}
+    return {k: (costs.options[k], v) for k, v in now.items() if k not in skip and costs.options.get(k, v) != v}
 
 
 def measured_part(batches, sequences: Optional[int]) -> list:

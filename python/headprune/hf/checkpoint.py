@@ -9,12 +9,13 @@ import os
 import secrets
 import struct
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Optional
 
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "refuse_foreign", "weights_digest"]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "refuse_foreign", "weights_digest", "writing"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/1"
@@ -114,12 +115,7 @@ class Checkpoint:
     def save(self, scores: HeadScores, done: int) -> None:
         data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,
                 "fingerprint": self.fingerprint, "scores": scores.to_dict(), "moments": None}
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            if not self._swept:
-                atomic.remove_leftovers(folder)
-                self._swept = True
+        with writing(self, self.path) as folder:
             if scores.moments is not None:  # beside the JSON, a name of its own: an existing JSON's stays as it names
                 blob = scores.moments.to_bytes()
                 data["moments"] = f"{os.path.basename(self.path)}.moments-{done}-{secrets.token_hex(4)}.safetensors"
@@ -127,9 +123,6 @@ class Checkpoint:
                 atomic.write_file(os.path.join(folder, data["moments"]), blob)
             atomic.write_file(self.path, json.dumps(data))  # readers see the old file or the new one
             self._remove_old_moments(folder, data["moments"])
-        except OSError as e:
-            message = f"checkpoint: cannot write {os.path.abspath(self.path)} ({e.strerror or e})"
-            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
 
     def _load_moments(self, name, sites: int, digest=None):
@@ -163,6 +156,23 @@ class Checkpoint:
                     os.unlink(os.path.join(folder, name))
                 except OSError:
                     pass
+
+
+@contextmanager
+def writing(owner, path):
+    """Around a checkpoint's writes (``as`` its folder): the folder made, on ``owner``'s first write
+    (``owner._swept`` false) the temporary files that killed writers left there removed, and an
+    ``OSError`` named as the checkpoint's."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not owner._swept:
+            atomic.remove_leftovers(folder)
+            owner._swept = True
+        yield folder
+    except OSError as e:
+        message = f"checkpoint: cannot write {os.path.abspath(path)} ({e.strerror or e})"
+        raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
 
 def _earlier(saved) -> bool:

@@ -182,13 +182,13 @@ def _check_source(gguf, reader, model, family: str, layers: int, source) -> None
         if field is not None and want is not None and int(field.contents()) != int(want):
             raise ValueError(f"source: {source} is a GGUF of another model: its {family}.{key} is "
                              f"{int(field.contents())}, the model's is {int(want)}")
-    sizes = {name: value.numel() for name, value in _untouched(gguf, model, "llama", layers).items()}
+    ours = _untouched(gguf, model, "llama", layers)
     for t in reader.tensors:
-        want = sizes.get(t.name)
+        want = ours[t.name].numel() if t.name in ours else None
         if want is not None and int(t.n_elements) != want:
             raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} holds "
                              f"{int(t.n_elements)} values, the model's {want}")
-    _check_values(gguf, reader, _untouched(gguf, model, "llama", layers), source)
+    _check_values(gguf, reader, ours, source)
 
 
 def _check_values(gguf, reader, ours: dict, source) -> None:

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .adapters import get_adapter, head_counts, resolve_sites
+from .adapters import encoder_decoder, get_adapter, head_counts, resolve_sites
 from .gates import frozen, gates
 from .prune import check_scores
 from .recover import _kwargs, _loss, _Teacher
@@ -134,7 +134,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     adapter = get_adapter(model)
-    if adapter.kind == "seq2seq" and getattr(model.config, "is_encoder_decoder", True):  # T5EncoderModel: an encoder
+    if encoder_decoder(model, adapter):
         raise ValueError(f"model: learned gates handle causal LMs and encoders, not {adapter.model_type} (seq2seq)")
     sites = resolve_sites(model, adapter)
     num_heads = [head_counts(s, adapter)[0] for s in sites]

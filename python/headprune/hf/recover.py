@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..core.modules import eval_mode
 from ..prune.mask import active_masks
-from .adapters import get_adapter, resolve_sites
+from .adapters import encoder_decoder, get_adapter, resolve_sites
 from .batches import forward_kwargs
 from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
                        cast_back, check_inputs, dtypes_of, open_checkpoint)
@@ -105,7 +105,7 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     a, b = get_adapter(student), get_adapter(teacher)
     if a.model_type != b.model_type:
         raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")
-    if a.kind == "seq2seq" and getattr(student.config, "is_encoder_decoder", True):  # T5EncoderModel: an encoder
+    if encoder_decoder(student, a):
         raise ValueError(f"student: recovery handles causal LMs and encoders, not {a.model_type} (seq2seq)")
     if student is teacher:
         raise ValueError("teacher: is the student itself; pass the unpruned model")

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import atomic
-from .checkpoint import refuse_foreign
+from .checkpoint import refuse_foreign, writing
 from .batches import check_batches
 
 CHECKPOINT_FORMAT = "headprune.recover/5"  # /2: digests of shapes and types too; /3: of every weight;
@@ -168,15 +168,8 @@ class _Checkpoint:
         torch.save({"fingerprint": self.fingerprint, "step": step, "optimizer": optimizer.state_dict(),
                     "parameters": {n: p.detach().cpu().clone() for n, p in params.items()},
                     **({"extra": extra} if extra is not None else {})}, buf)
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            if not self._swept:  # what a writer killed mid-write left beside it (parameters, optimizer state)
-                atomic.remove_leftovers(os.path.dirname(self.path))
-                self._swept = True
+        with writing(self, self.path):  # a killed writer's leftovers hold parameters and optimizer state
             atomic.write_file(self.path, buf.getvalue())
-        except OSError as e:
-            message = f"checkpoint: cannot write {self.path} ({e.strerror or e})"
-            raise (OSError(e.errno, message) if e.errno else OSError(message)) from e
 
 
 
