@@ -116,11 +116,26 @@ def ref_samples(ctx, model: str, share=None, name: str = "quality_reference") ->
     return _row(ctx, model, ctx["R"][name]["rows"][0]["evaluated_on"], share, name)["reference"]["samples"]
 
 
-def calibrated(ctx, settings: dict) -> str:
+def _rule_share(settings: dict) -> int:
+    """The reference sequences ``prune`` takes now for an encoder's calibration ``settings``
+    (texts.calibration_set: the default share of the paragraphs the text gives, when fewer)."""
+    from headprune.app.texts import DEFAULT_REFERENCE, load_split, reference_samples
+
+    samples, data = settings["samples"], settings["data"]
+    n = reference_samples(samples, DEFAULT_REFERENCE, data)
+    parts = load_split(data)[0]
+    shares = [samples // len(parts) + (1 if i < samples % len(parts) else 0) for i in range(len(parts))]
+    got = sum(min(len(p), k) for p, k in zip(parts, shares))  # of samples - n asked: a bound, equal when short
+    return min(n, round(got * DEFAULT_REFERENCE / (1 - DEFAULT_REFERENCE))) if got < samples - n else n
+
+
+def calibrated(ctx, settings: dict, encoder: bool = False) -> str:
     """A benchmark's calibration as the docs name it: the text, and the reference share if any.
     Fewer reference sequences than the default share of ``samples``: the text gave fewer
     sequences than the rest, and the default share was taken of those (texts.calibration_set;
-    the benchmarks that name their calibration so run the default share)."""
+    the benchmarks that name their calibration so run the default share). ``encoder``: the
+    settings are an encoder's (paragraphs), so a share taken of ``samples`` before that rule
+    says what ``prune`` takes now."""
     ref = settings.get("reference")
     if not ref:
         return f"`{settings['data']}` alone"
@@ -133,6 +148,9 @@ def calibrated(ctx, settings: dict) -> str:
                 f"share of the sequences the text gives, fewer than {settings['samples']})")
     share = ("the default reference share" if ref["samples"] == default
              else f"a reference share of {pct(ref['samples'] / settings['samples'])}")
+    if encoder and ref["samples"] == default and (now := _rule_share(settings)) < default:
+        share += (f" as it was taken of `--samples` before the share was taken of the sequences the text gives: "
+                  f"`prune` now takes {now}, so its default differs a little from the targets table's")
     return f"`{settings['data']}` ({ref['samples']} of the {settings['samples']} sequences from the bundled {texts}, {share})"
 
 

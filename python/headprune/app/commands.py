@@ -28,7 +28,9 @@ from .report import scores_markdown, to_json
 #: prose and evaluated on the tutorial (0.9708 / 0.9278), for about 5 s more of collection with
 #: moments (5 s -> 10 s on 2 cores); the Debian licences 0.9808 / 0.9529 (0.9814 / 0.9539);
 #: 768 measured within 0.0004 of 512 on the tutorial.
-#: benchmarks/results/quality_default_minilm*.json hold the 512 runs, the same files at 4783ba0 the 256.
+#: Those figures are the output refit alone with 128 reference sequences: the 512 runs are
+#: benchmarks/results/quality_default_minilm*.json at 2643f3b (the same files at 4783ba0 the 256);
+#: those files now hold the value refit's runs under the current reference share.
 DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 512, "seq_len": 128}}
 
 

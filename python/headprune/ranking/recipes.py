@@ -24,7 +24,7 @@ ALLOCATIONS = (*SCOPES, "measured")
 GQA_MODES = ("query", "even", "group")
 #: how grouped-query models lose heads unless told: query heads in even layouts, so the KV
 #: cache never grows (on SmolLM2-135M within about 3% of free query-head pruning's perplexity
-#: from 10% to 50% of heads, where free pruning repeats KV heads: +65% KV at 30%; see
+#: from 10% to 50% of heads, where free pruning repeats KV heads: +62% KV at 30%; see
 #: docs/quality.md). Models without grouped queries are unaffected.
 DEFAULT_GQA = "even"
 

@@ -59,7 +59,7 @@ def select_heads(
             request); ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a
             ``[sites, heads]`` tensor of per-head values such as
-            :func:`headprune.hf.importance.gradient_importance`; ``None``: :data:`DEFAULT_RECIPE`.
+            :func:`headprune.hf.importance.gradient_importance`; ``None``: :func:`~.recipes.default_for`'s.
         order / seed: see :func:`rank_heads`; ``order=None`` is the score's natural order
             (:data:`~headprune.ranking.recipes.NATURAL_ORDER`: highest first for entropies,
             lowest first for costs).
