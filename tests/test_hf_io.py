@@ -377,3 +377,18 @@ def test_a_model_of_mixed_float_types_comes_back_as_it_was(tmp_path, how):
     assert all(torch.equal(got[k], want[k]) for k in want)
     if handle is not None:
         handle.restore()
+
+
+def test_a_compiled_model_saves_as_the_model_it_compiles(tmp_path):
+    """torch.compile's wrapper shares the model's parameters; its class and its ``_orig_mod.``
+    keys name no model, so the directory records the model inside, and loads bit-exactly."""
+    model = tiny_model("llama")
+    compiled = torch.compile(model, backend="eager")
+    prune_heads(compiled, {1: [0, 1]})
+    save_pruned(compiled, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "headprune.json").read_text())["architecture"] == type(model).__name__
+    back = load_pruned(tmp_path / "c")
+    assert kept_heads(back) == kept_heads(model)
+    batch = tiny_batch("llama")
+    with torch.no_grad():
+        assert torch.equal(_first(back(**batch)), _first(model(**batch)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["eval_mode", "instance_forward", "retype"]
+__all__ = ["eval_mode", "instance_forward", "retype", "uncompiled"]
 
 _MISSING = object()
 
@@ -57,3 +57,11 @@ def retype(model, dtype_of) -> None:
                     t.data = t.data.to(want)
                 else:
                     module._buffers[n] = t.to(want)
+
+
+def uncompiled(model):
+    """The module a ``torch.compile`` wrapper compiles (it shares its parameters), else ``model``:
+    what a file should record (the wrapper's class and its ``_orig_mod.`` keys name no model)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return model._orig_mod if isinstance(model, OptimizedModule) else model

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedConfig
 
 from .. import atomic
+from ..core.modules import uncompiled
 from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
@@ -40,10 +41,9 @@ def save_pruned(
     model, path, *, tokenizer=None, scores: Optional[HeadScores] = None, settings: Optional[dict] = None,
     overwrite: bool = False,
 ) -> None:
-    """Write ``model`` (pruned or not) to the directory ``path``: safetensors weights, the
-    config, the tokenizer if given, and ``headprune.json`` (kept heads, scores, settings).
-
-    ``path`` must be new or empty unless ``overwrite`` (which replaces it); a symbolic link is
+    """Write ``model`` (pruned or not; compiled: the model inside) to the directory ``path``:
+    safetensors weights, the config, the tokenizer if given, and ``headprune.json`` (kept heads,
+    scores, settings). ``path`` must be new or empty unless ``overwrite`` (which replaces it); a symbolic link is
     refused, not followed. Everything is written to a temporary sibling directory that then
     takes ``path``'s place in one step (:class:`headprune.atomic.Staged`), so ``path`` holds
     the old directory or the new one at every instant, even if the process is killed; the
@@ -51,6 +51,7 @@ def save_pruned(
     ``OSError`` naming ``path`` and the cause.
     """
     atomic.check_replace(overwrite, "overwrite")
+    model = uncompiled(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
