@@ -69,3 +69,18 @@ def test_first_layer_of_each_causal_stack_is_what_the_default_keeps(family):
     want = {"causal": (0,), "encoder": (), "seq2seq": tuple(s.index for s in sites if s.name == "decoder.0.self")}
     assert default_protected(scores) == want[kind]
     assert kind != "seq2seq" or want[kind] == (2,)  # sites: encoder 0-1, decoder self 2-3, cross 4-5
+
+
+def test_attention_shared_between_layers_is_refused_by_name():
+    """One module in two layers (ALBERT-style sharing) would be sliced twice by a pruning of
+    both sites, and once for both by a pruning of one: refused before anything changes."""
+    from headprune.hf import prune_heads
+
+    model = tiny_model("llama")
+    model.layers[1].self_attn = model.layers[0].self_attn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: resolve_sites(model), lambda: collect(model, [tiny_batch("llama")]),
+                 lambda: prune_heads(model, {0: [1]})):
+        with pytest.raises(ValueError, match=r"sites 0 \(.*\) and 1 \(.*\) are one attention module"):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

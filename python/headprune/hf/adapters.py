@@ -253,6 +253,12 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
             ) from e
         for i, layer in enumerate(layers):
             sites.append(Site(len(sites), block.name.format(i=i), block, i, layer, layer.get_submodule(block.module)))
+    seen = {}
+    for site in sites:  # one module in two layers (weights shared, ALBERT-style): pruning one prunes both
+        if (first := seen.setdefault(id(site.module), site)) is not site:
+            raise ValueError(f"model: sites {first.index} ({first.name}) and {site.index} ({site.name}) are one "
+                             "attention module; headprune collects, masks and prunes each layer's attention on its "
+                             "own and does not support attention shared between layers")
     return sites
 
 
