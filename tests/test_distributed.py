@@ -118,6 +118,8 @@ def test_second_moments_are_all_reduced(ranks):
         got = OutputMoments.load(out_dir / f"moments{r}.st")
         for g, want in zip(got.gram, single.gram):
             torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-9)
+        # which sequences they hold: every rank's, so a measured part of them is checked as one
+        assert sorted(got.sequences.tolist()) == sorted(single.sequences.tolist()) and len(single.sequences) > 0
 
 
 def test_float32_moments_with_an_empty_shard(ranks):
@@ -127,6 +129,7 @@ def test_float32_moments_with_an_empty_shard(ranks):
     single = collect(tiny_model("llama"), _batches()[:1], progress=False, moments="float32").moments
     for r in range(WORLD):
         got = OutputMoments.load(out_dir / f"moments32_{r}.st")
+        assert sorted(got.sequences.tolist()) == sorted(single.sequences.tolist())  # one rank's shard was empty
         for g, want in zip(got.gram, single.gram):
             assert g.dtype == torch.float32
             torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-5)

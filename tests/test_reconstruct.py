@@ -160,6 +160,9 @@ def test_moments_merge_save_and_load(tmp_path):
     back = OutputMoments.load(tmp_path / "m.safetensors")
     assert all(torch.equal(g, h) for g, h in zip(back.gram, merged.gram))
     assert all(torch.equal(g, h) for g, h in zip(back.projection, merged.projection))
+    # the sequences they hold: both collections' (3 + 3), read back; with one side unrecorded, unknown
+    assert torch.equal(back.sequences, both.moments.sequences) and len(set(back.sequences.tolist())) == 6
+    assert a.moments.merge(OutputMoments(b.moments.gram, b.moments.projection)).sequences is None
     f32 = collect(model, [tiny_batch("llama", seed=0)], progress=False, moments="float32").moments
     assert f32.gram[0].dtype == torch.float32 and f32.nbytes < a.moments.nbytes
     torch.testing.assert_close(f32.gram[0].double(), a.moments.gram[0], rtol=1e-5, atol=1e-4)

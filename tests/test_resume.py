@@ -69,6 +69,7 @@ def test_second_moments_resume_bit_exactly_from_a_file_beside_the_checkpoint(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", name]
     resumed = collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS, moments=True)
     assert all(torch.equal(a, b) for a, b in zip(resumed.moments.gram, full.moments.gram))
+    assert torch.equal(resumed.moments.sequences, full.moments.sequences)  # the batches before the resume too
     (left,) = [p.name for p in tmp_path.iterdir() if p.name != "c.json"]
     assert left == json.loads(path.read_text())["moments"] and left.startswith(f"c.json.moments-{N}-")
     # a checkpoint without moments does not resume a collection that gathers them
@@ -128,6 +129,7 @@ def test_a_failed_save_of_another_run_leaves_a_checkpoint_its_moments(tmp_path, 
     resumed = collect(model, batches, progress=False, checkpoint=path, resume=True, fingerprint=SETTINGS, moments=True)
     assert torch.equal(resumed.stats, full.stats)
     assert all(torch.equal(a, b) for a, b in zip(resumed.moments.gram, full.moments.gram))
+    assert torch.equal(resumed.moments.sequences, full.moments.sequences)  # the batches before the resume too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", json.loads(path.read_text())["moments"]]
 
 

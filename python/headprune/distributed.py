@@ -146,7 +146,22 @@ def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[Out
         t = g.to(_device(group), torch.float64, copy=True).contiguous()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         gram.append(t.to("cpu", dtype))
-    return OutputMoments(gram, moments.projection)
+    return OutputMoments(gram, moments.projection, _all_gather_sequences(moments.sequences, group))
+
+
+def _all_gather_sequences(sequences: Optional[torch.Tensor], group) -> Optional[torch.Tensor]:
+    """Every rank's sequence digests in rank order (``None`` where a rank recorded none)."""
+    size = torch.tensor([-1 if sequences is None else len(sequences)], dtype=torch.int64, device=_device(group))
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(n) for n in sizes]
+    if min(sizes) < 0 or max(sizes) == 0:
+        return None if min(sizes) < 0 else torch.zeros(0, dtype=torch.int64)
+    mine = torch.zeros(max(sizes), dtype=torch.int64, device=_device(group))
+    mine[: sizes[dist.get_rank(group)]] = sequences.to(mine.device)
+    gathered = [torch.empty_like(mine) for _ in sizes]
+    dist.all_gather(gathered, mine, group=group)
+    return torch.cat([g[:n].cpu() for g, n in zip(gathered, sizes)])
 
 
 def rank_checkpoint(path: str, rank: int, world_size: int) -> str:

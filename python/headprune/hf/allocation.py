@@ -36,7 +36,7 @@ from ..ranking.layouts import even_layouts, has_grouped_queries
 from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, default_choice, resolve_recipe
 from ..ranking.select import budget, select_heads
 from ..ranking.units import unit_sizes
-from ..stats.moments import DEFAULT_DAMPING, OutputMoments, semidefinite
+from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
 from .batches import check_batches
@@ -122,24 +122,9 @@ def _sequences(batches, n: int) -> list:
 
 
 def _without(scores: HeadScores, part: HeadScores) -> HeadScores:
-    """``scores`` with the second moments of ``part`` (a subset of its calibration tokens)
-    taken out: sums over tokens, so the rest's moments are the difference."""
-    gram = []
-    for i, (g, p) in enumerate(zip(scores.moments.gram, part.moments.gram)):
-        if g is None or p is None:
-            gram.append(g)
-            continue
-        rest = g.double() - p.double()
-        if rest[-1, -1] < 0.5:
-            raise ValueError(f"sequences: site {i} ({scores.names[i]}) saw no calibration token besides the "
-                             f"{int(p[-1, -1])} measured on, so no refit is left to measure; pass fewer sequences "
-                             "or more calibration batches")
-        if not semidefinite(rest, g.dtype):
-            raise ValueError(f"batches: site {i} ({scores.names[i]}): the scores' second moments less those of the "
-                             "first batches' sequences are no second moments; pass the calibration batches the "
-                             "scores were collected on")
-        gram.append(rest.to(g.dtype))
-    return dataclasses.replace(scores, moments=OutputMoments(gram, scores.moments.projection))
+    """``scores`` with the second moments of ``part`` (a subset of its calibration sequences)
+    taken out (:meth:`~headprune.stats.moments.OutputMoments.without`)."""
+    return dataclasses.replace(scores, moments=scores.moments.without(part.moments, scores.names))
 
 
 def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, score=None, order=None,
@@ -148,7 +133,8 @@ def layer_costs(model, batches, scores: HeadScores, *, gqa: str = DEFAULT_GQA, s
     """Measure, per site and per count of heads, the model's distillation loss with only those
     heads removed (masked with the refit from ``scores``, which must hold second moments:
     ``collect(..., moments=True)``, less the measured sequences' own). ``batches``: the
-    calibration batches ``scores`` were collected on, of which the first ``sequences``
+    calibration batches ``scores`` were collected on (batched as you like; sequences the
+    moments do not hold are refused), of which the first ``sequences``
     sequences are measured on (default: :data:`DEFAULT_SEQUENCES`, at most a quarter of them).
     The selection options mean what they mean for :func:`~headprune.ranking.select_heads`;
     protected sites are not measured. ``choose`` (:data:`CHOICES`) says which heads each count

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 from collections.abc import Mapping
 
 import torch
 
-__all__ = ["check_batches", "forward_kwargs", "progress", "skip"]
+__all__ = ["check_batches", "forward_kwargs", "progress", "skip", "sequence_digests"]
 
 
 def check_batches(batches) -> None:
@@ -57,3 +58,24 @@ def skip(it, n: int, path) -> None:
     if skipped < n:
         raise ValueError(f"checkpoint {path} records {n} batches done but batches has only {skipped}; "
                          "delete it or drop --resume")
+
+
+def sequence_digests(kw: dict) -> list:
+    """One 64-bit digest (a signed int) per sequence of a batch's keyword arguments: of every
+    batched tensor's row (names, types and values), the positions the attention mask leaves
+    out dropped, so one sequence padded otherwise in another batch digests the same."""
+    rows = next(v.shape[0] for k, v in kw.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
+                and isinstance(v, torch.Tensor))
+    mask = kw.get("attention_mask")
+    mask = mask.bool().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    tensors = sorted((k, v.detach().cpu()) for k, v in kw.items()
+                     if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows and k != "attention_mask")
+    out = []
+    for r in range(rows):
+        h = hashlib.blake2b(digest_size=8)
+        for k, v in tensors:
+            row = v[r][mask[r]] if mask is not None and v.shape[:2] == mask.shape else v[r]
+            h.update(f"{k}:{row.dtype}:{tuple(row.shape)};".encode())
+            h.update(row.contiguous().numpy().tobytes() if row.dtype != torch.bfloat16 else row.float().numpy().tobytes())
+        out.append(int.from_bytes(h.digest(), "little", signed=True))
+    return out

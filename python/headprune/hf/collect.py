@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..stats.scores import HeadScores
-from .batches import check_batches, forward_kwargs, progress as _progress, skip
+from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection
 
@@ -179,6 +179,8 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
             kw = forward_kwargs(model, batch)
             session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
             model(**kw)
+            if session.moments_dtype is not None:  # which sequences the moments hold (see layer_costs)
+                session.sequences += sequence_digests(kw)
             done += 1
             if ckpt is not None and done % every == 0:
                 ckpt.save(session.scores(), done)

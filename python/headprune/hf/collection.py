@@ -49,6 +49,7 @@ class Collection:
         self.stats = [None] * len(self.sites)
         self.outputs = [None] * len(self.sites)  # [Hq, D, NUM_OUTPUT_STATS]: see HeadScores.outputs
         self.gram = [None] * len(self.sites)  # [Hq * D + 1] ** 2: see OutputMoments
+        self.sequences: list = []  # with moments: each forward's sequence_digests
         self._projections: Optional[list] = None
         self.initial: Optional[HeadScores] = None  # the state a resumed collection starts from
         self.padding: dict = {}
@@ -245,7 +246,9 @@ class Collection:
             start = None if self.initial is None else self.initial.moments
             gram = [g.cpu() if g is not None else (None if start is None else start.gram[i])
                     for i, g in enumerate(self.gram)]
-            out.moments = OutputMoments(gram, self.projections())
+            before = torch.zeros(0, dtype=torch.int64) if start is None else start.sequences  # None: unknown
+            sequences = None if before is None else torch.cat([before, torch.tensor(self.sequences, dtype=torch.int64)])
+            out.moments = OutputMoments(gram, self.projections(), sequences)
         return out
 
 

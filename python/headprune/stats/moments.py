@@ -60,11 +60,17 @@ def ridge(a: torch.Tensor, damping: float, k: int) -> torch.Tensor:
 
 class OutputMoments:
     """Per-site second moments (see the module docstring); ``gram[i]`` is ``None`` for a
-    site that saw no token."""
+    site that saw no token. ``sequences``: an int64 digest of every calibration sequence the
+    sums hold (``headprune.hf.batches.sequence_digests``; ``None``: not recorded), so a part
+    of them taken out can be checked to be a part (:meth:`without`)."""
 
-    def __init__(self, gram: list, projection: Optional[list] = None):
+    def __init__(self, gram: list, projection: Optional[list] = None, sequences: Optional[torch.Tensor] = None):
         self.gram = list(gram)
         self.projection = None if projection is None else list(projection)
+        if sequences is not None and (not isinstance(sequences, torch.Tensor) or sequences.dim() != 1
+                                      or sequences.dtype != torch.int64):
+            raise ValueError(f"sequences: expected a 1-D int64 tensor or None, got {getattr(sequences, 'shape', sequences)!r}")
+        self.sequences = sequences
         if self.projection is not None and len(self.projection) != len(self.gram):
             raise ValueError(f"projection: expected {len(self.gram)} entries (one per site), got {len(self.projection)}")
         for name, mats in (("gram", self.gram), ("projection", self.projection or [])):
@@ -108,11 +114,59 @@ class OutputMoments:
                 raise ValueError(f"other: site {i} moments have shape {tuple(b.shape)}, expected {tuple(a.shape)}")
             gram.append(None if a is None and b is None else b.clone() if a is None else a.clone() if b is None
                         else a + b.to(a))
-        return OutputMoments(gram, self.projection if self.projection is not None else other.projection)
+        both = self.sequences is not None and other.sequences is not None  # else which tokens is unknown
+        return OutputMoments(gram, self.projection if self.projection is not None else other.projection,
+                             torch.cat([self.sequences, other.sequences]) if both else None)
 
     def subset(self, idx: list) -> "OutputMoments":
         wg = None if self.projection is None else [self.projection[i] for i in idx]
-        return OutputMoments([self.gram[i] for i in idx], wg)
+        return OutputMoments([self.gram[i] for i in idx], wg, self.sequences)
+
+    def without(self, part: "OutputMoments", names: list) -> "OutputMoments":
+        """The moments of these sequences less ``part``, a part of them (sums over tokens, so
+        the rest's moments are the difference); ``ValueError`` where ``part`` holds sequences
+        these do not (where both recorded theirs), where it leaves a site no token, or where the
+        difference is no second moment. ``names``: the sites', for the messages."""
+        if missing := self._missing(part):
+            raise ValueError(f"batches: {missing} of the first {len(part.sequences)} sequences, which the costs are "
+                             "measured on, are not among the sequences the scores' second moments were collected "
+                             "on; pass the calibration batches the scores were collected on")
+        gram = []
+        for i, (g, p) in enumerate(zip(self.gram, part.gram)):
+            if g is None or p is None:
+                gram.append(g)
+                continue
+            rest = g.double() - p.double()
+            if rest[-1, -1] < 0.5:
+                raise ValueError(f"sequences: site {i} ({names[i]}) saw no calibration token besides the "
+                                 f"{int(p[-1, -1])} measured on, so no refit is left to measure; pass fewer sequences "
+                                 "or more calibration batches")
+            if not semidefinite(rest, g.dtype):
+                raise ValueError(f"batches: site {i} ({names[i]}): the scores' second moments less those of the "
+                                 "first batches' sequences are no second moments; pass the calibration batches the "
+                                 "scores were collected on")
+            gram.append(rest.to(g.dtype))
+        return OutputMoments(gram, self.projection, self._rest_sequences(part))
+
+    def _missing(self, part: "OutputMoments") -> int:
+        """How many of ``part``'s sequences (with their repeats) these moments do not hold; 0
+        where either recorded none."""
+        if self.sequences is None or part.sequences is None:
+            return 0
+        have = _counts(self.sequences)
+        return sum(max(0, n - have.get(d, 0)) for d, n in _counts(part.sequences).items())
+
+    def _rest_sequences(self, part: "OutputMoments") -> Optional[torch.Tensor]:
+        """These moments' sequences less ``part``'s, which it holds."""
+        if self.sequences is None or part.sequences is None:
+            return None
+        left, keep = _counts(part.sequences), []
+        for d in self.sequences.tolist():
+            if left.get(d, 0):
+                left[d] -= 1
+            else:
+                keep.append(d)
+        return torch.tensor(keep, dtype=torch.int64)
 
     # ---- files: safetensors, one tensor per site and kind ---------------------------------
     def state_dict(self) -> dict:
@@ -120,16 +174,18 @@ class OutputMoments:
         for i, g in enumerate(self.projection or []):
             if g is not None:
                 out[f"projection.{i}"] = g.contiguous()
+        if self.sequences is not None:
+            out["sequences"] = self.sequences.contiguous()
         return out
 
     @classmethod
     def from_state_dict(cls, state: dict, num_sites: int) -> "OutputMoments":
-        unknown = [k for k in state if k.split(".")[0] not in ("gram", "projection")]
+        unknown = [k for k in state if k.split(".")[0] not in ("gram", "projection") and k != "sequences"]
         if unknown:
             raise ValueError(f"moments: unexpected tensors {unknown[:5]}")
         gram = [state.get(f"gram.{i}") for i in range(num_sites)]
         wg = [state.get(f"projection.{i}") for i in range(num_sites)]
-        return cls(gram, wg if any(w is not None for w in wg) else None)
+        return cls(gram, wg if any(w is not None for w in wg) else None, state.get("sequences"))
 
     def to_bytes(self) -> bytes:
         """The moments as a safetensors file's bytes."""
@@ -157,3 +213,8 @@ class OutputMoments:
 
     def __repr__(self) -> str:
         return f"OutputMoments(sites={self.num_sites}, bytes={self.nbytes:,})"
+
+
+def _counts(digests: torch.Tensor) -> dict:
+    """``{digest: how many times}`` of an int64 tensor of sequence digests."""
+    return dict(zip(*(t.tolist() for t in digests.unique(return_counts=True))))

@@ -1,0 +1,36 @@
+"""Measured allocation's inputs: the batches it measures on must be the scores' calibration."""
+
+import pytest
+import torch
+
+from headprune.hf.allocation import layer_costs, select_measured
+
+from hf_tiny import tiny_batch
+from test_allocation import tiny  # noqa: F401  (the fixture: a tiny model, its batches and scores)
+
+
+def _one_per_batch(batches) -> list:
+    """The same sequences, one per batch, each cut to its own length (no padding)."""
+    return [{k: v[r:r + 1, : int(b["attention_mask"][r].sum())] for k, v in b.items()}
+            for b in batches for r in range(b["input_ids"].shape[0])]
+
+
+def test_layer_costs_refuses_sequences_the_scores_were_not_collected_on(tiny):
+    """The refit of each measurement takes the measured sequences' moments out of the scores':
+    other sequences' would leave moments of no text, which the semi-definite check misses once
+    the calibration has more tokens than dimensions. The same sequences batched otherwise are
+    the calibration's, and measure the same."""
+    kind, model, batches, scores = tiny
+    other = [tiny_batch(kind, seed=10 + i) for i in range(3)]
+    for call in (lambda: layer_costs(model, other, scores), lambda: select_measured(model, other, scores, ratio=0.25)):
+        with pytest.raises(ValueError, match=r"batches: 2 of the first 2 sequences, which the costs are measured on, "
+                                             r"are not among the sequences the scores' second moments"):
+            call()
+    mixed = [{k: torch.cat([v[:1], o[1:2]]) for (k, v), o in zip(batches[0].items(), other[0].values())}]
+    with pytest.raises(ValueError, match=r"batches: 1 of the first 2 sequences"):
+        layer_costs(model, mixed + batches[1:], scores)
+    want = layer_costs(model, batches, scores, sequences=4)
+    got = layer_costs(model, _one_per_batch(batches), scores, sequences=4)
+    assert got.heads == want.heads and got.sequences == want.sequences
+    for a, b in zip(got.costs, want.costs):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-9) for k in a)
