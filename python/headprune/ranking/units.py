@@ -36,6 +36,10 @@ def count_units(scores: HeadScores, gqa: str = "query") -> int:
 
 def _units(scores: HeadScores, score, gqa: str, damping: float) -> list:
     """``(value, layer, first_head, heads)`` for every prunable unit."""
+    if not isinstance(score, (str, torch.Tensor)):
+        raise TypeError(f"score: expected a score name or a [sites, heads] tensor, got {type(score).__name__}")
+    if isinstance(score, torch.Tensor) and (score.is_meta or score.is_complex() or score.dtype == torch.bool):
+        raise ValueError(f"score: expected a tensor of real values, got a {score.dtype} tensor on {score.device}")
     if isinstance(score, torch.Tensor):  # an external per-head score, e.g. gradient importance
         if tuple(score.shape) != tuple(scores.entropy.shape):
             raise ValueError(f"score: expected a tensor of shape {tuple(scores.entropy.shape)}, got {tuple(score.shape)}")
