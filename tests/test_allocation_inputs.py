@@ -34,3 +34,19 @@ def test_layer_costs_refuses_sequences_the_scores_were_not_collected_on(tiny):
     assert got.heads == want.heads and got.sequences == want.sequences
     for a, b in zip(got.costs, want.costs):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-9) for k in a)
+
+
+def test_costs_of_other_statistics_are_measured_again_or_refused(tiny):
+    """Costs are measured for one model's statistics: another calibration's (or another model's)
+    are refused by select_measured, and a sweep's cache measures again rather than reuse them."""
+    from headprune.app.sweep import _reusable
+    from headprune.hf import collect
+
+    kind, model, batches, scores = tiny
+    costs = layer_costs(model, batches, scores)
+    other = collect(model, batches[:2], moments=True, progress=False)
+    with pytest.raises(ValueError, match=r"costs: measured with scores='statistics sha256:\w+', not with "
+                                         r"scores='statistics sha256:\w+'; measure again"):
+        select_measured(model, batches[:2], other, ratio=0.25, costs=costs)
+    assert _reusable(costs, other, "even", 1e-2, {}) is None
+    assert select_measured(model, batches, scores, ratio=0.25, costs=costs)[1] is costs

@@ -23,6 +23,7 @@ their outputs in the unpruned forward, so each measurement runs only the layers 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -180,7 +181,15 @@ def _options(scores, choose, *, gqa: str = DEFAULT_GQA, score=None, order=None, 
     return {"gqa": gqa, "score": score if isinstance(score, (str, type(None))) else "tensor", "order": order,
             "seed": seed, "min_heads_per_layer": min_heads_per_layer, "damping": damping, "choose": choose,
             "protect_layers": sorted(resolve_recipe(scores, score, order, protect_layers).protect_layers),
-            "heads": scores.site_heads()}
+            "heads": scores.site_heads(), "scores": _digest(scores)}
+
+
+def _digest(scores: HeadScores) -> str:
+    """Which statistics costs were measured with (another model's or calibration's differ)."""
+    h = hashlib.sha256(scores.stats.contiguous().numpy().tobytes())
+    if scores.outputs is not None:
+        h.update(scores.outputs.contiguous().numpy().tobytes())
+    return f"statistics sha256:{h.hexdigest()[:16]}"
 
 
 def costs_differ(costs, scores: HeadScores, *, choose=None, **select) -> dict:
