@@ -84,6 +84,28 @@ def test_statistics_of_another_model_are_refused():
     headprune.prune_heads(model, HEADS, reconstruct=own)
 
 
+def test_statistics_without_moments_of_another_model_are_refused():
+    """collect's default keeps no projection: another BERT's output means were accepted for mean
+    compensation, further from the model's own than zeroing. Their columns' squared norms
+    (which the output statistics hold) tell; a bfloat16 cast and a head masked at collection
+    (an iterative round) still fit."""
+    batches = _batches()
+    own, other = headprune.collect(_bert(), batches), headprune.collect(_bert(seed=7), batches)
+    for call in (lambda m, s: headprune.prune_heads(m, HEADS, compensate=s),
+                 lambda m, s: headprune.mask_heads(m, HEADS, compensate=s)):
+        model = _bert()
+        before = _state(model)
+        with pytest.raises(ValueError, match=r"^compensate: site 0's output projection differs from the one the "
+                                             r"scores were collected with \(relative change of its columns' squared"):
+            call(model, other)
+        assert _same(model, before)
+    model = _bert()
+    with headprune.mask_heads(model, {0: [1]}, compensate=own):
+        masked = headprune.collect(model, batches)
+    headprune.mask_heads(model.to(torch.bfloat16), {0: [1, 2]}, compensate=masked).restore()
+    headprune.prune_heads(model, HEADS, compensate=own)
+
+
 def test_value_moments_of_another_model_are_refused():
     """Value moments were checked against the heads and the layout only: another BERT's were
     accepted, and the refit rewrote the kept heads' value rows from them."""
@@ -152,6 +174,10 @@ def test_measured_costs_refuse_batches_other_than_the_calibration():
     model, batches = _bert(), _batches()
     scores = headprune.collect(model, batches, moments=True)
     headprune.layer_costs(model, batches, scores)
+    with pytest.raises(ValueError, match=r"^batches: 4 of the first 4 sequences, which the costs are measured on, are "
+                                         r"not among the sequences the scores' second moments were collected on"):
+        headprune.layer_costs(model, _batches(seed=99), scores)
+    scores.moments.sequences = None  # moments that do not say which sequences: the remainder is checked
     with pytest.raises(ValueError, match=r"^batches: site \d+ .* are no second moments; pass the calibration batches"):
         headprune.layer_costs(model, _batches(seed=99), scores)
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..core.schema import OutputStat
 from ..prune.compensation import removed_mean_output
 from ..prune.reconstruct import kept_columns, refit_output
 from ..stats.moments import check_damping
@@ -103,6 +104,8 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
         raise ValueError(f"{arg}: the scores were collected on heads {scores.site_heads()[i]} of site {i}, "
                          f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
     projection = None if scores.moments is None else scores.moments.projection
+    if projection is None:
+        _compare_norms(scores, sites, adapter, arg, compare)
     for layer in compare if projection is not None else ():
         then_w = projection[layer]
         if then_w is None:
@@ -121,6 +124,26 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
                              f"with (relative change {change:.3g}): statistics of another model or of these "
                              "weights before they changed; collect on the model as it is")
     return scores
+
+
+def _compare_norms(scores: HeadScores, sites, adapter, arg: str, compare) -> None:
+    """Without the projection itself (no second moments), its columns' squared norms, which the
+    output statistics hold (``COUNT_NORM / COUNT``), for the heads that were not zeroed then."""
+    for layer in compare:
+        hq, d = scores.num_heads[layer], scores.head_dim[layer]
+        out = scores.outputs[layer, :hq, :d]
+        count = out[..., OutputStat.COUNT]
+        if not bool((count > 0).all()):
+            continue  # heads that saw no token: the statistics say nothing of their columns
+        then = out[..., OutputStat.COUNT_NORM] / count
+        w = sites[layer].o.weight.detach()
+        now = (w.double() ** 2).sum(1 if adapter.conv1d else 0).cpu().view(hq, d)
+        live = (then != 0).any(1)  # a head zeroed when collected (masked): not these weights by design
+        change = projection_change(now[live], then[live]) if bool(live.any()) else 0.0
+        if change > PROJECTION_RTOL:
+            raise ValueError(f"{arg}: site {layer}'s output projection differs from the one the scores were collected "
+                             f"with (relative change of its columns' squared norms {change:.3g}): statistics of "
+                             "another model or of these weights before they changed; collect on the model as it is")
 
 
 def projection_change(now: torch.Tensor, then: torch.Tensor) -> Optional[float]:
