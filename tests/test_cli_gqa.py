@@ -304,3 +304,33 @@ def test_prune_uniform_of_a_family_without_attention_biases_refits_without_one(r
     sweep = json.loads((tmp_path / "s" / "sweep.json").read_text())
     assert sweep["heads"]["default, uniform layout"] == [report["pruned_heads"]]
     assert sweep["recipes"]["default, uniform layout"][0] == pytest.approx(report["after"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_a_uniform_layout_no_config_describes_is_said_before_the_work(run, tmp_path, tiny_dir, family):  # noqa: F811
+    """--uniform promises plain from_pretrained; Llama's config refuses 6 heads in a hidden size
+    of 64 even with head_dim given (8 query heads over 2 KV heads, a Llama-3 ratio), and BERT's
+    derives the head size: the directory was written for load_pruned only, without a word."""
+    import json
+
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / family
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(tiny_config("llama", num_attention_heads=8, num_key_value_heads=2,
+                                                          hidden_size=64))
+        why = "llama's config refuses 6 attention heads (transformers' validation: hidden_size 64 must be a multiple"
+    else:
+        model, why = transformers.BertModel(tiny_config("bert")), "bert's config derives the head size from hidden_size"
+    model.save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--ratio", "0.25", "--uniform", "--samples", "4", "--seq-len", "16", "--quiet",
+                     "--no-speed", "--out", tmp_path / "o"])
+    assert code == 0, err
+    warned = [line for line in err if "loads with headprune.load_pruned" in line]
+    assert len(warned) == 1 and why in warned[0], err
+    assert not json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())["plain_loadable"]

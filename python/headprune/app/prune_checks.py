@@ -137,6 +137,30 @@ def check_reach(args, loaded) -> None:
         raise ValueError(f"{e}{recipe.why_protected}") from None
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
         refuse_no_head(args)
+    if kw.get("uniform"):
+        warn_not_plain(loaded.model, layout, chosen)
+
+
+def warn_not_plain(model, layout, chosen: dict) -> None:
+    """--uniform promises a directory plain ``from_pretrained`` loads: say before the work where
+    the family's config cannot describe the layout (no head size of its own, or a validation
+    that refuses the count: Llama and Gemma 2 want the heads to divide ``hidden_size``)."""
+    from ..hf.adapters import get_adapter
+    from ..hf.prune import _config_accepts
+
+    adapter, site = get_adapter(model), 0
+    hq, hkv, d = layout.num_heads[site], layout.num_kv_heads[site] or layout.num_heads[site], layout.head_dim[site]
+    kept = [p for p in range(hq) if p not in set(layout.positions(site, chosen.get(site, [])))]
+    n, groups = len(kept), len({p // (hq // hkv) for p in kept})
+    if adapter.config_head_dim is None:
+        why = f"{adapter.model_type}'s config derives the head size from hidden_size"
+    elif not _config_accepts(model.config, adapter, n, groups, d):
+        why = (f"{adapter.model_type}'s config refuses {n} attention heads (transformers' validation: hidden_size "
+               f"{getattr(model.config, 'hidden_size', '?')} must be a multiple of them)")
+    else:
+        return
+    C._warn(f"--uniform: {why}, so the directory loads with headprune.load_pruned, not plain from_pretrained "
+            "(--mask keeps the shapes and saves plainly)")
 
 
 def refuse_no_head(args) -> None:

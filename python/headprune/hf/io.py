@@ -79,9 +79,9 @@ def _write_error(e: Exception, path: str) -> OSError:
 #: or output-projection biases the family's config cannot declare)
 _NOT_PLAIN_README = """# A {arch} with attention heads removed by headprune
 
-Its layers keep different numbers of heads (or output-projection biases its config cannot
-declare, or, in T5, other heads in layers that share one relative-position table), which a
-transformers config cannot express, so its weights are in
+Its layers keep different numbers of heads (or a number its config's validation refuses, or
+output-projection biases its config cannot declare, or, in T5, other heads in layers sharing one
+relative-position table), which a transformers config cannot express, so its weights are in
 `{weights}`, a name `from_pretrained` does not read (it stops: no model weights file). Load
 it with headprune:
 
