@@ -334,3 +334,33 @@ def test_a_uniform_layout_no_config_describes_is_said_before_the_work(run, tmp_p
     warned = [line for line in err if "loads with headprune.load_pruned" in line]
     assert len(warned) == 1 and why in warned[0], err
     assert not json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())["plain_loadable"]
+
+
+def test_steps_auto_of_one_round_is_steps_1_and_rounds_are_in_the_recipe(run, tmp_path, tiny_dir):  # noqa: F811
+    """--steps auto that works out to one round ran as iterative all the same (another scope, no
+    value refit, other heads), and the recipe text never said the heads were chosen in rounds."""
+    import json
+
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "bert"
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_config("bert", num_hidden_layers=3, num_attention_heads=8)).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    reports = {}
+    for steps in ("1", "auto"):  # 2 of 24 heads: at most a tenth per round, one round
+        code, err = run(["prune", path, "--count", "2", "--steps", steps, "--samples", "8", "--seq-len", "16",
+                         "--quiet", "--no-speed", "--out", tmp_path / steps])
+        assert code == 0, err
+        reports[steps] = json.loads((tmp_path / steps / "report.json").read_text())
+    one, auto = reports["1"], reports["auto"]
+    assert auto["settings"]["steps"] == 1 and auto["recipe"] == one["recipe"]
+    assert auto["pruned_heads"] == one["pruned_heads"] and auto["after"] == one["after"]
+    code, err = run(["prune", _tiny_llama(tmp_path, tiny_dir), "--ratio", "0.25", "--steps", "2", "--samples", "4",
+                     "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "two"])
+    assert code == 0, err
+    assert "chosen in 2 rounds, the statistics collected again after each" in json.loads(
+        (tmp_path / "two" / "report.json").read_text())["recipe"]

@@ -17,27 +17,28 @@ def check_options(args) -> None:
     one layout for every layer in one round, --sequential re-chooses every layer's heads; the
     recovery's options (``check_recovery``)."""
     check_recovery(args)
-    if args.score == "learned" and args.steps != 1:
+    rounds = args.steps not in (1, "auto")  # "auto" is resolved on the model (check_model), checked again there
+    if args.score == "learned" and rounds:
         raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
     if args.score == "learned" and args.order is not None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint is not None or args.learn_seconds or args.learn_steps):
         raise ValueError("--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates")
     C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
-    if args.scope == "measured" and (args.steps != 1 or getattr(args, "uniform", False) or args.kv_ratio):
+    if args.scope == "measured" and (rounds or getattr(args, "uniform", False) or args.kv_ratio):
         raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
                          "--kv-ratio")
     if args.kv_ratio:
         if args.gqa != "even" or getattr(args, "uniform", False):
             raise ValueError("--kv-ratio: needs --gqa even without --uniform (--gqa group removes KV heads in the "
                              "ratio of the query heads)")
-        if args.sequential or args.steps != 1:
+        if args.sequential or rounds:
             raise ValueError(f"{'--sequential' if args.sequential else '--steps'}: re-chooses heads after the "
                              "selection, which may keep KV groups --kv-ratio removed; drop one")
     _check_sequential(args)
     if not getattr(args, "uniform", False):
         return
-    if args.steps != 1:
+    if rounds:
         raise ValueError("--steps: iterative pruning is not supported with --uniform; use --steps 1")
     if args.sequential:
         raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
@@ -53,7 +54,7 @@ def _check_sequential(args) -> None:
         return
     if removal_of(args) != "refit":
         raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
-    if args.steps != 1:
+    if args.steps not in (1, "auto"):
         raise ValueError("--steps: --sequential calibrates the unpruned model layer by layer, so earlier rounds "
                          "would be discarded; drop one")
     if args.order is not None:
@@ -96,6 +97,12 @@ def check_model(args, loaded) -> None:
     refuse_below_one("--ratio", [] if args.ratio is None else [args.ratio], sum(units), unit)
     if args.count is not None and args.count > sum(units):
         raise ValueError(f"--count: {args.count} is more than the model's {sum(units)} {unit}")
+    if args.steps == "auto":  # as many rounds as select_iteratively takes; one is no iteration
+        from ..hf.iterative import auto_steps
+        from ..ranking.select import budget
+
+        args.steps = auto_steps(budget(args.ratio, args.count, sum(units)), sum(units))
+        check_options(args)  # the options' checks of iteration, on the rounds that run
     if (args.min_heads_per_layer or 0) >= max(units, default=0) > 0:
         raise ValueError(f"--min-heads-per-layer: {args.min_heads_per_layer} keeps all {max(units)} {unit} of every "
                          "layer, so nothing could be pruned")
@@ -146,7 +153,7 @@ def warn_not_plain(model, layout, chosen: dict) -> None:
     the family's config cannot describe the layout (no head size of its own, or a validation
     that refuses the count: Llama and Gemma 2 want the heads to divide ``hidden_size``)."""
     from ..hf.adapters import get_adapter
-    from ..hf.prune import _config_accepts
+    from ..hf.prune import config_accepts
 
     adapter, site = get_adapter(model), 0
     hq, hkv, d = layout.num_heads[site], layout.num_kv_heads[site] or layout.num_heads[site], layout.head_dim[site]
@@ -154,7 +161,7 @@ def warn_not_plain(model, layout, chosen: dict) -> None:
     n, groups = len(kept), len({p // (hq // hkv) for p in kept})
     if adapter.config_head_dim is None:
         why = f"{adapter.model_type}'s config derives the head size from hidden_size"
-    elif not _config_accepts(model.config, adapter, n, groups, d):
+    elif not config_accepts(model.config, adapter, n, groups, d):
         why = (f"{adapter.model_type}'s config refuses {n} attention heads (transformers' validation: hidden_size "
                f"{getattr(model.config, 'hidden_size', '?')} must be a multiple of them)")
     else:

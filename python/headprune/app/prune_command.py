@@ -37,7 +37,7 @@ def prune(args) -> int:
     with stage("loading the model and the calibration text", "load"):
         loaded, batches, held, settings = C._setup(args, evaluates=True)
     remove_zeroed(args, loaded, settings)
-    check_model(args, loaded)
+    check_model(args, loaded)  # resolves --steps auto: the rounds the model's heads ask for
     check_saved_type(args, loaded, saved_as := _save_dtype_name(args, loaded))
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
@@ -150,6 +150,7 @@ def _recipe(args, kw: dict, removal: str, scores, values: bool = False, refit_bi
     from ..ranking.recipes import default_for, is_causal
 
     return describe_recipe(kw, removal, args.sequential, args.damping, values=values, refit_bias=refit_bias,
+                           steps=args.steps,
                            default=default_for(scores) if kw.get("score") is None else None, causal=is_causal(scores),
                            grouped=has_grouped_queries(scores),
                            measured_first=_measures_uniform(args, kw, removal, scores))

@@ -25,7 +25,8 @@ REMOVAL_WORDS = {
 
 
 def describe_recipe(select: dict, removal: str, sequential: bool = False, damping=None, default=None,
-                    causal=None, grouped=None, measured_first=False, values=False, refit_bias=True) -> str:
+                    causal=None, grouped=None, measured_first=False, values=False, refit_bias=True,
+                    steps: int = 1) -> str:
     """``select``: the selection options given (``score``, ``order``, ``scope``,
     ``protect_layers``, ``gqa``, ``uniform``, ...; absent ones take ``default``'s, the recipe
     the statistics allow, see :func:`headprune.ranking.recipes.default_for`; ``None``:
@@ -36,7 +37,7 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     (:func:`headprune.hf.uniform.measure_uniform`: a causal stack's first layer; an encoder's
     every layer, without grouped queries); ``values``: the refit includes the kept heads'
     value rows (:mod:`headprune.prune.values`); ``refit_bias=False``: the refit leaves the
-    output bias out."""
+    output bias out; ``steps``: rounds of iterative selection."""
     default = DEFAULT_RECIPE if default is None else default
     score = select.get("score")
     whole = score is None and select.get("order") is None
@@ -72,6 +73,9 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         parts.append("removed in layouts where every KV group kept keeps the same number of query heads (the KV "
                      "cache never grows)" + (f", at least {100 * select['kv_ratio']:g}% of the KV heads in whole "
                                              "groups" if select.get("kv_ratio") else ""))
+    if steps > 1:
+        parts.append(f"chosen in {steps} rounds, the statistics collected again after each with the heads chosen so "
+                     "far removed as below")
     protect = select.get("protect_layers")
     if protect:
         parts.append(f"layer{'s' if len(protect) > 1 else ''} {', '.join(map(str, protect))} kept whole")

@@ -277,7 +277,7 @@ def _split_shared_bias(undo, model, sites, adapter, state, new_kept, force=()) -
         state["per_layer_bias"].append(name)
 
 
-def _config_accepts(config, adapter, hq, hkv, d) -> bool:
+def config_accepts(config, adapter, hq, hkv, d) -> bool:
     """Whether transformers' own validation accepts the pruned counts (e.g. Llama insists on
     ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``)."""
     trial = copy.deepcopy(config)
@@ -300,7 +300,7 @@ def _update_configs(undo, model, sites, adapter, state) -> bool:
     if adapter.config_head_dim is None or len(layouts) != 1 or len(d) != 1 or state["per_layer_bias"]:
         return False
     (hq, hkv), (d,) = layouts.pop(), d
-    if hq == 0 or not _config_accepts(model.config, adapter, hq, hkv, d):
+    if hq == 0 or not config_accepts(model.config, adapter, hq, hkv, d):
         return False
     configs = {id(model.config): model.config}
     configs.update({id(s.module.config): s.module.config for s in sites if hasattr(s.module, "config")})
