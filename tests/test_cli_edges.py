@@ -167,7 +167,7 @@ def test_a_learned_score_budget_out_of_reach_is_refused_before_training(tmp_path
     # the first layer is kept whole: 3 of the second layer's 4 heads at most
     code = main([str(a) for a in ["prune", path, "--count", "4", "--score", "learned", "--gqa", "query", "--out", "o",
                                   "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]])
-    assert code == 2 and "4 units requested but protect_layers" in capsys.readouterr().err
+    assert code == 2 and "4 units requested but --protect-layers" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

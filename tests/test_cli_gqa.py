@@ -235,11 +235,11 @@ def test_a_measured_allocation_short_of_the_request_says_why(run, tmp_path, tiny
 
 @pytest.mark.parametrize("flags, message", [
     (["--count", "1"], "--count: 1 rounds to no head in the layouts the selection allows"),
-    (["--count", "2", "--protect-layers", "0,1"], "ratio/count: 2 heads requested but protect_layers"),
-    (["--ratio", "0.5", "--min-heads-per-layer", "3"], "ratio/count: 4 heads requested but protect_layers and "
-                                                       "min_heads_per_layer=3 allow at most 1"),
+    (["--count", "2", "--protect-layers", "0,1"], "--ratio/--count: 2 heads requested but --protect-layers"),
+    (["--ratio", "0.5", "--min-heads-per-layer", "3"], "--ratio/--count: 4 heads requested but --protect-layers and "
+                                                       "--min-heads-per-layer 3 allow at most 1"),
     (["--ratio", "0.5", "--gqa", "query"], "allow at most 3 spread evenly over the layers; the default recipe keeps "
-                                           "the first layer of each causal stack whole (protect_layers=[] allows it)"),
+                                           "the first layer of each causal stack whole (--protect-layers '' allows it)"),
 ])
 def test_what_the_layout_alone_rules_out_is_refused_before_the_collection(run, tmp_path, tiny_dir, monkeypatch,  # noqa: F811
                                                                           flags, message):

@@ -10,6 +10,7 @@ what a killed run leaves behind is removed by the next run into the same folder.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import textwrap
 from contextlib import contextmanager
@@ -195,7 +196,16 @@ def _message(e: Exception) -> str:
         return f"{e.filename}: {e.strerror}"
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    for pattern, flag in _FLAGS:
+        text = re.sub(pattern, flag, text)
+    return text
+
+
+#: the selection API's names in its messages, as the command line's flags
+_FLAGS = ((r"^ratio/count:", "--ratio/--count:"), (r"^uniform:", "--uniform:"),
+          (r"\bprotect_layers=\[\]", "--protect-layers ''"), (r"\bmin_heads_per_layer=(\d+)", r"--min-heads-per-layer \1"),
+          (r"\b(?<!-)protect_layers\b", "--protect-layers"), (r"\b(?<!-)kv_ratio\b", "--kv-ratio"))
 
 
 if __name__ == "__main__":
