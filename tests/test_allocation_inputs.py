@@ -50,3 +50,12 @@ def test_costs_of_other_statistics_are_measured_again_or_refused(tiny):
         select_measured(model, batches[:2], other, ratio=0.25, costs=costs)
     assert _reusable(costs, other, "even", 1e-2, {}) is None
     assert select_measured(model, batches, scores, ratio=0.25, costs=costs)[1] is costs
+
+
+def test_the_same_sequences_in_other_types_or_with_other_keys_are_the_calibrations(tiny):
+    """A sequence is its tokens: int32 ids, a collator's labels or a tokenizer's all-zero
+    token_type_ids leave the moments as they are, and the measurement takes them."""
+    kind, model, batches, scores = tiny
+    other = [{**{k: v.int() for k, v in b.items()}, "labels": b["input_ids"].clone(),
+              **({"token_type_ids": torch.zeros_like(b["input_ids"])} if kind == "bert" else {})} for b in batches]
+    assert layer_costs(model, other, scores).heads == layer_costs(model, batches, scores).heads

@@ -149,3 +149,21 @@ def test_export_of_an_encoder_is_refused_in_plain_words(tmp_path, tiny_dir, caps
     code, err = _run(["export", tiny_dir, "--gguf", tmp_path / "m.gguf", "--source", tmp_path / "src.gguf"], capsys)
     assert code == 2 and f"MODEL: {tiny_dir} is an encoder model; this command handles causal models" in err[0]
     assert "Python API" not in err[0]
+
+
+def test_prune_names_its_flags_in_the_selections_messages_and_nothing_else():
+    """The selection API's messages name its parameters; prune's errors name the flags. Other
+    commands have no such flags (sweep's random baseline reports the API's words), and a path
+    that holds a parameter's name is a path."""
+    from headprune.app.cli import _message
+
+    api = ("ratio/count: 4 heads requested but protect_layers and min_heads_per_layer=3 allow at most 1; the "
+           "default recipe keeps the first layer of each causal stack whole (protect_layers=[] allows it)")
+    assert _message(ValueError(api), "prune") == (
+        "--ratio/--count: 4 heads requested but --protect-layers and --min-heads-per-layer 3 allow at most 1; the "
+        "default recipe keeps the first layer of each causal stack whole (--protect-layers '' allows it)")
+    assert _message(ValueError("kv_ratio: 9 KV heads requested; lower kv_ratio"), "prune") == \
+        "--kv-ratio: 9 KV heads requested; lower --kv-ratio"
+    assert _message(ValueError(api), "sweep") == api
+    path = "MODEL: directory /tmp/x/kv_ratio has no tokenizer files (protect_layers)"
+    assert _message(ValueError(path), "prune") == path

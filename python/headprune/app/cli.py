@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         try:
             return handler(args)
         except (OSError, ValueError, TypeError) as e:
-            print(f"headprune {args.command}: error: {_message(e)}", file=sys.stderr)
+            print(f"headprune {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
@@ -189,7 +189,7 @@ def _quiet_transformers(quiet: bool):
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
-def _message(e: Exception) -> str:
+def _message(e: Exception, command: str = "") -> str:
     """One line: headprune's own ``OSError`` messages name the path and the cause in
     ``strerror``; Python's name the file in ``filename``."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
@@ -197,15 +197,20 @@ def _message(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-    for pattern, flag in _FLAGS:
-        text = re.sub(pattern, flag, text)
+    if command == "prune" and re.match(_SELECTION, text):  # the selection's own message: its flags' names
+        for pattern, flag in _FLAGS:
+            text = re.sub(pattern, flag, text)
     return text
 
 
-#: the selection API's names in its messages, as the command line's flags
+#: a message of the selection API (``select_heads``' arguments), which names its parameters
+_SELECTION = r"(ratio/count|kv_ratio|uniform|protect_layers|min_heads_per_layer):"
+#: those parameters as ``prune``'s flags
 _FLAGS = ((r"^ratio/count:", "--ratio/--count:"), (r"^uniform:", "--uniform:"),
-          (r"\bprotect_layers=\[\]", "--protect-layers ''"), (r"\bmin_heads_per_layer=(\d+)", r"--min-heads-per-layer \1"),
-          (r"\b(?<!-)protect_layers\b", "--protect-layers"), (r"\b(?<!-)kv_ratio\b", "--kv-ratio"))
+          (r"(^|[\s(])protect_layers=\[\]", r"\1--protect-layers ''"),
+          (r"(^|[\s(])min_heads_per_layer=(\d+)", r"\1--min-heads-per-layer \2"),
+          (r"(^|[\s(])(protect_layers|min_heads_per_layer|kv_ratio)\b",
+           lambda m: m[1] + "--" + m[2].replace("_", "-")))
 
 
 if __name__ == "__main__":

@@ -60,22 +60,37 @@ def skip(it, n: int, path) -> None:
                          "delete it or drop --resume")
 
 
+#: the inputs that make a sequence what it is (``labels`` and the like do not), with the mask
+#: that says which of its positions count
+_SEQUENCE = {"input_ids": "attention_mask", "inputs_embeds": "attention_mask", "pixel_values": None,
+             "token_type_ids": "attention_mask", "decoder_input_ids": "decoder_attention_mask",
+             "decoder_inputs_embeds": "decoder_attention_mask"}
+
+
 def sequence_digests(kw: dict) -> list:
-    """One 64-bit digest (a signed int) per sequence of a batch's keyword arguments: of every
-    batched tensor's row (names, types and values), the positions the attention mask leaves
-    out dropped, so one sequence padded otherwise in another batch digests the same."""
+    """One 64-bit digest (a signed int) per sequence of a batch's keyword arguments: of its
+    inputs' values (integers as int64, floats as float64, so their width does not count), the
+    positions its masks leave out dropped (one sequence padded otherwise digests the same), and
+    ``token_type_ids`` only where not all zero (their default)."""
     rows = next(v.shape[0] for k, v in kw.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
                 and isinstance(v, torch.Tensor))
-    mask = kw.get("attention_mask")
-    mask = mask.bool().cpu() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    tensors = sorted((k, v.detach().cpu()) for k, v in kw.items()
-                     if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows and k != "attention_mask")
+    parts = []
+    for key, mask_key in _SEQUENCE.items():
+        v, mask = kw.get(key), kw.get(mask_key) if mask_key else None
+        if not isinstance(v, torch.Tensor) or not v.dim() or v.shape[0] != rows:
+            continue
+        v = v.detach().cpu()
+        v = v.double() if v.is_floating_point() else v.long()
+        mask = mask.detach().cpu().bool() if isinstance(mask, torch.Tensor) and mask.shape == v.shape[:2] else None
+        parts.append((key, v, mask))
     out = []
     for r in range(rows):
         h = hashlib.blake2b(digest_size=8)
-        for k, v in tensors:
-            row = v[r][mask[r]] if mask is not None and v.shape[:2] == mask.shape else v[r]
-            h.update(f"{k}:{row.dtype}:{tuple(row.shape)};".encode())
-            h.update(row.contiguous().numpy().tobytes() if row.dtype != torch.bfloat16 else row.float().numpy().tobytes())
+        for key, v, mask in parts:
+            row = v[r] if mask is None else v[r][mask[r]]
+            if key == "token_type_ids" and not bool(row.any()):
+                continue
+            h.update(f"{key}:{tuple(row.shape)};".encode())
+            h.update(row.contiguous().numpy().tobytes())
         out.append(int.from_bytes(h.digest(), "little", signed=True))
     return out
