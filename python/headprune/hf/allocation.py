@@ -378,14 +378,13 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
                             choose=choose, progress=progress)
     elif not isinstance(costs, LayerCosts) or len(costs.costs) != scores.num_sites:
         raise ValueError(f"costs: expected the LayerCosts of these {scores.num_sites} sites, got {costs!r:.80}")
+    elif (i := scores.other_site(dict(enumerate(costs.options.get("heads", scores.site_heads()))))) is not None:
+        raise ValueError(f"costs: measured when site {i} held heads {costs.options['heads'][i]}, the scores' model "
+                         f"holds {scores.site_heads()[i]}; measure again")  # before (or after) a pruning
     elif differ := costs_differ(costs, scores, choose=choose, gqa=gqa, score=score, order=order, seed=seed,
                                 protect_layers=protect_layers, min_heads_per_layer=min_heads_per_layer, damping=damping):
         raise ValueError("costs: measured with " + ", ".join(f"{k}={a!r}" for k, (a, _) in differ.items())
                          + ", not with " + ", ".join(f"{k}={b!r}" for k, (_, b) in differ.items()) + "; measure again")
-    i = scores.other_site(dict(enumerate(costs.options.get("heads", scores.site_heads()))))
-    if i is not None:  # measured before (or after) a pruning: its heads are not this model's
-        raise ValueError(f"costs: measured when site {i} held heads {costs.options['heads'][i]}, the scores' model "
-                         f"holds {scores.site_heads()[i]}; measure again")
     size, *more = sorted(set(unit_sizes(scores, gqa)))
     if more:
         raise ValueError(f"gqa: the sites' units have different sizes {[size, *more]}; measured allocation needs one")
