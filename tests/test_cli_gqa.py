@@ -339,6 +339,11 @@ def test_a_uniform_layout_no_config_describes_is_said_before_the_work(run, tmp_p
     warned = [line for line in err if "loads with headprune.load_pruned" in line]
     assert len(warned) == 1 and why in warned[0], err
     assert not json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())["plain_loadable"]
+    if family != "mistral":  # masked, the shapes stay: plain, and nothing to warn of
+        code, err = run(["prune", path, "--ratio", "0.25", "--uniform", "--mask", "--samples", "4", "--seq-len", "16",
+                         "--quiet", "--no-speed", "--out", tmp_path / "m"])
+        assert code == 0 and not [line for line in err if "load_pruned" in line], err
+        assert json.loads((tmp_path / "m" / "model" / "headprune.json").read_text())["plain_loadable"]
 
 
 def test_steps_auto_of_one_round_is_steps_1_and_rounds_are_in_the_recipe(run, tmp_path, tiny_dir):  # noqa: F811

@@ -145,14 +145,15 @@ def check_reach(args, loaded) -> None:
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
         refuse_no_head(args)
     if kw.get("uniform"):
-        warn_not_plain(loaded.model, layout, chosen, removal)
+        warn_not_plain(loaded.model, layout, chosen, removal, getattr(args, "mode", None) == "mask")
 
 
-def warn_not_plain(model, layout, chosen: dict, removal: str) -> None:
+def warn_not_plain(model, layout, chosen: dict, removal: str, masked: bool = False) -> None:
     """--uniform promises a directory plain ``from_pretrained`` loads: say before the work where
     the family's config cannot describe the layout (no head size of its own, or a validation
     that refuses the count: Llama and Gemma 2 want the heads to divide ``hidden_size``), or the
-    output bias mean compensation adds (the refit leaves it out there: ``refits_bias``)."""
+    output bias mean compensation adds (the refit leaves it out there: ``refits_bias``). A
+    ``masked`` model keeps its shapes: only the bias can make it not plain."""
     from ..hf.adapters import get_adapter
     from ..hf.prune import config_accepts
     from ..hf.uniform import refits_bias
@@ -161,17 +162,17 @@ def warn_not_plain(model, layout, chosen: dict, removal: str) -> None:
     hq, hkv, d = layout.num_heads[site], layout.num_kv_heads[site] or layout.num_heads[site], layout.head_dim[site]
     kept = [p for p in range(hq) if p not in set(layout.positions(site, chosen.get(site, [])))]
     n, groups = len(kept), len({p // (hq // hkv) for p in kept})
-    mask = " (--mask keeps the shapes and saves plainly)"
-    if adapter.config_head_dim is None:
+    mask, why = " (--mask keeps the shapes and saves plainly)", None
+    if not masked and adapter.config_head_dim is None:
         why = f"{adapter.model_type}'s config derives the head size from hidden_size"
-    elif not config_accepts(model.config, adapter, n, groups, d):
+    elif not masked and not config_accepts(model.config, adapter, n, groups, d):
         why = (f"{adapter.model_type}'s config refuses {n} attention heads (transformers' validation: hidden_size "
                f"{getattr(model.config, 'hidden_size', '?')} must be a multiple of them)")
-    elif removal == "mean" and not refits_bias(model):
+    if why is None and removal == "mean" and not refits_bias(model):
         why = (f"{adapter.model_type}'s config declares no attention output bias, which mean compensation "
                "(--no-reconstruct) adds (the default refit leaves it out and saves plainly)")
         mask = ""
-    else:
+    if why is None:
         return
     C._warn(f"--uniform: {why}, so the directory loads with headprune.load_pruned, not plain from_pretrained{mask}")
 
