@@ -32,8 +32,8 @@ def test_layer_costs_refuses_sequences_the_scores_were_not_collected_on(tiny):
     want = layer_costs(model, batches, scores, sequences=4)
     got = layer_costs(model, _one_per_batch(batches), scores, sequences=4)
     assert got.heads == want.heads and got.sequences == want.sequences
-    for a, b in zip(got.costs, want.costs):
-        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-9) for k in a)
+    for a, b in zip(got.costs, want.costs):  # float32 forwards of other shapes: 1 - cosine near 1 rounds at ~1e-7
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
 
 
 def test_costs_of_other_statistics_are_measured_again_or_refused(tiny):
