@@ -57,5 +57,15 @@ def test_the_same_sequences_in_other_types_or_with_other_keys_are_the_calibratio
     token_type_ids leave the moments as they are, and the measurement takes them."""
     kind, model, batches, scores = tiny
     other = [{**{k: v.int() for k, v in b.items()}, "labels": b["input_ids"].clone(),
+              "position_ids": torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"]),
               **({"token_type_ids": torch.zeros_like(b["input_ids"])} if kind == "bert" else {})} for b in batches]
     assert layer_costs(model, other, scores).heads == layer_costs(model, batches, scores).heads
+    # other positions, or the same tokens padded on the left (their positions move), are other sequences
+    shifted = [{**b, "position_ids": 2 + torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"])}
+               for b in batches]
+    cut = lambda v, r, n: torch.cat([v[r:r + 1, n:], v[r:r + 1, :n]], 1)  # noqa: E731  (the padding moved left)
+    left = [{k: cut(v, r, int(b["attention_mask"][r].sum())) for k, v in b.items()}
+            for b in batches[:1] for r in range(b["input_ids"].shape[0])] + batches[1:]
+    for bad in (shifted, left):
+        with pytest.raises(ValueError, match="batches: [12] of the first 2 sequences"):
+            layer_costs(model, bad, scores)

@@ -306,11 +306,12 @@ def test_prune_uniform_of_a_family_without_attention_biases_refits_without_one(r
     assert sweep["recipes"]["default, uniform layout"][0] == pytest.approx(report["after"]["perplexity"], rel=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "bert", "mistral", "qwen2"])
 def test_a_uniform_layout_no_config_describes_is_said_before_the_work(run, tmp_path, tiny_dir, family):  # noqa: F811
     """--uniform promises plain from_pretrained; Llama's config refuses 6 heads in a hidden size
     of 64 even with head_dim given (8 query heads over 2 KV heads, a Llama-3 ratio), BERT's
-    derives the head size, and Mistral's declares no output bias, which mean compensation adds:
+    derives the head size, and Mistral's and Qwen2's declare no output bias, which mean
+    compensation and the value refit add:
     the directory was written for load_pruned only, without a word."""
     import json
 
@@ -327,19 +328,19 @@ def test_a_uniform_layout_no_config_describes_is_said_before_the_work(run, tmp_p
         why = "llama's config refuses 6 attention heads (transformers' validation: hidden_size 64 must be a multiple"
     elif family == "bert":
         model, why = transformers.BertModel(tiny_config("bert")), "bert's config derives the head size from hidden_size"
-    else:
-        model = transformers.MistralForCausalLM(tiny_config("mistral"))
-        why = "mistral's config declares no attention output bias, which mean compensation (--no-reconstruct) adds"
+    else:  # mean compensation, and the value refit of a model without grouped queries, add an output bias
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, num_key_value_heads=4))
+        why = f"{family}'s config declares no attention output bias, which mean compensation (--no-reconstruct) and"
     model.save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
-    code, err = run(["prune", path, "--ratio", "0.5" if family == "mistral" else "0.25", "--uniform", "--samples", "4",
-                     "--seq-len", "16", "--quiet", "--no-speed", *(["--no-reconstruct"] if family == "mistral" else []),
-                     "--out", tmp_path / "o"])
+    bias = {"mistral": ["--no-reconstruct"], "qwen2": ["--refit-values"]}.get(family, [])
+    code, err = run(["prune", path, "--ratio", "0.5" if bias else "0.25", "--uniform", "--samples", "4",
+                     "--seq-len", "16", "--quiet", "--no-speed", *bias, "--out", tmp_path / "o"])
     assert code == 0, err
     warned = [line for line in err if "loads with headprune.load_pruned" in line]
     assert len(warned) == 1 and why in warned[0], err
     assert not json.loads((tmp_path / "o" / "model" / "headprune.json").read_text())["plain_loadable"]
-    if family != "mistral":  # masked, the shapes stay: plain, and nothing to warn of
+    if not bias:  # masked, the shapes stay: plain, and nothing to warn of
         code, err = run(["prune", path, "--ratio", "0.25", "--uniform", "--mask", "--samples", "4", "--seq-len", "16",
                          "--quiet", "--no-speed", "--out", tmp_path / "m"])
         assert code == 0 and not [line for line in err if "load_pruned" in line], err

@@ -145,15 +145,19 @@ def check_reach(args, loaded) -> None:
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
         refuse_no_head(args)
     if kw.get("uniform"):
-        warn_not_plain(loaded.model, layout, chosen, removal, getattr(args, "mode", None) == "mask")
+        from .removal_stage import refits_values
+
+        adds_bias = removal == "mean" or removal == "refit" and refits_values(args, loaded, removal)
+        warn_not_plain(loaded.model, layout, chosen, adds_bias, getattr(args, "mode", None) == "mask")
 
 
-def warn_not_plain(model, layout, chosen: dict, removal: str, masked: bool = False) -> None:
+def warn_not_plain(model, layout, chosen: dict, adds_bias: bool, masked: bool = False) -> None:
     """--uniform promises a directory plain ``from_pretrained`` loads: say before the work where
     the family's config cannot describe the layout (no head size of its own, or a validation
-    that refuses the count: Llama and Gemma 2 want the heads to divide ``hidden_size``), or the
-    output bias mean compensation adds (the refit leaves it out there: ``refits_bias``). A
-    ``masked`` model keeps its shapes: only the bias can make it not plain."""
+    that refuses the count: Llama and Gemma 2 want the heads to divide ``hidden_size``), or an
+    output bias the removal ``adds_bias`` (mean compensation, the value refit; the output refit
+    alone leaves it out there: ``refits_bias``) where the config declares none. A ``masked``
+    model keeps its shapes: only the bias can make it not plain."""
     from ..hf.adapters import get_adapter
     from ..hf.prune import config_accepts
     from ..hf.uniform import refits_bias
@@ -168,9 +172,10 @@ def warn_not_plain(model, layout, chosen: dict, removal: str, masked: bool = Fal
     elif not masked and not config_accepts(model.config, adapter, n, groups, d):
         why = (f"{adapter.model_type}'s config refuses {n} attention heads (transformers' validation: hidden_size "
                f"{getattr(model.config, 'hidden_size', '?')} must be a multiple of them)")
-    if why is None and removal == "mean" and not refits_bias(model):
+    if why is None and adds_bias and not refits_bias(model):
         why = (f"{adapter.model_type}'s config declares no attention output bias, which mean compensation "
-               "(--no-reconstruct) adds (the default refit leaves it out and saves plainly)")
+               "(--no-reconstruct) and the value refit (--refit-values) add (the output refit alone leaves it out "
+               "and saves plainly)")
         mask = ""
     if why is None:
         return

@@ -63,15 +63,17 @@ def skip(it, n: int, path) -> None:
 #: the inputs that make a sequence what it is (``labels`` and the like do not), with the mask
 #: that says which of its positions count
 _SEQUENCE = {"input_ids": "attention_mask", "inputs_embeds": "attention_mask", "pixel_values": None,
-             "token_type_ids": "attention_mask", "decoder_input_ids": "decoder_attention_mask",
-             "decoder_inputs_embeds": "decoder_attention_mask"}
+             "token_type_ids": "attention_mask", "position_ids": "attention_mask",
+             "decoder_input_ids": "decoder_attention_mask", "decoder_inputs_embeds": "decoder_attention_mask"}
 
 
 def sequence_digests(kw: dict) -> list:
     """One 64-bit digest (a signed int) per sequence of a batch's keyword arguments: of its
     inputs' values (integers as int64, floats as float64, so their width does not count), the
-    positions its masks leave out dropped (one sequence padded otherwise digests the same), and
-    ``token_type_ids`` only where not all zero (their default)."""
+    positions its masks leave out dropped (one sequence padded on the right, or not padded,
+    digests the same), where it starts when padded on the left (most families then give its
+    tokens other positions), ``token_type_ids`` where not all zero and ``position_ids`` where
+    not ``0, 1, ...`` (their defaults)."""
     rows = next(v.shape[0] for k, v in kw.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
                 and isinstance(v, torch.Tensor))
     parts = []
@@ -88,9 +90,11 @@ def sequence_digests(kw: dict) -> list:
         h = hashlib.blake2b(digest_size=8)
         for key, v, mask in parts:
             row = v[r] if mask is None else v[r][mask[r]]
-            if key == "token_type_ids" and not bool(row.any()):
+            if key == "token_type_ids" and not bool(row.any()) or key == "position_ids" and torch.equal(
+                    row, torch.arange(len(row)).view(-1, *[1] * (row.dim() - 1)).expand_as(row)):
                 continue
-            h.update(f"{key}:{tuple(row.shape)};".encode())
+            start = 0 if mask is None or not bool(mask[r].any()) else int(mask[r].int().argmax())
+            h.update(f"{key}:{tuple(row.shape)}@{start};".encode())
             h.update(row.contiguous().numpy().tobytes())
         out.append(int.from_bytes(h.digest(), "little", signed=True))
     return out
