@@ -119,14 +119,13 @@ def ref_samples(ctx, model: str, share=None, name: str = "quality_reference") ->
 def _rule_share(settings: dict) -> int:
     """The reference sequences ``prune`` takes now for an encoder's calibration ``settings``
     (texts.calibration_set: the default share of the paragraphs the text gives, when fewer)."""
-    from headprune.app.texts import DEFAULT_REFERENCE, load_split, reference_samples
+    from headprune.app.texts import DEFAULT_REFERENCE, equal_shares, load_split, reference_samples, shared_reference
 
     samples, data = settings["samples"], settings["data"]
     n = reference_samples(samples, DEFAULT_REFERENCE, data)
-    parts = load_split(data)[0]
-    shares = [samples // len(parts) + (1 if i < samples % len(parts) else 0) for i in range(len(parts))]
-    got = sum(min(len(p), k) for p, k in zip(parts, shares))  # of samples - n asked: a bound, equal when short
-    return min(n, round(got * DEFAULT_REFERENCE / (1 - DEFAULT_REFERENCE))) if got < samples - n else n
+    parts = load_split(data)[0]  # an encoder's calibration takes each part's first paragraphs
+    got = sum(min(len(p), k) for p, k in zip(parts, equal_shares(samples - n, len(parts))))
+    return shared_reference(n, got, samples - n, DEFAULT_REFERENCE)
 
 
 def calibrated(ctx, settings: dict, encoder: bool = False) -> str:

@@ -9,7 +9,7 @@ import math
 from ..ranking import default_allocation
 from . import commands as C
 from .recover_command import check_recovery
-from .sweep import removal_of
+from .sweep import refit_bias_of, removal_of
 
 
 def check_options(args) -> None:
@@ -17,7 +17,7 @@ def check_options(args) -> None:
     one layout for every layer in one round, --sequential re-chooses every layer's heads; the
     recovery's options (``check_recovery``)."""
     check_recovery(args)
-    rounds = args.steps not in (1, "auto")  # "auto" is resolved on the model (check_model), checked again there
+    rounds = _rounds(args)
     if args.score == "learned" and rounds:
         raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")
     if args.score == "learned" and args.order is not None:
@@ -46,6 +46,12 @@ def check_options(args) -> None:
         raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
 
 
+def _rounds(args) -> bool:
+    """Whether --steps asks for iterative rounds ("auto" is resolved on the model by check_model,
+    which checks the options again)."""
+    return args.steps not in (1, "auto")
+
+
 def _check_sequential(args) -> None:
     """--sequential keeps only each layer's count from the selection and re-chooses every
     layer's heads by the refit's error on the unpruned model's calibration, pruned layer by
@@ -54,7 +60,7 @@ def _check_sequential(args) -> None:
         return
     if removal_of(args) != "refit":
         raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
-    if args.steps not in (1, "auto"):
+    if _rounds(args):
         raise ValueError("--steps: --sequential calibrates the unpruned model layer by layer, so earlier rounds "
                          "would be discarded; drop one")
     if args.order is not None:
@@ -147,7 +153,8 @@ def check_reach(args, loaded) -> None:
     if kw.get("uniform"):
         from .removal_stage import refits_values
 
-        adds_bias = removal == "mean" or removal == "refit" and refits_values(args, loaded, removal)
+        values = refits_values(args, loaded, removal)
+        adds_bias = removal != "zero" and refit_bias_of(loaded.model, True, removal, values)  # as prune removes
         warn_not_plain(loaded.model, layout, chosen, adds_bias, getattr(args, "mode", None) == "mask")
 
 

@@ -169,12 +169,22 @@ def interleave(lists: list) -> list:
     return [x[i] for i in range(max(map(len, lists), default=0)) for x in lists if i < len(x)]
 
 
+def equal_shares(samples: int, parts: int) -> list:
+    """``samples`` split over ``parts`` as evenly as whole numbers allow, the first parts one more."""
+    return [samples // parts + (1 if i < samples % parts else 0) for i in range(parts)]
+
+
+def shared_reference(n: int, got: int, asked: int, reference: float) -> int:
+    """The reference sequences beside a text that gave ``got`` of the ``asked`` sequences: ``n``
+    (``reference`` of the samples), or where it gave fewer, that share of those it gave."""
+    return min(n, round(got * reference / (1 - reference))) if n and got < asked else n
+
+
 def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: int, seq_len: int,
                               batch_size: int = 8) -> list:
     """:func:`calibration_batches` of each part with an equal share of ``samples``, joined."""
-    share = [samples // len(parts) + (1 if i < samples % len(parts) else 0) for i in range(len(parts))]
     out = []
-    for part, n in zip(parts, share):
+    for part, n in zip(parts, equal_shares(samples, len(parts))):
         if n:
             out += calibration_batches(tokenizer, part, causal=causal, samples=n, seq_len=seq_len, batch_size=batch_size)
     return out
@@ -290,9 +300,7 @@ def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool
     n = reference_samples(samples, reference, spec)
     batches = mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples - n, seq_len=seq_len,
                                         batch_size=batch_size)
-    got = sequences(batches)
-    if n and got < samples - n:  # the same share of the sequences there are
-        n = min(n, round(got * reference / (1 - reference)))
+    n = shared_reference(n, sequences(batches), samples - n, reference)  # the same share of the sequences there are
     batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,
                                  batch_size=batch_size)
     names = reference_texts(spec)  # equal shares: fewer sequences than texts come from the first texts alone

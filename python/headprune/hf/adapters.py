@@ -230,6 +230,13 @@ def encoder_decoder(model, adapter: Optional[Adapter] = None) -> bool:
     return adapter.kind == "seq2seq" and getattr(model.config, "is_encoder_decoder", True)
 
 
+def o_column_norms(site: "Site", adapter: Adapter):
+    """The squared norm of each input column of ``site``'s output projection (float64, ``[heads x
+    head_dim]``): what the output statistics record of it (``OutputStat.COUNT_NORM``)."""
+    w = site.o.weight.detach()
+    return (w.double() ** 2).sum(1 if adapter.conv1d else 0)
+
+
 def _base(model) -> nn.Module:
     return getattr(model, "base_model", model)
 

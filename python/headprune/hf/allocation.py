@@ -23,7 +23,6 @@ their outputs in the unpruned forward, so each measurement runs only the layers 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -40,10 +39,11 @@ from ..ranking.units import unit_sizes
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
-from .batches import check_batches
+from .batches import batch_rows, check_batches
 from .collect import collect
 from .prune import check_scores, mask_heads
 from .recover import _Teacher, _kwargs, _loss
+from .training import _digest as tensors_digest
 
 __all__ = ["CHOICES", "LayerCosts", "layer_costs", "select_measured", "DEFAULT_SEQUENCES"]
 
@@ -108,7 +108,7 @@ def _sequences(batches, n: int) -> list:
     """The first ``n`` sequences of ``batches``, as batches (the last one cut)."""
     out, left = [], n
     for batch in batches:
-        rows = _rows(batch)
+        rows = batch_rows(batch)
         if rows > left:
             batch = {k: (v[:left] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v)
                      for k, v in batch.items()}
@@ -186,10 +186,7 @@ def _options(scores, choose, *, gqa: str = DEFAULT_GQA, score=None, order=None, 
 
 def _digest(scores: HeadScores) -> str:
     """Which statistics costs were measured with (another model's or calibration's differ)."""
-    h = hashlib.sha256(scores.stats.contiguous().numpy().tobytes())
-    if scores.outputs is not None:
-        h.update(scores.outputs.contiguous().numpy().tobytes())
-    return f"statistics sha256:{h.hexdigest()[:16]}"
+    return "statistics sha256:" + tensors_digest([t for t in (scores.stats, scores.outputs) if t is not None])
 
 
 def costs_differ(costs, scores: HeadScores, *, choose=None, **select) -> dict:
@@ -205,7 +202,7 @@ def measured_part(batches, sequences: Optional[int]) -> list:
     taken on (default: :data:`DEFAULT_SEQUENCES`, at most a quarter of them)."""
     check_batches(batches)
     batches = list(batches)
-    return _sequences(batches, _measured_count(sequences, sum(_rows(b) for b in batches)))
+    return _sequences(batches, _measured_count(sequences, sum(batch_rows(b) for b in batches)))
 
 
 @contextmanager
@@ -260,7 +257,7 @@ class _Measure:
     def __init__(self, model, part: list, refit: HeadScores, damping: float, bar, refit_bias: bool = True):
         self.model, self.refit, self.damping, self.bar, self.refit_bias = model, refit, damping, bar, refit_bias
         self.kws = [_kwargs(model, b) for b in part]
-        self.sizes = [_rows(b) for b in part]
+        self.sizes = [batch_rows(b) for b in part]
         self.rows = sum(self.sizes)
         self.tokens = sum(_positions(kw, model.config) for kw in self.kws)
 
@@ -348,10 +345,6 @@ def _positions(kw: dict, config) -> int:
     pixels, patch = kw["pixel_values"], getattr(config, "patch_size", None)
     per_image = 1 if not isinstance(patch, int) else (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch) + 1
     return int(pixels.shape[0]) * per_image
-
-
-def _rows(batch) -> int:
-    return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values"))
 
 
 def _bar(total, enabled, desc: str = "headprune: measuring layer costs"):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["check_batches", "forward_kwargs", "progress", "skip", "sequence_digests"]
+__all__ = ["check_batches", "check_batch", "batch_rows", "forward_kwargs", "progress", "skip", "sequence_digests"]
 
 
 def check_batches(batches) -> None:
@@ -23,9 +23,20 @@ def check_batches(batches) -> None:
                         f"{type(batches).__name__}")
 
 
-def forward_kwargs(model, batch) -> dict:
+def check_batch(batch) -> None:
+    """``TypeError`` naming ``batches`` unless ``batch`` is a dict (of tensors, as a tokenizer gives)."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
+
+
+def batch_rows(batch) -> int:
+    """The sequences (or images) in one batch."""
+    return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
+                and isinstance(v, torch.Tensor))
+
+
+def forward_kwargs(model, batch) -> dict:
+    check_batch(batch)
     if not any(k in batch for k in ("input_ids", "pixel_values", "inputs_embeds")):
         raise ValueError(f"batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys {sorted(batch)}")
     for k in ("input_ids", "pixel_values", "inputs_embeds"):
@@ -74,9 +85,7 @@ def sequence_digests(kw: dict) -> list:
     digests the same), where it starts when padded on the left (most families then give its
     tokens other positions), ``token_type_ids`` where not all zero and ``position_ids`` where
     not ``0, 1, ...`` (their defaults)."""
-    rows = next(v.shape[0] for k, v in kw.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
-                and isinstance(v, torch.Tensor))
-    parts = []
+    rows, parts = batch_rows(kw), []
     for key, mask_key in _SEQUENCE.items():
         v, mask = kw.get(key), kw.get(mask_key) if mask_key else None
         if not isinstance(v, torch.Tensor) or not v.dim() or v.shape[0] != rows:

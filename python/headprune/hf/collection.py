@@ -21,7 +21,7 @@ from ..core import ops
 from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, OutputStat
 from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
-from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .adapters import get_adapter, head_counts, head_dim, o_column_norms, resolve_sites
 from .attention import RECORDERS, attention_implementation, config_of, model_configs
 from ..core.modules import eval_mode
 from .prune import STATE_ATTR
@@ -79,9 +79,7 @@ class Collection:
         """Pre-hook of the site's output projection: its input is the heads' outputs side by
         side (``[..., Hq * D]``); their per-dimension sums go into ``self.outputs``."""
         hq, d = self.counts[site.index][0], head_dim(site, self.adapter)
-        w = site.o.weight.detach()
-        norms = (w.double() ** 2).sum(1 if self.adapter.conv1d else 0) if hq else None
-        norms = None if norms is None else norms.view(hq, d)  # squared norm of each input column
+        norms = o_column_norms(site, self.adapter).view(hq, d) if hq else None  # squared, per input column
 
         def hook(module, args):
             x = args[0] if args else None

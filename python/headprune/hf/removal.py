@@ -15,7 +15,7 @@ from ..prune.compensation import removed_mean_output
 from ..prune.reconstruct import kept_columns, refit_output
 from ..stats.moments import check_damping
 from ..stats.scores import HeadScores
-from .adapters import head_counts, head_dim
+from .adapters import head_counts, head_dim, o_column_norms
 
 __all__ = ["SiteRemoval", "removal_plan"]
 
@@ -104,46 +104,46 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
         raise ValueError(f"{arg}: the scores were collected on heads {scores.site_heads()[i]} of site {i}, "
                          f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
     projection = None if scores.moments is None else scores.moments.projection
-    if projection is None:
-        _compare_norms(scores, sites, adapter, arg, compare)
-    for layer in compare if projection is not None else ():
-        then_w = projection[layer]
-        if then_w is None:
-            continue
-        w = sites[layer].o.weight.detach()
-        w = (w.t() if adapter.conv1d else w).to("cpu", torch.float32)
-        then_w = then_w[:, :-1]  # the bias column
-        if _collected_masked(then_w, head_dim(sites[layer], adapter)):
-            continue  # e.g. a later round of iterative selection: its weights are not these by design
-        if then_w.shape != w.shape:
-            raise ValueError(f"{arg}: the scores were collected when site {layer}'s output projection was "
-                             f"{list(then_w.shape)}, it is {list(w.shape)}; collect on this model")
-        change = projection_change(w, then_w)
-        if change > PROJECTION_RTOL:
+    for layer in compare:  # the projection where moments keep it, else its columns' squared norms
+        if projection is not None:
+            change, what = _projection_change(projection[layer], sites[layer], adapter, arg, layer), ""
+        else:
+            change, what = _norms_change(scores, sites[layer], adapter, layer), " of its columns' squared norms"
+        if change is not None and change > PROJECTION_RTOL:
             raise ValueError(f"{arg}: site {layer}'s output projection differs from the one the scores were collected "
-                             f"with (relative change {change:.3g}): statistics of another model or of these "
+                             f"with (relative change{what} {change:.3g}): statistics of another model or of these "
                              "weights before they changed; collect on the model as it is")
     return scores
 
 
-def _compare_norms(scores: HeadScores, sites, adapter, arg: str, compare) -> None:
-    """Without the projection itself (no second moments), its columns' squared norms, which the
-    output statistics hold (``COUNT_NORM / COUNT``), for the heads that were not zeroed then."""
-    for layer in compare:
-        hq, d = scores.num_heads[layer], scores.head_dim[layer]
-        out = scores.outputs[layer, :hq, :d]
-        count = out[..., OutputStat.COUNT]
-        if not bool((count > 0).all()):
-            continue  # heads that saw no token: the statistics say nothing of their columns
-        then = out[..., OutputStat.COUNT_NORM] / count
-        w = sites[layer].o.weight.detach()
-        now = (w.double() ** 2).sum(1 if adapter.conv1d else 0).cpu().view(hq, d)
-        live = (then != 0).any(1)  # a head zeroed when collected (masked): not these weights by design
-        change = projection_change(now[live], then[live]) if bool(live.any()) else 0.0
-        if change > PROJECTION_RTOL:
-            raise ValueError(f"{arg}: site {layer}'s output projection differs from the one the scores were collected "
-                             f"with (relative change of its columns' squared norms {change:.3g}): statistics of "
-                             "another model or of these weights before they changed; collect on the model as it is")
+def _projection_change(then_w, site, adapter, arg: str, layer: int) -> Optional[float]:
+    """How far the site's output projection moved from ``then_w`` (``[W, b]`` when collected);
+    ``None`` where there is nothing to compare or it was collected masked."""
+    if then_w is None:
+        return None
+    w = site.o.weight.detach()
+    w = (w.t() if adapter.conv1d else w).to("cpu", torch.float32)
+    then_w = then_w[:, :-1]  # the bias column
+    if _collected_masked(then_w, head_dim(site, adapter)):
+        return None  # e.g. a later round of iterative selection: its weights are not these by design
+    if then_w.shape != w.shape:
+        raise ValueError(f"{arg}: the scores were collected when site {layer}'s output projection was "
+                         f"{list(then_w.shape)}, it is {list(w.shape)}; collect on this model")
+    return projection_change(w, then_w)
+
+
+def _norms_change(scores: HeadScores, site, adapter, layer: int) -> Optional[float]:
+    """Without the projection itself (no second moments), how far its columns' squared norms,
+    which the output statistics hold (``COUNT_NORM / COUNT``), moved, for the heads that were
+    not zeroed when collected; ``None`` where a head saw no token."""
+    hq, d = scores.num_heads[layer], scores.head_dim[layer]
+    out = scores.outputs[layer, :hq, :d]
+    count = out[..., OutputStat.COUNT]
+    if not bool((count > 0).all()):
+        return None  # the statistics say nothing of those heads' columns
+    then, now = out[..., OutputStat.COUNT_NORM] / count, o_column_norms(site, adapter).cpu().view(hq, d)
+    live = (then != 0).any(1)  # a head zeroed when collected (masked): not these weights by design
+    return projection_change(now[live], then[live]) if bool(live.any()) else None
 
 
 def projection_change(now: torch.Tensor, then: torch.Tensor) -> Optional[float]:

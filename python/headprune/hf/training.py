@@ -13,14 +13,14 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 
 from .. import atomic
 from .checkpoint import refuse_foreign, writing
-from .batches import check_batches
+from .batches import check_batch, check_batches
 
 CHECKPOINT_FORMAT = "headprune.recover/5"  # /2: digests of shapes and types too; /3: of every weight;
 # /4: of the student's every weight too, not only those it trains; /5: of the models' configs too
@@ -99,8 +99,7 @@ def _tokens(batches) -> Optional[str]:
     if not isinstance(batches, Sequence):
         return None
     for b in batches:  # before reading them: named as the model's forward would name them
-        if not isinstance(b, Mapping):
-            raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(b).__name__}")
+        check_batch(b)
     return _digest(v for b in batches for k in sorted(b) for v in [b[k]] if isinstance(v, torch.Tensor))
 
 

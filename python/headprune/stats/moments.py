@@ -12,6 +12,7 @@ float32): with ``gram`` it says how much output a refit loses when columns go
 from __future__ import annotations
 
 import numbers
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -153,20 +154,14 @@ class OutputMoments:
         where either recorded none."""
         if self.sequences is None or part.sequences is None:
             return 0
-        have = _counts(self.sequences)
-        return sum(max(0, n - have.get(d, 0)) for d, n in _counts(part.sequences).items())
+        return sum((Counter(part.sequences.tolist()) - Counter(self.sequences.tolist())).values())
 
     def _rest_sequences(self, part: "OutputMoments") -> Optional[torch.Tensor]:
         """These moments' sequences less ``part``'s, which it holds."""
         if self.sequences is None or part.sequences is None:
             return None
-        left, keep = _counts(part.sequences), []
-        for d in self.sequences.tolist():
-            if left.get(d, 0):
-                left[d] -= 1
-            else:
-                keep.append(d)
-        return torch.tensor(keep, dtype=torch.int64)
+        rest = Counter(self.sequences.tolist()) - Counter(part.sequences.tolist())
+        return torch.tensor(list(rest.elements()), dtype=torch.int64)
 
     # ---- files: safetensors, one tensor per site and kind ---------------------------------
     def state_dict(self) -> dict:
@@ -213,8 +208,3 @@ class OutputMoments:
 
     def __repr__(self) -> str:
         return f"OutputMoments(sites={self.num_sites}, bytes={self.nbytes:,})"
-
-
-def _counts(digests: torch.Tensor) -> dict:
-    """``{digest: how many times}`` of an int64 tensor of sequence digests."""
-    return dict(zip(*(t.tolist() for t in digests.unique(return_counts=True))))
