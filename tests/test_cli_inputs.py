@@ -59,6 +59,33 @@ def test_an_output_folder_that_is_or_holds_an_input_is_refused(tmp_path, tiny_di
         assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["prune", "scan", "sweep", "recover"])
+def test_a_prune_folders_model_and_each_text_of_a_list_are_inputs(tmp_path, tiny_dir, capsys, monkeypatch, command):
+    """MODEL a folder prune wrote is read from its ``model/``, which ``--out MODEL/model --force``
+    replaced; a ``--data a+b`` list was not split, so ``--out`` holding ``a`` replaced it."""
+    import headprune.app.commands as C
+    import headprune.app.recover_command as R
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run / "model")
+    (run / "report.json").write_text('{"model": "bert", "settings": {"data": "persuasion"}}')
+    for d in ("d1", "d2"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "t.txt").write_text("the a of and to in\n\nwas her she it he\n")
+    before = _tree(tmp_path)
+    for module in (C, R):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    extra = {"prune": ["--ratio", "0.3"], "scan": [], "sweep": ["--ratios", "0.3"], "recover": ["--steps", "1"]}
+    code, err = _run([command, run, "--out", run / "model", "--force", "--quiet", *extra[command]], capsys)
+    flag = "DIR" if command == "recover" else "MODEL"
+    assert code == 2 and f"--out: {run / 'model'} is {flag} ({run / 'model'}) or a folder holding it" in err[0]
+    data = f"{tmp_path / 'd1' / 't.txt'}+{tmp_path / 'd2' / 't.txt'}"
+    code, err = _run([command, run, "--data", data, "--out", tmp_path / "d2", "--force", "--quiet", *extra[command]],
+                     capsys)
+    assert code == 2 and f"--out: {tmp_path / 'd2'} is --data ({tmp_path / 'd2' / 't.txt'})" in err[0]
+    assert _tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("flag", ["--out", "--data"])
 def test_an_empty_name_is_refused_not_read_as_not_given(tmp_path, tiny_dir, capsys, monkeypatch, flag):
     """``--out ""`` wrote to the default folder and ``--data ""`` calibrated on the bundled text."""

@@ -170,3 +170,21 @@ def test_the_source_is_not_replaced_by_its_own_export(pruned, tmp_path, capsys):
                          capsys)
         assert code == 2 and f"--gguf: {target} is {src}, which the export reads; write the GGUF elsewhere" in out.err
     assert src.read_bytes() == before
+
+
+def test_a_file_of_the_model_read_is_not_replaced_by_the_export(pruned, tmp_path, capsys):
+    """--gguf naming a file inside the directory the model is read from (MODEL, or a prune
+    folder's model/) replaced the model's weights with the GGUF, --force given."""
+    import shutil
+
+    t, _ = pruned
+    run = tmp_path / "run"
+    shutil.copytree(t / "run" / "model", run / "model")
+    (run / "report.json").write_text("{}")
+    weights = next((run / "model").glob("*.safetensors"))
+    before = weights.read_bytes()
+    for model in (run, run / "model"):
+        code, out = _run(["export", model, "--gguf", weights, "--source", t / "src.gguf", "--force", "--quiet"],
+                         capsys)
+        assert code == 2 and f"--gguf: {weights} is a file of {run / 'model'}, the model the export reads" in out.err
+        assert weights.read_bytes() == before

@@ -3,6 +3,8 @@ torch.linalg.lstsq on the calibration activations, its reduction to mean compens
 masked == pruned == reloaded with the refit."""
 
 import copy
+import errno
+import os
 
 import pytest
 import torch
@@ -159,6 +161,12 @@ def test_moments_merge_save_and_load(tmp_path):
     merged.save(tmp_path / "m.safetensors")
     back = OutputMoments.load(tmp_path / "m.safetensors")
     assert all(torch.equal(g, h) for g, h in zip(back.gram, merged.gram))
+    saved = (tmp_path / "m.safetensors").read_bytes()  # a failed save keeps the file there (it was truncated)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(OSError, match=r"^\[Errno 28\] moments: cannot write .*m\.safetensors \(No space left"):
+            a.moments.save(tmp_path / "m.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes() == saved and os.listdir(tmp_path) == ["m.safetensors"]
     assert all(torch.equal(g, h) for g, h in zip(back.projection, merged.projection))
     # the sequences they hold: both collections' (3 + 3), read back; with one side unrecorded, unknown
     assert torch.equal(back.sequences, both.moments.sequences) and len(set(back.sequences.tolist())) == 6

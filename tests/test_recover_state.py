@@ -176,7 +176,8 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_as_such_and_replaced_witho
     state["fingerprint"]["format"] = "headprune.recover/4"
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"r\.pt was written by another version of headprune \(format "
-                                         r"'headprune.recover/4'; this one reads 'headprune.recover/\d+'\); delete it"):
+                                         r"'headprune.recover/4'; this one reads 'headprune.recover/\d+'\); pass another path, "
+                                         r"or delete it to start over$"):
         recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
     recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)  # no resume: written over
     assert torch.load(path, weights_only=True)["fingerprint"]["format"] != "headprune.recover/4"

@@ -206,6 +206,9 @@ LOAD_ERRORS = [
     ("uniform", _index("../model.safetensors"), ValueError, r"names shards outside the directory .*\['../model.safetensors"),
     ("uniform", _index("/etc/passwd"), ValueError, "names shards outside the directory or not .safetensors"),
     ("uniform", _write("model.safetensors.index.json", "{}"), ValueError, "has no weight_map of tensor names"),
+    # a dtype other than the weights' was applied: the model loaded cast, and computed otherwise
+    ("uniform", _edit_meta(dtype="bfloat16"), ValueError,
+     r"headprune.json records dtype bfloat16, but .*model.safetensors hold float32"),
 ]
 
 

@@ -18,7 +18,7 @@ from ..ranking import DEFAULT_RECIPE, natural_order
 from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
-from .load import load_model
+from .load import load_model, prune_folder
 from .report import scores_markdown, to_json
 
 #: calibration sequences and their length by kind of model. Encoders take 512 paragraphs: on
@@ -312,9 +312,13 @@ def _out(args, command: str) -> Path:
 
 
 def inputs(args) -> tuple:
-    """The paths a command reads, for :func:`check_out`."""
+    """The paths a command reads, for :func:`check_out`: the model (and a prune folder's
+    ``model/``, which is where it is read from), the teacher alike, and each text of ``--data``."""
     model = "DIR" if getattr(args, "command", None) == "recover" else "MODEL"
-    return ((model, args.model), ("--data", getattr(args, "data", None)), ("--teacher", getattr(args, "teacher", None)))
+    given = [(model, args.model), ("--teacher", getattr(args, "teacher", None))]
+    read = [(flag, folder / "model") for flag, path in given if path and (folder := prune_folder(path)) is not None]
+    data = getattr(args, "data", None)
+    return (*given, *read, *(("--data", name) for name in (texts.spec_names(data) if data else ())))
 
 
 class Stages:

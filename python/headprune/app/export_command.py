@@ -33,12 +33,12 @@ def export(args) -> int:
         raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
     atomic.check_folder(out, "--gguf")  # before the model loads
     source = _source(args.source, src, report)
-    _refuse_input(out, [src, source])
+    _refuse_input(out, src, source)
     stage = C.Stages(args)
     with stage("loading the model", "load"):
         loaded = load_model(args.model, accept=("causal",))  # a prune's folder reads its model/
     source = source or (loaded.source if loaded.checkpoint_dtype == "gguf" else None)
-    _refuse_input(out, [source])
+    _refuse_input(out, src, source)
     if source is None:
         raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
                          f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
@@ -94,12 +94,19 @@ def _report(path: Path) -> Optional[dict]:
     return report if isinstance(report, dict) else {}
 
 
-def _refuse_input(out: Path, inputs: list) -> None:
-    """``--gguf`` naming a file the export reads (MODEL, the source GGUF) is refused, ``--force``
-    or not: the file would be replaced by the pruned one while it is its input."""
-    for path in inputs:
-        if path is not None and out.exists() and os.path.exists(path) and os.path.samefile(out, path):
+def _refuse_input(out: Path, src: Path, source: Optional[str]) -> None:
+    """``--gguf`` naming a file the export reads (MODEL, a file of the directory its model is
+    read from, the source GGUF) is refused, ``--force`` or not: the file would be replaced by the
+    pruned one while it is its input."""
+    if not out.exists():
+        return
+    for path in (src, source):
+        if path is not None and os.path.exists(path) and os.path.samefile(out, path):
             raise ValueError(f"--gguf: {out} is {path}, which the export reads; write the GGUF elsewhere")
+    folder = prune_folder(src)
+    model = folder / "model" if folder is not None else src  # where load_model reads the weights
+    if model.is_dir() and C._at_or_inside(out, model):
+        raise ValueError(f"--gguf: {out} is a file of {model}, the model the export reads; write the GGUF elsewhere")
 
 
 def _source(given: Optional[str], path: Path, report: Optional[dict]) -> Optional[str]:

@@ -196,6 +196,7 @@ def _quality(args, loaded, paragraphs: dict, references: dict) -> dict:
 
 def recover(args) -> int:
     from ..hf import save_pruned
+    from ..hf.training import refuse_other_kind
     from ..stats.scores import HeadScores
 
     src = Path(args.model)
@@ -209,6 +210,7 @@ def recover(args) -> int:
     read = [("the teacher", teacher_spec), *(("the calibration text", p) for p in texts.spec_names(data))]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
+    refuse_other_kind(args.checkpoint)  # the teacher's weights, say: refused before both models load
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
         teacher = _teacher(args, teacher_spec, bundled=not args.teacher and bundled)

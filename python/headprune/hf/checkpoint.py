@@ -33,7 +33,7 @@ def refuse_foreign(path: str, ours, kind: str, run: str) -> None:
         mine = False
     if not mine:
         raise ValueError(f"checkpoint: {path} exists and is not a {kind} checkpoint; {run} would write over it, "
-                         "so pass another path or delete it")
+                         "so pass another path")
 
 
 class Checkpoint:
@@ -52,8 +52,8 @@ class Checkpoint:
     def _refuse(self, why: str, ours: bool = True):
         """The refusal to resume from the file; ``ours=False``: it is no checkpoint, which a run
         without resume would not write over either."""
-        return ValueError(f"checkpoint {self.path} {why}; delete it"
-                          + (" or drop resume (--resume)" if ours else " or pass another path"))
+        return ValueError(f"checkpoint {self.path} {why}; "
+                          + ("delete it or drop resume (--resume)" if ours else "pass another path"))
 
     def check_replaceable(self) -> None:
         """``ValueError`` when a file at the path is not a headprune checkpoint (see :func:`refuse_foreign`)."""

@@ -286,6 +286,8 @@ def load_pruned(path, *, device: Optional[str] = None):
         config = config_from(cls.config_class, read_json(config_file, "path"), len(header), "path", config_file)
         types = stored_float_types(files)  # mixed (float32 norms beside bfloat16 weights): read wide, cast each back
         mixed = len(set(types.values())) > 1
+        if not mixed and set(types.values()) - {meta["dtype"]} and not file.endswith("config.json"):
+            raise ValueError(f"path: {file} records dtype {meta['dtype']}, but {weights} hold {types.popitem()[1]}")
         wide = {"dtype": torch.float64 if "float64" in types.values() else torch.float32} if mixed else {}
         model = from_pretrained_checked(cls, path, config, header, "path", config_file, weights, strict=True,
                                         **{**kw, **wide})
@@ -360,9 +362,7 @@ def _prune_as_saved(model, meta, adapter, file):
 
 
 def _read_weights(file) -> dict:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
-
     try:
         return load_file(file)
     except (SafetensorError, OSError) as e:

@@ -124,9 +124,10 @@ class _Checkpoint:
 
     def _refuse(self, why: str, ours: bool = True) -> ValueError:
         """The refusal to resume from the file; ``ours=False``: it is no checkpoint of this kind,
-        which a run without resume would not write over either."""
-        return ValueError(f"checkpoint: {self.path} {why}; delete it"
-                          + (" or start without resume" if ours else " or pass another path"))
+        which a run without resume would not write over either (and may be anything of the
+        user's, so it is not to be deleted)."""
+        return ValueError(f"checkpoint: {self.path} {why}; pass another path"
+                          + (", or delete it to start over" if ours else ""))
 
     def check_replaceable(self) -> None:
         """``ValueError`` when a file at the path is not a checkpoint of this kind (see ``refuse_foreign``)."""
@@ -175,6 +176,13 @@ class _Checkpoint:
 def _kind(fmt) -> Optional[str]:
     """``"headprune.recover"`` of ``"headprune.recover/5"``: the kind of checkpoint, any version."""
     return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
+
+
+def refuse_other_kind(path, fmt: str = CHECKPOINT_FORMAT, what: str = "recovery") -> None:
+    """Before the slow work: ``ValueError`` when a file at ``path`` is not a checkpoint of
+    ``fmt``'s kind (any version; what it was written for is checked when it is read)."""
+    if path is not None:
+        _Checkpoint(path, {"format": fmt}, what).check_replaceable()
 
 
 def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:

@@ -189,8 +189,14 @@ class OutputMoments:
         return save({k: v.cpu() for k, v in self.state_dict().items()}, metadata={"sites": str(self.num_sites)})
 
     def save(self, path) -> None:
-        with open(path, "wb") as f:
-            f.write(self.to_bytes())
+        """The moments as a safetensors file at ``path``, written atomically: a failed write
+        leaves the file that was there (``OSError`` naming ``path``)."""
+        from ..atomic import write_file
+
+        try:
+            write_file(path, self.to_bytes())
+        except OSError as e:
+            raise OSError(e.errno, f"moments: cannot write {path} ({e.strerror or e})") from e
 
     @classmethod
     def load(cls, path) -> "OutputMoments":
