@@ -6,6 +6,7 @@
 // attention_stats_accumulate_, which returns the attention output it computed. The entropy
 // ops are not differentiable: under grad mode they refuse a tensor that requires grad.
 #include <ATen/ATen.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -83,8 +84,12 @@ void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_di
                     dim);
   const int64_t d = dim < 0 ? dim + x.dim() : dim;
   const int64_t heads = mask.size(0);
-  TORCH_CHECK_VALUE(x.size(d) == heads * head_dim, "x: size ", x.size(d), " along dim ", d,
-                    " does not equal num_heads * head_dim = ", heads, " * ", head_dim);
+  TORCH_CHECK_VALUE(x.size(d) % heads == 0 && x.size(d) / heads == head_dim, "x: size ", x.size(d), " along dim ",
+                    d, " does not equal num_heads * head_dim = ", heads, " * ", head_dim);  // no product: it can wrap
+  // Read in eager calls only: a traced call (fake, functional or meta tensors) has no values.
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool || mask.is_meta() || at::isTensorSubclassLike(mask) ||
+                        at::isfinite(mask).all().item<bool>(),
+                    "mask: expected finite gates, got NaN or infinite values");
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && x.requires_grad() && x.is_leaf()),
                     "x: is a leaf tensor that requires grad (a parameter?); apply the mask under torch.no_grad() "
                     "(C++: at::NoGradGuard)");

@@ -31,22 +31,32 @@ namespace k = headprune::kernels;
 // s = (m - 1) / (m + 1), |s| <= 0.2, by its odd series to s^9 (series error < 1e-8; with the
 // Newton-refined reciprocal < 2e-7 relative).
 #if defined(CPU_CAPABILITY_AVX512)
+// The centres' tables, constants so that no code of this translation unit (compiled for
+// AVX-512 and FMA) runs when the library loads: a CPU without them only ever calls the other
+// instruction sets' kernels. i < 16: m = 1 + f, f in [i/32, (i+1)/32), c = 1 + (i + 1/2)/32;
+// i >= 16: m = (1 + f)/2, f >= 1/2, c = (32.5 + i)/64; c = 1 for i = 0 and 31.
+// inv[i] = float(1/c), neg_log_inv[i] = float(-log(double(inv[i]))) (exact float literals).
 struct LogTable {
   alignas(64) float inv[32];
   alignas(64) float neg_log_inv[32];
-  LogTable() {
-    for (int i = 0; i < 32; ++i) {
-      // i < 16: m = 1 + f, f in [i/32, (i+1)/32); i >= 16: m = (1 + f) / 2, f >= 1/2.
-      double c = i < 16 ? 1.0 + (i + 0.5) / 32.0 : (32.5 + i) / 64.0;
-      if (i == 0 || i == 31) c = 1.0;
-      inv[i] = static_cast<float>(1.0 / c);
-      neg_log_inv[i] = static_cast<float>(-std::log(static_cast<double>(inv[i])));
-    }
-  }
 };
-// Built when the library loads (one per instruction-set translation unit), so the hot loop
-// reads it without a function-local static's guard.
-static const LogTable kLogTable;
+inline constexpr LogTable kLogTable = {
+    {1.0f, 0.9552238583564758f, 0.9275362491607666f, 0.9014084339141846f,
+     0.8767123222351074f, 0.8533333539962769f, 0.8311688303947449f, 0.8101266026496887f,
+     0.790123462677002f, 0.7710843086242676f, 0.7529411911964417f, 0.7356321811676025f,
+     0.7191011309623718f, 0.7032967209815979f, 0.6881720423698425f, 0.6736842393875122f,
+     1.3195875883102417f, 1.2929292917251587f, 1.2673267126083374f, 1.2427184581756592f,
+     1.2190476655960083f, 1.1962616443634033f, 1.174311876296997f, 1.1531531810760498f,
+     1.1327433586120605f, 1.1130434274673462f, 1.0940171480178833f, 1.0756303071975708f,
+     1.0578511953353882f, 1.0406503677368164f, 1.0240000486373901f, 1.0f},
+    {0.0f, 0.045809559524059296f, 0.0752234011888504f, 0.1037968099117279f,
+     0.13157635927200317f, 0.15860500931739807f, 0.18492233753204346f, 0.2105647474527359f,
+     0.23556606471538544f, 0.25995755195617676f, 0.2837681472301483f, 0.3070250451564789f,
+     0.3297532796859741f, 0.3519763946533203f, 0.37371641397476196f, 0.39499375224113464f,
+     -0.2773192524909973f, -0.25691041350364685f, -0.23690973222255707f, -0.21730127930641174f,
+     -0.19806994497776031f, -0.1792013943195343f, -0.1606823354959488f, -0.14250008761882782f,
+     -0.12464243918657303f, -0.10709808766841888f, -0.08985637873411179f, -0.07290682196617126f,
+     -0.05623967573046684f, -0.039845872670412064f, -0.023716574534773827f, 0.0f}};
 #elif defined(CPU_CAPABILITY_AVX2)
 // 1 / d for d in [1.7, 2.5]: the hardware estimate (12 bits) and one Newton step (error
 // squared: < 1e-7 relative), a third of the cost of a division.
@@ -63,7 +73,11 @@ inline Vectorized<acc_t> fast_log(const Vectorized<acc_t>& x) {
     const LogTable& t = kLogTable;
     const __m512 xv = x;
     const __m512 m = _mm512_getmant_ps(xv, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
-    const __m512 e = _mm512_getexp_ps(_mm512_mul_ps(xv, _mm512_set1_ps(1.0f / 0.75f)));
+    // x = m 2^e: getexp gives the exponent of x's mantissa in [1, 2), one more where m is that
+    // mantissa halved (m < 1). (getexp of x * 4/3 overflows from x = 0.75 FLT_MAX on.)
+    const __m512 e1 = _mm512_getexp_ps(xv);
+    const __m512 e = _mm512_mask_add_ps(e1, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ), e1,
+                                        _mm512_set1_ps(1.0f));
     const __m512i idx = _mm512_srli_epi32(_mm512_castps_si512(m), 18);  // permutes use 5 bits
     const __m512 inv = _mm512_permutex2var_ps(_mm512_load_ps(t.inv), idx, _mm512_load_ps(t.inv + 16));
     const __m512 nli = _mm512_permutex2var_ps(_mm512_load_ps(t.neg_log_inv), idx,
