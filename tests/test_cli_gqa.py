@@ -149,6 +149,10 @@ def test_prune_uniform_plain_for_gemma2_and_for_masks(run, tmp_path, tiny_dir, f
         plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model").eval()(input_ids=ids)
         ours = load_pruned(tmp_path / "o" / "model")(input_ids=ids)
     assert torch.equal(plain.logits, ours.logits)
+    # the report counts the zero q/k/v biases the declaration adds, as the saved model holds them
+    from headprune.hf.report import parameter_count
+
+    assert report["after"]["parameters"] == parameter_count(load_pruned(tmp_path / "o" / "model"))
 
 
 @pytest.mark.parametrize("extra,message", [

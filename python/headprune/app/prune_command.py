@@ -105,6 +105,7 @@ def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, rep
     """The pruned model's quality (and speed against ``reference``) into ``report``: its
     weights as saved, computed in the type the unpruned model was (see load.round_to_saved)."""
     from ..hf import measure
+    from ..hf.saved import declared_bias_parameters
 
     with stage("evaluating the pruned model on held-out text", "evaluate_after"):
         after_q = C.quality(args, loaded, held, reference=before_q)
@@ -112,8 +113,9 @@ def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, rep
     if args.speed:
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
             speed = E.compare_speed(reference, loaded.model, prefill=args.speed_prefill, decode=args.speed_decode)
-    report.update({"after": {**C._public(after_q), **measure(loaded.model, dtype=SAVE_TYPES[saved_as])},
-                   "speed": speed, "seconds": stage.seconds})
+    sizes = measure(loaded.model, dtype=SAVE_TYPES[saved_as])
+    sizes["parameters"] += declared_bias_parameters(loaded.model)  # the zero biases the save declares: as loaded
+    report.update({"after": {**C._public(after_q), **sizes}, "speed": speed, "seconds": stage.seconds})
     return report
 
 

@@ -23,7 +23,6 @@ from transformers import PreTrainedConfig
 
 from .. import atomic
 from ..core.modules import uncompiled
-from ..prune.mask import added_bias
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
@@ -31,6 +30,7 @@ from .files import cast_as_stored, first_line, read_json, read_header, safetenso
 from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, check_save_arguments, model_class, read_metadata
 from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
+from .saved import saved_layout
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
 
@@ -96,17 +96,7 @@ heads of every layer (original indices); `config.json` is the unpruned model's.
 
 
 def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
-    state = getattr(model, STATE_ATTR, None)
-    masked_bias = [s.index for s in sites if added_bias(model, s.o)]
-    if masked_bias:  # a compensated mask created o biases: record them like pruning does
-        state = new_state(model, [head_counts(s, adapter) for s in sites])
-        state["o_bias"] = sorted({*state.get("o_bias", []), *masked_bias})
-        state.setdefault("uniform", True)  # never pruned: masks keep the shapes its config describes
-    # an output-projection bias the family's config cannot declare would be dropped by
-    # from_pretrained (with only a warning): such a model is not plain-loadable
-    uniform, o_bias = state is not None and bool(state.get("uniform")), state is not None and bool(state.get("o_bias"))
-    declare = adapter.config_bias if uniform and o_bias else None
-    plain = state is None or (uniform and (not o_bias or declare is not None))
+    state, declare, plain = saved_layout(model, adapter, sites)
     if plain:
         with _declared_biases(model, sites, adapter, declare):
             model.save_pretrained(path, safe_serialization=True)
