@@ -86,6 +86,14 @@ def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path
     assert result["perplexity_vs_teacher"] == pytest.approx(result["perplexity"] / teacher["perplexity"], rel=1e-12)
     code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tiny_dir])  # an encoder as a causal LM's teacher
     assert code == 2 and err[-1].endswith(f"--teacher: {tiny_dir} is an encoder model, MODEL a causal one")
+    # a teacher of another tokenizer: its perplexity is over other tokens (the ratio was printed)
+    other = tmp_path / "other"
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(other)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    tok.add_tokens(["zzqx"])
+    tok.save_pretrained(other)
+    code, err, _ = _eval(run, [tmp_path / "o", "--teacher", other])
+    assert code == 2 and f"--teacher: {other} has another tokenizer than MODEL" in err[-1], err
 
 
 def test_a_report_that_cannot_be_read_costs_the_fidelity_only(run, tmp_path, tiny_dir):  # noqa: F811

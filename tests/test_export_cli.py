@@ -188,3 +188,13 @@ def test_a_file_of_the_model_read_is_not_replaced_by_the_export(pruned, tmp_path
                          capsys)
         assert code == 2 and f"--gguf: {weights} is a file of {run / 'model'}, the model the export reads" in out.err
         assert weights.read_bytes() == before
+
+
+def test_a_family_export_cannot_write_is_said_before_the_source(tmp_path, capsys):
+    """A pruned GPT-2 was asked for --source first, and refused for its family only after."""
+    from hf_tiny import tiny_model
+
+    save_pruned(tiny_model("gpt2"), tmp_path / "gpt2", tokenizer=_tokenizer())
+    code, out = _run(["export", tmp_path / "gpt2", "--gguf", tmp_path / "m.gguf", "--quiet"], capsys)
+    assert code == 2 and "GGUF export writes llama models, got gpt2" in out.err and "--source" not in out.err
+    assert not (tmp_path / "m.gguf").exists()

@@ -86,6 +86,10 @@ def test_verdict_signs_only_outside_the_spread():
     assert verdict({"speedup": 0.99, "speedup_low": 0.985, "speedup_high": 0.995, **c}).startswith("no measurable")
     assert verdict({"speedup": 0.9, "speedup_low": 0.88, "speedup_high": 0.92, **c}) == \
         "0.90x (0.88-0.92x; the unpruned model against itself 0.99-0.99x)"
+    # a control 12-17% off one way: the same effect the other way is no difference either (it read 1.15x)
+    c = {"control_low": 0.83, "control_high": 0.88}
+    assert verdict({"speedup": 1.15, "speedup_low": 1.01, "speedup_high": 1.24, **c}).startswith("no measurable")
+    assert verdict({"speedup": 1.3, "speedup_low": 1.25, "speedup_high": 1.36, **c}).startswith("1.30x")
 
 
 def test_compare_speed_times_the_unpruned_model_against_itself_as_a_control(monkeypatch):

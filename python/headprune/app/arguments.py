@@ -111,8 +111,7 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
-positive = _int_at_least(1, "positive")
-nonnegative_int = _int_at_least(0, "non-negative")
+positive, nonnegative_int = _int_at_least(1, "positive"), _int_at_least(0, "non-negative")
 
 
 def nonnegative(text: str) -> float:
@@ -221,8 +220,9 @@ def output_args(p: argparse.ArgumentParser, command: str, *, distributed: bool =
 def selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which heads (default: the measured default recipe, see the description)")
     how = g.add_mutually_exclusive_group(required=True)
-    how.add_argument("--ratio", type=ratio, help="fraction of the prunable units to remove, in (0, 1)")
-    how.add_argument("--count", type=positive, help="number of prunable units to remove")
+    how.add_argument("--ratio", type=ratio, help="fraction of all the model's query heads to remove, layers kept "
+                                                 "whole included, in (0, 1) (of its KV groups under --gqa group)")
+    how.add_argument("--count", type=positive, help="number of query heads to remove (KV groups under --gqa group)")
     g.add_argument("--score", default=None, choices=(*SCORES, "learned"),
                    help="the statistic that ranks heads (default: the default recipe's); reconstruction: what the "
                         "least-squares refit cannot recover; entropy: the mean attention entropy (nats); learned: "

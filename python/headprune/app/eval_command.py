@@ -37,11 +37,11 @@ def evaluate(args) -> int:
     named = _named_teacher(folder, report, unread) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:
-        teacher = _load(args, spec, loaded.kind)
+        teacher = _load(args, spec, loaded)
     elif named:
         spec, bundled = named
         try:
-            teacher = _load(args, spec, loaded.kind, bundled=bundled)
+            teacher = _load(args, spec, loaded, bundled=bundled)
         except FileNotFoundError:
             C._warn(f"no fidelity: {spec}, the unpruned model that its report.json names, is not found here; "
                     "pass --teacher")
@@ -128,8 +128,15 @@ def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tupl
     return spec, bundled
 
 
-def _load(args, spec: str, kind: str, bundled: bool = False):
+def _load(args, spec: str, loaded, bundled: bool = False):
+    """The teacher, of MODEL's kind and tokenizer: another tokenizer reads the held-out text as
+    other tokens, so neither its perplexity per token nor its embeddings compare."""
     teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
-    if teacher.kind != kind:
-        raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(kind)} one")
+    if teacher.kind != loaded.kind:
+        raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(loaded.kind)} one")
+    theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
+    if theirs != ours:
+        raise ValueError(f"--teacher: {spec} has another tokenizer than MODEL ({len(theirs):,} tokens against "
+                         f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so its figures do not "
+                         "compare; pass the unpruned model MODEL was pruned from")
     return teacher

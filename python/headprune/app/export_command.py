@@ -39,16 +39,17 @@ def export(args) -> int:
         loaded = load_model(args.model, accept=("causal",))  # a prune's folder reads its model/
     source = source or (loaded.source if loaded.checkpoint_dtype == "gguf" else None)
     _refuse_input(out, src, source)
+    zeroed = zeroed_heads(loaded.model)
+    if zeroed:  # a masked model: its heads' outputs are zero columns, removed for a smaller file
+        prune_heads(loaded.model, zeroed)
+    arch = export_architecture(loaded.model, args.architecture)  # a family it cannot write is said first
     if source is None:
         raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
                          f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
                          "from a Hugging Face directory)")
-    zeroed = zeroed_heads(loaded.model)
-    if zeroed:  # a masked model: its heads' outputs are zero columns, removed for a smaller file
-        prune_heads(loaded.model, zeroed)
+    if zeroed:
         print(f"removed {sum(map(len, zeroed.values()))} heads whose output-projection columns are all zero (a "
               "masked model's); what they added was zero, so the model computes what it did")
-    arch = export_architecture(loaded.model, args.architecture)
     created = _parents(out.absolute().parent)
     try:
         with stage(f"writing the GGUF ({arch} architecture)", "gguf"):

@@ -83,9 +83,18 @@ def _layout(adapter, sites, architecture: str) -> tuple:
 
 
 def export_architecture(model, architecture: str = "auto") -> str:
-    """The llama.cpp architecture :func:`export_gguf` writes ``model`` as (``llama`` or ``deci``)."""
+    """The llama.cpp architecture :func:`export_gguf` writes ``model`` as (``llama`` or ``deci``);
+    ``ValueError`` for a family it does not write."""
     adapter = get_adapter(model)
+    _family(adapter)
     return _layout(adapter, resolve_sites(model, adapter), architecture)[0]
+
+
+def _family(adapter) -> str:
+    family = ARCHITECTURES.get(adapter.model_type)
+    if family is None:
+        raise ValueError(f"model: GGUF export writes {', '.join(ARCHITECTURES)} models, got {adapter.model_type}")
+    return family
 
 
 def _metadata(config, d: int) -> dict:
@@ -132,9 +141,7 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
     if architecture not in GGUF_ARCHITECTURES:
         raise ValueError(f"architecture: expected one of {', '.join(GGUF_ARCHITECTURES)}, got {architecture!r}")
     adapter = get_adapter(model)
-    family = ARCHITECTURES.get(adapter.model_type)
-    if family is None:
-        raise ValueError(f"model: GGUF export writes {', '.join(ARCHITECTURES)} models, got {adapter.model_type}")
+    family = _family(adapter)
     sites = resolve_sites(model, adapter)
     arch, counts = _layout(adapter, sites, architecture)
     d = head_dim(sites[0], adapter)

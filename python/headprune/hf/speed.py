@@ -220,13 +220,14 @@ def verdict(row: dict, clock: str = "", control: Optional[str] = "the unpruned m
     the other side of 1.0 from the rounds' median, the rounds were too uneven to tell: no
     measurable difference either, with both figures. Where it holds a control's quartiles
     (``control_low`` / ``control_high``: the reference timed against itself in the same
-    rounds), a spread that reaches into the control's is no measurable difference too: timing
-    one model against an identical one gave 0.99x (0.99-0.99x) on a loaded machine. ``control``
-    names the control in the text (``None``: not named)."""
+    rounds), a spread that reaches into the control's, or into its mirror image about 1.0, is no
+    measurable difference too: timing one model against an identical one gave 0.99x (0.99-0.99x)
+    on a loaded machine, and 0.83-0.88x in another run, whose order effect of 12-17% could as well
+    have run the other way. ``control`` names the control in the text (``None``: not named)."""
     s, lo, hi = row[f"speedup{clock}"], row[f"speedup{clock}_low"], row[f"speedup{clock}_high"]
     c_lo, c_hi = row.get(f"control{clock}_low"), row.get(f"control{clock}_high")
     control = "" if c_lo is None or control is None else f"; {control} {c_lo:.2f}-{c_hi:.2f}x"
-    band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo), max(1.0, c_hi))
+    band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo, 1.0 / c_hi), max(1.0, c_hi, 1.0 / c_lo))
     if lo <= band[1] and hi >= band[0]:
         return f"no measurable difference ({lo:.2f}-{hi:.2f}x{control})"
     medians = row.get(f"speedup{clock}_of_medians")
