@@ -194,3 +194,25 @@ def test_a_recipe_s_own_removal_decides_its_default_scope_in_the_reach_check(mon
         S.run_sweep(config, Loaded(model, None, "encoder", "tiny"), scores, [], {"data": "x"}, {"own": recipe},
                     batches=batches)
     assert evaluated == []
+
+
+def test_kv_layout_recipes_run_only_where_queries_are_grouped(llama_dir, capsys, monkeypatch):
+    """On a model without grouped queries the even and whole-KV-group recipes are the default
+    again: two more columns of its figures (and two more sweeps of the model)."""
+    import headprune.app.sweep as S
+    import headprune.app.sweep_command as SC
+
+    ran = {}
+
+    def stop(config, loaded, scores, held, settings, recipes, batches=None):
+        ran.update(recipes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
+    monkeypatch.setattr(SC, "run_sweep", stop)
+    code, err = _sweep(capsys, llama_dir.parent / "bert", "--ratios", "0.25")
+    kv = {k for k, kw in S.RECIPES.items() if "gqa" in kw}
+    assert code == 130 and kv and not kv & set(ran) and "default" in ran, (err, sorted(ran))
+    ran.clear()
+    code, err = _sweep(capsys, llama_dir, "--ratios", "0.25")
+    assert code == 130 and kv <= set(ran), (err, sorted(ran))

@@ -20,6 +20,7 @@ def test_random_columns_mark_recipes_better_than_the_random_mean():
     fidelity = {**_result([[0.9, 0.8], [0.7, 0.6]]), "lower_is_better": False, "ratios": [0.125, 0.375]}
     text = sweep_markdown(fidelity)
     assert "random mean (2 seeds)" in text  # fidelities: arithmetic
+    assert "random geometric mean (1 seed)" in sweep_markdown(_result([[12.0], [20.0]]))  # not "1 seeds"
     rows = [line for line in text.splitlines() if line.startswith("| 0.")]  # 0.125 read as 0.12, 0.375 as 0.38
     assert rows[0].startswith("| 0.125 |") and rows[1].startswith("| 0.375 |")
 
@@ -148,3 +149,26 @@ def test_numbers_from_ten_thousand_are_written_whole():
 
     assert [number(v) for v in (41150.3, 1234.5678, 0.99997, 12.5, -20000.0, 9999.6, 2.688e43)] == \
         ["41,150", "1,235", "0.99997", "12.5", "-20,000", "10,000", "2.688e+43"]
+
+
+def test_the_sweep_plot_tells_every_recipe_apart_and_reads_plain_numbers(tmp_path, monkeypatch):
+    """Past ten recipes the colour cycle repeated (the default and an entropy recipe in one blue),
+    and a narrow log axis read 3.0645x10^4."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from headprune.app.plots import sweep_plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    recipes = {f"recipe {i}": [30600.0 + i, 30700.0 + i] for i in range(19)}
+    result = {"model": "m", "data": "d", "metric": "perplexity", "lower_is_better": True, "baseline": 30500.0,
+              "ratios": [0.1, 0.2], "recipes": recipes, "random": [[30650.0], [30750.0]], "default_recipe": "recipe 0"}
+    sweep_plot(result, tmp_path / "s.png")
+    (ax,) = figures[0].axes
+    drawn = [(line.get_color(), line.get_marker()) for line in ax.get_lines() if line.get_label() in recipes or
+             line.get_label().startswith("recipe 0")]
+    assert len(drawn) == 19 and len(set(drawn)) == 19 and len({c for c, _ in drawn}) == 19
+    figures[0].canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+    assert labels and not any("times" in t or "^" in t for t in labels), labels

@@ -124,7 +124,7 @@ def test_perplexity_scores_the_tokens_after_the_last_full_window():
     from hf_tiny import tiny_config
 
     class Tok:
-        def __call__(self, text, add_special_tokens=False):
+        def __call__(self, text, add_special_tokens=False, verbose=True):  # as transformers' tokenizers
             return {"input_ids": [int(w) for w in text.split()]}
 
     torch.manual_seed(0)
@@ -140,3 +140,30 @@ def test_perplexity_scores_the_tokens_after_the_last_full_window():
     assert math.isclose(out["nll"], want, rel_tol=1e-5)
     capped = perplexity(model, Tok(), [" ".join(map(str, ids))], window=64, stride=64, max_windows=1)
     assert capped["windows"] == 1 and capped["tokens"] == 63
+
+
+def test_the_whole_stream_is_tokenized_without_the_length_warning(tiny_dir):  # noqa: F811
+    """Calibration and perplexity tokenize a text longer than the model's positions at once and
+    cut it into windows; transformers warned at every run that it "will result in indexing errors"."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    tok = _tokenizer(tiny_dir)
+    tok.model_max_length = 8
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root, level = hf_logging.get_logger(), hf_logging.get_verbosity()
+    root.addHandler(handler)
+    hf_logging.set_verbosity_warning()  # as a run without --quiet (the suite sets errors only)
+    try:
+        windows = texts.token_windows(tok, ["the a of and to in"] * 10, 4)
+        other = _tokenizer(tiny_dir)  # the warning is given once per tokenizer: another shows it reaches here
+        other.model_max_length = 8
+        other(" ".join(["the a of"] * 10))
+    finally:
+        hf_logging.set_verbosity(level)
+        root.removeHandler(handler)
+    assert windows.shape[1] == 4 and windows.shape[0] >= 10
+    assert len(seen) == 1 and "longer than the specified maximum" in seen[0], seen

@@ -44,7 +44,7 @@ def thin_held_out(loaded, held: list) -> str | None:
     over fewer than :data:`THIN_PARAGRAPHS` paragraphs), or ``None``."""
     if loaded.kind == "causal":
         window = perplexity_window(loaded.model)
-        tokens = len(loaded.tokenizer("\n\n".join(held), add_special_tokens=False)["input_ids"])
+        tokens = len(loaded.tokenizer("\n\n".join(held), add_special_tokens=False, verbose=False)["input_ids"])
         if tokens < window:
             return f"its held-out part has {tokens} token(s), fewer than one window of {window} for the perplexity"
         return None

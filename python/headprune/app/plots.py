@@ -11,11 +11,14 @@ from .sweep_table import random_mean
 
 
 def _plt():
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a missing math font: a fallback, no fault
     return plt
 
 
@@ -85,17 +88,23 @@ def sweep_plot(result: dict, path: Path) -> Path:
     rnd = torch.tensor(result["random"])  # [ratios, seeds]
     if rnd.numel():  # a sweep of no random draws (seeds=0) has no band
         lo, hi = rnd.min(1).values, rnd.max(1).values
-        ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seeds, min-max)")
+        ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seed{'s' * (rnd.shape[1] != 1)}, min-max)")
         ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
                 color="grey", ls="--", lw=1)
     default = result.get("default_recipe")
-    for name, values in result["recipes"].items():
+    colours, markers = plt.get_cmap("tab20"), "osD^vPX<>*"  # a colour and marker each: the default cycle has 10
+    for i, (name, values) in enumerate(result["recipes"].items()):
         main = name == default
-        ax.plot(ratios, values, marker="o", lw=2.5 if main else 1.2, zorder=3 if main else 2,
+        ax.plot(ratios, values, marker=markers[i % len(markers)], color=colours(i % 20), lw=2.5 if main else 1.2,
+                zorder=3 if main else 2,
                 label=(name if name.endswith("default") else f"{name} (the default)") if main else name)
     ax.axhline(result["baseline"], color="black", lw=0.8, ls=":", label="unpruned")
     if result.get("lower_is_better"):
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 31.2, not 3.12x10^1
+            axis(FuncFormatter(lambda v, _: f"{v:.4g}"))
     ax.set_xlabel("fraction of heads pruned")
     ax.set_ylabel(metric + (" (lower is better)" if result.get("lower_is_better") else " (higher is better)"))
     ax.set_title(f"{result['model']}: {metric} on held-out text ({result['data']})", fontsize=9)

@@ -302,7 +302,8 @@ def _losses(r: dict) -> str:
     first, last = r.get("loss_first"), r.get("loss_last")
     if first is None or math.isnan(first):  # a checkpoint that held every step asked for
         return " No distillation step ran in this call: the checkpoint held every step asked for."
-    return f" Distillation loss {first:.4g} at the first step, {last:.4g} at the last."
+    return (f" Distillation loss {first:.4g} at the first step, {last:.4g} at the last (each on its own training "
+            "batch, so they do not compare; the held-out figures do).")
 
 
 def _drawn(s: dict) -> str:

@@ -171,7 +171,8 @@ def _recovered(report: dict) -> str:
         return ""
     return (f"After the removal, distilled toward the unpruned model for {r['steps']} steps on the calibration "
             f"batches (training {r['train']}, {r['parameters']:,} parameters; distillation loss {r['loss_first']:.4g} "
-            f"at the first step, {r['loss_last']:.4g} at the last).{validation_sentence(r)}\n\n")
+            f"at the first step, {r['loss_last']:.4g} at the last, each on its own batch)."
+            f"{validation_sentence(r)}\n\n")
 
 
 def to_json(obj, strict: bool = True) -> str:

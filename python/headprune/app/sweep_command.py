@@ -45,13 +45,16 @@ def sweep(args) -> int:
 def plan(args, loaded) -> dict:
     """The recipes the sweep runs, from the model's head layout alone (before the collection):
     ``--ratios`` below one unit, or out of the random baseline's reach, are refused; recipes
-    that cannot run or reach a fraction are left out, each with a warning."""
+    that cannot run or reach a fraction are left out, each with a warning, and the KV-layout
+    recipes, which are the default on a model without grouped queries, silently."""
     layout = model_layout(loaded.model)  # the sweep collects second moments
     config = SweepConfig.from_args(args)
     group = config.gqa == "group" and any(k and k < h for h, k in zip(layout.num_heads, layout.num_kv_heads))
     units = sum((k or h) if group else h for h, k in zip(layout.num_heads, layout.num_kv_heads))
     refuse_below_one("--ratios", config.ratios, units, "KV groups" if group else "query heads")
     recipes = dict(RECIPES)
+    if all(not k or k == h for h, k in zip(layout.num_heads, layout.num_kv_heads)):  # no grouped queries: a KV
+        recipes = {k: kw for k, kw in recipes.items() if "gqa" not in kw}  # layout recipe is the default again
     if args.learn_steps:
         recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})
     if len({(h, k or h) for h, k in zip(layout.num_heads, layout.num_kv_heads)}) > 1:  # e.g. a pruned directory

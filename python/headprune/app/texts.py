@@ -204,7 +204,7 @@ def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
 
 def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor:
     """The paragraphs joined into one token stream, cut into ``[N, seq_len]`` windows."""
-    ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False)["input_ids"]
+    ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"--seq-len: the text has {len(ids)} tokens, fewer than one window of {seq_len}")
