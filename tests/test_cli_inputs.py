@@ -194,3 +194,17 @@ def test_prune_names_its_flags_in_the_selections_messages_and_nothing_else():
     assert _message(ValueError(api), "sweep") == api
     path = "MODEL: directory /tmp/x/kv_ratio has no tokenizer files (protect_layers)"
     assert _message(ValueError(path), "prune") == path
+
+
+def test_a_learn_checkpoint_that_is_no_such_checkpoint_is_refused_first(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A file that is no learned-gates checkpoint (the model's weights) was refused after the
+    model loaded and the collection ran."""
+    import headprune.app.commands as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before --learn-checkpoint was checked"))
+    weights = next(tiny_dir.glob("*.safetensors"))
+    before = weights.read_bytes()
+    code, err = _run(["prune", tiny_dir, "--count", "2", "--score", "learned", "--learn-checkpoint", weights,
+                      "--quiet", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"checkpoint: {weights} exists and is not a learned-gates checkpoint" in err[0], err
+    assert weights.read_bytes() == before and not (tmp_path / "o").exists()

@@ -188,6 +188,10 @@ def test_a_file_of_the_model_read_is_not_replaced_by_the_export(pruned, tmp_path
                          capsys)
         assert code == 2 and f"--gguf: {weights} is a file of {run / 'model'}, the model the export reads" in out.err
         assert weights.read_bytes() == before
+    code, out = _run(["export", run, "--gguf", run / "report.json", "--source", t / "src.gguf", "--force", "--quiet"],
+                     capsys)  # the report, which names the source and the record recover and eval read
+    assert code == 2 and f"--gguf: {run / 'report.json'} is the report of {run}" in out.err
+    assert (run / "report.json").read_text() == "{}"
 
 
 def test_a_family_export_cannot_write_is_said_before_the_source(tmp_path, capsys):

@@ -84,3 +84,13 @@ def test_attention_shared_between_layers_is_refused_by_name():
         with pytest.raises(ValueError, match=r"sites 0 \(.*\) and 1 \(.*\) are one attention module"):
             call()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_flex_attention_is_refused_naming_its_mask():
+    """Flex attention hands a BlockMask, which the refusal called a "?-D or non-tensor mask"."""
+    import transformers
+
+    model = transformers.AutoModel.from_config(tiny_config("llama"), attn_implementation="flex_attention").eval()
+    with pytest.raises(NotImplementedError, match=r"^attention implementation 'flex_attention' hands a mask of type "
+                                                  r"BlockMask, not the 4-D tensor headprune reads; collect with"):
+        collect(model, [tiny_batch("llama")], progress=False)

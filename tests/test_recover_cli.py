@@ -271,6 +271,31 @@ def test_a_file_that_is_no_recovery_checkpoint_is_refused_first(run, tmp_path, t
     assert not any("loading" in line for line in err) and weights.read_bytes() == before and not (tmp_path / "g").exists()
 
 
+def test_recover_refuses_another_tokenizer_and_guards_a_named_teachers_model(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811,E501
+    """recover distilled toward a --teacher of another tokenizer (eval refused it); and a teacher
+    that DIR's report names as a prune folder (iterative pruning) had its model/ replaceable by --out."""
+    import json
+
+    import transformers
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    assert run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--out", tmp_path / "p1"])[0] == 0
+    assert run(["prune", tmp_path / "p1", "--ratio", "0.3", *calib, "--out", tmp_path / "p2"])[0] == 0
+    other = tmp_path / "other"
+    transformers.AutoModel.from_pretrained(tiny_dir).save_pretrained(other)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    tok.add_tokens(["zzqx"])
+    tok.save_pretrained(other)
+    code, err = run(["recover", tmp_path / "p2", "--steps", "1", "--teacher", other, "--out", tmp_path / "r"])
+    assert code == 2 and f"--teacher: {other} has another tokenizer than DIR" in err[-1] and not (tmp_path / "r").exists()
+    assert json.loads((tmp_path / "p2" / "report.json").read_text())["model_path"] == str(tmp_path / "p1")
+    import headprune.app.recover_command as R
+
+    monkeypatch.setattr(R, "load_model", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    code, err = run(["recover", tmp_path / "p2", "--steps", "1", "--out", tmp_path / "p1" / "model", "--force"])
+    assert code == 2 and f"--out: {tmp_path / 'p1' / 'model'} is the teacher" in err[-1], err
+
+
 def test_prune_recover_seconds(run, tmp_path, tiny_dir):  # noqa: F811
     import json
 

@@ -90,6 +90,8 @@ def test_verdict_signs_only_outside_the_spread():
     c = {"control_low": 0.83, "control_high": 0.88}
     assert verdict({"speedup": 1.15, "speedup_low": 1.01, "speedup_high": 1.24, **c}).startswith("no measurable")
     assert verdict({"speedup": 1.3, "speedup_low": 1.25, "speedup_high": 1.36, **c}).startswith("1.30x")
+    for c in ({"control_low": 0.0, "control_high": 0.5}, {"control_low": 0.9, "control_high": float("inf")}):
+        verdict({"speedup": 1.6, "speedup_low": 1.55, "speedup_high": 1.65, **c})  # no ZeroDivisionError
 
 
 def test_compare_speed_times_the_unpruned_model_against_itself_as_a_control(monkeypatch):

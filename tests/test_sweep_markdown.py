@@ -171,4 +171,6 @@ def test_the_sweep_plot_tells_every_recipe_apart_and_reads_plain_numbers(tmp_pat
     assert len(drawn) == 19 and len(set(drawn)) == 19 and len({c for c, _ in drawn}) == 19
     figures[0].canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+    monkeypatch.undo()
+    plt.close(figures[0])
     assert labels and not any("times" in t or "^" in t for t in labels), labels

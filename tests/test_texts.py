@@ -166,4 +166,4 @@ def test_the_whole_stream_is_tokenized_without_the_length_warning(tiny_dir):  # 
         hf_logging.set_verbosity(level)
         root.removeHandler(handler)
     assert windows.shape[1] == 4 and windows.shape[0] >= 10
-    assert len(seen) == 1 and "longer than the specified maximum" in seen[0], seen
+    assert sum("longer than the specified maximum" in m for m in seen) == 1, seen  # the other tokenizer's

@@ -18,7 +18,7 @@ from ..ranking import DEFAULT_RECIPE, natural_order
 from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
-from .load import load_model, prune_folder
+from .load import BUNDLED_MODELS, bundled_path, load_model, prune_folder
 from .report import scores_markdown, to_json
 
 #: calibration sequences and their length by kind of model. Encoders take 512 paragraphs: on
@@ -312,13 +312,36 @@ def _out(args, command: str) -> Path:
 
 
 def inputs(args) -> tuple:
-    """The paths a command reads, for :func:`check_out`: the model (and a prune folder's
-    ``model/``, which is where it is read from), the teacher alike, and each text of ``--data``."""
+    """The paths a command reads, for :func:`check_out`: the model and the teacher (each also
+    where it is read from, see :func:`model_inputs`) and each text of ``--data``."""
     model = "DIR" if getattr(args, "command", None) == "recover" else "MODEL"
-    given = [(model, args.model), ("--teacher", getattr(args, "teacher", None))]
-    read = [(flag, folder / "model") for flag, path in given if path and (folder := prune_folder(path)) is not None]
     data = getattr(args, "data", None)
-    return (*given, *read, *(("--data", name) for name in (texts.spec_names(data) if data else ())))
+    return (*model_inputs(model, args.model), *model_inputs("--teacher", getattr(args, "teacher", None)),
+            *(("--data", name) for name in (texts.spec_names(data) if data else ())))
+
+
+def model_inputs(flag: str, spec) -> list:
+    """``(flag, spec)`` and the directory :func:`load_model` reads ``spec`` from where that is
+    another: a prune folder's ``model/``, a bundled model's installed directory."""
+    out = [(flag, spec)]
+    if spec and str(spec) in BUNDLED_MODELS:
+        try:
+            out.append((flag, bundled_path(str(spec))[0]))
+        except FileNotFoundError:  # not installed: nothing there to replace
+            pass
+    elif spec and (folder := prune_folder(spec)) is not None:
+        out.append((flag, folder / "model"))
+    return out
+
+
+def check_teacher(spec: str, teacher, loaded, model: str = "MODEL") -> None:
+    """A teacher must read text as ``loaded`` does: another tokenizer gives other tokens, so
+    neither its perplexity per token nor its embeddings nor its next-token distributions compare."""
+    theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
+    if theirs != ours:
+        raise ValueError(f"--teacher: {spec} has another tokenizer than {model} ({len(theirs):,} tokens against "
+                         f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so it does not "
+                         f"compare; pass the unpruned model {model} was pruned from")
 
 
 class Stages:

@@ -134,9 +134,5 @@ def _load(args, spec: str, loaded, bundled: bool = False):
     teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     if teacher.kind != loaded.kind:
         raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(loaded.kind)} one")
-    theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
-    if theirs != ours:
-        raise ValueError(f"--teacher: {spec} has another tokenizer than MODEL ({len(theirs):,} tokens against "
-                         f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so its figures do not "
-                         "compare; pass the unpruned model MODEL was pruned from")
+    C.check_teacher(spec, teacher, loaded)
     return teacher

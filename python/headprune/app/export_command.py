@@ -105,6 +105,8 @@ def _refuse_input(out: Path, src: Path, source: Optional[str]) -> None:
         if path is not None and os.path.exists(path) and os.path.samefile(out, path):
             raise ValueError(f"--gguf: {out} is {path}, which the export reads; write the GGUF elsewhere")
     folder = prune_folder(src)
+    if folder is not None and os.path.samefile(out, folder / "report.json"):  # which names the source, the record
+        raise ValueError(f"--gguf: {out} is the report of {folder}, which the export reads; write the GGUF elsewhere")
     model = folder / "model" if folder is not None else src  # where load_model reads the weights
     if model.is_dir() and C._at_or_inside(out, model):
         raise ValueError(f"--gguf: {out} is a file of {model}, the model the export reads; write the GGUF elsewhere")

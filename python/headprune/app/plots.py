@@ -88,7 +88,8 @@ def sweep_plot(result: dict, path: Path) -> Path:
     rnd = torch.tensor(result["random"])  # [ratios, seeds]
     if rnd.numel():  # a sweep of no random draws (seeds=0) has no band
         lo, hi = rnd.min(1).values, rnd.max(1).values
-        ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({rnd.shape[1]} seed{'s' * (rnd.shape[1] != 1)}, min-max)")
+        seeds = f"{rnd.shape[1]} seed{'s' * (rnd.shape[1] != 1)}"
+        ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({seeds}, min-max)")
         ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
                 color="grey", ls="--", lw=1)
     default = result.get("default_recipe")

@@ -25,6 +25,11 @@ def check_options(args) -> None:
     if args.score != "learned" and (args.learn_checkpoint is not None or args.learn_seconds or args.learn_steps):
         raise ValueError("--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates")
     C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
+    if args.learn_checkpoint is not None:  # a file that is no such checkpoint: refused before the collection
+        from ..hf.learned import FORMAT
+        from ..hf.training import refuse_other_kind
+
+        refuse_other_kind(args.learn_checkpoint, FORMAT, "learned-gates")
     if args.scope == "measured" and (rounds or getattr(args, "uniform", False) or args.kv_ratio):
         raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
                          "--kv-ratio")

@@ -207,7 +207,8 @@ def recover(args) -> int:
     named, bundled = named_model(prune_report)
     teacher_spec = args.teacher or named
     data = _data_spec(args, prune_report["settings"])
-    read = [("the teacher", teacher_spec), *(("the calibration text", p) for p in texts.spec_names(data))]
+    read = [*C.model_inputs("the teacher", teacher_spec),
+            *(("the calibration text", p) for p in texts.spec_names(data))]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     refuse_other_kind(args.checkpoint)  # the teacher's weights, say: refused before both models load
@@ -217,6 +218,7 @@ def recover(args) -> int:
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
+        C.check_teacher(teacher_spec, teacher, student, "DIR")  # distilled toward: its tokens must be the student's
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
         C.warn_thin(used["data"], student, paragraphs["held_out"])

@@ -24,7 +24,7 @@ def sweep_markdown(result: dict) -> str:
     random columns and the marks against them are left out."""
     lower, names = result["lower_is_better"], list(result["recipes"])
     draws = len(result["random"][0]) if result["random"] else 0
-    mean_name, seeds = "geometric mean" if lower else "mean", f"{draws} seed{'s' * (draws != 1)}"  # perplexities multiply
+    mean_name, seeds = "geometric mean" if lower else "mean", f"{draws} seed{'s' * (draws != 1)}"
     columns = ["fraction pruned", *names, *([f"random {mean_name} ({seeds})", "random range"] if draws else [])]
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
            "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]

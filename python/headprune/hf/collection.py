@@ -291,5 +291,6 @@ def _named(site, **inputs):
         raise ValueError(
             f"site {site.name}: the model's own attention {' and '.join(bad)} here hold NaN or inf, so its forward "
             f"computes them before headprune reads them ({e}); a float64 model in eager attention with padded "
-            "batches does so inside transformers: use float32 or attn_implementation='sdpa'") from None
+            "batches does so inside transformers: use float32, or attn_implementation='sdpa' in a family that has "
+            "it (Gemma 2 has not)") from None
 

@@ -31,10 +31,9 @@ def effective_mask(impl, module, query, key, mask, kwargs):
     q_len, k_len = query.shape[2], key.shape[2]
     bias = kwargs.get("position_bias")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 4):
-        raise NotImplementedError(
-            f"attention implementation {impl!r} hands a {getattr(mask, 'dim', lambda: '?')()}-D or non-tensor mask; "
-            "collect with the model in 'sdpa' or 'eager'"
-        )
+        what = f"a {mask.dim()}-D mask" if isinstance(mask, torch.Tensor) else f"a mask of type {type(mask).__name__}"
+        raise NotImplementedError(f"attention implementation {impl!r} hands {what}, not the 4-D tensor headprune "
+                                  "reads; collect with the model in 'sdpa' or 'eager'")
     if impl == "eager":  # eager adds its (always explicit) mask and bias, nothing implicit
         if bias is not None:
             mask = bias if mask is None else (torch.where(mask, bias, float("-inf")) if mask.dtype == torch.bool else bias + mask)

@@ -24,6 +24,7 @@ spread would be noise read as a result. Wall time and the process's CPU time are
 from __future__ import annotations
 
 import inspect
+import math
 import statistics
 import time
 from typing import Optional
@@ -227,7 +228,10 @@ def verdict(row: dict, clock: str = "", control: Optional[str] = "the unpruned m
     s, lo, hi = row[f"speedup{clock}"], row[f"speedup{clock}_low"], row[f"speedup{clock}_high"]
     c_lo, c_hi = row.get(f"control{clock}_low"), row.get(f"control{clock}_high")
     control = "" if c_lo is None or control is None else f"; {control} {c_lo:.2f}-{c_hi:.2f}x"
-    band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo, 1.0 / c_hi), max(1.0, c_hi, 1.0 / c_lo))
+    if c_lo is None or not 0 < c_lo <= c_hi < math.inf:  # none, or not a spread of ratios (a results file's)
+        band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo), max(1.0, c_hi))
+    else:
+        band = (min(1.0, c_lo, 1.0 / c_hi), max(1.0, c_hi, 1.0 / c_lo))
     if lo <= band[1] and hi >= band[0]:
         return f"no measurable difference ({lo:.2f}-{hi:.2f}x{control})"
     medians = row.get(f"speedup{clock}_of_medians")
