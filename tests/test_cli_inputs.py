@@ -206,5 +206,21 @@ def test_a_learn_checkpoint_that_is_no_such_checkpoint_is_refused_first(tmp_path
     before = weights.read_bytes()
     code, err = _run(["prune", tiny_dir, "--count", "2", "--score", "learned", "--learn-checkpoint", weights,
                       "--quiet", "--out", tmp_path / "o"], capsys)
-    assert code == 2 and f"checkpoint: {weights} exists and is not a learned-gates checkpoint" in err[0], err
+    assert code == 2 and f"--learn-checkpoint: {weights} exists and is not a learned-gates checkpoint" in err[0], err
     assert weights.read_bytes() == before and not (tmp_path / "o").exists()
+
+
+def test_bundled_names_are_not_paths_here(tmp_path, monkeypatch):
+    """A bundled text is read as the bundled text, a bundled model from its installed package,
+    whatever is in the working directory: a folder of that name there is no input, and --out
+    naming it was refused as one."""
+    from headprune.app import commands as C
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("persuasion", "minilm"):
+        (tmp_path / name).mkdir()
+    args = argparse.Namespace(command="prune", model="minilm", teacher=None, data="persuasion+my.txt")
+    got = C.inputs(args)
+    assert ("--data", "my.txt") in got and all(p != "persuasion" and p != "minilm" for _, p in got), got
+    assert ("MODEL", C.bundled_path("minilm")[0]) in got  # where it is read from
+    C.check_out(tmp_path / "persuasion", True, got)  # not refused

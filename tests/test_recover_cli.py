@@ -266,7 +266,7 @@ def test_a_file_that_is_no_recovery_checkpoint_is_refused_first(run, tmp_path, t
     weights = next((tmp_path / "p" / "model").glob("*.safetensors"))
     before = weights.read_bytes()
     code, err = run(["recover", tmp_path / "p", "--steps", "1", "--checkpoint", weights, "--out", tmp_path / "g"])
-    assert code == 2 and err[-1].endswith(f"checkpoint: {weights} exists and is not a recovery checkpoint; the run "
+    assert code == 2 and err[-1].endswith(f"--checkpoint: {weights} exists and is not a recovery checkpoint; the run "
                                           "would write over it, so pass another path"), err
     assert not any("loading" in line for line in err) and weights.read_bytes() == before and not (tmp_path / "g").exists()
 
@@ -294,6 +294,14 @@ def test_recover_refuses_another_tokenizer_and_guards_a_named_teachers_model(run
     monkeypatch.setattr(R, "load_model", lambda *a, **k: pytest.fail("loaded before --out was checked"))
     code, err = run(["recover", tmp_path / "p2", "--steps", "1", "--out", tmp_path / "p1" / "model", "--force"])
     assert code == 2 and f"--out: {tmp_path / 'p1' / 'model'} is the teacher" in err[-1], err
+    monkeypatch.undo()
+    # the teacher DIR's report names: the message says so, and that --teacher chooses another
+    report = json.loads((tmp_path / "p2" / "report.json").read_text())
+    (tmp_path / "p2" / "report.json").write_text(json.dumps({**report, "model_path": str(other)}))
+    code, err = run(["recover", tmp_path / "p2", "--steps", "1", "--out", tmp_path / "r"])
+    assert code == 2 and err[-1].endswith(f"DIR/report.json names {other} as the unpruned model, which has another "
+                                          "tokenizer than DIR (17 tokens against 16), so it does not compare; pass "
+                                          "--teacher, the unpruned model DIR was pruned from"), err
 
 
 def test_prune_recover_seconds(run, tmp_path, tiny_dir):  # noqa: F811

@@ -315,33 +315,38 @@ def inputs(args) -> tuple:
     """The paths a command reads, for :func:`check_out`: the model and the teacher (each also
     where it is read from, see :func:`model_inputs`) and each text of ``--data``."""
     model = "DIR" if getattr(args, "command", None) == "recover" else "MODEL"
-    data = getattr(args, "data", None)
     return (*model_inputs(model, args.model), *model_inputs("--teacher", getattr(args, "teacher", None)),
-            *(("--data", name) for name in (texts.spec_names(data) if data else ())))
+            *text_inputs("--data", getattr(args, "data", None)))
 
 
 def model_inputs(flag: str, spec) -> list:
-    """``(flag, spec)`` and the directory :func:`load_model` reads ``spec`` from where that is
-    another: a prune folder's ``model/``, a bundled model's installed directory."""
-    out = [(flag, spec)]
+    """``(flag, path)`` of where :func:`load_model` reads ``spec``: the path, and a prune
+    folder's ``model/``; a bundled model's installed directory (the name is no path then)."""
     if spec and str(spec) in BUNDLED_MODELS:
         try:
-            out.append((flag, bundled_path(str(spec))[0]))
-        except FileNotFoundError:  # not installed: nothing there to replace
-            pass
-    elif spec and (folder := prune_folder(spec)) is not None:
-        out.append((flag, folder / "model"))
-    return out
+            return [(flag, bundled_path(str(spec))[0])]
+        except (FileNotFoundError, ValueError):  # not installed: nothing there to replace
+            return []
+    folder = prune_folder(spec) if spec else None
+    return [(flag, spec)] + ([(flag, folder / "model")] if folder is not None else [])
 
 
-def check_teacher(spec: str, teacher, loaded, model: str = "MODEL") -> None:
+def text_inputs(flag: str, spec) -> list:
+    """``(flag, path)`` of each text of a ``--data`` value that is read from a file (a bundled
+    name is read as the bundled text, whatever is here)."""
+    return [(flag, n) for n in (texts.spec_names(spec) if spec else ()) if n not in texts.BUNDLED_TEXTS]
+
+
+def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool = False) -> None:
     """A teacher must read text as ``loaded`` does: another tokenizer gives other tokens, so
-    neither its perplexity per token nor its embeddings nor its next-token distributions compare."""
+    neither its perplexity per token nor its embeddings nor its next-token distributions compare.
+    ``named``: the teacher is the one ``model``'s report.json names, not ``--teacher``."""
     theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
     if theirs != ours:
-        raise ValueError(f"--teacher: {spec} has another tokenizer than {model} ({len(theirs):,} tokens against "
+        who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
+        raise ValueError(f"{who} has another tokenizer than {model} ({len(theirs):,} tokens against "
                          f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so it does not "
-                         f"compare; pass the unpruned model {model} was pruned from")
+                         f"compare; pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from")
 
 
 class Stages:

@@ -134,5 +134,5 @@ def _load(args, spec: str, loaded, bundled: bool = False):
     teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     if teacher.kind != loaded.kind:
         raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(loaded.kind)} one")
-    C.check_teacher(spec, teacher, loaded)
+    C.check_teacher(spec, teacher, loaded, named=args.teacher is None)
     return teacher

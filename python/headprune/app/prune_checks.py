@@ -29,7 +29,7 @@ def check_options(args) -> None:
         from ..hf.learned import FORMAT
         from ..hf.training import refuse_other_kind
 
-        refuse_other_kind(args.learn_checkpoint, FORMAT, "learned-gates")
+        refuse_other_kind(args.learn_checkpoint, FORMAT, "learned-gates", "--learn-checkpoint")
     if args.scope == "measured" and (rounds or getattr(args, "uniform", False) or args.kv_ratio):
         raise ValueError("--scope measured: chooses each layer's share in one round; drop --steps, --uniform and "
                          "--kv-ratio")

@@ -207,18 +207,17 @@ def recover(args) -> int:
     named, bundled = named_model(prune_report)
     teacher_spec = args.teacher or named
     data = _data_spec(args, prune_report["settings"])
-    read = [*C.model_inputs("the teacher", teacher_spec),
-            *(("the calibration text", p) for p in texts.spec_names(data))]
+    read = [*C.model_inputs("the teacher", teacher_spec), *C.text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
-    refuse_other_kind(args.checkpoint)  # the teacher's weights, say: refused before both models load
+    refuse_other_kind(args.checkpoint, flag="--checkpoint")  # the teacher's weights, say: before both models load
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
         teacher = _teacher(args, teacher_spec, bundled=not args.teacher and bundled)
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
-        C.check_teacher(teacher_spec, teacher, student, "DIR")  # distilled toward: its tokens must be the student's
+        C.check_teacher(teacher_spec, teacher, student, "DIR", named=not args.teacher)  # distilled toward
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
         C.warn_thin(used["data"], student, paragraphs["held_out"])

@@ -178,11 +178,14 @@ def _kind(fmt) -> Optional[str]:
     return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
 
 
-def refuse_other_kind(path, fmt: str = CHECKPOINT_FORMAT, what: str = "recovery") -> None:
-    """Before the slow work: ``ValueError`` when a file at ``path`` is not a checkpoint of
-    ``fmt``'s kind (any version; what it was written for is checked when it is read)."""
+def refuse_other_kind(path, fmt: str = CHECKPOINT_FORMAT, what: str = "recovery", flag: str = "checkpoint") -> None:
+    """Before the slow work: ``ValueError`` naming ``flag`` when a file at ``path`` is not a
+    checkpoint of ``fmt``'s kind (any version; what it was written for is checked when it is read)."""
     if path is not None:
-        _Checkpoint(path, {"format": fmt}, what).check_replaceable()
+        try:
+            _Checkpoint(path, {"format": fmt}, what).check_replaceable()
+        except ValueError as e:
+            raise ValueError(f"{flag}: {str(e).removeprefix('checkpoint: ')}") from None
 
 
 def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:
