@@ -12,6 +12,7 @@ from typing import Optional
 from . import commands as C
 from . import evaluate as E
 from . import texts
+from .inputs import check_teacher
 from .load import SAVE_TYPES, a_kind, load_model, prune_folder, stored_type_name
 from .report import number, to_json
 
@@ -134,5 +135,5 @@ def _load(args, spec: str, loaded, bundled: bool = False):
     teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     if teacher.kind != loaded.kind:
         raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(loaded.kind)} one")
-    C.check_teacher(spec, teacher, loaded, named=args.teacher is None)
+    check_teacher(spec, teacher, loaded, named=args.teacher is None)
     return teacher

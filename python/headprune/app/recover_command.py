@@ -18,6 +18,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
+from .inputs import check_teacher, model_inputs, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
 from .report import sequences_text, validation_sentence
 
@@ -207,7 +208,7 @@ def recover(args) -> int:
     named, bundled = named_model(prune_report)
     teacher_spec = args.teacher or named
     data = _data_spec(args, prune_report["settings"])
-    read = [*C.model_inputs("the teacher", teacher_spec), *C.text_inputs("the calibration text", data)]
+    read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
     refuse_other_kind(args.checkpoint, flag="--checkpoint")  # the teacher's weights, say: before both models load
@@ -217,7 +218,7 @@ def recover(args) -> int:
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
-        C.check_teacher(teacher_spec, teacher, student, "DIR", named=not args.teacher)  # distilled toward
+        check_teacher(teacher_spec, teacher, student, "DIR", named=not args.teacher)  # distilled toward
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
         C.warn_thin(used["data"], student, paragraphs["held_out"])

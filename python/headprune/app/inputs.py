@@ -1,0 +1,46 @@
+"""What a command reads, for the checks that its output never replaces it: the model and the
+teacher where they are read from, each text of ``--data``; and a teacher's tokenizer against
+the model's."""
+
+from __future__ import annotations
+
+from . import texts
+from .load import BUNDLED_MODELS, bundled_path, prune_folder
+
+
+def inputs(args) -> tuple:
+    """The paths a command reads, for :func:`check_out`: the model and the teacher (each also
+    where it is read from, see :func:`model_inputs`) and each text of ``--data``."""
+    model = "DIR" if getattr(args, "command", None) == "recover" else "MODEL"
+    return (*model_inputs(model, args.model), *model_inputs("--teacher", getattr(args, "teacher", None)),
+            *text_inputs("--data", getattr(args, "data", None)))
+
+
+def model_inputs(flag: str, spec) -> list:
+    """``(flag, path)`` of where :func:`load_model` reads ``spec``: the path, and a prune
+    folder's ``model/``; a bundled model's installed directory (the name is no path then)."""
+    if spec and str(spec) in BUNDLED_MODELS:
+        try:
+            return [(flag, bundled_path(str(spec))[0])]
+        except (FileNotFoundError, ValueError):  # not installed: nothing there to replace
+            return []
+    folder = prune_folder(spec) if spec else None
+    return [(flag, spec)] + ([(flag, folder / "model")] if folder is not None else [])
+
+
+def text_inputs(flag: str, spec) -> list:
+    """``(flag, path)`` of each text of a ``--data`` value that is read from a file (a bundled
+    name is read as the bundled text, whatever is here)."""
+    return [(flag, n) for n in (texts.spec_names(spec) if spec else ()) if n not in texts.BUNDLED_TEXTS]
+
+
+def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool = False) -> None:
+    """A teacher must read text as ``loaded`` does: another tokenizer gives other tokens, so
+    neither its perplexity per token nor its embeddings nor its next-token distributions compare.
+    ``named``: the teacher is the one ``model``'s report.json names, not ``--teacher``."""
+    theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
+    if theirs != ours:
+        who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
+        raise ValueError(f"{who} has another tokenizer than {model} ({len(theirs):,} tokens against "
+                         f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so it does not "
+                         f"compare; pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from")
