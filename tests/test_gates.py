@@ -198,6 +198,18 @@ def test_compiled_gated_model_equals_eager(family):
             assert eager_grad.abs().sum() > 0
 
 
+def test_a_compiled_module_is_refused():
+    """A torch.compile'd module run before the block kept its graph without the hooks: gates of 0
+    gave the ungated output, with no gradient to the gates."""
+    model = tiny_model("gpt2")
+    compiled = torch.compile(model, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"^model: a torch.compile'd module runs the graph it compiled, which the "
+                                         r"gates' hooks do not reach; pass the module it compiles \(model._orig_mod\)"):
+        with gates(compiled):
+            pass
+    assert not model._forward_pre_hooks and all(not m._forward_pre_hooks for m in model.modules())
+
+
 class _Boom(Exception):
     pass
 
@@ -295,3 +307,20 @@ def test_gates_compute_transformers_4_head_mask():
     for key in [k[: -len(".tf4")] for k in tensors if k.endswith(".tf4") and ".float32." in k]:
         ref = tensors[f"{key}.sdpa".replace(".float32.", ".float64.")]
         assert_same_function({s: tensors[f"{key}.{s}"] for s in ("tf4", "sdpa", "eager")}, ref)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda b: {**b, "attention_mask": b["attention_mask"][:, :3]}, r"^batches: 'attention_mask' has shape \(3, 3\) "
+                                                                    r"but 'input_ids' \(3, \d+\); they should match"),
+    (lambda b: {**b, "input_ids": b["input_ids"].float()}, r"^batches: 'input_ids' are token ids, integers; got float32"),
+])
+def test_gradient_importance_and_learned_gates_name_a_bad_batch(bad, match):
+    """They failed inside the model (a size mismatch, "Expected tensor for argument #1 'indices'")."""
+    from headprune.hf import gradient_importance, learn_gates
+
+    model = tiny_model("llama")
+    batch = bad(tiny_batch("llama"))
+    with pytest.raises((ValueError, TypeError), match=match):
+        gradient_importance(model, [batch])
+    with pytest.raises((ValueError, TypeError), match=match):
+        learn_gates(model, [batch], ratio=0.5, steps=1)

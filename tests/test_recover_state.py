@@ -181,3 +181,25 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_as_such_and_replaced_witho
         recover(copy.deepcopy(pruned), teacher, batches, steps=2, lr=LR, checkpoint=path, resume=True)
     recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR, checkpoint=path)  # no resume: written over
     assert torch.load(path, weights_only=True)["fingerprint"]["format"] != "headprune.recover/4"
+
+
+def test_a_loss_that_is_not_finite_is_refused_before_any_step_trains_on_it(llama, tmp_path):
+    """A teacher whose outputs are not finite: recovery trained on NaN, ended with NaN weights
+    and checkpointed them (validation kept none better, so nothing was restored); learned gates
+    returned NaN scores."""
+    from headprune.hf import learn_gates
+
+    teacher, pruned, batches = llama
+    bad = copy.deepcopy(teacher)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    student = copy.deepcopy(pruned)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^recover: the distillation loss of a training batch is nan: the teacher's "
+                                         r"or the model's outputs are not finite on it"):
+        recover(student, bad, batches, steps=3, lr=LR, validation=batches[:1], validate_every=1,
+                checkpoint=tmp_path / "r.pt")
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items()) and not (tmp_path / "r.pt").exists()
+    with pytest.raises(ValueError, match=r"^learn_gates: the distillation loss of a training batch is nan"):
+        learn_gates(bad, batches, ratio=0.5, steps=3, checkpoint=tmp_path / "g.pt")
+    assert not (tmp_path / "g.pt").exists()

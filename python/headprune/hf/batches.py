@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["check_batches", "check_batch", "batch_rows", "forward_kwargs", "progress", "skip", "sequence_digests"]
+__all__ = ["check_batches", "check_batch", "check_ids", "batch_rows", "forward_kwargs", "progress", "skip", "sequence_digests"]
 
 
 def check_batches(batches) -> None:
@@ -29,6 +29,18 @@ def check_batch(batch) -> None:
         raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
 
 
+def check_ids(batch) -> None:
+    """Token ids that are integers, and a ``[batch, tokens]`` attention mask of their shape,
+    refused naming ``batches`` (the model failed inside its embedding or its mask)."""
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise TypeError(f"batches: 'input_ids' are token ids, integers; got {str(ids.dtype).removeprefix('torch.')}")
+    if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.dim() == ids.dim() == 2 \
+            and mask.shape != ids.shape:
+        raise ValueError(f"batches: 'attention_mask' has shape {tuple(mask.shape)} but 'input_ids' "
+                         f"{tuple(ids.shape)}; they should match")
+
+
 def batch_rows(batch) -> int:
     """The sequences (or images) in one batch."""
     return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
@@ -43,6 +55,7 @@ def forward_kwargs(model, batch) -> dict:
         v = batch.get(k)
         if isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape[:2]):
             raise ValueError(f"batches: a batch's {k!r} is empty or not batched (shape {tuple(v.shape)})")
+    check_ids(batch)
     device = next(model.parameters()).device
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     params = inspect.signature(model.forward).parameters

@@ -42,7 +42,7 @@ from .adapters import encoder_decoder, get_adapter, head_counts, resolve_sites
 from .gates import frozen, gates
 from .prune import check_scores
 from .recover import _kwargs, _loss, _Teacher
-from .training import (_bar, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume,
+from .training import (_bar, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume, finite_loss,
                        check_inputs, open_checkpoint)
 
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
@@ -193,6 +193,7 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
         z = sample_gates(log_alpha, torch.Generator().manual_seed(seed * 1_000_003 + taken))
         with gates(model, values=z.masked_fill(~valid, 1.0), fill=fill):
             distill = _loss(model, target, kw)
+        finite_loss(distill, "learn_gates")
         optimizer.zero_grad(set_to_none=True)
         distill.backward()
         optimizer.step()

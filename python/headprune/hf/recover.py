@@ -40,7 +40,7 @@ from ..prune.mask import active_masks
 from .adapters import encoder_decoder, get_adapter, resolve_sites
 from .batches import forward_kwargs
 from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
-                       cast_back, check_inputs, dtypes_of, open_checkpoint)
+                       cast_back, check_inputs, dtypes_of, finite_loss, open_checkpoint)
 
 __all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
@@ -371,6 +371,7 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
     def step(batch, index: int) -> float:
         kw = _kwargs(student, batch)
         loss = _loss(student, targets(index, kw), kw)
+        finite_loss(loss, "recover")  # refused: the student is restored as on any exception
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

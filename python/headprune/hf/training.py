@@ -178,6 +178,15 @@ def _kind(fmt) -> Optional[str]:
     return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
 
 
+def finite_loss(loss: torch.Tensor, what: str) -> None:
+    """``ValueError`` before a step trains on a loss that is not finite (NaN or inf outputs of the
+    teacher or the student): every later step would train on NaN gradients, and the run would end
+    with NaN parameters and checkpoint them."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ValueError(f"{what}: the distillation loss of a training batch is {loss.item()}: the teacher's or the "
+                         "model's outputs are not finite on it; no step trains on such a loss")
+
+
 def refuse_other_kind(path, fmt: str = CHECKPOINT_FORMAT, what: str = "recovery", flag: str = "checkpoint") -> None:
     """Before the slow work: ``ValueError`` naming ``flag`` when a file at ``path`` is not a
     checkpoint of ``fmt``'s kind (any version; what it was written for is checked when it is read)."""
