@@ -217,12 +217,25 @@ def test_bundled_names_are_not_paths_here(tmp_path, monkeypatch):
     from headprune.app import commands as C
 
     monkeypatch.chdir(tmp_path)
-    for name in ("persuasion", "minilm"):
-        (tmp_path / name).mkdir()
+    (tmp_path / "minilm").mkdir()
     args = argparse.Namespace(command="prune", model="minilm", teacher=None, data="persuasion+my.txt")
     got = C.inputs(args)
     assert ("--data", "my.txt") in got and all(p != "persuasion" and p != "minilm" for _, p in got), got
     from headprune.app.load import bundled_path
 
     assert ("MODEL", bundled_path("minilm")[0]) in got  # where it is read from
-    C.check_out(tmp_path / "persuasion", True, got)  # not refused
+    C.check_out(tmp_path / "minilm", True, got)  # not refused (the load refuses the ambiguous name)
+
+
+def test_a_bundled_text_name_that_is_also_a_path_here_is_refused(tmp_path, tiny_dir, capsys, monkeypatch):
+    """--data persuasion calibrated on the bundled text while ./persuasion held the user's, and
+    --out persuasion --force then replaced that folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "persuasion").mkdir()
+    (tmp_path / "persuasion" / "mine.txt").write_text("the a of\n\nand to in\n")
+    code, err = _run(["prune", tiny_dir, "--ratio", "0.3", "--data", "persuasion", "--out", "persuasion", "--force",
+                      "--quiet"], capsys)
+    assert code == 2 and err[0].endswith("--data: 'persuasion' names both a bundled text and a path here; pass "
+                                         "./persuasion for the path, or run from another directory for the bundled "
+                                         "text"), err
+    assert (tmp_path / "persuasion" / "mine.txt").is_file()

@@ -312,7 +312,9 @@ def test_gates_compute_transformers_4_head_mask():
 @pytest.mark.parametrize("bad, match", [
     (lambda b: {**b, "attention_mask": b["attention_mask"][:, :3]}, r"^batches: 'attention_mask' has shape \(3, 3\) "
                                                                     r"but 'input_ids' \(3, \d+\); they should match"),
-    (lambda b: {**b, "input_ids": b["input_ids"].float()}, r"^batches: 'input_ids' are token ids, integers; got float32"),
+    (lambda b: {**b, "input_ids": b["input_ids"].float()}, r"^batches: 'input_ids' are token ids, int64 or int32; got "
+                                                           r"float32"),
+    (lambda b: {**b, "input_ids": b["input_ids"].to(torch.uint8)}, r"^batches: 'input_ids' .* got uint8"),
 ])
 def test_gradient_importance_and_learned_gates_name_a_bad_batch(bad, match):
     """They failed inside the model (a size mismatch, "Expected tensor for argument #1 'indices'")."""
@@ -324,3 +326,19 @@ def test_gradient_importance_and_learned_gates_name_a_bad_batch(bad, match):
         gradient_importance(model, [batch])
     with pytest.raises((ValueError, TypeError), match=match):
         learn_gates(model, [batch], ratio=0.5, steps=1)
+
+
+def test_gradient_importance_of_int32_ids():
+    """The causal loss's labels were the ids as given: int32 failed in the loss."""
+    from headprune.hf import gradient_importance
+
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    batch = tiny_batch("llama")
+    want = gradient_importance(model, [batch])
+    got = gradient_importance(model, [{**batch, "input_ids": batch["input_ids"].int()}])
+    assert torch.equal(got, want)

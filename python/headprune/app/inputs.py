@@ -4,6 +4,8 @@ the model's."""
 
 from __future__ import annotations
 
+import os
+
 from . import texts
 from .load import BUNDLED_MODELS, bundled_path, prune_folder
 
@@ -29,9 +31,15 @@ def model_inputs(flag: str, spec) -> list:
 
 
 def text_inputs(flag: str, spec) -> list:
-    """``(flag, path)`` of each text of a ``--data`` value that is read from a file (a bundled
-    name is read as the bundled text, whatever is here)."""
-    return [(flag, n) for n in (texts.spec_names(spec) if spec else ()) if n not in texts.BUNDLED_TEXTS]
+    """``(flag, path)`` of each text of a ``--data`` value that is read from a file: a bundled
+    name is read as the bundled text, and given as ``--data`` it is refused where it is also a
+    path here (which the user may mean, and ``--out`` could then replace)."""
+    names = texts.spec_names(spec) if spec else []
+    for n in names:
+        if flag == "--data" and n in texts.BUNDLED_TEXTS and os.path.lexists(n):
+            raise ValueError(f"--data: {n!r} names both a bundled text and a path here; pass ./{n} for the path, or "
+                             "run from another directory for the bundled text")
+    return [(flag, n) for n in names if n not in texts.BUNDLED_TEXTS]
 
 
 def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool = False) -> None:

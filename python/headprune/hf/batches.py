@@ -9,7 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["check_batches", "check_batch", "check_ids", "batch_rows", "forward_kwargs", "progress", "skip", "sequence_digests"]
+__all__ = ["check_batches", "check_batch", "check_ids", "batch_rows", "forward_kwargs", "progress", "skip",
+           "sequence_digests"]
 
 
 def check_batches(batches) -> None:
@@ -30,11 +31,13 @@ def check_batch(batch) -> None:
 
 
 def check_ids(batch) -> None:
-    """Token ids that are integers, and a ``[batch, tokens]`` attention mask of their shape,
-    refused naming ``batches`` (the model failed inside its embedding or its mask)."""
+    """Token ids of a type embeddings take (int64, int32) and a ``[batch, tokens]`` attention mask
+    of their shape, else refused naming ``batches`` (the model failed inside its embedding or
+    its mask)."""
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
-    if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
-        raise TypeError(f"batches: 'input_ids' are token ids, integers; got {str(ids.dtype).removeprefix('torch.')}")
+    if isinstance(ids, torch.Tensor) and ids.dtype not in (torch.int64, torch.int32):  # what an embedding takes
+        got = str(ids.dtype).removeprefix("torch.")
+        raise TypeError(f"batches: 'input_ids' are token ids, int64 or int32; got {got}")
     if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.dim() == ids.dim() == 2 \
             and mask.shape != ids.shape:
         raise ValueError(f"batches: 'attention_mask' has shape {tuple(mask.shape)} but 'input_ids' "

@@ -58,7 +58,7 @@ def _loss(model, batch, causal: bool) -> torch.Tensor:
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if causal:
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels = batch["input_ids"].long().masked_fill(batch["attention_mask"] == 0, -100)  # the loss takes int64
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                      use_cache=False).loss  # no KV cache to build and drop
     return _contrastive_loss(model, batch)

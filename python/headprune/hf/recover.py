@@ -255,10 +255,10 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
             a call's last step, off the schedule, counts for that call only, so a resumed run
             keeps what the run uninterrupted keeps.
 
-    On any exception, ``KeyboardInterrupt`` included, the student's weights are restored
-    exactly as they were; on every exit its modules' train/eval flags, ``requires_grad``
-    flags and gradients are as they were, and so are the teacher's flags. Training runs in
-    eval mode (no dropout: the targets are exact).
+    On any exception (``KeyboardInterrupt``; ``ValueError`` for a loss that is not finite, refused
+    before a step trains on it; a checkpoint keeps the steps saved before) the student's weights
+    are restored exactly; on every exit its train/eval and ``requires_grad`` flags and gradients
+    are as they were, and so are the teacher's flags. Training runs in eval mode (no dropout).
     """
     started = time.perf_counter()
     check_inputs(batches, progress, "recover", student=student, teacher=teacher)
