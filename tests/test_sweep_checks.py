@@ -147,10 +147,8 @@ def test_ratios_the_model_rules_out_are_refused_before_the_collection(llama_dir,
     assert code == 2 and message in err and not (llama_dir.parent / "s").exists(), err
 
 
-def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir, capsys, monkeypatch):
-    """One recipe the user cannot leave out (whole KV groups: 3 of the 6 groups, the first layer
-    kept whole) made every sweep of 0.5 impossible; it is left out, and the others run."""
-    import headprune.app.sweep as S
+def _recipes_run(monkeypatch) -> dict:
+    """The recipes a sweep goes on to run (filled when it would start them; it then stops, 130)."""
     import headprune.app.sweep_command as SC
 
     ran = {}
@@ -161,6 +159,14 @@ def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir
 
     monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
     monkeypatch.setattr(SC, "run_sweep", stop)
+    return ran
+
+
+def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir, capsys, monkeypatch):
+    """One recipe the user cannot leave out (whole KV groups: 3 of the 6 groups, the first layer
+    kept whole) made every sweep of 0.5 impossible; it is left out, and the others run."""
+    import headprune.app.sweep as S
+    ran = _recipes_run(monkeypatch)
     code, err = _sweep(capsys, llama_dir, "--ratios", "0.5")
     assert code == 130 and "'default, whole KV groups' cannot reach 0.5 (" in err and "left out" in err
     assert "default, whole KV groups" not in ran and "default" in ran and "entropy, global (as written)" in ran
@@ -200,16 +206,7 @@ def test_kv_layout_recipes_run_only_where_queries_are_grouped(llama_dir, capsys,
     """On a model without grouped queries the even and whole-KV-group recipes are the default
     again: two more columns of its figures (and two more sweeps of the model)."""
     import headprune.app.sweep as S
-    import headprune.app.sweep_command as SC
-
-    ran = {}
-
-    def stop(config, loaded, scores, held, settings, recipes, batches=None):
-        ran.update(recipes)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
-    monkeypatch.setattr(SC, "run_sweep", stop)
+    ran = _recipes_run(monkeypatch)
     code, err = _sweep(capsys, llama_dir.parent / "bert", "--ratios", "0.25")
     kv = {k for k, kw in S.RECIPES.items() if "gqa" in kw}
     assert code == 130 and kv and not kv & set(ran) and "default" in ran, (err, sorted(ran))
