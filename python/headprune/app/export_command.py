@@ -13,7 +13,7 @@ from typing import Optional
 
 from .. import atomic
 from . import commands as C
-from .load import BUNDLED_MODELS, bundled_path, load_model, prune_folder
+from .load import BUNDLED_MODELS, bundled_path, load_model, model_dir, prune_folder
 from .recover_command import read_report
 
 
@@ -107,7 +107,7 @@ def _refuse_input(out: Path, src: Path, source: Optional[str]) -> None:
     folder = prune_folder(src)
     if folder is not None and os.path.samefile(out, folder / "report.json"):  # which names the source, the record
         raise ValueError(f"--gguf: {out} is the report of {folder}, which the export reads; write the GGUF elsewhere")
-    model = folder / "model" if folder is not None else src  # where load_model reads the weights
+    model = model_dir(src)  # where load_model reads the weights
     if model.is_dir() and C._at_or_inside(out, model):
         raise ValueError(f"--gguf: {out} is a file of {model}, the model the export reads; write the GGUF elsewhere")
 

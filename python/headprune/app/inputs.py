@@ -5,9 +5,10 @@ the model's."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from . import texts
-from .load import BUNDLED_MODELS, bundled_path, prune_folder
+from .load import BUNDLED_MODELS, bundled_path, model_dir
 
 
 def inputs(args) -> tuple:
@@ -26,8 +27,8 @@ def model_inputs(flag: str, spec) -> list:
             return [(flag, bundled_path(str(spec))[0])]
         except (FileNotFoundError, ValueError):  # not installed: nothing there to replace
             return []
-    folder = prune_folder(spec) if spec else None
-    return [(flag, spec)] + ([(flag, folder / "model")] if folder is not None else [])
+    read = model_dir(spec) if spec else None
+    return [(flag, spec)] + ([(flag, read)] if read is not None and read != Path(spec) else [])
 
 
 def text_inputs(flag: str, spec) -> list:

@@ -103,9 +103,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     if spec in BUNDLED_MODELS:
         path, gguf = bundled_path(spec)
     else:
-        path = Path(spec)
-        if prune_folder(path) == path and not os.path.lexists(path / "config.json"):  # prune's folder: model/
-            path = path / "model"
+        path = model_dir(spec)
         if not path.exists():
             raise FileNotFoundError(
                 f"MODEL: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file or a directory")
@@ -120,6 +118,13 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     if gguf is None:
         return _load_hf_dir(path, device, torch_dtype, accept)
     return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
+
+
+def model_dir(path) -> Path:
+    """Where :func:`load_model` reads a model given as the path ``path``: a folder ``prune``
+    wrote is read from its ``model/``, anything else as it is."""
+    path = Path(path)
+    return path / "model" if prune_folder(path) == path and not os.path.lexists(path / "config.json") else path
 
 
 def prune_folder(path) -> Optional[Path]:

@@ -21,7 +21,7 @@ __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "refuse_foreign", "we
 CHECKPOINT_FORMAT = "headprune.checkpoint/1"
 
 
-def refuse_foreign(path: str, ours, kind: str, run: str) -> None:
+def refuse_foreign(path: str, ours, kind: str, run: str, arg: str = "checkpoint") -> None:
     """``ValueError`` when a file is at ``path`` and ``ours()`` (which may raise on a file it
     cannot read) says it is no ``kind`` checkpoint: a run that does not resume writes over its
     own checkpoint, never over another file."""
@@ -32,7 +32,7 @@ def refuse_foreign(path: str, ours, kind: str, run: str) -> None:
     except Exception:  # any unreadable file is not a checkpoint: json, pickle, zip and torch raise many types
         mine = False
     if not mine:
-        raise ValueError(f"checkpoint: {path} exists and is not a {kind} checkpoint; {run} would write over it, "
+        raise ValueError(f"{arg}: {path} exists and is not a {kind} checkpoint; {run} would write over it, "
                          "so pass another path")
 
 

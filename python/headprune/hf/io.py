@@ -277,7 +277,8 @@ def load_pruned(path, *, device: Optional[str] = None):
         types = stored_float_types(files)  # mixed (float32 norms beside bfloat16 weights): read wide, cast each back
         mixed = len(set(types.values())) > 1
         if not mixed and set(types.values()) - {meta["dtype"]} and not file.endswith("config.json"):
-            raise ValueError(f"path: {file} records dtype {meta['dtype']}, but {weights} hold {types.popitem()[1]}")
+            stored = next(iter(types.values()))
+            raise ValueError(f"path: {file} records dtype {meta['dtype']}, but {weights} hold {stored}")
         wide = {"dtype": torch.float64 if "float64" in types.values() else torch.float32} if mixed else {}
         model = from_pretrained_checked(cls, path, config, header, "path", config_file, weights, strict=True,
                                         **{**kw, **wide})

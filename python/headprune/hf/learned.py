@@ -193,13 +193,13 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
         z = sample_gates(log_alpha, torch.Generator().manual_seed(seed * 1_000_003 + taken))
         with gates(model, values=z.masked_fill(~valid, 1.0), fill=fill):
             distill = _loss(model, target, kw)
-        finite_loss(distill, "learn_gates")
+        value = finite_loss(distill, "learn_gates")
         optimizer.zero_grad(set_to_none=True)
         distill.backward()
         optimizer.step()
         taken += 1
         project(log_alpha, valid, _target(taken, steps, warmup, keep, start_open))
-        return distill.item()
+        return value
 
     def postfix() -> dict:
         return {"open": f"{open_probability(log_alpha.detach())[valid].mean().item():.2f}"}

@@ -371,11 +371,11 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
     def step(batch, index: int) -> float:
         kw = _kwargs(student, batch)
         loss = _loss(student, targets(index, kw), kw)
-        finite_loss(loss, "recover")  # refused: the student is restored as on any exception
+        value = finite_loss(loss, "recover")  # refused: the student is restored as on any exception
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return value
 
     def save(n: int) -> None:
         ckpt.save(params, optimizer, n, None if val is None else val.state())

@@ -129,14 +129,15 @@ class _Checkpoint:
         return ValueError(f"checkpoint: {self.path} {why}; pass another path"
                           + (", or delete it to start over" if ours else ""))
 
-    def check_replaceable(self) -> None:
-        """``ValueError`` when a file at the path is not a checkpoint of this kind (see ``refuse_foreign``)."""
+    def check_replaceable(self, arg: str = "checkpoint") -> None:
+        """``ValueError`` naming ``arg`` when a file at the path is not a checkpoint of this kind
+        (see ``refuse_foreign``)."""
         def ours():  # mapped, not read: only the fingerprint is looked at
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             return isinstance(state, dict) and _kind(state.get("fingerprint", {}).get("format")) == \
                 _kind(self.fingerprint["format"])  # an earlier version's too: this run replaces it
 
-        refuse_foreign(self.path, ours, self.what, "the run")
+        refuse_foreign(self.path, ours, self.what, "the run", arg)
 
     def load(self) -> Optional[dict]:
         if not os.path.exists(self.path):
@@ -178,23 +179,22 @@ def _kind(fmt) -> Optional[str]:
     return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
 
 
-def finite_loss(loss: torch.Tensor, what: str) -> None:
-    """``ValueError`` before a step trains on a loss that is not finite (NaN or inf outputs of the
-    teacher or the student): every later step would train on NaN gradients, and the run would end
-    with NaN parameters and checkpoint them."""
-    if not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError(f"{what}: the distillation loss of a training batch is {loss.item()}: the teacher's or the "
+def finite_loss(loss: torch.Tensor, what: str) -> float:
+    """The loss's value (the step reports it); ``ValueError`` before a step trains on one that is
+    not finite (NaN or inf outputs of the teacher or the student): every later step would train
+    on NaN gradients, and the run would end with NaN parameters and checkpoint them."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: the distillation loss of a training batch is {value}: the teacher's or the "
                          "model's outputs are not finite on it; no step trains on such a loss")
+    return value
 
 
 def refuse_other_kind(path, fmt: str = CHECKPOINT_FORMAT, what: str = "recovery", flag: str = "checkpoint") -> None:
     """Before the slow work: ``ValueError`` naming ``flag`` when a file at ``path`` is not a
     checkpoint of ``fmt``'s kind (any version; what it was written for is checked when it is read)."""
     if path is not None:
-        try:
-            _Checkpoint(path, {"format": fmt}, what).check_replaceable()
-        except ValueError as e:
-            raise ValueError(f"{flag}: {str(e).removeprefix('checkpoint: ')}") from None
+        _Checkpoint(path, {"format": fmt}, what).check_replaceable(flag)
 
 
 def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:
