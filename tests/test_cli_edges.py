@@ -202,22 +202,21 @@ def test_every_text_of_the_heatmap_is_inside_the_image(tmp_path, monkeypatch, se
     """The second panel's description was its colour bar's label, which ran off the image's right
     edge; and the panel had no title."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from hf_tiny import tiny_batch, tiny_model
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from headprune.app import plots
 
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
     scores = collect(tiny_model("bert"), [tiny_batch("bert")], progress=False)
     label = "reconstruction (for reference: the heads went by measured removal cost)"
     plots.heatmap(scores, tmp_path / "h.png", pruned={1: [0, 2]}, title="minilm: pruned heads", protected=(0,),
                   selection=torch.randn(2, 4) if selection else None, selection_label=label)
     (fig,) = figures
-    fig.canvas.draw()  # laid out at the figure's own dpi, as its box is
-    renderer = fig.canvas.get_renderer()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # laid out at the figure's own dpi, as its box is
+    renderer = canvas.get_renderer()
     box = fig.bbox
     texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text()]
     assert any(label.split()[0] in t.get_text() for t in texts) == selection
@@ -227,7 +226,6 @@ def test_every_text_of_the_heatmap_is_inside_the_image(tmp_path, monkeypatch, se
     # each panel says what it shows, unless the figure's title already does
     want = ["mean attention entropy", label] if selection else ["mean attention entropy"]
     assert [ax.get_title().replace("\n", " ") for ax in fig.axes[: len(want)]] == want
-    plt.close("all")
 
 
 def test_layer_and_kv_options_the_model_cannot_take_are_refused_before_collecting(tmp_path, monkeypatch, capsys):

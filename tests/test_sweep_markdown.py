@@ -85,27 +85,45 @@ def test_a_recipe_whose_layout_rounds_to_no_head_is_said_not_starred():
 
 
 def test_the_sweep_plot_draws_the_ratios_in_order(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
     from headprune.app import plots
 
     drawn = []
-    real = plots._plt
+    original = Axes.plot
 
-    def spy():
-        plt = real()
-        original = plt.Axes.plot
+    def plot(self, x, y, *a, **k):
+        drawn.append((list(x), list(y)))
+        return original(self, x, y, *a, **k)
 
-        def plot(self, x, y, *a, **k):
-            drawn.append((list(x), list(y)))
-            return original(self, x, y, *a, **k)
-
-        monkeypatch.setattr(plt.Axes, "plot", plot)
-        return plt
-
-    monkeypatch.setattr(plots, "_plt", spy)
+    monkeypatch.setattr(Axes, "plot", plot)
     result = {**_result([[25.0], [12.0]]), "ratios": [0.5, 0.1], "recipes": {"default": [30.0, 11.0]}}
     plots.sweep_plot(result, tmp_path / "s.png")
     assert ([0.1, 0.5], [11.0, 30.0]) in drawn  # the recipe, and the random mean (a geometric mean: rounding)
     assert any(x == [0.1, 0.5] and y == pytest.approx([12.0, 25.0]) for x, y in drawn)
+
+
+def test_the_pictures_leave_the_callers_matplotlib_as_it_was(tmp_path):
+    """Drawing switched the process's backend to Agg (a notebook's inline backend with it) and
+    silenced matplotlib's font notices for the rest of the process."""
+    import logging
+
+    import matplotlib
+
+    from headprune.app import plots
+
+    log = logging.getLogger("matplotlib.font_manager")
+    backend, level = matplotlib.get_backend(), log.level
+    try:
+        matplotlib.use("svg")
+        log.setLevel(logging.DEBUG)
+        plots.sweep_plot({**_result([[25.0], [12.0]]), "ratios": [0.1, 0.5], "recipes": {"default": [11.0, 30.0]}},
+                         tmp_path / "s.png")
+        assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend() == "svg" and log.level == logging.DEBUG
+    finally:
+        matplotlib.use(backend)
+        log.setLevel(level)
 
 
 def test_the_flops_row_says_its_context_which_the_model_can_take():
@@ -155,22 +173,20 @@ def test_the_sweep_plot_tells_every_recipe_apart_and_reads_plain_numbers(tmp_pat
     """Past ten recipes the colour cycle repeated (the default and an entropy recipe in one blue),
     and a narrow log axis read 3.0645x10^4."""
     pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from headprune.app.plots import sweep_plot
+    from headprune.app import plots
 
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
     recipes = {f"recipe {i}": [30600.0 + i, 30700.0 + i] for i in range(19)}
     result = {"model": "m", "data": "d", "metric": "perplexity", "lower_is_better": True, "baseline": 30500.0,
               "ratios": [0.1, 0.2], "recipes": recipes, "random": [[30650.0], [30750.0]], "default_recipe": "recipe 0"}
-    sweep_plot(result, tmp_path / "s.png")
+    plots.sweep_plot(result, tmp_path / "s.png")
     (ax,) = figures[0].axes
     drawn = [(line.get_color(), line.get_marker()) for line in ax.get_lines() if line.get_label() in recipes or
              line.get_label().startswith("recipe 0")]
     assert len(drawn) == 19 and len(set(drawn)) == 19 and len({c for c, _ in drawn}) == 19
-    figures[0].canvas.draw()
+    FigureCanvasAgg(figures[0]).draw()
     labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
-    monkeypatch.undo()
-    plt.close(figures[0])
     assert labels and not any("times" in t or "^" in t for t in labels), labels

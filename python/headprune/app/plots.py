@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -10,16 +12,31 @@ import torch
 from .sweep_table import random_mean
 
 
-def _plt():
-    import logging
+def _figure(**kwargs):
+    """A matplotlib figure of its own, outside pyplot: the caller's backend, open figures and
+    style are left alone (a report drawn in a notebook does not switch it to Agg)."""
+    from matplotlib.figure import Figure
 
-    import matplotlib
+    return Figure(**kwargs)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a missing math font: a fallback, no fault
-    return plt
+@contextmanager
+def _quiet_fonts():
+    """matplotlib's notices of a missing math font (it falls back, no fault) kept out of the
+    output while a picture is saved; the logger's level is as it was afterwards."""
+    log = logging.getLogger("matplotlib.font_manager")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _save(fig, path: Path) -> Path:
+    with _quiet_fonts():
+        fig.savefig(path, dpi=120)  # a png through Agg, this figure only
+    return path
 
 
 def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", score: str = "entropy",
@@ -28,7 +45,6 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
     crossed out and ``protected`` sites (kept whole by the recipe) marked. With ``selection``
     (a ``[sites, heads]`` tensor: the values that chose the heads, lower = pruned first) a
     second panel shows it, so the picture says both what the heads do and why they went."""
-    plt = _plt()
     values = scores.score(score).float().numpy() if score != "entropy" else scores.entropy.float().numpy()
     L, H = values.shape
     panels = [(values, f"mean attention {score}", _unit(score).strip(" ()"))]  # (values, title, colour-bar label)
@@ -36,7 +52,8 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
         order = "lower: ranked first" if "for reference" in (selection_label or "") else "lower: pruned first"
         panels.append((selection.float().numpy(), selection_label or "selection score", order))
     width = max(4.0, 0.45 * H + 2.5)
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * width, max(3.0, 0.28 * L + 2.2)), squeeze=False)
+    fig = _figure(figsize=(len(panels) * width, max(3.0, 0.28 * L + 2.2)))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (v, name, label) in zip(axes[0], panels):
         im = ax.imshow(v, aspect="auto", cmap="viridis", interpolation="nearest")
         fig.colorbar(im, ax=ax, label=label)
@@ -48,9 +65,7 @@ def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", 
     notes = [f"red x: {n} pruned heads" if pruned else "", "white box: kept whole" if protected else ""]
     fig.suptitle((title + "\n" if title else "") + "; ".join(t for t in notes if t), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _unit(score: str) -> str:
@@ -77,14 +92,16 @@ def _axes(ax, scores, sites: int, heads: int) -> None:
 
 def sweep_plot(result: dict, path: Path) -> Path:
     """Quality against the fraction of heads pruned: one line per recipe, random as a band."""
-    plt = _plt()
+    from matplotlib import colormaps
+
     order = sorted(range(len(result["ratios"])), key=result["ratios"].__getitem__)  # lines left to right
     pick = lambda rows: [rows[i] for i in order] if rows else rows  # noqa: E731
     result = {**result, "ratios": pick(result["ratios"]), "random": pick(result["random"]),
               "recipes": {k: pick(v) for k, v in result["recipes"].items()}}
     ratios = result["ratios"]
     metric = result["metric"]
-    fig, ax = plt.subplots(figsize=(10.0, 4.2))
+    fig = _figure(figsize=(10.0, 4.2))
+    ax = fig.subplots()
     rnd = torch.tensor(result["random"])  # [ratios, seeds]
     if rnd.numel():  # a sweep of no random draws (seeds=0) has no band
         lo, hi = rnd.min(1).values, rnd.max(1).values
@@ -93,7 +110,7 @@ def sweep_plot(result: dict, path: Path) -> Path:
         ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
                 color="grey", ls="--", lw=1)
     default = result.get("default_recipe")
-    colours, markers = plt.get_cmap("tab20"), "osD^vPX<>*"  # a colour and marker each: the default cycle has 10
+    colours, markers = colormaps["tab20"], "osD^vPX<>*"  # a colour and marker each: the default cycle has 10
     for i, (name, values) in enumerate(result["recipes"].items()):
         main = name == default
         ax.plot(ratios, values, marker=markers[i % len(markers)], color=colours(i % 20), lw=2.5 if main else 1.2,
@@ -112,6 +129,4 @@ def sweep_plot(result: dict, path: Path) -> Path:
     fig.legend(*ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.66, 0.5), fontsize=7,
                frameon=False)  # outside the data
     fig.tight_layout(rect=(0, 0, 0.65, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
