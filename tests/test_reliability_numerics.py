@@ -133,3 +133,33 @@ def test_gemma2_soft_capping_is_applied():
     assert (scores.entropy - uncapped.entropy).abs().max() > 0.01  # 1000x the tolerance above
     half = collect(capped.to(torch.float16), batches, progress=False)
     torch.testing.assert_close(half.entropy, scores.entropy, atol=HALF_BOUND[torch.float16], rtol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_moments_that_are_not_finite_are_refused_by_the_ranking_and_the_refit(value):
+    """A NaN in a site's second moments ranked its heads first (a NaN cost compared as none), an
+    infinite one reached torch.linalg's errors, and the refit took an infinite one silently."""
+    from headprune import mask_heads, select_heads
+
+    model = tiny_model("llama")
+    scores = collect(model, [tiny_batch("llama")], moments=True, progress=False)
+    scores.moments.gram[0][0, 0] = value
+    with pytest.raises(ValueError, match=rf"^scores: the second moments of site {scores.names[0]} hold NaN or inf"):
+        select_heads(scores, count=2, protect_layers=[])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^reconstruct: the second moments of site {scores.names[0]} hold NaN"):
+        mask_heads(model, {0: [1], 1: [0]}, reconstruct=scores)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_value_moments_of_activations_that_are_not_finite_are_refused():
+    """An overflowing value projection left NaN in the value refit's moments, which solved to NaN
+    weights."""
+    from headprune import collect_values
+
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.encoder.layer[1].attention.self.value.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^batches: the second moments of site .*1.* hold NaN or inf"):
+        collect_values(model, [tiny_batch("bert")], {1: [0]}, progress=False)

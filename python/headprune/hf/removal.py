@@ -13,7 +13,7 @@ import torch
 from ..core.schema import OutputStat
 from ..prune.compensation import removed_mean_output
 from ..prune.reconstruct import kept_columns, refit_output
-from ..stats.moments import check_damping
+from ..stats.moments import check_damping, check_finite
 from ..stats.scores import HeadScores
 from .adapters import head_counts, head_dim, o_column_norms
 
@@ -189,6 +189,7 @@ def _value_refit(site, adapter, values, layer: int, damping: float) -> SiteRemov
 
 def _refit(site, adapter, heads, scores: HeadScores, damping: float, refit_bias: bool = True) -> SiteRemoval:
     gram = scores.moments.gram[site.index]
+    check_finite("reconstruct", site.name, gram)
     if gram is None or not float(gram[-1, -1]) > 0:
         raise ValueError(f"reconstruct: site {site.name} saw no calibration token")
     hq, d = head_counts(site, adapter)[0], head_dim(site, adapter)

@@ -30,6 +30,7 @@ from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
 from .batches import check_batches, forward_kwargs
 from ..core.modules import eval_mode
+from ..stats.moments import check_finite
 from .prune import kept_heads, positions
 from .removal import PROJECTION_RTOL, projection_change
 
@@ -250,6 +251,8 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
     if missing:
         raise ValueError(f"batches: sites {missing} saw no calibration token")
     gram, cross = run.moments()
+    for layer in kept:
+        check_finite("batches", sites[layer].name, gram[layer], cross[layer])
     weights = {layer: tuple(w.detach().to("cpu", copy=True) for w in (sites[layer].o.weight,
                                                                        sites[layer].sub(sites[layer].block.v).weight))
                for layer in kept}

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
+from ..stats.moments import DEFAULT_DAMPING, check_damping, check_finite, ridge
 from ..stats.scores import HeadScores
 
 __all__ = ["greedy_removal", "reconstruction_score", "site_units"]
@@ -149,6 +149,7 @@ def _score(scores: HeadScores, gqa: str, damping: float) -> torch.Tensor:
     for i in range(scores.num_sites):
         gram, proj = scores.moments.gram[i], scores.moments.projection[i]
         hq, hkv, d = scores.num_heads[i], scores.num_kv_heads[i], scores.head_dim[i]
+        check_finite("scores", scores.names[i], gram, proj)
         if gram is None or hq == 0 or not float(gram[-1, -1]) > 0:
             continue
         units = site_units(hq, hkv, d, gqa)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "check_damping", "ridge", "semidefinite"]
+__all__ = ["OutputMoments", "MOMENT_DTYPES", "DEFAULT_DAMPING", "check_damping", "check_finite", "ridge", "semidefinite"]
 
 MOMENT_DTYPES = (torch.float64, torch.float32)
 #: ridge damping of least-squares refits from these moments, relative to the mean squared
@@ -47,6 +47,16 @@ def semidefinite(a: torch.Tensor, dtype: torch.dtype) -> bool:
     shift = SEMIDEFINITE_RTOL.get(dtype, 1e-3) * float(a.diagonal().abs().max())
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     return int(torch.linalg.cholesky_ex(a + shift * eye).info) == 0
+
+
+def check_finite(arg: str, name: str, *mats) -> None:
+    """``ValueError`` naming ``arg`` and the site ``name`` unless every matrix of ``mats`` (``None``
+    skipped) is finite: moments summed from NaN or infinite activations would rank the site's
+    heads first (a NaN cost compares as no cost) and refit its weights from nothing."""
+    if any(m is not None and not bool(torch.isfinite(m).all()) for m in mats):
+        raise ValueError(f"{arg}: the second moments of site {name} hold NaN or inf: the calibration's activations "
+                         "there were not finite (the model's weights, or a compute dtype too narrow for them); "
+                         "collect again once the model computes finite outputs")
 
 
 def ridge(a: torch.Tensor, damping: float, k: int) -> torch.Tensor:
