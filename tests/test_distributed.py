@@ -156,7 +156,7 @@ def test_errors_reach_every_rank(ranks):
         if rank == 1:
             assert e["one_rank_fails"].startswith("ValueError: batches: a batch needs input_ids")
         else:
-            assert e["one_rank_fails"] == ("RuntimeError: collect: ranks [1] failed (see their errors); "
+            assert e["one_rank_fails"] == ("RanksFailed: collect: ranks [1] failed (see their errors); "
                                            "this rank stops too")
 
 
@@ -258,12 +258,17 @@ def test_a_resume_of_another_number_of_processes_is_refused_and_its_files_go_whe
     (tmp_path / ".other.checkpoint.rank0-of-2.json").write_text("{}")  # another output's: not this one's
     assert D.written_by_other_runs(base, None) == [str(p) for p in old]
     assert D.written_by_other_runs(base, 2) == []
-    with pytest.raises(ValueError, match=r"checkpoint: .*rank0-of-2.json was written by a run of 2 processes, and "
-                                         r"this one has one process; resume with as many"):
+    with pytest.raises(ValueError, match=r"checkpoint: .*rank0-of-2.json was written by a run of 2 processes in a "
+                                         r"process group \(torchrun\), and this one is a run of one process without a "
+                                         r"process group; resume as that run was launched"):
         D.collect(tiny_model("llama"), _batches(), checkpoint=base, resume=True, progress=False)
     base.write_text("{}")  # a one-process run's file, seen from a run of 3
-    with pytest.raises(ValueError, match=r"written by a run of one process, and this one has 3 processes"):
+    with pytest.raises(ValueError, match=r"written by a run of one process without a process group, and this one "
+                                         r"is a run of 3 processes in a process group"):
         D.refuse_other_runs(base, 3)
+    with pytest.raises(ValueError, match=r"written by a run of one process without a process group, and this one "
+                                         r"is a run of 1 process in a process group \(torchrun\)"):
+        D.refuse_other_runs(base, 1)  # a group of one process reads rank files, not this one's file
     commands._remove_checkpoints(base)  # a run that started over and succeeded
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.checkpoint.rank0-of-2.json"]
 
@@ -279,7 +284,46 @@ def test_scan_resume_refuses_the_rank_files_of_a_distributed_run(tmp_path, monke
     (tmp_path / ".o.checkpoint.rank1-of-2.json").write_text("{}")
     argv = ["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]
     assert main(argv + ["--resume"]) == 2
-    assert "rank1-of-2.json was written by a run of 2 processes, and this one has one process" in \
+    assert "rank1-of-2.json was written by a run of 2 processes in a process group (torchrun), and this one is a " \
+           "run of one process without a process group" in \
         capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(argv) == 0  # started over: the old run's file goes with the new run's
     assert not list(tmp_path.glob(".o.checkpoint*"))
+
+
+def test_a_failed_rank_raises_its_own_error_when_the_others_cannot_be_reached(monkeypatch):
+    """The collective that tells the ranks of a failure timed out while the others were still
+    collecting, and its timeout replaced the failed rank's error: no rank showed the cause."""
+    monkeypatch.setattr(D.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(D.dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(D, "_device", lambda group: "cpu")
+
+    def timeout(tensor, group=None):
+        raise RuntimeError("Timed out waiting 5000ms for send operation to complete")
+
+    monkeypatch.setattr(D.dist, "all_reduce", timeout)
+    cause = ValueError("batches: a batch needs input_ids")
+    with pytest.raises(ValueError, match="a batch needs input_ids") as e:
+        D._raise_if_any_failed(cause, None)
+    assert e.value is cause and "Timed out" in str(e.value.__cause__)
+    with pytest.raises(D.RanksFailed, match=r"^collect: the ranks could not tell each other whether any failed "
+                                            r"\(RuntimeError: Timed out .*\); a rank failed or left: see its error"):
+        D._raise_if_any_failed(None, None)
+
+
+def test_the_command_line_reports_another_ranks_failure_as_an_error(tmp_path, monkeypatch, capsys):
+    """The ranks that did not fail ended with a Python traceback of RuntimeError."""
+    from hf_tiny import save_tiny_bert
+
+    from headprune.app.cli import main
+
+    def failed(*args, **kwargs):
+        raise D.RanksFailed("collect: ranks [1] failed (see their errors); this rank stops too")
+
+    save_tiny_bert(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D, "collect", failed)
+    assert main(["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]) == 2
+    assert capsys.readouterr().err.strip() == ("headprune scan: error: collect: ranks [1] failed (see their errors); "
+                                               "this rank stops too")
+    assert not (tmp_path / "o").exists()

@@ -198,22 +198,41 @@ def refuse_other_runs(path, world_size: Optional[int]) -> None:
     others = written_by_other_runs(path, world_size)
     if others:
         m = re.search(r"\.rank\d+-of-(\d+)", os.path.basename(others[0]))
-        by = f"{m.group(1)} processes" if m else "one process"
-        now = f"{world_size} processes" if world_size is not None else "one process"
-        raise ValueError(f"checkpoint: {others[0]} was written by a run of {by}, and this one has {now}; resume "
-                         "with as many, or delete it to start over")
+        by = _run_of(int(m.group(1)) if m else None)
+        raise ValueError(f"checkpoint: {others[0]} was written by {by}, and this one is {_run_of(world_size)}; "
+                         "resume as that run was launched, or delete it to start over")
+
+
+def _run_of(world_size: Optional[int]) -> str:
+    """A run's processes in words: a process group of one process is not a run without one."""
+    if world_size is None:
+        return "a run of one process without a process group"
+    return f"a run of {world_size} process{'es' * (world_size != 1)} in a process group (torchrun)"
+
+
+class RanksFailed(RuntimeError):
+    """Raised on the ranks of a distributed collection that did not fail themselves when another
+    rank failed or left the process group (its own error is raised on that rank)."""
 
 
 def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
-    """Every rank learns whether any rank failed, so none is left waiting in a collective."""
+    """Every rank learns whether any rank failed, so none is left waiting in a collective. A
+    rank that failed raises its own error even when the others cannot be reached (they were
+    still collecting past the group's timeout, or left): the collective's error is its cause."""
     flags = torch.zeros(dist.get_world_size(group), dtype=torch.int64, device=_device(group))
     flags[dist.get_rank(group)] = error is not None
-    dist.all_reduce(flags, group=group)
+    try:
+        dist.all_reduce(flags, group=group)
+    except Exception as e:  # noqa: BLE001 - a timeout or a rank that left
+        if error is not None:
+            raise error from e
+        raise RanksFailed(f"collect: the ranks could not tell each other whether any failed ({type(e).__name__}: "
+                          f"{str(e).strip()[:300]}); a rank failed or left: see its error") from e
     if error is not None:
         raise error
     failed = flags.nonzero().flatten().tolist()
     if failed:
-        raise RuntimeError(f"collect: ranks {failed} failed (see their errors); this rank stops too")
+        raise RanksFailed(f"collect: ranks {failed} failed (see their errors); this rank stops too")
 
 
 def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprint="", **kwargs) -> HeadScores:
@@ -225,7 +244,7 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     ``fingerprint``, so a resume with another world size is refused. Other keyword
     arguments (``method``, ``progress``, ``checkpoint_every``, ``resume``) go to
     ``headprune.hf.collect``. A rank with an empty shard contributes zeros; if one rank
-    raises an ``Exception``, the others raise ``RuntimeError`` instead of hanging.
+    raises an ``Exception``, the others raise :class:`RanksFailed` (a ``RuntimeError``) instead of hanging.
     Without a process group this is plain ``headprune.hf.collect``.
     """
     from .hf.collect import collect as local_collect
