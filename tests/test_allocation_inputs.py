@@ -69,3 +69,32 @@ def test_the_same_sequences_in_other_types_or_with_other_keys_are_the_calibratio
     for bad in (shifted, left):
         with pytest.raises(ValueError, match="batches: [12] of the first 2 sequences"):
             layer_costs(model, bad, scores)
+
+
+def _llama():
+    from hf_tiny import tiny_model
+
+    from headprune import collect
+
+    model = tiny_model("llama")  # 2 layers of 4 query heads over 2 KV heads
+    batches = [tiny_batch("llama", seed=i) for i in range(3)]
+    return model, batches, collect(model, batches, moments=True, progress=False)
+
+
+def test_min_heads_per_layer_counts_kv_groups_under_group_pruning_everywhere():
+    """counts= and the measured allocation counted query heads where ratio/count count groups:
+    with min_heads_per_layer=2 a layer of 2 groups kept one."""
+    from headprune import select_heads
+
+    _, _, scores = _llama()
+    kw = dict(gqa="group", min_heads_per_layer=2, protect_layers=[])
+    with pytest.raises(ValueError, match=r"^counts: layer 0: expected an int in \[0, 0\] \(its 4 heads less "
+                                         r"min_heads_per_layer=2 units of 2 heads\), got 2"):
+        select_heads(scores, counts={0: 2}, **kw)
+    assert select_heads(scores, counts={0: 2}, **{**kw, "min_heads_per_layer": 1}) in ({0: [0, 1]}, {0: [2, 3]})
+    model, batches, scores = _llama()
+    heads, costs = select_measured(model, batches, scores, count=1, **{**kw, "min_heads_per_layer": 1})  # a group
+    assert [sorted(t) for t in costs.costs] == [[2], [2]] and sum(map(len, heads.values())) == 2
+    heads, costs = select_measured(model, batches, scores, count=1, **kw)  # short: every group stays (documented)
+    assert costs.costs == [{}, {}] and heads == {}
+

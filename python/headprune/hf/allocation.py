@@ -82,12 +82,13 @@ class LayerCosts:
 
 
 def _counts(scores: HeadScores, site: int, gqa: str, min_heads: int) -> list:
-    """The numbers of heads ``site`` may lose under ``gqa`` (positive, at most what min_heads allows)."""
+    """The numbers of heads ``site`` may lose under ``gqa`` (positive, at most what min_heads allows:
+    units, as :func:`~headprune.ranking.select_heads` counts them, KV groups under ``"group"``)."""
     hq, hkv = scores.num_heads[site], scores.num_kv_heads[site]
-    top = hq - min_heads
+    size = unit_sizes(scores, gqa)[site]
+    top = hq - min_heads * size
     if gqa == "even" and has_grouped_queries(scores):
         return [k for k in sorted(even_layouts(hq, hkv)) if 0 < k <= top]
-    size = unit_sizes(scores, gqa)[site]
     return list(range(size, top + 1, size))
 
 
@@ -362,8 +363,10 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
     (as in :func:`~headprune.ranking.select_heads`), spread over the sites where
     :func:`layer_costs` measured them to cost least in all; ``costs`` reuses an earlier
     measurement (it must have been taken with the same selection options). ``choose``: which
-    heads each count removes (see :func:`layer_costs`). The total may fall a few heads short
-    of the request where even layouts skip a size."""
+    heads each count removes (see :func:`layer_costs`). The total is the nearest the measured
+    counts reach at or below the request: a few heads short where even layouts skip a size, and
+    as many as ``protect_layers`` and ``min_heads_per_layer`` allow where the request is more
+    (``select_heads`` refuses that; ``headprune prune`` warns): compare the result with the request."""
     if costs is None:
         costs = layer_costs(model, batches, scores, gqa=gqa, score=score, order=order, seed=seed,
                             protect_layers=protect_layers,

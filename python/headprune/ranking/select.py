@@ -56,7 +56,8 @@ def select_heads(
             group a site keeps keeps the same number of query heads, so the KV cache never
             grows (each site's share is rounded to such a layout, see
             :mod:`~headprune.ranking.layouts`; the total may fall a few heads short of the
-            request); ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
+            request, and is none where the request is smaller than every site's smallest
+            layout, as a round of iterative selection may ask); ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a
             ``[sites, heads]`` tensor of per-head values such as
             :func:`headprune.hf.importance.gradient_importance`; ``None``: :func:`~.recipes.default_for`'s.
@@ -150,7 +151,7 @@ def _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, 
     if counts is not None:
         if ratio is not None or count is not None or uniform or pruned or kv_ratio is not None:
             raise ValueError("counts: gives every layer's count itself; drop ratio, count, uniform, pruned and kv_ratio")
-        counts = _check_counts(counts, scores, min_heads_per_layer)
+        counts = _check_counts(counts, scores, min_heads_per_layer, gqa)
     return counts
 
 
@@ -168,13 +169,16 @@ def _by_layer(mapping, name: str, what: str, scores: HeadScores) -> list:
     return items
 
 
-def _check_counts(counts, scores: HeadScores, min_heads: int) -> dict:
-    """``counts`` as ``{site: heads}`` (zeros left out), every entry checked."""
-    out = {}
+def _check_counts(counts, scores: HeadScores, min_heads: int, gqa: str) -> dict:
+    """``counts`` as ``{site: heads}`` (zeros left out), every entry checked; ``min_heads``
+    counts units, as with ``ratio``/``count`` (KV groups under ``gqa="group"``)."""
+    out, size = {}, unit_sizes(scores, gqa)
     for layer, n in _by_layer(counts, "counts", "heads to remove", scores):
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= scores.num_heads[layer] - min_heads:
-            raise ValueError(f"counts: layer {layer}: expected an int in [0, {scores.num_heads[layer] - min_heads}] "
-                             f"(its {scores.num_heads[layer]} heads less min_heads_per_layer={min_heads}), got {n!r}")
+        top = scores.num_heads[layer] - min_heads * size[layer]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= top:
+            units = f" units of {size[layer]} heads" if size[layer] > 1 else ""
+            raise ValueError(f"counts: layer {layer}: expected an int in [0, {max(top, 0)}] (its {scores.num_heads[layer]} "
+                             f"heads less min_heads_per_layer={min_heads}{units}), got {n!r}")
         if n:
             out[layer] = n
     return out
