@@ -54,10 +54,10 @@ def select_heads(
             and a partly pruned group makes the pruned model repeat KV heads, so the KV cache
             can grow); ``"even"`` prunes query heads too, but only in layouts where every KV
             group a site keeps keeps the same number of query heads, so the KV cache never
-            grows (each site's share is rounded to such a layout, see
-            :mod:`~headprune.ranking.layouts`; the total may fall a few heads short of the
-            request, and is none where the request is smaller than every site's smallest
-            layout, as a round of iterative selection may ask); ``"group"`` prunes whole KV groups, so the KV cache shrinks too.
+            grows (each site's share is rounded to such a layout, see :mod:`~headprune.ranking.layouts`;
+            the total may fall short of the request, to none below every site's smallest layout,
+            as a round of iterative selection may ask); ``"group"`` prunes whole KV groups, so the
+            KV cache shrinks too.
         score: which statistic ranks heads (a name, see ``HeadScores.score``), or a
             ``[sites, heads]`` tensor of per-head values such as
             :func:`headprune.hf.importance.gradient_importance`; ``None``: :func:`~.recipes.default_for`'s.
@@ -170,18 +170,16 @@ def _by_layer(mapping, name: str, what: str, scores: HeadScores) -> list:
 
 
 def _check_counts(counts, scores: HeadScores, min_heads: int, gqa: str) -> dict:
-    """``counts`` as ``{site: heads}`` (zeros left out), every entry checked; ``min_heads``
-    counts units, as with ``ratio``/``count`` (KV groups under ``gqa="group"``)."""
-    out, size = {}, unit_sizes(scores, gqa)
-    for layer, n in _by_layer(counts, "counts", "heads to remove", scores):
+    """``counts`` as ``{site: heads}`` (zeros left out), every entry checked; ``min_heads`` counts
+    units, as ``ratio``/``count`` do (KV groups under ``gqa="group"``)."""
+    size, items = unit_sizes(scores, gqa), _by_layer(counts, "counts", "heads to remove", scores)
+    for layer, n in items:
         top = scores.num_heads[layer] - min_heads * size[layer]
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= top:
-            units = f" units of {size[layer]} heads" if size[layer] > 1 else ""
+            units = f" units of {size[layer]} heads" * (size[layer] > 1)
             raise ValueError(f"counts: layer {layer}: expected an int in [0, {max(top, 0)}] (its {scores.num_heads[layer]} "
                              f"heads less min_heads_per_layer={min_heads}{units}), got {n!r}")
-        if n:
-            out[layer] = n
-    return out
+    return {layer: n for layer, n in items if n}
 
 
 def _select_counts(scores: HeadScores, ranked: list, recipe, gqa: str, counts: dict) -> dict:
@@ -295,8 +293,7 @@ def _as_positions(pruned, scores: HeadScores):
     for site, hs in pruned.items():
         site = _layer_key(site, "pruned")
         ids = scores.head_ids[site] if 0 <= site < scores.num_sites else []
-        bad = [h for h in hs if h not in ids]
-        if bad:
+        if bad := [h for h in hs if h not in ids]:
             raise ValueError(f"pruned: layer {site} heads {bad} are not among its heads {ids}")
         out[site] = scores.positions(site, hs)
     return out
@@ -309,8 +306,7 @@ def site_caps(units: list, protect: set, min_units: int, want: int, scope: str) 
     allowed = [0 if i in protect else max(0, n - min_units) for i, n in enumerate(units)]
     if scope == "global":
         return allowed, allowed
-    open_units = sum(n for i, n in enumerate(units) if i not in protect)
-    frac = want / max(1, open_units)
+    frac = want / max(1, sum(n for i, n in enumerate(units) if i not in protect))  # of every open unit
     floors = [min(math.floor(frac * n + 1e-9), a) for n, a in zip(units, allowed)]
     ceils = [min(math.ceil(frac * n - 1e-9), a) for n, a in zip(units, allowed)]
     return floors, ceils
