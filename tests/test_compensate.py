@@ -284,3 +284,16 @@ def test_a_refit_bias_keeps_its_trainable_flag(family):
         (mask_heads if how == "mask" else prune_heads)(m, {0: [1]}, compensate=scores)
         o2 = resolve_sites(m)[0].o
         assert (o2.bias.requires_grad, o2.weight.requires_grad) == (had_bias, False), how
+
+
+def test_an_infinite_mean_output_is_refused_by_the_compensation():
+    """An overflowing value row wrote infinite weights into the output bias (the refit refused
+    the same statistics)."""
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.encoder.layer[1].attention.self.value.bias[0] = float("inf")  # head 0 of layer 1: +inf in one dimension
+    scores = collect(model, [tiny_batch("bert", pad=False)], moments=True, progress=False)
+    before = ModelSnapshot(model)
+    with pytest.raises(ValueError, match=r"^compensate: site .*1.* heads \[0\]: their mean output is infinite"):
+        mask_heads(model, {1: [0]}, compensate=scores)
+    before.assert_same()

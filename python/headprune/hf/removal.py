@@ -168,8 +168,13 @@ def _old_bias(site) -> Optional[torch.Tensor]:
 def _mean_replaced(site, adapter, heads, mean: torch.Tensor) -> SiteRemoval:
     d = head_dim(site, adapter)
     mu = mean[heads, :d]
-    if torch.isnan(mu).any():
-        raise ValueError(f"compensate: site {site.name} heads {list(heads)} have no output statistics")
+    if torch.isnan(mu).any():  # a head that saw no token (or NaN activations: then its mean is NaN too)
+        raise ValueError(f"compensate: site {site.name} heads {list(heads)} have no output statistics, or statistics "
+                         "of activations that were not finite")
+    if not bool(torch.isfinite(mu).all()):
+        raise ValueError(f"compensate: site {site.name} heads {list(heads)}: their mean output is infinite (the "
+                         "calibration's activations there were not finite); collect again once the model computes "
+                         "finite outputs")
     add = removed_mean_output(site.o.weight.detach(), heads, d, mu, conv1d=adapter.conv1d)
     old, w = _old_bias(site), site.o.weight
     bias = add.to(w.device, w.dtype) if old is None else old + add.to(old.device, old.dtype)
