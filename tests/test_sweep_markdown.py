@@ -190,3 +190,26 @@ def test_the_sweep_plot_tells_every_recipe_apart_and_reads_plain_numbers(tmp_pat
     FigureCanvasAgg(figures[0]).draw()
     labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
     assert labels and not any("times" in t or "^" in t for t in labels), labels
+
+
+def test_the_pictures_keep_matplotlibs_font_notices_out_of_the_output(tmp_path):
+    """A missing font's notices are logged when the layout is computed, before the picture is
+    saved; quieting the save alone let them through."""
+    import logging
+
+    import matplotlib
+
+    from headprune.app import plots
+
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = seen.append
+    log = logging.getLogger("matplotlib.font_manager")
+    log.addHandler(handler)
+    try:
+        with matplotlib.rc_context({"font.family": "headprune-test-no-such-family"}):
+            plots.sweep_plot({**_result([[25.0], [12.0]]), "ratios": [0.1, 0.5], "recipes": {"default": [11.0, 30.0]}},
+                             tmp_path / "s.png")
+    finally:
+        log.removeHandler(handler)
+    assert not [r for r in seen if r.levelno >= logging.WARNING], [r.getMessage() for r in seen][:3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import textwrap
 from contextlib import contextmanager
@@ -22,8 +23,9 @@ def _figure(**kwargs):
 
 @contextmanager
 def _quiet_fonts():
-    """matplotlib's notices of a missing math font (it falls back, no fault) kept out of the
-    output while a picture is saved; the logger's level is as it was afterwards."""
+    """matplotlib's notices of a missing font (it falls back, no fault) kept out of the output
+    while a picture is drawn (fonts are looked up when the layout is computed, before saving);
+    the logger's level is as it was afterwards."""
     log = logging.getLogger("matplotlib.font_manager")
     level = log.level
     log.setLevel(max(level, logging.ERROR))
@@ -34,11 +36,20 @@ def _quiet_fonts():
 
 
 def _save(fig, path: Path) -> Path:
-    with _quiet_fonts():
-        fig.savefig(path, dpi=120)  # a png through Agg, this figure only
+    fig.savefig(path, dpi=120)  # a png through Agg, this figure only
     return path
 
 
+def _quietly(draw):
+    """``draw`` (a picture's function) inside :func:`_quiet_fonts`."""
+    @functools.wraps(draw)
+    def wrapped(*args, **kwargs):
+        with _quiet_fonts():
+            return draw(*args, **kwargs)
+    return wrapped
+
+
+@_quietly
 def heatmap(scores, path: Path, *, pruned: dict | None = None, title: str = "", score: str = "entropy",
             selection=None, selection_label: str = "", protected=()) -> Path:
     """Sites x heads, colour = mean attention entropy (nats), or another ``score``; pruned heads
@@ -90,6 +101,7 @@ def _axes(ax, scores, sites: int, heads: int) -> None:
     ax.set_yticklabels([scores.names[i] for i in range(0, sites, step)], fontsize=7)
 
 
+@_quietly
 def sweep_plot(result: dict, path: Path) -> Path:
     """Quality against the fraction of heads pruned: one line per recipe, random as a band."""
     from matplotlib import colormaps
