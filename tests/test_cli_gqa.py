@@ -237,6 +237,20 @@ def test_a_measured_allocation_short_of_the_request_says_why(run, tmp_path, tiny
                f"removes {report['heads_pruned']} heads" in line for line in err), err
 
 
+def test_a_measured_allocation_of_whole_groups_short_of_the_request_says_so(run, tmp_path, tiny_dir):  # noqa: F811
+    """Under --gqa group the shortfall of a measured allocation went unsaid (4 heads of the 6
+    that --count 3 groups asks for)."""
+    import json
+
+    path = _tiny_llama(tmp_path, tiny_dir)  # 2 layers of 2 KV groups of 2 query heads
+    code, err = run(["prune", path, "--scope", "measured", "--gqa", "group", "--count", "3", "--protect-layers", "",
+                     "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["heads_pruned"] == 4
+    assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation "
+               "removes 4 heads (50.0%), not the 6 requested (75.0%)" in line for line in err), err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--count", "1"], "--count: 1 rounds to no head in the layouts the selection allows"),
     (["--count", "2", "--protect-layers", "0,1"], "--ratio/--count: 2 heads requested but --protect-layers"),

@@ -52,7 +52,7 @@ def prune(args) -> int:
         return 0
     recipe = _recipe(args, kw, removal, scores, values, settings["refit_bias"])
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
-    _check_layout_rounded(args, n, total, has_grouped_queries(scores))
+    _check_layout_rounded(args, n, total, has_grouped_queries(scores), set(unit_sizes(scores, args.gqa)))
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
@@ -307,14 +307,18 @@ def _selection_values(scores, settings: dict):
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 
-def _check_layout_rounded(args, n: int, total: int, grouped: bool) -> None:
-    """--uniform and --gqa even round the request to whole layouts: say so when they did, and
-    refuse a selection that rounds to no head (the output would be the unpruned model)."""
+def _check_layout_rounded(args, n: int, total: int, grouped: bool, sizes: set = frozenset({1})) -> None:
+    """--uniform and --gqa even round the request to whole layouts, and a measured allocation
+    to what the layers may give: say so when they did, and refuse a selection that rounds to no
+    head (the output would be the unpruned model). ``sizes``: the query heads of a unit at each
+    site (whole KV groups under --gqa group: --count counts them)."""
     if n == 0:
         refuse_no_head(args)
-    if args.gqa == "group":
-        return
-    want = int(args.ratio * total + 1e-9) if args.ratio is not None else args.count
+    if len(sizes) != 1:
+        return  # groups of several sizes: the request has no one size in heads
+    (size,) = sizes
+    units = int(args.ratio * (total // size) + 1e-9) if args.ratio is not None else args.count
+    want = units * size
     if n == want:
         return
     if getattr(args, "uniform", False):
