@@ -306,6 +306,14 @@ def test_a_failed_rank_raises_its_own_error_when_the_others_cannot_be_reached(mo
     with pytest.raises(ValueError, match="a batch needs input_ids") as e:
         D._raise_if_any_failed(cause, None)
     assert e.value is cause and "Timed out" in str(e.value.__cause__)
+    own = OSError("checkpoint.json: unreadable")
+    try:
+        raise ValueError("checkpoint: cannot read it") from own
+    except ValueError as caught:
+        chained = caught
+    with pytest.raises(ValueError, match="cannot read it") as e:  # its own cause stays, the timeout is noted
+        D._raise_if_any_failed(chained, None)
+    assert e.value.__cause__ is own and "could not be told: RuntimeError: Timed out" in e.value.__notes__[0]
     with pytest.raises(D.RanksFailed, match=r"^collect: the ranks could not tell each other whether any failed "
                                             r"\(RuntimeError: Timed out .*\); a rank failed or left: see its error"):
         D._raise_if_any_failed(None, None)

@@ -225,6 +225,9 @@ def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
         dist.all_reduce(flags, group=group)
     except Exception as e:  # noqa: BLE001 - a timeout or a rank that left
         if error is not None:
+            if error.__cause__ is not None:  # its own cause stays; the collective's failure is noted
+                error.add_note(f"(the other ranks could not be told: {type(e).__name__}: {str(e).strip()[:300]})")
+                raise error
             raise error from e
         raise RanksFailed(f"collect: the ranks could not tell each other whether any failed ({type(e).__name__}: "
                           f"{str(e).strip()[:300]}); a rank failed or left: see its error") from e
@@ -266,7 +269,11 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = e
     _raise_if_any_failed(error, group)
-    scores = all_reduce_scores(scores, group)
+    try:
+        scores = all_reduce_scores(scores, group)
+    except RuntimeError as e:  # a collective's failure: a rank that left after the check (its own error says why)
+        raise RanksFailed(f"collect: the ranks' statistics could not be summed ({type(e).__name__}: "
+                          f"{str(e).strip()[:300]}); a rank failed or left: see its error") from e
     if not bool((scores.count > 0).any()):
         raise ValueError("batches: no attention call was recorded on any rank (empty iterable?)")
     return scores
