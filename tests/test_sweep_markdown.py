@@ -64,15 +64,30 @@ def test_the_report_says_timed_only_where_speed_was_measured():
     assert "Both models were evaluated and timed in float32" in timed
 
 
-def test_kv_bytes_of_a_model_without_heads_left_is_zero_not_unknown():
+@pytest.mark.parametrize("family, heads", [("llama", {0: [0, 1, 2, 3], 1: [1]}), ("llama", {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}),
+                                           ("mistral", {1: [2, 3]}), ("qwen2", {0: [2, 3]}), ("gemma2", {1: [2, 3]})])
+def test_kv_bytes_per_token_are_what_the_cache_grows_by(family, heads):
+    """Sliding-window layers were counted as growing with every token (Gemma 2's local and
+    global layers losing a KV group reported the same saving), and a layer with no head left as
+    holding nothing (it keeps one zero per token for keys and for values)."""
+    import torch
     from hf_tiny import tiny_model
 
     from headprune.hf import prune_heads
     from headprune.hf.report import measure
 
-    model = tiny_model("llama")
-    prune_heads(model, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
-    assert measure(model)["kv_cache_bytes_per_token"] == 0
+    model = tiny_model(family, attn_implementation="eager")
+    prune_heads(model, heads)
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+
+    def cached(n: int) -> int:
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :n], use_cache=True).past_key_values
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+    got = measure(model)
+    assert got["kv_cache_bytes_per_token"] * 16 == cached(40) - cached(24)  # every window (4 tokens) is behind
+    assert got["kv_cache_window_sites"] == {"llama": 0, "mistral": 2, "qwen2": 1, "gemma2": 1}[family]
     assert measure(tiny_model("bert"))["kv_cache_bytes_per_token"] is None  # no causal site
 
 
@@ -213,3 +228,12 @@ def test_the_pictures_keep_matplotlibs_font_notices_out_of_the_output(tmp_path):
     finally:
         log.removeHandler(handler)
     assert not [r for r in seen if r.levelno >= logging.WARNING], [r.getMessage() for r in seen][:3]
+
+
+def test_the_summary_says_which_layers_the_kv_row_leaves_out():
+    from headprune.app.report import summary_table
+
+    m = {"query_heads": 8, "kv_heads": 4, "kv_cache_bytes_per_token": 64, "kv_cache_window_sites": 1,
+         "kv_cache_dtype": "float32", "parameters": 10, "attention_flops_per_token": 5}
+    assert "| KV cache bytes per token (float32), 1 sliding-window layer left out | 64 |" in \
+        summary_table({"before": m, "after": m}, "perplexity")

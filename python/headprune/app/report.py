@@ -41,6 +41,8 @@ def summary_table(report: dict, metric: str) -> str:
             ("query heads", b["query_heads"], a["query_heads"]), ("KV heads", b["kv_heads"], a["kv_heads"])]
     if b.get("kv_cache_bytes_per_token"):
         kind = f" ({a['kv_cache_dtype']})" if a.get("kv_cache_dtype") else ""
+        if n := b.get("kv_cache_window_sites"):  # their cache stops at the window: not per token
+            kind += f", {n} sliding-window layer{'s' * (n != 1)} left out"
         rows.append((f"KV cache bytes per token{kind}", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
     rows += [("parameters", b["parameters"], a["parameters"]),
              ("attention FLOPs/token" + (f" (at {b['context']:,} tokens of context, a fixed point of comparison: the "

@@ -30,27 +30,55 @@ def attention_flops_per_token(model, context: int = DEFAULT_CONTEXT) -> int:
     return total
 
 
+def _cache_windows(model, n: int) -> list:
+    """Per causal self-attention site (``n`` of them, in order), the window a generating model's
+    KV cache keeps of it, as transformers builds the cache from the config (sliding and chunked
+    layers), or ``None`` where it grows with every token."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    except (ImportError, AttributeError, TypeError, ValueError):  # another transformers: every layer grows
+        return [None] * n
+    if len(types) != n:
+        return [None] * n
+    return [k.get("sliding_window") if t in ("sliding_attention", "chunked_attention") else None
+            for t, k in zip(types, kwargs)]
+
+
+def _kv_bytes(model, adapter, sites, counts, width: int) -> tuple:
+    """``(bytes the KV cache grows by per token past every window, causal sites whose cache a
+    window keeps)``: keys and values of each causal self-attention site, one zero each per
+    token for a site with no head left (see ``headprune.hf.empty``), ``None`` without a causal site."""
+    causal = [(s, c) for s, c in zip(sites, counts) if s.block.causal]
+    if not causal:
+        return None, 0
+    windows = _cache_windows(model, len(causal))
+    grows = sum(2 * width * (c[1] * head_dim(s, adapter) if c[1] else 1) for (s, c), w in zip(causal, windows) if w is None)
+    return grows, sum(w is not None for w in windows)
+
+
 def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
     """Head counts, parameters, attention FLOPs per token at ``context`` (at most the model's
-    positions) and the KV cache's bytes per token, in ``dtype`` (default: the model's own float
-    type), so that two models held in different types compare at one type."""
+    positions) and the bytes the KV cache of a generating model grows by per token, in ``dtype``
+    (default: the model's own float type), so that two models held in different types compare at
+    one type. Layers whose cache a sliding window keeps (Mistral, Qwen2's upper layers, Gemma 2's
+    local layers) stop growing at the window, so they are left out of that figure and counted in
+    ``kv_cache_window_sites``."""
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     dtype = dtype or next(model.parameters()).dtype
     context = min(context, getattr(model.config, "max_position_embeddings", None) or context)  # what it can take
-    width = dtype.itemsize
-    causal = [s.block.causal for s in sites]
+    kv_bytes, windowed = _kv_bytes(model, adapter, sites, counts, dtype.itemsize)
     return {
         "parameters": parameter_count(model),
         "attention_flops_per_token": attention_flops_per_token(model, context),
         "context": context,
         "query_heads": sum(c[0] for c in counts),
         "kv_heads": sum(c[1] for c in counts),
-        # keys and values a generating model caches per token (causal self-attention sites)
-        # (None without a causal site; 0 where every causal site lost its heads)
-        "kv_cache_bytes_per_token": sum(2 * c[1] * head_dim(s, adapter) * width
-                                        for s, c, k in zip(sites, counts, causal) if k) if any(causal) else None,
+        "kv_cache_bytes_per_token": kv_bytes,  # None without a causal site
+        "kv_cache_window_sites": windowed,
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
     }
 
