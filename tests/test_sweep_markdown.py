@@ -237,3 +237,13 @@ def test_the_summary_says_which_layers_the_kv_row_leaves_out():
          "kv_cache_dtype": "float32", "parameters": 10, "attention_flops_per_token": 5}
     assert "| KV cache bytes per token (float32), 1 sliding-window layer left out | 64 |" in \
         summary_table({"before": m, "after": m}, "perplexity")
+
+
+def test_a_recipe_removed_otherwise_than_the_random_draws_is_not_starred():
+    """A mean-compensated recipe was starred for beating random draws refit by least squares."""
+    result = {**_result([[12.0, 13.0], [20.0, 25.0]]), "recipes": {"default": [11.0, 18.0], "variance, mean": [11.5, 19.0]},
+              "recipe_settings": {"default": {}, "variance, mean": {"removal": "mean"}}}
+    text = sweep_markdown(result)
+    rows = [line for line in text.splitlines() if line.startswith("| 0.")]
+    assert rows[0].startswith("| 0.30 | 11 * | 11.5 |") and rows[1].startswith("| 0.50 | 18 * | 19 |")
+    assert "`variance, mean`: removed otherwise than the random draws" in text

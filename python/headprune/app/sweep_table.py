@@ -46,6 +46,8 @@ def sweep_markdown(result: dict) -> str:
              f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     heads, empty, other = result.get("heads", {}), set(), set()  # (no head): the unpruned model
+    removal = result.get("removal", "mean" if result.get("compensate") else "zero")  # the random draws'
+    apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
@@ -58,6 +60,7 @@ def sweep_markdown(result: dict) -> str:
                 continue
             # not starred where the table shows the same number as the random mean
             better = mean is not None and (v < mean if lower else v > mean) and number(v) != number(mean)
+            better = better and n not in apart  # removed otherwise than the draws: no comparison
             k, drawn = _budgets(result, n, i)
             uneven = k is not None and {k} != set(drawn)  # its layout removes another number of heads than the draws
             if uneven:
@@ -70,6 +73,10 @@ def sweep_markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if draws:
         lines += ["", f"`*` = better than the random {mean_name} at that fraction."]
+    if apart and draws:
+        lines += ["", f"{', '.join(f'`{n}`' for n in apart)}: removed otherwise than the random draws (whose removal the "
+                      "heading names), so not starred either way: a random baseline of their own removal is what "
+                      "they compare with."]
     if other:
         lines += ["", "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws "
                       "at that fraction (or the draws differ among themselves); starred only where it removes at "
