@@ -26,25 +26,7 @@ def sweep_markdown(result: dict) -> str:
     draws = len(result["random"][0]) if result["random"] else 0
     mean_name, seeds = "geometric mean" if lower else "mean", f"{draws} seed{'s' * (draws != 1)}"
     columns = ["fraction pruned", *names, *([f"random {mean_name} ({seeds})", "random range"] if draws else [])]
-    how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
-           "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
-    if result.get("values") and result.get("removal") == "refit":
-        how = "kept heads' value rows and output columns refit by least squares"
-    if draws:
-        how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
-    s = result.get("settings")
-    calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
-    evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
-    part = result.get("eval_paragraphs")
-    where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
-    stored = (s or {}).get("checkpoint_dtype")
-    rounded = {"gguf": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}.get(stored)
-    if rounded and (s or {}).get("dtype", "float32") in ("float32", "float64"):  # the refit is evaluated unrounded
-        calibrated += (f" Evaluated in {(s or {}).get('dtype', 'float32')} with the refit unrounded; `headprune prune` "
-                       f"of this {stored} checkpoint rounds the pruned model to {rounded}, the type it saves.")
-    lines = [f"{result['metric']} of {result['model']} on held-out {where} "
-             f"({'lower' if lower else 'higher'} is better; unpruned {result['baseline']:.4g}; {how}).{calibrated}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [_heading(result, draws), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     heads, empty, other = result.get("heads", {}), set(), set()  # (no head): the unpruned model
     removal = result.get("removal", "mean" if result.get("compensate") else "zero")  # the random draws'
     apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
@@ -71,23 +53,53 @@ def sweep_markdown(result: dict) -> str:
         if rnd:
             cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if draws:
-        lines += ["", f"`*` = better than the random {mean_name} at that fraction."]
-    if apart and draws:
-        lines += ["", f"{', '.join(f'`{n}`' for n in apart)}: removed otherwise than the random draws (whose removal the "
-                      "heading names), so not starred either way: a random baseline of their own removal is what "
-                      "they compare with."]
+    lines += _star_notes(draws, mean_name, apart)
     if other:
         lines += ["", "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws "
                       "at that fraction (or the draws differ among themselves); starred only where it removes at "
                       "least as many as each draw."]
-    if result.get("output_refit_only") and how.startswith("kept heads' value rows"):
+    if result.get("output_refit_only") and result.get("values") and result.get("removal") == "refit":
         only = ", ".join(f"`{n}`" for n in result["output_refit_only"])
         lines += ["", f"{only}: output columns refit only (a calibration layer by layer or round by round does not "
                       "fit the one-shot value moments)."]
     if empty:
         lines += ["", f"`(no head)`: the layout of {', '.join(sorted(empty))} rounds to no head there (unpruned)."]
     return "\n".join(lines) + "\n"
+
+
+def _heading(result: dict, draws: int) -> str:
+    """The sentence above the table: what was measured, on which text, and how heads were removed."""
+    how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
+           "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
+    if result.get("values") and result.get("removal") == "refit":
+        how = "kept heads' value rows and output columns refit by least squares"
+    if draws:
+        how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
+    s = result.get("settings")
+    calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
+    evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
+    part = result.get("eval_paragraphs")
+    where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
+    stored = (s or {}).get("checkpoint_dtype")
+    rounded = {"gguf": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}.get(stored)
+    if rounded and (s or {}).get("dtype", "float32") in ("float32", "float64"):  # the refit is evaluated unrounded
+        calibrated += (f" Evaluated in {(s or {}).get('dtype', 'float32')} with the refit unrounded; `headprune prune` "
+                       f"of this {stored} checkpoint rounds the pruned model to {rounded}, the type it saves.")
+    return (f"{result['metric']} of {result['model']} on held-out {where} "
+            f"({'lower' if result['lower_is_better'] else 'higher'} is better; unpruned {result['baseline']:.4g}; "
+            f"{how}).{calibrated}")
+
+
+def _star_notes(draws: int, mean_name: str, apart: list) -> list:
+    """What a star means, and which recipes none can mark (``apart``: removed otherwise than the draws)."""
+    if not draws:
+        return []
+    lines = ["", f"`*` = better than the random {mean_name} at that fraction."]
+    if apart:
+        lines += ["", f"{', '.join(f'`{n}`' for n in apart)}: removed otherwise than the random draws (whose removal the "
+                      "heading names), so not starred either way: a random baseline of their own removal is what "
+                      "they compare with."]
+    return lines
 
 
 def _budgets(result: dict, name: str, i: int) -> tuple:
