@@ -76,7 +76,7 @@ def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
     transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
-    code, err = run(["prune", path, "--count", "2", *COMMON, "--out", tmp_path / "o"])
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--eval-windows", "2", "--out", tmp_path / "o"])
     assert code == 0, err
     code, err, alone = _eval(run, [tmp_path / "o"])  # a causal LM needs no teacher, and loads none by itself
     assert code == 0 and not err and "teacher" not in alone
@@ -129,7 +129,7 @@ def test_eval_sizes_the_kv_cache_in_the_type_prune_reported(run, tmp_path, tiny_
     from test_cli_save_dtype import _checkpoint
 
     path = _checkpoint(tmp_path, tiny_dir, "bfloat16", config_names_it=True)
-    code, err = run(["prune", path, "--count", "2", *COMMON, "--out", tmp_path / "o"])
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--eval-windows", "2", "--out", tmp_path / "o"])
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     code, err, result = _eval(run, [tmp_path / "o", "--no-speed"])
@@ -193,3 +193,33 @@ def test_eval_says_when_it_computes_in_another_type_than_the_report(run, tmp_pat
                                  "the report's: pass --dtype float16 to reproduce them"], err
     code, err, result = _eval(run, [tmp_path / "o", "--no-speed", "--dtype", "float16"])
     assert code == 0 and not err and result["perplexity"] == report["after"]["perplexity"], err
+
+
+def test_eval_says_when_the_report_took_another_number_of_windows(run, tmp_path, tiny_dir):  # noqa: F811
+    """prune --eval-windows 4 reported one perplexity and eval (48 windows by default) another,
+    without a word: the number of windows was not recorded."""
+    import io
+    from contextlib import redirect_stdout
+
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--eval-windows", "1", "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["settings"]["eval_windows"] == 1
+    code, err, result = _eval(run, [tmp_path / "o", "--no-speed"])  # 2 windows
+    assert code == 0 and err == ["headprune: warning: MODEL's report.json measured perplexity over 1 windows; this "
+                                 "evaluation takes up to 2, so its figures can differ from the report's: pass "
+                                 "--eval-windows 1 to reproduce them"], err
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run(["eval", tmp_path / "o", "--json", "--eval-windows", "1", "--quiet", "--data", "text.txt",
+                         "--no-speed"])
+    assert code == 0 and not err and json.loads(out.getvalue())["perplexity"] == report["after"]["perplexity"], err

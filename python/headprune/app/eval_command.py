@@ -35,6 +35,7 @@ def evaluate(args) -> int:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
     C.warn_thin(data, loaded, held)
     _warn_other_type(args, loaded, report)
+    _warn_other_windows(args, loaded, report)
     named = _named_teacher(folder, report, unread) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:
@@ -109,6 +110,17 @@ def _warn_other_type(args, loaded, report: Optional[dict]) -> None:
     if args.dtype is None and isinstance(then, str) and then != now:
         C._warn(f"MODEL was evaluated in {then} when it was pruned (its report.json); this evaluation computes in "
                 f"{now}, so its figures can differ from the report's: pass --dtype {then} to reproduce them")
+
+
+def _warn_other_windows(args, loaded, report: Optional[dict]) -> None:
+    """Said when the folder's report measured perplexity over another number of windows than
+    ``--eval-windows`` asks now: its figures are not reproduced then."""
+    settings = report.get("settings") if isinstance(report, dict) else None
+    then = settings.get("eval_windows") if isinstance(settings, dict) else None
+    if loaded.kind == "causal" and isinstance(then, int) and then != args.eval_windows:
+        C._warn(f"MODEL's report.json measured perplexity over {then} windows; this evaluation takes up to "
+                f"{args.eval_windows}, so its figures can differ from the report's: pass --eval-windows {then} to "
+                "reproduce them")
 
 
 def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tuple]:

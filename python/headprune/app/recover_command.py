@@ -237,7 +237,8 @@ def recover(args) -> int:
     # the pruning's account of its text gives way to recovery's (no reference, no sample count asked)
     pruning = {k: v for k, v in prune_report["settings"].items() if k not in C.TEXT_SETTINGS}
     settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
-                "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as}
+                "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as,
+                **({"eval_windows": args.eval_windows} if student.kind == "causal" else {})}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
     meta = student.pruned or {}
