@@ -24,6 +24,20 @@ def _text(tmp_path):  # run() works in tmp_path: a short text there, for prune a
     (tmp_path / "text.txt").write_text("\n\n".join(paragraphs))
 
 
+def _llama(tmp_path, tiny_dir):
+    """A tiny random Llama saved with the tiny BERT's tokenizer; its path."""
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    return path
+
+
 def _eval(run, argv):  # noqa: F811
     import io
     from contextlib import redirect_stdout
@@ -67,15 +81,11 @@ def test_eval_says_when_the_named_teacher_is_gone(run, tmp_path, tiny_dir):  # n
 
 
 def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path, tiny_dir):  # noqa: F811
-    import torch
     import transformers
 
     from hf_tiny import tiny_config
 
-    path = tmp_path / "llama"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    path = _llama(tmp_path, tiny_dir)
     code, err = run(["prune", path, "--count", "2", *COMMON, "--eval-windows", "2", "--out", tmp_path / "o"])
     assert code == 0, err
     code, err, alone = _eval(run, [tmp_path / "o"])  # a causal LM needs no teacher, and loads none by itself
@@ -201,15 +211,7 @@ def test_eval_says_when_the_report_took_another_number_of_windows(run, tmp_path,
     import io
     from contextlib import redirect_stdout
 
-    import torch
-    import transformers
-
-    from hf_tiny import tiny_config
-
-    path = tmp_path / "llama"
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    path = _llama(tmp_path, tiny_dir)
     code, err = run(["prune", path, "--count", "2", *COMMON, "--eval-windows", "1", "--out", tmp_path / "o"])
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
