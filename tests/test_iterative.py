@@ -7,7 +7,7 @@ from hf_tiny import tiny_batch, tiny_model
 from model_snapshot import ModelSnapshot
 
 from headprune import select_heads
-from headprune.hf import collect, mask_heads, select_iteratively
+from headprune.hf import collect, mask_heads, prune_heads, select_iteratively
 
 
 def _setup(family="llama", layers=3):
@@ -122,3 +122,22 @@ def test_a_plain_torch_model_is_selected_iteratively_without_second_moments():
     batches = [torch.randn(2, 6, 32) for _ in range(2)]
     heads, _ = select_iteratively(model, batches, steps=2, ratio=0.5, progress=False)
     assert sum(map(len, heads.values())) == 4
+
+
+def test_moments_collected_under_a_mask_are_checked_against_the_weights_before_it():
+    """Moments of another model were accepted when that model had a head masked while they were
+    collected (the projection check skipped masked sites); the same model's, once its mask is
+    restored, are its own."""
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    batches = [tiny_batch("llama")]
+    with mask_heads(other, {0: [1]}, reconstruct=collect(other, batches, moments=True, progress=False)):
+        theirs = collect(other, batches, moments=True, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for remove in (mask_heads, prune_heads):
+        with pytest.raises(ValueError, match=r"^reconstruct: site 0's output projection differs from the one the "
+                                             r"scores were collected with"):
+            remove(model, {0: [1, 2]}, reconstruct=theirs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with mask_heads(model, {0: [1]}, reconstruct=collect(model, batches, moments=True, progress=False)):
+        ours = collect(model, batches, moments=True, progress=False)
+    prune_heads(model, {0: [1, 2]}, reconstruct=ours)  # restored: the weights it was collected under the mask of

@@ -24,6 +24,7 @@ from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, o_column_norms, resolve_sites
 from .attention import RECORDERS, attention_implementation, config_of, model_configs
 from ..core.modules import eval_mode
+from ..prune.mask import unmasked_weight
 from .prune import STATE_ATTR
 from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
 
@@ -247,7 +248,18 @@ class Collection:
             before = torch.zeros(0, dtype=torch.int64) if start is None else start.sequences  # None: unknown
             sequences = None if before is None else torch.cat([before, torch.tensor(self.sequences, dtype=torch.int64)])
             out.moments = OutputMoments(gram, self.projections(), sequences)
+            out.moments.unmasked = self.unmasked()  # this process's only: not saved, merged or checkpointed
         return out
+
+    def unmasked(self) -> Optional[list]:
+        """Each site's output-projection weight (``[out, in]``, float32) as it was before the
+        masks still applied to the model changed it, ``None`` where none did (``None`` for all:
+        no mask): a refit from these moments compares the model's weights with it, since the
+        projection collected under a mask is not the model's once the mask is restored."""
+        found = [unmasked_weight(self.model, s.o.weight) for s in self.sites]
+        if all(w is None for w in found):
+            return None
+        return [None if w is None else (w.t() if self.adapter.conv1d else w).float().cpu() for w in found]
 
 
 def _head_ids(model, which: str = "kept"):

@@ -104,9 +104,11 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
         raise ValueError(f"{arg}: the scores were collected on heads {scores.site_heads()[i]} of site {i}, "
                          f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
     projection = None if scores.moments is None else scores.moments.projection
+    unmasked = getattr(scores.moments, "unmasked", None) or [None] * scores.num_sites  # see Collection.unmasked
     for layer in compare:  # the projection where moments keep it, else its columns' squared norms
         if projection is not None:
-            change, what = _projection_change(projection[layer], sites[layer], adapter, arg, layer), ""
+            change = _projection_change(projection[layer], sites[layer], adapter, arg, layer, unmasked[layer])
+            what = ""
         else:
             change, what = _norms_change(scores, sites[layer], adapter, layer), " of its columns' squared norms"
         if change is not None and change > PROJECTION_RTOL:
@@ -116,16 +118,19 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
     return scores
 
 
-def _projection_change(then_w, site, adapter, arg: str, layer: int) -> Optional[float]:
-    """How far the site's output projection moved from ``then_w`` (``[W, b]`` when collected);
-    ``None`` where there is nothing to compare or it was collected masked."""
+def _projection_change(then_w, site, adapter, arg: str, layer: int, unmasked=None) -> Optional[float]:
+    """How far the site's output projection moved from ``then_w`` (``[W, b]`` when collected),
+    or, where it was collected masked, from ``unmasked`` (its weight before the masks); ``None``
+    where there is nothing to compare."""
     if then_w is None:
         return None
     w = site.o.weight.detach()
     w = (w.t() if adapter.conv1d else w).to("cpu", torch.float32)
     then_w = then_w[:, :-1]  # the bias column
     if _collected_masked(then_w, head_dim(site, adapter)):
-        return None  # e.g. a later round of iterative selection: its weights are not these by design
+        if unmasked is None:  # e.g. moments saved and loaded: the weights before the masks are not known
+            return None
+        then_w = unmasked  # e.g. a later round of iterative selection: the same weights once its masks are restored
     if then_w.shape != w.shape:
         raise ValueError(f"{arg}: the scores were collected when site {layer}'s output projection was "
                          f"{list(then_w.shape)}, it is {list(w.shape)}; collect on this model")

@@ -10,7 +10,8 @@ from torch import nn
 from ..core import ops
 from .heads import head_index
 
-__all__ = ["MASKS_ATTR", "MaskHandle", "active_masks", "added_bias", "masked_heads", "refuse_masked_again"]
+__all__ = ["MASKS_ATTR", "MaskHandle", "active_masks", "added_bias", "masked_heads", "refuse_masked_again",
+           "unmasked_weight"]
 
 
 def apply_head_mask_(w: torch.Tensor, mask: torch.Tensor, d: int, dim: int) -> None:
@@ -30,6 +31,19 @@ def active_masks(model: nn.Module) -> list:
 def masked_heads(model: nn.Module, w: torch.Tensor) -> set:
     """Heads of weight ``w`` (an output projection of ``model``) zeroed by masks not yet restored."""
     return {h for handle in active_masks(model) for x, *_, hs in handle._saved if x is w for h in hs}
+
+
+def unmasked_weight(model: nn.Module, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """A copy of ``w`` (a weight of ``model``) as it was before the masks not yet restored
+    changed it (what restoring them all would give), or ``None`` where none changed it."""
+    changes = [(dim, idx, cols) for handle in reversed(active_masks(model))
+               for x, dim, idx, cols, _ in reversed(handle._saved) if x is w]  # newest first, as restore goes
+    if not changes:
+        return None
+    out = w.detach().clone()
+    for dim, idx, cols in changes:
+        out.index_copy_(dim, idx.to(out.device), cols.to(out.device, out.dtype))
+    return out
 
 
 def added_bias(model: nn.Module, module: nn.Module) -> bool:
