@@ -215,6 +215,11 @@ class RanksFailed(RuntimeError):
     rank failed or left the process group (its own error is raised on that rank)."""
 
 
+def _what(e: BaseException) -> str:
+    """A collective's error in a line: its type and the start of its message (gloo's run long)."""
+    return f"{type(e).__name__}: {str(e).strip()[:300]}"
+
+
 def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
     """Every rank learns whether any rank failed, so none is left waiting in a collective. A
     rank that failed raises its own error even when the others cannot be reached (they were
@@ -226,11 +231,11 @@ def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
     except Exception as e:  # noqa: BLE001 - a timeout or a rank that left
         if error is not None:
             if error.__cause__ is not None:  # its own cause stays; the collective's failure is noted
-                error.add_note(f"(the other ranks could not be told: {type(e).__name__}: {str(e).strip()[:300]})")
+                error.add_note(f"(the other ranks could not be told: {_what(e)})")
                 raise error
             raise error from e
-        raise RanksFailed(f"collect: the ranks could not tell each other whether any failed ({type(e).__name__}: "
-                          f"{str(e).strip()[:300]}); a rank failed or left: see its error") from e
+        raise RanksFailed(f"collect: the ranks could not tell each other whether any failed ({_what(e)}); a rank "
+                          "failed or left: see its error") from e
     if error is not None:
         raise error
     failed = flags.nonzero().flatten().tolist()
@@ -272,8 +277,8 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     try:
         scores = all_reduce_scores(scores, group)
     except RuntimeError as e:  # a collective's failure: a rank that left after the check (its own error says why)
-        raise RanksFailed(f"collect: the ranks' statistics could not be summed ({type(e).__name__}: "
-                          f"{str(e).strip()[:300]}); a rank failed or left: see its error") from e
+        raise RanksFailed(f"collect: the ranks' statistics could not be summed ({_what(e)}); a rank failed or left: "
+                          "see its error") from e
     if not bool((scores.count > 0).any()):
         raise ValueError("batches: no attention call was recorded on any rank (empty iterable?)")
     return scores

@@ -282,6 +282,12 @@ def _warn_as_written(kw: dict, kind: str) -> None:
         print(f"headprune: warning: {AS_WRITTEN_WARNING[kind]}", file=sys.stderr)
 
 
+def windows_setting(args, loaded) -> dict:
+    """The perplexity windows a report's figures took, for its settings (``eval`` of the folder
+    warns when it takes others); none for an encoder, whose fidelity takes no windows."""
+    return {"eval_windows": args.eval_windows} if loaded.kind == "causal" else {}
+
+
 def _public(d: dict) -> dict:
     return {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
 

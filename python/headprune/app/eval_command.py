@@ -34,8 +34,7 @@ def evaluate(args) -> int:
               "with (--data chooses another)", file=sys.stderr, flush=True)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
     C.warn_thin(data, loaded, held)
-    _warn_other_type(args, loaded, report)
-    _warn_other_windows(args, loaded, report)
+    _warn_unreproduced(args, loaded, report)
     named = _named_teacher(folder, report, unread) if args.teacher is None and loaded.kind != "causal" else None
     teacher, spec = None, args.teacher
     if spec is not None:
@@ -101,26 +100,23 @@ def _pruned_with(report: Optional[dict]) -> Optional[str]:
     return calibrated_on(settings) if isinstance(settings, dict) else None
 
 
-def _warn_other_type(args, loaded, report: Optional[dict]) -> None:
-    """Said when ``prune`` evaluated the folder's model in another float type (its report's
-    ``compute_dtype``) than this evaluation computes in, and ``--dtype`` did not choose it:
-    the report's figures are not reproduced then."""
-    then = report.get("compute_dtype") if isinstance(report, dict) else None
-    now = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    if args.dtype is None and isinstance(then, str) and then != now:
-        C._warn(f"MODEL was evaluated in {then} when it was pruned (its report.json); this evaluation computes in "
-                f"{now}, so its figures can differ from the report's: pass --dtype {then} to reproduce them")
-
-
-def _warn_other_windows(args, loaded, report: Optional[dict]) -> None:
-    """Said when the folder's report measured perplexity over another number of windows than
-    ``--eval-windows`` asks now: its figures are not reproduced then."""
-    settings = report.get("settings") if isinstance(report, dict) else None
-    then = settings.get("eval_windows") if isinstance(settings, dict) else None
-    if loaded.kind == "causal" and isinstance(then, int) and then != args.eval_windows:
-        C._warn(f"MODEL's report.json measured perplexity over {then} windows; this evaluation takes up to "
-                f"{args.eval_windows}, so its figures can differ from the report's: pass --eval-windows {then} to "
-                "reproduce them")
+def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:
+    """Said for each setting this evaluation takes otherwise than the folder's report did (the
+    float type ``prune`` computed in, the perplexity windows) where no flag chose it: the
+    report's figures are not reproduced then, and the flag that would is named."""
+    report = report if isinstance(report, dict) else {}
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    dtype, now = report.get("compute_dtype"), str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    windows = settings.get("eval_windows")
+    differ = []
+    if args.dtype is None and isinstance(dtype, str) and dtype != now:
+        differ.append((f"MODEL was evaluated in {dtype} when it was pruned (its report.json); this evaluation "
+                       f"computes in {now}", f"--dtype {dtype}"))
+    if loaded.kind == "causal" and isinstance(windows, int) and windows != args.eval_windows:
+        differ.append((f"MODEL's report.json measured perplexity over {windows} windows; this evaluation takes up "
+                       f"to {args.eval_windows}", f"--eval-windows {windows}"))
+    for why, flag in differ:
+        C._warn(f"{why}, so its figures can differ from the report's: pass {flag} to reproduce them")
 
 
 def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tuple]:

@@ -73,7 +73,7 @@ def prune(args) -> int:
         settings.update({"mode": mode, "ratio": args.ratio, "count": args.count, "steps": args.steps,
                          "removal": removal, "refit_values": values, "damping": args.damping,
                          "sequential": args.sequential, "saved_dtype": saved_as, "recover_steps": args.recover_steps,
-                         "recover_seconds": args.recover_seconds, **_windows(args, loaded),
+                         "recover_seconds": args.recover_seconds, **C.windows_setting(args, loaded),
                          **({"recover_lr": recovered["lr"], "recover_validation": recover_validation(args)}
                             if recovered else {}), **kw, "scope": kw.get("scope") or DEFAULT_RECIPE["scope"]})
         report.update(settings=settings, **_absolute(args.model, settings))
@@ -117,11 +117,6 @@ def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, rep
     sizes["parameters"] += declared_bias_parameters(loaded.model)  # the zero biases the save declares: as loaded
     report.update({"after": {**C._public(after_q), **sizes}, "speed": speed, "seconds": stage.seconds})
     return report
-
-
-def _windows(args, loaded) -> dict:
-    """The perplexity windows the report's figures took (``eval`` of the folder warns when it takes others)."""
-    return {"eval_windows": args.eval_windows} if loaded.kind == "causal" else {}
 
 
 def _export_gguf(args, stage, loaded):

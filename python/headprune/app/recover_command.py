@@ -238,7 +238,7 @@ def recover(args) -> int:
     pruning = {k: v for k, v in prune_report["settings"].items() if k not in C.TEXT_SETTINGS}
     settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
                 "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as,
-                **({"eval_windows": args.eval_windows} if student.kind == "causal" else {})}
+                **C.windows_setting(args, student)}
     report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
     meta = student.pruned or {}

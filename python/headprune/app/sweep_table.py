@@ -28,7 +28,7 @@ def sweep_markdown(result: dict) -> str:
     columns = ["fraction pruned", *names, *([f"random {mean_name} ({seeds})", "random range"] if draws else [])]
     lines = [_heading(result, draws), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     heads, empty, other = result.get("heads", {}), set(), set()  # (no head): the unpruned model
-    removal = result.get("removal", "mean" if result.get("compensate") else "zero")  # the random draws'
+    removal = _removal(result)  # the random draws'
     apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
@@ -67,10 +67,16 @@ def sweep_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _removal(result: dict) -> str:
+    """How the sweep removed heads (the random draws' removal; earlier results files say
+    ``compensate`` instead)."""
+    return result.get("removal", "mean" if result.get("compensate") else "zero")
+
+
 def _heading(result: dict, draws: int) -> str:
     """The sentence above the table: what was measured, on which text, and how heads were removed."""
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
-           "zero": "removed heads zeroed"}[result.get("removal", "mean" if result.get("compensate") else "zero")]
+           "zero": "removed heads zeroed"}[_removal(result)]
     if result.get("values") and result.get("removal") == "refit":
         how = "kept heads' value rows and output columns refit by least squares"
     if draws:

@@ -248,7 +248,7 @@ class Collection:
             before = torch.zeros(0, dtype=torch.int64) if start is None else start.sequences  # None: unknown
             sequences = None if before is None else torch.cat([before, torch.tensor(self.sequences, dtype=torch.int64)])
             out.moments = OutputMoments(gram, self.projections(), sequences)
-            out.moments.unmasked = self.unmasked()  # this process's only: not saved, merged or checkpointed
+            out.moments.unmasked = self.unmasked()
         return out
 
     def unmasked(self) -> Optional[list]:

@@ -104,7 +104,7 @@ def _checked(scores, sites, adapter, arg: str, kept: Optional[dict] = None, comp
         raise ValueError(f"{arg}: the scores were collected on heads {scores.site_heads()[i]} of site {i}, "
                          f"the model keeps {list(kept[i])} (the same counts, pruned otherwise)")
     projection = None if scores.moments is None else scores.moments.projection
-    unmasked = getattr(scores.moments, "unmasked", None) or [None] * scores.num_sites  # see Collection.unmasked
+    unmasked = (None if scores.moments is None else scores.moments.unmasked) or [None] * scores.num_sites
     for layer in compare:  # the projection where moments keep it, else its columns' squared norms
         if projection is not None:
             change = _projection_change(projection[layer], sites[layer], adapter, arg, layer, unmasked[layer])
