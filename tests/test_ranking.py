@@ -101,6 +101,17 @@ def test_bad_arguments_are_named(kwargs, exc, match):
         select_heads(make_scores(E), **kwargs)
 
 
+def test_integer_arguments_of_numpy_and_torch_are_ints():
+    import numpy as np
+
+    want = select_heads(make_scores(E), count=3, min_heads_per_layer=1)
+    for n in (np.int64(3), torch.tensor(3)):
+        assert select_heads(make_scores(E), count=n, min_heads_per_layer=np.int32(1)) == want
+        assert select_heads(make_scores(E), counts={np.int64(0): n}) == select_heads(make_scores(E), counts={0: 3})
+    with pytest.raises(ValueError, match="count: expected a non-negative int, got (np.float64\\()?3.0"):
+        select_heads(make_scores(E), count=np.float64(3))
+
+
 def test_scores_type_is_checked():
     with pytest.raises(TypeError, match="scores: expected HeadScores"):
         select_heads({"a": 1}, count=1)

@@ -16,7 +16,7 @@ from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
 from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs,
                       layout_heads, tied_sites)
-from .units import as_index, rank_positions, unit_sizes
+from .units import as_count, as_index, rank_positions, unit_sizes
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget", "SplitGroupsError"]
 
@@ -130,7 +130,7 @@ def _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, 
     ``{site: heads}`` (or ``None``)."""
     if scope not in SCOPES:
         raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
-    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int) or min_heads_per_layer < 0:
+    if as_count(min_heads_per_layer) is None:
         raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
     if not isinstance(uniform, bool):
         raise TypeError(f"uniform: expected a bool, got {type(uniform).__name__}")
@@ -175,11 +175,11 @@ def _check_counts(counts, scores: HeadScores, min_heads: int, gqa: str) -> dict:
     size, items = unit_sizes(scores, gqa), _by_layer(counts, "counts", "heads to remove", scores)
     for layer, n in items:
         top = scores.num_heads[layer] - min_heads * size[layer]
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= top:
+        if as_count(n) is None or n > top:
             units = f" units of {size[layer]} heads" * (size[layer] > 1)
             raise ValueError(f"counts: layer {layer}: expected an int in [0, {max(top, 0)}] (its {scores.num_heads[layer]} "
                              f"heads less min_heads_per_layer={min_heads}{units}), got {n!r}")
-    return {layer: n for layer, n in items if n}
+    return {layer: as_index(n) for layer, n in items if n}
 
 
 def _select_counts(scores: HeadScores, ranked: list, recipe, gqa: str, counts: dict) -> dict:
@@ -345,9 +345,9 @@ def budget(ratio, count, total: int, name_total: str = "units of the model") -> 
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1 or math.isnan(ratio):
             raise ValueError(f"ratio: expected a number in [0, 1], got {ratio!r}")
         return int(math.floor(ratio * total + 1e-9))
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if (n := as_count(count)) is None:
         raise ValueError(f"count: expected a non-negative int, got {count!r}")
-    if count > total:
+    if (count := n) > total:
         raise ValueError(f"count: {count} exceeds the {total} {name_total}")
     return count
 

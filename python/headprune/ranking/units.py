@@ -80,6 +80,16 @@ def as_index(i) -> int:
     return operator.index(i)
 
 
+def as_count(n):
+    """``n`` as a non-negative ``int`` (numpy and 0-d tensor integers too), or ``None`` where it is
+    none: a bool, a float, a negative number."""
+    try:
+        n = as_index(n)
+    except TypeError:
+        return None
+    return n if n >= 0 else None
+
+
 def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query",
                    damping: float = DEFAULT_DAMPING) -> list:
     """All units in pruning order, as ``[(layer, [head positions])]``.
