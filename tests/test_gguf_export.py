@@ -1,6 +1,10 @@
 """export_gguf: pruned Llama models as GGUF files that transformers' GGUF loader reads back to
 the same function (llama.cpp itself is checked by benchmarks/bench_gguf.py)."""
 
+import contextlib
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,6 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 from hf_tiny import tiny_batch, tiny_config  # noqa: E402
 
+from headprune.app.prune_command import _export_gguf  # noqa: E402
 from headprune.hf import collect, prune_heads  # noqa: E402
 from headprune.hf.gguf_export import export_gguf, gguf_architecture, gguf_attention_bias  # noqa: E402
 
@@ -250,24 +255,35 @@ def test_the_report_says_what_the_gguf_is():
 
 
 def test_the_prune_commands_gguf_goes_where_the_output_will_be(tmp_path):
-    """``headprune prune X.gguf`` writes the GGUF beside ``--out`` before the output directory
-    exists: a parent that does not exist yet (a first run's ``headprune-out/``) is created."""
-    import contextlib
-    import os
-    from types import SimpleNamespace
-
-    from headprune.app.prune_command import _export_gguf
-
+    """``prune X.gguf`` writes it beside ``--out``, making a parent that does not exist yet."""
     export_gguf(_llama(), tmp_path / "src.gguf")
     model = _llama()
     prune_heads(model, {0: [0, 2], 1: [1, 3]})
     loaded = SimpleNamespace(checkpoint_dtype="gguf", source=str(tmp_path / "src.gguf"), model=model)
     args = SimpleNamespace(out=str(tmp_path / "new" / "out"), model="src.gguf")
-    path, arch = _export_gguf(args, lambda *a: contextlib.nullcontext(), loaded)
+    path, arch, made = _export_gguf(args, lambda *a: contextlib.nullcontext(), loaded)
     assert os.path.dirname(path) == str(tmp_path / "new") and arch == "llama"
+    assert made == [str(tmp_path / "new")]  # for prune to take back if the output is never written
     back = _read_back(tmp_path / "new" / os.path.basename(path))
     ids = tiny_batch("llama")["input_ids"][:, :5]
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("error", [ValueError("no layout"), KeyboardInterrupt()])
+def test_a_gguf_not_written_leaves_no_folder_behind(tmp_path, monkeypatch, error):
+    """Refused (a warning, the command goes on) or interrupted: no folder made for it is left."""
+    import headprune.hf.gguf_export as ge
+
+    def fail(model, path, **kw):
+        open(path, "wb").close()
+        raise error
+
+    monkeypatch.setattr(ge, "export_gguf", fail)
+    loaded = SimpleNamespace(checkpoint_dtype="gguf", source=str(tmp_path / "src.gguf"), model=_llama())
+    args = SimpleNamespace(out=str(tmp_path / "new" / "deeper" / "out"), model="src.gguf")
+    with pytest.raises(type(error)) if isinstance(error, KeyboardInterrupt) else contextlib.nullcontext():
+        assert _export_gguf(args, lambda *a: contextlib.nullcontext(), loaded) is None
+    assert list(tmp_path.iterdir()) == []
 
 
 def _realigned(src, dst, alignment):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, select_heads, unit_sizes
 from ..ranking.layouts import has_grouped_queries
 from . import commands as C
@@ -81,8 +82,7 @@ def prune(args) -> int:
         with stage("saving the model and the report", "save"):
             _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned, gguf)
     finally:
-        if gguf is not None and os.path.lexists(gguf[0]):
-            os.unlink(gguf[0])
+        _drop_gguf(gguf)
     print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png"
           f"{f', model.gguf for llama.cpp ({gguf[1]} architecture)' if gguf else ''})\n")
     print(summary_table(report, metric))
@@ -123,27 +123,37 @@ def _export_gguf(args, stage, loaded):
     """A GGUF input is also written as GGUF (see :mod:`headprune.hf.gguf_export`: llama.cpp's
     ``llama`` architecture for a uniform layout, ``deci`` for per-layer head counts): to a
     temporary file beside ``--out``, moved into the output with the rest. ``(path, the
-    architecture written)``, or ``None`` (and a note why) when none is written."""
+    architecture written, the folders made for it)``, or ``None`` (and a note why) when none is
+    written."""
     if loaded.checkpoint_dtype != "gguf":
         return None
-    from .. import atomic
     from ..hf.gguf_export import export_architecture, export_gguf
 
     source = Path(loaded.source)
-    tmp = atomic.temp_sibling(C._out(args, "prune").absolute().parent / "model.gguf")
+    tmp, made = atomic.temp_sibling(C._out(args, "prune").absolute().parent / "model.gguf"), []
     try:
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)  # as the output's staging does (a first run's headprune-out/)
+        atomic.make_folders(os.path.dirname(tmp), made)  # as the output's staging does (a first run's headprune-out/)
         with stage("writing the GGUF (attention in the input's quantisation)", "gguf"):
             export_gguf(loaded.model, tmp, source=source)
             arch = export_architecture(loaded.model)
-    except ValueError as e:
-        C._warn(f"no model.gguf written: {e}")
-        return None
-    except BaseException:
+    except BaseException as e:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
-    return tmp, arch
+        atomic.remove_folders(made)
+        if not isinstance(e, ValueError):
+            raise
+        C._warn(f"no model.gguf written: {e}")
+        return None
+    return tmp, arch, made
+
+
+def _drop_gguf(gguf) -> None:
+    """The temporary GGUF removed (moved into the output if it was written), and the folders
+    made for it (empty unless the output was written there)."""
+    if gguf is not None:
+        if os.path.lexists(gguf[0]):
+            os.unlink(gguf[0])
+        atomic.remove_folders(gguf[2])
 
 
 def _recipe(args, kw: dict, removal: str, scores, values: bool = False, refit_bias: bool = True) -> str:

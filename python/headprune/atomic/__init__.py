@@ -214,6 +214,31 @@ def commit_file(tmp, path) -> None:
     os.replace(tmp, path)
 
 
+def make_folders(folder, made: list) -> None:
+    """``os.makedirs(folder, exist_ok=True)`` that appends each folder it creates to ``made``
+    (outermost first), for :func:`remove_folders` to take back after a failure."""
+    missing, folder = [], os.path.abspath(os.fspath(folder))
+    while not os.path.lexists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    for folder in missing:
+        try:
+            os.mkdir(folder)
+        except FileExistsError:  # another writer made it meanwhile: used, not ours to remove
+            continue
+        made.append(folder)
+
+
+def remove_folders(made: list) -> None:
+    """Remove the folders :func:`make_folders` made, innermost first, while they are empty
+    (something else may have written there since)."""
+    for folder in reversed(made):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 class Staged:
     """``with Staged(target, replace=...) as stage:`` write the new directory at ``stage.path``;
     on a clean exit it becomes ``target`` (see the module doc), on an exception it is deleted
@@ -233,18 +258,9 @@ class Staged:
         return self.root if os.path.lexists(self.root) else None
 
     def __enter__(self) -> "Staged":
-        missing, self.made = [], []  # the folders above the target this stage creates (removed again on failure)
-        folder = os.path.dirname(self.target)
-        while not os.path.lexists(folder):
-            missing.insert(0, folder)
-            folder = os.path.dirname(folder)
+        self.made = []  # the folders above the target this stage creates (removed again on failure)
         try:
-            for folder in missing:
-                try:
-                    os.mkdir(folder)
-                except FileExistsError:  # another writer made it meanwhile: used, not ours to remove
-                    continue
-                self.made.append(folder)
+            make_folders(os.path.dirname(self.target), self.made)
             os.mkdir(self.root)  # not mkdtemp: its 0o700 would survive the rename
             with open(os.path.join(self.root, MARKER), "w", encoding="utf-8") as f:
                 json.dump({"owner": owner_token(), "target": self.target}, f)
@@ -256,11 +272,7 @@ class Staged:
         return self
 
     def _unmake(self) -> None:
-        for folder in reversed(self.made):
-            try:
-                os.rmdir(folder)  # only while empty: something else may have written there since
-            except OSError:
-                return
+        remove_folders(self.made)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         aside = os.path.join(self.root, "old")
