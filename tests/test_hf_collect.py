@@ -48,6 +48,24 @@ def test_streaming_matches_eager_reference_and_outputs_are_untouched(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_float64_model_without_a_mask_computes_as_it_does_outside(family):
+    """Float64 output-projection inputs with every token valid are not copied by the cast to
+    float64: the statistics must not square the model's own activations in place."""
+    model = tiny_model(family).double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in tiny_batch(family).items()
+             if not k.endswith("attention_mask")}
+    with torch.no_grad():
+        want = _first(model(**batch))
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, out: seen.append(_first(out).clone()))
+    try:
+        collect(model, [batch], progress=False, moments=True)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], want, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fused_attention_matches_the_models_own(family, monkeypatch):
     """On CPU an sdpa model's attention calls are served by the fused op: the statistics and
     the model's outputs during collection equal the unfused path's to float rounding."""

@@ -106,7 +106,7 @@ class Collection:
                 c = rows[start : start + _OUTPUT_CHUNK]
                 if valid is not None:
                     c = c[valid[start : start + _OUTPUT_CHUNK]]
-                c = c.double()
+                c = c.to(torch.float64, copy=True)  # a copy even of float64 rows: squared in place below
                 if gram is not None:
                     _add_gram_(gram, c)
                 acc[..., OutputStat.SUM] += c.sum(0).view(hq, d)
