@@ -203,3 +203,36 @@ def test_a_loss_that_is_not_finite_is_refused_before_any_step_trains_on_it(llama
     with pytest.raises(ValueError, match=r"^learn_gates: the distillation loss of a training batch is nan"):
         learn_gates(bad, batches, ratio=0.5, steps=3, checkpoint=tmp_path / "g.pt")
     assert not (tmp_path / "g.pt").exists()
+
+
+def test_training_runs_under_no_grad_and_refuse_a_gates_block(llama):
+    """recover under torch.no_grad() failed in backward (learn_gates and gradient_importance
+    enable gradients themselves); inside a caller's gates block the three trained or measured
+    the caller-gated model and gave the caller's gates gradients."""
+    from headprune.hf import gates
+    from headprune.hf.importance import gradient_importance
+    from headprune.hf.learned import learn_gates
+
+    teacher, pruned, batches = llama
+    with torch.no_grad():
+        assert recover(copy.deepcopy(pruned), teacher, batches, steps=1, lr=LR).steps == 1
+    student = copy.deepcopy(pruned)
+    for model, run, name in ((student, lambda: recover(student, teacher, batches, steps=1, lr=LR), "student"),
+                             (teacher, lambda: recover(student, teacher, batches, steps=1, lr=LR), "teacher"),
+                             (teacher, lambda: learn_gates(teacher, batches, ratio=0.5, steps=1), "model"),
+                             (teacher, lambda: gradient_importance(teacher, batches), "model")):
+        with gates(model, init=0.0) as g:
+            with pytest.raises(ValueError, match=rf"^{name}: is inside a headprune.gates block; call \w+ after"):
+                run()
+            assert g.gate.grad is None
+
+
+def test_a_teacher_with_another_head_or_vocabulary_is_refused_by_name(llama):
+    """Such a teacher failed inside the loss with a shape error that named no argument."""
+    teacher, pruned, batches = llama
+    base = transformers.AutoModel.from_config(tiny_config("llama")).eval()
+    with pytest.raises(ValueError, match=r"^teacher: a LlamaModel cannot teach a LlamaForCausalLM \(load both"):
+        recover(copy.deepcopy(pruned), base, batches, steps=1)
+    other = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=120)).eval()
+    with pytest.raises(ValueError, match=r"^teacher: its vocab_size is 120, the student's 100"):
+        recover(copy.deepcopy(pruned), other, batches, steps=1)

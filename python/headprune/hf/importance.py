@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import get_adapter
-from .batches import check_batches, check_ids
+from .batches import check_ids
 from .gates import frozen, gates
+from .training import check_inputs
 
 __all__ = ["gradient_importance"]
 
@@ -71,12 +72,10 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
     gradients (they are frozen for the call and restored), and the gates are removed on
     every exit path.
     """
+    check_inputs(batches, False, "gradient_importance", model=model)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"model: gradient importance takes causal LMs and encoders, not {type(model).__name__} "
                          "(encoder-decoder)")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("gradient_importance: needs autograd; call it outside torch.inference_mode()")
-    check_batches(batches)
     if causal is not None and not isinstance(causal, bool):
         raise TypeError(f"causal: expected True, False or None, got {type(causal).__name__}")
     head = getattr(model, "get_output_embeddings", lambda: None)()

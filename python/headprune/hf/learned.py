@@ -130,7 +130,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     """
     started = time.perf_counter()
     _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
-    check_inputs(batches, progress, "learn_gates")
+    check_inputs(batches, progress, "learn_gates", model=model)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     adapter = get_adapter(model)

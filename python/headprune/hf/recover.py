@@ -40,7 +40,7 @@ from ..prune.mask import active_masks
 from .adapters import encoder_decoder, get_adapter, resolve_sites
 from .batches import forward_kwargs
 from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
-                       cast_back, check_inputs, dtypes_of, finite_loss, open_checkpoint)
+                       cast_back, check_inputs, check_teacher, dtypes_of, finite_loss, open_checkpoint)
 
 __all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
@@ -102,9 +102,7 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
     if train not in TRAIN:
         raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
-    a, b = get_adapter(student), get_adapter(teacher)
-    if a.model_type != b.model_type:
-        raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")
+    a = check_teacher(student, teacher)
     if encoder_decoder(student, a):
         raise ValueError(f"student: recovery handles causal LMs and encoders, not {a.model_type} (seq2seq)")
     if student is teacher:
@@ -276,7 +274,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every
     ckpt = open_checkpoint(checkpoint, _fingerprint(params, settings, batches), resume)
-    with eval_mode(teacher), _training(student, params, dtypes_of(student)):
+    with eval_mode(teacher), _training(student, params, dtypes_of(student)), torch.enable_grad():  # under no_grad too
         val = None if validation is None else _Validation(teacher, validation, validate_every)
         return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt, checkpoint_every,
                     resume, train, val, started)

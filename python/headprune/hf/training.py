@@ -21,6 +21,9 @@ import torch
 from .. import atomic
 from .checkpoint import refuse_foreign, writing
 from .batches import check_batch, check_batches
+from ..core.modules import uncompiled
+from .adapters import get_adapter
+from .gates import gated
 
 CHECKPOINT_FORMAT = "headprune.recover/5"  # /2: digests of shapes and types too; /3: of every weight;
 # /4: of the student's every weight too, not only those it trains; /5: of the models' configs too
@@ -54,9 +57,29 @@ def check_inputs(batches, progress, what: str = "", **models) -> None:
     for name, m in models.items():
         if not isinstance(m, torch.nn.Module):
             raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
+        if gated(m):  # its gates would shape what is learned (and take gradients), then be gone
+            raise ValueError(f"{name}: is inside a headprune.gates block; call {what} after the block ends")
     check_batches(batches)
     if not (isinstance(progress, bool) or callable(progress)):
         raise ValueError(f"progress: expected True, False or a callable progress(step, steps, loss), got {progress!r}")
+
+
+def check_teacher(student, teacher):
+    """``ValueError`` naming ``teacher`` unless it gives the outputs the distillation loss compares
+    with the student's: the same family and class (the same head), vocabulary, width and labels.
+    The student's adapter."""
+    a, b = get_adapter(student), get_adapter(teacher)
+    if a.model_type != b.model_type:
+        raise ValueError(f"teacher: a {b.model_type} model cannot teach a {a.model_type} student")
+    s, t = uncompiled(student), uncompiled(teacher)
+    if type(s) is not type(t):
+        raise ValueError(f"teacher: a {type(t).__name__} cannot teach a {type(s).__name__} (load both with the same "
+                         "class: the same head gives the outputs the loss compares)")
+    for key in ("vocab_size", "hidden_size", "num_labels"):
+        if getattr(s.config, key, None) != getattr(t.config, key, None):
+            raise ValueError(f"teacher: its {key} is {getattr(t.config, key, None)}, the student's "
+                             f"{getattr(s.config, key, None)}")
+    return a
 
 
 def _cycle(batches):
