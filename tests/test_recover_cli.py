@@ -94,6 +94,13 @@ def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noq
         code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib, option, value, "--out", tmp_path / "m"])
         assert code == 2 and err == ["headprune prune: error: --recover-lr/--recover-validation: only --recover-steps "
                                      "or --recover-seconds recovers"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", *calib[:-2], "--recover-steps", "1", "--recover-validation",
+                     "0.9999", "--out", tmp_path / "m"])  # refused by its own name, before the collection
+    assert code == 2 and err[-1].startswith("headprune prune: error: --recover-validation: 0.9999 of ") and err[-1].endswith(
+        " calibration batches leaves none to train on; pass 0 or a longer --data text") and not any(
+        "collecting" in line for line in err), err
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--validation", "0.9999", "--out", tmp_path / "r"])
+    assert code == 2 and "--validation: 0.9999 of " in err[-1] and not any("evaluating" in line for line in err), err
     code, err = run(["recover", tiny_dir, "--steps", "1", "--quiet", "--out", tmp_path / "r"])
     assert code == 2 and len(err) == 1 and "is not a directory written by headprune prune" in err[0]
     code, err = run(["recover", tmp_path / "p", "--steps", "0"])
@@ -135,6 +142,13 @@ def test_recover_finds_the_model_and_text_from_another_directory(run, tmp_path, 
     assert code == 2 and "is the calibration text" in err[-1]
     assert sorted(p.name for p in (tmp_path / "work").rglob("*")) == before
     code, err = run(["recover", "work/p", "--steps", "1", "--quiet", "--out", "r"])
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "work")  # a recover folder, its teacher given relative, recovered again from elsewhere
+    code, err = run(["recover", "p", "--steps", "1", "--teacher", "tiny", "--quiet", "--out", "r2"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "work" / "r2" / "report.json").read_text())["model_path"] == str(tmp_path / "work" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    code, err = run(["recover", "work/r2", "--steps", "1", "--quiet", "--out", "r3"])
     assert code == 0, err
 
 
@@ -230,6 +244,8 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     code, err = run([*rec, "--steps", "4", "--checkpoint", ckpt, "--out", tmp_path / "b2"])  # nothing left to do
     assert code == 0, err
     assert json.loads((tmp_path / "b2" / "report.json").read_text())["recover"]["loss_first"] is None
+    meta = json.loads((tmp_path / "b2" / "model" / "headprune.json").read_text())
+    assert meta["settings"]["recover"]["loss_first"] is None  # was NaN, which is not JSON
     assert ("No distillation step ran in this call: the checkpoint held every step asked for."
             in (tmp_path / "b2" / "report.md").read_text())
     assert "resumed from step 2 of a checkpoint" in (tmp_path / "b" / "report.md").read_text()
@@ -250,7 +266,10 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     # no file path: refused before the models load (it was refused after their evaluation, with advice
     # to delete the directory it named)
     (tmp_path / "dir").mkdir()
+    (tmp_path / "notes.txt").write_text("")
     for path, said in [("", "--checkpoint: expected the path of a file, got ''"),
+                       (tmp_path / "notes.txt" / "r.pt", f"--checkpoint: {tmp_path / 'notes.txt'} is not a directory, "
+                                                         f"so {tmp_path / 'notes.txt' / 'r.pt'} cannot be made"),
                        (tmp_path / "dir", f"--checkpoint: expected the path of a file, got a directory, '{tmp_path / 'dir'}'")]:
         code, err = run([*rec, "--steps", "1", "--checkpoint", path, "--out", tmp_path / "g"])
         assert code == 2 and err[-1].endswith(said) and not (tmp_path / "g").exists(), err
@@ -365,7 +384,7 @@ def test_recover_stage_gives_back_each_tensor_its_own_type():
     headprune.prune_heads(student, {0: [0]})
     types = {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]}
     batches = [tiny_batch("llama", seed=i) for i in range(2)]
-    report = recover_stage(argparse.Namespace(quiet=True), student, teacher, batches, steps=1, lr=1e-3, validation=0)
+    report = recover_stage(argparse.Namespace(quiet=True), student, teacher, (batches, None), steps=1, lr=1e-3)
     assert report["steps"] == 1
     assert {n: t.dtype for n, t in [*student.named_parameters(), *student.named_buffers()]} == types
     assert student.model.rotary_emb.inv_freq.dtype == torch.float32 and student.lm_head.weight.dtype == torch.float16

@@ -64,10 +64,17 @@ def _at_or_inside(path, folder: Path) -> bool:
     return folder.resolve() in (where := Path(path).resolve(), *where.parents)
 
 
+def model_path(model: str) -> dict:
+    """``{"model_path": absolute path}`` where MODEL names a file or folder (a report records it
+    beside the name as given, so the model is found from another working directory), else ``{}``."""
+    return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
+
+
 def refuse_inside_out(out: Path, path, flag: str) -> None:
-    """A state file ``path`` given by ``flag`` that is no file path (empty, a directory), or is at
+    """A state file ``path`` given by ``flag`` that is no file path (empty, a directory), is at
     or inside ``--out`` (written whole at the end, so it would make ``--out`` non-empty, or a
-    file), is refused before anything runs."""
+    file), or cannot be made (a file where its folder would be, a folder not writable) is refused
+    before anything runs."""
     if path is None:
         return
     if not str(path).strip() or os.path.isdir(path):
@@ -76,6 +83,7 @@ def refuse_inside_out(out: Path, path, flag: str) -> None:
     if _at_or_inside(path, out):
         raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
+    atomic.check_folder(path, flag)  # a file where its folder would be, a folder this process cannot write in
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from . import plots
 from .load import SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
 from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
-from .recover_command import recover_after_prune, recover_validation, recovers
+from .recover_command import recover_after_prune, recover_validation, recovers, recovery_split
 from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import refit_bias_of, removal_kwargs, removal_of
@@ -40,6 +40,7 @@ def prune(args) -> int:
     remove_zeroed(args, loaded, settings)
     check_model(args, loaded)  # resolves --steps auto: the rounds the model's heads ask for
     check_saved_type(args, loaded, saved_as := _save_dtype_name(args, loaded))
+    recovery = recovery_split(args, loaded, settings)  # a split that leaves nothing to train on: refused now
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
     with stage("collecting entropies and output statistics in one forward pass", "collect"):
@@ -62,7 +63,7 @@ def prune(args) -> int:
     sizes_before = measure(loaded.model, dtype=SAVE_TYPES[saved_as])  # KV bytes in the type saved
     how, mode = removal_kwargs(removal, last, args.damping, settings["refit_bias"]), args.mode or "physical"
     remove(args, stage, loaded, batches, heads, how, values, mode)
-    recovered = recover_after_prune(args, stage, loaded, reference, settings)
+    recovered = recover_after_prune(args, stage, loaded, reference, recovery)
     gguf = _export_gguf(args, stage, loaded)  # from the float weights, before the cast below
     try:
         round_to_saved(loaded, saved_as)
@@ -98,7 +99,7 @@ def _absolute(model: str, settings: dict) -> dict:
     paths = data_paths(settings["data"]) if settings.get("data") else None
     if paths is not None and paths != settings["data"]:
         settings["data_path"] = paths
-    return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
+    return C.model_path(model)
 
 
 def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, report: dict) -> dict:

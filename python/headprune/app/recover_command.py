@@ -20,7 +20,7 @@ from . import texts
 from .arguments import RECOVER_VALIDATION
 from .inputs import check_teacher, model_inputs, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
-from .report import sequences_text, validation_sentence
+from .report import finite, sequences_text, validation_sentence
 
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
@@ -56,30 +56,31 @@ def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def split_validation(batches: list, fraction: float) -> tuple:
+def split_validation(batches: list, fraction: float, flag: str = "--validation",
+                     more: str = "calibrate on more samples") -> tuple:
     """``(training batches, validation batches or None)``: ``fraction`` of the batches (at least
-    one), spread evenly over them, kept out of training."""
+    one), spread evenly over them, kept out of training; ``flag`` gave it, ``more`` says how to
+    have more batches (for the refusal of a split that leaves none to train on)."""
     if not fraction:
         return batches, None
     n = len(batches)
     k = max(1, round(n * fraction))
     if k >= n:
-        raise ValueError(f"--validation: {fraction:g} of {n} calibration batches leaves none to train on; "
-                         "pass 0 or calibrate on more samples")
+        raise ValueError(f"{flag}: {fraction:g} of {n} calibration batches leaves none to train on; "
+                         f"pass 0 or {more}")
     held = {int((j + 0.5) * n / k) for j in range(k)}
     return [b for i, b in enumerate(batches) if i not in held], [batches[i] for i in sorted(held)]
 
 
-def recover_stage(args, student, teacher, batches, *, steps, lr, validation: float, seconds=None,
-                  checkpoint=None) -> dict:
+def recover_stage(args, student, teacher, split: tuple, *, steps, lr, seconds=None, checkpoint=None) -> dict:
     """Distil ``student`` toward ``teacher`` in float32 (half-precision students are trained in
-    float32 and cast back), ``validation`` of the batches kept out to choose the best step,
-    for ``steps`` and/or ``seconds``, keeping its state in ``checkpoint`` and resuming from it
-    when it exists, with a progress bar unless ``--quiet``; the library's report, with the
-    validation batches' count."""
+    float32 and cast back) on the training batches of ``split`` (:func:`split_validation`), its
+    validation batches choosing the best step, for ``steps`` and/or ``seconds``, keeping its
+    state in ``checkpoint`` and resuming from it when it exists, with a progress bar unless
+    ``--quiet``; the library's report, with the validation batches' count."""
     from ..hf import recover
 
-    train, held = split_validation(batches, validation)
+    train, held = split
     report = recover(student, teacher, train, steps=steps, lr=lr, validation=held, progress=not args.quiet,
                      time_budget_s=seconds, checkpoint=checkpoint, resume=checkpoint is not None)
     return report.to_dict() | {"validation_batches": 0 if held is None else len(held)}
@@ -110,19 +111,26 @@ def recover_validation(args) -> float:
     return RECOVER_VALIDATION if args.recover_validation is None else args.recover_validation
 
 
-def recover_after_prune(args, stage, loaded, teacher, settings: dict):
-    """``--recover-steps``/``--recover-seconds``: distil the pruned model toward the unpruned one (before it is rounded
-    to the saved type and evaluated), on the sequences and with as many per step as
-    ``headprune recover`` takes by default (every calibration sequence of the text); the
-    library's report, or ``None``."""
+def recovery_split(args, loaded, settings: dict):
+    """``--recover-steps``/``--recover-seconds``: the sequences and as many per step as ``headprune
+    recover`` takes by default (every calibration sequence of the text), split for training and
+    validation (refused before the slow stages where that leaves none to train on); else ``None``."""
     if not recovers(args):
         return None
     batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
                                STEP_SEQUENCES[loaded.kind], args.device)
-    samples = texts.sequences(batches)
+    return split_validation(batches, recover_validation(args), "--recover-validation", "a longer --data text")
+
+
+def recover_after_prune(args, stage, loaded, teacher, split):
+    """Distil the pruned model toward the unpruned one (before it is rounded to the saved type and
+    evaluated) on ``split`` (:func:`recovery_split`); the library's report, or ``None``."""
+    if split is None:
+        return None
+    samples = texts.sequences(split[0] + (split[1] or []))
     with stage(f"recovering: {budget(args.recover_steps, args.recover_seconds)} toward the unpruned model", "recover"):
-        result = recover_stage(args, loaded.model, teacher, batches, steps=args.recover_steps or None,
-                               lr=args.recover_lr, validation=recover_validation(args), seconds=args.recover_seconds)
+        result = recover_stage(args, loaded.model, teacher, split, steps=args.recover_steps or None,
+                               lr=args.recover_lr, seconds=args.recover_seconds)
     return result | {"samples": samples}
 
 
@@ -221,13 +229,14 @@ def recover(args) -> int:
         check_teacher(teacher_spec, teacher, student, "DIR", named=not args.teacher)  # distilled toward
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
+        split = split_validation(batches, args.validation)  # refused before the models are evaluated
         C.warn_thin(used["data"], student, paragraphs["held_out"])
     with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
         q["pruned"] = _quality(args, student, paragraphs, q["unpruned"])
     with stage(f"recovering: {budget(args.steps, args.seconds)}", "recover"):
-        result = recover_stage(args, student.model, teacher.model, batches, steps=args.steps, lr=args.lr,
-                               validation=args.validation, seconds=args.seconds, checkpoint=args.checkpoint)
+        result = recover_stage(args, student.model, teacher.model, split, steps=args.steps, lr=args.lr,
+                               seconds=args.seconds, checkpoint=args.checkpoint)
     saved_as = _saved_dtype(prune_report["settings"], student)
     round_to_saved(student, saved_as)  # what is evaluated is what is saved
     with stage("evaluating the recovered model", "evaluate_after"):
@@ -239,7 +248,7 @@ def recover(args) -> int:
     settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
                 "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as,
                 **C.windows_setting(args, student)}
-    report = {"model": teacher_spec, "pruned": str(src), "metric": metric, "lower_is_better": lower,
+    report = {"model": teacher_spec, **C.model_path(teacher_spec), "pruned": str(src), "metric": metric, "lower_is_better": lower,
               "quality": table, "recover": result, "settings": settings, "seconds": stage.seconds}
     meta = student.pruned or {}
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
@@ -247,7 +256,7 @@ def recover(args) -> int:
         student.model.to(SAVE_TYPES[saved_as])  # exact: rounded before the evaluation
         with tokenizer_as_loaded(student.tokenizer) as tokenizer:
             save_pruned(student.model, tmp / "model", tokenizer=tokenizer, scores=scores,
-                        settings={**meta.get("settings", {}), "recover": result})
+                        settings={**meta.get("settings", {}), "recover": finite(result)})  # strict JSON
         C._write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(report_markdown(report))
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")

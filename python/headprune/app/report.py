@@ -181,16 +181,16 @@ def to_json(obj, strict: bool = True) -> str:
     """``obj`` as JSON text. ``strict``: a number that is not finite (a diverged perplexity) is
     written as ``null``, so strict parsers read the file (Python's json writes ``NaN`` and
     ``Infinity``, which are not JSON); the markdown report beside it names the value."""
-    return json.dumps(_finite(obj) if strict else obj, indent=2, default=float, allow_nan=not strict)
+    return json.dumps(finite(obj) if strict else obj, indent=2, default=float, allow_nan=not strict)
 
 
-def _finite(obj):
+def finite(obj):
     """``obj`` with every float that is not finite replaced by ``None`` (numbers such as numpy's
     or torch's scalars are floats first, as ``default=float`` would make them)."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     if isinstance(obj, (str, bool, int, type(None))):
         return obj
     try:
