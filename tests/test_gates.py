@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -248,9 +249,10 @@ def test_bad_gates_are_named():
     with pytest.raises(TypeError, match="init: expected a real number"):
         with gates(model, init="1"):
             pass
-    with pytest.raises(ValueError, match="init: expected a finite gate value, got nan"):
-        with gates(model, init=float("nan")):
-            pass
+    for init in (float("nan"), 1e39):  # 1e39 overflowed float32 in torch.full
+        with pytest.raises(ValueError, match=re.escape(f"init: expected a finite gate value within float32's range, got {init}")):
+            with gates(model, init=init):
+                pass
     with pytest.raises(TypeError, match="per_example: expected a bool"):
         with gates(model, per_example=3):
             pass

@@ -177,8 +177,8 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
         raise TypeError(f"per_example: expected a bool, got {type(per_example).__name__}")
     if isinstance(init, bool) or not isinstance(init, numbers.Real):
         raise TypeError(f"init: expected a real number, got {type(init).__name__}")
-    if not math.isfinite(init):
-        raise ValueError(f"init: expected a finite gate value, got {init!r}")
+    if not math.isfinite(init) or abs(init) > torch.finfo(torch.float32).max:  # the gates are float32 or wider
+        raise ValueError(f"init: expected a finite gate value within float32's range, got {init!r}")
     if uncompiled(model) is not model:  # its compiled graph, run before, never calls the hooks (module doc)
         raise ValueError("model: a torch.compile'd module runs the graph it compiled, which the gates' hooks do not "
                          "reach; pass the module it compiles (model._orig_mod) and compile inside the block")

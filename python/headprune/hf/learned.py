@@ -93,8 +93,9 @@ def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed
     _check_run(steps, lr, time_budget_s, checkpoint_every)
     if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup <= 1:
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
-    if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
-        raise ValueError(f"init: expected a finite log_alpha, got {init!r}")
+    if (isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init)
+            or abs(init) > torch.finfo(torch.float32).max):  # log_alpha is float32
+        raise ValueError(f"init: expected a finite log_alpha within float32's range, got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
         raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
 
