@@ -181,6 +181,31 @@ def test_unbatched_input(batch_first):
     torch.testing.assert_close(scores.entropy[0], ref[:, 1] / ref[:, 0], atol=1e-4, rtol=0)
 
 
+def test_a_masking_that_fails_leaves_the_model_as_it_was():
+    """The op refused the second layer's weights (inference tensors): the first layer's head
+    stayed zeroed and its mask registered, behind the error of a restore that failed too."""
+    from headprune.prune.mask import active_masks
+
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    with torch.inference_mode():
+        model.append(nn.MultiheadAttention(8, 2, batch_first=True))
+    before = [m.out_proj.weight.clone() for m in model]
+    with pytest.raises(ValueError, match="an inference tensor"):
+        mask_modules(model, {0: [1], 1: [1]})
+    assert all(torch.equal(m.out_proj.weight, w) for m, w in zip(model, before)) and not active_masks(model)
+    mask_modules(model, {0: [1]}).restore()
+
+
+def test_a_compiled_attention_is_refused_by_name():
+    """Its compiled graph, run before, never calls the hooks: the site recorded nothing, silently."""
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    model[0] = torch.compile(model[0])
+    with pytest.raises(ValueError, match=r"^model: 0 is a torch.compile'd module, .* \(its _orig_mod\)"):
+        collect_modules(model, [(torch.randn(1, 3, 8),) * 3])
+    with pytest.raises(ValueError, match=r"^model: model is a torch.compile'd module"):
+        collect_modules(torch.compile(model[0]._orig_mod), [(torch.randn(1, 3, 8),) * 3])
+
+
 def test_a_mask_restores_after_the_model_was_cast():
     model = encoder()
     x = torch.randn(2, 5, 32, dtype=torch.float64)

@@ -164,12 +164,24 @@ def empty_scores(model: nn.Module, method: str = "qk") -> HeadScores:
     return _Session(model).scores(method)
 
 
+def _refuse_compiled(model: nn.Module) -> None:
+    """A ``torch.compile`` wrapper runs the graph it compiled, which never calls hooks added
+    after it ran: its attention would record nothing (or part of its calls), silently."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    compiled = [name or "model" for name, m in model.named_modules() if isinstance(m, OptimizedModule)]
+    if compiled:
+        raise ValueError(f"model: {compiled[0]} is a torch.compile'd module, whose compiled graph the collection's "
+                         "hooks do not reach; collect from the module it compiles (its _orig_mod) and compile after")
+
+
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False) -> HeadScores:
     """Entropies of every ``nn.MultiheadAttention`` of ``model``, in eval mode (dropout off;
     every module's training flag as it was afterwards). Each batch is a tensor, a tuple of
     positional arguments, or a dict of keyword arguments for ``model``."""
     if method != "qk":
         raise ValueError(f"method: plain torch models support only 'qk', got {method!r}")
+    _refuse_compiled(model)
     session = _Session(model)
     with session.hooks(model), torch.no_grad(), eval_mode(model):
         for batch in batches:

@@ -74,35 +74,41 @@ class MaskHandle:
         if not any(m is self for m in masks):
             masks.append(self)
 
+    # Each change is recorded after it succeeded: a weight the op refuses (an inference tensor, say)
+    # is left as it was, and restore() never has to write it back.
+
     def zero_(self, w: torch.Tensor, heads, num_heads: int, d: int, dim: int) -> None:
         idx = head_index(heads, d)
-        self._saved.append((w, dim, idx, w.index_select(dim, idx.to(w.device)).clone(), tuple(heads)))
-        self._register()
+        cols = w.index_select(dim, idx.to(w.device)).clone()
         gate = torch.ones(num_heads)
         gate[heads] = 0
         apply_head_mask_(w, gate, d, dim)
-        if not torch.isfinite(self._saved[-1][3]).all():  # 0 * NaN or inf is NaN: a masked head writes zeros
+        self._saved.append((w, dim, idx, cols, tuple(heads)))
+        self._register()
+        if not torch.isfinite(cols).all():  # 0 * NaN or inf is NaN: a masked head writes zeros
             w.index_fill_(dim, idx.to(w.device), 0.0)
 
     def write_columns_(self, w: torch.Tensor, index: torch.Tensor, values: torch.Tensor, dim: int) -> None:
         """Overwrite ``w``'s slices ``index`` along ``dim`` with ``values`` (a least-squares
         refit of kept heads' columns), keeping the originals for :meth:`restore`."""
         index = index.to(w.device)
-        self._saved.append((w, dim, index, w.index_select(dim, index).clone(), ()))
-        self._register()
+        cols = w.index_select(dim, index).clone()
         w.index_copy_(dim, index, values.to(w.device, w.dtype))
+        self._saved.append((w, dim, index, cols, ()))
+        self._register()
 
     def set_bias_(self, module: nn.Module, value: torch.Tensor) -> None:
         """Set ``module.bias`` to ``value`` (creating the bias if the module has none)."""
-        self._register()
         bias = getattr(module, "bias", None)
         if bias is None:
-            self._biases.append((module, None))
             module.bias = nn.Parameter(value.to(module.weight.device, module.weight.dtype),
                                        requires_grad=module.weight.requires_grad)  # as prune_heads creates it
+            self._biases.append((module, None))
         else:
-            self._biases.append((module, bias.detach().clone()))
+            old = bias.detach().clone()
             bias.copy_(value.to(bias.device, bias.dtype))
+            self._biases.append((module, old))
+        self._register()
 
     def _touches(self) -> set:
         """What this mask wrote: weight slices and biases (masks of disjoint heads restore in any order)."""
