@@ -3,7 +3,7 @@ models, calibrated on one text and evaluated on the held-out part of the same te
 texts of other kinds, through headprune's own pipeline.
 
     python benchmarks/bench_quality.py [--models minilm,smollm2] [--calib persuasion]
-        [--eval persuasion,python_tutorial] [--ratios 0.1,0.2,0.3,0.4,0.5] [--seeds 3]
+        [--eval persuasion,python_tutorial] [--ratios 0.1,0.2,0.3,0.4,0.5] [--seeds 3] [--random-protect]
         [--recipes "default;reconstruction (OBS), per layer"] [--out quality.json] [--quick]
 
 For each model and calibration text (its first 70% of paragraphs; several comma-separated
@@ -13,7 +13,8 @@ ratio, each recipe's heads are masked (exact, so one loaded model serves every p
 removal (a least-squares refit unless the recipe says otherwise) and the quality measured:
 perplexity for SmolLM2 (lower is better), embedding fidelity to the unpruned model for MiniLM
 (higher is better). The random baseline draws --seeds selections per ratio, spread over the
-layers like the default, with the same removal. Writes benchmarks/results/<out>.
+layers like the default, with the same removal (with --random-protect, keeping the layers the
+default keeps whole: a causal LM's first). Writes benchmarks/results/<out>.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def run(loaded, model_name: str, calib: str, evals: list, args, recipes: dict) -
     for text in evals:
         _, held = texts.split(texts.load_paragraphs(text))
         config = S.SweepConfig(model=model_name, ratios=args.ratios, seeds=args.seeds, gqa=args.gqa,
+                               random_protect=args.random_protect,
                                eval_windows=args.eval_windows, eval_paragraphs=args.eval_paragraphs,
                                damping=args.damping)
         result = S.run_sweep(config, loaded, scores, held, {**settings, "evaluated_on": text}, recipes,
@@ -113,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--eval", default="persuasion,python_tutorial", help="evaluation texts (their held-out part)")
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--random-protect", action="store_true",
+                    help="the random draws keep the default's protected layers whole (a causal LM's first layer)")
     ap.add_argument("--gqa", default=DEFAULT_GQA)
     ap.add_argument("--damping", type=float, default=S.DEFAULT_DAMPING)
     ap.add_argument("--samples", type=int, default=None, help="calibration sequences (default: headprune.app.commands.DEFAULTS, prune's)")

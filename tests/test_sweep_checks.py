@@ -213,3 +213,25 @@ def test_kv_layout_recipes_run_only_where_queries_are_grouped(llama_dir, capsys,
     ran.clear()
     code, err = _sweep(capsys, llama_dir, "--ratios", "0.25")
     assert code == 130 and kv <= set(ran), (err, sorted(ran))
+
+
+def test_random_draws_can_keep_the_default_s_protected_layers(monkeypatch):
+    """``random_protect``: the draws keep a causal LM's first layer whole, as the default does, and
+    the table's heading says so; without it (the default) they may take heads there."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+    from headprune.app.sweep_table import sweep_markdown
+
+    model, batches, scores = _llama()
+    taken = {}
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+    for protect in (False, True):
+        monkeypatch.setattr(S._Evaluator, "__call__", lambda self, heads, *a, **k: taken.setdefault(protect, []).append(
+            heads) or 1.0)
+        config = S.SweepConfig(model="tiny", ratios=[0.5], seeds=8, quiet=True, eval_windows=1, gqa="query",
+                               random_protect=protect)
+        result = S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, {},
+                             batches=batches)
+        assert result["random_protect"] is protect
+        assert ("the default's protected layers kept whole" in sweep_markdown(result)) is protect
+    assert any(0 in heads for heads in taken[False]) and not any(0 in heads for heads in taken[True])

@@ -12,7 +12,7 @@ from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
 from ..ranking.recipes import default_allocation
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .sweep_reach import check_ratios, learned_selection
+from .sweep_reach import check_ratios, learned_selection, random_selection
 from .sweep_table import random_mean
 from .texts import rebatch
 
@@ -64,6 +64,7 @@ class SweepConfig:
     ratios: list
     seeds: int = 3
     random_scope: str = "per_layer"
+    random_protect: bool = False  # the draws keep the default's protected layers whole (a causal LM's first)
     gqa: str = DEFAULT_GQA
     removal: str = "refit"
     values: Optional[bool] = None  # the refit includes value rows (None: where prune does it by default)
@@ -150,7 +151,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
             result["recipes"][name].append(value)
             bar.update(1)
         bar.set_postfix_str(f"{r:g}: random heads", refresh=True)
-        draws = [select_heads(scores, ratio=r, gqa=config.gqa, order="random", seed=s, scope=config.random_scope)
+        draws = [select_heads(scores, ratio=r, gqa=config.gqa, seed=s, **random_selection(config, scores))
                  for s in range(config.seeds)]
         result["random"].append([point(h, scores, config.removal, point.values) for h in draws])
         result["random_heads"].append([sum(map(len, h.values())) for h in draws])  # even layouts: draws can differ
@@ -225,7 +226,8 @@ def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, set
     metric, lower = metric_of(loaded.kind)
     return {"model": config.model, "data": settings["data"], "metric": metric, "lower_is_better": lower,
             "baseline": baseline, "ratios": list(config.ratios), "recipes": {k: [] for k in recipes}, "random": [],
-            "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope, "heads": {},
+            "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope,
+            "random_protect": config.random_protect, "heads": {},
             "removal": config.removal, "default_recipe": "default" if "default" in recipes else None,
             "heads_total": heads, "random_heads": [],
             "recipe_settings": {k: {n: _setting(v) for n, v in kw.items()} for k, kw in recipes.items()}}

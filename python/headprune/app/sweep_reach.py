@@ -22,6 +22,14 @@ def check_ratios(config, scores, recipes: dict) -> None:
 BASELINE = "the random baseline"
 
 
+def random_selection(config, scores) -> dict:
+    """:func:`select_heads` options of the random draws (less the seed): spread as
+    ``config.random_scope`` says, keeping the default's protected layers whole where
+    ``config.random_protect`` asks (the default keeps a causal LM's first layer)."""
+    kw = {"order": "random", "scope": config.random_scope}
+    return {**kw, "protect_layers": default_protected(scores)} if getattr(config, "random_protect", False) else kw
+
+
 def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) -> dict:
     """``{name: (ratio, why)}``: the first fraction that the random baseline (:data:`BASELINE`)
     or each recipe's selection cannot reach (its protected layers, the heads every layer keeps,
@@ -29,7 +37,7 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
     nearest total they reach. ``layout_only``: ``scores`` holds a layout and no statistics
     (before the collection): every head is ranked alike, which reaches what the recipe's
     ranking reaches."""
-    baseline = {"order": "random", "scope": config.random_scope}
+    baseline = random_selection(config, scores)
     out = {}
     for name, kw in [(BASELINE, baseline)] * bool(config.seeds) + list(recipes.items()):
         removal, iterative = kw.get("removal", config.removal), bool(kw.get("iterative"))  # the recipe's own

@@ -81,6 +81,7 @@ def _heading(result: dict, draws: int) -> str:
         how = "kept heads' value rows and output columns refit by least squares"
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
+        how += ", the default's protected layers kept whole" * bool(result.get("random_protect"))
     s = result.get("settings")
     calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
     evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
