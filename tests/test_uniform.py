@@ -93,6 +93,21 @@ def test_too_many_sets_are_measured_one_group_at_a_time(tiny_llama, monkeypatch)
     assert out == heads and report["sites"][0]["method"] == "ranking" and "chosen_loss" not in report["sites"][0]
 
 
+def test_whole_groups_of_one_head_are_not_said_measured_one_group_at_a_time(monkeypatch):
+    """Heads of their own KV head (GPT-2) leave a pass over the groups no choice: it measured the
+    ranking's set once and reported it as measured ("groups") instead of keeping the ranking."""
+    import headprune.hf.uniform as U
+
+    model = tiny_model("gpt2")
+    batches = [tiny_batch("gpt2", seed=i) for i in range(2)]
+    scores = collect(model, batches, moments=True, progress=False)
+    heads = select_heads(scores, ratio=0.5, uniform=True)
+    assert layout_count(4, 0, heads[0]) == 6 and pass_cost(4, 0, heads[0]) == 1
+    monkeypatch.setattr(U, "MAX_OPTIONS", 3)
+    out, report = U.measure_uniform(model, batches, scores, heads, sequences=2)
+    assert out == heads and report["sites"][0]["method"] == "ranking"
+
+
 def test_measure_uniform_refusals(tiny_llama):
     model, batches, scores = tiny_llama
     heads = select_heads(scores, ratio=0.5, uniform=True)

@@ -194,7 +194,7 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     count = {s: layout_count(*shape[s], heads[s]) for s in shape}  # counted: a large site has millions
     todo = {s: layout_options(*shape[s], heads[s]) for s, n in count.items() if 1 < n <= MAX_OPTIONS}
     stepwise = {s: pass_cost(*shape[s], heads[s]) for s, n in count.items() if n > MAX_OPTIONS}
-    stepwise = {s: n for s, n in stepwise.items() if n <= MAX_OPTIONS}
+    stepwise = {s: n for s, n in stepwise.items() if 1 < n <= MAX_OPTIONS}  # 1: whole groups of it, no choice in one
     report = {s: {"options": n, "method": "every set" if s in todo else "groups" if s in stepwise else
                   "ranking"} for s, n in count.items() if n > 1}
     out, start = dict(heads), time.perf_counter()
