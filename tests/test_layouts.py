@@ -255,6 +255,10 @@ def test_even_allocation_fills_the_request_exactly_where_the_growth_stalls():
     assert sum(map(len, chosen.values())) == 5
     assert sum(map(len, allocate_even([costs, costs], [2, 2], [8, 8], 4).values())) == 4  # no stall: as before
     assert sum(map(len, allocate_even([costs, costs], [2, 2], [8, 8], 3).values())) == 2  # 3 has no fill: rounds
+    # 9 heads in 3 groups (0, 3, 5, 6, 7 or 8 heads), at most 5 per site: 7 is out of reach, the growth
+    # stalled at 5 (one site) and kept it; 3 + 3 is the nearest
+    nine = [[0.0, 3.0, 8.0, 1.0, 4.0, 2.0, 16.0, 13.0, 6.0], [14.0, 9.0, 17.0, 12.0, 5.0, 7.0, 10.0, 11.0, 15.0]]
+    assert sorted(map(len, allocate_even(nine, [3, 3], [5, 5], 7).values())) == [3, 3]
 
 
 def _fill_reference(options, start, want):
@@ -272,9 +276,7 @@ def _fill_reference(options, start, want):
                     grown[t], back[t] = cost + c, (r, total)
         best = grown
         steps.append(back)
-    if want not in best:
-        return None
-    sizes, t = [], want
+    sizes, t = [], want if want in best else max(best)  # the most heads below the request where it is not reached
     for back in reversed(steps):
         r, t = back[t]
         sizes.append(r)
@@ -309,3 +311,32 @@ def test_exact_fill_is_the_dictionary_programme_with_its_ties():
             assert _exact_fill(options, start, want) == _fill_reference(options, start, want)
             compared += 1
     assert compared > 1000
+
+
+def test_a_kv_budget_removes_as_many_query_heads_as_layouts_meeting_it_can():
+    """Every group bonus's growth could stop short of the request (8 of 9 heads, 107 of 108 on
+    SmolLM2's layout at 40%) although layouts meeting the KV budget removed the whole request."""
+    from headprune.ranking.layouts import allocate_kv, kv_groups_removed
+
+    costs = [[0.0, 3.0, 8.0, 1.0, 4.0, 2.0, 14.0, 12.0], [6.0, 13.0, 9.0, 15.0, 11.0, 5.0, 7.0, 10.0]]
+    chosen = allocate_kv(costs, [2, 2], [8, 8], 9, 2)  # one group from each site, and one more head
+    assert sum(map(len, chosen.values())) == 9 and kv_groups_removed(chosen, [8, 8], [2, 2]) == 2
+    rng = random.Random(11)
+    for _ in range(150):
+        sites, (hq, kv) = rng.randint(1, 4), rng.choice([(8, 2), (9, 3), (6, 3), (4, 1), (12, 4)])
+        costs = [[float(rng.randint(0, 20)) for _ in range(hq)] for _ in range(sites)]
+        caps = [rng.randint(0, hq) for _ in range(sites)]
+        want, kv_want = rng.randint(1, sum(caps) or 1), rng.randint(1, kv * sites)
+        reach = {0: 0}  # heads removed -> the most whole groups with them, by brute force over layouts
+        for cap in caps:
+            sizes = [(r, g) for r, lts in even_layouts(hq, kv).items() for g, _ in lts if r <= cap]
+            reach = {t: max(reach[t - r] + g for r, g in sizes if t - r in reach)
+                     for t in range(want + 1) if any(t - r in reach for r, _ in sizes)}
+        met = [t for t, g in reach.items() if g >= kv_want]
+        try:
+            chosen = allocate_kv(costs, [kv] * sites, caps, want, kv_want)
+        except ValueError:
+            assert not met
+            continue
+        assert sum(map(len, chosen.values())) == max(met)
+        assert kv_groups_removed(chosen, [hq] * sites, [kv] * sites) >= kv_want

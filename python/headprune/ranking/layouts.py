@@ -174,6 +174,9 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
     if keep:
         chosen, got = run(hi, keep)
     if got < kv_want:
+        filled = None if forced else _exact_fill_kv(costs, kv_heads, caps, want, kv_want)
+        if filled is not None:
+            return filled
         raise ValueError(f"kv_ratio: {kv_want} KV heads requested but at most {got} go with {want} query heads in even "
                          "layouts under these caps; raise the ratio or lower kv_ratio")
     met = [(hi, chosen)]
@@ -186,7 +189,53 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
             met.append((mid, chosen))
         else:
             lo = mid
-    return max(met, key=lambda m: (sum(map(len, m[1].values())), -m[0]))[1]
+    best = max(met, key=lambda m: (sum(map(len, m[1].values())), -m[0]))[1]
+    total = sum(map(len, best.values()))
+    if total < want and not forced:  # every bonus's growth stopped short: the cheapest layouts that reach further
+        filled = _exact_fill_kv(costs, kv_heads, caps, want, kv_want)
+        if filled is not None and sum(map(len, filled.values())) > total:
+            return filled
+    return best
+
+
+def _exact_fill_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int):
+    """``{site: heads}``: the even layouts, at most ``caps[site]`` heads per site, of least
+    total cost that remove at least ``kv_want`` whole KV groups and exactly ``want`` heads, or
+    where none does the most heads below it that such layouts remove; ``None`` if no layouts
+    remove ``kv_want`` groups. A dynamic programme over (heads removed, whole groups removed,
+    counted up to ``kv_want``), one step per site and layout; of equal costs the combination
+    found first (sites in order, layouts in :func:`even_layouts` order) is kept."""
+    width, kw = want + 1, kv_want + 1
+    cost = torch.full((width, kw), math.inf, dtype=torch.float64)
+    cost[0, 0] = 0.0
+    steps = []  # per site: its layouts, and per state the layout and the group count before it
+    for site_costs, hkv, cap in zip(costs, kv_heads, caps):
+        layouts = [(r, g, *best_layout(site_costs, hkv, g, t)) for r, lts in even_layouts(len(site_costs), hkv).items()
+                   for g, t in lts if r <= min(cap, want)]
+        new = torch.full((width, kw), math.inf, dtype=torch.float64)
+        pick = torch.full((width, kw), -1, dtype=torch.long)
+        before = torch.zeros((width, kw), dtype=torch.long)
+        for j, (r, g, c, _) in enumerate(layouts):
+            for k in range(kw):
+                to = min(k + g, kv_want)
+                src, cur = cost[: width - r, k] + c, new[r:, to]
+                better = src < cur
+                new[r:, to] = torch.where(better, src, cur)
+                pick[r:, to] = torch.where(better, j, pick[r:, to])
+                before[r:, to] = torch.where(better, k, before[r:, to])
+        cost = new
+        steps.append((layouts, pick, before))
+    reached = torch.nonzero(torch.isfinite(cost[:, kv_want]))
+    if not len(reached):
+        return None
+    out, t, k = {}, int(reached.max()), kv_want
+    for site in reversed(range(len(steps))):
+        layouts, pick, before = steps[site]
+        r, _, _, heads = layouts[int(pick[t, k])]
+        if r:
+            out[site] = heads
+        t, k = t - r, int(before[t, k])
+    return dict(sorted(out.items()))
 
 
 def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_groups_only: bool = False,
@@ -223,16 +272,17 @@ def allocate_even(costs: list, kv_heads: list, caps: list, want: int, whole_grou
         _, site, r = best
         left -= r - removed[site]
         removed[site] = r
-    if left > 0 and not (group_bonus or keep_groups):  # the growth stalled short: an exact fill, if one exists
-        removed = _exact_fill(options, [len(forced.get(i, ())) for i in range(len(costs))], want) or removed
+    if left > 0 and not (group_bonus or keep_groups):  # the growth stalled short: an exact fill, or a nearer one
+        filled = _exact_fill(options, [len(forced.get(i, ())) for i in range(len(costs))], want)
+        removed = filled if sum(filled) > sum(removed) else removed
     return {site: options[site][r][1] for site, r in enumerate(removed) if r}
 
 
 def _exact_fill(options: list, start: list, want: int):
     """Per site, the layout size (at least ``start[site]``, its forced heads) of the cheapest
-    combination removing exactly ``want`` heads, or None if no combination does: the growth of
-    :func:`allocate_even` takes one layout step at a time and can stop short (4 of 5 heads
-    when sizes 2 and 3 at two sites make 5).
+    combination removing exactly ``want`` heads, or where none does the most heads below it that
+    one removes: the growth of :func:`allocate_even` takes one layout step at a time and can stop
+    short (4 of 5 heads when sizes 2 and 3 at two sites make 5).
 
     A dynamic programme over the heads removed so far (0..``want``), one vector step per
     layout size of each site. Of equal costs it keeps the partial combination reached first,
@@ -268,9 +318,7 @@ def _exact_fill(options: list, start: list, want: int):
         order = torch.empty(width, dtype=torch.long)
         order[reached.argsort()] = torch.arange(width)
         steps.append(b_size)
-    if not seen[want]:
-        return None
-    out, t = [], want
+    out, t = [], int(torch.nonzero(seen).max())  # want, if reached
     for size in reversed(steps):
         r = int(size[t])
         out.append(r)
