@@ -76,14 +76,23 @@ def test_attention_shared_between_layers_is_refused_by_name():
     both sites, and once for both by a pruning of one: refused before anything changes."""
     from headprune.hf import prune_heads
 
-    model = tiny_model("llama")
-    model.layers[1].self_attn = model.layers[0].self_attn
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    for call in (lambda: resolve_sites(model), lambda: collect(model, [tiny_batch("llama")]),
-                 lambda: prune_heads(model, {0: [1]})):
-        with pytest.raises(ValueError, match=r"sites 0 \(.*\) and 1 \(.*\) are one attention module"):
-            call()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    from headprune.hf import mask_heads
+
+    for share, said in [(lambda m: setattr(m.layers[1], "self_attn", m.layers[0].self_attn), "one attention module"),
+                        # one output projection, or its weight: a mask of one site masked both, a pruning sliced one
+                        # and untied them, and the collection counted both layers' tokens in each site
+                        (lambda m: setattr(m.layers[1].self_attn, "o_proj", m.layers[0].self_attn.o_proj),
+                         "their self_attn.o_proj"),
+                        (lambda m: setattr(m.layers[1].self_attn.o_proj, "weight", m.layers[0].self_attn.o_proj.weight),
+                         "their self_attn.o_proj.weight")]:
+        model = tiny_model("llama")
+        share(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for call in (lambda: resolve_sites(model), lambda: collect(model, [tiny_batch("llama")]),
+                     lambda: prune_heads(model, {0: [1]}), lambda: mask_heads(model, {0: [1]})):
+            with pytest.raises(ValueError, match=rf"sites 0 \(.*\) and 1 \(.*\) share {said};"):
+                call()
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_flex_attention_is_refused_naming_its_mask():

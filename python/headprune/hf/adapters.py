@@ -262,11 +262,23 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
             sites.append(Site(len(sites), block.name.format(i=i), block, i, layer, layer.get_submodule(block.module)))
     seen = {}
     for site in sites:  # one module in two layers (weights shared, ALBERT-style): pruning one prunes both
-        if (first := seen.setdefault(id(site.module), site)) is not site:
-            raise ValueError(f"model: sites {first.index} ({first.name}) and {site.index} ({site.name}) are one "
-                             "attention module; headprune collects, masks and prunes each layer's attention on its "
-                             "own and does not support attention shared between layers")
+        for what, obj in _shared_parts(site):
+            if (first := seen.setdefault(id(obj), (site, what)))[0] is not site:
+                raise ValueError(f"model: sites {first[0].index} ({first[0].name}) and {site.index} ({site.name}) "
+                                 f"share {'one attention module' if what == 'attention' else f'their {what}'}; "
+                                 "headprune collects, masks and prunes each layer's attention on its own and does not "
+                                 "support attention weights shared between layers")
     return sites
+
+
+def _shared_parts(site: Site) -> list:
+    """``[(what, object)]``: the attention module of ``site``, its projections and their weights,
+    none of which another site may hold (a mask or a pruning of one would change both)."""
+    parts = [("attention", site.module)]
+    for name in dict.fromkeys(p for p in (site.block.q, site.block.k, site.block.v, site.block.o, site.block.qkv) if p):
+        module = site.sub(name)
+        parts += [(name, module)] + [(f"{name}.{n}", p) for n, p in module.named_parameters(recurse=False)]
+    return parts
 
 
 def head_dim(site: Site, adapter: Adapter) -> int:
