@@ -209,6 +209,13 @@ def test_a_compiled_module_is_refused():
         with gates(compiled):
             pass
     assert not model._forward_pre_hooks and all(not m._forward_pre_hooks for m in model.modules())
+    for part in ("", "h.1"):  # compiled in place, the model or one layer: the same graph, run before
+        model = tiny_model("gpt2")
+        model.get_submodule(part).compile(backend="aot_eager")
+        with pytest.raises(ValueError, match=rf"^model: {part or 'the model'} runs a graph torch.compile compiled"):
+            with gates(model):
+                pass
+        assert all(not m._forward_pre_hooks for m in model.modules())
 
 
 class _Boom(Exception):

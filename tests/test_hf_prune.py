@@ -8,7 +8,7 @@ import torch
 from hf_tiny import FAMILIES, GQA_FAMILIES, tiny_batch, tiny_model
 from numerics import assert_same_function, float64_output
 
-from headprune.hf import kept_heads, mask_heads, prune_heads, resolve_sites
+from headprune.hf import kept_heads, load_pruned, mask_heads, prune_heads, resolve_sites, save_pruned
 from headprune.hf.adapters import get_adapter, head_counts
 
 
@@ -280,3 +280,32 @@ def test_an_encoder_only_t5_is_its_encoders_sites(tmp_path):
         assert torch.equal(back(**batch).last_hidden_state, model(**batch).last_hidden_state)
     with pytest.raises(ValueError, match="has no 'encoder.block'"):  # a model with neither stack is still refused
         resolve_sites(model.encoder, get_adapter(model))
+
+
+def test_a_mask_through_a_compile_wrapper_is_the_models_own(tmp_path):
+    """The mask was recorded on the wrapper: a save of the wrapper (which saves the model inside)
+    missed the refit's biases and wrote a directory load_pruned refuses, and prune_heads of the
+    model under the mask copied its zeros instead of refusing."""
+    model = tiny_model("llama")
+    batches = [tiny_batch("llama", seed=i) for i in range(2)]
+    from headprune.hf import collect
+
+    scores = collect(model, batches, progress=False, moments=True)
+    with mask_heads(torch.compile(model), {0: [1]}, reconstruct=scores):
+        save_pruned(torch.compile(model), tmp_path / "m")
+        with pytest.raises(ValueError, match="are masked by an active mask_heads handle"):
+            prune_heads(model, {0: [2]})
+        with torch.no_grad():
+            masked = model(**batches[0]).last_hidden_state
+    with torch.no_grad():
+        back = load_pruned(tmp_path / "m")(**batches[0]).last_hidden_state
+    torch.testing.assert_close(back, masked, rtol=0, atol=1e-5)
+
+
+def test_a_model_holding_a_compile_wrapper_is_not_saved(tmp_path):
+    """Its weights were written as ..._orig_mod.* keys, which load_pruned then refused."""
+    model = tiny_model("llama")
+    model.layers[0] = torch.compile(model.layers[0])
+    with pytest.raises(ValueError, match=r"^model: layers.0 is a torch.compile wrapper inside the model"):
+        save_pruned(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

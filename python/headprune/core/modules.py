@@ -65,3 +65,21 @@ def uncompiled(model):
     from torch._dynamo.eval_frame import OptimizedModule
 
     return model._orig_mod if isinstance(model, OptimizedModule) else model
+
+
+def wrapped_parts(model) -> list:
+    """Names of ``model``'s submodules that are ``torch.compile`` wrappers (their parameters are
+    named ``..._orig_mod.*``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return [name for name, m in model.named_modules() if name and isinstance(m, OptimizedModule)]
+
+
+def compiled_parts(model) -> list:
+    """Names of ``model``'s modules (``""``: itself) that run a graph ``torch.compile`` compiled:
+    wrappers, and modules compiled in place (``module.compile()``). A graph compiled before a
+    hook was added never calls it."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return [name for name, m in model.named_modules()
+            if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]

@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
-from ..core.modules import eval_mode, uncompiled
+from ..core.modules import compiled_parts, eval_mode, uncompiled
 
 __all__ = ["HeadGates", "frozen", "gates"]
 
@@ -182,6 +182,9 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     if uncompiled(model) is not model:  # its compiled graph, run before, never calls the hooks (module doc)
         raise ValueError("model: a torch.compile'd module runs the graph it compiled, which the gates' hooks do not "
                          "reach; pass the module it compiles (model._orig_mod) and compile inside the block")
+    if compiled := compiled_parts(model):  # compiled in place (model.compile()), or some of its layers
+        raise ValueError(f"model: {compiled[0] or 'the model'} runs a graph torch.compile compiled, which the gates' "
+                         "hooks do not reach; gate the model before compiling it (compile inside the block)")
     adapter = get_adapter(model)
     check_layout(model)
     sites = resolve_sites(model, adapter)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedConfig
 
 from .. import atomic
-from ..core.modules import uncompiled
+from ..core.modules import uncompiled, wrapped_parts
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
@@ -52,6 +52,9 @@ def save_pruned(
     """
     atomic.check_replace(overwrite, "overwrite")
     model = uncompiled(model)
+    if nested := wrapped_parts(model):  # its weights would be saved under _orig_mod. names no model of the family has
+        raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; save the model whose layers "
+                         "are not wrapped (compile in place with module.compile(), or save before compiling)")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..core.modules import uncompiled
 from ..prune.heads import head_index, normalize_heads
 from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
@@ -73,6 +74,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
         from ..plain import mask_modules
 
         return mask_modules(model, heads)
+    model = uncompiled(model)  # its records live on the compiled module, where a save finds them
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     heads, gone = positions(model, sites, adapter, heads)
@@ -346,6 +348,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     """
     from .report import PruneReport, measure
 
+    model = uncompiled(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import ops
-from ..core.modules import eval_mode
+from ..core.modules import compiled_parts, eval_mode
 from ..core.schema import MASKED_LOGIT, NUM_STATS
 from ..stats.scores import HeadScores
 
@@ -167,12 +167,11 @@ def empty_scores(model: nn.Module, method: str = "qk") -> HeadScores:
 def _refuse_compiled(model: nn.Module) -> None:
     """A ``torch.compile`` wrapper runs the graph it compiled, which never calls hooks added
     after it ran: its attention would record nothing (or part of its calls), silently."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    compiled = [name or "model" for name, m in model.named_modules() if isinstance(m, OptimizedModule)]
+    compiled = compiled_parts(model)
     if compiled:
-        raise ValueError(f"model: {compiled[0]} is a torch.compile'd module, whose compiled graph the collection's "
-                         "hooks do not reach; collect from the module it compiles (its _orig_mod) and compile after")
+        raise ValueError(f"model: {compiled[0] or 'model'} is a torch.compile'd module, whose compiled graph the "
+                         "collection's hooks do not reach; collect from the module it compiles (its _orig_mod) and "
+                         "compile after")
 
 
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False) -> HeadScores:

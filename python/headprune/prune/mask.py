@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core import ops
+from ..core.modules import uncompiled
 from .heads import head_index
 
 __all__ = ["MASKS_ATTR", "MaskHandle", "active_masks", "added_bias", "masked_heads", "refuse_masked_again",
@@ -25,7 +26,7 @@ MASKS_ATTR = "_headprune_masks"
 
 def active_masks(model: nn.Module) -> list:
     """The :class:`MaskHandle` objects applied to ``model`` and not yet restored, oldest first."""
-    return list(model.__dict__.get(MASKS_ATTR, ()))
+    return list(uncompiled(model).__dict__.get(MASKS_ATTR, ()))
 
 
 def masked_heads(model: nn.Module, w: torch.Tensor) -> set:
@@ -63,7 +64,7 @@ class MaskHandle:
     """
 
     def __init__(self, model: nn.Module, heads: dict, already_removed: dict | None = None):
-        self.model = model
+        self.model = uncompiled(model)  # the record lives on the compiled module, where a save finds it
         self.heads = heads
         self.already_removed = already_removed or {}  # {layer: [original indices]} asked for but removed before
         self._saved = []  # (weight, dim, index, original columns, heads zeroed)
