@@ -309,3 +309,14 @@ def test_a_model_holding_a_compile_wrapper_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match=r"^model: layers.0 is a torch.compile wrapper inside the model"):
         save_pruned(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_model_with_weights_on_the_meta_device_is_refused_by_name():
+    """Offloaded to disk by accelerate (its layers' weights meta placeholders): the pruning sliced
+    the placeholders and returned, leaving a model whose forward failed; the mask failed inside."""
+    model = tiny_model("llama")
+    model.layers[0].self_attn.to("meta")
+    for call in (lambda: mask_heads(model, {0: [1]}), lambda: prune_heads(model, {0: [1]})):
+        with pytest.raises(ValueError, match=r"^model: parameters are on the meta device \(offloaded to disk"):
+            call()
+    assert model.layers[0].self_attn.o_proj.weight.shape[1] == model.layers[1].self_attn.o_proj.weight.shape[1]

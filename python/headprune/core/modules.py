@@ -67,6 +67,15 @@ def uncompiled(model):
     return model._orig_mod if isinstance(model, OptimizedModule) else model
 
 
+def refuse_meta(model) -> None:
+    """``ValueError`` if some weight of ``model`` is on the meta device (offloaded by accelerate, or
+    never loaded): a mask could not write it, a pruning would slice the placeholder and leave the
+    offloaded weights their old shape."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("model: parameters are on the meta device (offloaded to disk by accelerate, or not loaded); "
+                         "load the weights onto a device first (device_map='cpu', say)")
+
+
 def wrapped_parts(model) -> list:
     """Names of ``model``'s submodules that are ``torch.compile`` wrappers (their parameters are
     named ``..._orig_mod.*``)."""

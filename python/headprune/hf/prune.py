@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.modules import uncompiled
+from ..core.modules import refuse_meta, uncompiled
 from ..prune.heads import head_index, normalize_heads
 from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
@@ -75,6 +75,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
 
         return mask_modules(model, heads)
     model = uncompiled(model)  # its records live on the compiled module, where a save finds them
+    refuse_meta(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     heads, gone = positions(model, sites, adapter, heads)
@@ -162,12 +163,10 @@ def new_state(model, counts, from_config: bool = False) -> dict:
 
 
 def _check_config(model, counts) -> None:
-    """The first pruning records ``model.config`` as the original that ``load_pruned`` rebuilds
-    and prunes again: refuse a config that does not describe the model's heads (the config or
-    the modules edited after the model was built), which would save a directory nothing loads.
-    A class that cannot be built from its config alone (a subclass taking other arguments, a
-    compiled wrapper) is not checked: ``load_pruned`` cannot rebuild it either, and pruning it in
-    memory stays as it was."""
+    """The first pruning records ``model.config`` as the original that ``load_pruned`` rebuilds:
+    refuse a config that does not describe the model's heads (edited after the model was built),
+    which would save a directory nothing loads. A class not built from its config alone (a
+    subclass taking other arguments) is not checked: ``load_pruned`` cannot rebuild it either."""
     build = getattr(type(model), "_from_config", None)
     if build is None:
         return
@@ -349,6 +348,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     from .report import PruneReport, measure
 
     model = uncompiled(model)
+    if not _from_config:  # load_pruned builds the saved layout on the meta device, then loads the weights
+        refuse_meta(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
