@@ -320,3 +320,26 @@ def test_a_model_with_weights_on_the_meta_device_is_refused_by_name():
         with pytest.raises(ValueError, match=r"^model: parameters are on the meta device \(offloaded to disk"):
             call()
     assert model.layers[0].self_attn.o_proj.weight.shape[1] == model.layers[1].self_attn.o_proj.weight.shape[1]
+
+
+def test_a_uniform_pruning_writes_its_head_counts_into_its_own_config():
+    """from_config(cfg) twice gives two models one config object: a uniform pruning of one wrote
+    the new head counts into the other's config too (a teacher then failed in its forward)."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    from headprune.hf.attention import config_of
+
+    cfg = tiny_config("phi3")
+    teacher, student = (transformers.AutoModelForCausalLM.from_config(cfg).eval() for _ in range(2))
+    assert teacher.config is student.config
+    batch = tiny_batch("phi3")
+    with torch.no_grad():
+        before = teacher(**batch).logits
+    prune_heads(student, {i: [0, 1] for i in range(cfg.num_hidden_layers)})
+    assert teacher.config.num_attention_heads == cfg.num_attention_heads == 4
+    assert student.config.num_attention_heads == 2 and config_of(student.model.layers[0].self_attn) is student.config
+    with torch.no_grad():
+        assert torch.equal(teacher(**batch).logits, before)
+        student(**batch)

@@ -147,7 +147,7 @@ def _inject(monkeypatch, point, case, fault):
         n = n or (total // 2 if point == "slice-middle" else total)
         fail_on_call(monkeypatch, prune_mod, "slice_", n, fault)
     elif point == "configs":
-        fail_on_call(monkeypatch, prune_mod, "_update_configs", 1, fault)
+        fail_on_call(monkeypatch, prune_mod, "update_configs", 1, fault)
     elif point == "check":
         fail_on_call(monkeypatch, prune_mod, "check_layout", 1, fault)
     elif point == "report":  # the after-measure, once the model is fully pruned

@@ -171,7 +171,7 @@ def warn_not_plain(model, layout, chosen: dict, adds_bias: bool, masked: bool = 
     alone leaves it out there: ``refits_bias``) where the config declares none. A ``masked``
     model keeps its shapes: only the bias can make it not plain."""
     from ..hf.adapters import get_adapter
-    from ..hf.prune import config_accepts
+    from ..hf.configs import config_accepts
     from ..hf.uniform import refits_bias
 
     adapter, site = get_adapter(model), 0

@@ -27,6 +27,7 @@ from ..prune.undo import Undo
 from ..stats.scores import HeadScores
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
 from .attention import SiteConfig
+from .configs import update_configs
 from .empty import empty_forward
 from .gates import gated
 from .removal import _checked, removal_plan
@@ -278,41 +279,6 @@ def _split_shared_bias(undo, model, sites, adapter, state, new_kept, force=()) -
         state["per_layer_bias"].append(name)
 
 
-def config_accepts(config, adapter, hq, hkv, d) -> bool:
-    """Whether transformers' own validation accepts the pruned counts (e.g. Llama insists on
-    ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``)."""
-    trial = copy.deepcopy(config)
-    trial.num_attention_heads = hq
-    setattr(trial, adapter.config_head_dim, d)
-    if adapter.config_kv_heads:
-        setattr(trial, adapter.config_kv_heads, hkv)
-    try:
-        getattr(trial, "validate", lambda: None)()
-    except Exception:  # any validator failure just means "not expressible"
-        return False
-    return True
-
-
-def _update_configs(undo, model, sites, adapter, state) -> bool:
-    """Write the new head counts into the configs when one layout fits every layer (so
-    ``AutoModel.from_pretrained`` rebuilds it); returns whether it did."""
-    layouts = {(len(k), len(kv)) for k, kv in zip(state["kept"], state["kv"])}
-    d = {head_dim(s, adapter) for s in sites}
-    if adapter.config_head_dim is None or len(layouts) != 1 or len(d) != 1 or state["per_layer_bias"]:
-        return False
-    (hq, hkv), (d,) = layouts.pop(), d
-    if hq == 0 or not config_accepts(model.config, adapter, hq, hkv, d):
-        return False
-    configs = {id(model.config): model.config}
-    configs.update({id(s.module.config): s.module.config for s in sites if hasattr(s.module, "config")})
-    for cfg in configs.values():
-        undo.set(cfg, "num_attention_heads", hq)
-        undo.set(cfg, adapter.config_head_dim, d)
-        if adapter.config_kv_heads:
-            undo.set(cfg, adapter.config_kv_heads, hkv)
-    return True
-
-
 def _refuse_active(model, sites, ids) -> None:
     """``ValueError`` while masks or gates are active on ``model``: slicing would copy a mask's
     zeros and orphan its handle's restore(); gates are sized to the heads at their block's entry."""
@@ -390,7 +356,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                                                        requires_grad=v.weight.requires_grad))
                 state["kept"][layer] = [state["kept"][layer][j] for j in keep]
                 state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
-            state["uniform"] = _update_configs(undo, model, sites, adapter, state)
+            state["uniform"] = update_configs(undo, model, sites, adapter, state)
             undo.set(model, STATE_ATTR, state)
             check_layout(model)
             after = measure(model)
