@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from docs_allocation import TABLES as _ALLOCATION
 from docs_pruned import TABLES as _PRUNED
+from docs_random import TABLES as _RANDOM
 from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
 from docs_sequential import TABLES as _SEQUENTIAL
@@ -362,6 +363,7 @@ TABLES.update({f.__name__: f for f in (
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
 TABLES.update(_PRUNED)
+TABLES.update(_RANDOM)
 TABLES.update(_RECOVER)
 TABLES.update(_REFERENCE)
 TABLES.update(_SEQUENTIAL)
