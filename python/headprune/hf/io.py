@@ -236,7 +236,11 @@ def _directory(path) -> str:
 
 
 def load_pruned(path, *, device: Optional[str] = None):
-    """Rebuild the model saved by :func:`save_pruned`, bit-exactly, in eval mode.
+    """Rebuild the model saved by :func:`save_pruned`, bit-exactly, in eval mode: every saved
+    tensor as it was. Buffers a model does not save are rebuilt as transformers builds them (a
+    rotary model cast to bfloat16 before saving computed with a bfloat16 ``inv_freq``, rebuilt in
+    float32: a tiny Llama's bfloat16 logits differed by 2e-3, as after plain ``save_pretrained`` and
+    ``from_pretrained``).
 
     A directory that transformers 4 pruned (``config.json`` with ``pruned_heads``) is read
     too, into the same model headprune's pruning of those heads gives (see :mod:`.migrate`).
