@@ -320,6 +320,10 @@ def test_a_model_with_weights_on_the_meta_device_is_refused_by_name():
         with pytest.raises(ValueError, match=r"^model: parameters are on the meta device \(offloaded to disk"):
             call()
     assert model.layers[0].self_attn.o_proj.weight.shape[1] == model.layers[1].self_attn.o_proj.weight.shape[1]
+    model = tiny_model("llama")
+    model.embed_tokens.to("meta")  # offloaded elsewhere than the attention: nothing of it is edited
+    mask_heads(model, {0: [1]}).restore()
+    prune_heads(model, {0: [1]})
 
 
 def test_a_uniform_pruning_writes_its_head_counts_into_its_own_config():

@@ -110,6 +110,12 @@ def test_integer_arguments_of_numpy_and_torch_are_ints():
         assert select_heads(make_scores(E), counts={np.int64(0): n}) == select_heads(make_scores(E), counts={0: 3})
     with pytest.raises(ValueError, match="count: expected a non-negative int, got (np.float64\\()?3.0"):
         select_heads(make_scores(E), count=np.float64(3))
+    for bad in (torch.tensor(True), torch.tensor([3])):
+        with pytest.raises(ValueError, match="count: expected a non-negative int"):
+            select_heads(make_scores(E), count=bad)
+        with pytest.raises(ValueError, match="min_heads_per_layer: expected a non-negative int"):
+            select_heads(make_scores(E), count=1, min_heads_per_layer=bad)
+    assert select_heads(make_scores(E), count=3, min_heads_per_layer=torch.tensor(1)) == want
 
 
 def test_scores_type_is_checked():

@@ -204,6 +204,13 @@ def test_a_compiled_attention_is_refused_by_name():
         collect_modules(model, [(torch.randn(1, 3, 8),) * 3])
     with pytest.raises(ValueError, match=r"^model: model is a torch.compile'd module"):
         collect_modules(torch.compile(model[0]._orig_mod), [(torch.randn(1, 3, 8),) * 3])
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+    model[0].compile()
+    with pytest.raises(ValueError, match=r"^model: 0 is a torch.compile'd module, .* collect before compiling it in"):
+        collect_modules(model, [(torch.randn(1, 3, 8),) * 3])
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    layer.linear1.compile()  # no attention inside: its graph is no matter
+    assert collect_modules(layer, [torch.randn(1, 3, 8)]).count.sum() > 0
 
 
 def test_a_mask_restores_after_the_model_was_cast():

@@ -67,11 +67,11 @@ def uncompiled(model):
     return model._orig_mod if isinstance(model, OptimizedModule) else model
 
 
-def refuse_meta(model) -> None:
-    """``ValueError`` if some weight of ``model`` is on the meta device (offloaded by accelerate, or
-    never loaded): a mask could not write it, a pruning would slice the placeholder and leave the
-    offloaded weights their old shape."""
-    if any(p.is_meta for p in model.parameters()):
+def refuse_meta(params) -> None:
+    """``ValueError`` if one of ``params`` (the weights a mask or a pruning edits) is on the meta
+    device (offloaded by accelerate, or never loaded): a mask could not write it, a pruning would
+    slice the placeholder and leave the offloaded weights their old shape."""
+    if any(p.is_meta for p in params):
         raise ValueError("model: parameters are on the meta device (offloaded to disk by accelerate, or not loaded); "
                          "load the weights onto a device first (device_map='cpu', say)")
 
@@ -84,11 +84,14 @@ def wrapped_parts(model) -> list:
     return [name for name, m in model.named_modules() if name and isinstance(m, OptimizedModule)]
 
 
-def compiled_parts(model) -> list:
-    """Names of ``model``'s modules (``""``: itself) that run a graph ``torch.compile`` compiled:
-    wrappers, and modules compiled in place (``module.compile()``). A graph compiled before a
-    hook was added never calls it."""
+def compiled_over(model, hooked) -> list:
+    """``(name, in place)`` of each module of ``model`` (``""``: itself) that runs a graph
+    ``torch.compile`` compiled (a wrapper, or compiled in place by ``module.compile()``) and is or
+    holds one of the ``hooked`` modules: a graph compiled before a hook was added never calls it
+    (torch does not guard on hooks, ``torch._dynamo.config.skip_nnmodule_hook_guards``)."""
     from torch._dynamo.eval_frame import OptimizedModule
 
-    return [name for name, m in model.named_modules()
-            if isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None]
+    ids = {id(m) for m in hooked}
+    return [(name, not isinstance(m, OptimizedModule)) for name, m in model.named_modules()
+            if (isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None)
+            and any(id(sub) in ids for sub in m.modules())]

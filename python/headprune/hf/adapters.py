@@ -275,10 +275,20 @@ def _shared_parts(site: Site) -> list:
     """``[(what, object)]``: the attention module of ``site``, its projections and their weights,
     none of which another site may hold (a mask or a pruning of one would change both)."""
     parts = [("attention", site.module)]
-    for name in dict.fromkeys(p for p in (site.block.q, site.block.k, site.block.v, site.block.o, site.block.qkv) if p):
-        module = site.sub(name)
+    for name, module in projections(site).items():
         parts += [(name, module)] + [(f"{name}.{n}", p) for n, p in module.named_parameters(recurse=False)]
     return parts
+
+
+def projections(site: Site) -> dict:
+    """``{path: module}``: the q/k/v/o (or fused qkv) projections of ``site``."""
+    b = site.block
+    return {name: site.sub(name) for name in dict.fromkeys(p for p in (b.q, b.k, b.v, b.o, b.qkv) if p)}
+
+
+def projection_parameters(sites: list) -> list:
+    """The parameters of every projection of ``sites``: what masks and prunings edit."""
+    return [p for s in sites for m in projections(s).values() for p in m.parameters(recurse=False)]
 
 
 def head_dim(site: Site, adapter: Adapter) -> int:

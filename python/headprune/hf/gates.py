@@ -13,10 +13,12 @@ masked model, except the removed head's output-projection columns, whose gradien
 if the head had been pruned (under a mask they still see the head's output).
 
 The gate path is ``unflatten``, ``mul`` (and, with ``fill``, an ``add``) and ``flatten``, so it traces and differentiates
-under ``torch.compile`` like the rest of the model. Compile inside the block (or call
-``torch._dynamo.reset()`` after entering it): a model compiled and run before the block keeps
-the graph it compiled without the gates, because torch does not guard on hooks added later
-(``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default).
+under ``torch.compile`` like the rest of the model. Compile inside the block: a model compiled
+and run before it keeps the graph it compiled without the gates, because torch does not guard
+on hooks added later (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default), so a
+``torch.compile`` wrapper, or a model or layer compiled in place (``module.compile()``) around
+an output projection, is refused; modules compiled in place that hold none (a feed-forward
+block) do not matter.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
-from ..core.modules import compiled_parts, eval_mode, uncompiled
+from ..core.modules import compiled_over, eval_mode, uncompiled
 
 __all__ = ["HeadGates", "frozen", "gates"]
 
@@ -182,12 +184,13 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     if uncompiled(model) is not model:  # its compiled graph, run before, never calls the hooks (module doc)
         raise ValueError("model: a torch.compile'd module runs the graph it compiled, which the gates' hooks do not "
                          "reach; pass the module it compiles (model._orig_mod) and compile inside the block")
-    if compiled := compiled_parts(model):  # compiled in place (model.compile()), or some of its layers
-        raise ValueError(f"model: {compiled[0] or 'the model'} runs a graph torch.compile compiled, which the gates' "
-                         "hooks do not reach; gate the model before compiling it (compile inside the block)")
     adapter = get_adapter(model)
     check_layout(model)
     sites = resolve_sites(model, adapter)
+    if compiled := compiled_over(model, [s.o for s in sites]):  # compiled in place, the model or layers of it
+        raise ValueError(f"model: {compiled[0][0] or 'the model'} was compiled in place (module.compile()); its "
+                         "graph, once run, does not call the gates' hooks: gate a model not compiled in place and "
+                         "compile inside the block (torch.compile(model))")
     handle = HeadGates([s.name for s in sites], [head_counts(s, adapter)[0] for s in sites], per_example)
     dims = [head_dim(s, adapter) for s in sites]
     if fill is not None:

@@ -25,7 +25,7 @@ from ..prune.slicing import kv_layout, slice_, slice_rows
 from ..prune.reconstruct import DEFAULT_DAMPING
 from ..prune.undo import Undo
 from ..stats.scores import HeadScores
-from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
+from .adapters import check_layout, get_adapter, head_counts, head_dim, projection_parameters, resolve_sites
 from .attention import SiteConfig
 from .configs import update_configs
 from .empty import empty_forward
@@ -76,9 +76,9 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
 
         return mask_modules(model, heads)
     model = uncompiled(model)  # its records live on the compiled module, where a save finds them
-    refuse_meta(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
+    refuse_meta(projection_parameters(sites))
     heads, gone = positions(model, sites, adapter, heads)
     ids = _kept(model, sites, adapter)  # position -> original index, for messages and the handle
     refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
@@ -314,10 +314,10 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     from .report import PruneReport, measure
 
     model = uncompiled(model)
-    if not _from_config:  # load_pruned builds the saved layout on the meta device, then loads the weights
-        refuse_meta(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
+    if not _from_config:  # load_pruned builds the saved layout on the meta device, then loads the weights
+        refuse_meta(projection_parameters(sites))
     counts = [head_counts(s, adapter) for s in sites]
     heads, gone = positions(model, sites, adapter, heads)
     ids = _kept(model, sites, adapter)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import ops
-from ..core.modules import compiled_parts, eval_mode
+from ..core.modules import compiled_over, eval_mode
 from ..core.schema import MASKED_LOGIT, NUM_STATS
 from ..stats.scores import HeadScores
 
@@ -165,13 +165,13 @@ def empty_scores(model: nn.Module, method: str = "qk") -> HeadScores:
 
 
 def _refuse_compiled(model: nn.Module) -> None:
-    """A ``torch.compile`` wrapper runs the graph it compiled, which never calls hooks added
-    after it ran: its attention would record nothing (or part of its calls), silently."""
-    compiled = compiled_parts(model)
-    if compiled:
-        raise ValueError(f"model: {compiled[0] or 'model'} is a torch.compile'd module, whose compiled graph the "
-                         "collection's hooks do not reach; collect from the module it compiles (its _orig_mod) and "
-                         "compile after")
+    """A compiled module around an attention runs the graph it compiled, which never calls hooks
+    added after it ran: its attention would record nothing (or part of its calls), silently."""
+    sites = attention_modules(model)
+    for name, in_place in compiled_over(model, [m for _, m, _ in sites] + [o for _, _, o in sites if o is not None]):
+        raise ValueError(f"model: {name or 'model'} is a torch.compile'd module, whose compiled graph the "
+                         "collection's hooks do not reach; collect " + ("before compiling it in place" if in_place else
+                                                                        "from the module it compiles (its _orig_mod)"))
 
 
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False) -> HeadScores:

@@ -82,7 +82,9 @@ def as_index(i) -> int:
 
 def as_count(n):
     """``n`` as a non-negative ``int`` (numpy and 0-d tensor integers too), or ``None`` where it is
-    none: a bool, a float, a negative number."""
+    none: a bool (a bool tensor too), a float, a tensor of more than one dimension, a negative number."""
+    if isinstance(n, torch.Tensor) and (n.dim() != 0 or n.dtype == torch.bool):
+        return None
     try:
         n = as_index(n)
     except TypeError:
