@@ -225,3 +225,27 @@ def test_eval_says_when_the_report_took_another_number_of_windows(run, tmp_path,
         code, err = run(["eval", tmp_path / "o", "--json", "--eval-windows", "1", "--quiet", "--data", "text.txt",
                          "--no-speed"])
     assert code == 0 and not err and json.loads(out.getvalue())["perplexity"] == report["after"]["perplexity"], err
+
+
+def test_eval_refuses_a_text_named_twice_a_bundled_name_that_is_a_path_and_a_teacher_of_another_width(
+        run, tmp_path, tiny_dir):  # noqa: F811
+    """eval read the bundled text where --data named a file here too (the other commands refuse
+    it); a text named twice counted its held-out paragraphs twice; a teacher whose embeddings
+    have another width failed inside the cosine with a traceback."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    (tmp_path / "persuasion").write_text((tmp_path / "text.txt").read_text())
+    code, err = run(["eval", tiny_dir, "--data", "persuasion", "--quiet"])
+    assert code == 2 and "--data: 'persuasion' names both a bundled text and a path here" in err[-1], err
+    for spec, said in (("text.txt+text.txt", "names 'text.txt' twice"),
+                       ("text.txt+./text.txt", "names 'text.txt' twice (as './text.txt')")):
+        code, err = run(["eval", tiny_dir, "--data", spec, "--quiet"])
+        assert code == 2 and err[-1].endswith(f"--data: {spec!r} {said}"), err
+    wide = tmp_path / "wide"
+    transformers.BertModel(tiny_config("bert", hidden_size=64, intermediate_size=64)).save_pretrained(wide)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(wide)
+    code, err = run(["eval", tiny_dir, "--teacher", wide, "--quiet", "--data", "text.txt"])
+    assert code == 2 and err[-1].endswith(f"--teacher: {wide} gives embeddings of 64 values, MODEL of 32, so they "
+                                          "do not compare; pass the unpruned model MODEL was pruned from"), err

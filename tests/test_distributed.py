@@ -191,8 +191,8 @@ def test_without_torchrun_nothing_is_initialised(monkeypatch):
 def test_partial_torchrun_environment_is_named(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    with pytest.raises(RuntimeError, match=r"environment variables .*MASTER_PORT.* are not set; launch with torchrun"):
-        D.init_from_env()
+    with pytest.raises(ValueError, match=r"environment variables .*MASTER_PORT.* are not set; launch with torchrun"):
+        D.init_from_env()  # a ValueError: the command line's one-line refusal (a RuntimeError printed a traceback)
 
 
 def test_allow_empty_gives_zero_scores_of_the_model_layout():
@@ -334,4 +334,21 @@ def test_the_command_line_reports_another_ranks_failure_as_an_error(tmp_path, mo
     assert main(["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]) == 2
     assert capsys.readouterr().err.strip() == ("headprune scan: error: collect: ranks [1] failed (see their errors); "
                                                "this rank stops too")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_command_line_names_a_partial_torchrun_environment_in_one_line(tmp_path, monkeypatch, capsys):
+    """RANK set without the rest of torchrun's variables ended in a traceback (a RuntimeError)."""
+    from hf_tiny import save_tiny_bert
+
+    from headprune.app.cli import main
+
+    save_tiny_bert(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    code = main(["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--distributed",
+                 "--out", "o"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--distributed: environment variables" in err[0], err
     assert not (tmp_path / "o").exists()

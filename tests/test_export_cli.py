@@ -134,6 +134,11 @@ def test_a_gguf_path_under_a_file_is_refused_before_the_model_loads(pruned, tmp_
                       t / "src.gguf", "--quiet"], capsys)
     assert code == 2 and f"export: error: --gguf: {tmp_path / 'afile'} is not a directory" in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    (tmp_path / "link.gguf").symlink_to(tmp_path / "afile")  # a link, --force or not (it was refused after the load)
+    code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "link.gguf", "--source", t / "src.gguf",
+                      "--force", "--quiet"], capsys)
+    assert code == 2 and f"export: error: --gguf: {tmp_path / 'link.gguf'} is a symbolic link" in out.err
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_a_source_that_cannot_be_read_is_named_as_the_source(pruned, tmp_path, capsys, monkeypatch):

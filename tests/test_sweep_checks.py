@@ -178,7 +178,12 @@ def test_the_least_fraction_the_refusal_suggests_is_accepted(llama_dir, capsys, 
 
     monkeypatch.setattr(SC.C, "_collect", lambda *a, **k: None)
     monkeypatch.setattr(SC, "run_sweep", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert _sweep(capsys, llama_dir, "--ratios", "0.0834")[0] == 130  # planned, then stopped
+    assert _sweep(capsys, llama_dir, "--ratios", "0.0834", "--gqa", "query")[0] == 130  # planned, then stopped
+    # one head is no even layout of 4 query heads in 2 KV groups: the random draws would remove none, and their
+    # column show the unpruned model (prune refuses such a ratio too)
+    code, err = _sweep(capsys, llama_dir, "--ratios", "0.0834")
+    assert code == 2 and ("--ratios: 0.0834 is out of reach of the random baseline (it rounds to no head in the "
+                          "layouts the selection allows): ask for larger fractions") in err, err
 
 
 @pytest.mark.parametrize("recipe", [{"removal": "mean"}, {"iterative": True}])
@@ -233,5 +238,6 @@ def test_random_draws_can_keep_the_default_s_protected_layers(monkeypatch):
         result = S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, {},
                              batches=batches)
         assert result["random_protect"] is protect
+        assert result["settings"]["damping"] == config.damping and result["settings"]["eval_windows"] == 1
         assert ("the default's protected layers kept whole" in sweep_markdown(result)) is protect
     assert any(0 in heads for heads in taken[False]) and not any(0 in heads for heads in taken[True])

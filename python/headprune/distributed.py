@@ -44,10 +44,10 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         return False
     if not dist.is_available():
-        raise RuntimeError("--distributed: this torch build has no torch.distributed")
+        raise ValueError("--distributed: this torch build has no torch.distributed")
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
-        raise RuntimeError(f"--distributed: environment variables {missing} are not set; launch with torchrun")
+        raise ValueError(f"--distributed: environment variables {missing} are not set; launch with torchrun")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -12,7 +12,7 @@ from typing import Optional
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .inputs import check_teacher
+from .inputs import check_teacher, text_inputs
 from .load import SAVE_TYPES, a_kind, load_model, prune_folder, stored_type_name
 from .report import number, to_json
 
@@ -20,6 +20,8 @@ from .report import number, to_json
 def evaluate(args) -> int:
     folder, report, unread = _read_folder(args.model)
     data = args.data if args.data is not None else _pruned_with(report)
+    if args.data is not None:  # a bundled name that is also a path here is refused, as the other commands do
+        text_inputs("--data", args.data)
     try:
         _, held = texts.load_split(data)  # a mistyped --data before the model loads
     except FileNotFoundError:

@@ -224,6 +224,8 @@ def _new_result(config: SweepConfig, loaded, baseline: float, recipes: dict, set
     """The result before its points; ``heads`` (the model's) and ``random_heads`` (each draw's,
     by ratio) are the table's measure of each cell's budget."""
     metric, lower = metric_of(loaded.kind)
+    settings = {**settings, "damping": config.damping,  # what the figures depend on besides the calibration
+                **({"eval_windows": config.eval_windows} if loaded.kind == "causal" else {})}
     return {"model": config.model, "data": settings["data"], "metric": metric, "lower_is_better": lower,
             "baseline": baseline, "ratios": list(config.ratios), "recipes": {k: [] for k in recipes}, "random": [],
             "settings": settings, "gqa": config.gqa, "random_scope": config.random_scope,

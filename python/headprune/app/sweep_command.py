@@ -10,7 +10,7 @@ from . import commands as C
 from . import plots
 from .prune_checks import refuse_below_one
 from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, refit_only, removal_of, run_sweep
-from .sweep_reach import BASELINE, model_layout, out_of_reach
+from .sweep_reach import BASELINE, NoHead, model_layout, out_of_reach
 from .sweep_table import sweep_markdown
 
 
@@ -68,7 +68,8 @@ def plan(args, loaded) -> dict:
     far = out_of_reach(config, layout, recipes, layout_only=True)
     if BASELINE in far:
         r, e = far.pop(BASELINE)
-        raise ValueError(f"--ratios: {r:g} is out of reach of the random baseline ({e}): ask for smaller fractions")
+        raise ValueError(f"--ratios: {r:g} is out of reach of the random baseline ({e}): ask for "
+                         f"{'larger' if isinstance(e, NoHead) else 'smaller'} fractions")
     for name, (r, e) in far.items():
         advice = "" if isinstance(e, SplitGroupsError) else "; ask for smaller fractions to include it"
         C._warn(f"{name!r} cannot reach {r:g} ({e}): left out{advice}")

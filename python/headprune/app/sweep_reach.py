@@ -15,8 +15,9 @@ def check_ratios(config, scores, recipes: dict) -> None:
     baseline cannot reach (:func:`out_of_reach`)."""
     for name, (r, e) in out_of_reach(config, scores, recipes).items():
         who = name if name == BASELINE else f"the recipe {name!r}"
-        raise ValueError(f"ratios: {r:g} is out of reach of {who} ({e}); every recipe keeps its protected "
-                         "layers and a head in every layer: ask for smaller fractions")
+        raise ValueError(f"ratios: {r:g} is out of reach of {who} ({e}); " + (
+            "ask for larger fractions" if isinstance(e, NoHead) else
+            "every recipe keeps its protected layers and a head in every layer: ask for smaller fractions"))
 
 
 BASELINE = "the random baseline"
@@ -53,11 +54,18 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
             kw, _ = on_layout(scores, kw)
         for r in config.ratios:
             try:
-                select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
+                heads = select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
             except ValueError as e:
                 out[name] = (r, e)
                 break
+            if name == BASELINE and r > 0 and not any(heads.values()):  # its column would be the unpruned model
+                out[name] = (r, NoHead("it rounds to no head in the layouts the selection allows"))
+                break
     return out
+
+
+class NoHead(ValueError):
+    """A fraction too small for the random baseline to remove a head (a recipe's is shown as such)."""
 
 
 def model_layout(model, moments: bool = True):

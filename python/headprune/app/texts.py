@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional
@@ -152,10 +153,14 @@ def load_split(spec: Optional[str] = None) -> tuple:
     ``+`` (each split on its own; the calibration keeps one part per text, so each gets an
     equal share of the samples, and the held-out paragraphs alternate between the texts)."""
     spec = given(spec)
-    parts, held = [], []
+    parts, held, seen = [], [], {}
     for name in spec_names(spec):
         if not name:
             raise ValueError(f"--data: {spec!r} has an empty name between its + signs")
+        same = name if name in BUNDLED_TEXTS else os.path.realpath(name)
+        if same in seen:  # its share would take the same windows twice, its held-out paragraphs count twice
+            raise ValueError(f"--data: {spec!r} names {seen[same]!r} twice" + (f" (as {name!r})" * (name != seen[same])))
+        seen[same] = name
         calib, h = split(load_paragraphs(name))
         parts.append(calib)
         held.append(h)
