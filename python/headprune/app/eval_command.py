@@ -13,7 +13,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .inputs import check_teacher, text_inputs
-from .load import SAVE_TYPES, a_kind, load_model, prune_folder, stored_type_name
+from .load import SAVE_TYPES, a_kind, load_as, load_model, prune_folder, stored_type_name
 from .report import number, to_json
 
 
@@ -142,7 +142,8 @@ def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tupl
 def _load(args, spec: str, loaded, bundled: bool = False):
     """The teacher, of MODEL's kind and tokenizer: another tokenizer reads the held-out text as
     other tokens, so neither its perplexity per token nor its embeddings compare."""
-    teacher = load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
+    teacher = load_as("--teacher" if args.teacher else "the unpruned model", spec, device=args.device,
+                      dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     if teacher.kind != loaded.kind:
         raise ValueError(f"--teacher: {spec} is {a_kind(teacher.kind)} model, MODEL {a_kind(loaded.kind)} one")
     check_teacher(spec, teacher, loaded, named=args.teacher is None)

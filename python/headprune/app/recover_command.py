@@ -19,7 +19,7 @@ from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
 from .inputs import check_teacher, model_inputs, text_inputs
-from .load import SAVE_TYPES, check_saved_type, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
+from .load import SAVE_TYPES, check_saved_type, load_as, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
 from .report import finite, sequences_text, validation_sentence
 
 #: the report's quality columns, in order
@@ -276,7 +276,8 @@ def _saved_dtype(settings: dict, loaded) -> str:
 def _teacher(args, spec: str, bundled: bool = False):
     """The unpruned model; one named by report.json that is not found here points to --teacher."""
     try:
-        return load_model(spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
+        return load_as("--teacher" if args.teacher else "the unpruned model", spec, device=args.device,
+                       dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
     except FileNotFoundError as e:
         if args.teacher:
             raise
