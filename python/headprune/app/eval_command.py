@@ -12,8 +12,8 @@ from typing import Optional
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .inputs import check_teacher, text_inputs
-from .load import SAVE_TYPES, a_kind, load_as, load_model, prune_folder, stored_type_name
+from .inputs import check_teacher, load_as, text_inputs
+from .load import SAVE_TYPES, a_kind, load_model, prune_folder, stored_type_name
 from .report import number, to_json
 
 

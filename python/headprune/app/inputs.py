@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from . import texts
-from .load import BUNDLED_MODELS, bundled_path, model_dir
+from .load import BUNDLED_MODELS, Loaded, bundled_path, load_model, model_dir
 
 
 def inputs(args) -> tuple:
@@ -58,3 +58,15 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
         who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
         raise ValueError(f"{who} gives embeddings of {width[0]} values, {model} of {width[1]}, so they do not "
                          f"compare; pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from")
+
+
+def load_as(arg: str, spec: str, **kw) -> Loaded:
+    """:func:`~.load.load_model` of a model another argument than MODEL gives (``--teacher``): its
+    refusals name that argument."""
+    try:
+        return load_model(spec, **kw)
+    except (ValueError, FileNotFoundError) as e:
+        text = str(e)
+        if not text.startswith("MODEL: "):
+            raise
+        raise type(e)(f"{arg}: {text[len('MODEL: '):]}") from e

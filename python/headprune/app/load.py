@@ -80,18 +80,6 @@ def _kind(config) -> str:
     return "causal" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
 
 
-def load_as(arg: str, spec: str, **kw) -> Loaded:
-    """:func:`load_model` of a model another argument than MODEL gives (``--teacher``): its
-    refusals name that argument."""
-    try:
-        return load_model(spec, **kw)
-    except (ValueError, FileNotFoundError) as e:
-        text = str(e)
-        if not text.startswith("MODEL: "):
-            raise
-        raise type(e)(f"{arg}: {text[len('MODEL: '):]}") from e
-
-
 def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, accept=None,
                bundled: bool = False) -> Loaded:
     """Loads MODEL (bundled name, ``.gguf`` file, Hugging Face directory, or a directory
