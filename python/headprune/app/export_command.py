@@ -29,13 +29,13 @@ def export(args) -> int:
     out = Path(args.gguf)
     if out.is_dir():
         raise ValueError(f"--gguf: {out} is a directory; name the GGUF file to write")
-    if os.path.islink(out):  # the export writes no link's target: refused before the model loads
-        raise FileExistsError(f"--gguf: {out} is a symbolic link; name the file itself")
     if os.path.lexists(out) and not args.force:
         raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
     atomic.check_folder(out, "--gguf")  # before the model loads
     source = _source(args.source, src, report)
     _refuse_input(out, src, source)
+    if os.path.islink(out):  # the export writes no link's target: refused before the model loads
+        raise FileExistsError(f"--gguf: {out} is a symbolic link; name the file itself")
     stage = C.Stages(args)
     with stage("loading the model", "load"):
         loaded = load_model(args.model, accept=("causal",))  # a prune's folder reads its model/
