@@ -352,3 +352,12 @@ def test_the_command_line_names_a_partial_torchrun_environment_in_one_line(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--distributed: environment variables" in err[0], err
     assert not (tmp_path / "o").exists()
+    import headprune.app.commands as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before --distributed was checked"))
+    for env in ({"RANK": "0"}, {}):  # a partial environment, or none: refused before the model loads
+        monkeypatch.delenv("RANK", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        code = main(["scan", str(tmp_path / "bert"), "--quiet", "--distributed", "--out", "o"])
+        assert code == 2 and "--distributed: " in capsys.readouterr().err

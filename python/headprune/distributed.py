@@ -31,6 +31,18 @@ __all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def check_launch() -> None:
+    """``ValueError`` naming ``--distributed`` unless torchrun's environment is whole (or a
+    process group is up already): checked before a command loads its model."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise ValueError(f"--distributed: environment variables {missing} are not set; launch with torchrun")
+
+
 def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
     """Join the process group described by torchrun's environment variables.
 

@@ -157,6 +157,10 @@ def _setup(args, evaluates: bool = False):
     """Model, calibration batches and held-out paragraphs for a command (one that ``evaluates``
     them warns when they are too few: :func:`warn_thin`)."""
     parts, held = texts.load_split(args.data)
+    if getattr(args, "distributed", False):  # before the model loads
+        from ..distributed import check_launch
+
+        check_launch()
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
