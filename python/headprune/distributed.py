@@ -31,16 +31,26 @@ __all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def check_launch() -> None:
-    """``ValueError`` naming ``--distributed`` unless torchrun's environment is whole (or a
-    process group is up already): checked before a command loads its model."""
+def _launched() -> bool:
+    """Whether a process group is up, or torchrun's environment describes one (``False``: none of
+    it is set); a partial environment, or a torch without ``torch.distributed``, is refused."""
     if dist.is_available() and dist.is_initialized():
-        return
+        return True
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
+        return False
+    if not dist.is_available():
+        raise ValueError("--distributed: this torch build has no torch.distributed")
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
         raise ValueError(f"--distributed: environment variables {missing} are not set; launch with torchrun")
+    return True
+
+
+def check_launch() -> None:
+    """``ValueError`` naming ``--distributed`` unless this process can join a process group
+    (:func:`init_from_env` would): checked before a command loads its model."""
+    if not _launched():
+        raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
 
 
 def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
@@ -51,15 +61,10 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
     ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``; with ``nccl``
     the current CUDA device is set to ``LOCAL_RANK``.
     """
-    if dist.is_available() and dist.is_initialized():
-        return True
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+    if not _launched():
         return False
-    if not dist.is_available():
-        raise ValueError("--distributed: this torch build has no torch.distributed")
-    missing = [k for k in _ENV if k not in os.environ]
-    if missing:
-        raise ValueError(f"--distributed: environment variables {missing} are not set; launch with torchrun")
+    if dist.is_initialized():
+        return True
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -229,8 +229,9 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     fingerprint = {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
                    "settings": {k: v for k, v in settings.items() if k != "calibration_tokens"}}
     many = getattr(args, "distributed", False)
-    if many and not distributed.init_from_env():
-        raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
+    if many:
+        distributed.check_launch()
+        distributed.init_from_env()
     rank, world = distributed.rank_world()
     # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files
     scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),

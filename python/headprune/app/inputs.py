@@ -47,17 +47,17 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
     """A teacher must read text as ``loaded`` does: another tokenizer gives other tokens, so
     neither its perplexity per token nor its embeddings nor its next-token distributions compare.
     ``named``: the teacher is the one ``model``'s report.json names, not ``--teacher``."""
+    who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
+    advice = f"pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from"
     theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
     if theirs != ours:
-        who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
         raise ValueError(f"{who} has another tokenizer than {model} ({len(theirs):,} tokens against "
                          f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so it does not "
-                         f"compare; pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from")
+                         f"compare; {advice}")
     width = [getattr(m.model.config, "hidden_size", None) for m in (teacher, loaded)]
     if loaded.kind != "causal" and width[0] != width[1]:  # embeddings of other widths have no cosine
-        who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
         raise ValueError(f"{who} gives embeddings of {width[0]} values, {model} of {width[1]}, so they do not "
-                         f"compare; pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from")
+                         f"compare; {advice}")
 
 
 def load_as(arg: str, spec: str, **kw) -> Loaded:

@@ -76,14 +76,6 @@ def refuse_meta(params) -> None:
                          "load the weights onto a device first (device_map='cpu', say)")
 
 
-def wrapped_parts(model) -> list:
-    """Names of ``model``'s submodules that are ``torch.compile`` wrappers (their parameters are
-    named ``..._orig_mod.*``)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return [name for name, m in model.named_modules() if name and isinstance(m, OptimizedModule)]
-
-
 def compiled_over(model, hooked) -> list:
     """``(name, in place)`` of each module of ``model`` (``""``: itself) that runs a graph
     ``torch.compile`` compiled (a wrapper, or compiled in place by ``module.compile()``) and is or

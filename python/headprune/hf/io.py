@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedConfig
 
 from .. import atomic
-from ..core.modules import uncompiled, wrapped_parts
+from ..core.modules import compiled_over, uncompiled
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
@@ -52,7 +52,8 @@ def save_pruned(
     """
     atomic.check_replace(overwrite, "overwrite")
     model = uncompiled(model)
-    if nested := wrapped_parts(model):  # its weights would be saved under _orig_mod. names no model of the family has
+    # a wrapper inside the model: its weights would be saved under _orig_mod. names no model of the family has
+    if nested := [n for n, in_place in compiled_over(model, model.modules()) if n and not in_place]:
         raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; save the model whose layers "
                          "are not wrapped (compile in place with module.compile(), or save before compiling)")
     adapter = get_adapter(model)

@@ -164,10 +164,10 @@ def empty_scores(model: nn.Module, method: str = "qk") -> HeadScores:
     return _Session(model).scores(method)
 
 
-def _refuse_compiled(model: nn.Module) -> None:
-    """A compiled module around an attention runs the graph it compiled, which never calls hooks
-    added after it ran: its attention would record nothing (or part of its calls), silently."""
-    sites = attention_modules(model)
+def _refuse_compiled(model: nn.Module, sites: list) -> None:
+    """A compiled module around an attention of ``sites`` (:func:`attention_modules`) runs the graph
+    it compiled, which never calls hooks added after it ran: its attention would record nothing (or
+    part of its calls), silently."""
     for name, in_place in compiled_over(model, [m for _, m, _ in sites] + [o for _, _, o in sites if o is not None]):
         raise ValueError(f"model: {name or 'model'} is a torch.compile'd module, whose compiled graph the "
                          "collection's hooks do not reach; collect " + ("before compiling it in place" if in_place else
@@ -180,8 +180,8 @@ def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", 
     positional arguments, or a dict of keyword arguments for ``model``."""
     if method != "qk":
         raise ValueError(f"method: plain torch models support only 'qk', got {method!r}")
-    _refuse_compiled(model)
     session = _Session(model)
+    _refuse_compiled(model, session.sites)
     with session.hooks(model), torch.no_grad(), eval_mode(model):
         for batch in batches:
             if isinstance(batch, dict):
