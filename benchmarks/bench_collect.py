@@ -76,7 +76,7 @@ def smollm2_config_dir(out_dir: Path) -> str:
     from transformers import AutoConfig, LlamaConfig
 
     try:
-        from headprune.app.load import bundled_path
+        from headprune.app.locate import bundled_path
 
         path, gguf = bundled_path("smollm2")
         config, source = AutoConfig.from_pretrained(path, gguf_file=gguf), f"config of {path / gguf}"

@@ -48,7 +48,8 @@ import torch  # noqa: E402
 
 from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
-from headprune.app.load import bundled_path, load_model  # noqa: E402
+from headprune.app.load import load_model  # noqa: E402
+from headprune.app.locate import bundled_path  # noqa: E402
 from headprune.hf import collect, prune_heads  # noqa: E402
 from headprune.hf.adapters import get_adapter, head_dim, resolve_sites  # noqa: E402
 from headprune.hf.gguf_export import export_gguf, gguf_architecture, unpermute  # noqa: E402

@@ -77,7 +77,18 @@ def test_eval_says_when_the_named_teacher_is_gone(run, tmp_path, tiny_dir):  # n
     assert err == [f"headprune: warning: no fidelity: {tmp_path / 'orig'}, the unpruned model that its report.json "
                    "names, is not found here; pass --teacher"]
     code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "orig"])  # named: a failure
-    assert code == 2 and "is not a bundled name" in err[-1]
+    assert code == 2 and err[-1].startswith(f"headprune eval: error: --teacher: '{tmp_path / 'orig'}' is not a bundled name")
+
+
+def test_a_mistyped_teacher_is_refused_before_the_model_loads(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
+    def load_model(*a, **kw):
+        raise AssertionError("MODEL loaded before --teacher was checked")
+
+    monkeypatch.setattr("headprune.app.eval_command.load_model", load_model)
+    for teacher, said in ((tmp_path / "nowhere", "is not a bundled name"), (tmp_path / "text.txt", "is a file but not "
+                                                                                    "a .gguf file"), (tmp_path, "has no config.json")):
+        code, err, _ = _eval(run, [tiny_dir, "--teacher", teacher])
+        assert code == 2 and err[-1].startswith("headprune eval: error: --teacher: ") and said in err[-1], err
 
 
 def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path, tiny_dir):  # noqa: F811

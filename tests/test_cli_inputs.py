@@ -221,7 +221,7 @@ def test_bundled_names_are_not_paths_here(tmp_path, monkeypatch):
     args = argparse.Namespace(command="prune", model="minilm", teacher=None, data="persuasion+my.txt")
     got = C.inputs(args)
     assert ("--data", "my.txt") in got and all(p != "persuasion" and p != "minilm" for _, p in got), got
-    from headprune.app.load import bundled_path
+    from headprune.app.locate import bundled_path
 
     assert ("MODEL", bundled_path("minilm")[0]) in got  # where it is read from
     C.check_out(tmp_path / "minilm", True, got)  # not refused (the load refuses the ambiguous name)

@@ -308,7 +308,8 @@ def test_mask_restore_then_prune_and_nested_masks():
 def test_a_bundled_name_that_is_also_a_path_here_is_refused(tmp_path, monkeypatch):
     """After ``prune smollm2 --out smollm2``, ``eval smollm2`` could mean either: it is refused
     (naming both) rather than reading the bundled model silently."""
-    from headprune.app.load import BUNDLED_MODELS, load_model
+    from headprune.app.load import load_model
+    from headprune.app.locate import BUNDLED_MODELS
 
     name = sorted(BUNDLED_MODELS)[0]
     monkeypatch.chdir(tmp_path)
@@ -324,6 +325,6 @@ def test_a_bundled_name_that_is_also_a_path_here_is_refused(tmp_path, monkeypatc
     def bundled_path(spec):
         raise Bundled(spec)
 
-    monkeypatch.setattr("headprune.app.load.bundled_path", bundled_path)
+    monkeypatch.setattr("headprune.app.locate.bundled_path", bundled_path)
     with pytest.raises(Bundled):  # a name known to mean the bundled model (recover, from a report)
         load_model(name, bundled=True)

@@ -8,13 +8,13 @@ import argparse
 
 from ..ranking import ALLOCATIONS, DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS, SCORES
 from ..stats.moments import DEFAULT_DAMPING
-from .load import BUNDLED_MODELS, DTYPES
+from .load import DTYPES
+from .locate import BUNDLED_MODELS
 from .commands import DEFAULTS
 from .sweep_table import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_REFERENCE, DEFAULT_TEXT
 
-#: headprune.hf.recover's default learning rates by kind of model (not imported: that would
-#: load transformers before the arguments are parsed; tests/test_recover_cli.py checks they agree)
+#: headprune.hf.recover's learning rates by kind (not imported before parsing; test_recover_cli.py checks they agree)
 RECOVER_LR = {"causal": 1e-4, "encoder": 3e-5}
 #: calibration batches kept out of recovery training by default, to keep the best step
 RECOVER_VALIDATION = 0.1

@@ -13,15 +13,15 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .inputs import check_teacher, load_as, text_inputs
-from .load import SAVE_TYPES, a_kind, load_model, prune_folder, stored_type_name
+from .load import SAVE_TYPES, a_kind, load_model, stored_type_name
+from .locate import locate, prune_folder
 from .report import number, to_json
 
 
 def evaluate(args) -> int:
     folder, report, unread = _read_folder(args.model)
     data = args.data if args.data is not None else _pruned_with(report)
-    if args.data is not None:  # a bundled name that is also a path here is refused, as the other commands do
-        text_inputs("--data", args.data)
+    _check_inputs(args)
     try:
         _, held = texts.load_split(data)  # a mistyped --data before the model loads
     except FileNotFoundError:
@@ -119,6 +119,15 @@ def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:
                        f"to {args.eval_windows}", f"--eval-windows {windows}"))
     for why, flag in differ:
         C._warn(f"{why}, so its figures can differ from the report's: pass {flag} to reproduce them")
+
+
+def _check_inputs(args) -> None:
+    """A bundled --data name that is also a path here is refused, as the other commands do, and a
+    mistyped --teacher before MODEL loads."""
+    if args.data is not None:
+        text_inputs("--data", args.data)
+    if args.teacher is not None:
+        locate(args.teacher, arg="--teacher")
 
 
 def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tuple]:

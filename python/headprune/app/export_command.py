@@ -13,7 +13,8 @@ from typing import Optional
 
 from .. import atomic
 from . import commands as C
-from .load import BUNDLED_MODELS, bundled_path, load_model, model_dir, prune_folder
+from .load import load_model
+from .locate import BUNDLED_MODELS, bundled_path, model_dir, prune_folder
 from .recover_command import read_report
 
 

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from . import texts
-from .load import BUNDLED_MODELS, Loaded, bundled_path, load_model, model_dir
+from .load import Loaded, load_model
+from .locate import BUNDLED_MODELS, bundled_path, model_dir
 
 
 def inputs(args) -> tuple:

