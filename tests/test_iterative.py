@@ -87,6 +87,22 @@ def test_auto_steps_prune_at_most_a_tenth_per_round():
     assert seen == [2, 4, 6, 8, 10]
 
 
+def test_kv_ratio_over_rounds_is_refused_and_one_round_keeps_it(monkeypatch):
+    """A round's share of the query heads cannot hold the whole KV share: refused by name (it
+    failed in the first round's allocation, after a collection), before any collection when
+    the rounds are given; one round (steps=1, or "auto" at a small ratio) is one-shot selection."""
+    model, batches = _setup(layers=4)  # tiny llama: 4 query heads, 2 KV heads per layer
+    scores = collect(model, batches, moments=True)
+    calls = []
+    monkeypatch.setattr("headprune.hf.iterative.collect", lambda *a, **k: calls.append(1) or scores)
+    for steps in (2, "auto"):
+        with pytest.raises(ValueError, match=r"kv_ratio: applies to one selection, not to [25] rounds; pass steps=1"):
+            select_iteratively(model, batches, steps=steps, ratio=0.5, kv_ratio=0.25, gqa="even")
+    assert len(calls) == 1  # only "auto", which needs the statistics to count its rounds
+    want = select_heads(scores, ratio=0.5, kv_ratio=0.25, gqa="even")
+    assert select_iteratively(model, batches, steps=1, ratio=0.5, kv_ratio=0.25, gqa="even")[0] == want
+
+
 def test_sweep_iterative_recipes_nest_and_start_like_one_shot(monkeypatch):
     import headprune.app.sweep as S
     from headprune.app.load import Loaded

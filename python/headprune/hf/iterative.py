@@ -82,6 +82,8 @@ def select_iteratively(
     removal = ("mean" if compensate else "zero") if removal is None else removal
     if removal not in ("refit", "mean", "zero"):
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
+    if steps != "auto":
+        _refuse_kv_rounds(steps, select_kwargs)  # before the first collection
     gather = collect if collect_fn is None else collect_fn
     # the refit or the default's score (a plain torch model has neither: its default is the fallback's)
     if hasattr(model, "config") and (removal == "refit" or select_kwargs.get("score") in (None, "reconstruction")):
@@ -95,6 +97,7 @@ def select_iteratively(
         want = budget(ratio, count, total)  # validates ratio/count once
         if steps == "auto":
             steps = auto_steps(want, total)
+        _refuse_kv_rounds(steps, select_kwargs)
         for step in range(1, steps + 1):
             if step > 1:
                 scores = gather(model, batches, progress=progress)
@@ -116,3 +119,10 @@ def select_iteratively(
         for h in reversed(handles):
             h.restore()
     return heads, scores
+
+
+def _refuse_kv_rounds(steps: int, select_kwargs: dict) -> None:
+    """``kv_ratio`` is a share of the KV heads one selection removes: an early round's share of
+    the query heads cannot hold it (and would fail or take more than its share)."""
+    if steps > 1 and select_kwargs.get("kv_ratio"):
+        raise ValueError(f"kv_ratio: applies to one selection, not to {steps} rounds; pass steps=1 or drop kv_ratio")
