@@ -1,5 +1,6 @@
 """Data-parallel calibration: two gloo processes on loopback against one process."""
 
+import copy
 import json
 import os
 import socket
@@ -68,6 +69,13 @@ def _worker(rank, port, out_dir):
         out["resumed"] = D.collect(model, batches, progress=False, checkpoint=ckpt, resume=True, fingerprint="s")
         other = tiny_model("llama", num_hidden_layers=3) if rank == 1 else model
         errors["layout"] = _error(lambda: D.all_reduce_scores(collect(other, batches[:1], progress=False)))
+        errors["moments_dtype"] = _error(lambda: D.collect(model, batches, progress=False,
+                                                           moments="float32" if rank == 1 else True))
+        changed = copy.deepcopy(model)
+        if rank == 1:  # the same layout, other weights
+            with torch.no_grad():
+                changed.layers[0].self_attn.o_proj.weight.mul_(2)
+        errors["moments_weights"] = _error(lambda: D.collect(changed, batches, progress=False, moments=True))
         bad = batches if rank == 0 else [batches[0], {"labels": torch.ones(1, 3)}]  # rank 1's shard: the 2nd
         errors["one_rank_fails"] = _error(lambda: D.collect(model, bad, progress=False))
         errors["nothing"] = _error(lambda: D.collect(model, [], progress=False))
@@ -153,6 +161,9 @@ def test_errors_reach_every_rank(ranks):
         e = r["errors"]
         assert e["layout"].startswith("ValueError: scores: ranks [1] collected a different head layout")
         assert e["nothing"] == "ValueError: batches: no attention call was recorded on any rank (empty iterable?)"
+        assert e["moments_dtype"] == ("ValueError: moments: the ranks collected second moments in different float "
+                                      "types; pass the same moments= on every rank")
+        assert e["moments_weights"].startswith("ValueError: moments: ranks [1] collected under other output-projection")
         if rank == 1:
             assert e["one_rank_fails"].startswith("ValueError: batches: a batch needs input_ids")
         else:

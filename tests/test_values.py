@@ -191,6 +191,28 @@ def test_value_refit_errors_are_named():
         refit_values(site.o.weight, v.weight, v.bias, vm.gram[0], vm.cross[0], vm.kept[0], 8, sweeps=-1)
 
 
+def test_weights_on_another_device_than_the_moments_are_refit_where_the_moments_are():
+    """A CUDA model's value moments are kept on the CPU: the refit mixed the two (CUDA refuses
+    that) on the default removal of encoders on a GPU. The weights now go to the moments' device,
+    under an emulation of the device rule (no GPU here), and the result is the same."""
+    from device_rule import DeviceRule
+
+    torch.manual_seed(0)
+    heads, d, hid, out, kept = 4, 2, 8, 8, [0, 2, 3]
+    wo, wv, bv = torch.randn(out, heads * d), torch.randn(heads * d, hid), torch.randn(heads * d)
+    z = torch.cat([torch.randn(50, len(kept) * hid, dtype=torch.float64), torch.ones(50, 1, dtype=torch.float64)], 1)
+    gram, cross = z.t() @ z, torch.randn(out, 50, dtype=torch.float64) @ z
+    want = refit_values(wo, wv, bv, gram, cross, kept, d)
+    with DeviceRule() as rule:
+        rule.tag(wo, wv, bv)
+        with pytest.raises(RuntimeError, match="same device"):  # the emulation refuses what CUDA does
+            torch.zeros(hid, hid).add_(wv.t() @ wv)
+        got = refit_values(wo, wv, bv, gram, cross, kept, d)
+        assert [rule.device(t) for t in got[:3]] == ["cpu"] * 3
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)
+
+
 def test_exported_where_users_look():
     import headprune
 

@@ -12,9 +12,10 @@ Only :func:`collect` needs ``transformers``; the rest imports with torch alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Iterable, Optional
@@ -152,6 +153,7 @@ def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[Out
     site contributes zeros), in the type the ranks that saw tokens keep them in."""
     if moments is None:
         return None
+    _check_same_moments(moments, group)
     narrow = torch.tensor([int(any(g is not None and g.dtype != torch.float64 for g in moments.gram))],
                           dtype=torch.int64, device=_device(group))
     dist.all_reduce(narrow, op=dist.ReduceOp.MAX, group=group)  # a rank with an empty shard has no type of its own
@@ -164,6 +166,28 @@ def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[Out
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         gram.append(t.to("cpu", dtype))
     return OutputMoments(gram, moments.projection, _all_gather_sequences(moments.sequences, group))
+
+
+def _check_same_moments(moments: OutputMoments, group) -> None:
+    """Every rank's moments in one float type (a rank without tokens has none of its own) and
+    taken under the same output projections: the sums would take one type, or mix two models."""
+    kinds = {g.dtype for g in moments.gram if g is not None}
+    code = 0 if not kinds else 1 if kinds == {torch.float32} else 2 if kinds == {torch.float64} else 3
+    digest = hashlib.sha256()
+    for p in moments.projection or []:
+        if p is not None:
+            digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    words = [int.from_bytes(digest.digest()[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
+    mine = torch.tensor([code, *words], dtype=torch.int64, device=_device(group))
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if len({int(t[0]) for t in gathered} - {0}) > 1 or code == 3:
+        raise ValueError("moments: the ranks collected second moments in different float types; pass the same "
+                         "moments= on every rank")
+    differ = [r for r, t in enumerate(gathered) if not torch.equal(t[1:], gathered[0][1:])]
+    if differ:
+        raise ValueError(f"moments: ranks {differ} collected under other output-projection weights than rank 0; "
+                         "every rank must load the same model")
 
 
 def _all_gather_sequences(sequences: Optional[torch.Tensor], group) -> Optional[torch.Tensor]:

@@ -36,6 +36,11 @@ def refuse_foreign(path: str, ours, kind: str, run: str, arg: str = "checkpoint"
                          "so pass another path")
 
 
+def _ours(form) -> bool:
+    """A collection checkpoint's format, of this headprune or another version."""
+    return isinstance(form, str) and form.startswith(CHECKPOINT_FORMAT.rsplit("/", 1)[0] + "/")
+
+
 class Checkpoint:
     """A JSON file holding a collection's state after ``batches_done`` batches: the
     ``HeadScores.to_dict()`` (float64 values round-trip exactly), the layout fingerprint of
@@ -59,7 +64,7 @@ class Checkpoint:
         """``ValueError`` when a file at the path is not a headprune checkpoint (see :func:`refuse_foreign`)."""
         def ours():
             with open(self.path, encoding="utf-8") as f:
-                return json.load(f).get("format") == CHECKPOINT_FORMAT
+                return _ours(json.load(f).get("format"))
 
         refuse_foreign(self.path, ours, "headprune", "a collection")
 
@@ -72,8 +77,11 @@ class Checkpoint:
             return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._refuse(f"is not a readable headprune checkpoint ({type(e).__name__}: {e})", False) from e
-        if not isinstance(d, dict) or d.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(d, dict) or not _ours(d.get("format")):
             raise self._refuse(f"is not a headprune checkpoint (expected format {CHECKPOINT_FORMAT!r})", False)
+        if d["format"] != CHECKPOINT_FORMAT:  # another version's: a run that does not resume replaces it
+            raise self._refuse(f"was written by another headprune (format {d['format']!r}; this one reads "
+                               f"{CHECKPOINT_FORMAT!r})")
         if d.get("layout") != self.layout:
             raise self._refuse(f"was written for {self._layout_difference(d)}")
         if _earlier(d.get("fingerprint")):

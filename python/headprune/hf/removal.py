@@ -194,7 +194,7 @@ def _value_refit(site, adapter, values, layer: int, damping: float) -> SiteRemov
     cols, bias, rows, _ = refit_values(w.detach(), v.weight.detach(), None if v.bias is None else v.bias.detach(),
                                        values.gram[layer], values.cross[layer], values.kept[layer],
                                        head_dim(site, adapter), damping=damping)
-    return SiteRemoval(bias.to(w.dtype), cols.to(w.dtype), rows.to(v.weight.dtype))
+    return SiteRemoval(bias.to(w.device, w.dtype), cols.to(w.device, w.dtype), rows.to(v.weight.device, v.weight.dtype))
 
 
 def _refit(site, adapter, heads, scores: HeadScores, damping: float, refit_bias: bool = True) -> SiteRemoval:

@@ -51,7 +51,8 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
         gram: ``[D + 1, D + 1]`` second moments of ``[x, 1]`` (sums or means: the scale cancels).
         keep: the kept input columns, in the order they will have.
         damping: ridge ``lambda`` relative to the mean of ``diag(G[K, K])``; 0 solves by least
-            squares (a singular ``G[K, K]`` then gets the minimum-norm solution).
+            squares (a singular ``G[K, K]`` then gets the solution nearest the kept weights, so
+            nothing changes where no column goes).
         anchor: what the ridge pulls the kept columns towards: ``"original"`` (their values
             before the refit: a large damping tends to mean compensation, and what the
             calibration text cannot pin down stays as the model had it) or ``"zero"`` (the
@@ -100,16 +101,16 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     # With A = G[S, S] + c I_K the normal equations' right side G[S, :] W~^T + c [W_K, 0]^T is
     # A W~_S^T + G[S, R] W~_R^T (R: the removed columns), so the solution is the kept weights
     # plus A^-1 G[S, R] W~_R^T: a solve with |R| right sides instead of one per output.
+    # singular (no damping, fewer tokens than inputs or heads that depend on each other): the
+    # least change of the kept weights, by least squares (all of them kept: none)
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:  # singular: the normal equations as written, by least squares
-        prior = w[:, keep_t].t() if anchor == "original" else None
-        sol = solve_damped(g[s][:, s], g[s] @ wt.t(), damping, k, prior)
-    else:
-        sol = torch.addmm(wt[:, s].t(), torch.cholesky_solve(g[s][:, gone], chol), wt[:, gone].t())
-        if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
-            prior = torch.zeros_like(sol)
-            prior[:k] = w[:, keep_t].t()
-            sol -= c * torch.cholesky_solve(prior, chol)
+    solve = ((lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else
+             (lambda r: torch.linalg.lstsq(a, r, driver="gelsd").solution))
+    sol = wt[:, s].t() + solve(g[s][:, gone] @ wt[:, gone].t())
+    if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
+        prior = torch.zeros_like(sol)
+        prior[:k] = w[:, keep_t].t()
+        sol -= c * solve(prior)
     new_w = (sol[:-1] if fit_bias else sol).t()  # [out, |K|]
     new_w = new_w.t() if conv1d else new_w
     # copies: for a float64 model .to() returns the views of ``sol``, and parameters sharing one

@@ -53,7 +53,7 @@ def _block_diag_values(wv: torch.Tensor, bv: Optional[torch.Tensor], kept: list,
     their biases in the last column (``[len(kept) d + 1, len(kept) hidden + 1]``)."""
     hid = wv.shape[1]
     k = len(kept)
-    v = torch.zeros(k * d + 1, k * hid + 1, dtype=torch.float64)
+    v = torch.zeros(k * d + 1, k * hid + 1, dtype=torch.float64, device=wv.device)
     for j, h in enumerate(kept):
         v[j * d:(j + 1) * d, j * hid:(j + 1) * hid] = wv[h * d:(h + 1) * d]
         if bv is not None:
@@ -73,7 +73,7 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
                  gram: torch.Tensor, cross: torch.Tensor, kept: list, d: int, *, damping: float = DEFAULT_DAMPING,
                  sweeps: int = DEFAULT_SWEEPS) -> tuple:
     """``(kept output columns [out, len(kept) d], output bias [out], kept value rows
-    [len(kept) d, hidden], errors)`` (float64) of one site.
+    [len(kept) d, hidden], errors)`` (float64, on ``gram``'s device) of one site.
 
     Args:
         wo: the output projection's weight ``[out, heads d]`` (out x in layout; its bias is in ``cross``).
@@ -89,9 +89,9 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     damping = check_damping(damping)
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"sweeps: expected a non-negative int, got {sweeps!r}")
-    wo, wv = wo.double(), wv.double()
-    bv = None if bv is None else bv.double()
-    gram, cross = gram.double(), cross.double()
+    gram, cross = gram.double(), cross.to(gram.device, torch.float64)  # on the moments' device (a CUDA model's
+    wo, wv = wo.to(gram.device, torch.float64), wv.to(gram.device, torch.float64)  # moments are kept on the CPU)
+    bv = None if bv is None else bv.to(gram.device, torch.float64)
     hid, k = wv.shape[1], len(kept)
     if gram.shape != (k * hid + 1, k * hid + 1) or cross.shape != (wo.shape[0], k * hid + 1):
         raise ValueError(f"gram, cross: expected [{k * hid + 1}]^2 and [{wo.shape[0]}, {k * hid + 1}] for "
@@ -110,7 +110,7 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     c = p[:, -1] + (p[:, :-1] @ vt[:-1, -1])  # the bias with the value biases folded in
     floor = MIN_RIDGE * gram.diagonal()[:-1].sum()
     mu = [torch.maximum(ridge(gram[b, b], damping, hid), floor) for b in blk]
-    eye = torch.eye(hid, dtype=torch.float64)
+    eye = torch.eye(hid, dtype=torch.float64, device=gram.device)
 
     def error():
         full = torch.cat(m + [c[:, None]], 1)

@@ -67,6 +67,9 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
     if c is not None:
         a.diagonal()[1:] += c
     chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0 and c is None:  # an inverse of singular moments gives costs of rounding, or none
+        raise ValueError("damping: 0 leaves these second moments singular (fewer calibration tokens than the site's "
+                         f"{d} inputs, or heads whose outputs depend on each other); pass a positive damping")
     m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
     # the refit with every column kept, transposed ([D + 1, out]: a unit's rows are contiguous):
     # W* = W~ G M = W~ (A - C) M = W~ - c W~[:, 1:] M[1:]  (A = G + C, C: the ridge, not on the constant)

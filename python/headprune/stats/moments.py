@@ -122,6 +122,14 @@ class OutputMoments:
         """Moments of the union of both collections' tokens."""
         if not isinstance(other, OutputMoments) or other.num_sites != self.num_sites:
             raise ValueError("other: moments of another layout; cannot merge")
+        kinds = {g.dtype for g in self.gram + other.gram if g is not None}
+        if len(kinds) > 1:  # the sum would take one side's precision silently
+            raise ValueError(f"other: moments in {' and '.join(sorted(map(str, kinds)))}; collect both in one dtype")
+        if self.projection is not None and other.projection is not None and any(
+                (a is None) != (b is None) or a is not None and not torch.equal(a, b)
+                for a, b in zip(self.projection, other.projection)):
+            raise ValueError("other: moments taken under other output-projection weights (another model, or "
+                             "another pruning); cannot merge")
         gram = []
         for i, (a, b) in enumerate(zip(self.gram, other.gram)):
             if a is not None and b is not None and a.shape != b.shape:
@@ -191,6 +199,10 @@ class OutputMoments:
         unknown = [k for k in state if k.split(".")[0] not in ("gram", "projection") and k != "sequences"]
         if unknown:
             raise ValueError(f"moments: unexpected tensors {unknown[:5]}")
+        sites = {k: k.partition(".")[2] for k in state if k != "sequences"}
+        beyond = [k for k, i in sites.items() if not (i.isdigit() and int(i) < num_sites)]
+        if beyond:  # they would be dropped
+            raise ValueError(f"moments: tensors {beyond[:5]} are not of sites 0-{num_sites - 1} ({num_sites} sites)")
         gram = [state.get(f"gram.{i}") for i in range(num_sites)]
         wg = [state.get(f"projection.{i}") for i in range(num_sites)]
         return cls(gram, wg if any(w is not None for w in wg) else None, state.get("sequences"))
@@ -219,10 +231,14 @@ class OutputMoments:
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                sites = int((f.metadata() or {}).get("sites", "0"))
+                sites = (f.metadata() or {}).get("sites")
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except SafetensorError as e:
             raise ValueError(f"moments: {path} is not a readable safetensors file ({e})") from e
+        if sites is None or not sites.isdigit():
+            raise ValueError(f"moments: {path} does not say how many sites it holds (metadata 'sites'); it was not "
+                             "written by OutputMoments.save")
+        sites = int(sites)
         return cls.from_state_dict(state, sites)
 
     def __repr__(self) -> str:

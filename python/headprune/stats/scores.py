@@ -104,6 +104,9 @@ class HeadScores:
             setattr(self, name, value)
         if self.depth is None:
             self.depth = list(range(n))
+        if self.stats.shape[1] < max(self.num_heads, default=0):
+            raise ValueError(f"stats: {self.stats.shape[1]} head slots per site, but a site has {max(self.num_heads)} "
+                             "heads (num_heads)")
         if self.head_ids is not None:
             self.head_ids = [list(map(int, ids)) for ids in self.head_ids]
             bad = [i for i, (ids, h) in enumerate(zip(self.head_ids, self.num_heads)) if len(ids) != h]
@@ -273,16 +276,21 @@ class HeadScores:
             raise TypeError(f"other: expected HeadScores, got {type(other).__name__}")
         if self.layout() != other.layout():
             raise ValueError("other: head layouts differ (different model or pruning); cannot merge")
-        outputs = None
-        if self.outputs is not None and other.outputs is not None:
-            outputs = self.outputs + other.outputs
-        moments = None
-        if self.moments is not None and other.moments is not None:
-            moments = self.moments.merge(other.moments)
+        if self.method != other.method:
+            raise ValueError(f"other: collected with method {other.method!r}, these with {self.method!r}; cannot merge")
+        for what, mine, theirs in (("output statistics", self.outputs, other.outputs),
+                                   ("second moments", self.moments, other.moments)):
+            if (mine is None) != (theirs is None):  # the merge would drop them, and the default recipe with them
+                raise ValueError(f"other: only {'these' if theirs is None else 'other'} scores hold {what}; collect "
+                                 "both alike to merge them")
+        outputs = None if self.outputs is None else self.outputs + other.outputs
+        moments = None if self.moments is None else self.moments.merge(other.moments)
         if self.kv_ids is not None and other.kv_ids is not None and self.kv_ids != other.kv_ids:
             raise ValueError("other: KV rows differ (different model or pruning); cannot merge")
         kv_ids = self.kv_ids if self.kv_ids is not None else other.kv_ids  # a file from before kv_ids has none
-        return dataclasses.replace(self.with_sums(self.stats + other.stats, outputs, moments), kv_ids=kv_ids)
+        causal = self.causal if self.causal is not None else other.causal  # likewise before causal
+        return dataclasses.replace(self.with_sums(self.stats + other.stats, outputs, moments), kv_ids=kv_ids,
+                                   causal=causal)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (plain lists and numbers; float64 values survive exactly), without
@@ -315,6 +323,8 @@ class HeadScores:
             raise ValueError(f"d: stat_fields {d.get('stat_fields')} differ from {list(STAT_FIELDS)}")
         stats = torch.tensor(d["stats"], dtype=torch.float64)
         n = len(d["num_heads"])  # no sites, or no heads in any: the lists hold no number to infer a shape from
+        if stats.numel() and (stats.dim() != 3 or stats.shape[0] != n):
+            raise ValueError(f"d: stats of shape {list(stats.shape)}, expected [{n} sites, heads, {NUM_STATS}]")
         stats = stats.reshape(n, -1 if stats.numel() else 0, NUM_STATS)
         outputs = d.get("outputs")
         if outputs is not None:
