@@ -4,6 +4,7 @@ asserts the error type and message, and that nothing is left half-written or cha
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -100,9 +101,17 @@ def _replace_by(name, make):
     return edit
 
 
-def _index(*shards):
+def _index(*shards, text=None):
+    """The weights as a shard index naming ``shards`` (without ``model.safetensors``, which
+    transformers, and so the checks, would read first)."""
     weight_map = {f"t{i}": s for i, s in enumerate(shards)}
-    return _write("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    def edit(path):
+        (path / "model.safetensors").unlink()
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}) if text is None else text)
+
+    return edit
 
 
 WEIGHTS = "headprune-model.safetensors"
@@ -135,11 +144,6 @@ LOAD_ERRORS = [
     ("uneven", _edit_meta(architecture="LlamaModel"), ValueError, "model_type 'gpt2' but architecture 'LlamaModel'"),
     ("uneven", _edit_meta(model_type=["gpt2"]), ValueError, r"has model_type \['gpt2'\]; expected one of bert"),
     ("uneven", _edit_meta(attn_implementation=5), ValueError, "has attn_implementation 5; expected one of eager, sdpa"),
-    ("uniform", _edit_meta(attn_implementation="kernels-community/flash-attn"), ValueError,
-     "attn_implementation 'kernels-community/flash-attn'; expected one of eager, sdpa.*'org/name' are refused"),
-    ("uniform", _edit_meta(attn_implementation="paged|sdpa"), ValueError, "attn_implementation 'paged|sdpa'; expected"),
-    *([("uniform", _edit_meta(attn_implementation="flash_attention_2"), ValueError,
-        "attn_implementation 'flash_attention_2', whose flash-attn package is not installed")] if NO_FLASH else []),
     ("uneven", _edit_meta(per_layer_bias=5), ValueError, "has per_layer_bias 5; expected a list"),
     ("uneven", _edit_meta(per_layer_bias=[5]), ValueError, r"has per_layer_bias\[0\] 5; expected a block name"),
     ("uneven", _edit_meta(per_layer_bias=["decoder.self"]), ValueError,
@@ -205,7 +209,7 @@ LOAD_ERRORS = [
     ("uniform", lambda p: (p / "model.safetensors").unlink(), FileNotFoundError, "has no model.safetensors"),
     ("uniform", _index("../model.safetensors"), ValueError, r"names shards outside the directory .*\['../model.safetensors"),
     ("uniform", _index("/etc/passwd"), ValueError, "names shards outside the directory or not .safetensors"),
-    ("uniform", _write("model.safetensors.index.json", "{}"), ValueError, "has no weight_map of tensor names"),
+    ("uniform", _index(text="{}"), ValueError, "has no weight_map of tensor names"),
     # a dtype other than the weights' was applied: the model loaded cast, and computed otherwise
     ("uniform", _edit_meta(dtype="bfloat16"), ValueError,
      r"headprune.json records dtype bfloat16, but .*model.safetensors hold float32"),
@@ -347,3 +351,24 @@ def test_save_and_load_check_their_arguments_before_the_work(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device: 'cuda' is not usable here"):
             load_pruned(tmp_path / "b", device="cuda")
+
+
+@pytest.mark.parametrize("which", ["uniform", "uneven"])
+def test_an_attention_that_does_not_run_here_loads_as_sdpa(saved, tmp_path, which):
+    """A model saved on a GPU with flash-attn, or with a Hub kernel (never fetched), was refused
+    on every other machine, with no way to choose another: it loads with sdpa and a warning, and
+    ``attn_implementation=`` chooses (checked as before)."""
+    names = ["kernels-community/flash-attn", "paged|sdpa", *(["flash_attention_2"] if NO_FLASH else [])]
+    want = load_pruned(saved / which)
+    for name in names:
+        path = tmp_path / name.replace("/", "_").replace("|", "_")
+        shutil.copytree(saved / which, path)
+        _edit_meta(attn_implementation=name)(path)
+        with pytest.warns(UserWarning, match=rf"records attn_implementation '{re.escape(name)}', which does not run "
+                                             "here; the model is loaded with sdpa"):
+            model = load_pruned(path)
+        assert model.config._attn_implementation == "sdpa"
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+        assert load_pruned(path, attn_implementation="eager").config._attn_implementation == "eager"
+        with pytest.raises(ValueError, match=r"attn_implementation: 'org/kernel'; expected one of eager, sdpa"):
+            load_pruned(path, attn_implementation="org/kernel")

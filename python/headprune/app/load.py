@@ -97,9 +97,9 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     from ..hf.gguf_export import gguf_header
 
     try:
-        arch, bias, missing = gguf_header(path / gguf)[:3]
+        arch, bias, missing, ffn_bias = gguf_header(path / gguf)
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
-        arch, bias, missing = None, False, []
+        arch, bias, missing, ffn_bias = None, False, [], False
     if missing:
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks {', '.join(missing)}, which say the model's shape; "
                          "a GGUF without them cannot be read (transformers would build a default-size model)")
@@ -111,6 +111,8 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
 
     if bias:  # written by headprune with a refit's output biases
         config.attention_bias = True
+    if ffn_bias:  # a model with feed-forward biases: transformers' GGUF config does not declare them
+        config.mlp_bias = True
     kind = _kind(config)
     _refuse_kind(kind, accept, path / gguf)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel

@@ -30,6 +30,7 @@ directory, or writing through it while deleting around it, would both surprise s
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -53,7 +54,12 @@ _AT_FDCWD = -100
 
 
 def _temp_name(name: str) -> str:
-    return f".{name.lstrip('.')}.tmp-{owner_token()}-{uuid.uuid4().hex[:8]}"
+    """``.<name>.tmp-<owner>-<random>``; a long name (the suffix adds about 60 bytes to it, and a
+    name of up to 255 bytes is valid) gives its digest's first 16 hex digits instead."""
+    name = name.lstrip(".")
+    if len(os.fsencode(name)) > 96:
+        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return f".{name}.tmp-{owner_token()}-{uuid.uuid4().hex[:8]}"
 
 
 # ---------------------------------------------------------------------------- leftovers
@@ -144,6 +150,10 @@ def check_target(path, *, replace: bool, arg: str, hint: str) -> str:
         raise FileExistsError(f"{arg}: {path} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path) and not replace:
         raise FileExistsError(f"{arg}: {path} is not empty; {hint}")
+    here = os.path.abspath(os.getcwd())
+    if os.path.isdir(path) and os.path.commonpath([here, path]) == path:  # replaced, it would leave this
+        raise FileExistsError(f"{arg}: {path} is the working directory or holds it; replacing it would leave this "
+                              "process in a deleted directory, so write elsewhere")
     check_folder(path, arg)
     if os.path.isdir(path) and os.listdir(path):
         _probe(path, f"{arg}: cannot replace {path}")

@@ -54,12 +54,12 @@ def read_json(file, what: str, *, hint: str = "", limit: int = MAX_JSON_BYTES):
 
 def safetensors_files(path, what: str, name: str = None) -> list:
     """The weight files of the directory ``path``: ``name`` if given, else ``model.safetensors``
-    or the shards its index lists. Pickled ``.bin`` weights are never read (unpickling can run
-    code)."""
+    or, without it, the shards its index lists (transformers' order: the files checked are the
+    files it loads). Pickled ``.bin`` weights are never read (unpickling can run code)."""
     if name is not None:
         return [_weights_file(path, name, what)]
     index = os.path.join(path, SAFE_INDEX)
-    if not os.path.lexists(index):
+    if os.path.lexists(os.path.join(path, SAFE_WEIGHTS)) or not os.path.lexists(index):
         return [_weights_file(path, SAFE_WEIGHTS, what)]
     data = read_json(index, what)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

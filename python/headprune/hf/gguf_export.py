@@ -361,11 +361,13 @@ _SHAPE_FIELDS = ("block_count", "embedding_length", "feed_forward_length", "atte
 
 
 def gguf_header(path) -> tuple:
-    """``(architecture, attention bias, missing)`` of the GGUF file ``path``, from one read of
-    it (a read costs seconds on a 100 MB file): what it declares as ``general.architecture``
-    (``llama``, ``deci``, ...), whether it holds attention biases (``attn_output.bias``), with
-    which a ``llama`` file loads through transformers with ``config.attention_bias = True``, and
-    the names of the shape fields and the token embedding it lacks (empty for a complete file)."""
+    """``(architecture, attention bias, missing, feed-forward bias)`` of the GGUF file ``path``,
+    from one read of it (a read costs seconds on a 100 MB file): what it declares as
+    ``general.architecture`` (``llama``, ``deci``, ...), whether it holds attention biases
+    (``attn_output.bias``), with which a ``llama`` file loads through transformers with
+    ``config.attention_bias = True``, the names of the shape fields and the token embedding it
+    lacks (empty for a complete file), and whether it holds feed-forward biases (``ffn_*.bias``:
+    ``config.mlp_bias = True``; without it transformers drops them without a word)."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(path))
@@ -373,7 +375,8 @@ def gguf_header(path) -> tuple:
     names = {t.name for t in reader.tensors}
     missing = [f"{arch}.{f}" for f in _SHAPE_FIELDS if f"{arch}.{f}" not in reader.fields]
     missing += [] if "token_embd.weight" in names else ["tensor token_embd.weight"]
-    return arch, any(n.endswith("attn_output.bias") for n in names), missing
+    ffn = any(n.endswith(("ffn_up.bias", "ffn_down.bias", "ffn_gate.bias")) for n in names)
+    return arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn
 
 
 def gguf_attention_bias(path) -> bool:

@@ -27,12 +27,14 @@ from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
 from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
-from .metadata import DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, check_save_arguments, model_class, read_metadata
+from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
+                       read_metadata)
 from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
 from .saved import saved_layout
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
+from .weights import load_state, read_weights
 
 __all__ = ["save_pruned", "load_pruned", "read_metadata", "METADATA_FILE"]
 
@@ -61,7 +63,7 @@ def save_pruned(
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
     try:
-        with atomic.Staged(path, replace=overwrite) as stage, _configs_restored(model):
+        with atomic.Staged(path, replace=overwrite) as stage, _configs_restored(model), _gguf_quantizer_aside(model):
             _write(model, stage.path, adapter, sites, tokenizer, scores, settings)
     except (OSError, SafetensorError) as e:
         raise _write_error(e, path) from e
@@ -111,7 +113,8 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         from safetensors.torch import save_model
 
         save_model(model, os.path.join(path, WEIGHTS_FILE))
-        config = dict(state["original_config"])  # a model read from a GGUF names no architecture
+        config = {k: v for k, v in state["original_config"].items() if k != "quantization_config"}  # (GGUF: floats)
+        # a model read from a GGUF names no architecture
         config["architectures"] = config.get("architectures") or [type(model).__name__]
         config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # as save_pretrained writes it
         with open(os.path.join(path, "config.json"), "w") as f:
@@ -136,8 +139,9 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         # declared biases are the config's own: the original model is recorded with them
         "o_bias": [] if state is None or declare else state.get("o_bias", []),
         "plain_loadable": plain,
-        "original_config": (None if state is None else
-                            {**state["original_config"], declare: True} if declare else state["original_config"]),
+        "original_config": (None if state is None else  # a GGUF's quantizer set aside, as the weights' floats are
+                            {**{k: v for k, v in state["original_config"].items() if k != "quantization_config"},
+                             **({declare: True} if declare else {})}),
         "scores": None if scores is None else scores.to_dict(),
         "settings": settings or {},
     }
@@ -181,6 +185,25 @@ def _configs_restored(model):
         for c, d in saved:
             c.__dict__.clear()
             c.__dict__.update(d)
+
+
+@contextmanager
+def _gguf_quantizer_aside(model):
+    """transformers keeps a GGUF quantizer on a model it read from a GGUF, whose weights are
+    plain floats: ``save_pretrained`` refuses it, and a saved config would ask for a GGUF file.
+    Set aside while the model is written (the config under :func:`_configs_restored`)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        yield
+        return
+    held = {a: model.__dict__.pop(a) for a in ("is_quantized", "quantization_method") if a in model.__dict__}
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        model.__dict__.update(held)
 
 
 def _check_kept(meta, sites, adapter, file) -> None:
@@ -236,7 +259,7 @@ def _directory(path) -> str:
     return path
 
 
-def load_pruned(path, *, device: Optional[str] = None):
+def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Optional[str] = None):
     """Rebuild the model saved by :func:`save_pruned`, bit-exactly, in eval mode: every saved
     tensor as it was. Buffers a model does not save are rebuilt as transformers builds them (a
     rotary model cast to bfloat16 before saving computed with a bfloat16 ``inv_freq``, rebuilt in
@@ -251,6 +274,9 @@ def load_pruned(path, *, device: Optional[str] = None):
     safetensors headers before anything is allocated; weights are read from safetensors only
     and transformers gets local files and local attention code only. A damaged directory
     raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming what is wrong.
+
+    ``attn_implementation``: the attention to build the model with (default: the one it was
+    saved with, or ``sdpa``, with a warning, where that one does not run here).
     """
     path = _directory(path)
     if device is not None:
@@ -272,7 +298,7 @@ def load_pruned(path, *, device: Optional[str] = None):
     files = safetensors_files(path, "path", None if plain or file.endswith("config.json") else WEIGHTS_FILE)
     header = read_header(files, "path")
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
-    kw = dict(attn_implementation=meta["attn_implementation"], dtype=DTYPES[meta["dtype"]])
+    kw = dict(attn_implementation=attention_to_load(meta, attn_implementation, file), dtype=DTYPES[meta["dtype"]])
     kw.update(optional_modules(cls, adapter, header))
     original = kv = heads = None
     if meta["original_config"] is not None:
@@ -304,8 +330,8 @@ def load_pruned(path, *, device: Optional[str] = None):
         model = _prune_as_saved(cls._from_config(original, **kw), meta, adapter, file)
         state = {}
         for f in files:  # a transformers 4 directory may hold its weights in shards
-            state.update(_read_weights(f))
-        _load_state(model, state)
+            state.update(read_weights(f))
+        load_state(model, state)
         _load_generation_config(model, path)
     return model.to(device).eval() if device else model.eval()
 
@@ -360,40 +386,8 @@ def _prune_as_saved(model, meta, adapter, file):
     return model
 
 
-def _read_weights(file) -> dict:
-    from safetensors.torch import load_file
-    try:
-        return load_file(file)
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"path: {file} is not a readable safetensors file ({first_line(e)})") from None
-
-
 def _state_from(meta) -> dict:
     return {
         "kept": meta["kept_heads"], "kv": meta["kv_heads"], "per_layer_bias": meta["per_layer_bias"],
         "o_bias": meta["o_bias"], "original_config": meta["original_config"], "uniform": meta["plain_loadable"],
     }
-
-
-def _load_state(model, state: dict) -> None:
-    """Strict load, except for weights tied to a loaded one (``save_model`` keeps one name)."""
-    names: dict = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    tied = {n for group in names.values() if len(group) > 1 and any(g in state for g in group) for n in group}
-    own = dict(model.named_parameters(remove_duplicate=False))
-    for name, value in state.items():  # a float type the file holds is kept (T5's ``wo`` stays float32 in a
-        p = own.get(name)              # float16 model, as from_pretrained keeps it); load_state_dict would cast
-        if p is not None and p.dtype != value.dtype and p.is_floating_point() and value.is_floating_point():
-            p.data = p.data.to(value.dtype)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # size mismatch: headprune.json's heads are not the weights' heads
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
-        raise ValueError(f"path: saved weights do not match the heads in {METADATA_FILE} ({detail})") from None
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"path: saved weights do not match the rebuilt model (missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]})"
-        )

@@ -18,7 +18,7 @@ import torch
 from .adapters import ADAPTERS, supported_model_types
 from .files import first_line, read_json
 
-__all__ = ["METADATA_FILE", "FORMAT", "WEIGHTS_FILE", "DTYPES", "read_metadata", "check_attn_implementation",
+__all__ = ["METADATA_FILE", "FORMAT", "WEIGHTS_FILE", "DTYPES", "read_metadata", "check_attn_implementation", "attention_to_load",
            "check_save_arguments", "model_class"]
 
 METADATA_FILE = "headprune.json"
@@ -119,8 +119,29 @@ def read_metadata(path, what: str = "path") -> dict:
     problem = _inconsistent(meta)
     if problem:
         raise ValueError(f"{what}: {file} has {problem}")
-    check_attn_implementation(meta["attn_implementation"], f"{what}: {file} has attn_implementation")
+    if not isinstance(meta["attn_implementation"], str):  # a name that cannot run here is replaced on load
+        check_attn_implementation(meta["attn_implementation"], f"{what}: {file} has attn_implementation")
     return meta
+
+
+def attention_to_load(meta: dict, wanted, file: str) -> str:
+    """The attention implementation a load builds the model with: ``wanted`` where given (checked
+    as :func:`check_attn_implementation` does), else the one ``meta`` records where it runs here,
+    else ``sdpa`` with a warning (a model saved on a GPU with flash-attn, or with a Hub kernel,
+    which is never fetched: the weights do not depend on it)."""
+    if wanted is not None:
+        check_attn_implementation(wanted, "attn_implementation:")
+        return wanted
+    recorded = meta["attn_implementation"]
+    try:
+        check_attn_implementation(recorded, "")
+    except ValueError:
+        import warnings
+
+        warnings.warn(f"{file} records attn_implementation {_short(recorded)}, which does not run here; the model "
+                      "is loaded with sdpa (attn_implementation= chooses another)", stacklevel=3)
+        return "sdpa"
+    return recorded
 
 
 def _inconsistent(meta) -> str:

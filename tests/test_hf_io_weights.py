@@ -1,0 +1,56 @@
+"""load_pruned reads the weights as saved: from the files transformers would read, and into
+parameters untied where the saved tensors of a tied group differ."""
+
+import json
+
+import torch
+
+from hf_tiny import tiny_batch, tiny_model
+
+from headprune.hf import load_pruned, prune_heads, save_pruned
+
+
+def test_an_output_layer_untied_from_a_tied_config_reloads_as_saved(tmp_path):
+    """The config ties the embeddings, the model's lm_head was trained apart: both tensors are
+    saved, and a layout only load_pruned reads loaded them into one tied parameter (the input
+    embedding silently became the lm_head). They load untied, as transformers loads a plain one."""
+    import transformers
+
+    from hf_tiny import tiny_batch, tiny_config
+
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(tiny_config("llama", tie_word_embeddings=True)).eval()
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach() * 2)
+    prune_heads(m, {0: [0], 1: [1, 2]})  # uneven: rebuilt from the original config
+    save_pruned(m, tmp_path / "p")
+    back = load_pruned(tmp_path / "p")
+    assert torch.equal(back.model.embed_tokens.weight, m.model.embed_tokens.weight)
+    assert torch.equal(back.lm_head.weight, m.lm_head.weight) and back.lm_head.weight is not back.model.embed_tokens.weight
+    assert back.config.tie_word_embeddings is False
+    b = tiny_batch("llama")
+    with torch.no_grad():
+        assert torch.equal(back(**b).logits, m(**b).logits)
+    tied = transformers.LlamaForCausalLM(tiny_config("llama", tie_word_embeddings=True)).eval()  # tied stays tied
+    prune_heads(tied, {0: [0], 1: [1, 2]})
+    save_pruned(tied, tmp_path / "t")
+    again = load_pruned(tmp_path / "t")
+    assert again.lm_head.weight is again.model.embed_tokens.weight and again.config.tie_word_embeddings is True
+
+
+def test_weights_are_checked_where_transformers_reads_them(tmp_path):
+    """A directory with ``model.safetensors`` and a shard index: transformers loads the first, and
+    the checks read the index's shards (which may be other weights, or none)."""
+    import shutil
+
+    from headprune.hf.files import SAFE_INDEX, safetensors_files
+
+    model = tiny_model("llama")
+    prune_heads(model, {0: [2, 3], 1: [2, 3]})  # uniform: a plain directory
+    save_pruned(model, tmp_path / "p")
+    shutil.copytree(tmp_path / "p", tmp_path / "both")
+    (tmp_path / "both" / SAFE_INDEX).write_text(json.dumps({"weight_map": {"lm_head.weight": "gone.safetensors"}}))
+    assert safetensors_files(tmp_path / "both", "path") == [str(tmp_path / "both" / "model.safetensors")]
+    back = load_pruned(tmp_path / "both")
+    b = tiny_batch("llama")
+    with torch.no_grad():
+        assert torch.equal(back(**b).last_hidden_state, model(**b).last_hidden_state)
