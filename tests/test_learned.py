@@ -37,7 +37,9 @@ def test_open_probability_matches_sampling():
 
 
 def test_projection_holds_the_budget_and_the_order():
-    la = torch.randn(3, 5, dtype=torch.float32) * 3
+    # its own generator: with a mean open probability near 0.4 already (2 of 2,000 states of the
+    # global one, so the suite's order decided), the tiny shift's float32 rounding broke allclose
+    la = torch.randn(3, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(0)) * 3
     valid = torch.ones(3, 5, dtype=torch.bool)
     valid[2, 3:] = False
     before = la.clone()
