@@ -31,9 +31,29 @@ def _spread(r: dict, control: dict | None, clock: str = "") -> str:
     return text if head.startswith("no ") else f"**{head}** ({tail}"
 
 
+def _as_spread_now(r: dict) -> dict:
+    """A row of a file written before fewer than 5 rounds were spread by their least and greatest
+    (``headprune.hf.speed.quartiles``): its 3 rounds' spread was the midpoints of neighbouring
+    rounds (inclusive quartiles), from which the least and greatest come back exactly (to the
+    file's rounding: 2 low - median, 2 high - median)."""
+    if r.get("rounds") != 3 or "speedup_low" not in r:
+        return r
+    r = dict(r)
+    for clock in ("", "_cpu"):
+        s = r[f"speedup{clock}"]
+        r[f"speedup{clock}_low"] = round(2 * r[f"speedup{clock}_low"] - s, 3)
+        r[f"speedup{clock}_high"] = round(2 * r[f"speedup{clock}_high"] - s, 3)
+        r.pop(f"control{clock}_low", None)  # the control's, likewise: from its own row
+        r.pop(f"control{clock}_high", None)
+    return r
+
+
 def _pruned_rows(ctx, kind: str) -> list:
     """``(row, the masked control's row at its shape, or None)`` of the pruned-model benchmark."""
-    rows = [r for r in ctx["R"]["pruned_cpu"]["rows"] if r["kind"] == kind]
+    results = ctx["R"]["pruned_cpu"]
+    rows = [r for r in results["rows"] if r["kind"] == kind]
+    if "spread" not in results:  # written before the spread was recorded: by midpoints
+        rows = [_as_spread_now(r) for r in rows]
     control = {r["shape"]: r for r in rows if r["model"] == "masked30"}
     return [(r, control.get(r["shape"])) for r in rows]
 

@@ -37,10 +37,17 @@ def values_table(ctx, name: str = "quality_values") -> str:
 def values_summary(ctx, name: str = "quality_values") -> str:
     """How many points the value refit wins, and the range of its gains."""
     res = ctx["R"][name]
-    gains = [_gain(p, i) for p in _pairs(res).values() for i in range(len(res["rows"][0]["ratios"]))]
-    better = sum(g > 0 for g in gains)
-    return (f"better at {better} of {len(gains)} points, by {min(gains):+.4f} to {max(gains):+.4f} fidelity "
-            f"(mean {sum(gains) / len(gains):+.4f})")
+    parts = []
+    for lower in (False, True):  # fidelity gains are differences, perplexity gains ratios (below 1: better)
+        gains = [_gain(p, i) for p in _pairs(res).values() if p[False]["lower_is_better"] == lower
+                 for i in range(len(res["rows"][0]["ratios"]))]
+        if not gains:
+            continue
+        better = sum(g < 1 if lower else g > 0 for g in gains)
+        span = (f"{min(gains):.3f}x to {max(gains):.3f}x the perplexity" if lower else
+                f"{min(gains):+.4f} to {max(gains):+.4f} fidelity (mean {sum(gains) / len(gains):+.4f})")
+        parts.append(f"better at {better} of {len(gains)} points, by {span}")
+    return "; ".join(parts)
 
 
 def values_value(ctx, model: str, calib: str, text: str, ratio: float, refit_values: bool = True,
