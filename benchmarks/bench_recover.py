@@ -109,8 +109,9 @@ def run(name: str, args) -> dict:
         del student
     for row in rows:
         for k in paragraphs:
-            gap = rows[0][k] - rows[1][k]
-            row[f"{k}_gap_closed"] = (row[k] - rows[1][k]) / gap if gap else float("nan")
+            gap = rows[0][k] - rows[1][k]  # unpruned - pruned: what pruning lost, where it made the metric worse
+            lost = gap < 0 if kind == "causal" else gap > 0
+            row[f"{k}_gap_closed"] = (row[k] - rows[1][k]) / gap if lost else float("nan")
     metric = "perplexity" if kind == "causal" else "fidelity"
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     print(f"\n{name}: {metric}, {args.ratio:.0%} of heads pruned, {budget} of recovery, "

@@ -54,3 +54,35 @@ def test_weights_are_checked_where_transformers_reads_them(tmp_path):
     b = tiny_batch("llama")
     with torch.no_grad():
         assert torch.equal(back(**b).last_hidden_state, model(**b).last_hidden_state)
+
+
+def test_a_folder_prune_wrote_points_to_its_model(tmp_path):
+    """``load_pruned`` of the folder ``headprune prune`` writes (the CLI reads it as MODEL) asked
+    whether save_pruned had written it, not where the model is."""
+    import pytest
+
+    model = tiny_model("llama")
+    prune_heads(model, {0: [1]})
+    save_pruned(model, tmp_path / "out" / "model")
+    (tmp_path / "out" / "report.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"is a folder headprune wrote \(prune or recover\); the model is its model/: load "):
+        load_pruned(tmp_path / "out")
+    assert load_pruned(tmp_path / "out" / "model") is not None
+
+
+def test_a_class_without_sdpa_falls_back_to_eager(tmp_path):
+    """Gemma 2 has no SDPA path: a model saved with an attention that does not run here failed to
+    load with the sdpa fallback (the warning promised it)."""
+    import pytest
+
+    model = tiny_model("gemma2")
+    prune_heads(model, {0: [1]})
+    save_pruned(model, tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "headprune.json").read_text())
+    (tmp_path / "g" / "headprune.json").write_text(json.dumps({**meta, "attn_implementation": "org/kernel"}))
+    with pytest.warns(UserWarning, match="does not run here; the model is loaded with eager"):
+        back = load_pruned(tmp_path / "g")
+    assert back.config._attn_implementation == "eager"
+    b = tiny_batch("gemma2")
+    with torch.no_grad():
+        assert torch.equal(back(**b).last_hidden_state, model(**b).last_hidden_state)

@@ -52,6 +52,9 @@ def test_greedy_removal_without_damping_refuses_singular_moments():
     assert hp.select_heads(scores, ratio=0.25, damping=1e-2, protect_layers=[])
     with pytest.raises(ValueError, match="damping: 0 leaves these second moments singular"):
         hp.select_heads(scores, ratio=0.25, damping=0.0, protect_layers=[])
+    # a random order reads no cost: chosen as with any damping (it was refused with the costs)
+    assert (hp.select_heads(scores, ratio=0.25, damping=0.0, order="random", protect_layers=[])
+            == hp.select_heads(scores, ratio=0.25, damping=1e-2, order="random", protect_layers=[]))
     torch.manual_seed(3)
     x = torch.cat([torch.randn(5, 12, dtype=torch.float64), torch.ones(5, 1, dtype=torch.float64)], 1)
     w = torch.randn(5, 13, dtype=torch.float64)

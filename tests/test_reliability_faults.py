@@ -384,4 +384,7 @@ def test_long_names_and_the_working_directory_as_outputs(tmp_path, monkeypatch):
         for target in (".", tmp_path / "out"):  # the directory itself, or a folder holding it
             with pytest.raises(FileExistsError, match="is the working directory or holds it; replacing it would"):
                 save_pruned(model, target, overwrite=True)
+    (tmp_path / "link").symlink_to(tmp_path / "out")  # the working directory named through a link
+    with pytest.raises(FileExistsError, match="is the working directory or holds it"):
+        save_pruned(model, tmp_path / "link" / "inner", overwrite=True)
     assert os.getcwd() == str(tmp_path / "out" / "inner")

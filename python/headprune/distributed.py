@@ -176,7 +176,7 @@ def _check_same_moments(moments: OutputMoments, group) -> None:
     digest = hashlib.sha256()
     for p in moments.projection or []:
         if p is not None:
-            digest.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # its bytes, any type
     words = [int.from_bytes(digest.digest()[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
     mine = torch.tensor([code, *words], dtype=torch.int64, device=_device(group))
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]

@@ -150,8 +150,8 @@ def check_target(path, *, replace: bool, arg: str, hint: str) -> str:
         raise FileExistsError(f"{arg}: {path} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path) and not replace:
         raise FileExistsError(f"{arg}: {path} is not empty; {hint}")
-    here = os.path.abspath(os.getcwd())
-    if os.path.isdir(path) and os.path.commonpath([here, path]) == path:  # replaced, it would leave this
+    here, real = os.path.realpath(os.getcwd()), os.path.realpath(path)  # a path through a link names it too
+    if os.path.isdir(path) and os.path.commonpath([here, real]) == real:  # replaced, it would leave this
         raise FileExistsError(f"{arg}: {path} is the working directory or holds it; replacing it would leave this "
                               "process in a deleted directory, so write elsewhere")
     check_folder(path, arg)

@@ -298,7 +298,7 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
     files = safetensors_files(path, "path", None if plain or file.endswith("config.json") else WEIGHTS_FILE)
     header = read_header(files, "path")
     weights = files[0] if len(files) == 1 else f"the {len(files)} weight shards in {path}"
-    kw = dict(attn_implementation=attention_to_load(meta, attn_implementation, file), dtype=DTYPES[meta["dtype"]])
+    kw = dict(attn_implementation=attention_to_load(meta, attn_implementation, file, cls), dtype=DTYPES[meta["dtype"]])
     kw.update(optional_modules(cls, adapter, header))
     original = kv = heads = None
     if meta["original_config"] is not None:

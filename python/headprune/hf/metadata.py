@@ -102,6 +102,10 @@ def read_metadata(path, what: str = "path") -> dict:
     the first wrong field; ``FileNotFoundError`` if there is none)."""
     file = os.path.join(path, METADATA_FILE)
     if not os.path.lexists(file):
+        inner = os.path.join(path, "model")
+        if os.path.isfile(os.path.join(inner, METADATA_FILE)) and os.path.isfile(os.path.join(path, "report.json")):
+            raise FileNotFoundError(f"{what}: {os.fspath(path)!r} is a folder headprune wrote (prune or recover); the "
+                                    f"model is its model/: load {inner!r}")
         raise FileNotFoundError(f"{what}: {os.fspath(path)!r} has no {METADATA_FILE}{_HINT}")
     meta = read_json(file, what, hint=_HINT)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -124,11 +128,12 @@ def read_metadata(path, what: str = "path") -> dict:
     return meta
 
 
-def attention_to_load(meta: dict, wanted, file: str) -> str:
+def attention_to_load(meta: dict, wanted, file: str, cls=None) -> str:
     """The attention implementation a load builds the model with: ``wanted`` where given (checked
     as :func:`check_attn_implementation` does), else the one ``meta`` records where it runs here,
-    else ``sdpa`` with a warning (a model saved on a GPU with flash-attn, or with a Hub kernel,
-    which is never fetched: the weights do not depend on it)."""
+    else ``sdpa`` (``eager`` for a class ``cls`` without an SDPA path, Gemma 2's) with a warning
+    (a model saved on a GPU with flash-attn, or with a Hub kernel, which is never fetched: the
+    weights do not depend on it)."""
     if wanted is not None:
         check_attn_implementation(wanted, "attn_implementation:")
         return wanted
@@ -138,9 +143,10 @@ def attention_to_load(meta: dict, wanted, file: str) -> str:
     except ValueError:
         import warnings
 
+        instead = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
         warnings.warn(f"{file} records attn_implementation {_short(recorded)}, which does not run here; the model "
-                      "is loaded with sdpa (attn_implementation= chooses another)", stacklevel=3)
-        return "sdpa"
+                      f"is loaded with {instead} (attn_implementation= chooses another)", stacklevel=3)
+        return instead
     return recorded
 
 

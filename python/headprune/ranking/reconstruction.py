@@ -32,6 +32,11 @@ from ..stats.scores import HeadScores
 __all__ = ["greedy_removal", "reconstruction_score", "site_units"]
 
 
+class SingularMoments(ValueError):
+    """Costs asked of singular second moments without damping: a setting to change, not a
+    fraction out of reach."""
+
+
 def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
                    damping: float = DEFAULT_DAMPING) -> tuple:
     """``(order, costs, energy)``: the indices of ``units`` in greedy removal order, the
@@ -68,7 +73,7 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
         a.diagonal()[1:] += c
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) != 0 and c is None:  # an inverse of singular moments gives costs of rounding, or none
-        raise ValueError("damping: 0 leaves these second moments singular (fewer calibration tokens than the site's "
+        raise SingularMoments("damping: 0 leaves these second moments singular (fewer calibration tokens than the site's "
                          f"{d} inputs, or heads whose outputs depend on each other); pass a positive damping")
     m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
     # the refit with every column kept, transposed ([D + 1, out]: a unit's rows are contiguous):

@@ -116,6 +116,8 @@ def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0,
         seed = as_index(seed)
     except TypeError:
         raise TypeError(f"seed: expected an int, got {seed!r}") from None
+    if order == "random" and isinstance(score, str) and score == "reconstruction":  # its costs order nothing here
+        score = "entropy"  # (any collected statistic: the units, and heads without statistics refused)
     units = _units(scores, score, gqa, damping)
     if order == "random":
         g = torch.Generator().manual_seed(seed)
