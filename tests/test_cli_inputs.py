@@ -239,3 +239,50 @@ def test_a_bundled_text_name_that_is_also_a_path_here_is_refused(tmp_path, tiny_
                                          "./persuasion for the path, or run from another directory for the bundled "
                                          "text"), err
     assert (tmp_path / "persuasion" / "mine.txt").is_file()
+
+
+@pytest.mark.parametrize("command, picture", [("prune", "heatmap.png"), ("scan", "heatmap.png"), ("sweep", "sweep.png")])
+def test_a_missing_plot_extra_is_named_before_the_model_loads(tmp_path, tiny_dir, capsys, monkeypatch, command, picture):
+    """Without matplotlib (the optional ``plot`` extra) these commands did all their work, then
+    failed drawing their picture with a traceback, and wrote nothing."""
+    import headprune.app.commands as C
+
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)  # import raises ModuleNotFoundError
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    ratio = [] if command == "scan" else ["--ratios" if command == "sweep" else "--ratio", "0.3"]
+    code, err = _run([command, tiny_dir, *ratio, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err[0].startswith(f"headprune {command}: error: {command} draws {picture} with matplotlib, "
+                                           "which cannot be imported here") and "pip install 'headprune[plot]'" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command, flags, said", [
+    ("prune", ["--compensate"], "--compensate: applies with --no-reconstruct"),
+    ("prune", ["--no-compensate"], "--no-compensate: applies with --no-reconstruct"),
+    ("sweep", ["--no-compensate"], "--no-compensate: applies with --no-reconstruct"),
+    ("prune", ["--no-speed", "--speed-decode", "1x8"], "--speed-prefill/--speed-decode: shapes --speed times"),
+    ("prune", ["--no-speed", "--speed-prefill", "none"], "--speed-prefill/--speed-decode: shapes --speed times"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path, tiny_dir, capsys, monkeypatch, command, flags, said):
+    """--compensate with the refit, and speed shapes without --speed, were accepted and ignored."""
+    import headprune.app.commands as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    ratio = ["--ratios" if command == "sweep" else "--ratio", "0.3"]
+    code, err = _run([command, tiny_dir, *ratio, *flags, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err[0].startswith(f"headprune {command}: error: {said}"), err
+
+
+def test_scan_into_a_long_output_name_checkpoints(tmp_path, tiny_dir, capsys, monkeypatch):
+    """A valid --out name of 245 bytes: the scan's checkpoint beside it (``.<name>.checkpoint.json``)
+    went past 255 bytes, and its first write failed after batches had run."""
+    from headprune.app.commands import _checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    name = "s" * 245
+    code, err = _run(["scan", tiny_dir, "--samples", "16", "--seq-len", "32", "--batch-size", "4", "--out", name,
+                      "--quiet"], capsys)
+    assert code == 0, err
+    assert (tmp_path / name / "scores.json").is_file() and len(_checkpoint(tmp_path / name).name) < 40
+    assert sorted(os.listdir(tmp_path)) == [name]  # the checkpoint, written and removed

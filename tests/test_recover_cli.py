@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+from test_recover_validation import _fewer_steps_than_held  # noqa: E402
 
 
 def test_recover_reads_a_pruned_directory_and_writes_a_recovered_one(run, tmp_path, tiny_dir):  # noqa: F811
@@ -249,6 +250,7 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     assert ("No distillation step ran in this call: the checkpoint held every step asked for."
             in (tmp_path / "b2" / "report.md").read_text())
     assert "resumed from step 2 of a checkpoint" in (tmp_path / "b" / "report.md").read_text()
+    _fewer_steps_than_held(run, rec, ckpt, tmp_path / "b3")
     code, err = run([*rec, "--steps", "4", "--out", tmp_path / "c"])
     assert code == 0, err
     resumed, straight = load_pruned(tmp_path / "b" / "model"), load_pruned(tmp_path / "c" / "model")

@@ -241,3 +241,21 @@ def test_random_draws_can_keep_the_default_s_protected_layers(monkeypatch):
         assert result["settings"]["damping"] == config.damping and result["settings"]["eval_windows"] == 1
         assert ("the default's protected layers kept whole" in sweep_markdown(result)) is protect
     assert any(0 in heads for heads in taken[False]) and not any(0 in heads for heads in taken[True])
+
+
+def test_damping_zero_on_singular_moments_is_named_not_read_as_out_of_reach():
+    """The reconstruction score's refusal of damping 0 on singular moments was reported as a
+    fraction out of reach, advising smaller fractions; a random baseline reads no cost."""
+    import torch
+
+    import headprune.app.sweep as S
+    from headprune.app.sweep_reach import out_of_reach
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    with torch.no_grad():  # KV head 1 of layer 1 gives nothing: singular moments
+        model.layers[1].self_attn.v_proj.weight[8:16] = 0
+    scores = collect(model, [tiny_batch("llama", seed=s) for s in range(2)], progress=False, moments=True)
+    config = S.SweepConfig(model="tiny", ratios=[0.3], seeds=1, quiet=True, eval_windows=1, gqa="query", damping=0.0)
+    assert out_of_reach(config, scores, {}) == {}  # the random baseline alone
+    with pytest.raises(ValueError, match="^damping: 0 leaves these second moments singular"):
+        out_of_reach(config, scores, {"default": {}})

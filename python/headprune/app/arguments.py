@@ -279,7 +279,7 @@ def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None
                    help="refit the kept heads' output-projection columns and bias by least squares to what the full "
                         "projection computed on the calibration data (default; its second moments are gathered in "
                         "the same pass); --no-reconstruct keeps the kept columns as they are")
-    g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,  # None: on, not given
                    help="with --no-reconstruct: replace each removed head by its mean output, folded into the output "
                         "projection's bias (default); --no-compensate removes heads outright")
     g.add_argument("--refit-values", action=argparse.BooleanOptionalAction, default=None,
@@ -311,10 +311,10 @@ def prune_output_args(p: argparse.ArgumentParser) -> None:
                    help="measure the pruned model's speed against the unpruned one, interleaved, with the unpruned "
                         "one timed against itself as a control (default on; needs a second copy of the model in "
                         "memory)")
-    g.add_argument("--speed-prefill", type=shapes, default=[(1, 512)], metavar="BxN[,BxN...]",
+    g.add_argument("--speed-prefill", type=shapes, default=None, metavar="BxN[,BxN...]",  # None: 1x512, not given
                    help="prefill shapes --speed times: batch x prompt tokens, capped at the model's positions "
                         "(default 1x512; none to skip)")
-    g.add_argument("--speed-decode", type=shapes, default=[(1, 2048)], metavar="BxN[,BxN...]",
+    g.add_argument("--speed-decode", type=shapes, default=None, metavar="BxN[,BxN...]",  # None: 1x2048, not given
                    help="decode shapes --speed times for causal LMs: batch x tokens of context already in the KV "
                         "cache, where head pruning pays most (default 1x2048; none to skip)")
 

@@ -155,6 +155,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         from . import commands, eval_command, export_command, prune_command, recover_command, sweep_command
         from ..distributed import RanksFailed
+        from .plots import MissingExtra
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     with _quiet_transformers(getattr(args, "quiet", False)):
         try:
             return handler(args)
-        except (OSError, ValueError, TypeError, RanksFailed) as e:  # RanksFailed: another rank's error is the cause
+        except (OSError, ValueError, TypeError, RanksFailed, MissingExtra) as e:  # RanksFailed: another rank's error
             print(f"headprune {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

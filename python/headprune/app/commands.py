@@ -134,8 +134,11 @@ def interrupted(args) -> str:
 
 
 def _checkpoint(out: Path) -> Path:
+    """``.<out's name>.checkpoint.json`` beside ``out``; for a long name (a valid one of up to 255
+    bytes, to which this and a rank's suffix add about 35), its digest's first 16 hex digits."""
     out = Path(out).absolute()
-    return out.parent / f".{out.name}.checkpoint.json"
+    name = out.name if len(os.fsencode(out.name)) <= 200 else hashlib.sha256(os.fsencode(out.name)).hexdigest()[:16]
+    return out.parent / f".{name}.checkpoint.json"
 
 
 def _tokens_digest(batches) -> str:
@@ -157,6 +160,7 @@ def _setup(args, evaluates: bool = False):
     """Model, calibration batches and held-out paragraphs for a command (one that ``evaluates``
     them warns when they are too few: :func:`warn_thin`)."""
     parts, held = texts.load_split(args.data)
+    plots.check_available(args.command)  # the picture is drawn last: not after all the work
     if getattr(args, "distributed", False):  # before the model loads
         from ..distributed import check_launch
 

@@ -13,6 +13,21 @@ import torch
 from .sweep_table import random_mean
 
 
+class MissingExtra(ModuleNotFoundError):
+    """An optional dependency a command needs (the command line says it in one line)."""
+
+
+def check_available(command: str) -> None:
+    """:class:`MissingExtra` naming the extra to install where matplotlib cannot be imported:
+    the command's picture is drawn last, after all its work."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError as e:
+        picture = "sweep.png" if command == "sweep" else "heatmap.png"
+        raise MissingExtra(f"{command} draws {picture} with matplotlib, which cannot be imported here "
+                                  f"({e}); pip install 'headprune[plot]' (or matplotlib)") from None
+
+
 def _figure(**kwargs):
     """A matplotlib figure of its own, outside pyplot: the caller's backend, open figures and
     style are left alone (a report drawn in a notebook does not switch it to Agg)."""

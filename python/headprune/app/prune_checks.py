@@ -9,7 +9,7 @@ import math
 from ..ranking import default_allocation
 from . import commands as C
 from .recover_command import check_recovery
-from .sweep import refit_bias_of, removal_of
+from .sweep import check_removal_options, refit_bias_of, removal_of
 
 
 def check_options(args) -> None:
@@ -17,6 +17,9 @@ def check_options(args) -> None:
     one layout for every layer in one round, --sequential re-chooses every layer's heads; the
     recovery's options (``check_recovery``)."""
     check_recovery(args)
+    check_removal_options(args)
+    if not args.speed and (args.speed_prefill is not None or args.speed_decode is not None):
+        raise ValueError("--speed-prefill/--speed-decode: shapes --speed times; drop them, or --no-speed")
     rounds = _rounds(args)
     if args.score == "learned" and rounds:
         raise ValueError("--steps: iterative pruning is not supported with --score learned; use --steps 1")

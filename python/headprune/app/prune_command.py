@@ -39,7 +39,7 @@ def prune(args) -> int:
         loaded, batches, held, settings = C._setup(args, evaluates=True)
     remove_zeroed(args, loaded, settings)
     check_model(args, loaded)  # resolves --steps auto: the rounds the model's heads ask for
-    check_saved_type(args, loaded, saved_as := _save_dtype_name(args, loaded))
+    saved_as = _saved_type(args, loaded)
     recovery = recovery_split(args, loaded, settings)  # a split that leaves nothing to train on: refused now
     removal = removal_of(args)
     values = refits_values(args, loaded, removal)
@@ -113,7 +113,8 @@ def _evaluate(args, stage, loaded, held, before_q, reference, saved_as: str, rep
     speed = None
     if args.speed:
         with stage("measuring speed, unpruned and pruned interleaved", "speed"):
-            speed = E.compare_speed(reference, loaded.model, prefill=args.speed_prefill, decode=args.speed_decode)
+            shapes = {k: v for k, v in (("prefill", args.speed_prefill), ("decode", args.speed_decode)) if v is not None}
+            speed = E.compare_speed(reference, loaded.model, **shapes)  # not given: compare_speed's defaults
     sizes = measure(loaded.model, dtype=SAVE_TYPES[saved_as])
     sizes["parameters"] += declared_bias_parameters(loaded.model)  # the zero biases the save declares: as loaded
     report.update({"after": {**C._public(after_q), **sizes}, "speed": speed, "seconds": stage.seconds})
@@ -267,6 +268,19 @@ def _sequential(args, loaded, batches, scores, heads: dict) -> tuple:
     counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
     return calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
                                   progress=not args.quiet)
+
+
+def _saved_type(args, loaded) -> str:
+    """The type the model is saved in, checked against --dtype (:func:`check_saved_type`); a
+    --dtype narrower than the checkpoint rounds every weight, those pruning leaves alone too: said."""
+    check_saved_type(args, loaded, saved_as := _save_dtype_name(args, loaded))
+    computes, stored = next(loaded.model.parameters()).dtype, SAVE_TYPES[stored_type_name(loaded)]
+    if torch.finfo(computes).bits < torch.finfo(stored).bits:
+        name = str(computes).removeprefix("torch.")
+        C._warn(f"--dtype {name} rounds every weight of the {stored_type_name(loaded)} checkpoint, those pruning "
+                f"leaves alone too: the model saved ({saved_as}) holds what was evaluated; leave --dtype out to "
+                "keep the checkpoint's precision")
+    return saved_as
 
 
 def _save_dtype_name(args, loaded) -> str:

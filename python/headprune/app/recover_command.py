@@ -206,7 +206,6 @@ def _quality(args, loaded, paragraphs: dict, references: dict) -> dict:
 
 def recover(args) -> int:
     from ..hf import save_pruned
-    from ..hf.training import refuse_other_kind
     from ..stats.scores import HeadScores
 
     src = Path(args.model)
@@ -220,7 +219,7 @@ def recover(args) -> int:
     read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
-    refuse_other_kind(args.checkpoint, flag="--checkpoint")  # the teacher's weights, say: before both models load
+    _check_checkpoint(args)
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
         teacher = _teacher(args, teacher_spec, bundled=not args.teacher and bundled)
@@ -275,6 +274,19 @@ def _saved_dtype(settings: dict, loaded) -> str:
     return "float32"
 
 
+def _check_checkpoint(args) -> None:
+    """Before both models load: a --checkpoint that is no recovery's (the teacher's weights, say),
+    or one that holds more steps than --steps asks for."""
+    from ..hf.training import checkpoint_steps, refuse_other_kind
+
+    refuse_other_kind(args.checkpoint, flag="--checkpoint")
+    held = None if args.checkpoint is None or args.steps is None else checkpoint_steps(args.checkpoint)
+    if held is not None and held > args.steps:
+        raise ValueError(f"--steps: {args.steps} is fewer than the {held} steps --checkpoint {args.checkpoint} "
+                         "already holds (a recovery goes on from its checkpoint); ask for at least as many, or pass "
+                         "another --checkpoint to start anew")
+
+
 def _teacher(args, spec: str, bundled: bool = False):
     """The unpruned model; one named by report.json that is not found here points to --teacher."""
     try:
@@ -286,17 +298,19 @@ def _teacher(args, spec: str, bundled: bool = False):
         raise FileNotFoundError(f"{e} (DIR/report.json names it as the unpruned model; pass --teacher)") from e
 
 
-def gap_closed(row: dict) -> float | None:
-    """The fraction of what pruning lost that recovery won back (1: the unpruned quality)."""
+def gap_closed(row: dict, metric: str) -> float | None:
+    """The fraction of what pruning lost that recovery won back (1: the unpruned quality);
+    ``None`` where pruning lost nothing on ``metric`` (no gap: the sign would flip)."""
     lost = row["pruned"] - row["unpruned"]
-    return None if not lost else (row["pruned"] - row["recovered"]) / lost
+    worse = lost > 0 if metric == "perplexity" else lost < 0  # perplexity: lower is better; fidelity: higher
+    return (row["pruned"] - row["recovered"]) / lost if worse else None
 
 
 def quality_table(report: dict) -> str:
     metric = report["metric"]
     lines = [f"| {metric} | unpruned | pruned | recovered | gap closed |", "|---|---|---|---|---|"]
     for text, row in report["quality"].items():
-        closed = gap_closed(row)
+        closed = gap_closed(row, metric)
         lines.append(f"| {text.replace('_', '-')} text | " + " | ".join(f"{row[m]:.4g}" for m in MODELS)
                      + f" | {'n/a' if closed is None else f'{closed:.0%}'} |")
     return "\n".join(lines)

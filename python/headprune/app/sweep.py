@@ -360,7 +360,16 @@ def removal_of(args) -> str:
     """``refit``, ``mean`` or ``zero`` from the CLI's ``--reconstruct`` and ``--compensate``."""
     if getattr(args, "reconstruct", False):
         return "refit"
-    return "mean" if getattr(args, "compensate", False) else "zero"
+    return "mean" if getattr(args, "compensate", None) is not False else "zero"  # None: not given, on
+
+
+def check_removal_options(args) -> None:
+    """--compensate chooses what replaces a removed head without the refit: refused with it,
+    where it would be silently ignored."""
+    if getattr(args, "reconstruct", False) and getattr(args, "compensate", None) is not None:
+        flag = "--compensate" if args.compensate else "--no-compensate"
+        raise ValueError(f"{flag}: applies with --no-reconstruct (the refit replaces removed heads otherwise); drop "
+                         f"it, or add --no-reconstruct")
 
 
 def refit_bias_of(model, uniform: bool, removal: str, values: bool) -> bool:

@@ -9,7 +9,7 @@ from ..ranking.select import SplitGroupsError
 from . import commands as C
 from . import plots
 from .prune_checks import refuse_below_one
-from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, refit_only, removal_of, run_sweep
+from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, check_removal_options, refit_only, removal_of, run_sweep
 from .sweep_reach import BASELINE, NoHead, model_layout, out_of_reach
 from .sweep_table import sweep_markdown
 
@@ -17,6 +17,7 @@ from .sweep_table import sweep_markdown
 def sweep(args) -> int:
     out = C._out(args, "sweep")
     C.check_out(out, args.force, C.inputs(args))
+    check_removal_options(args)
     loaded, batches, held, settings = C._setup(args, evaluates=True)
     from .removal_stage import remove_zeroed
 

@@ -8,6 +8,7 @@ import torch
 
 from ..ranking import select_heads
 from ..ranking.recipes import default_allocation, default_protected, resolve_recipe
+from ..ranking.reconstruction import SingularMoments
 
 
 def check_ratios(config, scores, recipes: dict) -> None:
@@ -55,6 +56,8 @@ def out_of_reach(config, scores, recipes: dict, *, layout_only: bool = False) ->
         for r in config.ratios:
             try:
                 heads = select_heads(scores, ratio=r, scope=scope, gqa=gqa, damping=config.damping, **kw)
+            except SingularMoments:  # --damping's to change, not the fractions
+                raise
             except ValueError as e:
                 out[name] = (r, e)
                 break

@@ -220,6 +220,17 @@ def refuse_other_kind(path, fmt: str = CHECKPOINT_FORMAT, what: str = "recovery"
         _Checkpoint(path, {"format": fmt}, what).check_replaceable(flag)
 
 
+def checkpoint_steps(path) -> Optional[int]:
+    """The steps the checkpoint of this kind at ``path`` holds (``None`` without a readable one),
+    read from the mapped file before the slow work."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - no file, or not one of ours: said where it is read
+        return None
+    step = state.get("step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:
     """The run's checkpoint at ``path`` (``None`` without one); a run that does not resume
     refuses a file there that is not a checkpoint of this kind before anything runs."""
