@@ -105,7 +105,7 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     # least change of the kept weights, by least squares (all of them kept: none)
     chol, info = torch.linalg.cholesky_ex(a)
     solve = ((lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else
-             (lambda r: torch.linalg.lstsq(a, r, driver="gelsd").solution))
+             (lambda r: _least_squares(a, r)))
     sol = wt[:, s].t() + solve(g[s][:, gone] @ wt[:, gone].t())
     if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
         prior = torch.zeros_like(sol)
@@ -132,4 +132,10 @@ def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, pri
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, chol)
-    return torch.linalg.lstsq(a, rhs, driver="gelsd").solution
+    return _least_squares(a, rhs)
+
+
+def _least_squares(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares solution of a possibly singular ``a x = rhs``, on the CPU
+    (the SVD driver it takes, ``gelsd``, is a CPU one: CUDA offers only ``gels``, for full rank)."""
+    return torch.linalg.lstsq(a.cpu(), rhs.cpu(), driver="gelsd").solution.to(a.device)
