@@ -148,13 +148,14 @@ def test_one_half_type_computed_and_the_other_saved_is_refused_before_the_work(r
 
 
 def test_a_narrower_dtype_than_the_checkpoint_is_said_to_round_every_weight(run, tmp_path, tiny_dir):  # noqa: F811
-    """--dtype bfloat16 on a float32 checkpoint rounds the weights pruning leaves alone too, and the
-    saved float32 model holds those values: said, where it was silent."""
+    """--dtype float16 on a float32 checkpoint rounds the weights pruning leaves alone too, and the
+    saved float32 model holds those values: said, where it was silent. (Not bfloat16: torch's
+    bfloat16 SDPA fails under ATEN_CPU_CAPABILITY=avx2 on CPUs with AMX.)"""
     path = _checkpoint(tmp_path, tiny_dir, "float32", config_names_it=True)
     common = ["--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
-    code, err = run(["prune", path, *common, "--dtype", "bfloat16", "--out", tmp_path / "o"])
+    code, err = run(["prune", path, *common, "--dtype", "float16", "--out", tmp_path / "o"])
     assert code == 0, err
-    assert ("headprune: warning: --dtype bfloat16 rounds every weight of the float32 checkpoint, those pruning leaves "
+    assert ("headprune: warning: --dtype float16 rounds every weight of the float32 checkpoint, those pruning leaves "
             "alone too: the model saved (float32) holds what was evaluated; leave --dtype out to keep the "
             "checkpoint's precision") in err
     code, err = run(["prune", path, *common, "--out", tmp_path / "p"])
