@@ -286,3 +286,14 @@ def test_scan_into_a_long_output_name_checkpoints(tmp_path, tiny_dir, capsys, mo
     assert code == 0, err
     assert (tmp_path / name / "scores.json").is_file() and len(_checkpoint(tmp_path / name).name) < 40
     assert sorted(os.listdir(tmp_path)) == [name]  # the checkpoint, written and removed
+
+
+def test_a_mistyped_option_is_named_before_a_missing_one(tmp_path, tiny_dir, capsys):
+    """``prune MODEL --ratoi 0.3`` said only that --ratio or --count is required; the typo is named."""
+    code, err = _run(["prune", tiny_dir, "--ratoi", "0.3"], capsys)
+    assert code == 2 and err == ["headprune prune: error: unrecognized arguments: --ratoi (one of the arguments "
+                                 "--ratio --count is required)"]
+    code, err = _run(["prune", tiny_dir], capsys)  # nothing mistyped: as before
+    assert code == 2 and err == ["headprune prune: error: one of the arguments --ratio --count is required"]
+    code, err = _run(["prune", tiny_dir, "--rat", "0.3", "--samples", "0"], capsys)  # an abbreviation is known
+    assert code == 2 and err == ["headprune prune: error: argument --samples: expected a positive integer, got 0"]

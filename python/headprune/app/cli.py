@@ -23,12 +23,26 @@ from .texts import DEFAULT_REFERENCE
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line (no usage block), exit status 2."""
 
+    _argv: list = []  # what parse_args was given, for error()
+
     def error(self, message):
+        if message.startswith(("the following arguments are required", "one of the arguments")):
+            unknown = self._unknown_options()  # a mistyped --ratio reads as none given: the typo is the news
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)} ({message})"
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _unknown_options(self) -> list:
+        """The ``--options`` after this (sub)command's name that none of its options begins with."""
+        name = self.prog.split()[-1]
+        words = _Parser._argv[_Parser._argv.index(name) + 1:] if name in _Parser._argv else _Parser._argv
+        known = list(self._option_string_actions)
+        return [w for w in words if w.startswith("--") and not any(k.startswith(w.split("=")[0]) for k in known)]
 
     def parse_args(self, args=None, namespace=None):
         """Unrecognized arguments are reported by the command they were given to
         (``headprune prune: error: ...``), not by the top level."""
+        _Parser._argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         args, extra = self.parse_known_args(args, namespace)
         if extra:
             commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
