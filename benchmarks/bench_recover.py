@@ -40,7 +40,7 @@ from headprune import select_heads, select_measured  # noqa: E402
 from headprune.app import evaluate as E  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
-from headprune.app.recover_command import STEP_SEQUENCES, recovery_batches, split_validation  # noqa: E402
+from headprune.app.recover_command import STEP_SEQUENCES, gap_closed, recovery_batches, split_validation  # noqa: E402
 from headprune.hf import collect, collect_values, prune_heads, recover  # noqa: E402
 from headprune.hf.values import refits_values_by_default  # noqa: E402
 from headprune.ranking.recipes import default_allocation  # noqa: E402
@@ -109,9 +109,9 @@ def run(name: str, args) -> dict:
         del student
     for row in rows:
         for k in paragraphs:
-            gap = rows[0][k] - rows[1][k]  # unpruned - pruned: what pruning lost, where it made the metric worse
-            lost = gap < 0 if kind == "causal" else gap > 0
-            row[f"{k}_gap_closed"] = (row[k] - rows[1][k]) / gap if lost else float("nan")
+            closed = gap_closed({"unpruned": rows[0][k], "pruned": rows[1][k], "recovered": row[k]},
+                                "perplexity" if kind == "causal" else "fidelity")  # the report's measure
+            row[f"{k}_gap_closed"] = float("nan") if closed is None else closed
     metric = "perplexity" if kind == "causal" else "fidelity"
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     print(f"\n{name}: {metric}, {args.ratio:.0%} of heads pruned, {budget} of recovery, "

@@ -110,13 +110,18 @@ def _device(group):
     return torch.device("cpu")
 
 
-def _check_same_layout(scores: HeadScores, group) -> None:
-    digest = bytes.fromhex(scores.layout_fingerprint())
-    # 4 int64 words: every backend all-gathers int64 (not every one gathers uint8)
-    mine = torch.tensor([int.from_bytes(digest[i : i + 8], "little", signed=True) for i in range(0, 32, 8)],
-                        dtype=torch.int64, device=_device(group))
+def _gather_digest(digest: bytes, group, *head: int) -> list:
+    """Every rank's ``[*head, digest as 4 int64 words]`` (every backend all-gathers int64, not
+    every one uint8), in rank order."""
+    words = [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
+    mine = torch.tensor([*head, *words], dtype=torch.int64, device=_device(group))
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
+    return gathered
+
+
+def _check_same_layout(scores: HeadScores, group) -> None:
+    gathered = _gather_digest(bytes.fromhex(scores.layout_fingerprint()), group)
     differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
     if differ:
         raise ValueError(
@@ -177,10 +182,7 @@ def _check_same_moments(moments: OutputMoments, group) -> None:
     for p in moments.projection or []:
         if p is not None:
             digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # its bytes, any type
-    words = [int.from_bytes(digest.digest()[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
-    mine = torch.tensor([code, *words], dtype=torch.int64, device=_device(group))
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
+    gathered = _gather_digest(digest.digest(), group, code)
     if len({int(t[0]) for t in gathered} - {0}) > 1 or code == 3:
         raise ValueError("moments: the ranks collected second moments in different float types; pass the same "
                          "moments= on every rank")

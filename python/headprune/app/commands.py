@@ -137,8 +137,7 @@ def _checkpoint(out: Path) -> Path:
     """``.<out's name>.checkpoint.json`` beside ``out``; for a long name (a valid one of up to 255
     bytes, to which this and a rank's suffix add about 35), its digest's first 16 hex digits."""
     out = Path(out).absolute()
-    name = out.name if len(os.fsencode(out.name)) <= 200 else hashlib.sha256(os.fsencode(out.name)).hexdigest()[:16]
-    return out.parent / f".{name}.checkpoint.json"
+    return out.parent / f".{atomic.short_name(out.name, 200)}.checkpoint.json"
 
 
 def _tokens_digest(batches) -> str:
@@ -233,8 +232,7 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     fingerprint = {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
                    "settings": {k: v for k, v in settings.items() if k != "calibration_tokens"}}
     many = getattr(args, "distributed", False)
-    if many:
-        distributed.check_launch()
+    if many:  # _setup refused a process torchrun did not launch
         distributed.init_from_env()
     rank, world = distributed.rank_world()
     # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files

@@ -219,14 +219,11 @@ def _attention(cls) -> str:
 
 
 def _dequantized(model) -> None:
-    """transformers reads a GGUF into plain float weights but keeps a GGUF quantizer on the
-    model and in its config, which makes ``save_pretrained`` refuse the model and would make a
-    saved config ask for a GGUF file: both dropped (the weights are what they were)."""
-    model.hf_quantizer = None
-    for attr in ("is_quantized", "quantization_method"):
-        model.__dict__.pop(attr, None)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    """A model read from a GGUF, without transformers' GGUF quantizer
+    (:func:`headprune.hf.gguf_export.drop_gguf_quantizer`)."""
+    from ..hf.gguf_export import drop_gguf_quantizer
+
+    drop_gguf_quantizer(model)
 
 
 def _tokenizer(path: Path):

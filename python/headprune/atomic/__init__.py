@@ -44,7 +44,7 @@ from typing import Optional
 
 from .owners import TOKEN, owner_gone, owner_token
 
-__all__ = ["Staged", "check_replace", "check_target", "check_folder", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
+__all__ = ["Staged", "short_name", "check_replace", "check_target", "check_folder", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
 
 #: the marker file inside each staging directory: JSON ``{"owner": token, "target": path}``
 MARKER = ".headprune-owner"
@@ -53,13 +53,16 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def short_name(name: str, limit: int) -> str:
+    """``name``, or, where it is longer than ``limit`` bytes, its digest's first 16 hex digits: for
+    names built on a file name (a valid one of up to 255 bytes) that add to it."""
+    return name if len(os.fsencode(name)) <= limit else hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
 def _temp_name(name: str) -> str:
-    """``.<name>.tmp-<owner>-<random>``; a long name (the suffix adds about 60 bytes to it, and a
-    name of up to 255 bytes is valid) gives its digest's first 16 hex digits instead."""
-    name = name.lstrip(".")
-    if len(os.fsencode(name)) > 96:
-        name = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-    return f".{name}.tmp-{owner_token()}-{uuid.uuid4().hex[:8]}"
+    """``.<name>.tmp-<owner>-<random>`` (the suffix adds about 60 bytes: a long name goes by its
+    :func:`short_name`)."""
+    return f".{short_name(name.lstrip('.'), 96)}.tmp-{owner_token()}-{uuid.uuid4().hex[:8]}"
 
 
 # ---------------------------------------------------------------------------- leftovers

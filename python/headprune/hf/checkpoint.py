@@ -15,7 +15,7 @@ from typing import Optional
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "refuse_foreign", "weights_digest", "writing"]
+__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "format_kind", "refuse_foreign", "weights_digest", "writing"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/1"
@@ -36,9 +36,15 @@ def refuse_foreign(path: str, ours, kind: str, run: str, arg: str = "checkpoint"
                          "so pass another path")
 
 
+def format_kind(fmt) -> Optional[str]:
+    """``"headprune.checkpoint"`` of ``"headprune.checkpoint/1"``: the kind of a checkpoint's
+    format, any version (``None``: no such format)."""
+    return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
+
+
 def _ours(form) -> bool:
     """A collection checkpoint's format, of this headprune or another version."""
-    return isinstance(form, str) and form.startswith(CHECKPOINT_FORMAT.rsplit("/", 1)[0] + "/")
+    return format_kind(form) == format_kind(CHECKPOINT_FORMAT)
 
 
 class Checkpoint:

@@ -39,7 +39,7 @@ import torch
 from .. import atomic
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 
-__all__ = ["export_gguf", "export_architecture", "gguf_architecture", "gguf_attention_bias", "gguf_header", "unpermute"]
+__all__ = ["export_gguf", "export_architecture", "gguf_architecture", "gguf_attention_bias", "gguf_header", "drop_gguf_quantizer", "unpermute"]
 
 #: families written as llama.cpp's ``llama`` architecture (``deci`` for uneven layouts)
 ARCHITECTURES = {"llama": "llama"}
@@ -387,3 +387,14 @@ def gguf_attention_bias(path) -> bool:
 def gguf_architecture(path) -> str:
     """The architecture a GGUF file declares (see :func:`gguf_header`)."""
     return gguf_header(path)[0]
+
+
+def drop_gguf_quantizer(model) -> dict:
+    """transformers reads a GGUF into plain float weights but keeps a GGUF quantizer on the model
+    and in its config, which makes ``save_pretrained`` refuse the model and would make a saved
+    config ask for a GGUF file: both dropped (the weights are what they were). Returns the model
+    attributes dropped besides ``hf_quantizer``."""
+    model.hf_quantizer = None
+    held = {a: model.__dict__.pop(a) for a in ("is_quantized", "quantization_method") if a in model.__dict__}
+    model.config.__dict__.pop("quantization_config", None)
+    return held

@@ -27,6 +27,7 @@ from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
 from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
+from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
                        read_metadata)
 from .migrate import is_transformers4_pruned, transformers4_metadata
@@ -113,8 +114,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         from safetensors.torch import save_model
 
         save_model(model, os.path.join(path, WEIGHTS_FILE))
-        config = {k: v for k, v in state["original_config"].items() if k != "quantization_config"}  # (GGUF: floats)
-        # a model read from a GGUF names no architecture
+        config = dict(state["original_config"])  # a model read from a GGUF names no architecture
         config["architectures"] = config.get("architectures") or [type(model).__name__]
         config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # as save_pretrained writes it
         with open(os.path.join(path, "config.json"), "w") as f:
@@ -139,9 +139,8 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         # declared biases are the config's own: the original model is recorded with them
         "o_bias": [] if state is None or declare else state.get("o_bias", []),
         "plain_loadable": plain,
-        "original_config": (None if state is None else  # a GGUF's quantizer set aside, as the weights' floats are
-                            {**{k: v for k, v in state["original_config"].items() if k != "quantization_config"},
-                             **({declare: True} if declare else {})}),
+        "original_config": (None if state is None else
+                            {**state["original_config"], declare: True} if declare else state["original_config"]),
         "scores": None if scores is None else scores.to_dict(),
         "settings": settings or {},
     }
@@ -196,14 +195,19 @@ def _gguf_quantizer_aside(model):
     if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
         yield
         return
-    held = {a: model.__dict__.pop(a) for a in ("is_quantized", "quantization_method") if a in model.__dict__}
-    model.config.__dict__.pop("quantization_config", None)
-    model.hf_quantizer = None
+    held = drop_gguf_quantizer(model)
+    state = getattr(model, STATE_ATTR, None)  # the original config a pruning recorded, read with the quantizer
+    original = state and state.get("original_config")
+    if original and "quantization_config" in original:
+        state["original_config"] = {k: v for k, v in original.items() if k != "quantization_config"}
     try:
         yield
     finally:
         model.hf_quantizer = quantizer
         model.__dict__.update(held)
+        if original:
+            state["original_config"] = original
+
 
 
 def _check_kept(meta, sites, adapter, file) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import atomic
-from .checkpoint import refuse_foreign, writing
+from .checkpoint import format_kind, refuse_foreign, writing
 from .batches import check_batch, check_batches
 from ..core.modules import uncompiled
 from .adapters import get_adapter
@@ -157,8 +157,8 @@ class _Checkpoint:
         (see ``refuse_foreign``)."""
         def ours():  # mapped, not read: only the fingerprint is looked at
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            return isinstance(state, dict) and _kind(state.get("fingerprint", {}).get("format")) == \
-                _kind(self.fingerprint["format"])  # an earlier version's too: this run replaces it
+            return isinstance(state, dict) and format_kind(state.get("fingerprint", {}).get("format")) == \
+                format_kind(self.fingerprint["format"])  # an earlier version's too: this run replaces it
 
         refuse_foreign(self.path, ours, self.what, "the run", arg)
 
@@ -171,7 +171,7 @@ class _Checkpoint:
             raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})", False) from e
         fmt = self.fingerprint["format"]
         saved = state.get("fingerprint", {}).get("format") if isinstance(state, dict) else None
-        if saved != fmt and _kind(saved) == _kind(fmt):
+        if saved != fmt and format_kind(saved) == format_kind(fmt):
             raise self._refuse(f"was written by another version of headprune (format {saved!r}; this one reads {fmt!r})")
         if saved != fmt:
             raise self._refuse(f"is not a {self.what} checkpoint (expected format {fmt!r})", False)
@@ -195,11 +195,6 @@ class _Checkpoint:
         with writing(self, self.path):  # a killed writer's leftovers hold parameters and optimizer state
             atomic.write_file(self.path, buf.getvalue())
 
-
-
-def _kind(fmt) -> Optional[str]:
-    """``"headprune.recover"`` of ``"headprune.recover/5"``: the kind of checkpoint, any version."""
-    return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
 
 
 def finite_loss(loss: torch.Tensor, what: str) -> float:
