@@ -322,8 +322,9 @@ def learned_standing(ctx, names=("quality_learned_smollm2", "quality_learned_min
                  for g, draws in zip(res["recipes"][learned], res["random"])]
         losing = [1 for g, draws in pairs if (g > _mean(draws, lower) if lower else g < _mean(draws, lower))]
         if losing:  # a method that loses to random heads is said to
-            verdict += (f", and worse than random heads (the mean of the draws, the same removal) at {len(losing)} "
-                        f"of {len(pairs)} points")
+            draws = len(pairs[0][1])
+            verdict += (f", and worse than random heads ({'one draw' if draws == 1 else f'the mean of {draws} draws'} "
+                        f"per point, the same removal) at {len(losing)} of {len(pairs)} points")
         alloc = results[0].get("measured_allocation", {}).get("default", {}).get("seconds")
         out.append(f"{results[0]['model']}: learned gates are {verdict}; training took "
                    f"{num(minutes, 2)} min for the {len(results[0]['ratios'])} ratios, against seconds for the "
