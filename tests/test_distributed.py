@@ -92,7 +92,13 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    for attempt in range(3):  # the free port can be taken between its choice and rank 0's bind
+        try:
+            mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+            break
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in results:
         r["scores"] = {k: HeadScores.from_dict(v) for k, v in r["scores"].items()}
