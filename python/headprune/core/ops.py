@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .build import load_extension
+from .build import BuildMismatchError, load_extension
 
 __all__ = [
     "apply_head_mask_",
@@ -27,12 +27,25 @@ __all__ = [
 ]
 
 
-
 def _ops():
     """``torch.ops.headprune``, with the extension loaded on first use (so the pure-Python
     layers import without a build)."""
     load_extension()
     return torch.ops.headprune
+
+
+def _load_if_built() -> None:
+    """Loads the extension on import where it loads: torch.compile cannot trace the loader (its
+    lock), so a compiled function whose op call was the process's first use failed under
+    ``fullgraph=True``. Without a usable build the pure-Python layers still import, and the first
+    call raises why."""
+    try:
+        load_extension()
+    except (ImportError, BuildMismatchError):
+        pass
+
+
+_load_if_built()
 
 
 def entropy_from_probs_accumulate_(

@@ -116,10 +116,20 @@ class EntropyAccumulator:
     def load_state_dict(self, state: dict) -> None:
         stats = state.get("stats") if isinstance(state, dict) else None
         if not isinstance(stats, torch.Tensor) or stats.shape != self.stats.shape:
-            raise ValueError(f"state: expected 'stats' of shape {tuple(self.stats.shape)}")
+            got = tuple(stats.shape) if isinstance(stats, torch.Tensor) else type(stats).__name__
+            raise ValueError(f"state: expected 'stats' of shape {tuple(self.stats.shape)}, got {got}")
         if list(state.get("fields", STAT_FIELDS)) != list(STAT_FIELDS):
             raise ValueError(f"state: expected fields {list(STAT_FIELDS)}, got {state.get('fields')}")
-        self.stats.copy_(stats.to(torch.float64))
+        # the checks of the C++ EntropyAccumulator::load_stats, whose state comes here too
+        if not stats.is_floating_point():
+            raise TypeError(f"state: expected floating 'stats', got {stats.dtype}")
+        wide = stats.to(self.stats.device, torch.float64)
+        if not bool(torch.isfinite(wide).all()):
+            raise ValueError("state: expected finite 'stats', got NaN or infinite values")
+        if bool((wide[:, Stat.COUNT] < 0).any()):
+            raise ValueError(f"state: expected non-negative counts ('stats' column {int(Stat.COUNT)}), got "
+                             f"{wide[:, Stat.COUNT].min().item():g}")
+        self.stats.copy_(wide)
 
     def __repr__(self) -> str:
         return f"EntropyAccumulator(num_heads={self.num_heads}, rows={int(self.stats[:, Stat.COUNT].sum())})"
