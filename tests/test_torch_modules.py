@@ -276,3 +276,20 @@ def test_collection_runs_in_eval_mode_and_gives_back_each_flag():
     first, second = collect_modules(model, [x]), collect_modules(model, [x])
     assert torch.equal(first.stats, second.stats)
     assert model.training and model.layers[0].dropout.training and not model.layers[1].dropout.training
+
+
+def test_retype_keeps_a_shared_buffer_one_tensor():
+    """A buffer two modules share was cast once per owner, into two tensors; tied parameters stay tied."""
+    from headprune.core.modules import retype
+
+    shared = torch.arange(4.0)
+    a, b = nn.Module(), nn.Module()
+    a.register_buffer("f", shared)
+    b.register_buffer("f", shared)
+    lin = nn.Linear(2, 2)
+    model = nn.Sequential(a, b, lin, nn.Linear(2, 2))
+    model[3].weight = lin.weight
+    retype(model, lambda m, module, n, t: torch.float16)
+    assert model[0].f is model[1].f and model[0].f.dtype == torch.float16
+    assert torch.equal(model[0].f, torch.arange(4.0, dtype=torch.float16))
+    assert model[2].weight is model[3].weight and lin.weight.dtype == torch.float16

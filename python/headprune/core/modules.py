@@ -44,19 +44,25 @@ def retype(model, dtype_of) -> None:
     """Each parameter and buffer ``t`` of ``model`` cast to ``dtype_of(module name, module,
     tensor name, t)`` where that gives a type other than ``t``'s (``None``: left as it is).
     Parameters keep their identity (their ``.data`` is replaced), so an optimizer or a dict
-    holding them still does; a tied parameter is cast once."""
+    holding them still does; a tied parameter is cast once, and a buffer that several modules
+    share stays one tensor (cast once, given to each)."""
     import torch
 
+    cast = {}  # id of a buffer cast -> (the buffer, its cast)
     with torch.no_grad():
         for m, module in model.named_modules():
             for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if n not in module._parameters and id(t) in cast and cast[id(t)][0] is t:
+                    module._buffers[n] = cast[id(t)][1]
+                    continue
                 want = dtype_of(m, module, n, t)
                 if want is None or t.dtype == want:
                     continue
                 if n in module._parameters:
                     t.data = t.data.to(want)
                 else:
-                    module._buffers[n] = t.to(want)
+                    cast[id(t)] = (t, t.to(want))
+                    module._buffers[n] = cast[id(t)][1]
 
 
 def uncompiled(model):
