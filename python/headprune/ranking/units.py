@@ -55,11 +55,13 @@ def _units(scores: HeadScores, score, gqa: str, damping: float) -> list:
         for start in range(0, hq, size):
             heads = list(range(start, start + size))
             v = values[layer, heads]
+            named = f"score {score!r}" if isinstance(score, str) else "the score tensor"
             if torch.isnan(v).any():
-                raise ValueError(
-                    f"scores: layer {layer} ({scores.names[layer]}) head(s) {heads} have no statistics "
-                    f"(score {score!r} is NaN); collect on more data or protect the layer"
-                )
+                raise ValueError(f"scores: layer {layer} ({scores.names[layer]}) head(s) {heads} have no statistics "
+                                 f"({named} is NaN); collect on more data")
+            if torch.isnan(v.mean()):  # +inf and -inf in one KV group: a NaN key left the sort in no order
+                raise ValueError(f"scores: layer {layer} ({scores.names[layer]}) head(s) {heads} score +inf and -inf "
+                                 f"({named}), so the group has no score")
             units.append((float(v.mean()), layer, start, heads))
     return units
 
