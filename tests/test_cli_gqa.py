@@ -393,3 +393,4 @@ def test_steps_auto_of_one_round_is_steps_1_and_rounds_are_in_the_recipe(run, tm
     assert code == 0, err
     assert "chosen in 2 rounds, the statistics collected again after each" in json.loads(
         (tmp_path / "two" / "report.json").read_text())["recipe"]
+

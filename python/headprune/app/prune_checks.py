@@ -140,6 +140,7 @@ def check_reach(args, loaded) -> None:
     collection as ``select_heads`` checks it after: on the layout without statistics, every
     head ranked alike (a measured allocation takes the nearest total it reaches, warned)."""
     from ..ranking import select_heads
+    from ..ranking.layouts import has_grouped_queries
     from .sweep_reach import learned_protection, model_layout, on_layout
 
     removal = removal_of(args)  # moments where they are collected: the default resolves alike
@@ -157,7 +158,7 @@ def check_reach(args, loaded) -> None:
             raise
         raise ValueError(f"{e}{recipe.why_protected}") from None
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
-        refuse_no_head(args)
+        refuse_no_head(args, has_grouped_queries(layout))
     if kw.get("uniform"):
         from .removal_stage import refits_values
 
@@ -197,11 +198,17 @@ def warn_not_plain(model, layout, chosen: dict, adds_bias: bool, masked: bool = 
     C._warn(f"--uniform: {why}, so the directory loads with headprune.load_pruned, not plain from_pretrained{mask}")
 
 
-def refuse_no_head(args) -> None:
-    """A selection that rounds to no head: the output would be the unpruned model."""
+def refuse_no_head(args, grouped: bool) -> None:
+    """A selection that rounds to no head: the output would be the unpruned model. ``grouped``:
+    whether the model has grouped queries (only then do --gqa's layouts round)."""
     ask = f"--ratio: {args.ratio:g}" if args.ratio is not None else f"--count: {args.count}"
-    even = " (--gqa even keeps the query heads of every KV group a layer keeps equal)" if args.gqa == "even" else ""
-    raise ValueError(f"{ask} rounds to no head in the layouts the selection allows{even}; ask for more")
+    if getattr(args, "uniform", False):
+        why = " (--uniform: every layer loses the same number of heads, and the nearest such layout is none)"
+    elif args.gqa == "even" and grouped:
+        why = " (--gqa even keeps the query heads of every KV group a layer keeps equal)"
+    else:
+        why = ""
+    raise ValueError(f"{ask} rounds to no head in the layouts the selection allows{why}; ask for more")
 
 
 def with_scope(args, kw: dict, scores, removal: str) -> dict:

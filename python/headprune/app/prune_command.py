@@ -54,7 +54,7 @@ def prune(args) -> int:
         return 0
     recipe = _recipe(args, kw, removal, scores, values, settings["refit_bias"])
     n, total = sum(len(h) for h in heads.values()), sum(scores.num_heads)
-    _check_layout_rounded(args, n, total, has_grouped_queries(scores), set(unit_sizes(scores, args.gqa)))
+    _check_layout_rounded(args, n, total, scores, measured=kw.get("scope") == "measured")
     C._say(args, f"headprune: {n} of {total} heads chosen: {recipe}")
     metric, _ = E.metric_of(loaded.kind)
     with stage("evaluating the unpruned model on held-out text", "evaluate_before"):
@@ -332,13 +332,14 @@ def _selection_values(scores, settings: dict):
     return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 
-def _check_layout_rounded(args, n: int, total: int, grouped: bool, sizes: set = frozenset({1})) -> None:
+def _check_layout_rounded(args, n: int, total: int, scores, measured: bool = False) -> None:
     """--uniform and --gqa even round the request to whole layouts, and a measured allocation
     to what the layers may give: say so when they did, and refuse a selection that rounds to no
-    head (the output would be the unpruned model). ``sizes``: the query heads of a unit at each
-    site (whole KV groups under --gqa group: --count counts them)."""
+    head (the output would be the unpruned model)."""
+    grouped = has_grouped_queries(scores)
+    sizes = set(unit_sizes(scores, args.gqa))  # a unit's query heads at each site (--gqa group: whole groups)
     if n == 0:
-        refuse_no_head(args)
+        refuse_no_head(args, grouped)
     if len(sizes) != 1:
         return  # groups of several sizes: the request has no one size in heads
     (size,) = sizes
@@ -346,12 +347,14 @@ def _check_layout_rounded(args, n: int, total: int, grouped: bool, sizes: set = 
     want = units * size
     if n == want:
         return
+    even = args.gqa == "even" and grouped
     if getattr(args, "uniform", False):
         what = "--uniform: the nearest layout"
-    elif args.gqa == "even" and grouped:
+    elif measured or not even:  # a measured allocation takes the nearest total the layers it may prune reach
+        layouts = ", in --gqa even layouts" if even else ""
+        what = f"the layers --protect-layers and --min-heads-per-layer leave open{layouts}: the nearest allocation"
+    else:
         what = "--gqa even: the nearest layout"
-    else:  # a measured allocation takes the nearest total the layers it may prune reach
-        what = "the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation"
     C._warn(f"{what} removes {n} heads ({n / total:.1%}), not the {want} requested ({want / total:.1%})")
 
 

@@ -1,0 +1,25 @@
+"""What prune says when the layouts round a request: the cause it names."""
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+from test_cli_gqa import _tiny_llama  # noqa: E402
+
+
+def test_a_uniform_layout_of_no_head_and_a_measured_shortfall_name_their_cause(run, tmp_path, tiny_dir):  # noqa: F811
+    """--uniform rounding to no head on a model without grouped queries was blamed on --gqa even
+    (the option's default); a measured allocation short of the request on a grouped model too."""
+    code, err = run(["prune", tiny_dir, "--count", "1", "--uniform", "--samples", "4", "--seq-len", "16", "--quiet",
+                     "--no-speed", "--out", tmp_path / "u"])
+    assert code == 2 and err[-1].endswith("--count: 1 rounds to no head in the layouts the selection allows (--uniform: "
+                                          "every layer loses the same number of heads, and the nearest such layout "
+                                          "is none); ask for more"), err
+    path = _tiny_llama(tmp_path, tiny_dir)  # 2 layers of 2 KV groups of 2 query heads; the first kept whole
+    code, err = run(["prune", path, "--scope", "measured", "--ratio", "0.9", "--samples", "4", "--seq-len", "16",
+                     "--quiet", "--no-speed", "--out", tmp_path / "m"])
+    assert code == 0, err
+    assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open, in --gqa even layouts: "
+               "the nearest allocation removes" in line for line in err), err
