@@ -1,4 +1,4 @@
-"""How the native extension is loaded, and what an accumulator's state must be to load."""
+"""How the native extension is loaded, what an accumulator's state must be to load, and what the fake kernels refuse."""
 
 import subprocess
 import sys
@@ -41,3 +41,13 @@ def test_an_accumulator_state_is_checked_as_the_cpp_accumulator_checks_it():
     assert not c.stats.any()  # unchanged by the refusals
     c.load_state_dict(a.state_dict())
     assert torch.equal(c.stats, a.stats)
+
+
+def test_an_accumulator_of_the_wrong_type_and_shape_raises_alike_on_meta_and_cpu():
+    """The fake (meta) kernel checked the shape first: ValueError there, TypeError on the CPU."""
+    from headprune.core import ops
+
+    for device in ("cpu", "meta"):
+        sums, counts = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.long, device=device)
+        with pytest.raises(TypeError, match="^sums: expected"):
+            ops.entropy_from_probs_accumulate_(sums, counts, torch.rand(2, 4, 3, 3, device=device))

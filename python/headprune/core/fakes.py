@@ -14,9 +14,11 @@ from .schema import NUM_STATS
 
 
 def _check_acc(t, shape, dtype, name):
+    """The type first, then the shape: the order the native kernels check them in, so an
+    accumulator wrong in both raises the same exception on every device."""
+    torch._check_type(t.dtype == dtype, lambda: f"{name}: expected {dtype}, got {t.dtype}")
     torch._check_value(tuple(t.shape) == tuple(shape),
                        lambda: f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    torch._check_type(t.dtype == dtype, lambda: f"{name}: expected {dtype}, got {t.dtype}")
 
 
 def _check_devices(like_name, like, **tensors):
