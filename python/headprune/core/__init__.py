@@ -1,4 +1,4 @@
-"""The native core: the op wrappers (:mod:`.ops`, loading ``headprune._C`` on first use), their
+"""The native core: the op wrappers (:mod:`.ops`, loading ``headprune._C`` on import), their
 float64 pure-PyTorch reference (:mod:`.reference`), the statistics schema (:mod:`.schema`) and
 temporary changes to a model's modules that put back exactly what was there (:mod:`.modules`).
 Nothing here knows about transformers or a model family."""

@@ -1,6 +1,7 @@
-"""Loads the native extension ``headprune._C`` on first use, after checking that it was built for
-the torch that is running (version, CUDA variant, C++ ABI); a mismatch is a clear error
-naming what differs instead of a crash inside the extension."""
+"""Loads the native extension ``headprune._C`` once (``headprune.core.ops`` loads it when
+imported), after checking that it was built for the torch that is running (version, CUDA
+variant, C++ ABI); a mismatch is a clear error naming what differs instead of a crash inside
+the extension."""
 
 from __future__ import annotations
 

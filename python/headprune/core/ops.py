@@ -6,7 +6,8 @@ error the accumulators are left unchanged. The one exception, ``attention_stats_
 returns the attention output it computed. The entropy ops are not differentiable: while grad
 mode is on they refuse a tensor that requires grad (call them under ``torch.no_grad()`` or on
 detached tensors). Every tensor must be on the device of ``probs`` / ``query``. The native
-extension is loaded on the first call (see :mod:`headprune.core.build`).
+extension is loaded when this module is imported, where it loads (otherwise the first call
+raises why; see :mod:`headprune.core.build`).
 """
 
 from __future__ import annotations
