@@ -45,17 +45,21 @@ def test_encoder_matches_probabilities(norm_first):
 
 
 
-@pytest.mark.parametrize("kind", ["-inf", "float32 min"])
-def test_a_float_padding_mask_pads_as_the_bool_one(kind):
-    """An additive key-padding mask of float32's minimum (as transformers builds them) pads as
-    -inf and True do: the encoder's nested fast path drops those positions, and a lone
-    MultiheadAttention leaves their query rows out of the statistics."""
+@pytest.mark.parametrize("kind", ["-inf", "float32 min", "-1e9", "-1e4"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_a_float_padding_mask_pads_as_the_bool_one(kind, nested):
+    """An additive key-padding mask of float32's minimum (as transformers builds them), or of a
+    finite value such as -1e9 or -1e4, pads as -inf and True do: the encoder's nested fast path
+    drops those positions, and its other path and a lone MultiheadAttention leave their query rows
+    out of the statistics (finite values counted them, 0.13 nats off per head)."""
     model = encoder()
+    if not nested:
+        model = nn.TransformerEncoder(model.layers[0], 2, enable_nested_tensor=False).eval()
     x = torch.randn(3, 7, 32) * 3
     pad = torch.zeros(3, 7, dtype=torch.bool)
     pad[1, 5:] = True
     pad[2, 3:] = True
-    fill = float("-inf") if kind == "-inf" else torch.finfo(torch.float32).min
+    fill = {"-inf": float("-inf"), "float32 min": torch.finfo(torch.float32).min, "-1e9": -1e9, "-1e4": -1e4}[kind]
     additive = torch.zeros(3, 7).masked_fill(pad, fill)
     with torch.no_grad():
         want = collect_modules(model, [(x, None, pad)])

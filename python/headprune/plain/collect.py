@@ -19,7 +19,7 @@ from torch import nn
 
 from ..core import ops
 from ..core.modules import compiled_over, eval_mode
-from ..core.schema import MASKED_LOGIT, NUM_STATS
+from ..core.schema import NUM_STATS
 from ..stats.scores import HeadScores
 
 __all__ = ["attention_modules", "collect_modules", "empty_scores"]
@@ -99,10 +99,11 @@ class _Session:
             self.stats[i] = torch.zeros(mha.num_heads, NUM_STATS, dtype=torch.float64, device=q.device)
         qm = None
         if key_padding_mask is not None and itself:
-            # torch canonicalises bool padding masks to additive floats (-inf = padded); an
-            # additive value the ops take as masked (<= MASKED_LOGIT: -inf, float32's min) pads
+            # a float padding mask is added to the keys' logits (so -1e9 masks them as -inf
+            # does); its padded queries are those of a non-zero value, as the encoder's nested
+            # fast path takes them (-1e9 or -1e4 counted the padded rows as queries here)
             kpm = key_padding_mask
-            qm = ~kpm if kpm.dtype == torch.bool else ~(kpm <= MASKED_LOGIT)
+            qm = ~kpm if kpm.dtype == torch.bool else kpm == 0
         mask = _attend_mask(attn_mask, key_padding_mask, q.shape[0], q.shape[1])
         ops.entropy_stats_from_qk_accumulate_(self.stats[i], q, k, mha.head_dim**-0.5, mask, False, qm)
 
