@@ -297,3 +297,26 @@ def test_retype_keeps_a_shared_buffer_one_tensor():
     assert model[0].f is model[1].f and model[0].f.dtype == torch.float16
     assert torch.equal(model[0].f, torch.arange(4.0, dtype=torch.float16))
     assert model[2].weight is model[3].weight and lin.weight.dtype == torch.float16
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_decoders_cross_attention_leaves_out_the_padded_target_rows(batch_first):
+    """The cross-attention's own key padding is the memory's; its padded query rows (the
+    target's) were counted, while the self-attention of the same layer left them out."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    model = nn.TransformerDecoder(layer, 2).eval()
+    tgt, mem = torch.randn(3, 6, 16) * 3, torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[2, 4:] = True  # the last sample's target is 4 long
+    causal = nn.Transformer.generate_square_subsequent_mask
+
+    def call(t, m, **kw):
+        return {"tgt": t if batch_first else t.transpose(0, 1), "memory": m if batch_first else m.transpose(0, 1),
+                "tgt_mask": causal(t.shape[1]), **kw}
+
+    with torch.no_grad():
+        got = collect_modules(model, [call(tgt, mem, tgt_key_padding_mask=pad)])
+        want = collect_modules(model, [call(tgt[:2], mem[:2]), call(tgt[2:, :4], mem[2:])])  # no padding at all
+    assert got.count[:, 0].tolist() == want.count[:, 0].tolist() == [2 * 6 + 4] * 4
+    torch.testing.assert_close(got.entropy, want.entropy, atol=1e-5, rtol=0)

@@ -3,7 +3,9 @@
 Every ``nn.MultiheadAttention`` is an attention site, in ``named_modules`` order. Queries and
 keys are recomputed from the module's input projection inside a forward pre-hook and fed
 to the streaming entropy op; the forward itself is untouched. ``nn.TransformerEncoderLayer``
-is hooked at the layer, because its inference fast path never calls its attention module.
+is hooked at the layer, because its inference fast path never calls its attention module; an
+``nn.TransformerDecoderLayer`` too, for the target padding its cross-attention's query rows have
+(that attention's own key padding is the memory's).
 Pruning is by masking (:mod:`.mask`), since ``nn.MultiheadAttention`` requires
 ``num_heads * head_dim == embed_dim``.
 """
@@ -82,6 +84,7 @@ class _Session:
         self.sites = attention_modules(model)
         self.stats = [None] * len(self.sites)
         self.padding = None  # key padding mask captured at nn.TransformerEncoder level
+        self.targets = {}  # id(a decoder layer's cross-attention) -> its layer's target padding
 
     def record(self, i, mha, query, key, attn_mask=None, key_padding_mask=None):
         if mha.bias_k is not None or mha.add_zero_attn:
@@ -104,6 +107,11 @@ class _Session:
             # fast path takes them (-1e9 or -1e4 counted the padded rows as queries here)
             kpm = key_padding_mask
             qm = ~kpm if kpm.dtype == torch.bool else kpm == 0
+        elif not itself and self.targets.get(id(mha)) is not None:  # a decoder's padded target rows
+            tgt = self.targets[id(mha)]
+            tgt = tgt[None] if tgt.dim() == 1 else tgt
+            if tuple(tgt.shape) == tuple(q.shape[::2]):  # [B, target length]
+                qm = ~tgt if tgt.dtype == torch.bool else tgt == 0
         mask = _attend_mask(attn_mask, key_padding_mask, q.shape[0], q.shape[1])
         ops.entropy_stats_from_qk_accumulate_(self.stats[i], q, k, mha.head_dim**-0.5, mask, False, qm)
 
@@ -134,12 +142,24 @@ class _Session:
         # the nested-tensor fast path drops the positions where a float mask is non-zero
         self.padding = kpm if kpm is None or kpm.dtype == torch.bool else kpm != 0
 
+    def decoder_hook(self, layer, args, kwargs):
+        """The target padding of an ``nn.TransformerDecoderLayer``'s call, for its cross-attention,
+        whose own key padding is the memory's: its padded query rows are the target's."""
+        names = ("tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask")
+        self.targets[id(layer.multihead_attn)] = dict(zip(names, args), **kwargs).get("tgt_key_padding_mask")
+
+    def decoder_done(self, layer, args, output) -> None:  # None: the layer's output stays its own
+        self.targets.pop(id(layer.multihead_attn), None)
+
     @contextmanager
     def hooks(self, model):
         handles = []
         try:
             for enc in (m for m in model.modules() if isinstance(m, nn.TransformerEncoder)):
                 handles.append(enc.register_forward_pre_hook(self.encoder_hook, with_kwargs=True))
+            for dec in (m for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)):
+                handles.append(dec.register_forward_pre_hook(self.decoder_hook, with_kwargs=True))
+                handles.append(dec.register_forward_hook(self.decoder_done))
             for i, (_, mha, owner) in enumerate(self.sites):
                 target, fn = (owner, self.layer_hook(i)) if owner is not None else (mha, self.mha_hook(i))
                 handles.append(target.register_forward_pre_hook(fn, with_kwargs=True))
