@@ -107,3 +107,21 @@ def test_flex_attention_is_refused_naming_its_mask():
     with pytest.raises(NotImplementedError, match=r"^attention implementation 'flex_attention' hands a mask of type "
                                                   r"BlockMask, not the 4-D tensor headprune reads; collect with"):
         effective_mask("flex_attention", None, q, q, BlockMask(), {})
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_cross_attention_the_adapter_does_not_list_is_said(family):
+    """A BERT or GPT-2 with add_cross_attention has cross-attention layers no site names: they were
+    neither collected nor prunable, and nothing said so."""
+    import warnings
+
+    from headprune.hf import collect
+
+    model = tiny_model(family, add_cross_attention=True, is_decoder=True)
+    batch = {**tiny_batch(family), "encoder_hidden_states": torch.randn(3, 5, model.config.hidden_size)}
+    with pytest.warns(UserWarning, match=r"has cross-attention layers \(add_cross_attention\), which headprune "
+                                         r"neither collects nor masks nor prunes"):
+        collect(model, [batch], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same families without cross-attention: no word
+        collect(tiny_model(family), [tiny_batch(family)], progress=False)

@@ -9,6 +9,7 @@ records. Paths were checked against the transformers 5 modeling files.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -246,6 +247,11 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
     decoder self, decoder cross), layers in order within a block."""
     adapter = adapter or get_adapter(model)
     base = _base(model)
+    if getattr(getattr(model, "config", None), "add_cross_attention", False) and all(
+            b.kind != "cross" for b in adapter.blocks):
+        warnings.warn(f"model: {type(model).__name__} has cross-attention layers (add_cross_attention), which "
+                      "headprune neither collects nor masks nor prunes: only its self-attention heads are scored "
+                      "and removed", stacklevel=2)
     sites = []
     present = {b.stack for b in adapter.blocks if b.stack} & dict(base.named_children()).keys()
     for block in adapter.blocks:
