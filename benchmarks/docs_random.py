@@ -1,9 +1,11 @@
-"""The paragraph of docs/quality.md on random draws that keep the default's protected layers
-(bench_quality.py --random-protect, see make_docs.py and docs_tables.py)."""
+"""The sweep tables of docs/quality.md against their random draws, and the paragraph on random
+draws that keep the default's protected layers (bench_quality.py --random-protect, see
+make_docs.py and docs_tables.py)."""
 
 from __future__ import annotations
 
-from make_docs import mean, num, pct
+from make_docs import mean, num, pct, table
+from make_docs import mean as _mean
 
 
 def _points(ctx, name: str) -> list:
@@ -49,4 +51,50 @@ def protected_summary(ctx, name: str = "quality_random_protected", unprotected: 
             f"the first layer (geometric means): {'; '.join(parts)}: {helps}. {verdict}")
 
 
-TABLES = {f.__name__: f for f in (protected_wins, protected_summary)}
+def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
+    """One row per ratio: each recipe's metric (bold when better than every random draw: a value
+    inside the draws' range is not told from random heads; never for a recipe that removes heads
+    otherwise than the draws, or fewer of them, which the draws do not measure), the random mean
+    (geometric for perplexities) and range."""
+    lower = result["lower_is_better"]
+    names = list(result["recipes"]) if recipes is None else recipes
+    seeds = len(result["random"][0]) if result["random"] else 0
+    removal = result.get("removal", "mean" if result.get("compensate") else "zero")  # the draws'
+    apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
+    out = []
+    for i, r in enumerate(result["ratios"]):
+        rnd = result["random"][i] if result["random"] else []
+        mean = _mean(rnd, lower) if rnd else None
+        cells = []
+        for n in names:
+            v = result["recipes"][n][i]
+            better = bool(rnd) and n not in apart and (v < min(rnd) if lower else v > max(rnd))
+            better = better and _removes_as_many(result, n, i)
+            cells.append(f"**{num(v, digits)}**" if better else num(v, digits))
+        rand = [f"{num(mean, digits)} ({num(min(rnd), digits)}-{num(max(rnd), digits)})"] if rnd else []
+        out.append([pct(r)] + cells + rand)
+    head = ["pruned"] + names + ([f"random, mean of {seeds} (range)"] if seeds else [])
+    note = (f"\n\n({', '.join(f'`{n}`' for n in apart)}: removed otherwise than the random draws, so never "
+            "bold: the draws do not measure that removal.)") if apart and seeds else ""
+    return table(head, out) + note
+
+
+def _removes_as_many(result: dict, name: str, i: int) -> bool:
+    """Whether the recipe removed at least as many heads as each random draw at the ``i``-th ratio
+    (True where the result does not record them)."""
+    random, chosen = result.get("random_heads") or [], result.get("heads", {}).get(name)
+    if i >= len(random) or not random[i] or not chosen:
+        return True
+    return sum(map(len, chosen[i].values())) >= max(random[i])
+
+
+def sweep_caption(ctx, result: dict) -> str:
+    better = "lower" if result["lower_is_better"] else "higher"
+    if "evaluated_on" in result:
+        where = f"calibrated on `{result['calibrated_on']}`, evaluated on held-out `{result['evaluated_on']}`"
+    else:
+        where = f"on held-out `{result['data']}`"
+    return f"**{result['model']}**, {result['metric']} {where} ({better} is better; unpruned {num(result['baseline'], 4)})"
+
+
+TABLES = {f.__name__: f for f in (protected_wins, protected_summary, sweep_table, sweep_caption)}

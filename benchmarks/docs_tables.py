@@ -72,37 +72,6 @@ def memory_probe_table(ctx) -> str:
 TABLES = {f.__name__: f for f in (probs_table, qk_table, collection_table, memory_probe_table)}
 
 
-def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
-    """One row per ratio: each recipe's metric (bold when better than every random draw: a value
-    inside the draws' range is not told from random heads), the random mean (geometric for
-    perplexities) and range."""
-    lower = result["lower_is_better"]
-    names = list(result["recipes"]) if recipes is None else recipes
-    seeds = len(result["random"][0]) if result["random"] else 0
-    out = []
-    for i, r in enumerate(result["ratios"]):
-        rnd = result["random"][i] if result["random"] else []
-        mean = _mean(rnd, lower) if rnd else None
-        cells = []
-        for n in names:
-            v = result["recipes"][n][i]
-            better = bool(rnd) and (v < min(rnd) if lower else v > max(rnd))
-            cells.append(f"**{num(v, digits)}**" if better else num(v, digits))
-        rand = [f"{num(mean, digits)} ({num(min(rnd), digits)}-{num(max(rnd), digits)})"] if rnd else []
-        out.append([pct(r)] + cells + rand)
-    head = ["pruned"] + names + ([f"random, mean of {seeds} (range)"] if seeds else [])
-    return table(head, out)
-
-
-def sweep_caption(ctx, result: dict) -> str:
-    better = "lower" if result["lower_is_better"] else "higher"
-    if "evaluated_on" in result:
-        where = f"calibrated on `{result['calibrated_on']}`, evaluated on held-out `{result['evaluated_on']}`"
-    else:
-        where = f"on held-out `{result['data']}`"
-    return f"**{result['model']}**, {result['metric']} {where} ({better} is better; unpruned {num(result['baseline'], 4)})"
-
-
 #: the quality targets of the default recipe: (model, same text as the calibration?) -> {ratio: bound}
 #: perplexity bounds are multiples of the unpruned model's, fidelity bounds are absolute
 TARGETS = {("smollm2", True): {0.3: 1.10, 0.5: 1.35}, ("smollm2", False): {0.3: 1.20, 0.5: 1.50},
@@ -386,7 +355,7 @@ def generated_seconds(ctx, name: str = "generated_calibration") -> str:
 
 
 TABLES.update({f.__name__: f for f in (
-    sweep_table, sweep_caption, targets_table, standing, recipe_value, calibration_table,
+    targets_table, standing, recipe_value, calibration_table,
     cli_rows_text, layout_value, layouts_table, kv_table, kv_value, kv_change, gguf_table, gguf_generation, gguf_speed_table, learned_table,
     learned_standing, generated_table, generated_seconds, generated_value)})
 TABLES.update(_ALLOCATION)
