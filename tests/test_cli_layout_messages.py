@@ -23,3 +23,18 @@ def test_a_uniform_layout_of_no_head_and_a_measured_shortfall_name_their_cause(r
     assert code == 0, err
     assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open, in --gqa even layouts: "
                "the nearest allocation removes" in line for line in err), err
+
+
+def test_the_recipe_text_names_the_heads_every_layer_keeps():
+    """--min-heads-per-layer changed the heads chosen and the recipe sentence stayed word for word."""
+    from headprune.app.recipe_text import describe_recipe
+
+    plain = describe_recipe({"score": "entropy", "scope": "global"}, "refit")
+    assert "kept in every layer" not in plain and "whole layers" not in plain
+    assert "; at least 3 query heads kept in every layer;" in describe_recipe(
+        {"score": "entropy", "scope": "global", "min_heads_per_layer": 3}, "refit")
+    assert "; at least 2 KV groups kept in every layer;" in describe_recipe(
+        {"score": "entropy", "gqa": "group", "min_heads_per_layer": 2}, "refit", grouped=True)
+    assert "; whole layers may go;" in describe_recipe({"score": "entropy", "min_heads_per_layer": 0}, "refit")
+    assert describe_recipe({"score": "entropy", "min_heads_per_layer": 1}, "refit") == describe_recipe(
+        {"score": "entropy"}, "refit")

@@ -76,6 +76,7 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
     if steps > 1:
         parts.append(f"chosen in {steps} rounds, the statistics collected again after each with the heads chosen so "
                      "far removed as below")
+    parts += _kept_per_layer(select.get("min_heads_per_layer"), units)
     protect = select.get("protect_layers")
     if protect:
         parts.append(f"layer{'s' if len(protect) > 1 else ''} {', '.join(map(str, protect))} kept whole")
@@ -92,3 +93,11 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         how += ", without an output bias (the family's config declares none, so the saved config stays plain)"
     parts.append(how)
     return "; ".join(parts)
+
+
+def _kept_per_layer(keep, units: str) -> list:
+    """The words for ``min_heads_per_layer`` where it is given and not select_heads' own 1."""
+    if keep is None or keep == 1:
+        return []
+    unit = "KV group" if units == "whole KV groups" else "query head"
+    return [f"at least {keep} {unit}{'s' * (keep != 1)} kept in every layer" if keep else "whole layers may go"]
