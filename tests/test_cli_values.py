@@ -66,3 +66,20 @@ def test_sweep_removes_with_the_value_refit_on_an_encoder(run, tmp_path, tiny_di
     assert "value rows and output columns refit" in (tmp_path / "s" / "sweep.md").read_text()
     # the one-shot recipes and the random draw collect value moments; sequential and iterative ones do not
     assert len(calls) >= 2
+
+
+def test_refit_values_with_what_rules_it_out_is_refused_before_the_model_loads(run, tmp_path):  # noqa: F811
+    """--refit-values --no-reconstruct contradict each other whatever the model, but were refused
+    only after it loaded: with an unreadable MODEL its error came first."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "bert"}')
+    (broken / "model.safetensors").write_text("garbage")
+    for command in (["prune", broken, "--ratio", "0.3"], ["sweep", broken]):
+        for extra, words in ((["--no-reconstruct"], "drop --no-reconstruct"), (["--sequential"], "drop --sequential"),
+                             (["--steps", "2"], "drop --steps")):
+            if command[0] == "sweep" and extra[0] != "--no-reconstruct":
+                continue  # the sweep has neither option
+            code, err = run([*command, "--quiet", "--out", tmp_path / "o", "--refit-values", *extra])
+            assert code == 2 and err[-1].endswith(f"--refit-values: extends the one-shot least-squares refit on one "
+                                                  f"process; {words}"), err

@@ -13,9 +13,7 @@ def refits_values(args, loaded, removal: str) -> bool:
     want = getattr(args, "refit_values", None)
     if want is False:
         return False
-    other = [flag for flag, on in (("--no-reconstruct", removal != "refit"), ("--sequential", args.sequential),
-                                   ("--steps", args.steps != 1),
-                                   ("--distributed", getattr(args, "distributed", False))) if on]
+    other = values_conflicts(args, removal, args.steps)
     if want:
         refuse_values(loaded, other)
         return True
@@ -27,12 +25,23 @@ def refuse_values(loaded, other: list) -> None:
     for a model without a value projection per query head (prune and sweep, before collecting)."""
     from ..hf.values import supports_values
 
-    if other:
-        raise ValueError(f"--refit-values: extends the one-shot least-squares refit on one process; drop "
-                         f"{', '.join(other)}")
+    refuse_values_with(other)
     if not supports_values(loaded.model):
         raise ValueError("--refit-values: needs a value projection of its own for every query head (not fused "
                          "q/k/v, not grouped-query attention)")
+
+
+def values_conflicts(args, removal: str, steps: int) -> list:
+    """The options given that rule out the value refit (the one-shot refit on one process's batches)."""
+    given = (("--no-reconstruct", removal != "refit"), ("--sequential", getattr(args, "sequential", False)),
+             ("--steps", steps != 1), ("--distributed", getattr(args, "distributed", False)))
+    return [flag for flag, on in given if on]
+
+
+def refuse_values_with(other: list) -> None:
+    if other:
+        raise ValueError(f"--refit-values: extends the one-shot least-squares refit on one process; drop "
+                         f"{', '.join(other)}")
 
 
 def remove(args, stage, loaded, batches, heads: dict, how: dict, values: bool, mode: str) -> None:

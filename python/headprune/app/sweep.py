@@ -365,11 +365,17 @@ def removal_of(args) -> str:
 
 def check_removal_options(args) -> None:
     """--compensate chooses what replaces a removed head without the refit: refused with it,
-    where it would be silently ignored."""
+    where it would be silently ignored; --refit-values, with the options that rule it out
+    (``--steps auto`` is resolved on the model, later), before the model loads."""
     if getattr(args, "reconstruct", False) and getattr(args, "compensate", None) is not None:
         flag = "--compensate" if args.compensate else "--no-compensate"
         raise ValueError(f"{flag}: applies with --no-reconstruct (the refit replaces removed heads otherwise); drop "
                          f"it, or add --no-reconstruct")
+    if getattr(args, "refit_values", None):
+        from .removal_stage import refuse_values_with, values_conflicts
+
+        steps = getattr(args, "steps", 1)
+        refuse_values_with(values_conflicts(args, removal_of(args), steps if isinstance(steps, int) else 1))
 
 
 def refit_bias_of(model, uniform: bool, removal: str, values: bool) -> bool:
