@@ -154,6 +154,8 @@ def test_the_flops_row_says_its_context_which_the_model_can_take():
     assert m["context"] == 64 and m["attention_flops_per_token"] == attention_flops_per_token(model, 64)
     table = summary_table({"before": m, "after": m}, "fidelity")
     assert "| attention FLOPs/token (at 64 tokens of context, a fixed point of comparison: " in table
+    roberta = tiny_model("roberta")  # 64 position rows, the first two skipped (padding_idx 1): 62 tokens
+    assert measure(roberta)["context"] == 62  # it said 64, a context the model cannot take
 
 
 def test_the_retrieval_row_says_what_it_counts_and_changes_by_paragraphs():
