@@ -249,3 +249,10 @@ def test_a_recipe_removed_otherwise_than_the_random_draws_is_not_starred():
     rows = [line for line in text.splitlines() if line.startswith("| 0.")]
     assert rows[0].startswith("| 0.30 | 11 * | 11.5 |") and rows[1].startswith("| 0.50 | 18 * | 19 |")
     assert "`variance, mean`: removed otherwise than the random draws" in text
+
+
+def test_a_nan_draw_makes_the_random_range_nan_wherever_it_is():
+    """min and max over [30, nan, 40] gave 30-40 and over [nan, 30, 40] gave nan-nan."""
+    for draws in ([30.0, float("nan"), 40.0], [float("nan"), 30.0, 40.0]):
+        row = [line for line in sweep_markdown(_result([draws, draws])).splitlines() if line.startswith("| 0.30")][0]
+        assert row.endswith("| nan | nan-nan |"), row

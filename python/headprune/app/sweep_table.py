@@ -51,7 +51,8 @@ def sweep_markdown(result: dict) -> str:
             cells.append(number(v) + (f" ({k / result['heads_total']:.0%} of heads)" if uneven else "")
                          + (" *" if better else ""))
         if rnd:
-            cells += [number(mean), f"{number(min(rnd))}-{number(max(rnd))}"]
+            span = [number(min(rnd)), number(max(rnd))] if not any(map(math.isnan, rnd)) else ["nan"] * 2
+            cells += [number(mean), "-".join(span)]  # (min and max of NaN depended on where it was)
         lines.append("| " + " | ".join(cells) + " |")
     lines += _star_notes(draws, mean_name, apart)
     if other:
