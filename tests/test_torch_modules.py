@@ -320,3 +320,22 @@ def test_a_decoders_cross_attention_leaves_out_the_padded_target_rows(batch_firs
         want = collect_modules(model, [call(tgt[:2], mem[:2]), call(tgt[2:, :4], mem[2:])])  # no padding at all
     assert got.count[:, 0].tolist() == want.count[:, 0].tolist() == [2 * 6 + 4] * 4
     torch.testing.assert_close(got.entropy, want.entropy, atol=1e-5, rtol=0)
+
+
+def test_a_decoder_only_subclass_without_cross_attention_is_collected():
+    """A GPT-style layer that subclasses nn.TransformerDecoderLayer and deletes its cross-attention
+    failed in the decoder hook (AttributeError: no multihead_attn)."""
+
+    class DecoderOnly(nn.TransformerDecoderLayer):
+        def __init__(self):
+            super().__init__(16, 2, 32, dropout=0.0, batch_first=True)
+            del self.multihead_attn, self.norm2, self.dropout2
+
+        def forward(self, x, mask=None):
+            x = self.norm1(x + self._sa_block(x, mask, None))
+            return self.norm3(x + self._ff_block(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DecoderOnly(), DecoderOnly()).eval()
+    scores = collect_modules(model, [torch.randn(2, 5, 16)])
+    assert scores.entropy.shape == (2, 2) and scores.count[:, 0].tolist() == [10, 10]

@@ -145,11 +145,14 @@ class _Session:
     def decoder_hook(self, layer, args, kwargs):
         """The target padding of an ``nn.TransformerDecoderLayer``'s call, for its cross-attention,
         whose own key padding is the memory's: its padded query rows are the target's."""
-        names = ("tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask")
-        self.targets[id(layer.multihead_attn)] = dict(zip(names, args), **kwargs).get("tgt_key_padding_mask")
+        cross = getattr(layer, "multihead_attn", None)  # a decoder-only subclass deletes it
+        if cross is not None:
+            names = ("tgt", "memory", "tgt_mask", "memory_mask", "tgt_key_padding_mask")
+            tgt = dict(zip(names, args), **kwargs).get("tgt_key_padding_mask")
+            self.targets[id(cross)] = tgt if isinstance(tgt, torch.Tensor) else None
 
     def decoder_done(self, layer, args, output) -> None:  # None: the layer's output stays its own
-        self.targets.pop(id(layer.multihead_attn), None)
+        self.targets.pop(id(getattr(layer, "multihead_attn", None)), None)
 
     @contextmanager
     def hooks(self, model):
