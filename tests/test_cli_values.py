@@ -83,3 +83,15 @@ def test_refit_values_with_what_rules_it_out_is_refused_before_the_model_loads(r
             code, err = run([*command, "--quiet", "--out", tmp_path / "o", "--refit-values", *extra])
             assert code == 2 and err[-1].endswith(f"--refit-values: extends the one-shot least-squares refit on one "
                                                   f"process; {words}"), err
+
+
+def test_the_sweep_takes_refit_values_with_distributed():
+    """The sweep chooses and removes on one process (--distributed spreads its collection only), and
+    refits values on an encoder by default: asked for, it was refused with 'drop --distributed'."""
+    from headprune.app.cli import build_parser
+    from headprune.app.sweep import check_removal_options
+
+    check_removal_options(build_parser().parse_args(["sweep", "m", "--distributed", "--refit-values"]), sweep=True)
+    with pytest.raises(ValueError, match="drop --no-reconstruct$"):
+        check_removal_options(build_parser().parse_args(["sweep", "m", "--distributed", "--refit-values",
+                                                         "--no-reconstruct"]), sweep=True)
