@@ -51,3 +51,54 @@ def test_an_accumulator_of_the_wrong_type_and_shape_raises_alike_on_meta_and_cpu
         sums, counts = torch.zeros(3, device=device), torch.zeros(3, dtype=torch.long, device=device)
         with pytest.raises(TypeError, match="^sums: expected"):
             ops.entropy_from_probs_accumulate_(sums, counts, torch.rand(2, 4, 3, 3, device=device))
+
+
+def _run(code: str, env=None) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_the_loaders_warning_waits_for_the_first_call():
+    """Under a CUDA torch a CPU-only build's warning came at import, so `python -W error -c
+    'import headprune'` failed; it is said at the first op call, as before the loading moved."""
+    _run("""
+import warnings, torch
+torch.version.cuda = "12.4"  # what the loader reads of a CUDA torch
+warnings.simplefilter("error")
+import headprune
+from headprune.core import ops
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    ops.apply_head_mask_(torch.ones(4), torch.ones(2), 2, 0)
+assert any("built without CUDA kernels" in str(w.message) for w in seen), seen
+print("ok")
+""")
+
+
+def test_a_build_whose_fakes_fail_still_imports_and_the_first_call_says_why(tmp_path):
+    """A stale build (an op added to fakes.py after the extension was built) failed `import headprune`."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import headprune
+
+    copy = tmp_path / "headprune"
+    shutil.copytree(Path(headprune.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    fakes = copy / "core" / "fakes.py"
+    fakes.write_text(fakes.read_text().replace(
+        '    """Shape-checking fake kernels so ``torch.compile`` can trace the ops."""',
+        '    """Shape-checking fake kernels so ``torch.compile`` can trace the ops."""\n'
+        '    raise RuntimeError("operator headprune::newer_op does not exist")'))
+    _run("""
+import torch
+import headprune
+from headprune.core import ops
+for _ in range(2):
+    try:
+        ops.apply_head_mask_(torch.ones(4), torch.ones(2), 2, 0)
+    except RuntimeError as e:
+        assert "headprune::newer_op does not exist" in str(e), e
+print("ok")
+""", env={**os.environ, "PYTHONPATH": str(tmp_path)})

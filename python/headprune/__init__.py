@@ -1,7 +1,7 @@
 """headprune: entropy-based attention-head pruning with a native C++/CUDA core.
 
-``import headprune`` needs only torch, and not the native extension: it is loaded on the first
-op call. The Hugging Face layer (``collect``, ``mask_heads``, ``prune_heads``, ``save_pruned``,
+``import headprune`` needs only torch, and not the native extension: it is loaded on import where
+it loads (so torch.compile finds its ops), and otherwise the first op call raises why. The Hugging Face layer (``collect``, ``mask_heads``, ``prune_heads``, ``save_pruned``,
 ``load_pruned``, ``gates``, ``gradient_importance``, ``learn_gates``, ``recover``,
 ``select_measured``, ...) loads transformers on first use.
 

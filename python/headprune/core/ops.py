@@ -12,11 +12,13 @@ raises why; see :mod:`headprune.core.build`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 
-from .build import BuildMismatchError, load_extension
+from . import build
+from .build import load_extension
 
 __all__ = [
     "apply_head_mask_",
@@ -28,9 +30,18 @@ __all__ = [
 ]
 
 
+#: what loading the extension on import raised or warned, said by the first op call instead
+_AT_IMPORT = {"error": None, "warnings": []}
+
+
 def _ops():
-    """``torch.ops.headprune``, with the extension loaded on first use (so the pure-Python
-    layers import without a build)."""
+    """``torch.ops.headprune``, with the extension loaded (so the pure-Python layers import
+    without a build, and the first call says why it does not load)."""
+    while _AT_IMPORT["warnings"]:
+        w = _AT_IMPORT["warnings"].pop(0)
+        warnings.warn(w.message, w.category, stacklevel=3)
+    if _AT_IMPORT["error"] is not None and build._loaded is None:
+        raise _AT_IMPORT["error"]  # (a stale build's fakes fail: loading again would fail otherwise)
     load_extension()
     return torch.ops.headprune
 
@@ -38,12 +49,15 @@ def _ops():
 def _load_if_built() -> None:
     """Loads the extension on import where it loads: torch.compile cannot trace the loader (its
     lock), so a compiled function whose op call was the process's first use failed under
-    ``fullgraph=True``. Without a usable build the pure-Python layers still import, and the first
-    call raises why."""
+    ``fullgraph=True``. Nothing is raised or warned at import (``-W error`` imports too): without
+    a usable build the pure-Python layers still import, and the first call raises why or warns."""
     try:
-        load_extension()
-    except (ImportError, BuildMismatchError):
-        pass
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            load_extension()
+        _AT_IMPORT["warnings"] = list(seen)
+    except Exception as e:  # noqa: BLE001 - raised by the first call
+        _AT_IMPORT["error"] = e
 
 
 _load_if_built()
