@@ -120,8 +120,12 @@ def test_cross_attention_the_adapter_does_not_list_is_said(family):
     model = tiny_model(family, add_cross_attention=True, is_decoder=True)
     batch = {**tiny_batch(family), "encoder_hidden_states": torch.randn(3, 5, model.config.hidden_size)}
     with pytest.warns(UserWarning, match=r"has cross-attention layers \(add_cross_attention\), which headprune "
-                                         r"neither collects nor masks nor prunes"):
+                                         r"neither collects nor masks nor prunes") as seen:
         collect(model, [batch], progress=False)
+    assert len([w for w in seen if "cross-attention" in str(w.message)]) == 1  # once per model: it came 8-12 times
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same families without cross-attention: no word
         collect(tiny_model(family), [tiny_batch(family)], progress=False)
+        collect(model, [batch], progress=False)  # said once for this model
+        llama = tiny_model("llama", add_cross_attention=True)  # a flag its code ignores: no such layer
+        collect(llama, [tiny_batch("llama")], progress=False)

@@ -10,6 +10,7 @@ records. Paths were checked against the transformers 5 modeling files.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -247,11 +248,7 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
     decoder self, decoder cross), layers in order within a block."""
     adapter = adapter or get_adapter(model)
     base = _base(model)
-    if getattr(getattr(model, "config", None), "add_cross_attention", False) and all(
-            b.kind != "cross" for b in adapter.blocks):
-        warnings.warn(f"model: {type(model).__name__} has cross-attention layers (add_cross_attention), which "
-                      "headprune neither collects nor masks nor prunes: only its self-attention heads are scored "
-                      "and removed", stacklevel=2)
+    _warn_unlisted_cross_attention(model, adapter)
     sites = []
     present = {b.stack for b in adapter.blocks if b.stack} & dict(base.named_children()).keys()
     for block in adapter.blocks:
@@ -275,6 +272,23 @@ def resolve_sites(model, adapter: Optional[Adapter] = None) -> list:
                                  "headprune collects, masks and prunes each layer's attention on its own and does not "
                                  "support attention weights shared between layers")
     return sites
+
+
+_WARNED = weakref.WeakSet()  # models already told of their cross-attention: once each
+
+
+def _warn_unlisted_cross_attention(model, adapter: Adapter) -> None:
+    """A BERT, RoBERTa or GPT-2 built with ``add_cross_attention`` has ``crossattention`` modules
+    that no block of its adapter names (families whose code builds none ignore the flag)."""
+    if model in _WARNED or any(b.kind == "cross" for b in adapter.blocks):
+        return
+    if not getattr(getattr(model, "config", None), "add_cross_attention", False):
+        return
+    if any(name.rpartition(".")[2] == "crossattention" for name, _ in model.named_modules()):
+        _WARNED.add(model)
+        warnings.warn(f"model: {type(model).__name__} has cross-attention layers (add_cross_attention), which "
+                      "headprune neither collects nor masks nor prunes: only its self-attention heads are scored "
+                      "and removed", stacklevel=3)
 
 
 def _shared_parts(site: Site) -> list:
