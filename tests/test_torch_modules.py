@@ -297,6 +297,20 @@ def test_retype_keeps_a_shared_buffer_one_tensor():
     assert model[0].f is model[1].f and model[0].f.dtype == torch.float16
     assert torch.equal(model[0].f, torch.arange(4.0, dtype=torch.float16))
     assert model[2].weight is model[3].weight and lin.weight.dtype == torch.float16
+    # every owner is asked: one that keeps float32 keeps the original, whichever comes first
+    for keep in (0, 1):
+        shared = torch.arange(4.0)
+        a, b = nn.Module(), nn.Module()
+        a.register_buffer("f", shared)
+        b.register_buffer("f", shared)
+        model = nn.Sequential(a, b)
+        retype(model, lambda m, module, n, t, keep=keep: None if m == str(keep) else torch.float16)
+        assert model[keep].f is shared and model[1 - keep].f.dtype == torch.float16
+    one = nn.Module()  # one tensor under two names of one module: both cast, still one tensor
+    one.register_buffer("a", torch.arange(4.0))
+    one.register_buffer("b", one.a)
+    retype(one, lambda m, module, n, t: torch.float16)
+    assert one.a is one.b and one.b.dtype == torch.float16
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -42,28 +42,29 @@ def instance_forward(module, forward):
 
 def retype(model, dtype_of) -> None:
     """Each parameter and buffer ``t`` of ``model`` cast to ``dtype_of(module name, module,
-    tensor name, t)`` where that gives a type other than ``t``'s (``None``: left as it is).
-    Parameters keep their identity (their ``.data`` is replaced), so an optimizer or a dict
-    holding them still does; a tied parameter is cast once, and a buffer that several modules
-    share stays one tensor (cast once, given to each)."""
+    tensor name, t)`` where that gives a type other than ``t``'s (``None``: left as it is), asked
+    of every name that holds it. Parameters keep their identity (their ``.data`` is replaced), so
+    an optimizer or a dict holding them still does; a tied parameter is cast once; a buffer held
+    under several names (several modules, or one module twice) that they want in one type stays
+    one tensor (cast once, given to each)."""
     import torch
 
-    cast = {}  # id of a buffer cast -> (the buffer, its cast)
+    cast = {}  # (id of a buffer, type) -> (the buffer, its cast)
     with torch.no_grad():
         for m, module in model.named_modules():
-            for n, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                if n not in module._parameters and id(t) in cast and cast[id(t)][0] is t:
-                    module._buffers[n] = cast[id(t)][1]
+            for n, t in [*module._parameters.items(), *module._buffers.items()]:
+                if t is None:
                     continue
                 want = dtype_of(m, module, n, t)
                 if want is None or t.dtype == want:
                     continue
                 if n in module._parameters:
                     t.data = t.data.to(want)
-                else:
-                    cast[id(t)] = (t, t.to(want))
-                    module._buffers[n] = cast[id(t)][1]
-
+                    continue
+                key = (id(t), want)
+                if key not in cast or cast[key][0] is not t:
+                    cast[key] = (t, t.to(want))
+                module._buffers[n] = cast[key][1]
 
 def uncompiled(model):
     """The module a ``torch.compile`` wrapper compiles (it shares its parameters), else ``model``:
