@@ -204,9 +204,9 @@ RANKING_ERRORS = [
     (dict(count=1, nan=(1, 2), score="entropy"), ValueError, r"layer 1 \(1\) head\(s\) \[2\] have no statistics"),
     (dict(count=1, count0=(0, 3)), ValueError, r"layer 0 \(0\) head\(s\) \[3\] have no statistics"),
     (dict(count=1, nan=(0, 1), gqa="group", kv=2, score="entropy"), ValueError, r"layer 0 \(0\) head\(s\) \[0, 1\] have no statistics"),
-    # a score tensor is named as one (its repr was printed), and its NaN is not fixed by protection
+    # a score tensor's NaN is its own (its repr was printed, and more data was advised)
     (dict(count=1, score=torch.tensor([[0.0, 1, 2, float("nan")], [1, 2, 3, 4]])), ValueError,
-     r"layer 0 \(0\) head\(s\) \[3\] have no statistics \(the score tensor is NaN\); collect on more data$"),
+     r"^score: the score tensor is NaN at layer 0 \(0\) head\(s\) \[3\]$"),
     # +inf and -inf in one KV group: its mean, NaN, left the sort in no order
     (dict(count=1, gqa="group", kv=2, score=torch.tensor([[1.0, 2, 3, 4], [float("inf"), -float("inf"), 0.5, 0.6]])),
      ValueError, r"layer 1 \(1\) head\(s\) \[0, 1\] score \+inf and -inf \(the score tensor\), so the group has no score"),
