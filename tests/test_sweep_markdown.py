@@ -256,3 +256,12 @@ def test_a_nan_draw_makes_the_random_range_nan_wherever_it_is():
     for draws in ([30.0, float("nan"), 40.0], [float("nan"), 30.0, 40.0]):
         row = [line for line in sweep_markdown(_result([draws, draws])).splitlines() if line.startswith("| 0.30")][0]
         assert row.endswith("| nan | nan-nan |"), row
+
+
+def test_the_heading_names_the_refits_damping_and_the_draws_layouts():
+    """The heading gave neither the damping of the refit nor the draws' --gqa (both in sweep.json)."""
+    result = {**_result([[12.0, 13.0], [20.0, 25.0]]), "settings": {"damping": 0.1}, "gqa": "query"}
+    head = sweep_markdown(result).splitlines()[0]
+    assert "kept heads refit by least squares (damping 0.1); random heads" in head and ", in --gqa query layouts" in head
+    plain = sweep_markdown({**result, "gqa": "even"}).splitlines()[0]
+    assert "--gqa" not in plain  # the default's layouts are not named

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..ranking import DEFAULT_GQA
 from .report import calibration_text, number
 
 #: random-baseline scopes (``--random-scope``) and what each draws
@@ -80,10 +81,14 @@ def _heading(result: dict, draws: int) -> str:
            "zero": "removed heads zeroed"}[_removal(result)]
     if result.get("values") and result.get("removal") == "refit":
         how = "kept heads' value rows and output columns refit by least squares"
+    s = result.get("settings")
+    if _removal(result) == "refit" and (s or {}).get("damping") is not None:
+        how += f" (damping {s['damping']:g})"
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
         how += ", the default's protected layers kept whole" * bool(result.get("random_protect"))
-    s = result.get("settings")
+        gqa = result.get("gqa")
+        how += f", in --gqa {gqa} layouts" * (gqa is not None and gqa != DEFAULT_GQA)
     calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
     evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
     part = result.get("eval_paragraphs")
