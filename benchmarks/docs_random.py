@@ -5,7 +5,8 @@ make_docs.py and docs_tables.py)."""
 from __future__ import annotations
 
 from make_docs import mean, num, pct, table
-from make_docs import mean as _mean
+
+from headprune.app.sweep_table import budgets, draws_removal
 
 
 def _points(ctx, name: str) -> list:
@@ -51,6 +52,11 @@ def protected_summary(ctx, name: str = "quality_random_protected", unprotected: 
             f"the first layer (geometric means): {'; '.join(parts)}: {helps}. {verdict}")
 
 
+def beats_every_draw(v: float, draws: list, lower: bool) -> bool:
+    """Better than each random draw (a value inside the draws' range is not told from random heads)."""
+    return all(v < d if lower else v > d for d in draws)
+
+
 def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
     """One row per ratio: each recipe's metric (bold when better than every random draw: a value
     inside the draws' range is not told from random heads; never for a recipe that removes heads
@@ -59,33 +65,23 @@ def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
     lower = result["lower_is_better"]
     names = list(result["recipes"]) if recipes is None else recipes
     seeds = len(result["random"][0]) if result["random"] else 0
-    removal = result.get("removal", "mean" if result.get("compensate") else "zero")  # the draws'
+    removal = draws_removal(result)
     apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
     out = []
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if result["random"] else []
-        mean = _mean(rnd, lower) if rnd else None
         cells = []
         for n in names:
             v = result["recipes"][n][i]
-            better = bool(rnd) and n not in apart and (v < min(rnd) if lower else v > max(rnd))
-            better = better and _removes_as_many(result, n, i)
+            k, drawn = budgets(result, n, i)  # (None, []) where the result does not record them
+            better = bool(rnd) and n not in apart and beats_every_draw(v, rnd, lower) and (k is None or k >= max(drawn))
             cells.append(f"**{num(v, digits)}**" if better else num(v, digits))
-        rand = [f"{num(mean, digits)} ({num(min(rnd), digits)}-{num(max(rnd), digits)})"] if rnd else []
+        rand = [f"{num(mean(rnd, lower), digits)} ({num(min(rnd), digits)}-{num(max(rnd), digits)})"] if rnd else []
         out.append([pct(r)] + cells + rand)
     head = ["pruned"] + names + ([f"random, mean of {seeds} (range)"] if seeds else [])
     note = (f"\n\n({', '.join(f'`{n}`' for n in apart)}: removed otherwise than the random draws, so never "
             "bold: the draws do not measure that removal.)") if apart and seeds else ""
     return table(head, out) + note
-
-
-def _removes_as_many(result: dict, name: str, i: int) -> bool:
-    """Whether the recipe removed at least as many heads as each random draw at the ``i``-th ratio
-    (True where the result does not record them)."""
-    random, chosen = result.get("random_heads") or [], result.get("heads", {}).get(name)
-    if i >= len(random) or not random[i] or not chosen:
-        return True
-    return sum(map(len, chosen[i].values())) >= max(random[i])
 
 
 def sweep_caption(ctx, result: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from docs_allocation import TABLES as _ALLOCATION
 from docs_pruned import TABLES as _PRUNED
 from docs_random import TABLES as _RANDOM
+from docs_random import beats_every_draw
 from docs_recover import TABLES as _RECOVER
 from docs_reference import TABLES as _REFERENCE
 from docs_sequential import TABLES as _SEQUENTIAL
@@ -108,7 +109,7 @@ def targets_table(ctx, names: list, default: str = "default", previous: str = No
 def _against_draws(v: float, draws: list, lower: bool) -> str:
     """``beaten``: better than every random draw; better than their mean only: within the draws
     (one draw did as well); else not beaten."""
-    if all(v < d if lower else v > d for d in draws):
+    if beats_every_draw(v, draws, lower):
         return "beaten"
     mean = _mean(draws, lower)
     return "within the draws' range" if (v < mean if lower else v > mean) else "**not beaten**"

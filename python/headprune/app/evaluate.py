@@ -65,14 +65,11 @@ def quality(loaded, held: list, reference: dict | None = None, *, eval_windows: 
 
 
 def max_positions(model, default: int) -> int:
-    """The longest input the model takes: its config's ``max_position_embeddings`` (``default``
-    if it has none), and no more than its learned position table's usable rows
-    (:func:`headprune.hf.speed.position_limit`: RoBERTa's 514 rows take 512 tokens)."""
-    from ..hf.speed import position_limit
+    """The longest input the model takes (:func:`headprune.hf.speed.max_positions`; imported here
+    on use, as transformers is)."""
+    from ..hf.speed import max_positions as positions
 
-    n = getattr(model.config, "max_position_embeddings", None) or default
-    limit = position_limit(model)
-    return n if limit is None else min(n, limit)
+    return positions(model, default)
 
 
 def perplexity_window(model, window: int = WINDOW) -> int:

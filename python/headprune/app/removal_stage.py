@@ -31,10 +31,11 @@ def refuse_values(loaded, other: list) -> None:
                          "q/k/v, not grouped-query attention)")
 
 
-def values_conflicts(args, removal: str, steps: int) -> list:
-    """The options given that rule out the value refit (the one-shot refit on one process's batches)."""
+def values_conflicts(args, removal: str, steps: int, distributed: bool = True) -> list:
+    """The options given that rule out the value refit (the one-shot refit on one process's batches);
+    ``distributed=False`` where --distributed spreads the collection only (the sweep's)."""
     given = (("--no-reconstruct", removal != "refit"), ("--sequential", getattr(args, "sequential", False)),
-             ("--steps", steps != 1), ("--distributed", getattr(args, "distributed", False)))
+             ("--steps", steps != 1), ("--distributed", distributed and getattr(args, "distributed", False)))
     return [flag for flag, on in given if on]
 
 

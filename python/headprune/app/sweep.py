@@ -374,10 +374,9 @@ def check_removal_options(args, sweep: bool = False) -> None:
     if getattr(args, "refit_values", None):
         from .removal_stage import refuse_values_with, values_conflicts
 
-        steps = getattr(args, "steps", 1)
-        other = values_conflicts(args, removal_of(args), steps if isinstance(steps, int) else 1)
-        # the sweep chooses and removes on one process (--distributed spreads its collection only)
-        refuse_values_with([f for f in other if f == "--no-reconstruct"] if sweep else other)
+        steps = getattr(args, "steps", 1)  # the sweep chooses and removes on one process
+        refuse_values_with(values_conflicts(args, removal_of(args), steps if isinstance(steps, int) else 1,
+                                            distributed=not sweep))
 
 
 def refit_bias_of(model, uniform: bool, removal: str, values: bool) -> bool:

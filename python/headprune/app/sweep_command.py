@@ -23,10 +23,10 @@ def sweep(args) -> int:
 
     remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
     settings["checkpoint_dtype"] = loaded.checkpoint_dtype  # said under the table where prune would round
-    if getattr(args, "refit_values", None):  # before the collection, as prune does
+    if getattr(args, "refit_values", None):  # before the collection, as prune does (the options: before the load)
         from .removal_stage import refuse_values
 
-        refuse_values(loaded, ["--no-reconstruct"] if removal_of(args) != "refit" else [])
+        refuse_values(loaded, [])
     recipes = plan(args, loaded)
     scores = C._collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
     if not C._is_writer():

@@ -29,7 +29,7 @@ def sweep_markdown(result: dict) -> str:
     columns = ["fraction pruned", *names, *([f"random {mean_name} ({seeds})", "random range"] if draws else [])]
     lines = [_heading(result, draws), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     heads, empty, other = result.get("heads", {}), set(), set()  # (no head): the unpruned model
-    removal = _removal(result)  # the random draws'
+    removal = draws_removal(result)  # the random draws'
     apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
@@ -44,7 +44,7 @@ def sweep_markdown(result: dict) -> str:
             # not starred where the table shows the same number as the random mean
             better = mean is not None and (v < mean if lower else v > mean) and number(v) != number(mean)
             better = better and n not in apart  # removed otherwise than the draws: no comparison
-            k, drawn = _budgets(result, n, i)
+            k, drawn = budgets(result, n, i)
             uneven = k is not None and {k} != set(drawn)  # its layout removes another number of heads than the draws
             if uneven:
                 other.add(n)
@@ -69,7 +69,7 @@ def sweep_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _removal(result: dict) -> str:
+def draws_removal(result: dict) -> str:
     """How the sweep removed heads (the random draws' removal; earlier results files say
     ``compensate`` instead)."""
     return result.get("removal", "mean" if result.get("compensate") else "zero")
@@ -78,11 +78,11 @@ def _removal(result: dict) -> str:
 def _heading(result: dict, draws: int) -> str:
     """The sentence above the table: what was measured, on which text, and how heads were removed."""
     how = {"refit": "kept heads refit by least squares", "mean": "removed heads replaced by their mean output",
-           "zero": "removed heads zeroed"}[_removal(result)]
+           "zero": "removed heads zeroed"}[draws_removal(result)]
     if result.get("values") and result.get("removal") == "refit":
         how = "kept heads' value rows and output columns refit by least squares"
     s = result.get("settings")
-    if _removal(result) == "refit" and (s or {}).get("damping") is not None:
+    if draws_removal(result) == "refit" and (s or {}).get("damping") is not None:
         how += f" (damping {s['damping']:g})"
     if draws:
         how += f"; random heads {RANDOM_SCOPES[result.get('random_scope', 'per_layer')]}"
@@ -115,7 +115,7 @@ def _star_notes(draws: int, mean_name: str, apart: list) -> list:
     return lines
 
 
-def _budgets(result: dict, name: str, i: int) -> tuple:
+def budgets(result: dict, name: str, i: int) -> tuple:
     """``(heads the recipe removed, [heads each random draw removed])`` at the ``i``-th ratio, or
     ``(None, [])`` where the result does not say (earlier results files)."""
     random = result.get("random_heads") or []

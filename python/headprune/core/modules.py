@@ -62,9 +62,10 @@ def retype(model, dtype_of) -> None:
                     t.data = t.data.to(want)
                     continue
                 key = (id(t), want)
-                if key not in cast or cast[key][0] is not t:
-                    cast[key] = (t, t.to(want))
+                if key not in cast:
+                    cast[key] = (t, t.to(want))  # t held: its id stays its own until the end
                 module._buffers[n] = cast[key][1]
+
 
 def uncompiled(model):
     """The module a ``torch.compile`` wrapper compiles (it shares its parameters), else ``model``:

@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 
 from . import build
-from .build import load_extension
 
 __all__ = [
     "apply_head_mask_",
@@ -42,7 +41,7 @@ def _ops():
         warnings.warn(w.message, w.category, stacklevel=3)
     if _AT_IMPORT["error"] is not None and build._loaded is None:
         raise _AT_IMPORT["error"]  # (a stale build's fakes fail: loading again would fail otherwise)
-    load_extension()
+    build.load_extension()
     return torch.ops.headprune
 
 
@@ -54,7 +53,7 @@ def _load_if_built() -> None:
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            load_extension()
+            build.load_extension()
         _AT_IMPORT["warnings"] = list(seen)
     except Exception as e:  # noqa: BLE001 - raised by the first call
         _AT_IMPORT["error"] = e

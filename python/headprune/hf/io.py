@@ -209,7 +209,6 @@ def _gguf_quantizer_aside(model):
             state["original_config"] = original
 
 
-
 def _check_kept(meta, sites, adapter, file) -> None:
     """Each site's ``kept_heads`` must be indices of the model's original heads."""
     kept = meta["kept_heads"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
-from .speed import position_limit
+from .speed import max_positions
 
 __all__ = ["PruneReport", "measure", "attention_flops_per_token"]
 
@@ -70,9 +70,7 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]
     dtype = dtype or next(model.parameters()).dtype
-    context = min(context, getattr(model.config, "max_position_embeddings", None) or context)  # what it can take
-    limit = position_limit(model)  # RoBERTa's 514 position rows take 512 tokens
-    context = context if limit is None else min(context, limit)
+    context = min(context, max_positions(model, context))  # what it can take
     kv_bytes, windowed = _kv_bytes(model, adapter, sites, counts, dtype.itemsize)
     return {
         "parameters": parameter_count(model),

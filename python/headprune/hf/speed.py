@@ -34,7 +34,7 @@ import torch
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .empty import headless_kv
 
-__all__ = ["compare", "filled_cache", "position_limit", "quartiles", "verdict", "parse_shape"]
+__all__ = ["compare", "filled_cache", "max_positions", "position_limit", "quartiles", "verdict", "parse_shape"]
 
 #: names of learned absolute position tables (BERT/RoBERTa/DistilBERT, GPT-2, OPT)
 _POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
@@ -64,6 +64,15 @@ def position_limit(model) -> Optional[int]:
                 skip = max(skip, module.padding_idx + 1)
             limits.append(module.num_embeddings - skip)
     return min(limits) if limits else None
+
+
+def max_positions(model, default: int) -> int:
+    """The longest input the model takes: its config's ``max_position_embeddings`` (``default``
+    if it has none), and no more than its learned position table's usable rows
+    (:func:`position_limit`: RoBERTa's 514 rows take 512 tokens)."""
+    n = getattr(model.config, "max_position_embeddings", None) or default
+    limit = position_limit(model)
+    return n if limit is None else min(n, limit)
 
 
 def _check_positions(models: dict, shapes: list, steps: int) -> None:

@@ -79,6 +79,13 @@ def _attend_mask(attn_mask, key_padding_mask, batch, heads):
     return out
 
 
+def _padded(padding: torch.Tensor) -> torch.Tensor:
+    """The positions a key padding mask pads: True ones of a bool mask; a float mask's non-zero
+    ones, as the encoder's nested fast path drops them (torch adds a float mask to the keys'
+    logits, so -1e9 masks a key as -inf does; its query row is padding too)."""
+    return padding if padding.dtype == torch.bool else padding != 0
+
+
 class _Session:
     def __init__(self, model):
         self.sites = attention_modules(model)
@@ -102,16 +109,12 @@ class _Session:
             self.stats[i] = torch.zeros(mha.num_heads, NUM_STATS, dtype=torch.float64, device=q.device)
         qm = None
         if key_padding_mask is not None and itself:
-            # a float padding mask is added to the keys' logits (so -1e9 masks them as -inf
-            # does); its padded queries are those of a non-zero value, as the encoder's nested
-            # fast path takes them (-1e9 or -1e4 counted the padded rows as queries here)
-            kpm = key_padding_mask
-            qm = ~kpm if kpm.dtype == torch.bool else kpm == 0
+            qm = ~_padded(key_padding_mask)
         elif not itself and self.targets.get(id(mha)) is not None:  # a decoder's padded target rows
             tgt = self.targets[id(mha)]
             tgt = tgt[None] if tgt.dim() == 1 else tgt
             if tuple(tgt.shape) == tuple(q.shape[::2]):  # [B, target length]
-                qm = ~tgt if tgt.dtype == torch.bool else tgt == 0
+                qm = ~_padded(tgt)
         mask = _attend_mask(attn_mask, key_padding_mask, q.shape[0], q.shape[1])
         ops.entropy_stats_from_qk_accumulate_(self.stats[i], q, k, mha.head_dim**-0.5, mask, False, qm)
 
@@ -139,8 +142,7 @@ class _Session:
     def encoder_hook(self, enc, args, kwargs):
         a = dict(zip(("src", "mask", "src_key_padding_mask", "is_causal"), args), **kwargs)
         kpm = a.get("src_key_padding_mask")
-        # the nested-tensor fast path drops the positions where a float mask is non-zero
-        self.padding = kpm if kpm is None or kpm.dtype == torch.bool else kpm != 0
+        self.padding = None if kpm is None else _padded(kpm)
 
     def decoder_hook(self, layer, args, kwargs):
         """The target padding of an ``nn.TransformerDecoderLayer``'s call, for its cross-attention,

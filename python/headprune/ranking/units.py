@@ -56,10 +56,10 @@ def _units(scores: HeadScores, score, gqa: str, damping: float) -> list:
             heads = list(range(start, start + size))
             v = values[layer, heads]
             named = f"score {score!r}" if isinstance(score, str) else "the score tensor"
-            if torch.isnan(v).any() and not isinstance(score, str):  # not the statistics' doing
-                raise ValueError(f"score: the score tensor is NaN at layer {layer} ({scores.names[layer]}) head(s) "
-                                 f"{heads}")
             if torch.isnan(v).any():
+                if not isinstance(score, str):  # not the statistics' doing
+                    raise ValueError(f"score: the score tensor is NaN at layer {layer} ({scores.names[layer]}) "
+                                     f"head(s) {heads}")
                 raise ValueError(f"scores: layer {layer} ({scores.names[layer]}) head(s) {heads} have no statistics "
                                  f"({named} is NaN); collect on more data")
             if torch.isnan(v.mean()):  # +inf and -inf in one KV group: a NaN key left the sort in no order
