@@ -66,6 +66,8 @@ def test_the_gap_closed_is_said_only_where_pruning_lost_something():
     assert table("fidelity", 1.0, 0.9, 0.95).endswith("| 50% |")
     assert table("fidelity", 1.0, 0.9, 0.85).endswith("| -50% |")  # recovery that made it worse says so
     assert table("fidelity", 0.98, 0.99, 0.97).endswith("| n/a |")
+    # a recovered fidelity of 0.999996 read as the unpruned model's 1 at four digits
+    assert table("fidelity", 1.0, 0.9, 0.999996).startswith("| held-out text | 1 | 0.9 | 0.999996 |")
 
 
 def _fewer_steps_than_held(run, rec, ckpt, out):

@@ -182,8 +182,8 @@ def test_numbers_from_ten_thousand_are_written_whole():
     """Four significant digits wrote 41,150 tokens/s as 4.115e+04."""
     from headprune.app.report import number
 
-    assert [number(v) for v in (41150.3, 1234.5678, 0.99997, 12.5, -20000.0, 9999.6, 2.688e43)] == \
-        ["41,150", "1,235", "0.99997", "12.5", "-20,000", "10,000", "2.688e+43"]
+    assert [number(v) for v in (41150.3, 1234.5678, 0.99997, 12.5, -20000.0, 9999.6, 2.688e43, 0.999996)] == \
+        ["41,150", "1,235", "0.99997", "12.5", "-20,000", "10,000", "2.688e+43", "0.999996"]
 
 
 def test_the_sweep_plot_tells_every_recipe_apart_and_reads_plain_numbers(tmp_path, monkeypatch):

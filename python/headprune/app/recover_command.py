@@ -21,7 +21,7 @@ from .arguments import RECOVER_VALIDATION
 from .inputs import check_teacher, load_as, model_inputs, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, round_to_saved, tokenizer_as_loaded
 from .locate import prune_folder
-from .report import finite, sequences_text, validation_sentence
+from .report import finite, number, sequences_text, validation_sentence
 
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
@@ -311,7 +311,7 @@ def quality_table(report: dict) -> str:
     lines = [f"| {metric} | unpruned | pruned | recovered | gap closed |", "|---|---|---|---|---|"]
     for text, row in report["quality"].items():
         closed = gap_closed(row, metric)
-        lines.append(f"| {text.replace('_', '-')} text | " + " | ".join(f"{row[m]:.4g}" for m in MODELS)
+        lines.append(f"| {text.replace('_', '-')} text | " + " | ".join(number(row[m]) for m in MODELS)
                      + f" | {'n/a' if closed is None else f'{closed:.0%}'} |")
     return "\n".join(lines)
 

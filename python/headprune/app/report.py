@@ -15,10 +15,16 @@ METRIC_WORDS = {"perplexity": "perplexity on held-out text",
 
 def number(v: float) -> str:
     """A metric for a table: four significant digits, five below 1 (a fidelity of 0.99997
-    read as 1 at four), whole numbers from 10,000 to 10^15 (beyond: four digits and an exponent)."""
+    read as 1 at four) and more where five still round to 1 (0.999996 is not the unpruned
+    model's 1), whole numbers from 10,000 to 10^15 (beyond: four digits and an exponent)."""
     if 9999.5 <= abs(v) < 1e15:  # whole: .4g would write 41,150 as 4.115e+04 (and 9,999.6 as 1e+04)
         return f"{v:,.0f}"
-    return f"{v:,.5g}" if abs(v) < 1 else f"{v:,.4g}"
+    if not abs(v) < 1:
+        return f"{v:,.4g}"
+    digits = 5
+    while digits < 17 and abs(float(f"{v:.{digits}g}")) >= 1:
+        digits += 1
+    return f"{v:,.{digits}g}"
 
 
 def _fmt(v) -> str:
