@@ -75,7 +75,9 @@ def _worker(rank, port, out_dir):
         if rank == 1:  # the same layout, other weights
             with torch.no_grad():
                 changed.layers[0].self_attn.o_proj.weight.mul_(2)
-        errors["moments_weights"] = _error(lambda: D.collect(changed, batches, progress=False, moments=True))
+        errors["moments_weights"] = _error(lambda: D.all_reduce_scores(collect(changed, D.shard(batches), progress=False,
+                                                                               moments=True)))  # as collected apart
+        errors["weights"] = _error(lambda: D.collect(changed, batches, progress=False))  # no moments to compare
         bad = batches if rank == 0 else [batches[0], {"labels": torch.ones(1, 3)}]  # rank 1's shard: the 2nd
         errors["one_rank_fails"] = _error(lambda: D.collect(model, bad, progress=False))
         errors["nothing"] = _error(lambda: D.collect(model, [], progress=False))
@@ -170,6 +172,8 @@ def test_errors_reach_every_rank(ranks):
         assert e["moments_dtype"] == ("ValueError: moments: the ranks collected second moments in different float "
                                       "types; pass the same moments= on every rank")
         assert e["moments_weights"].startswith("ValueError: moments: ranks [1] collected under other output-projection")
+        assert e["weights"] == ("ValueError: model: ranks [1] loaded other weights or another config than rank 0; "
+                                "every rank must load the same model")
         if rank == 1:
             assert e["one_rank_fails"].startswith("ValueError: batches: a batch needs input_ids")
         else:

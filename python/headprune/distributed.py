@@ -130,6 +130,18 @@ def _check_same_layout(scores: HeadScores, group) -> None:
         )
 
 
+def _check_same_weights(model, group) -> None:
+    """Every rank holds the same weights and config (a stale copy of the model's directory on one
+    node has the layout of the others: its statistics would be summed with theirs without a word)."""
+    from .hf.checkpoint import weights_digest
+
+    gathered = _gather_digest(hashlib.sha256(weights_digest(model).encode()).digest(), group)
+    differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
+    if differ:
+        raise ValueError(f"model: ranks {differ} loaded other weights or another config than rank 0; every rank "
+                         "must load the same model")
+
+
 def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
     """Scores of the union of every rank's batches: the ``stats`` summed over ``group``.
 
@@ -310,6 +322,7 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
         checkpoint = rank_checkpoint(checkpoint, rank, world)
         fingerprint = json.dumps({"settings": fingerprint, "rank": rank, "world_size": world}, sort_keys=True,
                                  default=str)
+    _check_same_weights(model, group)
     scores, error = None, None
     try:
         scores = local_collect(model, shard(batches, rank, world), checkpoint=checkpoint, fingerprint=fingerprint,
