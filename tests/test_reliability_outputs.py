@@ -248,8 +248,8 @@ def test_an_interrupted_scan_names_its_checkpoint(run, tmp_path, tiny_dir, monke
 
     real = Checkpoint.save
 
-    def save(self, scores, done):
-        real(self, scores, done)
+    def save(self, scores, done, batches):
+        real(self, scores, done, batches)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Checkpoint, "save", save)
@@ -359,8 +359,8 @@ def _scan_interrupted(run, monkeypatch, tiny_dir, out, flags):
 
     real = Checkpoint.save
 
-    def save(self, scores, done):
-        real(self, scores, done)
+    def save(self, scores, done, batches):
+        real(self, scores, done, batches)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:

@@ -317,3 +317,27 @@ def test_a_checkpoint_of_an_earlier_digest_is_refused_as_such_and_the_digest_out
     monkeypatch.setattr(CU, "__version__", "99.0.0")
     assert json.loads(model.config.to_json_string())["transformers_version"] == "99.0.0"
     assert weights_digest(model) == before
+
+
+def test_a_checkpoint_of_other_batches_is_refused_whatever_the_fingerprint_says(tmp_path):
+    """A resume skips the batches the checkpoint holds unread by the model; with the same
+    fingerprint (the API's default, none) on other batches it summed the checkpoint's first
+    two with the new batches' last four without a word. A checkpoint that recorded no batches
+    is refused."""
+    model, batches = tiny_model("llama"), _batches()
+    path = tmp_path / "c.json"
+    collect(model, batches[:2], progress=False, checkpoint=path)
+    other = [tiny_batch("llama", seed=s) for s in range(10, 10 + N)]
+    with pytest.raises(ValueError, match=r"c\.json was written for other batches \(the first 2 of these differ "
+                                         r"from those it holds\); delete it or drop resume"):
+        collect(model, other, progress=False, checkpoint=path, resume=True)
+    with pytest.raises(ValueError, match="other batches"):  # the same sequences in another order
+        collect(model, [batches[1], batches[0], *batches[2:]], progress=False, checkpoint=path, resume=True)
+    full = collect(model, batches, progress=False)
+    resumed = collect(model, batches, progress=False, checkpoint=path, resume=True)
+    assert torch.equal(resumed.stats, full.stats)
+    data = json.loads(path.read_text())
+    del data["batches_sha256"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="written by an earlier headprune, which did not record which batches"):
+        collect(model, batches, progress=False, checkpoint=path, resume=True)

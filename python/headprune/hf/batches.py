@@ -79,9 +79,14 @@ def progress(batches, enabled, done=0, total=None):
     return tqdm(batches, desc="headprune: collecting", unit="batch", initial=done, total=total)
 
 
-def skip(it, n: int, path) -> None:
-    """Advance ``it`` past the ``n`` batches a checkpoint already holds."""
-    skipped = sum(1 for _ in itertools.islice(it, n))
+def skip(it, n: int, path, seen=None) -> None:
+    """Advance ``it`` past the ``n`` batches a checkpoint already holds (``seen(batch)`` called
+    on each)."""
+    skipped = 0
+    for batch in itertools.islice(it, n):
+        skipped += 1
+        if seen is not None:
+            seen(batch)
     if skipped < n:
         raise ValueError(f"checkpoint {path} records {n} batches done but batches has only {skipped}; "
                          "delete it or drop --resume")

@@ -15,7 +15,7 @@ from typing import Optional
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "canonical", "format_kind", "refuse_foreign", "weights_digest", "writing"]
+__all__ = ["CHECKPOINT_FORMAT", "BatchesDigest", "Checkpoint", "canonical", "format_kind", "refuse_foreign", "weights_digest", "writing"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/1"
@@ -58,6 +58,7 @@ class Checkpoint:
         self.path, self.fingerprint = os.fspath(path), fingerprint
         self.expected = expected  # the collection's empty scores: its layout, and what a layout refusal names
         self.layout = expected.layout_fingerprint()
+        self.batches = None  # the loaded file's digest of the batches it holds (see :class:`BatchesDigest`)
         self._swept = False
 
     def _refuse(self, why: str, ours: bool = True):
@@ -103,7 +104,18 @@ class Checkpoint:
             raise self._refuse(f"is corrupt ({type(e).__name__}: {e})") from e
         if not ok:
             raise self._refuse("is corrupt (its scores or batches_done do not match its header)")
+        if not isinstance(d.get("batches_sha256"), str):
+            raise self._refuse("was written by an earlier headprune, which did not record which batches it holds")
+        self.batches = d["batches_sha256"]
         return scores, done
+
+    def check_batches(self, digest: str, done: int) -> None:
+        """The first ``done`` batches of this run are those the checkpoint holds (``digest``: theirs,
+        :class:`BatchesDigest`): the sums would mix two calibrations. Checked whatever the caller's
+        fingerprint says of its data."""
+        if digest != self.batches:
+            raise self._refuse(f"was written for other batches (the first {done} of these differ from those it "
+                               "holds)")
 
     def _layout_difference(self, d: dict) -> str:
         """What differs between the checkpoint's layout and this collection's, in the words
@@ -126,9 +138,11 @@ class Checkpoint:
             out.append("other output statistics")
         return "; ".join(out) or unknown
 
-    def save(self, scores: HeadScores, done: int) -> None:
+    def save(self, scores: HeadScores, done: int, batches: str) -> None:
+        """``batches``: the digest of the ``done`` batches (:class:`BatchesDigest`)."""
         data = {"format": CHECKPOINT_FORMAT, "batches_done": done, "layout": self.layout,
-                "fingerprint": self.fingerprint, "scores": scores.to_dict(), "moments": None}
+                "fingerprint": self.fingerprint, "scores": scores.to_dict(), "moments": None,
+                "batches_sha256": batches}
         with writing(self, self.path) as folder:
             if scores.moments is not None:  # beside the JSON, a name of its own: an existing JSON's stays as it names
                 blob = scores.moments.to_bytes()
@@ -170,6 +184,20 @@ class Checkpoint:
                     os.unlink(os.path.join(folder, name))
                 except OSError:
                     pass
+
+
+class BatchesDigest:
+    """A running SHA-256 of a collection's batches, each as the digests of its sequences (what
+    the statistics depend on: padding and batch boundaries aside)."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, sequences: list) -> None:
+        self._h.update(struct.pack(f"<q{len(sequences)}q", len(sequences), *sequences))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 @contextmanager

@@ -27,7 +27,7 @@ import torch
 
 from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
-from .checkpoint import Checkpoint, canonical, weights_digest
+from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection
 
 __all__ = ["collect", "METHODS"]
@@ -78,7 +78,8 @@ def collect(
         resume: continue from ``checkpoint`` if it exists (else start afresh): its first
             ``batches_done`` batches are skipped unread by the model. The result equals an
             uninterrupted run's exactly. Refused (``ValueError``) when the file is corrupt or
-            was written for another model layout, method or ``fingerprint``.
+            was written for another model layout, method or ``fingerprint``, or when the
+            batches it holds are not the first of these (their sequences are digested).
         fingerprint: the caller's description of the calibration settings (data, samples,
             sequence length, model name and revision, ...); a dict is canonicalised as JSON.
         allow_empty: return all-zero scores instead of raising when nothing was recorded
@@ -172,18 +173,24 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
     """Forward the batches after the first ``done``, saving ``ckpt`` every ``every`` batches
     and at the end; the model is restored on any exit."""
     saved, total = done, (len(batches) if hasattr(batches, "__len__") else None)
+    seen = BatchesDigest()  # of the batches so far, which a checkpoint records and a resume compares
     with session.active(), torch.no_grad():
         it = iter(batches)
-        skip(it, done, None if ckpt is None else ckpt.path)
+        if ckpt is not None:
+            skip(it, done, ckpt.path, lambda batch: seen.update(sequence_digests(forward_kwargs(model, batch))))
+            if done:
+                ckpt.check_batches(seen.hexdigest(), done)
         for batch in _progress(it, progress, done, total):
             kw = forward_kwargs(model, batch)
             session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
             model(**kw)
+            sequences = sequence_digests(kw)
+            seen.update(sequences)
             if session.moments_dtype is not None:  # which sequences the moments hold (see layer_costs)
-                session.sequences += sequence_digests(kw)
+                session.sequences += sequences
             done += 1
             if ckpt is not None and done % every == 0:
-                ckpt.save(session.scores(), done)
+                ckpt.save(session.scores(), done, seen.hexdigest())
                 saved = done
     if ckpt is not None and saved != done:
-        ckpt.save(session.scores(), done)
+        ckpt.save(session.scores(), done, seen.hexdigest())

@@ -2,8 +2,9 @@
 
 One-shot calibration measures every site's second moments on the unpruned model, so the refit
 of layer l fits inputs that the pruned layers before it no longer produce. Sequentially, the
-moments of layer l are taken with layers 0..l-1 already pruned and refit, so each refit
-corrects the error that reaches it. It runs over cached hidden states, one layer at a time:
+moments of layer l are taken with layers 0..l-1 already pruned and refit, so each refit is
+fitted to the inputs that reach it (it reproduces the layer's own output on them; the error the
+earlier layers made is not undone). It runs over cached hidden states, one layer at a time:
 
 1. one pass with every layer replaced by a stub that records its arguments (the hidden states
    entering the first layer, and each layer's other arguments: masks, position embeddings),
