@@ -364,6 +364,14 @@ def test_recover_saves_in_the_type_the_directory_was_saved_in(run, tmp_path, tin
                      "--samples", "4", "--quiet", "--out", tmp_path / "r16"])
     assert code != 0 and not (tmp_path / "r16").exists()
     assert any("--dtype: DIR's model is saved in bfloat16, and a model computed in float16" in line for line in err), err
+    # a float32 directory loaded in bfloat16 had the weights recovery never trains rounded, saved as float32
+    assert run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p32"])[0] == 0
+    code, err = run(["recover", tmp_path / "p32", "--steps", "2", "--dtype", "bfloat16", "--validation", "0",
+                     "--samples", "4", "--quiet", "--out", tmp_path / "rb"])
+    assert code == 2 and not (tmp_path / "rb").exists()
+    assert err == ["headprune recover: error: --dtype: DIR's model is saved in float32; loaded in bfloat16, every "
+                   "weight recovery leaves alone (embeddings, feed-forward layers) would be rounded to bfloat16 and "
+                   "saved so; leave --dtype out or pass --dtype float32"], err
 
 
 def test_recover_stage_gives_back_each_tensor_its_own_type():

@@ -356,8 +356,8 @@ def recover_args(p: argparse.ArgumentParser) -> None:
                    help="the unpruned model to distil toward (default: the model named in DIR/report.json)")
     g.add_argument("--device", type=device, default="cpu", help="where the models run: cpu, cuda, ... (default cpu)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="evaluate in this float type (default: the teacher in float32, the pruned model in its saved "
-                        "type; training always runs in float32 or wider)")
+                   help="evaluate in this float type, not narrower than DIR's saved type (default float32; DIR's "
+                        "weights keep their saved type's values; training always runs in float32 or wider)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or stage messages (errors still print)")
     g = p.add_argument_group("distillation")
     g.add_argument("--steps", type=positive, default=None,

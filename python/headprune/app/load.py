@@ -321,6 +321,11 @@ def check_saved_type(args, loaded, saved_as: str, *, recovering: bool = False) -
     value of the other (float16 has the precision, bfloat16 the range), so the model evaluated
     would not be the model saved (``prune`` and ``recover``, which saves in DIR's type)."""
     computes = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    if recovering and saved_as in SAVE_TYPES and computes in SAVE_TYPES and \
+            torch.finfo(SAVE_TYPES[computes]).bits < torch.finfo(SAVE_TYPES[saved_as]).bits:
+        raise ValueError(f"--dtype: DIR's model is saved in {saved_as}; loaded in {computes}, every weight recovery "
+                         f"leaves alone (embeddings, feed-forward layers) would be rounded to {computes} and saved so; "
+                         f"leave --dtype out or pass --dtype {saved_as}")
     if {computes, saved_as} != {"float16", "bfloat16"}:
         return
     if recovering:
