@@ -296,3 +296,25 @@ def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):
     other_scores = collect(other, batches, progress=False, moments=True)
     S.run_sweep(config, Loaded(other, None, "causal", "tiny"), other_scores, [], {"data": "x"}, recipes, batches=batches)
     assert len(cache) == 4
+
+
+def test_a_checkpoint_needs_the_batches_as_a_list(tmp_path):
+    """A resume compares the batches' digest with the checkpoint's; batches that are no sequence
+    gave none, so a checkpoint of other text was resumed on without a word (learn_gates and
+    recover share the check)."""
+    from headprune.hf import prune_heads, recover
+
+    class Reiterable:
+        def __iter__(self):
+            return iter(batches)
+
+    model, batches = tiny_model("llama"), _batches()
+    student = tiny_model("llama")
+    prune_heads(student, {0: [0]})
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    for call in (lambda: recover(student, model, Reiterable(), steps=2, checkpoint=tmp_path / "r.pt"),
+                 lambda: learn_gates(model, Reiterable(), ratio=0.5, steps=2, checkpoint=tmp_path / "g.pt")):
+        with pytest.raises(ValueError, match=r"batches: a (recovery|learned-gates) with a checkpoint needs its batches "
+                                             r"as a list \(a sequence\)"):
+            call()
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items()) and not list(tmp_path.iterdir())

@@ -231,6 +231,9 @@ def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery
     refuses a file there that is not a checkpoint of this kind before anything runs."""
     if path is None:
         return None
+    if fingerprint.get("tokens") is None:  # other batches would be resumed on without a word
+        raise ValueError(f"batches: a {what} with a checkpoint needs its batches as a list (a sequence), which a "
+                         "resume compares with the checkpoint's; pass list(batches)")
     ckpt = _Checkpoint(path, fingerprint, what)
     if not resume:
         ckpt.check_replaceable()
