@@ -66,6 +66,9 @@ def test_bad_steps_and_failures_restore_the_model():
         select_iteratively(model, iter(batches), steps=2, ratio=0.5)
     with pytest.raises(ValueError, match="ratio: expected a number in"):
         select_iteratively(model, batches, steps=2, ratio=2.0)
+    # statistics without second moments ranked round 1 by another recipe than the rounds after it
+    with pytest.raises(ValueError, match="scores: have no second moments, which the refit and the default ranking"):
+        select_iteratively(model, batches, steps=2, ratio=0.5, scores=collect(model, batches, progress=False))
     snap = ModelSnapshot(model)
 
     def boom(step, scores, heads):

@@ -64,7 +64,8 @@ def select_iteratively(
             refit and for the default recipe's (or ``score="reconstruction"``) ranking;
             ``None``: ``"mean"`` if ``compensate`` else ``"zero"``.
         on_step: called after each round with ``(round, scores, heads so far)``.
-        collect_fn: ``collect_fn(model, batches, progress=...)`` replaces :func:`collect`,
+        collect_fn: ``collect_fn(model, batches, progress=..., moments=...)`` replaces :func:`collect`
+            (``moments=True`` is passed where the refit or the ranking needs second moments),
             e.g. :func:`headprune.distributed.collect` (every rank then runs the same rounds
             on the same all-reduced statistics and arrives at the same selection).
         select_kwargs: the recipe and constraints (``score``, ``order``, ``scope``,
@@ -84,10 +85,7 @@ def select_iteratively(
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
     if steps != "auto":
         _refuse_kv_rounds(steps, select_kwargs)  # before the first collection
-    gather = collect if collect_fn is None else collect_fn
-    # the refit or the default's score (a plain torch model has neither: its default is the fallback's)
-    if hasattr(model, "config") and (removal == "refit" or select_kwargs.get("score") in (None, "reconstruction")):
-        gather = partial(gather, moments=True)
+    gather = _gather(model, collect if collect_fn is None else collect_fn, removal, scores, select_kwargs)
     heads: dict = {}
     handles = []
     try:
@@ -119,6 +117,18 @@ def select_iteratively(
         for h in reversed(handles):
             h.restore()
     return heads, scores
+
+
+def _gather(model, gather, removal: str, scores, select_kwargs: dict):
+    """The collection of every round: with second moments for the refit or the default's score
+    (a plain torch model has neither: its default is the fallback's), which given ``scores``
+    must hold too, or round 1 would rank by another recipe than the rounds after it."""
+    if not (hasattr(model, "config") and (removal == "refit" or select_kwargs.get("score") in (None, "reconstruction"))):
+        return gather
+    if scores is not None and scores.moments is None:
+        raise ValueError("scores: have no second moments, which the refit and the default ranking of every other "
+                         "round use; collect them with collect(..., moments=True), or leave scores out")
+    return partial(gather, moments=True)
 
 
 def _refuse_kv_rounds(steps: int, select_kwargs: dict) -> None:
