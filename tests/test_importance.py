@@ -149,3 +149,17 @@ def test_gradient_importance_under_no_grad_and_on_models_it_cannot_take():
         gradient_importance(tiny_model("t5"), [tiny_batch("t5")])
     with pytest.raises(ValueError, match="batches: gradient importance takes text batches"):
         gradient_importance(model, [{"pixel_values": torch.zeros(1, 3, 8, 8)}])
+
+
+def test_a_causal_batch_with_no_token_to_predict_is_refused():
+    """Sequences of one token give the next-token loss no target: its NaN had gradients of 0,
+    averaged in as importance 0 (every head scored 0 on such batches alone)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    short = {"input_ids": torch.tensor([[5, 0, 0], [8, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0], [1, 0, 0]])}
+    for batches in ([short, short], [tiny_batch("llama"), short]):
+        with pytest.raises(ValueError, match="batches: a batch has no token to predict"):
+            gradient_importance(model, batches)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
