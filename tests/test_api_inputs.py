@@ -312,3 +312,31 @@ def test_a_subset_s_moments_taken_again_in_other_batch_shapes_still_leave_second
     assert torch.linalg.eigvalsh(rest).min() < 0 and semidefinite(rest, torch.float64)
     other = torch.randn(32, 576, dtype=torch.float64) * torch.rand(576, dtype=torch.float64) * 5
     assert not semidefinite(x.T @ x - other.T @ other, torch.float64)
+
+
+def test_records_on_a_module_inside_the_model_are_seen_by_calls_on_the_model(tmp_path):
+    """A pruning's and a mask's records live on the module pruned or masked. The classifier
+    pruned as a whole and its encoder saved wrote the unpruned config over pruned weights (a
+    directory nothing loads); a compensated mask of the LM's base model saved through the LM
+    left out the biases' record (plain from_pretrained dropped them); pruning the LM under that
+    mask went ahead, and the mask's restore then restored nothing."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    classifier = transformers.BertForSequenceClassification(tiny_config("bert")).eval()
+    headprune.prune_heads(classifier, {0: [1], 1: [0, 3]})
+    with pytest.raises(ValueError, match=r"its attention modules hold .*if a model holding this one was pruned, pass "
+                                         "that model"):
+        headprune.save_pruned(classifier.bert, tmp_path / "bert")
+    assert not (tmp_path / "bert").exists()
+    lm = _llama()
+    before = _state(lm)
+    handle = headprune.mask_heads(lm.model, {0: [1]})
+    for call in (lambda: headprune.save_pruned(lm, tmp_path / "lm"), lambda: headprune.prune_heads(lm, {0: [3]}),
+                 lambda: headprune.mask_heads(lm, {1: [0]}), lambda: headprune.kept_heads(lm)):
+        with pytest.raises(ValueError, match=r"^model: its module 'model' was pruned or masked on its own"):
+            call()
+    handle.restore()
+    assert _same(lm, before) and not (tmp_path / "lm").exists()
+    headprune.save_pruned(lm, tmp_path / "lm")  # nothing left on the module: saved as a model never pruned

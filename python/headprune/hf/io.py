@@ -31,7 +31,7 @@ from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
                        read_metadata)
 from .migrate import is_transformers4_pruned, transformers4_metadata
-from .prune import STATE_ATTR, kept_heads, new_state, prune_heads
+from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
 from .saved import saved_layout
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
@@ -59,8 +59,11 @@ def save_pruned(
     if nested := [n for n, in_place in compiled_over(model, model.modules()) if n and not in_place]:
         raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; save the model whose layers "
                          "are not wrapped (compile in place with module.compile(), or save before compiling)")
+    refuse_records_elsewhere(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
+    if getattr(model, STATE_ATTR, None) is None:  # never pruned: the config it has is what the save writes
+        check_config(model, [head_counts(s, adapter) for s in sites])
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
     try:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.modules import refuse_meta, uncompiled
 from ..prune.heads import head_index, normalize_heads
-from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
+from ..prune.mask import MASKS_ATTR, MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
 from ..prune.reconstruct import DEFAULT_DAMPING
 from ..prune.undo import Undo
@@ -76,6 +76,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
 
         return mask_modules(model, heads)
     model = uncompiled(model)  # its records live on the compiled module, where a save finds them
+    refuse_records_elsewhere(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     refuse_meta(projection_parameters(sites))
@@ -153,7 +154,7 @@ def new_state(model, counts, from_config: bool = False) -> dict:
     if old is not None:
         return copy.deepcopy(old)
     if not from_config:
-        _check_config(model, counts)
+        check_config(model, counts)
     return {
         "kept": [list(range(c[0])) for c in counts],
         "kv": [list(range(c[1])) for c in counts],
@@ -163,11 +164,23 @@ def new_state(model, counts, from_config: bool = False) -> dict:
     }
 
 
-def _check_config(model, counts) -> None:
-    """The first pruning records ``model.config`` as the original that ``load_pruned`` rebuilds:
-    refuse a config that does not describe the model's heads (edited after the model was built),
-    which would save a directory nothing loads. A class not built from its config alone (a
-    subclass taking other arguments) is not checked: ``load_pruned`` cannot rebuild it either."""
+def refuse_records_elsewhere(model) -> None:
+    """headprune's records (a pruning's, a mask's) live on the module pruned or masked: a module
+    inside ``model`` that holds them was pruned or masked on its own, and a call on ``model``
+    would not see them (a save would describe the unpruned config, a restore miss the mask)."""
+    for name, module in model.named_modules():
+        if name and (STATE_ATTR in module.__dict__ or MASKS_ATTR in module.__dict__):
+            raise ValueError(f"model: its module {name!r} was pruned or masked on its own (headprune keeps the "
+                             "record there); pass that module, as it was pruned or masked")
+
+
+def check_config(model, counts) -> None:
+    """The first pruning records ``model.config`` as the original that ``load_pruned`` rebuilds,
+    and a save of a model never pruned writes it: refuse a config that does not describe the
+    model's heads (edited after the model was built, or the model is part of one pruned as a
+    whole, whose record is on that one), which would save a directory nothing loads. A class
+    not built from its config alone (a subclass taking other arguments) is not checked:
+    ``load_pruned`` cannot rebuild it either."""
     build = getattr(type(model), "_from_config", None)
     if build is None:
         return
@@ -181,9 +194,10 @@ def _check_config(model, counts) -> None:
     then = [(*head_counts(s, adapter), head_dim(s, adapter)) for s in resolve_sites(built, adapter)]
     if now != then:
         raise ValueError(f"model: its config describes (query heads, KV heads, head size) per site {then}, its "
-                         f"attention modules hold {now}; pruning records the config as the model's, so the saved "
-                         "directory would not load: make the config and the modules agree (build the model from "
-                         "the config) first")
+                         f"attention modules hold {now}; a save writes the config as the model's, so the saved "
+                         "directory would not load: if a model holding this one was pruned, pass that model (the "
+                         "pruning's record is on it); else make the config and the modules agree (build the model "
+                         "from the config) first")
 
 
 def positions(model, sites, adapter, heads: dict) -> tuple:
@@ -221,6 +235,7 @@ def check_scores(model, scores, arg: str = "scores") -> HeadScores:
 
 def kept_heads(model) -> dict:
     """``{layer: original query heads kept}`` for every site (all heads if never pruned)."""
+    refuse_records_elsewhere(model)
     adapter = get_adapter(model)
     return _kept(model, resolve_sites(model, adapter), adapter)
 
@@ -314,6 +329,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     from .report import PruneReport, measure
 
     model = uncompiled(model)
+    refuse_records_elsewhere(model)
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     if not _from_config:  # load_pruned builds the saved layout on the meta device, then loads the weights
