@@ -86,3 +86,31 @@ def test_a_class_without_sdpa_falls_back_to_eager(tmp_path):
     b = tiny_batch("gemma2")
     with torch.no_grad():
         assert torch.equal(back(**b).last_hidden_state, model(**b).last_hidden_state)
+
+
+def test_config_set_after_pruning_is_saved_with_the_original_head_counts(tmp_path):
+    """A directory only load_pruned reads wrote, and rebuilt from, the config recorded at the
+    first pruning: labels, token ids and the problem type set afterwards were lost. A uniform
+    layout (written into the config) saved plain keeps them too; GPT-2's config names its head
+    count n_head."""
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    edits = {"id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1},
+             "pad_token_id": 5, "problem_type": "single_label_classification"}
+    for family, cls, heads in (("bert", transformers.BertForSequenceClassification, {0: [1], 1: [0, 3]}),
+                               ("gpt2", transformers.GPT2ForSequenceClassification, {0: [1], 1: [0, 3]}),
+                               ("llama", transformers.LlamaForSequenceClassification, {0: [1], 1: [2]})):
+        torch.manual_seed(0)
+        model = cls(tiny_config(family, num_labels=2)).eval()
+        prune_heads(model, heads)
+        for k, v in edits.items():
+            setattr(model.config, k, v)
+        save_pruned(model, tmp_path / family)
+        loaded = load_pruned(tmp_path / family)
+        assert {k: getattr(loaded.config, k) for k in edits} == edits, family
+        assert loaded.config.num_attention_heads == 4  # the original count: load_pruned prunes it again
+        batch = tiny_batch(family)
+        with torch.no_grad():
+            assert torch.equal(loaded(**batch).logits, model(**batch).logits), family

@@ -32,7 +32,7 @@ from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to
                        read_metadata)
 from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
-from .saved import saved_layout
+from .saved import original_config, saved_layout
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
 from .weights import load_state, read_weights
@@ -107,6 +107,7 @@ heads of every layer (original indices); `config.json` is the unpruned model's.
 
 def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
     state, declare, plain = saved_layout(model, adapter, sites)
+    original = None if state is None else original_config(model, state, adapter)
     if plain:
         with _declared_biases(model, sites, adapter, declare):
             model.save_pretrained(path, safe_serialization=True)
@@ -117,7 +118,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         from safetensors.torch import save_model
 
         save_model(model, os.path.join(path, WEIGHTS_FILE))
-        config = dict(state["original_config"])  # a model read from a GGUF names no architecture
+        config = dict(original)  # a model read from a GGUF names no architecture
         config["architectures"] = config.get("architectures") or [type(model).__name__]
         config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # as save_pretrained writes it
         with open(os.path.join(path, "config.json"), "w") as f:
@@ -142,8 +143,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         # declared biases are the config's own: the original model is recorded with them
         "o_bias": [] if state is None or declare else state.get("o_bias", []),
         "plain_loadable": plain,
-        "original_config": (None if state is None else
-                            {**state["original_config"], declare: True} if declare else state["original_config"]),
+        "original_config": {**original, declare: True} if declare else original,
         "scores": None if scores is None else scores.to_dict(),
         "settings": settings or {},
     }

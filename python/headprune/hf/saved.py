@@ -9,7 +9,7 @@ from ..prune.mask import added_bias
 from .adapters import get_adapter, head_counts, resolve_sites
 from .prune import STATE_ATTR, new_state
 
-__all__ = ["saved_layout", "declared_bias_parameters"]
+__all__ = ["saved_layout", "declared_bias_parameters", "original_config"]
 
 
 def saved_layout(model, adapter, sites) -> tuple:
@@ -38,3 +38,13 @@ def declared_bias_parameters(model) -> int:
         return 0
     return sum(lin.weight.shape[0] for s in sites for lin in map(s.sub, (s.block.q, s.block.k, s.block.v, s.block.o))
                if getattr(lin, "bias", None) is None)
+
+
+def original_config(model, state: dict, adapter) -> dict:
+    """The config a pruned model is rebuilt from: its own as it is now (what was set since the
+    pruning, labels or token ids, is kept), with the head counts the pruning recorded as the
+    original (a uniform layout wrote its own into the config; keys as the config's dict names
+    them: GPT-2's ``n_head``)."""
+    recorded, names = state["original_config"], getattr(model.config, "attribute_map", {})
+    layout = {names.get(k, k) for k in ("num_attention_heads", adapter.config_head_dim, adapter.config_kv_heads) if k}
+    return {**model.config.to_dict(), **{k: recorded[k] for k in layout if k in recorded}}
