@@ -292,6 +292,12 @@ def test_pruning_nothing_leaves_the_model_unpruned(tmp_path):
     scores = headprune.collect(model, batches, moments=True)
     assert scores.head_ids is None
     headprune.measure_uniform(model, batches, scores, {1: [1, 2]}, sequences=1)
+    # heads named twice failed after every measuring forward; a bool was taken as head 1
+    for heads, match in (({1: [1, 1, 3]}, r"^heads: site 1 names a head more than once"),
+                         ({1: [True, 3]}, r"^heads: layer 1: expected a list of head indices"),
+                         ({1: [1, 9]}, r"^heads: layer 1 has 4 heads, got indices \[9\]")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            headprune.measure_uniform(model, batches, scores, heads, sequences=1)
     ids = batches[0]["input_ids"]
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 

@@ -24,6 +24,7 @@ import math
 import time
 from typing import Optional
 
+from ..prune.heads import normalize_heads
 from ..ranking.layouts import has_grouped_queries
 from ..ranking.recipes import UNIFORM_MEASURED_SETS, default_protected, is_causal
 from ..stats.moments import DEFAULT_DAMPING
@@ -187,6 +188,11 @@ def measure_uniform(model, batches, scores: HeadScores, heads: dict, *, sites=No
     if bad:
         raise ValueError(f"heads: expected {{site index: [heads]}} with sites in [0, {scores.num_sites}), got keys "
                          f"{bad[:5]!r}")
+    named = normalize_heads(heads, list(scores.num_heads))  # before any forward: head types and ranges
+    twice = [k for k, hs in heads.items() if len(list(hs)) != len(named.get(k, ()))]
+    if twice:
+        raise ValueError(f"heads: site {twice[0]} names a head more than once ({heads[twice[0]]!r:.80})")
+    heads = named
     if sites is None and not is_causal(scores) and not has_grouped_queries(scores):
         return _greedy_every_site(model, batches, scores, heads, damping, sequences, progress)
     sites = default_protected(scores) if sites is None else tuple(sites)
