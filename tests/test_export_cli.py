@@ -60,6 +60,11 @@ def test_a_pruned_directory_exports_with_a_source(pruned, tmp_path, capsys):
     code, out = _run(["export", t / "run" / "model", "--gguf", tmp_path / "new" / "m.gguf", "--source",
                       t / "src.gguf", "--quiet"], capsys)
     assert code == 2 and "--gguf: " in out.err and "exists; pass --force" in out.err
+    # saved without a tokenizer (the GGUF takes the source's): it was refused for having none
+    save_pruned(model, tmp_path / "notok")
+    code, out = _run(["export", tmp_path / "notok", "--gguf", tmp_path / "n.gguf", "--source", t / "src.gguf",
+                      "--quiet"], capsys)
+    assert code == 0 and gguf_architecture(tmp_path / "n.gguf") == "llama", out.err
 
 
 def test_a_prune_output_finds_its_source_in_its_report(pruned, tmp_path, capsys):

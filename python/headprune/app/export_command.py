@@ -39,7 +39,7 @@ def export(args) -> int:
         raise FileExistsError(f"--gguf: {out} is a symbolic link; name the file itself")
     stage = C.Stages(args)
     with stage("loading the model", "load"):
-        loaded = load_model(args.model, accept=("causal",))  # a prune's folder reads its model/
+        loaded = load_model(args.model, accept=("causal",), tokenizer=False)  # the GGUF takes --source's tokenizer
     source = source or (loaded.source if loaded.checkpoint_dtype == "gguf" else None)
     _refuse_input(out, src, source)
     zeroed = zeroed_heads(loaded.model)

@@ -67,14 +67,15 @@ def _kind(config) -> str:
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, accept=None,
-               bundled: bool = False) -> Loaded:
+               bundled: bool = False, tokenizer: bool = True) -> Loaded:
     """Loads MODEL (bundled name, ``.gguf`` file, Hugging Face directory, or a directory
     written by ``headprune prune``) with its tokenizer, from local files only. A directory is
     checked before its weights are read (see :func:`headprune.hf.load_pruned`): a damaged one
     raises ``ValueError`` or ``FileNotFoundError`` naming what is wrong. ``accept``: the model
     kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
     the weights are read. A bundled name that is also a path here is refused as ambiguous,
-    unless ``bundled`` (the name is known to mean the bundled model, e.g. from a report)."""
+    unless ``bundled`` (the name is known to mean the bundled model, e.g. from a report).
+    ``tokenizer=False``: a directory's tokenizer is neither needed nor read (``tokenizer`` None)."""
     torch_dtype = None
     if dtype is not None:
         if dtype not in DTYPES:
@@ -82,9 +83,9 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
         torch_dtype = DTYPES[dtype]
     path, gguf, pruned = locate(spec, bundled=bundled)
     if pruned:
-        return _load_pruned_dir(path, device, torch_dtype, accept)
+        return _load_pruned_dir(path, device, torch_dtype, accept, tokenizer)
     if gguf is None:
-        return _load_hf_dir(path, device, torch_dtype, accept)
+        return _load_hf_dir(path, device, torch_dtype, accept, tokenizer)
     return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
 
 
@@ -147,7 +148,7 @@ def _gguf_config(path: Path, gguf: str):
                          "model's directory (the model/ beside it) instead") from e
 
 
-def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
+def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: bool = True) -> Loaded:
     """A directory written by ``headprune prune`` (see :func:`headprune.hf.load_pruned`)."""
     from ..hf import load_pruned
     from ..hf.metadata import read_metadata
@@ -160,13 +161,13 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None) -> Loade
     adapter = ADAPTERS.get(meta.get("model_type"))
     if adapter is not None:
         _refuse_kind(adapter.kind, accept, path)
-    tok = _tokenizer(path)
+    tok = _tokenizer(path) if tokenizer else None
     model = cast_weights(load_pruned(path, device=device), torch_dtype or torch.float32)  # as an HF directory is
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
                   input_bytes=weight_bytes(path))
 
 
-def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
+def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: bool = True) -> Loaded:
     """A Hugging Face directory of a supported family, safetensors weights only, every tensor
     its config declares present with the declared shape."""
     import transformers
@@ -182,7 +183,7 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None) -> Loaded:
         raise ValueError(f"MODEL: unsupported model_type {model_type!r} in {config_file}; "
                          f"headprune supports {', '.join(supported_model_types())}")
     _refuse_kind(ADAPTERS[model_type].kind, accept, path)
-    tok = _tokenizer(path)
+    tok = _tokenizer(path) if tokenizer else None
     files = safetensors_files(path, "MODEL")
     header = read_header(files, "MODEL")
     config = config_from(transformers.CONFIG_MAPPING[model_type], raw, len(header), "MODEL", str(config_file))
