@@ -115,3 +115,29 @@ def test_the_refit_without_damping_changes_singular_moments_least():
     wt = torch.cat([w, b[:, None]], 1)
     want = wt[:, s].t() + torch.linalg.pinv(g[s][:, s]) @ (g[s] @ wt.t() - g[s][:, s] @ wt[:, s].t())
     torch.testing.assert_close(torch.cat([new_w, new_b[:, None]], 1).t(), want, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("tokens", [10, 30])
+def test_float32_moments_without_damping_fit_without_blowing_up(tokens):
+    """Fewer calibration tokens than kept columns leave G[K, K] singular; summed in float32 its
+    rounding made it look full rank, and the refit without damping fitted the rounding: kept
+    columns up to 10,000 times the original weights, where float64 sums give the least change
+    of the kept weights. Both now fit the calibration exactly, with columns of the same size."""
+    from headprune.hf.collection import _add_gram_
+    from headprune.prune.reconstruct import kept_columns, refit_output
+
+    heads, d, out = 6, 8, 16
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x = torch.randn(tokens, heads * d, dtype=torch.float64)
+        w, b = torch.randn(out, heads * d, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
+        keep = kept_columns(heads, d, [2, 5])
+        size = {}
+        for dtype in (torch.float64, torch.float32):
+            gram = torch.zeros(heads * d + 1, heads * d + 1, dtype=dtype)
+            _add_gram_(gram, x)
+            new_w, new_b = refit_output(w, b, gram, keep, damping=0.0)
+            y = x @ w.t() + b
+            assert (x[:, keep] @ new_w.t() + new_b - y).pow(2).mean() < 1e-6 * y.pow(2).mean(), (seed, dtype)
+            size[dtype] = new_w.abs().max().item()
+        assert size[torch.float32] <= 2 * max(size[torch.float64], w.abs().max().item()), (seed, size)

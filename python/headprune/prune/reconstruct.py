@@ -28,6 +28,11 @@ import torch
 
 from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
 
+#: without damping, second moments summed in float32 are solved by least squares that takes their
+#: singular values below this share of the largest as 0 (about the square root of float32's
+#: epsilon: the sums' relative rounding grows with the tokens summed)
+COARSE_RCOND = 1e-5
+
 __all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns", "solve_damped"]
 
 
@@ -76,6 +81,7 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     if not isinstance(fit_bias, bool) or (freeze_kept and not fit_bias):
         raise ValueError(f"fit_bias: expected a bool, and True with freeze_kept (which moves only the bias), got "
                          f"{fit_bias!r}")
+    coarse = gram.dtype != torch.float64  # sums in float32: a singular G looks full rank through their rounding
     g = gram.to(w.device, torch.float64)
     if not g[d, d] > 0:
         raise ValueError("gram: no calibration token was seen (the constant's moment is 0)")
@@ -103,9 +109,11 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     # plus A^-1 G[S, R] W~_R^T: a solve with |R| right sides instead of one per output.
     # singular (no damping, fewer tokens than inputs or heads that depend on each other): the
     # least change of the kept weights, by least squares (all of them kept: none)
+    # least squares: (float32 sums, no damping) directions of G below the sums' precision are
+    # rounding, and a solve through them made columns a thousand times the original
     chol, info = torch.linalg.cholesky_ex(a)
-    solve = ((lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else
-             (lambda r: _least_squares(a, r)))
+    solve = ((lambda r: _least_squares(a, r, rcond=COARSE_RCOND)) if coarse and c is None else
+             (lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else (lambda r: _least_squares(a, r)))
     sol = wt[:, s].t() + solve(g[s][:, gone] @ wt[:, gone].t())
     if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
         prior = torch.zeros_like(sol)
@@ -135,7 +143,8 @@ def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, pri
     return _least_squares(a, rhs)
 
 
-def _least_squares(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """The minimum-norm least-squares solution of a possibly singular ``a x = rhs``, on the CPU
-    (the SVD driver it takes, ``gelsd``, is a CPU one: CUDA offers only ``gels``, for full rank)."""
-    return torch.linalg.lstsq(a.cpu(), rhs.cpu(), driver="gelsd").solution.to(a.device)
+def _least_squares(a: torch.Tensor, rhs: torch.Tensor, rcond: Optional[float] = None) -> torch.Tensor:
+    """The minimum-norm least-squares solution of a possibly singular ``a x = rhs`` (singular
+    values below ``rcond`` times the largest taken as 0), on the CPU (the SVD driver it takes,
+    ``gelsd``, is a CPU one: CUDA offers only ``gels``, for full rank)."""
+    return torch.linalg.lstsq(a.cpu(), rhs.cpu(), rcond=rcond, driver="gelsd").solution.to(a.device)
