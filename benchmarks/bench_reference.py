@@ -61,7 +61,8 @@ def build_texts(names: list, tmp: Path) -> tuple:
             continue
         body = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in files)
         path = tmp / f"{name}.txt"
-        path.write_text(body[:600_000] if name == "cpp" else body, encoding="utf-8")
+        # each paragraph's whitespace collapsed, as the figures in docs/ were measured (see texts.flattened)
+        path.write_text(texts.flattened(body[:600_000] if name == "cpp" else body), encoding="utf-8")
         specs[name] = str(path)
         described[name] = {"files": len(files), "first": files[0], "last": files[-1], "bytes": path.stat().st_size}
     return specs, described, missing

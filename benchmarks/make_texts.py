@@ -92,13 +92,13 @@ CODE_MODULES = ["argparse.py", "textwrap.py", "shlex.py", "json/__init__.py", "j
 
 
 def python_code():
-    """The modules' source, unchanged, one file after another; blank lines separate paragraphs
-    (the loader collapses the whitespace inside each, as for every text)."""
+    """The modules' source, one file after another; blank lines separate paragraphs, and each
+    paragraph's whitespace is collapsed (written one paragraph per line, see SOURCES.md)."""
     base = next((b for b in glob.glob("/tmp/debs/stdlib/usr/lib/python3.11")), "/usr/lib/python3.11")
     paras = []
     for n in CODE_MODULES:
         text = open(os.path.join(base, n), encoding="utf-8").read()
-        paras += [b.strip("\n") for b in re.split(r"\n\s*\n", text) if b.strip()]
+        paras += [" ".join(b.split()) for b in re.split(r"\n\s*\n", text) if b.strip()]
     return paras
 
 

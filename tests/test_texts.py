@@ -29,7 +29,25 @@ def test_blank_lines_of_spaces_separate_paragraphs(tmp_path):
     separate them (10 paragraphs read as 5, a two-paragraph file refused)."""
     path = tmp_path / "d.txt"
     path.write_text("one a\nb\n  \t\ntwo c\r\n \r\nthree d\n\n\n\nfour\n")
-    assert texts.load_paragraphs(str(path)) == ["one a b", "two c", "three d", "four"]
+    assert texts.load_paragraphs(str(path)) == ["one a\nb", "two c", "three d", "four"]
+
+
+def test_a_text_file_keeps_its_lines_as_a_jsonl_record_does(tmp_path):
+    """A text file's paragraphs had their lines joined and their whitespace collapsed, while a
+    JSON Lines record kept them: code given as a text file lost its lines and its indentation
+    (a comment then swallowed the code after it), and calibrated and evaluated on that. Lines
+    end without their trailing whitespace; the bundled texts are stored one paragraph per line,
+    so they read as they were measured."""
+    code = "def f(x):\n    # add one\n    return x + 1"
+    path = tmp_path / "code.txt"
+    path.write_text("\n\n" + code.replace("\n", "  \r\n") + "\r\n\r\n\n  class A:\n      pass\t\n\n")
+    jsonl = tmp_path / "code.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in (code, "class A:\n      pass")) + "\n")
+    assert texts.load_paragraphs(str(path)) == [code, "  class A:\n      pass"]  # indented as written
+    assert texts.load_paragraphs(str(jsonl))[0] == code
+    for name in texts.BUNDLED_TEXTS:
+        stored = (texts.DATA / f"{name}.txt").read_text(encoding="utf-8")
+        assert texts.flattened(stored) == stored, name
 
 
 def test_jsonl_lines_end_at_newlines_only_and_a_byte_order_mark_is_dropped(tmp_path):

@@ -34,7 +34,8 @@ DEFAULT_REFERENCE = 0.25
 
 
 def load_paragraphs(spec: Optional[str] = None) -> list:
-    """Paragraphs of a bundled text name, a ``.txt`` file (blank-line separated), a ``.jsonl``
+    """Paragraphs of a bundled text name, a ``.txt`` file (blank-line separated, each keeping its
+    lines), a ``.jsonl``
     or ``.json`` file of records with a ``text`` field (JSON Lines, or one array of records in a
     ``.json``), or a local ``datasets`` dataset directory (``text`` column).
     One text; :func:`load_split` takes several joined by ``+``."""
@@ -100,10 +101,19 @@ def _read(path: Path) -> str:
 
 
 def _paragraphs(text: str) -> list:
-    """Paragraphs separated by blank lines (a line of only spaces or tabs is blank too), each
-    with its whitespace runs made single spaces."""
-    blocks = [" ".join(b.split()) for b in re.split(r"\n[^\S\n]*\n", text.replace("\r\n", "\n"))]
-    return [b for b in blocks if b]
+    """Paragraphs separated by blank lines (a line of only whitespace is blank too), each with
+    its lines as written but for the whitespace that ends them (code keeps its lines and its
+    indentation, as a JSON Lines record's text keeps them)."""
+    blocks = re.split(r"\n[^\S\n]*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
+    lines = ("\n".join(line.rstrip() for line in b.split("\n")).strip("\n") for b in blocks)
+    return [b for b in lines if b.strip()]
+
+
+def flattened(text: str) -> str:
+    """``text`` with each paragraph's whitespace made single spaces, one paragraph per line
+    (how the bundled texts are stored: their lines were joined so when the figures in docs/
+    were measured)."""
+    return "\n\n".join(" ".join(b.split()) for b in _paragraphs(text)) + "\n"
 
 
 def given(spec: Optional[str]) -> str:
