@@ -20,7 +20,7 @@ SENTENCES = ["She had not been to the sea.", "It was her own and he had it.", "T
 
 @pytest.fixture(autouse=True)
 def _text(tmp_path):  # run() works in tmp_path: a short text there, for prune and eval alike
-    paragraphs = [" ".join(SENTENCES[(i + k) % 4] for k in range(3)) for i in range(60)]  # 18 held out
+    paragraphs = [" ".join(SENTENCES[(i + k) % 4] for k in range(3)) + f" {i}" for i in range(60)]  # 18 held out
     (tmp_path / "text.txt").write_text("\n\n".join(paragraphs))
 
 

@@ -114,7 +114,7 @@ def test_a_short_text_keeps_the_reference_share_of_what_it_gives(tiny_dir, causa
     """Asked for 64 sequences, a short text gave 5 and the reference share took 16 more (76%,
     not 25%); the share is now taken of the sequences the text gives."""
     path = tmp_path / "short.txt"
-    path.write_text("\n\n".join(["the a of and to in was her she it he had not be"] * 7))
+    path.write_text("\n\n".join(f"the a of and to in was her she it he had not be {i}" for i in range(7)))
     parts, _ = texts.load_split(str(path))
     batches, settings = texts.calibration_set(_tokenizer(tiny_dir), parts, str(path), causal=causal, samples=64,
                                               seq_len=8, reference=0.25, batch_size=4)
@@ -126,7 +126,7 @@ def test_a_short_text_keeps_the_reference_share_of_what_it_gives(tiny_dir, causa
 def test_the_command_says_when_the_text_gives_fewer_sequences(run, tmp_path, tiny_dir):  # noqa: F811
     """The report said 64 x 16 tokens where 21 sequences were used."""
     path = tmp_path / "short.txt"
-    path.write_text("\n\n".join(["the a of and to in was her she it he had not be"] * 10))
+    path.write_text("\n\n".join(f"the a of and to in was her she it he had not be {i}" for i in range(10)))
     code, lines = run(["scan", tiny_dir, "--data", path, "--samples", "64", "--seq-len", "16", "--quiet",
                        "--out", tmp_path / "s"])
     assert code == 0 and any("--samples 64: the calibration text gives" in line for line in lines), lines

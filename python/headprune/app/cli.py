@@ -13,6 +13,7 @@ import argparse
 import re
 import sys
 import textwrap
+import warnings
 from contextlib import contextmanager
 
 from . import arguments as A
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     handler = {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
                "sweep": sweep_command.sweep, "recover": recover_command.recover,
                "export": export_command.export}[args.command]
-    with _quiet_transformers(getattr(args, "quiet", False)):
+    with _quiet_transformers(getattr(args, "quiet", False)), _own_warnings():
         try:
             return handler(args)
         except (OSError, ValueError, TypeError, RanksFailed, MissingExtra) as e:  # RanksFailed: another rank's error
@@ -185,6 +186,26 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
             return 130
+
+
+@contextmanager
+def _own_warnings():
+    """headprune's warnings about the user's input (:class:`texts.TextWarning`) printed as its
+    other warnings are, every time; the rest as Python prints them."""
+    from .texts import TextWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, TextWarning):
+            print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TextWarning)
+        warnings.showwarning = show
+        yield
 
 
 @contextmanager

@@ -20,6 +20,7 @@ import json
 import numbers
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -161,7 +162,9 @@ def _dataset_paragraphs(path: Path) -> list:
 def load_split(spec: Optional[str] = None) -> tuple:
     """``(calibration parts, held-out paragraphs)`` of ``spec``: one text, or several joined by
     ``+`` (each split on its own; the calibration keeps one part per text, so each gets an
-    equal share of the samples, and the held-out paragraphs alternate between the texts)."""
+    equal share of the samples, and the held-out paragraphs alternate between the texts). Where
+    paragraphs repeated on both sides make much of the held-out text, a :class:`TextWarning`
+    says so."""
     spec = given(spec)
     parts, held, seen = [], [], {}
     for name in spec_names(spec):
@@ -174,8 +177,32 @@ def load_split(spec: Optional[str] = None) -> tuple:
         calib, h = split(load_paragraphs(name))
         parts.append(calib)
         held.append(h)
+    _warn_repeated(spec, parts, held)
     mixed = interleave(held)
     return parts, mixed
+
+
+#: the share of the held-out text's characters in paragraphs the calibration holds too from which
+#: :func:`load_split` warns
+REPEATED_SHARE = 0.05
+
+
+def _warn_repeated(spec: str, parts: list, held: list) -> None:
+    """A :class:`TextWarning` where much of the held-out text repeats calibration paragraphs (a
+    licence header, boilerplate): quality measured on it is partly measured on calibration text.
+    They stay (a short line such as a closing brace recurs in any code, and is what the text is)."""
+    seen = {p for part in parts for p in part}
+    repeated = [p for h in held for p in h if p in seen]
+    share = sum(map(len, repeated)) / max(1, sum(len(p) for h in held for p in h))
+    if share >= REPEATED_SHARE:
+        warnings.warn(TextWarning(f"--data: {spec}: {len(repeated)} held-out paragraph(s), {share:.0%} of the held-out "
+                                  "text, are also calibration paragraphs: quality on the held-out part is partly "
+                                  "measured on calibration text"), stacklevel=3)
+
+
+class TextWarning(UserWarning):
+    """What a text's reading changed that the user should know (the command line prints it as
+    its own warning)."""
 
 
 def interleave(lists: list) -> list:
