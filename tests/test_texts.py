@@ -185,3 +185,14 @@ def test_the_whole_stream_is_tokenized_without_the_length_warning(tiny_dir):  # 
         root.removeHandler(handler)
     assert windows.shape[1] == 4 and windows.shape[0] >= 10
     assert sum("longer than the specified maximum" in m for m in seen) == 1, seen  # the other tokenizer's
+
+
+def test_one_paragraph_per_line_is_told_how_paragraphs_are_separated(tmp_path):
+    """A file of one paragraph per line read as one paragraph and was refused without a word on
+    why; a .ndjson file (JSON Lines by another name) read as one paragraph of JSON."""
+    (tmp_path / "lines.txt").write_text("one line\ntwo line\nthree line\n")
+    with pytest.raises(ValueError, match=r"holds 1 paragraph\(s\); need at least 2 \(calibration and held-out\); a "
+                                         "text file's paragraphs are separated by blank lines"):
+        texts.load_paragraphs(str(tmp_path / "lines.txt"))
+    (tmp_path / "r.ndjson").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert texts.load_paragraphs(str(tmp_path / "r.ndjson")) == ["one", "two"]

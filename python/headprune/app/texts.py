@@ -36,7 +36,7 @@ DEFAULT_REFERENCE = 0.25
 
 def load_paragraphs(spec: Optional[str] = None) -> list:
     """Paragraphs of a bundled text name, a ``.txt`` file (blank-line separated, each keeping its
-    lines), a ``.jsonl``
+    lines), a ``.jsonl`` (``.ndjson``)
     or ``.json`` file of records with a ``text`` field (JSON Lines, or one array of records in a
     ``.json``), or a local ``datasets`` dataset directory (``text`` column).
     One text; :func:`load_split` takes several joined by ``+``."""
@@ -48,12 +48,14 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
         raise FileNotFoundError(f"--data: {spec!r} is neither a bundled text ({', '.join(BUNDLED_TEXTS)}) nor an existing path")
     if path.is_dir():
         paragraphs = _dataset_paragraphs(path)
-    elif path.suffix.lower() in (".jsonl", ".json"):  # .json: what datasets' to_json writes (JSON Lines)
+    elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):  # .json: what datasets' to_json writes (JSON Lines)
         paragraphs = [p for p in (r.strip() for r in _json_texts(path)) if p]
     else:
         paragraphs = _paragraphs(_read(path))
     if len(paragraphs) < 2:
-        raise ValueError(f"--data: {spec!r} holds {len(paragraphs)} paragraph(s); need at least 2 (calibration and held-out)")
+        lines = len(paragraphs) == 1 and "\n" in paragraphs[0]  # a paragraph per line: no blank line between
+        raise ValueError(f"--data: {spec!r} holds {len(paragraphs)} paragraph(s); need at least 2 (calibration and "
+                         "held-out)" + ("; a text file's paragraphs are separated by blank lines" if lines else ""))
     return paragraphs
 
 
