@@ -273,6 +273,10 @@ def test_recipe_text_says_how_the_heads_were_chosen():
                        ({"scope": "per_layer"}, {"grouped": False})]:
         text = describe_recipe(select, "refit", **kw)
         assert greedy not in text and text.startswith("query heads ranked by"), (select, kw, text)
+    # a uniform layout takes each layer's own cheapest heads: --scope global said "over the whole model"
+    text = describe_recipe({"scope": "global", "uniform": True}, "refit", grouped=False)
+    assert "within each layer" in text and "over the whole model" not in text, text
+    assert "over the whole model" in describe_recipe({"scope": "global"}, "refit", grouped=False)
 
 
 def test_recipe_text_says_no_refit_ran_where_the_ranking_prices_one():

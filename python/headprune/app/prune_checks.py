@@ -52,6 +52,9 @@ def check_options(args) -> None:
         raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
     if args.protect_layers:
         raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
+    if args.gqa == "query":  # it was taken as even layouts, and recorded as query
+        raise ValueError("--gqa query: a --uniform layout keeps every KV group even (a config declares one layout); "
+                         "drop --gqa query")
 
 
 def _rounds(args) -> bool:

@@ -51,7 +51,8 @@ def describe_recipe(select: dict, removal: str, sequential: bool = False, dampin
         if score == "reconstruction" and removal != "refit":  # ranked by a refit that does not run
             words = "what a least-squares refit would not recover (greedy structured OBS; no refit applied)"
         what = f"{words}, {'lowest' if order == 'low' else 'highest'} first"
-    where = {"per_layer": "within each layer", "global": "over the whole model",
+    where = {"per_layer": "within each layer", "global": "within each layer" if select.get("uniform") else  # a
+             "over the whole model",  # layout's heads are each layer's own cheapest, however ranked
              "measured": "within each layer, each layer's share measured (the shares whose removal cost the "
                          "whole model least on calibration sequences)"}.get(scope, scope)
     units = "whole KV groups" if select.get("gqa") == "group" and grouped is not False else "query heads"
