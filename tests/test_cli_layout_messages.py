@@ -38,3 +38,18 @@ def test_the_recipe_text_names_the_heads_every_layer_keeps():
     assert "; whole layers may go;" in describe_recipe({"score": "entropy", "min_heads_per_layer": 0}, "refit")
     assert describe_recipe({"score": "entropy", "min_heads_per_layer": 1}, "refit") == describe_recipe(
         {"score": "entropy"}, "refit")
+
+
+def test_warnings_name_what_changed_the_size(run, tmp_path, tiny_dir):  # noqa: F811
+    """--uniform with --min-heads-per-layer 3 removed a quarter of a half asked for, the warning
+    blaming --uniform alone; a masked save of a model without attention biases warned that its
+    weights were larger than its input's and pointed to --save-dtype, though it was saved in the
+    input's own type (the zero q/k/v/o biases the declared output bias brings are the difference)."""
+    common = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code, err = run(["prune", tiny_dir, "--ratio", "0.5", "--uniform", "--min-heads-per-layer", "3", *common,
+                     "--out", tmp_path / "u"])
+    assert code == 0 and any("warning: --uniform with --min-heads-per-layer 3: the nearest layout removes 2 heads "
+                             "(25.0%), not the 4 requested (50.0%)" in line for line in err), err
+    code, err = run(["prune", _tiny_llama(tmp_path, tiny_dir), "--ratio", "0.25", "--mask", *common,
+                     "--out", tmp_path / "m"])
+    assert code == 0 and not any("larger than its input" in line for line in err), err

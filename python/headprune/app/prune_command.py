@@ -309,10 +309,19 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
                       selection=_selection_values(scores, settings), selection_label=_selection_label(scores, settings),
                       protected=protected)
-    if loaded.input_bytes and report["saved_weight_bytes"] > loaded.input_bytes:  # weights against weights
+    if loaded.input_bytes and report["saved_weight_bytes"] > loaded.input_bytes and \
+            _wider(settings["saved_dtype"], loaded.checkpoint_dtype):  # weights against weights, in a wider type
         C._warn(f"the saved model's weights ({report['saved_weight_bytes'] / 2**20:,.0f} MiB, {settings['saved_dtype']}) "
                 f"are larger than its input's ({loaded.input_bytes / 2**20:,.0f} MiB); --save-dtype chooses the float "
                 "type")
+
+
+def _wider(saved: str, stored) -> bool:
+    """Whether the saved float type holds more bits than the input's (a quantised GGUF, float32
+    of a 16-bit checkpoint; unknown: yes). In the input's own type a larger file holds only what
+    the pruning added: the zero q/k/v/o biases a declared output bias brings, which no type saves."""
+    bits = {"float32": 32, "float16": 16, "bfloat16": 16}
+    return stored not in bits or bits.get(saved, 32) > bits[stored]
 
 
 def _selection_values(scores, settings: dict):
@@ -348,8 +357,9 @@ def _check_layout_rounded(args, n: int, total: int, scores, measured: bool = Fal
     if n == want:
         return
     even = args.gqa == "even" and grouped
-    if getattr(args, "uniform", False):
-        what = "--uniform: the nearest layout"
+    if getattr(args, "uniform", False):  # the layouts every layer may take: --min-heads-per-layer caps them
+        what = "--uniform" + (f" with --min-heads-per-layer {args.min_heads_per_layer}"
+                              if (args.min_heads_per_layer or 1) > 1 else "") + ": the nearest layout"
     elif measured or not even:  # a measured allocation takes the nearest total the layers it may prune reach
         layouts = ", in --gqa even layouts" if even else ""
         what = f"the layers --protect-layers and --min-heads-per-layer leave open{layouts}: the nearest allocation"
