@@ -133,6 +133,8 @@ def test_pruning_a_masked_directory_again(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "p" / "report.json").read_text())
     new = {int(k): v for k, v in report["pruned_heads"].items()}
     assert report["settings"]["masked_in_input"] == 2 and sum(map(len, new.values())) == 1
+    assert "Pruned 1 of 6 heads" in (tmp_path / "p" / "report.md").read_text() and "The 2 heads the model held " \
+        "masked (zero output columns) were removed first and are not counted here" in (tmp_path / "p" / "report.md").read_text()
     kept = kept_heads(load_pruned(tmp_path / "p" / "model"))
     for layer, heads in kept.items():  # both rounds' heads are gone, by their original indices
         assert set(heads).isdisjoint({*masked.get(layer, []), *new.get(layer, [])})
