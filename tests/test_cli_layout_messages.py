@@ -53,3 +53,11 @@ def test_warnings_name_what_changed_the_size(run, tmp_path, tiny_dir):  # noqa: 
     code, err = run(["prune", _tiny_llama(tmp_path, tiny_dir), "--ratio", "0.25", "--mask", *common,
                      "--out", tmp_path / "m"])
     assert code == 0 and not any("larger than its input" in line for line in err), err
+
+
+def test_singular_moments_without_damping_name_the_flag(run, tmp_path, tiny_dir):  # noqa: F811
+    """The refusal named the library's argument (damping:), not the command's flag."""
+    code, err = run(["prune", _tiny_llama(tmp_path, tiny_dir), "--ratio", "0.3", "--damping", "0", "--samples", "2",
+                     "--seq-len", "4", "--quiet", "--no-speed", "--out", tmp_path / "o"])
+    assert code == 2 and err[-1].startswith("headprune prune: error: --damping: 0 leaves these second moments "
+                                            "singular") and err[-1].endswith("pass a positive --damping"), err

@@ -241,12 +241,12 @@ def _message(e: Exception, command: str = "") -> str:
 
 
 #: a message of the selection API (``select_heads``' arguments), which names its parameters
-_SELECTION = r"(ratio/count|kv_ratio|uniform|protect_layers|min_heads_per_layer):"
+_SELECTION = r"(ratio/count|kv_ratio|uniform|protect_layers|min_heads_per_layer|damping):"
 #: those parameters as ``prune``'s flags
 _FLAGS = ((r"^ratio/count:", "--ratio/--count:"), (r"^uniform:", "--uniform:"),
           (r"(^|[\s(])protect_layers=\[\]", r"\1--protect-layers ''"),
           (r"(^|[\s(])min_heads_per_layer=(\d+)", r"\1--min-heads-per-layer \2"),
-          (r"(^|[\s(])(protect_layers|min_heads_per_layer|kv_ratio)\b",
+          (r"(^|[\s(])(protect_layers|min_heads_per_layer|kv_ratio|damping)\b",
            lambda m: m[1] + "--" + m[2].replace("_", "-")))
 
 
