@@ -219,9 +219,7 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     """``--seconds`` alone ends the run by its budget; ``--checkpoint`` resumes where a run
     stopped, to the same weights as a run that never stopped; other settings are refused."""
     import json
-
     import torch
-
     from headprune.hf import load_pruned
 
     calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
@@ -255,8 +253,10 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
     assert code == 0, err
     resumed, straight = load_pruned(tmp_path / "b" / "model"), load_pruned(tmp_path / "c" / "model")
     assert all(torch.equal(p, straight.state_dict()[n]) for n, p in resumed.state_dict().items())
-    code, err = run([*rec[:-3], "--lr", "1e-4", "--quiet", "--steps", "4", "--checkpoint", ckpt, "--out", tmp_path / "d"])
-    assert code == 2 and "checkpoint" in err[-1] and not (tmp_path / "d").exists()
+    with pytest.MonkeyPatch.context() as mp:  # refused before both models are evaluated (it was after), by its flag
+        mp.setattr("headprune.app.recover_command._quality", lambda *a, **k: pytest.fail("evaluated first"))
+        code, err = run([*rec[:-3], "--lr", "1e-4", "--quiet", "--steps", "4", "--checkpoint", ckpt, "--out", tmp_path / "d"])
+    assert code == 2 and "error: --checkpoint: " in err[-1] and "other lr" in err[-1] and not (tmp_path / "d").exists()
     code, err = run(["recover", tmp_path / "p", "--quiet", "--out", tmp_path / "e"])
     assert code == 2 and err[-1].endswith("--steps/--seconds: say how long to recover (either or both)")
     code, err = run(["recover", tmp_path / "nope", "--quiet", "--out", tmp_path / "e"])  # DIR named first
@@ -368,10 +368,10 @@ def test_recover_saves_in_the_type_the_directory_was_saved_in(run, tmp_path, tin
     assert run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p32"])[0] == 0
     code, err = run(["recover", tmp_path / "p32", "--steps", "2", "--dtype", "bfloat16", "--validation", "0",
                      "--samples", "4", "--quiet", "--out", tmp_path / "rb"])
-    assert code == 2 and not (tmp_path / "rb").exists()
-    assert err == ["headprune recover: error: --dtype: DIR's model is saved in float32; loaded in bfloat16, every "
-                   "weight recovery leaves alone (embeddings, feed-forward layers) would be rounded to bfloat16 and "
-                   "saved so; leave --dtype out or pass --dtype float32"], err
+    assert code == 2 and not (tmp_path / "rb").exists() and err == [
+        "headprune recover: error: --dtype: DIR's model is saved in float32; loaded in bfloat16, every weight recovery "
+        "leaves alone (embeddings, feed-forward layers) would be rounded to bfloat16 and saved so; leave --dtype out or "
+        "pass --dtype float32"], err
 
 
 def test_recover_stage_gives_back_each_tensor_its_own_type():

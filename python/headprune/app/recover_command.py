@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -230,6 +231,7 @@ def recover(args) -> int:
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
         split = split_validation(batches, args.validation)  # refused before the models are evaluated
+        _check_resumable(args, student.model, teacher.model, split)
         C.warn_thin(used["data"], student, paragraphs["held_out"])
     with stage("evaluating the unpruned and the pruned model", "evaluate_before"):
         q = {"unpruned": _quality(args, teacher, paragraphs, {})}
@@ -285,6 +287,19 @@ def _check_checkpoint(args) -> None:
         raise ValueError(f"--steps: {args.steps} is fewer than the {held} steps --checkpoint {args.checkpoint} "
                          "already holds (a recovery goes on from its checkpoint); ask for at least as many, or pass "
                          "another --checkpoint to start anew")
+
+
+def _check_resumable(args, student, teacher, split: tuple) -> None:
+    """A --checkpoint of another run (other settings, weights or text), refused before both
+    models are evaluated rather than after."""
+    from ..hf.recover import check_resume
+
+    if args.checkpoint is None:
+        return
+    try:
+        check_resume(student, teacher, split[0], checkpoint=args.checkpoint, lr=args.lr, validation=split[1])
+    except ValueError as e:
+        raise ValueError(re.sub(r"^checkpoint:", "--checkpoint:", str(e))) from None
 
 
 def _teacher(args, spec: str, bundled: bool = False):

@@ -42,7 +42,7 @@ from .adapters import get_adapter, resolve_sites
 from .batches import batch_rows, check_batches
 from .collect import collect
 from .prune import check_scores, mask_heads
-from .recover import _Teacher, _kwargs, _loss
+from .distil import _Teacher, _kwargs, _loss
 from .training import _digest as tensors_digest
 
 __all__ = ["CHOICES", "LayerCosts", "layer_costs", "select_measured", "DEFAULT_SEQUENCES"]

@@ -41,7 +41,7 @@ import torch
 from .adapters import encoder_decoder, get_adapter, head_counts, resolve_sites
 from .gates import frozen, gates
 from .prune import check_scores
-from .recover import _kwargs, _loss, _Teacher
+from .distil import _kwargs, _loss, _Teacher
 from .training import (_bar, _check_run, _digest, _fingerprint, _loop, _model_digest, _resume, finite_loss,
                        check_inputs, open_checkpoint)
 

@@ -33,16 +33,15 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from ..core.modules import eval_mode
 from ..prune.mask import active_masks
 from .adapters import encoder_decoder, get_adapter, resolve_sites
-from .batches import forward_kwargs
+from .distil import _kwargs, _loss, _Teacher, distillation_loss
 from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
                        cast_back, check_inputs, check_teacher, dtypes_of, finite_loss, open_checkpoint)
 
-__all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "default_lr", "distillation_loss", "recover",
+__all__ = ["DEFAULT_LR", "RecoverReport", "TRAIN", "check_resume", "default_lr", "distillation_loss", "recover",
            "trainable_parameters"]
 
 #: what ``train`` may name: which projections of each attention site train
@@ -110,80 +109,6 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     if active_masks(student):  # masked heads are zero columns of o: their gradients would revive them
         raise ValueError("student: has heads masked by mask_heads, which training would revive; "
                          "remove them with prune_heads first")
-
-
-def _kwargs(model, batch) -> dict:
-    kw = forward_kwargs(model, batch)
-    if "logits_to_keep" in kw:
-        kw["logits_to_keep"] = 0  # every position's distribution
-    return kw
-
-
-def _pool(h: torch.Tensor, mask) -> torch.Tensor:
-    """Mean over the valid positions: ``[B, S, hidden]`` -> ``[B, hidden]`` float32."""
-    m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device).float()
-    m = m.unsqueeze(-1)
-    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
-
-
-class _Teacher:
-    """The teacher's target for a batch: its next-token logits (causal LMs) or its pooled last
-    hidden states (encoders). With ``cache``, each batch's target is kept by its index after
-    its first use: the pooled states themselves, or the input of the teacher's LM head, from
-    which the head gives back the exact logits for a fraction of a forward pass (checked bit
-    for bit; a model that transforms the head's output further, e.g. by soft-capping, is not
-    cached). The cache holds [batch, seq, hidden] per batch in the model's dtype."""
-
-    def __init__(self, teacher, cache: bool):
-        self.model, self.cache = teacher, ({} if cache else None)
-        get = getattr(teacher, "get_output_embeddings", None)
-        self.head = get() if callable(get) else None
-
-    @torch.no_grad()
-    def __call__(self, index: int, kw: dict) -> torch.Tensor:
-        hit = None if self.cache is None else self.cache.get(index)
-        if hit is not None:
-            return self.head(hit[1]) if hit[0] else hit[1]
-        seen = []
-        hook = None if self.head is None else self.head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-        try:
-            out = self.model(**kw)
-        finally:
-            if hook is not None:
-                hook.remove()
-        if getattr(out, "logits", None) is None:
-            target = _pool(out.last_hidden_state, kw.get("attention_mask"))
-            entry = (False, target)
-        else:
-            target = out.logits
-            entry = (True, seen[0]) if len(seen) == 1 and torch.equal(self.head(seen[0]), target) else None
-        if self.cache is not None:
-            if entry is None:
-                self.cache = None  # this model's logits cannot be rebuilt from the head's input
-            else:
-                self.cache[index] = entry
-        return target
-
-
-def _loss(student, target: torch.Tensor, kw: dict) -> torch.Tensor:
-    """The distillation loss of one batch (see the module doc) against the teacher's ``target``."""
-    out = student(**kw)
-    mask = kw.get("attention_mask")
-    if getattr(out, "logits", None) is None:
-        return (1 - F.cosine_similarity(_pool(out.last_hidden_state, mask), target.float(), dim=-1)).mean()
-    log_s = F.log_softmax(out.logits.float(), -1)
-    log_t = F.log_softmax(target.float(), -1)
-    per_token = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
-    if mask is None or per_token.dim() == 1:  # [batch, classes] logits (a classifier): one distribution each
-        return per_token.mean()
-    m = mask.to(per_token.device, per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
-
-
-def distillation_loss(student, teacher, batch) -> torch.Tensor:
-    """The loss :func:`recover` minimises, on one batch (with gradients for the student)."""
-    kw = _kwargs(student, batch)
-    return _loss(student, _Teacher(teacher, cache=False)(0, kw), kw)
 
 
 @contextmanager
@@ -265,6 +190,16 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     validate_every = _check_validation(validation, validate_every)
+    params, fingerprint = _fingerprinted(student, teacher, batches, lr, train, validation, validate_every)
+    ckpt = open_checkpoint(checkpoint, fingerprint, resume)
+    with eval_mode(teacher), _training(student, params, dtypes_of(student)), torch.enable_grad():  # under no_grad too
+        val = None if validation is None else _Validation(teacher, validation, validate_every)
+        return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt, checkpoint_every,
+                    resume, train, val, started)
+
+
+def _fingerprinted(student, teacher, batches, lr, train, validation, validate_every) -> tuple:
+    """``(trainable parameters, the fingerprint a checkpoint of this run must match)``."""
     params = trainable_parameters(student, train)
     if not params:
         raise ValueError(f"student: has no {train} parameters to train")
@@ -273,11 +208,20 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     if validation is not None:
         settings["validation"] = _tokens(validation)
         settings["validate_every"] = validate_every
-    ckpt = open_checkpoint(checkpoint, _fingerprint(params, settings, batches), resume)
-    with eval_mode(teacher), _training(student, params, dtypes_of(student)), torch.enable_grad():  # under no_grad too
-        val = None if validation is None else _Validation(teacher, validation, validate_every)
-        return _run(student, teacher, batches, params, steps, lr, time_budget_s, progress, ckpt, checkpoint_every,
-                    resume, train, val, started)
+    return params, _fingerprint(params, settings, batches)
+
+
+def check_resume(student, teacher, batches, *, checkpoint, lr: Optional[float] = None, train: str = "attention",
+                 validation: Optional[Sequence] = None, validate_every: Optional[int] = None) -> None:
+    """Refuse now (``ValueError``) a ``checkpoint`` that :func:`recover` with these arguments and
+    ``resume=True`` would refuse (written for other settings, weights or batches), before work
+    that comes first, such as the command line's evaluation of both models. Nothing if the file
+    does not exist."""
+    lr = default_lr(student) if lr is None else lr
+    every = _check_validation(validation, validate_every)
+    ckpt = open_checkpoint(checkpoint, _fingerprinted(student, teacher, batches, lr, train, validation, every)[1], True)
+    if ckpt is not None:
+        ckpt.load()
 
 
 def _check_validation(validation, every) -> int:
