@@ -57,6 +57,14 @@ def beats_every_draw(v: float, draws: list, lower: bool) -> bool:
     return all(v < d if lower else v > d for d in draws)
 
 
+def _removal(settings: dict, default: str) -> str:
+    """How a recipe removed its heads: its ``removal``, or in earlier results files its
+    ``compensate`` (False: zeroed, True: mean compensation), else the draws' ``default``."""
+    if "removal" in settings:
+        return settings["removal"]
+    return {True: "mean", False: "zero"}.get(settings.get("compensate"), default)
+
+
 def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
     """One row per ratio: each recipe's metric (bold when better than every random draw: a value
     inside the draws' range is not told from random heads; never for a recipe that removes heads
@@ -66,7 +74,7 @@ def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:
     names = list(result["recipes"]) if recipes is None else recipes
     seeds = len(result["random"][0]) if result["random"] else 0
     removal = draws_removal(result)
-    apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
+    apart = [n for n in names if _removal(result.get("recipe_settings", {}).get(n, {}), removal) != removal]
     out = []
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if result["random"] else []

@@ -29,3 +29,9 @@ def test_a_recipe_removed_otherwise_or_of_fewer_heads_is_never_bold_against_the_
     text = sweep_table({}, result)
     assert "| **0.9500** | 0.8900 | 0.9000 |" in text
     assert "(`mean`: removed otherwise than the random draws, so never bold" in text
+    # earlier results files say compensate: False of a zeroed recipe, among draws with mean compensation
+    old = {"lower_is_better": False, "ratios": [0.1], "compensate": True, "random": [[0.95, 0.97]],
+           "recipes": {"zeroed": [0.98], "mean": [0.99]},
+           "recipe_settings": {"zeroed": {"compensate": False}, "mean": {"compensate": True}}}
+    text = sweep_table({}, old)
+    assert "| 0.9800 | **0.9900** |" in text and "(`zeroed`: removed otherwise than the random draws" in text
