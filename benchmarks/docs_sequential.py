@@ -33,7 +33,7 @@ def sequential_wins(ctx, pair: int = 0, name: str = "quality_sequential") -> tup
     for res in ctx["R"][name]["results"]:
         lower = res["lower_is_better"]
         for a, b in zip(res["recipes"][one], res["recipes"][seq]):
-            level = change(b, a, lower, 4) in ("1.00x", "+0.0000", "-0.0000")
+            level = num(a, 4) == num(b, 4)  # the values as the table prints them (its 1.00x hides 0.5%)
             out[1 if level else 0 if (b < a) == lower else 2] += 1
     return tuple(out)
 

@@ -54,7 +54,7 @@ def collection_table(ctx, name: str = "collect_cpu_fused") -> str:
         out.append([f"{r['model']}, {r['batch']} x {r['seq']:,}",
                     f"{num(r['plain_ms'] / 1e3)} s, {num(r['plain_MB'])} MB",
                     f"**{x(r['headprune_cpu_x'])}** plain ({x(r['headprune_vs_body_cpu_x'])} body); "
-                    f"**{x(r['headprune_mem_x'])}** memory",
+                    f"{x(r['headprune_mem_x'])} memory ({x(r['headprune_vs_body_mem_x'])} body)",
                     f"{x(r['unfused_cpu_x'])} plain ({x(r['unfused_vs_body_cpu_x'])} body)", eager])
     return table(["model, batch x tokens", "plain SDPA forward", "headprune collection (fused)",
                   "unfused collection", "eager + `output_attentions` + formula"], out)
