@@ -15,12 +15,14 @@ def _points(ctx, name: str) -> list:
 
 
 def _won(ctx, name: str) -> tuple:
+    """``(points where the default beats every draw, points)``."""
     points = _points(ctx, name)
-    return sum(1 for res, i in points if res["recipes"]["default"][i] < mean(res["random"][i], True)), len(points)
+    return sum(1 for res, i in points if beats_every_draw(res["recipes"]["default"][i], res["random"][i],
+                                                             res["lower_is_better"])), len(points)
 
 
 def protected_wins(ctx, name: str = "quality_random_protected") -> str:
-    """At how many points the default beats the mean of the protected draws, in words."""
+    """At how many points the default beats every protected draw, in words."""
     won, total = _won(ctx, name)
     return f"{won} of {total} points" if won < total else f"every one of the {total} points"
 
@@ -44,7 +46,7 @@ def protected_summary(ctx, name: str = "quality_random_protected", unprotected: 
             parts.append(f"`{key[0]}` at {pct(key[1])}: {num(kept, 4)} kept whole, {num(free, 4)} not")
     won, total = _won(ctx, name)
     verdict = ("The default's lead over random pruning is not its protection of the first layer." if won == total else
-               f"At {total - won} of {total} points random draws with the first layer kept whole are as good as the "
+               f"At {total - won} of {total} points a random draw with the first layer kept whole is as good as the "
                "default or better.")
     helps = ("keeping the first layer whole helps random draws too, or changes nothing where no draw took a head "
              "there" if all(gains) else f"keeping it whole helped the draws at {sum(gains)} of {len(gains)} points")
