@@ -28,10 +28,10 @@ import torch
 
 from ..stats.moments import DEFAULT_DAMPING, check_damping, ridge
 
-#: without damping, second moments summed in float32 are solved by least squares that takes their
-#: singular values below this share of the largest as 0 (about the square root of float32's
-#: epsilon: the sums' relative rounding grows with the tokens summed)
-COARSE_RCOND = 1e-5
+#: the least damping of a refit from second moments summed in float32: their rounding (about 1e-7
+#: of each sum, more over many tokens) makes a singular G look full rank, and without a ridge the
+#: refit fits it; this one is far below what calibration data pins down
+COARSE_DAMPING = 1e-6
 
 __all__ = ["DEFAULT_DAMPING", "refit_output", "kept_columns", "solve_damped"]
 
@@ -57,7 +57,8 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
         keep: the kept input columns, in the order they will have.
         damping: ridge ``lambda`` relative to the mean of ``diag(G[K, K])``; 0 solves by least
             squares (a singular ``G[K, K]`` then gets the solution nearest the kept weights, so
-            nothing changes where no column goes).
+            nothing changes where no column goes). Moments summed in float32 take at least
+            :data:`COARSE_DAMPING`.
         anchor: what the ridge pulls the kept columns towards: ``"original"`` (their values
             before the refit: a large damping tends to mean compensation, and what the
             calibration text cannot pin down stays as the model had it) or ``"zero"`` (the
@@ -101,6 +102,8 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     gone[s] = False
     a = g[s][:, s]
     k = len(keep)
+    if coarse:  # a ridge the float32 sums' rounding cannot fake (kept columns 10,000x the original without)
+        damping = max(damping, COARSE_DAMPING)
     c = ridge(a, damping, k) if damping > 0 and k > 0 else None
     if c is not None:
         a.diagonal()[:k] += c
@@ -109,11 +112,9 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     # plus A^-1 G[S, R] W~_R^T: a solve with |R| right sides instead of one per output.
     # singular (no damping, fewer tokens than inputs or heads that depend on each other): the
     # least change of the kept weights, by least squares (all of them kept: none)
-    # least squares: (float32 sums, no damping) directions of G below the sums' precision are
-    # rounding, and a solve through them made columns a thousand times the original
     chol, info = torch.linalg.cholesky_ex(a)
-    solve = ((lambda r: _least_squares(a, r, rcond=COARSE_RCOND)) if coarse and c is None else
-             (lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else (lambda r: _least_squares(a, r)))
+    solve = ((lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else
+             (lambda r: _least_squares(a, r)))
     sol = wt[:, s].t() + solve(g[s][:, gone] @ wt[:, gone].t())
     if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
         prior = torch.zeros_like(sol)
@@ -143,8 +144,7 @@ def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, pri
     return _least_squares(a, rhs)
 
 
-def _least_squares(a: torch.Tensor, rhs: torch.Tensor, rcond: Optional[float] = None) -> torch.Tensor:
-    """The minimum-norm least-squares solution of a possibly singular ``a x = rhs`` (singular
-    values below ``rcond`` times the largest taken as 0), on the CPU (the SVD driver it takes,
-    ``gelsd``, is a CPU one: CUDA offers only ``gels``, for full rank)."""
-    return torch.linalg.lstsq(a.cpu(), rhs.cpu(), rcond=rcond, driver="gelsd").solution.to(a.device)
+def _least_squares(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The minimum-norm least-squares solution of a possibly singular ``a x = rhs``, on the CPU
+    (the SVD driver it takes, ``gelsd``, is a CPU one: CUDA offers only ``gels``, for full rank)."""
+    return torch.linalg.lstsq(a.cpu(), rhs.cpu(), driver="gelsd").solution.to(a.device)
