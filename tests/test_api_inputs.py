@@ -325,17 +325,21 @@ def test_records_on_a_module_inside_the_model_are_seen_by_calls_on_the_model(tmp
     pruned as a whole and its encoder saved wrote the unpruned config over pruned weights (a
     directory nothing loads); a compensated mask of the LM's base model saved through the LM
     left out the biases' record (plain from_pretrained dropped them); pruning the LM under that
-    mask went ahead, and the mask's restore then restored nothing."""
+    mask went ahead, and the mask's restore then restored nothing; so did pruning the base model
+    of a masked LM."""
     import transformers
 
     from hf_tiny import tiny_config
 
     classifier = transformers.BertForSequenceClassification(tiny_config("bert")).eval()
     headprune.prune_heads(classifier, {0: [1], 1: [0, 3]})
-    with pytest.raises(ValueError, match=r"its attention modules hold .*if a model holding this one was pruned, pass "
-                                         "that model"):
-        headprune.save_pruned(classifier.bert, tmp_path / "bert")
+    for call in (lambda: headprune.save_pruned(classifier.bert, tmp_path / "bert"),
+                 lambda: headprune.kept_heads(classifier.bert), lambda: headprune.mask_heads(classifier.bert, {0: [2]})):
+        with pytest.raises(ValueError, match=r"^model: is part of a BertForSequenceClassification that was pruned or "
+                                             "masked as a whole"):
+            call()
     assert not (tmp_path / "bert").exists()
+    assert headprune.kept_heads(torch.compile(classifier, backend="eager"))[0] == [0, 2, 3]  # the compiled model's own
     lm = _llama()
     before = _state(lm)
     handle = headprune.mask_heads(lm.model, {0: [1]})
@@ -346,3 +350,8 @@ def test_records_on_a_module_inside_the_model_are_seen_by_calls_on_the_model(tmp
     handle.restore()
     assert _same(lm, before) and not (tmp_path / "lm").exists()
     headprune.save_pruned(lm, tmp_path / "lm")  # nothing left on the module: saved as a model never pruned
+    handle = headprune.mask_heads(lm, {0: [1]})  # and the other way round: the whole masked, a part pruned
+    with pytest.raises(ValueError, match=r"^model: is part of a LlamaForCausalLM that was pruned or masked as a whole"):
+        headprune.prune_heads(lm.model, {0: [3]})
+    handle.restore()
+    assert _same(lm, before)

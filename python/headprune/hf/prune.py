@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.modules import refuse_meta, uncompiled
 from ..prune.heads import head_index, normalize_heads
-from ..prune.mask import MASKS_ATTR, MaskHandle, masked_heads, refuse_masked_again
+from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
 from ..prune.reconstruct import DEFAULT_DAMPING
 from ..prune.undo import Undo
@@ -30,12 +30,12 @@ from .attention import SiteConfig
 from .configs import update_configs
 from .empty import empty_forward
 from .gates import gated
+from .records import STATE_ATTR, record_holder, refuse_records_elsewhere
 from .removal import _checked, removal_plan
 from .verify import meta_model
 
 __all__ = ["mask_heads", "prune_heads", "kept_heads", "zeroed_heads"]
 
-STATE_ATTR = "_headprune_state"
 
 
 def _o_dim(adapter) -> int:
@@ -89,6 +89,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                         values=values, absent=absent, kept=ids, refit_bias=refit_bias)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()},
                         already_removed=gone)  # heads an earlier pruning removed: ignored, as prune_heads does
+    record_holder(model, sites)
     try:
         with torch.no_grad():
             for layer, hs in heads.items():
@@ -162,16 +163,6 @@ def new_state(model, counts, from_config: bool = False) -> dict:
         "per_layer_bias": [],
         "original_config": model.config.to_dict(),
     }
-
-
-def refuse_records_elsewhere(model) -> None:
-    """headprune's records (a pruning's, a mask's) live on the module pruned or masked: a module
-    inside ``model`` that holds them was pruned or masked on its own, and a call on ``model``
-    would not see them (a save would describe the unpruned config, a restore miss the mask)."""
-    for name, module in model.named_modules():
-        if name and (STATE_ATTR in module.__dict__ or MASKS_ATTR in module.__dict__):
-            raise ValueError(f"model: its module {name!r} was pruned or masked on its own (headprune keeps the "
-                             "record there); pass that module, as it was pruned or masked")
 
 
 def check_config(model, counts) -> None:
@@ -374,6 +365,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
             state["uniform"] = update_configs(undo, model, sites, adapter, state)
             undo.set(model, STATE_ATTR, state)
+            record_holder(model, sites)
             check_layout(model)
             after = measure(model)
     except BaseException:
