@@ -257,7 +257,7 @@ def canonical(fingerprint) -> str:
 
 def weights_digest(model) -> str:
     """A short digest of ``model``'s weights: every parameter's and buffer's name, shape and type,
-    its sum (float64) and a strided sample of 256 of its values, and a transformers model's config
+    the sum of its values' bits and a strided sample of 256 of its values, and a transformers model's config
     (all but where it was read from and the transformers version writing it). A resume compares
     it, so a checkpoint written for other weights of the same layout (a directory pruned again with
     ``--force``, a fine-tune saved over it) or for another config of the same weights (an edited
@@ -278,6 +278,22 @@ def weights_digest(model) -> str:
                 continue
             flat = t.detach().reshape(-1)
             h.update(flat[:: max(1, flat.numel() // 256)][:256].double().cpu().numpy().tobytes())
-            h.update(struct.pack("<d", float(flat.sum(dtype=torch.float64))))
+            h.update(struct.pack("<Q", _bits_sum(flat)))
     return h.hexdigest()[:16]
+
+
+def _bits_sum(flat) -> int:
+    """The sum of a tensor's values read as integers (their bits), modulo 2^64: exact, so the same
+    on any number of threads and machines (a float sum's rounding depends on how it is split)."""
+    import torch
+
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    total = 0
+    for chunk in flat.contiguous().view(ints).split(1 << 22):  # int64 copies of a bounded size
+        total += int(chunk.sum(dtype=torch.int64))
+    return total % (1 << 64)
 
