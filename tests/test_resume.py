@@ -336,6 +336,18 @@ def test_a_checkpoint_of_other_batches_is_refused_whatever_the_fingerprint_says(
     full = collect(model, batches, progress=False)
     resumed = collect(model, batches, progress=False, checkpoint=path, resume=True)
     assert torch.equal(resumed.stats, full.stats)
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    t5 = transformers.T5ForConditionalGeneration(tiny_config("t5")).eval()  # labels give its decoder's input
+    ids = [tiny_batch("t5", seed=s)["input_ids"] for s in range(3)]
+    labelled = [[{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": torch.randint(
+        1, 100, (i.shape[0], 5), generator=torch.Generator().manual_seed(seed + k))} for k, i in enumerate(ids)]
+        for seed in (1, 50)]
+    collect(t5, labelled[0][:2], progress=False, checkpoint=tmp_path / "t5.json")
+    with pytest.raises(ValueError, match="other batches"):
+        collect(t5, labelled[1], progress=False, checkpoint=tmp_path / "t5.json", resume=True)
     data = json.loads(path.read_text())
     del data["batches_sha256"]
     path.write_text(json.dumps(data))

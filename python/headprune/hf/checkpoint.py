@@ -187,14 +187,25 @@ class Checkpoint:
 
 
 class BatchesDigest:
-    """A running SHA-256 of a collection's batches, each as the digests of its sequences (what
-    the statistics depend on: padding and batch boundaries aside)."""
+    """A running SHA-256 of a collection's batches: every key and value of each, tensors by their
+    type, shape and bytes (``labels`` too, from which a T5 derives its decoder's input)."""
 
     def __init__(self):
         self._h = hashlib.sha256()
 
-    def update(self, sequences: list) -> None:
-        self._h.update(struct.pack(f"<q{len(sequences)}q", len(sequences), *sequences))
+    def update(self, batch: Mapping) -> None:
+        import torch
+
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
+        self._h.update(struct.pack("<q", len(batch)))
+        for key in sorted(batch, key=str):
+            v = batch[key]
+            if isinstance(v, torch.Tensor):
+                raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                self._h.update(f"{key}:{v.dtype}:{tuple(v.shape)}:{len(raw)};".encode() + raw)
+            else:
+                self._h.update(f"{key}={v!r};".encode())
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

@@ -177,17 +177,16 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
     with session.active(), torch.no_grad():
         it = iter(batches)
         if ckpt is not None:
-            skip(it, done, ckpt.path, lambda batch: seen.update(sequence_digests(forward_kwargs(model, batch))))
+            skip(it, done, ckpt.path, seen.update)
             if done:
                 ckpt.check_batches(seen.hexdigest(), done)
         for batch in _progress(it, progress, done, total):
             kw = forward_kwargs(model, batch)
             session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
             model(**kw)
-            sequences = sequence_digests(kw)
-            seen.update(sequences)
+            seen.update(batch)
             if session.moments_dtype is not None:  # which sequences the moments hold (see layer_costs)
-                session.sequences += sequences
+                session.sequences += sequence_digests(kw)
             done += 1
             if ckpt is not None and done % every == 0:
                 ckpt.save(session.scores(), done, seen.hexdigest())
