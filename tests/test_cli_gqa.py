@@ -159,8 +159,6 @@ def test_prune_uniform_plain_for_gemma2_and_for_masks(run, tmp_path, tiny_dir, f
     (["--uniform", "--steps", "2"], "--steps: iterative pruning is not supported with --uniform"),
     (["--uniform", "--sequential"], "--sequential: re-chooses each layer's heads"),
     (["--uniform", "--protect-layers", "0"], "--protect-layers: a --uniform selection"),
-    # taken as even layouts and recorded as query; at 25% of 2 x 4 heads refused as rounding to no head
-    (["--uniform", "--gqa", "query"], "--gqa query: a --uniform layout keeps every KV group even"),
     (["--kv-ratio", "0.25", "--gqa", "query"], "--kv-ratio: needs --gqa even without --uniform"),
     (["--kv-ratio", "0.25", "--uniform"], "--kv-ratio: needs --gqa even without --uniform"),
     (["--kv-ratio", "0.25", "--sequential"], "--sequential: re-chooses heads after the selection"),

@@ -61,3 +61,16 @@ def test_singular_moments_without_damping_name_the_flag(run, tmp_path, tiny_dir)
                      "--seq-len", "4", "--quiet", "--no-speed", "--out", tmp_path / "o"])
     assert code == 2 and err[-1].startswith("headprune prune: error: --damping: 0 leaves these second moments "
                                             "singular") and err[-1].endswith("pass a positive --damping"), err
+
+
+def test_uniform_with_gqa_query_is_refused_on_grouped_models_only(run, tmp_path, tiny_dir):  # noqa: F811
+    """On a grouped-query model --uniform took even layouts and recorded --gqa query (and at 25%
+    refused the request as rounding to no head); a model without grouped queries has no other
+    layout, so it prunes as before."""
+    common = ["--samples", "4", "--seq-len", "16", "--quiet", "--no-speed"]
+    code, err = run(["prune", _tiny_llama(tmp_path, tiny_dir), "--ratio", "0.25", "--uniform", "--gqa", "query",
+                     *common, "--out", tmp_path / "g"])
+    assert code == 2 and err[-1].endswith("--gqa query: a --uniform layout keeps every KV group even (a config "
+                                          "declares one layout); drop --gqa query"), err
+    code, err = run(["prune", tiny_dir, "--ratio", "0.5", "--uniform", "--gqa", "query", *common, "--out", tmp_path / "b"])
+    assert code == 0, err

@@ -52,9 +52,6 @@ def check_options(args) -> None:
         raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
     if args.protect_layers:
         raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
-    if args.gqa == "query":  # it was taken as even layouts, and recorded as query
-        raise ValueError("--gqa query: a --uniform layout keeps every KV group even (a config declares one layout); "
-                         "drop --gqa query")
 
 
 def _rounds(args) -> bool:
@@ -129,6 +126,9 @@ def check_model(args, loaded) -> None:
         raise ValueError("--kv-ratio: " + ("the model's pruning gave every query head its own KV head (--gqa query "
                                            "repeats them), so no group is left to remove" if was else
                                            "the model has no grouped queries; every KV head goes with its query head"))
+    if getattr(args, "uniform", False) and args.gqa == "query" and grouped_queries(head_counts(s, adapter) for s in sites):
+        raise ValueError("--gqa query: a --uniform layout keeps every KV group even (a config declares one layout); "
+                         "drop --gqa query")  # it was taken as even layouts, and recorded as query
     if args.sequential and args.score is not None and (
             args.scope == "per_layer" or args.scope is None and loaded.kind == "causal"):
         raise ValueError("--score: with --sequential each layer's heads are re-chosen by the refit's error, and "
