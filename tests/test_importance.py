@@ -159,7 +159,8 @@ def test_a_causal_batch_with_no_token_to_predict_is_refused():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
     short = {"input_ids": torch.tensor([[5, 0, 0], [8, 0, 0]]), "attention_mask": torch.tensor([[1, 0, 0], [1, 0, 0]])}
-    for batches in ([short, short], [tiny_batch("llama"), short]):
+    left = {"input_ids": torch.tensor([[0, 0, 5], [0, 0, 8]]), "attention_mask": torch.tensor([[0, 0, 1], [0, 0, 1]])}
+    for batches in ([short, short], [tiny_batch("llama"), short], [left]):  # left: predicted from padding
         with pytest.raises(ValueError, match="batches: a batch has no token to predict"):
             gradient_importance(model, batches)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -59,7 +59,8 @@ def _loss(model, batch, causal: bool) -> torch.Tensor:
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if causal:
-        if not bool((batch["attention_mask"][:, 1:] != 0).any()):  # the loss would be NaN, its gradients 0
+        valid = batch["attention_mask"] != 0  # a token to predict from the one before it, both real
+        if not bool((valid[:, 1:] & valid[:, :-1]).any()):  # the loss NaN (or of padding), its gradients 0
             raise ValueError("batches: a batch has no token to predict (every sequence holds at most one token); "
                              "gradient importance needs sequences of two tokens or more")
         labels = batch["input_ids"].long().masked_fill(batch["attention_mask"] == 0, -100)  # the loss takes int64
