@@ -38,12 +38,8 @@ def test_streaming_matches_eager_reference_and_outputs_are_untouched(family):
     assert scores.entropy.shape == (scores.num_layers, 4)
     assert torch.equal(scores.count, eager.count)
     torch.testing.assert_close(scores.entropy, eager.entropy, atol=1e-4, rtol=0)
-    for name in ("normalized", "sink"):
+    for name in ("normalized", "sink", "rest"):  # rest: T5 was exempt, its probabilities' eps the cause (7.6e-3)
         torch.testing.assert_close(scores.score(name), eager.score(name), atol=1e-4, rtol=0)
-    if family != "t5":
-        # With T5's unscaled logits a first key's float32 probability can underflow to 0, so
-        # the probabilities path sees a different "first visible key" than the logits do.
-        torch.testing.assert_close(scores.score("rest"), eager.score("rest"), atol=1e-4, rtol=0)
     assert (scores.entropy > 0).all() and torch.isfinite(scores.std).all()
 
 

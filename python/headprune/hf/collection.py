@@ -155,7 +155,9 @@ class Collection:
                 if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
                     raise RuntimeError(f"site {site.name}: the eager attention returned no probabilities")
                 with _named(site, probs=out[1]):
-                    ops.entropy_stats_from_probs_accumulate_(stats, out[1].detach(), qm)
+                    # eps 0: the rest's entropy divides by the mass after the first key, which made
+                    # eps's 1e-8 up to log 2 nats where little is left (0 log 0 is taken as 0)
+                    ops.entropy_stats_from_probs_accumulate_(stats, out[1].detach(), qm, eps=0.0)
                 return
             if "scaling" not in kwargs and args:
                 raise NotImplementedError(f"site {site.name}: attention called with positional options {args!r}")
