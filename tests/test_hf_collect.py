@@ -307,3 +307,17 @@ def test_gpt2_keeps_its_upcast_attention_during_collection():
     collect(model, [batch], progress=False, fused=False)
     hook.remove()
     assert torch.equal(seen[0], seen[1])
+
+
+def test_a_four_dimensional_mask_is_refused_by_name_and_the_model_restored():
+    """A 4-D attention mask (packed sequences' blocks), which transformers takes, failed midway as
+    a shape the site does not attend with."""
+    model = tiny_model("llama")
+    batch = tiny_batch("llama")
+    b, s = batch["input_ids"].shape
+    blocks = torch.ones(b, 1, s, s, dtype=torch.bool).tril()
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match=r"^batches: 'attention_mask' has 4 dimensions; collection reads the padding "
+                                         r"mask \[batch, tokens\]"):
+        collect(model, [{"input_ids": batch["input_ids"], "attention_mask": blocks}], progress=False)
+    assert model.config._attn_implementation == impl

@@ -95,9 +95,11 @@ def collect(
             ``reconstruction`` score need: ``True`` or ``"float64"``, or ``"float32"`` for
             half the memory, ``(heads x head_dim + 1)^2`` values per site.
 
-    Returns ``HeadScores`` (entropies in nats). The model's outputs are unchanged (up to
-    float rounding where ``fused`` applies) and, on any exit (including
-    ``KeyboardInterrupt``), its attention implementation is restored.
+    Returns ``HeadScores`` (entropies in nats). The model's outputs are those of its forward
+    with ``use_cache=False``, which collection runs (up to float rounding where ``fused``
+    applies; transformers tells packed sequences, ``position_ids`` restarting without a mask,
+    apart only without a cache) and, on any exit (including ``KeyboardInterrupt``), its
+    attention implementation is restored.
 
     Concurrency: only the forwards of the calling thread are recorded. Forwards of the same
     model in other threads while a collection runs are not counted and run the model's own
@@ -182,6 +184,7 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
                 ckpt.check_batches(seen.hexdigest(), done)
         for batch in _progress(it, progress, done, total):
             kw = forward_kwargs(model, batch)
+            _check_mask(kw)
             session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
             model(**kw)
             seen.update(batch)
@@ -193,3 +196,14 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
                 saved = done
     if ckpt is not None and saved != done:
         ckpt.save(session.scores(), done, seen.hexdigest())
+
+
+def _check_mask(kw: dict) -> None:
+    """Padding masks of ``[batch, tokens]``: which query rows count is read from them (a 4-D mask,
+    a packed batch's blocks, was refused midway as a shape the site does not attend with)."""
+    for key in ("attention_mask", "decoder_attention_mask"):
+        mask = kw.get(key)
+        if isinstance(mask, torch.Tensor) and mask.dim() != 2:
+            raise ValueError(f"batches: {key!r} has {mask.dim()} dimensions; collection reads the padding mask "
+                             "[batch, tokens] (a 4-D mask, as for packed sequences, is not supported)")
+
