@@ -2,6 +2,7 @@
 each names its argument, and the model and files stay as they were."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -335,8 +336,7 @@ def test_records_on_a_module_inside_the_model_are_seen_by_calls_on_the_model(tmp
     headprune.prune_heads(classifier, {0: [1], 1: [0, 3]})
     for call in (lambda: headprune.save_pruned(classifier.bert, tmp_path / "bert"),
                  lambda: headprune.kept_heads(classifier.bert), lambda: headprune.mask_heads(classifier.bert, {0: [2]})):
-        with pytest.raises(ValueError, match=r"^model: is part of a BertForSequenceClassification that was pruned or "
-                                             "masked as a whole"):
+        with pytest.raises(ValueError, match=r"^model: is part of a model pruned or masked as a whole"):
             call()
     assert not (tmp_path / "bert").exists()
     assert headprune.kept_heads(torch.compile(classifier, backend="eager"))[0] == [0, 2, 3]  # the compiled model's own
@@ -351,7 +351,15 @@ def test_records_on_a_module_inside_the_model_are_seen_by_calls_on_the_model(tmp
     assert _same(lm, before) and not (tmp_path / "lm").exists()
     headprune.save_pruned(lm, tmp_path / "lm")  # nothing left on the module: saved as a model never pruned
     handle = headprune.mask_heads(lm, {0: [1]})  # and the other way round: the whole masked, a part pruned
-    with pytest.raises(ValueError, match=r"^model: is part of a LlamaForCausalLM that was pruned or masked as a whole"):
+    with pytest.raises(ValueError, match=r"^model: is part of a model pruned or masked as a whole"):
         headprune.prune_heads(lm.model, {0: [3]})
     handle.restore()
     assert _same(lm, before)
+    headprune.prune_heads(lm, {0: [0, 1], 1: [0, 1]})  # a pruned model's copy, and its plain directory loaded
+    headprune.save_pruned(lm, tmp_path / "uniform")
+    assert json.loads((tmp_path / "uniform" / "headprune.json").read_text())["plain_loadable"]
+    for model in (copy.deepcopy(lm), headprune.load_pruned(tmp_path / "uniform")):
+        with pytest.raises(ValueError, match=r"^model: is part of a model pruned or masked as a whole"):
+            headprune.kept_heads(model.model)
+        assert headprune.kept_heads(model) == headprune.kept_heads(lm)
+        headprune.prune_heads(model, {1: [2]})  # the whole, as ever

@@ -32,6 +32,7 @@ from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to
                        read_metadata)
 from .migrate import is_transformers4_pruned, transformers4_metadata
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
+from .records import set_record
 from .saved import original_config, saved_layout
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
@@ -330,7 +331,7 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
                          f"model to its kept_heads gives {str(kv)[:80]}")
     if plain:
         if original is not None:  # keep the record for further pruning/saving (original indices)
-            setattr(model, STATE_ATTR, {**_state_from(meta), "num_heads": heads})
+            set_record(model, {**_state_from(meta), "num_heads": heads}, resolve_sites(model, adapter))
     else:
         # _check_rebuild built from a copy: original is still the config as read
         model = _prune_as_saved(cls._from_config(original, **kw), meta, adapter, file)
@@ -384,7 +385,7 @@ def _prune_as_saved(model, meta, adapter, file):
     removed = {s.index: sorted(set(range(c[0])) - set(kept)) for s, c, kept in zip(sites, counts, meta["kept_heads"])}
     prune_heads(model, removed, _per_layer_bias=tuple(meta["per_layer_bias"]), _from_config=True)
     state = getattr(model, STATE_ATTR, None) or new_state(model, counts, from_config=True)  # no head removed
-    setattr(model, STATE_ATTR, state)
+    set_record(model, state, sites)
     for layer in meta["o_bias"]:  # compensation biases (see prune_heads)
         o = sites[layer].o
         o.bias = torch.nn.Parameter(o.weight.new_zeros(o.weight.shape[1 if adapter.conv1d else 0]))

@@ -30,7 +30,7 @@ from .attention import SiteConfig
 from .configs import update_configs
 from .empty import empty_forward
 from .gates import gated
-from .records import STATE_ATTR, record_holder, refuse_records_elsewhere
+from .records import STATE_ATTR, link_masks, link_state, refuse_records_elsewhere
 from .removal import _checked, removal_plan
 from .verify import meta_model
 
@@ -89,7 +89,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                         values=values, absent=absent, kept=ids, refit_bias=refit_bias)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()},
                         already_removed=gone)  # heads an earlier pruning removed: ignored, as prune_heads does
-    record_holder(model, sites)
+    link_masks(model, sites)
     try:
         with torch.no_grad():
             for layer, hs in heads.items():
@@ -365,7 +365,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 state["kv"][layer] = [state["kv"][layer][j] for j in kv_rows]
             state["uniform"] = update_configs(undo, model, sites, adapter, state)
             undo.set(model, STATE_ATTR, state)
-            record_holder(model, sites)
+            link_state(model, sites, undo)
             check_layout(model)
             after = measure(model)
     except BaseException:
