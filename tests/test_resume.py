@@ -234,7 +234,7 @@ def test_mismatched_fingerprint_is_refused(tmp_path):
         (lambda t: t.replace('"stats": [[[', '"stats": [[["x", '), r"is corrupt"),
         (lambda t: t.replace('"num_heads": [4, 4]', '"num_heads": [4, 4, 4]'), r"is corrupt"),
         # another version's checkpoint: its own, so replaced without resume (it was refused as no checkpoint)
-        (lambda t: t.replace('"headprune.checkpoint/1"', '"headprune.checkpoint/9"'),
+        (lambda t: t.replace('"headprune.checkpoint/2"', '"headprune.checkpoint/9"'),
          r"was written by another headprune \(format 'headprune.checkpoint/9'; this one reads"),
     ],
 )

@@ -18,7 +18,7 @@ from ..stats.scores import HeadScores
 __all__ = ["CHECKPOINT_FORMAT", "BatchesDigest", "Checkpoint", "canonical", "format_kind", "refuse_foreign", "weights_digest", "writing"]
 
 
-CHECKPOINT_FORMAT = "headprune.checkpoint/1"
+CHECKPOINT_FORMAT = "headprune.checkpoint/2"  # /2: the batches' digest; the weights' exact sums of bits
 
 
 def refuse_foreign(path: str, ours, kind: str, run: str, arg: str = "checkpoint") -> None:
@@ -37,7 +37,7 @@ def refuse_foreign(path: str, ours, kind: str, run: str, arg: str = "checkpoint"
 
 
 def format_kind(fmt) -> Optional[str]:
-    """``"headprune.checkpoint"`` of ``"headprune.checkpoint/1"``: the kind of a checkpoint's
+    """``"headprune.checkpoint"`` of ``"headprune.checkpoint/2"``: the kind of a checkpoint's
     format, any version (``None``: no such format)."""
     return fmt.rsplit("/", 1)[0] if isinstance(fmt, str) and "/" in fmt else None
 

@@ -48,7 +48,8 @@ from .training import (_bar, _check_run, _digest, _fingerprint, _loop, _model_di
 __all__ = ["LearnedGates", "learn_gates", "BETA", "GAMMA", "ZETA"]
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
-FORMAT = "headprune.learned_gates/4"  # /2: digests of shapes and types too; /3: of every weight; /4: and the config
+FORMAT = "headprune.learned_gates/5"  # /2: digests of shapes and types too; /3: of every weight; /4: and the config;
+# /5: each tensor's exact sum of bits, not its float sum (which depends on the thread count)
 
 
 @dataclass

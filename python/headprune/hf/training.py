@@ -25,8 +25,9 @@ from ..core.modules import uncompiled
 from .adapters import get_adapter
 from .gates import gated
 
-CHECKPOINT_FORMAT = "headprune.recover/5"  # /2: digests of shapes and types too; /3: of every weight;
-# /4: of the student's every weight too, not only those it trains; /5: of the models' configs too
+CHECKPOINT_FORMAT = "headprune.recover/6"  # /2: digests of shapes and types too; /3: of every weight;
+# /4: of the student's every weight too, not only those it trains; /5: of the models' configs too;
+# /6: each tensor's exact sum of bits, not its float sum (which depends on the thread count)
 #: how much longer than the longest recent step (and the closing work) a time budget allows for
 #: the next: on a shared machine a step can take longer than the eight before it
 MARGIN = 1.25
