@@ -374,3 +374,22 @@ def test_the_weights_digest_is_the_same_on_any_number_of_threads():
     with torch.no_grad():
         model.weight[12345, 7] += 1e-3  # not in the strided sample
     assert weights_digest(model) not in digests
+
+
+def test_the_batches_digest_reads_what_a_batch_holds():
+    """Values that are no tensor were digested by their text: an object's holds its address (every
+    resume refused), and a large tensor inside a list is abridged (other batches taken as the same)."""
+    from headprune.hf.checkpoint import BatchesDigest
+
+    def digest(batch):
+        d = BatchesDigest()
+        d.update(batch)
+        return d.hexdigest()
+
+    big = torch.zeros(10_000)
+    other = big.clone()
+    other[5_000] = 1.0
+    assert digest({"extra": [big]}) != digest({"extra": [other]})
+    assert digest({"extra": [big], "flag": True}) == digest({"flag": True, "extra": [big.clone()]})
+    with pytest.raises(TypeError, match=r"^batches: 'extra' holds a object; a checkpoint tells batches apart by"):
+        digest({"extra": object()})

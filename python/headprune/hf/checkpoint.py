@@ -198,14 +198,34 @@ class BatchesDigest:
 
         if not isinstance(batch, Mapping):
             raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
-        self._h.update(struct.pack("<q", len(batch)))
-        for key in sorted(batch, key=str):
-            v = batch[key]
-            if isinstance(v, torch.Tensor):
-                raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                self._h.update(f"{key}:{v.dtype}:{tuple(v.shape)}:{len(raw)};".encode() + raw)
-            else:
-                self._h.update(f"{key}={v!r};".encode())
+        self._feed(dict(batch), "batch")
+
+    def _feed(self, v, key) -> None:
+        """One value: tensors by their type, shape and bytes; numbers, strings and None by their
+        text; lists, tuples and dicts item by item; anything else refused (its text may hold an
+        address, or abridge what it holds)."""
+        import numpy as np
+        import torch
+
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(np.ascontiguousarray(v))
+        if isinstance(v, torch.Tensor):
+            raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            self._h.update(f"T{v.dtype}:{tuple(v.shape)}:{len(raw)};".encode() + raw)
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            self._h.update(f"V{type(v).__name__}={v!r};".encode())
+        elif isinstance(v, (list, tuple)):
+            self._h.update(f"L{len(v)}[".encode())
+            for item in v:
+                self._feed(item, key)
+        elif isinstance(v, Mapping):
+            self._h.update(f"D{len(v)}{{".encode())
+            for k in sorted(v, key=str):
+                self._h.update(f"{k!r}:".encode())
+                self._feed(v[k], k)
+        else:
+            raise TypeError(f"batches: {key!r} holds a {type(v).__name__}; a checkpoint tells batches apart by tensors, "
+                            "arrays, numbers, strings and lists or dicts of them")
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

@@ -79,7 +79,7 @@ def collect(
             ``batches_done`` batches are skipped unread by the model. The result equals an
             uninterrupted run's exactly. Refused (``ValueError``) when the file is corrupt or
             was written for another model layout, method or ``fingerprint``, or when the
-            batches it holds are not the first of these (their sequences are digested).
+            batches it holds are not the first of these (their contents are digested).
         fingerprint: the caller's description of the calibration settings (data, samples,
             sequence length, model name and revision, ...); a dict is canonicalised as JSON.
         allow_empty: return all-zero scores instead of raising when nothing was recorded
