@@ -198,12 +198,11 @@ class BatchesDigest:
 
         if not isinstance(batch, Mapping):
             raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
-        self._feed(dict(batch), "batch")
+        self._feed(dict(batch))
 
-    def _feed(self, v, key) -> None:
+    def _feed(self, v) -> None:
         """One value: tensors by their type, shape and bytes; numbers, strings and None by their
-        text; lists, tuples and dicts item by item; anything else refused (its text may hold an
-        address, or abridge what it holds)."""
+        text; lists, tuples and dicts item by item; anything else by its type."""
         import numpy as np
         import torch
 
@@ -217,15 +216,14 @@ class BatchesDigest:
         elif isinstance(v, (list, tuple)):
             self._h.update(f"L{len(v)}[".encode())
             for item in v:
-                self._feed(item, key)
+                self._feed(item)
         elif isinstance(v, Mapping):
             self._h.update(f"D{len(v)}{{".encode())
             for k in sorted(v, key=str):
                 self._h.update(f"{k!r}:".encode())
-                self._feed(v[k], k)
-        else:
-            raise TypeError(f"batches: {key!r} holds a {type(v).__name__}; a checkpoint tells batches apart by tensors, "
-                            "arrays, numbers, strings and lists or dicts of them")
+                self._feed(v[k])
+        else:  # by its type alone (its text may hold an address, or abridge what it holds)
+            self._h.update(f"O{type(v).__module__}.{type(v).__qualname__};".encode())
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

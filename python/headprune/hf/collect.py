@@ -187,7 +187,8 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
             _check_mask(kw)
             session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
             model(**kw)
-            seen.update(batch)
+            if ckpt is not None:
+                seen.update(batch)
             if session.moments_dtype is not None:  # which sequences the moments hold (see layer_costs)
                 session.sequences += sequence_digests(kw)
             done += 1
