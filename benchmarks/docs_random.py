@@ -60,11 +60,9 @@ def beats_every_draw(v: float, draws: list, lower: bool) -> bool:
 
 
 def _removal(settings: dict, default: str) -> str:
-    """How a recipe removed its heads: its ``removal``, or in earlier results files its
-    ``compensate`` (False: zeroed, True: mean compensation), else the draws' ``default``."""
-    if "removal" in settings:
-        return settings["removal"]
-    return {True: "mean", False: "zero"}.get(settings.get("compensate"), default)
+    """How a recipe removed its heads, read as the draws' removal is (:func:`draws_removal`), or
+    the draws' ``default`` where its settings say nothing of it."""
+    return draws_removal(settings) if {"removal", "compensate"} & set(settings) else default
 
 
 def sweep_table(ctx, result: dict, recipes=None, digits: int = 4) -> str:

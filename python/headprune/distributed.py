@@ -120,9 +120,13 @@ def _gather_digest(digest: bytes, group, *head: int) -> list:
     return gathered
 
 
+def _apart(gathered: list, start: int = 0) -> list:
+    """The ranks whose gathered digest (from word ``start`` on) differs from rank 0's."""
+    return [r for r, t in enumerate(gathered) if not torch.equal(t[start:], gathered[0][start:])]
+
+
 def _check_same_layout(scores: HeadScores, group) -> None:
-    gathered = _gather_digest(bytes.fromhex(scores.layout_fingerprint()), group)
-    differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
+    differ = _apart(_gather_digest(bytes.fromhex(scores.layout_fingerprint()), group))
     if differ:
         raise ValueError(
             f"scores: ranks {differ} collected a different head layout or method than rank 0 "
@@ -135,8 +139,7 @@ def _check_same_weights(model, group) -> None:
     node has the layout of the others: its statistics would be summed with theirs without a word)."""
     from .hf.checkpoint import weights_digest
 
-    gathered = _gather_digest(hashlib.sha256(weights_digest(model).encode()).digest(), group)
-    differ = [r for r, t in enumerate(gathered) if not torch.equal(t, gathered[0])]
+    differ = _apart(_gather_digest(hashlib.sha256(weights_digest(model).encode()).digest(), group))
     if differ:
         raise ValueError(f"model: ranks {differ} loaded other weights or another config than rank 0; every rank "
                          "must load the same model")
@@ -188,17 +191,19 @@ def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[Out
 def _check_same_moments(moments: OutputMoments, group) -> None:
     """Every rank's moments in one float type (a rank without tokens has none of its own) and
     taken under the same output projections: the sums would take one type, or mix two models."""
+    from .hf.checkpoint import tensor_bytes
+
     kinds = {g.dtype for g in moments.gram if g is not None}
     code = 0 if not kinds else 1 if kinds == {torch.float32} else 2 if kinds == {torch.float64} else 3
     digest = hashlib.sha256()
     for p in moments.projection or []:
         if p is not None:
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())  # its bytes, any type
+            digest.update(tensor_bytes(p))
     gathered = _gather_digest(digest.digest(), group, code)
     if len({int(t[0]) for t in gathered} - {0}) > 1 or code == 3:
         raise ValueError("moments: the ranks collected second moments in different float types; pass the same "
                          "moments= on every rank")
-    differ = [r for r, t in enumerate(gathered) if not torch.equal(t[1:], gathered[0][1:])]
+    differ = _apart(gathered, 1)
     if differ:
         raise ValueError(f"moments: ranks {differ} collected under other output-projection weights than rank 0; "
                          "every rank must load the same model")

@@ -317,13 +317,18 @@ def stored_type_name(loaded) -> str:
     return stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
 
 
+def type_bits(name) -> Optional[int]:
+    """The bits of a float type :data:`SAVE_TYPES` names (``None`` for another name: a GGUF's)."""
+    return torch.finfo(SAVE_TYPES[name]).bits if name in SAVE_TYPES else None
+
+
 def check_saved_type(args, loaded, saved_as: str, *, recovering: bool = False) -> None:
     """Refuse to compute in one 16-bit float type and save in the other: neither holds every
     value of the other (float16 has the precision, bfloat16 the range), so the model evaluated
     would not be the model saved (``prune`` and ``recover``, which saves in DIR's type)."""
     computes = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    if recovering and saved_as in SAVE_TYPES and computes in SAVE_TYPES and \
-            torch.finfo(SAVE_TYPES[computes]).bits < torch.finfo(SAVE_TYPES[saved_as]).bits:
+    if recovering and None not in (type_bits(computes), type_bits(saved_as)) and \
+            type_bits(computes) < type_bits(saved_as):
         raise ValueError(f"--dtype: DIR's model is saved in {saved_as}; loaded in {computes}, every weight recovery "
                          f"leaves alone (embeddings, feed-forward layers) would be rounded to {computes} and saved so; "
                          f"leave --dtype out or pass --dtype {saved_as}")

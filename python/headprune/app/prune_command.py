@@ -18,7 +18,8 @@ from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
 from . import plots
-from .load import SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name, tokenizer_as_loaded, weight_bytes
+from .load import (SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name, tokenizer_as_loaded, type_bits,
+                   weight_bytes)
 from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers, recovery_split
@@ -320,8 +321,7 @@ def _wider(saved: str, stored) -> bool:
     """Whether the saved float type holds more bits than the input's (a quantised GGUF, float32
     of a 16-bit checkpoint; unknown: yes). In the input's own type a larger file holds only what
     the pruning added: the zero q/k/v/o biases a declared output bias brings, which no type saves."""
-    bits = {"float32": 32, "float16": 16, "bfloat16": 16}
-    return stored not in bits or bits.get(saved, 32) > bits[stored]
+    return type_bits(stored) is None or (type_bits(saved) or 32) > type_bits(stored)
 
 
 def _selection_values(scores, settings: dict):

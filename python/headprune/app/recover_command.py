@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -296,10 +295,8 @@ def _check_resumable(args, student, teacher, split: tuple) -> None:
 
     if args.checkpoint is None:
         return
-    try:
-        check_resume(student, teacher, split[0], checkpoint=args.checkpoint, lr=args.lr, validation=split[1])
-    except ValueError as e:
-        raise ValueError(re.sub(r"^checkpoint:", "--checkpoint:", str(e))) from None
+    check_resume(student, teacher, split[0], checkpoint=args.checkpoint, lr=args.lr, validation=split[1],
+                 arg="--checkpoint")
 
 
 def _teacher(args, spec: str, bundled: bool = False):

@@ -15,7 +15,8 @@ from typing import Optional
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "BatchesDigest", "Checkpoint", "canonical", "format_kind", "refuse_foreign", "weights_digest", "writing"]
+__all__ = ["CHECKPOINT_FORMAT", "BatchesDigest", "Checkpoint", "canonical", "format_kind", "refuse_foreign",
+           "tensor_bytes", "weights_digest", "writing"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/2"  # /2: the batches' digest; the weights' exact sums of bits
@@ -186,6 +187,13 @@ class Checkpoint:
                     pass
 
 
+def tensor_bytes(t) -> bytes:
+    """A tensor's values as bytes (any type, layout or device), for digests."""
+    import torch
+
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 class BatchesDigest:
     """A running SHA-256 of a collection's batches: every key and value of each, tensors by their
     type, shape and bytes (``labels`` too, from which a T5 derives its decoder's input)."""
@@ -194,10 +202,9 @@ class BatchesDigest:
         self._h = hashlib.sha256()
 
     def update(self, batch: Mapping) -> None:
-        import torch
+        from .batches import check_batch
 
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"batches: expected dicts of tensors (e.g. a tokenizer's output), got {type(batch).__name__}")
+        check_batch(batch)
         self._feed(dict(batch))
 
     def _feed(self, v) -> None:
@@ -209,7 +216,7 @@ class BatchesDigest:
         if isinstance(v, np.ndarray):
             v = torch.from_numpy(np.ascontiguousarray(v))
         if isinstance(v, torch.Tensor):
-            raw = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            raw = tensor_bytes(v)
             self._h.update(f"T{v.dtype}:{tuple(v.shape)}:{len(raw)};".encode() + raw)
         elif v is None or isinstance(v, (bool, int, float, str)):
             self._h.update(f"V{type(v).__name__}={v!r};".encode())

@@ -11,7 +11,7 @@ from transformers import PreTrainedConfig
 from .adapters import head_dim
 from .attention import SiteConfig
 
-__all__ = ["config_accepts", "update_configs"]
+__all__ = ["config_accepts", "layout_fields", "update_configs"]
 
 
 def config_accepts(config, adapter, hq, hkv, d) -> bool:
@@ -43,11 +43,16 @@ def update_configs(undo, model, sites, adapter, state) -> bool:
     configs = {id(model.config): model.config}
     configs.update({id(s.module.config): s.module.config for s in sites if hasattr(s.module, "config")})
     for cfg in configs.values():
-        undo.set(cfg, "num_attention_heads", hq)
-        undo.set(cfg, adapter.config_head_dim, d)
-        if adapter.config_kv_heads:
-            undo.set(cfg, adapter.config_kv_heads, hkv)
+        for field, value in zip(layout_fields(adapter), (hq, d, hkv)):
+            undo.set(cfg, field, value)
     return True
+
+
+def layout_fields(adapter) -> tuple:
+    """The config fields :func:`update_configs` writes: query heads, head size and, on grouped-query
+    families, KV heads."""
+    return ("num_attention_heads", adapter.config_head_dim) + ((adapter.config_kv_heads,) if adapter.config_kv_heads
+                                                               else ())
 
 
 def _own_configs(undo, model) -> None:

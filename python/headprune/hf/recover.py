@@ -212,16 +212,19 @@ def _fingerprinted(student, teacher, batches, lr, train, validation, validate_ev
 
 
 def check_resume(student, teacher, batches, *, checkpoint, lr: Optional[float] = None, train: str = "attention",
-                 validation: Optional[Sequence] = None, validate_every: Optional[int] = None) -> None:
-    """Refuse now (``ValueError``) a ``checkpoint`` that :func:`recover` with these arguments and
-    ``resume=True`` would refuse (written for other settings, weights or batches), before work
-    that comes first, such as the command line's evaluation of both models. Nothing if the file
-    does not exist."""
+                 validation: Optional[Sequence] = None, validate_every: Optional[int] = None,
+                 arg: str = "checkpoint") -> None:
+    """Refuse now (``ValueError``, naming the checkpoint as ``arg``) a ``checkpoint`` that
+    :func:`recover` with these arguments and ``resume=True`` would refuse (written for other
+    settings, weights or batches), before work that comes first, such as the command line's
+    evaluation of both models. Nothing if the file does not exist. Its tensors are mapped, not
+    read: the run reads them."""
     lr = default_lr(student) if lr is None else lr
     every = _check_validation(validation, validate_every)
-    ckpt = open_checkpoint(checkpoint, _fingerprinted(student, teacher, batches, lr, train, validation, every)[1], True)
+    fingerprint = _fingerprinted(student, teacher, batches, lr, train, validation, every)[1]
+    ckpt = open_checkpoint(checkpoint, fingerprint, True, arg=arg)
     if ckpt is not None:
-        ckpt.load()
+        ckpt.load(mmap=True)
 
 
 def _check_validation(validation, every) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..prune.mask import added_bias
 from .adapters import get_adapter, head_counts, resolve_sites
+from .configs import layout_fields
 from .prune import STATE_ATTR, new_state
 
 __all__ = ["saved_layout", "declared_bias_parameters", "original_config"]
@@ -46,5 +47,5 @@ def original_config(model, state: dict, adapter) -> dict:
     original (a uniform layout wrote its own into the config; keys as the config's dict names
     them: GPT-2's ``n_head``)."""
     recorded, names = state["original_config"], getattr(model.config, "attribute_map", {})
-    layout = {names.get(k, k) for k in ("num_attention_heads", adapter.config_head_dim, adapter.config_kv_heads) if k}
+    layout = {names.get(k, k) for k in layout_fields(adapter) if k}
     return {**model.config.to_dict(), **{k: recorded[k] for k in layout if k in recorded}}

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import atomic
-from .checkpoint import format_kind, refuse_foreign, writing
+from .checkpoint import format_kind, refuse_foreign, tensor_bytes, writing
 from .batches import check_batch, check_batches
 from ..core.modules import uncompiled
 from .adapters import get_adapter
@@ -104,7 +104,7 @@ def _digest(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(f"{tuple(t.shape)} {t.dtype};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()[:16]
 
 
@@ -142,15 +142,16 @@ class _Checkpoint:
     the steps done and the fingerprint it was written for. The first write also removes the
     temporary files that killed writers left beside it."""
 
-    def __init__(self, path, fingerprint: dict, what: str = "recovery"):
+    def __init__(self, path, fingerprint: dict, what: str = "recovery", arg: str = "checkpoint"):
         self.path, self.fingerprint, self.what = os.path.abspath(os.fspath(path)), fingerprint, what
+        self.arg = arg  # how refusals name it
         self._swept = False
 
     def _refuse(self, why: str, ours: bool = True) -> ValueError:
         """The refusal to resume from the file; ``ours=False``: it is no checkpoint of this kind,
         which a run without resume would not write over either (and may be anything of the
         user's, so it is not to be deleted)."""
-        return ValueError(f"checkpoint: {self.path} {why}; pass another path"
+        return ValueError(f"{self.arg}: {self.path} {why}; pass another path"
                           + (", or delete it to start over" if ours else ""))
 
     def check_replaceable(self, arg: str = "checkpoint") -> None:
@@ -163,11 +164,13 @@ class _Checkpoint:
 
         refuse_foreign(self.path, ours, self.what, "the run", arg)
 
-    def load(self) -> Optional[dict]:
+    def load(self, mmap: bool = False) -> Optional[dict]:
+        """The checkpoint's state, refused unless written for this fingerprint (``mmap``: its
+        tensors are mapped, not read, for a check that reads only the fingerprint)."""
         if not os.path.exists(self.path):
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # a damaged file: pickle, zip and torch raise many types
             raise self._refuse(f"is not a readable {self.what} checkpoint ({type(e).__name__})", False) from e
         fmt = self.fingerprint["format"]
@@ -227,7 +230,8 @@ def checkpoint_steps(path) -> Optional[int]:
     return step if isinstance(step, int) else None
 
 
-def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery") -> Optional["_Checkpoint"]:
+def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery",
+                    arg: str = "checkpoint") -> Optional["_Checkpoint"]:
     """The run's checkpoint at ``path`` (``None`` without one); a run that does not resume
     refuses a file there that is not a checkpoint of this kind before anything runs."""
     if path is None:
@@ -235,11 +239,11 @@ def open_checkpoint(path, fingerprint: dict, resume: bool, what: str = "recovery
     if fingerprint.get("tokens") is None:  # other batches would be resumed on without a word
         raise ValueError(f"batches: a {what} with a checkpoint needs its batches as a list (a sequence), which a "
                          "resume compares with the checkpoint's; pass list(batches)")
-    ckpt = _Checkpoint(path, fingerprint, what)
+    ckpt = _Checkpoint(path, fingerprint, what, arg)
     if not resume:
         ckpt.check_replaceable()
     if not os.path.exists(ckpt.path):  # its first save comes after steps that would be lost: probed now
-        atomic.check_folder(ckpt.path, "checkpoint")
+        atomic.check_folder(ckpt.path, arg)
     return ckpt
 
 
