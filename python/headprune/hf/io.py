@@ -30,13 +30,13 @@ from .files import cast_as_stored, first_line, read_json, read_header, safetenso
 from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
                        read_metadata)
-from .migrate import is_transformers4_pruned, transformers4_metadata
+from .migrate import is_transformers4_pruned, obsolete, transformers4_metadata
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
 from .records import set_record
 from .saved import original_config, saved_layout
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
-from .weights import load_state, read_weights
+from .weights import load_generation_config, load_state, read_weights
 
 __all__ = ["save_pruned", "load_pruned", "read_metadata", "METADATA_FILE"]
 
@@ -338,21 +338,9 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
         state = {}
         for f in files:  # a transformers 4 directory may hold its weights in shards
             state.update(read_weights(f))
-        load_state(model, state)
-        _load_generation_config(model, path)
+        load_state(model, {k: v for k, v in state.items() if k in header})
+        load_generation_config(model, path)
     return model.to(device).eval() if device else model.eval()
-
-
-def _load_generation_config(model, path: str) -> None:
-    """The sampling settings beside the weights, as ``from_pretrained`` reads them."""
-    from transformers import GenerationConfig
-
-    file = os.path.join(path, "generation_config.json")
-    if os.path.isfile(file) and getattr(model, "generation_config", None) is not None:
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"path: {file} is not a generation config transformers reads ({first_line(e)})") from None
 
 
 def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
@@ -360,7 +348,8 @@ def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
     to the kept heads, names its sites as ``headprune.json`` does and (for a directory only
     load_pruned reads) holds exactly the weights' tensors. Returns its KV rows and its original
     query-head counts per site. ``files``: the names of headprune.json and of the weights, for
-    messages. ``config`` is not changed (pruning a uniform layout writes the new counts into
+    messages; the buffers of a transformers 4 directory that transformers 5 ignores are taken out
+    of ``header``. ``config`` is not changed (pruning a uniform layout writes the new counts into
     the model's config, so the model is built from a copy)."""
     file, weights = files
     source = f"{file}'s original_config"
@@ -369,6 +358,8 @@ def _check_rebuild(cls, config, meta, adapter, kw, header, files) -> list:
     model = _prune_as_saved(model, meta, adapter, file)
     if not meta["plain_loadable"]:
         expected, tied = expected_tensors(model, saved_names=False)
+        for name in obsolete(cls, header, expected) if file.endswith("config.json") else ():
+            del header[name]  # a buffer transformers 4 saved: not loaded (as transformers 5 ignores it)
         described = ("the model config.json describes (its pruned_heads removed)" if file.endswith("config.json")
                      else f"the model {METADATA_FILE} describes (original_config pruned to kept_heads)")
         refuse_differences(compare(expected, tied, header), "path", weights, described)

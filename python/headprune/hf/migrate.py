@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ..prune.slicing import kv_layout
 from .files import read_json
 from .metadata import DTYPES, FORMAT, METADATA_FILE
 
-__all__ = ["is_transformers4_pruned", "transformers4_metadata"]
+__all__ = ["is_transformers4_pruned", "obsolete", "transformers4_metadata"]
+
+#: buffers transformers 4 saved that transformers 5's models no longer hold (``from_pretrained``
+#: ignores them, beside each class's ``_keys_to_ignore_on_load_unexpected``): rotary
+#: frequencies and position ids made non-persistent, GPT-2's constant ``masked_bias``
+OBSOLETE = (r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$", r"attn\.masked_bias$")
 
 
 def is_transformers4_pruned(path) -> bool:
@@ -59,6 +65,17 @@ def transformers4_metadata(path, what: str = "path") -> dict:
             "kv_heads": [kv_layout(k, heads // (config.get("num_key_value_heads") or heads))[0] for k in kept],
             "per_layer_bias": [], "o_bias": [], "plain_loadable": False, "original_config": config,
             "settings": {"migrated_from": "transformers 4 pruned_heads", "pruned_heads": pruned}}
+
+
+def obsolete(cls, header: dict, expected) -> list:
+    """The names in ``header`` (a transformers 4 directory's tensors) that the model (its
+    ``expected`` tensor names) lacks and transformers 5's ``cls.from_pretrained`` ignores
+    (:data:`OBSOLETE` and the class's ``_keys_to_ignore_on_load_unexpected``): a pruned GPT-2
+    or BERT saved before those buffers became non-persistent holds ``attn.bias`` or
+    ``position_ids``."""
+    patterns = [*OBSOLETE, *(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    ignored = re.compile("|".join(f"({p})" for p in patterns))
+    return [k for k in header if k not in expected and ignored.search(k) is not None]
 
 
 def _heads(config: dict, file: str, what: str) -> int:

@@ -1,8 +1,10 @@
 """Saved tensors into a rebuilt model: a safetensors file read as the user's damage, not the
 reader's exception; a strict load that allows the names ``save_model`` leaves out of a tied
-group, and unties a group whose saved tensors differ."""
+group, and unties a group whose saved tensors differ; the sampling settings saved beside them."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from safetensors import SafetensorError
@@ -59,3 +61,15 @@ def _untie_differing(model, groups: list, state: dict) -> None:
         for config in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
             if getattr(config, "tie_word_embeddings", False):
                 config.tie_word_embeddings = False
+
+
+def load_generation_config(model, path: str) -> None:
+    """The sampling settings beside the weights, as ``from_pretrained`` reads them."""
+    from transformers import GenerationConfig
+
+    file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(file) and getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"path: {file} is not a generation config transformers reads ({first_line(e)})") from None
