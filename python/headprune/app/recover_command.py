@@ -34,7 +34,7 @@ MODELS = ("unpruned", "pruned", "recovered")
 STEP_SEQUENCES = {"causal": 1, "encoder": 2}
 
 
-def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int, device) -> list:
+def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int, device, names=None) -> list:
     """What recovery trains on, on ``device``: ``samples`` sequences shared equally by the texts
     in ``parts``, or, with ``samples=None`` (the default), every calibration sequence of every
     text (every paragraph for encoders, every window of ``seq_len`` tokens for causal LMs), the
@@ -45,15 +45,16 @@ def recovery_batches(loaded, parts: list, samples, seq_len: int, batch_size: int
     SmolLM2-135M, 10 minutes over its 217 windows closed 64% of the held-out perplexity gap
     (recover_smollm2_batch1.json at 74cb3bc), over the pruning's 64 windows 37% (recover_smollm2_64.json).
     Teacher targets are cached per batch when first used, so their memory grows with the steps
-    run, not with the text."""
+    run, not with the text. ``names``: the texts of ``parts``, for a refusal of a short one."""
     causal = loaded.kind == "causal"
     if samples is None:
-        per_text = [texts.calibration_batches(loaded.tokenizer, part, causal=causal, samples=sys.maxsize,
-                                              seq_len=seq_len, batch_size=batch_size) for part in parts]
+        per_text = [texts.named_text(names, i, lambda part=part: texts.calibration_batches(
+            loaded.tokenizer, part, causal=causal, samples=sys.maxsize, seq_len=seq_len, batch_size=batch_size))
+            for i, part in enumerate(parts)]
         batches = texts.interleave(per_text)
     else:
         batches = texts.mixed_calibration_batches(loaded.tokenizer, parts, causal=causal, samples=samples,
-                                                  seq_len=seq_len, batch_size=batch_size)
+                                                  seq_len=seq_len, batch_size=batch_size, names=names)
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
@@ -119,7 +120,7 @@ def recovery_split(args, loaded, settings: dict):
     if not recovers(args):
         return None
     batches = recovery_batches(loaded, texts.load_split(args.data)[0], None, settings["seq_len"],
-                               STEP_SEQUENCES[loaded.kind], args.device)
+                               STEP_SEQUENCES[loaded.kind], args.device, texts.spec_names(args.data))
     return split_validation(batches, recover_validation(args), "--recover-validation", "a longer --data text")
 
 
@@ -187,7 +188,7 @@ def _batches(args, loaded, settings: dict) -> tuple:
     d = C.DEFAULTS[loaded.kind]
     seq_len = C.seq_len_for(args, loaded, settings.get("seq_len") or d["seq_len"])
     batch_size = args.batch_size or STEP_SEQUENCES[loaded.kind]
-    batches = recovery_batches(loaded, parts, args.samples, seq_len, batch_size, args.device)
+    batches = recovery_batches(loaded, parts, args.samples, seq_len, batch_size, args.device, texts.spec_names(data))
     samples = texts.sequences(batches)
     calib = texts.interleave(parts)
     used = {"data": data or texts.DEFAULT_TEXT, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,

@@ -225,13 +225,26 @@ def shared_reference(n: int, got: int, asked: int, reference: float) -> int:
 
 
 def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: int, seq_len: int,
-                              batch_size: int = 8) -> list:
-    """:func:`calibration_batches` of each part with an equal share of ``samples``, joined."""
+                              batch_size: int = 8, names: Optional[list] = None) -> list:
+    """:func:`calibration_batches` of each part with an equal share of ``samples``, joined.
+    ``names``: the parts' texts, named by a refusal of one too short for a window."""
     out = []
-    for part, n in zip(parts, equal_shares(samples, len(parts))):
+    for i, (part, n) in enumerate(zip(parts, equal_shares(samples, len(parts)))):
         if n:
-            out += calibration_batches(tokenizer, part, causal=causal, samples=n, seq_len=seq_len, batch_size=batch_size)
+            out += named_text(names, i, lambda: calibration_batches(tokenizer, part, causal=causal, samples=n,
+                                                                    seq_len=seq_len, batch_size=batch_size))
     return out
+
+
+def named_text(names: Optional[list], i: int, make):
+    """``make()``, its refusal of a text too short for a window naming ``names[i]`` where
+    more than one text is named."""
+    try:
+        return make()
+    except ValueError as e:
+        if not names or len(names) < 2 or not str(e).startswith(SHORT):
+            raise
+        raise ValueError(str(e).replace(SHORT, f"{SHORT} {names[i]!r}", 1)) from None
 
 
 def rebatch(batches: list, size: int) -> list:
@@ -246,12 +259,16 @@ def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
     return paragraphs[:cut], paragraphs[cut:]
 
 
+#: how a refusal of a text too short for one window begins
+SHORT = "--seq-len: the text"
+
+
 def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor:
     """The paragraphs joined into one token stream, cut into ``[N, seq_len]`` windows."""
     ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"--seq-len: the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(f"{SHORT} has {len(ids)} tokens, fewer than one window of {seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
@@ -330,7 +347,7 @@ def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, ex
     if not names or samples < 1:
         return []
     return mixed_calibration_batches(tokenizer, load_split("+".join(names))[0], causal=causal, samples=samples,
-                                     seq_len=seq_len, batch_size=batch_size)
+                                     seq_len=seq_len, batch_size=batch_size, names=names)
 
 
 def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool, samples: int, seq_len: int,
@@ -343,7 +360,7 @@ def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool
     batches hold; the caller says so)."""
     n = reference_samples(samples, reference, spec)
     batches = mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples - n, seq_len=seq_len,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, names=spec_names(spec))
     n = shared_reference(n, sequences(batches), samples - n, reference)  # the same share of the sequences there are
     batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,
                                  batch_size=batch_size)
