@@ -235,10 +235,11 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     out, ck = tmp_path / "o", tmp_path / "gates.pt"
     code = main([str(a) for a in ["prune", path, "--ratio", "0.3", "--score", "learned", "--learn-steps", "4",
                                   "--learn-checkpoint", ck, "--samples", "4", "--seq-len", "16", "--quiet",
-                                  "--no-speed", "--out", out]])
+                                  "--no-speed", "--out", out, "--seed", "7"]])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["score"] == "learned" and report["settings"]["learned"]["steps"] == 4
+    assert report["settings"]["learned"]["seed"] == 7  # --seed was recorded, and the gates' noise drew from 0
     assert "hard-concrete gates" in report["recipe"] and ck.exists()
     assert report["heads_pruned"] == int(0.3 * report["heads_total"])
     assert "0" not in report["pruned_heads"]  # the default's first layer kept whole, as the sweep measures

@@ -259,7 +259,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                    help="units every layer keeps (default 1; 0 allows emptying a layer)")
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
                    help="layers never pruned (default: each causal stack's first with the default recipe or --score learned, not --uniform; else none)")
-    g.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --order random and of --score learned's gates (default 0)")
     g.add_argument("--learn-steps", type=positive, default=None,
                    help=f"--score learned: training steps, one calibration batch each (default {LEARN_STEPS})")
     g.add_argument("--learn-seconds", type=positive_float, default=None,

@@ -222,7 +222,7 @@ def _learn(args, loaded, batches, scores):
     return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps or LEARN_STEPS,
                        time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
                        progress=not args.quiet, checkpoint=args.learn_checkpoint,
-                       resume=args.learn_checkpoint is not None)
+                       resume=args.learn_checkpoint is not None, seed=args.seed)
 
 
 def _select(args, loaded, batches, scores, kw: dict, removal: str, refit_bias: bool = True) -> tuple:

@@ -57,8 +57,8 @@ class LearnedGates:
     """What :func:`learn_gates` learned: ``scores`` (``log_alpha``, ``[sites, max_heads]``
     float64, NaN past a site's heads; higher = more needed), steps in all (a resumed run's
     earlier ones included), seconds of this call, the distillation loss of the first and the
-    last step of this call, the expected fraction of open gates at the end, and why it
-    stopped (``"steps"`` or ``"time_budget"``)."""
+    last step of this call, the expected fraction of open gates at the end, why it stopped
+    (``"steps"`` or ``"time_budget"``), the step a resumed run began at and the noise's seed."""
 
     scores: torch.Tensor
     steps: int
@@ -69,6 +69,7 @@ class LearnedGates:
     target_open: float
     stopped: str
     resumed_from: int = 0
+    seed: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -212,4 +213,4 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
     out = log_alpha.detach().double().masked_fill(~valid, math.nan)
     return LearnedGates(out, done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,
                         losses[-1] if losses else math.nan,
-                        float(open_probability(log_alpha.detach())[valid].mean()), keep, stopped, start)
+                        float(open_probability(log_alpha.detach())[valid].mean()), keep, stopped, start, seed)
