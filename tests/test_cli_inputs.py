@@ -131,6 +131,8 @@ def test_a_calibration_longer_than_the_models_positions_is_refused(tmp_path, tin
     ("--ratio", "0.1", "--ratio: 0.1 of the model's 8 query heads is less than one; give at least 0.125"),
     ("--min-heads-per-layer", "4", "--min-heads-per-layer: 4 keeps all 4 query heads of every layer, so nothing "
                                    "could be pruned"),
+    ("--gqa group --count", "9", "--count: 9 is more than the model's 8 query heads"),  # BERT has no KV groups
+    ("--speed-decode", "1x64", "is an encoder, which has no decode; drop --speed-decode"),  # it was ignored
 ])
 def test_a_selection_the_model_cannot_give_is_refused_before_the_collection(tmp_path, tiny_dir, capsys, monkeypatch,
                                                                              flag, value, message):
@@ -139,8 +141,8 @@ def test_a_selection_the_model_cannot_give_is_refused_before_the_collection(tmp_
     import headprune.app.commands as C
 
     monkeypatch.setattr(C, "_collect", lambda *a, **k: pytest.fail("collected before the options were checked"))
-    size = ["--ratio", "0.3"] if flag == "--min-heads-per-layer" else []
-    code, err = _run(["prune", tiny_dir, *size, flag, value, "--quiet", "--out", tmp_path / "o", "--samples", "2",
+    size = ["--ratio", "0.3"] if flag in ("--min-heads-per-layer", "--speed-decode") else []
+    code, err = _run(["prune", tiny_dir, *size, *flag.split(), value, "--quiet", "--out", tmp_path / "o", "--samples", "2",
                       "--seq-len", "8"], capsys)
     assert code == 2 and err[0].endswith(message)
     assert not (tmp_path / "o").exists()

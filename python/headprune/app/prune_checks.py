@@ -102,10 +102,13 @@ def check_model(args, loaded) -> None:
     if bad:
         raise ValueError(f"--protect-layers: indices {bad} out of range for {len(sites)} layers (attention sites "
                          f"0-{len(sites) - 1})")
-    unit = "KV groups" if getattr(args, "gqa", None) == "group" else "query heads"  # what --count counts
+    grouped = grouped_queries(head_counts(s, adapter) for s in sites)  # a model without: a head is its group
+    unit = "KV groups" if getattr(args, "gqa", None) == "group" and grouped else "query heads"  # --count's unit
+    if getattr(args, "speed_decode", None) is not None and loaded.kind != "causal":
+        raise ValueError(f"--speed-decode: {args.model} is an encoder, which has no decode; drop --speed-decode")
     state = getattr(loaded.model, STATE_ATTR, None)
     split = repeated_kv(state and state["kv"])
-    if unit == "KV groups" and split:
+    if getattr(args, "gqa", None) == "group" and split:
         raise SplitGroupsError(split, cli=True)
     units = [head_counts(s, adapter)[unit == "KV groups"] for s in sites]
     refuse_below_one("--ratio", [] if args.ratio is None else [args.ratio], sum(units), unit)
@@ -120,13 +123,13 @@ def check_model(args, loaded) -> None:
     if (args.min_heads_per_layer or 0) >= max(units, default=0) > 0:
         raise ValueError(f"--min-heads-per-layer: {args.min_heads_per_layer} keeps all {max(units)} {unit} of every "
                          "layer, so nothing could be pruned")
-    if args.kv_ratio and not grouped_queries(head_counts(s, adapter) for s in sites):
+    if args.kv_ratio and not grouped:
         cfg = loaded.model.config  # a pruned layout keeps the original config where no config can express it
         was = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) < cfg.num_attention_heads
         raise ValueError("--kv-ratio: " + ("the model's pruning gave every query head its own KV head (--gqa query "
                                            "repeats them), so no group is left to remove" if was else
                                            "the model has no grouped queries; every KV head goes with its query head"))
-    if getattr(args, "uniform", False) and args.gqa == "query" and grouped_queries(head_counts(s, adapter) for s in sites):
+    if getattr(args, "uniform", False) and args.gqa == "query" and grouped:
         raise ValueError("--gqa query: a --uniform layout keeps every KV group even (a config declares one layout); "
                          "drop --gqa query")  # it was taken as even layouts, and recorded as query
     if args.sequential and args.score is not None and (
