@@ -1,4 +1,5 @@
-"""The ops' accumulators: ones that share memory are refused by name before anything is written."""
+"""The ops' accumulators and the head mask's x: ones that share memory are refused by name before
+anything is written."""
 
 import pytest
 import torch
@@ -29,3 +30,12 @@ def test_an_expanded_stats_accumulator_is_refused_by_name(op):
     with pytest.raises(ValueError, match="stats: expected an accumulator whose elements do not share memory"):
         getattr(ops, op)(stats, *args)
     assert torch.equal(stats, torch.ones(2, NUM_STATS, dtype=torch.float64))
+
+
+def test_an_expanded_view_is_refused_by_the_head_mask_by_name():
+    """ATen refused it in words that did not name x ("more than one element of the written-to
+    tensor refers to a single memory location"); nothing is written either way."""
+    x = torch.ones(4).expand(3, 4)
+    with pytest.raises(ValueError, match="^x: expected a tensor whose elements do not share memory"):
+        ops.apply_head_mask_(x, torch.tensor([0.0, 1.0]), 2, -1)
+    assert torch.equal(x, torch.ones(3, 4))

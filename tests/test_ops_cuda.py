@@ -347,3 +347,20 @@ def test_attention_stats_matches_reference(case, dtype):
     tol = 2e-2 if dtype in HALF else 1e-4
     torch.testing.assert_close(out.cpu().double(), want_out, rtol=0, atol=tol)
     assert_stats_close(stats.cpu(), want, atol=ATOL if dtype not in HALF else 1e-3)
+
+
+def test_attention_float16_with_a_float32_mask_below_float16s_range():
+    """A float32 additive mask was cast to float16 for SDPA, where -1e5 becomes -inf: a row all
+    at -1e5 (a constant shift: visible keys, counted by the statistics) came back zero or NaN.
+    Only values at or below -1e37 mask a key, as the statistics read them."""
+    q, k = _qk(1, 2, 2, 4, 6, 8, torch.float16, seed=5)
+    v = torch.randn(1, 2, 6, 8, generator=_gen(6), dtype=torch.float64).to(torch.float16)
+    mask = torch.zeros(1, 1, 4, 6)
+    mask[0, 0, 1] = -1e5
+    stats = torch.zeros(2, NUM_STATS, dtype=torch.float64, device=DEVICE)
+    out = ops.attention_stats_accumulate_(stats, _dev(q), _dev(k), _dev(v), 8**-0.5, _dev(mask), False, None)
+    want_out, _ = ref.attention_stats(q, k, v, 8**-0.5, mask, False)
+    got = out.cpu().double()
+    assert torch.isfinite(got).all() and got[0, :, 1].abs().amax() > 0
+    torch.testing.assert_close(got[0, :, [0, 2, 3]], want_out[0, :, [0, 2, 3]], rtol=0, atol=2e-2)
+    torch.testing.assert_close(got[0, :, 1], want_out[0, :, 1], rtol=0, atol=0.25)  # the shift rounds in float16

@@ -224,6 +224,20 @@ def test_requires_grad_is_refused_under_grad_mode(op, name):
         assert not out.requires_grad and torch.equal(out, want)
 
 
+@pytest.mark.parametrize("op,name", GRAD_CASES, ids=[f"{o}-{n}" for o, n in GRAD_CASES])
+def test_a_forward_mode_tangent_is_refused(op, name):
+    """Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) ran the ops below autograd
+    and dropped the tangent (a jvp came back zero); refused by name, under no_grad too."""
+    import torch.autograd.forward_ad as fwAD
+
+    make, call = SAMPLES[op]
+    t = make()
+    before = _accumulators(t)
+    with fwAD.dual_level(), torch.no_grad(), pytest.raises(ValueError, match=rf"^{name}: carries a forward-mode"):
+        call({**t, name: fwAD.make_dual(t[name], torch.ones_like(t[name]))})
+    _assert_unchanged(t, before)
+
+
 @pytest.mark.parametrize("op", SAMPLES)
 def test_opcheck_with_inputs_that_require_grad(op):
     """opcheck's every test, with every floating input requiring grad. The eager calls run

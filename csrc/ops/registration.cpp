@@ -6,6 +6,7 @@
 // attention_stats_accumulate_, which returns the attention output it computed. The entropy
 // ops are not differentiable: under grad mode they refuse a tensor that requires grad.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -74,6 +75,8 @@ void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_di
                    dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least one dimension, got a 0-D tensor");
   check_writable(x, "x");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+                    "x: expected a tensor whose elements do not share memory, got an expanded view");
   TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) >= 1, "mask: expected a 1-D tensor [num_heads], got shape ",
                     mask.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(mask.scalar_type()) || mask.scalar_type() == at::kBool,
@@ -104,16 +107,20 @@ void apply_head_mask_impl(at::Tensor& x, const at::Tensor& mask, int64_t head_di
 // than ATen failing inside the kernel ("addmm(): functions with out=... arguments don't
 // support automatic differentiation") or the attention output silently losing its gradient.
 // Otherwise the op runs below autograd, so the ATen calls inside the kernels record nothing.
+// A tensor carrying a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp) is
+// refused whatever the grad mode: below autograd its tangent would be dropped without a word.
 void not_differentiable(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   const auto& args = op.schema().arguments();
-  if (at::GradMode::is_enabled()) {
-    const size_t first = stack->size() - args.size();
-    for (size_t i = 0; i < args.size(); ++i) {
-      const c10::IValue& v = (*stack)[first + i];
-      TORCH_CHECK_VALUE(!(v.isTensor() && v.toTensor().requires_grad()), args[i].name(), ": requires grad; ",
-                        op.schema().name(), " is not differentiable: call it under torch.no_grad() or on detached ",
-                        "tensors");
-    }
+  const size_t first = stack->size() - args.size();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = (*stack)[first + i];
+    if (!v.isTensor() || !v.toTensor().defined()) continue;
+    const at::Tensor& t = v.toTensor();
+    TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && t.requires_grad()), args[i].name(), ": requires grad; ",
+                      op.schema().name(), " is not differentiable: call it under torch.no_grad() or on detached ",
+                      "tensors");
+    TORCH_CHECK_VALUE(!t._fw_grad(/*level=*/0).defined(), args[i].name(), ": carries a forward-mode tangent; ",
+                      op.schema().name(), " is not differentiable: call it on the primal (unpack_dual) instead");
   }
   at::AutoDispatchBelowAutograd guard;
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);

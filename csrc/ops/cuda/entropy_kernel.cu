@@ -94,8 +94,18 @@ struct CudaBackend {
     qk_rows(query, key, scale, mask, is_causal, rows);
     const c10::cuda::CUDAGuard guard(query.device());
     std::optional<at::Tensor> m = attn_mask;
-    if (m.has_value() && m->scalar_type() != at::kBool && m->scalar_type() != query.scalar_type())
+    if (m.has_value() && m->scalar_type() != at::kBool && m->scalar_type() != query.scalar_type()) {
+      if (query.scalar_type() == at::kHalf) {
+        // A wide mask's values below float16's range would round to -inf there, masking keys
+        // the statistics (which read the mask in float32) count as visible: only values at or
+        // below kMaskedLogit mask a key; the rest clamp to float16's lowest finite value.
+        const double lowest = static_cast<double>(std::numeric_limits<c10::Half>::lowest());
+        m = at::where(m->le(static_cast<double>(headprune::kMaskedLogit)),
+                      at::scalar_tensor(-std::numeric_limits<double>::infinity(), m->options()),
+                      m->clamp_min(lowest));
+      }
       m = m->to(query.scalar_type());
+    }
     const int64_t Q = query.size(2), K = key.size(2);
     bool sdpa_causal = is_causal;
     if (is_causal && (m.has_value() || Q != K)) {
