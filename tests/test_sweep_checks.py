@@ -173,6 +173,14 @@ def test_a_recipe_that_cannot_reach_a_ratio_is_left_out_with_a_warning(llama_dir
     assert set(ran) == set(S.RECIPES) - {"default, whole KV groups"}  # the uniform layout too: it protects none
 
 
+def test_the_uniform_layout_under_gqa_query_is_run_and_said_as_even_layouts(llama_dir, capsys, monkeypatch):
+    """It took even layouts (a config declares one) and was recorded under --gqa query, silently."""
+    ran = _recipes_run(monkeypatch)
+    code, err = _sweep(capsys, llama_dir, "--ratios", "0.25", "--gqa", "query")
+    assert code == 130 and ran["default, uniform layout"] == {"uniform": True, "gqa": "even"}
+    assert "under --gqa query the uniform layout keeps every KV group even (--gqa even)" in err, err
+
+
 def test_the_least_fraction_the_refusal_suggests_is_accepted(llama_dir, capsys, monkeypatch):
     import headprune.app.sweep_command as SC
 
