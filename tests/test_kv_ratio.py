@@ -60,7 +60,8 @@ def test_allocate_kv_growth_never_gives_back_a_whole_group():
 
 def test_kv_ratio_refusals():
     s = _scores()
-    with pytest.raises(ValueError, match="kv_ratio: 9 KV heads requested but at most 5 go with 16 query heads"):
+    with pytest.raises(ValueError, match="kv_ratio: 9 KV heads requested but at most 5 go with 16 query heads .*; "
+                                         r"remove more query heads \(a larger ratio or count\) or lower kv_ratio"):
         select_heads(s, ratio=0.3, score="entropy", gqa="even", kv_ratio=0.5)  # 16 heads hold 5 groups of 3
     for kw, match in [({"gqa": "group"}, "needs gqa='even'"), ({"gqa": "query"}, "needs gqa='even'"),
                       ({"gqa": "even", "uniform": True}, "without uniform")]:

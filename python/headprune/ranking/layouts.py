@@ -178,7 +178,7 @@ def allocate_kv(costs: list, kv_heads: list, caps: list, want: int, kv_want: int
         if filled is not None:
             return filled
         raise ValueError(f"kv_ratio: {kv_want} KV heads requested but at most {got} go with {want} query heads in even "
-                         "layouts under these caps; raise the ratio or lower kv_ratio")
+                         "layouts under these caps; remove more query heads (a larger ratio or count) or lower kv_ratio")
     met = [(hi, chosen)]
     lo = 0.0
     for _ in range(40):
