@@ -40,7 +40,7 @@ def austen():
 def rst_clean(text):
     out, cur = [], []
     lines = text.splitlines()
-    i, skip_indent = 0, False
+    i = 0
     def flush():
         if cur:
             p = " ".join(cur)
