@@ -43,7 +43,7 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     exec(compile(blocks[0].replace(PATH_LINE, f"path = {str(path)!r}"), "README.md", "exec"), namespace)
     out = capsys.readouterr().out
-    assert "query heads 8 -> " in out and (tmp_path / "pruned" / "headprune.json").exists()
+    assert "query heads 8 -> " in out and (tmp_path / "pruned-api" / "headprune.json").exists()
     assert sum(len(h) for h in namespace["headprune"].kept_heads(namespace["model"]).values()) < 8  # reloaded
     exec(compile(blocks[1], "README.md", "exec"), namespace)
     assert namespace["g"].gate.grad is not None and torch.isfinite(namespace["masked_loss"])
