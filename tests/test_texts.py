@@ -124,14 +124,16 @@ def test_a_short_text_keeps_the_reference_share_of_what_it_gives(tiny_dir, causa
 
 
 def test_a_text_of_a_mix_too_short_for_a_window_is_named(tiny_dir, tmp_path):  # noqa: F811
-    """Of two texts joined by +, the one too short for a --seq-len window was not named."""
+    """Of two texts joined by +, the one too short for a --seq-len window was not named, and the
+    refusal named --seq-len alone, though the text is what is short."""
     long, short = tmp_path / "long.txt", tmp_path / "short.txt"
     long.write_text("\n\n".join(f"the a of and to in was her she it he had not be {i}" for i in range(40)))
     short.write_text("the a\n\nof and\n\nto in")
-    spec = f"{long}+{short}"
-    with pytest.raises(ValueError, match=f"--seq-len: the text '{short}' has \\d+ tokens, fewer than one window"):
-        texts.calibration_set(_tokenizer(tiny_dir), texts.load_split(spec)[0], spec, causal=True, samples=8,
-                              seq_len=16, reference=0.25)
+    for spec in (f"{long}+{short}", str(short)):
+        with pytest.raises(ValueError, match=f"^--data: the text '{short}' has \\d+ tokens, fewer than one window "
+                                             "of --seq-len 16$"):
+            texts.calibration_set(_tokenizer(tiny_dir), texts.load_split(spec)[0], spec, causal=True, samples=8,
+                                  seq_len=16, reference=0.25)
 
 
 def test_the_command_says_when_the_text_gives_fewer_sequences(run, tmp_path, tiny_dir):  # noqa: F811

@@ -237,12 +237,11 @@ def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: 
 
 
 def named_text(names: Optional[list], i: int, make):
-    """``make()``, its refusal of a text too short for a window naming ``names[i]`` where
-    more than one text is named."""
+    """``make()``, its refusal of a text too short for a window naming ``names[i]``."""
     try:
         return make()
     except ValueError as e:
-        if not names or len(names) < 2 or not str(e).startswith(SHORT):
+        if not names or not str(e).startswith(SHORT):
             raise
         raise ValueError(str(e).replace(SHORT, f"{SHORT} {names[i]!r}", 1)) from None
 
@@ -260,7 +259,7 @@ def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
 
 
 #: how a refusal of a text too short for one window begins
-SHORT = "--seq-len: the text"
+SHORT = "--data: the text"
 
 
 def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor:
@@ -268,7 +267,7 @@ def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor
     ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
-        raise ValueError(f"{SHORT} has {len(ids)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(f"{SHORT} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
