@@ -299,3 +299,17 @@ def test_a_mistyped_option_is_named_before_a_missing_one(tmp_path, tiny_dir, cap
     assert code == 2 and err == ["headprune prune: error: one of the arguments --ratio --count is required"]
     code, err = _run(["prune", tiny_dir, "--rat", "0.3", "--samples", "0"], capsys)  # an abbreviation is known
     assert code == 2 and err == ["headprune prune: error: argument --samples: expected a positive integer, got 0"]
+
+
+@pytest.mark.parametrize("command", ["prune", "scan"])
+def test_an_image_model_is_refused_as_one(tmp_path, capsys, command):
+    """A ViT directory was refused for having no tokenizer files, as if adding some would do."""
+    from hf_tiny import tiny_model
+
+    tiny_model("vit").save_pretrained(tmp_path / "vit")
+    code, err = _run([command, tmp_path / "vit", *(["--ratio", "0.3"] if command == "prune" else []),
+                      "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err[0].endswith(f"MODEL: {tmp_path / 'vit'} is an image model (vit); the command line "
+                                         "handles text models (the Python API prunes image models, on batches of "
+                                         "pixel_values)"), err
+

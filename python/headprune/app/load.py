@@ -44,8 +44,15 @@ def a_kind(kind: str) -> str:
     return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
-def _refuse_kind(kind: str, accept, spec) -> None:
-    """The CLI handles causal LMs and encoders; refused before any weight is read."""
+#: families whose inputs are no text: the command line calibrates and evaluates on text alone
+IMAGE_TYPES = ("vit",)
+
+
+def _refuse_kind(kind: str, accept, spec, model_type=None) -> None:
+    """The CLI handles text causal LMs and encoders; refused before any weight is read."""
+    if accept is not None and model_type in IMAGE_TYPES:
+        raise ValueError(f"MODEL: {spec} is an image model ({model_type}); the command line handles text models "
+                         "(the Python API prunes image models, on batches of pixel_values)")
     if accept is not None and kind not in accept:
         api = f" (the Python API handles {kind} models too)" if "encoder" in accept else ""  # not a GGUF export
         raise ValueError(f"MODEL: {spec} is {a_kind(kind)} model; this command "
@@ -160,7 +167,7 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None, tokenize
 
     adapter = ADAPTERS.get(meta.get("model_type"))
     if adapter is not None:
-        _refuse_kind(adapter.kind, accept, path)
+        _refuse_kind(adapter.kind, accept, path, meta.get("model_type"))
     tok = _tokenizer(path) if tokenizer else None
     model = cast_weights(load_pruned(path, device=device), torch_dtype or torch.float32)  # as an HF directory is
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
@@ -182,7 +189,7 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: b
     if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise ValueError(f"MODEL: unsupported model_type {model_type!r} in {config_file}; "
                          f"headprune supports {', '.join(supported_model_types())}")
-    _refuse_kind(ADAPTERS[model_type].kind, accept, path)
+    _refuse_kind(ADAPTERS[model_type].kind, accept, path, model_type)
     tok = _tokenizer(path) if tokenizer else None
     files = safetensors_files(path, "MODEL")
     header = read_header(files, "MODEL")
