@@ -132,6 +132,8 @@ def test_a_calibration_longer_than_the_models_positions_is_refused(tmp_path, tin
     ("--min-heads-per-layer", "4", "--min-heads-per-layer: 4 keeps all 4 query heads of every layer, so nothing "
                                    "could be pruned"),
     ("--gqa group --count", "9", "--count: 9 is more than the model's 8 query heads"),  # BERT has no KV groups
+    ("--count", "7", "--ratio/--count: 7 units requested but --protect-layers and --min-heads-per-layer 1 allow at "
+                "most 6"),  # an encoder's measured allocation: it measured for minutes, then took 6, warned
     ("--speed-decode", "1x64", "is an encoder, which has no decode; drop --speed-decode"),  # it was ignored
 ])
 def test_a_selection_the_model_cannot_give_is_refused_before_the_collection(tmp_path, tiny_dir, capsys, monkeypatch,

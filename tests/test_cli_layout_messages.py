@@ -19,6 +19,19 @@ def test_a_uniform_layout_of_no_head_and_a_measured_shortfall_name_their_cause(r
                                           "is none); ask for more"), err
     path = _tiny_llama(tmp_path, tiny_dir)  # 2 layers of 2 KV groups of 2 query heads; the first kept whole
     code, err = run(["prune", path, "--scope", "measured", "--ratio", "0.9", "--samples", "4", "--seq-len", "16",
+                     "--quiet", "--no-speed", "--out", tmp_path / "m"])  # beyond the most any allocation removes:
+    assert code == 2 and "7 heads requested but --protect-layers and --min-heads-per-layer 1 allow at most 3" in \
+        err[-1], err  # refused before the measuring (it measured, then took 3 with a warning)
+    import torch
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / "llama8"  # 2 layers of 2 KV groups of 4 query heads: even layouts remove 2, 4, 5, 6 or 7
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(tiny_config("llama", num_attention_heads=8)).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    code, err = run(["prune", path, "--scope", "measured", "--count", "3", "--samples", "4", "--seq-len", "16",
                      "--quiet", "--no-speed", "--out", tmp_path / "m"])
     assert code == 0, err
     assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open, in --gqa even layouts: "

@@ -144,7 +144,8 @@ def check_reach(args, loaded) -> None:
     """What the selection can reach on the model's layout alone (protected layers, the heads
     every layer keeps, the layouts --gqa even and --uniform allow), checked before the
     collection as ``select_heads`` checks it after: on the layout without statistics, every
-    head ranked alike (a measured allocation takes the nearest total it reaches, warned)."""
+    head ranked alike (a measured allocation takes the nearest total it reaches, warned, up to
+    the most any allocation reaches)."""
     from ..ranking import select_heads
     from ..ranking.layouts import has_grouped_queries
     from .sweep_reach import learned_protection, model_layout, on_layout
@@ -152,8 +153,9 @@ def check_reach(args, loaded) -> None:
     removal = removal_of(args)  # moments where they are collected: the default resolves alike
     layout = model_layout(loaded.model, moments=removal == "refit" or args.score in (None, "reconstruction"))
     kw = with_scope(args, C._selection_kwargs(args), layout, removal)
-    if kw.get("scope") == "measured":
-        return
+    measured = kw.get("scope") == "measured"  # it takes the nearest total it reaches: only more than the
+    if measured:                                # most any allocation reaches is refused here
+        kw = {**kw, "scope": "global"}
     if kw.get("score") == "learned":
         kw = learned_protection({k: v for k, v in kw.items() if k != "score"}, layout)
     kw, recipe = on_layout(layout, kw)
@@ -163,6 +165,8 @@ def check_reach(args, loaded) -> None:
         if "protect_layers" not in str(e) or recipe.why_protected in str(e):
             raise
         raise ValueError(f"{e}{recipe.why_protected}") from None
+    if measured:
+        return
     if not any(chosen.values()):  # no layout is small enough, whatever the ranking
         refuse_no_head(args, has_grouped_queries(layout))
     if kw.get("uniform"):
