@@ -71,6 +71,8 @@ PARSE_ERRORS = [
     (["prune", "m", "--count", "2", "--protect-layers", "0,x"], "argument --protect-layers: expected comma-separated"),
     (["prune", "m", "--count", "2", "--min-heads-per-layer", "one"],
      "argument --min-heads-per-layer: expected a non-negative integer, got 'one'"),
+    (["prune", "m", "--count", "2", "--seed", str(2**40)],  # learned gates' bound: it failed after the collection
+     "argument --seed: expected a non-negative integer below 1,099,511,627,776, got 1099511627776"),
     (["eval", "m", "--samples", "4"], "headprune eval: error: unrecognized arguments: --samples 4"),
     (["scan", "m", "--eval-windows", "4"], "headprune scan: error: unrecognized arguments: --eval-windows 4"),
     (["scan", "m", "--samples", "-1"], "argument --samples: expected a positive integer, got -1"),

@@ -315,3 +315,13 @@ def test_an_image_model_is_refused_as_one(tmp_path, capsys, command):
                                          "handles text models (the Python API prunes image models, on batches of "
                                          "pixel_values)"), err
 
+
+def test_speed_decode_none_on_an_encoder_is_what_it_asks_for(tmp_path, tiny_dir, capsys, monkeypatch):
+    """--speed-decode none (no decode timing) was refused on an encoder with the shapes that are."""
+    import headprune.app.commands as C
+
+    monkeypatch.setattr(C, "_collect", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # checks passed
+    code, err = _run(["prune", tiny_dir, "--ratio", "0.3", "--speed-decode", "none", "--quiet", "--out",
+                      tmp_path / "o", "--samples", "2", "--seq-len", "8"], capsys)
+    assert code == 130, err
+

@@ -179,6 +179,15 @@ def test_the_uniform_layout_under_gqa_query_is_run_and_said_as_even_layouts(llam
     code, err = _sweep(capsys, llama_dir, "--ratios", "0.25", "--gqa", "query")
     assert code == 130 and ran["default, uniform layout"] == {"uniform": True, "gqa": "even"}
     assert "under --gqa query the uniform layout keeps every KV group even (--gqa even)" in err, err
+    import transformers
+
+    from headprune.hf import prune_heads, save_pruned
+
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
+    prune_heads(model, {1: [0, 1]})  # one whole KV group of layer 1: no uniform layout is left
+    save_pruned(model, "pruned", tokenizer=transformers.AutoTokenizer.from_pretrained(llama_dir))
+    code, err = _sweep(capsys, "pruned", "--ratios", "0.25", "--gqa", "query")
+    assert code == 130 and "no uniform layout exists" in err and "under --gqa query" not in err, err  # no such row
 
 
 def test_the_least_fraction_the_refusal_suggests_is_accepted(llama_dir, capsys, monkeypatch):

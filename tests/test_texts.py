@@ -134,6 +134,11 @@ def test_a_text_of_a_mix_too_short_for_a_window_is_named(tiny_dir, tmp_path):  #
                                              "of --seq-len 16$"):
             texts.calibration_set(_tokenizer(tiny_dir), texts.load_split(spec)[0], spec, causal=True, samples=8,
                                   seq_len=16, reference=0.25)
+    with pytest.raises(ValueError, match="^--reference: the bundled text 'python_code' has \\d+ tokens, fewer than "
+                                         r"one window of --seq-len 10000000 \(--reference 0 leaves the bundled texts "
+                                         r"out\)$"):  # it blamed --data, which the user's long text was not
+        texts.reference_batches(_tokenizer(tiny_dir), samples=2, seq_len=10_000_000, causal=True,
+                                exclude="persuasion+python_tutorial")
 
 
 def test_the_command_says_when_the_text_gives_fewer_sequences(run, tmp_path, tiny_dir):  # noqa: F811

@@ -98,20 +98,20 @@ def shapes(text: str) -> list:
     return out
 
 
-def _int_at_least(low: int, what: str):
+def _int_at_least(low: int, what: str, below=None):
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {n}")
+        if n < low or below is not None and n >= below:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer{'' if below is None else f' below {below:,}'}, "
+                                             f"got {n}")
         return n
-
     return parse
 
-
 positive, nonnegative_int = _int_at_least(1, "positive"), _int_at_least(0, "non-negative")
+seed = _int_at_least(0, "non-negative", 2**40)  # learn_gates' bound, the strictest of the seed's readers
 
 
 def nonnegative(text: str) -> float:
@@ -259,7 +259,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                    help="units every layer keeps (default 1; 0 allows emptying a layer)")
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
                    help="layers never pruned (default: each causal stack's first with the default recipe or --score learned, not --uniform; else none)")
-    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --order random and of --score learned's gates (default 0)")
+    g.add_argument("--seed", type=seed, default=0, help="seed of --order random and of --score learned's gates (default 0)")
     g.add_argument("--learn-steps", type=positive, default=None,
                    help=f"--score learned: training steps, one calibration batch each (default {LEARN_STEPS})")
     g.add_argument("--learn-seconds", type=positive_float, default=None,

@@ -58,8 +58,6 @@ def plan(args, loaded) -> dict:
         recipes = {k: kw for k, kw in recipes.items() if "gqa" not in kw}  # layout recipe is the default again
     elif config.gqa == "query":  # a config declares one layout: the uniform recipe keeps every KV group even
         recipes = {k: {**kw, "gqa": "even"} if kw.get("uniform") else kw for k, kw in recipes.items()}
-        C._warn("under --gqa query the uniform layout keeps every KV group even (--gqa even), unlike the other rows "
-                "and the random draws")
     if args.learn_steps:
         recipes.update({k: {**kw, "learned": {"steps": args.learn_steps}} for k, kw in LEARNED_RECIPE.items()})
     if len({(h, k or h) for h, k in zip(layout.num_heads, layout.num_kv_heads)}) > 1:  # e.g. a pruned directory
@@ -78,4 +76,8 @@ def plan(args, loaded) -> dict:
     for name, (r, e) in far.items():
         advice = "" if isinstance(e, SplitGroupsError) else "; ask for smaller fractions to include it"
         C._warn(f"{name!r} cannot reach {r:g} ({e}): left out{advice}")
-    return {k: kw for k, kw in recipes.items() if k not in far}
+    recipes = {k: kw for k, kw in recipes.items() if k not in far}
+    if config.gqa == "query" and any(kw.get("uniform") and kw.get("gqa") == "even" for kw in recipes.values()):
+        C._warn("under --gqa query the uniform layout keeps every KV group even (--gqa even), unlike the other rows "
+                "and the random draws")
+    return recipes

@@ -225,24 +225,30 @@ def shared_reference(n: int, got: int, asked: int, reference: float) -> int:
 
 
 def mixed_calibration_batches(tokenizer, parts: list, *, causal: bool, samples: int, seq_len: int,
-                              batch_size: int = 8, names: Optional[list] = None) -> list:
+                              batch_size: int = 8, names: Optional[list] = None, reference: bool = False) -> list:
     """:func:`calibration_batches` of each part with an equal share of ``samples``, joined.
-    ``names``: the parts' texts, named by a refusal of one too short for a window."""
+    ``names``: the parts' texts, named by a refusal of one too short for a window (as
+    ``--reference``'s bundled texts where ``reference``)."""
     out = []
     for i, (part, n) in enumerate(zip(parts, equal_shares(samples, len(parts)))):
         if n:
             out += named_text(names, i, lambda: calibration_batches(tokenizer, part, causal=causal, samples=n,
-                                                                    seq_len=seq_len, batch_size=batch_size))
+                                                                    seq_len=seq_len, batch_size=batch_size),
+                              reference)
     return out
 
 
-def named_text(names: Optional[list], i: int, make):
-    """``make()``, its refusal of a text too short for a window naming ``names[i]``."""
+def named_text(names: Optional[list], i: int, make, reference: bool = False):
+    """``make()``, its refusal of a text too short for a window naming ``names[i]`` (a bundled
+    text of the ``reference`` share: named as ``--reference``'s, with how to leave it out)."""
     try:
         return make()
     except ValueError as e:
         if not names or not str(e).startswith(SHORT):
             raise
+        if reference:
+            raise ValueError(str(e).replace(SHORT, f"--reference: the bundled text {names[i]!r}", 1)
+                             + " (--reference 0 leaves the bundled texts out)") from None
         raise ValueError(str(e).replace(SHORT, f"{SHORT} {names[i]!r}", 1)) from None
 
 
@@ -346,7 +352,7 @@ def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, ex
     if not names or samples < 1:
         return []
     return mixed_calibration_batches(tokenizer, load_split("+".join(names))[0], causal=causal, samples=samples,
-                                     seq_len=seq_len, batch_size=batch_size, names=names)
+                                     seq_len=seq_len, batch_size=batch_size, names=names, reference=True)
 
 
 def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool, samples: int, seq_len: int,
