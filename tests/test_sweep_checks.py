@@ -276,3 +276,23 @@ def test_damping_zero_on_singular_moments_is_named_not_read_as_out_of_reach():
     assert out_of_reach(config, scores, {}) == {}  # the random baseline alone
     with pytest.raises(ValueError, match="^damping: 0 leaves these second moments singular"):
         out_of_reach(config, scores, {"default": {}})
+
+
+def test_the_uniform_row_measures_its_first_layer_with_the_bias_its_removal_refits(monkeypatch):
+    """With the value refit, prune --uniform measures the first layer's heads refitting the output
+    bias (the value refit adds it); the sweep's uniform row measured them without it, so on a
+    family whose config declares no attention bias it chose other heads than prune."""
+    import headprune.app.sweep as S
+    import headprune.hf.uniform as U
+    from headprune.app.load import Loaded
+
+    model = tiny_model("qwen2", num_key_value_heads=4)  # no grouped queries: its value rows can be refit
+    batches = [tiny_batch("qwen2", seed=s, pad=False) for s in range(2)]
+    scores = collect(model, batches, progress=False, moments=True)
+    seen = []
+    monkeypatch.setattr(U, "measure_uniform", lambda *a, refit_bias, **k: seen.append(refit_bias) or (a[3], {}))
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+    config = S.SweepConfig(model="tiny", ratios=[0.5], seeds=0, quiet=True, eval_windows=1, values=True)
+    S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
+                {"uniform": {"uniform": True}}, batches=batches)
+    assert seen == [True]

@@ -289,7 +289,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                              progress=not config.quiet, **kw)  # minutes: a bar of its own
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
-        heads = _measured_uniform(config, point, stats, state, kw, removal, heads, batches, iterative or sequential)
+        heads = _measured_uniform(config, point, stats, state, kw, (removal, values), heads, batches,
+                                  iterative or sequential)
     if iterative:
         state[name] = (heads, stats)
     if sequential:
@@ -303,19 +304,22 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                                                       values))
 
 
-def _measured_uniform(config, point, stats, state, kw, removal, heads, batches, again: bool) -> dict:
-    """``heads`` with the first layer's re-chosen by measurement where ``prune --uniform`` does
-    (once per selection: ratios that round to the same one measure once); ``again``: an
-    iterative or sequential recipe, which re-calibrates and is not measured."""
+def _measured_uniform(config, point, stats, state, kw, removal_values: tuple, heads, batches, again: bool) -> dict:
+    """``heads`` with the first layer's re-chosen by measurement where ``prune --uniform`` does,
+    refitting the output bias as the recipe's removal (``(removal, whether value rows are
+    refit)``) will (once per selection: ratios that round to the same one measure once);
+    ``again``: an iterative or sequential recipe, which re-calibrates and is not measured."""
     from ..hf.uniform import measure_uniform, measures
 
+    removal, values = removal_values
     if not measures(kw, removal, stats, iterative=again, sequential=again) or batches is None:
         return heads
     done = state.setdefault("_uniform", {})
-    key = repr(sorted(heads.items()))
+    refit_bias = refit_bias_of(point.loaded.model, True, removal, values)  # as prune measures it
+    key = (repr(sorted(heads.items())), refit_bias)
     if key not in done:
         done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping,
-                                    refit_bias=refit_bias_of(point.loaded.model, True, removal, False))[0]
+                                    refit_bias=refit_bias)[0]
     return done[key]
 
 
