@@ -44,6 +44,18 @@ def test_the_calibration_and_its_reference_share_are_said():
     assert plain.splitlines()[0].endswith("Calibrated on 64 x 256 tokens of `mine.txt`.")
 
 
+def test_the_heading_says_a_masked_inputs_heads_and_a_uniform_rows_even_layouts():
+    """sweep.md said neither: its fractions are of the heads left after the input's masked ones,
+    and under --gqa query the uniform row ran in even layouts (a config declares one)."""
+    settings = {"data": "d", "samples": 4, "seq_len": 16, "masked_in_input": 3}
+    result = {**_result([]), "settings": settings, "gqa": "query",
+              "recipe_settings": {"default": {}, "u": {"uniform": True, "gqa": "even"}, "g": {"gqa": "group"}}}
+    heading = sweep_markdown(result).splitlines()[0]
+    assert "The 3 heads the model held masked (zero output columns) were removed first and are not counted in " \
+           "the fractions." in heading
+    assert heading.endswith("`u`: every KV group kept even (a config declares one layout).") and "`g`" not in heading
+
+
 def test_fidelities_near_one_keep_their_fifth_digit():
     """At four significant digits a fidelity of 0.99997 read as 1, beside a random mean of 1."""
     result = {**_result([[0.99991, 0.99993]]), "lower_is_better": False, "metric": "fidelity", "baseline": 1.0,

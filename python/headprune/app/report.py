@@ -111,7 +111,7 @@ def report_markdown(report: dict, table: str) -> str:
     return (f"# headprune report: {report['model']}\n\n"
             f"Pruned {report['heads_pruned']} of {report['heads_total']} heads "
             f"({'masked' if s['mode'] == 'mask' else 'physically removed'}): {report['recipe']}.{_whole(report)}"
-            f"{_masked_first(s, 'counted here nor in the table')}\n\n"
+            f"{masked_first(s, 'counted here nor in the table')}\n\n"
             f"Calibration: {calibration_text(s)}; "
             f"quality on {_evaluated(report.get('after') or {})}its held-out part "
             f"({s['held_out_paragraphs']} paragraphs). A model calibrated on one kind of text is evaluated best "
@@ -207,7 +207,7 @@ def finite(obj):
     return value if math.isfinite(value) else None
 
 
-def _masked_first(settings: dict, where: str) -> str:
+def masked_first(settings: dict, where: str) -> str:
     """The heads a masked input held, removed before the work (nothing if none)."""
     n = settings.get("masked_in_input")
     return f" The {n} heads the model held masked (zero output columns) were removed first and are not {where}." \
@@ -219,7 +219,7 @@ def scores_markdown(model: str, scores: HeadScores, settings: dict) -> str:
     lines = [f"# Attention entropy of {model}", "",
              f"Calibration: {settings['samples']} sequences of up to {settings['seq_len']} tokens from "
              f"`{settings['data']}`{added_text(settings)}. Entropy in nats, mean over valid query rows."
-             + _masked_first(settings, "in the table"), "",
+             + masked_first(settings, "in the table"), "",
              "| layer | mean | min | max | most diffuse head | sink mass (mean) |", "|---|---|---|---|---|---|"]
     sink = scores.score("sink")
     for i in range(scores.num_layers):

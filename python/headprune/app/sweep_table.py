@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..ranking import DEFAULT_GQA
-from .report import calibration_text, number
+from .report import calibration_text, masked_first, number
 
 #: random-baseline scopes (``--random-scope``) and what each draws
 RANDOM_SCOPES = {"per_layer": "spread evenly over the layers",
@@ -90,6 +90,7 @@ def _heading(result: dict, draws: int) -> str:
         gqa = result.get("gqa")
         how += f", in --gqa {gqa} layouts" * (gqa is not None and gqa != DEFAULT_GQA)
     calibrated = f" Calibrated on {calibration_text(s)}." if s and "samples" in s else ""
+    calibrated += masked_first(s or {}, "counted in the fractions") + _other_layouts(result)
     evaluated = (s or {}).get("evaluated_on") or result["data"]  # a benchmark evaluates other texts too
     part = result.get("eval_paragraphs")
     where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
@@ -101,6 +102,15 @@ def _heading(result: dict, draws: int) -> str:
     return (f"{result['metric']} of {result['model']} on held-out {where} "
             f"({'lower' if result['lower_is_better'] else 'higher'} is better; unpruned {result['baseline']:.4g}; "
             f"{how}).{calibrated}")
+
+
+def _other_layouts(result: dict) -> str:
+    """The uniform recipes that ran in other --gqa layouts than the heading's (one under --gqa
+    query keeps every KV group even; the KV-layout recipes' names say theirs)."""
+    gqa = result.get("gqa")
+    names = [f"`{name}`" for name, kw in (result.get("recipe_settings") or {}).items()
+             if gqa is not None and kw.get("uniform") and kw.get("gqa") not in (None, gqa)]
+    return f" {', '.join(names)}: every KV group kept even (a config declares one layout)." if names else ""
 
 
 def _star_notes(draws: int, mean_name: str, apart: list) -> list:
