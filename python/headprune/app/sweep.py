@@ -14,7 +14,7 @@ from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
 from .sweep_reach import check_ratios, learned_selection, random_selection
 from .report import number
-from .sweep_table import random_mean
+from .sweep_table import fraction_text, random_mean
 from .texts import rebatch
 
 #: how removed heads are replaced (``removal`` of a recipe or a config): a least-squares refit
@@ -158,7 +158,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
         result["random_heads"].append([sum(map(len, h.values())) for h in draws])  # even layouts: draws can differ
         bar.update(config.seeds)
         if not config.quiet:
-            bar.write(f"ratio {r:.2f}: " + ", ".join(f"{k}={number(v[-1])}" for k, v in result["recipes"].items())
+            bar.write(f"ratio {fraction_text(r)}: " + ", ".join(f"{k}={number(v[-1])}" for k, v in result["recipes"].items())
                   + (f", random={number(random_mean(result['random'][-1], result['lower_is_better']))}"
                      if config.seeds else "")  # the table's mean (geometric for perplexity)
                   + f" ({time.perf_counter() - t0:.0f} s since the first point)")

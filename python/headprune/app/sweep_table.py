@@ -34,7 +34,7 @@ def sweep_markdown(result: dict) -> str:
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
-        cells = [f"{r:.2f}" if round(r, 2) == r else f"{r:g}"]  # 0.125 is not 0.12
+        cells = [fraction_text(r)]
         for n in names:
             v = result["recipes"][n][i]
             if r > 0 and n in heads and not sum(map(len, heads[n][i].values())):
@@ -73,6 +73,11 @@ def draws_removal(result: dict) -> str:
     """How the sweep removed heads (the random draws' removal; earlier results files say
     ``compensate`` instead)."""
     return result.get("removal", "mean" if result.get("compensate") else "zero")
+
+
+def fraction_text(r: float) -> str:
+    """A fraction as the table prints it: two digits, more where they round it (0.125 is not 0.12)."""
+    return f"{r:.2f}" if round(r, 2) == r else f"{r:g}"
 
 
 def _heading(result: dict, draws: int) -> str:
