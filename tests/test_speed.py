@@ -86,6 +86,12 @@ def test_verdict_signs_only_outside_the_spread():
     assert verdict({"speedup": 0.99, "speedup_low": 0.985, "speedup_high": 0.995, **c}).startswith("no measurable")
     assert verdict({"speedup": 0.9, "speedup_low": 0.88, "speedup_high": 0.92, **c}) == \
         "0.90x (0.88-0.92x; the unpruned model against itself 0.99-0.99x)"
+    # bounds that print as the control's edge read as touching what they clear: more digits
+    c = {"control_low": 0.99, "control_high": 1.012}
+    assert verdict({"speedup": 1.02, "speedup_low": 1.0135, "speedup_high": 1.024, **c}) == \
+        "1.020x (1.014-1.024x; the unpruned model against itself 0.990-1.012x)"  # it read 1.01-1.02x beside 0.99-1.01x
+    assert verdict({"speedup": 1.02, "speedup_low": 1.0122, "speedup_high": 1.024, **c}) == \
+        "1.0200x (1.0122-1.0240x; the unpruned model against itself 0.9900-1.0120x)"
     # a control 12-17% off one way: the same effect the other way is no difference either (it read 1.15x)
     c = {"control_low": 0.83, "control_high": 0.88}
     assert verdict({"speedup": 1.15, "speedup_low": 1.01, "speedup_high": 1.24, **c}).startswith("no measurable")
