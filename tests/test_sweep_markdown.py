@@ -49,11 +49,13 @@ def test_the_heading_says_a_masked_inputs_heads_and_a_uniform_rows_even_layouts(
     and under --gqa query the uniform row ran in even layouts (a config declares one)."""
     settings = {"data": "d", "samples": 4, "seq_len": 16, "masked_in_input": 3}
     result = {**_result([]), "settings": settings, "gqa": "query",
-              "recipe_settings": {"default": {}, "u": {"uniform": True, "gqa": "even"}, "g": {"gqa": "group"}}}
+              "recipe_settings": {"default": {}, "u": {"uniform": True, "gqa": "even"}, "g": {"gqa": "group"},
+                                  "ug": {"uniform": True, "gqa": "group"}}}
     heading = sweep_markdown(result).splitlines()[0]
     assert "The 3 heads the model held masked (zero output columns) were removed first and are not counted in " \
            "the fractions." in heading
-    assert heading.endswith("`u`: every KV group kept even (a config declares one layout).") and "`g`" not in heading
+    assert heading.endswith("`u`: in --gqa even layouts (a config declares one layout). `ug`: in --gqa group "
+                            "layouts.") and "`g`" not in heading  # a uniform row of whole groups is said as one
 
 
 def test_fidelities_near_one_keep_their_fifth_digit():

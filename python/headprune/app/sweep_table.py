@@ -110,12 +110,12 @@ def _heading(result: dict, draws: int) -> str:
 
 
 def _other_layouts(result: dict) -> str:
-    """The uniform recipes that ran in other --gqa layouts than the heading's (one under --gqa
-    query keeps every KV group even; the KV-layout recipes' names say theirs)."""
+    """The uniform recipes that ran in other --gqa layouts than the heading's, each with its own
+    (one under --gqa query keeps every KV group even; the KV-layout recipes' names say theirs)."""
     gqa = result.get("gqa")
-    names = [f"`{name}`" for name, kw in (result.get("recipe_settings") or {}).items()
-             if gqa is not None and kw.get("uniform") and kw.get("gqa") not in (None, gqa)]
-    return f" {', '.join(names)}: every KV group kept even (a config declares one layout)." if names else ""
+    return "".join(f" `{name}`: in --gqa {kw['gqa']} layouts" + " (a config declares one layout)" * (kw["gqa"] == "even")
+                   + "." for name, kw in (result.get("recipe_settings") or {}).items()
+                   if gqa is not None and kw.get("uniform") and kw.get("gqa") not in (None, gqa))
 
 
 def _star_notes(draws: int, mean_name: str, apart: list) -> list:
