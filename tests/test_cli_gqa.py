@@ -221,34 +221,28 @@ def test_a_uniform_layout_names_no_layer_kept_whole(run, tmp_path, tiny_dir):  #
     assert "Layers that lost no head" not in (tmp_path / "o" / "report.md").read_text()
 
 
-def test_a_measured_allocation_short_of_the_request_says_why(run, tmp_path, tiny_dir):  # noqa: F811
-    """An encoder's measured allocation takes the nearest total the layers may give; short of
-    the request, the warning blamed --gqa even on a model without grouped queries."""
-    import json
-
+def test_a_measured_allocation_beyond_reach_is_refused_without_blaming_gqa_even(run, tmp_path, tiny_dir):  # noqa: F811
+    """An encoder's measured allocation took the nearest total the layers may give, after the
+    measuring, and its warning blamed --gqa even on a model without grouped queries; a request
+    beyond the most any allocation removes is refused before the collection, as the other
+    scopes refuse it (a shortfall within reach is warned: test_cli_layout_messages.py)."""
     code, err = run(["prune", tiny_dir, "--ratio", "0.9", "--samples", "4", "--seq-len", "16", "--quiet",
                      "--no-speed", "--out", tmp_path / "o"])
-    assert code == 0, err
-    report = json.loads((tmp_path / "o" / "report.json").read_text())
-    want = int(0.9 * report["heads_total"])
-    assert report["settings"]["scope"] == "measured" and report["heads_pruned"] < want
+    assert code == 2 and err[-1].endswith("--ratio/--count: 7 units requested but --protect-layers and "
+                                          "--min-heads-per-layer 1 allow at most 6"), err
     assert not any("--gqa even" in line for line in err), err
-    assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation "
-               f"removes {report['heads_pruned']} heads" in line for line in err), err
 
 
-def test_a_measured_allocation_of_whole_groups_short_of_the_request_says_so(run, tmp_path, tiny_dir):  # noqa: F811
+def test_a_measured_allocation_of_whole_groups_beyond_reach_is_refused(run, tmp_path, tiny_dir):  # noqa: F811
     """Under --gqa group the shortfall of a measured allocation went unsaid (4 heads of the 6
-    that --count 3 groups asks for)."""
-    import json
-
+    that --count 3 groups asks for); then it was warned after the measuring; now it is refused
+    before the collection, in groups."""
     path = _tiny_llama(tmp_path, tiny_dir)  # 2 layers of 2 KV groups of 2 query heads
     code, err = run(["prune", path, "--scope", "measured", "--gqa", "group", "--count", "3", "--protect-layers", "",
                      "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o"])
-    assert code == 0, err
-    assert json.loads((tmp_path / "o" / "report.json").read_text())["heads_pruned"] == 4
-    assert any("warning: the layers --protect-layers and --min-heads-per-layer leave open: the nearest allocation "
-               "removes 4 heads (50.0%), not the 6 requested (75.0%)" in line for line in err), err
+    assert code == 2 and "3 units requested but --protect-layers and --min-heads-per-layer 1 allow at most 2" in \
+        err[-1], err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
