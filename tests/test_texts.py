@@ -178,6 +178,41 @@ def test_perplexity_scores_the_tokens_after_the_last_full_window():
     assert capped["windows"] == 1 and capped["tokens"] == 63
 
 
+class _BosTok:
+    """A tokenizer that starts every text with BOS (99) by default, as Llama's and Gemma's do."""
+    bos_token_id = 99
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        return {"input_ids": [99] * add_special_tokens + [int(w) for w in text.split()]}
+
+
+def test_windows_start_with_the_bos_token_a_tokenizer_adds():
+    """Calibration windows and perplexity windows never started with BOS, which Gemma-2 and the
+    Llama families are trained with first (SmolLM2's and GPT-2's tokenizers add none: unchanged)."""
+    import transformers
+
+    from headprune.app.evaluate import perplexity
+    from hf_tiny import tiny_config
+
+    ids = torch.randint(0, 50, (123,), generator=torch.Generator().manual_seed(0)).tolist()
+    text = [" ".join(map(str, ids))]
+    assert texts.bos_token(_BosTok()) == 99 and texts.bos_token(types.SimpleNamespace(bos_token_id=None)) is None
+    batches = texts.calibration_batches(_BosTok(), text, causal=True, samples=3, seq_len=8, batch_size=8)
+    want = torch.tensor([[99] + ids[7 * k: 7 * k + 7] for k in range(3)])
+    assert torch.equal(batches[0]["input_ids"], want)  # the stream goes on across windows, none of it lost
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama", max_position_embeddings=128)).eval()
+    out = perplexity(model, _BosTok(), text, window=64, stride=64)
+    assert out["windows"] == 2 and out["tokens"] == 123  # every token scored once, the first from BOS alone
+
+    def scored(start, first):
+        chunk = torch.tensor([[99] + ids[start: start + 63]])
+        lp = torch.log_softmax(model(input_ids=chunk).logits.float()[0, :-1], -1)
+        return lp.gather(-1, chunk[0, 1:, None]).squeeze(-1)[first:].sum()
+
+    assert math.isclose(out["nll"], -(scored(0, 0) + scored(60, 3)).item() / 123, rel_tol=1e-5)
+
+
 def test_the_whole_stream_is_tokenized_without_the_length_warning(tiny_dir):  # noqa: F811
     """Calibration and perplexity tokenize a text longer than the model's positions at once and
     cut it into windows; transformers warned at every run that it "will result in indexing errors"."""

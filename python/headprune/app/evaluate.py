@@ -3,7 +3,9 @@
 * Causal LMs: perplexity over the held-out token stream in sliding windows (``window``
   tokens, advancing ``stride``; each token is scored at most once, with up to ``window -
   stride`` tokens of left context after the first window, and the tokens after the last full
-  window in one more window that ends the stream, unless ``max_windows`` stops first).
+  window in one more window that ends the stream, unless ``max_windows`` stops first). Where
+  the tokenizer starts every text with a BOS token, each window starts with it and holds one
+  token of the stream fewer.
 * Encoders: fidelity to the unpruned model (mean cosine similarity of mean-pooled
   embeddings of held-out paragraphs) and a retrieval score: each held-out paragraph's first
   sentence must find the rest of its own paragraph among all of them (top-1 accuracy, MRR).
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .texts import token_windows
+from .texts import bos_token, token_windows
 
 WINDOW = 256
 STRIDE = 256
@@ -82,23 +84,27 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
                max_windows: int = 64, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity of a causal LM on the joined paragraphs (see module doc for windows)."""
     window = perplexity_window(model, window)
-    stride = min(stride, window)
-    if not 0 < stride <= window:
-        raise ValueError(f"stride: expected 0 < stride <= window ({window}), got {stride}")
+    bos = bos_token(tokenizer)  # each window starts with it where the tokenizer adds one (and scores its first token)
+    off = int(bos is not None)
+    width = window - off  # the stream's tokens per window
+    stride = min(stride, width)
+    if not 0 < stride <= width:
+        raise ValueError(f"stride: expected 0 < stride <= window ({width}), got {stride}")
     ids = token_windows(tokenizer, paragraphs, 1).view(-1)
     if len(ids) < 2:
         raise ValueError(f"--data: the held-out text has {len(ids)} token(s); perplexity needs at least 2")
-    starts = list(range(0, max(1, len(ids) - window + 1), stride))[:max_windows]
-    firsts = [0 if s == 0 else max(0, window - stride - 1) for s in starts]  # only tokens not scored before
-    end = starts[-1] + window
+    starts = list(range(0, max(1, len(ids) - width + 1), stride))[:max_windows]
+    firsts = [0 if s == 0 else max(0, width - stride - 1 + off) for s in starts]  # only tokens not scored before
+    end = starts[-1] + width
     if len(starts) < max_windows and end < len(ids):  # the tokens after the last full window: one more
-        starts.append(len(ids) - window)
-        firsts.append(end - starts[-1] - 1)
+        starts.append(len(ids) - width)
+        firsts.append(end - starts[-1] - 1 + off)
     nll, count = 0.0, 0
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(starts), batch_size), desc="headprune: perplexity", unit="batch", disable=not progress,
                   leave=False):
-        chunk = torch.stack([ids[s : s + window] for s in starts[i : i + batch_size]]).to(device)
+        chunk = torch.stack([ids[s : s + width] for s in starts[i : i + batch_size]])
+        chunk = (torch.cat([chunk.new_full((len(chunk), 1), bos), chunk], 1) if off else chunk).to(device)
         out = model(input_ids=chunk, attention_mask=torch.ones_like(chunk))
         if getattr(out, "logits", None) is None:
             raise ValueError(f"MODEL: {type(model).__name__} has no language-model head, and perplexity needs one "
@@ -110,7 +116,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
             count += lp.shape[1] - first
     mean = nll / count  # NaN stays NaN (a model that computes NaN); exp overflows a float above ~709.8
     perplexity = mean if math.isnan(mean) else math.exp(mean) if mean < 709 else math.inf
-    return {"perplexity": perplexity, "nll": mean, "tokens": count, "window": min(window, len(ids)),
+    return {"perplexity": perplexity, "nll": mean, "tokens": count, "window": min(window, len(ids) + off),
             "stride": stride, "windows": len(starts)}
 
 

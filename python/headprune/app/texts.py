@@ -268,13 +268,29 @@ def split(paragraphs: list, held_out: float = HELD_OUT_FRACTION) -> tuple:
 SHORT = "--data: the text"
 
 
-def token_windows(tokenizer, paragraphs: Iterable, seq_len: int) -> torch.Tensor:
-    """The paragraphs joined into one token stream, cut into ``[N, seq_len]`` windows."""
+def bos_token(tokenizer) -> Optional[int]:
+    """The token a tokenizer starts every text with by default (Llama's, Gemma's ``<bos>``), or
+    ``None`` (GPT-2's, SmolLM2's, which add none): a causal LM trained with it expects it first."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    try:
+        ids = tokenizer("", verbose=False)["input_ids"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    return bos if list(ids[:1]) == [bos] else None
+
+
+def token_windows(tokenizer, paragraphs: Iterable, seq_len: int, bos: Optional[int] = None) -> torch.Tensor:
+    """The paragraphs joined into one token stream, cut into ``[N, seq_len]`` windows (with
+    ``bos``, each window that token and ``seq_len - 1`` of the stream's)."""
     ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False, verbose=False)["input_ids"]
-    n = len(ids) // seq_len
+    width = seq_len - (bos is not None)
+    n = len(ids) // width if width > 0 else 0
     if n == 0:
         raise ValueError(f"{SHORT} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    windows = torch.tensor(ids[: n * width]).view(n, width)
+    return windows if bos is None else torch.cat([windows.new_full((n, 1), bos), windows], 1)
 
 
 def check_sizes(*, samples, seq_len, batch_size, causal, least: int = 1) -> None:
@@ -295,7 +311,8 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
                         batch_size: int = 8) -> list:
     """Tokenised batches (dicts with ``input_ids`` and ``attention_mask``).
 
-    Causal LMs get ``samples`` full windows of ``seq_len`` tokens from the joined stream;
+    Causal LMs get ``samples`` full windows of ``seq_len`` tokens from the joined stream (each
+    starting with the tokenizer's BOS token where it adds one: :func:`bos_token`);
     encoders get ``samples`` paragraphs, truncated to ``seq_len`` and padded per batch (the
     padding is masked, and excluded from the entropies).
     """
@@ -304,7 +321,7 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
         raise TypeError(f"paragraphs: expected a list of str (one per paragraph), got {type(paragraphs).__name__}"
                         + ("" if isinstance(paragraphs, (str, bytes)) else " holding other values"))
     if causal:
-        windows = token_windows(tokenizer, paragraphs, seq_len)[:samples]
+        windows = token_windows(tokenizer, paragraphs, seq_len, bos_token(tokenizer))[:samples]
         return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
     texts = paragraphs[:samples]
     out = []
