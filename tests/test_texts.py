@@ -179,11 +179,15 @@ def test_perplexity_scores_the_tokens_after_the_last_full_window():
 
 
 class _BosTok:
-    """A tokenizer that starts every text with BOS (99) by default, as Llama's and Gemma's do."""
-    bos_token_id = 99
+    """A tokenizer that starts every text with BOS (99) by default, as Llama's and Gemma's do
+    (``before=False``: one that only appends it, which is no BOS)."""
+
+    def __init__(self, before=True):
+        self.before = before
 
     def __call__(self, text, add_special_tokens=True, verbose=True):
-        return {"input_ids": [99] * add_special_tokens + [int(w) for w in text.split()]}
+        ids = [int(w) if w.isdigit() else 0 for w in text.split()]
+        return {"input_ids": ([99] + ids if self.before else ids + [99]) if add_special_tokens else ids}
 
 
 def test_windows_start_with_the_bos_token_a_tokenizer_adds():
@@ -196,7 +200,7 @@ def test_windows_start_with_the_bos_token_a_tokenizer_adds():
 
     ids = torch.randint(0, 50, (123,), generator=torch.Generator().manual_seed(0)).tolist()
     text = [" ".join(map(str, ids))]
-    assert texts.bos_token(_BosTok()) == 99 and texts.bos_token(types.SimpleNamespace(bos_token_id=None)) is None
+    assert texts.bos_token(_BosTok()) == 99 and texts.bos_token(_BosTok(before=False)) is None
     batches = texts.calibration_batches(_BosTok(), text, causal=True, samples=3, seq_len=8, batch_size=8)
     want = torch.tensor([[99] + ids[7 * k: 7 * k + 7] for k in range(3)])
     assert torch.equal(batches[0]["input_ids"], want)  # the stream goes on across windows, none of it lost
@@ -211,6 +215,16 @@ def test_windows_start_with_the_bos_token_a_tokenizer_adds():
         return lp.gather(-1, chunk[0, 1:, None]).squeeze(-1)[first:].sum()
 
     assert math.isclose(out["nll"], -(scored(0, 0) + scored(60, 3)).item() / 123, rel_tol=1e-5)
+    from headprune.app.evaluate import thin_held_out
+    from headprune.app.load import Loaded
+    from headprune.hf.generated import generated_batches
+
+    short = Loaded(transformers.LlamaForCausalLM(tiny_config("llama", max_position_embeddings=16)), _BosTok(),
+                   "causal", "tiny")
+    assert thin_held_out(short, [" ".join(map(str, ids[:15]))]) is None  # 15 of the text fill a window of 16
+    assert "has 14 token(s), fewer than one window of 15" in thin_held_out(short, [" ".join(map(str, ids[:14]))])
+    rows = generated_batches(model, samples=2, seq_len=8, start=99, keep_start=True)[0]["input_ids"]
+    assert rows.shape == (2, 8) and rows[:, 0].tolist() == [99, 99]  # sampled rows start as text windows do
 
 
 def test_the_whole_stream_is_tokenized_without_the_length_warning(tiny_dir):  # noqa: F811

@@ -205,12 +205,14 @@ def seq_len_for(args, loaded, default: int) -> int:
 def _generated(args, loaded, n: int, seq_len: int) -> list:
     """``--generated N``: N sequences sampled from the model (seed 0), in calibration batches."""
     from ..hf.generated import generated_batches
+    from .texts import bos_token
 
     if loaded.kind != "causal":
         raise ValueError(f"--generated: sampling calibration text needs a causal LM, not {args.model} ({loaded.kind})")
     t0 = time.perf_counter()
+    bos = bos_token(loaded.tokenizer)  # where text windows start with it, so do these (from it)
     out = generated_batches(loaded.model, samples=n, seq_len=seq_len, batch_size=args.batch_size, seed=0,
-                            progress=not args.quiet)
+                            start=bos, keep_start=bos is not None, progress=not args.quiet)
     _say(args, f"sampled {n} calibration sequences of {seq_len} tokens from the model in "
                f"{time.perf_counter() - t0:.1f} s")
     return out

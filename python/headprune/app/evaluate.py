@@ -45,7 +45,7 @@ def thin_held_out(loaded, held: list) -> str | None:
     fewer tokens than one of :func:`perplexity`'s windows, :func:`perplexity_window`; fidelity
     over fewer than :data:`THIN_PARAGRAPHS` paragraphs), or ``None``."""
     if loaded.kind == "causal":
-        window = perplexity_window(loaded.model)
+        window = perplexity_window(loaded.model) - (bos_token(loaded.tokenizer) is not None)  # the text's share
         tokens = len(loaded.tokenizer("\n\n".join(held), add_special_tokens=False, verbose=False)["input_ids"])
         if tokens < window:
             return f"its held-out part has {tokens} token(s), fewer than one window of {window} for the perplexity"

@@ -269,16 +269,16 @@ SHORT = "--data: the text"
 
 
 def bos_token(tokenizer) -> Optional[int]:
-    """The token a tokenizer starts every text with by default (Llama's, Gemma's ``<bos>``), or
-    ``None`` (GPT-2's, SmolLM2's, which add none): a causal LM trained with it expects it first."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if not isinstance(bos, int):
-        return None
+    """The one token a tokenizer puts before every text by default (Llama's and Gemma's
+    ``<bos>``, OPT's ``</s>``), or ``None`` (GPT-2's, SmolLM2's, which add none; one that adds
+    anything after the text too, as BERT's does, is read as adding none): a causal LM trained
+    with it expects it first."""
     try:
-        ids = tokenizer("", verbose=False)["input_ids"]
+        plain = list(tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"])
+        ids = list(tokenizer("a", verbose=False)["input_ids"])
     except (TypeError, ValueError, KeyError):
         return None
-    return bos if list(ids[:1]) == [bos] else None
+    return int(ids[0]) if len(ids) == len(plain) + 1 and ids[1:] == plain else None
 
 
 def token_windows(tokenizer, paragraphs: Iterable, seq_len: int, bos: Optional[int] = None) -> torch.Tensor:

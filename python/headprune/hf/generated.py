@@ -58,14 +58,17 @@ def _positive(name: str, value) -> int:
 
 @torch.no_grad()
 def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8, seed: int = 0,
-                      start: Optional[int] = None, progress: Union[bool, Callable] = False) -> list:
+                      start: Optional[int] = None, keep_start: bool = False,
+                      progress: Union[bool, Callable] = False) -> list:
     """``samples`` sequences of ``seq_len`` tokens sampled from ``model`` (a causal LM), as
     calibration batches ``{"input_ids", "attention_mask"}`` of ``batch_size`` sequences on the
     model's device, ready to join other batches for :func:`headprune.hf.collect`.
 
     Each sequence starts after ``start`` (default: the config's BOS token, else its EOS) and
     every token is drawn from the model's full next-token distribution at temperature 1; the
-    start token itself is not part of the sequence. ``progress``: ``True`` for a progress bar
+    start token itself is not part of the sequence, unless ``keep_start`` (a tokenizer that
+    starts every text with BOS: the sequence is the start token and ``seq_len - 1`` sampled
+    tokens, as a calibration window of text is). ``progress``: ``True`` for a progress bar
     or a callable ``progress(done, samples)`` called after each group of sequences. The model
     is left as it was (its training flag included).
     """
@@ -98,8 +101,8 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
             n = min(_SAMPLE_ROWS, samples - first)
             ids = torch.full((n, 1), token, dtype=torch.long, device=device)
             cache = DynamicCache(config=model.config)
-            out = torch.empty(n, seq_len, dtype=torch.long)
-            for t in range(seq_len):
+            out = torch.full((n, seq_len), token, dtype=torch.long)
+            for t in range(int(keep_start), seq_len):
                 logits = getattr(model(input_ids=ids, **{arg: cache}, use_cache=True), "logits", None)
                 if logits is None:
                     raise ValueError(f"model: {type(model).__name__} has no language-model head to sample from "
