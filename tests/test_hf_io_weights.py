@@ -56,18 +56,22 @@ def test_weights_are_checked_where_transformers_reads_them(tmp_path):
         assert torch.equal(back(**b).last_hidden_state, model(**b).last_hidden_state)
 
 
-def test_a_folder_prune_wrote_points_to_its_model(tmp_path):
+def test_a_folder_prune_wrote_loads_as_its_model(tmp_path):
     """``load_pruned`` of the folder ``headprune prune`` writes (the CLI reads it as MODEL) asked
-    whether save_pruned had written it, not where the model is."""
+    whether save_pruned had written it; then it said where the model is; it loads that model,
+    as the command line does. Reading its metadata still says where the model is."""
     import pytest
+
+    from headprune.hf import kept_heads
+    from headprune.hf.metadata import read_metadata
 
     model = tiny_model("llama")
     prune_heads(model, {0: [1]})
     save_pruned(model, tmp_path / "out" / "model")
     (tmp_path / "out" / "report.json").write_text("{}")
+    assert kept_heads(load_pruned(tmp_path / "out")) == kept_heads(load_pruned(tmp_path / "out" / "model"))
     with pytest.raises(FileNotFoundError, match=r"is a folder headprune wrote \(prune or recover\); the model is its model/: load "):
-        load_pruned(tmp_path / "out")
-    assert load_pruned(tmp_path / "out" / "model") is not None
+        read_metadata(tmp_path / "out")
 
 
 def test_a_class_without_sdpa_falls_back_to_eager(tmp_path):

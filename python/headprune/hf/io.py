@@ -29,7 +29,7 @@ from .attention import model_configs
 from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
 from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
-                       read_metadata)
+                       output_model, read_metadata)
 from .migrate import is_transformers4_pruned, obsolete, transformers4_metadata
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
 from .records import set_record
@@ -274,7 +274,8 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
     ``from_pretrained``).
 
     A directory that transformers 4 pruned (``config.json`` with ``pruned_heads``) is read
-    too, into the same model headprune's pruning of those heads gives (see :mod:`.migrate`).
+    too, into the same model headprune's pruning of those heads gives (see :mod:`.migrate`);
+    a folder ``headprune prune`` or ``recover`` wrote, as its ``model/``.
 
     Nothing in the directory is trusted. ``headprune.json`` is checked field by field; the
     model it declares is built on the meta device and compared tensor by tensor with the
@@ -286,6 +287,7 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
     saved with, or ``sdpa``, with a warning, where that one does not run here).
     """
     path = _directory(path)
+    path = output_model(path) or path  # a folder headprune prune or recover wrote: its model
     if device is not None:
         try:
             torch.device(device)

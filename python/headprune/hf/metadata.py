@@ -97,13 +97,22 @@ def _field_error(name, value):
     return None if bad is None else f"{name}[{bad}] {_short(value[bad])}; expected {expected}"
 
 
+def output_model(path):
+    """The model directory inside ``path`` where ``path`` is a folder ``headprune prune`` or
+    ``recover`` wrote (``model/`` beside ``report.json``, no ``headprune.json`` of its own), else ``None``."""
+    inner = os.path.join(path, "model")
+    if os.path.lexists(os.path.join(path, METADATA_FILE)) or not os.path.isfile(os.path.join(path, "report.json")):
+        return None
+    return inner if os.path.isfile(os.path.join(inner, METADATA_FILE)) else None
+
+
 def read_metadata(path, what: str = "path") -> dict:
     """``headprune.json`` of the directory ``path``, every field checked (``ValueError`` naming
     the first wrong field; ``FileNotFoundError`` if there is none)."""
     file = os.path.join(path, METADATA_FILE)
     if not os.path.lexists(file):
-        inner = os.path.join(path, "model")
-        if os.path.isfile(os.path.join(inner, METADATA_FILE)) and os.path.isfile(os.path.join(path, "report.json")):
+        inner = output_model(path)
+        if inner is not None:
             raise FileNotFoundError(f"{what}: {os.fspath(path)!r} is a folder headprune wrote (prune or recover); the "
                                     f"model is its model/: load {inner!r}")
         raise FileNotFoundError(f"{what}: {os.fspath(path)!r} has no {METADATA_FILE}{_HINT}")
