@@ -334,8 +334,8 @@ def check_saved_type(args, loaded, saved_as: str, *, recovering: bool = False) -
     value of the other (float16 has the precision, bfloat16 the range), so the model evaluated
     would not be the model saved (``prune`` and ``recover``, which saves in DIR's type)."""
     computes = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    if recovering and None not in (type_bits(computes), type_bits(saved_as)) and \
-            type_bits(computes) < type_bits(saved_as):
+    narrow, wide = type_bits(computes), type_bits(saved_as)
+    if recovering and None not in (narrow, wide) and narrow < wide:
         raise ValueError(f"--dtype: DIR's model is saved in {saved_as}; loaded in {computes}, every weight recovery "
                          f"leaves alone (embeddings, feed-forward layers) would be rounded to {computes} and saved so; "
                          f"leave --dtype out or pass --dtype {saved_as}")

@@ -251,6 +251,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
 
     values, kw = refits_values(kw, point.values), dict(kw)
     removal = kw.pop("removal", config.removal)
+    refit_bias = refit_bias_of(point.loaded.model, kw.get("uniform"), removal, values)  # as prune refits it
     iterative, sequential = kw.pop("iterative", False), kw.pop("sequential", False)
     kw.pop("values", None)
     if (iterative or sequential) and batches is None:
@@ -289,7 +290,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                              progress=not config.quiet, **kw)  # minutes: a bar of its own
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
-        heads = _measured_uniform(config, point, stats, state, kw, (removal, values), heads, batches,
+        heads = _measured_uniform(config, point, stats, state, kw, removal, refit_bias, heads, batches,
                                   iterative or sequential)
     if iterative:
         state[name] = (heads, stats)
@@ -300,22 +301,20 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
         heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
                                               damping=config.damping)
-    return heads, point(heads, stats, removal, values, refit_bias_of(point.loaded.model, kw.get("uniform"), removal,
-                                                                      values))
+    return heads, point(heads, stats, removal, values, refit_bias)
 
 
-def _measured_uniform(config, point, stats, state, kw, removal_values: tuple, heads, batches, again: bool) -> dict:
+def _measured_uniform(config, point, stats, state, kw, removal: str, refit_bias: bool, heads, batches,
+                      again: bool) -> dict:
     """``heads`` with the first layer's re-chosen by measurement where ``prune --uniform`` does,
-    refitting the output bias as the recipe's removal (``(removal, whether value rows are
-    refit)``) will (once per selection: ratios that round to the same one measure once);
-    ``again``: an iterative or sequential recipe, which re-calibrates and is not measured."""
+    refitting the output bias as the recipe's evaluation will (``refit_bias``; once per selection:
+    ratios that round to the same one measure once); ``again``: an iterative or sequential
+    recipe, which re-calibrates and is not measured."""
     from ..hf.uniform import measure_uniform, measures
 
-    removal, values = removal_values
     if not measures(kw, removal, stats, iterative=again, sequential=again) or batches is None:
         return heads
     done = state.setdefault("_uniform", {})
-    refit_bias = refit_bias_of(point.loaded.model, True, removal, values)  # as prune measures it
     key = (repr(sorted(heads.items())), refit_bias)
     if key not in done:
         done[key] = measure_uniform(point.loaded.model, batches, stats, heads, damping=config.damping,

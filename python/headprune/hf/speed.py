@@ -236,19 +236,22 @@ def verdict(row: dict, clock: str = "", control: Optional[str] = "the unpruned m
     have run the other way. ``control`` names the control in the text (``None``: not named)."""
     s, lo, hi = row[f"speedup{clock}"], row[f"speedup{clock}_low"], row[f"speedup{clock}_high"]
     c_lo, c_hi = row.get(f"control{clock}_low"), row.get(f"control{clock}_high")
-    name, control = control, "" if c_lo is None or control is None else f"; {control} {c_lo:.2f}-{c_hi:.2f}x"
+    named = c_lo is not None and control is not None
+
+    def told(d: int = 2) -> str:  # the control's spread, as the text names it
+        return f"; {control} {c_lo:.{d}f}-{c_hi:.{d}f}x" if named else ""
+
     if c_lo is None or not 0 < c_lo <= c_hi < math.inf:  # none, or not a spread of ratios (a results file's)
         band = (1.0, 1.0) if c_lo is None else (min(1.0, c_lo), max(1.0, c_hi))
     else:
         band = (min(1.0, c_lo, 1.0 / c_hi), max(1.0, c_hi, 1.0 / c_lo))
     if lo <= band[1] and hi >= band[0]:
-        return f"no measurable difference ({lo:.2f}-{hi:.2f}x{control})"
+        return f"no measurable difference ({lo:.2f}-{hi:.2f}x{told()})"
     medians = row.get(f"speedup{clock}_of_medians")
     if medians is not None and (medians - 1.0) * (s - 1.0) <= 0:
-        return f"no measurable difference (per round {lo:.2f}-{hi:.2f}x, the median times {medians:.2f}x{control})"
+        return f"no measurable difference (per round {lo:.2f}-{hi:.2f}x, the median times {medians:.2f}x{told()})"
     # a bound that prints as 1.00, or as an edge of the band or of the control it clears, would read as touching it
-    d, edges = 2, (1.0, *band, *((c_lo, c_hi) if control else ()))
+    d, edges = 2, (1.0, *band, *((c_lo, c_hi) if named else ()))
     while d < 4 and {f"{lo:.{d}f}", f"{hi:.{d}f}"} & {f"{v:.{d}f}" for v in edges}:
         d += 1
-    control = control and f"; {name} {c_lo:.{d}f}-{c_hi:.{d}f}x"
-    return f"{s:.{d}f}x ({lo:.{d}f}-{hi:.{d}f}x{control})"
+    return f"{s:.{d}f}x ({lo:.{d}f}-{hi:.{d}f}x{told(d)})"
