@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from ..ranking import DEFAULT_GQA, select_heads, unit_sizes
+from ..ranking import DEFAULT_GQA, select_heads
 from ..ranking.recipes import default_allocation
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .sweep_reach import check_ratios, learned_selection, random_selection
+from .sweep_reach import check_ratios, learned_selection, random_selection, sequential_heads
 from .report import number
 from .sweep_table import fraction_text, random_mean
 from .texts import rebatch
@@ -53,6 +53,9 @@ RECIPES = {
 #: the default's protected layers and the same removal; ``headprune sweep --learn-steps N``
 #: adds it (training costs a forward and a backward pass per step and ratio)
 LEARNED_RECIPE = {"learned gates (hard concrete), per layer": {"learned": {}, "scope": "per_layer"}}
+#: the default calibrated layer by layer in one pass (``calibrate_sequentially(..., ratio=)``:
+#: each layer's count decided as the pass reaches it), for benchmarks; not in a sweep by default
+ONE_PASS_RECIPE = {"default, sequential in one pass": {"sequential": "one pass", "scope": "per_layer"}}
 
 
 @dataclass
@@ -295,12 +298,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     if iterative:
         state[name] = (heads, stats)
     if sequential:
-        from ..hf.sequential import calibrate_sequentially
-
-        unit = unit_sizes(stats, gqa)
-        counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
-        heads, stats = calibrate_sequentially(point.loaded.model, batches, stats, counts, gqa=gqa,
-                                              damping=config.damping)
+        heads, stats = sequential_heads(point.loaded.model, batches, stats, heads, kw, ratio, gqa, config.damping,
+                                        config.fused, one_pass=sequential == "one pass")
     return heads, point(heads, stats, removal, values, refit_bias)
 
 

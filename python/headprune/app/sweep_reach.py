@@ -1,12 +1,12 @@
 """Which fractions each sweep recipe can reach, checked before anything is evaluated (and,
 by the command line, before the collection, on the model's layout alone); the learned-gate
-recipes' options."""
+recipes' options; the sequential recipes' layer-by-layer calibration."""
 
 from __future__ import annotations
 
 import torch
 
-from ..ranking import select_heads
+from ..ranking import select_heads, unit_sizes
 from ..ranking.recipes import default_allocation, default_protected, resolve_recipe
 from ..ranking.reconstruction import SingularMoments
 
@@ -108,3 +108,27 @@ def learned_protection(kw: dict, stats) -> dict:
     if kw.get("uniform") or "protect_layers" in kw:
         return kw
     return {**kw, "protect_layers": list(default_protected(stats))}
+
+
+def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float, gqa: str, damping: float,
+                     fused: bool = True, one_pass: bool = False) -> tuple:
+    """``(heads, statistics)`` of a sequential recipe: the one-shot selection's ``heads`` keep
+    their count per layer and are re-chosen and refit layer by layer, as ``prune --sequential``
+    calibrates; ``one_pass`` (a budget spread evenly over the layers, ``kw["scope"] ==
+    "per_layer"``): one pass that collects its own statistics (``fused`` as ``collect`` takes
+    it), each layer's count decided when the pass reaches it, protected as ``select_heads``
+    protects (the default recipe's layers where ``kw`` names no score or order)."""
+    from ..hf.sequential import calibrate_sequentially
+
+    if one_pass:
+        if kw.get("scope") != "per_layer":
+            raise ValueError(f"recipes: a sequential recipe in one pass spreads the budget evenly over the layers; "
+                             f"give it scope='per_layer', not {kw.get('scope')!r}")
+        protect = kw.get("protect_layers")
+        if protect is None and (kw.get("score") is not None or kw.get("order") is not None):
+            protect = ()
+        return calibrate_sequentially(model, batches, ratio=ratio, gqa=gqa, damping=damping, protect_layers=protect,
+                                      min_heads_per_layer=kw.get("min_heads_per_layer", 1), fused=fused)
+    unit = unit_sizes(stats, gqa)
+    counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
+    return calibrate_sequentially(model, batches, stats, counts, gqa=gqa, damping=damping)

@@ -10,12 +10,15 @@ earlier layers made is not undone). It runs over cached hidden states, one layer
    entering the first layer, and each layer's other arguments: masks, position embeddings),
    so nothing but the embeddings is computed;
 2. per layer: the layer runs on the current hidden states until its output projection, whose
-   inputs are cached and summed into the layer's moments; its heads are chosen and refit
-   (masked, so everything is restored at the end); then the layer is finished from the
-   cached projection inputs (the attention is not recomputed) to give the next layer's input.
+   inputs are cached and summed into the layer's moments (given a budget rather than counts,
+   a collection records the layer's entropies and output statistics on the way, as
+   ``collect`` does); its count is decided, its heads are chosen and refit (masked, so
+   everything is restored at the end); then the layer is finished from the cached projection
+   inputs (the attention is not recomputed) to give the next layer's input.
 
-About one forward in all, and the memory of one layer's activations besides the hidden states.
-Decoder-only and encoder-only families (one stack of layers) are supported.
+About one forward in all (with a budget, in place of the collection), and the memory of one
+layer's activations besides the hidden states. Decoder-only and encoder-only families (one
+stack of layers) are supported.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ import torch
 from ..prune.heads import head_index
 from ..prune.mask import MaskHandle, active_masks
 from ..prune.reconstruct import kept_columns, refit_output
+from ..ranking.allocation import RunningShares
 from ..ranking.layouts import head_costs, layout_heads
 from ..ranking.reconstruction import greedy_removal, site_units
 from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
-from .batches import forward_kwargs
-from .collection import _add_gram_
+from .batches import check_batches, forward_kwargs, sequence_digests
+from .collect import _check_mask
+from .collection import Collection, _add_gram_
 from ..core.modules import eval_mode, instance_forward
 from .prune import _kept
 
@@ -46,18 +51,86 @@ class _Stop(Exception):
     """Ends a forward early (the stub pass, the projection-input pass)."""
 
 
-def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dict, *, gqa: str = "query",
+def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = None, counts: Optional[dict] = None, *,
+                           ratio: Optional[float] = None, count: Optional[int] = None, gqa: str = "query",
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
+                           protect_layers=None, min_heads_per_layer: int = 1, fused: bool = True,
                            progress: bool = False) -> tuple:
     """``(heads, scores)``: the heads removed per site, by original index as ``prune_heads``
-    takes them (a model pruned before keeps fewer), and ``scores`` (of the unpruned model) with
-    the moments measured sequentially, ready for ``prune_heads(..., reconstruct=)``.
+    takes them (a model pruned before keeps fewer), and statistics with the moments measured
+    sequentially, ready for ``prune_heads(..., reconstruct=)``. The budget is given one of two ways:
 
-    ``counts``: units (heads, or KV groups with ``gqa="group"``) to remove per site, e.g. the
-    sizes of a one-shot selection. Within a site the units are chosen by greedy structured OBS
-    on its sequential moments (``choose(site, gram) -> [heads]`` replaces that). The model is
-    left exactly as it was.
+    * ``scores`` and ``counts``: ``scores`` of the unpruned model (a one-shot collection) and
+      the units (heads, or KV groups with ``gqa="group"``) to remove per site, e.g. the sizes of
+      a one-shot selection; ``scores`` comes back with the sequential moments.
+    * ``ratio`` or ``count`` (no ``scores``): one pass does it all, in place of the collection.
+      Each site's count is decided when the pass reaches it (before it the layers after it are
+      not seen): the even spread of ``select_heads(..., scope="per_layer")``, its extras where
+      the running total lags (:class:`~headprune.ranking.allocation.RunningShares`, with
+      ``protect_layers`` and ``min_heads_per_layer`` as ``select_heads`` takes them: ``None``
+      keeps the default recipe's). The statistics come back as ``collect(..., moments=True)``
+      gives them, each site's measured on the inputs that reach it with the sites before it pruned
+      (``fused`` as ``collect`` takes it).
+
+    Within a site the units are chosen by greedy structured OBS on its sequential moments
+    (``choose(site, gram) -> [heads]`` replaces that). The model is left exactly as it was.
     """
+    adapter, sites = _check(model, batches, scores, counts, ratio, count)
+    session = None if counts is not None else Collection(model, "qk", fused=fused, moments=torch.float64)
+    plan = None if session is None else RunningShares(session.scores(), ratio=ratio, count=count, gqa=gqa,
+                                                      protect_layers=protect_layers,
+                                                      min_heads_per_layer=min_heads_per_layer)
+    ids = _kept(model, sites, adapter)  # position -> original index
+    layers = [s.parent for s in sites]
+    kwargs = [forward_kwargs(model, b) for b in batches]
+    if not kwargs:
+        raise ValueError("batches: got none; every layer is calibrated on the calibration batches")
+    for kw in kwargs if session is not None else ():  # the padding the statistics read, as collect checks it
+        _check_mask(kw)
+    gram, heads = [None] * len(sites), {}
+    with ExitStack() as undo, torch.no_grad():
+        undo.enter_context(eval_mode(model))  # dropout would change the moments
+        if session is not None:
+            undo.enter_context(session.active())
+        hidden, calls = _capture(model, layers, kwargs)
+        bar = _bar(len(sites), progress)
+        for site in sites:
+            n = plan.take(site.index) if plan is not None else counts.get(site.index, 0)
+            if head_counts(site, adapter)[0] == 0:  # every head gone already: no moments, the layer runs as it is
+                hidden = [site.parent(h, *args, **kw).detach() for h, (args, kw) in zip(hidden, calls[site.index])]
+                bar.update(1)
+                continue
+            xs = _projection_inputs(site, calls, hidden, session, kwargs)
+            gram[site.index] = _gram(xs, kwargs, site) if session is None else session.gram[site.index]
+            removed = (choose(site, gram[site.index]) if choose is not None else
+                       _obs_heads(gram[site.index], site, adapter, n, gqa, damping))
+            if removed:
+                heads[site.index] = sorted(ids[site.index][h] for h in removed)
+                undo.enter_context(_RefitMask(model, site, adapter, removed, gram[site.index], damping,
+                                              heads[site.index]))
+            hidden = _finish(site, adapter, calls, hidden, xs, session)
+            bar.update(1)
+        bar.close()
+    if session is not None:  # the masks are restored: the statistics hold the model's own projections
+        session.sequences = [d for kw in kwargs for d in sequence_digests(kw)]
+        return heads, session.scores()
+    moments = OutputMoments(gram, None if scores.moments is None else scores.moments.projection)
+    return heads, dataclasses.replace(scores, moments=moments)
+
+
+def _check(model, batches, scores, counts, ratio, count) -> tuple:
+    """``(adapter, sites)`` of a model sequential calibration supports, the budget given one way."""
+    check_batches(batches)
+    if counts is not None and (ratio is not None or count is not None):
+        raise ValueError("counts: give the per-site counts, or ratio= or count=, not both")
+    if counts is not None and scores is None:
+        raise ValueError("scores: per-site counts are re-chosen from the statistics of the unpruned model; pass them "
+                         "(collect(..., moments=True)), or give ratio= or count= for one pass that collects its own")
+    if counts is None and scores is not None:
+        raise ValueError("scores: with ratio= or count= the pass collects its own statistics layer by layer; "
+                         "leave scores out, or give per-site counts")
+    if counts is None and ratio is None and count is None:
+        raise ValueError("counts: give the per-site counts (with scores), or ratio= or count=")
     adapter = get_adapter(model)
     if len(adapter.blocks) != 1:
         raise ValueError(f"model: sequential calibration supports one stack of layers; {adapter.model_type} has "
@@ -65,35 +138,7 @@ def calibrate_sequentially(model, batches: list, scores: HeadScores, counts: dic
     if active_masks(model):
         raise ValueError("model: has heads masked by active mask_heads handles; restore them first (each layer's "
                          "refit here starts from its weights as they are, and would write the masked columns)")
-    sites = resolve_sites(model, adapter)
-    ids = _kept(model, sites, adapter)  # position -> original index
-    layers = [s.parent for s in sites]
-    kwargs = [forward_kwargs(model, b) for b in batches]
-    gram, heads = [None] * len(sites), {}
-    with ExitStack() as undo, torch.no_grad():
-        undo.enter_context(eval_mode(model))  # dropout would change the moments
-        hidden, calls = _capture(model, layers, kwargs)
-        bar = _bar(len(sites), progress)
-        for site in sites:
-            if head_counts(site, adapter)[0] == 0:  # every head gone already: no moments, the layer runs as it is
-                hidden = [site.parent(h, *args, **kw).detach() for h, (args, kw) in zip(hidden, calls[site.index])]
-                bar.update(1)
-                continue
-            xs = _projection_inputs(site, calls, hidden)
-            gram[site.index] = _gram(xs, kwargs, site)
-            hq, hkv = head_counts(site, adapter)
-            d = head_dim(site, adapter)
-            removed = (choose(site, gram[site.index]) if choose is not None else
-                       _obs_heads(gram[site.index], site, adapter, hq, hkv, d, counts.get(site.index, 0), gqa, damping))
-            if removed:
-                heads[site.index] = sorted(ids[site.index][h] for h in removed)
-                undo.enter_context(_RefitMask(model, site, adapter, removed, gram[site.index], damping,
-                                              heads[site.index]))
-            hidden = _finish(site, adapter, calls, hidden, xs)
-            bar.update(1)
-        bar.close()
-    moments = OutputMoments(gram, None if scores.moments is None else scores.moments.projection)
-    return heads, dataclasses.replace(scores, moments=moments)
+    return adapter, resolve_sites(model, adapter)
 
 
 def _bar(total, enabled):
@@ -123,17 +168,21 @@ def _capture(model, layers, kwargs) -> tuple:
     return hidden, calls
 
 
-def _projection_inputs(site, calls, hidden) -> list:
-    """The output projection's input of every batch (the layer runs until it)."""
+def _projection_inputs(site, calls, hidden, session=None, kwargs=()) -> list:
+    """The output projection's input of every batch (the layer runs until it; a ``session``
+    records the attention's statistics and the projection input's on the way, each batch's
+    padding read from its ``kwargs``)."""
     xs = []
 
     def grab(module, args):
         xs.append(args[0].detach())
         raise _Stop
 
-    handle = site.o.register_forward_pre_hook(grab)
+    handle = site.o.register_forward_pre_hook(grab)  # after the session's own: it records first
     try:
-        for h, (args, kw) in zip(hidden, calls[site.index]):
+        for i, (h, (args, kw)) in enumerate(zip(hidden, calls[site.index])):
+            if session is not None:
+                session.padding = {k: kwargs[i].get(k) for k in ("attention_mask", "decoder_attention_mask")}
             try:
                 site.parent(h, *args, **kw)
             except _Stop:
@@ -156,9 +205,10 @@ def _gram(xs, kwargs, site) -> torch.Tensor:
     return gram
 
 
-def _obs_heads(gram, site, adapter, hq, hkv, d, count, gqa, damping) -> list:
+def _obs_heads(gram, site, adapter, count, gqa, damping) -> list:
     if count <= 0:
         return []
+    (hq, hkv), d = head_counts(site, adapter), head_dim(site, adapter)
     proj = _projection(site, adapter)
     units = site_units(hq, hkv, d, gqa)
     order, _, _ = greedy_removal(gram, proj, units, damping=damping)
@@ -203,12 +253,20 @@ class _RefitMask:
         return False
 
 
-def _finish(site, adapter, calls, hidden, xs) -> list:
+def _finish(site, adapter, calls, hidden, xs, session=None) -> list:
     """Each batch's layer output, with the attention module answering from the cached
-    projection inputs (through the possibly refit projection)."""
+    projection inputs (through the possibly refit projection); a ``session`` records nothing
+    of it (its projection input was recorded before the refit)."""
     out, module = [], site.module
-    for h, (args, kw), x in zip(hidden, calls[site.index], xs):
-        value = (x, None) if adapter.empty == "context" else (site.o(x), None)
-        with instance_forward(module, lambda *a, _v=value, **k: _v):
-            out.append(site.parent(h, *args, **kw).detach())
+    thread = None if session is None else session.thread
+    try:
+        if session is not None:  # the session's hooks record only its thread's forwards
+            session.thread = None
+        for h, (args, kw), x in zip(hidden, calls[site.index], xs):
+            value = (x, None) if adapter.empty == "context" else (site.o(x), None)
+            with instance_forward(module, lambda *a, _v=value, **k: _v):
+                out.append(site.parent(h, *args, **kw).detach())
+    finally:
+        if session is not None:
+            session.thread = thread
     return out

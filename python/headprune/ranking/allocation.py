@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["allocate_by_cost"]
+__all__ = ["allocate_by_cost", "RunningShares"]
 
 
 def allocate_by_cost(costs: list, want: int) -> list:
@@ -41,3 +41,82 @@ def allocate_by_cost(costs: list, want: int) -> list:
                     grown[t] = (cost + c, counts + [k])
         best = grown
     return best[max(best)][1]
+
+
+class RunningShares:
+    """A ``per_layer`` budget decided one site at a time, in site order, without statistics:
+    what layer-by-layer calibration needs, which must fix a layer's count before it sees the
+    layers after it (``select_heads`` gives the extra units of an uneven spread to the layers
+    whose next unit ranks first, over all layers at once).
+
+    Each site may give what ``select_heads(..., scope="per_layer")`` lets it give: the floor
+    or ceiling of its even share (units: heads, or KV groups under ``gqa="group"``), under
+    ``gqa="even"`` the even layouts up to :func:`~.select.even_cap` of it that remove whole
+    groups only or heads from every group only (a whole group and heads of the others besides
+    only above the largest of those, or where those cannot make the budget: with no other
+    layer's costs to weigh them, such layouts measured far worse). :meth:`take` gives the site the size that brings the units taken so far
+    nearest to the budget's share of the sites passed (the smaller on a tie) among those that
+    leave the budget within reach of the sites after it, so the extras fall where the running
+    total lags and the total is the budget wherever these sizes can make it.
+    ``layout``: ``HeadScores`` of the model (statistics not needed)."""
+
+    def __init__(self, layout, *, ratio=None, count=None, gqa: str = "query", protect_layers=None,
+                 min_heads_per_layer: int = 1):
+        from .layouts import even_layouts
+        from .recipes import GQA_MODES, default_protected
+        from .select import budget, even_cap, site_caps
+        from .units import as_count, as_index, unit_sizes
+
+        if gqa not in GQA_MODES:
+            raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+        if (min_heads := as_count(min_heads_per_layer)) is None:
+            raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
+        n_sites = layout.num_sites
+        try:
+            protect = set(default_protected(layout) if protect_layers is None else map(as_index, protect_layers))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
+        if bad := sorted(i for i in protect if not 0 <= i < n_sites):
+            raise ValueError(f"protect_layers: indices {bad} out of range for {n_sites} layers")
+        units = [hq // u for hq, u in zip(layout.num_heads, unit_sizes(layout, gqa))]
+        self.want = budget(ratio, count, sum(units))
+        allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(units)]
+        if self.want > sum(allowed):
+            raise ValueError(f"ratio/count: {self.want} units requested but protect_layers and min_heads_per_layer="
+                             f"{min_heads} allow at most {sum(allowed)}")
+        floors, ceils = site_caps(units, protect, min_heads, self.want, "per_layer")
+        sizes = []  # per site: (its sizes, the sizes it prefers)
+        for n, k, lo, hi, a in zip(layout.num_heads, layout.num_kv_heads, floors, ceils, allowed):
+            if gqa == "even" and k and n // k > 1:  # sizes of whole groups or of heads from every group:
+                layouts = even_layouts(n, k)           # one whole group and one more head of each other
+                cap = min(even_cap(sorted(layouts), hi), a) if hi else 0  # measured far worse (docs)
+                every = [r for r in sorted(layouts) if r <= cap]
+                pure = max(r for r in every if any(g == 0 or t == 0 for g, t in layouts[r]))
+                sizes.append((every, [r for r in every if r > pure or any(g == 0 or t == 0 for g, t in layouts[r])]))
+            else:
+                sizes.append((sorted({lo, hi}),) * 2)
+        self.options, self.reach = self._reach([p for _, p in sizes])
+        if self.want not in self.reach[0]:  # the preferred sizes cannot make the budget: every size
+            self.options, self.reach = self._reach([e for e, _ in sizes])
+        self.open = [0 if i in protect else n for i, n in enumerate(units)]
+        self.passed = self.taken = 0
+
+    def _reach(self, options: list) -> tuple:
+        """``(options, reach)``: ``reach[i]``, the totals up to the budget that the sites from
+        ``i`` on can give together."""
+        reach = [{0}]
+        for opts in reversed(options):
+            reach.append({a + r for a in reach[-1] for r in opts if a + r <= self.want})
+        return options, reach[::-1]
+
+    def take(self, site: int) -> int:
+        """Units site ``site`` gives (sites in order, each once): of its sizes after which the
+        sites after it can still bring the total to the budget (any that fit where none can),
+        the nearest to the running share."""
+        self.passed += self.open[site]
+        target = self.want * self.passed / max(1, sum(self.open))
+        fits = [r for r in self.options[site] if self.taken + r <= self.want] or [0]
+        fits = [r for r in fits if self.want - self.taken - r in self.reach[site + 1]] or fits
+        r = min(fits, key=lambda r: (abs(self.taken + r - target), r))
+        self.taken += r
+        return r

@@ -232,9 +232,9 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
     else:
         protect = _check_layers(recipe.protect_layers, scores.num_sites)
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(scores.num_heads)]
-        if scope == "per_layer":  # each site's share, rounded to the layouts it has (see _even_cap)
+        if scope == "per_layer":  # each site's share, rounded to the layouts it has (see even_cap)
             _, ceils = site_caps(list(scores.num_heads), protect, min_heads, want_heads, scope)
-            caps = [min(_even_cap(sorted(even_layouts(n, k, whole)), c) if k and n // k > 1 else c, a) if c else 0
+            caps = [min(even_cap(sorted(even_layouts(n, k, whole)), c) if k and n // k > 1 else c, a) if c else 0
                     for n, k, c, a in zip(scores.num_heads, kv, ceils, allowed)]
         else:
             caps = allowed
@@ -274,7 +274,7 @@ def _check_even_room(scores, kv, caps, allowed, forced, want: int, whole: bool, 
                          f"allow {'no more than ' * bool(done)}{before} in even layouts{spread}{recipe.why_protected}")
 
 
-def _even_cap(sizes: list, ceil: int) -> int:
+def even_cap(sizes: list, ceil: int) -> int:
     """The most heads a site may give under ``per_layer`` scope with even layouts of
     ``sizes``: the largest size within one head of its share's ceiling, and at least the
     first size that reaches it (9 query heads in 3 groups give 3, 5, 6, ... heads: a share of
