@@ -9,8 +9,12 @@ on both halves):
 
 * ``collect``: ``collect(model, batches)`` (entropy and output statistics only) against
   ``collect(..., moments=True)`` (plus the float64 second moments of every output
-  projection's input), and against one-shot collection followed by the sequential
-  calibration (``calibrate_sequentially``: one forward per layer over cached hidden states);
+  projection's input), against one-shot collection followed by the sequential calibration at
+  30% of heads as ``prune --sequential`` runs it (the default selection's count per layer;
+  ``calibrate_sequentially``: one forward per layer over cached hidden states), and against
+  the sequential calibration in one pass (``calibrate_sequentially(..., ratio=0.3)``: each
+  layer's statistics taken with the layers before it pruned and refit, its count decided as
+  the pass reaches it, in place of the collection);
 * ``prune``: the whole pruning step at 30% of heads as the library ran it before second
   moments existed (collect, rank by output variance, remove with mean compensation) against
   the default now (collect with moments, rank by reconstruction error, remove with the
@@ -42,8 +46,10 @@ import headprune  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf.sequential import calibrate_sequentially  # noqa: E402
+from headprune.ranking import DEFAULT_GQA, unit_sizes  # noqa: E402
 
-TARGETS = {"collect_moments": 1.3, "collect_sequential": 1.3, "prune": 1.5, "prune_cli": 1.5}
+TARGETS = {"collect_moments": 1.3, "collect_sequential": 1.3, "sequential_one_pass": 1.3, "prune": 1.5,
+           "prune_cli": 1.5}
 #: the recipe of ``headprune prune`` before second moments existed
 BEFORE_FLAGS = ["--score", "variance", "--order", "low", "--no-reconstruct", "--compensate", "--gqa", "query"]
 
@@ -89,6 +95,29 @@ def cli_rows(rounds: int) -> dict:
                       "prune_cli": lambda: cli_run([], Path(tmp) / "now")}, rounds, warm=False)
 
 
+def calibration_rows(model, batches, repeat: int) -> dict:
+    """The collection, with second moments, and the sequential calibrations, in rotation."""
+
+    def plain():
+        return headprune.collect(model, batches, progress=False)
+
+    def moments():
+        return headprune.collect(model, batches, progress=False, moments=True)
+
+    def sequential():  # as prune --sequential --ratio 0.3 calibrates: the one-shot selection's counts
+        s = headprune.collect(model, batches, progress=False, moments=True)
+        heads = headprune.select_heads(s, ratio=0.3)
+        unit = unit_sizes(s, DEFAULT_GQA)
+        return calibrate_sequentially(model, batches, s, {k: len(v) // unit[k] for k, v in heads.items()},
+                                      gqa=DEFAULT_GQA)
+
+    def one_pass():  # calibrate_sequentially(..., ratio=0.3): in place of the collection
+        return calibrate_sequentially(model, batches, ratio=0.3, gqa=DEFAULT_GQA)
+
+    return pairs({"collect": plain, "collect_moments": moments, "collect_sequential": sequential,
+                  "sequential_one_pass": one_pass}, repeat)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048)
@@ -107,19 +136,7 @@ def main(argv=None):
                                         seq_len=args.seq_len, batch_size=8)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
 
-    def plain():
-        return headprune.collect(model, batches, progress=False)
-
-    def moments():
-        return headprune.collect(model, batches, progress=False, moments=True)
-
-    def sequential():
-        s = headprune.collect(model, batches, progress=False, moments=True)
-        heads = headprune.select_heads(s, ratio=0.3, score="reconstruction", scope="per_layer")
-        return calibrate_sequentially(model, batches, s, {k: len(v) for k, v in heads.items()})
-
-    collect_rows = pairs({"collect": plain, "collect_moments": moments, "collect_sequential": sequential},
-                         args.repeat)
+    collect_rows = calibration_rows(model, batches, args.repeat)
 
     def prune_before():
         m = copy.deepcopy(model)

@@ -125,7 +125,7 @@ def main(argv=None):
                          "--reference)")
     ap.add_argument("--eval-windows", type=int, default=32, help="held-out perplexity windows (causal LMs)")
     ap.add_argument("--eval-paragraphs", type=int, default=None, help="held-out paragraphs for fidelity (encoders)")
-    ap.add_argument("--recipes", default=None, help="semicolon-separated names of headprune.app.sweep.RECIPES")
+    ap.add_argument("--recipes", default=None, help="semicolon-separated names of headprune.app.sweep.RECIPES (or ONE_PASS_RECIPE)")
     ap.add_argument("--learn-steps", type=int, default=0,
                     help="add learned hard-concrete gates (headprune.app.sweep.LEARNED_RECIPE), this many steps per "
                          "ratio, trained once per model, calibration and ratio and shared by the evaluation texts")
@@ -139,7 +139,8 @@ def main(argv=None):
     args.ratios = [float(r) for r in args.ratios.split(",")]
     if args.quick:
         args.ratios, args.seeds, args.samples, args.eval_windows = args.ratios[:2], 1, 16, 8
-    recipes = S.RECIPES if args.recipes is None else {n.strip(): S.RECIPES[n.strip()] for n in args.recipes.split(";")}
+    named = {**S.RECIPES, **S.ONE_PASS_RECIPE}
+    recipes = S.RECIPES if args.recipes is None else {n.strip(): named[n.strip()] for n in args.recipes.split(";")}
     results = []
     for m in args.models.split(","):
         loaded = load_model(m)

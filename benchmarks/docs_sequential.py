@@ -38,4 +38,33 @@ def sequential_wins(ctx, pair: int = 0, name: str = "quality_sequential") -> tup
     return tuple(out)
 
 
-TABLES = {f.__name__: f for f in (sequential_table, sequential_wins)}
+ONE_PASS = ("default", "default, sequential", "default, sequential in one pass")
+
+
+def one_pass_table(ctx, name: str = "quality_sequential_one_pass") -> str:
+    """Per evaluation text and ratio: the default, calibrated layer by layer with its counts, and
+    in one pass (each against the one-shot default, a ratio of perplexities)."""
+    rows = []
+    for res in ctx["R"][name]["results"]:
+        for i, ratio in enumerate(res["ratios"]):
+            a = res["recipes"][ONE_PASS[0]][i]
+            cells = [num(a, 4)] + [f"{num(b, 4)} ({change(b, a, res['lower_is_better'], 4)})"
+                                   for b in (res["recipes"][r][i] for r in ONE_PASS[1:])]
+            rows.append([res["model"], f"`{res['evaluated_on']}`", num(res["baseline"], 4), pct(ratio), *cells])
+    return table(["model", "evaluated on", "unpruned", "heads", "`default`", "sequential (counts of the default)",
+                  "sequential in one pass"], rows)
+
+
+def one_pass_standing(ctx, name: str = "quality_sequential_one_pass") -> tuple:
+    """``(worse, points, largest)``: the points where one pass is worse than the sequential
+    calibration with the default's counts, of all, and the largest ratio of perplexities."""
+    worse, points, largest = 0, 0, 1.0
+    for res in ctx["R"][name]["results"]:
+        for a, b in zip(res["recipes"][ONE_PASS[1]], res["recipes"][ONE_PASS[2]]):
+            points += 1
+            worse += (b > a) == res["lower_is_better"] and num(a, 4) != num(b, 4)
+            largest = max(largest, b / a if res["lower_is_better"] else a / b)
+    return worse, points, largest
+
+
+TABLES = {f.__name__: f for f in (sequential_table, sequential_wins, one_pass_table, one_pass_standing)}
