@@ -215,6 +215,10 @@ def test_windows_start_with_the_bos_token_a_tokenizer_adds():
         return lp.gather(-1, chunk[0, 1:, None]).squeeze(-1)[first:].sum()
 
     assert math.isclose(out["nll"], -(scored(0, 0) + scored(60, 3)).item() / 123, rel_tol=1e-5)
+    one = perplexity(model, _BosTok(), [str(ids[0])], window=64)  # one token: scored from BOS alone (it was refused)
+    assert one["tokens"] == 1 and one["windows"] == 1
+    lp = torch.log_softmax(model(input_ids=torch.tensor([[99, ids[0]]])).logits.float()[0, 0], -1)[ids[0]]
+    assert math.isclose(one["nll"], -lp.item(), rel_tol=1e-5)
     from headprune.app.evaluate import thin_held_out
     from headprune.app.load import Loaded
     from headprune.hf.generated import generated_batches

@@ -91,8 +91,8 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
     if not 0 < stride <= width:
         raise ValueError(f"stride: expected 0 < stride <= window ({width}), got {stride}")
     ids = token_windows(tokenizer, paragraphs, 1).view(-1)
-    if len(ids) < 2:
-        raise ValueError(f"--data: the held-out text has {len(ids)} token(s); perplexity needs at least 2")
+    if len(ids) < 2 - off:  # a BOS predicts the first token: one is enough then
+        raise ValueError(f"--data: the held-out text has {len(ids)} token(s); perplexity needs at least {2 - off}")
     starts = list(range(0, max(1, len(ids) - width + 1), stride))[:max_windows]
     firsts = [0 if s == 0 else max(0, width - stride - 1 + off) for s in starts]  # only tokens not scored before
     end = starts[-1] + width
