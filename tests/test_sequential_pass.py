@@ -112,9 +112,12 @@ def test_the_sweeps_one_pass_recipe(monkeypatch):
     want, _ = calibrate_sequentially(model, batches, ratio=0.5, gqa=config.gqa, damping=config.damping, fused=False)
     got = {int(k): v for k, v in res["heads"]["default, sequential in one pass"][0].items()}
     assert got == want and 0 not in got
-    with pytest.raises(ValueError, match="recipes: a sequential recipe in one pass spreads the budget evenly"):
-        S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
-                    {"x": {"sequential": "one pass", "scope": "global"}}, batches=batches)
+    for scope in ("global", None):  # refused before anything is evaluated (an encoder's measured one: minutes)
+        monkeypatch.setattr(S, "quality", lambda *a, **k: pytest.fail("evaluated"))
+        with pytest.raises(ValueError, match=f"recipes: 'x' calibrates in one pass, which spreads the budget evenly "
+                                             f"over the layers; give it scope='per_layer', not {scope!r}"):
+            S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
+                        {"x": {"sequential": "one pass", **({"scope": scope} if scope else {})}}, batches=batches)
 
 
 def test_fused_is_passed_on_and_bad_batches_are_refused(monkeypatch):
@@ -159,6 +162,38 @@ def test_running_shares_reach_what_the_per_layer_selection_reaches():
                 plan = RunningShares(layout, ratio=ratio, gqa="even", protect_layers=protect)
                 total = sum(plan.take(i) for i in range(n))
                 assert total == sum(map(len, one_shot.values())), (config, ratio, protect)
+
+
+@pytest.mark.parametrize("pruned", [{}, {0: [0], 2: [0, 2, 4], 3: [0, 1]}, {1: [0, 1, 2], 4: [3, 4, 5, 6]}])
+def test_running_shares_refuse_and_reach_as_the_per_layer_selection(pruned):
+    """On layouts an earlier pruning left uneven, RunningShares went ahead where select_heads
+    refuses (whole groups of split groups, more than an even spread allows, nothing in even
+    layouts) and stopped short of what it reaches; now both agree, every mode and option."""
+    from headprune.hf import prune_heads
+    from headprune.hf.collection import Collection
+    from headprune.ranking import select_heads
+
+    model = tiny_model("llama", hidden_size=36, num_attention_heads=9, num_key_value_heads=3, head_dim=4,
+                       num_hidden_layers=5)
+    prune_heads(model, pruned)
+    layout = Collection(model, "qk").scores()
+    for gqa in ("query", "even", "group"):
+        for protect, keep in ((None, 1), ((), 0), ([1], 3), ((), 2)):
+            for ratio in (0.05, 0.15, 0.3, 0.45, 0.6, 0.8):
+                try:
+                    chosen = select_heads(_ranked(layout), ratio=ratio, gqa=gqa, scope="per_layer", score="entropy",
+                                          protect_layers=[0] if protect is None else protect,
+                                          min_heads_per_layer=keep)
+                except ValueError as e:
+                    with pytest.raises(ValueError, match=str(e).split(":")[0]):
+                        RunningShares(layout, ratio=ratio, gqa=gqa, protect_layers=protect, min_heads_per_layer=keep)
+                    continue
+                plan = RunningShares(layout, ratio=ratio, gqa=gqa, protect_layers=protect, min_heads_per_layer=keep)
+                unit = [hq // k if gqa == "group" and k else 1 for hq, k in zip(layout.num_heads, layout.num_kv_heads)]
+                taken = [plan.take(i) for i in range(5)]
+                assert sum(taken) == sum(len(hs) // unit[i] for i, hs in chosen.items()), (gqa, protect, keep, ratio)
+    tie = RunningShares(_layout(num_hidden_layers=2), count=1, gqa="query", protect_layers=())
+    assert [tie.take(0), tie.take(1)] == [0, 1]  # half a unit due after the first: the smaller on a tie
 
 
 def _ranked(layout):

@@ -13,7 +13,12 @@ from ..ranking.reconstruction import SingularMoments
 
 def check_ratios(config, scores, recipes: dict) -> None:
     """Refuse, before anything is evaluated, a fraction that a recipe's selection or the random
-    baseline cannot reach (:func:`out_of_reach`)."""
+    baseline cannot reach (:func:`out_of_reach`), and a sequential recipe in one pass whose
+    budget is not spread evenly over the layers."""
+    for name, kw in recipes.items():
+        if kw.get("sequential") == "one pass" and kw.get("scope") != "per_layer":
+            raise ValueError(f"recipes: {name!r} calibrates in one pass, which spreads the budget evenly over the "
+                             f"layers; give it scope='per_layer', not {kw.get('scope')!r}")
     for name, (r, e) in out_of_reach(config, scores, recipes).items():
         who = name if name == BASELINE else f"the recipe {name!r}"
         raise ValueError(f"ratios: {r:g} is out of reach of {who} ({e}); " + (
@@ -120,10 +125,7 @@ def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float,
     protects (the default recipe's layers where ``kw`` names no score or order)."""
     from ..hf.sequential import calibrate_sequentially
 
-    if one_pass:
-        if kw.get("scope") != "per_layer":
-            raise ValueError(f"recipes: a sequential recipe in one pass spreads the budget evenly over the layers; "
-                             f"give it scope='per_layer', not {kw.get('scope')!r}")
+    if one_pass:  # (scope="per_layer": check_ratios refuses another before anything is evaluated)
         protect = kw.get("protect_layers")
         if protect is None and (kw.get("score") is not None or kw.get("order") is not None):
             protect = ()

@@ -50,56 +50,74 @@ class RunningShares:
     whose next unit ranks first, over all layers at once).
 
     Each site may give what ``select_heads(..., scope="per_layer")`` lets it give: the floor
-    or ceiling of its even share (units: heads, or KV groups under ``gqa="group"``), under
-    ``gqa="even"`` the even layouts up to :func:`~.select.even_cap` of it that remove whole
-    groups only or heads from every group only (a whole group and heads of the others besides
-    only above the largest of those, or where those cannot make the budget: with no other
-    layer's costs to weigh them, such layouts measured far worse). :meth:`take` gives the site the size that brings the units taken so far
-    nearest to the budget's share of the sites passed (the smaller on a tie) among those that
-    leave the budget within reach of the sites after it, so the extras fall where the running
-    total lags and the total is the budget wherever these sizes can make it.
+    or ceiling of its even share (units: heads, or KV groups under ``gqa="group"``); under
+    ``gqa="even"`` the even layouts up to :func:`~.select.even_cap` of it, preferring those that
+    remove whole groups only or heads from every group only (a whole group and heads of the
+    others besides only above the largest of those, or where those cannot make the budget: with
+    no other layer's costs to weigh them, such layouts measured far worse). :meth:`take` gives
+    the site the size that brings the units taken so far nearest to the budget's share of the
+    sites passed (the smaller on a tie) among those that leave the budget within reach of the
+    sites after it, so the extras fall where the running total lags. The budget is what
+    ``select_heads`` removes with every head ranked alike: it refuses what that refuses (split
+    KV groups under ``gqa="group"``, more than the even spread or the even layouts allow) and,
+    where the layouts cannot make the request exactly, takes the total that reaches.
     ``layout``: ``HeadScores`` of the model (statistics not needed)."""
 
     def __init__(self, layout, *, ratio=None, count=None, gqa: str = "query", protect_layers=None,
                  min_heads_per_layer: int = 1):
-        from .layouts import even_layouts
         from .recipes import GQA_MODES, default_protected
-        from .select import budget, even_cap, site_caps
+        from .select import budget, site_caps
         from .units import as_count, as_index, unit_sizes
 
         if gqa not in GQA_MODES:
             raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
         if (min_heads := as_count(min_heads_per_layer)) is None:
             raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
-        n_sites = layout.num_sites
         try:
             protect = set(default_protected(layout) if protect_layers is None else map(as_index, protect_layers))
         except (TypeError, ValueError) as e:
             raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
-        if bad := sorted(i for i in protect if not 0 <= i < n_sites):
-            raise ValueError(f"protect_layers: indices {bad} out of range for {n_sites} layers")
-        units = [hq // u for hq, u in zip(layout.num_heads, unit_sizes(layout, gqa))]
-        self.want = budget(ratio, count, sum(units))
+        unit = unit_sizes(layout, gqa)
+        units = [hq // u for hq, u in zip(layout.num_heads, unit)]
+        asked = budget(ratio, count, sum(units))
+        # what select_heads removes with every head ranked alike: its refusals, and the total it
+        # reaches where its layouts cannot make the request exactly
+        self.want = sum(len(hs) // unit[i] for i, hs in self._alike(layout, asked, gqa, protect, min_heads).items())
+        floors, ceils = site_caps(units, protect, min_heads, asked, "per_layer")
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(units)]
-        if self.want > sum(allowed):
-            raise ValueError(f"ratio/count: {self.want} units requested but protect_layers and min_heads_per_layer="
-                             f"{min_heads} allow at most {sum(allowed)}")
-        floors, ceils = site_caps(units, protect, min_heads, self.want, "per_layer")
-        sizes = []  # per site: (its sizes, the sizes it prefers)
-        for n, k, lo, hi, a in zip(layout.num_heads, layout.num_kv_heads, floors, ceils, allowed):
-            if gqa == "even" and k and n // k > 1:  # sizes of whole groups or of heads from every group:
-                layouts = even_layouts(n, k)           # one whole group and one more head of each other
-                cap = min(even_cap(sorted(layouts), hi), a) if hi else 0  # measured far worse (docs)
-                every = [r for r in sorted(layouts) if r <= cap]
-                pure = max(r for r in every if any(g == 0 or t == 0 for g, t in layouts[r]))
-                sizes.append((every, [r for r in every if r > pure or any(g == 0 or t == 0 for g, t in layouts[r])]))
-            else:
-                sizes.append((sorted({lo, hi}),) * 2)
+        sizes = [self._sizes(n, k, lo, hi, a, gqa)
+                 for n, k, lo, hi, a in zip(layout.num_heads, layout.num_kv_heads, floors, ceils, allowed)]
         self.options, self.reach = self._reach([p for _, p in sizes])
         if self.want not in self.reach[0]:  # the preferred sizes cannot make the budget: every size
             self.options, self.reach = self._reach([e for e, _ in sizes])
         self.open = [0 if i in protect else n for i, n in enumerate(units)]
         self.passed = self.taken = 0
+
+    @staticmethod
+    def _alike(layout, want: int, gqa: str, protect: set, min_heads: int) -> dict:
+        import torch
+
+        from .select import select_heads
+
+        alike = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
+        return select_heads(layout, count=want, scope="per_layer", gqa=gqa, min_heads_per_layer=min_heads,
+                            protect_layers=sorted(protect), score=alike, order="low")
+
+    @staticmethod
+    def _sizes(n: int, k: int, lo: int, hi: int, allowed: int, gqa: str) -> tuple:
+        """``(every size, the sizes preferred)`` a site may give (units; see the class doc)."""
+        from .layouts import even_layouts
+        from .select import even_cap
+
+        if gqa != "even":
+            return (sorted({lo, hi}),) * 2
+        if not (k and n // k > 1):  # no grouped queries: any number of heads up to the share's ceiling
+            return list(range(min(hi, allowed) + 1)), sorted({lo, hi})
+        layouts = even_layouts(n, k)  # sizes of whole groups or of heads from every group: one whole
+        cap = min(even_cap(sorted(layouts), hi), allowed) if hi else 0  # group and one more head of each
+        every = [r for r in sorted(layouts) if r <= cap]                 # other measured far worse (docs)
+        pure = max(r for r in every if any(g == 0 or t == 0 for g, t in layouts[r]))
+        return every, [r for r in every if r > pure or any(g == 0 or t == 0 for g, t in layouts[r])]
 
     def _reach(self, options: list) -> tuple:
         """``(options, reach)``: ``reach[i]``, the totals up to the budget that the sites from
