@@ -22,7 +22,9 @@ def _layout(**config):
 @pytest.mark.parametrize("family", ["llama", "bert", "gpt2"])
 def test_each_layers_statistics_are_those_of_the_layers_before_it_pruned(family):
     model = tiny_model(family, num_hidden_layers=3)
-    batches = [tiny_batch(family, seed=s) for s in range(3)]
+    # batches of other sizes and padding: each batch's own padding decides the rows counted
+    batches = [tiny_batch(family, seed=0), tiny_batch(family, batch=2, seq=7, seed=1), tiny_batch(family, seed=2)]
+    batches[1]["attention_mask"][0, 4:] = 0
     snap = ModelSnapshot(model)
     heads, seq = calibrate_sequentially(model, batches, ratio=0.5, gqa="query")
     assert snap.differences() == []
@@ -80,6 +82,12 @@ def test_running_shares_spread_the_budget_over_the_open_layers():
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    ({"counts": {0: 1}, "scores": True, "protect_layers": [1]}, "protect_layers: the per-site counts are taken as "
+                                                                 "given"),
+    ({"counts": {0: 1}, "scores": True, "min_heads_per_layer": 2}, "min_heads_per_layer: the per-site counts"),
+    ({"counts": {0: 1}, "scores": True, "fused": False}, "fused: the per-site counts are taken as given, and no "
+                                                         "statistics are collected"),
+    ({"ratio": 0.5, "choose": lambda site, gram: [0]}, "choose: replaces each layer's choice, its count included"),
     ({"counts": {0: 1}, "ratio": 0.5}, "counts: give the per-site counts, or ratio= or count=, not both"),
     ({"counts": {0: 1}}, "scores: per-site counts are re-chosen from the statistics of the unpruned model"),
     ({"scores": True, "ratio": 0.5}, "scores: with ratio= or count= the pass collects its own statistics"),
@@ -94,6 +102,26 @@ def test_the_budget_is_given_one_way(kwargs, message):
         calibrate_sequentially(model, batches, **kwargs)
 
 
+def test_the_one_pass_takes_select_heads_defaults():
+    """Even layouts, as select_heads' default (the counts' form keeps its "query"), and the sites
+    in order, each once."""
+    from headprune.ranking.layouts import even_layouts
+
+    model = tiny_model("llama", hidden_size=36, num_attention_heads=9, num_key_value_heads=3, head_dim=4,
+                       num_hidden_layers=4)
+    batches = [tiny_batch("llama", seed=s) for s in range(2)]
+    heads, _ = calibrate_sequentially(model, batches, ratio=0.4)
+    assert heads == calibrate_sequentially(model, batches, ratio=0.4, gqa="even")[0]
+    for hs in heads.values():  # every group kept keeps as many query heads as the others
+        left = [3 - sum(h // 3 == g for h in hs) for g in range(3)]
+        assert len({n for n in left if n}) == 1 and len(hs) in even_layouts(9, 3)
+    with pytest.raises(TypeError, match="fused: expected a bool, got str"):
+        calibrate_sequentially(model, batches, ratio=0.4, fused="no")
+    plan = RunningShares(collect(model, batches[:1], progress=False), ratio=0.4)
+    with pytest.raises(ValueError, match="site: the sites are taken in order, each once; expected site 0, got 2"):
+        plan.take(2)
+
+
 def test_the_sweeps_one_pass_recipe(monkeypatch):
     """The sweep's one-pass recipe (for benchmarks) is calibrate_sequentially(ratio=) with the
     default's protection; the other sequential recipes keep the one-shot selection's counts."""
@@ -106,12 +134,18 @@ def test_the_sweeps_one_pass_recipe(monkeypatch):
     scores = collect(model, batches, progress=False, fused=False, moments=True)
     monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
     config = S.SweepConfig(model="tiny", ratios=[0.5], seeds=0, quiet=True, eval_windows=1, fused=False)
-    recipes = {**S.ONE_PASS_RECIPE, "default, sequential": S.RECIPES["default, sequential"]}
+    named = {"named": {**S.ONE_PASS_RECIPE["default, sequential in one pass"], "score": "reconstruction",
+                       "min_heads_per_layer": 2}}  # a named score: no layer protected by default
+    recipes = {**S.ONE_PASS_RECIPE, **named, "default, sequential": S.RECIPES["default, sequential"]}
     res = S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, recipes,
                       batches=batches)
     want, _ = calibrate_sequentially(model, batches, ratio=0.5, gqa=config.gqa, damping=config.damping, fused=False)
     got = {int(k): v for k, v in res["heads"]["default, sequential in one pass"][0].items()}
     assert got == want and 0 not in got
+    want, _ = calibrate_sequentially(model, batches, ratio=0.5, gqa=config.gqa, damping=config.damping, fused=False,
+                                     protect_layers=(), min_heads_per_layer=2)
+    got = {int(k): v for k, v in res["heads"]["named"][0].items()}
+    assert got == want and 0 in got and all(len(hs) <= 4 for hs in got.values())
     for scope in ("global", None):  # refused before anything is evaluated (an encoder's measured one: minutes)
         monkeypatch.setattr(S, "quality", lambda *a, **k: pytest.fail("evaluated"))
         with pytest.raises(ValueError, match=f"recipes: 'x' calibrates in one pass, which spreads the budget evenly "

@@ -32,6 +32,7 @@ import torch
 from ..prune.heads import head_index
 from ..prune.mask import MaskHandle, active_masks
 from ..prune.reconstruct import kept_columns, refit_output
+from ..ranking import DEFAULT_GQA
 from ..ranking.allocation import RunningShares
 from ..ranking.layouts import head_costs, layout_heads
 from ..ranking.reconstruction import greedy_removal, site_units
@@ -52,34 +53,42 @@ class _Stop(Exception):
 
 
 def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = None, counts: Optional[dict] = None, *,
-                           ratio: Optional[float] = None, count: Optional[int] = None, gqa: str = "query",
+                           ratio: Optional[float] = None, count: Optional[int] = None, gqa: Optional[str] = None,
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
-                           protect_layers=None, min_heads_per_layer: int = 1, fused: bool = True,
-                           progress: bool = False) -> tuple:
+                           protect_layers=None, min_heads_per_layer: Optional[int] = None,
+                           fused: Optional[bool] = None, progress: bool = False) -> tuple:
     """``(heads, scores)``: the heads removed per site, by original index as ``prune_heads``
     takes them (a model pruned before keeps fewer), and statistics with the moments measured
     sequentially, ready for ``prune_heads(..., reconstruct=)``. The budget is given one of two ways:
 
     * ``scores`` and ``counts``: ``scores`` of the unpruned model (a one-shot collection) and
-      the units (heads, or KV groups with ``gqa="group"``) to remove per site, e.g. the sizes of
-      a one-shot selection; ``scores`` comes back with the sequential moments.
+      the units to remove per site (heads, or KV groups with ``gqa="group"``; ``gqa`` default
+      ``"query"``), e.g. the sizes of a one-shot selection; ``scores`` comes back with the
+      sequential moments. ``choose(site, gram) -> [heads]`` may replace the choice within a site.
     * ``ratio`` or ``count`` (no ``scores``): one pass does it all, in place of the collection.
       Each site's count is decided when the pass reaches it (before it the layers after it are
-      not seen): the even spread of ``select_heads(..., scope="per_layer")``, its extras where
-      the running total lags (:class:`~headprune.ranking.allocation.RunningShares`, with
-      ``protect_layers`` and ``min_heads_per_layer`` as ``select_heads`` takes them: ``None``
-      keeps the default recipe's). The statistics come back as ``collect(..., moments=True)``
-      gives them, each site's measured on the inputs that reach it with the sites before it pruned
-      (``fused`` as ``collect`` takes it).
+      not seen): its share of the spread ``select_heads(..., scope="per_layer")`` gives, a unit
+      more where the running total lags, the later sites still able to make the budget
+      (:class:`~headprune.ranking.allocation.RunningShares`; ``gqa``, ``protect_layers`` and
+      ``min_heads_per_layer`` as ``select_heads`` takes them, ``None``: its defaults, even
+      layouts and the default recipe's protected layers). The statistics come back as
+      ``collect(..., moments=True, fused=fused)`` gives them, each site's measured on the inputs
+      that reach it with the sites before it pruned.
 
-    Within a site the units are chosen by greedy structured OBS on its sequential moments
-    (``choose(site, gram) -> [heads]`` replaces that). The model is left exactly as it was.
+    Within a site the units are chosen by greedy structured OBS on its sequential moments. The
+    model is left exactly as it was.
     """
-    adapter, sites = _check(model, batches, scores, counts, ratio, count)
-    session = None if counts is not None else Collection(model, "qk", fused=fused, moments=torch.float64)
+    adapter, sites = _check(model, batches, scores, counts, ratio, count,
+                            {"choose": choose, "protect_layers": protect_layers,
+                             "min_heads_per_layer": min_heads_per_layer, "fused": fused})
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
+    session = None if counts is not None else Collection(model, "qk", fused=fused is not False, moments=torch.float64)
+    gqa = gqa or ("query" if counts is not None else DEFAULT_GQA)
     plan = None if session is None else RunningShares(session.scores(), ratio=ratio, count=count, gqa=gqa,
                                                       protect_layers=protect_layers,
-                                                      min_heads_per_layer=min_heads_per_layer)
+                                                      min_heads_per_layer=1 if min_heads_per_layer is None
+                                                      else min_heads_per_layer)
     ids = _kept(model, sites, adapter)  # position -> original index
     layers = [s.parent for s in sites]
     kwargs = [forward_kwargs(model, b) for b in batches]
@@ -118,9 +127,16 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     return heads, dataclasses.replace(scores, moments=moments)
 
 
-def _check(model, batches, scores, counts, ratio, count) -> tuple:
-    """``(adapter, sites)`` of a model sequential calibration supports, the budget given one way."""
+def _check(model, batches, scores, counts, ratio, count, options: dict) -> tuple:
+    """``(adapter, sites)`` of a model sequential calibration supports, the budget given one way
+    (``options``: those of one way only)."""
     check_batches(batches)
+    for name in ("protect_layers", "min_heads_per_layer", "fused") if counts is not None else ("choose",):
+        if options[name] is not None:
+            raise ValueError(f"{name}: " + ("the per-site counts are taken as given, and no statistics are collected; "
+                                            "give ratio= or count= for the one pass" if counts is not None else
+                                            "replaces each layer's choice, its count included; give per-site counts "
+                                            "with it"))
     if counts is not None and (ratio is not None or count is not None):
         raise ValueError("counts: give the per-site counts, or ratio= or count=, not both")
     if counts is not None and scores is None:

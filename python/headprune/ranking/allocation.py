@@ -91,7 +91,7 @@ class RunningShares:
         if self.want not in self.reach[0]:  # the preferred sizes cannot make the budget: every size
             self.options, self.reach = self._reach([e for e, _ in sizes])
         self.open = [0 if i in protect else n for i, n in enumerate(units)]
-        self.passed = self.taken = 0
+        self.passed = self.taken = self.next = 0
 
     @staticmethod
     def _alike(layout, want: int, gqa: str, protect: set, min_heads: int) -> dict:
@@ -131,6 +131,9 @@ class RunningShares:
         """Units site ``site`` gives (sites in order, each once): of its sizes after which the
         sites after it can still bring the total to the budget (any that fit where none can),
         the nearest to the running share."""
+        if site != self.next:
+            raise ValueError(f"site: the sites are taken in order, each once; expected site {self.next}, got {site!r}")
+        self.next += 1
         self.passed += self.open[site]
         target = self.want * self.passed / max(1, sum(self.open))
         fits = [r for r in self.options[site] if self.taken + r <= self.want] or [0]
