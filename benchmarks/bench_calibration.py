@@ -46,7 +46,7 @@ import headprune  # noqa: E402
 from headprune.app import texts  # noqa: E402
 from headprune.app.load import load_model  # noqa: E402
 from headprune.hf.sequential import calibrate_sequentially  # noqa: E402
-from headprune.ranking import DEFAULT_GQA, unit_sizes  # noqa: E402
+from headprune.ranking import DEFAULT_GQA, unit_counts  # noqa: E402
 
 TARGETS = {"collect_moments": 1.3, "collect_sequential": 1.3, "sequential_one_pass": 1.3, "prune": 1.5,
            "prune_cli": 1.5}
@@ -107,9 +107,7 @@ def calibration_rows(model, batches, repeat: int) -> dict:
     def sequential():  # as prune --sequential --ratio 0.3 calibrates: the one-shot selection's counts
         s = headprune.collect(model, batches, progress=False, moments=True)
         heads = headprune.select_heads(s, ratio=0.3)
-        unit = unit_sizes(s, DEFAULT_GQA)
-        return calibrate_sequentially(model, batches, s, {k: len(v) // unit[k] for k, v in heads.items()},
-                                      gqa=DEFAULT_GQA)
+        return calibrate_sequentially(model, batches, s, unit_counts(heads, s, DEFAULT_GQA), gqa=DEFAULT_GQA)
 
     def one_pass():  # calibrate_sequentially(..., ratio=0.3): in place of the collection
         return calibrate_sequentially(model, batches, ratio=0.3, gqa=DEFAULT_GQA)

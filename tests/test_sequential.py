@@ -177,7 +177,7 @@ def test_the_projection_is_built_on_the_weights_device():
     """A bias-free output projection's zero bias was made on the CPU (another device than the
     weight's under --device cuda); the meta device stands in for a GPU."""
     from headprune.hf.adapters import get_adapter, resolve_sites
-    from headprune.hf.sequential import _projection
+    from headprune.hf.collection import projection as _projection
 
     model = tiny_model("llama")
     adapter = get_adapter(model)

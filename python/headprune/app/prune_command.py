@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, select_heads, unit_sizes
+from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, select_heads, unit_counts, unit_sizes
 from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
@@ -265,9 +265,8 @@ def _sequential(args, loaded, batches, scores, heads: dict) -> tuple:
     """The selection's per-site counts, re-chosen and refit layer by layer (``--sequential``)."""
     from ..hf.sequential import calibrate_sequentially
 
-    unit = unit_sizes(scores, args.gqa)
-    counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
-    return calibrate_sequentially(loaded.model, batches, scores, counts, gqa=args.gqa, damping=args.damping,
+    return calibrate_sequentially(loaded.model, batches, scores, unit_counts(heads, scores, args.gqa), gqa=args.gqa,
+                                  damping=args.damping,
                                   progress=not args.quiet)
 
 

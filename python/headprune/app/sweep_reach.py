@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ranking import select_heads, unit_sizes
+from ..ranking import select_heads, unit_counts
 from ..ranking.recipes import default_allocation, default_protected, resolve_recipe
 from ..ranking.reconstruction import SingularMoments
 
@@ -131,6 +131,4 @@ def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float,
             protect = ()
         return calibrate_sequentially(model, batches, ratio=ratio, gqa=gqa, damping=damping, protect_layers=protect,
                                       min_heads_per_layer=kw.get("min_heads_per_layer", 1), fused=fused)
-    unit = unit_sizes(stats, gqa)
-    counts = {site: len(hs) // unit[site] for site, hs in heads.items()}
-    return calibrate_sequentially(model, batches, stats, counts, gqa=gqa, damping=damping)
+    return calibrate_sequentially(model, batches, stats, unit_counts(heads, stats, gqa), gqa=gqa, damping=damping)

@@ -28,7 +28,7 @@ import torch
 from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
-from .collection import METHODS, Collection
+from .collection import METHODS, Collection, padding_of
 
 __all__ = ["collect", "METHODS"]
 
@@ -185,7 +185,7 @@ def _run(model, session, batches, progress, ckpt, every, done) -> None:
         for batch in _progress(it, progress, done, total):
             kw = forward_kwargs(model, batch)
             _check_mask(kw)
-            session.padding = {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
+            session.padding = padding_of(kw)
             model(**kw)
             if ckpt is not None:
                 seen.update(batch)

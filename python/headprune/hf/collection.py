@@ -58,17 +58,16 @@ class Collection:
         self.thread: Optional[int] = None  # the thread running the collection (see active)
 
     def _query_mask(self, site, batch: int, q_len: int, device):
-        """``[batch, q_len]`` bool of the site's valid (unpadded) queries, or ``None``."""
-        key = site.block.padding_key
-        mask = self.padding.get(key) if key else None
-        if mask is None:
-            return None
-        if mask.shape[0] != batch or mask.shape[1] < q_len:
-            raise ValueError(
-                f"batches: {key!r} has shape {tuple(mask.shape)} but site {site.name} attends with "
-                f"{batch} sequences of {q_len} queries"
-            )
-        return mask[:, mask.shape[1] - q_len :].to(device=device, dtype=torch.bool)
+        return query_mask(site, self.padding, batch, q_len, device)
+
+    @contextmanager
+    def paused(self):
+        """Nothing this thread runs inside is recorded by the output hooks (as another thread's)."""
+        thread, self.thread = self.thread, None
+        try:
+            yield
+        finally:
+            self.thread = thread
 
     def _start(self, i, query):
         """A site's accumulator, on the device its attention runs on (layers may be spread)."""
@@ -101,12 +100,7 @@ class Collection:
             valid = None if qm is None else qm.reshape(-1)
             n = rows.shape[0] if valid is None else int(valid.sum())
             gram = self._gram(site.index, hq * d, x.device)
-            # float64 in chunks of rows: the temporaries stay small whatever the batch
-            for start in range(0, rows.shape[0], _OUTPUT_CHUNK):
-                c = rows[start : start + _OUTPUT_CHUNK]
-                if valid is not None:
-                    c = c[valid[start : start + _OUTPUT_CHUNK]]
-                c = c.to(torch.float64, copy=True)  # a copy even of float64 rows: squared in place below
+            for c in valid_chunks(rows, valid):  # copies, even of float64 rows: squared in place below
                 if gram is not None:
                     _add_gram_(gram, c)
                 acc[..., OutputStat.SUM] += c.sum(0).view(hq, d)
@@ -132,15 +126,8 @@ class Collection:
         once: the weights do not change during a collection)."""
         if self._projections is not None:
             return self._projections
-        out = []
-        for s in self.sites:
-            w = s.o.weight.detach().double()
-            w = w.t() if self.adapter.conv1d else w  # [out, in]
-            b = getattr(s.o, "bias", None)
-            b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.detach().double()
-            out.append(torch.cat([w, b[:, None]], 1).float().cpu())
-        self._projections = out
-        return out
+        self._projections = [projection(s, self.adapter).float().cpu() for s in self.sites]
+        return self._projections
 
     @property
     def recorded(self) -> bool:
@@ -262,6 +249,44 @@ class Collection:
         if all(w is None for w in found):
             return None
         return [None if w is None else (w.t() if self.adapter.conv1d else w).float().cpu() for w in found]
+
+
+def padding_of(kw: dict) -> dict:
+    """A batch's padding masks (forward keyword arguments), as :attr:`Collection.padding` holds them."""
+    return {k: kw.get(k) for k in ("attention_mask", "decoder_attention_mask")}
+
+
+def query_mask(site, padding: dict, batch: int, q_len: int, device):
+    """``[batch, q_len]`` bool of the site's valid (unpadded) queries under ``padding``
+    (:func:`padding_of`), or ``None``."""
+    key = site.block.padding_key
+    mask = padding.get(key) if key else None
+    if mask is None:
+        return None
+    if mask.shape[0] != batch or mask.shape[1] < q_len:
+        raise ValueError(
+            f"batches: {key!r} has shape {tuple(mask.shape)} but site {site.name} attends with "
+            f"{batch} sequences of {q_len} queries"
+        )
+    return mask[:, mask.shape[1] - q_len :].to(device=device, dtype=torch.bool)
+
+
+def valid_chunks(rows: torch.Tensor, valid: Optional[torch.Tensor]):
+    """``rows`` ``[n, D]`` as float64 copies of at most :data:`_OUTPUT_CHUNK` rows, those that
+    ``valid`` (``[n]`` bool, or ``None``: all) marks: the temporaries stay small whatever the batch."""
+    for start in range(0, rows.shape[0], _OUTPUT_CHUNK):
+        c = rows[start : start + _OUTPUT_CHUNK]
+        yield (c if valid is None else c[valid[start : start + _OUTPUT_CHUNK]]).to(torch.float64, copy=True)
+
+
+def projection(site, adapter) -> torch.Tensor:
+    """The site's output projection as ``W~ = [W, b]`` (``[out, D + 1]``, float64, on its
+    weight's device; a zero column without a bias)."""
+    w = site.o.weight.detach().double()
+    w = w.t() if adapter.conv1d else w  # [out, in]
+    b = getattr(site.o, "bias", None)
+    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.detach().double()
+    return torch.cat([w, b[:, None]], 1)
 
 
 def _head_ids(model, which: str = "kept"):

@@ -24,7 +24,7 @@ stack of layers) are supported.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -41,7 +41,7 @@ from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import check_batches, forward_kwargs, sequence_digests
 from .collect import _check_mask
-from .collection import Collection, _add_gram_
+from .collection import Collection, _add_gram_, padding_of, projection, query_mask, valid_chunks
 from ..core.modules import eval_mode, instance_forward
 from .prune import _kept
 
@@ -198,7 +198,7 @@ def _projection_inputs(site, calls, hidden, session=None, kwargs=()) -> list:
     try:
         for i, (h, (args, kw)) in enumerate(zip(hidden, calls[site.index])):
             if session is not None:
-                session.padding = {k: kwargs[i].get(k) for k in ("attention_mask", "decoder_attention_mask")}
+                session.padding = padding_of(kwargs[i])
             try:
                 site.parent(h, *args, **kw)
             except _Stop:
@@ -212,12 +212,9 @@ def _gram(xs, kwargs, site) -> torch.Tensor:
     d = xs[0].shape[-1]
     gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     for x, kw in zip(xs, kwargs):
-        rows = x.reshape(-1, d)
-        mask = kw.get(site.block.padding_key) if site.block.padding_key else None
-        if mask is not None and x.dim() == 3:
-            rows = rows[mask[:, mask.shape[1] - x.shape[1]:].reshape(-1).bool().to(rows.device)]
-        for start in range(0, rows.shape[0], 1024):
-            _add_gram_(gram, rows[start : start + 1024].double().cpu())
+        qm = query_mask(site, padding_of(kw), x.shape[0], x.shape[1], x.device) if x.dim() == 3 else None
+        for c in valid_chunks(x.reshape(-1, d), None if qm is None else qm.reshape(-1)):
+            _add_gram_(gram, c.cpu())
     return gram
 
 
@@ -225,21 +222,13 @@ def _obs_heads(gram, site, adapter, count, gqa, damping) -> list:
     if count <= 0:
         return []
     (hq, hkv), d = head_counts(site, adapter), head_dim(site, adapter)
-    proj = _projection(site, adapter)
+    proj = projection(site, adapter)
     units = site_units(hq, hkv, d, gqa)
     order, _, _ = greedy_removal(gram, proj, units, damping=damping)
     if gqa == "even":  # the cheapest even layout of this size, heads costing their greedy rank
         costs = head_costs([(0, [col // d for col in units[u][::d]]) for u in order], [hq])[0]
         return layout_heads(costs, hkv, count, f"site {site.name}: ")
     return sorted({col // d for u in order[:count] for col in units[u]})
-
-
-def _projection(site, adapter) -> torch.Tensor:
-    w = site.o.weight.detach().double()
-    w = w.t() if adapter.conv1d else w
-    b = getattr(site.o, "bias", None)
-    b = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None else b.detach().double()
-    return torch.cat([w, b[:, None]], 1)
 
 
 class _RefitMask:
@@ -274,15 +263,9 @@ def _finish(site, adapter, calls, hidden, xs, session=None) -> list:
     projection inputs (through the possibly refit projection); a ``session`` records nothing
     of it (its projection input was recorded before the refit)."""
     out, module = [], site.module
-    thread = None if session is None else session.thread
-    try:
-        if session is not None:  # the session's hooks record only its thread's forwards
-            session.thread = None
+    with nullcontext() if session is None else session.paused():
         for h, (args, kw), x in zip(hidden, calls[site.index], xs):
             value = (x, None) if adapter.empty == "context" else (site.o(x), None)
             with instance_forward(module, lambda *a, _v=value, **k: _v):
                 out.append(site.parent(h, *args, **kw).detach())
-    finally:
-        if session is not None:
-            session.thread = thread
     return out

@@ -65,25 +65,22 @@ class RunningShares:
 
     def __init__(self, layout, *, ratio=None, count=None, gqa: str = "query", protect_layers=None,
                  min_heads_per_layer: int = 1):
-        from .recipes import GQA_MODES, default_protected
-        from .select import budget, site_caps
+        import torch
+
+        from .recipes import default_protected
+        from .select import budget, select_heads, site_caps
         from .units import as_count, as_index, unit_sizes
 
-        if gqa not in GQA_MODES:
-            raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
-        if (min_heads := as_count(min_heads_per_layer)) is None:
-            raise ValueError(f"min_heads_per_layer: expected a non-negative int, got {min_heads_per_layer!r}")
-        try:
-            protect = set(default_protected(layout) if protect_layers is None else map(as_index, protect_layers))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"protect_layers: expected an iterable of layer indices, got {protect_layers!r}") from e
-        unit = unit_sizes(layout, gqa)
+        protect = default_protected(layout) if protect_layers is None else protect_layers
+        # what select_heads removes with every head ranked alike: its checks and refusals of the
+        # options, and the total it reaches where its layouts cannot make the request exactly
+        alike = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
+        chosen = select_heads(layout, ratio=ratio, count=count, scope="per_layer", gqa=gqa, protect_layers=protect,
+                              min_heads_per_layer=min_heads_per_layer, score=alike, order="low")
+        protect, min_heads, unit = {as_index(i) for i in protect}, as_count(min_heads_per_layer), unit_sizes(layout, gqa)
         units = [hq // u for hq, u in zip(layout.num_heads, unit)]
-        asked = budget(ratio, count, sum(units))
-        # what select_heads removes with every head ranked alike: its refusals, and the total it
-        # reaches where its layouts cannot make the request exactly
-        self.want = sum(len(hs) // unit[i] for i, hs in self._alike(layout, asked, gqa, protect, min_heads).items())
-        floors, ceils = site_caps(units, protect, min_heads, asked, "per_layer")
+        self.want = sum(len(hs) // unit[i] for i, hs in chosen.items())
+        floors, ceils = site_caps(units, protect, min_heads, budget(ratio, count, sum(units)), "per_layer")
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(units)]
         sizes = [self._sizes(n, k, lo, hi, a, gqa)
                  for n, k, lo, hi, a in zip(layout.num_heads, layout.num_kv_heads, floors, ceils, allowed)]
@@ -92,16 +89,6 @@ class RunningShares:
             self.options, self.reach = self._reach([e for e, _ in sizes])
         self.open = [0 if i in protect else n for i, n in enumerate(units)]
         self.passed = self.taken = self.next = 0
-
-    @staticmethod
-    def _alike(layout, want: int, gqa: str, protect: set, min_heads: int) -> dict:
-        import torch
-
-        from .select import select_heads
-
-        alike = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
-        return select_heads(layout, count=want, scope="per_layer", gqa=gqa, min_heads_per_layer=min_heads,
-                            protect_layers=sorted(protect), score=alike, order="low")
 
     @staticmethod
     def _sizes(n: int, k: int, lo: int, hi: int, allowed: int, gqa: str) -> tuple:

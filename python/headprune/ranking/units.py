@@ -29,6 +29,12 @@ def unit_sizes(scores: HeadScores, gqa: str = "query") -> list:
     return [_unit_size(hq, hkv, gqa) for hq, hkv in zip(scores.num_heads, scores.num_kv_heads)]
 
 
+def unit_counts(heads: dict, scores: HeadScores, gqa: str = "query") -> dict:
+    """``{site: units}`` of a selection ``{site: heads}`` (heads, or KV groups under ``gqa="group"``)."""
+    unit = unit_sizes(scores, gqa)
+    return {site: len(hs) // unit[site] for site, hs in heads.items()}
+
+
 def count_units(scores: HeadScores, gqa: str = "query") -> int:
     """Prunable units of the whole model (see :func:`select_heads`' ``gqa``)."""
     return sum(hq // u for hq, u in zip(scores.num_heads, unit_sizes(scores, gqa)))
