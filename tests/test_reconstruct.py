@@ -206,6 +206,7 @@ def _check_greedy(gram, proj, units, width) -> float:
         assert min(after, key=after.get) == u
         assert cost == pytest.approx(after[u] - before, rel=1e-6, abs=1e-12)
         removed.append(u)
+    assert greedy_removal(gram, proj, units, damping=1e-2, energy=False) == (order, costs, None)  # the order alone
     return energy
 
 

@@ -59,7 +59,7 @@ def test_even_units_keep_the_groups_equal(monkeypatch):
     model = tiny_model("llama", hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
     batches = [tiny_batch("llama", seed=s) for s in range(3)]
     scores = collect(model, batches, progress=False, fused=False, moments=True)
-    monkeypatch.setattr(S, "greedy_removal", lambda gram, proj, units, damping: (list(range(len(units))), [], 1.0))
+    monkeypatch.setattr(S, "greedy_removal", lambda gram, proj, units, damping, energy: (list(range(len(units))), [], None))
     # (4 heads: group 0 whole and head 3, costing 0+1+2+3, is cheaper than 2 + 2, 0+1+3+4)
     want = {("query", 2): [0, 1], ("even", 2): [0, 3], ("even", 4): [0, 1, 2, 3]}
     for (gqa, count), heads in want.items():

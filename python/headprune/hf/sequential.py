@@ -224,7 +224,7 @@ def _obs_heads(gram, site, adapter, count, gqa, damping) -> list:
     (hq, hkv), d = head_counts(site, adapter), head_dim(site, adapter)
     proj = projection(site, adapter)
     units = site_units(hq, hkv, d, gqa)
-    order, _, _ = greedy_removal(gram, proj, units, damping=damping)
+    order, _, _ = greedy_removal(gram, proj, units, damping=damping, energy=False)
     if gqa == "even":  # the cheapest even layout of this size, heads costing their greedy rank
         costs = head_costs([(0, [col // d for col in units[u][::d]]) for u in order], [hq])[0]
         return layout_heads(costs, hkv, count, f"site {site.name}: ")

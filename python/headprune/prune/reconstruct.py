@@ -115,7 +115,7 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     chol, info = torch.linalg.cholesky_ex(a)
     solve = ((lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 else
              (lambda r: _least_squares(a, r)))
-    sol = wt[:, s].t() + solve(g[s][:, gone] @ wt[:, gone].t())
+    sol = wt[:, s].t() + (solve(g[s][:, gone]) @ wt[:, gone].t() if bool(gone.any()) else 0.0)  # none gone: as they are
     if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
         prior = torch.zeros_like(sol)
         prior[:k] = w[:, keep_t].t()

@@ -38,56 +38,48 @@ class SingularMoments(ValueError):
 
 
 def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
-                   damping: float = DEFAULT_DAMPING) -> tuple:
+                   damping: float = DEFAULT_DAMPING, energy: bool = True) -> tuple:
     """``(order, costs, energy)``: the indices of ``units`` in greedy removal order, the
     squared output error per token each removal adds (under the ridge towards zero, see the
-    module doc), and the site's output energy per token.
+    module doc), and the site's output energy per token (``None`` with ``energy=False``, for a
+    caller that needs the order alone).
 
     ``units``: lists of input columns removed together; ``gram`` ``[D + 1, D + 1]`` (sums or
     means), ``projection`` ``[out, D + 1]``.
     """
     d = gram.shape[0] - 1
     g = gram.double()
-    g = g / g[d, d]
+    g = g / g[d, d]  # a new tensor, written in place below
     wt = projection.double().to(g.device)
-    # a normaliser only: float32 products, a float64 sum (relative error ~1e-6, half the time)
-    w32 = wt.float()
-    energy = float((w32 @ g.float()).mul_(w32).sum(dtype=torch.float64))
-    sizes = {len(u) for u in units}
-    if len(sizes) > 1:
-        raise ValueError(f"units: expected blocks of one size, got sizes {sorted(sizes)}")
-    k = len(units[0]) if units else 0
-    # the columns reordered: the constant and any column outside every unit first (always kept),
-    # then the units' blocks side by side; a removed unit's block is swapped to the end of the
-    # live region, which then shrinks, so every step works on views of the live part
-    inside = {col for u in units for col in u}
-    if len(inside) != k * len(units) or not inside <= set(range(d)):
-        raise ValueError(f"units: expected disjoint blocks of the {d} input columns")
-    perm = [d] + [col for col in range(d) if col not in inside] + [col for u in units for col in u]
-    perm = torch.tensor(perm, dtype=torch.long, device=g.device)
-    f = int(perm.numel()) - k * len(units)  # the fixed prefix
-    a = g.index_select(0, perm).index_select(1, perm)
-    wt = wt.index_select(1, perm)
+    total = None
+    if energy:  # a normaliser only: float32 products, a float64 sum (relative error ~1e-6, half the time)
+        w32 = wt.float()
+        total = float((w32 @ g.float()).mul_(w32).sum(dtype=torch.float64))
+    k, perm = _layout(units, d)
+    nb = k * len(units)  # the blocks' end, where the fixed columns start
     c = ridge(g, damping, d) if damping > 0 and d > 0 else None
+    if perm != list(range(d + 1)):
+        perm = torch.tensor(perm, dtype=torch.long, device=g.device)
+        g = g.index_select(0, perm).index_select(1, perm)
+        wt = wt.index_select(1, perm)
     if c is not None:
-        a.diagonal()[1:] += c
-    chol, info = torch.linalg.cholesky_ex(a)
+        g.diagonal()[:-1] += c
+    chol, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0 and c is None:  # an inverse of singular moments gives costs of rounding, or none
         raise SingularMoments("damping: 0 leaves these second moments singular (fewer calibration tokens than the site's "
                          f"{d} inputs, or heads whose outputs depend on each other); pass a positive damping")
-    m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(a)
+    m = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.inv(g)
     # the refit with every column kept, transposed ([D + 1, out]: a unit's rows are contiguous):
-    # W* = W~ G M = W~ (A - C) M = W~ - c W~[:, 1:] M[1:]  (A = G + C, C: the ridge, not on the constant)
-    ws = wt.t().contiguous() if c is None else torch.addmm(wt.t(), m[:, 1:], wt[:, 1:].t(), alpha=-float(c))
+    # W* = W~ G M = W~ (A - C) M = W~ - c W~[:, :D] M[:D]  (A = G + C, C: the ridge, not on the constant)
+    ws = wt.t().contiguous() if c is None else torch.addmm(wt.t(), m[:, :-1], wt[:, :-1].t(), alpha=-float(c))
     slots = list(range(len(units)))  # the unit in each live block, in block order
-    order, costs = [], []
+    order, costs, s = [], [], 0  # s: the live region's start
     while slots:
         live = len(slots)
-        n = f + live * k
         # every live unit's cost in one batched solve: tr(W*_B M_BB^-1 W*_B^T) = ||L^-1 W*_B^T||^2
         # with M_BB = L L^T, the diagonal blocks of the live part of M
-        mbb = m[f:n, f:n].reshape(live, k, live, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [live, k, k]
-        wb = ws[f:n].view(live, k, -1)  # [live, k, out]
+        mbb = m[s:nb, s:nb].reshape(live, k, live, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [live, k, k]
+        wb = ws[s:nb].view(live, k, -1)  # [live, k, out]
         chol, info = torch.linalg.cholesky_ex(mbb)
         if int(info.max()) == 0:
             cost = torch.linalg.solve_triangular(chol, wb, upper=False).square_().sum((1, 2))
@@ -99,35 +91,51 @@ def greedy_removal(gram: torch.Tensor, projection: torch.Tensor, units: list, *,
         order.append(slots[j])
         costs.append(max(cost[j], 0.0))
         if live > 1:
-            _swap_blocks_(m, ws, f + j * k, n - k, k, n)
-            slots[j] = slots[-1]
-            _downdate_(m, ws, n - k, n)
-        slots.pop()
-    return order, costs, energy
+            _swap_blocks_(m, ws, s, s + j * k, k)
+            slots[j] = slots[0]
+            _downdate_(m, ws, s, s + k)
+        slots.pop(0)
+        s += k
+    return order, costs, total
 
 
-def _swap_blocks_(m, ws, p, q, k, n) -> None:
-    """Swap the blocks of ``k`` rows and columns at ``p`` and ``q`` of the live ``m[:n, :n]``
-    and the rows of ``ws``."""
+def _layout(units: list, d: int) -> tuple:
+    """``(k, perm)``: the units' size, and the columns reordered (a site's heads in order, the
+    constant last: as they are): the units' blocks side by side, then any column outside every
+    unit and the constant (always kept). A removed unit's block is swapped to the start of the
+    live region, which then starts after it, so every step works on views of the live part."""
+    sizes = {len(u) for u in units}
+    if len(sizes) > 1:
+        raise ValueError(f"units: expected blocks of one size, got sizes {sorted(sizes)}")
+    k = len(units[0]) if units else 0
+    inside = {col for u in units for col in u}
+    if len(inside) != k * len(units) or not inside <= set(range(d)):
+        raise ValueError(f"units: expected disjoint blocks of the {d} input columns")
+    return k, [col for u in units for col in u] + [col for col in range(d) if col not in inside] + [d]
+
+
+def _swap_blocks_(m, ws, p, q, k) -> None:
+    """Swap the blocks of ``k`` rows and columns at ``p`` (the live part's start) and ``q`` of
+    the live ``m[p:, p:]`` and the rows of ``ws``."""
     if p == q:
         return
-    for t in (m[:n], ws):
+    for t in (m[:, p:], ws):
         rows = t[p : p + k].clone()
         t[p : p + k] = t[q : q + k]
         t[q : q + k] = rows
-    cols = m[:n, p : p + k].clone()
-    m[:n, p : p + k] = m[:n, q : q + k]
-    m[:n, q : q + k] = cols
+    cols = m[p:, p : p + k].clone()
+    m[p:, p : p + k] = m[p:, q : q + k]
+    m[p:, q : q + k] = cols
 
 
-def _downdate_(m, ws, r, n) -> None:
-    """Remove the live block ``B = [r, n)`` (the end of the live part) from the kept set, in
-    place on the live part ``[:r]`` that remains: the OBS update of ``M`` (symmetric) and of
+def _downdate_(m, ws, b, r) -> None:
+    """Remove the live block ``B = [b, r)`` (the start of the live part) from the kept set, in
+    place on the live part ``[r:]`` that remains: the OBS update of ``M`` (symmetric) and of
     the refit, ``M_RR - M_RB X`` and ``W*_R^T - X^T W*_B^T`` with ``X = M_BB^-1 M_BR``."""
-    m_br = m[r:n, :r]  # [k, R]: rows outside the updated part, so read safely while it is written
-    x = torch.linalg.solve(m[r:n, r:n], m_br)  # [k, R]
-    m[:r, :r].addmm_(m_br.t(), x, alpha=-1.0)
-    ws[:r].addmm_(x.t(), ws[r:n], alpha=-1.0)
+    m_br = m[b:r, r:]  # [k, R]: rows outside the updated part, so read safely while it is written
+    x = torch.linalg.solve(m[b:r, b:r], m_br)  # [k, R]
+    m[r:, r:].addmm_(m_br.t(), x, alpha=-1.0)
+    ws[r:].addmm_(x.t(), ws[b:r], alpha=-1.0)
 
 
 def site_units(hq: int, hkv: int, d: int, gqa: str) -> list:
