@@ -16,8 +16,9 @@ does that where the file holds them (:func:`gguf_attention_bias`).
 
 With the GGUF the model was read from (``source``), every field and every tensor other than
 the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and
-embeddings; a ``deci`` file's fields renamed from ``llama.*``); the attention projections are
-written from the pruned model, in the source tensor's quantisation where the ``gguf`` package
+embeddings; a ``deci`` file's fields renamed from ``llama.*``) where the model still holds its
+values (a tensor it no longer does, changed after loading, is written from the model, with a
+warning); the attention projections are written from the pruned model, in the source tensor's quantisation where the ``gguf`` package
 can write it, else in float16. Kept q/k/v rows of a Q4_1 or Q8_0 tensor re-quantise to exactly
 their original blocks when the model holds the values read from the file (``headprune prune``
 writes its GGUF so, from the float32 model); from a directory saved in bfloat16, as ``prune``
@@ -32,12 +33,14 @@ from __future__ import annotations
 
 import os
 import re
-import struct
+import warnings
 
 import torch
 
 from .. import atomic
+from ..core.modules import compiled_over, uncompiled
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .gguf_source import check_source, read_source
 
 __all__ = ["export_gguf", "export_architecture", "gguf_architecture", "gguf_attention_bias", "gguf_header", "drop_gguf_quantizer", "unpermute"]
 
@@ -47,16 +50,6 @@ ARCHITECTURES = {"llama": "llama"}
 #: same head counts and ``deci`` where they differ
 GGUF_ARCHITECTURES = ("auto", "llama", "deci")
 FLOAT_TYPES = ("float32", "float16")
-#: the largest relative difference ``||model - source|| / ||source||`` accepted in a tensor the
-#: export copies from the source GGUF (norms, embeddings, feed-forward; sampled rows of each):
-#: the source's own quantisation keeps the model it was read from well below it (none at all
-#: for the values read from the file, about 1e-1 between float weights and their Q4 blocks),
-#: another model's weights are about 1 to 1.4 apart
-SOURCE_RTOL = 0.5
-#: rows of each copied matrix compared with the model's
-SOURCE_ROWS = 64
-
-
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     """The row order llama.cpp's rotary embedding expects for q and k (convert_hf_to_gguf's
     ``LlamaModel.permute``): each head's two rotary halves interleaved."""
@@ -88,6 +81,21 @@ def export_architecture(model, architecture: str = "auto") -> str:
     adapter = get_adapter(model)
     _family(adapter)
     return _layout(adapter, resolve_sites(model, adapter), architecture)[0]
+
+
+def _check_model(model):
+    """The model a GGUF describes: a ``torch.compile`` wrapper's own (a wrapper inside it is
+    refused: its weights' ``_orig_mod.`` names map to no GGUF tensor), with an LM head."""
+    model = uncompiled(model)
+    if nested := [n for n, in_place in compiled_over(model, model.modules()) if n and not in_place]:
+        raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; export the model whose "
+                         "layers are not wrapped (compile in place with module.compile(), or export before compiling)")
+    _family(get_adapter(model))  # a family it writes first
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get) or get() is None:
+        raise ValueError(f"model: expected a causal LM with its LM head (e.g. LlamaForCausalLM), got "
+                         f"{type(model).__name__}; a GGUF without the head would be read with the embeddings as one")
+    return model
 
 
 def _family(adapter) -> str:
@@ -140,16 +148,22 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
         raise ValueError(f"dtype: expected one of auto, {', '.join(FLOAT_TYPES)}, got {dtype!r}")
     if architecture not in GGUF_ARCHITECTURES:
         raise ValueError(f"architecture: expected one of {', '.join(GGUF_ARCHITECTURES)}, got {architecture!r}")
+    model = _check_model(model)
     adapter = get_adapter(model)
     family = _family(adapter)
     sites = resolve_sites(model, adapter)
     arch, counts = _layout(adapter, sites, architecture)
     d = head_dim(sites[0], adapter)
-    reader, found = (None, family) if source is None else _read_source(gguf, source)
+    reader, found = (None, family) if source is None else read_source(gguf, source)
+    edited = []
     if reader is not None:
         if found != family:
             raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {family!r}")
-        _check_source(gguf, reader, model, family, len(sites), source)
+        edited = check_source(gguf, reader, model, family, len(sites), source, _untouched, _tied)
+        if edited:  # what was evaluated is what is written
+            warnings.warn(f"model: {len(edited)} of the tensors the export copies from source= hold other values in the "
+                          f"model ({', '.join(edited[:3])}{', ...' if len(edited) > 3 else ''}); they are written from "
+                          "the model, in the source's type where the gguf package writes it, else float16", stacklevel=2)
     path = os.fspath(path)
     if os.path.islink(path):  # as save_pruned and --out: a link is refused, not followed or replaced
         raise FileExistsError(f"path: {path} is a symbolic link (to {os.readlink(path)}); give the file itself")
@@ -159,7 +173,7 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
         raise FileExistsError(f"path: {path} exists; pass overwrite=True to replace it")
     tmp = atomic.temp_sibling(path)
     try:
-        written = _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp)
+        written = _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp, edited)
         atomic.commit_file(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -167,69 +181,7 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
     return written
 
 
-def _read_source(gguf, source) -> tuple:
-    """``(reader, architecture)`` of the source GGUF, or a ``ValueError`` naming ``source``."""
-    try:
-        reader = gguf.GGUFReader(os.fspath(source))
-        return reader, reader.fields["general.architecture"].contents()
-    except (KeyError, ValueError, IndexError, struct.error) as e:
-        raise ValueError(f"source: {source} is not a readable GGUF ({type(e).__name__}: {e})") from e
-    except OSError as e:  # named as the source's, not the output's
-        raise OSError(e.errno, f"source: cannot read {source} ({e.strerror or e})") from e
-
-
-def _check_source(gguf, reader, model, family: str, layers: int, source) -> None:
-    """Refuse a source GGUF of another model: its fields and tensors are copied beside the
-    model's attention, so its layer count, widths and every tensor it shares with the model
-    must match the model's (what pruning changes, the attention, aside)."""
-    config = model.config
-    for key, want in (("block_count", layers), ("embedding_length", getattr(config, "hidden_size", None)),
-                      ("feed_forward_length", getattr(config, "intermediate_size", None))):
-        field = reader.fields.get(f"{family}.{key}")
-        if field is not None and want is not None and int(field.contents()) != int(want):
-            raise ValueError(f"source: {source} is a GGUF of another model: its {family}.{key} is "
-                             f"{int(field.contents())}, the model's is {int(want)}")
-    ours = _untouched(gguf, model, "llama", layers)
-    for t in reader.tensors:
-        want = ours[t.name].numel() if t.name in ours else None
-        if want is not None and int(t.n_elements) != want:
-            raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} holds "
-                             f"{int(t.n_elements)} values, the model's {want}")
-    _check_values(gguf, reader, ours, source)
-
-
-def _check_values(gguf, reader, ours: dict, source) -> None:
-    """Refuse a source whose copied tensors hold other values than the model's (another model of
-    the same shapes): every 1-D tensor whole and :data:`SOURCE_ROWS` evenly spaced rows of every
-    matrix, dequantised, against the model's, to :data:`SOURCE_RTOL` of their norm. A fine-tune
-    of the same weights can pass."""
-    import numpy as np
-
-    for t in reader.tensors:
-        value = ours.get(t.name)
-        data = np.asarray(t.data)
-        if value is None or data.shape[0] != value.shape[0]:
-            continue
-        rows = np.unique(np.linspace(0, data.shape[0] - 1, min(SOURCE_ROWS, data.shape[0])).astype(np.int64))
-        part = data if data.ndim == 1 else data[rows]
-        try:
-            theirs = torch.from_numpy(np.asarray(gguf.quants.dequantize(part, t.tensor_type), dtype=np.float64))
-        except (NotImplementedError, ValueError):  # a type the gguf package does not read: not compared
-            continue
-        mine = value.detach() if data.ndim == 1 else value.detach()[torch.from_numpy(rows).to(value.device)]
-        mine = mine.to(device="cpu", dtype=torch.float64)  # the sampled rows only
-        if theirs.numel() != mine.numel():
-            continue
-        theirs, mine = theirs.reshape(-1), mine.reshape(-1)
-        scale = max(float(theirs.norm()), float(mine.norm()))
-        change = float((mine - theirs).norm()) / scale if scale > 0 else 0.0
-        if not change <= SOURCE_RTOL:  # a NaN is refused too
-            raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} differs from the "
-                             f"model's by {change:.2f} of its norm (the source's quantisation stays below "
-                             f"{SOURCE_RTOL}); pass the GGUF the model was read from")
-
-
-def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> dict:
+def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp, edited) -> dict:
     T = gguf.GGMLQuantizationType
     family = ARCHITECTURES[adapter.model_type]  # the source's architecture, whose fields are renamed
     writer = gguf.GGUFWriter(tmp, arch)
@@ -272,8 +224,12 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp) -> 
         for name, value in _untouched(gguf, model, arch, len(sites)).items():
             if not (name == "output.weight" and _tied(model)):
                 put(name, value, None)
+    mine = _untouched(gguf, model, "llama", len(sites)) if edited else {}
     for t in (reader.tensors if reader is not None else []):
         if _attention_name(t.name):
+            continue
+        if t.name in edited:  # values the model no longer holds as the source has them
+            put(t.name, mine[t.name], t)
             continue
         writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
         written[t.name] = t.tensor_type.name
@@ -337,6 +293,9 @@ def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool 
     bias alone, and some of its versions size a ``deci`` q bias as the full width, so ``deci``
     files carry no zero biases)."""
     out = {}
+    # transformers' one attention_bias: in a llama file every layer has the four or none (zero
+    # where a layer has no o bias), as a per-layer gap would be a missing weight to its loader
+    every = zero_qkv_bias and any(getattr(s.sub(s.block.o), "bias", None) is not None for s in sites)
     for s, (hq, hkv) in zip(sites, counts):
         b, i = s.block, s.index
         q, k, v, o = (s.sub(p) for p in (b.q, b.k, b.v, b.o))
@@ -344,14 +303,15 @@ def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool 
         out[f"blk.{i}.attn_k.weight"] = _permute(k.weight.detach(), hkv)
         out[f"blk.{i}.attn_v.weight"] = v.weight.detach()
         out[f"blk.{i}.attn_output.weight"] = o.weight.detach()
-        if getattr(o, "bias", None) is not None:
+        if getattr(o, "bias", None) is not None or every:
             for name, lin, heads in (("attn_q", q, hq), ("attn_k", k, hkv), ("attn_v", v, None)):
                 has = getattr(lin, "bias", None) is not None
                 if not zero_qkv_bias and (not has or not bool(lin.bias.detach().any())):
                     continue  # deci: no zero biases, even where the model holds them (read from a llama GGUF)
                 bias = lin.bias.detach() if has else lin.weight.new_zeros(lin.weight.shape[0])
                 out[f"blk.{i}.{name}.bias"] = _permute(bias, heads) if heads else bias
-            out[f"blk.{i}.attn_output.bias"] = o.bias.detach()
+            out[f"blk.{i}.attn_output.bias"] = o.bias.detach() if o.bias is not None else o.weight.new_zeros(
+                o.weight.shape[0])
     return out
 
 
