@@ -130,6 +130,9 @@ def interrupted(args) -> str:
     kept = [p for p in checkpoint_files(_checkpoint(out)) if os.path.exists(p)]
     if args.command == "scan" and kept:
         parts.append(f"the checkpoint {', '.join(kept)} keeps the batches done: run again with --resume to continue")
+    held = getattr(args, "checkpoint", None) if args.command == "recover" else None
+    if isinstance(held, str) and os.path.exists(held):
+        parts.append(f"--checkpoint {held} keeps the recovery's steps saved: the same command again goes on from them")
     return "interrupted; " + "; ".join(parts)
 
 

@@ -227,7 +227,7 @@ def recover(args) -> int:
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
-        check_teacher(teacher_spec, teacher, student, "DIR", named=not args.teacher)  # distilled toward
+        _check_distils(args, teacher_spec, teacher, student)  # distilled toward
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
         split = split_validation(batches, args.validation)  # refused before the models are evaluated
@@ -265,6 +265,21 @@ def recover(args) -> int:
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
     print(quality_table(report))
     return 0
+
+
+def _check_distils(args, spec: str, teacher, student) -> None:
+    """The distillation's refusal of a teacher whose outputs its loss cannot compare (another
+    family, class, width or labels), before both models are evaluated, named as it was given;
+    first the command line's (another tokenizer)."""
+    from ..hf.training import check_teacher as check_models
+
+    check_teacher(spec, teacher, student, "DIR", named=not args.teacher)
+    try:
+        check_models(student.model, teacher.model)
+    except ValueError as e:
+        who = f"--teacher: {spec}:" if args.teacher else f"DIR/report.json names {spec} as the unpruned model, but"
+        raise ValueError(f"{who} {str(e).removeprefix('teacher: ')}; pass {'' if args.teacher else '--teacher, '}the "
+                         "unpruned model DIR was pruned from") from None
 
 
 def _saved_dtype(settings: dict, loaded) -> str:

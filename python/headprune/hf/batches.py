@@ -50,15 +50,25 @@ def batch_rows(batch) -> int:
                 and isinstance(v, torch.Tensor))
 
 
+def check_inputs_of(batch, name: str = "batches") -> None:
+    """What :func:`forward_kwargs` refuses of a batch, named as the argument ``name``."""
+    try:
+        check_batch(batch)
+        if not any(k in batch for k in ("input_ids", "pixel_values", "inputs_embeds")):
+            raise ValueError(f"batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys {sorted(batch)}")
+        for k in ("input_ids", "pixel_values", "inputs_embeds"):
+            v = batch.get(k)
+            if isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape[:2]):
+                raise ValueError(f"batches: a batch's {k!r} is empty or not batched (shape {tuple(v.shape)})")
+        check_ids(batch)
+    except (TypeError, ValueError) as e:
+        if name == "batches" or not str(e).startswith("batches: "):
+            raise
+        raise type(e)(f"{name}: {str(e)[len('batches: '):]}") from None
+
+
 def forward_kwargs(model, batch) -> dict:
-    check_batch(batch)
-    if not any(k in batch for k in ("input_ids", "pixel_values", "inputs_embeds")):
-        raise ValueError(f"batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys {sorted(batch)}")
-    for k in ("input_ids", "pixel_values", "inputs_embeds"):
-        v = batch.get(k)
-        if isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape[:2]):
-            raise ValueError(f"batches: a batch's {k!r} is empty or not batched (shape {tuple(v.shape)})")
-    check_ids(batch)
+    check_inputs_of(batch)
     device = next(model.parameters()).device
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     params = inspect.signature(model.forward).parameters

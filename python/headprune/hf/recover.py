@@ -37,6 +37,7 @@ import torch
 from ..core.modules import eval_mode
 from ..prune.mask import active_masks
 from .adapters import encoder_decoder, get_adapter, resolve_sites
+from .batches import check_inputs_of
 from .distil import _kwargs, _loss, _Teacher, distillation_loss
 from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
                        cast_back, check_inputs, check_teacher, dtypes_of, finite_loss, open_checkpoint)
@@ -236,11 +237,11 @@ def _check_validation(validation, every) -> int:
     if not isinstance(validation, Sequence) or isinstance(validation, (str, bytes)) or not validation:
         raise ValueError(f"validation: expected a non-empty list of batches, got {type(validation).__name__}"
                          + (" (empty)" if isinstance(validation, Sequence) else ""))
-    if every is None:
-        return 5 * len(validation)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ValueError(f"validate_every: expected a positive int, got {every!r}")
-    return every
+    for batch in validation:  # refused here, by its name (the run would name them batches)
+        check_inputs_of(batch, "validation")
+    return 5 * len(validation) if every is None else every
 
 
 class _Validation:
