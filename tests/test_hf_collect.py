@@ -214,8 +214,13 @@ def test_model_is_restored_when_interrupted(exc, method):
 def test_model_is_restored_when_the_forward_fails():
     model = tiny_model("gpt2")
     bad = {"input_ids": torch.full((1, 4), 10_000), "attention_mask": torch.ones(1, 4)}
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match="batches: token ids run from 10000 to 10000"):  # refused midway
         collect(model, [tiny_batch("gpt2"), bad], progress=False)
+    assert _impls(model) == ["sdpa"] and not _RECORDERS
+    broken = model.h[1].mlp.register_forward_hook(lambda *a: (_ for _ in ()).throw(IndexError("inside")))
+    with pytest.raises(IndexError, match="inside"):  # a forward that fails
+        collect(model, [tiny_batch("gpt2")], progress=False)
+    broken.remove()
     assert _impls(model) == ["sdpa"] and not _RECORDERS
 
 

@@ -72,3 +72,22 @@ def test_an_interrupted_recovery_says_what_its_checkpoint_keeps(tmp_path):
     ckpt.write_bytes(b"steps")
     assert interrupted(args).endswith(f"--checkpoint {ckpt} keeps the recovery's steps saved: the same command again "
                                       "goes on from them")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_name():
+    """They failed inside the embedding: IndexError: index out of range in self."""
+    from headprune.hf import collect
+
+    teacher, student = _pair()
+    bad = {"input_ids": torch.tensor([[1, 2, 1000]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    rows = teacher.get_input_embeddings().num_embeddings
+    want = f"token ids run from 1 to 1000, and the model's input embeddings hold ids 0 to {rows - 1}"
+    with pytest.raises(ValueError, match=f"^batches: {want}"):
+        recover(student, teacher, [bad], steps=1)
+    with pytest.raises(ValueError, match=f"^validation: {want}"):
+        recover(student, teacher, [tiny_batch("llama")], steps=1, validation=[bad])
+    with pytest.raises(ValueError, match=f"^batches: {want}"):
+        collect(teacher, [bad], progress=False)
+    negative = {"input_ids": torch.tensor([[-1, 2]])}
+    with pytest.raises(ValueError, match=r"^batches: token ids run from -1 to 2"):
+        collect(teacher, [negative], progress=False)

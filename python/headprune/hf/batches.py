@@ -67,8 +67,24 @@ def check_inputs_of(batch, name: str = "batches") -> None:
         raise type(e)(f"{name}: {str(e)[len('batches: '):]}") from None
 
 
+def check_vocabulary(model, batch, name: str = "batches") -> None:
+    """Token ids the model's input embeddings hold (a raw ``IndexError`` inside the embedding,
+    or a device-side assert on CUDA, otherwise), refused naming ``name``."""
+    get, ids = getattr(model, "get_input_embeddings", None), batch.get("input_ids")
+    try:
+        rows = getattr(get(), "num_embeddings", None) if callable(get) and ids is not None else None
+    except NotImplementedError:  # a model without input embeddings of its own
+        rows = None
+    if isinstance(rows, int) and isinstance(ids, torch.Tensor) and ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= rows:
+            raise ValueError(f"{name}: token ids run from {low} to {high}, and the model's input embeddings hold "
+                             f"ids 0 to {rows - 1} (text tokenised for another model?)")
+
+
 def forward_kwargs(model, batch) -> dict:
     check_inputs_of(batch)
+    check_vocabulary(model, batch)
     device = next(model.parameters()).device
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     params = inspect.signature(model.forward).parameters

@@ -37,7 +37,7 @@ import torch
 from ..core.modules import eval_mode
 from ..prune.mask import active_masks
 from .adapters import encoder_decoder, get_adapter, resolve_sites
-from .batches import check_inputs_of
+from .batches import check_inputs_of, check_vocabulary
 from .distil import _kwargs, _loss, _Teacher, distillation_loss
 from .training import (_bar, _check_run, _fingerprint, _loop, _model_digest, _resume, _tokens,
                        cast_back, check_inputs, check_teacher, dtypes_of, finite_loss, open_checkpoint)
@@ -190,7 +190,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
-    validate_every = _check_validation(validation, validate_every)
+    validate_every = _check_validation(validation, validate_every, student)
     params, fingerprint = _fingerprinted(student, teacher, batches, lr, train, validation, validate_every)
     ckpt = open_checkpoint(checkpoint, fingerprint, resume)
     with eval_mode(teacher), _training(student, params, dtypes_of(student)), torch.enable_grad():  # under no_grad too
@@ -221,15 +221,15 @@ def check_resume(student, teacher, batches, *, checkpoint, lr: Optional[float] =
     evaluation of both models. Nothing if the file does not exist. Its tensors are mapped, not
     read: the run reads them."""
     lr = default_lr(student) if lr is None else lr
-    every = _check_validation(validation, validate_every)
+    every = _check_validation(validation, validate_every, student)
     fingerprint = _fingerprinted(student, teacher, batches, lr, train, validation, every)[1]
     ckpt = open_checkpoint(checkpoint, fingerprint, True, arg=arg)
     if ckpt is not None:
         ckpt.load(mmap=True)
 
 
-def _check_validation(validation, every) -> int:
-    """``validate_every`` checked (its default for these validation batches)."""
+def _check_validation(validation, every, student) -> int:
+    """``validate_every`` checked (its default for these validation batches), and the batches."""
     if validation is None:
         if every is not None:
             raise ValueError("validate_every: needs validation batches")
@@ -241,6 +241,7 @@ def _check_validation(validation, every) -> int:
         raise ValueError(f"validate_every: expected a positive int, got {every!r}")
     for batch in validation:  # refused here, by its name (the run would name them batches)
         check_inputs_of(batch, "validation")
+        check_vocabulary(student, batch, "validation")
     return 5 * len(validation) if every is None else every
 
 
