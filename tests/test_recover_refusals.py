@@ -1,6 +1,7 @@
 """Recovery's refusals name what was given: validation batches as ``validation``, a command-line
 teacher that cannot teach the pruned model as ``--teacher`` (before both models are evaluated),
-and an interrupted ``recover`` says what its --checkpoint keeps."""
+token ids the model has no embedding for; an interrupted ``recover`` says what its --checkpoint
+keeps, and a recovered model keeps the record of every recovery."""
 
 import argparse
 import copy
@@ -91,3 +92,19 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_name():
     negative = {"input_ids": torch.tensor([[-1, 2]])}
     with pytest.raises(ValueError, match=r"^batches: token ids run from -1 to 2"):
         collect(teacher, [negative], progress=False)
+
+
+def test_a_second_recovery_keeps_the_record_of_the_first(run, tmp_path, tiny_dir):  # noqa: F811
+    """The recovered model's headprune.json held only the last recovery's record."""
+    import json
+
+    calib = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    assert run(["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--out", tmp_path / "p"])[0] == 0
+    for src, out, steps in (("p", "r1", "2"), ("r1", "r2", "1"), ("r2", "r3", "1")):
+        code, err = run(["recover", tmp_path / src, "--steps", steps, "--validation", "0", "--samples", "4", "--quiet",
+                         "--out", tmp_path / out])
+        assert code == 0, err
+    settings = json.loads((tmp_path / "r3" / "model" / "headprune.json").read_text())["settings"]
+    assert settings["recover"]["steps"] == 1 and [r["steps"] for r in settings["recover_earlier"]] == [2, 1]
+    first = json.loads((tmp_path / "r1" / "model" / "headprune.json").read_text())["settings"]
+    assert "recover_earlier" not in first and first["recover"]["steps"] == 2

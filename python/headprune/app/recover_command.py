@@ -259,7 +259,7 @@ def recover(args) -> int:
         student.model.to(SAVE_TYPES[saved_as])  # exact: rounded before the evaluation
         with tokenizer_as_loaded(student.tokenizer) as tokenizer:
             save_pruned(student.model, tmp / "model", tokenizer=tokenizer, scores=scores,
-                        settings={**meta.get("settings", {}), "recover": finite(result)})  # strict JSON
+                        settings=_recorded(meta.get("settings", {}), finite(result)))  # strict JSON
         C._write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(report_markdown(report))
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
@@ -280,6 +280,13 @@ def _check_distils(args, spec: str, teacher, student) -> None:
         who = f"--teacher: {spec}:" if args.teacher else f"DIR/report.json names {spec} as the unpruned model, but"
         raise ValueError(f"{who} {str(e).removeprefix('teacher: ')}; pass {'' if args.teacher else '--teacher, '}the "
                          "unpruned model DIR was pruned from") from None
+
+
+def _recorded(settings: dict, result: dict) -> dict:
+    """The model's settings with this recovery's record; a recovered model's earlier ones are
+    kept, oldest first, under ``recover_earlier`` (a second recovery replaced the first)."""
+    earlier = [*settings.get("recover_earlier", []), *([settings["recover"]] if "recover" in settings else [])]
+    return {**settings, "recover": result, **({"recover_earlier": earlier} if earlier else {})}
 
 
 def _saved_dtype(settings: dict, loaded) -> str:
