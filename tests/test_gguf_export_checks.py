@@ -116,3 +116,24 @@ def test_tensors_the_model_changed_are_written_from_the_model(tmp_path):
     assert same and all(bytes(after[n].data) == bytes(before[n].data) for n in same)
     ids = batch["input_ids"][:, :7]
     torch.testing.assert_close(_logits(_read_back(tmp_path / "out.gguf"), ids), _logits(model, ids), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float16])
+def test_a_directory_saved_narrower_still_takes_its_sources_tensors(tmp_path, saved):
+    """prune saves a model read from a quantised GGUF in bfloat16, and export reads that
+    directory back in float32: its values are the source's rounded, not changed, so the source's
+    tensors are copied as they are, without a warning (every one was rewritten from the model)."""
+    import warnings
+
+    export_gguf(_llama(), tmp_path / "src.gguf", dtype="float32")
+    model = _read_back(tmp_path / "src.gguf")
+    prune_heads(model, {0: [1, 3], 1: [0, 2]})
+    with torch.no_grad():  # saved narrower, read back in float32
+        for p in model.parameters():
+            p.copy_(p.to(saved).float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_gguf(model, tmp_path / "out.gguf", source=tmp_path / "src.gguf")
+    before = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "src.gguf")).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    assert all(bytes(after[n].data) == bytes(t.data) for n, t in before.items() if ".attn_" not in n)

@@ -60,8 +60,9 @@ def _changed(gguf, reader, ours: dict, source) -> list:
     edit after loading), which the export writes from the model; a source whose tensors are
     another model's (of the same shapes) is refused. Each tensor is compared whole, dequantised,
     with the model's: the same values are those the model read from it (equal in the model's
-    dtype), or the model's float values that the source quantised (they quantise to its very
-    blocks); beyond :data:`SOURCE_RTOL` of its norm it is another model's."""
+    dtype, or rounded to bfloat16 or float16 as a saved directory holds them), or the model's
+    float values that the source rounded or quantised (to its very blocks); beyond
+    :data:`SOURCE_RTOL` of its norm it is another model's."""
     import numpy as np
 
     changed = []
@@ -76,7 +77,7 @@ def _changed(gguf, reader, ours: dict, source) -> list:
         except (NotImplementedError, ValueError):  # a type the gguf package does not read
             changed.append(t.name)
             continue
-        if torch.equal(theirs.to(mine.dtype), mine) or _quantises_to(gguf, mine, theirs, t):
+        if _same_values(mine, theirs) or _quantises_to(gguf, mine, theirs, t):
             continue
         theirs, ours64 = theirs.double().reshape(-1), mine.double().reshape(-1)
         scale = max(float(theirs.norm()), float(ours64.norm()))
@@ -87,6 +88,13 @@ def _changed(gguf, reader, ours: dict, source) -> list:
                              f"{SOURCE_RTOL}); pass the GGUF the model was read from")
         changed.append(t.name)
     return changed
+
+
+def _same_values(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """The source's values as the model holds them: read from the file (in the model's dtype),
+    or saved since in a narrower float type (``prune`` saves a model read from a quantised GGUF
+    in bfloat16) and read back wider."""
+    return any(torch.equal(theirs.to(dt).to(mine.dtype), mine) for dt in (mine.dtype, torch.bfloat16, torch.float16))
 
 
 def _quantises_to(gguf, mine: torch.Tensor, theirs: torch.Tensor, t) -> bool:
