@@ -144,3 +144,23 @@ def test_float32_moments_without_damping_fit_without_blowing_up(tokens):
             size[dtype] = new_w.abs().max().item()
         assert size[torch.float32] <= 2 * max(size[torch.float64], w.abs().max().item()), (seed, size)
         assert fit[torch.float32] <= fit[torch.float64] * 1.01 + 1e-6, (seed, fit)
+
+
+def test_the_refit_without_damping_changes_singular_moments_least_where_cholesky_passes():
+    """Moments of 3 tokens over 3 kept columns and the constant are singular, yet rounding let
+    their Cholesky factorisation through (info 0): the refit solved by it, fitting the tokens
+    exactly with the kept weights moved twice as far as the least change does."""
+    from headprune.prune.reconstruct import refit_output
+
+    torch.manual_seed(1)
+    d, out = 7, 3
+    x = torch.cat([torch.randn(3, d, dtype=torch.float64), torch.ones(3, 1, dtype=torch.float64)], 1)
+    gram, w, b = x.t() @ x, torch.randn(out, d, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
+    keep = [6, 2, 4]
+    s = keep + [d]
+    g = gram / gram[d, d]
+    assert int(torch.linalg.cholesky_ex(g[s][:, s])[1]) == 0 and int(torch.linalg.matrix_rank(g[s][:, s])) == 3
+    new_w, new_b = refit_output(w, b, gram, keep, damping=0.0)
+    wt = torch.cat([w, b[:, None]], 1)
+    want = wt[:, s].t() + torch.linalg.pinv(g[s][:, s]) @ (g[s] @ wt.t() - g[s][:, s] @ wt[:, s].t())
+    torch.testing.assert_close(torch.cat([new_w, new_b[:, None]], 1).t(), want, rtol=1e-7, atol=1e-7)
