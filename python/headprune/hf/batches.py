@@ -55,7 +55,8 @@ def check_inputs_of(batch, name: str = "batches") -> None:
     try:
         check_batch(batch)
         if not any(k in batch for k in ("input_ids", "pixel_values", "inputs_embeds")):
-            raise ValueError(f"batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys {sorted(batch)}")
+            raise ValueError("batches: a batch needs input_ids, inputs_embeds or pixel_values; got keys "
+                             f"{sorted(batch)}")
         for k in ("input_ids", "pixel_values", "inputs_embeds"):
             v = batch.get(k)
             if isinstance(v, torch.Tensor) and (v.dim() < 2 or 0 in v.shape[:2]):
@@ -76,7 +77,7 @@ def check_vocabulary(model, batch, name: str = "batches") -> None:
     except NotImplementedError:  # a model without input embeddings of its own
         rows = None
     if isinstance(rows, int) and isinstance(ids, torch.Tensor) and ids.numel():
-        low, high = int(ids.min()), int(ids.max())
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one pass, one sync
         if low < 0 or high >= rows:
             raise ValueError(f"{name}: token ids run from {low} to {high}, and the model's input embeddings hold "
                              f"ids 0 to {rows - 1} (text tokenised for another model?)")

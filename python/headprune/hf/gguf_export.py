@@ -18,9 +18,11 @@ With the GGUF the model was read from (``source``), every field and every tensor
 the attention projections is copied byte for byte (the tokenizer, the quantised MLPs and
 embeddings; a ``deci`` file's fields renamed from ``llama.*``) where the model still holds its
 values (a tensor it no longer does, changed after loading, is written from the model, with a
-warning); the attention projections are written from the pruned model, in the source tensor's quantisation where the ``gguf`` package
-can write it, else in float16. Kept q/k/v rows of a Q4_1 or Q8_0 tensor re-quantise to exactly
-their original blocks when the model holds the values read from the file (``headprune prune``
+warning; values the model read from the file, or those rounded to bfloat16 or float16 as a
+saved directory holds them, are its own); the attention projections are written from the
+pruned model, in the source tensor's quantisation where the ``gguf`` package can write it,
+else in float16. Kept q/k/v rows of a Q4_1 or Q8_0 tensor re-quantise to exactly their
+original blocks when the model holds the values read from the file (``headprune prune``
 writes its GGUF so, from the float32 model); from a directory saved in bfloat16, as ``prune``
 saves a model read from a quantised GGUF, ``headprune export`` re-quantises values rounded to
 bfloat16, whose blocks can differ from the original ones by about that rounding. The refit
@@ -83,19 +85,21 @@ def export_architecture(model, architecture: str = "auto") -> str:
     return _layout(adapter, resolve_sites(model, adapter), architecture)[0]
 
 
-def _check_model(model):
-    """The model a GGUF describes: a ``torch.compile`` wrapper's own (a wrapper inside it is
-    refused: its weights' ``_orig_mod.`` names map to no GGUF tensor), with an LM head."""
+def _check_model(model) -> tuple:
+    """``(model, adapter, family)`` of the model a GGUF describes: a ``torch.compile`` wrapper's
+    own (a wrapper inside it is refused: its weights' ``_orig_mod.`` names map to no GGUF
+    tensor), of a family it writes, with an LM head."""
     model = uncompiled(model)
     if nested := [n for n, in_place in compiled_over(model, model.modules()) if n and not in_place]:
         raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; export the model whose "
                          "layers are not wrapped (compile in place with module.compile(), or export before compiling)")
-    _family(get_adapter(model))  # a family it writes first
+    adapter = get_adapter(model)
+    family = _family(adapter)  # a family it writes first
     get = getattr(model, "get_output_embeddings", None)
     if not callable(get) or get() is None:
         raise ValueError(f"model: expected a causal LM with its LM head (e.g. LlamaForCausalLM), got "
                          f"{type(model).__name__}; a GGUF without the head would be read with the embeddings as one")
-    return model
+    return model, adapter, family
 
 
 def _family(adapter) -> str:
@@ -148,22 +152,22 @@ def export_gguf(model, path, *, source=None, dtype: str = "auto", architecture: 
         raise ValueError(f"dtype: expected one of auto, {', '.join(FLOAT_TYPES)}, got {dtype!r}")
     if architecture not in GGUF_ARCHITECTURES:
         raise ValueError(f"architecture: expected one of {', '.join(GGUF_ARCHITECTURES)}, got {architecture!r}")
-    model = _check_model(model)
-    adapter = get_adapter(model)
-    family = _family(adapter)
+    model, adapter, family = _check_model(model)
     sites = resolve_sites(model, adapter)
     arch, counts = _layout(adapter, sites, architecture)
     d = head_dim(sites[0], adapter)
     reader, found = (None, family) if source is None else read_source(gguf, source)
-    edited = []
+    edited = {}
     if reader is not None:
         if found != family:
             raise ValueError(f"source: {source} is a {found!r} GGUF, the model is {family!r}")
-        edited = check_source(gguf, reader, model, family, len(sites), source, _untouched, _tied)
+        copied = _untouched(gguf, model, "llama", len(sites))
+        edited = check_source(gguf, reader, model, family, len(sites), source, copied, _tied(model))
         if edited:  # what was evaluated is what is written
-            warnings.warn(f"model: {len(edited)} of the tensors the export copies from source= hold other values in the "
-                          f"model ({', '.join(edited[:3])}{', ...' if len(edited) > 3 else ''}); they are written from "
-                          "the model, in the source's type where the gguf package writes it, else float16", stacklevel=2)
+            names = ", ".join(list(edited)[:3]) + (", ..." if len(edited) > 3 else "")
+            warnings.warn(f"model: {len(edited)} of the tensors the export copies from source= hold other values in "
+                          f"the model ({names}); they are written from the model, in the source's type where the gguf "
+                          "package writes it, else float16", stacklevel=2)
     path = os.fspath(path)
     if os.path.islink(path):  # as save_pruned and --out: a link is refused, not followed or replaced
         raise FileExistsError(f"path: {path} is a symbolic link (to {os.readlink(path)}); give the file itself")
@@ -224,12 +228,11 @@ def _write(gguf, model, adapter, sites, arch, counts, d, reader, dtype, tmp, edi
         for name, value in _untouched(gguf, model, arch, len(sites)).items():
             if not (name == "output.weight" and _tied(model)):
                 put(name, value, None)
-    mine = _untouched(gguf, model, "llama", len(sites)) if edited else {}
     for t in (reader.tensors if reader is not None else []):
         if _attention_name(t.name):
             continue
         if t.name in edited:  # values the model no longer holds as the source has them
-            put(t.name, mine[t.name], t)
+            put(t.name, edited[t.name], t)
             continue
         writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
         written[t.name] = t.tensor_type.name

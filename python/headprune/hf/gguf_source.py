@@ -27,12 +27,13 @@ def read_source(gguf, source) -> tuple:
         raise OSError(e.errno, f"source: cannot read {source} ({e.strerror or e})") from e
 
 
-def check_source(gguf, reader, model, family: str, layers: int, source, untouched, tied) -> list:
+def check_source(gguf, reader, model, family: str, layers: int, source, ours: dict, tied: bool) -> dict:
     """Refuse a source GGUF of another model: its fields and tensors are copied beside the
     model's attention, so its layer count, widths and every tensor it shares with the model
     must match the model's (what pruning changes, the attention, aside), and it must hold every
-    tensor of the model's that the export copies (``untouched``, ``tied``: the exporter's).
-    Returns the names of those whose values the model no longer holds (:func:`_changed`)."""
+    tensor of the model's that the export copies (``ours``: ``{GGUF name: tensor}``; ``tied``:
+    its output head is its embeddings). Returns ``{name: tensor}`` of those whose values the
+    model no longer holds (:func:`_changed`), which the export writes from the model."""
     config = model.config
     for key, want in (("block_count", layers), ("embedding_length", getattr(config, "hidden_size", None)),
                       ("feed_forward_length", getattr(config, "intermediate_size", None))):
@@ -40,9 +41,8 @@ def check_source(gguf, reader, model, family: str, layers: int, source, untouche
         if field is not None and want is not None and int(field.contents()) != int(want):
             raise ValueError(f"source: {source} is a GGUF of another model: its {family}.{key} is "
                              f"{int(field.contents())}, the model's is {int(want)}")
-    ours = untouched(gguf, model, "llama", layers)
     theirs = {t.name for t in reader.tensors}
-    if missing := sorted(n for n in ours if n not in theirs and not (n == "output.weight" and tied(model))):
+    if missing := sorted(n for n in ours if n not in theirs and not (n == "output.weight" and tied)):
         raise ValueError(f"source: {source} lacks the model's tensor {missing[0]}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + ", which the export "
                          "copies from it (without it the file would be another model); pass the GGUF the model was "
@@ -52,7 +52,7 @@ def check_source(gguf, reader, model, family: str, layers: int, source, untouche
         if want is not None and int(t.n_elements) != want:
             raise ValueError(f"source: {source} is a GGUF of another model: its tensor {t.name} holds "
                              f"{int(t.n_elements)} values, the model's {want}")
-    return _changed(gguf, reader, ours, source)
+    return {name: ours[name] for name in _changed(gguf, reader, ours, source)}
 
 
 def _changed(gguf, reader, ours: dict, source) -> list:
@@ -68,7 +68,7 @@ def _changed(gguf, reader, ours: dict, source) -> list:
     changed = []
     for t in reader.tensors:
         value = ours.get(t.name)
-        if value is None or int(t.n_elements) != value.numel():
+        if value is None:  # the attention, which the export writes from the model
             continue
         mine = value.detach().cpu()
         try:

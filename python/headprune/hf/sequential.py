@@ -81,8 +81,6 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     adapter, sites = _check(model, batches, scores, counts, ratio, count,
                             {"choose": choose, "protect_layers": protect_layers,
                              "min_heads_per_layer": min_heads_per_layer, "fused": fused})
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
     session = None if counts is not None else Collection(model, "qk", fused=fused is not False, moments=torch.float64)
     gqa = gqa or ("query" if counts is not None else DEFAULT_GQA)
     plan = None if session is None else RunningShares(session.scores(), ratio=ratio, count=count, gqa=gqa,
@@ -154,6 +152,8 @@ def _check(model, batches, scores, counts, ratio, count, options: dict) -> tuple
     if active_masks(model):
         raise ValueError("model: has heads masked by active mask_heads handles; restore them first (each layer's "
                          "refit here starts from its weights as they are, and would write the masked columns)")
+    if options["fused"] is not None and not isinstance(options["fused"], bool):
+        raise TypeError(f"fused: expected a bool, got {type(options['fused']).__name__}")
     return adapter, resolve_sites(model, adapter)
 
 

@@ -112,9 +112,7 @@ def refit_output(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch
     # plus A^-1 G[S, R] W~_R^T: a solve with |R| right sides instead of one per output.
     # singular (no damping, fewer tokens than inputs or heads that depend on each other): the
     # least change of the kept weights, by least squares (all of them kept: none)
-    chol, info = torch.linalg.cholesky_ex(a)
-    solve = ((lambda r: torch.cholesky_solve(r, chol)) if int(info) == 0 and not _rank_deficient(chol, c) else
-             (lambda r: _least_squares(a, r)))
+    solve = _solver(a, rank_check=c is None)
     sol = wt[:, s].t() + (solve(g[s][:, gone]) @ wt[:, gone].t() if bool(gone.any()) else 0.0)  # none gone: as they are
     if anchor == "zero" and c is not None:  # the ridge pulls towards 0: the prior term goes
         prior = torch.zeros_like(sol)
@@ -138,21 +136,20 @@ def solve_damped(a: torch.Tensor, rhs: torch.Tensor, damping: float, k: int, pri
         if prior is not None:
             rhs = rhs.clone()
             rhs[:k] += c * prior
+    return _solver(a)(rhs)
+
+
+def _solver(a: torch.Tensor, rank_check: bool = False):
+    """``solve(rhs)`` for ``a x = rhs``: by its Cholesky factor, by least squares where that
+    fails or (``rank_check``, for moments without a ridge) where rounding let a factor of
+    singular moments through (fewer tokens than columns: a pivot below 1e-6 of the largest, a
+    condition number above 1e12, where float64 sums carry no more)."""
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, chol)
-    return _least_squares(a, rhs)
-
-
-def _rank_deficient(chol: torch.Tensor, c) -> bool:
-    """Without a ridge (``c`` None), a Cholesky factor of singular moments that rounding let
-    through (fewer tokens than columns): a pivot below 1e-6 of the largest, a condition number
-    above 1e12, where float64 sums carry no more; the least change of the kept weights is then
-    taken by least squares, as where the factorisation fails."""
-    if c is not None or chol.numel() == 0:
-        return False
-    pivots = chol.diagonal().abs()
-    return bool(pivots.min() <= 1e-6 * pivots.max())
+    factored = int(info) == 0
+    if factored and rank_check and chol.numel():
+        pivots = chol.diagonal().abs()
+        factored = not bool(pivots.min() <= 1e-6 * pivots.max())
+    return (lambda rhs: torch.cholesky_solve(rhs, chol)) if factored else (lambda rhs: _least_squares(a, rhs))
 
 
 def _least_squares(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ class RunningShares:
 
         from .recipes import default_protected
         from .select import budget, select_heads, site_caps
-        from .units import as_count, as_index, unit_sizes
+        from .units import as_count, as_index, unit_counts, unit_sizes
 
         protect = default_protected(layout) if protect_layers is None else protect_layers
         # what select_heads removes with every head ranked alike: its checks and refusals of the
@@ -77,16 +77,19 @@ class RunningShares:
         alike = torch.zeros(layout.num_sites, max(layout.num_heads, default=0), dtype=torch.float64)
         chosen = select_heads(layout, ratio=ratio, count=count, scope="per_layer", gqa=gqa, protect_layers=protect,
                               min_heads_per_layer=min_heads_per_layer, score=alike, order="low")
-        protect, min_heads, unit = {as_index(i) for i in protect}, as_count(min_heads_per_layer), unit_sizes(layout, gqa)
+        protect, min_heads = {as_index(i) for i in protect}, as_count(min_heads_per_layer)
+        unit = unit_sizes(layout, gqa)
         units = [hq // u for hq, u in zip(layout.num_heads, unit)]
-        self.want = sum(len(hs) // unit[i] for i, hs in chosen.items())
+        self.want = sum(unit_counts(chosen, layout, gqa).values())
         floors, ceils = site_caps(units, protect, min_heads, budget(ratio, count, sum(units)), "per_layer")
         allowed = [0 if i in protect else max(0, n - min_heads) for i, n in enumerate(units)]
         sizes = [self._sizes(n, k, lo, hi, a, gqa)
                  for n, k, lo, hi, a in zip(layout.num_heads, layout.num_kv_heads, floors, ceils, allowed)]
-        self.options, self.reach = self._reach([p for _, p in sizes])
+        self.options = [p for _, p in sizes]
+        self.reach = self._reach(self.options)
         if self.want not in self.reach[0]:  # the preferred sizes cannot make the budget: every size
-            self.options, self.reach = self._reach([e for e, _ in sizes])
+            self.options = [e for e, _ in sizes]
+            self.reach = self._reach(self.options)
         self.open = [0 if i in protect else n for i, n in enumerate(units)]
         self.passed = self.taken = self.next = 0
 
@@ -106,13 +109,12 @@ class RunningShares:
         pure = max(r for r in every if any(g == 0 or t == 0 for g, t in layouts[r]))
         return every, [r for r in every if r > pure or any(g == 0 or t == 0 for g, t in layouts[r])]
 
-    def _reach(self, options: list) -> tuple:
-        """``(options, reach)``: ``reach[i]``, the totals up to the budget that the sites from
-        ``i`` on can give together."""
+    def _reach(self, options: list) -> list:
+        """``reach[i]``: the totals up to the budget that the sites from ``i`` on can give together."""
         reach = [{0}]
         for opts in reversed(options):
             reach.append({a + r for a in reach[-1] for r in opts if a + r <= self.want})
-        return options, reach[::-1]
+        return reach[::-1]
 
     def take(self, site: int) -> int:
         """Units site ``site`` gives (sites in order, each once): of its sizes after which the
