@@ -154,6 +154,33 @@ def test_the_sweeps_one_pass_recipe(monkeypatch):
                         {"x": {"sequential": "one pass", **({"scope": scope} if scope else {})}}, batches=batches)
 
 
+@pytest.mark.parametrize("option", [{"order": "high"}, {"learned": {}}, {"kv_ratio": 0.5}, {"uniform": True},
+                                    {"iterative": True}])
+@pytest.mark.parametrize("sequential", [True, "one pass"])
+def test_sweep_refuses_what_a_sequential_recipe_would_ignore(monkeypatch, option, sequential):
+    """A sequential recipe re-chooses each layer's heads by greedy OBS: an order, learned gates,
+    a KV share, a uniform layout or rounds would not decide them, and are refused before
+    anything is evaluated; the one-pass recipe runs no one-shot selection it would discard."""
+    import headprune.app.sweep as S
+    from headprune.app.load import Loaded
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    batches = [tiny_batch("llama", seed=0)]
+    scores = collect(model, batches, progress=False, fused=False, moments=True)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: pytest.fail("evaluated"))
+    config = S.SweepConfig(model="tiny", ratios=[0.5], seeds=0, quiet=True, eval_windows=1, fused=False)
+    recipe = {"sequential": sequential, "scope": "per_layer", **option}
+    with pytest.raises(ValueError, match=f"recipes: 'x' re-chooses each layer's heads by the refit's error, layer by "
+                                         f"layer, so {next(iter(option))} would not decide them; drop one"):
+        S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"}, {"x": recipe},
+                    batches=batches)
+    if sequential == "one pass" and "order" in option:
+        monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+        monkeypatch.setattr(S, "select_heads", lambda *a, **k: pytest.fail("selected"))
+        S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
+                    {"x": {"sequential": sequential, "scope": "per_layer", "protect_layers": []}}, batches=batches)
+
+
 def test_fused_is_passed_on_and_bad_batches_are_refused(monkeypatch):
     from headprune.core import ops
 

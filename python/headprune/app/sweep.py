@@ -291,6 +291,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
                                              damping=config.damping,
                                              costs=_reusable(cache.get(name, same), stats, gqa, config.damping, kw),
                                              progress=not config.quiet, **kw)  # minutes: a bar of its own
+    elif sequential == "one pass":  # it decides each layer's count as it goes: no selection to keep
+        heads = {}
     else:
         heads = select_heads(stats, ratio=ratio, gqa=gqa, pruned=pruned, damping=config.damping, **kw)
         heads = _measured_uniform(config, point, stats, state, kw, removal, refit_bias, heads, batches,

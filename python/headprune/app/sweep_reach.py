@@ -16,6 +16,10 @@ def check_ratios(config, scores, recipes: dict) -> None:
     baseline cannot reach (:func:`out_of_reach`), and a sequential recipe in one pass whose
     budget is not spread evenly over the layers."""
     for name, kw in recipes.items():
+        fixed = [k for k in SEQUENTIAL_FIXES if kw.get("sequential") and kw.get(k, False) not in (None, False, 0)]
+        if fixed:  # (a learned recipe's settings may be {}: named is asked for)
+            raise ValueError(f"recipes: {name!r} re-chooses each layer's heads by the refit's error, layer by "
+                             f"layer, so {', '.join(fixed)} would not decide them; drop one")
         if kw.get("sequential") == "one pass" and kw.get("scope") != "per_layer":
             raise ValueError(f"recipes: {name!r} calibrates in one pass, which spreads the budget evenly over the "
                              f"layers; give it scope='per_layer', not {kw.get('scope')!r}")
@@ -27,6 +31,9 @@ def check_ratios(config, scores, recipes: dict) -> None:
 
 
 BASELINE = "the random baseline"
+#: options a sequential recipe cannot honour: it keeps only each layer's count from the
+#: selection (or, in one pass, its even share) and re-chooses the heads by greedy OBS
+SEQUENTIAL_FIXES = ("order", "learned", "kv_ratio", "uniform", "iterative")
 
 
 def random_selection(config, scores) -> dict:
