@@ -297,6 +297,25 @@ def test_layer_keys_take_the_integer_types_head_indices_take():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_fractions_take_the_number_types_counts_take():
+    """A fraction as a numpy or 0-d tensor number selects as the float does (np.float32 was
+    refused as "expected a number in [0, 1]"); a bool, NaN or a 1-element tensor is still refused."""
+    import numpy as np
+
+    from headprune.app.texts import reference_samples
+
+    scores = _scores(kv=2)
+    for name, value in [("ratio", 0.5), ("kv_ratio", 0.5)]:
+        other = {"score": "entropy", **({"ratio": 0.5, "gqa": "even"} if name == "kv_ratio" else {})}
+        want = select_heads(scores, **{**other, name: value})
+        for same in (np.float32(value), np.float64(value), torch.tensor(value)):
+            assert select_heads(scores, **{**other, name: same}) == want
+        for bad in (True, float("nan"), torch.tensor([value])):
+            with pytest.raises(ValueError, match=f"{name}: expected a"):
+                select_heads(scores, **{**other, name: bad})
+    assert reference_samples(64, np.float32(0.25)) == reference_samples(64, 0.25) == 16
+
+
 def test_mask_restore_then_prune_and_nested_masks():
     model = tiny_model("gpt2")
     w = model.h[0].attn.c_proj.weight.clone()

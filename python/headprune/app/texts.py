@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+from ..ranking.units import as_real
 
 DATA = Path(__file__).parent / "data"
 BUNDLED_TEXTS = ("persuasion", "python_tutorial", "python_code")
@@ -351,7 +352,7 @@ def reference_texts(spec: Optional[str] = None) -> list:
 def reference_samples(samples: int, share: float, spec: Optional[str] = None) -> int:
     """How many of ``samples`` calibration sequences a reference ``share`` takes (none where
     ``spec`` names every bundled text)."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+    if as_real(share) is None or not 0 <= share < 1:
         raise ValueError(f"reference: expected a share in [0, 1), got {share!r}")
     return max(0, min(round(samples * share), samples - 1)) if reference_texts(spec) else 0  # a share below 1 leaves one
 

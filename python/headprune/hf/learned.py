@@ -38,6 +38,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..ranking.units import as_real
 from .adapters import encoder_decoder, get_adapter, head_counts, resolve_sites
 from .gates import frozen, gates
 from .prune import check_scores
@@ -90,13 +91,12 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+    if as_real(ratio) is None or not 0 < ratio < 1:
         raise ValueError(f"ratio: expected a fraction of heads to prune in (0, 1), got {ratio!r}")
     _check_run(steps, lr, time_budget_s, checkpoint_every)
-    if not isinstance(warmup, (int, float)) or isinstance(warmup, bool) or not 0 <= warmup <= 1:
+    if as_real(warmup) is None or not 0 <= warmup <= 1:
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
-    if (isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init)
-            or abs(init) > torch.finfo(torch.float32).max):  # log_alpha is float32
+    if as_real(init) is None or abs(init) > torch.finfo(torch.float32).max:  # log_alpha is float32
         raise ValueError(f"init: expected a finite log_alpha within float32's range, got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
         raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
@@ -133,6 +133,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     """
     started = time.perf_counter()
     _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
+    ratio, lr, warmup, init = map(as_real, (ratio, lr, warmup, init))  # numpy and tensor numbers as floats
     check_inputs(batches, progress, "learn_gates", model=model)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")

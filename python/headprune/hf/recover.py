@@ -36,6 +36,7 @@ import torch
 
 from ..core.modules import eval_mode
 from ..prune.mask import active_masks
+from ..ranking.units import as_real
 from .adapters import encoder_decoder, get_adapter, resolve_sites
 from .batches import check_inputs_of, check_vocabulary
 from .distil import _kwargs, _loss, _Teacher, distillation_loss
@@ -188,6 +189,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     check_inputs(batches, progress, "recover", student=student, teacher=teacher)
     lr = default_lr(student) if lr is None else lr
     _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
+    lr = as_real(lr)  # numpy and tensor numbers as floats (the checkpoint's fingerprint records it)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     validate_every = _check_validation(validation, validate_every, student)

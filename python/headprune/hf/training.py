@@ -22,6 +22,7 @@ from .. import atomic
 from .checkpoint import format_kind, refuse_foreign, tensor_bytes, writing
 from .batches import check_batch, check_batches
 from ..core.modules import uncompiled
+from ..ranking.units import as_real
 from .adapters import get_adapter
 from .gates import gated
 
@@ -41,7 +42,7 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
             raise ValueError(f"steps: None (until the time budget) needs a finite time_budget_s, got {time_budget_s!r}")
     elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected a positive int{' or None' if open_ended else ''}, got {steps!r}")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < math.inf):
+    if as_real(lr) is None or not 0 < lr:
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
     if time_budget_s is not None and (isinstance(time_budget_s, bool) or not (
             isinstance(time_budget_s, (int, float)) and time_budget_s > 0 and not math.isnan(time_budget_s))):

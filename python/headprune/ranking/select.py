@@ -16,7 +16,7 @@ from ..stats.scores import HeadScores
 from .recipes import DEFAULT_GQA, DEFAULT_RECIPE, SCOPES, resolve_recipe
 from .layouts import (allocate_even, allocate_kv, allocate_uniform, even_layouts, has_grouped_queries, head_costs,
                       layout_heads, tied_sites)
-from .units import as_count, as_index, rank_positions, unit_sizes
+from .units import as_count, as_index, as_real, rank_positions, unit_sizes
 
 __all__ = ["select_heads", "site_caps", "allocate", "budget", "SplitGroupsError"]
 
@@ -143,7 +143,7 @@ def _check_options(scores, scope, min_heads_per_layer, uniform, protect_layers, 
     if uniform and pruned:
         raise ValueError("pruned: iterative pruning is not supported with uniform=True")
     if kv_ratio is not None:
-        if isinstance(kv_ratio, bool) or not isinstance(kv_ratio, (int, float)) or not 0 <= kv_ratio < 1:
+        if as_real(kv_ratio) is None or not 0 <= kv_ratio < 1:
             raise ValueError(f"kv_ratio: expected a fraction in [0, 1), got {kv_ratio!r}")
         if gqa != "even" or uniform:
             raise ValueError(f"kv_ratio: needs gqa='even' without uniform (got gqa={gqa!r}, uniform={uniform}); "
@@ -246,7 +246,7 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
                              f"{min_heads} allows")
         _check_even_room(scores, kv, caps, allowed, forced, want_heads, whole, min_heads, scope, recipe)
         if kv_ratio:
-            kv_want = math.ceil(kv_ratio * sum(k or n for n, k in zip(scores.num_heads, kv)) - 1e-9)
+            kv_want = math.ceil(as_real(kv_ratio) * sum(k or n for n, k in zip(scores.num_heads, kv)) - 1e-9)
             chosen = allocate_kv(costs, kv, caps, want_heads, kv_want, forced)
         else:
             chosen = allocate_even(costs, kv, caps, want_heads, whole, forced)
@@ -342,9 +342,9 @@ def budget(ratio, count, total: int, name_total: str = "units of the model") -> 
     if (ratio is None) == (count is None):
         raise ValueError("ratio, count: give exactly one of them")
     if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1 or math.isnan(ratio):
+        if (r := as_real(ratio)) is None or not 0 <= r <= 1:
             raise ValueError(f"ratio: expected a number in [0, 1], got {ratio!r}")
-        return int(math.floor(ratio * total + 1e-9))
+        return int(math.floor(r * total + 1e-9))
     if (n := as_count(count)) is None:
         raise ValueError(f"count: expected a non-negative int, got {count!r}")
     if (count := n) > total:

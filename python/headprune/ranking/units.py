@@ -7,6 +7,8 @@ heads). Orders are total and deterministic: ties break by (site, head).
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 
 import torch
@@ -101,6 +103,20 @@ def as_count(n):
     except TypeError:
         return None
     return n if n >= 0 else None
+
+
+def as_real(x):
+    """``x`` as a finite ``float`` (numpy and 0-d tensor numbers too: ``np.float32(0.3)`` is a
+    fraction as ``0.3`` is), or ``None`` where it is none: a bool, a string, a tensor of more than
+    one element or of bools, NaN or an infinity."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.dtype == torch.bool or x.is_complex():
+            return None
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def rank_positions(scores: HeadScores, *, score=None, order=None, seed: int = 0, gqa: str = "query",
