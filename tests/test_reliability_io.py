@@ -290,14 +290,25 @@ def _a_file(path, monkeypatch):
     return path
 
 
+def _mount_point(path, monkeypatch):
+    """An empty volume (``docker run -v host:/out``): no rename can replace it, which the swap
+    found only after every weight was written, beside it on another file system."""
+    path.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.path.abspath(p) == str(path) or real(p))
+    return path
+
+
 SAVE_ERRORS = [
     (_read_only, PermissionError, "path: cannot write in .*ro"),
     (_non_empty, FileExistsError, "is not empty; pass overwrite=True to replace it"),
     (_a_file, FileExistsError, "exists and is not a directory"),
+    (_mount_point, OSError, r"path: .*ro is a mount point, which cannot be replaced in one step; write into a "
+                            r"folder inside it, such as .*ro/out"),
 ]
 
 
-@pytest.mark.parametrize("where, exc, match", SAVE_ERRORS, ids=["read-only", "non-empty", "a-file"])
+@pytest.mark.parametrize("where, exc, match", SAVE_ERRORS, ids=["read-only", "non-empty", "a-file", "mount-point"])
 @pytest.mark.parametrize("family, heads", [("gpt2", {0: [1]}), ("llama", {0: [1], 1: [1]})])
 def test_save_refuses(tmp_path, monkeypatch, where, exc, match, family, heads):
     model = tiny_model(family)
@@ -327,6 +338,21 @@ def test_save_overwrite_replaces_a_non_empty_directory(tmp_path):
     assert not (tmp_path / "stale.safetensors").exists()
     assert kept_heads(load_pruned(tmp_path)) == kept_heads(model)
     assert [p.name for p in tmp_path.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_an_empty_output_folder_keeps_its_mode_and_group(tmp_path):
+    """The new directory replaces an empty one made for it (a shared group's folder, setgid):
+    it takes that folder's permission bits and group, as writing into it would have kept them."""
+    model = tiny_model("gpt2")
+    prune_heads(model, {0: [1]})
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o2750)
+    before = os.stat(out)
+    save_pruned(model, out)
+    after = os.stat(out)
+    assert (oct(after.st_mode & 0o7777), after.st_gid) == (oct(before.st_mode & 0o7777), before.st_gid)
+    assert kept_heads(load_pruned(out)) == kept_heads(model)
 
 
 def test_save_and_load_check_their_arguments_before_the_work(tmp_path):

@@ -36,12 +36,12 @@ import os
 import re
 import shutil
 import signal
-import stat
 import threading
 import uuid
 from contextlib import contextmanager
 from typing import Optional
 
+from .modes import modes_of, usual_modes
 from .owners import TOKEN, owner_gone, owner_token
 
 __all__ = ["Staged", "short_name", "check_replace", "check_target", "check_folder", "write_file", "temp_sibling", "commit_file", "remove_leftovers", "leftovers", "owner_token", "MARKER"]
@@ -153,6 +153,9 @@ def check_target(path, *, replace: bool, arg: str, hint: str) -> str:
         raise FileExistsError(f"{arg}: {path} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path) and not replace:
         raise FileExistsError(f"{arg}: {path} is not empty; {hint}")
+    if os.path.isdir(path) and os.path.ismount(path):  # (a container's volume): no rename moves it
+        raise OSError(errno.EBUSY, f"{arg}: {path} is a mount point, which cannot be replaced in one step; write "
+                                   f"into a folder inside it, such as {os.path.join(path, 'out')}")
     here, real = os.path.realpath(os.getcwd()), os.path.realpath(path)  # a path through a link names it too
     if os.path.isdir(path) and os.path.commonpath([here, real]) == real:  # replaced, it would leave this
         raise FileExistsError(f"{arg}: {path} is the working directory or holds it; replacing it would leave this "
@@ -291,7 +294,8 @@ class Staged:
         aside = os.path.join(self.root, "old")
         try:
             if exc_type is None:
-                _usual_modes(self.path)
+                usual_modes(self.path)
+                modes_of(self.target, self.path)
                 with _signals_deferred():
                     _commit(self.path, self.target, self.replace, aside)
                     self.committed = True
@@ -301,29 +305,6 @@ class Staged:
                 if not self.committed:
                     self._unmake()
         return False
-
-
-def _umask() -> int:
-    try:  # Linux: read it without setting it (os.umask sets it process-wide, racing other threads)
-        with open("/proc/self/status", encoding="ascii") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def _usual_modes(root: str) -> None:
-    """Give files that a writer created private (0600: ``tempfile``, which transformers'
-    ``save_pretrained`` and safetensors write through) the mode ``open`` would have given
-    them under the umask, so a saved model is as readable as any other file its user writes."""
-    mode = 0o666 & ~_umask()
-    for folder, _, files in os.walk(root):
-        for name in files:
-            p = os.path.join(folder, name)
-            st = os.lstat(p)
-            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 != mode:
-                os.chmod(p, mode)
 
 
 def _commit(new: str, target: str, replace: bool, aside: str) -> None:
