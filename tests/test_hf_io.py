@@ -83,6 +83,26 @@ def test_reloaded_model_can_be_pruned_again(tmp_path):
     assert kept_heads(load_pruned(tmp_path / "b")) == {0: [1, 2, 3], 1: [0, 1, 2]}
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_reloaded_masked_model_keeps_its_masked_heads_out_of_a_refit(family, tmp_path):
+    """A refit keeps the heads an earlier mask zeroed out of the kept columns, also after the
+    masked model is saved and loaded (no handle left): it gave them columns again, and the
+    reloaded model computed something else than the one in memory."""
+    from headprune.hf import mask_heads
+    from headprune.hf.prune import zeroed_heads
+
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(3)]
+    mask_heads(model, {0: [1]})
+    save_pruned(model, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    for m in (model, again):
+        mask_heads(m, {0: [2]}, reconstruct=collect(m, batches, progress=False, moments=True))
+        assert zeroed_heads(m) == {0: [1, 2]}
+    with torch.no_grad():
+        assert torch.equal(_first(model(**batches[0])), _first(again(**batches[0])))
+
+
 @pytest.mark.parametrize("uniform", [False, True])
 def test_saved_files_have_the_users_usual_mode(tmp_path, uniform):
     """safetensors and save_pretrained write through private temporary files (0600); the

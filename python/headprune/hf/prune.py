@@ -83,8 +83,10 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     heads, gone = positions(model, sites, adapter, heads)
     ids = _kept(model, sites, adapter)  # position -> original index, for messages and the handle
     refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
-    # heads an earlier mask zeroed stay zeroed: a refit keeps them out of the kept columns
-    absent = {layer: masked_heads(model, sites[layer].o.weight) for layer in heads}
+    # heads an earlier mask zeroed stay zeroed (its handle's, or in a masked model saved and loaded
+    # again, every head whose columns are all zero): a refit keeps them out of the kept columns
+    absent = {layer: masked_heads(model, sites[layer].o.weight) | _zero_heads(sites[layer], adapter)
+              for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
                         values=values, absent=absent, kept=ids, refit_bias=refit_bias)
     handle = MaskHandle(model, {layer: sorted(ids[layer][h] for h in hs) for layer, hs in heads.items()},
@@ -247,12 +249,17 @@ def zeroed_heads(model) -> dict:
     sites = resolve_sites(model, adapter)
     kept, zeroed = _kept(model, sites, adapter), {}
     for site in sites:
-        w = site.o.weight.detach().movedim(_o_dim(adapter), -1)  # [out, heads x head_dim]
-        heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
-        dead = [kept[site.index][h] for h in range(heads.shape[1]) if not bool(heads[:, h].any())]
+        dead = sorted(kept[site.index][h] for h in _zero_heads(site, adapter))
         if dead:
             zeroed[site.index] = dead
     return zeroed
+
+
+def _zero_heads(site, adapter) -> set:
+    """Positions of the site's query heads whose output-projection columns are all exactly zero."""
+    w = site.o.weight.detach().movedim(_o_dim(adapter), -1)  # [out, heads x head_dim]
+    heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
+    return set(torch.nonzero(~heads.any(dim=(0, 2))).flatten().tolist())
 
 
 def _fresh_position_bias(module, args, kwargs):

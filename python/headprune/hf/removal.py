@@ -36,7 +36,7 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
     """``{site: SiteRemoval}`` for the sites of ``heads`` (empty when the heads are zeroed).
     ``values`` (:class:`~headprune.hf.values.ValueMoments` of these heads, with ``reconstruct``):
     the kept heads' value rows are refit with their output columns wherever a head is kept.
-    ``absent``: ``{site: heads}`` already zeroed (by masks not yet restored), which the refit
+    ``absent``: ``{site: heads}`` already zeroed (by masks not yet restored, or saved so), which the refit
     treats as removed: it neither reads nor writes their columns. ``kept``: ``{site: original
     ids}`` of the model's heads, which the statistics and value moments must have been taken on.
     ``refit_bias=False``: the refit leaves each bias as it is (``refit_output``'s ``fit_bias``)."""
@@ -54,9 +54,10 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
             raise ValueError("values: the value refit extends the least-squares refit; pass reconstruct= as well")
         values.check(heads, kept, sites)
         if absent:
-            raise ValueError(f"values: layers {sorted(absent)} have heads masked by an active mask_heads handle; "
-                             "restore it first (the value refit needs every other head of a layer kept or removed "
-                             "with this call)")
+            raise ValueError(f"values: layers {sorted(absent)} have heads already masked (by an active mask_heads "
+                             "handle: restore it first; or zeroed in a masked model saved and loaded again: "
+                             "prune_heads(model, zeroed_heads(model)) first); the value refit needs every other head of "
+                             "a layer kept or removed with this call")
     if compensate is not None and reconstruct is not None:
         raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
     if compensate is not None:
