@@ -223,6 +223,34 @@ def test_uniform_refit_saves_plain_where_the_config_declares_biases(family, tmp_
         assert torch.equal(_first(load_pruned(tmp_path / "b")(**batch)), ref)
 
 
+def test_a_uniform_layout_loaded_plainly_refuses_head_indices(tmp_path):
+    """Plain from_pretrained keeps no pruning record, so the heads' positions are not the
+    original indices headprune.json keeps: pruning or masking that model is refused (it removed
+    original head 3 for a request of 2, and saved the pruned config as the original); a
+    layout whose positions are its original indices (the last heads removed) is not."""
+    import transformers
+
+    from headprune.hf import mask_heads
+
+    for removed, refused in (([1], True), ([3], False)):
+        model = tiny_model("qwen3")
+        prune_heads(model, {0: removed, 1: removed})
+        save_pruned(model, tmp_path / str(removed))
+        plain = transformers.AutoModel.from_pretrained(tmp_path / str(removed))
+        if refused:
+            for fn in (prune_heads, mask_heads):
+                with pytest.raises(ValueError, match=r"model: loaded from .* without its pruning record \(plain "
+                                                     r"from_pretrained\), .*layer 0 keeps original heads \[0, 2, "
+                                                     r"3\].*; load it with headprune.load_pruned"):
+                    fn(plain, {0: [2]})
+        else:
+            prune_heads(plain, {0: [2]})
+            assert kept_heads(plain)[0] == [0, 1]
+        again = load_pruned(tmp_path / str(removed))
+        prune_heads(again, {0: [2]})  # with its record: original indices
+        assert kept_heads(again)[0] == ([0, 3] if refused else [0, 1])
+
+
 @pytest.mark.parametrize("family", GQA_FAMILIES)
 def test_reloaded_uniform_layouts_keep_the_original_heads(family, tmp_path):
     """Reloading a uniform layout rebuilds the original model from a copy of its config (the

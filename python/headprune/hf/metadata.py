@@ -244,3 +244,29 @@ def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> N
             json.dumps(settings)
         except (TypeError, ValueError) as e:
             raise TypeError(f"settings: expected values JSON can hold ({e})") from None
+
+
+def refuse_plain_loaded(model, counts: list) -> None:
+    """Refuse to take head indices on a model headprune has no record of (``counts``: its sites'
+    query heads) whose config names a directory headprune saved with heads removed before the last
+    (a uniform layout loaded with plain ``from_pretrained``): its heads' positions are not the
+    original indices that ``headprune.json`` beside the weights keeps, and a pruning would remove
+    other heads than those named and record the pruned config as the original."""
+    path = getattr(model.config, "_name_or_path", None)
+    file = os.path.join(path, METADATA_FILE) if isinstance(path, str) and path else None
+    if file is None or not os.path.isfile(file):
+        return
+    try:
+        kept = read_json(file, "headprune.json").get("kept_heads")
+    except (OSError, ValueError, AttributeError):
+        return  # not a record headprune reads: nothing to go by
+    if (not isinstance(kept, list) or len(kept) != len(counts)
+            or not all(isinstance(k, list) and len(k) == c for k, c in zip(kept, counts))):
+        return  # another layout than the model's: written over since, or not its record
+    moved = {i: k for i, k in enumerate(kept) if k != list(range(len(k)))}
+    if moved:
+        raise ValueError(f"model: loaded from {path} without its pruning record (plain from_pretrained), so its "
+                         f"heads' positions are not the original indices heads= names (layer {next(iter(moved))} "
+                         f"keeps original heads {next(iter(moved.values()))}, {file}); load it with "
+                         "headprune.load_pruned")
+

@@ -30,6 +30,7 @@ from .attention import SiteConfig
 from .configs import update_configs
 from .empty import empty_forward
 from .gates import gated
+from .metadata import refuse_plain_loaded
 from .records import STATE_ATTR, link_masks, link_state, refuse_records_elsewhere
 from .removal import _checked, removal_plan
 from .verify import meta_model
@@ -201,6 +202,7 @@ def positions(model, sites, adapter, heads: dict) -> tuple:
     state = getattr(model, STATE_ATTR, None)
     current = [head_counts(s, adapter)[0] for s in sites]
     if state is None:
+        refuse_plain_loaded(model, current)
         return normalize_heads(heads, current), {}
     kept = state["kept"]
     original = state.get("num_heads") or [max((max(k) + 1 for k in kept if k), default=0)] * len(kept)
