@@ -279,17 +279,30 @@ def test_a_resume_of_another_number_of_processes_is_refused_and_its_files_go_whe
     (tmp_path / ".other.checkpoint.rank0-of-2.json").write_text("{}")  # another output's: not this one's
     assert D.written_by_other_runs(base, None) == [str(p) for p in old]
     assert D.written_by_other_runs(base, 2) == []
-    with pytest.raises(ValueError, match=r"checkpoint: .*rank0-of-2.json was written by a run of 2 processes in a "
-                                         r"process group \(torchrun\), and this one is a run of one process without a "
+    with pytest.raises(ValueError, match=r"checkpoint: .*rank0-of-2.json \(and \.o\.checkpoint\.rank1-of-2\.json\) "
+                                         r"were written by a run of 2 processes in a process group \(torchrun\), and this one is a run of one process without a "
                                          r"process group; resume as that run was launched"):
         D.collect(tiny_model("llama"), _batches(), checkpoint=base, resume=True, progress=False)
+    for p in old:
+        p.unlink()
     base.write_text("{}")  # a one-process run's file, seen from a run of 3
-    with pytest.raises(ValueError, match=r"written by a run of one process without a process group, and this one "
-                                         r"is a run of 3 processes in a process group"):
+    with pytest.raises(ValueError, match=r"\.o\.checkpoint\.json was written by a run of one process without a process "
+                                         r"group, and this one is a run of 3 processes in a process group"):
         D.refuse_other_runs(base, 3)
     with pytest.raises(ValueError, match=r"written by a run of one process without a process group, and this one "
                                          r"is a run of 1 process in a process group \(torchrun\)"):
         D.refuse_other_runs(base, 1)  # a group of one process reads rank files, not this one's file
+    for p in old:
+        p.write_text("{}")
+    for r in range(2):  # a run of 3 started over, interrupted in its turn: its own files resume
+        (tmp_path / f".o.checkpoint.rank{r}-of-3.json").write_text("{}")
+    D.refuse_other_runs(base, 3)
+    with pytest.raises(ValueError, match=r"checkpoint: .*\.o\.checkpoint\.json \(and \.o\.checkpoint\.rank0-of-2\.json, "
+                                         r"\.o\.checkpoint\.rank0-of-3\.json, \.o\.checkpoint\.rank1-of-2\.json, "
+                                         r"\.o\.checkpoint\.rank1-of-3\.json\) were written by runs of other numbers of "
+                                         r"processes, and this one is a run of 4 processes .*; resume as that run was "
+                                         r"launched, or delete them to start over"):
+        D.refuse_other_runs(base, 4)  # every file another run wrote is named
     commands._remove_checkpoints(base)  # a run that started over and succeeded
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.checkpoint.rank0-of-2.json"]
 
@@ -382,3 +395,36 @@ def test_the_command_line_names_a_partial_torchrun_environment_in_one_line(tmp_p
             monkeypatch.setenv(k, v)
         code = main(["scan", str(tmp_path / "bert"), "--quiet", "--distributed", "--out", "o"])
         assert code == 2 and "--distributed: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, rank, backend, gpu", [("cpu", 1, "gloo", None), ("cuda", 1, "nccl", "cuda:1"),
+                                                        ("cuda:0", 1, "nccl", "cuda:0")])
+def test_the_command_line_joins_with_the_backend_of_its_device_before_the_model_loads(
+        tmp_path, monkeypatch, device, rank, backend, gpu):
+    """--distributed joined with NCCL wherever CUDA was available (a CPU run on a GPU host too)
+    and set each rank's GPU after the model had loaded onto --device (a bare cuda: every rank on
+    the first GPU)."""
+    from hf_tiny import save_tiny_bert
+
+    import headprune.app.commands as C
+    from headprune.app.cli import main
+
+    save_tiny_bert(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    for k, v in dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29999").items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+
+    def init(backend=None, **kw):
+        calls.append(("init", backend))
+        raise ValueError("stop")
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before the process group"))
+    assert main(["scan", "bert", "--quiet", "--distributed", "--device", device, "--out", "o"]) == 2
+    assert calls == ([("set_device", gpu)] if gpu else []) + [("init", backend)]

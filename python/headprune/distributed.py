@@ -74,6 +74,22 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
     return True
 
 
+def join(device: str) -> str:
+    """Join torchrun's process group for a command that runs on ``device``, before its model
+    loads: gloo where it runs on the CPU (also on a host with GPUs), NCCL on CUDA with each rank
+    on its own GPU (a bare ``cuda`` becomes ``cuda:LOCAL_RANK``; every rank on one GPU would hold
+    a copy each and run one at a time). Returns the device this rank runs on."""
+    check_launch()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dev.index is None else dev.index)
+    if not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return str(dev)
+
+
 def rank_world(group=None) -> tuple:
     """``(rank, world_size)`` in ``group``; ``(0, 1)`` when no process group is initialised."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -253,14 +269,20 @@ def written_by_other_runs(path, world_size: Optional[int]) -> list:
 
 
 def refuse_other_runs(path, world_size: Optional[int]) -> None:
-    """A resume whose checkpoint another number of processes wrote is refused: this run would
-    not read it, and would collect everything again without a word."""
+    """A resume whose only checkpoint another number of processes wrote is refused: this run
+    would not read it, and would collect everything again without a word. Where this run's own
+    files exist too (a run started over with another number of processes, interrupted in its
+    turn), it resumes those."""
     others = written_by_other_runs(path, world_size)
-    if others:
-        m = re.search(r"\.rank\d+-of-(\d+)", os.path.basename(others[0]))
-        by = _run_of(int(m.group(1)) if m else None)
-        raise ValueError(f"checkpoint: {others[0]} was written by {by}, and this one is {_run_of(world_size)}; "
-                         "resume as that run was launched, or delete it to start over")
+    own = [os.fspath(path)] if world_size is None else [rank_checkpoint(path, r, world_size) for r in range(world_size)]
+    if others and not any(os.path.exists(p) for p in own):
+        sizes = {int(m.group(1)) if (m := re.search(r"\.rank\d+-of-(\d+)", os.path.basename(p))) else None
+                 for p in others}
+        by = _run_of(next(iter(sizes))) if len(sizes) == 1 else "runs of other numbers of processes"
+        files = others[0] if len(others) == 1 else f"{others[0]} (and {', '.join(map(os.path.basename, others[1:]))})"
+        raise ValueError(f"checkpoint: {files} {'was' if len(others) == 1 else 'were'} written by {by}, and this one is "
+                         f"{_run_of(world_size)}; resume as that run was launched, or delete "
+                         f"{'it' if len(others) == 1 else 'them'} to start over")
 
 
 def _run_of(world_size: Optional[int]) -> str:

@@ -163,10 +163,10 @@ def _setup(args, evaluates: bool = False):
     them warns when they are too few: :func:`warn_thin`)."""
     parts, held = texts.load_split(args.data)
     plots.check_available(args.command)  # the picture is drawn last: not after all the work
-    if getattr(args, "distributed", False):  # before the model loads
-        from ..distributed import check_launch
+    if getattr(args, "distributed", False):  # before the model loads: the backend and this rank's GPU
+        from ..distributed import join
 
-        check_launch()
+        args.device = join(args.device)
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
