@@ -81,6 +81,16 @@ def _worker(rank, port, out_dir):
         bad = batches if rank == 0 else [batches[0], {"labels": torch.ones(1, 3)}]  # rank 1's shard: the 2nd
         errors["one_rank_fails"] = _error(lambda: D.collect(model, bad, progress=False))
         errors["nothing"] = _error(lambda: D.collect(model, [], progress=False))
+        part = batches[rank::WORLD]  # a per-rank loader's part (a DistributedSampler's): half left out
+        errors["per_rank_part"] = _error(lambda: D.collect(model, part, progress=False))
+        errors["per_rank_stream"] = _error(lambda: D.collect(model, iter(part), progress=False))
+        errors["no_batches"] = _error(lambda: D.collect(model, None, progress=False))
+        errors["fingerprint"] = _error(lambda: D.collect(model, batches, progress=False, fingerprint=3))
+        errors["checkpoint_dir"] = _error(lambda: D.collect(model, batches, progress=False, checkpoint=out_dir))
+        from headprune.hf import mask_heads
+
+        with mask_heads(model, {0: [1]}):  # moments under a mask keep the weights before it, as one process's
+            errors["unmasked_kept"] = D.collect(model, batches, progress=False, moments=True).moments.unmasked is not None
         from headprune.hf import select_iteratively
 
         heads, _ = select_iteratively(model, batches, ratio=0.5, steps=3, collect_fn=D.collect, compensate=True, protect_layers=[])
@@ -266,165 +276,19 @@ def test_a_group_of_one_process_names_its_rank_checkpoint(tmp_path, capsys):
         dist.destroy_process_group()
 
 
-def test_a_resume_of_another_number_of_processes_is_refused_and_its_files_go_when_done(tmp_path):
-    """The rank files carry the world size in their names, so a resume with another number of
-    processes found no checkpoint, collected everything again without a word, and left the old
-    files behind for good."""
-    from headprune.app import commands
+def test_ranks_refuse_other_batches_and_bad_arguments_and_keep_the_weights_before_a_mask(ranks):
+    """A per-rank part of the batches was collected as if it were all of them (half the data,
+    without a word); arguments one process refuses were taken (a fingerprint of 3, a checkpoint
+    path that is a directory) or failed without naming one; moments under a mask lost the
+    weights before it, so a later refit could not tell the projection had changed."""
+    _, results = ranks
+    for r in results:
+        e = r["errors"]
+        for kind in ("per_rank_part", "per_rank_stream"):
+            assert e[kind].startswith("ValueError: batches: ranks [1] passed other batches than rank 0 (rank 0: 3, "
+                                      "rank 1: 2 batches); every rank passes all of the calibration batches"), e[kind]
+        assert e["no_batches"].startswith("TypeError: batches: expected an iterable of batches"), e["no_batches"]
+        assert e["fingerprint"] == "TypeError: fingerprint: expected a str or a dict, got int"
+        assert "ValueError: checkpoint: " in e["checkpoint_dir"] and "is not a headprune checkpoint" in e["checkpoint_dir"]
+        assert e["unmasked_kept"] is True
 
-    base = tmp_path / ".o.checkpoint.json"
-    old = [tmp_path / f".o.checkpoint.rank{r}-of-2.json" for r in range(2)]
-    for p in old:
-        p.write_text("{}")
-    (tmp_path / ".other.checkpoint.rank0-of-2.json").write_text("{}")  # another output's: not this one's
-    assert D.written_by_other_runs(base, None) == [str(p) for p in old]
-    assert D.written_by_other_runs(base, 2) == []
-    with pytest.raises(ValueError, match=r"checkpoint: .*rank0-of-2.json \(and \.o\.checkpoint\.rank1-of-2\.json\) "
-                                         r"were written by a run of 2 processes in a process group \(torchrun\), and this one is a run of one process without a "
-                                         r"process group; resume as that run was launched"):
-        D.collect(tiny_model("llama"), _batches(), checkpoint=base, resume=True, progress=False)
-    for p in old:
-        p.unlink()
-    base.write_text("{}")  # a one-process run's file, seen from a run of 3
-    with pytest.raises(ValueError, match=r"\.o\.checkpoint\.json was written by a run of one process without a process "
-                                         r"group, and this one is a run of 3 processes in a process group"):
-        D.refuse_other_runs(base, 3)
-    with pytest.raises(ValueError, match=r"written by a run of one process without a process group, and this one "
-                                         r"is a run of 1 process in a process group \(torchrun\)"):
-        D.refuse_other_runs(base, 1)  # a group of one process reads rank files, not this one's file
-    for p in old:
-        p.write_text("{}")
-    for r in range(2):  # a run of 3 started over, interrupted in its turn: its own files resume
-        (tmp_path / f".o.checkpoint.rank{r}-of-3.json").write_text("{}")
-    D.refuse_other_runs(base, 3)
-    with pytest.raises(ValueError, match=r"checkpoint: .*\.o\.checkpoint\.json \(and \.o\.checkpoint\.rank0-of-2\.json, "
-                                         r"\.o\.checkpoint\.rank0-of-3\.json, \.o\.checkpoint\.rank1-of-2\.json, "
-                                         r"\.o\.checkpoint\.rank1-of-3\.json\) were written by runs of other numbers of "
-                                         r"processes, and this one is a run of 4 processes .*; resume as that run was "
-                                         r"launched, or delete them to start over"):
-        D.refuse_other_runs(base, 4)  # every file another run wrote is named
-    commands._remove_checkpoints(base)  # a run that started over and succeeded
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.checkpoint.rank0-of-2.json"]
-
-
-def test_scan_resume_refuses_the_rank_files_of_a_distributed_run(tmp_path, monkeypatch, capsys):
-    """The command line's one-process collection looked for its own file only."""
-    from hf_tiny import save_tiny_bert
-
-    from headprune.app.cli import main
-
-    save_tiny_bert(tmp_path / "bert")
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / ".o.checkpoint.rank1-of-2.json").write_text("{}")
-    argv = ["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]
-    assert main(argv + ["--resume"]) == 2
-    assert "rank1-of-2.json was written by a run of 2 processes in a process group (torchrun), and this one is a " \
-           "run of one process without a process group" in \
-        capsys.readouterr().err and not (tmp_path / "o").exists()
-    assert main(argv) == 0  # started over: the old run's file goes with the new run's
-    assert not list(tmp_path.glob(".o.checkpoint*"))
-
-
-def test_a_failed_rank_raises_its_own_error_when_the_others_cannot_be_reached(monkeypatch):
-    """The collective that tells the ranks of a failure timed out while the others were still
-    collecting, and its timeout replaced the failed rank's error: no rank showed the cause."""
-    monkeypatch.setattr(D.dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(D.dist, "get_rank", lambda group=None: 1)
-    monkeypatch.setattr(D, "_device", lambda group: "cpu")
-
-    def timeout(tensor, group=None):
-        raise RuntimeError("Timed out waiting 5000ms for send operation to complete")
-
-    monkeypatch.setattr(D.dist, "all_reduce", timeout)
-    cause = ValueError("batches: a batch needs input_ids")
-    with pytest.raises(ValueError, match="a batch needs input_ids") as e:
-        D._raise_if_any_failed(cause, None)
-    assert e.value is cause and "Timed out" in str(e.value.__cause__)
-    own = OSError("checkpoint.json: unreadable")
-    try:
-        raise ValueError("checkpoint: cannot read it") from own
-    except ValueError as caught:
-        chained = caught
-    with pytest.raises(ValueError, match="cannot read it") as e:  # its own cause stays, the timeout is noted
-        D._raise_if_any_failed(chained, None)
-    assert e.value.__cause__ is own and "could not be told: RuntimeError: Timed out" in e.value.__notes__[0]
-    with pytest.raises(D.RanksFailed, match=r"^collect: the ranks could not tell each other whether any failed "
-                                            r"\(RuntimeError: Timed out .*\); a rank failed or left: see its error"):
-        D._raise_if_any_failed(None, None)
-
-
-def test_the_command_line_reports_another_ranks_failure_as_an_error(tmp_path, monkeypatch, capsys):
-    """The ranks that did not fail ended with a Python traceback of RuntimeError."""
-    from hf_tiny import save_tiny_bert
-
-    from headprune.app.cli import main
-
-    def failed(*args, **kwargs):
-        raise D.RanksFailed("collect: ranks [1] failed (see their errors); this rank stops too")
-
-    save_tiny_bert(tmp_path / "bert")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(D, "collect", failed)
-    assert main(["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]) == 2
-    assert capsys.readouterr().err.strip() == ("headprune scan: error: collect: ranks [1] failed (see their errors); "
-                                               "this rank stops too")
-    assert not (tmp_path / "o").exists()
-
-
-def test_the_command_line_names_a_partial_torchrun_environment_in_one_line(tmp_path, monkeypatch, capsys):
-    """RANK set without the rest of torchrun's variables ended in a traceback (a RuntimeError)."""
-    from hf_tiny import save_tiny_bert
-
-    from headprune.app.cli import main
-
-    save_tiny_bert(tmp_path / "bert")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    code = main(["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--distributed",
-                 "--out", "o"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--distributed: environment variables" in err[0], err
-    assert not (tmp_path / "o").exists()
-    import headprune.app.commands as C
-
-    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before --distributed was checked"))
-    for env in ({"RANK": "0"}, {}):  # a partial environment, or none: refused before the model loads
-        monkeypatch.delenv("RANK", raising=False)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        code = main(["scan", str(tmp_path / "bert"), "--quiet", "--distributed", "--out", "o"])
-        assert code == 2 and "--distributed: " in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("device, rank, backend, gpu", [("cpu", 1, "gloo", None), ("cuda", 1, "nccl", "cuda:1"),
-                                                        ("cuda:0", 1, "nccl", "cuda:0")])
-def test_the_command_line_joins_with_the_backend_of_its_device_before_the_model_loads(
-        tmp_path, monkeypatch, device, rank, backend, gpu):
-    """--distributed joined with NCCL wherever CUDA was available (a CPU run on a GPU host too)
-    and set each rank's GPU after the model had loaded onto --device (a bare cuda: every rank on
-    the first GPU)."""
-    from hf_tiny import save_tiny_bert
-
-    import headprune.app.commands as C
-    from headprune.app.cli import main
-
-    save_tiny_bert(tmp_path / "bert")
-    monkeypatch.chdir(tmp_path)
-    for k, v in dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT="29999").items():
-        monkeypatch.setenv(k, v)
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-
-    def init(backend=None, **kw):
-        calls.append(("init", backend))
-        raise ValueError("stop")
-
-    monkeypatch.setattr(dist, "init_process_group", init)
-    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before the process group"))
-    assert main(["scan", "bert", "--quiet", "--distributed", "--device", device, "--out", "o"]) == 2
-    assert calls == ([("set_device", gpu)] if gpu else []) + [("init", backend)]

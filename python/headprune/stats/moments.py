@@ -83,7 +83,8 @@ class OutputMoments:
             raise ValueError(f"sequences: expected a 1-D int64 tensor or None, got {getattr(sequences, 'shape', sequences)!r}")
         self.sequences = sequences
         #: per site, the output projection's weight before the masks applied while collecting
-        #: (``headprune.hf.collection``), else ``None``: this process's only, not saved, merged or checkpointed
+        #: (``headprune.hf.collection``), else ``None``: kept by a distributed all-reduce (every rank's
+        #: weights are the same), not saved, merged or checkpointed
         self.unmasked: Optional[list] = None
         if self.projection is not None and len(self.projection) != len(self.gram):
             raise ValueError(f"projection: expected {len(self.gram)} entries (one per site), got {len(self.projection)}")

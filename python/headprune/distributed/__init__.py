@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Iterable, Optional
@@ -23,10 +22,12 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .stats.moments import OutputMoments
-from .stats.scores import HeadScores
+from .files import checkpoint_files, rank_checkpoint, refuse_other_runs, written_by_other_runs
+from ..stats.moments import OutputMoments
+from ..stats.scores import HeadScores
 
-__all__ = ["init_from_env", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint", "checkpoint_files"]
+__all__ = ["init_from_env", "join", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint",
+           "checkpoint_files", "written_by_other_runs", "refuse_other_runs"]
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker.
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -153,12 +154,32 @@ def _check_same_layout(scores: HeadScores, group) -> None:
 def _check_same_weights(model, group) -> None:
     """Every rank holds the same weights and config (a stale copy of the model's directory on one
     node has the layout of the others: its statistics would be summed with theirs without a word)."""
-    from .hf.checkpoint import weights_digest
+    from ..hf.checkpoint import weights_digest
 
     differ = _apart(_gather_digest(hashlib.sha256(weights_digest(model).encode()).digest(), group))
     if differ:
         raise ValueError(f"model: ranks {differ} loaded other weights or another config than rank 0; every rank "
                          "must load the same model")
+
+
+def _hashed(batches, digest, counted: list):
+    """``batches`` as they pass, each fed to ``digest`` and counted (a stream is walked once)."""
+    for b in batches:
+        digest.update(b, check=False)
+        counted[0] += 1
+        yield b
+
+
+def _check_same_batches(digest, count: int, group) -> None:
+    """Every rank walked the same batches (a per-rank loader, a DistributedSampler's, gives each
+    rank a part: its shard of that part would leave batches out without a word)."""
+    gathered = _gather_digest(bytes.fromhex(digest.hexdigest()), group, count)
+    differ = _apart(gathered)
+    if differ:
+        counts = ", ".join(f"rank {r}: {int(t[0])}" for r, t in enumerate(gathered))
+        raise ValueError(f"batches: ranks {differ} passed other batches than rank 0 ({counts} batches); every rank "
+                         "passes all of the calibration batches and collects its share of them: pass the same batches "
+                         "on every rank, not a per-rank part")
 
 
 def all_reduce_scores(scores: HeadScores, group=None) -> HeadScores:
@@ -201,13 +222,15 @@ def _all_reduce_moments(moments: Optional[OutputMoments], group) -> Optional[Out
         t = g.to(_device(group), torch.float64, copy=True).contiguous()
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         gram.append(t.to("cpu", dtype))
-    return OutputMoments(gram, moments.projection, _all_gather_sequences(moments.sequences, group))
+    out = OutputMoments(gram, moments.projection, _all_gather_sequences(moments.sequences, group))
+    out.unmasked = moments.unmasked  # the same on every rank (its weights are checked equal)
+    return out
 
 
 def _check_same_moments(moments: OutputMoments, group) -> None:
     """Every rank's moments in one float type (a rank without tokens has none of its own) and
     taken under the same output projections: the sums would take one type, or mix two models."""
-    from .hf.checkpoint import tensor_bytes
+    from ..hf.checkpoint import tensor_bytes
 
     kinds = {g.dtype for g in moments.gram if g is not None}
     code = 0 if not kinds else 1 if kinds == {torch.float32} else 2 if kinds == {torch.float64} else 3
@@ -238,58 +261,6 @@ def _all_gather_sequences(sequences: Optional[torch.Tensor], group) -> Optional[
     gathered = [torch.empty_like(mine) for _ in sizes]
     dist.all_gather(gathered, mine, group=group)
     return torch.cat([g[:n].cpu() for g, n in zip(gathered, sizes)])
-
-
-def rank_checkpoint(path: str, rank: int, world_size: int) -> str:
-    """``scan.ckpt.json`` -> ``scan.ckpt.rank1-of-4.json``: one checkpoint file per rank."""
-    root, ext = os.path.splitext(os.fspath(path))
-    return f"{root}.rank{rank}-of-{world_size}{ext}"
-
-
-def checkpoint_files(path) -> list:
-    """The checkpoint files a collection of this process writes for ``path``: ``path`` itself,
-    and under a process group (of any size, one process too) every rank's file."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [os.fspath(path)]
-    world = dist.get_world_size()
-    return [os.fspath(path)] + [rank_checkpoint(path, r, world) for r in range(world)]
-
-
-def written_by_other_runs(path, world_size: Optional[int]) -> list:
-    """Checkpoint files for ``path`` that a run of another number of processes wrote: the rank
-    files of another world size, and ``path`` itself for a run under a process group
-    (``world_size`` set); under ``world_size=None`` (one process, no group) every rank file."""
-    path = os.fspath(path)
-    root, ext = os.path.splitext(os.path.basename(path))
-    folder = os.path.dirname(path) or "."
-    pattern = re.compile(re.escape(root) + r"\.rank(\d+)-of-(\d+)" + re.escape(ext))
-    found = [os.path.join(os.path.dirname(path), n) for n in sorted(os.listdir(folder)) if
-             (m := pattern.fullmatch(n)) and int(m.group(2)) != world_size] if os.path.isdir(folder) else []
-    return ([path] if world_size is not None and os.path.exists(path) else []) + found
-
-
-def refuse_other_runs(path, world_size: Optional[int]) -> None:
-    """A resume whose only checkpoint another number of processes wrote is refused: this run
-    would not read it, and would collect everything again without a word. Where this run's own
-    files exist too (a run started over with another number of processes, interrupted in its
-    turn), it resumes those."""
-    others = written_by_other_runs(path, world_size)
-    own = [os.fspath(path)] if world_size is None else [rank_checkpoint(path, r, world_size) for r in range(world_size)]
-    if others and not any(os.path.exists(p) for p in own):
-        sizes = {int(m.group(1)) if (m := re.search(r"\.rank\d+-of-(\d+)", os.path.basename(p))) else None
-                 for p in others}
-        by = _run_of(next(iter(sizes))) if len(sizes) == 1 else "runs of other numbers of processes"
-        files = others[0] if len(others) == 1 else f"{others[0]} (and {', '.join(map(os.path.basename, others[1:]))})"
-        raise ValueError(f"checkpoint: {files} {'was' if len(others) == 1 else 'were'} written by {by}, and this one is "
-                         f"{_run_of(world_size)}; resume as that run was launched, or delete "
-                         f"{'it' if len(others) == 1 else 'them'} to start over")
-
-
-def _run_of(world_size: Optional[int]) -> str:
-    """A run's processes in words: a process group of one process is not a run without one."""
-    if world_size is None:
-        return "a run of one process without a process group"
-    return f"a run of {world_size} process{'es' * (world_size != 1)} in a process group (torchrun)"
 
 
 class RanksFailed(RuntimeError):
@@ -337,7 +308,9 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     raises an ``Exception``, the others raise :class:`RanksFailed` (a ``RuntimeError``) instead of hanging.
     Without a process group this is plain ``headprune.hf.collect``.
     """
-    from .hf.collect import collect as local_collect
+    from ..hf.batches import check_batches
+    from ..hf.checkpoint import BatchesDigest, canonical
+    from ..hf.collect import collect as local_collect
 
     rank, world = rank_world(group)
     grouped = not (world == 1 and not (dist.is_available() and dist.is_initialized()))
@@ -345,11 +318,20 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
         refuse_other_runs(checkpoint, world if grouped else None)
     if not grouped:
         return local_collect(model, batches, checkpoint=checkpoint, fingerprint=fingerprint, **kwargs)
+    check_batches(batches)
+    canonical(fingerprint)  # what one process refuses (its rank's fingerprint takes it as text)
+    if checkpoint is not None and os.path.isdir(checkpoint):  # each rank writes a file beside it
+        raise ValueError(f"checkpoint: {checkpoint} exists and is not a headprune checkpoint; pass another path")
     if checkpoint is not None:
         checkpoint = rank_checkpoint(checkpoint, rank, world)
         fingerprint = json.dumps({"settings": fingerprint, "rank": rank, "world_size": world}, sort_keys=True,
                                  default=str)
     _check_same_weights(model, group)
+    digest, counted = BatchesDigest(), [0]
+    if isinstance(batches, (list, tuple)):
+        batches = list(_hashed(batches, digest, counted))  # (a list keeps its length for the progress bar)
+    else:
+        batches = _hashed(batches, digest, counted)
     scores, error = None, None
     try:
         scores = local_collect(model, shard(batches, rank, world), checkpoint=checkpoint, fingerprint=fingerprint,
@@ -357,6 +339,7 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = e
     _raise_if_any_failed(error, group)
+    _check_same_batches(digest, counted[0], group)
     try:
         scores = all_reduce_scores(scores, group)
     except RuntimeError as e:  # a collective's failure: a rank that left after the check (its own error says why)
