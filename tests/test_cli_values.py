@@ -81,17 +81,20 @@ def test_refit_values_with_what_rules_it_out_is_refused_before_the_model_loads(r
             if command[0] == "sweep" and extra[0] != "--no-reconstruct":
                 continue  # the sweep has neither option
             code, err = run([*command, "--quiet", "--out", tmp_path / "o", "--refit-values", *extra])
-            assert code == 2 and err[-1].endswith(f"--refit-values: extends the one-shot least-squares refit on one "
-                                                  f"process; {words}"), err
+            assert code == 2 and err[-1].endswith(f"--refit-values: extends the one-shot least-squares refit; "
+                                                  f"{words}"), err
 
 
-def test_the_sweep_takes_refit_values_with_distributed():
-    """The sweep chooses and removes on one process (--distributed spreads its collection only), and
-    refits values on an encoder by default: asked for, it was refused with 'drop --distributed'."""
+@pytest.mark.parametrize("command", [["sweep", "m"], ["prune", "m", "--ratio", "0.3"]])
+def test_refit_values_is_taken_with_distributed(command):
+    """The writing rank chooses and removes on every calibration batch (--distributed spreads the
+    collection only), and refits values on an encoder by default: asked for, it was refused with
+    'drop --distributed', and prune --distributed dropped it (and the measured allocation) from
+    its default without a word."""
     from headprune.app.cli import build_parser
     from headprune.app.sweep import check_removal_options
 
-    check_removal_options(build_parser().parse_args(["sweep", "m", "--distributed", "--refit-values"]), sweep=True)
+    check_removal_options(build_parser().parse_args([*command, "--distributed", "--refit-values"]))
     with pytest.raises(ValueError, match="drop --no-reconstruct$"):
-        check_removal_options(build_parser().parse_args(["sweep", "m", "--distributed", "--refit-values",
-                                                         "--no-reconstruct"]), sweep=True)
+        check_removal_options(build_parser().parse_args([*command, "--distributed", "--refit-values",
+                                                         "--no-reconstruct"]))

@@ -174,3 +174,51 @@ def test_the_command_line_joins_with_the_backend_of_its_device_before_the_model_
     monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before the process group"))
     assert main(["scan", "bert", "--quiet", "--distributed", "--device", device, "--out", "o"]) == 2
     assert calls == ([("set_device", gpu)] if gpu else []) + [("init", backend)]
+
+
+def _prune_rank(rank, port, model_dir, out, world):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from headprune.app.cli import main
+
+    code = main(["prune", model_dir, "--ratio", "0.25", "--samples", "8", "--seq-len", "16", "--no-speed", "--quiet",
+                 "--distributed", "--out", out])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    assert code == 0
+
+
+def test_prune_distributed_prunes_as_one_process(tmp_path, monkeypatch):
+    """Under --distributed every rank chose the heads (training learned gates, measuring, each
+    writing the same checkpoint files), and an encoder's default lost its measured allocation and
+    value refit, so the pruned model differed from one process's without a word: the writing rank
+    now chooses on every calibration batch, as one process does."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    from hf_tiny import save_tiny_bert
+    from safetensors.torch import load_file
+
+    from headprune.app.cli import main
+
+    pytest.importorskip("torch.distributed")
+    if not dist.is_gloo_available():
+        pytest.skip("no gloo")
+    save_tiny_bert(tmp_path / "bert")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", str(tmp_path / "bert"), "--ratio", "0.25", "--samples", "8", "--seq-len", "16", "--no-speed",
+                 "--quiet", "--out", "one"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_prune_rank, args=(port, str(tmp_path / "bert"), str(tmp_path / "two"), 2), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / d / "report.json").read_text())["settings"] for d in ("one", "two")]
+    assert [(r["scope"], r["refit_values"]) for r in reports] == [("measured", True)] * 2
+    one, two = (load_file(tmp_path / d / "model" / "headprune-model.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:  # the moments are summed in another order: equal up to float64 rounding, refit in float64
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)

@@ -224,18 +224,14 @@ def refuse_no_head(args, grouped: bool) -> None:
 def with_scope(args, kw: dict, scores, removal: str) -> dict:
     """``kw`` with the scope that runs: ``--scope``, else measured where that is the default
     (encoders with the refit, see ``default_allocation``) and nothing rules it out (iterative
-    rounds, one layout, a KV budget, or data-parallel calibration, where every rank must choose
-    the same heads from the same statistics)."""
-    distributed = getattr(args, "distributed", False)
+    rounds, one layout, a KV budget). Under ``--distributed`` the writing rank measures on every
+    calibration batch, as one process does."""
     if kw.get("scope") == "measured":
-        if distributed:  # each rank would measure on its own shard and choose other heads
-            raise ValueError("--scope measured: measures on one process's calibration batches; not with "
-                             "--distributed")
         if removal != "refit":
             raise ValueError("--scope measured: measures what removing heads with the refit costs; drop "
                              "--no-reconstruct")
         return kw
-    if kw.get("scope") is None and not distributed and default_allocation(
+    if kw.get("scope") is None and default_allocation(
             scores, removal, iterative=args.steps != 1, uniform=bool(kw.get("uniform")),
             kv_ratio=kw.get("kv_ratio")) == "measured":
         return {**kw, "scope": "measured"}

@@ -176,15 +176,16 @@ def _measures_uniform(args, kw: dict, removal: str, scores) -> bool:
     (:func:`headprune.hf.uniform.measures`)."""
     from ..hf.uniform import measures
 
-    return measures(kw, removal, scores, iterative=args.steps != 1, sequential=args.sequential,
-                    distributed=getattr(args, "distributed", False))
+    return measures(kw, removal, scores, iterative=args.steps != 1, sequential=args.sequential)
 
 
 def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settings: dict) -> tuple:
     """The heads to prune (``--score learned``: after training the gates, kept in ``settings``;
     the default's protected layers unless ``--protect-layers`` or ``--uniform`` says otherwise;
-    ``settings["refit_bias"]``: whether the refit will move the output bias, see ``refit_bias_of``)."""
-    # set after the collection's fingerprint; the same rule as prune's value refit decides values
+    ``settings["refit_bias"]``: whether the refit will move the output bias, see ``refit_bias_of``;
+    under --distributed, the writing rank on every batch as one process; the others in rounds only)."""
+    if not C._is_writer() and args.steps == 1:  # (settings["refit_bias"]: after the collection's fingerprint)
+        return {}, scores
     settings["refit_bias"] = refit_bias_of(loaded.model, args.uniform, removal, refits_values(args, loaded, removal))
     if kw.get("score") == "learned":
         # the budget against the layers the selection may prune, before minutes of training

@@ -31,17 +31,17 @@ def refuse_values(loaded, other: list) -> None:
                          "q/k/v, not grouped-query attention)")
 
 
-def values_conflicts(args, removal: str, steps: int, distributed: bool = True) -> list:
-    """The options given that rule out the value refit (the one-shot refit on one process's batches);
-    ``distributed=False`` where --distributed spreads the collection only (the sweep's)."""
+def values_conflicts(args, removal: str, steps: int) -> list:
+    """The options given that rule out the value refit (the one-shot refit; under --distributed the
+    writing rank collects its moments on every calibration batch, as one process does)."""
     given = (("--no-reconstruct", removal != "refit"), ("--sequential", getattr(args, "sequential", False)),
-             ("--steps", steps != 1), ("--distributed", distributed and getattr(args, "distributed", False)))
+             ("--steps", steps != 1))
     return [flag for flag, on in given if on]
 
 
 def refuse_values_with(other: list) -> None:
     if other:
-        raise ValueError(f"--refit-values: extends the one-shot least-squares refit on one process; drop "
+        raise ValueError(f"--refit-values: extends the one-shot least-squares refit; drop "
                          f"{', '.join(other)}")
 
 

@@ -368,7 +368,7 @@ def removal_of(args) -> str:
     return "mean" if getattr(args, "compensate", None) is not False else "zero"  # None: not given, on
 
 
-def check_removal_options(args, sweep: bool = False) -> None:
+def check_removal_options(args) -> None:
     """--compensate chooses what replaces a removed head without the refit: refused with it,
     where it would be silently ignored; --refit-values, with the options that rule it out
     (``--steps auto`` is resolved on the model, later), before the model loads."""
@@ -379,9 +379,8 @@ def check_removal_options(args, sweep: bool = False) -> None:
     if getattr(args, "refit_values", None):
         from .removal_stage import refuse_values_with, values_conflicts
 
-        steps = getattr(args, "steps", 1)  # the sweep chooses and removes on one process
-        refuse_values_with(values_conflicts(args, removal_of(args), steps if isinstance(steps, int) else 1,
-                                            distributed=not sweep))
+        steps = getattr(args, "steps", 1)
+        refuse_values_with(values_conflicts(args, removal_of(args), steps if isinstance(steps, int) else 1))
 
 
 def refit_bias_of(model, uniform: bool, removal: str, values: bool) -> bool:

@@ -17,7 +17,7 @@ from .sweep_table import sweep_markdown
 def sweep(args) -> int:
     out = C._out(args, "sweep")
     C.check_out(out, args.force, C.inputs(args))
-    check_removal_options(args, sweep=True)
+    check_removal_options(args)
     loaded, batches, held, settings = C._setup(args, evaluates=True)
     from .removal_stage import remove_zeroed
 

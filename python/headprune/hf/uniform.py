@@ -118,18 +118,17 @@ def refits_bias(model) -> bool:
     return any(getattr(s.o, "bias", None) is not None for s in resolve_sites(model, adapter))
 
 
-def measures(select: dict, removal: str, scores: HeadScores, *, iterative: bool = False, sequential: bool = False,
-             distributed: bool = False) -> bool:
+def measures(select: dict, removal: str, scores: HeadScores, *, iterative: bool = False,
+             sequential: bool = False) -> bool:
     """Whether ``headprune prune --uniform`` (and the sweep's uniform recipe) re-choose the
     first layer's heads for these selection options: a uniform selection by the default
     ranking (no ``score`` or ``order``), removed with the refit, on a model not pruned before
     (the measurement chooses among a site's heads by position), in one round without the
-    sequential pass (both re-calibrate), in one process (every rank must choose alike) and not
-    on an encoder-decoder (its sites attend both ways; the measurement runs one stack's output)."""
+    sequential pass (both re-calibrate) and not on an encoder-decoder (its sites attend both ways; the measurement runs one stack's output)."""
     causal = getattr(scores, "causal", None) or []
     return bool(select.get("uniform")) and removal == "refit" and select.get("score") is None \
         and select.get("order") is None and scores.head_ids is None \
-        and not (iterative or sequential or distributed) \
+        and not (iterative or sequential) \
         and not (any(causal) and not all(causal))  # an encoder-decoder: not measured (see measuring)
 
 
