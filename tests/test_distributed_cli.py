@@ -222,3 +222,17 @@ def test_prune_distributed_prunes_as_one_process(tmp_path, monkeypatch):
     assert one.keys() == two.keys()
     for k in one:  # the moments are summed in another order: equal up to float64 rounding, refit in float64
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_without_distributed_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """Every process ran the whole command, and all but the first failed on a non-empty --out."""
+    import headprune.app.commands as C
+    from headprune.app.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    for command in (["scan", "bert"], ["prune", "bert", "--ratio", "0.3"], ["sweep", "bert"]):
+        assert main([*command, "--quiet", "--out", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err.strip().endswith("--distributed: launched by torchrun (2 processes) without "
+                                                        "it; pass --distributed, or run one process")
