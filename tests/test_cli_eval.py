@@ -115,6 +115,24 @@ def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path
     tok.save_pretrained(other)
     code, err, _ = _eval(run, [tmp_path / "o", "--teacher", other])
     assert code == 2 and f"--teacher: {other} has another tokenizer than MODEL" in err[-1], err
+    # the same weights and vocabulary, read otherwise (lowercased) or in shorter windows: its
+    # perplexity was over other tokens and windows, and the pruned model was reported against it
+    import tokenizers
+
+    shutil.copytree(path, tmp_path / "plain")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok.backend_tokenizer.normalizer = tokenizers.normalizers.Lowercase()
+    tok.save_pretrained(tmp_path / "plain")
+    code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "plain"])
+    assert code == 2 and err[-1].startswith(f"headprune eval: error: --teacher: {tmp_path / 'plain'} reads text as "
+                                            "other tokens than MODEL (its tokenizer has the same vocabulary but other "
+                                            "special tokens, case or normalisation"), err
+    short = transformers.LlamaForCausalLM.from_pretrained(path)
+    short.config.max_position_embeddings = 16
+    short.save_pretrained(tmp_path / "short")
+    transformers.AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "short")
+    code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "short"])
+    assert code == 2 and "takes inputs of up to 16 tokens, MODEL of " in err[-1] and "other windows" in err[-1], err
 
 
 def test_a_report_that_cannot_be_read_costs_the_fidelity_only(run, tmp_path, tiny_dir):  # noqa: F811

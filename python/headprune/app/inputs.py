@@ -44,10 +44,19 @@ def text_inputs(flag: str, spec) -> list:
     return [(flag, n) for n in names if n not in texts.BUNDLED_TEXTS]
 
 
-def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool = False) -> None:
+#: text both tokenizers read, with the held-out paragraphs: case, accents, digits, code, spacing
+PROBE = "The Quick brown fox, 1,234.5 times: naïve CAFÉ d'Été.\n\tdef f(x):  return x ** 2  # 日本語 ok"
+
+
+def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool = False, sample=()) -> None:
     """A teacher must read text as ``loaded`` does: another tokenizer gives other tokens, so
     neither its perplexity per token nor its embeddings nor its next-token distributions compare.
-    ``named``: the teacher is the one ``model``'s report.json names, not ``--teacher``."""
+    Its vocabulary, the ids it gives :data:`PROBE` and the paragraphs of ``sample`` (its
+    special tokens, case and normalisation) and the longest input it takes (a causal LM's
+    perplexity windows) must be ``loaded``'s. ``named``: the teacher is the one ``model``'s
+    report.json names, not ``--teacher``."""
+    from .evaluate import max_positions
+
     who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
     advice = f"pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from"
     theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
@@ -55,6 +64,15 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
         raise ValueError(f"{who} has another tokenizer than {model} ({len(theirs):,} tokens against "
                          f"{len(ours):,}{', other ids' if len(theirs) == len(ours) else ''}), so it does not "
                          f"compare; {advice}")
+    for text in (PROBE, *sample):
+        if teacher.tokenizer(text)["input_ids"] != loaded.tokenizer(text)["input_ids"]:
+            raise ValueError(f"{who} reads text as other tokens than {model} (its tokenizer has the same vocabulary "
+                             f"but other special tokens, case or normalisation: {text[:40]!r}...), so it does not "
+                             f"compare; {advice}")
+    reach = [max_positions(m.model, 1 << 30) for m in (teacher, loaded)]
+    if reach[0] != reach[1]:  # a causal LM's perplexity windows, an encoder's truncation
+        raise ValueError(f"{who} takes inputs of up to {reach[0]:,} tokens, {model} of {reach[1]:,}, so it would be "
+                         f"evaluated on other windows; {advice}")
     width = [getattr(m.model.config, "hidden_size", None) for m in (teacher, loaded)]
     if loaded.kind != "causal" and width[0] != width[1]:  # embeddings of other widths have no cosine
         raise ValueError(f"{who} gives embeddings of {width[0]} values, {model} of {width[1]}, so they do not "
