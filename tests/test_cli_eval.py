@@ -280,3 +280,24 @@ def test_eval_refuses_a_text_named_twice_a_bundled_name_that_is_a_path_and_a_tea
                                           "do not compare; pass the unpruned model MODEL was pruned from"), err
     code, err = run(["eval", tiny_dir, "--teacher", "typo", "--quiet", "--data", "text.txt"])  # it said MODEL
     assert code == 2 and "eval: error: --teacher: 'typo' is not a bundled name" in err[-1], err
+
+
+def test_embeddings_do_not_move_with_the_batch_under_a_left_padding_tokenizer(tmp_path):
+    """An absolute-position encoder saw a left-padded text at other positions than alone: its
+    fidelity depended on the batch size."""
+    import torch
+    import transformers
+
+    from hf_tiny import save_tiny_bert
+
+    from headprune.app import evaluate as E
+
+    save_tiny_bert(tmp_path / "b")
+    model = transformers.AutoModel.from_pretrained(tmp_path / "b").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "b")
+    texts = ["the cat sat", "the cat sat on the mat and the dog too", "a"]
+    tok.padding_side = "left"
+    with torch.no_grad():
+        alone = torch.cat([E.embed(model, tok, [t], batch_size=1) for t in texts])
+        torch.testing.assert_close(E.embed(model, tok, texts, batch_size=3), alone, rtol=0, atol=1e-6)
+    assert tok.padding_side == "left"
