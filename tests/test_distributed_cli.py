@@ -236,3 +236,25 @@ def test_torchrun_without_distributed_is_refused_before_the_model_loads(tmp_path
         assert main([*command, "--quiet", "--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err.strip().endswith("--distributed: launched by torchrun (2 processes) without "
                                                         "it; pass --distributed, or run one process")
+
+
+def test_a_line_is_said_in_one_write(monkeypatch):
+    """Each rank printed its 'rank i/N: ' prefix and its line in separate writes, which other
+    ranks' lines came between."""
+    import sys
+    from argparse import Namespace
+
+    import headprune.app.commands as C
+
+    writes = []
+
+    class Out:
+        def write(self, s):
+            writes.append(s)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Out())
+    C._say(Namespace(quiet=False), "rank 1/2:", "collected entropies")
+    assert writes == ["rank 1/2: collected entropies\n"]

@@ -39,8 +39,9 @@ DEFAULTS = {"causal": {"samples": 64, "seq_len": 256}, "encoder": {"samples": 51
 
 
 def _say(args, *msg, end="\n"):
-    if not args.quiet:
-        print(*msg, end=end, flush=True)
+    if not args.quiet:  # one write, its end included: the lines of torchrun's ranks do not interleave
+        sys.stdout.write(" ".join(map(str, msg)) + end)
+        sys.stdout.flush()
 
 
 def _warn(message: str) -> None:
@@ -247,10 +248,8 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
                                  fingerprint=fingerprint, progress=not args.quiet and rank == 0,
                                  fused=_fused(args), moments=moments)
-    if many:
-        _say(args, f"rank {rank}/{world}: ", end="")
-    _say(args, f"collected entropies over {texts.sequences(batches)} sequences "
-               f"in {time.perf_counter() - t0:.1f} s")
+    _say(args, f"{f'rank {rank}/{world}: ' if many else ''}collected entropies over {texts.sequences(batches)} "
+               f"sequences in {time.perf_counter() - t0:.1f} s")
     return scores
 
 
