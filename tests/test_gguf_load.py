@@ -99,3 +99,82 @@ def test_a_model_transformers_read_from_a_gguf_saves_as_its_floats(tmp_path, hea
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "out")(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _rewrite(src, dst, *, arch=None, fields=None, tensors=None):
+    """``src`` written again as ``dst``: the architecture renamed, fields added or overridden
+    (``{name: (value, GGUFValueType)}``), tensors added."""
+    import numpy as np
+
+    r = gguf.GGUFReader(str(src))
+    a0 = r.fields["general.architecture"].contents()
+    arch, fields = arch or a0, dict(fields or {})
+    w = gguf.GGUFWriter(str(dst), arch)
+    for name, f in r.fields.items():
+        new = arch + name[len(a0):] if name.startswith(a0 + ".") else name
+        if name.startswith("GGUF.") or name == "general.architecture" or new in fields:
+            continue
+        vt = f.types[0]
+        w.add_key_value(new, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    for name, (value, vt) in fields.items():
+        w.add_key_value(name, value, vt)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=None if t.tensor_type in (0, 1) else np.array(t.data).shape,
+                     raw_dtype=None if t.tensor_type in (0, 1) else t.tensor_type)
+    for name, data in (tensors or {}).items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_what_transformers_would_read_otherwise_is_refused_before_the_weights(tmp_path, monkeypatch):
+    """Scaled RoPE (Llama 3's rope_freqs tensor, or rope.scaling fields), which transformers'
+    GGUF loader drops, loaded as an unscaled model without a word; a block count above the
+    blocks the file holds took hours to build; a family headprune does not prune was read and
+    dequantised whole before it was refused, as an encoder."""
+    import numpy as np
+
+    from headprune.app.load import load_model
+
+    export_gguf(_llama(), tmp_path / "m.gguf", dtype="float32")
+    V = gguf.GGUFValueType
+    cases = {"rope_freqs": ({"tensors": {"rope_freqs.weight": np.full(4, 8.0, np.float32)}},
+                            r"holds scaled RoPE \(a rope_freqs tensor\), which transformers' GGUF loader drops"),
+             "linear": ({"fields": {"llama.rope.scaling.type": ("linear", V.STRING)}},
+                        r"holds scaled RoPE \(llama.rope.scaling.type linear\)"),
+             "blocks": ({"fields": {"llama.block_count": (2000, V.UINT32)}},
+                        r"holds llama.block_count 2000 against the 2 blocks its tensors hold \(a damaged file\)"),
+             "falcon": ({"arch": "falcon"}, r"is a GGUF of 'falcon', which headprune does not prune; it prunes bert")}
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("read"))
+    for name, (kw, match) in cases.items():
+        _rewrite(tmp_path / "m.gguf", tmp_path / f"{name}.gguf", **kw)
+        with pytest.raises(ValueError, match=match):
+            load_model(str(tmp_path / f"{name}.gguf"))
+
+
+def test_a_weight_of_another_shape_than_the_fields_say_is_refused_naming_it(tmp_path, monkeypatch):
+    """transformers raised its own RuntimeError (ignore_mismatched_sizes) before the refusal that
+    names the weights; a tokenizer transformers fails to build with a KeyError was a traceback."""
+    import transformers
+
+    from headprune.app.load import load_model
+    from test_speed import _tokenizer_dir
+
+    export_gguf(_llama(), tmp_path / "m.gguf", dtype="float32")
+    width = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["llama.feed_forward_length"].contents()
+    _rewrite(tmp_path / "m.gguf", tmp_path / "s.gguf",
+             fields={"llama.feed_forward_length": (width - 16, gguf.GGUFValueType.UINT32)})
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    with pytest.raises(ValueError, match=r"s.gguf' lacks weights its model needs, or holds them in another shape "
+                                         r"\(\d+: \('model.layers.\d.mlp"):
+        load_model(str(tmp_path / "s.gguf"))
+
+    def broken(*a, **k):
+        raise KeyError("scores")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
+    with pytest.raises(ValueError, match=r"MODEL: transformers cannot read a tokenizer from .*m.gguf' \('scores'\)"):
+        load_model(str(tmp_path / "m.gguf"))

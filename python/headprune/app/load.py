@@ -102,21 +102,26 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     when transformers found a weight missing (it would have filled it with random values)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from ..hf import ADAPTERS, supported_model_types
     from ..hf.gguf_export import gguf_header
 
     try:
-        arch, bias, missing, ffn_bias = gguf_header(path / gguf)
+        arch, bias, missing, ffn_bias, unread = gguf_header(path / gguf)
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
-        arch, bias, missing, ffn_bias = None, False, [], False
+        arch, bias, missing, ffn_bias, unread = None, False, [], False, []
     if missing:
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks {', '.join(missing)}, which say the model's shape; "
                          "a GGUF without them cannot be read (transformers would build a default-size model)")
+    if unread and arch != "deci":
+        raise ValueError(f"MODEL: {str(path / gguf)!r} holds {'; '.join(unread)}")
     if arch == "deci":
         raise ValueError(f"MODEL: {spec!r} is a GGUF of llama.cpp's deci architecture (per-layer head counts, as "
                          "headprune writes a pruned model for llama.cpp), which transformers does not read; load "
                          "the pruned model's directory (the model/ beside it) instead")
     config = _gguf_config(path, gguf)
-
+    if config.model_type not in ADAPTERS:  # before its weights are read (and dequantised)
+        raise ValueError(f"MODEL: {str(path / gguf)!r} is a GGUF of {config.model_type!r}, which headprune does not "
+                         f"prune; it prunes {', '.join(supported_model_types())}")
     if bias:  # written by headprune with a refit's output biases
         config.attention_bias = True
     if ffn_bias:  # a model with feed-forward biases: transformers' GGUF config does not declare them
@@ -126,11 +131,14 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:  # before the model: a file without a tokenizer fails in a second, not after the weights
         tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
-    except ValueError as e:
+    except Exception as e:  # noqa: BLE001 - transformers' GGUF tokenizers fail as KeyError and others too
         raise ValueError(f"MODEL: transformers cannot read a tokenizer from {str(path / gguf)!r} ({e})") from e
-    model, info = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32,
-                                      attn_implementation=_attention(_model_class(config, kind)), gguf_file=gguf,
-                                      output_loading_info=True)
+    try:  # (mismatched shapes: refused below, naming them, rather than by transformers' RuntimeError)
+        model, info = cls.from_pretrained(path, config=config, dtype=torch_dtype or torch.float32,
+                                          attn_implementation=_attention(_model_class(config, kind)), gguf_file=gguf,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
+    except NotImplementedError as e:  # a tensor type the gguf package does not dequantise (F64, Q8_1, ...)
+        raise ValueError(f"MODEL: {str(path / gguf)!r} holds a tensor type that cannot be read here ({e})") from None
     absent = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
     if absent:  # transformers fills them with random values and only warns
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks weights its model needs, or holds them in another "

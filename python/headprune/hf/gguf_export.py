@@ -324,13 +324,16 @@ _SHAPE_FIELDS = ("block_count", "embedding_length", "feed_forward_length", "atte
 
 
 def gguf_header(path) -> tuple:
-    """``(architecture, attention bias, missing, feed-forward bias)`` of the GGUF file ``path``,
+    """``(architecture, attention bias, missing, feed-forward bias, unread)`` of the GGUF file ``path``,
     from one read of it (a read costs seconds on a 100 MB file): what it declares as
     ``general.architecture`` (``llama``, ``deci``, ...), whether it holds attention biases
     (``attn_output.bias``), with which a ``llama`` file loads through transformers with
     ``config.attention_bias = True``, the names of the shape fields and the token embedding it
     lacks (empty for a complete file), and whether it holds feed-forward biases (``ffn_*.bias``:
-    ``config.mlp_bias = True``; without it transformers drops them without a word)."""
+    ``config.mlp_bias = True``; without it transformers drops them without a word), and what
+    transformers would read otherwise than the file says (``unread``: scaled RoPE, which its GGUF
+    loader drops; a block count other than the blocks the file holds, which builds another
+    model, or one so large that building it takes hours)."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(path))
@@ -339,7 +342,18 @@ def gguf_header(path) -> tuple:
     missing = [f"{arch}.{f}" for f in _SHAPE_FIELDS if f"{arch}.{f}" not in reader.fields]
     missing += [] if "token_embd.weight" in names else ["tensor token_embd.weight"]
     ffn = any(n.endswith(("ffn_up.bias", "ffn_down.bias", "ffn_gate.bias")) for n in names)
-    return arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn
+    unread, scaling = [], reader.fields.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in names or (scaling is not None and scaling.contents() not in ("none", "")):
+        unread.append("scaled RoPE (" + ("a rope_freqs tensor" if "rope_freqs.weight" in names else
+                                         f"{arch}.rope.scaling.type {scaling.contents()}") + "), which transformers' "
+                      "GGUF loader drops: the model it builds would not be the file's; prune the model's Hugging Face "
+                      "directory")
+    blocks, declared = {int(n.split(".")[1]) for n in names if re.match(r"blk\.\d+\.", n)}, reader.fields.get(
+        f"{arch}.block_count")
+    if declared is not None and blocks != set(range(int(declared.contents()))):
+        unread.append(f"{arch}.block_count {int(declared.contents())} against the {len(blocks)} blocks its tensors "
+                      "hold (a damaged file)")
+    return arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn, unread
 
 
 def gguf_attention_bias(path) -> bool:
