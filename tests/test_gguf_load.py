@@ -178,3 +178,21 @@ def test_a_weight_of_another_shape_than_the_fields_say_is_refused_naming_it(tmp_
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", broken)
     with pytest.raises(ValueError, match=r"MODEL: transformers cannot read a tokenizer from .*m.gguf' \('scores'\)"):
         load_model(str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_an_unquantised_gguf_is_saved_in_its_own_float_type(tmp_path, monkeypatch, dtype):
+    """Every GGUF counted as quantised, so an F16 file's pruned model was saved in bfloat16
+    (lossy where float16 is exact); a quantised one still saves in bfloat16."""
+    import transformers
+
+    from headprune.app.load import load_model, stored_type_name
+    from test_speed import _tokenizer_dir
+
+    export_gguf(_llama(), tmp_path / "m.gguf", dtype=dtype)
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    loaded = load_model(str(tmp_path / "m.gguf"))
+    assert (loaded.checkpoint_dtype, stored_type_name(loaded)) == ("gguf", dtype)
+    loaded.gguf_float = None  # a quantised file's
+    assert stored_type_name(loaded) == "bfloat16"

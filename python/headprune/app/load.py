@@ -26,8 +26,9 @@ class Loaded:
     kind: str  # "causal" or "encoder"
     source: str
     pruned: Optional[dict] = None  # headprune.json of a pruned directory
-    checkpoint_dtype: Optional[str] = None  # the float type the weights were stored in ("gguf": quantised)
+    checkpoint_dtype: Optional[str] = None  # the float type the weights were stored in ("gguf": a GGUF's)
     input_bytes: Optional[int] = None  # the size of the weight files read
+    gguf_float: Optional[str] = None  # a GGUF's matrices' float type where none is quantised (F16: "float16")
 
 
 def _bytes(files) -> int:
@@ -106,9 +107,9 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     from ..hf.gguf_export import gguf_header
 
     try:
-        arch, bias, missing, ffn_bias, unread = gguf_header(path / gguf)
+        arch, bias, missing, ffn_bias, unread, floats = gguf_header(path / gguf)
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
-        arch, bias, missing, ffn_bias, unread = None, False, [], False, []
+        arch, bias, missing, ffn_bias, unread, floats = None, False, [], False, [], None
     if missing:
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks {', '.join(missing)}, which say the model's shape; "
                          "a GGUF without them cannot be read (transformers would build a default-size model)")
@@ -144,7 +145,7 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks weights its model needs, or holds them in another "
                          f"shape ({len(absent)}: {', '.join(map(str, absent[:3]))}{', ...' if len(absent) > 3 else ''})")
     _dequantized(model)
-    return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf",
+    return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf", gguf_float=floats,
                   input_bytes=_bytes([path / gguf]))
 
 
@@ -327,9 +328,12 @@ SAVE_TYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 
 def stored_type_name(loaded) -> str:
     """The float type a checkpoint's weights are kept in, as ``prune`` saves them by default:
-    its own (bfloat16 for a quantised GGUF, float32 where unknown or wider)."""
+    its own (an unquantised GGUF's too; bfloat16 for a quantised GGUF, float32 where unknown or
+    wider)."""
     stored = loaded.checkpoint_dtype
-    return stored if stored in SAVE_TYPES else "bfloat16" if stored == "gguf" else "float32"
+    if stored == "gguf":  # an unquantised GGUF's own float type (F16 is exact in float16, not in bfloat16)
+        return getattr(loaded, "gguf_float", None) or "bfloat16"
+    return stored if stored in SAVE_TYPES else "float32"
 
 
 def type_bits(name) -> Optional[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..ranking.select import SplitGroupsError
 from . import commands as C
 from . import plots
+from .load import stored_type_name
 from .prune_checks import refuse_below_one
 from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, check_removal_options, refit_only, removal_of, run_sweep
 from .sweep_reach import BASELINE, NoHead, model_layout, out_of_reach
@@ -23,6 +24,7 @@ def sweep(args) -> int:
 
     remove_zeroed(args, loaded, settings)  # a masked directory's heads, or the sweep would choose them again
     settings["checkpoint_dtype"] = loaded.checkpoint_dtype  # said under the table where prune would round
+    settings["saved_dtype"] = stored_type_name(loaded)  # (to what: an unquantised GGUF's own type)
     if getattr(args, "refit_values", None):  # before the collection, as prune does (the options: before the load)
         from .removal_stage import refuse_values
 

@@ -100,7 +100,8 @@ def _heading(result: dict, draws: int) -> str:
     part = result.get("eval_paragraphs")
     where = f"`{evaluated}`" + (f", its first {part[0]} of {part[1]} paragraphs" if part else "")
     stored = (s or {}).get("checkpoint_dtype")
-    rounded = {"gguf": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}.get(stored)
+    rounded = {"gguf": (s or {}).get("saved_dtype", "bfloat16"), "float16": "float16", "bfloat16": "bfloat16"}.get(stored)
+    rounded = None if rounded == "float32" else rounded
     if rounded and (s or {}).get("dtype", "float32") in ("float32", "float64"):  # the refit is evaluated unrounded
         calibrated += (f" Evaluated in {(s or {}).get('dtype', 'float32')} with the refit unrounded; `headprune prune` "
                        f"of this {stored} checkpoint rounds the pruned model to {rounded}, the type it saves.")

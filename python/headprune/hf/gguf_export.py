@@ -324,7 +324,7 @@ _SHAPE_FIELDS = ("block_count", "embedding_length", "feed_forward_length", "atte
 
 
 def gguf_header(path) -> tuple:
-    """``(architecture, attention bias, missing, feed-forward bias, unread)`` of the GGUF file ``path``,
+    """``(architecture, attention bias, missing, feed-forward bias, unread, float type)`` of the GGUF file ``path``,
     from one read of it (a read costs seconds on a 100 MB file): what it declares as
     ``general.architecture`` (``llama``, ``deci``, ...), whether it holds attention biases
     (``attn_output.bias``), with which a ``llama`` file loads through transformers with
@@ -333,7 +333,8 @@ def gguf_header(path) -> tuple:
     ``config.mlp_bias = True``; without it transformers drops them without a word), and what
     transformers would read otherwise than the file says (``unread``: scaled RoPE, which its GGUF
     loader drops; a block count other than the blocks the file holds, which builds another
-    model, or one so large that building it takes hours)."""
+    model, or one so large that building it takes hours), and the float type of its matrices
+    where none is quantised (``"float16"`` for F16; ``None`` for a quantised file)."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(path))
@@ -353,7 +354,9 @@ def gguf_header(path) -> tuple:
     if declared is not None and blocks != set(range(int(declared.contents()))):
         unread.append(f"{arch}.block_count {int(declared.contents())} against the {len(blocks)} blocks its tensors "
                       "hold (a damaged file)")
-    return arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn, unread
+    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1 and t.n_elements > 1}
+    floats = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(next(iter(kinds)) if len(kinds) == 1 else "")
+    return arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn, unread, floats
 
 
 def gguf_attention_bias(path) -> bool:
