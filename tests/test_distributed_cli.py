@@ -115,6 +115,11 @@ def test_the_command_line_reports_another_ranks_failure_as_an_error(tmp_path, mo
     assert capsys.readouterr().err.strip() == ("headprune scan: error: collect: ranks [1] failed (see their errors); "
                                                "this rank stops too")
     assert not (tmp_path / "o").exists()
+    kept = tmp_path / ".o.checkpoint.json"  # the batches this process collected before the others failed
+    kept.write_text("{}")
+    assert main(["scan", str(tmp_path / "bert"), "--samples", "4", "--seq-len", "16", "--quiet", "--out", "o"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"this rank stops too; the checkpoint {kept} keeps the batches "
+                                                    "done: run again with --resume to continue")
 
 
 def test_the_command_line_names_a_partial_torchrun_environment_in_one_line(tmp_path, monkeypatch, capsys):

@@ -181,7 +181,9 @@ def main(argv=None) -> int:
         try:
             return handler(args)
         except (OSError, ValueError, TypeError, RanksFailed, MissingExtra) as e:  # RanksFailed: another rank's error
-            print(f"headprune {args.command}: error: {_message(e, args.command)}", file=sys.stderr)
+            kept = commands.resumable(args) if isinstance(e, RanksFailed) else ""
+            print(f"headprune {args.command}: error: {_message(e, args.command)}{'; ' * bool(kept)}{kept}",
+                  file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)

@@ -126,15 +126,21 @@ def interrupted(args) -> str:
     left = [s.leftover for s in stages if s.leftover]
     if left:
         parts.append(f"temporary files left in {', '.join(left)} are removed by the next run into {out.parent}")
-    from ..distributed import checkpoint_files
-
-    kept = [p for p in checkpoint_files(_checkpoint(out)) if os.path.exists(p)]
-    if args.command == "scan" and kept:
-        parts.append(f"the checkpoint {', '.join(kept)} keeps the batches done: run again with --resume to continue")
+    parts += [resumable(args)] if resumable(args) else []
     held = getattr(args, "checkpoint", None) if args.command == "recover" else None
     if isinstance(held, str) and os.path.exists(held):
         parts.append(f"--checkpoint {held} keeps the recovery's steps saved: the same command again goes on from them")
     return "interrupted; " + "; ".join(parts)
+
+
+def resumable(args) -> str:
+    """Where a scan stopped midway (interrupted, another rank failed) keeps the batches done ("": none)."""
+    from ..distributed import checkpoint_files
+
+    kept = [p for p in checkpoint_files(_checkpoint(_out(args, args.command).absolute())) if os.path.exists(p)]
+    if args.command != "scan" or not kept:
+        return ""
+    return f"the checkpoint {', '.join(kept)} keeps the batches done: run again with --resume to continue"
 
 
 def _checkpoint(out: Path) -> Path:
