@@ -132,7 +132,13 @@ def test_eval_of_a_causal_lm_sets_the_teacher_perplexity_beside_it(run, tmp_path
     short.save_pretrained(tmp_path / "short")
     transformers.AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path / "short")
     code, err, _ = _eval(run, [tmp_path / "o", "--teacher", tmp_path / "short"])
-    assert code == 2 and "takes inputs of up to 16 tokens, MODEL of " in err[-1] and "other windows" in err[-1], err
+    assert code == 2 and "takes inputs of up to 16 tokens where MODEL is evaluated on " in err[-1], err
+    # longer inputs than the windows evaluated (4,096 against 8,192 positions): the same windows
+    from headprune.app.inputs import check_teacher
+    from headprune.app.load import Loaded
+
+    models = [transformers.LlamaForCausalLM(tiny_config("llama", max_position_embeddings=n)) for n in (4096, 8192)]
+    check_teacher("T", *(Loaded(m, tok, "causal", "x") for m in models))
 
 
 def test_a_report_that_cannot_be_read_costs_the_fidelity_only(run, tmp_path, tiny_dir):  # noqa: F811

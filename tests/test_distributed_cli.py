@@ -241,6 +241,11 @@ def test_torchrun_without_distributed_is_refused_before_the_model_loads(tmp_path
         assert main([*command, "--quiet", "--out", str(tmp_path / "o")]) == 2
         assert capsys.readouterr().err.strip().endswith("--distributed: launched by torchrun (2 processes) without "
                                                         "it; pass --distributed, or run one process")
+    for command in (["eval", "bert"], ["recover", "d", "--steps", "1", "--out", str(tmp_path / "o")],
+                    ["export", "d", "--gguf", str(tmp_path / "o.gguf")]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip().endswith(f"headprune {command[0]} runs in one process, and torchrun "
+                                                        "launched 2; run one process")
 
 
 def test_a_line_is_said_in_one_write(monkeypatch):

@@ -196,3 +196,23 @@ def test_an_unquantised_gguf_is_saved_in_its_own_float_type(tmp_path, monkeypatc
     assert (loaded.checkpoint_dtype, stored_type_name(loaded)) == ("gguf", dtype)
     loaded.gguf_float = None  # a quantised file's
     assert stored_type_name(loaded) == "bfloat16"
+
+
+def test_a_gguf_beside_a_pruned_models_record_takes_head_indices(tmp_path, monkeypatch):
+    """A GGUF in a pruned model's folder (an export shipped with the weights) was taken for that
+    folder's model loaded without its record, and every pruning of it refused."""
+    import transformers
+
+    from headprune.app.load import load_model
+    from headprune.hf import kept_heads, prune_heads, save_pruned
+    from test_speed import _tokenizer_dir
+
+    model = _llama()
+    prune_heads(model, {0: [1, 2], 1: [1, 2]})  # (heads that divide the hidden size: transformers' check)
+    save_pruned(model, tmp_path / "d")
+    export_gguf(model, tmp_path / "d" / "m.gguf", dtype="float32")
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_dir(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    loaded = load_model(str(tmp_path / "d" / "m.gguf"))
+    prune_heads(loaded.model, {0: [0]})
+    assert kept_heads(loaded.model)[0] == [1]

@@ -238,6 +238,8 @@ def test_a_uniform_layout_loaded_plainly_refuses_head_indices(tmp_path):
         save_pruned(model, tmp_path / str(removed))
         plain = transformers.AutoModel.from_pretrained(tmp_path / str(removed))
         if refused:
+            with pytest.raises(ValueError, match=r"model: loaded from .* without its pruning record"):
+                save_pruned(plain, tmp_path / "again")  # the record it would write holds no original indices
             for fn in (prune_heads, mask_heads):
                 with pytest.raises(ValueError, match=r"model: loaded from .* without its pruning record \(plain "
                                                      r"from_pretrained\), .*layer 0 keeps original heads \[0, 2, "

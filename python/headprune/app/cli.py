@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         from . import commands, eval_command, export_command, prune_command, recover_command, sweep_command
-        from ..distributed import RanksFailed
+        from ..distributed import RanksFailed, refuse_unasked_ranks
         from .plots import MissingExtra
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
                "export": export_command.export}[args.command]
     with _quiet_transformers(getattr(args, "quiet", False)), _own_warnings():
         try:
+            refuse_unasked_ranks(args.command, getattr(args, "distributed", None))
             return handler(args)
         except (OSError, ValueError, TypeError, RanksFailed, MissingExtra) as e:  # RanksFailed: another rank's error
             kept = commands.resumable(args) if isinstance(e, RanksFailed) else ""

@@ -174,9 +174,6 @@ def _setup(args, evaluates: bool = False):
         from ..distributed import join
 
         args.device = join(args.device)
-    elif os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):  # each process would run it all and write --out
-        raise ValueError(f"--distributed: launched by torchrun ({os.environ['WORLD_SIZE']} processes) without it; "
-                         "pass --distributed, or run one process")
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .texts import bos_token, token_windows
 
 WINDOW = 256
+FIDELITY_TOKENS = 128  # each text's first tokens that fidelity embeds
 STRIDE = 256
 
 
@@ -121,7 +122,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
 
 
 @torch.no_grad()
-def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = 128,
+def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = FIDELITY_TOKENS,
           progress: bool = False) -> torch.Tensor:
     """Mean-pooled, L2-normalised embeddings ``[N, hidden]`` (the sentence-transformers recipe) of
     each text's first ``max_length`` tokens, padded on the right whatever the tokenizer's side

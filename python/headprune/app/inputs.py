@@ -55,7 +55,7 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
     special tokens, case and normalisation) and the longest input it takes (a causal LM's
     perplexity windows) must be ``loaded``'s. ``named``: the teacher is the one ``model``'s
     report.json names, not ``--teacher``."""
-    from .evaluate import max_positions
+    from .evaluate import FIDELITY_TOKENS, max_positions, perplexity_window
 
     who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
     advice = f"pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from"
@@ -69,10 +69,11 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
             raise ValueError(f"{who} reads text as other tokens than {model} (its tokenizer has the same vocabulary "
                              f"but other special tokens, case or normalisation: {text[:40]!r}...), so it does not "
                              f"compare; {advice}")
-    reach = [max_positions(m.model, 1 << 30) for m in (teacher, loaded)]
+    reach = [perplexity_window(m.model) if loaded.kind == "causal" else
+             min(FIDELITY_TOKENS, max_positions(m.model, FIDELITY_TOKENS)) for m in (teacher, loaded)]
     if reach[0] != reach[1]:  # a causal LM's perplexity windows, an encoder's truncation
-        raise ValueError(f"{who} takes inputs of up to {reach[0]:,} tokens, {model} of {reach[1]:,}, so it would be "
-                         f"evaluated on other windows; {advice}")
+        raise ValueError(f"{who} takes inputs of up to {reach[0]:,} tokens where {model} is evaluated on "
+                         f"{reach[1]:,}, so it would be evaluated on other windows; {advice}")
     width = [getattr(m.model.config, "hidden_size", None) for m in (teacher, loaded)]
     if loaded.kind != "causal" and width[0] != width[1]:  # embeddings of other widths have no cosine
         raise ValueError(f"{who} gives embeddings of {width[0]} values, {model} of {width[1]}, so they do not "

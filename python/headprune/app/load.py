@@ -145,6 +145,7 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks weights its model needs, or holds them in another "
                          f"shape ({len(absent)}: {', '.join(map(str, absent[:3]))}{', ...' if len(absent) > 3 else ''})")
     _dequantized(model)
+    model.config._name_or_path = str(path / gguf)  # the file, not its folder (which may hold a pruned model's record)
     return Loaded(model.to(device).eval(), tok, kind, str(path / gguf), checkpoint_dtype="gguf", gguf_float=floats,
                   input_bytes=_bytes([path / gguf]))
 

@@ -75,6 +75,18 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
     return True
 
 
+def refuse_unasked_ranks(command: str, distributed: Optional[bool]) -> None:
+    """A command torchrun launched in several processes without ``--distributed`` (``None``: a
+    command that has none) is refused: each process would run all of it and write its output."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world in ("", "1") or distributed:
+        return
+    if distributed is not None:
+        raise ValueError(f"--distributed: launched by torchrun ({world} processes) without it; pass --distributed, "
+                         "or run one process")
+    raise ValueError(f"headprune {command} runs in one process, and torchrun launched {world}; run one process")
+
+
 def join(device: str) -> str:
     """Join torchrun's process group for a command that runs on ``device``, before its model
     loads: gloo where it runs on the CPU (also on a host with GPUs), NCCL on CUDA with each rank

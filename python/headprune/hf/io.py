@@ -29,7 +29,7 @@ from .attention import model_configs
 from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
 from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
-                       output_model, read_metadata)
+                       output_model, read_metadata, refuse_plain_loaded)
 from .migrate import is_transformers4_pruned, obsolete, transformers4_metadata
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
 from .records import set_record
@@ -64,6 +64,7 @@ def save_pruned(
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     if getattr(model, STATE_ATTR, None) is None:  # never pruned: the config it has is what the save writes
+        refuse_plain_loaded(model, [head_counts(s, adapter)[0] for s in sites])  # (its record would be lost)
         check_config(model, [head_counts(s, adapter) for s in sites])
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
