@@ -55,6 +55,7 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
     special tokens, case and normalisation) and the longest input it takes (a causal LM's
     perplexity windows) must be ``loaded``'s. ``named``: the teacher is the one ``model``'s
     report.json names, not ``--teacher``."""
+    from ..hf.training import check_teacher as check_models
     from .evaluate import FIDELITY_TOKENS, max_positions, perplexity_window
 
     who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
@@ -78,6 +79,11 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
     if loaded.kind != "causal" and width[0] != width[1]:  # embeddings of other widths have no cosine
         raise ValueError(f"{who} gives embeddings of {width[0]} values, {model} of {width[1]}, so they do not "
                          f"compare; {advice}")
+    try:  # another family, class or labels: the distillation's refusal, and eval's
+        check_models(loaded.model, teacher.model)
+    except ValueError as e:
+        lead = f"{model}/report.json names {spec} as the unpruned model, but" if named else f"--teacher: {spec}:"
+        raise ValueError(f"{lead} {str(e).removeprefix('teacher: ')}; {advice}") from None
 
 
 def load_as(arg: str, spec: str, **kw) -> Loaded:

@@ -271,15 +271,7 @@ def _check_distils(args, spec: str, teacher, student) -> None:
     """The distillation's refusal of a teacher whose outputs its loss cannot compare (another
     family, class, width or labels), before both models are evaluated, named as it was given;
     first the command line's (another tokenizer)."""
-    from ..hf.training import check_teacher as check_models
-
     check_teacher(spec, teacher, student, "DIR", named=not args.teacher)
-    try:
-        check_models(student.model, teacher.model)
-    except ValueError as e:
-        who = f"--teacher: {spec}:" if args.teacher else f"DIR/report.json names {spec} as the unpruned model, but"
-        raise ValueError(f"{who} {str(e).removeprefix('teacher: ')}; pass {'' if args.teacher else '--teacher, '}the "
-                         "unpruned model DIR was pruned from") from None
 
 
 def _recorded(settings: dict, result: dict) -> dict:
