@@ -284,6 +284,12 @@ def test_eval_refuses_a_text_named_twice_a_bundled_name_that_is_a_path_and_a_tea
     code, err = run(["eval", tiny_dir, "--teacher", wide, "--quiet", "--data", "text.txt"])
     assert code == 2 and err[-1].endswith(f"--teacher: {wide} gives embeddings of 64 values, MODEL of 32, so they "
                                           "do not compare; pass the unpruned model MODEL was pruned from"), err
+    other = tmp_path / "distil"  # the same tokenizer and width, another family: its fidelity was printed
+    transformers.DistilBertModel(tiny_config("distilbert")).save_pretrained(other)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
+    code, err = run(["eval", tiny_dir, "--teacher", other, "--quiet", "--data", "text.txt"])
+    assert code == 2 and err[-1].endswith(f"--teacher: {other}: a distilbert model cannot teach a bert student; pass "
+                                          "the unpruned model MODEL was pruned from"), err
     code, err = run(["eval", tiny_dir, "--teacher", "typo", "--quiet", "--data", "text.txt"])  # it said MODEL
     assert code == 2 and "eval: error: --teacher: 'typo' is not a bundled name" in err[-1], err
 
