@@ -179,6 +179,11 @@ def test_the_command_line_joins_with_the_backend_of_its_device_before_the_model_
     monkeypatch.setattr(C, "load_model", lambda *a, **k: pytest.fail("loaded before the process group"))
     assert main(["scan", "bert", "--quiet", "--distributed", "--device", device, "--out", "o"]) == 2
     assert calls == ([("set_device", gpu)] if gpu else []) + [("init", backend)]
+    if device == "cuda:0":  # two ranks on this node, one GPU named for both: refused before joining
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        calls.clear()
+        assert main(["scan", "bert", "--quiet", "--distributed", "--device", device, "--out", "o"]) == 2
+        assert calls == []
 
 
 def _prune_rank(rank, port, model_dir, out, world):

@@ -94,6 +94,9 @@ def join(device: str) -> str:
     a copy each and run one at a time). Returns the device this rank runs on."""
     check_launch()
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and os.environ.get("LOCAL_WORLD_SIZE", "1").strip() not in ("", "1"):
+        raise ValueError(f"--device: {device} puts every rank of this node on one GPU; give --device cuda (each rank "
+                         "on its own, cuda:LOCAL_RANK)")
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dev.index is None else dev.index)
     if not dist.is_initialized():
