@@ -126,7 +126,8 @@ def interrupted(args) -> str:
     left = [s.leftover for s in stages if s.leftover]
     if left:
         parts.append(f"temporary files left in {', '.join(left)} are removed by the next run into {out.parent}")
-    parts += [resumable(args)] if resumable(args) else []
+    if kept := resumable(args):
+        parts.append(kept)
     held = getattr(args, "checkpoint", None) if args.command == "recover" else None
     if isinstance(held, str) and os.path.exists(held):
         parts.append(f"--checkpoint {held} keeps the recovery's steps saved: the same command again goes on from them")

@@ -127,13 +127,13 @@ def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: in
     """Mean-pooled, L2-normalised embeddings ``[N, hidden]`` (the sentence-transformers recipe) of
     each text's first ``max_length`` tokens, padded on the right whatever the tokenizer's side
     (left padding moves an absolute-position encoder's positions with the batch)."""
-    out, side = [], getattr(tokenizer, "padding_side", "right")
+    out = []
     device = next(model.parameters()).device
     max_length = min(max_length, max_positions(model, max_length))
     for i in tqdm(range(0, len(texts), batch_size), desc="headprune: embedding", unit="batch", disable=not progress,
                   leave=False):
         enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt", **({"padding_side": "right"} if side != "right" else {})).to(device)
+                        return_tensors="pt", padding_side="right").to(device)
         h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
         m = enc["attention_mask"].unsqueeze(-1).float()
         out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1).cpu())

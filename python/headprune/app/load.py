@@ -104,12 +104,12 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from ..hf import ADAPTERS, supported_model_types
-    from ..hf.gguf_export import gguf_header
+    from ..hf.gguf_export import GGUFHeader, gguf_header
 
     try:
         arch, bias, missing, ffn_bias, unread, floats = gguf_header(path / gguf)
     except Exception:  # noqa: BLE001 - not a GGUF: transformers' reading below says so
-        arch, bias, missing, ffn_bias, unread, floats = None, False, [], False, [], None
+        arch, bias, missing, ffn_bias, unread, floats = GGUFHeader()
     if missing:
         raise ValueError(f"MODEL: {str(path / gguf)!r} lacks {', '.join(missing)}, which say the model's shape; "
                          "a GGUF without them cannot be read (transformers would build a default-size model)")

@@ -55,13 +55,14 @@ def check_launch() -> None:
         raise ValueError("--distributed: not launched by torchrun (RANK/WORLD_SIZE are not set)")
 
 
-def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
+def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = None,
+                  device: Optional[torch.device] = None) -> bool:
     """Join the process group described by torchrun's environment variables.
 
     Returns ``False`` (and does nothing) when the process was not launched distributed
     (``RANK``/``WORLD_SIZE`` unset), ``True`` when a default group is (now) initialised.
     ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``; with ``nccl``
-    the current CUDA device is set to ``LOCAL_RANK``.
+    the current CUDA device is set to ``device``, else to ``LOCAL_RANK``.
     """
     if not _launched():
         return False
@@ -69,7 +70,7 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
         return True
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device if device is not None else _count("LOCAL_RANK", 0))
     kw = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend=backend, init_method="env://", **kw)
     return True
@@ -78,8 +79,8 @@ def init_from_env(backend: Optional[str] = None, timeout: Optional[timedelta] = 
 def refuse_unasked_ranks(command: str, distributed: Optional[bool]) -> None:
     """A command torchrun launched in several processes without ``--distributed`` (``None``: a
     command that has none) is refused: each process would run all of it and write its output."""
-    world = os.environ.get("WORLD_SIZE", "1").strip()
-    if world in ("", "1") or distributed:
+    world = _count("WORLD_SIZE", 1)
+    if world == 1 or distributed:
         return
     if distributed is not None:
         raise ValueError(f"--distributed: launched by torchrun ({world} processes) without it; pass --distributed, "
@@ -94,16 +95,19 @@ def join(device: str) -> str:
     a copy each and run one at a time). Returns the device this rank runs on."""
     check_launch()
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is not None and os.environ.get("LOCAL_WORLD_SIZE", "1").strip() not in ("", "1"):
+    if dev.type == "cuda" and dev.index is not None and _count("LOCAL_WORLD_SIZE", 1) > 1:
         raise ValueError(f"--device: {device} puts every rank of this node on one GPU; give --device cuda (each rank "
                          "on its own, cuda:LOCAL_RANK)")
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if dev.index is None else dev.index)
-    if not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        dev = torch.device("cuda", _count("LOCAL_RANK", 0) if dev.index is None else dev.index)
+    init_from_env("nccl" if dev.type == "cuda" else "gloo", device=dev)
     return str(dev)
+
+
+def _count(name: str, default: int) -> int:
+    """torchrun's integer variable ``name`` (a rank or a number of processes), ``default`` where unset."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
 
 
 def rank_world(group=None) -> tuple:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -323,7 +324,18 @@ def _attention_tensors(model, adapter, sites, counts: list, zero_qkv_bias: bool 
 _SHAPE_FIELDS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
 
 
-def gguf_header(path) -> tuple:
+class GGUFHeader(NamedTuple):
+    """What :func:`gguf_header` reads (the defaults: a file it could not read as a GGUF)."""
+
+    arch: Optional[str] = None
+    bias: bool = False
+    missing: Sequence[str] = ()
+    ffn_bias: bool = False
+    unread: Sequence[str] = ()
+    floats: Optional[str] = None
+
+
+def gguf_header(path) -> GGUFHeader:
     """``(architecture, attention bias, missing, feed-forward bias, unread, float type)`` of the GGUF file ``path``,
     from one read of it (a read costs seconds on a 100 MB file): what it declares as
     ``general.architecture`` (``llama``, ``deci``, ...), whether it holds attention biases
@@ -356,17 +368,17 @@ def gguf_header(path) -> tuple:
                       "hold (a damaged file)")
     kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1 and t.n_elements > 1}
     floats = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(next(iter(kinds)) if len(kinds) == 1 else "")
-    return arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn, unread, floats
+    return GGUFHeader(arch, any(n.endswith("attn_output.bias") for n in names), missing, ffn, unread, floats)
 
 
 def gguf_attention_bias(path) -> bool:
     """Whether the GGUF file ``path`` holds attention biases (see :func:`gguf_header`)."""
-    return gguf_header(path)[1]
+    return gguf_header(path).bias
 
 
 def gguf_architecture(path) -> str:
     """The architecture a GGUF file declares (see :func:`gguf_header`)."""
-    return gguf_header(path)[0]
+    return gguf_header(path).arch
 
 
 def drop_gguf_quantizer(model) -> dict:

@@ -261,7 +261,7 @@ def _zero_heads(site, adapter) -> set:
     """Positions of the site's query heads whose output-projection columns are all exactly zero."""
     w = site.o.weight.detach().movedim(_o_dim(adapter), -1)  # [out, heads x head_dim]
     heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
-    return set(torch.nonzero(~heads.any(dim=(0, 2))).flatten().tolist())
+    return set(torch.nonzero(~heads.any(2).any(0)).flatten().tolist())  # (any over two dims at once: 6x slower)
 
 
 def _fresh_position_bias(module, args, kwargs):
