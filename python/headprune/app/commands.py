@@ -341,7 +341,8 @@ def _out(args, command: str) -> Path:
             raise ValueError("--out: expected a directory, got an empty name")
         return Path(args.out)
     name = Path(str(args.model).rstrip("/\\")).name
-    return Path("headprune-out") / f"{command}-{name.removesuffix('.gguf') or 'model'}"
+    stem = name[:-5] if name.lower().endswith(".gguf") else name
+    return Path("headprune-out") / f"{command}-{stem or 'model'}"
 
 
 class Stages:

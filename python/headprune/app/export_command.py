@@ -125,7 +125,7 @@ def _source(given: Optional[str], path: Path, report: Optional[dict]) -> Optiona
     for name in (report or {}).get("model_path"), (report or {}).get("model"):
         if not isinstance(name, str):
             continue
-        if name.endswith(".gguf") and Path(name).is_file():
+        if name.lower().endswith(".gguf") and Path(name).is_file():
             return name
         if name in BUNDLED_MODELS and BUNDLED_MODELS[name][2] is not None:
             try:

@@ -46,13 +46,19 @@ def locate(spec: str, *, bundled: bool = False, arg: str = "MODEL") -> tuple:
         raise FileNotFoundError(
             f"{arg}: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file or a directory")
     if path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
             raise ValueError(f"{arg}: {spec!r} is a file but not a .gguf file")
         return path.parent, path.name, False
     if os.path.lexists(path / "headprune.json") or is_transformers4_pruned(path):
         return path, None, True
     if not os.path.lexists(path / "config.json"):
-        raise FileNotFoundError(f"{arg}: directory {spec!r} has no config.json")
+        ggufs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file()) \
+            if path.is_dir() else []
+        if len(ggufs) == 1:  # a folder of one GGUF (a download of a GGUF repository's file)
+            return path, ggufs[0], False
+        raise FileNotFoundError(f"{arg}: directory {spec!r} has no config.json" + (
+            f" (it holds {len(ggufs)} GGUF files: pass the one to read, e.g. {str(path / ggufs[0])!r})"
+            if ggufs else ""))
     return path, None, False
 
 
