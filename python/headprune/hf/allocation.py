@@ -35,7 +35,7 @@ from ..ranking.allocation import allocate_by_cost
 from ..ranking.layouts import even_layouts, has_grouped_queries
 from ..ranking.recipes import DEFAULT_GQA, GQA_MODES, default_choice, resolve_recipe
 from ..ranking.select import budget, select_heads
-from ..ranking.units import unit_sizes
+from ..ranking.units import count_arg, unit_sizes
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
@@ -97,8 +97,7 @@ def _measured_count(sequences: Optional[int], total: int) -> int:
     a quarter of them (the rest is the refit's)."""
     if sequences is None:
         return min(DEFAULT_SEQUENCES, max(1, total // 4))
-    if isinstance(sequences, bool) or not isinstance(sequences, int) or sequences < 1:
-        raise ValueError(f"sequences: expected a positive int, got {sequences!r}")
+    sequences = count_arg("sequences", sequences)
     if sequences >= total:
         raise ValueError(f"sequences: {sequences} of the {total} calibration sequences would leave none for the "
                          "refit the measurement leaves them out of; pass fewer")

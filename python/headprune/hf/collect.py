@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from ..ranking.units import count_arg
 from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
@@ -112,8 +113,7 @@ def collect(
     check_batches(batches)
     if not isinstance(fused, bool):
         raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
-    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+    checkpoint_every = count_arg("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
     if not hasattr(model, "config"):

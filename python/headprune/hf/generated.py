@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..ranking.units import count_arg
 from .adapters import get_adapter
 from .speed import _cache_arg, position_limit
 
@@ -51,9 +52,7 @@ def _start_token(model, start: Optional[int]) -> int:
 
 
 def _positive(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return count_arg(name, value)
 
 
 @torch.no_grad()
@@ -84,7 +83,7 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
                          f"{adapter.model_type} model")
     token = _start_token(model, start)
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    generator = torch.Generator(device="cpu").manual_seed(count_arg("seed", seed, "a non-negative int"))
     from transformers import DynamicCache
 
     bar = None

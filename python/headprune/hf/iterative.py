@@ -14,6 +14,7 @@ from functools import partial
 from typing import Callable, Iterable, Optional, Union
 
 from ..ranking import budget, count_units, select_heads
+from ..ranking.units import count_arg
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .collect import collect
@@ -76,8 +77,8 @@ def select_iteratively(
     every earlier round's heads removed). The model is left exactly as it was (masks
     restored on any exit).
     """
-    if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps: expected a positive int or 'auto', got {steps!r}")
+    if not (isinstance(steps, str) and steps == "auto"):
+        steps = count_arg("steps", steps, "a positive int or 'auto'")
     if steps != 1 and not hasattr(batches, "__len__"):
         raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
     removal = ("mean" if compensate else "zero") if removal is None else removal

@@ -38,7 +38,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..ranking.units import as_real
+from ..ranking.units import as_count, as_real
 from .adapters import encoder_decoder, get_adapter, head_counts, resolve_sites
 from .gates import frozen, gates
 from .prune import check_scores
@@ -90,16 +90,18 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.T
     return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
 
-def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed) -> None:
+def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed) -> tuple:
+    """``(steps, checkpoint_every, seed)``, checked, as ints."""
     if as_real(ratio) is None or not 0 < ratio < 1:
         raise ValueError(f"ratio: expected a fraction of heads to prune in (0, 1), got {ratio!r}")
-    _check_run(steps, lr, time_budget_s, checkpoint_every)
+    steps, checkpoint_every = _check_run(steps, lr, time_budget_s, checkpoint_every)
     if as_real(warmup) is None or not 0 <= warmup <= 1:
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
     if as_real(init) is None or abs(init) > torch.finfo(torch.float32).max:  # log_alpha is float32
         raise ValueError(f"init: expected a finite log_alpha within float32's range, got {init!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
+    if as_count(seed) is None or not seed < 2**40:
         raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
+    return steps, checkpoint_every, as_count(seed)
 
 
 def _fill(scores) -> Optional[torch.Tensor]:
@@ -132,7 +134,7 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     every exit; it runs in eval mode (no dropout).
     """
     started = time.perf_counter()
-    _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
+    steps, checkpoint_every, seed = _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
     ratio, lr, warmup, init = map(as_real, (ratio, lr, warmup, init))  # numpy and tensor numbers as floats
     check_inputs(batches, progress, "learn_gates", model=model)
     if resume and checkpoint is None:

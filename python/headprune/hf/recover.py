@@ -36,7 +36,7 @@ import torch
 
 from ..core.modules import eval_mode
 from ..prune.mask import active_masks
-from ..ranking.units import as_real
+from ..ranking.units import as_real, count_arg
 from .adapters import encoder_decoder, get_adapter, resolve_sites
 from .batches import check_inputs_of, check_vocabulary
 from .distil import _kwargs, _loss, _Teacher, distillation_loss
@@ -99,8 +99,9 @@ def trainable_parameters(model, train: str = "attention") -> dict:
     return {n: p for n, p in model.named_parameters() if id(p) in chosen}
 
 
-def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) -> None:
-    _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
+def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) -> tuple:
+    """``(steps, checkpoint_every)``, checked, with the models and ``train``."""
+    steps, checkpoint_every = _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
     if train not in TRAIN:
         raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
     a = check_teacher(student, teacher)
@@ -111,6 +112,7 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     if active_masks(student):  # masked heads are zero columns of o: their gradients would revive them
         raise ValueError("student: has heads masked by mask_heads, which training would revive; "
                          "remove them with prune_heads first")
+    return steps, checkpoint_every
 
 
 @contextmanager
@@ -188,7 +190,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     started = time.perf_counter()
     check_inputs(batches, progress, "recover", student=student, teacher=teacher)
     lr = default_lr(student) if lr is None else lr
-    _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
+    steps, checkpoint_every = _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
     lr = as_real(lr)  # numpy and tensor numbers as floats (the checkpoint's fingerprint records it)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
@@ -239,8 +241,7 @@ def _check_validation(validation, every, student) -> int:
     if not isinstance(validation, Sequence) or isinstance(validation, (str, bytes)) or not validation:
         raise ValueError(f"validation: expected a non-empty list of batches, got {type(validation).__name__}"
                          + (" (empty)" if isinstance(validation, Sequence) else ""))
-    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-        raise ValueError(f"validate_every: expected a positive int, got {every!r}")
+    every = None if every is None else count_arg("validate_every", every)
     for batch in validation:  # refused here, by its name (the run would name them batches)
         check_inputs_of(batch, "validation")
         check_vocabulary(student, batch, "validation")

@@ -22,7 +22,7 @@ from .. import atomic
 from .checkpoint import format_kind, refuse_foreign, tensor_bytes, writing
 from .batches import check_batch, check_batches
 from ..core.modules import uncompiled
-from ..ranking.units import as_real
+from ..ranking.units import as_real, count_arg
 from .adapters import get_adapter
 from .gates import gated
 
@@ -34,21 +34,21 @@ CHECKPOINT_FORMAT = "headprune.recover/6"  # /2: digests of shapes and types too
 MARGIN = 1.25
 
 
-def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool = False) -> None:
-    """The options every training run here takes (:func:`recover`, ``learn_gates``);
-    ``open_ended``: ``steps=None`` (until the time budget) is allowed with a time budget."""
+def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool = False) -> tuple:
+    """The options every training run here takes (:func:`recover`, ``learn_gates``), checked:
+    ``(steps, checkpoint_every)`` as ints (numpy and 0-d tensor integers are taken); ``open_ended``:
+    ``steps=None`` (until the time budget) is allowed with a time budget."""
     if steps is None and open_ended:
         if time_budget_s is None or time_budget_s == math.inf:
             raise ValueError(f"steps: None (until the time budget) needs a finite time_budget_s, got {time_budget_s!r}")
-    elif not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected a positive int{' or None' if open_ended else ''}, got {steps!r}")
+    else:
+        steps = count_arg("steps", steps, f"a positive int{' or None' if open_ended else ''}")
     if as_real(lr) is None or not 0 < lr:
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
     if time_budget_s is not None and (isinstance(time_budget_s, bool) or not (
             isinstance(time_budget_s, (int, float)) and time_budget_s > 0 and not math.isnan(time_budget_s))):
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
-    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every: expected a positive int, got {checkpoint_every!r}")
+    return steps, count_arg("checkpoint_every", checkpoint_every)
 
 
 def check_inputs(batches, progress, what: str = "", **models) -> None:

@@ -27,6 +27,7 @@ sum to one, so a value bias reaches the output as a constant).
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -87,8 +88,9 @@ def refit_values(wo: torch.Tensor, wv: torch.Tensor, bv: Optional[torch.Tensor],
     constant ``E||y||^2`` (the objective as it is minimised: only differences mean anything).
     """
     damping = check_damping(damping)
-    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+    if isinstance(sweeps, bool) or not isinstance(sweeps, numbers.Integral) or sweeps < 0:
         raise ValueError(f"sweeps: expected a non-negative int, got {sweeps!r}")
+    sweeps = int(sweeps)
     gram, cross = gram.double(), cross.to(gram.device, torch.float64)  # on the moments' device (a CUDA model's
     wo, wv = wo.to(gram.device, torch.float64), wv.to(gram.device, torch.float64)  # moments are kept on the CPU)
     bv = None if bv is None else bv.to(gram.device, torch.float64)

@@ -105,6 +105,15 @@ def as_count(n):
     return n if n >= 0 else None
 
 
+def count_arg(name: str, value, what: str = "a positive int") -> int:
+    """``value`` as an ``int`` (numpy and 0-d tensor integers too), at least 1 where ``what``
+    says positive, else at least 0; otherwise a ``ValueError`` naming ``name``."""
+    n = as_count(value)
+    if n is None or (n < 1 and "positive" in what):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return n
+
+
 def as_real(x):
     """``x`` as a finite ``float`` (numpy and 0-d tensor numbers too: ``np.float32(0.3)`` is a
     fraction as ``0.3`` is), or ``None`` where it is none: a bool, a string, a tensor of more than
