@@ -212,3 +212,24 @@ def test_a_family_export_cannot_write_is_said_before_the_source(tmp_path, capsys
     code, out = _run(["export", tmp_path / "gpt2", "--gguf", tmp_path / "m.gguf", "--quiet"], capsys)
     assert code == 2 and "GGUF export writes llama models, got gpt2" in out.err and "--source" not in out.err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_refusals_name_the_commands_arguments(pruned, tmp_path, capsys):
+    """The exporter's refusals reached the command line under the API's names (``model:``,
+    ``architecture:``), which the command has no argument for."""
+    import transformers
+
+    t, _ = pruned
+    torch.manual_seed(0)
+    uneven = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    prune_heads(uneven, {0: [1]})
+    save_pruned(uneven, tmp_path / "uneven", tokenizer=_tokenizer())
+    code, out = _run(["export", tmp_path / "uneven", "--gguf", tmp_path / "m.gguf", "--source", t / "src.gguf",
+                      "--architecture", "llama", "--quiet"], capsys)
+    assert code == 2 and "export: error: --architecture: llama.cpp's llama architecture reads one" in out.err, out.err
+    gpt2 = transformers.GPT2LMHeadModel(tiny_config("gpt2")).eval()
+    save_pruned(gpt2, tmp_path / "gpt2", tokenizer=_tokenizer())
+    code, out = _run(["export", tmp_path / "gpt2", "--gguf", tmp_path / "m.gguf", "--source", t / "src.gguf",
+                      "--quiet"], capsys)
+    assert code == 2 and "export: error: MODEL: GGUF export writes" in out.err, out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "uneven"]

@@ -7,6 +7,7 @@ GGUF). ``prune`` already writes ``model.gguf`` for a GGUF input; this writes one
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 import os
 from pathlib import Path
 from typing import Optional
@@ -45,7 +46,8 @@ def export(args) -> int:
     zeroed = zeroed_heads(loaded.model)
     if zeroed:  # a masked model: its heads' outputs are zero columns, removed for a smaller file
         prune_heads(loaded.model, zeroed)
-    arch = export_architecture(loaded.model, args.architecture)  # a family it cannot write is said first
+    with _cli_names():
+        arch = export_architecture(loaded.model, args.architecture)  # a family it cannot write is said first
     if source is None:
         raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
                          f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
@@ -55,7 +57,7 @@ def export(args) -> int:
               "masked model's); what they added was zero, so the model computes what it did")
     created = _parents(out.absolute().parent)
     try:
-        with stage(f"writing the GGUF ({arch} architecture)", "gguf"):
+        with stage(f"writing the GGUF ({arch} architecture)", "gguf"), _cli_names():
             written = export_gguf(loaded.model, out, source=source, dtype=args.gguf_dtype,
                                   architecture=args.architecture, overwrite=args.force)
     except BaseException as e:
@@ -65,8 +67,6 @@ def export(args) -> int:
             except OSError:
                 pass
         text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # str() adds "[Errno N] "
-        if isinstance(e, (ValueError, OSError)) and text.startswith("source:"):  # export_gguf's --source here
-            raise (ValueError(f"--{text}") if isinstance(e, ValueError) else OSError(e.errno, f"--{text}")) from None
         if isinstance(e, OSError) and not text.startswith(("--gguf", "--source")):
             raise OSError(e.errno, f"--gguf: cannot write {out} ({e.strerror or e})") from e
         raise
@@ -74,6 +74,26 @@ def export(args) -> int:
     print(f"{out}: llama.cpp's {arch} architecture, {len(written)} tensors ({', '.join(kinds)}), "
           f"{out.stat().st_size / 2**20:,.1f} MiB; fields and tokenizer from {source}")
     return 0
+
+
+#: the exporter's argument names, as the command line calls them
+CLI_NAMES = {"model": "MODEL", "source": "--source", "path": "--gguf", "dtype": "--gguf-dtype",
+             "architecture": "--architecture"}
+
+
+@contextmanager
+def _cli_names():
+    """The exporter's refusals (``ValueError``, ``OSError``) name the command's arguments, not the
+    API's (``model: ...`` is ``MODEL: ...`` here)."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)  # str() adds "[Errno N] "
+        name, sep, rest = text.partition(":")
+        if not sep or name not in CLI_NAMES:
+            raise
+        text = f"{CLI_NAMES[name]}:{rest}"
+        raise (ValueError(text) if isinstance(e, ValueError) else type(e)(e.errno, text)) from None
 
 
 def _parents(folder: Path) -> list:
