@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["eval_mode", "instance_forward", "retype", "uncompiled"]
+__all__ = ["check_module", "eval_mode", "instance_forward", "retype", "uncompiled"]
 
 _MISSING = object()
 
@@ -75,13 +75,26 @@ def uncompiled(model):
     return model._orig_mod if isinstance(model, OptimizedModule) else model
 
 
-def refuse_meta(params) -> None:
-    """``ValueError`` if one of ``params`` (the weights a mask or a pruning edits) is on the meta
-    device (offloaded by accelerate, or never loaded): a mask could not write it, a pruning would
-    slice the placeholder and leave the offloaded weights their old shape."""
+def refuse_meta(params, name: str = "model") -> None:
+    """``ValueError`` naming ``name`` if one of ``params`` (the weights a mask or a pruning edits, or
+    a model's) is on the meta device (offloaded by accelerate, or never loaded): a mask could not
+    write it, a pruning would slice the placeholder and leave the offloaded weights their old
+    shape, and nothing can be computed with it."""
     if any(p.is_meta for p in params):
-        raise ValueError("model: parameters are on the meta device (offloaded to disk by accelerate, or not loaded); "
+        raise ValueError(f"{name}: parameters are on the meta device (offloaded to disk by accelerate, or not loaded); "
                          "load the weights onto a device first (device_map='cpu', say)")
+
+
+def check_module(model, name: str = "model", *, meta: bool = False) -> None:
+    """``TypeError`` naming ``name`` unless ``model`` is a ``torch.nn.Module`` (``None`` or a model's
+    name failed deep inside); with ``meta``, :func:`refuse_meta` of all its parameters too (for
+    what computes with them)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if meta:
+        refuse_meta(model.parameters(), name)
 
 
 def compiled_over(model, hooked) -> list:

@@ -35,6 +35,12 @@ def check_ids(batch) -> None:
     of their shape, else refused naming ``batches`` (the model failed inside its embedding or
     its mask)."""
     ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    for key, value in (("input_ids", ids), ("attention_mask", mask)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"batches: {key!r} must be a torch tensor (a tokenizer's return_tensors='pt'), got "
+                            f"{type(value).__name__}")
+        if value is not None and value.is_meta:
+            raise ValueError(f"batches: {key!r} is on the meta device and holds no values")
     if isinstance(ids, torch.Tensor) and ids.dtype not in (torch.int64, torch.int32):  # what an embedding takes
         got = str(ids.dtype).removeprefix("torch.")
         raise TypeError(f"batches: 'input_ids' are token ids, int64 or int32; got {got}")
@@ -45,7 +51,8 @@ def check_ids(batch) -> None:
 
 
 def batch_rows(batch) -> int:
-    """The sequences (or images) in one batch."""
+    """The sequences (or images) in one batch (refused naming ``batches`` where it has none)."""
+    check_inputs_of(batch)
     return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
                 and isinstance(v, torch.Tensor))
 
@@ -70,8 +77,17 @@ def check_inputs_of(batch, name: str = "batches") -> None:
 
 def check_vocabulary(model, batch, name: str = "batches") -> None:
     """Token ids the model's input embeddings hold (a raw ``IndexError`` inside the embedding,
-    or a device-side assert on CUDA, otherwise), refused naming ``name``."""
+    or a device-side assert on CUDA, otherwise), and sequences no longer than a learned position
+    table takes (an ``IndexError`` or a shape error inside the model), refused naming ``name``."""
+    from .speed import position_limit
+
     get, ids = getattr(model, "get_input_embeddings", None), batch.get("input_ids")
+    tokens = next((v.shape[1] for k, v in batch.items() if k in ("input_ids", "inputs_embeds")
+                   and isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+    limit = None if tokens is None else position_limit(model)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{name}: sequences of {tokens} tokens are more than the {limit} learned positions this "
+                         "model takes; tokenise with truncation to that length")
     try:
         rows = getattr(get(), "num_embeddings", None) if callable(get) and ids is not None else None
     except NotImplementedError:  # a model without input embeddings of its own

@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from ..core.modules import check_module
 from ..ranking.units import count_arg
 from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
@@ -83,8 +84,9 @@ def collect(
             batches it holds are not the first of these (their contents are digested).
         fingerprint: the caller's description of the calibration settings (data, samples,
             sequence length, model name and revision, ...); a dict is canonicalised as JSON.
-        allow_empty: return all-zero scores instead of raising when nothing was recorded
-            (a data-parallel rank with an empty shard).
+        allow_empty: return all-zero scores instead of raising when nothing was recorded (no
+            attention call, or every query position padding): a data-parallel rank with an
+            empty shard.
         fused: with ``method="qk"``, serve a CPU model's ``sdpa`` attention calls with the
             fused op (``headprune.ops.attention_stats_accumulate_``): the attention output
             and the statistics from one pass over the logits, instead of the attention
@@ -108,14 +110,18 @@ def collect(
     the collection sets for its duration. A second collection on the same model at the same
     time is refused.
     """
+    check_module(model)
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     check_batches(batches)
-    if not isinstance(fused, bool):
-        raise TypeError(f"fused: expected a bool, got {type(fused).__name__}")
+    for name, flag in (("fused", fused), ("allow_empty", allow_empty)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
     checkpoint_every = count_arg("checkpoint_every", checkpoint_every)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint: expected a file path, got {type(checkpoint).__name__}")
     if not hasattr(model, "config"):
         if checkpoint is not None:
             raise ValueError("checkpoint: resumable collection needs a transformers model")
@@ -128,7 +134,11 @@ def collect(
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)
     if not session.recorded and not allow_empty:
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
-    return session.scores()
+    scores = session.scores()
+    if not allow_empty and not int(scores.count.sum()):  # every statistic NaN: refused later, less clearly
+        raise ValueError("batches: every query position is padding (their attention_mask is all zero), so no "
+                         "attention row was recorded")
+    return scores
 
 
 def _as_dict(fingerprint) -> dict:

@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
-from ..core.modules import compiled_over, eval_mode, uncompiled
+from ..core.modules import check_module, compiled_over, eval_mode, uncompiled
 
 __all__ = ["HeadGates", "frozen", "gates"]
 
@@ -175,6 +175,7 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     The head layout is the model's at entry (do not mask or prune inside the block). The
     hooks are removed on every exit path; the model's weights are never touched.
     """
+    check_module(model, meta=True)
     if not isinstance(per_example, bool):
         raise TypeError(f"per_example: expected a bool, got {type(per_example).__name__}")
     if isinstance(init, bool) or not isinstance(init, numbers.Real):

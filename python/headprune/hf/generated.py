@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ..core.modules import check_module
 from ..ranking.units import count_arg
 from .adapters import get_adapter
 from .speed import _cache_arg, position_limit
@@ -71,6 +72,10 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
     or a callable ``progress(done, samples)`` called after each group of sequences. The model
     is left as it was (its training flag included).
     """
+    check_module(model, meta=True)
+    if not isinstance(keep_start, bool):
+        raise TypeError(f"keep_start: expected a bool, got {type(keep_start).__name__}")
+    seed = count_arg("seed", seed, "a non-negative int")
     samples, seq_len, batch_size = (_positive(n, v) for n, v in
                                     (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)))
     adapter = get_adapter(model)
@@ -83,7 +88,7 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
                          f"{adapter.model_type} model")
     token = _start_token(model, start)
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(count_arg("seed", seed, "a non-negative int"))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     from transformers import DynamicCache
 
     bar = None

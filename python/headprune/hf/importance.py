@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import get_adapter
-from .batches import check_ids
+from .batches import check_inputs_of, check_vocabulary
 from .gates import frozen, gates
 from .training import check_inputs
 
@@ -55,7 +55,8 @@ def _contrastive_loss(model, batch) -> torch.Tensor:
 def _loss(model, batch, causal: bool) -> torch.Tensor:
     if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
         raise ValueError("batches: gradient importance takes text batches, dicts with input_ids and attention_mask")
-    check_ids(batch)
+    check_inputs_of(batch)
+    check_vocabulary(model, batch)
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if causal:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedConfig
 
 from .. import atomic
-from ..core.modules import compiled_over, uncompiled
+from ..core.modules import check_module, compiled_over, uncompiled
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
@@ -55,6 +55,7 @@ def save_pruned(
     ``OSError`` naming ``path`` and the cause.
     """
     atomic.check_replace(overwrite, "overwrite")
+    check_module(model, meta=True)  # a meta model has no weights to write
     model = uncompiled(model)
     # a wrapper inside the model: its weights would be saved under _orig_mod. names no model of the family has
     if nested := [n for n, in_place in compiled_over(model, model.modules()) if n and not in_place]:

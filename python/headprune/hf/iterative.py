@@ -81,6 +81,7 @@ def select_iteratively(
         steps = count_arg("steps", steps, "a positive int or 'auto'")
     if steps != 1 and not hasattr(batches, "__len__"):
         raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
+    _check_options(scores, compensate, on_step, collect_fn)
     removal = ("mean" if compensate else "zero") if removal is None else removal
     if removal not in ("refit", "mean", "zero"):
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
@@ -118,6 +119,18 @@ def select_iteratively(
         for h in reversed(handles):
             h.restore()
     return heads, scores
+
+
+def _check_options(scores, compensate, on_step, collect_fn) -> None:
+    """Refused by name before the first collection (a string flag read as true, a callback that
+    fails after a round)."""
+    if scores is not None and not isinstance(scores, HeadScores):
+        raise TypeError(f"scores: expected HeadScores (collect(...)) or None, got {type(scores).__name__}")
+    if not isinstance(compensate, bool):
+        raise TypeError(f"compensate: expected a bool, got {type(compensate).__name__}")
+    for name, fn in (("on_step", on_step), ("collect_fn", collect_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name}: expected a callable or None, got {type(fn).__name__}")
 
 
 def _gather(model, gather, removal: str, scores, select_kwargs: dict):

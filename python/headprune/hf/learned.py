@@ -91,17 +91,17 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed) -> tuple:
-    """``(steps, checkpoint_every, seed)``, checked, as ints."""
+    """``(steps, checkpoint_every, seed, time_budget_s)``, checked (see ``_check_run``)."""
     if as_real(ratio) is None or not 0 < ratio < 1:
         raise ValueError(f"ratio: expected a fraction of heads to prune in (0, 1), got {ratio!r}")
-    steps, checkpoint_every = _check_run(steps, lr, time_budget_s, checkpoint_every)
+    steps, checkpoint_every, time_budget_s = _check_run(steps, lr, time_budget_s, checkpoint_every)
     if as_real(warmup) is None or not 0 <= warmup <= 1:
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
     if as_real(init) is None or abs(init) > torch.finfo(torch.float32).max:  # log_alpha is float32
         raise ValueError(f"init: expected a finite log_alpha within float32's range, got {init!r}")
     if as_count(seed) is None or not seed < 2**40:
         raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
-    return steps, checkpoint_every, as_count(seed)
+    return steps, checkpoint_every, as_count(seed), time_budget_s
 
 
 def _fill(scores) -> Optional[torch.Tensor]:
@@ -134,7 +134,8 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     every exit; it runs in eval mode (no dropout).
     """
     started = time.perf_counter()
-    steps, checkpoint_every, seed = _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed)
+    steps, checkpoint_every, seed, time_budget_s = _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every,
+                                                          init, seed)
     ratio, lr, warmup, init = map(as_real, (ratio, lr, warmup, init))  # numpy and tensor numbers as floats
     check_inputs(batches, progress, "learn_gates", model=model)
     if resume and checkpoint is None:

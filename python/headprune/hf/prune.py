@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.modules import refuse_meta, uncompiled
+from ..core.modules import check_module, refuse_meta, uncompiled
 from ..prune.heads import head_index, normalize_heads
 from ..prune.mask import MaskHandle, masked_heads, refuse_masked_again
 from ..prune.slicing import kv_layout, slice_, slice_rows
@@ -70,6 +70,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     asked for that an earlier ``prune_heads`` removed, ignored); on error, nothing is changed.
     Plain torch models (``nn.MultiheadAttention``) are masked the same way (zeroed only).
     """
+    check_module(model)
     if not hasattr(model, "config"):
         if compensate is not None or reconstruct is not None or values is not None:
             raise ValueError("compensate, reconstruct, values: supported for transformers models only")
@@ -230,6 +231,7 @@ def check_scores(model, scores, arg: str = "scores") -> HeadScores:
 
 def kept_heads(model) -> dict:
     """``{layer: original query heads kept}`` for every site (all heads if never pruned)."""
+    check_module(model)
     refuse_records_elsewhere(model)
     adapter = get_adapter(model)
     return _kept(model, resolve_sites(model, adapter), adapter)
@@ -328,6 +330,7 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     """
     from .report import PruneReport, measure
 
+    check_module(model)
     model = uncompiled(model)
     refuse_records_elsewhere(model)
     adapter = get_adapter(model)

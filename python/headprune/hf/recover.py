@@ -100,8 +100,8 @@ def trainable_parameters(model, train: str = "attention") -> dict:
 
 
 def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) -> tuple:
-    """``(steps, checkpoint_every)``, checked, with the models and ``train``."""
-    steps, checkpoint_every = _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
+    """``(steps, checkpoint_every, time_budget_s)``, checked, with the models and ``train``."""
+    steps, checkpoint_every, time_budget_s = _check_run(steps, lr, time_budget_s, checkpoint_every, open_ended=True)
     if train not in TRAIN:
         raise ValueError(f"train: expected one of {', '.join(TRAIN)}, got {train!r}")
     a = check_teacher(student, teacher)
@@ -112,7 +112,7 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
     if active_masks(student):  # masked heads are zero columns of o: their gradients would revive them
         raise ValueError("student: has heads masked by mask_heads, which training would revive; "
                          "remove them with prune_heads first")
-    return steps, checkpoint_every
+    return steps, checkpoint_every, time_budget_s
 
 
 @contextmanager
@@ -190,7 +190,8 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     started = time.perf_counter()
     check_inputs(batches, progress, "recover", student=student, teacher=teacher)
     lr = default_lr(student) if lr is None else lr
-    steps, checkpoint_every = _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every)
+    steps, checkpoint_every, time_budget_s = _check(student, teacher, steps, lr, train, time_budget_s,
+                                                    checkpoint_every)
     lr = as_real(lr)  # numpy and tensor numbers as floats (the checkpoint's fingerprint records it)
     if resume and checkpoint is None:
         raise ValueError("resume: needs a checkpoint path")

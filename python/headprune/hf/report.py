@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from ..ranking.units import count_arg
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .speed import max_positions
 
@@ -21,6 +24,7 @@ def parameter_count(model) -> int:
 def attention_flops_per_token(model, context: int = DEFAULT_CONTEXT) -> int:
     """Multiply-adds x 2 per token in all attention blocks: the q/k/v/o projections plus the
     score and value products against ``context`` keys."""
+    context = count_arg("context", context, "a non-negative int")
     adapter = get_adapter(model)
     total = 0
     for site in resolve_sites(model, adapter):
@@ -66,6 +70,9 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
     one type. Layers whose cache a sliding window keeps (Mistral, Qwen2's upper layers, Gemma 2's
     local layers) stop growing at the window, so they are left out of that figure and counted in
     ``kv_cache_window_sites``."""
+    context = count_arg("context", context)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a torch float type (torch.float16, say) or None, got {dtype!r}")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     counts = [head_counts(s, adapter) for s in sites]

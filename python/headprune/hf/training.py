@@ -21,7 +21,7 @@ import torch
 from .. import atomic
 from .checkpoint import format_kind, refuse_foreign, tensor_bytes, writing
 from .batches import check_batch, check_batches
-from ..core.modules import uncompiled
+from ..core.modules import refuse_meta, uncompiled
 from ..ranking.units import as_real, count_arg
 from .adapters import get_adapter
 from .gates import gated
@@ -36,19 +36,20 @@ MARGIN = 1.25
 
 def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool = False) -> tuple:
     """The options every training run here takes (:func:`recover`, ``learn_gates``), checked:
-    ``(steps, checkpoint_every)`` as ints (numpy and 0-d tensor integers are taken); ``open_ended``:
+    ``(steps, checkpoint_every, time_budget_s)``, the first two as ints and the budget as a float
+    or ``None`` (numpy and 0-d tensor numbers are taken); ``open_ended``:
     ``steps=None`` (until the time budget) is allowed with a time budget."""
+    budget = math.inf if isinstance(time_budget_s, float) and time_budget_s == math.inf else as_real(time_budget_s)
     if steps is None and open_ended:
-        if time_budget_s is None or time_budget_s == math.inf:
+        if budget is None or budget == math.inf:
             raise ValueError(f"steps: None (until the time budget) needs a finite time_budget_s, got {time_budget_s!r}")
     else:
         steps = count_arg("steps", steps, f"a positive int{' or None' if open_ended else ''}")
     if as_real(lr) is None or not 0 < lr:
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
-    if time_budget_s is not None and (isinstance(time_budget_s, bool) or not (
-            isinstance(time_budget_s, (int, float)) and time_budget_s > 0 and not math.isnan(time_budget_s))):
+    if time_budget_s is not None and not (budget is not None and budget > 0):
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
-    return steps, count_arg("checkpoint_every", checkpoint_every)
+    return steps, count_arg("checkpoint_every", checkpoint_every), None if time_budget_s is None else budget
 
 
 def check_inputs(batches, progress, what: str = "", **models) -> None:
@@ -59,6 +60,7 @@ def check_inputs(batches, progress, what: str = "", **models) -> None:
     for name, m in models.items():
         if not isinstance(m, torch.nn.Module):
             raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
+        refuse_meta(m.parameters(), name)
         if gated(m):  # its gates would shape what is learned (and take gradients), then be gone
             raise ValueError(f"{name}: is inside a headprune.gates block; call {what} after the block ends")
     check_batches(batches)

@@ -348,7 +348,7 @@ def allocate_uniform(costs: list, kv_heads: list, want: int, min_heads: int, who
         raise ValueError(f"uniform: no layout keeps min_heads_per_layer={min_heads} heads per layer")
     if want > 0 and all(r == 0 for r, _, _ in candidates):
         raise ValueError(f"ratio/count: {want} heads requested, but every uniform layout that keeps "
-                         f"{min_heads} heads per layer removes none")
+                         f"min_heads_per_layer={min_heads} heads per layer removes none; lower min_heads_per_layer")
 
     def total(g, t):
         return sum(best_layout(c, kv_heads[i], g, t)[0] for i, c in enumerate(costs))

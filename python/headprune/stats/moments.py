@@ -26,7 +26,11 @@ DEFAULT_DAMPING = 1e-2
 
 
 def check_damping(damping) -> float:
-    """``damping`` as a float, or ``ValueError`` naming it unless it is a finite non-negative number."""
+    """``damping`` as a float, or ``ValueError`` naming it unless it is a finite non-negative number
+    (numpy and 0-d tensor numbers too, as ratios are taken)."""
+    if isinstance(damping, torch.Tensor) and damping.dim() == 0 and damping.dtype != torch.bool \
+            and not damping.is_complex():
+        damping = damping.item()
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real) or not 0 <= damping < float("inf"):
         raise ValueError(f"damping: expected a finite non-negative number, got {damping!r}")
     return float(damping)

@@ -1,0 +1,135 @@
+"""Refusals by name of what reached torch or transformers before: no model, a model on the meta
+device, batches of numpy arrays or longer than a learned position table, arguments of the wrong
+type; a string read as a true flag. Each refused before the model or any file changes."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import headprune
+from headprune.hf.generated import generated_batches
+from test_api_inputs import _batches, _bert, _gpt2, _llama, _same, _state
+
+META = "parameters are on the meta device"
+
+
+def _meta_llama():
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                            num_key_value_heads=2, vocab_size=100, num_hidden_layers=2))
+
+
+def test_no_model_is_refused_by_name(tmp_path):
+    for call in (lambda: headprune.collect(None, _batches(1)), lambda: headprune.mask_heads(None, {0: [1]}),
+                 lambda: headprune.prune_heads("llama", {0: [1]}), lambda: headprune.kept_heads(None),
+                 lambda: headprune.save_pruned(None, tmp_path / "out"),
+                 lambda: headprune.gates(None).__enter__()):
+        with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module \(a transformers model\), got "):
+            call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name(tmp_path):
+    meta, batches = _meta_llama(), _batches(1)
+    calls = {"model": [lambda: headprune.gradient_importance(meta, batches),
+                       lambda: headprune.learn_gates(meta, batches, ratio=0.5, steps=1),
+                       lambda: headprune.gates(meta).__enter__(),
+                       lambda: headprune.save_pruned(meta, tmp_path / "out"),
+                       lambda: generated_batches(meta, samples=1, seq_len=4, start=0)],
+             "teacher": [lambda: headprune.recover(_llama(), meta, batches, steps=1, lr=1e-3)]}
+    for name, fns in calls.items():
+        for call in fns:
+            with pytest.raises(ValueError, match=f"^{name}: {META}"):
+                call()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batches_torch_cannot_take_are_refused_by_name():
+    ids = _batches(1)[0]["input_ids"]
+    model, gpt2 = _llama(), GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+    before = _state(model)
+    cases = [({"input_ids": ids.numpy()}, TypeError, r"'input_ids' must be a torch tensor .* got ndarray"),
+             ({"input_ids": ids.tolist()}, TypeError, r"'input_ids' must be a torch tensor .* got list"),
+             ({"input_ids": ids, "attention_mask": np.ones(ids.shape)}, TypeError, "'attention_mask' must be a torch"),
+             ({"input_ids": ids.to("meta")}, ValueError, "'input_ids' is on the meta device")]
+    for batch, exc, match in cases:
+        with pytest.raises(exc, match=f"^batches: {match}"):
+            headprune.collect(model, [batch], progress=False)
+        with pytest.raises(exc, match=f"^batches: {match}"):
+            headprune.gradient_importance(model, [{"attention_mask": torch.ones_like(ids), **batch}])
+    with pytest.raises(ValueError, match=r"^batches: token ids run from"):
+        headprune.gradient_importance(model, [{"input_ids": ids + 1000, "attention_mask": torch.ones_like(ids)}])
+    assert _same(model, before)
+    long = {"input_ids": torch.randint(0, 100, (2, 17)), "attention_mask": torch.ones(2, 17, dtype=torch.long)}
+    for call in (lambda: headprune.collect(gpt2, [long], progress=False),
+                 lambda: headprune.learn_gates(gpt2, [long], ratio=0.5, steps=1),
+                 lambda: headprune.gradient_importance(gpt2, [long]),
+                 lambda: headprune.collect(_bert(), [{**long, "input_ids": torch.randint(0, 100, (2, 65)),
+                                                      "attention_mask": torch.ones(2, 65, dtype=torch.long)}])):
+        with pytest.raises(ValueError, match=r"^batches: sequences of (17|65) tokens are more than the (16|64) "
+                                             "learned positions"):
+            call()
+    with pytest.raises(ValueError, match=r"^batches: a batch needs input_ids"):
+        headprune.layer_costs(model, [{"inputs": ids}], headprune.collect(model, _batches(1), moments=True))
+
+
+def test_arguments_of_the_wrong_type_are_refused_before_the_work():
+    model, batches = _llama(), _batches(2)
+    with pytest.raises(ValueError, match=r"^context: expected a positive int, got -1"):
+        headprune.measure(model, context=-1)
+    for bad in (2.5, True, float("nan"), "8"):
+        with pytest.raises(ValueError, match=r"^context: expected a positive int"):
+            headprune.measure(model, context=bad)
+    got = headprune.measure(model, context=np.int64(8))
+    assert got == headprune.measure(model, context=8) and type(got["context"]) is int
+    with pytest.raises(TypeError, match=r"^dtype: expected a torch float type"):
+        headprune.measure(model, dtype="float16")
+    with pytest.raises(TypeError, match=r"^keep_start: expected a bool, got int"):
+        generated_batches(model, samples=1, seq_len=4, start=0, keep_start=3)
+    with pytest.raises(ValueError, match=r"^seed: expected a non-negative int, got 1.5"):
+        generated_batches(model, samples=1, seq_len=4, start=0, seed=1.5)
+    for kw, match in [({"scores": "x"}, r"^scores: expected HeadScores"), ({"collect_fn": "x"}, r"^collect_fn: expected a"),
+                      ({"on_step": "x"}, r"^on_step: expected a callable"),
+                      ({"compensate": "no"}, r"^compensate: expected a bool, got str")]:
+        with pytest.raises(TypeError, match=match):
+            headprune.select_iteratively(model, batches, ratio=0.5, steps=2, **kw)
+    with pytest.raises(TypeError, match=r"^checkpoint: expected a file path, got int"):
+        headprune.collect(model, batches, checkpoint=3)
+    with pytest.raises(TypeError, match=r"^allow_empty: expected a bool, got str"):
+        headprune.collect(model, batches, allow_empty="no")
+
+
+def test_numbers_of_numpy_and_torch_are_taken_as_python_numbers():
+    scores = headprune.collect(_gpt2(), _batches(2), moments=True, progress=False)
+    want = headprune.select_heads(scores, ratio=0.5, protect_layers=[], damping=0.05)
+    assert headprune.select_heads(scores, ratio=0.5, protect_layers=[], damping=torch.tensor(0.05, dtype=torch.float64)) == want
+    with pytest.raises(ValueError, match="damping: expected a finite non-negative number"):
+        headprune.select_heads(scores, ratio=0.5, protect_layers=[], damping=torch.tensor([0.05]))
+    teacher, batches = _llama(), _batches(2)
+    report = headprune.recover(headprune.prune_heads(s := _llama(), {0: [1]}) and s, teacher, batches, steps=None,
+                               lr=1e-3, time_budget_s=np.float32(0.5))
+    assert report.steps >= 1
+    for bad in (np.float32("nan"), torch.tensor([1.0]), True, 0):
+        with pytest.raises(ValueError, match="time_budget_s: expected a positive number"):
+            headprune.recover(s, teacher, batches, steps=1, lr=1e-3, time_budget_s=bad)
+
+
+def test_batches_of_padding_alone_are_refused():
+    """Every statistic was NaN (rows=0), refused later by whatever read them, less clearly."""
+    ids = torch.randint(0, 100, (2, 8))
+    for model in (_llama(), _bert()):
+        with pytest.raises(ValueError, match="^batches: every query position is padding"):
+            headprune.collect(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}], progress=False)
+        empty = headprune.collect(model, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}],
+                                  progress=False, allow_empty=True)
+        assert int(empty.count.sum()) == 0
+
+
+def test_a_uniform_budget_the_kept_minimum_rules_out_names_the_minimum():
+    from headprune.app.cli import _message
+
+    scores = headprune.collect(_llama(), _batches(1), progress=False)
+    with pytest.raises(ValueError, match="removes none; lower min_heads_per_layer$") as e:
+        headprune.select_heads(scores, count=2, uniform=True, min_heads_per_layer=4, protect_layers=[])
+    assert "keeps --min-heads-per-layer 4 heads per layer" in _message(e.value, "prune")
