@@ -278,20 +278,6 @@ def test_recover_for_seconds_and_from_a_checkpoint(run, tmp_path, tiny_dir):  # 
         assert not any("loading" in line for line in err), err
 
 
-def test_a_file_that_is_no_recovery_checkpoint_is_refused_first(run, tmp_path, tiny_dir):  # noqa: F811
-    """``--checkpoint`` naming the pruned model's weights was refused after both models loaded and
-    were evaluated, with the advice to delete it."""
-    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
-                     "--out", tmp_path / "p"])
-    assert code == 0, err
-    weights = next((tmp_path / "p" / "model").glob("*.safetensors"))
-    before = weights.read_bytes()
-    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--checkpoint", weights, "--out", tmp_path / "g"])
-    assert code == 2 and err[-1].endswith(f"--checkpoint: {weights} exists and is not a recovery checkpoint; the run "
-                                          "would write over it, so pass another path"), err
-    assert not any("loading" in line for line in err) and weights.read_bytes() == before and not (tmp_path / "g").exists()
-
-
 def test_recover_refuses_another_tokenizer_and_guards_a_named_teachers_model(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811,E501
     """recover distilled toward a --teacher of another tokenizer (eval refused it); and a teacher
     that DIR's report names as a prune folder (iterative pruning) had its model/ replaceable by --out."""

@@ -13,6 +13,8 @@ from .locate import BUNDLED_MODELS
 from .commands import DEFAULTS
 from .sweep_table import RANDOM_SCOPES
 from .texts import BUNDLED_TEXTS, DEFAULT_REFERENCE, DEFAULT_TEXT
+from .argtypes import (Given, device, fraction, kv_fraction, layers, nonnegative, nonnegative_int, positive,
+                       positive_float, ratio, ratios, seed, shapes, steps)
 
 #: headprune.hf.recover's learning rates by kind (not imported before parsing; test_recover_cli.py checks they agree)
 RECOVER_LR = {"causal": 1e-4, "encoder": 3e-5}
@@ -29,122 +31,6 @@ LEARN_STEPS = 200
 
 #: --save-dtype choices: "auto" keeps the input checkpoint's own float type
 SAVE_DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-# ---- value types: each error names what was expected --------------------------------------
-
-
-def device(text: str) -> str:
-    import torch
-
-    try:
-        d = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from None
-    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
-        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-    return text
-
-
-def ratio(text: str) -> float:
-    try:
-        r = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < r < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return r
-
-
-def fraction(text: str) -> float:
-    """A fraction in [0, 1) (--kv-ratio, --validation)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def kv_fraction(text: str):
-    """--kv-ratio: a fraction in [0, 1); 0 asks for no KV share, as leaving the option out does."""
-    return fraction(text) or None
-
-
-def ratios(text: str) -> list:
-    """Comma-separated ratios in (0, 1), each once (a repeat would be measured twice)."""
-    out = [ratio(t) for t in text.split(",") if t.strip()]
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected at least one ratio, got {text!r}")
-    repeated = sorted({r for r in out if out.count(r) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"expected each ratio once, got {', '.join(map(str, repeated))} more than once "
-                                         f"in {text!r}")
-    return out
-
-
-def shapes(text: str) -> list:
-    """``"1x512,16x512"`` -> ``[(1, 512), (16, 512)]``; ``""`` or ``none`` -> ``[]``."""
-    out = []
-    for part in [t.strip() for t in text.split(",") if t.strip() and t.strip().lower() != "none"]:
-        try:
-            b, n = (int(v) for v in part.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected BATCHxTOKENS shapes such as 1x512,16x512, got {part!r}") from None
-        if b < 1 or n < 1:
-            raise argparse.ArgumentTypeError(f"expected a positive batch and token count, got {part!r}")
-        out.append((b, n))
-    return out
-
-
-def _int_at_least(low: int, what: str, below=None):
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
-        if n < low or below is not None and n >= below:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer{'' if below is None else f' below {below:,}'}, "
-                                             f"got {n}")
-        return n
-    return parse
-
-positive, nonnegative_int = _int_at_least(1, "positive"), _int_at_least(0, "non-negative")
-seed = _int_at_least(0, "non-negative", 2**40)  # learn_gates' bound, the strictest of the seed's readers
-
-
-def nonnegative(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
-    if not x >= 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
-    return x
-
-
-def positive_float(text: str) -> float:
-    x = nonnegative(text)
-    if x == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return x
-
-
-def steps(text: str):
-    if text == "auto":
-        return text
-    try:
-        return positive(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
-
-
-def layers(text: str) -> list:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 # ---- groups -----------------------------------------------------------------------------------
@@ -259,7 +145,7 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                    help="units every layer keeps (default 1; 0 allows emptying a layer)")
     g.add_argument("--protect-layers", type=layers, default=None, metavar="I,J,...",
                    help="layers never pruned (default: each causal stack's first with the default recipe or --score learned, not --uniform; else none)")
-    g.add_argument("--seed", type=seed, default=0, help="seed of --order random and of --score learned's gates (default 0)")
+    g.add_argument("--seed", type=seed, default=0, action=Given, help="seed of --order random and of --score learned's gates (default 0)")
     g.add_argument("--learn-steps", type=positive, default=None,
                    help=f"--score learned: training steps, one calibration batch each (default {LEARN_STEPS})")
     g.add_argument("--learn-seconds", type=positive_float, default=None,
@@ -286,7 +172,7 @@ def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None
                    help="refit the kept heads' value rows together with their output-projection columns (one more "
                         "forward pass over the calibration text after the heads are chosen, one per selection in a "
                         "sweep; default: on for encoders whose every head has its own value projection, off otherwise)")
-    g.add_argument("--damping", type=nonnegative, default=DEFAULT_DAMPING,
+    g.add_argument("--damping", type=nonnegative, default=DEFAULT_DAMPING, action=Given,
                    help=f"ridge damping of the refit towards the original weights, relative to the mean squared "
                         f"input; the reconstruction score ranks heads by the same refit (default {DEFAULT_DAMPING:g})")
     if sequential:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
+import threading
 import textwrap
 import warnings
 from contextlib import contextmanager
@@ -177,18 +179,48 @@ def main(argv=None) -> int:
     handler = {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
                "sweep": sweep_command.sweep, "recover": recover_command.recover,
                "export": export_command.export}[args.command]
-    with _quiet_transformers(getattr(args, "quiet", False)), _own_warnings():
+    with _quiet_transformers(getattr(args, "quiet", False)), _own_warnings(), _Interrupts() as signals:
         try:
             refuse_unasked_ranks(args.command, getattr(args, "distributed", None))
             return handler(args)
-        except (OSError, ValueError, TypeError, RanksFailed, MissingExtra) as e:  # RanksFailed: another rank's error
-            kept = commands.resumable(args) if isinstance(e, RanksFailed) else ""
-            print(f"headprune {args.command}: error: {_message(e, args.command)}{'; ' * bool(kept)}{kept}",
-                  file=sys.stderr)
-            return 2
         except KeyboardInterrupt:
             print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
             return 130
+        except Exception as e:  # noqa: BLE001 - an interrupt that native code turned into another error
+            if signals.seen:
+                print(f"headprune {args.command}: {commands.interrupted(args)}", file=sys.stderr)
+                return 130
+            if not isinstance(e, (OSError, ValueError, TypeError, RanksFailed, MissingExtra)):
+                raise
+            kept = commands.resumable(args) if isinstance(e, RanksFailed) else ""  # RanksFailed: another rank's
+            print(f"headprune {args.command}: error: {_message(e, args.command)}{'; ' * bool(kept)}{kept}",
+                  file=sys.stderr)
+            return 2
+
+
+class _Interrupts:
+    """Records a SIGINT (Ctrl-C) during the command, which is then raised as ``KeyboardInterrupt``
+    as Python does; native code it lands in (matplotlib's) may turn it into another error, which
+    the command line then reports as the interrupt it was. Only in the main thread, and only where
+    Python's own handler is installed; the handler before is put back on exit."""
+
+    def __init__(self):
+        self.seen, self.before = False, None
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.before = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            signal.signal(signal.SIGINT, self.before)
+        return False
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from ..ranking import DEFAULT_RECIPE, natural_order
 from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
-from .inputs import inputs
+from .inputs import check_out, inputs
 from .load import load_model
 from .report import scores_markdown, to_json
 
@@ -48,43 +48,10 @@ def _warn(message: str) -> None:
     print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
 
 
-def check_out(out: Path, force: bool, inputs: tuple = ()) -> None:
-    """Refuse ``--out`` before any slow work: a symbolic link (refused, not followed), a file, a
-    non-empty directory without ``--force``, a folder this process cannot write in, and one
-    that is or holds an input (``inputs``: ``(flag, path)`` pairs), which ``--force`` would
-    replace. Also removes what killed runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
-    for flag, path in inputs:
-        if path and os.path.exists(path) and _at_or_inside(path, out):
-            raise ValueError(f"--out: {out} is {flag} ({path}) or a folder holding it, which writing the output "
-                             "would replace; choose another --out")
-    atomic.check_target(out, replace=force, arg="--out", hint="pass --force to replace it")
-
-
-def _at_or_inside(path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
-    return folder.resolve() in (where := Path(path).resolve(), *where.parents)
-
-
 def model_path(model: str) -> dict:
     """``{"model_path": absolute path}`` where MODEL names a file or folder (a report records it
     beside the name as given, so the model is found from another working directory), else ``{}``."""
     return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
-
-
-def refuse_inside_out(out: Path, path, flag: str) -> None:
-    """A state file ``path`` given by ``flag`` that is no file path (empty, a directory), is at
-    or inside ``--out`` (written whole at the end, so it would make ``--out`` non-empty, or a
-    file), or cannot be made (a file where its folder would be, a folder not writable) is refused
-    before anything runs."""
-    if path is None:
-        return
-    if not str(path).strip() or os.path.isdir(path):
-        raise ValueError(f"{flag}: expected the path of a file, got {'a directory, ' if str(path).strip() else ''}"
-                         f"{str(path)!r}")
-    if _at_or_inside(path, out):
-        raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
-                         "keep it elsewhere")
-    atomic.check_folder(path, flag)  # a file where its folder would be, a folder this process cannot write in
 
 
 @contextmanager

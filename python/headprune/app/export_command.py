@@ -7,6 +7,7 @@ GGUF). ``prune`` already writes ``model.gguf`` for a GGUF input; this writes one
 from __future__ import annotations
 
 import importlib.util
+import json
 from contextlib import contextmanager
 import os
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Optional
 
 from .. import atomic
 from . import commands as C
+from .inputs import at_or_inside
 from .load import load_model
-from .locate import BUNDLED_MODELS, bundled_path, model_dir, prune_folder
+from .locate import BUNDLED_MODELS, bundled_path, locate, model_dir, prune_folder
 from .recover_command import read_report
 
 
@@ -28,6 +30,8 @@ def export(args) -> int:
         raise ValueError("--gguf: writing a GGUF needs the gguf package: pip install gguf")
     src = Path(args.model)
     report = _report(src)
+    if not str(args.gguf).strip():
+        raise ValueError("--gguf: expected the path of the GGUF file to write, got an empty name")
     out = Path(args.gguf)
     if out.is_dir():
         raise ValueError(f"--gguf: {out} is a directory; name the GGUF file to write")
@@ -35,6 +39,11 @@ def export(args) -> int:
         raise FileExistsError(f"--gguf: {out} exists; pass --force to replace it")
     atomic.check_folder(out, "--gguf")  # before the model loads
     source = _source(args.source, src, report)
+    folder, gguf, _ = locate(args.model)
+    if gguf is None:  # a directory: its family is said first (no --source helps), then that no GGUF is known
+        _refuse_family(folder)
+        if source is None:
+            _no_source(args)
     _refuse_input(out, src, source)
     if os.path.islink(out):  # the export writes no link's target: refused before the model loads
         raise FileExistsError(f"--gguf: {out} is a symbolic link; name the file itself")
@@ -49,9 +58,7 @@ def export(args) -> int:
     with _cli_names():
         arch = export_architecture(loaded.model, args.architecture)  # a family it cannot write is said first
     if source is None:
-        raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
-                         f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
-                         "from a Hugging Face directory)")
+        _no_source(args)
     if zeroed:
         print(f"removed {sum(map(len, zeroed.values()))} heads whose output-projection columns are all zero (a "
               "masked model's); what they added was zero, so the model computes what it did")
@@ -74,6 +81,25 @@ def export(args) -> int:
     print(f"{out}: llama.cpp's {arch} architecture, {len(written)} tensors ({', '.join(kinds)}), "
           f"{out.stat().st_size / 2**20:,.1f} MiB; fields and tokenizer from {source}")
     return 0
+
+
+def _refuse_family(folder: Path) -> None:
+    """A directory of a family the exporter does not write, refused from its config.json before its
+    weights load (the exporter refuses it again on the model)."""
+    from ..hf.gguf_export import ARCHITECTURES
+
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # the loader says what is wrong with it
+    if isinstance(kind, str) and kind not in ARCHITECTURES:
+        raise ValueError(f"MODEL: GGUF export writes {', '.join(ARCHITECTURES)} models, got {kind}")
+
+
+def _no_source(args):
+    raise ValueError("--source: a GGUF needs the fields and the tokenizer of a GGUF of the unpruned model, and "
+                     f"none is known for {args.model}; pass --source (llama.cpp's convert_hf_to_gguf.py writes one "
+                     "from a Hugging Face directory)")
 
 
 #: the exporter's argument names, as the command line calls them
@@ -131,7 +157,7 @@ def _refuse_input(out: Path, src: Path, source: Optional[str]) -> None:
     if folder is not None and os.path.samefile(out, folder / "report.json"):  # which names the source, the record
         raise ValueError(f"--gguf: {out} is the report of {folder}, which the export reads; write the GGUF elsewhere")
     model = model_dir(src)  # where load_model reads the weights
-    if model.is_dir() and C._at_or_inside(out, model):
+    if model.is_dir() and at_or_inside(out, model):
         raise ValueError(f"--gguf: {out} is a file of {model}, the model the export reads; write the GGUF elsewhere")
 
 

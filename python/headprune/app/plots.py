@@ -20,7 +20,8 @@ class MissingExtra(ModuleNotFoundError):
 def check_available(command: str) -> None:
     """:class:`MissingExtra` naming the extra to install where matplotlib cannot be imported:
     the command's picture is drawn last, after all its work."""
-    try:
+    try:  # the backend too: its native start-up, where an interrupt reads as another error, before the work
+        import matplotlib.backends.backend_agg  # noqa: F401
         import matplotlib.figure  # noqa: F401
     except ImportError as e:
         picture = "sweep.png" if command == "sweep" else "heatmap.png"

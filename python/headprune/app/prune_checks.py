@@ -8,6 +8,7 @@ import math
 
 from ..ranking import default_allocation
 from . import commands as C
+from .inputs import refuse_inside_out
 from .recover_command import check_recovery
 from .sweep import check_removal_options, refit_bias_of, removal_of
 
@@ -27,7 +28,8 @@ def check_options(args) -> None:
         raise ValueError("--order: learned gates prune the lowest log alpha first; drop --order")
     if args.score != "learned" and (args.learn_checkpoint is not None or args.learn_seconds or args.learn_steps):
         raise ValueError("--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates")
-    C.refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
+    _refuse_unused(args)
+    refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint", C.inputs(args))
     if args.learn_checkpoint is not None:  # a file that is no such checkpoint: refused before the collection
         from ..hf.learned import FORMAT
         from ..hf.training import refuse_other_kind
@@ -52,6 +54,19 @@ def check_options(args) -> None:
         raise ValueError("--sequential: re-chooses each layer's heads, which a --uniform layout fixes; drop one")
     if args.protect_layers:
         raise ValueError("--protect-layers: a --uniform selection prunes every layer alike; drop one")
+
+
+def _refuse_unused(args) -> None:
+    """--seed and --damping given where nothing reads them (they were recorded in the report as
+    if they had chosen or refit something)."""
+    given = getattr(args, "given", set())
+    if "seed" in given and args.order != "random" and args.score != "learned":
+        raise ValueError("--seed: seeds --order random and --score learned's gates, neither of which this run uses; "
+                         "drop it")
+    if "damping" in given and not args.reconstruct and args.score not in (None, "reconstruction") \
+            and args.scope != "measured" and not getattr(args, "uniform", False):
+        raise ValueError(f"--damping: damps the refit and the reconstruction score, neither of which --no-reconstruct "
+                         f"--score {args.score} uses; drop it")
 
 
 def _rounds(args) -> bool:

@@ -18,7 +18,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
-from .inputs import check_teacher, load_as, model_inputs, text_inputs
+from .inputs import check_teacher, load_as, model_inputs, refuse_inside_out, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, round_to_saved, tokenizer_as_loaded
 from .locate import prune_folder
 from .report import finite, number, sequences_text, validation_sentence
@@ -219,7 +219,7 @@ def recover(args) -> int:
     data = _data_spec(args, prune_report["settings"])
     read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
-    C.refuse_inside_out(out, args.checkpoint, "--checkpoint")
+    refuse_inside_out(out, args.checkpoint, "--checkpoint", C.inputs(args) + tuple(read))
     _check_checkpoint(args)
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):

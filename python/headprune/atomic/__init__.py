@@ -180,12 +180,20 @@ def check_folder(path, arg: str) -> str:
 
 
 def _probe(folder: str, what: str) -> None:
+    """Make and remove a folder in ``folder`` (whether this process can write there), leaving
+    ``folder``'s access and modification times as they were (a refusal after the probe changes
+    nothing the user can see)."""
     probe = os.path.join(folder, _temp_name("headprune-probe"))
     try:
+        before = os.stat(folder)
         os.mkdir(probe)
         os.rmdir(probe)
     except OSError as e:
         raise type(e)(e.errno, f"{what} ({e.strerror or e})") from e
+    try:
+        os.utime(folder, ns=(before.st_atime_ns, before.st_mtime_ns))
+    except OSError:  # another owner's folder this process may write in: its times stay changed
+        pass
 
 
 # ------------------------------------------------------------------------------ writing

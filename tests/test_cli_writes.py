@@ -1,0 +1,161 @@
+"""Where a command may write, and what a refusal leaves: nothing inside an input's directory
+(--out, --checkpoint, --learn-checkpoint), an existing --out's times as they were; flags that
+nothing reads are refused; an interrupt that native code turned into another error is reported
+as the interrupt."""
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from headprune.app.cli import main
+from test_cli import run  # noqa: F401 (a fixture)
+
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from hf_tiny import save_tiny_bert
+
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    save_tiny_bert(path)
+    return path
+
+
+def _run(argv, capsys):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()[-1:]
+
+
+def _tree(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+def _no_load(monkeypatch):
+    import headprune.app.commands as C
+    import headprune.app.recover_command as R
+
+    for module in (C, R):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+
+
+@pytest.mark.parametrize("command", ["prune", "scan", "sweep", "recover"])
+def test_nothing_is_written_inside_an_inputs_directory(tmp_path, tiny_dir, capsys, monkeypatch, command):
+    """``--out MODEL/pruned`` wrote the output into the model's folder (and ``recover DIR --out
+    DIR/sub`` into the folder it read), as did ``--checkpoint`` and ``--learn-checkpoint``."""
+    model = tmp_path / "bert"
+    shutil.copytree(tiny_dir, model)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dir, run / "model")
+    (run / "report.json").write_text('{"model": "bert", "settings": {"data": "persuasion"}}')
+    before = _tree(tmp_path)
+    _no_load(monkeypatch)
+    extra = {"prune": ["--ratio", "0.3"], "scan": [], "sweep": ["--ratios", "0.3"], "recover": ["--steps", "1"]}
+    source, flag = (run, "DIR") if command == "recover" else (model, "MODEL")
+    code, err = _run([command, source, "--out", source / "pruned", "--quiet", *extra[command]], capsys)
+    assert code == 2 and err[0] == (f"headprune {command}: error: --out: {source / 'pruned'} is inside {flag} "
+                                    f"({source}), which would then hold what this run writes; choose a path outside it")
+    state = {"prune": ["--score", "learned", "--learn-checkpoint"], "recover": ["--checkpoint"]}.get(command)
+    if state:
+        code, err = _run([command, source, "--out", tmp_path / "o", "--quiet", *extra[command], *state,
+                          source / "state.pt"], capsys)
+        assert code == 2 and f"error: {state[-1]}: {source / 'state.pt'} is inside {flag}" in err[0], err
+    assert _tree(tmp_path) == before
+
+
+def test_a_refusal_leaves_an_existing_outputs_times_as_they_were(tmp_path, tiny_dir, capsys):
+    """The writability probe made and removed a folder inside --out: every failing --force run
+    changed its modification time."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("kept")
+    os.utime(out, ns=(1_577_836_800_000_000_000, 1_577_836_800_000_000_000))
+    os.utime(tmp_path, ns=(1_577_836_800_000_000_000, 1_577_836_800_000_000_000))
+    before = _tree(tmp_path) + [os.stat(tmp_path).st_mtime_ns]
+    code, err = _run(["scan", tiny_dir, "--data", tmp_path / "nope.txt", "--out", out, "--force", "--quiet"], capsys)
+    assert code == 2 and "--data: " in err[0]
+    assert _tree(tmp_path) + [os.stat(tmp_path).st_mtime_ns] == before
+
+
+@pytest.mark.parametrize("extra, flag", [(["--seed", "7"], "--seed"),
+                                         (["--no-reconstruct", "--score", "entropy", "--damping", "0.5"], "--damping")])
+def test_flags_nothing_reads_are_refused(tmp_path, tiny_dir, capsys, monkeypatch, extra, flag):
+    """--seed without --order random or --score learned, and --damping without a refit or the
+    reconstruction score, were recorded in the report and changed nothing."""
+    _no_load(monkeypatch)
+    code, err = _run(["prune", tiny_dir, "--ratio", "0.3", "--out", tmp_path / "o", "--quiet", *extra], capsys)
+    assert code == 2 and err[0].startswith(f"headprune prune: error: {flag}: ") and "drop it" in err[0]
+    for used in (["--seed", "7", "--order", "random"], ["--score", "entropy", "--damping", "0.5"],
+                 ["--no-reconstruct", "--damping", "0.5"]):
+        import headprune.app.commands as C
+
+        monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(ValueError("MODEL: loaded")))
+        code, err = _run(["prune", tiny_dir, "--ratio", "0.3", "--out", tmp_path / "o", "--quiet", *used], capsys)
+        assert code == 2 and err[0] == "headprune prune: error: MODEL: loaded", (used, err)
+    code, err = _run(["prune", tiny_dir, "--ratio", "0.3", "--protect-layers", "-1"], capsys)
+    assert code == 2 and "--protect-layers: expected non-negative layer indices, each once, got '-1'" in err[0]
+
+
+def test_export_refuses_what_it_knows_before_the_model_loads(tmp_path, tiny_dir, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    import headprune.app.export_command as X
+
+    monkeypatch.setattr(X, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    code, err = _run(["export", tiny_dir, "--gguf", ""], capsys)
+    assert code == 2 and err[0] == "headprune export: error: --gguf: expected the path of the GGUF file to write, " \
+                                   "got an empty name"
+    code, err = _run(["export", tiny_dir, "--gguf", tmp_path / "m.gguf"], capsys)
+    assert code == 2 and err[0] == "headprune export: error: MODEL: GGUF export writes llama models, got bert"
+    from hf_tiny import tiny_model
+
+    from headprune import save_pruned
+
+    save_pruned(tiny_model("llama"), tmp_path / "llama")
+    code, err = _run(["export", tmp_path / "llama", "--gguf", tmp_path / "m.gguf"], capsys)
+    assert code == 2 and "error: --source: a GGUF needs the fields and the tokenizer" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["llama"]
+
+
+def test_an_interrupt_turned_into_another_error_is_reported_as_the_interrupt(tmp_path, tiny_dir, capsys, monkeypatch):
+    """matplotlib's native code turns a KeyboardInterrupt raised inside it into an ImportError
+    ("initialization failed") or a ValueError ("Invalid bounding box"): a traceback, or an
+    error naming no flag, where the user pressed Ctrl-C."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("another SIGINT handler is installed")
+    import headprune.app.commands as C
+
+    def interrupted_inside(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # raised in this thread at the next bytecode
+            for _ in range(10**7):
+                pass
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(C, "load_model", interrupted_inside)
+    code, err = _run(["scan", tiny_dir, "--out", tmp_path / "o", "--quiet"], capsys)
+    assert code == 130 and err[0] == f"headprune scan: interrupted; {tmp_path / 'o'} was not changed", err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(ImportError("not an interrupt")))
+    with pytest.raises(ImportError, match="not an interrupt"):
+        main(["scan", str(tiny_dir), "--out", str(tmp_path / "o"), "--quiet"])
+
+
+def test_a_file_that_is_no_recovery_checkpoint_is_refused_first(run, tmp_path, tiny_dir):  # noqa: F811
+    """``--checkpoint`` naming the pruned model's weights was refused after both models loaded and
+    were evaluated, with the advice to delete it."""
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--out", tmp_path / "p"])
+    assert code == 0, err
+    weights = tmp_path / "w.safetensors"  # the model's weights, outside the folder read (no file may go in there)
+    shutil.copyfile(next((tmp_path / "p" / "model").glob("*.safetensors")), weights)
+    before = weights.read_bytes()
+    code, err = run(["recover", tmp_path / "p", "--steps", "1", "--checkpoint", weights, "--out", tmp_path / "g"])
+    assert code == 2 and err[-1].endswith(f"--checkpoint: {weights} exists and is not a recovery checkpoint; the run "
+                                          "would write over it, so pass another path"), err
+    assert not any("loading" in line for line in err) and weights.read_bytes() == before and not (tmp_path / "g").exists()
