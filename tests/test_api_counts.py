@@ -71,6 +71,7 @@ def test_collection_iterative_selection_and_sampling_take_integer_types(tmp_path
     typed = generated_batches(model, samples=np.int64(2), seq_len=torch.tensor(5), batch_size=np.int32(2),
                               seed=np.int64(1), start=0)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(plain, typed) for k in a)
-    for name, bad in [("samples", 2.5), ("seed", -1), ("seed", 1.0)]:
+    assert generated_batches(model, samples=2, seq_len=5, batch_size=2, seed=-1, start=0)  # as manual_seed takes
+    for name, bad in [("samples", 2.5), ("seed", 2**64), ("seed", 1.0)]:
         with pytest.raises(ValueError, match=f"{name}: expected"):
             generated_batches(model, **{"samples": 2, "seq_len": 5, "seed": 1, "start": 0, name: bad})

@@ -87,7 +87,7 @@ def test_arguments_of_the_wrong_type_are_refused_before_the_work():
         headprune.measure(model, dtype="float16")
     with pytest.raises(TypeError, match=r"^keep_start: expected a bool, got int"):
         generated_batches(model, samples=1, seq_len=4, start=0, keep_start=3)
-    with pytest.raises(ValueError, match=r"^seed: expected a non-negative int, got 1.5"):
+    with pytest.raises(ValueError, match=r"^seed: expected an int in \[-2\*\*63, 2\*\*64\), got 1.5"):
         generated_batches(model, samples=1, seq_len=4, start=0, seed=1.5)
     for kw, match in [({"scores": "x"}, r"^scores: expected HeadScores"), ({"collect_fn": "x"}, r"^collect_fn: expected a"),
                       ({"on_step": "x"}, r"^on_step: expected a callable"),
@@ -133,3 +133,57 @@ def test_a_uniform_budget_the_kept_minimum_rules_out_names_the_minimum():
     with pytest.raises(ValueError, match="removes none; lower min_heads_per_layer$") as e:
         headprune.select_heads(scores, count=2, uniform=True, min_heads_per_layer=4, protect_layers=[])
     assert "keeps --min-heads-per-layer 4 heads per layer" in _message(e.value, "prune")
+
+
+def test_a_model_accelerate_offloaded_to_disk_is_no_meta_model(tmp_path):
+    """Its offloaded layers' parameters are on the meta device and accelerate's hooks load them for
+    each forward: recovery (of a teacher too large for memory), gates, gradient importance and
+    sampling ran on it, and the meta-device refusal must not stop them."""
+    accelerate = pytest.importorskip("accelerate")
+    from hf_tiny import tiny_batch, tiny_config
+
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_config("llama")).eval()
+    teacher = LlamaForCausalLM(tiny_config("llama")).eval()
+    teacher.load_state_dict(plain.state_dict())
+    where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+             "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    teacher = accelerate.dispatch_model(teacher, device_map=where, offload_dir=str(tmp_path))
+    assert any(p.is_meta for p in teacher.parameters())
+    batch = tiny_batch("llama")
+    assert headprune.gradient_importance(teacher, [batch]).shape == headprune.gradient_importance(plain, [batch]).shape
+    with headprune.gates(teacher):
+        teacher(**batch)
+    assert len(generated_batches(teacher, samples=1, seq_len=4, start=0)) == 1
+    student = LlamaForCausalLM(tiny_config("llama")).eval()
+    student.load_state_dict(plain.state_dict())
+    headprune.prune_heads(student, {1: [0]})
+    assert headprune.recover(student, teacher, [batch], steps=1, lr=1e-3).steps == 1
+
+
+def test_positions_are_counted_as_the_model_numbers_them():
+    """RoBERTa and OPT number the real tokens only, and explicit position_ids (packed sequences)
+    are what a table is indexed with: padded or packed batches longer than the table collect as
+    before; only positions past the table are refused."""
+    from hf_tiny import tiny_model
+
+    for family in ("roberta", "opt"):
+        model = tiny_model(family)
+        limit = headprune.hf.speed.position_limit(model)
+        ids = torch.randint(5, 90, (2, limit + 2))
+        mask = torch.ones_like(ids)
+        ids[:, limit:], mask[:, limit:] = model.config.pad_token_id, 0
+        assert int(headprune.collect(model, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+                   .count.sum()) > 0
+        with pytest.raises(ValueError, match=f"^batches: sequences of {limit + 1} tokens are more than the {limit} "):
+            headprune.collect(model, [{"input_ids": ids[:, : limit + 1].clamp(min=5),
+                                       "attention_mask": torch.ones_like(ids[:, : limit + 1])}], progress=False)
+    gpt2 = tiny_model("gpt2")
+    limit = headprune.hf.speed.position_limit(gpt2)
+    ids = torch.randint(5, 90, (2, limit + 8))
+    packed = torch.arange(limit + 8).remainder(limit // 2).expand(2, -1)
+    assert int(headprune.collect(gpt2, [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                         "position_ids": packed}], progress=False).count.sum()) > 0
+    with pytest.raises(ValueError, match=f"^batches: 'position_ids' run to {limit + 7}, more than the {limit} "):
+        headprune.collect(gpt2, [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                  "position_ids": torch.arange(limit + 8).expand(2, -1)}], progress=False)

@@ -233,3 +233,18 @@ def test_refusals_name_the_commands_arguments(pruned, tmp_path, capsys):
                       "--quiet"], capsys)
     assert code == 2 and "export: error: MODEL: GGUF export writes" in out.err, out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2", "uneven"]
+
+
+def test_a_report_naming_a_folder_of_one_gguf_gives_the_source(pruned, tmp_path, capsys):
+    """A model read from a folder holding one GGUF is recorded as the folder, where export looked
+    for a name ending in .gguf and asked for --source."""
+    import shutil
+
+    t, model = pruned
+    (tmp_path / "repo").mkdir()
+    shutil.copyfile(t / "src.gguf", tmp_path / "repo" / "src.gguf")
+    save_pruned(model, tmp_path / "run" / "model", tokenizer=_tokenizer())
+    (tmp_path / "run" / "report.json").write_text(json.dumps({"model": str(tmp_path / "repo"),
+                                                              "model_path": str(tmp_path / "repo")}))
+    code, out = _run(["export", tmp_path / "run", "--gguf", tmp_path / "m.gguf", "--quiet"], capsys)
+    assert code == 0 and f"fields and tokenizer from {tmp_path / 'repo' / 'src.gguf'}" in out.out, out.err

@@ -118,7 +118,7 @@ def _cli_names():
         name, sep, rest = text.partition(":")
         if not sep or name not in CLI_NAMES:
             raise
-        text = f"{CLI_NAMES[name]}:{rest}"
+        text = f"{CLI_NAMES[name]}:{rest}".replace("pass overwrite=True", "pass --force")
         raise (ValueError(text) if isinstance(e, ValueError) else type(e)(e.errno, text)) from None
 
 
@@ -163,7 +163,7 @@ def _refuse_input(out: Path, src: Path, source: Optional[str]) -> None:
 
 def _source(given: Optional[str], path: Path, report: Optional[dict]) -> Optional[str]:
     """The GGUF to copy fields and tokenizer from: ``--source``, else the GGUF ``report`` names
-    as the unpruned model (a ``.gguf`` path, or a bundled model shipped as GGUF)."""
+    as the unpruned model (a ``.gguf`` path, a folder holding one, or a bundled model shipped as GGUF)."""
     if given is not None:
         if not Path(given).is_file():
             raise FileNotFoundError(f"--source: {given} is not a file")
@@ -173,6 +173,13 @@ def _source(given: Optional[str], path: Path, report: Optional[dict]) -> Optiona
             continue
         if name.lower().endswith(".gguf") and Path(name).is_file():
             return name
+        if name not in BUNDLED_MODELS and Path(name).is_dir():  # a folder holding one GGUF, read as that GGUF
+            try:
+                folder, gguf, _ = locate(name)
+            except (OSError, ValueError):
+                continue
+            if gguf is not None:
+                return str(folder / gguf)
         if name in BUNDLED_MODELS and BUNDLED_MODELS[name][2] is not None:
             try:
                 root, gguf = bundled_path(name)

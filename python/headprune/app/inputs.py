@@ -101,26 +101,14 @@ def load_as(arg: str, spec: str, **kw) -> Loaded:
 
 def check_out(out: Path, force: bool, inputs: tuple = ()) -> None:
     """Refuse ``--out`` before any slow work: a symbolic link (refused, not followed), a file, a
-    non-empty directory without ``--force``, a folder this process cannot write in, one that is
-    or holds an input (``inputs``: ``(flag, path)`` pairs), which ``--force`` would replace, and
-    one inside an input's directory, which would change what was read. Also removes what killed
-    runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
+    non-empty directory without ``--force``, a folder this process cannot write in, and one
+    that is or holds an input (``inputs``: ``(flag, path)`` pairs), which ``--force`` would
+    replace. Also removes what killed runs left beside it (:func:`headprune.atomic.remove_leftovers`)."""
     for flag, path in inputs:
         if path and os.path.exists(path) and at_or_inside(path, out):
             raise ValueError(f"--out: {out} is {flag} ({path}) or a folder holding it, which writing the output "
                              "would replace; choose another --out")
-    refuse_in_inputs(out, inputs, "--out")
     atomic.check_target(out, replace=force, arg="--out", hint="pass --force to replace it")
-
-
-def refuse_in_inputs(path, inputs: tuple, flag: str) -> None:
-    """Refuse writing ``path`` (given by ``flag``) inside the directory of an input (``inputs``:
-    ``(flag, path)`` pairs): the model, the teacher or a text would then hold what this run wrote."""
-    for name, where in inputs:
-        if where and os.path.isdir(where) and Path(where).resolve() != Path(path).resolve() \
-                and at_or_inside(path, Path(where)):
-            raise ValueError(f"{flag}: {path} is inside {name} ({where}), which would then hold what this run "
-                             "writes; choose a path outside it")
 
 
 def at_or_inside(path, folder: Path) -> bool:
@@ -128,11 +116,11 @@ def at_or_inside(path, folder: Path) -> bool:
     return folder.resolve() in (where := Path(path).resolve(), *where.parents)
 
 
-def refuse_inside_out(out: Path, path, flag: str, inputs: tuple = ()) -> None:
+def refuse_inside_out(out: Path, path, flag: str) -> None:
     """A state file ``path`` given by ``flag`` that is no file path (empty, a directory), is at
     or inside ``--out`` (written whole at the end, so it would make ``--out`` non-empty, or a
-    file) or inside an input's directory (``inputs``, see :func:`refuse_in_inputs`), or cannot be
-    made (a file where its folder would be, a folder not writable) is refused before anything runs."""
+    file), or cannot be made (a file where its folder would be, a folder not writable) is refused
+    before anything runs."""
     if path is None:
         return
     if not str(path).strip() or os.path.isdir(path):
@@ -141,5 +129,4 @@ def refuse_inside_out(out: Path, path, flag: str, inputs: tuple = ()) -> None:
     if at_or_inside(path, out):
         raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
-    refuse_in_inputs(path, inputs, flag)
     atomic.check_folder(path, flag)  # a file where its folder would be, a folder this process cannot write in

@@ -29,7 +29,7 @@ def check_options(args) -> None:
     if args.score != "learned" and (args.learn_checkpoint is not None or args.learn_seconds or args.learn_steps):
         raise ValueError("--learn-steps/--learn-seconds/--learn-checkpoint: only --score learned trains gates")
     _refuse_unused(args)
-    refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint", C.inputs(args))
+    refuse_inside_out(C._out(args, "prune"), args.learn_checkpoint, "--learn-checkpoint")
     if args.learn_checkpoint is not None:  # a file that is no such checkpoint: refused before the collection
         from ..hf.learned import FORMAT
         from ..hf.training import refuse_other_kind

@@ -219,7 +219,7 @@ def recover(args) -> int:
     data = _data_spec(args, prune_report["settings"])
     read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
-    refuse_inside_out(out, args.checkpoint, "--checkpoint", C.inputs(args) + tuple(read))
+    refuse_inside_out(out, args.checkpoint, "--checkpoint")
     _check_checkpoint(args)
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):

@@ -87,14 +87,20 @@ def refuse_meta(params, name: str = "model") -> None:
 
 def check_module(model, name: str = "model", *, meta: bool = False) -> None:
     """``TypeError`` naming ``name`` unless ``model`` is a ``torch.nn.Module`` (``None`` or a model's
-    name failed deep inside); with ``meta``, :func:`refuse_meta` of all its parameters too (for
-    what computes with them)."""
+    name failed deep inside); with ``meta`` (for what computes with its weights), :func:`refuse_meta`
+    of its parameters too, unless accelerate offloaded them (its hooks load them for each forward)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{name}: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if meta:
+    if meta and not offloaded(model):
         refuse_meta(model.parameters(), name)
+
+
+def offloaded(model) -> bool:
+    """Whether accelerate placed ``model``'s weights (``device_map``, ``cpu_offload``): its meta
+    parameters are then loaded by its hooks for each forward."""
+    return getattr(model, "hf_device_map", None) is not None or any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 def compiled_over(model, hooked) -> list:

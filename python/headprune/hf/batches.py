@@ -79,15 +79,8 @@ def check_vocabulary(model, batch, name: str = "batches") -> None:
     """Token ids the model's input embeddings hold (a raw ``IndexError`` inside the embedding,
     or a device-side assert on CUDA, otherwise), and sequences no longer than a learned position
     table takes (an ``IndexError`` or a shape error inside the model), refused naming ``name``."""
-    from .speed import position_limit
-
     get, ids = getattr(model, "get_input_embeddings", None), batch.get("input_ids")
-    tokens = next((v.shape[1] for k, v in batch.items() if k in ("input_ids", "inputs_embeds")
-                   and isinstance(v, torch.Tensor) and v.dim() >= 2), None)
-    limit = None if tokens is None else position_limit(model)
-    if limit is not None and tokens > limit:
-        raise ValueError(f"{name}: sequences of {tokens} tokens are more than the {limit} learned positions this "
-                         "model takes; tokenise with truncation to that length")
+    _check_positions(model, batch, name)
     try:
         rows = getattr(get(), "num_embeddings", None) if callable(get) and ids is not None else None
     except NotImplementedError:  # a model without input embeddings of its own
@@ -97,6 +90,32 @@ def check_vocabulary(model, batch, name: str = "batches") -> None:
         if low < 0 or high >= rows:
             raise ValueError(f"{name}: token ids run from {low} to {high}, and the model's input embeddings hold "
                              f"ids 0 to {rows - 1} (text tokenised for another model?)")
+
+
+def _check_positions(model, batch, name: str) -> None:
+    """Refuse, naming ``name``, sequences that run past a learned position table: the positions
+    given (``position_ids``), else the tokens, counted without padding for tables that number
+    the real tokens only (RoBERTa's and OPT's: a padding row or an offset)."""
+    from .speed import position_tables
+
+    tables = position_tables(model)
+    tokens = next((v for k, v in batch.items() if k in ("input_ids", "inputs_embeds")
+                   and isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+    if not tables or tokens is None:
+        return
+    limit, real_only = min(t[0] for t in tables), any(t[1] for t in tables)
+    positions, mask = batch.get("position_ids"), batch.get("attention_mask")
+    if isinstance(positions, torch.Tensor) and positions.numel():
+        used, what = int(positions.max()) + 1, f"'position_ids' run to {int(positions.max())},"
+    elif real_only and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
+        used = int((mask != 0).sum(1).max())
+        what = f"sequences of {used} tokens are"
+    else:
+        used = tokens.shape[1]
+        what = f"sequences of {used} tokens are"
+    if used > limit:
+        raise ValueError(f"{name}: {what} more than the {limit} learned positions this model takes; tokenise with "
+                         "truncation to that length")
 
 
 def forward_kwargs(model, batch) -> dict:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.modules import check_module
-from ..ranking.units import count_arg
+from ..ranking.units import as_index, count_arg
 from .adapters import get_adapter
 from .speed import _cache_arg, position_limit
 
@@ -52,6 +52,17 @@ def _start_token(model, start: Optional[int]) -> int:
                      f"{vocab} to start sampling from ({', '.join(named) or 'none set'}); pass start=")
 
 
+def _seed(value) -> int:
+    """A seed ``torch.Generator.manual_seed`` takes (negative ones too, as it does), as an int."""
+    try:
+        seed = as_index(value)
+    except TypeError:
+        seed = None
+    if seed is None or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {value!r}")
+    return seed
+
+
 def _positive(name: str, value) -> int:
     return count_arg(name, value)
 
@@ -75,7 +86,7 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
     check_module(model, meta=True)
     if not isinstance(keep_start, bool):
         raise TypeError(f"keep_start: expected a bool, got {type(keep_start).__name__}")
-    seed = count_arg("seed", seed, "a non-negative int")
+    seed = _seed(seed)
     samples, seq_len, batch_size = (_positive(n, v) for n, v in
                                     (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)))
     adapter = get_adapter(model)

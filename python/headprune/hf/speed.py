@@ -51,19 +51,27 @@ def parse_shape(spec: str, arg: str = "shape") -> tuple:
     return b, s
 
 
-def position_limit(model) -> Optional[int]:
-    """The most positions a model with a learned absolute position table can take (the
-    table's rows less the ones its offset or padding row skips: OPT's 2, RoBERTa's
-    ``padding_idx + 1``), or ``None`` for rotary, relative and ALiBi positions, which have
-    no table to run past (beyond the trained length they still compute, as fast)."""
-    limits = []
+def position_tables(model) -> list:
+    """``(usable rows, numbers real tokens only)`` of each learned absolute position table (see
+    :func:`position_limit`); a table with a padding row or an offset (RoBERTa's, OPT's) numbers
+    the real tokens only, so padding does not use its rows."""
+    out = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in _POSITION_TABLES:
             skip = int(getattr(module, "offset", 0) or 0)
             if module.padding_idx is not None:
                 skip = max(skip, module.padding_idx + 1)
-            limits.append(module.num_embeddings - skip)
-    return min(limits) if limits else None
+            out.append((module.num_embeddings - skip, skip > 0))
+    return out
+
+
+def position_limit(model) -> Optional[int]:
+    """The most positions a model with a learned absolute position table can take (the
+    table's rows less the ones its offset or padding row skips: OPT's 2, RoBERTa's
+    ``padding_idx + 1``), or ``None`` for rotary, relative and ALiBi positions, which have
+    no table to run past (beyond the trained length they still compute, as fast)."""
+    tables = position_tables(model)
+    return min(t[0] for t in tables) if tables else None
 
 
 def max_positions(model, default: int) -> int:
