@@ -10,25 +10,9 @@ import pytest
 
 from headprune.app.cli import main
 from test_cli import run  # noqa: F401 (a fixture)
+from test_cli_inputs import _run, tiny_dir  # noqa: F401 (tiny_dir: a fixture)
 
 pytest.importorskip("tokenizers")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from hf_tiny import save_tiny_bert
-
-    path = tmp_path_factory.mktemp("tiny") / "bert"
-    save_tiny_bert(path)
-    return path
-
-
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err.strip().splitlines()[-1:]
 
 
 def _tree(path):

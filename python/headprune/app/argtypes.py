@@ -18,25 +18,24 @@ def device(text: str) -> str:
     return text
 
 
-def ratio(text: str) -> float:
+def _in_range(text: str, inside, expected: str, shown=repr) -> float:
+    """``text`` as a float for which ``inside`` holds, else the error saying ``expected``."""
     try:
-        r = float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < r < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return r
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not inside(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {shown(text)}")
+    return value
+
+
+def ratio(text: str) -> float:
+    return _in_range(text, lambda r: 0 < r < 1, "a number in (0, 1)", str)
 
 
 def fraction(text: str) -> float:
     """A fraction in [0, 1) (--kv-ratio, --validation)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
+    return _in_range(text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def kv_fraction(text: str):
