@@ -187,3 +187,57 @@ def test_positions_are_counted_as_the_model_numbers_them():
     with pytest.raises(ValueError, match=f"^batches: 'position_ids' run to {limit + 7}, more than the {limit} "):
         headprune.collect(gpt2, [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                   "position_ids": torch.arange(limit + 8).expand(2, -1)}], progress=False)
+
+
+def test_roberta_positions_are_counted_from_its_padding_id():
+    """RoBERTa numbers the tokens that are not its padding id (not the attention mask's), every
+    position of inputs_embeds, and takes given position_ids as table rows: its own position ids
+    of a full-length sequence were refused, and a mask zeroing real tokens let a raw index error
+    through."""
+    from hf_tiny import tiny_model
+
+    model = tiny_model("roberta")
+    rows, limit, pad = model.config.max_position_embeddings, headprune.hf.speed.position_limit(model), \
+        model.config.pad_token_id
+    ids = torch.randint(5, 90, (2, limit))
+    own = torch.cumsum(ids.ne(pad), 1) + pad  # what RoBERTa computes itself: up to limit + pad = rows - 1
+    assert int(own.max()) == rows - 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": own}
+    assert int(headprune.collect(model, [batch], progress=False).count.sum()) > 0
+    longer = torch.randint(5, 90, (2, limit + 2))
+    mask = torch.ones_like(longer)
+    mask[:, -2:] = 0  # real tokens the mask leaves out: RoBERTa numbers them all the same
+    for bad in ({"input_ids": longer, "attention_mask": mask},
+                {"inputs_embeds": torch.randn(2, limit + 2, model.config.hidden_size), "attention_mask": mask}):
+        with pytest.raises(ValueError, match=f"^batches: sequences of {limit + 2} tokens are more than the {limit} "):
+            headprune.collect(model, [bad], progress=False)
+
+
+def test_what_an_offloaded_model_cannot_do_is_refused_by_name(tmp_path):
+    """An offloaded student was trained (its weights are reloaded for each forward, and the run
+    failed inside on them); a pruned layout that load_pruned rebuilds was written from memory and
+    failed inside safetensors; a meta model with a device map set by hand passed as offloaded."""
+    accelerate = pytest.importorskip("accelerate")
+    from hf_tiny import tiny_batch, tiny_config
+
+    where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+             "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    student = LlamaForCausalLM(tiny_config("llama")).eval()
+    headprune.prune_heads(student, {0: [1]})  # an uneven layout: written by headprune, not save_pretrained
+    student = accelerate.dispatch_model(student, device_map=where, offload_dir=str(tmp_path / "off"))
+    batch = tiny_batch("llama")
+    with pytest.raises(ValueError, match=f"^student: {META}"):
+        headprune.recover(student, LlamaForCausalLM(tiny_config("llama")).eval(), [batch], steps=1, lr=1e-3)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("kept")
+    with pytest.raises(ValueError, match="^model: has weights accelerate offloaded"):
+        headprune.save_pruned(student, tmp_path / "out", overwrite=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    meta = _meta_llama()
+    meta.hf_device_map = {"": "cpu"}
+    for call in (lambda: headprune.gradient_importance(meta, [batch]), lambda: headprune.gates(meta).__enter__()):
+        with pytest.raises(ValueError, match=f"^model: {META}"):
+            call()
+    for seed in (torch.tensor(True), torch.tensor([3])):
+        with pytest.raises(ValueError, match="^seed: expected an int"):
+            generated_batches(_llama(), samples=1, seq_len=4, start=0, seed=seed)

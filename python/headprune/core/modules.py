@@ -93,14 +93,33 @@ def check_module(model, name: str = "model", *, meta: bool = False) -> None:
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{name}: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    if meta and not offloaded(model):
-        refuse_meta(model.parameters(), name)
+    if meta:
+        refuse_meta(unloaded_parameters(model), name)
 
 
-def offloaded(model) -> bool:
-    """Whether accelerate placed ``model``'s weights (``device_map``, ``cpu_offload``): its meta
-    parameters are then loaded by its hooks for each forward."""
-    return getattr(model, "hf_device_map", None) is not None or any(hasattr(m, "_hf_hook") for m in model.modules())
+def unloaded_parameters(model) -> list:
+    """``model``'s parameters on the meta device that no accelerate hook loads for the forward
+    (one that offloads its module's weights, or a module's above it): never loaded, where those
+    offloaded to disk or the CPU by ``device_map`` or ``cpu_offload`` are."""
+    out = []
+
+    def walk(module, loaded: bool):
+        loaded = loaded or _offloads(getattr(module, "_hf_hook", None))
+        out.extend(p for p in module.parameters(recurse=False) if p.is_meta and not loaded)
+        for child in module.children():
+            walk(child, loaded)
+
+    walk(model, False)
+    return out
+
+
+def _offloads(hook) -> bool:
+    """Whether an accelerate hook (or one of a sequence of them) loads its module's weights."""
+    if hook is None:
+        return False
+    if hasattr(hook, "hooks"):
+        return any(_offloads(h) for h in hook.hooks)
+    return bool(getattr(hook, "offload", False)) or getattr(hook, "weights_map", None) is not None
 
 
 def compiled_over(model, hooked) -> list:

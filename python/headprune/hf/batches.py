@@ -93,29 +93,31 @@ def check_vocabulary(model, batch, name: str = "batches") -> None:
 
 
 def _check_positions(model, batch, name: str) -> None:
-    """Refuse, naming ``name``, sequences that run past a learned position table: the positions
-    given (``position_ids``), else the tokens, counted without padding for tables that number
-    the real tokens only (RoBERTa's and OPT's: a padding row or an offset)."""
+    """Refuse, naming ``name``, positions that run past a learned position table, counted as the
+    table numbers them: ``position_ids`` where given (OPT's offset added), else the sequence's
+    tokens: RoBERTa's table numbers those that are not its padding id, OPT's those its attention
+    mask keeps, the others every one (:func:`~.speed.position_tables`)."""
     from .speed import position_tables
 
-    tables = position_tables(model)
     tokens = next((v for k, v in batch.items() if k in ("input_ids", "inputs_embeds")
                    and isinstance(v, torch.Tensor) and v.dim() >= 2), None)
-    if not tables or tokens is None:
-        return
-    limit, real_only = min(t[0] for t in tables), any(t[1] for t in tables)
-    positions, mask = batch.get("position_ids"), batch.get("attention_mask")
-    if isinstance(positions, torch.Tensor) and positions.numel():
-        used, what = int(positions.max()) + 1, f"'position_ids' run to {int(positions.max())},"
-    elif real_only and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
-        used = int((mask != 0).sum(1).max())
-        what = f"sequences of {used} tokens are"
-    else:
-        used = tokens.shape[1]
-        what = f"sequences of {used} tokens are"
-    if used > limit:
-        raise ValueError(f"{name}: {what} more than the {limit} learned positions this model takes; tokenise with "
-                         "truncation to that length")
+    tables = position_tables(model) if tokens is not None else []
+    positions, mask, ids = batch.get("position_ids"), batch.get("attention_mask"), batch.get("input_ids")
+    for rows, offset, pad in tables:
+        if isinstance(positions, torch.Tensor) and positions.numel():
+            used, limit = int(positions.max()) + 1, rows - offset
+            what = f"'position_ids' run to {used - 1},"
+        else:
+            if pad is not None and isinstance(ids, torch.Tensor):
+                used = int(ids.ne(pad).sum(-1).max())
+            elif offset and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel():
+                used = int((mask != 0).sum(1).max())
+            else:
+                used = tokens.shape[1]
+            limit, what = rows - max(offset, -1 if pad is None else pad + 1), f"sequences of {used} tokens are"
+        if used > limit:
+            raise ValueError(f"{name}: {what} more than the {limit} learned positions this model takes; tokenise "
+                             "with truncation to that length")
 
 
 def forward_kwargs(model, batch) -> dict:

@@ -55,7 +55,8 @@ def _start_token(model, start: Optional[int]) -> int:
 def _seed(value) -> int:
     """A seed ``torch.Generator.manual_seed`` takes (negative ones too, as it does), as an int."""
     try:
-        seed = as_index(value)
+        seed = None if isinstance(value, torch.Tensor) and (value.dim() or value.dtype == torch.bool) \
+            else as_index(value)
     except TypeError:
         seed = None
     if seed is None or not -2**63 <= seed < 2**64:

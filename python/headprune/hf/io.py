@@ -68,6 +68,10 @@ def save_pruned(
         refuse_plain_loaded(model, [head_counts(s, adapter)[0] for s in sites])  # (its record would be lost)
         check_config(model, [head_counts(s, adapter) for s in sites])
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
+    if any(p.is_meta for p in model.parameters()) and not saved_layout(model, adapter, sites)[2]:
+        raise ValueError("model: has weights accelerate offloaded (on the meta device here), which a layout only "
+                         "load_pruned rebuilds is written from memory; load the model without disk or CPU offload "
+                         "to save it")  # (a plain layout goes through save_pretrained, which loads them)
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
     try:
         with atomic.Staged(path, replace=overwrite) as stage, _configs_restored(model), _gguf_quantizer_aside(model):

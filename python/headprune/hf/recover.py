@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..core.modules import eval_mode
+from ..core.modules import eval_mode, refuse_meta
 from ..prune.mask import active_masks
 from ..ranking.units import as_real, count_arg
 from .adapters import encoder_decoder, get_adapter, resolve_sites
@@ -189,6 +189,7 @@ def recover(student, teacher, batches, *, steps: Optional[int], lr: Optional[flo
     """
     started = time.perf_counter()
     check_inputs(batches, progress, "recover", student=student, teacher=teacher)
+    refuse_meta(student.parameters(), "student")  # it is trained: an offloaded student's weights are loaded per forward
     lr = default_lr(student) if lr is None else lr
     steps, checkpoint_every, time_budget_s = _check(student, teacher, steps, lr, train, time_budget_s,
                                                     checkpoint_every)

@@ -52,17 +52,11 @@ def parse_shape(spec: str, arg: str = "shape") -> tuple:
 
 
 def position_tables(model) -> list:
-    """``(usable rows, numbers real tokens only)`` of each learned absolute position table (see
-    :func:`position_limit`); a table with a padding row or an offset (RoBERTa's, OPT's) numbers
-    the real tokens only, so padding does not use its rows."""
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in _POSITION_TABLES:
-            skip = int(getattr(module, "offset", 0) or 0)
-            if module.padding_idx is not None:
-                skip = max(skip, module.padding_idx + 1)
-            out.append((module.num_embeddings - skip, skip > 0))
-    return out
+    """``(rows, offset, padding_idx)`` of each learned absolute position table: OPT's adds an
+    offset to the positions it numbers, RoBERTa's numbers from past its padding row."""
+    return [(module.num_embeddings, int(getattr(module, "offset", 0) or 0), module.padding_idx)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in _POSITION_TABLES]
 
 
 def position_limit(model) -> Optional[int]:
@@ -70,8 +64,8 @@ def position_limit(model) -> Optional[int]:
     table's rows less the ones its offset or padding row skips: OPT's 2, RoBERTa's
     ``padding_idx + 1``), or ``None`` for rotary, relative and ALiBi positions, which have
     no table to run past (beyond the trained length they still compute, as fast)."""
-    tables = position_tables(model)
-    return min(t[0] for t in tables) if tables else None
+    limits = [rows - max(offset, -1 if pad is None else pad + 1) for rows, offset, pad in position_tables(model)]
+    return min(limits) if limits else None
 
 
 def max_positions(model, default: int) -> int:
