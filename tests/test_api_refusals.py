@@ -241,3 +241,23 @@ def test_what_an_offloaded_model_cannot_do_is_refused_by_name(tmp_path):
     for seed in (torch.tensor(True), torch.tensor([3])):
         with pytest.raises(ValueError, match="^seed: expected an int"):
             generated_batches(_llama(), samples=1, seq_len=4, start=0, seed=seed)
+
+
+def test_offloaded_by_hooks_alone_and_negative_positions_are_refused_by_name(tmp_path):
+    """cpu_offload leaves no device map, so save_pretrained writes the meta placeholders and
+    failed inside safetensors; negative position_ids (a cumulative sum minus one under left
+    padding) failed inside the embedding."""
+    accelerate = pytest.importorskip("accelerate")
+    from hf_tiny import tiny_model
+
+    model = accelerate.cpu_offload(_gpt2(), execution_device="cpu")
+    with pytest.raises(ValueError, match="^model: has weights accelerate offloaded"):
+        headprune.save_pruned(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    ids = torch.randint(5, 90, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for family in ("gpt2", "bert"):
+        with pytest.raises(ValueError, match="^batches: 'position_ids' go down to -1, below the position table"):
+            headprune.collect(tiny_model(family), [{"input_ids": ids, "attention_mask": mask,
+                                                    "position_ids": mask.cumsum(1) - 1}], progress=False)

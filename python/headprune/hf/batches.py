@@ -105,6 +105,9 @@ def _check_positions(model, batch, name: str) -> None:
     positions, mask, ids = batch.get("position_ids"), batch.get("attention_mask"), batch.get("input_ids")
     for rows, offset, pad in tables:
         if isinstance(positions, torch.Tensor) and positions.numel():
+            if int(positions.min()) + offset < 0:
+                raise ValueError(f"{name}: 'position_ids' go down to {int(positions.min())}, below the position table; "
+                                 "give padding positions a valid index (generate fills them with 1)")
             used, limit = int(positions.max()) + 1, rows - offset
             what = f"'position_ids' run to {used - 1},"
         else:

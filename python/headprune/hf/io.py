@@ -33,7 +33,7 @@ from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to
 from .migrate import is_transformers4_pruned, obsolete, transformers4_metadata
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
 from .records import set_record
-from .saved import original_config, saved_layout
+from .saved import original_config, saved_layout, saves_offloaded
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
 from .weights import load_generation_config, load_state, read_weights
@@ -68,10 +68,9 @@ def save_pruned(
         refuse_plain_loaded(model, [head_counts(s, adapter)[0] for s in sites])  # (its record would be lost)
         check_config(model, [head_counts(s, adapter) for s in sites])
     check_save_arguments(path, tokenizer, scores, settings, adapter, sites)
-    if any(p.is_meta for p in model.parameters()) and not saved_layout(model, adapter, sites)[2]:
-        raise ValueError("model: has weights accelerate offloaded (on the meta device here), which a layout only "
-                         "load_pruned rebuilds is written from memory; load the model without disk or CPU offload "
-                         "to save it")  # (a plain layout goes through save_pretrained, which loads them)
+    if any(p.is_meta for p in model.parameters()) and not saves_offloaded(model, adapter, sites):
+        raise ValueError("model: has weights accelerate offloaded (on the meta device here), which this save would "
+                         "write from memory; load the model without disk or CPU offload to save it")
     path = atomic.check_target(path, replace=overwrite, arg="path", hint="pass overwrite=True to replace it")
     try:
         with atomic.Staged(path, replace=overwrite) as stage, _configs_restored(model), _gguf_quantizer_aside(model):

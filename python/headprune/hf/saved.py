@@ -49,3 +49,11 @@ def original_config(model, state: dict, adapter) -> dict:
     recorded, names = state["original_config"], getattr(model.config, "attribute_map", {})
     layout = {names.get(k, k) for k in layout_fields(adapter) if k}
     return {**model.config.to_dict(), **{k: recorded[k] for k in layout if k in recorded}}
+
+
+def saves_offloaded(model, adapter, sites) -> bool:
+    """Whether a save loads accelerate's offloaded weights itself: a plain layout, written by
+    transformers' ``save_pretrained``, which does for a model whose device map offloads to the
+    CPU or disk (not for ``cpu_offload``'s or ``disk_offload``'s hooks alone)."""
+    where = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    return bool({"cpu", "disk"} & where) and saved_layout(model, adapter, sites)[2]
