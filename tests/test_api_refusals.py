@@ -135,10 +135,12 @@ def test_a_uniform_budget_the_kept_minimum_rules_out_names_the_minimum():
     assert "keeps --min-heads-per-layer 4 heads per layer" in _message(e.value, "prune")
 
 
-def test_a_model_accelerate_offloaded_to_disk_is_no_meta_model(tmp_path):
-    """Its offloaded layers' parameters are on the meta device and accelerate's hooks load them for
-    each forward: recovery (of a teacher too large for memory), gates, gradient importance and
-    sampling ran on it, and the meta-device refusal must not stop them."""
+@pytest.mark.parametrize("offloaded", ["layer 1", "layer 0", "embeddings", "all (cpu_offload)"])
+def test_a_model_accelerate_offloaded_is_no_meta_model(tmp_path, offloaded):
+    """Its offloaded weights are on the meta device and accelerate's hooks load them for each
+    forward: recovery (from a teacher too large for memory), gates, gradient importance, learned
+    gates and sampling run on it (the meta-device refusal stopped them; inputs and gates were put
+    on the meta device where the first parameter is offloaded)."""
     accelerate = pytest.importorskip("accelerate")
     from hf_tiny import tiny_batch, tiny_config
 
@@ -146,15 +148,24 @@ def test_a_model_accelerate_offloaded_to_disk_is_no_meta_model(tmp_path):
     plain = LlamaForCausalLM(tiny_config("llama")).eval()
     teacher = LlamaForCausalLM(tiny_config("llama")).eval()
     teacher.load_state_dict(plain.state_dict())
-    where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-             "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    teacher = accelerate.dispatch_model(teacher, device_map=where, offload_dir=str(tmp_path))
+    if offloaded.startswith("all"):
+        teacher = accelerate.cpu_offload(teacher, execution_device="cpu")
+    else:
+        where = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        where[{"layer 1": "model.layers.1", "layer 0": "model.layers.0", "embeddings": "model.embed_tokens"}[offloaded]] \
+            = "disk"
+        teacher = accelerate.dispatch_model(teacher, device_map=where, offload_dir=str(tmp_path))
     assert any(p.is_meta for p in teacher.parameters())
     batch = tiny_batch("llama")
-    assert headprune.gradient_importance(teacher, [batch]).shape == headprune.gradient_importance(plain, [batch]).shape
+    torch.testing.assert_close(headprune.gradient_importance(teacher, [batch]),
+                               headprune.gradient_importance(plain, [batch]), equal_nan=True)
     with headprune.gates(teacher):
-        teacher(**batch)
-    assert len(generated_batches(teacher, samples=1, seq_len=4, start=0)) == 1
+        torch.testing.assert_close(teacher(**batch).logits, plain(**batch).logits)
+    got = generated_batches(teacher, samples=1, seq_len=4, start=0)
+    assert got[0]["input_ids"].device.type == "cpu"
+    assert torch.equal(got[0]["input_ids"], generated_batches(plain, samples=1, seq_len=4, start=0)[0]["input_ids"])
+    assert headprune.learn_gates(teacher, [batch], ratio=0.25, steps=1).steps == 1
     student = LlamaForCausalLM(tiny_config("llama")).eval()
     student.load_state_dict(plain.state_dict())
     headprune.prune_heads(student, {1: [0]})

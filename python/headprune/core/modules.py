@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["check_module", "eval_mode", "instance_forward", "retype", "uncompiled"]
+__all__ = ["check_module", "eval_mode", "input_device", "instance_forward", "retype", "uncompiled"]
 
 _MISSING = object()
 
@@ -111,6 +111,34 @@ def unloaded_parameters(model) -> list:
 
     walk(model, False)
     return out
+
+
+def input_device(model):
+    """Where ``model``'s inputs go: its first parameter's device, or where accelerate offloaded
+    that parameter (on the meta device here), the first loaded parameter's, else the device its
+    hooks run the forward on (``cpu_offload`` leaves no parameter loaded), else the CPU."""
+    import torch
+
+    first = next(model.parameters(), None)
+    if first is None or not first.is_meta:
+        return torch.device("cpu") if first is None else first.device
+    loaded = next((p for p in model.parameters() if not p.is_meta), None)
+    if loaded is not None:
+        return loaded.device
+    for module in model.modules():
+        device = _execution_device(getattr(module, "_hf_hook", None))
+        if device is not None:
+            return torch.device(device)
+    return torch.device("cpu")
+
+
+def _execution_device(hook):
+    if hook is None:
+        return None
+    if hasattr(hook, "hooks"):
+        return next((d for d in map(_execution_device, hook.hooks) if d is not None), None)
+    device = getattr(hook, "execution_device", None)
+    return None if device is None else (f"cuda:{device}" if isinstance(device, int) else device)
 
 
 def _offloads(hook) -> bool:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..core.modules import input_device
+
 __all__ = ["check_batches", "check_batch", "check_ids", "batch_rows", "forward_kwargs", "progress", "skip",
            "sequence_digests"]
 
@@ -126,7 +128,7 @@ def _check_positions(model, batch, name: str) -> None:
 def forward_kwargs(model, batch) -> dict:
     check_inputs_of(batch)
     check_vocabulary(model, batch)
-    device = next(model.parameters()).device
+    device = input_device(model)
     kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params and "use_cache" not in kw:

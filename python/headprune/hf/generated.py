@@ -18,7 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..core.modules import check_module
+from ..core.modules import check_module, input_device
 from ..ranking.units import as_index, count_arg
 from .adapters import get_adapter
 from .speed import _cache_arg, position_limit
@@ -99,7 +99,7 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
         raise ValueError(f"seq_len: {seq_len} tokens are more than the {limit} learned positions of this "
                          f"{adapter.model_type} model")
     token = _start_token(model, start)
-    device = next(model.parameters()).device
+    device = input_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     from transformers import DynamicCache
 

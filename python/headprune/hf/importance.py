@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.modules import input_device
 from .adapters import get_adapter
 from .batches import check_inputs_of, check_vocabulary
 from .gates import frozen, gates
@@ -57,7 +58,7 @@ def _loss(model, batch, causal: bool) -> torch.Tensor:
         raise ValueError("batches: gradient importance takes text batches, dicts with input_ids and attention_mask")
     check_inputs_of(batch)
     check_vocabulary(model, batch)
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     if causal:
         valid = batch["attention_mask"] != 0  # a token to predict from the one before it, both real
