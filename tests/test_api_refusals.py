@@ -272,3 +272,22 @@ def test_offloaded_by_hooks_alone_and_negative_positions_are_refused_by_name(tmp
         with pytest.raises(ValueError, match="^batches: 'position_ids' go down to -1, below the position table"):
             headprune.collect(tiny_model(family), [{"input_ids": ids, "attention_mask": mask,
                                                     "position_ids": mask.cumsum(1) - 1}], progress=False)
+
+
+def test_an_accelerator_index_is_read_as_accelerate_reads_it(monkeypatch):
+    """An integer execution device was always taken as CUDA's (accelerate maps it to the host's
+    accelerator: xpu, npu, ...)."""
+    pytest.importorskip("accelerate")
+    import accelerate.utils.modeling as am
+
+    from headprune.core.modules import _execution_device
+
+    class Hook:
+        execution_device = 1
+
+    here = am.normalize_device(1)  # this host's reading (1: CUDA's index)
+    assert _execution_device(Hook()) == (f"cuda:{here}" if isinstance(here, int) else here)
+    monkeypatch.setattr(am, "normalize_device", lambda d: f"xpu:{d}")
+    assert _execution_device(Hook()) == "xpu:1"
+    assert _execution_device(type("Seq", (), {"hooks": [type("H", (), {"execution_device": None})(), Hook()]})()) \
+        == "xpu:1"

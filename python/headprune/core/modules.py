@@ -138,7 +138,14 @@ def _execution_device(hook):
     if hasattr(hook, "hooks"):
         return next((d for d in map(_execution_device, hook.hooks) if d is not None), None)
     device = getattr(hook, "execution_device", None)
-    return None if device is None else (f"cuda:{device}" if isinstance(device, int) else device)
+    if isinstance(device, int):  # an accelerator's index, as accelerate reads it (cuda, xpu, npu, ...)
+        try:
+            from accelerate.utils.modeling import normalize_device
+        except ImportError:
+            return f"cuda:{device}"
+        device = normalize_device(device)
+        return f"cuda:{device}" if isinstance(device, int) else device
+    return device
 
 
 def _offloads(hook) -> bool:
