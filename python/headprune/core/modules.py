@@ -114,14 +114,11 @@ def unloaded_parameters(model) -> list:
 
 
 def input_device(model):
-    """Where ``model``'s inputs go: its first parameter's device, or where accelerate offloaded
-    that parameter (on the meta device here), the first loaded parameter's, else the device its
-    hooks run the forward on (``cpu_offload`` leaves no parameter loaded), else the CPU."""
+    """Where ``model``'s inputs go: its first loaded parameter's device (the first parameter's,
+    unless accelerate offloaded it to the meta device), else the device accelerate's hooks run
+    the forward on (``cpu_offload`` leaves no parameter loaded), else the CPU."""
     import torch
 
-    first = next(model.parameters(), None)
-    if first is None or not first.is_meta:
-        return torch.device("cpu") if first is None else first.device
     loaded = next((p for p in model.parameters() if not p.is_meta), None)
     if loaded is not None:
         return loaded.device

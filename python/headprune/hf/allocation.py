@@ -39,7 +39,7 @@ from ..ranking.units import count_arg, unit_sizes
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
-from .batches import batch_rows, check_batches
+from .batches import batch_rows, check_batches, check_inputs_of
 from .collect import collect
 from .prune import check_scores, mask_heads
 from .distil import _Teacher, _kwargs, _loss
@@ -202,6 +202,8 @@ def measured_part(batches, sequences: Optional[int]) -> list:
     taken on (default: :data:`DEFAULT_SEQUENCES`, at most a quarter of them)."""
     check_batches(batches)
     batches = list(batches)
+    for batch in batches:  # before their rows are counted
+        check_inputs_of(batch)
     return _sequences(batches, _measured_count(sequences, sum(batch_rows(b) for b in batches)))
 
 

@@ -53,8 +53,7 @@ def check_ids(batch) -> None:
 
 
 def batch_rows(batch) -> int:
-    """The sequences (or images) in one batch (refused naming ``batches`` where it has none)."""
-    check_inputs_of(batch)
+    """The sequences (or images) in one batch (:func:`check_inputs_of` it first)."""
     return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "inputs_embeds", "pixel_values")
                 and isinstance(v, torch.Tensor))
 

@@ -64,10 +64,6 @@ def _seed(value) -> int:
     return seed
 
 
-def _positive(name: str, value) -> int:
-    return count_arg(name, value)
-
-
 @torch.no_grad()
 def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8, seed: int = 0,
                       start: Optional[int] = None, keep_start: bool = False,
@@ -88,7 +84,7 @@ def generated_batches(model, *, samples: int, seq_len: int, batch_size: int = 8,
     if not isinstance(keep_start, bool):
         raise TypeError(f"keep_start: expected a bool, got {type(keep_start).__name__}")
     seed = _seed(seed)
-    samples, seq_len, batch_size = (_positive(n, v) for n, v in
+    samples, seq_len, batch_size = (count_arg(n, v) for n, v in
                                     (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size)))
     adapter = get_adapter(model)
     if adapter.kind != "causal":

@@ -99,9 +99,10 @@ def _check(ratio, steps, lr, warmup, time_budget_s, checkpoint_every, init, seed
         raise ValueError(f"warmup: expected a fraction of the steps in [0, 1], got {warmup!r}")
     if as_real(init) is None or abs(init) > torch.finfo(torch.float32).max:  # log_alpha is float32
         raise ValueError(f"init: expected a finite log_alpha within float32's range, got {init!r}")
-    if as_count(seed) is None or not seed < 2**40:
+    n = as_count(seed)
+    if n is None or n >= 2**40:
         raise ValueError(f"seed: expected an int in [0, 2**40), got {seed!r}")
-    return steps, checkpoint_every, as_count(seed), time_budget_s
+    return steps, checkpoint_every, n, time_budget_s
 
 
 def _fill(scores) -> Optional[torch.Tensor]:

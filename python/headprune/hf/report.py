@@ -24,7 +24,7 @@ def parameter_count(model) -> int:
 def attention_flops_per_token(model, context: int = DEFAULT_CONTEXT) -> int:
     """Multiply-adds x 2 per token in all attention blocks: the q/k/v/o projections plus the
     score and value products against ``context`` keys."""
-    context = count_arg("context", context, "a non-negative int")
+    context = count_arg("context", context, "a non-negative int", minimum=0)
     adapter = get_adapter(model)
     total = 0
     for site in resolve_sites(model, adapter):

@@ -21,7 +21,7 @@ import torch
 from .. import atomic
 from .checkpoint import format_kind, refuse_foreign, tensor_bytes, writing
 from .batches import check_batch, check_batches
-from ..core.modules import check_module, uncompiled
+from ..core.modules import refuse_meta, uncompiled, unloaded_parameters
 from ..ranking.units import as_real, count_arg
 from .adapters import get_adapter
 from .gates import gated
@@ -60,7 +60,7 @@ def check_inputs(batches, progress, what: str = "", **models) -> None:
     for name, m in models.items():
         if not isinstance(m, torch.nn.Module):
             raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
-        check_module(m, name, meta=True)
+        refuse_meta(unloaded_parameters(m), name)
         if gated(m):  # its gates would shape what is learned (and take gradients), then be gone
             raise ValueError(f"{name}: is inside a headprune.gates block; call {what} after the block ends")
     check_batches(batches)

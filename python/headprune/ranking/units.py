@@ -105,11 +105,11 @@ def as_count(n):
     return n if n >= 0 else None
 
 
-def count_arg(name: str, value, what: str = "a positive int") -> int:
-    """``value`` as an ``int`` (numpy and 0-d tensor integers too), at least 1 where ``what``
-    says positive, else at least 0; otherwise a ``ValueError`` naming ``name``."""
+def count_arg(name: str, value, what: str = "a positive int", minimum: int = 1) -> int:
+    """``value`` as an ``int`` of at least ``minimum`` (numpy and 0-d tensor integers too), else a
+    ``ValueError`` naming ``name`` and saying ``what`` was expected."""
     n = as_count(value)
-    if n is None or (n < 1 and "positive" in what):
+    if n is None or n < minimum:
         raise ValueError(f"{name}: expected {what}, got {value!r}")
     return n
 
