@@ -170,6 +170,20 @@ def test_a_model_accelerate_offloaded_is_no_meta_model(tmp_path, offloaded):
     student.load_state_dict(plain.state_dict())
     headprune.prune_heads(student, {1: [0]})
     assert headprune.recover(student, teacher, [batch], steps=1, lr=1e-3).steps == 1
+    # the command line's evaluation and speed comparison put their inputs where the forward runs
+    from headprune.app import evaluate as E
+    from headprune.hf.speed import compare
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False, verbose=True):
+            return {"input_ids": [int(w) for w in text.split()]}
+
+    text = [" ".join(str(i % 50) for i in range(40))]
+    assert E.perplexity(teacher, Tok(), text, window=16, stride=16) == E.perplexity(plain, Tok(), text, window=16,
+                                                                                     stride=16)
+    assert E.throughput(teacher, seq_len=4, repeat=1)["tokens_per_s"] > 0
+    rows = compare({"plain": plain, "offloaded": teacher}, prefill=[(1, 4)], decode=[(1, 4)], steps=1, rounds=3)
+    assert {r["kind"] for r in rows} == {"prefill", "decode"}
 
 
 def test_positions_are_counted_as_the_model_numbers_them():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.modules import input_device
 from .texts import bos_token, token_windows
 
 WINDOW = 256
@@ -101,7 +102,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
         starts.append(len(ids) - width)
         firsts.append(end - starts[-1] - 1 + off)
     nll, count = 0.0, 0
-    device = next(model.parameters()).device
+    device = input_device(model)
     for i in tqdm(range(0, len(starts), batch_size), desc="headprune: perplexity", unit="batch", disable=not progress,
                   leave=False):
         chunk = torch.stack([ids[s : s + width] for s in starts[i : i + batch_size]])
@@ -128,7 +129,7 @@ def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: in
     each text's first ``max_length`` tokens, padded on the right whatever the tokenizer's side
     (left padding moves an absolute-position encoder's positions with the batch)."""
     out = []
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_length = min(max_length, max_positions(model, max_length))
     for i in tqdm(range(0, len(texts), batch_size), desc="headprune: embedding", unit="batch", disable=not progress,
                   leave=False):
@@ -182,7 +183,7 @@ def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None =
 def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vocab: int | None = None) -> dict:
     """Median forward tokens/s on random token ids (batch x seq_len), with the quartiles of the
     repeats (``tokens_per_s_low`` / ``_high``): one figure on a shared machine varies many-fold."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     vocab = vocab or getattr(model.config, "vocab_size", 1000)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-__all__ = ["check_module", "eval_mode", "input_device", "instance_forward", "retype", "uncompiled"]
+__all__ = ["check_module", "eval_mode", "execution_device", "input_device", "instance_forward", "retype", "uncompiled"]
 
 _MISSING = object()
 
@@ -127,6 +127,27 @@ def input_device(model):
         if device is not None:
             return torch.device(device)
     return torch.device("cpu")
+
+
+def execution_device(model, module):
+    """Where ``module`` (a submodule of ``model``) computes: its first loaded parameter's device,
+    else the device the accelerate hook nearest to it runs the forward on (its own, or an
+    enclosing module's: ``cpu_offload`` hooks the model alone), else :func:`input_device`."""
+    import torch
+
+    loaded = next((p for p in module.parameters() if not p.is_meta), None)
+    if loaded is not None:
+        return loaded.device
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    parts = [] if name is None else name.split(".") if name else []
+    chain = [model]
+    for part in parts:
+        chain.append(getattr(chain[-1], part))
+    for m in reversed(chain):
+        device = _execution_device(getattr(m, "_hf_hook", None))
+        if device is not None:
+            return torch.device(device)
+    return input_device(model)
 
 
 def _execution_device(hook):

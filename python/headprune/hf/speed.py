@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..core.modules import execution_device, input_device
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .empty import headless_kv
 
@@ -92,7 +93,7 @@ def _check_positions(models: dict, shapes: list, steps: int) -> None:
 def _ids(model, batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
     vocab = getattr(model.config, "vocab_size", None) or 1000
     g = torch.Generator().manual_seed(seed * 1000003 + batch * 7919 + tokens)
-    return torch.randint(3 if vocab > 3 else 0, vocab, (batch, tokens), generator=g).to(next(model.parameters()).device)
+    return torch.randint(3 if vocab > 3 else 0, vocab, (batch, tokens), generator=g).to(input_device(model))
 
 
 def filled_cache(model, batch: int, context: int):
@@ -106,7 +107,9 @@ def filled_cache(model, batch: int, context: int):
     for site in resolve_sites(model, adapter):
         if not site.block.causal or site.block.kind != "self":
             continue
-        w = site.o.weight  # the site's own float type and device (a sharded model spans several)
+        # the site's own float type, on the device its layer computes on (a sharded model spans several;
+        # an offloaded layer's weights are on the meta device between forwards)
+        w = site.o.weight.new_empty(0, device=execution_device(model, site.parent))
         kv = head_counts(site, adapter)[1]
         k = w.new_zeros(batch, kv, context, head_dim(site, adapter)) if kv else headless_kv(batch, context, w)
         cache.update(k, torch.zeros_like(k), site.depth)
