@@ -213,6 +213,10 @@ def test_a_held_out_text_too_short_for_its_figure_is_said_before_the_work(run, t
     code, err = run(["sweep", tiny_dir, "--ratios", "0.3", "--seeds", "1", "--samples", "4", "--seq-len", "16",
                      "--quiet", "--data", "text.txt", "--eval-paragraphs", "3", "--out", tmp_path / "w"])
     assert code == 0 and err[:1] == [warning.format("text.txt", "has 3 paragraph(s), fewer than 16 for the fidelity")]
+    code, err = run(["sweep", tiny_dir, "--ratios", "0.3", "--seeds", "1", "--samples", "4", "--seq-len", "16",
+                     "--quiet", "--data", "text.txt", "--eval-paragraphs", "500", "--out", tmp_path / "w2"])
+    said = [e for e in err if e.startswith("headprune: warning: --eval-paragraphs: 500 asked")]  # all, fewer than asked
+    assert code == 0 and len(said) == 1 and said[0].endswith("text.txt has 18; all 18 are evaluated"), err
 
 
 def test_eval_says_when_it_computes_in_another_type_than_the_report(run, tmp_path, tiny_dir):  # noqa: F811

@@ -137,6 +137,10 @@ def _setup(args, evaluates: bool = False):
     """Model, calibration batches and held-out paragraphs for a command (one that ``evaluates``
     them warns when they are too few: :func:`warn_thin`)."""
     parts, held = texts.load_split(args.data)
+    asked = getattr(args, "eval_paragraphs", None) if evaluates else None
+    if asked and asked > len(held):  # before the work: every paragraph is evaluated, fewer than asked
+        _warn(f"--eval-paragraphs: {asked} asked, the held-out part of {args.data or texts.DEFAULT_TEXT} has "
+              f"{len(held)}; all {len(held)} are evaluated")
     plots.check_available(args.command)  # the picture is drawn last: not after all the work
     if getattr(args, "distributed", False):  # before the model loads: the backend and this rank's GPU
         from ..distributed import join
