@@ -228,6 +228,7 @@ def test_prune_distributed_prunes_as_one_process(tmp_path, monkeypatch):
     mp.spawn(_prune_rank, args=(port, str(tmp_path / "bert"), str(tmp_path / "two"), 2), nprocs=2, join=True)
     reports = [json.loads((tmp_path / d / "report.json").read_text())["settings"] for d in ("one", "two")]
     assert [(r["scope"], r["refit_values"]) for r in reports] == [("measured", True)] * 2
+    assert "distributed" not in reports[0] and reports[1]["distributed"] == 2  # the processes it ran on
     one, two = (load_file(tmp_path / d / "model" / "headprune-model.safetensors") for d in ("one", "two"))
     assert one.keys() == two.keys()
     for k in one:  # the moments are summed in another order: equal up to float64 rounding, refit in float64

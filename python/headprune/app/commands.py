@@ -172,8 +172,18 @@ def _setup(args, evaluates: bool = False):
                 **reference,
                 "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held),
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
-                "fused": _fused(args)}
+                "fused": _fused(args), **_processes(args)}
     return loaded, batches, held, settings
+
+
+def _processes(args) -> dict:
+    """``{"distributed": processes}`` of a ``--distributed`` run (the statistics summed over them),
+    else nothing."""
+    if not getattr(args, "distributed", False):
+        return {}
+    from ..distributed import rank_world
+
+    return {"distributed": rank_world()[1]}
 
 
 def seq_len_for(args, loaded, default: int) -> int:
