@@ -18,7 +18,7 @@ from ..ranking import DEFAULT_RECIPE, natural_order
 from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
-from .inputs import check_out, inputs
+from .inputs import check_out, config_refusals, inputs
 from .load import load_model
 from .report import scores_markdown, to_json
 
@@ -147,7 +147,8 @@ def _setup(args, evaluates: bool = False):
 
         args.device = join(args.device)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS))
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS),
+                        check=config_refusals(args))
     _say(args, f"loaded {loaded.source} ({loaded.kind}) in {time.perf_counter() - t0:.1f} s")
     if loaded.tokenizer is None:
         raise ValueError(f"MODEL: {args.model} has no tokenizer files")
@@ -199,9 +200,7 @@ def _generated(args, loaded, n: int, seq_len: int) -> list:
     from ..hf.generated import generated_batches
     from .texts import bos_token
 
-    if loaded.kind != "causal":
-        raise ValueError(f"--generated: sampling calibration text needs a causal LM, not {args.model} ({loaded.kind})")
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # an encoder was refused before it loaded (inputs.config_refusals)
     bos = bos_token(loaded.tokenizer)  # where text windows start with it, so do these (from it)
     out = generated_batches(loaded.model, samples=n, seq_len=seq_len, batch_size=args.batch_size, seed=0,
                             start=bos, keep_start=bos is not None, progress=not args.quiet)

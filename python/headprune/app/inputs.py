@@ -130,3 +130,32 @@ def refuse_inside_out(out: Path, path, flag: str) -> None:
         raise ValueError(f"{flag}: at or inside the output directory {out}, which is written whole at the end; "
                          "keep it elsewhere")
     atomic.check_folder(path, flag)  # a file where its folder would be, a folder this process cannot write in
+
+
+def config_refusals(args):
+    """``check`` for :func:`~headprune.app.load.load_model`: the options a model's config rules out,
+    refused before its weights are read (they were refused after loading them)."""
+
+    def check(kind: str, model_type: str, config: dict) -> None:
+        if getattr(args, "speed_decode", None) and kind != "causal":  # none (an empty list) asks for none
+            raise ValueError(f"--speed-decode: {args.model} is an encoder, which has no decode; drop --speed-decode")
+        if getattr(args, "generated", 0) and kind != "causal":
+            raise ValueError(f"--generated: sampling calibration text needs a causal LM, not {args.model} ({kind})")
+        if getattr(args, "kv_ratio", None) and not _may_group(model_type, config):
+            raise ValueError("--kv-ratio: the model has no grouped queries; every KV head goes with its query head")
+
+    return check
+
+
+def _may_group(model_type: str, config: dict) -> bool:
+    """Whether the config can give query heads that share KV heads (where it cannot say, yes: the
+    loaded model's layout decides)."""
+    from ..hf.adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(model_type)
+    field = None if adapter is None else adapter.config_kv_heads
+    if adapter is not None and field is None:  # a family without grouped queries
+        return False
+    kv, heads = config.get(field), config.get("num_attention_heads")
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (kv, heads))
+    return not (kv is None or ints and kv >= heads)

@@ -75,7 +75,7 @@ def _kind(config) -> str:
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, accept=None,
-               bundled: bool = False, tokenizer: bool = True) -> Loaded:
+               bundled: bool = False, tokenizer: bool = True, check=None) -> Loaded:
     """Loads MODEL (bundled name, ``.gguf`` file, Hugging Face directory, or a directory
     written by ``headprune prune``) with its tokenizer, from local files only. A directory is
     checked before its weights are read (see :func:`headprune.hf.load_pruned`): a damaged one
@@ -83,7 +83,9 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
     kinds wanted (``"causal"``, ``"encoder"``, ``"seq2seq"``), checked from the config before
     the weights are read. A bundled name that is also a path here is refused as ambiguous,
     unless ``bundled`` (the name is known to mean the bundled model, e.g. from a report).
-    ``tokenizer=False``: a directory's tokenizer is neither needed nor read (``tokenizer`` None)."""
+    ``tokenizer=False``: a directory's tokenizer is neither needed nor read (``tokenizer`` None).
+    ``check(kind, model_type, config)``: a command's refusals that need the model's config (a dict;
+    a pruned directory's original one), run with ``accept``'s, before any weight is read."""
     torch_dtype = None
     if dtype is not None:
         if dtype not in DTYPES:
@@ -91,13 +93,13 @@ def load_model(spec: str, *, device: str = "cpu", dtype: Optional[str] = None, a
         torch_dtype = DTYPES[dtype]
     path, gguf, pruned = locate(spec, bundled=bundled)
     if pruned:
-        return _load_pruned_dir(path, device, torch_dtype, accept, tokenizer)
+        return _load_pruned_dir(path, device, torch_dtype, accept, tokenizer, check)
     if gguf is None:
-        return _load_hf_dir(path, device, torch_dtype, accept, tokenizer)
-    return _load_gguf(path, gguf, spec, device, torch_dtype, accept)
+        return _load_hf_dir(path, device, torch_dtype, accept, tokenizer, check)
+    return _load_gguf(path, gguf, spec, device, torch_dtype, accept, check)
 
 
-def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accept) -> Loaded:
+def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accept, check=None) -> Loaded:
     """A ``.gguf`` file of a family transformers reads, with the tokenizer it holds; refused
     before its weights are read when it lacks the fields that give the model's shape, and after
     when transformers found a weight missing (it would have filled it with random values)."""
@@ -129,6 +131,8 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
         config.mlp_bias = True
     kind = _kind(config)
     _refuse_kind(kind, accept, path / gguf)
+    if check is not None:
+        check(kind, config.model_type, config.to_dict())
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:  # before the model: a file without a tokenizer fails in a second, not after the weights
         tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
@@ -165,7 +169,8 @@ def _gguf_config(path: Path, gguf: str):
                          "model's directory (the model/ beside it) instead") from e
 
 
-def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: bool = True) -> Loaded:
+def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: bool = True,
+                     check=None) -> Loaded:
     """A directory written by ``headprune prune`` (see :func:`headprune.hf.load_pruned`)."""
     from ..hf import load_pruned
     from ..hf.metadata import read_metadata
@@ -178,13 +183,15 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None, tokenize
     adapter = ADAPTERS.get(meta.get("model_type"))
     if adapter is not None:
         _refuse_kind(adapter.kind, accept, path, meta.get("model_type"))
+        if check is not None:
+            check(adapter.kind, meta["model_type"], meta.get("original_config") or {})
     tok = _tokenizer(path) if tokenizer else None
     model = cast_weights(load_pruned(path, device=device), torch_dtype or torch.float32)  # as an HF directory is
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
                   input_bytes=weight_bytes(path))
 
 
-def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: bool = True) -> Loaded:
+def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: bool = True, check=None) -> Loaded:
     """A Hugging Face directory of a supported family, safetensors weights only, every tensor
     its config declares present with the declared shape."""
     import transformers
@@ -200,6 +207,8 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: b
         raise ValueError(f"MODEL: unsupported model_type {model_type!r} in {config_file}; "
                          f"headprune supports {', '.join(supported_model_types())}")
     _refuse_kind(ADAPTERS[model_type].kind, accept, path, model_type)
+    if check is not None:
+        check(ADAPTERS[model_type].kind, model_type, raw)
     tok = _tokenizer(path) if tokenizer else None
     files = safetensors_files(path, "MODEL")
     header = read_header(files, "MODEL")

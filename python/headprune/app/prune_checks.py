@@ -119,8 +119,6 @@ def check_model(args, loaded) -> None:
                          f"0-{len(sites) - 1})")
     grouped = grouped_queries(head_counts(s, adapter) for s in sites)  # a model without: a head is its group
     unit = "KV groups" if getattr(args, "gqa", None) == "group" and grouped else "query heads"  # --count's unit
-    if getattr(args, "speed_decode", None) and loaded.kind != "causal":  # none (an empty list) asks for none
-        raise ValueError(f"--speed-decode: {args.model} is an encoder, which has no decode; drop --speed-decode")
     state = getattr(loaded.model, STATE_ATTR, None)
     split = repeated_kv(state and state["kv"])
     if getattr(args, "gqa", None) == "group" and split:

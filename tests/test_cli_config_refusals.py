@@ -1,0 +1,59 @@
+"""Options the model's config rules out (``--speed-decode`` or ``--generated`` on an encoder,
+``--kv-ratio`` without grouped queries) are refused before the weights are read: they were
+refused after loading them (minutes for a large model). The weights here are unreadable, so
+a refusal that came after reading them would name the weights instead."""
+
+import shutil
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from test_cli import run, tiny_dir  # noqa: E402,F401  (fixtures)
+
+
+def _unreadable(src, dst):
+    """``src`` copied with its weights file replaced by bytes that are no safetensors."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    return dst
+
+
+def _llama_dir(tmp_path, tiny_dir, name: str, kv: int):  # noqa: F811
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    path = tmp_path / name
+    transformers.LlamaForCausalLM(tiny_config("llama", num_key_value_heads=kv)).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_what_the_config_rules_out_is_refused_before_the_weights_are_read(run, tmp_path, tiny_dir, command):  # noqa: F811
+    bert = _unreadable(tiny_dir, tmp_path / "bert")
+    common = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    ratio = ["--ratio", "0.3"] if command == "prune" else ["--ratios", "0.3", "--seeds", "1"]
+    cases = [(["--generated", "2"], "--generated: sampling calibration text needs a causal LM, not ")]
+    if command == "prune":
+        cases.append((["--speed-decode", "1x8"], "--speed-decode: "))
+    for flags, said in cases:
+        code, err = run([command, bert, *ratio, *common, *flags, "--out", tmp_path / "o"])
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"headprune {command}: error: {said}"), err
+    if command != "prune":
+        return
+    from hf_tiny import tiny_config
+
+    heads = tiny_config("llama").num_attention_heads
+    plain = _unreadable(_llama_dir(tmp_path, tiny_dir, "plain", heads), tmp_path / "plain-broken")
+    code, err = run(["prune", plain, *ratio, *common, "--kv-ratio", "0.25", "--out", tmp_path / "o"])
+    assert code == 2 and err == ["headprune prune: error: --kv-ratio: the model has no grouped queries; every KV head goes "
+                                 "with its query head"], err
+    # grouped queries: the config allows --kv-ratio, so the weights are read (and found unreadable)
+    grouped = _unreadable(_llama_dir(tmp_path, tiny_dir, "grouped", heads // 2), tmp_path / "grouped-broken")
+    code, err = run(["prune", grouped, *ratio, *common, "--kv-ratio", "0.25", "--out", tmp_path / "o"])
+    assert code == 2 and "kv-ratio" not in " ".join(err) and "safetensors" in " ".join(err).lower(), err
+    assert not (tmp_path / "o").exists()
