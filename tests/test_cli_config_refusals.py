@@ -57,3 +57,31 @@ def test_what_the_config_rules_out_is_refused_before_the_weights_are_read(run, t
     code, err = run(["prune", grouped, *ratio, *common, "--kv-ratio", "0.25", "--out", tmp_path / "o"])
     assert code == 2 and "kv-ratio" not in " ".join(err) and "safetensors" in " ".join(err).lower(), err
     assert not (tmp_path / "o").exists()
+
+
+def test_kv_ratio_goes_through_where_the_config_does_not_rule_grouped_queries_out(run, tmp_path, tiny_dir):  # noqa: F811
+    """A config that leaves the KV heads to its class's default, or a headprune directory saved
+    unpruned (no original config recorded), was refused as having no grouped queries."""
+    import json
+
+    import transformers
+
+    import headprune
+    from hf_tiny import tiny_config
+
+    common = ["--ratio", "0.25", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--kv-ratio", "0.25"]
+    heads = tiny_config("llama").num_attention_heads
+    saved = tmp_path / "saved"
+    model = transformers.LlamaForCausalLM(tiny_config("llama", num_key_value_heads=heads // 2))
+    headprune.save_pruned(model, saved, tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_dir))
+    code, err = run(["prune", saved, *common, "--out", tmp_path / "o1"])
+    assert code == 0, err
+    mistral = tmp_path / "mistral"  # MistralConfig's default: 8 KV heads
+    transformers.MistralForCausalLM(tiny_config("mistral", num_attention_heads=16, num_key_value_heads=8,
+                                                head_dim=4)).save_pretrained(mistral)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(mistral)
+    config = json.loads((mistral / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (mistral / "config.json").write_text(json.dumps(config))
+    code, err = run(["prune", mistral, *common, "--out", tmp_path / "o2"])
+    assert code == 0, err

@@ -274,3 +274,21 @@ def test_a_line_is_said_in_one_write(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Out())
     C._say(Namespace(quiet=False), "rank 1/2:", "collected entropies")
     assert writes == ["rank 1/2: collected entropies\n"]
+
+
+def test_the_number_of_processes_in_the_settings_leaves_a_checkpoint_resumable():
+    """A --distributed run's settings record its processes; a checkpoint written before they did
+    (without the key) was refused on --resume as written with other settings."""
+    import argparse
+
+    import torch
+
+    from headprune.app.commands import collection_fingerprint
+
+    args = argparse.Namespace(model="m", batch_size=8)
+    batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]
+    settings = {"data": "t", "samples": 1, "calibration_tokens": 4}
+    assert (collection_fingerprint(args, batches, settings)
+            == collection_fingerprint(args, batches, {**settings, "distributed": 2}))
+    assert collection_fingerprint(args, batches, settings) != collection_fingerprint(args, batches, {**settings,
+                                                                                                   "samples": 2})

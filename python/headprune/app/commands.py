@@ -177,6 +177,15 @@ def _setup(args, evaluates: bool = False):
     return loaded, batches, held, settings
 
 
+def collection_fingerprint(args, batches, settings: dict) -> dict:
+    """What a collection checkpoint must have been written with to resume: every setting the sums
+    depend on (dtype, device, fused are in ``settings``; the data by its tokens), less
+    ``calibration_tokens`` (a count of what the digest holds) and ``distributed`` (the rank files'
+    own fingerprint holds the number of processes), both absent from older checkpoints."""
+    return {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
+            "settings": {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}}
+
+
 def _processes(args) -> dict:
     """``{"distributed": processes}`` of a ``--distributed`` run (the statistics summed over them),
     else nothing."""
@@ -220,10 +229,7 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     from .. import distributed
 
     t0 = time.perf_counter()
-    # every setting the sums depend on (dtype, device, fused are in settings; the data by its tokens)
-    # (calibration_tokens: a count of what the digest holds, and absent from older checkpoints)
-    fingerprint = {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
-                   "settings": {k: v for k, v in settings.items() if k != "calibration_tokens"}}
+    fingerprint = collection_fingerprint(args, batches, settings)
     many = getattr(args, "distributed", False)
     if many:  # _setup refused a process torchrun did not launch
         distributed.init_from_env()

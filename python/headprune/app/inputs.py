@@ -156,6 +156,6 @@ def _may_group(model_type: str, config: dict) -> bool:
     field = None if adapter is None else adapter.config_kv_heads
     if adapter is not None and field is None:  # a family without grouped queries
         return False
-    kv, heads = config.get(field), config.get("num_attention_heads")
+    kv, heads = config.get(field), config.get("num_attention_heads")  # absent: the class's default decides
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (kv, heads))
-    return not (kv is None or ints and kv >= heads)
+    return not ints or kv < heads

@@ -132,7 +132,7 @@ def input_device(model):
 def execution_device(model, module):
     """Where ``module`` (a submodule of ``model``) computes: its first loaded parameter's device,
     else the device the accelerate hook nearest to it runs the forward on (its own, or an
-    enclosing module's: ``cpu_offload`` hooks the model alone), else :func:`input_device`."""
+    enclosing module's), else :func:`input_device`."""
     import torch
 
     loaded = next((p for p in module.parameters() if not p.is_meta), None)

@@ -107,9 +107,9 @@ def filled_cache(model, batch: int, context: int):
     for site in resolve_sites(model, adapter):
         if not site.block.causal or site.block.kind != "self":
             continue
-        # the site's own float type, on the device its layer computes on (a sharded model spans several;
+        # the site's own float type, on the device its attention computes on (a sharded model spans several;
         # an offloaded layer's weights are on the meta device between forwards)
-        w = site.o.weight.new_empty(0, device=execution_device(model, site.parent))
+        w = site.o.weight.new_empty(0, device=execution_device(model, site.module))
         kv = head_counts(site, adapter)[1]
         k = w.new_zeros(batch, kv, context, head_dim(site, adapter)) if kv else headless_kv(batch, context, w)
         cache.update(k, torch.zeros_like(k), site.depth)
