@@ -85,3 +85,15 @@ def test_kv_ratio_goes_through_where_the_config_does_not_rule_grouped_queries_ou
     (mistral / "config.json").write_text(json.dumps(config))
     code, err = run(["prune", mistral, *common, "--out", tmp_path / "o2"])
     assert code == 0, err
+
+
+def test_eval_refuses_a_teacher_of_another_kind_before_reading_its_weights(run, tmp_path, tiny_dir):  # noqa: F811
+    from hf_tiny import tiny_config
+
+    path = _llama_dir(tmp_path, tiny_dir, "llama", tiny_config("llama").num_attention_heads)
+    code, err = run(["prune", path, "--count", "2", "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed",
+                     "--out", tmp_path / "o"])
+    assert code == 0, err
+    bert = _unreadable(tiny_dir, tmp_path / "bert")
+    code, err = run(["eval", tmp_path / "o", "--teacher", bert, "--quiet", "--no-speed"])
+    assert code == 2 and err[-1].endswith(f"--teacher: {bert} is an encoder model, MODEL a causal one"), err
