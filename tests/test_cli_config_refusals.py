@@ -87,7 +87,11 @@ def test_kv_ratio_goes_through_where_the_config_does_not_rule_grouped_queries_ou
     assert code == 0, err
 
 
-def test_eval_refuses_a_teacher_of_another_kind_before_reading_its_weights(run, tmp_path, tiny_dir):  # noqa: F811
+def test_a_teacher_of_another_kind_or_family_is_refused_before_its_weights_are_read(run, tmp_path, tiny_dir):  # noqa: F811
+    """eval refused a teacher of another kind after loading it, and recover loaded one of another
+    kind or family before the distillation's checks refused it."""
+    import transformers
+
     from hf_tiny import tiny_config
 
     path = _llama_dir(tmp_path, tiny_dir, "llama", tiny_config("llama").num_attention_heads)
@@ -95,5 +99,18 @@ def test_eval_refuses_a_teacher_of_another_kind_before_reading_its_weights(run, 
                      "--out", tmp_path / "o"])
     assert code == 0, err
     bert = _unreadable(tiny_dir, tmp_path / "bert")
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(tiny_config("gpt2")).save_pretrained(gpt2)
+    transformers.AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(gpt2)
+    gpt2 = _unreadable(gpt2, tmp_path / "gpt2-broken")
     code, err = run(["eval", tmp_path / "o", "--teacher", bert, "--quiet", "--no-speed"])
     assert code == 2 and err[-1].endswith(f"--teacher: {bert} is an encoder model, MODEL a causal one"), err
+    code, err = run(["eval", tmp_path / "o", "--teacher", gpt2, "--quiet", "--no-speed"])
+    assert code == 2 and err[-1].endswith(f"--teacher: {gpt2}: a gpt2 model cannot teach a llama student; pass the "
+                                          "unpruned model MODEL was pruned from"), err
+    code, err = run(["recover", tmp_path / "o", "--teacher", bert, "--steps", "1", "--quiet", "--out", tmp_path / "r"])
+    assert code == 2 and err[-1].endswith(f"--teacher: {bert} is an encoder model, DIR a causal one"), err
+    code, err = run(["recover", tmp_path / "o", "--teacher", gpt2, "--steps", "1", "--quiet", "--out", tmp_path / "r"])
+    assert code == 2 and err[-1].endswith(f"--teacher: {gpt2}: a gpt2 model cannot teach a llama student; pass the "
+                                          "unpruned model DIR was pruned from"), err
+    assert not (tmp_path / "r").exists()

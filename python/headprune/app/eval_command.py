@@ -12,8 +12,8 @@ from typing import Optional
 from . import commands as C
 from . import evaluate as E
 from . import texts
-from .inputs import check_teacher, load_as, text_inputs
-from .load import SAVE_TYPES, a_kind, load_model, stored_type_name
+from .inputs import check_teacher, load_as, teacher_refusals, text_inputs
+from .load import SAVE_TYPES, load_model, stored_type_name
 from .locate import locate, prune_folder
 from .report import number, to_json
 
@@ -151,11 +151,8 @@ def _named_teacher(folder, report, unread: Optional[Exception]) -> Optional[tupl
 def _load(args, spec: str, loaded, held: list, bundled: bool = False):
     """The teacher, of MODEL's kind, tokenizer, family and class: another tokenizer reads the
     held-out text as other tokens, another model's outputs do not compare."""
-    def same_kind(kind: str, model_type: str, config: dict) -> None:  # before the teacher's weights are read
-        if kind != loaded.kind:
-            raise ValueError(f"--teacher: {spec} is {a_kind(kind)} model, MODEL {a_kind(loaded.kind)} one")
-
     teacher = load_as("--teacher" if args.teacher else "the unpruned model", spec, device=args.device,
-                      dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled, check=same_kind)
+                      dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled,
+                      check=teacher_refusals(spec, loaded, named=args.teacher is None))
     check_teacher(spec, teacher, loaded, named=args.teacher is None, sample=held[:8])
     return teacher

@@ -59,8 +59,7 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
     from ..hf.training import check_teacher as check_models
     from .evaluate import FIDELITY_TOKENS, max_positions, perplexity_window
 
-    who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
-    advice = f"pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from"
+    who, lead, advice = _teacher_words(spec, model, named)
     theirs, ours = teacher.tokenizer.get_vocab(), loaded.tokenizer.get_vocab()
     if theirs != ours:
         raise ValueError(f"{who} has another tokenizer than {model} ({len(theirs):,} tokens against "
@@ -83,8 +82,33 @@ def check_teacher(spec: str, teacher, loaded, model: str = "MODEL", named: bool 
     try:  # another family, class or labels: the distillation's refusal, and eval's
         check_models(loaded.model, teacher.model)
     except ValueError as e:
-        lead = f"{model}/report.json names {spec} as the unpruned model, but" if named else f"--teacher: {spec}:"
         raise ValueError(f"{lead} {str(e).removeprefix('teacher: ')}; {advice}") from None
+
+
+def _teacher_words(spec: str, model: str, named: bool) -> tuple:
+    """``(who, lead, advice)``: how a refusal of the teacher ``spec`` names it and what it advises."""
+    who = f"{model}/report.json names {spec} as the unpruned model, which" if named else f"--teacher: {spec}"
+    lead = f"{model}/report.json names {spec} as the unpruned model, but" if named else f"--teacher: {spec}:"
+    return who, lead, f"pass {'--teacher, ' if named else ''}the unpruned model {model} was pruned from"
+
+
+def teacher_refusals(spec: str, loaded, model: str = "MODEL", named: bool = False):
+    """``check`` for the teacher's :func:`~headprune.app.load.load_model`: one of another kind or
+    family than ``loaded`` (the model it teaches or is compared with), refused from its config
+    before its weights are read (the family as the distillation's refusal says it)."""
+    from ..hf.adapters import get_adapter
+    from .load import a_kind
+
+    family = get_adapter(loaded.model).model_type
+    _, lead, advice = _teacher_words(spec, model, named)
+
+    def check(kind: str, model_type: str, config: dict) -> None:
+        if kind != loaded.kind:
+            raise ValueError(f"--teacher: {spec} is {a_kind(kind)} model, {model} {a_kind(loaded.kind)} one")
+        if model_type != family:
+            raise ValueError(f"{lead} a {model_type} model cannot teach a {family} student; {advice}")
+
+    return check
 
 
 def load_as(arg: str, spec: str, **kw) -> Loaded:

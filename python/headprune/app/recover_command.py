@@ -18,7 +18,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
-from .inputs import check_teacher, load_as, model_inputs, refuse_inside_out, text_inputs
+from .inputs import check_teacher, load_as, model_inputs, refuse_inside_out, teacher_refusals, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, round_to_saved, tokenizer_as_loaded
 from .locate import prune_folder
 from .report import finite, number, sequences_text, validation_sentence
@@ -223,10 +223,10 @@ def recover(args) -> int:
     _check_checkpoint(args)
     stage = C.Stages(args)
     with stage("loading the unpruned and the pruned model", "load"):
-        teacher = _teacher(args, teacher_spec, bundled=not args.teacher and bundled)
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
+        teacher = _teacher(args, teacher_spec, student, bundled=not args.teacher and bundled)
         _check_distils(args, teacher_spec, teacher, student)  # distilled toward
         check_saved_type(args, student, _saved_dtype(prune_report["settings"], student), recovering=True)
         batches, paragraphs, used = _batches(args, student, prune_report["settings"])
@@ -314,11 +314,13 @@ def _check_resumable(args, student, teacher, split: tuple) -> None:
                  arg="--checkpoint")
 
 
-def _teacher(args, spec: str, bundled: bool = False):
-    """The unpruned model; one named by report.json that is not found here points to --teacher."""
+def _teacher(args, spec: str, student, bundled: bool = False):
+    """The unpruned model (one of another kind or family than ``student`` refused before its
+    weights are read); one named by report.json that is not found here points to --teacher."""
     try:
         return load_as("--teacher" if args.teacher else "the unpruned model", spec, device=args.device,
-                       dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled)
+                       dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled,
+                       check=teacher_refusals(spec, student, "DIR", named=not args.teacher))
     except FileNotFoundError as e:
         if args.teacher:
             raise
