@@ -114,3 +114,18 @@ def test_a_teacher_of_another_kind_or_family_is_refused_before_its_weights_are_r
     assert code == 2 and err[-1].endswith(f"--teacher: {gpt2}: a gpt2 model cannot teach a llama student; pass the "
                                           "unpruned model DIR was pruned from"), err
     assert not (tmp_path / "r").exists()
+    # named by the report, not by --teacher: said so, with the advice to pass --teacher
+    import json
+
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    (tmp_path / "o" / "report.json").write_text(json.dumps({**report, "model_path": str(bert)}))
+    code, err = run(["recover", tmp_path / "o", "--steps", "1", "--quiet", "--out", tmp_path / "r"])
+    assert code == 2 and err[-1].endswith(f"DIR/report.json names {bert} as the unpruned model, which is an encoder "
+                                          "model, DIR a causal one; pass --teacher, the unpruned model DIR was pruned "
+                                          "from"), err
+    # a teacher that is not there is said before the pruned model's weights are read (unreadable here)
+    for f in (tmp_path / "o" / "model").glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    code, err = run(["recover", tmp_path / "o", "--teacher", tmp_path / "nowhere", "--steps", "1", "--quiet",
+                     "--out", tmp_path / "r"])
+    assert code == 2 and "--teacher: " in err[-1] and "nowhere" in err[-1] and "safetensors" not in err[-1], err

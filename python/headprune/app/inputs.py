@@ -100,11 +100,12 @@ def teacher_refusals(spec: str, loaded, model: str = "MODEL", named: bool = Fals
     from .load import a_kind
 
     family = get_adapter(loaded.model).model_type
-    _, lead, advice = _teacher_words(spec, model, named)
+    who, lead, advice = _teacher_words(spec, model, named)
 
     def check(kind: str, model_type: str, config: dict) -> None:
         if kind != loaded.kind:
-            raise ValueError(f"--teacher: {spec} is {a_kind(kind)} model, {model} {a_kind(loaded.kind)} one")
+            raise ValueError(f"{who} is {a_kind(kind)} model, {model} {a_kind(loaded.kind)} one"
+                             + (f"; {advice}" if named else ""))
         if model_type != family:
             raise ValueError(f"{lead} a {model_type} model cannot teach a {family} student; {advice}")
 

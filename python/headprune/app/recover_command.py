@@ -20,7 +20,7 @@ from . import texts
 from .arguments import RECOVER_VALIDATION
 from .inputs import check_teacher, load_as, model_inputs, refuse_inside_out, teacher_refusals, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, round_to_saved, tokenizer_as_loaded
-from .locate import prune_folder
+from .locate import locate, prune_folder
 from .report import finite, number, sequences_text, validation_sentence
 
 #: the report's quality columns, in order
@@ -220,9 +220,9 @@ def recover(args) -> int:
     read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
     refuse_inside_out(out, args.checkpoint, "--checkpoint")
-    _check_checkpoint(args)
+    _check_checkpoint(args, teacher_spec, not args.teacher and bundled)
     stage = C.Stages(args)
-    with stage("loading the unpruned and the pruned model", "load"):
+    with stage("loading the pruned and the unpruned model", "load"):
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
         if student.tokenizer is None:
             raise ValueError(f"DIR: {src / 'model'} has no tokenizer files")
@@ -290,9 +290,11 @@ def _saved_dtype(settings: dict, loaded) -> str:
     return "float32"
 
 
-def _check_checkpoint(args) -> None:
-    """Before both models load: a --checkpoint that is no recovery's (the teacher's weights, say),
-    or one that holds more steps than --steps asks for."""
+def _check_checkpoint(args, teacher_spec: str, bundled: bool) -> None:
+    """Before both models load: a teacher that is not there (``bundled``: its name means the
+    bundled model), a --checkpoint that is no recovery's (the teacher's weights, say), or one
+    that holds more steps than --steps asks for."""
+    _teacher(args, teacher_spec, None, bundled=bundled)
     from ..hf.training import checkpoint_steps, refuse_other_kind
 
     refuse_other_kind(args.checkpoint, flag="--checkpoint")
@@ -316,8 +318,12 @@ def _check_resumable(args, student, teacher, split: tuple) -> None:
 
 def _teacher(args, spec: str, student, bundled: bool = False):
     """The unpruned model (one of another kind or family than ``student`` refused before its
-    weights are read); one named by report.json that is not found here points to --teacher."""
+    weights are read; ``student`` None: only found, nothing read, before the student loads); one
+    named by report.json that is not found here points to --teacher."""
     try:
+        if student is None:
+            locate(spec, bundled=bundled, arg="--teacher" if args.teacher else "the unpruned model")
+            return None
         return load_as("--teacher" if args.teacher else "the unpruned model", spec, device=args.device,
                        dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled,
                        check=teacher_refusals(spec, student, "DIR", named=not args.teacher))
