@@ -157,6 +157,10 @@ def refuse_inside_out(out: Path, path, flag: str) -> None:
     atomic.check_folder(path, flag)  # a file where its folder would be, a folder this process cannot write in
 
 
+#: why --kv-ratio has nothing to remove on a model without grouped queries
+NO_GROUPS = "the model has no grouped queries; every KV head goes with its query head"
+
+
 def config_refusals(args):
     """``check`` for :func:`~headprune.app.load.load_model`: the options a model's config rules out,
     refused before its weights are read (they were refused after loading them)."""
@@ -167,7 +171,7 @@ def config_refusals(args):
         if getattr(args, "generated", 0) and kind != "causal":
             raise ValueError(f"--generated: sampling calibration text needs a causal LM, not {args.model} ({kind})")
         if getattr(args, "kv_ratio", None) and not _may_group(model_type, config):
-            raise ValueError("--kv-ratio: the model has no grouped queries; every KV head goes with its query head")
+            raise ValueError(f"--kv-ratio: {NO_GROUPS}")
 
     return check
 
@@ -178,9 +182,9 @@ def _may_group(model_type: str, config: dict) -> bool:
     from ..hf.adapters import ADAPTERS
 
     adapter = ADAPTERS.get(model_type)
-    field = None if adapter is None else adapter.config_kv_heads
-    if adapter is not None and field is None:  # a family without grouped queries
+    if adapter is not None and adapter.config_kv_heads is None:  # a family without grouped queries
         return False
-    kv, heads = config.get(field), config.get("num_attention_heads")  # absent: the class's default decides
+    kv = None if adapter is None else config.get(adapter.config_kv_heads)  # absent: the class's default decides
+    heads = config.get("num_attention_heads")
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (kv, heads))
     return not ints or kv < heads

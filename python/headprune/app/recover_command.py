@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -219,8 +220,7 @@ def recover(args) -> int:
     data = _data_spec(args, prune_report["settings"])
     read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
     C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
-    refuse_inside_out(out, args.checkpoint, "--checkpoint")
-    _check_checkpoint(args, teacher_spec, not args.teacher and bundled)
+    _check_before_load(args, out, teacher_spec, not args.teacher and bundled)
     stage = C.Stages(args)
     with stage("loading the pruned and the unpruned model", "load"):
         student = load_model(str(src / "model"), device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS))
@@ -290,13 +290,15 @@ def _saved_dtype(settings: dict, loaded) -> str:
     return "float32"
 
 
-def _check_checkpoint(args, teacher_spec: str, bundled: bool) -> None:
-    """Before both models load: a teacher that is not there (``bundled``: its name means the
-    bundled model), a --checkpoint that is no recovery's (the teacher's weights, say), or one
-    that holds more steps than --steps asks for."""
-    _teacher(args, teacher_spec, None, bundled=bundled)
+def _check_before_load(args, out: Path, teacher_spec: str, bundled: bool) -> None:
+    """Before both models load: a --checkpoint that is no file path or inside ``out``, a teacher
+    that is not there (``bundled``: its name means the bundled model), a --checkpoint that is no
+    recovery's (the teacher's weights, say) or that holds more steps than --steps asks for."""
     from ..hf.training import checkpoint_steps, refuse_other_kind
 
+    refuse_inside_out(out, args.checkpoint, "--checkpoint")
+    with _teacher_found(args) as arg:
+        locate(teacher_spec, bundled=bundled, arg=arg)
     refuse_other_kind(args.checkpoint, flag="--checkpoint")
     held = None if args.checkpoint is None or args.steps is None else checkpoint_steps(args.checkpoint)
     if held is not None and held > args.steps:
@@ -318,15 +320,18 @@ def _check_resumable(args, student, teacher, split: tuple) -> None:
 
 def _teacher(args, spec: str, student, bundled: bool = False):
     """The unpruned model (one of another kind or family than ``student`` refused before its
-    weights are read; ``student`` None: only found, nothing read, before the student loads); one
-    named by report.json that is not found here points to --teacher."""
-    try:
-        if student is None:
-            locate(spec, bundled=bundled, arg="--teacher" if args.teacher else "the unpruned model")
-            return None
-        return load_as("--teacher" if args.teacher else "the unpruned model", spec, device=args.device,
-                       dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled,
+    weights are read)."""
+    with _teacher_found(args) as arg:
+        return load_as(arg, spec, device=args.device, dtype=args.dtype, accept=tuple(C.DEFAULTS), bundled=bundled,
                        check=teacher_refusals(spec, student, "DIR", named=not args.teacher))
+
+
+@contextmanager
+def _teacher_found(args):
+    """The name refusals give the teacher; one named by report.json that is not found here
+    points to --teacher."""
+    try:
+        yield "--teacher" if args.teacher else "the unpruned model"
     except FileNotFoundError as e:
         if args.teacher:
             raise

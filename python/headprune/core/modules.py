@@ -138,10 +138,9 @@ def execution_device(model, module):
     loaded = next((p for p in module.parameters() if not p.is_meta), None)
     if loaded is not None:
         return loaded.device
-    name = next((n for n, m in model.named_modules() if m is module), None)
-    parts = [] if name is None else name.split(".") if name else []
+    name = next((n for n, m in model.named_modules() if m is module), "")
     chain = [model]
-    for part in parts:
+    for part in name.split(".") if name else ():
         chain.append(getattr(chain[-1], part))
     for m in reversed(chain):
         device = _execution_device(getattr(m, "_hf_hook", None))

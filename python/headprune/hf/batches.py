@@ -11,8 +11,8 @@ import torch
 
 from ..core.modules import input_device
 
-__all__ = ["check_batches", "check_batch", "check_ids", "batch_rows", "forward_kwargs", "progress", "skip",
-           "sequence_digests"]
+__all__ = ["batch_on_device", "check_batches", "check_batch", "check_ids", "batch_rows", "forward_kwargs", "progress",
+           "skip", "sequence_digests"]
 
 
 def check_batches(batches) -> None:
@@ -98,7 +98,7 @@ def _check_positions(model, batch, name: str) -> None:
     table numbers them: ``position_ids`` where given (OPT's offset added), else the sequence's
     tokens: RoBERTa's table numbers those that are not its padding id, OPT's those its attention
     mask keeps, the others every one (:func:`~.speed.position_tables`)."""
-    from .speed import position_tables
+    from .speed import position_tables, table_positions
 
     tokens = next((v for k, v in batch.items() if k in ("input_ids", "inputs_embeds")
                    and isinstance(v, torch.Tensor) and v.dim() >= 2), None)
@@ -118,17 +118,23 @@ def _check_positions(model, batch, name: str) -> None:
                 used = int((mask != 0).sum(1).max())
             else:
                 used = tokens.shape[1]
-            limit, what = rows - max(offset, -1 if pad is None else pad + 1), f"sequences of {used} tokens are"
+            limit, what = table_positions(rows, offset, pad), f"sequences of {used} tokens are"
         if used > limit:
             raise ValueError(f"{name}: {what} more than the {limit} learned positions this model takes; tokenise "
                              "with truncation to that length")
 
 
-def forward_kwargs(model, batch) -> dict:
+def batch_on_device(model, batch) -> dict:
+    """``batch`` checked (:func:`check_inputs_of`, :func:`check_vocabulary`), its tensors where
+    the model's inputs go."""
     check_inputs_of(batch)
     check_vocabulary(model, batch)
     device = input_device(model)
-    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def forward_kwargs(model, batch) -> dict:
+    kw = batch_on_device(model, batch)
     params = inspect.signature(model.forward).parameters
     if "use_cache" in params and "use_cache" not in kw:
         kw["use_cache"] = False  # a KV cache would only cost memory here

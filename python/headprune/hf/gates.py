@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from .adapters import check_layout, get_adapter, head_counts, head_dim, resolve_sites
-from ..core.modules import check_module, compiled_over, eval_mode, input_device, uncompiled
+from ..core.modules import check_module, compiled_over, eval_mode, execution_device, uncompiled
 
 __all__ = ["HeadGates", "frozen", "gates"]
 
@@ -199,9 +199,8 @@ def gates(model, init: float = 1.0, *, per_example: bool = False,
     if values is not None:
         handle._gate = handle._checked("values", values)
     elif not per_example:
-        w = sites[0].o.weight  # (offloaded by accelerate: on the meta device, the forward's elsewhere)
-        handle._gate = torch.full(handle.shape, float(init), dtype=_default_dtype(w),
-                                  device=input_device(model) if w.is_meta else w.device, requires_grad=True)
+        handle._gate = torch.full(handle.shape, float(init), dtype=_default_dtype(sites[0].o.weight),
+                                  device=execution_device(model, sites[0].o), requires_grad=True)
     with ExitStack() as stack:
         for site in sites:
             hook = _pre_hook(handle, site.index, dims[site.index], fill)

@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.modules import input_device
 from .adapters import get_adapter
-from .batches import check_inputs_of, check_vocabulary
+from .batches import batch_on_device
 from .gates import frozen, gates
 from .training import check_inputs
 
@@ -56,10 +55,7 @@ def _contrastive_loss(model, batch) -> torch.Tensor:
 def _loss(model, batch, causal: bool) -> torch.Tensor:
     if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
         raise ValueError("batches: gradient importance takes text batches, dicts with input_ids and attention_mask")
-    check_inputs_of(batch)
-    check_vocabulary(model, batch)
-    device = input_device(model)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = batch_on_device(model, batch)
     if causal:
         valid = batch["attention_mask"] != 0  # a token to predict from the one before it, both real
         if not bool((valid[:, 1:] & valid[:, :-1]).any()):  # the loss NaN (or of padding), its gradients 0

@@ -60,12 +60,18 @@ def position_tables(model) -> list:
             if isinstance(module, torch.nn.Embedding) and name.rpartition(".")[2] in _POSITION_TABLES]
 
 
+def table_positions(rows: int, offset: int, padding_idx: Optional[int]) -> int:
+    """The positions a table of :func:`position_tables` numbers: its rows less those its offset
+    or padding row skips (OPT's 2, RoBERTa's ``padding_idx + 1``)."""
+    return rows - max(offset, -1 if padding_idx is None else padding_idx + 1)
+
+
 def position_limit(model) -> Optional[int]:
     """The most positions a model with a learned absolute position table can take (the
     table's rows less the ones its offset or padding row skips: OPT's 2, RoBERTa's
     ``padding_idx + 1``), or ``None`` for rotary, relative and ALiBi positions, which have
     no table to run past (beyond the trained length they still compute, as fast)."""
-    limits = [rows - max(offset, -1 if pad is None else pad + 1) for rows, offset, pad in position_tables(model)]
+    limits = [table_positions(*table) for table in position_tables(model)]
     return min(limits) if limits else None
 
 
