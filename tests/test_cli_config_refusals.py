@@ -50,7 +50,7 @@ def test_what_the_config_rules_out_is_refused_before_the_weights_are_read(run, t
     heads = tiny_config("llama").num_attention_heads
     plain = _unreadable(_llama_dir(tmp_path, tiny_dir, "plain", heads), tmp_path / "plain-broken")
     code, err = run(["prune", plain, *ratio, *common, "--kv-ratio", "0.25", "--out", tmp_path / "o"])
-    assert code == 2 and err == ["headprune prune: error: --kv-ratio: the model has no grouped queries; every KV head goes "
+    assert code == 2 and err == [f"headprune prune: error: --kv-ratio: {plain} has no grouped queries; every KV head goes "
                                  "with its query head"], err
     # grouped queries: the config allows --kv-ratio, so the weights are read (and found unreadable)
     grouped = _unreadable(_llama_dir(tmp_path, tiny_dir, "grouped", heads // 2), tmp_path / "grouped-broken")

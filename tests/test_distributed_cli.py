@@ -292,3 +292,17 @@ def test_the_number_of_processes_in_the_settings_leaves_a_checkpoint_resumable()
             == collection_fingerprint(args, batches, {**settings, "distributed": 2}))
     assert collection_fingerprint(args, batches, settings) != collection_fingerprint(args, batches, {**settings,
                                                                                                    "samples": 2})
+
+
+def test_warnings_are_said_by_the_writing_rank_only(monkeypatch, capsys):
+    """Every rank of a --distributed run printed the same warnings (the short text, --eval-paragraphs
+    above the held-out paragraphs), as many times as there were processes."""
+    import headprune.app.commands as C
+    import headprune.distributed as D
+
+    monkeypatch.setattr(D, "rank_world", lambda group=None: (1, 2))
+    C._warn("the held-out text is short")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(D, "rank_world", lambda group=None: (0, 2))
+    C._warn("the held-out text is short")
+    assert capsys.readouterr().err == "headprune: warning: the held-out text is short\n"

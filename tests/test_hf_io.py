@@ -137,7 +137,9 @@ def test_missing_metadata_is_named(tmp_path):
     with pytest.raises(TypeError, match="path: expected a directory"):
         save_pruned(tiny_model("bert"), 3)
     for bad, message in [("abc", "settings: expected a dict or None, got str"),
-                         ({"steps": torch.tensor(3)}, "settings: expected values JSON can hold")]:
+                         ({"steps": torch.tensor(3)}, "settings: expected values JSON can hold"),
+                         ({"loss": float("nan")}, r"settings: expected values JSON can hold \(settings\['loss'\] = nan is not"),
+                         ({"runs": [1, float("inf")]}, r"can hold \(settings\['runs'\]\[1\] = inf is not a finite")]:
         with pytest.raises(TypeError, match=message):
             save_pruned(tiny_model("bert"), tmp_path / "m", settings=bad)
         assert not (tmp_path / "m").exists()

@@ -45,7 +45,8 @@ def _say(args, *msg, end="\n"):
 
 
 def _warn(message: str) -> None:
-    print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
+    if _is_writer():  # under --distributed every rank would say the same
+        print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
 
 
 def model_path(model: str) -> dict:
@@ -137,15 +138,15 @@ def _setup(args, evaluates: bool = False):
     """Model, calibration batches and held-out paragraphs for a command (one that ``evaluates``
     them warns when they are too few: :func:`warn_thin`)."""
     parts, held = texts.load_split(args.data)
-    asked = getattr(args, "eval_paragraphs", None) if evaluates else None
-    if asked and asked > len(held):  # before the work: every paragraph is evaluated, fewer than asked
-        _warn(f"--eval-paragraphs: {asked} asked, the held-out part of {args.data or texts.DEFAULT_TEXT} has "
-              f"{len(held)}; all {len(held)} are evaluated")
     plots.check_available(args.command)  # the picture is drawn last: not after all the work
     if getattr(args, "distributed", False):  # before the model loads: the backend and this rank's GPU
         from ..distributed import join
 
         args.device = join(args.device)
+    asked = getattr(args, "eval_paragraphs", None) if evaluates else None
+    if asked and asked > len(held):  # before the work: every paragraph is evaluated, fewer than asked
+        _warn(f"--eval-paragraphs: {asked} asked, the held-out part of {args.data or texts.DEFAULT_TEXT} has "
+              f"{len(held)}; all {len(held)} are evaluated")
     t0 = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, accept=tuple(DEFAULTS),
                         check=config_refusals(args))

@@ -157,8 +157,9 @@ def refuse_inside_out(out: Path, path, flag: str) -> None:
     atomic.check_folder(path, flag)  # a file where its folder would be, a folder this process cannot write in
 
 
-#: why --kv-ratio has nothing to remove on a model without grouped queries
-NO_GROUPS = "the model has no grouped queries; every KV head goes with its query head"
+def no_groups(model) -> str:
+    """Why --kv-ratio has nothing to remove on ``model`` (as MODEL names it): no grouped queries."""
+    return f"{model} has no grouped queries; every KV head goes with its query head"
 
 
 def config_refusals(args):
@@ -171,7 +172,7 @@ def config_refusals(args):
         if getattr(args, "generated", 0) and kind != "causal":
             raise ValueError(f"--generated: sampling calibration text needs a causal LM, not {args.model} ({kind})")
         if getattr(args, "kv_ratio", None) and not _may_group(model_type, config):
-            raise ValueError(f"--kv-ratio: {NO_GROUPS}")
+            raise ValueError(f"--kv-ratio: {no_groups(args.model)}")
 
     return check
 

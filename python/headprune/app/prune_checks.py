@@ -8,7 +8,7 @@ import math
 
 from ..ranking import default_allocation
 from . import commands as C
-from .inputs import NO_GROUPS, refuse_inside_out
+from .inputs import no_groups, refuse_inside_out
 from .recover_command import check_recovery
 from .sweep import check_removal_options, refit_bias_of, removal_of
 
@@ -140,7 +140,7 @@ def check_model(args, loaded) -> None:
         cfg = loaded.model.config  # a pruned layout keeps the original config where no config can express it
         was = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) < cfg.num_attention_heads
         raise ValueError("--kv-ratio: " + ("the model's pruning gave every query head its own KV head (--gqa query "
-                                           "repeats them), so no group is left to remove" if was else NO_GROUPS))
+                                           "repeats them), so no group is left to remove" if was else no_groups(args.model)))
     if getattr(args, "uniform", False) and args.gqa == "query" and grouped:
         raise ValueError("--gqa query: a --uniform layout keeps every KV group even (a config declares one layout); "
                          "drop --gqa query")  # it was taken as even layouts, and recorded as query

@@ -47,7 +47,7 @@ def save_pruned(
 ) -> None:
     """Write ``model`` (pruned or not; compiled: the model inside) to the directory ``path``:
     safetensors weights, the config, the tokenizer if given, and ``headprune.json`` (kept heads,
-    scores, settings). ``path`` must be new or empty unless ``overwrite`` (which replaces it); a symbolic link is
+    scores, ``settings``: a dict of values strict JSON holds, no NaN or infinity). ``path`` must be new or empty unless ``overwrite`` (which replaces it); a symbolic link is
     refused, not followed. Everything is written to a temporary sibling directory that then
     takes ``path``'s place in one step (:class:`headprune.atomic.Staged`), so ``path`` holds
     the old directory or the new one at every instant, even if the process is killed; the

@@ -10,8 +10,10 @@ meta device.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from typing import Optional
 
 import torch
 
@@ -241,9 +243,19 @@ def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> N
         if not isinstance(settings, dict):
             raise TypeError(f"settings: expected a dict or None, got {type(settings).__name__}")
         try:
-            json.dumps(settings)
+            json.dumps(settings, allow_nan=False)  # NaN and Infinity are not JSON: strict parsers refuse them
         except (TypeError, ValueError) as e:
-            raise TypeError(f"settings: expected values JSON can hold ({e})") from None
+            where = _not_finite(settings, "settings")
+            raise TypeError(f"settings: expected values JSON can hold "
+                            f"({f'{where} is not a finite number' if where else e})") from None
+
+
+def _not_finite(value, where: str) -> Optional[str]:
+    """Where in ``value`` (dicts and lists within) a float that is not finite lies, else ``None``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} = {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return next((w for k, v in items if (w := _not_finite(v, f"{where}[{k!r}]"))), None)
 
 
 def refuse_plain_loaded(model, counts: list) -> None:
