@@ -40,7 +40,8 @@ def model_args(p: argparse.ArgumentParser, *, saves: bool = False) -> None:
     g = p.add_argument_group("model")
     g.add_argument("model", metavar="MODEL",
                    help=f"a bundled name ({', '.join(BUNDLED_MODELS)}; pip packages that ship the weights), a .gguf "
-                        "file (or a folder holding one), a Hugging Face model directory, or a directory written by headprune prune")
+                        "file (or a folder holding one), a Hugging Face model directory, the id of a model repository (owner/name) "
+                        "in the local Hugging Face cache (nothing is downloaded), or a directory written by headprune prune")
     g.add_argument("--device", type=device, default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute in this float type (default: float32" + (

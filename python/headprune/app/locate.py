@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +45,8 @@ def locate(spec: str, *, bundled: bool = False, arg: str = "MODEL") -> tuple:
     path = model_dir(spec)
     if not path.exists():
         raise FileNotFoundError(
-            f"{arg}: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file or a directory")
+            f"{arg}: {spec!r} is not a bundled name ({', '.join(BUNDLED_MODELS)}), a .gguf file, a directory or a "
+            f"model in the local Hugging Face cache ({hub_cache()}; nothing is downloaded)")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{arg}: {spec!r} is a file but not a .gguf file")
@@ -64,9 +66,40 @@ def locate(spec: str, *, bundled: bool = False, arg: str = "MODEL") -> tuple:
 
 def model_dir(path) -> Path:
     """Where :func:`load_model` reads a model given as the path ``path``: a folder ``prune``
-    wrote is read from its ``model/``, anything else as it is."""
+    wrote is read from its ``model/``, a Hugging Face repository id that is no path here from its
+    snapshot in the local cache (:func:`cached_snapshot`), anything else as it is."""
+    if not os.path.lexists(path) and (snapshot := cached_snapshot(str(path))) is not None:
+        return snapshot
     path = Path(path)
     return path / "model" if prune_folder(path) == path and not os.path.lexists(path / "config.json") else path
+
+
+#: a Hugging Face model repository id: ``name`` or ``owner/name`` (letters, digits, ``-``, ``_``, ``.``)
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def cached_snapshot(spec: str) -> Optional[Path]:
+    """The folder of the local Hugging Face cache's snapshot of the model repository ``spec``
+    (``owner/name``, as ``from_pretrained`` takes it; its ``main`` revision), where one was
+    downloaded before, else ``None``. Only the cache is read: nothing is downloaded."""
+    if not _REPO_ID.fullmatch(spec) or spec.endswith((".", "..")) or ".." in spec:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, not a valid id, no huggingface_hub: no snapshot
+        return None
+
+
+def hub_cache() -> str:
+    """The local Hugging Face cache's folder (``HF_HUB_CACHE``, ``HF_HOME``), for messages."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # noqa: BLE001 - no huggingface_hub
+        return "the Hugging Face cache"
 
 
 def prune_folder(path) -> Optional[Path]:
