@@ -44,41 +44,6 @@ def test_encoder_matches_probabilities(norm_first):
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
-
-@pytest.mark.parametrize("kind", ["-inf", "float32 min", "-1e9", "-1e4"])
-@pytest.mark.parametrize("nested", [True, False])
-def test_a_float_padding_mask_pads_as_the_bool_one(kind, nested):
-    """An additive key-padding mask of float32's minimum (as transformers builds them), or of a
-    finite value such as -1e9 or -1e4, pads as -inf and True do: the encoder's nested fast path
-    drops those positions, and its other path and a lone MultiheadAttention leave their query rows
-    out of the statistics (finite values counted them, 0.13 nats off per head)."""
-    model = encoder()
-    if not nested:
-        model = nn.TransformerEncoder(model.layers[0], 2, enable_nested_tensor=False).eval()
-    x = torch.randn(3, 7, 32) * 3
-    pad = torch.zeros(3, 7, dtype=torch.bool)
-    pad[1, 5:] = True
-    pad[2, 3:] = True
-    fill = {"-inf": float("-inf"), "float32 min": torch.finfo(torch.float32).min, "-1e9": -1e9, "-1e4": -1e4}[kind]
-    additive = torch.zeros(3, 7).masked_fill(pad, fill)
-    with torch.no_grad():
-        want = collect_modules(model, [(x, None, pad)])
-        got = collect_modules(model, [(x, None, additive)])
-    assert torch.equal(got.count, want.count) and got.count[0, 0] == 7 + 5 + 3
-    torch.testing.assert_close(got.entropy, want.entropy, atol=1e-6, rtol=0)
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = model.layers[0].self_attn
-
-        def forward(self, x, kpm):
-            return self.attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
-
-    want, got = collect_modules(M(), [(x, pad)]), collect_modules(M(), [(x, additive)])
-    assert torch.equal(got.count, want.count) and got.count[0, 0] == 7 + 5 + 3
-    torch.testing.assert_close(got.entropy, want.entropy, atol=1e-6, rtol=0)
-
 def test_standalone_mha_with_causal_mask():
     mha = nn.MultiheadAttention(16, 2, batch_first=False).eval()
     x = torch.randn(5, 2, 16)
@@ -110,6 +75,15 @@ def test_masking_is_exact_and_reversible():
     assert not torch.equal(masked, before)
 
 
+class _Lone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, pad):
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+
 def test_errors_are_named():
     with pytest.raises(ValueError, match="model: Linear has no nn.MultiheadAttention"):
         attention_modules(nn.Linear(2, 2))
@@ -117,6 +91,8 @@ def test_errors_are_named():
         collect_modules(encoder(), ["text"])
     with pytest.raises(ValueError, match="heads: layer 0 has 4 heads"):
         mask_modules(encoder(), {0: [4]})
+    with pytest.raises(ValueError, match="batches: every query position is padding"):  # gave NaN entropies
+        collect_modules(_Lone(), [(torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool))])
     from headprune import mask_heads
 
     model = encoder()
@@ -125,14 +101,15 @@ def test_errors_are_named():
         with pytest.raises(ValueError, match="compensate, reconstruct, values: supported for transformers models"):
             mask_heads(model, {0: [1]}, **kw)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    from headprune import collect, kept_heads, prune_heads, save_pruned
+    from headprune import collect, gradient_importance, kept_heads, prune_heads, save_pruned
 
     with pytest.raises(ValueError, match="moments: output statistics and second moments need a transformers model"):
         collect(model, [torch.randn(2, 5, 32)], progress=False, moments=True)  # was dropped without a word
     plain = "model: TransformerEncoder has no transformers config; plain torch models are collected and masked"
-    for call in (lambda: prune_heads(model, {0: [1]}), lambda: kept_heads(model), lambda: save_pruned(model, "x")):
-        with pytest.raises(ValueError, match=plain):  # was "unsupported model_type None"
-            call()
+    for call in (lambda: prune_heads(model, {0: [1]}), lambda: kept_heads(model), lambda: save_pruned(model, "x"),
+                 lambda: gradient_importance(model, [{"input_ids": torch.ones(1, 3, dtype=torch.long)}])):
+        with pytest.raises(ValueError, match=plain):  # was "unsupported model_type None" (gradient importance:
+            call()  # an AttributeError on the model's config)
 
 
 class _Decoder(nn.Module):
@@ -334,6 +311,8 @@ def test_a_decoders_cross_attention_leaves_out_the_padded_target_rows(batch_firs
         want = collect_modules(model, [call(tgt[:2], mem[:2]), call(tgt[2:, :4], mem[2:])])  # no padding at all
     assert got.count[:, 0].tolist() == want.count[:, 0].tolist() == [2 * 6 + 4] * 4
     torch.testing.assert_close(got.entropy, want.entropy, atol=1e-5, rtol=0)
+    assert got.kinds == ["self", "cross"] * 2  # the cross-attention sites were labelled self-attention
+    assert got.block("cross").names == ["layers.0.multihead_attn", "layers.1.multihead_attn"]
 
 
 def test_a_decoder_only_subclass_without_cross_attention_is_collected():

@@ -46,7 +46,7 @@ def _collect_modules(model, batches, method, progress, allow_empty):
     if first is _END and allow_empty and method == "qk":
         return empty_scores(model, method)
     return collect_modules(model, itertools.chain([] if first is _END else [first], it), method=method,
-                           progress=progress)
+                           progress=progress, allow_empty=allow_empty)
 
 
 def collect(

@@ -75,6 +75,7 @@ def gradient_importance(model, batches, *, causal: bool | None = None) -> torch.
     every exit path.
     """
     check_inputs(batches, False, "gradient_importance", model=model)
+    get_adapter(model)  # a plain torch model is refused by name (it has no config)
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"model: gradient importance takes causal LMs and encoders, not {type(model).__name__} "
                          "(encoder-decoder)")

@@ -64,11 +64,10 @@ def _attend_mask(attn_mask, key_padding_mask, batch, heads):
     the op (bool True = attend, or additive float), broadcastable to ``[B, H, Q, K]``."""
     out = None
     if attn_mask is not None:
-        m = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+        m = ~attn_mask if attn_mask.dtype == torch.bool else _additive(attn_mask)
         out = m.view(batch, heads, *m.shape[-2:]) if m.dim() == 3 else m
     if key_padding_mask is not None:
-        kp = key_padding_mask[:, None, None, :]
-        kp = ~kp if kp.dtype == torch.bool else kp
+        kp = ~_padded(key_padding_mask)[:, None, None, :]  # a float mask's non-zero keys are padding, as its rows
         if out is None:
             out = kp
         elif out.dtype == torch.bool and kp.dtype == torch.bool:
@@ -77,6 +76,24 @@ def _attend_mask(attn_mask, key_padding_mask, batch, heads):
             to_add = lambda m: m if m.dtype != torch.bool else torch.zeros(m.shape, device=m.device).masked_fill(~m, float("-inf"))  # noqa: E731
             out = to_add(out) + to_add(kp)
     return out
+
+
+#: an additive mask's value at or below which a key is masked (its probability is zero in
+#: float32 and float64 softmax alike): -1e4, -1e9 and a type's minimum mask as -inf does
+MASKED_FLOOR = -1e4
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """An additive float mask with the keys it masks (:data:`MASKED_FLOOR`) at -inf, so the op
+    leaves them out of a row's key count and first visible key, as it does -inf's."""
+    return mask.masked_fill(mask <= MASKED_FLOOR, float("-inf"))
+
+
+def _unnest(x: torch.Tensor) -> tuple:
+    """A nested ``[B, *, E]`` tensor as a zero-padded one and its padding ``[B, L]`` (True = padded)."""
+    lengths = torch.tensor([t.shape[0] for t in x.unbind()], device=x.device)
+    dense = x.to_padded_tensor(0.0)
+    return dense, torch.arange(dense.shape[1], device=x.device)[None] >= lengths[:, None]
 
 
 def _padded(padding: torch.Tensor) -> torch.Tensor:
@@ -90,14 +107,23 @@ class _Session:
     def __init__(self, model):
         self.sites = attention_modules(model)
         self.stats = [None] * len(self.sites)
-        self.padding = None  # key padding mask captured at nn.TransformerEncoder level
         self.targets = {}  # id(a decoder layer's cross-attention) -> its layer's target padding
+        self.cross = {id(m.multihead_attn) for m in model.modules()  # a decoder-only subclass deletes it
+                      if isinstance(m, nn.TransformerDecoderLayer) and getattr(m, "multihead_attn", None) is not None}
 
     def record(self, i, mha, query, key, attn_mask=None, key_padding_mask=None):
         if mha.bias_k is not None or mha.add_zero_attn:
             raise NotImplementedError(f"{self.sites[i][0]}: add_bias_kv / add_zero_attn are not supported")
         # self-attention: the key padding also marks the padded queries (equal lengths alone do not
         # say so: a decoder's cross-attention to a memory as long as its queries)
+        if query.is_nested or key.is_nested:  # batch-first only; the padding of the keys is the key padding
+            itself = query is key
+            query, qpad = _unnest(query) if query.is_nested else (query, None)
+            key, kpad = (query, qpad) if itself else _unnest(key) if key.is_nested else (key, None)
+            if kpad is not None:
+                key_padding_mask = kpad if key_padding_mask is None else (kpad | _padded(key_padding_mask))
+            if qpad is not None and not itself:
+                self.targets[id(mha)] = qpad
         itself = query is key or (query.shape == key.shape and torch.equal(query, key))
         if query.dim() == 2:  # unbatched input ([L, E], key padding [S]), as torch accepts it
             query, key = query[None], key[None]
@@ -131,18 +157,13 @@ class _Session:
             a = dict(zip(("src", "src_mask", "src_key_padding_mask", "is_causal"), args), **kwargs)
             x, kpm = a["src"], a.get("src_key_padding_mask")
             if x.is_nested:  # the encoder folded the padding into a nested tensor
-                x = x.to_padded_tensor(0.0)
-                kpm = None if self.padding is None else self.padding[:, : x.shape[1]]
+                x, kpm = _unnest(x)  # its own lengths, whether the encoder or the caller nested it
                 x = x if layer.self_attn.batch_first else x.transpose(0, 1)
             x = layer.norm1(x) if layer.norm_first else x
             self.record(i, layer.self_attn, x, x, a.get("src_mask"), kpm)
 
         return hook
 
-    def encoder_hook(self, enc, args, kwargs):
-        a = dict(zip(("src", "mask", "src_key_padding_mask", "is_causal"), args), **kwargs)
-        kpm = a.get("src_key_padding_mask")
-        self.padding = None if kpm is None else _padded(kpm)
 
     def decoder_hook(self, layer, args, kwargs):
         """The target padding of an ``nn.TransformerDecoderLayer``'s call, for its cross-attention,
@@ -160,8 +181,6 @@ class _Session:
     def hooks(self, model):
         handles = []
         try:
-            for enc in (m for m in model.modules() if isinstance(m, nn.TransformerEncoder)):
-                handles.append(enc.register_forward_pre_hook(self.encoder_hook, with_kwargs=True))
             for dec in (m for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)):
                 handles.append(dec.register_forward_pre_hook(self.decoder_hook, with_kwargs=True))
                 handles.append(dec.register_forward_hook(self.decoder_done))
@@ -177,7 +196,8 @@ class _Session:
         mhas = [s[1] for s in self.sites]
         out = HeadScores.empty(
             [m.num_heads for m in mhas], [m.num_heads for m in mhas], [m.head_dim for m in mhas],
-            [s[0] for s in self.sites], ["self"] * len(mhas), model_type="torch", method=method,
+            [s[0] for s in self.sites], ["cross" if id(m) in self.cross else "self" for m in mhas], model_type="torch",
+            method=method,
         )
         for i, st in enumerate(self.stats):
             if st is not None:
@@ -200,10 +220,12 @@ def _refuse_compiled(model: nn.Module, sites: list) -> None:
                                                                         "from the module it compiles (its _orig_mod)"))
 
 
-def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False) -> HeadScores:
+def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False,
+                    allow_empty: bool = False) -> HeadScores:
     """Entropies of every ``nn.MultiheadAttention`` of ``model``, in eval mode (dropout off;
     every module's training flag as it was afterwards). Each batch is a tensor, a tuple of
-    positional arguments, or a dict of keyword arguments for ``model``."""
+    positional arguments, or a dict of keyword arguments for ``model``. Batches that pad every
+    query position are refused unless ``allow_empty`` (a data-parallel rank's share)."""
     if method != "qk":
         raise ValueError(f"method: plain torch models support only 'qk', got {method!r}")
     session = _Session(model)
@@ -220,4 +242,8 @@ def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", 
                 raise TypeError(f"batches: expected tensors, tuples or dicts, got {type(batch).__name__}")
     if all(s is None for s in session.stats):
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
-    return session.scores(method)
+    scores = session.scores(method)
+    if not allow_empty and not int(scores.count.sum()):  # every statistic NaN: refused later, less clearly
+        raise ValueError("batches: every query position is padding (their key padding masks pad every position), "
+                         "so no attention row was recorded")
+    return scores
