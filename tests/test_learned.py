@@ -155,6 +155,26 @@ def test_bad_arguments_are_named(kw, match):
         learn_gates(tiny_model("llama"), _batches(n=1), **kw)
 
 
+def test_protected_layers_stay_open_and_each_layer_holds_its_budget():
+    """One budget held over every head, the layers a selection keeps whole included, put closed
+    gates there and left the layers it prunes with other fractions open than it removes."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    for per_layer in (True, False):
+        r = learn_gates(model, _batches(), ratio=0.5, steps=4, lr=0.5, protect_layers=[0], per_layer=per_layer)
+        assert torch.equal(r.scores[0], torch.full_like(r.scores[0], 3.0))  # untrained: its init
+        opens = open_probability(r.scores[1:]).mean(1)
+        assert r.target_open == 0.5 and r.open_fraction == pytest.approx(0.5, abs=1e-5)
+        assert opens.mean().item() == pytest.approx(0.5, abs=1e-5)
+        if per_layer:
+            assert opens.tolist() == pytest.approx([0.5, 0.5], abs=1e-5)
+    for kw, error, said in (({"protect_layers": [3]}, ValueError, r"protect_layers: expected site indices in \[0, 3\)"),
+                            ({"protect_layers": [0, 1, 2]}, ValueError, "every one of the 3 sites is protected"),
+                            ({"protect_layers": 0}, TypeError, "protect_layers: expected a sequence"),
+                            ({"per_layer": "yes"}, TypeError, "per_layer: expected True or False")):
+        with pytest.raises(error, match=said):
+            learn_gates(model, _batches(n=1), ratio=0.5, steps=1, **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_open_gates_with_a_fill_change_nothing(dtype):
     """At gate 1 the head's own output passes unchanged, bit for bit, whatever the fill."""
@@ -244,6 +264,12 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     assert report["heads_pruned"] == int(0.3 * report["heads_total"])
     assert "0" not in report["pruned_heads"]  # the default's first layer kept whole, as the sweep measures
     assert report["settings"]["protect_layers"] == [0] and "layer 0 kept whole" in report["recipe"]
+    # the gates trained for the budget the selection applied: the first layer's stayed open, and the
+    # others' open fraction is what the selection keeps of them (it was 1 - ratio over every head)
+    learned, first = report["settings"]["learned"], report["settings"]["learned"]["scores"][0]
+    assert first == [3.0] * len(first)
+    others = report["heads_total"] - len(first)
+    assert learned["target_open"] == pytest.approx(1 - report["heads_pruned"] / others)
     code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--score", "learned", "--order", "high",
                                   "--quiet", "--no-speed", "--out", tmp_path / "o3"]])
     assert code != 0 and "--order: learned gates" in capsys.readouterr().err
@@ -289,6 +315,9 @@ def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):
     assert first["heads"][name] == again["heads"][name]
     assert all("0" not in h for h in first["heads"][name])  # layer 0 protected, as the default
     assert [r["steps"] for r in first["learned"][name]] == [3, 3]
+    heads = sum(scores.num_heads[1:])  # the gates of the protected first layer do not train
+    assert [r["target_open"] for r in first["learned"][name]] == pytest.approx(
+        [1 - sum(map(len, h.values())) / heads for h in first["heads"][name]])
     json.dumps(first["recipe_settings"])
     with pytest.raises(ValueError, match="needs the batches"):
         S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes)

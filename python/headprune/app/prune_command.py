@@ -26,7 +26,7 @@ from .recover_command import recover_after_prune, recover_validation, recovers, 
 from .removal_stage import refits_values, remove, remove_zeroed
 from .report import report_markdown, summary_table
 from .sweep import refit_bias_of, removal_kwargs, removal_of
-from .sweep_reach import learned_protection, learned_selection
+from .sweep_reach import learned_budget, learned_protection, learned_selection
 
 
 def prune(args) -> int:
@@ -187,13 +187,10 @@ def _choose(args, stage, loaded, batches, scores, kw: dict, removal: str, settin
     if not C._is_writer() and args.steps == 1:  # (settings["refit_bias"]: after the collection's fingerprint)
         return {}, scores
     settings["refit_bias"] = refit_bias_of(loaded.model, args.uniform, removal, refits_values(args, loaded, removal))
-    if kw.get("score") == "learned":
-        # the budget against the layers the selection may prune, before minutes of training
-        dry = learned_selection(kw, torch.zeros(len(scores.num_heads), max(scores.num_heads)), scores)
-        select_heads(scores, ratio=args.ratio, count=args.count, damping=args.damping,
-                     **{k: v for k, v in dry.items() if k != "scope" or v != "measured"})
+    if kw.get("score") == "learned":  # the budget the selection will apply, checked before minutes of training
+        budget = learned_budget(kw, scores, ratio=args.ratio, count=args.count, damping=args.damping)
         with stage("learning head gates on the calibration text", "learn"):
-            learned = _learn(args, loaded, batches, scores)
+            learned = _learn(args, loaded, batches, scores, budget)
         settings["learned"] = learned.to_dict()
         if learned.stopped == "time_budget" and learned.open_fraction > learned.target_open + 0.05:
             C._warn(f"--learn-seconds: the gates' training stopped at step {learned.steps}, before their open fraction "
@@ -210,17 +207,17 @@ def _learned_protection(kw: dict, scores) -> dict:
     return learned_protection(kw, scores) if kw.get("score") == "learned" else kw
 
 
-def _learn(args, loaded, batches, scores):
-    """``--score learned``: hard-concrete gates trained toward the requested budget."""
+def _learn(args, loaded, batches, scores, budget: dict):
+    """``--score learned``: hard-concrete gates trained toward the selection's budget
+    (:func:`~headprune.app.sweep_reach.learned_budget`)."""
     from ..hf.learned import learn_gates
     from .arguments import LEARN_STEPS
 
-    total = count_units(scores, args.gqa)  # --count counts units
-    ratio = args.ratio if args.ratio is not None else args.count / total
-    if not 0 < ratio < 1:
+    if not 0 < budget["ratio"] < 1:
+        total = count_units(scores, args.gqa)  # --count counts units
         raise ValueError(f"--count: {args.count} of {total} units (heads, or KV groups under --gqa group) leaves no "
                          "budget for learned gates")
-    return learn_gates(loaded.model, list(batches), ratio=ratio, steps=args.learn_steps or LEARN_STEPS,
+    return learn_gates(loaded.model, list(batches), **budget, steps=args.learn_steps or LEARN_STEPS,
                        time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
                        progress=not args.quiet, checkpoint=args.learn_checkpoint,
                        resume=args.learn_checkpoint is not None, seed=args.seed)

@@ -12,7 +12,7 @@ from ..ranking import DEFAULT_GQA, select_heads
 from ..ranking.recipes import default_allocation
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .sweep_reach import check_ratios, learned_selection, random_selection, sequential_heads
+from .sweep_reach import check_ratios, learned_budget, learned_selection, random_selection, sequential_heads
 from .report import number
 from .sweep_table import fraction_text, random_mean
 from .texts import rebatch
@@ -269,7 +269,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     gqa = kw.pop("gqa", config.gqa)
     learned = kw.pop("learned", None)
     if learned is not None:
-        kw = learned_selection(kw, _learned(point, stats, batches, name, ratio, learned, state), stats)
+        budget = learned_budget(kw, stats, ratio=ratio, gqa=gqa, damping=config.damping)  # what the selection removes
+        kw = learned_selection(kw, _learned(point, stats, batches, name, ratio, {**learned, **budget}, state), stats)
     if kw.get("scope") is None:
         kw["scope"] = default_allocation(stats, removal, iterative=iterative, uniform=bool(kw.get("uniform")),
                                          kv_ratio=kw.get("kv_ratio"))
@@ -338,26 +339,27 @@ def refit_only(recipes: dict, removal: str) -> list:
 
 
 def _learned(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):
-    """Learned gate scores for one ratio, trained once and kept in ``state`` (``settings``:
-    :func:`headprune.hf.learned.learn_gates` options, ``"batch_size"``: sequences per step,
-    the calibration batches split to it, ``"cache"``: a dict shared across calls of
+    """Learned gate scores for the sweep's ``ratio``, trained once and kept in ``state`` (``settings``:
+    ``learn_gates`` options, the budget's included (:func:`~.sweep_reach.learned_budget`), ``"batch_size"``:
+    sequences per step, the calibration batches split to it, ``"cache"``: a dict shared across calls of
     :func:`run_sweep` on the same model and batches, e.g. one per evaluation text)."""
     from ..hf.learned import learn_gates
 
-    settings = dict(settings)
+    settings = {**settings, "protect_layers": tuple(settings.get("protect_layers", ()))}  # hashable, for the key
     cache = settings.pop("cache", state.setdefault("_learned", {}))
+    settings["ratio"] = round(settings["ratio"], 9)  # of the heads whose gates train
     # keyed by the model's layout too: a cache shared with another model's sweep trains anew
-    key = (name, round(ratio, 9), tuple(sorted(settings.items())), stats.layout_fingerprint())
+    key = (name, tuple(sorted(settings.items())), stats.layout_fingerprint())
     size = settings.pop("batch_size", None)  # sequences per step: smaller batches, more steps per CPU-minute
     if key not in cache:
         chunks = list(batches) if size is None else rebatch(batches, size)
-        cache[key] = learn_gates(point.loaded.model, chunks, ratio=ratio,
-                                 scores=stats if stats.outputs is not None else None,
+        cache[key] = learn_gates(point.loaded.model, chunks, scores=stats if stats.outputs is not None else None,
                                  progress=not point.config.quiet, **settings)
     r = cache[key]
     state.setdefault("_learned_runs", {}).setdefault(name, []).append(
         {"ratio": ratio, "steps": r.steps, "seconds": r.seconds, "stopped": r.stopped,
-         "open_fraction": r.open_fraction, "loss_first": r.loss_first, "loss_last": r.loss_last})
+         "open_fraction": r.open_fraction, "target_open": r.target_open, "loss_first": r.loss_first,
+         "loss_last": r.loss_last})
     return r.scores
 
 

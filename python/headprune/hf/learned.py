@@ -58,8 +58,9 @@ class LearnedGates:
     """What :func:`learn_gates` learned: ``scores`` (``log_alpha``, ``[sites, max_heads]``
     float64, NaN past a site's heads; higher = more needed), steps in all (a resumed run's
     earlier ones included), seconds of this call, the distillation loss of the first and the
-    last step of this call, the expected fraction of open gates at the end, why it stopped
-    (``"steps"`` or ``"time_budget"``), the step a resumed run began at and the noise's seed."""
+    last step of this call, the expected fraction of the trained gates open at the end and the
+    budget's (``target_open``; protected sites' gates do not train), why it stopped (``"steps"``
+    or ``"time_budget"``), the step a resumed run began at and the noise's seed."""
 
     scores: torch.Tensor
     steps: int
@@ -114,12 +115,19 @@ def _fill(scores) -> Optional[torch.Tensor]:
 def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0.05, warmup: float = 0.3,
                 scores=None, init: float = 3.0, seed: int = 0, time_budget_s: Optional[float] = None,
                 progress: Union[bool, Callable] = False, checkpoint: Optional[Union[str, os.PathLike]] = None,
-                checkpoint_every: int = 10, resume: bool = False) -> LearnedGates:
+                checkpoint_every: int = 10, resume: bool = False, protect_layers: Sequence[int] = (),
+                per_layer: bool = False) -> LearnedGates:
     """Train hard-concrete gates on ``model``'s heads for ``steps`` steps (one calibration
     batch per step, cycling through ``batches``, a list of dicts as the model's forward
     takes them) so that about ``1 - ratio`` of them stay open; see the module doc.
 
     Args:
+        protect_layers: sites (attention-site indices) whose gates stay open and do not train,
+            as the selection keeps them whole: ``ratio`` is of the other sites' heads, and the
+            returned scores of these sites are ``init``.
+        per_layer: hold each trained site's expected open fraction at ``1 - ratio`` (as a
+            selection that spreads the budget evenly over the layers removes), rather than the
+            mean over all trained heads.
         scores: ``HeadScores`` with output statistics (``headprune.collect``): a closed gate
             leaves the head's mean output (as the refit and mean compensation do); ``None``:
             zero, as ``head_mask`` and ``removal="zero"``.
@@ -149,19 +157,37 @@ def learn_gates(model, batches, *, ratio: float, steps: int = 200, lr: float = 0
     if scores is not None:
         check_scores(model, scores)  # of this model as it is: its family, layout, kept heads and weights
     fill = _fill(scores)
-    valid = torch.zeros(len(sites), max(num_heads), dtype=torch.bool)
+    protect, per_layer = _check_budget(protect_layers, per_layer, len(sites))
+    heads = torch.zeros(len(sites), max(num_heads), dtype=torch.bool)
     for i, h in enumerate(num_heads):
-        valid[i, :h] = True
+        heads[i, :h] = True
+    valid = heads.clone()  # the gates that train
+    valid[protect] = False
     params = {"log_alpha": torch.full(valid.shape, float(init), dtype=torch.float32, requires_grad=True)}
     settings = {"ratio": float(ratio), "steps": steps, "lr": float(lr), "warmup": float(warmup), "seed": seed,
                 "fill": f"mean {_digest([fill])}" if fill is not None else "zero", "model": _model_digest(model),
-                "heads": num_heads}
+                "heads": num_heads, **({"protect_layers": protect} if protect else {}),
+                **({"per_layer": True} if per_layer else {})}  # absent by default: earlier checkpoints resume
     ckpt = open_checkpoint(checkpoint, _fingerprint(params, settings, batches, FORMAT), resume, "learned-gates")
     optimizer = torch.optim.Adam([params["log_alpha"]], lr=lr)
     with frozen(model), torch.enable_grad():  # gradients for the gates even when called under no_grad
         opens = (float(open_probability(torch.tensor(float(init)))), 1.0 - float(ratio))
-        return _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, time_budget_s,
-                    progress, ckpt, checkpoint_every, resume, started)
+        return _run(model, batches, params, (valid, heads, per_layer), optimizer, fill, opens, steps, warmup, seed,
+                    time_budget_s, progress, ckpt, checkpoint_every, resume, started)
+
+
+def _check_budget(protect_layers, per_layer, sites: int) -> tuple:
+    """``(sorted protected sites, per_layer)``, checked against the model's ``sites``."""
+    if isinstance(protect_layers, (str, bytes)) or not hasattr(protect_layers, "__iter__"):
+        raise TypeError(f"protect_layers: expected a sequence of site indices, got {type(protect_layers).__name__}")
+    protect = [as_count(i) for i in protect_layers]
+    if any(i is None or i >= sites for i in protect):
+        raise ValueError(f"protect_layers: expected site indices in [0, {sites}), got {list(protect_layers)!r}")
+    if len(set(protect)) == sites:
+        raise ValueError(f"protect_layers: every one of the {sites} sites is protected; no gate is left to train")
+    if not isinstance(per_layer, bool):
+        raise TypeError(f"per_layer: expected True or False, got {type(per_layer).__name__}")
+    return sorted(set(protect)), per_layer
 
 
 def _target(step: int, steps: int, warmup: float, keep: float, start: float) -> float:
@@ -171,9 +197,14 @@ def _target(step: int, steps: int, warmup: float, keep: float, start: float) -> 
 
 
 @torch.no_grad()
-def project(log_alpha: torch.Tensor, valid: torch.Tensor, target: float) -> None:
+def project(log_alpha: torch.Tensor, valid: torch.Tensor, target: float, per_layer: bool = False) -> None:
     """Shift ``log_alpha[valid]`` by the constant that makes the mean open probability
-    ``target`` (bisection: the mean is increasing in the shift)."""
+    ``target`` (bisection: the mean is increasing in the shift); ``per_layer``: each site (row)
+    by its own constant, to its own mean ``target``."""
+    if per_layer:
+        for i in valid.any(1).nonzero().flatten().tolist():
+            project(log_alpha[i], valid[i], target)
+        return
     la = log_alpha[valid].double()
     lo, hi = -60.0 - la.max().item(), 60.0 - la.min().item()
     for _ in range(60):
@@ -185,9 +216,10 @@ def project(log_alpha: torch.Tensor, valid: torch.Tensor, target: float) -> None
     log_alpha[valid] += (lo + hi) / 2
 
 
-def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, seed, budget, progress, ckpt,
+def _run(model, batches, params, gated, optimizer, fill, opens, steps, warmup, seed, budget, progress, ckpt,
          every, resume, t0: float) -> LearnedGates:
     start_open, keep = opens
+    valid, heads, per_layer = gated  # the gates that train; every head's; one budget per site
     done = start = _resume(ckpt, params, optimizer) if resume else 0
     teacher = _Teacher(model, cache=isinstance(batches, Sequence))
     log_alpha = params["log_alpha"]
@@ -206,7 +238,7 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
         distill.backward()
         optimizer.step()
         taken += 1
-        project(log_alpha, valid, _target(taken, steps, warmup, keep, start_open))
+        project(log_alpha, valid, _target(taken, steps, warmup, keep, start_open), per_layer)
         return value
 
     def postfix() -> dict:
@@ -215,7 +247,7 @@ def _run(model, batches, params, valid, optimizer, fill, opens, steps, warmup, s
     done, losses, stopped = _loop(step, batches, steps, done, budget, progress, ckpt, every,
                                   lambda n: ckpt.save(params, optimizer, n),
                                   _bar(progress, done, steps, "headprune: learning gates"), postfix, started=t0)
-    out = log_alpha.detach().double().masked_fill(~valid, math.nan)
+    out = log_alpha.detach().double().masked_fill(~heads, math.nan)  # protected sites: init
     return LearnedGates(out, done, round(time.perf_counter() - t0, 3), losses[0] if losses else math.nan,
                         losses[-1] if losses else math.nan,
                         float(open_probability(log_alpha.detach())[valid].mean()), keep, stopped, start, seed)
