@@ -283,6 +283,18 @@ def test_prune_heads_inside_gates_is_refused():
     headprune.prune_heads(model, {1: [1]})
 
 
+def test_collection_inside_gates_is_refused():
+    """collect and collect_values recorded the gated model (a head at gate 0 with mean output 0),
+    which the refit and compensation then took for the ungated model's statistics."""
+    model, batches = _llama(), _batches(1)
+    with headprune.gates(model):
+        with pytest.raises(ValueError, match=r"^model: is inside a headprune.gates block, whose gates would scale"):
+            headprune.collect(model, batches)
+        with pytest.raises(ValueError, match=r"^model: is inside a headprune.gates block; collect_values after"):
+            headprune.collect_values(model, batches, {1: [1]})
+    headprune.collect(model, batches)
+
+
 def test_pruning_nothing_leaves_the_model_unpruned(tmp_path):
     """prune_heads(m, {}) (select_heads' answer at ratio 0) marked the model as pruned, so
     statistics collected after it were refused as not of the unpruned model."""

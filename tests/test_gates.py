@@ -355,3 +355,45 @@ def test_gradient_importance_of_int32_ids():
     want = gradient_importance(model, [batch])
     got = gradient_importance(model, [{**batch, "input_ids": batch["input_ids"].int()}])
     assert torch.equal(got, want)
+
+
+def test_gradient_importance_passes_segments_and_positions():
+    """gradient_importance called the model with input_ids and attention_mask alone: a batch's
+    token_type_ids (sentence pairs) and position_ids were dropped without a word, where collect
+    and learn_gates pass them on."""
+    from headprune.hf import gates, gradient_importance
+
+    bert = tiny_model("bert", type_vocab_size=2)
+    b = tiny_batch("bert", batch=4, seq=12, pad=False)
+    segments = torch.zeros_like(b["input_ids"])
+    segments[:, 6:] = 1
+    assert not torch.equal(gradient_importance(bert, [{**b, "token_type_ids": segments}]), gradient_importance(bert, [b]))
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    c = tiny_batch("llama", pad=False)
+    positions = torch.arange(c["input_ids"].shape[1]).expand_as(c["input_ids"]) + 7
+    got = gradient_importance(llama, [{**c, "position_ids": positions}])
+    with gates(llama) as g:  # the model's own loss on the same inputs
+        llama(**c, position_ids=positions, labels=c["input_ids"]).loss.backward()
+        want = g.gate.grad.abs().double()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_gradient_importance_of_a_left_padded_sequence_is_the_unpadded_ones():
+    """With left padding the first real token was a target predicted from a padding position."""
+    import transformers
+
+    from headprune.hf import gradient_importance
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_config("llama")).eval()
+    ids = torch.randint(3, 100, (1, 10))
+    padded = {"input_ids": torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1),
+              "attention_mask": torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)}
+    want = gradient_importance(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    torch.testing.assert_close(gradient_importance(model, [padded]), want, rtol=1e-4, atol=1e-7)

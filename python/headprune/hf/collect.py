@@ -31,6 +31,7 @@ from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection, padding_of
+from .gates import gated
 
 __all__ = ["collect", "METHODS"]
 
@@ -122,6 +123,9 @@ def collect(
         raise ValueError("resume: needs a checkpoint path")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint: expected a file path, got {type(checkpoint).__name__}")
+    if hasattr(model, "config") and gated(model):  # a refit or compensation would take them for the ungated model
+        raise ValueError("model: is inside a headprune.gates block, whose gates would scale the output statistics "
+                         "and moments collected; collect after the block ends")
     if not hasattr(model, "config"):
         if checkpoint is not None:
             raise ValueError("checkpoint: resumable collection needs a transformers model")

@@ -27,6 +27,16 @@ from .training import check_inputs
 __all__ = ["gradient_importance"]
 
 
+#: a batch's inputs besides the tokens and their mask that shape what the model computes
+_ALSO = ("token_type_ids", "position_ids")
+
+
+def _also(batch, keep=None) -> dict:
+    """The batch's :data:`_ALSO` inputs (its sequences ``keep``, if given): sentence pairs'
+    segments and given positions reach the model as ``collect`` passes them."""
+    return {k: batch[k] if keep is None else batch[k][keep] for k in _ALSO if batch.get(k) is not None}
+
+
 def _contrastive_loss(model, batch) -> torch.Tensor:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(1)
@@ -37,7 +47,7 @@ def _contrastive_loss(model, batch) -> torch.Tensor:
     pos = mask.cumsum(1) - 1  # the place among the sequence's own tokens, padded left or right
     first = mask.bool() & (pos < (lengths // 2)[:, None])
     second = mask.bool() & ~first
-    out = model(input_ids=ids, attention_mask=mask)
+    out = model(input_ids=ids, attention_mask=mask, **_also(batch, keep))
     if getattr(out, "last_hidden_state", None) is None:
         raise ValueError(f"model: the contrastive loss pools the hidden states of a base model (AutoModel); "
                          f"{type(model).__name__} returns none (pass causal=True for a causal LM)")
@@ -61,9 +71,10 @@ def _loss(model, batch, causal: bool) -> torch.Tensor:
         if not bool((valid[:, 1:] & valid[:, :-1]).any()):  # the loss NaN (or of padding), its gradients 0
             raise ValueError("batches: a batch has no token to predict (every sequence holds at most one token); "
                              "gradient importance needs sequences of two tokens or more")
-        labels = batch["input_ids"].long().masked_fill(batch["attention_mask"] == 0, -100)  # the loss takes int64
+        labels = batch["input_ids"].long().masked_fill(~valid, -100)  # the loss takes int64
+        labels[:, 1:].masked_fill_(~valid[:, :-1], -100)  # nor a real token predicted from padding (left padding)
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                     use_cache=False).loss  # no KV cache to build and drop
+                     use_cache=False, **_also(batch)).loss  # no KV cache to build and drop
     return _contrastive_loss(model, batch)
 
 
