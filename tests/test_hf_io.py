@@ -83,7 +83,7 @@ def test_reloaded_model_can_be_pruned_again(tmp_path):
     assert kept_heads(load_pruned(tmp_path / "b")) == {0: [1, 2, 3], 1: [0, 1, 2]}
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_a_reloaded_masked_model_keeps_its_masked_heads_out_of_a_refit(family, tmp_path):
     """A refit keeps the heads an earlier mask zeroed out of the kept columns, also after the
     masked model is saved and loaded (no handle left): it gave them columns again, and the
@@ -101,6 +101,12 @@ def test_a_reloaded_masked_model_keeps_its_masked_heads_out_of_a_refit(family, t
         assert zeroed_heads(m) == {0: [1, 2]}
     with torch.no_grad():
         assert torch.equal(_first(model(**batches[0])), _first(again(**batches[0])))
+    # prune_heads refits the same way: its zeroed head stays zero, and it computes what the mask does
+    pruned = load_pruned(tmp_path / "m")
+    prune_heads(pruned, {0: [2]}, reconstruct=collect(pruned, batches, progress=False, moments=True))
+    assert zeroed_heads(pruned) == {0: [1]}
+    with torch.no_grad():
+        torch.testing.assert_close(_first(pruned(**batches[0])), _first(again(**batches[0])), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("uniform", [False, True])

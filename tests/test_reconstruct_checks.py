@@ -164,3 +164,30 @@ def test_the_refit_without_damping_changes_singular_moments_least_where_cholesky
     wt = torch.cat([w, b[:, None]], 1)
     want = wt[:, s].t() + torch.linalg.pinv(g[s][:, s]) @ (g[s] @ wt.t() - g[s][:, s] @ wt[:, s].t())
     torch.testing.assert_close(torch.cat([new_w, new_b[:, None]], 1).t(), want, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_statistics_collected_under_a_mask_upstream_are_refused_once_it_is_restored(family):
+    """Scores collected while site 0 was masked were accepted, after the mask was restored, to
+    refit (or compensate) a later site: its moments were the masked model's inputs."""
+    import copy
+
+    from headprune.hf import mask_heads, prune_heads
+
+    model = tiny_model(family)
+    batches = [tiny_batch(family, seed=s) for s in range(2)]
+    with mask_heads(model, {0: [1]}):
+        stale = collect(model, batches, progress=False, moments=True)
+    before = copy.deepcopy(model.state_dict())
+    said = r"reconstruct: the scores were collected with heads \[1\] of site 0 masked, which the model has again"
+    with pytest.raises(ValueError, match=said):
+        prune_heads(model, {1: [0]}, reconstruct=stale)
+    with pytest.raises(ValueError, match=said):
+        mask_heads(model, {1: [0]}, reconstruct=stale)
+    with pytest.raises(ValueError, match=said.replace("reconstruct", "compensate")):
+        mask_heads(model, {1: [0]}, compensate=stale)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with mask_heads(model, {0: [1]}):  # masked again: the model the statistics are of
+        with mask_heads(model, {1: [0]}, reconstruct=stale):
+            pass
+    prune_heads(copy.deepcopy(model), {0: [1], 1: [0]}, reconstruct=stale)  # removing it as well

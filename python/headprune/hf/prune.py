@@ -32,7 +32,7 @@ from .empty import empty_forward
 from .gates import gated
 from .metadata import refuse_plain_loaded
 from .records import STATE_ATTR, link_masks, link_state, refuse_records_elsewhere
-from .removal import _checked, removal_plan
+from .removal import _checked, removal_plan, with_absent, zero_heads
 from .verify import meta_model
 
 __all__ = ["mask_heads", "prune_heads", "kept_heads", "zeroed_heads"]
@@ -87,7 +87,7 @@ def mask_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     refuse_masked_again(model, heads, [s.o.weight for s in sites], ids)
     # heads an earlier mask zeroed stay zeroed (its handle's, or in a masked model saved and loaded
     # again, every head whose columns are all zero): a refit keeps them out of the kept columns
-    absent = {layer: masked_heads(model, sites[layer].o.weight) | _zero_heads(sites[layer], adapter)
+    absent = {layer: masked_heads(model, sites[layer].o.weight) | zero_heads(sites[layer], adapter)
               for layer in heads}
     plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct, damping=damping,
                         values=values, absent=absent, kept=ids, refit_bias=refit_bias)
@@ -253,17 +253,19 @@ def zeroed_heads(model) -> dict:
     sites = resolve_sites(model, adapter)
     kept, zeroed = _kept(model, sites, adapter), {}
     for site in sites:
-        dead = sorted(kept[site.index][h] for h in _zero_heads(site, adapter))
+        dead = sorted(kept[site.index][h] for h in zero_heads(site, adapter))
         if dead:
             zeroed[site.index] = dead
     return zeroed
 
 
-def _zero_heads(site, adapter) -> set:
-    """Positions of the site's query heads whose output-projection columns are all exactly zero."""
-    w = site.o.weight.detach().movedim(_o_dim(adapter), -1)  # [out, heads x head_dim]
-    heads = w.reshape(w.shape[0], head_counts(site, adapter)[0], head_dim(site, adapter))
-    return set(torch.nonzero(~heads.any(2).any(0)).flatten().tolist())  # (any over two dims at once: 6x slower)
+def _pruning_plan(sites, adapter, heads: dict, ids: dict, **removal) -> tuple:
+    """``(removal_plan, absent)`` of a pruning: heads a mask zeroed in a model saved and loaded
+    again (columns all zero) stay out of a refit's kept columns and stay zero, as ``mask_heads``
+    keeps them (``absent``: ``{site: positions}``; none where nothing is refit or compensated)."""
+    refits = any(removal.get(k) is not None for k in ("compensate", "reconstruct", "values"))
+    absent = {layer: zero_heads(sites[layer], adapter) - set(hs) for layer, hs in heads.items()} if refits else {}
+    return removal_plan(sites, adapter, heads, absent=absent, kept=ids, **removal), absent
 
 
 def _fresh_position_bias(module, args, kwargs):
@@ -341,8 +343,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
     heads, gone = positions(model, sites, adapter, heads)
     ids = _kept(model, sites, adapter)
     _refuse_active(model, sites, ids)
-    plan = removal_plan(sites, adapter, heads, compensate=compensate, reconstruct=reconstruct,
-                        damping=damping, values=values, kept=ids, refit_bias=refit_bias)  # before slicing
+    plan, absent = _pruning_plan(sites, adapter, heads, ids, compensate=compensate, reconstruct=reconstruct,
+                                 damping=damping, values=values, refit_bias=refit_bias)  # before slicing
     before = measure(model)
     if not any(heads.values()):  # nothing to remove (ratio 0, or every head removed before): the model stays as it is
         return PruneReport(before, before, {}, gone)
@@ -367,7 +369,8 @@ def prune_heads(model, heads: dict, *, compensate: Optional[HeadScores] = None,
                 step = plan.get(layer)
                 if step is not None and step.columns is not None:  # the refit kept columns
                     o = sites[layer].o
-                    undo.set(o, "weight", nn.Parameter(step.columns.to(o.weight.device, o.weight.dtype).contiguous(),
+                    columns = with_absent(step.columns, keep, absent.get(layer, ()), sites[layer], adapter)
+                    undo.set(o, "weight", nn.Parameter(columns.to(o.weight.device, o.weight.dtype).contiguous(),
                                                        requires_grad=o.weight.requires_grad))
                 if step is not None and step.value_rows is not None:  # the value refit's kept rows
                     v = sites[layer].sub(sites[layer].block.v)

@@ -62,11 +62,13 @@ def removal_plan(sites, adapter, heads: dict, *, compensate: Optional[HeadScores
         raise ValueError("compensate, reconstruct: give at most one (the refit includes the mean compensation)")
     if compensate is not None:
         mean = _checked(compensate, sites, adapter, "compensate", kept, _as_collected(heads, absent)).output_mean()
+        _refuse_masked_upstream(compensate, sites, adapter, heads, "compensate", kept)
         return {layer: _mean_replaced(sites[layer], adapter, hs, mean[layer]) for layer, hs in heads.items()}
     if reconstruct is not None:
         scores = _checked(reconstruct, sites, adapter, "reconstruct", kept, _as_collected(heads, absent))
         if scores.moments is None:
             raise ValueError("reconstruct: these scores have no second moments; collect them with moments=True")
+        _refuse_masked_upstream(scores, sites, adapter, heads, "reconstruct", kept)
         joint = {} if values is None else values.kept  # sites where a head is kept: the joint refit instead
         return {layer: _value_refit(sites[layer], adapter, values, layer, damping) if layer in joint
                 else _refit(sites[layer], adapter, sorted({*hs, *absent.get(layer, ())}), scores, damping, refit_bias)
@@ -163,7 +165,51 @@ def projection_change(now: torch.Tensor, then: torch.Tensor) -> Optional[float]:
 def _collected_masked(w: torch.Tensor, d: int) -> bool:
     """Whether a head's columns of ``w`` (``[out, heads x d]``) are all zero: the statistics were
     collected with that head masked."""
-    return bool((w.unflatten(1, (-1, d)) == 0).all(dim=2).all(dim=0).any()) if w.shape[1] % d == 0 else False
+    return bool(zero_heads_of(w, d))
+
+
+def zero_heads_of(w: torch.Tensor, d: int) -> set:
+    """Positions of the heads whose columns of ``w`` (``[out, heads x d]``) are all exactly zero."""
+    if w.shape[1] % d:
+        return set()
+    return set(torch.nonzero(~w.unflatten(1, (-1, d)).any(2).any(0)).flatten().tolist())
+
+
+def zero_heads(site, adapter) -> set:
+    """Positions of the site's query heads whose output-projection columns are all exactly zero."""
+    w = site.o.weight.detach()
+    return zero_heads_of(w.t() if adapter.conv1d else w, head_dim(site, adapter))
+
+
+def with_absent(columns: torch.Tensor, keep: list, absent, site, adapter) -> torch.Tensor:
+    """A refit's ``columns`` (of the kept heads not ``absent``, in the weight's layout) as the
+    pruned projection's weight of every head in ``keep`` (old positions, in order): the
+    ``absent`` heads' columns zero."""
+    if not absent:
+        return columns
+    dim, d = 0 if adapter.conv1d else 1, head_dim(site, adapter)
+    shape = list(columns.shape)
+    shape[dim] = len(keep) * d
+    index = torch.tensor([j * d + i for j, h in enumerate(keep) if h not in absent for i in range(d)])
+    return columns.new_zeros(shape).index_copy_(dim, index.to(columns.device), columns)
+
+
+def _refuse_masked_upstream(scores, sites, adapter, heads: dict, arg: str, kept: Optional[dict]) -> None:
+    """Statistics collected while a site's heads were masked hold, at every site after it, the
+    inputs of that masked model: refused where those heads are now neither zeroed nor removed by
+    this call (a refit or compensation would fit another model's inputs)."""
+    projection = None if scores.moments is None else scores.moments.projection
+    for j, then_w in enumerate(projection or ()):
+        then = set() if then_w is None else zero_heads_of(then_w[:, :-1], head_dim(sites[j], adapter))
+        if not then:
+            continue
+        now = zero_heads(sites[j], adapter) | set(heads.get(j, ()))
+        back = sorted(then - now)
+        if back:
+            ids = back if kept is None else [kept[j][h] for h in back]
+            raise ValueError(f"{arg}: the scores were collected with heads {ids} of site {j} masked, which the model "
+                             "has again and this call does not remove: the statistics are of another model's inputs; "
+                             "collect on the model as it is")
 
 
 def _old_bias(site) -> Optional[torch.Tensor]:
