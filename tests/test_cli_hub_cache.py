@@ -49,8 +49,10 @@ def test_a_repository_id_is_read_from_the_local_cache(run, hub, tmp_path, tiny_d
     assert code == 0, err
     code, err = run(["prune", tiny_dir, *COMMON, "--out", tmp_path / "by-path"])
     assert code == 0, err
-    report = json.loads((tmp_path / "by-id" / "report.json").read_text())
-    assert report["model"] == "someone/tiny-bert" and "model_path" not in report
+    from headprune.app.locate import cached_snapshot
+
+    report = json.loads((tmp_path / "by-id" / "report.json").read_text())  # the snapshot read, for later commands
+    assert report["model"] == "someone/tiny-bert" and report["model_path"] == str(cached_snapshot("someone/tiny-bert"))
     by_id, by_path = (load_file(tmp_path / d / "model" / "headprune-model.safetensors") for d in ("by-id", "by-path"))
     assert by_id.keys() == by_path.keys() and all(torch.equal(by_id[k], by_path[k]) for k in by_id)
     code, err = run(["eval", tmp_path / "by-id", "--quiet", "--no-speed"])

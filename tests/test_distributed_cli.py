@@ -306,3 +306,9 @@ def test_warnings_are_said_by_the_writing_rank_only(monkeypatch, capsys):
     monkeypatch.setattr(D, "rank_world", lambda group=None: (0, 2))
     C._warn("the held-out text is short")
     assert capsys.readouterr().err == "headprune: warning: the held-out text is short\n"
+    # before the group is joined (a warning about --data's text): torchrun's RANK says which
+    monkeypatch.setattr(D, "rank_world", lambda group=None: (0, 1))
+    for rank, said in (("1", ""), ("0", "headprune: warning: x\n"), ("", "headprune: warning: x\n")):
+        monkeypatch.setenv("RANK", rank)
+        C._warn("x")
+        assert capsys.readouterr().err == said

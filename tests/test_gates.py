@@ -359,8 +359,7 @@ def test_gradient_importance_of_int32_ids():
 
 def test_gradient_importance_passes_segments_and_positions():
     """gradient_importance called the model with input_ids and attention_mask alone: a batch's
-    token_type_ids (sentence pairs) and position_ids were dropped without a word, where collect
-    and learn_gates pass them on."""
+    token_type_ids and position_ids were dropped without a word (collect and learn_gates pass them)."""
     from headprune.hf import gates, gradient_importance
 
     bert = tiny_model("bert", type_vocab_size=2)
@@ -368,6 +367,8 @@ def test_gradient_importance_passes_segments_and_positions():
     segments = torch.zeros_like(b["input_ids"])
     segments[:, 6:] = 1
     assert not torch.equal(gradient_importance(bert, [{**b, "token_type_ids": segments}]), gradient_importance(bert, [b]))
+    shared = torch.arange(12)[None]  # [1, L] positions, broadcast over the batch as transformers takes them
+    assert torch.equal(gradient_importance(bert, [{**b, "position_ids": shared}]), gradient_importance(bert, [b]))
     import transformers
 
     from hf_tiny import tiny_config

@@ -270,6 +270,10 @@ def test_prune_score_learned(tmp_path, monkeypatch, capsys):
     assert first == [3.0] * len(first)
     others = report["heads_total"] - len(first)
     assert learned["target_open"] == pytest.approx(1 - report["heads_pruned"] / others)
+    code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--score", "learned", "--min-heads-per-layer", "0",
+                                  "--samples", "4", "--seq-len", "16", "--quiet", "--no-speed", "--out", tmp_path / "o5"]])
+    assert code == 2 and "--ratio 0.5: the selection removes every head of the layers it may prune (layers [0] are " \
+        "kept whole), so learned gates have nothing to rank" in capsys.readouterr().err  # it named --count None
     code = main([str(a) for a in ["prune", path, "--ratio", "0.5", "--score", "learned", "--order", "high",
                                   "--quiet", "--no-speed", "--out", tmp_path / "o3"]])
     assert code != 0 and "--order: learned gates" in capsys.readouterr().err

@@ -191,3 +191,26 @@ def test_statistics_collected_under_a_mask_upstream_are_refused_once_it_is_resto
         with mask_heads(model, {1: [0]}, reconstruct=stale):
             pass
     prune_heads(copy.deepcopy(model), {0: [1], 1: [0]}, reconstruct=stale)  # removing it as well
+    with mask_heads(model, {0: [1]}):  # without moments: the output statistics say it
+        means = collect(model, batches, progress=False)
+    with pytest.raises(ValueError, match=said.replace("reconstruct", "compensate")):
+        mask_heads(model, {1: [0]}, compensate=means)
+    # a mask changes nothing at its own site nor before it: those statistics were accepted, and are
+    with mask_heads(model, {1: [1]}):
+        later = collect(model, batches, progress=False, moments=True)
+    prune_heads(copy.deepcopy(model), {0: [0]}, reconstruct=later)
+    prune_heads(copy.deepcopy(model), {1: [2]}, reconstruct=later)
+
+
+def test_pruning_every_kept_head_of_a_reloaded_masked_site(tmp_path):
+    """With a site's remaining heads all zeroed by a mask saved so, the refit kept no columns, and
+    placing them failed inside (an index of floats)."""
+    from headprune.hf import load_pruned, mask_heads, prune_heads, save_pruned
+
+    model = tiny_model("llama")
+    batches = [tiny_batch("llama", seed=s) for s in range(2)]
+    mask_heads(model, {1: [0]})
+    save_pruned(model, tmp_path / "m")
+    again = load_pruned(tmp_path / "m")
+    prune_heads(again, {1: [1, 2, 3]}, reconstruct=collect(again, batches, progress=False, moments=True))
+    assert not again.layers[1].self_attn.o_proj.weight.any()

@@ -109,3 +109,33 @@ def test_a_layer_subclass_in_an_encoder_that_nests_its_input_is_measured():
         got, want = collect_modules(nested, [(x, None, pad)]), collect_modules(flat.eval(), [(x, None, pad)])
     assert got.count[0, 0] == 6 + 4 + 6
     torch.testing.assert_close(got.stats, want.stats, atol=1e-5, rtol=1e-6)
+
+
+def test_a_soft_float_key_padding_mask_is_a_bias_not_padding():
+    """A float key-padding mask's small values are added to the logits, as torch adds them: a key
+    biased by -2 was counted as padding, its query row left out."""
+    from headprune.core import reference
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    bias = torch.zeros(2, 6)
+    bias[:, 0] = -2.0
+    bias[1, 4:] = float("-inf")  # and real padding
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x, kpm):
+            return self.attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+
+    with torch.no_grad():
+        got = collect_modules(M(), [(x, bias)])
+        _, w = mha(x, x, x, key_padding_mask=bias, need_weights=True, average_attn_weights=False)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    want = reference.entropy_stats_from_probs(w.double(), valid)
+    assert got.count[0, 0] == 6 + 4
+    torch.testing.assert_close(got.entropy, (want[..., 1] / want[..., 0])[None].float().double(), atol=1e-5, rtol=0)

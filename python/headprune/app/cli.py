@@ -233,7 +233,9 @@ def _own_warnings():
 
     def show(message, category, *args, **kwargs):
         if issubclass(category, TextWarning):
-            print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
+            from .commands import _warn
+
+            _warn(str(message))  # by one rank of a --distributed run
         else:
             shown(message, category, *args, **kwargs)
 

@@ -45,14 +45,28 @@ def _say(args, *msg, end="\n"):
 
 
 def _warn(message: str) -> None:
-    if _is_writer():  # under --distributed every rank would say the same
+    if speaks():  # under --distributed every rank would say the same
         print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
 
 
+def speaks() -> bool:
+    """Whether this process prints warnings: the first rank of a process group, or, before the
+    group is joined, of torchrun's processes (its ``RANK``); a process of its own."""
+    from ..distributed import rank_world
+
+    rank, world = rank_world()
+    return rank == 0 if world > 1 else os.environ.get("RANK", "").strip() in ("", "0")
+
+
 def model_path(model: str) -> dict:
-    """``{"model_path": absolute path}`` where MODEL names a file or folder (a report records it
-    beside the name as given, so the model is found from another working directory), else ``{}``."""
-    return {"model_path": str(Path(model).absolute())} if Path(str(model)).exists() else {}
+    """``{"model_path": absolute path}`` where MODEL names a file, a folder or a cached repository (its
+    snapshot), recorded beside the name as given so another working directory finds it; else ``{}``."""
+    from .locate import BUNDLED_MODELS, cached_snapshot
+
+    if Path(str(model)).exists():
+        return {"model_path": str(Path(model).absolute())}
+    snapshot = None if str(model) in BUNDLED_MODELS else cached_snapshot(str(model))
+    return {"model_path": str(snapshot)} if snapshot is not None else {}
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, count_units, select_heads, unit_counts, unit_sizes
+from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, select_heads, unit_counts, unit_sizes
 from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
@@ -214,9 +214,10 @@ def _learn(args, loaded, batches, scores, budget: dict):
     from .arguments import LEARN_STEPS
 
     if not 0 < budget["ratio"] < 1:
-        total = count_units(scores, args.gqa)  # --count counts units
-        raise ValueError(f"--count: {args.count} of {total} units (heads, or KV groups under --gqa group) leaves no "
-                         "budget for learned gates")
+        flag = f"--ratio {args.ratio}" if args.ratio is not None else f"--count {args.count}"
+        whole = f" (layers {budget['protect_layers']} are kept whole)" if budget["protect_layers"] else ""
+        raise ValueError(f"{flag}: the selection removes {'every' if budget['ratio'] else 'no'} head of the layers it "
+                         f"may prune{whole}, so learned gates have nothing to rank; ask for another budget or --score")
     return learn_gates(loaded.model, list(batches), **budget, steps=args.learn_steps or LEARN_STEPS,
                        time_budget_s=args.learn_seconds, scores=scores if scores.outputs is not None else None,
                        progress=not args.quiet, checkpoint=args.learn_checkpoint,

@@ -118,8 +118,9 @@ def learned_budget(kw: dict, stats, **budget) -> dict:
     """``learn_gates`` options that train the gates for the budget the learned selection will
     apply (``kw``: its ``select_heads`` options; ``budget``: ``ratio`` or ``count``, ``damping``,
     ``gqa``): the protected layers' gates stay open, and ``ratio`` is of the other layers' heads, as
-    many as a selection with these options removes (its layouts rounded), held over them all (on
-    MiniLM a budget held per layer, ``per_layer=True``, ranked worse at 3 of 4 points in one run).
+    many as a selection with these options removes (its layouts rounded), held over them all (the
+    previous behaviour: on MiniLM a budget held per layer, ``per_layer=True``, ranked worse at 30%
+    and better at 50% of heads on both texts of bench_quality.py, one run each; not adopted).
     Refuses, by ``select_heads``' errors, a budget the selection cannot meet, before minutes of training."""
     dry = learned_selection(kw, torch.zeros(len(stats.num_heads), max(stats.num_heads)), stats)
     removed = select_heads(stats, **budget, **{k: v for k, v in dry.items() if k != "scope" or v != "measured"})

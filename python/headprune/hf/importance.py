@@ -34,7 +34,10 @@ _ALSO = ("token_type_ids", "position_ids")
 def _also(batch, keep=None) -> dict:
     """The batch's :data:`_ALSO` inputs (its sequences ``keep``, if given): sentence pairs'
     segments and given positions reach the model as ``collect`` passes them."""
-    return {k: batch[k] if keep is None else batch[k][keep] for k in _ALSO if batch.get(k) is not None}
+    also = {k: batch[k] for k in _ALSO if batch.get(k) is not None}
+    if keep is None:
+        return also
+    return {k: v[keep] if v.shape[0] == len(keep) else v for k, v in also.items()}  # [1, L] positions broadcast
 
 
 def _contrastive_loss(model, batch) -> torch.Tensor:

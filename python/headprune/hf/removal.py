@@ -190,17 +190,34 @@ def with_absent(columns: torch.Tensor, keep: list, absent, site, adapter) -> tor
     dim, d = 0 if adapter.conv1d else 1, head_dim(site, adapter)
     shape = list(columns.shape)
     shape[dim] = len(keep) * d
-    index = torch.tensor([j * d + i for j, h in enumerate(keep) if h not in absent for i in range(d)])
+    index = torch.tensor([j * d + i for j, h in enumerate(keep) if h not in absent for i in range(d)], dtype=torch.long)
     return columns.new_zeros(shape).index_copy_(dim, index.to(columns.device), columns)
+
+
+def _masked_when_collected(scores: HeadScores, site: int, d: int) -> set:
+    """Positions of the heads of ``site`` that were masked (their columns zero) when ``scores``
+    were collected: from the projection the second moments keep, else from the output
+    statistics' column norms (a head that saw tokens through zero columns)."""
+    then_w = None if scores.moments is None else scores.moments.projection[site]
+    if then_w is not None:
+        return zero_heads_of(then_w[:, :-1], d)
+    out = scores.outputs[site, : scores.num_heads[site], :d]
+    seen = (out[..., OutputStat.COUNT] > 0).all(1)
+    return set(torch.nonzero(seen & (out[..., OutputStat.COUNT_NORM] == 0).all(1)).flatten().tolist())
 
 
 def _refuse_masked_upstream(scores, sites, adapter, heads: dict, arg: str, kept: Optional[dict]) -> None:
     """Statistics collected while a site's heads were masked hold, at every site after it, the
-    inputs of that masked model: refused where those heads are now neither zeroed nor removed by
-    this call (a refit or compensation would fit another model's inputs)."""
-    projection = None if scores.moments is None else scores.moments.projection
-    for j, then_w in enumerate(projection or ()):
-        then = set() if then_w is None else zero_heads_of(then_w[:, :-1], head_dim(sites[j], adapter))
+    inputs of that masked model: refused where this call refits or compensates a later site and
+    those heads are now neither zeroed nor removed by it (it would fit another model's inputs;
+    a mask changes nothing before its site, nor at it: a site's statistics are of its projection's
+    input)."""
+    order = lambda i: (sites[i].block.stack == "decoder", sites[i].depth, sites[i].block.kind == "cross")  # noqa: E731
+    last = max((order(layer) for layer, hs in heads.items() if hs), default=None)
+    for j in range(len(sites) if last is not None else 0):
+        if order(j) >= last:  # computed with or after the last site refit: its statistics are not changed
+            continue
+        then = _masked_when_collected(scores, j, head_dim(sites[j], adapter))
         if not then:
             continue
         now = zero_heads(sites[j], adapter) | set(heads.get(j, ()))

@@ -66,8 +66,9 @@ def _attend_mask(attn_mask, key_padding_mask, batch, heads):
     if attn_mask is not None:
         m = ~attn_mask if attn_mask.dtype == torch.bool else _additive(attn_mask)
         out = m.view(batch, heads, *m.shape[-2:]) if m.dim() == 3 else m
-    if key_padding_mask is not None:
-        kp = ~_padded(key_padding_mask)[:, None, None, :]  # a float mask's non-zero keys are padding, as its rows
+    if key_padding_mask is not None:  # bool: True pads; float: added, its values at the floor pad (as its rows)
+        kp = key_padding_mask[:, None, None, :]
+        kp = ~kp if kp.dtype == torch.bool else _additive(kp)
         if out is None:
             out = kp
         elif out.dtype == torch.bool and kp.dtype == torch.bool:
@@ -79,7 +80,9 @@ def _attend_mask(attn_mask, key_padding_mask, batch, heads):
 
 
 #: an additive mask's value at or below which a key is masked (its probability is zero in
-#: float32 and float64 softmax alike): -1e4, -1e9 and a type's minimum mask as -inf does
+#: float32 and float64 softmax alike): -1e4, -1e9 and a type's minimum mask as -inf does.
+#: A row of an attention mask with every key at or below it counts as masked (a padded
+#: query), though torch computes its softmax shifted; values above it are biases, added
 MASKED_FLOOR = -1e4
 
 
@@ -97,10 +100,12 @@ def _unnest(x: torch.Tensor) -> tuple:
 
 
 def _padded(padding: torch.Tensor) -> torch.Tensor:
-    """The positions a key padding mask pads: True ones of a bool mask; a float mask's non-zero
-    ones, as the encoder's nested fast path drops them (torch adds a float mask to the keys'
-    logits, so -1e9 masks a key as -inf does; its query row is padding too)."""
-    return padding if padding.dtype == torch.bool else padding != 0
+    """The positions a key padding mask pads: True ones of a bool mask; a float mask's ones at
+    or below :data:`MASKED_FLOOR` (torch adds a float mask to the keys' logits, so -1e9 masks a
+    key as -inf does, and its query row is padding too; a smaller value is a bias). Where the
+    encoder's nested fast path folds the padding into a nested tensor (it drops every non-zero
+    position), the nested tensor's own lengths say which positions it kept."""
+    return padding if padding.dtype == torch.bool else padding <= MASKED_FLOOR
 
 
 class _Session:
