@@ -284,10 +284,11 @@ def learned_standing(ctx, names=("quality_learned_smollm2", "quality_learned_min
         rel = [((g - d) / d) * (1 if lower else -1) for res in results
                for d, g in zip(res["recipes"]["default"], res["recipes"][learned])]
         minutes = sum(r["seconds"] for r in results[0]["learned"][learned]) / 60
-        worse = [v for v in rel if v > 0]
+        worse, better = [v for v in rel if v > 0], [-v for v in rel if v < 0]
+        what = f"of the default's {'perplexity' if lower else 'fidelity'}"
         verdict = ("better than or equal to the default at every point" if not worse else
-                   f"worse than the default at {len(worse)} of {len(rel)} points, by up to "
-                   f"{pct(max(worse), 1)} of the default's {'perplexity' if lower else 'fidelity'}")
+                   f"worse than the default at {len(worse)} of {len(rel)} points, by up to {pct(max(worse), 1)} {what}"
+                   + (f", better at {len(better)}, by up to {pct(max(better), 1)}" if better else ""))
         pairs = [(g, draws) for res in results if res["random"]
                  for g, draws in zip(res["recipes"][learned], res["random"])]
         losing = [1 for g, draws in pairs if (g > _mean(draws, lower) if lower else g < _mean(draws, lower))]
