@@ -306,9 +306,11 @@ def test_warnings_are_said_by_the_writing_rank_only(monkeypatch, capsys):
     monkeypatch.setattr(D, "rank_world", lambda group=None: (0, 2))
     C._warn("the held-out text is short")
     assert capsys.readouterr().err == "headprune: warning: the held-out text is short\n"
-    # before the group is joined (a warning about --data's text): torchrun's RANK says which
+    # before the group is joined (a warning about --data's text): torchrun's RANK says which; a
+    # stray RANK without torchrun's WORLD_SIZE is a process of its own, which says everything
     monkeypatch.setattr(D, "rank_world", lambda group=None: (0, 1))
-    for rank, said in (("1", ""), ("0", "headprune: warning: x\n"), ("", "headprune: warning: x\n")):
+    for world, rank, said in (("2", "1", ""), ("2", "0", "x"), ("", "1", "x"), ("1", "1", "x"), ("2", "a", "x")):
+        monkeypatch.setenv("WORLD_SIZE", world)
         monkeypatch.setenv("RANK", rank)
         C._warn("x")
-        assert capsys.readouterr().err == said
+        assert capsys.readouterr().err == (f"headprune: warning: {said}\n" if said else "")

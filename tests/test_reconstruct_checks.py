@@ -214,3 +214,17 @@ def test_pruning_every_kept_head_of_a_reloaded_masked_site(tmp_path):
     again = load_pruned(tmp_path / "m")
     prune_heads(again, {1: [1, 2, 3]}, reconstruct=collect(again, batches, progress=False, moments=True))
     assert not again.layers[1].self_attn.o_proj.weight.any()
+
+
+def test_moments_without_the_projection_still_refit():
+    """Moments that keep no projection (calibrate_sequentially's from statistics collected without
+    moments, or a file without them) failed the check for an upstream mask with a TypeError."""
+    import dataclasses
+
+    from headprune.hf import prune_heads
+    from headprune.stats.moments import OutputMoments
+
+    model = tiny_model("llama")
+    scores = collect(model, [tiny_batch("llama", seed=s) for s in range(2)], progress=False, moments=True)
+    bare = dataclasses.replace(scores, moments=OutputMoments(scores.moments.gram, None, scores.moments.sequences))
+    prune_heads(model, {1: [0]}, reconstruct=bare)

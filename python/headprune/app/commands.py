@@ -45,17 +45,10 @@ def _say(args, *msg, end="\n"):
 
 
 def _warn(message: str) -> None:
-    if speaks():  # under --distributed every rank would say the same
+    from ..distributed import first_process
+
+    if first_process():  # under --distributed every rank would say the same
         print(f"headprune: warning: {message}", file=sys.stderr, flush=True)
-
-
-def speaks() -> bool:
-    """Whether this process prints warnings: the first rank of a process group, or, before the
-    group is joined, of torchrun's processes (its ``RANK``); a process of its own."""
-    from ..distributed import rank_world
-
-    rank, world = rank_world()
-    return rank == 0 if world > 1 else os.environ.get("RANK", "").strip() in ("", "0")
 
 
 def model_path(model: str) -> dict:

@@ -26,7 +26,7 @@ from .files import checkpoint_files, rank_checkpoint, refuse_other_runs, written
 from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 
-__all__ = ["init_from_env", "join", "rank_world", "shard", "all_reduce_scores", "collect", "rank_checkpoint",
+__all__ = ["init_from_env", "join", "rank_world", "first_process", "shard", "all_reduce_scores", "collect", "rank_checkpoint",
            "checkpoint_files", "written_by_other_runs", "refuse_other_runs"]
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker.
@@ -115,6 +115,19 @@ def rank_world(group=None) -> tuple:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def first_process() -> bool:
+    """Whether this process speaks for the run (prints its warnings): the first rank of a process
+    group, or, before the group is joined, of torchrun's processes (``RANK`` where
+    ``WORLD_SIZE`` says there are several); a process of its own (a stray ``RANK`` alone too)."""
+    rank, world = rank_world()
+    if world > 1:
+        return rank == 0
+    try:
+        return _count("WORLD_SIZE", 1) <= 1 or _count("RANK", 0) == 0
+    except ValueError:  # not numbers: not torchrun's
+        return True
 
 
 def shard(batches: Iterable, rank: Optional[int] = None, world_size: Optional[int] = None):

@@ -198,7 +198,8 @@ def _masked_when_collected(scores: HeadScores, site: int, d: int) -> set:
     """Positions of the heads of ``site`` that were masked (their columns zero) when ``scores``
     were collected: from the projection the second moments keep, else from the output
     statistics' column norms (a head that saw tokens through zero columns)."""
-    then_w = None if scores.moments is None else scores.moments.projection[site]
+    projection = None if scores.moments is None else scores.moments.projection  # None: moments without it
+    then_w = None if projection is None else projection[site]
     if then_w is not None:
         return zero_heads_of(then_w[:, :-1], d)
     out = scores.outputs[site, : scores.num_heads[site], :d]

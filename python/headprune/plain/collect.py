@@ -102,9 +102,10 @@ def _unnest(x: torch.Tensor) -> tuple:
 def _padded(padding: torch.Tensor) -> torch.Tensor:
     """The positions a key padding mask pads: True ones of a bool mask; a float mask's ones at
     or below :data:`MASKED_FLOOR` (torch adds a float mask to the keys' logits, so -1e9 masks a
-    key as -inf does, and its query row is padding too; a smaller value is a bias). Where the
-    encoder's nested fast path folds the padding into a nested tensor (it drops every non-zero
-    position), the nested tensor's own lengths say which positions it kept."""
+    key as -inf does, and its query row is padding too; a smaller value is a bias, added, as the
+    module path adds it: the collection's hooks keep torch's fused encoder layer, which pads every
+    non-zero position, from running). Where the encoder folds the padding into a nested tensor
+    (dropping every non-zero position), the nested tensor's own lengths say which it kept."""
     return padding if padding.dtype == torch.bool else padding <= MASKED_FLOOR
 
 
@@ -168,7 +169,6 @@ class _Session:
             self.record(i, layer.self_attn, x, x, a.get("src_mask"), kpm)
 
         return hook
-
 
     def decoder_hook(self, layer, args, kwargs):
         """The target padding of an ``nn.TransformerDecoderLayer``'s call, for its cross-attention,
