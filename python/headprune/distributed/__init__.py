@@ -26,8 +26,8 @@ from .files import checkpoint_files, rank_checkpoint, refuse_other_runs, written
 from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 
-__all__ = ["init_from_env", "join", "rank_world", "first_process", "shard", "all_reduce_scores", "collect", "rank_checkpoint",
-           "checkpoint_files", "written_by_other_runs", "refuse_other_runs"]
+__all__ = ["init_from_env", "join", "rank_world", "first_process", "shard", "all_reduce_scores", "collect",
+           "rank_checkpoint", "checkpoint_files", "written_by_other_runs", "refuse_other_runs"]
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker.
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
