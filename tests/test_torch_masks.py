@@ -45,6 +45,17 @@ def test_a_float_padding_mask_pads_as_the_bool_one(kind, nested):
     torch.testing.assert_close(got.stats, want.stats, atol=1e-5, rtol=1e-6)
 
 
+class _Attn(nn.Module):
+    """A lone attention module, self-attention called with a mask as its keyword ``name``."""
+
+    def __init__(self, mha, name: str):
+        super().__init__()
+        self.attn, self.name = mha, name
+
+    def forward(self, x, mask):
+        return self.attn(x, x, x, need_weights=False, **{self.name: mask})[0]
+
+
 @pytest.mark.parametrize("fill", [-1e4, -1e9, torch.finfo(torch.float32).min])
 def test_an_additive_attention_mask_masks_as_the_bool_one(fill):
     """A causal mask of -1e9 (or -1e4) left the masked keys in each row's key count and first
@@ -54,21 +65,14 @@ def test_an_additive_attention_mask_masks_as_the_bool_one(fill):
     x = torch.randn(2, 6, 16)
     causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = mha
-
-        def forward(self, x, mask):
-            return self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
-
     additive = torch.zeros(6, 6).masked_fill(causal, fill)
+    model = _Attn(mha, "attn_mask")
     with torch.no_grad():
-        want, got = collect_modules(M(), [(x, causal)]), collect_modules(M(), [(x, additive)])
+        want, got = collect_modules(model, [(x, causal)]), collect_modules(model, [(x, additive)])
     torch.testing.assert_close(got.stats, want.stats, atol=1e-5, rtol=1e-6)
     soft = torch.zeros(6, 6).masked_fill(causal, -3.0)  # a bias, not a mask: every key stays in the count
     with torch.no_grad():
-        biased = collect_modules(M(), [(x, soft)])
+        biased = collect_modules(model, [(x, soft)])
     assert not torch.allclose(biased.stats, want.stats)
 
 
@@ -123,16 +127,8 @@ def test_a_soft_float_key_padding_mask_is_a_bias_not_padding():
     bias[:, 0] = -2.0
     bias[1, 4:] = float("-inf")  # and real padding
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = mha
-
-        def forward(self, x, kpm):
-            return self.attn(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
-
     with torch.no_grad():
-        got = collect_modules(M(), [(x, bias)])
+        got = collect_modules(_Attn(mha, "key_padding_mask"), [(x, bias)])
         _, w = mha(x, x, x, key_padding_mask=bias, need_weights=True, average_attn_weights=False)
     valid = torch.ones(2, 6, dtype=torch.bool)
     valid[1, 4:] = False
