@@ -49,8 +49,9 @@ def a_kind(kind: str) -> str:
 IMAGE_TYPES = ("vit",)
 
 
-def _refuse_kind(kind: str, accept, spec, model_type=None) -> None:
-    """The CLI handles text causal LMs and encoders; refused before any weight is read."""
+def _refuse_kind(kind: str, accept, spec, model_type=None, check=None, config=None) -> None:
+    """The CLI handles text causal LMs and encoders; refused before any weight is read, as is what
+    a command's ``check(kind, model_type, config)`` refuses from the config (:func:`load_model`)."""
     if accept is not None and model_type in IMAGE_TYPES:
         raise ValueError(f"MODEL: {spec} is an image model ({model_type}); the command line handles text models "
                          "(the Python API prunes image models, on batches of pixel_values)")
@@ -58,6 +59,8 @@ def _refuse_kind(kind: str, accept, spec, model_type=None) -> None:
         api = f" (the Python API handles {kind} models too)" if "encoder" in accept else ""  # not a GGUF export
         raise ValueError(f"MODEL: {spec} is {a_kind(kind)} model; this command "
                          f"handles {' and '.join(accept)} models{api}")
+    if check is not None:
+        check(kind, model_type, config)
 
 
 def _kind(config) -> str:
@@ -130,9 +133,7 @@ def _load_gguf(path: Path, gguf: str, spec: str, device: str, torch_dtype, accep
     if ffn_bias:  # a model with feed-forward biases: transformers' GGUF config does not declare them
         config.mlp_bias = True
     kind = _kind(config)
-    _refuse_kind(kind, accept, path / gguf)
-    if check is not None:
-        check(kind, config.model_type, config.to_dict())
+    _refuse_kind(kind, accept, path / gguf, config.model_type, check, config.to_dict())
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
     try:  # before the model: a file without a tokenizer fails in a second, not after the weights
         tok = _pad(AutoTokenizer.from_pretrained(path, gguf_file=gguf))
@@ -182,9 +183,7 @@ def _load_pruned_dir(path: Path, device: str, torch_dtype, accept=None, tokenize
 
     adapter = ADAPTERS.get(meta.get("model_type"))
     if adapter is not None:
-        _refuse_kind(adapter.kind, accept, path, meta.get("model_type"))
-        if check is not None:
-            check(adapter.kind, meta["model_type"], meta.get("original_config") or {})
+        _refuse_kind(adapter.kind, accept, path, meta["model_type"], check, meta.get("original_config") or {})
     tok = _tokenizer(path) if tokenizer else None
     model = cast_weights(load_pruned(path, device=device), torch_dtype or torch.float32)  # as an HF directory is
     return Loaded(model.eval(), tok, _kind(model.config), str(path), meta, checkpoint_dtype=meta.get("dtype"),
@@ -206,9 +205,7 @@ def _load_hf_dir(path: Path, device: str, torch_dtype, accept=None, tokenizer: b
     if not isinstance(model_type, str) or model_type not in ADAPTERS:
         raise ValueError(f"MODEL: unsupported model_type {model_type!r} in {config_file}; "
                          f"headprune supports {', '.join(supported_model_types())}")
-    _refuse_kind(ADAPTERS[model_type].kind, accept, path, model_type)
-    if check is not None:
-        check(ADAPTERS[model_type].kind, model_type, raw)
+    _refuse_kind(ADAPTERS[model_type].kind, accept, path, model_type, check, raw)
     tok = _tokenizer(path) if tokenizer else None
     files = safetensors_files(path, "MODEL")
     header = read_header(files, "MODEL")

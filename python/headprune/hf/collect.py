@@ -31,7 +31,7 @@ from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection, padding_of
-from .gates import gated
+from .gates import refuse_gated
 
 __all__ = ["collect", "METHODS"]
 
@@ -123,9 +123,8 @@ def collect(
         raise ValueError("resume: needs a checkpoint path")
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint: expected a file path, got {type(checkpoint).__name__}")
-    if hasattr(model, "config") and gated(model):  # a refit or compensation would take them for the ungated model
-        raise ValueError("model: is inside a headprune.gates block, whose gates would scale the output statistics "
-                         "and moments collected; collect after the block ends")
+    if hasattr(model, "config"):  # a refit or compensation would take them for the ungated model's
+        refuse_gated(model, "collect", why=", whose gates would scale the output statistics and moments collected")
     if not hasattr(model, "config"):
         if checkpoint is not None:
             raise ValueError("checkpoint: resumable collection needs a transformers model")

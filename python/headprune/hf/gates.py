@@ -117,6 +117,14 @@ def gated(model) -> bool:
     return any(getattr(hook, "headprune_gate", False) for m in model.modules() for hook in m._forward_pre_hooks.values())
 
 
+def refuse_gated(model, call: str, name: str = "model", why: str = "", note: str = "") -> None:
+    """``ValueError`` naming ``name`` while a :func:`gates` block is active on ``model``: what
+    ``call`` would do there (collect, prune, train) would be of the gated model, or undone by the
+    block's end; ``why`` and ``note`` go before and after the advice to ``call`` after it."""
+    if gated(model):
+        raise ValueError(f"{name}: is inside a headprune.gates block{why}; {call} after the block ends{note}")
+
+
 def _check_fill(fill, num_heads: list, dims: list) -> None:
     want = [len(num_heads), max(num_heads, default=0), max(dims, default=0)]
     if not isinstance(fill, torch.Tensor) or not fill.is_floating_point():

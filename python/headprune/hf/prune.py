@@ -29,7 +29,7 @@ from .adapters import check_layout, get_adapter, head_counts, head_dim, projecti
 from .attention import SiteConfig
 from .configs import update_configs
 from .empty import empty_forward
-from .gates import gated
+from .gates import refuse_gated
 from .metadata import refuse_plain_loaded
 from .records import STATE_ATTR, link_masks, link_state, refuse_records_elsewhere
 from .removal import _checked, removal_plan, with_absent, zero_heads
@@ -303,8 +303,7 @@ def _refuse_active(model, sites, ids) -> None:
     zeros and orphan its handle's restore(); gates are sized to the heads at their block's entry."""
     masked = {s.index: sorted(ids[s.index][h] for h in masked_heads(model, s.o.weight)) for s in sites}
     masked = {k: v for k, v in masked.items() if v}
-    if gated(model):
-        raise ValueError("model: is inside a headprune.gates block; prune_heads after the block ends")
+    refuse_gated(model, "prune_heads")
     if masked:
         raise ValueError(f"model: heads {masked} are masked by an active mask_heads handle; restore() it "
                          "(or leave its with block) before prune_heads")

@@ -130,7 +130,7 @@ def _projection_change(then_w, site, adapter, arg: str, layer: int, unmasked=Non
     w = site.o.weight.detach()
     w = (w.t() if adapter.conv1d else w).to("cpu", torch.float32)
     then_w = then_w[:, :-1]  # the bias column
-    if _collected_masked(then_w, head_dim(site, adapter)):
+    if zero_heads_of(then_w, head_dim(site, adapter)):
         if unmasked is None:  # e.g. moments saved and loaded: the weights before the masks are not known
             return None
         then_w = unmasked  # e.g. a later round of iterative selection: the same weights once its masks are restored
@@ -150,7 +150,7 @@ def _norms_change(scores: HeadScores, site, adapter, layer: int) -> Optional[flo
     if not bool((count > 0).all()):
         return None  # the statistics say nothing of those heads' columns
     then, now = out[..., OutputStat.COUNT_NORM] / count, o_column_norms(site, adapter).cpu().view(hq, d)
-    live = (then != 0).any(1)  # a head zeroed when collected (masked): not these weights by design
+    live = ~_zeroed_in_outputs(out)  # a head zeroed when collected (masked): not these weights by design
     return projection_change(now[live], then[live]) if bool(live.any()) else None
 
 
@@ -160,12 +160,6 @@ def projection_change(now: torch.Tensor, then: torch.Tensor) -> Optional[float]:
     if now.shape != then.shape:
         return None
     return float((now - then.to(now)).norm() / then.norm().clamp_min(1e-30))
-
-
-def _collected_masked(w: torch.Tensor, d: int) -> bool:
-    """Whether a head's columns of ``w`` (``[out, heads x d]``) are all zero: the statistics were
-    collected with that head masked."""
-    return bool(zero_heads_of(w, d))
 
 
 def zero_heads_of(w: torch.Tensor, d: int) -> set:
@@ -202,9 +196,15 @@ def _masked_when_collected(scores: HeadScores, site: int, d: int) -> set:
     then_w = None if projection is None else projection[site]
     if then_w is not None:
         return zero_heads_of(then_w[:, :-1], d)
-    out = scores.outputs[site, : scores.num_heads[site], :d]
+    zeroed = _zeroed_in_outputs(scores.outputs[site, : scores.num_heads[site], :d])
+    return set(torch.nonzero(zeroed).flatten().tolist())
+
+
+def _zeroed_in_outputs(out: torch.Tensor) -> torch.Tensor:
+    """``[heads]``: which heads of a site's output statistics (``[heads, head_dim, stats]``) saw
+    tokens through output-projection columns that were all zero (masked when collected)."""
     seen = (out[..., OutputStat.COUNT] > 0).all(1)
-    return set(torch.nonzero(seen & (out[..., OutputStat.COUNT_NORM] == 0).all(1)).flatten().tolist())
+    return seen & (out[..., OutputStat.COUNT_NORM] == 0).all(1)
 
 
 def _refuse_masked_upstream(scores, sites, adapter, heads: dict, arg: str, kept: Optional[dict]) -> None:

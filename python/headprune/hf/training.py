@@ -24,7 +24,7 @@ from .batches import check_batch, check_batches
 from ..core.modules import refuse_meta, uncompiled, unloaded_parameters
 from ..ranking.units import as_real, count_arg
 from .adapters import get_adapter
-from .gates import gated
+from .gates import refuse_gated
 
 CHECKPOINT_FORMAT = "headprune.recover/6"  # /2: digests of shapes and types too; /3: of every weight;
 # /4: of the student's every weight too, not only those it trains; /5: of the models' configs too;
@@ -61,8 +61,7 @@ def check_inputs(batches, progress, what: str = "", **models) -> None:
         if not isinstance(m, torch.nn.Module):
             raise ValueError(f"{name}: expected a transformers model, got {type(m).__name__}")
         refuse_meta(unloaded_parameters(m), name)
-        if gated(m):  # its gates would shape what is learned (and take gradients), then be gone
-            raise ValueError(f"{name}: is inside a headprune.gates block; call {what} after the block ends")
+        refuse_gated(m, f"call {what}", name)  # its gates would shape what is learned (and take gradients)
     check_batches(batches)
     if not (isinstance(progress, bool) or callable(progress)):
         raise ValueError(f"progress: expected True, False or a callable progress(step, steps, loss), got {progress!r}")

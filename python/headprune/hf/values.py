@@ -29,7 +29,7 @@ from torch import nn
 from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
 from .batches import check_batches, forward_kwargs
-from .gates import gated
+from .gates import refuse_gated
 from ..core.modules import eval_mode
 from ..stats.moments import check_finite
 from .prune import kept_heads, positions
@@ -226,9 +226,8 @@ def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAUL
     if active_masks(model):  # the moments would be the masked model's, and the refit is of the unpruned one
         raise ValueError("model: a mask_heads handle is active on it; restore() it first (the value moments are "
                          "taken on the model the heads are removed from)")
-    if gated(model):  # likewise: the gates would scale what the moments hold
-        raise ValueError("model: is inside a headprune.gates block; collect_values after the block ends (the value "
-                         "moments are taken on the model the heads are removed from)")
+    refuse_gated(model, "collect_values", note=" (the value moments are taken on the model the heads are removed "
+                 "from)")  # likewise: the gates would scale what the moments hold
     adapter, sites, heads = plan_sites(model, heads)
     kept = {layer: [h for h in range(head_counts(sites[layer], adapter)[0]) if h not in set(hs)]
             for layer, hs in heads.items()}
