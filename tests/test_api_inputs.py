@@ -212,19 +212,6 @@ def tiny_tokenizer(tmp_path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
 
 
-def test_inference_mode():
-    """prune_heads in it made inference tensors of the new weights (nothing could train them
-    after); recover in it failed with autograd's words."""
-    batches = _batches()
-    model = _llama()
-    scores = headprune.collect(model, batches, moments=True)
-    with torch.inference_mode():
-        headprune.prune_heads(model, {1: [1, 2]}, reconstruct=scores)
-    assert not [n for n, p in model.named_parameters() if p.is_inference()]
-    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^recover: needs autograd"):
-        headprune.recover(model, _llama(), batches, steps=1)
-
-
 def test_a_checkpoint_path_holding_another_file_is_refused(tmp_path):
     """Without resume the file was written over, whatever it was."""
     batches = _batches(2)

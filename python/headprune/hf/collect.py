@@ -50,6 +50,7 @@ def _collect_modules(model, batches, method, progress, allow_empty):
                            progress=progress, allow_empty=allow_empty)
 
 
+@torch.inference_mode(False)  # the statistics are ordinary tensors (updated in place later), even when called in it
 def collect(
     model,
     batches: Iterable,

@@ -52,6 +52,7 @@ class _Stop(Exception):
     """Ends a forward early (the stub pass, the projection-input pass)."""
 
 
+@torch.inference_mode(False)  # the statistics are ordinary tensors, even when called in it
 def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = None, counts: Optional[dict] = None, *,
                            ratio: Optional[float] = None, count: Optional[int] = None, gqa: Optional[str] = None,
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,

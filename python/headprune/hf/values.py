@@ -210,6 +210,7 @@ def _accumulate(g: torch.Tensor, c: torch.Tensor, z: torch.Tensor, y: torch.Tens
         c[:, -1] += yy.double().sum(0)
 
 
+@torch.inference_mode(False)  # the moments are ordinary tensors, even when called in it
 @torch.no_grad()
 def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    progress: bool = False) -> ValueMoments:

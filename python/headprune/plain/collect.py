@@ -225,6 +225,7 @@ def _refuse_compiled(model: nn.Module, sites: list) -> None:
                                                                         "from the module it compiles (its _orig_mod)"))
 
 
+@torch.inference_mode(False)  # the statistics are ordinary tensors, even when called in it
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False,
                     allow_empty: bool = False) -> HeadScores:
     """Entropies of every ``nn.MultiheadAttention`` of ``model``, in eval mode (dropout off;
