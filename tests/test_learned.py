@@ -146,7 +146,8 @@ def test_every_module_keeps_its_mode_and_no_grad_is_no_obstacle():
 
 
 @pytest.mark.parametrize("kw,match", [({"ratio": 1.0}, "ratio"), ({"ratio": 0.5, "steps": 0}, "steps"),
-                                      ({"ratio": 0.5, "lr": -1}, "lr"), ({"ratio": 0.5, "warmup": 2}, "warmup"),
+                                      ({"ratio": 0.5, "lr": -1}, "lr"), ({"ratio": 0.5, "lr": 1e300}, "^lr: expected at most"),
+                                      ({"ratio": 0.5, "warmup": 2}, "warmup"),
                                       ({"ratio": 0.5, "resume": True}, "resume"),
                                       ({"ratio": 0.5, "seed": None}, "seed"), ({"ratio": 0.5, "seed": 2**64}, "seed"),
                                       ({"ratio": 0.5, "time_budget_s": True}, "time_budget_s")])

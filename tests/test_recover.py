@@ -213,6 +213,7 @@ def test_a_checkpoint_of_other_settings_is_refused(llama, tmp_path):
     ({"lr": 0}, "lr: expected a positive finite number, got 0"),
     ({"lr": -1e-3}, "lr: expected a positive finite number"),
     ({"lr": float("nan")}, "lr: expected a positive finite number"),
+    ({"lr": 1e300}, "lr: expected at most float32's largest number, 3.4e+38, got 1e+300"),
     ({"train": "mlp"}, "train: expected one of o_proj, attention, got 'mlp'"),
     ({"time_budget_s": 0}, "time_budget_s: expected a positive number"),
     ({"checkpoint_every": 0}, "checkpoint_every: expected a positive int"),

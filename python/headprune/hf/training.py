@@ -47,6 +47,9 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         steps = count_arg("steps", steps, f"a positive int{' or None' if open_ended else ''}")
     if as_real(lr) is None or not 0 < lr:
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
+    if lr > torch.finfo(torch.float32).max:  # the optimizers' float32 state overflows inside their step
+        raise ValueError(f"lr: expected at most float32's largest number, {torch.finfo(torch.float32).max:.3g}, "
+                         f"got {lr!r}")
     if time_budget_s is not None and not (budget is not None and budget > 0):
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
     return steps, count_arg("checkpoint_every", checkpoint_every), None if time_budget_s is None else budget
