@@ -163,3 +163,19 @@ def test_value_moments_of_activations_that_are_not_finite_are_refused():
         model.encoder.layer[1].attention.self.value.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"^batches: the second moments of site .*1.* hold NaN or inf"):
         collect_values(model, [tiny_batch("bert")], {1: [0]}, progress=False)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_position_bias_mask_under_half_autocast_masks(impl):
+    """T5 under float16 autocast builds a float32 mask filled at float16's minimum (-65504),
+    which the op read as a visible key: padded and future keys were counted, so the
+    length-normalised entropy and the first key's mass were those of a longer row."""
+    batch = tiny_batch("t5", seq=11)
+    batch["attention_mask"] = batch["attention_mask"].flip(1)  # left padding: the first key a pad
+    model = tiny_model("t5", attn_implementation=impl)
+    ref = collect(model, [batch], progress=False)
+    with torch.autocast("cpu", dtype=torch.float16):
+        half = collect(model, [batch], progress=False)
+    assert torch.equal(half.count, ref.count)
+    for score in ("normalized", "sink"):
+        assert (half.score(score) - ref.score(score)).abs().max().item() < 1e-2, score  # 6e-4 measured; 0.13 masked wrong

@@ -18,11 +18,16 @@ __all__ = ["effective_mask", "fix_half_mask", "logit_scale", "softcapped_stats"]
 _SOFTCAP_CHUNK = 1 << 24
 
 
-def fix_half_mask(mask):
+def fix_half_mask(mask, like=None):
     """Half-precision additive masks use ``finfo.min`` (-65504 in fp16), which the op would
-    read as a finite logit: turn masked entries into ``-inf``."""
-    if mask is not None and mask.dtype in (torch.float16, torch.bfloat16):
-        mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    read as a finite logit: turn masked entries into ``-inf``. ``like``: the keys' dtype, for a
+    wider mask filled at the keys' minimum (T5's position-bias mask under float16 autocast is
+    float32, filled at float16's)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    half = [t for t in (mask.dtype, like) if t in (torch.float16, torch.bfloat16)]
+    if half:
+        mask = mask.masked_fill(mask <= max(torch.finfo(t).min for t in half) / 2, float("-inf"))
     return mask
 
 
@@ -37,7 +42,7 @@ def effective_mask(impl, module, query, key, mask, kwargs):
     if impl == "eager":  # eager adds its (always explicit) mask and bias, nothing implicit
         if bias is not None:
             mask = bias if mask is None else (torch.where(mask, bias, float("-inf")) if mask.dtype == torch.bool else bias + mask)
-        return key, fix_half_mask(mask), False
+        return key, fix_half_mask(mask, key.dtype), False
     # mirrors transformers.integrations.sdpa_attention.sdpa_attention_forward
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -48,7 +53,7 @@ def effective_mask(impl, module, query, key, mask, kwargs):
     if bias is not None:
         mask = create_position_bias_mask(bias, mask, is_causal, query, key)
         is_causal = False
-    return key, fix_half_mask(mask), is_causal
+    return key, fix_half_mask(mask, key.dtype), is_causal
 
 
 def logit_scale(query, kwargs) -> float:
