@@ -282,6 +282,20 @@ def test_collection_inside_gates_is_refused():
     headprune.collect(model, batches)
 
 
+def test_saving_inside_gates_is_refused(tmp_path):
+    """save_pruned and export_gguf wrote the ungated weights of a model evaluated gated."""
+    from headprune.hf.gguf_export import export_gguf
+
+    model = _llama()
+    with headprune.gates(model, init=0.0):
+        with pytest.raises(ValueError, match=r"^model: is inside a headprune.gates block, whose gates the saved"):
+            headprune.save_pruned(model, tmp_path / "out")
+        with pytest.raises(ValueError, match=r"^model: is inside a headprune.gates block, whose gates the written"):
+            export_gguf(model, tmp_path / "out.gguf")
+    assert not list(tmp_path.iterdir())
+    headprune.save_pruned(model, tmp_path / "out")
+
+
 def test_pruning_nothing_leaves_the_model_unpruned(tmp_path):
     """prune_heads(m, {}) (select_heads' answer at ratio 0) marked the model as pruned, so
     statistics collected after it were refused as not of the unpruned model."""

@@ -43,6 +43,7 @@ import torch
 from .. import atomic
 from ..core.modules import compiled_over, uncompiled
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
+from .gates import refuse_gated
 from .gguf_source import check_source, read_source
 
 __all__ = ["export_gguf", "export_architecture", "gguf_architecture", "gguf_attention_bias", "gguf_header", "drop_gguf_quantizer", "unpermute"]
@@ -94,6 +95,7 @@ def _check_model(model) -> tuple:
     if nested := [n for n, in_place in compiled_over(model, model.modules()) if n and not in_place]:
         raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; export the model whose "
                          "layers are not wrapped (compile in place with module.compile(), or export before compiling)")
+    refuse_gated(model, "export_gguf", why=", whose gates the written weights do not hold")
     adapter = get_adapter(model)
     family = _family(adapter)  # a family it writes first
     get = getattr(model, "get_output_embeddings", None)

@@ -26,6 +26,7 @@ from ..core.modules import check_module, compiled_over, uncompiled
 from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
+from .gates import refuse_gated
 from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
 from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
@@ -62,6 +63,7 @@ def save_pruned(
         raise ValueError(f"model: {nested[0]} is a torch.compile wrapper inside the model; save the model whose layers "
                          "are not wrapped (compile in place with module.compile(), or save before compiling)")
     refuse_records_elsewhere(model)
+    refuse_gated(model, "save_pruned", why=", whose gates the saved weights do not hold")
     adapter = get_adapter(model)
     sites = resolve_sites(model, adapter)
     if getattr(model, STATE_ATTR, None) is None:  # never pruned: the config it has is what the save writes
