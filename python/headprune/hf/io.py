@@ -37,7 +37,7 @@ from .records import set_record
 from .saved import original_config, saved_layout, saves_offloaded
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
-from .weights import load_generation_config, load_state, read_weights
+from .weights import load_generation_config, load_state, own_memory, read_weights
 
 __all__ = ["save_pruned", "load_pruned", "read_metadata", "METADATA_FILE"]
 
@@ -120,9 +120,8 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
         with _declared_biases(model, sites, adapter, declare):
             model.save_pretrained(path, safe_serialization=True)
     else:
-        # The config cannot express this layout: write the original one and the state dict
-        # under another file name (plain loading finds no weights and stops) and the module names, which
-        # load_pruned maps onto a re-pruned fresh model (save_pretrained may rename keys).
+        # The config cannot express this layout: the original config and the state dict under another file name
+        # (plain loading finds no weights), which load_pruned maps onto a re-pruned model (save_pretrained renames keys).
         from safetensors.torch import save_model
 
         save_model(model, os.path.join(path, WEIGHTS_FILE))
@@ -334,6 +333,7 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
                                         **{**kw, **wide})
         if mixed:
             cast_as_stored(model, types)
+        own_memory(model)
         _check_counts(meta, model, file)
     if kv is not None and kv != meta["kv_heads"]:
         raise ValueError(f"path: {file} has kv_heads {str(meta['kv_heads'])[:80]}; pruning the original "
