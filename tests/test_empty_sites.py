@@ -57,3 +57,22 @@ def test_a_cache_that_is_not_transformers_cache_is_left_alone():
     cache = transformers.DynamicCache()
     _advance_cache(module, cache, torch.zeros(1, 3, 8), cross=False)
     assert cache.get_seq_length(0) == 3
+
+
+def test_selection_on_a_model_with_an_emptied_layer():
+    """A layer pruned to no head: select_heads(uniform=True, gqa="group") divided by its zero
+    heads, select_measured(gqa="group") refused its unit size as another, and counts={layer: 0}
+    was refused as out of [0, 0]."""
+    from hf_tiny import tiny_batch
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(tiny_config("llama", num_hidden_layers=3)).eval()
+    headprune.prune_heads(model, {1: [0, 1, 2, 3]})
+    batches = [tiny_batch("llama", seed=s) for s in range(2)]
+    scores = headprune.collect(model, batches, progress=False, moments=True)
+    with pytest.raises(ValueError, match=r"^uniform: the sites have different head layouts"):
+        headprune.select_heads(scores, ratio=0.5, gqa="group", uniform=True)
+    chosen = headprune.select_heads(scores, counts={2: 2, 1: 0}, gqa="even")
+    assert list(chosen) == [2] and len(chosen[2]) == 2
+    heads, _ = headprune.select_measured(model, batches, scores, ratio=0.5, gqa="group")
+    assert list(heads) == [2] and len(heads[2]) == 2  # a group of the one layer neither protected nor empty

@@ -382,7 +382,7 @@ def select_measured(model, batches, scores: HeadScores, *, ratio: Optional[float
                                 protect_layers=protect_layers, min_heads_per_layer=min_heads_per_layer, damping=damping):
         raise ValueError("costs: measured with " + ", ".join(f"{k}={a!r}" for k, (a, _) in differ.items())
                          + ", not with " + ", ".join(f"{k}={b!r}" for k, (_, b) in differ.items()) + "; measure again")
-    size, *more = sorted(set(unit_sizes(scores, gqa)))
+    size, *more = sorted({u for u, h in zip(unit_sizes(scores, gqa), scores.num_heads) if h} or {1})  # emptied: none
     if more:
         raise ValueError(f"gqa: the sites' units have different sizes {[size, *more]}; measured allocation needs one")
     want = budget(ratio, count, sum(scores.num_heads) // size) * size

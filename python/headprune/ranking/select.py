@@ -175,7 +175,7 @@ def _check_counts(counts, scores: HeadScores, min_heads: int, gqa: str) -> dict:
     size, items = unit_sizes(scores, gqa), _by_layer(counts, "counts", "heads to remove", scores)
     for layer, n in items:
         top = scores.num_heads[layer] - min_heads * size[layer]
-        if as_count(n) is None or n > top:
+        if as_count(n) is None or n > max(top, 0):  # 0 always (a site with no head to spare gives none)
             units = f" units of {size[layer]} heads" * (size[layer] > 1)
             raise ValueError(f"counts: layer {layer}: expected an int in [0, {max(top, 0)}] (its {scores.num_heads[layer]} "
                              f"heads less min_heads_per_layer={min_heads}{units}), got {n!r}")
@@ -223,7 +223,7 @@ def _select_even(scores, ranked, recipe, gqa, ratio, count, scope, min_heads, un
     kv = list(scores.num_kv_heads)
     whole = gqa == "group"
     if whole:  # a unit is a group (uniform only: one group size): the budget counts groups
-        sizes = {hq // (k or hq) for hq, k in zip(scores.num_heads, kv)}
+        sizes = {hq // (k or hq) for hq, k in zip(scores.num_heads, kv) if hq} or {1}  # a site left with no head: none
         want_heads = budget(ratio, count, sum(scores.num_heads) // max(sizes)) * max(sizes)
     else:
         want_heads = budget(ratio, count, sum(scores.num_heads))
