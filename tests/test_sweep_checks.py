@@ -95,11 +95,12 @@ def test_a_cell_whose_layout_removes_another_number_of_heads_says_so():
                         "groups": [{"1": [0, 1]}]}}
     text = sweep_markdown(result)
     row = [line for line in text.splitlines() if line.startswith("| 0.40")][0]
-    assert row.startswith("| 0.40 | 11 * | 11.5 (50% of heads) * | 11.2 (25% of heads) |")
-    assert "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws" in text
+    assert row == "| 0.40 | 11 * | 11.5 (50% of heads) * | 11.2 (25% of heads) | 12.49 (38% of heads) | 12-13 |"
+    assert ("`(x% of heads)`: the share of the heads removed, where the recipe's layout removes another number of "
+            "heads than the random draws") in text
     result["random_heads"] = [[3, 2]]  # even layouts drawn over the whole model can differ: no cell matches both
     row = [line for line in sweep_markdown(result).splitlines() if line.startswith("| 0.40")][0]
-    assert row.startswith("| 0.40 | 11 (38% of heads) * | 11.5 (50% of heads) * | 11.2 (25% of heads) |")
+    assert row == "| 0.40 | 11 (38% of heads) * | 11.5 (50% of heads) * | 11.2 (25% of heads) | 12.49 (25%-38% of heads) | 12-13 |"
     del result["random_heads"]  # earlier results files: as before
     assert "of heads)" not in sweep_markdown(result)
 

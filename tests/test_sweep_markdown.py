@@ -131,6 +131,16 @@ def test_the_sweep_plot_draws_the_ratios_in_order(tmp_path, monkeypatch):
     assert ([0.1, 0.5], [11.0, 30.0]) in drawn  # the recipe, and the random mean (a geometric mean: rounding)
     assert any(x == [0.1, 0.5] and y == pytest.approx([12.0, 25.0]) for x, y in drawn)
 
+    # each point where the heads it removed put it: a layout that rounds to no head sat at 0.3 as if
+    # it pruned 30% at no cost, and the draws' band at a fraction they did not remove
+    drawn.clear()
+    result = {**_result([[12.0, 13.0], [20.0, 25.0]]), "heads_total": 10, "random_heads": [[2, 2], [5, 5]],
+              "recipes": {"default": [11.0, 18.0], "uniform": [10.0, 19.0]},
+              "heads": {"default": [{"1": [1, 2, 3]}, {"0": [1, 2], "1": [0, 1, 2]}], "uniform": [{}, {"0": [1], "1": [1]}]}}
+    plots.sweep_plot(result, tmp_path / "s.png")
+    assert ([0.3, 0.5], [11.0, 18.0]) in drawn and ([0.0, 0.2], [10.0, 19.0]) in drawn
+    assert any(x == [0.2, 0.5] and y == pytest.approx([12.49, 22.36], abs=0.01) for x, y in drawn)
+
 
 def test_the_pictures_leave_the_callers_matplotlib_as_it_was(tmp_path):
     """Drawing switched the process's backend to Agg (a notebook's inline backend with it) and

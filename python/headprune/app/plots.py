@@ -124,9 +124,17 @@ def sweep_plot(result: dict, path: Path) -> Path:
 
     order = sorted(range(len(result["ratios"])), key=result["ratios"].__getitem__)  # lines left to right
     pick = lambda rows: [rows[i] for i in order] if rows else rows  # noqa: E731
+    total, heads, drawn = result.get("heads_total"), result.get("heads", {}), result.get("random_heads") or []
+
+    def removed(rows):  # each point where its heads put it: a layout can round to another number of heads
+        return [sum(rows[i]) / len(rows[i]) / total for i in order]
+
+    xs = {k: removed([[sum(map(len, h.values()))] for h in heads[k]]) for k in result["recipes"]
+          if total and len(heads.get(k) or ()) == len(order)}
     result = {**result, "ratios": pick(result["ratios"]), "random": pick(result["random"]),
               "recipes": {k: pick(v) for k, v in result["recipes"].items()}}
     ratios = result["ratios"]
+    at = removed(drawn) if total and len(drawn) == len(order) and all(drawn) else ratios
     metric = result["metric"]
     fig = _figure(figsize=(10.0, 4.2))
     ax = fig.subplots()
@@ -134,14 +142,14 @@ def sweep_plot(result: dict, path: Path) -> Path:
     if rnd.numel():  # a sweep of no random draws (seeds=0) has no band
         lo, hi = rnd.min(1).values, rnd.max(1).values
         seeds = f"{rnd.shape[1]} seed{'s' * (rnd.shape[1] != 1)}"
-        ax.fill_between(ratios, lo, hi, color="grey", alpha=0.3, label=f"random ({seeds}, min-max)")
-        ax.plot(ratios, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
+        ax.fill_between(at, lo, hi, color="grey", alpha=0.3, label=f"random ({seeds}, min-max)")
+        ax.plot(at, [random_mean(row, result.get("lower_is_better", False)) for row in result["random"]],
                 color="grey", ls="--", lw=1)
     default = result.get("default_recipe")
     colours, markers = colormaps["tab20"], "osD^vPX<>*"  # a colour and marker each: the default cycle has 10
     for i, (name, values) in enumerate(result["recipes"].items()):
         main = name == default
-        ax.plot(ratios, values, marker=markers[i % len(markers)], color=colours(i % 20), lw=2.5 if main else 1.2,
+        ax.plot(xs.get(name, ratios), values, marker=markers[i % len(markers)], color=colours(i % 20), lw=2.5 if main else 1.2,
                 zorder=3 if main else 2,
                 label=(name if name.endswith("default") else f"{name} (the default)") if main else name)
     ax.axhline(result["baseline"], color="black", lw=0.8, ls=":", label="unpruned")
@@ -151,7 +159,7 @@ def sweep_plot(result: dict, path: Path) -> Path:
         ax.set_yscale("log")
         for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 31.2, not 3.12x10^1
             axis(FuncFormatter(lambda v, _: f"{v:.4g}"))
-    ax.set_xlabel("fraction of heads pruned")
+    ax.set_xlabel("fraction of heads pruned" + (" (the heads each point removed)" if xs else ""))
     ax.set_ylabel(metric + (" (lower is better)" if result.get("lower_is_better") else " (higher is better)"))
     ax.set_title(f"{result['model']}: {metric} on held-out text ({result['data']})", fontsize=9)
     fig.legend(*ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.66, 0.5), fontsize=7,

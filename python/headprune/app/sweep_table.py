@@ -34,7 +34,7 @@ def sweep_markdown(result: dict) -> str:
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
-        cells = [fraction_text(r)]
+        cells, marked = [fraction_text(r)], False
         for n in names:
             v = result["recipes"][n][i]
             if r > 0 and n in heads and not sum(map(len, heads[n][i].values())):
@@ -48,18 +48,21 @@ def sweep_markdown(result: dict) -> str:
             uneven = k is not None and {k} != set(drawn)  # its layout removes another number of heads than the draws
             if uneven:
                 other.add(n)
+                marked = True
                 better = better and k >= max(drawn)
             cells.append(number(v) + (f" ({k / result['heads_total']:.0%} of heads)" if uneven else "")
                          + (" *" if better else ""))
         if rnd:
             span = [number(min(rnd)), number(max(rnd))] if not any(map(math.isnan, rnd)) else ["nan"] * 2
-            cells += [number(mean), "-".join(span)]  # (min and max of NaN depended on where it was)
+            # (min and max of NaN depended on where it was)
+            cells += [number(mean) + (_drawn_share(result, i) if marked else ""), "-".join(span)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _star_notes(draws, mean_name, apart)
     if other:
-        lines += ["", "`(x% of heads)`: the recipe's layout removes another number of heads than the random draws "
-                      "at that fraction (or the draws differ among themselves); starred only where it removes at "
-                      "least as many as each draw."]
+        lines += ["", "`(x% of heads)`: the share of the heads removed, where the recipe's layout removes another "
+                      "number of heads than the random draws at that fraction (or the draws differ among themselves), "
+                      "and beside the random mean the draws' share there; starred only where it removes at least as "
+                      "many as each draw."]
     if result.get("output_refit_only") and result.get("values") and result.get("removal") == "refit":
         only = ", ".join(f"`{n}`" for n in result["output_refit_only"])
         lines += ["", f"{only}: output columns refit only (a calibration layer by layer or round by round does not "
@@ -129,6 +132,14 @@ def _star_notes(draws: int, mean_name: str, apart: list) -> list:
                       "heading names), so not starred either way: a random baseline of their own removal is what "
                       "they compare with."]
     return lines
+
+
+def _drawn_share(result: dict, i: int) -> str:
+    """The random draws' share of the heads at the ``i``-th ratio, as the marks of the recipes
+    that remove another number of heads give theirs."""
+    drawn, total = result["random_heads"][i], result["heads_total"]
+    low, high = f"{min(drawn) / total:.0%}", f"{max(drawn) / total:.0%}"
+    return f" ({low if low == high else low + '-' + high} of heads)"
 
 
 def budgets(result: dict, name: str, i: int) -> tuple:
