@@ -297,3 +297,27 @@ def test_the_uniform_row_measures_its_first_layer_with_the_bias_its_removal_refi
     S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
                 {"uniform": {"uniform": True}}, batches=batches)
     assert seen == [True]
+
+
+def test_a_uniform_layout_refit_without_the_bias_is_not_starred_against_draws_refit_with_it(monkeypatch):
+    """On mistral (qwen2, phi3) the uniform row is refit without the output bias its config
+    cannot declare, the draws with it: the table starred one against the other without a word."""
+    import headprune.app.sweep as S
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.app.load import Loaded
+    from headprune.app.sweep_table import sweep_markdown
+    from headprune.hf import collect
+
+    model, batches = tiny_model("mistral"), [tiny_batch("mistral", seed=s) for s in range(2)]
+    scores = collect(model, batches, moments=True, progress=False)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})  # every cell better than the draws
+    config = S.SweepConfig(model="tiny", ratios=[0.25], seeds=1, quiet=True, eval_windows=1)
+    result = S.run_sweep(config, Loaded(model, None, "causal", "tiny"), scores, [], {"data": "x"},
+                         {"default": {}, "uniform": {"uniform": True}}, batches=batches)
+    assert result["unbiased"] == ["uniform"]
+    result["random"] = [[2.0]]
+    text = sweep_markdown(result)
+    row = [line for line in text.splitlines() if line.startswith("| 0.25")][0]
+    assert row.split(" | ")[1].endswith("*") and not row.split(" | ")[2].endswith("*"), row
+    assert "`uniform`: kept heads refit without the output bias" in text

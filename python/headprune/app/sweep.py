@@ -17,8 +17,7 @@ from .report import number
 from .sweep_table import fraction_text, random_mean
 from .texts import rebatch
 
-#: how removed heads are replaced (``removal`` of a recipe or a config): a least-squares refit
-#: of the kept heads' columns, their mean output, or nothing
+#: how removed heads are replaced (``removal``): a least-squares refit of the kept columns, their mean output, or nothing
 REMOVALS = ("refit", "mean", "zero")
 
 #: name -> select_heads keyword arguments, plus optional ``removal`` (default: the config's),
@@ -123,8 +122,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     ``measured``: a dict that keeps each measured-allocation recipe's layer costs by name,
     to share them with later sweeps of the same model, scores and batches (they do not depend
     on the evaluation text). ``values_cache``: a dict that keeps value moments by selection (each
-    hundreds of MB on a small encoder), to share them with later sweeps of the same model and
-    batches; without it each is dropped once evaluated."""
+    hundreds of MB on a small encoder) for later sweeps of the same model and batches."""
     recipes = RECIPES if recipes is None else recipes
     off = refit_only(recipes, config.removal)
     if off:
@@ -143,6 +141,8 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     if point.values:  # said under the table, whose heading names the value refit
         result["output_refit_only"] = [k for k, kw in recipes.items() if kw.get("removal", config.removal) == "refit"
                                        and not refits_values(kw, True)]
+    result["unbiased"] = [k for k, kw in recipes.items() if not refit_bias_of(  # as prune --uniform refits those
+        loaded.model, kw.get("uniform"), kw.get("removal", config.removal), refits_values(kw, point.values))]
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
     state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
     t0 = time.perf_counter()

@@ -30,7 +30,8 @@ def sweep_markdown(result: dict) -> str:
     lines = [_heading(result, draws), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     heads, empty, other = result.get("heads", {}), set(), set()  # (no head): the unpruned model
     removal = draws_removal(result)  # the random draws'
-    apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal]
+    apart = [n for n in names if result.get("recipe_settings", {}).get(n, {}).get("removal", removal) != removal
+             or n in result.get("unbiased", ())]
     for i, r in enumerate(result["ratios"]):
         rnd = result["random"][i] if draws else []
         mean = random_mean(rnd, lower) if rnd else None
@@ -58,6 +59,9 @@ def sweep_markdown(result: dict) -> str:
             cells += [number(mean) + (_drawn_share(result, i) if marked else ""), "-".join(span)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += _star_notes(draws, mean_name, apart)
+    if result.get("unbiased"):
+        lines += ["", f"{', '.join(f'`{n}`' for n in result['unbiased'])}: kept heads refit without the output bias, "
+                      "which the model's config cannot declare for a uniform layout (as `prune --uniform` saves it)."]
     if other:
         lines += ["", "`(x% of heads)`: the share of the heads removed, where the recipe's layout removes another "
                       "number of heads than the random draws at that fraction (or the draws differ among themselves), "
