@@ -102,6 +102,8 @@ def test_kv_bytes_per_token_are_what_the_cache_grows_by(family, heads):
     got = measure(model)
     assert got["kv_cache_bytes_per_token"] * 16 == cached(40) - cached(24)  # every window (4 tokens) is behind
     assert got["kv_cache_window_sites"] == {"llama": 0, "mistral": 2, "qwen2": 1, "gemma2": 1}[family]
+    # before the windows (4 tokens, 3 kept between steps) fill, every layer grows
+    assert got["kv_cache_bytes_per_token"] + (got["kv_cache_window_bytes_per_token"] or 0) == cached(3) - cached(2)
     assert measure(tiny_model("bert"))["kv_cache_bytes_per_token"] is None  # no causal site
 
 
@@ -263,6 +265,11 @@ def test_the_summary_says_which_layers_the_kv_row_leaves_out():
          "kv_cache_dtype": "float32", "parameters": 10, "attention_flops_per_token": 5}
     assert "| KV cache bytes per token (float32), 1 sliding-window layer left out | 64 |" in \
         summary_table({"before": m, "after": m}, "perplexity")
+    # every layer windowed (Mistral 7B v0.1): the per-token row was 0 and left out, with no other
+    before, after = ({**m, "kv_cache_bytes_per_token": 0, "kv_cache_window_sites": 2, "kv_cache_window_bytes_per_token": n}
+                     for n in (64, 32))
+    assert ("| KV cache bytes per token (float32) of the 2 sliding-window layers, until their windows fill | 64 | 32 | "
+            "-50.0% |") in summary_table({"before": before, "after": after}, "perplexity")
 
 
 def test_a_recipe_removed_otherwise_than_the_random_draws_is_not_starred():

@@ -53,14 +53,16 @@ def _cache_windows(model, n: int) -> list:
 
 def _kv_bytes(model, adapter, sites, counts, width: int) -> tuple:
     """``(bytes the KV cache grows by per token past every window, causal sites whose cache a
-    window keeps)``: keys and values of each causal self-attention site, one zero each per
-    token for a site with no head left (see ``headprune.hf.empty``), ``None`` without a causal site."""
+    window keeps, bytes their caches grow by per token until their windows fill)``: keys and
+    values of each causal self-attention site, one zero each per token for a site with no head
+    left (see ``headprune.hf.empty``); ``None`` without a causal site (or a windowed one)."""
     causal = [(s, c) for s, c in zip(sites, counts) if s.block.causal]
     if not causal:
-        return None, 0
+        return None, 0, None
     windows = _cache_windows(model, len(causal))
-    grows = sum(2 * width * (c[1] * head_dim(s, adapter) if c[1] else 1) for (s, c), w in zip(causal, windows) if w is None)
-    return grows, sum(w is not None for w in windows)
+    per = [2 * width * (c[1] * head_dim(s, adapter) if c[1] else 1) for s, c in causal]
+    windowed = [b for b, w in zip(per, windows) if w is not None]
+    return sum(b for b, w in zip(per, windows) if w is None), len(windowed), sum(windowed) if windowed else None
 
 
 def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
@@ -69,7 +71,8 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
     (default: the model's own float type), so that two models held in different types compare at
     one type. Layers whose cache a sliding window keeps (Mistral, Qwen2's upper layers, Gemma 2's
     local layers) stop growing at the window, so they are left out of that figure and counted in
-    ``kv_cache_window_sites``."""
+    ``kv_cache_window_sites``; ``kv_cache_window_bytes_per_token`` is what their caches grow
+    by per token until then."""
     context = count_arg("context", context)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a torch float type (torch.float16, say) or None, got {dtype!r}")
@@ -78,7 +81,7 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
     counts = [head_counts(s, adapter) for s in sites]
     dtype = dtype or next(model.parameters()).dtype
     context = min(context, max_positions(model, context))  # what it can take
-    kv_bytes, windowed = _kv_bytes(model, adapter, sites, counts, dtype.itemsize)
+    kv_bytes, windowed, window_bytes = _kv_bytes(model, adapter, sites, counts, dtype.itemsize)
     return {
         "parameters": parameter_count(model),
         "attention_flops_per_token": attention_flops_per_token(model, context),
@@ -87,6 +90,7 @@ def measure(model, context: int = DEFAULT_CONTEXT, dtype=None) -> dict:
         "kv_heads": sum(c[1] for c in counts),
         "kv_cache_bytes_per_token": kv_bytes,  # None without a causal site
         "kv_cache_window_sites": windowed,
+        "kv_cache_window_bytes_per_token": window_bytes,  # theirs, until each one's window fills
         "kv_cache_dtype": str(dtype).removeprefix("torch."),
     }
 
