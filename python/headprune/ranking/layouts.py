@@ -12,7 +12,10 @@ Which heads go follows the ranking: each head costs its unit's position in the p
 (:func:`~.units.rank_positions`), and the heads of a layout are those of least total cost
 (the ``g`` groups whose full removal costs least over losing their ``t`` cheapest heads, and
 the ``t`` cheapest of each other group). Across sites, :func:`allocate_even` grows the sites'
-layouts one step at a time, cheapest cost per head first, within the budget and the caps;
+layouts one step at a time, cheapest cost per head first, within the budget and the caps (a
+greedy growth: a step can commit to a layout whose only way further is a costlier one, so the
+total is not always the least any combination of layouts reaches; an exact fill takes over
+where the growth stalls short of the budget);
 :func:`allocate_kv` does the same with a bonus per whole group removed, the least with which
 at least a given number of KV heads go (``select_heads(..., kv_ratio=)``). Under a uniform
 selection, sites that read one position table (:func:`tied_sites`: T5's self-attention
