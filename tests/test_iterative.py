@@ -104,6 +104,11 @@ def test_kv_ratio_over_rounds_is_refused_and_one_round_keeps_it(monkeypatch):
     assert len(calls) == 1  # only "auto", which needs the statistics to count its rounds
     want = select_heads(scores, ratio=0.5, kv_ratio=0.25, gqa="even")
     assert select_iteratively(model, batches, steps=1, ratio=0.5, kv_ratio=0.25, gqa="even")[0] == want
+    # a uniform layout likewise (it collected and selected a round, then failed in the second)
+    calls.clear()
+    with pytest.raises(ValueError, match=r"^uniform: one layout for every layer is chosen in one selection, not in 2"):
+        select_iteratively(model, batches, steps=2, ratio=0.5, uniform=True)
+    assert not calls
 
 
 def test_sweep_iterative_recipes_nest_and_start_like_one_shot(monkeypatch):

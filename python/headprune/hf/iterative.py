@@ -86,7 +86,7 @@ def select_iteratively(
     if removal not in ("refit", "mean", "zero"):
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
     if steps != "auto":
-        _refuse_kv_rounds(steps, select_kwargs)  # before the first collection
+        _refuse_rounds(steps, select_kwargs)  # before the first collection
     gather = _gather(model, collect if collect_fn is None else collect_fn, removal, scores, select_kwargs)
     heads: dict = {}
     handles = []
@@ -97,7 +97,7 @@ def select_iteratively(
         want = budget(ratio, count, total)  # validates ratio/count once
         if steps == "auto":
             steps = auto_steps(want, total)
-        _refuse_kv_rounds(steps, select_kwargs)
+        _refuse_rounds(steps, select_kwargs)
         for step in range(1, steps + 1):
             if step > 1:
                 scores = gather(model, batches, progress=progress)
@@ -145,8 +145,12 @@ def _gather(model, gather, removal: str, scores, select_kwargs: dict):
     return partial(gather, moments=True)
 
 
-def _refuse_kv_rounds(steps: int, select_kwargs: dict) -> None:
+def _refuse_rounds(steps: int, select_kwargs: dict) -> None:
     """``kv_ratio`` is a share of the KV heads one selection removes: an early round's share of
-    the query heads cannot hold it (and would fail or take more than its share)."""
+    the query heads cannot hold it (and would fail or take more than its share); a uniform
+    layout is one selection too (a later round's would not keep the earlier heads)."""
     if steps > 1 and select_kwargs.get("kv_ratio"):
         raise ValueError(f"kv_ratio: applies to one selection, not to {steps} rounds; pass steps=1 or drop kv_ratio")
+    if steps > 1 and select_kwargs.get("uniform"):
+        raise ValueError(f"uniform: one layout for every layer is chosen in one selection, not in {steps} rounds; "
+                         "pass steps=1 or drop uniform")
