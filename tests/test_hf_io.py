@@ -145,10 +145,16 @@ def test_missing_metadata_is_named(tmp_path):
     for bad, message in [("abc", "settings: expected a dict or None, got str"),
                          ({"steps": torch.tensor(3)}, "settings: expected values JSON can hold"),
                          ({"loss": float("nan")}, r"settings: expected values JSON can hold \(settings\['loss'\] = nan is not"),
-                         ({"runs": [1, float("inf")]}, r"can hold \(settings\['runs'\]\[1\] = inf is not a finite")]:
+                         ({"runs": [1, float("inf")]}, r"can hold \(settings\['runs'\]\[1\] = inf is not a finite"),
+                         # JSON turned them into strings: read back as {"0": ...}, silently
+                         ({"per_layer": {0: 2}}, r"^settings: expected string keys, as JSON holds them; the key 0 of "
+                                                 r"settings\['per_layer'\] is not a string")]:
         with pytest.raises(TypeError, match=message):
             save_pruned(tiny_model("bert"), tmp_path / "m", settings=bad)
         assert not (tmp_path / "m").exists()
+    model = tiny_model("bert")  # as the tokenizer: its save_pretrained wrote over the directory's config
+    with pytest.raises(TypeError, match="tokenizer: expected a tokenizer or processor with save_pretrained, got Bert"):
+        save_pruned(model, tmp_path / "m", tokenizer=model)
 
 
 @pytest.mark.parametrize("family, build, heads", [

@@ -231,7 +231,8 @@ def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> N
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
-    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+    if tokenizer is not None and (not callable(getattr(tokenizer, "save_pretrained", None))
+                                  or isinstance(tokenizer, torch.nn.Module)):  # a model's would write over its files
         raise TypeError(f"tokenizer: expected a tokenizer or processor with save_pretrained, got "
                         f"{type(tokenizer).__name__}")
     if scores is not None and not isinstance(scores, HeadScores):
@@ -248,6 +249,19 @@ def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> N
             where = _not_finite(settings, "settings")
             raise TypeError(f"settings: expected values JSON can hold "
                             f"({f'{where} is not a finite number' if where else e})") from None
+        if where := _other_key(settings, "settings"):  # JSON would turn it into a string, read back as one
+            raise TypeError(f"settings: expected string keys, as JSON holds them; {where} is not a string")
+
+
+def _other_key(value, where: str) -> Optional[str]:
+    """Where in ``value`` (dicts and lists within) a dict key that is not a string lies, else ``None``."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        if isinstance(value, dict) and not isinstance(k, str):
+            return f"the key {k!r} of {where}"
+        if w := _other_key(v, f"{where}[{k!r}]"):
+            return w
+    return None
 
 
 def _not_finite(value, where: str) -> Optional[str]:
