@@ -102,8 +102,7 @@ def _replace_by(name, make):
 
 
 def _index(*shards, text=None):
-    """The weights as a shard index naming ``shards`` (without ``model.safetensors``, which
-    transformers, and so the checks, would read first)."""
+    """The weights as a shard index naming ``shards`` (not ``model.safetensors``, read first)."""
     weight_map = {f"t{i}": s for i, s in enumerate(shards)}
 
     def edit(path):
@@ -259,8 +258,9 @@ def test_load_checks_its_arguments(saved, tmp_path):
         load_pruned(3)
     with pytest.raises(FileNotFoundError, match="path: .* is not a directory"):
         load_pruned(saved / "uneven" / "headprune.json")
-    with pytest.raises(ValueError, match="device: expected a torch device such as cpu or cuda:0, got 'gpu0'"):
-        load_pruned(saved / "uneven", device="gpu0")
+    for device in ("gpu0", "meta"):  # meta: every weight was read, and the model came back with none
+        with pytest.raises(ValueError, match=f"device: expected a torch device that holds weights, .* got '{device}'"):
+            load_pruned(saved / "uneven", device=device)
 
 
 def _read_only(path, monkeypatch):

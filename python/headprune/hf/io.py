@@ -27,7 +27,7 @@ from ..stats.scores import HeadScores
 from .adapters import ADAPTERS, get_adapter, head_counts, resolve_sites
 from .attention import model_configs
 from .gates import refuse_gated
-from .files import cast_as_stored, first_line, read_json, read_header, safetensors_files, stored_float_types
+from .files import cast_as_stored, read_json, read_header, safetensors_files, stored_float_types
 from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
                        output_model, read_metadata, refuse_plain_loaded)
@@ -37,7 +37,7 @@ from .records import set_record
 from .saved import original_config, saved_layout, saves_offloaded
 from .verify import (ORIGINAL_FACTOR, check_size, compare, config_from, expected_tensors, from_pretrained_checked,
                      meta_model, optional_modules, refuse_differences)
-from .weights import load_generation_config, load_state, own_memory, read_weights
+from .weights import check_device, load_generation_config, load_state, own_memory, read_weights
 
 __all__ = ["save_pruned", "load_pruned", "read_metadata", "METADATA_FILE"]
 
@@ -279,30 +279,21 @@ def load_pruned(path, *, device: Optional[str] = None, attn_implementation: Opti
     float32: a tiny Llama's bfloat16 logits differed by 2e-3, as after plain ``save_pretrained`` and
     ``from_pretrained``).
 
-    A directory that transformers 4 pruned (``config.json`` with ``pruned_heads``) is read
-    too, into the same model headprune's pruning of those heads gives (see :mod:`.migrate`);
-    a folder ``headprune prune`` or ``recover`` wrote, as its ``model/``.
-
+    A directory that transformers 4 pruned (``config.json`` with ``pruned_heads``) is read too, into
+    the model headprune's pruning of those heads gives (:mod:`.migrate`); a folder ``headprune prune``
+    or ``recover`` wrote, as its ``model/``. ``device``: where the model goes (not ``meta``).
     Nothing in the directory is trusted. ``headprune.json`` is checked field by field; the
     model it declares is built on the meta device and compared tensor by tensor with the
     safetensors headers before anything is allocated; weights are read from safetensors only
     and transformers gets local files and local attention code only. A damaged directory
     raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming what is wrong.
-
-    ``attn_implementation``: the attention to build the model with (default: the one it was
-    saved with, or ``sdpa``, with a warning, where that one does not run here).
+    ``attn_implementation``: the attention to build the model with (default: the one it was saved
+    with, or ``sdpa``, with a warning, where that one does not run here).
     """
     path = _directory(path)
     path = output_model(path) or path  # a folder headprune prune or recover wrote: its model
     if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device: expected a torch device such as cpu or cuda:0, got {device!r}") from None
-        try:  # before the load: a device this torch cannot use failed after it
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise ValueError(f"device: {device!r} is not usable here ({first_line(e)})") from None
+        check_device(device)
     if is_transformers4_pruned(path):  # config.json's pruned_heads: read as headprune.json would say
         meta, file = transformers4_metadata(path), os.path.join(path, "config.json")
     else:

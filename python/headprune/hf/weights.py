@@ -88,3 +88,18 @@ def own_memory(model, align: int = 64) -> None:
             for name, b in module._buffers.items():
                 if b is not None and b.data_ptr() % align:
                     module._buffers[name] = b.clone()
+
+
+def check_device(device) -> None:
+    """Before the load: a device this torch cannot use failed after it; ``meta`` holds no
+    weights (the load read them all for nothing)."""
+    try:
+        meta = torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        meta = True
+    if meta:
+        raise ValueError(f"device: expected a torch device that holds weights, such as cpu or cuda:0, got {device!r}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device: {device!r} is not usable here ({first_line(e)})") from None
