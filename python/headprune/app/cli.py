@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("recover", help="distil a pruned directory toward its unpruned model (recovery)",
                          description="Train the attention projections (q, k, v, o) of a model pruned by headprune prune "
                                      "to match the unpruned model's outputs on calibration text (KL divergence of "
-                                     "next-token distributions; encoders: cosine of mean-pooled embeddings), and "
+                                     "next-token distributions; encoders: cosine of pooled embeddings), and "
                                      "save it with its quality before and after, on held-out and calibration text.",
                          **sub_kw)
     A.recover_args(rec)

@@ -6,8 +6,8 @@
   window in one more window that ends the stream, unless ``max_windows`` stops first). Where
   the tokenizer starts every text with a BOS token, each window starts with it and holds one
   token of the stream fewer.
-* Encoders: fidelity to the unpruned model (mean cosine similarity of mean-pooled
-  embeddings of held-out paragraphs) and a retrieval score: each held-out paragraph's first
+* Encoders: fidelity to the unpruned model (mean cosine similarity of the embeddings of
+  held-out paragraphs, pooled as the model's sentence-transformers pipeline pools them) and a retrieval score: each held-out paragraph's first
   sentence must find the rest of its own paragraph among all of them (top-1 accuracy, MRR).
 * Both: tokens/s of a forward pass (median of repeats) and, through the adapters, parameters
   and attention FLOPs per token.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.modules import input_device
+from ..hf.pooling import pool, pooling_of
 from .texts import bos_token, token_windows
 
 WINDOW = 256
@@ -125,19 +126,19 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
 @torch.no_grad()
 def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = FIDELITY_TOKENS,
           progress: bool = False) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings ``[N, hidden]`` (the sentence-transformers recipe) of
-    each text's first ``max_length`` tokens, padded on the right whatever the tokenizer's side
-    (left padding moves an absolute-position encoder's positions with the batch)."""
-    out = []
+    """L2-normalised embeddings ``[N, hidden]`` of each text's first ``max_length`` tokens, pooled
+    as the model's sentence-transformers pipeline pools them (the mean over the tokens without
+    one: :func:`headprune.hf.pooling.pooling_of`), padded on the right whatever the tokenizer's
+    side (left padding moves an absolute-position encoder's positions with the batch)."""
+    out, modes = [], pooling_of(model)
     device = input_device(model)
     max_length = min(max_length, max_positions(model, max_length))
     for i in tqdm(range(0, len(texts), batch_size), desc="headprune: embedding", unit="batch", disable=not progress,
                   leave=False):
         enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt", padding_side="right").to(device)
-        h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1).cpu())
+        h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        out.append(F.normalize(pool(h, enc["attention_mask"], modes), dim=-1).cpu())
     return torch.cat(out)
 
 

@@ -10,7 +10,8 @@ from ..stats.scores import HeadScores
 #: what a metric measures, in the table's words
 METRIC_WORDS = {"perplexity": "perplexity on held-out text",
                 "fidelity": "embedding fidelity on held-out text (mean cosine similarity to the unpruned model's "
-                            "mean-pooled embedding of each paragraph)"}
+                            "embedding of each paragraph, pooled as its sentence-transformers pipeline pools it: "
+                            "the mean over the tokens by default)"}
 
 
 def number(v: float) -> str:

@@ -10,7 +10,7 @@ least-squares refit, that site alone, and the model's distillation loss
 against itself unpruned is taken on a few calibration sequences (the first ones; the refit of
 the measurement leaves their tokens out of its moments, so a layer whose refit fits the
 calibration text better than other text does not look cheaper than it is): the KL divergence of
-the next-token distributions for causal LMs, 1 - cosine of the mean-pooled last hidden states
+the next-token distributions for causal LMs, 1 - cosine of the pooled last hidden states
 for encoders (the loss :func:`headprune.hf.recover` trains on). :func:`select_measured` picks the
 per-site counts of least summed cost that meet the budget (:func:`~headprune.ranking.allocation.allocate_by_cost`).
 
@@ -268,7 +268,7 @@ class _Measure:
         self.layers = _layers(self.model)
         with _Record(self.layers) as recorded:
             self.targets = [teacher(i, kw) for i, kw in enumerate(self.kws)]
-        self.outputs = recorded.outputs
+        self.outputs, self.modes = recorded.outputs, teacher.modes
         return self
 
     def __exit__(self, *exc):
@@ -282,7 +282,7 @@ class _Measure:
             loss = 0.0
             for i, (t, kw, n) in enumerate(zip(self.targets, self.kws, self.sizes)):
                 replay.batch = i
-                loss += _loss(self.model, t, kw).item() * n
+                loss += _loss(self.model, t, kw, self.modes).item() * n
         self.bar.update(1)
         return loss / self.rows
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import forward_kwargs
+from .pooling import pool, pooling_of
 
 __all__ = ["distillation_loss"]
 
@@ -17,13 +18,6 @@ def _kwargs(model, batch) -> dict:
     if "logits_to_keep" in kw:
         kw["logits_to_keep"] = 0  # every position's distribution
     return kw
-
-
-def _pool(h: torch.Tensor, mask) -> torch.Tensor:
-    """Mean over the valid positions: ``[B, S, hidden]`` -> ``[B, hidden]`` float32."""
-    m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device).float()
-    m = m.unsqueeze(-1)
-    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class _Teacher:
@@ -36,6 +30,7 @@ class _Teacher:
 
     def __init__(self, teacher, cache: bool):
         self.model, self.cache = teacher, ({} if cache else None)
+        self.modes = pooling_of(teacher)  # an encoder's, which the student's embedding is pooled by too
         get = getattr(teacher, "get_output_embeddings", None)
         self.head = get() if callable(get) else None
 
@@ -52,7 +47,7 @@ class _Teacher:
             if hook is not None:
                 hook.remove()
         if getattr(out, "logits", None) is None:
-            target = _pool(out.last_hidden_state, kw.get("attention_mask"))
+            target = pool(out.last_hidden_state, kw.get("attention_mask"), self.modes)
             entry = (False, target)
         else:
             target = out.logits
@@ -65,12 +60,13 @@ class _Teacher:
         return target
 
 
-def _loss(student, target: torch.Tensor, kw: dict) -> torch.Tensor:
-    """The distillation loss of one batch (see the module doc) against the teacher's ``target``."""
+def _loss(student, target: torch.Tensor, kw: dict, modes: tuple = ("mean_tokens",)) -> torch.Tensor:
+    """The distillation loss of one batch (see the module doc) against the teacher's ``target``
+    (an encoder's pooled by ``modes``, the teacher's :attr:`_Teacher.modes`)."""
     out = student(**kw)
     mask = kw.get("attention_mask")
     if getattr(out, "logits", None) is None:
-        return (1 - F.cosine_similarity(_pool(out.last_hidden_state, mask), target.float(), dim=-1)).mean()
+        return (1 - F.cosine_similarity(pool(out.last_hidden_state, mask, modes), target.float(), dim=-1)).mean()
     log_s = F.log_softmax(out.logits.float(), -1)
     log_t = F.log_softmax(target.float(), -1)
     per_token = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)
@@ -83,4 +79,5 @@ def _loss(student, target: torch.Tensor, kw: dict) -> torch.Tensor:
 def distillation_loss(student, teacher, batch) -> torch.Tensor:
     """The loss :func:`recover` minimises, on one batch (with gradients for the student)."""
     kw = _kwargs(student, batch)
-    return _loss(student, _Teacher(teacher, cache=False)(0, kw), kw)
+    targets = _Teacher(teacher, cache=False)
+    return _loss(student, targets(0, kw), kw, targets.modes)

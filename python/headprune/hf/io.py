@@ -32,6 +32,7 @@ from .gguf_export import drop_gguf_quantizer
 from .metadata import (DTYPES, FORMAT, METADATA_FILE, WEIGHTS_FILE, attention_to_load, check_save_arguments, model_class,
                        output_model, read_metadata, refuse_plain_loaded)
 from .migrate import is_transformers4_pruned, obsolete, transformers4_metadata
+from .pooling import sentence_files
 from .prune import STATE_ATTR, check_config, kept_heads, new_state, prune_heads, refuse_records_elsewhere
 from .records import set_record
 from .saved import original_config, saved_layout, saves_offloaded
@@ -137,6 +138,7 @@ def _write(model, path, adapter, sites, tokenizer, scores, settings) -> None:
             f.write(_NOT_PLAIN_README.format(arch=type(model).__name__, weights=WEIGHTS_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    sentence_files(model, path)  # the sentence-transformers pipeline of the directory it was read from
     meta = {
         "format": FORMAT,
         "model_type": adapter.model_type,

@@ -232,7 +232,7 @@ def _run(model, batches, params, gated, optimizer, fill, opens, steps, warmup, s
         target = teacher(index, kw)  # the ungated model: no gates are hooked here
         z = sample_gates(log_alpha, torch.Generator().manual_seed(seed * 1_000_003 + taken))
         with gates(model, values=z.masked_fill(~valid, 1.0), fill=fill):
-            distill = _loss(model, target, kw)
+            distill = _loss(model, target, kw, teacher.modes)
         value = finite_loss(distill, "learn_gates")
         optimizer.zero_grad(set_to_none=True)
         distill.backward()

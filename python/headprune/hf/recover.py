@@ -4,8 +4,9 @@ unpruned one (the teacher) on the calibration batches.
 * Causal LMs (the output has ``logits``): KL(teacher || student) of the next-token
   distributions at temperature 1, averaged over the valid (non-padded) positions (a
   classifier's ``[batch, classes]`` logits: over the batch).
-* Encoders (``last_hidden_state``): 1 - cosine similarity of the mean-pooled last hidden
-  states (the sentence-embedding fidelity itself), averaged over the batch.
+* Encoders (``last_hidden_state``): 1 - cosine similarity of the pooled last hidden states
+  (the sentence-embedding fidelity itself, pooled as :func:`~headprune.hf.pooling.pooling_of`
+  says: the mean over the valid tokens by default), averaged over the batch.
 
 Only the attention sites' projections train (``train``: ``"attention"``, the q/k/v/o weights
 and biases, or ``"o_proj"``, the output projections' only); everything else is frozen,
@@ -267,7 +268,7 @@ class _Validation:
         total = 0.0
         for i, batch in enumerate(self.batches):
             kw = _kwargs(student, batch)
-            total += float(_loss(student, self.targets(i, kw), kw))
+            total += float(_loss(student, self.targets(i, kw), kw, self.targets.modes))
         return total / len(self.batches)
 
     def measure(self, student, params: dict, step: int, closing: bool = False) -> None:
@@ -322,7 +323,7 @@ def _run(student, teacher, batches, params, steps, lr, budget, progress, ckpt, e
 
     def step(batch, index: int) -> float:
         kw = _kwargs(student, batch)
-        loss = _loss(student, targets(index, kw), kw)
+        loss = _loss(student, targets(index, kw), kw, targets.modes)
         value = finite_loss(loss, "recover")  # refused: the student is restored as on any exception
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
