@@ -1,6 +1,7 @@
 """Encoders' embeddings pooled as the model's sentence-transformers pipeline pools them, in
 fidelity and distillation, and the pipeline kept beside a pruned model's weights."""
 
+import copy
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hf_tiny import tiny_batch, tiny_model
 
-from headprune.app.evaluate import embed
+from headprune.app.evaluate import embed, encoder_quality
 from headprune.hf import load_pruned, prune_heads, save_pruned
 from headprune.hf.distil import distillation_loss
 from headprune.hf.pooling import MODES, pool, pooling_of
@@ -82,6 +83,12 @@ def test_a_first_token_pipeline_pools_fidelity_and_distillation_and_is_saved(tmp
     with torch.no_grad():
         h = model(**enc).last_hidden_state
     torch.testing.assert_close(embed(model, Tok(), texts), F.normalize(h[:, 0], dim=-1))
+    # a pruned copy saved without the pipeline is compared as its reference was pooled
+    plain = copy.deepcopy(model)
+    plain.config._name_or_path = ""
+    reference = {"embeddings": embed(model, Tok(), texts), "pooling": ["cls_token"]}
+    got = encoder_quality(plain, Tok(), texts, reference=reference, retrieval=False)
+    assert got["fidelity"] == pytest.approx(1.0) and got["pooling"] == ["cls_token"]
     batch = tiny_batch("bert")
     student = transformers.BertModel.from_pretrained(tmp_path / "m").eval()
     prune_heads(student, {0: [1]})

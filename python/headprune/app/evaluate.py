@@ -7,8 +7,9 @@
   the tokenizer starts every text with a BOS token, each window starts with it and holds one
   token of the stream fewer.
 * Encoders: fidelity to the unpruned model (mean cosine similarity of the embeddings of
-  held-out paragraphs, pooled as the model's sentence-transformers pipeline pools them) and a retrieval score: each held-out paragraph's first
-  sentence must find the rest of its own paragraph among all of them (top-1 accuracy, MRR).
+  held-out paragraphs, pooled as the model's sentence-transformers pipeline pools them) and a
+  retrieval score: each held-out paragraph's first sentence must find the rest of its own
+  paragraph among all of them (top-1 accuracy, MRR).
 * Both: tokens/s of a forward pass (median of repeats) and, through the adapters, parameters
   and attention FLOPs per token.
 """
@@ -125,12 +126,13 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
 
 @torch.no_grad()
 def embed(model, tokenizer, texts: list, *, batch_size: int = 32, max_length: int = FIDELITY_TOKENS,
-          progress: bool = False) -> torch.Tensor:
+          progress: bool = False, modes: tuple | None = None) -> torch.Tensor:
     """L2-normalised embeddings ``[N, hidden]`` of each text's first ``max_length`` tokens, pooled
     as the model's sentence-transformers pipeline pools them (the mean over the tokens without
     one: :func:`headprune.hf.pooling.pooling_of`), padded on the right whatever the tokenizer's
-    side (left padding moves an absolute-position encoder's positions with the batch)."""
-    out, modes = [], pooling_of(model)
+    side (left padding moves an absolute-position encoder's positions with the batch); ``modes``:
+    another pooling (another model's, to compare with its embeddings)."""
+    out, modes = [], tuple(modes or pooling_of(model))
     device = input_device(model)
     max_length = min(max_length, max_positions(model, max_length))
     for i in tqdm(range(0, len(texts), batch_size), desc="headprune: embedding", unit="batch", disable=not progress,
@@ -169,15 +171,16 @@ def retrieval_score(q_emb: torch.Tensor, d_emb: torch.Tensor) -> dict:
 
 def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None = None, progress: bool = False,
                     retrieval: bool = True) -> dict:
-    """Embedding fidelity (vs ``reference['embeddings']``, 1.0 for the model itself) and, with
-    ``retrieval``, the retrieval score."""
-    emb = embed(model, tokenizer, paragraphs, progress=progress)
+    """Embedding fidelity (vs ``reference['embeddings']``, 1.0 for the model itself, pooled as the
+    reference was) and, with ``retrieval``, the retrieval score."""
+    modes = tuple((reference or {}).get("pooling") or pooling_of(model))  # a pruned copy saved without the pipeline
+    emb = embed(model, tokenizer, paragraphs, progress=progress, modes=modes)
     queries, docs = retrieval_pairs(paragraphs) if retrieval else ([], [])
-    res = (retrieval_score(embed(model, tokenizer, queries, progress=progress),
-                           embed(model, tokenizer, docs, progress=progress)) if queries else {})
+    res = (retrieval_score(embed(model, tokenizer, queries, progress=progress, modes=modes),
+                           embed(model, tokenizer, docs, progress=progress, modes=modes)) if queries else {})
     fid = 1.0 if reference is None else F.cosine_similarity(emb, reference["embeddings"], dim=-1).mean().item()
     return {"fidelity": fid, "retrieval_top1": res.get("top1"), "retrieval_mrr": res.get("mrr"),
-            "retrieval_pairs": res.get("pairs", 0), "embeddings": emb}
+            "retrieval_pairs": res.get("pairs", 0), "embeddings": emb, "pooling": list(modes)}
 
 
 @torch.no_grad()
