@@ -90,7 +90,8 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = Fa
 def eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-windows", type=positive, default=48,
-                   help="held-out perplexity windows of 256 tokens (causal LMs; default 48)")
+                   help="held-out perplexity windows of 256 tokens, or of the model's positions if fewer (causal LMs; "
+                        "default 48)")
 
 
 def output_args(p: argparse.ArgumentParser, command: str, *, distributed: bool = True) -> None:
