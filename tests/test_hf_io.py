@@ -153,8 +153,9 @@ def test_missing_metadata_is_named(tmp_path):
             save_pruned(tiny_model("bert"), tmp_path / "m", settings=bad)
         assert not (tmp_path / "m").exists()
     model = tiny_model("bert")  # as the tokenizer: its save_pretrained wrote over the directory's config
-    with pytest.raises(TypeError, match="tokenizer: expected a tokenizer or processor with save_pretrained, got Bert"):
-        save_pruned(model, tmp_path / "m", tokenizer=model)
+    for wrong in (model, model.config):
+        with pytest.raises(TypeError, match="tokenizer: expected a tokenizer or processor with save_pretrained, got Bert"):
+            save_pruned(model, tmp_path / "m", tokenizer=wrong)
 
 
 @pytest.mark.parametrize("family, build, heads", [

@@ -108,6 +108,12 @@ def test_prune_recover_steps_and_recover_errors(run, tmp_path, tiny_dir):  # noq
     assert code == 2 and err[-1].endswith("argument --steps: expected a positive integer, got 0")
     code, err = run(["recover", tmp_path / "p", "--steps", "1", "--lr", "0"])
     assert code == 2 and err[-1].endswith("argument --lr: expected a positive finite number, got 0")
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--recover-steps", "1", "--recover-lr", "1e300"])  # after the work
+    assert code == 2 and err[-1].endswith("argument --recover-lr: expected at most float32's largest number, 3.4e+38, "
+                                          "got 1e300") and len(err) == 1, err
+    code, err = run(["prune", tiny_dir, "--ratio", "0.3", "--device", "meta"])  # a load for nothing, then a traceback
+    assert code == 2 and err[-1].endswith("argument --device: expected a torch device that holds weights, such as cpu "
+                                          "or cuda:0, got 'meta'"), err
     assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
 
 

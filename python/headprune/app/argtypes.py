@@ -13,6 +13,8 @@ def device(text: str) -> str:
         d = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from None
+    if d.type == "meta":  # holds no weights: the model would be read for nothing, and fail in its first forward
+        raise argparse.ArgumentTypeError(f"expected a torch device that holds weights, such as cpu or cuda:0, got {text!r}")
     if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
         raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here ({torch.cuda.device_count()} visible)")
     return text

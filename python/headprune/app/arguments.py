@@ -233,6 +233,8 @@ def learning_rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not 0 < x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    if x > 3.4028234663852886e38:  # the optimizers' float32 state (recover refuses it after the work otherwise)
+        raise argparse.ArgumentTypeError(f"expected at most float32's largest number, 3.4e+38, got {text}")
     return x
 
 

@@ -5,9 +5,11 @@ by one (``model.to(dtype)`` also narrows buffers kept wider, such as rotary freq
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
-__all__ = ["check_module", "eval_mode", "execution_device", "input_device", "instance_forward", "retype", "uncompiled"]
+__all__ = ["check_module", "eval_mode", "execution_device", "input_device", "instance_forward", "ordinary_tensors", "retype",
+           "uncompiled"]
 
 _MISSING = object()
 
@@ -185,3 +187,18 @@ def compiled_over(model, hooked) -> list:
     return [(name, not isinstance(m, OptimizedModule)) for name, m in model.named_modules()
             if (isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None)
             and any(id(sub) in ids for sub in m.modules())]
+
+
+def ordinary_tensors(fn):
+    """``fn`` run outside ``torch.inference_mode()`` with the caller's grad mode (off inside
+    inference mode): what it returns is ordinary tensors, which in-place updates outside
+    inference mode can touch. (``torch.inference_mode(False)`` alone turns grad mode on.)"""
+    import torch
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            return fn(*args, **kwargs)
+
+    return run

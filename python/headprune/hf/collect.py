@@ -25,7 +25,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from ..core.modules import check_module
+from ..core.modules import check_module, ordinary_tensors
 from ..ranking.units import count_arg
 from ..stats.scores import HeadScores
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
@@ -50,7 +50,7 @@ def _collect_modules(model, batches, method, progress, allow_empty):
                            progress=progress, allow_empty=allow_empty)
 
 
-@torch.inference_mode(False)  # the statistics are ordinary tensors (updated in place later), even when called in it
+@ordinary_tensors  # updated in place later, even when called in inference mode
 def collect(
     model,
     batches: Iterable,

@@ -227,12 +227,14 @@ def model_class(meta: dict, what: str, file: str):
 def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> None:
     """``save_pruned``'s arguments, before anything is written: ``scores`` must describe this
     model's attention sites (they go into headprune.json beside its kept heads)."""
+    from transformers import GenerationConfig, PretrainedConfig
+
     from ..stats.scores import HeadScores
 
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a directory path, got {type(path).__name__}")
-    if tokenizer is not None and (not callable(getattr(tokenizer, "save_pretrained", None))
-                                  or isinstance(tokenizer, torch.nn.Module)):  # a model's would write over its files
+    if tokenizer is not None and (not callable(getattr(tokenizer, "save_pretrained", None)) or isinstance(
+            tokenizer, (torch.nn.Module, PretrainedConfig, GenerationConfig))):  # theirs would write over the model's files
         raise TypeError(f"tokenizer: expected a tokenizer or processor with save_pretrained, got "
                         f"{type(tokenizer).__name__}")
     if scores is not None and not isinstance(scores, HeadScores):

@@ -41,8 +41,9 @@ from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import check_batches, forward_kwargs, sequence_digests
 from .collect import _check_mask
+from .gates import refuse_gated
 from .collection import Collection, _add_gram_, padding_of, projection, query_mask, valid_chunks
-from ..core.modules import eval_mode, instance_forward
+from ..core.modules import eval_mode, instance_forward, ordinary_tensors
 from .prune import _kept
 
 __all__ = ["calibrate_sequentially"]
@@ -52,7 +53,7 @@ class _Stop(Exception):
     """Ends a forward early (the stub pass, the projection-input pass)."""
 
 
-@torch.inference_mode(False)  # the statistics are ordinary tensors, even when called in it
+@ordinary_tensors  # the statistics, even when called in inference mode
 def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = None, counts: Optional[dict] = None, *,
                            ratio: Optional[float] = None, count: Optional[int] = None, gqa: Optional[str] = None,
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
@@ -153,6 +154,7 @@ def _check(model, batches, scores, counts, ratio, count, options: dict) -> tuple
     if active_masks(model):
         raise ValueError("model: has heads masked by active mask_heads handles; restore them first (each layer's "
                          "refit here starts from its weights as they are, and would write the masked columns)")
+    refuse_gated(model, "calibrate_sequentially", why=", whose gates would scale the moments collected")
     if options["fused"] is not None and not isinstance(options["fused"], bool):
         raise TypeError(f"fused: expected a bool, got {type(options['fused']).__name__}")
     return adapter, resolve_sites(model, adapter)
@@ -242,20 +244,25 @@ class _RefitMask:
         cols, bias = refit_output(site.o.weight.detach(), getattr(site.o, "bias", None), gram,
                                   kept_columns(hq, d, removed), damping=damping, conv1d=adapter.conv1d)
         self.handle = MaskHandle(model, {site.index: list(original)})
+        # weights made under inference mode are written (and restored) in it: the pass runs outside it
+        self.mode = torch.inference_mode() if site.o.weight.is_inference() else nullcontext()
         try:
-            keep = [h for h in range(hq) if h not in set(removed)]
-            self.handle.write_columns_(site.o.weight, head_index(keep, d), cols, dim)
-            self.handle.set_bias_(site.o, bias.to(site.o.weight.dtype))
-            self.handle.zero_(site.o.weight, list(removed), hq, d, dim)
+            with self.mode:
+                keep = [h for h in range(hq) if h not in set(removed)]
+                self.handle.write_columns_(site.o.weight, head_index(keep, d), cols, dim)
+                self.handle.set_bias_(site.o, bias.to(site.o.weight.dtype))
+                self.handle.zero_(site.o.weight, list(removed), hq, d, dim)
         except BaseException:
-            self.handle.restore()
+            with self.mode:
+                self.handle.restore()
             raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.handle.restore()
+        with self.mode:
+            self.handle.restore()
         return False
 
 

@@ -30,7 +30,7 @@ from .adapters import get_adapter, head_counts, resolve_sites
 from .attention import RECORDERS, _inner_function, attention_implementation, config_of, model_configs
 from .batches import check_batches, forward_kwargs
 from .gates import refuse_gated
-from ..core.modules import eval_mode
+from ..core.modules import eval_mode, ordinary_tensors
 from ..stats.moments import check_finite
 from .prune import kept_heads, positions
 from .removal import PROJECTION_RTOL, projection_change
@@ -210,7 +210,7 @@ def _accumulate(g: torch.Tensor, c: torch.Tensor, z: torch.Tensor, y: torch.Tens
         c[:, -1] += yy.double().sum(0)
 
 
-@torch.inference_mode(False)  # the moments are ordinary tensors, even when called in it
+@ordinary_tensors  # the moments, even when called in inference mode
 @torch.no_grad()
 def collect_values(model, batches: list, heads: dict, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    progress: bool = False) -> ValueMoments:

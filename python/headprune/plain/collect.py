@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import ops
-from ..core.modules import compiled_over, eval_mode
+from ..core.modules import compiled_over, eval_mode, ordinary_tensors
 from ..core.schema import NUM_STATS
 from ..stats.scores import HeadScores
 
@@ -225,7 +225,7 @@ def _refuse_compiled(model: nn.Module, sites: list) -> None:
                                                                         "from the module it compiles (its _orig_mod)"))
 
 
-@torch.inference_mode(False)  # the statistics are ordinary tensors, even when called in it
+@ordinary_tensors  # the statistics, even when called in inference mode
 def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", progress: bool = False,
                     allow_empty: bool = False) -> HeadScores:
     """Entropies of every ``nn.MultiheadAttention`` of ``model``, in eval mode (dropout off;
