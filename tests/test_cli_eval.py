@@ -317,3 +317,25 @@ def test_embeddings_do_not_move_with_the_batch_under_a_left_padding_tokenizer(tm
         alone = torch.cat([E.embed(model, tok, [t], batch_size=1) for t in texts])
         torch.testing.assert_close(E.embed(model, tok, texts, batch_size=3), alone, rtol=0, atol=1e-6)
     assert tok.padding_side == "left"
+
+
+def test_an_encoder_is_evaluated_with_its_pipelines_pooling(run, tmp_path, tiny_dir):  # noqa: F811
+    """A first-token pipeline beside the weights: prune measured, and eval measures, its first
+    token's state; a teacher pooled otherwise than the report is said."""
+    shutil.copytree(tiny_dir, tmp_path / "cls")
+    (tmp_path / "cls" / "1_Pooling").mkdir()
+    (tmp_path / "cls" / "1_Pooling" / "config.json").write_text('{"pooling_mode": "cls"}')
+    (tmp_path / "cls" / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    code, err = run(["prune", tmp_path / "cls", "--ratio", "0.3", *COMMON, "--out", tmp_path / "o"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["before"]["pooling"] == report["after"]["pooling"] == "cls_token"
+    assert (tmp_path / "o" / "model" / "1_Pooling" / "config.json").exists()
+    code, err, result = _eval(run, [tmp_path / "o"])
+    assert code == 0 and not err and result["fidelity"] == pytest.approx(report["after"]["fidelity"], abs=1e-6)
+    code, err, result = _eval(run, [tmp_path / "o", "--teacher", tiny_dir])  # pooled by the mean
+    assert code == 0 and result["pooling"] == "mean_tokens" and err == [
+        "headprune: warning: MODEL's report.json pooled its embeddings by cls_token; the teacher's sentence-transformers "
+        "pipeline pools them by mean_tokens, which this evaluation follows, so its figures can differ from the report's"]

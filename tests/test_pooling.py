@@ -86,9 +86,9 @@ def test_a_first_token_pipeline_pools_fidelity_and_distillation_and_is_saved(tmp
     # a pruned copy saved without the pipeline is compared as its reference was pooled
     plain = copy.deepcopy(model)
     plain.config._name_or_path = ""
-    reference = {"embeddings": embed(model, Tok(), texts), "pooling": ["cls_token"]}
+    reference = {"embeddings": embed(model, Tok(), texts), "pooling": "cls_token"}
     got = encoder_quality(plain, Tok(), texts, reference=reference, retrieval=False)
-    assert got["fidelity"] == pytest.approx(1.0) and got["pooling"] == ["cls_token"]
+    assert got["fidelity"] == pytest.approx(1.0) and got["pooling"] == "cls_token"
     batch = tiny_batch("bert")
     student = transformers.BertModel.from_pretrained(tmp_path / "m").eval()
     prune_heads(student, {0: [1]})
@@ -101,3 +101,49 @@ def test_a_first_token_pipeline_pools_fidelity_and_distillation_and_is_saved(tmp
     assert (tmp_path / "pruned" / "sentence_bert_config.json").exists()
     assert not (tmp_path / "outside" / "pruned").exists() and not list(tmp_path.glob("pruned/**/secret.txt"))
     assert pooling_of(load_pruned(tmp_path / "pruned")) == ("cls_token",)
+
+
+def test_the_pipeline_is_read_as_sentence_transformers_reads_it(tmp_path, monkeypatch):
+    """Pooling(**config): a pooling_mode name wins, a flag left out takes its default (the mean
+    on); an older layout keeps the weights in 0_Transformer/ below the pipeline; a hub id is
+    read from its cached snapshot. A save into the pipeline's own module folder copied that
+    folder into itself until the path was too long."""
+    import huggingface_hub
+    import transformers
+
+    from hf_tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = transformers.BertModel(tiny_config("bert")).eval()
+    model.save_pretrained(tmp_path / "m")
+    _pipeline(tmp_path / "m")
+    loaded = transformers.BertModel.from_pretrained(tmp_path / "m")
+    pooling = tmp_path / "m" / "1_Pooling" / "config.json"
+    for config, modes in [({"pooling_mode": "cls"}, ("cls_token",)), ({"pooling_mode": ["max", "lasttoken"]},
+                           ("max_tokens", "lasttoken")), ({"pooling_mode_cls_token": True}, ("cls_token", "mean_tokens")),
+                          ({"pooling_mode_mean_tokens": False}, ("mean_tokens",))]:
+        pooling.write_text(json.dumps({"word_embedding_dimension": 16, **config}))
+        assert pooling_of(loaded) == modes, config
+    pooling.write_text(json.dumps({"pooling_mode": "median"}))
+    with pytest.warns(UserWarning, match=r"pooling_mode 'median', which headprune does not compute"):
+        assert pooling_of(loaded) == ("mean_tokens",)
+    pooling.write_text(json.dumps({"pooling_mode": "cls"}))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, file, revision=None: str(tmp_path / "m" / file) if repo == "own/bge" else None)
+    loaded.config._name_or_path = "own/bge"
+    assert pooling_of(loaded) == ("cls_token",)
+    save_pruned(loaded, tmp_path / "m" / "1_Pooling" / "pruned")
+    assert (tmp_path / "m" / "1_Pooling" / "pruned" / "modules.json").exists()
+    assert not (tmp_path / "m" / "1_Pooling" / "pruned" / "1_Pooling").exists()
+    old = tmp_path / "old"  # weights in 0_Transformer/, the pipeline around them
+    model.save_pretrained(old / "0_Transformer")
+    (old / "1_Pooling").mkdir()
+    (old / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                               "pooling_mode_mean_tokens": False}))
+    (old / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    below = transformers.BertModel.from_pretrained(old / "0_Transformer")
+    assert pooling_of(below) == ("cls_token",)
+    save_pruned(below, tmp_path / "old_pruned")  # its layout is not what the save writes: no pipeline
+    assert not (tmp_path / "old_pruned" / "modules.json").exists()

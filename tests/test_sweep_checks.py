@@ -320,4 +320,4 @@ def test_a_uniform_layout_refit_without_the_bias_is_not_starred_against_draws_re
     text = sweep_markdown(result)
     row = [line for line in text.splitlines() if line.startswith("| 0.25")][0]
     assert row.split(" | ")[1].endswith("*") and not row.split(" | ")[2].endswith("*"), row
-    assert "`uniform`: kept heads refit without the output bias" in text
+    assert "`uniform`: kept heads refit without the output bias" in text and "removed otherwise" not in text

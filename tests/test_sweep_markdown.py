@@ -270,6 +270,8 @@ def test_the_summary_says_which_layers_the_kv_row_leaves_out():
                      for n in (64, 32))
     assert ("| KV cache bytes per token (float32) of the 2 sliding-window layers, until their windows fill | 64 | 32 | "
             "-50.0% |") in summary_table({"before": before, "after": after}, "perplexity")
+    one = {**before, "kv_cache_window_sites": 1}
+    assert "of the sliding-window layer, until its window fills |" in summary_table({"before": one, "after": one}, "x")
 
 
 def test_a_recipe_removed_otherwise_than_the_random_draws_is_not_starred():

@@ -51,6 +51,7 @@ def evaluate(args) -> int:
     reference = None
     if teacher is not None:  # the teacher's metric only: its retrieval score is not what is asked
         reference = E.quality(teacher, held, eval_windows=args.eval_windows, progress=not args.quiet, metric_only=True)
+        _warn_pooling(report, reference)
     from ..hf import measure
 
     kv = SAVE_TYPES[stored_type_name(loaded)]  # the KV cache sized in the type the weights are kept in, as prune does
@@ -100,6 +101,19 @@ def _pruned_with(report: Optional[dict]) -> Optional[str]:
 
     settings = report.get("settings") if isinstance(report, dict) else None
     return calibrated_on(settings) if isinstance(settings, dict) else None
+
+
+def _warn_pooling(report: Optional[dict], reference: dict) -> None:
+    """Said where the teacher's embeddings are pooled otherwise than the folder's report pooled
+    them (a report written before pooling followed the sentence-transformers pipeline: the mean)."""
+    after = report.get("after") if isinstance(report, dict) else None
+    if not isinstance(after, dict) or "fidelity" not in after or reference.get("pooling") is None:
+        return
+    then = after.get("pooling", "mean_tokens")
+    if then != reference["pooling"]:
+        C._warn(f"MODEL's report.json pooled its embeddings by {then}; the teacher's sentence-transformers pipeline "
+                f"pools them by {reference['pooling']}, which this evaluation follows, so its figures can differ from "
+                "the report's")
 
 
 def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:

@@ -173,14 +173,15 @@ def encoder_quality(model, tokenizer, paragraphs: list, reference: dict | None =
                     retrieval: bool = True) -> dict:
     """Embedding fidelity (vs ``reference['embeddings']``, 1.0 for the model itself, pooled as the
     reference was) and, with ``retrieval``, the retrieval score."""
-    modes = tuple((reference or {}).get("pooling") or pooling_of(model))  # a pruned copy saved without the pipeline
+    given = (reference or {}).get("pooling")  # a pruned copy saved without the pipeline: pooled as its reference
+    modes = tuple(given.split("+")) if isinstance(given, str) and given else pooling_of(model)
     emb = embed(model, tokenizer, paragraphs, progress=progress, modes=modes)
     queries, docs = retrieval_pairs(paragraphs) if retrieval else ([], [])
     res = (retrieval_score(embed(model, tokenizer, queries, progress=progress, modes=modes),
                            embed(model, tokenizer, docs, progress=progress, modes=modes)) if queries else {})
     fid = 1.0 if reference is None else F.cosine_similarity(emb, reference["embeddings"], dim=-1).mean().item()
     return {"fidelity": fid, "retrieval_top1": res.get("top1"), "retrieval_mrr": res.get("mrr"),
-            "retrieval_pairs": res.get("pairs", 0), "embeddings": emb, "pooling": list(modes)}
+            "retrieval_pairs": res.get("pairs", 0), "embeddings": emb, "pooling": "+".join(modes)}
 
 
 @torch.no_grad()

@@ -51,10 +51,12 @@ def summary_table(report: dict, metric: str) -> str:
         if n := b.get("kv_cache_window_sites"):  # their cache stops at the window: not per token
             kind += f", {n} sliding-window layer{'s' * (n != 1)} left out"
         rows.append((f"KV cache bytes per token{kind}", b["kv_cache_bytes_per_token"], a["kv_cache_bytes_per_token"]))
-    if b.get("kv_cache_window_bytes_per_token"):  # every layer windowed (Mistral 7B v0.1): the row above is 0
+    if b.get("kv_cache_window_bytes_per_token"):  # windowed layers (all of Mistral 7B v0.1's: the row above is 0)
         n, kind = b["kv_cache_window_sites"], f" ({a['kv_cache_dtype']})" if a.get("kv_cache_dtype") else ""
-        rows.append((f"KV cache bytes per token{kind} of the {n} sliding-window layer{'s' * (n != 1)}, until their "
-                     "windows fill", b["kv_cache_window_bytes_per_token"], a.get("kv_cache_window_bytes_per_token")))
+        which = "the sliding-window layer, until its window fills" if n == 1 else \
+            f"the {n} sliding-window layers, until their windows fill"
+        rows.append((f"KV cache bytes per token{kind} of {which}", b["kv_cache_window_bytes_per_token"],
+                     a.get("kv_cache_window_bytes_per_token")))
     rows += [("parameters", b["parameters"], a["parameters"]),
              ("attention FLOPs/token" + (f" (at {b['context']:,} tokens of context, a fixed point of comparison: the "
                                          "score and value products grow with the context)" if b.get("context") else ""),

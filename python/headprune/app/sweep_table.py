@@ -58,7 +58,7 @@ def sweep_markdown(result: dict) -> str:
             # (min and max of NaN depended on where it was)
             cells += [number(mean) + (_drawn_share(result, i) if marked else ""), "-".join(span)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += _star_notes(draws, mean_name, apart)
+    lines += _star_notes(draws, mean_name, [n for n in apart if n not in result.get("unbiased", ())])
     if result.get("unbiased"):
         lines += ["", f"{', '.join(f'`{n}`' for n in result['unbiased'])}: kept heads refit without the output bias, "
                       "which the model's config cannot declare for a uniform layout (as `prune --uniform` saves it)."]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -23,13 +24,14 @@ __all__ = ["pool", "pooling_of", "sentence_files"]
 #: sentence-transformers' pooling modes, in the order its ``Pooling`` module concatenates them
 MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 #: the files of the pipeline beside the weights (its modules' folders besides)
-PIPELINE_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+PIPELINE_FILES = ("modules.json", "config_sentence_transformers.json",
+                  *(f"sentence_{kind}_config.json" for kind in ("bert", "roberta", "distilbert", "camembert", "albert",
+                                                                 "xlm-roberta", "xlnet")))
 _POOLING = "sentence_transformers.models.Pooling"
 
 
 def _modules(path) -> Optional[list]:
-    """The pipeline's modules in a directory whose first module is the model itself (``path``
-    ""), else ``None`` (no pipeline, or one whose weights live elsewhere)."""
+    """The pipeline's modules listed in a directory's ``modules.json``, else ``None``."""
     file = os.path.join(path, "modules.json") if isinstance(path, (str, os.PathLike)) else None
     if file is None or not os.path.isfile(file):
         return None
@@ -38,25 +40,66 @@ def _modules(path) -> Optional[list]:
             modules = json.load(f)
     except (OSError, ValueError):
         return None
-    ok = isinstance(modules, list) and modules and all(isinstance(m, dict) for m in modules)
-    return modules if ok and modules[0].get("path", "") in ("", ".") else None
+    return modules if isinstance(modules, list) and modules and all(isinstance(m, dict) for m in modules) else None
+
+
+def _pipeline(model) -> tuple:
+    """``(root, modules, at_root)``: the directory holding the pipeline of the folder ``model``
+    was loaded from (a cached hub repository's snapshot for an id), its modules, and whether the
+    model's weights are its first module at the root (else in a subfolder: ``0_Transformer``,
+    an older layout); ``(None, None, False)`` without one."""
+    config = getattr(model, "config", None)
+    path = getattr(config, "_name_or_path", None)
+    if isinstance(path, str) and path and not os.path.isdir(path) and path.count("/") == 1:  # a hub id: its cache
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(path, "config.json", revision=getattr(config, "_commit_hash", None))
+        except (ImportError, ValueError):
+            found = None
+        path = os.path.dirname(found) if isinstance(found, str) else None
+    if not isinstance(path, str) or not os.path.isdir(path):
+        return None, None, False
+    modules = _modules(path)
+    if modules is not None and modules[0].get("path", "") in ("", "."):
+        return path, modules, True
+    parent = os.path.dirname(os.path.abspath(path))
+    modules = _modules(parent)
+    if modules is not None and os.path.normpath(modules[0].get("path", "")) == os.path.basename(os.path.abspath(path)):
+        return parent, modules, False
+    return None, None, False
+
+
+#: ``pooling_mode`` strings, as sentence-transformers' ``Pooling`` takes them, by mode
+_NAMED = {"cls": "cls_token", "max": "max_tokens", "mean": "mean_tokens", "mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+          "weightedmean": "weightedmean_tokens", "lasttoken": "lasttoken"}
 
 
 def pooling_of(model) -> tuple:
     """The pooling modes of ``model``'s sentence-transformers pipeline (:data:`MODES` names,
-    in order; several are concatenated), read from the directory it was loaded from;
-    ``("mean_tokens",)`` where there is none."""
-    path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    modules = _modules(path) or []
-    for m in modules:
-        if m.get("type") == _POOLING:
-            try:
-                with open(os.path.join(path, m.get("path", ""), "config.json"), encoding="utf-8") as f:
-                    config = json.load(f)
-            except (OSError, ValueError, TypeError):
-                break
-            modes = tuple(mode for mode in MODES if config.get(f"pooling_mode_{mode}"))
-            return modes or ("mean_tokens",)
+    in order; several are concatenated), read from the directory it was loaded from as
+    sentence-transformers reads them (``Pooling(**config)``: a ``pooling_mode`` name, else the
+    flags, the mean on unless set off); ``("mean_tokens",)`` where there is none."""
+    root, modules, _ = _pipeline(model)
+    for m in modules or ():
+        if m.get("type") != _POOLING:
+            continue
+        try:
+            with open(os.path.join(root, m.get("path", ""), "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError, TypeError):
+            break  # its folder unread: sentence-transformers' default
+        named = config.get("pooling_mode") if isinstance(config, dict) else None
+        if named is not None:
+            names = [named] if isinstance(named, str) else named if isinstance(named, list) else []
+            chosen = {_NAMED.get(str(n).lower()) for n in names}
+            if None in chosen or not chosen:
+                warnings.warn(f"pooling: {root}'s pipeline names pooling_mode {named!r}, which headprune does not "
+                              "compute; embeddings are pooled by the mean", stacklevel=2)
+                return ("mean_tokens",)
+            return tuple(mode for mode in MODES if mode in chosen)
+        flags = {mode: bool(config.get(f"pooling_mode_{mode}", mode == "mean_tokens")) for mode in MODES}
+        return tuple(mode for mode in MODES if flags[mode]) or ("mean_tokens",)
     return ("mean_tokens",)
 
 
@@ -87,18 +130,20 @@ def pool(h: torch.Tensor, mask: Optional[torch.Tensor], modes: tuple = ("mean_to
 
 def sentence_files(model, path) -> None:
     """Copy the sentence-transformers pipeline of the directory ``model`` was loaded from (its
-    files and its modules' folders, not the weights) into ``path``, where its model is saved:
-    without it, sentence-transformers serves the pruned model with other pooling and no
-    normalisation. Nothing where ``model`` came from no such directory."""
-    source = getattr(getattr(model, "config", None), "_name_or_path", None)
-    modules = _modules(source)
-    if modules is None or os.path.realpath(source) == os.path.realpath(path):
+    files and its modules' folders inside it, not the weights) into ``path``, where its model
+    is saved: without it, sentence-transformers serves the pruned model with other pooling and
+    no normalisation. Nothing where ``model`` came from no such directory, or from one that
+    keeps its weights in a subfolder (whose layout the save does not write)."""
+    root, modules, at_root = _pipeline(model)
+    if not at_root or os.path.realpath(root) == os.path.realpath(path):
         return
     for name in PIPELINE_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
+        if os.path.isfile(os.path.join(root, name)):
+            shutil.copyfile(os.path.join(root, name), os.path.join(path, name))
+    inside, target = os.path.realpath(root) + os.sep, os.path.realpath(path) + os.sep
     for m in modules[1:]:
         sub = m.get("path")
-        if isinstance(sub, str) and sub and os.path.isdir(os.path.join(source, sub)) \
-                and os.path.realpath(os.path.join(source, sub)).startswith(os.path.realpath(source) + os.sep):
-            shutil.copytree(os.path.join(source, sub), os.path.join(path, sub), dirs_exist_ok=True)
+        folder = os.path.realpath(os.path.join(root, sub)) + os.sep if isinstance(sub, str) and sub else None
+        # inside the pipeline's folder only, and not one the save writes into (its copy would hold itself)
+        if folder and folder.startswith(inside) and not target.startswith(folder) and os.path.isdir(folder):
+            shutil.copytree(folder, os.path.join(path, sub), dirs_exist_ok=True)  # a cache's links: their files
