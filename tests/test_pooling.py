@@ -145,5 +145,10 @@ def test_the_pipeline_is_read_as_sentence_transformers_reads_it(tmp_path, monkey
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
     below = transformers.BertModel.from_pretrained(old / "0_Transformer")
     assert pooling_of(below) == ("cls_token",)
+    (old / "modules.json").write_text(json.dumps([*json.loads((old / "modules.json").read_text()),
+                                                  {"idx": 2, "name": "2", "path": "2_Dense",
+                                                   "type": "sentence_transformers.models.Dense"}]))
+    with pytest.warns(UserWarning, match=r"pipeline applies Dense after pooling, which headprune does not"):
+        assert pooling_of(below) == ("cls_token",)
     save_pruned(below, tmp_path / "old_pruned")  # its layout is not what the save writes: no pipeline
     assert not (tmp_path / "old_pruned" / "modules.json").exists()

@@ -28,6 +28,8 @@ PIPELINE_FILES = ("modules.json", "config_sentence_transformers.json",
                   *(f"sentence_{kind}_config.json" for kind in ("bert", "roberta", "distilbert", "camembert", "albert",
                                                                  "xlm-roberta", "xlnet")))
 _POOLING = "sentence_transformers.models.Pooling"
+#: the modules whose output the comparisons here equal up to a scale (a cosine ignores the normalisation)
+_COMPARED = (_POOLING, "sentence_transformers.models.Normalize")
 
 
 def _modules(path) -> Optional[list]:
@@ -81,6 +83,10 @@ def pooling_of(model) -> tuple:
     sentence-transformers reads them (``Pooling(**config)``: a ``pooling_mode`` name, else the
     flags, the mean on unless set off); ``("mean_tokens",)`` where there is none."""
     root, modules, _ = _pipeline(model)
+    after = [str(m.get("type")).rsplit(".", 1)[-1] for m in (modules or [])[1:] if m.get("type") not in _COMPARED]
+    if after:  # Dense (LaBSE, sentence-T5) and the like: their weights are not the model's
+        warnings.warn(f"pooling: {root}'s pipeline applies {', '.join(after)} after pooling, which headprune does "
+                      "not: fidelity and distillation compare the pooled embeddings before it", stacklevel=2)
     for m in modules or ():
         if m.get("type") != _POOLING:
             continue
