@@ -337,5 +337,6 @@ def test_an_encoder_is_evaluated_with_its_pipelines_pooling(run, tmp_path, tiny_
     assert code == 0 and not err and result["fidelity"] == pytest.approx(report["after"]["fidelity"], abs=1e-6)
     code, err, result = _eval(run, [tmp_path / "o", "--teacher", tiny_dir])  # pooled by the mean
     assert code == 0 and result["pooling"] == "mean_tokens" and err == [
-        "headprune: warning: MODEL's report.json pooled its embeddings by cls_token; the teacher's sentence-transformers "
-        "pipeline pools them by mean_tokens, which this evaluation follows, so its figures can differ from the report's"]
+        "headprune: warning: MODEL's report.json pooled its embeddings by cls_token; the teacher pools them by "
+        "mean_tokens (as its sentence-transformers pipeline names, the mean without one), which this evaluation "
+        "follows, so its figures can differ from the report's"]

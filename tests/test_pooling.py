@@ -3,6 +3,7 @@ fidelity and distillation, and the pipeline kept beside a pruned model's weights
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -128,13 +129,19 @@ def test_the_pipeline_is_read_as_sentence_transformers_reads_it(tmp_path, monkey
     with pytest.warns(UserWarning, match=r"pooling_mode 'median', which headprune does not compute"):
         assert pooling_of(loaded) == ("mean_tokens",)
     pooling.write_text(json.dumps({"pooling_mode": "cls"}))
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
-                        lambda repo, file, revision=None: str(tmp_path / "m" / file) if repo == "own/bge" else None)
+    snapshots = tmp_path / "hub" / "models--own--bge" / "snapshots"  # a hub id, read from its one cached snapshot
+    shutil.copytree(tmp_path / "m", snapshots / "abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     loaded.config._name_or_path = "own/bge"
     assert pooling_of(loaded) == ("cls_token",)
-    save_pruned(loaded, tmp_path / "m" / "1_Pooling" / "pruned")
-    assert (tmp_path / "m" / "1_Pooling" / "pruned" / "modules.json").exists()
-    assert not (tmp_path / "m" / "1_Pooling" / "pruned" / "1_Pooling").exists()
+    shutil.copytree(tmp_path / "m", snapshots / "def")  # two: which one the model came from is not known
+    with pytest.warns(UserWarning, match=r"2 revisions of own/bge are in the hub cache"):
+        assert pooling_of(loaded) == ("mean_tokens",)
+    loaded.config._name_or_path = str(tmp_path / "m")
+    save_pruned(loaded, tmp_path / "m" / "1_Pooling" / "pruned")  # inside a module folder of the pipeline
+    saved = tmp_path / "m" / "1_Pooling" / "pruned"
+    assert (saved / "modules.json").exists() and (saved / "1_Pooling" / "config.json").exists()
+    assert not (saved / "1_Pooling" / "pruned").exists() and not list(saved.glob("1_Pooling/.*"))
     old = tmp_path / "old"  # weights in 0_Transformer/, the pipeline around them
     model.save_pretrained(old / "0_Transformer")
     (old / "1_Pooling").mkdir()

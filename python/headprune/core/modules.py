@@ -193,7 +193,12 @@ def ordinary_tensors(fn):
     """``fn`` run outside ``torch.inference_mode()`` with the caller's grad mode (off inside
     inference mode): what it returns is ordinary tensors, which in-place updates outside
     inference mode can touch. (``torch.inference_mode(False)`` alone turns grad mode on.)"""
+    import inspect
+
     import torch
+
+    if inspect.isgeneratorfunction(fn):  # its body would run at each next(), in the caller's mode
+        raise TypeError(f"ordinary_tensors: {fn.__name__} is a generator function")
 
     @functools.wraps(fn)
     def run(*args, **kwargs):

@@ -53,13 +53,7 @@ def _pipeline(model) -> tuple:
     config = getattr(model, "config", None)
     path = getattr(config, "_name_or_path", None)
     if isinstance(path, str) and path and not os.path.isdir(path) and path.count("/") == 1:  # a hub id: its cache
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(path, "config.json", revision=getattr(config, "_commit_hash", None))
-        except (ImportError, ValueError):
-            found = None
-        path = os.path.dirname(found) if isinstance(found, str) else None
+        path = _cached_snapshot(path)
     if not isinstance(path, str) or not os.path.isdir(path):
         return None, None, False
     modules = _modules(path)
@@ -70,6 +64,23 @@ def _pipeline(model) -> tuple:
     if modules is not None and os.path.normpath(modules[0].get("path", "")) == os.path.basename(os.path.abspath(path)):
         return parent, modules, False
     return None, None, False
+
+
+def _cached_snapshot(repo: str) -> Optional[str]:
+    """The one snapshot of ``repo`` in the local hub cache (the config does not say which
+    revision a model was read from: with several cached, none is guessed, and that is said)."""
+    try:
+        from huggingface_hub import constants
+
+        folder = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "snapshots")
+        snapshots = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    except (ImportError, OSError):
+        return None
+    if len(snapshots) > 1:
+        warnings.warn(f"pooling: {len(snapshots)} revisions of {repo} are in the hub cache and the model does not say "
+                      "which it was read from; its sentence-transformers pipeline is not read (the mean pools its "
+                      "embeddings): load the model from its snapshot's folder to use it", stacklevel=3)
+    return os.path.join(folder, snapshots[0]) if len(snapshots) == 1 else None
 
 
 #: ``pooling_mode`` strings, as sentence-transformers' ``Pooling`` takes them, by mode
@@ -150,6 +161,7 @@ def sentence_files(model, path) -> None:
     for m in modules[1:]:
         sub = m.get("path")
         folder = os.path.realpath(os.path.join(root, sub)) + os.sep if isinstance(sub, str) and sub else None
-        # inside the pipeline's folder only, and not one the save writes into (its copy would hold itself)
-        if folder and folder.startswith(inside) and not target.startswith(folder) and os.path.isdir(folder):
-            shutil.copytree(folder, os.path.join(path, sub), dirs_exist_ok=True)  # a cache's links: their files
+        if folder and folder.startswith(inside) and os.path.isdir(folder):  # inside the pipeline's folder only
+            # a cache's links as their files; not the folder the save writes into, where it lies in this one
+            shutil.copytree(folder, os.path.join(path, sub), dirs_exist_ok=True, ignore=lambda at, names: [
+                n for n in names if target.startswith(os.path.realpath(os.path.join(at, n)) + os.sep)])

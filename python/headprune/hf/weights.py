@@ -76,14 +76,14 @@ def load_generation_config(model, path: str) -> None:
 
 
 def own_memory(model, align: int = 64) -> None:
-    """Moves float64 tensors ``from_pretrained`` left in the weights file's memory map at an
-    address the file's header length decides into memory of their own: float64 matrix products
-    on the CPU round differently at addresses that are not 16-byte aligned, so the loaded model
-    was 1 ulp off the saved one with some headers (other types measured alike at every offset:
-    left mapped)."""
+    """Moves float tensors ``from_pretrained`` left in the weights file's memory map at an
+    address the file's header length decides into memory of their own: CPU matrix products
+    round differently at addresses that are not 16-byte aligned (float64 always, float32 for a
+    single row: one token's decoding step), so the loaded model was 1 ulp off the saved one with
+    some headers. Only unaligned tensors are copied."""
 
     def moved(t):
-        return t is not None and t.dtype == torch.float64 and t.device.type == "cpu" and t.data_ptr() % align
+        return t is not None and t.is_floating_point() and t.device.type == "cpu" and t.data_ptr() % align
 
     with torch.no_grad():
         for p in model.parameters():
