@@ -5,10 +5,12 @@ Each head's output is multiplied by a gate g_h = 1 just before the output projec
 batches of |dL/dg_h|. It needs no labels:
 
 * causal LMs: L is the model's own next-token loss on the calibration text;
-* encoders: L is an in-batch contrastive loss (InfoNCE, temperature 0.05) that matches each
-  paragraph's first half to its second half through mean-pooled embeddings, i.e. the
-  sentence-embedding objective itself. (The fidelity loss 1 - cos(f_g(x), f_1(x)) is useless
-  here: its gradient at g = 1 is exactly zero.)
+* text encoders: L is an in-batch contrastive loss (InfoNCE, temperature 0.05) that matches
+  each paragraph's first half to its second half through mean-pooled embeddings, i.e. the
+  sentence-embedding objective itself, whatever pooling the model's sentence-transformers
+  pipeline names (a half has no first token of its own). (The fidelity loss
+  1 - cos(f_g(x), f_1(x)) is useless here: its gradient at g = 1 is exactly zero.) Image
+  models (ViT) are refused: their batches carry no text to split.
 
 It costs a backward pass per batch, unlike the entropy statistics, which come from the forward
 pass alone. Returns a ``[L, H]`` tensor usable as ``select_heads(scores, score=..., order="low")``.
