@@ -234,6 +234,12 @@ def test_wrong_models_and_batches_are_refused(llama, bert):
     teacher, pruned, batches = llama
     with pytest.raises(ValueError, match="teacher: is the student itself"):
         recover(pruned, pruned, batches, steps=1)
+    shared = copy.deepcopy(pruned)  # a layer of the teacher's in the student: training changed the teacher too
+    shared.model.layers[1] = teacher.model.layers[1]
+    before = _state(teacher)
+    with pytest.raises(ValueError, match=r"^teacher: shares model\.layers\.1\.\S+ \(and \d+ more\) with the student"):
+        recover(shared, teacher, batches, steps=1)
+    assert _same(_state(teacher), before)
     with pytest.raises(ValueError, match="teacher: a bert model cannot teach a llama student"):
         recover(copy.deepcopy(pruned), bert[0], batches, steps=1)
     masked = copy.deepcopy(teacher)

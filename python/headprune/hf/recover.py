@@ -110,6 +110,10 @@ def _check(student, teacher, steps, lr, train, time_budget_s, checkpoint_every) 
         raise ValueError(f"student: recovery handles causal LMs and encoders, not {a.model_type} (seq2seq)")
     if student is teacher:
         raise ValueError("teacher: is the student itself; pass the unpruned model")
+    held = {t.untyped_storage().data_ptr() for t in [*teacher.parameters(), *teacher.buffers()] if t.data_ptr()}
+    if shared := [n for n, p in student.named_parameters() if p.data_ptr() and p.untyped_storage().data_ptr() in held]:
+        raise ValueError(f"teacher: shares {shared[0]} (and {len(shared) - 1} more) with the student, which "
+                         "training would change in both; pass an independent copy (copy.deepcopy)")
     if active_masks(student):  # masked heads are zero columns of o: their gradients would revive them
         raise ValueError("student: has heads masked by mask_heads, which training would revive; "
                          "remove them with prune_heads first")
