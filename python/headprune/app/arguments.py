@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..ranking import ALLOCATIONS, DEFAULT_GQA, DEFAULT_STEPS, GQA_MODES, ORDERS, SCORES
+from ..ranking.units import MAX_LR
 from ..stats.moments import DEFAULT_DAMPING
 from .load import DTYPES
 from .locate import BUNDLED_MODELS
@@ -233,8 +234,8 @@ def learning_rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not 0 < x < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    if x > 3.4028234663852886e38:  # the optimizers' float32 state (recover refuses it after the work otherwise)
-        raise argparse.ArgumentTypeError(f"expected at most float32's largest number, 3.4e+38, got {text}")
+    if x > MAX_LR:  # the optimizers' float32 state (recover refuses it after the work otherwise)
+        raise argparse.ArgumentTypeError(f"expected at most float32's largest number, {MAX_LR:.3g}, got {text}")
     return x
 
 

@@ -54,11 +54,11 @@ def _warn(message: str) -> None:
 def model_path(model: str) -> dict:
     """``{"model_path": absolute path}`` where MODEL names a file, a folder or a cached repository (its
     snapshot), recorded beside the name as given so another working directory finds it; else ``{}``."""
-    from .locate import BUNDLED_MODELS, cached_snapshot
+    from .locate import cached_snapshot
 
     if Path(str(model)).exists():
         return {"model_path": str(Path(model).absolute())}
-    snapshot = None if str(model) in BUNDLED_MODELS else cached_snapshot(str(model))
+    snapshot = cached_snapshot(str(model))
     return {"model_path": str(snapshot)} if snapshot is not None else {}
 
 

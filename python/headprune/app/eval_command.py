@@ -110,7 +110,6 @@ def _warn_pooling(report: Optional[dict], reference: dict) -> None:
     if not isinstance(after, dict) or "fidelity" not in after or reference.get("pooling") is None:
         return
     then = after.get("pooling", "mean_tokens")
-    then = "+".join(map(str, then)) if isinstance(then, list) else then
     if then != reference["pooling"]:
         C._warn(f"MODEL's report.json pooled its embeddings by {then}; the teacher pools them by "
                 f"{reference['pooling']} (as its sentence-transformers pipeline names, the mean without one), which "

@@ -81,8 +81,9 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 def cached_snapshot(spec: str) -> Optional[Path]:
     """The folder of the local Hugging Face cache's snapshot of the model repository ``spec``
     (``owner/name``, as ``from_pretrained`` takes it; its ``main`` revision), where one was
-    downloaded before, else ``None``. Only the cache is read: nothing is downloaded."""
-    if not _REPO_ID.fullmatch(spec) or spec.endswith((".", "..")) or ".." in spec:
+    downloaded before, else ``None`` (a bundled name is never a repository). Only the cache is
+    read: nothing is downloaded."""
+    if spec in BUNDLED_MODELS or not _REPO_ID.fullmatch(spec) or spec.endswith((".", "..")) or ".." in spec:
         return None
     try:
         from huggingface_hub import snapshot_download

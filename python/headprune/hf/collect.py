@@ -27,7 +27,7 @@ import torch
 
 from ..core.modules import check_module, ordinary_tensors
 from ..ranking.units import count_arg
-from ..stats.scores import HeadScores
+from ..stats.scores import HeadScores, refuse_all_padding
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection, padding_of
@@ -138,11 +138,7 @@ def collect(
     _run(model, session, batches, progress, ckpt, checkpoint_every, done)
     if not session.recorded and not allow_empty:
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
-    scores = session.scores()
-    if not allow_empty and not int(scores.count.sum()):  # every statistic NaN: refused later, less clearly
-        raise ValueError("batches: every query position is padding (their attention_mask is all zero), so no "
-                         "attention row was recorded")
-    return scores
+    return refuse_all_padding(session.scores(), allow_empty, "their attention_mask is all zero")
 
 
 def _as_dict(fingerprint) -> dict:

@@ -248,30 +248,23 @@ def check_save_arguments(path, tokenizer, scores, settings, adapter, sites) -> N
         try:
             json.dumps(settings, allow_nan=False)  # NaN and Infinity are not JSON: strict parsers refuse them
         except (TypeError, ValueError) as e:
-            where = _not_finite(settings, "settings")
+            where = _first(settings, "settings", lambda v, at: isinstance(v, float) and not math.isfinite(v)
+                           and f"{at} = {v}")
             raise TypeError(f"settings: expected values JSON can hold "
                             f"({f'{where} is not a finite number' if where else e})") from None
-        if where := _other_key(settings, "settings"):  # JSON would turn it into a string, read back as one
+        # a key JSON would turn into a string, read back as one
+        if where := _first(settings, "settings", lambda v, at: isinstance(v, dict) and next(
+                (f"the key {k!r} of {at}" for k in v if not isinstance(k, str)), None)):
             raise TypeError(f"settings: expected string keys, as JSON holds them; {where} is not a string")
 
 
-def _other_key(value, where: str) -> Optional[str]:
-    """Where in ``value`` (dicts and lists within) a dict key that is not a string lies, else ``None``."""
+def _first(value, where: str, found) -> Optional[str]:
+    """The first ``found(v, where_v)`` that is not falsy over ``value`` and the dicts' and lists'
+    values within it, depth first (``where``: how ``value`` is named), else ``None``."""
+    if hit := found(value, where):
+        return hit
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for k, v in items:
-        if isinstance(value, dict) and not isinstance(k, str):
-            return f"the key {k!r} of {where}"
-        if w := _other_key(v, f"{where}[{k!r}]"):
-            return w
-    return None
-
-
-def _not_finite(value, where: str) -> Optional[str]:
-    """Where in ``value`` (dicts and lists within) a float that is not finite lies, else ``None``."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where} = {value}"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    return next((w for k, v in items if (w := _not_finite(v, f"{where}[{k!r}]"))), None)
+    return next((w for k, v in items if (w := _first(v, f"{where}[{k!r}]", found))), None)
 
 
 def refuse_plain_loaded(model, counts: list) -> None:

@@ -22,7 +22,7 @@ from .. import atomic
 from .checkpoint import format_kind, refuse_foreign, tensor_bytes, writing
 from .batches import check_batch, check_batches
 from ..core.modules import refuse_meta, uncompiled, unloaded_parameters
-from ..ranking.units import as_real, count_arg
+from ..ranking.units import MAX_LR, as_real, count_arg
 from .adapters import get_adapter
 from .gates import refuse_gated
 
@@ -47,9 +47,8 @@ def _check_run(steps, lr, time_budget_s, checkpoint_every, *, open_ended: bool =
         steps = count_arg("steps", steps, f"a positive int{' or None' if open_ended else ''}")
     if as_real(lr) is None or not 0 < lr:
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
-    if lr > torch.finfo(torch.float32).max:  # the optimizers' float32 state overflows inside their step
-        raise ValueError(f"lr: expected at most float32's largest number, {torch.finfo(torch.float32).max:.3g}, "
-                         f"got {lr!r}")
+    if lr > MAX_LR:  # the optimizers' float32 state overflows inside their step
+        raise ValueError(f"lr: expected at most float32's largest number, {MAX_LR:.3g}, got {lr!r}")
     if time_budget_s is not None and not (budget is not None and budget > 0):
         raise ValueError(f"time_budget_s: expected a positive number of seconds or None, got {time_budget_s!r}")
     return steps, count_arg("checkpoint_every", checkpoint_every), None if time_budget_s is None else budget

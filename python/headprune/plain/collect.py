@@ -22,7 +22,7 @@ from torch import nn
 from ..core import ops
 from ..core.modules import compiled_over, eval_mode, ordinary_tensors
 from ..core.schema import NUM_STATS
-from ..stats.scores import HeadScores
+from ..stats.scores import HeadScores, refuse_all_padding
 
 __all__ = ["attention_modules", "collect_modules", "empty_scores"]
 
@@ -248,8 +248,4 @@ def collect_modules(model: nn.Module, batches: Iterable, *, method: str = "qk", 
                 raise TypeError(f"batches: expected tensors, tuples or dicts, got {type(batch).__name__}")
     if all(s is None for s in session.stats):
         raise ValueError("batches: no attention call was recorded (empty iterable?)")
-    scores = session.scores(method)
-    if not allow_empty and not int(scores.count.sum()):  # every statistic NaN: refused later, less clearly
-        raise ValueError("batches: every query position is padding (their key padding masks pad every position), "
-                         "so no attention row was recorded")
-    return scores
+    return refuse_all_padding(session.scores(method), allow_empty, "their key padding masks pad every position")

@@ -114,6 +114,10 @@ def count_arg(name: str, value, what: str = "a positive int", minimum: int = 1) 
     return n
 
 
+#: the largest learning rate the optimizers' float32 state holds (``recover``, ``learn_gates``)
+MAX_LR = torch.finfo(torch.float32).max
+
+
 def as_real(x):
     """``x`` as a finite ``float`` (numpy and 0-d tensor numbers too: ``np.float32(0.3)`` is a
     fraction as ``0.3`` is), or ``None`` where it is none: a bool, a string, a tensor of more than

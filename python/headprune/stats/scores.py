@@ -21,7 +21,7 @@ from ..core.schema import NUM_OUTPUT_STATS, NUM_STATS, STAT_FIELDS, OutputStat, 
 from .accumulator import population_std
 from .moments import OutputMoments
 
-__all__ = ["HeadScores", "SCORE_NAMES", "DERIVED_SCORES", "FORMAT"]
+__all__ = ["HeadScores", "SCORE_NAMES", "DERIVED_SCORES", "FORMAT", "refuse_all_padding"]
 
 FORMAT = "headprune.HeadScores/2"
 _READABLE = ("headprune.HeadScores/1", FORMAT)
@@ -342,3 +342,12 @@ class HeadScores:
             f"HeadScores(model_type={self.model_type!r}, sites={self.num_sites}, heads={self.num_heads}, "
             f"method={self.method!r}, rows={int(self.count.sum())})"
         )
+
+
+def refuse_all_padding(scores: HeadScores, allow_empty: bool, padded_by: str) -> HeadScores:
+    """``scores``, or a ``ValueError`` naming ``batches`` where every query position was padding
+    (``padded_by``: what marked it) and ``allow_empty`` does not take that: every statistic is
+    NaN, refused later, less clearly."""
+    if not allow_empty and not int(scores.count.sum()):
+        raise ValueError(f"batches: every query position is padding ({padded_by}), so no attention row was recorded")
+    return scores
