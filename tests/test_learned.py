@@ -311,8 +311,8 @@ def test_sweep_compares_learned_gates_under_the_same_removal(monkeypatch):
     recipes = {k: {**kw, "learned": {"steps": 3, "cache": cache}} for k, kw in S.LEARNED_RECIPE.items()}
     config = S.SweepConfig(model="tiny", ratios=[0.25, 0.5], seeds=1, gqa="query", quiet=True, eval_windows=1)
     loaded = Loaded(model, None, "causal", "tiny")
-    real = S._learned
-    monkeypatch.setattr(S, "_learned", lambda *a: seen.append(a[4]) or real(*a))
+    real = S.learned_scores
+    monkeypatch.setattr(S, "learned_scores", lambda *a: seen.append(a[4]) or real(*a))
     first = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches)
     again = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches)
     assert seen == [0.25, 0.5, 0.25, 0.5] and len(cache) == 2  # trained twice, not four times

@@ -154,7 +154,7 @@ def _recipes_run(monkeypatch) -> dict:
 
     ran = {}
 
-    def stop(config, loaded, scores, held, settings, recipes, batches=None):
+    def stop(config, loaded, scores, held, settings, recipes, batches=None, **kw):
         ran.update(recipes)
         raise KeyboardInterrupt
 

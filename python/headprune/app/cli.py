@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     A.removal_args(sweep, sequential=False)
     A.eval_args(sweep)
     A.output_args(sweep, "sweep")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue an interrupted sweep from the points it measured (.<out>.sweep-journal.json "
+                            "beside --out)")
     return ap
 
 

@@ -110,9 +110,14 @@ def interrupted(args) -> str:
 
 
 def resumable(args) -> str:
-    """Where a scan stopped midway (interrupted, another rank failed) keeps the batches done ("": none)."""
+    """Where a scan stopped midway (interrupted, another rank failed) keeps the batches done, or a
+    sweep the points measured ("": none)."""
     from ..distributed import checkpoint_files
 
+    if args.command == "sweep":
+        from .sweep_journal import resume_hint
+
+        return resume_hint(_out(args, "sweep"))
     kept = [p for p in checkpoint_files(_checkpoint(_out(args, args.command).absolute())) if os.path.exists(p)]
     if args.command != "scan" or not kept:
         return ""
@@ -243,7 +248,8 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
         distributed.init_from_env()
     rank, world = distributed.rank_world()
     # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files
-    scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=getattr(args, "resume", False),
+    resume = checkpoint is not None and getattr(args, "resume", False)  # (sweep's --resume: its own journal)
+    scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=resume,
                                  fingerprint=fingerprint, progress=not args.quiet and rank == 0,
                                  fused=_fused(args), moments=moments)
     _say(args, f"{f'rank {rank}/{world}: ' if many else ''}collected entropies over {texts.sequences(batches)} "

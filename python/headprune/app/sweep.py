@@ -12,10 +12,11 @@ from ..ranking import DEFAULT_GQA, select_heads
 from ..ranking.recipes import default_allocation
 from ..stats.moments import DEFAULT_DAMPING
 from .evaluate import metric_of, quality
-from .sweep_reach import check_ratios, learned_budget, learned_selection, random_selection, sequential_heads
+from .sweep_journal import SweepJournal
+from .sweep_reach import (check_ratios, learned_budget, learned_scores, learned_selection, random_selection,
+                          sequential_heads)
 from .report import number
 from .sweep_table import fraction_text, random_mean
-from .texts import rebatch
 
 #: how removed heads are replaced (``removal``): a least-squares refit of the kept columns, their mean output, or nothing
 REMOVALS = ("refit", "mean", "zero")
@@ -109,7 +110,7 @@ def _reusable(costs, stats, gqa: str, damping: float, kw: dict):
 
 
 def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict | None = None, batches=None,
-              measured: dict | None = None, values_cache: dict | None = None) -> dict:
+              measured: dict | None = None, values_cache: dict | None = None, journal=None) -> dict:
     """Quality at every ratio of ``config`` for every recipe and the random baseline.
 
     ``recipes``: name -> select_heads keyword arguments (default :data:`RECIPES`), plus
@@ -122,7 +123,9 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     ``measured``: a dict that keeps each measured-allocation recipe's layer costs by name,
     to share them with later sweeps of the same model, scores and batches (they do not depend
     on the evaluation text). ``values_cache``: a dict that keeps value moments by selection (each
-    hundreds of MB on a small encoder) for later sweeps of the same model and batches."""
+    hundreds of MB on a small encoder) for later sweeps of the same model and batches.
+    ``journal``: a :class:`~.sweep_journal.SweepJournal` whose points are taken as measured and
+    to which every point measured is added (an interrupted sweep's, to resume it)."""
     recipes = RECIPES if recipes is None else recipes
     off = refit_only(recipes, config.removal)
     if off:
@@ -143,6 +146,7 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
                                        and not refits_values(kw, True)]
     result["unbiased"] = [k for k, kw in recipes.items() if not refit_bias_of(  # as prune --uniform refits those
         loaded.model, kw.get("uniform"), kw.get("removal", config.removal), refits_values(kw, point.values))]
+    journal = SweepJournal() if journal is None else journal
     state = {name: ({}, scores) for name in recipes}  # iterative recipes: heads so far, latest scores
     state["_costs"] = {} if measured is None else measured  # measured allocations' layer costs, by recipe
     t0 = time.perf_counter()
@@ -150,15 +154,18 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     for r in config.ratios:
         for name, kw in recipes.items():
             bar.set_postfix_str(f"{r:g}: {name}", refresh=True)
-            heads, value = _recipe_point(config, point, scores, state, name, kw, r, batches)
+            done = journal.replay(r, name, state)
+            if done is None:
+                done = _recipe_point(config, point, scores, state, name, kw, r, batches)
+                journal.record(r, name, *done, state)
+            heads, value = done
             result["heads"].setdefault(name, []).append({str(k): v for k, v in heads.items()})
             result["recipes"][name].append(value)
             bar.update(1)
         bar.set_postfix_str(f"{r:g}: random heads", refresh=True)
-        draws = [select_heads(scores, ratio=r, gqa=config.gqa, seed=s, **random_selection(config, scores))
-                 for s in range(config.seeds)]
-        result["random"].append([point(h, scores, config.removal, point.values) for h in draws])
-        result["random_heads"].append([sum(map(len, h.values())) for h in draws])  # even layouts: draws can differ
+        values, counts = journal.replay_random(r) or _random_point(config, point, scores, r, journal)
+        result["random"].append(values)
+        result["random_heads"].append(counts)  # even layouts: draws can differ
         bar.update(config.seeds)
         if not config.quiet:
             bar.write(f"ratio {fraction_text(r)}: " + ", ".join(f"{k}={number(v[-1])}" for k, v in result["recipes"].items())
@@ -168,11 +175,19 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     bar.close()
     if state.get("_learned_runs"):
         result["learned"] = state["_learned_runs"]
-    costs = {k: v for k, v in state["_costs"].items() if k in recipes}
+    costs = {k: v for k, v in journal.measured.items() if k in recipes}  # as recorded with each point
     if costs:
-        result["measured_allocation"] = {k: {"seconds": v.seconds, "sequences": v.sequences, "tokens": v.tokens}
-                                         for k, v in costs.items()}
+        result["measured_allocation"] = costs
     return result
+
+
+def _random_point(config, point, scores, ratio: float, journal) -> tuple:
+    """``(metrics, head counts)`` of the random draws at ``ratio``, added to ``journal``."""
+    draws = [select_heads(scores, ratio=ratio, gqa=config.gqa, seed=s, **random_selection(config, scores))
+             for s in range(config.seeds)]
+    out = [point(h, scores, config.removal, point.values) for h in draws], [sum(map(len, h.values())) for h in draws]
+    journal.record_random(ratio, *out)
+    return out
 
 
 def _bar(total: int, quiet: bool):
@@ -270,7 +285,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
     learned = kw.pop("learned", None)
     if learned is not None:
         budget = learned_budget(kw, stats, ratio=ratio, gqa=gqa, damping=config.damping)  # what the selection removes
-        kw = learned_selection(kw, _learned(point, stats, batches, name, ratio, {**learned, **budget}, state), stats)
+        scored = learned_scores(point, stats, batches, name, ratio, {**learned, **budget}, state)
+        kw = learned_selection(kw, scored, stats)
     if kw.get("scope") is None:
         kw["scope"] = default_allocation(stats, removal, iterative=iterative, uniform=bool(kw.get("uniform")),
                                          kv_ratio=kw.get("kv_ratio"))
@@ -336,31 +352,6 @@ def refit_only(recipes: dict, removal: str) -> list:
     else ``removal``) is another: what they chose would be evaluated without the refit."""
     return [name for name, kw in recipes.items()
             if (kw.get("sequential") or kw.get("scope") == "measured") and kw.get("removal", removal) != "refit"]
-
-
-def _learned(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):
-    """Learned gate scores for the sweep's ``ratio``, trained once and kept in ``state`` (``settings``:
-    ``learn_gates`` options, the budget's included (:func:`~.sweep_reach.learned_budget`), ``"batch_size"``:
-    sequences per step, the calibration batches split to it, ``"cache"``: a dict shared across calls of
-    :func:`run_sweep` on the same model and batches, e.g. one per evaluation text)."""
-    from ..hf.learned import learn_gates
-
-    settings = {**settings, "protect_layers": tuple(settings.get("protect_layers", ()))}  # hashable, for the key
-    cache = settings.pop("cache", state.setdefault("_learned", {}))
-    settings["ratio"] = round(settings["ratio"], 9)  # of the heads whose gates train
-    # keyed by the model's layout too: a cache shared with another model's sweep trains anew
-    key = (name, tuple(sorted(settings.items())), stats.layout_fingerprint())
-    size = settings.pop("batch_size", None)  # sequences per step: smaller batches, more steps per CPU-minute
-    if key not in cache:
-        chunks = list(batches) if size is None else rebatch(batches, size)
-        cache[key] = learn_gates(point.loaded.model, chunks, scores=stats if stats.outputs is not None else None,
-                                 progress=not point.config.quiet, **settings)
-    r = cache[key]
-    state.setdefault("_learned_runs", {}).setdefault(name, []).append(
-        {"ratio": ratio, "steps": r.steps, "seconds": r.seconds, "stopped": r.stopped,
-         "open_fraction": r.open_fraction, "target_open": r.target_open, "loss_first": r.loss_first,
-         "loss_last": r.loss_last})
-    return r.scores
 
 
 def removal_of(args) -> str:

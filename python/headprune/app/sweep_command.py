@@ -10,6 +10,7 @@ from . import commands as C
 from . import plots
 from .load import stored_type_name
 from .prune_checks import refuse_below_one
+from .sweep_journal import SweepJournal, journal_path, sweep_fingerprint
 from .sweep import LEARNED_RECIPE, RECIPES, SweepConfig, check_removal_options, refit_only, removal_of, run_sweep
 from .sweep_reach import BASELINE, NoHead, model_layout, out_of_reach
 from .sweep_table import sweep_markdown
@@ -30,19 +31,42 @@ def sweep(args) -> int:
 
         refuse_values(loaded, [])
     recipes = plan(args, loaded)
+    journal = open_journal(args, out, loaded, batches, held, settings, recipes) if C._is_writer() else None
     scores = C._collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
     if not C._is_writer():
         return 0
-    with C.output_dir(out, args.force, C._stages(args)) as tmp:
-        C._say(args, f"headprune: evaluating the unpruned model, then {len(recipes)} recipes and "
-                     f"{args.seeds} random draws at {len(args.ratios)} ratio(s)")
-        result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches)
-        C._write_json(tmp / "sweep.json", result)
-        plots.sweep_plot(result, tmp / "sweep.png")
-        (tmp / "sweep.md").write_text(sweep_markdown(result))
+    try:
+        with C.output_dir(out, args.force, C._stages(args)) as tmp:
+            C._say(args, f"headprune: evaluating the unpruned model, then {len(recipes)} recipes and "
+                         f"{args.seeds} random draws at {len(args.ratios)} ratio(s)")
+            result = run_sweep(SweepConfig.from_args(args), loaded, scores, held, settings, recipes, batches=batches,
+                               journal=journal)
+            C._write_json(tmp / "sweep.json", result)
+            plots.sweep_plot(result, tmp / "sweep.png")
+            (tmp / "sweep.md").write_text(sweep_markdown(result))
+    finally:
+        if any(s.committed for s in C._stages(args)):  # even if interrupted after: the points are in out
+            journal.remove()
     print(sweep_markdown(result))
     print(f"wrote {out}/sweep.json, sweep.md, sweep.png")
     return 0
+
+
+def open_journal(args, out, loaded, batches, held, settings, recipes) -> SweepJournal:
+    """The sweep's journal (:mod:`.sweep_journal`), read with ``--resume``: its fingerprint is
+    checked before the collection, and what it holds, or that a run without ``--resume`` writes over
+    it, is said."""
+    path = journal_path(out)
+    fingerprint = sweep_fingerprint(C.collection_fingerprint(args, batches, settings), loaded.model, held,
+                                    SweepConfig.from_args(args), recipes)
+    journal = SweepJournal(path, fingerprint, resume=args.resume)
+    if args.resume:
+        C._say(args, f"headprune: resuming the sweep: {journal.resumed} points measured before, from {path}"
+               if journal.resumed else f"headprune: no points in {path} to resume from: the sweep starts anew")
+    elif path.exists():
+        C._warn(f"{path} holds the points of an interrupted sweep into {out}; this run starts anew and writes over "
+                "it (--resume goes on from it)")
+    return journal
 
 
 def plan(args, loaded) -> dict:

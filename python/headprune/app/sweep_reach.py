@@ -9,6 +9,7 @@ import torch
 from ..ranking import select_heads, unit_counts
 from ..ranking.recipes import default_allocation, default_protected, resolve_recipe
 from ..ranking.reconstruction import SingularMoments
+from .texts import rebatch
 
 
 def check_ratios(config, scores, recipes: dict) -> None:
@@ -154,3 +155,28 @@ def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float,
         return calibrate_sequentially(model, batches, ratio=ratio, gqa=gqa, damping=damping, protect_layers=protect,
                                       min_heads_per_layer=kw.get("min_heads_per_layer", 1), fused=fused)
     return calibrate_sequentially(model, batches, stats, unit_counts(heads, stats, gqa), gqa=gqa, damping=damping)
+
+
+def learned_scores(point, stats, batches, name: str, ratio: float, settings: dict, state: dict):
+    """Learned gate scores for the sweep's ``ratio``, trained once and kept in ``state`` (``settings``:
+    ``learn_gates`` options, the budget's included (:func:`learned_budget`), ``"batch_size"``:
+    sequences per step, the calibration batches split to it, ``"cache"``: a dict shared across calls of
+    :func:`~.sweep.run_sweep` on the same model and batches, e.g. one per evaluation text)."""
+    from ..hf.learned import learn_gates
+
+    settings = {**settings, "protect_layers": tuple(settings.get("protect_layers", ()))}  # hashable, for the key
+    cache = settings.pop("cache", state.setdefault("_learned", {}))
+    settings["ratio"] = round(settings["ratio"], 9)  # of the heads whose gates train
+    # keyed by the model's layout too: a cache shared with another model's sweep trains anew
+    key = (name, tuple(sorted(settings.items())), stats.layout_fingerprint())
+    size = settings.pop("batch_size", None)  # sequences per step: smaller batches, more steps per CPU-minute
+    if key not in cache:
+        chunks = list(batches) if size is None else rebatch(batches, size)
+        cache[key] = learn_gates(point.loaded.model, chunks, scores=stats if stats.outputs is not None else None,
+                                 progress=not point.config.quiet, **settings)
+    r = cache[key]
+    state.setdefault("_learned_runs", {}).setdefault(name, []).append(
+        {"ratio": ratio, "steps": r.steps, "seconds": r.seconds, "stopped": r.stopped,
+         "open_fraction": r.open_fraction, "target_open": r.target_open, "loss_first": r.loss_first,
+         "loss_last": r.loss_last})
+    return r.scores

@@ -15,8 +15,8 @@ from typing import Optional
 from .. import atomic
 from ..stats.scores import HeadScores
 
-__all__ = ["CHECKPOINT_FORMAT", "BatchesDigest", "Checkpoint", "canonical", "format_kind", "refuse_foreign",
-           "tensor_bytes", "weights_digest", "writing"]
+__all__ = ["CHECKPOINT_FORMAT", "BatchesDigest", "Checkpoint", "canonical", "differences", "format_kind",
+           "refuse_foreign", "tensor_bytes", "weights_digest", "writing"]
 
 
 CHECKPOINT_FORMAT = "headprune.checkpoint/2"  # /2: the batches' digest; the weights' exact sums of bits
@@ -95,7 +95,7 @@ class Checkpoint:
         if _earlier(d.get("fingerprint")):
             raise self._refuse("was written by an earlier headprune, whose fingerprint did not cover the model's config")
         if d.get("fingerprint") != self.fingerprint:
-            raise self._refuse(f"was written with other settings ({_differences(d.get('fingerprint'), self.fingerprint)})")
+            raise self._refuse(f"was written with other settings ({differences(d.get('fingerprint'), self.fingerprint)})")
         done = d.get("batches_done")
         try:
             scores = HeadScores.from_dict(d.get("scores"))
@@ -264,8 +264,9 @@ def _earlier(saved) -> bool:
     return isinstance(saved, dict) and "weights" in saved and "weights and config" not in saved
 
 
-def _differences(saved, now) -> str:
-    """``"seq_len: 9 in the checkpoint, 10 now"``: where two JSON fingerprints differ."""
+def differences(saved, now, where: str = "the checkpoint") -> str:
+    """``"seq_len: 9 in the checkpoint, 10 now"``: where two JSON fingerprints differ (``where``:
+    the saved one's name)."""
     try:
         a, b = _flat(json.loads(saved)), _flat(json.loads(now))
     except (TypeError, ValueError):
@@ -273,7 +274,7 @@ def _differences(saved, now) -> str:
     keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
     if not keys:
         return "the calibration settings differ"
-    return "; ".join(f"{k}: {a.get(k)} in the checkpoint, {b.get(k)} now" for k in keys[:4])
+    return "; ".join(f"{k}: {a.get(k)} in {where}, {b.get(k)} now" for k in keys[:4])
 
 
 def _flat(d, prefix="") -> dict:

@@ -1,0 +1,198 @@
+"""``headprune sweep --resume``: an interrupted sweep goes on from the points its journal holds,
+and finishes as an uninterrupted sweep does; a journal of other settings, of another format or
+that is no journal is refused before the collection, naming what differs."""
+
+import json
+
+import pytest
+
+from headprune.app.cli import main
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+ARGS = ["--samples", "4", "--seq-len", "16", "--quiet", "--ratios", "0.2,0.4", "--seeds", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from hf_tiny import save_tiny_bert
+
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    save_tiny_bert(path)
+    return path
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def call(argv, stdout=False):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        seen = capsys.readouterr()
+        return code, (seen.out if stdout else seen.err)
+
+    return call
+
+
+def _count_points(monkeypatch, stop_at=None):
+    """Counts the evaluated points (a recipe's, or one random draw's); ``KeyboardInterrupt`` at
+    the ``stop_at``-th."""
+    import headprune.app.sweep as S
+
+    real, calls = S._Evaluator.__call__, []
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(S._Evaluator, "__call__", counted)
+    return calls
+
+
+def _result(path):
+    result = json.loads((path / "sweep.json").read_text())
+    for v in (result.get("measured_allocation") or {}).values():  # the time a measurement took
+        v.pop("seconds")
+    return result
+
+
+def test_an_interrupted_sweep_resumes_and_finishes_as_an_uninterrupted_one(run, tmp_path, tiny_dir, monkeypatch):
+    from headprune.app.sweep_journal import journal_path
+
+    calls = _count_points(monkeypatch)
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "whole"])
+    assert code == 0, err
+    total = len(calls)
+    assert not journal_path(tmp_path / "whole").exists()  # removed once the output is written
+
+    stop = total // 2 + 1
+    calls = _count_points(monkeypatch, stop_at=stop)
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])
+    journal = journal_path(tmp_path / "o")
+    assert code == 130 and not (tmp_path / "o").exists()
+    assert f"the sweep journal {journal} keeps the points measured: run again with --resume" in err, err
+    held = json.loads(journal.read_text())
+    assert sum(map(len, held["points"].values())) + 2 * len(held["random"]) == stop - 1  # every point before it
+
+    calls = _count_points(monkeypatch)
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o", "--resume"])
+    assert code == 0, err
+    assert len(calls) == total - (stop - 1)  # only the points the journal did not hold
+    assert _result(tmp_path / "o") == _result(tmp_path / "whole")
+    assert not journal.exists()
+
+
+def test_resume_refuses_a_journal_of_other_settings_before_collecting(run, tmp_path, tiny_dir, monkeypatch):
+    import sys
+
+    from headprune.app.sweep_journal import journal_path
+
+    _count_points(monkeypatch, stop_at=2)
+    assert run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])[0] == 130
+    journal = journal_path(tmp_path / "o")
+    before = journal.read_text()
+    hc = sys.modules["headprune.hf.collect"]  # what the command calls (through distributed.collect)
+    monkeypatch.setattr(hc, "collect", lambda *a, **k: pytest.fail("collected before refusing the journal"))
+    args = [a if a != "2" else "3" for a in ARGS]  # --seeds 3
+    code, err = run(["sweep", tiny_dir, *args, "--out", tmp_path / "o", "--resume"])
+    assert code == 2
+    assert f"--resume: the sweep journal {journal} was written with other settings (sweep.seeds: 2 in the journal, " \
+           "3 now); run without --resume to start anew" in err, err
+    assert journal.read_text() == before  # left as it was
+
+    journal.write_text(json.dumps({**json.loads(before), "format": "headprune.sweep-journal/0"}))
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o", "--resume"])
+    assert code == 2 and "was written by another headprune (format 'headprune.sweep-journal/0'" in err, err
+
+    journal.write_text(json.dumps({**json.loads(before), "points": {"0.2": {"default": {"value": 1.0}}}}))
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o", "--resume"])
+    assert code == 2 and f"the sweep journal {journal} is corrupt (KeyError: 'heads')" in err, err
+
+
+def test_a_file_that_is_no_journal_is_never_written_over(run, tmp_path, tiny_dir):
+    from headprune.app.sweep_journal import journal_path
+
+    path = journal_path(tmp_path / "o")
+    path.write_text("notes\n")
+    for resume in ([], ["--resume"]):
+        code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o", *resume])
+        assert code == 2 and f"--out: {path} exists and is not a headprune sweep checkpoint" in err, err
+        assert path.read_text() == "notes\n"
+
+
+def test_a_sweep_without_resume_says_it_starts_anew(run, tmp_path, tiny_dir, monkeypatch):
+    from headprune.app.sweep_journal import journal_path
+
+    _count_points(monkeypatch, stop_at=3)
+    assert run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])[0] == 130
+    calls = _count_points(monkeypatch)
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])
+    assert code == 0, err
+    path = journal_path(tmp_path / "o")
+    assert f"{path} holds the points of an interrupted sweep into {tmp_path / 'o'}; this run starts anew" in err, err
+    assert len(calls) > 2 and not path.exists()
+
+
+def test_a_resume_without_a_journal_starts_anew(run, tmp_path, tiny_dir):
+    from headprune.app.sweep_journal import journal_path
+
+    args = [a for a in ARGS if a != "--quiet"]
+    code, out = run(["sweep", tiny_dir, *args, "--out", tmp_path / "o", "--resume"], stdout=True)
+    assert code == 0
+    assert f"headprune: no points in {journal_path(tmp_path / 'o')} to resume from: the sweep starts anew" in out, out
+    assert (tmp_path / "o" / "sweep.json").exists()
+
+
+def test_the_journal_keeps_what_json_cannot_write_as_a_number(tmp_path):
+    from headprune.app.sweep_journal import SweepJournal
+
+    path = tmp_path / ".o.sweep-journal.json"
+    journal = SweepJournal(path, {"a": 1})
+    state = {}
+    journal.record(0.3, "r", {1: [2, 0]}, float("inf"), state)
+    journal.record_random(0.3, [float("nan"), 2.5], [3, 3])
+    json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    again = SweepJournal(path, {"a": 1}, resume=True)
+    assert again.resumed == 2
+    assert again.replay(0.3, "r", state) == ({1: [0, 2]}, float("inf"))
+    values, heads = again.replay_random(0.3)
+    assert values[0] != values[0] and values[1] == 2.5 and heads == [3, 3]
+    assert again.replay(0.5, "r", state) is None and again.replay_random(0.5) is None
+
+
+def test_a_resumed_library_sweep_keeps_learned_and_measured_records(tmp_path, monkeypatch):
+    """``run_sweep(journal=)``: the points of a journal are not trained or measured again, and
+    the result keeps their learned-gate and measured-allocation records."""
+    import headprune.app.sweep as S
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.app.load import Loaded
+    from headprune.app.sweep_journal import SweepJournal
+    from headprune.hf import collect
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    batches = [tiny_batch("llama", seed=i, pad=False) for i in range(3)]
+    scores = collect(model, batches, progress=False, moments=True)
+    monkeypatch.setattr(S, "quality", lambda *a, **k: {"perplexity": 1.0})
+    recipes = {**{k: {**kw, "learned": {"steps": 2}} for k, kw in S.LEARNED_RECIPE.items()},
+               "measured": {"scope": "measured"}}
+    config = S.SweepConfig(model="tiny", ratios=[0.25, 0.5], seeds=1, gqa="query", quiet=True, eval_windows=1)
+    loaded = Loaded(model, None, "causal", "tiny")
+    path = tmp_path / "journal.json"
+    first = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches,
+                        journal=SweepJournal(path, {"x": 1}))
+    monkeypatch.setattr(S, "learned_scores", lambda *a: pytest.fail("trained again"))
+    import headprune.hf.allocation as A
+
+    monkeypatch.setattr(A, "select_measured", lambda *a, **k: pytest.fail("measured again"))
+    journal = SweepJournal(path, {"x": 1}, resume=True)
+    assert journal.resumed == 2 * len(recipes) + 2
+    again = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches, journal=journal)
+    assert again == first and set(again["learned"]) == set(S.LEARNED_RECIPE)
+    assert set(again["measured_allocation"]) == {"measured"}
