@@ -196,3 +196,144 @@ def test_a_resumed_library_sweep_keeps_learned_and_measured_records(tmp_path, mo
     again = S.run_sweep(config, loaded, scores, [], {"data": "x"}, recipes, batches=batches, journal=journal)
     assert again == first and set(again["learned"]) == set(S.LEARNED_RECIPE)
     assert set(again["measured_allocation"]) == {"measured"}
+
+
+def _weights_sum(loaded, *a, **k):
+    return {"perplexity": float(sum(p.detach().double().square().sum() for p in loaded.model.parameters()))}
+
+
+def test_an_iterative_recipe_resumes_by_measuring_its_rounds_again(tmp_path, monkeypatch):
+    """An iterative recipe's round at one fraction starts from the heads and statistics of the
+    one before, so its points are never taken from the journal; and a library sweep without a
+    journal measures a repeated fraction again, as before journals."""
+    import headprune.app.sweep as S
+    from hf_tiny import tiny_batch, tiny_model
+
+    from headprune.app.load import Loaded
+    from headprune.app.sweep_journal import SweepJournal
+    from headprune.hf import collect
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    batches = [tiny_batch("llama", seed=i, pad=False) for i in range(3)]
+    scores = collect(model, batches, progress=False, moments=True)
+    loaded = Loaded(model, None, "causal", "tiny")
+    monkeypatch.setattr(S, "quality", _weights_sum)  # what the masked model is
+    recipes = {"default": {}, "it": {"iterative": True}}
+    config = S.SweepConfig(model="tiny", ratios=[0.25, 0.5], seeds=1, gqa="query", quiet=True, eval_windows=1)
+
+    def sweep(journal=None, ratios=None):
+        cfg = config if ratios is None else S.SweepConfig(**{**vars(config), "ratios": ratios})
+        return S.run_sweep(cfg, loaded, scores, [], {"data": "x"}, recipes, batches=batches, journal=journal)
+
+    whole = sweep()
+    calls = _count_points(monkeypatch, stop_at=5)  # the unpruned model, then 0.25's three points; stops at 0.5's
+    with pytest.raises(KeyboardInterrupt):
+        sweep(SweepJournal(tmp_path / "j.json", {"x": 1}))
+    monkeypatch.undo()
+    monkeypatch.setattr(S, "quality", _weights_sum)
+    assert sweep(SweepJournal(tmp_path / "j.json", {"x": 1}, resume=True)) == whole
+    calls = _count_points(monkeypatch)
+    sweep(ratios=[0.25, 0.25])
+    assert len(calls) == 2 * (len(recipes) + 1)  # every point of both, the draws' included
+
+
+def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
+    from types import SimpleNamespace
+
+    from hf_tiny import tiny_model
+
+    from headprune.app.sweep import SweepConfig
+    from headprune.app.sweep_journal import sweep_fingerprint
+
+    model = tiny_model("bert")
+    config = SweepConfig(model="m", ratios=[0.5])
+
+    def fingerprint(split, held=("a b", "c d"), **kw):
+        tok = lambda texts: {"input_ids": [[len(w) for w in split(t)] for t in texts]}  # noqa: E731
+        return sweep_fingerprint({}, SimpleNamespace(model=model, tokenizer=tok, kind="encoder"), list(held),
+                                 SweepConfig(**{**vars(config), **kw}), {})
+
+    words = fingerprint(str.split)
+    assert fingerprint(str.split) == words
+    assert fingerprint(list)["held_out"] != words["held_out"]  # characters, not words
+    assert fingerprint(str.split, held=("a b", "c e"))["held_out"] != words["held_out"]
+    # settings as they apply: all paragraphs however many are asked; an encoder's windows; the value refit resolved
+    assert fingerprint(str.split, eval_paragraphs=100) == words
+    assert fingerprint(str.split, eval_windows=3) == words
+    assert fingerprint(str.split, values=True) == words  # BERT refits value rows by default
+    assert fingerprint(str.split, values=False) != words
+
+
+def test_what_a_run_says_of_the_journal_is_what_it_holds(run, tmp_path, tiny_dir, monkeypatch):
+    """A run that started anew over another sweep's journal and stopped before its first point
+    does not offer to resume from it; an error after some points does, as an interrupt does."""
+    from headprune.app.sweep_journal import journal_path
+
+    _count_points(monkeypatch, stop_at=3)
+    assert run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])[0] == 130
+    args = [a if a != "2" else "3" for a in ARGS]  # --seeds 3: another sweep
+    _count_points(monkeypatch, stop_at=1)  # the unpruned model's evaluation
+    code, err = run(["sweep", tiny_dir, *args, "--out", tmp_path / "o"])
+    assert code == 130 and "this run starts anew" in err and "--resume to continue" not in err, err
+
+    import headprune.app.sweep as S
+
+    real, seen = S._Evaluator.__call__, []
+
+    def failing(self, *a, **k):
+        seen.append(1)
+        if len(seen) == 4:
+            raise ValueError("a recipe failed")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(S._Evaluator, "__call__", failing)
+    code, err = run(["sweep", tiny_dir, *args, "--out", tmp_path / "o"])
+    path = journal_path(tmp_path / "o")
+    assert code == 2 and f"error: a recipe failed; the sweep journal {path} keeps the points measured: run again " \
+                         "with --resume to continue" in err, err
+
+
+def test_a_journal_that_cannot_be_written_is_said_once_and_the_sweep_goes_on(run, tmp_path, tiny_dir, monkeypatch):
+    import errno
+
+    import headprune.atomic as atomic
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "write_file", full)
+    code, err = run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])
+    assert code == 0 and (tmp_path / "o" / "sweep.json").exists()
+    assert err.count("cannot be written (No space left on device); the sweep goes on") == 1, err
+
+
+def _resume_rank(rank, port, model_dir, out):
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = main(["sweep", model_dir, *[a if a != "2" else "3" for a in ARGS], "--out", out, "--resume",
+                 "--distributed"])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    assert code == 2  # refused by every rank, none left waiting in the collection
+
+
+def test_every_rank_refuses_a_journal_of_other_settings(run, tmp_path, tiny_dir, monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("no gloo")
+    _count_points(monkeypatch, stop_at=3)
+    assert run(["sweep", tiny_dir, *ARGS, "--out", tmp_path / "o"])[0] == 130
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resume_rank, args=(port, str(tiny_dir), str(tmp_path / "o")), nprocs=2, join=True)

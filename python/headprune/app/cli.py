@@ -195,7 +195,8 @@ def main(argv=None) -> int:
                 return 130
             if not isinstance(e, (OSError, ValueError, TypeError, RanksFailed, MissingExtra)):
                 raise
-            kept = commands.resumable(args) if isinstance(e, RanksFailed) else ""  # RanksFailed: another rank's
+            # RanksFailed: another rank's; a sweep's journal keeps the points measured before any error
+            kept = commands.resumable(args) if isinstance(e, RanksFailed) or args.command == "sweep" else ""
             print(f"headprune {args.command}: error: {_message(e, args.command)}{'; ' * bool(kept)}{kept}",
                   file=sys.stderr)
             return 2

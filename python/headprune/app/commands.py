@@ -115,9 +115,8 @@ def resumable(args) -> str:
     from ..distributed import checkpoint_files
 
     if args.command == "sweep":
-        from .sweep_journal import resume_hint
-
-        return resume_hint(_out(args, "sweep"))
+        journal = getattr(args, "sweep_journal", None)
+        return journal.hint() if journal is not None else ""
     kept = [p for p in checkpoint_files(_checkpoint(_out(args, args.command).absolute())) if os.path.exists(p)]
     if args.command != "scan" or not kept:
         return ""

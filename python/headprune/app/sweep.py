@@ -124,8 +124,9 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     to share them with later sweeps of the same model, scores and batches (they do not depend
     on the evaluation text). ``values_cache``: a dict that keeps value moments by selection (each
     hundreds of MB on a small encoder) for later sweeps of the same model and batches.
-    ``journal``: a :class:`~.sweep_journal.SweepJournal` whose points are taken as measured and
-    to which every point measured is added (an interrupted sweep's, to resume it)."""
+    ``journal``: a :class:`~.sweep_journal.SweepJournal` whose points (but an iterative recipe's)
+    are taken as measured and to which every point measured is added (an interrupted sweep's, to
+    resume it)."""
     recipes = RECIPES if recipes is None else recipes
     off = refit_only(recipes, config.removal)
     if off:
@@ -154,7 +155,8 @@ def run_sweep(config: SweepConfig, loaded, scores, held, settings, recipes: dict
     for r in config.ratios:
         for name, kw in recipes.items():
             bar.set_postfix_str(f"{r:g}: {name}", refresh=True)
-            done = journal.replay(r, name, state)
+            # an iterative recipe's rounds build on each other: measured again, never taken
+            done = None if kw.get("iterative") else journal.replay(r, name, state)
             if done is None:
                 done = _recipe_point(config, point, scores, state, name, kw, r, batches)
                 journal.record(r, name, *done, state)

@@ -31,7 +31,7 @@ def sweep(args) -> int:
 
         refuse_values(loaded, [])
     recipes = plan(args, loaded)
-    journal = open_journal(args, out, loaded, batches, held, settings, recipes) if C._is_writer() else None
+    journal = open_journal(args, out, loaded, batches, held, settings, recipes)  # every rank refuses alike
     scores = C._collect(args, loaded, batches, settings, moments=True)  # refits and the reconstruction score
     if not C._is_writer():
         return 0
@@ -57,10 +57,11 @@ def open_journal(args, out, loaded, batches, held, settings, recipes) -> SweepJo
     checked before the collection, and what it holds, or that a run without ``--resume`` writes over
     it, is said."""
     path = journal_path(out)
-    fingerprint = sweep_fingerprint(C.collection_fingerprint(args, batches, settings), loaded.model, held,
+    fingerprint = sweep_fingerprint(C.collection_fingerprint(args, batches, settings), loaded, held,
                                     SweepConfig.from_args(args), recipes)
-    journal = SweepJournal(path, fingerprint, resume=args.resume)
-    if args.resume:
+    journal = SweepJournal(path, fingerprint, resume=args.resume, warn=C._warn)
+    vars(args)["sweep_journal"] = journal  # for the interrupt message: what this run's journal holds
+    if args.resume and C._is_writer():
         C._say(args, f"headprune: resuming the sweep: {journal.resumed} points measured before, from {path}"
                if journal.resumed else f"headprune: no points in {path} to resume from: the sweep starts anew")
     elif path.exists():

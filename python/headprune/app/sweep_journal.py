@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from typing import Optional
 from .. import atomic
 from ..hf.checkpoint import canonical, differences, format_kind, refuse_foreign, weights_digest
 
-__all__ = ["FORMAT", "SweepJournal", "journal_path", "resume_hint", "sweep_fingerprint"]
+__all__ = ["FORMAT", "SweepJournal", "journal_path", "sweep_fingerprint"]
 
 FORMAT = "headprune.sweep-journal/1"
 
@@ -36,22 +37,25 @@ def journal_path(out) -> Path:
     return out.parent / f".{atomic.short_name(out.name, 200)}.sweep-journal.json"
 
 
-def resume_hint(out) -> str:
-    """What an interrupted sweep into ``out`` leaves to resume from ("": nothing)."""
-    path = journal_path(out)
-    return f"the sweep journal {path} keeps the points measured: run again with --resume to continue" \
-        if path.exists() else ""
-
-
-def sweep_fingerprint(collection: dict, model, held: list, config, recipes: dict) -> dict:
+def sweep_fingerprint(collection: dict, loaded, held: list, config, recipes: dict) -> dict:
     """What a sweep's points depend on: ``collection`` (the calibration's fingerprint: model name,
-    batches, settings), the model's weights and config, the held-out text evaluated, the sweep's
-    settings but its fractions (points are kept by fraction) and its output, and the recipes."""
+    batches, settings), the model's weights and config, the held-out paragraphs evaluated as the
+    tokenizer reads them, the sweep's settings as they apply (not its fractions: points are kept by
+    fraction; not its output), and the recipes."""
+    from ..hf.values import refits_values_by_default
+
     evaluated = held[: config.eval_paragraphs or len(held)]
-    text = hashlib.sha256(json.dumps(evaluated, default=str).encode()).hexdigest()[:16]
-    return {"collection": collection, "weights and config": weights_digest(model), "held_out": text,
-            "sweep": {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("ratios", "quiet")},
-            "recipes": {name: {k: repr(v) for k, v in sorted(kw.items())} for name, kw in recipes.items()}}
+    ids = loaded.tokenizer([str(p) for p in evaluated])["input_ids"] if evaluated else []
+    text = hashlib.sha256(json.dumps([evaluated, ids], default=str).encode()).hexdigest()[:16]
+    sweep = {f.name: getattr(config, f.name) for f in fields(config)
+             if f.name not in ("ratios", "quiet", "eval_paragraphs")}  # the paragraphs are in "held_out"
+    if config.values is None:  # as the sweep resolves it
+        sweep["values"] = refits_values_by_default(loaded.model) and config.removal == "refit"
+    if loaded.kind != "causal":  # perplexity windows only
+        sweep.pop("eval_windows")
+    return {"collection": collection, "weights and config": weights_digest(loaded.model), "held_out": text,
+            "sweep": sweep, "recipes": {name: {k: repr(v) for k, v in sorted(kw.items())}
+                                        for name, kw in recipes.items()}}
 
 
 class SweepJournal:
@@ -59,11 +63,13 @@ class SweepJournal:
     counts, a learned recipe's training record and a measured allocation's cost record.
     ``path=None``: kept in memory only (a library sweep without a journal)."""
 
-    def __init__(self, path=None, fingerprint: Optional[dict] = None, resume: bool = False):
+    def __init__(self, path=None, fingerprint: Optional[dict] = None, resume: bool = False, warn=None):
         self.path = None if path is None else os.fspath(path)
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=4))  # the command line's: its own
         self.fingerprint = canonical(fingerprint or {})
         self.points, self.random, self.measured = {}, {}, {}
         self.resumed = 0  # points taken from the file
+        self.written, self.unwritable = False, False
         if self.path is not None:
             refuse_foreign(self.path, self._ours, "headprune sweep", "a sweep", arg="--out")
             if resume:
@@ -98,9 +104,10 @@ class SweepJournal:
         self.resumed = sum(map(len, self.points.values())) + len(self.random)
 
     def replay(self, ratio: float, name: str, state: dict) -> Optional[tuple]:
-        """``(heads, metric)`` of the recipe ``name`` at ``ratio`` where the journal holds it (its
-        learned-gate record is put back in ``state``, where :func:`run_sweep` keeps them), else ``None``."""
-        p = self.points.get(_key(ratio), {}).get(name)
+        """``(heads, metric)`` of the recipe ``name`` at ``ratio`` where the journal file holds it
+        (its learned-gate record is put back in ``state``, where :func:`run_sweep` keeps them),
+        else ``None`` (always, without a file: a library sweep measures every point it is asked)."""
+        p = self.points.get(_key(ratio), {}).get(name) if self.path is not None else None
         if p is None:
             return None
         if p.get("learned") is not None:
@@ -122,7 +129,7 @@ class SweepJournal:
 
     def replay_random(self, ratio: float) -> Optional[tuple]:
         """``(metrics, head counts)`` of the random draws at ``ratio``, else ``None``."""
-        d = self.random.get(_key(ratio))
+        d = self.random.get(_key(ratio)) if self.path is not None else None
         return None if d is None else ([float(v) for v in d["values"]], list(d["heads"]))
 
     def record_random(self, ratio: float, values: list, heads: list) -> None:
@@ -130,10 +137,26 @@ class SweepJournal:
         self._write()
 
     def _write(self) -> None:
-        if self.path is not None:
+        """The file rewritten; where it cannot be (a full disk), said once, and the sweep goes on."""
+        if self.path is None or self.unwritable:
+            return
+        try:
             atomic.write_file(self.path, json.dumps({"format": FORMAT, "fingerprint": self.fingerprint,
                                                      "points": self.points, "random": self.random,
                                                      "measured": self.measured}))
+            self.written = True
+        except OSError as e:
+            self.unwritable = True
+            self.warn(f"the sweep journal {self.path} cannot be written ({e.strerror or e}); the sweep goes on, and an "
+                      "interruption would lose its points")
+
+    def hint(self) -> str:
+        """What an interrupted or failed run leaves to resume from: the points this run's journal
+        holds, where it was read or written ("": nothing)."""
+        held = self.path is not None and (self.points or self.random) and (self.written or self.resumed)
+        if not held or not os.path.exists(self.path):
+            return ""
+        return f"the sweep journal {self.path} keeps the points measured: run again with --resume to continue"
 
     def remove(self) -> None:
         if self.path is not None:
