@@ -336,7 +336,16 @@ def test_an_encoder_is_evaluated_with_its_pipelines_pooling(run, tmp_path, tiny_
     code, err, result = _eval(run, [tmp_path / "o"])
     assert code == 0 and not err and result["fidelity"] == pytest.approx(report["after"]["fidelity"], abs=1e-6)
     code, err, result = _eval(run, [tmp_path / "o", "--teacher", tiny_dir])  # pooled by the mean
-    assert code == 0 and result["pooling"] == "mean_tokens" and err == [
-        "headprune: warning: MODEL's report.json pooled its embeddings by cls_token; the teacher pools them by "
-        "mean_tokens (as its sentence-transformers pipeline names, the mean without one), which this evaluation "
-        "follows, so its figures can differ from the report's"]
+    said = ["headprune: warning: MODEL's report.json pooled its embeddings by cls_token; the teacher pools them by "
+            "mean_tokens (as its sentence-transformers pipeline names, the mean without one), which this evaluation "
+            "follows, so its figures can differ from the report's"]
+    assert code == 0 and result["pooling"] == "mean_tokens" and err == said
+    # a recovery's folder records the pooling of its figures too, and eval says so alike
+    code, err = run(["recover", tmp_path / "o", "--steps", "1", "--validation", "0", "--samples", "4", "--quiet",
+                     "--data", "text.txt", "--out", tmp_path / "r"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["pooling"] == "cls_token"
+    code, err, result = _eval(run, [tmp_path / "r", "--teacher", tiny_dir])
+    assert code == 0 and result["pooling"] == "mean_tokens" and err == said
+    code, err, result = _eval(run, [tmp_path / "r"])  # the teacher its report names: pooled alike
+    assert code == 0 and not err and result["pooling"] == "cls_token"

@@ -107,6 +107,8 @@ def _warn_pooling(report: Optional[dict], reference: dict) -> None:
     """Said where the teacher's embeddings are pooled otherwise than the folder's report pooled
     them (a report written before pooling followed the sentence-transformers pipeline: the mean)."""
     after = report.get("after") if isinstance(report, dict) else None
+    if isinstance(report, dict) and "after" not in report:  # a recovery's (one written before it said: unknown)
+        after = {"fidelity": None, "pooling": report["pooling"]} if "pooling" in report else None
     if not isinstance(after, dict) or "fidelity" not in after or reference.get("pooling") is None:
         return
     then = after.get("pooling", "mean_tokens")

@@ -250,9 +250,10 @@ def recover(args) -> int:
     settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
                 "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as,
                 **C.windows_setting(args, student)}
+    pooled = {q["unpruned"][t].get("pooling") for t in paragraphs} - {None}  # an encoder's, as its figures were
     report = {"model": teacher_spec, **C.model_path(teacher_spec), "pruned": str(src), "metric": metric,
               "lower_is_better": lower, "quality": table, "recover": result, "settings": settings,
-              "seconds": stage.seconds}
+              "seconds": stage.seconds, **({"pooling": pooled.pop()} if pooled else {})}
     meta = student.pruned or {}
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
     with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
