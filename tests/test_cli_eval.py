@@ -279,7 +279,7 @@ def test_eval_refuses_a_text_named_twice_a_bundled_name_that_is_a_path_and_a_tea
     code, err = run(["eval", tiny_dir, "--data", "persuasion", "--quiet"])
     assert code == 2 and "--data: 'persuasion' names both a bundled text and a path here" in err[-1], err
     for spec, said in (("text.txt+text.txt", "names 'text.txt' twice"),
-                       ("text.txt+./text.txt", "names 'text.txt' twice (as './text.txt')")):
+                       ("text.txt+./text.txt", "names 'text.txt' twice (as './text.txt', which holds the same paragraphs)")):
         code, err = run(["eval", tiny_dir, "--data", spec, "--quiet"])
         assert code == 2 and err[-1].endswith(f"--data: {spec!r} {said}"), err
     wide = tmp_path / "wide"

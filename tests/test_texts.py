@@ -267,3 +267,54 @@ def test_one_paragraph_per_line_is_told_how_paragraphs_are_separated(tmp_path):
         texts.load_paragraphs(str(tmp_path / "lines.txt"))
     (tmp_path / "r.ndjson").write_text('{"text": "one"}\n{"text": "two"}\n')
     assert texts.load_paragraphs(str(tmp_path / "r.ndjson")) == ["one", "two"]
+
+
+def test_a_record_reads_as_the_same_paragraph_of_a_text_file(tmp_path):
+    """A JSON record lost its first line's indentation and kept its CRLF and trailing spaces,
+    where a text file's paragraph keeps the one and drops the others: the same code tokenised
+    otherwise by the file it came in."""
+    code = "    x = 1  \r\n    y = 2\r\n"
+    txt, jsonl, array = tmp_path / "c.txt", tmp_path / "c.jsonl", tmp_path / "c.json"
+    txt.write_bytes(("\n\n" + code + "\n\nb\n").encode())
+    jsonl.write_text("\n".join(json.dumps({"text": t}) for t in ("\n" + code, "b", " \r\n ")) + "\n")
+    array.write_text(json.dumps([{"text": code}, {"text": "b\r"}]))
+    want = ["    x = 1\n    y = 2", "b"]
+    assert texts.load_paragraphs(str(txt)) == texts.load_paragraphs(str(jsonl)) == texts.load_paragraphs(str(array)) \
+        == want
+
+
+def test_the_same_text_under_another_name_is_refused_and_a_bundled_file_is_its_name(tmp_path):
+    """Only the same path was caught: a copy, a link or a bundled text's own file took the same
+    calibration windows twice, and each held-out paragraph came right after its copy (a causal
+    LM could copy it: perplexity too good). A bundled text given by its file was no reason to
+    leave it out of the reference share."""
+    import os
+    import shutil
+
+    a = tmp_path / "a.txt"
+    a.write_text("\n\n".join(f"paragraph {i}" for i in range(10)))
+    shutil.copy(a, tmp_path / "copy.txt")
+    os.link(a, tmp_path / "link.txt")
+    bundled = str(texts.DATA / "persuasion.txt")
+    for other in (tmp_path / "copy.txt", tmp_path / "link.txt"):
+        with pytest.raises(ValueError, match=f"names '{a}' twice \\(as '{other}', which holds the same paragraphs\\)"):
+            texts.load_split(f"{a}+{other}")
+    with pytest.raises(ValueError, match="names 'persuasion' twice"):
+        texts.load_split(f"persuasion+{bundled}")
+    assert texts.reference_texts(bundled) == texts.reference_texts("persuasion") == ["python_tutorial", "python_code"]
+    assert texts.reference_texts(str(a)) == list(texts.BUNDLED_TEXTS)
+
+
+def test_the_reference_share_recorded_is_the_one_the_bundled_texts_gave(tiny_dir, tmp_path):  # noqa: F811
+    """Where the bundled texts' calibration parts hold fewer paragraphs than the share asks
+    (python_tutorial's 488 of an equal third of 2,000), the settings recorded the share asked
+    for, and the report said so many sequences came from them."""
+    path = tmp_path / "long.txt"
+    path.write_text("\n\n".join(f"the a of and to in was her she it he had not be {i}" for i in range(4000)))
+    parts, _ = texts.load_split(str(path))
+    with pytest.warns(texts.TextWarning, match=r"--reference: the bundled texts give (\d+) of the 2000 sequences "
+                                               "asked of them; calibrating on those"):
+        batches, settings = texts.calibration_set(_tokenizer(tiny_dir), parts, str(path), causal=False, samples=4000,
+                                                  seq_len=8, reference=0.5, batch_size=64)
+    total = sum(len(b["input_ids"]) for b in batches)
+    assert settings["reference"]["samples"] == total - 2000 < 2000

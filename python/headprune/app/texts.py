@@ -16,16 +16,15 @@ text of other kinds.
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 from ..ranking.units import as_real
+from .text_files import file_paragraphs, split_paragraphs
 
 DATA = Path(__file__).parent / "data"
 BUNDLED_TEXTS = ("persuasion", "python_tutorial", "python_code")
@@ -43,16 +42,11 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
     One text; :func:`load_split` takes several joined by ``+``."""
     spec = BUNDLED_TEXTS[0] if spec is None else given(spec)
     if spec in BUNDLED_TEXTS:
-        return _paragraphs((DATA / f"{spec}.txt").read_text(encoding="utf-8"))
+        return split_paragraphs((DATA / f"{spec}.txt").read_text(encoding="utf-8"))
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"--data: {spec!r} is neither a bundled text ({', '.join(BUNDLED_TEXTS)}) nor an existing path")
-    if path.is_dir():
-        paragraphs = _dataset_paragraphs(path)
-    elif path.suffix.lower() in (".jsonl", ".ndjson", ".json"):  # .json: what datasets' to_json writes (JSON Lines)
-        paragraphs = [p for p in (r.strip() for r in _json_texts(path)) if p]
-    else:
-        paragraphs = _paragraphs(_read(path))
+    paragraphs = file_paragraphs(path)
     if len(paragraphs) < 2:
         lines = len(paragraphs) == 1 and "\n" in paragraphs[0]  # a paragraph per line: no blank line between
         raise ValueError(f"--data: {spec!r} holds {len(paragraphs)} paragraph(s); need at least 2 (calibration and "
@@ -60,64 +54,11 @@ def load_paragraphs(spec: Optional[str] = None) -> list:
     return paragraphs
 
 
-def _json_texts(path: Path) -> list:
-    """The ``text`` field of each record of a JSON Lines file, or of a ``.json`` file holding
-    one array of records."""
-    text = _read(path)
-    whole = _whole_json(text) if path.suffix.lower() == ".json" else None
-    if isinstance(whole, dict):
-        raise ValueError(f"--data: {path} holds one JSON object; expected an array of records with a 'text' field, "
-                         "or one record per line (JSON Lines)")
-    if isinstance(whole, list):
-        records, where = enumerate(whole, 1), " record "
-    else:  # lines end at \n only: JSON strings may hold U+2028, U+2029 or U+0085, where splitlines() breaks
-        records = ((n, _json(line, f"{path}:{n}")) for n, line in enumerate(text.split("\n"), 1) if line.strip())
-        where = ":"
-    out = []
-    for n, rec in records:
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-            raise ValueError(f"--data: {path}{where}{n} has no string field 'text'")
-        out.append(rec["text"])
-    return out
-
-
-def _whole_json(text: str):
-    """A ``.json`` file's one value, or None where it is not one (JSON Lines)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
-
-
-def _json(text: str, where: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--data: {where} is not valid JSON ({e.msg})") from None
-
-
-def _read(path: Path) -> str:
-    """A ``--data`` file's text (UTF-8; a byte-order mark is dropped)."""
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--data: {path} is not UTF-8 text ({e})") from None
-
-
-def _paragraphs(text: str) -> list:
-    """Paragraphs separated by blank lines (a line of only whitespace is blank too), each with
-    its lines as written but for the whitespace that ends them (code keeps its lines and its
-    indentation, as a JSON Lines record's text keeps them)."""
-    blocks = re.split(r"\n[^\S\n]*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
-    lines = ("\n".join(line.rstrip() for line in b.split("\n")).strip("\n") for b in blocks)
-    return [b for b in lines if b.strip()]
-
-
 def flattened(text: str) -> str:
     """``text`` with each paragraph's whitespace made single spaces, one paragraph per line
     (how the bundled texts are stored: their lines were joined so when the figures in docs/
     were measured)."""
-    return "\n\n".join(" ".join(b.split()) for b in _paragraphs(text)) + "\n"
+    return "\n\n".join(" ".join(b.split()) for b in split_paragraphs(text)) + "\n"
 
 
 def given(spec: Optional[str]) -> str:
@@ -149,19 +90,6 @@ def data_paths(spec: Optional[str] = None) -> str:
                     for n in names)
 
 
-def _dataset_paragraphs(path: Path) -> list:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"--data: {path} is a directory; reading a datasets dataset needs `pip install datasets`") from None
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[next(iter(ds))]
-    if "text" not in ds.column_names:
-        raise ValueError(f"--data: dataset {path} has no 'text' column (columns: {ds.column_names})")
-    return [t.strip() for t in ds["text"] if isinstance(t, str) and t.strip()]
-
-
 def load_split(spec: Optional[str] = None) -> tuple:
     """``(calibration parts, held-out paragraphs)`` of ``spec``: one text, or several joined by
     ``+`` (each split on its own; the calibration keeps one part per text, so each gets an
@@ -173,11 +101,13 @@ def load_split(spec: Optional[str] = None) -> tuple:
     for name in spec_names(spec):
         if not name:
             raise ValueError(f"--data: {spec!r} has an empty name between its + signs")
-        same = name if name in BUNDLED_TEXTS else os.path.realpath(name)
+        paragraphs = load_paragraphs(name)
+        same = tuple(paragraphs)  # a copy, a link or a bundled text's file is the same text
         if same in seen:  # its share would take the same windows twice, its held-out paragraphs count twice
-            raise ValueError(f"--data: {spec!r} names {seen[same]!r} twice" + (f" (as {name!r})" * (name != seen[same])))
+            raise ValueError(f"--data: {spec!r} names {seen[same]!r} twice" + (
+                f" (as {name!r}, which holds the same paragraphs)" * (name != seen[same])))
         seen[same] = name
-        calib, h = split(load_paragraphs(name))
+        calib, h = split(paragraphs)
         parts.append(calib)
         held.append(h)
     _warn_repeated(spec, parts, held)
@@ -345,8 +275,15 @@ def tokens(batches) -> int:
 def reference_texts(spec: Optional[str] = None) -> list:
     """The bundled texts that ``spec`` (a ``--data`` value, default :data:`DEFAULT_TEXT`) does
     not name: the kinds of text a reference share adds."""
-    named = set(spec_names(spec))
+    named = {bundled_name(n) for n in spec_names(spec)}
     return [n for n in BUNDLED_TEXTS if n not in named]
+
+
+def bundled_name(name: str) -> str:
+    """``name``, or the bundled text whose file it is (given by its path)."""
+    if name in BUNDLED_TEXTS or not os.path.isfile(name):
+        return name
+    return next((b for b in BUNDLED_TEXTS if os.path.samefile(name, DATA / f"{b}.txt")), name)
 
 
 def reference_samples(samples: int, share: float, spec: Optional[str] = None) -> int:
@@ -385,7 +322,9 @@ def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool
     batches = mixed_calibration_batches(tokenizer, parts, causal=causal, samples=samples - n, seq_len=seq_len,
                                         batch_size=batch_size, names=spec_names(spec))
     n = shared_reference(n, sequences(batches), samples - n, reference)  # the same share of the sequences there are
-    batches += reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec,
-                                 batch_size=batch_size)
-    names = reference_texts(spec)  # equal shares: fewer sequences than texts come from the first texts alone
-    return batches, ({"reference": {"samples": n, "texts": names[:n]}} if n else {})
+    ref = reference_batches(tokenizer, samples=n, seq_len=seq_len, causal=causal, exclude=spec, batch_size=batch_size)
+    if sequences(ref) < n:  # the bundled texts' calibration parts hold fewer windows or paragraphs
+        warnings.warn(f"--reference: the bundled texts give {sequences(ref)} of the {n} sequences asked of them; "
+                      "calibrating on those", TextWarning, stacklevel=2)
+    n, names = sequences(ref), reference_texts(spec)  # equal shares: fewer sequences than texts, the first texts'
+    return batches + ref, ({"reference": {"samples": n, "texts": names[:n]}} if n else {})
