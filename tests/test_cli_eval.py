@@ -237,11 +237,26 @@ def test_eval_says_when_it_computes_in_another_type_than_the_report(run, tmp_pat
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     code, err, result = _eval(run, [tmp_path / "o", "--no-speed"])
-    assert code == 0 and err == ["headprune: warning: MODEL was evaluated in float16 when it was pruned (its "
-                                 "report.json); this evaluation computes in float32, so its figures can differ from "
-                                 "the report's: pass --dtype float16 to reproduce them"], err
+    assert code == 0 and err == ["headprune: warning: MODEL was evaluated in float16 when it was pruned or recovered "
+                                 "(its report.json); this evaluation computes in float32, so its figures can differ "
+                                 "from the report's: pass --dtype float16 to reproduce them"], err
     code, err, result = _eval(run, [tmp_path / "o", "--no-speed", "--dtype", "float16"])
     assert code == 0 and not err and result["perplexity"] == report["after"]["perplexity"], err
+    # a recovery in a 16-bit type records it too (its report named none, and the pruning's in its settings)
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--save-dtype", "float16", "--eval-windows", "2",
+                     "--out", tmp_path / "b"])
+    assert code == 0, err
+    code, err = run(["recover", tmp_path / "b", "--steps", "1", "--dtype", "float16", "--validation", "0",
+                     "--samples", "4", "--quiet", "--data", "text.txt", "--eval-windows", "2", "--out", tmp_path / "r"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["compute_dtype"] == report["settings"]["dtype"] == "float16"
+    code, err, result = _eval(run, [tmp_path / "r", "--no-speed"])
+    assert code == 0 and err == ["headprune: warning: MODEL was evaluated in float16 when it was pruned or recovered "
+                                 "(its report.json); this evaluation computes in float32, so its figures can differ "
+                                 "from the report's: pass --dtype float16 to reproduce them"], err
+    code, err, result = _eval(run, [tmp_path / "r", "--no-speed", "--dtype", "float16"])
+    assert code == 0 and not err and result["perplexity"] == report["quality"]["held_out"]["recovered"], err
 
 
 def test_eval_says_when_the_report_took_another_number_of_windows(run, tmp_path, tiny_dir):  # noqa: F811
@@ -264,6 +279,17 @@ def test_eval_says_when_the_report_took_another_number_of_windows(run, tmp_path,
         code, err = run(["eval", tmp_path / "o", "--json", "--eval-windows", "1", "--quiet", "--data", "text.txt",
                          "--no-speed"])
     assert code == 0 and not err and json.loads(out.getvalue())["perplexity"] == report["after"]["perplexity"], err
+    # a limit above the windows the text gives: any limit that reads them all reproduces the figure, unsaid
+    code, err = run(["prune", path, "--count", "2", *COMMON, "--eval-windows", "500", "--out", tmp_path / "all"])
+    assert code == 0, err
+    report = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert 2 < report["after"]["windows"] < 48
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code, err = run(["eval", tmp_path / "all", "--json", "--quiet", "--data", "text.txt", "--no-speed"])
+    assert code == 0 and not err and json.loads(out.getvalue())["perplexity"] == report["after"]["perplexity"], err
+    code, err, result = _eval(run, [tmp_path / "all", "--no-speed"])  # 2 windows: fewer than the report read
+    assert code == 0 and "pass --eval-windows 500 to reproduce them" in err[0], err
 
 
 def test_eval_refuses_a_text_named_twice_a_bundled_name_that_is_a_path_and_a_teacher_of_another_width(

@@ -119,18 +119,21 @@ def _warn_pooling(report: Optional[dict], reference: dict) -> None:
 
 
 def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:
-    """Said for each setting this evaluation takes otherwise than the folder's report did (the
-    float type ``prune`` computed in, the perplexity windows) where no flag chose it: the
-    report's figures are not reproduced then, and the flag that would is named."""
+    """Said for each setting this evaluation takes otherwise than the folder's report did: the
+    float type ``prune`` or ``recover`` computed in (where no ``--dtype`` chose one), the
+    perplexity windows (where this evaluation would read another number of them): the report's
+    figures are not reproduced then, and the flag that would is named."""
     report = report if isinstance(report, dict) else {}
     settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
     dtype, now = report.get("compute_dtype"), str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     windows = settings.get("eval_windows")
     differ = []
     if args.dtype is None and isinstance(dtype, str) and dtype != now:
-        differ.append((f"MODEL was evaluated in {dtype} when it was pruned (its report.json); this evaluation "
-                       f"computes in {now}", f"--dtype {dtype}"))
-    if loaded.kind == "causal" and isinstance(windows, int) and windows != args.eval_windows:
+        differ.append((f"MODEL was evaluated in {dtype} when it was pruned or recovered (its report.json); this "
+                       f"evaluation computes in {now}", f"--dtype {dtype}"))
+    read = (report.get("after") or {}).get("windows") if isinstance(report.get("after"), dict) else None
+    same = isinstance(read, int) and read < windows and args.eval_windows >= read if isinstance(windows, int) else False
+    if loaded.kind == "causal" and isinstance(windows, int) and windows != args.eval_windows and not same:
         differ.append((f"MODEL's report.json measured perplexity over {windows} windows; this evaluation takes up "
                        f"to {args.eval_windows}", f"--eval-windows {windows}"))
     for why, flag in differ:

@@ -247,13 +247,13 @@ def recover(args) -> int:
     table = {t: {m: q[m][t][metric] for m in MODELS} for t in paragraphs}
     # the pruning's account of its text gives way to recovery's (no reference, no sample count asked)
     pruning = {k: v for k, v in prune_report["settings"].items() if k not in C.TEXT_SETTINGS}
+    computes = str(next(student.model.parameters()).dtype).removeprefix("torch.")  # what the figures were taken in
     settings = {**pruning, **used, "recover_steps": args.steps, "recover_seconds": args.seconds,
                 "recover_lr": result["lr"], "recover_validation": args.validation, "saved_dtype": saved_as,
-                **C.windows_setting(args, student)}
-    pooled = {q["unpruned"][t].get("pooling") for t in paragraphs} - {None}  # an encoder's, as its figures were
+                "dtype": computes, **C.windows_setting(args, student)}
     report = {"model": teacher_spec, **C.model_path(teacher_spec), "pruned": str(src), "metric": metric,
               "lower_is_better": lower, "quality": table, "recover": result, "settings": settings,
-              "seconds": stage.seconds, **({"pooling": pooled.pop()} if pooled else {})}
+              "seconds": stage.seconds, "compute_dtype": computes, **_pooling(q["unpruned"])}
     meta = student.pruned or {}
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
     with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
@@ -266,6 +266,12 @@ def recover(args) -> int:
     print(f"recovered model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json)\n")
     print(quality_table(report))
     return 0
+
+
+def _pooling(results: dict) -> dict:
+    """``{"pooling": ...}``: how an encoder's figures pooled its embeddings (nothing for a causal LM)."""
+    pooled = {r.get("pooling") for r in results.values()} - {None}
+    return {"pooling": pooled.pop()} if pooled else {}
 
 
 def _check_distils(args, spec: str, teacher, student) -> None:
