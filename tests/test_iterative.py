@@ -165,3 +165,21 @@ def test_moments_collected_under_a_mask_are_checked_against_the_weights_before_i
     with mask_heads(model, {0: [1]}, reconstruct=collect(model, batches, moments=True, progress=False)):
         ours = collect(model, batches, moments=True, progress=False)
     prune_heads(model, {0: [1, 2]}, reconstruct=ours)  # restored: the weights it was collected under the mask of
+
+
+def test_even_rounds_keep_the_final_budget_in_reach():
+    """A round's share of an even-layout budget could take a layout (3 of a layer's 4 heads: one
+    whole KV group and one head of the other) that no later round completes in another layer, so
+    4 rounds removed 3 heads where one shot removes 4, all in one layer (a per-layer spread of 3/0
+    against 2/2); a round now takes the largest selection that keeps the final budget in reach."""
+    model = tiny_model("llama", num_hidden_layers=2)  # 4 query heads over 2 KV heads per layer
+    batches = [tiny_batch("llama", seed=s) for s in range(2)]
+    scores = collect(model, batches, moments=True, progress=False)
+    one = select_heads(scores, count=4, protect_layers=[])
+    rounds = []
+    heads, _ = select_iteratively(model, batches, steps=4, count=4, protect_layers=[], removal="refit", scores=scores,
+                                  on_step=lambda i, s, h: rounds.append({k: list(v) for k, v in h.items()}))
+    assert sum(map(len, heads.values())) == sum(map(len, one.values())) == 4
+    assert sorted(map(len, heads.values())) == [2, 2]
+    for before, after in zip(rounds, rounds[1:]):  # the rounds nest
+        assert all(set(v) <= set(after.get(k, [])) for k, v in before.items())

@@ -158,8 +158,8 @@ def selection_args(p: argparse.ArgumentParser) -> None:
                         "(refused when it was written for another model, text or settings)")
     g.add_argument("--steps", type=steps, default=DEFAULT_STEPS,
                    help="iterative pruning: reach the budget in this many rounds, re-collecting the statistics with "
-                        "the heads chosen so far removed before each round; 'auto': at most 10%% of the heads per "
-                        f"round (default {DEFAULT_STEPS})")
+                        "the heads chosen so far removed before each round; 'auto': a round per 10%% of the heads "
+                        f"(a round's share rounds to whole heads or layouts; default {DEFAULT_STEPS})")
 
 
 def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None:

@@ -13,7 +13,7 @@ import math
 from functools import partial
 from typing import Callable, Iterable, Optional, Union
 
-from ..ranking import budget, count_units, select_heads
+from ..ranking import DEFAULT_GQA, budget, count_units, select_heads
 from ..ranking.units import count_arg
 from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
@@ -53,7 +53,9 @@ def select_iteratively(
         model, batches: as for :func:`collect` (``batches`` is read once per round, so it
             must be re-iterable: a list, not a generator).
         steps: number of rounds (1 = ordinary one-shot selection), or ``"auto"``: as many
-            as it takes to prune at most ``AUTO_STEP`` (10%) of the units per round.
+            as it takes to prune ``AUTO_STEP`` (10%) of the units per round (each round's
+            cumulative share is rounded down to whole units or, with even layouts, to layouts,
+            so a round can take a unit more or fewer).
         ratio / count: the final budget, as for :func:`headprune.select_heads`; round ``i``
             of ``n`` prunes up to ``i / n`` of it.
         scores: statistics of the unpruned model, if already collected (saves the first
@@ -107,6 +109,8 @@ def select_iteratively(
             else:
                 kw["count"] = count * step // steps
             new = select_heads(scores, pruned=heads, damping=damping, **kw)
+            if step < steps and select_kwargs.get("gqa", DEFAULT_GQA) == "even":
+                new = _in_reach(scores, heads, new, {**kw, **_final(ratio, count)}, damping)
             added = {layer: [h for h in hs if h not in heads.get(layer, [])] for layer, hs in new.items()}
             added = {layer: hs for layer, hs in added.items() if hs}
             heads = new
@@ -119,6 +123,29 @@ def select_iteratively(
         for h in reversed(handles):
             h.restore()
     return heads, scores
+
+
+def _final(ratio, count) -> dict:
+    return {"ratio": ratio} if ratio is not None else {"count": count}
+
+
+def _in_reach(scores, heads: dict, new: dict, final: dict, damping: float) -> dict:
+    """``new``, a round's selection nesting ``heads``; or, where no later round could reach as
+    much of the ``final`` budget from it as from ``heads`` (even layouts: a round's share can
+    take a layout in one layer that no layout of another layer completes), the largest smaller
+    selection from ``heads`` that keeps it in reach."""
+    def reach(chosen):
+        return sum(map(len, select_heads(scores, pruned=chosen, damping=damping, **final).values()))
+
+    best = reach(heads)
+    if reach(new) >= best:
+        return new
+    rest = {k: v for k, v in final.items() if k not in ("ratio", "count")}
+    for n in range(sum(map(len, new.values())) - 1, sum(map(len, heads.values())), -1):
+        fewer = select_heads(scores, pruned=heads, damping=damping, count=n, **rest)
+        if reach(fewer) >= best:
+            return fewer
+    return heads
 
 
 def _check_options(scores, compensate, on_step, collect_fn) -> None:
