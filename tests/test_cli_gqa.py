@@ -162,7 +162,7 @@ def test_prune_uniform_plain_for_gemma2_and_for_masks(run, tmp_path, tiny_dir, f
     (["--kv-ratio", "0.25", "--gqa", "query"], "--kv-ratio: needs --gqa even without --uniform"),
     (["--kv-ratio", "0.25", "--uniform"], "--kv-ratio: needs --gqa even without --uniform"),
     (["--kv-ratio", "0.25", "--sequential"], "--sequential: re-chooses heads after the selection"),
-    (["--kv-ratio", "0.25", "--steps", "2"], "--steps: re-chooses heads after the selection"),
+    (["--kv-ratio", "0.25", "--steps", "2"], "--steps: --kv-ratio is a share of the KV heads one selection removes"),
 ])
 def test_layout_options_that_conflict_are_refused_before_loading(run, tmp_path, extra, message):  # noqa: F811
     code, err = run(["prune", tmp_path / "missing", "--ratio", "0.3", "--out", tmp_path / "o", *extra])

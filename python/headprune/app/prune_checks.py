@@ -42,9 +42,12 @@ def check_options(args) -> None:
         if args.gqa != "even" or getattr(args, "uniform", False):
             raise ValueError("--kv-ratio: needs --gqa even without --uniform (--gqa group removes KV heads in the "
                              "ratio of the query heads)")
-        if args.sequential or rounds:
-            raise ValueError(f"{'--sequential' if args.sequential else '--steps'}: re-chooses heads after the "
-                             "selection, which may keep KV groups --kv-ratio removed; drop one")
+        if args.sequential:
+            raise ValueError("--sequential: re-chooses heads after the selection, which may keep KV groups --kv-ratio "
+                             "removed; drop one")
+        if rounds:
+            raise ValueError("--steps: --kv-ratio is a share of the KV heads one selection removes, which an early "
+                             "round's share of the heads cannot hold; use --steps 1 or drop --kv-ratio")
     _check_sequential(args)
     if not getattr(args, "uniform", False):
         return
