@@ -248,10 +248,14 @@ def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
     model = tiny_model("bert")
     config = SweepConfig(model="m", ratios=[0.5])
 
-    def fingerprint(split, held=("a b", "c d"), **kw):
-        tok = lambda texts: {"input_ids": [[len(w) for w in split(t)] for t in texts]}  # noqa: E731
-        return sweep_fingerprint({}, SimpleNamespace(model=model, tokenizer=tok, kind="encoder"), list(held),
-                                 SweepConfig(**{**vars(config), **kw}), {})
+    def fingerprint(split, held=("a b", "c d"), device="cpu", **kw):
+        def tok(texts, verbose=True):  # quiet: a paragraph longer than the model's positions is no error here
+            assert verbose is False
+            return {"input_ids": [[len(w) for w in split(t)] for t in texts]}
+
+        return sweep_fingerprint({"settings": {"device": device}}, SimpleNamespace(model=model, tokenizer=tok,
+                                                                                   kind="encoder"),
+                                 list(held), SweepConfig(**{**vars(config), **kw}), {})
 
     words = fingerprint(str.split)
     assert fingerprint(str.split) == words
@@ -262,6 +266,8 @@ def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
     assert fingerprint(str.split, eval_windows=3) == words
     assert fingerprint(str.split, values=True) == words  # BERT refits value rows by default
     assert fingerprint(str.split, values=False) != words
+    # the ranks of a --distributed run compute on cuda:0, cuda:1, ...: one journal for them all
+    assert fingerprint(str.split, device="cuda:0") == fingerprint(str.split, device="cuda:1") != words
 
 
 def test_what_a_run_says_of_the_journal_is_what_it_holds(run, tmp_path, tiny_dir, monkeypatch):

@@ -131,11 +131,14 @@ def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:
     if args.dtype is None and isinstance(dtype, str) and dtype != now:
         differ.append((f"MODEL was evaluated in {dtype} when it was pruned or recovered (its report.json); this "
                        f"evaluation computes in {now}", f"--dtype {dtype}"))
-    read = (report.get("after") or {}).get("windows") if isinstance(report.get("after"), dict) else None
-    same = isinstance(read, int) and read < windows and args.eval_windows >= read if isinstance(windows, int) else False
-    if loaded.kind == "causal" and isinstance(windows, int) and windows != args.eval_windows and not same:
-        differ.append((f"MODEL's report.json measured perplexity over {windows} windows; this evaluation takes up "
-                       f"to {args.eval_windows}", f"--eval-windows {windows}"))
+    after = report.get("after") if isinstance(report.get("after"), dict) else report  # a recovery's: at its top
+    read = after.get("windows") if isinstance(after.get("windows"), int) else None  # (none in older reports)
+    short = isinstance(windows, int) and read is not None and read < windows  # all its text gives
+    if loaded.kind == "causal" and isinstance(windows, int) and windows != args.eval_windows \
+            and not (short and args.eval_windows >= read):
+        said = f"{read} windows (all its text gives)" if short else f"{windows} windows"
+        differ.append((f"MODEL's report.json measured perplexity over {said}; this evaluation takes up to "
+                       f"{args.eval_windows}", f"--eval-windows {windows}"))
     for why, flag in differ:
         C._warn(f"{why}, so its figures can differ from the report's: pass {flag} to reproduce them")
 

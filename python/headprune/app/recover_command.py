@@ -253,7 +253,7 @@ def recover(args) -> int:
                 "dtype": computes, **C.windows_setting(args, student)}
     report = {"model": teacher_spec, **C.model_path(teacher_spec), "pruned": str(src), "metric": metric,
               "lower_is_better": lower, "quality": table, "recover": result, "settings": settings,
-              "seconds": stage.seconds, "compute_dtype": computes, **_pooling(q["unpruned"])}
+              "seconds": stage.seconds, "compute_dtype": computes, **_taken(q)}
     meta = student.pruned or {}
     scores = HeadScores.from_dict(meta["scores"]) if meta.get("scores") else None
     with stage("saving the model and the report", "save"), C.output_dir(out, args.force, C._stages(args)) as tmp:
@@ -268,10 +268,11 @@ def recover(args) -> int:
     return 0
 
 
-def _pooling(results: dict) -> dict:
-    """``{"pooling": ...}``: how an encoder's figures pooled its embeddings (nothing for a causal LM)."""
-    pooled = {r.get("pooling") for r in results.values()} - {None}
-    return {"pooling": pooled.pop()} if pooled else {}
+def _taken(q: dict) -> dict:
+    """How the figures were taken (an encoder's pooling, a causal LM's windows), for ``eval``."""
+    pooled = {r.get("pooling") for r in q["unpruned"].values()} - {None}
+    held = q["recovered"]["held_out"]
+    return {**({"pooling": pooled.pop()} if pooled else {}), **({"windows": held["windows"]} if "windows" in held else {})}
 
 
 def _check_distils(args, spec: str, teacher, student) -> None:

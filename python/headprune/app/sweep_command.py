@@ -61,7 +61,9 @@ def open_journal(args, out, loaded, batches, held, settings, recipes) -> SweepJo
                                     SweepConfig.from_args(args), recipes)
     journal = SweepJournal(path, fingerprint, resume=args.resume, warn=C._warn)
     vars(args)["sweep_journal"] = journal  # for the interrupt message: what this run's journal holds
-    if args.resume and C._is_writer():
+    if not C._is_writer():  # checked alike by every rank (refused by all), said and written by the first
+        return journal
+    if args.resume:
         C._say(args, f"headprune: resuming the sweep: {journal.resumed} points measured before, from {path}"
                if journal.resumed else f"headprune: no points in {path} to resume from: the sweep starts anew")
     elif path.exists():

@@ -45,7 +45,10 @@ def sweep_fingerprint(collection: dict, loaded, held: list, config, recipes: dic
     from ..hf.values import refits_values_by_default
 
     evaluated = held[: config.eval_paragraphs or len(held)]
-    ids = loaded.tokenizer([str(p) for p in evaluated])["input_ids"] if evaluated else []
+    ids = loaded.tokenizer([str(p) for p in evaluated], verbose=False)["input_ids"] if evaluated else []
+    where = (collection.get("settings") or {}).get("device")
+    if isinstance(where, str):  # by its type: the ranks of a --distributed run compute on cuda:0, cuda:1, ...
+        collection = {**collection, "settings": {**collection["settings"], "device": where.split(":")[0]}}
     text = hashlib.sha256(json.dumps([evaluated, ids], default=str).encode()).hexdigest()[:16]
     sweep = {f.name: getattr(config, f.name) for f in fields(config)
              if f.name not in ("ratios", "quiet", "eval_paragraphs")}  # the paragraphs are in "held_out"
@@ -156,7 +159,8 @@ class SweepJournal:
         held = self.path is not None and (self.points or self.random) and (self.written or self.resumed)
         if not held or not os.path.exists(self.path):
             return ""
-        return f"the sweep journal {self.path} keeps the points measured: run again with --resume to continue"
+        kept = "the points measured before it could no longer be written" if self.unwritable else "the points measured"
+        return f"the sweep journal {self.path} keeps {kept}: run again with --resume to continue"
 
     def remove(self) -> None:
         if self.path is not None:
