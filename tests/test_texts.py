@@ -301,7 +301,9 @@ def test_the_same_text_under_another_name_is_refused_and_a_bundled_file_is_its_n
             texts.load_split(f"{a}+{other}")
     with pytest.raises(ValueError, match="names 'persuasion' twice"):
         texts.load_split(f"persuasion+{bundled}")
+    shutil.copy(bundled, tmp_path / "mine.txt")  # a copy is the text too (its share would repeat it)
     assert texts.reference_texts(bundled) == texts.reference_texts("persuasion") == ["python_tutorial", "python_code"]
+    assert texts.reference_texts(str(tmp_path / "mine.txt")) == ["python_tutorial", "python_code"]
     assert texts.reference_texts(str(a)) == list(texts.BUNDLED_TEXTS)
 
 

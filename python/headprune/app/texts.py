@@ -16,6 +16,7 @@ text of other kinds.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
@@ -280,10 +281,22 @@ def reference_texts(spec: Optional[str] = None) -> list:
 
 
 def bundled_name(name: str) -> str:
-    """``name``, or the bundled text whose file it is (given by its path)."""
-    if name in BUNDLED_TEXTS or not os.path.isfile(name):
+    """``name``, or the bundled text it is: given by its file's path, or a copy of it (the same
+    paragraphs, as :func:`load_split` tells texts apart)."""
+    if name in BUNDLED_TEXTS or not os.path.exists(name):
         return name
-    return next((b for b in BUNDLED_TEXTS if os.path.samefile(name, DATA / f"{b}.txt")), name)
+    st = os.stat(name)
+    return _bundled_as(os.path.realpath(name), st.st_mtime_ns, st.st_size) or name
+
+
+@functools.lru_cache(maxsize=32)
+def _bundled_as(path: str, mtime: int, size: int) -> Optional[str]:
+    """The bundled text whose paragraphs the file at ``path`` holds (read once per version of it)."""
+    try:
+        paragraphs = tuple(load_paragraphs(path))
+    except (OSError, ValueError):
+        return None
+    return next((b for b in BUNDLED_TEXTS if tuple(load_paragraphs(b)) == paragraphs), None)
 
 
 def reference_samples(samples: int, share: float, spec: Optional[str] = None) -> int:

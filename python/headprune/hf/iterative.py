@@ -55,7 +55,8 @@ def select_iteratively(
         steps: number of rounds (1 = ordinary one-shot selection), or ``"auto"``: as many
             as it takes to prune ``AUTO_STEP`` (10%) of the units per round (each round's
             cumulative share is rounded down to whole units or, with even layouts, to layouts,
-            so a round can take a unit more or fewer).
+            so a round can take a unit more or fewer; under even layouts, fewer still where its
+            share would put the final budget out of the later rounds' reach).
         ratio / count: the final budget, as for :func:`headprune.select_heads`; round ``i``
             of ``n`` prunes up to ``i / n`` of it.
         scores: statistics of the unpruned model, if already collected (saves the first
@@ -132,20 +133,26 @@ def _final(ratio, count) -> dict:
 def _in_reach(scores, heads: dict, new: dict, final: dict, damping: float) -> dict:
     """``new``, a round's selection nesting ``heads``; or, where no later round could reach as
     much of the ``final`` budget from it as from ``heads`` (even layouts: a round's share can
-    take a layout in one layer that no layout of another layer completes), the largest smaller
-    selection from ``heads`` that keeps it in reach."""
-    def reach(chosen):
-        return sum(map(len, select_heads(scores, pruned=chosen, damping=damping, **final).values()))
+    take a layout in one layer that no layout of another layer completes), a selection inside
+    the final budget's selection from ``heads``: its layers at their final layouts, those the
+    round chose alike first, then those whose increments ``new`` overlaps most, up to the
+    round's size (every layer at a layout of its final selection or as it was; ``heads`` where
+    even that leaves the budget out of reach)."""
+    def chosen(sel):
+        return sum(map(len, sel.values()))
 
-    best = reach(heads)
-    if reach(new) >= best:
+    goal = select_heads(scores, pruned=heads, damping=damping, **final)
+    if chosen(select_heads(scores, pruned=new, damping=damping, **final)) >= chosen(goal):
         return new
-    rest = {k: v for k, v in final.items() if k not in ("ratio", "count")}
-    for n in range(sum(map(len, new.values())) - 1, sum(map(len, heads.values())), -1):
-        fewer = select_heads(scores, pruned=heads, damping=damping, count=n, **rest)
-        if reach(fewer) >= best:
-            return fewer
-    return heads
+    grown = {k: v for k, v in goal.items() if sorted(v) != sorted(heads.get(k, []))}
+    order = sorted(grown, key=lambda k: (sorted(new.get(k, [])) != sorted(grown[k]),
+                                         -len(set(new.get(k, [])) & set(grown[k])), k))
+    out, room = {k: list(v) for k, v in heads.items()}, chosen(new)
+    for k in order:
+        if chosen(out) - len(out.get(k, [])) + len(grown[k]) <= room:
+            out[k] = list(grown[k])
+    out = {k: v for k, v in out.items() if v}
+    return out if chosen(select_heads(scores, pruned=out, damping=damping, **final)) >= chosen(goal) else heads
 
 
 def _check_options(scores, compensate, on_step, collect_fn) -> None:
