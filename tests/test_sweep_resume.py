@@ -11,31 +11,29 @@ from headprune.app.cli import main
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from test_cli import tiny_dir  # noqa: E402,F401  (fixture)
+
 ARGS = ["--samples", "4", "--seq-len", "16", "--quiet", "--ratios", "0.2,0.4", "--seeds", "2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from hf_tiny import save_tiny_bert
-
-    path = tmp_path_factory.mktemp("tiny") / "bert"
-    save_tiny_bert(path)
-    return path
 
 
 @pytest.fixture
 def run(tmp_path, monkeypatch, capsys):
+    """``main(argv)`` in ``tmp_path`` -> (exit code, stderr as one text; stdout with ``stdout=True``)."""
     monkeypatch.chdir(tmp_path)
 
     def call(argv, stdout=False):
-        try:
-            code = main([str(a) for a in argv])
-        except SystemExit as e:
-            code = e.code
+        code = cli_main(argv)
         seen = capsys.readouterr()
         return code, (seen.out if stdout else seen.err)
 
     return call
+
+
+def cli_main(argv) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
 
 
 def _count_points(monkeypatch, stop_at=None):
