@@ -183,3 +183,17 @@ def test_even_rounds_keep_the_final_budget_in_reach():
     assert sorted(map(len, heads.values())) == [2, 2]
     for before, after in zip(rounds, rounds[1:]):  # the rounds nest
         assert all(set(v) <= set(after.get(k, [])) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kw, said", [(dict(ratio=2.0), "ratio: expected a number in \\[0, 1\\], got 2.0"),
+                                      (dict(ratio=0.5, count=2), "ratio, count: give exactly one of them"),
+                                      (dict(count=-1), "count: expected a non-negative int, got -1")])
+def test_a_budget_is_refused_before_the_first_collection(kw, said):
+    """A ratio of 2 or a ratio with a count was refused only after a whole collection."""
+    model, batches = _setup()
+
+    def refused(*a, **k):
+        raise AssertionError("collected before refusing the budget")
+
+    with pytest.raises(ValueError, match=said):
+        select_iteratively(model, batches, steps=2, collect_fn=refused, **kw)

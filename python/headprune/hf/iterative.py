@@ -84,7 +84,7 @@ def select_iteratively(
         steps = count_arg("steps", steps, "a positive int or 'auto'")
     if steps != 1 and not hasattr(batches, "__len__"):
         raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
-    _check_options(scores, compensate, on_step, collect_fn)
+    _check_options(scores, compensate, on_step, collect_fn, ratio, count)
     removal = ("mean" if compensate else "zero") if removal is None else removal
     if removal not in ("refit", "mean", "zero"):
         raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
@@ -155,9 +155,10 @@ def _in_reach(scores, heads: dict, new: dict, final: dict, damping: float) -> di
     return out if chosen(select_heads(scores, pruned=out, damping=damping, **final)) >= chosen(goal) else heads
 
 
-def _check_options(scores, compensate, on_step, collect_fn) -> None:
+def _check_options(scores, compensate, on_step, collect_fn, ratio, count) -> None:
     """Refused by name before the first collection (a string flag read as true, a callback that
-    fails after a round)."""
+    fails after a round, a budget out of range: its total is known after the collection)."""
+    budget(ratio, count, 1 << 62)
     if scores is not None and not isinstance(scores, HeadScores):
         raise TypeError(f"scores: expected HeadScores (collect(...)) or None, got {type(scores).__name__}")
     if not isinstance(compensate, bool):
