@@ -114,20 +114,22 @@ def resumable(args) -> str:
     sweep the points measured ("": none)."""
     from ..distributed import checkpoint_files
 
-    if args.command == "sweep":
-        journal = getattr(args, "sweep_journal", None)
-        return journal.hint() if journal is not None else ""
+    if args.command == "sweep":  # what this run's journal holds (none before it was opened)
+        return args.sweep_journal.hint() if getattr(args, "sweep_journal", None) is not None else ""
     kept = [p for p in checkpoint_files(_checkpoint(_out(args, args.command).absolute())) if os.path.exists(p)]
     if args.command != "scan" or not kept:
         return ""
     return f"the checkpoint {', '.join(kept)} keeps the batches done: run again with --resume to continue"
 
 
-def _checkpoint(out: Path) -> Path:
-    """``.<out's name>.checkpoint.json`` beside ``out``; for a long name (a valid one of up to 255
-    bytes, to which this and a rank's suffix add about 35), its digest's first 16 hex digits."""
+def beside(out: Path, suffix: str = ".checkpoint.json") -> Path:
+    """``.<out's name><suffix>`` beside ``out`` (a collection checkpoint, a sweep's journal); a long name (up to 255
+    bytes, to which this and a rank's suffix add about 35) by its digest's first 16 hex digits."""
     out = Path(out).absolute()
-    return out.parent / f".{atomic.short_name(out.name, 200)}.checkpoint.json"
+    return out.parent / f".{atomic.short_name(out.name, 200)}{suffix}"
+
+
+_checkpoint = beside
 
 
 def _tokens_digest(batches) -> str:

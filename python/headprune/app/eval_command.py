@@ -106,16 +106,19 @@ def _pruned_with(report: Optional[dict]) -> Optional[str]:
 def _warn_pooling(report: Optional[dict], reference: dict) -> None:
     """Said where the teacher's embeddings are pooled otherwise than the folder's report pooled
     them (a report written before pooling followed the sentence-transformers pipeline: the mean)."""
-    after = report.get("after") if isinstance(report, dict) else None
-    if isinstance(report, dict) and "after" not in report:  # a recovery's (one written before it said: unknown)
-        after = {"fidelity": None, "pooling": report["pooling"]} if "pooling" in report else None
-    if not isinstance(after, dict) or "fidelity" not in after or reference.get("pooling") is None:
-        return
-    then = after.get("pooling", "mean_tokens")
-    if then != reference["pooling"]:
+    taken = _taken(report)  # a prune's encoder figures were by the mean before reports said; a recovery's, unknown
+    then = taken.get("pooling", "mean_tokens" if "fidelity" in taken else None)
+    if then is not None and reference.get("pooling") is not None and then != reference["pooling"]:
         C._warn(f"MODEL's report.json pooled its embeddings by {then}; the teacher pools them by "
                 f"{reference['pooling']} (as its sentence-transformers pipeline names, the mean without one), which "
                 "this evaluation follows, so its figures can differ from the report's")
+
+
+def _taken(report) -> dict:
+    """Where a folder's report says how its figures were taken: a prune report's ``after``, a
+    recovery's report itself (``{}``: neither)."""
+    after = report.get("after", report) if isinstance(report, dict) else None
+    return after if isinstance(after, dict) else {}
 
 
 def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:
@@ -131,8 +134,8 @@ def _warn_unreproduced(args, loaded, report: Optional[dict]) -> None:
     if args.dtype is None and isinstance(dtype, str) and dtype != now:
         differ.append((f"MODEL was evaluated in {dtype} when it was pruned or recovered (its report.json); this "
                        f"evaluation computes in {now}", f"--dtype {dtype}"))
-    after = report.get("after") if isinstance(report.get("after"), dict) else report  # a recovery's: at its top
-    read = after.get("windows") if isinstance(after.get("windows"), int) else None  # (none in older reports)
+    taken = _taken(report)
+    read = taken.get("windows") if isinstance(taken.get("windows"), int) else None  # (none in older reports)
     short = isinstance(windows, int) and read is not None and read < windows  # all its text gives
     if loaded.kind == "causal" and isinstance(windows, int) and windows != args.eval_windows \
             and not (short and args.eval_windows >= read):

@@ -31,10 +31,10 @@ FORMAT = "headprune.sweep-journal/1"
 
 
 def journal_path(out) -> Path:
-    """``.<out's name>.sweep-journal.json`` beside ``out`` (a long name by its digest, as
-    collection checkpoints are named)."""
-    out = Path(out).absolute()
-    return out.parent / f".{atomic.short_name(out.name, 200)}.sweep-journal.json"
+    """``.<out's name>.sweep-journal.json`` beside ``out``, named as collection checkpoints are."""
+    from .commands import beside
+
+    return beside(out, ".sweep-journal.json")
 
 
 def sweep_fingerprint(collection: dict, loaded, held: list, config, recipes: dict) -> dict:
