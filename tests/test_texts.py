@@ -104,6 +104,38 @@ def test_a_dataset_of_one_row_is_refused_like_a_file(tmp_path, monkeypatch):
         texts.load_paragraphs(str(tmp_path / "ds"))
 
 
+def test_a_dataset_of_several_splits_or_rows_without_text_is_refused(tmp_path, monkeypatch):
+    """A datasets directory of several splits gave its first without a word (a "test" split
+    first calibrated on it), and rows whose text was not a string were dropped, where a JSON
+    record without one is refused."""
+
+    class Dataset:
+        column_names = ["text"]
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __getitem__(self, key):
+            return self.rows
+
+    class DatasetDict(dict):
+        pass
+
+    loaded = {}
+    fake = types.SimpleNamespace(load_from_disk=lambda path: loaded["value"], DatasetDict=DatasetDict)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "ds").mkdir()
+    loaded["value"] = DatasetDict(test=Dataset(["a", "b"]), train=Dataset(["c", "d"]))
+    with pytest.raises(ValueError, match=r"--data: .*ds holds a dataset of 2 splits \(test, train\); name one of "
+                                         r"their directories \(e\.g\. .*ds/test\)"):
+        texts.load_paragraphs(str(tmp_path / "ds"))
+    loaded["value"] = DatasetDict(train=Dataset(["c", "d"]))
+    assert texts.load_paragraphs(str(tmp_path / "ds")) == ["c", "d"]
+    loaded["value"] = Dataset(["c", None, "d"])
+    with pytest.raises(ValueError, match=r"--data: dataset .*ds row 1 has no string 'text' \(NoneType\)"):
+        texts.load_paragraphs(str(tmp_path / "ds"))
+
+
 def test_a_reference_share_below_one_leaves_a_sequence_of_the_data():
     assert texts.reference_samples(4, 0.9, "persuasion") == 3
     assert texts.reference_samples(1, 0.5, "persuasion") == 0
@@ -320,3 +352,4 @@ def test_the_reference_share_recorded_is_the_one_the_bundled_texts_gave(tiny_dir
                                                   seq_len=8, reference=0.5, batch_size=64)
     total = sum(len(b["input_ids"]) for b in batches)
     assert settings["reference"]["samples"] == total - 2000 < 2000
+

@@ -59,7 +59,7 @@ def data_args(p: argparse.ArgumentParser, *, calibrates: bool, refits: bool = Fa
         what = "calibrate on its first 70%% of paragraphs"
     g.add_argument("--data", default=None, metavar="TEXT",
                    help=f"{what}: a text file (paragraphs separated by blank lines, lines kept), a JSONL or .json file of "
-                        f"records with a 'text' field, a local datasets directory, or bundled texts ({', '.join(BUNDLED_TEXTS)}), several "
+                        f"records with a 'text' field, a local datasets directory (one split), or bundled texts ({', '.join(BUNDLED_TEXTS)}), several "
                         f"joined by + to mix them in equal shares (default {DEFAULT_TEXT}"
                         + ("" if calibrates else "; for a directory written by prune or recover, its calibration text") + ")")
     if calibrates:

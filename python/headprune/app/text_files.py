@@ -88,8 +88,16 @@ def _dataset_paragraphs(path: Path) -> list:
     except ImportError:
         raise ValueError(f"--data: {path} is a directory; reading a datasets dataset needs `pip install datasets`") from None
     ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, datasets.DatasetDict):  # one split is one text: which of several is the user's to say
+        if len(ds) != 1:
+            splits = ", ".join(map(str, ds)) or "none"
+            raise ValueError(f"--data: {path} holds a dataset of {len(ds)} splits ({splits}); name one of their "
+                             f"directories{f' (e.g. {path / str(next(iter(ds)))})' if len(ds) else ''}")
         ds = ds[next(iter(ds))]
     if "text" not in ds.column_names:
         raise ValueError(f"--data: dataset {path} has no 'text' column (columns: {ds.column_names})")
-    return [p for p in (_record(t) for t in ds["text"] if isinstance(t, str)) if p]
+    rows = ds["text"]
+    bad = next((n for n, t in enumerate(rows) if not isinstance(t, str)), None)
+    if bad is not None:  # as a JSON record without a string text is refused: nothing dropped unsaid
+        raise ValueError(f"--data: dataset {path} row {bad} has no string 'text' ({type(rows[bad]).__name__})")
+    return [p for p in map(_record, rows) if p]
