@@ -341,3 +341,22 @@ def test_every_rank_refuses_a_journal_of_other_settings(run, tmp_path, tiny_dir,
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_resume_rank, args=(port, str(tiny_dir), str(tmp_path / "o")), nprocs=2, join=True)
+
+
+def test_the_held_out_digest_is_taken_in_chunks_and_stays_as_it_was(tiny_dir):  # noqa: F811
+    """The held-out text's digest tokenized every paragraph in one call (a long text's ids take
+    many times its size); taken a chunk at a time it is the same digest, so a journal written
+    before still resumes."""
+    import hashlib
+
+    import transformers
+
+    from headprune.app import texts
+    from headprune.app.sweep_journal import _text_digest
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    paragraphs = texts.load_paragraphs("python_tutorial")[:50]
+    ids = tok(paragraphs, verbose=False)["input_ids"]
+    want = hashlib.sha256(json.dumps([paragraphs, ids], default=str).encode()).hexdigest()[:16]
+    assert _text_digest(tok, paragraphs, chunk=7) == _text_digest(tok, paragraphs) == want
+    assert _text_digest(tok, []) == hashlib.sha256(json.dumps([[], []]).encode()).hexdigest()[:16]

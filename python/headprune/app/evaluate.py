@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.modules import input_device
 from ..hf.pooling import pool, pooling_of
-from .texts import bos_token, token_windows
+from .texts import bos_token, stream_ids, token_windows
 
 WINDOW = 256
 FIDELITY_TOKENS = 128  # each text's first tokens that fidelity embeds
@@ -50,7 +50,7 @@ def thin_held_out(loaded, held: list) -> str | None:
     over fewer than :data:`THIN_PARAGRAPHS` paragraphs), or ``None``."""
     if loaded.kind == "causal":
         window = perplexity_window(loaded.model) - (bos_token(loaded.tokenizer) is not None)  # the text's share
-        tokens = len(loaded.tokenizer("\n\n".join(held), add_special_tokens=False, verbose=False)["input_ids"])
+        tokens = len(stream_ids(loaded.tokenizer, held, window))  # all of them where fewer
         if tokens < window:
             return f"its held-out part has {tokens} token(s), fewer than one window of {window} for the perplexity"
         return None
@@ -94,7 +94,7 @@ def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stri
     stride = min(stride, width)
     if not 0 < stride <= width:
         raise ValueError(f"stride: expected 0 < stride <= window ({width}), got {stride}")
-    ids = token_windows(tokenizer, paragraphs, 1).view(-1)
+    ids = token_windows(tokenizer, paragraphs, 1, limit=(max_windows - 1) * stride + width).view(-1)  # as far as read
     if len(ids) < 2 - off:  # a BOS predicts the first token: one is enough then
         raise ValueError(f"--data: the held-out text has {len(ids)} token(s); perplexity needs at least {2 - off}")
     starts = list(range(0, max(1, len(ids) - width + 1), stride))[:max_windows]

@@ -45,11 +45,10 @@ def sweep_fingerprint(collection: dict, loaded, held: list, config, recipes: dic
     from ..hf.values import refits_values_by_default
 
     evaluated = held[: config.eval_paragraphs or len(held)]
-    ids = loaded.tokenizer([str(p) for p in evaluated], verbose=False)["input_ids"] if evaluated else []
     where = (collection.get("settings") or {}).get("device")
     if isinstance(where, str):  # by its type: the ranks of a --distributed run compute on cuda:0, cuda:1, ...
         collection = {**collection, "settings": {**collection["settings"], "device": where.split(":")[0]}}
-    text = hashlib.sha256(json.dumps([evaluated, ids], default=str).encode()).hexdigest()[:16]
+    text = _text_digest(loaded.tokenizer, evaluated)
     sweep = {f.name: getattr(config, f.name) for f in fields(config)
              if f.name not in ("ratios", "quiet", "eval_paragraphs")}  # the paragraphs are in "held_out"
     if config.values is None:  # as the sweep resolves it
@@ -59,6 +58,17 @@ def sweep_fingerprint(collection: dict, loaded, held: list, config, recipes: dic
     return {"collection": collection, "weights and config": weights_digest(loaded.model), "held_out": text,
             "sweep": sweep, "recipes": {name: {k: repr(v) for k, v in sorted(kw.items())}
                                         for name, kw in recipes.items()}}
+
+
+def _text_digest(tokenizer, paragraphs: list, chunk: int = 1024) -> str:
+    """The digest of ``json.dumps([paragraphs, their token ids])``, tokenised ``chunk`` paragraphs
+    at a time (a long text's ids, all at once, would take many times its size)."""
+    h = hashlib.sha256(("[" + json.dumps(paragraphs, default=str) + ", [").encode())
+    for i in range(0, len(paragraphs), chunk):
+        ids = tokenizer([str(p) for p in paragraphs[i : i + chunk]], verbose=False)["input_ids"]
+        h.update(((", " if i else "") + ", ".join(json.dumps(list(x)) for x in ids)).encode())
+    h.update(b"]]")
+    return h.hexdigest()[:16]
 
 
 class SweepJournal:

@@ -213,12 +213,44 @@ def bos_token(tokenizer) -> Optional[int]:
     return int(ids[0]) if len(ids) == len(plain) + 1 and ids[1:] == plain else None
 
 
-def token_windows(tokenizer, paragraphs: Iterable, seq_len: int, bos: Optional[int] = None) -> torch.Tensor:
-    """The paragraphs joined into one token stream, cut into ``[N, seq_len]`` windows (with
-    ``bos``, each window that token and ``seq_len - 1`` of the stream's)."""
-    ids = tokenizer("\n\n".join(paragraphs), add_special_tokens=False, verbose=False)["input_ids"]
+#: characters of text tokenised in one call: a text up to this size is tokenised whole (every bundled
+#: text is); a longer one a block of whole paragraphs at a time, until the tokens asked for are there
+BLOCK_CHARS = 1 << 20
+
+
+def stream_ids(tokenizer, paragraphs: Iterable, need: Optional[int] = None) -> list:
+    """The token ids of the paragraphs joined by blank lines, or at least their first ``need``
+    (all where the text has fewer): tokenised in blocks of whole paragraphs of about
+    :data:`BLOCK_CHARS` characters, each block after the first with the blank line before it,
+    and none after the block that gives ``need``. A text of one block is one call; a longer one
+    is never tokenised whole (a tokenizer holds about a hundred times the text's size while it
+    works)."""
+    ids, block, size, first = [], [], 0, True
+    for p in paragraphs:
+        block.append(p)
+        size += len(p) + 2
+        if size >= BLOCK_CHARS:
+            ids += _block_ids(tokenizer, block, first)
+            block, size, first = [], 0, False
+            if need is not None and len(ids) >= need:
+                return ids
+    return ids + _block_ids(tokenizer, block, first) if block or first else ids
+
+
+def _block_ids(tokenizer, block: list, first: bool) -> list:
+    text = "\n\n".join(block)
+    return list(tokenizer(text if first else "\n\n" + text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def token_windows(tokenizer, paragraphs: Iterable, seq_len: int, bos: Optional[int] = None,
+                  limit: Optional[int] = None) -> torch.Tensor:
+    """The paragraphs joined into one token stream (:func:`stream_ids`), cut into ``[N, seq_len]``
+    windows (with ``bos``, each window that token and ``seq_len - 1`` of the stream's); with
+    ``limit``, at most that many, the text tokenised only as far as they reach."""
     width = seq_len - (bos is not None)
+    ids = stream_ids(tokenizer, paragraphs, None if limit is None else limit * max(width, 1))
     n = len(ids) // width if width > 0 else 0
+    n = n if limit is None else min(n, limit)
     if n == 0:
         raise ValueError(f"{SHORT} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")
     windows = torch.tensor(ids[: n * width]).view(n, width)
@@ -253,7 +285,7 @@ def calibration_batches(tokenizer, paragraphs: list, *, causal: bool, samples: i
         raise TypeError(f"paragraphs: expected a list of str (one per paragraph), got {type(paragraphs).__name__}"
                         + ("" if isinstance(paragraphs, (str, bytes)) else " holding other values"))
     if causal:
-        windows = token_windows(tokenizer, paragraphs, seq_len, bos_token(tokenizer))[:samples]
+        windows = token_windows(tokenizer, paragraphs, seq_len, bos_token(tokenizer), limit=samples)
         return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
     texts = paragraphs[:samples]
     out = []
