@@ -197,3 +197,19 @@ def test_a_budget_is_refused_before_the_first_collection(kw, said):
 
     with pytest.raises(ValueError, match=said):
         select_iteratively(model, batches, steps=2, collect_fn=refused, **kw)
+
+
+def test_a_round_that_chose_no_head_more_is_not_collected_again():
+    """Under even layouts a round's share can round to no new layout (4 query heads over 2 KV
+    heads: a round of 10% takes none); the next round collected again on the same model, a whole
+    collection that gave the same sums."""
+    model, batches = _setup()
+    calls, seen = [], []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return collect(*a, **kw)
+
+    heads, _ = select_iteratively(model, batches, steps="auto", ratio=0.4, gqa="even", collect_fn=counting,
+                                  on_step=lambda i, s, h: seen.append(sum(map(len, h.values()))))
+    assert seen == [0, 2, 2, 4] and len(calls) == 2  # collected for rounds 1 and 3 only

@@ -67,7 +67,8 @@ def select_iteratively(
             ``damping``), ``"mean"`` or ``"zero"``; every round gathers second moments for a
             refit and for the default recipe's (or ``score="reconstruction"``) ranking;
             ``None``: ``"mean"`` if ``compensate`` else ``"zero"``.
-        on_step: called after each round with ``(round, scores, heads so far)``.
+        on_step: called after each round with ``(round, scores, heads so far)`` (a round after
+            one that chose no head more reuses its statistics: the model is as it was).
         collect_fn: ``collect_fn(model, batches, progress=..., moments=...)`` replaces :func:`collect`
             (``moments=True`` is passed where the refit or the ranking needs second moments),
             e.g. :func:`headprune.distributed.collect` (every rank then runs the same rounds
@@ -101,8 +102,9 @@ def select_iteratively(
         if steps == "auto":
             steps = auto_steps(want, total)
         _refuse_rounds(steps, select_kwargs)
+        stale = False  # whether heads were masked since the last collection (else it would give the same sums)
         for step in range(1, steps + 1):
-            if step > 1:
+            if stale:
                 scores = gather(model, batches, progress=progress)
             kw = dict(select_kwargs)
             if ratio is not None:
@@ -117,13 +119,18 @@ def select_iteratively(
             heads = new
             if on_step is not None:
                 on_step(step, scores, heads)
-            if step < steps and added:
-                how = {"refit": {"reconstruct": scores, "damping": damping}, "mean": {"compensate": scores}, "zero": {}}
-                handles.append(mask_heads(model, added, **how[removal]))
+            if stale := step < steps and bool(added):
+                handles.append(_mask_round(model, added, removal, scores, damping))
     finally:
         for h in reversed(handles):
             h.restore()
     return heads, scores
+
+
+def _mask_round(model, added: dict, removal: str, scores, damping: float):
+    """A round's heads masked as ``removal`` removes them (the handle, for the restore)."""
+    how = {"refit": {"reconstruct": scores, "damping": damping}, "mean": {"compensate": scores}, "zero": {}}
+    return mask_heads(model, added, **how[removal])
 
 
 def _final(ratio, count) -> dict:
