@@ -4,6 +4,7 @@ bounds, and perplexity over the whole held-out stream."""
 
 import json
 import math
+import re
 import sys
 import types
 
@@ -354,37 +355,13 @@ def test_the_reference_share_recorded_is_the_one_the_bundled_texts_gave(tiny_dir
     assert settings["reference"]["samples"] == total - 2000 < 2000
 
 
-def test_a_long_text_is_tokenized_only_as_far_as_it_is_read(tiny_dir, monkeypatch):  # noqa: F811
-    """Calibration, perplexity and the thin-text check tokenized the whole text at once, which a
-    tokenizer holds at about a hundred times its size (a 20 MB file took 2.1 GB); a text longer
-    than a block is tokenized a block of paragraphs at a time, until what is read is there, and
-    gives the tokens the whole text gives."""
-    import transformers
-
-    from headprune.app.evaluate import perplexity, thin_held_out
-    from headprune.app.load import Loaded
-    from hf_tiny import tiny_config
-
-    tok, seen = _tokenizer(tiny_dir), []
-
-    def counting(text, **kw):
-        seen.append(len(text))
-        return tok(text, **kw)
-
-    paragraphs = texts.load_paragraphs("persuasion")  # 214,000 characters
-    whole = tok("\n\n".join(paragraphs), add_special_tokens=False, verbose=False)["input_ids"]
-    monkeypatch.setattr(texts, "BLOCK_CHARS", 2000, raising=False)
-    batches = texts.calibration_batches(counting, paragraphs, causal=True, samples=4, seq_len=32)
-    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), torch.tensor(whole[:128]).view(4, 32))
-    assert sum(seen) < 6000, seen  # a block or two, not the whole text
-    assert texts.stream_ids(counting, paragraphs) == whole
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(tiny_config("llama", vocab_size=len(tok), max_position_embeddings=64)).eval()
-    seen.clear()
-    got = perplexity(model, counting, paragraphs, max_windows=3)
-    assert sum(seen) < 6000, seen
-    monkeypatch.setattr(texts, "BLOCK_CHARS", 1 << 30)  # one block: the whole text
-    assert got == perplexity(model, tok, paragraphs, max_windows=3)
-    monkeypatch.setattr(texts, "BLOCK_CHARS", 2000)
-    seen.clear()
-    assert thin_held_out(Loaded(model, counting, "causal", "tiny"), paragraphs) is None and sum(seen) < 6000
+def test_the_samples_warning_names_the_bundled_texts_when_they_fell_short(run, tmp_path, tiny_dir):  # noqa: F811
+    """Where the reference share's bundled texts gave fewer sequences than asked, the command
+    then said "the calibration text gives" that many, which the user's text had given in full."""
+    path = tmp_path / "long.txt"
+    path.write_text("\n\n".join(f"the a of and to in was her she it he had not be {i}" for i in range(4000)))
+    code, lines = run(["prune", tiny_dir, "--data", path, "--samples", "4000", "--seq-len", "8", "--quiet",
+                       "--out", tmp_path / "p", "--reference", "0.5", "--ratio", "0.25"])
+    assert code == 0, lines
+    assert any(re.search(r"--samples 4000: the calibration text and the bundled texts of the reference share give "
+                         r"\d+ sequences \(paragraphs\); calibrating on those", line) for line in lines), lines

@@ -179,8 +179,7 @@ def _setup(args, evaluates: bool = False):
         batches += _generated(args, loaded, generated, seq_len)
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
     if got < samples:  # the report counts the sequences used
-        _warn(f"--samples {samples}: the calibration text gives {got} sequences"
-              f"{f' of {seq_len} tokens' if loaded.kind == 'causal' else ' (paragraphs)'}; calibrating on those")
+        _warn(texts.shortfall(samples, got, seq_len, causal=loaded.kind == "causal", reference=bool(reference)))
     settings = {"data": args.data or texts.DEFAULT_TEXT, "samples": got, "seq_len": seq_len, "calibration_tokens": real,
                 **({"samples_requested": samples} if got < samples else {}),
                 **({"generated": generated} if generated else {}),

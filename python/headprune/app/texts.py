@@ -355,6 +355,15 @@ def reference_batches(tokenizer, *, samples: int, seq_len: int, causal: bool, ex
                                      seq_len=seq_len, batch_size=batch_size, names=names, reference=True)
 
 
+def shortfall(samples: int, got: int, seq_len: int, *, causal: bool, reference: bool) -> str:
+    """The warning where the texts gave ``got`` of ``samples`` sequences (with a ``reference``
+    share, the bundled texts are among those that gave them)."""
+    which = "the calibration text and the bundled texts of the reference share give" if reference else \
+        "the calibration text gives"
+    return (f"--samples {samples}: {which} {got} sequences{f' of {seq_len} tokens' if causal else ' (paragraphs)'}; "
+            "calibrating on those")
+
+
 def calibration_set(tokenizer, parts: list, spec: Optional[str], *, causal: bool, samples: int, seq_len: int,
                     reference: float, batch_size: int = 8) -> tuple:
     """``(batches, settings)``: ``samples`` calibration sequences, a ``reference`` share of them
