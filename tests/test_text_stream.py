@@ -52,3 +52,13 @@ def test_a_long_text_is_tokenized_only_as_far_as_it_is_read(tiny_dir, monkeypatc
     monkeypatch.setattr(texts, "BLOCK_CHARS", 2000)
     seen.clear()
     assert thin_held_out(Loaded(model, counting, "causal", "tiny"), paragraphs) is None and sum(seen) < 6000
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True, "2"])
+def test_rebatch_refuses_a_size_that_is_not_a_positive_int(size):
+    """A learned recipe's batch_size of 0 failed in range() ("arg 3 must not be zero"); a float
+    in a slice."""
+    batches = [{"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3)}]
+    with pytest.raises(ValueError, match=r"^batch_size: expected a positive int \(sequences per training step\), got"):
+        texts.rebatch(batches, size)
+    assert [len(b["input_ids"]) for b in texts.rebatch(batches, 3)] == [3, 1]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from ..ranking.units import as_real
+from ..ranking.units import as_real, count_arg
 from .text_files import file_paragraphs, split_paragraphs
 
 DATA = Path(__file__).parent / "data"
@@ -186,7 +186,9 @@ def named_text(names: Optional[list], i: int, make, reference: bool = False):
 
 def rebatch(batches: list, size: int) -> list:
     """The same sequences in batches of at most ``size`` (a batch's tensors sliced along
-    their first dimension): more, smaller optimizer steps from one calibration set."""
+    their first dimension): more, smaller optimizer steps from one calibration set (``size``: a
+    learned recipe's ``batch_size``, named so where it is refused)."""
+    size = count_arg("batch_size", size, "a positive int (sequences per training step)")
     return [{k: v[i : i + size] for k, v in b.items()} for b in batches for i in range(0, len(b["input_ids"]), size)]
 
 
