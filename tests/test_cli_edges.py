@@ -191,7 +191,7 @@ def test_the_heatmap_says_when_measurement_chose_the_heads():
     values called that ranking the score that chose them."""
     from hf_tiny import tiny_batch, tiny_model
 
-    from headprune.app.prune_command import _selection_label
+    from headprune.app.selection_panel import selection_label as _selection_label
 
     scores = collect(tiny_model("bert"), [tiny_batch("bert")], progress=False, moments=True)
     assert _selection_label(scores, {"scope": "measured"}).endswith("(for reference: the heads went by measured "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..ranking import DEFAULT_GQA, DEFAULT_RECIPE, select_heads, unit_counts, unit_sizes
+from ..ranking import DEFAULT_RECIPE, select_heads, unit_counts, unit_sizes
 from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
@@ -24,6 +23,7 @@ from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers, recovery_split
 from .removal_stage import refits_values, remove, remove_zeroed
+from .selection_panel import protected_layers, selection_label, selection_values
 from .report import report_markdown, summary_table
 from .sweep import refit_bias_of, removal_kwargs, removal_of
 from .sweep_reach import learned_budget, learned_protection, learned_selection
@@ -299,14 +299,14 @@ def _write(args, out: Path, loaded, scores, heads, settings, report, metric, sav
         report["saved_bytes"] = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
         report["saved_weight_bytes"] = weight_bytes(tmp / "model")
         report["input_bytes"] = loaded.input_bytes  # the input's weight files
-        protected = list(_protected(scores, settings))
+        protected = list(protected_layers(scores, settings))
         report["layers_whole"] = {"protected": protected, "none_chosen": [  # said in report.md: none of the budget
             i for i in range(scores.num_sites) if scores.num_heads[i] and not heads.get(i) and i not in protected]}
         C._write_json(tmp / "report.json", report)
         C._write_json(tmp / "scores.json", scores.to_dict(), strict=False)
         (tmp / "report.md").write_text(report_markdown(report, summary_table(report, metric)))
         plots.heatmap(scores, tmp / "heatmap.png", pruned=heads, title=f"{args.model}: pruned heads",
-                      selection=_selection_values(scores, settings), selection_label=_selection_label(scores, settings),
+                      selection=selection_values(scores, settings), selection_label=selection_label(scores, settings),
                       protected=protected)
     if loaded.input_bytes and report["saved_weight_bytes"] > loaded.input_bytes and \
             _wider(settings["saved_dtype"], loaded.checkpoint_dtype):  # weights against weights, in a wider type
@@ -320,23 +320,6 @@ def _wider(saved: str, stored) -> bool:
     of a 16-bit checkpoint; unknown: yes). In the input's own type a larger file holds only what
     the pruning added: the zero q/k/v/o biases a declared output bias brings, which no type saves."""
     return type_bits(stored) is None or (type_bits(saved) or 32) > type_bits(stored)
-
-
-def _selection_values(scores, settings: dict):
-    """The values that chose the heads, for the heatmap's second panel (``None`` for random)."""
-    from ..ranking.recipes import resolve_recipe
-    from ..ranking.reconstruction import reconstruction_score
-    from ..stats.moments import DEFAULT_DAMPING
-
-    if settings.get("order") == "random":
-        return None
-    if settings.get("score") == "learned":
-        return torch.tensor([[math.nan if v is None else v for v in row] for row in settings["learned"]["scores"]],
-                            dtype=torch.float64)
-    recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), ())
-    if recipe.score == "reconstruction":
-        return reconstruction_score(scores, settings.get("gqa", DEFAULT_GQA), settings.get("damping", DEFAULT_DAMPING))
-    return scores.score(recipe.score) if isinstance(recipe.score, str) else None
 
 
 def _check_layout_rounded(args, n: int, total: int, scores, measured: bool = False) -> None:
@@ -373,26 +356,3 @@ def _warn_if_kv_grew(report: dict) -> None:
               "partly pruned group, so the KV cache grows; --gqa even (the default) keeps every group even and "
               "never grows it, --gqa group prunes whole groups and shrinks it most (docs/quality.md)",
               file=sys.stderr)
-
-
-def _selection_label(scores, settings: dict) -> str:
-    from ..ranking.recipes import default_for
-
-    score = settings.get("score") or default_for(scores)["score"]
-    if settings.get("scope") == "measured" and settings.get("score") != "learned":
-        from ..hf.allocation import resolve_choice
-
-        choice = resolve_choice(scores, settings.get("gqa", DEFAULT_GQA), settings.get("score"),
-                                settings.get("order"), settings.get("choose"))
-        if choice == "greedy":  # the ranking's values are shown, but measurement chose
-            return f"{score} (for reference: the heads went by measured removal cost)"
-    return f"{score} (the score that chose the heads)"
-
-
-def _protected(scores, settings: dict) -> tuple:
-    """The layers the recipe kept whole, as select_heads resolves them."""
-    from ..ranking.recipes import resolve_recipe
-
-    recipe = resolve_recipe(scores, settings.get("score"), settings.get("order"), settings.get("protect_layers"),
-                            uniform=bool(settings.get("uniform")))
-    return tuple(recipe.protect_layers)
