@@ -173,13 +173,13 @@ def _export_parser(sub, sub_kw: dict) -> None:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        from . import commands, eval_command, export_command, prune_command, recover_command, sweep_command
+        from . import commands, eval_command, export_command, prune_command, recover_command, scan_command, sweep_command
         from ..distributed import RanksFailed, refuse_unasked_ranks
         from .plots import MissingExtra
     except KeyboardInterrupt:  # before anything was done (importing the commands takes seconds)
         print("headprune: interrupted", file=sys.stderr)
         return 130
-    handler = {"scan": commands.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
+    handler = {"scan": scan_command.scan, "prune": prune_command.prune, "eval": eval_command.evaluate,
                "sweep": sweep_command.sweep, "recover": recover_command.recover,
                "export": export_command.export}[args.command]
     with _quiet_transformers(getattr(args, "quiet", False)), _own_warnings(), _Interrupts() as signals:

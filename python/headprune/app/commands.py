@@ -18,9 +18,9 @@ from ..ranking import DEFAULT_RECIPE, natural_order
 from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
-from .inputs import check_out, config_refusals, inputs
+from .inputs import check_out, config_refusals
 from .load import load_model
-from .report import scores_markdown, to_json
+from .report import to_json
 
 #: calibration sequences and their length by kind of model. Encoders take 512 paragraphs: on
 #: all-MiniLM-L6-v2 the refit of the default recipe, fitted on 512 instead of 256, kept held-out
@@ -358,32 +358,6 @@ class Stages:
         yield
         self.seconds[key] = round(time.perf_counter() - t0, 1)
         _say(self.args, f"headprune: {label}: {self.seconds[key]:.1f} s")
-
-
-# ------------------------------------------------------------------------------ commands
-
-
-def scan(args) -> int:
-    out = _out(args, "scan")
-    check_out(out, args.force, inputs(args))  # fail before the slow part
-    loaded, batches, _, settings = _setup(args)
-    from .removal_stage import remove_zeroed
-
-    remove_zeroed(args, loaded, settings)  # a masked directory's heads add nothing: not live heads to report
-    checkpoint = _checkpoint(out)
-    scores = _collect(args, loaded, batches, settings, checkpoint=checkpoint)
-    if not _is_writer():
-        return 0
-    try:
-        with output_dir(out, args.force, _stages(args)) as tmp:
-            _write_json(tmp / "scores.json", scores.to_dict() | {"settings": settings}, strict=False)
-            plots.heatmap(scores, tmp / "heatmap.png", title=f"{args.model}: mean attention entropy")
-            (tmp / "summary.md").write_text(scores_markdown(args.model, scores, settings))
-    finally:
-        if any(s.committed for s in _stages(args)):  # even if interrupted after: the scores are in out
-            _remove_checkpoints(checkpoint)
-    _say(args, f"wrote {out}/scores.json, summary.md, heatmap.png")
-    return 0
 
 
 def _remove_checkpoints(checkpoint: Path) -> None:

@@ -17,14 +17,15 @@ from ..ranking.layouts import has_grouped_queries
 from . import commands as C
 from . import evaluate as E
 from . import plots
+from .inputs import check_out, inputs
 from .load import (SAVE_TYPES, check_saved_type, round_to_saved, stored_type_name, tokenizer_as_loaded, type_bits,
                    weight_bytes)
 from .prune_checks import check_model, check_options, refuse_no_head, with_scope
 from .recipe_text import describe_recipe
 from .recover_command import recover_after_prune, recover_validation, recovers, recovery_split
 from .removal_stage import refits_values, remove, remove_zeroed
-from .selection_panel import protected_layers, selection_label, selection_values
 from .report import report_markdown, summary_table
+from .selection_panel import protected_layers, selection_label, selection_values
 from .sweep import refit_bias_of, removal_kwargs, removal_of
 from .sweep_reach import learned_budget, learned_protection, learned_selection
 
@@ -33,7 +34,7 @@ def prune(args) -> int:
     from ..hf import measure, save_pruned
 
     out = C._out(args, "prune")
-    C.check_out(out, args.force, C.inputs(args))  # fail before the slow part
+    check_out(out, args.force, inputs(args))  # fail before the slow part
     check_options(args)
     stage = C.Stages(args)
     with stage("loading the model and the calibration text", "load"):

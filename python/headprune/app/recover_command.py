@@ -19,7 +19,7 @@ from . import commands as C
 from . import evaluate as E
 from . import texts
 from .arguments import RECOVER_VALIDATION
-from .inputs import check_teacher, load_as, model_inputs, refuse_inside_out, teacher_refusals, text_inputs
+from .inputs import check_out, check_teacher, inputs, load_as, model_inputs, refuse_inside_out, teacher_refusals, text_inputs
 from .load import SAVE_TYPES, check_saved_type, load_model, round_to_saved, tokenizer_as_loaded
 from .locate import locate, prune_folder
 from .report import finite, number, sequences_text, validation_sentence
@@ -219,7 +219,7 @@ def recover(args) -> int:
     teacher_spec = args.teacher or named
     data = _data_spec(args, prune_report["settings"])
     read = [*model_inputs("the teacher", teacher_spec), *text_inputs("the calibration text", data)]
-    C.check_out(out, args.force, C.inputs(args) + tuple(read))  # also what DIR's report.json names
+    check_out(out, args.force, inputs(args) + tuple(read))  # also what DIR's report.json names
     _check_before_load(args, out, teacher_spec, not args.teacher and bundled)
     stage = C.Stages(args)
     with stage("loading the pruned and the unpruned model", "load"):

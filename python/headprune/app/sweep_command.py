@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..ranking.select import SplitGroupsError
 from . import commands as C
 from . import plots
+from .inputs import check_out, inputs
 from .load import stored_type_name
 from .prune_checks import refuse_below_one
 from .sweep_journal import SweepJournal, journal_path, sweep_fingerprint
@@ -18,7 +19,7 @@ from .sweep_table import sweep_markdown
 
 def sweep(args) -> int:
     out = C._out(args, "sweep")
-    C.check_out(out, args.force, C.inputs(args))
+    check_out(out, args.force, inputs(args))
     check_removal_options(args)
     loaded, batches, held, settings = C._setup(args, evaluates=True)
     from .removal_stage import remove_zeroed
