@@ -213,6 +213,11 @@ def test_a_round_that_chose_no_head_more_is_not_collected_again():
     heads, _ = select_iteratively(model, batches, steps="auto", ratio=0.4, gqa="even", collect_fn=counting,
                                   on_step=lambda i, s, h: seen.append(sum(map(len, h.values()))))
     assert seen == [0, 2, 2, 4] and len(calls) == 2  # collected for rounds 1 and 3 only
+    # statistics given by the caller rank round 1 only: round 2 collects whatever round 1 chose
+    given = collect(model, [tiny_batch("llama", seed=7)], progress=False, moments=True)
+    calls.clear()
+    select_iteratively(model, batches, steps="auto", ratio=0.4, gqa="even", collect_fn=counting, scores=given)
+    assert len(calls) == 2  # rounds 2 and 3
 
 
 def test_the_heatmap_says_when_rounds_or_a_second_pass_chose_the_heads():
@@ -225,6 +230,6 @@ def test_the_heatmap_says_when_rounds_or_a_second_pass_chose_the_heads():
     scores = collect(model, batches, progress=False, moments=True)
     assert selection_label(scores, {"scope": "per_layer", "steps": 1}).endswith("(the score that chose the heads)")
     assert selection_label(scores, {"scope": "per_layer", "steps": 3}).endswith(
-        "of round 1 of 3 (later rounds ranked the model with the earlier rounds' heads removed)")
+        "of round 1 of 3 (for reference: later rounds ranked the model with the earlier rounds' heads removed)")
     assert selection_label(scores, {"scope": "per_layer", "steps": 1, "sequential": True}).endswith(
         "(for reference: --sequential chose each layer's heads again on the pruned layers' outputs)")

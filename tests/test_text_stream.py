@@ -62,3 +62,13 @@ def test_rebatch_refuses_a_size_that_is_not_a_positive_int(size):
     with pytest.raises(ValueError, match=r"^batch_size: expected a positive int \(sequences per training step\), got"):
         texts.rebatch(batches, size)
     assert [len(b["input_ids"]) for b in texts.rebatch(batches, 3)] == [3, 1]
+
+
+@pytest.mark.parametrize("max_windows", [0, -1, 1.5])
+def test_perplexity_refuses_windows_that_are_not_a_positive_count(max_windows):
+    """0 windows failed on an empty list, -1 read the text back to front (a sweep's eval_windows
+    is not checked by the command line's argument type)."""
+    from headprune.app.evaluate import perplexity
+
+    with pytest.raises(ValueError, match=r"^max_windows: expected a positive int, got"):
+        perplexity(None, None, ["a b"], max_windows=max_windows)

@@ -130,6 +130,9 @@ def test_a_dataset_of_several_splits_or_rows_without_text_is_refused(tmp_path, m
     with pytest.raises(ValueError, match=r"--data: .*ds holds a dataset of 2 splits \(test, train\); name one of "
                                          r"their directories \(e\.g\. .*ds/test\)"):
         texts.load_paragraphs(str(tmp_path / "ds"))
+    loaded["value"] = DatasetDict()
+    with pytest.raises(ValueError, match=r"--data: .*ds holds a dataset dict with no split, so no text$"):
+        texts.load_paragraphs(str(tmp_path / "ds"))
     loaded["value"] = DatasetDict(train=Dataset(["c", "d"]))
     assert texts.load_paragraphs(str(tmp_path / "ds")) == ["c", "d"]
     loaded["value"] = Dataset(["c", None, "d"])

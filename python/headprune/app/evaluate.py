@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core.modules import input_device
 from ..hf.pooling import pool, pooling_of
+from ..ranking.units import count_arg
 from .texts import bos_token, stream_ids, token_windows
 
 WINDOW = 256
@@ -87,6 +88,7 @@ def perplexity_window(model, window: int = WINDOW) -> int:
 def perplexity(model, tokenizer, paragraphs: list, *, window: int = WINDOW, stride: int = STRIDE,
                max_windows: int = 64, batch_size: int = 8, progress: bool = False) -> dict:
     """Perplexity of a causal LM on the joined paragraphs (see module doc for windows)."""
+    max_windows = count_arg("max_windows", max_windows)  # (a sweep's eval_windows): how far the text is read
     window = perplexity_window(model, window)
     bos = bos_token(tokenizer)  # each window starts with it where the tokenizer adds one (and scores its first token)
     off = int(bos is not None)

@@ -35,7 +35,8 @@ def selection_label(scores, settings: dict) -> str:
     score = settings.get("score") or default_for(scores)["score"]
     steps = settings.get("steps")
     if isinstance(steps, int) and steps > 1:  # the values shown are the first round's, of the unpruned model
-        return f"{score} of round 1 of {steps} (later rounds ranked the model with the earlier rounds' heads removed)"
+        return (f"{score} of round 1 of {steps} (for reference: later rounds ranked the model with the earlier "
+                "rounds' heads removed)")
     if settings.get("sequential"):
         return f"{score} (for reference: --sequential chose each layer's heads again on the pruned layers' outputs)"
     if settings.get("scope") == "measured" and settings.get("score") != "learned":

@@ -89,10 +89,11 @@ def _dataset_paragraphs(path: Path) -> list:
         raise ValueError(f"--data: {path} is a directory; reading a datasets dataset needs `pip install datasets`") from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):  # one split is one text: which of several is the user's to say
-        if len(ds) != 1:
-            splits = ", ".join(map(str, ds)) or "none"
-            raise ValueError(f"--data: {path} holds a dataset of {len(ds)} splits ({splits}); name one of their "
-                             f"directories{f' (e.g. {path / str(next(iter(ds)))})' if len(ds) else ''}")
+        if not ds:
+            raise ValueError(f"--data: {path} holds a dataset dict with no split, so no text")
+        if len(ds) > 1:
+            raise ValueError(f"--data: {path} holds a dataset of {len(ds)} splits ({', '.join(map(str, ds))}); name "
+                             f"one of their directories (e.g. {path / str(next(iter(ds)))})")
         ds = ds[next(iter(ds))]
     if "text" not in ds.column_names:
         raise ValueError(f"--data: dataset {path} has no 'text' column (columns: {ds.column_names})")

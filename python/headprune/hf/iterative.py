@@ -60,7 +60,8 @@ def select_iteratively(
         ratio / count: the final budget, as for :func:`headprune.select_heads`; round ``i``
             of ``n`` prunes up to ``i / n`` of it.
         scores: statistics of the unpruned model, if already collected (saves the first
-            collection).
+            collection; they rank round 1 only, and round 2 collects on ``batches`` whatever
+            round 1 chose).
         compensate: mask the heads of earlier rounds with mean compensation (see
             :func:`mask_heads`), as they will be pruned (``removal="mean"``).
         removal: how earlier rounds' heads are masked: ``"refit"`` (least squares, with
@@ -92,9 +93,9 @@ def select_iteratively(
     if steps != "auto":
         _refuse_rounds(steps, select_kwargs)  # before the first collection
     gather = _gather(model, collect if collect_fn is None else collect_fn, removal, scores, select_kwargs)
-    heads: dict = {}
-    handles = []
+    heads, handles = {}, []
     try:
+        stale = scores is not None  # given statistics rank round 1 only, as the rounds' own collection may differ
         if scores is None:
             scores = gather(model, batches, progress=progress)
         total = count_units(scores, select_kwargs.get("gqa", "query"))
@@ -102,9 +103,8 @@ def select_iteratively(
         if steps == "auto":
             steps = auto_steps(want, total)
         _refuse_rounds(steps, select_kwargs)
-        stale = False  # whether heads were masked since the last collection (else it would give the same sums)
-        for step in range(1, steps + 1):
-            if stale:
+        for step in range(1, steps + 1):  # collected again after a round that masked heads: else the same sums
+            if step > 1 and stale:
                 scores = gather(model, batches, progress=progress)
             kw = dict(select_kwargs)
             if ratio is not None:
@@ -119,7 +119,8 @@ def select_iteratively(
             heads = new
             if on_step is not None:
                 on_step(step, scores, heads)
-            if stale := step < steps and bool(added):
+            stale = (stale and step == 1) or (step < steps and bool(added))
+            if step < steps and added:
                 handles.append(_mask_round(model, added, removal, scores, damping))
     finally:
         for h in reversed(handles):
