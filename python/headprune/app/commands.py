@@ -186,7 +186,7 @@ def _setup(args, evaluates: bool = False):
                 **reference,
                 "calibration_paragraphs": sum(map(len, parts)), "held_out_paragraphs": len(held),
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
-                "fused": _fused(args), **_processes(args)}
+                "fused": _fused(args), **_processes(args), **_moments_dtype(args)}
     return loaded, batches, held, settings
 
 
@@ -197,6 +197,13 @@ def collection_fingerprint(args, batches, settings: dict) -> dict:
     own fingerprint holds the number of processes), both absent from older checkpoints."""
     return {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
             "settings": {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}}
+
+
+def _moments_dtype(args) -> dict:
+    """``{"moments_dtype": "float32"}`` where ``--moments-dtype`` asks for it (float64, the
+    default, is not recorded, so earlier checkpoints and journals still resume)."""
+    dtype = getattr(args, "moments_dtype", "float64")
+    return {} if dtype == "float64" else {"moments_dtype": dtype}
 
 
 def _processes(args) -> dict:
@@ -249,6 +256,12 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     rank, world = distributed.rank_world()
     # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files
     resume = checkpoint is not None and getattr(args, "resume", False)  # (sweep's --resume: its own journal)
+    moments = moments and getattr(args, "moments_dtype", "float64")
+    if moments and rank == 0:
+        from ..hf.collect import moments_size
+
+        size, sites = moments_size(loaded.model, moments)
+        _say(args, f"second moments of {sites} output projections' inputs: {size / 2**20:,.1f} MiB in {moments}")
     scores = distributed.collect(loaded.model, batches, checkpoint=checkpoint, resume=resume,
                                  fingerprint=fingerprint, progress=not args.quiet and rank == 0,
                                  fused=_fused(args), moments=moments)

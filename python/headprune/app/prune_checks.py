@@ -49,6 +49,9 @@ def check_options(args) -> None:
             raise ValueError("--steps: --kv-ratio is a share of the KV heads one selection removes, which an early "
                              "round's share of the heads cannot hold; use --steps 1 or drop --kv-ratio")
     _check_sequential(args)
+    if args.moments_dtype != "float64" and removal_of(args) != "refit" and args.score not in (None, "reconstruction"):
+        raise ValueError(f"--moments-dtype {args.moments_dtype}: no second moments are collected with "
+                         f"--no-reconstruct and --score {args.score}; drop it")
     if not getattr(args, "uniform", False):
         return
     if rounds:
@@ -86,6 +89,9 @@ def _check_sequential(args) -> None:
         return
     if removal_of(args) != "refit":
         raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
+    if args.moments_dtype != "float64":
+        raise ValueError(f"--moments-dtype {args.moments_dtype}: --sequential sums each layer's second moments again, "
+                         "in float64; drop one")
     if _rounds(args):
         raise ValueError("--steps: --sequential calibrates the unpruned model layer by layer, so earlier rounds "
                          "would be discarded; drop one")

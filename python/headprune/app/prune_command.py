@@ -230,8 +230,11 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str, refit_bias: b
         from .. import distributed
         from ..hf import collect, select_iteratively
 
-        gather = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
-                                   fused=C._fused(args))
+        base = functools.partial(distributed.collect if getattr(args, "distributed", False) else collect,
+                                 fused=C._fused(args))
+
+        def gather(*a, moments=False, **kw):  # every round's moments in --moments-dtype, as the first's
+            return base(*a, moments=moments and args.moments_dtype, **kw)
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
                                          scores=scores, progress=not args.quiet and C._is_writer(),
                                          removal=removal, damping=args.damping, collect_fn=gather, **kw)

@@ -281,8 +281,8 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         pruned, stats = state[name]
         if pruned:
             with mask_heads(point.loaded.model, pruned, **removal_kwargs(removal, stats, config.damping)):
-                stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,
-                                moments=stats.moments is not None)
+                stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,  # moments as before
+                                moments=stats.moments is not None and (stats.moments.dtype or True))
     gqa = kw.pop("gqa", config.gqa)
     learned = kw.pop("learned", None)
     if learned is not None:

@@ -28,6 +28,7 @@ import torch
 from ..core.modules import check_module, ordinary_tensors
 from ..ranking.units import count_arg
 from ..stats.scores import HeadScores, refuse_all_padding
+from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import check_batches, forward_kwargs, progress as _progress, sequence_digests, skip
 from .checkpoint import BatchesDigest, Checkpoint, canonical, weights_digest
 from .collection import METHODS, Collection, padding_of
@@ -159,6 +160,18 @@ def moments_dtype(moments) -> Optional[torch.dtype]:
         return table[moments]
     except (KeyError, TypeError):
         raise ValueError(f"moments: expected True, False, 'float64' or 'float32', got {moments!r}") from None
+
+
+def moments_size(model, moments=True) -> tuple:
+    """``(bytes, sites)``: the second moments ``collect(model, ..., moments=moments)`` holds,
+    ``(heads x head_dim + 1) ** 2`` numbers for each site with heads (``(0, 0)`` without moments,
+    or for a model with no output projections to refit)."""
+    dtype = moments_dtype(moments)
+    if dtype is None or not hasattr(model, "config"):
+        return 0, 0
+    adapter = get_adapter(model)
+    widths = [w for w in (head_counts(s, adapter)[0] * head_dim(s, adapter) for s in resolve_sites(model, adapter)) if w]
+    return sum((w + 1) ** 2 for w in widths) * dtype.itemsize, len(widths)
 
 
 def _open_checkpoint(session, path, fingerprint, resume, model) -> tuple:

@@ -110,6 +110,11 @@ class OutputMoments:
         mats = [g for g in self.gram + (self.projection or []) if g is not None]
         return sum(g.numel() * g.element_size() for g in mats)
 
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        """The float type the sums are held in (``None`` where no site saw a token)."""
+        return next((g.dtype for g in self.gram if g is not None), None)
+
     def tokens(self, site: int) -> float:
         """Calibration tokens site ``site`` saw."""
         g = self.gram[site]
