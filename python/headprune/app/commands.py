@@ -194,9 +194,14 @@ def collection_fingerprint(args, batches, settings: dict) -> dict:
     """What a collection checkpoint must have been written with to resume: every setting the sums
     depend on (dtype, device, fused are in ``settings``; the data by its tokens), less
     ``calibration_tokens`` (a count of what the digest holds) and ``distributed`` (the rank files'
-    own fingerprint holds the number of processes), both absent from older checkpoints."""
-    return {"model": str(args.model), "batch_size": args.batch_size, "tokens": _tokens_digest(batches),
-            "settings": {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}}
+    own fingerprint holds the number of processes), both absent from older checkpoints. A model or
+    text file is taken by its absolute path: the same files named from another directory, or
+    spelled otherwise, resume alike."""
+    kept = {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}
+    if isinstance(kept.get("data"), str):
+        kept["data"] = texts.data_paths(kept["data"])
+    model = os.path.abspath(args.model) if os.path.exists(str(args.model)) else str(args.model)
+    return {"model": model, "batch_size": args.batch_size, "tokens": _tokens_digest(batches), "settings": kept}
 
 
 def _moments_dtype(args) -> dict:

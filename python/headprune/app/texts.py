@@ -87,8 +87,7 @@ def data_paths(spec: Optional[str] = None) -> str:
     as :func:`load_paragraphs` reads a bundled name first): the same texts from another
     working directory."""
     names = spec_names(spec)
-    return "+".join(n if n in BUNDLED_TEXTS or not n or not Path(n).exists() else str(Path(n).absolute())
-                    for n in names)
+    return "+".join(n if n in BUNDLED_TEXTS or not n or not Path(n).exists() else os.path.abspath(n) for n in names)
 
 
 def load_split(spec: Optional[str] = None) -> tuple:
