@@ -117,7 +117,7 @@ def test_compare_speed_times_the_unpruned_model_against_itself_as_a_control(monk
         made.append(run)
         return setup, run
 
-    def clock(fn, *args):  # the two timings of the unpruned model alternate 1.0 s and 1.1 s, out of step
+    def clock(fn, *args, devices=()):  # the two timings of the unpruned model alternate 1.0 s and 1.1 s, out of step
         i = made.index(fn)
         n = len(times.setdefault(i, []))
         t = 0.5 if i == 1 else (1.0, 1.1)[(n + i // 2) % 2]
@@ -227,3 +227,23 @@ def test_fewer_than_five_rounds_spread_over_their_range():
     assert quartiles([1.0, 1.1, 1.2, 1.3, 1.4]) == (1.1, 1.3)
     row = {"speedup": 1.06, "speedup_low": 0.95, "speedup_high": 1.07}
     assert verdict(row).startswith("no measurable difference")
+
+
+def test_timings_wait_for_every_gpu_the_model_is_on(monkeypatch):
+    """The timed runs waited for the current CUDA device only: a model on another GPU (--device
+    cuda:1), or spread over several, was timed while its kernels still ran; eval's throughput did
+    not wait after its warm-up."""
+    from headprune.app import evaluate
+    from headprune.hf import speed
+
+    assert speed.cuda_devices(tiny_model("llama")) == []  # a model on the CPU: none to wait for
+    waited = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    speed.synchronize([torch.device("cuda:1"), torch.device("cuda:2")])
+    assert waited == [None, torch.device("cuda:1"), torch.device("cuda:2")]  # the current device, then each
+    monkeypatch.setattr(speed, "cuda_devices", lambda *models: [torch.device("cuda:1")])
+    waited.clear()
+    evaluate.throughput(tiny_model("llama"), seq_len=8, repeat=3)
+    assert waited == [None, torch.device("cuda:1")] * 4  # after the warm-up and after each timed run

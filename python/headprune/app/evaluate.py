@@ -195,15 +195,16 @@ def throughput(model, *, batch: int = 1, seq_len: int = 256, repeat: int = 5, vo
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)
     mask = torch.ones_like(ids)
+    from ..hf.speed import cuda_devices, synchronize
+
+    devices = cuda_devices(model)  # every GPU the model is on, not only the current one
     model(input_ids=ids, attention_mask=mask)  # warm-up
-    if device.type == "cuda":  # its kernels done before the first timed run starts
-        torch.cuda.synchronize()
+    synchronize(devices)  # its kernels done before the first timed run starts
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         model(input_ids=ids, attention_mask=mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(devices)
         times.append(time.perf_counter() - t0)
     med, n = statistics.median(times), batch * seq_len
     q1, q3 = (statistics.quantiles(times, n=4, method="inclusive")[i] for i in (0, 2)) if repeat > 1 else (med, med)

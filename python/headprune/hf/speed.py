@@ -24,6 +24,7 @@ spread would be noise read as a result. Wall time and the process's CPU time are
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import statistics
 import time
@@ -126,16 +127,28 @@ def _cache_arg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _sync() -> None:
+def cuda_devices(*models) -> list:
+    """The CUDA devices the models' parameters and buffers are on (a model spread over several
+    GPUs, or on one that is not the current device)."""
+    return sorted({t.device for m in models for t in itertools.chain(m.parameters(), m.buffers())
+                   if t.device.type == "cuda"}, key=str)
+
+
+def synchronize(devices=()) -> None:
+    """Wait for the kernels queued on the current CUDA device (where CUDA is in use: an offloaded
+    model computes there, its weights elsewhere) and on each of ``devices``
+    (``torch.cuda.synchronize()`` alone waits for the current device only)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+    for d in devices:
+        torch.cuda.synchronize(d)
 
 
-def _clock(fn, *args) -> tuple:
-    _sync()
+def _clock(fn, *args, devices=()) -> tuple:
+    synchronize(devices)
     t0, c0 = time.perf_counter(), time.process_time()
     fn(*args)
-    _sync()
+    synchronize(devices)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -187,7 +200,7 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
         m.eval()
     shapes = [("prefill", *s) for s in prefill] + [("decode", *s) for s in decode]
     _check_positions(models, shapes, steps)
-    rows = []
+    rows, devices = [], cuda_devices(*models.values())
     for kind, batch, tokens in shapes:
         calls = {n: (_prefill(m, batch, tokens) if kind == "prefill" else _decode(m, batch, tokens, steps))
                  for n, m in models.items()}
@@ -201,7 +214,7 @@ def compare(models: dict, *, prefill=(), decode=(), steps: int = 8, rounds: int 
         for r in range(rounds):  # each round starts with the next model: no model always runs first
             for n in order[r % len(order):] + order[: r % len(order)]:
                 setup, run = calls[n]
-                w, c = _clock(run, setup())  # the state (a filled KV cache) is freed before the next model
+                w, c = _clock(run, setup(), devices=devices)  # the state (a filled KV cache) is freed before the next model
                 wall[n].append(w)
                 cpu[n].append(c)
         new_tokens = batch * (tokens if kind == "prefill" else steps)
