@@ -181,11 +181,11 @@ def test_paragraphs_repeated_on_both_sides_of_the_split_are_named(run, tmp_path,
         texts.load_split(str(tmp_path / "once.txt"))
 
 
-def test_a_checkpoint_resumes_with_the_model_and_text_named_from_another_directory(run, tmp_path, tiny_dir,  # noqa: F811
+def test_a_checkpoint_resumes_with_the_model_text_and_device_spelled_otherwise(run, tmp_path, tiny_dir,  # noqa: F811
                                                                                    monkeypatch):
-    """The fingerprint held the model and --data as spelled: a scan interrupted with "m" and
-    "text.txt" was refused when resumed from a subdirectory as "../m" and "../text.txt", the same
-    files."""
+    """The fingerprint held the model, --data and --device as spelled: a scan interrupted with "m"
+    and "text.txt" was refused when resumed from a subdirectory as "../m" and "../text.txt", the
+    same files, and on "cpu:0", the same device."""
     import shutil
 
     shutil.copytree(tiny_dir, tmp_path / "m")
@@ -194,6 +194,6 @@ def test_a_checkpoint_resumes_with_the_model_and_text_named_from_another_directo
     _scan_interrupted(run, monkeypatch, "m", out, ["--data", "text.txt"])
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
-    code, err = run(["scan", "../m", *SMALL, "--data", "../text.txt", "--out", out, "--resume"])
+    code, err = run(["scan", "../m", *SMALL, "--data", "../text.txt", "--out", out, "--resume", "--device", "cpu:0"])
     assert code == 0, err
     assert not (tmp_path / ".o.checkpoint.json").exists()  # resumed and finished: removed

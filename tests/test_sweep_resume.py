@@ -240,6 +240,7 @@ def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
 
     from hf_tiny import tiny_model
 
+    from headprune.app.commands import collection_fingerprint
     from headprune.app.sweep import SweepConfig
     from headprune.app.sweep_journal import sweep_fingerprint
 
@@ -251,8 +252,8 @@ def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
             assert verbose is False
             return {"input_ids": [[len(w) for w in split(t)] for t in texts]}
 
-        return sweep_fingerprint({"settings": {"device": device}}, SimpleNamespace(model=model, tokenizer=tok,
-                                                                                   kind="encoder"),
+        collection = collection_fingerprint(SimpleNamespace(model="m", batch_size=8), [], {"device": device})
+        return sweep_fingerprint(collection, SimpleNamespace(model=model, tokenizer=tok, kind="encoder"),
                                  list(held), SweepConfig(**{**vars(config), **kw}), {})
 
     words = fingerprint(str.split)
@@ -264,8 +265,9 @@ def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
     assert fingerprint(str.split, eval_windows=3) == words
     assert fingerprint(str.split, values=True) == words  # BERT refits value rows by default
     assert fingerprint(str.split, values=False) != words
-    # the ranks of a --distributed run compute on cuda:0, cuda:1, ...: one journal for them all
+    # the ranks of a --distributed run compute on cuda:0, cuda:1, ...: one journal for them all (and cpu:0 is cpu)
     assert fingerprint(str.split, device="cuda:0") == fingerprint(str.split, device="cuda:1") != words
+    assert fingerprint(str.split, device="cpu:0") == words
 
 
 def test_what_a_run_says_of_the_journal_is_what_it_holds(run, tmp_path, tiny_dir, monkeypatch):

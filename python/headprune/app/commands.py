@@ -196,10 +196,13 @@ def collection_fingerprint(args, batches, settings: dict) -> dict:
     ``calibration_tokens`` (a count of what the digest holds) and ``distributed`` (the rank files'
     own fingerprint holds the number of processes), both absent from older checkpoints. A model or
     text file is taken by its absolute path: the same files named from another directory, or
-    spelled otherwise, resume alike."""
+    spelled otherwise, resume alike; the device by its type (``cpu:0`` is ``cpu``, and the ranks of a
+    ``--distributed`` run compute on ``cuda:0``, ``cuda:1``, ...)."""
     kept = {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}
     if isinstance(kept.get("data"), str):
         kept["data"] = texts.data_paths(kept["data"])
+    if isinstance(kept.get("device"), str):
+        kept["device"] = kept["device"].split(":")[0]
     model = os.path.abspath(args.model) if os.path.exists(str(args.model)) else str(args.model)
     return {"model": model, "batch_size": args.batch_size, "tokens": _tokens_digest(batches), "settings": kept}
 

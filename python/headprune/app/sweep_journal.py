@@ -45,9 +45,6 @@ def sweep_fingerprint(collection: dict, loaded, held: list, config, recipes: dic
     from ..hf.values import refits_values_by_default
 
     evaluated = held[: config.eval_paragraphs or len(held)]
-    where = (collection.get("settings") or {}).get("device")
-    if isinstance(where, str):  # by its type: the ranks of a --distributed run compute on cuda:0, cuda:1, ...
-        collection = {**collection, "settings": {**collection["settings"], "device": where.split(":")[0]}}
     text = _text_digest(loaded.tokenizer, evaluated)
     sweep = {f.name: getattr(config, f.name) for f in fields(config)
              if f.name not in ("ratios", "quiet", "eval_paragraphs")}  # the paragraphs are in "held_out"
