@@ -67,13 +67,36 @@ def test_the_size_is_said_before_the_collection(tmp_path, tiny_dir, monkeypatch,
     assert "moments_dtype" not in json.loads((tmp_path / "q" / "report.json").read_text())["settings"]  # as before
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--sequential"], "--moments-dtype float32: --sequential sums each layer's second moments again, in float64"),
-    (["--no-reconstruct", "--score", "entropy"], "--moments-dtype float32: no second moments are collected with "
-                                                 "--no-reconstruct and --score entropy; drop it")])
-def test_options_that_would_not_use_it_are_refused(run, tmp_path, extra, message):  # noqa: F811
-    code, err = run(["prune", tmp_path / "absent", "--ratio", "0.3", "--moments-dtype", "float32", *extra])
+def test_options_that_would_not_use_it_are_refused(run, tmp_path):  # noqa: F811
+    code, err = run(["prune", tmp_path / "absent", "--ratio", "0.3", "--moments-dtype", "float32", "--no-reconstruct",
+                     "--score", "entropy"])
+    message = "--moments-dtype float32: no second moments are collected with --no-reconstruct and --score entropy"
     assert code == 2 and any(message in line for line in err), err
+
+
+def test_the_measured_allocation_and_the_sequential_pass_sum_in_the_same_type(run, tmp_path, tiny_dir,  # noqa: F811
+                                                                               monkeypatch):
+    """The measured allocation (encoders' default) took its part's moments in float64, and
+    --sequential was refused: both now sum in the type of the collection's moments."""
+    from headprune.hf import allocation, sequential
+
+    asked, grams = [], []
+    real, real_gram = allocation.collect, sequential._gram
+
+    def gram(*a):
+        out = real_gram(*a)
+        grams.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(allocation, "collect", lambda *a, **kw: asked.append(kw.get("moments")) or real(*a, **kw))
+    monkeypatch.setattr(sequential, "_gram", gram)
+    code, err = run(["prune", tiny_dir, "--ratio", "0.5", *ARGS, "--moments-dtype", "float32", "--out", tmp_path / "e"])
+    assert code == 0 and asked and all(m == torch.float32 for m in asked), (err, asked)
+    code, err = run(["prune", _tiny_llama(tmp_path, tiny_dir), "--ratio", "0.5", "--protect-layers", "", *ARGS,
+                     "--sequential", "--moments-dtype", "float32", "--out", tmp_path / "s"])
+    assert code == 0 and grams and set(grams) == {torch.float32}, (err, grams)
+    one = sequential.calibrate_sequentially(tiny_model("llama"), [tiny_batch("llama")], ratio=0.3, moments="float32")[1]
+    assert one.moments.dtype == torch.float32
 
 
 def test_a_sweep_records_the_moments_type_with_its_calibration(run, tmp_path, tiny_dir):  # noqa: F811

@@ -179,8 +179,10 @@ def removal_args(p: argparse.ArgumentParser, *, sequential: bool = True) -> None
                    help=f"ridge damping of the refit towards the original weights, relative to the mean squared "
                         f"input; the reconstruction score ranks heads by the same refit (default {DEFAULT_DAMPING:g})")
     g.add_argument("--moments-dtype", choices=("float64", "float32"), default="float64",
-                   help="float type the refit's second moments are summed in: (heads x head size + 1)^2 numbers per "
-                        "layer, their size said before the collection; float32 takes half the memory (default float64)")
+                   help="float type the refit's second moments are summed in, in every collection of the run (the "
+                        "--steps rounds, a measured allocation's, --sequential's): (heads x head size + 1)^2 numbers "
+                        "per layer, their size said before the collection; float32 takes half their memory; the value "
+                        "refit's own moments stay float64 (default float64)")
     if sequential:
         g.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                        help="calibrate the refit layer by layer, each layer's statistics taken with the earlier layers "

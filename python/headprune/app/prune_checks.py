@@ -89,9 +89,6 @@ def _check_sequential(args) -> None:
         return
     if removal_of(args) != "refit":
         raise ValueError("--sequential: calibrates the least-squares refit; drop --no-reconstruct")
-    if args.moments_dtype != "float64":
-        raise ValueError(f"--moments-dtype {args.moments_dtype}: --sequential sums each layer's second moments again, "
-                         "in float64; drop one")
     if _rounds(args):
         raise ValueError("--steps: --sequential calibrates the unpruned model layer by layer, so earlier rounds "
                          "would be discarded; drop one")

@@ -153,7 +153,8 @@ def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float,
         if protect is None and (kw.get("score") is not None or kw.get("order") is not None):
             protect = ()
         return calibrate_sequentially(model, batches, ratio=ratio, gqa=gqa, damping=damping, protect_layers=protect,
-                                      min_heads_per_layer=kw.get("min_heads_per_layer", 1), fused=fused)
+                                      min_heads_per_layer=kw.get("min_heads_per_layer", 1), fused=fused,
+                                      moments=(stats.moments.dtype if stats.moments is not None else None) or True)
     return calibrate_sequentially(model, batches, stats, unit_counts(heads, stats, gqa), gqa=gqa, damping=damping)
 
 

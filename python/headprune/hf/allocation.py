@@ -219,7 +219,8 @@ def measuring(model, part: list, scores: HeadScores, damping: float, bar, refit_
         raise ValueError(f"model: measuring what removing heads costs runs causal LMs and encoders, not "
                          f"{type(model).__name__} (encoder-decoder); choose by the ranking (scope='per_layer', "
                          "and the ranking's heads for a uniform layout)")
-    refit = _without(scores, collect(model, part, progress=False, moments=True))
+    own = scores.moments.dtype if scores.moments is not None else None  # the part's moments in the same type
+    refit = _without(scores, collect(model, part, progress=False, moments=own or True))
     with eval_mode(model), torch.no_grad(), _Measure(model, part, refit, damping, bar, refit_bias) as measure:
         yield measure
     bar.close()

@@ -40,7 +40,7 @@ from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import check_batches, forward_kwargs, sequence_digests
-from .collect import _check_mask
+from .collect import _check_mask, moments_dtype
 from .gates import refuse_gated
 from .collection import Collection, _add_gram_, padding_of, projection, query_mask, valid_chunks
 from ..core.modules import eval_mode, instance_forward, ordinary_tensors
@@ -58,7 +58,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
                            ratio: Optional[float] = None, count: Optional[int] = None, gqa: Optional[str] = None,
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
                            protect_layers=None, min_heads_per_layer: Optional[int] = None,
-                           fused: Optional[bool] = None, progress: bool = False) -> tuple:
+                           fused: Optional[bool] = None, moments=torch.float64, progress: bool = False) -> tuple:
     """``(heads, scores)``: the heads removed per site, by original index as ``prune_heads``
     takes them (a model pruned before keeps fewer), and statistics with the moments measured
     sequentially, ready for ``prune_heads(..., reconstruct=)``. The budget is given one of two ways:
@@ -66,7 +66,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     * ``scores`` and ``counts``: ``scores`` of the unpruned model (a one-shot collection) and
       the units to remove per site (heads, or KV groups with ``gqa="group"``; ``gqa`` default
       ``"query"``), e.g. the sizes of a one-shot selection; ``scores`` comes back with the
-      sequential moments. ``choose(site, gram) -> [heads]`` may replace the choice within a site.
+      sequential moments, summed in the float type of its own. ``choose(site, gram) -> [heads]`` may replace the choice within a site.
     * ``ratio`` or ``count`` (no ``scores``): one pass does it all, in place of the collection.
       Each site's count is decided when the pass reaches it (before it the layers after it are
       not seen): its share of the spread ``select_heads(..., scope="per_layer")`` gives, a unit
@@ -74,7 +74,8 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
       (:class:`~headprune.ranking.allocation.RunningShares`; ``gqa``, ``protect_layers`` and
       ``min_heads_per_layer`` as ``select_heads`` takes them, ``None``: its defaults, even
       layouts and the default recipe's protected layers). The statistics come back as
-      ``collect(..., moments=True, fused=fused)`` gives them, each site's measured on the inputs
+      ``collect(..., moments=moments, fused=fused)`` gives them (``moments``: the float type the
+      second moments are summed in, as ``collect`` takes it), each site's measured on the inputs
       that reach it with the sites before it pruned.
 
     Within a site the units are chosen by greedy structured OBS on its sequential moments. The
@@ -83,7 +84,11 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     adapter, sites = _check(model, batches, scores, counts, ratio, count,
                             {"choose": choose, "protect_layers": protect_layers,
                              "min_heads_per_layer": min_heads_per_layer, "fused": fused})
-    session = None if counts is not None else Collection(model, "qk", fused=fused is not False, moments=torch.float64)
+    kind = moments_dtype(moments) if counts is None else None
+    if counts is None and kind is None:
+        raise ValueError(f"moments: the one pass sums second moments; expected True, 'float64' or 'float32', got "
+                         f"{moments!r}")
+    session = None if counts is not None else Collection(model, "qk", fused=fused is not False, moments=kind)
     gqa = gqa or ("query" if counts is not None else DEFAULT_GQA)
     plan = None if session is None else RunningShares(session.scores(), ratio=ratio, count=count, gqa=gqa,
                                                       protect_layers=protect_layers,
@@ -97,6 +102,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     for kw in kwargs if session is not None else ():  # the padding the statistics read, as collect checks it
         _check_mask(kw)
     gram, heads = [None] * len(sites), {}
+    dtype = (scores.moments.dtype if scores is not None and scores.moments is not None else None) or torch.float64
     with ExitStack() as undo, torch.no_grad():
         undo.enter_context(eval_mode(model))  # dropout would change the moments
         if session is not None:
@@ -110,7 +116,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
                 bar.update(1)
                 continue
             xs = _projection_inputs(site, calls, hidden, session, kwargs)
-            gram[site.index] = _gram(xs, kwargs, site) if session is None else session.gram[site.index]
+            gram[site.index] = _gram(xs, kwargs, site, dtype) if session is None else session.gram[site.index]
             removed = (choose(site, gram[site.index]) if choose is not None else
                        _obs_heads(gram[site.index], site, adapter, n, gqa, damping))
             if removed:
@@ -211,9 +217,10 @@ def _projection_inputs(site, calls, hidden, session=None, kwargs=()) -> list:
     return xs
 
 
-def _gram(xs, kwargs, site) -> torch.Tensor:
+def _gram(xs, kwargs, site, dtype=torch.float64) -> torch.Tensor:
+    """A site's second moments of ``xs`` (its projection's inputs), summed in ``dtype``."""
     d = xs[0].shape[-1]
-    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    gram = torch.zeros(d + 1, d + 1, dtype=dtype)
     for x, kw in zip(xs, kwargs):
         qm = query_mask(site, padding_of(kw), x.shape[0], x.shape[1], x.device) if x.dim() == 3 else None
         for c in valid_chunks(x.reshape(-1, d), None if qm is None else qm.reshape(-1)):
