@@ -219,11 +219,12 @@ def test_bundled_names_are_not_paths_here(tmp_path, monkeypatch):
     whatever is in the working directory: a folder of that name there is no input, and --out
     naming it was refused as one."""
     from headprune.app import commands as C
+    from headprune.app.inputs import inputs
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "minilm").mkdir()
     args = argparse.Namespace(command="prune", model="minilm", teacher=None, data="persuasion+my.txt")
-    got = C.inputs(args)
+    got = inputs(args)
     assert ("--data", "my.txt") in got and all(p != "persuasion" and p != "minilm" for _, p in got), got
     from headprune.app.locate import bundled_path
 
