@@ -197,3 +197,22 @@ def test_a_checkpoint_resumes_with_the_model_text_and_device_spelled_otherwise(r
     code, err = run(["scan", "../m", *SMALL, "--data", "../text.txt", "--out", out, "--resume", "--device", "cpu:0"])
     assert code == 0, err
     assert not (tmp_path / ".o.checkpoint.json").exists()  # resumed and finished: removed
+
+
+def test_a_checkpoint_written_with_the_names_as_given_still_resumes(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
+    """Earlier releases wrote the model, --data and --device into the fingerprint as given; such a
+    checkpoint resumes where the same names are given again."""
+    import shutil
+
+    from headprune.app import fingerprints
+
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    _write(tmp_path, "text.txt", SENTENCES)
+    out, now = tmp_path / "o", fingerprints.collection_fingerprint
+    with monkeypatch.context() as m:  # written as an earlier release wrote it
+        m.setattr(fingerprints, "collection_fingerprint", lambda *a, legacy=False: now(*a, legacy=True))
+        _scan_interrupted(run, monkeypatch, "m", out, ["--data", "text.txt", "--device", "cpu:0"])
+    saved = json.loads((tmp_path / ".o.checkpoint.json").read_text())["fingerprint"]
+    assert '"model": "m"' in saved and '"device": "cpu:0"' in saved
+    code, err = run(["scan", "m", *SMALL, "--data", "text.txt", "--device", "cpu:0", "--out", out, "--resume"])
+    assert code == 0, err

@@ -283,7 +283,7 @@ def test_the_number_of_processes_in_the_settings_leaves_a_checkpoint_resumable()
 
     import torch
 
-    from headprune.app.commands import collection_fingerprint
+    from headprune.app.fingerprints import collection_fingerprint
 
     args = argparse.Namespace(model="m", batch_size=8)
     batches = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]

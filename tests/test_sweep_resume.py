@@ -240,7 +240,7 @@ def test_a_tokenizer_that_reads_the_held_out_text_otherwise_is_another_sweep():
 
     from hf_tiny import tiny_model
 
-    from headprune.app.commands import collection_fingerprint
+    from headprune.app.fingerprints import collection_fingerprint
     from headprune.app.sweep import SweepConfig
     from headprune.app.sweep_journal import sweep_fingerprint
 
@@ -362,3 +362,20 @@ def test_the_held_out_digest_is_taken_in_chunks_and_stays_as_it_was(tiny_dir):  
     want = hashlib.sha256(json.dumps([paragraphs, ids], default=str).encode()).hexdigest()[:16]
     assert _text_digest(tok, paragraphs, chunk=7) == _text_digest(tok, paragraphs) == want
     assert _text_digest(tok, []) == hashlib.sha256(json.dumps([[], []]).encode()).hexdigest()[:16]
+
+
+def test_a_journal_written_with_the_names_as_given_still_resumes(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
+    """Earlier releases fingerprinted the model and the device as given (a relative path, cpu:0);
+    such a journal resumes where the same names are given again."""
+    import shutil
+
+    from headprune.app import fingerprints
+
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    now = fingerprints.collection_fingerprint
+    with monkeypatch.context() as m:  # written as an earlier release wrote it
+        m.setattr(fingerprints, "collection_fingerprint", lambda *a, legacy=False: now(*a, legacy=True))
+        _count_points(m, stop_at=2)
+        assert run(["sweep", "m", *ARGS, "--device", "cpu:0", "--out", tmp_path / "o"])[0] == 130
+    code, err = run(["sweep", "m", *ARGS, "--device", "cpu:0", "--out", tmp_path / "o", "--resume"])
+    assert code == 0, err  # a journal of other settings is refused (2)

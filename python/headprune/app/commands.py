@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -19,6 +18,7 @@ from ..stats.scores import HeadScores
 from . import evaluate as E
 from . import plots, texts
 from .inputs import check_out, config_refusals
+from .fingerprints import resumable_fingerprint
 from .load import load_model
 from .report import to_json
 
@@ -132,16 +132,6 @@ def beside(out: Path, suffix: str = ".checkpoint.json") -> Path:
 _checkpoint = beside
 
 
-def _tokens_digest(batches) -> str:
-    """A digest of the calibration batches: the data, its tokenization and the batching."""
-    h = hashlib.sha256()
-    for b in batches:
-        for k in sorted(b):
-            h.update(k.encode())
-            h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 #: what :func:`_setup` (and ``prune``'s absolute ``data_path``) record of the calibration text
 TEXT_SETTINGS = ("data", "data_path", "samples", "samples_requested", "seq_len", "reference",
                  "calibration_paragraphs", "held_out_paragraphs", "calibration_tokens", "generated")
@@ -188,23 +178,6 @@ def _setup(args, evaluates: bool = False):
                 "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "device": args.device,
                 "fused": _fused(args), **_processes(args), **_moments_dtype(args)}
     return loaded, batches, held, settings
-
-
-def collection_fingerprint(args, batches, settings: dict) -> dict:
-    """What a collection checkpoint must have been written with to resume: every setting the sums
-    depend on (dtype, device, fused are in ``settings``; the data by its tokens), less
-    ``calibration_tokens`` (a count of what the digest holds) and ``distributed`` (the rank files'
-    own fingerprint holds the number of processes), both absent from older checkpoints. A model or
-    text file is taken by its absolute path: the same files named from another directory, or
-    spelled otherwise, resume alike; the device by its type (``cpu:0`` is ``cpu``, and the ranks of a
-    ``--distributed`` run compute on ``cuda:0``, ``cuda:1``, ...)."""
-    kept = {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}
-    if isinstance(kept.get("data"), str):
-        kept["data"] = texts.data_paths(kept["data"])
-    if isinstance(kept.get("device"), str):
-        kept["device"] = kept["device"].split(":")[0]
-    model = os.path.abspath(args.model) if os.path.exists(str(args.model)) else str(args.model)
-    return {"model": model, "batch_size": args.batch_size, "tokens": _tokens_digest(batches), "settings": kept}
 
 
 def _moments_dtype(args) -> dict:
@@ -257,13 +230,13 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     from .. import distributed
 
     t0 = time.perf_counter()
-    fingerprint = collection_fingerprint(args, batches, settings)
     many = getattr(args, "distributed", False)
     if many:  # _setup refused a process torchrun did not launch
         distributed.init_from_env()
     rank, world = distributed.rank_world()
     # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files
     resume = checkpoint is not None and getattr(args, "resume", False)  # (sweep's --resume: its own journal)
+    fingerprint = resumable_fingerprint(checkpoint if resume else None, args, batches, settings)
     moments = moments and getattr(args, "moments_dtype", "float64")
     if moments and rank == 0:
         from ..hf.collect import moments_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..ranking.select import SplitGroupsError
 from . import commands as C
 from . import plots
+from .fingerprints import resumable_fingerprint
 from .inputs import check_out, inputs
 from .load import stored_type_name
 from .prune_checks import refuse_below_one
@@ -58,8 +59,8 @@ def open_journal(args, out, loaded, batches, held, settings, recipes) -> SweepJo
     checked before the collection, and what it holds, or that a run without ``--resume`` writes over
     it, is said."""
     path = journal_path(out)
-    fingerprint = sweep_fingerprint(C.collection_fingerprint(args, batches, settings), loaded, held,
-                                    SweepConfig.from_args(args), recipes)
+    fingerprint = resumable_fingerprint(path if args.resume else None, args, batches, settings, lambda collection:
+                                        sweep_fingerprint(collection, loaded, held, SweepConfig.from_args(args), recipes))
     journal = SweepJournal(path, fingerprint, resume=args.resume, warn=C._warn)
     vars(args)["sweep_journal"] = journal  # for the interrupt message: what this run's journal holds
     if not C._is_writer():  # checked alike by every rank (refused by all), said and written by the first

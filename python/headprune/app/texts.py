@@ -82,12 +82,14 @@ def spec_names(spec: Optional[str] = None) -> list:
     return [name.strip() for name in spec.split("+")]
 
 
-def data_paths(spec: Optional[str] = None) -> str:
+def data_paths(spec: Optional[str] = None, real: bool = False) -> str:
     """``spec`` with each of its files or directories made absolute (bundled names stay names,
     as :func:`load_paragraphs` reads a bundled name first): the same texts from another
-    working directory."""
-    names = spec_names(spec)
-    return "+".join(n if n in BUNDLED_TEXTS or not n or not Path(n).exists() else os.path.abspath(n) for n in names)
+    working directory (``real``: their real paths, links followed, as one file has one)."""
+    def where(n):
+        return os.path.realpath(n) if real else str(Path(n).absolute())  # (not abspath: "link/.." is the link's parent)
+
+    return "+".join(n if n in BUNDLED_TEXTS or not n or not Path(n).exists() else where(n) for n in spec_names(spec))
 
 
 def load_split(spec: Optional[str] = None) -> tuple:
