@@ -218,6 +218,13 @@ def test_a_round_that_chose_no_head_more_is_not_collected_again():
     calls.clear()
     select_iteratively(model, batches, steps="auto", ratio=0.4, gqa="even", collect_fn=counting, scores=given)
     assert len(calls) == 2  # rounds 2 and 3
+    calls.clear()  # unless they are the rounds' own first collection (prune --steps passes its collection)
+    own = collect(model, batches, progress=False, moments=True)
+    again = select_iteratively(model, batches, steps="auto", ratio=0.4, gqa="even", collect_fn=counting, scores=own,
+                               fresh=True)
+    assert len(calls) == 1 and again[0] == heads  # round 3 only, and the heads of the rounds' own collection
+    with pytest.raises(ValueError, match=r"^fresh: expected a bool, True only with scores, got True"):
+        select_iteratively(model, batches, steps=2, ratio=0.4, fresh=True)
 
 
 def test_the_heatmap_says_when_rounds_or_a_second_pass_chose_the_heads():

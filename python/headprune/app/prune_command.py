@@ -237,7 +237,7 @@ def _select(args, loaded, batches, scores, kw: dict, removal: str, refit_bias: b
             return base(*a, moments=moments and args.moments_dtype, **kw)
         heads, last = select_iteratively(loaded.model, batches, steps=args.steps, ratio=args.ratio, count=args.count,
                                          scores=scores, progress=not args.quiet and C._is_writer(),
-                                         removal=removal, damping=args.damping, collect_fn=gather, **kw)
+                                         removal=removal, damping=args.damping, collect_fn=gather, fresh=True, **kw)
     elif kw.get("scope") == "measured":
         from ..hf.allocation import select_measured
 

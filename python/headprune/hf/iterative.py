@@ -45,6 +45,7 @@ def select_iteratively(
     damping: float = DEFAULT_DAMPING,
     on_step: Optional[Callable[[int, HeadScores, dict], None]] = None,
     collect_fn: Optional[Callable] = None,
+    fresh: bool = False,
     **select_kwargs,
 ) -> tuple:
     """Heads to prune, chosen in rounds of collection and selection.
@@ -61,7 +62,9 @@ def select_iteratively(
             of ``n`` prunes up to ``i / n`` of it.
         scores: statistics of the unpruned model, if already collected (saves the first
             collection; they rank round 1 only, and round 2 collects on ``batches`` whatever
-            round 1 chose).
+            round 1 chose, unless ``fresh``: they are what ``collect_fn`` gives on ``batches``,
+            with the moments the rounds collect, so a round 1 that chose no head leaves them as
+            round 2's).
         compensate: mask the heads of earlier rounds with mean compensation (see
             :func:`mask_heads`), as they will be pruned (``removal="mean"``).
         removal: how earlier rounds' heads are masked: ``"refit"`` (least squares, with
@@ -86,16 +89,14 @@ def select_iteratively(
         steps = count_arg("steps", steps, "a positive int or 'auto'")
     if steps != 1 and not hasattr(batches, "__len__"):
         raise TypeError("batches: iterative selection reads the batches once per round; pass a list, not an iterator")
-    _check_options(scores, compensate, on_step, collect_fn, ratio, count)
-    removal = ("mean" if compensate else "zero") if removal is None else removal
-    if removal not in ("refit", "mean", "zero"):
-        raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
+    _check_options(scores, compensate, on_step, collect_fn, ratio, count, fresh)
+    removal = _removal(removal, compensate)
     if steps != "auto":
         _refuse_rounds(steps, select_kwargs)  # before the first collection
     gather = _gather(model, collect if collect_fn is None else collect_fn, removal, scores, select_kwargs)
     heads, handles = {}, []
     try:
-        stale = scores is not None  # given statistics rank round 1 only, as the rounds' own collection may differ
+        stale = scores is not None and not fresh  # given ones rank round 1 only: the rounds' own may differ
         if scores is None:
             scores = gather(model, batches, progress=progress)
         total = count_units(scores, select_kwargs.get("gqa", "query"))
@@ -126,6 +127,14 @@ def select_iteratively(
         for h in reversed(handles):
             h.restore()
     return heads, scores
+
+
+def _removal(removal: Optional[str], compensate: bool) -> str:
+    """How earlier rounds' heads are masked (``None``: as ``compensate`` says), checked."""
+    removal = ("mean" if compensate else "zero") if removal is None else removal
+    if removal not in ("refit", "mean", "zero"):
+        raise ValueError(f"removal: expected 'refit', 'mean' or 'zero', got {removal!r}")
+    return removal
 
 
 def _mask_round(model, added: dict, removal: str, scores, damping: float):
@@ -163,10 +172,12 @@ def _in_reach(scores, heads: dict, new: dict, final: dict, damping: float) -> di
     return out if chosen(select_heads(scores, pruned=out, damping=damping, **final)) >= chosen(goal) else heads
 
 
-def _check_options(scores, compensate, on_step, collect_fn, ratio, count) -> None:
+def _check_options(scores, compensate, on_step, collect_fn, ratio, count, fresh) -> None:
     """Refused by name before the first collection (a string flag read as true, a callback that
     fails after a round, a budget out of range: its total is known after the collection)."""
     budget(ratio, count, 1 << 62)
+    if not isinstance(fresh, bool) or (fresh and scores is None):
+        raise ValueError(f"fresh: expected a bool, True only with scores, got {fresh!r}")
     if scores is not None and not isinstance(scores, HeadScores):
         raise TypeError(f"scores: expected HeadScores (collect(...)) or None, got {type(scores).__name__}")
     if not isinstance(compensate, bool):
