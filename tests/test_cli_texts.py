@@ -216,3 +216,28 @@ def test_a_checkpoint_written_with_the_names_as_given_still_resumes(run, tmp_pat
     assert '"model": "m"' in saved and '"device": "cpu:0"' in saved
     code, err = run(["scan", "m", *SMALL, "--data", "text.txt", "--device", "cpu:0", "--out", out, "--resume"])
     assert code == 0, err
+
+
+def test_paths_through_links_name_the_file_read(tmp_path, monkeypatch):
+    """``lnk/../text.txt`` with ``lnk`` a link to a folder elsewhere reads the text beside that
+    folder; made absolute by text (abspath) it named another file, which recover then read. The
+    fingerprint takes the file itself, so a link to it resumes alike."""
+    from types import SimpleNamespace
+
+    from headprune.app.fingerprints import collection_fingerprint
+
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    (tmp_path / "a" / "text.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "text.txt").write_text("other\n\nfile\n")
+    (tmp_path / "lnk").symlink_to(tmp_path / "a" / "deep")
+    (tmp_path / "same.txt").symlink_to(tmp_path / "a" / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    recorded = texts.data_paths("lnk/../text.txt")
+    assert texts.load_paragraphs(recorded) == texts.load_paragraphs("lnk/../text.txt") == ["one", "two"]
+    args = SimpleNamespace(model="lnk", batch_size=1)
+
+    def fingerprint(data):
+        return collection_fingerprint(args, [], {"data": data, "device": "cpu"})
+
+    assert fingerprint("same.txt") == fingerprint("lnk/../text.txt") == fingerprint(str(tmp_path / "a" / "text.txt"))
+    assert fingerprint("text.txt") != fingerprint("same.txt")
