@@ -23,7 +23,7 @@ from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, o_column_norms, resolve_sites
 from .attention import RECORDERS, attention_implementation, config_of, model_configs
-from ..core.modules import eval_mode
+from ..core.modules import eval_mode, refuse_meta
 from ..prune.mask import unmasked_weight
 from .prune import STATE_ATTR
 from .sdpa_mirror import effective_mask, logit_scale, softcapped_stats
@@ -194,8 +194,7 @@ class Collection:
         ids = [id(s.module) for s in self.sites]
         if any(i in RECORDERS for i in ids):
             raise RuntimeError("model: a headprune collection is already active on this model")
-        if any(p.is_meta for p in self.model.parameters()):
-            raise ValueError("model: parameters are on the meta device; load real weights before collecting")
+        refuse_meta(self.model.parameters())  # offloaded by accelerate: the hooks would not be recorded
         hooks, stack = [], ExitStack()
         self.thread = threading.get_ident()  # only this thread's forwards are recorded
         try:  # dropout would change the statistics: collect in eval mode
