@@ -5,6 +5,7 @@ reported as the interrupt."""
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,18 @@ def test_a_file_that_is_no_recovery_checkpoint_is_refused_first(run, tmp_path, t
     assert code == 2 and err[-1].endswith(f"--checkpoint: {weights} exists and is not a recovery checkpoint; the run "
                                           "would write over it, so pass another path"), err
     assert not any("loading" in line for line in err) and weights.read_bytes() == before and not (tmp_path / "g").exists()
+
+
+def test_the_default_output_is_named_after_the_folder_even_when_given_as_dot(tmp_path, monkeypatch):
+    """`headprune prune .` from inside the model's folder wrote headprune-out/prune-model (the
+    name of "." is empty), and `x/..` a folder named prune-.."""
+    import argparse
+
+    from headprune.app.commands import _out
+
+    (tmp_path / "my-llm" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my-llm")
+    for given in (".", "./", "sub/..", "../my-llm"):
+        assert _out(argparse.Namespace(out=None, model=given), "prune") == Path("headprune-out/prune-my-llm"), given
+    assert _out(argparse.Namespace(out=None, model="sub"), "scan") == Path("headprune-out/scan-sub")
+    assert _out(argparse.Namespace(out=None, model="m.GGUF"), "scan") == Path("headprune-out/scan-m")

@@ -334,7 +334,8 @@ def _out(args, command: str) -> Path:
         if not str(args.out).strip():
             raise ValueError("--out: expected a directory, got an empty name")
         return Path(args.out)
-    name = Path(str(args.model).rstrip("/\\")).name
+    given = Path(str(args.model).rstrip("/\\"))
+    name = given.resolve().name if given.exists() and given.name in ("", ".", "..") else given.name  # ".": its folder
     stem = name[:-5] if name.lower().endswith(".gguf") else name
     return Path("headprune-out") / f"{command}-{stem or 'model'}"
 
