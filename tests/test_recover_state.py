@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_tiny import tiny_batch, tiny_config  # noqa: E402
 from test_recover import LR, bert, llama  # noqa: E402,F401  (fixtures)
+from test_cli import tiny_dir  # noqa: E402,F401  (fixture)
 
 from headprune.hf.recover import recover  # noqa: E402
 
@@ -236,3 +237,19 @@ def test_a_teacher_with_another_head_or_vocabulary_is_refused_by_name(llama):
     other = transformers.AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=120)).eval()
     with pytest.raises(ValueError, match=r"^teacher: its vocab_size is 120, the student's 100"):
         recover(copy.deepcopy(pruned), other, batches, steps=1)
+
+
+def test_the_command_says_the_recovery_goes_on_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch, capsys):  # noqa: F811
+    """A recovery resumed from --checkpoint said so only through the progress bar's count."""
+    from headprune.app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    calib = ["--samples", "4", "--seq-len", "16"]
+    assert main([str(a) for a in ["prune", tiny_dir, "--ratio", "0.3", *calib, "--no-speed", "--quiet",
+                                  "--out", tmp_path / "p"]]) == 0
+    rec = ["recover", tmp_path / "p", "--validation", "0", "--samples", "4", "--lr", "1e-3",
+           "--checkpoint", tmp_path / "state.pt"]
+    assert main([str(a) for a in [*rec, "--steps", "2", "--quiet", "--out", tmp_path / "a"]]) == 0
+    capsys.readouterr()
+    assert main([str(a) for a in [*rec, "--steps", "3", "--out", tmp_path / "b"]]) == 0
+    assert f"the recovery goes on from step 2 of --checkpoint {tmp_path / 'state.pt'}" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def prune(args) -> int:
             _write(args, out, loaded, scores, heads, settings, report, metric, save_pruned, gguf)
     finally:
         _drop_gguf(gguf)
-    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, heatmap.png"
+    print(f"pruned model: {out / 'model'}\nreport: {out / 'report.md'} (also report.json, scores.json, heatmap.png"
           f"{f', model.gguf for llama.cpp ({gguf[1]} architecture)' if gguf else ''})\n")
     print(summary_table(report, metric))
     return 0

@@ -14,7 +14,6 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from . import commands as C
 from . import evaluate as E
 from . import texts
@@ -26,11 +25,10 @@ from .report import finite, number, sequences_text, validation_sentence
 
 #: the report's quality columns, in order
 MODELS = ("unpruned", "pruned", "recovered")
-#: calibration sequences per distillation step by default: on SmolLM2-135M at 50% of heads,
-#: 10 minutes of steps of one sequence over the pruning's 64 windows closed 37% of the held-out
-#: gap (benchmarks/results/recover_smollm2_64.json); steps of 8, in an earlier run, managed 6
-#: steps in 12 minutes and closed 20% (recover.json). On all-MiniLM-L6-v2 at 50%, 3 minutes of
-#: steps of 2 paragraphs added 0.0067 held-out fidelity, steps of 8 added 0.0030
+#: calibration sequences per distillation step by default: on SmolLM2-135M at 50% of heads, 10 minutes of steps of one
+#: sequence over the pruning's 64 windows closed 37% of the held-out gap (benchmarks/results/recover_smollm2_64.json);
+#: steps of 8, in an earlier run, managed 6 steps in 12 minutes and closed 20% (recover.json). On all-MiniLM-L6-v2 at
+#: 50%, 3 minutes of steps of 2 paragraphs added 0.0067 held-out fidelity, steps of 8 added 0.0030
 #: (recover_minilm_batch2.json, recover_minilm_batch8.json)
 STEP_SEQUENCES = {"causal": 1, "encoder": 2}
 
@@ -316,14 +314,16 @@ def _check_before_load(args, out: Path, teacher_spec: str, bundled: bool) -> Non
 
 
 def _check_resumable(args, student, teacher, split: tuple) -> None:
-    """A --checkpoint of another run (other settings, weights or text), refused before both
-    models are evaluated rather than after."""
+    """A --checkpoint of another run refused before both models are evaluated; one of this run said."""
     from ..hf.recover import check_resume
+    from ..hf.training import checkpoint_steps
 
     if args.checkpoint is None:
         return
     check_resume(student, teacher, split[0], checkpoint=args.checkpoint, lr=args.lr, validation=split[1],
                  arg="--checkpoint")
+    if held := checkpoint_steps(args.checkpoint):  # the progress bar's count alone said so
+        C._say(args, f"headprune: the recovery goes on from step {held} of --checkpoint {args.checkpoint}")
 
 
 def _teacher(args, spec: str, student, bundled: bool = False):
