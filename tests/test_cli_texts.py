@@ -210,7 +210,7 @@ def test_a_checkpoint_written_with_the_names_as_given_still_resumes(run, tmp_pat
     _write(tmp_path, "text.txt", SENTENCES)
     out, now = tmp_path / "o", fingerprints.collection_fingerprint
     with monkeypatch.context() as m:  # written as an earlier release wrote it
-        m.setattr(fingerprints, "collection_fingerprint", lambda *a, legacy=False: now(*a, legacy=True))
+        m.setattr(fingerprints, "collection_fingerprint", lambda *a, legacy=None: now(*a, legacy="as given"))
         _scan_interrupted(run, monkeypatch, "m", out, ["--data", "text.txt", "--device", "cpu:0"])
     saved = json.loads((tmp_path / ".o.checkpoint.json").read_text())["fingerprint"]
     assert '"model": "m"' in saved and '"device": "cpu:0"' in saved

@@ -2,6 +2,9 @@
 processes: what a run of another number of processes left, errors in one line, and the backend
 and device a rank joins with."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +13,7 @@ from hf_tiny import tiny_model
 
 from headprune import distributed as D
 
-from test_distributed import _batches
+from test_distributed import _batches, _free_port
 
 def test_a_resume_of_another_number_of_processes_is_refused_and_its_files_go_when_done(tmp_path):
     """The rank files carry the world size in their names, so a resume with another number of
@@ -314,3 +317,44 @@ def test_warnings_are_said_by_the_writing_rank_only(monkeypatch, capsys):
         monkeypatch.setenv("RANK", rank)
         C._warn("x")
         assert capsys.readouterr().err == (f"headprune: warning: {said}\n" if said else "")
+
+
+_LEGACY_SCAN = """
+import os, sys
+from headprune.app import fingerprints
+from headprune.app.cli import main
+from headprune.hf.checkpoint import Checkpoint
+argv = ["scan", "m", "--samples", "4", "--seq-len", "16", "--batch-size", "2", "--quiet", "--out", "o",
+        "--distributed", "--device", "cpu:0"]
+if sys.argv[1] == "write":  # as an earlier release wrote it (names and device as given), interrupted after a save
+    now = fingerprints.collection_fingerprint
+    fingerprints.collection_fingerprint = lambda *a, legacy=None: now(*a, legacy="as given")
+    real = Checkpoint.save
+    def save(self, *a):
+        real(self, *a)
+        raise KeyboardInterrupt
+    Checkpoint.save = save
+    sys.exit(main(argv))
+sys.exit(main(argv + ["--resume"]))
+"""
+
+
+def test_a_rank_file_an_earlier_release_wrote_still_resumes(tmp_path):
+    """The earlier form of the fingerprint was looked for in the base checkpoint, which a
+    --distributed run does not write: its rank files, which hold the fingerprint as their
+    settings, were refused (model m against its real path, cpu:0 against cpu)."""
+    import subprocess
+    import sys
+
+    from hf_tiny import save_tiny_bert
+
+    save_tiny_bert(tmp_path / "m")
+    (tmp_path / "legacy.py").write_text(_LEGACY_SCAN)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "python"), os.environ.get("PYTHONPATH", "")])}
+    for phase, want in (("write", 130), ("resume", 0)):
+        done = subprocess.run([sys.executable, "legacy.py", phase], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == want, (phase, done.stderr[-2000:])
+    assert (tmp_path / "o" / "scores.json").exists()

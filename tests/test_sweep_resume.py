@@ -365,8 +365,8 @@ def test_the_held_out_digest_is_taken_in_chunks_and_stays_as_it_was(tiny_dir):  
 
 
 def test_a_journal_written_with_the_names_as_given_still_resumes(run, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
-    """Earlier releases fingerprinted the model and the device as given (a relative path, cpu:0);
-    such a journal resumes where the same names are given again."""
+    """Earlier releases fingerprinted a journal's model as given (a relative path) and its device
+    by type (cpu:0 as cpu); such a journal resumes where the same names are given again."""
     import shutil
 
     from headprune.app import fingerprints
@@ -374,7 +374,7 @@ def test_a_journal_written_with_the_names_as_given_still_resumes(run, tmp_path, 
     shutil.copytree(tiny_dir, tmp_path / "m")
     now = fingerprints.collection_fingerprint
     with monkeypatch.context() as m:  # written as an earlier release wrote it
-        m.setattr(fingerprints, "collection_fingerprint", lambda *a, legacy=False: now(*a, legacy=True))
+        m.setattr(fingerprints, "collection_fingerprint", lambda *a, legacy=None: now(*a, legacy="device by type"))
         _count_points(m, stop_at=2)
         assert run(["sweep", "m", *ARGS, "--device", "cpu:0", "--out", tmp_path / "o"])[0] == 130
     code, err = run(["sweep", "m", *ARGS, "--device", "cpu:0", "--out", tmp_path / "o", "--resume"])

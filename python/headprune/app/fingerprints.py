@@ -15,7 +15,7 @@ from .locate import BUNDLED_MODELS
 __all__ = ["collection_fingerprint", "resumable_fingerprint", "saved_fingerprint"]
 
 
-def collection_fingerprint(args, batches, settings: dict, legacy: bool = False) -> dict:
+def collection_fingerprint(args, batches, settings: dict, legacy: Optional[str] = None) -> dict:
     """What a collection checkpoint must have been written with to resume: every setting the sums
     depend on (dtype, device, fused are in ``settings``; the data by its tokens), less
     ``calibration_tokens`` (a count of what the digest holds) and ``distributed`` (the rank files'
@@ -23,51 +23,54 @@ def collection_fingerprint(args, batches, settings: dict, legacy: bool = False) 
     text file is taken by its real path (links followed): the same files named from another
     directory, or spelled otherwise, resume alike; the device by its type (``cpu:0`` is ``cpu``,
     and the ranks of a ``--distributed`` run compute on ``cuda:0``, ``cuda:1``, ...). ``legacy``:
-    the form earlier releases wrote, the model, text and device as given."""
+    a form earlier releases wrote, the model and text as given and the device as given
+    (``"as given"``: a collection checkpoint) or by its type (``"device by type"``: a sweep journal)."""
     kept = {k: v for k, v in settings.items() if k not in ("calibration_tokens", "distributed")}
     model = str(args.model)
-    if not legacy:
+    if legacy is None:
         if isinstance(kept.get("data"), str):
             kept["data"] = texts.data_paths(kept["data"], real=True)
-        if isinstance(kept.get("device"), str):
-            kept["device"] = kept["device"].split(":")[0]
         model = model if model in BUNDLED_MODELS or not os.path.exists(model) else os.path.realpath(model)
+    if legacy != "as given" and isinstance(kept.get("device"), str):
+        kept["device"] = kept["device"].split(":")[0]
     return {"model": model, "batch_size": args.batch_size, "tokens": tokens_digest(batches), "settings": kept}
 
 
-def saved_fingerprint(path) -> Optional[str]:
-    """The fingerprint a checkpoint or journal file at ``path`` holds, or ``None`` (no such file,
-    or none it can be read from: its reader says why)."""
+def saved_fingerprint(path, key: Optional[str] = None) -> Optional[dict]:
+    """The fingerprint a checkpoint or journal file at ``path`` holds, as a dict (its ``key`` part,
+    where the caller's fingerprint is wrapped: a rank file's ``settings``), or ``None`` (no such
+    file, or none it can be read from: its reader says why)."""
     try:
         with open(path, encoding="utf-8") as f:
-            saved = json.load(f).get("fingerprint")
+            saved = json.loads(json.load(f).get("fingerprint"))
     except (OSError, ValueError, AttributeError, TypeError):
         return None
-    return saved if isinstance(saved, str) else None
+    saved = saved.get(key) if key is not None and isinstance(saved, dict) else saved
+    return saved if isinstance(saved, dict) else None
 
 
-def resumable_fingerprint(path, args, batches, settings: dict, wrap=lambda fingerprint: fingerprint) -> dict:
-    """``wrap(collection_fingerprint(...))``, or its earlier form where the file at ``path`` (a
-    run's checkpoint or journal, ``None``: not resuming) holds that one: a run interrupted before
-    the paths and the device were normalised resumes. (A checkpoint adds keys of its own, such as
-    the weights' digest: a fingerprint is held where each of its keys is.)"""
+def resumable_fingerprint(path, args, batches, settings: dict, wrap=lambda fingerprint: fingerprint,
+                          key: Optional[str] = None) -> dict:
+    """``wrap(collection_fingerprint(...))``, or an earlier form of it where the file at ``path``
+    (a run's checkpoint, a rank's, or a journal; ``None``: not resuming) holds that one (in its
+    ``key`` part): a run interrupted before the paths and the device were normalised resumes. (A
+    checkpoint adds keys of its own, such as the weights' digest: a fingerprint is held where each
+    of its keys is; the reader then compares the whole.)"""
     now = wrap(collection_fingerprint(args, batches, settings))
-    saved = saved_fingerprint(path) if path is not None else None
+    saved = saved_fingerprint(path, key) if path is not None else None
     if saved is not None and not _holds(saved, now):
-        earlier = wrap(collection_fingerprint(args, batches, settings, legacy=True))
-        if _holds(saved, earlier):
-            return earlier
+        for form in ("as given", "device by type"):
+            earlier = wrap(collection_fingerprint(args, batches, settings, legacy=form))
+            if _holds(saved, earlier):
+                return earlier
     return now
 
 
-def _holds(saved: str, fingerprint: dict) -> bool:
+def _holds(saved: dict, fingerprint: dict) -> bool:
     from ..hf.checkpoint import canonical
 
-    try:
-        saved, fingerprint = json.loads(saved), json.loads(canonical(fingerprint))
-    except ValueError:
-        return False
-    return isinstance(saved, dict) and all(saved.get(k, _ABSENT) == v for k, v in fingerprint.items())
+    fingerprint = json.loads(canonical(fingerprint))
+    return all(saved.get(k, _ABSENT) == v for k, v in fingerprint.items())
 
 
 _ABSENT = object()
