@@ -107,3 +107,17 @@ def test_a_sweep_records_the_moments_type_with_its_calibration(run, tmp_path, ti
     code, err = run([*args, "--moments-dtype", "float32"])
     assert code == 0, err
     assert json.loads((tmp_path / "s" / "sweep.json").read_text())["settings"]["moments_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("moments", ["bogus", False, "float16"])
+def test_calibrate_sequentially_refuses_moments_it_cannot_sum_in(moments):
+    """The one pass refused these with a message that listed False as accepted; given scores and
+    counts it accepted any value and summed in the scores' type."""
+    from headprune.hf.sequential import calibrate_sequentially
+
+    model, batches = tiny_model("llama"), [tiny_batch("llama")]
+    with pytest.raises(ValueError, match=r"^moments: expected True, 'float64' or 'float32', got"):
+        calibrate_sequentially(model, batches, ratio=0.3, moments=moments)
+    scores = collect(model, batches, progress=False, moments=True)
+    with pytest.raises(ValueError, match=r"^moments: given scores and counts, the pass sums in the type of the scores'"):
+        calibrate_sequentially(model, batches, scores, {1: 1}, moments="float32")

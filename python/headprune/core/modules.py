@@ -83,7 +83,7 @@ def refuse_meta(params, name: str = "model") -> None:
     write it, a pruning would slice the placeholder and leave the offloaded weights their old
     shape, and nothing can be computed with it."""
     if any(p.is_meta for p in params):
-        raise ValueError(f"{name}: parameters are on the meta device (offloaded to disk by accelerate, or not loaded); "
+        raise ValueError(f"{name}: parameters are on the meta device (offloaded by accelerate, or not loaded); "
                          "load the weights onto a device first (device_map='cpu', say)")
 
 

@@ -58,7 +58,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
                            ratio: Optional[float] = None, count: Optional[int] = None, gqa: Optional[str] = None,
                            damping: float = DEFAULT_DAMPING, choose: Optional[Callable] = None,
                            protect_layers=None, min_heads_per_layer: Optional[int] = None,
-                           fused: Optional[bool] = None, moments=torch.float64, progress: bool = False) -> tuple:
+                           fused: Optional[bool] = None, moments=None, progress: bool = False) -> tuple:
     """``(heads, scores)``: the heads removed per site, by original index as ``prune_heads``
     takes them (a model pruned before keeps fewer), and statistics with the moments measured
     sequentially, ready for ``prune_heads(..., reconstruct=)``. The budget is given one of two ways:
@@ -66,7 +66,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     * ``scores`` and ``counts``: ``scores`` of the unpruned model (a one-shot collection) and
       the units to remove per site (heads, or KV groups with ``gqa="group"``; ``gqa`` default
       ``"query"``), e.g. the sizes of a one-shot selection; ``scores`` comes back with the
-      sequential moments, summed in the float type of its own. ``choose(site, gram) -> [heads]`` may replace the choice within a site.
+      sequential moments, summed in the float type of its own (``moments`` is for the one pass). ``choose(site, gram) -> [heads]`` may replace the choice within a site.
     * ``ratio`` or ``count`` (no ``scores``): one pass does it all, in place of the collection.
       Each site's count is decided when the pass reaches it (before it the layers after it are
       not seen): its share of the spread ``select_heads(..., scope="per_layer")`` gives, a unit
@@ -75,8 +75,8 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
       ``min_heads_per_layer`` as ``select_heads`` takes them, ``None``: its defaults, even
       layouts and the default recipe's protected layers). The statistics come back as
       ``collect(..., moments=moments, fused=fused)`` gives them (``moments``: the float type the
-      second moments are summed in, as ``collect`` takes it), each site's measured on the inputs
-      that reach it with the sites before it pruned.
+      second moments are summed in, ``True``/``"float64"`` or ``"float32"``; ``None``: float64),
+      each site's measured on the inputs that reach it with the sites before it pruned.
 
     Within a site the units are chosen by greedy structured OBS on its sequential moments. The
     model is left exactly as it was.
@@ -84,10 +84,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     adapter, sites = _check(model, batches, scores, counts, ratio, count,
                             {"choose": choose, "protect_layers": protect_layers,
                              "min_heads_per_layer": min_heads_per_layer, "fused": fused})
-    kind = moments_dtype(moments) if counts is None else None
-    if counts is None and kind is None:
-        raise ValueError(f"moments: the one pass sums second moments; expected True, 'float64' or 'float32', got "
-                         f"{moments!r}")
+    kind = _moments_kind(moments, counts)
     session = None if counts is not None else Collection(model, "qk", fused=fused is not False, moments=kind)
     gqa = gqa or ("query" if counts is not None else DEFAULT_GQA)
     plan = None if session is None else RunningShares(session.scores(), ratio=ratio, count=count, gqa=gqa,
@@ -215,6 +212,21 @@ def _projection_inputs(site, calls, hidden, session=None, kwargs=()) -> list:
     finally:
         handle.remove()
     return xs
+
+
+def _moments_kind(moments, counts) -> torch.dtype:
+    """The one pass's moments type, refused by name where it is none or the pass is given scores
+    (it sums in theirs)."""
+    if moments is not None and counts is not None:
+        raise ValueError(f"moments: given scores and counts, the pass sums in the type of the scores' moments; "
+                         f"leave moments out (got {moments!r})")
+    try:
+        kind = moments_dtype(True if moments is None else moments)
+    except ValueError:
+        kind = None
+    if kind is None:
+        raise ValueError(f"moments: expected True, 'float64' or 'float32', got {moments!r}")
+    return kind
 
 
 def _gram(xs, kwargs, site, dtype=torch.float64) -> torch.Tensor:
