@@ -236,9 +236,8 @@ def _collect(args, loaded, batches, settings, checkpoint=None, moments: bool = F
     rank, world = distributed.rank_world()
     # one process: headprune.hf.collect, after refusing to resume a --distributed run's rank files
     resume = checkpoint is not None and getattr(args, "resume", False)  # (sweep's --resume: its own journal)
-    # under --distributed each rank's file holds the fingerprint as its settings
-    where = distributed.rank_checkpoint(checkpoint, rank, world) if resume and many else checkpoint if resume else None
-    fingerprint = resumable_fingerprint(where, args, batches, settings, key="settings" if many else None)
+    where, key = distributed.fingerprint_file(checkpoint) if resume else (None, None)  # (a rank's file, under torchrun)
+    fingerprint = resumable_fingerprint(where, args, batches, settings, key=key)
     moments = moments and getattr(args, "moments_dtype", "float64")
     if moments and rank == 0:
         from ..hf.collect import moments_size

@@ -268,6 +268,7 @@ def _setting(value):
 def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tuple:
     """``(heads, metric)`` of one recipe at one ratio (re-collecting first if iterative)."""
     from ..hf import collect, mask_heads
+    from ..hf.collect import moments_like
 
     values, kw = refits_values(kw, point.values), dict(kw)
     removal = kw.pop("removal", config.removal)
@@ -282,7 +283,7 @@ def _recipe_point(config, point, scores, state, name, kw, ratio, batches) -> tup
         if pruned:
             with mask_heads(point.loaded.model, pruned, **removal_kwargs(removal, stats, config.damping)):
                 stats = collect(point.loaded.model, batches, progress=False, fused=config.fused,  # moments as before
-                                moments=stats.moments is not None and (stats.moments.dtype or True))
+                                moments=moments_like(stats))
     gqa = kw.pop("gqa", config.gqa)
     learned = kw.pop("learned", None)
     if learned is not None:

@@ -146,6 +146,7 @@ def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float,
     "per_layer"``): one pass that collects its own statistics (``fused`` as ``collect`` takes
     it), each layer's count decided when the pass reaches it, protected as ``select_heads``
     protects (the default recipe's layers where ``kw`` names no score or order)."""
+    from ..hf.collect import moments_like
     from ..hf.sequential import calibrate_sequentially
 
     if one_pass:  # (scope="per_layer": check_ratios refuses another before anything is evaluated)
@@ -154,7 +155,7 @@ def sequential_heads(model, batches, stats, heads: dict, kw: dict, ratio: float,
             protect = ()
         return calibrate_sequentially(model, batches, ratio=ratio, gqa=gqa, damping=damping, protect_layers=protect,
                                       min_heads_per_layer=kw.get("min_heads_per_layer", 1), fused=fused,
-                                      moments=(stats.moments.dtype if stats.moments is not None else None) or True)
+                                      moments=moments_like(stats) or True)
     return calibrate_sequentially(model, batches, stats, unit_counts(heads, stats, gqa), gqa=gqa, damping=damping)
 
 

@@ -26,8 +26,7 @@ def split_paragraphs(text: str) -> list:
     its lines as written but for the whitespace that ends them (code keeps its lines and its
     indentation, as a JSON Lines record's text keeps them)."""
     blocks = re.split(r"\n[^\S\n]*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
-    lines = ("\n".join(line.rstrip() for line in b.split("\n")).strip("\n") for b in blocks)
-    return [b for b in lines if b.strip()]
+    return [p for p in map(_record, blocks) if p]  # each block as a record reads
 
 
 def _record(text: str) -> str:

@@ -27,7 +27,7 @@ from ..stats.moments import OutputMoments
 from ..stats.scores import HeadScores
 
 __all__ = ["init_from_env", "join", "rank_world", "first_process", "shard", "all_reduce_scores", "collect",
-           "rank_checkpoint", "checkpoint_files", "written_by_other_runs", "refuse_other_runs"]
+           "rank_checkpoint", "fingerprint_file", "checkpoint_files", "written_by_other_runs", "refuse_other_runs"]
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker.
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -328,13 +328,23 @@ def _raise_if_any_failed(error: Optional[BaseException], group) -> None:
         raise RanksFailed(f"collect: ranks {failed} failed (see their errors); this rank stops too")
 
 
+def fingerprint_file(checkpoint, group=None) -> tuple:
+    """``(path, key)``: the file where a resume of this process's :func:`collect` with
+    ``checkpoint`` reads its fingerprint, and the part of it that holds the caller's (a rank file
+    wraps it under ``"settings"``; without a process group: ``checkpoint`` itself, ``None``)."""
+    rank, world = rank_world(group)
+    if world == 1 and not (dist.is_available() and dist.is_initialized()):
+        return checkpoint, None
+    return rank_checkpoint(checkpoint, rank, world), "settings"
+
+
 def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprint="", **kwargs) -> HeadScores:
     """``headprune.hf.collect`` over this rank's :func:`shard` of ``batches``, all-reduced.
 
     Every rank passes the same ``batches`` and gets the scores of all of them (equal to a
     single-process collection up to float64 summation order). ``checkpoint`` becomes one
     file per rank (:func:`rank_checkpoint`) and the rank and world size join
-    ``fingerprint``, so a resume with another world size is refused. Other keyword
+    ``fingerprint`` (:func:`fingerprint_file`), so a resume with another world size is refused. Other keyword
     arguments (``method``, ``progress``, ``checkpoint_every``, ``resume``) go to
     ``headprune.hf.collect``. A rank with an empty shard contributes zeros; if one rank
     raises an ``Exception``, the others raise :class:`RanksFailed` (a ``RuntimeError``) instead of hanging.
@@ -355,9 +365,8 @@ def collect(model, batches: Iterable, *, group=None, checkpoint=None, fingerprin
     if checkpoint is not None and os.path.isdir(checkpoint):  # each rank writes a file beside it
         raise ValueError(f"checkpoint: {checkpoint} exists and is not a headprune checkpoint; pass another path")
     if checkpoint is not None:
-        checkpoint = rank_checkpoint(checkpoint, rank, world)
-        fingerprint = json.dumps({"settings": fingerprint, "rank": rank, "world_size": world}, sort_keys=True,
-                                 default=str)
+        checkpoint, key = fingerprint_file(checkpoint, group)
+        fingerprint = json.dumps({key: fingerprint, "rank": rank, "world_size": world}, sort_keys=True, default=str)
     _check_same_weights(model, group)
     digest, counted = BatchesDigest(), [0]
     if isinstance(batches, (list, tuple)):

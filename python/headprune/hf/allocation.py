@@ -40,7 +40,7 @@ from ..stats.moments import DEFAULT_DAMPING
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, resolve_sites
 from .batches import batch_rows, check_batches, check_inputs_of
-from .collect import collect
+from .collect import collect, moments_like
 from .prune import check_scores, mask_heads
 from .distil import _Teacher, _kwargs, _loss
 from .training import _digest as tensors_digest
@@ -219,8 +219,7 @@ def measuring(model, part: list, scores: HeadScores, damping: float, bar, refit_
         raise ValueError(f"model: measuring what removing heads costs runs causal LMs and encoders, not "
                          f"{type(model).__name__} (encoder-decoder); choose by the ranking (scope='per_layer', "
                          "and the ranking's heads for a uniform layout)")
-    own = scores.moments.dtype if scores.moments is not None else None  # the part's moments in the same type
-    refit = _without(scores, collect(model, part, progress=False, moments=own or True))
+    refit = _without(scores, collect(model, part, progress=False, moments=moments_like(scores) or True))  # same type
     with eval_mode(model), torch.no_grad(), _Measure(model, part, refit, damping, bar, refit_bias) as measure:
         yield measure
     bar.close()

@@ -162,6 +162,12 @@ def moments_dtype(moments) -> Optional[torch.dtype]:
         raise ValueError(f"moments: expected True, False, 'float64' or 'float32', got {moments!r}") from None
 
 
+def moments_like(scores: HeadScores):
+    """``collect``'s ``moments=`` that gathers second moments as ``scores`` holds them: their float
+    type (``True``, float64, where no site saw a token), ``False`` where it holds none."""
+    return False if scores.moments is None else (scores.moments.dtype or True)
+
+
 def moments_size(model, moments=True) -> tuple:
     """``(bytes, sites)``: the second moments ``collect(model, ..., moments=moments)`` holds,
     ``(heads x head_dim + 1) ** 2`` numbers for each site with heads (``(0, 0)`` without moments,

@@ -40,7 +40,7 @@ from ..stats.moments import DEFAULT_DAMPING, OutputMoments
 from ..stats.scores import HeadScores
 from .adapters import get_adapter, head_counts, head_dim, resolve_sites
 from .batches import check_batches, forward_kwargs, sequence_digests
-from .collect import _check_mask, moments_dtype
+from .collect import _check_mask, moments_dtype, moments_like
 from .gates import refuse_gated
 from .collection import Collection, _add_gram_, padding_of, projection, query_mask, valid_chunks
 from ..core.modules import eval_mode, instance_forward, ordinary_tensors
@@ -84,7 +84,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     adapter, sites = _check(model, batches, scores, counts, ratio, count,
                             {"choose": choose, "protect_layers": protect_layers,
                              "min_heads_per_layer": min_heads_per_layer, "fused": fused})
-    kind = _moments_kind(moments, counts)
+    kind = _moments_kind(moments, counts, scores)
     session = None if counts is not None else Collection(model, "qk", fused=fused is not False, moments=kind)
     gqa = gqa or ("query" if counts is not None else DEFAULT_GQA)
     plan = None if session is None else RunningShares(session.scores(), ratio=ratio, count=count, gqa=gqa,
@@ -99,7 +99,6 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
     for kw in kwargs if session is not None else ():  # the padding the statistics read, as collect checks it
         _check_mask(kw)
     gram, heads = [None] * len(sites), {}
-    dtype = (scores.moments.dtype if scores is not None and scores.moments is not None else None) or torch.float64
     with ExitStack() as undo, torch.no_grad():
         undo.enter_context(eval_mode(model))  # dropout would change the moments
         if session is not None:
@@ -113,7 +112,7 @@ def calibrate_sequentially(model, batches: list, scores: Optional[HeadScores] = 
                 bar.update(1)
                 continue
             xs = _projection_inputs(site, calls, hidden, session, kwargs)
-            gram[site.index] = _gram(xs, kwargs, site, dtype) if session is None else session.gram[site.index]
+            gram[site.index] = _gram(xs, kwargs, site, kind) if session is None else session.gram[site.index]
             removed = (choose(site, gram[site.index]) if choose is not None else
                        _obs_heads(gram[site.index], site, adapter, n, gqa, damping))
             if removed:
@@ -214,12 +213,15 @@ def _projection_inputs(site, calls, hidden, session=None, kwargs=()) -> list:
     return xs
 
 
-def _moments_kind(moments, counts) -> torch.dtype:
-    """The one pass's moments type, refused by name where it is none or the pass is given scores
-    (it sums in theirs)."""
+def _moments_kind(moments, counts, scores) -> torch.dtype:
+    """The type the pass sums its moments in: given scores and counts, the scores' (``moments``
+    refused there by name); in one pass, ``moments`` (float64 where ``None``; refused by name where
+    it is no type of moments)."""
     if moments is not None and counts is not None:
         raise ValueError(f"moments: given scores and counts, the pass sums in the type of the scores' moments; "
                          f"leave moments out (got {moments!r})")
+    if counts is not None:
+        return moments_dtype((scores is not None and moments_like(scores)) or True)
     try:
         kind = moments_dtype(True if moments is None else moments)
     except ValueError:
