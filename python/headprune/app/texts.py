@@ -226,8 +226,8 @@ def stream_ids(tokenizer, paragraphs: Iterable, need: Optional[int] = None) -> l
     (all where the text has fewer): tokenised in blocks of whole paragraphs of about
     :data:`BLOCK_CHARS` characters, each block after the first with the blank line before it,
     and none after the block that gives ``need``. A text of one block is one call; a longer one
-    is never tokenised whole (a tokenizer holds about a hundred times the text's size while it
-    works). The ids are the whole text's for tokenizers that split at a blank line (GPT-2's
+    is never tokenised whole (a tokenizer holds tens of times the text's size while it works).
+    The ids are the whole text's for tokenizers that split at a blank line (GPT-2's
     pre-tokenizer, BERT's); others can differ by a token where two blocks meet."""
     ids, block, size, first = [], [], 0, True
     for p in paragraphs:
